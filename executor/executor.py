@@ -1,0 +1,213 @@
+"""Runs a validated workflow: keys every node, skips what the cache holds, runs the rest in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from executor import events as ev
+from executor.cache import OutputCache, node_key
+from graph.document import Graph, Link
+from graph.errors import Problem
+from graph.validate import ValidatedWorkflow, validate
+from nodes.context import Interrupted, NodeContext
+from nodes.node import Node, NodeResult
+from nodes.registry import NodeRegistry
+
+EventHandler = Callable[[ev.Event], None]
+
+
+class WorkflowInvalid(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("workflow failed validation:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+class NodeOutputError(Exception):
+    """A node returned something other than what it declares."""
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str  # "success" | "error" | "interrupted"
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # output node id -> UI data
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    values: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # outputs of the nodes asked to keep
+    error: ev.ExecutionError | ev.ExecutionInterrupted | None = None
+    duration_s: float = 0.0
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+
+@dataclass
+class _Plan:
+    keys: dict[str, str]
+    run: list[str]  # nodes to execute, in order
+    cached: list[str]  # nodes whose outputs come from the cache
+    values: dict[str, tuple[Any, ...]]
+    ui: dict[str, dict[str, Any]]
+
+
+def _normalise(cls: type[Node], result: Any) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
+    if isinstance(result, NodeResult):
+        outputs, ui = tuple(result.outputs), result.ui
+    elif isinstance(result, dict) and ("ui" in result or "result" in result):
+        outputs, ui = tuple(result.get("result") or ()), result.get("ui")
+    elif result is None:
+        outputs, ui = (), None
+    elif isinstance(result, tuple | list):
+        outputs, ui = tuple(result), None
+    else:
+        raise NodeOutputError(f"{cls.name}.execute returned {type(result).__name__}; expected a tuple")
+    if len(outputs) != len(cls.outputs):
+        raise NodeOutputError(f"{cls.name} returned {len(outputs)} outputs but declares {len(cls.outputs)}")
+    return outputs, ui
+
+
+class Executor:
+    """One engine for the CLI, the server, the Python API and the tests."""
+
+    def __init__(self, registry: NodeRegistry, cache: OutputCache | None = None, services: Any = None) -> None:
+        self.registry = registry
+        self.cache = cache if cache is not None else OutputCache()
+        self.services = services
+        self._lock = threading.Lock()
+
+    def prepare(self, workflow: ValidatedWorkflow | Graph, outputs: list[str] | None = None) -> ValidatedWorkflow:
+        if isinstance(workflow, Graph):
+            workflow = validate(workflow, self.registry, outputs)
+        if not workflow.ok:
+            raise WorkflowInvalid(workflow.problems)
+        return workflow
+
+    def _plan(self, wf: ValidatedWorkflow, run_nonce: str) -> _Plan:
+        keys: dict[str, str] = {}
+        nodes = wf.graph.nodes
+        for nid in wf.order:
+            node = nodes[nid]
+            cls = self.registry.get(node.class_type)
+            assert cls is not None
+            constants = wf.values[nid]
+            if not cls.cacheable:
+                keys[nid] = f"{run_nonce}:{nid}"
+                continue
+            inputs = {k: (keys[v.node], v.output) for k, v in node.inputs.items() if isinstance(v, Link)}
+            keys[nid] = node_key(cls.name, cls.version, constants, cls.fingerprint(constants), inputs)
+
+        needed = set(wf.outputs)
+        run: list[str] = []
+        cached: list[str] = []
+        values: dict[str, tuple[Any, ...]] = {}
+        ui: dict[str, dict[str, Any]] = {}
+        for nid in reversed(wf.order):
+            if nid not in needed:
+                continue
+            entry = self.cache.get(keys[nid])
+            if entry is not None:
+                cached.append(nid)
+                values[nid] = entry.outputs  # held for this run even if the cache evicts it
+                if entry.ui:
+                    ui[nid] = entry.ui
+                continue
+            run.append(nid)
+            needed.update(v.node for v in nodes[nid].inputs.values() if isinstance(v, Link))
+        run.reverse()
+        cached.reverse()
+        return _Plan(keys, run, cached, values, ui)
+
+    def run(
+        self,
+        workflow: ValidatedWorkflow | Graph,
+        *,
+        prompt_id: str | None = None,
+        on_event: EventHandler | None = None,
+        interrupt: threading.Event | None = None,
+        outputs: list[str] | None = None,
+        keep: Iterable[str] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> RunResult:
+        """Run a workflow; raises WorkflowInvalid before anything runs if it does not validate.
+
+        Node failures and interrupts do not raise: they end the run and are reported in the
+        result and the events. Only successfully finished nodes enter the cache.
+        """
+        wf = self.prepare(workflow, outputs)
+        prompt_id = prompt_id or uuid.uuid4().hex
+        emit: EventHandler = on_event or (lambda e: None)
+        stop = interrupt or threading.Event()
+        started = time.perf_counter()
+        with self._lock:
+            plan = self._plan(wf, uuid.uuid4().hex)
+            result = RunResult(prompt_id, "success", cached=plan.cached, keys=plan.keys)
+            emit(ev.ExecutionStart(prompt_id))
+            emit(ev.ExecutionCached(prompt_id, list(plan.cached)))
+            for nid in plan.cached:
+                if nid in plan.ui:
+                    node = wf.graph.nodes[nid]
+                    emit(ev.Executed(prompt_id, nid, node.class_type, plan.ui[nid], cached=True))
+            values, ui = plan.values, plan.ui
+            current: str | None = None
+            try:
+                for nid in plan.run:
+                    current = nid
+                    if stop.is_set():
+                        raise Interrupted("interrupted between nodes")
+                    self._run_node(wf, nid, plan.keys[nid], values, ui, prompt_id, emit, stop, extra)
+                    result.executed.append(nid)
+            except Interrupted:
+                node_type = wf.graph.nodes[current].class_type if current else ""
+                result.status = "interrupted"
+                result.error = ev.ExecutionInterrupted(prompt_id, current, node_type, list(result.executed))
+                emit(result.error)
+            except Exception as exc:  # a node's failure ends the run, never the engine
+                node_type = wf.graph.nodes[current].class_type if current else ""
+                result.status = "error"
+                result.error = ev.ExecutionError(
+                    prompt_id, current or "", node_type, type(exc).__name__, str(exc),
+                    traceback.format_exception(exc), list(result.executed),
+                )
+                emit(result.error)
+            result.outputs = {nid: ui[nid] for nid in wf.outputs if nid in ui}
+            result.values = {nid: values[nid] for nid in (*wf.outputs, *keep) if nid in values}
+            result.duration_s = time.perf_counter() - started
+            if result.ok:
+                emit(ev.ExecutionSuccess(prompt_id, result.duration_s, list(result.executed), list(plan.cached)))
+            return result
+
+    def _run_node(self, wf: ValidatedWorkflow, nid: str, key: str, values: dict[str, tuple[Any, ...]],
+                  ui: dict[str, dict[str, Any]], prompt_id: str, emit: EventHandler,
+                  stop: threading.Event, extra: dict[str, Any] | None) -> None:
+        node = wf.graph.nodes[nid]
+        cls = self.registry.get(node.class_type)
+        assert cls is not None
+        kwargs = dict(wf.values[nid])
+        for name, value in node.inputs.items():
+            if isinstance(value, Link):
+                kwargs[name] = values[value.node][value.output]
+        emit(ev.Executing(prompt_id, nid, node.class_type))
+
+        def report(value: int, total: int, preview: Any = None) -> None:
+            emit(ev.Progress(prompt_id, nid, value, total, preview))
+
+        instance = cls()
+        instance.ctx = NodeContext(nid, prompt_id, self.services, report, stop.is_set, extra or {})
+        began = time.perf_counter()
+        outputs, node_ui = _normalise(cls, instance.execute(**kwargs))
+        values[nid] = outputs
+        if node_ui:
+            ui[nid] = node_ui
+        if cls.cacheable:
+            self.cache.put(key, outputs, node_ui)
+        if node_ui or cls.output_node:
+            emit(ev.Executed(prompt_id, nid, node.class_type, node_ui or {},
+                             duration_s=time.perf_counter() - began))

@@ -1,0 +1,153 @@
+"""Workflow documents: the native (ComfyUI API) format as pydantic models and as a plain graph."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+
+
+class DocumentError(ValueError):
+    """The document is not a workflow at all (not JSON, wrong shapes); one clear message."""
+
+
+class ListValue(BaseModel):
+    """A constant that is itself a list, wrapped so that it is not read as a link."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: list[Any] = Field(alias="__value__")
+
+
+InputValue = tuple[str, int] | ListValue | str | int | float | bool | None | dict[str, Any] | list[Any]
+
+
+class NodeLayout(BaseModel):
+    """Editor layout kept in a node's `_meta`; free-form, ignored by execution."""
+
+    model_config = ConfigDict(extra="allow")
+    title: str | None = None
+    pos: tuple[float, float] | None = None
+    size: tuple[float, float] | None = None
+
+
+class ApiNode(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    class_type: str = Field(min_length=1)
+    inputs: dict[str, InputValue] = Field(default_factory=dict)
+    meta: NodeLayout | None = Field(default=None, alias="_meta")
+
+
+class ApiWorkflow(RootModel[dict[str, ApiNode]]):
+    """The native document: node id -> node, exactly ComfyUI's API format (REFERENCE.md section 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    node: str
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadLink:
+    """A list input that is not a well-formed `[node_id, output_index]`; validation reports it."""
+
+    raw: Any
+
+
+@dataclass
+class GraphNode:
+    id: str
+    class_type: str
+    inputs: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def links(self) -> dict[str, Link]:
+        return {k: v for k, v in self.inputs.items() if isinstance(v, Link)}
+
+
+@dataclass
+class Graph:
+    nodes: dict[str, GraphNode]
+
+    def to_api(self) -> dict[str, Any]:
+        return {nid: _node_to_api(node) for nid, node in self.nodes.items()}
+
+
+def _node_to_api(node: GraphNode) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    for key, value in node.inputs.items():
+        if isinstance(value, Link):
+            inputs[key] = [value.node, value.output]
+        elif isinstance(value, BadLink):
+            inputs[key] = value.raw
+        elif isinstance(value, list):
+            inputs[key] = {"__value__": value}
+        else:
+            inputs[key] = value
+    out: dict[str, Any] = {"class_type": node.class_type, "inputs": inputs}
+    if node.meta:
+        out["_meta"] = node.meta
+    return out
+
+
+def _read_input(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"__value__"} and isinstance(value["__value__"], list):
+        return list(value["__value__"])
+    if isinstance(value, list | tuple):
+        if (
+            len(value) == 2
+            and isinstance(value[0], str | int)
+            and not isinstance(value[0], bool)
+            and isinstance(value[1], int)
+            and not isinstance(value[1], bool)
+        ):
+            return Link(str(value[0]), value[1])
+        return BadLink(list(value))
+    return value
+
+
+def parse_api(data: Any) -> Graph:
+    """Read an API-format document (already decoded from JSON) into a Graph.
+
+    Shapes are checked by the pydantic model; values are read from the raw data so that a link
+    is told from a constant exactly as ComfyUI does (any list is a link unless wrapped).
+    """
+    if not isinstance(data, dict):
+        raise DocumentError(f"a workflow must be a JSON object of node id -> node, not {type(data).__name__}")
+    check_with_schema(data)
+    return Graph(
+        {
+            str(node_id): GraphNode(
+                id=str(node_id),
+                class_type=raw["class_type"],
+                inputs={str(k): _read_input(v) for k, v in raw.get("inputs", {}).items()},
+                meta=raw.get("_meta") or {},
+            )
+            for node_id, raw in data.items()
+        }
+    )
+
+
+def parse_api_json(text: str | bytes) -> Graph:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DocumentError(f"not valid JSON: {exc}") from None
+    return parse_api(data)
+
+
+def api_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the native document, as `main.py schema` publishes it."""
+    return ApiWorkflow.model_json_schema()
+
+
+def check_with_schema(data: Any) -> None:
+    """Strict check of a document against the pydantic model; raises DocumentError on failure."""
+    try:
+        ApiWorkflow.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("tuple[", "function-")))
+        raise DocumentError(f"malformed workflow at {where or 'top level'}: {first['msg']}") from None

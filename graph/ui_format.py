@@ -1,0 +1,136 @@
+"""Import of the editor ("UI") format into the native API format (REFERENCE.md section 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from graph.document import DocumentError
+from nodes.registry import NodeRegistry
+
+MUTED, BYPASSED = 2, 4
+VIRTUAL_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
+CONTROL_VALUES = frozenset({"fixed", "randomize", "increment", "decrement", True, False})
+SEED_NAMES = frozenset({"seed", "noise_seed"})
+
+
+def is_ui_format(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+@dataclass(frozen=True)
+class _Source:
+    node: int
+    slot: int
+
+
+class _Converter:
+    def __init__(self, data: dict[str, Any], registry: NodeRegistry) -> None:
+        self.registry = registry
+        self.nodes: dict[int, dict[str, Any]] = {}
+        for raw in data["nodes"]:
+            if not isinstance(raw, dict) or "id" not in raw or "type" not in raw:
+                raise DocumentError("every node of a UI-format workflow needs an 'id' and a 'type'")
+            self.nodes[raw["id"]] = raw
+        self.links: dict[int, _Source] = {}
+        for link in data.get("links") or []:
+            if isinstance(link, dict):  # schema 1.0 stores links as objects
+                self.links[link["id"]] = _Source(link["origin_id"], link["origin_slot"])
+            elif isinstance(link, list) and len(link) >= 5:
+                self.links[link[0]] = _Source(link[1], link[2])
+            else:
+                raise DocumentError(f"malformed link {link!r}: expected [id, from, from_slot, to, to_slot, type]")
+
+    def _input_link(self, node: dict[str, Any], index: int) -> int | None:
+        inputs = node.get("inputs") or []
+        return inputs[index].get("link") if index < len(inputs) else None
+
+    def resolve(self, link_id: int, depth: int = 0) -> _Source | tuple[str, Any] | None:
+        """Follow a link through reroutes and bypassed nodes; a PrimitiveNode yields ('value', v)."""
+        source = self.links.get(link_id)
+        if source is None or depth > 256:
+            return None
+        node = self.nodes.get(source.node)
+        if node is None or node.get("mode") == MUTED:
+            return None
+        if node["type"] == "Reroute":
+            upstream = self._input_link(node, 0)
+            return self.resolve(upstream, depth + 1) if upstream is not None else None
+        if node["type"] == "PrimitiveNode":
+            values = node.get("widgets_values") or []
+            return ("value", values[0]) if values else None
+        if node.get("mode") == BYPASSED:
+            wanted = (node.get("outputs") or [{}])[source.slot].get("type") if node.get("outputs") else None
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is not None and (wanted is None or inp.get("type") == wanted):
+                    return self.resolve(inp["link"], depth + 1)
+            return None
+        return source
+
+    def widget_values(self, node: dict[str, Any]) -> dict[str, Any]:
+        cls = self.registry.get(node["type"])
+        raw = node.get("widgets_values")
+        if cls is None or raw is None:
+            return {}
+        if isinstance(raw, dict):  # some frontends store widgets by name
+            return {k: v for k, v in raw.items() if k in cls.inputs}
+        values: dict[str, Any] = {}
+        position = 0
+        for name in cls.widget_names():
+            if position >= len(raw):
+                break
+            values[name] = raw[position]
+            position += 1
+            spec = cls.inputs[name]
+            has_control = spec.control_after_generate or (name in SEED_NAMES and spec.type == "INT")
+            if has_control and position < len(raw) and raw[position] in CONTROL_VALUES:
+                position += 1
+            if spec.image_upload and position < len(raw) and raw[position] in ("image", "upload"):
+                position += 1
+        return values
+
+    def convert(self) -> dict[str, Any]:
+        api: dict[str, Any] = {}
+        for node_id, node in self.nodes.items():
+            if node["type"] in VIRTUAL_TYPES or node.get("mode") in (MUTED, BYPASSED):
+                continue
+            inputs = self.widget_values(node)
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is None:
+                    continue
+                resolved = self.resolve(inp["link"])
+                if isinstance(resolved, tuple):
+                    inputs[inp["name"]] = resolved[1]
+                elif isinstance(resolved, _Source):
+                    inputs[inp["name"]] = [str(resolved.node), resolved.slot]
+                else:
+                    inputs.pop(inp["name"], None)
+            meta: dict[str, Any] = {"title": node.get("title") or self._display_name(node["type"])}
+            if "pos" in node:
+                meta["pos"] = _pair(node["pos"])
+            if "size" in node:
+                meta["size"] = _pair(node["size"])
+            api[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": meta}
+        return api
+
+    def _display_name(self, class_type: str) -> str:
+        cls = self.registry.get(class_type)
+        return cls.display_name if cls else class_type
+
+
+def _pair(value: Any) -> list[float] | None:
+    if isinstance(value, dict):  # older files store {"0": x, "1": y}
+        value = [value.get("0"), value.get("1")]
+    if isinstance(value, list | tuple) and len(value) >= 2:
+        return [float(value[0]), float(value[1])]
+    return None
+
+
+def ui_to_api(data: dict[str, Any], registry: NodeRegistry) -> dict[str, Any]:
+    """Convert a UI-format workflow to the API format (widgets by position, links resolved)."""
+    if not is_ui_format(data):
+        raise DocumentError("not a UI-format workflow: expected an object with 'nodes' and 'links'")
+    try:
+        return _Converter(data, registry).convert()
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise DocumentError(f"malformed UI-format workflow: {type(exc).__name__}: {exc}") from None

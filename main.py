@@ -1,0 +1,242 @@
+"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-dir", type=Path, default=Path(__file__).resolve().parent,
+                        help="folder holding models/, input/, output/, temp/ (default: the project folder)")
+    parser.add_argument("--models-dir", type=Path, action="append", default=[],
+                        help="another models folder (with checkpoints/, vae/, loras/ inside); repeatable")
+    parser.add_argument("--extra-model-paths", type=Path,
+                        help="JSON file mapping model kinds to more folders, e.g. another tool's")
+    parser.add_argument("--output-dir", type=Path, help="where output images go (default: BASE/output)")
+    parser.add_argument("--input-dir", type=Path, help="where input images are read (default: BASE/input)")
+
+
+def configure_engine(args: argparse.Namespace) -> Any:
+    """Set up folders and the node registry from the common options; returns the registry."""
+    from nodes.folders import FolderPaths, set_paths
+    from nodes.registry import builtin_registry
+
+    paths = FolderPaths(base=args.base_dir.resolve(), models_dirs=list(args.models_dir),
+                        output_dir=args.output_dir, input_dir=args.input_dir)
+    if args.extra_model_paths:
+        paths.load_extra_paths(args.extra_model_paths)
+    set_paths(paths)
+    return builtin_registry()
+
+
+def _parse_set(assignments: list[str]) -> list[tuple[str, str, Any]]:
+    out = []
+    for item in assignments:
+        target, sep, raw = item.partition("=")
+        node_id, dot, input_name = target.partition(".")
+        if not sep or not dot or not node_id or not input_name:
+            raise SystemExit(f"--set expects NODE_ID.INPUT=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.append((node_id, input_name, value))
+    return out
+
+
+def _load(args: argparse.Namespace, registry: Any) -> Any:
+    from graph.document import DocumentError
+    from graph.load import load_workflow
+
+    try:
+        graph = load_workflow(args.workflow, registry)
+    except DocumentError as exc:
+        _fail_document(args, str(exc))
+    for node_id, input_name, value in _parse_set(getattr(args, "set", None) or []):
+        if node_id not in graph.nodes:
+            _fail_document(args, f"--set: node {node_id!r} is not in the workflow")
+        graph.nodes[node_id].inputs[input_name] = value
+    return graph
+
+
+def _fail_document(args: argparse.Namespace, message: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"status": "invalid", "error": {"type": "invalid_prompt", "message": message}}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_INVALID)
+
+
+def _report_problems(args: argparse.Namespace, problems: list[Any]) -> int:
+    from graph.errors import error_response
+
+    if args.json:
+        print(json.dumps({"status": "invalid", **error_response(problems)}, indent=2))
+    else:
+        print(f"The workflow has {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from graph.validate import validate
+
+    registry = configure_engine(args)
+    checked = validate(_load(args, registry), registry)
+    if checked.problems:
+        return _report_problems(args, checked.problems)
+    if args.json:
+        print(json.dumps({"status": "ok", "outputs": checked.outputs, "order": checked.order}))
+    else:
+        print(f"OK: {len(checked.order)} nodes to run for outputs {', '.join(checked.outputs)}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from executor.executor import Executor
+    from executor.progress import ConsoleProgress
+    from graph.validate import validate
+
+    registry = configure_engine(args)
+    checked = validate(_load(args, registry), registry)
+    if checked.problems:
+        return _report_problems(args, checked.problems)
+    from executor.services import Services
+
+    executor = Executor(registry, services=Services.create())
+    progress = ConsoleProgress(enabled=not args.json and not args.quiet)
+    result = executor.run(checked, on_event=progress)
+    progress.close()
+    files = _output_files(result.outputs)
+    if args.json:
+        body: dict[str, Any] = {"status": result.status, "prompt_id": result.prompt_id,
+                                "outputs": result.outputs, "files": files,
+                                "executed": result.executed, "cached": result.cached,
+                                "duration_s": round(result.duration_s, 3)}
+        if result.error is not None:
+            body["error"] = result.error.data()
+        print(json.dumps(body, indent=2, default=str))
+    elif result.ok:
+        for nid, ui in result.outputs.items():
+            for text in ui.get("text", []):
+                print(f"node {nid}: {text}")
+        for path in files:
+            print(f"saved {path}")
+        print(f"done in {result.duration_s:.2f}s ({len(result.executed)} nodes ran, "
+              f"{len(result.cached)} cached)", file=sys.stderr)
+    else:
+        err = result.error
+        print(f"error in node {err.node_id} ({err.node_type}): "
+              f"{getattr(err, 'exception_type', 'Interrupted')}: {getattr(err, 'exception_message', '')}",
+              file=sys.stderr)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _output_files(outputs: dict[str, dict[str, Any]]) -> list[str]:
+    from nodes.folders import get_paths
+
+    paths = get_paths()
+    roots = {"output": paths.output, "temp": paths.temp, "input": paths.input}
+    files = []
+    for ui in outputs.values():
+        for item in ui.get("images", []):
+            root = roots.get(item.get("type", "output"), paths.output)
+            files.append(str(root / item.get("subfolder", "") / item["filename"]))
+    return files
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    registry = configure_engine(args)
+    if args.json:
+        print(json.dumps(registry.object_info(), indent=2, default=str))
+        return EXIT_OK
+    by_category: dict[str, list[str]] = {}
+    for name in registry:
+        cls = registry.get(name)
+        by_category.setdefault(cls.category, []).append(name)
+    for category in sorted(by_category):
+        print(f"{category}:")
+        for name in sorted(by_category[category]):
+            cls = registry.get(name)
+            ins = ", ".join(f"{k}:{s.type}" for k, s in cls.inputs.items() if not s.hidden)
+            outs = ", ".join(o.type for o in cls.outputs) or "-"
+            print(f"  {name}({ins}) -> {outs}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from graph.load import graph_from_data, load_workflow_data
+
+    registry = configure_engine(args)
+    from graph.document import DocumentError
+
+    try:
+        graph = graph_from_data(load_workflow_data(args.workflow), registry)
+    except DocumentError as exc:
+        _fail_document(args, str(exc))
+    text = json.dumps(graph.to_api(), indent=2)
+    if args.output:
+        args.output.write_text(text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from graph.document import api_json_schema
+
+    print(json.dumps(api_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="validate and run a workflow (API or UI JSON, or a PNG that carries one)")
+    p.add_argument("workflow", type=Path)
+    p.add_argument("--set", action="append", metavar="NODE_ID.INPUT=VALUE",
+                   help="override an input before running (VALUE is JSON, or a plain string); repeatable")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_engine_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a workflow and list every problem")
+    p.add_argument("workflow", type=Path)
+    p.add_argument("--set", action="append", metavar="NODE_ID.INPUT=VALUE")
+    p.add_argument("--json", action="store_true")
+    _add_engine_options(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("convert", help="convert a UI-format workflow (or PNG) to the native API format")
+    p.add_argument("workflow", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="output file (default: standard output)")
+    _add_engine_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("nodes", help="list the node types")
+    p.add_argument("--json", action="store_true", help="the /object_info document")
+    _add_engine_options(p)
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the native workflow format")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Where user data lives: model folders, input/, output/, temp/; and listing the files in them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_KINDS = {
+    "checkpoints": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "vae": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "loras": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "embeddings": (".safetensors", ".pt", ".bin"),
+}
+
+
+@dataclass
+class FolderPaths:
+    """The folders of one engine instance. Folders are created when first written to."""
+
+    base: Path = field(default_factory=Path.cwd)
+    models_dirs: list[Path] = field(default_factory=list)
+    extra_model_paths: dict[str, list[Path]] = field(default_factory=dict)
+    output_dir: Path | None = None
+    input_dir: Path | None = None
+    temp_dir: Path | None = None
+
+    @property
+    def output(self) -> Path:
+        return self.output_dir or self.base / "output"
+
+    @property
+    def input(self) -> Path:
+        return self.input_dir or self.base / "input"
+
+    @property
+    def temp(self) -> Path:
+        return self.temp_dir or self.base / "temp"
+
+    def model_dirs(self, kind: str) -> list[Path]:
+        roots = [*self.models_dirs, self.base / "models"]
+        return [root / kind for root in roots] + self.extra_model_paths.get(kind, [])
+
+    def list_models(self, kind: str) -> list[str]:
+        """Relative file names (with sub-folders) of the models of one kind, sorted, without duplicates."""
+        suffixes = MODEL_KINDS.get(kind, (".safetensors",))
+        names: set[str] = set()
+        for folder in self.model_dirs(kind):
+            if folder.is_dir():
+                names.update(
+                    p.relative_to(folder).as_posix()
+                    for p in folder.rglob("*")
+                    if p.suffix.lower() in suffixes and p.is_file()
+                )
+        return sorted(names)
+
+    def find_model(self, kind: str, name: str) -> Path | None:
+        """The file a combo value names, or None. Names never escape the model folders."""
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            return None
+        for folder in self.model_dirs(kind):
+            candidate = folder / name
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def load_extra_paths(self, config_file: Path) -> None:
+        """Read `{"checkpoints": ["/other/tool/models/Stable-diffusion"], "loras": [...]}` (JSON)."""
+        data = json.loads(Path(config_file).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file}: expected an object of model kind -> list of folders")
+        for kind, folders in data.items():
+            folders = [folders] if isinstance(folders, str) else folders
+            base = Path(config_file).parent
+            self.extra_model_paths.setdefault(kind, []).extend((base / Path(f).expanduser()) for f in folders)
+
+
+_paths = FolderPaths()
+
+
+def get_paths() -> FolderPaths:
+    """The folders of this process (configured once at start-up by the CLI or the server)."""
+    return _paths
+
+
+def set_paths(paths: FolderPaths) -> None:
+    global _paths
+    _paths = paths

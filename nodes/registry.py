@@ -1,0 +1,68 @@
+"""The registry of node types: one name, one type; a collision is an error naming both sources."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator
+from types import ModuleType
+from typing import Any
+
+from nodes.node import Node, NodeInfo
+
+BUILTIN_MODULES = (
+    "nodes.builtin.primitives",
+    "nodes.builtin.utils",
+)
+
+
+class DuplicateNodeError(Exception):
+    def __init__(self, name: str, existing: str, new: str) -> None:
+        super().__init__(f"node type {name!r} from {new} clashes with the one already registered from {existing}")
+        self.name, self.existing, self.new = name, existing, new
+
+
+class NodeRegistry:
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeInfo] = {}
+
+    def register(self, cls: type[Node], source: str = "builtin", **extras: Any) -> None:
+        existing = self._nodes.get(cls.name)
+        if existing is not None:
+            raise DuplicateNodeError(cls.name, existing.source, source)
+        self._nodes[cls.name] = NodeInfo(cls=cls, source=source, extras=extras)
+
+    def register_all(self, classes: Iterable[type[Node]], source: str) -> None:
+        for cls in classes:
+            self.register(cls, source)
+
+    def register_module(self, module: ModuleType, source: str | None = None) -> None:
+        """Register the node classes a module lists in `NODES`."""
+        self.register_all(module.NODES, source or module.__name__)
+
+    def get(self, name: str) -> type[Node] | None:
+        info = self._nodes.get(name)
+        return info.cls if info else None
+
+    def info(self, name: str) -> NodeInfo | None:
+        return self._nodes.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def object_info(self, name: str | None = None) -> dict[str, Any]:
+        names = [name] if name is not None else list(self._nodes)
+        return {n: self._nodes[n].cls.object_info() for n in names if n in self._nodes}
+
+
+def builtin_registry(modules: Iterable[str] = BUILTIN_MODULES) -> NodeRegistry:
+    """A fresh registry holding the built-in node packs (imported on demand, not at import time)."""
+    registry = NodeRegistry()
+    for module_name in modules:
+        registry.register_module(importlib.import_module(module_name), "builtin")
+    return registry
