@@ -111,6 +111,9 @@ def Combo(choices: Sequence[Any] | Callable[[], Sequence[Any]], *, default: Any 
 
 
 def Socket(type_name: str, **kw: Any) -> InputSpec:
+    """An input that is always linked; a widget type (e.g. INT) declared as a socket shows no widget."""
+    if type_name in WIDGET_TYPES:
+        kw.setdefault("force_input", True)
     return InputSpec(type=type_name, **kw)
 
 

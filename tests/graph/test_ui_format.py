@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from graph.document import DocumentError
+from graph.load import graph_from_data, load_workflow
+from graph.ui_format import ui_to_api
+
+
+def ui_node(id_, type_, widgets=None, inputs=(), outputs=(), mode=0, **extra):
+    return {"id": id_, "type": type_, "pos": [10 * id_, 20], "size": [200, 80], "mode": mode,
+            "inputs": list(inputs), "outputs": list(outputs), "widgets_values": widgets or [], **extra}
+
+
+def link_in(name, link, type_="INT", widget=False):
+    out = {"name": name, "type": type_, "link": link}
+    if widget:
+        out["widget"] = {"name": name}
+    return out
+
+
+UI = {
+    "last_node_id": 9,
+    "nodes": [
+        ui_node(1, "Add", [5, 7]),
+        ui_node(2, "Reroute", inputs=[link_in("", 1, "*")]),
+        ui_node(3, "Scale", [2.5], inputs=[link_in("value", 2)]),
+        ui_node(4, "Sink", inputs=[link_in("value", 3, "FLOAT")]),
+        ui_node(5, "Note", ["just a note"]),
+        ui_node(6, "PrimitiveNode", [9, "fixed"], outputs=[{"name": "INT", "type": "INT", "links": [4]}]),
+        ui_node(7, "Add", [0, 1], inputs=[link_in("a", 4, widget=True)], title="Driven by primitive"),
+        ui_node(8, "Add", [1, 1], inputs=[link_in("a", 5)], mode=4),  # bypassed: passes node 7 through
+        ui_node(9, "Sink", inputs=[link_in("value", 6)]),
+        ui_node(10, "Sink", inputs=[link_in("value", 7)], mode=2),  # muted
+        ui_node(11, "KSamplerLike", [42, "randomize", 20]),
+    ],
+    "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 3, 0, "INT"], [3, 3, 0, 4, 0, "FLOAT"], [4, 6, 0, 7, 0, "INT"],
+              [5, 7, 0, 8, 0, "INT"], [6, 8, 0, 9, 0, "INT"], [7, 1, 0, 10, 0, "INT"]],
+}
+
+
+def test_ui_format_converts_to_api(registry):
+    from nodes.node import Node
+    from nodes.spec import Int
+
+    class KSamplerLike(Node):
+        output_node = True
+        seed = Int(0)
+        steps = Int(20)
+
+    registry.register(KSamplerLike, "tests")
+    api = ui_to_api(UI, registry)
+    assert set(api) == {"1", "3", "4", "7", "9", "11"}  # no Reroute, Note, Primitive, muted, bypassed
+    assert api["1"]["inputs"] == {"a": 5, "b": 7}
+    assert api["3"]["inputs"] == {"factor": 2.5, "value": ["1", 0]}  # through the reroute
+    assert api["7"]["inputs"] == {"a": 9, "b": 1}  # primitive's value pushed in
+    assert api["9"]["inputs"] == {"value": ["7", 0]}  # bypassed node 8 passes its input through
+    assert api["11"]["inputs"] == {"seed": 42, "steps": 20}  # the "randomize" control value is skipped
+    assert api["7"]["_meta"] == {"title": "Driven by primitive", "pos": [70.0, 20.0], "size": [200.0, 80.0]}
+    assert api["1"]["_meta"]["title"] == "Add"
+
+
+def test_format_is_detected_when_loading(registry, tmp_path):
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps({"nodes": [ui_node(1, "Add", [1, 2]), ui_node(2, "Sink", inputs=[link_in("value", 1)])],
+                                "links": [[1, 1, 0, 2, 0, "INT"]]}))
+    graph = load_workflow(path, registry)
+    assert graph.nodes["2"].inputs["value"].node == "1"
+    assert graph_from_data({"prompt": {"1": {"class_type": "Add", "inputs": {"a": 1}}}}, registry).nodes["1"]
+
+
+def test_schema_1_links_as_objects(registry):
+    data = {"nodes": [ui_node(1, "Add", [1, 2]), ui_node(2, "Sink", inputs=[link_in("value", 1)])],
+            "links": [{"id": 1, "origin_id": 1, "origin_slot": 0, "target_id": 2, "target_slot": 0, "type": "INT"}]}
+    assert ui_to_api(data, registry)["2"]["inputs"] == {"value": ["1", 0]}
+
+
+@pytest.mark.parametrize("data", [{"nodes": [{"id": 1}], "links": []}, {"nodes": [], "links": [[1, 2]]},
+                                  {"nodes": "x", "links": []}])
+def test_malformed_ui_documents(registry, data):
+    with pytest.raises(DocumentError):
+        graph_from_data(data, registry)

@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 6}},
+        "2": {"class_type": "IntMath", "inputs": {"a": ["1", 0], "b": 7, "operation": "multiply"}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def workflow(tmp_path):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(GOOD))
+    return path
+
+
+def test_help_lists_subcommands():
+    out = cli("--help").stdout
+    for command in ("run", "validate", "convert", "nodes", "schema"):
+        assert command in out
+
+
+def test_run_prints_result(workflow, tmp_path):
+    proc = cli("run", workflow, "--base-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "node 3: 42" in proc.stdout
+
+
+def test_run_with_set_and_json(workflow, tmp_path):
+    proc = cli("run", workflow, "--set", "2.b=10", "--json", "--base-dir", tmp_path)
+    body = json.loads(proc.stdout)
+    assert proc.returncode == 0 and body["status"] == "success"
+    assert body["outputs"]["3"] == {"text": ["60"]}
+
+
+def test_validation_errors_exit_2_and_list_all(workflow, tmp_path):
+    proc = cli("run", workflow, "--set", "2.b=\"x\"", "--set", "2.operation=div", "--json", "--base-dir", tmp_path)
+    assert proc.returncode == 2
+    errors = json.loads(proc.stdout)["node_errors"]["2"]["errors"]
+    assert {e["type"] for e in errors} == {"invalid_input_type", "value_not_in_list"}
+    proc = cli("validate", workflow, "--set", "2.b=\"x\"")
+    assert proc.returncode == 2 and "invalid_input_type" in proc.stderr
+
+
+def test_execution_error_exits_1(tmp_path):
+    path = tmp_path / "wf.json"
+    doc = dict(GOOD, **{"2": {"class_type": "IntMath", "inputs": {"a": ["1", 0], "b": 9999, "operation": "power"}}})
+    path.write_text(json.dumps(doc))
+    proc = cli("run", path, "--base-dir", tmp_path)
+    assert proc.returncode == 1 and "node 2 (IntMath)" in proc.stderr and "too large" in proc.stderr
+
+
+@pytest.mark.parametrize("content", ["{", "[]", "not json at all"])
+def test_malformed_file_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    proc = cli("validate", path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_missing_file(tmp_path):
+    proc = cli("run", tmp_path / "nope.json")
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_convert_ui_to_api(tmp_path):
+    ui = {"nodes": [{"id": 1, "type": "PrimitiveInt", "widgets_values": [4], "inputs": [], "mode": 0},
+                    {"id": 2, "type": "PreviewAny", "inputs": [{"name": "source", "type": "*", "link": 1}],
+                     "mode": 0}],
+          "links": [[1, 1, 0, 2, 0, "INT"]]}
+    src = tmp_path / "ui.json"
+    src.write_text(json.dumps(ui))
+    proc = cli("convert", src, "-o", tmp_path / "api.json")
+    assert proc.returncode == 0
+    api = json.loads((tmp_path / "api.json").read_text())
+    assert api["1"]["inputs"] == {"value": 4} and api["2"]["inputs"] == {"source": ["1", 0]}
+    assert cli("run", src, "--base-dir", tmp_path).stdout.strip() == "node 2: 4"
+
+
+def test_nodes_and_schema():
+    info = json.loads(cli("nodes", "--json").stdout)
+    assert info["IntMath"]["input_order"]["required"] == ["a", "b", "operation"]
+    schema = json.loads(cli("schema").stdout)
+    assert schema["additionalProperties"]["$ref"].endswith("ApiNode")
