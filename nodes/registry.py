@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -21,9 +23,23 @@ class DuplicateNodeError(Exception):
         self.name, self.existing, self.new = name, existing, new
 
 
+@dataclass
+class PluginInfo:
+    """How loading one plugin went, for `main.py nodes --plugins` and the server."""
+
+    name: str
+    source: str  # a folder, a file, or an entry point
+    loaded: bool
+    error: str | None = None
+    import_s: float = 0.0
+    node_names: list[str] = field(default_factory=list)
+    web_dir: Path | None = None  # editor extensions (JS/CSS) the plugin ships
+
+
 class NodeRegistry:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeInfo] = {}
+        self.plugins: list[PluginInfo] = []
 
     def register(self, cls: type[Node], source: str = "builtin", **extras: Any) -> None:
         existing = self._nodes.get(cls.name)
