@@ -20,6 +20,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="JSON file mapping model kinds to more folders, e.g. another tool's")
     parser.add_argument("--output-dir", type=Path, help="where output images go (default: BASE/output)")
     parser.add_argument("--input-dir", type=Path, help="where input images are read (default: BASE/input)")
+    parser.add_argument("--custom-nodes-dir", type=Path, action="append", default=[],
+                        help="another folder of plugins besides BASE/custom_nodes; repeatable (the "
+                             "--extra-model-paths file may list more under \"custom_nodes\")")
+    parser.add_argument("--no-custom-nodes", action="store_true", help="load the built-in nodes only")
 
 
 def configure_engine(args: argparse.Namespace) -> Any:
@@ -32,7 +36,16 @@ def configure_engine(args: argparse.Namespace) -> Any:
     if args.extra_model_paths:
         paths.load_extra_paths(args.extra_model_paths)
     set_paths(paths)
-    return builtin_registry()
+    registry = builtin_registry()
+    if not args.no_custom_nodes:
+        from nodes.plugins import load_plugins
+
+        for folder in args.custom_nodes_dir:
+            if not folder.is_dir():
+                raise SystemExit(f"--custom-nodes-dir {folder}: not a folder")
+        load_plugins(registry, [paths.base / "custom_nodes", *args.custom_nodes_dir,
+                                *paths.extra_model_paths.get("custom_nodes", [])])
+    return registry
 
 
 def _parse_set(assignments: list[str]) -> list[tuple[str, str, Any]]:
@@ -152,8 +165,28 @@ def _output_files(outputs: dict[str, dict[str, Any]]) -> list[str]:
     return files
 
 
+def _print_plugins(registry: Any, as_json: bool) -> int:
+    from nodes.plugins import plugin_summary
+
+    if as_json:
+        print(json.dumps([plugin_summary(p) for p in registry.plugins], indent=2))
+        return EXIT_OK
+    failed = sum(not p.loaded for p in registry.plugins)
+    print(f"{len(registry.plugins) - failed} plugin(s) loaded, {failed} failed")
+    for p in registry.plugins:
+        status = "ok" if p.loaded else "FAILED"
+        print(f"  {status:<6} {p.import_s:7.3f}s  {p.name}  ({len(p.node_names)} nodes)  {p.source}")
+        if p.web_dir:
+            print(f"         editor extensions: {p.web_dir}")
+        if p.error:
+            print(f"         {p.error}")
+    return EXIT_OK
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
     registry = configure_engine(args)
+    if args.plugins:
+        return _print_plugins(registry, args.json)
     if args.json:
         print(json.dumps(registry.object_info(), indent=2, default=str))
         return EXIT_OK
@@ -225,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nodes", help="list the node types")
     p.add_argument("--json", action="store_true", help="the /object_info document")
+    p.add_argument("--plugins", action="store_true", help="list the plugins: loaded or failed, why, import time")
     _add_engine_options(p)
     p.set_defaults(func=cmd_nodes)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from executor import events as ev
 from executor.cache import OutputCache, node_key
+from executor.lists import calls_for, merge_outputs, merge_ui
 from graph.document import Graph, Link
 from graph.errors import Problem
 from graph.validate import ValidatedWorkflow, validate
@@ -143,6 +144,8 @@ class Executor:
         """
         wf = self.prepare(workflow, outputs)
         prompt_id = prompt_id or uuid.uuid4().hex
+        # Nodes may read the workflow they run in (ComfyUI's hidden PROMPT input, PNG metadata).
+        extra = {"prompt": wf.graph.to_api(), **(extra or {})}
         emit: EventHandler = on_event or (lambda e: None)
         stop = interrupt or threading.Event()
         started = time.perf_counter()
@@ -186,7 +189,7 @@ class Executor:
 
     def _run_node(self, wf: ValidatedWorkflow, nid: str, key: str, values: dict[str, tuple[Any, ...]],
                   ui: dict[str, dict[str, Any]], prompt_id: str, emit: EventHandler,
-                  stop: threading.Event, extra: dict[str, Any] | None) -> None:
+                  stop: threading.Event, extra: dict[str, Any]) -> None:
         node = wf.graph.nodes[nid]
         cls = self.registry.get(node.class_type)
         assert cls is not None
@@ -200,9 +203,17 @@ class Executor:
             emit(ev.Progress(prompt_id, nid, value, total, preview))
 
         instance = cls()
-        instance.ctx = NodeContext(nid, prompt_id, self.services, report, stop.is_set, extra or {})
+        instance.ctx = NodeContext(nid, prompt_id, self.services, report, stop.is_set, extra)
         began = time.perf_counter()
-        outputs, node_ui = _normalise(cls, instance.execute(**kwargs))
+        calls, per_item = calls_for(kwargs, cls.input_is_list)
+        results, uis = [], []
+        for call in calls:
+            if stop.is_set():
+                raise Interrupted(f"interrupted in node {nid}")
+            call_outputs, call_ui = _normalise(cls, instance.execute(**call))
+            results.append(call_outputs)
+            uis.append(call_ui)
+        outputs, node_ui = merge_outputs(cls.outputs, results, per_item), merge_ui(uis)
         values[nid] = outputs
         if node_ui:
             ui[nid] = node_ui

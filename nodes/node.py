@@ -52,6 +52,8 @@ class Node:
     # A node whose output is not a function of its inputs (e.g. random without a seed).
     cacheable: ClassVar[bool] = True
     outputs: ClassVar[tuple[OutputSpec, ...]] = ()
+    # Take every input as a list, in one call, instead of running once per item of a list output.
+    input_is_list: ClassVar[bool] = False
     inputs: ClassVar[dict[str, InputSpec]] = {}
     python_module: ClassVar[str] = "nodes"
 
