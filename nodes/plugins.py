@@ -39,15 +39,17 @@ def discover_folder(folder: Path) -> list[PluginCandidate]:
     """
     if not folder.is_dir():
         return []
-    found = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(("_", ".")) or entry.name.endswith(".disabled"):
-            continue
-        if entry.is_file() and entry.suffix == ".py":
-            found.append(PluginCandidate(entry.stem, str(entry), _importer(entry.stem, entry, entry)))
-        elif entry.is_dir() and (entry / "__init__.py").is_file():
-            found.append(PluginCandidate(entry.name, str(entry), _importer(entry.name, entry / "__init__.py", entry)))
-    return found
+    found = [_candidate(entry) for entry in sorted(folder.iterdir())
+             if not entry.name.startswith(("_", ".")) and not entry.name.endswith(".disabled")]
+    return [c for c in found if c is not None]
+
+
+def _candidate(path: Path) -> PluginCandidate | None:
+    if path.is_file() and path.suffix == ".py":
+        return PluginCandidate(path.stem, str(path), _importer(path.stem, path, path))
+    if path.is_dir() and (path / "__init__.py").is_file():
+        return PluginCandidate(path.name, str(path), _importer(path.name, path / "__init__.py", path))
+    return None
 
 
 def discover_entry_points(group: str = ENTRY_POINT_GROUP) -> list[PluginCandidate]:
@@ -187,6 +189,14 @@ def load_plugins(registry: NodeRegistry, folders: Iterable[Path] = (), entry_poi
     if entry_points:
         candidates += discover_entry_points()
     return [load_plugin(registry, candidate) for candidate in candidates]
+
+
+def load_plugin_path(registry: NodeRegistry, path: Path) -> PluginInfo:
+    """Load the one plugin at `path` (a `.py` file or a package folder), as a pack's own tests do."""
+    candidate = _candidate(Path(path))
+    if candidate is None:
+        raise ValueError(f"{path} is neither a .py file nor a folder with an __init__.py")
+    return load_plugin(registry, candidate)
 
 
 def plugin_summary(info: PluginInfo) -> dict[str, Any]:
