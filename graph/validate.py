@@ -127,6 +127,8 @@ class _Checker:
                      received_type=output_type, expected_type=spec.type)
 
     def check_constant(self, node: GraphNode, name: str, spec: InputSpec, value: Any) -> Any:
+        if spec.checked_by_node:
+            return value
         if spec.type == "COMBO":
             choices = spec.current_choices()
             if value not in choices:

@@ -178,6 +178,10 @@ def adapt_classic(name: str, classic: type, display_name: str | None = None,
             if spec.type == "COMBO":
                 spec = spec.model_copy(update={"choices_fn": _fresh_choices(classic, group, key, spec.choices or ())})
             inputs[key] = spec
+    validate_hook = getattr(classic, "VALIDATE_INPUTS", None)
+    if validate_hook is not None:
+        self_checked = _accepted(validate_hook, dict.fromkeys(inputs))
+        inputs.update({k: inputs[k].model_copy(update={"checked_by_node": True}) for k in self_checked})
     hidden = {k: (v[0] if isinstance(v, list | tuple) else v) for k, v in (declared.get("hidden") or {}).items()}
     for key, kind in hidden.items():
         inputs[key] = InputSpec(type=str(kind), optional=True, hidden=True)

@@ -35,6 +35,9 @@ class InputSpec(BaseModel):
     image_upload: bool = False
     force_input: bool = False
     hidden: bool = False
+    # The node's own `check_inputs` judges this value; the built-in type, range and choice checks
+    # are skipped (ComfyUI does so for inputs its VALIDATE_INPUTS names).
+    checked_by_node: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -366,3 +366,64 @@ def test_a_bad_classic_class_is_refused_alone(custom_nodes):
     info = plugin(load(custom_nodes), "half_bad")
     assert info.loaded and "ClassicImageInvert" in info.node_names and "NoFunction" not in info.node_names
     assert "NoFunction" in info.error and "FUNCTION" in info.error
+
+
+COMBO_PACK = '''
+import os
+
+FOLDER = os.environ["LOOM_TEST_COMBO_FOLDER"]
+
+
+class PickFile:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"name": (sorted(os.listdir(FOLDER)),)}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "pick"
+
+    def pick(self, name):
+        return (name,)
+
+
+class PickModel:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"model": (["a", "b"],), "scale": ("INT", {"default": 1, "max": 4})}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "pick"
+
+    @classmethod
+    def VALIDATE_INPUTS(s, model):
+        return True if model in ("a", "b") or model.startswith("remote:") else f"unknown model {model}"
+
+    def pick(self, model, scale):
+        return (model * scale,)
+
+
+NODE_CLASS_MAPPINGS = {"PickFile": PickFile, "PickModel": PickModel}
+'''
+
+
+def test_combo_choices_are_listed_afresh_and_validate_inputs_replaces_builtin_checks(custom_nodes, tmp_path,
+                                                                                      monkeypatch):
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "one.txt").write_text("")
+    monkeypatch.setenv("LOOM_TEST_COMBO_FOLDER", str(files))
+    write(custom_nodes / "combo_pack.py", COMBO_PACK)
+    registry = load(custom_nodes)
+
+    def problems(class_type, **inputs):
+        doc = {"1": {"class_type": class_type, "inputs": inputs},
+               "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+        return [(p.type, p.input_name) for p in validate(parse_api(doc), registry).problems]
+
+    assert problems("PickFile", name="two.txt") == [("value_not_in_list", "name")]
+    (files / "two.txt").write_text("")
+    assert problems("PickFile", name="two.txt") == []
+    assert registry.object_info("PickFile")["PickFile"]["input"]["required"]["name"][0] == ["one.txt", "two.txt"]
+    assert problems("PickModel", model="remote:x", scale=2) == []  # VALIDATE_INPUTS names `model`
+    assert problems("PickModel", model="c", scale=9) == [("value_bigger_than_max", "scale")]
+    assert problems("PickModel", model="c", scale=1) == [("custom_validation_failed", None)]
