@@ -123,7 +123,10 @@ class ClassicNode(Node):
             source = _HIDDEN_SOURCES.get(kind)
             value = source(self.ctx) if source else None
             inputs[key] = [value] if self.input_is_list else value
-        return getattr(obj, self.classic.FUNCTION)(**inputs)
+        result = getattr(obj, self.classic.FUNCTION)(**inputs)
+        if isinstance(result, dict) and "expand" in result:
+            raise NotImplementedError(f"{self.name} returned a node expansion (`expand`), which Loom does not support")
+        return result
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:

@@ -427,3 +427,25 @@ def test_combo_choices_are_listed_afresh_and_validate_inputs_replaces_builtin_ch
     assert problems("PickModel", model="remote:x", scale=2) == []  # VALIDATE_INPUTS names `model`
     assert problems("PickModel", model="c", scale=9) == [("value_bigger_than_max", "scale")]
     assert problems("PickModel", model="c", scale=1) == [("custom_validation_failed", None)]
+
+
+def test_node_expansion_fails_with_a_clear_message(custom_nodes):
+    write(custom_nodes / "expanding.py", '''
+class Expand:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "go"
+
+    def go(self):
+        return {"result": (1,), "expand": {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 1}}}}
+
+
+NODE_CLASS_MAPPINGS = {"Expand": Expand}
+''')
+    doc = {"1": {"class_type": "Expand", "inputs": {}},
+           "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    result = Executor(load(custom_nodes)).run(parse_api(doc))
+    assert result.status == "error" and "node expansion" in result.error.exception_message
