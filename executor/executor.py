@@ -205,6 +205,7 @@ class Executor:
         instance = cls()
         instance.ctx = NodeContext(nid, prompt_id, self.services, report, stop.is_set, extra)
         began = time.perf_counter()
+        # One call, or one per item when a linked output carries a list (ComfyUI's list semantics).
         calls, per_item = calls_for(kwargs, cls.input_is_list)
         results, uis = [], []
         for call in calls:

@@ -56,6 +56,13 @@ def comfy_module_in(exc: BaseException) -> str | None:
     return None
 
 
+def _raise_if_comfy(exc: BaseException) -> None:
+    """Name the ComfyUI module a node reached for late (inside INPUT_TYPES or its function)."""
+    module = comfy_module_in(exc)
+    if module is not None:
+        raise ComfyInternalsError(module) from exc
+
+
 def _imported_name(exc: BaseException, top: str) -> str | None:
     """The full dotted name in the failing import statement (`import comfy.utils` names `comfy.utils`)."""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
@@ -123,7 +130,11 @@ class ClassicNode(Node):
             source = _HIDDEN_SOURCES.get(kind)
             value = source(self.ctx) if source else None
             inputs[key] = [value] if self.input_is_list else value
-        result = getattr(obj, self.classic.FUNCTION)(**inputs)
+        try:
+            result = getattr(obj, self.classic.FUNCTION)(**inputs)
+        except (ImportError, AttributeError) as exc:
+            _raise_if_comfy(exc)
+            raise
         if isinstance(result, dict) and "expand" in result:
             raise NotImplementedError(f"{self.name} returned a node expansion (`expand`), which Loom does not support")
         return result
@@ -173,6 +184,7 @@ def adapt_classic(name: str, classic: type, display_name: str | None = None,
     try:
         declared = classic.INPUT_TYPES()
     except Exception as exc:
+        _raise_if_comfy(exc)
         raise NodeDefinitionError(name, f"INPUT_TYPES() raised {type(exc).__name__}: {exc}") from exc
     inputs: dict[str, InputSpec] = {}
     for group in ("required", "optional"):

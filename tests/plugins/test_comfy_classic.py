@@ -449,3 +449,46 @@ NODE_CLASS_MAPPINGS = {"Expand": Expand}
            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     result = Executor(load(custom_nodes)).run(parse_api(doc))
     assert result.status == "error" and "node expansion" in result.error.exception_message
+
+
+def test_comfy_internals_reached_late_are_named_too(custom_nodes):
+    write(custom_nodes / "late_comfy.py", '''
+import nodes
+
+
+class Sized:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"width": ("INT", {"default": 512, "max": nodes.MAX_RESOLUTION})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "go"
+
+    def go(self, width):
+        return (width,)
+
+
+class Lazy:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "go"
+
+    def go(self):
+        import comfy.model_management
+        return (comfy.model_management.get_torch_device(),)
+
+
+NODE_CLASS_MAPPINGS = {"Sized": Sized, "LateComfy": Lazy}
+''')
+    registry = load(custom_nodes)
+    info = plugin(registry, "late_comfy")
+    assert info.node_names == ["LateComfy"]
+    assert "imports ComfyUI internals (`nodes.MAX_RESOLUTION`)" in info.error and "'Sized'" in info.error
+    doc = {"1": {"class_type": "LateComfy", "inputs": {}},
+           "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    result = Executor(registry).run(parse_api(doc))
+    assert result.error.exception_type == "ComfyInternalsError"
+    assert "`comfy.model_management`" in result.error.exception_message
