@@ -35,6 +35,7 @@ def configure_engine(args: argparse.Namespace) -> Any:
                         output_dir=args.output_dir, input_dir=args.input_dir)
     if args.extra_model_paths:
         paths.load_extra_paths(args.extra_model_paths)
+    paths.seed_input_examples()
     set_paths(paths)
     registry = builtin_registry()
     if not args.no_custom_nodes:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from executor.devices import DeviceManager
 from nodes.folders import FolderPaths, get_paths
 
 
@@ -49,7 +50,8 @@ class ModelCache:
 class Services:
     paths: FolderPaths
     models: ModelCache = field(default_factory=ModelCache)
+    devices: DeviceManager = field(default_factory=DeviceManager)
 
     @classmethod
-    def create(cls, paths: FolderPaths | None = None) -> Services:
-        return cls(paths=paths or get_paths())
+    def create(cls, paths: FolderPaths | None = None, force_cpu: bool = False) -> Services:
+        return cls(paths=paths or get_paths(), devices=DeviceManager(force_cpu=force_cpu))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# Shipped with the project: the demo checkpoint and example input images.
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 MODEL_KINDS = {
     "checkpoints": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
@@ -38,8 +42,18 @@ class FolderPaths:
         return self.temp_dir or self.base / "temp"
 
     def model_dirs(self, kind: str) -> list[Path]:
+        """User folders first, then extra paths, then the models bundled with the project."""
         roots = [*self.models_dirs, self.base / "models"]
-        return [root / kind for root in roots] + self.extra_model_paths.get(kind, [])
+        extra = self.extra_model_paths.get(kind, [])
+        return [root / kind for root in roots] + extra + [ASSETS / "models" / kind]
+
+    def seed_input_examples(self) -> None:
+        """Create input/ with the example images the bundled workflows use, if it does not exist."""
+        if self.input.exists() or not (ASSETS / "inputs").is_dir():
+            return
+        self.input.mkdir(parents=True)
+        for example in (ASSETS / "inputs").iterdir():
+            shutil.copy2(example, self.input / example.name)
 
     def list_models(self, kind: str) -> list[str]:
         """Relative file names (with sub-folders) of the models of one kind, sorted, without duplicates."""

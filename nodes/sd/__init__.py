@@ -1,0 +1,1 @@
+"""The Stable Diffusion node packs: thin adapters over `ldm/`, grouped by concern."""

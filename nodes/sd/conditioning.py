@@ -1,0 +1,75 @@
+"""Conditioning nodes: text encoding, CLIP layer choice, combining and area prompts."""
+
+from __future__ import annotations
+
+import torch
+
+from nodes.node import Node
+from nodes.sd.models import Clip
+from nodes.spec import Float, Int, Output, Socket, String
+
+MAX_RESOLUTION = 16384
+
+
+class CLIPTextEncode(Node):
+    """Encodes a prompt, with (word:1.2) emphasis and prompts longer than 75 tokens."""
+
+    display_name = "CLIP Text Encode (Prompt)"
+    category = "conditioning"
+    text = String("", multiline=True, tooltip="the prompt; (word:1.2) weights a word, \\( is a literal (")
+    clip = Socket("CLIP")
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, text: str, clip: Clip) -> tuple[list]:
+        with torch.inference_mode():
+            encoding = clip.encoder.encode([text], clip_skip=clip.clip_skip)
+        options = {}
+        if encoding.pooled is not None:
+            options["pooled_output"] = encoding.pooled.float().cpu()
+        return ([(encoding.cond.float().cpu(), options)],)
+
+
+class CLIPSetLastLayer(Node):
+    """Stops the text encoder early ("clip skip"): -1 is the last layer, -2 the one before."""
+
+    display_name = "CLIP Set Last Layer"
+    category = "conditioning"
+    clip = Socket("CLIP")
+    stop_at_clip_layer = Int(-1, min=-24, max=-1)
+    outputs = (Output("CLIP"),)
+
+    def execute(self, clip: Clip, stop_at_clip_layer: int) -> tuple[Clip]:
+        return (clip.with_clip_skip(stop_at_clip_layer),)
+
+
+class ConditioningCombine(Node):
+    display_name = "Conditioning (Combine)"
+    category = "conditioning"
+    conditioning_1 = Socket("CONDITIONING")
+    conditioning_2 = Socket("CONDITIONING")
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning_1: list, conditioning_2: list) -> tuple[list]:
+        return (conditioning_1 + conditioning_2,)
+
+
+class ConditioningSetArea(Node):
+    """Limits a prompt to a rectangle of the image (pixels; stored in latent units as (h, w, y, x))."""
+
+    display_name = "Conditioning (Set Area)"
+    category = "conditioning"
+    conditioning = Socket("CONDITIONING")
+    width = Int(64, min=64, max=MAX_RESOLUTION, step=8)
+    height = Int(64, min=64, max=MAX_RESOLUTION, step=8)
+    x = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    y = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, width: int, height: int, x: int, y: int, strength: float) -> tuple[list]:
+        area = (height // 8, width // 8, y // 8, x // 8)
+        return ([(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
+                 for emb, opts in conditioning],)
+
+
+NODES = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningSetArea]

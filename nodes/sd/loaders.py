@@ -1,0 +1,89 @@
+"""Loader nodes: checkpoints, standalone VAEs and LoRAs, each loaded once per file and shared."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from nodes.folders import get_paths
+from nodes.node import Node
+from nodes.sd.models import Clip, DiffusionModel, Vae, device_and_dtype, file_fingerprint
+from nodes.spec import Combo, Float, Output
+
+log = logging.getLogger(__name__)
+
+
+def model_path(kind: str, name: str) -> Path:
+    path = get_paths().find_model(kind, name)
+    if path is None:
+        folders = ", ".join(str(p) for p in get_paths().model_dirs(kind))
+        raise FileNotFoundError(f"{kind} file {name!r} not found (looked in {folders})")
+    return path
+
+
+def shared_model(node: Node, key: tuple, load: Any) -> Any:
+    """Load through the engine's model cache when there is one, so every node shares one copy."""
+    models = getattr(getattr(node.ctx, "services", None), "models", None)
+    return models.get_or_load(key, load) if models is not None else load()
+
+
+class CheckpointLoaderSimple(Node):
+    """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely)."""
+
+    display_name = "Load Checkpoint"
+    category = "loaders"
+    ckpt_name = Combo(lambda: get_paths().list_models("checkpoints"), tooltip="a file in models/checkpoints")
+    outputs = (Output("MODEL", tooltip="the denoising UNet"), Output("CLIP", tooltip="the text encoder"),
+               Output("VAE", tooltip="the autoencoder between pixels and latents"))
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return file_fingerprint(get_paths().find_model("checkpoints", str(inputs.get("ckpt_name", ""))))
+
+    def execute(self, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
+        from ldm.checkpoint import load_checkpoint
+
+        path = model_path("checkpoints", ckpt_name)
+        device, dtype, vae_dtype = device_and_dtype(self.ctx)
+
+        def load() -> Any:
+            loaded = load_checkpoint(path, device=device, dtype=dtype)
+            if vae_dtype != dtype:
+                loaded.vae.to(dtype=vae_dtype)
+            if loaded.unused_keys:
+                log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
+            return loaded
+
+        loaded = shared_model(self, ("checkpoint", str(path), str(file_fingerprint(path)), str(device), str(dtype)),
+                              load)
+        if loaded.text_encoder is None:
+            raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
+        return (DiffusionModel(loaded.unet, loaded.family, ckpt_name),
+                Clip(loaded.text_encoder, loaded.family.name, ckpt_name),
+                Vae(loaded.vae, ckpt_name))
+
+
+class VAELoader(Node):
+    """Loads a standalone VAE file to use instead of a checkpoint's own."""
+
+    display_name = "Load VAE"
+    category = "loaders"
+    vae_name = Combo(lambda: get_paths().list_models("vae"), tooltip="a file in models/vae")
+    outputs = (Output("VAE"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return file_fingerprint(get_paths().find_model("vae", str(inputs.get("vae_name", ""))))
+
+    def execute(self, vae_name: str) -> tuple[Vae]:
+        from ldm.checkpoint import load_vae
+
+        path = model_path("vae", vae_name)
+        device, _, vae_dtype = device_and_dtype(self.ctx)
+        loaded = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)),
+                              lambda: load_vae(path, device=device, dtype=vae_dtype))
+        return (Vae(loaded.vae, vae_name),)
+
+
+NODES = [CheckpointLoaderSimple, VAELoader]

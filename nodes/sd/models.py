@@ -1,0 +1,87 @@
+"""The MODEL, CLIP and VAE values that flow between nodes: loaded ldm modules plus what they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Models are owned (and budgeted) by the model cache; an output-cache entry holding one costs little.
+HANDLE_SIZE = 1024
+
+
+@dataclass(frozen=True, eq=False)
+class DiffusionModel:
+    """MODEL: a UNet, its family (schedule, prediction, latent scale) and the LoRAs applied to it."""
+
+    unet: torch.nn.Module
+    family: Any  # ldm.checkpoint.ModelFamily
+    source: str
+    loras: tuple[str, ...] = ()
+
+    @property
+    def prediction(self) -> str:
+        return self.family.prediction
+
+    @property
+    def needs_adm(self) -> bool:
+        return getattr(self.family.unet_config, "adm_in_channels", None) is not None
+
+    def with_unet(self, unet: torch.nn.Module, lora: str) -> DiffusionModel:
+        return replace(self, unet=unet, loras=(*self.loras, lora))
+
+    def cache_size(self) -> int:
+        return HANDLE_SIZE
+
+
+@dataclass(frozen=True, eq=False)
+class Clip:
+    """CLIP: the text encoder(s) of a checkpoint and the layer to stop at (None: the family's default)."""
+
+    encoder: torch.nn.Module
+    family_name: str
+    source: str
+    clip_skip: int | None = None
+    loras: tuple[str, ...] = ()
+
+    def with_clip_skip(self, layer: int) -> Clip:
+        return replace(self, clip_skip=layer)
+
+    def with_encoder(self, encoder: torch.nn.Module, lora: str) -> Clip:
+        return replace(self, encoder=encoder, loras=(*self.loras, lora))
+
+    def cache_size(self) -> int:
+        return HANDLE_SIZE
+
+
+@dataclass(frozen=True, eq=False)
+class Vae:
+    """VAE: an AutoencoderKL working on unscaled latents (LATENT holds unscaled latents, as in ComfyUI)."""
+
+    vae: torch.nn.Module
+    source: str
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.scaling_factor)
+
+    def cache_size(self) -> int:
+        return HANDLE_SIZE
+
+
+def file_fingerprint(path: Path | None) -> Any:
+    """Size and modification time: a replaced file re-runs its loader without hashing gigabytes."""
+    if path is None:
+        return None
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def device_and_dtype(ctx: Any) -> tuple[torch.device, torch.dtype, torch.dtype]:
+    """(device, model dtype, VAE dtype) from the engine's device manager; the CPU in fp32 without one."""
+    devices = getattr(getattr(ctx, "services", None), "devices", None)
+    if devices is None:
+        return torch.device("cpu"), torch.float32, torch.float32
+    return devices.device, devices.dtype, devices.vae_dtype

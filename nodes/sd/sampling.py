@@ -1,0 +1,115 @@
+"""KSampler and KSamplerAdvanced: denoise a latent with a MODEL, prompts, a sampler and a schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, DiscreteSchedule, sample
+from nodes.node import Node
+from nodes.sd.models import DiffusionModel, device_and_dtype
+from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
+
+_SCHEDULE = DiscreteSchedule()
+
+
+def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor) -> list:
+    """SDXL's extra `y` input, from each entry's pooled text embedding and size options."""
+    if not model.needs_adm:
+        return conditioning
+    from ldm.unet import sdxl_adm
+
+    height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
+    out = []
+    for embedding, options in conditioning:
+        pooled = options.get("pooled_output")
+        if pooled is None:
+            pooled = torch.zeros(embedding.shape[0], 1280)
+        y = sdxl_adm(pooled, options.get("width", width), options.get("height", height),
+                     options.get("crop_w", 0), options.get("crop_h", 0),
+                     options.get("target_width", width), options.get("target_height", height))
+        out.append((embedding, {**options, "y": y}))
+    return out
+
+
+def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list, negative: list, *,
+                seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float = 1.0,
+                add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
+                return_leftover_noise: bool = False) -> dict:
+    """The shared body of both KSampler nodes; LATENT values stay unscaled, as in ComfyUI."""
+    device, dtype, _ = device_and_dtype(node.ctx)
+    samples = latent["samples"]
+    scale = model.family.latent_scale_factor
+    x = samples.to(device, dtype) * scale
+
+    def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
+        node.ctx.progress(step + 1, total, preview=denoised)
+
+    def interrupted() -> bool:
+        node.ctx.check_interrupt()  # raises the engine's Interrupted
+        return False
+
+    with torch.inference_mode():
+        out = sample(
+            model.unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            scheduler=scheduler, positive=_with_adm(positive, model, samples),
+            negative=_with_adm(negative, model, samples), denoise=denoise, add_noise=add_noise,
+            start_step=start_step, end_step=end_step, return_leftover_noise=return_leftover_noise,
+            noise_mask=latent.get("noise_mask"), batch_index=latent.get("batch_index"),
+            callback=on_step, interrupt=interrupted, prediction=model.prediction,
+        )
+    return {**latent, "samples": (out.float() / scale).cpu()}
+
+
+class KSampler(Node):
+    """Denoises a latent image guided by the positive and negative prompts."""
+
+    category = "sampling"
+    model = Socket("MODEL")
+    seed = Int(0, min=0, max=INT_MAX, control_after_generate=True, tooltip="the seed of the initial noise")
+    steps = Int(20, min=1, max=10000)
+    cfg = Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    sampler_name = Combo(SAMPLER_NAMES)
+    scheduler = Combo(SCHEDULER_NAMES)
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    latent_image = Socket("LATENT")
+    denoise = Float(1.0, min=0.0, max=1.0, step=0.01, tooltip="below 1 keeps part of the input (img2img)")
+    outputs = (Output("LATENT"),)
+
+    def execute(self, model: DiffusionModel, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                positive: list, negative: list, latent_image: dict, denoise: float) -> tuple[dict]:
+        return (run_sampler(self, model, latent_image, positive, negative, seed=seed, steps=steps, cfg=cfg,
+                            sampler_name=sampler_name, scheduler=scheduler, denoise=denoise),)
+
+
+class KSamplerAdvanced(Node):
+    """KSampler with control over the steps run and the noise added, for multi-stage workflows."""
+
+    category = "sampling"
+    model = Socket("MODEL")
+    add_noise = Combo(["enable", "disable"])
+    noise_seed = Int(0, min=0, max=INT_MAX, control_after_generate=True)
+    steps = Int(20, min=1, max=10000)
+    cfg = Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    sampler_name = Combo(SAMPLER_NAMES)
+    scheduler = Combo(SCHEDULER_NAMES)
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    latent_image = Socket("LATENT")
+    start_at_step = Int(0, min=0, max=10000)
+    end_at_step = Int(10000, min=0, max=10000)
+    return_with_leftover_noise = Combo(["disable", "enable"])
+    outputs = (Output("LATENT"),)
+
+    def execute(self, model: DiffusionModel, add_noise: str, noise_seed: int, steps: int, cfg: float,
+                sampler_name: str, scheduler: str, positive: list, negative: list, latent_image: dict,
+                start_at_step: int, end_at_step: int, return_with_leftover_noise: str) -> tuple[dict]:
+        return (run_sampler(self, model, latent_image, positive, negative, seed=noise_seed, steps=steps, cfg=cfg,
+                            sampler_name=sampler_name, scheduler=scheduler, add_noise=add_noise == "enable",
+                            start_step=start_at_step, end_step=end_at_step,
+                            return_leftover_noise=return_with_leftover_noise == "enable"),)
+
+
+NODES: list[Any] = [KSampler, KSamplerAdvanced]

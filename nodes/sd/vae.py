@@ -1,0 +1,121 @@
+"""VAE nodes: pixels to latents and back, plain, tiled, and for inpainting."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nodes.node import Node
+from nodes.sd.models import Vae, device_and_dtype
+from nodes.spec import Int, Output, Socket
+
+
+def _crop_to_multiple_of_8(pixels: torch.Tensor) -> torch.Tensor:
+    """Centre-crop [B, H, W, C] so both sides are multiples of 8 (the VAE downscales by 8)."""
+    h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+    if h == 0 or w == 0:
+        raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} px is too small to encode (8x8 at least)")
+    top, left = (pixels.shape[1] - h) // 2, (pixels.shape[2] - w) // 2
+    return pixels[:, top:top + h, left:left + w, :]
+
+
+def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """IMAGE [B, H, W, C] in 0..1 -> unscaled latents. Uses the posterior's mode, so encoding is
+    deterministic (ComfyUI samples the posterior; its spread is negligible for trained VAEs)."""
+    device, _, dtype = device_and_dtype(node.ctx)
+    x = _crop_to_multiple_of_8(pixels)[..., :3].movedim(-1, 1).to(device, dtype) * 2 - 1
+    with torch.inference_mode():
+        if tile is None:
+            z = vae.vae.encode(x).mode()
+        else:
+            z = vae.vae.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
+    return z.float().cpu()
+
+
+def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Unscaled latents -> IMAGE [B, H, W, C] in 0..1."""
+    device, _, dtype = device_and_dtype(node.ctx)
+    with torch.inference_mode():
+        z = samples.to(device, dtype)
+        pixels = vae.vae.decode(z) if tile is None else vae.vae.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
+    return ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+
+
+class VAEDecode(Node):
+    display_name = "VAE Decode"
+    category = "latent"
+    samples = Socket("LATENT")
+    vae = Socket("VAE")
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, samples: dict, vae: Vae) -> tuple[torch.Tensor]:
+        return (decode(self, vae, samples["samples"]),)
+
+
+class VAEEncode(Node):
+    display_name = "VAE Encode"
+    category = "latent"
+    pixels = Socket("IMAGE")
+    vae = Socket("VAE")
+    outputs = (Output("LATENT"),)
+
+    def execute(self, pixels: torch.Tensor, vae: Vae) -> tuple[dict]:
+        return ({"samples": encode(self, vae, pixels)},)
+
+
+class VAEDecodeTiled(Node):
+    """Decodes in overlapping tiles, for large images on little memory."""
+
+    display_name = "VAE Decode (Tiled)"
+    category = "_for_testing"
+    samples = Socket("LATENT")
+    vae = Socket("VAE")
+    tile_size = Int(512, min=64, max=4096, step=32)
+    overlap = Int(64, min=0, max=4096, step=32)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, samples: dict, vae: Vae, tile_size: int, overlap: int) -> tuple[torch.Tensor]:
+        tile = max(8, tile_size // 8)
+        return (decode(self, vae, samples["samples"], (tile, min(overlap // 8, tile // 2))),)
+
+
+class VAEEncodeTiled(Node):
+    display_name = "VAE Encode (Tiled)"
+    category = "_for_testing"
+    pixels = Socket("IMAGE")
+    vae = Socket("VAE")
+    tile_size = Int(512, min=64, max=4096, step=32)
+    overlap = Int(64, min=0, max=4096, step=32)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, pixels: torch.Tensor, vae: Vae, tile_size: int, overlap: int) -> tuple[dict]:
+        return ({"samples": encode(self, vae, pixels, (tile_size, min(overlap, tile_size // 2)))},)
+
+
+class VAEEncodeForInpaint(Node):
+    """Encodes an image with the masked area greyed out and returns the (grown) mask as the noise mask."""
+
+    display_name = "VAE Encode (for Inpainting)"
+    category = "latent/inpaint"
+    pixels = Socket("IMAGE")
+    vae = Socket("VAE")
+    mask = Socket("MASK")
+    grow_mask_by = Int(6, min=0, max=64)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, pixels: torch.Tensor, vae: Vae, mask: torch.Tensor, grow_mask_by: int) -> tuple[dict]:
+        pixels = _crop_to_multiple_of_8(pixels)
+        h, w = pixels.shape[1:3]
+        mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+        mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+        grown = mask
+        if grow_mask_by > 0:
+            # Dilate so the sampler may also repaint a margin around the mask, hiding the seam.
+            grown = F.max_pool2d(mask, kernel_size=2 * grow_mask_by + 1, stride=1, padding=grow_mask_by)
+            grown = grown.round()
+        keep = (1 - mask.round()).movedim(1, -1)
+        greyed = (pixels[..., :3] - 0.5) * keep + 0.5
+        return ({"samples": encode(self, vae, greyed), "noise_mask": grown},)
+
+
+NODES = [VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled, VAEEncodeForInpaint]
