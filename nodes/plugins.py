@@ -200,7 +200,7 @@ def load_plugin_path(registry: NodeRegistry, path: Path) -> PluginInfo:
 
 
 def plugin_summary(info: PluginInfo) -> dict[str, Any]:
-    """A PluginInfo as JSON-ready data, for `nodes --plugins --json` and the server."""
+    """A PluginInfo as JSON-ready data, for `nodes --plugins --json` (the shape of the server's GET /plugins)."""
     return {"name": info.name, "source": info.source, "loaded": info.loaded, "error": info.error,
-            "import_s": round(info.import_s, 4), "nodes": list(info.node_names),
+            "import_s": info.import_s, "node_names": list(info.node_names),
             "web_dir": str(info.web_dir) if info.web_dir else None}

@@ -51,7 +51,7 @@ def test_plugins_as_json_and_config_file_folders(cli, tmp_path):
     proc = cli("nodes", "--plugins", "--json", "--base-dir", tmp_path, "--extra-model-paths", config)
     (pack,) = json.loads(proc.stdout)
     assert pack["name"] == "loom_example_pack" and pack["loaded"] and pack["error"] is None
-    assert pack["nodes"] == ["ExampleInvert", "ExampleSwatch", "ExampleSwatchImage"] and pack["import_s"] >= 0
+    assert pack["node_names"] == ["ExampleInvert", "ExampleSwatch", "ExampleSwatchImage"] and pack["import_s"] >= 0
     proc = cli("nodes", "--json", "--base-dir", tmp_path, "--extra-model-paths", config, "--no-custom-nodes")
     assert "ExampleInvert" not in json.loads(proc.stdout)
 
