@@ -492,3 +492,26 @@ NODE_CLASS_MAPPINGS = {"Sized": Sized, "LateComfy": Lazy}
     result = Executor(registry).run(parse_api(doc))
     assert result.error.exception_type == "ComfyInternalsError"
     assert "`comfy.model_management`" in result.error.exception_message
+
+
+def test_editor_files_with_classic_nodes_convert_and_run(registry):
+    from graph.load import graph_from_data
+
+    ui = {"nodes": [
+        {"id": 1, "type": "ClassicNoise", "mode": 0, "inputs": [], "outputs": [{"name": "INT", "type": "INT"}],
+         "widgets_values": [7, "randomize"]},
+        {"id": 2, "type": "ClassicLatentBlend", "mode": 0, "widgets_values": [0.5, "multiply"],
+         "inputs": [{"name": "samples1", "type": "LATENT", "link": 2},
+                    {"name": "samples2", "type": "LATENT", "link": 5}]},
+        {"id": 3, "type": "ClassicMakeLatent", "mode": 0, "inputs": [], "widgets_values": [2.0, 1]},
+        {"id": 4, "type": "ClassicLatentMean", "mode": 0, "inputs": [{"name": "samples", "type": "LATENT", "link": 3}]},
+        {"id": 5, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 1}]},
+        {"id": 6, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 4}]}],
+        "links": [[1, 1, 0, 5, 0, "INT"], [2, 3, 0, 2, 0, "LATENT"], [3, 2, 0, 4, 0, "LATENT"],
+                  [4, 4, 0, 6, 0, "FLOAT"], [5, 3, 0, 2, 1, "LATENT"]]}
+    graph = graph_from_data(ui, registry)
+    assert graph.nodes["1"].inputs == {"seed": 7}
+    assert graph.nodes["2"].inputs["blend_factor"] == 0.5 and graph.nodes["2"].inputs["blend_mode"] == "multiply"
+    result = Executor(registry).run(graph)
+    assert result.ok, result.error
+    assert result.outputs["5"] == {"text": ["7"]} and result.outputs["6"] == {"text": ["3.0"]}  # 2*.5 + 4*.5
