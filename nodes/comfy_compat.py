@@ -97,10 +97,13 @@ def _fresh_choices(classic: type, group: str, name: str, fallback: tuple[Any, ..
 
     def choices() -> list[Any]:
         try:
-            kind = classic.INPUT_TYPES()[group][name][0]
+            declared = classic.INPUT_TYPES()[group][name]
         except Exception:  # a node whose INPUT_TYPES fails now keeps the choices it loaded with
             return list(fallback)
-        return list(kind) if isinstance(kind, list | tuple) else list(fallback)
+        if isinstance(declared[0], list | tuple):
+            return list(declared[0])
+        options = declared[1] if len(declared) > 1 and isinstance(declared[1], dict) else {}
+        return list(options.get("options", fallback))
 
     return choices
 

@@ -389,7 +389,8 @@ class PickFile:
 class PickModel:
     @classmethod
     def INPUT_TYPES(s):
-        return {"required": {"model": (["a", "b"],), "scale": ("INT", {"default": 1, "max": 4})}}
+        return {"required": {"model": (["a", "b"],), "scale": ("INT", {"default": 1, "max": 4}),
+                             "mode": ("COMBO", {"options": sorted(os.listdir(FOLDER)), "default": "one.txt"})}}
 
     RETURN_TYPES = ("STRING",)
     FUNCTION = "pick"
@@ -398,7 +399,7 @@ class PickModel:
     def VALIDATE_INPUTS(s, model):
         return True if model in ("a", "b") or model.startswith("remote:") else f"unknown model {model}"
 
-    def pick(self, model, scale):
+    def pick(self, model, scale, mode):
         return (model * scale,)
 
 
@@ -424,9 +425,13 @@ def test_combo_choices_are_listed_afresh_and_validate_inputs_replaces_builtin_ch
     (files / "two.txt").write_text("")
     assert problems("PickFile", name="two.txt") == []
     assert registry.object_info("PickFile")["PickFile"]["input"]["required"]["name"][0] == ["one.txt", "two.txt"]
-    assert problems("PickModel", model="remote:x", scale=2) == []  # VALIDATE_INPUTS names `model`
-    assert problems("PickModel", model="c", scale=9) == [("value_bigger_than_max", "scale")]
-    assert problems("PickModel", model="c", scale=1) == [("custom_validation_failed", None)]
+    assert problems("PickModel", model="remote:x", scale=2, mode="two.txt") == []  # VALIDATE_INPUTS names `model`
+    assert problems("PickModel", model="c", scale=9, mode="one.txt") == [("value_bigger_than_max", "scale")]
+    assert problems("PickModel", model="c", scale=1, mode="one.txt") == [("custom_validation_failed", None)]
+    (files / "three.txt").write_text("")
+    assert problems("PickModel", model="a", scale=1, mode="three.txt") == []  # new-style COMBO, listed afresh
+    assert registry.object_info("PickModel")["PickModel"]["input"]["required"]["mode"] == [
+        ["one.txt", "three.txt", "two.txt"], {"default": "one.txt"}]
 
 
 def test_node_expansion_fails_with_a_clear_message(custom_nodes):
