@@ -123,17 +123,12 @@ _OPENCLIP_NAMES = {
     "ln_final.weight": "text_model.final_layer_norm.weight",
     "ln_final.bias": "text_model.final_layer_norm.bias",
 }
-_OPENCLIP_LAYER_NAMES = {
-    "ln_1.weight": "layer_norm1.weight",
-    "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight",
-    "ln_2.bias": "layer_norm2.bias",
-    "attn.out_proj.weight": "self_attn.out_proj.weight",
-    "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight",
-    "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight",
-    "mlp.c_proj.bias": "mlp.fc2.bias",
+_OPENCLIP_LAYER_MODULES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
 }
 _OPENCLIP_FUSED = {"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"}
 
@@ -250,7 +245,9 @@ class ClipTextTransformer(nn.Module):
         for i in range(self.config.num_layers):
             block, layer = f"{prefix}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
             pairs += [
-                _KeyPair(block + ours, (layer + theirs,)) for ours, theirs in _OPENCLIP_LAYER_NAMES.items()
+                _KeyPair(f"{block}{ours}.{param}", (f"{layer}{theirs}.{param}",))
+                for ours, theirs in _OPENCLIP_LAYER_MODULES.items()
+                for param in ("weight", "bias")
             ]
             pairs += [
                 _KeyPair(block + ours, tuple(f"{layer}self_attn.{p}_proj.{suffix}" for p in "qkv"), "split")
@@ -368,23 +365,23 @@ class TextEncoder(nn.Module):
         tokenized = [self.tokenizer.tokenize(prompt) for prompt in prompts]
         num_chunks = max(len(t.ids) for t in tokenized)
         batch = len(prompts)
+        weight_rows = [row for t in tokenized for row in t.padded(END_TOKEN, num_chunks)[1]]
+        # Kept in float32 so that fp16 models weigh as precisely as the reference does.
+        weights = torch.tensor(weight_rows, device=self.device).unsqueeze(-1)
+        weighted = bool((weights != 1.0).any())
         conds: list[Tensor] = []
         pooled: Tensor | None = None
         for encoder in self.encoders.values():
-            padded = [t.padded(encoder.config.pad_token, num_chunks) for t in tokenized]
-            ids = torch.tensor([chunk for p_ids, _ in padded for chunk in p_ids], device=self.device)
-            weights = torch.tensor(
-                [w for _, p_w in padded for w in p_w], device=self.device, dtype=self.dtype
-            )
-            weighted = bool((weights != 1.0).any())
+            rows = [row for t in tokenized for row in t.padded(encoder.config.pad_token, num_chunks)[0]]
+            ids = torch.tensor(rows, device=self.device)
             if weighted:
                 empty = [START_TOKEN, END_TOKEN] + [encoder.config.pad_token] * (CHUNK_LENGTH - 2)
                 ids = torch.cat([ids, torch.tensor([empty], device=self.device)])
             hidden, pool = encoder(ids, layer)
             if weighted:
-                z_empty, hidden, pool = hidden[-1:], hidden[:-1], pool[:-1]
-                w = weights.unsqueeze(-1)
-                hidden = torch.where(w != 1.0, z_empty + w * (hidden - z_empty), hidden)
+                z_empty, hidden, pool = hidden[-1:].float(), hidden[:-1], pool[:-1]
+                moved = (z_empty + weights * (hidden.float() - z_empty)).to(hidden.dtype)
+                hidden = torch.where(weights != 1.0, moved, hidden)
             conds.append(hidden.reshape(batch, num_chunks * CHUNK_LENGTH, -1))
             pooled = pool.reshape(batch, num_chunks, -1)[:, 0]
         return TextEncoding(torch.cat(conds, dim=-1), pooled)

@@ -46,7 +46,9 @@ def reference_ids(prompts: list[str], pad: int) -> Tensor:
     return torch.tensor(rows)
 
 
-def reference_clip_l(hidden: int, layers: int, heads: int, intermediate: int, seed: int) -> CLIPTextModel:
+def reference_clip_l(
+    hidden: int, layers: int, heads: int, intermediate: int, seed: int, perturb: bool = True
+) -> CLIPTextModel:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=49408,
@@ -58,7 +60,8 @@ def reference_clip_l(hidden: int, layers: int, heads: int, intermediate: int, se
         hidden_act="quick_gelu",
         eos_token_id=END_TOKEN,
     )
-    return perturbed(CLIPTextModel(config), seed)
+    model = CLIPTextModel(config)
+    return perturbed(model, seed) if perturb else model.eval()
 
 
 def clip_l_ldm_keys(model: CLIPTextModel, prefix: str) -> dict[str, Tensor]:
@@ -70,7 +73,8 @@ def clip_l_ldm_keys(model: CLIPTextModel, prefix: str) -> dict[str, Tensor]:
 
 def clip_l_run(model: CLIPTextModel, ids: Tensor) -> tuple[list[Tensor], Tensor, nn.Module]:
     inner = getattr(model, "text_model", model)
-    out = inner(input_ids=ids, output_hidden_states=True)
+    with torch.no_grad():
+        out = inner(input_ids=ids, output_hidden_states=True)
     return list(out.hidden_states), out.pooler_output, inner.final_layer_norm
 
 
@@ -96,7 +100,8 @@ def open_clip_ldm_keys(model: nn.Module, prefix: str) -> dict[str, Tensor]:
 
 
 def open_clip_run(model: nn.Module, ids: Tensor) -> tuple[list[Tensor], Tensor, nn.Module]:
-    out = model.forward_intermediates(ids, output_fmt="NLC")
+    with torch.no_grad():
+        out = model.forward_intermediates(ids, output_fmt="NLC")
     return out["text_intermediates"], out["text_features"], model.ln_final
 
 
@@ -124,6 +129,20 @@ def test_sd1_matches_transformers_clip_text_model(sd1_reference) -> None:
         skipped = encoder.encode(PROMPTS, clip_skip=-2)
         assert relative_error(skipped.cond, final_norm(hidden[-2])) < 1e-4
         assert relative_error(encoder.encode(PROMPTS, clip_skip=-1).cond, out.cond) == 0
+
+
+def test_full_size_sd15_matches_transformers() -> None:
+    config = random_text_encoder_config("sd15").encoders[0]
+    reference = reference_clip_l(
+        config.hidden_size, config.num_layers, config.num_heads, 3072, seed=7, perturb=False
+    )
+    encoder = loaded(clip_l_ldm_keys(reference, SD1_PREFIX), device="meta")
+    assert encoder.config == random_text_encoder_config("sd15")
+    with torch.no_grad():
+        hidden, pooled, final_norm = clip_l_run(reference, reference_ids(PROMPTS[:1], END_TOKEN))
+        out = encoder.encode(PROMPTS[:1])
+        assert relative_error(out.cond, final_norm(hidden[-1])) < 1e-4
+        assert relative_error(out.pooled, pooled) < 1e-4
 
 
 def test_sd2_matches_open_clip_text_transformer() -> None:
