@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.tokenizer import CHUNK_LENGTH, END_TOKEN, START_TOKEN, VOCAB_SIZE, ClipTokenizer
 
@@ -209,6 +208,10 @@ class ClipTextTransformer(nn.Module):
     """One CLIP text transformer (a transformers model) with its LDM key mapping."""
 
     def __init__(self, config: ClipConfig) -> None:
+        # Imported here: transformers takes seconds to import, and reading a config from a state
+        # dict (or importing this module at all) should not pay for it.
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         super().__init__()
         self.config = config
         hf_config = CLIPTextConfig(
