@@ -61,6 +61,8 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
+    """The text encoders of one SD family, in the order their outputs are concatenated."""
+
     family: str  # "sd1", "sd2" or "sdxl"
     encoders: tuple[ClipConfig, ...]
     default_clip_skip: int
