@@ -95,26 +95,32 @@ class _Slot:
     layer_norm_hidden_state: bool
 
 
-_CLIP_L_SD1 = _Slot("clip_l", "cond_stage_model.transformer.", "hf", END_TOKEN, True)
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    default_clip_skip: int
+    slots: tuple[_Slot, ...]
+
+
+# An "hf" prefix ends where transformers' text transformer starts (its embeddings, encoder, ...).
+_CLIP_L_SD1 = _Slot("clip_l", "cond_stage_model.transformer.text_model.", "hf", END_TOKEN, True)
+# Some SD1 files lack the "text_model." level (ComfyUI renames them on load); kept as found.
+_CLIP_L_SD1_FLAT = _Slot("clip_l", "cond_stage_model.transformer.", "hf", END_TOKEN, True)
 _CLIP_H_SD2 = _Slot("clip_h", "cond_stage_model.model.", "openclip", 0, True)
-_CLIP_L_SDXL = _Slot("clip_l", "conditioner.embedders.0.transformer.", "hf", END_TOKEN, False)
+_CLIP_L_SDXL = _Slot("clip_l", "conditioner.embedders.0.transformer.text_model.", "hf", END_TOKEN, False)
 _CLIP_G_SDXL = _Slot("clip_g", "conditioner.embedders.1.model.", "openclip", 0, False)
-# Tried in order: the first family whose encoders are all present in a state dict wins.
-_FAMILIES: dict[str, tuple[int, tuple[_Slot, ...]]] = {
-    "sdxl": (-2, (_CLIP_L_SDXL, _CLIP_G_SDXL)),
-    "sd2": (-2, (_CLIP_H_SD2,)),
-    "sd1": (-1, (_CLIP_L_SD1,)),
-}
-_PROBE = {"hf": "text_model.embeddings.token_embedding.weight", "openclip": "token_embedding.weight"}
-_LAYER_KEY = {"hf": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\."}
-_FC1 = {
-    "hf": "text_model.encoder.layers.0.mlp.fc1.weight",
-    "openclip": "transformer.resblocks.0.mlp.c_fc.weight",
-}
+_SDXL = _Family("sdxl", -2, (_CLIP_L_SDXL, _CLIP_G_SDXL))
+_SD2 = _Family("sd2", -2, (_CLIP_H_SD2,))
+_SD1 = _Family("sd1", -1, (_CLIP_L_SD1,))
+# Tried in order: the first rule whose encoders are all present in a state dict wins.
+_DETECTION_RULES = (_SDXL, _SD2, _SD1, _Family("sd1", -1, (_CLIP_L_SD1_FLAT,)))
+_PROBE = {"hf": "embeddings.token_embedding.weight", "openclip": "token_embedding.weight"}
+_LAYER_KEY = {"hf": r"encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\."}
+_FC1 = {"hf": "encoder.layers.0.mlp.fc1.weight", "openclip": "transformer.resblocks.0.mlp.c_fc.weight"}
 _ACTIVATION = {"hf": "quick_gelu", "openclip": "gelu"}
 # Keys real files carry that no computation reads: CLIP's contrastive temperature, and a
 # position-id buffer (corrupted in some merged checkpoints, so it is rebuilt, never loaded).
-_IGNORED = {"hf": ("text_model.embeddings.position_ids",), "openclip": ("logit_scale",)}
+_IGNORED = {"hf": ("embeddings.position_ids",), "openclip": ("logit_scale",)}
 
 # OpenCLIP names -> transformers names. Per layer, attn.in_proj_* holds q, k and v stacked in that
 # order along dim 0; text_projection is applied as x @ P, the transpose of a Linear weight.
@@ -147,8 +153,7 @@ def _num_heads(hidden_size: int) -> int:
     return hidden_size // 64 if hidden_size % 64 == 0 else max(1, hidden_size // 16)
 
 
-def _make_config(family: str, sizes: list[tuple[int, int, int, int | None]]) -> TextEncoderConfig:
-    default_clip_skip, slots = _FAMILIES[family]
+def _make_config(family: _Family, sizes: list[tuple[int, int, int, int | None]]) -> TextEncoderConfig:
     encoders = tuple(
         ClipConfig(
             name=slot.name,
@@ -163,18 +168,18 @@ def _make_config(family: str, sizes: list[tuple[int, int, int, int | None]]) -> 
             pad_token=slot.pad_token,
             layer_norm_hidden_state=slot.layer_norm_hidden_state,
         )
-        for slot, (hidden, layers, intermediate, projection) in zip(slots, sizes, strict=True)
+        for slot, (hidden, layers, intermediate, projection) in zip(family.slots, sizes, strict=True)
     )
-    return TextEncoderConfig(family, encoders, default_clip_skip)
+    return TextEncoderConfig(family.name, encoders, family.default_clip_skip)
 
 
 def text_encoder_config_from_state_dict(sd: Mapping[str, Tensor]) -> TextEncoderConfig | None:
     """The text encoder configuration of an LDM single-file state dict, None if it has none."""
-    for family, (_, slots) in _FAMILIES.items():
-        if not all(slot.ldm_prefix + _PROBE[slot.layout] in sd for slot in slots):
+    for family in _DETECTION_RULES:
+        if not all(slot.ldm_prefix + _PROBE[slot.layout] in sd for slot in family.slots):
             continue
         sizes = []
-        for slot in slots:
+        for slot in family.slots:
             prefix, layout = slot.ldm_prefix, slot.layout
             layer_key = re.compile(re.escape(prefix) + _LAYER_KEY[layout])
             layers = {int(m.group(1)) for key in sd if (m := layer_key.match(key))}
@@ -191,11 +196,11 @@ def text_encoder_config_from_state_dict(sd: Mapping[str, Tensor]) -> TextEncoder
     return None
 
 
-_PRESETS: dict[str, tuple[str, list[tuple[int, int, int, int | None]]]] = {
-    "tiny-sd1": ("sd1", [(32, 2, 64, None)]),
-    "tiny-sd2": ("sd2", [(32, 2, 64, 32)]),
-    "tiny-sdxl": ("sdxl", [(32, 2, 64, None), (48, 2, 96, 48)]),
-    "sd15": ("sd1", [(768, 12, 3072, None)]),
+_PRESETS: dict[str, tuple[_Family, list[tuple[int, int, int, int | None]]]] = {
+    "tiny-sd1": (_SD1, [(32, 2, 64, None)]),
+    "tiny-sd2": (_SD2, [(32, 2, 64, 32)]),
+    "tiny-sdxl": (_SDXL, [(32, 2, 64, None), (48, 2, 96, 48)]),
+    "sd15": (_SD1, [(768, 12, 3072, None)]),
 }
 
 
@@ -245,7 +250,7 @@ class ClipTextTransformer(nn.Module):
         """Every parameter as (LDM key, transformers names, conversion)."""
         prefix = self.config.ldm_prefix
         if self.config.layout == "hf":
-            return [_KeyPair(prefix + name, (name,)) for name in self.state_dict()]
+            return [_KeyPair(prefix + name, ("text_model." + name,)) for name in self.text_model.state_dict()]
         pairs = [_KeyPair(prefix + ours, (theirs,)) for ours, theirs in _OPENCLIP_NAMES.items()]
         for i in range(self.config.num_layers):
             block, layer = f"{prefix}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."

@@ -212,6 +212,17 @@ def test_missing_and_misshapen_keys_are_reported() -> None:
         build_text_encoder(config).load_ldm_state_dict(sd)
 
 
+def test_sd1_files_without_the_text_model_level_load(sd1_reference) -> None:
+    sd = clip_l_ldm_keys(sd1_reference, "cond_stage_model.transformer.")
+    encoder = loaded(sd)
+    assert encoder.config.family == "sd1" and encoder.ldm_state_dict().keys() == sd.keys() - {
+        "cond_stage_model.transformer.embeddings.position_ids"
+    }
+    expected = loaded(clip_l_ldm_keys(sd1_reference, SD1_PREFIX))
+    with torch.no_grad():
+        assert torch.equal(encoder.encode(PROMPTS).cond, expected.encode(PROMPTS).cond)
+
+
 def test_state_dict_without_text_encoder_gives_none() -> None:
     assert text_encoder_config_from_state_dict({"model.diffusion_model.out.2.bias": torch.zeros(4)}) is None
 
