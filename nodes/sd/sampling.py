@@ -24,8 +24,8 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor) -
     out = []
     for embedding, options in conditioning:
         pooled = options.get("pooled_output")
-        if pooled is None:
-            pooled = torch.zeros(embedding.shape[0], 1280)
+        if pooled is None:  # e.g. a conditioning made by a plugin: no pooled text, as if empty
+            pooled = torch.zeros(embedding.shape[0], model.family.unet_config.adm_in_channels - 6 * 256)
         y = sdxl_adm(pooled, options.get("width", width), options.get("height", height),
                      options.get("crop_w", 0), options.get("crop_h", 0),
                      options.get("target_width", width), options.get("target_height", height))
