@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.models import Clip, DiffusionModel, Vae, device_and_dtype, file_fingerprint
-from nodes.spec import Combo, Float, Output
+from nodes.spec import Combo, Float, Output, Socket
 
 log = logging.getLogger(__name__)
 
@@ -86,4 +88,40 @@ class VAELoader(Node):
         return (Vae(loaded.vae, vae_name),)
 
 
-NODES = [CheckpointLoaderSimple, VAELoader]
+class LoraLoader(Node):
+    """Applies a LoRA to the UNet and the text encoder, each with its own strength.
+
+    The loaded models are never changed: the result is a patched copy that shares every
+    untouched weight, so workflows with and without the LoRA both stay right.
+    """
+
+    display_name = "Load LoRA"
+    category = "loaders"
+    model = Socket("MODEL")
+    clip = Socket("CLIP")
+    lora_name = Combo(lambda: get_paths().list_models("loras"), tooltip="a file in models/loras")
+    strength_model = Float(1.0, min=-100.0, max=100.0, step=0.01)
+    strength_clip = Float(1.0, min=-100.0, max=100.0, step=0.01)
+    outputs = (Output("MODEL"), Output("CLIP"))
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return file_fingerprint(get_paths().find_model("loras", str(inputs.get("lora_name", ""))))
+
+    def execute(self, model: DiffusionModel, clip: Clip, lora_name: str, strength_model: float,
+                strength_clip: float) -> tuple[DiffusionModel, Clip]:
+        from ldm.lora import apply_lora, check_lora_family, load_lora, unmatched_lora_keys
+
+        path = model_path("loras", lora_name)
+        lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
+        check_lora_family(lora, model.family.name)
+        unmatched = unmatched_lora_keys(lora, model.unet, clip.encoder)
+        if unmatched:
+            log.warning("%s: %d keys patch nothing in this model, e.g. %s", lora_name, len(unmatched), unmatched[:3])
+        with torch.no_grad():
+            unet = apply_lora(model.unet, lora, strength_model)
+            encoder = apply_lora(clip.encoder, lora, strength_clip)
+        return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
+
+
+NODES = [CheckpointLoaderSimple, VAELoader, LoraLoader]
