@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.sampling import Conditioning, Denoiser, DiscreteSchedule, get_sigmas
-from ldm.sampling import samplers, samplers_ldm, samplers_sde
+from ldm.sampling import (
+    Conditioning,
+    Denoiser,
+    DiscreteSchedule,
+    get_sigmas,
+    samplers,
+    samplers_ldm,
+    samplers_sde,
+)
 from ldm.sampling.noise import BrownianTreeNoiseSampler, seeded_noise_sampler
 from ldm.sampling.schedulers import sigmas_exponential, sigmas_karras
 
@@ -64,7 +71,11 @@ class TinyUNet(torch.nn.Module):
         self.ctx = torch.nn.Linear(8, 16)
 
     def forward(self, x, t, context, y=None):
-        h = self.conv1(x) + self.time(t[:, None] / 1000)[:, :, None, None] + self.ctx(context.mean(1))[:, :, None, None]
+        h = (
+            self.conv1(x)
+            + self.time(t[:, None] / 1000)[:, :, None, None]
+            + self.ctx(context.mean(1))[:, :, None, None]
+        )
         return 0.5 * torch.tanh(self.conv2(torch.nn.functional.silu(h))) + 0.5 * x
 
 
@@ -140,8 +151,12 @@ def test_dpmpp_2m_sde_options_match(kwargs):
     model = gaussian_denoiser()
     sigmas = get_sigmas("exponential", SCHEDULE, 20)
     x = start(sigmas)
-    expected = K.sample_dpmpp_2m_sde(model, x, sigmas, disable=True, noise_sampler=seeded_noise_sampler(x, 2), **kwargs)
-    got = samplers_sde.sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=seeded_noise_sampler(x, 2), **kwargs)
+    expected = K.sample_dpmpp_2m_sde(
+        model, x, sigmas, disable=True, noise_sampler=seeded_noise_sampler(x, 2), **kwargs
+    )
+    got = samplers_sde.sample_dpmpp_2m_sde(
+        model, x, sigmas, noise_sampler=seeded_noise_sampler(x, 2), **kwargs
+    )
     assert rel_err(got, expected) < 1e-5
 
 
@@ -177,7 +192,10 @@ def test_brownian_tree_matches_k_diffusion():
 @pytest.mark.parametrize("steps", [1, 2, 20, 37])
 def test_karras_and_exponential_match_k_diffusion_and_end_in_zero(steps):
     smin, smax = SCHEDULE.sigma_min, SCHEDULE.sigma_max
-    for ours, theirs in [(sigmas_karras, K.get_sigmas_karras), (sigmas_exponential, K.get_sigmas_exponential)]:
+    for ours, theirs in [
+        (sigmas_karras, K.get_sigmas_karras),
+        (sigmas_exponential, K.get_sigmas_exponential),
+    ]:
         got, expected = ours(steps, smin, smax), theirs(steps, smin, smax)
         assert torch.allclose(got, expected, rtol=1e-5, atol=0)
         assert got[-1] == 0 and len(got) == steps + 1
