@@ -62,13 +62,19 @@ class BrownianTreeNoiseSampler:
 
         self.device, self.dtype = x.device, x.dtype
         self.bounds = float(sigma_min), float(sigma_max)
+        # torchsde rounds the tree's ends to 6 decimals (its default tol, 1e-6) and warns about
+        # queries beyond them; queries are clamped to the rounded range instead.
+        self.query_range = (
+            max(self.bounds[0], round(self.bounds[0], 6)),
+            min(self.bounds[1], round(self.bounds[1], 6)),
+        )
         w0 = torch.zeros(x.shape, dtype=torch.float32)
         t0, t1 = (torch.tensor(t, dtype=torch.float64) for t in self.bounds)
         self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed) % 2**64)
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
-        # Clamped into the tree's range: schedules can overshoot its ends by a rounding error.
-        t0, t1 = (min(max(float(t), self.bounds[0]), self.bounds[1]) for t in sorted((sigma, sigma_next)))
+        lo, hi = self.query_range
+        t0, t1 = (min(max(float(t), lo), hi) for t in sorted((sigma, sigma_next)))
         increment = self.tree(torch.tensor(t0, dtype=torch.float64), torch.tensor(t1, dtype=torch.float64))
         increment = increment / (t1 - t0) ** 0.5
         # k-diffusion's sign convention: increments taken from high to low sigma are negated.

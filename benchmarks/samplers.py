@@ -1,0 +1,86 @@
+"""Sampler overhead: model calls per sampler and time spent outside the model, as % of model time.
+
+Runs `ldm.sampling.sample` (CFG, the denoiser wrapper and each sampler) on a small conv "UNet"
+over a 512x512 image's latent. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ldm.sampling import SAMPLER_NAMES, DiscreteSchedule, sample
+
+STEPS = 10
+REPEATS = 2
+
+
+class TinyUNet(torch.nn.Module):
+    """A few 3x3 convolutions at 64x64 with timestep and context inputs: roughly UNet-shaped calls."""
+
+    def __init__(self, width: int = 64, context_dim: int = 768) -> None:
+        super().__init__()
+        self.inp = torch.nn.Conv2d(4, width, 3, padding=1)
+        self.mid = torch.nn.ModuleList(torch.nn.Conv2d(width, width, 3, padding=1) for _ in range(3))
+        self.out = torch.nn.Conv2d(width, 4, 3, padding=1)
+        self.ctx = torch.nn.Linear(context_dim, width)
+        self.time = torch.nn.Linear(1, width)
+        self.seconds = 0.0
+        self.calls = 0
+
+    def forward(self, x, t, context, y=None):
+        start = time.perf_counter()
+        h = self.inp(x) + (self.ctx(context.mean(1)) + self.time(t[:, None] / 1000))[:, :, None, None]
+        for conv in self.mid:
+            h = h + conv(torch.nn.functional.silu(h))
+        out = self.out(h)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def measure(name: str, unet: TinyUNet, schedule: DiscreteSchedule) -> dict:
+    positive = [(torch.randn(1, 77, 768), {})]
+    negative = [(torch.randn(1, 77, 768), {})]
+    best = None
+    for _ in range(REPEATS):
+        unet.seconds, unet.calls = 0.0, 0
+        start = time.perf_counter()
+        sample(unet, schedule, torch.zeros(1, 4, 64, 64), seed=0, steps=STEPS, cfg=7.0, sampler_name=name,
+               scheduler="karras", positive=positive, negative=negative)
+        total = time.perf_counter() - start
+        overhead = total - unet.seconds
+        row = {
+            "model_calls": unet.calls,
+            "ms_per_model_call": round(1000 * unet.seconds / unet.calls, 2),
+            "overhead_ms_per_step": round(1000 * overhead / STEPS, 3),
+            "overhead_pct": round(100 * overhead / unet.seconds, 2),
+        }
+        if best is None or row["overhead_pct"] < best["overhead_pct"]:
+            best = row
+    return best
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    unet = TinyUNet().eval()
+    schedule = DiscreteSchedule()
+    with torch.no_grad():
+        measure("euler", unet, schedule)  # warm-up
+        results = {name: measure(name, unet, schedule) for name in SAMPLER_NAMES}
+    for name, row in results.items():
+        print(f"{name:20s} calls {row['model_calls']:3d}  model {row['ms_per_model_call']:7.2f} ms/call  "
+              f"overhead {row['overhead_ms_per_step']:7.3f} ms/step = {row['overhead_pct']:5.2f}%")
+    summary = {
+        "steps": STEPS,
+        "latent": [1, 4, 64, 64],
+        "overhead_pct_max": max(row["overhead_pct"] for row in results.values()),
+        "samplers": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
