@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.sampling import samplers, samplers_ldm, samplers_sde
+from ldm.sampling import samplers, samplers_ldm, samplers_sde, unipc
 from ldm.sampling.denoiser import Denoiser, UNet
 from ldm.sampling.guidance import CFGGuider, CondList
 from ldm.sampling.noise import BrownianTreeNoiseSampler, prepare_noise, seeded_noise_sampler
@@ -31,8 +32,11 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": samplers_ldm.sample_ddpm,
     "lcm": samplers_sde.sample_lcm,
     "ddim": samplers_ldm.sample_ddim,
+    "uni_pc": unipc.sample_uni_pc,
+    "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
     "plms": samplers_ldm.sample_plms,
 }
+# ComfyUI's order (the subset implemented here), then the extras: plms, from the original SD code.
 SAMPLER_NAMES = list(SAMPLERS)
 
 # Samplers whose step noise comes from a Brownian tree rather than independent draws.
