@@ -13,7 +13,12 @@ from torch import Tensor
 from ldm.sampling import samplers, samplers_ldm, samplers_sde, unipc
 from ldm.sampling.denoiser import Denoiser, UNet
 from ldm.sampling.guidance import CFGGuider, CondList
-from ldm.sampling.noise import BrownianTreeNoiseSampler, prepare_noise, seeded_noise_sampler
+from ldm.sampling.noise import (
+    BrownianTreeNoiseSampler,
+    PrefetchingNoiseSampler,
+    prepare_noise,
+    seeded_noise_sampler,
+)
 from ldm.sampling.schedulers import get_sigmas
 from ldm.sampling.schedules import DiscreteSchedule
 
@@ -66,6 +71,21 @@ def compute_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoi
     if denoise <= 0.0:
         return torch.zeros(0)
     return get_sigmas(scheduler, schedule, int(steps / denoise))[-(steps + 1) :]
+
+
+def _brownian_queries(sampler_name: str, sigmas: list[float], options: dict) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) pairs an SDE sampler will ask its Brownian tree for, in order
+    (computed exactly as the samplers do, so that they compare equal)."""
+    if not options.get("eta", 1.0):
+        return []
+    queries = []
+    for sigma, sigma_next in zip(sigmas, sigmas[1:], strict=False):
+        if sigma_next == 0:
+            continue
+        if sampler_name == "dpmpp_sde":
+            queries.append((sigma, sigma * math.exp(-math.log(sigma / sigma_next) * options.get("r", 0.5))))
+        queries.append((sigma, sigma_next))
+    return queries
 
 
 def _latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
@@ -154,15 +174,19 @@ def sample(
     total = len(sigmas) - 1
     on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
     options = dict(sampler_options or {})
-    if sampler_name in _BROWNIAN:
+    prefetcher = None
+    if sampler_name in _BROWNIAN and "noise_sampler" not in options:
         positive_sigmas = sigmas[sigmas > 0]
-        options.setdefault(
-            "noise_sampler",
-            BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed),
-        )
+        tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)
+        prefetcher = PrefetchingNoiseSampler(tree, _brownian_queries(sampler_name, sigmas.tolist(), options))
+        options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
         options.setdefault("noise_sampler", seeded_noise_sampler(x, seed))
-    x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
+    try:
+        x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
     if mask is not None:
         x = x * mask + latent * (1 - mask)
     return x

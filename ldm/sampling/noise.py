@@ -6,6 +6,7 @@ then moved to the latent's device and dtype, so a seed gives the same image on a
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -80,3 +81,28 @@ class BrownianTreeNoiseSampler:
         # k-diffusion's sign convention: increments taken from high to low sigma are negated.
         sign = -1.0 if sigma > sigma_next else 1.0
         return (sign * increment).to(self.device, self.dtype)
+
+
+class PrefetchingNoiseSampler:
+    """Draws a noise sampler's answers to a known sequence of (sigma, sigma_next) queries ahead of
+    time on one background thread, so slow draws (a Brownian tree walk) overlap the model calls.
+
+    Queries arriving out of the expected order are answered on the same thread, after the queue:
+    results never depend on timing. Call `close()` to drop the draws not yet made.
+    """
+
+    def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._sampler = sampler
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+        self._pending = deque((query, self._executor.submit(sampler, *query)) for query in queries)
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        if self._pending and self._pending[0][0] == (sigma, sigma_next):
+            return self._pending.popleft()[1].result()
+        return self._executor.submit(self._sampler, sigma, sigma_next).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pending.clear()

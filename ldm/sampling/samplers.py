@@ -220,10 +220,9 @@ def linear_multistep_coeff(order: int, t: list[float], i: int, j: int) -> float:
     Integrated exactly (k-diffusion uses adaptive quadrature, which is exact for these low degrees).
     """
     others = [t[i - k] for k in range(order) if k != j]
-    basis = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
-    basis = basis / math.prod(t[i - j] - r for r in others)
-    antiderivative = basis.integ()
-    return float(antiderivative(t[i + 1]) - antiderivative(t[i]))
+    basis = np.atleast_1d(np.poly(others)) / math.prod(t[i - j] - r for r in others)
+    antiderivative = np.polyint(basis)
+    return float(np.polyval(antiderivative, t[i + 1]) - np.polyval(antiderivative, t[i]))
 
 
 @torch.no_grad()

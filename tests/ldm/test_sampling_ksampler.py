@@ -13,6 +13,7 @@ from ldm.sampling import (
     compute_sigmas,
     sample,
 )
+from ldm.sampling.noise import BrownianTreeNoiseSampler, PrefetchingNoiseSampler
 
 SCHEDULE = DiscreteSchedule()
 
@@ -139,3 +140,19 @@ def test_batch_index_gives_the_same_noise_as_the_full_batch():
 def test_unknown_sampler_is_rejected():
     with pytest.raises(ValueError, match="unknown sampler"):
         run(sampler_name="nope")
+
+
+@pytest.mark.parametrize("sampler_name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_prefetched_brownian_noise_equals_direct_draws(sampler_name):
+    sigmas = compute_sigmas(SCHEDULE, "normal", 6)
+    positive = sigmas[sigmas > 0]
+    tree = BrownianTreeNoiseSampler(torch.zeros(2, 4, 8, 8), float(positive.min()), float(positive.max()), 42)
+    direct = run(sampler_name=sampler_name, steps=6, sampler_options={"noise_sampler": tree})
+    assert torch.equal(run(sampler_name=sampler_name, steps=6), direct)
+
+
+def test_prefetcher_answers_unexpected_queries_too():
+    prefetcher = PrefetchingNoiseSampler(lambda a, b: torch.tensor([a, b]), [(1.0, 0.5), (0.5, 0.25)])
+    assert prefetcher(0.7, 0.1).tolist() == pytest.approx([0.7, 0.1])
+    assert prefetcher(1.0, 0.5).tolist() == [1.0, 0.5]
+    prefetcher.close()
