@@ -40,7 +40,10 @@ class TinyUNet(torch.nn.Module):
     def forward(self, x, t, context, y=None):
         self._sync(x)
         start = time.perf_counter()
-        h = self.inp(x) + (self.ctx(context.mean(1)) + self.time(t[:, None] / 1000))[:, :, None, None]
+        h = (
+            self.inp(x)
+            + (self.ctx(context.mean(1)) + self.time(t[:, None].to(x.dtype) / 1000))[:, :, None, None]
+        )
         for conv in self.mid:
             h = h + conv(torch.nn.functional.silu(h))
         out = self.out(h)
