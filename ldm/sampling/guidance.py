@@ -165,7 +165,7 @@ class CFGGuider:
                 preds[side] = totals[side] / count
         if len(preds) == 1:
             return preds[0]
-        return preds[1] + self.cfg * (preds[0] - preds[1])
+        return torch.lerp(preds[1], preds[0], self.cfg)  # uncond + cfg * (cond - uncond)
 
     def _plan(self, x: Tensor) -> _Plan:
         key = (tuple(x.shape), x.device, x.dtype)
