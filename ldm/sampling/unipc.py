@@ -18,6 +18,15 @@ from torch import Tensor
 from ldm.sampling.samplers import Callback, Model, _call, _report
 
 
+def _combine(terms: list[tuple[float, Tensor]]) -> Tensor:
+    """sum(coefficient * tensor), one fused multiply-add per term."""
+    (c0, t0), *rest = terms
+    out = t0 * c0
+    for c, tensor in rest:
+        out.add_(tensor, alpha=c)
+    return out
+
+
 def _update(
     x: Tensor,
     sigma_s: float,
@@ -28,14 +37,15 @@ def _update(
     model_t: Tensor | None = None,
 ) -> Tensor:
     """One UniP step from sigma_s (whose x0 estimate is history[-1]) to sigma_t; with `model_t`,
-    the x0 estimate at sigma_t, the UniC corrector instead."""
+    the x0 estimate at sigma_t, the UniC corrector instead.
+
+    The update is linear in x and the x0 estimates, so it is assembled as one weighted sum:
+    each difference D_k = (m_k - m0) / r_k contributes rho_k / r_k to m_k and its negative to m0.
+    """
     sigma_0, m0 = history[-1]
     h = math.log(sigma_s / sigma_t)
-    ratios, diffs = [], []
-    for sigma_i, m_i in reversed(history[-order:-1]):
-        r = math.log(sigma_0 / sigma_i) / h
-        ratios.append(r)
-        diffs.append((m_i - m0) / r)
+    older = list(reversed(history[-order:-1]))
+    ratios = [math.log(sigma_0 / sigma_i) / h for sigma_i, _ in older]
     hh = -h
     h_phi_1 = math.expm1(hh)
     b_h = hh if variant == "bh1" else math.expm1(hh)
@@ -47,17 +57,21 @@ def _update(
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    x_t = (sigma_t / sigma_s) * x - h_phi_1 * m0
     if model_t is None:
-        if not diffs:
-            return x_t
-        rhos = [0.5] if order == 2 else np.linalg.solve(np.stack(rows)[:-1, :-1], b[:-1])
-        return x_t - b_h * sum(float(rho) * d for rho, d in zip(rhos, diffs, strict=True))
-    rhos = [0.5] if order == 1 else np.linalg.solve(np.stack(rows), b)
-    correction = float(rhos[-1]) * (model_t - m0)
-    for rho, d in zip(rhos[:-1], diffs, strict=True):
-        correction = correction + float(rho) * d
-    return x_t - b_h * correction
+        if not older:
+            rhos = []
+        else:
+            rhos = [0.5] if order == 2 else np.linalg.solve(np.stack(rows)[:-1, :-1], b[:-1]).tolist()
+        rho_t = 0.0
+    else:
+        rhos = [0.5] if order == 1 else np.linalg.solve(np.stack(rows), b).tolist()
+        rhos, rho_t = rhos[:-1], rhos[-1]
+    weights = [-b_h * rho / r for rho, r in zip(rhos, ratios, strict=True)]
+    terms = [(sigma_t / sigma_s, x), (-h_phi_1 - sum(weights) + b_h * rho_t, m0)]
+    terms += [(w, m_i) for w, (_, m_i) in zip(weights, older, strict=True)]
+    if model_t is not None:
+        terms.append((-b_h * rho_t, model_t))
+    return _combine(terms)
 
 
 @torch.no_grad()
