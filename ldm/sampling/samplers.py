@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -219,10 +218,18 @@ def linear_multistep_coeff(order: int, t: list[float], i: int, j: int) -> float:
 
     Integrated exactly (k-diffusion uses adaptive quadrature, which is exact for these low degrees).
     """
-    others = [t[i - k] for k in range(order) if k != j]
-    basis = np.atleast_1d(np.poly(others)) / math.prod(t[i - j] - r for r in others)
-    antiderivative = np.polyint(basis)
-    return float(np.polyval(antiderivative, t[i + 1]) - np.polyval(antiderivative, t[i]))
+    coeffs = [1.0]  # ascending powers of the basis polynomial's numerator
+    denominator = 1.0
+    for k in range(order):
+        if k != j:
+            root = t[i - k]
+            coeffs = [a - root * b for a, b in zip([0.0, *coeffs], [*coeffs, 0.0], strict=True)]
+            denominator *= t[i - j] - root
+
+    def antiderivative(tau: float) -> float:
+        return sum(c * tau ** (n + 1) / (n + 1) for n, c in enumerate(coeffs))
+
+    return (antiderivative(t[i + 1]) - antiderivative(t[i])) / denominator
 
 
 @torch.no_grad()
