@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.sampling import samplers, samplers_ldm, samplers_sde, unipc
+from ldm.sampling import dpm_solver, samplers, samplers_ldm, samplers_sde, unipc
 from ldm.sampling.denoiser import Denoiser, UNet
 from ldm.sampling.guidance import CFGGuider, CondList
 from ldm.sampling.noise import (
@@ -29,6 +29,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_2": samplers.sample_dpm_2,
     "dpm_2_ancestral": samplers.sample_dpm_2_ancestral,
     "lms": samplers.sample_lms,
+    "dpm_fast": dpm_solver.sample_dpm_fast,
+    "dpm_adaptive": dpm_solver.sample_dpm_adaptive,
     "dpmpp_2s_ancestral": samplers.sample_dpmpp_2s_ancestral,
     "dpmpp_sde": samplers.sample_dpmpp_sde,
     "dpmpp_2m": samplers.sample_dpmpp_2m,
@@ -56,6 +58,8 @@ _STEP_NOISE = {
     "ddpm",
     "lcm",
     "ddim",
+    "dpm_fast",
+    "dpm_adaptive",
 }
 
 

@@ -42,7 +42,16 @@ def test_names_in_comfyui_order():
         "ddim_uniform",
         "beta",
     ]
-    assert SAMPLER_NAMES[:6] == ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms"]
+    assert SAMPLER_NAMES[:8] == [
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "lms",
+        "dpm_fast",
+        "dpm_adaptive",
+    ]
     for name in [
         "dpmpp_2s_ancestral",
         "dpmpp_sde",
