@@ -18,6 +18,7 @@ from ldm.sampling.noise import (
     PrefetchingNoiseSampler,
     prepare_noise,
     seeded_noise_sampler,
+    step_noise_seed,
 )
 from ldm.sampling.schedulers import get_sigmas
 from ldm.sampling.schedules import DiscreteSchedule
@@ -185,7 +186,7 @@ def sample(
         prefetcher = PrefetchingNoiseSampler(tree, _brownian_queries(sampler_name, sigmas.tolist(), options))
         options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
-        options.setdefault("noise_sampler", seeded_noise_sampler(x, seed))
+        options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))
     try:
         x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
     finally:

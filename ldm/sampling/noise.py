@@ -2,6 +2,8 @@
 
 Everything is drawn on the CPU from a `torch.Generator` seeded like `torch.manual_seed(seed)`,
 then moved to the latent's device and dtype, so a seed gives the same image on any device.
+Step noise uses its own stream (`step_noise_seed`): ComfyUI seeds it with the noise seed itself,
+which on the CPU makes the first step's fresh noise a copy of the initial noise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ NoiseSampler = Callable[[float, float], Tensor]
 def cpu_generator(seed: int) -> torch.Generator:
     """A CPU generator for any seed in [0, 2^64 - 1] (the KSampler node's range)."""
     return torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
+
+
+def step_noise_seed(seed: int) -> int:
+    """The seed of the per-step noise stream that goes with a noise seed (offset by 2^64 / phi)."""
+    return (int(seed) + 0x9E3779B97F4A7C15) % 2**64
 
 
 def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = None) -> Tensor:

@@ -13,7 +13,8 @@ from ldm.sampling import (
     compute_sigmas,
     sample,
 )
-from ldm.sampling.noise import BrownianTreeNoiseSampler, PrefetchingNoiseSampler
+from ldm.sampling.ksampler import SAMPLERS
+from ldm.sampling.noise import BrownianTreeNoiseSampler, PrefetchingNoiseSampler, prepare_noise
 
 SCHEDULE = DiscreteSchedule()
 
@@ -165,3 +166,20 @@ def test_prefetcher_answers_unexpected_queries_too():
     assert prefetcher(0.7, 0.1).tolist() == pytest.approx([0.7, 0.1])
     assert prefetcher(1.0, 0.5).tolist() == [1.0, 0.5]
     prefetcher.close()
+
+
+def test_step_noise_is_not_a_copy_of_the_initial_noise():
+    drawn = []
+    noise = prepare_noise(torch.zeros(2, 4, 8, 8), 42)
+    sampler = SAMPLERS["euler_ancestral"]
+
+    def spy(model, x, sigmas, noise_sampler, **kwargs):
+        drawn.append(noise_sampler(float(sigmas[0]), float(sigmas[1])))
+        return sampler(model, x, sigmas, noise_sampler=noise_sampler, **kwargs)
+
+    SAMPLERS["euler_ancestral"] = spy
+    try:
+        run(sampler_name="euler_ancestral", steps=3)
+    finally:
+        SAMPLERS["euler_ancestral"] = sampler
+    assert abs(float((drawn[0] * noise).mean())) < 0.2
