@@ -1,0 +1,196 @@
+"""Classifier-free guidance over the graph's CONDITIONING lists, with area and mask composition.
+
+A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options read here:
+- `area`: `(height, width, y, x)` in latent pixels (image pixels // 8), as ComfyUI's
+  ConditioningSetArea stores it; or `("percentage", h, w, y, x)` as fractions of the latent size.
+- `strength`: weight of this entry where entries overlap (default 1.0).
+- `mask`: [1 or B, H, W] weights, any resolution (resized bilinearly to the latent), with
+  `mask_strength` (default 1.0); cropped to `area` when both are given.
+- `y`: the precomputed class/size embedding [1 or B, adm] for models that take one (SDXL). The
+  caller builds it from `pooled_output` and the size options; this module never looks at those.
+
+Each entry predicts x0 over its area; entries of one side (positive or negative) are blended by
+their weights, with an 8-pixel linear feather on area edges that are inside the image and have
+no mask (ComfyUI's area composition). Latent pixels no entry covers predict 0, as in ComfyUI.
+All entries of both sides that share an area size go through ONE model call; embeddings of
+different lengths (77 vs 154 tokens) are repeated to their least common multiple, which leaves
+attention unchanged, or run in separate calls when that multiple would exceed 4x the shorter one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldm.sampling.denoiser import Conditioning, Denoiser
+
+CondList = list[tuple[Tensor, dict]]
+
+MAX_CONTEXT_REPEAT = 4
+
+
+@dataclass
+class _Job:
+    side: int  # 0 = positive, 1 = negative
+    context: Tensor
+    y: Tensor | None
+    rows: slice
+    cols: slice
+    weight: Tensor | float  # [B or 1, 1, h, w], or a scalar for a whole-image entry
+
+
+def _to_batch(t: Tensor, batch: int) -> Tensor:
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"conditioning batch {t.shape[0]} does not divide the latent batch {batch}")
+    return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
+
+
+def _feather(length: int, start_inside: bool, end_inside: bool, rr: int) -> Tensor:
+    """Per-row (or column) weights ramping up over `rr` pixels from each edge inside the image."""
+    ramp = torch.ones(length)
+    for t in range(min(rr, length) if rr else 0):
+        if start_inside:
+            ramp[t] *= (t + 1) / rr
+        if end_inside:
+            ramp[length - 1 - t] *= (t + 1) / rr
+    return ramp
+
+
+def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -> _Job:
+    batch, _, height, width = x.shape
+    area = options.get("area")
+    if area is None:
+        h, w, top, left = height, width, 0, 0
+    elif area[0] == "percentage":
+        h, w = max(1, round(area[1] * height)), max(1, round(area[2] * width))
+        top, left = round(area[3] * height), round(area[4] * width)
+    else:
+        h, w, top, left = (int(v) for v in area)
+    rows, cols = slice(top, min(top + h, height)), slice(left, min(left + w, width))
+    strength = float(options.get("strength", 1.0))
+    mask = options.get("mask")
+    y = options.get("y")
+    y = None if y is None else _to_batch(y.to(x.device, x.dtype), batch)
+    context = _to_batch(embedding.to(x.device, x.dtype), batch)
+    if mask is not None:
+        mask = mask.to(x.device, x.dtype).reshape(-1, 1, *mask.shape[-2:])
+        if mask.shape[-2:] != (height, width):
+            mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+        weight = _to_batch(mask, batch)[:, :, rows, cols] * (
+            strength * float(options.get("mask_strength", 1.0))
+        )
+    elif area is None:
+        weight = strength
+    else:
+        hh, ww = rows.stop - rows.start, cols.stop - cols.start
+        wy = _feather(hh, top != 0, top + h < height, feather)
+        wx = _feather(ww, left != 0, left + w < width, feather)
+        weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
+    return _Job(side, context, y, rows, cols, weight)
+
+
+def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+    """Group jobs that can share one model call: same area size, same kind of `y`, and context
+    lengths whose least common multiple stays within MAX_CONTEXT_REPEAT of the shortest."""
+    groups: list[list[_Job]] = []
+    for job in jobs:
+        for group in groups:
+            first = group[0]
+            lengths = [j.context.shape[1] for j in group] + [job.context.shape[1]]
+            if (
+                (first.rows.stop - first.rows.start, first.cols.stop - first.cols.start)
+                == (job.rows.stop - job.rows.start, job.cols.stop - job.cols.start)
+                and (first.y is None) == (job.y is None)
+                and (job.y is None or first.y.shape[1:] == job.y.shape[1:])
+                and first.context.shape[2] == job.context.shape[2]
+                and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
+            ):
+                group.append(job)
+                break
+        else:
+            groups.append([job])
+    return groups
+
+
+@dataclass
+class _Plan:
+    """How one latent shape is evaluated: the batched calls, and per side the blend denominators."""
+
+    batches: list[tuple[list[_Job], Conditioning]]
+    counts: list[Tensor | None]  # None: the side is one whole-image entry, used as is
+
+
+class CFGGuider:
+    """The guided denoiser `model(x, sigma) -> x0` that samplers call:
+    `uncond + cfg * (cond - uncond)`, with the unconditional pass skipped when cfg == 1.
+
+    Jobs, batches and concatenated contexts depend only on the latent's shape, so they are
+    built once per shape and reused at every step.
+    """
+
+    def __init__(
+        self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8
+    ) -> None:
+        if not positive:
+            raise ValueError("positive conditioning is empty")
+        self.denoiser = denoiser
+        self.cfg = cfg
+        self.sides = [positive, negative] if not math.isclose(cfg, 1.0) and negative else [positive]
+        self.feather = feather
+        self._plans: dict[tuple, _Plan] = {}
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        plan = self._plan(x)
+        preds: list[Tensor | None] = [None] * len(self.sides)
+        totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
+        for jobs, cond in plan.batches:
+            if len(jobs) == 1 and jobs[0].rows.stop - jobs[0].rows.start == x.shape[2]:
+                x_in = x[:, :, :, jobs[0].cols] if jobs[0].cols.stop - jobs[0].cols.start < x.shape[3] else x
+            else:
+                x_in = torch.cat([x[:, :, j.rows, j.cols] for j in jobs])
+            x0 = self.denoiser(x_in, sigma.repeat(len(jobs)), cond)
+            for job, out in zip(jobs, x0.chunk(len(jobs)), strict=True):
+                if plan.counts[job.side] is None:
+                    preds[job.side] = out
+                else:
+                    totals[job.side][:, :, job.rows, job.cols] += out * job.weight
+        for side, count in enumerate(plan.counts):
+            if count is not None:
+                preds[side] = totals[side] / count
+        if len(preds) == 1:
+            return preds[0]
+        return torch.lerp(preds[1], preds[0], self.cfg)  # uncond + cfg * (cond - uncond)
+
+    def _plan(self, x: Tensor) -> _Plan:
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key not in self._plans:
+            jobs = [
+                _job(side, emb, opts, x, self.feather)
+                for side, conds in enumerate(self.sides)
+                for emb, opts in conds
+            ]
+            batches = []
+            for group in _batches(jobs):
+                length = math.lcm(*(j.context.shape[1] for j in group))
+                context = torch.cat([j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
+                y = None if group[0].y is None else torch.cat([j.y for j in group])
+                batches.append((group, Conditioning(context, y)))
+            counts: list[Tensor | None] = []
+            for side in range(len(self.sides)):
+                mine = [j for j in jobs if j.side == side]
+                whole = len(mine) == 1 and isinstance(mine[0].weight, float)
+                if whole and (mine[0].rows.stop, mine[0].cols.stop) == tuple(x.shape[2:]):
+                    counts.append(None)  # one whole-image entry: its weight cancels out
+                    continue
+                count = torch.full_like(x, 1e-37)
+                for job in mine:
+                    count[:, :, job.rows, job.cols] += job.weight
+                counts.append(count)
+            self._plans[key] = _Plan(batches, counts)
+        return self._plans[key]
