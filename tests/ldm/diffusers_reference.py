@@ -10,6 +10,12 @@ from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 
 
+def _depth(unet: UNetConfig) -> int | list[int]:
+    """SD1/SD2 yamls give one depth for all attention levels (and the middle); SDXL gives a list."""
+    depths = {d for d in unet.transformer_depth if d} | {unet.transformer_depth_middle}
+    return depths.pop() if len(depths) == 1 else list(unet.transformer_depth)
+
+
 def _original_config(unet: UNetConfig | None, vae: VAEConfig) -> dict:
     """The LDM yaml (as a dict) that diffusers' single-file helpers read."""
     params: dict = {"first_stage_config": {"params": {"ddconfig": {
@@ -21,7 +27,7 @@ def _original_config(unet: UNetConfig | None, vae: VAEConfig) -> dict:
             "model_channels": unet.model_channels, "channel_mult": list(unet.channel_mult),
             "num_res_blocks": unet.num_res_blocks, "context_dim": unet.context_dim,
             "attention_resolutions": [2 ** i for i, d in enumerate(unet.transformer_depth) if d],
-            "transformer_depth": list(unet.transformer_depth),
+            "transformer_depth": _depth(unet),
             "use_linear_in_transformer": unet.use_linear_in_transformer,
         }
         if unet.num_head_channels:
