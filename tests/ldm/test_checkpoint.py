@@ -158,7 +158,7 @@ def test_standalone_vae_files(files: dict[str, Path], tmp_path: Path, layout: st
     if layout == "bare":
         vae_sd = {k.removeprefix("first_stage_model."): v for k, v in vae_sd.items()}
     elif layout == "diffusers":
-        from diffusers_reference import diffusers_vae
+        from tests.ldm.diffusers_reference import diffusers_vae
 
         reference = load_checkpoint(files["tiny-sdxl"], text_encoder=False).vae
         vae_sd = diffusers_vae(reference.config, reference.state_dict()).state_dict()
