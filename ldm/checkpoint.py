@@ -266,12 +266,12 @@ def _load_text_encoder(sd: StateDict, path: Path, device: torch.device | str,
     config = text_encoder_config_from_state_dict(sd)
     if config is None:
         raise CheckpointError(f"{path.name}: no text encoder weights (cond_stage_model / conditioner)")
-    encoder = build_text_encoder(config)
+    encoder = build_text_encoder(config, device="meta", dtype=dtype)
     try:
         used = encoder.load_ldm_state_dict(sd)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: text encoder: {e}") from None
-    return encoder.to(device, dtype).eval(), set(used)
+        raise CheckpointError(f"{path.name}: {e}") from None
+    return encoder.to(device).eval(), set(used)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -56,21 +56,6 @@ def _owner(module: nn.Module, param_name: str) -> nn.Module:
     return module.get_submodule(param_name.rpartition(".")[0])
 
 
-def _text_encoder_widths(preset: str, te_state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Context (and pooled) widths the UNet needs, read off the text encoder's LDM keys."""
-    def width(key: str) -> int:
-        return te_state[key].shape[0]
-
-    if preset.endswith("sdxl"):
-        clip_l = width("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight")
-        big_g = width("conditioner.embedders.1.model.ln_final.weight")
-        pooled = te_state["conditioner.embedders.1.model.text_projection"].shape[1]
-        return {"context_dim": clip_l + big_g, "adm_in_channels": pooled + 6 * 256}
-    if preset.endswith("sd2"):
-        return {"context_dim": width("cond_stage_model.model.ln_final.weight")}
-    return {"context_dim": width("cond_stage_model.transformer.text_model.final_layer_norm.weight")}
-
-
 def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
     """(family, prediction, unet, vae, text_encoder or None) with seeded random weights."""
     if preset not in PRESETS:
@@ -81,8 +66,12 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
     if text_encoder:
         from ldm.text_encoders import build_text_encoder, random_text_encoder_config
 
-        te = randomize_(build_text_encoder(random_text_encoder_config(preset)), generator)
-        unet_config = dataclasses.replace(unet_config, **_text_encoder_widths(preset, te.ldm_state_dict()))
+        te = build_text_encoder(random_text_encoder_config(preset))
+        te.init_random_weights(seed)
+        widths = {"context_dim": te.config.context_dim}
+        if unet_config.adm_in_channels is not None:
+            widths["adm_in_channels"] = te.config.pooled_dim + 6 * 256
+        unet_config = dataclasses.replace(unet_config, **widths)
     unet = randomize_(UNetModel(unet_config), generator)
     vae = randomize_(AutoencoderKL(vae_config), generator)
     return family, prediction, unet, vae, te
@@ -90,11 +79,14 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
 
 def make_checkpoint(preset: str, path: str | Path, seed: int = 0, text_encoder: bool = True,
                     dtype: torch.dtype | None = None) -> Path:
-    """Write a random-weight single-file LDM checkpoint for `preset` (sd15 is stored in fp16)."""
+    """Write a random-weight single-file LDM checkpoint for `preset`, stored in fp16 unless `dtype` says.
+
+    fp16 halves the files (the tiny ones are mostly CLIP's 49,408-token embedding table).
+    """
     from ldm.checkpoint import save_checkpoint
 
     family, prediction, unet, vae, te = build_preset(preset, seed, text_encoder)
-    dtype = dtype or (torch.float16 if preset == "sd15" else torch.float32)
+    dtype = dtype or torch.float16
     metadata = {"loom.preset": preset, "loom.seed": str(seed), "loom.family": family,
                 "loom.prediction": prediction,
                 "loom.unet_config": json.dumps(dataclasses.asdict(unet.config))}

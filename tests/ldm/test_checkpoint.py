@@ -172,3 +172,24 @@ def test_standalone_vae_files(files: dict[str, Path], tmp_path: Path, layout: st
     with torch.no_grad():
         torch.testing.assert_close(loaded.vae.decode(z), expected.decode(z))
     assert loaded.vae.scaling_factor == 0.13025
+
+
+@pytest.mark.parametrize("preset", list(FAMILIES))
+def test_presets_with_text_encoders_load_completely_and_run(tmp_path: Path, preset: str) -> None:
+    pytest.importorskip("ldm.text_encoders")
+    from ldm.unet import sdxl_adm
+
+    path = make_checkpoint(preset, tmp_path / "m.safetensors", seed=1)
+    assert path.stat().st_size < 20_000_000
+    loaded = load_checkpoint(path)
+    assert loaded.unused_keys == [] and loaded.family.name == FAMILIES[preset][0]
+    with torch.no_grad():
+        encoding = loaded.text_encoder.encode(["a photo of a cat", "a dog"])
+        y = sdxl_adm(encoding.pooled, 1024, 1024) if loaded.family.name == "sdxl" else None
+        eps = loaded.unet(torch.randn(2, 4, 8, 8), torch.tensor([999.0, 10.0]), encoding.cond, y)
+        pixels = loaded.vae.decode(eps / loaded.vae.scaling_factor)
+    assert torch.isfinite(eps).all() and eps.std() > 1e-3
+    assert torch.isfinite(pixels).all() and pixels.shape == (2, 3, 64, 64)
+    again = make_checkpoint(preset, tmp_path / "again.safetensors", seed=1)
+    first, second = load_state_dict(path), load_state_dict(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
