@@ -284,8 +284,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
     """
     path = Path(path)
     sd = load_state_dict(path)
+    metadata = read_metadata(path)
     try:
-        family = detect_family(sd, read_metadata(path), v_prediction)
+        family = detect_family(sd, metadata, v_prediction)
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     unet = _materialize(lambda: UNetModel(family.unet_config), _strip(sd, UNET_PREFIX), "UNet", path,
@@ -298,7 +299,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
         encoder, te_used = _load_text_encoder(sd, path, device, dtype)
         used |= te_used
     unused = sorted(set(sd) - used)
-    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, read_metadata(path))
+    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, metadata)
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

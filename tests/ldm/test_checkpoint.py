@@ -35,7 +35,7 @@ def _unet_out(unet, seed: int = 0) -> torch.Tensor:
     context = torch.randn(1, 5, c.context_dim, generator=g)
     y = torch.randn(1, c.adm_in_channels, generator=g) if c.adm_in_channels else None
     with torch.no_grad():
-        return unet(x.to(unet.time_embed[0].weight.dtype), torch.tensor([500.0]), context, y)
+        return unet(x.to(unet.dtype), torch.tensor([500.0]), context, y)
 
 
 @pytest.mark.parametrize("preset", list(FAMILIES))
