@@ -231,6 +231,17 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.presets import make_checkpoint
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    path = make_checkpoint(args.preset, args.output, seed=args.seed, dtype=dtype)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, preset {args.preset})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -262,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugins", action="store_true", help="list the plugins: loaded or failed, why, import time")
     _add_engine_options(p)
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the real LDM file layout")
+    p.add_argument("--preset", required=True, choices=["tiny-sd1", "tiny-sd2", "tiny-sdxl", "sd15"])
+    p.add_argument("output", type=Path, help="the .safetensors file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_checkpoint)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the native workflow format")
     p.set_defaults(func=cmd_schema)

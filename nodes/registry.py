@@ -14,6 +14,12 @@ from nodes.node import Node, NodeInfo
 BUILTIN_MODULES = (
     "nodes.builtin.primitives",
     "nodes.builtin.utils",
+    "nodes.sd.loaders",
+    "nodes.sd.conditioning",
+    "nodes.sd.latent",
+    "nodes.sd.sampling",
+    "nodes.sd.vae",
+    "nodes.sd.image",
 )
 
 

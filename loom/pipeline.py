@@ -1,0 +1,141 @@
+"""`Pipeline`: txt2img, img2img and inpainting as graphs run by the same executor as the CLI and server.
+
+    from loom import Pipeline
+    pipe = Pipeline.from_checkpoint("models/checkpoints/x.safetensors")
+    image = pipe.generate("a beautiful sunset over mountains", num_steps=50)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from executor.executor import Executor
+from executor.services import Services
+from graph.document import parse_api
+from nodes.folders import FolderPaths, get_paths, set_paths
+from nodes.registry import builtin_registry
+
+DEFAULT_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+@dataclass
+class Result:
+    images: list[Any]  # PIL images
+    workflow: dict[str, Any]  # the API-format graph that made them, to save or open in the editor
+
+
+class Pipeline:
+    """One checkpoint, one engine. Calls share the engine's caches: a second call with a new seed
+    re-runs only the sampler and what follows it."""
+
+    def __init__(self, checkpoint: str | Path, *, paths: FolderPaths | None = None, cpu: bool = False) -> None:
+        self.checkpoint = Path(checkpoint).resolve()
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+        self.paths = paths or get_paths()
+        self.paths.extra_model_paths.setdefault("checkpoints", []).insert(0, self.checkpoint.parent)
+        set_paths(self.paths)
+        self.executor = Executor(builtin_registry(), services=Services.create(self.paths, force_cpu=cpu))
+        self.default_size = _default_size(self.checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> Pipeline:
+        return cls(path, **kwargs)
+
+    # --- the calls -------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, **kwargs: Any) -> Any:
+        """One image for a prompt."""
+        return self.sample(prompt, **kwargs)[0]
+
+    def sample(self, prompt: str, *, negative_prompt: str = "", num_steps: int = 50, guidance_scale: float = 7.5,
+               seed: int | None = None, sampler: str = "euler", scheduler: str = "normal",
+               width: int | None = None, height: int | None = None, batch_size: int = 1,
+               return_workflow: bool = False) -> list[Any] | Result:
+        """txt2img: `batch_size` images for a prompt."""
+        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0)
+        graph["5"] = _node("EmptyLatentImage", width=width or self.default_size,
+                           height=height or self.default_size, batch_size=batch_size)
+        return self._run(graph, return_workflow)
+
+    def img2img(self, init_image: Any, prompt: str, *, strength: float = 0.75, num_steps: int = 30,
+                negative_prompt: str = "", guidance_scale: float = 7.5, seed: int | None = None,
+                sampler: str = "euler", scheduler: str = "normal", return_workflow: bool = False) -> Any:
+        """Repaint an image towards a prompt; `strength` 0 keeps it, 1 ignores it."""
+        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, strength)
+        graph["10"] = _node("LoadImage", image=self._store_input(init_image))
+        graph["5"] = _node("VAEEncode", pixels=["10", 0], vae=["4", 2])
+        result = self._run(graph, return_workflow)
+        return result if return_workflow else result[0]
+
+    def inpaint(self, init_image: Any, mask: Any, prompt: str, *, num_steps: int = 30, negative_prompt: str = "",
+                guidance_scale: float = 7.5, seed: int | None = None, sampler: str = "euler",
+                scheduler: str = "normal", grow_mask_by: int = 6, return_workflow: bool = False) -> Any:
+        """Repaint where `mask` is white (a PIL image, same size as `init_image`), keep the rest."""
+        from PIL import Image
+
+        rgba = init_image.convert("RGB").convert("RGBA")
+        rgba.putalpha(Image.eval(mask.convert("L").resize(rgba.size), lambda v: 255 - v))
+        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0)
+        graph["10"] = _node("LoadImage", image=self._store_input(rgba))
+        graph["5"] = _node("VAEEncodeForInpaint", pixels=["10", 0], vae=["4", 2], mask=["10", 1],
+                           grow_mask_by=grow_mask_by)
+        result = self._run(graph, return_workflow)
+        return result if return_workflow else result[0]
+
+    # --- graph building ---------------------------------------------------------------------------------
+
+    def _base(self, prompt: str, negative: str, steps: int, cfg: float, seed: int | None, sampler: str,
+              scheduler: str, denoise: float) -> dict[str, Any]:
+        return {
+            "4": _node("CheckpointLoaderSimple", ckpt_name=self.checkpoint.name),
+            "6": _node("CLIPTextEncode", text=prompt, clip=["4", 1]),
+            "7": _node("CLIPTextEncode", text=negative, clip=["4", 1]),
+            "3": _node("KSampler", model=["4", 0], seed=random.getrandbits(48) if seed is None else seed,
+                       steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, positive=["6", 0],
+                       negative=["7", 0], latent_image=["5", 0], denoise=denoise),
+            "8": _node("VAEDecode", samples=["3", 0], vae=["4", 2]),
+            "9": _node("PreviewImage", images=["8", 0]),
+        }
+
+    def _store_input(self, image: Any) -> str:
+        """Put a PIL image into input/ under a content-addressed name, so LoadImage can read it."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        name = f"api/{hashlib.sha256(data).hexdigest()[:16]}.png"
+        path = self.paths.input / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return name
+
+    def _run(self, graph: dict[str, Any], return_workflow: bool) -> list[Any] | Result:
+        from nodes.sd.imageio import to_pil
+
+        result = self.executor.run(parse_api(graph), keep=["8"])
+        if not result.ok:
+            err = result.error
+            raise RuntimeError(f"node {err.node_id} ({err.node_type}) failed: "
+                               f"{getattr(err, 'exception_message', 'interrupted')}")
+        images = [to_pil(image) for image in result.values["8"][0]]
+        return Result(images, graph) if return_workflow else images
+
+
+def _node(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def _default_size(checkpoint: Path) -> int:
+    """The resolution the model was trained at: file metadata if it says, else by family."""
+    from ldm.checkpoint import detect_family, load_state_dict, read_metadata
+
+    metadata = read_metadata(checkpoint)
+    if "loom.resolution" in metadata:
+        return int(metadata["loom.resolution"])
+    return DEFAULT_SIZES.get(detect_family(load_state_dict(checkpoint), metadata).name, 512)

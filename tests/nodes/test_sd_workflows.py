@@ -1,0 +1,168 @@
+"""The example workflows and the SD nodes end to end on tiny random-weight checkpoints."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from executor.executor import Executor, WorkflowInvalid
+from executor.services import Services
+from graph.document import parse_api
+from graph.load import load_workflow
+from graph.validate import validate
+from ldm.presets import make_checkpoint
+from nodes.folders import FolderPaths, set_paths
+from nodes.registry import builtin_registry
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / "workflows"
+CHECKPOINTS = {"loom-demo.safetensors": "tiny-sd1", "sd_xl_base_1.0.safetensors": "tiny-sdxl",
+               "sd2.safetensors": "tiny-sd2"}
+FAST = {"steps": 2}
+
+
+def write_lora(path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for key, (out, inp) in {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": (32, 32),
+                            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (32, 32)}.items():
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.1
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.1
+        tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    safetensors.torch.save_file(tensors, path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loom")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "models" / "loras").mkdir(parents=True)
+    for name, preset in CHECKPOINTS.items():
+        make_checkpoint(preset, root / "models" / "checkpoints" / name, seed=1)
+    write_lora(root / "models" / "loras" / "example_lora.safetensors")
+    paths = FolderPaths(base=root)
+    paths.seed_input_examples()
+    set_paths(paths)
+    yield paths
+    set_paths(FolderPaths())
+
+
+@pytest.fixture(scope="module")
+def engine(base):
+    return Executor(builtin_registry(), services=Services.create(base))
+
+
+def load(name: str, registry, overrides=None):
+    graph = load_workflow(WORKFLOWS / f"{name}.json", registry)
+    for node in graph.nodes.values():
+        if node.class_type in ("KSampler", "KSamplerAdvanced"):
+            node.inputs.update(FAST)
+        if node.class_type == "EmptyLatentImage":
+            node.inputs.update(width=min(node.inputs["width"], 128), height=min(node.inputs["height"], 64))
+    for (nid, key), value in (overrides or {}).items():
+        graph.nodes[nid].inputs[key] = value
+    return graph
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_every_example_workflow_runs(engine, base, name):
+    result = engine.run(load(name, engine.registry))
+    assert result.ok, result.error
+    [images] = [ui["images"] for ui in result.outputs.values()]
+    path = base.output / images[0]["subfolder"] / images[0]["filename"]
+    with Image.open(path) as image:
+        assert image.mode == "RGB" and min(image.size) >= 64
+        assert json.loads(image.text["prompt"])["3"]["class_type"] == "KSampler"
+
+
+def test_seed_change_reruns_only_the_sampler_and_what_follows(engine):
+    engine.run(load("txt2img", engine.registry))
+    result = engine.run(load("txt2img", engine.registry, {("3", "seed"): 777}))
+    assert result.executed == ["3", "8", "9"]
+    assert set(result.cached) == {"4", "5", "6", "7"}
+    loads = engine.services.models.loads
+    engine.run(load("txt2img", engine.registry, {("6", "text"): "a green square"}))
+    assert engine.services.models.loads == loads  # a new prompt re-encodes, but never reloads the file
+
+
+def test_img2img_with_denoise_0_is_the_vae_round_trip(engine, base):
+    graph = load("img2img", engine.registry, {("3", "denoise"): 0.0})
+    graph.nodes["9"].class_type = "PreviewImage"
+    del graph.nodes["9"].inputs["filename_prefix"]
+    result = engine.run(graph, keep=["8", "11"])
+    assert result.ok
+    decoded = result.values["8"][0]
+    node = engine.registry.get("VAEDecode")()
+    node.ctx = None
+    from nodes.sd.vae import decode
+    reference = decode(node, _vae(engine), result.values["11"][0]["samples"])
+    assert torch.allclose(decoded, reference, atol=1e-5)
+
+
+def _vae(engine):
+    from nodes.sd.models import Vae
+    [loaded] = [m for m in engine.services.models._models.values() if hasattr(m, "vae")]
+    return Vae(loaded.vae, "test")
+
+
+def test_inpainting_keeps_the_unmasked_region(engine):
+    graph = load("inpaint", engine.registry)
+    result = engine.run(graph, keep=["11", "3"])
+    assert result.ok
+    before, after = result.values["11"][0], result.values["3"][0]
+    # The sampler resizes the pixel mask to the latent bilinearly; where that is 0 nothing may change.
+    mask = torch.nn.functional.interpolate(before["noise_mask"], size=after["samples"].shape[-2:], mode="bilinear")
+    keep = (mask == 0).expand_as(after["samples"])
+    assert keep.any() and not keep.all()
+    # Equal up to the float rounding of scaling the latent by the VAE factor and back.
+    assert torch.allclose(after["samples"][keep], before["samples"][keep], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_workflow_and_base_model_both_right_in_any_order(engine):
+    plain = engine.run(load("txt2img", engine.registry, {("3", "seed"): 5}), keep=["3"]).values["3"][0]["samples"]
+    lora = engine.run(load("lora", engine.registry, {("3", "seed"): 5}), keep=["3"]).values["3"][0]["samples"]
+    engine.cache.clear()
+    again = engine.run(load("txt2img", engine.registry, {("3", "seed"): 5}), keep=["3"]).values["3"][0]["samples"]
+    assert not torch.allclose(plain, lora)
+    assert torch.equal(plain, again)
+
+
+def test_bad_inputs_fail_validation_before_anything_runs(engine, base):
+    graph = load("txt2img", engine.registry, {("4", "ckpt_name"): "missing.safetensors", ("5", "width"): 100})
+    found = {(p.node_id, p.type) for p in validate(graph, engine.registry).problems}
+    assert found == {("4", "value_not_in_list"), ("5", "custom_validation_failed")}
+    (base.input / "broken.png").write_text("this is not a picture")
+    graph = load("img2img", engine.registry, {("10", "image"): "broken.png"})
+    with pytest.raises(WorkflowInvalid) as err:
+        engine.run(graph)
+    assert "not a readable image" in str(err.value)
+
+
+def test_lora_for_another_family_is_refused_clearly(engine, base):
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    safetensors.torch.save_file({f"{key}.lora_down.weight": torch.zeros(4, 2048),
+                                 f"{key}.lora_up.weight": torch.zeros(32, 4)},
+                                base.model_dirs("loras")[0] / "xl_lora.safetensors")
+    result = engine.run(load("lora", engine.registry, {("10", "lora_name"): "xl_lora.safetensors"}))
+    assert result.status == "error" and result.error.node_id == "10"
+    assert "SDXL LoRA" in result.error.exception_message
+
+
+def test_sd2_checkpoint_runs_through_the_same_nodes(engine):
+    result = engine.run(load("txt2img", engine.registry, {("4", "ckpt_name"): "sd2.safetensors"}))
+    assert result.ok
+
+
+def test_a_png_carries_its_workflow_back(engine, base, tmp_path):
+    result = engine.run(load("txt2img", engine.registry, {("3", "seed"): 99}),
+                        extra={"extra_pnginfo": {"workflow": {"nodes": [], "links": []}}})
+    image = result.outputs["9"]["images"][0]
+    png = tmp_path / "again.png"
+    shutil.copy(base.output / image["filename"], png)
+    graph = load_workflow(png, engine.registry)
+    assert graph.nodes["3"].inputs["seed"] == 99
+    assert engine.run(parse_api(graph.to_api())).cached  # the same graph again: served from the cache
