@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from pathlib import Path
+from urllib.parse import unquote
 
 MAX_NAME = 200
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
@@ -43,7 +44,7 @@ def safe_join(root: Path, subfolder: str, filename: str) -> Path:
 
 def clean_filename(name: str, fallback: str = "upload") -> str:
     """A plain file name from a client's: no folders, no control or reserved characters, no leading dot."""
-    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFC", unquote(name)).replace("\\", "/").rsplit("/", 1)[-1]
     name = _UNSAFE.sub("_", name).strip().lstrip(".").strip()
     if len(name) > MAX_NAME:
         stem, dot, ext = name.rpartition(".")
