@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from graph.document import DocumentError
 from graph.errors import error_response
 from graph.load import graph_from_data
+from graph.ui_format import is_ui_format, ui_to_api
 from graph.validate import ValidatedWorkflow, validate
 from web.http import describe, json_error, read_body, read_json
 from web.state import STATE, ServerState
@@ -165,6 +166,21 @@ async def post_queue(request: web.Request) -> web.Response:
             state.worker.cancel_waiters(prompt_id, None)
     await state.broadcast_status()
     return web.json_response({"deleted": deleted})
+
+
+@routes.post("/workflow/api")
+async def post_workflow_api(request: web.Request) -> web.Response:
+    """Convert an editor (UI-format) workflow to the native API format, layout in `_meta`: the editor's Save."""
+    state = request.app[STATE]
+    data = await read_json(request)
+    workflow = data.get("workflow") if isinstance(data, dict) else None
+    if not is_ui_format(workflow):
+        raise _invalid("the body must be {'workflow': <a UI-format workflow with 'nodes' and 'links'>}")
+    try:
+        api = ui_to_api(workflow, state.registry)
+    except DocumentError as exc:
+        raise _invalid(str(exc)) from None
+    return web.json_response(api, dumps=_dumps)
 
 
 @routes.post("/interrupt")

@@ -187,3 +187,14 @@ async def test_cached_nodes_are_not_rerun(client):
     assert first["outputs"] == second["outputs"]
     cached = [m for m in second["messages"] if m[0] == "execution_cached"][0][1]["nodes"]
     assert "3" in cached
+
+
+async def test_workflow_api_converts_the_editor_format(client):
+    ui = {"nodes": [{"id": 4, "type": "PrimitiveInt", "pos": [10, 20], "size": [200, 60], "widgets_values": [3]},
+                    {"id": 5, "type": "Note", "widgets_values": ["hi"]}], "links": []}
+    api = await (await client.post("/workflow/api", json={"workflow": ui})).json()
+    assert api == {"4": {"class_type": "PrimitiveInt", "inputs": {"value": 3},
+                         "_meta": {"title": "Int", "pos": [10.0, 20.0], "size": [200.0, 60.0]}}}
+    for body in ({"workflow": {"nodes": 1}}, {"workflow": {"nodes": [{"x": 1}], "links": []}}, [1]):
+        resp = await client.post("/workflow/api", json=body)
+        assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_prompt"
