@@ -45,6 +45,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     if state.worker is not None:
         await state.worker.stop()
+    await state.close()
     await state.hub.close_all()
     state.db.close()
 

@@ -80,7 +80,7 @@ async def enqueue(request: web.Request, prompt_id: str | None = None) -> PromptR
     assert record is not None
     if state.worker is not None:
         state.worker.wake()
-    await state.broadcast_status()
+    state.queue_changed()
     return record
 
 
@@ -151,9 +151,7 @@ async def get_prompt_status(request: web.Request) -> web.Response:
 @routes.get("/queue")
 async def get_queue(request: web.Request) -> web.Response:
     db = request.app[STATE].db
-    running, pending = await db.call(db.store.queue)
-    return web.json_response({"queue_running": [r.queue_entry() for r in running],
-                              "queue_pending": [r.queue_entry() for r in pending]}, dumps=_dumps)
+    return web.Response(text=await db.call(db.store.queue_json), content_type="application/json")
 
 
 @routes.post("/queue")
@@ -164,7 +162,7 @@ async def post_queue(request: web.Request) -> web.Response:
     for prompt_id in deleted:
         if state.worker is not None:
             state.worker.cancel_waiters(prompt_id, None)
-    await state.broadcast_status()
+    state.queue_changed()
     return web.json_response({"deleted": deleted})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)
     run_worker: bool = True
     preview_interval_s: float = 0.25
+    status_interval_s: float = 0.05
 
     @property
     def loopback_only(self) -> bool:
@@ -76,9 +78,30 @@ class ServerState:
     db: Database
     hub: Hub = field(default_factory=Hub)
     worker: Any = None  # web.worker.Worker, set by the app factory
+    _status_dirty: bool = field(default=False, repr=False)
+    _status_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def queue_changed(self) -> None:
+        """Broadcast the queue size soon: a burst of changes (200 prompts queued at once) sends one message
+        per `status_interval_s`, always ending with the current size, instead of one per change to every client."""
+        self._status_dirty = True
+        if self._status_task is None or self._status_task.done():
+            self._status_task = asyncio.create_task(self._flush_status())
+
+    async def _flush_status(self) -> None:
+        while self._status_dirty:
+            await asyncio.sleep(self.config.status_interval_s)
+            self._status_dirty = False
+            await self.broadcast_status()
 
     async def queue_remaining(self) -> int:
         return await self.db.call(self.db.store.remaining)
+
+    async def close(self) -> None:
+        if self._status_task is not None:
+            self._status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._status_task
 
     async def broadcast_status(self, sid: str | None = None) -> None:
         """The `status` message ComfyUI sends on every queue change (to all) and on connect (to one)."""

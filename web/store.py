@@ -102,6 +102,7 @@ class QueueStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self.recovered = self._recover()
+        self._done = self._count_done()  # finished prompts, so that trimming the history is rare work
 
     def close(self) -> None:
         self._db.close()
@@ -173,20 +174,33 @@ class QueueStore:
             self._trim_history()
 
     def _trim_history(self) -> None:
+        self._done += 1
+        if self._done <= self.history_cap:
+            return
         self._db.execute(
-            "DELETE FROM prompts WHERE state = 'done' AND id NOT IN"
-            " (SELECT id FROM prompts WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?)", (self.history_cap,))
+            "DELETE FROM prompts WHERE state = 'done' AND finished_at < (SELECT finished_at FROM prompts"
+            " WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1 OFFSET ?)", (self.history_cap - 1,))
+        self._done = self._count_done()
+
+    def _count_done(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM prompts WHERE state = 'done'").fetchone()[0]
 
     def get(self, prompt_id: str) -> PromptRecord | None:
         row = self._db.execute("SELECT * FROM prompts WHERE id = ?", (prompt_id,)).fetchone()
         return _record(row) if row else None
 
-    def queue(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
-        """(running, pending), each in run order."""
+    def queue_json(self) -> str:
+        """GET /queue's body, built from the stored JSON text: no parse and re-dump of every prompt."""
         rows = self._db.execute(
-            "SELECT * FROM prompts WHERE state != 'done' ORDER BY number, queued_at").fetchall()
-        records = [_record(r) for r in rows]
-        return [r for r in records if r.state == "running"], [r for r in records if r.state == "pending"]
+            "SELECT id, number, state, prompt, extra_data, outputs_to_execute FROM prompts WHERE state != 'done'"
+            " ORDER BY number, queued_at").fetchall()
+        entries: dict[str, list[str]] = {"running": [], "pending": []}
+        for row in rows:
+            number = int(row["number"]) if float(row["number"]).is_integer() else row["number"]
+            entries[row["state"]].append(f'[{json.dumps(number)}, {json.dumps(row["id"])}, {row["prompt"]}, '
+                                         f'{row["extra_data"]}, {row["outputs_to_execute"]}]')
+        return (f'{{"queue_running": [{", ".join(entries["running"])}], '
+                f'"queue_pending": [{", ".join(entries["pending"])}]}}')
 
     def remaining(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM prompts WHERE state != 'done'").fetchone()[0]
@@ -213,6 +227,8 @@ class QueueStore:
                 marks = ",".join("?" * len(ids))
                 rows = self._db.execute(f"DELETE FROM prompts WHERE state = ? AND id IN ({marks}) RETURNING id",
                                         (state, *ids)).fetchall()
+        if state == "done":
+            self._done -= len(rows)
         return [row["id"] for row in rows]
 
     def history(self, max_items: int | None = None, offset: int = 0) -> list[PromptRecord]:

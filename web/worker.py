@@ -100,7 +100,7 @@ class Worker:
         self.current = run
         self._interrupt.clear()
         loop = asyncio.get_running_loop()
-        await self.state.broadcast_status()
+        self.state.queue_changed()
         result: RunResult | None = None
         problem: dict[str, Any] | None = None
         try:
@@ -169,4 +169,4 @@ class Worker:
         self.current = None
         finished = await db.call(db.store.get, record.id)
         self.cancel_waiters(record.id, finished)
-        await self.state.broadcast_status()
+        self.state.queue_changed()

@@ -35,7 +35,6 @@ async def test_events_previews_and_addressing(client):
         body = await (await client.post("/prompt", json={"prompt": slow_prompt(steps=3), "client_id": "me"})).json()
         messages, frames = await collect_until_done(mine, body["prompt_id"])
         kinds = [m["type"] for m in messages]
-        assert kinds[0] == "status"
         run = [k for k in kinds if k != "status"]
         assert run == ["execution_start", "execution_cached", "executing", "executing", "progress", "progress",
                        "progress", "executing", "executed", "execution_success", "executing"]
@@ -47,16 +46,33 @@ async def test_events_previews_and_addressing(client):
         kind, fmt = struct.unpack(">II", frames[0][:8])
         assert (kind, fmt) == (1, 1)
         assert Image.open(io.BytesIO(frames[0][8:])).format == "JPEG"
-        # the other client sees queue status only
-        await asyncio.sleep(0.05)
+        # the other client sees queue status only, ending with the empty queue
+        await asyncio.sleep(0.2)
         seen = []
         while True:
             try:
                 msg = await other.receive(timeout=0.05)
             except TimeoutError:
                 break
-            seen.append(msg.json()["type"])
-        assert seen and set(seen) == {"status"}
+            seen.append(msg.json())
+        assert seen and {m["type"] for m in seen} == {"status"}
+        assert seen[-1]["data"]["status"]["exec_info"]["queue_remaining"] == 0
+
+
+async def test_status_bursts_are_coalesced_and_end_with_the_current_size(make_app, aiohttp_client):
+    client = await aiohttp_client(make_app(run_worker=False, status_interval_s=0.05))
+    async with client.ws_connect("/ws?clientId=watcher") as ws:
+        await ws.receive_json()
+        for _ in range(20):
+            await client.post("/prompt", json={"prompt": slow_prompt()})
+        await asyncio.sleep(0.3)
+        sizes = []
+        while True:
+            try:
+                sizes.append((await ws.receive_json(timeout=0.05))["data"]["status"]["exec_info"]["queue_remaining"])
+            except TimeoutError:
+                break
+        assert 1 <= len(sizes) < 20 and sizes[-1] == 20
 
 
 async def test_prompt_without_client_id_is_broadcast(client):
