@@ -37,6 +37,11 @@ class QueueAction(BaseModel):
     delete: list[str] = Field(default_factory=list)
 
 
+class FreeRequest(BaseModel):
+    unload_models: bool = False
+    free_memory: bool = False
+
+
 class InterruptRequest(BaseModel):
     prompt_id: str | None = None
 
@@ -187,3 +192,12 @@ async def post_interrupt(request: web.Request) -> web.Response:
     action = await read_body(request, InterruptRequest)
     interrupted = state.worker.interrupt(action.prompt_id) if state.worker is not None else False
     return web.json_response({"interrupted": interrupted})
+
+
+@routes.post("/free")
+async def post_free(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    action = await read_body(request, FreeRequest)
+    if state.worker is not None:
+        state.worker.free(action.unload_models, action.free_memory)
+    return web.json_response({"unload_models": action.unload_models, "free_memory": action.free_memory})

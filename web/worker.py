@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from executor import events as ev
+from executor.cache import OutputCache
 from executor.executor import Executor, RunResult
 from executor.services import Services
 from graph.document import DocumentError
@@ -61,6 +62,13 @@ class Worker:
             return False
         self._interrupt.set()
         return True
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's POST /free: drop loaded models and/or cached node outputs (used by the next prompt)."""
+        if unload_models:
+            self.executor.services.models.clear()
+        if free_memory:
+            self.executor.cache = OutputCache()
 
     def wait_for(self, prompt_id: str) -> asyncio.Future[PromptRecord | None]:
         future: asyncio.Future[PromptRecord | None] = asyncio.get_running_loop().create_future()

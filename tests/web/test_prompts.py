@@ -198,3 +198,13 @@ async def test_workflow_api_converts_the_editor_format(client):
     for body in ({"workflow": {"nodes": 1}}, {"workflow": {"nodes": [{"x": 1}], "links": []}}, [1]):
         resp = await client.post("/workflow/api", json=body)
         assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_prompt"
+
+
+async def test_free_drops_cached_outputs(client):
+    await client.post("/prompt/wait", json={"prompt": ADD})
+    resp = await client.post("/free", json={"unload_models": True, "free_memory": True})
+    assert resp.status == 200
+    again = await (await client.post("/prompt/wait", json={"prompt": ADD})).json()
+    cached = [m for m in again["messages"] if m[0] == "execution_cached"][0][1]["nodes"]
+    assert cached == []
+    assert (await client.post("/free", json={"free_memory": "lots"})).status == 400
