@@ -11,7 +11,8 @@ from PIL import Image
 
 from nodes.node import Node, NodeResult
 from nodes.registry import NodeRegistry
-from nodes.spec import Float, Int, Output, Socket, String
+from nodes.folders import get_paths
+from nodes.spec import Combo, Float, Int, Output, Socket, String
 from tests.support_nodes import test_registry
 
 
@@ -69,7 +70,24 @@ class Marker(Node):
         return NodeResult(ui={"text": [Path(path).read_text().count("start")]})
 
 
-WEB_TEST_NODES = [SaveTestImage, SlowPreview, Marker]
+def _input_images() -> list[str]:
+    folder = get_paths().input
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".png") if folder.is_dir() else []
+
+
+class LoadTestImage(Node):
+    """Like LoadImage: a combo of the images in input/, with an upload button in the editor."""
+
+    category = "testing"
+    image = Combo(_input_images, image_upload=True)
+    outputs = (Output("INT", "width"),)
+
+    def execute(self, image: str) -> tuple[int]:
+        with Image.open(self.ctx.services.paths.input / image) as picture:
+            return (picture.width,)
+
+
+WEB_TEST_NODES = [SaveTestImage, SlowPreview, Marker, LoadTestImage]
 
 
 def web_registry() -> NodeRegistry:

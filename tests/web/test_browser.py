@@ -170,3 +170,26 @@ def test_save_native_format_then_open_it_and_a_png(page, tmp_path):
     page.set_input_files("#file-input", str(png))
     page.wait_for_function(f"loom.editor.graph._nodes.length === {count}")
     assert not page.query_selector(".toast.error")
+
+
+def test_upload_an_image_through_the_widget(page, server, tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (24, 16), (30, 160, 220)).save(picture)
+    workflow = tmp_path / "upload.json"
+    workflow.write_text(json.dumps({
+        "1": {"class_type": "LoadTestImage", "inputs": {}, "_meta": {"pos": [60, 60], "size": [260, 260]}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}, "_meta": {"pos": [420, 60]}},
+    }))
+    page.set_input_files("#file-input", str(workflow))
+    page.wait_for_function("loom.editor.graph._nodes.length === 2")
+    x, y = page.evaluate("loom.editor.screenPos(1, 'widget', 'choose file to upload')")
+    with page.expect_file_chooser() as chooser:
+        page.mouse.click(x, y)
+    chooser.value.set_files(str(picture))
+    page.wait_for_function("loom.editor.node(1).widgets[0].value === 'picture.png'")
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['2'] || {text: []}).text[0] === '24'", timeout=20000)
+    page.wait_for_timeout(200)
+    page.screenshot(path=ARTIFACTS / "editor-upload.png")

@@ -80,6 +80,22 @@ class Editor {
     this.redraw();
   }
 
+  // New model files or uploads since the page opened: refresh the choices of every combo.
+  async refreshChoices() {
+    this.objectInfo = await api("/object_info");
+    for (const node of this.graph._nodes) {
+      const def = this.objectInfo[node.type];
+      if (!def) continue;
+      const inputs = { ...def.input.required, ...def.input.optional };
+      for (const widget of node.widgets || []) {
+        const spec = inputs[widget.name];
+        if (widget.type === "combo" && spec && Array.isArray(spec[0])) widget.options.values = [...spec[0]];
+      }
+    }
+    this.redraw();
+    toast("node choices refreshed");
+  }
+
   save() {
     localStorage.setItem(STORAGE_KEY, JSON.stringify(this.graph.serialize()));
   }
@@ -88,12 +104,14 @@ class Editor {
     const workflow = this.graph.serialize();
     clearRunState();
     this.redraw();
+    setStatus("queueing…");
     try {
       const answer = await api("/prompt", {
         method: "POST",
         body: { prompt: workflow, client_id: clientId, extra_data: { extra_pnginfo: { workflow } } },
       });
-      setStatus(`queued #${answer.number}`);
+      // A quick run may already have reported its end over the websocket.
+      if (document.getElementById("status").textContent === "queueing…") setStatus(`queued #${answer.number}`);
       this.afterQueued();
     } catch (error) {
       this.showErrors(error);
@@ -237,6 +255,7 @@ function bindControls(editor) {
   on("save-button", () => saveFile(editor));
   on("open-button", () => document.getElementById("file-input").click());
   on("default-button", () => editor.loadDefault());
+  on("refresh-button", () => editor.refreshChoices());
   on("clear-button", () => {
     editor.graph.clear();
     editor.save();
