@@ -49,8 +49,9 @@ def presented_token(request: web.Request) -> str | None:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     config = request.app[STATE].config
     # A loopback-only server answers only to loopback names: this defeats DNS rebinding.
-    if config.loopback_only and not is_loopback(_host_name(request.host)):
-        raise json_error(403, "forbidden_host", f"this server answers only to localhost, not {request.host!r}")
+    host = request.headers.get("Host")
+    if config.loopback_only and host is not None and not is_loopback(_host_name(host)):
+        raise json_error(403, "forbidden_host", f"this server answers only to localhost, not {host!r}")
     if not origin_allowed(request, config):
         raise json_error(403, "forbidden_origin",
                          "requests from a page of another origin are refused; use --allow-origin to permit one")

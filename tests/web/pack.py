@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nodes.folders import get_paths
 from nodes.node import Node, NodeResult
 from nodes.registry import NodeRegistry
-from nodes.folders import get_paths
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 from tests.support_nodes import test_registry
 

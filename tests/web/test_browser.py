@@ -99,6 +99,12 @@ def test_default_graph_edit_queue_and_see_the_image(page, server, tmp_path):
     assert entry["prompt"][2]["1"]["inputs"]["value"] == "a dog on a skateboard"
     assert entry["status"]["status_str"] == "success"
 
+    # The same graph again: every output comes from the cache, and the nodes say so.
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.cached.size === 3", timeout=20000)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "editor-cached.png")
+
 
 def test_wire_two_nodes_by_dragging_and_refuse_a_mismatch(page):
     page.click("#clear-button")
@@ -126,6 +132,16 @@ def test_wire_two_nodes_by_dragging_and_refuse_a_mismatch(page):
     assert page.evaluate(f"loom.editor.node({scale}).inputs[0].link") is None
     assert page.evaluate("Object.keys(loom.editor.graph.links).length") == 1
     page.screenshot(path=ARTIFACTS / "editor-wired.png")
+
+    # Copy, paste and delete with the keyboard.
+    x, y = page.evaluate(f"loom.editor.screenPos({scale}, 'widget', 'factor')")
+    page.mouse.click(x - 60, y - 50)  # the node's title: selects it
+    page.keyboard.press("Control+c")
+    page.mouse.move(x + 100, y + 150)
+    page.keyboard.press("Control+v")
+    page.wait_for_function("loom.editor.graph._nodes.length === 5")
+    page.keyboard.press("Delete")
+    page.wait_for_function("loom.editor.graph._nodes.length === 4")
 
 
 def test_validation_errors_are_shown_on_the_node(page):
