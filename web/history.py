@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from web.http import json_error, query_int, read_body
+from web.http import dumps, json_error, query_int, read_body
 from web.state import STATE
 
 routes = web.RouteTableDef()
@@ -18,17 +16,13 @@ class HistoryAction(BaseModel):
     delete: list[str] = Field(default_factory=list)
 
 
-def _dumps(data: object) -> str:
-    return json.dumps(data, default=str)
-
-
 @routes.get("/history")
 async def get_history(request: web.Request) -> web.Response:
     db = request.app[STATE].db
     max_items = query_int(request, "max_items", None, minimum=1)
     offset = query_int(request, "offset", 0) or 0
     records = await db.call(db.store.history, max_items, offset)
-    return web.json_response({r.id: r.history_entry() for r in records}, dumps=_dumps)
+    return web.json_response({r.id: r.history_entry() for r in records}, dumps=dumps)
 
 
 @routes.get("/history/{prompt_id}")
@@ -40,7 +34,7 @@ async def get_history_item(request: web.Request) -> web.Response:
         raise json_error(404, "unknown_prompt", f"no prompt with id {prompt_id!r} in the history")
     if record.state != "done":
         return web.json_response({})  # ComfyUI answers {} until the prompt has finished
-    return web.json_response({record.id: record.history_entry()}, dumps=_dumps)
+    return web.json_response({record.id: record.history_entry()}, dumps=dumps)
 
 
 @routes.post("/history")

@@ -16,6 +16,11 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def dumps(data: Any) -> str:
+    """JSON for answers that may hold values JSON does not know (paths, numpy numbers): as strings."""
+    return json.dumps(data, default=str)
+
+
 def json_error(status: int, kind: str, message: str, **extra: Any) -> web.HTTPException:
     """An HTTP error whose body is `{"error": {"type", "message"}, ...}`; raise it."""
     body = json.dumps({"error": {"type": kind, "message": message, "details": "", "extra_info": {}}, **extra})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from nodes.folders import MODEL_KINDS
-from web.http import json_error
+from web.http import dumps, json_error
 from web.paths import UnsafePath, safe_join
 from web.state import STATE, ServerState
 
@@ -23,7 +22,7 @@ routes = web.RouteTableDef()
 @routes.get("/object_info")
 async def object_info(request: web.Request) -> web.Response:
     registry = request.app[STATE].registry
-    return web.json_response(registry.object_info(), dumps=_dumps)
+    return web.json_response(registry.object_info(), dumps=dumps)
 
 
 @routes.get("/object_info/{node_class}")
@@ -32,11 +31,7 @@ async def object_info_one(request: web.Request) -> web.Response:
     name = request.match_info["node_class"]
     if name not in registry:
         raise json_error(404, "unknown_node", f"no node type named {name!r}")
-    return web.json_response(registry.object_info(name), dumps=_dumps)
-
-
-def _dumps(data: Any) -> str:
-    return json.dumps(data, default=str)
+    return web.json_response(registry.object_info(name), dumps=dumps)
 
 
 def _model_kinds(state: ServerState) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -15,7 +14,7 @@ from graph.errors import error_response
 from graph.load import graph_from_data
 from graph.ui_format import is_ui_format, ui_to_api
 from graph.validate import ValidatedWorkflow, validate
-from web.http import describe, json_error, read_body, read_json
+from web.http import describe, dumps, json_error, read_body, read_json
 from web.state import STATE, ServerState
 from web.store import PromptRecord
 
@@ -73,7 +72,7 @@ async def enqueue(request: web.Request, prompt_id: str | None = None) -> PromptR
         raise _invalid(f"malformed request: {describe(exc)}") from None
     checked = await asyncio.to_thread(_check, body, state)
     if not checked.ok:
-        raise web.HTTPBadRequest(text=_dumps(error_response(checked.problems)), content_type="application/json")
+        raise web.HTTPBadRequest(text=dumps(error_response(checked.problems)), content_type="application/json")
     prompt_id = prompt_id or str(uuid.uuid4())
     extra_data = {**body.extra_data}
     if body.client_id is not None:
@@ -87,10 +86,6 @@ async def enqueue(request: web.Request, prompt_id: str | None = None) -> PromptR
         state.worker.wake()
     state.queue_changed()
     return record
-
-
-def _dumps(data: Any) -> str:
-    return json.dumps(data, default=str)
 
 
 def _queued_answer(record: PromptRecord) -> dict[str, Any]:
@@ -121,7 +116,7 @@ async def post_prompt_wait(request: web.Request) -> web.Response:
     done = await waiter
     if done is None:
         raise json_error(409, "prompt_deleted", f"prompt {record.id} was deleted before it ran")
-    return web.json_response({**_queued_answer(record), **_status(done)}, dumps=_dumps)
+    return web.json_response({**_queued_answer(record), **_status(done)}, dumps=dumps)
 
 
 @routes.get("/prompt")
@@ -150,7 +145,7 @@ async def get_prompt_status(request: web.Request) -> web.Response:
     body = _status(record)
     if record.state == "pending":
         body["position"] = await db.call(db.store.position, prompt_id)
-    return web.json_response(body, dumps=_dumps)
+    return web.json_response(body, dumps=dumps)
 
 
 @routes.get("/queue")
@@ -183,7 +178,7 @@ async def post_workflow_api(request: web.Request) -> web.Response:
         api = ui_to_api(workflow, state.registry)
     except DocumentError as exc:
         raise _invalid(str(exc)) from None
-    return web.json_response(api, dumps=_dumps)
+    return web.json_response(api, dumps=dumps)
 
 
 @routes.post("/interrupt")
