@@ -14,6 +14,7 @@ from nodes.node import Node, NodeResult
 from nodes.registry import NodeRegistry
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 from tests.support_nodes import test_registry
+from tests.web.fake_sd import register_missing
 
 
 class SaveTestImage(Node):
@@ -93,4 +94,5 @@ WEB_TEST_NODES = [SaveTestImage, SlowPreview, Marker, LoadTestImage]
 def web_registry() -> NodeRegistry:
     registry = test_registry()
     registry.register_all(WEB_TEST_NODES, "tests.web")
+    register_missing(registry)
     return registry

@@ -32,6 +32,8 @@ WORKFLOW = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("browser")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"stand-in")  # read only by fake_sd
     server = Server(base)
     yield server
     server.kill()
@@ -209,3 +211,39 @@ def test_upload_an_image_through_the_widget(page, server, tmp_path):
     page.wait_for_function("(loom.runState.outputs['2'] || {text: []}).text[0] === '24'", timeout=20000)
     page.wait_for_timeout(200)
     page.screenshot(path=ARTIFACTS / "editor-upload.png")
+
+
+def test_default_txt2img_graph_runs_and_its_png_restores_the_graph(page, server):
+    info = server.call("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]
+    if info["python_module"] != "tests.web.fake_sd":
+        pytest.skip("the real SD nodes are installed: this test runs the graph on fake_sd's stand-ins")
+    types = sorted(page.evaluate("loom.editor.graph._nodes.map(n => n.type)"))
+    assert types == sorted(["CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage",
+                            "KSampler", "VAEDecode", "SaveImage"])
+    assert page.evaluate("loom.editor.node(4).widgets[0].value") == "tiny.safetensors"
+    page.screenshot(path=ARTIFACTS / "txt2img-default.png")
+
+    x, y = page.evaluate("loom.editor.screenPos(6, 'widget', 'text')")
+    page.mouse.click(x, y)
+    page.wait_for_selector("#text-editor[open]")
+    page.fill("#text-editor textarea", "a red fox in the snow")
+    page.click("#text-editor button[value=ok]")
+    page.wait_for_function("loom.editor.node(6).widgets[0].value === 'a red fox in the snow'")
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.running === '3' && loom.runState.preview", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "txt2img-sampling.png")
+    page.wait_for_function("(loom.runState.outputs['9'] || {images: []}).images.some(i => i.naturalWidth === 512)",
+                           timeout=30000)
+    page.wait_for_timeout(200)
+    page.screenshot(path=ARTIFACTS / "txt2img-result.png")
+
+    history = server.call("/history")
+    (entry,) = [h for h in history.values() if h["prompt"][2].get("3", {}).get("class_type") == "KSampler"]
+    assert entry["prompt"][2]["6"]["inputs"]["text"] == "a red fox in the snow"
+    (png,) = (server.base / "output").glob("Loom_*.png")
+
+    # Opening the saved PNG restores the graph it was made with.
+    page.click("#clear-button")
+    page.set_input_files("#file-input", str(png))
+    page.wait_for_function("loom.editor.graph._nodes.length === 7")
+    assert page.evaluate("loom.editor.node(6).widgets[0].value") == "a red fox in the snow"

@@ -58,6 +58,9 @@ class Editor {
     clearRunState();
     runState.outputs = {};
     loadApi(this.graph, defaultWorkflow(this.objectInfo));
+    for (const node of this.graph._nodes) {
+      for (const w of node.widgets || []) if (w.name === "control_after_generate") w.value = "randomize";
+    }
     this.fitView();
     this.save();
   }
@@ -73,7 +76,8 @@ class Editor {
     const library = document.getElementById("library");
     const left = library.classList.contains("hidden") ? 20 : library.getBoundingClientRect().right + 20;
     const [width, height] = [el.width - left - 250, el.height - 130];
-    const scale = Math.min(1.1, Math.max(0.25, Math.min(width / (maxX - minX), height / (maxY - minY + 60))));
+    // Below 0.6 litegraph drops slot labels and widget text, so prefer panning to an unreadable overview.
+    const scale = Math.min(1.1, Math.max(0.6, Math.min(width / (maxX - minX), height / (maxY - minY + 60))));
     this.canvas.ds.scale = scale;
     this.canvas.ds.offset = [(left + (width - (maxX - minX) * scale) / 2) / scale - minX,
       (20 + (height - (maxY - minY) * scale) / 2) / scale - minY];

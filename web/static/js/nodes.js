@@ -280,7 +280,7 @@ export function registerNodeTypes(objectInfo) {
           this.addOutput(def.output_name[i] || type, type === "*" ? "*" : type);
         });
         this.size = this.computeSize();
-        this.size[0] = Math.max(this.size[0], 220);
+        this.size[0] = Math.max(this.size[0], 280);
       }
 
       onDrawForeground(ctx) {

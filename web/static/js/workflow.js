@@ -2,17 +2,21 @@ import { hideWidget } from "./nodes.js";
 
 // Workflow documents in the editor: open the native (API) format, ComfyUI's UI format and PNGs; the default graph.
 
+// ComfyUI's default graph, laid out compactly enough to read at the zoom that shows all of it.
 const TXT2IMG = {
-  4: { class_type: "CheckpointLoaderSimple", inputs: {}, _meta: { pos: [30, 180] } },
+  4: { class_type: "CheckpointLoaderSimple", inputs: {}, _meta: { pos: [0, 200], title: "Load Checkpoint" } },
   6: { class_type: "CLIPTextEncode", inputs: { text: "a photograph of a lighthouse on a cliff at sunset", clip: ["4", 1] },
-    _meta: { pos: [420, 60], title: "CLIP Text Encode (Prompt)" } },
+    _meta: { pos: [330, 0], size: [320, 150], title: "CLIP Text Encode (Prompt)" } },
   7: { class_type: "CLIPTextEncode", inputs: { text: "blurry, low quality", clip: ["4", 1] },
-    _meta: { pos: [420, 300], title: "CLIP Text Encode (Negative)" } },
-  5: { class_type: "EmptyLatentImage", inputs: { width: 512, height: 512, batch_size: 1 }, _meta: { pos: [420, 540] } },
+    _meta: { pos: [330, 220], size: [320, 150], title: "CLIP Text Encode (Negative)" } },
+  5: { class_type: "EmptyLatentImage", inputs: { width: 512, height: 512, batch_size: 1 },
+    _meta: { pos: [330, 450], title: "Empty Latent Image" } },
   3: { class_type: "KSampler", inputs: { seed: 0, steps: 20, cfg: 8, denoise: 1, model: ["4", 0], positive: ["6", 0],
-    negative: ["7", 0], latent_image: ["5", 0] }, _meta: { pos: [820, 180] } },
-  8: { class_type: "VAEDecode", inputs: { samples: ["3", 0], vae: ["4", 2] }, _meta: { pos: [1180, 180] } },
-  9: { class_type: "SaveImage", inputs: { images: ["8", 0], filename_prefix: "Loom" }, _meta: { pos: [1420, 180] } },
+    negative: ["7", 0], latent_image: ["5", 0] }, _meta: { pos: [700, 0] } },
+  8: { class_type: "VAEDecode", inputs: { samples: ["3", 0], vae: ["4", 2] },
+    _meta: { pos: [1010, 0], title: "VAE Decode" } },
+  9: { class_type: "SaveImage", inputs: { images: ["8", 0], filename_prefix: "Loom" },
+    _meta: { pos: [1010, 130], size: [300, 330], title: "Save Image" } },
 };
 
 const PRIMITIVES_DEMO = {
