@@ -46,6 +46,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise json_error(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise json_error(400, "invalid_json", "the request body is nested too deeply") from None
 
 
 async def read_body(request: web.Request, model: type[M], error_type: str = "invalid_request") -> M:

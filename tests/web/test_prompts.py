@@ -208,3 +208,9 @@ async def test_free_drops_cached_outputs(client):
     cached = [m for m in again["messages"] if m[0] == "execution_cached"][0][1]["nodes"]
     assert cached == []
     assert (await client.post("/free", json={"free_memory": "lots"})).status == 400
+
+
+async def test_deeply_nested_body_is_400_not_500(client):
+    body = b"[" * 100000 + b"]" * 100000
+    resp = await client.post("/prompt", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and "nested" in (await resp.json())["error"]["message"]
