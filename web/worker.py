@@ -172,8 +172,9 @@ class Worker:
         else:
             status, outputs = result.status, result.outputs
             error = result.error.data() if result.error is not None else None
-        hub.send("executing", {"node": None, "display_node": None, "prompt_id": record.id}, record.client_id)
         await db.call(db.store.finish, record.id, status, outputs, run.messages, error)
+        # Sent once the history holds the run: clients fetch /history/{id} when they see it.
+        hub.send("executing", {"node": None, "display_node": None, "prompt_id": record.id}, record.client_id)
         self.current = None
         finished = await db.call(db.store.get, record.id)
         self.cancel_waiters(record.id, finished)

@@ -5,6 +5,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from tests.web.conftest import ADD
 
@@ -53,3 +54,19 @@ async def test_raw_bytes_get_4xx(idle_client, raw):
 
 async def test_valid_body_still_passes(client):
     assert (await client.post("/prompt", json={"prompt": ADD})).status == 200
+
+
+@ONE_SERVER
+@given(filename=st.text(max_size=20), subfolder=st.text(max_size=12),
+       kind=st.sampled_from(["output", "input", "x", ""]))
+async def test_view_never_fails_on_odd_names(idle_client, filename, subfolder, kind):
+    resp = await idle_client.get("/view", params={"filename": filename, "subfolder": subfolder, "type": kind})
+    assert resp.status in (400, 404), (filename, subfolder, await resp.text())
+
+
+@ONE_SERVER
+@given(raw=st.binary(min_size=1, max_size=24))
+async def test_view_with_raw_percent_encoded_bytes(idle_client, raw):
+    encoded = "".join(f"%{b:02X}" for b in raw)
+    resp = await idle_client.get(URL(f"/view?filename={encoded}&subfolder={encoded}", encoded=True))
+    assert resp.status in (400, 404)

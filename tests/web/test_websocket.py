@@ -117,3 +117,14 @@ def test_preview_of_a_torch_tensor():
 def test_throttle():
     throttle = Throttle(60.0)
     assert throttle.ready() and not throttle.ready()
+
+
+async def test_history_holds_the_run_when_executing_null_arrives(client):
+    async with client.ws_connect("/ws?clientId=poller") as ws:
+        await ws.receive_json()
+        for i in range(5):
+            body = await (await client.post("/prompt", json={"prompt": slow_prompt(steps=1, value=i),
+                                                            "client_id": "poller"})).json()
+            await collect_until_done(ws, body["prompt_id"])
+            history = await (await client.get(f"/history/{body['prompt_id']}")).json()
+            assert body["prompt_id"] in history
