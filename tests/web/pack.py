@@ -11,9 +11,9 @@ from PIL import Image
 
 from nodes.folders import get_paths
 from nodes.node import Node, NodeResult
-from nodes.registry import NodeRegistry
+from nodes.registry import NodeRegistry, builtin_registry
 from nodes.spec import Combo, Float, Int, Output, Socket, String
-from tests.support_nodes import test_registry
+from tests.support_nodes import TEST_NODES
 from tests.web.fake_sd import register_missing
 
 
@@ -91,8 +91,13 @@ class LoadTestImage(Node):
 WEB_TEST_NODES = [SaveTestImage, SlowPreview, Marker, LoadTestImage]
 
 
-def web_registry() -> NodeRegistry:
-    registry = test_registry()
+def add_test_nodes(registry: NodeRegistry) -> NodeRegistry:
+    """The engine tests' nodes, these, and stand-ins for the SD nodes the registry lacks."""
+    registry.register_all(TEST_NODES, "tests")
     registry.register_all(WEB_TEST_NODES, "tests.web")
     register_missing(registry)
     return registry
+
+
+def web_registry() -> NodeRegistry:
+    return add_test_nodes(builtin_registry())
