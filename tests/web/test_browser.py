@@ -247,3 +247,39 @@ def test_default_txt2img_graph_runs_and_its_png_restores_the_graph(page, server)
     page.set_input_files("#file-input", str(png))
     page.wait_for_function("loom.editor.graph._nodes.length === 7")
     assert page.evaluate("loom.editor.node(6).widgets[0].value") == "a red fox in the snow"
+
+
+COMFY_UI_FILE = {
+    "last_node_id": 14, "last_link_id": 3, "version": 0.4,
+    "nodes": [
+        {"id": 10, "type": "PrimitiveNode", "pos": [40, 60], "size": [220, 80], "mode": 0, "flags": {}, "order": 0,
+         "outputs": [{"name": "INT", "type": "INT", "links": [1], "widget": {"name": "a"}}],
+         "widgets_values": [7, "fixed"], "properties": {"Run widget replace on values": False}},
+        {"id": 11, "type": "IntMath", "pos": [320, 60], "size": [280, 120], "mode": 0, "flags": {}, "order": 1,
+         "inputs": [{"name": "a", "type": "INT", "link": 1, "widget": {"name": "a"}},
+                    {"name": "b", "type": "INT", "link": None, "widget": {"name": "b"}}],
+         "outputs": [{"name": "INT", "type": "INT", "links": [2]}],
+         "widgets_values": [0, 5, "multiply"], "properties": {}},
+        {"id": 12, "type": "Reroute", "pos": [660, 60], "size": [75, 26], "mode": 0, "flags": {}, "order": 2,
+         "inputs": [{"name": "", "type": "*", "link": 2}], "outputs": [{"name": "", "type": "INT", "links": [3]}],
+         "properties": {}},
+        {"id": 13, "type": "PreviewAny", "pos": [800, 60], "size": [280, 80], "mode": 0, "flags": {}, "order": 3,
+         "inputs": [{"name": "source", "type": "*", "link": 3}], "properties": {}},
+        {"id": 14, "type": "Note", "pos": [320, 260], "size": [300, 80], "mode": 0, "flags": {}, "order": 4,
+         "widgets_values": ["made in ComfyUI"], "properties": {}},
+    ],
+    "links": [[1, 10, 0, 11, 0, "INT"], [2, 11, 0, 12, 0, "INT"], [3, 12, 0, 13, 0, "*"]],
+    "groups": [], "config": {}, "extra": {},
+}
+
+
+def test_open_a_comfyui_file_with_virtual_nodes_and_queue_it(page, tmp_path):
+    path = tmp_path / "comfy.json"
+    path.write_text(json.dumps(COMFY_UI_FILE))
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_function("loom.editor.graph._nodes.length === 5")
+    assert page.evaluate("loom.editor.node(11).inputs.map(i => i.name)") == ["a"]  # the unlinked widget socket goes
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['13'] || {text: []}).text[0] === '35'", timeout=20000)
+    assert not page.query_selector(".toast.error")
+    page.screenshot(path=ARTIFACTS / "editor-comfyui-file.png")

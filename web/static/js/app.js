@@ -277,7 +277,15 @@ function bindControls(editor) {
     if (event.dataTransfer.files.length) openFile(editor, event.dataTransfer.files[0]);
   });
   window.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) editor.queue();
+    if (!(event.ctrlKey || event.metaKey) || event.target.closest("input, textarea, dialog")) return;
+    if (event.key === "Enter") editor.queue();
+    // ComfyUI's shortcuts: Ctrl+M mutes the selected nodes (mode 2), Ctrl+B bypasses them (mode 4).
+    const mode = { m: 2, b: 4 }[event.key.toLowerCase()];
+    if (mode) {
+      event.preventDefault();
+      for (const node of Object.values(editor.canvas.selected_nodes || {})) node.mode = node.mode === mode ? 0 : mode;
+      editor.redraw();
+    }
   });
   setInterval(() => editor.save(), 5000);
   window.addEventListener("beforeunload", () => editor.save());

@@ -1,6 +1,7 @@
 // Node types for the graph editor, built from /object_info, and how a node shows the run's state.
 
 import { uploadImage, viewUrl } from "./api.js";
+import { registerVirtualTypes } from "./virtual.js";
 
 const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
 const SEED_NAMES = new Set(["seed", "noise_seed"]);
@@ -232,6 +233,10 @@ function drawState(node, ctx) {
       ctx.fillRect(0, -title - 1, (w * p.value) / p.max, 5);
     }
   }
+  if (node.mode === 2 || node.mode === 4) { // muted or bypassed: left out of the run
+    ctx.fillStyle = node.mode === 4 ? "#a040c055" : "#00000088";
+    ctx.fillRect(0, -title, w, h + title);
+  }
   const errors = runState.errors[id];
   if (errors) {
     ctx.strokeStyle = "#f33";
@@ -270,6 +275,7 @@ function drawState(node, ctx) {
 
 export function registerNodeTypes(objectInfo) {
   LiteGraph.clearRegisteredTypes();
+  registerVirtualTypes();
   for (const [name, def] of Object.entries(objectInfo)) {
     class LoomNode extends LGraphNode {
       constructor(title) {

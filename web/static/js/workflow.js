@@ -117,9 +117,21 @@ export function loadApi(graph, doc) {
   return missing;
 }
 
+// ComfyUI files list widget inputs as sockets too: keep the linked ones (hiding their widget), drop the rest.
+function tidyWidgetInputs(node) {
+  for (let i = (node.inputs || []).length - 1; i >= 0; i--) {
+    const input = node.inputs[i];
+    if (!input.widget) continue;
+    const widget = (node.widgets || []).find((w) => w.name === input.widget.name);
+    if (input.link == null) node.removeInput(i);
+    else if (widget) hideWidget(widget);
+  }
+}
+
 export function loadAny(graph, data) {
   if (isUiFormat(data)) {
     graph.configure(data);
+    for (const node of graph._nodes) tidyWidgetInputs(node);
     return graph._nodes.filter((n) => n.has_errors).map((n) => n.type);
   }
   if (data && typeof data.prompt === "object" && !data.prompt.class_type) return loadApi(graph, data.prompt);
