@@ -34,6 +34,11 @@ def _api_routes() -> list[web.RouteDef]:
     return defs + [web.RouteDef(d.method, "/api" + d.path, d.handler, d.kwargs) for d in defs]
 
 
+async def _close_websockets(app: web.Application) -> None:
+    # On shutdown, before aiohttp waits for open handlers: a connected editor must not hold the exit.
+    await app[STATE].hub.close_all()
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     if state.db.store.recovered:
@@ -46,7 +51,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if state.worker is not None:
         await state.worker.stop()
     await state.close()
-    await state.hub.close_all()
     state.db.close()
 
 
@@ -59,4 +63,5 @@ def create_app(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths 
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_websockets)
     return app

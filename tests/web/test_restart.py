@@ -141,3 +141,29 @@ def test_sigkill_during_a_run_loses_nothing(tmp_path):
     finally:
         if server.proc.poll() is None:
             server.kill()
+
+
+async def test_sigterm_exits_promptly_with_a_client_connected_and_requeues(tmp_path):
+    import aiohttp
+
+    marker = tmp_path / "marker.txt"
+    server = Server(tmp_path)
+    try:
+        prompt_id = server.call("/prompt", {"prompt": {"1": {"class_type": "Marker",
+                                                             "inputs": {"path": str(marker), "seconds": 60}}}})[
+            "prompt_id"]
+        wait_for(lambda: marker.exists())
+        async with aiohttp.ClientSession() as session, session.ws_connect(server.url("/ws")) as ws:
+            await ws.receive()
+            began = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(server.proc.wait, 20)
+            assert time.monotonic() - began < 10
+        server.log.close()
+        server = Server(tmp_path)
+        wait_for(lambda: marker.read_text().count("start") == 2)
+        status = server.call(f"/prompt/{prompt_id}")
+        assert status["status"] == "running"
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
