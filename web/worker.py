@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,6 +48,8 @@ class Worker:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-worker")
         self._waiters: dict[str, list[asyncio.Future[PromptRecord | None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._outbox: deque[tuple[_Run, ev.Event | bytes]] = deque()
+        self._drain_scheduled = False
         self._stopping = False
 
     def start(self) -> None:
@@ -132,12 +135,28 @@ class Worker:
         await self._finish(run, result, problem)
 
     def _on_event(self, loop: asyncio.AbstractEventLoop, run: _Run, event: ev.Event) -> None:
-        """Called on the worker thread: previews are encoded here, everything else hops to the loop."""
+        """Called on the worker thread: previews are encoded here, everything else hops to the loop.
+
+        Events wait in a queue drained by one loop callback, so that a run of quick nodes wakes the
+        event loop once per batch rather than once per event (each wake-up contends for the GIL).
+        """
         if isinstance(event, ev.Progress) and event.preview is not None and run.throttle.ready():
             frame = encode_preview(event.preview)
             if frame is not None:
-                loop.call_soon_threadsafe(self.state.hub.send_bytes, frame, run.record.client_id)
-        loop.call_soon_threadsafe(self._emit, run, event)
+                self._outbox.append((run, frame))
+        self._outbox.append((run, event))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        while self._outbox:
+            run, item = self._outbox.popleft()
+            if isinstance(item, bytes):
+                self.state.hub.send_bytes(item, run.record.client_id)
+            else:
+                self._emit(run, item)
 
     def _emit(self, run: _Run, event: ev.Event) -> None:
         data = event.data()
