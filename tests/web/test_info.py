@@ -64,3 +64,7 @@ async def test_unknown_route_and_method_answer_json(client):
 async def test_editor_is_served(client):
     page = await client.get("/")
     assert page.status == 200 and "<title>Loom" in await page.text()
+    for path in ("/static/js/app.js", "/static/vendor/litegraph/litegraph.core.js", "/static/style.css"):
+        assert (await client.get(path)).status == 200, path
+    assert (await client.get("/static/../web/app.py")).status == 404
+    assert (await client.get("/static/%2e%2e/app.py")).status in (403, 404)
