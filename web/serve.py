@@ -12,6 +12,7 @@ from nodes.registry import NodeRegistry
 from web.app import create_app
 from web.security import new_token
 from web.state import ServerConfig
+from web.store import StoreInUse
 
 BANNER = "!" * 78
 
@@ -35,5 +36,8 @@ def run_server(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths)
     shown = f"[{host}]" if ":" in host else host
     suffix = f"/?token={config.token}" if config.token and config.loopback_only else ""
     print(f"Loom is serving the editor and API on http://{shown}:{config.port}{suffix}", flush=True)
-    app = create_app(config, registry, paths)
+    try:
+        app = create_app(config, registry, paths)
+    except StoreInUse as exc:
+        raise SystemExit(f"error: {exc}") from None
     web.run_app(app, host=host, port=config.port, print=None, access_log=None, handle_signals=True)

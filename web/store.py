@@ -7,12 +7,15 @@ started twice), it is finished as an error whose message says the server stopped
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MAX_ATTEMPTS = 2
 CRASH_MESSAGE = "the server stopped while this prompt was running"
@@ -89,12 +92,28 @@ def _record(row: sqlite3.Row) -> PromptRecord:
     )
 
 
+class StoreInUse(RuntimeError):
+    """Another server process already runs the queue in this data folder."""
+
+
+def _lock_exclusively(path: Path) -> IO[bytes]:
+    """Hold a lock for the life of the store: two servers on one queue would run its prompts twice."""
+    handle = open(path, "ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreInUse(f"another Loom server is using {path.parent} (use a different --data-dir)") from None
+    return handle
+
+
 class QueueStore:
     """Blocking SQLite access; the server calls it from one dedicated thread (see web.state)."""
 
     def __init__(self, path: Path, history_cap: int = 10000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.history_cap = history_cap
+        self._lock = _lock_exclusively(path.with_name(path.name + ".lock"))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL survives a killed process (not a power cut) and keeps writes fast.
@@ -106,12 +125,23 @@ class QueueStore:
 
     def close(self) -> None:
         self._db.close()
+        self._lock.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _recover(self) -> list[str]:
         """Apply the crash rule to prompts left `running`; returns their ids."""
         rows = self._db.execute("SELECT id, attempts, messages FROM prompts WHERE state = 'running'").fetchall()
         now = time.time()
-        with self._db:
+        with self._transaction():
             for row in rows:
                 messages = json.loads(row["messages"] or "[]")
                 if row["attempts"] < MAX_ATTEMPTS:
@@ -138,7 +168,7 @@ class QueueStore:
             client_id: str | None, number: float | None = None, front: bool = False) -> float:
         if number is None:
             number = self.next_number(front)
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "INSERT INTO prompts (id, number, state, prompt, extra_data, outputs_to_execute, client_id, queued_at)"
                 " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
@@ -148,7 +178,7 @@ class QueueStore:
 
     def claim_next(self) -> PromptRecord | None:
         """Mark the first pending prompt running (counting the attempt) and return it."""
-        with self._db:
+        with self._transaction():
             row = self._db.execute(
                 "SELECT id FROM prompts WHERE state = 'pending' ORDER BY number, queued_at LIMIT 1").fetchone()
             if row is None:
@@ -159,13 +189,13 @@ class QueueStore:
 
     def requeue(self, prompt_id: str) -> None:
         """Put a prompt stopped by a clean shutdown back in the queue, not counting that attempt."""
-        with self._db:
+        with self._transaction():
             self._db.execute("UPDATE prompts SET state = 'pending', attempts = MAX(attempts - 1, 0)"
                              " WHERE id = ? AND state = 'running'", (prompt_id,))
 
     def finish(self, prompt_id: str, status: str, outputs: dict[str, Any], messages: list[Any],
                error: dict[str, Any] | None) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "UPDATE prompts SET state = 'done', status_str = ?, outputs = ?, messages = ?, error = ?,"
                 " finished_at = ? WHERE id = ?",
@@ -220,7 +250,7 @@ class QueueStore:
         return self._delete("pending", ids)
 
     def _delete(self, state: str, ids: list[str] | None) -> list[str]:
-        with self._db:
+        with self._transaction():
             if ids is None:
                 rows = self._db.execute("DELETE FROM prompts WHERE state = ? RETURNING id", (state,)).fetchall()
             else:

@@ -11,8 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.web.conftest import ADD, slow_prompt
-from web.store import QueueStore
+from web.store import QueueStore, StoreInUse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,6 +60,14 @@ def test_crash_rule_reruns_once_then_fails(tmp_path):
     assert record.state == "done" and record.status_str == "error"
     assert record.error["exception_type"] == "ServerStopped"
     assert [m[0] for m in record.messages] == ["execution_restarted", "execution_error"]
+
+
+def test_one_server_per_data_folder(tmp_path):
+    store = QueueStore(tmp_path / "q.sqlite3")
+    with pytest.raises(StoreInUse, match="another Loom server"):
+        QueueStore(tmp_path / "q.sqlite3")
+    store.close()
+    QueueStore(tmp_path / "q.sqlite3").close()
 
 
 def free_port():
