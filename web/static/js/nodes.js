@@ -108,6 +108,7 @@ export function openTextEditor(title, value, done) {
   dialog.onclose = () => {
     if (dialog.returnValue === "ok") done(area.value);
   };
+  dialog.returnValue = ""; // Escape keeps the last returnValue: without this it would apply the edit
   dialog.showModal();
   area.focus();
 }
