@@ -242,9 +242,37 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from nodes.folders import get_paths
+    from web.serve import run_server
+    from web.state import ServerConfig
+
+    registry = configure_engine(args)
+    paths = get_paths()
+    config = ServerConfig(listen=args.listen, port=args.port, token=args.token or os.environ.get("LOOM_TOKEN"),
+                          data_dir=args.data_dir or paths.base / "user", history_cap=args.history_cap,
+                          max_upload_bytes=args.max_upload_mb * 1024 * 1024, allowed_origins=args.allow_origin)
+    run_server(config, registry, paths)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="start the server: the editor, the HTTP API and the websocket")
+    p.add_argument("--port", type=int, default=8188)
+    p.add_argument("--listen", default="127.0.0.1", help="address to bind; anything but loopback needs a token")
+    p.add_argument("--token", help="access token required on every request (default: $LOOM_TOKEN)")
+    p.add_argument("--data-dir", type=Path, help="where the queue and history database lives (default: BASE/user)")
+    p.add_argument("--history-cap", type=int, default=10000, help="finished prompts kept in the history")
+    p.add_argument("--max-upload-mb", type=int, default=50, help="largest accepted upload")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (e.g. https://example.org) allowed to call the API; repeatable")
+    _add_engine_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="validate and run a workflow (API or UI JSON, or a PNG that carries one)")
     p.add_argument("workflow", type=Path)

@@ -1,0 +1,285 @@
+"""The editor in real headless Chromium: open, load a graph, edit a widget, queue, see the image; wire by dragging."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.web.test_restart import ROOT, Server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (.ci/run installs it)", allow_module_level=True)
+
+WORKFLOW = {
+    "1": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a cat"}, "_meta": {"pos": [40, 40]}},
+    "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}, "_meta": {"pos": [380, 40]}},
+    "3": {"class_type": "SaveTestImage", "inputs": {"value": 200, "filename_prefix": "browser"},
+          "_meta": {"pos": [40, 260]}},
+    "4": {"class_type": "PrimitiveInt", "inputs": {"value": 3}, "_meta": {"pos": [380, 300]}},
+    "5": {"class_type": "SlowPreview", "inputs": {"value": ["4", 0], "steps": 40, "delay": 0.02},
+          "_meta": {"pos": [660, 300]}},
+    "6": {"class_type": "Sink", "inputs": {"value": ["5", 0]}, "_meta": {"pos": [980, 300]}},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("browser")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"stand-in")  # read only by fake_sd
+    server = Server(base)
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 860})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url("/"))
+    page.wait_for_selector("body[data-ready=true]", timeout=20000)
+    yield page
+    page.close()
+    assert not errors, errors
+
+
+def drag(page, start, end):
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=5)
+    page.mouse.move(*end, steps=5)
+    page.mouse.up()
+
+
+def test_default_graph_edit_queue_and_see_the_image(page, server, tmp_path):
+    nodes = page.evaluate("loom.editor.graph._nodes.map(n => n.type)")
+    assert nodes, "a default graph is shown on first open"
+    page.screenshot(path=ARTIFACTS / "editor-default.png")
+
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(WORKFLOW))
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_function("loom.editor.graph._nodes.length === 6")
+
+    # Edit the multiline text by clicking its widget on the canvas.
+    x, y = page.evaluate("loom.editor.screenPos(1, 'widget', 'value')")
+    page.mouse.click(x, y)
+    page.wait_for_selector("#text-editor[open]")
+    page.fill("#text-editor textarea", "a dog on a skateboard")
+    page.click("#text-editor button[value=ok]")
+    page.wait_for_function("loom.editor.node(1).widgets[0].value === 'a dog on a skateboard'")
+
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.running === '5' && loom.runState.preview", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "editor-running.png")
+    page.wait_for_selector(".output-image img", timeout=20000)
+    page.wait_for_function("document.querySelector('.output-image img').naturalWidth > 0")
+    page.wait_for_function("(loom.runState.outputs['2'] || {text: []}).text[0] === 'a dog on a skateboard'",
+                           timeout=20000)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=20000)
+    page.wait_for_timeout(300)
+    page.screenshot(path=ARTIFACTS / "editor-result.png")
+    history = server.call("/history")
+    (entry,) = history.values()
+    assert entry["prompt"][2]["1"]["inputs"]["value"] == "a dog on a skateboard"
+    assert entry["status"]["status_str"] == "success"
+
+    # The same graph again: every output comes from the cache, and the nodes say so.
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.cached.size === 3", timeout=20000)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "editor-cached.png")
+
+
+def test_wire_two_nodes_by_dragging_and_refuse_a_mismatch(page):
+    page.click("#clear-button")
+    page.fill("#library-search", "Int")
+    page.click(".library-item[data-type=PrimitiveInt]")
+    page.fill("#library-search", "preview any")
+    page.click(".library-item[data-type=PreviewAny]")
+    page.fill("#library-search", "string")
+    page.click(".library-item[data-type=PrimitiveString]")
+    page.fill("#library-search", "scale")
+    page.click(".library-item[data-type=Scale]")
+    ids = page.evaluate("loom.editor.graph._nodes.map(n => n.id)")
+    assert len(ids) == 4
+    # Spread them out so that slots do not overlap.
+    page.evaluate("""ids => { const g = loom.editor.graph; const at = [[60, 80], [460, 80], [60, 320], [460, 320]];
+        ids.forEach((id, i) => { g.getNodeById(id).pos = at[i]; }); loom.editor.fitView(); }""", ids)
+    page.wait_for_timeout(100)
+    int_node, preview, string_node, scale = ids
+    drag(page, page.evaluate(f"loom.editor.screenPos({int_node}, 'output', 0)"),
+         page.evaluate(f"loom.editor.screenPos({preview}, 'input', 0)"))
+    assert page.evaluate(f"loom.editor.node({preview}).inputs[0].link") is not None
+    # STRING into an INT socket is refused.
+    drag(page, page.evaluate(f"loom.editor.screenPos({string_node}, 'output', 0)"),
+         page.evaluate(f"loom.editor.screenPos({scale}, 'input', 0)"))
+    assert page.evaluate(f"loom.editor.node({scale}).inputs[0].link") is None
+    assert page.evaluate("Object.keys(loom.editor.graph.links).length") == 1
+    page.screenshot(path=ARTIFACTS / "editor-wired.png")
+
+    # Copy, paste and delete with the keyboard.
+    x, y = page.evaluate(f"loom.editor.screenPos({scale}, 'widget', 'factor')")
+    page.mouse.click(x - 60, y - 50)  # the node's title: selects it
+    page.keyboard.press("Control+c")
+    page.mouse.move(x + 100, y + 150)
+    page.keyboard.press("Control+v")
+    page.wait_for_function("loom.editor.graph._nodes.length === 5")
+    page.keyboard.press("Delete")
+    page.wait_for_function("loom.editor.graph._nodes.length === 4")
+
+
+def test_validation_errors_are_shown_on_the_node(page):
+    page.click("#clear-button")
+    page.fill("#library-search", "scale")
+    page.click(".library-item[data-type=Scale]")
+    page.fill("#library-search", "preview any")
+    page.click(".library-item[data-type=PreviewAny]")
+    page.evaluate("""() => { const [a, b] = loom.editor.graph._nodes; a.pos = [60, 80]; b.pos = [460, 80];
+        a.connect(0, b, 0); loom.editor.fitView(); }""")
+    page.click("#queue-button")
+    page.wait_for_selector(".toast.error")
+    errors = page.evaluate("loom.runState.errors")
+    (scale_errors,) = errors.values()
+    assert scale_errors[0]["input"] == "value"
+    page.screenshot(path=ARTIFACTS / "editor-errors.png")
+
+
+def test_save_native_format_then_open_it_and_a_png(page, tmp_path):
+    with page.expect_download() as download:
+        page.click("#save-button")
+    saved = tmp_path / "saved.json"
+    download.value.save_as(saved)
+    doc = json.loads(saved.read_text())
+    assert doc and all("class_type" in n and "pos" in n["_meta"] for n in doc.values())
+    count = len(doc)
+
+    page.click("#clear-button")
+    page.set_input_files("#file-input", str(saved))
+    page.wait_for_function(f"loom.editor.graph._nodes.length === {count}")
+
+    # A PNG as SaveImage writes it: the editor's graph in a `workflow` tEXt chunk.
+    from PIL import Image, PngImagePlugin
+
+    ui = page.evaluate("JSON.stringify(loom.editor.graph.serialize())")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("workflow", ui)
+    info.add_text("prompt", json.dumps(doc))
+    png = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    page.click("#clear-button")
+    page.set_input_files("#file-input", str(png))
+    page.wait_for_function(f"loom.editor.graph._nodes.length === {count}")
+    assert not page.query_selector(".toast.error")
+
+
+def test_upload_an_image_through_the_widget(page, server, tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (24, 16), (30, 160, 220)).save(picture)
+    workflow = tmp_path / "upload.json"
+    workflow.write_text(json.dumps({
+        "1": {"class_type": "LoadTestImage", "inputs": {}, "_meta": {"pos": [60, 60], "size": [260, 260]}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}, "_meta": {"pos": [420, 60]}},
+    }))
+    page.set_input_files("#file-input", str(workflow))
+    page.wait_for_function("loom.editor.graph._nodes.length === 2")
+    x, y = page.evaluate("loom.editor.screenPos(1, 'widget', 'choose file to upload')")
+    with page.expect_file_chooser() as chooser:
+        page.mouse.click(x, y)
+    chooser.value.set_files(str(picture))
+    page.wait_for_function("loom.editor.node(1).widgets[0].value === 'picture.png'")
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['2'] || {text: []}).text[0] === '24'", timeout=20000)
+    page.wait_for_timeout(200)
+    page.screenshot(path=ARTIFACTS / "editor-upload.png")
+
+
+def test_default_txt2img_graph_runs_and_its_png_restores_the_graph(page, server):
+    info = server.call("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]
+    if info["python_module"] != "tests.web.fake_sd":
+        pytest.skip("the real SD nodes are installed: this test runs the graph on fake_sd's stand-ins")
+    types = sorted(page.evaluate("loom.editor.graph._nodes.map(n => n.type)"))
+    assert types == sorted(["CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage",
+                            "KSampler", "VAEDecode", "SaveImage"])
+    assert page.evaluate("loom.editor.node(4).widgets[0].value") == "tiny.safetensors"
+    page.screenshot(path=ARTIFACTS / "txt2img-default.png")
+
+    x, y = page.evaluate("loom.editor.screenPos(6, 'widget', 'text')")
+    page.mouse.click(x, y)
+    page.wait_for_selector("#text-editor[open]")
+    page.fill("#text-editor textarea", "a red fox in the snow")
+    page.click("#text-editor button[value=ok]")
+    page.wait_for_function("loom.editor.node(6).widgets[0].value === 'a red fox in the snow'")
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.running === '3' && loom.runState.preview", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "txt2img-sampling.png")
+    page.wait_for_function("(loom.runState.outputs['9'] || {images: []}).images.some(i => i.naturalWidth === 512)",
+                           timeout=30000)
+    page.wait_for_timeout(200)
+    page.screenshot(path=ARTIFACTS / "txt2img-result.png")
+
+    history = server.call("/history")
+    (entry,) = [h for h in history.values() if h["prompt"][2].get("3", {}).get("class_type") == "KSampler"]
+    assert entry["prompt"][2]["6"]["inputs"]["text"] == "a red fox in the snow"
+    (png,) = (server.base / "output").glob("Loom_*.png")
+
+    # Opening the saved PNG restores the graph it was made with.
+    page.click("#clear-button")
+    page.set_input_files("#file-input", str(png))
+    page.wait_for_function("loom.editor.graph._nodes.length === 7")
+    assert page.evaluate("loom.editor.node(6).widgets[0].value") == "a red fox in the snow"
+
+
+COMFY_UI_FILE = {
+    "last_node_id": 14, "last_link_id": 3, "version": 0.4,
+    "nodes": [
+        {"id": 10, "type": "PrimitiveNode", "pos": [40, 60], "size": [220, 80], "mode": 0, "flags": {}, "order": 0,
+         "outputs": [{"name": "INT", "type": "INT", "links": [1], "widget": {"name": "a"}}],
+         "widgets_values": [7, "fixed"], "properties": {"Run widget replace on values": False}},
+        {"id": 11, "type": "IntMath", "pos": [320, 60], "size": [280, 120], "mode": 0, "flags": {}, "order": 1,
+         "inputs": [{"name": "a", "type": "INT", "link": 1, "widget": {"name": "a"}},
+                    {"name": "b", "type": "INT", "link": None, "widget": {"name": "b"}}],
+         "outputs": [{"name": "INT", "type": "INT", "links": [2]}],
+         "widgets_values": [0, 5, "multiply"], "properties": {}},
+        {"id": 12, "type": "Reroute", "pos": [660, 60], "size": [75, 26], "mode": 0, "flags": {}, "order": 2,
+         "inputs": [{"name": "", "type": "*", "link": 2}], "outputs": [{"name": "", "type": "INT", "links": [3]}],
+         "properties": {}},
+        {"id": 13, "type": "PreviewAny", "pos": [800, 60], "size": [280, 80], "mode": 0, "flags": {}, "order": 3,
+         "inputs": [{"name": "source", "type": "*", "link": 3}], "properties": {}},
+        {"id": 14, "type": "Note", "pos": [320, 260], "size": [300, 80], "mode": 0, "flags": {}, "order": 4,
+         "widgets_values": ["made in ComfyUI"], "properties": {}},
+    ],
+    "links": [[1, 10, 0, 11, 0, "INT"], [2, 11, 0, 12, 0, "INT"], [3, 12, 0, 13, 0, "*"]],
+    "groups": [], "config": {}, "extra": {},
+}
+
+
+def test_open_a_comfyui_file_with_virtual_nodes_and_queue_it(page, tmp_path):
+    path = tmp_path / "comfy.json"
+    path.write_text(json.dumps(COMFY_UI_FILE))
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_function("loom.editor.graph._nodes.length === 5")
+    assert page.evaluate("loom.editor.node(11).inputs.map(i => i.name)") == ["a"]  # the unlinked widget socket goes
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['13'] || {text: []}).text[0] === '35'", timeout=20000)
+    assert not page.query_selector(".toast.error")
+    page.screenshot(path=ARTIFACTS / "editor-comfyui-file.png")

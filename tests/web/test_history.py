@@ -1,0 +1,45 @@
+"""GET/POST /history: the entry shape, max_items, delete, clear and the cap."""
+
+from tests.web.conftest import ADD, image_prompt
+
+
+async def run(client, prompt):
+    body = await (await client.post("/prompt/wait", json={"prompt": prompt, "client_id": "me"})).json()
+    return body["prompt_id"]
+
+
+async def test_history_entry_shape(client):
+    prompt_id = await run(client, image_prompt(7))
+    history = await (await client.get("/history")).json()
+    entry = history[prompt_id]
+    number, pid, prompt, extra, outputs = entry["prompt"]
+    assert pid == prompt_id and prompt["1"]["class_type"] == "SaveTestImage"
+    assert extra == {"client_id": "me"} and outputs == ["1"]
+    assert entry["outputs"]["1"]["images"][0]["filename"].startswith("t_007_")
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert kinds == ["execution_start", "execution_cached", "execution_success"]
+    assert entry["meta"]["duration_s"] >= 0
+    one = await (await client.get(f"/api/history/{prompt_id}")).json()
+    assert one == {prompt_id: entry}
+
+
+async def test_max_items_delete_and_clear(client):
+    ids = [await run(client, ADD) for _ in range(3)]
+    recent = await (await client.get("/history?max_items=2")).json()
+    assert list(recent) == ids[1:]
+    assert (await client.get("/history?max_items=x")).status == 400
+    assert (await client.get("/history?max_items=0")).status == 400
+    deleted = await (await client.post("/history", json={"delete": [ids[0]]})).json()
+    assert deleted == {"deleted": [ids[0]]}
+    assert list(await (await client.get("/history")).json()) == ids[1:]
+    assert (await client.get(f"/history/{ids[0]}")).status == 404
+    await client.post("/history", json={"clear": True})
+    assert await (await client.get("/history")).json() == {}
+    assert (await client.post("/history", json={"delete": 3})).status == 400
+
+
+async def test_history_cap_keeps_the_newest(make_app, aiohttp_client):
+    client = await aiohttp_client(make_app(history_cap=2))
+    ids = [await run(client, ADD) for _ in range(4)]
+    assert list(await (await client.get("/history")).json()) == ids[2:]

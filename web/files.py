@@ -1,0 +1,142 @@
+"""Routes for user files: GET /view (read input/output/temp) and POST /upload/image (write input/)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import mimetypes
+import os
+from pathlib import Path
+
+from aiohttp import BodyPartReader, web
+from PIL import Image, UnidentifiedImageError
+
+from web.http import json_error
+from web.paths import UnsafePath, clean_filename, safe_join
+from web.state import STATE, ServerState
+
+routes = web.RouteTableDef()
+
+FOLDER_TYPES = ("output", "input", "temp")
+# Served inline; anything else is sent as a download so that a stored file never runs as a page here.
+INLINE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "video/mp4", "video/webm",
+                "audio/wav", "audio/x-wav", "audio/mpeg", "audio/flac", "application/json", "text/plain"}
+FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
+
+
+def _root(state: ServerState, kind: str) -> Path:
+    if kind not in FOLDER_TYPES:
+        raise json_error(400, "invalid_request", f"type must be one of {', '.join(FOLDER_TYPES)}, not {kind!r}")
+    return {"output": state.paths.output, "input": state.paths.input, "temp": state.paths.temp}[kind]
+
+
+@routes.get("/view")
+async def view(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    filename = request.query.get("filename", "")
+    if not filename:
+        raise json_error(400, "invalid_request", "the 'filename' query parameter is required")
+    root = _root(state, request.query.get("type", "output") or "output")
+    try:
+        path = safe_join(root, request.query.get("subfolder", ""), filename)
+    except UnsafePath as exc:
+        raise json_error(400, "invalid_path", str(exc)) from None
+    if not path.is_file():
+        raise json_error(404, "not_found", f"no file {filename!r} there")
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    inline = content_type in INLINE_TYPES
+    headers = {
+        "Content-Type": content_type if inline else "application/octet-stream",
+        "Content-Disposition": f"{'inline' if inline else 'attachment'}; filename=\"{path.name}\"",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+    return web.FileResponse(path, headers=headers)
+
+
+async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk(256 * 1024):
+        data.extend(chunk)
+        if len(data) > limit:
+            raise json_error(413, "file_too_large", f"the upload is larger than the limit of {limit} bytes")
+    return bytes(data)
+
+
+def _check_image(data: bytes, max_pixels: int) -> str:
+    """The image format of `data`; raises if it does not decode (or is too large to decode safely)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:
+                raise json_error(413, "image_too_large", f"the image has more than {max_pixels} pixels")
+            fmt = image.format or ""
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise json_error(415, "not_an_image", "the uploaded file is not an image that can be decoded") from None
+    if fmt not in FORMAT_SUFFIX:
+        raise json_error(415, "not_an_image", f"images of format {fmt or 'unknown'} are not accepted")
+    return fmt
+
+
+def _write_unique(folder: Path, name: str, data: bytes, overwrite: bool) -> str:
+    """Write `data` as `name` in `folder`; an existing different file is kept and `name (1)` is used."""
+    stem, suffix = os.path.splitext(name)
+    candidate, i = name, 0
+    while True:
+        path = folder / candidate
+        if overwrite:
+            tmp = folder / f".{candidate}.part"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return candidate
+        if path.is_file() and path.read_bytes() == data:
+            return candidate  # the same file was uploaded before
+        try:
+            with open(path, "xb") as handle:  # never replace a file that appeared meanwhile
+                handle.write(data)
+            return candidate
+        except FileExistsError:
+            i += 1
+            candidate = f"{stem} ({i}){suffix}"
+
+
+@routes.post("/upload/image")
+async def upload_image(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    limit = state.config.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit + 64 * 1024:
+        raise json_error(413, "file_too_large", f"the upload is larger than the limit of {limit} bytes")
+    if not request.content_type.startswith("multipart/"):
+        raise json_error(400, "invalid_request", "send the image as multipart/form-data in a field named 'image'")
+    fields: dict[str, str] = {}
+    data: bytes | None = None
+    original = ""
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "image":
+                original = part.filename or ""
+                data = await _read_limited(part, limit)
+            elif part.name in ("overwrite", "subfolder", "type"):
+                fields[part.name] = (await _read_limited(part, 4096)).decode("utf-8", "replace")
+    except (ValueError, AssertionError, UnicodeDecodeError) as exc:
+        raise json_error(400, "invalid_request", f"malformed multipart body: {exc}") from None
+    if data is None:
+        raise json_error(400, "invalid_request", "no file in the multipart field 'image'")
+    kind = fields.get("type", "input") or "input"
+    root = _root(state, kind)
+    fmt = await asyncio.to_thread(_check_image, data, state.config.max_image_pixels)
+    name = clean_filename(original, "image")
+    if os.path.splitext(name)[1].lower() not in (*FORMAT_SUFFIX.values(), ".jpeg", ".tif"):
+        name += FORMAT_SUFFIX[fmt]
+    subfolder = fields.get("subfolder", "")
+    try:
+        folder = safe_join(root, "", subfolder) if subfolder.strip("/") else root.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+    except UnsafePath as exc:
+        raise json_error(400, "invalid_path", str(exc)) from None
+    overwrite = fields.get("overwrite", "").lower() in ("true", "1", "yes")
+    stored = await asyncio.to_thread(_write_unique, folder, name, data, overwrite)
+    return web.json_response({"name": stored, "subfolder": subfolder.strip("/"), "type": kind})

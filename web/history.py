@@ -1,0 +1,45 @@
+"""Routes for finished prompts: GET /history[/{id}], POST /history {clear | delete}."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+from web.http import dumps, json_error, query_int, read_body
+from web.state import STATE
+
+routes = web.RouteTableDef()
+
+
+class HistoryAction(BaseModel):
+    clear: bool = False
+    delete: list[str] = Field(default_factory=list)
+
+
+@routes.get("/history")
+async def get_history(request: web.Request) -> web.Response:
+    db = request.app[STATE].db
+    max_items = query_int(request, "max_items", None, minimum=1)
+    offset = query_int(request, "offset", 0) or 0
+    records = await db.call(db.store.history, max_items, offset)
+    return web.json_response({r.id: r.history_entry() for r in records}, dumps=dumps)
+
+
+@routes.get("/history/{prompt_id}")
+async def get_history_item(request: web.Request) -> web.Response:
+    db = request.app[STATE].db
+    prompt_id = request.match_info["prompt_id"]
+    record = await db.call(db.store.get, prompt_id)
+    if record is None:
+        raise json_error(404, "unknown_prompt", f"no prompt with id {prompt_id!r} in the history")
+    if record.state != "done":
+        return web.json_response({})  # ComfyUI answers {} until the prompt has finished
+    return web.json_response({record.id: record.history_entry()}, dumps=dumps)
+
+
+@routes.post("/history")
+async def post_history(request: web.Request) -> web.Response:
+    db = request.app[STATE].db
+    action = await read_body(request, HistoryAction)
+    deleted = await db.call(db.store.delete_history, None if action.clear else action.delete)
+    return web.json_response({"deleted": deleted})

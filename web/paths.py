@@ -1,0 +1,52 @@
+"""Turning user-supplied folder and file names into paths that can never leave their root folder."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+from urllib.parse import unquote
+
+MAX_NAME = 200
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
+
+
+class UnsafePath(ValueError):
+    """A name that tries to leave its folder (`..`, absolute, a symlink out, odd characters)."""
+
+
+def _parts(name: str, what: str) -> list[str]:
+    if "\x00" in name or "\\" in name:
+        raise UnsafePath(f"{what} must not contain NUL or backslash characters")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise UnsafePath(f"{what} must be relative, not an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath(f"{what} must not contain '..'")
+    return parts
+
+
+def safe_join(root: Path, subfolder: str, filename: str) -> Path:
+    """`root/subfolder/filename`, resolved; raises UnsafePath if it would lie outside `root`.
+
+    Symlinks are followed before the check, so a link that points out of `root` is refused too.
+    """
+    sub = _parts(subfolder, "subfolder")
+    name = _parts(filename, "filename")
+    if not name:
+        raise UnsafePath("filename is empty")
+    base = root.resolve()
+    target = base.joinpath(*sub, *name).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafePath("the path leaves its folder")
+    return target
+
+
+def clean_filename(name: str, fallback: str = "upload") -> str:
+    """A plain file name from a client's: no folders, no control or reserved characters, no leading dot."""
+    name = unicodedata.normalize("NFC", unquote(name)).replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE.sub("_", name).strip().lstrip(".").strip()
+    if len(name) > MAX_NAME:
+        stem, dot, ext = name.rpartition(".")
+        name = stem[: MAX_NAME - len(ext) - 1] + dot + ext if dot and len(ext) < 10 else name[:MAX_NAME]
+    return name or fallback

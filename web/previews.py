@@ -1,0 +1,77 @@
+"""Step previews: a cheap linear latent-to-RGB projection, encoded as a small JPEG websocket frame."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PREVIEW_IMAGE = 1  # binary frame type: preview image
+JPEG = 1
+MAX_SIDE = 512
+
+# How each of SD1's four latent channels contributes to R, G and B (a least-squares fit of decoded
+# images against latents, widely used for previews); other latent widths fall back to grey.
+SD1_LATENT_RGB = np.array([
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+], dtype=np.float32)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def preview_rgb(value: Any) -> np.ndarray | None:
+    """An HxWx3 uint8 picture of a latent [B, C, h, w] (first of the batch) or an image [B, H, W, 3]."""
+    array = _to_numpy(value)
+    if array.ndim == 4 and array.shape[-1] == 3 and array.shape[1] != 3:
+        rgb = np.clip(array[0], 0.0, 1.0)
+    elif array.ndim == 4:
+        latent = array[0].transpose(1, 2, 0)  # h, w, C
+        if latent.shape[-1] == SD1_LATENT_RGB.shape[0]:
+            rgb = (latent @ SD1_LATENT_RGB + 1.0) / 2.0
+        else:
+            grey = latent.mean(axis=-1, keepdims=True)
+            rgb = np.repeat((grey - grey.min()) / (np.ptp(grey) or 1.0), 3, axis=-1)
+        rgb = np.clip(rgb, 0.0, 1.0)
+    else:
+        return None
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def encode_preview(value: Any) -> bytes | None:
+    """The binary websocket frame of REFERENCE.md section 5 (type 1, JPEG), or None if not previewable."""
+    rgb = preview_rgb(value)
+    if rgb is None or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        return None
+    image = Image.fromarray(rgb)
+    scale = max(1, min(8, MAX_SIDE // max(image.size)))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return struct.pack(">II", PREVIEW_IMAGE, JPEG) + buffer.getvalue()
+
+
+class Throttle:
+    """Lets at most one event through per `interval` seconds."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self._last = 0.0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True

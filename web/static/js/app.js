@@ -1,0 +1,320 @@
+// The editor: a litegraph canvas over the node types of /object_info, wired to the queue and the websocket.
+
+import { api, ApiError, clientId, connect } from "./api.js";
+import { clearRunState, CONTROL_VALUES, registerNodeTypes, runState, setOutput } from "./nodes.js";
+import { buildLibrary, setStatus, showGalleryImage, toast } from "./panels.js";
+import { defaultWorkflow, loadAny, loadApi, workflowFromPng } from "./workflow.js";
+
+const STORAGE_KEY = "loom.workflow";
+
+class Editor {
+  constructor(objectInfo) {
+    this.objectInfo = objectInfo;
+    this.graph = new LGraph();
+    const element = document.getElementById("graph");
+    this.canvas = new LGraphCanvas(element, this.graph);
+    this.canvas.allow_searchbox = true;
+    this.canvas.show_info = false;
+    this.canvas.render_canvas_border = false;
+    this.resize();
+    window.addEventListener("resize", () => this.resize());
+  }
+
+  resize() {
+    const element = this.canvas.canvas;
+    element.width = element.parentElement.clientWidth;
+    element.height = element.parentElement.clientHeight;
+    this.canvas.setDirty(true, true);
+  }
+
+  redraw() {
+    this.canvas.setDirty(true, true);
+  }
+
+  node(id) {
+    return this.graph.getNodeById(Number(id)) || this.graph.getNodeById(id);
+  }
+
+  addNode(type) {
+    const node = LiteGraph.createNode(type);
+    const ds = this.canvas.ds;
+    const [w, h] = [this.canvas.canvas.width, this.canvas.canvas.height];
+    node.pos = [w / 2 / ds.scale - ds.offset[0] - node.size[0] / 2, h / 2 / ds.scale - ds.offset[1] - 60];
+    this.graph.add(node);
+    this.canvas.selectNode(node);
+    return node;
+  }
+
+  load(data, name = "workflow") {
+    clearRunState();
+    runState.outputs = {};
+    const missing = loadAny(this.graph, data);
+    this.fitView();
+    if (missing.length) toast(`${name}: unknown node types ${[...new Set(missing)].join(", ")}`, "error");
+    this.save();
+  }
+
+  loadDefault() {
+    clearRunState();
+    runState.outputs = {};
+    loadApi(this.graph, defaultWorkflow(this.objectInfo));
+    for (const node of this.graph._nodes) {
+      for (const w of node.widgets || []) if (w.name === "control_after_generate") w.value = "randomize";
+    }
+    this.fitView();
+    this.save();
+  }
+
+  fitView() {
+    const nodes = this.graph._nodes;
+    if (!nodes.length) return;
+    const xs = nodes.map((n) => [n.pos[0], n.pos[0] + n.size[0]]).flat();
+    const ys = nodes.map((n) => [n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.pos[1] + n.size[1]]).flat();
+    const [minX, maxX, minY, maxY] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    // The free area: right of the node library, left of the menu, above the gallery.
+    const el = this.canvas.canvas;
+    const library = document.getElementById("library");
+    const left = library.classList.contains("hidden") ? 20 : library.getBoundingClientRect().right + 20;
+    const [width, height] = [el.width - left - 250, el.height - 130];
+    // Below 0.6 litegraph drops slot labels and widget text, so prefer panning to an unreadable overview.
+    const scale = Math.min(1.1, Math.max(0.6, Math.min(width / (maxX - minX), height / (maxY - minY + 60))));
+    this.canvas.ds.scale = scale;
+    this.canvas.ds.offset = [(left + (width - (maxX - minX) * scale) / 2) / scale - minX,
+      (20 + (height - (maxY - minY) * scale) / 2) / scale - minY];
+    this.redraw();
+  }
+
+  // New model files or uploads since the page opened: refresh the choices of every combo.
+  async refreshChoices() {
+    this.objectInfo = await api("/object_info");
+    for (const node of this.graph._nodes) {
+      const def = this.objectInfo[node.type];
+      if (!def) continue;
+      const inputs = { ...def.input.required, ...def.input.optional };
+      for (const widget of node.widgets || []) {
+        const spec = inputs[widget.name];
+        if (widget.type === "combo" && spec && Array.isArray(spec[0])) widget.options.values = [...spec[0]];
+      }
+    }
+    this.redraw();
+    toast("node choices refreshed");
+  }
+
+  save() {
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(this.graph.serialize()));
+  }
+
+  async queue() {
+    const workflow = this.graph.serialize();
+    clearRunState();
+    this.redraw();
+    setStatus("queueing…");
+    try {
+      const answer = await api("/prompt", {
+        method: "POST",
+        body: { prompt: workflow, client_id: clientId, extra_data: { extra_pnginfo: { workflow } } },
+      });
+      // A quick run may already have reported its end over the websocket.
+      if (document.getElementById("status").textContent === "queueing…") setStatus(`queued #${answer.number}`);
+      this.afterQueued();
+    } catch (error) {
+      this.showErrors(error);
+    }
+    this.save();
+  }
+
+  // ComfyUI's "control after generate": change seeds once the prompt is queued.
+  afterQueued() {
+    for (const node of this.graph._nodes) {
+      const widgets = node.widgets || [];
+      widgets.forEach((w, i) => {
+        if (w.name !== "control_after_generate" || i === 0) return;
+        const target = widgets[i - 1];
+        const { min = 0, max = 2 ** 50 } = target.options;
+        const top = Math.min(max, 2 ** 50);
+        if (w.value === "increment") target.value = Math.min(top, target.value + 1);
+        if (w.value === "decrement") target.value = Math.max(min, target.value - 1);
+        if (w.value === "randomize") target.value = min + Math.floor(Math.random() * (top - min));
+      });
+    }
+    this.redraw();
+  }
+
+  showErrors(error) {
+    if (!(error instanceof ApiError) || !error.body) {
+      toast(`could not queue: ${error.message}`, "error");
+      return;
+    }
+    const nodeErrors = error.body.node_errors || {};
+    for (const [id, entry] of Object.entries(nodeErrors)) {
+      runState.errors[id] = entry.errors.map((e) => {
+        const input = e.extra_info && e.extra_info.input_name;
+        const details = e.details && e.details !== input ? ` (${e.details})` : "";
+        return { input, text: `${input ? `${input}: ` : ""}${e.message}${details}` };
+      });
+    }
+    const count = Object.keys(nodeErrors).length;
+    toast(count ? `${error.body.error.message}: ${count} node(s) have errors` : error.body.error.message, "error");
+    this.redraw();
+  }
+
+  onMessage(type, data) {
+    if (type === "status") {
+      const remaining = data.status.exec_info.queue_remaining;
+      document.getElementById("queue-size").textContent = `Queue size: ${remaining}`;
+      return;
+    }
+    if (type === "execution_start") {
+      clearRunState();
+      setStatus("running");
+    } else if (type === "execution_cached") {
+      runState.cached = new Set(data.nodes.map(String));
+    } else if (type === "executing") {
+      runState.running = data.node === null ? null : String(data.node);
+      runState.progress = null;
+      if (data.node === null) runState.preview = null;
+    } else if (type === "progress") {
+      runState.progress = { node: String(data.node), value: data.value, max: data.max };
+    } else if (type === "executed") {
+      runState.preview = null;
+      const images = setOutput(data.node, data.output || {});
+      const node = this.node(data.node);
+      for (const image of images) {
+        image.onload = () => this.redraw();
+        showGalleryImage(image.src, `${node ? node.title : data.node}: ${image.src}`);
+      }
+    } else if (type === "execution_success") {
+      setStatus(`done in ${data.duration_s.toFixed(2)} s`);
+    } else if (type === "execution_error") {
+      runState.errors[String(data.node_id)] = [{ text: `${data.exception_type}: ${data.exception_message}` }];
+      toast(`${data.node_type || "prompt"} failed: ${data.exception_message}`, "error", 0);
+      setStatus("error");
+    } else if (type === "execution_interrupted") {
+      setStatus("interrupted");
+    }
+    this.redraw();
+  }
+
+  onPreview(blob) {
+    if (!runState.running) return;
+    const image = new Image();
+    const node = runState.running;
+    image.onload = () => {
+      if (runState.running !== node) return; // the node finished while the frame was decoding
+      if (runState.preview) URL.revokeObjectURL(runState.preview.image.src);
+      runState.preview = { node, image };
+      this.redraw();
+    };
+    image.src = URL.createObjectURL(blob);
+  }
+
+  // Screen position (CSS pixels) of a slot or widget, used by the browser tests to drag and click.
+  screenPos(nodeId, kind, which) {
+    this.canvas.draw(true, true); // lays out widgets (last_y) of nodes added since the last frame
+    const node = this.node(nodeId);
+    let pos;
+    if (kind === "widget") {
+      const widget = node.widgets.find((w) => w.name === which);
+      pos = [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.last_y + 10];
+    } else {
+      pos = node.getConnectionPos(kind === "input", which);
+    }
+    const [x, y] = this.canvas.ds.convertOffsetToCanvas(pos);
+    const rect = this.canvas.canvas.getBoundingClientRect();
+    return [rect.left + x, rect.top + y];
+  }
+}
+
+async function openFile(editor, file) {
+  try {
+    if (file.type === "image/png" || file.name.toLowerCase().endsWith(".png")) {
+      editor.load(workflowFromPng(await file.arrayBuffer()), file.name);
+    } else {
+      editor.load(JSON.parse(await file.text()), file.name);
+    }
+    toast(`opened ${file.name}`);
+  } catch (error) {
+    toast(`${file.name}: ${error.message}`, "error");
+  }
+}
+
+async function saveFile(editor) {
+  try {
+    const doc = await api("/workflow/api", { method: "POST", body: { workflow: editor.graph.serialize() } });
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" }));
+    link.download = "workflow.json";
+    link.click();
+    URL.revokeObjectURL(link.href);
+  } catch (error) {
+    toast(`could not save: ${error.message}`, "error");
+  }
+}
+
+function bindControls(editor) {
+  const on = (id, fn) => document.getElementById(id).addEventListener("click", fn);
+  on("queue-button", () => editor.queue());
+  on("interrupt-button", () => api("/interrupt", { method: "POST", body: {} }));
+  on("clear-queue-button", () => api("/queue", { method: "POST", body: { clear: true } }));
+  on("save-button", () => saveFile(editor));
+  on("open-button", () => document.getElementById("file-input").click());
+  on("default-button", () => editor.loadDefault());
+  on("refresh-button", () => editor.refreshChoices());
+  on("clear-button", () => {
+    editor.graph.clear();
+    editor.save();
+  });
+  on("library-toggle", () => document.getElementById("library").classList.toggle("hidden"));
+  const input = document.getElementById("file-input");
+  input.addEventListener("change", () => {
+    if (input.files.length) openFile(editor, input.files[0]);
+    input.value = "";
+  });
+  const area = document.getElementById("canvas-area");
+  area.addEventListener("dragover", (event) => event.preventDefault());
+  area.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer.files.length) openFile(editor, event.dataTransfer.files[0]);
+  });
+  window.addEventListener("keydown", (event) => {
+    if (!(event.ctrlKey || event.metaKey) || event.target.closest("input, textarea, dialog")) return;
+    if (event.key === "Enter") editor.queue();
+    // ComfyUI's shortcuts: Ctrl+M mutes the selected nodes (mode 2), Ctrl+B bypasses them (mode 4).
+    const mode = { m: 2, b: 4 }[event.key.toLowerCase()];
+    if (mode) {
+      event.preventDefault();
+      for (const node of Object.values(editor.canvas.selected_nodes || {})) node.mode = node.mode === mode ? 0 : mode;
+      editor.redraw();
+    }
+  });
+  setInterval(() => editor.save(), 5000);
+  window.addEventListener("beforeunload", () => editor.save());
+}
+
+async function main() {
+  const objectInfo = await api("/object_info");
+  registerNodeTypes(objectInfo);
+  const editor = new Editor(objectInfo);
+  window.loom = { editor, runState, CONTROL_VALUES };
+  buildLibrary(objectInfo, (type) => editor.addNode(type));
+  bindControls(editor);
+  const saved = localStorage.getItem(STORAGE_KEY);
+  try {
+    if (saved && JSON.parse(saved).nodes.length) editor.load(JSON.parse(saved), "last session");
+    else editor.loadDefault();
+  } catch {
+    editor.loadDefault();
+  }
+  connect({
+    open: () => setStatus("connected"),
+    close: () => setStatus("reconnecting…"),
+    message: (type, data) => editor.onMessage(type, data),
+    preview: (blob) => editor.onPreview(blob),
+  });
+  for (const url of await api("/extensions")) import(url).catch((e) => toast(`extension ${url}: ${e}`, "error"));
+  document.body.dataset.ready = "true";
+}
+
+main().catch((error) => {
+  toast(`the editor could not start: ${error.message}`, "error", 0);
+});

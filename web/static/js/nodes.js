@@ -1,0 +1,315 @@
+// Node types for the graph editor, built from /object_info, and how a node shows the run's state.
+
+import { uploadImage, viewUrl } from "./api.js";
+import { registerVirtualTypes } from "./virtual.js";
+
+const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
+const SEED_NAMES = new Set(["seed", "noise_seed"]);
+export const CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"];
+const IMAGE_AREA = 220;
+
+// What the editor knows about the run in progress; nodes read it when they draw.
+export const runState = {
+  running: null, // node id being executed
+  progress: null, // {node, value, max}
+  cached: new Set(),
+  errors: {}, // node id -> [{message, input}]
+  outputs: {}, // node id -> {images: [Image], text: [string]}
+  preview: null, // {node, image}
+};
+
+export function clearRunState() {
+  runState.running = null;
+  runState.progress = null;
+  runState.preview = null;
+  runState.cached = new Set();
+  runState.errors = {};
+}
+
+function decimals(step) {
+  const text = String(step);
+  return text.includes(".") ? text.split(".")[1].length : 0;
+}
+
+function numberWidget(node, name, type, opts) {
+  const step = opts.step || (type === "INT" ? 1 : 0.01);
+  const min = opts.min ?? -Number.MAX_SAFE_INTEGER;
+  const max = Math.min(opts.max ?? Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+  const precision = type === "INT" ? 0 : Math.max(decimals(step), 2);
+  const widget = node.addWidget("number", name, opts.default ?? 0, function (value) {
+    // litegraph moves a number by step/10 per click: keep values on the input's own grid and range.
+    let v = Math.min(max, Math.max(min, Number(value)));
+    v = type === "INT" ? Math.round(v / step) * step : Number(v.toFixed(precision));
+    if (!Number.isFinite(v)) v = opts.default ?? 0;
+    this.value = v;
+  }, { min, max, step: step * 10, precision });
+  return widget;
+}
+
+function multilineWidget(node, name, value) {
+  const widget = {
+    type: "multiline",
+    name,
+    value,
+    options: { multiline: true },
+    computeSize(width) {
+      return [width, 84];
+    },
+    draw(ctx, _node, width, y) {
+      ctx.fillStyle = "#222";
+      ctx.strokeStyle = "#555";
+      ctx.beginPath();
+      ctx.roundRect(15, y, width - 30, 80, 6);
+      ctx.fill();
+      ctx.stroke();
+      ctx.fillStyle = this.value ? "#ddd" : "#777";
+      ctx.font = "12px sans-serif";
+      ctx.textAlign = "left";
+      const lines = wrap(ctx, this.value || name, width - 46).slice(0, 5);
+      lines.forEach((line, i) => ctx.fillText(line, 23, y + 16 + i * 14));
+    },
+    mouse(event, _pos, target) {
+      if (event.type === LiteGraph.pointerevents_method + "down") {
+        openTextEditor(this.name, this.value, (text) => {
+          this.value = text;
+          target.setDirtyCanvas(true, true);
+        });
+      }
+      return true;
+    },
+  };
+  node.addCustomWidget(widget);
+  return widget;
+}
+
+function wrap(ctx, text, width) {
+  const lines = [];
+  for (const paragraph of String(text).split("\n")) {
+    let line = "";
+    for (const word of paragraph.split(" ")) {
+      const candidate = line ? `${line} ${word}` : word;
+      if (ctx.measureText(candidate).width > width && line) {
+        lines.push(line);
+        line = word;
+      } else {
+        line = candidate;
+      }
+    }
+    lines.push(line);
+  }
+  return lines;
+}
+
+export function openTextEditor(title, value, done) {
+  const dialog = document.getElementById("text-editor");
+  dialog.querySelector("h3").textContent = title;
+  const area = dialog.querySelector("textarea");
+  area.value = value || "";
+  dialog.onclose = () => {
+    if (dialog.returnValue === "ok") done(area.value);
+  };
+  dialog.returnValue = ""; // Escape keeps the last returnValue: without this it would apply the edit
+  dialog.showModal();
+  area.focus();
+}
+
+function uploadWidget(node, combo) {
+  const input = document.createElement("input");
+  input.type = "file";
+  input.accept = "image/png,image/jpeg,image/webp,image/gif,image/bmp";
+  input.onchange = async () => {
+    if (!input.files.length) return;
+    const result = await uploadImage(input.files[0]);
+    const name = result.subfolder ? `${result.subfolder}/${result.name}` : result.name;
+    if (!combo.options.values.includes(name)) combo.options.values.push(name);
+    combo.value = name;
+    combo.callback && combo.callback(name);
+    input.value = "";
+  };
+  // ComfyUI keeps the value "image" for this button in widgets_values; the UI-format import skips it.
+  node.addWidget("button", "choose file to upload", "image", () => input.click(), { serialize: true });
+}
+
+function showInputImage(node, name) {
+  if (!name) return;
+  const image = new Image();
+  image.onload = () => node.setDirtyCanvas(true, true);
+  const [subfolder, filename] = name.includes("/") ? [name.slice(0, name.lastIndexOf("/")), name.split("/").pop()]
+    : ["", name];
+  image.src = viewUrl({ filename, subfolder, type: "input" });
+  runState.outputs[node.id] = { images: [image], text: [] };
+}
+
+function addInputs(node, def) {
+  const groups = [["required", def.input.required || {}], ["optional", def.input.optional || {}]];
+  for (const [group, inputs] of groups) {
+    const order = (def.input_order && def.input_order[group]) || Object.keys(inputs);
+    for (const name of order) {
+      const [type, opts = {}] = inputs[name];
+      if (Array.isArray(type)) {
+        const combo = node.addWidget("combo", name, opts.default ?? type[0] ?? "", null, { values: [...type] });
+        if (opts.image_upload) {
+          combo.callback = (value) => showInputImage(node, value);
+          uploadWidget(node, combo);
+          setTimeout(() => showInputImage(node, combo.value), 0);
+        }
+      } else if (WIDGET_TYPES.has(type) && !opts.forceInput) {
+        if (type === "INT" || type === "FLOAT") {
+          numberWidget(node, name, type, opts);
+          if (opts.control_after_generate || (type === "INT" && SEED_NAMES.has(name))) {
+            node.addWidget("combo", "control_after_generate", "randomize", null, { values: CONTROL_VALUES });
+          }
+        } else if (type === "STRING") {
+          if (opts.multiline) multilineWidget(node, name, opts.default ?? "");
+          else node.addWidget("text", name, opts.default ?? "", null, {});
+        } else {
+          node.addWidget("toggle", name, Boolean(opts.default), null, {});
+        }
+      } else {
+        node.addInput(name, type === "*" ? "*" : type, group === "optional" ? { label: `${name}?` } : undefined);
+      }
+    }
+  }
+}
+
+// A widget driven by a link (ComfyUI's "converted widget"): it keeps its place in widgets_values but is not drawn.
+export function hideWidget(widget) {
+  widget.type = "converted-widget";
+  widget.draw = () => {};
+  widget.computeSize = () => [0, -4];
+  delete widget.mouse;
+}
+
+function widgetsBottom(node) {
+  let bottom = LiteGraph.NODE_SLOT_HEIGHT * Math.max(node.inputs?.length || 0, node.outputs?.length || 0) + 6;
+  for (const w of node.widgets || []) {
+    const height = w.computeSize ? w.computeSize(node.size[0])[1] : LiteGraph.NODE_WIDGET_HEIGHT;
+    if (w.last_y !== undefined) bottom = Math.max(bottom, w.last_y + height + 4);
+  }
+  return bottom;
+}
+
+// Make room for images or text below the widgets; the frame just drawn is stale, so draw again.
+function grow(node, height) {
+  if (node.size[1] >= height) return;
+  node.size[1] = height;
+  node.setDirtyCanvas(true, true);
+}
+
+function drawImages(node, ctx, images) {
+  const top = widgetsBottom(node);
+  grow(node, top + IMAGE_AREA);
+  const ready = images.filter((img) => img.complete && img.naturalWidth);
+  if (!ready.length) return;
+  const area = [node.size[0] - 20, node.size[1] - top - 10];
+  const cell = area[0] / ready.length;
+  ready.forEach((img, i) => {
+    const scale = Math.min(cell / img.naturalWidth, area[1] / img.naturalHeight);
+    const w = img.naturalWidth * scale;
+    const h = img.naturalHeight * scale;
+    ctx.drawImage(img, 10 + i * cell + (cell - w) / 2, top + (area[1] - h) / 2, w, h);
+  });
+}
+
+function drawState(node, ctx) {
+  const id = String(node.id);
+  const [w, h] = node.size;
+  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  ctx.save();
+  if (runState.cached.has(id)) {
+    ctx.fillStyle = "#2a4a7a";
+    ctx.fillRect(w - 58, -title + 6, 52, 16);
+    ctx.fillStyle = "#cde";
+    ctx.font = "11px sans-serif";
+    ctx.textAlign = "center";
+    ctx.fillText("cached", w - 32, -title + 18);
+  }
+  if (runState.running === id) {
+    ctx.strokeStyle = "#3f3";
+    ctx.lineWidth = 3;
+    ctx.strokeRect(-3, -title - 3, w + 6, h + title + 6);
+    const p = runState.progress;
+    if (p && p.node === id && p.max) {
+      ctx.fillStyle = "#3f3";
+      ctx.fillRect(0, -title - 1, (w * p.value) / p.max, 5);
+    }
+  }
+  if (node.mode === 2 || node.mode === 4) { // muted or bypassed: left out of the run
+    ctx.fillStyle = node.mode === 4 ? "#a040c055" : "#00000088";
+    ctx.fillRect(0, -title, w, h + title);
+  }
+  const errors = runState.errors[id];
+  if (errors) {
+    ctx.strokeStyle = "#f33";
+    ctx.lineWidth = 3;
+    ctx.strokeRect(-3, -title - 3, w + 6, h + title + 6);
+    for (const error of errors) {
+      const slot = node.inputs ? node.inputs.findIndex((i) => i.name === error.input) : -1;
+      if (slot >= 0) {
+        ctx.beginPath();
+        ctx.arc(0, 0 + (slot + 0.7) * LiteGraph.NODE_SLOT_HEIGHT, 8, 0, Math.PI * 2);
+        ctx.stroke();
+      }
+      const widget = (node.widgets || []).find((x) => x.name === error.input);
+      if (widget && widget.last_y !== undefined) ctx.strokeRect(12, widget.last_y - 1, w - 24, 22);
+    }
+    ctx.fillStyle = "#f66";
+    ctx.font = "12px sans-serif";
+    ctx.textAlign = "left";
+    errors.slice(0, 6).forEach((e, i) => ctx.fillText(e.text, 0, h + 16 + i * 15));
+  }
+  const preview = runState.preview;
+  const output = runState.outputs[id];
+  if (preview && preview.node === id) drawImages(node, ctx, [preview.image]);
+  else if (output && output.images.length) drawImages(node, ctx, output.images);
+  if (output && output.text.length) {
+    ctx.fillStyle = "#ccc";
+    ctx.font = "13px monospace";
+    ctx.textAlign = "left";
+    const top = widgetsBottom(node) + 14;
+    const lines = output.text.join("\n").split("\n").slice(0, 8);
+    grow(node, top + lines.length * 16);
+    lines.forEach((line, i) => ctx.fillText(line.slice(0, 60), 10, top + i * 16));
+  }
+  ctx.restore();
+}
+
+export function registerNodeTypes(objectInfo) {
+  LiteGraph.clearRegisteredTypes();
+  registerVirtualTypes();
+  for (const [name, def] of Object.entries(objectInfo)) {
+    class LoomNode extends LGraphNode {
+      constructor(title) {
+        super(title || def.display_name || name);
+        this.serialize_widgets = true;
+        addInputs(this, def);
+        def.output.forEach((type, i) => {
+          this.addOutput(def.output_name[i] || type, type === "*" ? "*" : type);
+        });
+        this.size = this.computeSize();
+        this.size[0] = Math.max(this.size[0], 280);
+      }
+
+      onDrawForeground(ctx) {
+        drawState(this, ctx);
+      }
+    }
+    LoomNode.title = def.display_name || name;
+    LoomNode.comfyClass = name;
+    LoomNode.nodeData = def;
+    LiteGraph.registerNodeType(name, LoomNode);
+    LoomNode.category = def.category;
+  }
+}
+
+export function setOutput(nodeId, output) {
+  const images = (output.images || []).map((item) => {
+    const image = new Image();
+    image.src = viewUrl(item);
+    image.dataset.url = image.src;
+    return image;
+  });
+  const text = (output.text || output.value || []).map((t) => String(t));
+  runState.outputs[String(nodeId)] = { images, text };
+  return images;
+}

@@ -1,0 +1,180 @@
+import { hideWidget } from "./nodes.js";
+
+// Workflow documents in the editor: open the native (API) format, ComfyUI's UI format and PNGs; the default graph.
+
+// ComfyUI's default graph, laid out compactly enough to read at the zoom that shows all of it.
+const TXT2IMG = {
+  4: { class_type: "CheckpointLoaderSimple", inputs: {}, _meta: { pos: [0, 200], title: "Load Checkpoint" } },
+  6: { class_type: "CLIPTextEncode", inputs: { text: "a photograph of a lighthouse on a cliff at sunset", clip: ["4", 1] },
+    _meta: { pos: [330, 0], size: [320, 150], title: "CLIP Text Encode (Prompt)" } },
+  7: { class_type: "CLIPTextEncode", inputs: { text: "blurry, low quality", clip: ["4", 1] },
+    _meta: { pos: [330, 220], size: [320, 150], title: "CLIP Text Encode (Negative)" } },
+  5: { class_type: "EmptyLatentImage", inputs: { width: 512, height: 512, batch_size: 1 },
+    _meta: { pos: [330, 450], title: "Empty Latent Image" } },
+  3: { class_type: "KSampler", inputs: { seed: 0, steps: 20, cfg: 8, denoise: 1, model: ["4", 0], positive: ["6", 0],
+    negative: ["7", 0], latent_image: ["5", 0] }, _meta: { pos: [700, 0] } },
+  8: { class_type: "VAEDecode", inputs: { samples: ["3", 0], vae: ["4", 2] },
+    _meta: { pos: [1010, 0], title: "VAE Decode" } },
+  9: { class_type: "SaveImage", inputs: { images: ["8", 0], filename_prefix: "Loom" },
+    _meta: { pos: [1010, 130], size: [300, 330], title: "Save Image" } },
+};
+
+const PRIMITIVES_DEMO = {
+  1: { class_type: "PrimitiveInt", inputs: { value: 6 }, _meta: { pos: [60, 120] } },
+  2: { class_type: "IntMath", inputs: { a: ["1", 0], b: 7, operation: "multiply" }, _meta: { pos: [360, 120] } },
+  3: { class_type: "PreviewAny", inputs: { source: ["2", 0] }, _meta: { pos: [700, 120] } },
+  4: { class_type: "PrimitiveString", inputs: { value: "Hello" }, _meta: { pos: [60, 360] } },
+  5: { class_type: "StringConcatenate", inputs: { string_a: ["4", 0], string_b: "world", delimiter: ", " },
+    _meta: { pos: [360, 360] } },
+  6: { class_type: "PreviewAny", inputs: { source: ["5", 0] }, _meta: { pos: [700, 360] } },
+};
+
+export function defaultWorkflow(objectInfo) {
+  const needed = Object.values(TXT2IMG).map((n) => n.class_type);
+  return needed.every((type) => objectInfo[type]) ? TXT2IMG : PRIMITIVES_DEMO;
+}
+
+export function isUiFormat(data) {
+  return data && Array.isArray(data.nodes) && "links" in data;
+}
+
+function isLink(value) {
+  return Array.isArray(value) && value.length === 2 && (typeof value[0] === "string" || typeof value[0] === "number")
+    && Number.isInteger(value[1]);
+}
+
+// Columns by longest path from a source, for documents that carry no layout.
+function autoLayout(doc) {
+  const depth = {};
+  const visit = (id, seen = new Set()) => {
+    if (depth[id] !== undefined) return depth[id];
+    if (seen.has(id)) return 0;
+    seen.add(id);
+    const links = Object.values(doc[id]?.inputs || {}).filter(isLink).map((l) => String(l[0])).filter((l) => doc[l]);
+    depth[id] = links.length ? 1 + Math.max(...links.map((l) => visit(l, seen))) : 0;
+    return depth[id];
+  };
+  const rows = {};
+  const pos = {};
+  for (const id of Object.keys(doc)) {
+    const column = visit(id);
+    rows[column] = (rows[column] || 0) + 1;
+    pos[id] = [40 + column * 340, 40 + (rows[column] - 1) * 260];
+  }
+  return pos;
+}
+
+// Build the graph of a native (API-format) document; returns the class types that are not known here.
+export function loadApi(graph, doc) {
+  graph.clear();
+  const layout = autoLayout(doc);
+  const missing = [];
+  const nodes = {};
+  for (const [id, raw] of Object.entries(doc)) {
+    let node = LiteGraph.createNode(raw.class_type);
+    if (!node) {
+      missing.push(raw.class_type);
+      node = new LGraphNode(`${raw.class_type} (missing)`);
+      node.type = raw.class_type;
+      node.has_errors = true;
+      node.color = "#a22";
+    }
+    const numeric = Number(id);
+    if (Number.isInteger(numeric) && numeric > 0) node.id = numeric;
+    const meta = raw._meta || {};
+    if (meta.title) node.title = meta.title;
+    node.pos = meta.pos ? [...meta.pos] : layout[id];
+    if (meta.size) node.size = [...meta.size];
+    for (const [name, value] of Object.entries(raw.inputs || {})) {
+      const widget = (node.widgets || []).find((w) => w.name === name);
+      if (widget && !isLink(value)) {
+        widget.value = value && value.__value__ ? value.__value__ : value;
+        if (widget.callback) widget.callback(widget.value);
+      }
+    }
+    // A reloaded document reproduces its run: seeds stay as saved.
+    for (const w of node.widgets || []) if (w.name === "control_after_generate") w.value = "fixed";
+    graph.add(node);
+    nodes[id] = node;
+  }
+  for (const [id, raw] of Object.entries(doc)) {
+    const target = nodes[id];
+    for (const [name, value] of Object.entries(raw.inputs || {})) {
+      if (!isLink(value) || !nodes[String(value[0])]) continue;
+      let slot = target.findInputSlot(name);
+      if (slot < 0) {
+        // A link into a widget (e.g. a seed driven by another node): give it an input slot.
+        const widget = (target.widgets || []).find((w) => w.name === name);
+        const source = nodes[String(value[0])];
+        const type = source.outputs?.[value[1]]?.type || "*";
+        target.addInput(name, type, widget ? { widget: { name } } : undefined);
+        if (widget) hideWidget(widget);
+        slot = target.findInputSlot(name);
+      }
+      nodes[String(value[0])].connect(value[1], target, slot);
+    }
+  }
+  return missing;
+}
+
+// ComfyUI files list widget inputs as sockets too: keep the linked ones (hiding their widget), drop the rest.
+function tidyWidgetInputs(node) {
+  for (let i = (node.inputs || []).length - 1; i >= 0; i--) {
+    const input = node.inputs[i];
+    if (!input.widget) continue;
+    const widget = (node.widgets || []).find((w) => w.name === input.widget.name);
+    if (input.link == null) node.removeInput(i);
+    else if (widget) hideWidget(widget);
+  }
+}
+
+export function loadAny(graph, data) {
+  if (isUiFormat(data)) {
+    graph.configure(data);
+    for (const node of graph._nodes) tidyWidgetInputs(node);
+    return graph._nodes.filter((n) => n.has_errors).map((n) => n.type);
+  }
+  if (data && typeof data.prompt === "object" && !data.prompt.class_type) return loadApi(graph, data.prompt);
+  if (data && typeof data === "object" && !Array.isArray(data)) return loadApi(graph, data);
+  throw new Error("this file is not a workflow (expected an API-format or UI-format JSON object)");
+}
+
+// The `workflow` and `prompt` tEXt/iTXt chunks of a PNG saved by SaveImage.
+export function readPngText(buffer) {
+  const bytes = new Uint8Array(buffer);
+  const signature = [137, 80, 78, 71, 13, 10, 26, 10];
+  if (!signature.every((b, i) => bytes[i] === b)) throw new Error("not a PNG file");
+  const view = new DataView(buffer);
+  const latin1 = new TextDecoder("latin1");
+  const utf8 = new TextDecoder("utf-8");
+  const chunks = {};
+  let offset = 8;
+  while (offset + 8 <= bytes.length) {
+    const length = view.getUint32(offset);
+    const type = latin1.decode(bytes.subarray(offset + 4, offset + 8));
+    const data = bytes.subarray(offset + 8, offset + 8 + length);
+    if (type === "tEXt" || type === "iTXt") {
+      const zero = data.indexOf(0);
+      const key = latin1.decode(data.subarray(0, zero));
+      if (type === "tEXt") {
+        chunks[key] = latin1.decode(data.subarray(zero + 1));
+      } else if (data[zero + 1] === 0) { // iTXt, uncompressed: skip language and translated keyword
+        let rest = zero + 3;
+        rest = data.indexOf(0, rest) + 1;
+        rest = data.indexOf(0, rest) + 1;
+        chunks[key] = utf8.decode(data.subarray(rest));
+      }
+    }
+    if (type === "IEND") break;
+    offset += 12 + length;
+  }
+  return chunks;
+}
+
+export function workflowFromPng(buffer) {
+  const text = readPngText(buffer);
+  for (const key of ["workflow", "prompt"]) {
+    if (text[key]) return JSON.parse(text[key]);
+  }
+  throw new Error("this PNG carries no workflow (no 'workflow' or 'prompt' text chunk)");
+}
