@@ -107,7 +107,6 @@ class Executor:
 
         needed = set(wf.outputs)
         run: list[str] = []
-        cached: list[str] = []
         values: dict[str, tuple[Any, ...]] = {}
         ui: dict[str, dict[str, Any]] = {}
         for nid in reversed(wf.order):
@@ -115,7 +114,6 @@ class Executor:
                 continue
             entry = self.cache.get(keys[nid])
             if entry is not None:
-                cached.append(nid)
                 values[nid] = entry.outputs  # held for this run even if the cache evicts it
                 if entry.ui:
                     ui[nid] = entry.ui
@@ -123,7 +121,10 @@ class Executor:
             run.append(nid)
             needed.update(v.node for v in nodes[nid].inputs.values() if isinstance(v, Link))
         run.reverse()
-        cached.reverse()
+        # Everything the outputs need that does not run is served by the cache, directly or through a
+        # cached descendant; the editor marks all of these as cached, as ComfyUI's clients expect.
+        will_run = set(run)
+        cached = [nid for nid in wf.order if nid not in will_run]
         return _Plan(keys, run, cached, values, ui)
 
     def run(

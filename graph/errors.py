@@ -53,8 +53,10 @@ def error_response(problems: list[Problem]) -> dict[str, Any]:
             p.node_id, {"class_type": p.class_type, "errors": [], "dependent_outputs": []}
         )
         entry["errors"].append(p.to_dict())
-    if general:
-        top = general[0]
+    # An unknown node type is the document's fault (ComfyUI answers invalid_prompt for it).
+    invalid = [p for p in problems if p.type == INVALID_PROMPT]
+    if invalid or general:
+        top = (invalid or general)[0]
         error = {"type": top.type, "message": top.message, "details": top.details, "extra_info": {}}
     else:
         error = {

@@ -27,7 +27,7 @@ def test_rerun_of_unchanged_workflow_runs_nothing(registry):
     executor.run(parse_api(chain_doc()))
     CALLS.clear()
     again = executor.run(parse_api(chain_doc()))
-    assert again.executed == [] and again.cached == ["3"] and not CALLS
+    assert again.executed == [] and again.cached == ["1", "2", "3"] and not CALLS
     assert again.outputs == {"3": {"value": [4.0]}}  # cached output nodes still report their UI
 
 
