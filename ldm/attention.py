@@ -1,0 +1,125 @@
+"""Attention for the UNet and VAE: SDPA with an optional query-chunked path; the LDM spatial transformer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              query_chunk: int | None = None) -> torch.Tensor:
+    """Multi-head attention over [B, L, heads*dim] tensors, returning [B, Lq, heads*dim].
+
+    With `query_chunk`, queries are processed in slices of that many tokens so the
+    [Lq, Lk] score matrix never exists in full: the memory-saving path for large images.
+    """
+    b, lq, inner = q.shape
+    dim = inner // heads
+    q, k, v = (t.view(b, -1, heads, dim).transpose(1, 2) for t in (q, k, v))
+    if query_chunk is None or query_chunk >= lq:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + query_chunk], k, v)
+                         for i in range(0, lq, query_chunk)], dim=2)
+    return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+class CrossAttention(nn.Module):
+    """LDM `CrossAttention`: self-attention when no context is given."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.query_chunk: int | None = None
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.query_chunk)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is a parameterless dropout in LDM; keeping it keeps `net.2` at its checkpoint name.
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Image-to-tokens transformer; `proj_in`/`proj_out` are 1x1 convs (SD1) or linear (SD2, SDXL)."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 use_linear: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        if use_linear:
+            self.proj_in: nn.Module = nn.Linear(channels, inner)
+            self.proj_out: nn.Module = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+def set_attention_chunking(model: nn.Module, query_chunk: int | None) -> None:
+    """Switch every attention layer in `model` to the chunked path (or back, with None)."""
+    for module in model.modules():
+        if hasattr(module, "query_chunk"):
+            module.query_chunk = query_chunk

@@ -1,0 +1,379 @@
+"""Single-file checkpoints: safe reading, family detection by a table of rules, loading, saving."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from ldm.unet import UNetConfig, UNetModel
+from ldm.vae import AutoencoderKL, VAEConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(Exception):
+    """A file that cannot be used as a model: unreadable, unsafe, or missing weights."""
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":  # a protocol-2+ pickle: torch's legacy (pre-zip) format
+        return "torch"
+    raise CheckpointError(f"{path.name}: not a checkpoint (neither safetensors nor a torch file)")
+
+
+def _load_torch(path: Path) -> dict:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Pre-zip torch files cannot be memory-mapped; they are still read with weights_only.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path.name}: refusing to load, it holds Python objects beyond tensors and would need "
+                "full unpickling (which can run arbitrary code); convert it to .safetensors") from None
+        raise CheckpointError(f"{path.name}: not a valid torch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path.name}: unreadable or truncated torch checkpoint ({e})") from None
+
+
+def load_state_dict(path: str | Path) -> StateDict:
+    """All tensors of a checkpoint file, memory-mapped where the format allows (no second copy in RAM).
+
+    `.ckpt`/`.pt` files are read only with `torch.load(weights_only=True)`, and a top-level
+    `state_dict` entry is unwrapped. Anything else raises `CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path.name}: no such file")
+    if _sniff(path) == "safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except (safetensors.SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path.name}: unreadable or truncated safetensors file ({e})") from None
+    data = _load_torch(path)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{path.name}: holds no tensors")
+    return tensors
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file ({} for other formats)."""
+    path = Path(path)
+    if _sniff(path) != "safetensors":
+        return {}
+    with safetensors.safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# --- family detection ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # "sd1" | "sd2" | "sdxl"
+    prediction: str  # "eps" | "v"
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+
+    @property
+    def latent_scale_factor(self) -> float:
+        return self.vae_config.scaling_factor
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """One family: how to recognise it, and the facts the weights cannot tell."""
+
+    name: str
+    matches: Callable[[StateDict], bool]
+    prediction: str
+    scaling_factor: float
+    heads: dict = field(default_factory=dict)  # the UNet's head layout is not stored in the weights
+
+
+def _proj_in_is_linear(sd: StateDict) -> bool:
+    key = next((k for k in sd if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")), None)
+    return key is not None and sd[key].ndim == 2
+
+
+# First match wins. SD2 checkpoints cannot be told apart by prediction type from the weights: the 768-px
+# releases (the common ones) predict v, the 512-px base predicts noise; see `_prediction`.
+FAMILY_RULES: list[FamilyRule] = [
+    FamilyRule("sdxl", lambda sd: f"{UNET_PREFIX}label_emb.0.0.weight" in sd, "eps", 0.13025,
+               {"num_head_channels": 64}),
+    FamilyRule("sd2", _proj_in_is_linear, "v", 0.18215, {"num_head_channels": 64}),
+    FamilyRule("sd1", lambda sd: f"{UNET_PREFIX}input_blocks.0.0.weight" in sd, "eps", 0.18215,
+               {"num_heads": 8}),
+]
+
+
+def _indices(keys: list[str], pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
+
+
+def _unet_config(sd: StateDict, heads: dict) -> UNetConfig:
+    """The exact UNet shape from key names and tensor shapes."""
+    keys = [k[len(UNET_PREFIX):] for k in sd if k.startswith(UNET_PREFIX)]
+    w = {k: sd[UNET_PREFIX + k] for k in keys}
+    model_channels, in_channels = w["input_blocks.0.0.weight"].shape[:2]
+    blocks = _indices(keys, r"input_blocks\.(\d+)\.")
+    downsamples = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in w]
+    num_res_blocks = (downsamples[0] - 1) if downsamples else len(blocks) - 1
+    levels = len(downsamples) + 1
+    mults, depths = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        mults.append(w[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // model_channels)
+        depths.append(len(_indices(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")))
+    attn2 = next(k for k in keys if k.endswith("attn2.to_k.weight"))
+    adm = w.get("label_emb.0.0.weight")
+    out = w.get("out.2.weight")  # may be missing: reported as such when the weights are loaded
+    return UNetConfig(
+        in_channels=in_channels, out_channels=in_channels if out is None else out.shape[0],
+        model_channels=model_channels,
+        channel_mult=tuple(mults), num_res_blocks=num_res_blocks, transformer_depth=tuple(depths),
+        transformer_depth_middle=len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
+        context_dim=w[attn2].shape[1], use_linear_in_transformer=_proj_in_is_linear(sd),
+        adm_in_channels=None if adm is None else adm.shape[1], **heads)
+
+
+def _vae_config(sd: StateDict, prefix: str, scaling_factor: float) -> VAEConfig:
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    w = {k: sd[prefix + k] for k in keys}
+    ch, in_channels = w["encoder.conv_in.weight"].shape[:2]
+    levels = _indices(keys, r"encoder\.down\.(\d+)\.")
+    return VAEConfig(
+        ch=ch, ch_mult=tuple(w[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
+        num_res_blocks=len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
+        in_channels=in_channels,
+        out_ch=w["decoder.conv_out.weight"].shape[0] if "decoder.conv_out.weight" in w else in_channels,
+        z_channels=w["post_quant_conv.weight"].shape[0], scaling_factor=scaling_factor)
+
+
+def _prediction(rule: FamilyRule, metadata: dict[str, str], v_prediction: bool | None) -> str:
+    """Explicit override, then file metadata (ours or ModelSpec's), then the family's usual choice."""
+    if v_prediction is not None:
+        return "v" if v_prediction else "eps"
+    declared = metadata.get("loom.prediction") or metadata.get("modelspec.prediction_type", "")
+    if declared in ("v", "v_prediction"):
+        return "v"
+    if declared in ("eps", "epsilon"):
+        return "eps"
+    return rule.prediction
+
+
+def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
+                  v_prediction: bool | None = None) -> ModelFamily:
+    """Family and exact configuration of a full LDM checkpoint, from its keys and shapes.
+
+    `metadata` may carry the head layout (`loom.unet_config`, written by `save_checkpoint`) and the
+    prediction type; without it the family's standard head layout is assumed.
+    """
+    metadata = metadata or {}
+    rule = next((r for r in FAMILY_RULES if r.matches(state_dict)), None)
+    if rule is None:
+        raise CheckpointError("not a Stable Diffusion checkpoint: no model.diffusion_model UNet weights")
+    heads = rule.heads
+    if "loom.unet_config" in metadata:
+        saved = json.loads(metadata["loom.unet_config"])
+        heads = {"num_heads": saved["num_heads"], "num_head_channels": saved["num_head_channels"]}
+    try:
+        unet_config = _unet_config(state_dict, heads)
+        vae_config = _vae_config(state_dict, VAE_PREFIX, rule.scaling_factor)
+    except (KeyError, StopIteration) as e:
+        raise CheckpointError(f"incomplete {rule.name} checkpoint: no weight {e}") from None
+    return ModelFamily(rule.name, _prediction(rule, metadata, v_prediction), unet_config, vae_config)
+
+
+# --- loading into modules --------------------------------------------------------------------------------
+
+@dataclass
+class LoadedCheckpoint:
+    family: ModelFamily
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: nn.Module | None
+    unused_keys: list[str]
+    path: Path
+    metadata: dict[str, str]
+
+
+@dataclass
+class LoadedVAE:
+    vae: AutoencoderKL
+    unused_keys: list[str]
+    path: Path
+
+
+def _strip(sd: StateDict, prefix: str) -> StateDict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _vae_attention_as_conv(sd: StateDict) -> StateDict:
+    """Some VAE files (converted from diffusers) store the mid attention projections as linear weights."""
+    pattern = re.compile(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+    return {k: v[:, :, None, None] if v.ndim == 2 and pattern.search(k) else v for k, v in sd.items()}
+
+
+def _materialize(factory: Callable[[], nn.Module], weights: StateDict, what: str, path: Path,
+                 device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """Build `factory()` without allocating, then adopt the file's tensors (cast only where needed)."""
+    with torch.device("meta"):
+        module = factory()
+    expected = list(module.state_dict())
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path.name}: the {what} is missing {len(missing)} weights: {shown}")
+    state = {k: weights[k].to(device, dtype if weights[k].is_floating_point() else None) for k in expected}
+    try:
+        module.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path.name}: {what} weights do not fit the detected shape ({e})") from None
+    return module.eval()
+
+
+def _load_text_encoder(sd: StateDict, path: Path, device: torch.device | str,
+                       dtype: torch.dtype) -> tuple[nn.Module, set[str]]:
+    from ldm.text_encoders import build_text_encoder, text_encoder_config_from_state_dict
+
+    config = text_encoder_config_from_state_dict(sd)
+    if config is None:
+        raise CheckpointError(f"{path.name}: no text encoder weights (cond_stage_model / conditioner)")
+    encoder = build_text_encoder(config)
+    try:
+        used = encoder.load_ldm_state_dict(sd)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: text encoder: {e}") from None
+    return encoder.to(device, dtype).eval(), set(used)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    text_encoder: bool = True, v_prediction: bool | None = None) -> LoadedCheckpoint:
+    """Load a single-file SD1/SD2/SDXL checkpoint into our modules on `device` in `dtype`.
+
+    Refuses files missing any expected weight; every key it does not use is listed in `unused_keys`.
+    `v_prediction` overrides the prediction type (SD2 768-px models predict v, the 512-px base eps;
+    without metadata saying which, SD2 files are taken to be v). `text_encoder=False` skips it.
+    """
+    path = Path(path)
+    sd = load_state_dict(path)
+    try:
+        family = detect_family(sd, read_metadata(path), v_prediction)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    unet = _materialize(lambda: UNetModel(family.unet_config), _strip(sd, UNET_PREFIX), "UNet", path,
+                        device, dtype)
+    vae = _materialize(lambda: AutoencoderKL(family.vae_config),
+                       _vae_attention_as_conv(_strip(sd, VAE_PREFIX)), "VAE", path, device, dtype)
+    used = {UNET_PREFIX + k for k in unet.state_dict()} | {VAE_PREFIX + k for k in vae.state_dict()}
+    encoder = None
+    if text_encoder:
+        encoder, te_used = _load_text_encoder(sd, path, device, dtype)
+        used |= te_used
+    unused = sorted(set(sd) - used)
+    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, read_metadata(path))
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             scaling_factor: float | None = None) -> LoadedVAE:
+    """A standalone VAE file: LDM keys with or without `first_stage_model.`, or diffusers keys.
+
+    The weights do not say which latent space they belong to: pass the `scaling_factor` of the
+    model it is used with (default: file metadata `loom.scaling_factor`, else SD1/2's 0.18215).
+    """
+    path = Path(path)
+    sd = load_state_dict(path)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        names = {k: k[len(VAE_PREFIX):] for k in sd if k.startswith(VAE_PREFIX)}
+    elif "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
+        levels = len(_indices(list(sd), r"decoder\.up_blocks\.(\d+)\."))
+        names = {k: _diffusers_vae_key_to_ldm(k, levels) for k in sd}
+    else:
+        names = {k: k for k in sd}
+    weights = _vae_attention_as_conv({new: sd[old] for old, new in names.items()})
+    if scaling_factor is None:
+        scaling_factor = float(read_metadata(path).get("loom.scaling_factor", 0.18215))
+    try:
+        config = _vae_config(weights, "", scaling_factor)
+    except KeyError as e:
+        raise CheckpointError(f"{path.name}: not a VAE (no weight {e})") from None
+    vae = _materialize(lambda: AutoencoderKL(config), weights, "VAE", path, device, dtype)
+    expected = vae.state_dict().keys()
+    return LoadedVAE(vae, sorted(k for k in sd if names.get(k) not in expected), path)
+
+
+_DIFFUSERS_VAE_RULES = [
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1."),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+    (r"conv_norm_out", lambda m: "norm_out"),
+    (r"conv_shortcut", lambda m: "nin_shortcut"),
+    (r"attn_1\.(group_norm)", lambda m: "attn_1.norm"),
+    (r"attn_1\.(?:to_q|query)", lambda m: "attn_1.q"),
+    (r"attn_1\.(?:to_k|key)", lambda m: "attn_1.k"),
+    (r"attn_1\.(?:to_v|value)", lambda m: "attn_1.v"),
+    (r"attn_1\.(?:to_out\.0|proj_attn)", lambda m: "attn_1.proj_out"),
+]
+
+
+def _diffusers_vae_key_to_ldm(key: str, up_levels: int) -> str:
+    # diffusers numbers decoder levels from the lowest resolution, LDM from the highest.
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                 lambda m: f"decoder.up.{up_levels - 1 - int(m[1])}.block.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                 lambda m: f"decoder.up.{up_levels - 1 - int(m[1])}.upsample.", key)
+    for pattern, replace in _DIFFUSERS_VAE_RULES:
+        key = re.sub(pattern, replace, key)
+    return key
+
+
+# --- saving ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: nn.Module | None,
+                    metadata: dict[str, str], dtype: torch.dtype | None = None) -> Path:
+    """Write one LDM-layout .safetensors file (weights cast to `dtype` if given) with string metadata.
+
+    The UNet config goes into the metadata too, so head layouts that differ from the family's standard
+    one (tiny test models) survive the round trip.
+    """
+    path = Path(path)
+    tensors: StateDict = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    tensors.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    if text_encoder is not None:
+        tensors.update(text_encoder.ldm_state_dict())
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in tensors.items()}
+    unet_fields = {f.name: getattr(unet.config, f.name) for f in fields(unet.config)}
+    metadata = {"loom.unet_config": json.dumps(unet_fields), "loom.scaling_factor": str(vae.scaling_factor),
+                **metadata}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    return path

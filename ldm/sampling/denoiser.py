@@ -1,0 +1,50 @@
+"""Wraps an eps- or v-predicting UNet as a denoiser `D(x, sigma, cond) -> x0` (Karras et al. 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ldm.sampling.schedules import DiscreteSchedule
+
+UNet = Callable[..., Tensor]
+
+
+@dataclass
+class Conditioning:
+    """What one UNet call is conditioned on: cross-attention `context` [B, L, D] and, for
+    models with a class/size embedding (SDXL), `y` [B, adm]."""
+
+    context: Tensor
+    y: Tensor | None = None
+
+
+class Denoiser:
+    """k-diffusion's preconditioning for a discrete-time LDM UNet, with sigma_data = 1.
+
+    The UNet sees `c_in * x` (the DDPM-scaled latent) and the continuous timestep of `sigma`;
+    for eps-prediction `x0 = x - sigma * eps`, for v-prediction (Salimans & Ho 2022)
+    `x0 = c_skip * x + c_out * v` with `c_skip = 1 / (sigma^2 + 1)`, `c_out = -sigma / sqrt(sigma^2 + 1)`.
+    """
+
+    def __init__(
+        self, unet: UNet, schedule: DiscreteSchedule, prediction: str = "eps", quantize: bool = False
+    ) -> None:
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction = prediction
+        self.quantize = quantize
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        sigma_ = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        c_in = (sigma_**2 + 1) ** -0.5
+        t = self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize)
+        out = self.unet(x * c_in, t, cond.context, y=cond.y)
+        if self.prediction == "eps":
+            return x - sigma_ * out
+        return x * c_in**2 - out * sigma_ * c_in

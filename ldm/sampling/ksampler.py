@@ -1,0 +1,164 @@
+"""The high-level sampling entry point the KSampler and KSamplerAdvanced nodes call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldm.sampling import samplers, samplers_ldm, samplers_sde
+from ldm.sampling.denoiser import Denoiser, UNet
+from ldm.sampling.guidance import CFGGuider, CondList
+from ldm.sampling.noise import BrownianTreeNoiseSampler, prepare_noise, seeded_noise_sampler
+from ldm.sampling.schedulers import get_sigmas
+from ldm.sampling.schedules import DiscreteSchedule
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": samplers.sample_euler,
+    "euler_ancestral": samplers.sample_euler_ancestral,
+    "heun": samplers.sample_heun,
+    "dpm_2": samplers.sample_dpm_2,
+    "dpm_2_ancestral": samplers.sample_dpm_2_ancestral,
+    "lms": samplers.sample_lms,
+    "dpmpp_2s_ancestral": samplers.sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": samplers.sample_dpmpp_sde,
+    "dpmpp_2m": samplers.sample_dpmpp_2m,
+    "dpmpp_2m_sde": samplers_sde.sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": samplers_sde.sample_dpmpp_3m_sde,
+    "ddpm": samplers_ldm.sample_ddpm,
+    "lcm": samplers_sde.sample_lcm,
+    "ddim": samplers_ldm.sample_ddim,
+    "plms": samplers_ldm.sample_plms,
+}
+SAMPLER_NAMES = list(SAMPLERS)
+
+# Samplers whose step noise comes from a Brownian tree rather than independent draws.
+_BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+_STEP_NOISE = {
+    "euler",
+    "heun",
+    "dpm_2",
+    "euler_ancestral",
+    "dpm_2_ancestral",
+    "dpmpp_2s_ancestral",
+    "ddpm",
+    "lcm",
+    "ddim",
+}
+
+
+class SamplingInterrupted(Exception):
+    """Raised when the `interrupt` hook asks sampling to stop."""
+
+
+def compute_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoise: float = 1.0) -> Tensor:
+    """The sigmas of a run: for denoise < 1, the last `steps + 1` of a `steps / denoise` schedule,
+    so every step is spent on the lower part of the noise range (ComfyUI's behaviour)."""
+    if denoise > 0.9999:
+        return get_sigmas(scheduler, schedule, steps)
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    return get_sigmas(scheduler, schedule, int(steps / denoise))[-(steps + 1) :]
+
+
+def _latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
+    """A [H, W], [B, H, W] or [B, 1|C, H, W] mask at any resolution, as [B, C, h, w] at the latent's."""
+    mask = mask.to(latent.device, latent.dtype)
+    mask = mask.reshape(-1, mask.shape[-3] if mask.ndim == 4 else 1, *mask.shape[-2:])
+    mask = F.interpolate(mask, size=latent.shape[-2:], mode="bilinear", align_corners=False)
+    mask = mask.expand(-1, latent.shape[1], -1, -1) if mask.shape[1] == 1 else mask
+    if mask.shape[0] != latent.shape[0]:
+        mask = mask.repeat(math.ceil(latent.shape[0] / mask.shape[0]), 1, 1, 1)[: latent.shape[0]]
+    return mask
+
+
+def sample(
+    unet: UNet | None,
+    schedule_or_denoiser: DiscreteSchedule | Denoiser,
+    latent: Tensor,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: CondList,
+    negative: CondList,
+    denoise: float = 1.0,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    add_noise: bool = True,
+    return_leftover_noise: bool = False,
+    noise_mask: Tensor | None = None,
+    batch_index: list[int] | None = None,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+    interrupt: Callable[[], bool] | None = None,
+    prediction: str = "eps",
+    sampler_options: dict | None = None,
+) -> Tensor:
+    """Sample a latent (in model space, i.e. already times the VAE scaling factor).
+
+    `start_step`/`end_step` cut the schedule for two-stage runs; unless `return_leftover_noise`,
+    a run cut short by `end_step` still ends at sigma 0. `noise_mask` (1 = repaint, 0 = keep)
+    holds the unmasked latents at the original, re-noised to each step's level, and restores them
+    exactly at the end. `callback(step, total, x0)` follows each step; `interrupt()` is polled
+    before every model call: it may raise itself, or return True to raise SamplingInterrupted.
+    """
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler_name!r}; expected one of {SAMPLER_NAMES}")
+    if isinstance(schedule_or_denoiser, Denoiser):
+        denoiser = schedule_or_denoiser
+    else:
+        denoiser = Denoiser(unet, schedule_or_denoiser, prediction)
+    schedule = denoiser.schedule
+
+    sigmas = compute_sigmas(schedule, scheduler, steps, denoise)
+    if end_step is not None and end_step < len(sigmas) - 1:
+        sigmas = sigmas[: end_step + 1]
+        if not return_leftover_noise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            return latent
+        sigmas = sigmas[start_step:]
+    if len(sigmas) < 2:
+        return latent
+
+    sigmas = sigmas.to(latent.device)
+    noise = prepare_noise(latent, seed, batch_index) if add_noise else torch.zeros_like(latent)
+    sigma_start = float(sigmas[0])
+    # From the top of the schedule, start at the variance-preserving scale sqrt(1 + sigma^2): pure
+    # noise in DDPM terms (ComfyUI's max_denoise).
+    full = math.isclose(sigma_start, schedule.sigma_max, rel_tol=1e-5) or sigma_start > schedule.sigma_max
+    x = latent + noise * ((1 + sigma_start**2) ** 0.5 if full else sigma_start)
+
+    guider = CFGGuider(denoiser, positive, negative, cfg)
+    mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
+
+    def model(x: Tensor, sigma: Tensor) -> Tensor:
+        if interrupt is not None and interrupt():
+            raise SamplingInterrupted("sampling interrupted")
+        if mask is None:
+            return guider(x, sigma)
+        level = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        x = x * mask + (latent + noise * level) * (1 - mask)
+        return guider(x, sigma) * mask + latent * (1 - mask)
+
+    total = len(sigmas) - 1
+    on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
+    options = dict(sampler_options or {})
+    if sampler_name in _BROWNIAN:
+        positive_sigmas = sigmas[sigmas > 0]
+        options.setdefault(
+            "noise_sampler",
+            BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed),
+        )
+    elif sampler_name in _STEP_NOISE:
+        options.setdefault("noise_sampler", seeded_noise_sampler(x, seed))
+    x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
+    if mask is not None:
+        x = x * mask + latent * (1 - mask)
+    return x

@@ -1,0 +1,76 @@
+"""Seeded noise: the initial latent noise and the per-step noise of ancestral and SDE samplers.
+
+Everything is drawn on the CPU from a `torch.Generator` seeded like `torch.manual_seed(seed)`,
+then moved to the latent's device and dtype, so a seed gives the same image on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+NoiseSampler = Callable[[float, float], Tensor]
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A CPU generator for any seed in [0, 2^64 - 1] (the KSampler node's range)."""
+    return torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
+
+
+def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = None) -> Tensor:
+    """Unit Gaussian noise shaped like `latent`, from `seed`.
+
+    Without `batch_index` the batch is one draw, so item k of a batch of n is the same as item k
+    of any larger batch. With `batch_index` (latents picked out of a bigger batch), item i gets
+    the noise that position `batch_index[i]` would have had, as in ComfyUI.
+    """
+    generator = cpu_generator(seed)
+    if batch_index is None:
+        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
+    else:
+        item_shape = [1, *latent.shape[1:]]
+        drawn = [
+            torch.randn(item_shape, generator=generator, dtype=torch.float32)
+            for _ in range(max(batch_index) + 1)
+        ]
+        noise = torch.cat([drawn[i] for i in batch_index])
+    return noise.to(device=latent.device, dtype=latent.dtype)
+
+
+def seeded_noise_sampler(x: Tensor, seed: int) -> NoiseSampler:
+    """Fresh unit noise shaped like `x` at each call, from a CPU generator seeded with `seed`."""
+    generator = cpu_generator(seed)
+
+    def sample(sigma: float, sigma_next: float) -> Tensor:
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+    return sample
+
+
+class BrownianTreeNoiseSampler:
+    """Noise from one Brownian motion path over the sigma range (a seeded torchsde BrownianTree,
+    as k-diffusion does), so SDE samplers see consistent noise whatever the step sizes.
+
+    Calling it with (sigma, sigma_next) returns the normalised increment of the path between them.
+    The tree lives on the CPU; increments are moved to `x`'s device.
+    """
+
+    def __init__(self, x: Tensor, sigma_min: float, sigma_max: float, seed: int) -> None:
+        import torchsde
+
+        self.device, self.dtype = x.device, x.dtype
+        self.bounds = float(sigma_min), float(sigma_max)
+        w0 = torch.zeros(x.shape, dtype=torch.float32)
+        t0, t1 = (torch.tensor(t, dtype=torch.float64) for t in self.bounds)
+        self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed) % 2**64)
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        # Clamped into the tree's range: schedules can overshoot its ends by a rounding error.
+        t0, t1 = (min(max(float(t), self.bounds[0]), self.bounds[1]) for t in sorted((sigma, sigma_next)))
+        increment = self.tree(torch.tensor(t0, dtype=torch.float64), torch.tensor(t1, dtype=torch.float64))
+        increment = increment / (t1 - t0) ** 0.5
+        # k-diffusion's sign convention: increments taken from high to low sigma are negated.
+        sign = -1.0 if sigma > sigma_next else 1.0
+        return (sign * increment).to(self.device, self.dtype)

@@ -1,0 +1,360 @@
+"""The k-diffusion family of samplers over one denoiser interface `model(x, sigma) -> x0`.
+
+Every sampler has k-diffusion's signature `sample_X(model, x, sigmas, extra_args, callback,
+disable, ...)`: `x` is the starting latent already at noise level `sigmas[0]`, `sigmas` runs
+down to (usually) 0, and `callback` gets `dict(i, x, sigma, sigma_hat, denoised)` after each
+model evaluation of a step (sigmas as Python floats). `disable` is accepted for compatibility;
+progress is reported through `callback` only. Stochastic samplers take a `noise_sampler(sigma,
+sigma_next) -> unit noise`; the high-level `ksampler.sample` always passes a seeded one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ldm.sampling.noise import BrownianTreeNoiseSampler, NoiseSampler
+
+Model = Callable[..., Tensor]
+Callback = Callable[[dict], None] | None
+
+
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """The derivative dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 4)."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split an ancestral step into a deterministic step down to `sigma_down` and fresh noise of
+    standard deviation `sigma_up`, with sigma_down^2 + sigma_up^2 = sigma_to^2."""
+    if not eta or sigma_to == 0:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def unseeded_noise_sampler(x: Tensor) -> NoiseSampler:
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def _call(model: Model, x: Tensor, sigma: float, extra_args: dict | None) -> Tensor:
+    return model(x, x.new_full((x.shape[0],), sigma), **(extra_args or {}))
+
+
+def _report(callback: Callback, i: int, x: Tensor, sigma: float, sigma_hat: float, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+def _churn(
+    x: Tensor,
+    sigmas: list[float],
+    i: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    noise_sampler: NoiseSampler | None,
+) -> tuple[Tensor, float]:
+    """Karras et al. (2022) Algorithm 2, lines 4-6: raise the noise level by a factor (1 + gamma)."""
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+    if gamma <= 0:
+        return x, sigmas[i]
+    sigma_hat = sigmas[i] * (gamma + 1)
+    noise_sampler = noise_sampler or unseeded_noise_sampler(x)
+    return x + noise_sampler(sigmas[i], sigma_hat) * s_noise * (
+        sigma_hat**2 - sigmas[i] ** 2
+    ) ** 0.5, sigma_hat
+
+
+@torch.no_grad()
+def sample_euler(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Karras et al. (2022), Algorithm 2 with Euler steps. Also DDIM with eta = 0 (Song et al. 2021),
+    which is exactly an Euler step of the ODE in sigma space."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        denoised = _call(model, x, sigma_hat, extra_args)
+        _report(callback, i, x, s[i], sigma_hat, denoised)
+        x = x + to_d(x, sigma_hat, denoised) * (s[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Ancestral sampling with Euler steps (k-diffusion). Equals DDIM with the same eta."""
+    noise_sampler = noise_sampler or unseeded_noise_sampler(x)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, i, x, s[i], s[i], denoised)
+        x = x + to_d(x, s[i], denoised) * (sigma_down - s[i])
+        if s[i + 1] > 0 and sigma_up > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Karras et al. (2022), Algorithm 2 (Heun's second-order method; Euler on the last step)."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        denoised = _call(model, x, sigma_hat, extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, i, x, s[i], sigma_hat, denoised)
+        dt = s[i + 1] - sigma_hat
+        if s[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, s[i + 1], _call(model, x_2, s[i + 1], extra_args))
+            x = x + (d + d_2) * (dt / 2)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022) midpoint steps in log-sigma, in Karras et al.'s Algorithm 2."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        denoised = _call(model, x, sigma_hat, extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, i, x, s[i], sigma_hat, denoised)
+        if s[i + 1] == 0:
+            x = x + d * (s[i + 1] - sigma_hat)
+        else:
+            sigma_mid = math.exp((math.log(sigma_hat) + math.log(s[i + 1])) / 2)
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = to_d(x_2, sigma_mid, _call(model, x_2, sigma_mid, extra_args))
+            x = x + d_2 * (s[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Ancestral sampling with DPM-Solver-2 (Lu et al. 2022) steps."""
+    noise_sampler = noise_sampler or unseeded_noise_sampler(x)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, i, x, s[i], s[i], denoised)
+        d = to_d(x, s[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - s[i])
+        else:
+            sigma_mid = math.exp((math.log(s[i]) + math.log(sigma_down)) / 2)
+            x_2 = x + d * (sigma_mid - s[i])
+            d_2 = to_d(x_2, sigma_mid, _call(model, x_2, sigma_mid, extra_args))
+            x = x + d_2 * (sigma_down - s[i])
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+def linear_multistep_coeff(order: int, t: list[float], i: int, j: int) -> float:
+    """Integral over [t_i, t_{i+1}] of the Lagrange basis polynomial of t_{i-j} on t_i..t_{i-order+1}."""
+    from scipy import integrate
+
+    def basis(tau: float) -> float:
+        prod = 1.0
+        for k in range(order):
+            if k != j:
+                prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        return prod
+
+    return integrate.quad(basis, t[i], t[i + 1], epsrel=1e-4)[0]
+
+
+@torch.no_grad()
+def sample_lms(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    order: int = 4,
+) -> Tensor:
+    """Linear multistep method on the sigma-ODE, with coefficients for non-uniform steps (k-diffusion)."""
+    s = sigmas.tolist()
+    ds: list[Tensor] = []
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        ds = [*ds[-(order - 1) :], to_d(x, s[i], denoised)] if order > 1 else [to_d(x, s[i], denoised)]
+        _report(callback, i, x, s[i], s[i], denoised)
+        cur_order = min(i + 1, order)
+        coeffs = [linear_multistep_coeff(cur_order, s, i, j) for j in range(cur_order)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, "DPM-Solver++", Algorithm 1)."""
+    noise_sampler = noise_sampler or unseeded_noise_sampler(x)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, i, x, s[i], s[i], denoised)
+        if sigma_down == 0:
+            x = x + to_d(x, s[i], denoised) * (sigma_down - s[i])
+        else:
+            # Half step in log-sigma (t = -log sigma), then the full step from the midpoint's x0.
+            sigma_mid = (s[i] * sigma_down) ** 0.5
+            h = math.log(s[i] / sigma_down)
+            x_2 = (sigma_mid / s[i]) * x - math.expm1(-h / 2) * denoised
+            denoised_2 = _call(model, x_2, sigma_mid, extra_args)
+            x = (sigma_down / s[i]) * x - math.expm1(-h) * denoised_2
+        if s[i + 1] > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+def _brownian(
+    x: Tensor, sigmas: list[float], noise_sampler: NoiseSampler | None, seed: int | None
+) -> NoiseSampler:
+    if noise_sampler is not None:
+        return noise_sampler
+    positive = [v for v in sigmas if v > 0]
+    seed = int(torch.randint(0, 2**63 - 1, [])) if seed is None else seed
+    return BrownianTreeNoiseSampler(x, min(positive), max(positive), seed)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    r: float = 0.5,
+    seed: int | None = None,
+) -> Tensor:
+    """DPM-Solver++ (stochastic, second order, single step; k-diffusion), with Brownian tree noise."""
+    s = sigmas.tolist()
+    noise_sampler = _brownian(x, s, noise_sampler, seed)
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        _report(callback, i, x, s[i], s[i], denoised)
+        if s[i + 1] == 0:
+            x = x + to_d(x, s[i], denoised) * (s[i + 1] - s[i])
+            continue
+        h = math.log(s[i] / s[i + 1])
+        sigma_s = s[i] * math.exp(-h * r)
+        # Step 1: ancestral step to the intermediate level sigma_s.
+        sd, su = get_ancestral_step(s[i], sigma_s, eta)
+        x_2 = (sd / s[i]) * x - math.expm1(math.log(sd / s[i])) * denoised
+        x_2 = x_2 + noise_sampler(s[i], sigma_s) * (s_noise * su)
+        denoised_2 = _call(model, x_2, sigma_s, extra_args)
+        # Step 2: ancestral step to sigma_next with the blended x0 estimate.
+        sd, su = get_ancestral_step(s[i], s[i + 1], eta)
+        fac = 1 / (2 * r)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (sd / s[i]) * x - math.expm1(math.log(sd / s[i])) * denoised_d
+        x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * su)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), multistep in log-sigma."""
+    s = sigmas.tolist()
+    old_denoised = None
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        _report(callback, i, x, s[i], s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+        elif old_denoised is None:
+            x = (s[i + 1] / s[i]) * x - math.expm1(-math.log(s[i] / s[i + 1])) * denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            r = math.log(s[i - 1] / s[i]) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * denoised_d
+        old_denoised = denoised
+    return x

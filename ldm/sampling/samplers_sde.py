@@ -1,0 +1,128 @@
+"""Multistep SDE samplers (DPM-Solver++ 2M/3M SDE) and consistency-model (LCM) sampling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ldm.sampling.noise import NoiseSampler
+from ldm.sampling.samplers import Callback, Model, _brownian, _call, _report, unseeded_noise_sampler
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    solver_type: str = "midpoint",
+    seed: int | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", section 5; k-diffusion's variant),
+    with Brownian tree noise; `solver_type` 'midpoint' or 'heun' picks the second-order correction."""
+    if solver_type not in ("heun", "midpoint"):
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    s = sigmas.tolist()
+    noise_sampler = _brownian(x, s, noise_sampler, seed)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        _report(callback, i, x, s[i], s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+            h = None
+        else:
+            h = math.log(s[i] / s[i + 1])
+            eta_h = eta * h
+            phi = -math.expm1(-h - eta_h)
+            x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + phi * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + ((phi / (-h - eta_h) + 1) / r) * (denoised - old_denoised)
+                else:
+                    x = x + (0.5 * phi / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise_sampler(s[i], s[i + 1]) * (
+                    s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
+                )
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    seed: int | None = None,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion): third-order multistep in log-sigma, Brownian tree noise."""
+    s = sigmas.tolist()
+    noise_sampler = _brownian(x, s, noise_sampler, seed)
+    denoised_1 = denoised_2 = None
+    h_1 = h_2 = None
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        _report(callback, i, x, s[i], s[i], denoised)
+        h = None
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
+            if eta:
+                x = x + noise_sampler(s[i], s[i + 1]) * (
+                    s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise
+                )
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    disable: bool | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023, LCM):
+    jump to the model's x0 estimate, then re-noise it to the next level with fresh noise."""
+    noise_sampler = noise_sampler or unseeded_noise_sampler(x)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        _report(callback, i, x, s[i], s[i], denoised)
+        x = denoised
+        if s[i + 1] > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1]
+    return x

@@ -1,0 +1,71 @@
+"""The discrete DDPM noise schedule of Stable Diffusion, seen as noise levels (sigmas)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class DiscreteSchedule:
+    """SD's 1,000-step scaled-linear beta schedule, with sigma <-> timestep conversion.
+
+    A noisy latent is written in the variance-exploding form of Karras et al. (2022),
+    `x = x0 + sigma * eps`, where `sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`.
+    Timesteps are continuous: between integer steps, log-sigma is interpolated linearly
+    (as k-diffusion's DiscreteSchedule and ComfyUI's ModelSamplingDiscrete do).
+    """
+
+    def __init__(
+        self,
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        num_timesteps: int = 1000,
+        alphas_cumprod: Tensor | None = None,
+    ) -> None:
+        if alphas_cumprod is None:
+            # LDM's "linear" schedule is linear in sqrt(beta); computed in float64 as LDM does.
+            betas = (
+                torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+            )
+            alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod.to(torch.float32)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: Tensor, quantize: bool = False) -> Tensor:
+        """Continuous timestep (0..num_timesteps-1) whose log-sigma interpolation gives `sigma`.
+
+        `quantize=True` rounds to the nearest integer step instead (ComfyUI's behaviour when it
+        calls the UNet); sigmas outside the table clamp to its ends.
+        """
+        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigma = sigma.to(torch.float32).log()
+        if quantize:
+            return (log_sigma[..., None] - log_sigmas).abs().argmin(dim=-1).to(sigma.dtype)
+        low = (torch.searchsorted(log_sigmas, log_sigma.contiguous(), right=True) - 1).clamp(
+            0, len(log_sigmas) - 2
+        )
+        low_val, high_val = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma - low_val) / (high_val - low_val)).clamp(0, 1)
+        return (low + w).to(sigma.dtype)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """Sigma at a continuous timestep, by linear interpolation of log-sigma."""
+        log_sigmas = self.log_sigmas.to(t.device)
+        t = t.to(torch.float32).clamp(0, len(log_sigmas) - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()

@@ -1,0 +1,190 @@
+"""The LDM UNet (SD1, SD2, SDXL); attribute names follow the `model.diffusion_model.` checkpoint keys."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.attention import SpatialTransformer
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of a UNet. `transformer_depth[i]` is the number of transformer blocks at level i (0: none).
+
+    Heads: `num_head_channels` (SD2, SDXL: 64 channels per head) wins over `num_heads`
+    (SD1: 8 heads whatever the width).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    transformer_depth_middle: int = 1
+    num_heads: int = 8
+    num_head_channels: int | None = None
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    adm_in_channels: int | None = None
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) for a transformer of `channels` width."""
+        if self.num_head_channels:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B] -> [B, dim], cosines first (the LDM convention)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sdxl_adm(pooled: torch.Tensor, width: int, height: int, crop_w: int = 0, crop_h: int = 0,
+             target_width: int | None = None, target_height: int | None = None) -> torch.Tensor:
+    """SDXL's `y`: pooled text embedding followed by 256-wide embeddings of the size and crop numbers.
+
+    The order is SDXL's: original (height, width), crop (top, left), target (height, width).
+    """
+    numbers = [height, width, crop_h, crop_w, target_height or height, target_width or width]
+    emb = timestep_embedding(torch.tensor(numbers, dtype=torch.float32, device=pooled.device), 256)
+    emb = emb.reshape(1, -1).expand(pooled.shape[0], -1).to(pooled.dtype)
+    return torch.cat([pooled, emb], dim=1)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each getting the time embedding or the context if it takes one."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                upsample_size: torch.Size | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        # Interpolating to the skip's size (not always x2) lets sizes that are not a multiple of 8 work.
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ted = c.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if c.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = c.heads(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer)
+
+        ch = c.model_channels
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, ted, c.model_channels * mult)]
+                ch = c.model_channels * mult
+                if c.transformer_depth[level]:
+                    layers.append(transformer(ch, c.transformer_depth[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ted, ch), transformer(ch, c.transformer_depth_middle), ResBlock(ch, ted, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), ted, c.model_channels * mult)]
+                ch = c.model_channels * mult
+                if c.transformer_depth[level]:
+                    layers.append(transformer(ch, c.transformer_depth[level]))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict noise (or v) for latents `x` [B,C,H,W] at `timesteps` [B] given `context` [B,L,D].
+
+        `y` [B, adm_in_channels] is required by SDXL models (see `sdxl_adm`) and refused otherwise.
+        """
+        if (y is None) != (self.config.adm_in_channels is None):
+            raise ValueError("y is required for models with adm_in_channels and only for them")
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
+        h = x.to(dtype)
+        context = context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h).to(x.dtype)

@@ -1,0 +1,105 @@
+"""Classifier-free guidance, batching and area/mask composition over CONDITIONING lists."""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.sampling import CFGGuider, Conditioning, Denoiser, DiscreteSchedule
+
+SCHEDULE = DiscreteSchedule()
+
+
+class AttentionUNet:
+    """Attends from the latent's mean to the context, so repeated context tokens cancel out; logs calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, x, t, context, y=None):
+        self.calls.append((x.shape[0], context.shape[1], None if y is None else tuple(y.shape)))
+        q = x.mean(dim=(2, 3))
+        weights = torch.softmax(torch.einsum("bc,blc->bl", q, context), dim=-1)
+        v = torch.einsum("bl,blc->bc", weights, context)
+        out = 0.1 * x + v[:, :, None, None] + t[:, None, None, None] / 1000
+        return out if y is None else out + y.sum(1)[:, None, None, None]
+
+
+def setup(h: int = 8, w: int = 8):
+    unet = AttentionUNet()
+    denoiser = Denoiser(unet, SCHEDULE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, h, w, generator=g) * 3
+    sigma = torch.tensor([3.0, 3.0])
+    ctx = [torch.randn(1, 77, 4, generator=g) for _ in range(3)]
+    return unet, denoiser, x, sigma, ctx
+
+
+def direct(denoiser, x, sigma, context, y=None):
+    return denoiser(x, sigma, Conditioning(context.expand(x.shape[0], -1, -1), y))
+
+
+def test_cfg_one_skips_the_unconditional_pass():
+    unet, denoiser, x, sigma, ctx = setup()
+    out = CFGGuider(denoiser, [(ctx[0], {})], [(ctx[1], {})], cfg=1.0)(x, sigma)
+    assert unet.calls == [(2, 77, None)]
+    assert torch.allclose(out, direct(denoiser, x, sigma, ctx[0]), atol=1e-6)
+
+
+def test_cond_and_uncond_share_one_call():
+    unet, denoiser, x, sigma, ctx = setup()
+    out = CFGGuider(denoiser, [(ctx[0], {})], [(ctx[1], {})], cfg=7.5)(x, sigma)
+    assert unet.calls == [(4, 77, None)]
+    cond, uncond = direct(denoiser, x, sigma, ctx[0]), direct(denoiser, x, sigma, ctx[1])
+    assert torch.allclose(out, uncond + 7.5 * (cond - uncond), atol=1e-5)
+
+
+def test_long_prompts_are_repeated_to_a_common_length():
+    unet, denoiser, x, sigma, ctx = setup()
+    long = torch.cat([ctx[0], ctx[2]], dim=1)
+    out = CFGGuider(denoiser, [(long, {})], [(ctx[1], {})], cfg=5.0)(x, sigma)
+    assert unet.calls == [(4, 154, None)]
+    cond, uncond = direct(denoiser, x, sigma, long), direct(denoiser, x, sigma, ctx[1])
+    assert torch.allclose(out, uncond + 5.0 * (cond - uncond), atol=1e-5)
+
+
+def test_incommensurable_lengths_run_separately():
+    unet, denoiser, x, sigma, ctx = setup()
+    odd = torch.randn(1, 400, 4)
+    CFGGuider(denoiser, [(odd, {})], [(ctx[1], {})], cfg=5.0)(x, sigma)
+    assert sorted(unet.calls) == [(2, 77, None), (2, 400, None)]
+
+
+def test_area_conditioning_is_blended_with_feathered_edges():
+    unet, denoiser, x, sigma, ctx = setup(16, 16)
+    area = {"area": (8, 8, 0, 8), "strength": 2.0}  # (h, w, y, x): the top-right quarter
+    out = CFGGuider(denoiser, [(ctx[0], {}), (ctx[1], area)], [], cfg=1.0)(x, sigma)
+    assert len(unet.calls) == 2  # the whole image and the quarter cannot share a batch
+    full = direct(denoiser, x, sigma, ctx[0])
+    part = direct(denoiser, x[:, :, :8, 8:], sigma, ctx[1])
+    ramp = torch.ones(8)
+    ramp[:8] = torch.arange(1, 9) / 8
+    weight = 2.0 * ramp.flip(0)[:, None] * ramp[None, :]  # bottom and left edges lie inside the image
+    expected = full.clone()
+    expected[:, :, :8, 8:] = (full[:, :, :8, 8:] + part * weight) / (1 + weight)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_masked_conditioning_weights_by_the_mask():
+    unet, denoiser, x, sigma, ctx = setup()
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, :16] = 1.0  # left half, at a higher resolution than the latent
+    out = CFGGuider(denoiser, [(ctx[0], {"mask": mask}), (ctx[1], {})], [], cfg=1.0)(x, sigma)
+    assert unet.calls == [(4, 77, None)]
+    first, second = direct(denoiser, x, sigma, ctx[0]), direct(denoiser, x, sigma, ctx[1])
+    m = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear")
+    assert torch.allclose(out, (first * m + second) / (m + 1), atol=1e-5)
+
+
+def test_y_is_passed_per_entry_and_batched():
+    unet, denoiser, x, sigma, ctx = setup()
+    y_pos, y_neg = torch.ones(1, 6), torch.zeros(1, 6)
+    out = CFGGuider(denoiser, [(ctx[0], {"y": y_pos})], [(ctx[1], {"y": y_neg})], cfg=3.0)(x, sigma)
+    assert unet.calls == [(4, 77, (4, 6))]
+    cond = direct(denoiser, x, sigma, ctx[0], y_pos.expand(2, -1))
+    uncond = direct(denoiser, x, sigma, ctx[1], y_neg.expand(2, -1))
+    assert torch.allclose(out, uncond + 3.0 * (cond - uncond), atol=1e-5)

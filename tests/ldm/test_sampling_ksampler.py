@@ -1,0 +1,141 @@
+"""The KSampler entry point: seeds, img2img, two-stage runs, inpainting masks, progress, interrupts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.sampling import (
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
+    DiscreteSchedule,
+    SamplingInterrupted,
+    compute_sigmas,
+    sample,
+)
+
+SCHEDULE = DiscreteSchedule()
+
+
+class CountingUNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x, t, context, y=None):
+        self.calls += 1
+        return 0.3 * torch.tanh(self.conv(x)) + 0.5 * x + context.mean() + t[:, None, None, None] / 5000
+
+
+POS = [(torch.full((1, 77, 8), 0.1), {})]
+NEG = [(torch.full((1, 77, 8), -0.1), {})]
+
+
+def run(latent=None, unet=None, **kwargs):
+    args = dict(
+        seed=42, steps=10, cfg=6.0, sampler_name="euler", scheduler="normal", positive=POS, negative=NEG
+    )
+    args.update(kwargs)
+    latent = torch.zeros(2, 4, 8, 8) if latent is None else latent
+    return sample(unet or CountingUNet(), SCHEDULE, latent, **args)
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLER_NAMES)
+def test_every_sampler_runs_and_is_reproducible(sampler_name):
+    a = run(sampler_name=sampler_name, steps=4)
+    assert torch.isfinite(a).all() and a.shape == (2, 4, 8, 8)
+    assert torch.equal(a, run(sampler_name=sampler_name, steps=4))
+    assert not torch.equal(a, run(sampler_name=sampler_name, steps=4, seed=43))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_every_scheduler_runs(scheduler):
+    assert torch.isfinite(run(scheduler=scheduler, steps=3)).all()
+
+
+def test_denoise_zero_returns_the_input_unchanged():
+    latent = torch.randn(1, 4, 8, 8)
+    unet = CountingUNet()
+    assert torch.equal(run(latent, unet, denoise=0.0), latent)
+    assert unet.calls == 0
+
+
+def test_partial_denoise_spreads_the_steps_over_the_lower_range():
+    sigmas = compute_sigmas(SCHEDULE, "normal", 10, denoise=0.5)
+    assert len(sigmas) == 11 and sigmas[-1] == 0
+    assert torch.equal(sigmas, compute_sigmas(SCHEDULE, "normal", 20)[-11:])
+    latent = torch.randn(1, 4, 8, 8)
+    assert (run(latent, denoise=0.3) - latent).abs().mean() < (run(latent) - latent).abs().mean()
+
+
+def test_two_stage_run_with_leftover_noise_equals_one_run():
+    unet = CountingUNet()
+    full = run(unet=unet, steps=12)
+    first = run(unet=unet, steps=12, end_step=5, return_leftover_noise=True)
+    second = run(first, unet=unet, steps=12, start_step=5, add_noise=False)
+    assert torch.allclose(second, full, atol=1e-5)
+
+
+def test_end_step_without_leftover_noise_finishes_at_sigma_zero():
+    seen = []
+    run(steps=12, end_step=5, sampler_name="euler_ancestral", callback=lambda i, n, x0: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(5)]
+    previews = []
+    finished = run(steps=12, end_step=5, callback=lambda i, n, x0: previews.append(x0))
+    assert torch.allclose(finished, previews[-1], atol=1e-5)  # an Euler step to sigma 0 lands on x0
+    previews.clear()
+    leftover = run(
+        steps=12, end_step=5, return_leftover_noise=True, callback=lambda i, n, x0: previews.append(x0)
+    )
+    assert not torch.allclose(leftover, previews[-1], atol=1e-2)
+
+
+def test_start_step_past_the_end_returns_the_input():
+    latent = torch.randn(1, 4, 8, 8)
+    assert torch.equal(run(latent, steps=10, start_step=10), latent)
+
+
+def test_noise_mask_keeps_the_unmasked_region():
+    latent = torch.randn(1, 4, 8, 8)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1.0  # pixel-space mask, repaint the middle
+    out = run(latent, noise_mask=mask, sampler_name="dpmpp_2m", denoise=0.8)
+    keep = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear") == 0
+    keep = keep.expand_as(latent)
+    assert torch.equal(out[keep], latent[keep])
+    assert not torch.allclose(out[~keep], latent[~keep])
+
+
+def test_callback_reports_each_step_with_a_preview():
+    seen = []
+    run(steps=7, sampler_name="heun", callback=lambda i, n, x0: seen.append((i, n, x0.shape)))
+    assert seen == [(i, 7, (2, 4, 8, 8)) for i in range(7)]
+
+
+def test_interrupt_stops_a_long_run_within_one_step():
+    unet = CountingUNet()
+    steps_done = []
+
+    def interrupt() -> bool:
+        return len(steps_done) >= 3
+
+    with pytest.raises(SamplingInterrupted):
+        run(unet=unet, steps=1000, callback=lambda i, n, x0: steps_done.append(i), interrupt=interrupt)
+    assert steps_done[-1] == 2 and unet.calls <= 4
+
+
+def test_v_prediction_runs():
+    assert torch.isfinite(run(prediction="v", sampler_name="dpmpp_2m_sde", scheduler="karras")).all()
+
+
+def test_batch_index_gives_the_same_noise_as_the_full_batch():
+    full = run(torch.zeros(3, 4, 8, 8), sampler_name="euler")
+    picked = run(torch.zeros(1, 4, 8, 8), sampler_name="euler", batch_index=[2])
+    assert torch.allclose(picked[0], full[2], atol=1e-6)
+
+
+def test_unknown_sampler_is_rejected():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        run(sampler_name="nope")

@@ -1,0 +1,102 @@
+"""SD's discrete schedule, the named schedulers and seeded noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, DiscreteSchedule, get_sigmas, prepare_noise
+
+SCHEDULE = DiscreteSchedule()
+
+
+def test_sd_schedule_range():
+    assert round(SCHEDULE.sigma_min, 4) == 0.0292
+    assert round(SCHEDULE.sigma_max, 4) == 14.6146
+    assert SCHEDULE.num_timesteps == 1000
+
+
+def test_sigma_timestep_round_trip():
+    t = torch.tensor([0.0, 1.0, 250.5, 998.25, 999.0])
+    assert torch.allclose(SCHEDULE.sigma_to_t(SCHEDULE.t_to_sigma(t)), t, atol=1e-3)
+    assert torch.allclose(SCHEDULE.t_to_sigma(torch.arange(1000.0)), SCHEDULE.sigmas)
+    assert SCHEDULE.sigma_to_t(torch.tensor([100.0, 1e-4])).tolist() == [999.0, 0.0]
+    assert SCHEDULE.sigma_to_t(torch.tensor([1.0]), quantize=True).item() == 354.0
+
+
+def test_names_in_comfyui_order():
+    assert SCHEDULER_NAMES == [
+        "normal",
+        "karras",
+        "exponential",
+        "sgm_uniform",
+        "simple",
+        "ddim_uniform",
+        "beta",
+    ]
+    assert SAMPLER_NAMES[:6] == ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms"]
+    for name in [
+        "dpmpp_2s_ancestral",
+        "dpmpp_sde",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "dpmpp_3m_sde",
+        "ddpm",
+        "lcm",
+        "ddim",
+        "plms",
+    ]:
+        assert name in SAMPLER_NAMES
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("steps", [1, 4, 20, 50])
+def test_schedulers_descend_to_zero(scheduler, steps):
+    sigmas = get_sigmas(scheduler, SCHEDULE, steps)
+    assert sigmas[-1] == 0
+    assert (sigmas[:-1] > 0).all() and (sigmas[1:] < sigmas[:-1]).all()
+    assert sigmas[0] <= SCHEDULE.sigma_max * (1 + 1e-6)
+    if scheduler not in ("ddim_uniform", "beta"):
+        assert len(sigmas) == steps + 1
+
+
+def test_normal_includes_the_last_timestep_and_sgm_uniform_does_not():
+    assert torch.allclose(get_sigmas("normal", SCHEDULE, 1000)[:-1], SCHEDULE.sigmas.flip(0))
+    assert get_sigmas("normal", SCHEDULE, 10)[-2] == pytest.approx(SCHEDULE.sigma_min)
+    sgm = get_sigmas("sgm_uniform", SCHEDULE, 10)
+    assert sgm[0] == pytest.approx(SCHEDULE.sigma_max)
+    assert sgm[-2] == pytest.approx(float(SCHEDULE.t_to_sigma(torch.tensor(99.9))), rel=1e-5)
+
+
+def test_simple_and_ddim_uniform_pick_table_entries():
+    assert torch.equal(get_sigmas("simple", SCHEDULE, 4)[:-1], SCHEDULE.sigmas[[999, 749, 499, 249]])
+    assert torch.equal(get_sigmas("ddim_uniform", SCHEDULE, 20)[:-1], SCHEDULE.sigmas[1::50].flip(0))
+
+
+def test_beta_is_denser_at_both_ends_than_uniform_timesteps():
+    t = SCHEDULE.sigma_to_t(get_sigmas("beta", SCHEDULE, 20)[:-1])
+    gaps = (t[:-1] - t[1:]).tolist()
+    assert gaps[0] < gaps[len(gaps) // 2] and gaps[-1] < gaps[len(gaps) // 2]
+
+
+def test_unknown_scheduler_is_rejected():
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        get_sigmas("linear", SCHEDULE, 10)
+
+
+def test_noise_is_seeded_batch_consistent_and_device_independent():
+    latent = torch.zeros(4, 4, 8, 8)
+    a, b = prepare_noise(latent, 123), prepare_noise(latent, 123)
+    assert torch.equal(a, b) and not torch.equal(a, prepare_noise(latent, 124))
+    assert torch.equal(prepare_noise(latent[:2], 123), a[:2])
+    assert torch.equal(a, torch.randn(4, 4, 8, 8, generator=torch.manual_seed(123)))
+    picked = prepare_noise(latent[:2], 123, batch_index=[3, 1])
+    assert torch.equal(picked, a[[3, 1]])
+    half = prepare_noise(latent.half(), 123)
+    assert half.dtype == torch.float16 and torch.equal(half, a.half())
+
+
+def test_noise_accepts_the_full_64_bit_seed_range():
+    latent = torch.zeros(1, 4, 8, 8)
+    top = prepare_noise(latent, 2**64 - 1)
+    assert torch.isfinite(top).all() and not torch.equal(top, prepare_noise(latent, 0))
