@@ -1,0 +1,128 @@
+"""Train the bundled demo model (64 px captioned shapes, SD1 layout) end to end; rerun the same command to resume.
+
+    bash scripts/train_demo.sh OUT_DIR                 # about 8 minutes on one H100/H200 (bf16)
+    bash scripts/train_demo.sh OUT_DIR --minutes 60    # the same, slowly, on a CPU
+
+Stages: the autoencoder (its reconstructions judged by the adherence checker), then the UNet with
+its text encoder (adherence on held-out captions printed as it trains), then the checker through
+the engine's txt2img workflow with a guidance sweep. OUT_DIR receives loom-shapes-64.safetensors,
+the loss curves, sample grids and figures.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.prompt_adherence import generate as engine_generate  # noqa: E402
+from benchmarks.prompt_adherence import score  # noqa: E402
+from ldm.training.data import evaluation_scenes, render_scenes, shapes_dataset  # noqa: E402
+from ldm.training.loop import History, LoopConfig, plot_losses, save_grid  # noqa: E402
+from ldm.training.unet_trainer import UNetTrainConfig, generate, train_unet  # noqa: E402
+from ldm.training.vae_trainer import VAETrainConfig, train_vae  # noqa: E402
+
+CHECKPOINT = "loom-shapes-64.safetensors"
+SIZE = 64
+# Per device: (VAE images, VAE batch, UNet images, UNet batch, precision). The GPU pools give each
+# training caption ~15 distinct pictures (jittered placement), each encoded once.
+PROFILES = {"cuda": (32768, 128, 65536, 512, "bf16"), "cpu": (2048, 16, 4096, 32, "fp32")}
+
+
+def _judge(images: torch.Tensor, scenes: list) -> dict[str, float]:
+    return score(((images.float().cpu() + 1) / 2).permute(0, 2, 3, 1), scenes)
+
+
+def _print(label: str, figures: dict[str, float]) -> None:
+    print(f"{label}: " + ", ".join(f"{k} {v:.0%}" for k, v in figures.items()), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="output folder (also holds the resume state)")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training time of both stages together")
+    parser.add_argument("--max-steps", type=int, help="also stop each stage after this many steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eval-n", type=int, default=100, help="held-out captions for the final check")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance values to sweep")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    vae_images, vae_batch, unet_images, unet_batch, precision = PROFILES[device.type]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "minutes": args.minutes}
+    eval_scenes = evaluation_scenes(200, args.seed)
+    eval_pixels = render_scenes(eval_scenes, SIZE, seed=args.seed + 7, device=device)
+
+    # Stage 1: the autoencoder. Everything downstream is capped by how well it keeps colours and shapes.
+    vae_loop = LoopConfig(minutes=0.3 * args.minutes, max_steps=args.max_steps, batch_size=vae_batch, lr=5e-4,
+                          warmup_steps=100, precision=precision, ema_decay=0.998, seed=args.seed,
+                          log_every=50, sample_every=1000, save_every=1000)
+    vae_config = VAETrainConfig(loop=vae_loop)
+    vae = train_vae(shapes_dataset(vae_images, args.seed, SIZE, device), args.out, vae_config, device)
+    with torch.no_grad():
+        reconstructions = torch.cat([vae.decode(vae.encode(chunk).mean) for chunk in eval_pixels.split(100)])
+    figures["vae_reconstruction"] = _judge(reconstructions, eval_scenes)
+    _print("VAE reconstructions of held-out pictures", figures["vae_reconstruction"])
+
+    # Stage 2: UNet and text encoder, judged on held-out captions as they train.
+    progress: list[dict] = []
+
+    def check(model, step: int) -> None:
+        scenes = eval_scenes[:64]
+        images = generate(model, [s.caption for s in scenes], cfg=5.0, steps=15, seed=args.seed)
+        figures_now = _judge(images, scenes)
+        progress.append({"step": step, **figures_now})
+        _print(f"\nadherence at step {step} (cfg 5, 64 held-out captions)", figures_now)
+
+    unet_loop = LoopConfig(minutes=0.55 * args.minutes, max_steps=args.max_steps, batch_size=unet_batch, lr=5e-4,
+                           warmup_steps=200, precision=precision, ema_decay=0.999, seed=args.seed + 1,
+                           log_every=50, sample_every=1000, save_every=1000)
+    unet_config = UNetTrainConfig(loop=unet_loop)
+    model, path = train_unet(shapes_dataset(unet_images, args.seed + 1, SIZE, device), args.out, unet_config,
+                             device, vae, on_sample=check, checkpoint_name=CHECKPOINT,
+                             preview_captions=[s.caption for s in eval_scenes[:32]])
+    figures["training_progress"] = progress
+    figures["train_seconds"] = round(time.perf_counter() - started, 1)
+
+    # Stage 3: the independent checker, through the engine, with a guidance sweep.
+    scenes = eval_scenes[:args.eval_n]
+    sweep = {}
+    best = None
+    for cfg in args.cfg:
+        images = engine_generate(path, [s.caption for s in scenes], steps=20, cfg=cfg, size=SIZE, seed=args.seed)
+        sweep[str(cfg)] = score(images, scenes, args.seed)
+        _print(f"txt2img through the engine, cfg {cfg}", sweep[str(cfg)])
+        if best is None or sweep[str(cfg)]["all"] > sweep[best[0]]["all"]:
+            best = (str(cfg), images)
+    figures["adherence_by_cfg"] = sweep
+    figures["best_cfg"] = float(best[0])
+    figures["adherence"] = sweep[best[0]]
+    save_grid(best[1][:64].permute(0, 3, 1, 2) * 2 - 1, args.out / "samples.png")
+    histories = {}
+    for name in ("vae", "unet"):
+        state = torch.load(args.out / f"{name}-state.pt", map_location="cpu", weights_only=True)
+        histories[name] = History(state["history_steps"], state["history_losses"])
+    plot_losses(histories, args.out / "loss.png")
+    figures["total_seconds"] = round(time.perf_counter() - started, 1)
+    figures["checkpoint_mb"] = round(path.stat().st_size / 2**20, 2)
+    figures["settings"] = {"vae": asdict(vae_config), "unet": asdict(unet_config)}
+    (args.out / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+    print(json.dumps({"checkpoint": str(path), "best_cfg": figures["best_cfg"], **figures["adherence"],
+                      "total_seconds": figures["total_seconds"]}))
+
+
+if __name__ == "__main__":
+    main()
