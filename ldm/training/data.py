@@ -23,12 +23,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLORS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 6.0, "": 9.0, "large": 13.0}  # radius in pixels at 64 px; "" (medium) is unsaid
+SIZES = {"small": 7.0, "": 10.0, "large": 13.0}  # radius in pixels at 64 px; "" (medium) is unsaid
 # Row-major 3x3 grid; "" is the centre and is not said in captions.
 POSITIONS = ("at the top left", "at the top", "at the top right", "on the left", "",
              "on the right", "at the bottom left", "at the bottom", "at the bottom right")
 GRID = (0.25, 0.5, 0.75)  # cell centres as fractions of the side
-JITTER = 0.05  # centre jitter, a fraction of the side: keeps shapes well inside their grid cell
+JITTER = 0.04  # centre jitter, a fraction of the side: keeps shapes well inside their grid cell
 
 
 @dataclass(frozen=True)
@@ -139,10 +139,10 @@ def shapes_dataset(count: int, seed: int = 0, size: int = 64, device: str | torc
 def bucket_sizes(base: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """(width, height) pairs in multiples of `step` with about `base`^2 pixels, aspect up to `max_ratio`."""
     sizes = set()
-    for width in range(step, int(base * math.sqrt(max_ratio)) + 1, step):
+    for width in range(step, int(base * max_ratio) + 1, step):
         height = max(step, round(base * base / width / step) * step)
         if max(width / height, height / width) <= max_ratio:
-            sizes.add((width, height))
+            sizes.update({(width, height), (height, width)})
     return sorted(sizes)
 
 

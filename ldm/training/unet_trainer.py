@@ -38,7 +38,7 @@ class TextEncoderSize:
 @dataclass
 class UNetTrainConfig:
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
+        model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
         num_heads=4, context_dim=64))
     text: TextEncoderSize = field(default_factory=TextEncoderSize)
     train_text_encoder: bool = True
