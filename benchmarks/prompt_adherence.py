@@ -3,9 +3,11 @@
     python -m benchmarks.prompt_adherence --checkpoint models/checkpoints/loom-shapes-64.safetensors
 
 Each image is judged without any model: background colour = the palette colour most of the border
-pixels are nearest to; shape colour = the most common other palette colour; the shape is the
-largest connected region of non-background pixels, its kind told by how much of its bounding box
-it fills (square ~1, circle pi/4, triangle 1/2) and its position by its centroid on a 3x3 grid.
+pixels are nearest to; shape colour = the most common other palette colour; each pixel's coverage
+by the shape is its position between those two colours. The shape is the largest connected region
+of mostly-covered pixels: its kind is told by how much of its bounding box the coverage fills
+(square ~1, circle pi/4, triangle 1/2) and by how much of it lies in the box's upper half (a
+quarter for the upward triangles), its position by the coverage centroid on a 3x3 grid.
 The control judges the same images against the targets of other captions (a shuffled pairing),
 so it measures chance level.
 """
@@ -63,18 +65,37 @@ def _largest_region(mask: Tensor) -> list[tuple[int, int]]:
 def judge_image(image: Tensor) -> Judgement:
     """Judge one IMAGE [H, W, 3] in 0..1."""
     h, w, _ = image.shape
-    labels = torch.cdist(image.reshape(-1, 3).float(), _PALETTE).argmin(dim=1).view(h, w)
+    pixels = image.reshape(-1, 3).float()
+    labels = torch.cdist(pixels, _PALETTE).argmin(dim=1).view(h, w)
     border = torch.cat([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     background = int(border.bincount(minlength=len(COLORS)).argmax())
     others = labels[labels != background]
     if others.numel() == 0:
         return Judgement(COLORS[background], None, None, None)
     shape_color = int(others.bincount(minlength=len(COLORS)).argmax())
-    region = torch.tensor(_largest_region(labels != background), dtype=torch.float32)
-    (top, left), (bottom, right) = region.min(dim=0).values, region.max(dim=0).values
-    fill = len(region) / float((bottom - top + 1) * (right - left + 1))
-    kind = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-    cy, cx = (region.mean(dim=0) + 0.5).tolist()
+    # Coverage of each pixel by the shape: its position between the two colours. Blur moves coverage
+    # around but keeps its sum, so areas measured this way survive a soft-edged (generated) picture.
+    bg, fg = _PALETTE[background], _PALETTE[shape_color]
+    coverage = (((pixels - bg) @ (fg - bg)) / (fg - bg).square().sum()).clamp(0, 1).view(h, w)
+    region = torch.tensor(_largest_region(coverage > 0.5) or [(0, 0)])
+    # Measured again against the shape's actual colour (its median), which a model may render off-palette.
+    fg = image[region[:, 0], region[:, 1]].float().median(dim=0).values
+    if float((fg - bg).square().sum()) > 1e-4:
+        coverage = (((pixels - bg) @ (fg - bg)) / (fg - bg).square().sum()).clamp(0, 1).view(h, w)
+    (top, left), (bottom, right) = region.min(dim=0).values.tolist(), region.max(dim=0).values.tolist()
+    box_area = (bottom - top + 1) * (right - left + 1)
+    near = coverage[max(top - 2, 0):bottom + 3, max(left - 2, 0):right + 3]
+    mass = float(near.sum())
+    fill = mass / box_area
+    rows = torch.arange(near.shape[0], dtype=torch.float32) + max(top - 2, 0) + 0.5
+    cols = torch.arange(near.shape[1], dtype=torch.float32) + max(left - 2, 0) + 0.5
+    middle = (top + bottom + 1) / 2
+    upper = float(near[rows < middle].sum()) / max(mass, 1e-6)
+    # Triangles point up: a quarter of their area lies in the upper half of their box, against a half
+    # for circles and squares; squares fill their box, circles pi/4 of it.
+    kind = "triangle" if upper < 0.4 or fill < 0.6 else "square" if fill > 0.89 else "circle"
+    cy = float((near.sum(dim=1) * rows).sum()) / max(mass, 1e-6)
+    cx = float((near.sum(dim=0) * cols).sum()) / max(mass, 1e-6)
     row = 0 if cy < 0.375 * h else 2 if cy > 0.625 * h else 1
     col = 0 if cx < 0.375 * w else 2 if cx > 0.625 * w else 1
     return Judgement(COLORS[background], COLORS[shape_color], kind, row * 3 + col)

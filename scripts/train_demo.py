@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_pixels = render_scenes(eval_scenes, SIZE, seed=args.seed + 7, device=device)
 
     # Stage 1: the autoencoder. Everything downstream is capped by how well it keeps colours and shapes.
-    vae_loop = LoopConfig(minutes=0.4 * args.minutes, max_steps=args.max_steps, batch_size=vae_batch, lr=1e-3,
+    vae_loop = LoopConfig(minutes=0.45 * args.minutes, max_steps=args.max_steps, batch_size=vae_batch, lr=1e-3,
                           warmup_steps=100, precision=precision, ema_decay=0.998, seed=args.seed,
                           log_every=50, sample_every=1000, save_every=1000)
     vae_config = VAETrainConfig(loop=vae_loop)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         progress.append({"step": step, **figures_now})
         _print(f"\nadherence at step {step} (cfg 5, 64 held-out captions)", figures_now)
 
-    unet_loop = LoopConfig(minutes=0.45 * args.minutes, max_steps=args.max_steps, batch_size=unet_batch, lr=6e-4,
+    unet_loop = LoopConfig(minutes=0.42 * args.minutes, max_steps=args.max_steps, batch_size=unet_batch, lr=6e-4,
                            warmup_steps=200, precision=precision, ema_decay=0.999, seed=args.seed + 1,
                            log_every=50, sample_every=1000, save_every=1000)
     unet_config = UNetTrainConfig(loop=unet_loop)

@@ -47,6 +47,13 @@ def test_checker_judges_rendered_ground_truth():
     assert figures["shuffled_shape_color"] < 0.35  # chance is 1/7 (plus accidental matches)
 
 
+def test_checker_survives_blur_and_off_palette_colours():
+    scenes = evaluation_scenes(60)
+    images = (render_scenes(scenes, seed=11) + 1) / 2
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    assert score((blurred * 0.9 + 0.05).permute(0, 2, 3, 1), scenes)["all"] >= 0.95
+
+
 def test_checker_on_a_blank_image_finds_no_shape():
     image = torch.ones(64, 64, 3) * torch.tensor([30, 60, 220]) / 255
     judged = judge_image(image)
