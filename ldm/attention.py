@@ -105,14 +105,15 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)
+        # One contiguous copy to tokens-last; a transposed view would make every later op copy or stride.
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -266,12 +266,12 @@ def _load_text_encoder(sd: StateDict, path: Path, device: torch.device | str,
     config = text_encoder_config_from_state_dict(sd)
     if config is None:
         raise CheckpointError(f"{path.name}: no text encoder weights (cond_stage_model / conditioner)")
-    encoder = build_text_encoder(config)
+    encoder = build_text_encoder(config, device="meta", dtype=dtype)
     try:
         used = encoder.load_ldm_state_dict(sd)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: text encoder: {e}") from None
-    return encoder.to(device, dtype).eval(), set(used)
+        raise CheckpointError(f"{path.name}: {e}") from None
+    return encoder.to(device).eval(), set(used)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -284,8 +284,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
     """
     path = Path(path)
     sd = load_state_dict(path)
+    metadata = read_metadata(path)
     try:
-        family = detect_family(sd, read_metadata(path), v_prediction)
+        family = detect_family(sd, metadata, v_prediction)
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     unet = _materialize(lambda: UNetModel(family.unet_config), _strip(sd, UNET_PREFIX), "UNet", path,
@@ -298,7 +299,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
         encoder, te_used = _load_text_encoder(sd, path, device, dtype)
         used |= te_used
     unused = sorted(set(sd) - used)
-    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, read_metadata(path))
+    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, metadata)
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

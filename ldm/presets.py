@@ -14,19 +14,20 @@ from ldm.vae import AutoencoderKL, VAEConfig
 
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
 
-# (family, prediction, UNet config, VAE config). Context and pooled widths of the tiny models are
-# replaced by those of the text encoder built for the preset, so the three always fit together.
+# (family, prediction, UNet config, VAE config). The context and pooled widths written here are those
+# of the preset text encoders; make_checkpoint takes them from the text encoder it builds all the same,
+# so the parts always fit together.
 PRESETS: dict[str, tuple[str, str, UNetConfig, VAEConfig]] = {
     "tiny-sd1": ("sd1", "eps", UNetConfig(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
         num_heads=4, context_dim=32), _TINY_VAE),
     "tiny-sd2": ("sd2", "v", UNetConfig(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
-        num_head_channels=16, context_dim=64, use_linear_in_transformer=True), _TINY_VAE),
+        num_head_channels=16, context_dim=32, use_linear_in_transformer=True), _TINY_VAE),
     "tiny-sdxl": ("sdxl", "eps", UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
-        transformer_depth_middle=2, num_head_channels=16, context_dim=96,
-        use_linear_in_transformer=True, adm_in_channels=64 + 6 * 256),
+        transformer_depth_middle=2, num_head_channels=16, context_dim=32 + 48,
+        use_linear_in_transformer=True, adm_in_channels=48 + 6 * 256),
         dataclasses.replace(_TINY_VAE, scaling_factor=0.13025)),
     "sd15": ("sd1", "eps", UNetConfig(), VAEConfig()),
 }
@@ -56,22 +57,8 @@ def _owner(module: nn.Module, param_name: str) -> nn.Module:
     return module.get_submodule(param_name.rpartition(".")[0])
 
 
-def _text_encoder_widths(preset: str, te_state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Context (and pooled) widths the UNet needs, read off the text encoder's LDM keys."""
-    def width(key: str) -> int:
-        return te_state[key].shape[0]
-
-    if preset.endswith("sdxl"):
-        clip_l = width("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight")
-        big_g = width("conditioner.embedders.1.model.ln_final.weight")
-        pooled = te_state["conditioner.embedders.1.model.text_projection"].shape[1]
-        return {"context_dim": clip_l + big_g, "adm_in_channels": pooled + 6 * 256}
-    if preset.endswith("sd2"):
-        return {"context_dim": width("cond_stage_model.model.ln_final.weight")}
-    return {"context_dim": width("cond_stage_model.transformer.text_model.final_layer_norm.weight")}
-
-
-def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
+def build_preset(preset: str, seed: int = 0, text_encoder: bool = True
+                 ) -> tuple[str, str, UNetModel, AutoencoderKL, nn.Module | None]:
     """(family, prediction, unet, vae, text_encoder or None) with seeded random weights."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -81,8 +68,12 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
     if text_encoder:
         from ldm.text_encoders import build_text_encoder, random_text_encoder_config
 
-        te = randomize_(build_text_encoder(random_text_encoder_config(preset)), generator)
-        unet_config = dataclasses.replace(unet_config, **_text_encoder_widths(preset, te.ldm_state_dict()))
+        te = build_text_encoder(random_text_encoder_config(preset))
+        te.init_random_weights(seed)
+        widths = {"context_dim": te.config.context_dim}
+        if unet_config.adm_in_channels is not None:
+            widths["adm_in_channels"] = te.config.pooled_dim + 6 * 256
+        unet_config = dataclasses.replace(unet_config, **widths)
     unet = randomize_(UNetModel(unet_config), generator)
     vae = randomize_(AutoencoderKL(vae_config), generator)
     return family, prediction, unet, vae, te
@@ -90,11 +81,14 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
 
 def make_checkpoint(preset: str, path: str | Path, seed: int = 0, text_encoder: bool = True,
                     dtype: torch.dtype | None = None) -> Path:
-    """Write a random-weight single-file LDM checkpoint for `preset` (sd15 is stored in fp16)."""
+    """Write a random-weight single-file LDM checkpoint for `preset`, stored in fp16 unless `dtype` says.
+
+    fp16 halves the files (the tiny ones are mostly CLIP's 49,408-token embedding table).
+    """
     from ldm.checkpoint import save_checkpoint
 
     family, prediction, unet, vae, te = build_preset(preset, seed, text_encoder)
-    dtype = dtype or (torch.float16 if preset == "sd15" else torch.float32)
+    dtype = dtype or torch.float16
     metadata = {"loom.preset": preset, "loom.seed": str(seed), "loom.family": family,
                 "loom.prediction": prediction,
                 "loom.unet_config": json.dumps(dataclasses.asdict(unet.config))}

@@ -33,6 +33,10 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     adm_in_channels: int | None = None
 
+    def __post_init__(self) -> None:
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError("transformer_depth needs one entry per channel_mult level")
+
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
@@ -165,6 +169,10 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict noise (or v) for latents `x` [B,C,H,W] at `timesteps` [B] given `context` [B,L,D].
@@ -173,7 +181,7 @@ class UNetModel(nn.Module):
         """
         if (y is None) != (self.config.adm_in_channels is None):
             raise ValueError("y is required for models with adm_in_channels and only for them")
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))

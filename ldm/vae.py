@@ -80,10 +80,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        hn = self.norm(x)
-        q, k, v = (p(hn).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))
-        out = attention(q, k, v, 1, self.query_chunk).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        # Tokens first, then the 1x1 convs as linear layers: q, k and v come out contiguous for SDPA.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = (F.linear(tokens, p.weight.flatten(1), p.bias) for p in (self.q, self.k, self.v))
+        out = attention(q, k, v, 1, self.query_chunk)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

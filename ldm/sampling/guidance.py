@@ -118,9 +118,21 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
     return groups
 
 
+@dataclass
+class _Plan:
+    """How one latent shape is evaluated: the batched calls, and per side the blend denominators."""
+
+    batches: list[tuple[list[_Job], Conditioning]]
+    counts: list[Tensor | None]  # None: the side is one whole-image entry, used as is
+
+
 class CFGGuider:
     """The guided denoiser `model(x, sigma) -> x0` that samplers call:
-    `uncond + cfg * (cond - uncond)`, with the unconditional pass skipped when cfg == 1."""
+    `uncond + cfg * (cond - uncond)`, with the unconditional pass skipped when cfg == 1.
+
+    Jobs, batches and concatenated contexts depend only on the latent's shape, so they are
+    built once per shape and reused at every step.
+    """
 
     def __init__(
         self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8
@@ -128,41 +140,57 @@ class CFGGuider:
         if not positive:
             raise ValueError("positive conditioning is empty")
         self.denoiser = denoiser
-        self.positive = positive
-        self.negative = negative
         self.cfg = cfg
+        self.sides = [positive, negative] if not math.isclose(cfg, 1.0) and negative else [positive]
         self.feather = feather
+        self._plans: dict[tuple, _Plan] = {}
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        use_uncond = not math.isclose(self.cfg, 1.0) and bool(self.negative)
-        sides = [self.positive, self.negative] if use_uncond else [self.positive]
-        jobs = [
-            _job(side, emb, opts, x, self.feather) for side, conds in enumerate(sides) for emb, opts in conds
-        ]
-        preds = self._predict(x, sigma, jobs, len(sides))
-        if not use_uncond:
+        plan = self._plan(x)
+        preds: list[Tensor | None] = [None] * len(self.sides)
+        totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
+        for jobs, cond in plan.batches:
+            if len(jobs) == 1 and jobs[0].rows.stop - jobs[0].rows.start == x.shape[2]:
+                x_in = x[:, :, :, jobs[0].cols] if jobs[0].cols.stop - jobs[0].cols.start < x.shape[3] else x
+            else:
+                x_in = torch.cat([x[:, :, j.rows, j.cols] for j in jobs])
+            x0 = self.denoiser(x_in, sigma.repeat(len(jobs)), cond)
+            for job, out in zip(jobs, x0.chunk(len(jobs)), strict=True):
+                if plan.counts[job.side] is None:
+                    preds[job.side] = out
+                else:
+                    totals[job.side][:, :, job.rows, job.cols] += out * job.weight
+        for side, count in enumerate(plan.counts):
+            if count is not None:
+                preds[side] = totals[side] / count
+        if len(preds) == 1:
             return preds[0]
-        return preds[1] + self.cfg * (preds[0] - preds[1])
+        return torch.lerp(preds[1], preds[0], self.cfg)  # uncond + cfg * (cond - uncond)
 
-    def _predict(self, x: Tensor, sigma: Tensor, jobs: list[_Job], n_sides: int) -> list[Tensor]:
-        outputs: list[tuple[_Job, Tensor]] = []
-        for group in _batches(jobs):
-            length = math.lcm(*(j.context.shape[1] for j in group))
-            context = torch.cat([j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
-            y = None if group[0].y is None else torch.cat([j.y for j in group])
-            x_in = torch.cat([x[:, :, j.rows, j.cols] for j in group])
-            x0 = self.denoiser(x_in, sigma.repeat(len(group)), Conditioning(context, y))
-            outputs += zip(group, x0.chunk(len(group)), strict=True)
-        preds = []
-        for side in range(n_sides):
-            mine = [(j, out) for j, out in outputs if j.side == side]
-            if len(mine) == 1 and isinstance(mine[0][0].weight, float) and mine[0][1].shape == x.shape:
-                preds.append(mine[0][1])  # one whole-image entry: its weight cancels out
-                continue
-            total = torch.zeros_like(x)
-            counts = torch.full_like(x, 1e-37)
-            for job, out in mine:
-                total[:, :, job.rows, job.cols] += out * job.weight
-                counts[:, :, job.rows, job.cols] += job.weight
-            preds.append(total / counts)
-        return preds
+    def _plan(self, x: Tensor) -> _Plan:
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key not in self._plans:
+            jobs = [
+                _job(side, emb, opts, x, self.feather)
+                for side, conds in enumerate(self.sides)
+                for emb, opts in conds
+            ]
+            batches = []
+            for group in _batches(jobs):
+                length = math.lcm(*(j.context.shape[1] for j in group))
+                context = torch.cat([j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
+                y = None if group[0].y is None else torch.cat([j.y for j in group])
+                batches.append((group, Conditioning(context, y)))
+            counts: list[Tensor | None] = []
+            for side in range(len(self.sides)):
+                mine = [j for j in jobs if j.side == side]
+                whole = len(mine) == 1 and isinstance(mine[0].weight, float)
+                if whole and (mine[0].rows.stop, mine[0].cols.stop) == tuple(x.shape[2:]):
+                    counts.append(None)  # one whole-image entry: its weight cancels out
+                    continue
+                count = torch.full_like(x, 1e-37)
+                for job in mine:
+                    count[:, :, job.rows, job.cols] += job.weight
+                counts.append(count)
+            self._plans[key] = _Plan(batches, counts)
+        return self._plans[key]

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.sampling import samplers, samplers_ldm, samplers_sde
+from ldm.sampling import dpm_solver, samplers, samplers_ldm, samplers_sde, unipc
 from ldm.sampling.denoiser import Denoiser, UNet
 from ldm.sampling.guidance import CFGGuider, CondList
-from ldm.sampling.noise import BrownianTreeNoiseSampler, prepare_noise, seeded_noise_sampler
+from ldm.sampling.noise import (
+    BrownianTreeNoiseSampler,
+    PrefetchingNoiseSampler,
+    prepare_noise,
+    seeded_noise_sampler,
+    step_noise_seed,
+)
 from ldm.sampling.schedulers import get_sigmas
 from ldm.sampling.schedules import DiscreteSchedule
 
@@ -23,6 +30,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_2": samplers.sample_dpm_2,
     "dpm_2_ancestral": samplers.sample_dpm_2_ancestral,
     "lms": samplers.sample_lms,
+    "dpm_fast": dpm_solver.sample_dpm_fast,
+    "dpm_adaptive": dpm_solver.sample_dpm_adaptive,
     "dpmpp_2s_ancestral": samplers.sample_dpmpp_2s_ancestral,
     "dpmpp_sde": samplers.sample_dpmpp_sde,
     "dpmpp_2m": samplers.sample_dpmpp_2m,
@@ -31,8 +40,11 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": samplers_ldm.sample_ddpm,
     "lcm": samplers_sde.sample_lcm,
     "ddim": samplers_ldm.sample_ddim,
+    "uni_pc": unipc.sample_uni_pc,
+    "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
     "plms": samplers_ldm.sample_plms,
 }
+# ComfyUI's order (the subset implemented here), then the extras: plms, from the original SD code.
 SAMPLER_NAMES = list(SAMPLERS)
 
 # Samplers whose step noise comes from a Brownian tree rather than independent draws.
@@ -47,6 +59,8 @@ _STEP_NOISE = {
     "ddpm",
     "lcm",
     "ddim",
+    "dpm_fast",
+    "dpm_adaptive",
 }
 
 
@@ -62,6 +76,21 @@ def compute_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoi
     if denoise <= 0.0:
         return torch.zeros(0)
     return get_sigmas(scheduler, schedule, int(steps / denoise))[-(steps + 1) :]
+
+
+def _brownian_queries(sampler_name: str, sigmas: list[float], options: dict) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) pairs an SDE sampler will ask its Brownian tree for, in order
+    (computed exactly as the samplers do, so that they compare equal)."""
+    if not options.get("eta", 1.0):
+        return []
+    queries = []
+    for sigma, sigma_next in zip(sigmas, sigmas[1:], strict=False):
+        if sigma_next == 0:
+            continue
+        if sampler_name == "dpmpp_sde":
+            queries.append((sigma, sigma * math.exp(-math.log(sigma / sigma_next) * options.get("r", 0.5))))
+        queries.append((sigma, sigma_next))
+    return queries
 
 
 def _latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
@@ -150,15 +179,19 @@ def sample(
     total = len(sigmas) - 1
     on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
     options = dict(sampler_options or {})
-    if sampler_name in _BROWNIAN:
+    prefetcher = None
+    if sampler_name in _BROWNIAN and "noise_sampler" not in options:
         positive_sigmas = sigmas[sigmas > 0]
-        options.setdefault(
-            "noise_sampler",
-            BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed),
-        )
+        tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)
+        prefetcher = PrefetchingNoiseSampler(tree, _brownian_queries(sampler_name, sigmas.tolist(), options))
+        options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
-        options.setdefault("noise_sampler", seeded_noise_sampler(x, seed))
-    x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
+        options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))
+    try:
+        x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
     if mask is not None:
         x = x * mask + latent * (1 - mask)
     return x

@@ -2,10 +2,13 @@
 
 Everything is drawn on the CPU from a `torch.Generator` seeded like `torch.manual_seed(seed)`,
 then moved to the latent's device and dtype, so a seed gives the same image on any device.
+Step noise uses its own stream (`step_noise_seed`): ComfyUI seeds it with the noise seed itself,
+which on the CPU makes the first step's fresh noise a copy of the initial noise.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -17,6 +20,11 @@ NoiseSampler = Callable[[float, float], Tensor]
 def cpu_generator(seed: int) -> torch.Generator:
     """A CPU generator for any seed in [0, 2^64 - 1] (the KSampler node's range)."""
     return torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
+
+
+def step_noise_seed(seed: int) -> int:
+    """The seed of the per-step noise stream that goes with a noise seed (offset by 2^64 / phi)."""
+    return (int(seed) + 0x9E3779B97F4A7C15) % 2**64
 
 
 def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = None) -> Tensor:
@@ -62,15 +70,46 @@ class BrownianTreeNoiseSampler:
 
         self.device, self.dtype = x.device, x.dtype
         self.bounds = float(sigma_min), float(sigma_max)
+        # torchsde rounds the tree's ends to 6 decimals (its default tol, 1e-6) and warns about
+        # queries beyond them; queries are clamped to the rounded range instead.
+        self.query_range = (
+            max(self.bounds[0], round(self.bounds[0], 6)),
+            min(self.bounds[1], round(self.bounds[1], 6)),
+        )
         w0 = torch.zeros(x.shape, dtype=torch.float32)
         t0, t1 = (torch.tensor(t, dtype=torch.float64) for t in self.bounds)
         self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed) % 2**64)
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
-        # Clamped into the tree's range: schedules can overshoot its ends by a rounding error.
-        t0, t1 = (min(max(float(t), self.bounds[0]), self.bounds[1]) for t in sorted((sigma, sigma_next)))
+        lo, hi = self.query_range
+        t0, t1 = (min(max(float(t), lo), hi) for t in sorted((sigma, sigma_next)))
         increment = self.tree(torch.tensor(t0, dtype=torch.float64), torch.tensor(t1, dtype=torch.float64))
         increment = increment / (t1 - t0) ** 0.5
         # k-diffusion's sign convention: increments taken from high to low sigma are negated.
         sign = -1.0 if sigma > sigma_next else 1.0
         return (sign * increment).to(self.device, self.dtype)
+
+
+class PrefetchingNoiseSampler:
+    """Draws a noise sampler's answers to a known sequence of (sigma, sigma_next) queries ahead of
+    time on one background thread, so slow draws (a Brownian tree walk) overlap the model calls.
+
+    Queries arriving out of the expected order are answered on the same thread, after the queue:
+    results never depend on timing. Call `close()` to drop the draws not yet made.
+    """
+
+    def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._sampler = sampler
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+        self._pending = deque((query, self._executor.submit(sampler, *query)) for query in queries)
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        if self._pending and self._pending[0][0] == (sigma, sigma_next):
+            return self._pending.popleft()[1].result()
+        return self._executor.submit(self._sampler, sigma, sigma_next).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pending.clear()

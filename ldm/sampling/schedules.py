@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,6 +34,7 @@ class DiscreteSchedule:
         self.alphas_cumprod = alphas_cumprod.to(torch.float32)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
+        self._log_sigma_list = self.log_sigmas.tolist()
 
     @property
     def num_timesteps(self) -> int:
@@ -60,6 +64,15 @@ class DiscreteSchedule:
         low_val, high_val = log_sigmas[low], log_sigmas[low + 1]
         w = ((log_sigma - low_val) / (high_val - low_val)).clamp(0, 1)
         return (low + w).to(sigma.dtype)
+
+    def sigma_to_t_scalar(self, sigma: float, quantize: bool = False) -> float:
+        """`sigma_to_t` for one level given as a Python float (no tensor work)."""
+        table = self._log_sigma_list
+        log_sigma = math.log(sigma) if sigma > 0 else -math.inf
+        high = min(max(bisect.bisect_right(table, log_sigma), 1), len(table) - 1)
+        low = high - 1
+        w = min(max((log_sigma - table[low]) / (table[high] - table[low]), 0.0), 1.0)
+        return float(low + round(w)) if quantize else low + w
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at a continuous timestep, by linear interpolation of log-sigma."""

@@ -18,7 +18,7 @@ def open_clip_module(name: str) -> types.ModuleType:
 
     open_clip is installed with --no-deps; only its ``utils`` imports torchvision (for a batch-norm
     class the text tower never uses), so a stand-in is placed in ``sys.modules`` for the import
-    and everything added is removed afterwards, leaving other tests' view of the world unchanged.
+    and removed afterwards with open_clip's modules, leaving other tests' view of it unchanged.
     """
     if "open_clip" in sys.modules:
         return importlib.import_module(f"open_clip.{name}")
@@ -43,5 +43,8 @@ def open_clip_module(name: str) -> types.ModuleType:
     try:
         return importlib.import_module(f"open_clip.{name}")
     finally:
+        # Only our stand-ins and open_clip's own modules go: a C extension imported on the way
+        # (numpy, regex) must stay, since re-importing one in the same process can break it.
         for added in set(sys.modules) - before:
-            del sys.modules[added]
+            if added in stand_ins or added.startswith("open_clip."):
+                del sys.modules[added]

@@ -35,7 +35,7 @@ def _unet_out(unet, seed: int = 0) -> torch.Tensor:
     context = torch.randn(1, 5, c.context_dim, generator=g)
     y = torch.randn(1, c.adm_in_channels, generator=g) if c.adm_in_channels else None
     with torch.no_grad():
-        return unet(x.to(unet.time_embed[0].weight.dtype), torch.tensor([500.0]), context, y)
+        return unet(x.to(unet.dtype), torch.tensor([500.0]), context, y)
 
 
 @pytest.mark.parametrize("preset", list(FAMILIES))
@@ -158,7 +158,7 @@ def test_standalone_vae_files(files: dict[str, Path], tmp_path: Path, layout: st
     if layout == "bare":
         vae_sd = {k.removeprefix("first_stage_model."): v for k, v in vae_sd.items()}
     elif layout == "diffusers":
-        from diffusers_reference import diffusers_vae
+        from tests.ldm.diffusers_reference import diffusers_vae
 
         reference = load_checkpoint(files["tiny-sdxl"], text_encoder=False).vae
         vae_sd = diffusers_vae(reference.config, reference.state_dict()).state_dict()
@@ -172,3 +172,24 @@ def test_standalone_vae_files(files: dict[str, Path], tmp_path: Path, layout: st
     with torch.no_grad():
         torch.testing.assert_close(loaded.vae.decode(z), expected.decode(z))
     assert loaded.vae.scaling_factor == 0.13025
+
+
+@pytest.mark.parametrize("preset", list(FAMILIES))
+def test_presets_with_text_encoders_load_completely_and_run(tmp_path: Path, preset: str) -> None:
+    pytest.importorskip("ldm.text_encoders")
+    from ldm.unet import sdxl_adm
+
+    path = make_checkpoint(preset, tmp_path / "m.safetensors", seed=1)
+    assert path.stat().st_size < 20_000_000
+    loaded = load_checkpoint(path)
+    assert loaded.unused_keys == [] and loaded.family.name == FAMILIES[preset][0]
+    with torch.no_grad():
+        encoding = loaded.text_encoder.encode(["a photo of a cat", "a dog"])
+        y = sdxl_adm(encoding.pooled, 1024, 1024) if loaded.family.name == "sdxl" else None
+        eps = loaded.unet(torch.randn(2, 4, 8, 8), torch.tensor([999.0, 10.0]), encoding.cond, y)
+        pixels = loaded.vae.decode(eps / loaded.vae.scaling_factor)
+    assert torch.isfinite(eps).all() and eps.std() > 1e-3
+    assert torch.isfinite(pixels).all() and pixels.shape == (2, 3, 64, 64)
+    again = make_checkpoint(preset, tmp_path / "again.safetensors", seed=1)
+    first, second = load_state_dict(path), load_state_dict(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -10,13 +10,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.sampling import DiscreteSchedule, samplers, samplers_ldm
+from ldm.sampling import DiscreteSchedule, samplers, samplers_ldm, unipc
 from ldm.sampling.noise import BrownianTreeNoiseSampler, seeded_noise_sampler
 
 diffusers = pytest.importorskip("diffusers")
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 STEPS = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: torch's thread pool only adds contention (50x slower on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def gaussian_denoiser(mean: float = 0.3, std: float = 0.7):
@@ -177,3 +186,18 @@ def test_dpmpp_sde_with_the_same_brownian_tree_seed_stays_close_to_diffusers():
     positive = sigmas[sigmas > 0]
     noise = BrownianTreeNoiseSampler(x, float(positive.min()), float(positive.max()), seed=11)
     assert rel_err(samplers.sample_dpmpp_sde(D, x, sigmas, noise_sampler=noise), expected) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "variant, final", [("bh1", "sigma_min"), ("bh2", "sigma_min"), ("bh2", "zero")]
+)  # diffusers' bh1 turns NaN on a final step to sigma 0, so that case is checked with bh2 only
+def test_uni_pc_matches_diffusers_unipc(variant, final):
+    scheduler = diffusers.UniPCMultistepScheduler(
+        **SD_CONFIG, solver_order=3, solver_type=variant, predict_x0=True, final_sigmas_type=final
+    )
+    last = (
+        0.0 if final == "zero" else float(DiscreteSchedule(alphas_cumprod=scheduler.alphas_cumprod).sigmas[0])
+    )
+    sigmas, expected = run_vp(scheduler, last)
+    got = unipc.sample_uni_pc(D, unit_noise() * sigmas[0], sigmas, variant=variant)
+    assert rel_err(got, expected) < 1e-5

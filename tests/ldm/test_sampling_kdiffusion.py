@@ -15,6 +15,7 @@ from ldm.sampling import (
     Conditioning,
     Denoiser,
     DiscreteSchedule,
+    dpm_solver,
     get_sigmas,
     samplers,
     samplers_ldm,
@@ -57,6 +58,15 @@ K = _load_k_diffusion_sampling()
 pytestmark = pytest.mark.skipif(K is None, reason="k-diffusion is not installed")
 
 SCHEDULE = DiscreteSchedule()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: torch's thread pool only adds contention (50x slower on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 class TinyUNet(torch.nn.Module):
@@ -212,3 +222,37 @@ def test_denoiser_matches_k_diffusion_style_preconditioning():
     v = eps
     expected = x / 10 - v * 3 / math.sqrt(10)
     assert torch.allclose(Denoiser(unet, SCHEDULE, prediction="v")(x, sigma, cond), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("steps", [9, 10, 20])
+def test_dpm_fast_matches_k_diffusion(model_name, steps):
+    model = MODELS[model_name]()
+    sigmas = get_sigmas("karras", SCHEDULE, steps)
+    x = start(sigmas)
+    expected = K.sample_dpm_fast(model, x, float(sigmas[-2]), float(sigmas[0]), steps, disable=True)
+    assert rel_err(dpm_solver.sample_dpm_fast(model, x, sigmas), expected) < 1e-5
+
+
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_adaptive_matches_k_diffusion(order, float64_default):
+    # In float64: k-diffusion keeps its times in default-dtype tensors, and in float32 their
+    # rounding, fed through the step-size controller, moves the result by ~1e-4.
+    model = gaussian_denoiser()
+    sigmas = get_sigmas("karras", SCHEDULE, 20).double()
+    x = start(sigmas).double()
+    expected, info = K.sample_dpm_adaptive(
+        model, x, float(sigmas[-2]), float(sigmas[0]), order=order, disable=True, return_info=True
+    )
+    calls = []
+    got = dpm_solver.sample_dpm_adaptive(lambda x, s: calls.append(1) or model(x, s), x, sigmas, order=order)
+    assert rel_err(got, expected) < 1e-10
+    assert len(calls) == info["nfe"]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, DiscreteSchedule, get_sigmas, prepare_noise
+from ldm.sampling import (
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
+    Conditioning,
+    Denoiser,
+    DiscreteSchedule,
+    get_sigmas,
+    prepare_noise,
+)
 
 SCHEDULE = DiscreteSchedule()
 
@@ -34,7 +42,16 @@ def test_names_in_comfyui_order():
         "ddim_uniform",
         "beta",
     ]
-    assert SAMPLER_NAMES[:6] == ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms"]
+    assert SAMPLER_NAMES[:8] == [
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "dpm_2",
+        "dpm_2_ancestral",
+        "lms",
+        "dpm_fast",
+        "dpm_adaptive",
+    ]
     for name in [
         "dpmpp_2s_ancestral",
         "dpmpp_sde",
@@ -100,3 +117,24 @@ def test_noise_accepts_the_full_64_bit_seed_range():
     latent = torch.zeros(1, 4, 8, 8)
     top = prepare_noise(latent, 2**64 - 1)
     assert torch.isfinite(top).all() and not torch.equal(top, prepare_noise(latent, 0))
+
+
+def test_scalar_sigma_to_t_agrees_with_the_tensor_version():
+    levels = torch.cat([SCHEDULE.sigmas[::37], torch.linspace(0.01, 20.0, 101)])
+    expected = SCHEDULE.sigma_to_t(levels)
+    got = torch.tensor([SCHEDULE.sigma_to_t_scalar(v) for v in levels.tolist()])
+    assert torch.allclose(got, expected, atol=2e-3)
+    quantized = torch.tensor([SCHEDULE.sigma_to_t_scalar(v, quantize=True) for v in levels.tolist()])
+    assert torch.equal(quantized, SCHEDULE.sigma_to_t(levels, quantize=True))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_denoiser_scalar_path_matches_the_per_sample_path(prediction):
+    unet = lambda x, t, context, y=None: torch.tanh(x) + t[:, None, None, None] / 1000 + context.mean()  # noqa: E731
+    denoiser = Denoiser(unet, SCHEDULE, prediction)
+    x, cond = torch.randn(2, 4, 8, 8), Conditioning(torch.randn(2, 5, 8))
+    uniform = denoiser(x, torch.tensor([2.5, 2.5]), cond)
+    mixed = denoiser(
+        torch.cat([x, x]), torch.tensor([2.5, 2.5, 2.5, 2.6]), Conditioning(cond.context.repeat(2, 1, 1))
+    )
+    assert torch.allclose(uniform, mixed[:2], atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -166,3 +167,12 @@ def test_chunks_hold_every_token_of_plain_text(text: str) -> None:
     assert all(len(chunk) <= CHUNK_LENGTH for chunk in tokens.ids)
     assert [t for chunk in tokens.ids for t in chunk[1:-1]] == tokenizer.encode_text(text)
     assert all(w == 1.0 for chunk in tokens.weights for w in chunk)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab :.1\\()[]"), max_size=40))
+def test_any_syntax_parses_and_tokenizes(prompt: str) -> None:
+    segments = parse_emphasis(prompt)
+    assert all(text and math.isfinite(weight) for text, weight in segments)
+    tokens = ClipTokenizer().tokenize(prompt)
+    assert all(len(chunk) <= CHUNK_LENGTH for chunk in tokens.ids)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers_reference import diffusers_unet, rel_err
 
 from ldm.attention import set_attention_chunking
 from ldm.presets import PRESETS, randomize_
 from ldm.unet import UNetConfig, UNetModel, sdxl_adm
+from tests.ldm.diffusers_reference import diffusers_unet, rel_err
 
 
 def _unet(preset: str, seed: int = 0) -> UNetModel:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers_reference import diffusers_vae, rel_err
 
 from ldm.presets import PRESETS, randomize_
 from ldm.vae import AutoencoderKL, DiagonalGaussianDistribution, tiled_apply
+from tests.ldm.diffusers_reference import diffusers_vae, rel_err
 
 
 def _vae(preset: str = "tiny-sd1") -> AutoencoderKL:
