@@ -1,18 +1,20 @@
 """Train the bundled demo model (64 px captioned shapes, SD1 layout) end to end; rerun the same command to resume.
 
-    bash scripts/train_demo.sh OUT_DIR                 # about 8 minutes on one H100/H200 (bf16)
+    bash scripts/train_demo.sh OUT_DIR --work /tmp/loom-demo   # about 8 minutes on one H100/H200 (bf16)
     bash scripts/train_demo.sh OUT_DIR --minutes 60    # the same, slowly, on a CPU
 
 Stages: the autoencoder (its reconstructions judged by the adherence checker), then the UNet with
 its text encoder (adherence on held-out captions printed as it trains), then the checker through
 the engine's txt2img workflow with a guidance sweep. OUT_DIR receives loom-shapes-64.safetensors,
-the loss curves, sample grids and figures.json.
+figures.json, loss.png and three sample grids (six files); the resume state and the other
+intermediate files stay in the --work folder (OUT_DIR itself by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -57,7 +59,8 @@ def _txt2img(path: Path, model, captions: list[str], cfg: float, seed: int) -> t
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="output folder (also holds the resume state)")
+    parser.add_argument("out", type=Path, help="output folder: the checkpoint, figures.json and four PNGs")
+    parser.add_argument("--work", type=Path, help="folder for the resume state and intermediate files (default: OUT)")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time of both stages together")
     parser.add_argument("--max-steps", type=int, help="also stop each stage after this many steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,12 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cfg", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance values to sweep")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    work = args.work or args.out
     device = torch.device(args.device)
     vae_images, vae_batch, unet_images, unet_batch, precision = PROFILES[device.type]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    args.out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "minutes": args.minutes}
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                           warmup_steps=100, precision=precision, ema_decay=0.998, seed=args.seed,
                           log_every=50, sample_every=1000, save_every=1000)
     vae_config = VAETrainConfig(loop=vae_loop)
-    vae = train_vae(shapes_dataset(vae_images, args.seed, SIZE, device), args.out, vae_config, device)
+    vae = train_vae(shapes_dataset(vae_images, args.seed, SIZE, device), work, vae_config, device)
     with torch.no_grad():
         reconstructions = torch.cat([vae.decode(vae.encode(chunk).mean) for chunk in eval_pixels.split(100)])
     figures["vae_reconstruction"] = _judge(reconstructions, eval_scenes)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                            warmup_steps=200, precision=precision, ema_decay=0.999, seed=args.seed + 1,
                            log_every=50, sample_every=1000, save_every=1000)
     unet_config = UNetTrainConfig(loop=unet_loop)
-    model, path = train_unet(shapes_dataset(unet_images, args.seed + 1, SIZE, device), args.out, unet_config,
+    model, path = train_unet(shapes_dataset(unet_images, args.seed + 1, SIZE, device), work, unet_config,
                              device, vae, on_sample=check, checkpoint_name=CHECKPOINT,
                              preview_captions=[s.caption for s in eval_scenes[:32]])
     figures["training_progress"] = progress
@@ -121,16 +125,21 @@ def main(argv: list[str] | None = None) -> None:
     figures["adherence_by_cfg"] = sweep
     figures["best_cfg"] = float(best[0])
     figures["adherence"] = sweep[best[0]]
-    save_grid(best[1][:64].permute(0, 3, 1, 2) * 2 - 1, args.out / "samples.png")
+    save_grid(best[1][:64].permute(0, 3, 1, 2) * 2 - 1, work / "samples.png")
     histories = {}
     for name in ("vae", "unet"):
-        state = torch.load(args.out / f"{name}-state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(work / f"{name}-state.pt", map_location="cpu", weights_only=True)
         histories[name] = History(state["history_steps"], state["history_losses"])
-    plot_losses(histories, args.out / "loss.png")
+    plot_losses(histories, work / "loss.png")
     figures["total_seconds"] = round(time.perf_counter() - started, 1)
     figures["checkpoint_mb"] = round(path.stat().st_size / 2**20, 2)
     figures["settings"] = {"vae": asdict(vae_config), "unet": asdict(unet_config)}
-    (args.out / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+    (work / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+    if args.out.resolve() != work.resolve():
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT, "figures.json", "loss.png", "samples.png", "vae-samples.png", "unet-samples.png"):
+            shutil.copy2(work / name, args.out / name)
+        path = args.out / CHECKPOINT
     print(json.dumps({"checkpoint": str(path), "best_cfg": figures["best_cfg"], **figures["adherence"],
                       "total_seconds": figures["total_seconds"]}))
 

@@ -25,9 +25,9 @@ from ldm.vae import AutoencoderKL
 class TextEncoderSize:
     """A CLIP-L-layout text encoder (SD1 keys, the real 49,408-token vocabulary) of a chosen size."""
 
-    hidden: int = 64
+    hidden: int = 48
     layers: int = 3
-    intermediate: int = 256
+    intermediate: int = 192
 
     @property
     def heads(self) -> int:
@@ -38,7 +38,7 @@ class TextEncoderSize:
 @dataclass
 class UNetTrainConfig:
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(1, 1, 1),
+        model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
         num_heads=4, context_dim=64))
     text: TextEncoderSize = field(default_factory=TextEncoderSize)
     train_text_encoder: bool = True

@@ -150,3 +150,19 @@ def test_generate_and_fine_tune_from_a_checkpoint(tmp_path, data, vae):
     assert images.shape == (1, 3, SIZE, SIZE) and torch.isfinite(images).all()
     for a, b in zip(model.text_encoder.parameters(), loaded.text_encoder.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_demo_model_is_an_sd1_file_under_16_mib(tmp_path):
+    from ldm.checkpoint import save_checkpoint
+    from ldm.training.unet_trainer import new_text_encoder, new_unet
+
+    config = UNetTrainConfig()
+    text_encoder = new_text_encoder(config.text)
+    unet = new_unet(dataclasses.replace(config.unet, context_dim=text_encoder.config.context_dim))
+    path = save_checkpoint(tmp_path / "demo.safetensors", unet, AutoencoderKL(VAETrainConfig().vae), text_encoder,
+                           {"loom.prediction": "eps"}, dtype=torch.float16)
+    assert path.stat().st_size < 16 * 2**20  # also what a device run can hand back in one file
+    loaded = load_checkpoint(path)
+    assert loaded.family.name == "sd1" and loaded.family.vae_config.downscale == 8
+    assert loaded.family.unet_config == unet.config and loaded.unused_keys == []
+    assert loaded.text_encoder.encode(["a red circle on a blue background"]).cond.shape == (1, 77, 48)
