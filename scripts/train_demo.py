@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="output folder: the checkpoint, figures.json and four PNGs")
     parser.add_argument("--work", type=Path, help="folder for the resume state and intermediate files (default: OUT)")
-    parser.add_argument("--minutes", type=float, default=8.0, help="training time of both stages together")
+    parser.add_argument("--minutes", type=float, default=8.0,
+                        help="the whole run's time: 40%% autoencoder, 40%% UNet, the rest data and checks")
     parser.add_argument("--max-steps", type=int, help="also stop each stage after this many steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-n", type=int, default=100, help="held-out captions for the final check")
-    parser.add_argument("--cfg", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance values to sweep")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[5.0, 3.0, 7.5], help="guidance values to sweep")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     work = args.work or args.out
@@ -74,15 +75,25 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    work.mkdir(parents=True, exist_ok=True)
+    for folder in (work, args.out):
+        folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     figures: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "minutes": args.minutes}
+
+    def publish(*names: str) -> None:
+        """Write figures.json and hand finished files to OUT at once, so a run cut short keeps them."""
+        figures["seconds_so_far"] = round(time.perf_counter() - started, 1)
+        (work / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+        if args.out.resolve() != work.resolve():
+            for name in ("figures.json", *names):
+                shutil.copy2(work / name, args.out / name)
+
     eval_scenes = evaluation_scenes(200, args.seed)
     eval_pixels = render_scenes(eval_scenes, SIZE, seed=args.seed + 7, device=device)
 
     # Stage 1: the autoencoder. Everything downstream is capped by how well it keeps colours and shapes.
-    vae_loop = LoopConfig(minutes=0.45 * args.minutes, max_steps=args.max_steps, batch_size=vae_batch, lr=1e-3,
+    vae_loop = LoopConfig(minutes=0.4 * args.minutes, max_steps=args.max_steps, batch_size=vae_batch, lr=1e-3,
                           warmup_steps=100, precision=precision, ema_decay=0.998, seed=args.seed,
                           log_every=50, sample_every=1000, save_every=1000)
     vae_config = VAETrainConfig(loop=vae_loop)
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         reconstructions = torch.cat([vae.decode(vae.encode(chunk).mean) for chunk in eval_pixels.split(100)])
     figures["vae_reconstruction"] = _judge(reconstructions, eval_scenes)
     _print("VAE reconstructions of held-out pictures", figures["vae_reconstruction"])
+    figures["settings"] = {"vae": asdict(vae_config)}
+    publish("vae-samples.png")
 
     # Stage 2: UNet and text encoder, judged on held-out captions as they train.
     progress: list[dict] = []
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         progress.append({"step": step, **figures_now})
         _print(f"\nadherence at step {step} (cfg 5, 64 held-out captions)", figures_now)
 
-    unet_loop = LoopConfig(minutes=0.42 * args.minutes, max_steps=args.max_steps, batch_size=unet_batch, lr=6e-4,
+    unet_loop = LoopConfig(minutes=0.4 * args.minutes, max_steps=args.max_steps, batch_size=unet_batch, lr=6e-4,
                            warmup_steps=200, precision=precision, ema_decay=0.999, seed=args.seed + 1,
                            log_every=50, sample_every=1000, save_every=1000)
     unet_config = UNetTrainConfig(loop=unet_loop)
@@ -111,37 +124,32 @@ def main(argv: list[str] | None = None) -> None:
                              preview_captions=[s.caption for s in eval_scenes[:32]])
     figures["training_progress"] = progress
     figures["train_seconds"] = round(time.perf_counter() - started, 1)
-
-    # Stage 3: the independent checker, through the engine, with a guidance sweep.
-    scenes = eval_scenes[:args.eval_n]
-    sweep = {}
-    best = None
-    for cfg in args.cfg:
-        images, figures["evaluated_with"] = _txt2img(path, model, [s.caption for s in scenes], cfg, args.seed)
-        sweep[str(cfg)] = score(images, scenes, args.seed)
-        _print(f"txt2img ({figures['evaluated_with']}), cfg {cfg}", sweep[str(cfg)])
-        if best is None or sweep[str(cfg)]["all"] > sweep[best[0]]["all"]:
-            best = (str(cfg), images)
-    figures["adherence_by_cfg"] = sweep
-    figures["best_cfg"] = float(best[0])
-    figures["adherence"] = sweep[best[0]]
-    save_grid(best[1][:64].permute(0, 3, 1, 2) * 2 - 1, work / "samples.png")
+    figures["checkpoint_mib"] = round(path.stat().st_size / 2**20, 2)
+    figures["settings"]["unet"] = asdict(unet_config)
     histories = {}
     for name in ("vae", "unet"):
         state = torch.load(work / f"{name}-state.pt", map_location="cpu", weights_only=True)
         histories[name] = History(state["history_steps"], state["history_losses"])
     plot_losses(histories, work / "loss.png")
+    publish(CHECKPOINT, "unet-samples.png", "loss.png")
+
+    # Stage 3: the independent checker, through the engine, with a guidance sweep.
+    scenes = eval_scenes[:args.eval_n]
+    sweep: dict[str, dict] = {}
+    figures["adherence_by_cfg"] = sweep
+    best_images = None
+    for cfg in args.cfg:
+        images, figures["evaluated_with"] = _txt2img(path, model, [s.caption for s in scenes], cfg, args.seed)
+        sweep[str(cfg)] = score(images, scenes, args.seed)
+        _print(f"txt2img ({figures['evaluated_with']}), cfg {cfg}", sweep[str(cfg)])
+        if best_images is None or sweep[str(cfg)]["all"] > figures["adherence"]["all"]:
+            figures["best_cfg"], figures["adherence"], best_images = cfg, sweep[str(cfg)], images
+            save_grid(best_images[:64].permute(0, 3, 1, 2) * 2 - 1, work / "samples.png")
+        publish("samples.png")
     figures["total_seconds"] = round(time.perf_counter() - started, 1)
-    figures["checkpoint_mb"] = round(path.stat().st_size / 2**20, 2)
-    figures["settings"] = {"vae": asdict(vae_config), "unet": asdict(unet_config)}
-    (work / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
-    if args.out.resolve() != work.resolve():
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, "figures.json", "loss.png", "samples.png", "vae-samples.png", "unet-samples.png"):
-            shutil.copy2(work / name, args.out / name)
-        path = args.out / CHECKPOINT
-    print(json.dumps({"checkpoint": str(path), "best_cfg": figures["best_cfg"], **figures["adherence"],
-                      "total_seconds": figures["total_seconds"]}))
+    publish()
+    print(json.dumps({"checkpoint": str(args.out / CHECKPOINT), "best_cfg": figures["best_cfg"],
+                      **figures["adherence"], "total_seconds": figures["total_seconds"]}))
 
 
 if __name__ == "__main__":
