@@ -311,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the JSON Schema of the native workflow format")
     p.set_defaults(func=cmd_schema)
+
+    from ldm.training.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

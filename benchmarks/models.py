@@ -40,28 +40,39 @@ def _measure_load(path: str, device: str, dtype: str) -> None:
                       "unused_keys": len(loaded.unused_keys)}))
 
 
-def _time(fn, reps: int, device: torch.device) -> float:
-    """Best of `reps` timed calls after one warm-up (the minimum is the least disturbed by other load)."""
+def _time(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _compare(ours, theirs, reps: int, device: torch.device) -> tuple[float, float]:
-    """Alternate ours and theirs so that a burst of load elsewhere hits both."""
-    ours_s, theirs_s = float("inf"), float("inf")
+def _compare(name: str, ours, theirs, reps: int, device: torch.device) -> dict[str, float]:
+    """Best-of-`reps` times of ours and diffusers', alternating so that load elsewhere hits both.
+
+    On a CPU the ratio uses process CPU time, which other programs on a shared machine disturb far
+    less than wall time; on a GPU it uses wall time. Both are reported.
+    """
+    ours(), theirs()  # warm-up
+    best = {"ours": [float("inf")] * 2, "diffusers": [float("inf")] * 2}
     for _ in range(reps):
-        ours_s = min(ours_s, _time(ours, 1, device))
-        theirs_s = min(theirs_s, _time(theirs, 1, device))
-    return ours_s, theirs_s
+        for who, fn in (("ours", ours), ("diffusers", theirs)):
+            best[who] = [min(a, b) for a, b in zip(best[who], _time(fn, device), strict=True)]
+    pick = 0 if device.type == "cuda" else 1
+    out = {f"{name}_{who}_{kind}": round(best[who][i], 4)
+           for who in best for i, kind in enumerate(("wall_s", "cpu_s"))}
+    out[_ratio_key(name)] = round(best["ours"][pick] / best["diffusers"][pick], 3)
+    return out
+
+
+def _ratio_key(name: str) -> str:
+    """unet_256 -> unet_ratio_256, vae_decode_256 -> vae_decode_ratio_256."""
+    stem, size = name.rsplit("_", 1)
+    return f"{stem}_ratio_{size}"
 
 
 def main() -> None:
@@ -111,20 +122,13 @@ def main() -> None:
             x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
             t = torch.tensor([999.0, 999.0], device=device)
             context = torch.randn(2, 77, context_dim, device=device, dtype=dtype)
-            ours_s, theirs_s = _compare(lambda x=x, t=t, c=context: unet(x, t, c),
-                                        lambda x=x, t=t, c=context: their_unet(x, t, c),
-                                        args.reps, device)
-            results.update({f"unet_ours_{size}_s": round(ours_s, 4),
-                            f"unet_diffusers_{size}_s": round(theirs_s, 4),
-                            f"unet_ratio_{size}": round(ours_s / theirs_s, 3)})
+            results.update(_compare(f"unet_{size}", lambda x=x, t=t, c=context: unet(x, t, c),
+                                    lambda x=x, t=t, c=context: their_unet(x, t, c), args.reps, device))
             z = x[:1]
-            ours_s, theirs_s = _compare(lambda z=z: vae.decode(z), lambda z=z: their_vae.decode(z),
-                                        args.reps, device)
-            results.update({f"vae_decode_ours_{size}_s": round(ours_s, 4),
-                             f"vae_decode_diffusers_{size}_s": round(theirs_s, 4),
-                             f"vae_decode_ratio_{size}": round(ours_s / theirs_s, 3)})
-            print(f"{size}px: " + ", ".join(f"{k}={v}" for k, v in results.items() if f"_{size}" in k),
-                  flush=True)
+            results.update(_compare(f"vae_decode_{size}", lambda z=z: vae.decode(z),
+                                    lambda z=z: their_vae.decode(z), args.reps, device))
+            print(f"{size}px: " + ", ".join(f"{k}={v}" for k, v in results.items() if k.endswith(f"_{size}")
+                                            or f"_{size}_" in k), flush=True)
     print(json.dumps(results))
 
 

@@ -14,19 +14,20 @@ from ldm.vae import AutoencoderKL, VAEConfig
 
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
 
-# (family, prediction, UNet config, VAE config). Context and pooled widths of the tiny models are
-# replaced by those of the text encoder built for the preset, so the three always fit together.
+# (family, prediction, UNet config, VAE config). The context and pooled widths written here are those
+# of the preset text encoders; make_checkpoint takes them from the text encoder it builds all the same,
+# so the parts always fit together.
 PRESETS: dict[str, tuple[str, str, UNetConfig, VAEConfig]] = {
     "tiny-sd1": ("sd1", "eps", UNetConfig(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
         num_heads=4, context_dim=32), _TINY_VAE),
     "tiny-sd2": ("sd2", "v", UNetConfig(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
-        num_head_channels=16, context_dim=64, use_linear_in_transformer=True), _TINY_VAE),
+        num_head_channels=16, context_dim=32, use_linear_in_transformer=True), _TINY_VAE),
     "tiny-sdxl": ("sdxl", "eps", UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
-        transformer_depth_middle=2, num_head_channels=16, context_dim=96,
-        use_linear_in_transformer=True, adm_in_channels=64 + 6 * 256),
+        transformer_depth_middle=2, num_head_channels=16, context_dim=32 + 48,
+        use_linear_in_transformer=True, adm_in_channels=48 + 6 * 256),
         dataclasses.replace(_TINY_VAE, scaling_factor=0.13025)),
     "sd15": ("sd1", "eps", UNetConfig(), VAEConfig()),
 }
@@ -56,7 +57,8 @@ def _owner(module: nn.Module, param_name: str) -> nn.Module:
     return module.get_submodule(param_name.rpartition(".")[0])
 
 
-def build_preset(preset: str, seed: int = 0, text_encoder: bool = True):
+def build_preset(preset: str, seed: int = 0, text_encoder: bool = True
+                 ) -> tuple[str, str, UNetModel, AutoencoderKL, nn.Module | None]:
     """(family, prediction, unet, vae, text_encoder or None) with seeded random weights."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
