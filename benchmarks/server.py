@@ -1,12 +1,14 @@
 """Server under load: websocket clients on loopback, prompts queued while the worker is busy.
 
-    python -m benchmarks.server [--clients 50] [--prompts 200] [--workflow math|FILE.json]
+    python -m benchmarks.server [--clients 50] [--prompts 200] [--workflow txt2img|math|chain|FILE.json] [--steps 2]
 
-Starts `main.py serve` in a subprocess on a free port (with a fresh data folder), connects the
+Starts `main.py serve` in a subprocess on a free port (with a fresh base folder), connects the
 clients, queues the prompts from them, polls GET /queue while the worker is busy, and waits until
-every prompt has finished. `--workflow math` and `chain` are graphs of built-in nodes; a JSON file
-(API or UI format, e.g. the tiny-checkpoint txt2img) is queued with its seeds changed so nothing is
-cached.
+every prompt has finished. `--workflow txt2img` (the default) is workflows/txt2img.json on a tiny
+random-weight checkpoint written as the demo model (`loom-demo.safetensors`), at 64x64 with
+`--steps` sampling steps; `math` and `chain` are graphs of built-in nodes; a JSON file (API or UI
+format) runs with the same demo model. Each prompt gets its own seed, so every one samples (the
+loader and the text encoders come from the cache after the first).
 The last line is one JSON object: completed, lost, queue_p99_ms, prompt_p99_ms and more.
 """
 
@@ -20,12 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = "loom-demo.safetensors"
 
 
 def math_workflow(i: int) -> dict[str, Any]:
@@ -43,17 +47,35 @@ def chain_workflow(i: int, length: int = 60) -> dict[str, Any]:
     return doc
 
 
-def file_workflow(doc: dict[str, Any], i: int) -> dict[str, Any]:
-    """The document with every seed set to `i`, so that no prompt is a cache hit."""
+def file_workflow(doc: dict[str, Any], i: int, steps: int | None = None) -> dict[str, Any]:
+    """The document with every seed set to `i`, so that no prompt is a cache hit (and `steps` steps if given)."""
     doc = json.loads(json.dumps(doc))
     for node in doc.values():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
         for name in ("seed", "noise_seed"):
-            if isinstance(node, dict) and name in node.get("inputs", {}):
-                node["inputs"][name] = i
+            if name in inputs:
+                inputs[name] = i
+        if steps is not None and isinstance(inputs.get("steps"), int):
+            inputs["steps"] = steps
     return doc
 
 
 BUILT_IN = {"math": math_workflow, "chain": chain_workflow}
+
+
+def prompt_factory(args: argparse.Namespace) -> Callable[[int], dict[str, Any]]:
+    if args.workflow in BUILT_IN:
+        return BUILT_IN[args.workflow]
+    path = ROOT / "workflows" / "txt2img.json" if args.workflow == "txt2img" else Path(args.workflow)
+    doc = json.loads(path.read_text())
+    return lambda i: file_workflow(doc, i, args.steps)
+
+
+def write_demo_model(base: Path) -> None:
+    """The tiny SD1 checkpoint under the name the example workflows use (imports torch: only when needed)."""
+    from ldm.presets import make_checkpoint
+
+    make_checkpoint("tiny-sd1", base / "models" / "checkpoints" / DEMO_MODEL)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -115,7 +137,7 @@ async def poll_queue(session: aiohttp.ClientSession, base: str, samples: list[fl
 
 
 async def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
-    doc = json.loads(Path(args.workflow).read_text()) if args.workflow not in BUILT_IN else None
+    make_prompt = prompt_factory(args)
     clients = [Client(f"bench-{i}") for i in range(args.clients)]
     prompt_ms: list[float] = []
     queue_ms: list[float] = []
@@ -132,7 +154,7 @@ async def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
 
         async def submit(i: int) -> None:
             client = clients[i % len(clients)]
-            prompt = BUILT_IN[args.workflow](i) if doc is None else file_workflow(doc, i)
+            prompt = make_prompt(i)
             async with gate:
                 began = time.perf_counter()
                 async with session.post(f"{base}/prompt", json={"prompt": prompt, "client_id": client.sid}) as resp:
@@ -158,7 +180,8 @@ async def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
         await asyncio.gather(*listeners, return_exceptions=True)
     succeeded = [pid for pid in accepted if history.get(pid, {}).get("status", {}).get("status_str") == "success"]
     return {
-        "workflow": args.workflow, "clients": args.clients, "prompts": args.prompts,
+        "workflow": args.workflow, "steps": args.steps if args.workflow not in BUILT_IN else None,
+        "clients": args.clients, "prompts": args.prompts,
         "completed": len(succeeded),
         "lost": len([pid for pid in accepted if pid not in history]) + (args.prompts - len(accepted)),
         "failed": len(accepted) - len(succeeded) - len([pid for pid in accepted if pid not in history]),
@@ -179,12 +202,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8, help="POST /prompt requests in flight at once")
-    parser.add_argument("--workflow", default="math",
-                        help="'math' or 'chain' (built-in nodes: 3 or 61 per prompt), or an API/UI workflow file")
-    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--workflow", default="txt2img",
+                        help="'txt2img' (the example on a tiny checkpoint, 64x64), 'math' or 'chain' (built-in "
+                             "nodes: 3 or 61 per prompt), or an API/UI workflow file (run on the same tiny checkpoint)")
+    parser.add_argument("--steps", type=int, default=2, help="sampling steps for txt2img and workflow files")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the prompts to finish")
     parser.add_argument("--server-arg", action="append", default=[], help="extra argument for `main.py serve`")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loom-bench-") as tmp:
+        if args.workflow not in BUILT_IN:
+            write_demo_model(Path(tmp))
         port = free_port()
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from nodes.folders import FolderPaths, get_paths
 from nodes.registry import NodeRegistry
-from web import files, history, info, prompts, ws
+from web import files, history, info, prompts, workflows, ws
 from web.http import json_errors
 from web.security import guard
 from web.state import STATE, Database, ServerConfig, ServerState
@@ -20,7 +20,7 @@ from web.worker import Worker
 log = logging.getLogger("loom.web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-ROUTE_MODULES = (prompts, history, files, info, ws)
+ROUTE_MODULES = (prompts, history, files, info, workflows, ws)
 
 
 async def index(request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ from web.store import QueueStore
 
 T = TypeVar("T")
 
+EXAMPLE_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -45,6 +46,7 @@ class ServerConfig:
     run_worker: bool = True
     preview_interval_s: float = 0.25
     status_interval_s: float = 0.05
+    workflows_dir: Path = EXAMPLE_WORKFLOWS
 
     @property
     def loopback_only(self) -> bool:

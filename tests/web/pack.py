@@ -14,7 +14,6 @@ from nodes.node import Node, NodeResult
 from nodes.registry import NodeRegistry, builtin_registry
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 from tests.support_nodes import TEST_NODES
-from tests.web.fake_sd import register_missing
 
 
 class SaveTestImage(Node):
@@ -92,10 +91,9 @@ WEB_TEST_NODES = [SaveTestImage, SlowPreview, Marker, LoadTestImage]
 
 
 def add_test_nodes(registry: NodeRegistry) -> NodeRegistry:
-    """The engine tests' nodes, these, and stand-ins for the SD nodes the registry lacks."""
+    """The engine tests' nodes and these."""
     registry.register_all(TEST_NODES, "tests")
     registry.register_all(WEB_TEST_NODES, "tests.web")
-    register_missing(registry)
     return registry
 
 

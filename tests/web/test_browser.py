@@ -1,4 +1,7 @@
-"""The editor in real headless Chromium: open, load a graph, edit a widget, queue, see the image; wire by dragging."""
+"""The editor in real headless Chromium: open, load a graph, edit a widget, queue, see the image; wire by dragging.
+
+The server runs the real SD nodes on a tiny random-weight checkpoint saved as the demo model's name.
+"""
 
 import json
 import shutil
@@ -29,11 +32,15 @@ WORKFLOW = {
 }
 
 
+DEMO_MODEL = "loom-demo.safetensors"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from ldm.presets import make_checkpoint
+
     base = tmp_path_factory.mktemp("browser")
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / "tiny.safetensors").write_bytes(b"stand-in")  # read only by fake_sd
+    make_checkpoint("tiny-sd1", base / "models" / "checkpoints" / DEMO_MODEL)
     server = Server(base)
     yield server
     server.kill()
@@ -101,9 +108,10 @@ def test_default_graph_edit_queue_and_see_the_image(page, server, tmp_path):
     assert entry["prompt"][2]["1"]["inputs"]["value"] == "a dog on a skateboard"
     assert entry["status"]["status_str"] == "success"
 
-    # The same graph again: every output comes from the cache, and the nodes say so.
+    # The same graph again: everything comes from the cache, and every node says so.
     page.click("#queue-button")
-    page.wait_for_function("loom.runState.cached.size === 3", timeout=20000)
+    page.wait_for_function("loom.runState.cached.size === 6", timeout=20000)
+    assert sorted(page.evaluate("[...loom.runState.cached]")) == sorted(WORKFLOW)
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=20000)
     page.screenshot(path=ARTIFACTS / "editor-cached.png")
 
@@ -213,40 +221,93 @@ def test_upload_an_image_through_the_widget(page, server, tmp_path):
     page.screenshot(path=ARTIFACTS / "editor-upload.png")
 
 
-def test_default_txt2img_graph_runs_and_its_png_restores_the_graph(page, server):
-    info = server.call("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]
-    if info["python_module"] != "tests.web.fake_sd":
-        pytest.skip("the real SD nodes are installed: this test runs the graph on fake_sd's stand-ins")
-    types = sorted(page.evaluate("loom.editor.graph._nodes.map(n => n.type)"))
-    assert types == sorted(["CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage",
-                            "KSampler", "VAEDecode", "SaveImage"])
-    assert page.evaluate("loom.editor.node(4).widgets[0].value") == "tiny.safetensors"
-    page.screenshot(path=ARTIFACTS / "txt2img-default.png")
-
-    x, y = page.evaluate("loom.editor.screenPos(6, 'widget', 'text')")
+def set_text(page, node_id, name, text):
+    """Edit a multiline widget as a user does: click it, type in the dialog, OK."""
+    x, y = page.evaluate(f"loom.editor.screenPos({node_id}, 'widget', '{name}')")
     page.mouse.click(x, y)
     page.wait_for_selector("#text-editor[open]")
-    page.fill("#text-editor textarea", "a red fox in the snow")
+    page.fill("#text-editor textarea", text)
     page.click("#text-editor button[value=ok]")
-    page.wait_for_function("loom.editor.node(6).widgets[0].value === 'a red fox in the snow'")
-    page.click("#queue-button")
-    page.wait_for_function("loom.runState.running === '3' && loom.runState.preview", timeout=20000)
-    page.screenshot(path=ARTIFACTS / "txt2img-sampling.png")
-    page.wait_for_function("(loom.runState.outputs['9'] || {images: []}).images.some(i => i.naturalWidth === 512)",
-                           timeout=30000)
-    page.wait_for_timeout(200)
-    page.screenshot(path=ARTIFACTS / "txt2img-result.png")
+    page.wait_for_function(f"loom.editor.node({node_id}).widgets.find(w => w.name === '{name}').value === {text!r}")
 
-    history = server.call("/history")
-    (entry,) = [h for h in history.values() if h["prompt"][2].get("3", {}).get("class_type") == "KSampler"]
+
+def wait_done(page):
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=60000)
+
+
+def test_default_txt2img_graph_runs_on_the_demo_model_and_its_png_restores_the_graph(page, server):
+    txt2img = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
+    types = sorted(page.evaluate("loom.editor.graph._nodes.map(n => n.type)"))
+    assert types == sorted(n["class_type"] for n in txt2img.values())
+    widget = "([id, name]) => loom.editor.node(id).widgets.find(w => w.name === name).value"
+    assert page.evaluate(widget, [4, "ckpt_name"]) == DEMO_MODEL
+    assert page.evaluate(widget, [6, "text"]) == txt2img["6"]["inputs"]["text"]
+    assert (page.evaluate(widget, [5, "width"]), page.evaluate(widget, [5, "height"])) == (64, 64)
+    page.screenshot(path=ARTIFACTS / "txt2img-default.png")
+
+    set_text(page, 6, "text", "a red fox in the snow")
+    page.evaluate("loom.editor.node(3).widgets.find(w => w.name === 'steps').value = 3")
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.running === '3'", timeout=60000)
+    page.screenshot(path=ARTIFACTS / "txt2img-sampling.png")
+    page.wait_for_function("(loom.runState.outputs['9'] || {images: []}).images.some(i => i.naturalWidth === 64)",
+                           timeout=60000)
+    wait_done(page)
+    page.screenshot(path=ARTIFACTS / "txt2img-result.png")
+    history = server.call("/history").values()
+    (entry,) = [h for h in history if h["prompt"][2].get("3", {}).get("class_type") == "KSampler"]
+    assert entry["status"]["status_str"] == "success"
     assert entry["prompt"][2]["6"]["inputs"]["text"] == "a red fox in the snow"
-    (png,) = (server.base / "output").glob("Loom_*.png")
+    assert entry["prompt"][2]["3"]["inputs"]["steps"] == 3
+    (png,) = (server.base / "output").glob("txt2img_*.png")
+
+    # Another prompt: the loader, the negative prompt and the empty latent come from the cache, and say so.
+    set_text(page, 6, "text", "a grey wolf in the snow")
+    page.click("#queue-button")
+    page.wait_for_function("loom.runState.cached.size === 3", timeout=60000)
+    wait_done(page)
+    assert sorted(page.evaluate("[...loom.runState.cached]")) == ["4", "5", "7"]
+    page.screenshot(path=ARTIFACTS / "txt2img-cached.png")
 
     # Opening the saved PNG restores the graph it was made with.
     page.click("#clear-button")
     page.set_input_files("#file-input", str(png))
     page.wait_for_function("loom.editor.graph._nodes.length === 7")
-    assert page.evaluate("loom.editor.node(6).widgets[0].value") == "a red fox in the snow"
+    assert page.evaluate(widget, [6, "text"]) == "a red fox in the snow"
+
+
+@pytest.fixture
+def demo_model_missing(server):
+    """The demo checkpoint moved out of models/ while one test's page opens and runs (before `page`)."""
+    path = server.base / "models" / "checkpoints" / DEMO_MODEL
+    away = server.base / DEMO_MODEL
+    path.rename(away)
+    yield
+    away.rename(path)
+
+
+def test_default_graph_without_the_demo_model_opens_and_queue_marks_the_loader(demo_model_missing, page):
+    assert page.evaluate("loom.editor.graph._nodes.length") == 7
+    page.click("#queue-button")
+    page.wait_for_selector(".toast.error")
+    errors = page.evaluate("loom.runState.errors")
+    assert list(errors) == ["4"] and errors["4"][0]["input"] == "ckpt_name"
+    assert DEMO_MODEL in errors["4"][0]["text"]
+    assert page.text_content("#status") == "not queued"
+    page.screenshot(path=ARTIFACTS / "txt2img-missing-model.png")
+
+
+def test_examples_menu_opens_an_example_workflow(page):
+    names = page.evaluate("[...document.querySelectorAll('#examples-menu option')].map(o => o.value)")
+    assert names[0] == "" and "img2img" in names and "txt2img" in names
+    page.select_option("#examples-menu", "img2img")
+    img2img = json.loads((ROOT / "workflows" / "img2img.json").read_text())
+    page.wait_for_function(f"loom.editor.graph._nodes.length === {len(img2img)}")
+    assert sorted(page.evaluate("loom.editor.graph._nodes.map(n => n.type)")) == sorted(
+        n["class_type"] for n in img2img.values())
+    assert page.evaluate("document.querySelector('#examples-menu').value") == ""
+    assert not page.query_selector(".toast.error")
+    page.screenshot(path=ARTIFACTS / "editor-example-img2img.png")
 
 
 COMFY_UI_FILE = {

@@ -1,5 +1,7 @@
 """Node, model, plugin and system information routes, and the JSON shape of unknown routes."""
 
+import json
+
 from nodes.registry import PluginInfo
 
 
@@ -68,3 +70,23 @@ async def test_editor_is_served(client):
         assert (await client.get(path)).status == 200, path
     assert (await client.get("/static/../web/app.py")).status == 404
     assert (await client.get("/static/%2e%2e/app.py")).status in (403, 404)
+
+
+async def test_example_workflows(client):
+    from web.state import EXAMPLE_WORKFLOWS
+
+    names = await (await client.get("/workflows")).json()
+    assert "txt2img" in names and names == sorted(names)
+    for path in ("/workflows/txt2img", "/api/workflows/txt2img.json"):
+        resp = await client.get(path)
+        assert resp.status == 200
+        assert await resp.json() == json.loads((EXAMPLE_WORKFLOWS / "txt2img.json").read_text())
+    for name in ("nope", "..%2Ftxt2img", "%2e%2e%2fREADME.md", "README.md"):
+        resp = await client.get(f"/workflows/{name}")
+        assert resp.status == 404 and (await resp.json())["error"]["type"] == "not_found"
+
+
+async def test_example_workflows_folder_missing(make_app, aiohttp_client, tmp_path):
+    client = await aiohttp_client(make_app(workflows_dir=tmp_path / "none"))
+    assert await (await client.get("/workflows")).json() == []
+    assert (await client.get("/workflows/txt2img")).status == 404

@@ -54,10 +54,11 @@ class Editor {
     this.save();
   }
 
-  loadDefault() {
+  async loadDefault() {
+    const doc = await defaultWorkflow(this.objectInfo);
     clearRunState();
     runState.outputs = {};
-    loadApi(this.graph, defaultWorkflow(this.objectInfo));
+    loadApi(this.graph, doc);
     for (const node of this.graph._nodes) {
       for (const w of node.widgets || []) if (w.name === "control_after_generate") w.value = "randomize";
     }
@@ -141,6 +142,7 @@ class Editor {
   }
 
   showErrors(error) {
+    setStatus("not queued");
     if (!(error instanceof ApiError) || !error.body) {
       toast(`could not queue: ${error.message}`, "error");
       return;
@@ -238,6 +240,23 @@ async function openFile(editor, file) {
   }
 }
 
+// The server's example workflows (workflows/*.json), offered in the Examples menu.
+async function fillExamples(editor) {
+  const menu = document.getElementById("examples-menu");
+  for (const name of await api("/workflows")) menu.add(new Option(name, name));
+  menu.addEventListener("change", async () => {
+    const name = menu.value;
+    menu.value = "";
+    if (!name) return;
+    try {
+      editor.load(await api(`/workflows/${encodeURIComponent(name)}`), name);
+      toast(`opened the example ${name}`);
+    } catch (error) {
+      toast(`${name}: ${error.message}`, "error");
+    }
+  });
+}
+
 async function saveFile(editor) {
   try {
     const doc = await api("/workflow/api", { method: "POST", body: { workflow: editor.graph.serialize() } });
@@ -298,13 +317,14 @@ async function main() {
   window.loom = { editor, runState, CONTROL_VALUES };
   buildLibrary(objectInfo, (type) => editor.addNode(type));
   bindControls(editor);
-  const saved = localStorage.getItem(STORAGE_KEY);
   try {
-    if (saved && JSON.parse(saved).nodes.length) editor.load(JSON.parse(saved), "last session");
-    else editor.loadDefault();
+    const saved = JSON.parse(localStorage.getItem(STORAGE_KEY));
+    if (!saved?.nodes?.length) throw new Error("no saved session");
+    editor.load(saved, "last session");
   } catch {
-    editor.loadDefault();
+    await editor.loadDefault(); // a first visit, or a session that no longer opens
   }
+  await fillExamples(editor);
   connect({
     open: () => setStatus("connected"),
     close: () => setStatus("reconnecting…"),

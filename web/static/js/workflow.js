@@ -1,24 +1,9 @@
+import { api } from "./api.js";
 import { hideWidget } from "./nodes.js";
 
 // Workflow documents in the editor: open the native (API) format, ComfyUI's UI format and PNGs; the default graph.
 
-// ComfyUI's default graph, laid out compactly enough to read at the zoom that shows all of it.
-const TXT2IMG = {
-  4: { class_type: "CheckpointLoaderSimple", inputs: {}, _meta: { pos: [0, 200], title: "Load Checkpoint" } },
-  6: { class_type: "CLIPTextEncode", inputs: { text: "a photograph of a lighthouse on a cliff at sunset", clip: ["4", 1] },
-    _meta: { pos: [330, 0], size: [320, 150], title: "CLIP Text Encode (Prompt)" } },
-  7: { class_type: "CLIPTextEncode", inputs: { text: "blurry, low quality", clip: ["4", 1] },
-    _meta: { pos: [330, 220], size: [320, 150], title: "CLIP Text Encode (Negative)" } },
-  5: { class_type: "EmptyLatentImage", inputs: { width: 512, height: 512, batch_size: 1 },
-    _meta: { pos: [330, 450], title: "Empty Latent Image" } },
-  3: { class_type: "KSampler", inputs: { seed: 0, steps: 20, cfg: 8, denoise: 1, model: ["4", 0], positive: ["6", 0],
-    negative: ["7", 0], latent_image: ["5", 0] }, _meta: { pos: [700, 0] } },
-  8: { class_type: "VAEDecode", inputs: { samples: ["3", 0], vae: ["4", 2] },
-    _meta: { pos: [1010, 0], title: "VAE Decode" } },
-  9: { class_type: "SaveImage", inputs: { images: ["8", 0], filename_prefix: "Loom" },
-    _meta: { pos: [1010, 130], size: [300, 330], title: "Save Image" } },
-};
-
+// Shown when the example workflows need node types this server lacks.
 const PRIMITIVES_DEMO = {
   1: { class_type: "PrimitiveInt", inputs: { value: 6 }, _meta: { pos: [60, 120] } },
   2: { class_type: "IntMath", inputs: { a: ["1", 0], b: 7, operation: "multiply" }, _meta: { pos: [360, 120] } },
@@ -29,9 +14,16 @@ const PRIMITIVES_DEMO = {
   6: { class_type: "PreviewAny", inputs: { source: ["5", 0] }, _meta: { pos: [700, 360] } },
 };
 
-export function defaultWorkflow(objectInfo) {
-  const needed = Object.values(TXT2IMG).map((n) => n.class_type);
-  return needed.every((type) => objectInfo[type]) ? TXT2IMG : PRIMITIVES_DEMO;
+// The first graph a visitor sees: the server's txt2img example (the demo model at 64x64), or, where its
+// node types are missing, a small demo of built-in nodes.
+export async function defaultWorkflow(objectInfo) {
+  try {
+    const txt2img = await api("/workflows/txt2img");
+    if (Object.values(txt2img).every((n) => objectInfo[n.class_type])) return txt2img;
+  } catch {
+    // no example workflows on this server
+  }
+  return PRIMITIVES_DEMO;
 }
 
 export function isUiFormat(data) {
