@@ -91,7 +91,7 @@ class Executor:
             raise WorkflowInvalid(workflow.problems)
         return workflow
 
-    def _plan(self, wf: ValidatedWorkflow, run_nonce: str) -> _Plan:
+    def _plan(self, wf: ValidatedWorkflow, run_nonce: str, keep: Iterable[str] = ()) -> _Plan:
         keys: dict[str, str] = {}
         nodes = wf.graph.nodes
         for nid in wf.order:
@@ -105,7 +105,7 @@ class Executor:
             inputs = {k: (keys[v.node], v.output) for k, v in node.inputs.items() if isinstance(v, Link)}
             keys[nid] = node_key(cls.name, cls.version, constants, cls.fingerprint(constants), inputs)
 
-        needed = set(wf.outputs)
+        needed = set(wf.outputs) | {nid for nid in keep if nid in keys}  # kept values must be at hand
         run: list[str] = []
         values: dict[str, tuple[Any, ...]] = {}
         ui: dict[str, dict[str, Any]] = {}
@@ -151,7 +151,8 @@ class Executor:
         stop = interrupt or threading.Event()
         started = time.perf_counter()
         with self._lock:
-            plan = self._plan(wf, uuid.uuid4().hex)
+            keep = list(keep)
+            plan = self._plan(wf, uuid.uuid4().hex, keep)
             result = RunResult(prompt_id, "success", cached=plan.cached, keys=plan.keys)
             emit(ev.ExecutionStart(prompt_id))
             emit(ev.ExecutionCached(prompt_id, list(plan.cached)))

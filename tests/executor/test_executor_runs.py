@@ -152,3 +152,10 @@ def test_cache_budget_keeps_run_correct_under_eviction(registry):
         result = executor.run(parse_api(chain_doc()))
         assert result.outputs == {"3": {"value": [4.0]}}
     assert executor.cache.total <= 200
+
+
+def test_kept_values_are_returned_even_when_everything_is_cached(registry):
+    executor = Executor(registry)
+    executor.run(parse_api(chain_doc()))
+    result = executor.run(parse_api(chain_doc()), keep=["1"])
+    assert result.executed == [] and result.values["1"] == (2,)

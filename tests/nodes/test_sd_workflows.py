@@ -105,7 +105,8 @@ def test_img2img_with_denoise_0_is_the_vae_round_trip(engine, base):
 
 def _vae(engine):
     from nodes.sd.models import Vae
-    [loaded] = [m for m in engine.services.models._models.values() if hasattr(m, "vae")]
+    [loaded] = [m for m in engine.services.models._models.values()
+                if getattr(m, "path", None) and m.path.name == "loom-demo.safetensors"]
     return Vae(loaded.vae, "test")
 
 
