@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nodes.folders import get_paths
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import IMAGE_SUFFIXES, load_image_file, to_pil
+from nodes.sd.latent import center_crop, upscale_latent
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
@@ -137,26 +137,14 @@ def resize_image(image: torch.Tensor, width: int, height: int, method: str, crop
         return image
     width = width or max(1, round(w * height / h))
     height = height or max(1, round(h * width / w))
-    if crop == "center":
-        old_aspect, new_aspect = w / h, width / height
-        if old_aspect > new_aspect:
-            keep = round(h * new_aspect)
-            x = (w - keep) // 2
-            image = image[:, :, x:x + keep]
-        elif old_aspect < new_aspect:
-            keep = round(w / new_aspect)
-            y = (h - keep) // 2
-            image = image[:, y:y + keep]
     if method == "lanczos":
         from PIL import Image
 
         from nodes.sd.imageio import from_pil
+        if crop == "center":
+            image = center_crop(image.movedim(-1, 1), width, height).movedim(1, -1)
         return torch.cat([from_pil(to_pil(im).resize((width, height), Image.Resampling.LANCZOS)) for im in image])
-    samples = image.movedim(-1, 1)
-    mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}[method]
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    out = F.interpolate(samples, size=(height, width), mode=mode, **kwargs)
-    return out.movedim(1, -1).clamp(0, 1)
+    return upscale_latent(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1).clamp(0, 1)
 
 
 class ImageScale(Node):

@@ -56,17 +56,23 @@ def _bislerp_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return slerp(x.index_select(dim, low), x.index_select(dim, high), t.view(shape))
 
 
+def center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Crop [B, C, H, W] around its centre to the aspect ratio of width x height."""
+    h, w = samples.shape[-2:]
+    old_aspect, new_aspect = w / h, width / height
+    if old_aspect > new_aspect:
+        keep = round(h * new_aspect)
+        return samples[..., (w - keep) // 2:(w - keep) // 2 + keep]
+    if old_aspect < new_aspect:
+        keep = round(w / new_aspect)
+        return samples[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
+    return samples
+
+
 def upscale_latent(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
-    """Resize [B, C, h, w] latents to (height, width) latent pixels."""
-    _, _, h, w = samples.shape
+    """Resize [B, C, h, w] to (height, width); `center` crops to the new aspect ratio first."""
     if crop == "center":
-        old_aspect, new_aspect = w / h, width / height
-        if old_aspect > new_aspect:
-            keep = round(h * new_aspect)
-            samples = samples[..., (w - keep) // 2:(w - keep) // 2 + keep]
-        elif old_aspect < new_aspect:
-            keep = round(w / new_aspect)
-            samples = samples[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
+        samples = center_crop(samples, width, height)
     if method == "bislerp":
         return _bislerp_axis(_bislerp_axis(samples, height, 2), width, 3)
     kwargs = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
