@@ -243,7 +243,10 @@ def _vae_attention_as_conv(sd: StateDict) -> StateDict:
 
 def _materialize(factory: Callable[[], nn.Module], weights: StateDict, what: str, path: Path,
                  device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """Build `factory()` without allocating, then adopt the file's tensors (cast only where needed)."""
+    """Build `factory()` without allocating, then adopt the file's tensors (cast only where needed).
+
+    The module comes back frozen (eval, no grad), like the text encoder; training code unfreezes.
+    """
     with torch.device("meta"):
         module = factory()
     expected = list(module.state_dict())
@@ -256,7 +259,7 @@ def _materialize(factory: Callable[[], nn.Module], weights: StateDict, what: str
         module.load_state_dict(state, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path.name}: {what} weights do not fit the detected shape ({e})") from None
-    return module.eval()
+    return module.eval().requires_grad_(False)
 
 
 def _load_text_encoder(sd: StateDict, path: Path, device: torch.device | str,
