@@ -163,7 +163,8 @@ def train_unet(data: ImageSet | list[ImageSet], out_dir: str | Path, config: UNe
         unet = new_unet(dataclasses.replace(config.unet, context_dim=context_dim))
     config = dataclasses.replace(config, unet=unet.config)
     vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-    unet = unet.to(device=device, dtype=torch.float32)
+    # Loaded checkpoints come back frozen for inference; training needs the UNet's gradients back.
+    unet = unet.to(device=device, dtype=torch.float32).train().requires_grad_(True)
     text_encoder = text_encoder.to(device=device, dtype=torch.float32).requires_grad_(config.train_text_encoder)
     if config.loop.grad_checkpointing:
         checkpoint_unet(unet)
