@@ -224,7 +224,10 @@ def train_unet(data: ImageSet | list[ImageSet], out_dir: str | Path, config: UNe
                 "images": len(captions), "device": str(device)}
     from ldm.checkpoint import save_checkpoint
 
-    metadata = {"loom.family": "sd1", "loom.prediction": config.prediction, "loom.training": json.dumps(settings)}
+    # The resolution it was trained at, so front ends (e.g. loom.Pipeline) can default to it.
+    resolution = max(bucket.pixels.shape[-1] for bucket in buckets)
+    metadata = {"loom.family": "sd1", "loom.prediction": config.prediction, "loom.resolution": str(resolution),
+                "loom.training": json.dumps(settings)}
     path = save_checkpoint(out_dir / checkpoint_name, final.unet, vae, final.text_encoder, metadata, dtype=save_dtype)
     return final, path
 
