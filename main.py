@@ -18,6 +18,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="another models folder (with checkpoints/, vae/, loras/ inside); repeatable")
     parser.add_argument("--extra-model-paths", type=Path,
                         help="JSON file mapping model kinds to more folders, e.g. another tool's")
+    parser.add_argument("--no-bundled-models", action="store_true",
+                        help="do not offer the models shipped with the project (the demo checkpoint)")
     parser.add_argument("--output-dir", type=Path, help="where output images go (default: BASE/output)")
     parser.add_argument("--input-dir", type=Path, help="where input images are read (default: BASE/input)")
     parser.add_argument("--custom-nodes-dir", type=Path, action="append", default=[],
@@ -33,6 +35,8 @@ def configure_engine(args: argparse.Namespace) -> Any:
 
     paths = FolderPaths(base=args.base_dir.resolve(), models_dirs=list(args.models_dir),
                         output_dir=args.output_dir, input_dir=args.input_dir)
+    if args.no_bundled_models:
+        paths.bundled_models = None
     if args.extra_model_paths:
         paths.load_extra_paths(args.extra_model_paths)
     paths.seed_input_examples()

@@ -28,6 +28,8 @@ class FolderPaths:
     output_dir: Path | None = None
     input_dir: Path | None = None
     temp_dir: Path | None = None
+    # Models shipped with the project (the demo checkpoint), searched last; None hides them.
+    bundled_models: Path | None = ASSETS / "models"
 
     @property
     def output(self) -> Path:
@@ -45,7 +47,8 @@ class FolderPaths:
         """User folders first, then extra paths, then the models bundled with the project."""
         roots = [*self.models_dirs, self.base / "models"]
         extra = self.extra_model_paths.get(kind, [])
-        return [root / kind for root in roots] + extra + [ASSETS / "models" / kind]
+        bundled = [self.bundled_models / kind] if self.bundled_models else []
+        return [root / kind for root in roots] + extra + bundled
 
     def seed_input_examples(self) -> None:
         """Create input/ with the example images the bundled workflows use, if it does not exist."""

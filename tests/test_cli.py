@@ -91,3 +91,16 @@ def test_nodes_and_schema():
     assert info["IntMath"]["input_order"]["required"] == ["a", "b", "operation"]
     schema = json.loads(cli("schema").stdout)
     assert schema["additionalProperties"]["$ref"].endswith("ApiNode")
+
+
+def test_default_workflow_runs_on_the_bundled_demo_model(tmp_path):
+    """A fresh base folder, no models of one's own: txt2img runs on the checkpoint the project ships."""
+    proc = cli("run", ROOT / "workflows" / "txt2img.json", "--base-dir", tmp_path, "--set", "3.steps=4", "--json")
+    body = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stderr
+    [saved] = body["files"]
+    from PIL import Image
+    with Image.open(saved) as image:
+        assert image.size == (64, 64)
+    hidden = cli("validate", ROOT / "workflows" / "txt2img.json", "--base-dir", tmp_path, "--no-bundled-models")
+    assert hidden.returncode == 2 and "loom-demo.safetensors" in hidden.stderr

@@ -23,7 +23,7 @@ def slow_prompt(steps=5, delay=0.01, value=1):
 
 @pytest.fixture
 def paths(tmp_path):
-    folders = FolderPaths(base=tmp_path)
+    folders = FolderPaths(base=tmp_path, bundled_models=None)
     set_paths(folders)
     yield folders
     set_paths(FolderPaths())

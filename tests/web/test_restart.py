@@ -81,7 +81,8 @@ class Server:
         self.base, self.port = base, free_port()
         self.log = open(base / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.web.serve_helper", "--port", str(self.port), "--base-dir", str(base)],
+            [sys.executable, "-m", "tests.web.serve_helper", "--port", str(self.port), "--base-dir", str(base),
+             "--no-bundled-models"],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()
 
