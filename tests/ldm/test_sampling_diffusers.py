@@ -19,15 +19,6 @@ SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
 STEPS = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds contention (50x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def gaussian_denoiser(mean: float = 0.3, std: float = 0.7):
     def model(x, sigma):
         s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)

@@ -60,15 +60,6 @@ pytestmark = pytest.mark.skipif(K is None, reason="k-diffusion is not installed"
 SCHEDULE = DiscreteSchedule()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds contention (50x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class TinyUNet(torch.nn.Module):
     """A small conv net with timestep and context inputs, shaped like the real UNet's call."""
 

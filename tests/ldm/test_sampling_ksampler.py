@@ -19,15 +19,6 @@ from ldm.sampling.noise import BrownianTreeNoiseSampler, PrefetchingNoiseSampler
 SCHEDULE = DiscreteSchedule()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds contention (50x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class CountingUNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
