@@ -42,6 +42,8 @@ def add_train_parser(sub: Any) -> None:
     unet.add_argument("--init", type=Path, help="fine-tune this SD1 checkpoint instead of new models")
     unet.add_argument("--freeze-text-encoder", action="store_true")
     unet.add_argument("--prediction", choices=("eps", "v"), default="eps")
+    unet.add_argument("--offset-noise", type=float, default=0.0,
+                      help="std of a per-channel constant added to the noise, so overall colour follows the caption")
     unet.add_argument("--cond-dropout", type=float, default=0.1, help="share of empty captions, for guidance")
     unet.add_argument("--output-name", default="model.safetensors")
     for parser in (vae, unet):
@@ -88,7 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("train unet needs --vae (from `train vae`) or --init (a checkpoint to fine-tune)")
     config = UNetTrainConfig(loop=loop, train_text_encoder=not args.freeze_text_encoder,
-                             cond_dropout=args.cond_dropout, prediction=args.prediction)
+                             cond_dropout=args.cond_dropout, prediction=args.prediction,
+                             offset_noise=args.offset_noise)
     _, path = train_unet(data, args.out, config, device, vae, base.unet if base else None,
                          base.text_encoder if base else None, checkpoint_name=args.output_name)
     print(f"wrote {path}")

@@ -84,6 +84,27 @@ def test_unet_loss_falls(tmp_path, data, vae):
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
 
 
+def test_offset_noise_shifts_each_channel_by_a_constant():
+    from ldm.training.unet_trainer import training_noise
+
+    plain = training_noise(torch.Size([4096, 4, 8, 8]), 0.0, torch.Generator().manual_seed(0))
+    offset = training_noise(torch.Size([4096, 4, 8, 8]), 0.5, torch.Generator().manual_seed(0))
+    # The spatial mean of 64 unit normals has std 1/8; a constant of std 0.5 adds its variance to it.
+    assert float(plain.mean(dim=(2, 3)).std()) == pytest.approx(1 / 8, rel=0.05)
+    assert float(offset.mean(dim=(2, 3)).std()) == pytest.approx((1 / 64 + 0.25) ** 0.5, rel=0.05)
+    centred = offset - offset.mean(dim=(2, 3), keepdim=True)
+    assert float(centred.std()) == pytest.approx(float((plain - plain.mean(dim=(2, 3), keepdim=True)).std()), rel=0.02)
+
+
+def test_v_prediction_with_offset_noise_learns(tmp_path, data, vae):
+    torch.manual_seed(0)
+    config = dataclasses.replace(unet_config(40, lr=2e-3), prediction="v", offset_noise=0.1)
+    _, path = train_unet(data, tmp_path, config, CPU, vae, save_dtype=None)
+    losses = torch.load(tmp_path / "unet-state.pt", weights_only=True)["history_losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert load_checkpoint(path).metadata["loom.prediction"] == "v"
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path, data, vae):
     torch.manual_seed(0)
     whole, _ = train_unet(data, tmp_path / "whole", unet_config(6), CPU, vae, save_dtype=None)
