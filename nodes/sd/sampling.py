@@ -8,7 +8,7 @@ import torch
 
 from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, DiscreteSchedule, sample
 from nodes.node import Node
-from nodes.sd.models import DiffusionModel, device_and_dtype
+from nodes.sd.models import DiffusionModel, device_and_dtype, devices_of, on_device
 from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
 
 _SCHEDULE = DiscreteSchedule()
@@ -50,9 +50,15 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         node.ctx.check_interrupt()  # raises the engine's Interrupted
         return False
 
+    unet = on_device(node.ctx, model.unet)
+    devices = devices_of(node.ctx)
+    if devices is not None and devices.options.compile and not devices.options.lowvram:
+        from ldm.compile import compiled_unet
+
+        unet = compiled_unet(unet)
     with torch.inference_mode():
         out = sample(
-            model.unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
             scheduler=scheduler, positive=_with_adm(positive, model, samples),
             negative=_with_adm(negative, model, samples), denoise=denoise, add_noise=add_noise,
             start_step=start_step, end_step=end_step, return_leftover_noise=return_leftover_noise,
