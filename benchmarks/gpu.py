@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from executor.devices import DeviceManager
-from ldm.compile import compiled_unet
+from ldm.compile import compiled_unet, forget_compiled
 from ldm.presets import PRESETS, randomize_
 from ldm.quant import quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, prepare_noise, sample
@@ -117,7 +117,8 @@ def conditioning(models: Models, prompts: list[str], size: int) -> list:
 def ours_latents(models: Models, positive: list, negative: list, seed: int, size: int, steps: int,
                  batch: int) -> torch.Tensor:
     device = models.unet.time_embed[0].weight.device
-    latent = torch.zeros(batch, 4, size // 8, size // 8, device=device, dtype=models.unet.dtype)
+    # Latents stay in fp32 between steps, as the KSampler node keeps them; the UNet casts its input.
+    latent = torch.zeros(batch, 4, size // 8, size // 8, device=device)
     return sample(models.runner, DiscreteSchedule(), latent, seed=seed, steps=steps, cfg=7.5, sampler_name="euler",
                   scheduler="normal", positive=positive, negative=negative, prediction=models.prediction)
 
@@ -193,6 +194,8 @@ def run_ours(models: Models, device: torch.device, f: Figures, steps: int, clock
             f.compile_s, _ = timed(device, lambda: ours_txt2img(models, 0, size, steps))
             f.its_compiled = ours_its(models, device, size, steps)
             models.unet_fn = None
+            forget_compiled(models.unet)
+            torch._dynamo.reset()
         elif compile_:
             f.skipped.append("compile")
     return reference

@@ -31,3 +31,8 @@ def compiled_unet(unet: nn.Module, mode: str | None = None) -> Callable[..., tor
 
 def is_compiled(unet: nn.Module) -> bool:
     return getattr(unet, "_loom_compiled", (None,))[0] == id(unet)
+
+
+def forget_compiled(unet: nn.Module) -> None:
+    """Drop the compiled forward (and with it the module's graphs), e.g. before copying the module."""
+    unet.__dict__.pop("_loom_compiled", None)

@@ -38,10 +38,12 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
                 return_leftover_noise: bool = False) -> dict:
     """The shared body of both KSampler nodes; LATENT values stay unscaled, as in ComfyUI."""
-    device, dtype, _ = device_and_dtype(node.ctx)
+    device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]
     scale = model.family.latent_scale_factor
-    x = samples.to(device, dtype) * scale
+    # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
+    # updates of late steps. The UNet casts its input to its own dtype and its output back.
+    x = samples.to(device, torch.float32) * scale
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
         node.ctx.progress(step + 1, total, preview=denoised)
