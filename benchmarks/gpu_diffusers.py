@@ -93,6 +93,7 @@ def diffusers_pipeline(family: str, prediction: str, unet_config: UNetConfig, va
 
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, timestep_spacing="linspace",
+                                       steps_offset=1,  # unused by "linspace"; silences a deprecation notice
                                        prediction_type="epsilon" if prediction == "eps" else "v_prediction")
     unet = diffusers_unet(unet_config, states["unet"])
     vae = diffusers_vae(vae_config, states["vae"])
