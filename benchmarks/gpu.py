@@ -84,7 +84,7 @@ class Models:
 
     @property
     def runner(self) -> Callable[..., torch.Tensor]:
-        return self.unet_fn or self.unet
+        return self.unet if self.unet_fn is None else self.unet_fn
 
 
 @torch.no_grad()
