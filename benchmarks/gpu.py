@@ -189,7 +189,7 @@ def run_ours(models: Models, device: torch.device, f: Figures, steps: int, clock
                 f.images_per_s[batch] = batch / seconds
         else:
             f.skipped.append("batches")
-        if compile_ and clock.left(150):
+        if compile_ and clock.left(150 if size < 1024 else 240):  # SDXL compiles for minutes
             models.unet_fn = compiled_unet(models.unet)
             f.compile_s, _ = timed(device, lambda: ours_txt2img(models, 0, size, steps))
             f.its_compiled = ours_its(models, device, size, steps)
@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only and key != args.only:
             continue
         results[key] = measure(key, preset, size, device, devices.dtype, devices.vae_dtype, args, clock)
-        print(f"{key} done after {time.perf_counter() - clock.began:.0f}s", flush=True)
+        # Each preset's figures at once, so a run cut short by a time limit still leaves them.
+        print(json.dumps({"preset_done": key, "after_s": round(time.perf_counter() - clock.began),
+                          **dataclasses.asdict(results[key])}), flush=True)
     print(table(results, device_name, devices.dtype))
     sd15, sdxl = results.get("sd15"), results.get("sdxl")
 
