@@ -26,12 +26,31 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="another folder of plugins besides BASE/custom_nodes; repeatable (the "
                              "--extra-model-paths file may list more under \"custom_nodes\")")
     parser.add_argument("--no-custom-nodes", action="store_true", help="load the built-in nodes only")
+    device = parser.add_argument_group("device and memory")
+    device.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
+    device.add_argument("--lowvram", action="store_true",
+                        help="keep the UNet in RAM and stream its blocks to the GPU as they run (slower, small cards)")
+    device.add_argument("--weights-dtype", choices=["default", "fp8", "int8"], default="default",
+                        help="store UNet and text encoder weights in fp8 (computed in fp16/bf16) or int8 (torchao)")
+    device.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (slow first run per image size, faster after)")
+    device.add_argument("--vram-budget-gb", type=float, help="GiB of model weights kept on the GPU "
+                        "(default: its memory less a quarter for activations)")
+    device.add_argument("--ram-budget-gb", type=float, help="GiB of loaded models kept in RAM (default: half of it)")
 
 
 def configure_engine(args: argparse.Namespace) -> Any:
-    """Set up folders and the node registry from the common options; returns the registry."""
+    """Set up folders, device options and the node registry from the common options; returns the registry."""
+    from executor.devices import EngineOptions, set_default_options
     from nodes.folders import FolderPaths, set_paths
     from nodes.registry import builtin_registry
+
+    def gib(value: float | None) -> int | None:
+        return None if value is None else int(value * 2**30)
+
+    set_default_options(EngineOptions(
+        force_cpu=args.cpu, lowvram=args.lowvram, weights_dtype=args.weights_dtype, compile=args.compile,
+        vram_budget=gib(args.vram_budget_gb), ram_budget=gib(args.ram_budget_gb)))
 
     paths = FolderPaths(base=args.base_dir.resolve(), models_dirs=list(args.models_dir),
                         output_dir=args.output_dir, input_dir=args.input_dir)
@@ -307,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the real LDM file layout")
-    p.add_argument("--preset", required=True, choices=["tiny-sd1", "tiny-sd2", "tiny-sdxl", "sd15"])
+    p.add_argument("--preset", required=True, choices=["tiny-sd1", "tiny-sd2", "tiny-sdxl", "sd15", "sdxl"])
     p.add_argument("output", type=Path, help="the .safetensors file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")

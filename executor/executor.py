@@ -33,6 +33,10 @@ class NodeOutputError(Exception):
     """A node returned something other than what it declares."""
 
 
+class OutOfMemory(RuntimeError):
+    """A node ran out of (GPU) memory again after the engine freed what it could and retried it."""
+
+
 @dataclass
 class RunResult:
     prompt_id: str
@@ -167,7 +171,7 @@ class Executor:
                     current = nid
                     if stop.is_set():
                         raise Interrupted("interrupted between nodes")
-                    self._run_node(wf, nid, plan.keys[nid], values, ui, prompt_id, emit, stop, extra)
+                    self._run_node_retrying(wf, nid, plan.keys[nid], values, ui, prompt_id, emit, stop, extra)
                     result.executed.append(nid)
             except Interrupted:
                 node_type = wf.graph.nodes[current].class_type if current else ""
@@ -188,6 +192,34 @@ class Executor:
             if result.ok:
                 emit(ev.ExecutionSuccess(prompt_id, result.duration_s, list(result.executed), list(plan.cached)))
             return result
+
+    def _run_node_retrying(self, wf: ValidatedWorkflow, nid: str, *args: Any) -> None:
+        """Run a node; after an out-of-memory error, let the services free memory and run it once more.
+
+        A second out-of-memory error fails the run with a message saying what to try; the memory is
+        freed again either way, so the engine goes on serving the next prompt.
+        """
+        recover = getattr(self.services, "recover_from_oom", None)
+        try:
+            self._run_node(wf, nid, *args)
+            return
+        except Interrupted:
+            raise
+        except Exception as exc:
+            if recover is None or not recover(exc):
+                raise
+        try:
+            self._run_node(wf, nid, *args)
+        except Interrupted:
+            raise
+        except Exception as exc:
+            if not recover(exc):
+                raise
+            node_type = wf.graph.nodes[nid].class_type
+            raise OutOfMemory(
+                f"{node_type} (node {nid}) ran out of memory twice, the second time after every model was moved "
+                f"off the device: {exc}. Try a smaller image or batch, the tiled VAE nodes, or --lowvram."
+            ) from exc
 
     def _run_node(self, wf: ValidatedWorkflow, nid: str, key: str, values: dict[str, tuple[Any, ...]],
                   ui: dict[str, dict[str, Any]], prompt_id: str, emit: EventHandler,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import load_state_dict
+from ldm.quant import dequantized_weight
 from ldm.unet import UNetConfig, UNetModel
 
 
@@ -199,9 +200,9 @@ def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Modul
     patched = _shallow_copy(module)
     for path, weight in matched.items():
         layer = patched.get_submodule(path)
-        base = layer.weight
+        base = dequantized_weight(layer)  # an fp8 layer's patched weight is stored in full precision
         new = base.float() + strength * weight.delta(base.shape).to(base.device)
-        layer._parameters["weight"] = nn.Parameter(new.to(base.dtype), requires_grad=base.requires_grad)
+        layer._parameters["weight"] = nn.Parameter(new.to(base.dtype), requires_grad=layer.weight.requires_grad)
     return patched
 
 

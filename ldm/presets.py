@@ -1,4 +1,4 @@
-"""Random-weight checkpoint presets (tiny models for tests, full SD1.5 size for benchmarks)."""
+"""Random-weight checkpoint presets (tiny models for tests, full SD1.5 and SDXL sizes for benchmarks)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ PRESETS: dict[str, tuple[str, str, UNetConfig, VAEConfig]] = {
         use_linear_in_transformer=True, adm_in_channels=48 + 6 * 256),
         dataclasses.replace(_TINY_VAE, scaling_factor=0.13025)),
     "sd15": ("sd1", "eps", UNetConfig(), VAEConfig()),
+    "sdxl": ("sdxl", "eps", UNetConfig(
+        model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 10),
+        transformer_depth_middle=10, num_head_channels=64, context_dim=2048, use_linear_in_transformer=True,
+        adm_in_channels=2816), VAEConfig(scaling_factor=0.13025)),
 }
 
 

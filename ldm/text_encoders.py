@@ -201,11 +201,12 @@ _PRESETS: dict[str, tuple[_Family, list[tuple[int, int, int, int | None]]]] = {
     "tiny-sd2": (_SD2, [(32, 2, 64, 32)]),
     "tiny-sdxl": (_SDXL, [(32, 2, 64, None), (48, 2, 96, 48)]),
     "sd15": (_SD1, [(768, 12, 3072, None)]),
+    "sdxl": (_SDXL, [(768, 12, 3072, None), (1280, 32, 5120, 1280)]),
 }
 
 
 def random_text_encoder_config(preset: str) -> TextEncoderConfig:
-    """Configuration of a named preset: tiny-sd1, tiny-sd2, tiny-sdxl (tests) or sd15 (real size)."""
+    """Configuration of a named preset: tiny-sd1, tiny-sd2, tiny-sdxl (tests), sd15 or sdxl (real sizes)."""
     if preset not in _PRESETS:
         raise ValueError(f"unknown text encoder preset {preset!r}; known: {', '.join(_PRESETS)}")
     return _make_config(*_PRESETS[preset])

@@ -70,6 +70,7 @@ class Worker:
         """ComfyUI's POST /free: drop loaded models and/or cached node outputs (used by the next prompt)."""
         if unload_models:
             self.executor.services.models.clear()
+            self.executor.services.devices.free()  # off the GPU now, not when the last reference goes
         if free_memory:
             self.executor.cache = OutputCache()
 

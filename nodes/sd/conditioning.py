@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nodes.node import Node
-from nodes.sd.models import Clip
+from nodes.sd.models import Clip, on_device
 from nodes.spec import Float, Int, Output, Socket, String
 
 MAX_RESOLUTION = 16384
@@ -22,7 +22,7 @@ class CLIPTextEncode(Node):
 
     def execute(self, text: str, clip: Clip) -> tuple[list]:
         with torch.inference_mode():
-            encoding = clip.encoder.encode([text], clip_skip=clip.clip_skip)
+            encoding = on_device(self.ctx, clip.encoder).encode([text], clip_skip=clip.clip_skip)
         options = {}
         if encoding.pooled is not None:
             options["pooled_output"] = encoding.pooled.float().cpu()

@@ -10,7 +10,7 @@ import torch
 
 from nodes.folders import get_paths
 from nodes.node import Node
-from nodes.sd.models import Clip, DiffusionModel, Vae, device_and_dtype, file_fingerprint
+from nodes.sd.models import Clip, DiffusionModel, Vae, device_and_dtype, devices_of, file_fingerprint, load_device
 from nodes.spec import Combo, Float, Output, Socket
 
 log = logging.getLogger(__name__)
@@ -44,26 +44,58 @@ class CheckpointLoaderSimple(Node):
         return file_fingerprint(get_paths().find_model("checkpoints", str(inputs.get("ckpt_name", ""))))
 
     def execute(self, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
-        from ldm.checkpoint import load_checkpoint
+        devices = devices_of(self.ctx)
+        return load_checkpoint_outputs(self, ckpt_name, devices.options.weights_dtype if devices else "default")
 
-        path = model_path("checkpoints", ckpt_name)
-        device, dtype, vae_dtype = device_and_dtype(self.ctx)
 
-        def load() -> Any:
-            loaded = load_checkpoint(path, device=device, dtype=dtype)
-            if vae_dtype != dtype:
-                loaded.vae.to(dtype=vae_dtype)
-            if loaded.unused_keys:
-                log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
-            return loaded
+def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str) -> tuple[DiffusionModel, Clip, Vae]:
+    """Load (or share) a checkpoint on the offload device; `weights_dtype` "fp8"/"int8" shrinks the UNet
+    and text encoder weights (the VAE stays in its own dtype)."""
+    from ldm.checkpoint import load_checkpoint
 
-        loaded = shared_model(self, ("checkpoint", str(path), str(file_fingerprint(path)), str(device), str(dtype)),
-                              load)
-        if loaded.text_encoder is None:
-            raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
-        return (DiffusionModel(loaded.unet, loaded.family, ckpt_name),
-                Clip(loaded.text_encoder, loaded.family.name, ckpt_name),
-                Vae(loaded.vae, ckpt_name))
+    path = model_path("checkpoints", ckpt_name)
+    _, dtype, vae_dtype = device_and_dtype(node.ctx)
+    device = load_device(node.ctx)
+
+    def load() -> Any:
+        from ldm.quant import quantize_
+
+        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        if vae_dtype != dtype:
+            loaded.vae.to(dtype=vae_dtype)
+        if weights_dtype != "default":
+            quantize_(loaded.unet, weights_dtype)
+            if loaded.text_encoder is not None:
+                quantize_(loaded.text_encoder, weights_dtype)
+        if loaded.unused_keys:
+            log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
+        return loaded
+
+    key = ("checkpoint", str(path), str(file_fingerprint(path)), str(device), str(dtype), weights_dtype)
+    loaded = shared_model(node, key, load)
+    if loaded.text_encoder is None:
+        raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
+    return (DiffusionModel(loaded.unet, loaded.family, ckpt_name),
+            Clip(loaded.text_encoder, loaded.family.name, ckpt_name),
+            Vae(loaded.vae, ckpt_name))
+
+
+class CheckpointLoaderWeightDtype(Node):
+    """Loads a checkpoint with its UNet and text encoder weights stored smaller: fp8 (e4m3, computed in
+    fp16/bf16 layer by layer; about half the memory of fp16) or int8 (torchao, where installed)."""
+
+    display_name = "Load Checkpoint (weight dtype)"
+    category = "advanced/loaders"
+    ckpt_name = Combo(lambda: get_paths().list_models("checkpoints"), tooltip="a file in models/checkpoints")
+    weight_dtype = Combo(["default", "fp8_e4m3fn", "int8"], tooltip="how the UNet and text encoder weights are stored")
+    outputs = (Output("MODEL"), Output("CLIP"), Output("VAE"))
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return CheckpointLoaderSimple.fingerprint(inputs)
+
+    def execute(self, ckpt_name: str, weight_dtype: str) -> tuple[DiffusionModel, Clip, Vae]:
+        return load_checkpoint_outputs(self, ckpt_name, {"fp8_e4m3fn": "fp8"}.get(weight_dtype, weight_dtype))
 
 
 class VAELoader(Node):
@@ -82,7 +114,8 @@ class VAELoader(Node):
         from ldm.checkpoint import load_vae
 
         path = model_path("vae", vae_name)
-        device, _, vae_dtype = device_and_dtype(self.ctx)
+        _, _, vae_dtype = device_and_dtype(self.ctx)
+        device = load_device(self.ctx)
         loaded = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)),
                               lambda: load_vae(path, device=device, dtype=vae_dtype))
         return (Vae(loaded.vae, vae_name),)
@@ -124,4 +157,4 @@ class LoraLoader(Node):
         return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
 
 
-NODES = [CheckpointLoaderSimple, VAELoader, LoraLoader]
+NODES = [CheckpointLoaderSimple, CheckpointLoaderWeightDtype, VAELoader, LoraLoader]

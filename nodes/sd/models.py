@@ -79,9 +79,26 @@ def file_fingerprint(path: Path | None) -> Any:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def devices_of(ctx: Any) -> Any:
+    """The engine's DeviceManager, or None when a node runs outside an engine."""
+    return getattr(getattr(ctx, "services", None), "devices", None)
+
+
 def device_and_dtype(ctx: Any) -> tuple[torch.device, torch.dtype, torch.dtype]:
     """(device, model dtype, VAE dtype) from the engine's device manager; the CPU in fp32 without one."""
-    devices = getattr(getattr(ctx, "services", None), "devices", None)
+    devices = devices_of(ctx)
     if devices is None:
         return torch.device("cpu"), torch.float32, torch.float32
     return devices.device, devices.dtype, devices.vae_dtype
+
+
+def load_device(ctx: Any) -> torch.device:
+    """Where loaders put weights: the offload device; `on_device` moves a model when a node runs it."""
+    devices = devices_of(ctx)
+    return torch.device("cpu") if devices is None else devices.offload_device
+
+
+def on_device(ctx: Any, module: torch.nn.Module) -> torch.nn.Module:
+    """`module` ready to run on the compute device (moved there, older models offloaded if need be)."""
+    devices = devices_of(ctx)
+    return module if devices is None else devices.use(module)

@@ -8,7 +8,7 @@ import torch
 
 from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, DiscreteSchedule, sample
 from nodes.node import Node
-from nodes.sd.models import DiffusionModel, device_and_dtype
+from nodes.sd.models import DiffusionModel, device_and_dtype, devices_of, on_device
 from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
 
 _SCHEDULE = DiscreteSchedule()
@@ -38,10 +38,12 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
                 return_leftover_noise: bool = False) -> dict:
     """The shared body of both KSampler nodes; LATENT values stay unscaled, as in ComfyUI."""
-    device, dtype, _ = device_and_dtype(node.ctx)
+    device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]
     scale = model.family.latent_scale_factor
-    x = samples.to(device, dtype) * scale
+    # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
+    # updates of late steps. The UNet casts its input to its own dtype and its output back.
+    x = samples.to(device, torch.float32) * scale
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
         node.ctx.progress(step + 1, total, preview=denoised)
@@ -50,9 +52,15 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         node.ctx.check_interrupt()  # raises the engine's Interrupted
         return False
 
+    unet = on_device(node.ctx, model.unet)
+    devices = devices_of(node.ctx)
+    if devices is not None and devices.options.compile and not devices.options.lowvram:
+        from ldm.compile import compiled_unet
+
+        unet = compiled_unet(unet)
     with torch.inference_mode():
         out = sample(
-            model.unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+            unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
             scheduler=scheduler, positive=_with_adm(positive, model, samples),
             negative=_with_adm(negative, model, samples), denoise=denoise, add_noise=add_noise,
             start_step=start_step, end_step=end_step, return_leftover_noise=return_leftover_noise,

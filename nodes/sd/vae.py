@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nodes.node import Node
-from nodes.sd.models import Vae, device_and_dtype
+from nodes.sd.models import Vae, device_and_dtype, on_device
 from nodes.spec import Int, Output, Socket
 
 
@@ -24,20 +24,22 @@ def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | N
     deterministic (ComfyUI samples the posterior; its spread is negligible for trained VAEs)."""
     device, _, dtype = device_and_dtype(node.ctx)
     x = _crop_to_multiple_of_8(pixels)[..., :3].movedim(-1, 1).to(device, dtype) * 2 - 1
+    model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
         if tile is None:
-            z = vae.vae.encode(x).mode()
+            z = model.encode(x).mode()
         else:
-            z = vae.vae.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
+            z = model.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
     return z.float().cpu()
 
 
 def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Unscaled latents -> IMAGE [B, H, W, C] in 0..1."""
     device, _, dtype = device_and_dtype(node.ctx)
+    model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
         z = samples.to(device, dtype)
-        pixels = vae.vae.decode(z) if tile is None else vae.vae.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
+        pixels = model.decode(z) if tile is None else model.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
     return ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
 
 

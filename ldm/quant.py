@@ -1,0 +1,125 @@
+"""Smaller weights: fp8 (e4m3) storage for Linear and Conv2d layers, upcast per layer at run time.
+
+`quantize_fp8_(model, compute_dtype)` halves the weight memory of an fp16/bf16 model (a quarter of
+fp32): each layer keeps its weight as `torch.float8_e4m3fn` divided by a per-output-channel scale
+(so every row uses fp8's whole range), and its forward multiplies it back in the compute dtype just
+before the matmul or convolution. Only one layer's full-precision weight exists at a time.
+
+Kept in full precision, because they are tiny and the output is sensitive to them: the timestep
+and class embeddings and the UNet's first and last convolutions (names in `FP8_SKIP`), norms,
+embeddings and biases.
+
+`quantize_int8_(model)` is torchao's int8 weight-only quantization, when torchao is installed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_SKIP = re.compile(r"(^|\.)(time_embed|label_emb)(\.|$)|^input_blocks\.0\.|^out\.")
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The requested quantization needs a package or dtype this installation lacks."""
+
+
+class _Fp8Weight:
+    """Shared by the fp8 layers: the weight in the compute dtype, rebuilt for each call."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.weight_scale.dtype
+        if self.weight.dtype != FP8:  # patched since (e.g. a LoRA): a plain full-precision weight
+            return self.weight.to(dtype)
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+
+class Fp8Linear(_Fp8Weight, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
+
+
+class Fp8Conv2d(_Fp8Weight, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
+
+
+_FP8_CLASSES: dict[type, type] = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}
+
+
+def _quantize_layer(layer: nn.Module) -> None:
+    weight = layer.weight.detach()
+    rows = weight.float().reshape(weight.shape[0], -1)
+    scale = (rows.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    scale = scale.reshape(-1, *([1] * (weight.ndim - 1)))
+    quantized = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    layer.__class__ = _FP8_CLASSES[type(layer)]
+    layer.weight = nn.Parameter(quantized, requires_grad=False)
+    # The scale is kept in the weight's former dtype: that is the compute dtype the layer runs in.
+    layer.register_buffer("weight_scale", scale.to(weight.dtype))
+
+
+def quantize_fp8_(model: nn.Module, skip: re.Pattern[str] = FP8_SKIP) -> nn.Module:
+    """Store every Linear and Conv2d weight of `model` in fp8 (in place; returns `model`).
+
+    The compute dtype stays the weights' current dtype: quantize after casting to fp16/bf16.
+    """
+    for name, layer in list(model.named_modules()):
+        if type(layer) in _FP8_CLASSES and not skip.search(name):
+            _quantize_layer(layer)
+    return model
+
+
+def is_fp8(layer: nn.Module) -> bool:
+    return isinstance(layer, _Fp8Weight) and layer.weight.dtype == FP8
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight in full precision (its own weight unless it is stored in fp8)."""
+    return layer.dequantized_weight() if isinstance(layer, _Fp8Weight) else layer.weight
+
+
+def quantize_int8_(model: nn.Module) -> nn.Module:
+    """torchao's int8 weight-only quantization of the Linear layers (in place; returns `model`)."""
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise QuantizationUnavailable("int8 weights need torchao (pip install torchao)") from e
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        config = Int8WeightOnlyConfig()
+    except ImportError:  # torchao before 0.10 names it as a function
+        from torchao.quantization import int8_weight_only
+
+        config = int8_weight_only()
+    quantize_(model, config)
+    return model
+
+
+def quantize_(model: nn.Module, weights_dtype: str) -> nn.Module:
+    """Apply a `--weights-dtype` choice: "default" (nothing), "fp8" or "int8"."""
+    if weights_dtype == "fp8":
+        return quantize_fp8_(model)
+    if weights_dtype == "int8":
+        return quantize_int8_(model)
+    if weights_dtype != "default":
+        raise ValueError(f"unknown weights dtype {weights_dtype!r}: default, fp8 or int8")
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (fp8 weights and their scales included)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
