@@ -28,6 +28,10 @@ from web.store import PromptRecord
 RECORDED = {"execution_start", "execution_cached", "execution_success", "execution_error", "execution_interrupted"}
 
 
+class StartError(RuntimeError):
+    """The dispatcher could not start (e.g. no Ray cluster answers at the address given)."""
+
+
 class Run:
     """One prompt in flight: its record, the messages for history, and its preview throttle."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from nodes.registry import NodeRegistry, builtin_registry
 from web.affinity import prompt_models
-from web.dispatch import Dispatcher, Run
+from web.dispatch import Dispatcher, Run, StartError
 from web.ray_runner import Outcome, PromptRunner, WorkerSpec
 from web.state import ServerState
 from web.store import MAX_ATTEMPTS, PromptRecord
@@ -113,14 +113,18 @@ class RayPool(Dispatcher):
         if ray.is_initialized():
             return
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "namespace": "loom"}
-        if self.options.address:
-            ray.init(address=self.options.address, **quiet)
-        else:
-            cpus = self.options.local_cpus
-            if cpus is None and self.options.workers is not None:
-                cpus = self.options.workers * self.options.cpus_per_worker
-            ray.init(num_cpus=cpus, include_dashboard=False,
-                     object_store_memory=self.options.object_store_mb * 1024 * 1024, **quiet)
+        try:
+            if self.options.address:
+                ray.init(address=self.options.address, **quiet)
+            else:
+                cpus = self.options.local_cpus
+                if cpus is None and self.options.workers is not None:
+                    cpus = self.options.workers * self.options.cpus_per_worker
+                ray.init(num_cpus=cpus, include_dashboard=False,
+                         object_store_memory=self.options.object_store_mb * 1024 * 1024, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {self.options.address}" if self.options.address else "a local Ray instance"
+            raise StartError(f"could not start {where}: {exc}") from exc
         self._owns_ray = True
 
     def _size(self) -> tuple[int, float]:

@@ -1,0 +1,31 @@
+"""Ray is optional: the engine and the server import and run without it, and `--workers ray` says what is missing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main
+from nodes.folders import FolderPaths, set_paths
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_server_and_the_command_line_do_not_import_ray():
+    code = ("import sys; import main, web.app, web.serve, web.worker, web.dispatch, web.ray_runner; "
+            "main.build_parser().parse_args(['serve']); print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("flags", [["--workers", "ray"], ["--ray-address", "auto"]])
+def test_workers_ray_without_ray_installed_is_a_clear_error(monkeypatch, tmp_path, flags):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "web.ray_pool", raising=False)
+    try:
+        with pytest.raises(SystemExit, match=r"--workers ray needs Ray.*pip install 'ray"):
+            main.main(["serve", *flags, "--base-dir", str(tmp_path), "--no-custom-nodes", "--no-bundled-models"])
+    finally:
+        set_paths(FolderPaths())
