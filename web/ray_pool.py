@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from web.store import MAX_ATTEMPTS, PromptRecord
 
 try:
     import ray
-    from ray.exceptions import ActorDiedError, RayActorError, RayError
+    from ray.exceptions import ActorDiedError, RayActorError
 except ImportError as exc:  # Ray is an optional extra
     raise ImportError("--workers ray needs Ray, an optional dependency: pip install 'ray>=2.40,<3'") from exc
 
@@ -84,7 +85,8 @@ class RayPool(Dispatcher):
         super().__init__(state)
         self.options = options
         self.slots: list[Slot] = []
-        self.ran_on: dict[str, list[str]] = {}  # prompt id -> the workers that started it, in order
+        # Prompt id -> the workers that started it, in order (the latest `history_cap` prompts).
+        self.ran_on: OrderedDict[str, list[str]] = OrderedDict()
         self._owns_ray = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -209,6 +211,8 @@ class RayPool(Dispatcher):
             slot.state = "busy"
             slot.run = self.begin(record)
             self.ran_on.setdefault(record.id, []).append(slot.name)
+            while len(self.ran_on) > self.state.config.history_cap:
+                self.ran_on.popitem(last=False)
             slot.task = asyncio.create_task(self._run_on(slot, slot.run))
 
     async def _run_on(self, slot: Slot, run: Run) -> None:
@@ -230,8 +234,8 @@ class RayPool(Dispatcher):
         except RayActorError as exc:
             await self._lost(slot, run, exc)
             return
-        except RayError as exc:  # a failure of Ray's own, not of the prompt: end this prompt, keep the worker
-            log.exception("prompt %s failed in Ray on %s", record.id, slot.name)
+        except Exception as exc:  # a failure of Ray's or a bug here, not the worker's death: end this prompt only
+            log.exception("prompt %s failed on %s", record.id, slot.name)
             outcome = Outcome(None, {"type": "server_error", "message": f"{type(exc).__name__}: {exc}"}, slot.held)
         slot.run = None
         slot.prompts += 1
