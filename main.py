@@ -284,8 +284,10 @@ def _ray_options(args: argparse.Namespace, paths: Any) -> Any:
     for name in ("ray_workers", "ray_cpus_per_worker", "ray_max_attempts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ray_gpus_per_worker is not None and args.ray_gpus_per_worker < 0:
+        raise SystemExit("--ray-gpus-per-worker must not be negative")
     return RayOptions(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
-                      max_attempts=args.ray_max_attempts,
+                      gpus_per_worker=args.ray_gpus_per_worker, max_attempts=args.ray_max_attempts,
                       registry=functools.partial(engine_registry, plugin_folders(args, paths)))
 
 
@@ -311,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray workers, each with its own device (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("--ray-cpus-per-worker", type=int, default=1, metavar="N",
                    help="CPUs each Ray worker reserves and its torch threads (default 1)")
+    p.add_argument("--ray-gpus-per-worker", type=float, metavar="G",
+                   help="GPUs each Ray worker reserves (default: 1 if the cluster has GPUs when the server starts, "
+                        "else 0; 0.5 puts two workers on each GPU)")
     p.add_argument("--ray-max-attempts", type=int, default=2, metavar="N",
                    help="starts of one prompt before a worker dying under it fails it (default 2)")
     _add_engine_options(p)

@@ -244,7 +244,7 @@ async def test_a_worker_killed_mid_run_loses_no_prompt_and_runs_none_twice(clien
     before = set(folders.output.glob("*.png"))
     async with client.ws_connect("/ws?clientId=watcher") as ws:
         await ws.receive_json()
-        ids = [await queue(client, txt2img(seed, steps=30), client_id="watcher") for seed in range(100, 106)]
+        ids = [await queue(client, txt2img(seed, steps=60), client_id="watcher") for seed in range(100, 106)]
         while True:  # the first step of some prompt: it is mid-run on a worker
             msg = await ws.receive(timeout=WAIT_S)
             item = msg.json() if msg.type == WSMsgType.TEXT else {"type": "preview"}
