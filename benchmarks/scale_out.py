@@ -2,13 +2,14 @@
 
     python -m benchmarks.scale_out [--prompts 100] [--steps 12] [--size 128] [--counts 1,2,4]
 
-For each worker count, starts `main.py serve --workers ray --ray-workers N --ray-cpus-per-worker 1`
-(a local Ray instance, each worker one torch thread) on a fresh base folder holding a tiny
-random-weight SD1 checkpoint, warms every worker up (one prompt each, so that loading the
-checkpoint is not timed), then queues `--prompts` txt2img prompts (each its own seed, SIZExSIZE,
-`--steps` steps) from a websocket client and times until the last one has finished. Then, with 2
-workers, it queues the prompts again, SIGKILLs the worker running one of them once a tenth have
-finished, and counts the prompts that did not reach the history as a success (`lost`).
+Starts one local Ray instance (as many CPUs as the largest count); then, for each worker count,
+`main.py serve --ray-address ... --ray-workers N --ray-cpus-per-worker 1` joins it (each worker
+one torch thread) on a base folder holding a tiny random-weight SD1 checkpoint, every worker is
+warmed up (one prompt each, so that loading the checkpoint is not timed), and `--prompts` txt2img
+prompts (each its own seed, SIZExSIZE, `--steps` steps) are queued from a websocket client and
+timed until the last one has finished. Then, with 2 workers, the prompts are queued again, the
+worker running one of them is SIGKILLed once a tenth have finished, and the prompts that did not
+reach the history as a success are counted (`lost`).
 
 Throughput is prompts per second; efficiency_N is throughput_N / (N x throughput_1). On a machine
 with C cores, counts above C share cores and cannot scale. The last line is one JSON object.
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import ray
 
 from benchmarks.server import ROOT, free_port, wait_ready, write_demo_model
 
@@ -49,14 +51,14 @@ def prompt(seed: int, steps: int, size: int) -> dict[str, Any]:
 class Server:
     """`main.py serve --workers ray` in a subprocess on its own data folder."""
 
-    def __init__(self, base: Path, workers: int) -> None:
+    def __init__(self, base: Path, workers: int, address: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(base / f"server-{workers}.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "main.py"), "serve", "--port", str(self.port), "--base-dir", str(base),
              "--data-dir", str(base / f"user-{workers}"), "--no-bundled-models", "--no-custom-nodes",
-             "--workers", "ray", "--ray-workers", str(workers), "--ray-cpus-per-worker", "1"],
+             "--ray-address", address, "--ray-workers", str(workers), "--ray-cpus-per-worker", "1"],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def stop(self) -> None:
@@ -128,8 +130,9 @@ async def kill_a_busy_worker(session: aiohttp.ClientSession, url: str) -> dict[s
     return None
 
 
-async def measure(base: Path, count: int, args: argparse.Namespace, kill: bool = False) -> dict[str, Any]:
-    server = Server(base, count)
+async def measure(base: Path, address: str, count: int, args: argparse.Namespace,
+                  kill: bool = False) -> dict[str, Any]:
+    server = Server(base, count, address)
     try:
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -143,6 +146,13 @@ async def measure(base: Path, count: int, args: argparse.Namespace, kill: bool =
         server.stop()
     result["throughput"] = result["succeeded"] / result["wall_s"]
     return result
+
+
+def start_ray(cpus: int) -> str:
+    """A local Ray instance for the servers to join (one start instead of one per server); its address."""
+    context = ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+                       logging_level="ERROR", log_to_driver=False)
+    return context.address_info["gcs_address"]
 
 
 def main() -> None:
@@ -159,13 +169,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loom-scale-") as tmp:
         base = Path(tmp)
         write_demo_model(base)
+        address = start_ray(max(counts))
         for count in counts:
-            results[count] = asyncio.run(measure(base, count, args))
+            results[count] = asyncio.run(measure(base, address, count, args))
             r = results[count]
             print(f"{count} worker(s): {r['succeeded']}/{r['prompts']} prompts in {r['wall_s']:.1f} s = "
                   f"{r['throughput']:.3f} prompts/s ({r['wall_s'] / max(1, r['succeeded']) * count:.3f} s per "
                   f"prompt per worker)", flush=True)
-        killed = asyncio.run(measure(base, 2, args, kill=True))
+        killed = asyncio.run(measure(base, address, 2, args, kill=True))
+        ray.shutdown()
     worker = killed["killed"] or {}
     print(f"2 workers, {worker.get('name')} (pid {worker.get('pid')}) SIGKILLed mid-run: "
           f"{killed['succeeded']}/{killed['prompts']} succeeded, {killed['lost']} lost, {killed['rerun']} re-run, "
