@@ -75,8 +75,13 @@ class PromptRunner:
 
     def ready(self) -> dict[str, Any]:
         """Who and where this worker is (a restarted worker answers with its new pid)."""
-        return {"pid": os.getpid(), "node": socket.gethostname(), "device": str(self.executor.services.devices.device),
-                "held": sorted(self._held())}
+        device = self.executor.services.devices.device
+        name = str(device)
+        if device.type == "cuda":
+            import torch
+
+            name = f"{name} ({torch.cuda.get_device_name(device)})"
+        return {"pid": os.getpid(), "node": socket.gethostname(), "device": name, "held": sorted(self._held())}
 
     def _held(self) -> frozenset[str]:
         return held_models(self.executor.services.models, self.spec.paths)
