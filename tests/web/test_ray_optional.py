@@ -1,5 +1,6 @@
 """Ray is optional: the engine and the server import and run without it, and `--workers ray` says what is missing."""
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,21 @@ def test_workers_ray_without_ray_installed_is_a_clear_error(monkeypatch, tmp_pat
             main.main(["serve", *flags, "--base-dir", str(tmp_path), "--no-custom-nodes", "--no-bundled-models"])
     finally:
         set_paths(FolderPaths())
+
+
+def test_serve_flags_make_ray_options_whose_registry_a_worker_can_rebuild(tmp_path):
+    pytest.importorskip("ray")
+    plugins = tmp_path / "custom_nodes"
+    plugins.mkdir()
+    (plugins / "triple.py").write_text(
+        "from nodes.node import Node\nfrom nodes.spec import Int, Output\n\n"
+        "class Triple(Node):\n    value = Int(1)\n    outputs = (Output('INT'),)\n\n"
+        "    def execute(self, value):\n        return (3 * value,)\n\nNODES = [Triple]\n")
+    args = main.build_parser().parse_args(["serve", "--ray-address", "auto", "--ray-workers", "3",
+                                           "--ray-gpus-per-worker", "0.5", "--base-dir", str(tmp_path)])
+    options = main._ray_options(args, FolderPaths(base=tmp_path))
+    assert (options.address, options.workers, options.gpus_per_worker, options.cpus_per_worker,
+            options.max_attempts) == ("auto", 3, 0.5, 1, 2)
+    registry = pickle.loads(pickle.dumps(options.registry))()  # as a Ray worker receives it
+    assert "Triple" in registry and "KSampler" in registry
+    assert main._ray_options(main.build_parser().parse_args(["serve"]), FolderPaths(base=tmp_path)) is None
