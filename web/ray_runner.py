@@ -116,6 +116,7 @@ class PromptRunner:
             self._interrupt.clear()
             if prompt_id in self._stop_ids:
                 self._interrupt.set()
+            self._stop_ids.clear()  # others are late requests for prompts that have ended here
 
         def on_event(event: ev.Event) -> None:
             if isinstance(event, ev.Progress) and event.preview is not None:
@@ -139,7 +140,6 @@ class PromptRunner:
             if isinstance(batch[-1], Outcome):
                 with self._lock:
                     self._running = None
-                    self._stop_ids.discard(prompt_id)
                 yield batch
                 return
             yield batch
