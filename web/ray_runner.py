@@ -12,6 +12,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +28,9 @@ from web.dispatch import prepare
 from web.previews import Throttle, encode_preview
 
 log = logging.getLogger("loom.worker")
+
+# Longest an event waits on the worker for others to travel with it (progress reaches clients this late at most).
+BATCH_S = 0.1
 
 
 @dataclass
@@ -106,8 +110,10 @@ class PromptRunner:
             extra_data: dict[str, Any]) -> Iterator[list[Any]]:
         """Run a prompt, yielding batches of events and preview frames (bytes); the last ends with an Outcome.
 
-        The executor runs on its own thread and this generator yields whatever it has made since the
-        last batch, so quick nodes travel together and Ray's per-item cost is paid per batch.
+        The executor runs on its own thread; this generator gathers what it makes for up to `BATCH_S`
+        after the first event of a batch, so that Ray's per-item cost (on the worker, the server and
+        Ray's own daemons, all sharing the machine's cores) is paid a few times per prompt rather
+        than once per sampling step; the run's end is sent at once.
         """
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         throttle = Throttle(self.spec.preview_interval_s)
@@ -135,8 +141,12 @@ class PromptRunner:
         threading.Thread(target=work, name=f"loom-run-{prompt_id[:8]}", daemon=True).start()
         while True:
             batch = [items.get()]
-            while not isinstance(batch[-1], Outcome) and not items.empty():
-                batch.append(items.get())
+            flush_at = time.monotonic() + BATCH_S
+            while not isinstance(batch[-1], Outcome) and (wait := flush_at - time.monotonic()) > 0:
+                try:
+                    batch.append(items.get(timeout=wait))
+                except queue.Empty:
+                    break
             if isinstance(batch[-1], Outcome):
                 with self._lock:
                     self._running = None
