@@ -255,7 +255,7 @@ class RayPool(Dispatcher):
         log.warning("%s: %s (attempt %d of %d)", record.id, reason, record.attempts, self.options.max_attempts)
         log.debug("Ray says: %s", exc)
         if record.attempts >= self.options.max_attempts:
-            message = f"{reason} ({record.attempts} times); not run again"
+            message = f"{reason} (started {record.attempts} times); not run again"
             await self.finish(run, None, {"type": "WorkerDied", "message": message})
         else:
             await db.call(db.store.retry, record.id, reason)

@@ -284,8 +284,9 @@ async def test_a_prompt_is_failed_with_the_reason_when_its_attempts_are_used_up(
     history = await history_of(client, [doomed, after])
     failed = history[doomed]
     assert failed["status"]["status_str"] == "error"
-    assert failed["meta"]["error"]["exception_type"] == "WorkerDied"
-    assert "died while running this prompt (2 times); not run again" in failed["meta"]["error"]["exception_message"]
+    error = failed["meta"]["error"]
+    assert error["exception_type"] == "WorkerDied"
+    assert "died while running this prompt (started 2 times); not run again" in error["exception_message"]
     assert [m[0] for m in failed["status"]["messages"]].count("execution_restarted") == 1
     assert path.read_text().count("start") == 2
     assert history[after]["status"]["status_str"] == "success"
