@@ -60,16 +60,22 @@ def configure_engine(args: argparse.Namespace) -> Any:
         paths.load_extra_paths(args.extra_model_paths)
     paths.seed_input_examples()
     set_paths(paths)
-    registry = builtin_registry()
-    if not args.no_custom_nodes:
-        from nodes.plugins import load_plugins
+    folders = plugin_folders(args, paths)
+    if folders is None:
+        return builtin_registry()
+    from nodes.plugins import engine_registry
 
-        for folder in args.custom_nodes_dir:
-            if not folder.is_dir():
-                raise SystemExit(f"--custom-nodes-dir {folder}: not a folder")
-        load_plugins(registry, [paths.base / "custom_nodes", *args.custom_nodes_dir,
-                                *paths.extra_model_paths.get("custom_nodes", [])])
-    return registry
+    return engine_registry(folders)
+
+
+def plugin_folders(args: argparse.Namespace, paths: Any) -> list[Path] | None:
+    """The folders plugins load from (None with --no-custom-nodes)."""
+    if args.no_custom_nodes:
+        return None
+    for folder in args.custom_nodes_dir:
+        if not folder.is_dir():
+            raise SystemExit(f"--custom-nodes-dir {folder}: not a folder")
+    return [paths.base / "custom_nodes", *args.custom_nodes_dir, *paths.extra_model_paths.get("custom_nodes", [])]
 
 
 def _parse_set(assignments: list[str]) -> list[tuple[str, str, Any]]:
@@ -276,9 +282,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     paths = get_paths()
     config = ServerConfig(listen=args.listen, port=args.port, token=args.token or os.environ.get("LOOM_TOKEN"),
                           data_dir=args.data_dir or paths.base / "user", history_cap=args.history_cap,
-                          max_upload_bytes=args.max_upload_mb * 1024 * 1024, allowed_origins=args.allow_origin)
+                          max_upload_bytes=args.max_upload_mb * 1024 * 1024, allowed_origins=args.allow_origin,
+                          ray=_ray_options(args, paths))
     run_server(config, registry, paths)
     return EXIT_OK
+
+
+def _ray_options(args: argparse.Namespace, paths: Any) -> Any:
+    """`--workers ray` settings (web.ray_pool.RayOptions), or None to run prompts in this process."""
+    if args.workers != "ray" and args.ray_address is None:
+        return None
+    import functools
+
+    try:
+        from web.ray_pool import RayOptions
+    except ImportError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    from nodes.plugins import engine_registry
+
+    for name in ("ray_workers", "ray_cpus_per_worker", "ray_max_attempts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ray_gpus_per_worker is not None and args.ray_gpus_per_worker < 0:
+        raise SystemExit("--ray-gpus-per-worker must not be negative")
+    return RayOptions(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                      gpus_per_worker=args.ray_gpus_per_worker, max_attempts=args.ray_max_attempts,
+                      registry=functools.partial(engine_registry, plugin_folders(args, paths)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=50, help="largest accepted upload")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin (e.g. https://example.org) allowed to call the API; repeatable")
+    p.add_argument("--workers", choices=["local", "ray"], default="local",
+                   help="where prompts run: a thread of this process (default), or a pool of Ray workers")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (e.g. auto or HEAD:6379; implies --workers ray); without it "
+                        "--workers ray starts a local Ray instance")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray workers, each with its own device (default: one per GPU of the cluster, else one per CPU)")
+    p.add_argument("--ray-cpus-per-worker", type=int, default=1, metavar="N",
+                   help="CPUs each Ray worker reserves and its torch threads (default 1)")
+    p.add_argument("--ray-gpus-per-worker", type=float, metavar="G",
+                   help="GPUs each Ray worker reserves (default: 1 if the cluster has GPUs when the server starts, "
+                        "else 0; 0.5 puts two workers on each GPU)")
+    p.add_argument("--ray-max-attempts", type=int, default=2, metavar="N",
+                   help="starts of one prompt before a worker dying under it fails it (default 2)")
     _add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 

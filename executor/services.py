@@ -64,6 +64,11 @@ class ModelCache:
     def __len__(self) -> int:
         return len(self._models)
 
+    def keys(self) -> list[Hashable]:
+        """The keys of the models held now (the Ray pool matches prompts to the worker that holds theirs)."""
+        with self._lock:
+            return list(self._models)
+
     def clear(self) -> None:
         with self._lock:
             self._models.clear()

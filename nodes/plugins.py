@@ -17,7 +17,7 @@ from typing import Any
 
 from nodes.comfy_compat import ComfyInternalsError, adapt_classic, comfy_module_in
 from nodes.node import Node
-from nodes.registry import DuplicateNodeError, NodeRegistry, PluginInfo
+from nodes.registry import DuplicateNodeError, NodeRegistry, PluginInfo, builtin_registry
 
 ENTRY_POINT_GROUP = "loom.nodes"
 
@@ -189,6 +189,17 @@ def load_plugins(registry: NodeRegistry, folders: Iterable[Path] = (), entry_poi
     if entry_points:
         candidates += discover_entry_points()
     return [load_plugin(registry, candidate) for candidate in candidates]
+
+
+def engine_registry(plugin_folders: list[Path] | None = None) -> NodeRegistry:
+    """The built-in nodes plus the plugins of these folders and of entry points (None: the built-in nodes only).
+
+    What `main.py` builds, and what every Ray worker builds again from the same (shared) folders.
+    """
+    registry = builtin_registry()
+    if plugin_folders is not None:
+        load_plugins(registry, plugin_folders)
+    return registry
 
 
 def load_plugin_path(registry: NodeRegistry, path: Path) -> PluginInfo:

@@ -10,7 +10,8 @@ from aiohttp import web
 
 from nodes.folders import FolderPaths, get_paths
 from nodes.registry import NodeRegistry
-from web import files, history, info, prompts, workflows, ws
+from web import files, history, info, prompts, workers, workflows, ws
+from web.dispatch import Dispatcher
 from web.http import json_errors
 from web.security import guard
 from web.state import STATE, Database, ServerConfig, ServerState
@@ -20,7 +21,7 @@ from web.worker import Worker
 log = logging.getLogger("loom.web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-ROUTE_MODULES = (prompts, history, files, info, workflows, ws)
+ROUTE_MODULES = (prompts, history, files, info, workflows, ws, workers)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -45,13 +46,22 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("prompts cut off by the last shutdown, handled by the crash rule: %s",
                     ", ".join(state.db.store.recovered))
     if state.config.run_worker:
-        state.worker = Worker(state)
-        state.worker.start()
+        state.worker = _dispatcher(state)
+        await state.worker.start()
     yield
     if state.worker is not None:
         await state.worker.stop()
     await state.close()
     state.db.close()
+
+
+def _dispatcher(state: ServerState) -> Dispatcher:
+    """The single-process worker, or the Ray pool when the config asks for one (Ray is imported only then)."""
+    if state.config.ray is None:
+        return Worker(state)
+    from web.ray_pool import RayPool
+
+    return RayPool(state, state.config.ray)
 
 
 def create_app(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths | None = None) -> web.Application:

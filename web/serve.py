@@ -10,6 +10,7 @@ from aiohttp import web
 from nodes.folders import FolderPaths
 from nodes.registry import NodeRegistry
 from web.app import create_app
+from web.dispatch import StartError
 from web.security import new_token
 from web.state import ServerConfig
 from web.store import StoreInUse
@@ -40,4 +41,7 @@ def run_server(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths)
         app = create_app(config, registry, paths)
     except StoreInUse as exc:
         raise SystemExit(f"error: {exc}") from None
-    web.run_app(app, host=host, port=config.port, print=None, access_log=None, handle_signals=True)
+    try:
+        web.run_app(app, host=host, port=config.port, print=None, access_log=None, handle_signals=True)
+    except StartError as exc:
+        raise SystemExit(f"error: {exc}") from None

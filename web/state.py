@@ -47,6 +47,8 @@ class ServerConfig:
     preview_interval_s: float = 0.25
     status_interval_s: float = 0.05
     workflows_dir: Path = EXAMPLE_WORKFLOWS
+    # web.ray_pool.RayOptions to run prompts on a Ray cluster; None runs them on a thread of this process.
+    ray: Any = None
 
     @property
     def loopback_only(self) -> bool:
@@ -79,7 +81,7 @@ class ServerState:
     paths: FolderPaths
     db: Database
     hub: Hub = field(default_factory=Hub)
-    worker: Any = None  # web.worker.Worker, set by the app factory
+    worker: Any = None  # web.dispatch.Dispatcher (the local worker or the Ray pool), set when the app starts
     _status_dirty: bool = field(default=False, repr=False)
     _status_task: asyncio.Task[None] | None = field(default=None, repr=False)
 

@@ -271,3 +271,16 @@ class QueueStore:
 
     def delete_history(self, ids: list[str] | None) -> list[str]:
         return self._delete("done", ids)
+
+    def retry(self, prompt_id: str, reason: str) -> None:
+        """Put a running prompt whose worker died back in the queue, its attempt counted (the crash rule for
+        one prompt while the server runs on: the Ray pool calls it and decides when attempts are used up)."""
+        with self._transaction():
+            row = self._db.execute("SELECT messages FROM prompts WHERE id = ? AND state = 'running'",
+                                   (prompt_id,)).fetchone()
+            if row is None:
+                return
+            messages = json.loads(row["messages"] or "[]")
+            messages.append(["execution_restarted", {"timestamp": int(time.time() * 1000), "reason": reason}])
+            self._db.execute("UPDATE prompts SET state = 'pending', messages = ? WHERE id = ?",
+                             (json.dumps(messages), prompt_id))

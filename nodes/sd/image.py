@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -95,12 +95,23 @@ def save_images(ctx: Any, images: torch.Tensor, root: Path, prefix: str, kind: s
     results = []
     counter = _next_counter(folder, prefix_path.name)
     for image in images:
-        while (path := folder / f"{prefix_path.name}_{counter:05}_.png").exists():
-            counter += 1
-        to_pil(image).save(path, pnginfo=info, compress_level=4)
+        counter, path, handle = _create_new(folder, prefix_path.name, counter)
+        with handle:
+            to_pil(image).save(handle, format="PNG", pnginfo=info, compress_level=4)
         results.append({"filename": path.name, "subfolder": subfolder, "type": kind})
         counter += 1
     return results
+
+
+def _create_new(folder: Path, prefix: str, counter: int) -> tuple[int, Path, BinaryIO]:
+    """Open the first free PREFIX_NNNNN_.png from `counter` on, created exclusively: several workers saving
+    into one shared output folder at once never pick the same name (O_EXCL, also on NFS v3 and later)."""
+    while True:
+        path = folder / f"{prefix}_{counter:05}_.png"
+        try:
+            return counter, path, open(path, "xb")
+        except FileExistsError:
+            counter += 1
 
 
 class SaveImage(Node):

@@ -1,4 +1,6 @@
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -37,6 +39,22 @@ def test_save_image_numbers_files_and_embeds_workflow(folders):
         assert saved.size == (24, 16)
         assert json.loads(saved.text["prompt"]) == {"1": {"class_type": "X", "inputs": {}}}
         assert json.loads(saved.text["workflow"]) == {"nodes": []}
+
+
+def test_concurrent_saves_into_one_folder_never_share_a_name(folders):
+    """Ray workers save into one shared output folder at once: each file gets its own number."""
+    barrier = threading.Barrier(6)
+
+    def save(value):
+        barrier.wait()
+        return run(SaveImage, images=torch.full((3, 8, 8, 3), value), filename_prefix="shared").ui["images"]
+
+    with ThreadPoolExecutor(6) as pool:
+        saved = [item["filename"] for items in pool.map(save, [i / 10 for i in range(6)]) for item in items]
+    assert sorted(saved) == [f"shared_{n:05}_.png" for n in range(1, 19)]
+    for name in saved:
+        with Image.open(folders.output / name) as image:
+            assert image.size == (8, 8)
 
 
 @pytest.mark.parametrize("prefix", ["../escape", "/abs/x", "a/../../b"])
