@@ -88,6 +88,15 @@ class Executor:
         self.services = services
         self._lock = threading.Lock()
 
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's POST /free: drop loaded models (and take them off the GPU now, not when the last
+        reference goes) and/or the cached node outputs; the next run loads and computes afresh."""
+        if unload_models and self.services is not None:
+            self.services.models.clear()
+            self.services.devices.free()
+        if free_memory:
+            self.cache = OutputCache(self.cache.budget)
+
     def prepare(self, workflow: ValidatedWorkflow | Graph, outputs: list[str] | None = None) -> ValidatedWorkflow:
         if isinstance(workflow, Graph):
             workflow = validate(workflow, self.registry, outputs)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from executor import events as ev
-from executor.cache import OutputCache
 from executor.executor import Executor, RunResult
 from executor.services import Services
 from nodes.folders import FolderPaths, set_paths
@@ -100,10 +99,7 @@ class PromptRunner:
         return False
 
     def free(self, unload_models: bool, free_memory: bool) -> list[str]:
-        if unload_models:
-            self.executor.services.models.clear()
-        if free_memory:
-            self.executor.cache = OutputCache()
+        self.executor.free(unload_models, free_memory)
         return sorted(self._held())
 
     def run(self, prompt_id: str, prompt: dict[str, Any], outputs: list[str],

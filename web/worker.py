@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from executor import events as ev
-from executor.cache import OutputCache
 from executor.executor import Executor, RunResult
 from executor.services import Services
 from web.affinity import held_models
@@ -50,11 +49,7 @@ class Worker(Dispatcher):
         return True
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
-        if unload_models:
-            self.executor.services.models.clear()
-            self.executor.services.devices.free()  # off the GPU now, not when the last reference goes
-        if free_memory:
-            self.executor.cache = OutputCache()
+        self.executor.free(unload_models, free_memory)
 
     def describe(self) -> list[dict[str, Any]]:
         run = self.current
