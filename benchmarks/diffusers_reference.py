@@ -69,3 +69,27 @@ def diffusers_txt2img(pipe, prompt: str, *, seed: int, steps: int, cfg: float, s
         out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
                    height=size, width=size, latents=noise, output_type="pt")
     return out.images.permute(0, 2, 3, 1).float().cpu()
+
+
+def diffusers_img2img(pipe, prompt: str, init: torch.Tensor, *, seed: int, steps: int, strength: float,
+                      cfg: float, negative_prompt: str = "") -> torch.Tensor:
+    """StableDiffusionImg2ImgPipeline on the components of `pipe`; `init` is [B, H, W, 3] in 0..1.
+
+    Two deliberate differences from diffusers' defaults, so that it does what ComfyUI's VAEEncode +
+    KSampler do: the init image's latent is the mean of the VAE posterior (diffusers samples it,
+    drawing from the generator before the noise), and the noise comes from `torch.Generator`
+    seeded with `seed`, which is what our `prepare_noise` draws. Note that diffusers' schedule for
+    `steps` and `strength` runs int(steps * strength) steps of a `steps`-step schedule; ComfyUI's
+    denoise runs all `steps` of a steps/denoise schedule.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    img2img.set_progress_bar_config(disable=True)
+    pixels = init.permute(0, 3, 1, 2).to(pipe.device, pipe.vae.dtype) * 2 - 1
+    with torch.inference_mode():
+        latent = img2img.vae.encode(pixels).latent_dist.mode() * img2img.vae.config.scaling_factor
+        out = img2img(prompt, image=latent, strength=strength, negative_prompt=negative_prompt,
+                      num_inference_steps=steps, guidance_scale=cfg, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed))
+    return out.images.permute(0, 2, 3, 1).float().cpu()

@@ -200,6 +200,25 @@ def _needed_nodes(graph: Graph, outputs: list[str]) -> list[str]:
     return [nid for nid in graph.nodes if nid in seen]
 
 
+def _check_links(checker: _Checker, order: list[str], values: dict[str, dict[str, Any]]) -> None:
+    """Pass each node's declared output facts downstream, in graph order, and let nodes judge them
+    (e.g. a LoRA for another model family than the checkpoint it is applied to)."""
+    facts: dict[tuple[str, int], dict[str, Any]] = {}
+    clean = {nid for nid in order if not any(p.node_id == nid for p in checker.problems)}
+    for nid in order:
+        node = checker.graph.nodes[nid]
+        cls = checker.registry.get(node.class_type)
+        if cls is None or nid not in clean:
+            continue
+        linked = {name: facts.get((link.node, link.output), {}) for name, link in node.links().items()}
+        message = cls.check_links(values[nid], linked)
+        if message:
+            checker.add(E.CUSTOM_VALIDATION_FAILED, "Custom validation failed for node", node, None, message)
+            continue
+        for index, output_facts in (cls.output_facts(values[nid], linked) or {}).items():
+            facts[(nid, index)] = output_facts
+
+
 def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = None) -> ValidatedWorkflow:
     """Check a workflow and plan its run; `outputs` restricts the run to some output nodes."""
     checker = _Checker(graph, registry)
@@ -242,4 +261,6 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
             for nid in members:
                 checker.add(E.DEPENDENCY_CYCLE, "Dependency cycle", graph.nodes[nid], None,
                             "nodes " + " -> ".join(members) + " depend on each other", cycle=members)
+    if order:
+        _check_links(checker, order, values)
     return ValidatedWorkflow(graph, checker.problems, outputs, order, values)

@@ -211,6 +211,38 @@ def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
     return ModelFamily(rule.name, _prediction(rule, metadata, v_prediction), unet_config, vae_config)
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_shapes(path: str | Path) -> StateDict | None:
+    """Every tensor of a .safetensors file as a meta tensor (name, shape, dtype; no data).
+
+    Reads only the file's JSON header, so validation can tell a model's family before anything
+    heavy runs. None for other formats (a pickle-based .ckpt cannot be read without loading it).
+    """
+    path = Path(path)
+    if not path.is_file() or _sniff(path) != "safetensors":
+        return None
+    shapes = {}
+    with safetensors.safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            view = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+            shapes[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+    return shapes
+
+
+def peek_family(path: str | Path) -> ModelFamily | None:
+    """The family of a checkpoint file from its header alone; None when the header cannot tell."""
+    try:
+        shapes = read_shapes(path)
+        return None if shapes is None else detect_family(shapes, read_metadata(path))
+    except (CheckpointError, safetensors.SafetensorError, OSError, ValueError):
+        return None
+
+
 # --- loading into modules --------------------------------------------------------------------------------
 
 @dataclass

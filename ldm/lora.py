@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import load_state_dict, read_shapes
 from ldm.quant import dequantized_weight
 from ldm.unet import UNetConfig, UNetModel
 
@@ -51,8 +51,17 @@ _PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.we
 
 def load_lora(path: str | Path) -> Lora:
     """Read a LoRA file, grouping its tensors per patched module; other tensors land in unknown_keys."""
-    path = Path(path)
-    sd = load_state_dict(path)
+    return lora_from_state_dict(load_state_dict(path), Path(path))
+
+
+def peek_lora(path: str | Path) -> Lora | None:
+    """A LoRA's layout (names and shapes, meta tensors, no alphas) from a .safetensors header alone."""
+    shapes = read_shapes(path)
+    return None if shapes is None else lora_from_state_dict(shapes, Path(path))
+
+
+def lora_from_state_dict(sd: dict[str, torch.Tensor], path: Path | None = None) -> Lora:
+    """Group a LoRA file's tensors per patched module (meta tensors give the layout without alphas)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     sources: dict[str, list[str]] = {}
     unknown = []
@@ -68,7 +77,7 @@ def load_lora(path: str | Path) -> Lora:
     for name, p in parts.items():
         if "down" in p and "up" in p:
             alpha = p.get("alpha")
-            weights[name] = LoraWeight(p["down"], p["up"], None if alpha is None else float(alpha))
+            weights[name] = LoraWeight(p["down"], p["up"], None if alpha is None or alpha.is_meta else float(alpha))
         else:
             unknown += sources.pop(name)
     return Lora(weights, sorted(unknown), path, sources)

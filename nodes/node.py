@@ -95,6 +95,23 @@ class Node:
         """Custom validation of the constant inputs; return an error message to refuse them."""
         return None
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Cheap facts about the outputs, known before the run, for the `check_links` of the nodes they feed.
+
+        E.g. a checkpoint loader reads its file's header and says `{"family": "sd1"}` of its MODEL
+        and CLIP. Called at validation in graph order with the constant inputs and, in `linked`,
+        the facts of each linked input's source output (empty when it said nothing). Returns facts
+        by output index; must not load anything heavy.
+        """
+        return {}
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        """Custom validation against what the linked inputs will carry (see `output_facts`);
+        return an error message to refuse the node before anything runs."""
+        return None
+
     # --- Schema -------------------------------------------------------------------------------
 
     @classmethod

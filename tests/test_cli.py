@@ -104,3 +104,20 @@ def test_default_workflow_runs_on_the_bundled_demo_model(tmp_path):
         assert image.size == (64, 64)
     hidden = cli("validate", ROOT / "workflows" / "txt2img.json", "--base-dir", tmp_path, "--no-bundled-models")
     assert hidden.returncode == 2 and "loom-demo.safetensors" in hidden.stderr
+
+
+def test_lora_for_another_family_exits_2_before_running(tmp_path):
+    """An SDXL LoRA on the bundled SD1 demo model: refused at validation, from the two files' headers."""
+    import safetensors.torch
+    import torch
+
+    loras = tmp_path / "models" / "loras"
+    loras.mkdir(parents=True)
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    safetensors.torch.save_file({f"{key}.lora_down.weight": torch.zeros(4, 2048),
+                                 f"{key}.lora_up.weight": torch.zeros(640, 4)}, loras / "xl.safetensors")
+    proc = cli("run", ROOT / "workflows" / "lora.json", "--base-dir", tmp_path,
+               "--set", '10.lora_name="xl.safetensors"')
+    assert proc.returncode == 2, proc.stderr
+    assert "xl.safetensors is a SDXL LoRA; it does not fit the SD1 model" in proc.stderr
+    assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())

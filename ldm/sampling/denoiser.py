@@ -22,6 +22,14 @@ class Conditioning:
     y: Tensor | None = None
 
 
+def uniform_level(sigma: Tensor) -> float | None:
+    """The one noise level of a CPU `sigma` batch whose items all share it, else None."""
+    if sigma.device.type != "cpu":
+        return None
+    levels = sigma.tolist()
+    return levels[0] if all(level == levels[0] for level in levels) else None
+
+
 class Denoiser:
     """k-diffusion's preconditioning for a discrete-time LDM UNet, with sigma_data = 1.
 
@@ -41,10 +49,9 @@ class Denoiser:
         self.quantize = quantize
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        if sigma.device.type == "cpu":
-            levels = sigma.tolist()
-            if all(level == levels[0] for level in levels):
-                return self._call_uniform(x, levels[0], cond)
+        level = uniform_level(sigma)
+        if level is not None:
+            return self.at_level(x, level, cond)
         sigma_ = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         c_in = (sigma_**2 + 1) ** -0.5
         t = self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize)
@@ -53,7 +60,7 @@ class Denoiser:
             return x - sigma_ * out
         return x * c_in**2 - out * sigma_ * c_in
 
-    def _call_uniform(self, x: Tensor, sigma: float, cond: Conditioning) -> Tensor:
+    def at_level(self, x: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         """The same for one noise level known on the host: scalar arithmetic, fewer tensor ops."""
         c_in = (sigma**2 + 1) ** -0.5
         t = self.schedule.sigma_to_t_scalar(sigma, quantize=self.quantize)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.sampling.denoiser import Conditioning, Denoiser
+from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
 
 CondList = list[tuple[Tensor, dict]]
 
@@ -147,6 +147,8 @@ class CFGGuider:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         plan = self._plan(x)
+        # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
+        level = uniform_level(sigma)
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
         for jobs, cond in plan.batches:
@@ -154,7 +156,10 @@ class CFGGuider:
                 x_in = x[:, :, :, jobs[0].cols] if jobs[0].cols.stop - jobs[0].cols.start < x.shape[3] else x
             else:
                 x_in = torch.cat([x[:, :, j.rows, j.cols] for j in jobs])
-            x0 = self.denoiser(x_in, sigma.repeat(len(jobs)), cond)
+            if level is None:
+                x0 = self.denoiser(x_in, sigma.repeat(len(jobs)), cond)
+            else:
+                x0 = self.denoiser.at_level(x_in, level, cond)
             for job, out in zip(jobs, x0.chunk(len(jobs)), strict=True):
                 if plan.counts[job.side] is None:
                     preds[job.side] = out

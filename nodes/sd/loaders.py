@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,29 @@ def shared_model(node: Node, key: tuple, load: Any) -> Any:
     return models.get_or_load(key, load) if models is not None else load()
 
 
+@functools.lru_cache(maxsize=64)
+def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
+    """The model family a checkpoint or LoRA file is for, from its header (cached per file version)."""
+    from ldm.lora import LoraError, lora_family, peek_lora
+
+    if kind == "checkpoints":
+        from ldm.checkpoint import peek_family
+
+        family = peek_family(path)
+        return None if family is None else family.name
+    try:
+        lora = peek_lora(path)
+    except (LoraError, OSError, ValueError):  # unreadable: LoraLoader reports it when it runs
+        return None
+    return None if lora is None else lora_family(lora)
+
+
+def header_family(kind: str, name: Any) -> str | None:
+    """The family of a file of `kind` ("checkpoints" or "loras") named by a node input, or None."""
+    path = get_paths().find_model(kind, str(name))
+    return None if path is None else _header_family(kind, str(path), str(file_fingerprint(path)))
+
+
 class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely)."""
 
@@ -42,6 +66,11 @@ class CheckpointLoaderSimple(Node):
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
         return file_fingerprint(get_paths().find_model("checkpoints", str(inputs.get("ckpt_name", ""))))
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        family = header_family("checkpoints", inputs.get("ckpt_name"))
+        return {} if family is None else {0: {"family": family}, 1: {"family": family}}
 
     def execute(self, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
         devices = devices_of(self.ctx)
@@ -140,6 +169,20 @@ class LoraLoader(Node):
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
         return file_fingerprint(get_paths().find_model("loras", str(inputs.get("lora_name", ""))))
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        """A LoRA recognisably for another family than the checkpoint upstream is refused before the run."""
+        model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
+        lora = header_family("loras", inputs.get("lora_name"))
+        if model_family is None or lora is None or lora == model_family:
+            return None
+        return (f"{inputs['lora_name']} is a {lora.upper()} LoRA; it does not fit the {model_family.upper()} "
+                "model it is applied to")
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model", {}), 1: linked.get("clip", {})}  # a LoRA keeps the model's family
 
     def execute(self, model: DiffusionModel, clip: Clip, lora_name: str, strength_model: float,
                 strength_clip: float) -> tuple[DiffusionModel, Clip]:

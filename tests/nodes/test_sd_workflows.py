@@ -11,7 +11,7 @@ from PIL import Image
 
 from executor.executor import Executor, WorkflowInvalid
 from executor.services import Services
-from graph.document import parse_api
+from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
 from ldm.presets import make_checkpoint
@@ -143,14 +143,33 @@ def test_bad_inputs_fail_validation_before_anything_runs(engine, base):
     assert "not a readable image" in str(err.value)
 
 
-def test_lora_for_another_family_is_refused_clearly(engine, base):
+def write_sdxl_lora(path: Path) -> None:
+    """A LoRA that says SDXL by its cross-attention input width (2048), as real SDXL LoRAs do."""
     key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
     safetensors.torch.save_file({f"{key}.lora_down.weight": torch.zeros(4, 2048),
-                                 f"{key}.lora_up.weight": torch.zeros(32, 4)},
-                                base.model_dirs("loras")[0] / "xl_lora.safetensors")
-    result = engine.run(load("lora", engine.registry, {("10", "lora_name"): "xl_lora.safetensors"}))
-    assert result.status == "error" and result.error.node_id == "10"
-    assert "SDXL LoRA" in result.error.exception_message
+                                 f"{key}.lora_up.weight": torch.zeros(32, 4)}, path)
+
+
+def test_lora_for_another_family_is_refused_at_validation(engine, base):
+    write_sdxl_lora(base.model_dirs("loras")[0] / "xl_lora.safetensors")
+    graph = load("lora", engine.registry, {("10", "lora_name"): "xl_lora.safetensors"})
+    [problem] = validate(graph, engine.registry).problems
+    assert (problem.node_id, problem.type) == ("10", "custom_validation_failed")
+    assert "xl_lora.safetensors is a SDXL LoRA; it does not fit the SD1 model" in problem.details
+    loads = engine.services.models.loads
+    with pytest.raises(WorkflowInvalid):
+        engine.run(graph)
+    assert engine.services.models.loads == loads  # refused before any file was loaded
+    # Behind a second LoRA the family is still known; on the SDXL checkpoint the same LoRA is accepted.
+    chained = load("lora", engine.registry, {("10", "lora_name"): "xl_lora.safetensors"})
+    chained.nodes["10"].inputs.update(model=Link("12", 0), clip=Link("12", 1))
+    chained.nodes["12"] = GraphNode("12", "LoraLoader", {"model": Link("4", 0), "clip": Link("4", 1),
+                                                         "lora_name": "example_lora.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0})
+    assert [p.node_id for p in validate(chained, engine.registry).problems] == ["10"]
+    on_xl = load("lora", engine.registry, {("10", "lora_name"): "xl_lora.safetensors",
+                                           ("4", "ckpt_name"): "sd_xl_base_1.0.safetensors"})
+    assert validate(on_xl, engine.registry).ok
 
 
 def test_sd2_checkpoint_runs_through_the_same_nodes(engine):
