@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 import sys
 
@@ -22,6 +24,28 @@ def _warn(lines: list[str]) -> None:
     print("\n".join([BANNER, *(f"!! {line}" for line in lines), BANNER]), file=sys.stderr, flush=True)
 
 
+# How often a thread holding the GIL is asked to let another run. Python's default, 5 ms, is paid on every
+# hand-over between the event loop, the database thread and a worker busy in Python code (sampling loops,
+# model loading): a few hand-overs per request made POST /prompt tens of ms slow while the worker ran.
+SWITCH_INTERVAL_S = 0.001
+
+
+# What the SD nodes import on first use (lazily, so that the command line starts fast). Imported by the worker
+# during the first prompt, transformers alone held the GIL for up to a second and stalled every request.
+SD_MODULES = ("ldm.checkpoint", "ldm.lora", "ldm.unet", "ldm.text_encoders", "transformers.models.clip.modeling_clip")
+
+
+def _preload(registry: NodeRegistry) -> None:
+    """Pay the SD nodes' one-time costs before listening, not while the first prompt runs beside requests."""
+    if registry.get("CheckpointLoaderSimple") is None:
+        return
+    for name in SD_MODULES:
+        importlib.import_module(name)
+    from ldm.tokenizer import ClipTokenizer
+
+    ClipTokenizer().encode_words("warm up")  # builds the shared BPE tables (about a second)
+
+
 def run_server(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -33,6 +57,8 @@ def run_server(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths)
                "Open the editor at http://HOST:PORT/?token=<token>, or set --token / LOOM_TOKEN."])
     elif not config.loopback_only:
         _warn([f"--listen {config.listen}: reachable from other machines; the access token is required."])
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    _preload(registry)
     host = config.listen
     shown = f"[{host}]" if ":" in host else host
     suffix = f"/?token={config.token}" if config.token and config.loopback_only else ""
@@ -41,6 +67,10 @@ def run_server(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths)
         app = create_app(config, registry, paths)
     except StoreInUse as exc:
         raise SystemExit(f"error: {exc}") from None
+    # Everything made so far (torch, the node registry: some 200,000 objects) lives as long as the process. Out of
+    # the collector's sight, a full collection no longer walks them all: such a pass took 250-300 ms with the
+    # GIL held, stalling the event loop whenever loading a model set one off.
+    gc.freeze()
     try:
         web.run_app(app, host=host, port=config.port, print=None, access_log=None, handle_signals=True)
     except StartError as exc:

@@ -122,6 +122,7 @@ class QueueStore:
         self._db.executescript(_SCHEMA)
         self.recovered = self._recover()
         self._done = self._count_done()  # finished prompts, so that trimming the history is rare work
+        self._queue_json: str | None = None  # GET /queue's body until the next write
 
     def close(self) -> None:
         self._db.close()
@@ -130,6 +131,7 @@ class QueueStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
+        self._queue_json = None
         try:
             yield
         except BaseException:
@@ -220,7 +222,16 @@ class QueueStore:
         return _record(row) if row else None
 
     def queue_json(self) -> str:
-        """GET /queue's body, built from the stored JSON text: no parse and re-dump of every prompt."""
+        """GET /queue's body, built from the stored JSON text: no parse and re-dump of every prompt.
+
+        Kept until the next write: clients poll it (the editor on every status message, scripts in a loop), and
+        with hundreds of prompts queued, rebuilding it each time kept the database thread busy and POSTs waiting.
+        """
+        if self._queue_json is None:
+            self._queue_json = self._build_queue_json()
+        return self._queue_json
+
+    def _build_queue_json(self) -> str:
         rows = self._db.execute(
             "SELECT id, number, state, prompt, extra_data, outputs_to_execute FROM prompts WHERE state != 'done'"
             " ORDER BY number, queued_at").fetchall()

@@ -344,3 +344,107 @@ def test_open_a_comfyui_file_with_virtual_nodes_and_queue_it(page, tmp_path):
     page.wait_for_function("(loom.runState.outputs['13'] || {text: []}).text[0] === '35'", timeout=20000)
     assert not page.query_selector(".toast.error")
     page.screenshot(path=ARTIFACTS / "editor-comfyui-file.png")
+
+
+def slow_workflow(steps):
+    return {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 1}, "_meta": {"pos": [40, 40]}},
+            "2": {"class_type": "SlowPreview", "inputs": {"value": ["1", 0], "steps": steps, "delay": 0.05},
+                  "_meta": {"pos": [340, 40]}},
+            "3": {"class_type": "Sink", "inputs": {"value": ["2", 0]}, "_meta": {"pos": [680, 40]}}}
+
+
+def open_workflow(page, tmp_path, doc, name="workflow.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_function(f"loom.editor.graph._nodes.length === {len(doc)}")
+
+
+def test_queue_panel_cancel_interrupt_history_thumbnail_and_load_back(page, server, tmp_path):
+    page.click("#clear-history-button")
+    page.wait_for_selector("#history-list .empty")
+    assert server.call("/history") == {}
+
+    # A long run, then a second prompt behind it: the first shows as running, the second as pending.
+    open_workflow(page, tmp_path, slow_workflow(400))
+    page.click("#queue-button")
+    page.wait_for_selector("#queue-list .entry.running")
+    page.click("#queue-button")
+    page.wait_for_selector("#queue-list .entry.pending")
+    page.screenshot(path=ARTIFACTS / "queue-panel-pending.png")
+    pending = page.get_attribute("#queue-list .entry.pending", "data-prompt-id")
+    page.click("#queue-list .entry.pending .entry-action")  # cancel it
+    page.wait_for_selector("#queue-list .entry.pending", state="detached")
+    page.click("#queue-list .entry.running .entry-action")  # interrupt the running one
+    page.wait_for_selector("#history-list .entry.interrupted")
+    page.wait_for_selector("#queue-list .empty")
+    assert pending not in server.call("/history")
+
+    # A run with an image: its history entry has a thumbnail, and a click loads its graph back.
+    open_workflow(page, tmp_path, WORKFLOW)
+    set_text(page, 1, "value", "from the history")
+    page.click("#queue-button")
+    page.wait_for_selector("#history-list .entry.success img.thumb")
+    page.wait_for_function("document.querySelector('#history-list .entry.success img.thumb').naturalWidth > 0")
+    assert page.text_content("#history-list .entry:first-child .entry-state") == "success"
+    page.screenshot(path=ARTIFACTS / "queue-panel-history.png")
+    page.click("#clear-button")
+    assert page.evaluate("loom.editor.graph._nodes.length") == 0
+    page.click("#history-list .entry.success")
+    page.wait_for_function(f"loom.editor.graph._nodes.length === {len(WORKFLOW)}")
+    assert page.evaluate("loom.editor.node(1).widgets[0].value") == "from the history"
+    page.click("#history-list .entry.interrupted")
+    page.wait_for_function("loom.editor.graph._nodes.length === 3")
+    assert sorted(page.evaluate("loom.editor.graph._nodes.map(n => n.type)")) == ["PrimitiveInt", "Sink",
+                                                                                   "SlowPreview"]
+
+    # Delete one entry, then clear the rest.
+    page.click("#history-list .entry.interrupted .entry-action")
+    page.wait_for_selector("#history-list .entry.interrupted", state="detached")
+    assert [h["status"]["status_str"] for h in server.call("/history").values()] == ["success"]
+    page.click("#clear-history-button")
+    page.wait_for_selector("#history-list .empty")
+    assert server.call("/history") == {}
+
+
+def click_menu(page, x, y, entry):
+    """Open a node's context menu at (x, y) and pick an entry by its text."""
+    page.mouse.click(x, y, button="right")
+    page.click(f".litecontextmenu .litemenu-entry:text-is('{entry}')")
+
+
+def test_convert_a_widget_to_an_input_and_drive_it_with_a_link(page, tmp_path):
+    open_workflow(page, tmp_path, {
+        "1": {"class_type": "PrimitiveInt", "inputs": {"value": 4}, "_meta": {"pos": [40, 80]}},
+        "2": {"class_type": "IntMath", "inputs": {"a": 6, "b": 7, "operation": "multiply"},
+              "_meta": {"pos": [380, 80]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}, "_meta": {"pos": [740, 80]}}})
+    x, y = page.evaluate("loom.editor.screenPos(2, 'widget', 'b')")
+    click_menu(page, x, y, "Convert b to input")
+    assert page.evaluate("loom.editor.node(2).inputs.map(i => [i.name, i.type])") == [["b", "INT"]]
+    drag(page, page.evaluate("loom.editor.screenPos(1, 'output', 0)"),
+         page.evaluate("loom.editor.screenPos(2, 'input', 0)"))
+    assert page.evaluate("loom.editor.node(2).inputs[0].link") is not None
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '24'", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "editor-converted-input.png")
+
+    # Back to a widget: the link goes, the widget's own value counts again.
+    x, y = page.evaluate("loom.editor.screenPos(2, 'widget', 'a')")
+    click_menu(page, x, y, "Convert b to widget")
+    assert page.evaluate("loom.editor.node(2).inputs.length") == 0
+    assert page.evaluate("Object.keys(loom.editor.graph.links).length") == 1
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '42'", timeout=20000)
+
+    # A Primitive linked to a converted widget takes that widget on, with its value, and drives it.
+    x, y = page.evaluate("loom.editor.screenPos(2, 'widget', 'a')")
+    click_menu(page, x, y, "Convert a to input")
+    page.evaluate("""() => { const p = LiteGraph.createNode('PrimitiveNode'); p.pos = [40, 260];
+        loom.editor.graph.add(p); p.connect(0, loom.editor.node(2), 0); window.primitive = p; }""")
+    assert page.evaluate("[primitive.widgets[0].name, primitive.widgets[0].value, primitive.outputs[0].type]") == [
+        "a", 6, "INT"]
+    page.evaluate("primitive.widgets[0].value = 5")
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '35'", timeout=20000)
+    page.screenshot(path=ARTIFACTS / "editor-primitive-drives-widget.png")

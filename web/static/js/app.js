@@ -3,6 +3,7 @@
 import { api, ApiError, clientId, connect } from "./api.js";
 import { clearRunState, CONTROL_VALUES, registerNodeTypes, runState, setOutput } from "./nodes.js";
 import { buildLibrary, setStatus, showGalleryImage, toast } from "./panels.js";
+import { QueuePanel } from "./queue.js";
 import { defaultWorkflow, loadAny, loadApi, workflowFromPng } from "./workflow.js";
 
 const STORAGE_KEY = "loom.workflow";
@@ -325,10 +326,18 @@ async function main() {
     await editor.loadDefault(); // a first visit, or a session that no longer opens
   }
   await fillExamples(editor);
+  const queuePanel = new QueuePanel((doc, name) => editor.load(doc, name), (message) => toast(message, "error"));
+  window.loom.queuePanel = queuePanel;
   connect({
-    open: () => setStatus("connected"),
+    open: () => {
+      setStatus("connected");
+      queuePanel.refresh(); // what happened while the page was away
+    },
     close: () => setStatus("reconnecting…"),
-    message: (type, data) => editor.onMessage(type, data),
+    message: (type, data) => {
+      editor.onMessage(type, data);
+      queuePanel.onMessage(type, data);
+    },
     preview: (blob) => editor.onPreview(blob),
   });
   for (const url of await api("/extensions")) import(url).catch((e) => toast(`extension ${url}: ${e}`, "error"));

@@ -1,6 +1,7 @@
 // Node types for the graph editor, built from /object_info, and how a node shows the run's state.
 
 import { uploadImage, viewUrl } from "./api.js";
+import { conversionMenu } from "./convert.js";
 import { registerVirtualTypes } from "./virtual.js";
 
 const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
@@ -172,14 +173,6 @@ function addInputs(node, def) {
   }
 }
 
-// A widget driven by a link (ComfyUI's "converted widget"): it keeps its place in widgets_values but is not drawn.
-export function hideWidget(widget) {
-  widget.type = "converted-widget";
-  widget.draw = () => {};
-  widget.computeSize = () => [0, -4];
-  delete widget.mouse;
-}
-
 function widgetsBottom(node) {
   let bottom = LiteGraph.NODE_SLOT_HEIGHT * Math.max(node.inputs?.length || 0, node.outputs?.length || 0) + 6;
   for (const w of node.widgets || []) {
@@ -292,6 +285,10 @@ export function registerNodeTypes(objectInfo) {
 
       onDrawForeground(ctx) {
         drawState(this, ctx);
+      }
+
+      getExtraMenuOptions() {
+        return conversionMenu(this);
       }
     }
     LoomNode.title = def.display_name || name;

@@ -23,7 +23,8 @@ class Reroute extends LGraphNode {
   }
 }
 
-// A value that drives widget inputs of other nodes; its widgets_values are kept as they were.
+// A value that drives widget inputs of other nodes. Linked to a converted widget, it takes on that widget (type,
+// choices, value) so the value is edited here; the server reads it from widgets_values.
 class PrimitiveNode extends LGraphNode {
   constructor(title) {
     super(title || "Primitive");
@@ -34,13 +35,44 @@ class PrimitiveNode extends LGraphNode {
 
   onConfigure(info) {
     this.values = info.widgets_values || [];
+    setTimeout(() => this.adoptTarget(), 0); // the nodes it links to are configured after it
+  }
+
+  onConnectionsChange(type, _slot, connected) {
+    if (type === LiteGraph.OUTPUT && connected) this.adoptTarget();
+  }
+
+  // The widget behind the first linked input, if that input was converted from a widget.
+  targetWidget() {
+    for (const id of this.outputs[0].links || []) {
+      const link = this.graph && this.graph.links[id];
+      const node = link && this.graph.getNodeById(link.target_id);
+      const input = node && node.inputs[link.target_slot];
+      const widget = input && input.widget && (node.widgets || []).find((w) => w.name === input.widget.name);
+      if (widget) return { input, widget };
+    }
+    return null;
+  }
+
+  adoptTarget() {
+    const target = this.targetWidget();
+    if (!target || this.widgets?.length) return;
+    const { input, widget } = target;
+    const kind = (widget.shown || widget).type;
+    const value = this.values.length ? this.values[0] : widget.value;
+    this.addWidget(kind === "multiline" ? "text" : kind, input.name, value, null, { ...widget.options });
+    this.outputs[0].type = input.type;
+    this.outputs[0].name = input.type;
+    this.size = [Math.max(this.size[0], 220), this.computeSize()[1]];
+    this.setDirtyCanvas(true, true);
   }
 
   onSerialize(o) {
-    o.widgets_values = this.values;
+    o.widgets_values = this.widgets?.length ? [this.widgets[0].value, ...this.values.slice(1)] : this.values;
   }
 
   onDrawForeground(ctx) {
+    if (this.widgets?.length) return;
     ctx.fillStyle = "#ccc";
     ctx.font = "13px sans-serif";
     ctx.fillText(`value: ${JSON.stringify(this.values[0]).slice(0, 40)}`, 10, 46);

@@ -1,5 +1,5 @@
 import { api } from "./api.js";
-import { hideWidget } from "./nodes.js";
+import { hideWidget } from "./convert.js";
 
 // Workflow documents in the editor: open the native (API) format, ComfyUI's UI format and PNGs; the default graph.
 

@@ -1,0 +1,126 @@
+// The queue and history panel, as ComfyUI's: pending prompts (cancel), the running one (interrupt), finished
+// runs with their status and output thumbnails; a click loads that run's workflow back into the canvas.
+// It refreshes on the websocket's `status` (every queue change, for every client) and on the run's own events.
+
+import { api, viewUrl } from "./api.js";
+
+const HISTORY_ITEMS = 50;
+const REFRESH_DELAY_MS = 100; // a burst of messages (a run's end, a batch queued) costs one refresh
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// The document to reopen: the editor's own graph (layout and all) when the editor queued it, else the API prompt.
+function workflowOf(queueEntry) {
+  const [, , prompt, extra] = queueEntry;
+  return (extra && extra.extra_pnginfo && extra.extra_pnginfo.workflow) || prompt;
+}
+
+function firstImage(outputs) {
+  for (const output of Object.values(outputs || {})) {
+    if (output.images && output.images.length) return output.images[0];
+  }
+  return null;
+}
+
+export class QueuePanel {
+  constructor(onLoad, onError) {
+    this.onLoad = onLoad; // (document, name) => void
+    this.onError = onError; // (message) => void
+    this.queueList = document.getElementById("queue-list");
+    this.historyList = document.getElementById("history-list");
+    this.timer = null;
+    this.loading = null;
+    document.getElementById("clear-history-button").addEventListener("click", () =>
+      this.act("/history", { clear: true }));
+  }
+
+  onMessage(type, data) {
+    const ended = type === "executing" && data.node === null;
+    if (type === "status" || type === "execution_start" || ended || type.startsWith("execution_")) this.refresh();
+  }
+
+  refresh() {
+    if (this.timer) return;
+    this.timer = setTimeout(async () => {
+      await this.loading; // one request at a time; messages meanwhile schedule the next one
+      this.timer = null;
+      this.loading = this.load().catch((error) => this.onError(`queue panel: ${error.message}`));
+    }, REFRESH_DELAY_MS);
+  }
+
+  async load() {
+    const [queue, history] = await Promise.all([api("/queue"), api(`/history?max_items=${HISTORY_ITEMS}`)]);
+    this.render(queue, history);
+  }
+
+  async act(path, body) {
+    try {
+      await api(path, { method: "POST", body });
+    } catch (error) {
+      this.onError(`${path}: ${error.message}`);
+    }
+    this.refresh();
+  }
+
+  entry(queueEntry, state, detail, button) {
+    const [number, promptId] = queueEntry;
+    const item = element("li", `entry ${state}`);
+    item.dataset.promptId = promptId;
+    item.title = "click to load this workflow";
+    const text = element("div", "entry-text");
+    text.append(element("span", "entry-number", `#${number}`), element("span", "entry-state", state));
+    if (detail) text.append(element("span", "entry-detail", detail));
+    item.append(text);
+    if (button) {
+      const [label, title, action] = button;
+      const control = element("button", "entry-action", label);
+      control.title = title;
+      control.addEventListener("click", (event) => {
+        event.stopPropagation();
+        action();
+      });
+      item.append(control);
+    }
+    item.addEventListener("click", () => this.onLoad(workflowOf(queueEntry), `#${number}`));
+    return item;
+  }
+
+  render(queue, history) {
+    const queued = [];
+    for (const q of queue.queue_running) {
+      queued.push(this.entry(q, "running", "", ["■", "interrupt this run",
+        () => this.act("/interrupt", { prompt_id: q[1] })]));
+    }
+    for (const q of queue.queue_pending) {
+      queued.push(this.entry(q, "pending", "", ["✕", "remove from the queue",
+        () => this.act("/queue", { delete: [q[1]] })]));
+    }
+    if (!queued.length) queued.push(element("li", "empty", "nothing queued"));
+    this.queueList.replaceChildren(...queued);
+
+    const done = Object.entries(history).reverse().map(([promptId, h]) => {
+      const seconds = h.meta && h.meta.duration_s != null ? `${h.meta.duration_s.toFixed(1)} s` : "";
+      const state = h.status.status_str || "done";
+      const item = this.entry(h.prompt, state, seconds, ["✕", "delete from the history",
+        () => this.act("/history", { delete: [promptId] })]);
+      const error = h.meta && h.meta.error;
+      if (error && error.exception_message) item.title = `${error.exception_type}: ${error.exception_message}`;
+      const image = firstImage(h.outputs);
+      if (image) {
+        const thumb = element("img", "thumb");
+        thumb.src = viewUrl(image);
+        thumb.alt = image.filename;
+        thumb.loading = "lazy";
+        item.prepend(thumb);
+      }
+      return item;
+    });
+    if (!done.length) done.push(element("li", "empty", "no finished runs"));
+    this.historyList.replaceChildren(...done);
+  }
+}
