@@ -39,6 +39,13 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--ram-budget-gb", type=float, help="GiB of loaded models kept in RAM (default: half of it)")
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+
+
 def configure_engine(args: argparse.Namespace) -> Any:
     """Set up folders, device options and the node registry from the common options; returns the registry."""
     from executor.devices import EngineOptions, set_default_options
@@ -48,9 +55,14 @@ def configure_engine(args: argparse.Namespace) -> Any:
     def gib(value: float | None) -> int | None:
         return None if value is None else int(value * 2**30)
 
-    set_default_options(EngineOptions(
+    options = EngineOptions(
         force_cpu=args.cpu, lowvram=args.lowvram, weights_dtype=args.weights_dtype, compile=args.compile,
-        vram_budget=gib(args.vram_budget_gb), ram_budget=gib(args.ram_budget_gb)))
+        vram_budget=gib(args.vram_budget_gb), ram_budget=gib(args.ram_budget_gb))
+    set_default_options(options)
+    if options.force_cpu or not _has_accelerator():
+        from executor.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     paths = FolderPaths(base=args.base_dir.resolve(), models_dirs=list(args.models_dir),
                         output_dir=args.output_dir, input_dir=args.input_dir)
