@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue 10 in one command: install what is missing from wheels in .whl/ (the GPU
 # machine has no network), then run `python -m benchmarks.gpu`, which prints a table and, as its
-# last line, one JSON object. Arguments are passed to the benchmark (e.g. --only sd15).
+# last line, one JSON object; then `benchmarks.models` (issue 3) in fp16. Arguments go to benchmarks.gpu (e.g. --only sd15).
 #
 #   scripts/gpu_check.sh --fetch-wheels   # on a machine WITH network: fill .whl/ (git-ignored, ~7 MB)
 #   scripts/gpu_check.sh                  # on the GPU machine (carry .whl along)
@@ -63,6 +63,11 @@ export PYTHONUNBUFFERED=1
 log=$(mktemp)
 status=0
 "$py" -m benchmarks.gpu "$@" 2>&1 | tee "$log" || status=$?
+# Issue 3's model benchmark in fp16 on the same card (about a minute): load time and RSS, UNet and VAE
+# against diffusers. Skipped with LOOM_SKIP_MODELS=1 when the GPU time is short.
+if [ "${LOOM_SKIP_MODELS:-0}" != 1 ]; then
+    "$py" -m benchmarks.models --reps 2 2>&1 | tee -a "$log" || status=$?
+fi
 if [ -n "${OUT:-}" ]; then
     cp "$log" "$OUT/gpu_check.txt"
 fi
