@@ -209,26 +209,21 @@ class Executor:
         freed again either way, so the engine goes on serving the next prompt.
         """
         recover = getattr(self.services, "recover_from_oom", None)
-        try:
-            self._run_node(wf, nid, *args)
-            return
-        except Interrupted:
-            raise
-        except Exception as exc:
-            if recover is None or not recover(exc):
+        for attempt in (1, 2):
+            try:
+                self._run_node(wf, nid, *args)
+                return
+            except Interrupted:
                 raise
-        try:
-            self._run_node(wf, nid, *args)
-        except Interrupted:
-            raise
-        except Exception as exc:
-            if not recover(exc):
-                raise
-            node_type = wf.graph.nodes[nid].class_type
-            raise OutOfMemory(
-                f"{node_type} (node {nid}) ran out of memory twice, the second time after every model was moved "
-                f"off the device: {exc}. Try a smaller image or batch, the tiled VAE nodes, or --lowvram."
-            ) from exc
+            except Exception as exc:
+                if recover is None or not recover(exc):
+                    raise
+                if attempt == 2:
+                    node_type = wf.graph.nodes[nid].class_type
+                    raise OutOfMemory(
+                        f"{node_type} (node {nid}) ran out of memory twice, the second time after every model was "
+                        f"moved off the device: {exc}. Try a smaller image or batch, the tiled VAE nodes, or --lowvram."
+                    ) from exc
 
     def _run_node(self, wf: ValidatedWorkflow, nid: str, key: str, values: dict[str, tuple[Any, ...]],
                   ui: dict[str, dict[str, Any]], prompt_id: str, emit: EventHandler,
