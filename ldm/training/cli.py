@@ -34,6 +34,9 @@ def add_train_parser(sub: Any) -> None:
     vae = stages.add_parser("vae", help="train the KL autoencoder; writes OUT/vae.safetensors")
     _common(vae)
     vae.add_argument("--init-vae", type=Path, help="fine-tune this VAE (or checkpoint) instead of a new one")
+    vae.add_argument("--decoder-only", action="store_true",
+                     help="freeze the encoder: the latent space stays exactly the same, so UNets trained on "
+                          "--init-vae's latents keep working with the result")
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument("--edge-weight", type=float, default=0.5)
     unet = stages.add_parser("unet", help="train the UNet and text encoder; writes OUT/OUTPUT_NAME")
@@ -76,7 +79,10 @@ def run_train(args: argparse.Namespace) -> int:
         from ldm.training.vae_trainer import VAETrainConfig, train_vae
 
         init = load_vae(args.init_vae).vae if args.init_vae else None
-        config = VAETrainConfig(loop=loop, kl_weight=args.kl_weight, edge_weight=args.edge_weight)
+        if args.decoder_only and init is None:
+            raise SystemExit("--decoder-only fine-tunes an existing decoder: give --init-vae")
+        config = VAETrainConfig(loop=loop, kl_weight=args.kl_weight, edge_weight=args.edge_weight,
+                                train_encoder=not args.decoder_only)
         train_vae(data, args.out, config, device, init)
         print(f"wrote {args.out / 'vae.safetensors'}")
         return 0

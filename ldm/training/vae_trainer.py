@@ -27,6 +27,9 @@ class VAETrainConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1000))
     kl_weight: float = 1e-6  # per latent element summed, relative to the per-pixel mean, as in LDM
     edge_weight: float = 0.5  # L1 on image gradients: keeps shape corners sharp
+    # False trains the decoder alone and keeps the latent space exactly (as SD's ft-MSE VAE did), so a
+    # UNet trained on this VAE's latents stays valid.
+    train_encoder: bool = True
 
 
 def checkpoint_vae(vae: AutoencoderKL) -> int:
@@ -42,7 +45,8 @@ def _gradients(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator, config: VAETrainConfig) -> Tensor:
-    posterior = vae.encode(pixels)
+    with torch.set_grad_enabled(config.train_encoder and torch.is_grad_enabled()):
+        posterior = vae.encode(pixels)
     noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
     reconstruction = vae.decode(posterior.mean + posterior.std * noise).float()
     error = reconstruction - pixels
@@ -98,7 +102,9 @@ def train_vae(data: ImageSet | list[ImageSet], out_dir: str | Path, config: VAET
     if vae is None:
         vae = AutoencoderKL(config.vae)
         config = replace(config, vae=vae.config)
-    vae = vae.to(device=device, dtype=torch.float32)
+    vae = vae.to(device=device, dtype=torch.float32).train().requires_grad_(True)  # loaded models come frozen
+    for frozen in (vae.encoder, vae.quant_conv):
+        frozen.requires_grad_(config.train_encoder)
     if config.loop.grad_checkpointing:
         checkpoint_vae(vae)
     buckets = data if isinstance(data, list) else [data]
@@ -128,8 +134,10 @@ def train_vae(data: ImageSet | list[ImageSet], out_dir: str | Path, config: VAET
         sample(loop.step)
         final = AutoencoderKL(vae.config).to(device)
         final.load_state_dict(vae.state_dict())
-    calibrate_latent_scale(final, [bucket[:1024].float() for bucket in pixels])
+    if config.train_encoder:
+        calibrate_latent_scale(final, [bucket[:1024].float() for bucket in pixels])
     settings = {"vae": asdict(config.vae), "loop": config.loop.as_dict(), "kl_weight": config.kl_weight,
-                "edge_weight": config.edge_weight, "steps": loop.step, "seconds": round(loop.elapsed, 1)}
+                "edge_weight": config.edge_weight, "train_encoder": config.train_encoder,
+                "steps": loop.step, "seconds": round(loop.elapsed, 1)}
     save_vae(final, out_dir / "vae.safetensors", {"loom.training": json.dumps(settings)})
     return final.eval()

@@ -73,6 +73,25 @@ def test_latent_calibration_keeps_reconstructions(data, vae):
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("train_encoder", [True, False])
+def test_fine_tuning_a_loaded_vae(tmp_path, data, train_encoder):
+    """A VAE read back from a file (frozen, as the loader hands it out) trains; decoder-only keeps the latents."""
+    torch.manual_seed(0)
+    first = train_vae(data, tmp_path / "first", VAETrainConfig(vae=TINY_VAE, loop=loop(5)), CPU)
+    base = load_vae(tmp_path / "first" / "vae.safetensors").vae
+    assert not any(p.requires_grad for p in base.parameters())
+    config = VAETrainConfig(vae=TINY_VAE, loop=loop(20, ema_decay=0.0), train_encoder=train_encoder)
+    tuned = train_vae(data, tmp_path / "tuned", config, CPU, base)
+    changed = {name: not torch.equal(p, dict(first.named_parameters())[name]) for name, p in tuned.named_parameters()}
+    assert changed["decoder.conv_out.weight"]
+    assert changed["encoder.conv_in.weight"] is train_encoder
+    if not train_encoder:
+        assert not any(v for k, v in changed.items() if k.startswith(("encoder.", "quant_conv.")))
+        with torch.no_grad():
+            torch.testing.assert_close(tuned.encode(data.pixels[:4]).mean, first.encode(data.pixels[:4]).mean,
+                                       rtol=0, atol=0)
+
+
 def unet_config(steps: int, **kw) -> UNetTrainConfig:
     return UNetTrainConfig(unet=TINY_UNET, text=TINY_TEXT, loop=loop(steps, **kw))
 
