@@ -448,3 +448,36 @@ def test_convert_a_widget_to_an_input_and_drive_it_with_a_link(page, tmp_path):
     page.click("#queue-button")
     page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '35'", timeout=20000)
     page.screenshot(path=ARTIFACTS / "editor-primitive-drives-widget.png")
+
+
+def test_history_pages_through_older_and_newer_runs(page, server):
+    def run(value):
+        prompt = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": value}},
+                  "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+        return server.call("/prompt/wait", {"prompt": prompt})["prompt_id"]
+
+    server.call("/history", {"clear": True})
+    ids = [run(i) for i in range(55)]
+    shown = "[...document.querySelectorAll('#history-list .entry')].map(e => e.dataset.promptId)"
+    page.wait_for_function("document.querySelector('#history-range').textContent === '6–55 of 55'")
+    assert page.evaluate(shown) == ids[:4:-1]  # the newest 50, newest first
+    assert page.is_disabled("#history-newer")
+
+    page.click("#history-older")
+    page.wait_for_function("document.querySelector('#history-range').textContent === '1–5 of 55'")
+    assert page.evaluate(shown) == ids[4::-1]
+    assert page.is_disabled("#history-older")
+    # A new run leaves an older page where it is.
+    ids.append(run(55))
+    page.wait_for_function("document.querySelector('#history-range').textContent === '1–5 of 56'")
+    assert page.evaluate(shown) == ids[4::-1]
+    page.screenshot(path=ARTIFACTS / "queue-panel-older-page.png")
+
+    page.click("#history-newer")
+    page.wait_for_function("document.querySelector('#history-range').textContent === '6–55 of 56'")
+    assert page.evaluate(shown) == ids[54:4:-1]
+    page.click("#history-newer")
+    page.wait_for_function("document.querySelector('#history-range').textContent === '7–56 of 56'")
+    assert page.evaluate(shown) == ids[:5:-1]
+    assert page.is_disabled("#history-newer")
+    page.screenshot(path=ARTIFACTS / "queue-panel-newest-page.png")
