@@ -18,11 +18,14 @@ class HistoryAction(BaseModel):
 
 @routes.get("/history")
 async def get_history(request: web.Request) -> web.Response:
+    """`max_items` and `offset` as ComfyUI reads them (offset counts from the oldest run; without one, max_items
+    gives the newest); the X-Total-Count header says how many runs there are, so that a client can page."""
     db = request.app[STATE].db
     max_items = query_int(request, "max_items", None, minimum=1)
-    offset = query_int(request, "offset", 0) or 0
-    records = await db.call(db.store.history, max_items, offset)
-    return web.json_response({r.id: r.history_entry() for r in records}, dumps=dumps)
+    offset = query_int(request, "offset", None)
+    records, total = await db.call(db.store.history, max_items, offset)
+    return web.json_response({r.id: r.history_entry() for r in records}, dumps=dumps,
+                             headers={"X-Total-Count": str(total)})
 
 
 @routes.get("/history/{prompt_id}")

@@ -272,13 +272,18 @@ class QueueStore:
             self._done -= len(rows)
         return [row["id"] for row in rows]
 
-    def history(self, max_items: int | None = None, offset: int = 0) -> list[PromptRecord]:
-        """Finished prompts, oldest first; `max_items` keeps the most recent ones."""
-        limit = max_items if max_items is not None else -1
+    def history(self, max_items: int | None = None, offset: int | None = None) -> tuple[list[PromptRecord], int]:
+        """Finished prompts, oldest first, and how many there are in all (read together, so a client can page).
+
+        As in ComfyUI, `offset` counts from the oldest run; without it, `max_items` keeps the most recent ones.
+        """
+        total = self._count_done()
+        if offset is None:
+            offset = max(total - max_items, 0) if max_items is not None else 0
         rows = self._db.execute(
-            "SELECT * FROM prompts WHERE state = 'done' ORDER BY finished_at DESC LIMIT ? OFFSET ?",
-            (limit, offset)).fetchall()
-        return [_record(r) for r in reversed(rows)]
+            "SELECT * FROM prompts WHERE state = 'done' ORDER BY finished_at LIMIT ? OFFSET ?",
+            (max_items if max_items is not None else -1, offset)).fetchall()
+        return [_record(r) for r in rows], total
 
     def delete_history(self, ids: list[str] | None) -> list[str]:
         return self._delete("done", ids)

@@ -448,3 +448,81 @@ def test_convert_a_widget_to_an_input_and_drive_it_with_a_link(page, tmp_path):
     page.click("#queue-button")
     page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '35'", timeout=20000)
     page.screenshot(path=ARTIFACTS / "editor-primitive-drives-widget.png")
+
+
+def test_drop_a_link_on_a_widget_converts_it_or_says_why_not(page, server, tmp_path):
+    # The default graph: a Primitive's INT dropped on KSampler's seed widget becomes the seed input.
+    page.fill("#library-search", "Int")
+    page.click(".library-item[data-type=PrimitiveInt]")
+    primitive = page.evaluate("""() => { const p = loom.editor.graph._nodes.at(-1); p.pos = [330, 620];
+        loom.editor.fitView(); return p.id; }""")
+    drag(page, page.evaluate(f"loom.editor.screenPos({primitive}, 'output', 0)"),
+         page.evaluate("loom.editor.screenPos(3, 'widget', 'seed')"))
+    seed = page.evaluate("""() => { const k = loom.editor.node(3); const i = k.inputs.find(i => i.name === 'seed');
+        return [i.type, i.widget.name, loom.editor.graph.links[i.link].origin_id,
+                k.widgets.find(w => w.name === 'seed').type]; }""")
+    assert seed == ["INT", "seed", primitive, "converted-widget"]
+    page.screenshot(path=ARTIFACTS / "editor-link-on-widget.png")
+
+    open_workflow(page, tmp_path, {
+        "1": {"class_type": "PrimitiveInt", "inputs": {"value": 4}, "_meta": {"pos": [40, 80]}},
+        "2": {"class_type": "IntMath", "inputs": {"a": 6, "b": 7, "operation": "multiply"},
+              "_meta": {"pos": [380, 80]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}, "_meta": {"pos": [740, 80]}},
+        "4": {"class_type": "PrimitiveString", "inputs": {"value": "seven"}, "_meta": {"pos": [40, 260]}}})
+    # A STRING on an INT widget is refused, and the editor says why.
+    drag(page, page.evaluate("loom.editor.screenPos(4, 'output', 0)"),
+         page.evaluate("loom.editor.screenPos(2, 'widget', 'a')"))
+    page.wait_for_selector(".toast.error:has-text('cannot connect STRING to a: it takes INT')")
+    assert page.evaluate("loom.editor.node(2).inputs.length") == 0
+    assert page.evaluate("Object.keys(loom.editor.graph.links).length") == 1
+    page.screenshot(path=ARTIFACTS / "editor-link-on-widget-refused.png")
+    # A Note's text is not an input of anything.
+    note = page.evaluate("""() => { const n = LiteGraph.createNode('Note'); n.pos = [380, 420];
+        loom.editor.graph.add(n); return n.id; }""")
+    drag(page, page.evaluate("loom.editor.screenPos(1, 'output', 0)"),
+         page.evaluate(f"loom.editor.screenPos({note}, 'widget', 'text')"))
+    assert page.evaluate(f"loom.editor.node({note}).inputs.length") == 0
+
+    drag(page, page.evaluate("loom.editor.screenPos(1, 'output', 0)"),
+         page.evaluate("loom.editor.screenPos(2, 'widget', 'b')"))
+    assert page.evaluate("loom.editor.node(2).inputs.map(i => [i.name, i.link !== null])") == [["b", True]]
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '24'", timeout=20000)
+    page.wait_for_selector("#history-list .entry.success")
+    page.screenshot(path=ARTIFACTS / "editor-link-on-widget-run.png")
+    (entry,) = server.call("/history?max_items=1").values()
+    assert entry["prompt"][2]["2"]["inputs"] == {"a": 6, "b": ["1", 0], "operation": "multiply"}
+
+
+def test_history_pages_through_older_and_newer_runs(page, server):
+    def run(value):
+        prompt = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": value}},
+                  "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+        return server.call("/prompt/wait", {"prompt": prompt})["prompt_id"]
+
+    server.call("/history", {"clear": True})
+    ids = [run(i) for i in range(55)]
+    shown = "[...document.querySelectorAll('#history-list .entry')].map(e => e.dataset.promptId)"
+    page.wait_for_function("document.querySelector('#history-range').textContent === '6–55 of 55'")
+    assert page.evaluate(shown) == ids[:4:-1]  # the newest 50, newest first
+    assert page.is_disabled("#history-newer")
+
+    page.click("#history-older")
+    page.wait_for_function("document.querySelector('#history-range').textContent === '1–5 of 55'")
+    assert page.evaluate(shown) == ids[4::-1]
+    assert page.is_disabled("#history-older")
+    # A new run leaves an older page where it is.
+    ids.append(run(55))
+    page.wait_for_function("document.querySelector('#history-range').textContent === '1–5 of 56'")
+    assert page.evaluate(shown) == ids[4::-1]
+    page.screenshot(path=ARTIFACTS / "queue-panel-older-page.png")
+
+    page.click("#history-newer")
+    page.wait_for_function("document.querySelector('#history-range').textContent === '6–55 of 56'")
+    assert page.evaluate(shown) == ids[54:4:-1]
+    page.click("#history-newer")
+    page.wait_for_function("document.querySelector('#history-range').textContent === '7–56 of 56'")
+    assert page.evaluate(shown) == ids[:5:-1]
+    assert page.is_disabled("#history-newer")
+    page.screenshot(path=ARTIFACTS / "queue-panel-newest-page.png")

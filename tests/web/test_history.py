@@ -1,4 +1,4 @@
-"""GET/POST /history: the entry shape, max_items, delete, clear and the cap."""
+"""GET/POST /history: the entry shape, max_items, offset paging, delete, clear and the cap."""
 
 from tests.web.conftest import ADD, image_prompt
 
@@ -37,6 +37,22 @@ async def test_max_items_delete_and_clear(client):
     await client.post("/history", json={"clear": True})
     assert await (await client.get("/history")).json() == {}
     assert (await client.post("/history", json={"delete": 3})).status == 400
+
+
+async def test_offset_pages_from_the_oldest_as_comfyui_does(client):
+    ids = [await run(client, ADD) for _ in range(5)]
+    page = await client.get("/history?offset=1&max_items=2")
+    assert list(await page.json()) == ids[1:3]
+    assert page.headers["X-Total-Count"] == "5"
+    assert list(await (await client.get("/history?offset=3")).json()) == ids[3:]
+    assert list(await (await client.get("/history?offset=0&max_items=2")).json()) == ids[:2]
+    assert await (await client.get("/history?offset=5")).json() == {}
+    newest = await client.get("/history?max_items=2")
+    assert list(await newest.json()) == ids[3:] and newest.headers["X-Total-Count"] == "5"
+    for bad in ("-1", "x", "1.5"):
+        answer = await client.get(f"/history?offset={bad}&max_items=2")
+        assert answer.status == 400
+        assert "'offset'" in (await answer.json())["error"]["message"]
 
 
 async def test_history_cap_keeps_the_newest(make_app, aiohttp_client):

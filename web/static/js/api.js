@@ -16,7 +16,8 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(path, { method = "GET", body, form } = {}) {
+// The answer's JSON and its headers; `api` below when only the JSON matters.
+export async function request(path, { method = "GET", body, form } = {}) {
   const options = { method, credentials: "same-origin", headers: {} };
   if (form) {
     options.body = form;
@@ -32,7 +33,11 @@ export async function api(path, { method = "GET", body, form } = {}) {
     data = null;
   }
   if (!response.ok) throw new ApiError(response.status, data);
-  return data;
+  return { data, headers: response.headers };
+}
+
+export async function api(path, options) {
+  return (await request(path, options)).data;
 }
 
 export function viewUrl(image) {

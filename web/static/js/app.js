@@ -1,6 +1,7 @@
 // The editor: a litegraph canvas over the node types of /object_info, wired to the queue and the websocket.
 
 import { api, ApiError, clientId, connect } from "./api.js";
+import { convertibleWidgetAt, linkToWidget, socketType } from "./convert.js";
 import { clearRunState, CONTROL_VALUES, registerNodeTypes, runState, setOutput } from "./nodes.js";
 import { buildLibrary, setStatus, showGalleryImage, toast } from "./panels.js";
 import { QueuePanel } from "./queue.js";
@@ -8,12 +9,54 @@ import { defaultWorkflow, loadAny, loadApi, workflowFromPng } from "./workflow.j
 
 const STORAGE_KEY = "loom.workflow";
 
+// As in ComfyUI's editor, a link dragged from an output and released over a widget converts that widget to an input
+// and links it; and a link whose type does not fit where it is dropped says so. Call it before setCanvas: litegraph
+// binds its mouse handlers there.
+function handleLinkDrops(canvas) {
+  const release = canvas.processMouseUp;
+  canvas.processMouseUp = function (event) {
+    if (this.connecting_output && event.button === 0 && event.isPrimary !== false) {
+      this.adjustMouseEvent(event);
+      const node = this.graph.getNodeOnPos(event.canvasX, event.canvasY, this.visible_nodes);
+      if (node && node !== this.connecting_node && dropLink(this, node, event.canvasX, event.canvasY)) {
+        this.connecting_node = this.connecting_output = this.connecting_pos = null;
+        this.connecting_slot = -1;
+      }
+    }
+    return release.call(this, event);
+  };
+}
+
+// A drop on a widget links it, or says why not (true: handled here). On an input of another type litegraph refuses
+// the link; say why there too.
+function dropLink(canvas, node, x, y) {
+  const type = canvas.connecting_output.type;
+  const slot = canvas.isOverNodeInput(node, x, y);
+  if (slot !== -1) {
+    const input = node.inputs[slot];
+    if (!LiteGraph.isValidConnection(type, input.type)) refuse(type, input.name, input.type);
+    return false;
+  }
+  const widget = convertibleWidgetAt(node, x, y);
+  if (!widget) return false;
+  const target = socketType(node, widget.name);
+  if (!LiteGraph.isValidConnection(type, target)) refuse(type, widget.name, target);
+  else linkToWidget(canvas.connecting_node, canvas.connecting_slot, node, widget);
+  return true;
+}
+
+function refuse(type, name, target) {
+  toast(`cannot connect ${type} to ${name}: it takes ${target}`, "error");
+}
+
 class Editor {
   constructor(objectInfo) {
     this.objectInfo = objectInfo;
     this.graph = new LGraph();
     const element = document.getElementById("graph");
-    this.canvas = new LGraphCanvas(element, this.graph);
+    this.canvas = new LGraphCanvas(null, this.graph); // its <canvas> comes after our mouse handler
+    handleLinkDrops(this.canvas);
+    this.canvas.setCanvas(element);
     this.canvas.allow_searchbox = true;
     this.canvas.show_info = false;
     this.canvas.render_canvas_border = false;

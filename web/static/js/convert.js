@@ -1,7 +1,12 @@
 // ComfyUI's "convert to input": a widget becomes an input socket, so that a link (a primitive, any node's output)
-// drives the value; and back. The widget keeps its place in widgets_values while it is hidden.
+// drives the value; and back. The widget keeps its place in widgets_values while it is hidden. A link dropped on
+// a widget converts it too.
 
 const CONVERTIBLE = new Set(["number", "combo", "text", "toggle", "multiline"]);
+
+function convertible(widget) {
+  return CONVERTIBLE.has(widget.type) && widget.name !== "control_after_generate";
+}
 
 // A widget driven by a link (ComfyUI's "converted widget"): it keeps its place in widgets_values but is not drawn.
 export function hideWidget(widget) {
@@ -21,7 +26,7 @@ export function showWidget(widget) {
 }
 
 // The type of the socket: the input's own type, or COMBO for a list of choices (as ComfyUI names it).
-function socketType(node, name) {
+export function socketType(node, name) {
   const def = node.constructor.nodeData;
   const spec = def && { ...def.input.required, ...def.input.optional }[name];
   if (!spec) return "*";
@@ -54,12 +59,31 @@ export function convertToWidget(node, slot) {
   });
 }
 
+// The widget drawn at graph position (x, y) of the node, if it can become an input (only the server's node types
+// have widgets that are inputs: not a Note, nor a Primitive).
+export function convertibleWidgetAt(node, x, y) {
+  if (!node.constructor.nodeData) return undefined;
+  const top = y - node.pos[1];
+  return (node.widgets || []).find((w) => {
+    if (!convertible(w) || w.last_y === undefined) return false;
+    const height = w.computeSize ? w.computeSize(node.size[0])[1] : LiteGraph.NODE_WIDGET_HEIGHT;
+    return top >= w.last_y && top < w.last_y + height;
+  });
+}
+
+// A link dropped on a widget: the widget becomes an input, which output `slot` of `origin` then drives.
+// (The caller checks that the types fit: socketType.)
+export function linkToWidget(origin, slot, node, widget) {
+  convertToInput(node, widget);
+  return origin.connect(slot, node, widget.name);
+}
+
 // The node's context-menu entries: one per widget that can become an input, one per input that was a widget.
 // (null when there are none)
 export function conversionMenu(node) {
   const entries = [];
   for (const widget of node.widgets || []) {
-    if (!CONVERTIBLE.has(widget.type) || widget.name === "control_after_generate") continue;
+    if (!convertible(widget)) continue;
     entries.push({ content: `Convert ${widget.name} to input`, callback: () => convertToInput(node, widget) });
   }
   (node.inputs || []).forEach((input, slot) => {

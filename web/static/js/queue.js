@@ -1,10 +1,11 @@
 // The queue and history panel, as ComfyUI's: pending prompts (cancel), the running one (interrupt), finished
 // runs with their status and output thumbnails; a click loads that run's workflow back into the canvas.
 // It refreshes on the websocket's `status` (every queue change, for every client) and on the run's own events.
+// The history shows a page of runs at a time, the newest first; "older" and "newer" page through the rest.
 
-import { api, viewUrl } from "./api.js";
+import { api, request, viewUrl } from "./api.js";
 
-const HISTORY_ITEMS = 50;
+const HISTORY_ITEMS = 50; // a page
 const REFRESH_DELAY_MS = 100; // a burst of messages (a run's end, a batch queued) costs one refresh
 
 function element(tag, className, text) {
@@ -35,8 +36,22 @@ export class QueuePanel {
     this.historyList = document.getElementById("history-list");
     this.timer = null;
     this.loading = null;
-    document.getElementById("clear-history-button").addEventListener("click", () =>
-      this.act("/history", { clear: true }));
+    // The page shown ends just before this run, counted from the oldest (as GET /history's offset counts);
+    // null: the newest page, which follows new runs.
+    this.historyEnd = null;
+    this.page = { start: 0, total: 0 }; // of the page shown
+    document.getElementById("clear-history-button").addEventListener("click", () => {
+      this.historyEnd = null;
+      this.act("/history", { clear: true });
+    });
+    document.getElementById("history-older").addEventListener("click", () => this.showPage(this.page.start));
+    document.getElementById("history-newer").addEventListener("click", () =>
+      this.showPage(this.historyEnd + HISTORY_ITEMS));
+  }
+
+  showPage(end) {
+    this.historyEnd = end < this.page.total ? end : null;
+    this.refresh();
   }
 
   onMessage(type, data) {
@@ -54,8 +69,22 @@ export class QueuePanel {
   }
 
   async load() {
-    const [queue, history] = await Promise.all([api("/queue"), api(`/history?max_items=${HISTORY_ITEMS}`)]);
+    const [queue, history] = await Promise.all([api("/queue"), this.loadHistory()]);
     this.render(queue, history);
+  }
+
+  async loadHistory() {
+    const end = this.historyEnd;
+    const query = end === null ? `max_items=${HISTORY_ITEMS}`
+      : `offset=${Math.max(end - HISTORY_ITEMS, 0)}&max_items=${Math.min(end, HISTORY_ITEMS)}`;
+    const { data, headers } = await request(`/history?${query}`);
+    const total = Number(headers.get("X-Total-Count"));
+    if (end !== null && end >= total) { // runs were deleted under this page: it is the newest one now
+      this.historyEnd = null;
+      return this.loadHistory();
+    }
+    this.page = { start: Math.max((end ?? total) - HISTORY_ITEMS, 0), total };
+    return data;
   }
 
   async act(path, body) {
@@ -122,5 +151,14 @@ export class QueuePanel {
     });
     if (!done.length) done.push(element("li", "empty", "no finished runs"));
     this.historyList.replaceChildren(...done);
+    this.renderPager(Object.keys(history).length);
+  }
+
+  renderPager(shown) {
+    const { start, total } = this.page;
+    document.getElementById("history-pager").hidden = total <= HISTORY_ITEMS && this.historyEnd === null;
+    document.getElementById("history-range").textContent = `${start + 1}–${start + shown} of ${total}`;
+    document.getElementById("history-older").disabled = start === 0;
+    document.getElementById("history-newer").disabled = this.historyEnd === null;
   }
 }
