@@ -30,6 +30,7 @@ class VAETrainConfig:
     # False trains the decoder alone and keeps the latent space exactly (as SD's ft-MSE VAE did), so a
     # UNet trained on this VAE's latents stays valid.
     train_encoder: bool = True
+    crop: int | None = None  # decoder-only: train on random crops of this many pixels a side
 
 
 def checkpoint_vae(vae: AutoencoderKL) -> int:
@@ -44,18 +45,38 @@ def _gradients(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
-def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator, config: VAETrainConfig) -> Tensor:
-    with torch.set_grad_enabled(config.train_encoder and torch.is_grad_enabled()):
-        posterior = vae.encode(pixels)
-    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
-    reconstruction = vae.decode(posterior.mean + posterior.std * noise).float()
+def _reconstruction_loss(reconstruction: Tensor, pixels: Tensor, config: VAETrainConfig) -> Tensor:
     error = reconstruction - pixels
     loss = error.abs().mean() + error.pow(2).mean()
     if config.edge_weight:
         loss = loss + config.edge_weight * sum(
             (a - b).abs().mean() for a, b in zip(_gradients(reconstruction), _gradients(pixels), strict=True))
+    return loss
+
+
+def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator, config: VAETrainConfig) -> Tensor:
+    posterior = vae.encode(pixels)
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
+    reconstruction = vae.decode(posterior.mean + posterior.std * noise).float()
     kl = posterior.kl().float().mean() / pixels[0].numel()
-    return loss + config.kl_weight * kl
+    return _reconstruction_loss(reconstruction, pixels, config) + config.kl_weight * kl
+
+
+def decoder_loss(vae: AutoencoderKL, mean: Tensor, std: Tensor, pixels: Tensor, generator: torch.Generator,
+                 config: VAETrainConfig) -> Tensor:
+    """The reconstruction loss of the decoder alone, from posteriors the frozen encoder gave once.
+
+    With `config.crop` the batch decodes one random crop (the same window for every item), which
+    costs a fraction of the whole picture; the decoder is convolutional, so it learns the same thing.
+    """
+    if config.crop:
+        factor = pixels.shape[-1] // mean.shape[-1]
+        side = min(config.crop // factor, mean.shape[-2], mean.shape[-1])
+        top, left = (int(torch.randint(n - side + 1, (1,), generator=generator)) for n in mean.shape[-2:])
+        mean, std = (t[..., top:top + side, left:left + side] for t in (mean, std))
+        pixels = pixels[..., top * factor:(top + side) * factor, left * factor:(left + side) * factor]
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+    return _reconstruction_loss(vae.decode(mean + std * noise).float(), pixels, config)
 
 
 @torch.no_grad()
@@ -89,6 +110,13 @@ def save_vae(vae: AutoencoderKL, path: str | Path, metadata: dict[str, str], dty
     return path
 
 
+@torch.no_grad()
+def _posteriors(vae: AutoencoderKL, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Posterior means and standard deviations of `pixels`, encoded in chunks."""
+    posteriors = [vae.encode(chunk.float()) for chunk in pixels.split(256)]
+    return torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+
+
 def train_vae(data: ImageSet | list[ImageSet], out_dir: str | Path, config: VAETrainConfig, device: torch.device,
               vae: AutoencoderKL | None = None,
               on_sample: Callable[[AutoencoderKL, int], None] | None = None) -> AutoencoderKL:
@@ -113,10 +141,19 @@ def train_vae(data: ImageSet | list[ImageSet], out_dir: str | Path, config: VAET
     if loop.resume():
         print(f"vae: resuming at step {loop.step}")
 
-    def loss_fn(g: torch.Generator) -> Tensor:
-        bucket = pixels[pick_bucket(buckets, g)]
-        index = torch.randint(len(bucket), (config.loop.batch_size,), generator=g).to(device)
-        return vae_loss(vae, bucket[index].float(), g, config)
+    if config.train_encoder:
+        def loss_fn(g: torch.Generator) -> Tensor:
+            bucket = pixels[pick_bucket(buckets, g)]
+            index = torch.randint(len(bucket), (config.loop.batch_size,), generator=g).to(device)
+            return vae_loss(vae, bucket[index].float(), g, config)
+    else:
+        posteriors = [_posteriors(vae, bucket) for bucket in pixels]  # the encoder is frozen: once, not per step
+
+        def loss_fn(g: torch.Generator) -> Tensor:
+            which = pick_bucket(buckets, g)
+            index = torch.randint(len(pixels[which]), (config.loop.batch_size,), generator=g).to(device)
+            mean, std = (t[index] for t in posteriors[which])
+            return decoder_loss(vae, mean, std, pixels[which][index].float(), g, config)
 
     previews = pixels[0][:16].float()
 
@@ -137,7 +174,7 @@ def train_vae(data: ImageSet | list[ImageSet], out_dir: str | Path, config: VAET
     if config.train_encoder:
         calibrate_latent_scale(final, [bucket[:1024].float() for bucket in pixels])
     settings = {"vae": asdict(config.vae), "loop": config.loop.as_dict(), "kl_weight": config.kl_weight,
-                "edge_weight": config.edge_weight, "train_encoder": config.train_encoder,
+                "edge_weight": config.edge_weight, "train_encoder": config.train_encoder, "crop": config.crop,
                 "steps": loop.step, "seconds": round(loop.elapsed, 1)}
     save_vae(final, out_dir / "vae.safetensors", {"loom.training": json.dumps(settings)})
     return final.eval()
