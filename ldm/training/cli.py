@@ -37,8 +37,6 @@ def add_train_parser(sub: Any) -> None:
     vae.add_argument("--decoder-only", action="store_true",
                      help="freeze the encoder: the latent space stays exactly the same, so UNets trained on "
                           "--init-vae's latents keep working with the result")
-    vae.add_argument("--crop", type=int, help="with --decoder-only: train on random crops of this side (pixels), "
-                                              "a fraction of the cost of whole pictures")
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument("--edge-weight", type=float, default=0.5)
     unet = stages.add_parser("unet", help="train the UNet and text encoder; writes OUT/OUTPUT_NAME")
@@ -84,7 +82,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.decoder_only and init is None:
             raise SystemExit("--decoder-only fine-tunes an existing decoder: give --init-vae")
         config = VAETrainConfig(loop=loop, kl_weight=args.kl_weight, edge_weight=args.edge_weight,
-                                train_encoder=not args.decoder_only, crop=args.crop)
+                                train_encoder=not args.decoder_only)
         train_vae(data, args.out, config, device, init)
         print(f"wrote {args.out / 'vae.safetensors'}")
         return 0

@@ -30,7 +30,6 @@ class VAETrainConfig:
     # False trains the decoder alone and keeps the latent space exactly (as SD's ft-MSE VAE did), so a
     # UNet trained on this VAE's latents stays valid.
     train_encoder: bool = True
-    crop: int | None = None  # decoder-only: train on random crops of this many pixels a side
 
 
 def checkpoint_vae(vae: AutoencoderKL) -> int:
@@ -64,17 +63,7 @@ def vae_loss(vae: AutoencoderKL, pixels: Tensor, generator: torch.Generator, con
 
 def decoder_loss(vae: AutoencoderKL, mean: Tensor, std: Tensor, pixels: Tensor, generator: torch.Generator,
                  config: VAETrainConfig) -> Tensor:
-    """The reconstruction loss of the decoder alone, from posteriors the frozen encoder gave once.
-
-    With `config.crop` the batch decodes one random crop (the same window for every item), which
-    costs a fraction of the whole picture; the decoder is convolutional, so it learns the same thing.
-    """
-    if config.crop:
-        factor = pixels.shape[-1] // mean.shape[-1]
-        side = min(config.crop // factor, mean.shape[-2], mean.shape[-1])
-        top, left = (int(torch.randint(n - side + 1, (1,), generator=generator)) for n in mean.shape[-2:])
-        mean, std = (t[..., top:top + side, left:left + side] for t in (mean, std))
-        pixels = pixels[..., top * factor:(top + side) * factor, left * factor:(left + side) * factor]
+    """The reconstruction loss of the decoder alone, from posteriors the frozen encoder gave once."""
     noise = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
     return _reconstruction_loss(vae.decode(mean + std * noise).float(), pixels, config)
 
@@ -174,7 +163,7 @@ def train_vae(data: ImageSet | list[ImageSet], out_dir: str | Path, config: VAET
     if config.train_encoder:
         calibrate_latent_scale(final, [bucket[:1024].float() for bucket in pixels])
     settings = {"vae": asdict(config.vae), "loop": config.loop.as_dict(), "kl_weight": config.kl_weight,
-                "edge_weight": config.edge_weight, "train_encoder": config.train_encoder, "crop": config.crop,
+                "edge_weight": config.edge_weight, "train_encoder": config.train_encoder,
                 "steps": loop.step, "seconds": round(loop.elapsed, 1)}
     save_vae(final, out_dir / "vae.safetensors", {"loom.training": json.dumps(settings)})
     return final.eval()

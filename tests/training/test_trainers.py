@@ -18,7 +18,7 @@ from ldm.training.unet_trainer import (
     token_ids,
     train_unet,
 )
-from ldm.training.vae_trainer import VAETrainConfig, calibrate_latent_scale, decoder_loss, train_vae
+from ldm.training.vae_trainer import VAETrainConfig, calibrate_latent_scale, train_vae
 from ldm.unet import UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
 
@@ -75,14 +75,13 @@ def test_latent_calibration_keeps_reconstructions(data, vae):
 
 @pytest.mark.parametrize("train_encoder", [True, False])
 def test_fine_tuning_a_loaded_vae(tmp_path, data, train_encoder):
-    """A VAE read back from a file (frozen, as the loader hands it out) trains; decoder-only (here on crops)
-    keeps the latents."""
+    """A VAE read back from a file (frozen, as the loader hands it out) trains; decoder-only keeps
+    the latents."""
     torch.manual_seed(0)
     first = train_vae(data, tmp_path / "first", VAETrainConfig(vae=TINY_VAE, loop=loop(5)), CPU)
     base = load_vae(tmp_path / "first" / "vae.safetensors").vae
     assert not any(p.requires_grad for p in base.parameters())
-    config = VAETrainConfig(vae=TINY_VAE, loop=loop(20, ema_decay=0.0), train_encoder=train_encoder,
-                            crop=None if train_encoder else SIZE // 2)
+    config = VAETrainConfig(vae=TINY_VAE, loop=loop(20, ema_decay=0.0), train_encoder=train_encoder)
     tuned = train_vae(data, tmp_path / "tuned", config, CPU, base)
     changed = {name: not torch.equal(p, dict(first.named_parameters())[name]) for name, p in tuned.named_parameters()}
     assert changed["decoder.conv_out.weight"]
@@ -209,19 +208,3 @@ def test_demo_model_is_an_sd1_file_under_16_mib(tmp_path):
     assert loaded.family.unet_config == unet.config and loaded.unused_keys == []
     assert loaded.text_encoder.encode(["a red circle on a blue background"]).cond.shape == (1, 77, 48)
 
-
-def test_decoder_loss_on_a_crop_compares_the_matching_pixels(vae):
-    """A crop decodes the latent window and is judged against the same window of pixels: an
-    autoencoder's own whole-picture reconstruction, cropped, scores the same as decoding the crop."""
-    config = VAETrainConfig(vae=TINY_VAE, crop=8, edge_weight=0.0, train_encoder=False)
-    pixels = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
-    with torch.no_grad():
-        posterior = vae.encode(pixels)
-        zero = torch.zeros_like(posterior.std)
-        generator = torch.Generator().manual_seed(0)
-        loss = decoder_loss(vae, posterior.mean, zero, pixels, generator, config)
-        replay = torch.Generator().manual_seed(0)  # the same draws as decoder_loss's, in its order
-        top, left = (int(torch.randint(n - 4 + 1, (1,), generator=replay)) for n in posterior.mean.shape[-2:])
-        window = vae.decode(posterior.mean[..., top:top + 4, left:left + 4])
-        error = window - pixels[..., 2 * top:2 * top + 8, 2 * left:2 * left + 8]
-    assert float(loss) == pytest.approx(float(error.abs().mean() + error.pow(2).mean()), rel=1e-5)
