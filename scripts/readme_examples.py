@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_checkpoint(CHECKPOINT, cpu=True)
-    common = {"num_steps": 20, "guidance_scale": 5.0, "seed": args.seed}
+    common = {"num_steps": 20, "guidance_scale": 3.0, "seed": args.seed}
 
     images = [pipe.sample(prompt, **common)[0] for prompt in TXT2IMG]
     _row(images, [f"{i + 1}" for i in range(len(images))]).save(args.out / "txt2img.png")
