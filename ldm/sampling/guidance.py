@@ -125,6 +125,11 @@ class _Plan:
     batches: list[tuple[list[_Job], Conditioning]]
     counts: list[Tensor | None]  # None: the side is one whole-image entry, used as is
 
+    @property
+    def plain_cfg(self) -> bool:
+        """One whole-image entry per side, both in one call: the common case, with a fast path."""
+        return len(self.counts) == 2 and all(c is None for c in self.counts) and len(self.batches) == 1
+
 
 class CFGGuider:
     """The guided denoiser `model(x, sigma) -> x0` that samplers call:
@@ -149,6 +154,8 @@ class CFGGuider:
         plan = self._plan(x)
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
+        if level is not None and plan.plain_cfg:
+            return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg)
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
         for jobs, cond in plan.batches:

@@ -27,6 +27,22 @@ def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
     return (x - denoised) / sigma
 
 
+def linear_combination(terms: list[tuple[float, Tensor]]) -> Tensor:
+    """sum(coefficient * tensor) in one pass per term: a sampler's step written as one weighted sum
+    of x, the x0 estimates and the noise costs a few fused multiply-adds instead of many small ops."""
+    (c0, t0), *rest = terms
+    out = t0 * c0
+    for c, tensor in rest:
+        out.add_(tensor, alpha=c)
+    return out
+
+
+def euler_step(x: Tensor, sigma: float, denoised: Tensor, sigma_next: float) -> Tensor:
+    """`x + to_d(x, sigma, denoised) * (sigma_next - sigma)` in one pass over x: the step moves x
+    along the straight line to `denoised`, a fraction (sigma - sigma_next) / sigma of the way."""
+    return torch.lerp(x, denoised, (sigma - sigma_next) / sigma)
+
+
 def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
     """Split an ancestral step into a deterministic step down to `sigma_down` and fresh noise of
     standard deviation `sigma_up`, with sigma_down^2 + sigma_up^2 = sigma_to^2."""
@@ -91,7 +107,7 @@ def sample_euler(
         x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = _call(model, x, sigma_hat, extra_args)
         _report(callback, i, x, s[i], sigma_hat, denoised)
-        x = x + to_d(x, sigma_hat, denoised) * (s[i + 1] - sigma_hat)
+        x = euler_step(x, sigma_hat, denoised, s[i + 1])
     return x
 
 
@@ -114,9 +130,9 @@ def sample_euler_ancestral(
         denoised = _call(model, x, s[i], extra_args)
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
         _report(callback, i, x, s[i], s[i], denoised)
-        x = x + to_d(x, s[i], denoised) * (sigma_down - s[i])
+        x = euler_step(x, s[i], denoised, sigma_down)
         if s[i + 1] > 0 and sigma_up > 0:
-            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * sigma_up)
     return x
 
 
@@ -139,16 +155,29 @@ def sample_heun(
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = _call(model, x, sigma_hat, extra_args)
-        d = to_d(x, sigma_hat, denoised)
         _report(callback, i, x, s[i], sigma_hat, denoised)
-        dt = s[i + 1] - sigma_hat
+        x_2 = euler_step(x, sigma_hat, denoised, s[i + 1])
         if s[i + 1] == 0:
-            x = x + d * dt
+            x = x_2
         else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, s[i + 1], _call(model, x_2, s[i + 1], extra_args))
-            x = x + (d + d_2) * (dt / 2)
+            # x + (d + d_2) * dt / 2 with x + d * dt = x_2 and d_2 = (x_2 - denoised_2) / sigma_next
+            denoised_2 = _call(model, x_2, s[i + 1], extra_args)
+            dt = s[i + 1] - sigma_hat
+            x = torch.lerp(x, x_2, 0.5).add_(x_2 - denoised_2, alpha=dt / (2 * s[i + 1]))
     return x
+
+
+def _midpoint_step(
+    model: Model, x: Tensor, sigma: float, denoised: Tensor, sigma_next: float, extra_args: dict | None
+) -> Tensor:
+    """DPM-Solver-2's step from sigma to sigma_next, with its derivative taken at the geometric
+    midpoint; a plain Euler step into sigma_next = 0."""
+    if sigma_next == 0:
+        return euler_step(x, sigma, denoised, sigma_next)
+    sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
+    x_2 = euler_step(x, sigma, denoised, sigma_mid)
+    denoised_2 = _call(model, x_2, sigma_mid, extra_args)
+    return torch.add(x, x_2 - denoised_2, alpha=(sigma_next - sigma) / sigma_mid)  # x + d_2 * dt
 
 
 @torch.no_grad()
@@ -170,15 +199,8 @@ def sample_dpm_2(
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = _call(model, x, sigma_hat, extra_args)
-        d = to_d(x, sigma_hat, denoised)
         _report(callback, i, x, s[i], sigma_hat, denoised)
-        if s[i + 1] == 0:
-            x = x + d * (s[i + 1] - sigma_hat)
-        else:
-            sigma_mid = math.exp((math.log(sigma_hat) + math.log(s[i + 1])) / 2)
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = to_d(x_2, sigma_mid, _call(model, x_2, sigma_mid, extra_args))
-            x = x + d_2 * (s[i + 1] - sigma_hat)
+        x = _midpoint_step(model, x, sigma_hat, denoised, s[i + 1], extra_args)
     return x
 
 
@@ -201,15 +223,9 @@ def sample_dpm_2_ancestral(
         denoised = _call(model, x, s[i], extra_args)
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
         _report(callback, i, x, s[i], s[i], denoised)
-        d = to_d(x, s[i], denoised)
-        if sigma_down == 0:
-            x = x + d * (sigma_down - s[i])
-        else:
-            sigma_mid = math.exp((math.log(s[i]) + math.log(sigma_down)) / 2)
-            x_2 = x + d * (sigma_mid - s[i])
-            d_2 = to_d(x_2, sigma_mid, _call(model, x_2, sigma_mid, extra_args))
-            x = x + d_2 * (sigma_down - s[i])
-            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+        x = _midpoint_step(model, x, s[i], denoised, sigma_down, extra_args)
+        if sigma_down != 0:
+            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * sigma_up)
     return x
 
 
@@ -244,14 +260,19 @@ def sample_lms(
 ) -> Tensor:
     """Linear multistep method on the sigma-ODE, with coefficients for non-uniform steps (k-diffusion)."""
     s = sigmas.tolist()
-    ds: list[Tensor] = []
+    ds: list[tuple[float, Tensor]] = []  # the derivatives d = (x - denoised) / sigma, as (sigma, x - denoised)
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
-        ds = [*ds[-(order - 1) :], to_d(x, s[i], denoised)] if order > 1 else [to_d(x, s[i], denoised)]
+        ds = [*ds[-(order - 1) :], (s[i], x - denoised)] if order > 1 else [(s[i], x - denoised)]
         _report(callback, i, x, s[i], s[i], denoised)
         cur_order = min(i + 1, order)
-        coeffs = [linear_multistep_coeff(cur_order, s, i, j) for j in range(cur_order)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))
+        (c, diff), *rest = [
+            (linear_multistep_coeff(cur_order, s, i, j) / sigma_j, diff)
+            for j, (sigma_j, diff) in enumerate(reversed(ds))
+        ]
+        x = torch.add(x, diff, alpha=c)
+        for c, diff in rest:
+            x.add_(diff, alpha=c)
     return x
 
 
@@ -275,16 +296,16 @@ def sample_dpmpp_2s_ancestral(
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
         _report(callback, i, x, s[i], s[i], denoised)
         if sigma_down == 0:
-            x = x + to_d(x, s[i], denoised) * (sigma_down - s[i])
+            x = euler_step(x, s[i], denoised, sigma_down)
         else:
             # Half step in log-sigma (t = -log sigma), then the full step from the midpoint's x0.
+            # The DPM-Solver++ first-order update (sigma'/sigma) x - expm1(-h) x0 is the Euler step.
             sigma_mid = (s[i] * sigma_down) ** 0.5
-            h = math.log(s[i] / sigma_down)
-            x_2 = (sigma_mid / s[i]) * x - math.expm1(-h / 2) * denoised
+            x_2 = euler_step(x, s[i], denoised, sigma_mid)
             denoised_2 = _call(model, x_2, sigma_mid, extra_args)
-            x = (sigma_down / s[i]) * x - math.expm1(-h) * denoised_2
+            x = euler_step(x, s[i], denoised_2, sigma_down)
         if s[i + 1] > 0:
-            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * sigma_up)
     return x
 
 
@@ -319,21 +340,20 @@ def sample_dpmpp_sde(
         denoised = _call(model, x, s[i], extra_args)
         _report(callback, i, x, s[i], s[i], denoised)
         if s[i + 1] == 0:
-            x = x + to_d(x, s[i], denoised) * (s[i + 1] - s[i])
+            x = euler_step(x, s[i], denoised, s[i + 1])
             continue
         h = math.log(s[i] / s[i + 1])
         sigma_s = s[i] * math.exp(-h * r)
         # Step 1: ancestral step to the intermediate level sigma_s.
         sd, su = get_ancestral_step(s[i], sigma_s, eta)
-        x_2 = (sd / s[i]) * x - math.expm1(math.log(sd / s[i])) * denoised
-        x_2 = x_2 + noise_sampler(s[i], sigma_s) * (s_noise * su)
+        x_2 = euler_step(x, s[i], denoised, sd)
+        x_2 = torch.add(x_2, noise_sampler(s[i], sigma_s), alpha=s_noise * su)
         denoised_2 = _call(model, x_2, sigma_s, extra_args)
         # Step 2: ancestral step to sigma_next with the blended x0 estimate.
         sd, su = get_ancestral_step(s[i], s[i + 1], eta)
         fac = 1 / (2 * r)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (sd / s[i]) * x - math.expm1(math.log(sd / s[i])) * denoised_d
-        x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * su)
+        x = euler_step(x, s[i], torch.lerp(denoised, denoised_2, fac), sd)
+        x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * su)
     return x
 
 
@@ -352,14 +372,14 @@ def sample_dpmpp_2m(
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
         _report(callback, i, x, s[i], s[i], denoised)
+        # The first-order update (sigma'/sigma) x - expm1(-h) x0 is the Euler step toward x0.
         if s[i + 1] == 0:
             x = denoised
         elif old_denoised is None:
-            x = (s[i + 1] / s[i]) * x - math.expm1(-math.log(s[i] / s[i + 1])) * denoised
+            x = euler_step(x, s[i], denoised, s[i + 1])
         else:
-            h = math.log(s[i] / s[i + 1])
-            r = math.log(s[i - 1] / s[i]) / h
-            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * denoised_d
+            r = math.log(s[i - 1] / s[i]) / math.log(s[i] / s[i + 1])
+            # (1 + 1/2r) denoised - (1/2r) old_denoised
+            x = euler_step(x, s[i], torch.lerp(denoised, old_denoised, -1 / (2 * r)), s[i + 1])
         old_denoised = denoised
     return x

@@ -25,6 +25,8 @@ from ldm.sampling.samplers import (
     Model,
     _call,
     _report,
+    euler_step,
+    linear_combination,
     sample_euler_ancestral,
     to_d,
     unseeded_noise_sampler,
@@ -71,17 +73,17 @@ def sample_plms(
         _report(callback, i, x, s[i], s[i], denoised)
         dt = s[i + 1] - s[i]
         if history:
+            # x + dt * (w0 d + w1 d_-1 + ...), the Adams-Bashforth combination
             weights = _PLMS_WEIGHTS[len(history) + 1]
-            d_prime = weights[0] * d
-            for w, old in zip(weights[1:], reversed(history), strict=True):
-                d_prime = d_prime + w * old
+            known = [d, *reversed(history)]
+            x = linear_combination([(1.0, x), *((w * dt, old) for w, old in zip(weights, known, strict=True))])
         elif s[i + 1] > 0:
             # Improved Euler for the first step: average eps at both ends.
-            x_2 = x + d * dt
-            d_prime = (d + to_d(x_2, s[i + 1], _call(model, x_2, s[i + 1], extra_args))) / 2
+            x_2 = euler_step(x, s[i], denoised, s[i + 1])
+            d_2 = to_d(x_2, s[i + 1], _call(model, x_2, s[i + 1], extra_args))
+            x = linear_combination([(1.0, x), (dt / 2, d), (dt / 2, d_2)])
         else:
-            d_prime = d
-        x = x + d_prime * dt
+            x = euler_step(x, s[i], denoised, s[i + 1])
         history = [*history[-2:], d]
     return x
 
@@ -105,10 +107,14 @@ def sample_ddpm(
         sigma, sigma_next = s[i], s[i + 1]
         a, a_next = 1 / (sigma**2 + 1), 1 / (sigma_next**2 + 1)
         alpha = a / a_next  # the product of (1 - beta) over the skipped timesteps
-        eps = (x - denoised) / sigma
-        x_vp = x * a**0.5
-        x = (x_vp - eps * ((1 - alpha) / (1 - a) ** 0.5)) / alpha**0.5
+        # In DDPM's variance-preserving terms: x_vp' = (sqrt(a) x - (1 - alpha) / sqrt(1 - a) eps) / sqrt(alpha)
+        # + std noise, with eps = (x - denoised) / sigma; back to sigma space over sqrt(a_next). Linear in
+        # x, denoised and the noise, so it is one weighted sum.
+        eps_scale = (1 - alpha) / (1 - a) ** 0.5 / sigma
+        out_scale = 1 / a_next**0.5 if sigma_next > 0 else 1.0
+        terms = [((a**0.5 - eps_scale) / alpha**0.5 * out_scale, x), (eps_scale / alpha**0.5 * out_scale, denoised)]
         if sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * ((1 - alpha) * (1 - a_next) / (1 - a)) ** 0.5
-            x = x / a_next**0.5
+            std = ((1 - alpha) * (1 - a_next) / (1 - a)) ** 0.5
+            terms.append((std * out_scale, noise_sampler(sigma, sigma_next)))
+        x = linear_combination(terms)
     return x

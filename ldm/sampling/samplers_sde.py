@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 
 from ldm.sampling.noise import NoiseSampler
-from ldm.sampling.samplers import Callback, Model, _brownian, _call, _report, unseeded_noise_sampler
+from ldm.sampling.samplers import (
+    Callback,
+    Model,
+    _brownian,
+    _call,
+    _report,
+    linear_combination,
+    unseeded_noise_sampler,
+)
 
 
 @torch.no_grad()
@@ -42,17 +50,18 @@ def sample_dpmpp_2m_sde(
             h = math.log(s[i] / s[i + 1])
             eta_h = eta * h
             phi = -math.expm1(-h - eta_h)
-            x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + phi * denoised
+            # x' = a x + phi denoised + c (denoised - old_denoised) + noise, as one weighted sum
+            c = 0.0
             if old_denoised is not None:
                 r = h_last / h
-                if solver_type == "heun":
-                    x = x + ((phi / (-h - eta_h) + 1) / r) * (denoised - old_denoised)
-                else:
-                    x = x + (0.5 * phi / r) * (denoised - old_denoised)
+                c = ((phi / (-h - eta_h) + 1) / r) if solver_type == "heun" else (0.5 * phi / r)
+            terms = [(s[i + 1] / s[i] * math.exp(-eta_h), x), (phi + c, denoised)]
+            if c:
+                terms.append((-c, old_denoised))
             if eta:
-                x = x + noise_sampler(s[i], s[i + 1]) * (
-                    s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
-                )
+                noise_scale = s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
+                terms.append((noise_scale, noise_sampler(s[i], s[i + 1])))
+            x = linear_combination(terms)
         old_denoised, h_last = denoised, h
     return x
 
@@ -84,22 +93,28 @@ def sample_dpmpp_3m_sde(
         else:
             h = math.log(s[i] / s[i + 1])
             h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1
+            # k-diffusion's x' = exp(-h_eta) x - expm1(-h_eta) denoised + phi_2 d1 - phi_3 d2, with
+            # d1 = d1_0 + q (d1_0 - d1_1), d2 = (d1_0 - d1_1) / (r0 + r1), d1_0 = (denoised - denoised_1) / r0,
+            # d1_1 = (denoised_1 - denoised_2) / r1: expanded into one weighted sum of x and the three x0s.
+            c0 = c1 = 0.0  # the weights of d1_0 and d1_1
+            r0 = r1 = 1.0
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                q, phi_3 = r0 / (r0 + r1), phi_2 / h_eta - 0.5
+                c0 = phi_2 * (1 + q) - phi_3 / (r0 + r1)
+                c1 = -phi_2 * q + phi_3 / (r0 + r1)
             elif h_1 is not None:
-                x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
+                r0, c0 = h_1 / h, phi_2
+            terms = [(math.exp(-h_eta), x), (-math.expm1(-h_eta) + c0 / r0, denoised)]
+            if h_1 is not None:
+                terms.append((-c0 / r0 + c1 / r1, denoised_1))
+            if h_2 is not None:
+                terms.append((-c1 / r1, denoised_2))
             if eta:
-                x = x + noise_sampler(s[i], s[i + 1]) * (
-                    s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise
-                )
+                noise_scale = s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise
+                terms.append((noise_scale, noise_sampler(s[i], s[i + 1])))
+            x = linear_combination(terms)
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -124,5 +139,5 @@ def sample_lcm(
         _report(callback, i, x, s[i], s[i], denoised)
         x = denoised
         if s[i + 1] > 0:
-            x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1]
+            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s[i + 1])
     return x

@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.sampling.samplers import Callback, Model, _call, _report
+from ldm.sampling.samplers import Callback, Model, _call, _report, linear_combination
 
 
-def _combine(terms: list[tuple[float, Tensor]]) -> Tensor:
-    """sum(coefficient * tensor), one fused multiply-add per term."""
-    (c0, t0), *rest = terms
-    out = t0 * c0
-    for c, tensor in rest:
-        out.add_(tensor, alpha=c)
-    return out
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve the small (at most 3x3) system a x = b by Gaussian elimination with partial pivoting:
+    plain floats, as numpy's call overhead would cost more than the arithmetic at every step."""
+    n = len(b)
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            m[r] = [v - f * p for v, p in zip(m[r], m[col], strict=True)]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
 
 
 def _update(
@@ -49,11 +56,11 @@ def _update(
     hh = -h
     h_phi_1 = math.expm1(hh)
     b_h = hh if variant == "bh1" else math.expm1(hh)
-    rks = np.array([*ratios, 1.0])
+    rks = [*ratios, 1.0]
     rows, b = [], []
     h_phi_k, factorial = h_phi_1 / hh - 1, 1
     for i in range(1, order + 1):
-        rows.append(rks ** (i - 1))
+        rows.append([r ** (i - 1) for r in rks])
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
@@ -61,17 +68,17 @@ def _update(
         if not older:
             rhos = []
         else:
-            rhos = [0.5] if order == 2 else np.linalg.solve(np.stack(rows)[:-1, :-1], b[:-1]).tolist()
+            rhos = [0.5] if order == 2 else _solve([row[:-1] for row in rows[:-1]], b[:-1])
         rho_t = 0.0
     else:
-        rhos = [0.5] if order == 1 else np.linalg.solve(np.stack(rows), b).tolist()
+        rhos = [0.5] if order == 1 else _solve(rows, b)
         rhos, rho_t = rhos[:-1], rhos[-1]
     weights = [-b_h * rho / r for rho, r in zip(rhos, ratios, strict=True)]
     terms = [(sigma_t / sigma_s, x), (-h_phi_1 - sum(weights) + b_h * rho_t, m0)]
     terms += [(w, m_i) for w, (_, m_i) in zip(weights, older, strict=True)]
     if model_t is not None:
         terms.append((-b_h * rho_t, model_t))
-    return _combine(terms)
+    return linear_combination(terms)
 
 
 @torch.no_grad()
