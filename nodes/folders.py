@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ class FolderPaths:
     temp_dir: Path | None = None
     # Models shipped with the project (the demo checkpoint), searched last; None hides them.
     bundled_models: Path | None = ASSETS / "models"
+    # list_models' answers, each with the modification times of the folders it read (see there).
+    _listings: dict[tuple, tuple[dict[str, int | None], list[str]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def output(self) -> Path:
@@ -59,17 +63,32 @@ class FolderPaths:
             shutil.copy2(example, self.input / example.name)
 
     def list_models(self, kind: str) -> list[str]:
-        """Relative file names (with sub-folders) of the models of one kind, sorted, without duplicates."""
+        """Relative file names (with sub-folders) of the models of one kind, sorted, without duplicates.
+
+        Every queued workflow lists the folders its combo inputs name, so the answer is kept with the
+        modification time of each folder it walked: a file added, removed or renamed anywhere below
+        changes its folder's time, and only then is the tree walked again.
+        """
+        folders = self.model_dirs(kind)
+        key = (kind, tuple(folders))
+        cached = self._listings.get(key)
+        if cached is not None and all(_mtime(folder) == seen for folder, seen in cached[0].items()):
+            return list(cached[1])
         suffixes = MODEL_KINDS.get(kind, (".safetensors",))
+        mtimes: dict[str, int | None] = {}
         names: set[str] = set()
-        for folder in self.model_dirs(kind):
-            if folder.is_dir():
+        for folder in folders:
+            mtimes[str(folder)] = _mtime(str(folder))
+            for directory, _, files in os.walk(folder, followlinks=True):
+                mtimes[directory] = _mtime(directory)
                 names.update(
-                    p.relative_to(folder).as_posix()
-                    for p in folder.rglob("*")
-                    if p.suffix.lower() in suffixes and p.is_file()
+                    Path(directory, name).relative_to(folder).as_posix()
+                    for name in files
+                    if Path(name).suffix.lower() in suffixes and os.path.isfile(os.path.join(directory, name))
                 )
-        return sorted(names)
+        listing = sorted(names)
+        self._listings[key] = (mtimes, listing)
+        return list(listing)
 
     def find_model(self, kind: str, name: str) -> Path | None:
         """The file a combo value names, or None. Names never escape the model folders."""
@@ -90,6 +109,13 @@ class FolderPaths:
             folders = [folders] if isinstance(folders, str) else folders
             base = Path(config_file).parent
             self.extra_model_paths.setdefault(kind, []).extend((base / Path(f).expanduser()) for f in folders)
+
+
+def _mtime(folder: str) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
 
 
 _paths = FolderPaths()
