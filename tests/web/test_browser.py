@@ -67,12 +67,21 @@ def page(browser, server):
     assert not errors, errors
 
 
-def drag(page, start, end):
+def drag(page, start, end, hover=None):
+    """Drag from `start` to `end`; `hover(page)` runs while the button is still down over `end`."""
     page.mouse.move(*start)
     page.mouse.down()
     page.mouse.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=5)
     page.mouse.move(*end, steps=5)
+    if hover is not None:
+        hover(page)
     page.mouse.up()
+
+
+def outlined_widget(page):
+    """The widget the editor outlines under a dragged link, after the next frame: {node, widget, fits} or None."""
+    page.evaluate("loom.editor.canvas.draw(true, true)")
+    return page.evaluate("loom.editor.canvas.highlighted_widget")
 
 
 def test_default_graph_edit_queue_and_see_the_image(page, server, tmp_path):
@@ -456,8 +465,16 @@ def test_drop_a_link_on_a_widget_converts_it_or_says_why_not(page, server, tmp_p
     page.click(".library-item[data-type=PrimitiveInt]")
     primitive = page.evaluate("""() => { const p = loom.editor.graph._nodes.at(-1); p.pos = [330, 620];
         loom.editor.fitView(); return p.id; }""")
+    seen = {}
+
+    def over_seed(page):  # while the link hangs over the widget it is outlined, green: the type fits
+        seen["outline"] = outlined_widget(page)
+        page.screenshot(path=ARTIFACTS / "editor-link-over-widget.png")
+
     drag(page, page.evaluate(f"loom.editor.screenPos({primitive}, 'output', 0)"),
-         page.evaluate("loom.editor.screenPos(3, 'widget', 'seed')"))
+         page.evaluate("loom.editor.screenPos(3, 'widget', 'seed')"), hover=over_seed)
+    assert seen["outline"] == {"node": 3, "widget": "seed", "fits": True}
+    assert outlined_widget(page) is None  # gone once the link is dropped
     seed = page.evaluate("""() => { const k = loom.editor.node(3); const i = k.inputs.find(i => i.name === 'seed');
         return [i.type, i.widget.name, loom.editor.graph.links[i.link].origin_id,
                 k.widgets.find(w => w.name === 'seed').type]; }""")
@@ -471,8 +488,13 @@ def test_drop_a_link_on_a_widget_converts_it_or_says_why_not(page, server, tmp_p
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}, "_meta": {"pos": [740, 80]}},
         "4": {"class_type": "PrimitiveString", "inputs": {"value": "seven"}, "_meta": {"pos": [40, 260]}}})
     # A STRING on an INT widget is refused, and the editor says why.
+    def over_a(page):
+        seen["outline"] = outlined_widget(page)
+        page.screenshot(path=ARTIFACTS / "editor-link-over-widget-refused.png")
+
     drag(page, page.evaluate("loom.editor.screenPos(4, 'output', 0)"),
-         page.evaluate("loom.editor.screenPos(2, 'widget', 'a')"))
+         page.evaluate("loom.editor.screenPos(2, 'widget', 'a')"), hover=over_a)
+    assert seen["outline"] == {"node": 2, "widget": "a", "fits": False}
     page.wait_for_selector(".toast.error:has-text('cannot connect STRING to a: it takes INT')")
     assert page.evaluate("loom.editor.node(2).inputs.length") == 0
     assert page.evaluate("Object.keys(loom.editor.graph.links).length") == 1

@@ -37,12 +37,45 @@ function dropLink(canvas, node, x, y) {
     if (!LiteGraph.isValidConnection(type, input.type)) refuse(type, input.name, input.type);
     return false;
   }
-  const widget = convertibleWidgetAt(node, x, y);
-  if (!widget) return false;
-  const target = socketType(node, widget.name);
-  if (!LiteGraph.isValidConnection(type, target)) refuse(type, widget.name, target);
-  else linkToWidget(canvas.connecting_node, canvas.connecting_slot, node, widget);
+  const target = widgetTarget(canvas, node, x, y);
+  if (!target) return false;
+  if (!target.fits) refuse(type, target.widget.name, socketType(node, target.widget.name));
+  else linkToWidget(canvas.connecting_node, canvas.connecting_slot, node, target.widget);
   return true;
+}
+
+// The widget of `node` at graph position (x, y) that the link being dragged would be dropped on, and whether its
+// type fits; null over an input socket (litegraph's own drop) or anything else.
+function widgetTarget(canvas, node, x, y) {
+  if (canvas.isOverNodeInput(node, x, y) !== -1) return null;
+  const widget = convertibleWidgetAt(node, x, y);
+  if (!widget) return null;
+  return { widget, fits: LiteGraph.isValidConnection(canvas.connecting_output.type, socketType(node, widget.name)) };
+}
+
+// While a link is dragged over a widget, outline the widget: green where dropping converts and links it, red where
+// the type does not fit (the drop then says why). Drawn in graph space, above the nodes.
+function highlightWidgetTargets(canvas) {
+  const previous = canvas.onDrawForeground;
+  canvas.onDrawForeground = function (ctx, visibleArea) {
+    if (previous) previous.call(this, ctx, visibleArea);
+    this.highlighted_widget = null; // what is outlined, for the browser tests
+    if (!this.connecting_output) return;
+    const [x, y] = this.graph_mouse;
+    const node = this.graph.getNodeOnPos(x, y, this.visible_nodes);
+    const target = node && node !== this.connecting_node && widgetTarget(this, node, x, y);
+    if (!target) return;
+    const { widget, fits } = target;
+    const height = widget.computeSize ? widget.computeSize(node.size[0])[1] : LiteGraph.NODE_WIDGET_HEIGHT;
+    ctx.save();
+    ctx.strokeStyle = fits ? "#6c6" : "#e55";
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    ctx.roundRect(node.pos[0] + 12, node.pos[1] + widget.last_y - 2, node.size[0] - 24, height + 4, 6);
+    ctx.stroke();
+    ctx.restore();
+    this.highlighted_widget = { node: node.id, widget: widget.name, fits };
+  };
 }
 
 function refuse(type, name, target) {
@@ -56,6 +89,7 @@ class Editor {
     const element = document.getElementById("graph");
     this.canvas = new LGraphCanvas(null, this.graph); // its <canvas> comes after our mouse handler
     handleLinkDrops(this.canvas);
+    highlightWidgetTargets(this.canvas);
     this.canvas.setCanvas(element);
     this.canvas.allow_searchbox = true;
     this.canvas.show_info = false;
