@@ -295,23 +295,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(listen=args.listen, port=args.port, token=args.token or os.environ.get("LOOM_TOKEN"),
                           data_dir=args.data_dir or paths.base / "user", history_cap=args.history_cap,
                           max_upload_bytes=args.max_upload_mb * 1024 * 1024, allowed_origins=args.allow_origin,
-                          ray=_ray_options(args, paths))
+                          ray=_ray_options(args, paths), worker_process=_process_spec(args, paths))
     run_server(config, registry, paths)
     return EXIT_OK
+
+
+def _registry_factory(args: argparse.Namespace, paths: Any) -> Any:
+    """What builds this engine's node types again in a worker process (picklable: a function or a partial)."""
+    import functools
+
+    from nodes.plugins import engine_registry
+    from nodes.registry import builtin_registry
+
+    folders = plugin_folders(args, paths)
+    return builtin_registry if folders is None else functools.partial(engine_registry, folders)
+
+
+def _process_spec(args: argparse.Namespace, paths: Any) -> Any:
+    """`--workers local` (the default): the web.runner.WorkerSpec of the child process that runs the prompts."""
+    if args.workers != "local" or args.ray_address is not None:
+        return None
+    from executor.devices import default_options
+    from web.runner import WorkerSpec
+
+    return WorkerSpec(paths=paths, registry=_registry_factory(args, paths), threads=None, options=default_options())
 
 
 def _ray_options(args: argparse.Namespace, paths: Any) -> Any:
     """`--workers ray` settings (web.ray_pool.RayOptions), or None to run prompts in this process."""
     if args.workers != "ray" and args.ray_address is None:
         return None
-    import functools
-
     try:
         from web.ray_pool import RayOptions
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
-    from nodes.plugins import engine_registry
-
     for name in ("ray_workers", "ray_cpus_per_worker", "ray_max_attempts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
@@ -319,7 +336,7 @@ def _ray_options(args: argparse.Namespace, paths: Any) -> Any:
         raise SystemExit("--ray-gpus-per-worker must not be negative")
     return RayOptions(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
                       gpus_per_worker=args.ray_gpus_per_worker, max_attempts=args.ray_max_attempts,
-                      registry=functools.partial(engine_registry, plugin_folders(args, paths)))
+                      registry=_registry_factory(args, paths))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=50, help="largest accepted upload")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin (e.g. https://example.org) allowed to call the API; repeatable")
-    p.add_argument("--workers", choices=["local", "ray"], default="local",
-                   help="where prompts run: a thread of this process (default), or a pool of Ray workers")
+    p.add_argument("--workers", choices=["local", "thread", "ray"], default="local",
+                   help="where prompts run: a child process (default), a thread of the server's process (one "
+                        "process to debug), or a pool of Ray workers")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (e.g. auto or HEAD:6379; implies --workers ray); without it "
                         "--workers ray starts a local Ray instance")

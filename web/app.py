@@ -13,6 +13,7 @@ from nodes.registry import NodeRegistry
 from web import files, history, info, prompts, workers, workflows, ws
 from web.dispatch import Dispatcher
 from web.http import json_errors
+from web.process_worker import ProcessWorker
 from web.security import guard
 from web.state import STATE, Database, ServerConfig, ServerState
 from web.store import QueueStore
@@ -56,12 +57,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def _dispatcher(state: ServerState) -> Dispatcher:
-    """The single-process worker, or the Ray pool when the config asks for one (Ray is imported only then)."""
-    if state.config.ray is None:
-        return Worker(state)
-    from web.ray_pool import RayPool
+    """The Ray pool (Ray is imported only then), the child-process worker, or the thread worker, as configured."""
+    if state.config.ray is not None:
+        from web.ray_pool import RayPool
 
-    return RayPool(state, state.config.ray)
+        return RayPool(state, state.config.ray)
+    if state.config.worker_process is not None:
+        return ProcessWorker(state, state.config.worker_process)
+    return Worker(state)
 
 
 def create_app(config: ServerConfig, registry: NodeRegistry, paths: FolderPaths | None = None) -> web.Application:

@@ -21,7 +21,7 @@ from typing import Any
 from nodes.registry import NodeRegistry, builtin_registry
 from web.affinity import prompt_models
 from web.dispatch import Dispatcher, Run, StartError
-from web.ray_runner import Outcome, PromptRunner, WorkerSpec
+from web.runner import Outcome, PromptRunner, WorkerSpec
 from web.state import ServerState
 from web.store import MAX_ATTEMPTS, PromptRecord
 

@@ -47,8 +47,10 @@ class ServerConfig:
     preview_interval_s: float = 0.25
     status_interval_s: float = 0.05
     workflows_dir: Path = EXAMPLE_WORKFLOWS
-    # web.ray_pool.RayOptions to run prompts on a Ray cluster; None runs them on a thread of this process.
+    # Where prompts run: web.ray_pool.RayOptions for a Ray cluster; else a web.runner.WorkerSpec for a child
+    # process (web.process_worker, what `main.py serve` does); else a thread of this process.
     ray: Any = None
+    worker_process: Any = None
 
     @property
     def loopback_only(self) -> bool:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_server_and_the_command_line_do_not_import_ray():
-    code = ("import sys; import main, web.app, web.serve, web.worker, web.dispatch, web.ray_runner; "
+    code = ("import sys; import main, web.app, web.serve, web.worker, web.dispatch, web.runner; "
             "main.build_parser().parse_args(['serve']); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

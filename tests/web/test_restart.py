@@ -113,6 +113,21 @@ class Server:
         self.log.close()
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by whoever adopted it, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def wait_for(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -130,7 +145,10 @@ def test_sigkill_during_a_run_loses_nothing(tmp_path):
         killed_id = server.call("/prompt", {"prompt": long_run})["prompt_id"]
         queued_id = server.call("/prompt", {"prompt": ADD})["prompt_id"]
         wait_for(lambda: marker.exists() and marker.read_text().count("start") == 1)
+        [worker] = server.call("/workers")["workers"]
+        assert worker["pid"] != server.proc.pid  # prompts run in a child process
         server.kill()
+        assert wait_for(lambda: not alive(worker["pid"]), timeout=10), "the worker process outlived its server"
 
         # First restart: the prompt that was running runs again (first in line), the queued one waits.
         server = Server(tmp_path)

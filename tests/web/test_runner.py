@@ -1,4 +1,4 @@
-"""The body of a Ray worker (web.ray_runner.PromptRunner), driven directly in this process: no Ray needed."""
+"""The body of a Ray worker (web.runner.PromptRunner), driven directly in this process: no Ray needed."""
 
 import pickle
 
@@ -8,7 +8,7 @@ from executor import events as ev
 from nodes.folders import FolderPaths, set_paths
 from tests.web.conftest import slow_prompt
 from tests.web.pack import web_registry
-from web.ray_runner import Outcome, PromptRunner, WorkerSpec
+from web.runner import Outcome, PromptRunner, WorkerSpec
 
 
 @pytest.fixture

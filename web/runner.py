@@ -1,6 +1,6 @@
-"""The body of one Ray worker: the same executor as the server's own worker, on the device Ray gave it.
+"""The body of one worker process: the same executor as the server's thread worker, on the device it was given.
 
-A plain class (web.ray_pool wraps it as a Ray actor), so it imports and can be read without Ray.
+A plain class: web.ray_pool wraps it as a Ray actor, web.process_worker drives it in a child process.
 `run` is a generator: Ray streams each yielded batch of events back to the server as it is made,
 and the last batch ends with the run's `Outcome`.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from executor import events as ev
+from executor.devices import EngineOptions, set_default_options
 from executor.executor import Executor, RunResult
 from executor.services import Services
 from nodes.folders import FolderPaths, set_paths
@@ -51,8 +52,9 @@ class WorkerSpec:
 
     paths: FolderPaths
     registry: Callable[[], NodeRegistry]
-    threads: int = 1
+    threads: int | None = 1  # torch's CPU threads; None leaves torch's default (all cores)
     preview_interval_s: float = 0.25
+    options: EngineOptions | None = None  # the device options of the command line (--lowvram, ...)
 
 
 def _slim(result: RunResult) -> RunResult:
@@ -66,11 +68,14 @@ class PromptRunner:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        torch.set_num_threads(max(1, spec.threads))
+        if spec.threads is not None:
+            torch.set_num_threads(max(1, spec.threads))
+        if spec.options is not None:
+            set_default_options(spec.options)
         set_paths(spec.paths)
         self.spec = spec
         self.registry = spec.registry()
-        self.executor = Executor(self.registry, services=Services.create(spec.paths))
+        self.executor = Executor(self.registry, services=Services.create(spec.paths, options=spec.options))
         self._interrupt = threading.Event()
         self._lock = threading.Lock()
         self._running: str | None = None
