@@ -120,6 +120,7 @@ class ProcessWorker(Dispatcher):
         self.deaths = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._starting: Child | None = None  # the latest child started (it may still be loading)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -149,14 +150,15 @@ class ProcessWorker(Dispatcher):
     async def stop(self) -> None:
         self._stopping = True
         self.interrupt(None)
+        self._wake.set()  # an idle loop sees _stopping and ends
         if self._task is not None:
             try:  # an interrupted run ends soon and is put back in the queue (Dispatcher.finish)
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=STOP_TIMEOUT_S)
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-        if self.child is not None:
-            await self.child.close()
+        for child in {self.child, self._starting} - {None}:
+            await child.close()
 
     # -- running prompts -----------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class ProcessWorker(Dispatcher):
 
     async def _start_child(self) -> bool:
         """Start a child and wait until it has loaded the engine (the prompts wait in the queue meanwhile)."""
-        child = Child(self.spec, asyncio.get_running_loop())
+        child = self._starting = Child(self.spec, asyncio.get_running_loop())
         while (message := await child.inbox.get()) is not None:
             if message[0] == "ready":
                 self.child, self.info = child, message[1]
