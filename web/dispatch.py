@@ -1,9 +1,9 @@
 """What every way of running queued prompts shares: waiters, events turned into messages, finishing a run.
 
-The single-process worker (web.worker) and the Ray pool (web.ray_pool) differ only in where the
-executor runs. Both hand each executor event (or encoded preview frame) to `Dispatcher.deliver` and
-end each run with `Dispatcher.finish`, so the websocket messages and the history entries are made in
-one place and a client cannot tell the two apart.
+The thread worker (web.worker), the process worker (web.process_worker) and the Ray pool
+(web.ray_pool) differ only in where the executor runs. Each hands every executor event (or encoded
+preview frame) to `Dispatcher.deliver` and ends each run with `Dispatcher.finish`, so the websocket
+messages and the history entries are made in one place and a client cannot tell them apart.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Runs queued prompts one at a time on a thread of the server process: the embedded default."""
+"""Runs queued prompts one at a time on a thread of the server process (`main.py serve --workers thread`)."""
 
 from __future__ import annotations
 
