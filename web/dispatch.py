@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ from nodes.registry import NodeRegistry
 from web.previews import Throttle
 from web.state import ServerState
 from web.store import PromptRecord
+
+log = logging.getLogger("loom.web")
 
 # Events kept in a history entry's `status.messages`, as ComfyUI keeps them.
 RECORDED = {"execution_start", "execution_cached", "execution_success", "execution_error", "execution_interrupted"}
@@ -129,6 +132,18 @@ class Dispatcher(abc.ABC):
         """Return a prompt stopped by a clean shutdown to the queue, not counting that attempt."""
         db = self.state.db
         await db.call(db.store.requeue, run.record.id)
+
+    async def worker_died(self, run: Run, reason: str, max_attempts: int) -> None:
+        """The worker running `run` died: put the prompt back in the queue, or fail it with `reason` once it
+        has been started `max_attempts` times."""
+        record, db = run.record, self.state.db
+        log.warning("%s: %s (attempt %d of %d)", record.id, reason, record.attempts, max_attempts)
+        if record.attempts >= max_attempts:
+            message = f"{reason} (started {record.attempts} times); not run again"
+            await self.finish(run, None, {"type": "WorkerDied", "message": message})
+        else:
+            await db.call(db.store.retry, record.id, reason)
+            self.state.queue_changed()
 
     async def finish(self, run: Run, result: RunResult | None, problem: dict[str, Any] | None) -> None:
         """Store the run in the history, tell the client, answer the waiters."""

@@ -225,16 +225,8 @@ class ProcessWorker(Dispatcher):
         await self.finish(run, outcome.result, outcome.problem)
 
     async def _lost(self, run: Run) -> None:
-        """The child died during the run: put the prompt back, or fail it when it has been started enough."""
-        record, db = run.record, self.state.db
-        self.current, self.child = None, None
-        self.deaths += 1
+        """The child died during the run: it is replaced, and the prompt put back or failed (Dispatcher)."""
         reason = f"the worker process (pid {self.info.get('pid')}) died while running this prompt"
-        self.info = {}
-        log.warning("%s: %s (attempt %d of %d)", record.id, reason, record.attempts, self.max_attempts)
-        if record.attempts >= self.max_attempts:
-            await self.finish(run, None, {"type": "WorkerDied",
-                                          "message": f"{reason} (started {record.attempts} times); not run again"})
-        else:
-            await db.call(db.store.retry, record.id, reason)
-            self.state.queue_changed()
+        self.current, self.child, self.info = None, None, {}
+        self.deaths += 1
+        await self.worker_died(run, reason, self.max_attempts)

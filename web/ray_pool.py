@@ -248,18 +248,11 @@ class RayPool(Dispatcher):
 
     async def _lost(self, slot: Slot, run: Run, exc: RayActorError) -> None:
         """The worker died during the run: put the prompt back, or fail it when it has been started enough."""
-        record, db = run.record, self.state.db
         slot.run, slot.state, slot.held = None, "recovering", frozenset()
         slot.deaths += 1
-        reason = f"worker {slot.name} (pid {slot.pid} on {slot.node}) died while running this prompt"
-        log.warning("%s: %s (attempt %d of %d)", record.id, reason, record.attempts, self.options.max_attempts)
         log.debug("Ray says: %s", exc)
-        if record.attempts >= self.options.max_attempts:
-            message = f"{reason} (started {record.attempts} times); not run again"
-            await self.finish(run, None, {"type": "WorkerDied", "message": message})
-        else:
-            await db.call(db.store.retry, record.id, reason)
-            self.state.queue_changed()
+        reason = f"worker {slot.name} (pid {slot.pid} on {slot.node}) died while running this prompt"
+        await self.worker_died(run, reason, self.options.max_attempts)
         self._chore(self._await_ready(slot))
         self.wake()
 

@@ -4,25 +4,20 @@ One server and its worker process serve the module, in file order (starting a ch
 is the slow part). Nothing is timed; waits are generous for a loaded 2-core machine.
 """
 
-import asyncio
-import inspect
-import json
 import os
 import signal
 
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
 
 from nodes.folders import FolderPaths, set_paths
 from tests.web.conftest import ADD, slow_prompt
+from tests.web.live import collect_run, history_of, marker, queue, shape, start, until
 from tests.web.pack import web_registry
-from web.app import create_app
 from web.runner import WorkerSpec
 from web.state import STATE, ServerConfig
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-WAIT_S = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +26,6 @@ def folders(tmp_path_factory):
     set_paths(paths)
     yield paths
     set_paths(FolderPaths())
-
-
-async def start(config, folders):
-    client = TestClient(TestServer(create_app(config, web_registry(), folders)))
-    await client.start_server()
-    return client
 
 
 def config(folders, name="user", **options):
@@ -49,17 +38,6 @@ async def client(folders):
     client = await start(config(folders), folders)
     yield client
     await client.close()
-
-
-async def until(predicate, timeout=WAIT_S, what="the condition"):
-    async with asyncio.timeout(timeout):
-        while True:
-            value = predicate()
-            if inspect.isawaitable(value):
-                value = await value
-            if value:
-                return value
-            await asyncio.sleep(0.05)
 
 
 async def worker(client):
@@ -76,44 +54,6 @@ async def _idle(client):
     return found if found["state"] == "idle" else None
 
 
-async def queue(client, prompt, **extra):
-    resp = await client.post("/prompt", json={"prompt": prompt, **extra})
-    assert resp.status == 200, await resp.text()
-    return (await resp.json())["prompt_id"]
-
-
-async def history_of(client, ids):
-    async def check():
-        history = await (await client.get("/history")).json()
-        return history if all(i in history for i in ids) else None
-
-    return await until(check, what=f"{len(ids)} prompts in the history")
-
-
-def marker(path, seconds):
-    return {"1": {"class_type": "Marker", "inputs": {"path": str(path), "seconds": seconds}}}
-
-
-async def collect_run(client, prompt, sid):
-    """Queue `prompt` as client `sid` and gather its websocket messages until it ends, and its preview frames."""
-    async with client.ws_connect(f"/ws?clientId={sid}") as ws:
-        await ws.receive_json()  # the status on connect
-        prompt_id = await queue(client, prompt, client_id=sid)
-        messages, frames = [], 0
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                msg = await ws.receive()
-                if msg.type != 1:  # TEXT
-                    frames += 1
-                    continue
-                item = msg.json()
-                if item["type"] == "status":
-                    continue
-                messages.append(item)
-                if item["type"] == "executing" and item["data"]["node"] is None:
-                    return prompt_id, messages, frames
-
-
 async def test_prompts_run_in_a_child_process_with_the_same_messages_as_on_a_thread(client, folders):
     found = await ready(client)
     assert found["pid"] != os.getpid() and found["device"] == "cpu"
@@ -125,10 +65,6 @@ async def test_prompts_run_in_a_child_process_with_the_same_messages_as_on_a_thr
         local_id, on_thread, thread_frames = await collect_run(threaded, slow_prompt(steps=4), "viewer")
     finally:
         await threaded.close()
-
-    def shape(messages, pid):
-        return [(m["type"], sorted(m["data"]), m["data"].get("node"), m["data"].get("value"))
-                for m in json.loads(json.dumps(messages).replace(pid, "ID"))]
 
     assert shape(in_child, prompt_id) == shape(on_thread, local_id)
     assert child_frames == thread_frames == 4

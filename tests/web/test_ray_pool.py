@@ -6,7 +6,6 @@ machine may take a while, but never changes what must happen.
 """
 
 import asyncio
-import inspect
 import json
 import os
 import signal
@@ -15,14 +14,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from aiohttp import WSMsgType
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from ldm.presets import make_checkpoint
 from nodes.folders import FolderPaths, set_paths
 from tests.web.conftest import ADD
+from tests.web.live import WAIT_S, collect_run, history_of, marker, queue, shape, start, until
 from tests.web.pack import web_registry
-from web.app import create_app
 from web.state import STATE, ServerConfig
 
 ray = pytest.importorskip("ray")
@@ -31,7 +29,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 from web.ray_pool import RayOptions  # noqa: E402  (needs Ray)
 
 TXT2IMG = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "txt2img.json").read_text())
-WAIT_S = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +48,6 @@ def folders(tmp_path_factory):
     set_paths(paths)
     yield paths
     set_paths(FolderPaths())
-
-
-async def start(config, folders):
-    client = TestClient(TestServer(create_app(config, web_registry(), folders)))
-    await client.start_server()
-    return client
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -84,38 +75,12 @@ async def workers(client):
     return (await (await client.get("/workers")).json())["workers"]
 
 
-async def until(predicate, timeout=WAIT_S, what="the condition"):
-    """Poll `predicate` (plain or async) until it answers something true; fails after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            value = predicate()
-            if inspect.isawaitable(value):
-                value = await value
-            if value:
-                return value
-            await asyncio.sleep(0.05)
-
-
 async def all_idle(client):
     async def check():
         found = await workers(client)
         return found if len(found) == 2 and all(w["state"] == "idle" for w in found) else None
 
     return await until(check, what="both workers started")
-
-
-async def queue(client, prompt, **extra):
-    resp = await client.post("/prompt", json={"prompt": prompt, **extra})
-    assert resp.status == 200, await resp.text()
-    return (await resp.json())["prompt_id"]
-
-
-async def history_of(client, ids):
-    async def check():
-        history = await (await client.get("/history")).json()
-        return history if all(i in history for i in ids) else None
-
-    return await until(check, what=f"{len(ids)} prompts in the history")
 
 
 def pool(client):
@@ -164,25 +129,6 @@ async def unloaded(client):
     return all(not w["held_models"] for w in await workers(client))
 
 
-async def collect_run(client, prompt, sid):
-    """Queue `prompt` for websocket client `sid`; its messages (without status) and binary frames, in order."""
-    async with client.ws_connect(f"/ws?clientId={sid}") as ws:
-        await ws.receive_json()
-        prompt_id = await queue(client, prompt, client_id=sid)
-        messages, frames = [], 0
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                msg = await ws.receive()
-                if msg.type == WSMsgType.BINARY:
-                    frames += 1
-                    continue
-                item = msg.json()
-                if item["type"] != "status":
-                    messages.append(item)
-                if item["type"] == "executing" and item["data"]["node"] is None:
-                    return prompt_id, messages, frames
-
-
 async def warm(client, seeds):
     """Run prompts at once (one per idle worker), so that the loader and text encoders are cached everywhere."""
     for body in await asyncio.gather(*(client.post("/prompt?wait=true", json={"prompt": txt2img(seed)})
@@ -205,16 +151,8 @@ async def test_progress_events_arrive_in_order_as_in_single_process_mode(client,
     finally:
         await local.close()
 
-    def shape(messages, pid):
-        return [(m["type"], sorted(m["data"]), m["data"].get("node"), m["data"].get("value"))
-                for m in json.loads(json.dumps(messages).replace(pid, "ID"))]
-
     assert shape(on_ray, prompt_id) == shape(in_process, local_id)
     assert ray_frames == local_frames == 6
-
-
-def marker(path, seconds):
-    return {"1": {"class_type": "Marker", "inputs": {"path": str(path), "seconds": seconds}}}
 
 
 async def test_interrupt_reaches_the_worker_running_that_prompt(client, tmp_path):
