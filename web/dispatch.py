@@ -76,6 +76,7 @@ class Dispatcher(abc.ABC):
         self.state = state
         self._waiters: dict[str, list[asyncio.Future[PromptRecord | None]]] = {}
         self._stopping = False
+        self._wake = asyncio.Event()
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -85,9 +86,9 @@ class Dispatcher(abc.ABC):
     async def stop(self) -> None:
         """Clean shutdown: interrupt the running prompts and put them back in the queue."""
 
-    @abc.abstractmethod
     def wake(self) -> None:
-        """A prompt was queued: look at the queue again."""
+        """A prompt was queued: look at the queue again (the dispatching loop waits on `_wake` when idle)."""
+        self._wake.set()
 
     @abc.abstractmethod
     def interrupt(self, prompt_id: str | None = None) -> bool:

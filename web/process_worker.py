@@ -118,15 +118,11 @@ class ProcessWorker(Dispatcher):
         self.info: dict[str, Any] = {}  # the child's pid, device and loaded models, from its answers
         self.prompts_run = 0
         self.deaths = 0
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._starting: Child | None = None  # the latest child started (it may still be loading)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         run = self.current

@@ -88,7 +88,6 @@ class RayPool(Dispatcher):
         # Prompt id -> the workers that started it, in order (the latest `history_cap` prompts).
         self.ran_on: OrderedDict[str, list[str]] = OrderedDict()
         self._owns_ray = False
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()  # waiting for workers to start, freeing memory
 
@@ -165,9 +164,6 @@ class RayPool(Dispatcher):
             await asyncio.to_thread(ray.shutdown)
 
     # -- the routes' calls -------------------------------------------------------------------------
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         matched = False

@@ -29,7 +29,6 @@ class Worker(Dispatcher):
         self.current: Run | None = None
         self.prompts_run = 0
         self._interrupt = threading.Event()
-        self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-worker")
         self._task: asyncio.Task[None] | None = None
         self._outbox: deque[tuple[Run, ev.Event | bytes]] = deque()
@@ -37,9 +36,6 @@ class Worker(Dispatcher):
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         run = self.current
