@@ -7,12 +7,14 @@ fp16 with an fp32 VAE where bf16 is missing), and for each measures, 20 euler st
 batch 1: UNet iterations per second (the sampling loop alone; one iteration is one batched cond +
 uncond UNet call), end-to-end seconds per image (text encoding, sampling, VAE decode) and peak GPU
 memory; the same for diffusers' pipeline holding the same weights (only one side's models are on the
-card at a time); ours with `torch.compile`; fp8 weights (memory, it/s, PSNR of the decoded images
-against ours in bf16/fp16 over three seeds); images per second at batch 1, 2 and 4.
+card at a time); ours with CUDA graphs (`ldm.cuda_graphs`), with channels-last and with `torch.compile`;
+fp8 weights (memory, it/s, PSNR of the decoded images against ours in bf16/fp16 over three seeds);
+images per second at batch 1, 2 and 4.
 
 Without CUDA (or with `--small`) the tiny presets run at 64 px instead, so the whole script can be
 checked on a CPU; compile is then off unless `--compile` asks. Optional parts are skipped once
-`--budget-s` seconds have passed. Prints one table, then one JSON object as the last line.
+`--budget-s` seconds have passed, and a part that fails is reported (table and JSON `errors`) without
+stopping the others. Prints one table, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import gc
 import json
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,7 @@ import torch
 
 from executor.devices import DeviceManager
 from ldm.compile import compiled_unet, forget_compiled
+from ldm.cuda_graphs import GraphedUNet
 from ldm.presets import PRESETS, randomize_
 from ldm.quant import quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, prepare_noise, sample
@@ -80,7 +84,7 @@ class Models:
     unet: UNetModel
     vae: AutoencoderKL
     te: Any
-    unet_fn: Callable[..., torch.Tensor] | None = None  # compiled forward, when measuring compile
+    unet_fn: Callable[..., torch.Tensor] | None = None  # compiled or graphed forward, when measuring those
 
     @property
     def runner(self) -> Callable[..., torch.Tensor]:
@@ -152,6 +156,9 @@ class Figures:
     image_s: float | None = None
     peak_gb: float | None = None
     its_compiled: float | None = None
+    its_graphs: float | None = None
+    graphs_max_diff: float | None = None
+    its_channels_last: float | None = None
     compile_s: float | None = None
     its_diffusers: float | None = None
     image_s_diffusers: float | None = None
@@ -162,6 +169,18 @@ class Figures:
     psnr_fp8: float | None = None
     images_per_s: dict[int, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def attempt(f: Figures, name: str, device: torch.device, fn: Callable[[], Any]) -> None:
+    """Run one part; a failure is printed and recorded, and the other parts still run (one GPU run
+    is all a session may get, so one broken part must not cost the rest)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the figures and the table
+        traceback.print_exc()
+        f.errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+        free(device)
 
 
 class Clock:
@@ -173,8 +192,7 @@ class Clock:
         return time.perf_counter() - self.began + reserve_s < self.budget_s
 
 
-def run_ours(models: Models, device: torch.device, f: Figures, steps: int, clock: Clock, compile_: bool,
-             ) -> dict[int, torch.Tensor]:
+def run_ours(models: Models, device: torch.device, f: Figures, steps: int) -> dict[int, torch.Tensor]:
     size = f.size
     with torch.inference_mode():
         ours_txt2img(models, 0, size, 2)  # warm-up: kernels, cuDNN autotuning
@@ -183,22 +201,57 @@ def run_ours(models: Models, device: torch.device, f: Figures, steps: int, clock
         f.image_s, _ = timed(device, lambda: ours_txt2img(models, 0, size, steps))
         f.peak_gb = peak_gb(device)
         reference = {seed: ours_txt2img(models, seed, size, steps) for seed in SEEDS}
+    return reference
+
+
+def run_variants(models: Models, device: torch.device, f: Figures, steps: int, clock: Clock,
+                 reference: dict[int, torch.Tensor]) -> None:
+    """CUDA graphs, channels-last and batches: each a few seconds."""
+    size = f.size
+
+    def graphs() -> None:
+        models.unet_fn = GraphedUNet(models.unet)
+        try:
+            image = ours_txt2img(models, SEEDS[0], size, steps)  # captures the graph
+            f.graphs_max_diff = float((image - reference[SEEDS[0]]).abs().max())
+            f.its_graphs = ours_its(models, device, size, steps)
+        finally:
+            models.unet_fn = None
+
+    def channels_last() -> None:
+        models.unet.to(memory_format=torch.channels_last)
+        try:
+            ours_latents(models, *[conditioning(models, [p], size) for p in (PROMPT, "")], 0, size, 2, 1)
+            f.its_channels_last = ours_its(models, device, size, steps)
+        finally:
+            models.unet.to(memory_format=torch.contiguous_format)
+
+    def batches() -> None:
+        for batch in (1, 2, 4):
+            seconds, _ = timed(device, lambda b=batch: ours_txt2img(models, 0, size, steps, b))
+            f.images_per_s[batch] = batch / seconds
+
+    with torch.inference_mode():
+        if device.type == "cuda":
+            attempt(f, "cuda graphs", device, graphs)
+            attempt(f, "channels-last", device, channels_last)
         if clock.left(30):
-            for batch in (1, 2, 4):
-                seconds, _ = timed(device, lambda b=batch: ours_txt2img(models, 0, size, steps, b))
-                f.images_per_s[batch] = batch / seconds
+            attempt(f, "batches", device, batches)
         else:
             f.skipped.append("batches")
-        if compile_ and clock.left(150 if size < 1024 else 240):  # SDXL compiles for minutes
-            models.unet_fn = compiled_unet(models.unet)
+
+
+def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -> None:
+    size = f.size
+    with torch.inference_mode():
+        models.unet_fn = compiled_unet(models.unet)
+        try:
             f.compile_s, _ = timed(device, lambda: ours_txt2img(models, 0, size, steps))
             f.its_compiled = ours_its(models, device, size, steps)
+        finally:
             models.unet_fn = None
             forget_compiled(models.unet)
             torch._dynamo.reset()
-        elif compile_:
-            f.skipped.append("compile")
-    return reference
 
 
 def run_fp8(models: Models, device: torch.device, f: Figures, steps: int, reference: dict[int, torch.Tensor]) -> None:
@@ -258,16 +311,24 @@ def run_diffusers(models: Models, device: torch.device, dtype: torch.dtype, vae_
 
 def measure(key: str, preset: str, size: int, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
             args: argparse.Namespace, clock: Clock) -> Figures:
+    """Ours (required), then each optional part on its own; diffusers last, since it takes our weights."""
     f = Figures(preset, size)
     models = build(preset, device, dtype, vae_dtype)
-    reference = run_ours(models, device, f, args.steps, clock, args.compile)
+    reference = run_ours(models, device, f, args.steps)
+    print(f"{key}: ours {f.its:.2f} it/s, {f.image_s:.2f} s/image ({time.perf_counter() - clock.began:.0f} s)",
+          flush=True)
+    run_variants(models, device, f, args.steps, clock, reference)
     if clock.left(60):
-        run_fp8(models, device, f, args.steps, reference)
+        attempt(f, "fp8", device, lambda: run_fp8(models, device, f, args.steps, reference))
     else:
         f.skipped.append("fp8")
+    if args.compile and clock.left(150 if size < 1024 else 240):  # SDXL compiles for minutes
+        attempt(f, "compile", device, lambda: run_compiled(models, device, f, args.steps))
+    elif args.compile:
+        f.skipped.append("compile")
     if args.diffusers:
-        run_diffusers(models, device, dtype, vae_dtype, f, args.steps)
-    del models
+        attempt(f, "diffusers", device, lambda: run_diffusers(models, device, dtype, vae_dtype, f, args.steps))
+    models = None  # drops the weights before the next preset (the lambdas above share this variable)
     free(device)
     return f
 
@@ -278,12 +339,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> str:
     rows = [
-        ("UNet it/s, ours", "its"), ("UNet it/s, ours compiled", "its_compiled"),
+        ("UNet it/s, ours", "its"), ("UNet it/s, ours CUDA graphs", "its_graphs"),
+        ("UNet it/s, ours channels-last", "its_channels_last"), ("UNet it/s, ours compiled", "its_compiled"),
         ("UNet it/s, diffusers", "its_diffusers"), ("s/image end to end, ours", "image_s"),
         ("s/image end to end, diffusers", "image_s_diffusers"), ("peak GPU GiB, ours", "peak_gb"),
         ("peak GPU GiB, diffusers", "peak_gb_diffusers"), ("first compiled run s", "compile_s"),
         ("UNet+TE weights MiB", "weights_mib"), ("UNet+TE weights MiB, fp8", "weights_mib_fp8"),
         ("UNet it/s, fp8", "its_fp8"), ("PSNR fp8 vs full dB (worst seed)", "psnr_fp8"),
+        ("CUDA graphs: max pixel diff vs eager", "graphs_max_diff"),
     ]
     keys = list(results)
     head = f"{device_name}, {str(dtype).removeprefix('torch.')}, 20-step euler, cfg 7.5"
@@ -300,6 +363,7 @@ def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> 
     skipped = [f"{k}: {', '.join(results[k].skipped)}" for k in keys if results[k].skipped]
     if skipped:
         lines.append("skipped for time: " + "; ".join(skipped))
+    lines += [f"error in {k}: {e}" for k in keys for e in results[k].errors]
     return "\n".join(lines)
 
 
@@ -345,6 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
         "sd15_peak_gb": get(sd15, "peak_gb"), "sd15_peak_gb_diffusers": get(sd15, "peak_gb_diffusers"),
         "sd15_image_s": get(sd15, "image_s"),
         "sd15_its_compiled": get(sd15, "its_compiled"), "sdxl_its_compiled": get(sdxl, "its_compiled"),
+        "sd15_its_graphs": get(sd15, "its_graphs"), "sdxl_its_graphs": get(sdxl, "its_graphs"),
+        "sd15_its_channels_last": get(sd15, "its_channels_last"),
+        "sdxl_its_channels_last": get(sdxl, "its_channels_last"),
         "sdxl_image_s": get(sdxl, "image_s"), "sdxl_peak_gb": get(sdxl, "peak_gb"),
         "sdxl_peak_gb_diffusers": get(sdxl, "peak_gb_diffusers"),
         "sd15_psnr_fp8": get(sd15, "psnr_fp8"), "sdxl_psnr_fp8": get(sdxl, "psnr_fp8"),
@@ -352,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sdxl_weights_mib": get(sdxl, "weights_mib"), "sdxl_weights_mib_fp8": get(sdxl, "weights_mib_fp8"),
         "sd15_images_per_s": {b: round(v, 3) for b, v in sd15.images_per_s.items()} if sd15 else None,
         "sdxl_images_per_s": {b: round(v, 3) for b, v in sdxl.images_per_s.items()} if sdxl else None,
+        "errors": [f"{k}: {e}" for k, figures in results.items() for e in figures.errors],
         "total_s": round(time.perf_counter() - clock.began, 1),
     }
     print(json.dumps(summary))

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# The GPU check of issue 10 in one command: install what is missing from wheels in .whl/ (the GPU
-# machine has no network), then run `python -m benchmarks.gpu`, which prints a table and, as its
-# last line, one JSON object; then `benchmarks.models` (issue 3) in fp16. Arguments go to benchmarks.gpu (e.g. --only sd15).
+# The GPU checks in one command: install what is missing from wheels in .whl/ (the GPU machine has no
+# network), then run, each under its own time limit so a slow part cannot starve the next:
+#   0. the tests that need CUDA (CI has none);
+#   1. `python -m benchmarks.gpu` (issue 10): a table and, as its last line, one JSON object;
+#   2. `benchmarks.models` (issue 3) in fp16;
+#   3. a one-minute smoke run of scripts/train_demo.py on CUDA (issue 8): the demo-model command,
+#      unchanged, with its throughput per stage.
+# Arguments go to benchmarks.gpu (e.g. --only sd15). GPU_S, MODELS_S, TRAIN_S set the time limits.
 #
 #   scripts/gpu_check.sh --fetch-wheels   # on a machine WITH network: fill .whl/ (git-ignored, ~7 MB)
 #   scripts/gpu_check.sh                  # on the GPU machine (carry .whl along)
 #
 # Python: $PYTHON, else .venv/bin/python when its torch sees CUDA, else python3. The wheels are
 # fetched for $GPU_PYTHON_VERSION (default 3.12) on manylinux x86_64 and installed with --no-deps
-# into /tmp/site; torch itself is not fetched (the GPU machine must have a CUDA build). Output is
-# copied to $OUT/gpu_check.txt when $OUT is set.
+# into /tmp/site; torch itself is not fetched (the GPU machine must have a CUDA build). Each part's
+# output goes to $OUT/<part>.txt as it is printed when $OUT is set (so a run cut short keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # What benchmarks.gpu imports that the GPU image (python3 3.12 with torch, transformers, numpy,
 # safetensors, huggingface_hub, Pillow, regex, requests) lacks: module names, then their wheels.
-MODULES=(diffusers ftfy importlib_metadata wcwidth)
-WHEELS=(diffusers==0.42.1 importlib_metadata ftfy wcwidth)
+# pydantic is the engine's (the training smoke run's checker goes through the engine's workflow).
+MODULES=(diffusers ftfy importlib_metadata wcwidth pydantic)
+WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 ftfy wcwidth pydantic==2.14.4 pydantic_core==2.50.5
+        annotated_types typing_inspection typing_extensions)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     "${PYTHON:-.venv/bin/python}" -m pip download --no-deps --only-binary=:all: \
@@ -60,15 +67,26 @@ if [ -n "$missing" ]; then
 fi
 export PYTHONUNBUFFERED=1
 
-log=$(mktemp)
+out="${OUT:-$(mktemp -d)}"
 status=0
-"$py" -m benchmarks.gpu "$@" 2>&1 | tee "$log" || status=$?
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to the terminal and $out/NAME.txt
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name (at most ${seconds} s)"
+    timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$out/$name.txt" || status=$?
+}
+# The CUDA-only tests first (seconds): the CUDA-graph replay against eager.
+part tests 60 "$py" -m pytest -q tests/ldm/test_cuda_graphs.py
+part gpu "${GPU_S:-380}" "$py" -m benchmarks.gpu "$@"
 # Issue 3's model benchmark in fp16 on the same card (about a minute): load time and RSS, UNet and VAE
-# against diffusers. Skipped with LOOM_SKIP_MODELS=1 when the GPU time is short.
-if [ "${LOOM_SKIP_MODELS:-0}" != 1 ]; then
-    "$py" -m benchmarks.models --reps 2 2>&1 | tee -a "$log" || status=$?
+# against diffusers.
+if [ "${MODELS_S:-80}" -gt 0 ]; then
+    part models "${MODELS_S:-80}" "$py" -m benchmarks.models --reps 2
 fi
-if [ -n "${OUT:-}" ]; then
-    cp "$log" "$OUT/gpu_check.txt"
+# Issue 8: the demo model's one command, unchanged, on CUDA for about a minute (throughput per stage).
+# Its figures.json is copied to $out (the other five files would pass $OUT's eight-file limit).
+if [ "${TRAIN_S:-80}" -gt 0 ]; then
+    part train "${TRAIN_S:-80}" "$py" scripts/train_demo.py /tmp/train-demo --minutes 1 --eval-n 16 --cfg 3
+    cp /tmp/train-demo/figures.json "$out/train-figures.json" 2>/dev/null || true
 fi
 exit "$status"
