@@ -34,6 +34,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="store UNet and text encoder weights in fp8 (computed in fp16/bf16) or int8 (torchao)")
     device.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (slow first run per image size, faster after)")
+    device.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="launch the UNet's kernels one by one instead of replaying a captured CUDA graph")
     device.add_argument("--vram-budget-gb", type=float, help="GiB of model weights kept on the GPU "
                         "(default: its memory less a quarter for activations)")
     device.add_argument("--ram-budget-gb", type=float, help="GiB of loaded models kept in RAM (default: half of it)")
@@ -57,6 +59,7 @@ def configure_engine(args: argparse.Namespace) -> Any:
 
     options = EngineOptions(
         force_cpu=args.cpu, lowvram=args.lowvram, weights_dtype=args.weights_dtype, compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         vram_budget=gib(args.vram_budget_gb), ram_budget=gib(args.ram_budget_gb))
     set_default_options(options)
     if options.force_cpu or not _has_accelerator():

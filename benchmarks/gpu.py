@@ -7,7 +7,8 @@ fp16 with an fp32 VAE where bf16 is missing), and for each measures, 20 euler st
 batch 1: UNet iterations per second (the sampling loop alone; one iteration is one batched cond +
 uncond UNet call), end-to-end seconds per image (text encoding, sampling, VAE decode) and peak GPU
 memory; the same for diffusers' pipeline holding the same weights (only one side's models are on the
-card at a time); ours with CUDA graphs (`ldm.cuda_graphs`), with channels-last and with `torch.compile`;
+card at a time); ours without CUDA graphs (`ldm.cuda_graphs`, on by default on CUDA as in the engine)
+and with `torch.compile`;
 fp8 weights (memory, it/s, PSNR of the decoded images against ours in bf16/fp16 over three seeds);
 images per second at batch 1, 2 and 4.
 
@@ -35,7 +36,7 @@ import torch
 
 from executor.devices import DeviceManager
 from ldm.compile import compiled_unet, forget_compiled
-from ldm.cuda_graphs import GraphedUNet
+from ldm.cuda_graphs import graphed_unet
 from ldm.presets import PRESETS, randomize_
 from ldm.quant import quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, prepare_noise, sample
@@ -84,11 +85,13 @@ class Models:
     unet: UNetModel
     vae: AutoencoderKL
     te: Any
-    unet_fn: Callable[..., torch.Tensor] | None = None  # compiled or graphed forward, when measuring those
+    graphs: bool = False  # CUDA graphs, as the engine's KSampler uses them on CUDA (`--no-cuda-graphs`)
+    unet_fn: Callable[..., torch.Tensor] | None = None  # the compiled forward, when measuring compile
 
     @property
     def runner(self) -> Callable[..., torch.Tensor]:
-        return self.unet if self.unet_fn is None else self.unet_fn
+        forward = self.unet if self.unet_fn is None else self.unet_fn
+        return graphed_unet(self.unet, forward) if self.graphs else forward
 
 
 @torch.no_grad()
@@ -107,7 +110,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, vae_dtype: torc
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02 + (id(param) in norm_scales))
         unet = randomize_(UNetModel(unet_config), generator).eval().requires_grad_(False)
         vae = randomize_(AutoencoderKL(vae_config), generator).eval().requires_grad_(False)
-    return Models(family, prediction, unet.to(dtype), vae.to(vae_dtype), te.to(dtype))
+    return Models(family, prediction, unet.to(dtype), vae.to(vae_dtype), te.to(dtype), graphs=device.type == "cuda")
 
 
 def conditioning(models: Models, prompts: list[str], size: int) -> list:
@@ -155,10 +158,10 @@ class Figures:
     its: float | None = None
     image_s: float | None = None
     peak_gb: float | None = None
-    its_compiled: float | None = None
-    its_graphs: float | None = None
+    its_eager: float | None = None  # without CUDA graphs (the same as `its` off CUDA)
     graphs_max_diff: float | None = None
-    its_channels_last: float | None = None
+    its_compiled: float | None = None  # torch.compile, graphs as in `its`
+    its_compiled_eager: float | None = None
     compile_s: float | None = None
     its_diffusers: float | None = None
     image_s_diffusers: float | None = None
@@ -206,35 +209,27 @@ def run_ours(models: Models, device: torch.device, f: Figures, steps: int) -> di
 
 def run_variants(models: Models, device: torch.device, f: Figures, steps: int, clock: Clock,
                  reference: dict[int, torch.Tensor]) -> None:
-    """CUDA graphs, channels-last and batches: each a few seconds."""
+    """Without CUDA graphs, and batches 1, 2, 4: each a few seconds."""
     size = f.size
 
-    def graphs() -> None:
-        models.unet_fn = GraphedUNet(models.unet)
+    def eager() -> None:
+        models.graphs = False
         try:
-            image = ours_txt2img(models, SEEDS[0], size, steps)  # captures the graph
+            image = ours_txt2img(models, SEEDS[0], size, steps)
             f.graphs_max_diff = float((image - reference[SEEDS[0]]).abs().max())
-            f.its_graphs = ours_its(models, device, size, steps)
+            f.its_eager = ours_its(models, device, size, steps)
         finally:
-            models.unet_fn = None
-
-    def channels_last() -> None:
-        models.unet.to(memory_format=torch.channels_last)
-        try:
-            ours_latents(models, *[conditioning(models, [p], size) for p in (PROMPT, "")], 0, size, 2, 1)
-            f.its_channels_last = ours_its(models, device, size, steps)
-        finally:
-            models.unet.to(memory_format=torch.contiguous_format)
+            models.graphs = device.type == "cuda"
 
     def batches() -> None:
         for batch in (1, 2, 4):
+            ours_txt2img(models, 0, size, 2, batch)  # warm-up at this shape (autotuning, graph capture)
             seconds, _ = timed(device, lambda b=batch: ours_txt2img(models, 0, size, steps, b))
             f.images_per_s[batch] = batch / seconds
 
     with torch.inference_mode():
-        if device.type == "cuda":
-            attempt(f, "cuda graphs", device, graphs)
-            attempt(f, "channels-last", device, channels_last)
+        if models.graphs:
+            attempt(f, "without CUDA graphs", device, eager)
         if clock.left(30):
             attempt(f, "batches", device, batches)
         else:
@@ -242,14 +237,23 @@ def run_variants(models: Models, device: torch.device, f: Figures, steps: int, c
 
 
 def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -> None:
+    """torch.compile (inductor's default mode), with CUDA graphs as the engine adds them, and without."""
     size = f.size
+    graphs = models.graphs
     with torch.inference_mode():
         models.unet_fn = compiled_unet(models.unet)
         try:
+            models.graphs = False
             f.compile_s, _ = timed(device, lambda: ours_txt2img(models, 0, size, steps))
-            f.its_compiled = ours_its(models, device, size, steps)
+            f.its_compiled_eager = ours_its(models, device, size, steps)
+            if graphs:
+                models.graphs = True
+                ours_txt2img(models, 0, size, 2)  # captures the compiled kernels
+                f.its_compiled = ours_its(models, device, size, steps)
+            else:
+                f.its_compiled = f.its_compiled_eager
         finally:
-            models.unet_fn = None
+            models.unet_fn, models.graphs = None, graphs
             forget_compiled(models.unet)
             torch._dynamo.reset()
 
@@ -258,7 +262,7 @@ def run_fp8(models: Models, device: torch.device, f: Figures, steps: int, refere
     """fp8 copies of the UNet and text encoder (the VAE stays as it is), against the reference images."""
     f.weights_mib = (weight_bytes(models.unet) + weight_bytes(models.te)) / 2**20
     small = Models(models.family, models.prediction, quantize_fp8_(copy.deepcopy(models.unet)), models.vae,
-                   quantize_fp8_(copy.deepcopy(models.te)))
+                   quantize_fp8_(copy.deepcopy(models.te)), graphs=models.graphs)
     f.weights_mib_fp8 = (weight_bytes(small.unet) + weight_bytes(small.te)) / 2**20
     with torch.inference_mode():
         ours_txt2img(small, 0, f.size, 2)
@@ -339,14 +343,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> str:
     rows = [
-        ("UNet it/s, ours", "its"), ("UNet it/s, ours CUDA graphs", "its_graphs"),
-        ("UNet it/s, ours channels-last", "its_channels_last"), ("UNet it/s, ours compiled", "its_compiled"),
+        ("UNet it/s, ours", "its"), ("UNet it/s, ours without CUDA graphs", "its_eager"),
+        ("UNet it/s, ours compiled", "its_compiled"), ("UNet it/s, ours compiled, no graphs", "its_compiled_eager"),
         ("UNet it/s, diffusers", "its_diffusers"), ("s/image end to end, ours", "image_s"),
         ("s/image end to end, diffusers", "image_s_diffusers"), ("peak GPU GiB, ours", "peak_gb"),
         ("peak GPU GiB, diffusers", "peak_gb_diffusers"), ("first compiled run s", "compile_s"),
         ("UNet+TE weights MiB", "weights_mib"), ("UNet+TE weights MiB, fp8", "weights_mib_fp8"),
         ("UNet it/s, fp8", "its_fp8"), ("PSNR fp8 vs full dB (worst seed)", "psnr_fp8"),
-        ("CUDA graphs: max pixel diff vs eager", "graphs_max_diff"),
+        ("CUDA graphs: max pixel diff vs without", "graphs_max_diff"),
     ]
     keys = list(results)
     head = f"{device_name}, {str(dtype).removeprefix('torch.')}, 20-step euler, cfg 7.5"
@@ -357,6 +361,8 @@ def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> 
         lines.append(f"{f'images/s at batch {batch}, ours':36}"
                      + "".join(f"{_fmt(results[k].images_per_s.get(batch), 3):>22}" for k in keys))
     ratios = [f"{k}: {results[k].its / results[k].its_diffusers:.2f}x diffusers"
+              + (f" ({results[k].its_eager / results[k].its_diffusers:.2f}x without graphs)"
+                 if results[k].its_eager else "")
               for k in keys if results[k].its and results[k].its_diffusers]
     if ratios:
         lines.append("ours/diffusers it/s: " + ", ".join(ratios))
@@ -409,9 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sd15_peak_gb": get(sd15, "peak_gb"), "sd15_peak_gb_diffusers": get(sd15, "peak_gb_diffusers"),
         "sd15_image_s": get(sd15, "image_s"),
         "sd15_its_compiled": get(sd15, "its_compiled"), "sdxl_its_compiled": get(sdxl, "its_compiled"),
-        "sd15_its_graphs": get(sd15, "its_graphs"), "sdxl_its_graphs": get(sdxl, "its_graphs"),
-        "sd15_its_channels_last": get(sd15, "its_channels_last"),
-        "sdxl_its_channels_last": get(sdxl, "its_channels_last"),
+        "sd15_its_eager": get(sd15, "its_eager"), "sdxl_its_eager": get(sdxl, "its_eager"),
+        "sd15_its_compiled_eager": get(sd15, "its_compiled_eager"),
         "sdxl_image_s": get(sdxl, "image_s"), "sdxl_peak_gb": get(sdxl, "peak_gb"),
         "sdxl_peak_gb_diffusers": get(sdxl, "peak_gb_diffusers"),
         "sd15_psnr_fp8": get(sd15, "psnr_fp8"), "sdxl_psnr_fp8": get(sdxl, "psnr_fp8"),

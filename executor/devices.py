@@ -32,6 +32,7 @@ class EngineOptions:
     lowvram: bool = False
     weights_dtype: str = "default"  # "fp8": e4m3 storage, upcast per layer; "int8": torchao weight-only
     compile: bool = False  # torch.compile the UNet forward (reused for every run of the same shape)
+    cuda_graphs: bool = True  # on CUDA, replay the UNet's steps as a captured CUDA graph (ldm/cuda_graphs.py)
     vram_budget: int | None = None  # bytes of model weights on the compute device; None: from the card
     ram_budget: int | None = None  # bytes of loaded models kept in RAM; None: from the machine
 
@@ -225,6 +226,10 @@ class DeviceManager:
         if torch is None or self._device is None:
             return
         import gc
+
+        graphs = sys.modules.get("ldm.cuda_graphs")
+        if graphs is not None:
+            graphs.release_all()  # captured graphs hold activation memory of their own
 
         gc.collect()
         if self._device.type == "cuda":

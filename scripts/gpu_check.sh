@@ -75,8 +75,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to the t
     echo "== $name (at most ${seconds} s)"
     timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$out/$name.txt" || status=$?
 }
-# The CUDA-only tests first (seconds): the CUDA-graph replay against eager.
-part tests 60 "$py" -m pytest -q tests/ldm/test_cuda_graphs.py
+# The CUDA-only tests first (seconds): CUDA-graph replays against plain launches, in ldm and the engine.
+part tests 90 "$py" -m pytest -q tests/ldm/test_cuda_graphs.py tests/nodes/test_device_options.py
 part gpu "${GPU_S:-380}" "$py" -m benchmarks.gpu "$@"
 # Issue 3's model benchmark in fp16 on the same card (about a minute): load time and RSS, UNet and VAE
 # against diffusers.

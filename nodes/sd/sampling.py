@@ -54,10 +54,16 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
 
     unet = on_device(node.ctx, model.unet)
     devices = devices_of(node.ctx)
-    if devices is not None and devices.options.compile and not devices.options.lowvram:
-        from ldm.compile import compiled_unet
+    if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
+        module = unet
+        if devices.options.compile:
+            from ldm.compile import compiled_unet
 
-        unet = compiled_unet(unet)
+            unet = compiled_unet(module)
+        if devices.options.cuda_graphs and device.type == "cuda":
+            from ldm.cuda_graphs import graphed_unet
+
+            unet = graphed_unet(module, unet)
     with torch.inference_mode():
         out = sample(
             unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,

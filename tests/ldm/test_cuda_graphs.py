@@ -1,11 +1,17 @@
-"""CUDA graphs of the UNet: replays equal the eager module; off CUDA the wrapper is the module itself."""
+"""CUDA graphs of the UNet: replays equal the eager module, stale graphs are dropped; off CUDA the
+wrapper calls the module. The CUDA tests run on a GPU machine (scripts/gpu_check.sh), not in CI."""
+
+import copy
 
 import pytest
 import torch
 
-from ldm.cuda_graphs import GraphedUNet
+from ldm.cuda_graphs import GraphedUNet, graphed_unet, release_all
+from ldm.lora import _shallow_copy
 from ldm.sampling import DiscreteSchedule, sample
 from tests.ldm.test_compile import run, small_unet
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def run_on_cuda(unet, size: int) -> torch.Tensor:
@@ -23,10 +29,35 @@ def test_off_cuda_the_wrapper_calls_the_module():
     assert not graphed._graphs
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphs_are_kept_per_module_and_dropped_when_weights_move():
+    unet = small_unet()
+    graphed = graphed_unet(unet)
+    assert graphed_unet(unet) is graphed
+    graphed._graphs["some shape"] = None
+    assert graphed_unet(unet)._graphs  # same weights: kept
+    assert graphed_unet(_shallow_copy(unet)) is not graphed  # a LoRA copy gets its own
+    assert graphed_unet(copy.deepcopy(unet)) is not graphed
+    unet.double()  # new weight tensors, as moving to another device makes
+    assert graphed_unet(unet) is graphed and not graphed._graphs
+    graphed._graphs["some shape"] = None
+    release_all()
+    assert not graphed._graphs
+
+
+@cuda
 def test_replays_match_eager_and_each_shape_is_captured_once():
     unet = small_unet().cuda()
     graphed = GraphedUNet(unet)
     for size in (8, 16, 8):
         assert torch.allclose(run_on_cuda(graphed, size), run_on_cuda(unet, size), atol=1e-5)
-    assert len(graphed._graphs) == 2
+    assert len(graphed._graphs) == 2 and all(graphed._graphs.values())
+
+
+@cuda
+def test_a_module_moved_away_and_back_is_captured_again():
+    unet = small_unet().cuda()
+    expected = run_on_cuda(unet, 8)
+    run_on_cuda(graphed_unet(unet), 8)
+    unet.cpu()
+    unet.cuda()  # new addresses: the old graph would read freed memory
+    assert torch.allclose(run_on_cuda(graphed_unet(unet), 8), expected, atol=1e-5)

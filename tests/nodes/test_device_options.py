@@ -47,8 +47,9 @@ def base(tmp_path_factory):
     set_paths(FolderPaths())
 
 
-def image(base, options: EngineOptions | None = None, graph: dict | None = None) -> tuple[torch.Tensor, Services]:
-    services = Services.create(base, force_cpu=True, options=options or EngineOptions())
+def image(base, options: EngineOptions | None = None, graph: dict | None = None,
+          force_cpu: bool = True) -> tuple[torch.Tensor, Services]:
+    services = Services.create(base, force_cpu=force_cpu, options=options or EngineOptions())
     engine = Executor(builtin_registry(), services=services)
     result = engine.run(parse_api(graph or txt2img()), keep=["8"])
     assert result.ok, result.error
@@ -87,12 +88,22 @@ def test_fp8_weights_through_the_option_and_the_loader_node(base):
     torch.testing.assert_close(by_node, small, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_make_the_same_image_as_plain_launches(base):
+    graphed, services = image(base, force_cpu=False)
+    [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
+    _, graphs = unet.__dict__["_loom_graphed"]
+    assert len(graphs._graphs) == 1 and all(graphs._graphs.values())
+    plain, _ = image(base, EngineOptions(cuda_graphs=False), force_cpu=False)
+    torch.testing.assert_close(graphed, plain, rtol=0, atol=1e-5)
+
+
 def test_cli_takes_the_device_options(base, tmp_path):
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(txt2img()))
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", str(path), "--json", "--base-dir",
                            str(base.base), "--cpu", "--lowvram", "--weights-dtype", "fp8",
-                           "--vram-budget-gb", "0.5", "--ram-budget-gb", "2"],
+                           "--vram-budget-gb", "0.5", "--ram-budget-gb", "2", "--no-cuda-graphs"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "success"
