@@ -44,7 +44,7 @@ class GraphedUNet:
     def __init__(self, unet: nn.Module, forward: Callable[..., torch.Tensor] | None = None, *,
                  warmup: int = 2, max_shapes: int = 4) -> None:
         self.unet = unet
-        self.forward = forward or unet  # e.g. the module's compiled forward
+        self.forward = unet if forward is None else forward  # e.g. the compiled forward (no bool(): it has no len)
         self.warmup = warmup
         self.max_shapes = max_shapes
         self._graphs: OrderedDict[tuple, _Captured | None] = OrderedDict()  # None: capture failed, run eagerly
@@ -116,7 +116,7 @@ def graphed_unet(unet: nn.Module, forward: Callable[..., torch.Tensor] | None = 
     copy inherits the attribute but not the id, so it gets graphs of its own weights.
     """
     owner, graphed = unet.__dict__.get("_loom_graphed", (None, None))
-    if owner != id(unet) or graphed is None or graphed.forward is not (forward or unet):
+    if owner != id(unet) or graphed is None or graphed.forward is not (unet if forward is None else forward):
         graphed = GraphedUNet(unet, forward)
         unet.__dict__["_loom_graphed"] = (id(unet), graphed)  # not a submodule: kept out of state_dict()
     graphed.check_weights()
