@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +23,28 @@ class Conditioning:
     y: Tensor | None = None
 
 
+@functools.lru_cache(maxsize=256)
+def level_tensor(sigma: float, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`sigma` as the [batch] tensor of k-diffusion's `model(x, sigma)` signature, made once per level,
+    so that a sampler step spends no tensor op on it, and tagged with the float (`uniform_level`
+    reads it back with no host read). Shared between runs: never modify it in place."""
+    tensor = torch.full((batch,), sigma, device=device, dtype=dtype)
+    tensor.loom_level = sigma
+    return tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _timesteps(t: float, batch: int, device: torch.device) -> Tensor:
+    """The UNet's timestep input for one level, made once (read-only, like `level_tensor`)."""
+    return torch.full((batch,), t, dtype=torch.float32, device=device)
+
+
 def uniform_level(sigma: Tensor) -> float | None:
-    """The one noise level of a CPU `sigma` batch whose items all share it, else None."""
+    """The one noise level of a `sigma` batch whose items all share it, else None: from the tag of
+    a `level_tensor`, or read from a CPU tensor (a GPU one is not read: that would stall the queue)."""
+    level = getattr(sigma, "loom_level", None)
+    if level is not None:
+        return level
     if sigma.device.type != "cpu":
         return None
     levels = sigma.tolist()
@@ -80,8 +101,7 @@ class Denoiser:
 
     def _unet_at_level(self, x_in: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         t = self.schedule.sigma_to_t_scalar(sigma, quantize=self.quantize)
-        timesteps = torch.full((x_in.shape[0],), t, dtype=torch.float32, device=x_in.device)
-        return self.unet(x_in, timesteps, cond.context, y=cond.y)
+        return self.unet(x_in, _timesteps(t, x_in.shape[0], x_in.device), cond.context, y=cond.y)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:
         if self.prediction == "eps":

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ldm.sampling.denoiser import level_tensor
 from ldm.sampling.noise import BrownianTreeNoiseSampler, NoiseSampler
 
 Model = Callable[..., Tensor]
@@ -57,7 +58,7 @@ def unseeded_noise_sampler(x: Tensor) -> NoiseSampler:
 
 
 def _call(model: Model, x: Tensor, sigma: float, extra_args: dict | None) -> Tensor:
-    return model(x, x.new_full((x.shape[0],), sigma), **(extra_args or {}))
+    return model(x, level_tensor(sigma, x.shape[0], x.device, x.dtype), **(extra_args or {}))
 
 
 def _report(callback: Callback, i: int, x: Tensor, sigma: float, sigma_hat: float, denoised: Tensor) -> None:
