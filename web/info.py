@@ -68,12 +68,34 @@ def _torch_info() -> tuple[str, list[dict[str, Any]]]:
     devices: list[dict[str, Any]] = []
     if torch is not None and torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(index)
+            free, total = _vram(torch, index)
             devices.append({"name": torch.cuda.get_device_name(index), "type": "cuda", "index": index,
                             "vram_total": total, "vram_free": free})
     if not devices:
         devices.append({"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0})
     return version, devices
+
+
+def _vram(torch: Any, index: int) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device. `mem_get_info` needs a CUDA context, which costs the
+    process hundreds of MB of the card: only where this process already has one (the thread
+    worker). Otherwise (the server beside a worker process) NVML answers without one, where
+    nvidia-ml-py is installed; else the total from the device's properties, and free unknown (0)."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.mem_get_info(index)
+    properties = torch.cuda.get_device_properties(index)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:  # by UUID: NVML numbers the devices without regard to CUDA_VISIBLE_DEVICES
+            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{properties.uuid}")
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(info.free), int(info.total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML here (not installed, or no driver library)
+        return 0, properties.total_memory
 
 
 def _ram() -> tuple[int, int]:
