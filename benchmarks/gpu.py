@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import json
 import math
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from executor.devices import DeviceManager
 from ldm.compile import compiled_unet, forget_compiled
 from ldm.cuda_graphs import graphed_unet
 from ldm.presets import PRESETS, randomize_
-from ldm.quant import quantize_fp8_, weight_bytes
+from ldm.quant import FP8_SKIP, quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, prepare_noise, sample
 from ldm.text_encoders import build_text_encoder, random_text_encoder_config
 from ldm.unet import UNetModel, sdxl_adm
@@ -171,6 +172,7 @@ class Figures:
     its_fp8: float | None = None
     psnr_fp8: float | None = None
     images_per_s: dict[int, float] = field(default_factory=dict)
+    fp8_variants: dict[str, dict[str, float]] = field(default_factory=dict)  # --fp8-variants: MiB and PSNR
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -258,18 +260,44 @@ def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -
             torch._dynamo.reset()
 
 
-def run_fp8(models: Models, device: torch.device, f: Figures, steps: int, reference: dict[int, torch.Tensor]) -> None:
-    """fp8 copies of the UNet and text encoder (the VAE stays as it is), against the reference images."""
+# Which layers stay in bf16/fp16 under `--fp8-variants` (the default keeps FP8_SKIP's), and
+# whether the text encoder is quantized too: which parts the fp8 error comes from.
+FP8_VARIANTS = {
+    "unet only": (FP8_SKIP, False),
+    "unet, attention kept": (re.compile(FP8_SKIP.pattern + r"|\.attn[12]\."), False),
+    "unet, full-resolution blocks kept": (re.compile(FP8_SKIP.pattern + r"|^input_blocks\.[1-3]\.|^output_blocks\.[6-8]\."),
+                                   False),
+}
+
+
+def run_fp8(models: Models, device: torch.device, f: Figures, steps: int, reference: dict[int, torch.Tensor],
+            variants: bool = False) -> None:
+    """fp8 copies of the UNet and text encoder (the VAE stays as it is), against the reference images;
+    with `variants`, also the FP8_VARIANTS (memory and PSNR only)."""
     f.weights_mib = (weight_bytes(models.unet) + weight_bytes(models.te)) / 2**20
-    small = Models(models.family, models.prediction, quantize_fp8_(copy.deepcopy(models.unet)), models.vae,
-                   quantize_fp8_(copy.deepcopy(models.te)), graphs=models.graphs)
+
+    def quantized(skip: re.Pattern[str], text_encoder: bool) -> Models:
+        return Models(models.family, models.prediction, quantize_fp8_(copy.deepcopy(models.unet), skip), models.vae,
+                      quantize_fp8_(copy.deepcopy(models.te)) if text_encoder else models.te, graphs=models.graphs)
+
+    def worst_psnr(small: Models) -> float:
+        return min(psnr(ours_txt2img(small, seed, f.size, steps), reference[seed]) for seed in SEEDS)
+
+    small = quantized(FP8_SKIP, True)
     f.weights_mib_fp8 = (weight_bytes(small.unet) + weight_bytes(small.te)) / 2**20
     with torch.inference_mode():
         ours_txt2img(small, 0, f.size, 2)
         f.its_fp8 = ours_its(small, device, f.size, steps)
-        f.psnr_fp8 = min(psnr(ours_txt2img(small, seed, f.size, steps), reference[seed]) for seed in SEEDS)
-    del small
-    free(device)
+        f.psnr_fp8 = worst_psnr(small)
+        del small
+        free(device)
+        for name, (skip, text_encoder) in (FP8_VARIANTS.items() if variants else ()):
+            small = quantized(skip, text_encoder)
+            f.fp8_variants[name] = {"mib": round((weight_bytes(small.unet) + weight_bytes(small.te)) / 2**20, 1),
+                                    "psnr": round(worst_psnr(small), 2)}
+            print(f"fp8 {name}: {f.fp8_variants[name]}", flush=True)
+            del small
+            free(device)
 
 
 def run_diffusers(models: Models, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype, f: Figures,
@@ -323,7 +351,7 @@ def measure(key: str, preset: str, size: int, device: torch.device, dtype: torch
           flush=True)
     run_variants(models, device, f, args.steps, clock, reference)
     if clock.left(60):
-        attempt(f, "fp8", device, lambda: run_fp8(models, device, f, args.steps, reference))
+        attempt(f, "fp8", device, lambda: run_fp8(models, device, f, args.steps, reference, args.fp8_variants))
     else:
         f.skipped.append("fp8")
     if args.compile and clock.left(150 if size < 1024 else 240):  # SDXL compiles for minutes
@@ -383,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip optional parts after this long")
     parser.add_argument("--only", choices=["sd15", "sdxl"], help="one preset")
+    parser.add_argument("--fp8-variants", action="store_true",
+                        help="also PSNR and memory with more layers kept in full precision (FP8_VARIANTS)")
     args = parser.parse_args(argv)
     devices = DeviceManager()
     device = devices.device
@@ -424,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sdxl_weights_mib": get(sdxl, "weights_mib"), "sdxl_weights_mib_fp8": get(sdxl, "weights_mib_fp8"),
         "sd15_images_per_s": {b: round(v, 3) for b, v in sd15.images_per_s.items()} if sd15 else None,
         "sdxl_images_per_s": {b: round(v, 3) for b, v in sdxl.images_per_s.items()} if sdxl else None,
+        "fp8_variants": {k: figures.fp8_variants for k, figures in results.items() if figures.fp8_variants},
         "errors": [f"{k}: {e}" for k, figures in results.items() for e in figures.errors],
         "total_s": round(time.perf_counter() - clock.began, 1),
     }
