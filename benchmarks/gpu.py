@@ -265,8 +265,8 @@ def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -
 FP8_VARIANTS = {
     "unet only": (FP8_SKIP, False),
     "unet, attention kept": (re.compile(FP8_SKIP.pattern + r"|\.attn[12]\."), False),
-    "unet, full-resolution blocks kept": (re.compile(FP8_SKIP.pattern + r"|^input_blocks\.[1-3]\.|^output_blocks\.[6-8]\."),
-                                   False),
+    "unet, full-resolution blocks kept": (
+        re.compile(FP8_SKIP.pattern + r"|^input_blocks\.[1-3]\.|^output_blocks\.[6-8]\."), False),
 }
 
 

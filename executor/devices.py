@@ -263,6 +263,9 @@ class DeviceManager:
                         size / 2**20, budget / 2**20)
 
     def _send_home(self, module: Any, entry: _Resident) -> None:
+        graphs = sys.modules.get("ldm.cuda_graphs")
+        if graphs is not None:
+            graphs.release(module)  # its captured graphs hold activation memory and would be stale
         if entry.streamed:
             from ldm.offload import unstream_blocks
 

@@ -15,7 +15,8 @@ A graph holds the addresses of the weights it read. `graphed_unet` compares them
 at the start of every sampling run and drops stale graphs (the module was moved, offloaded, or had a
 weight replaced); weights changed in place are simply read by the next replay. Each graph keeps its
 own activation memory, so a module keeps at most `max_shapes` of them, least recently used dropped
-first, and `release_all()` drops every graph (the engine calls it when it frees GPU memory).
+first. `release(unet)` drops a module's graphs (the engine calls it when it moves the module off the
+GPU) and `release_all()` every graph (when it frees GPU memory).
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ def graphed_unet(unet: nn.Module, forward: Callable[..., torch.Tensor] | None = 
         unet.__dict__["_loom_graphed"] = (id(unet), graphed)  # not a submodule: kept out of state_dict()
     graphed.check_weights()
     return graphed
+
+
+def release(unet: nn.Module) -> None:
+    """Drop the graphs kept on `unet` and their memory (its weights are leaving the device)."""
+    _, graphed = unet.__dict__.get("_loom_graphed", (None, None))
+    if graphed is not None:
+        graphed.reset()
 
 
 def release_all() -> None:

@@ -50,6 +50,18 @@ def test_models_past_the_vram_budget_are_evicted_least_recently_used_first():
     assert devices.free() == 2 * size and devices.resident() == []
 
 
+def test_an_evicted_model_lets_go_of_its_cuda_graphs():
+    from ldm.cuda_graphs import graphed_unet
+
+    a, b = nn.Linear(64, 64), nn.Linear(64, 64)
+    devices = DeviceManager(force_cpu=True, options=EngineOptions(vram_budget=module_bytes(a) + 1))
+    devices.use(a)
+    graphs = graphed_unet(a)
+    graphs._graphs["a shape"] = None  # stands in for a capture (CPU here): what eviction must drop
+    devices.use(b)  # a goes home to make room
+    assert devices.resident() == [b] and not graphs._graphs
+
+
 def test_dropped_models_leave_the_books():
     devices = DeviceManager(force_cpu=True, options=EngineOptions(vram_budget=1 << 20))
     devices.use(nn.Linear(8, 8))  # no reference kept: collected right away
