@@ -190,7 +190,8 @@ class CFGGuider:
             batches = []
             for group in _batches(jobs):
                 length = math.lcm(*(j.context.shape[1] for j in group))
-                context = torch.cat([j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
+                context = torch.cat([j.context if j.context.shape[1] == length
+                                     else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
                 batches.append((group, Conditioning(context, y)))
             counts: list[Tensor | None] = []
