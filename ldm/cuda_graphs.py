@@ -101,7 +101,8 @@ class GraphedUNet:
         stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA work of other threads (the noise prefetch, a preview) may go on meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = self.forward(x, timesteps, context, y=y)
         except Exception as exc:  # noqa: BLE001 - some op cannot be captured: run this shape eagerly
             log.warning("CUDA graph capture failed for input shape %s; running it without: %s",

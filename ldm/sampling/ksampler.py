@@ -183,7 +183,8 @@ def sample(
     if sampler_name in _BROWNIAN and "noise_sampler" not in options:
         positive_sigmas = sigmas[sigmas > 0]
         tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)
-        prefetcher = PrefetchingNoiseSampler(tree, _brownian_queries(sampler_name, sigmas.tolist(), options))
+        prefetcher = PrefetchingNoiseSampler(tree.cpu_increment, _brownian_queries(sampler_name, sigmas.tolist(),
+                                                                                   options), x.device, x.dtype)
         options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
         options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))

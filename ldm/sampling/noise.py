@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ class BrownianTreeNoiseSampler:
     as k-diffusion does), so SDE samplers see consistent noise whatever the step sizes.
 
     Calling it with (sigma, sigma_next) returns the normalised increment of the path between them.
-    The tree lives on the CPU; increments are moved to `x`'s device.
+    The tree lives on the CPU; increments are moved to `x`'s device (`cpu_increment` leaves them there).
     """
 
     def __init__(self, x: Tensor, sigma_min: float, sigma_max: float, seed: int) -> None:
@@ -81,34 +82,41 @@ class BrownianTreeNoiseSampler:
         self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed) % 2**64)
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        return self.cpu_increment(sigma, sigma_next).to(self.device, self.dtype)
+
+    def cpu_increment(self, sigma: float, sigma_next: float) -> Tensor:
         lo, hi = self.query_range
         t0, t1 = (min(max(float(t), lo), hi) for t in sorted((sigma, sigma_next)))
         increment = self.tree(torch.tensor(t0, dtype=torch.float64), torch.tensor(t1, dtype=torch.float64))
         increment = increment / (t1 - t0) ** 0.5
         # k-diffusion's sign convention: increments taken from high to low sigma are negated.
         sign = -1.0 if sigma > sigma_next else 1.0
-        return (sign * increment).to(self.device, self.dtype)
+        return sign * increment
 
 
 class PrefetchingNoiseSampler:
     """Draws a noise sampler's answers to a known sequence of (sigma, sigma_next) queries ahead of
     time on one background thread, so slow draws (a Brownian tree walk) overlap the model calls.
 
-    Queries arriving out of the expected order are answered on the same thread, after the queue:
-    results never depend on timing. Call `close()` to drop the draws not yet made.
+    `sampler` makes CPU tensors; answers are moved to `device` and `dtype` in the caller's thread
+    (a CUDA copy from another thread could land inside a CUDA graph capture). Queries arriving out
+    of the expected order are answered on the same thread, after the queue: results never depend on
+    timing. Call `close()` to drop the draws not yet made.
     """
 
-    def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self._sampler = sampler
+        self._device, self._dtype = device, dtype
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
         self._pending = deque((query, self._executor.submit(sampler, *query)) for query in queries)
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         if self._pending and self._pending[0][0] == (sigma, sigma_next):
-            return self._pending.popleft()[1].result()
-        return self._executor.submit(self._sampler, sigma, sigma_next).result()
+            noise = self._pending.popleft()[1].result()
+        else:
+            noise = self._executor.submit(self._sampler, sigma, sigma_next).result()
+        return noise.to(self._device, self._dtype)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

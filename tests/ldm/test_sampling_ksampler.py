@@ -159,6 +159,23 @@ def test_prefetcher_answers_unexpected_queries_too():
     prefetcher.close()
 
 
+def test_prefetcher_draws_on_its_thread_and_converts_in_the_callers():
+    """The background thread makes CPU tensors only: a CUDA copy from it could land inside a CUDA
+    graph capture of the UNet. The caller's thread moves each answer to the device and dtype."""
+    import threading
+
+    threads = []
+
+    def draw(a, b):
+        threads.append(threading.current_thread())
+        return torch.tensor([a, b], dtype=torch.float32)
+
+    prefetcher = PrefetchingNoiseSampler(draw, [(1.0, 0.5)], "cpu", torch.float64)
+    answer = prefetcher(1.0, 0.5)
+    prefetcher.close()
+    assert answer.dtype == torch.float64 and threads and threads[0] is not threading.current_thread()
+
+
 def test_step_noise_is_not_a_copy_of_the_initial_noise():
     drawn = []
     noise = prepare_noise(torch.zeros(2, 4, 8, 8), 42)
