@@ -82,21 +82,30 @@ def free_model(x, t, context, y=None):
     return x  # what a model costs nothing to compute: the sampler's own work remains
 
 
-def measure(name: str, unet: TinyUNet, schedule: DiscreteSchedule, device: str) -> dict:
-    best = None
-    for _ in range(REPEATS):
-        unet.seconds, unet.calls = 0.0, 0
-        overhead = run_once(name, unet, schedule, device) - unet.seconds
-        isolated = run_once(name, free_model, schedule, device)
-        row = {
-            "model_calls": unet.calls,
-            "ms_per_model_call": round(1000 * unet.seconds / unet.calls, 3),
-            "overhead_ms_per_step": round(1000 * overhead / STEPS, 3),
-            "overhead_pct": round(100 * overhead / unet.seconds, 2),
-            "isolated_overhead_pct": round(100 * isolated / unet.seconds, 2),
-        }
-        if best is None or row["overhead_pct"] < best["overhead_pct"]:
-            best = row
+def measure_once(name: str, unet: TinyUNet, schedule: DiscreteSchedule, device: str) -> dict:
+    unet.seconds, unet.calls = 0.0, 0
+    overhead = run_once(name, unet, schedule, device) - unet.seconds
+    isolated = run_once(name, free_model, schedule, device)
+    return {
+        "model_calls": unet.calls,
+        "ms_per_model_call": round(1000 * unet.seconds / unet.calls, 3),
+        "overhead_ms_per_step": round(1000 * overhead / STEPS, 3),
+        "overhead_pct": round(100 * overhead / unet.seconds, 2),
+        "isolated_overhead_pct": round(100 * isolated / unet.seconds, 2),
+    }
+
+
+def measure(names: list[str], unet: TinyUNet, schedule: DiscreteSchedule, device: str,
+            repeats: int = REPEATS) -> dict[str, dict]:
+    """Each sampler's best of `repeats` runs. The repeats go round all the samplers in turn, so a burst
+    of load from elsewhere on a shared machine spoils one run of several samplers rather than every run
+    of one sampler."""
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name in names:
+            row = measure_once(name, unet, schedule, device)
+            if name not in best or row["overhead_pct"] < best[name]["overhead_pct"]:
+                best[name] = row
     return best
 
 
@@ -105,14 +114,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--samplers", nargs="*", default=SAMPLER_NAMES)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per sampler; the best is kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     unet = TinyUNet().eval().to(args.device)
     schedule = DiscreteSchedule()
     with torch.no_grad():
-        measure("euler", unet, schedule, args.device)  # warm-up
-        results = {name: measure(name, unet, schedule, args.device) for name in args.samplers}
+        measure(["euler"], unet, schedule, args.device)  # warm-up
+        results = measure(args.samplers, unet, schedule, args.device, args.repeats)
     for name, row in results.items():
         print(
             f"{name:20s} calls {row['model_calls']:3d}  model {row['ms_per_model_call']:8.3f} ms/call  "
