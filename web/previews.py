@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import queue
 import struct
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,3 +78,55 @@ class Throttle:
             return False
         self._last = now
         return True
+
+
+class PreviewEncoder:
+    """Encodes one run's step previews on a thread of its own, so that the sampling loop never waits.
+
+    `submit(value)` is called on the sampling thread with a latent or image batch. It keeps the first
+    item: a copy on the CPU, or on CUDA a non-blocking copy into pinned host memory with an event
+    recorded after it, so the loop neither synchronises with the GPU nor encodes a JPEG. The thread
+    waits for that copy, encodes the frame and hands it to `deliver`. `close()` waits until every
+    submitted preview is delivered, so that no frame arrives after the run's end. Submissions are
+    throttled by the caller (`Throttle`), so at most a few are ever waiting.
+    """
+
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        self._deliver = deliver
+        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, value: Any) -> None:
+        event = None
+        if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+            first = value.detach()[:1]
+            if first.is_cuda:
+                import torch
+
+                host = torch.empty(first.shape, dtype=first.dtype, pin_memory=True)
+                host.copy_(first, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = first.clone()  # the sampler may reuse its buffers
+        else:
+            host = np.array(value, dtype=np.float32)[:1]
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="loom-previews", daemon=True)
+            self._thread.start()
+        self._queue.put((host, event))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            host, event = item
+            if event is not None:
+                event.synchronize()  # this thread waits for the copy, not the sampling loop
+            frame = encode_preview(host)
+            if frame is not None:
+                self._deliver(frame)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None

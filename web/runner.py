@@ -25,7 +25,7 @@ from nodes.folders import FolderPaths, set_paths
 from nodes.registry import NodeRegistry
 from web.affinity import held_models
 from web.dispatch import prepare
-from web.previews import Throttle, encode_preview
+from web.previews import PreviewEncoder, Throttle
 
 log = logging.getLogger("loom.worker")
 
@@ -125,19 +125,23 @@ class PromptRunner:
                 self._interrupt.set()
             self._stop_ids.clear()  # others are late requests for prompts that have ended here
 
+        previews = PreviewEncoder(items.put)
+
         def on_event(event: ev.Event) -> None:
             if isinstance(event, ev.Progress) and event.preview is not None:
-                if throttle.ready() and (frame := encode_preview(event.preview)) is not None:
-                    items.put(frame)
+                if throttle.ready():
+                    previews.submit(event.preview)
                 event = replace(event, preview=None)
             items.put(event)
 
         def work() -> None:
             try:
-                items.put(self._execute(prompt_id, prompt, outputs, extra_data, on_event))
+                outcome = self._execute(prompt_id, prompt, outputs, extra_data, on_event)
             except BaseException as exc:  # a bug must end this prompt, never the worker
                 log.exception("prompt %s could not be run", prompt_id)
-                items.put(Outcome(None, {"type": "server_error", "message": f"{type(exc).__name__}: {exc}"}))
+                outcome = Outcome(None, {"type": "server_error", "message": f"{type(exc).__name__}: {exc}"})
+            previews.close()  # the run's last frames go before its end
+            items.put(outcome)
 
         threading.Thread(target=work, name=f"loom-run-{prompt_id[:8]}", daemon=True).start()
         while True:

@@ -15,7 +15,7 @@ from executor.executor import Executor, RunResult
 from executor.services import Services
 from web.affinity import held_models
 from web.dispatch import Dispatcher, Run, prepare
-from web.previews import encode_preview
+from web.previews import PreviewEncoder
 from web.state import ServerState
 from web.store import PromptRecord
 
@@ -85,10 +85,17 @@ class Worker(Dispatcher):
         try:
             checked, problem = prepare(record.prompt, record.outputs_to_execute, self.state.registry)
             if checked is not None:
-                job = self._thread.submit(self.executor.run, checked, prompt_id=record.id,
-                                          on_event=lambda e: self._on_event(loop, run, e),
-                                          interrupt=self._interrupt, extra=record.extra_data)
-                result = await asyncio.wrap_future(job)
+                previews = PreviewEncoder(lambda frame: self._post(loop, run, frame))
+
+                def execute() -> RunResult:
+                    try:
+                        return self.executor.run(checked, prompt_id=record.id,
+                                                 on_event=lambda e: self._on_event(loop, run, e, previews),
+                                                 interrupt=self._interrupt, extra=record.extra_data)
+                    finally:
+                        previews.close()  # the run's last frames go before its end
+
+                result = await asyncio.wrap_future(self._thread.submit(execute))
         except asyncio.CancelledError:
             self.current = None
             await self.put_back(run)
@@ -100,17 +107,19 @@ class Worker(Dispatcher):
         self.prompts_run += 1
         await self.finish(run, result, problem)
 
-    def _on_event(self, loop: asyncio.AbstractEventLoop, run: Run, event: ev.Event) -> None:
-        """Called on the worker thread: previews are encoded here, everything else hops to the loop.
+    def _on_event(self, loop: asyncio.AbstractEventLoop, run: Run, event: ev.Event, previews: PreviewEncoder) -> None:
+        """Called on the worker thread: previews go to their encoder's thread, events hop to the loop."""
+        if isinstance(event, ev.Progress) and event.preview is not None and run.throttle.ready():
+            previews.submit(event.preview)
+        self._post(loop, run, event)
 
-        Events wait in a queue drained by one loop callback, so that a run of quick nodes wakes the
+    def _post(self, loop: asyncio.AbstractEventLoop, run: Run, item: ev.Event | bytes) -> None:
+        """Queue an event or preview frame for the loop (from any thread).
+
+        Items wait in a queue drained by one loop callback, so that a run of quick nodes wakes the
         event loop once per batch rather than once per event (each wake-up contends for the GIL).
         """
-        if isinstance(event, ev.Progress) and event.preview is not None and run.throttle.ready():
-            frame = encode_preview(event.preview)
-            if frame is not None:
-                self._outbox.append((run, frame))
-        self._outbox.append((run, event))
+        self._outbox.append((run, item))
         if not self._drain_scheduled:
             self._drain_scheduled = True
             loop.call_soon_threadsafe(self._drain)
