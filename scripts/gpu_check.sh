@@ -80,7 +80,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to the t
 }
 # The CUDA-only tests first (seconds): CUDA-graph replays against plain launches, in ldm and the engine.
 if [ "${TESTS_S:-60}" -gt 0 ]; then
-    part tests "${TESTS_S:-60}" "$py" -m pytest -q tests/ldm/test_cuda_graphs.py tests/nodes/test_device_options.py
+    part tests "${TESTS_S:-60}" "$py" -m pytest -q tests/ldm/test_cuda_graphs.py tests/nodes/test_device_options.py \
+        tests/web/test_previews.py
 fi
 if [ "${GPU_S:-330}" -gt 0 ]; then
     part gpu "${GPU_S:-330}" "$py" -m benchmarks.gpu "$@"
