@@ -5,6 +5,7 @@ The server runs the real SD nodes on a tiny random-weight checkpoint saved as th
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -369,7 +370,20 @@ def open_workflow(page, tmp_path, doc, name="workflow.json"):
     page.wait_for_function(f"loom.editor.graph._nodes.length === {len(doc)}")
 
 
+def wait_until_idle(server, timeout=30.0):
+    """Until the server runs and holds no prompt: an earlier test's run whose outputs the page already
+    showed may still be finishing, and its history entry would land after a clear."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = server.call("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the server is still busy: {queue}")
+
+
 def test_queue_panel_cancel_interrupt_history_thumbnail_and_load_back(page, server, tmp_path):
+    wait_until_idle(server)
     page.click("#clear-history-button")
     page.wait_for_selector("#history-list .empty")
     assert server.call("/history") == {}
