@@ -15,8 +15,10 @@ A graph holds the addresses of the weights it read. `graphed_unet` compares them
 at the start of every sampling run and drops stale graphs (the module was moved, offloaded, or had a
 weight replaced); weights changed in place are simply read by the next replay. Each graph keeps its
 own activation memory, so a module keeps at most `max_shapes` of them, least recently used dropped
-first. `release(unet)` drops a module's graphs (the engine calls it when it moves the module off the
-GPU) and `release_all()` every graph (when it frees GPU memory).
+first; a shape that comes back in the same sampling run after being dropped then runs without (the
+shapes are taking turns, as with area conditioning over many region sizes, and capturing them again
+and again would cost more than it saves). `release(unet)` drops a module's graphs (the engine calls
+it when it moves the module off the GPU) and `release_all()` every graph (when it frees GPU memory).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class GraphedUNet:
         self.warmup = warmup
         self.max_shapes = max_shapes
         self._graphs: OrderedDict[tuple, _Captured | None] = OrderedDict()  # None: capture failed, run eagerly
+        self._evicted: set[tuple] = set()  # shapes whose graphs were dropped to make room in this run
         self._weights = self._fingerprint()
         _live.add(self)
 
@@ -68,17 +71,30 @@ class GraphedUNet:
 
     def reset(self) -> None:
         self._graphs.clear()
+        self._evicted.clear()
+
+    def new_run(self) -> None:
+        """A new sampling run: shapes dropped in earlier runs may be captured again (a server that
+        sees many image sizes in turn still gains: one capture costs about three steps)."""
+        self._evicted.clear()
+
+    def _graphable(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cuda" and not torch.is_grad_enabled()
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                  y: torch.Tensor | None = None) -> torch.Tensor:
-        if x.device.type != "cuda" or torch.is_grad_enabled():
+        if not self._graphable(x):
             return self.forward(x, timesteps, context, y=y)
         args = (x, timesteps, context, y)
         key = tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in args)
         if key not in self._graphs:
+            if key in self._evicted:
+                # More shapes take turns than a module keeps (area conditioning with many region sizes):
+                # capturing each again would cost three forward passes to save a fraction of one.
+                return self.forward(x, timesteps, context, y=y)
             self._graphs[key] = self._capture(args)
             while len(self._graphs) > self.max_shapes:
-                self._graphs.popitem(last=False)
+                self._evicted.add(self._graphs.popitem(last=False)[0])
         self._graphs.move_to_end(key)
         captured = self._graphs[key]
         if captured is None:
@@ -122,6 +138,7 @@ def graphed_unet(unet: nn.Module, forward: Callable[..., torch.Tensor] | None = 
         graphed = GraphedUNet(unet, forward)
         unet.__dict__["_loom_graphed"] = (id(unet), graphed)  # not a submodule: kept out of state_dict()
     graphed.check_weights()
+    graphed.new_run()
     return graphed
 
 

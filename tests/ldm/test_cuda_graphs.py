@@ -44,6 +44,32 @@ def test_graphs_are_kept_per_module_and_dropped_when_weights_move():
     assert not graphed._graphs
 
 
+def test_shapes_that_take_turns_beyond_the_limit_are_not_captured_again():
+    """Area conditioning with many region sizes: a dropped shape that comes back runs without graphs."""
+    captured = []
+
+    class Recording(GraphedUNet):
+        def _graphable(self, x):
+            return True
+
+        def _capture(self, args):
+            captured.append(tuple(args[0].shape))
+            return None  # as a failed capture: the call runs the module
+
+    unet = small_unet()
+    graphed = Recording(unet, max_shapes=2)
+    context = torch.zeros(1, 7, 16)
+    with torch.inference_mode():
+        for size in (8, 16, 24, 8, 16, 24, 24):
+            x = torch.zeros(1, 4, size, size)
+            assert torch.equal(graphed(x, torch.tensor([500.0]), context), unet(x, torch.tensor([500.0]), context))
+    assert [shape[-1] for shape in captured] == [8, 16, 24]  # 8 was dropped for 24, then not captured again
+    graphed.new_run()  # the next sampling run (graphed_unet calls it) may capture a dropped shape again
+    with torch.inference_mode():
+        graphed(torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), context)
+    assert [shape[-1] for shape in captured] == [8, 16, 24, 8]
+
+
 @cuda
 def test_replays_match_eager_and_each_shape_is_captured_once():
     unet = small_unet().cuda()
