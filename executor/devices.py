@@ -227,10 +227,6 @@ class DeviceManager:
             return
         import gc
 
-        graphs = sys.modules.get("ldm.cuda_graphs")
-        if graphs is not None:
-            graphs.release_all()  # captured graphs hold activation memory of their own
-
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()

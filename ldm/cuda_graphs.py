@@ -17,14 +17,13 @@ weight replaced); weights changed in place are simply read by the next replay. E
 own activation memory, so a module keeps at most `max_shapes` of them, least recently used dropped
 first; a shape that comes back in the same sampling run after being dropped then runs without (the
 shapes are taking turns, as with area conditioning over many region sizes, and capturing them again
-and again would cost more than it saves). `release(unet)` drops a module's graphs (the engine calls
-it when it moves the module off the GPU) and `release_all()` every graph (when it frees GPU memory).
+and again would cost more than it saves). `release(unet)` drops a module's graphs: the engine's device
+manager calls it whenever it moves the module off the GPU (eviction, `/free`, out-of-memory recovery).
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-_live: weakref.WeakSet[GraphedUNet] = weakref.WeakSet()
 
 
 @dataclass
@@ -53,7 +51,6 @@ class GraphedUNet:
         self._graphs: OrderedDict[tuple, _Captured | None] = OrderedDict()  # None: capture failed, run eagerly
         self._evicted: set[tuple] = set()  # shapes whose graphs were dropped to make room in this run
         self._weights = self._fingerprint()
-        _live.add(self)
 
     def __deepcopy__(self, memo: dict) -> None:
         """A deep copy of the module has weights of its own: it gets no graphs (see `graphed_unet`)."""
@@ -146,10 +143,4 @@ def release(unet: nn.Module) -> None:
     """Drop the graphs kept on `unet` and their memory (its weights are leaving the device)."""
     _, graphed = unet.__dict__.get("_loom_graphed", (None, None))
     if graphed is not None:
-        graphed.reset()
-
-
-def release_all() -> None:
-    """Drop every captured graph and its activation memory (before emptying the allocator's cache)."""
-    for graphed in list(_live):
         graphed.reset()

@@ -98,14 +98,14 @@ class PrefetchingNoiseSampler:
     """Draws a noise sampler's answers to a known sequence of (sigma, sigma_next) queries ahead of
     time on one background thread, so slow draws (a Brownian tree walk) overlap the model calls.
 
-    `sampler` makes CPU tensors; answers are moved to `device` and `dtype` in the caller's thread
-    (a CUDA copy from another thread could land inside a CUDA graph capture). Queries arriving out
-    of the expected order are answered on the same thread, after the queue: results never depend on
-    timing. Call `close()` to drop the draws not yet made.
+    `sampler` makes CPU tensors; answers are moved to `device` and `dtype` (where given) in the
+    caller's thread (a CUDA copy from another thread could land inside a CUDA graph capture). Queries
+    arriving out of the expected order are answered on the same thread, after the queue: results
+    never depend on timing. Call `close()` to drop the draws not yet made.
     """
 
     def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]],
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         self._sampler = sampler
         self._device, self._dtype = device, dtype
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
@@ -116,7 +116,7 @@ class PrefetchingNoiseSampler:
             noise = self._pending.popleft()[1].result()
         else:
             noise = self._executor.submit(self._sampler, sigma, sigma_next).result()
-        return noise.to(self._device, self._dtype)
+        return noise.to(device=self._device, dtype=self._dtype)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from ldm.cuda_graphs import GraphedUNet, graphed_unet, release_all
+from ldm.cuda_graphs import GraphedUNet, graphed_unet, release
 from ldm.lora import _shallow_copy
 from ldm.sampling import DiscreteSchedule, sample
 from tests.ldm.test_compile import run, small_unet
@@ -40,7 +40,7 @@ def test_graphs_are_kept_per_module_and_dropped_when_weights_move():
     unet.double()  # new weight tensors, as moving to another device makes
     assert graphed_unet(unet) is graphed and not graphed._graphs
     graphed._graphs["some shape"] = None
-    release_all()
+    release(unet)  # what the device manager does when the module leaves the GPU
     assert not graphed._graphs
 
 
