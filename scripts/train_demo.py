@@ -1,6 +1,6 @@
 """Train the bundled demo model (64 px captioned shapes, SD1 layout) end to end; rerun the same command to resume.
 
-    bash scripts/train_demo.sh OUT_DIR --work /tmp/loom-demo   # 8 minutes of training on one GPU (bf16)
+    bash scripts/train_demo.sh OUT_DIR --work /tmp/loom-demo   # the bundled model: 7 minutes on one H200 (bf16)
     bash scripts/train_demo.sh OUT_DIR --minutes 600   # the same recipe on a CPU, resumed over sessions
 
 Stages, each resumed where it stopped:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="output folder: the checkpoint, figures.json and four PNGs")
     parser.add_argument("--work", type=Path, help="folder for the resume state and intermediate files (default: OUT)")
-    parser.add_argument("--minutes", type=float, default=8.0,
+    parser.add_argument("--minutes", type=float, default=7.0,
                         help="the whole run's time, across resumes: 25%% autoencoder, 20%% decoder, 45%% UNet, "
                              "the rest data and checks")
     parser.add_argument("--max-steps", type=int, help="also stop each stage after this many steps")
