@@ -31,7 +31,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--lowvram", action="store_true",
                         help="keep the UNet in RAM and stream its blocks to the GPU as they run (slower, small cards)")
     device.add_argument("--weights-dtype", choices=["default", "fp8", "int8"], default="default",
-                        help="store UNet and text encoder weights in fp8 (computed in fp16/bf16) or int8 (torchao)")
+                        help="store the UNet's weights in fp8 (computed in fp16/bf16) or int8 (torchao)")
+    device.add_argument("--te-weights-dtype", choices=["default", "fp8", "int8"], default="default",
+                        help="the same for the text encoders (moves images more than the UNet's: see docs/gpu.md)")
     device.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (slow first run per image size, faster after)")
     device.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -58,7 +60,8 @@ def configure_engine(args: argparse.Namespace) -> Any:
         return None if value is None else int(value * 2**30)
 
     options = EngineOptions(
-        force_cpu=args.cpu, lowvram=args.lowvram, weights_dtype=args.weights_dtype, compile=args.compile,
+        force_cpu=args.cpu, lowvram=args.lowvram, weights_dtype=args.weights_dtype,
+        te_weights_dtype=args.te_weights_dtype, compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         vram_budget=gib(args.vram_budget_gb), ram_budget=gib(args.ram_budget_gb))
     set_default_options(options)

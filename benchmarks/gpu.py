@@ -9,7 +9,8 @@ uncond UNet call), end-to-end seconds per image (text encoding, sampling, VAE de
 memory; the same for diffusers' pipeline holding the same weights (only one side's models are on the
 card at a time); ours without CUDA graphs (`ldm.cuda_graphs`, on by default on CUDA as in the engine)
 and with `torch.compile`;
-fp8 weights (memory, it/s, PSNR of the decoded images against ours in bf16/fp16 over three seeds);
+fp8 weights as `--weights-dtype fp8` stores them, the UNet's (memory, it/s, PSNR of the decoded images
+against ours in bf16/fp16 over three seeds), and with the text encoders in fp8 too (memory, PSNR);
 images per second at batch 1, 2 and 4.
 
 Without CUDA (or with `--small`) the tiny presets run at 64 px instead, so the whole script can be
@@ -39,7 +40,7 @@ from executor.devices import DeviceManager
 from ldm.compile import compiled_unet, forget_compiled
 from ldm.cuda_graphs import graphed_unet
 from ldm.presets import PRESETS, randomize_
-from ldm.quant import FP8_SKIP, quantize_fp8_, weight_bytes
+from ldm.quant import FP8_SKIP, fp8_skip, quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, prepare_noise, sample
 from ldm.text_encoders import build_text_encoder, random_text_encoder_config
 from ldm.unet import UNetModel, sdxl_adm
@@ -171,6 +172,8 @@ class Figures:
     weights_mib_fp8: float | None = None
     its_fp8: float | None = None
     psnr_fp8: float | None = None
+    weights_mib_fp8_te: float | None = None  # the text encoders in fp8 too
+    psnr_fp8_te: float | None = None
     images_per_s: dict[int, float] = field(default_factory=dict)
     fp8_variants: dict[str, dict[str, float]] = field(default_factory=dict)  # --fp8-variants: MiB and PSNR
     skipped: list[str] = field(default_factory=list)
@@ -260,41 +263,46 @@ def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -
             torch._dynamo.reset()
 
 
-# Which layers stay in bf16/fp16 under `--fp8-variants` (the default keeps FP8_SKIP's), and
-# whether the text encoder is quantized too: which parts the fp8 error comes from.
-FP8_VARIANTS = {
-    "unet only": (FP8_SKIP, False),
-    "unet, attention kept": (re.compile(FP8_SKIP.pattern + r"|\.attn[12]\."), False),
-    "unet, full-resolution blocks kept": (
-        re.compile(FP8_SKIP.pattern + r"|^input_blocks\.[1-3]\.|^output_blocks\.[6-8]\."), False),
+# More layers in bf16/fp16 than `--weights-dtype fp8` keeps (`fp8_skip`), or fewer: where the fp8 error
+# comes from (`--fp8-variants`, memory and PSNR only). Text encoders are never quantized here.
+FP8_VARIANTS: dict[str, Callable[[torch.nn.Module], re.Pattern[str]]] = {
+    "unet, every block": lambda unet: FP8_SKIP,
+    "unet, attention kept too": lambda unet: re.compile(fp8_skip(unet).pattern + r"|\.attn[12]\."),
 }
 
 
 def run_fp8(models: Models, device: torch.device, f: Figures, steps: int, reference: dict[int, torch.Tensor],
             variants: bool = False) -> None:
-    """fp8 copies of the UNet and text encoder (the VAE stays as it is), against the reference images;
-    with `variants`, also the FP8_VARIANTS (memory and PSNR only)."""
+    """fp8 copies against the reference images (the VAE stays as it is): the UNet as `--weights-dtype fp8`
+    makes it (memory, it/s, PSNR), then the text encoders too (`--te-weights-dtype fp8`: memory and PSNR);
+    with `variants`, also the FP8_VARIANTS."""
     f.weights_mib = (weight_bytes(models.unet) + weight_bytes(models.te)) / 2**20
 
-    def quantized(skip: re.Pattern[str], text_encoder: bool) -> Models:
+    def quantized(skip: re.Pattern[str] | None, text_encoder: bool) -> Models:
         return Models(models.family, models.prediction, quantize_fp8_(copy.deepcopy(models.unet), skip), models.vae,
                       quantize_fp8_(copy.deepcopy(models.te)) if text_encoder else models.te, graphs=models.graphs)
 
     def worst_psnr(small: Models) -> float:
         return min(psnr(ours_txt2img(small, seed, f.size, steps), reference[seed]) for seed in SEEDS)
 
-    small = quantized(FP8_SKIP, True)
-    f.weights_mib_fp8 = (weight_bytes(small.unet) + weight_bytes(small.te)) / 2**20
+    def mib(small: Models) -> float:
+        return (weight_bytes(small.unet) + weight_bytes(small.te)) / 2**20
+
+    small = quantized(None, False)
+    f.weights_mib_fp8 = mib(small)
     with torch.inference_mode():
         ours_txt2img(small, 0, f.size, 2)
         f.its_fp8 = ours_its(small, device, f.size, steps)
         f.psnr_fp8 = worst_psnr(small)
         del small
         free(device)
-        for name, (skip, text_encoder) in (FP8_VARIANTS.items() if variants else ()):
-            small = quantized(skip, text_encoder)
-            f.fp8_variants[name] = {"mib": round((weight_bytes(small.unet) + weight_bytes(small.te)) / 2**20, 1),
-                                    "psnr": round(worst_psnr(small), 2)}
+        small = quantized(None, True)
+        f.weights_mib_fp8_te, f.psnr_fp8_te = mib(small), worst_psnr(small)
+        del small
+        free(device)
+        for name, skip in (FP8_VARIANTS.items() if variants else ()):
+            small = quantized(skip(models.unet), False)
+            f.fp8_variants[name] = {"mib": round(mib(small), 1), "psnr": round(worst_psnr(small), 2)}
             print(f"fp8 {name}: {f.fp8_variants[name]}", flush=True)
             del small
             free(device)
@@ -376,8 +384,10 @@ def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> 
         ("UNet it/s, diffusers", "its_diffusers"), ("s/image end to end, ours", "image_s"),
         ("s/image end to end, diffusers", "image_s_diffusers"), ("peak GPU GiB, ours", "peak_gb"),
         ("peak GPU GiB, diffusers", "peak_gb_diffusers"), ("first compiled run s", "compile_s"),
-        ("UNet+TE weights MiB", "weights_mib"), ("UNet+TE weights MiB, fp8", "weights_mib_fp8"),
-        ("UNet it/s, fp8", "its_fp8"), ("PSNR fp8 vs full dB (worst seed)", "psnr_fp8"),
+        ("UNet+TE weights MiB", "weights_mib"), ("UNet+TE weights MiB, fp8 UNet", "weights_mib_fp8"),
+        ("UNet it/s, fp8 UNet", "its_fp8"), ("PSNR fp8 UNet vs full dB (worst seed)", "psnr_fp8"),
+        ("UNet+TE weights MiB, fp8 UNet and TE", "weights_mib_fp8_te"),
+        ("PSNR fp8 UNet and TE vs full dB", "psnr_fp8_te"),
         ("CUDA graphs: max pixel diff vs without", "graphs_max_diff"),
     ]
     keys = list(results)
@@ -450,8 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
         "sdxl_image_s": get(sdxl, "image_s"), "sdxl_peak_gb": get(sdxl, "peak_gb"),
         "sdxl_peak_gb_diffusers": get(sdxl, "peak_gb_diffusers"),
         "sd15_psnr_fp8": get(sd15, "psnr_fp8"), "sdxl_psnr_fp8": get(sdxl, "psnr_fp8"),
+        "sd15_psnr_fp8_te": get(sd15, "psnr_fp8_te"), "sdxl_psnr_fp8_te": get(sdxl, "psnr_fp8_te"),
         "sd15_weights_mib": get(sd15, "weights_mib"), "sd15_weights_mib_fp8": get(sd15, "weights_mib_fp8"),
         "sdxl_weights_mib": get(sdxl, "weights_mib"), "sdxl_weights_mib_fp8": get(sdxl, "weights_mib_fp8"),
+        "sd15_weights_mib_fp8_te": get(sd15, "weights_mib_fp8_te"),
+        "sdxl_weights_mib_fp8_te": get(sdxl, "weights_mib_fp8_te"),
         "sd15_images_per_s": {b: round(v, 3) for b, v in sd15.images_per_s.items()} if sd15 else None,
         "sdxl_images_per_s": {b: round(v, 3) for b, v in sdxl.images_per_s.items()} if sdxl else None,
         "fp8_variants": {k: figures.fp8_variants for k, figures in results.items() if figures.fp8_variants},

@@ -30,15 +30,17 @@ class EngineOptions:
 
     force_cpu: bool = False
     lowvram: bool = False
-    weights_dtype: str = "default"  # "fp8": e4m3 storage, upcast per layer; "int8": torchao weight-only
+    weights_dtype: str = "default"  # the UNet's: "fp8": e4m3 storage, upcast per layer; "int8": torchao weight-only
+    te_weights_dtype: str = "default"  # the text encoders', the same choices
     compile: bool = False  # torch.compile the UNet forward (reused for every run of the same shape)
     cuda_graphs: bool = True  # on CUDA, replay the UNet's steps as a captured CUDA graph (ldm/cuda_graphs.py)
     vram_budget: int | None = None  # bytes of model weights on the compute device; None: from the card
     ram_budget: int | None = None  # bytes of loaded models kept in RAM; None: from the machine
 
     def __post_init__(self) -> None:
-        if self.weights_dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"weights dtype must be one of {WEIGHTS_DTYPES}, not {self.weights_dtype!r}")
+        for value in (self.weights_dtype, self.te_weights_dtype):
+            if value not in WEIGHTS_DTYPES:
+                raise ValueError(f"weights dtype must be one of {WEIGHTS_DTYPES}, not {value!r}")
 
 
 _defaults = EngineOptions()

@@ -5,9 +5,14 @@ fp32): each layer keeps its weight as `torch.float8_e4m3fn` divided by a per-out
 (so every row uses fp8's whole range), and its forward multiplies it back in the compute dtype just
 before the matmul or convolution. Only one layer's full-precision weight exists at a time.
 
-Kept in full precision, because they are tiny and the output is sensitive to them: the timestep
-and class embeddings and the UNet's first and last convolutions (names in `FP8_SKIP`), norms,
-embeddings and biases.
+Kept in full precision, because they are small and the output is sensitive to them: the timestep
+and class embeddings and the UNet's first and last convolutions (names in `FP8_SKIP`), the UNet's
+blocks at full latent resolution (`fp8_skip`; 16 MiB more for SDXL, raising the PSNR against
+bf16 images from 31.5 to 33.3 dB on an H100), norms, embeddings and biases.
+
+The engine quantizes the UNet and the text encoders separately (`--weights-dtype`,
+`--te-weights-dtype`): on SDXL an fp8 text encoder moved images more than the whole fp8 UNet
+(28.3 dB with both, 31.5 with the UNet alone), so it is a choice of its own.
 
 `quantize_int8_(model)` is torchao's int8 weight-only quantization, when torchao is installed.
 """
@@ -71,11 +76,25 @@ def _quantize_layer(layer: nn.Module) -> None:
     layer.register_buffer("weight_scale", scale.to(weight.dtype))
 
 
-def quantize_fp8_(model: nn.Module, skip: re.Pattern[str] = FP8_SKIP) -> nn.Module:
-    """Store every Linear and Conv2d weight of `model` in fp8 (in place; returns `model`).
+def fp8_skip(model: nn.Module) -> re.Pattern[str]:
+    """`FP8_SKIP`, and for a UNet also its first level's blocks (those at full latent resolution): the
+    input blocks before the first downsample (that included) and the output blocks after the last upsample."""
+    config = getattr(model, "config", None)
+    if not (hasattr(model, "input_blocks") and hasattr(model, "output_blocks") and hasattr(config, "num_res_blocks")):
+        return FP8_SKIP
+    per_level = config.num_res_blocks + 1
+    inputs = "|".join(str(i) for i in range(1, 1 + per_level))
+    outputs = "|".join(str(i) for i in range(len(model.output_blocks) - per_level, len(model.output_blocks)))
+    return re.compile(FP8_SKIP.pattern + rf"|^input_blocks\.({inputs})\.|^output_blocks\.({outputs})\.")
+
+
+def quantize_fp8_(model: nn.Module, skip: re.Pattern[str] | None = None) -> nn.Module:
+    """Store every Linear and Conv2d weight of `model` in fp8 (in place; returns `model`), except the
+    layers whose names `skip` finds (default: `fp8_skip(model)`).
 
     The compute dtype stays the weights' current dtype: quantize after casting to fp16/bf16.
     """
+    skip = fp8_skip(model) if skip is None else skip
     for name, layer in list(model.named_modules()):
         if type(layer) in _FP8_CLASSES and not skip.search(name):
             _quantize_layer(layer)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ldm.lora import Lora, LoraWeight, apply_lora
-from ldm.presets import build_preset
-from ldm.quant import FP8, Fp8Conv2d, Fp8Linear, is_fp8, quantize_, quantize_fp8_, weight_bytes
+from ldm.presets import PRESETS, build_preset
+from ldm.quant import FP8, FP8_SKIP, Fp8Conv2d, Fp8Linear, fp8_skip, is_fp8, quantize_, quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, sample
+from ldm.unet import UNetModel
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,35 @@ def txt2img(unet, vae, te, prediction: str, seed: int) -> torch.Tensor:
 def test_fp8_shrinks_linear_and_conv_weights_and_keeps_the_sensitive_layers(tiny):
     _, unet, _, _ = tiny
     quantized = quantize_fp8_(copy.deepcopy(unet))
-    assert weight_bytes(quantized) < 0.3 * weight_bytes(unet)  # fp32 -> fp8 plus per-row scales
+    assert weight_bytes(quantized) < 0.5 * weight_bytes(unet)  # fp32 -> fp8 but for the kept layers
     layers = dict(quantized.named_modules())
-    assert isinstance(layers["input_blocks.1.0.in_layers.2"], Fp8Conv2d)
-    assert isinstance(layers["input_blocks.1.1.transformer_blocks.0.attn1.to_q"], Fp8Linear)
-    assert is_fp8(layers["middle_block.1.proj_in"])
-    for name in ("time_embed.0", "input_blocks.0.0", "out.2"):
+    assert isinstance(layers["input_blocks.3.0.in_layers.2"], Fp8Conv2d)
+    assert isinstance(layers["input_blocks.3.1.transformer_blocks.0.attn1.to_q"], Fp8Linear)
+    assert is_fp8(layers["middle_block.1.proj_in"]) and is_fp8(layers["output_blocks.0.0.in_layers.2"])
+    # The embeddings, first and last convolutions, and the blocks at full latent resolution stay.
+    for name in ("time_embed.0", "input_blocks.0.0", "out.2", "input_blocks.1.0.in_layers.2",
+                 "input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.2.0.op",
+                 "output_blocks.3.1.proj_out", "output_blocks.2.0.skip_connection"):
         assert layers[name].weight.dtype == torch.float32, name
     assert quantized.dtype == torch.float32  # the compute dtype
+    every_block = quantize_fp8_(copy.deepcopy(unet), skip=FP8_SKIP)
+    assert is_fp8(every_block.get_submodule("input_blocks.1.0.in_layers.2"))
+
+
+@pytest.mark.parametrize(("preset", "kept"), [
+    ("sd15", ("input_blocks.1", "input_blocks.2", "input_blocks.3", "output_blocks.9", "output_blocks.10",
+              "output_blocks.11")),
+    ("sdxl", ("input_blocks.1", "input_blocks.2", "input_blocks.3", "output_blocks.6", "output_blocks.7",
+              "output_blocks.8")),
+])
+def test_the_blocks_at_full_latent_resolution_are_kept_in_the_real_layouts(preset, kept):
+    with torch.device("meta"):
+        unet = UNetModel(PRESETS[preset][2])
+    skip = fp8_skip(unet)
+    blocks = [f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + \
+             [f"output_blocks.{i}" for i in range(len(unet.output_blocks))]
+    assert [b for b in blocks if skip.search(b + ".0.x")] == ["input_blocks.0", *kept]
+    assert fp8_skip(torch.nn.Linear(2, 2)) is FP8_SKIP
 
 
 def test_fp8_images_stay_within_30_db_of_full_precision(tiny):
@@ -66,7 +88,7 @@ def test_fp8_runs_in_bf16(tiny):
 
 def test_a_lora_patches_an_fp8_layer_in_full_precision(tiny):
     _, unet, _, _ = tiny
-    quantized = quantize_fp8_(copy.deepcopy(unet))
+    quantized = quantize_fp8_(copy.deepcopy(unet), FP8_SKIP)
     path = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
     g = torch.Generator().manual_seed(0)
     name = "lora_unet_" + path.replace(".", "_")

@@ -76,16 +76,29 @@ def test_lowvram_streams_the_unet_and_makes_the_same_image(base):
     assert streamer is not None and streamer.loads == 4 * len(streamer.blocks)  # every block, every step
 
 
-def test_fp8_weights_through_the_option_and_the_loader_node(base):
+def _fp8_parts(services: Services) -> tuple[bool, bool]:
+    """Whether the resident UNet and text encoder hold fp8 weights."""
+    [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
+    [te] = [m for m in services.devices.resident() if hasattr(m, "encoders")]
+    fc1 = te.encoders["clip_l"].text_model.encoder.layers[0].mlp.fc1
+    return is_fp8(unet.middle_block[1].proj_in), is_fp8(fc1)
+
+
+def test_fp8_weights_through_the_options_and_the_loader_node(base):
     plain, _ = image(base)
     small, services = image(base, EngineOptions(weights_dtype="fp8"))
-    [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
-    assert is_fp8(unet.middle_block[1].proj_in)
+    assert _fp8_parts(services) == (True, False)  # the text encoders are a choice of their own
     assert psnr(small, plain) > 30.0
+    smaller, services = image(base, EngineOptions(weights_dtype="fp8", te_weights_dtype="fp8"))
+    assert _fp8_parts(services) == (True, True)
+    assert psnr(smaller, plain) > 30.0 and not torch.equal(smaller, small)
     loader = {"class_type": "CheckpointLoaderWeightDtype",
               "inputs": {"ckpt_name": "tiny.safetensors", "weight_dtype": "fp8_e4m3fn"}}
-    by_node, _ = image(base, graph=txt2img(loader=loader))
+    by_node, _ = image(base, graph=txt2img(loader=loader))  # a workflow saved before the second input
     torch.testing.assert_close(by_node, small, rtol=0, atol=0)
+    loader["inputs"]["text_encoder_dtype"] = "fp8_e4m3fn"
+    by_node, _ = image(base, graph=txt2img(loader=loader))
+    torch.testing.assert_close(by_node, smaller, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -102,7 +115,7 @@ def test_cli_takes_the_device_options(base, tmp_path):
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(txt2img()))
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", str(path), "--json", "--base-dir",
-                           str(base.base), "--cpu", "--lowvram", "--weights-dtype", "fp8",
+                           str(base.base), "--cpu", "--lowvram", "--weights-dtype", "fp8", "--te-weights-dtype", "fp8",
                            "--vram-budget-gb", "0.5", "--ram-budget-gb", "2", "--no-cuda-graphs"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
