@@ -26,16 +26,29 @@ from ldm.sampling.samplers import (
 
 
 class _Eps:
-    """eps(x, t) evaluations of one step, cached by name so that shared stages run once."""
+    """eps(x, t) evaluations of one step, cached by name so that shared stages run once (the
+    adaptive solver's lower- and higher-order steps share their first stages); the model's x0 of
+    the step's first evaluation is kept for the callback."""
 
     def __init__(self, model: Model, extra_args: dict | None) -> None:
         self.model, self.extra_args, self.cache, self.calls = model, extra_args, {}, 0
+        self.denoised: Tensor | None = None
 
     def __call__(self, key: str, x: Tensor, t: float) -> Tensor:
         if key not in self.cache:
             sigma = math.exp(-t)
-            self.cache[key] = (x - _call(self.model, x, sigma, self.extra_args)) / sigma
+            denoised = _call(self.model, x, sigma, self.extra_args)
+            if key == "eps":
+                self.denoised = denoised
+            self.cache[key] = torch.sub(x, denoised).div_(sigma)
             self.calls += 1
+        return self.cache[key]
+
+    def first_stage(self, x: Tensor, t: float, h: float, r1: float) -> Tensor:
+        """u1, the point at t + r1 h that the second evaluation is made at (made once per r1)."""
+        key = f"u1 {r1}"
+        if key not in self.cache:
+            self.cache[key] = torch.add(x, self("eps", x, t), alpha=-math.exp(-(t + r1 * h)) * math.expm1(r1 * h))
         return self.cache[key]
 
 
@@ -50,9 +63,7 @@ def _step_1(eps: _Eps, x: Tensor, t: float, t_next: float) -> Tensor:
 def _step_2(eps: _Eps, x: Tensor, t: float, t_next: float, r1: float = 1 / 2) -> Tensor:
     h = t_next - t
     e = eps("eps", x, t)
-    s1 = t + r1 * h
-    u1 = torch.add(x, e, alpha=-math.exp(-s1) * math.expm1(r1 * h))
-    e_r1 = eps("eps_r1", u1, s1)
+    e_r1 = eps("eps_r1", eps.first_stage(x, t, h, r1), t + r1 * h)
     a, b = math.exp(-t_next) * math.expm1(h), math.exp(-t_next) / (2 * r1) * math.expm1(h)
     return linear_combination([(1.0, x), (b - a, e), (-b, e_r1)])
 
@@ -61,8 +72,7 @@ def _step_3(eps: _Eps, x: Tensor, t: float, t_next: float, r1: float = 1 / 3, r2
     h = t_next - t
     e = eps("eps", x, t)
     s1, s2 = t + r1 * h, t + r2 * h
-    u1 = torch.add(x, e, alpha=-math.exp(-s1) * math.expm1(r1 * h))
-    e_r1 = eps("eps_r1", u1, s1)
+    e_r1 = eps("eps_r1", eps.first_stage(x, t, h, r1), s1)
     phi = math.expm1(r2 * h) / (r2 * h) - 1
     a, b = math.exp(-s2) * math.expm1(r2 * h), math.exp(-s2) * (r2 / r1) * phi
     u2 = linear_combination([(1.0, x), (b - a, e), (-b, e_r1)])
@@ -111,8 +121,8 @@ def sample_dpm_fast(
         t, t_next = ts[i], ts[i + 1]
         t_next_, su = _ancestral_target(t, t_next, t_end, eta)
         eps = _Eps(model, extra_args)
-        e = eps("eps", x, t)
-        _report(callback, i, x, math.exp(-t), math.exp(-t), x - math.exp(-t) * e)
+        eps("eps", x, t)
+        _report(callback, i, x, math.exp(-t), math.exp(-t), eps.denoised)
         x = (_step_1, _step_2, _step_3)[order - 1](eps, x, t, t_next_)
         if su:
             x = x + noise_sampler(math.exp(-t), math.exp(-t_next)) * (su * s_noise)
@@ -181,21 +191,25 @@ def sample_dpm_adaptive(
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     t_start, t_end = _range(sigmas)
     pid = _PIDController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
-    s, x_prev, steps = t_start, x, 0
+    s, steps = t_start, 0
+    prev_abs = x.abs()  # |x_prev|, the lower-order solution of the last accepted step (x at first)
     while s < t_end - 1e-5:
         t = min(t_end, s + pid.h)
         t_, su = _ancestral_target(s, t, t_end, eta)
         eps = _Eps(model, extra_args)
-        e = eps("eps", x, s)
-        _report(callback, steps, x, math.exp(-s), math.exp(-s), x - math.exp(-s) * e)
+        eps("eps", x, s)
+        _report(callback, steps, x, math.exp(-s), math.exp(-s), eps.denoised)
         if order == 2:
             x_low, x_high = _step_1(eps, x, s, t_), _step_2(eps, x, s, t_)
         else:
             x_low, x_high = _step_2(eps, x, s, t_, r1=1 / 3), _step_3(eps, x, s, t_)
-        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
-        error = float(torch.linalg.norm((x_low - x_high) / delta)) / x.numel() ** 0.5
+        # The error norm of k-diffusion, || (x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|)) ||
+        # / sqrt(n), in place where the tensors are this step's own.
+        low_abs = x_low.abs()
+        delta = torch.maximum(low_abs, prev_abs).mul_(rtol).clamp_min_(atol)
+        error = float(torch.linalg.vector_norm(torch.sub(x_low, x_high).div_(delta))) / x.numel() ** 0.5
         if pid.propose_step(error):
-            x_prev = x_low
+            prev_abs = low_abs
             x = x_high + noise_sampler(math.exp(-s), math.exp(-t)) * (su * s_noise) if su else x_high
             s = t
         steps += 1
