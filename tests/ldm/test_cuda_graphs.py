@@ -11,7 +11,7 @@ from ldm.lora import _shallow_copy
 from ldm.sampling import DiscreteSchedule, sample
 from tests.ldm.test_compile import run, small_unet
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda
 
 
 def run_on_cuda(unet, size: int) -> torch.Tensor:

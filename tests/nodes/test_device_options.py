@@ -101,7 +101,7 @@ def test_fp8_weights_through_the_options_and_the_loader_node(base):
     torch.testing.assert_close(by_node, smaller, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_graphs_make_the_same_image_as_plain_launches(base):
     graphed, services = image(base, force_cpu=False)
     [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]

@@ -35,7 +35,7 @@ def test_previews_are_encoded_off_the_sampling_thread_from_a_copy():
     assert len(delivered) == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_a_cuda_latent_is_copied_without_waiting_and_encoded_the_same():
     delivered, threads, deliver = collecting()
     encoder = PreviewEncoder(deliver)
