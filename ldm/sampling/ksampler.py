@@ -167,9 +167,13 @@ def sample(
     guider = CFGGuider(denoiser, positive, negative, cfg)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
 
+    prefetcher: PrefetchingNoiseSampler | None = None
+
     def model(x: Tensor, sigma: Tensor) -> Tensor:
         if interrupt is not None and interrupt():
             raise SamplingInterrupted("sampling interrupted")
+        if prefetcher is not None:
+            prefetcher.start()  # the noise is drawn while the model runs (a no-op after the first call)
         if mask is None:
             return guider(x, sigma)
         level = sigma.reshape(-1, *([1] * (x.ndim - 1)))
@@ -179,7 +183,6 @@ def sample(
     total = len(sigmas) - 1
     on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
     options = dict(sampler_options or {})
-    prefetcher = None
     if sampler_name in _BROWNIAN and "noise_sampler" not in options:
         positive_sigmas = sigmas[sigmas > 0]
         tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)

@@ -63,13 +63,12 @@ class BrownianTreeNoiseSampler:
     as k-diffusion does), so SDE samplers see consistent noise whatever the step sizes.
 
     Calling it with (sigma, sigma_next) returns the normalised increment of the path between them.
-    The tree lives on the CPU; increments are moved to `x`'s device (`cpu_increment` leaves them there).
+    The tree lives on the CPU and is built at the first draw (on the prefetching thread, where there is
+    one); increments are moved to `x`'s device (`cpu_increment` leaves them there).
     """
 
     def __init__(self, x: Tensor, sigma_min: float, sigma_max: float, seed: int) -> None:
-        import torchsde
-
-        self.device, self.dtype = x.device, x.dtype
+        self.device, self.dtype, self.shape, self.seed = x.device, x.dtype, x.shape, int(seed) % 2**64
         self.bounds = float(sigma_min), float(sigma_max)
         # torchsde rounds the tree's ends to 6 decimals (its default tol, 1e-6) and warns about
         # queries beyond them; queries are clamped to the rounded range instead.
@@ -77,9 +76,16 @@ class BrownianTreeNoiseSampler:
             max(self.bounds[0], round(self.bounds[0], 6)),
             min(self.bounds[1], round(self.bounds[1], 6)),
         )
-        w0 = torch.zeros(x.shape, dtype=torch.float32)
-        t0, t1 = (torch.tensor(t, dtype=torch.float64) for t in self.bounds)
-        self.tree = torchsde.BrownianTree(t0, w0, t1, entropy=int(seed) % 2**64)
+        self._tree = None
+
+    @property
+    def tree(self):
+        if self._tree is None:
+            import torchsde
+
+            t0, t1 = (torch.tensor(t, dtype=torch.float64) for t in self.bounds)
+            self._tree = torchsde.BrownianTree(t0, torch.zeros(self.shape, dtype=torch.float32), t1, entropy=self.seed)
+        return self._tree
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         return self.cpu_increment(sigma, sigma_next).to(self.device, self.dtype)
@@ -101,7 +107,9 @@ class PrefetchingNoiseSampler:
     `sampler` makes CPU tensors; answers are moved to `device` and `dtype` (where given) in the
     caller's thread (a CUDA copy from another thread could land inside a CUDA graph capture). Queries
     arriving out of the expected order are answered on the same thread, after the queue: results
-    never depend on timing. Call `close()` to drop the draws not yet made.
+    never depend on timing. Drawing begins at `start()` (the KSampler calls it as its first model
+    call begins, so the draws overlap the model rather than the set-up before it) or at the first
+    query. Call `close()` to drop the draws not yet made.
     """
 
     def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]],
@@ -109,9 +117,16 @@ class PrefetchingNoiseSampler:
         self._sampler = sampler
         self._device, self._dtype = device, dtype
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
-        self._pending = deque((query, self._executor.submit(sampler, *query)) for query in queries)
+        self._queries: list[tuple[float, float]] | None = queries
+        self._pending: deque = deque()
+
+    def start(self) -> None:
+        if self._queries is not None:
+            self._pending.extend((query, self._executor.submit(self._sampler, *query)) for query in self._queries)
+            self._queries = None
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        self.start()
         if self._pending and self._pending[0][0] == (sigma, sigma_next):
             noise = self._pending.popleft()[1].result()
         else:
@@ -120,4 +135,5 @@ class PrefetchingNoiseSampler:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._queries = None
         self._pending.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -157,6 +159,24 @@ def test_prefetcher_answers_unexpected_queries_too():
     assert prefetcher(0.7, 0.1).tolist() == pytest.approx([0.7, 0.1])
     assert prefetcher(1.0, 0.5).tolist() == [1.0, 0.5]
     prefetcher.close()
+
+
+def test_prefetcher_draws_nothing_before_it_is_started_and_the_tree_is_built_at_the_first_draw():
+    """The KSampler starts the draws as its first model call begins, so they overlap the model, not
+    the set-up before it (a Brownian tree's walk holds the GIL much of the time)."""
+    drawn = []
+    prefetcher = PrefetchingNoiseSampler(lambda a, b: drawn.append((a, b)) or torch.tensor([a, b]), [(1.0, 0.5)])
+    time.sleep(0.05)
+    assert drawn == []
+    prefetcher.start()
+    prefetcher.start()  # once only
+    assert prefetcher(1.0, 0.5).tolist() == [1.0, 0.5] and drawn == [(1.0, 0.5)]
+    prefetcher.close()
+    tree = BrownianTreeNoiseSampler(torch.zeros(1, 4, 8, 8), 0.03, 14.6, seed=1)
+    assert tree._tree is None
+    first = tree(14.6, 10.0)
+    assert tree._tree is not None and torch.equal(BrownianTreeNoiseSampler(torch.zeros(1, 4, 8, 8), 0.03, 14.6, seed=1)(
+        14.6, 10.0), first)
 
 
 def test_prefetcher_draws_on_its_thread_and_converts_in_the_callers():
