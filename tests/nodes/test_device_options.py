@@ -1,6 +1,7 @@
 """The SD nodes under the engine's device options: low-VRAM streaming, fp8 weights, model placement."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,23 @@ def test_cli_takes_the_device_options(base, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "success"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compile_makes_the_same_image_and_later_runs_reuse_it(base):
+    """`--compile` on the CPU (inductor's C++ backend): the image matches the eager one, and a run with
+    another seed (same shapes) compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    eager, _ = image(base)
+    compiled, services = image(base, EngineOptions(compile=True))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    engine = Executor(builtin_registry(), services=services)
+    graph = txt2img()
+    graph["3"]["inputs"]["seed"] = 4
+    result = engine.run(parse_api(graph), keep=["8"])
+    assert result.ok, result.error
+    assert counters["stats"]["unique_graphs"] == graphs
