@@ -3,6 +3,9 @@
     from loom import Pipeline
     pipe = Pipeline.from_checkpoint("models/checkpoints/x.safetensors")
     image = pipe.generate("a beautiful sunset over mountains", num_steps=50)
+
+The command line's device options are `options=EngineOptions(...)` here, e.g.
+`Pipeline(path, options=EngineOptions(weights_dtype="fp8", compile=True))`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from executor.devices import EngineOptions
 from executor.executor import Executor
 from executor.services import Services
 from graph.document import parse_api
@@ -33,14 +37,16 @@ class Pipeline:
     """One checkpoint, one engine. Calls share the engine's caches: a second call with a new seed
     re-runs only the sampler and what follows it."""
 
-    def __init__(self, checkpoint: str | Path, *, paths: FolderPaths | None = None, cpu: bool = False) -> None:
+    def __init__(self, checkpoint: str | Path, *, paths: FolderPaths | None = None, cpu: bool = False,
+                 options: EngineOptions | None = None) -> None:
         self.checkpoint = Path(checkpoint).resolve()
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} not found")
         self.paths = paths or get_paths()
         self.paths.extra_model_paths.setdefault("checkpoints", []).insert(0, self.checkpoint.parent)
         set_paths(self.paths)
-        self.executor = Executor(builtin_registry(), services=Services.create(self.paths, force_cpu=cpu))
+        services = Services.create(self.paths, force_cpu=cpu, options=options)
+        self.executor = Executor(builtin_registry(), services=services)
         self.default_size = _default_size(self.checkpoint)
 
     @classmethod

@@ -6,7 +6,7 @@ from PIL import Image
 
 from ldm.presets import make_checkpoint
 from loom import Pipeline
-from nodes.folders import FolderPaths, set_paths
+from nodes.folders import FolderPaths, get_paths, set_paths
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,23 @@ def test_img2img_inpaint_and_returned_workflow(pipe):
     result = pipe.inpaint(init, mask, "a green circle", num_steps=2, seed=4, return_workflow=True)
     assert result.images[0].size == (64, 64)
     assert result.workflow["5"]["class_type"] == "VAEEncodeForInpaint"
+
+
+def test_engine_options_reach_the_models(tmp_path):
+    """`options` are the command line's device options: here fp8 UNet weights."""
+    from executor.devices import EngineOptions
+    from ldm.quant import is_fp8
+
+    checkpoint = make_checkpoint("tiny-sd1", tmp_path / "tiny.safetensors", seed=2)
+    before = get_paths()
+    try:
+        small = Pipeline(checkpoint, paths=FolderPaths(base=tmp_path), cpu=True,
+                         options=EngineOptions(weights_dtype="fp8"))
+        assert small.generate("a red circle", num_steps=2, seed=1, width=64, height=64).size == (64, 64)
+        [unet] = [m for m in small.executor.services.devices.resident() if type(m).__name__ == "UNetModel"]
+        assert is_fp8(unet.middle_block[1].proj_in)
+    finally:
+        set_paths(before)  # the module's pipeline keeps its own folders
 
 
 def test_bad_checkpoint_path():
