@@ -15,6 +15,7 @@ from ldm.sampling.denoiser import Denoiser, UNet
 from ldm.sampling.guidance import CFGGuider, CondList
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
+    DrawAhead,
     PrefetchingNoiseSampler,
     prepare_noise,
     seeded_noise_sampler,
@@ -62,6 +63,8 @@ _STEP_NOISE = {
     "dpm_fast",
     "dpm_adaptive",
 }
+# Those of them that draw step noise at (nearly) every step with their default options: drawn ahead.
+_DRAW_AHEAD = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"}
 
 
 class SamplingInterrupted(Exception):
@@ -167,7 +170,7 @@ def sample(
     guider = CFGGuider(denoiser, positive, negative, cfg)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
 
-    prefetcher: PrefetchingNoiseSampler | None = None
+    prefetcher: PrefetchingNoiseSampler | DrawAhead | None = None
 
     def model(x: Tensor, sigma: Tensor) -> Tensor:
         if interrupt is not None and interrupt():
@@ -188,6 +191,10 @@ def sample(
         tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)
         prefetcher = PrefetchingNoiseSampler(tree.cpu_increment, _brownian_queries(sampler_name, sigmas.tolist(),
                                                                                    options), x.device, x.dtype)
+        options["noise_sampler"] = prefetcher
+    elif sampler_name in _DRAW_AHEAD and "noise_sampler" not in options:
+        prefetcher = DrawAhead(seeded_noise_sampler(x, step_noise_seed(seed), cpu=True), len(sigmas) - 1,
+                               x.device, x.dtype)
         options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
         options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))

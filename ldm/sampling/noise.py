@@ -48,12 +48,14 @@ def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = Non
     return noise.to(device=latent.device, dtype=latent.dtype)
 
 
-def seeded_noise_sampler(x: Tensor, seed: int) -> NoiseSampler:
-    """Fresh unit noise shaped like `x` at each call, from a CPU generator seeded with `seed`."""
+def seeded_noise_sampler(x: Tensor, seed: int, cpu: bool = False) -> NoiseSampler:
+    """Fresh unit noise shaped like `x` at each call, from a CPU generator seeded with `seed` (the
+    sigmas are ignored); moved to `x`'s device and dtype unless `cpu`."""
     generator = cpu_generator(seed)
 
     def sample(sigma: float, sigma_next: float) -> Tensor:
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+        return noise if cpu else noise.to(x.device, x.dtype)
 
     return sample
 
@@ -136,4 +138,36 @@ class PrefetchingNoiseSampler:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._queries = None
+        self._pending.clear()
+
+
+class DrawAhead:
+    """`count` successive draws of a noise sampler whose answers do not depend on the sigmas asked for
+    (`seeded_noise_sampler(..., cpu=True)`), made ahead on one background thread from `start()`.
+
+    Every draw, the ones beyond `count` included, is made on that thread in call order, so the
+    sequence is the one direct calls give; answers are moved to `device` and `dtype` in the caller's
+    thread, as `PrefetchingNoiseSampler` does. `close()` drops the draws not yet made.
+    """
+
+    def __init__(self, sampler: NoiseSampler, count: int, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        self._sampler, self._count = sampler, count
+        self._device, self._dtype = device, dtype
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
+        self._pending: deque = deque()
+
+    def start(self) -> None:
+        if self._count:
+            self._pending.extend(self._executor.submit(self._sampler, 0.0, 0.0) for _ in range(self._count))
+            self._count = 0
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        self.start()
+        future = self._pending.popleft() if self._pending else self._executor.submit(self._sampler, sigma, sigma_next)
+        return future.result().to(device=self._device, dtype=self._dtype)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._count = 0
         self._pending.clear()

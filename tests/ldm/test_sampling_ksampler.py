@@ -16,7 +16,14 @@ from ldm.sampling import (
     sample,
 )
 from ldm.sampling.ksampler import SAMPLERS
-from ldm.sampling.noise import BrownianTreeNoiseSampler, PrefetchingNoiseSampler, prepare_noise
+from ldm.sampling.noise import (
+    BrownianTreeNoiseSampler,
+    DrawAhead,
+    PrefetchingNoiseSampler,
+    prepare_noise,
+    seeded_noise_sampler,
+    step_noise_seed,
+)
 
 SCHEDULE = DiscreteSchedule()
 
@@ -152,6 +159,31 @@ def test_prefetched_brownian_noise_equals_direct_draws(sampler_name):
     tree = BrownianTreeNoiseSampler(torch.zeros(2, 4, 8, 8), float(positive.min()), float(positive.max()), 42)
     direct = run(sampler_name=sampler_name, steps=6, sampler_options={"noise_sampler": tree})
     assert torch.equal(run(sampler_name=sampler_name, steps=6), direct)
+
+
+@pytest.mark.parametrize("sampler_name", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"])
+def test_step_noise_drawn_ahead_equals_direct_draws(sampler_name):
+    direct = seeded_noise_sampler(torch.zeros(2, 4, 8, 8), step_noise_seed(42))
+    assert torch.equal(run(sampler_name=sampler_name, steps=6),
+                       run(sampler_name=sampler_name, steps=6, sampler_options={"noise_sampler": direct}))
+
+
+def test_draw_ahead_keeps_the_order_beyond_its_count_and_starts_when_asked():
+    drawn = []
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(a, b):
+        drawn.append(1)
+        return torch.randn(3, generator=generator)
+
+    ahead = DrawAhead(draw, 2, "cpu", torch.float64)
+    time.sleep(0.05)
+    assert drawn == []
+    answers = [ahead(1.0, 0.5) for _ in range(4)]  # two drawn ahead, two more after them
+    ahead.close()
+    again = torch.Generator().manual_seed(0)
+    expected = torch.stack([torch.randn(3, generator=again) for _ in range(4)]).double()
+    assert torch.equal(torch.stack(answers), expected)
 
 
 def test_prefetcher_answers_unexpected_queries_too():
