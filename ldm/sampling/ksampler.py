@@ -15,7 +15,6 @@ from ldm.sampling.denoiser import Denoiser, UNet
 from ldm.sampling.guidance import CFGGuider, CondList
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
-    DrawAhead,
     PrefetchingNoiseSampler,
     prepare_noise,
     seeded_noise_sampler,
@@ -170,7 +169,7 @@ def sample(
     guider = CFGGuider(denoiser, positive, negative, cfg)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
 
-    prefetcher: PrefetchingNoiseSampler | DrawAhead | None = None
+    prefetcher: PrefetchingNoiseSampler | None = None
 
     def model(x: Tensor, sigma: Tensor) -> Tensor:
         if interrupt is not None and interrupt():
@@ -193,8 +192,10 @@ def sample(
                                                                                    options), x.device, x.dtype)
         options["noise_sampler"] = prefetcher
     elif sampler_name in _DRAW_AHEAD and "noise_sampler" not in options:
-        prefetcher = DrawAhead(seeded_noise_sampler(x, step_noise_seed(seed), cpu=True), len(sigmas) - 1,
-                               x.device, x.dtype)
+        levels = sigmas.tolist()
+        prefetcher = PrefetchingNoiseSampler(seeded_noise_sampler(x, step_noise_seed(seed), cpu=True),
+                                             list(zip(levels, levels[1:], strict=False)), x.device, x.dtype,
+                                             by_query=False)
         options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
         options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))

@@ -104,20 +104,25 @@ class BrownianTreeNoiseSampler:
 
 class PrefetchingNoiseSampler:
     """Draws a noise sampler's answers to a known sequence of (sigma, sigma_next) queries ahead of
-    time on one background thread, so slow draws (a Brownian tree walk) overlap the model calls.
+    time on one background thread, so slow draws (a Brownian tree walk, a seeded `randn`) overlap
+    the model calls.
 
     `sampler` makes CPU tensors; answers are moved to `device` and `dtype` (where given) in the
     caller's thread (a CUDA copy from another thread could land inside a CUDA graph capture). Queries
     arriving out of the expected order are answered on the same thread, after the queue: results
-    never depend on timing. Drawing begins at `start()` (the KSampler calls it as its first model
-    call begins, so the draws overlap the model rather than the set-up before it) or at the first
-    query. Call `close()` to drop the draws not yet made.
+    never depend on timing. With `by_query=False` (a sampler whose answers do not depend on the
+    sigmas, as `seeded_noise_sampler` draws successive noise) every call takes the next draw, so the
+    sequence is the one direct calls give. Drawing begins at `start()` (the KSampler calls it as its
+    first model call begins, so the draws overlap the model rather than the set-up before it) or at
+    the first query. Call `close()` to drop the draws not yet made.
     """
 
     def __init__(self, sampler: NoiseSampler, queries: list[tuple[float, float]],
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 by_query: bool = True) -> None:
         self._sampler = sampler
         self._device, self._dtype = device, dtype
+        self._by_query = by_query
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
         self._queries: list[tuple[float, float]] | None = queries
         self._pending: deque = deque()
@@ -129,7 +134,7 @@ class PrefetchingNoiseSampler:
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         self.start()
-        if self._pending and self._pending[0][0] == (sigma, sigma_next):
+        if self._pending and (not self._by_query or self._pending[0][0] == (sigma, sigma_next)):
             noise = self._pending.popleft()[1].result()
         else:
             noise = self._executor.submit(self._sampler, sigma, sigma_next).result()
@@ -138,36 +143,4 @@ class PrefetchingNoiseSampler:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._queries = None
-        self._pending.clear()
-
-
-class DrawAhead:
-    """`count` successive draws of a noise sampler whose answers do not depend on the sigmas asked for
-    (`seeded_noise_sampler(..., cpu=True)`), made ahead on one background thread from `start()`.
-
-    Every draw, the ones beyond `count` included, is made on that thread in call order, so the
-    sequence is the one direct calls give; answers are moved to `device` and `dtype` in the caller's
-    thread, as `PrefetchingNoiseSampler` does. `close()` drops the draws not yet made.
-    """
-
-    def __init__(self, sampler: NoiseSampler, count: int, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        self._sampler, self._count = sampler, count
-        self._device, self._dtype = device, dtype
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="noise")
-        self._pending: deque = deque()
-
-    def start(self) -> None:
-        if self._count:
-            self._pending.extend(self._executor.submit(self._sampler, 0.0, 0.0) for _ in range(self._count))
-            self._count = 0
-
-    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
-        self.start()
-        future = self._pending.popleft() if self._pending else self._executor.submit(self._sampler, sigma, sigma_next)
-        return future.result().to(device=self._device, dtype=self._dtype)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._count = 0
         self._pending.clear()

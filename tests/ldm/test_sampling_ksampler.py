@@ -18,7 +18,6 @@ from ldm.sampling import (
 from ldm.sampling.ksampler import SAMPLERS
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
-    DrawAhead,
     PrefetchingNoiseSampler,
     prepare_noise,
     seeded_noise_sampler,
@@ -168,7 +167,7 @@ def test_step_noise_drawn_ahead_equals_direct_draws(sampler_name):
                        run(sampler_name=sampler_name, steps=6, sampler_options={"noise_sampler": direct}))
 
 
-def test_draw_ahead_keeps_the_order_beyond_its_count_and_starts_when_asked():
+def test_query_independent_draws_keep_their_order_beyond_the_queue_and_start_when_asked():
     drawn = []
     generator = torch.Generator().manual_seed(0)
 
@@ -176,7 +175,7 @@ def test_draw_ahead_keeps_the_order_beyond_its_count_and_starts_when_asked():
         drawn.append(1)
         return torch.randn(3, generator=generator)
 
-    ahead = DrawAhead(draw, 2, "cpu", torch.float64)
+    ahead = PrefetchingNoiseSampler(draw, [(1.0, 0.5), (0.5, 0.25)], "cpu", torch.float64, by_query=False)
     time.sleep(0.05)
     assert drawn == []
     answers = [ahead(1.0, 0.5) for _ in range(4)]  # two drawn ahead, two more after them
