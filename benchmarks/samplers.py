@@ -6,7 +6,9 @@ the wall time is the overhead (`overhead_pct`). That in-run figure also holds wh
 memory churn costs the sampler's own tensors (page faults after large frees, cold caches), so
 `isolated_overhead_pct` repeats the run with a stand-in that returns the UNet's output shape at
 no cost, and divides by the real model time. On the CPU, torch uses one thread (`--threads`)
-so that figures are stable on a shared machine. The last line printed is one JSON object.
+so that figures are stable on a shared machine. The model's time runs from the denoiser's call to
+its return: nn.Module's call machinery is the model's cost. `--keep-freed-memory` runs under the
+malloc settings `main.py` uses on the CPU. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from executor.allocator import keep_freed_memory
 from ldm.sampling import SAMPLER_NAMES, DiscreteSchedule, sample
 
 STEPS = 20
@@ -33,25 +36,34 @@ class TinyUNet(torch.nn.Module):
         self.out = torch.nn.Conv2d(width, 4, 3, padding=1)
         self.ctx = torch.nn.Linear(context_dim, width)
         self.time = torch.nn.Linear(1, width)
-        self.seconds = 0.0
-        self.calls = 0
-
-    def _sync(self, x: torch.Tensor) -> None:
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
 
     def forward(self, x, t, context, y=None):
-        self._sync(x)
-        start = time.perf_counter()
         h = (
             self.inp(x)
             + (self.ctx(context.mean(1)) + self.time(t[:, None].to(x.dtype) / 1000))[:, :, None, None]
         )
         for conv in self.mid:
             h = h + conv(torch.nn.functional.silu(h))
-        out = self.out(h)
-        del h  # freeing the activations is the model's cost too, not the sampler's
-        self._sync(x)
+        return self.out(h)
+
+
+class TimedModel:
+    """The model as the denoiser calls it, timed from the call to its return (synchronised on CUDA):
+    the module's own call machinery and the freeing of its activations are the model's cost, not the
+    sampler's."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, x, t, context, y=None):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        out = self.module(x, t, context, y)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
@@ -82,7 +94,7 @@ def free_model(x, t, context, y=None):
     return x  # what a model costs nothing to compute: the sampler's own work remains
 
 
-def measure_once(name: str, unet: TinyUNet, schedule: DiscreteSchedule, device: str) -> dict:
+def measure_once(name: str, unet: TimedModel, schedule: DiscreteSchedule, device: str) -> dict:
     unet.seconds, unet.calls = 0.0, 0
     overhead = run_once(name, unet, schedule, device) - unet.seconds
     isolated = run_once(name, free_model, schedule, device)
@@ -95,7 +107,7 @@ def measure_once(name: str, unet: TinyUNet, schedule: DiscreteSchedule, device: 
     }
 
 
-def measure(names: list[str], unet: TinyUNet, schedule: DiscreteSchedule, device: str,
+def measure(names: list[str], unet: TimedModel, schedule: DiscreteSchedule, device: str,
             repeats: int = REPEATS) -> dict[str, dict]:
     """Each sampler's best of `repeats` runs. The repeats go round all the samplers in turn, so a burst
     of load from elsewhere on a shared machine spoils one run of several samplers rather than every run
@@ -109,16 +121,20 @@ def measure(names: list[str], unet: TinyUNet, schedule: DiscreteSchedule, device
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--samplers", nargs="*", default=SAMPLER_NAMES)
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per sampler; the best is kept")
-    args = parser.parse_args()
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tune glibc's malloc as `main.py` does on the CPU (executor.allocator): the model "
+                             "runs faster, so the same overhead is a larger share of it")
+    args = parser.parse_args(argv)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    unet = TinyUNet().eval().to(args.device)
+    unet = TimedModel(TinyUNet().eval().to(args.device))
     schedule = DiscreteSchedule()
     with torch.no_grad():
         measure(["euler"], unet, schedule, args.device)  # warm-up
@@ -133,11 +149,13 @@ def main() -> None:
         "device": args.device,
         "steps": STEPS,
         "latent": [1, 4, 64, 64],
+        "keep_freed_memory": kept,
         "overhead_pct_max": max(row["overhead_pct"] for row in results.values()),
         "isolated_overhead_pct_max": max(row["isolated_overhead_pct"] for row in results.values()),
         "samplers": results,
     }
     print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

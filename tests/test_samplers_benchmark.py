@@ -1,0 +1,18 @@
+"""`python -m benchmarks.samplers` (issue 4) runs and reports what the issue asks for."""
+
+import json
+
+from benchmarks import samplers
+
+
+def test_samplers_report_model_calls_and_overhead_and_the_summary_is_the_last_line(capsys):
+    summary = samplers.main(["--samplers", "euler", "heun", "dpmpp_2m_sde", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == summary
+    assert [line.split()[0] for line in lines[:-1]] == ["euler", "heun", "dpmpp_2m_sde"]
+    rows = summary["samplers"]
+    # Heun makes two calls a step except the last, into sigma 0.
+    assert [rows[name]["model_calls"] for name in ("euler", "heun", "dpmpp_2m_sde")] == [20, 39, 20]
+    assert all(row["ms_per_model_call"] > 0 and row["overhead_pct"] >= 0 for row in rows.values())
+    assert summary["overhead_pct_max"] == max(row["overhead_pct"] for row in rows.values())
+    assert summary["keep_freed_memory"] is False
