@@ -257,8 +257,18 @@ def test_default_txt2img_graph_runs_on_the_demo_model_and_its_png_restores_the_g
 
     set_text(page, 6, "text", "a red fox in the snow")
     page.evaluate("loom.editor.node(3).widgets.find(w => w.name === 'steps').value = 3")
+    # The executing messages, recorded as they arrive: a busy server can send a node's start and end in
+    # one burst, so a poll of runState.running could miss node 3's turn.
+    page.evaluate("""() => {
+      window.executed = [];
+      const onMessage = loom.editor.onMessage.bind(loom.editor);
+      loom.editor.onMessage = (type, data) => {
+        if (type === "executing" && data.node !== null) window.executed.push(String(data.node));
+        onMessage(type, data);
+      };
+    }""")
     page.click("#queue-button")
-    page.wait_for_function("loom.runState.running === '3'", timeout=60000)
+    page.wait_for_function("window.executed.includes('3')", timeout=60000)
     page.screenshot(path=ARTIFACTS / "txt2img-sampling.png")
     page.wait_for_function("(loom.runState.outputs['9'] || {images: []}).images.some(i => i.naturalWidth === 64)",
                            timeout=60000)
