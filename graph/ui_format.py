@@ -51,7 +51,9 @@ class _Converter:
         if source is None or depth > 256:
             return None
         node = self.nodes.get(source.node)
-        if node is None or node.get("mode") == MUTED:
+        if node is None:
+            return source  # a link from a node the file lacks: kept, so validation names that node
+        if node.get("mode") == MUTED:
             return None
         if node["type"] == "Reroute":
             upstream = self._input_link(node, 0)

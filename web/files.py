@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, UnidentifiedImageError
 
 from web.http import json_error
-from web.paths import UnsafePath, clean_filename, safe_join
+from web.paths import UnsafePath, clean_filename, safe_folder, safe_join
 from web.state import STATE, ServerState
 
 routes = web.RouteTableDef()
@@ -41,7 +42,11 @@ async def view(request: web.Request) -> web.StreamResponse:
         path = safe_join(root, request.query.get("subfolder", ""), filename)
     except UnsafePath as exc:
         raise json_error(400, "invalid_path", str(exc)) from None
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError:  # a name the file system cannot hold
+        found = False
+    if not found:
         raise json_error(404, "not_found", f"no file {filename!r} there")
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     inline = content_type in INLINE_TYPES
@@ -54,12 +59,12 @@ async def view(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers=headers)
 
 
-async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
+async def _read_limited(part: BodyPartReader, limit: int, what: str = "the upload") -> bytes:
     data = bytearray()
     while chunk := await part.read_chunk(256 * 1024):
         data.extend(chunk)
         if len(data) > limit:
-            raise json_error(413, "file_too_large", f"the upload is larger than the limit of {limit} bytes")
+            raise json_error(413, "file_too_large", f"{what} is larger than the limit of {limit} bytes")
     return bytes(data)
 
 
@@ -68,14 +73,20 @@ def _check_image(data: bytes, max_pixels: int) -> str:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > max_pixels:
-                raise json_error(413, "image_too_large", f"the image has more than {max_pixels} pixels")
+                raise _too_large(max_pixels)
             fmt = image.format or ""
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own limit, met before ours when the image is huge
+        raise _too_large(max_pixels) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise json_error(415, "not_an_image", "the uploaded file is not an image that can be decoded") from None
     if fmt not in FORMAT_SUFFIX:
         raise json_error(415, "not_an_image", f"images of format {fmt or 'unknown'} are not accepted")
     return fmt
+
+
+def _too_large(max_pixels: int) -> web.HTTPException:
+    return json_error(413, "image_too_large", f"the image has more than {max_pixels} pixels")
 
 
 def _write_unique(folder: Path, name: str, data: bytes, overwrite: bool) -> str:
@@ -120,8 +131,9 @@ async def upload_image(request: web.Request) -> web.Response:
                 original = part.filename or ""
                 data = await _read_limited(part, limit)
             elif part.name in ("overwrite", "subfolder", "type"):
-                fields[part.name] = (await _read_limited(part, 4096)).decode("utf-8", "replace")
-    except (ValueError, AssertionError, UnicodeDecodeError) as exc:
+                fields[part.name] = (await _read_limited(part, 4096, f"the field {part.name!r}")
+                                     ).decode("utf-8", "replace")
+    except (ValueError, AssertionError, UnicodeDecodeError, HttpProcessingError) as exc:
         raise json_error(400, "invalid_request", f"malformed multipart body: {exc}") from None
     if data is None:
         raise json_error(400, "invalid_request", "no file in the multipart field 'image'")
@@ -133,10 +145,12 @@ async def upload_image(request: web.Request) -> web.Response:
         name += FORMAT_SUFFIX[fmt]
     subfolder = fields.get("subfolder", "")
     try:
-        folder = safe_join(root, "", subfolder) if subfolder.strip("/") else root.resolve()
+        folder = safe_folder(root, subfolder)
         folder.mkdir(parents=True, exist_ok=True)
     except UnsafePath as exc:
         raise json_error(400, "invalid_path", str(exc)) from None
+    except OSError as exc:  # a file of that name is in the way, or the file system refuses the name
+        raise json_error(400, "invalid_path", f"subfolder {subfolder!r} cannot be a folder: {exc.strerror}") from None
     overwrite = fields.get("overwrite", "").lower() in ("true", "1", "yes")
     stored = await asyncio.to_thread(_write_unique, folder, name, data, overwrite)
     return web.json_response({"name": stored, "subfolder": subfolder.strip("/"), "type": kind})

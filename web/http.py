@@ -44,7 +44,7 @@ async def read_json(request: web.Request) -> Any:
         return {}
     try:
         return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
         raise json_error(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise json_error(400, "invalid_json", "the request body is nested too deeply") from None
@@ -60,7 +60,9 @@ async def read_body(request: web.Request, model: type[M], error_type: str = "inv
         raise json_error(400, error_type, describe(exc)) from None
 
 
-def query_int(request: web.Request, name: str, default: int | None = None, minimum: int = 0) -> int | None:
+def query_int(request: web.Request, name: str, default: int | None = None, minimum: int = 0,
+              maximum: int = 2**62) -> int | None:
+    """An integer query parameter; above `maximum` (which SQLite could not hold) it is `maximum`."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -70,7 +72,7 @@ def query_int(request: web.Request, name: str, default: int | None = None, minim
         raise json_error(400, "invalid_request", f"query parameter {name!r} must be an integer") from None
     if value < minimum:
         raise json_error(400, "invalid_request", f"query parameter {name!r} must be at least {minimum}")
-    return value
+    return min(value, maximum)
 
 
 @web.middleware

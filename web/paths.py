@@ -8,6 +8,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 MAX_NAME = 200
+MAX_PATH = 1024  # characters in a subfolder or filename given by a client
+MAX_PART = 255  # bytes in one path component, as most file systems allow
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
 
 
@@ -20,9 +22,13 @@ def _parts(name: str, what: str) -> list[str]:
         raise UnsafePath(f"{what} must not contain NUL or backslash characters")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         raise UnsafePath(f"{what} must be relative, not an absolute path")
+    if len(name) > MAX_PATH:
+        raise UnsafePath(f"{what} is longer than {MAX_PATH} characters")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafePath(f"{what} must not contain '..'")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_PART for p in parts):
+        raise UnsafePath(f"{what} has a name longer than {MAX_PART} bytes")
     return parts
 
 
@@ -31,12 +37,20 @@ def safe_join(root: Path, subfolder: str, filename: str) -> Path:
 
     Symlinks are followed before the check, so a link that points out of `root` is refused too.
     """
-    sub = _parts(subfolder, "subfolder")
     name = _parts(filename, "filename")
     if not name:
         raise UnsafePath("filename is empty")
+    return _inside(root, _parts(subfolder, "subfolder") + name)
+
+
+def safe_folder(root: Path, subfolder: str) -> Path:
+    """`root/subfolder`, resolved (`root` itself for an empty one), with the checks of `safe_join`."""
+    return _inside(root, _parts(subfolder, "subfolder"))
+
+
+def _inside(root: Path, parts: list[str]) -> Path:
     base = root.resolve()
-    target = base.joinpath(*sub, *name).resolve()
+    target = base.joinpath(*parts).resolve()
     if target != base and base not in target.parents:
         raise UnsafePath("the path leaves its folder")
     return target

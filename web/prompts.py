@@ -20,13 +20,16 @@ from web.store import PromptRecord
 routes = web.RouteTableDef()
 
 
+MAX_NUMBER = 2.0**53  # queue positions beyond it would lose integer precision (and overflow SQLite)
+
+
 class PromptRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: dict[str, Any]
     client_id: str | None = Field(default=None, max_length=256)
     extra_data: dict[str, Any] = Field(default_factory=dict)
     front: bool = False
-    number: float | None = None
+    number: float | None = Field(default=None, allow_inf_nan=False, ge=-MAX_NUMBER, le=MAX_NUMBER)
     partial_execution_targets: list[str] | None = None
 
 
@@ -56,7 +59,11 @@ def _check(body: PromptRequest, state: ServerState) -> ValidatedWorkflow:
         raise _invalid(str(exc)) from None
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # odd UI-format documents
         raise _invalid(f"the workflow could not be read: {type(exc).__name__}: {exc}") from None
-    return validate(graph, state.registry, body.partial_execution_targets)
+    targets = body.partial_execution_targets
+    if targets is not None:  # as ComfyUI: only the output nodes among them are run
+        targets = [nid for nid in targets if nid not in graph.nodes
+                   or ((cls := state.registry.get(graph.nodes[nid].class_type)) and cls.output_node)]
+    return validate(graph, state.registry, targets)
 
 
 def _check_and_add(body: PromptRequest, state: ServerState, prompt_id: str) -> ValidatedWorkflow | PromptRecord:

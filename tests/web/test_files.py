@@ -2,6 +2,8 @@
 
 import io
 import os
+import struct
+import zlib
 
 import pytest
 from aiohttp import FormData
@@ -113,6 +115,53 @@ async def test_decompression_bomb_is_refused(make_app, aiohttp_client):
     assert resp.status == 413
 
 
+def png_header(width, height):
+    """A PNG that declares its size and holds no pixels: enough for Pillow to read the size."""
+    def chunk(kind, data=b""):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT") + chunk(b"IEND"))
+
+
+async def test_an_image_past_pillows_own_limit_is_too_large_not_undecodable(client):
+    resp = await client.post("/upload/image", data=form(png_header(20000, 20000)))
+    assert resp.status == 413 and (await resp.json())["error"]["type"] == "image_too_large"
+
+
+@pytest.mark.parametrize("subfolder, says", [
+    ("../x", "subfolder must not contain '..'"),
+    ("/etc", "subfolder must be relative, not an absolute path"),
+    ("a" * 300, "subfolder has a name longer than 255 bytes"),
+    ("d/" * 2000, "subfolder is longer than 1024 characters"),
+])
+async def test_upload_subfolder_problems_name_the_subfolder(client, subfolder, says):
+    resp = await client.post("/upload/image", data=form(png_bytes(), subfolder=subfolder))
+    assert resp.status == 400
+    assert (await resp.json())["error"]["message"] == says
+
+
+async def test_upload_into_a_subfolder_that_is_a_file_is_refused(client, paths):
+    paths.input.mkdir(parents=True)
+    (paths.input / "taken.png").write_bytes(png_bytes())
+    resp = await client.post("/upload/image", data=form(png_bytes(), subfolder="taken.png"))
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_path" and "taken.png" in error["message"]
+
+
+async def test_an_overlong_form_field_is_named(client):
+    resp = await client.post("/upload/image", data=form(png_bytes(), overwrite="x" * 5000))
+    assert resp.status == 413
+    assert (await resp.json())["error"]["message"].startswith("the field 'overwrite' is larger")
+
+
+async def test_a_nul_in_the_multipart_file_name_is_a_bad_request(client):
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\x00.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--b--\r\n")
+    resp = await client.post("/upload/image", data=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert resp.status == 400
+
+
 @pytest.fixture
 def files(paths, tmp_path):
     paths.output.mkdir(parents=True)
@@ -139,6 +188,8 @@ def files(paths, tmp_path):
     "filename=link.txt",
     "filename=ok.png%00.txt",
     "filename=C:/Windows/win.ini",
+    f"filename={'a' * 300}.png",  # longer than a file name may be: once an unhandled OSError (500)
+    f"filename={'a' * 5000}.png",
 ])
 async def test_view_traversal_is_refused(client, files, query):
     resp = await client.get(f"/view?{query}")

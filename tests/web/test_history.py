@@ -33,7 +33,8 @@ async def test_max_items_delete_and_clear(client):
     deleted = await (await client.post("/history", json={"delete": [ids[0]]})).json()
     assert deleted == {"deleted": [ids[0]]}
     assert list(await (await client.get("/history")).json()) == ids[1:]
-    assert (await client.get(f"/history/{ids[0]}")).status == 404
+    deleted_entry = await client.get(f"/history/{ids[0]}")  # ComfyUI's answer for an id it does not know
+    assert deleted_entry.status == 200 and await deleted_entry.json() == {}
     await client.post("/history", json={"clear": True})
     assert await (await client.get("/history")).json() == {}
     assert (await client.post("/history", json={"delete": 3})).status == 400
@@ -49,10 +50,15 @@ async def test_offset_pages_from_the_oldest_as_comfyui_does(client):
     assert await (await client.get("/history?offset=5")).json() == {}
     newest = await client.get("/history?max_items=2")
     assert list(await newest.json()) == ids[3:] and newest.headers["X-Total-Count"] == "5"
-    for bad in ("-1", "x", "1.5"):
+    for default in ("-1", "-7"):  # ComfyUI's default offset is -1: the newest max_items
+        assert list(await (await client.get(f"/history?offset={default}&max_items=2")).json()) == ids[3:]
+    for bad in ("x", "1.5"):
         answer = await client.get(f"/history?offset={bad}&max_items=2")
         assert answer.status == 400
         assert "'offset'" in (await answer.json())["error"]["message"]
+    huge = "9" * 30  # past SQLite's 64-bit integers: all of them, or none after the end
+    assert list(await (await client.get(f"/history?max_items={huge}")).json()) == ids
+    assert await (await client.get(f"/history?offset={huge}&max_items=1")).json() == {}
 
 
 async def test_history_cap_keeps_the_newest(make_app, aiohttp_client):

@@ -1,10 +1,12 @@
 """POST/GET /prompt, GET /prompt/{id}, GET/POST /queue and POST /interrupt, with their error shapes."""
 
 import asyncio
+import json
 
 import pytest
 
 from tests.web.conftest import ADD, image_prompt, slow_prompt
+from web.state import STATE
 
 
 async def wait_done(client, prompt_id, timeout=10.0):
@@ -214,3 +216,44 @@ async def test_deeply_nested_body_is_400_not_500(client):
     body = b"[" * 100000 + b"]" * 100000
     resp = await client.post("/prompt", data=body, headers={"Content-Type": "application/json"})
     assert resp.status == 400 and "nested" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", ['1e300', 'Infinity', '-Infinity', 'NaN', '12345678901234567890123'])
+async def test_a_queue_number_out_of_range_is_refused_and_the_queue_goes_on(client, raw):
+    # 1e300 was once accepted, stored, and made every later POST /prompt fail (int(MAX(number)) + 1 overflowed).
+    body = f'{{"prompt": {json.dumps(ADD)}, "number": {raw}}}'
+    resp = await client.post("/prompt", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "number" in (await resp.json())["error"]["message"]
+    after = await client.post("/prompt", json={"prompt": ADD})
+    assert after.status == 200 and (await after.json())["number"] == 0
+
+
+async def test_a_stored_number_past_2_53_is_not_counted_from(client):
+    db = client.server.app[STATE].db  # a queue database written before POST /prompt checked the number
+    await db.call(db.store.add, "legacy", ADD, {}, ["3"], None, float("inf"))
+    assert await db.call(db.store.next_number, False) == 0
+    assert await db.call(db.store.next_number, True) == -1
+
+
+async def test_an_integer_past_pythons_digit_limit_is_invalid_json(client):
+    resp = await client.post("/prompt", data=f'{{"prompt": {{}}, "number": {"9" * 5000}}}',
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_json"
+
+
+async def test_partial_execution_targets_run_only_output_nodes_as_comfyui(client):
+    resp = await client.post("/prompt", json={"prompt": ADD, "partial_execution_targets": ["2"]})  # IntMath
+    assert resp.status == 400
+    assert (await resp.json())["error"]["type"] == "prompt_no_outputs"
+    ok = await (await client.post("/prompt/wait", json={"prompt": ADD, "partial_execution_targets": ["2", "3"]})).json()
+    assert ok["status"] == "success" and ok["outputs"] == {"3": {"text": ["42"]}}
+
+
+async def test_a_ui_link_from_a_node_the_file_lacks_names_that_node(client):
+    ui = {"nodes": [{"id": 2, "type": "PreviewAny", "mode": 0, "widgets_values": [],
+                     "inputs": [{"name": "source", "type": "*", "link": 1}]}],
+          "links": [[1, 99, 0, 2, 0, "INT"]]}
+    resp = await client.post("/prompt", json={"prompt": ui})
+    assert resp.status == 400
+    assert "99" in json.dumps(await resp.json())
