@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -75,7 +76,10 @@ def configure_engine(args: argparse.Namespace) -> Any:
     if args.no_bundled_models:
         paths.bundled_models = None
     if args.extra_model_paths:
-        paths.load_extra_paths(args.extra_model_paths)
+        try:
+            paths.load_extra_paths(args.extra_model_paths)
+        except (OSError, ValueError, TypeError) as exc:
+            _usage_error(f"--extra-model-paths {args.extra_model_paths}: {_reason(exc)}")
     paths.seed_input_examples()
     set_paths(paths)
     folders = plugin_folders(args, paths)
@@ -92,7 +96,7 @@ def plugin_folders(args: argparse.Namespace, paths: Any) -> list[Path] | None:
         return None
     for folder in args.custom_nodes_dir:
         if not folder.is_dir():
-            raise SystemExit(f"--custom-nodes-dir {folder}: not a folder")
+            _usage_error(f"--custom-nodes-dir {folder}: not a folder")
     return [paths.base / "custom_nodes", *args.custom_nodes_dir, *paths.extra_model_paths.get("custom_nodes", [])]
 
 
@@ -102,7 +106,7 @@ def _parse_set(assignments: list[str]) -> list[tuple[str, str, Any]]:
         target, sep, raw = item.partition("=")
         node_id, dot, input_name = target.partition(".")
         if not sep or not dot or not node_id or not input_name:
-            raise SystemExit(f"--set expects NODE_ID.INPUT=VALUE, got {item!r}")
+            _usage_error(f"--set expects NODE_ID.INPUT=VALUE, got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -122,8 +126,24 @@ def _load(args: argparse.Namespace, registry: Any) -> Any:
     for node_id, input_name, value in _parse_set(getattr(args, "set", None) or []):
         if node_id not in graph.nodes:
             _fail_document(args, f"--set: node {node_id!r} is not in the workflow")
-        graph.nodes[node_id].inputs[input_name] = value
+        node = graph.nodes[node_id]
+        cls = registry.get(node.class_type)
+        if cls is not None and (input_name not in cls.inputs or cls.inputs[input_name].hidden):
+            names = ", ".join(name for name, spec in cls.inputs.items() if not spec.hidden)
+            _fail_document(args, f"--set: node {node_id} ({node.class_type}) has no input {input_name!r}; "
+                                 f"its inputs are {names}")
+        node.inputs[input_name] = value
     return graph
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A command-line option that cannot be used: the message, and exit status 2 (as argparse's own errors)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_INVALID)
+
+
+def _reason(exc: Exception) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
 def _fail_document(args: argparse.Namespace, message: str) -> None:
@@ -334,12 +354,12 @@ def _ray_options(args: argparse.Namespace, paths: Any) -> Any:
     try:
         from web.ray_pool import RayOptions
     except ImportError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        _usage_error(str(exc))
     for name in ("ray_workers", "ray_cpus_per_worker", "ray_max_attempts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+            _usage_error(f"--{name.replace('_', '-')} must be at least 1")
     if args.ray_gpus_per_worker is not None and args.ray_gpus_per_worker < 0:
-        raise SystemExit("--ray-gpus-per-worker must not be negative")
+        _usage_error("--ray-gpus-per-worker must not be negative")
     return RayOptions(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
                       gpus_per_worker=args.ray_gpus_per_worker, max_attempts=args.ray_max_attempts,
                       registry=_registry_factory(args, paths))
@@ -422,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `main.py nodes | head`: the reader has gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

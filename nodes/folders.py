@@ -107,6 +107,8 @@ class FolderPaths:
             raise ValueError(f"{config_file}: expected an object of model kind -> list of folders")
         for kind, folders in data.items():
             folders = [folders] if isinstance(folders, str) else folders
+            if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+                raise ValueError(f"{kind!r} must be a folder or a list of folders, not {json.dumps(folders)}")
             base = Path(config_file).parent
             self.extra_model_paths.setdefault(kind, []).extend((base / Path(f).expanduser()) for f in folders)
 

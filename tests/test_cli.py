@@ -121,3 +121,31 @@ def test_lora_for_another_family_exits_2_before_running(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "xl.safetensors is a SDXL LoRA; it does not fit the SD1 model" in proc.stderr
     assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())
+
+
+def test_set_with_an_input_the_node_lacks_is_an_error_not_ignored(workflow, tmp_path):
+    proc = cli("run", workflow, "--set", "2.bb=10", "--base-dir", tmp_path)
+    assert proc.returncode == 2
+    assert "node 2 (IntMath) has no input 'bb'; its inputs are a, b, operation" in proc.stderr
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "No such file or directory"),
+    ("{bad", "Expecting property name"),
+    ('{"checkpoints": 5}', "'checkpoints' must be a folder or a list of folders, not 5"),
+])
+def test_unusable_options_are_one_line_and_exit_2(workflow, tmp_path, content, says):
+    paths_file = tmp_path / "extra.json"
+    if content is not None:
+        paths_file.write_text(content)
+    proc = cli("run", workflow, "--extra-model-paths", paths_file, "--base-dir", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --extra-model-paths") and says in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = cli("run", workflow, "--set", "b=1", "--base-dir", tmp_path)
+    assert proc.returncode == 2 and "--set expects NODE_ID.INPUT=VALUE" in proc.stderr
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    proc = subprocess.run(f"'{sys.executable}' '{ROOT / 'main.py'}' nodes | head -1", shell=True, capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr
