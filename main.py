@@ -154,11 +154,10 @@ def _fail_document(args: argparse.Namespace, message: str) -> None:
     raise SystemExit(EXIT_INVALID)
 
 
-def _report_problems(args: argparse.Namespace, problems: list[Any]) -> int:
-    from graph.errors import error_response
-
+def _report_problems(args: argparse.Namespace, checked: Any) -> int:
+    problems = checked.problems
     if args.json:
-        print(json.dumps({"status": "invalid", **error_response(problems)}, indent=2))
+        print(json.dumps({"status": "invalid", **checked.error_response()}, indent=2))
     else:
         print(f"The workflow has {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
@@ -172,7 +171,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry = configure_engine(args)
     checked = validate(_load(args, registry), registry)
     if checked.problems:
-        return _report_problems(args, checked.problems)
+        return _report_problems(args, checked)
     if args.json:
         print(json.dumps({"status": "ok", "outputs": checked.outputs, "order": checked.order}))
     else:
@@ -188,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = configure_engine(args)
     checked = validate(_load(args, registry), registry)
     if checked.problems:
-        return _report_problems(args, checked.problems)
+        return _report_problems(args, checked)
     from executor.services import Services
 
     executor = Executor(registry, services=Services.create())

@@ -42,15 +42,17 @@ class Problem:
         return f"{where}: {self.message}{detail} [{self.type}]"
 
 
-def error_response(problems: list[Problem]) -> dict[str, Any]:
-    """The 400 body of POST /prompt: a top-level error plus errors grouped by node."""
+def error_response(problems: list[Problem], dependents: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The 400 body of POST /prompt: a top-level error plus errors grouped by node, each with the output
+    nodes that need that node (`dependents`)."""
     node_errors: dict[str, Any] = {}
     general = [p for p in problems if p.node_id is None]
     for p in problems:
         if p.node_id is None:
             continue
         entry = node_errors.setdefault(
-            p.node_id, {"class_type": p.class_type, "errors": [], "dependent_outputs": []}
+            p.node_id, {"class_type": p.class_type, "errors": [],
+                        "dependent_outputs": list((dependents or {}).get(p.node_id, []))}
         )
         entry["errors"].append(p.to_dict())
     # An unknown node type is the document's fault (ComfyUI answers invalid_prompt for it).

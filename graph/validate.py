@@ -24,10 +24,16 @@ class ValidatedWorkflow:
     outputs: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # For each node with a problem, the output nodes that need it (ComfyUI's `dependent_outputs`).
+    dependents: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def error_response(self) -> dict[str, Any]:
+        """The 400 body of POST /prompt for this workflow's problems."""
+        return E.error_response(self.problems, self.dependents)
 
 
 class _BadValue(Exception):
@@ -263,4 +269,6 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
                             "nodes " + " -> ".join(members) + " depend on each other", cycle=members)
     if order:
         _check_links(checker, order, values)
-    return ValidatedWorkflow(graph, checker.problems, outputs, order, values)
+    dependents = {nid: [out for out in outputs if out == nid or out in nx.descendants(dag, nid)]
+                  for nid in {p.node_id for p in checker.problems if p.node_id in dag}}
+    return ValidatedWorkflow(graph, checker.problems, outputs, order, values, dependents)

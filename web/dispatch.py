@@ -17,7 +17,6 @@ from typing import Any
 from executor import events as ev
 from executor.executor import RunResult
 from graph.document import DocumentError
-from graph.errors import error_response
 from graph.load import graph_from_data
 from graph.validate import ValidatedWorkflow, validate
 from nodes.registry import NodeRegistry
@@ -55,7 +54,7 @@ def prepare(prompt: dict[str, Any], outputs: list[str], registry: NodeRegistry
     except DocumentError as exc:
         return None, {"type": "invalid_prompt", "message": str(exc)}
     if not checked.ok:
-        return None, error_response(checked.problems)["error"]
+        return None, checked.error_response()["error"]
     return checked, None
 
 

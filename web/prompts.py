@@ -9,7 +9,6 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from graph.document import DocumentError
-from graph.errors import error_response
 from graph.load import graph_from_data
 from graph.ui_format import is_ui_format, ui_to_api
 from graph.validate import ValidatedWorkflow, validate
@@ -97,7 +96,7 @@ async def enqueue(request: web.Request, prompt_id: str | None = None) -> PromptR
         raise _invalid(f"malformed request: {describe(exc)}") from None
     result = await state.db.call(_check_and_add, body, state, prompt_id or str(uuid.uuid4()))
     if isinstance(result, ValidatedWorkflow):
-        raise web.HTTPBadRequest(text=dumps(error_response(result.problems)), content_type="application/json")
+        raise web.HTTPBadRequest(text=dumps(result.error_response()), content_type="application/json")
     record = result
     if state.worker is not None:
         state.worker.wake()

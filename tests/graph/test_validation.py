@@ -125,6 +125,16 @@ def test_error_response_has_comfyui_shape(registry):
                    "extra_info": {"input_name": "a"}}
 
 
+def test_each_node_error_lists_the_outputs_that_need_that_node(registry):
+    # ComfyUI's `dependent_outputs`: a missing input of node 6 fails both outputs that lead back to it.
+    doc = {"6": {"class_type": "Add", "inputs": {}}, "2": {"class_type": "Scale", "inputs": {"value": ["6", 0]}},
+           "7": sink(["2", 0]), "8": sink(["6", 0]), "9": sink(1)}
+    body = validate(parse_api(doc), registry).error_response()
+    assert list(body["node_errors"]) == ["6", "2"]
+    assert body["node_errors"]["6"]["dependent_outputs"] == ["7", "8"]
+    assert body["node_errors"]["2"]["dependent_outputs"] == ["7"]
+
+
 @pytest.mark.parametrize("text", ["", "{", "[1, 2]", '"x"', '{"1": 5}', '{"1": {"inputs": {}}}',
                                   '{"1": {"class_type": 3}}', '{"1": {"class_type": "Add", "inputs": []}}',
                                   '{"1": {"class_type": ""}}'])

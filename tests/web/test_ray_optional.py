@@ -1,6 +1,7 @@
 """Ray is optional: the engine and the server import and run without it, and `--workers ray` says what is missing."""
 
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +23,16 @@ def test_the_server_and_the_command_line_do_not_import_ray():
 
 
 @pytest.mark.parametrize("flags", [["--workers", "ray"], ["--ray-address", "auto"]])
-def test_workers_ray_without_ray_installed_is_a_clear_error(monkeypatch, tmp_path, flags):
+def test_workers_ray_without_ray_installed_is_a_clear_error(monkeypatch, tmp_path, capsys, flags):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "web.ray_pool", raising=False)
     try:
-        with pytest.raises(SystemExit, match=r"--workers ray needs Ray.*pip install 'ray"):
+        with pytest.raises(SystemExit) as exit_:
             main.main(["serve", *flags, "--base-dir", str(tmp_path), "--no-custom-nodes", "--no-bundled-models"])
     finally:
         set_paths(FolderPaths())
+    assert exit_.value.code == 2
+    assert re.match(r"error: --workers ray needs Ray.*pip install 'ray", capsys.readouterr().err)
 
 
 def test_serve_flags_make_ray_options_whose_registry_a_worker_can_rebuild(tmp_path):
