@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -393,6 +394,22 @@ def _diffusers_vae_key_to_ldm(key: str, up_levels: int) -> str:
 
 # --- saving ----------------------------------------------------------------------------------------------
 
+def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the permissions of any new file: it makes its files owner-only (0600),
+    which a model shared with other users, or served from another account, cannot be read by."""
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
+
+
 def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: nn.Module | None,
                     metadata: dict[str, str], dtype: torch.dtype | None = None) -> Path:
     """Write one LDM-layout .safetensors file (weights cast to `dtype` if given) with string metadata.
@@ -411,5 +428,5 @@ def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_
     metadata = {"loom.unet_config": json.dumps(unet_fields), "loom.scaling_factor": str(vae.scaling_factor),
                 **metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    write_safetensors(tensors, path, metadata)
     return path

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from ldm.checkpoint import write_safetensors
 from ldm.training.data import ImageSet, pick_bucket
 from ldm.training.loop import LoopConfig, TrainLoop, checkpoint_modules, save_grid
 from ldm.vae import AutoencoderKL, VAEConfig
@@ -94,8 +94,7 @@ def save_vae(vae: AutoencoderKL, path: str | Path, metadata: dict[str, str], dty
                for k, v in vae.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, path, metadata={"loom.scaling_factor": str(vae.scaling_factor),
-                                                         **metadata})
+    write_safetensors(tensors, path, {"loom.scaling_factor": str(vae.scaling_factor), **metadata})
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,10 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.vae.decode(z), vae.eval().decode(z))
     assert loaded.metadata["note"] == "hi" and read_metadata(path)["note"] == "hi"
+    # The permissions of any new file (safetensors alone makes it 0600, which other accounts cannot read).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
