@@ -117,7 +117,7 @@ def test_lora_for_another_family_exits_2_before_running(tmp_path):
     safetensors.torch.save_file({f"{key}.lora_down.weight": torch.zeros(4, 2048),
                                  f"{key}.lora_up.weight": torch.zeros(640, 4)}, loras / "xl.safetensors")
     proc = cli("run", ROOT / "workflows" / "lora.json", "--base-dir", tmp_path,
-               "--set", '10.lora_name="xl.safetensors"')
+               "--set", '10.lora_name="xl.safetensors"', "--set", '4.ckpt_name="loom-demo.safetensors"')
     assert proc.returncode == 2, proc.stderr
     assert "xl.safetensors is a SDXL LoRA; it does not fit the SD1 model" in proc.stderr
     assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())

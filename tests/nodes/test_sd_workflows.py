@@ -21,7 +21,7 @@ from nodes.registry import builtin_registry
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 CHECKPOINTS = {"loom-demo.safetensors": "tiny-sd1", "sd_xl_base_1.0.safetensors": "tiny-sdxl",
-               "sd2.safetensors": "tiny-sd2"}
+               "sd2.safetensors": "tiny-sd2", "v1-5-pruned-emaonly.safetensors": "tiny-sd1"}
 FAST = {"steps": 2}
 
 
@@ -125,7 +125,11 @@ def test_inpainting_keeps_the_unmasked_region(engine):
 
 def test_lora_workflow_and_base_model_both_right_in_any_order(engine):
     plain = engine.run(load("txt2img", engine.registry, {("3", "seed"): 5}), keep=["3"]).values["3"][0]["samples"]
-    lora = engine.run(load("lora", engine.registry, {("3", "seed"): 5}), keep=["3"]).values["3"][0]["samples"]
+    # lora.json is txt2img.json with a LoRA between the loader and its users, on another model and prompt.
+    txt2img = json.loads((WORKFLOWS / "txt2img.json").read_text())
+    same = {(nid, key): txt2img[nid]["inputs"][key] for nid, key in
+            (("4", "ckpt_name"), ("6", "text"), ("7", "text"), ("3", "cfg"), ("5", "width"), ("5", "height"))}
+    lora = engine.run(load("lora", engine.registry, {("3", "seed"): 5, **same}), keep=["3"]).values["3"][0]["samples"]
     engine.cache.clear()
     again = engine.run(load("txt2img", engine.registry, {("3", "seed"): 5}), keep=["3"]).values["3"][0]["samples"]
     assert not torch.allclose(plain, lora)
