@@ -139,8 +139,9 @@ class _Checker:
             choices = spec.current_choices()
             if value not in choices:
                 shown = ", ".join(map(str, choices[:20])) + (" ..." if len(choices) > 20 else "")
+                where = f" (the files in {spec.choices_where()})" if spec.choices_where else ""
                 self.add(E.VALUE_NOT_IN_LIST, "Value not in list", node, name,
-                         f"{name}: {value!r} is not one of [{shown}]", received_value=value)
+                         f"{name}: {value!r} is not one of [{shown}]{where}", received_value=value)
             return value
         coerce = _COERCE.get(spec.type)
         if coerce is None:

@@ -31,6 +31,8 @@ class InputSpec(BaseModel):
     tooltip: str | None = None
     choices: tuple[Any, ...] | None = None
     choices_fn: Callable[[], Sequence[Any]] | None = Field(default=None, exclude=True)
+    # Where dynamic choices come from (e.g. the folders searched), for the error of a value not among them.
+    choices_where: Callable[[], str] | None = Field(default=None, exclude=True)
     control_after_generate: bool = False
     image_upload: bool = False
     force_input: bool = False

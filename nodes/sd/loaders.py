@@ -12,7 +12,7 @@ import torch
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.models import Clip, DiffusionModel, Vae, device_and_dtype, devices_of, file_fingerprint, load_device
-from nodes.spec import Combo, Float, Output, Socket
+from nodes.spec import Combo, Float, InputSpec, Output, Socket
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,19 @@ def header_family(kind: str, name: Any) -> str | None:
     return None if path is None else _header_family(kind, str(path), str(file_fingerprint(path)))
 
 
+
+def model_file(kind: str) -> InputSpec:
+    """A combo of the model files of one kind, listed afresh each time; a name not among them is reported
+    with the folders that were searched."""
+    return Combo(lambda: get_paths().list_models(kind), tooltip=f"a file in models/{kind}",
+                 choices_where=lambda: ", ".join(str(folder) for folder in get_paths().model_dirs(kind)))
+
 class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely)."""
 
     display_name = "Load Checkpoint"
     category = "loaders"
-    ckpt_name = Combo(lambda: get_paths().list_models("checkpoints"), tooltip="a file in models/checkpoints")
+    ckpt_name = model_file("checkpoints")
     outputs = (Output("MODEL", tooltip="the denoising UNet"), Output("CLIP", tooltip="the text encoder"),
                Output("VAE", tooltip="the autoencoder between pixels and latents"))
 
@@ -119,7 +126,7 @@ class CheckpointLoaderWeightDtype(Node):
 
     display_name = "Load Checkpoint (weight dtype)"
     category = "advanced/loaders"
-    ckpt_name = Combo(lambda: get_paths().list_models("checkpoints"), tooltip="a file in models/checkpoints")
+    ckpt_name = model_file("checkpoints")
     weight_dtype = Combo(["default", "fp8_e4m3fn", "int8"], tooltip="how the UNet's weights are stored")
     text_encoder_dtype = Combo(["default", "fp8_e4m3fn", "int8"], optional=True,
                                tooltip="how the text encoders' weights are stored")
@@ -141,7 +148,7 @@ class VAELoader(Node):
 
     display_name = "Load VAE"
     category = "loaders"
-    vae_name = Combo(lambda: get_paths().list_models("vae"), tooltip="a file in models/vae")
+    vae_name = model_file("vae")
     outputs = (Output("VAE"),)
 
     @classmethod
@@ -170,7 +177,7 @@ class LoraLoader(Node):
     category = "loaders"
     model = Socket("MODEL")
     clip = Socket("CLIP")
-    lora_name = Combo(lambda: get_paths().list_models("loras"), tooltip="a file in models/loras")
+    lora_name = model_file("loras")
     strength_model = Float(1.0, min=-100.0, max=100.0, step=0.01)
     strength_clip = Float(1.0, min=-100.0, max=100.0, step=0.01)
     outputs = (Output("MODEL"), Output("CLIP"))

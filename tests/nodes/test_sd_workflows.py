@@ -138,8 +138,10 @@ def test_lora_workflow_and_base_model_both_right_in_any_order(engine):
 
 def test_bad_inputs_fail_validation_before_anything_runs(engine, base):
     graph = load("txt2img", engine.registry, {("4", "ckpt_name"): "missing.safetensors", ("5", "width"): 100})
-    found = {(p.node_id, p.type) for p in validate(graph, engine.registry).problems}
-    assert found == {("4", "value_not_in_list"), ("5", "custom_validation_failed")}
+    problems = validate(graph, engine.registry).problems
+    assert {(p.node_id, p.type) for p in problems} == {("4", "value_not_in_list"), ("5", "custom_validation_failed")}
+    [missing] = [p for p in problems if p.node_id == "4"]
+    assert f"(the files in {base.base / 'models' / 'checkpoints'}" in missing.details  # where it looked
     (base.input / "broken.png").write_text("this is not a picture")
     graph = load("img2img", engine.registry, {("10", "image"): "broken.png"})
     with pytest.raises(WorkflowInvalid) as err:
