@@ -35,7 +35,8 @@ class Problem:
         return {"type": self.type, "message": self.message, "details": self.details, "extra_info": extra}
 
     def __str__(self) -> str:
-        where = f"node {self.node_id} ({self.class_type})" if self.node_id else "workflow"
+        node = self.node_id or "''"  # an empty id is still a node's
+        where = "workflow" if self.node_id is None else f"node {node} ({self.class_type})"
         if self.input_name:
             where += f", input '{self.input_name}'"
         detail = f": {self.details}" if self.details else ""
