@@ -5,10 +5,13 @@ image's latent on a small conv "UNet" whose calls are timed (synchronised on CUD
 the wall time is the overhead (`overhead_pct`). That in-run figure also holds what the model's
 memory churn costs the sampler's own tensors (page faults after large frees, cold caches), so
 `isolated_overhead_pct` repeats the run with a stand-in that returns the UNet's output shape at
-no cost, and divides by the real model time. On the CPU, torch uses one thread (`--threads`)
-so that figures are stable on a shared machine. The model's time runs from the denoiser's call to
-its return: nn.Module's call machinery is the model's cost. `--keep-freed-memory` runs under the
-malloc settings `main.py` uses on the CPU. The last line printed is one JSON object.
+no cost, and divides by the real model time. The `floor` row runs the same model calls with nothing
+between them but guidance and an Euler step in five plain tensor ops: the overhead no sampler can go
+under on this machine, which shows how much of each sampler's figure is its own. On the CPU, torch
+uses one thread (`--threads`) so that figures are stable on a shared machine. The model's time runs
+from the denoiser's call to its return: nn.Module's call machinery is the model's cost.
+`--keep-freed-memory` runs under the malloc settings `main.py` uses on the CPU. The last line printed
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import torch
 
 from executor.allocator import keep_freed_memory
 from ldm.sampling import SAMPLER_NAMES, DiscreteSchedule, sample
+from ldm.sampling.schedulers import get_sigmas
 
 STEPS = 20
 REPEATS = 3
+FLOOR = "floor"  # run_floor's row, measured in turn with the samplers
 
 
 class TinyUNet(torch.nn.Module):
@@ -90,21 +95,44 @@ def run_once(name: str, unet, schedule: DiscreteSchedule, device: str) -> float:
     return time.perf_counter() - start
 
 
+def run_floor(unet, schedule: DiscreteSchedule, device: str) -> float:
+    """The least any sampler does between model calls: guidance and an Euler step in five plain tensor ops,
+    with the timesteps made beforehand and no function layers. Its overhead is what this machine charges for
+    touching the latent at all after a model call (caches refilled), which no sampler code can go under."""
+    sigmas = get_sigmas("karras", schedule, STEPS).tolist()
+    context = torch.randn(2, 77, 768, device=device)
+    timesteps = [torch.full((2,), schedule.sigma_to_t_scalar(s), device=device) for s in sigmas[:-1]]
+    x = torch.randn(1, 4, 64, 64, device=device) * sigmas[0]
+    start = time.perf_counter()
+    for i, t in enumerate(timesteps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        out = unet(x.expand(2, *x.shape).mul((sigma**2 + 1) ** -0.5).flatten(0, 1), t, context)
+        positive, negative = out.chunk(2)
+        x0 = torch.add(x, torch.lerp(negative, positive, 7.0), alpha=-sigma)
+        x = torch.lerp(x, x0, (sigma - sigma_next) / sigma)
+    x.sum().item()
+    return time.perf_counter() - start
+
+
 def free_model(x, t, context, y=None):
     return x  # what a model costs nothing to compute: the sampler's own work remains
 
 
 def measure_once(name: str, unet: TimedModel, schedule: DiscreteSchedule, device: str) -> dict:
     unet.seconds, unet.calls = 0.0, 0
-    overhead = run_once(name, unet, schedule, device) - unet.seconds
-    isolated = run_once(name, free_model, schedule, device)
-    return {
+    if name == FLOOR:
+        overhead = run_floor(unet, schedule, device) - unet.seconds
+    else:
+        overhead = run_once(name, unet, schedule, device) - unet.seconds
+    row = {
         "model_calls": unet.calls,
         "ms_per_model_call": round(1000 * unet.seconds / unet.calls, 3),
         "overhead_ms_per_step": round(1000 * overhead / STEPS, 3),
         "overhead_pct": round(100 * overhead / unet.seconds, 2),
-        "isolated_overhead_pct": round(100 * isolated / unet.seconds, 2),
     }
+    if name != FLOOR:
+        row["isolated_overhead_pct"] = round(100 * run_once(name, free_model, schedule, device) / unet.seconds, 2)
+    return row
 
 
 def measure(names: list[str], unet: TimedModel, schedule: DiscreteSchedule, device: str,
@@ -138,13 +166,17 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = DiscreteSchedule()
     with torch.no_grad():
         measure(["euler"], unet, schedule, args.device)  # warm-up
-        results = measure(args.samplers, unet, schedule, args.device, args.repeats)
+        results = measure([*args.samplers, FLOOR], unet, schedule, args.device, args.repeats)
+    floor = results.pop(FLOOR)
     for name, row in results.items():
         print(
             f"{name:20s} calls {row['model_calls']:3d}  model {row['ms_per_model_call']:8.3f} ms/call  "
             f"overhead {row['overhead_ms_per_step']:7.3f} ms/step = {row['overhead_pct']:6.2f}%  "
             f"isolated {row['isolated_overhead_pct']:6.2f}%"
         )
+    print(f"{'floor':20s} calls {floor['model_calls']:3d}  model {floor['ms_per_model_call']:8.3f} ms/call  "
+          f"overhead {floor['overhead_ms_per_step']:7.3f} ms/step = {floor['overhead_pct']:6.2f}%  "
+          "(guidance and an Euler step in five plain tensor ops: the least a sampler can do)")
     summary = {
         "device": args.device,
         "steps": STEPS,
@@ -152,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         "keep_freed_memory": kept,
         "overhead_pct_max": max(row["overhead_pct"] for row in results.values()),
         "isolated_overhead_pct_max": max(row["isolated_overhead_pct"] for row in results.values()),
+        "floor_overhead_pct": floor["overhead_pct"],
+        "floor_overhead_ms_per_step": floor["overhead_ms_per_step"],
         "samplers": results,
     }
     print(json.dumps(summary))
