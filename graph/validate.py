@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,8 +232,10 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
     checker = _Checker(graph, registry)
     for node in graph.nodes.values():
         if node.class_type not in registry:
+            close = difflib.get_close_matches(node.class_type, list(registry), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
             checker.add(E.INVALID_PROMPT, f"Cannot execute because node {node.class_type} does not exist.",
-                        node, None, f"Node ID '#{node.id}'")
+                        node, None, f"Node ID '#{node.id}'{hint}")
 
     if outputs is None:
         outputs = [nid for nid, n in graph.nodes.items() if (cls := registry.get(n.class_type)) and cls.output_node]

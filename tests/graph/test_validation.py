@@ -29,6 +29,9 @@ def test_valid_graph_plans_topological_order(registry):
 def test_unknown_node_type(registry):
     assert types(registry, {"1": {"class_type": "Nope", "inputs": {}}, "2": sink(1)}) == [
         ("1", None, "invalid_prompt")]
+    [typo] = problems(registry, {"1": {"class_type": "Scael", "inputs": {}}, "2": sink(1)})
+    assert typo.message == "Cannot execute because node Scael does not exist."  # ComfyUI's words
+    assert typo.details == "Node ID '#1'; did you mean Scale?"
 
 
 def test_no_outputs(registry):
