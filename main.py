@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -131,7 +132,7 @@ def _load(args: argparse.Namespace, registry: Any) -> Any:
         if cls is not None and (input_name not in cls.inputs or cls.inputs[input_name].hidden):
             names = ", ".join(name for name, spec in cls.inputs.items() if not spec.hidden)
             _fail_document(args, f"--set: node {node_id} ({node.class_type}) has no input {input_name!r}; "
-                                 f"its inputs are {names}")
+                                 + (f"its inputs are {names}" if names else "it has no inputs"))
         node.inputs[input_name] = value
     return graph
 
@@ -442,10 +443,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except BrokenPipeError:  # `main.py nodes | head`: the reader has gone, which is not an error
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so that a reader that has gone is seen below
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a pipe of the command's own
+        # `main.py nodes | head`: the reader stopped reading, which is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _stdout_reader_gone() -> bool:
+    """True when standard output is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real file behind stdout
+        return False
 
 
 if __name__ == "__main__":

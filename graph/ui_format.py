@@ -52,7 +52,7 @@ class _Converter:
             return None
         node = self.nodes.get(source.node)
         if node is None:
-            return source  # a link from a node the file lacks: kept, so validation names that node
+            return source  # a node the file lacks: convert() decides
         if node.get("mode") == MUTED:
             return None
         if node["type"] == "Reroute":
@@ -103,7 +103,10 @@ class _Converter:
                 resolved = self.resolve(inp["link"])
                 if isinstance(resolved, tuple):
                     inputs[inp["name"]] = resolved[1]
-                elif isinstance(resolved, _Source):
+                elif isinstance(resolved, _Source) and (resolved.node in self.nodes
+                                                        or self._required(node, inp["name"])):
+                    # A link from a node the file lacks is kept on a required input, so that validation names
+                    # that node; on an optional one it is dropped, as ComfyUI's editor does.
                     inputs[inp["name"]] = [str(resolved.node), resolved.slot]
                 else:
                     inputs.pop(inp["name"], None)
@@ -114,6 +117,11 @@ class _Converter:
                 meta["size"] = _pair(node["size"])
             api[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": meta}
         return api
+
+    def _required(self, node: dict[str, Any], name: str) -> bool:
+        cls = self.registry.get(node["type"])
+        spec = cls.inputs.get(name) if cls is not None else None
+        return spec is not None and not spec.optional
 
     def _display_name(self, class_type: str) -> str:
         cls = self.registry.get(class_type)

@@ -273,6 +273,7 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
                             "nodes " + " -> ".join(members) + " depend on each other", cycle=members)
     if order:
         _check_links(checker, order, values)
-    dependents = {nid: [out for out in outputs if out == nid or out in nx.descendants(dag, nid)]
-                  for nid in {p.node_id for p in checker.problems if p.node_id in dag}}
+    failing = {p.node_id for p in checker.problems if p.node_id in dag}
+    needs = {out: nx.ancestors(dag, out) | {out} for out in outputs} if failing else {}
+    dependents = {nid: [out for out in outputs if nid in needs[out]] for nid in failing}
     return ValidatedWorkflow(graph, checker.problems, outputs, order, values, dependents)

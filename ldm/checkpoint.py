@@ -398,16 +398,22 @@ def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, 
     """safetensors' save_file, with the permissions of any new file: it makes its files owner-only (0600),
     which a model shared with other users, or served from another account, cannot be read by."""
     safetensors.torch.save_file(tensors, path, metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    umask = _umask()
+    if umask is not None:
+        try:
+            os.chmod(path, 0o666 & ~umask)
+        except OSError:  # a file system without Unix permissions: the file is written, which is what matters
+            pass
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+def _umask() -> int | None:
+    """The process's umask, read without changing it (os.umask would, for a moment, for every thread);
+    None where it cannot be read (not Linux), and the file keeps the mode safetensors gave it."""
     try:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        return 0o022
+        return None
 
 
 def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: nn.Module | None,

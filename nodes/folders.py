@@ -104,7 +104,7 @@ class FolderPaths:
         """Read `{"checkpoints": ["/other/tool/models/Stable-diffusion"], "loras": [...]}` (JSON)."""
         data = json.loads(Path(config_file).read_text())
         if not isinstance(data, dict):
-            raise ValueError(f"{config_file}: expected an object of model kind -> list of folders")
+            raise ValueError("expected an object of model kind -> list of folders")
         for kind, folders in data.items():
             folders = [folders] if isinstance(folders, str) else folders
             if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):

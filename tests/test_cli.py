@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,8 @@ def test_unusable_options_are_one_line_and_exit_2(workflow, tmp_path, content, s
 
 
 def test_a_reader_that_stops_early_is_not_an_error():
-    proc = subprocess.run(f"'{sys.executable}' '{ROOT / 'main.py'}' nodes | head -1", shell=True, capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
-    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a terminal
+    for reader in ("head -1", "true"):
+        proc = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' main.py nodes --json | {reader}"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+        assert proc.returncode == 0 and proc.stderr == "", (reader, proc.stderr)

@@ -2,10 +2,22 @@
 
 import json
 
+import pytest
+import torch
+
 from benchmarks import samplers
 
 
-def test_samplers_report_model_calls_and_overhead_and_the_summary_is_the_last_line(capsys):
+@pytest.fixture
+def torch_state():
+    """The benchmark sets torch's thread count and seed for its own process: put them back for later tests."""
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.random.set_rng_state(rng)
+
+
+def test_samplers_report_model_calls_and_overhead_and_the_summary_is_the_last_line(capsys, torch_state):
     summary = samplers.main(["--samplers", "euler", "heun", "dpmpp_2m_sde", "--repeats", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == summary

@@ -22,7 +22,7 @@ async def get_history(request: web.Request) -> web.Response:
     gives the newest); the X-Total-Count header says how many runs there are, so that a client can page."""
     db = request.app[STATE].db
     max_items = query_int(request, "max_items", None, minimum=1)
-    offset = query_int(request, "offset", None, minimum=-(2**62))
+    offset = query_int(request, "offset", None, minimum=None)
     if offset is not None and offset < 0:
         offset = None  # ComfyUI's default offset is -1: the newest max_items
     records, total = await db.call(db.store.history, max_items, offset)

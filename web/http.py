@@ -60,9 +60,10 @@ async def read_body(request: web.Request, model: type[M], error_type: str = "inv
         raise json_error(400, error_type, describe(exc)) from None
 
 
-def query_int(request: web.Request, name: str, default: int | None = None, minimum: int = 0,
+def query_int(request: web.Request, name: str, default: int | None = None, minimum: int | None = 0,
               maximum: int = 2**62) -> int | None:
-    """An integer query parameter; above `maximum` (which SQLite could not hold) it is `maximum`."""
+    """An integer query parameter, at least `minimum` (None: any); above `maximum` (which SQLite could not
+    hold) it is `maximum`."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -70,7 +71,7 @@ def query_int(request: web.Request, name: str, default: int | None = None, minim
         value = int(raw)
     except ValueError:
         raise json_error(400, "invalid_request", f"query parameter {name!r} must be an integer") from None
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise json_error(400, "invalid_request", f"query parameter {name!r} must be at least {minimum}")
     return min(value, maximum)
 

@@ -7,7 +7,7 @@ import unicodedata
 from pathlib import Path
 from urllib.parse import unquote
 
-MAX_NAME = 200
+MAX_NAME = 200  # bytes (UTF-8) in a cleaned file name: room for " (12)" and ".part" within 255
 MAX_PATH = 1024  # characters in a subfolder or filename given by a client
 MAX_PART = 255  # bytes in one path component, as most file systems allow
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
@@ -60,7 +60,15 @@ def clean_filename(name: str, fallback: str = "upload") -> str:
     """A plain file name from a client's: no folders, no control or reserved characters, no leading dot."""
     name = unicodedata.normalize("NFC", unquote(name)).replace("\\", "/").rsplit("/", 1)[-1]
     name = _UNSAFE.sub("_", name).strip().lstrip(".").strip()
-    if len(name) > MAX_NAME:
+    if len(name.encode()) > MAX_NAME:
         stem, dot, ext = name.rpartition(".")
-        name = stem[: MAX_NAME - len(ext) - 1] + dot + ext if dot and len(ext) < 10 else name[:MAX_NAME]
+        if dot and len(ext) < 10:
+            name = _cut(stem, MAX_NAME - len(ext.encode()) - 1) + dot + ext
+        else:
+            name = _cut(name, MAX_NAME)
     return name or fallback
+
+
+def _cut(text: str, limit: int) -> str:
+    """The longest start of `text` that is at most `limit` bytes in UTF-8 (never half a character)."""
+    return text.encode()[:limit].decode("utf-8", "ignore")

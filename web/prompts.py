@@ -14,12 +14,9 @@ from graph.ui_format import is_ui_format, ui_to_api
 from graph.validate import ValidatedWorkflow, validate
 from web.http import describe, dumps, json_error, read_body, read_json
 from web.state import STATE, ServerState
-from web.store import PromptRecord
+from web.store import MAX_NUMBER, PromptRecord
 
 routes = web.RouteTableDef()
-
-
-MAX_NUMBER = 2.0**53  # queue positions beyond it would lose integer precision (and overflow SQLite)
 
 
 class PromptRequest(BaseModel):
@@ -28,7 +25,7 @@ class PromptRequest(BaseModel):
     client_id: str | None = Field(default=None, max_length=256)
     extra_data: dict[str, Any] = Field(default_factory=dict)
     front: bool = False
-    number: float | None = Field(default=None, allow_inf_nan=False, ge=-MAX_NUMBER, le=MAX_NUMBER)
+    number: float | None = Field(default=None, allow_inf_nan=False, gt=-MAX_NUMBER, lt=MAX_NUMBER)
     partial_execution_targets: list[str] | None = None
 
 
@@ -59,9 +56,9 @@ def _check(body: PromptRequest, state: ServerState) -> ValidatedWorkflow:
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # odd UI-format documents
         raise _invalid(f"the workflow could not be read: {type(exc).__name__}: {exc}") from None
     targets = body.partial_execution_targets
-    if targets is not None:  # as ComfyUI: only the output nodes among them are run
-        targets = [nid for nid in targets if nid not in graph.nodes
-                   or ((cls := state.registry.get(graph.nodes[nid].class_type)) and cls.output_node)]
+    if targets is not None:  # as ComfyUI: the output nodes among them run; other ids are ignored
+        targets = [nid for nid in dict.fromkeys(targets) if nid in graph.nodes
+                   and (cls := state.registry.get(graph.nodes[nid].class_type)) and cls.output_node]
     return validate(graph, state.registry, targets)
 
 

@@ -42,6 +42,9 @@ CREATE INDEX IF NOT EXISTS prompts_state_number ON prompts (state, number);
 CREATE INDEX IF NOT EXISTS prompts_finished ON prompts (state, finished_at);
 """
 
+# Queue positions are floats; from 2^53 on they lose integer precision (and past 2^63 overflow SQLite).
+MAX_NUMBER = 2.0**53
+
 
 @dataclass
 class PromptRecord:
@@ -160,13 +163,12 @@ class QueueStore:
         return [row["id"] for row in rows]
 
     def next_number(self, front: bool) -> float:
-        # Numbers beyond 2^53 (stored before POST /prompt refused them: inf, 1e300) are not counted from.
+        # Numbers from 2^53 on (stored before POST /prompt refused them: inf, 1e300) are not counted from.
         if front:
-            low = self._db.execute("SELECT MIN(number) FROM prompts WHERE state != 'done'"
-                                   " AND abs(number) <= 9007199254740992.0").fetchone()[0]
+            low = self._db.execute("SELECT MIN(number) FROM prompts WHERE state != 'done' AND abs(number) < ?",
+                                   (MAX_NUMBER,)).fetchone()[0]
             return (low if low is not None else 0) - 1
-        high = self._db.execute("SELECT MAX(number) FROM prompts WHERE abs(number) <= 9007199254740992.0"
-                                ).fetchone()[0]
+        high = self._db.execute("SELECT MAX(number) FROM prompts WHERE abs(number) < ?", (MAX_NUMBER,)).fetchone()[0]
         return int(high) + 1 if high is not None else 0
 
     def add(self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str],

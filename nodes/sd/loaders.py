@@ -54,12 +54,25 @@ def header_family(kind: str, name: Any) -> str | None:
     return None if path is None else _header_family(kind, str(path), str(file_fingerprint(path)))
 
 
-
 def model_file(kind: str) -> InputSpec:
     """A combo of the model files of one kind, listed afresh each time; a name not among them is reported
     with the folders that were searched."""
     return Combo(lambda: get_paths().list_models(kind), tooltip=f"a file in models/{kind}",
-                 choices_where=lambda: ", ".join(str(folder) for folder in get_paths().model_dirs(kind)))
+                 choices_where=lambda: _searched(kind))
+
+
+def _searched(kind: str) -> str:
+    """The folders of one model kind, relative to the base folder: an error answer may go to a remote client,
+    which has no business knowing where the server's files are. Folders elsewhere show their last two parts."""
+    paths = get_paths()
+    shown = []
+    for folder in paths.model_dirs(kind):
+        try:
+            shown.append(str(folder.relative_to(paths.base)))
+        except ValueError:
+            shown.append(f".../{folder.parent.name}/{folder.name}")
+    return ", ".join(shown)
+
 
 class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely)."""

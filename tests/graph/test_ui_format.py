@@ -60,6 +60,17 @@ def test_ui_format_converts_to_api(registry):
     assert api["1"]["_meta"]["title"] == "Add"
 
 
+def test_a_link_from_a_node_the_file_lacks(registry):
+    # Kept on a required input (validation then names node 99); dropped on an optional one, as ComfyUI's
+    # editor does, so that a stale link does not stop a workflow ComfyUI would run.
+    ui = {"nodes": [ui_node(1, "Add", [5], inputs=[link_in("b", 1)]),
+                    ui_node(2, "Scale", [2.0], inputs=[link_in("value", 2)])],
+          "links": [[1, 99, 0, 1, 1, "INT"], [2, 99, 0, 2, 0, "INT"]]}
+    api = ui_to_api(ui, registry)
+    assert api["1"]["inputs"] == {"a": 5}
+    assert api["2"]["inputs"] == {"factor": 2.0, "value": ["99", 0]}
+
+
 def test_format_is_detected_when_loading(registry, tmp_path):
     path = tmp_path / "ui.json"
     path.write_text(json.dumps({"nodes": [ui_node(1, "Add", [1, 2]), ui_node(2, "Sink", inputs=[link_in("value", 1)])],

@@ -151,3 +151,8 @@ def test_list_constants_are_wrapped_and_round_trip():
     graph = parse_api({"1": {"class_type": "X", "inputs": {"v": {"__value__": [1, 2]}, "l": ["2", 1]}}})
     assert graph.nodes["1"].inputs["v"] == [1, 2]
     assert graph.to_api()["1"]["inputs"] == {"v": {"__value__": [1, 2]}, "l": ["2", 1]}
+
+
+def test_a_problem_names_a_node_whose_id_is_empty(registry):
+    [problem] = problems(registry, {"": {"class_type": "Add", "inputs": {}}, "7": sink(["", 0])})
+    assert str(problem).startswith("node '' (Add), input 'a': Required input is missing")

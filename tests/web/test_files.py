@@ -155,6 +155,12 @@ async def test_an_overlong_form_field_is_named(client):
     assert (await resp.json())["error"]["message"].startswith("the field 'overwrite' is larger")
 
 
+async def test_a_long_name_in_a_wide_script_is_stored(client, paths):
+    # 200 CJK characters are 600 bytes, more than a file name may hold: once an unhandled ENAMETOOLONG (500).
+    body = await (await client.post("/upload/image", data=form(png_bytes(), filename="猫" * 200 + ".png"))).json()
+    assert body["name"] == "猫" * 65 + ".png" and (paths.input / body["name"]).is_file()
+
+
 async def test_a_nul_in_the_multipart_file_name_is_a_bad_request(client):
     body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\x00.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--b--\r\n")
@@ -212,6 +218,7 @@ async def test_view_serves_files_and_downloads_the_rest(client, files):
 @pytest.mark.parametrize("raw, clean", [
     ("a\x01b.png", "a_b.png"), ("..", "upload"), ("x" * 300 + ".png", "x" * 196 + ".png"),
     ("dir\\..\\n.png", "n.png"), ("%2e%2e%2fa.png", "a.png"),
+    ("猫" * 200 + ".png", "猫" * 65 + ".png"),  # 3 bytes a character: cut by bytes, never mid-character
 ])
 def test_clean_filename(raw, clean):
     from web.paths import clean_filename

@@ -246,7 +246,8 @@ async def test_partial_execution_targets_run_only_output_nodes_as_comfyui(client
     resp = await client.post("/prompt", json={"prompt": ADD, "partial_execution_targets": ["2"]})  # IntMath
     assert resp.status == 400
     assert (await resp.json())["error"]["type"] == "prompt_no_outputs"
-    ok = await (await client.post("/prompt/wait", json={"prompt": ADD, "partial_execution_targets": ["2", "3"]})).json()
+    targets = ["2", "3", "3", "nope"]  # as ComfyUI: repeats and ids not in the prompt are ignored
+    ok = await (await client.post("/prompt/wait", json={"prompt": ADD, "partial_execution_targets": targets})).json()
     assert ok["status"] == "success" and ok["outputs"] == {"3": {"text": ["42"]}}
 
 
@@ -256,4 +257,5 @@ async def test_a_ui_link_from_a_node_the_file_lacks_names_that_node(client):
           "links": [[1, 99, 0, 2, 0, "INT"]]}
     resp = await client.post("/prompt", json={"prompt": ui})
     assert resp.status == 400
-    assert "99" in json.dumps(await resp.json())
+    [error] = (await resp.json())["node_errors"]["2"]["errors"]
+    assert error["type"] == "bad_linked_input" and "links to node '99'" in error["details"]
