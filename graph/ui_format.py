@@ -70,9 +70,17 @@ class _Converter:
         return source
 
     def widget_values(self, node: dict[str, Any]) -> dict[str, Any]:
+        """The node's widget values by name; widgets the file holds no value for get their defaults, as
+        ComfyUI's editor gives a node it loads (a SaveImage saved without widgets_values still saves)."""
         cls = self.registry.get(node["type"])
-        raw = node.get("widgets_values")
-        if cls is None or raw is None:
+        if cls is None:
+            return {}
+        defaults = {name: cls.inputs[name].default for name in cls.widget_names()
+                    if cls.inputs[name].default is not None}
+        return {**defaults, **self._stored_widget_values(cls, node.get("widgets_values"))}
+
+    def _stored_widget_values(self, cls: Any, raw: Any) -> dict[str, Any]:
+        if raw is None:
             return {}
         if isinstance(raw, dict):  # some frontends store widgets by name
             return {k: v for k, v in raw.items() if k in cls.inputs}

@@ -62,7 +62,7 @@ def _feather(length: int, start_inside: bool, end_inside: bool, rr: int) -> Tens
     return ramp
 
 
-def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -> _Job:
+def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -> _Job | None:
     batch, _, height, width = x.shape
     area = options.get("area")
     if area is None:
@@ -73,6 +73,8 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
     else:
         h, w, top, left = (int(v) for v in area)
     rows, cols = slice(top, min(top + h, height)), slice(left, min(left + w, width))
+    if rows.start >= rows.stop or cols.start >= cols.stop:
+        return None  # an area wholly outside this latent (a prompt set for a larger image) adds nothing here
     strength = float(options.get("strength", 1.0))
     mask = options.get("mask")
     y = options.get("y")
@@ -183,9 +185,10 @@ class CFGGuider:
         key = (tuple(x.shape), x.device, x.dtype)
         if key not in self._plans:
             jobs = [
-                _job(side, emb, opts, x, self.feather)
+                job
                 for side, conds in enumerate(self.sides)
                 for emb, opts in conds
+                if (job := _job(side, emb, opts, x, self.feather)) is not None
             ]
             batches = []
             for group in _batches(jobs):

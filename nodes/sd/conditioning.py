@@ -72,4 +72,23 @@ class ConditioningSetArea(Node):
                  for emb, opts in conditioning],)
 
 
-NODES = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningSetArea]
+class ConditioningZeroOut(Node):
+    """The same conditioning with every embedding, and the pooled output, set to zero (SDXL workflows use it
+    for an empty negative prompt, as ComfyUI's node of this name does)."""
+
+    display_name = "ConditioningZeroOut"
+    category = "advanced/conditioning"
+    conditioning = Socket("CONDITIONING")
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list) -> tuple[list]:
+        zeroed = []
+        for emb, opts in conditioning:
+            opts = dict(opts)
+            if opts.get("pooled_output") is not None:
+                opts["pooled_output"] = torch.zeros_like(opts["pooled_output"])
+            zeroed.append((torch.zeros_like(emb), opts))
+        return (zeroed,)
+
+
+NODES = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningSetArea, ConditioningZeroOut]

@@ -60,6 +60,17 @@ def test_ui_format_converts_to_api(registry):
     assert api["1"]["_meta"]["title"] == "Add"
 
 
+def test_widgets_without_stored_values_get_their_defaults(registry):
+    # ComfyUI's editor gives a loaded node its widgets' defaults; a file may leave widgets_values out.
+    ui = {"nodes": [ui_node(1, "Add"), ui_node(2, "Scale", inputs=[link_in("value", 1)]),
+                    ui_node(3, "Sink", inputs=[link_in("value", 2, "FLOAT")])],
+          "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 3, 0, "FLOAT"]]}
+    del ui["nodes"][1]["widgets_values"]
+    api = ui_to_api(ui, registry)
+    assert api["1"]["inputs"] == {"a": 0, "b": 0}
+    assert api["2"]["inputs"] == {"factor": 1.0, "value": ["1", 0]}
+
+
 def test_a_link_from_a_node_the_file_lacks(registry):
     # Kept on a required input (validation then names node 99); dropped on an optional one, as ComfyUI's
     # editor does, so that a stale link does not stop a workflow ComfyUI would run.

@@ -84,6 +84,15 @@ def test_area_conditioning_is_blended_with_feathered_edges():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_an_area_outside_the_latent_adds_nothing():
+    # A prompt placed for a larger image (x = 160 px on a 128-px image): once a negative-size tensor error.
+    unet, denoiser, x, sigma, ctx = setup(16, 16)
+    outside = {"area": (8, 8, 0, 20), "strength": 1.0}
+    out = CFGGuider(denoiser, [(ctx[0], {}), (ctx[1], outside)], [], cfg=1.0)(x, sigma)
+    assert len(unet.calls) == 1
+    assert torch.allclose(out, direct(denoiser, x, sigma, ctx[0]), atol=1e-6)
+
+
 def test_masked_conditioning_weights_by_the_mask():
     unet, denoiser, x, sigma, ctx = setup()
     mask = torch.zeros(1, 32, 32)
