@@ -16,6 +16,7 @@ MODEL_KINDS = {
     "vae": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "loras": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "embeddings": (".safetensors", ".pt", ".bin"),
+    "configs": (".yaml",),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,11 @@ class CheckpointLoaderSimple(Node):
         return load_checkpoint_outputs(self, ckpt_name, devices.options.weights_dtype, devices.options.te_weights_dtype)
 
 
-def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str,
-                            te_weights_dtype: str) -> tuple[DiffusionModel, Clip, Vae]:
+def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_weights_dtype: str,
+                            v_prediction: bool | None = None) -> tuple[DiffusionModel, Clip, Vae]:
     """Load (or share) a checkpoint on the offload device; `weights_dtype` "fp8"/"int8" shrinks the UNet's
-    weights, `te_weights_dtype` the text encoders' (the VAE stays in its own dtype)."""
+    weights, `te_weights_dtype` the text encoders' (the VAE stays in its own dtype); `v_prediction`, when
+    given, overrides what the file says about its prediction type."""
     from ldm.checkpoint import load_checkpoint
 
     path = model_path("checkpoints", ckpt_name)
@@ -112,7 +114,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str,
     def load() -> Any:
         from ldm.quant import quantize_
 
-        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
         if vae_dtype != dtype:
             loaded.vae.to(dtype=vae_dtype)
         quantize_(loaded.unet, weights_dtype)
@@ -123,7 +125,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str,
         return loaded
 
     key = ("checkpoint", str(path), str(file_fingerprint(path)), str(device), str(dtype), weights_dtype,
-           te_weights_dtype)
+           te_weights_dtype, v_prediction)
     loaded = shared_model(node, key, load)
     if loaded.text_encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
@@ -154,6 +156,54 @@ class CheckpointLoaderWeightDtype(Node):
         names = {"fp8_e4m3fn": "fp8"}
         return load_checkpoint_outputs(self, ckpt_name, names.get(weight_dtype, weight_dtype),
                                        names.get(text_encoder_dtype, text_encoder_dtype))
+
+
+# The LDM configs ComfyUI ships in models/configs, which workflows saved there name.
+LDM_CONFIGS = ("anything_v3.yaml", "v1-inference.yaml", "v1-inference_clip_skip_2.yaml",
+               "v1-inference_clip_skip_2_fp16.yaml", "v1-inference_fp16.yaml", "v1-inpainting-inference.yaml",
+               "v2-inference-v.yaml", "v2-inference-v_fp32.yaml", "v2-inference.yaml", "v2-inference_fp32.yaml",
+               "v2-inpainting-inference.yaml")
+
+
+def config_names() -> list[str]:
+    return sorted({*LDM_CONFIGS, *get_paths().list_models("configs")})
+
+
+def config_predicts_v(config_name: str) -> bool:
+    """Whether an LDM config describes a v-predicting model: its `parameterization: "v"` where the file is
+    in models/configs, else the naming of the stock configs (v2-inference-v*.yaml)."""
+    path = get_paths().find_model("configs", config_name)
+    if path is not None:
+        return re.search(r"""parameterization:\s*["']?v["']?\s*$""", path.read_text(errors="replace"),
+                         re.MULTILINE) is not None
+    return Path(config_name).stem.startswith("v2-inference-v")
+
+
+class CheckpointLoader(Node):
+    """ComfyUI's deprecated loader that also names an LDM config (.yaml), for workflows saved with it. The
+    model family comes from the weights, as in Load Checkpoint; the config only says whether the model
+    predicts v."""
+
+    display_name = "Load Checkpoint With Config (DEPRECATED)"
+    category = "advanced/loaders"
+    config_name = Combo(config_names, tooltip="an LDM config: v2-inference-v.yaml for v-prediction models")
+    ckpt_name = model_file("checkpoints")
+    outputs = (Output("MODEL"), Output("CLIP"), Output("VAE"))
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        config = get_paths().find_model("configs", str(inputs.get("config_name", "")))
+        return [CheckpointLoaderSimple.fingerprint(inputs), file_fingerprint(config)]
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return CheckpointLoaderSimple.output_facts(inputs, linked)
+
+    def execute(self, config_name: str, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
+        devices = devices_of(self.ctx)
+        dtypes = ("default", "default") if devices is None else (devices.options.weights_dtype,
+                                                                 devices.options.te_weights_dtype)
+        return load_checkpoint_outputs(self, ckpt_name, *dtypes, v_prediction=config_predicts_v(config_name))
 
 
 class VAELoader(Node):
@@ -229,4 +279,4 @@ class LoraLoader(Node):
         return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
 
 
-NODES = [CheckpointLoaderSimple, CheckpointLoaderWeightDtype, VAELoader, LoraLoader]
+NODES = [CheckpointLoaderSimple, CheckpointLoaderWeightDtype, CheckpointLoader, VAELoader, LoraLoader]

@@ -192,3 +192,29 @@ def test_a_png_carries_its_workflow_back(engine, base, tmp_path):
     graph = load_workflow(png, engine.registry)
     assert graph.nodes["3"].inputs["seed"] == 99
     assert engine.run(parse_api(graph.to_api())).cached  # the same graph again: served from the cache
+
+
+def test_conditioning_zero_out_zeroes_embeddings_and_pooled_output_and_leaves_its_input():
+    from nodes.sd.conditioning import ConditioningZeroOut
+
+    emb, pooled = torch.ones(1, 77, 8), torch.ones(1, 4)
+    cond = [(emb, {"pooled_output": pooled, "area": (8, 8, 0, 0)})]
+    [(zero_emb, opts)] = ConditioningZeroOut().execute(cond)[0]
+    assert not zero_emb.any() and not opts["pooled_output"].any() and opts["area"] == (8, 8, 0, 0)
+    assert emb.all() and pooled.all() and cond[0][1]["pooled_output"] is pooled
+
+
+def test_the_deprecated_loader_with_a_config_runs_and_its_config_sets_the_prediction(engine, base):
+    # ComfyUI's CheckpointLoader (config_name, ckpt_name), which older workflows use.
+    graph = load("txt2img", engine.registry)
+    graph.nodes["4"].class_type = "CheckpointLoader"
+    graph.nodes["4"].inputs["config_name"] = "v1-inference.yaml"
+    result = engine.run(graph, keep=["4"])
+    assert result.ok, result.error
+    assert result.values["4"][0].prediction == "eps"
+    (base.base / "models" / "configs").mkdir(parents=True, exist_ok=True)
+    (base.base / "models" / "configs" / "mine.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    graph.nodes["4"].inputs["config_name"] = "mine.yaml"
+    result = engine.run(graph, keep=["4"])
+    assert result.ok, result.error
+    assert result.values["4"][0].prediction == "v"
