@@ -284,7 +284,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _fail_document(args, str(exc))
     text = json.dumps(graph.to_api(), indent=2)
     if args.output:
-        args.output.write_text(text + "\n")
+        try:
+            args.output.write_text(text + "\n")
+        except OSError as exc:
+            _usage_error(f"-o {args.output}: {_reason(exc)}")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)

@@ -85,6 +85,8 @@ def test_convert_ui_to_api(tmp_path):
     api = json.loads((tmp_path / "api.json").read_text())
     assert api["1"]["inputs"] == {"value": 4} and api["2"]["inputs"] == {"source": ["1", 0]}
     assert cli("run", src, "--base-dir", tmp_path).stdout.strip() == "node 2: 4"
+    nowhere = cli("convert", src, "-o", tmp_path / "missing" / "api.json")
+    assert nowhere.returncode == 2 and nowhere.stderr.startswith("error: -o ") and "Traceback" not in nowhere.stderr
 
 
 def test_nodes_and_schema():
