@@ -219,4 +219,35 @@ class ImagePadForOutpaint(Node):
         return out, mask.unsqueeze(0).expand(b, -1, -1).clone()
 
 
-NODES = [LoadImage, SaveImage, PreviewImage, ImageScale, ImageScaleToTotalPixels, ImagePadForOutpaint]
+class ImageToMask(Node):
+    """One channel of an image as a MASK [B, H, W]."""
+
+    display_name = "Convert Image to Mask"
+    category = "mask"
+    image = Socket("IMAGE")
+    channel = Combo(["red", "green", "blue", "alpha"])
+    outputs = (Output("MASK"),)
+
+    def execute(self, image: torch.Tensor, channel: str) -> tuple[torch.Tensor]:
+        index = ["red", "green", "blue", "alpha"].index(channel)
+        if index >= image.shape[-1]:
+            raise ValueError(f"the image has {image.shape[-1]} channels, so no {channel} channel; "
+                             "Load Image gives the alpha channel as its MASK output (1 - alpha)")
+        return (image[..., index].clone(),)
+
+
+class MaskToImage(Node):
+    """A MASK as a grey IMAGE [B, H, W, 3]."""
+
+    display_name = "Convert Mask to Image"
+    category = "mask"
+    mask = Socket("MASK")
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, mask: torch.Tensor) -> tuple[torch.Tensor]:
+        mask = mask.reshape(-1, *mask.shape[-2:])
+        return (mask[..., None].expand(-1, -1, -1, 3).clone(),)
+
+
+NODES = [LoadImage, SaveImage, PreviewImage, ImageScale, ImageScaleToTotalPixels, ImagePadForOutpaint, ImageToMask,
+         MaskToImage]

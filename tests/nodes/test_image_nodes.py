@@ -8,7 +8,16 @@ from PIL import Image
 
 from nodes.context import NodeContext
 from nodes.folders import FolderPaths, set_paths
-from nodes.sd.image import ImagePadForOutpaint, ImageScale, LoadImage, PreviewImage, SaveImage, resize_image
+from nodes.sd.image import (
+    ImagePadForOutpaint,
+    ImageScale,
+    ImageToMask,
+    LoadImage,
+    MaskToImage,
+    PreviewImage,
+    SaveImage,
+    resize_image,
+)
 from nodes.sd.imageio import NotAnImageError, load_image_file
 from nodes.sd.latent import EmptyLatentImage, LatentUpscale, SetLatentNoiseMask, slerp
 
@@ -133,3 +142,15 @@ def test_slerp_endpoints_and_norm():
 def test_set_latent_noise_mask_shape():
     out = run(SetLatentNoiseMask, samples={"samples": torch.zeros(1, 4, 8, 8)}, mask=torch.ones(64, 64))[0]
     assert out["noise_mask"].shape == (1, 1, 64, 64)
+
+
+def test_image_to_mask_and_back():
+    image = torch.rand(2, 5, 7, 3)
+    (mask,) = ImageToMask().execute(image, "green")
+    assert mask.shape == (2, 5, 7) and torch.equal(mask, image[..., 1])
+    (grey,) = MaskToImage().execute(mask)
+    assert grey.shape == (2, 5, 7, 3) and all(torch.equal(grey[..., c], mask) for c in range(3))
+    (single,) = MaskToImage().execute(mask[0])  # a [H, W] mask, as some nodes make
+    assert single.shape == (1, 5, 7, 3)
+    with pytest.raises(ValueError, match="no alpha channel"):
+        ImageToMask().execute(image, "alpha")
