@@ -89,9 +89,13 @@ class Child:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self.inbox.put_nowait, None)
+                message = None  # the child has gone
+            try:
+                self._loop.call_soon_threadsafe(self.inbox.put_nowait, message)
+            except RuntimeError:  # the server's loop has closed (it is shutting down): no one to tell
                 return
-            self._loop.call_soon_threadsafe(self.inbox.put_nowait, message)
+            if message is None:
+                return
 
     def send(self, *message: Any) -> None:
         try:
