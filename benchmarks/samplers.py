@@ -168,15 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
         measure(["euler"], unet, schedule, args.device)  # warm-up
         results = measure([*args.samplers, FLOOR], unet, schedule, args.device, args.repeats)
     floor = results.pop(FLOOR)
-    for name, row in results.items():
+    for name, row in [*results.items(), (FLOOR, floor)]:
         print(
             f"{name:20s} calls {row['model_calls']:3d}  model {row['ms_per_model_call']:8.3f} ms/call  "
             f"overhead {row['overhead_ms_per_step']:7.3f} ms/step = {row['overhead_pct']:6.2f}%  "
-            f"isolated {row['isolated_overhead_pct']:6.2f}%"
+            + (f"isolated {row['isolated_overhead_pct']:6.2f}%" if name != FLOOR else
+               "(guidance and an Euler step in five plain tensor ops: the least a sampler can do)")
         )
-    print(f"{'floor':20s} calls {floor['model_calls']:3d}  model {floor['ms_per_model_call']:8.3f} ms/call  "
-          f"overhead {floor['overhead_ms_per_step']:7.3f} ms/step = {floor['overhead_pct']:6.2f}%  "
-          "(guidance and an Euler step in five plain tensor ops: the least a sampler can do)")
     summary = {
         "device": args.device,
         "steps": STEPS,

@@ -164,11 +164,12 @@ class QueueStore:
 
     def next_number(self, front: bool) -> float:
         # Numbers from 2^53 on (stored before POST /prompt refused them: inf, 1e300) are not counted from.
+        counted, bounds = "number > ? AND number < ?", (-MAX_NUMBER, MAX_NUMBER)
         if front:
-            low = self._db.execute("SELECT MIN(number) FROM prompts WHERE state != 'done' AND abs(number) < ?",
-                                   (MAX_NUMBER,)).fetchone()[0]
+            low = self._db.execute(f"SELECT MIN(number) FROM prompts WHERE state != 'done' AND {counted}",
+                                   bounds).fetchone()[0]
             return (low if low is not None else 0) - 1
-        high = self._db.execute("SELECT MAX(number) FROM prompts WHERE abs(number) < ?", (MAX_NUMBER,)).fetchone()[0]
+        high = self._db.execute(f"SELECT MAX(number) FROM prompts WHERE {counted}", bounds).fetchone()[0]
         return int(high) + 1 if high is not None else 0
 
     def add(self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str],

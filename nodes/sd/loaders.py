@@ -94,10 +94,14 @@ class CheckpointLoaderSimple(Node):
         return {} if family is None else {0: {"family": family}, 1: {"family": family}}
 
     def execute(self, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
-        devices = devices_of(self.ctx)
-        if devices is None:
-            return load_checkpoint_outputs(self, ckpt_name, "default", "default")
-        return load_checkpoint_outputs(self, ckpt_name, devices.options.weights_dtype, devices.options.te_weights_dtype)
+        return load_checkpoint_outputs(self, ckpt_name, *engine_weight_dtypes(self))
+
+
+def engine_weight_dtypes(node: Node) -> tuple[str, str]:
+    """The engine's `--weights-dtype` and `--te-weights-dtype` (both "default" without a device manager)."""
+    devices = devices_of(node.ctx)
+    return ("default", "default") if devices is None else (devices.options.weights_dtype,
+                                                           devices.options.te_weights_dtype)
 
 
 def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_weights_dtype: str,
@@ -200,10 +204,8 @@ class CheckpointLoader(Node):
         return CheckpointLoaderSimple.output_facts(inputs, linked)
 
     def execute(self, config_name: str, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
-        devices = devices_of(self.ctx)
-        dtypes = ("default", "default") if devices is None else (devices.options.weights_dtype,
-                                                                 devices.options.te_weights_dtype)
-        return load_checkpoint_outputs(self, ckpt_name, *dtypes, v_prediction=config_predicts_v(config_name))
+        return load_checkpoint_outputs(self, ckpt_name, *engine_weight_dtypes(self),
+                                       v_prediction=config_predicts_v(config_name))
 
 
 class VAELoader(Node):
