@@ -40,6 +40,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the UNet (slow first run per image size, faster after)")
     device.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch the UNet's kernels one by one instead of replaying a captured CUDA graph")
+    device.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep the UNet's tensors NCHW on CUDA (channels-last saves cuDNN's layout copies)")
     device.add_argument("--vram-budget-gb", type=float, help="GiB of model weights kept on the GPU "
                         "(default: its memory less a quarter for activations)")
     device.add_argument("--ram-budget-gb", type=float, help="GiB of loaded models kept in RAM (default: half of it)")
@@ -64,7 +66,7 @@ def configure_engine(args: argparse.Namespace) -> Any:
     options = EngineOptions(
         force_cpu=args.cpu, lowvram=args.lowvram, weights_dtype=args.weights_dtype,
         te_weights_dtype=args.te_weights_dtype, compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
         vram_budget=gib(args.vram_budget_gb), ram_budget=gib(args.ram_budget_gb))
     set_default_options(options)
     if options.force_cpu or not _has_accelerator():

@@ -38,7 +38,8 @@ import torch
 
 from executor.devices import DeviceManager
 from ldm.compile import compiled_unet, forget_compiled
-from ldm.cuda_graphs import graphed_unet
+from ldm.cuda_graphs import graphed_unet, release
+from ldm.layout import use_channels_last
 from ldm.presets import PRESETS, randomize_
 from ldm.quant import FP8_SKIP, fp8_skip, quantize_fp8_, weight_bytes
 from ldm.sampling import DiscreteSchedule, prepare_noise, sample
@@ -112,7 +113,10 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, vae_dtype: torc
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02 + (id(param) in norm_scales))
         unet = randomize_(UNetModel(unet_config), generator).eval().requires_grad_(False)
         vae = randomize_(AutoencoderKL(vae_config), generator).eval().requires_grad_(False)
-    return Models(family, prediction, unet.to(dtype), vae.to(vae_dtype), te.to(dtype), graphs=device.type == "cuda")
+    unet = unet.to(dtype)
+    if device.type == "cuda":
+        use_channels_last(unet)  # as the engine's KSampler places it on CUDA (without --compile)
+    return Models(family, prediction, unet, vae.to(vae_dtype), te.to(dtype), graphs=device.type == "cuda")
 
 
 def conditioning(models: Models, prompts: list[str], size: int) -> list:
@@ -161,6 +165,8 @@ class Figures:
     image_s: float | None = None
     peak_gb: float | None = None
     its_eager: float | None = None  # without CUDA graphs (the same as `its` off CUDA)
+    its_nchw: float | None = None  # CUDA graphs, the UNet NCHW (`--no-channels-last`)
+    nchw_max_diff: float | None = None
     graphs_max_diff: float | None = None
     its_compiled: float | None = None  # torch.compile, graphs as in `its`
     its_compiled_eager: float | None = None
@@ -214,17 +220,30 @@ def run_ours(models: Models, device: torch.device, f: Figures, steps: int) -> di
 
 def run_variants(models: Models, device: torch.device, f: Figures, steps: int, clock: Clock,
                  reference: dict[int, torch.Tensor]) -> None:
-    """Without CUDA graphs, and batches 1, 2, 4: each a few seconds."""
+    """Without CUDA graphs, with the UNet NCHW, and batches 1, 2, 4: each a few seconds."""
     size = f.size
 
-    def eager() -> None:
+    def eager() -> None:  # as `--no-cuda-graphs` runs it: NCHW too (see nodes/sd/sampling.py)
         models.graphs = False
+        models.unet.to(memory_format=torch.contiguous_format)
         try:
             image = ours_txt2img(models, SEEDS[0], size, steps)
             f.graphs_max_diff = float((image - reference[SEEDS[0]]).abs().max())
             f.its_eager = ours_its(models, device, size, steps)
         finally:
             models.graphs = device.type == "cuda"
+            use_channels_last(models.unet)
+
+    def nchw() -> None:
+        models.unet.to(memory_format=torch.contiguous_format)
+        release(models.unet)
+        try:
+            image = ours_txt2img(models, SEEDS[0], size, steps)
+            f.nchw_max_diff = float((image - reference[SEEDS[0]]).abs().max())
+            f.its_nchw = ours_its(models, device, size, steps)
+        finally:
+            use_channels_last(models.unet)
+            release(models.unet)
 
     def batches() -> None:
         for batch in (1, 2, 4):
@@ -235,6 +254,7 @@ def run_variants(models: Models, device: torch.device, f: Figures, steps: int, c
     with torch.inference_mode():
         if models.graphs:
             attempt(f, "without CUDA graphs", device, eager)
+            attempt(f, "NCHW", device, nchw)
         if clock.left(30):
             attempt(f, "batches", device, batches)
         else:
@@ -245,6 +265,8 @@ def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -
     """torch.compile (inductor's default mode), with CUDA graphs as the engine adds them, and without."""
     size = f.size
     graphs = models.graphs
+    models.unet.to(memory_format=torch.contiguous_format)  # as the engine compiles it
+    release(models.unet)
     with torch.inference_mode():
         models.unet_fn = compiled_unet(models.unet)
         try:
@@ -261,6 +283,8 @@ def run_compiled(models: Models, device: torch.device, f: Figures, steps: int) -
             models.unet_fn, models.graphs = None, graphs
             forget_compiled(models.unet)
             torch._dynamo.reset()
+            if device.type == "cuda":
+                use_channels_last(models.unet)
 
 
 # More layers in bf16/fp16 than `--weights-dtype fp8` keeps (`fp8_skip`), or fewer: where the fp8 error
@@ -380,6 +404,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> str:
     rows = [
         ("UNet it/s, ours", "its"), ("UNet it/s, ours without CUDA graphs", "its_eager"),
+        ("UNet it/s, ours NCHW (not channels-last)", "its_nchw"),
         ("UNet it/s, ours compiled", "its_compiled"), ("UNet it/s, ours compiled, no graphs", "its_compiled_eager"),
         ("UNet it/s, diffusers", "its_diffusers"), ("s/image end to end, ours", "image_s"),
         ("s/image end to end, diffusers", "image_s_diffusers"), ("peak GPU GiB, ours", "peak_gb"),
@@ -388,7 +413,8 @@ def table(results: dict[str, Figures], device_name: str, dtype: torch.dtype) -> 
         ("UNet it/s, fp8 UNet", "its_fp8"), ("PSNR fp8 UNet vs full dB (worst seed)", "psnr_fp8"),
         ("UNet+TE weights MiB, fp8 UNet and TE", "weights_mib_fp8_te"),
         ("PSNR fp8 UNet and TE vs full dB", "psnr_fp8_te"),
-        ("CUDA graphs: max pixel diff vs without", "graphs_max_diff"),
+        ("CUDA graphs: max pixel diff vs without (NCHW)", "graphs_max_diff"),
+        ("NCHW: max pixel diff vs channels-last", "nchw_max_diff"),
     ]
     keys = list(results)
     head = f"{device_name}, {str(dtype).removeprefix('torch.')}, 20-step euler, cfg 7.5"
@@ -456,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sd15_image_s": get(sd15, "image_s"),
         "sd15_its_compiled": get(sd15, "its_compiled"), "sdxl_its_compiled": get(sdxl, "its_compiled"),
         "sd15_its_eager": get(sd15, "its_eager"), "sdxl_its_eager": get(sdxl, "its_eager"),
+        "sd15_its_nchw": get(sd15, "its_nchw"), "sdxl_its_nchw": get(sdxl, "its_nchw"),
         "sd15_its_compiled_eager": get(sd15, "its_compiled_eager"),
         "sdxl_image_s": get(sdxl, "image_s"), "sdxl_peak_gb": get(sdxl, "peak_gb"),
         "sdxl_peak_gb_diffusers": get(sdxl, "peak_gb_diffusers"),

@@ -34,6 +34,7 @@ class EngineOptions:
     te_weights_dtype: str = "default"  # the text encoders', the same choices
     compile: bool = False  # torch.compile the UNet forward (reused for every run of the same shape)
     cuda_graphs: bool = True  # on CUDA, replay the UNet's steps as a captured CUDA graph (ldm/cuda_graphs.py)
+    channels_last: bool = True  # on CUDA with graphs and without compile, the UNet NHWC (ldm/layout.py)
     vram_budget: int | None = None  # bytes of model weights on the compute device; None: from the card
     ram_budget: int | None = None  # bytes of loaded models kept in RAM; None: from the machine
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.layout import GroupNorm, is_channels_last
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               query_chunk: int | None = None) -> torch.Tensor:
@@ -89,7 +91,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = GroupNorm(32, channels, eps=1e-6)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(channels, inner)
             self.proj_out: nn.Module = nn.Linear(inner, channels)
@@ -113,7 +115,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        # Back in the input's memory format: a channels-last UNet (its convolutions' preferred layout on
+        # CUDA) gets this view as it is, with no copy, and no layout conversion before the next conv.
+        layout = torch.channels_last if is_channels_last(x_in) else torch.contiguous_format
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

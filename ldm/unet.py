@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.attention import SpatialTransformer
+from ldm.layout import GroupNorm
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,10 @@ class TimestepEmbedSequential(nn.Sequential):
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(GroupNorm(32, channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
@@ -167,7 +168,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -195,4 +196,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)

@@ -56,6 +56,13 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     devices = devices_of(node.ctx)
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
         module = unet
+        options = devices.options
+        # Channels-last pays under CUDA graphs only: its group norm launches more, smaller kernels, and
+        # launches are what a step without graphs waits on. Not measured with --compile: left NCHW.
+        if options.channels_last and options.cuda_graphs and not options.compile and device.type == "cuda":
+            from ldm.layout import use_channels_last
+
+            use_channels_last(module)  # before the graphs: they capture the weights' storage
         if devices.options.compile:
             from ldm.compile import compiled_unet
 

@@ -104,7 +104,9 @@ def test_fp8_weights_through_the_options_and_the_loader_node(base):
 
 @pytest.mark.cuda
 def test_cuda_graphs_make_the_same_image_as_plain_launches(base):
-    graphed, services = image(base, force_cpu=False)
+    # Both NCHW: without graphs the UNet stays NCHW (channels-last is for graphs only), and the
+    # convolution kernels of the two layouts round differently.
+    graphed, services = image(base, EngineOptions(channels_last=False), force_cpu=False)
     [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
     _, graphs = unet.__dict__["_loom_graphed"]
     assert len(graphs._graphs) == 1 and all(graphs._graphs.values())
@@ -112,12 +114,24 @@ def test_cuda_graphs_make_the_same_image_as_plain_launches(base):
     torch.testing.assert_close(graphed, plain, rtol=0, atol=1e-5)
 
 
+@pytest.mark.cuda
+def test_on_cuda_the_unet_runs_channels_last_and_makes_the_image_of_nchw(base):
+    fast, services = image(base, force_cpu=False)
+    [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain, services = image(base, EngineOptions(channels_last=False), force_cpu=False)
+    [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
+    assert not unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert psnr(fast, plain) > 35
+
+
 def test_cli_takes_the_device_options(base, tmp_path):
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(txt2img()))
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", str(path), "--json", "--base-dir",
                            str(base.base), "--cpu", "--lowvram", "--weights-dtype", "fp8", "--te-weights-dtype", "fp8",
-                           "--vram-budget-gb", "0.5", "--ram-budget-gb", "2", "--no-cuda-graphs"],
+                           "--vram-budget-gb", "0.5", "--ram-budget-gb", "2", "--no-cuda-graphs",
+                           "--no-channels-last"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "success"
