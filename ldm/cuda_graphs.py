@@ -79,7 +79,9 @@ class GraphedUNet:
         return x.device.type == "cuda" and not torch.is_grad_enabled()
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 y: torch.Tensor | None = None) -> torch.Tensor:
+                 y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if control is not None:  # ControlNet residuals: launched one by one (their values change per step)
+            return self.forward(x, timesteps, context, y=y, control=control)
         if not self._graphable(x):
             return self.forward(x, timesteps, context, y=y)
         args = (x, timesteps, context, y)

@@ -83,6 +83,26 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True
     return family, prediction, unet, vae, te
 
 
+def make_controlnet(preset: str, path: str | Path, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Write a random-weight LDM-layout ControlNet that fits `make_checkpoint(preset)`'s UNet (fp16 unless
+    `dtype` says). Its zero convolutions are random too, so it visibly changes what the UNet makes."""
+    from ldm.controlnet import ControlNet, save_controlnet
+
+    _, _, unet, _, _ = build_preset(preset, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    controlnet = randomize_(ControlNet(unet.config), generator)
+    # He-scaled hint encoder and zero convolutions: randomize_'s small weights would shrink the hint
+    # to nothing over its eight convolutions, and the hint is what a ControlNet is for.
+    with torch.no_grad():
+        for conv in [*controlnet.input_hint_block, *controlnet.zero_convs, *controlnet.middle_block_out]:
+            if isinstance(conv, nn.Sequential):
+                conv = conv[0]
+            if isinstance(conv, nn.Conv2d):
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+    return save_controlnet(path, controlnet, dtype or torch.float16)
+
+
 def make_checkpoint(preset: str, path: str | Path, seed: int = 0, text_encoder: bool = True,
                     dtype: torch.dtype | None = None) -> Path:
     """Write a random-weight single-file LDM checkpoint for `preset`, stored in fp16 unless `dtype` says.

@@ -124,38 +124,56 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def _transformer(c: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, dim_head = c.heads(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer)
+
+
+def build_encoder(module: nn.Module, c: UNetConfig) -> list[int]:
+    """The UNet's embeddings, input blocks and middle block, made on `module` under LDM's names (a
+    ControlNet is this encoder plus its own layers); returns each input block's output channels."""
+    ted = c.time_embed_dim
+    module.time_embed = nn.Sequential(nn.Linear(c.model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+    if c.adm_in_channels is not None:
+        module.label_emb = nn.Sequential(nn.Sequential(
+            nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    ch = c.model_channels
+    module.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+    skip_channels = [ch]
+    for level, mult in enumerate(c.channel_mult):
+        for _ in range(c.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, ted, c.model_channels * mult)]
+            ch = c.model_channels * mult
+            if c.transformer_depth[level]:
+                layers.append(_transformer(c, ch, c.transformer_depth[level]))
+            module.input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(c.channel_mult) - 1:
+            module.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    module.middle_block = TimestepEmbedSequential(
+        ResBlock(ch, ted, ch), _transformer(c, ch, c.transformer_depth_middle), ResBlock(ch, ted, ch))
+    return skip_channels
+
+
+def embed(module: nn.Module, c: UNetConfig, timesteps: torch.Tensor, y: torch.Tensor | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    """The time (and, for SDXL, class/size) embedding of an encoder made by `build_encoder`."""
+    if (y is None) != (c.adm_in_channels is None):
+        raise ValueError("y is required for models with adm_in_channels and only for them")
+    emb = module.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
+    if y is not None:
+        emb = emb + module.label_emb(y.to(dtype))
+    return emb
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
         ted = c.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-        if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = c.heads(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer)
-
-        ch = c.model_channels
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
-        skip_channels = [ch]
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, c.model_channels * mult)]
-                ch = c.model_channels * mult
-                if c.transformer_depth[level]:
-                    layers.append(transformer(ch, c.transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ted, ch), transformer(ch, c.transformer_depth_middle), ResBlock(ch, ted, ch))
+        skip_channels = build_encoder(self, c)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -163,7 +181,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if c.transformer_depth[level]:
-                    layers.append(transformer(ch, c.transformer_depth[level]))
+                    layers.append(_transformer(c, ch, c.transformer_depth[level]))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -175,17 +193,15 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Predict noise (or v) for latents `x` [B,C,H,W] at `timesteps` [B] given `context` [B,L,D].
 
         `y` [B, adm_in_channels] is required by SDXL models (see `sdxl_adm`) and refused otherwise.
+        `control` is a ControlNet's output (`ldm.controlnet`): one residual per input block, added to
+        that block's skip connection, then one added to the middle block's output.
         """
-        if (y is None) != (self.config.adm_in_channels is None):
-            raise ValueError("y is required for models with adm_in_channels and only for them")
         dtype = self.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        if y is not None:
-            emb = emb + self.label_emb(y.to(dtype))
+        emb = embed(self, self.config, timesteps, y, dtype)
         h = x.to(dtype)
         context = context.to(dtype)
         skips = []
@@ -193,7 +209,14 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
+            h = h + control[-1].to(dtype)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(dtype)
+            h = torch.cat([h, skip], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)

@@ -17,6 +17,7 @@ MODEL_KINDS = {
     "loras": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "embeddings": (".safetensors", ".pt", ".bin"),
     "configs": (".yaml",),
+    "controlnet": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
 }
 
 

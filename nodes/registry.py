@@ -16,6 +16,7 @@ BUILTIN_MODULES = (
     "nodes.builtin.utils",
     "nodes.sd.loaders",
     "nodes.sd.conditioning",
+    "nodes.sd.controlnet",
     "nodes.sd.latent",
     "nodes.sd.sampling",
     "nodes.sd.vae",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,11 +17,14 @@ UNet = Callable[..., Tensor]
 
 @dataclass
 class Conditioning:
-    """What one UNet call is conditioned on: cross-attention `context` [B, L, D] and, for
-    models with a class/size embedding (SDXL), `y` [B, adm]."""
+    """What one UNet call is conditioned on: cross-attention `context` [B, L, D]; for models with a
+    class/size embedding (SDXL), `y` [B, adm]; and a ControlNet chain (`ldm.controlnet.Control`) for
+    a call whose rows are `control_repeats` copies of the latent batch (one per prompt in the call)."""
 
     context: Tensor
     y: Tensor | None = None
+    control: Any = None
+    control_repeats: int = 1
 
 
 @functools.lru_cache(maxsize=256)
@@ -76,7 +80,7 @@ class Denoiser:
         sigma_ = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         c_in = (sigma_**2 + 1) ** -0.5
         t = self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize)
-        out = self.unet(x * c_in, t, cond.context, y=cond.y)
+        out = self._unet(x * c_in, t, cond, sigma)
         if self.prediction == "eps":
             return x - sigma_ * out
         return x * c_in**2 - out * sigma_ * c_in
@@ -101,7 +105,17 @@ class Denoiser:
 
     def _unet_at_level(self, x_in: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         t = self.schedule.sigma_to_t_scalar(sigma, quantize=self.quantize)
-        return self.unet(x_in, _timesteps(t, x_in.shape[0], x_in.device), cond.context, y=cond.y)
+        return self._unet(x_in, _timesteps(t, x_in.shape[0], x_in.device), cond, sigma)
+
+    def _unet(self, x_in: Tensor, t: Tensor, cond: Conditioning, sigma: float | Tensor) -> Tensor:
+        if cond.control is None:
+            return self.unet(x_in, t, cond.context, y=cond.y)
+        # A ControlNet acts on part of the schedule, judged by the first item's level (as ComfyUI does).
+        level = sigma if isinstance(sigma, float) else float(sigma.reshape(-1)[0])
+        control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats)
+        if control is None:
+            return self.unet(x_in, t, cond.context, y=cond.y)
+        return self.unet(x_in, t, cond.context, y=cond.y, control=control)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:
         if self.prediction == "eps":

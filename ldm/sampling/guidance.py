@@ -8,11 +8,13 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
   `mask_strength` (default 1.0); cropped to `area` when both are given.
 - `y`: the precomputed class/size embedding [1 or B, adm] for models that take one (SDXL). The
   caller builds it from `pooled_output` and the size options; this module never looks at those.
+- `control`: a ControlNet chain (`ldm.controlnet.Control`) applied to this entry's model calls.
 
 Each entry predicts x0 over its area; entries of one side (positive or negative) are blended by
 their weights, with an 8-pixel linear feather on area edges that are inside the image and have
 no mask (ComfyUI's area composition). Latent pixels no entry covers predict 0, as in ComfyUI.
-All entries of both sides that share an area size go through ONE model call; embeddings of
+All entries of both sides that share an area size (and the same ControlNet chain, or none) go through
+ONE model call; embeddings of
 different lengths (77 vs 154 tokens) are repeated to their least common multiple, which leaves
 attention unchanged, or run in separate calls when that multiple would exceed 4x the shorter one.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,7 @@ class _Job:
     rows: slice
     cols: slice
     weight: Tensor | float  # [B or 1, 1, h, w], or a scalar for a whole-image entry
+    control: Any = None  # ldm.controlnet.Control
 
 
 def _to_batch(t: Tensor, batch: int) -> Tensor:
@@ -94,7 +98,7 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
         wy = _feather(hh, top != 0, top + h < height, feather)
         wx = _feather(ww, left != 0, left + w < width, feather)
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
-    return _Job(side, context, y, rows, cols, weight)
+    return _Job(side, context, y, rows, cols, weight, options.get("control"))
 
 
 def _batches(jobs: list[_Job]) -> list[list[_Job]]:
@@ -111,6 +115,7 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
                 and (first.y is None) == (job.y is None)
                 and (job.y is None or first.y.shape[1:] == job.y.shape[1:])
                 and first.context.shape[2] == job.context.shape[2]
+                and first.control is job.control
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
                 group.append(job)
@@ -196,7 +201,7 @@ class CFGGuider:
                 context = torch.cat([j.context if j.context.shape[1] == length
                                      else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
-                batches.append((group, Conditioning(context, y)))
+                batches.append((group, Conditioning(context, y, group[0].control, len(group))))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

@@ -33,6 +33,23 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor) -
     return out
 
 
+def _place_controls(node: Node, model: DiffusionModel, *conditionings: list) -> None:
+    """Move every ControlNet the prompts carry to the compute device, after checking that it fits."""
+    placed: set[int] = set()
+    for conditioning in conditionings:
+        for _, options in conditioning:
+            first = options.get("control")
+            for control in first.chain() if first is not None else ():
+                if id(control.model) in placed:
+                    continue
+                if control.family is not None and control.family != model.family.name:
+                    raise ValueError(f"{control.source or 'the ControlNet'} is a ControlNet for "
+                                     f"{control.family.upper()}; the model ({model.source}) is "
+                                     f"{model.family.name.upper()}")
+                on_device(node.ctx, control.model)
+                placed.add(id(control.model))
+
+
 def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list, negative: list, *,
                 seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float = 1.0,
                 add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
@@ -52,6 +69,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         node.ctx.check_interrupt()  # raises the engine's Interrupted
         return False
 
+    _place_controls(node, model, positive, negative)  # before the UNet, which must stay on the device
     unet = on_device(node.ctx, model.unet)
     devices = devices_of(node.ctx)
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs

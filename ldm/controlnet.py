@@ -1,0 +1,272 @@
+"""ControlNet (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models").
+
+A ControlNet is a trainable copy of the UNet's encoder (embeddings, input blocks, middle block) that
+also sees a hint image (edges, depth, pose...) through a small convolutional encoder, added after the
+first input block. Each input block's output and the middle block's output go through a 1x1 "zero
+convolution"; these residuals are added to the UNet's skip connections and middle output
+(`UNetModel.forward(control=...)`).
+
+Files come in two layouts, both read here: LDM's (`input_hint_block.*`, `zero_convs.*`,
+`middle_block_out.*`, optionally under `control_model.`), used by the SD1.5 ControlNet 1.0/1.1 releases,
+and diffusers' `ControlNetModel` (`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`), used by
+most SDXL ControlNets. `Control` is one ControlNet applied to one conditioning, as ComfyUI's Apply
+ControlNet nodes make it: hint image, strength, the part of the schedule it acts on, and the control
+it was chained after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.checkpoint import (
+    FAMILY_RULES,
+    UNET_PREFIX,
+    CheckpointError,
+    StateDict,
+    _indices,
+    _materialize,
+    _unet_config,
+    load_state_dict,
+    read_metadata,
+    write_safetensors,
+)
+from ldm.lora import _RESNET, diffusers_unet_blocks
+from ldm.unet import UNetConfig, build_encoder, embed
+
+LDM_PREFIX = "control_model."
+HINT_WIDTHS = (16, 32, 96, 256)  # the hint encoder's widths in every released ControlNet
+
+
+class ControlNet(nn.Module):
+    def __init__(self, config: UNetConfig, hint_channels: int = 3, hint_widths: tuple[int, ...] = HINT_WIDTHS):
+        super().__init__()
+        self.config = config
+        skip_channels = build_encoder(self, config)
+        # Two convolutions per width, the second halving the size: the hint is 8x the latent's size.
+        layers: list[nn.Module] = [nn.Conv2d(hint_channels, hint_widths[0], 3, padding=1), nn.SiLU()]
+        for width, wider in zip(hint_widths, hint_widths[1:], strict=False):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+                       nn.Conv2d(width, wider, 3, padding=1, stride=2), nn.SiLU()]
+        layers.append(nn.Conv2d(hint_widths[-1], config.model_channels, 3, padding=1))
+        self.input_hint_block = nn.Sequential(*layers)
+        self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(ch, ch, 1)) for ch in skip_channels)
+        self.middle_block_out = nn.Sequential(nn.Conv2d(skip_channels[-1], skip_channels[-1], 1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor,
+                y: Tensor | None = None) -> list[Tensor]:
+        """The residuals for latents `x` [B, 4, H, W] and hint images `hint` [B, C, 8H, 8W] in 0..1: one
+        per UNet input block, then the middle block's (`UNetModel.forward`'s `control`)."""
+        dtype = self.dtype
+        emb = embed(self, self.config, timesteps, y, dtype)
+        context = context.to(dtype)
+        guided = self.input_hint_block(hint.to(dtype))
+        h = x.to(dtype)
+        outs = []
+        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
+            h = block(h, emb, context)
+            if i == 0:
+                h = h + guided
+            outs.append(zero_conv(h))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h))
+        return outs
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedControlNet:
+    model: ControlNet
+    family: str  # "sd1" | "sd2" | "sdxl": the UNets it fits
+    unused_keys: list[str]
+    path: Path
+
+
+def _from_diffusers(sd: StateDict) -> StateDict:
+    """diffusers' ControlNetModel names -> LDM's."""
+    keys = list(sd)
+    levels = len(_indices(keys, r"down_blocks\.(\d+)\."))
+    n = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+    # The encoder half of the UNet mapping; transformer_depth only shapes the decoder's part.
+    shape = UNetConfig(channel_mult=(1,) * levels, num_res_blocks=n, transformer_depth=(0,) * levels)
+    blocks = {theirs: ours for ours, theirs in diffusers_unet_blocks(shape).items()
+              if not ours.startswith(("output_blocks", "out."))}
+    blocks.update({"controlnet_cond_embedding.conv_in": "input_hint_block.0",
+                   "controlnet_mid_block": "middle_block_out.0"})
+    hint_blocks = _indices(keys, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    blocks.update({f"controlnet_cond_embedding.blocks.{i}": f"input_hint_block.{2 * (i + 1)}" for i in hint_blocks})
+    blocks["controlnet_cond_embedding.conv_out"] = f"input_hint_block.{2 * (len(hint_blocks) + 1)}"
+    blocks.update({f"controlnet_down_blocks.{i}": f"zero_convs.{i}.0"
+                   for i in _indices(keys, r"controlnet_down_blocks\.(\d+)\.")})
+    resnet = {theirs: ours for ours, theirs in _RESNET.items()}
+    out = {}
+    for key, value in sd.items():
+        head, _, leaf = key.rpartition(".")  # leaf: weight / bias
+        parts = head.split(".")
+        for cut in range(len(parts), 0, -1):
+            block = ".".join(parts[:cut])
+            if block in blocks:
+                rest = ".".join(parts[cut:])
+                if rest and ".resnets." in block:
+                    rest = resnet.get(rest, rest)
+                out[".".join(p for p in (blocks[block], rest, leaf) if p)] = value
+                break
+        else:
+            out[key] = value  # reported as unused
+    return out
+
+
+def controlnet_shape(sd: StateDict, metadata: dict[str, str] | None = None
+                     ) -> tuple[str, UNetConfig, int, tuple[int, ...]]:
+    """(family, encoder config, hint channels, hint widths) of an LDM-named ControlNet state dict.
+
+    The head layout is the family's standard one unless `metadata` carries `loom.unet_config`
+    (written by `save_controlnet`: tiny test models)."""
+    prefixed = {UNET_PREFIX + k: v for k, v in sd.items()}
+    rule = next((r for r in FAMILY_RULES if r.matches(prefixed)), None)
+    if rule is None or "input_hint_block.0.weight" not in sd:
+        raise CheckpointError("not a ControlNet: no input_hint_block or input_blocks weights")
+    heads = rule.heads
+    if metadata and "loom.unet_config" in metadata:
+        saved = json.loads(metadata["loom.unet_config"])
+        heads = {"num_heads": saved["num_heads"], "num_head_channels": saved["num_head_channels"]}
+    try:
+        config = _unet_config(prefixed, heads)
+    except (KeyError, StopIteration) as e:
+        raise CheckpointError(f"incomplete ControlNet: no weight {e}") from None
+    convs = [sd[f"input_hint_block.{i}.weight"] for i in _indices(list(sd), r"input_hint_block\.(\d+)\.weight")]
+    widths = (convs[0].shape[0], *(conv.shape[0] for conv in convs[2:-1:2]))
+    return rule.name, config, convs[0].shape[1], widths
+
+
+def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> LoadedControlNet:
+    path = Path(path)
+    sd = load_state_dict(path)
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        sd = _from_diffusers(sd)
+    elif any(k.startswith(LDM_PREFIX) for k in sd):
+        sd = {k[len(LDM_PREFIX):]: v for k, v in sd.items() if k.startswith(LDM_PREFIX)}
+    if not any(k.startswith("input_hint_block.") for k in sd):
+        hint = ("a T2I-Adapter, which this engine does not run" if any(k.startswith("adapter.") or
+                                                                        k.startswith("body.") for k in sd)
+                else "not a ControlNet")
+        raise CheckpointError(f"{path.name}: {hint} (no input_hint_block or controlnet_cond_embedding weights)")
+    try:
+        family, config, hint_channels, widths = controlnet_shape(sd, read_metadata(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    model = _materialize(lambda: ControlNet(config, hint_channels, widths), sd, "ControlNet", path, device, dtype)
+    expected = set(model.state_dict())
+    return LoadedControlNet(model, family, sorted(k for k in sd if k not in expected), path)
+
+
+def save_controlnet(path: str | Path, model: ControlNet, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as an LDM-layout .safetensors ControlNet (what `load_controlnet` reads back)."""
+    path = Path(path)
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, path, {"loom.unet_config": json.dumps(asdict(model.config))})
+    return path
+
+
+# --- applying one ------------------------------------------------------------------------------------
+
+
+def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
+    """An IMAGE-like [B, C, h, w] cropped at the centre to the target's aspect ratio, then resized
+    (nearest-exact) to [B, C, height, width], as ComfyUI's ControlNet prepares its hint."""
+    h, w = image.shape[-2:]
+    if h * width != w * height:  # crop the longer side to the target's aspect
+        if w * height > h * width:
+            keep = round(h * width / height)
+            left = (w - keep) // 2
+            image = image[..., :, left:left + keep]
+        else:
+            keep = round(w * height / width)
+            top = (h - keep) // 2
+            image = image[..., top:top + keep, :]
+    if image.shape[-2:] != (height, width):
+        image = F.interpolate(image, size=(height, width), mode="nearest-exact")
+    return image
+
+
+@dataclass(eq=False)
+class Control:
+    """One ControlNet applied to one conditioning. Identity matters: the guider batches the
+    positive and negative prompts in one model call only when they carry the same Control."""
+
+    model: ControlNet
+    hint: Tensor  # [B, C, H, W] in 0..1, any size: cropped and resized to the latent's at use
+    strength: float = 1.0
+    sigma_range: tuple[float, float] = (math.inf, 0.0)  # acts while high >= sigma >= low
+    previous: Control | None = None  # a control chained before this one: the residuals add up
+    source: str = ""  # the file's name, for messages
+    family: str | None = None  # "sd1" | "sd2" | "sdxl": the UNets it fits
+    _hints: dict = field(default_factory=dict, repr=False)
+
+    def cache_size(self) -> int:
+        """Bytes held beyond the model (which the model cache owns): the hint image."""
+        return self.hint.element_size() * self.hint.nelement() + 1024
+
+    def chain(self) -> list[Control]:
+        """This control and every one before it."""
+        controls, control = [], self
+        while control is not None:
+            controls.append(control)
+            control = control.previous
+        return controls
+
+    def residuals(self, x: Tensor, sigma: float, timesteps: Tensor, context: Tensor, y: Tensor | None,
+                  repeats: int = 1) -> list[Tensor] | None:
+        """The summed residuals of this chain for one UNet call on `x`, which holds `repeats` copies of
+        the latent batch (positive and negative prompts in one call); None when none is active."""
+        total = None
+        for control in self.chain():
+            high, low = control.sigma_range
+            if control.strength == 0 or not low <= sigma <= high:
+                continue
+            outs = control.model(x, control._hint(x, repeats), timesteps, context, y=y)
+            outs = [out * control.strength for out in outs]
+            total = outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
+        return total
+
+    def _hint(self, x: Tensor, repeats: int) -> Tensor:
+        batch, _, height, width = x.shape
+        key = (batch, height, width, repeats, x.device, self.model.dtype)
+        if key not in self._hints:
+            self._hints.clear()  # one latent shape at a time is the rule; keep no stale copies
+            hint = prepare_hint(self.hint.to(x.device, torch.float32), height * 8, width * 8)
+            per_copy = batch // repeats
+            hint = hint[torch.arange(per_copy, device=hint.device) % hint.shape[0]]  # cycled over the batch
+            self._hints[key] = hint.repeat(repeats, 1, 1, 1).to(self.model.dtype)
+        return self._hints[key]
+
+
+def sigma_at_percent(percent: float, sigmas_by_t: Tensor) -> float:
+    """The noise level `percent` of the way through sampling (0: the start, pure noise; 1: the end),
+    from the model's discrete sigmas (ComfyUI's percent_to_sigma): t = (1 - percent) * 999."""
+    if percent <= 0.0:
+        return math.inf
+    if percent >= 1.0:
+        return 0.0
+    t = (1.0 - percent) * (len(sigmas_by_t) - 1)
+    low = int(math.floor(t))
+    high = min(low + 1, len(sigmas_by_t) - 1)
+    frac = t - low
+    log_sigma = (1 - frac) * sigmas_by_t[low].log() + frac * sigmas_by_t[high].log()
+    return float(log_sigma.exp())
+

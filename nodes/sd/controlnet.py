@@ -1,0 +1,137 @@
+"""ControlNet nodes, under ComfyUI's names and inputs: load a ControlNet, attach it to conditioning.
+
+A CONTROL_NET value is the loaded model. The Apply nodes put an `ldm.controlnet.Control` (hint image,
+strength, part of the schedule, and the control already there, which it chains after) into each
+conditioning entry's options; the KSampler moves the ControlNets to the device and the guider runs
+them with the UNet at every step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nodes.folders import get_paths
+from nodes.node import Node
+from nodes.sd.loaders import model_file, model_path, shared_model
+from nodes.sd.models import HANDLE_SIZE, device_and_dtype, file_fingerprint, load_device
+from nodes.spec import Float, Output, Socket
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNetModel:
+    """CONTROL_NET: a loaded ControlNet and the UNet family it fits."""
+
+    model: torch.nn.Module  # ldm.controlnet.ControlNet
+    family: str
+    source: str
+
+    def cache_size(self) -> int:
+        return HANDLE_SIZE  # the weights are the model cache's
+
+
+class ControlNetLoader(Node):
+    """Loads a ControlNet: LDM single files (the SD1.5 1.0/1.1 releases) or diffusers' layout (most SDXL ones)."""
+
+    display_name = "Load ControlNet Model"
+    category = "loaders"
+    control_net_name = model_file("controlnet")
+    outputs = (Output("CONTROL_NET"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return file_fingerprint(get_paths().find_model("controlnet", str(inputs.get("control_net_name", ""))))
+
+    def execute(self, control_net_name: str) -> tuple[ControlNetModel]:
+        from ldm.controlnet import load_controlnet
+
+        path = model_path("controlnet", control_net_name)
+        _, dtype, _ = device_and_dtype(self.ctx)
+        device = load_device(self.ctx)
+        key = ("controlnet", str(path), str(file_fingerprint(path)), str(device), str(dtype))
+        loaded = shared_model(self, key, lambda: load_controlnet(path, device=device, dtype=dtype))
+        return (ControlNetModel(loaded.model, loaded.family, control_net_name),)
+
+
+@functools.cache
+def _sigmas() -> torch.Tensor:
+    from ldm.sampling.schedules import DiscreteSchedule
+
+    return DiscreteSchedule().sigmas
+
+
+def _hint(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> the hint [B, 3, H, W] (an alpha channel is dropped)."""
+    return image[..., :3].movedim(-1, 1).float().cpu()
+
+
+def attach(conditionings: list[list], control_net: ControlNetModel, image: torch.Tensor, strength: float,
+           start_percent: float = 0.0, end_percent: float = 1.0) -> list[list]:
+    """Each conditioning with a Control on every entry; entries that had the same control before (or none)
+    get the same new one, so a positive and a negative prompt still share one model call."""
+    from ldm.controlnet import Control, sigma_at_percent
+
+    hint = _hint(image)
+    sigma_range = (sigma_at_percent(start_percent, _sigmas()), sigma_at_percent(end_percent, _sigmas()))
+    made: dict[int, Control] = {}
+
+    def control_after(previous: Control | None) -> Control:
+        if id(previous) not in made:
+            made[id(previous)] = Control(control_net.model, hint, strength, sigma_range, previous,
+                                         source=control_net.source, family=control_net.family)
+        return made[id(previous)]
+
+    return [[(embedding, {**options, "control": control_after(options.get("control"))})
+             for embedding, options in conditioning] for conditioning in conditionings]
+
+
+class ControlNetApplyAdvanced(Node):
+    """Guides sampling with a ControlNet and a hint image (edges, depth, pose...) on both prompts, over
+    part of the schedule. The hint is cropped at the centre to the latent's aspect and resized to it."""
+
+    display_name = "Apply ControlNet"
+    category = "conditioning/controlnet"
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    control_net = Socket("CONTROL_NET")
+    image = Socket("IMAGE", tooltip="the hint: a preprocessed image (edges, depth map, pose...) in 0..1")
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    start_percent = Float(0.0, min=0.0, max=1.0, step=0.001, tooltip="where in the schedule it starts acting")
+    end_percent = Float(1.0, min=0.0, max=1.0, step=0.001, tooltip="where in the schedule it stops")
+    vae = Socket("VAE", optional=True, tooltip="unused: ControlNets that need one are not supported")
+    outputs = (Output("CONDITIONING", name="positive"), Output("CONDITIONING", name="negative"))
+
+    def execute(self, positive: list, negative: list, control_net: ControlNetModel, image: torch.Tensor,
+                strength: float, start_percent: float, end_percent: float, vae: Any = None) -> tuple[list, list]:
+        if strength == 0:
+            return positive, negative
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        positive, negative = attach([positive, negative], control_net, image, strength, start_percent, end_percent)
+        return positive, negative
+
+
+class ControlNetApply(Node):
+    """Guides sampling with a ControlNet on one conditioning (the older node: usually the positive prompt
+    only, so the two prompts take separate model calls)."""
+
+    display_name = "Apply ControlNet (OLD)"
+    category = "conditioning/controlnet"
+    conditioning = Socket("CONDITIONING")
+    control_net = Socket("CONTROL_NET")
+    image = Socket("IMAGE")
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, control_net: ControlNetModel, image: torch.Tensor,
+                strength: float) -> tuple[list]:
+        if strength == 0:
+            return (conditioning,)
+        [conditioning] = attach([conditioning], control_net, image, strength)
+        return (conditioning,)
+
+
+NODES = [ControlNetLoader, ControlNetApplyAdvanced, ControlNetApply]

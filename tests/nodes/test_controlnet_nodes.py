@@ -1,0 +1,120 @@
+"""ControlNet workflows through the engine, as ComfyUI's API format writes them: a tiny checkpoint, a
+tiny ControlNet file of its family, and a hint image from the input folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from executor.executor import Executor, WorkflowInvalid
+from executor.services import Services
+from graph.document import parse_api
+from ldm.presets import make_checkpoint, make_controlnet
+from nodes.folders import FolderPaths, set_paths
+from nodes.registry import builtin_registry
+from tests.nodes.test_device_options import txt2img
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnet")
+    make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "tiny.safetensors", seed=2)
+    make_controlnet("tiny-sd1", root / "models" / "controlnet" / "tiny_canny.safetensors", seed=5)
+    make_controlnet("tiny-sdxl", root / "models" / "controlnet" / "tiny_xl.safetensors", seed=6)
+    (root / "input").mkdir()
+    for name, box in (("edges.png", (8, 8, 40, 40)), ("other.png", (30, 2, 62, 20))):
+        image = Image.new("RGB", (64, 64), "black")
+        ImageDraw.Draw(image).rectangle(box, outline="white", width=2)
+        image.save(root / "input" / name)
+    paths = FolderPaths(base=root)
+    set_paths(paths)
+    yield paths
+    set_paths(FolderPaths())
+
+
+def workflow(control: dict | None = None, hint: str = "edges.png", old: bool = False) -> dict:
+    """txt2img at 64 px; `control` holds the Apply ControlNet node's widget values."""
+    graph = txt2img()
+    if control is not None:
+        graph["10"] = {"class_type": "ControlNetLoader",
+                       "inputs": {"control_net_name": control.pop("name", "tiny_canny.safetensors")}}
+        graph["11"] = {"class_type": "LoadImage", "inputs": {"image": hint}}
+        if old:
+            graph["12"] = {"class_type": "ControlNetApply", "inputs": {
+                "conditioning": ["6", 0], "control_net": ["10", 0], "image": ["11", 0], **control}}
+            graph["3"]["inputs"]["positive"] = ["12", 0]
+        else:
+            graph["12"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                "positive": ["6", 0], "negative": ["7", 0], "control_net": ["10", 0], "image": ["11", 0],
+                "start_percent": 0.0, "end_percent": 1.0, **control}}
+            graph["3"]["inputs"]["positive"] = ["12", 0]
+            graph["3"]["inputs"]["negative"] = ["12", 1]
+    return graph
+
+
+def image(base, graph: dict) -> torch.Tensor:
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(graph), keep=["8"])
+    assert result.ok, result.error
+    return result.values["8"][0]
+
+
+def test_a_controlnet_changes_the_image_and_follows_its_hint(base):
+    plain = image(base, workflow())
+    controlled = image(base, workflow({"strength": 1.0}))
+    assert (controlled - plain).abs().max() > 1e-3
+    other_hint = image(base, workflow({"strength": 1.0}, hint="other.png"))
+    assert (other_hint - controlled).abs().max() > 1e-3
+    again = image(base, workflow({"strength": 1.0}))
+    assert torch.equal(again, controlled)  # seeded: the same inputs make the same image
+
+
+def test_strength_zero_or_an_empty_range_leaves_the_image_as_without(base):
+    plain = image(base, workflow())
+    assert torch.equal(image(base, workflow({"strength": 0.0})), plain)
+    assert torch.equal(image(base, workflow({"strength": 1.0, "end_percent": 0.0})), plain)
+
+
+def test_the_older_node_on_the_positive_prompt_alone(base):
+    plain = image(base, workflow())
+    advanced = image(base, workflow({"strength": 1.0}))
+    old = image(base, workflow({"strength": 1.0}, old=True))
+    assert (old - plain).abs().max() > 1e-3
+    assert (old - advanced).abs().max() > 1e-5  # the negative prompt's prediction is not controlled here
+
+
+def test_a_controlnet_for_another_family_is_refused_with_both_names(base):
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(workflow({"strength": 1.0, "name": "tiny_xl.safetensors"})), keep=["8"])
+    assert not result.ok
+    message = str(result.error)
+    assert "tiny_xl.safetensors is a ControlNet for SDXL" in message and "tiny.safetensors" in message
+
+
+def test_a_start_after_the_end_and_a_missing_file_are_clear_errors(base):
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(workflow({"strength": 1.0, "start_percent": 0.8, "end_percent": 0.2})), keep=["8"])
+    assert not result.ok and "start_percent (0.8) is after end_percent (0.2)" in str(result.error)
+    with pytest.raises(WorkflowInvalid, match=r"'nope.safetensors' is not one of \[tiny_canny.safetensors, "
+                                              r"tiny_xl.safetensors\] \(the files in models/controlnet"):
+        engine.run(parse_api(workflow({"strength": 1.0, "name": "nope.safetensors"})), keep=["8"])
+
+
+def test_the_cli_runs_a_controlnet_workflow(base, tmp_path):
+    graph = workflow({"strength": 1.0})
+    graph["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "cn"}}
+    path = tmp_path / "controlnet.json"
+    path.write_text(json.dumps(graph))
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", str(path), "--json", "--cpu",
+                           "--base-dir", str(base.base)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "success"
+    assert list((base.base / "output").glob("cn_*.png"))
