@@ -63,3 +63,13 @@ def use_channels_last(module: nn.Module) -> nn.Module:
         if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last):
             tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
     return module
+
+
+def use_nchw(module: nn.Module) -> nn.Module:
+    """Undo `use_channels_last`, in place: for runs that launch the UNet's kernels one by one (no CUDA
+    graph: a ControlNet's residuals change every step), where NCHW is the faster layout. A no-op for a
+    module that was never converted."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if is_channels_last(tensor):
+            tensor.data = tensor.data.contiguous()
+    return module

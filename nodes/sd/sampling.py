@@ -76,11 +76,16 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         module = unet
         options = devices.options
         # Channels-last pays under CUDA graphs only: its group norm launches more, smaller kernels, and
-        # launches are what a step without graphs waits on. Not measured with --compile: left NCHW.
-        if options.channels_last and options.cuda_graphs and not options.compile and device.type == "cuda":
-            from ldm.layout import use_channels_last
+        # launches are what a step without graphs waits on. A ControlNet's residuals change every step,
+        # so those runs launch eagerly, in NCHW. Not measured with --compile: left NCHW.
+        if device.type == "cuda" and not options.compile:
+            from ldm.layout import use_channels_last, use_nchw
 
-            use_channels_last(module)  # before the graphs: they capture the weights' storage
+            controlled = any(opts.get("control") is not None for cond in (positive, negative) for _, opts in cond)
+            if options.channels_last and options.cuda_graphs and not controlled:
+                use_channels_last(module)  # before the graphs: they capture the weights' storage
+            else:
+                use_nchw(module)  # back from an earlier run's channels-last, if there was one
         if devices.options.compile:
             from ldm.compile import compiled_unet
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.layout import GroupNorm, is_channels_last, use_channels_last
+from ldm.layout import GroupNorm, is_channels_last, use_channels_last, use_nchw
 from ldm.lora import _shallow_copy
 from ldm.presets import PRESETS, randomize_
 from ldm.unet import UNetModel, sdxl_adm
@@ -89,3 +89,15 @@ def test_a_channels_last_unet_runs_in_bfloat16():
         out = use_channels_last(unet)(x, t, context, y=y)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_use_nchw_undoes_channels_last_and_leaves_an_nchw_module_alone():
+    unet, (x, t, context, y) = unet_and_inputs("tiny-sd1")
+    with torch.no_grad():
+        expected = unet(x, t, context, y=y)
+        pointers = [p.data_ptr() for p in unet.parameters()]
+        use_nchw(unet)  # never converted: nothing moves
+        assert [p.data_ptr() for p in unet.parameters()] == pointers
+        use_nchw(use_channels_last(unet))
+        assert all(p.is_contiguous() for p in unet.parameters())
+        torch.testing.assert_close(unet(x, t, context, y=y), expected, rtol=0, atol=0)
