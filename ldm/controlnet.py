@@ -151,19 +151,41 @@ def controlnet_shape(sd: StateDict, metadata: dict[str, str] | None = None
     return rule.name, config, convs[0].shape[1], widths
 
 
+# Files that look like ControlNets but need what this engine does not have: (a key that marks them, what they are).
+UNSUPPORTED = (
+    ("lora_controlnet", "a Control-LoRA (a low-rank ControlNet that patches the checkpoint's own UNet)"),
+    ("controlnet_mode_embedding.weight", "a ControlNet Union (several control types chosen per hint)"),
+    ("task_embedding", "a ControlNet Union (several control types chosen per hint)"),
+)
+
+
+def _unsupported(sd: StateDict) -> str | None:
+    """What a state dict is, if it is a kind of control model this engine does not run."""
+    for marker, what in UNSUPPORTED:
+        if marker in sd:
+            return what
+    if any(k.startswith(("adapter.", "body.")) for k in sd):
+        return "a T2I-Adapter"
+    if "controlnet_cond_embedding.conv_in.weight" not in sd and any("controlnet_" in k for k in sd):
+        return "a ControlNet for a model family other than SD1, SD2 and SDXL"
+    return None
+
+
 def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> LoadedControlNet:
+    """An SD1, SD2 or SDXL ControlNet from a single file, in LDM's or diffusers' layout."""
     path = Path(path)
     sd = load_state_dict(path)
+    kind = _unsupported(sd)
+    if kind is not None:
+        raise CheckpointError(f"{path.name}: {kind}, which this engine does not run")
     if "controlnet_cond_embedding.conv_in.weight" in sd:
         sd = _from_diffusers(sd)
     elif any(k.startswith(LDM_PREFIX) for k in sd):
         sd = {k[len(LDM_PREFIX):]: v for k, v in sd.items() if k.startswith(LDM_PREFIX)}
     if not any(k.startswith("input_hint_block.") for k in sd):
-        hint = ("a T2I-Adapter, which this engine does not run" if any(k.startswith("adapter.") or
-                                                                        k.startswith("body.") for k in sd)
-                else "not a ControlNet")
-        raise CheckpointError(f"{path.name}: {hint} (no input_hint_block or controlnet_cond_embedding weights)")
+        raise CheckpointError(f"{path.name}: not a ControlNet (no input_hint_block or controlnet_cond_embedding "
+                              "weights)")
     try:
         family, config, hint_channels, widths = controlnet_shape(sd, read_metadata(path))
     except CheckpointError as e:

@@ -129,8 +129,16 @@ def test_files_that_are_not_controlnets_say_what_they_are(tmp_path):
         load_controlnet(checkpoint)
     adapter = tmp_path / "t2iadapter_canny.safetensors"
     safetensors.torch.save_file({"body.0.block1.weight": torch.zeros(4, 4, 3, 3)}, adapter)
-    with pytest.raises(CheckpointError, match="a T2I-Adapter"):
+    with pytest.raises(CheckpointError, match="a T2I-Adapter, which this engine does not run"):
         load_controlnet(adapter)
+    for name, marker, what in (("control-lora-canny-rank128.safetensors", "lora_controlnet", "a Control-LoRA"),
+                               ("controlnet-union-sdxl.safetensors", "task_embedding", "a ControlNet Union"),
+                               ("flux_canny.safetensors", "controlnet_x_embedder.weight",
+                                "a ControlNet for a model family other than SD1")):
+        safetensors.torch.save_file({marker: torch.zeros(2), "input_hint_block.0.weight": torch.zeros(1)},
+                                    tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name}: {what}"):
+            load_controlnet(tmp_path / name)
 
 
 def test_hint_is_cropped_at_the_centre_to_the_latent_aspect_then_resized():
