@@ -362,31 +362,41 @@ class TextEncoder(nn.Module):
             noise = torch.randn(param.shape, generator=generator) * std
             param.copy_(noise + 1.0 if id(param) in norm_scales else noise)
 
-    def encode(self, prompts: list[str], clip_skip: int | None = None) -> TextEncoding:
+    def encode(self, prompts: list[str], clip_skip: int | None = None,
+               per_encoder: dict[str, list[str]] | None = None) -> TextEncoding:
         """Encode prompts (emphasis syntax allowed) to the UNet's context and the pooled vector.
 
         ``clip_skip`` is ComfyUI's stop_at_clip_layer (-1 last layer, -2 penultimate, ...); None
-        takes the family's default. ``cond`` and ``pooled`` come in the model's dtype and device.
+        takes the family's default. ``per_encoder`` gives some encoders prompts of their own (SDXL's
+        ``{"clip_l": [...], "clip_g": [...]}``, as CLIPTextEncodeSDXL's text_l and text_g); the
+        encoders' chunks are padded with empty ones to the same count. ``cond`` and ``pooled`` come
+        in the model's dtype and device.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("encode needs at least one prompt")
+        texts = {name: (per_encoder or {}).get(name, prompts) for name in self.encoders}
+        unknown = set(per_encoder or {}) - set(self.encoders)
+        if unknown or any(len(t) != len(prompts) for t in texts.values()):
+            raise ValueError(f"per_encoder needs {len(prompts)} prompts for some of {sorted(self.encoders)}, "
+                             f"got {({k: len(v) for k, v in (per_encoder or {}).items()})}")
         layer = self._layer(clip_skip)
-        tokenized = [self.tokenizer.tokenize(prompt) for prompt in prompts]
-        num_chunks = max(len(t.ids) for t in tokenized)
+        tokenized_by_text = {text: self.tokenizer.tokenize(text) for batch in texts.values() for text in batch}
+        tokenized = {name: [tokenized_by_text[text] for text in batch] for name, batch in texts.items()}
+        num_chunks = max(len(t.ids) for batch in tokenized.values() for t in batch)
         batch = len(prompts)
-        weight_rows = [row for t in tokenized for row in t.padded(END_TOKEN, num_chunks)[1]]
-        # Kept in float32 so that fp16 models weigh as precisely as the reference does.
-        weights = torch.tensor(weight_rows, device=self.device).unsqueeze(-1)
-        weighted = bool((weights != 1.0).any())
         conds: list[Tensor] = []
         pooled: Tensor | None = None
-        for encoder in self.encoders.values():
-            rows = [row for t in tokenized for row in t.padded(encoder.config.pad_token, num_chunks)[0]]
-            ids = torch.tensor(rows, device=self.device)
+        for name, encoder in self.encoders.items():
+            pad = encoder.config.pad_token
+            padded = [t.padded(pad, num_chunks) for t in tokenized[name]]
+            ids = torch.tensor([row for rows, _ in padded for row in rows], device=self.device)
+            # Kept in float32 so that fp16 models weigh as precisely as the reference does.
+            weights = torch.tensor([row for _, rows in padded for row in rows], device=self.device).unsqueeze(-1)
+            weighted = bool((weights != 1.0).any())
             if weighted:
-                empty = [START_TOKEN, END_TOKEN] + [encoder.config.pad_token] * (CHUNK_LENGTH - 2)
+                empty = [START_TOKEN, END_TOKEN] + [pad] * (CHUNK_LENGTH - 2)
                 ids = torch.cat([ids, torch.tensor([empty], device=self.device)])
             hidden, pool = encoder(ids, layer)
             if weighted:

@@ -29,6 +29,36 @@ class CLIPTextEncode(Node):
         return ([(encoding.cond.float().cpu(), options)],)
 
 
+class CLIPTextEncodeSDXL(Node):
+    """SDXL's two text encoders with a prompt each (text_g for OpenCLIP bigG, text_l for CLIP-L), and the
+    size and crop numbers SDXL was trained to condition on."""
+
+    display_name = "CLIPTextEncodeSDXL"
+    category = "advanced/conditioning"
+    width = Int(1024, min=0, max=MAX_RESOLUTION, tooltip="the original image width SDXL is told of")
+    height = Int(1024, min=0, max=MAX_RESOLUTION)
+    crop_w = Int(0, min=0, max=MAX_RESOLUTION)
+    crop_h = Int(0, min=0, max=MAX_RESOLUTION)
+    target_width = Int(1024, min=0, max=MAX_RESOLUTION)
+    target_height = Int(1024, min=0, max=MAX_RESOLUTION)
+    text_g = String("", multiline=True, tooltip="the prompt for OpenCLIP bigG")
+    clip = Socket("CLIP")
+    text_l = String("", multiline=True, tooltip="the prompt for CLIP-L")
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, width: int, height: int, crop_w: int, crop_h: int, target_width: int, target_height: int,
+                text_g: str, clip: Clip, text_l: str) -> tuple[list]:
+        if clip.family_name != "sdxl":
+            raise ValueError(f"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {clip.source} is "
+                             f"{clip.family_name.upper()} (use CLIP Text Encode)")
+        with torch.inference_mode():
+            encoding = on_device(self.ctx, clip.encoder).encode(
+                [text_g], clip_skip=clip.clip_skip, per_encoder={"clip_g": [text_g], "clip_l": [text_l]})
+        options = {"pooled_output": encoding.pooled.float().cpu(), "width": width, "height": height,
+                   "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width, "target_height": target_height}
+        return ([(encoding.cond.float().cpu(), options)],)
+
+
 class CLIPSetLastLayer(Node):
     """Stops the text encoder early ("clip skip"): -1 is the last layer, -2 the one before."""
 
@@ -91,4 +121,5 @@ class ConditioningZeroOut(Node):
         return (zeroed,)
 
 
-NODES = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningSetArea, ConditioningZeroOut]
+NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPSetLastLayer, ConditioningCombine, ConditioningSetArea,
+         ConditioningZeroOut]

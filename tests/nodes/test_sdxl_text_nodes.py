@@ -1,0 +1,68 @@
+"""CLIPTextEncodeSDXL: a prompt per SDXL text encoder, and the size numbers the UNet conditions on."""
+
+import pytest
+import torch
+
+from executor.executor import Executor
+from executor.services import Services
+from graph.document import parse_api
+from ldm.presets import make_checkpoint
+from nodes.folders import FolderPaths, set_paths
+from nodes.registry import builtin_registry
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl_text")
+    make_checkpoint("tiny-sdxl", root / "models" / "checkpoints" / "xl.safetensors", seed=1)
+    make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "sd1.safetensors", seed=1)
+    set_paths(FolderPaths(base=root))
+    yield Executor(builtin_registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
+    set_paths(FolderPaths())
+
+
+def encode(engine, node: dict, ckpt: str = "xl.safetensors"):
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+             "2": {**node, "inputs": {**node["inputs"], "clip": ["1", 1]}},
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    result = engine.run(parse_api(graph), keep=["2"])
+    assert result.ok, result.error
+    [(cond, options)] = result.values["2"][0]
+    return cond, options
+
+
+def sdxl(text_g: str, text_l: str, **sizes) -> dict:
+    inputs = {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024,
+              "target_height": 1024, "text_g": text_g, "text_l": text_l, **sizes}
+    return {"class_type": "CLIPTextEncodeSDXL", "inputs": inputs}
+
+
+def test_one_prompt_in_both_fields_is_clip_text_encode_plus_the_sizes(engine):
+    plain, plain_options = encode(engine, {"class_type": "CLIPTextEncode", "inputs": {"text": "a red (circle:1.2)"}})
+    both, options = encode(engine, sdxl("a red (circle:1.2)", "a red (circle:1.2)", width=832, crop_h=16))
+    torch.testing.assert_close(both, plain, rtol=0, atol=0)
+    torch.testing.assert_close(options["pooled_output"], plain_options["pooled_output"], rtol=0, atol=0)
+    assert (options["width"], options["height"], options["crop_h"], options["target_width"]) == (832, 1024, 16, 1024)
+
+
+def test_text_l_feeds_clip_l_alone_and_text_g_gives_the_pooled_output(engine):
+    base, options = encode(engine, sdxl("a red circle", "a red circle"))
+    other_l, other_options = encode(engine, sdxl("a red circle", "a blue square"))
+    l_width = base.shape[-1] - options["pooled_output"].shape[-1]  # CLIP-L's features come first
+    assert not torch.equal(other_l[..., :l_width], base[..., :l_width])
+    torch.testing.assert_close(other_l[..., l_width:], base[..., l_width:], rtol=0, atol=0)
+    torch.testing.assert_close(other_options["pooled_output"], options["pooled_output"], rtol=0, atol=0)
+
+
+def test_prompts_of_different_lengths_are_padded_to_the_same_chunks(engine):
+    long_g = " ".join(["circle"] * 100)  # two chunks of 75 tokens
+    cond, _ = encode(engine, sdxl(long_g, "a square"))
+    assert cond.shape[1] == 154
+
+
+def test_an_sd1_clip_is_refused_with_the_node_to_use(engine):
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+             "2": {**sdxl("a", "b"), "inputs": {**sdxl("a", "b")["inputs"], "clip": ["1", 1]}},
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    result = engine.run(parse_api(graph), keep=["2"])
+    assert not result.ok and "CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP" in str(result.error)
