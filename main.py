@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the real LDM file layout")
-    p.add_argument("--preset", required=True, choices=["tiny-sd1", "tiny-sd2", "tiny-sdxl", "sd15", "sdxl"])
+    p.add_argument("--preset", required=True, choices=["tiny-sd1", "tiny-sd2", "tiny-sdxl",
+                   "tiny-sdxl-refiner", "sd15", "sdxl", "sdxl-refiner"])
     p.add_argument("output", type=Path, help="the .safetensors file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")

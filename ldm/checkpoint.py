@@ -123,9 +123,18 @@ def _proj_in_is_linear(sd: StateDict) -> bool:
     return key is not None and sd[key].ndim == 2
 
 
+def _is_sdxl_refiner(sd: StateDict) -> bool:
+    """The refiner's `y` is the pooled bigG embedding (as wide as its context) and five numbers; the base's
+    pooled embedding is narrower than its CLIP-L + bigG context, and it has six numbers."""
+    adm = sd.get(f"{UNET_PREFIX}label_emb.0.0.weight")
+    attn2 = next((k for k in sd if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+    return adm is not None and attn2 is not None and adm.shape[1] - 5 * 256 == sd[attn2].shape[1]
+
+
 # First match wins. SD2 checkpoints cannot be told apart by prediction type from the weights: the 768-px
 # releases (the common ones) predict v, the 512-px base predicts noise; see `_prediction`.
 FAMILY_RULES: list[FamilyRule] = [
+    FamilyRule("sdxl_refiner", _is_sdxl_refiner, "eps", 0.13025, {"num_head_channels": 64}),
     FamilyRule("sdxl", lambda sd: f"{UNET_PREFIX}label_emb.0.0.weight" in sd, "eps", 0.13025,
                {"num_head_channels": 64}),
     FamilyRule("sd2", _proj_in_is_linear, "v", 0.18215, {"num_head_channels": 64}),

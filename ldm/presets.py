@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.unet import UNetConfig, UNetModel
+from ldm.unet import ADM_NUMBERS, UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
@@ -29,11 +29,19 @@ PRESETS: dict[str, tuple[str, str, UNetConfig, VAEConfig]] = {
         transformer_depth_middle=2, num_head_channels=16, context_dim=32 + 48,
         use_linear_in_transformer=True, adm_in_channels=48 + 6 * 256),
         dataclasses.replace(_TINY_VAE, scaling_factor=0.13025)),
+    "tiny-sdxl-refiner": ("sdxl_refiner", "eps", UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
+        transformer_depth_middle=1, num_head_channels=16, context_dim=48, use_linear_in_transformer=True,
+        adm_in_channels=48 + 5 * 256), dataclasses.replace(_TINY_VAE, scaling_factor=0.13025)),
     "sd15": ("sd1", "eps", UNetConfig(), VAEConfig()),
     "sdxl": ("sdxl", "eps", UNetConfig(
         model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 10),
         transformer_depth_middle=10, num_head_channels=64, context_dim=2048, use_linear_in_transformer=True,
         adm_in_channels=2816), VAEConfig(scaling_factor=0.13025)),
+    "sdxl-refiner": ("sdxl_refiner", "eps", UNetConfig(
+        model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=2, transformer_depth=(0, 4, 4, 0),
+        transformer_depth_middle=4, num_head_channels=64, context_dim=1280, use_linear_in_transformer=True,
+        adm_in_channels=2560), VAEConfig(scaling_factor=0.13025)),
 }
 
 
@@ -76,7 +84,7 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True
         te.init_random_weights(seed)
         widths = {"context_dim": te.config.context_dim}
         if unet_config.adm_in_channels is not None:
-            widths["adm_in_channels"] = te.config.pooled_dim + 6 * 256
+            widths["adm_in_channels"] = te.config.pooled_dim + ADM_NUMBERS[family] * 256
         unet_config = dataclasses.replace(unet_config, **widths)
     unet = randomize_(UNetModel(unet_config), generator)
     vae = randomize_(AutoencoderKL(vae_config), generator)

@@ -110,10 +110,13 @@ _CLIP_H_SD2 = _Slot("clip_h", "cond_stage_model.model.", "openclip", 0, True)
 _CLIP_L_SDXL = _Slot("clip_l", "conditioner.embedders.0.transformer.text_model.", "hf", END_TOKEN, False)
 _CLIP_G_SDXL = _Slot("clip_g", "conditioner.embedders.1.model.", "openclip", 0, False)
 _SDXL = _Family("sdxl", -2, (_CLIP_L_SDXL, _CLIP_G_SDXL))
+# The SDXL refiner has OpenCLIP bigG alone, as the first embedder.
+_CLIP_G_REFINER = _Slot("clip_g", "conditioner.embedders.0.model.", "openclip", 0, False)
+_SDXL_REFINER = _Family("sdxl_refiner", -2, (_CLIP_G_REFINER,))
 _SD2 = _Family("sd2", -2, (_CLIP_H_SD2,))
 _SD1 = _Family("sd1", -1, (_CLIP_L_SD1,))
 # Tried in order: the first rule whose encoders are all present in a state dict wins.
-_DETECTION_RULES = (_SDXL, _SD2, _SD1, _Family("sd1", -1, (_CLIP_L_SD1_FLAT,)))
+_DETECTION_RULES = (_SDXL, _SDXL_REFINER, _SD2, _SD1, _Family("sd1", -1, (_CLIP_L_SD1_FLAT,)))
 _PROBE = {"hf": "embeddings.token_embedding.weight", "openclip": "token_embedding.weight"}
 _LAYER_KEY = {"hf": r"encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\."}
 _FC1 = {"hf": "encoder.layers.0.mlp.fc1.weight", "openclip": "transformer.resblocks.0.mlp.c_fc.weight"}
@@ -200,13 +203,16 @@ _PRESETS: dict[str, tuple[_Family, list[tuple[int, int, int, int | None]]]] = {
     "tiny-sd1": (_SD1, [(32, 2, 64, None)]),
     "tiny-sd2": (_SD2, [(32, 2, 64, 32)]),
     "tiny-sdxl": (_SDXL, [(32, 2, 64, None), (48, 2, 96, 48)]),
+    "tiny-sdxl-refiner": (_SDXL_REFINER, [(48, 2, 96, 48)]),
     "sd15": (_SD1, [(768, 12, 3072, None)]),
     "sdxl": (_SDXL, [(768, 12, 3072, None), (1280, 32, 5120, 1280)]),
+    "sdxl-refiner": (_SDXL_REFINER, [(1280, 32, 5120, 1280)]),
 }
 
 
 def random_text_encoder_config(preset: str) -> TextEncoderConfig:
-    """Configuration of a named preset: tiny-sd1, tiny-sd2, tiny-sdxl (tests), sd15 or sdxl (real sizes)."""
+    """Configuration of a named preset: tiny-sd1, tiny-sd2, tiny-sdxl, tiny-sdxl-refiner (tests), sd15, sdxl or
+    sdxl-refiner (real sizes)."""
     if preset not in _PRESETS:
         raise ValueError(f"unknown text encoder preset {preset!r}; known: {', '.join(_PRESETS)}")
     return _make_config(*_PRESETS[preset])

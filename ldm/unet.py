@@ -64,7 +64,21 @@ def sdxl_adm(pooled: torch.Tensor, width: int, height: int, crop_w: int = 0, cro
 
     The order is SDXL's: original (height, width), crop (top, left), target (height, width).
     """
-    numbers = [height, width, crop_h, crop_w, target_height or height, target_width or width]
+    return _adm(pooled, [height, width, crop_h, crop_w, target_height or height, target_width or width])
+
+
+def sdxl_refiner_adm(pooled: torch.Tensor, width: int, height: int, crop_w: int = 0, crop_h: int = 0,
+                     aesthetic_score: float = 6.0) -> torch.Tensor:
+    """The SDXL refiner's `y`: pooled text embedding, then original (height, width), crop (top, left) and
+    the aesthetic score it was trained on (ComfyUI's defaults: 6 for the positive prompt, 2.5 negative)."""
+    return _adm(pooled, [height, width, crop_h, crop_w, aesthetic_score])
+
+
+# How many 256-wide number embeddings follow the pooled text embedding in `y`, per family.
+ADM_NUMBERS = {"sdxl": 6, "sdxl_refiner": 5}
+
+
+def _adm(pooled: torch.Tensor, numbers: list[float]) -> torch.Tensor:
     emb = timestep_embedding(torch.tensor(numbers, dtype=torch.float32, device=pooled.device), 256)
     emb = emb.reshape(1, -1).expand(pooled.shape[0], -1).to(pooled.dtype)
     return torch.cat([pooled, emb], dim=1)

@@ -59,6 +59,27 @@ class CLIPTextEncodeSDXL(Node):
         return ([(encoding.cond.float().cpu(), options)],)
 
 
+class CLIPTextEncodeSDXLRefiner(Node):
+    """A prompt for the SDXL refiner, with the aesthetic score and image size it conditions on."""
+
+    display_name = "CLIPTextEncodeSDXLRefiner"
+    category = "advanced/conditioning"
+    ascore = Float(6.0, min=0.0, max=1000.0, step=0.01, tooltip="the aesthetic score asked for (6: good; "
+                                                                  "negative prompts usually get 2.5)")
+    width = Int(1024, min=0, max=MAX_RESOLUTION)
+    height = Int(1024, min=0, max=MAX_RESOLUTION)
+    text = String("", multiline=True)
+    clip = Socket("CLIP")
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, ascore: float, width: int, height: int, text: str, clip: Clip) -> tuple[list]:
+        with torch.inference_mode():
+            encoding = on_device(self.ctx, clip.encoder).encode([text], clip_skip=clip.clip_skip)
+        options = {"pooled_output": encoding.pooled.float().cpu(), "aesthetic_score": ascore,
+                   "width": width, "height": height}
+        return ([(encoding.cond.float().cpu(), options)],)
+
+
 class CLIPSetLastLayer(Node):
     """Stops the text encoder early ("clip skip"): -1 is the last layer, -2 the one before."""
 
@@ -121,5 +142,5 @@ class ConditioningZeroOut(Node):
         return (zeroed,)
 
 
-NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPSetLastLayer, ConditioningCombine, ConditioningSetArea,
-         ConditioningZeroOut]
+NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, ConditioningCombine,
+         ConditioningSetArea, ConditioningZeroOut]

@@ -14,21 +14,29 @@ from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
 _SCHEDULE = DiscreteSchedule()
 
 
-def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor) -> list:
-    """SDXL's extra `y` input, from each entry's pooled text embedding and size options."""
+def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, negative: bool = False) -> list:
+    """SDXL's extra `y` input, from each entry's pooled text embedding and size options (the refiner's
+    also from its aesthetic score: 6 unless said, 2.5 for the negative prompt, as in ComfyUI)."""
     if not model.needs_adm:
         return conditioning
-    from ldm.unet import sdxl_adm
+    from ldm.unet import ADM_NUMBERS, sdxl_adm, sdxl_refiner_adm
 
+    refiner = model.family.name == "sdxl_refiner"
     height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
     out = []
     for embedding, options in conditioning:
         pooled = options.get("pooled_output")
         if pooled is None:  # e.g. a conditioning made by a plugin: no pooled text, as if empty
-            pooled = torch.zeros(embedding.shape[0], model.family.unet_config.adm_in_channels - 6 * 256)
-        y = sdxl_adm(pooled, options.get("width", width), options.get("height", height),
-                     options.get("crop_w", 0), options.get("crop_h", 0),
-                     options.get("target_width", width), options.get("target_height", height))
+            numbers = ADM_NUMBERS.get(model.family.name, 6)
+            pooled = torch.zeros(embedding.shape[0], model.family.unet_config.adm_in_channels - numbers * 256)
+        size = (options.get("width", width), options.get("height", height), options.get("crop_w", 0),
+                options.get("crop_h", 0))
+        if refiner:
+            score = options.get("aesthetic_score", 2.5 if negative else 6.0)
+            y = sdxl_refiner_adm(pooled, *size, aesthetic_score=score)
+        else:
+            y = sdxl_adm(pooled, *size, options.get("target_width", width),
+                         options.get("target_height", height))
         out.append((embedding, {**options, "y": y}))
     return out
 
@@ -98,7 +106,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         out = sample(
             unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
             scheduler=scheduler, positive=_with_adm(positive, model, samples),
-            negative=_with_adm(negative, model, samples), denoise=denoise, add_noise=add_noise,
+            negative=_with_adm(negative, model, samples, negative=True), denoise=denoise, add_noise=add_noise,
             start_step=start_step, end_step=end_step, return_leftover_noise=return_leftover_noise,
             noise_mask=latent.get("noise_mask"), batch_index=latent.get("batch_index"),
             callback=on_step, interrupt=interrupted, prediction=model.prediction,

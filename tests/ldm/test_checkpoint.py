@@ -20,7 +20,8 @@ from ldm.checkpoint import (
 )
 from ldm.presets import PRESETS, build_preset, make_checkpoint
 
-FAMILIES = {"tiny-sd1": ("sd1", "eps"), "tiny-sd2": ("sd2", "v"), "tiny-sdxl": ("sdxl", "eps")}
+FAMILIES = {"tiny-sd1": ("sd1", "eps"), "tiny-sd2": ("sd2", "v"), "tiny-sdxl": ("sdxl", "eps"),
+            "tiny-sdxl-refiner": ("sdxl_refiner", "eps")}
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_standalone_vae_files(files: dict[str, Path], tmp_path: Path, layout: st
 @pytest.mark.parametrize("preset", list(FAMILIES))
 def test_presets_with_text_encoders_load_completely_and_run(tmp_path: Path, preset: str) -> None:
     pytest.importorskip("ldm.text_encoders")
-    from ldm.unet import sdxl_adm
+    from ldm.unet import sdxl_adm, sdxl_refiner_adm
 
     path = make_checkpoint(preset, tmp_path / "m.safetensors", seed=1)
     assert path.stat().st_size < 20_000_000
@@ -190,7 +191,8 @@ def test_presets_with_text_encoders_load_completely_and_run(tmp_path: Path, pres
     assert loaded.unused_keys == [] and loaded.family.name == FAMILIES[preset][0]
     with torch.no_grad():
         encoding = loaded.text_encoder.encode(["a photo of a cat", "a dog"])
-        y = sdxl_adm(encoding.pooled, 1024, 1024) if loaded.family.name == "sdxl" else None
+        y = {"sdxl": sdxl_adm, "sdxl_refiner": sdxl_refiner_adm}.get(loaded.family.name)
+        y = None if y is None else y(encoding.pooled, 1024, 1024)
         eps = loaded.unet(torch.randn(2, 4, 8, 8), torch.tensor([999.0, 10.0]), encoding.cond, y)
         pixels = loaded.vae.decode(eps / loaded.vae.scaling_factor)
     assert torch.isfinite(eps).all() and eps.std() > 1e-3

@@ -100,3 +100,20 @@ def test_sdxl_adm_layout() -> None:
     assert torch.equal(y[:, :1280], pooled)
     # target size defaults to the original size
     assert torch.equal(y[:, 1280:1792], y[:, 1280 + 1024:])
+
+
+def test_sdxl_refiner_matches_diffusers_with_its_five_numbers() -> None:
+    from ldm.unet import sdxl_refiner_adm
+
+    model = _unet("tiny-sdxl-refiner")
+    config = model.config
+    x, t, context, g = _inputs(config, 16)
+    pooled = torch.randn(x.shape[0], config.adm_in_channels - 5 * 256, generator=g)
+    y = sdxl_refiner_adm(pooled, width=1024, height=768, crop_w=16, crop_h=32, aesthetic_score=2.5)
+    time_ids = torch.tensor([[768, 1024, 32, 16, 2.5]] * x.shape[0], dtype=torch.float32)
+    reference = diffusers_unet(config, model.state_dict())
+    with torch.no_grad():
+        ours = model(x, t, context, y)
+        theirs = reference(x, t, encoder_hidden_states=context,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    assert rel_err(ours, theirs) < 1e-4

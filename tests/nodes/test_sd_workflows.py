@@ -21,7 +21,8 @@ from nodes.registry import builtin_registry
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 CHECKPOINTS = {"loom-demo.safetensors": "tiny-sd1", "sd_xl_base_1.0.safetensors": "tiny-sdxl",
-               "sd2.safetensors": "tiny-sd2", "v1-5-pruned-emaonly.safetensors": "tiny-sd1"}
+               "sd2.safetensors": "tiny-sd2", "v1-5-pruned-emaonly.safetensors": "tiny-sd1",
+               "sd_xl_refiner_1.0.safetensors": "tiny-sdxl-refiner"}
 FAST = {"steps": 2}
 
 
@@ -77,7 +78,8 @@ def test_every_example_workflow_runs(engine, base, name):
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
     with Image.open(path) as image:
         assert image.mode == "RGB" and min(image.size) >= 64
-        assert json.loads(image.text["prompt"])["3"]["class_type"] == "KSampler"
+        prompt = json.loads(image.text["prompt"])
+        assert any(node["class_type"] in ("KSampler", "KSamplerAdvanced") for node in prompt.values())
 
 
 def test_seed_change_reruns_only_the_sampler_and_what_follows(engine):

@@ -16,6 +16,7 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl_text")
     make_checkpoint("tiny-sdxl", root / "models" / "checkpoints" / "xl.safetensors", seed=1)
     make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "sd1.safetensors", seed=1)
+    make_checkpoint("tiny-sdxl-refiner", root / "models" / "checkpoints" / "refiner.safetensors", seed=1)
     set_paths(FolderPaths(base=root))
     yield Executor(builtin_registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
     set_paths(FolderPaths())
@@ -66,3 +67,43 @@ def test_an_sd1_clip_is_refused_with_the_node_to_use(engine):
              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
     result = engine.run(parse_api(graph), keep=["2"])
     assert not result.ok and "CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP" in str(result.error)
+
+
+def base_then_refiner(ascore: float = 6.0, refiner_start: int = 3) -> dict:
+    """SDXL base for steps 0-3 of 4 with leftover noise, then the refiner for the rest (ComfyUI's example)."""
+    def sampler(model, positive, negative, latent, start, end, add_noise, leftover):
+        return {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": model, "add_noise": add_noise, "noise_seed": 5, "steps": 4, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": positive, "negative": negative, "latent_image": latent,
+            "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": leftover}}
+
+    def refiner_prompt(text, score):
+        return {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"ascore": score, "width": 64, "height": 64,
+                                                                     "text": text, "clip": ["12", 1]}}
+
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "xl.safetensors"}},
+        "12": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "refiner.safetensors"}},
+        "6": sdxl("a lighthouse", "a lighthouse"), "7": sdxl("", ""),
+        "15": refiner_prompt("a lighthouse", ascore), "16": refiner_prompt("", 2.5),
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": sampler(["4", 0], ["6", 0], ["7", 0], ["5", 0], 0, refiner_start, "enable", "enable"),
+        "11": sampler(["12", 0], ["15", 0], ["16", 0], ["10", 0], refiner_start, 10000, "disable", "disable"),
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def run_refined(engine, graph):
+    graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["4", 1]
+    result = engine.run(parse_api(graph), keep=["10", "11"])
+    assert result.ok, result.error
+    return result.values["10"][0]["samples"], result.values["11"][0]["samples"]
+
+
+def test_the_sdxl_refiner_finishes_what_the_base_left_and_hears_its_aesthetic_score(engine):
+    base, refined = run_refined(engine, base_then_refiner())
+    assert base.shape == refined.shape == (1, 4, 8, 8)
+    assert (refined - base).abs().max() > 1e-3  # the refiner's step ran
+    _, other_score = run_refined(engine, base_then_refiner(ascore=1.0))
+    assert (other_score - refined).abs().max() > 1e-6  # its y carries the aesthetic score
