@@ -16,6 +16,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,11 +159,13 @@ class DeviceManager:
 
     # --- placement ---------------------------------------------------------------------------------
 
-    def use(self, module: Any) -> Any:
+    def use(self, module: Any, keep: Iterable[Any] = ()) -> Any:
         """Make `module` runnable on the compute device and mark it most recently used.
 
         Models that no longer fit within the VRAM budget go back to the offload device, least
-        recently used first. With `lowvram`, UNets (anything with `input_blocks`) are streamed.
+        recently used first, except those in `keep` (models the same node runs together with this one,
+        such as a UNet's ControlNets). With `lowvram`, UNets and ControlNets (anything with
+        `input_blocks`) are streamed.
         """
         with self._lock:
             key = id(module)
@@ -187,7 +190,7 @@ class DeviceManager:
                 size = resident
             else:
                 size = module_bytes(module)
-            self._make_room(size)
+            self._make_room(size, {id(m) for m in keep})
             if not streamed:
                 module.to(self.device)
             self._resident[key] = _Resident(weakref.ref(module), size, streamed)
@@ -246,20 +249,23 @@ class DeviceManager:
             stats["peak_allocated"] = torch.cuda.max_memory_allocated(self._device)
         return stats
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int, keep: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         budget = self.vram_budget
         if budget is None:
             return
-        while self._resident and self.resident_bytes() + size > budget:
-            _, entry = self._resident.popitem(last=False)
+        while self.resident_bytes() + size > budget:
+            victim = next((key for key in self._resident if key not in keep), None)
+            if victim is None:
+                break
+            entry = self._resident.pop(victim)
             module = entry.ref()
             if module is not None:
                 log.info("offloading a %.0f MiB model to make room", entry.size / 2**20)
                 self._send_home(module, entry)
                 self.evictions += 1
-        if size > budget:
-            log.warning("a model of %.0f MiB exceeds the VRAM budget of %.0f MiB; try --lowvram",
-                        size / 2**20, budget / 2**20)
+        if self.resident_bytes() + size > budget:
+            log.warning("%.0f MiB of models needed together exceed the VRAM budget of %.0f MiB; try --lowvram",
+                        (self.resident_bytes() + size) / 2**20, budget / 2**20)
 
     def _send_home(self, module: Any, entry: _Resident) -> None:
         graphs = sys.modules.get("ldm.cuda_graphs")

@@ -58,6 +58,9 @@ class ControlNet(nn.Module):
         self.input_hint_block = nn.Sequential(*layers)
         self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(ch, ch, 1)) for ch in skip_channels)
         self.middle_block_out = nn.Sequential(nn.Conv2d(skip_channels[-1], skip_channels[-1], 1))
+        # The shuffle ControlNet was trained with its residuals averaged over the image; its files say so only
+        # by name (`*_shuffle.pth`, `*_shuffle_fp16.safetensors`), which `load_controlnet` reads.
+        self.global_average_pooling = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,6 +194,7 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     model = _materialize(lambda: ControlNet(config, hint_channels, widths), sd, "ControlNet", path, device, dtype)
+    model.global_average_pooling = path.stem.endswith(("_shuffle", "_shuffle_fp16"))
     expected = set(model.state_dict())
     return LoadedControlNet(model, family, sorted(k for k in sd if k not in expected), path)
 
@@ -210,17 +214,16 @@ def save_controlnet(path: str | Path, model: ControlNet, dtype: torch.dtype | No
 
 def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
     """An IMAGE-like [B, C, h, w] cropped at the centre to the target's aspect ratio, then resized
-    (nearest-exact) to [B, C, height, width], as ComfyUI's ControlNet prepares its hint."""
+    (nearest-exact) to [B, C, height, width], as ComfyUI's ControlNet prepares its hint: the same number
+    of rows (or columns) is trimmed from each side."""
     h, w = image.shape[-2:]
-    if h * width != w * height:  # crop the longer side to the target's aspect
-        if w * height > h * width:
-            keep = round(h * width / height)
-            left = (w - keep) // 2
-            image = image[..., :, left:left + keep]
-        else:
-            keep = round(w * height / width)
-            top = (h - keep) // 2
-            image = image[..., top:top + keep, :]
+    old_aspect, new_aspect = w / h, width / height
+    if old_aspect > new_aspect:
+        trim = round((w - w * new_aspect / old_aspect) / 2)
+        image = image[..., :, trim:w - trim]
+    elif old_aspect < new_aspect:
+        trim = round((h - h * old_aspect / new_aspect) / 2)
+        image = image[..., trim:h - trim, :]
     if image.shape[-2:] != (height, width):
         image = F.interpolate(image, size=(height, width), mode="nearest-exact")
     return image
@@ -262,15 +265,22 @@ class Control:
             if control.strength == 0 or not low <= sigma <= high:
                 continue
             outs = control.model(x, control._hint(x, repeats), timesteps, context, y=y)
+            if control.model.global_average_pooling:  # the shuffle ControlNet: each residual's spatial mean
+                outs = [out.mean(dim=(2, 3), keepdim=True).expand_as(out) for out in outs]
             outs = [out * control.strength for out in outs]
             total = outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
         return total
+
+    def release(self) -> None:
+        """Drop the resized hints kept for the run (they are on the compute device)."""
+        self._hints.clear()
 
     def _hint(self, x: Tensor, repeats: int) -> Tensor:
         batch, _, height, width = x.shape
         key = (batch, height, width, repeats, x.device, self.model.dtype)
         if key not in self._hints:
-            self._hints.clear()  # one latent shape at a time is the rule; keep no stale copies
+            if len(self._hints) >= 4:  # area prompts can take a few shapes in turn; keep no more
+                self._hints.clear()
             hint = prepare_hint(self.hint.to(x.device, torch.float32), height * 8, width * 8)
             per_copy = batch // repeats
             hint = hint[torch.arange(per_copy, device=hint.device) % hint.shape[0]]  # cycled over the batch

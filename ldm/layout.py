@@ -40,7 +40,9 @@ class GroupNorm(nn.GroupNorm):
         b, c, h, w = x.shape
         per_group = c // self.num_groups
         grouped = x.permute(0, 2, 3, 1).reshape(b, h * w, self.num_groups, per_group)  # a view: no copy
-        var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
+        # fp16's range ends at 65504: a group with a standard deviation over 256 would overflow its variance.
+        source = grouped.float() if x.dtype == torch.float16 else grouped
+        var, mean = torch.var_mean(source, dim=(1, 3), correction=0)
         scale = (var.float() + self.eps).rsqrt().repeat_interleave(per_group, dim=1)  # [B, C]
         mean = mean.float().repeat_interleave(per_group, dim=1)
         if self.affine:

@@ -47,7 +47,9 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 def _blocks(unet: nn.Module) -> list[nn.Module]:
     blocks: list[nn.Module] = []
     for name in BLOCK_CONTAINERS:
-        container = getattr(unet, name)
+        container = getattr(unet, name, None)  # a ControlNet has no output blocks
+        if container is None:
+            continue
         blocks.extend(container if isinstance(container, nn.ModuleList) else [container])
     return blocks
 

@@ -9,6 +9,7 @@ them with the UNet at every step.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from nodes.node import Node
 from nodes.sd.loaders import model_file, model_path, shared_model
 from nodes.sd.models import HANDLE_SIZE, device_and_dtype, file_fingerprint, load_device
 from nodes.spec import Float, Output, Socket
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +55,13 @@ class ControlNetLoader(Node):
         _, dtype, _ = device_and_dtype(self.ctx)
         device = load_device(self.ctx)
         key = ("controlnet", str(path), str(file_fingerprint(path)), str(device), str(dtype))
-        loaded = shared_model(self, key, lambda: load_controlnet(path, device=device, dtype=dtype))
+        def load() -> Any:
+            loaded = load_controlnet(path, device=device, dtype=dtype)
+            if loaded.unused_keys:
+                log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
+            return loaded
+
+        loaded = shared_model(self, key, load)
         return (ControlNetModel(loaded.model, loaded.family, control_net_name),)
 
 
@@ -69,9 +78,10 @@ def _hint(image: torch.Tensor) -> torch.Tensor:
 
 
 def attach(conditionings: list[list], control_net: ControlNetModel, image: torch.Tensor, strength: float,
-           start_percent: float = 0.0, end_percent: float = 1.0) -> list[list]:
+           start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False) -> list[list]:
     """Each conditioning with a Control on every entry; entries that had the same control before (or none)
-    get the same new one, so a positive and a negative prompt still share one model call."""
+    get the same new one, so a positive and a negative prompt still share one model call. `apply_to_uncond`
+    marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node)."""
     from ldm.controlnet import Control, sigma_at_percent
 
     hint = _hint(image)
@@ -84,7 +94,8 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
                                          source=control_net.source, family=control_net.family)
         return made[id(previous)]
 
-    return [[(embedding, {**options, "control": control_after(options.get("control"))})
+    return [[(embedding, {**options, "control": control_after(options.get("control")),
+                          "control_apply_to_uncond": apply_to_uncond})
              for embedding, options in conditioning] for conditioning in conditionings]
 
 
@@ -108,15 +119,15 @@ class ControlNetApplyAdvanced(Node):
                 strength: float, start_percent: float, end_percent: float, vae: Any = None) -> tuple[list, list]:
         if strength == 0:
             return positive, negative
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        # A start after the end is accepted, as in ComfyUI: the ControlNet then never acts.
         positive, negative = attach([positive, negative], control_net, image, strength, start_percent, end_percent)
         return positive, negative
 
 
 class ControlNetApply(Node):
-    """Guides sampling with a ControlNet on one conditioning (the older node: usually the positive prompt
-    only, so the two prompts take separate model calls)."""
+    """Guides sampling with a ControlNet on one conditioning (the older node, usually on the positive prompt).
+    As in ComfyUI, the KSampler gives its control to a negative prompt that has none, so the image is the
+    one Apply ControlNet would make with the full range."""
 
     display_name = "Apply ControlNet (OLD)"
     category = "conditioning/controlnet"
@@ -130,7 +141,7 @@ class ControlNetApply(Node):
                 strength: float) -> tuple[list]:
         if strength == 0:
             return (conditioning,)
-        [conditioning] = attach([conditioning], control_net, image, strength)
+        [conditioning] = attach([conditioning], control_net, image, strength, apply_to_uncond=True)
         return (conditioning,)
 
 

@@ -98,7 +98,8 @@ def load_device(ctx: Any) -> torch.device:
     return torch.device("cpu") if devices is None else devices.offload_device
 
 
-def on_device(ctx: Any, module: torch.nn.Module) -> torch.nn.Module:
-    """`module` ready to run on the compute device (moved there, older models offloaded if need be)."""
+def on_device(ctx: Any, module: torch.nn.Module, keep: tuple[torch.nn.Module, ...] = ()) -> torch.nn.Module:
+    """`module` ready to run on the compute device (moved there, older models offloaded if need be, but
+    not those in `keep`, which the node runs together with it)."""
     devices = devices_of(ctx)
-    return module if devices is None else devices.use(module)
+    return module if devices is None else devices.use(module, keep=keep)

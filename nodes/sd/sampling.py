@@ -41,21 +41,44 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
     return out
 
 
-def _place_controls(node: Node, model: DiffusionModel, *conditionings: list) -> None:
-    """Move every ControlNet the prompts carry to the compute device, after checking that it fits."""
-    placed: set[int] = set()
+def _controls(*conditionings: list) -> list:
+    """Every ControlNet application the prompts carry (`ldm.controlnet.Control`), chains unrolled, once each."""
+    found: dict[int, Any] = {}
     for conditioning in conditionings:
         for _, options in conditioning:
             first = options.get("control")
             for control in first.chain() if first is not None else ():
-                if id(control.model) in placed:
-                    continue
-                if control.family is not None and control.family != model.family.name:
-                    raise ValueError(f"{control.source or 'the ControlNet'} is a ControlNet for "
-                                     f"{control.family.upper()}; the model ({model.source}) is "
-                                     f"{model.family.name.upper()}")
-                on_device(node.ctx, control.model)
-                placed.add(id(control.model))
+                found.setdefault(id(control), control)
+    return list(found.values())
+
+
+def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[torch.nn.Module, ...]:
+    """Move the ControlNets to the compute device, after checking that each fits the model; returns them."""
+    placed: dict[int, torch.nn.Module] = {}
+    for control in controls:
+        if id(control.model) in placed:
+            continue
+        if control.family is not None and control.family != model.family.name:
+            raise ValueError(f"{control.source or 'the ControlNet'} is a ControlNet for {control.family.upper()}; "
+                             f"the model ({model.source}) is {model.family.name.upper()}")
+        placed[id(control.model)] = on_device(node.ctx, control.model, keep=tuple(placed.values()))
+    return tuple(placed.values())
+
+
+def _control_uncond(positive: list, negative: list) -> list:
+    """ComfyUI's rule for Apply ControlNet (OLD), which marks its entries `control_apply_to_uncond`: when no
+    whole-image negative entry has a control of its own, the whole-image negative entries without one get
+    those positive entries' controls, cycled over them. CFG then compares two controlled predictions."""
+    controls = [opts["control"] for _, opts in positive
+                if opts.get("control_apply_to_uncond") and "area" not in opts and opts.get("control") is not None]
+    whole = [i for i, (_, opts) in enumerate(negative) if "area" not in opts]
+    if not controls or not whole or any(negative[i][1].get("control") is not None for i in whole):
+        return negative
+    negative = list(negative)
+    for n, control in enumerate(controls):
+        i = whole[n % len(whole)]
+        negative[i] = (negative[i][0], {**negative[i][1], "control": control})
+    return negative
 
 
 def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list, negative: list, *,
@@ -77,8 +100,10 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         node.ctx.check_interrupt()  # raises the engine's Interrupted
         return False
 
-    _place_controls(node, model, positive, negative)  # before the UNet, which must stay on the device
-    unet = on_device(node.ctx, model.unet)
+    negative = _control_uncond(positive, negative)
+    controls = _controls(positive, negative)
+    controlnets = _place_controls(node, model, controls)
+    unet = on_device(node.ctx, model.unet, keep=controlnets)  # the ControlNets stay on the device with it
     devices = devices_of(node.ctx)
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
         module = unet
@@ -102,15 +127,20 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
             from ldm.cuda_graphs import graphed_unet
 
             unet = graphed_unet(module, unet)
-    with torch.inference_mode():
-        out = sample(
-            unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
-            scheduler=scheduler, positive=_with_adm(positive, model, samples),
-            negative=_with_adm(negative, model, samples, negative=True), denoise=denoise, add_noise=add_noise,
-            start_step=start_step, end_step=end_step, return_leftover_noise=return_leftover_noise,
-            noise_mask=latent.get("noise_mask"), batch_index=latent.get("batch_index"),
-            callback=on_step, interrupt=interrupted, prediction=model.prediction,
-        )
+    try:
+        with torch.inference_mode():
+            out = sample(
+                unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                scheduler=scheduler, positive=_with_adm(positive, model, samples),
+                negative=_with_adm(negative, model, samples, negative=True), denoise=denoise,
+                add_noise=add_noise, start_step=start_step, end_step=end_step,
+                return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
+                batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
+                prediction=model.prediction,
+            )
+    finally:
+        for control in controls:  # the Controls live on in cached conditioning: no device memory with them
+            control.release()
     return {**latent, "samples": (out.float() / scale).cpu()}
 
 

@@ -50,6 +50,20 @@ def test_models_past_the_vram_budget_are_evicted_least_recently_used_first():
     assert devices.free() == 2 * size and devices.resident() == []
 
 
+def test_models_run_together_are_kept_when_making_room_for_one_another():
+    # A ControlNet and its UNet: the UNet comes last, and the least recently used model must not be the
+    # ControlNet it is about to run with.
+    other, controlnet, unet = (nn.Linear(64, 64) for _ in range(3))
+    size = module_bytes(unet)
+    devices = DeviceManager(force_cpu=True, options=EngineOptions(vram_budget=2 * size + 1))
+    devices.use(other)
+    devices.use(controlnet)
+    devices.use(unet, keep=(controlnet,))
+    assert devices.resident() == [controlnet, unet]
+    devices.use(other, keep=(controlnet, unet))  # no room without them: over the budget, with a warning
+    assert devices.resident() == [controlnet, unet, other]
+
+
 def test_an_evicted_model_lets_go_of_its_cuda_graphs():
     from ldm.cuda_graphs import graphed_unet
 

@@ -146,6 +146,9 @@ def test_hint_is_cropped_at_the_centre_to_the_latent_aspect_then_resized():
     out = prepare_hint(image, 4, 4)  # 2:1 -> 1:1 keeps the middle 4 columns
     assert torch.equal(out, image[..., 2:6])
     assert prepare_hint(image, 8, 16).shape[-2:] == (8, 16)
+    # An odd difference trims the same from both sides (ComfyUI's rounding): 9 columns to 4 keeps 2..6.
+    odd = torch.arange(4 * 9, dtype=torch.float32).reshape(1, 1, 4, 9)
+    assert torch.equal(prepare_hint(odd, 4, 5), odd[..., 2:7])
 
 
 class _Recorder(torch.nn.Module):
@@ -155,6 +158,7 @@ class _Recorder(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(1))
         self.time_embed = [self]  # for `dtype`
+        self.global_average_pooling = False
         self.calls = []
 
     @property
@@ -186,6 +190,20 @@ def test_hint_batches_cycle_over_the_latent_batch_in_each_copy():
     Control(recorder, hints).residuals(torch.zeros(6, 4, 1, 1), 1.0, torch.zeros(6), torch.zeros(6, 7, 8), None,
                                        repeats=2)
     assert recorder.calls[0][:, 0, 0, 0].tolist() == [0, 1, 0, 0, 1, 0]
+
+
+def test_the_shuffle_controlnet_is_known_by_its_name_and_averages_its_residuals(tmp_path):
+    path = make_controlnet("tiny-sd1", tmp_path / "control_v11e_sd15_shuffle_fp16.safetensors")
+    loaded = load_controlnet(path)
+    assert loaded.model.global_average_pooling
+    assert not load_controlnet(make_controlnet("tiny-sd1", tmp_path / "control_canny.safetensors")).model \
+        .global_average_pooling
+    config = loaded.model.config
+    x, t, context = torch.randn(1, 4, 4, 4), torch.tensor([500.0]), torch.randn(1, 7, config.context_dim)
+    with torch.no_grad():
+        residuals = Control(loaded.model, torch.rand(1, 3, 32, 32)).residuals(x, 1.0, t, context, None)
+    for residual in residuals:
+        assert torch.allclose(residual, residual.mean(dim=(2, 3), keepdim=True).expand_as(residual))
 
 
 def test_percent_of_the_schedule_to_sigma():

@@ -101,3 +101,12 @@ def test_use_nchw_undoes_channels_last_and_leaves_an_nchw_module_alone():
         use_nchw(use_channels_last(unet))
         assert all(p.is_contiguous() for p in unet.parameters())
         torch.testing.assert_close(unet(x, t, context, y=y), expected, rtol=0, atol=0)
+
+
+def test_group_norm_statistics_do_not_overflow_in_fp16():
+    # fp16 ends at 65504: the variance of a group with a standard deviation of 300 would not fit.
+    x = (torch.randn(1, 64, 8, 8, generator=torch.Generator().manual_seed(0)) * 300).half()
+    norm = GroupNorm(32, 64).half()
+    out = norm(x.contiguous(memory_format=CL))
+    expected = F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps)
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-2)

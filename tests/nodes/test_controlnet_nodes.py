@@ -83,12 +83,16 @@ def test_strength_zero_or_an_empty_range_leaves_the_image_as_without(base):
     assert torch.equal(image(base, workflow({"strength": 1.0, "end_percent": 0.0})), plain)
 
 
-def test_the_older_node_on_the_positive_prompt_alone(base):
-    plain = image(base, workflow())
+def test_the_older_node_on_the_positive_prompt_controls_the_negative_too_as_in_comfyui(base):
     advanced = image(base, workflow({"strength": 1.0}))
     old = image(base, workflow({"strength": 1.0}, old=True))
-    assert (old - plain).abs().max() > 1e-3
-    assert (old - advanced).abs().max() > 1e-5  # the negative prompt's prediction is not controlled here
+    assert torch.equal(old, advanced)  # the negative prompt gets the positive's control: the same calls
+    # A negative prompt with a control of its own keeps it.
+    graph = workflow({"strength": 1.0}, old=True)
+    graph["13"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["7", 0], "control_net": ["10", 0],
+                                                                "image": ["11", 0], "strength": 0.5}}
+    graph["3"]["inputs"]["negative"] = ["13", 0]
+    assert (image(base, graph) - old).abs().max() > 1e-4
 
 
 def test_a_controlnet_for_another_family_is_refused_with_both_names(base):
@@ -99,13 +103,32 @@ def test_a_controlnet_for_another_family_is_refused_with_both_names(base):
     assert "tiny_xl.safetensors is a ControlNet for SDXL" in message and "tiny.safetensors" in message
 
 
-def test_a_start_after_the_end_and_a_missing_file_are_clear_errors(base):
+def test_a_start_after_the_end_never_acts_and_a_missing_file_is_a_clear_error(base):
+    plain = image(base, workflow())
+    assert torch.equal(image(base, workflow({"strength": 1.0, "start_percent": 0.8, "end_percent": 0.2})), plain)
     engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
-    result = engine.run(parse_api(workflow({"strength": 1.0, "start_percent": 0.8, "end_percent": 0.2})), keep=["8"])
-    assert not result.ok and "start_percent (0.8) is after end_percent (0.2)" in str(result.error)
     with pytest.raises(WorkflowInvalid, match=r"'nope.safetensors' is not one of \[tiny_canny.safetensors, "
                                               r"tiny_xl.safetensors\] \(the files in models/controlnet"):
         engine.run(parse_api(workflow({"strength": 1.0, "name": "nope.safetensors"})), keep=["8"])
+
+
+def test_low_vram_streams_the_controlnet_as_it_does_the_unet(base):
+    from executor.devices import EngineOptions
+
+    engine = Executor(builtin_registry(), services=Services.create(
+        base, force_cpu=True, options=EngineOptions(lowvram=True)))
+    result = engine.run(parse_api(workflow({"strength": 1.0})), keep=["8"])
+    assert result.ok, result.error
+    torch.testing.assert_close(result.values["8"][0], image(base, workflow({"strength": 1.0})), rtol=0, atol=1e-5)
+
+
+def test_the_resized_hints_are_let_go_after_the_run(base):
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(workflow({"strength": 1.0})), keep=["12"])
+    assert result.ok
+    positive, negative = result.values["12"]
+    control = positive[0][1]["control"]
+    assert control is negative[0][1]["control"] and control._hints == {}
 
 
 def test_the_cli_runs_a_controlnet_workflow(base, tmp_path):
