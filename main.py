@@ -284,7 +284,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         graph = graph_from_data(load_workflow_data(args.workflow), registry)
     except DocumentError as exc:
         _fail_document(args, str(exc))
-    text = json.dumps(graph.to_api(), indent=2)
+    api = graph.to_api()
+    for node_id, node in api.items():
+        kept = node.get("_meta", {}).get("widgets_values")
+        if kept is not None and registry.get(node["class_type"]) is None:
+            print(f"note: node {node_id} ({node['class_type']}) is not a node type this engine has; its widget "
+                  f"values {json.dumps(kept)} are kept in _meta.widgets_values, not as inputs", file=sys.stderr)
+    text = json.dumps(api, indent=2)
     if args.output:
         try:
             args.output.write_text(text + "\n")

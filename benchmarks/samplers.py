@@ -23,7 +23,7 @@ import time
 import torch
 
 from executor.allocator import keep_freed_memory
-from ldm.sampling import SAMPLER_NAMES, DiscreteSchedule, sample
+from ldm.sampling import SAMPLERS, DiscreteSchedule, sample
 from ldm.sampling.schedulers import get_sigmas
 
 STEPS = 20
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--samplers", nargs="+", default=SAMPLER_NAMES, choices=SAMPLER_NAMES, metavar="NAME")
+    names = list(SAMPLERS)  # without the "_gpu" aliases, which are the same samplers
+    parser.add_argument("--samplers", nargs="+", default=names, choices=names, metavar="NAME")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per sampler; the best is kept")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tune glibc's malloc as `main.py` does on the CPU (executor.allocator): the model "

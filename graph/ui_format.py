@@ -123,6 +123,10 @@ class _Converter:
                 meta["pos"] = _pair(node["pos"])
             if "size" in node:
                 meta["size"] = _pair(node["size"])
+            if self.registry.get(node["type"]) is None and node.get("widgets_values"):
+                # Widget values can be named only by the node's declaration: for a type this engine lacks
+                # (a plugin not installed here), they are kept as they were, so converting loses nothing.
+                meta["widgets_values"] = node["widgets_values"]
             api[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": meta}
         return api
 

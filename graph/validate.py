@@ -138,6 +138,11 @@ class _Checker:
             return value
         if spec.type == "COMBO":
             choices = spec.current_choices()
+            if value not in choices and spec.choices_where and isinstance(value, str):
+                # A file name saved on Windows ("SD15\\canny.safetensors") names the file listed as "SD15/...".
+                normalized = value.replace("\\", "/")
+                if normalized in choices:
+                    return normalized
             if value not in choices:
                 shown = ", ".join(map(str, choices[:20])) + (" ..." if len(choices) > 20 else "")
                 where = f" (the files in {spec.choices_where()})" if spec.choices_where else ""

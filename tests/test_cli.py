@@ -89,6 +89,19 @@ def test_convert_ui_to_api(tmp_path):
     assert nowhere.returncode == 2 and nowhere.stderr.startswith("error: -o ") and "Traceback" not in nowhere.stderr
 
 
+def test_convert_keeps_the_widget_values_of_a_node_type_it_lacks_and_says_so(tmp_path):
+    ui = {"nodes": [{"id": 18, "type": "CannyEdgePreprocessor", "widgets_values": [100, 200, 512], "inputs": [],
+                     "mode": 0}], "links": []}
+    src = tmp_path / "ui.json"
+    src.write_text(json.dumps(ui))
+    proc = cli("convert", src, "-o", tmp_path / "api.json")
+    assert proc.returncode == 0
+    api = json.loads((tmp_path / "api.json").read_text())
+    assert api["18"]["_meta"]["widgets_values"] == [100, 200, 512] and api["18"]["inputs"] == {}
+    assert ("note: node 18 (CannyEdgePreprocessor) is not a node type this engine has; its widget values "
+            "[100, 200, 512] are kept in _meta.widgets_values") in proc.stderr
+
+
 def test_nodes_and_schema():
     info = json.loads(cli("nodes", "--json").stdout)
     assert info["IntMath"]["input_order"]["required"] == ["a", "b", "operation"]

@@ -44,8 +44,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
     "plms": samplers_ldm.sample_plms,
 }
+# ComfyUI's "_gpu" samplers draw their Brownian tree on the GPU instead of the CPU, so the same seed gives
+# other noise there. Here every sampler's noise comes from one seeded generator, the same on any device,
+# so these names are the same samplers; they are accepted so that workflows naming them run.
+SAMPLER_ALIASES = {"dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+                   "dpmpp_3m_sde_gpu": "dpmpp_3m_sde"}
 # ComfyUI's order (the subset implemented here), then the extras: plms, from the original SD code.
-SAMPLER_NAMES = list(SAMPLERS)
+SAMPLER_NAMES = [alias for name in SAMPLERS
+                 for alias in (name, *(a for a, target in SAMPLER_ALIASES.items() if target == name))]
 
 # Samplers whose step noise comes from a Brownian tree rather than independent draws.
 _BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}
@@ -138,6 +144,7 @@ def sample(
     exactly at the end. `callback(step, total, x0)` follows each step; `interrupt()` is polled
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
     """
+    sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}; expected one of {SAMPLER_NAMES}")
     if isinstance(schedule_or_denoiser, Denoiser):

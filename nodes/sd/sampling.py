@@ -58,11 +58,24 @@ def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[
     for control in controls:
         if id(control.model) in placed:
             continue
+        name = control.source or "the ControlNet"
         if control.family is not None and control.family != model.family.name:
-            raise ValueError(f"{control.source or 'the ControlNet'} is a ControlNet for {control.family.upper()}; "
+            raise ValueError(f"{name} is a ControlNet for {control.family.upper()}; "
                              f"the model ({model.source}) is {model.family.name.upper()}")
+        mismatch = _encoder_mismatch(control.model.config, model.family.unet_config)
+        if mismatch:  # the same family, another size (the bundled demo model is a small SD1-style UNet)
+            raise ValueError(f"{name} does not fit the model {model.source}: {mismatch}")
         placed[id(control.model)] = on_device(node.ctx, control.model, keep=tuple(placed.values()))
     return tuple(placed.values())
+
+
+def _encoder_mismatch(controlnet: Any, unet: Any) -> str | None:
+    """How a ControlNet's encoder differs from the UNet's (None when its residuals fit the UNet's blocks)."""
+    for name in ("model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels"):
+        theirs, ours = getattr(controlnet, name), getattr(unet, name)
+        if theirs != ours:
+            return f"the ControlNet was made for a UNet with {name} {theirs}, and this one has {ours}"
+    return None
 
 
 def _control_uncond(positive: list, negative: list) -> list:

@@ -242,3 +242,18 @@ def test_step_noise_is_not_a_copy_of_the_initial_noise():
     finally:
         SAMPLERS["euler_ancestral"] = sampler
     assert abs(float((drawn[0] * noise).mean())) < 0.2
+
+
+def test_comfyuis_gpu_noise_names_run_the_same_samplers():
+    from ldm.sampling import SAMPLER_ALIASES
+
+    schedule = DiscreteSchedule()
+    cond = [(torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(2)), {})]
+
+    def unet(x, t, context, y=None):
+        return x * 0.3 + context.mean() * 0.1
+
+    for alias, name in SAMPLER_ALIASES.items():
+        runs = [sample(unet, schedule, torch.zeros(1, 4, 8, 8), seed=4, steps=5, cfg=3.0, sampler_name=sampler,
+                       scheduler="karras", positive=cond, negative=cond) for sampler in (alias, name)]
+        assert torch.equal(*runs), alias

@@ -103,6 +103,17 @@ def test_a_controlnet_for_another_family_is_refused_with_both_names(base):
     assert "tiny_xl.safetensors is a ControlNet for SDXL" in message and "tiny.safetensors" in message
 
 
+def test_a_controlnet_of_the_right_family_but_another_size_is_refused_clearly(base, tmp_path):
+    # The bundled demo model is a small SD1-style UNet: a real SD1.5 ControlNet does not fit it.
+    graph = workflow({"strength": 1.0})
+    graph["4"]["inputs"]["ckpt_name"] = "loom-demo.safetensors"
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(graph), keep=["8"])
+    assert not result.ok
+    assert ("tiny_canny.safetensors does not fit the model loom-demo.safetensors: the ControlNet was made for a "
+            "UNet with model_channels 32, and this one has 64") in str(result.error)
+
+
 def test_a_start_after_the_end_never_acts_and_a_missing_file_is_a_clear_error(base):
     plain = image(base, workflow())
     assert torch.equal(image(base, workflow({"strength": 1.0, "start_percent": 0.8, "end_percent": 0.2})), plain)
@@ -141,3 +152,13 @@ def test_the_cli_runs_a_controlnet_workflow(base, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "success"
     assert list((base.base / "output").glob("cn_*.png"))
+
+
+def test_a_model_name_saved_on_windows_finds_the_file_in_its_subfolder(base):
+    import shutil
+
+    sub = base.base / "models" / "controlnet" / "SD15"
+    sub.mkdir(exist_ok=True)
+    shutil.copy(base.base / "models" / "controlnet" / "tiny_canny.safetensors", sub / "canny.safetensors")
+    windows = image(base, workflow({"strength": 1.0, "name": "SD15\\canny.safetensors"}))
+    assert torch.equal(windows, image(base, workflow({"strength": 1.0})))
