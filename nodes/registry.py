@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "nodes.sd.sampling",
     "nodes.sd.vae",
     "nodes.sd.image",
+    "nodes.sd.preprocessors",
 )
 
 
