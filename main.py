@@ -17,9 +17,11 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-dir", type=Path, default=Path(__file__).resolve().parent,
                         help="folder holding models/, input/, output/, temp/ (default: the project folder)")
     parser.add_argument("--models-dir", type=Path, action="append", default=[],
-                        help="another models folder (with checkpoints/, vae/, loras/ inside); repeatable")
+                        help="another models folder (with checkpoints/, vae/, loras/, controlnet/ inside); "
+                             "repeatable")
     parser.add_argument("--extra-model-paths", type=Path,
-                        help="JSON file mapping model kinds to more folders, e.g. another tool's")
+                        help="JSON file mapping model kinds to more folders, e.g. another tool's, or ComfyUI's "
+                             "extra_model_paths.yaml as it is")
     parser.add_argument("--no-bundled-models", action="store_true",
                         help="do not offer the models shipped with the project (the demo checkpoint)")
     parser.add_argument("--output-dir", type=Path, help="where output images go (default: BASE/output)")
@@ -410,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="validate and run a workflow (API or UI JSON, or a PNG that carries one)")
     p.add_argument("workflow", type=Path)
     p.add_argument("--set", action="append", metavar="NODE_ID.INPUT=VALUE",
-                   help="override an input before running (VALUE is JSON, or a plain string); repeatable")
+                   help="set an input to a constant before running (VALUE is JSON, or a plain string; links "
+                        "cannot be made this way); repeatable")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_engine_options(p)

@@ -103,7 +103,11 @@ class FolderPaths:
         return None
 
     def load_extra_paths(self, config_file: Path) -> None:
-        """Read `{"checkpoints": ["/other/tool/models/Stable-diffusion"], "loras": [...]}` (JSON)."""
+        """Read `{"checkpoints": ["/other/tool/models/Stable-diffusion"], "loras": [...]}` (JSON), or ComfyUI's
+        `extra_model_paths.yaml` (a .yaml or .yml file) as it is."""
+        if Path(config_file).suffix.lower() in (".yaml", ".yml"):
+            self._load_comfyui_yaml(Path(config_file))
+            return
         data = json.loads(Path(config_file).read_text())
         if not isinstance(data, dict):
             raise ValueError("expected an object of model kind -> list of folders")
@@ -113,6 +117,32 @@ class FolderPaths:
                 raise ValueError(f"{kind!r} must be a folder or a list of folders, not {json.dumps(folders)}")
             base = Path(config_file).parent
             self.extra_model_paths.setdefault(kind, []).extend((base / Path(f).expanduser()) for f in folders)
+
+    def _load_comfyui_yaml(self, config_file: Path) -> None:
+        """ComfyUI's format: named sections, each an optional `base_path` (relative to the file's folder) and
+        model kinds whose values are one folder or several on separate lines, relative to `base_path`."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(config_file.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not valid YAML: {' '.join(str(exc).split())}") from None
+        if data is None:
+            return
+        if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
+            raise ValueError("expected ComfyUI's layout: sections (a111:, comfyui:, ...) of model kind: folder(s)")
+        for section, entries in data.items():
+            entries = dict(entries or {})
+            base = entries.pop("base_path", None)
+            entries.pop("is_default", None)
+            root = config_file.parent
+            if base is not None:
+                root = root / Path(os.path.expandvars(str(base))).expanduser()
+            for kind, value in entries.items():
+                if not isinstance(value, str):
+                    raise ValueError(f"{section}.{kind} must be a folder or folders on separate lines, not {value!r}")
+                folders = [line.strip() for line in value.splitlines() if line.strip()]
+                self.extra_model_paths.setdefault(kind, []).extend(root / Path(f).expanduser() for f in folders)
 
 
 def _mtime(folder: str) -> int | None:

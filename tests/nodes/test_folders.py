@@ -50,3 +50,36 @@ def test_an_unchanged_tree_is_not_walked_again(tmp_path, monkeypatch):
     first.append("changed by the caller")
     assert paths.list_models("vae") == ["v.safetensors"]  # a copy is handed out, the cache is intact
     assert len(walks) == 1
+
+
+def test_comfyuis_extra_model_paths_yaml_is_read_as_it_is(tmp_path):
+    import pytest
+
+    webui = tmp_path / "stable-diffusion-webui"
+    for folder in ("models/Stable-diffusion", "models/Lora", "models/LyCORIS", "models/ControlNet"):
+        (webui / folder).mkdir(parents=True)
+    (webui / "models/Stable-diffusion/dreamshaper.safetensors").write_bytes(b"")
+    (webui / "models/LyCORIS/ink.safetensors").write_bytes(b"")
+    (webui / "models/ControlNet/canny.safetensors").write_bytes(b"")
+    config = tmp_path / "extra_model_paths.yaml"
+    # The a111 section of ComfyUI's example file: base_path relative to the file, a kind with two folders.
+    config.write_text("""
+a111:
+    base_path: stable-diffusion-webui/
+    checkpoints: models/Stable-diffusion
+    loras: |
+         models/Lora
+         models/LyCORIS
+    controlnet: models/ControlNet
+    upscale_models: models/ESRGAN
+comfyui:
+    is_default: true
+""")
+    paths = paths_in(tmp_path)
+    paths.load_extra_paths(config)
+    assert paths.list_models("checkpoints") == ["dreamshaper.safetensors"]
+    assert paths.list_models("loras") == ["ink.safetensors"]
+    assert paths.list_models("controlnet") == ["canny.safetensors"]
+    config.write_text("a111: [not, a, mapping]\n")
+    with pytest.raises(ValueError, match="expected ComfyUI's layout"):
+        paths_in(tmp_path).load_extra_paths(config)
