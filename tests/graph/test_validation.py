@@ -31,7 +31,7 @@ def test_unknown_node_type(registry):
         ("1", None, "invalid_prompt")]
     [typo] = problems(registry, {"1": {"class_type": "Scael", "inputs": {}}, "2": sink(1)})
     assert typo.message == "Cannot execute because node Scael does not exist."  # ComfyUI's words
-    assert typo.details == "Node ID '#1'; did you mean Scale?"
+    assert typo.details == "Node ID '#1'; did you mean Scale?; a custom node pack in custom_nodes/ may provide it"
 
 
 def test_no_outputs(registry):
