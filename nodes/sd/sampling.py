@@ -34,11 +34,22 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         if refiner:
             score = options.get("aesthetic_score", 2.5 if negative else 6.0)
             y = sdxl_refiner_adm(pooled, *size, aesthetic_score=score)
-        else:
-            y = sdxl_adm(pooled, *size, options.get("target_width", width),
-                         options.get("target_height", height))
+        else:  # the target size defaults to the prompt's size, as in ComfyUI
+            y = sdxl_adm(pooled, *size, options.get("target_width", size[0]), options.get("target_height", size[1]))
         out.append((embedding, {**options, "y": y}))
     return out
+
+
+def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list) -> None:
+    """Prompts encoded by another checkpoint's CLIP (the SDXL base's with the refiner, say) are refused
+    with the widths, rather than failing inside the UNet with a matrix-shape error."""
+    config = model.family.unet_config
+    for side, conditioning in (("positive", positive), ("negative", negative)):
+        for embedding, _ in conditioning:
+            if embedding.shape[-1] != config.context_dim:
+                raise ValueError(f"the {side} prompt was encoded {embedding.shape[-1]} wide, and the model "
+                                 f"{model.source} ({model.family.name.upper()}) takes {config.context_dim}: "
+                                 "encode it with this checkpoint's CLIP")
 
 
 def _controls(*conditionings: list) -> list:
@@ -65,7 +76,8 @@ def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[
         mismatch = _encoder_mismatch(control.model.config, model.family.unet_config)
         if mismatch:  # the same family, another size (the bundled demo model is a small SD1-style UNet)
             raise ValueError(f"{name} does not fit the model {model.source}: {mismatch}")
-        placed[id(control.model)] = on_device(node.ctx, control.model, keep=tuple(placed.values()))
+        # Kept: the ControlNets placed before, and the UNet, which runs with them next.
+        placed[id(control.model)] = on_device(node.ctx, control.model, keep=(model.unet, *placed.values()))
     return tuple(placed.values())
 
 
@@ -99,6 +111,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
                 return_leftover_noise: bool = False) -> dict:
     """The shared body of both KSampler nodes; LATENT values stay unscaled, as in ComfyUI."""
+    _check_prompt_widths(model, positive, negative)
     device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]
     scale = model.family.latent_scale_factor

@@ -107,3 +107,29 @@ def test_the_sdxl_refiner_finishes_what_the_base_left_and_hears_its_aesthetic_sc
     assert (refined - base).abs().max() > 1e-3  # the refiner's step ran
     _, other_score = run_refined(engine, base_then_refiner(ascore=1.0))
     assert (other_score - refined).abs().max() > 1e-6  # its y carries the aesthetic score
+
+
+def test_a_prompt_from_another_checkpoints_clip_is_refused_with_the_widths(engine):
+    graph = base_then_refiner()
+    graph["15"]["inputs"]["clip"] = ["4", 1]  # the base's CLIP feeding the refiner's prompt
+    graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["4", 1]
+    result = engine.run(parse_api(graph), keep=["11"])
+    assert not result.ok
+    assert ("the positive prompt was encoded 80 wide, and the model refiner.safetensors (SDXL_REFINER) takes 48"
+            in str(result.error))
+
+
+def test_sdxls_target_size_defaults_to_the_prompts_size_as_in_comfyui():
+    from ldm.unet import sdxl_adm
+    from nodes.sd.models import DiffusionModel
+    from nodes.sd.sampling import _with_adm
+
+    class Family:
+        name = "sdxl"
+        unet_config = type("C", (), {"adm_in_channels": 8 + 6 * 256})()
+
+    model = DiffusionModel(None, Family(), "xl")
+    pooled = torch.randn(1, 8)
+    [(_, options)] = _with_adm([(torch.zeros(1, 77, 16), {"pooled_output": pooled, "width": 832, "height": 1216})],
+                               model, torch.zeros(1, 4, 128, 128))
+    torch.testing.assert_close(options["y"], sdxl_adm(pooled, 832, 1216, 0, 0, 832, 1216))
