@@ -14,6 +14,7 @@ smoke check of the script, whose CPU figures mean little (the CPU profile nests 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import re
 import time
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from executor.devices import DeviceManager
-from ldm.attention import CrossAttention
+from ldm.attention import GEGLU, CrossAttention
 from ldm.cuda_graphs import graphed_unet, release
 from ldm.layout import use_channels_last
 from ldm.presets import PRESETS, randomize_
@@ -139,11 +140,67 @@ def nchw(unet: torch.nn.Module) -> Iterator[None]:
         use_channels_last(unet)
 
 
+@functools.cache
+def _fused_kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """Two small torch.compile regions, each one generated kernel per shape: GEGLU's GELU-times-gate, and
+    group norm followed by SiLU (the elementwise work that full `--compile` fuses; seconds to compile).
+    An SDXL UNet has a few dozen norm shapes: dynamo's default limit of 8 recompilations per function would
+    leave most of them eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across PyTorch releases
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 128))
+
+    @torch.compile(dynamic=False)
+    def gated_gelu(h: torch.Tensor) -> torch.Tensor:
+        x, gate = h.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+    @torch.compile(dynamic=False)
+    def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                        eps: float) -> torch.Tensor:
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+    return gated_gelu, group_norm_silu
+
+
+@contextmanager
+def fused_elementwise(unet: torch.nn.Module) -> Iterator[None]:
+    """GEGLU and every GroupNorm-then-SiLU pair through `_fused_kernels`: what the default path could gain
+    from fusing them without compiling the whole UNet (the open part of issue 10: SDXL against diffusers)."""
+    gated_gelu, group_norm_silu = _fused_kernels()
+    patched = []
+    for module in unet.modules():
+        if isinstance(module, GEGLU):
+            module.forward = lambda x, m=module: gated_gelu(m.proj(x))
+        elif (isinstance(module, torch.nn.Sequential) and len(module) >= 2
+              and isinstance(module[0], torch.nn.GroupNorm) and isinstance(module[1], torch.nn.SiLU)):
+            def forward(x: torch.Tensor, m: torch.nn.Sequential = module) -> torch.Tensor:
+                norm = m[0]
+                h = group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+                for layer in list(m)[2:]:
+                    h = layer(h)
+                return h
+
+            module.forward = forward
+        else:
+            continue
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any]] = {
     "NCHW (--no-channels-last)": nchw,
     "fused self-attention qkv": fused_self_qkv,
+    "fused GEGLU and GroupNorm+SiLU": fused_elementwise,
 }
-PROFILED = ("NCHW (--no-channels-last)",)
+PROFILED = ("NCHW (--no-channels-last)", "fused GEGLU and GroupNorm+SiLU")
+CUDA_ONLY = ("fused GEGLU and GroupNorm+SiLU",)  # inductor's CPU build takes minutes on a small machine
 
 
 def inputs(preset: str, unet: UNetModel, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -192,6 +249,8 @@ def report(preset: str, device: torch.device, dtype: torch.dtype, reps: int, dif
         base = ours()
         profiles = {"ours": kernel_ms(ours, device)}
         for name, variant in VARIANTS.items():
+            if name in CUDA_ONLY and device.type != "cuda":
+                continue
             with variant(unet):
                 diffs[name] = float((ours() - base).abs().max())
                 rows.append((f"ours {name}, eager", ms_per_call(ours, device, reps)))

@@ -23,3 +23,22 @@ def test_kernels_are_sorted_by_kind_from_their_names():
     assert unet_profile.kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert unet_profile.kind("void at::native::RowwiseMomentsCUDAKernel<c10::BFloat16>") == "group norm"
     assert unet_profile.kind("something else") == "other"
+
+
+def test_the_fused_elementwise_variant_computes_the_same_unet_and_is_undone():
+    # On the GPU this variant is timed (CUDA_ONLY); here inductor's CPU build only checks what it computes.
+    import torch
+
+    from ldm.presets import PRESETS, randomize_
+    from ldm.unet import UNetModel
+
+    unet = randomize_(UNetModel(PRESETS["tiny-sd1"][2]), torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0]), torch.randn(2, 7, 32)
+    with torch.inference_mode():
+        base = unet(x, t, context)
+        with unet_profile.fused_elementwise(unet):
+            fused = unet(x, t, context)
+        again = unet(x, t, context)
+    torch.testing.assert_close(fused, base, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, base) and not any("forward" in vars(m) for m in unet.modules())
