@@ -24,7 +24,7 @@ from graph.document import parse_api
 from nodes.folders import FolderPaths, get_paths, set_paths
 from nodes.registry import builtin_registry
 
-DEFAULT_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+DEFAULT_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
 
 
 @dataclass
@@ -62,9 +62,12 @@ class Pipeline:
     def sample(self, prompt: str, *, negative_prompt: str = "", num_steps: int = 50, guidance_scale: float = 7.5,
                seed: int | None = None, sampler: str = "euler", scheduler: str = "normal",
                width: int | None = None, height: int | None = None, batch_size: int = 1,
+               controlnet: str | Path | None = None, control_image: Any = None, control_strength: float = 1.0,
                return_workflow: bool = False) -> list[Any] | Result:
-        """txt2img: `batch_size` images for a prompt."""
+        """txt2img: `batch_size` images for a prompt; with `controlnet` (a ControlNet file) and
+        `control_image` (its hint: an edge map, depth map... as a PIL image), guided by the hint."""
         graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0)
+        self._control(graph, controlnet, control_image, control_strength)
         graph["5"] = _node("EmptyLatentImage", width=width or self.default_size,
                            height=height or self.default_size, batch_size=batch_size)
         return self._run(graph, return_workflow)
@@ -95,6 +98,24 @@ class Pipeline:
         return result if return_workflow else result[0]
 
     # --- graph building ---------------------------------------------------------------------------------
+
+    def _control(self, graph: dict[str, Any], controlnet: str | Path | None, image: Any, strength: float) -> None:
+        """Put Load ControlNet Model and Apply ControlNet between the prompts and the sampler."""
+        if controlnet is None and image is None:
+            return
+        if controlnet is None or image is None:
+            raise ValueError("a ControlNet needs both `controlnet` (its file) and `control_image` (the hint)")
+        path = Path(controlnet).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"ControlNet {controlnet} not found")
+        folders = self.paths.extra_model_paths.setdefault("controlnet", [])
+        if path.parent not in folders:
+            folders.insert(0, path.parent)
+        graph["11"] = _node("ControlNetLoader", control_net_name=path.name)
+        graph["12"] = _node("LoadImage", image=self._store_input(image))
+        graph["13"] = _node("ControlNetApplyAdvanced", positive=["6", 0], negative=["7", 0], control_net=["11", 0],
+                            image=["12", 0], strength=strength, start_percent=0.0, end_percent=1.0)
+        graph["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
 
     def _base(self, prompt: str, negative: str, steps: int, cfg: float, seed: int | None, sampler: str,
               scheduler: str, denoise: float) -> dict[str, Any]:
@@ -139,9 +160,11 @@ def _node(class_type: str, **inputs: Any) -> dict[str, Any]:
 
 def _default_size(checkpoint: Path) -> int:
     """The resolution the model was trained at: file metadata if it says, else by family."""
-    from ldm.checkpoint import detect_family, load_state_dict, read_metadata
+    from ldm.checkpoint import detect_family, load_state_dict, peek_family, read_metadata
 
     metadata = read_metadata(checkpoint)
     if "loom.resolution" in metadata:
         return int(metadata["loom.resolution"])
-    return DEFAULT_SIZES.get(detect_family(load_state_dict(checkpoint), metadata).name, 512)
+    # A .safetensors header says the family without reading gigabytes; a .ckpt must be loaded.
+    family = peek_family(checkpoint) or detect_family(load_state_dict(checkpoint), metadata)
+    return DEFAULT_SIZES.get(family.name, 512)

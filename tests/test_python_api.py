@@ -97,3 +97,20 @@ def test_img2img_matches_diffusers_img2img_pipeline(pipe):
                                                steps=8, strength=0.5, cfg=7.5)[0] for seed in (13, 14))
     assert (ours - same_seed).abs().mean() < 1 / 255
     assert (ours - other_seed).abs().mean() > 2 / 255  # the noise matters: the agreement is not trivial
+
+
+def test_sample_with_a_controlnet_and_its_hint(pipe, tmp_path):
+    from PIL import ImageDraw
+
+    from ldm.presets import make_controlnet
+
+    controlnet = make_controlnet("tiny-sd1", tmp_path / "tiny_canny.safetensors", seed=5)
+    edges = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(edges).rectangle((8, 8, 40, 40), outline="white", width=2)
+    options = {"num_steps": 2, "seed": 1, "width": 64, "height": 64}
+    plain = pipe.generate("a square", **options)
+    result = pipe.sample("a square", controlnet=controlnet, control_image=edges, return_workflow=True, **options)
+    assert result.workflow["13"]["class_type"] == "ControlNetApplyAdvanced"
+    assert result.images[0].tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="needs both"):
+        pipe.sample("a square", controlnet=controlnet, **options)
