@@ -102,7 +102,8 @@ def plugin_folders(args: argparse.Namespace, paths: Any) -> list[Path] | None:
     for folder in args.custom_nodes_dir:
         if not folder.is_dir():
             _usage_error(f"--custom-nodes-dir {folder}: not a folder")
-    return [paths.base / "custom_nodes", *args.custom_nodes_dir, *paths.extra_model_paths.get("custom_nodes", [])]
+    return [paths.base / "custom_nodes", *args.custom_nodes_dir, *paths.first_model_paths.get("custom_nodes", []),
+            *paths.extra_model_paths.get("custom_nodes", [])]
 
 
 def _parse_set(assignments: list[str]) -> list[tuple[str, str, Any]]:

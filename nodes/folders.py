@@ -28,6 +28,8 @@ class FolderPaths:
     base: Path = field(default_factory=Path.cwd)
     models_dirs: list[Path] = field(default_factory=list)
     extra_model_paths: dict[str, list[Path]] = field(default_factory=dict)
+    # Extra folders searched before the project's own (an extra_model_paths.yaml section with is_default).
+    first_model_paths: dict[str, list[Path]] = field(default_factory=dict)
     output_dir: Path | None = None
     input_dir: Path | None = None
     temp_dir: Path | None = None
@@ -50,11 +52,12 @@ class FolderPaths:
         return self.temp_dir or self.base / "temp"
 
     def model_dirs(self, kind: str) -> list[Path]:
-        """User folders first, then extra paths, then the models bundled with the project."""
+        """Extra folders marked as the default first, then user folders, then other extra paths, then the
+        models bundled with the project."""
         roots = [*self.models_dirs, self.base / "models"]
         extra = self.extra_model_paths.get(kind, [])
         bundled = [self.bundled_models / kind] if self.bundled_models else []
-        return [root / kind for root in roots] + extra + bundled
+        return self.first_model_paths.get(kind, []) + [root / kind for root in roots] + extra + bundled
 
     def seed_input_examples(self) -> None:
         """Create input/ with the example images the bundled workflows use, if it does not exist."""
@@ -134,7 +137,8 @@ class FolderPaths:
         for section, entries in data.items():
             entries = dict(entries or {})
             base = entries.pop("base_path", None)
-            entries.pop("is_default", None)
+            # ComfyUI searches an is_default section's folders before its own models/ folder.
+            target = self.first_model_paths if entries.pop("is_default", False) else self.extra_model_paths
             root = config_file.parent
             if base is not None:
                 root = root / Path(os.path.expandvars(str(base))).expanduser()
@@ -142,7 +146,7 @@ class FolderPaths:
                 if not isinstance(value, str):
                     raise ValueError(f"{section}.{kind} must be a folder or folders on separate lines, not {value!r}")
                 folders = [line.strip() for line in value.splitlines() if line.strip()]
-                self.extra_model_paths.setdefault(kind, []).extend(root / Path(f).expanduser() for f in folders)
+                target.setdefault(kind, []).extend(root / Path(f).expanduser() for f in folders)
 
 
 def _mtime(folder: str) -> int | None:

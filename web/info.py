@@ -35,7 +35,7 @@ async def object_info_one(request: web.Request) -> web.Response:
 
 
 def _model_kinds(state: ServerState) -> list[str]:
-    return sorted({*MODEL_KINDS, *state.paths.extra_model_paths})
+    return sorted({*MODEL_KINDS, *state.paths.extra_model_paths, *state.paths.first_model_paths})
 
 
 @routes.get("/models")

@@ -73,13 +73,19 @@ a111:
     controlnet: models/ControlNet
     upscale_models: models/ESRGAN
 comfyui:
+    base_path: shared/
     is_default: true
+    checkpoints: models/checkpoints/
 """)
+    (tmp_path / "shared/models/checkpoints").mkdir(parents=True)
     paths = paths_in(tmp_path)
     paths.load_extra_paths(config)
     assert paths.list_models("checkpoints") == ["dreamshaper.safetensors"]
     assert paths.list_models("loras") == ["ink.safetensors"]
     assert paths.list_models("controlnet") == ["canny.safetensors"]
+    # The is_default section's folder comes before the project's own models/checkpoints.
+    assert paths.model_dirs("checkpoints")[:2] == [tmp_path / "shared/models/checkpoints",
+                                                   tmp_path / "models/checkpoints"]
     config.write_text("a111: [not, a, mapping]\n")
     with pytest.raises(ValueError, match="expected ComfyUI's layout"):
         paths_in(tmp_path).load_extra_paths(config)
