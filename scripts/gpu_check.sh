@@ -79,10 +79,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to the t
     timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$out/$name.txt" || status=$?
 }
 # The CUDA-only tests first (`-m cuda`, seconds): CUDA-graph replays against plain launches, in ldm and the
-# engine, and the preview copy; the other tests of those files run on the CPU in CI.
+# engine, channels-last against NCHW, a ControlNet run, and the preview copy; the other tests of those files
+# run on the CPU in CI.
 if [ "${TESTS_S:-60}" -gt 0 ]; then
     part tests "${TESTS_S:-60}" "$py" -m pytest -q -rs -m cuda tests/ldm/test_cuda_graphs.py \
-        tests/nodes/test_device_options.py tests/web/test_previews.py
+        tests/nodes/test_device_options.py tests/nodes/test_controlnet_nodes.py tests/web/test_previews.py
 fi
 if [ "${GPU_S:-330}" -gt 0 ]; then
     part gpu "${GPU_S:-330}" "$py" -m benchmarks.gpu "$@"

@@ -142,6 +142,18 @@ def test_the_resized_hints_are_let_go_after_the_run(base):
     assert control is negative[0][1]["control"] and control._hints == {}
 
 
+@pytest.mark.cuda
+def test_on_cuda_a_controlnet_run_launches_an_nchw_unet_and_matches_the_cpu(base):
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=False))
+    result = engine.run(parse_api(workflow({"strength": 1.0})), keep=["8"])
+    assert result.ok, result.error
+    [unet] = [m for m in engine.services.devices.resident() if type(m).__name__ == "UNetModel"]
+    assert unet.input_blocks[0][0].weight.is_cuda and unet.input_blocks[0][0].weight.is_contiguous()
+    gpu, cpu = result.values["8"][0], image(base, workflow({"strength": 1.0}))
+    mse = float(((gpu.float().cpu() - cpu) ** 2).mean())
+    assert mse < 1e-2, mse  # bf16 on the GPU, fp32 here: close, not equal
+
+
 def test_the_cli_runs_a_controlnet_workflow(base, tmp_path):
     graph = workflow({"strength": 1.0})
     graph["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "cn"}}
