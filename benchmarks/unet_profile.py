@@ -104,10 +104,21 @@ def by_kind(times: dict[str, float]) -> dict[str, float]:
 
 
 @contextmanager
-def fused_self_qkv(unet: torch.nn.Module) -> Iterator[None]:
+def _forwards(patches: dict[torch.nn.Module, Callable[..., torch.Tensor]]) -> Iterator[None]:
+    """Each module's forward replaced for the block, then its class's again."""
+    for module, forward in patches.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in patches:
+            del module.forward
+
+
+def fused_self_qkv(unet: torch.nn.Module) -> Any:
     """Self-attention's q, k and v as one matmul over the concatenated weights (diffusers'
     `fuse_qkv_projections`), to see whether three projections in one GEMM pay at this size."""
-    patched = []
+    patches = {}
     for module in unet.modules():
         if isinstance(module, CrossAttention) and module.to_k.in_features == module.to_q.in_features:
             weight = torch.cat([module.to_q.weight, module.to_k.weight, module.to_v.weight])
@@ -121,13 +132,8 @@ def fused_self_qkv(unet: torch.nn.Module) -> Iterator[None]:
                 out = F.scaled_dot_product_attention(q, k, v)
                 return m.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
-            module.forward = forward
-            patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+            patches[module] = forward
+    return _forwards(patches)
 
 
 @contextmanager
@@ -165,15 +171,14 @@ def _fused_kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.T
     return gated_gelu, group_norm_silu
 
 
-@contextmanager
-def fused_elementwise(unet: torch.nn.Module) -> Iterator[None]:
+def fused_elementwise(unet: torch.nn.Module) -> Any:
     """GEGLU and every GroupNorm-then-SiLU pair through `_fused_kernels`: what the default path could gain
     from fusing them without compiling the whole UNet (the open part of issue 10: SDXL against diffusers)."""
     gated_gelu, group_norm_silu = _fused_kernels()
-    patched = []
+    patches: dict[torch.nn.Module, Callable[..., torch.Tensor]] = {}
     for module in unet.modules():
         if isinstance(module, GEGLU):
-            module.forward = lambda x, m=module: gated_gelu(m.proj(x))
+            patches[module] = lambda x, m=module: gated_gelu(m.proj(x))
         elif (isinstance(module, torch.nn.Sequential) and len(module) >= 2
               and isinstance(module[0], torch.nn.GroupNorm) and isinstance(module[1], torch.nn.SiLU)):
             def forward(x: torch.Tensor, m: torch.nn.Sequential = module) -> torch.Tensor:
@@ -183,15 +188,8 @@ def fused_elementwise(unet: torch.nn.Module) -> Iterator[None]:
                     h = layer(h)
                 return h
 
-            module.forward = forward
-        else:
-            continue
-        patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+            patches[module] = forward
+    return _forwards(patches)
 
 
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any]] = {

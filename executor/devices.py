@@ -249,7 +249,7 @@ class DeviceManager:
             stats["peak_allocated"] = torch.cuda.max_memory_allocated(self._device)
         return stats
 
-    def _make_room(self, size: int, keep: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def _make_room(self, size: int, keep: frozenset[int] | set[int] = frozenset()) -> None:
         budget = self.vram_budget
         if budget is None:
             return

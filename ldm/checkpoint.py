@@ -403,9 +403,14 @@ def _diffusers_vae_key_to_ldm(key: str, up_levels: int) -> str:
 
 # --- saving ----------------------------------------------------------------------------------------------
 
-def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with the permissions of any new file: it makes its files owner-only (0600),
-    which a model shared with other users, or served from another account, cannot be read by."""
+def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str],
+                      dtype: torch.dtype | None = None) -> None:
+    """safetensors' save_file of `tensors` (floating-point ones cast to `dtype` if given; the folder made if
+    need be), with the permissions of any new file: safetensors makes its files owner-only (0600), which a
+    model shared with other users, or served from another account, cannot be read by."""
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in tensors.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, path, metadata=metadata)
     umask = _umask()
     if umask is not None:
@@ -437,11 +442,8 @@ def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_
     tensors.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     if text_encoder is not None:
         tensors.update(text_encoder.ldm_state_dict())
-    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in tensors.items()}
     unet_fields = {f.name: getattr(unet.config, f.name) for f in fields(unet.config)}
     metadata = {"loom.unet_config": json.dumps(unet_fields), "loom.scaling_factor": str(vae.scaling_factor),
                 **metadata}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, path, metadata)
+    write_safetensors(tensors, path, metadata, dtype)
     return path

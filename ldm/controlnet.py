@@ -37,7 +37,7 @@ from ldm.checkpoint import (
     read_metadata,
     write_safetensors,
 )
-from ldm.lora import _RESNET, diffusers_unet_blocks
+from ldm.lora import _RESNET, diffusers_unet_blocks, rename_path
 from ldm.unet import UNetConfig, build_encoder, embed
 
 LDM_PREFIX = "control_model."
@@ -116,18 +116,9 @@ def _from_diffusers(sd: StateDict) -> StateDict:
     resnet = {theirs: ours for ours, theirs in _RESNET.items()}
     out = {}
     for key, value in sd.items():
-        head, _, leaf = key.rpartition(".")  # leaf: weight / bias
-        parts = head.split(".")
-        for cut in range(len(parts), 0, -1):
-            block = ".".join(parts[:cut])
-            if block in blocks:
-                rest = ".".join(parts[cut:])
-                if rest and ".resnets." in block:
-                    rest = resnet.get(rest, rest)
-                out[".".join(p for p in (blocks[block], rest, leaf) if p)] = value
-                break
-        else:
-            out[key] = value  # reported as unused
+        module, _, leaf = key.rpartition(".")  # leaf: weight / bias
+        ours = rename_path(module, blocks, resnet)
+        out[key if ours is None else f"{ours}.{leaf}"] = value  # a key with no LDM name is reported as unused
     return out
 
 
@@ -202,10 +193,7 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
 def save_controlnet(path: str | Path, model: ControlNet, dtype: torch.dtype | None = None) -> Path:
     """Write `model` as an LDM-layout .safetensors ControlNet (what `load_controlnet` reads back)."""
     path = Path(path)
-    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, path, {"loom.unet_config": json.dumps(asdict(model.config))})
+    write_safetensors(model.state_dict(), path, {"loom.unet_config": json.dumps(asdict(model.config))}, dtype)
     return path
 
 

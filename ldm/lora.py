@@ -115,17 +115,24 @@ def diffusers_unet_blocks(config: UNetConfig) -> dict[str, str]:
     return blocks
 
 
-def diffusers_unet_name(ldm_name: str, blocks: dict[str, str]) -> str | None:
-    """The diffusers name of one of our UNet module paths (None if it has none)."""
-    parts = ldm_name.split(".")
+def rename_path(path: str, blocks: dict[str, str], resnet: dict[str, str] = _RESNET) -> str | None:
+    """`path` with its longest prefix found in `blocks` replaced by that prefix's entry (None if no prefix
+    is there). Inside a diffusers ResNet block (`.resnets.` on either side), the rest is renamed by `resnet`:
+    `_RESNET` from LDM names, its inverse towards them."""
+    parts = path.split(".")
     for cut in range(len(parts), 0, -1):
         head, rest = ".".join(parts[:cut]), ".".join(parts[cut:])
         if head in blocks:
             target = blocks[head]
-            if rest and ".resnets." in target:
-                rest = _RESNET.get(rest, rest)
+            if rest and (".resnets." in target or ".resnets." in head):
+                rest = resnet.get(rest, rest)
             return f"{target}.{rest}" if rest else target
     return None
+
+
+def diffusers_unet_name(ldm_name: str, blocks: dict[str, str]) -> str | None:
+    """The diffusers name of one of our UNet module paths (None if it has none)."""
+    return rename_path(ldm_name, blocks)
 
 
 def _index(module: nn.Module) -> dict[str, str]:

@@ -90,11 +90,9 @@ def calibrate_latent_scale(vae: AutoencoderKL, pixels: list[Tensor],
 
 def save_vae(vae: AutoencoderKL, path: str | Path, metadata: dict[str, str], dtype: torch.dtype | None = None) -> Path:
     """A standalone VAE file with LDM keys under `first_stage_model.` (read by `ldm.checkpoint.load_vae`)."""
-    tensors = {VAE_PREFIX + k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
-               for k, v in vae.state_dict().items()}
+    tensors = {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, path, {"loom.scaling_factor": str(vae.scaling_factor), **metadata})
+    write_safetensors(tensors, path, {"loom.scaling_factor": str(vae.scaling_factor), **metadata}, dtype)
     return path
 
 

@@ -140,8 +140,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         if device.type == "cuda" and not options.compile:
             from ldm.layout import use_channels_last, use_nchw
 
-            controlled = any(opts.get("control") is not None for cond in (positive, negative) for _, opts in cond)
-            if options.channels_last and options.cuda_graphs and not controlled:
+            if options.channels_last and options.cuda_graphs and not controls:
                 use_channels_last(module)  # before the graphs: they capture the weights' storage
             else:
                 use_nchw(module)  # back from an earlier run's channels-last, if there was one
