@@ -43,7 +43,8 @@ def test_inductor_compiled_sampling_matches_eager_and_reuses_its_graph():
     expected = run(unet)
     compiled = compiled_unet(unet)
     before = graphs()
-    torch.testing.assert_close(run(compiled), expected, rtol=1e-4, atol=1e-4)
+    # Fused kernels sum in another order; cfg 7.5 over three steps scales that rounding up.
+    torch.testing.assert_close(run(compiled), expected, rtol=1e-3, atol=5e-4)
     first = graphs() - before
     assert first >= 1
     run(compiled, seed=5)  # another run of the same shape: no new graph
