@@ -275,18 +275,3 @@ class Control:
             self._hints[key] = hint.repeat(repeats, 1, 1, 1).to(self.model.dtype)
         return self._hints[key]
 
-
-def sigma_at_percent(percent: float, sigmas_by_t: Tensor) -> float:
-    """The noise level `percent` of the way through sampling (0: the start, pure noise; 1: the end),
-    from the model's discrete sigmas (ComfyUI's percent_to_sigma): t = (1 - percent) * 999."""
-    if percent <= 0.0:
-        return math.inf
-    if percent >= 1.0:
-        return 0.0
-    t = (1.0 - percent) * (len(sigmas_by_t) - 1)
-    low = int(math.floor(t))
-    high = min(low + 1, len(sigmas_by_t) - 1)
-    frac = t - low
-    log_sigma = (1 - frac) * sigmas_by_t[low].log() + frac * sigmas_by_t[high].log()
-    return float(log_sigma.exp())
-

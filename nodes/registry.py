@@ -19,8 +19,10 @@ BUILTIN_MODULES = (
     "nodes.sd.controlnet",
     "nodes.sd.latent",
     "nodes.sd.sampling",
+    "nodes.sd.custom_sampling",
     "nodes.sd.vae",
     "nodes.sd.image",
+    "nodes.sd.mask",
     "nodes.sd.preprocessors",
 )
 

@@ -5,10 +5,13 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
   ConditioningSetArea stores it; or `("percentage", h, w, y, x)` as fractions of the latent size.
 - `strength`: weight of this entry where entries overlap (default 1.0).
 - `mask`: [1 or B, H, W] weights, any resolution (resized bilinearly to the latent), with
-  `mask_strength` (default 1.0); cropped to `area` when both are given.
+  `mask_strength` (default 1.0); cropped to `area` when both are given. With `set_area_to_bounds`,
+  the area is the mask's bounding box (at least 8 latent pixels a side), so the model runs on that crop.
 - `y`: the precomputed class/size embedding [1 or B, adm] for models that take one (SDXL). The
   caller builds it from `pooled_output` and the size options; this module never looks at those.
 - `control`: a ControlNet chain (`ldm.controlnet.Control`) applied to this entry's model calls.
+- `start_percent`, `end_percent`: the part of the run (0 = pure noise, 1 = the end) in which the entry
+  acts, as ComfyUI's ConditioningSetTimestepRange stores it; outside it the entry is left out.
 
 Each entry predicts x0 over its area; entries of one side (positive or negative) are blended by
 their weights, with an 8-pixel linear feather on area edges that are inside the image and have
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
+from ldm.sampling.schedules import sigma_at_percent
 
 CondList = list[tuple[Tensor, dict]]
 
@@ -66,9 +70,30 @@ def _feather(length: int, start_inside: bool, end_inside: bool, rr: int) -> Tens
     return ramp
 
 
+def _resized_mask(mask: Tensor, x: Tensor) -> Tensor:
+    mask = mask.to(x.device, x.dtype).reshape(-1, 1, *mask.shape[-2:])
+    if mask.shape[-2:] != x.shape[-2:]:
+        mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return mask
+
+
+def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
+    """The (h, w, y, x) box around a resized mask's nonzero pixels (over the batch), 8 or more a side."""
+    rows, cols = torch.nonzero(mask.abs().amax(dim=(0, 1)) > 0, as_tuple=True)
+    if not len(rows):
+        return 8, 8, 0, 0  # an empty mask weighs nothing anywhere: the smallest area does
+    top, left = int(rows.min()), int(cols.min())
+    return max(8, int(rows.max()) + 1 - top), max(8, int(cols.max()) + 1 - left), top, left
+
+
 def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -> _Job | None:
     batch, _, height, width = x.shape
     area = options.get("area")
+    mask = options.get("mask")
+    if mask is not None:
+        mask = _resized_mask(mask, x)
+        if options.get("set_area_to_bounds"):
+            area = _mask_bounds(mask)
     if area is None:
         h, w, top, left = height, width, 0, 0
     elif area[0] == "percentage":
@@ -80,14 +105,10 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
     if rows.start >= rows.stop or cols.start >= cols.stop:
         return None  # an area wholly outside this latent (a prompt set for a larger image) adds nothing here
     strength = float(options.get("strength", 1.0))
-    mask = options.get("mask")
     y = options.get("y")
     y = None if y is None else _to_batch(y.to(x.device, x.dtype), batch)
     context = _to_batch(embedding.to(x.device, x.dtype), batch)
     if mask is not None:
-        mask = mask.to(x.device, x.dtype).reshape(-1, 1, *mask.shape[-2:])
-        if mask.shape[-2:] != (height, width):
-            mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
         weight = _to_batch(mask, batch)[:, :, rows, cols] * (
             strength * float(options.get("mask_strength", 1.0))
         )
@@ -156,11 +177,17 @@ class CFGGuider:
         self.sides = [positive, negative] if not math.isclose(cfg, 1.0) and negative else [positive]
         self.feather = feather
         self._plans: dict[tuple, _Plan] = {}
+        # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
+        sigmas_by_t = denoiser.schedule.sigmas
+        self.ranges = [[None if "start_percent" not in opts and "end_percent" not in opts else
+                        (sigma_at_percent(opts.get("start_percent", 0.0), sigmas_by_t),
+                         sigma_at_percent(opts.get("end_percent", 1.0), sigmas_by_t)) for _, opts in side]
+                       for side in self.sides]
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        plan = self._plan(x)
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
+        plan = self._plan(x, self._active(sigma, level))
         if level is not None and plan.plain_cfg:
             return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg)
         preds: list[Tensor | None] = [None] * len(self.sides)
@@ -186,13 +213,21 @@ class CFGGuider:
             return preds[0]
         return torch.lerp(preds[1], preds[0], self.cfg)  # uncond + cfg * (cond - uncond)
 
-    def _plan(self, x: Tensor) -> _Plan:
-        key = (tuple(x.shape), x.device, x.dtype)
+    def _active(self, sigma: Tensor, level: float | None) -> tuple | None:
+        """Which entries act at this noise level (None: all of them, none having a range)."""
+        if all(r is None for side in self.ranges for r in side):
+            return None
+        current = level if level is not None else float(sigma.max())
+        return tuple(tuple(r is None or r[1] <= current <= r[0] for r in side) for side in self.ranges)
+
+    def _plan(self, x: Tensor, active: tuple | None = None) -> _Plan:
+        key = (tuple(x.shape), x.device, x.dtype, active)
         if key not in self._plans:
             jobs = [
                 job
                 for side, conds in enumerate(self.sides)
-                for emb, opts in conds
+                for i, (emb, opts) in enumerate(conds)
+                if active is None or active[side][i]
                 if (job := _job(side, emb, opts, x, self.feather)) is not None
             ]
             batches = []

@@ -118,13 +118,14 @@ def sample(
     latent: Tensor,
     *,
     seed: int,
-    steps: int,
+    steps: int = 20,
     cfg: float,
     sampler_name: str,
-    scheduler: str,
+    scheduler: str = "normal",
     positive: CondList,
     negative: CondList,
     denoise: float = 1.0,
+    sigmas: Tensor | None = None,
     start_step: int | None = None,
     end_step: int | None = None,
     add_noise: bool = True,
@@ -138,6 +139,8 @@ def sample(
 ) -> Tensor:
     """Sample a latent (in model space, i.e. already times the VAE scaling factor).
 
+    `sigmas` (high to low, usually ending in 0) replaces the schedule that `scheduler`, `steps` and
+    `denoise` would make: the custom sampling nodes build it themselves.
     `start_step`/`end_step` cut the schedule for two-stage runs; unless `return_leftover_noise`,
     a run cut short by `end_step` still ends at sigma 0. `noise_mask` (1 = repaint, 0 = keep)
     holds the unmasked latents at the original, re-noised to each step's level, and restores them
@@ -153,7 +156,12 @@ def sample(
         denoiser = Denoiser(unet, schedule_or_denoiser, prediction)
     schedule = denoiser.schedule
 
-    sigmas = compute_sigmas(schedule, scheduler, steps, denoise)
+    if sigmas is None:
+        sigmas = compute_sigmas(schedule, scheduler, steps, denoise)
+    else:
+        sigmas = sigmas.detach().to("cpu", torch.float32).flatten().clone()  # cut below: never the caller's
+        if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+            raise ValueError(f"sigmas must be finite and not negative, got {[round(s, 4) for s in sigmas.tolist()]}")
     if end_step is not None and end_step < len(sigmas) - 1:
         sigmas = sigmas[: end_step + 1]
         if not return_leftover_noise:
@@ -162,7 +170,7 @@ def sample(
         if start_step >= len(sigmas) - 1:
             return latent
         sigmas = sigmas[start_step:]
-    if len(sigmas) < 2:
+    if len(sigmas) < 2 or float(sigmas.max()) == 0:
         return latent
 
     sigmas = sigmas.to(latent.device)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from nodes.node import Node
 from nodes.sd.models import Clip, on_device
-from nodes.spec import Float, Int, Output, Socket, String
+from nodes.spec import Combo, Float, Int, Output, Socket, String
+
+log = logging.getLogger(__name__)
 
 MAX_RESOLUTION = 16384
 
@@ -123,6 +127,125 @@ class ConditioningSetArea(Node):
                  for emb, opts in conditioning],)
 
 
+class ConditioningSetAreaPercentage(Node):
+    """Limits a prompt to a rectangle given as fractions of the image, so it fits any size."""
+
+    display_name = "Conditioning (Set Area with Percentage)"
+    category = "conditioning"
+    conditioning = Socket("CONDITIONING")
+    width = Float(1.0, min=0.0, max=1.0, step=0.01)
+    height = Float(1.0, min=0.0, max=1.0, step=0.01)
+    x = Float(0.0, min=0.0, max=1.0, step=0.01)
+    y = Float(0.0, min=0.0, max=1.0, step=0.01)
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, width: float, height: float, x: float, y: float,
+                strength: float) -> tuple[list]:
+        area = ("percentage", height, width, y, x)
+        return ([(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
+                 for emb, opts in conditioning],)
+
+
+class ConditioningSetAreaStrength(Node):
+    """Sets how much a prompt weighs where it overlaps others."""
+
+    category = "conditioning"
+    conditioning = Socket("CONDITIONING")
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, strength: float) -> tuple[list]:
+        return ([(emb, {**opts, "strength": strength}) for emb, opts in conditioning],)
+
+
+class ConditioningSetMask(Node):
+    """Weights a prompt by a mask; "mask bounds" also runs the model only on the mask's bounding box."""
+
+    display_name = "Conditioning (Set Mask)"
+    category = "conditioning"
+    conditioning = Socket("CONDITIONING")
+    mask = Socket("MASK")
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    set_cond_area = Combo(["default", "mask bounds"])
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, mask: torch.Tensor, strength: float, set_cond_area: str) -> tuple[list]:
+        mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+        return ([(emb, {**opts, "mask": mask, "mask_strength": strength,
+                        "set_area_to_bounds": set_cond_area != "default"}) for emb, opts in conditioning],)
+
+
+class ConditioningSetTimestepRange(Node):
+    """Lets a prompt act only from `start` to `end` of the run (0 is the first step, 1 the last)."""
+
+    category = "advanced/conditioning"
+    conditioning = Socket("CONDITIONING")
+    start = Float(0.0, min=0.0, max=1.0, step=0.001)
+    end = Float(1.0, min=0.0, max=1.0, step=0.001)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, start: float, end: float) -> tuple[list]:
+        return ([(emb, {**opts, "start_percent": start, "end_percent": end}) for emb, opts in conditioning],)
+
+
+def _first(conditioning: list, node: str) -> tuple[torch.Tensor, dict]:
+    if not conditioning:
+        raise ValueError(f"{node}: conditioning_from is empty")
+    if len(conditioning) > 1:
+        log.warning("%s: conditioning_from has %d entries; only the first is used", node, len(conditioning))
+    return conditioning[0]
+
+
+class ConditioningConcat(Node):
+    """Appends conditioning_from's tokens to each of conditioning_to's prompts (one longer context)."""
+
+    display_name = "Conditioning (Concat)"
+    category = "conditioning"
+    conditioning_to = Socket("CONDITIONING")
+    conditioning_from = Socket("CONDITIONING")
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning_to: list, conditioning_from: list) -> tuple[list]:
+        extra, _ = _first(conditioning_from, "ConditioningConcat")
+        out = []
+        for emb, opts in conditioning_to:
+            if extra.shape[-1] != emb.shape[-1]:
+                raise ValueError(f"ConditioningConcat: the prompts are {emb.shape[-1]} and {extra.shape[-1]} wide; "
+                                 "encode both with the same CLIP")
+            out.append((torch.cat([emb, extra.to(emb.dtype).expand(emb.shape[0], -1, -1)], dim=1), opts))
+        return (out,)
+
+
+class ConditioningAverage(Node):
+    """Blends conditioning_to with conditioning_from's first prompt: strength 1 is all `to`, 0 all `from`
+    (the shorter embedding padded with zeros), the pooled outputs likewise."""
+
+    category = "conditioning"
+    conditioning_to = Socket("CONDITIONING")
+    conditioning_from = Socket("CONDITIONING")
+    conditioning_to_strength = Float(1.0, min=0.0, max=1.0, step=0.01)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning_to: list, conditioning_from: list, conditioning_to_strength: float) -> tuple[list]:
+        source, source_opts = _first(conditioning_from, "ConditioningAverage")
+        pooled_from = source_opts.get("pooled_output")
+        out = []
+        for emb, opts in conditioning_to:
+            if source.shape[-1] != emb.shape[-1]:
+                raise ValueError(f"ConditioningAverage: the prompts are {emb.shape[-1]} and {source.shape[-1]} "
+                                 "wide; encode both with the same CLIP")
+            other = source[:, :emb.shape[1]].to(emb.dtype)
+            if other.shape[1] < emb.shape[1]:
+                other = torch.nn.functional.pad(other, (0, 0, 0, emb.shape[1] - other.shape[1]))
+            opts = dict(opts)
+            pooled_to = opts.get("pooled_output", pooled_from)
+            if pooled_from is not None and pooled_to is not None:
+                opts["pooled_output"] = torch.lerp(pooled_from, pooled_to, conditioning_to_strength)
+            out.append((torch.lerp(other, emb, conditioning_to_strength), opts))
+        return (out,)
+
+
 class ConditioningZeroOut(Node):
     """The same conditioning with every embedding, and the pooled output, set to zero (SDXL workflows use it
     for an empty negative prompt, as ComfyUI's node of this name does)."""
@@ -143,4 +266,5 @@ class ConditioningZeroOut(Node):
 
 
 NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, ConditioningCombine,
-         ConditioningSetArea, ConditioningZeroOut]
+         ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaStrength, ConditioningSetMask,
+         ConditioningSetTimestepRange, ConditioningConcat, ConditioningAverage, ConditioningZeroOut]

@@ -82,7 +82,8 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     """Each conditioning with a Control on every entry; entries that had the same control before (or none)
     get the same new one, so a positive and a negative prompt still share one model call. `apply_to_uncond`
     marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node)."""
-    from ldm.controlnet import Control, sigma_at_percent
+    from ldm.controlnet import Control
+    from ldm.sampling.schedules import sigma_at_percent
 
     hint = _hint(image)
     sigma_range = (sigma_at_percent(start_percent, _sigmas()), sigma_at_percent(end_percent, _sigmas()))

@@ -281,4 +281,34 @@ class LoraLoader(Node):
         return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
 
 
-NODES = [CheckpointLoaderSimple, CheckpointLoaderWeightDtype, CheckpointLoader, VAELoader, LoraLoader]
+class LoraLoaderModelOnly(Node):
+    """Applies a LoRA to the UNet alone (its text-encoder weights, if any, are left unused)."""
+
+    category = "loaders"
+    model = Socket("MODEL")
+    lora_name = model_file("loras")
+    strength_model = Float(1.0, min=-100.0, max=100.0, step=0.01)
+    outputs = (Output("MODEL"),)
+
+    fingerprint = LoraLoader.fingerprint
+    check_links = LoraLoader.check_links
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model", {})}
+
+    def execute(self, model: DiffusionModel, lora_name: str, strength_model: float) -> tuple[DiffusionModel]:
+        from ldm.lora import apply_lora, check_lora_family, load_lora, match_lora
+
+        path = model_path("loras", lora_name)
+        lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
+        check_lora_family(lora, model.family.name)
+        if not match_lora(model.unet, lora):
+            log.warning("%s: no key patches this model's UNet (a text-encoder-only LoRA?)", lora_name)
+        with torch.no_grad():
+            unet = apply_lora(model.unet, lora, strength_model)
+        return (model.with_unet(unet, lora_name),)
+
+
+NODES = [CheckpointLoaderSimple, CheckpointLoaderWeightDtype, CheckpointLoader, VAELoader, LoraLoader,
+         LoraLoaderModelOnly]

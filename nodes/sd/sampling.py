@@ -107,10 +107,13 @@ def _control_uncond(positive: list, negative: list) -> list:
 
 
 def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list, negative: list, *,
-                seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float = 1.0,
+                seed: int, cfg: float, sampler_name: str, steps: int = 20, scheduler: str = "normal",
+                denoise: float = 1.0, sigmas: torch.Tensor | None = None, sampler_options: dict | None = None,
                 add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
-                return_leftover_noise: bool = False) -> dict:
-    """The shared body of both KSampler nodes; LATENT values stay unscaled, as in ComfyUI."""
+                return_leftover_noise: bool = False) -> tuple[dict, dict]:
+    """The shared body of the KSampler and custom sampling nodes: the sampled LATENT, and the LATENT of
+    the last step's denoised prediction (the same as the first if no step ran). LATENT values stay
+    unscaled, as in ComfyUI. `sigmas` replaces `steps`, `scheduler` and `denoise`."""
     _check_prompt_widths(model, positive, negative)
     device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]
@@ -119,7 +122,10 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     # updates of late steps. The UNet casts its input to its own dtype and its output back.
     x = samples.to(device, torch.float32) * scale
 
+    last: list[torch.Tensor] = []
+
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
+        last[:] = [denoised]
         node.ctx.progress(step + 1, total, preview=denoised)
 
     def interrupted() -> bool:
@@ -157,16 +163,18 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
             out = sample(
                 unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                 scheduler=scheduler, positive=_with_adm(positive, model, samples),
-                negative=_with_adm(negative, model, samples, negative=True), denoise=denoise,
+                negative=_with_adm(negative, model, samples, negative=True), denoise=denoise, sigmas=sigmas,
                 add_noise=add_noise, start_step=start_step, end_step=end_step,
                 return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
-                prediction=model.prediction,
+                prediction=model.prediction, sampler_options=sampler_options,
             )
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them
             control.release()
-    return {**latent, "samples": (out.float() / scale).cpu()}
+    result = {**latent, "samples": (out.float() / scale).cpu()}
+    denoised = {**latent, "samples": (last[0].float() / scale).cpu()} if last else result
+    return result, denoised
 
 
 class KSampler(Node):
@@ -188,7 +196,7 @@ class KSampler(Node):
     def execute(self, model: DiffusionModel, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                 positive: list, negative: list, latent_image: dict, denoise: float) -> tuple[dict]:
         return (run_sampler(self, model, latent_image, positive, negative, seed=seed, steps=steps, cfg=cfg,
-                            sampler_name=sampler_name, scheduler=scheduler, denoise=denoise),)
+                            sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)[0],)
 
 
 class KSamplerAdvanced(Node):
@@ -216,7 +224,7 @@ class KSamplerAdvanced(Node):
         return (run_sampler(self, model, latent_image, positive, negative, seed=noise_seed, steps=steps, cfg=cfg,
                             sampler_name=sampler_name, scheduler=scheduler, add_noise=add_noise == "enable",
                             start_step=start_at_step, end_step=end_at_step,
-                            return_leftover_noise=return_with_leftover_noise == "enable"),)
+                            return_leftover_noise=return_with_leftover_noise == "enable")[0],)
 
 
 NODES: list[Any] = [KSampler, KSamplerAdvanced]

@@ -19,10 +19,9 @@ from ldm.controlnet import (
     load_controlnet,
     prepare_hint,
     save_controlnet,
-    sigma_at_percent,
 )
 from ldm.presets import PRESETS, make_checkpoint, make_controlnet, randomize_
-from ldm.sampling.schedules import DiscreteSchedule
+from ldm.sampling.schedules import DiscreteSchedule, sigma_at_percent
 from ldm.unet import UNetModel, sdxl_adm
 from tests.ldm.diffusers_reference import diffusers_unet, rel_err
 

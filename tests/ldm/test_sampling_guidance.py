@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ldm.sampling import CFGGuider, Conditioning, Denoiser, DiscreteSchedule
+from ldm.sampling.schedules import sigma_at_percent
 
 SCHEDULE = DiscreteSchedule()
 
@@ -112,3 +113,37 @@ def test_y_is_passed_per_entry_and_batched():
     cond = direct(denoiser, x, sigma, ctx[0], y_pos.expand(2, -1))
     uncond = direct(denoiser, x, sigma, ctx[1], y_neg.expand(2, -1))
     assert torch.allclose(out, uncond + 3.0 * (cond - uncond), atol=1e-5)
+
+
+def test_an_entry_acts_only_within_its_timestep_range():
+    """ConditioningSetTimestepRange's options: the first prompt for the first half of the run (high sigmas),
+    the second for the second half; at each level the other is left out of the model call."""
+    unet, denoiser, x, _, ctx = setup()
+    positive = [(ctx[0], {"start_percent": 0.0, "end_percent": 0.5}), (ctx[1], {"start_percent": 0.5})]
+    guider = CFGGuider(denoiser, positive, [], cfg=1.0)
+    middle = sigma_at_percent(0.5, SCHEDULE.sigmas)
+    for level, expected in [(middle * 2, ctx[0]), (middle / 2, ctx[1])]:
+        unet.calls.clear()
+        sigma = torch.full((2,), level)
+        out = guider(x, sigma)
+        assert unet.calls == [(2, 77, None)]
+        assert torch.allclose(out, direct(denoiser, x, sigma, expected), atol=1e-6)
+    # At the boundary both act (ComfyUI's inclusive ends), blended with equal weights.
+    sigma = torch.full((2,), middle)
+    both = (direct(denoiser, x, sigma, ctx[0]) + direct(denoiser, x, sigma, ctx[1])) / 2
+    assert torch.allclose(guider(x, sigma), both, atol=1e-5)
+
+
+def test_mask_bounds_run_the_model_on_the_masks_box_only():
+    unet, denoiser, x, sigma, ctx = setup(16, 16)
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 2:6, 3:12] = 1.0  # 4 x 9: the box grows to 8 rows (the least), 9 columns
+    entry = (ctx[0], {"mask": mask, "set_area_to_bounds": True})
+    out = CFGGuider(denoiser, [entry, (ctx[1], {})], [], cfg=1.0)(x, sigma)
+    assert unet.calls == [(2, 77, None), (2, 77, None)]  # the box and the whole image: two sizes, two calls
+    box = direct(denoiser, x[:, :, 2:10, 3:12], sigma, ctx[0])
+    whole = direct(denoiser, x, sigma, ctx[1])
+    expected = whole.clone()
+    expected[:, :, 2:10, 3:12] = (box * mask[:, None, 2:10, 3:12] + whole[:, :, 2:10, 3:12]) / (
+        mask[:, None, 2:10, 3:12] + 1)
+    assert torch.allclose(out, expected, atol=1e-5)
