@@ -59,8 +59,9 @@ def _to_batch(t: Tensor, batch: int) -> Tensor:
     return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
 
 
-def _feather(length: int, start_inside: bool, end_inside: bool, rr: int) -> Tensor:
-    """Per-row (or column) weights ramping up over `rr` pixels from each edge inside the image."""
+def feather_ramp(length: int, start_inside: bool, end_inside: bool, rr: int) -> Tensor:
+    """Per-row (or column) weights ramping up over `rr` pixels from each edge inside the image (ComfyUI's area
+    feather, also LatentComposite's)."""
     ramp = torch.ones(length)
     for t in range(min(rr, length) if rr else 0):
         if start_inside:
@@ -116,8 +117,8 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
         weight = strength
     else:
         hh, ww = rows.stop - rows.start, cols.stop - cols.start
-        wy = _feather(hh, top != 0, top + h < height, feather)
-        wx = _feather(ww, left != 0, left + w < width, feather)
+        wy = feather_ramp(hh, top != 0, top + h < height, feather)
+        wx = feather_ramp(ww, left != 0, left + w < width, feather)
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
     return _Job(side, context, y, rows, cols, weight, options.get("control"))
 

@@ -1,4 +1,7 @@
-"""Image nodes: load, save, preview, scale, pad for outpainting. IMAGE is [B, H, W, C] floats in 0..1."""
+"""Image nodes: load, save, preview, scale, crop, batch, composite, blur, pad for outpainting.
+
+IMAGE is [B, H, W, C] floats in 0..1.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nodes.folders import get_paths
 from nodes.node import Node, NodeResult
-from nodes.sd.imageio import IMAGE_SUFFIXES, load_image_file, to_pil
-from nodes.sd.latent import center_crop, upscale_latent
-from nodes.spec import Combo, Float, Int, Output, Socket, String
+from nodes.sd.imageio import IMAGE_SUFFIXES, NotAnImageError, load_image_file, to_pil
+from nodes.sd.latent import MAX_RESOLUTION, center_crop, composite, upscale_latent
+from nodes.spec import Boolean, Combo, Float, Int, Output, Socket, String
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 CROP_METHODS = ["disabled", "center"]
@@ -249,5 +254,233 @@ class MaskToImage(Node):
         return (mask[..., None].expand(-1, -1, -1, 3).clone(),)
 
 
+MASK_CHANNELS = ["alpha", "red", "green", "blue"]
+
+
+def load_mask_file(path: Path, channel: str) -> torch.Tensor:
+    """One channel of an image file's first frame as a MASK [1, H, W]; `alpha` gives 1 - alpha."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    band = channel[0].upper()
+    try:
+        with Image.open(path) as source:
+            image = ImageOps.exif_transpose(source)
+            if image.getbands() != ("R", "G", "B", "A"):
+                if image.mode == "I":
+                    image = image.point(lambda v: v * (1 / 255))
+                image = image.convert("RGBA")
+            values = np.asarray(image.getchannel(band), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise NotAnImageError(f"{path.name} is not a readable image: {exc}") from None
+    mask = torch.from_numpy(values.copy())
+    return (1.0 - mask if band == "A" else mask)[None]
+
+
+class LoadImageMask(LoadImage):
+    """Loads one channel of an input-folder image as a mask (alpha is inverted: opaque is 0)."""
+
+    display_name = "Load Image (as Mask)"
+    category = "mask"
+    channel = Combo(MASK_CHANNELS)
+    outputs = (Output("MASK"),)
+
+    def execute(self, image: str, channel: str) -> tuple[torch.Tensor]:
+        path = resolve_input_image(image)
+        if path is None:
+            raise FileNotFoundError(f"input image {image!r} not found in {get_paths().input}")
+        return (load_mask_file(path, channel),)
+
+
+class ImageScaleBy(Node):
+    """Resizes images by a factor."""
+
+    display_name = "Upscale Image By"
+    category = "image/upscaling"
+    image = Socket("IMAGE")
+    upscale_method = Combo(UPSCALE_METHODS)
+    scale_by = Float(1.0, min=0.01, max=8.0, step=0.01)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
+        _, h, w, _ = image.shape
+        return (resize_image(image, max(1, round(w * scale_by)), max(1, round(h * scale_by)), upscale_method),)
+
+
+class ImageInvert(Node):
+    """1 - image."""
+
+    display_name = "Invert Image"
+    category = "image"
+    image = Socket("IMAGE")
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (1.0 - image,)
+
+
+def _match_channels(image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give the image without alpha an opaque alpha channel when the other has one."""
+    c1, c2 = image1.shape[-1], image2.shape[-1]
+    if c1 > c2:
+        image2 = F.pad(image2, (0, c1 - c2), value=1.0)
+    elif c2 > c1:
+        image1 = F.pad(image1, (0, c2 - c1), value=1.0)
+    return image1, image2
+
+
+class ImageBatch(Node):
+    """Joins two image batches; image2 is resized (bilinear, centre crop) to image1's size if they differ."""
+
+    display_name = "Batch Images"
+    category = "image"
+    image1 = Socket("IMAGE")
+    image2 = Socket("IMAGE")
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor]:
+        image1, image2 = _match_channels(image1, image2.to(image1))
+        if image1.shape[1:] != image2.shape[1:]:
+            image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
+        return (torch.cat((image1, image2), dim=0),)
+
+
+class EmptyImage(Node):
+    """A batch of images of one colour (an INT 0xRRGGBB)."""
+
+    category = "image"
+    width = Int(512, min=1, max=MAX_RESOLUTION, step=1)
+    height = Int(512, min=1, max=MAX_RESOLUTION, step=1)
+    batch_size = Int(1, min=1, max=4096)
+    color = Int(0, min=0, max=0xFFFFFF, step=1, extra={"display": "color"})
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, width: int, height: int, batch_size: int, color: int) -> tuple[torch.Tensor]:
+        rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 0xFF
+        return (rgb.expand(batch_size, height, width, 3).clone(),)
+
+
+class ImageCrop(Node):
+    """Crops images to width x height from (x, y); a start past the edge is moved onto the last pixel."""
+
+    display_name = "Image Crop"
+    category = "image/transform"
+    image = Socket("IMAGE")
+    width = Int(512, min=1, max=MAX_RESOLUTION, step=1)
+    height = Int(512, min=1, max=MAX_RESOLUTION, step=1)
+    x = Int(0, min=0, max=MAX_RESOLUTION, step=1)
+    y = Int(0, min=0, max=MAX_RESOLUTION, step=1)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor, width: int, height: int, x: int, y: int) -> tuple[torch.Tensor]:
+        x, y = min(x, image.shape[2] - 1), min(y, image.shape[1] - 1)
+        return (image[:, y:y + height, x:x + width, :],)
+
+
+class RepeatImageBatch(Node):
+    """Repeats an image batch `amount` times."""
+
+    category = "image/batch"
+    image = Socket("IMAGE")
+    amount = Int(1, min=1, max=4096)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor, amount: int) -> tuple[torch.Tensor]:
+        return (image.repeat(amount, 1, 1, 1),)
+
+
+class ImageFromBatch(Node):
+    """Takes `length` images from `batch_index` on (an index past the end takes the last image)."""
+
+    category = "image/batch"
+    image = Socket("IMAGE")
+    batch_index = Int(0, min=0, max=4095)
+    length = Int(1, min=1, max=4096)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor, batch_index: int, length: int) -> tuple[torch.Tensor]:
+        start = min(image.shape[0] - 1, batch_index)
+        length = min(image.shape[0] - start, length)
+        return (image[start:start + length].clone(),)
+
+
+class ImageCompositeMasked(Node):
+    """Pastes `source` into `destination` at (x, y), through `mask` when one is given."""
+
+    category = "image"
+    destination = Socket("IMAGE")
+    source = Socket("IMAGE")
+    x = Int(0, min=0, max=MAX_RESOLUTION, step=1)
+    y = Int(0, min=0, max=MAX_RESOLUTION, step=1)
+    resize_source = Boolean(False)
+    mask = Socket("MASK", optional=True)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, destination: torch.Tensor, source: torch.Tensor, x: int, y: int, resize_source: bool,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        # Like ComfyUI: the source takes the destination's channels (alpha dropped, or added opaque).
+        if source.shape[-1] > destination.shape[-1]:
+            source = source[..., :destination.shape[-1]]
+        elif source.shape[-1] < destination.shape[-1]:
+            source = F.pad(source, (0, destination.shape[-1] - source.shape[-1]), value=1.0)
+        out = composite(destination.clone().movedim(-1, 1), source.movedim(-1, 1), x, y, mask, 1, resize_source)
+        return (out.movedim(1, -1),)
+
+
+def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    """A normalised [size, size] Gaussian over coordinates -1..1 (so sigma is relative to the radius)."""
+    coords = torch.linspace(-1, 1, size)
+    squared = coords[:, None] ** 2 + coords[None, :] ** 2
+    kernel = torch.exp(-squared / (2.0 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+def _filter(image: torch.Tensor, kernel: torch.Tensor, radius: int, what: str) -> torch.Tensor:
+    """Convolve each channel of [B, H, W, C] with `kernel`, the edges reflected."""
+    _, h, w, c = image.shape
+    if radius >= h or radius >= w:
+        raise ValueError(f"{what} {radius} must be smaller than the image's width and height ({w}x{h})")
+    x = F.pad(image.movedim(-1, 1), (radius, radius, radius, radius), mode="reflect")
+    weight = kernel.to(x).expand(c, 1, *kernel.shape)
+    return F.conv2d(x, weight, groups=c).movedim(1, -1)
+
+
+class ImageBlur(Node):
+    """Gaussian blur of radius `blur_radius`."""
+
+    display_name = "Image Blur"
+    category = "image/postprocessing"
+    image = Socket("IMAGE")
+    blur_radius = Int(1, min=1, max=31, step=1)
+    sigma = Float(1.0, min=0.1, max=10.0, step=0.1)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor, blur_radius: int, sigma: float) -> tuple[torch.Tensor]:
+        if blur_radius == 0:
+            return (image,)
+        kernel = gaussian_kernel(blur_radius * 2 + 1, sigma)
+        return (_filter(image, kernel, blur_radius, "blur_radius"),)
+
+
+class ImageSharpen(Node):
+    """Unsharp-style sharpening: the image minus alpha * 10 times its Gaussian surroundings, clamped to 0..1."""
+
+    display_name = "Image Sharpen"
+    category = "image/postprocessing"
+    image = Socket("IMAGE")
+    sharpen_radius = Int(1, min=1, max=31, step=1)
+    sigma = Float(1.0, min=0.1, max=10.0, step=0.01)
+    alpha = Float(1.0, min=0.0, max=5.0, step=0.01)
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor, sharpen_radius: int, sigma: float, alpha: float) -> tuple[torch.Tensor]:
+        if sharpen_radius == 0:
+            return (image,)
+        kernel = gaussian_kernel(sharpen_radius * 2 + 1, sigma) * -(alpha * 10)
+        # The centre weight makes the kernel sum to 1, so flat areas keep their value.
+        kernel[sharpen_radius, sharpen_radius] += 1.0 - kernel.sum()
+        return (_filter(image, kernel, sharpen_radius, "sharpen_radius").clamp(0, 1),)
+
+
 NODES = [LoadImage, SaveImage, PreviewImage, ImageScale, ImageScaleToTotalPixels, ImagePadForOutpaint, ImageToMask,
-         MaskToImage]
+         MaskToImage, LoadImageMask, ImageScaleBy, ImageInvert, ImageBatch, EmptyImage, ImageCrop, RepeatImageBatch,
+         ImageFromBatch, ImageCompositeMasked, ImageBlur, ImageSharpen]

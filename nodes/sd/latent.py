@@ -1,12 +1,17 @@
-"""Latent nodes: empty latents, upscaling, noise masks. LATENT is {"samples": [B, 4, H/8, W/8], "noise_mask"?}."""
+"""Latent nodes: empty latents, upscaling, batches, compositing, transforms, noise masks.
+
+LATENT is {"samples": [B, 4, H/8, W/8], "noise_mask"?, "batch_index"?: list[int]}.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from nodes.node import Node
-from nodes.spec import Combo, Float, Int, Output, Socket
+from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
 LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 CROP_METHODS = ["disabled", "center"]
@@ -131,4 +136,246 @@ class SetLatentNoiseMask(Node):
         return (dict(samples, noise_mask=mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()),)
 
 
-NODES = [EmptyLatentImage, LatentUpscale, LatentUpscaleBy, SetLatentNoiseMask]
+# ComfyUI's MAX_RESOLUTION, the upper bound of its size and position widgets.
+MAX_RESOLUTION = 16384
+
+
+def repeat_to_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut or cycle the batch (dim 0) of `x` to `size` items."""
+    if x.shape[0] == size:
+        return x
+    if x.shape[0] > size:
+        return x[:size]
+    return x.repeat(math.ceil(size / x.shape[0]), *([1] * (x.ndim - 1)))[:size]
+
+
+def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
+    """A MASK as [B, H, W] (a single [H, W] mask becomes a batch of one)."""
+    if mask.ndim < 2:
+        raise ValueError(f"a MASK needs at least 2 dimensions (height, width), got shape {tuple(mask.shape)}")
+    return mask.reshape(-1, mask.shape[-2], mask.shape[-1])
+
+
+def _same_channels(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{what}: the latents have {a.shape[1]} and {b.shape[1]} channels; "
+                         "they come from different model families and cannot be combined")
+
+
+def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, mask: torch.Tensor | None,
+              multiplier: int, resize_source: bool) -> torch.Tensor:
+    """Paste [B, C, h, w] `source` into `destination` (changed in place) with its top-left corner at pixel
+    (x, y), i.e. element (x // multiplier, y // multiplier); `mask` (resized to the source) blends the two.
+    The part of the source past the destination's edges is dropped."""
+    if resize_source:
+        source = F.interpolate(source, size=destination.shape[-2:], mode="bilinear")
+    source = repeat_to_batch(source.to(destination), destination.shape[0])
+    height, width = destination.shape[-2:]
+    left, top = min(x, width * multiplier) // multiplier, min(y, height * multiplier) // multiplier
+    visible_h, visible_w = min(source.shape[-2], height - top), min(source.shape[-1], width - left)
+    if mask is None:
+        weight = torch.ones_like(source[:, :1])
+    else:
+        weight = F.interpolate(as_mask_batch(mask).to(destination)[:, None], size=source.shape[-2:], mode="bilinear")
+        weight = repeat_to_batch(weight, source.shape[0])
+    weight = weight[..., :visible_h, :visible_w]
+    region = destination[..., top:top + visible_h, left:left + visible_w]
+    destination[..., top:top + visible_h, left:left + visible_w] = (
+        weight * source[..., :visible_h, :visible_w] + (1 - weight) * region)
+    return destination
+
+
+class RepeatLatentBatch(Node):
+    """Repeats a latent batch `amount` times (noise masks and batch indices follow)."""
+
+    display_name = "Repeat Latent Batch"
+    category = "latent/batch"
+    samples = Socket("LATENT")
+    amount = Int(1, min=1, max=64)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples: dict, amount: int) -> tuple[dict]:
+        x = samples["samples"]
+        out = dict(samples, samples=x.repeat(amount, *([1] * (x.ndim - 1))))
+        mask = samples.get("noise_mask")
+        if mask is not None and mask.shape[0] > 1:
+            mask = repeat_to_batch(mask, x.shape[0]) if mask.shape[0] < x.shape[0] else mask
+            out["noise_mask"] = mask.repeat(amount, *([1] * (mask.ndim - 1)))
+        if "batch_index" in samples:
+            indices = list(samples["batch_index"])
+            offset = max(indices) - min(indices) + 1
+            out["batch_index"] = indices + [i + n * offset for n in range(1, amount) for i in indices]
+        return (out,)
+
+
+class LatentFromBatch(Node):
+    """Takes `length` latents from `batch_index` on; each keeps its batch index (and so its noise)."""
+
+    display_name = "Latent From Batch"
+    category = "latent/batch"
+    samples = Socket("LATENT")
+    batch_index = Int(0, min=0, max=63)
+    length = Int(1, min=1, max=64)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples: dict, batch_index: int, length: int) -> tuple[dict]:
+        x = samples["samples"]
+        start = min(x.shape[0] - 1, batch_index)  # past the end: the last one, as ComfyUI
+        length = min(x.shape[0] - start, length)
+        out = dict(samples, samples=x[start:start + length].clone())
+        mask = samples.get("noise_mask")
+        if mask is not None:
+            if mask.shape[0] == 1:
+                out["noise_mask"] = mask.clone()
+            else:
+                out["noise_mask"] = repeat_to_batch(mask, x.shape[0])[start:start + length].clone()
+        if "batch_index" in samples:
+            out["batch_index"] = list(samples["batch_index"])[start:start + length]
+        else:
+            out["batch_index"] = list(range(start, start + length))
+        return (out,)
+
+
+class LatentBatch(Node):
+    """Joins two latent batches; the second is resized to the first's size if they differ."""
+
+    category = "latent/batch"
+    samples1 = Socket("LATENT")
+    samples2 = Socket("LATENT")
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples1: dict, samples2: dict) -> tuple[dict]:
+        s1, s2 = samples1["samples"], samples2["samples"]
+        _same_channels(s1, s2, "LatentBatch")
+        if s1.shape[1:] != s2.shape[1:]:
+            s2 = upscale_latent(s2, s1.shape[-1], s1.shape[-2], "bilinear", "center")
+        indices = (samples1.get("batch_index", list(range(s1.shape[0])))
+                   + samples2.get("batch_index", list(range(s2.shape[0]))))
+        return (dict(samples1, samples=torch.cat((s1, s2.to(s1)), dim=0), batch_index=indices),)
+
+
+class LatentComposite(Node):
+    """Pastes `samples_from` into `samples_to` at pixel (x, y); `feather` fades the inner edges."""
+
+    display_name = "Latent Composite"
+    category = "latent"
+    samples_to = Socket("LATENT")
+    samples_from = Socket("LATENT")
+    x = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    y = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    feather = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples_to: dict, samples_from: dict, x: int, y: int, feather: int) -> tuple[dict]:
+        x, y, feather = x // 8, y // 8, feather // 8
+        dest = samples_to["samples"].clone()
+        source = samples_from["samples"]
+        _same_channels(dest, source, "LatentComposite")
+        height, width = dest.shape[-2:]
+        if x >= width or y >= height:  # entirely outside: nothing to paste
+            return (dict(samples_to, samples=dest),)
+        source = repeat_to_batch(source.to(dest), dest.shape[0])[..., :height - y, :width - x]
+        sh, sw = source.shape[-2:]
+        region = dest[..., y:y + sh, x:x + sw]
+        if feather == 0:
+            region.copy_(source)
+        else:
+            from ldm.sampling.guidance import feather_ramp
+
+            # Fade each edge that lies inside the destination over `feather` rows/columns, as ComfyUI.
+            rows = feather_ramp(sh, y != 0, y + sh < height, feather).to(dest.dtype)
+            cols = feather_ramp(sw, x != 0, x + sw < width, feather).to(dest.dtype)
+            weight = (rows[:, None] * cols[None, :]).to(dest.device)
+            region.copy_(source * weight + region * (1 - weight))
+        return (dict(samples_to, samples=dest),)
+
+
+class LatentCompositeMasked(Node):
+    """Pastes `source` into `destination` at pixel (x, y), through `mask` when one is given."""
+
+    category = "latent"
+    destination = Socket("LATENT")
+    source = Socket("LATENT")
+    x = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    y = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    resize_source = Boolean(False)
+    mask = Socket("MASK", optional=True)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, destination: dict, source: dict, x: int, y: int, resize_source: bool,
+                mask: torch.Tensor | None = None) -> tuple[dict]:
+        dest = destination["samples"].clone()
+        _same_channels(dest, source["samples"], "LatentCompositeMasked")
+        out = composite(dest, source["samples"], x, y, mask, 8, resize_source)
+        return (dict(destination, samples=out),)
+
+
+class LatentBlend(Node):
+    """samples1 * blend_factor + samples2 * (1 - blend_factor); samples2 is resized to fit."""
+
+    display_name = "Latent Blend"
+    category = "_for_testing"
+    samples1 = Socket("LATENT")
+    samples2 = Socket("LATENT")
+    blend_factor = Float(0.5, min=0, max=1, step=0.01)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples1: dict, samples2: dict, blend_factor: float) -> tuple[dict]:
+        s1, s2 = samples1["samples"], samples2["samples"]
+        _same_channels(s1, s2, "LatentBlend")
+        if s1.shape[-2:] != s2.shape[-2:]:
+            s2 = upscale_latent(s2, s1.shape[-1], s1.shape[-2], "bicubic", "center")
+        s2 = repeat_to_batch(s2.to(s1), s1.shape[0])
+        return (dict(samples1, samples=s1 * blend_factor + s2 * (1 - blend_factor)),)
+
+
+class LatentFlip(Node):
+    """Mirrors latents: x-axis flips top to bottom, y-axis left to right."""
+
+    display_name = "Flip Latent"
+    category = "latent/transform"
+    samples = Socket("LATENT")
+    flip_method = Combo(["x-axis: vertically", "y-axis: horizontally"])
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples: dict, flip_method: str) -> tuple[dict]:
+        dim = -2 if flip_method.startswith("x") else -1
+        return (dict(samples, samples=torch.flip(samples["samples"], dims=[dim])),)
+
+
+class LatentRotate(Node):
+    """Rotates latents clockwise by a quarter turn, a half or three quarters."""
+
+    display_name = "Rotate Latent"
+    category = "latent/transform"
+    samples = Socket("LATENT")
+    rotation = Combo(["none", "90 degrees", "180 degrees", "270 degrees"])
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples: dict, rotation: str) -> tuple[dict]:
+        turns = {"90": 1, "180": 2, "270": 3}.get(rotation.split(" ")[0], 0)
+        return (dict(samples, samples=torch.rot90(samples["samples"], k=turns, dims=[-1, -2])),)
+
+
+class LatentCrop(Node):
+    """Crops latents to width x height pixels from pixel (x, y)."""
+
+    display_name = "Crop Latent"
+    category = "latent/transform"
+    samples = Socket("LATENT")
+    width = Int(512, min=64, max=MAX_RESOLUTION, step=8)
+    height = Int(512, min=64, max=MAX_RESOLUTION, step=8)
+    x = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    y = Int(0, min=0, max=MAX_RESOLUTION, step=8)
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples: dict, width: int, height: int, x: int, y: int) -> tuple[dict]:
+        s = samples["samples"]
+        h, w = s.shape[-2:]
+        # ComfyUI moves a start past the last 8 latent pixels back so that at least 64 px remain.
+        x, y = max(0, min(x // 8, w - 8)), max(0, min(y // 8, h - 8))
+        return (dict(samples, samples=s[..., y:y + height // 8, x:x + width // 8]),)
+
+
+NODES = [EmptyLatentImage, LatentUpscale, LatentUpscaleBy, SetLatentNoiseMask, RepeatLatentBatch, LatentFromBatch,
+         LatentBatch, LatentComposite, LatentCompositeMasked, LatentBlend, LatentFlip, LatentRotate, LatentCrop]

@@ -93,7 +93,7 @@ async def test_interrupt_reaches_the_child(client, tmp_path):
 async def test_a_child_killed_mid_run_is_replaced_and_its_prompt_runs_again(client, tmp_path):
     before = await ready(client)
     path = tmp_path / "marker.txt"
-    victim = await queue(client, marker(path, 2))
+    victim = await queue(client, marker(path, 6))  # still running when the kill lands, on a loaded machine too
     after = await queue(client, ADD)
     await until(path.exists, what="the prompt started")
     os.kill(before["pid"], signal.SIGKILL)
