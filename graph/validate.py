@@ -11,6 +11,7 @@ import networkx as nx
 
 from graph import errors as E
 from graph.document import BadLink, Graph, GraphNode, Link
+from nodes.comfy_compat import COMFY_CORE_NODES_MISSING
 from nodes.node import Node
 from nodes.registry import NodeRegistry
 from nodes.spec import ANY_TYPE, InputSpec
@@ -239,7 +240,10 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
         if node.class_type not in registry:
             close = difflib.get_close_matches(node.class_type, list(registry), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            hint += "; a custom node pack in custom_nodes/ may provide it"
+            if node.class_type in COMFY_CORE_NODES_MISSING:
+                hint += "; it is one of ComfyUI's built-in nodes, which Loom does not provide yet"
+            else:
+                hint += "; a custom node pack in custom_nodes/ may provide it"
             checker.add(E.INVALID_PROMPT, f"Cannot execute because node {node.class_type} does not exist.",
                         node, None, f"Node ID '#{node.id}'{hint}")
 

@@ -20,6 +20,39 @@ COMFY_MODULES = frozenset({
     "server", "execution", "node_helpers", "latent_preview", "app", "nodes",
 })
 
+# Node types built into ComfyUI (nodes.py and comfy_extras) that Loom does not provide, so that a workflow
+# naming one is told it needs a feature of ComfyUI's rather than a custom node pack. Not every one of
+# ComfyUI's nodes: those that SD1.x/SD2.x/SDXL workflows use, and the newer model families' loaders.
+COMFY_CORE_NODES_MISSING = frozenset({
+    # loaders of separate model parts and other model kinds
+    "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader",
+    "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader", "UpscaleModelLoader", "DiffControlNetLoader",
+    "unCLIPCheckpointLoader", "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
+    # conditioning for other model kinds
+    "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply", "InpaintModelConditioning",
+    "InstructPixToPixConditioning", "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
+    "SD_4XUpscale_Conditioning", "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply", "SetUnionControlNetType",
+    "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
+    "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
+    # model patches and sampling tweaks
+    "ModelSamplingDiscrete", "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
+    "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux", "RescaleCFG", "FreeU", "FreeU_V2",
+    "PerturbedAttentionGuidance", "SelfAttentionGuidance", "HyperTile", "PatchModelAddDownscale", "TomePatchModel",
+    "DifferentialDiffusion", "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "DualCFGGuider",
+    "SamplerEulerAncestralCFGPP", "SamplerER_SDE", "SamplerSASolver", "LaplaceScheduler", "VPScheduler",
+    "AlignYourStepsScheduler", "GITSScheduler", "ExtendIntermediateSigmas", "SamplingPercentToSigma", "AddNoise",
+    # merging and saving models
+    "ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSubtract", "ModelMergeAdd", "CLIPMergeSimple",
+    "CLIPMergeSubtract", "CLIPMergeAdd", "CheckpointSave", "CLIPSave", "VAESave", "ModelSave",
+    "ImageOnlyCheckpointSave",
+    # latents and images
+    "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentAdd", "LatentSubtract",
+    "LatentMultiply", "LatentInterpolate", "LatentBatchSeedBehavior", "LatentApplyOperation", "SaveLatent",
+    "LoadLatent", "ImageUpscaleWithModel", "ImageQuantize", "ImageScaleToMaxDimension", "ImageStitch",
+    "Morphology", "PorterDuffImageComposite", "SplitImageWithAlpha", "JoinImageWithAlpha", "SaveAnimatedWEBP",
+    "SaveAnimatedPNG", "SaveWEBM", "SaveVideo", "LoadVideo", "WebcamCapture", "LoadImageOutput", "ImageColorToMask",
+})
+
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).
 _HIDDEN_SOURCES: dict[str, Callable[[Any], Any]] = {
     "UNIQUE_ID": lambda ctx: ctx.node_id,

@@ -32,6 +32,15 @@ def test_unknown_node_type(registry):
     [typo] = problems(registry, {"1": {"class_type": "Scael", "inputs": {}}, "2": sink(1)})
     assert typo.message == "Cannot execute because node Scael does not exist."  # ComfyUI's words
     assert typo.details == "Node ID '#1'; did you mean Scale?; a custom node pack in custom_nodes/ may provide it"
+    [core] = problems(registry, {"1": {"class_type": "UpscaleModelLoader", "inputs": {}}, "2": sink(1)})
+    assert core.details.endswith("it is one of ComfyUI's built-in nodes, which Loom does not provide yet")
+
+
+def test_the_list_of_comfyuis_missing_built_in_nodes_names_none_that_loom_has():
+    from nodes.comfy_compat import COMFY_CORE_NODES_MISSING
+    from nodes.registry import builtin_registry
+
+    assert not COMFY_CORE_NODES_MISSING & set(builtin_registry())
 
 
 def test_no_outputs(registry):
