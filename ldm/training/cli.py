@@ -1,8 +1,9 @@
-"""`main.py train vae|unet`: the command-line options of the training library (torch loads only when run)."""
+"""`main.py train vae|unet|lora`: the command-line options of the training library (torch loads only when run)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,22 @@ def add_train_parser(sub: Any) -> None:
                       help="std of a per-channel constant added to the noise, so overall colour follows the caption")
     unet.add_argument("--cond-dropout", type=float, default=0.1, help="share of empty captions, for guidance")
     unet.add_argument("--output-name", default="model.safetensors")
-    for parser in (vae, unet):
+    lora = stages.add_parser("lora", help="train a LoRA for a checkpoint's UNet; writes OUT/OUTPUT_NAME")
+    _common(lora)
+    lora.add_argument("--init", type=Path, required=True, help="the SD1, SD2 or SDXL checkpoint the LoRA is for")
+    lora.add_argument("--rank", type=int, default=8, help="the adapters' rank (kohya's network_dim)")
+    lora.add_argument("--alpha", type=float, help="kohya's network_alpha; the update is scaled by alpha/rank "
+                                                  "(default: the rank, scale 1)")
+    lora.add_argument("--targets", choices=("transformer", "attention"), default="transformer",
+                      help="every Linear and 1x1 convolution in the transformer blocks (kohya's default), or "
+                           "the attention projections only")
+    lora.add_argument("--cond-dropout", type=float, default=0.0, help="share of empty captions")
+    lora.add_argument("--offset-noise", type=float, default=0.0)
+    lora.add_argument("--output-name", default="lora.safetensors")
+    lora.add_argument("--save-precision", choices=("fp16", "fp32"), default="fp16")
+    # A LoRA run is short: no weight averaging, kohya's learning rate, a small batch.
+    lora.set_defaults(ema_decay=0.0, lr=1e-4, batch_size=4, warmup_steps=50)
+    for parser in (vae, unet, lora):
         parser.set_defaults(func=run_train)
 
 
@@ -62,6 +78,17 @@ def _data(args: argparse.Namespace, device: Any) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Train as asked; a file that cannot be used or a bad setting ends with its message, not a traceback."""
+    from ldm.checkpoint import CheckpointError
+
+    try:
+        return _train(args)
+    except (CheckpointError, OSError, ValueError) as exc:  # OSError: a missing folder, an unreadable image
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from ldm.checkpoint import load_checkpoint, load_vae
@@ -85,6 +112,18 @@ def run_train(args: argparse.Namespace) -> int:
                                 train_encoder=not args.decoder_only)
         train_vae(data, args.out, config, device, init)
         print(f"wrote {args.out / 'vae.safetensors'}")
+        return 0
+    if args.stage == "lora":
+        from ldm.training.lora_trainer import LoraTrainConfig, train_lora
+
+        if args.rank < 1:
+            raise ValueError("--rank must be 1 or more")
+        config = LoraTrainConfig(rank=args.rank, alpha=float(args.rank if args.alpha is None else args.alpha),
+                                 targets=args.targets, cond_dropout=args.cond_dropout, offset_noise=args.offset_noise,
+                                 loop=loop)
+        path = train_lora(data, args.out, config, load_checkpoint(args.init), device, args.output_name,
+                          save_dtype=torch.float16 if args.save_precision == "fp16" else torch.float32)
+        print(f"wrote {path}")
         return 0
     from ldm.training.unet_trainer import UNetTrainConfig, train_unet
 

@@ -155,6 +155,8 @@ def caption_folder(folder: str | Path, base: int = 512, step: int = 64) -> list[
     from PIL import Image
 
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     buckets = bucket_sizes(base, step)
     grouped: dict[tuple[int, int], tuple[list[Tensor], list[str]]] = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes):

@@ -142,9 +142,8 @@ def training_noise(shape: torch.Size, offset: float, generator: torch.Generator)
     return noise
 
 
-def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, latents: Tensor, ids: Tensor,
-                   alphas_cumprod: Tensor, generator: torch.Generator, prediction: str,
-                   offset_noise: float = 0.0) -> Tensor:
+def denoising_loss(unet: UNetModel, latents: Tensor, context: Tensor, y: Tensor | None, alphas_cumprod: Tensor,
+                   generator: torch.Generator, prediction: str, offset_noise: float = 0.0) -> Tensor:
     """The DDPM training objective of LDM: noise a latent at a uniform random step and predict eps (or v)."""
     device = latents.device
     t = torch.randint(len(alphas_cumprod), (len(latents),), generator=generator)
@@ -152,8 +151,16 @@ def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, latents: Tensor, 
     a = alphas_cumprod[t].to(device).view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    prediction_ = unet(noisy, t.to(device).float(), encode_text(text_encoder, ids))
+    prediction_ = unet(noisy, t.to(device).float(), context, y)
     return F.mse_loss(prediction_.float(), target)
+
+
+def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, latents: Tensor, ids: Tensor,
+                   alphas_cumprod: Tensor, generator: torch.Generator, prediction: str,
+                   offset_noise: float = 0.0) -> Tensor:
+    """`denoising_loss` with the context encoded from token ids by a text encoder that trains too."""
+    return denoising_loss(unet, latents, encode_text(text_encoder, ids), None, alphas_cumprod, generator,
+                          prediction, offset_noise)
 
 
 def train_unet(data: ImageSet | list[ImageSet], out_dir: str | Path, config: UNetTrainConfig, device: torch.device,
