@@ -110,6 +110,7 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
     y = None if y is None else _to_batch(y.to(x.device, x.dtype), batch)
     context = _to_batch(embedding.to(x.device, x.dtype), batch)
     if mask is not None:
+        mask = mask[:batch] if mask.shape[0] > batch else mask  # more masks than latents: the first ones (ComfyUI)
         weight = _to_batch(mask, batch)[:, :, rows, cols] * (
             strength * float(options.get("mask_strength", 1.0))
         )

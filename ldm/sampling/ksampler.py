@@ -72,6 +72,32 @@ _STEP_NOISE = {
 _DRAW_AHEAD = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"}
 
 
+# Samplers that add fresh noise at every step: they need falling noise levels.
+_STOCHASTIC = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+               "dpmpp_3m_sde", "ddpm", "lcm"}
+
+
+def check_sigmas(sigmas: Tensor, sampler_name: str) -> None:
+    """Refuse, with the reason, a schedule no sampler can walk: it must be finite, not negative, and strictly
+    falling (0 only at the end), or strictly rising from above 0 (unsampling: FlipSigmas) for a sampler that
+    adds no noise of its own."""
+    levels = sigmas.tolist()
+    shown = ", ".join(f"{s:.4g}" for s in levels[:8]) + (", ..." if len(levels) > 8 else "")
+    if not all(math.isfinite(s) and s >= 0 for s in levels):
+        raise ValueError(f"sigmas must be finite and not negative, got [{shown}]")
+    if len(levels) < 2:
+        return
+    falling = all(a > b for a, b in zip(levels, levels[1:], strict=False))
+    rising = all(a < b for a, b in zip(levels, levels[1:], strict=False)) and levels[0] > 0
+    if not falling and not rising:
+        raise ValueError(f"sigmas must fall at every step (0 only at the end), or rise at every step from above 0 "
+                         f"to turn an image back into noise; got [{shown}]")
+    if rising and sampler_name in _STOCHASTIC:
+        raise ValueError(f"{sampler_name} adds noise at each step and needs falling sigmas; rising ones (from "
+                         "FlipSigmas, to turn an image back into noise) need a sampler without noise of its own, "
+                         "such as euler, heun, dpmpp_2m or ddim")
+
+
 class SamplingInterrupted(Exception):
     """Raised when the `interrupt` hook asks sampling to stop."""
 
@@ -160,8 +186,7 @@ def sample(
         sigmas = compute_sigmas(schedule, scheduler, steps, denoise)
     else:
         sigmas = sigmas.detach().to("cpu", torch.float32).flatten().clone()  # cut below: never the caller's
-        if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
-            raise ValueError(f"sigmas must be finite and not negative, got {[round(s, 4) for s in sigmas.tolist()]}")
+        check_sigmas(sigmas, sampler_name)
     if end_step is not None and end_step < len(sigmas) - 1:
         sigmas = sigmas[: end_step + 1]
         if not return_leftover_noise:
@@ -170,7 +195,7 @@ def sample(
         if start_step >= len(sigmas) - 1:
             return latent
         sigmas = sigmas[start_step:]
-    if len(sigmas) < 2 or float(sigmas.max()) == 0:
+    if len(sigmas) == 0:
         return latent
 
     sigmas = sigmas.to(latent.device)
@@ -180,6 +205,9 @@ def sample(
     # noise in DDPM terms (ComfyUI's max_denoise).
     full = math.isclose(sigma_start, schedule.sigma_max, rel_tol=1e-5) or sigma_start > schedule.sigma_max
     x = latent + noise * ((1 + sigma_start**2) ** 0.5 if full else sigma_start)
+    if len(sigmas) == 1 or float(sigmas.max()) == 0:
+        # No step to take: the latent with its noise (a first stage split off at step 0), as in ComfyUI.
+        return x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
 
     guider = CFGGuider(denoiser, positive, negative, cfg)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ldm.sampling.schedules import DiscreteSchedule
 
-SCHEDULER_NAMES = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+SCHEDULER_NAMES = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
+                   "linear_quadratic", "kl_optimal"]
 
 
 def append_zero(sigmas: Tensor) -> Tensor:
@@ -72,6 +73,30 @@ def sigmas_beta(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta
     return append_zero(schedule.sigmas[unique])
 
 
+def sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """The "KL-optimal" schedule (A1111 PR 15608, after Sabour et al. 2024): evenly spaced in atan(sigma)."""
+    if n == 1:
+        return append_zero(torch.tensor([sigma_max]))
+    ramp = torch.arange(n, dtype=torch.float32) / (n - 1)
+    return append_zero(torch.tan(ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)))
+
+
+def sigmas_linear_quadratic(n: int, sigma_max: float, threshold: float = 0.025) -> Tensor:
+    """Genmo Mochi's schedule as ComfyUI applies it to any model: in units of sigma_max, the first half of the
+    steps falls linearly by `threshold` in all, the second half quadratically to 0."""
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0])
+    linear_steps = n // 2
+    fractions = [i * threshold / linear_steps for i in range(linear_steps)]
+    quadratic_steps = n - linear_steps
+    gap = linear_steps - threshold * n
+    a = gap / (linear_steps * quadratic_steps**2)
+    b = threshold / linear_steps - 2 * gap / quadratic_steps**2
+    c = a * linear_steps**2
+    fractions += [a * i**2 + b * i + c for i in range(linear_steps, n)] + [1.0]
+    return torch.tensor([1.0 - f for f in fractions], dtype=torch.float32) * sigma_max
+
+
 def get_sigmas(scheduler: str, schedule: DiscreteSchedule, steps: int) -> Tensor:
     """The `steps + 1` sigmas (fewer for `beta`, maybe more for `ddim_uniform`) of a named scheduler."""
     if steps <= 0:
@@ -90,4 +115,8 @@ def get_sigmas(scheduler: str, schedule: DiscreteSchedule, steps: int) -> Tensor
         return sigmas_ddim_uniform(schedule, steps)
     if scheduler == "beta":
         return sigmas_beta(schedule, steps)
+    if scheduler == "linear_quadratic":
+        return sigmas_linear_quadratic(steps, schedule.sigma_max)
+    if scheduler == "kl_optimal":
+        return sigmas_kl_optimal(steps, schedule.sigma_min, schedule.sigma_max)
     raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULER_NAMES}")

@@ -89,10 +89,16 @@ class KarrasScheduler(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict) -> str | None:
-        return _check_range(inputs)
+        rho, low, high = inputs.get("rho"), inputs.get("sigma_min"), inputs.get("sigma_max")
+        if isinstance(rho, (int, float)) and rho <= 0:
+            return f"rho must be above 0 (got {rho})"
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not 0 <= low < high:
+            return f"sigma_min ({low}) must be below sigma_max ({high})"
+        return None
 
     def execute(self, steps: int, sigma_max: float, sigma_min: float, rho: float) -> tuple[torch.Tensor]:
-        return _sigmas_out(sigmas_karras(steps, sigma_min, sigma_max, rho))
+        sigmas = sigmas_karras(steps, sigma_min, sigma_max, rho)
+        return _sigmas_out(sigmas[:-1] if sigma_min == 0 else sigmas)  # a ramp to 0 ends there, without a second 0
 
 
 class ExponentialScheduler(Node):
@@ -133,11 +139,14 @@ class PolyexponentialScheduler(Node):
 
 
 def _check_range(inputs: dict) -> str | None:
-    """Log-spaced schedules need two positive levels."""
+    """Log-spaced schedules need two positive levels, the first the higher."""
     for name in ("sigma_max", "sigma_min"):
         value = inputs.get(name)
         if isinstance(value, (int, float)) and value <= 0:
-            return f"{name} must be above 0 (got {value})"
+            return f"{name} must be above 0 (got {value}): the levels are spaced in log-sigma"
+    low, high = inputs.get("sigma_min"), inputs.get("sigma_max")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low >= high:
+        return f"sigma_min ({low}) must be below sigma_max ({high})"
     return None
 
 
@@ -191,7 +200,8 @@ class SplitSigmas(Node):
 
 class SplitSigmasDenoise(Node):
     """Splits a schedule so that the low part holds `denoise` of its steps, for a second stage of that
-    strength. At denoise 0 the high part is the whole schedule (ComfyUI's would be empty)."""
+    strength. When that rounds to no step (denoise 0, or below half a step), the high part is the whole
+    schedule and the low part its last level; ComfyUI's high part would be empty, skipping the first stage."""
 
     category = "sampling/sigmas"
     sigmas = Socket("SIGMAS")

@@ -147,3 +147,12 @@ def test_mask_bounds_run_the_model_on_the_masks_box_only():
     expected[:, :, 2:10, 3:12] = (box * mask[:, None, 2:10, 3:12] + whole[:, :, 2:10, 3:12]) / (
         mask[:, None, 2:10, 3:12] + 1)
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_more_masks_than_latents_use_the_first_ones():
+    unet, denoiser, x, sigma, ctx = setup()
+    first, second = torch.zeros(1, 8, 8), torch.ones(1, 8, 8)
+    first[:, :, :4] = 1.0
+    two = CFGGuider(denoiser, [(ctx[0], {"mask": torch.cat([first, second])}), (ctx[1], {})], [], cfg=1.0)
+    one = CFGGuider(denoiser, [(ctx[0], {"mask": first}), (ctx[1], {})], [], cfg=1.0)
+    torch.testing.assert_close(two(x[:1], sigma[:1]), one(x[:1], sigma[:1]))

@@ -41,6 +41,8 @@ def test_names_in_comfyui_order():
         "simple",
         "ddim_uniform",
         "beta",
+        "linear_quadratic",
+        "kl_optimal",
     ]
     assert SAMPLER_NAMES[:8] == [
         "euler",
@@ -75,6 +77,20 @@ def test_schedulers_descend_to_zero(scheduler, steps):
     assert sigmas[0] <= SCHEDULE.sigma_max * (1 + 1e-6)
     if scheduler not in ("ddim_uniform", "beta"):
         assert len(sigmas) == steps + 1
+
+
+def test_kl_optimal_is_evenly_spaced_in_atan_sigma():
+    sigmas = get_sigmas("kl_optimal", SCHEDULE, 10)[:-1]
+    assert sigmas[0] == pytest.approx(SCHEDULE.sigma_max) and sigmas[-1] == pytest.approx(SCHEDULE.sigma_min)
+    gaps = sigmas.double().atan().diff()
+    assert torch.allclose(gaps, gaps[0].expand_as(gaps), rtol=1e-4)
+
+
+def test_linear_quadratic_falls_linearly_by_the_threshold_then_quadratically():
+    fractions = 1 - get_sigmas("linear_quadratic", SCHEDULE, 10).double() / SCHEDULE.sigma_max
+    assert torch.allclose(fractions[:6], torch.arange(6, dtype=torch.float64) * 0.025 / 5)  # 0 .. 0.025 linearly
+    second = fractions[5:].diff().diff()  # a constant second difference: a quadratic through 0.025 and 1
+    assert torch.allclose(second, second[0].expand_as(second)) and fractions[-1] == 1
 
 
 def test_normal_includes_the_last_timestep_and_sgm_uniform_does_not():

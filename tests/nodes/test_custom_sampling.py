@@ -171,8 +171,7 @@ def test_bad_sigmas_get_clear_errors(engine):
     result = engine.run(parse_api(graph))
     assert not result.ok and "no numbers in the sigmas" in str(result.error)
 
-    graph["13"] = {"class_type": "KarrasScheduler", "inputs": {"steps": 4, "sigma_max": 14.6, "sigma_min": 0.0,
-                                                               "rho": 7.0}}
+    graph["13"] = {"class_type": "ExponentialScheduler", "inputs": {"steps": 4, "sigma_max": 14.6, "sigma_min": 0.0}}
     with pytest.raises(WorkflowInvalid) as err:
         engine.run(parse_api(graph))
     assert "sigma_min must be above 0" in str(err.value)
@@ -192,3 +191,57 @@ def test_an_empty_schedule_returns_the_latent_unchanged(engine):
     graph["13"]["inputs"]["denoise"] = 0.0
     [(output, denoised), (latent,)] = run(engine, graph, "14", "4")
     assert torch.equal(output["samples"], latent["samples"]) and denoised is output
+
+
+def test_a_first_stage_split_off_at_step_0_adds_the_noise_so_the_second_stage_is_the_whole_run(engine):
+    """SplitSigmas' default step 0: the high part is one level, no step; the latent still gets its noise
+    (as in ComfyUI), so DisableNoise over the rest makes the one-stage image."""
+    graph = {**prompts(), **advanced(select("euler")),
+             "20": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["13", 0], "step": 0}},
+             "21": {"class_type": "DisableNoise", "inputs": {}}}
+    single = dict(graph["14"], inputs=dict(graph["14"]["inputs"]))
+    graph["30"] = single
+    graph["14"]["inputs"]["sigmas"] = ["20", 0]
+    graph["22"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["21", 0], "guider": ["11", 0], "sampler": ["12", 0], "sigmas": ["20", 1],
+        "latent_image": ["14", 0]}}
+    [(expected, _), (first, _), (second, _)] = run(engine, graph, "30", "14", "22")
+    assert first["samples"].abs().mean() > 1  # pure noise at sigma_max, not the empty latent
+    # To rounding: the first stage's latent goes out unscaled (/ 0.18215) and back in between the stages.
+    torch.testing.assert_close(second["samples"], expected["samples"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("14, 0, 5, 0", "sigmas must fall at every step"),
+    ("5, 5, 0", "sigmas must fall at every step"),
+    ("0, 1, 14", "sigmas must fall at every step"),
+])
+def test_schedules_no_sampler_can_walk_are_refused_with_the_reason(engine, text, message):
+    graph = {**prompts(), **advanced(select("dpmpp_sde"), sigmas={"class_type": "ManualSigmas",
+                                                                  "inputs": {"sigmas": text}})}
+    graph["99"] = {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}
+    result = engine.run(parse_api(graph))
+    assert not result.ok and message in str(result.error)
+
+
+def test_rising_sigmas_unsample_with_a_deterministic_sampler_and_are_refused_by_a_noisy_one(engine):
+    flip = {"class_type": "FlipSigmas", "inputs": {"sigmas": ["40", 0]}}
+    schedule = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": STEPS,
+                                                           "denoise": 1.0}}
+    graph = {**prompts(), "40": schedule, **advanced(select("euler"), sigmas=flip,
+                                                      noise={"class_type": "DisableNoise", "inputs": {}})}
+    [(output, _)] = run(engine, graph, "14")
+    assert bool(torch.isfinite(output["samples"]).all()) and output["samples"].abs().mean() > 1  # noise again
+    graph["12"] = select("euler_ancestral")
+    graph["99"] = {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}
+    result = engine.run(parse_api(graph))
+    assert not result.ok and "euler_ancestral adds noise at each step and needs falling sigmas" in str(result.error)
+
+
+def test_karras_checks_rho_and_may_ramp_down_to_zero(engine):
+    from nodes.sd import custom_sampling as cs
+
+    assert "rho must be above 0" in cs.KarrasScheduler.check_inputs({"rho": 0.0, "sigma_min": 0.1, "sigma_max": 1})
+    assert "must be below sigma_max" in cs.KarrasScheduler.check_inputs({"rho": 7, "sigma_min": 2, "sigma_max": 1})
+    [sigmas] = cs.KarrasScheduler().execute(4, 14.6, 0.0, 7.0)
+    assert len(sigmas) == 4 and sigmas[-1] == 0 and sigmas[-2] > 0  # one 0, not two
