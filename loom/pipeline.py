@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from nodes.folders import FolderPaths, get_paths, set_paths
 from nodes.registry import builtin_registry
 
 DEFAULT_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
+# LoRA files, each alone (strength 1) or as (file, strength); one file alone is a LoRA too.
+Loras = str | Path | Sequence[str | Path | tuple[str | Path, float]]
 
 
 @dataclass
@@ -63,10 +66,11 @@ class Pipeline:
                seed: int | None = None, sampler: str = "euler", scheduler: str = "normal",
                width: int | None = None, height: int | None = None, batch_size: int = 1,
                controlnet: str | Path | None = None, control_image: Any = None, control_strength: float = 1.0,
-               return_workflow: bool = False) -> list[Any] | Result:
+               loras: Loras = (), return_workflow: bool = False) -> list[Any] | Result:
         """txt2img: `batch_size` images for a prompt; with `controlnet` (a ControlNet file) and
-        `control_image` (its hint: an edge map, depth map... as a PIL image), guided by the hint."""
-        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0)
+        `control_image` (its hint: an edge map, depth map... as a PIL image), guided by the hint; with
+        `loras` (LoRA files, or (file, strength) pairs), through them, in order."""
+        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0, loras)
         self._control(graph, controlnet, control_image, control_strength)
         graph["5"] = _node("EmptyLatentImage", width=width or self.default_size,
                            height=height or self.default_size, batch_size=batch_size)
@@ -74,9 +78,11 @@ class Pipeline:
 
     def img2img(self, init_image: Any, prompt: str, *, strength: float = 0.75, num_steps: int = 30,
                 negative_prompt: str = "", guidance_scale: float = 7.5, seed: int | None = None,
-                sampler: str = "euler", scheduler: str = "normal", return_workflow: bool = False) -> Any:
+                sampler: str = "euler", scheduler: str = "normal", loras: Loras = (),
+                return_workflow: bool = False) -> Any:
         """Repaint an image towards a prompt; `strength` 0 keeps it, 1 ignores it."""
-        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, strength)
+        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, strength,
+                           loras)
         graph["10"] = _node("LoadImage", image=self._store_input(init_image))
         graph["5"] = _node("VAEEncode", pixels=["10", 0], vae=["4", 2])
         result = self._run(graph, return_workflow)
@@ -84,13 +90,14 @@ class Pipeline:
 
     def inpaint(self, init_image: Any, mask: Any, prompt: str, *, num_steps: int = 30, negative_prompt: str = "",
                 guidance_scale: float = 7.5, seed: int | None = None, sampler: str = "euler",
-                scheduler: str = "normal", grow_mask_by: int = 6, return_workflow: bool = False) -> Any:
+                scheduler: str = "normal", grow_mask_by: int = 6, loras: Loras = (),
+                return_workflow: bool = False) -> Any:
         """Repaint where `mask` is white (a PIL image, same size as `init_image`), keep the rest."""
         from PIL import Image
 
         rgba = init_image.convert("RGB").convert("RGBA")
         rgba.putalpha(Image.eval(mask.convert("L").resize(rgba.size), lambda v: 255 - v))
-        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0)
+        graph = self._base(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, scheduler, 1.0, loras)
         graph["10"] = _node("LoadImage", image=self._store_input(rgba))
         graph["5"] = _node("VAEEncodeForInpaint", pixels=["10", 0], vae=["4", 2], mask=["10", 1],
                            grow_mask_by=grow_mask_by)
@@ -105,25 +112,38 @@ class Pipeline:
             return
         if controlnet is None or image is None:
             raise ValueError("a ControlNet needs both `controlnet` (its file) and `control_image` (the hint)")
-        path = Path(controlnet).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"ControlNet {controlnet} not found")
-        folders = self.paths.extra_model_paths.setdefault("controlnet", [])
-        if path.parent not in folders:
-            folders.insert(0, path.parent)
-        graph["11"] = _node("ControlNetLoader", control_net_name=path.name)
+        name = self._model_name("controlnet", controlnet, "ControlNet")
+        graph["11"] = _node("ControlNetLoader", control_net_name=name)
         graph["12"] = _node("LoadImage", image=self._store_input(image))
         graph["13"] = _node("ControlNetApplyAdvanced", positive=["6", 0], negative=["7", 0], control_net=["11", 0],
                             image=["12", 0], strength=strength, start_percent=0.0, end_percent=1.0)
         graph["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
 
+    def _model_name(self, kind: str, file: str | Path, what: str) -> str:
+        """The name a loader node knows `file` by: its folder joins the `kind` folders searched."""
+        path = Path(file).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {file} not found")
+        folders = self.paths.extra_model_paths.setdefault(kind, [])
+        if path.parent not in folders:
+            folders.insert(0, path.parent)
+        return path.name
+
     def _base(self, prompt: str, negative: str, steps: int, cfg: float, seed: int | None, sampler: str,
-              scheduler: str, denoise: float) -> dict[str, Any]:
+              scheduler: str, denoise: float, loras: Loras = ()) -> dict[str, Any]:
+        model, clip = ["4", 0], ["4", 1]
+        graph = {"4": _node("CheckpointLoaderSimple", ckpt_name=self.checkpoint.name)}
+        for i, lora in enumerate([loras] if isinstance(loras, (str, Path)) else loras):
+            file, strength = lora if isinstance(lora, tuple) else (lora, 1.0)
+            node = f"2{i}"  # Load LoRA nodes "20", "21", ... chained between the checkpoint and its users
+            graph[node] = _node("LoraLoader", model=model, clip=clip, lora_name=self._model_name("loras", file, "LoRA"),
+                                strength_model=strength, strength_clip=strength)
+            model, clip = [node, 0], [node, 1]
         return {
-            "4": _node("CheckpointLoaderSimple", ckpt_name=self.checkpoint.name),
-            "6": _node("CLIPTextEncode", text=prompt, clip=["4", 1]),
-            "7": _node("CLIPTextEncode", text=negative, clip=["4", 1]),
-            "3": _node("KSampler", model=["4", 0], seed=random.getrandbits(48) if seed is None else seed,
+            **graph,
+            "6": _node("CLIPTextEncode", text=prompt, clip=clip),
+            "7": _node("CLIPTextEncode", text=negative, clip=clip),
+            "3": _node("KSampler", model=model, seed=random.getrandbits(48) if seed is None else seed,
                        steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, positive=["6", 0],
                        negative=["7", 0], latent_image=["5", 0], denoise=denoise),
             "8": _node("VAEDecode", samples=["3", 0], vae=["4", 2]),

@@ -114,3 +114,23 @@ def test_sample_with_a_controlnet_and_its_hint(pipe, tmp_path):
     assert result.images[0].tobytes() != plain.tobytes()
     with pytest.raises(ValueError, match="needs both"):
         pipe.sample("a square", controlnet=controlnet, **options)
+
+
+def test_sample_through_loras_in_order_and_with_their_strengths(pipe, tmp_path):
+    from tests.nodes.test_sd_workflows import write_lora
+
+    write_lora(tmp_path / "one.safetensors")
+    options = {"num_steps": 2, "seed": 1, "width": 64, "height": 64}
+    plain = pipe.generate("a square", **options)
+    result = pipe.sample("a square", loras=[(tmp_path / "one.safetensors", 0.5)], return_workflow=True, **options)
+    loader = result.workflow["20"]
+    assert loader["class_type"] == "LoraLoader" and loader["inputs"]["strength_model"] == 0.5
+    assert result.workflow["3"]["inputs"]["model"] == ["20", 0] and result.workflow["6"]["inputs"]["clip"] == ["20", 1]
+    assert list(result.images[0].getdata()) != list(plain.getdata())
+    # One file alone is one LoRA at strength 1; strength 0 is the plain model.
+    assert pipe.sample("a square", loras=tmp_path / "one.safetensors", return_workflow=True,
+                       **options).workflow["20"]["inputs"]["strength_clip"] == 1.0
+    off = pipe.generate("a square", loras=[(tmp_path / "one.safetensors", 0.0)], **options)
+    assert list(off.getdata()) == list(plain.getdata())
+    with pytest.raises(FileNotFoundError, match="LoRA .*missing.safetensors not found"):
+        pipe.generate("a square", loras=[tmp_path / "missing.safetensors"], **options)
