@@ -26,7 +26,7 @@ COMFY_MODULES = frozenset({
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader",
-    "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader", "UpscaleModelLoader", "DiffControlNetLoader",
+    "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader", "DiffControlNetLoader",
     "unCLIPCheckpointLoader", "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
     # conditioning for other model kinds
     "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply", "InpaintModelConditioning",
@@ -48,7 +48,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # latents and images
     "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentAdd", "LatentSubtract",
     "LatentMultiply", "LatentInterpolate", "LatentBatchSeedBehavior", "LatentApplyOperation", "SaveLatent",
-    "LoadLatent", "ImageUpscaleWithModel", "ImageQuantize", "ImageScaleToMaxDimension", "ImageStitch",
+    "LoadLatent", "ImageQuantize", "ImageScaleToMaxDimension", "ImageStitch",
     "Morphology", "PorterDuffImageComposite", "SplitImageWithAlpha", "JoinImageWithAlpha", "SaveAnimatedWEBP",
     "SaveAnimatedPNG", "SaveWEBM", "SaveVideo", "LoadVideo", "WebcamCapture", "LoadImageOutput", "ImageColorToMask",
 })

@@ -18,6 +18,7 @@ MODEL_KINDS = {
     "embeddings": (".safetensors", ".pt", ".bin"),
     "configs": (".yaml",),
     "controlnet": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "upscale_models": (".safetensors", ".pt", ".pth", ".bin"),
 }
 
 

@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "nodes.sd.image",
     "nodes.sd.mask",
     "nodes.sd.preprocessors",
+    "nodes.sd.upscale",
 )
 
 

@@ -15,6 +15,7 @@ from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
 from ldm.presets import make_checkpoint, make_controlnet
+from ldm.upscale import RRDBNet
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
 
@@ -46,6 +47,8 @@ def base(tmp_path_factory):
         make_checkpoint(preset, root / "models" / "checkpoints" / name, seed=1)
     write_lora(root / "models" / "loras" / "example_lora.safetensors")
     make_controlnet("tiny-sd1", root / "models" / "controlnet" / "control_v11p_sd15_canny_fp16.safetensors", seed=1)
+    (root / "models" / "upscale_models").mkdir(parents=True)
+    torch.save(RRDBNet(nf=8, nb=1).state_dict(), root / "models" / "upscale_models" / "RealESRGAN_x4plus.pth")
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)
