@@ -95,6 +95,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 # --- family detection ------------------------------------------------------------------------------------
 
+# The resolution each family was trained at: what front ends default to, and LoRA training's picture size.
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str  # "sd1" | "sd2" | "sdxl"

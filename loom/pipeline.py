@@ -22,10 +22,11 @@ from executor.devices import EngineOptions
 from executor.executor import Executor
 from executor.services import Services
 from graph.document import parse_api
+from ldm.checkpoint import NATIVE_RESOLUTION
 from nodes.folders import FolderPaths, get_paths, set_paths
 from nodes.registry import builtin_registry
 
-DEFAULT_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
+DEFAULT_SIZES = NATIVE_RESOLUTION
 # LoRA files, each alone (strength 1) or as (file, strength); one file alone is a LoRA too.
 Loras = str | Path | Sequence[str | Path | tuple[str | Path, float]]
 

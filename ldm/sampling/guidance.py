@@ -49,6 +49,8 @@ class _Job:
     cols: slice
     weight: Tensor | float  # [B or 1, 1, h, w], or a scalar for a whole-image entry
     control: Any = None  # ldm.controlnet.Control
+    area: bool = False  # the entry names an area (or its mask's bounds)
+    source: tuple[int, int] = (0, 0)  # (side, index) of the entry whose timestep range this job follows
 
 
 def _to_batch(t: Tensor, batch: int) -> Tensor:
@@ -121,7 +123,34 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
         wy = feather_ramp(hh, top != 0, top + h < height, feather)
         wx = feather_ramp(ww, left != 0, left + w < width, feather)
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
-    return _Job(side, context, y, rows, cols, weight, options.get("control"))
+    return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None)
+
+
+def _pair_areas(jobs: list[_Job]) -> list[_Job]:
+    """ComfyUI's rule for area prompts under CFG: an area entry on one side with no entry of exactly its area
+    on the other gets one there, predicted with the prompt of the other side's smallest entry enclosing it
+    (a whole-image entry if no area entry encloses it), and with the area entry's own area, weight, control
+    and timestep range. Without it, an area's guidance would compare against the whole-image prediction."""
+    out = list(jobs)
+    for side in (0, 1):
+        for job in [j for j in out if j.side == side and j.area]:
+            smallest = None
+            for other in (j for j in out if j.side != side):
+                if not other.area:
+                    smallest = smallest or other
+                elif (other.rows.start <= job.rows.start and other.cols.start <= job.cols.start
+                      and other.rows.stop >= job.rows.stop and other.cols.stop >= job.cols.stop
+                      and (smallest is None or not smallest.area or _size(other) < _size(smallest))):
+                    smallest = other
+            if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
+                continue
+            out.append(_Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
+                            True, job.source))
+    return out
+
+
+def _size(job: _Job) -> int:
+    return (job.rows.stop - job.rows.start) * (job.cols.stop - job.cols.start)
 
 
 def _batches(jobs: list[_Job]) -> list[list[_Job]]:
@@ -225,13 +254,15 @@ class CFGGuider:
     def _plan(self, x: Tensor, active: tuple | None = None) -> _Plan:
         key = (tuple(x.shape), x.device, x.dtype, active)
         if key not in self._plans:
-            jobs = [
-                job
-                for side, conds in enumerate(self.sides)
-                for i, (emb, opts) in enumerate(conds)
-                if active is None or active[side][i]
-                if (job := _job(side, emb, opts, x, self.feather)) is not None
-            ]
+            jobs = []
+            for side, conds in enumerate(self.sides):
+                for i, (emb, opts) in enumerate(conds):
+                    if (job := _job(side, emb, opts, x, self.feather)) is not None:
+                        job.source = (side, i)
+                        jobs.append(job)
+            if len(self.sides) == 2:
+                jobs = _pair_areas(jobs)
+            jobs = [j for j in jobs if active is None or active[j.source[0]][j.source[1]]]
             batches = []
             for group in _batches(jobs):
                 length = math.lcm(*(j.context.shape[1] for j in group))

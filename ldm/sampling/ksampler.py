@@ -77,6 +77,10 @@ _STOCHASTIC = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmp
                "dpmpp_3m_sde", "ddpm", "lcm"}
 
 
+# Samplers that take only the ends of the schedule and step between them their own way, downwards.
+_FALLING_ONLY = {"dpm_fast", "dpm_adaptive"}
+
+
 def check_sigmas(sigmas: Tensor, sampler_name: str) -> None:
     """Refuse, with the reason, a schedule no sampler can walk: it must be finite, not negative, and strictly
     falling (0 only at the end), or strictly rising from above 0 (unsampling: FlipSigmas) for a sampler that
@@ -92,10 +96,11 @@ def check_sigmas(sigmas: Tensor, sampler_name: str) -> None:
     if not falling and not rising:
         raise ValueError(f"sigmas must fall at every step (0 only at the end), or rise at every step from above 0 "
                          f"to turn an image back into noise; got [{shown}]")
-    if rising and sampler_name in _STOCHASTIC:
-        raise ValueError(f"{sampler_name} adds noise at each step and needs falling sigmas; rising ones (from "
-                         "FlipSigmas, to turn an image back into noise) need a sampler without noise of its own, "
-                         "such as euler, heun, dpmpp_2m or ddim")
+    if rising and sampler_name in _STOCHASTIC | _FALLING_ONLY:
+        why = "adds noise at each step" if sampler_name in _STOCHASTIC else "plans its steps from high to low noise"
+        raise ValueError(f"{sampler_name} {why} and needs falling sigmas; rising ones (from FlipSigmas, to turn "
+                         "an image back into noise) need a sampler without noise of its own, such as euler, heun, "
+                         "dpmpp_2m or ddim")
 
 
 class SamplingInterrupted(Exception):

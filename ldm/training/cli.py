@@ -61,10 +61,12 @@ def add_train_parser(sub: Any) -> None:
                            "the attention projections only")
     lora.add_argument("--cond-dropout", type=float, default=0.0, help="share of empty captions")
     lora.add_argument("--offset-noise", type=float, default=0.0)
+    lora.add_argument("--prediction", choices=("eps", "v"), help="what the checkpoint predicts (default: as detected)")
     lora.add_argument("--output-name", default="lora.safetensors")
     lora.add_argument("--save-precision", choices=("fp16", "fp32"), default="fp16")
     # A LoRA run is short: no weight averaging, kohya's learning rate, a small batch.
-    lora.set_defaults(ema_decay=0.0, lr=1e-4, batch_size=4, warmup_steps=50)
+    # --size None: the checkpoint's own resolution.
+    lora.set_defaults(ema_decay=0.0, lr=1e-4, batch_size=4, warmup_steps=50, size=None)
     for parser in (vae, unet, lora):
         parser.set_defaults(func=run_train)
 
@@ -101,6 +103,11 @@ def _train(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup_steps, precision=args.precision,
                       grad_checkpointing=args.grad_checkpointing, ema_decay=args.ema_decay, seed=args.seed,
                       sample_every=args.sample_every, save_every=args.save_every)
+    base = load_checkpoint(args.init) if getattr(args, "init", None) else None
+    if args.size is None:  # train lora: the checkpoint's resolution
+        from ldm.checkpoint import NATIVE_RESOLUTION
+
+        args.size = int(base.metadata.get("loom.resolution", NATIVE_RESOLUTION.get(base.family.name, 512)))
     data = _data(args, device)
     if args.stage == "vae":
         from ldm.training.vae_trainer import VAETrainConfig, train_vae
@@ -120,14 +127,13 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--rank must be 1 or more")
         config = LoraTrainConfig(rank=args.rank, alpha=float(args.rank if args.alpha is None else args.alpha),
                                  targets=args.targets, cond_dropout=args.cond_dropout, offset_noise=args.offset_noise,
-                                 loop=loop)
-        path = train_lora(data, args.out, config, load_checkpoint(args.init), device, args.output_name,
+                                 prediction=args.prediction, loop=loop)
+        path = train_lora(data, args.out, config, base, device, args.output_name,
                           save_dtype=torch.float16 if args.save_precision == "fp16" else torch.float32)
         print(f"wrote {path}")
         return 0
     from ldm.training.unet_trainer import UNetTrainConfig, train_unet
 
-    base = load_checkpoint(args.init) if args.init else None
     if args.vae is not None:
         vae = load_vae(args.vae).vae
     elif base is not None:

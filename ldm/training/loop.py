@@ -114,9 +114,10 @@ class TrainLoop:
     CPU generator that is saved with the state, so a resumed run continues exactly."""
 
     def __init__(self, name: str, modules: dict[str, nn.Module], config: LoopConfig, out_dir: str | Path,
-                 device: torch.device) -> None:
+                 device: torch.device, state_file: str | None = None) -> None:
         self.name, self.modules, self.config, self.device = name, modules, config, device
         self.out_dir = Path(out_dir)
+        self.state_file = state_file or f"{name}-state.pt"
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                            betas=(0.9, 0.99))
@@ -129,7 +130,7 @@ class TrainLoop:
 
     @property
     def state_path(self) -> Path:
-        return self.out_dir / f"{self.name}-state.pt"
+        return self.out_dir / self.state_file
 
     def autocast(self) -> torch.autocast:
         dtype = PRECISIONS[self.config.precision]

@@ -39,6 +39,7 @@ class LoraTrainConfig:
     alpha: float = 8.0
     targets: str = "transformer"  # "transformer" (kohya's default) or "attention" (q, k, v, out only)
     cond_dropout: float = 0.0  # share of captions replaced by "" during training
+    prediction: str | None = None  # "eps" or "v"; None: the checkpoint's
     offset_noise: float = 0.0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=500, lr=1e-4, ema_decay=0.0,
                                                                 warmup_steps=50))
@@ -133,16 +134,20 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
                checkpoint: LoadedCheckpoint, device: torch.device, output_name: str = "lora.safetensors",
                save_dtype: torch.dtype | None = torch.float16, preview_captions: list[str] | None = None) -> Path:
     """Train a LoRA for `checkpoint`'s UNet on `data` (one ImageSet per bucket size); the text encoder and
-    the VAE stay frozen, and each picture and caption is encoded once. Resumes from `out_dir/lora-state.pt`.
-    Writes `lora-loss.png`, `lora-samples.png` (the preview captions with the LoRA) and the LoRA file,
+    the VAE stay frozen, and each picture and caption is encoded once. Resumes from `out_dir/NAME.train-state`
+    (NAME: `output_name` without its suffix). Writes `NAME-loss.png`, `NAME-samples.png` (the preview captions
+    with the LoRA) and the LoRA file,
     whose metadata hold the settings (kohya's `ss_*` keys and `loom.training`). Returns its path.
-    `checkpoint.unet` keeps the adapters (as parametrizations): it is the trained model afterwards."""
+    `checkpoint.unet` keeps the adapters (as parametrizations, with the last step's weights)."""
     out_dir = Path(out_dir)
     family = checkpoint.family
     if family.name not in BASE_MODEL_VERSION:
         raise ValueError(f"LoRA training supports SD1, SD2 and SDXL checkpoints, not {family.name.upper()}")
     if checkpoint.text_encoder is None:
         raise ValueError(f"{checkpoint.path.name} has no text encoder to encode the captions with")
+    prediction = config.prediction or family.prediction
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     buckets = data if isinstance(data, list) else [data]
     unet = checkpoint.unet.to(device=device, dtype=torch.float32)
     vae = checkpoint.vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
@@ -163,9 +168,17 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
         """SDXL's `y` for pooled vectors at a picture size (uncropped, target = original); None for SD1/SD2."""
         return None if not unet.config.adm_in_channels else sdxl_adm(pooled, width, height).to(device)
 
-    loop = TrainLoop("lora", {"lora": adapters}, config.loop, out_dir, device)
-    if loop.resume():
-        print(f"lora: resuming at step {loop.step}")
+    # One run per output name: its state, loss plot and samples are named after it, and the state file's
+    # suffix keeps it out of the LoRA lists when the run writes into models/loras.
+    stem = Path(output_name).stem
+    loop = TrainLoop(stem, {"lora": adapters}, config.loop, out_dir, device, state_file=f"{stem}.train-state")
+    try:
+        resumed = loop.resume()
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ValueError(f"{loop.state_path} holds a run with other settings (base model, rank or targets): "
+                         "remove it, or give another --output-name") from exc
+    if resumed:
+        print(f"{stem}: resuming at step {loop.step}")
 
     def loss_fn(g: torch.Generator) -> Tensor:
         batch = config.loop.batch_size
@@ -178,8 +191,7 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
         rows = torch.where(drop, torch.full_like(index, empty), caption_rows[bucket][index])
         height, width = buckets[bucket].pixels.shape[-2:]
         y = adm(None if pooled is None else pooled[rows], height, width)
-        return denoising_loss(unet, latents, context[rows], y, alphas_cumprod, g, family.prediction,
-                              config.offset_noise)
+        return denoising_loss(unet, latents, context[rows], y, alphas_cumprod, g, prediction, config.offset_noise)
 
     previews = preview_captions or sorted({c for bucket in buckets for c in bucket.captions})[:8]
     height, width = buckets[0].pixels.shape[-2:]
@@ -195,12 +207,12 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
             y = adm(None if texts_pooled is None else texts_pooled[rows], height, width)
             sides.append([(texts[rows], {} if y is None else {"y": y})])
         x = sample(unet, DiscreteSchedule(), latent, seed=0, steps=20, cfg=5.0, sampler_name="euler",
-                   scheduler="normal", positive=sides[0], negative=sides[1], prediction=family.prediction)
-        save_grid(vae.decode(x / vae.scaling_factor).float().clamp(-1, 1), out_dir / "lora-samples.png")
+                   scheduler="normal", positive=sides[0], negative=sides[1], prediction=prediction)
+        save_grid(vae.decode(x / vae.scaling_factor).float().clamp(-1, 1), out_dir / f"{stem}-samples.png")
 
     loop.run(loss_fn, preview)
     adapters.eval()
-    settings = {"rank": config.rank, "alpha": config.alpha, "targets": config.targets,
+    settings = {"rank": config.rank, "alpha": config.alpha, "targets": config.targets, "prediction": prediction,
                 "cond_dropout": config.cond_dropout, "offset_noise": config.offset_noise,
                 "loop": config.loop.as_dict(), "steps": loop.step, "seconds": round(loop.elapsed, 1),
                 "images": sum(len(b.captions) for b in buckets), "base": checkpoint.path.name, "device": str(device)}

@@ -197,6 +197,16 @@ def _first(conditioning: list, node: str) -> tuple[torch.Tensor, dict]:
     return conditioning[0]
 
 
+def _check_fits(node: str, to: torch.Tensor, source: torch.Tensor) -> None:
+    """conditioning_from's prompt must be as wide as conditioning_to's, and one prompt or as many."""
+    if source.shape[-1] != to.shape[-1]:
+        raise ValueError(f"{node}: the prompts are {to.shape[-1]} and {source.shape[-1]} wide; encode both with "
+                         "the same CLIP")
+    if source.shape[0] not in (1, to.shape[0]):
+        raise ValueError(f"{node}: conditioning_from holds {source.shape[0]} prompts and conditioning_to "
+                         f"{to.shape[0]}; give one prompt, or as many")
+
+
 class ConditioningConcat(Node):
     """Appends conditioning_from's tokens to each of conditioning_to's prompts (one longer context)."""
 
@@ -210,9 +220,7 @@ class ConditioningConcat(Node):
         extra, _ = _first(conditioning_from, "ConditioningConcat")
         out = []
         for emb, opts in conditioning_to:
-            if extra.shape[-1] != emb.shape[-1]:
-                raise ValueError(f"ConditioningConcat: the prompts are {emb.shape[-1]} and {extra.shape[-1]} wide; "
-                                 "encode both with the same CLIP")
+            _check_fits("ConditioningConcat", emb, extra)
             out.append((torch.cat([emb, extra.to(emb.dtype).expand(emb.shape[0], -1, -1)], dim=1), opts))
         return (out,)
 
@@ -232,9 +240,7 @@ class ConditioningAverage(Node):
         pooled_from = source_opts.get("pooled_output")
         out = []
         for emb, opts in conditioning_to:
-            if source.shape[-1] != emb.shape[-1]:
-                raise ValueError(f"ConditioningAverage: the prompts are {emb.shape[-1]} and {source.shape[-1]} "
-                                 "wide; encode both with the same CLIP")
+            _check_fits("ConditioningAverage", emb, source)
             other = source[:, :emb.shape[1]].to(emb.dtype)
             if other.shape[1] < emb.shape[1]:
                 other = torch.nn.functional.pad(other, (0, 0, 0, emb.shape[1] - other.shape[1]))

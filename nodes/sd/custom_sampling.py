@@ -98,7 +98,8 @@ class KarrasScheduler(Node):
 
     def execute(self, steps: int, sigma_max: float, sigma_min: float, rho: float) -> tuple[torch.Tensor]:
         sigmas = sigmas_karras(steps, sigma_min, sigma_max, rho)
-        return _sigmas_out(sigmas[:-1] if sigma_min == 0 else sigmas)  # a ramp to 0 ends there, without a second 0
+        doubled = len(sigmas) > 2 and sigmas[-2] == 0  # a ramp down to 0 ends there, without a second 0
+        return _sigmas_out(sigmas[:-1] if doubled else sigmas)
 
 
 class ExponentialScheduler(Node):

@@ -85,6 +85,29 @@ def test_area_conditioning_is_blended_with_feathered_edges():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_under_cfg_an_area_prompt_gets_the_negative_prompt_over_the_same_area():
+    """ComfyUI's pairing: the negative side predicts the area too (with its own prompt and the area's weights),
+    so guidance there compares like with like."""
+    unet, denoiser, x, sigma, ctx = setup(16, 16)
+    area = {"area": (8, 8, 0, 8), "strength": 2.0}
+    out = CFGGuider(denoiser, [(ctx[0], {}), (ctx[1], area)], [(ctx[2], {})], cfg=3.0)(x, sigma)
+    ramp = torch.arange(1, 9) / 8
+    weight = 2.0 * ramp.flip(0)[:, None] * ramp[None, :]
+
+    def blended(whole_ctx, area_ctx):
+        full = direct(denoiser, x, sigma, whole_ctx)
+        full[:, :, :8, 8:] = (full[:, :, :8, 8:] + direct(denoiser, x[:, :, :8, 8:], sigma, area_ctx) * weight) / (
+            1 + weight)
+        return full
+
+    cond, uncond = blended(ctx[0], ctx[1]), blended(ctx[2], ctx[2])
+    assert torch.allclose(out, uncond + 3.0 * (cond - uncond), atol=1e-4)
+    # An area the negative side already has is not doubled.
+    unet.calls.clear()
+    CFGGuider(denoiser, [(ctx[0], {}), (ctx[1], area)], [(ctx[2], {}), (ctx[2], area)], cfg=3.0)(x, sigma)
+    assert sorted(call[0] for call in unet.calls) == [4, 4]  # one whole-image and one area call, both sides
+
+
 def test_an_area_outside_the_latent_adds_nothing():
     # A prompt placed for a larger image (x = 160 px on a 128-px image): once a negative-size tensor error.
     unet, denoiser, x, sigma, ctx = setup(16, 16)

@@ -36,6 +36,8 @@ def test_concat_appends_the_first_from_entry_to_every_to_entry():
     assert out[0][0][0, :, 0].tolist() == [1, 1, 1, 5, 5, 5, 5] and out[1][0][0, 2:, 0].tolist() == [5] * 4
     with pytest.raises(ValueError, match="8 and 6 wide"):
         nodes.ConditioningConcat().execute([entry(3, 1.0)], [entry(3, 1.0, width=6)])
+    with pytest.raises(ValueError, match="holds 2 prompts and conditioning_to 3"):
+        nodes.ConditioningConcat().execute([(torch.zeros(3, 4, 8), {})], [(torch.zeros(2, 4, 8), {})])
     with pytest.raises(ValueError, match="conditioning_from is empty"):
         nodes.ConditioningConcat().execute([entry(3, 1.0)], [])
 

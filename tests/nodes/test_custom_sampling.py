@@ -232,10 +232,12 @@ def test_rising_sigmas_unsample_with_a_deterministic_sampler_and_are_refused_by_
                                                       noise={"class_type": "DisableNoise", "inputs": {}})}
     [(output, _)] = run(engine, graph, "14")
     assert bool(torch.isfinite(output["samples"]).all()) and output["samples"].abs().mean() > 1  # noise again
-    graph["12"] = select("euler_ancestral")
     graph["99"] = {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}
-    result = engine.run(parse_api(graph))
-    assert not result.ok and "euler_ancestral adds noise at each step and needs falling sigmas" in str(result.error)
+    for sampler, why in [("euler_ancestral", "adds noise at each step"),
+                         ("dpm_adaptive", "plans its steps from high to low noise")]:
+        graph["12"] = select(sampler)
+        result = engine.run(parse_api(graph))
+        assert not result.ok and f"{sampler} {why} and needs falling sigmas" in str(result.error)
 
 
 def test_karras_checks_rho_and_may_ramp_down_to_zero(engine):
@@ -245,3 +247,10 @@ def test_karras_checks_rho_and_may_ramp_down_to_zero(engine):
     assert "must be below sigma_max" in cs.KarrasScheduler.check_inputs({"rho": 7, "sigma_min": 2, "sigma_max": 1})
     [sigmas] = cs.KarrasScheduler().execute(4, 14.6, 0.0, 7.0)
     assert len(sigmas) == 4 and sigmas[-1] == 0 and sigmas[-2] > 0  # one 0, not two
+
+
+def test_karras_down_to_zero_in_one_step_keeps_its_step():
+    from nodes.sd import custom_sampling as cs
+
+    [sigmas] = cs.KarrasScheduler().execute(1, 14.6, 0.0, 7.0)
+    assert sigmas.tolist() == pytest.approx([14.6, 0.0])

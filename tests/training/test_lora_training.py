@@ -94,6 +94,7 @@ def test_a_run_resumes_where_it_stopped(tmp_path):
     a, b = load_lora(whole), load_lora(resumed)
     for name, weight in a.weights.items():
         torch.testing.assert_close(b.weights[name].up, weight.up, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.weights[name].down, weight.down, rtol=1e-5, atol=1e-6)
 
 
 def corner_colour(path: Path) -> torch.Tensor:
@@ -119,7 +120,8 @@ def test_a_lora_trained_by_the_command_teaches_the_demo_model_a_new_background(t
                "--max-steps", "100", "--lr", "1e-3", "--batch-size", "8", "--warmup-steps", "10"]
     train = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr
-    assert (models / "loras" / "lora-samples.png").is_file()
+    assert (models / "loras" / "green-samples.png").is_file()
+    assert sorted(p.name for p in (models / "loras").glob("*.safetensors")) == ["green.safetensors"]
     colours = {}
     for strength in (0, 1):
         out = tmp_path / f"out{strength}"
@@ -146,3 +148,23 @@ def test_bad_requests_get_clear_errors(tmp_path):
     assert missing.returncode != 0 and "nope.safetensors" in missing.stderr and "Traceback" not in missing.stderr
     rank = subprocess.run([*command, str(DEMO), "--rank", "0"], capture_output=True, text=True)
     assert rank.returncode != 0 and "--rank must be 1 or more" in rank.stderr
+
+
+def test_runs_into_one_folder_are_told_apart_by_their_output_name(tmp_path):
+    """models/loras as --out for two LoRAs: the second is its own run, not a resume of the first, and its
+    state file is not listed among the LoRAs; a state from other settings is refused with the reason."""
+    base = make_checkpoint("tiny-sd1", tmp_path / "base.safetensors", seed=1)
+    folder = tmp_path / "loras"
+    data = green_backgrounds(4)
+    first = train_lora(data, folder, LoraTrainConfig(rank=2, loop=loop(2)), load_checkpoint(base), CPU, "a.safetensors")
+    other = ImageSet(render_scenes([ShapeScene("red", "blue", "square", "", 4)] * 4, 64, seed=2), ["x"] * 4)
+    second = train_lora(other, folder, LoraTrainConfig(rank=2, loop=loop(2)), load_checkpoint(base), CPU,
+                        "b.safetensors")
+    a, b = load_lora(first), load_lora(second)
+    assert any(not torch.equal(a.weights[n].up, b.weights[n].up) for n in a.weights)
+    from nodes.folders import MODEL_KINDS
+
+    listed = sorted(p.name for p in folder.iterdir() if p.suffix in MODEL_KINDS["loras"])
+    assert listed == ["a.safetensors", "b.safetensors"]
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        train_lora(data, folder, LoraTrainConfig(rank=4, loop=loop(3)), load_checkpoint(base), CPU, "a.safetensors")
