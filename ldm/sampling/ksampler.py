@@ -107,14 +107,28 @@ class SamplingInterrupted(Exception):
     """Raised when the `interrupt` hook asks sampling to stop."""
 
 
-def compute_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoise: float = 1.0) -> Tensor:
-    """The sigmas of a run: for denoise < 1, the last `steps + 1` of a `steps / denoise` schedule,
-    so every step is spent on the lower part of the noise range (ComfyUI's behaviour)."""
-    if denoise > 0.9999:
+# The KSampler gives these samplers a schedule of one step more with its next-to-last level dropped, so that
+# their last step (a second-order one) does not end on the smallest sigma (ComfyUI's KSampler rule).
+DISCARD_PENULTIMATE_SIGMA = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+
+
+def _ksampler_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, sampler_name: str | None) -> Tensor:
+    if sampler_name not in DISCARD_PENULTIMATE_SIGMA:
         return get_sigmas(scheduler, schedule, steps)
+    sigmas = get_sigmas(scheduler, schedule, steps + 1)
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
+
+
+def compute_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoise: float = 1.0,
+                   sampler_name: str | None = None) -> Tensor:
+    """The sigmas of a KSampler run: for denoise < 1, the last `steps + 1` of a `steps / denoise` schedule,
+    so every step is spent on the lower part of the noise range (ComfyUI's behaviour); with `sampler_name`,
+    the KSampler's DISCARD_PENULTIMATE_SIGMA rule too (the custom sampling nodes' BasicScheduler has none)."""
+    if denoise > 0.9999:
+        return _ksampler_sigmas(schedule, scheduler, steps, sampler_name)
     if denoise <= 0.0:
         return torch.zeros(0)
-    return get_sigmas(scheduler, schedule, int(steps / denoise))[-(steps + 1) :]
+    return _ksampler_sigmas(schedule, scheduler, int(steps / denoise), sampler_name)[-(steps + 1) :]
 
 
 def _brownian_queries(sampler_name: str, sigmas: list[float], options: dict) -> list[tuple[float, float]]:
@@ -188,7 +202,7 @@ def sample(
     schedule = denoiser.schedule
 
     if sigmas is None:
-        sigmas = compute_sigmas(schedule, scheduler, steps, denoise)
+        sigmas = compute_sigmas(schedule, scheduler, steps, denoise, sampler_name)
     else:
         sigmas = sigmas.detach().to("cpu", torch.float32).flatten().clone()  # cut below: never the caller's
         check_sigmas(sigmas, sampler_name)

@@ -13,6 +13,7 @@ from ldm.sampling import (
     DiscreteSchedule,
     SamplingInterrupted,
     compute_sigmas,
+    get_sigmas,
     sample,
 )
 from ldm.sampling.ksampler import SAMPLERS
@@ -257,3 +258,16 @@ def test_comfyuis_gpu_noise_names_run_the_same_samplers():
         runs = [sample(unet, schedule, torch.zeros(1, 4, 8, 8), seed=4, steps=5, cfg=3.0, sampler_name=sampler,
                        scheduler="karras", positive=cond, negative=cond) for sampler in (alias, name)]
         assert torch.equal(*runs), alias
+
+
+@pytest.mark.parametrize("sampler_name", ["dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"])
+def test_second_order_samplers_get_one_step_more_with_the_penultimate_level_dropped(sampler_name):
+    """ComfyUI's KSampler rule for these four: still `steps` steps, the schedule of steps + 1 without its
+    next-to-last level (so the last step jumps from a larger sigma to 0)."""
+    longer = get_sigmas("karras", SCHEDULE, 5)
+    sigmas = compute_sigmas(SCHEDULE, "karras", 4, sampler_name=sampler_name)
+    assert torch.equal(sigmas, torch.cat([longer[:-2], longer[-1:]])) and len(sigmas) == 5
+    half = compute_sigmas(SCHEDULE, "karras", 4, 0.5, sampler_name=sampler_name)
+    longer = get_sigmas("karras", SCHEDULE, 9)
+    assert torch.equal(half, torch.cat([longer[:-2], longer[-1:]])[-5:])
+    assert torch.equal(compute_sigmas(SCHEDULE, "karras", 4, sampler_name="euler"), get_sigmas("karras", SCHEDULE, 4))
