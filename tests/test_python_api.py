@@ -126,11 +126,11 @@ def test_sample_through_loras_in_order_and_with_their_strengths(pipe, tmp_path):
     loader = result.workflow["20"]
     assert loader["class_type"] == "LoraLoader" and loader["inputs"]["strength_model"] == 0.5
     assert result.workflow["3"]["inputs"]["model"] == ["20", 0] and result.workflow["6"]["inputs"]["clip"] == ["20", 1]
-    assert list(result.images[0].getdata()) != list(plain.getdata())
+    assert result.images[0].tobytes() != plain.tobytes()
     # One file alone is one LoRA at strength 1; strength 0 is the plain model.
     assert pipe.sample("a square", loras=tmp_path / "one.safetensors", return_workflow=True,
                        **options).workflow["20"]["inputs"]["strength_clip"] == 1.0
     off = pipe.generate("a square", loras=[(tmp_path / "one.safetensors", 0.0)], **options)
-    assert list(off.getdata()) == list(plain.getdata())
+    assert off.tobytes() == plain.tobytes()
     with pytest.raises(FileNotFoundError, match="LoRA .*missing.safetensors not found"):
         pipe.generate("a square", loras=[tmp_path / "missing.safetensors"], **options)

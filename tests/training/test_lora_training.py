@@ -100,7 +100,8 @@ def test_a_run_resumes_where_it_stopped(tmp_path):
 def corner_colour(path: Path) -> torch.Tensor:
     """The mean RGB of two 6x6 corners: the background, away from the shape."""
     with Image.open(path) as image:
-        rgb = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32).view(image.height, image.width, 3)
+        rgb = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8).float()
+        rgb = rgb.view(image.height, image.width, 3)
     return torch.cat([rgb[:6, :6].reshape(-1, 3), rgb[-6:, -6:].reshape(-1, 3)]).mean(0)
 
 
