@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ldm.tokenizer import CHUNK_LENGTH, END_TOKEN, START_TOKEN, VOCAB_SIZE, ClipTokenizer
+from ldm.tokenizer import CHUNK_LENGTH, END_TOKEN, START_TOKEN, VOCAB_SIZE, ClipTokenizer, Embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -277,9 +277,19 @@ class ClipTextTransformer(nn.Module):
     def ignored_keys(self) -> tuple[str, ...]:
         return tuple(self.config.ldm_prefix + key for key in _IGNORED[self.config.layout])
 
-    def forward(self, ids: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        """Hidden state after ``layer`` (-1 last) for each token, and the pooled end-token state."""
-        out = self.text_model(input_ids=ids, output_hidden_states=True)
+    def forward(self, ids: Tensor, layer: int, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Hidden state after ``layer`` (-1 last) for each token, and the pooled end-token state. ``extra``
+        [k, width] are the token vectors of ids VOCAB_SIZE .. VOCAB_SIZE + k - 1 (textual inversion)."""
+        if extra is None:
+            out = self.text_model(input_ids=ids, output_hidden_states=True)
+        else:
+            table = self.text_model.embeddings.token_embedding
+            vectors = torch.cat([table.weight, extra.to(table.weight)])
+            table.forward = lambda input_ids: nn.functional.embedding(input_ids, vectors)  # for this call only
+            try:
+                out = self.text_model(input_ids=ids, output_hidden_states=True)
+            finally:
+                del table.forward
         hidden = out.hidden_states[layer]  # index 0 is the embeddings, -1 the last layer's output
         if self.config.layer_norm_hidden_state:
             hidden = self.text_model.final_layer_norm(hidden)
@@ -369,14 +379,16 @@ class TextEncoder(nn.Module):
             param.copy_(noise + 1.0 if id(param) in norm_scales else noise)
 
     def encode(self, prompts: list[str], clip_skip: int | None = None,
-               per_encoder: dict[str, list[str]] | None = None) -> TextEncoding:
+               per_encoder: dict[str, list[str]] | None = None,
+               embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:
         """Encode prompts (emphasis syntax allowed) to the UNet's context and the pooled vector.
 
         ``clip_skip`` is ComfyUI's stop_at_clip_layer (-1 last layer, -2 penultimate, ...); None
         takes the family's default. ``per_encoder`` gives some encoders prompts of their own (SDXL's
         ``{"clip_l": [...], "clip_g": [...]}``, as CLIPTextEncodeSDXL's text_l and text_g); the
         encoders' chunks are padded with empty ones to the same count. ``cond`` and ``pooled`` come
-        in the model's dtype and device.
+        in the model's dtype and device. ``embeddings(name)`` gives a textual-inversion embedding's
+        vectors by width, for ``embedding:NAME`` in prompts (ldm.embeddings.load_embedding reads the files).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -388,7 +400,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"per_encoder needs {len(prompts)} prompts for some of {sorted(self.encoders)}, "
                              f"got {({k: len(v) for k, v in (per_encoder or {}).items()})}")
         layer = self._layer(clip_skip)
-        tokenized_by_text = {text: self.tokenizer.tokenize(text) for batch in texts.values() for text in batch}
+        named = None if embeddings is None else Embeddings(embeddings)
+        tokenized_by_text = {text: self.tokenizer.tokenize(text, named) for batch in texts.values() for text in batch}
         tokenized = {name: [tokenized_by_text[text] for text in batch] for name, batch in texts.items()}
         num_chunks = max(len(t.ids) for batch in tokenized.values() for t in batch)
         batch = len(prompts)
@@ -404,7 +417,8 @@ class TextEncoder(nn.Module):
             if weighted:
                 empty = [START_TOKEN, END_TOKEN] + [pad] * (CHUNK_LENGTH - 2)
                 ids = torch.cat([ids, torch.tensor([empty], device=self.device)])
-            hidden, pool = encoder(ids, layer)
+            extra = named.table(encoder.config.hidden_size, name) if named is not None and named.slots else None
+            hidden, pool = encoder(ids, layer, extra)
             if weighted:
                 z_empty, hidden, pool = hidden[-1:].float(), hidden[:-1], pool[:-1]
                 moved = (z_empty + weights * (hidden.float() - z_empty)).to(hidden.dtype)

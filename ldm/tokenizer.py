@@ -9,6 +9,9 @@ Prompt syntax (ComfyUI's, so that prompts written for ComfyUI weigh the same her
 - ``\\(`` and ``\\)`` are literal parentheses; unmatched parentheses are literal too.
   Square brackets have no meaning (A1111's ``[text]`` de-emphasis is not supported).
 
+- ``embedding:NAME`` is a textual-inversion embedding (a file in models/embeddings): its vectors stand in
+  the prompt where the word is, weighted like the text around them.
+
 Text is cleaned as OpenAI's CLIP tokenizer does before BPE (ftfy, HTML unescape, whitespace
 collapse, lowercase). Each word is tokenized on its own and a chunk holds 75 tokens between its
 start and end tokens; a word shorter than 8 tokens that would straddle two chunks moves whole to
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -57,6 +62,48 @@ class TokenizedPrompt:
             [chunk + [pad_token] * (CHUNK_LENGTH - len(chunk)) for chunk in ids],
             [w + [1.0] * (CHUNK_LENGTH - len(w)) for w in weights],
         )
+
+
+_EMBEDDING = re.compile(r"embedding:([^\s,()]+)")
+
+
+@dataclass
+class Embeddings:
+    """The textual-inversion embeddings a prompt names. `load(name)` gives an embedding's vectors by width
+    ({768: [n, 768], ...}), or None when there is no such embedding. Tokenizing gives each vector a
+    placeholder id past the vocabulary (VOCAB_SIZE + k); `table(width)` holds the vectors in that order."""
+
+    load: Callable[[str], dict[int, Any] | None]
+    vectors: dict[str, dict[int, Any]] = field(default_factory=dict)
+    slots: list[tuple[str, int]] = field(default_factory=list)
+
+    def ids(self, name: str) -> list[int]:
+        if name not in self.vectors:
+            found = self.load(name.rstrip("."))
+            if not found:
+                raise ValueError(f"embedding:{name} not found (put the file, e.g. {name}.safetensors, in "
+                                 "models/embeddings)")
+            self.vectors[name] = found
+        count = next(iter(self.vectors[name].values())).shape[0]
+        ids = []
+        for j in range(count):
+            if (name, j) not in self.slots:
+                self.slots.append((name, j))
+            ids.append(VOCAB_SIZE + self.slots.index((name, j)))
+        return ids
+
+    def table(self, width: int, encoder: str) -> Any:
+        """The vectors of every placeholder, in order, for an encoder `width` wide."""
+        import torch
+
+        rows = []
+        for name, j in self.slots:
+            by_width = self.vectors[name]
+            if width not in by_width:
+                raise ValueError(f"embedding:{name} holds vectors {', '.join(map(str, by_width))} wide; this "
+                                 f"model's {encoder} text encoder takes {width}: it is for another model family")
+            rows.append(by_width[width][j])
+        return torch.stack(rows)
 
 
 def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
@@ -154,12 +201,24 @@ class ClipTokenizer:
         """Token ids of ``text`` (no emphasis parsing, no start/end tokens, no length limit)."""
         return [token for word in self.encode_words(text) for token in word]
 
-    def tokenize(self, prompt: str) -> TokenizedPrompt:
-        """Parse emphasis, tokenize and split into chunks of at most 75 tokens plus start and end."""
+    def _words(self, text: str, embeddings: Embeddings | None) -> list[list[int]]:
+        """Token ids per word; each `embedding:NAME` is one word of its placeholder ids."""
+        if embeddings is None or "embedding:" not in text:
+            return self.encode_words(text)
+        words, start = [], 0
+        for match in _EMBEDDING.finditer(text):
+            words += self.encode_words(text[start:match.start()])
+            words.append(embeddings.ids(match.group(1)))
+            start = match.end()
+        return words + self.encode_words(text[start:])
+
+    def tokenize(self, prompt: str, embeddings: Embeddings | None = None) -> TokenizedPrompt:
+        """Parse emphasis, tokenize and split into chunks of at most 75 tokens plus start and end; with
+        `embeddings`, `embedding:NAME` words become their placeholder ids."""
         chunks: list[list[int]] = [[START_TOKEN]]
         weights: list[list[float]] = [[1.0]]
         for text, weight in parse_emphasis(prompt):
-            for word in self.encode_words(text):
+            for word in self._words(text, embeddings):
                 fits_one_chunk = len(word) < LONG_WORD_TOKENS
                 while word:
                     room = CHUNK_CAPACITY + 1 - len(chunks[-1])

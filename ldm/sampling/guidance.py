@@ -214,6 +214,7 @@ class CFGGuider:
                         (sigma_at_percent(opts.get("start_percent", 0.0), sigmas_by_t),
                          sigma_at_percent(opts.get("end_percent", 1.0), sigmas_by_t)) for _, opts in side]
                        for side in self.sides]
+        self.ranged = any(r is not None for side in self.ranges for r in side)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
@@ -246,7 +247,7 @@ class CFGGuider:
 
     def _active(self, sigma: Tensor, level: float | None) -> tuple | None:
         """Which entries act at this noise level (None: all of them, none having a range)."""
-        if all(r is None for side in self.ranges for r in side):
+        if not self.ranged:
             return None
         current = level if level is not None else float(sigma.max())
         return tuple(tuple(r is None or r[1] <= current <= r[0] for r in side) for side in self.ranges)

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any
 
 import torch
 
+from nodes.folders import get_paths
 from nodes.node import Node
-from nodes.sd.models import Clip, on_device
+from nodes.sd.models import Clip, file_fingerprint, on_device
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 
 log = logging.getLogger(__name__)
 
 MAX_RESOLUTION = 16384
+
+
+def embedding_vectors(name: str) -> dict[int, torch.Tensor] | None:
+    """The vectors of `embedding:NAME` from models/embeddings (NAME with or without its suffix), or None."""
+    from ldm.embeddings import SUFFIXES
+
+    for candidate in (name, *(name + suffix for suffix in SUFFIXES)):
+        path = get_paths().find_model("embeddings", candidate)
+        if path is not None:
+            return _load_embedding(str(path), str(file_fingerprint(path)))
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _load_embedding(path: str, fingerprint: str) -> dict[int, torch.Tensor]:
+    from ldm.embeddings import load_embedding
+
+    return load_embedding(path)
+
+
+def _encode(node: Node, clip: Clip, text: str, **kwargs: Any) -> Any:
+    """`clip`'s encoding of a prompt on the compute device, `embedding:NAME` words read from models/embeddings."""
+    with torch.inference_mode():
+        return on_device(node.ctx, clip.encoder).encode([text], clip_skip=clip.clip_skip,
+                                                        embeddings=embedding_vectors, **kwargs)
 
 
 class CLIPTextEncode(Node):
@@ -25,8 +53,7 @@ class CLIPTextEncode(Node):
     outputs = (Output("CONDITIONING"),)
 
     def execute(self, text: str, clip: Clip) -> tuple[list]:
-        with torch.inference_mode():
-            encoding = on_device(self.ctx, clip.encoder).encode([text], clip_skip=clip.clip_skip)
+        encoding = _encode(self, clip, text)
         options = {}
         if encoding.pooled is not None:
             options["pooled_output"] = encoding.pooled.float().cpu()
@@ -55,9 +82,7 @@ class CLIPTextEncodeSDXL(Node):
         if clip.family_name != "sdxl":
             raise ValueError(f"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {clip.source} is "
                              f"{clip.family_name.upper()} (use CLIP Text Encode)")
-        with torch.inference_mode():
-            encoding = on_device(self.ctx, clip.encoder).encode(
-                [text_g], clip_skip=clip.clip_skip, per_encoder={"clip_g": [text_g], "clip_l": [text_l]})
+        encoding = _encode(self, clip, text_g, per_encoder={"clip_g": [text_g], "clip_l": [text_l]})
         options = {"pooled_output": encoding.pooled.float().cpu(), "width": width, "height": height,
                    "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width, "target_height": target_height}
         return ([(encoding.cond.float().cpu(), options)],)
@@ -77,8 +102,7 @@ class CLIPTextEncodeSDXLRefiner(Node):
     outputs = (Output("CONDITIONING"),)
 
     def execute(self, ascore: float, width: int, height: int, text: str, clip: Clip) -> tuple[list]:
-        with torch.inference_mode():
-            encoding = on_device(self.ctx, clip.encoder).encode([text], clip_skip=clip.clip_skip)
+        encoding = _encode(self, clip, text)
         options = {"pooled_output": encoding.pooled.float().cpu(), "aesthetic_score": ascore,
                    "width": width, "height": height}
         return ([(encoding.cond.float().cpu(), options)],)
