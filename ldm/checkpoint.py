@@ -65,7 +65,8 @@ def load_state_dict(path: str | Path) -> StateDict:
     """All tensors of a checkpoint file, memory-mapped where the format allows (no second copy in RAM).
 
     `.ckpt`/`.pt` files are read only with `torch.load(weights_only=True)`, and a top-level
-    `state_dict` entry is unwrapped. Anything else raises `CheckpointError` naming the file.
+    `state_dict` entry is unwrapped (or BasicSR's `params_ema`, else `params`, as Real-ESRGAN's files hold
+    their weights). Anything else raises `CheckpointError` naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -76,8 +77,10 @@ def load_state_dict(path: str | Path) -> StateDict:
         except (safetensors.SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path.name}: unreadable or truncated safetensors file ({e})") from None
     data = _load_torch(path)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
+    for wrapper in ("state_dict", "params_ema", "params"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+            break
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
     if not tensors:
         raise CheckpointError(f"{path.name}: holds no tensors")

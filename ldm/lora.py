@@ -50,8 +50,13 @@ _PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.we
 
 
 def load_lora(path: str | Path) -> Lora:
-    """Read a LoRA file, grouping its tensors per patched module; other tensors land in unknown_keys."""
-    return lora_from_state_dict(load_state_dict(path), Path(path))
+    """Read a LoRA file, grouping its tensors per patched module; other tensors land in unknown_keys. A file
+    with no LoRA pair at all (a checkpoint or an upscaler put among the LoRAs) is refused."""
+    lora = lora_from_state_dict(load_state_dict(path), Path(path))
+    if not lora.weights:
+        raise LoraError(f"{Path(path).name} holds no LoRA weights (lora_down/lora_up or lora_A/lora_B pairs): "
+                        "it is not a LoRA file")
+    return lora
 
 
 def peek_lora(path: str | Path) -> Lora | None:

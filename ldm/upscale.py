@@ -59,6 +59,7 @@ class RRDBNet(nn.Module):
     def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, upsamples: int = 2,
                  unshuffle: int = 1) -> None:
         super().__init__()
+        self.in_channels = in_nc
         self.unshuffle = unshuffle
         self.scale = 2**upsamples // unshuffle
         self.conv_first = nn.Conv2d(in_nc * unshuffle**2, nf, 3, 1, 1)
@@ -72,7 +73,9 @@ class RRDBNet(nn.Module):
         height, width = x.shape[-2:]
         if self.unshuffle > 1:
             f = self.unshuffle
-            x = F.pad(x, (0, -width % f, 0, -height % f), mode="reflect")
+            # Reflect, as the reference does; an image smaller than the padding can only be replicated.
+            mode = "reflect" if min(height, width) > f else "replicate"
+            x = F.pad(x, (0, -width % f, 0, -height % f), mode=mode)
             x = F.pixel_unshuffle(x, f)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
@@ -88,7 +91,7 @@ class SRVGGNetCompact(nn.Module):
 
     def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, num_conv: int = 16, scale: int = 4) -> None:
         super().__init__()
-        self.scale = scale
+        self.scale, self.in_channels = scale, in_nc
         layers: list[nn.Module] = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(nf)]
         for _ in range(num_conv):
             layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(nf)]
@@ -117,6 +120,8 @@ def _rrdb_layout(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                "HRconv": "conv_hr"}
     if old_ups:
         *ups, hr, last = old_ups
+        if ups != list(range(3, 3 * len(ups) + 1, 3)) or hr != 3 * len(ups) + 2 or last != hr + 2:
+            raise ValueError(f"layers model.{old_ups} are not an ESRGAN's upsampling and output convolutions")
         renames.update({f"model.{n}": f"ups.{i}" for i, n in enumerate(ups)})
         renames.update({f"model.{hr}": "conv_hr", f"model.{last}": "conv_last"})
     for key, tensor in sd.items():
@@ -149,6 +154,14 @@ def upscale_model_from_state_dict(sd: dict[str, Tensor], source: str = "") -> Up
         if wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
     sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+    try:
+        return _build(sd, source)
+    except (KeyError, IndexError, ValueError) as exc:  # a tensor the layout needs is missing
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(f"{source or 'this file'}: an incomplete upscale model ({what})") from None
+
+
+def _build(sd: dict[str, Tensor], source: str) -> UpscaleModel:
     if any(_RDB.match(k) for k in sd):
         if any(".conv1x1." in k for k in sd):
             raise CheckpointError(f"{source or 'this file'} is an ESRGAN+ model, which is not supported")
@@ -170,10 +183,17 @@ def upscale_model_from_state_dict(sd: dict[str, Tensor], source: str = "") -> Up
     else:
         raise CheckpointError(f"{source or 'this file'} is not an upscale model this engine reads (ESRGAN/RRDBNet "
                               "or Real-ESRGAN compact); SwinIR, HAT, DAT and others are not supported")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit: torch lists every one of them
+        first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)
+        raise CheckpointError(f"{source or 'this file'}: the {architecture} weights do not fit ({first})") from None
     if missing or unexpected:
         raise CheckpointError(f"{source or 'this file'}: the {architecture} weights do not fit (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(model, "in_channels", 3) != 3:
+        raise CheckpointError(f"{source or 'this file'} takes {model.in_channels}-channel images; only RGB "
+                              "upscale models are supported")
     scale = model.scale
     return UpscaleModel(model.eval().requires_grad_(False), scale, architecture, source)
 

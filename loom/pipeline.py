@@ -47,7 +47,7 @@ class Pipeline:
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} not found")
         self.paths = paths or get_paths()
-        self.paths.extra_model_paths.setdefault("checkpoints", []).insert(0, self.checkpoint.parent)
+        self.paths.first_model_paths.setdefault("checkpoints", []).insert(0, self.checkpoint.parent)
         set_paths(self.paths)
         services = Services.create(self.paths, force_cpu=cpu, options=options)
         self.executor = Executor(builtin_registry(), services=services)
@@ -121,21 +121,29 @@ class Pipeline:
         graph["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
 
     def _model_name(self, kind: str, file: str | Path, what: str) -> str:
-        """The name a loader node knows `file` by: its folder joins the `kind` folders searched."""
+        """The name a loader node knows `file` by: its folder goes first among the `kind` folders searched
+        (before ./models, so a file of the same name there cannot stand in for it)."""
         path = Path(file).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"{what} {file} not found")
-        folders = self.paths.extra_model_paths.setdefault(kind, [])
-        if path.parent not in folders:
-            folders.insert(0, path.parent)
+        folders = self.paths.first_model_paths.setdefault(kind, [])
+        if path.parent in folders:
+            folders.remove(path.parent)
+        folders.insert(0, path.parent)
         return path.name
 
     def _base(self, prompt: str, negative: str, steps: int, cfg: float, seed: int | None, sampler: str,
               scheduler: str, denoise: float, loras: Loras = ()) -> dict[str, Any]:
         model, clip = ["4", 0], ["4", 1]
         graph = {"4": _node("CheckpointLoaderSimple", ckpt_name=self.checkpoint.name)}
-        for i, lora in enumerate([loras] if isinstance(loras, (str, Path)) else loras):
-            file, strength = lora if isinstance(lora, tuple) else (lora, 1.0)
+        one = isinstance(loras, (str, Path)) or (isinstance(loras, tuple) and len(loras) == 2
+                                                 and isinstance(loras[1], (int, float)))
+        files = [lora if isinstance(lora, (tuple, list)) else (lora, 1.0) for lora in ([loras] if one else loras)]
+        names = [Path(file).name for file, _ in files]
+        if len({Path(file).resolve() for file, _ in files}) != len(set(names)):
+            raise ValueError(f"LoRAs of the same file name from different folders in one call ({names}): the "
+                             "loader knows them by name, so rename one")
+        for i, (file, strength) in enumerate(files):
             node = f"2{i}"  # Load LoRA nodes "20", "21", ... chained between the checkpoint and its users
             graph[node] = _node("LoraLoader", model=model, clip=clip, lora_name=self._model_name("loras", file, "LoRA"),
                                 strength_model=strength, strength_clip=strength)

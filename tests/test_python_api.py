@@ -134,3 +134,25 @@ def test_sample_through_loras_in_order_and_with_their_strengths(pipe, tmp_path):
     assert off.tobytes() == plain.tobytes()
     with pytest.raises(FileNotFoundError, match="LoRA .*missing.safetensors not found"):
         pipe.generate("a square", loras=[tmp_path / "missing.safetensors"], **options)
+
+
+def test_loras_given_as_one_pair_and_the_files_a_user_means(pipe, tmp_path):
+    from tests.nodes.test_sd_workflows import write_lora
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_lora(tmp_path / "a" / "lora.safetensors")
+    write_lora(tmp_path / "b" / "lora.safetensors")
+    options = {"num_steps": 2, "seed": 1, "width": 64, "height": 64, "return_workflow": True}
+    one = pipe.sample("a square", loras=(tmp_path / "a" / "lora.safetensors", 0.7), **options)
+    assert one.workflow["20"]["inputs"]["strength_model"] == 0.7 and "21" not in one.workflow
+    with pytest.raises(ValueError, match="same file name from different folders"):
+        pipe.sample("a square", loras=[tmp_path / "a" / "lora.safetensors", tmp_path / "b" / "lora.safetensors"],
+                    **options)
+    # The folder of the file given goes first: the same name elsewhere cannot stand in for it.
+    pipe.sample("a square", loras=[tmp_path / "b" / "lora.safetensors"], **options)
+    assert pipe.paths.find_model("loras", "lora.safetensors") == tmp_path / "b" / "lora.safetensors"
+    # A file that is not a LoRA (here a checkpoint) is refused, not applied as nothing.
+    checkpoint = make_checkpoint("tiny-sd1", tmp_path / "not_a_lora.safetensors", seed=3, text_encoder=False)
+    with pytest.raises(RuntimeError, match="holds no LoRA weights"):
+        pipe.sample("a square", loras=[checkpoint], **options)

@@ -157,16 +157,21 @@ def caption_folder(folder: str | Path, base: int = 512, step: int = 64) -> list[
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
+    if base < step:
+        raise ValueError(f"the picture size ({base}) must be at least {step} pixels")
     buckets = bucket_sizes(base, step)
     grouped: dict[tuple[int, int], tuple[list[Tensor], list[str]]] = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            aspect = image.width / image.height
-            width, height = min(buckets, key=lambda b: abs(math.log(b[0] / b[1] / aspect)))
-            scale = max(width / image.width, height / image.height)
-            resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                                   Image.Resampling.LANCZOS)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, SyntaxError) as exc:  # truncated, corrupt or not a picture: name the file
+            raise OSError(f"{path}: not a readable image ({exc})") from None
+        aspect = image.width / image.height
+        width, height = min(buckets, key=lambda b: abs(math.log(b[0] / b[1] / aspect)))
+        scale = max(width / image.width, height / image.height)
+        resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                               Image.Resampling.LANCZOS)
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         cropped = resized.crop((left, top, left + width, top + height))
         pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(height, width, 3)

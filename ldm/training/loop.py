@@ -42,6 +42,8 @@ class LoopConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.max_steps is None and self.minutes is None:
             raise ValueError("give a budget: max_steps, minutes or both")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be 1 or more, not {self.batch_size}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -140,6 +140,14 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
     whose metadata hold the settings (kohya's `ss_*` keys and `loom.training`). Returns its path.
     `checkpoint.unet` keeps the adapters (as parametrizations, with the last step's weights)."""
     out_dir = Path(out_dir)
+    if Path(output_name).suffix != ".safetensors":
+        raise ValueError(f"the LoRA is written as .safetensors: give an output name like "
+                         f"{Path(output_name).stem}.safetensors, not {output_name}")
+    if not config.rank >= 1 or not config.alpha > 0 or not 0 <= config.cond_dropout <= 1:
+        raise ValueError(f"rank must be 1 or more ({config.rank}), alpha above 0 ({config.alpha}) and "
+                         f"cond_dropout from 0 to 1 ({config.cond_dropout})")
+    if (out_dir / output_name).is_dir() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ValueError(f"cannot write {out_dir / output_name}: a folder or file is in the way")
     family = checkpoint.family
     if family.name not in BASE_MODEL_VERSION:
         raise ValueError(f"LoRA training supports SD1, SD2 and SDXL checkpoints, not {family.name.upper()}")
@@ -171,7 +179,8 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
     # One run per output name: its state, loss plot and samples are named after it, and the state file's
     # suffix keeps it out of the LoRA lists when the run writes into models/loras.
     stem = Path(output_name).stem
-    loop = TrainLoop(stem, {"lora": adapters}, config.loop, out_dir, device, state_file=f"{stem}.train-state")
+    run_dir = (out_dir / output_name).parent  # an output name with a folder keeps its run there too
+    loop = TrainLoop(stem, {"lora": adapters}, config.loop, run_dir, device, state_file=f"{stem}.train-state")
     try:
         resumed = loop.resume()
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -208,7 +217,7 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
             sides.append([(texts[rows], {} if y is None else {"y": y})])
         x = sample(unet, DiscreteSchedule(), latent, seed=0, steps=20, cfg=5.0, sampler_name="euler",
                    scheduler="normal", positive=sides[0], negative=sides[1], prediction=prediction)
-        save_grid(vae.decode(x / vae.scaling_factor).float().clamp(-1, 1), out_dir / f"{stem}-samples.png")
+        save_grid(vae.decode(x / vae.scaling_factor).float().clamp(-1, 1), run_dir / f"{stem}-samples.png")
 
     loop.run(loss_fn, preview)
     adapters.eval()

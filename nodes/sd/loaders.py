@@ -267,12 +267,15 @@ class LoraLoader(Node):
 
     def execute(self, model: DiffusionModel, clip: Clip, lora_name: str, strength_model: float,
                 strength_clip: float) -> tuple[DiffusionModel, Clip]:
-        from ldm.lora import apply_lora, check_lora_family, load_lora, unmatched_lora_keys
+        from ldm.lora import LoraError, apply_lora, check_lora_family, load_lora, unmatched_lora_keys
 
         path = model_path("loras", lora_name)
         lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
         check_lora_family(lora, model.family.name)
         unmatched = unmatched_lora_keys(lora, model.unet, clip.encoder)
+        if len(unmatched) == len([k for keys in lora.sources.values() for k in keys]) + len(lora.unknown_keys):
+            raise LoraError(f"{lora_name} patches no layer of this model ({model.family.name.upper()}): it is a "
+                            "LoRA for another kind of model")
         if unmatched:
             log.warning("%s: %d keys patch nothing in this model, e.g. %s", lora_name, len(unmatched), unmatched[:3])
         with torch.no_grad():

@@ -162,3 +162,42 @@ def test_the_nodes_upscale_an_input_image(spandrel, tmp_path):
         assert not result.ok and "broken.pth" in str(result.error)
     finally:
         set_paths(FolderPaths())
+
+
+def test_real_esrgan_files_wrapped_in_params_ema_load_from_disk(spandrel, tmp_path):
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    from ldm.upscale import load_upscale_model
+
+    reference = randomized(ESRGAN(num_filters=8, num_blocks=1, scale=4), seed=6)
+    torch.save({"params_ema": old_to_new_esrgan_x4(reference.state_dict(), blocks=1), "params": {}},
+               tmp_path / "RealESRGAN_x4plus.pth")
+    loaded = load_upscale_model(tmp_path / "RealESRGAN_x4plus.pth")
+    x = image()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nearly_right_files_get_one_clear_line(spandrel):
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    sd = randomized(ESRGAN(num_filters=8, num_blocks=1, scale=4), seed=7).state_dict()
+    missing = {k: v for k, v in sd.items() if not k.startswith("model.10.")}
+    with pytest.raises(CheckpointError, match="x.pth: .*(incomplete|do not fit)"):
+        upscale_model_from_state_dict(missing, "x.pth")
+    wrong = dict(sd, **{"model.8.weight": torch.zeros(8, 8, 5, 5)})
+    with pytest.raises(CheckpointError, match="x.pth: the ESRGAN .* weights do not fit") as err:
+        upscale_model_from_state_dict(wrong, "x.pth")
+    assert "\n" not in str(err.value)
+    gray = randomized(ESRGAN(in_nc=1, out_nc=1, num_filters=8, num_blocks=1, scale=4), seed=8).state_dict()
+    with pytest.raises(CheckpointError, match="takes 1-channel images; only RGB"):
+        upscale_model_from_state_dict(gray, "gray.pth")
+
+
+def test_an_unshuffling_model_takes_an_image_smaller_than_its_fold(spandrel):
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    reference = randomized(ESRGAN(in_nc=12, out_nc=3, num_filters=8, num_blocks=1, scale=4, shuffle_factor=2), 9)
+    ours = upscale_model_from_state_dict(reference.state_dict(), "x2.pth")
+    with torch.no_grad():
+        assert ours(image(1, 5)).shape == (1, 3, 2, 10)

@@ -169,3 +169,25 @@ def test_runs_into_one_folder_are_told_apart_by_their_output_name(tmp_path):
     assert listed == ["a.safetensors", "b.safetensors"]
     with pytest.raises(ValueError, match="holds a run with other settings"):
         train_lora(data, folder, LoraTrainConfig(rank=4, loop=loop(3)), load_checkpoint(base), CPU, "a.safetensors")
+
+
+def test_bad_settings_and_pictures_are_refused_before_training(tmp_path):
+    from ldm.training.data import caption_folder
+
+    base = load_checkpoint(make_checkpoint("tiny-sd1", tmp_path / "base.safetensors", seed=1))
+    data = green_backgrounds(2)
+    for config, name, message in [(LoraTrainConfig(rank=2, loop=loop(1)), "x.ckpt", "written as .safetensors"),
+                                  (LoraTrainConfig(rank=2, alpha=0.0, loop=loop(1)), "x.safetensors", "alpha above 0"),
+                                  (LoraTrainConfig(rank=2, cond_dropout=2.0, loop=loop(1)), "x.safetensors",
+                                   "cond_dropout from 0 to 1")]:
+        with pytest.raises(ValueError, match=message):
+            train_lora(data, tmp_path / "o", config, base, CPU, name)
+    with pytest.raises(ValueError, match="batch size must be 1 or more"):
+        loop(1, batch_size=0)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(OSError, match="broken.png: not a readable image"):
+        caption_folder(folder, base=64)
+    with pytest.raises(ValueError, match="must be at least 64 pixels"):
+        caption_folder(folder, base=30)
