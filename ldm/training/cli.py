@@ -88,6 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError, ValueError) as exc:  # OSError: a missing folder, an unreadable image
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the loop has saved its state and said so
+        return 130
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -184,35 +184,41 @@ class TrainLoop:
         pending_steps = 0
         started = time.perf_counter()
         base_elapsed = self.elapsed
-        while not self.done():
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr()
-            with self.autocast():
-                loss = loss_fn(self.generator)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.ema.update(self.step)
-            self.step += 1
-            # Summing on the device and reading back every log_every steps avoids a sync per step.
-            pending += loss.detach().float()
-            pending_steps += 1
-            self.elapsed = base_elapsed + time.perf_counter() - started
-            if self.step % c.log_every == 0 or self.done():
-                mean = float(pending) / pending_steps
-                if math.isfinite(mean):
-                    self.history.steps.append(self.step)
-                    self.history.losses.append(mean)
-                progress.update(self.step, mean, self.elapsed, pending_steps)
-                pending.zero_()
-                pending_steps = 0
-            if self.step % c.sample_every == 0 and on_sample is not None:
-                self._sample(on_sample)
-            if self.step % c.save_every == 0:
-                self.save()
+        try:
+            while not self.done():
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr()
+                with self.autocast():
+                    loss = loss_fn(self.generator)
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.ema.update(self.step)
+                self.step += 1
+                # Summing on the device and reading back every log_every steps avoids a sync per step.
+                pending += loss.detach().float()
+                pending_steps += 1
+                self.elapsed = base_elapsed + time.perf_counter() - started
+                if self.step % c.log_every == 0 or self.done():
+                    mean = float(pending) / pending_steps
+                    if math.isfinite(mean):
+                        self.history.steps.append(self.step)
+                        self.history.losses.append(mean)
+                    progress.update(self.step, mean, self.elapsed, pending_steps)
+                    pending.zero_()
+                    pending_steps = 0
+                if self.step % c.sample_every == 0 and on_sample is not None:
+                    self._sample(on_sample)
+                if self.step % c.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:  # Ctrl-C: keep what was trained, so that the same command resumes
+            progress.close()
+            print(f"{self.name}: interrupted at step {self.step}; saved {self.save()}: run the same command again "
+                  "to resume", file=sys.stderr)
+            raise
         progress.close()
         self.save()
         plot_losses({self.name: self.history}, self.out_dir / f"{self.name}-loss.png")

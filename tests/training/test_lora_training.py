@@ -191,3 +191,26 @@ def test_bad_settings_and_pictures_are_refused_before_training(tmp_path):
         caption_folder(folder, base=64)
     with pytest.raises(ValueError, match="must be at least 64 pixels"):
         caption_folder(folder, base=30)
+
+
+def test_ctrl_c_saves_the_steps_done_so_the_same_run_resumes(tmp_path, capsys):
+    from ldm.training.loop import TrainLoop
+
+    def make():
+        layer = torch.nn.Linear(2, 1)
+        return layer, TrainLoop("t", {"layer": layer}, loop(10), tmp_path, CPU)
+
+    layer, first = make()
+    calls = []
+
+    def loss_fn(g):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return layer(torch.ones(1, 2)).square().sum()
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(loss_fn)
+    assert "t: interrupted at step 3; saved" in capsys.readouterr().err
+    _, again = make()
+    assert again.resume() and again.step == 3
