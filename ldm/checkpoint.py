@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -77,14 +78,20 @@ def load_state_dict(path: str | Path) -> StateDict:
         except (safetensors.SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path.name}: unreadable or truncated safetensors file ({e})") from None
     data = _load_torch(path)
-    for wrapper in ("state_dict", "params_ema", "params"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-            break
+    data = unwrap_weights(data)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
     if not tensors:
         raise CheckpointError(f"{path.name}: holds no tensors")
     return tensors
+
+
+def unwrap_weights(data: Any) -> Any:
+    """The weights of a loaded .ckpt/.pth: a top-level `state_dict` entry, or BasicSR's `params_ema` (else
+    `params`, as Real-ESRGAN's files hold theirs); anything else as it is."""
+    for wrapper in ("state_dict", "params_ema", "params"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            return data[wrapper]
+    return data
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import CheckpointError, load_state_dict, unwrap_weights
 
 
 class ResidualDenseBlock(nn.Module):
@@ -150,10 +150,7 @@ class UpscaleModel:
 
 def upscale_model_from_state_dict(sd: dict[str, Tensor], source: str = "") -> UpscaleModel:
     """Build the model a state dict holds (RRDBNet or SRVGGNetCompact, in any of their layouts)."""
-    for wrapper in ("params_ema", "params", "state_dict"):  # Real-ESRGAN and BasicSR save under one of these
-        if wrapper in sd and isinstance(sd[wrapper], dict):
-            sd = sd[wrapper]
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
+    sd = {k.removeprefix("module."): v for k, v in unwrap_weights(sd).items() if isinstance(v, Tensor)}
     try:
         return _build(sd, source)
     except (KeyError, IndexError, ValueError) as exc:  # a tensor the layout needs is missing

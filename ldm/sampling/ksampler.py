@@ -217,14 +217,15 @@ def sample(
     if len(sigmas) == 0:
         return latent
 
+    # Read on the CPU, before the move: no device synchronisation.
+    sigma_start, no_step = float(sigmas[0]), len(sigmas) == 1 or float(sigmas.max()) == 0
     sigmas = sigmas.to(latent.device)
     noise = prepare_noise(latent, seed, batch_index) if add_noise else torch.zeros_like(latent)
-    sigma_start = float(sigmas[0])
     # From the top of the schedule, start at the variance-preserving scale sqrt(1 + sigma^2): pure
     # noise in DDPM terms (ComfyUI's max_denoise).
     full = math.isclose(sigma_start, schedule.sigma_max, rel_tol=1e-5) or sigma_start > schedule.sigma_max
     x = latent + noise * ((1 + sigma_start**2) ** 0.5 if full else sigma_start)
-    if len(sigmas) == 1 or float(sigmas.max()) == 0:
+    if no_step:
         # No step to take: the latent with its noise (a first stage split off at step 0), as in ComfyUI.
         return x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
 
