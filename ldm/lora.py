@@ -198,12 +198,12 @@ def unmatched_lora_keys(lora: Lora, *modules: nn.Module) -> list[str]:
                                        for k in lora.sources.get(name, [])])
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
+def shallow_copy(module: nn.Module) -> nn.Module:
     """New module objects all the way down, sharing every parameter and buffer tensor."""
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
-    clone._modules = {name: _shallow_copy(child) if child is not None else None
+    clone._modules = {name: shallow_copy(child) if child is not None else None
                       for name, child in module._modules.items()}
     return clone
 
@@ -218,7 +218,7 @@ def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Modul
     matched = match_lora(module, lora)
     if not matched or strength == 0:
         return module
-    patched = _shallow_copy(module)
+    patched = shallow_copy(module)
     for path, weight in matched.items():
         layer = patched.get_submodule(path)
         base = dequantized_weight(layer)  # an fp8 layer's patched weight is stored in full precision

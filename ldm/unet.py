@@ -182,6 +182,9 @@ def embed(module: nn.Module, c: UNetConfig, timesteps: torch.Tensor, y: torch.Te
 
 
 class UNetModel(nn.Module):
+    # Applied as `h, skip = patch(h, skip)` before each output block (see `ldm.patches`); set on patched copies.
+    output_block_patches: tuple = ()
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
@@ -231,6 +234,8 @@ class UNetModel(nn.Module):
             skip = skips.pop()
             if control is not None:
                 skip = skip + control[len(skips)].to(dtype)
+            for patch in self.output_block_patches:
+                h, skip = patch(h, skip)
             h = torch.cat([h, skip], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)

@@ -35,10 +35,10 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
     "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
-    "ModelSamplingDiscrete", "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
-    "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux", "RescaleCFG", "FreeU", "FreeU_V2",
+    "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
+    "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
     "PerturbedAttentionGuidance", "SelfAttentionGuidance", "HyperTile", "PatchModelAddDownscale", "TomePatchModel",
-    "DifferentialDiffusion", "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "DualCFGGuider",
+    "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "DualCFGGuider",
     "SamplerEulerAncestralCFGPP", "SamplerER_SDE", "SamplerSASolver", "LaplaceScheduler", "VPScheduler",
     "AlignYourStepsScheduler", "GITSScheduler", "ExtendIntermediateSigmas", "SamplingPercentToSigma", "AddNoise",
     # merging and saving models

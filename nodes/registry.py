@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "nodes.sd.mask",
     "nodes.sd.preprocessors",
     "nodes.sd.upscale",
+    "nodes.sd.patches",
 )
 
 

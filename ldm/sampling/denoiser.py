@@ -13,6 +13,7 @@ from torch import Tensor
 from ldm.sampling.schedules import DiscreteSchedule
 
 UNet = Callable[..., Tensor]
+PREDICTIONS = ("eps", "v", "x0", "lcm")
 
 
 @dataclass
@@ -60,14 +61,17 @@ class Denoiser:
 
     The UNet sees `c_in * x` (the DDPM-scaled latent) and the continuous timestep of `sigma`;
     for eps-prediction `x0 = x - sigma * eps`, for v-prediction (Salimans & Ho 2022)
-    `x0 = c_skip * x + c_out * v` with `c_skip = 1 / (sigma^2 + 1)`, `c_out = -sigma / sqrt(sigma^2 + 1)`.
+    `x0 = c_skip * x + c_out * v` with `c_skip = 1 / (sigma^2 + 1)`, `c_out = -sigma / sqrt(sigma^2 + 1)`;
+    x0-prediction gives x0 itself. "lcm" is eps-prediction with a latent consistency model's boundary
+    condition (Luo et al. 2023, Eq. 9; sigma_data 0.5, timesteps scaled by 10 as LCM's released models are):
+    `c_skip(t) * x + c_out(t) * x0`, so that the prediction at t = 0 is the input itself.
     """
 
     def __init__(
         self, unet: UNet, schedule: DiscreteSchedule, prediction: str = "eps", quantize: bool = False
     ) -> None:
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, not {prediction!r}")
         self.unet = unet
         self.schedule = schedule
         self.prediction = prediction
@@ -79,11 +83,17 @@ class Denoiser:
             return self.at_level(x, level, cond)
         sigma_ = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         c_in = (sigma_**2 + 1) ** -0.5
-        t = self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize)
+        t = self.schedule.unet_timestep(self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize))
         out = self._unet(x * c_in, t, cond, sigma)
-        if self.prediction == "eps":
-            return x - sigma_ * out
-        return x * c_in**2 - out * sigma_ * c_in
+        if self.prediction == "v":
+            return x * c_in**2 - out * sigma_ * c_in
+        if self.prediction == "x0":
+            return out
+        x0 = x - sigma_ * out
+        if self.prediction == "lcm":
+            c_skip, c_out = _lcm_boundary(t.to(x.dtype).reshape(sigma_.shape))
+            return c_skip * x + c_out * x0
+        return x0
 
     def at_level(self, x: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         """The same for one noise level known on the host: scalar arithmetic, fewer tensor ops."""
@@ -104,7 +114,7 @@ class Denoiser:
         return self._to_x0(x, torch.lerp(negative, positive, cfg), sigma)
 
     def _unet_at_level(self, x_in: Tensor, sigma: float, cond: Conditioning) -> Tensor:
-        t = self.schedule.sigma_to_t_scalar(sigma, quantize=self.quantize)
+        t = self.schedule.unet_timestep(self.schedule.sigma_to_t_scalar(sigma, quantize=self.quantize))
         return self._unet(x_in, _timesteps(t, x_in.shape[0], x_in.device), cond, sigma)
 
     def _unet(self, x_in: Tensor, t: Tensor, cond: Conditioning, sigma: float | Tensor) -> Tensor:
@@ -120,5 +130,17 @@ class Denoiser:
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:
         if self.prediction == "eps":
             return torch.add(x, out, alpha=-sigma)
+        if self.prediction == "x0":
+            return out
+        if self.prediction == "lcm":
+            c_skip, c_out = _lcm_boundary(self.schedule.unet_timestep(self.schedule.sigma_to_t_scalar(
+                sigma, quantize=self.quantize)))
+            return torch.add(x * (c_skip + c_out), out, alpha=-sigma * c_out)
         c_in = (sigma**2 + 1) ** -0.5
         return torch.add(x * c_in**2, out, alpha=-sigma * c_in)
+
+
+def _lcm_boundary(t: Tensor | float, sigma_data: float = 0.5, scale: float = 10.0) -> tuple:
+    """LCM's (c_skip, c_out) at UNet timestep `t`."""
+    scaled = t * scale
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
+from ldm.sampling.model_patches import CfgArgs, CfgFunction
 from ldm.sampling.schedules import sigma_at_percent
 
 CondList = list[tuple[Tensor, dict]]
@@ -195,11 +196,13 @@ class CFGGuider:
     `uncond + cfg * (cond - uncond)`, with the unconditional pass skipped when cfg == 1.
 
     Jobs, batches and concatenated contexts depend only on the latent's shape, so they are
-    built once per shape and reused at every step.
+    built once per shape and reused at every step. A `cfg_function` (`ldm.sampling.model_patches`)
+    replaces the last step, the combination of the two sides' predictions.
     """
 
     def __init__(
-        self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8
+        self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8,
+        cfg_function: CfgFunction | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -207,6 +210,7 @@ class CFGGuider:
         self.cfg = cfg
         self.sides = [positive, negative] if not math.isclose(cfg, 1.0) and negative else [positive]
         self.feather = feather
+        self.cfg_function = cfg_function
         self._plans: dict[tuple, _Plan] = {}
         # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
         sigmas_by_t = denoiser.schedule.sigmas
@@ -220,7 +224,7 @@ class CFGGuider:
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
         plan = self._plan(x, self._active(sigma, level))
-        if level is not None and plan.plain_cfg:
+        if level is not None and plan.plain_cfg and self.cfg_function is None:
             return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg)
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
@@ -241,6 +245,8 @@ class CFGGuider:
         for side, count in enumerate(plan.counts):
             if count is not None:
                 preds[side] = totals[side] / count
+        if self.cfg_function is not None:
+            return self.cfg_function(CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg))
         if len(preds) == 1:
             return preds[0]
         return torch.lerp(preds[1], preds[0], self.cfg)  # uncond + cfg * (cond - uncond)

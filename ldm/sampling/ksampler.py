@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.sampling import dpm_solver, samplers, samplers_ldm, samplers_sde, unipc
-from ldm.sampling.denoiser import Denoiser, UNet
+from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
 from ldm.sampling.guidance import CFGGuider, CondList
+from ldm.sampling.model_patches import SamplingPatches
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
     PrefetchingNoiseSampler,
@@ -181,6 +182,7 @@ def sample(
     interrupt: Callable[[], bool] | None = None,
     prediction: str = "eps",
     sampler_options: dict | None = None,
+    patches: SamplingPatches | None = None,
 ) -> Tensor:
     """Sample a latent (in model space, i.e. already times the VAE scaling factor).
 
@@ -191,6 +193,7 @@ def sample(
     holds the unmasked latents at the original, re-noised to each step's level, and restores them
     exactly at the end. `callback(step, total, x0)` follows each step; `interrupt()` is polled
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
+    `patches` change how guidance combines predictions and how the mask evolves over the run.
     """
     sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
     if sampler_name not in SAMPLERS:
@@ -219,6 +222,11 @@ def sample(
 
     # Read on the CPU, before the move: no device synchronisation.
     sigma_start, no_step = float(sigmas[0]), len(sigmas) == 1 or float(sigmas.max()) == 0
+    patches = patches or SamplingPatches()
+    # A mask function sees the run's progress as a timestep fraction: 1 at the first level, 0 at the last
+    # (or at the schedule's smallest level, if the run ends at 0).
+    t_from = schedule.sigma_to_t_scalar(sigma_start)
+    t_to = schedule.sigma_to_t_scalar(max(float(sigmas[-1]), schedule.sigma_min))
     sigmas = sigmas.to(latent.device)
     noise = prepare_noise(latent, seed, batch_index) if add_noise else torch.zeros_like(latent)
     # From the top of the schedule, start at the variance-preserving scale sqrt(1 + sigma^2): pure
@@ -229,8 +237,9 @@ def sample(
         # No step to take: the latent with its noise (a first stage split off at step 0), as in ComfyUI.
         return x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
 
-    guider = CFGGuider(denoiser, positive, negative, cfg)
+    guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
+    last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 
     prefetcher: PrefetchingNoiseSampler | None = None
 
@@ -241,9 +250,15 @@ def sample(
             prefetcher.start()  # the noise is drawn while the model runs (a no-op after the first call)
         if mask is None:
             return guider(x, sigma)
-        level = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        x = x * mask + (latent + noise * level) * (1 - mask)
-        return guider(x, sigma) * mask + latent * (1 - mask)
+        step_mask = mask
+        if patches.denoise_mask is not None:
+            level = uniform_level(sigma)
+            t = schedule.sigma_to_t_scalar(level if level is not None else float(sigma.reshape(-1)[0]))
+            step_mask = patches.denoise_mask(mask, (t - t_to) / (t_from - t_to) if t_from > t_to else 0.0)
+            last_mask[0] = step_mask
+        levels = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        x = x * step_mask + (latent + noise * levels) * (1 - step_mask)
+        return guider(x, sigma) * step_mask + latent * (1 - step_mask)
 
     total = len(sigmas) - 1
     on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
@@ -268,5 +283,5 @@ def sample(
         if prefetcher is not None:
             prefetcher.close()
     if mask is not None:
-        x = x * mask + latent * (1 - mask)
+        x = x * last_mask[0] + latent * (1 - last_mask[0])
     return x

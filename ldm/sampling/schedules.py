@@ -24,6 +24,8 @@ class DiscreteSchedule:
         linear_end: float = 0.012,
         num_timesteps: int = 1000,
         alphas_cumprod: Tensor | None = None,
+        timestep_stride: int = 1,
+        timestep_offset: int = 0,
     ) -> None:
         if alphas_cumprod is None:
             # LDM's "linear" schedule is linear in sqrt(beta); computed in float64 as LDM does.
@@ -31,10 +33,38 @@ class DiscreteSchedule:
                 torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
             )
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # Entry i of the table is the UNet's timestep `i * stride + offset` (a distilled model's schedule keeps
+        # every `stride`-th level of the one it was trained on: see `distilled`).
+        self.timestep_stride, self.timestep_offset = timestep_stride, timestep_offset
         self.alphas_cumprod = alphas_cumprod.to(torch.float32)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
         self._log_sigma_list = self.log_sigmas.tolist()
+
+    def zero_terminal_snr(self) -> DiscreteSchedule:
+        """This schedule rescaled so that its last level is (nearly) pure noise: Lin et al. 2024, "Common
+        Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1. The last alpha-bar is set to
+        4.8973451890853435e-08 rather than 0, so that sigma stays finite (ComfyUI's value: the same sigmas)."""
+        root = self.alphas_cumprod.double().sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * first / (first - last)
+        alphas_cumprod = root**2
+        alphas_cumprod[-1] = 4.8973451890853435e-08
+        return DiscreteSchedule(alphas_cumprod=alphas_cumprod, timestep_stride=self.timestep_stride,
+                                timestep_offset=self.timestep_offset)
+
+    def distilled(self, steps: int = 50) -> DiscreteSchedule:
+        """The `steps` levels a consistency-distilled model (LCM, Luo et al. 2023) was trained on: every
+        `num_timesteps // steps`-th timestep, ending at the last."""
+        stride = self.num_timesteps // steps
+        return DiscreteSchedule(alphas_cumprod=self.alphas_cumprod[stride - 1::stride][:steps],
+                                timestep_stride=stride, timestep_offset=stride - 1)
+
+    def unet_timestep(self, t: Tensor | float) -> Tensor | float:
+        """The UNet's timestep input for a continuous position `t` in this table."""
+        if self.timestep_stride == 1 and self.timestep_offset == 0:
+            return t
+        return t * self.timestep_stride + self.timestep_offset
 
     @property
     def num_timesteps(self) -> int:

@@ -19,7 +19,7 @@ from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, compute_sigmas
 from ldm.sampling.schedulers import append_zero, sigmas_beta, sigmas_exponential, sigmas_karras
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel
-from nodes.sd.sampling import _SCHEDULE, run_sampler
+from nodes.sd.sampling import run_sampler
 from nodes.spec import INT_MAX, Boolean, Combo, Float, Int, Output, Socket, String
 
 # SD's schedule: the defaults of the schedulers that take their range as numbers.
@@ -74,7 +74,7 @@ class BasicScheduler(Node):
     outputs = (Output("SIGMAS"),)
 
     def execute(self, model: DiffusionModel, scheduler: str, steps: int, denoise: float) -> tuple[torch.Tensor]:
-        return _sigmas_out(compute_sigmas(_SCHEDULE, scheduler, steps, denoise))
+        return _sigmas_out(compute_sigmas(model.schedule, scheduler, steps, denoise))
 
 
 class KarrasScheduler(Node):
@@ -163,7 +163,7 @@ class SDTurboScheduler(Node):
     def execute(self, model: DiffusionModel, steps: int, denoise: float) -> tuple[torch.Tensor]:
         start = 10 - int(10 * denoise)
         timesteps = (torch.arange(10, 0, -1) * 100 - 1)[start:start + steps]
-        return _sigmas_out(append_zero(_SCHEDULE.sigmas[timesteps]))
+        return _sigmas_out(append_zero(model.schedule.sigmas[timesteps]))
 
 
 class BetaSamplingScheduler(Node):
@@ -182,7 +182,7 @@ class BetaSamplingScheduler(Node):
         return f"{' and '.join(bad)} must be above 0" if bad else None
 
     def execute(self, model: DiffusionModel, steps: int, alpha: float, beta: float) -> tuple[torch.Tensor]:
-        return _sigmas_out(sigmas_beta(_SCHEDULE, steps, alpha, beta))
+        return _sigmas_out(sigmas_beta(model.schedule, steps, alpha, beta))
 
 
 # Sigma tools ----------------------------------------------------------------------------------------------------

@@ -8,22 +8,33 @@ from typing import Any
 
 import torch
 
+from ldm.sampling.model_patches import SamplingPatches
+from ldm.sampling.schedules import DiscreteSchedule
+
+# SD's noise schedule, shared by every model that does not set its own (ModelSamplingDiscrete's zsnr does).
+DEFAULT_SCHEDULE = DiscreteSchedule()
+
 # Models are owned (and budgeted) by the model cache; an output-cache entry holding one costs little.
 HANDLE_SIZE = 1024
 
 
 @dataclass(frozen=True, eq=False)
 class DiffusionModel:
-    """MODEL: a UNet, its family (schedule, prediction, latent scale) and the LoRAs applied to it."""
+    """MODEL: a UNet, its family (schedule, prediction, latent scale), the LoRAs applied to it, and what model
+    patches changed: the noise schedule and prediction type (ModelSamplingDiscrete), guidance and masks
+    (`sampling_patches`). Patches of the UNet's forward (FreeU) live on its own patched copy."""
 
     unet: torch.nn.Module
     family: Any  # ldm.checkpoint.ModelFamily
     source: str
     loras: tuple[str, ...] = ()
+    schedule: DiscreteSchedule = DEFAULT_SCHEDULE
+    prediction_type: str | None = None  # None: the family's
+    sampling_patches: SamplingPatches = SamplingPatches()
 
     @property
     def prediction(self) -> str:
-        return self.family.prediction
+        return self.prediction_type or self.family.prediction
 
     @property
     def needs_adm(self) -> bool:

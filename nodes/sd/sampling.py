@@ -6,12 +6,10 @@ from typing import Any
 
 import torch
 
-from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, DiscreteSchedule, sample
+from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, sample
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel, device_and_dtype, devices_of, on_device
 from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
-
-_SCHEDULE = DiscreteSchedule()
 
 
 def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, negative: bool = False) -> list:
@@ -161,13 +159,13 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     try:
         with torch.inference_mode():
             out = sample(
-                unet, _SCHEDULE, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                unet, model.schedule, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                 scheduler=scheduler, positive=_with_adm(positive, model, samples),
                 negative=_with_adm(negative, model, samples, negative=True), denoise=denoise, sigmas=sigmas,
                 add_noise=add_noise, start_step=start_step, end_step=end_step,
                 return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
-                prediction=model.prediction, sampler_options=sampler_options,
+                prediction=model.prediction, sampler_options=sampler_options, patches=model.sampling_patches,
             )
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them

@@ -113,13 +113,13 @@ def test_lowvram_streams_each_unet_block_and_gives_the_same_output():
 
 
 def test_lowvram_serves_a_lora_copy_that_shares_the_base_blocks():
-    from ldm.lora import _shallow_copy
+    from ldm.lora import shallow_copy
 
     _, _, unet, _, _ = build_preset("tiny-sd1", text_encoder=False)
     x, t, context = _unet_inputs()
     devices = DeviceManager(force_cpu=True, options=EngineOptions(lowvram=True))
     devices.use(unet)
-    copy = _shallow_copy(unet)
+    copy = shallow_copy(unet)
     layer = copy.input_blocks[1][0].in_layers[2]
     layer._parameters["weight"] = nn.Parameter(layer.weight * 2, requires_grad=False)
     devices.use(copy)

@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ldm.compile import compiled_unet, is_compiled
-from ldm.lora import _shallow_copy
+from ldm.lora import shallow_copy
 from ldm.presets import randomize_
 from ldm.sampling import DiscreteSchedule, sample
 from ldm.unet import UNetConfig, UNetModel
@@ -34,7 +34,7 @@ def test_compiled_forward_is_made_once_per_module_and_not_shared_with_a_lora_cop
     unet = small_unet()
     fn = compiled_unet(unet)
     assert compiled_unet(unet) is fn and is_compiled(unet)
-    copy = _shallow_copy(unet)  # what LoraLoader makes: it inherits the attribute, not the compiled forward
+    copy = shallow_copy(unet)  # what LoraLoader makes: it inherits the attribute, not the compiled forward
     assert not is_compiled(copy) and compiled_unet(copy) is not fn
 
 

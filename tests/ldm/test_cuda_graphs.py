@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.cuda_graphs import GraphedUNet, graphed_unet, release
-from ldm.lora import _shallow_copy
+from ldm.lora import shallow_copy
 from ldm.sampling import DiscreteSchedule, sample
 from tests.ldm.test_compile import run, small_unet
 
@@ -35,7 +35,7 @@ def test_graphs_are_kept_per_module_and_dropped_when_weights_move():
     assert graphed_unet(unet) is graphed
     graphed._graphs["some shape"] = None
     assert graphed_unet(unet)._graphs  # same weights: kept
-    assert graphed_unet(_shallow_copy(unet)) is not graphed  # a LoRA copy gets its own
+    assert graphed_unet(shallow_copy(unet)) is not graphed  # a LoRA copy gets its own
     assert graphed_unet(copy.deepcopy(unet)) is not graphed
     unet.double()  # new weight tensors, as moving to another device makes
     assert graphed_unet(unet) is graphed and not graphed._graphs

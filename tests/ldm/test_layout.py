@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.layout import GroupNorm, is_channels_last, use_channels_last, use_nchw
-from ldm.lora import _shallow_copy
+from ldm.lora import shallow_copy
 from ldm.presets import PRESETS, randomize_
 from ldm.unet import UNetModel, sdxl_adm
 
@@ -69,7 +69,7 @@ def test_a_channels_last_unet_gives_the_same_output_and_keeps_the_layout_through
 
 def test_use_channels_last_converts_weights_shared_with_a_lora_copy_once():
     unet, _ = unet_and_inputs("tiny-sd1")
-    copy = _shallow_copy(unet)
+    copy = shallow_copy(unet)
     conv = unet.input_blocks[0][0].weight
     use_channels_last(copy)
     assert conv.is_contiguous(memory_format=CL)  # the same parameter object, converted in place

@@ -1,5 +1,7 @@
 """The custom sampling nodes (SamplerCustom, SamplerCustomAdvanced and their parts) against the KSampler."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -135,14 +137,14 @@ def test_the_schedulers_and_sigma_tools():
     from nodes.sd import custom_sampling as cs
 
     schedule = DiscreteSchedule()
-    [basic] = cs.BasicScheduler().execute(None, "karras", 10, 0.5)
+    [basic] = cs.BasicScheduler().execute(SimpleNamespace(schedule=schedule), "karras", 10, 0.5)
     torch.testing.assert_close(basic, get_sigmas("karras", schedule, 20)[-11:])
     [exp] = cs.ExponentialScheduler().execute(5, schedule.sigma_max, schedule.sigma_min)
     [poly] = cs.PolyexponentialScheduler().execute(5, schedule.sigma_max, schedule.sigma_min, 1.0)
     torch.testing.assert_close(poly, exp)  # rho 1 is the exponential schedule
-    [turbo] = cs.SDTurboScheduler().execute(None, 2, 1.0)
+    [turbo] = cs.SDTurboScheduler().execute(SimpleNamespace(schedule=schedule), 2, 1.0)
     torch.testing.assert_close(turbo, torch.stack([schedule.sigmas[999], schedule.sigmas[899], torch.tensor(0.0)]))
-    [turbo_half] = cs.SDTurboScheduler().execute(None, 1, 0.5)
+    [turbo_half] = cs.SDTurboScheduler().execute(SimpleNamespace(schedule=schedule), 1, 0.5)
     torch.testing.assert_close(turbo_half[0], schedule.sigmas[499])
 
     sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])

@@ -1,0 +1,77 @@
+"""UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs.
+
+A patched UNet is a shallow copy (`ldm.lora.shallow_copy`) sharing every weight with the original, with its
+own `output_block_patches`; the original, which a cache may hold, is left as it was. A copy is a module of its
+own, so compiled forwards and CUDA graphs (kept per module) never mix patched and unpatched runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ldm.lora import shallow_copy
+
+# Called as `h, skip = patch(h, skip)` just before an output block concatenates the decoder's features `h`
+# with the encoder's skip connection.
+OutputBlockPatch = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def with_output_block_patch(unet: nn.Module, patch: OutputBlockPatch) -> nn.Module:
+    """A copy of `unet` that also applies `patch` (after those it already has) before each output block."""
+    patched = shallow_copy(unet)
+    patched.output_block_patches = (*getattr(unet, "output_block_patches", ()), patch)
+    return patched
+
+
+def fourier_filter(x: Tensor, threshold: int, scale: float) -> Tensor:
+    """Scale the lowest spatial frequencies of `x` [B, C, H, W] (a `2 * threshold` square around the centre
+    of the shifted 2-D spectrum) by `scale`: FreeU's skip-feature filter (Si et al. 2023, Eq. 6). In float32,
+    as fft has no bf16 and its fp16 is numerically poor."""
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    height, width = x.shape[-2:]
+    row, col = height // 2, width // 2
+    gain = torch.ones(height, width, device=x.device)
+    gain[max(row - threshold, 0):row + threshold, max(col - threshold, 0):col + threshold] = scale
+    spectrum = torch.fft.ifftshift(spectrum * gain, dim=(-2, -1))
+    return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class FreeU:
+    """FreeU (Si et al. 2023, "FreeU: Free Lunch in Diffusion U-Net"): in the decoder's two deepest stages,
+    amplify half of the backbone's channels by `b` and damp the skip connection's low frequencies by `s`.
+
+    Stages are told apart by the backbone's channel count, as the authors' code does: `4 * model_channels`
+    takes (b1, s1), `2 * model_channels` takes (b2, s2). Version 2 (ComfyUI's FreeU_V2) scales each pixel by
+    `1 + (b - 1) * m`, with `m` the channel mean of the features normalised to 0..1 over each image.
+    """
+
+    model_channels: int
+    b1: float
+    b2: float
+    s1: float
+    s2: float
+    version: int = 1
+
+    def __call__(self, h: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        channels = h.shape[1]
+        if channels == 4 * self.model_channels:
+            b, s = self.b1, self.s1
+        elif channels == 2 * self.model_channels:
+            b, s = self.b2, self.s2
+        else:
+            return h, skip
+        half = channels // 2
+        if self.version == 2:
+            mean = h.mean(1, keepdim=True)
+            low = mean.amin(dim=(-2, -1), keepdim=True)
+            high = mean.amax(dim=(-2, -1), keepdim=True)
+            gain = (b - 1) * (mean - low) / (high - low) + 1
+        else:
+            gain = b
+        h = torch.cat([h[:, :half] * gain, h[:, half:]], dim=1)
+        return h, fourier_filter(skip, threshold=1, scale=s)

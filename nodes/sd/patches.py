@@ -1,0 +1,105 @@
+"""Model patches: FreeU, FreeU_V2, RescaleCFG, ModelSamplingDiscrete and DifferentialDiffusion. Each returns a
+new MODEL; the one it was given (which the cache may hold) is left as it was."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ldm.patches import FreeU as FreeUPatch
+from ldm.patches import with_output_block_patch
+from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiffusionMask
+from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
+from nodes.node import Node
+from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
+from nodes.spec import Boolean, Combo, Float, Output, Socket
+
+
+def _knob(default: float) -> Float:
+    return Float(default, min=0.0, max=10.0, step=0.01)
+
+
+class FreeU(Node):
+    """FreeU (Si et al. 2023): amplifies the decoder's backbone features (b1, b2) and damps the low
+    frequencies of its skip connections (s1, s2), in its two deepest stages. No training, no extra cost."""
+
+    category = "model_patches/unet"
+    version = 1
+    model = Socket("MODEL")
+    b1 = _knob(1.1)
+    b2 = _knob(1.2)
+    s1 = _knob(0.9)
+    s2 = _knob(0.2)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, b1: float, b2: float, s1: float, s2: float) -> tuple[DiffusionModel]:
+        patch = FreeUPatch(model.family.unet_config.model_channels, b1, b2, s1, s2, version=self.version)
+        return (replace(model, unet=with_output_block_patch(model.unet, patch),
+                        loras=(*model.loras, f"FreeU_V{self.version}")),)
+
+
+class FreeU_V2(FreeU):  # noqa: N801 (ComfyUI's name)
+    """FreeU's second version: the backbone gain follows each pixel's normalised channel mean."""
+
+    version = 2
+    b1 = _knob(1.3)
+    b2 = _knob(1.4)
+
+
+class RescaleCFG(Node):
+    """Rescales guided predictions to the positive one's spread (Lin et al. 2024), against the washed-out or
+    over-exposed images strong cfg gives v-prediction and zero-terminal-SNR models."""
+
+    category = "advanced/model"
+    model = Socket("MODEL")
+    multiplier = Float(0.7, min=0.0, max=1.0, step=0.01)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, multiplier: float) -> tuple[DiffusionModel]:
+        patches = replace(model.sampling_patches, cfg_function=RescaleCFGFunction(multiplier))
+        return (replace(model, sampling_patches=patches),)
+
+
+# ComfyUI's sampling types -> the denoiser's prediction names (img_to_img is for one other model kind).
+_PREDICTIONS = {"eps": "eps", "v_prediction": "v", "lcm": "lcm", "x0": "x0"}
+
+
+class ModelSamplingDiscrete(Node):
+    """Overrides what the model predicts (eps, v, x0, or a latent consistency model's distilled schedule
+    and boundary condition, for LCM LoRAs) and optionally rescales its schedule to zero terminal SNR."""
+
+    category = "advanced/model"
+    model = Socket("MODEL")
+    sampling = Combo(["eps", "v_prediction", "lcm", "x0", "img_to_img"])
+    zsnr = Boolean(False, tooltip="rescale the noise schedule to zero terminal SNR (Lin et al. 2024)")
+    outputs = (Output("MODEL"),)
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("sampling") == "img_to_img":
+            return "sampling img_to_img is for Lotus-style image-to-image models, which Loom does not support"
+        return None
+
+    def execute(self, model: DiffusionModel, sampling: str, zsnr: bool) -> tuple[DiffusionModel]:
+        schedule = DEFAULT_SCHEDULE.distilled() if sampling == "lcm" else DEFAULT_SCHEDULE
+        if zsnr:
+            schedule = schedule.zero_terminal_snr()
+        return (replace(model, schedule=schedule, prediction_type=_PREDICTIONS[sampling]),)
+
+
+class DifferentialDiffusion(Node):
+    """Differential Diffusion (Levin & Fried 2023): a soft inpainting mask becomes a per-pixel strength, each
+    pixel repainted only over the last part of the run its mask value gives it."""
+
+    category = "_for_testing"
+    model = Socket("MODEL")
+    strength = Float(1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                     tooltip="below 1, mixes the soft mask back into the thresholded one")
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, strength: float = 1.0) -> tuple[DiffusionModel]:
+        patches = replace(model.sampling_patches, denoise_mask=DifferentialDiffusionMask(strength))
+        return (replace(model, sampling_patches=patches),)
+
+
+NODES: list[Any] = [FreeU, FreeU_V2, RescaleCFG, ModelSamplingDiscrete, DifferentialDiffusion]

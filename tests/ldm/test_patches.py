@@ -1,0 +1,72 @@
+"""UNet patches (ldm.patches): FreeU against diffusers' implementation, and patched copies leaving the original."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ldm.patches import FreeU, fourier_filter, with_output_block_patch
+from ldm.presets import PRESETS, randomize_
+from ldm.unet import UNetModel
+from tests.ldm.diffusers_reference import diffusers_unet, rel_err
+
+# Three levels, so that the decoder's two deepest stages have 4x and 2x model_channels, as SDXL's do.
+CONFIG = dataclasses.replace(PRESETS["tiny-sd1"][2], channel_mult=(1, 2, 4), transformer_depth=(1, 1, 1),
+                             num_heads=8)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([20.0, 600.0]),
+            torch.randn(2, 7, CONFIG.context_dim, generator=g))
+
+
+def test_freeu_matches_diffusers(monkeypatch):
+    """diffusers' FreeU, with its stage chosen as the authors' code (and ComfyUI) choose it: by the decoder
+    features' channel count. diffusers picks it by up-block index, which differs on each stage's first block,
+    whose input still has the deeper stage's width."""
+    from diffusers.models.unets import unet_2d_blocks
+
+    by_index = unet_2d_blocks.apply_freeu
+    stages = {4 * CONFIG.model_channels: 0, 2 * CONFIG.model_channels: 1}
+    monkeypatch.setattr(unet_2d_blocks, "apply_freeu", lambda _, h, skip, **knobs: by_index(
+        stages.get(h.shape[1], -1), h, skip, **knobs))
+    unet = randomize_(UNetModel(CONFIG), torch.Generator().manual_seed(0)).eval()
+    reference = diffusers_unet(CONFIG, unet.state_dict())
+    x, t, context = _inputs()
+    knobs = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}
+    patched = with_output_block_patch(unet, FreeU(CONFIG.model_channels, **knobs))
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        ours = patched(x, t, context)
+        reference.enable_freeu(**knobs)
+        expected = reference(x, t, encoder_hidden_states=context).sample
+    assert rel_err(ours, expected) < 1e-4
+    assert rel_err(ours, plain) > 1e-2  # the patch does change the prediction
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, context), plain)  # and the original module is left as it was
+    assert not unet.output_block_patches and len(patched.output_block_patches) == 1
+    assert all(a is b for a, b in zip(unet.parameters(), patched.parameters(), strict=True))
+
+
+def test_freeu_v2_scales_each_pixel_by_its_normalised_channel_mean():
+    g = torch.Generator().manual_seed(1)
+    h, skip = torch.randn(2, 128, 6, 5, generator=g), torch.randn(2, 128, 6, 5, generator=g)
+    out_h, out_skip = FreeU(32, b1=1.5, b2=1.2, s1=0.7, s2=0.2, version=2)(h, skip)
+    for i in range(2):
+        mean = h[i].mean(0)
+        gain = 1 + 0.5 * (mean - mean.min()) / (mean.max() - mean.min())
+        assert torch.allclose(out_h[i, :64], h[i, :64] * gain, atol=1e-6)
+    assert torch.equal(out_h[:, 64:], h[:, 64:])
+    assert torch.allclose(out_skip, fourier_filter(skip, 1, 0.7))
+    untouched = torch.randn(2, 96, 4, 4, generator=g)  # neither stage's width: left alone
+    assert FreeU(32, 1.5, 1.2, 0.7, 0.2, 2)(untouched, untouched) == (untouched, untouched)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 5)])
+def test_fourier_filter_scales_only_the_lowest_frequencies(size):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, *size, generator=g)
+    assert torch.allclose(fourier_filter(x, 1, 1.0), x, atol=1e-6)
+    # The mean (the zero frequency, at the shifted spectrum's centre) is among those scaled.
+    assert torch.allclose(fourier_filter(x, 1, 0.0).mean(dim=(-2, -1)), torch.zeros(1, 3), atol=1e-6)

@@ -1,0 +1,123 @@
+"""Model patch nodes (FreeU, FreeU_V2, RescaleCFG, ModelSamplingDiscrete, DifferentialDiffusion) in workflows."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from executor.executor import Executor, WorkflowInvalid
+from executor.services import Services
+from graph.document import parse_api
+from ldm.presets import PRESETS, make_checkpoint
+from nodes.folders import FolderPaths, set_paths
+from nodes.registry import builtin_registry
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patch_nodes")
+    # Three levels, so that FreeU's two stages (4x and 2x model_channels) both exist, as in SD1.5 and SDXL.
+    original = PRESETS["tiny-sd1"]
+    family, prediction, unet, vae = original
+    PRESETS["tiny-sd1"] = (family, prediction, dataclasses.replace(
+        unet, channel_mult=(1, 2, 4), transformer_depth=(1, 1, 1)), vae)
+    try:
+        make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "sd1.safetensors", seed=1)
+    finally:
+        PRESETS["tiny-sd1"] = original
+    make_checkpoint("tiny-sd2", root / "models" / "checkpoints" / "sd2.safetensors", seed=2)
+    set_paths(FolderPaths(base=root))
+    yield Executor(builtin_registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
+    set_paths(FolderPaths())
+
+
+def graph(patch: dict | None = None, ckpt: str = "sd1.safetensors", sampler: str = "euler",
+          scheduler: str = "karras", cfg: float = 6.0, mask: bool = False) -> dict:
+    """Loader "1", prompts "2"/"3", a latent "4", the patch "5" (on the loader's model) and a KSampler "6"."""
+    nodes = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+             "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+             "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    latent = ["4", 0]
+    if mask:
+        nodes["7"] = {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 64, "height": 64}}
+        nodes["8"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["4", 0], "mask": ["7", 0]}}
+        latent = ["8", 0]
+    model = ["1", 0]
+    if patch is not None:
+        nodes["5"] = {"class_type": patch["class_type"], "inputs": {"model": ["1", 0], **patch["inputs"]}}
+        model = ["5", 0]
+    nodes["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 5, "steps": 4, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": latent, "denoise": 1.0}}
+    nodes["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}}
+    return nodes
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Clearly different: by more than 1% of the latents' spread (the tiny random models' latents are large)."""
+    return bool((a - b).abs().max() > 0.01 * b.std())
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to float rounding (patches that should change nothing still take other arithmetic paths)."""
+    return bool((a - b).abs().max() <= 1e-5 * b.abs().max())
+
+
+def latent(engine, nodes: dict) -> torch.Tensor:
+    result = engine.run(parse_api(nodes), keep=["6"])
+    assert result.ok, result.error
+    return result.values["6"][0]["samples"]
+
+
+def test_freeu_changes_the_image_and_leaves_the_cached_model_alone(engine):
+    plain = latent(engine, graph())
+    for node in ("FreeU", "FreeU_V2"):
+        patched = latent(engine, graph({"class_type": node, "inputs": {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}))
+        assert differ(patched, plain)
+    # Neutral knobs: b = s = 1 is the model itself.
+    neutral = latent(engine, graph({"class_type": "FreeU", "inputs": {"b1": 1.0, "b2": 1.0, "s1": 1.0, "s2": 1.0}}))
+    assert same(neutral, plain)
+    engine.free(unload_models=False, free_memory=True)  # the KSampler runs again, on the loader's cached model
+    assert torch.equal(latent(engine, graph()), plain)  # the loader's cached model was not patched
+
+
+def test_rescale_cfg_at_zero_is_plain_cfg_and_above_changes_it(engine):
+    plain = latent(engine, graph(ckpt="sd2.safetensors"))
+    zero = latent(engine, graph({"class_type": "RescaleCFG", "inputs": {"multiplier": 0.0}}, ckpt="sd2.safetensors"))
+    assert same(zero, plain)
+    # The tiny random model's prompts hardly change its predictions, so guidance (and rescaling it) moves the
+    # latent little: this checks the patch reaches the sampler (tests/ldm/test_model_patches.py checks its
+    # arithmetic against diffusers).
+    strong = latent(engine, graph(ckpt="sd2.safetensors", cfg=60.0))
+    rescaled = latent(engine, graph({"class_type": "RescaleCFG", "inputs": {"multiplier": 1.0}},
+                                    ckpt="sd2.safetensors", cfg=60.0))
+    assert (rescaled - strong).abs().max() > 20 * (zero - plain).abs().max()
+
+
+def test_model_sampling_discrete(engine):
+    sd1, sd2 = latent(engine, graph()), latent(engine, graph(ckpt="sd2.safetensors"))
+    same = {"class_type": "ModelSamplingDiscrete", "inputs": {"sampling": "eps", "zsnr": False}}
+    assert torch.equal(latent(engine, graph(same)), sd1)  # what the model already is: nothing changes
+    v = {"class_type": "ModelSamplingDiscrete", "inputs": {"sampling": "v_prediction", "zsnr": False}}
+    assert torch.equal(latent(engine, graph(v, ckpt="sd2.safetensors")), sd2)
+    assert differ(latent(engine, graph(v)), sd1)
+    for sampling, zsnr in (("eps", True), ("x0", False), ("lcm", False)):
+        out = latent(engine, graph({"class_type": "ModelSamplingDiscrete",
+                                    "inputs": {"sampling": sampling, "zsnr": zsnr}}, sampler="lcm",
+                                   scheduler="sgm_uniform", cfg=1.0))
+        assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_model_sampling_discrete_refuses_img_to_img(engine):
+    with pytest.raises(WorkflowInvalid, match="img_to_img"):
+        engine.run(parse_api(graph({"class_type": "ModelSamplingDiscrete",
+                                    "inputs": {"sampling": "img_to_img", "zsnr": False}})))
+
+
+def test_differential_diffusion_with_a_soft_mask(engine):
+    plain = latent(engine, graph(mask=True))
+    dd = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {}}, mask=True))
+    assert differ(dd, plain)
+    blended = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {"strength": 0.0}}, mask=True))
+    assert same(blended, plain)  # strength 0: the soft mask as it was
