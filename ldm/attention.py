@@ -28,7 +28,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
 
 
 class CrossAttention(nn.Module):
-    """LDM `CrossAttention`: self-attention when no context is given."""
+    """LDM `CrossAttention`: self-attention when no context is given. With `identity_attention` (set on a
+    patched copy, see `ldm.patches.perturbed_attention_copy`), self-attention's map is the identity: each
+    token gets its own value."""
+
+    identity_attention = False
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -42,6 +46,8 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.identity_attention and context is None:
+            return self.to_out(self.to_v(x))
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.query_chunk)
         return self.to_out(out)

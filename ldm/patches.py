@@ -1,4 +1,5 @@
-"""UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs.
+"""UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs, and
+the perturbed self-attention of Perturbed-Attention Guidance.
 
 A patched UNet is a shallow copy (`ldm.lora.shallow_copy`) sharing every weight with the original, with its
 own `output_block_patches`; the original, which a cache may hold, is left as it was. A copy is a module of its
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ldm.attention import CrossAttention
 from ldm.lora import shallow_copy
 
 # Called as `h, skip = patch(h, skip)` just before an output block concatenates the decoder's features `h`
@@ -75,3 +77,18 @@ class FreeU:
             gain = b
         h = torch.cat([h[:, :half] * gain, h[:, half:]], dim=1)
         return h, fourier_filter(skip, threshold=1, scale=s)
+
+
+def perturbed_attention_copy(unet: nn.Module) -> nn.Module:
+    """PAG's perturbed model (Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
+    Guidance"): a copy of `unet` whose middle block's self-attention layers use the identity as their
+    attention map. Made once per module and kept on it (tagged with its id, so a LoRA copy gets its own)."""
+    owner, copy = unet.__dict__.get("_loom_perturbed", (None, None))
+    if owner != id(unet) or copy is None:
+        copy = shallow_copy(unet)
+        for name, module in copy.middle_block.named_modules():
+            if isinstance(module, CrossAttention) and name.endswith("attn1"):
+                module.identity_attention = True
+        copy.__dict__.pop("_loom_perturbed", None)
+        unet.__dict__["_loom_perturbed"] = (id(unet), copy)  # not a submodule: kept out of state_dict()
+    return copy

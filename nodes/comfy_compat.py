@@ -37,20 +37,16 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # model patches and sampling tweaks
     "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
-    "PerturbedAttentionGuidance", "SelfAttentionGuidance", "HyperTile", "PatchModelAddDownscale", "TomePatchModel",
+    "SelfAttentionGuidance", "HyperTile", "PatchModelAddDownscale", "TomePatchModel",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "DualCFGGuider",
-    "SamplerEulerAncestralCFGPP", "SamplerER_SDE", "SamplerSASolver", "LaplaceScheduler", "VPScheduler",
-    "AlignYourStepsScheduler", "GITSScheduler", "ExtendIntermediateSigmas", "SamplingPercentToSigma", "AddNoise",
+    "SamplerEulerAncestralCFGPP", "SamplerER_SDE", "SamplerSASolver", "GITSScheduler",
     # merging and saving models
     "ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSubtract", "ModelMergeAdd", "CLIPMergeSimple",
     "CLIPMergeSubtract", "CLIPMergeAdd", "CheckpointSave", "CLIPSave", "VAESave", "ModelSave",
     "ImageOnlyCheckpointSave",
     # latents and images
-    "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentAdd", "LatentSubtract",
-    "LatentMultiply", "LatentInterpolate", "LatentBatchSeedBehavior", "LatentApplyOperation", "SaveLatent",
-    "LoadLatent", "ImageQuantize", "ImageScaleToMaxDimension", "ImageStitch",
-    "Morphology", "PorterDuffImageComposite", "SplitImageWithAlpha", "JoinImageWithAlpha", "SaveAnimatedWEBP",
-    "SaveAnimatedPNG", "SaveWEBM", "SaveVideo", "LoadVideo", "WebcamCapture", "LoadImageOutput", "ImageColorToMask",
+    "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentApplyOperation",
+    "SaveWEBM", "SaveVideo", "LoadVideo", "WebcamCapture", "LoadImageOutput",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -26,6 +26,9 @@ BUILTIN_MODULES = (
     "nodes.sd.preprocessors",
     "nodes.sd.upscale",
     "nodes.sd.patches",
+    "nodes.sd.sigmas",
+    "nodes.sd.latent_ops",
+    "nodes.sd.image_ops",
 )
 
 

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
-from ldm.sampling.model_patches import CfgArgs, CfgFunction
-from ldm.sampling.schedules import sigma_at_percent
+from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction
 
 CondList = list[tuple[Tensor, dict]]
 
@@ -197,12 +196,15 @@ class CFGGuider:
 
     Jobs, batches and concatenated contexts depend only on the latent's shape, so they are
     built once per shape and reused at every step. A `cfg_function` (`ldm.sampling.model_patches`)
-    replaces the last step, the combination of the two sides' predictions.
+    replaces the last step, the combination of the two sides' predictions; `post_cfg` functions then
+    change the result, and may ask for the positive prediction of a patched copy of `module`, the UNet
+    module behind the denoiser's (perhaps compiled or graphed) forward.
     """
 
     def __init__(
         self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8,
-        cfg_function: CfgFunction | None = None,
+        cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
+        module: Any = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -211,21 +213,44 @@ class CFGGuider:
         self.sides = [positive, negative] if not math.isclose(cfg, 1.0) and negative else [positive]
         self.feather = feather
         self.cfg_function = cfg_function
+        self.post_cfg = post_cfg
+        self.module = module
+        self.positive = positive
+        self._patched: dict[Any, CFGGuider] = {}  # per transform: a guider of the patched copy, positive only
         self._plans: dict[tuple, _Plan] = {}
         # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
-        sigmas_by_t = denoiser.schedule.sigmas
+        schedule = denoiser.schedule
         self.ranges = [[None if "start_percent" not in opts and "end_percent" not in opts else
-                        (sigma_at_percent(opts.get("start_percent", 0.0), sigmas_by_t),
-                         sigma_at_percent(opts.get("end_percent", 1.0), sigmas_by_t)) for _, opts in side]
+                        (schedule.sigma_at_percent(opts.get("start_percent", 0.0)),
+                         schedule.sigma_at_percent(opts.get("end_percent", 1.0))) for _, opts in side]
                        for side in self.sides]
         self.ranged = any(r is not None for side in self.ranges for r in side)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if not self.post_cfg:
+            return self._guided(x, sigma)[0]
+        denoised, args = self._guided(x, sigma, need_args=True)
+
+        def predict_positive(transform: Any) -> Tensor:
+            if self.module is None:
+                raise ValueError("this guidance patch needs the UNet module, which the sampler was not given")
+            if transform not in self._patched:
+                denoiser = Denoiser(transform(self.module), self.denoiser.schedule, self.denoiser.prediction,
+                                    self.denoiser.quantize)
+                self._patched[transform] = CFGGuider(denoiser, self.positive, [], 1.0, self.feather)
+            return self._patched[transform](x, sigma)
+
+        for patch in self.post_cfg:
+            denoised = patch(args, denoised, predict_positive)
+        return denoised
+
+    def _guided(self, x: Tensor, sigma: Tensor, need_args: bool = False) -> tuple[Tensor, CfgArgs | None]:
+        """The guided x0, and (if asked or needed) what a guidance function sees."""
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
         plan = self._plan(x, self._active(sigma, level))
-        if level is not None and plan.plain_cfg and self.cfg_function is None:
-            return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg)
+        if level is not None and plan.plain_cfg and self.cfg_function is None and not need_args:
+            return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg), None
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
         for jobs, cond in plan.batches:
@@ -245,11 +270,12 @@ class CFGGuider:
         for side, count in enumerate(plan.counts):
             if count is not None:
                 preds[side] = totals[side] / count
+        args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg)
         if self.cfg_function is not None:
-            return self.cfg_function(CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg))
+            return self.cfg_function(args), args
         if len(preds) == 1:
-            return preds[0]
-        return torch.lerp(preds[1], preds[0], self.cfg)  # uncond + cfg * (cond - uncond)
+            return preds[0], args
+        return torch.lerp(preds[1], preds[0], self.cfg), args  # uncond + cfg * (cond - uncond)
 
     def _active(self, sigma: Tensor, level: float | None) -> tuple | None:
         """Which entries act at this noise level (None: all of them, none having a range)."""

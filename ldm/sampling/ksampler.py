@@ -183,6 +183,7 @@ def sample(
     prediction: str = "eps",
     sampler_options: dict | None = None,
     patches: SamplingPatches | None = None,
+    module: torch.nn.Module | None = None,
 ) -> Tensor:
     """Sample a latent (in model space, i.e. already times the VAE scaling factor).
 
@@ -193,7 +194,8 @@ def sample(
     holds the unmasked latents at the original, re-noised to each step's level, and restores them
     exactly at the end. `callback(step, total, x0)` follows each step; `interrupt()` is polled
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
-    `patches` change how guidance combines predictions and how the mask evolves over the run.
+    `patches` change how guidance combines predictions and how the mask evolves over the run; those
+    that run a patched copy of the UNet need its `module` (default: `unet`, if it is one).
     """
     sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
     if sampler_name not in SAMPLERS:
@@ -237,7 +239,10 @@ def sample(
         # No step to take: the latent with its noise (a first stage split off at step 0), as in ComfyUI.
         return x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
 
-    guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function)
+    if module is None and isinstance(unet, torch.nn.Module):
+        module = unet
+    guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function,
+                       post_cfg=patches.post_cfg, module=module)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 

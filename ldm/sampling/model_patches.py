@@ -1,5 +1,6 @@
-"""Changes to sampling that a model carries: how guidance combines its predictions (RescaleCFG) and how an
-inpainting mask evolves over the run (Differential Diffusion). `sample()` takes them as `SamplingPatches`."""
+"""Changes to sampling that a model carries: how guidance combines its predictions (RescaleCFG), what it adds
+after (Perturbed-Attention Guidance), and how an inpainting mask evolves over the run (Differential
+Diffusion). `sample()` takes them as `SamplingPatches`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class CfgArgs:
 
 # A guidance function returns the guided x0 in place of `uncond + cfg * (cond - uncond)`.
 CfgFunction = Callable[[CfgArgs], Tensor]
+# A post-guidance function maps the guided x0 to a new one. `predict_positive(transform)` is the positive
+# prediction of the UNet module `transform(unet)`, e.g. a copy with some layers patched.
+PredictPositive = Callable[[Callable[[nn.Module], nn.Module]], Tensor]
+PostCfgFunction = Callable[[CfgArgs, Tensor, PredictPositive], Tensor]
 # A mask function maps an inpainting mask (1 = repaint) and the run's progress at this call (1 at the first
 # level, 0 at the last) to the mask used for this call.
 MaskFunction = Callable[[Tensor, float], Tensor]
@@ -32,6 +37,7 @@ MaskFunction = Callable[[Tensor, float], Tensor]
 @dataclass(frozen=True)
 class SamplingPatches:
     cfg_function: CfgFunction | None = None
+    post_cfg: tuple[PostCfgFunction, ...] = ()
     denoise_mask: MaskFunction | None = None
 
 
@@ -60,6 +66,22 @@ class RescaleCFG:
         rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
         v = self.multiplier * rescaled + (1 - self.multiplier) * guided
         return alpha**2 * args.x - scale * v
+
+
+@dataclass(frozen=True)
+class PerturbedAttentionGuidance:
+    """Perturbed-Attention Guidance (Ahn et al. 2024): guides away from the prediction of the same model with
+    the identity as the self-attention map of its middle block, which keeps the layout but loses structure:
+    `x0 + scale * (positive - perturbed positive)`. One more model pass per step."""
+
+    scale: float
+
+    def __call__(self, args: CfgArgs, denoised: Tensor, predict_positive: PredictPositive) -> Tensor:
+        from ldm.patches import perturbed_attention_copy
+
+        if self.scale == 0:
+            return denoised
+        return denoised + self.scale * (args.cond - predict_positive(perturbed_attention_copy))
 
 
 @dataclass(frozen=True)

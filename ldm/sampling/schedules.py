@@ -66,6 +66,10 @@ class DiscreteSchedule:
             return t
         return t * self.timestep_stride + self.timestep_offset
 
+    def sigma_at_percent(self, percent: float) -> float:
+        """The level `percent` of the way through sampling (see the function of that name)."""
+        return sigma_at_percent(percent, self.sigmas, self.timestep_stride, self.timestep_offset)
+
     @property
     def num_timesteps(self) -> int:
         return self.sigmas.shape[0]
@@ -114,14 +118,17 @@ class DiscreteSchedule:
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
 
-def sigma_at_percent(percent: float, sigmas_by_t: Tensor) -> float:
-    """The noise level `percent` of the way through sampling (0: the start, pure noise; 1: the end),
-    from the model's discrete sigmas (ComfyUI's percent_to_sigma): t = (1 - percent) * 999."""
+def sigma_at_percent(percent: float, sigmas_by_t: Tensor, stride: int = 1, offset: int = 0) -> float:
+    """The noise level `percent` of the way through sampling (0: the start, pure noise, given as inf; 1: the
+    end, 0), from the model's discrete sigmas (ComfyUI's percent_to_sigma): the UNet timestep
+    (1 - percent) * 999 for SD's 1,000 timesteps, located in a table whose entry i is timestep
+    `i * stride + offset` (a distilled model's keeps every stride-th level), log-linearly interpolated."""
     if percent <= 0.0:
         return math.inf
     if percent >= 1.0:
         return 0.0
-    t = (1.0 - percent) * (len(sigmas_by_t) - 1)
+    timestep = (1.0 - percent) * (len(sigmas_by_t) * stride - 1)
+    t = min(max((timestep - offset) / stride, 0.0), len(sigmas_by_t) - 1)
     low = int(math.floor(t))
     high = min(low + 1, len(sigmas_by_t) - 1)
     frac = t - low

@@ -1,5 +1,5 @@
-"""Model patches: FreeU, FreeU_V2, RescaleCFG, ModelSamplingDiscrete and DifferentialDiffusion. Each returns a
-new MODEL; the one it was given (which the cache may hold) is left as it was."""
+"""Model patches: FreeU, FreeU_V2, RescaleCFG, PerturbedAttentionGuidance, ModelSamplingDiscrete and
+DifferentialDiffusion. Each returns a new MODEL; the one it was given (which the cache may hold) is left as it was."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from ldm.patches import FreeU as FreeUPatch
 from ldm.patches import with_output_block_patch
 from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiffusionMask
+from ldm.sampling.model_patches import PerturbedAttentionGuidance as PerturbedAttention
 from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
 from nodes.node import Node
 from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
@@ -60,6 +61,21 @@ class RescaleCFG(Node):
         return (replace(model, sampling_patches=patches),)
 
 
+class PerturbedAttentionGuidance(Node):
+    """Perturbed-Attention Guidance (Ahn et al. 2024): guides away from the model's prediction with its middle
+    block's self-attention made the identity, for sharper structure; one more model pass per step."""
+
+    category = "model_patches/unet"
+    model = Socket("MODEL")
+    scale = Float(3.0, min=0.0, max=100.0, step=0.01, round=0.01)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, scale: float) -> tuple[DiffusionModel]:
+        patches = model.sampling_patches
+        patches = replace(patches, post_cfg=(*patches.post_cfg, PerturbedAttention(scale)))
+        return (replace(model, sampling_patches=patches),)
+
+
 # ComfyUI's sampling types -> the denoiser's prediction names (img_to_img is for one other model kind).
 _PREDICTIONS = {"eps": "eps", "v_prediction": "v", "lcm": "lcm", "x0": "x0"}
 
@@ -102,4 +118,5 @@ class DifferentialDiffusion(Node):
         return (replace(model, sampling_patches=patches),)
 
 
-NODES: list[Any] = [FreeU, FreeU_V2, RescaleCFG, ModelSamplingDiscrete, DifferentialDiffusion]
+NODES: list[Any] = [FreeU, FreeU_V2, RescaleCFG, PerturbedAttentionGuidance, ModelSamplingDiscrete,
+                    DifferentialDiffusion]

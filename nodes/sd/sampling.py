@@ -166,6 +166,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
                 prediction=model.prediction, sampler_options=sampler_options, patches=model.sampling_patches,
+                module=model.unet,
             )
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them

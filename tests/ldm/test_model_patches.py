@@ -6,7 +6,14 @@ import torch
 
 from ldm.sampling import DiscreteSchedule, sample
 from ldm.sampling.denoiser import Conditioning, Denoiser
-from ldm.sampling.model_patches import CfgArgs, DifferentialDiffusion, RescaleCFG, SamplingPatches
+from ldm.sampling.guidance import CFGGuider
+from ldm.sampling.model_patches import (
+    CfgArgs,
+    DifferentialDiffusion,
+    PerturbedAttentionGuidance,
+    RescaleCFG,
+    SamplingPatches,
+)
 
 
 def _v(x0: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -124,3 +131,28 @@ def test_differential_diffusion_in_sampling_holds_pixels_until_their_threshold()
     assert torch.equal(sample(_unet, schedule, latent, **kwargs),
                        sample(_unet, schedule, latent, **kwargs,
                               patches=SamplingPatches(denoise_mask=DifferentialDiffusion())))
+
+
+def test_pag_adds_the_scaled_gap_to_the_perturbed_model_after_guidance():
+    import dataclasses
+
+    from ldm.patches import perturbed_attention_copy
+    from ldm.presets import PRESETS, randomize_
+    from ldm.unet import UNetModel
+
+    config = dataclasses.replace(PRESETS["tiny-sd1"][2], num_heads=8)
+    unet = randomize_(UNetModel(config), torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 8, 8, generator=g) * 5
+    positive = [(torch.randn(1, 7, config.context_dim, generator=g), {})]
+    negative = [(torch.randn(1, 7, config.context_dim, generator=g), {})]
+    schedule, sigma = DiscreteSchedule(), torch.full((1,), 4.0)
+    denoiser = Denoiser(unet, schedule)
+    with torch.no_grad():
+        plain = CFGGuider(denoiser, positive, negative, 5.0)(x, sigma)
+        pag = CFGGuider(denoiser, positive, negative, 5.0, post_cfg=(PerturbedAttentionGuidance(3.0),),
+                        module=unet)(x, sigma)
+        cond = CFGGuider(denoiser, positive, [], 1.0)(x, sigma)
+        perturbed = CFGGuider(Denoiser(perturbed_attention_copy(unet), schedule), positive, [], 1.0)(x, sigma)
+    assert torch.allclose(pag, plain + 3.0 * (cond - perturbed), atol=1e-4)
+    assert (pag - plain).abs().max() > 1e-3

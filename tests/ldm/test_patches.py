@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from ldm.patches import FreeU, fourier_filter, with_output_block_patch
+from ldm.patches import FreeU, fourier_filter, perturbed_attention_copy, with_output_block_patch
 from ldm.presets import PRESETS, randomize_
 from ldm.unet import UNetModel
 from tests.ldm.diffusers_reference import diffusers_unet, rel_err
@@ -70,3 +70,26 @@ def test_fourier_filter_scales_only_the_lowest_frequencies(size):
     assert torch.allclose(fourier_filter(x, 1, 1.0), x, atol=1e-6)
     # The mean (the zero frequency, at the shifted spectrum's centre) is among those scaled.
     assert torch.allclose(fourier_filter(x, 1, 0.0).mean(dim=(-2, -1)), torch.zeros(1, 3), atol=1e-6)
+
+
+def test_perturbed_attention_copy_matches_diffusers_pag_identity_attention():
+    """diffusers' PAG processor runs a batch's first half normally and its second half with identity
+    self-attention: on the middle block's layers, the second half is our perturbed copy's output."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0
+
+    unet = randomize_(UNetModel(CONFIG), torch.Generator().manual_seed(0)).eval()
+    reference = diffusers_unet(CONFIG, unet.state_dict())
+    reference.set_attn_processor({name: PAGIdentitySelfAttnProcessor2_0() if name.startswith("mid_block")
+                                  and ".attn1." in name else AttnProcessor2_0()
+                                  for name in reference.attn_processors})
+    x, t, context = _inputs()
+    perturbed = perturbed_attention_copy(unet)
+    assert perturbed_attention_copy(unet) is perturbed  # made once per module
+    with torch.no_grad():
+        plain, ours = unet(x[:1], t[:1], context[:1]), perturbed(x[:1], t[:1], context[:1])
+        both = reference(x[:1].repeat(2, 1, 1, 1), t[:1].repeat(2), encoder_hidden_states=context[:1].repeat(2, 1, 1))
+    assert rel_err(both.sample[:1], plain) < 1e-4
+    assert rel_err(both.sample[1:], ours) < 1e-4
+    assert rel_err(ours, plain) > 1e-3
+    with torch.no_grad():
+        assert torch.equal(unet(x[:1], t[:1], context[:1]), plain)  # the original module is left as it was

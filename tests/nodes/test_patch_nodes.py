@@ -121,3 +121,16 @@ def test_differential_diffusion_with_a_soft_mask(engine):
     assert differ(dd, plain)
     blended = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {"strength": 0.0}}, mask=True))
     assert same(blended, plain)  # strength 0: the soft mask as it was
+
+
+def test_perturbed_attention_guidance(engine):
+    plain = latent(engine, graph())
+    off = latent(engine, graph({"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 0.0}}))
+    assert same(off, plain)
+    pag = latent(engine, graph({"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 3.0}}))
+    assert differ(pag, plain)
+    # Stacked with FreeU (a patched UNet copy), the perturbed pass runs FreeU's UNet too: another result.
+    nodes = graph({"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 3.0}})
+    nodes["10"] = {"class_type": "FreeU", "inputs": {"model": ["5", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
+    nodes["6"]["inputs"]["model"] = ["10", 0]
+    assert differ(latent(engine, nodes), pag)
