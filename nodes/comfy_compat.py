@@ -25,7 +25,7 @@ COMFY_MODULES = frozenset({
 # ComfyUI's nodes: those that SD1.x/SD2.x/SDXL workflows use, and the newer model families' loaders.
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
-    "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader",
+    "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader",
     "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader", "DiffControlNetLoader",
     "unCLIPCheckpointLoader", "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
     # conditioning for other model kinds
@@ -40,9 +40,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "SelfAttentionGuidance", "HyperTile", "PatchModelAddDownscale", "TomePatchModel",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "DualCFGGuider",
     "SamplerEulerAncestralCFGPP", "SamplerER_SDE", "SamplerSASolver", "GITSScheduler",
-    # merging and saving models
-    "ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSubtract", "ModelMergeAdd", "CLIPMergeSimple",
-    "CLIPMergeSubtract", "CLIPMergeAdd", "CheckpointSave", "CLIPSave", "VAESave", "ModelSave",
+    # saving models of other kinds
     "ImageOnlyCheckpointSave",
     # latents and images
     "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentApplyOperation",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 # Shipped with the project: the demo checkpoint and example input images.
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -19,6 +21,11 @@ MODEL_KINDS = {
     "configs": (".yaml",),
     "controlnet": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "upscale_models": (".safetensors", ".pt", ".pth", ".bin"),
+    # UNet-only and text-encoder files; "unet" and "clip" are ComfyUI's older names for the same folders.
+    "diffusion_models": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
+    "unet": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
+    "text_encoders": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
+    "clip": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
 }
 
 
@@ -168,3 +175,23 @@ def get_paths() -> FolderPaths:
 def set_paths(paths: FolderPaths) -> None:
     global _paths
     _paths = paths
+
+
+def open_numbered_output(root: Path, prefix: str, suffix: str) -> tuple[Path, BinaryIO, str]:
+    """Create the first free PREFIX_NNNNN_SUFFIX under `root` (exclusively, so concurrent savers never share a
+    name); return its path, the open binary handle and the sub-folder the prefix names ('' for none)."""
+    prefix_path = Path(prefix.replace("\\", "/"))
+    if prefix_path.is_absolute() or ".." in prefix_path.parts or not prefix_path.name:
+        raise ValueError(f"filename_prefix {prefix!r} must be a relative name inside the output folder")
+    folder = (root / prefix_path.parent).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = prefix_path.name
+    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_{re.escape(suffix)}$")
+    counter = max((int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))), default=0) + 1
+    subfolder = prefix_path.parent.as_posix() if prefix_path.parent != Path(".") else ""
+    while True:
+        path = folder / f"{name}_{counter:05}_{suffix}"
+        try:
+            return path, open(path, "xb"), subfolder
+        except FileExistsError:
+            counter += 1

@@ -26,9 +26,11 @@ BUILTIN_MODULES = (
     "nodes.sd.preprocessors",
     "nodes.sd.upscale",
     "nodes.sd.patches",
+    "nodes.sd.merge",
     "nodes.sd.sigmas",
     "nodes.sd.latent_ops",
     "nodes.sd.image_ops",
+    "nodes.sd.part_loaders",
 )
 
 

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths
+from nodes.folders import get_paths, open_numbered_output
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import IMAGE_SUFFIXES, NotAnImageError, load_image_file, to_pil
 from nodes.sd.latent import MAX_RESOLUTION, center_crop, composite, upscale_latent
@@ -75,22 +74,10 @@ class LoadImage(Node):
         return load_image_file(path)
 
 
-def _next_counter(folder: Path, prefix: str) -> int:
-    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)_\.png$")
-    numbers = [int(m.group(1)) for p in folder.glob(f"{prefix}_*_.png") if (m := pattern.match(p.name))]
-    return max(numbers, default=0) + 1
-
-
 def save_images(ctx: Any, images: torch.Tensor, root: Path, prefix: str, kind: str) -> list[dict[str, str]]:
     """Write each image as PREFIX_00001_.png with the workflow in tEXt chunks; never overwrite."""
     from PIL.PngImagePlugin import PngInfo
 
-    prefix_path = Path(prefix.replace("\\", "/"))
-    if prefix_path.is_absolute() or ".." in prefix_path.parts or not prefix_path.name:
-        raise ValueError(f"filename_prefix {prefix!r} must be a relative name inside the output folder")
-    folder = (root / prefix_path.parent).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    subfolder = prefix_path.parent.as_posix() if prefix_path.parent != Path(".") else ""
     info = PngInfo()
     extra = ctx.extra if ctx is not None else {}
     if extra.get("prompt") is not None:
@@ -98,25 +85,12 @@ def save_images(ctx: Any, images: torch.Tensor, root: Path, prefix: str, kind: s
     for key, value in (extra.get("extra_pnginfo") or {}).items():
         info.add_text(key, json.dumps(value))
     results = []
-    counter = _next_counter(folder, prefix_path.name)
     for image in images:
-        counter, path, handle = _create_new(folder, prefix_path.name, counter)
+        path, handle, subfolder = open_numbered_output(root, prefix, ".png")
         with handle:
             to_pil(image).save(handle, format="PNG", pnginfo=info, compress_level=4)
         results.append({"filename": path.name, "subfolder": subfolder, "type": kind})
-        counter += 1
     return results
-
-
-def _create_new(folder: Path, prefix: str, counter: int) -> tuple[int, Path, BinaryIO]:
-    """Open the first free PREFIX_NNNNN_.png from `counter` on, created exclusively: several workers saving
-    into one shared output folder at once never pick the same name (O_EXCL, also on NFS v3 and later)."""
-    while True:
-        path = folder / f"{prefix}_{counter:05}_.png"
-        try:
-            return counter, path, open(path, "xb")
-        except FileExistsError:
-            counter += 1
 
 
 class SaveImage(Node):

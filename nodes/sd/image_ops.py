@@ -9,12 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths
+from nodes.folders import get_paths, open_numbered_output
 from nodes.node import Node, NodeResult
 from nodes.sd.image import resize_image
 from nodes.sd.imageio import to_pil
 from nodes.sd.latent import MAX_RESOLUTION, as_mask_batch, upscale_latent
-from nodes.sd.latent_ops import open_numbered_output
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket, String
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from nodes.folders import get_paths
+from nodes.folders import get_paths, open_numbered_output
 from nodes.node import Node, NodeResult
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.spec import Combo, Float, Output, Socket, String
@@ -20,26 +19,6 @@ from nodes.spec import Combo, Float, Output, Socket, String
 LATENT_KEY = "latent_tensor"
 VERSION_MARKER = "latent_format_version_0"
 OLD_FORMAT_SCALE = 0.18215
-
-
-def open_numbered_output(root: Path, prefix: str, suffix: str) -> tuple[Path, BinaryIO, str]:
-    """Create the first free PREFIX_NNNNN_SUFFIX under `root` (exclusively, so concurrent savers never share a
-    name); return its path, the open binary handle and the sub-folder the prefix names ('' for none)."""
-    prefix_path = Path(prefix.replace("\\", "/"))
-    if prefix_path.is_absolute() or ".." in prefix_path.parts or not prefix_path.name:
-        raise ValueError(f"filename_prefix {prefix!r} must be a relative name inside the output folder")
-    folder = (root / prefix_path.parent).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    name = prefix_path.name
-    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_{re.escape(suffix)}$")
-    counter = max((int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))), default=0) + 1
-    subfolder = prefix_path.parent.as_posix() if prefix_path.parent != Path(".") else ""
-    while True:
-        path = folder / f"{name}_{counter:05}_{suffix}"
-        try:
-            return path, open(path, "xb"), subfolder
-        except FileExistsError:
-            counter += 1
 
 
 def match_latent(target: torch.Tensor, other: torch.Tensor, what: str) -> torch.Tensor:

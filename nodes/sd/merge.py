@@ -1,0 +1,350 @@
+"""ComfyUI's model merging nodes (weighted, per block, add, subtract) and its checkpoint, CLIP, VAE and UNet savers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from nodes.folders import get_paths, open_numbered_output
+from nodes.node import Node, NodeResult
+from nodes.sd.models import Clip, DiffusionModel, Vae
+from nodes.spec import Float, InputSpec, Output, Socket, String
+
+CATEGORY = "advanced/model_merging"
+# ComfyUI's CLIP merges leave these alone: a position-id table and CLIP's contrastive temperature.
+CLIP_SKIP = (".position_ids", ".logit_scale")
+
+
+def _ratio() -> InputSpec:
+    return Float(1.0, min=0.0, max=1.0, step=0.01)
+
+
+def _multiplier() -> InputSpec:
+    return Float(1.0, min=-10.0, max=10.0, step=0.01)
+
+
+def _describe(value: DiffusionModel | Clip) -> str:
+    return value.source + (f" (with {', '.join(value.loras)})" if value.loras else "")
+
+
+def _family_mismatch(first: Any, second: Any, what: str) -> str | None:
+    """Why two models of these families (names, or None where unknown) cannot be merged; None when they can."""
+    if first is None or second is None or first == second:
+        return None
+    return (f"{what}2 is an {str(second).upper()} model and {what}1 an {str(first).upper()} one: only models of "
+            "the same family can be merged")
+
+
+class _MergesModels(Node):
+    """Two MODEL inputs of one family; the result is model1 (its sampling settings and patches) with new weights."""
+
+    category = CATEGORY
+    model1 = Socket("MODEL")
+    model2 = Socket("MODEL")
+    outputs = (Output("MODEL"),)
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _family_mismatch(linked.get("model1", {}).get("family"), linked.get("model2", {}).get("family"),
+                                "model")
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model1", {})}
+
+    @staticmethod
+    def merged(model1: DiffusionModel, model2: DiffusionModel, description: str,
+               merge: Callable[[nn.Module, nn.Module], nn.Module]) -> tuple[DiffusionModel]:
+        problem = _family_mismatch(model1.family.name, model2.family.name, "model")
+        if problem:
+            raise ValueError(problem)
+        unet = merge(model1.unet, model2.unet)
+        return (replace(model1, unet=unet, loras=(*model1.loras, description)),)
+
+
+class ModelMergeSimple(_MergesModels):
+    """model1 * ratio + model2 * (1 - ratio), weight by weight: ratio 1 is model1, 0 is model2."""
+
+    ratio = _ratio()
+
+    def execute(self, model1: DiffusionModel, model2: DiffusionModel, ratio: float) -> tuple[DiffusionModel]:
+        from ldm.merge import weighted_merge
+
+        return self.merged(model1, model2, f"merged with {_describe(model2)} ({1 - ratio:g} of it)",
+                           lambda a, b: weighted_merge(a, b, ratio))
+
+
+class _MergesBlocks(_MergesModels):
+    """Per-block ratios: each weight takes the ratio of the longest input name its key starts with, else
+    that of the first ratio input (ComfyUI takes the first one its call receives: the same, in its editor)."""
+
+    def execute(self, model1: DiffusionModel, model2: DiffusionModel, **ratios: float) -> tuple[DiffusionModel]:
+        from ldm.merge import prefix_ratios, weighted_merge
+
+        names = [name for name in self.inputs if name not in ("model1", "model2")]
+        ordered = {name: float(ratios[name]) for name in names}
+        ratio_of = prefix_ratios(ordered, ordered[names[0]])
+        changed = ", ".join(f"{name}={value:g}" for name, value in ordered.items() if value != 1.0) or "none"
+        return self.merged(model1, model2, f"merged by blocks with {_describe(model2)} (ratios not 1: {changed})",
+                           lambda a, b: weighted_merge(a, b, ratio_of))
+
+
+class ModelMergeBlocks(_MergesBlocks):
+    """Ratios for the input blocks (and the embeddings), the middle block, and the output blocks with the
+    final layer ('out' is a prefix of both)."""
+
+    input = _ratio()
+    middle = _ratio()
+    out = _ratio()
+
+
+def _block_inputs(inputs: int, outputs: int, separator: str) -> dict[str, InputSpec]:
+    names = ["time_embed.", "label_emb.", *(f"input_blocks.{i}{separator}" for i in range(inputs)),
+             *(f"middle_block.{i}{separator}" for i in range(3)),
+             *(f"output_blocks.{i}{separator}" for i in range(outputs)), "out."]
+    return {**_MergesModels.inputs, **{name: _ratio() for name in names}}
+
+
+class ModelMergeSD1(_MergesBlocks):
+    """A ratio for each block of an SD1/SD2 UNet (input names are the weight-key prefixes they set)."""
+
+    category = f"{CATEGORY}/model_specific"
+    inputs: ClassVar[dict[str, InputSpec]] = _block_inputs(12, 12, ".")
+
+
+class ModelMergeSD2(ModelMergeSD1):
+    """A ratio for each block of an SD2 UNet (SD1's blocks: ComfyUI registers one node under both names)."""
+
+
+class ModelMergeSDXL(_MergesBlocks):
+    """A ratio for each block of an SDXL UNet (ComfyUI's block names here have no trailing dot)."""
+
+    category = f"{CATEGORY}/model_specific"
+    inputs: ClassVar[dict[str, InputSpec]] = _block_inputs(9, 9, "")
+
+
+class ModelMergeSubtract(_MergesModels):
+    """(model1 - model2) * multiplier, as ComfyUI computes it: with ModelMergeAdd, 'add difference' merges."""
+
+    multiplier = _multiplier()
+
+    def execute(self, model1: DiffusionModel, model2: DiffusionModel, multiplier: float) -> tuple[DiffusionModel]:
+        from ldm.merge import subtract
+
+        return self.merged(model1, model2, f"minus {_describe(model2)}, times {multiplier:g}",
+                           lambda a, b: subtract(a, b, multiplier))
+
+
+class ModelMergeAdd(_MergesModels):
+    """model1 + model2, weight by weight (e.g. a ModelMergeSubtract difference added to another model)."""
+
+    def execute(self, model1: DiffusionModel, model2: DiffusionModel) -> tuple[DiffusionModel]:
+        from ldm.merge import add
+
+        return self.merged(model1, model2, f"plus {_describe(model2)}", add)
+
+
+class _MergesClips(Node):
+    """Two CLIP inputs of one family; the result is clip1 (its clip skip) with new weights."""
+
+    category = CATEGORY
+    clip1 = Socket("CLIP")
+    clip2 = Socket("CLIP")
+    outputs = (Output("CLIP"),)
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _family_mismatch(linked.get("clip1", {}).get("family"), linked.get("clip2", {}).get("family"), "clip")
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("clip1", {})}
+
+    @staticmethod
+    def merged(clip1: Clip, clip2: Clip, description: str,
+               merge: Callable[[nn.Module, nn.Module], nn.Module]) -> tuple[Clip]:
+        problem = _family_mismatch(clip1.family_name, clip2.family_name, "clip")
+        if problem:
+            raise ValueError(problem)
+        encoder = merge(clip1.encoder, clip2.encoder)
+        return (replace(clip1, encoder=encoder, loras=(*clip1.loras, description)),)
+
+
+class CLIPMergeSimple(_MergesClips):
+    """clip1 * ratio + clip2 * (1 - ratio), weight by weight."""
+
+    ratio = _ratio()
+
+    def execute(self, clip1: Clip, clip2: Clip, ratio: float) -> tuple[Clip]:
+        from ldm.merge import weighted_merge
+
+        return self.merged(clip1, clip2, f"merged with {_describe(clip2)} ({1 - ratio:g} of it)",
+                           lambda a, b: weighted_merge(a, b, ratio, CLIP_SKIP))
+
+
+class CLIPMergeSubtract(_MergesClips):
+    """(clip1 - clip2) * multiplier, as ComfyUI computes it."""
+
+    multiplier = _multiplier()
+
+    def execute(self, clip1: Clip, clip2: Clip, multiplier: float) -> tuple[Clip]:
+        from ldm.merge import subtract
+
+        return self.merged(clip1, clip2, f"minus {_describe(clip2)}, times {multiplier:g}",
+                           lambda a, b: subtract(a, b, multiplier, CLIP_SKIP))
+
+
+class CLIPMergeAdd(_MergesClips):
+    """clip1 + clip2, weight by weight."""
+
+    def execute(self, clip1: Clip, clip2: Clip) -> tuple[Clip]:
+        from ldm.merge import add
+
+        return self.merged(clip1, clip2, f"plus {_describe(clip2)}", lambda a, b: add(a, b, CLIP_SKIP))
+
+
+# --- saving ----------------------------------------------------------------------------------------------
+
+def _new_file(prefix: str) -> tuple[Path, dict[str, str], str]:
+    """A new, empty PREFIX_NNNNN_.safetensors in the output folder (created exclusively, numbered after the
+    highest number there, as SaveImage's PNGs), its UI entry, and its title ("NAME NNNNN", ComfyUI's)."""
+    path, handle, subfolder = open_numbered_output(get_paths().output, prefix, ".safetensors")
+    handle.close()
+    name, counter = path.name[:-len("_.safetensors")].rsplit("_", 1)
+    return path, {"filename": path.name, "subfolder": subfolder, "type": "output"}, f"{name} {counter}"
+
+
+def _write(path: Path, write: Callable[[], Any]) -> None:
+    """Fill a reserved file; an empty one is not left behind when writing fails."""
+    try:
+        write()
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _workflow_metadata(ctx: Any) -> dict[str, str]:
+    """The workflow that made a file, as ComfyUI stores it: the prompt and the editor's extra data, as JSON."""
+    extra = getattr(ctx, "extra", None) or {}
+    metadata = {} if extra.get("prompt") is None else {"prompt": json.dumps(extra["prompt"])}
+    metadata.update({key: json.dumps(value) for key, value in (extra.get("extra_pnginfo") or {}).items()})
+    return metadata
+
+
+_ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sdxl_refiner": "stable-diffusion-xl-v1-refiner"}
+
+
+def _model_metadata(model: DiffusionModel, title: str) -> dict[str, str]:
+    """What Loom's loaders read back (family, prediction, the UNet's head layout) and ComfyUI's ModelSpec keys."""
+    metadata = {"loom.family": model.family.name, "loom.prediction": model.prediction,
+                "loom.unet_config": json.dumps(asdict(model.unet.config)),
+                "modelspec.predict_key": "v" if model.prediction == "v" else "epsilon"}
+    architecture = _ARCHITECTURES.get(model.family.name)
+    if architecture:
+        metadata.update({"modelspec.architecture": architecture, "modelspec.sai_model_spec": "1.0.0",
+                         "modelspec.implementation": "sgm", "modelspec.title": title})
+    return metadata
+
+
+def _parts_mismatch(model: Any, clip: Any) -> str | None:
+    """Why a checkpoint of this MODEL and CLIP (family names, None where unknown) would not load; None if it would."""
+    if model is None or clip is None or model == clip:
+        return None
+    return (f"the CLIP is an {str(clip).upper()} text encoder and the MODEL an {str(model).upper()} UNet: a checkpoint "
+            "holds the parts of one family")
+
+
+class _Saves(Node):
+    category = CATEGORY
+    output_node = True
+
+
+class CheckpointSave(_Saves):
+    """Saves MODEL, CLIP and VAE as one LDM-layout checkpoint in output/ (Load Checkpoint reads it back)."""
+
+    display_name = "Save Checkpoint"
+    model = Socket("MODEL")
+    clip = Socket("CLIP")
+    vae = Socket("VAE")
+    filename_prefix = String("checkpoints/ComfyUI", tooltip="file name prefix, inside the output folder")
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _parts_mismatch(linked.get("model", {}).get("family"), linked.get("clip", {}).get("family"))
+
+    def execute(self, model: DiffusionModel, clip: Clip, vae: Vae, filename_prefix: str) -> NodeResult:
+        from ldm.checkpoint import save_checkpoint
+        from ldm.merge import dequantized
+
+        problem = _parts_mismatch(model.family.name, clip.family_name)
+        if problem:
+            raise ValueError(problem)
+        path, entry, title = _new_file(filename_prefix)
+        metadata = {**_workflow_metadata(self.ctx), **_model_metadata(model, title)}
+        _write(path, partial(save_checkpoint, path, dequantized(model.unet), vae.vae, dequantized(clip.encoder),
+                             metadata))
+        return NodeResult(ui={"files": [entry]})
+
+
+class CLIPSave(_Saves):
+    """Saves each text encoder of a CLIP as its own file, in transformers' layout (SDXL: PREFIX_clip_l_...
+    and PREFIX_clip_g_...), as ComfyUI's CLIPSave does."""
+
+    clip = Socket("CLIP")
+    filename_prefix = String("clip/ComfyUI", tooltip="file name prefix, inside the output folder")
+
+    def execute(self, clip: Clip, filename_prefix: str) -> NodeResult:
+        from ldm.checkpoint import write_safetensors
+        from ldm.merge import dequantized
+
+        entries = []
+        for name, encoder in dequantized(clip.encoder).encoders.items():
+            path, entry, _ = _new_file(f"{filename_prefix}_{name}")
+            # Which encoder a file holds: the released ones tell by their width, smaller ones need saying.
+            metadata = {"format": "pt", **_workflow_metadata(self.ctx), "loom.text_encoder": name}
+            _write(path, partial(write_safetensors, encoder.state_dict(), path, metadata))
+            entries.append(entry)
+        return NodeResult(ui={"files": entries})
+
+
+class VAESave(_Saves):
+    """Saves a VAE in the LDM layout without prefix, as ComfyUI does (Load VAE reads it back)."""
+
+    vae = Socket("VAE")
+    filename_prefix = String("vae/ComfyUI_vae", tooltip="file name prefix, inside the output folder")
+
+    def execute(self, vae: Vae, filename_prefix: str) -> NodeResult:
+        from ldm.checkpoint import write_safetensors
+
+        path, entry, _ = _new_file(filename_prefix)
+        metadata = {**_workflow_metadata(self.ctx), "loom.scaling_factor": str(vae.scaling_factor)}
+        _write(path, partial(write_safetensors, vae.vae.state_dict(), path, metadata))
+        return NodeResult(ui={"files": [entry]})
+
+
+class ModelSave(_Saves):
+    """Saves a MODEL's UNet alone, under the keys a checkpoint holds it at (model.diffusion_model.), as ComfyUI."""
+
+    model = Socket("MODEL")
+    filename_prefix = String("diffusion_models/ComfyUI", tooltip="file name prefix, inside the output folder")
+
+    def execute(self, model: DiffusionModel, filename_prefix: str) -> NodeResult:
+        from ldm.checkpoint import UNET_PREFIX, write_safetensors
+        from ldm.merge import dequantized
+
+        path, entry, title = _new_file(filename_prefix)
+        tensors: dict[str, torch.Tensor] = {UNET_PREFIX + k: v for k, v in dequantized(model.unet).state_dict().items()}
+        metadata = {**_workflow_metadata(self.ctx), **_model_metadata(model, title)}
+        _write(path, partial(write_safetensors, tensors, path, metadata))
+        return NodeResult(ui={"files": [entry]})
+
+
+NODES = [ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, CLIPMergeSimple, CLIPMergeSubtract,
+         CLIPMergeAdd, ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL, CheckpointSave, CLIPSave, VAESave, ModelSave]

@@ -1,0 +1,256 @@
+"""ComfyUI's loaders of separately distributed parts: a UNet-only file, one or two CLIP text-encoder files."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from nodes.folders import get_paths
+from nodes.node import Node
+from nodes.sd.loaders import _searched, engine_weight_dtypes, shared_model
+from nodes.sd.models import Clip, DiffusionModel, device_and_dtype, file_fingerprint, load_device
+from nodes.spec import Combo, InputSpec, Output
+
+log = logging.getLogger(__name__)
+
+# ComfyUI's folder names, each with its legacy one (models/unet, models/clip), searched in this order.
+DIFFUSION_MODELS = ("diffusion_models", "unet")
+TEXT_ENCODERS = ("text_encoders", "clip")
+
+# ComfyUI's choices, so that its workflow files validate; Loom loads the SD ones and refuses the rest by name.
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+              "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image", "flux2", "ovis",
+              "longcat_image", "cogvideox", "lens", "pixeldit", "ideogram4", "boogu", "krea2", "joyimage", "mage",
+              "minimax", "yue2")
+DUAL_CLIP_TYPES = ("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image", "hunyuan_video_15",
+                   "kandinsky5", "kandinsky5_image", "ltxv", "newbie", "ace")
+DEVICES = ("default", "cpu")
+# A UNETLoader weight_dtype -> Loom's weights dtype ("default": the engine's --weights-dtype). Loom stores fp8
+# as e4m3 scaled per output channel and computes in the model dtype, so "_fast" (fp8 matmuls) is the same.
+_UNET_WEIGHTS = {"fp8_e4m3fn": "fp8", "fp8_e4m3fn_fast": "fp8"}
+_E5M2 = ("weight_dtype fp8_e5m2: Loom stores fp8 weights as e4m3 only; choose fp8_e4m3fn (the same memory) or "
+         "default")
+
+
+def part_names(kinds: tuple[str, ...]) -> list[str]:
+    """The files of a part folder and its legacy one, sorted, without duplicates."""
+    return sorted({name for kind in kinds for name in get_paths().list_models(kind)})
+
+
+def part_path(kinds: tuple[str, ...], name: str) -> Path | None:
+    return next((p for kind in kinds if (p := get_paths().find_model(kind, name)) is not None), None)
+
+
+def _required_path(kinds: tuple[str, ...], name: str) -> Path:
+    path = part_path(kinds, name)
+    if path is None:
+        raise FileNotFoundError(f"{kinds[0]} file {name!r} not found (looked in {_where(kinds)})")
+    return path
+
+
+def _where(kinds: tuple[str, ...]) -> str:
+    return ", ".join(_searched(kind) for kind in kinds)
+
+
+def part_file(kinds: tuple[str, ...]) -> InputSpec:
+    return Combo(lambda: part_names(kinds), tooltip=f"a file in models/{kinds[0]} (or models/{kinds[1]})",
+                 choices_where=lambda: _where(kinds))
+
+
+def _fingerprint(kinds: tuple[str, ...], *names: Any) -> Any:
+    return [file_fingerprint(part_path(kinds, str(name))) for name in names]
+
+
+@functools.lru_cache(maxsize=64)
+def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | None]:
+    """(UNet family or text-encoder kind, refusal) from a file's header, cached per file version; (None, None)
+    where the header cannot tell (a .ckpt, an unreadable file: the loader reports it when it runs)."""
+    from safetensors import SafetensorError
+
+    from ldm.checkpoint import CheckpointError
+    from ldm.parts import peek_text_encoder, peek_unet
+
+    try:
+        if part == "unet":
+            family = peek_unet(path)
+            return (None if family is None else family.name), None
+        return peek_text_encoder(path), None
+    except CheckpointError as e:
+        return None, str(e)
+    except (SafetensorError, OSError, ValueError):
+        return None, None
+
+
+def header(part: str, kinds: tuple[str, ...], name: Any) -> tuple[str | None, str | None]:
+    path = part_path(kinds, str(name))
+    return (None, None) if path is None else _header(part, str(path), str(file_fingerprint(path)))
+
+
+def _text_family(kinds: list[str | None]) -> str | None:
+    from ldm.parts import TEXT_FAMILIES
+
+    return None if None in kinds else TEXT_FAMILIES.get(tuple(sorted(k for k in kinds if k)))
+
+
+def _unsupported_type(value: Any, supported: str, loads: str) -> str:
+    return (f"type {value!r} is for a model family whose text encoders Loom does not support; Loom loads type "
+            f"{supported} ({loads})")
+
+
+class UNETLoader(Node):
+    """Loads a UNet-only file (SD1.x, SD2.x, SDXL or the SDXL refiner; LDM or diffusers layout) from
+    models/diffusion_models or models/unet. fp8 weight_dtypes store the weights in fp8 (e4m3)."""
+
+    display_name = "Load Diffusion Model"
+    category = "advanced/loaders"
+    unet_name = part_file(DIFFUSION_MODELS)
+    weight_dtype = Combo(WEIGHT_DTYPES, extra={"advanced": True},
+                         tooltip="default: the engine's --weights-dtype; fp8_e4m3fn(_fast): fp8 weights; "
+                                 "fp8_e5m2 is not supported")
+    outputs = (Output("MODEL"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return _fingerprint(DIFFUSION_MODELS, inputs.get("unet_name", ""))
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("weight_dtype") == "fp8_e5m2":
+            return _E5M2
+        return header("unet", DIFFUSION_MODELS, inputs.get("unet_name"))[1]
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        family, _ = header("unet", DIFFUSION_MODELS, inputs.get("unet_name"))
+        return {} if family is None else {0: {"family": family}}
+
+    def execute(self, unet_name: str, weight_dtype: str) -> tuple[DiffusionModel]:
+        from ldm.parts import load_unet
+        from ldm.quant import quantize_
+
+        if weight_dtype == "fp8_e5m2":
+            raise ValueError(_E5M2)
+        weights = _UNET_WEIGHTS.get(weight_dtype) or engine_weight_dtypes(self)[0]
+        path = _required_path(DIFFUSION_MODELS, unet_name)
+        _, dtype, _ = device_and_dtype(self.ctx)
+        device = load_device(self.ctx)
+
+        def load() -> Any:
+            loaded = load_unet(path, device=device, dtype=dtype)
+            quantize_(loaded.unet, weights)
+            if loaded.unused_keys:
+                log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
+            return loaded
+
+        key = ("unet", str(path), str(file_fingerprint(path)), str(device), str(dtype), weights)
+        loaded = shared_model(self, key, load)
+        return (DiffusionModel(loaded.unet, loaded.family, unet_name),)
+
+
+def load_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:
+    """Load (or share) text-encoder files as one CLIP: on the offload device in the model dtype, or with
+    device "cpu" in float32 on the CPU, pinned there; the engine's --te-weights-dtype applies."""
+    import torch
+
+    from ldm.parts import load_text_encoders
+    from ldm.quant import quantize_
+
+    paths = [_required_path(TEXT_ENCODERS, name) for name in names]
+    weights = engine_weight_dtypes(node)[1]
+    pinned = device == "cpu"
+    target, dtype = (torch.device("cpu"), torch.float32) if pinned else (load_device(node.ctx),
+                                                                          device_and_dtype(node.ctx)[1])
+
+    def load() -> Any:
+        loaded = load_text_encoders(paths, device=target, dtype=dtype, pin_to_cpu=pinned)
+        quantize_(loaded.encoder, weights)
+        if loaded.unused_keys:
+            log.warning("%d unused keys, e.g. %s", len(loaded.unused_keys), loaded.unused_keys[:3])
+        return loaded
+
+    key = ("text_encoders", tuple((str(p), str(file_fingerprint(p))) for p in paths), str(target), str(dtype),
+           weights, pinned)
+    loaded = shared_model(node, key, load)
+    return Clip(loaded.encoder, loaded.family, " + ".join(names))
+
+
+class CLIPLoader(Node):
+    """Loads one text-encoder file from models/text_encoders or models/clip. With type stable_diffusion: SD1.x's
+    CLIP-L, SD2.x's OpenCLIP-H or the SDXL refiner's OpenCLIP bigG, told apart by the file (transformers' CLIPTextModel
+    layout, or OpenCLIP's). The other types are other model families' text encoders, which Loom refuses."""
+
+    display_name = "Load CLIP"
+    category = "advanced/loaders"
+    clip_name = part_file(TEXT_ENCODERS)
+    type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which)")
+    device = Combo(DEVICES, optional=True, extra={"advanced": True},
+                   tooltip="cpu: keep the text encoder on the CPU, in float32")
+    outputs = (Output("CLIP"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return _fingerprint(TEXT_ENCODERS, inputs.get("clip_name", ""))
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("type") != "stable_diffusion":
+            return _unsupported_type(inputs.get("type"), "stable_diffusion", "SD1.x, SD2.x and the SDXL refiner; "
+                                     "DualCLIPLoader's sdxl for SDXL")
+        return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
+        return {} if family is None else {0: {"family": family}}
+
+    def execute(self, clip_name: str, type: str, device: str = "default") -> tuple[Clip]:
+        if type != "stable_diffusion":
+            raise ValueError(_unsupported_type(type, "stable_diffusion", "SD1.x, SD2.x and the SDXL refiner"))
+        return (load_clip(self, (clip_name,), device),)
+
+
+class DualCLIPLoader(Node):
+    """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG (in either order)
+    from models/text_encoders or models/clip. The other types are other model families', which Loom refuses."""
+
+    display_name = "DualCLIPLoader"
+    category = "advanced/loaders"
+    clip_name1 = part_file(TEXT_ENCODERS)
+    clip_name2 = part_file(TEXT_ENCODERS)
+    type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG")
+    device = Combo(DEVICES, optional=True, extra={"advanced": True},
+                   tooltip="cpu: keep the text encoders on the CPU, in float32")
+    outputs = (Output("CLIP"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return _fingerprint(TEXT_ENCODERS, inputs.get("clip_name1", ""), inputs.get("clip_name2", ""))
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("type") != "sdxl":
+            return _unsupported_type(inputs.get("type"), "sdxl", "SDXL's CLIP-L and OpenCLIP bigG")
+        found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
+        refusal = next((problem for _, problem in found if problem), None)
+        kinds = [kind for kind, _ in found]
+        if refusal or None in kinds or _text_family(kinds) == "sdxl":
+            return refusal
+        return (f"{inputs['clip_name1']} and {inputs['clip_name2']} hold {' + '.join(map(str, kinds))}; type sdxl "
+                "needs one CLIP-L (clip_l) and one OpenCLIP bigG (clip_g)")
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
+                               for name in ("clip_name1", "clip_name2")])
+        return {} if family is None else {0: {"family": family}}
+
+    def execute(self, clip_name1: str, clip_name2: str, type: str, device: str = "default") -> tuple[Clip]:
+        if type != "sdxl":
+            raise ValueError(_unsupported_type(type, "sdxl", "SDXL's CLIP-L and OpenCLIP bigG"))
+        return (load_clip(self, (clip_name1, clip_name2), device),)
+
+
+NODES = [UNETLoader, CLIPLoader, DualCLIPLoader]
