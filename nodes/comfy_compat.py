@@ -38,8 +38,8 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
     "SelfAttentionGuidance", "HyperTile", "PatchModelAddDownscale", "TomePatchModel",
-    "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "DualCFGGuider",
-    "SamplerEulerAncestralCFGPP", "SamplerER_SDE", "SamplerSASolver", "GITSScheduler",
+    "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance",
+    "SamplerER_SDE", "SamplerSASolver", "GITSScheduler",
     # saving models of other kinds
     "ImageOnlyCheckpointSave",
     # latents and images

@@ -135,7 +135,7 @@ def _pair_areas(jobs: list[_Job]) -> list[_Job]:
     for side in (0, 1):
         for job in [j for j in out if j.side == side and j.area]:
             smallest = None
-            for other in (j for j in out if j.side != side):
+            for other in (j for j in out if j.side == 1 - side):
                 if not other.area:
                     smallest = smallest or other
                 elif (other.rows.start <= job.rows.start and other.cols.start <= job.cols.start
@@ -177,6 +177,17 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
     return groups
 
 
+@dataclass(frozen=True)
+class DualCfg:
+    """A second positive prompt, `middle`, between the positive and the negative (ComfyUI's DualCFGGuider):
+    `regular` guidance is `negative + cfg_middle * (middle - negative) + cfg * (positive - middle)`; `nested`
+    is `negative + cfg_middle * (guided - negative)`, where guided = `middle + cfg * (positive - middle)`."""
+
+    middle: CondList
+    cfg_middle: float
+    nested: bool = False
+
+
 @dataclass
 class _Plan:
     """How one latent shape is evaluated: the batched calls, and per side the blend denominators."""
@@ -198,19 +209,28 @@ class CFGGuider:
     built once per shape and reused at every step. A `cfg_function` (`ldm.sampling.model_patches`)
     replaces the last step, the combination of the two sides' predictions; `post_cfg` functions then
     change the result, and may ask for the positive prediction of a patched copy of `module`, the UNet
-    module behind the denoiser's (perhaps compiled or graphed) forward.
+    module behind the denoiser's (perhaps compiled or graphed) forward. `keep_negative` runs the negative
+    side even at cfg 1 (for those that read it); `dual` adds a third prompt (see `DualCfg`).
     """
 
     def __init__(
         self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8,
         cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
-        module: Any = None,
+        module: Any = None, keep_negative: bool = False, dual: DualCfg | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
         self.denoiser = denoiser
         self.cfg = cfg
-        self.sides = [positive, negative] if not math.isclose(cfg, 1.0) and negative else [positive]
+        if dual is not None:
+            if not negative:
+                raise ValueError("dual guidance needs a negative conditioning")
+            self.sides = [positive, negative, dual.middle]
+        elif negative and (keep_negative or not math.isclose(cfg, 1.0)):
+            self.sides = [positive, negative]
+        else:
+            self.sides = [positive]
+        self.dual = dual
         self.feather = feather
         self.cfg_function = cfg_function
         self.post_cfg = post_cfg
@@ -271,11 +291,22 @@ class CFGGuider:
             if count is not None:
                 preds[side] = totals[side] / count
         args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg)
-        if self.cfg_function is not None:
-            return self.cfg_function(args), args
         if len(preds) == 1:
-            return preds[0], args
-        return torch.lerp(preds[1], preds[0], self.cfg), args  # uncond + cfg * (cond - uncond)
+            return preds[0] if self.cfg_function is None else self.cfg_function(args), args
+        if self.dual is None:
+            return self._guide(args), args
+        positive, negative, middle = preds
+        if self.dual.nested:
+            guided = self._guide(CfgArgs(x, sigma, positive, middle, self.cfg))
+            return torch.lerp(negative, guided, self.dual.cfg_middle), args
+        guided = self._guide(CfgArgs(x, sigma, middle, negative, self.dual.cfg_middle))
+        return guided + (positive - middle) * self.cfg, args
+
+    def _guide(self, args: CfgArgs) -> Tensor:
+        """`uncond + cfg * (cond - uncond)`, or the model's guidance function."""
+        if self.cfg_function is not None:
+            return self.cfg_function(args)
+        return torch.lerp(args.uncond, args.cond, args.cfg)
 
     def _active(self, sigma: Tensor, level: float | None) -> tuple | None:
         """Which entries act at this noise level (None: all of them, none having a range)."""
@@ -293,7 +324,7 @@ class CFGGuider:
                     if (job := _job(side, emb, opts, x, self.feather)) is not None:
                         job.source = (side, i)
                         jobs.append(job)
-            if len(self.sides) == 2:
+            if len(self.sides) >= 2:
                 jobs = _pair_areas(jobs)
             jobs = [j for j in jobs if active is None or active[j.source[0]][j.source[1]]]
             batches = []

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.sampling import dpm_solver, samplers, samplers_ldm, samplers_sde, unipc
+from ldm.sampling import dpm_solver, samplers, samplers_cfgpp, samplers_ldm, samplers_sde, unipc
 from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
-from ldm.sampling.guidance import CFGGuider, CondList
+from ldm.sampling.guidance import CFGGuider, CondList, DualCfg
 from ldm.sampling.model_patches import SamplingPatches
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
@@ -26,7 +26,9 @@ from ldm.sampling.schedules import DiscreteSchedule
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": samplers.sample_euler,
+    "euler_cfg_pp": samplers_cfgpp.sample_euler_cfg_pp,
     "euler_ancestral": samplers.sample_euler_ancestral,
+    "euler_ancestral_cfg_pp": samplers_cfgpp.sample_euler_ancestral_cfg_pp,
     "heun": samplers.sample_heun,
     "dpm_2": samplers.sample_dpm_2,
     "dpm_2_ancestral": samplers.sample_dpm_2_ancestral,
@@ -36,6 +38,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2s_ancestral": samplers.sample_dpmpp_2s_ancestral,
     "dpmpp_sde": samplers.sample_dpmpp_sde,
     "dpmpp_2m": samplers.sample_dpmpp_2m,
+    "dpmpp_2m_cfg_pp": samplers_cfgpp.sample_dpmpp_2m_cfg_pp,
     "dpmpp_2m_sde": samplers_sde.sample_dpmpp_2m_sde,
     "dpmpp_3m_sde": samplers_sde.sample_dpmpp_3m_sde,
     "ddpm": samplers_ldm.sample_ddpm,
@@ -61,6 +64,7 @@ _STEP_NOISE = {
     "heun",
     "dpm_2",
     "euler_ancestral",
+    "euler_ancestral_cfg_pp",
     "dpm_2_ancestral",
     "dpmpp_2s_ancestral",
     "ddpm",
@@ -70,12 +74,14 @@ _STEP_NOISE = {
     "dpm_adaptive",
 }
 # Those of them that draw step noise at (nearly) every step with their default options: drawn ahead.
-_DRAW_AHEAD = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"}
+_DRAW_AHEAD = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"}
+# CFG++ samplers: they read the unconditional prediction of each model call.
+_CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"}
 
 
 # Samplers that add fresh noise at every step: they need falling noise levels.
-_STOCHASTIC = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-               "dpmpp_3m_sde", "ddpm", "lcm"}
+_STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+               "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm"}
 
 
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.
@@ -184,6 +190,7 @@ def sample(
     sampler_options: dict | None = None,
     patches: SamplingPatches | None = None,
     module: torch.nn.Module | None = None,
+    dual: DualCfg | None = None,
 ) -> Tensor:
     """Sample a latent (in model space, i.e. already times the VAE scaling factor).
 
@@ -195,7 +202,8 @@ def sample(
     exactly at the end. `callback(step, total, x0)` follows each step; `interrupt()` is polled
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
     `patches` change how guidance combines predictions and how the mask evolves over the run; those
-    that run a patched copy of the UNet need its `module` (default: `unet`, if it is one).
+    that run a patched copy of the UNet need its `module` (default: `unet`, if it is one). `dual` adds
+    DualCFGGuider's second positive prompt.
     """
     sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
     if sampler_name not in SAMPLERS:
@@ -241,8 +249,13 @@ def sample(
 
     if module is None and isinstance(unet, torch.nn.Module):
         module = unet
-    guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function,
-                       post_cfg=patches.post_cfg, module=module)
+    options = dict(sampler_options or {})
+    post_cfg = patches.post_cfg
+    if sampler_name in _CFG_PP:
+        options["uncond"] = capture = samplers_cfgpp.UncondCapture()
+        post_cfg = (capture, *post_cfg)
+    guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
+                       module=module, keep_negative=sampler_name in _CFG_PP, dual=dual)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 
@@ -267,7 +280,6 @@ def sample(
 
     total = len(sigmas) - 1
     on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
-    options = dict(sampler_options or {})
     if sampler_name in _BROWNIAN and "noise_sampler" not in options:
         positive_sigmas = sigmas[sigmas > 0]
         tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, compute_sigmas
+from ldm.sampling.guidance import DualCfg
 from ldm.sampling.schedulers import append_zero, sigmas_beta, sigmas_exponential, sigmas_karras
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel
@@ -51,6 +52,7 @@ class Guider:
     positive: list
     negative: list
     cfg: float
+    dual: DualCfg | None = None  # DualCFGGuider's second positive prompt
 
 
 def _sigmas_out(sigmas: torch.Tensor) -> tuple[torch.Tensor]:
@@ -292,6 +294,38 @@ class SamplerEulerAncestral(Node):
         return (SamplerChoice("euler_ancestral", {"eta": eta, "s_noise": s_noise}),)
 
 
+class SamplerEulerAncestralCFGPP(Node):
+    """Euler ancestral with CFG++'s re-noising (Chung et al. 2024), for cfg about 1 to 2."""
+
+    display_name = "SamplerEulerAncestralCFG++"
+    category = "sampling/samplers"
+    eta = Float(1.0, min=0.0, max=1.0, step=0.01, round=False)
+    s_noise = Float(1.0, min=0.0, max=10.0, step=0.01, round=False)
+    outputs = (Output("SAMPLER"),)
+
+    def execute(self, eta: float, s_noise: float) -> tuple[SamplerChoice]:
+        return (SamplerChoice("euler_ancestral_cfg_pp", {"eta": eta, "s_noise": s_noise}),)
+
+
+class DualCFGGuider(Node):
+    """Guidance with two positive prompts: cond2 against the negative at cfg_cond2_negative, then cond1 against
+    cond2 at cfg_conds (added on top, or nested inside the first)."""
+
+    category = "sampling/guiders"
+    model = Socket("MODEL")
+    cond1 = Socket("CONDITIONING")
+    cond2 = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    cfg_conds = Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    cfg_cond2_negative = Float(8.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    style = Combo(["regular", "nested"])
+    outputs = (Output("GUIDER"),)
+
+    def execute(self, model: DiffusionModel, cond1: list, cond2: list, negative: list, cfg_conds: float,
+                cfg_cond2_negative: float, style: str) -> tuple[Guider]:
+        return (Guider(model, cond1, negative, cfg_conds, DualCfg(cond2, cfg_cond2_negative, style == "nested")),)
+
+
 class SamplerDPMPP_2S_Ancestral(Node):  # noqa: N801 (ComfyUI's name)
     """DPM-Solver++(2S) ancestral with eta and s_noise."""
 
@@ -433,7 +467,7 @@ def _run(node: Node, guider: Guider, noise: NoiseSource, sampler: SamplerChoice,
          latent: dict) -> tuple[dict, dict]:
     return run_sampler(node, guider.model, latent, guider.positive, guider.negative, seed=noise.seed,
                        cfg=guider.cfg, sampler_name=sampler.name, sampler_options=sampler.options, sigmas=sigmas,
-                       add_noise=noise.enabled)
+                       add_noise=noise.enabled, dual=guider.dual)
 
 
 class SamplerCustom(Node):
@@ -478,5 +512,5 @@ NODES: list[Any] = [
     BetaSamplingScheduler, SDTurboScheduler, KSamplerSelect, SamplerEulerAncestral, SamplerLMS,
     SamplerDPMPP_3M_SDE, SamplerDPMPP_2M_SDE, SamplerDPMPP_SDE, SamplerDPMPP_2S_Ancestral, SamplerDPMAdaptative,
     SplitSigmas, SplitSigmasDenoise, FlipSigmas, SetFirstSigma, CFGGuider, BasicGuider, RandomNoise, DisableNoise,
-    SamplerCustomAdvanced, ManualSigmas,
+    SamplerCustomAdvanced, ManualSigmas, SamplerEulerAncestralCFGPP, DualCFGGuider,
 ]

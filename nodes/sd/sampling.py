@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, sample
+from ldm.sampling.guidance import DualCfg
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel, device_and_dtype, devices_of, on_device
 from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
@@ -38,11 +40,11 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
     return out
 
 
-def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list) -> None:
+def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list, middle: list = ()) -> None:
     """Prompts encoded by another checkpoint's CLIP (the SDXL base's with the refiner, say) are refused
     with the widths, rather than failing inside the UNet with a matrix-shape error."""
     config = model.family.unet_config
-    for side, conditioning in (("positive", positive), ("negative", negative)):
+    for side, conditioning in (("positive", positive), ("negative", negative), ("second positive", middle)):
         for embedding, _ in conditioning:
             if embedding.shape[-1] != config.context_dim:
                 raise ValueError(f"the {side} prompt was encoded {embedding.shape[-1]} wide, and the model "
@@ -108,11 +110,12 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 seed: int, cfg: float, sampler_name: str, steps: int = 20, scheduler: str = "normal",
                 denoise: float = 1.0, sigmas: torch.Tensor | None = None, sampler_options: dict | None = None,
                 add_noise: bool = True, start_step: int | None = None, end_step: int | None = None,
-                return_leftover_noise: bool = False) -> tuple[dict, dict]:
+                return_leftover_noise: bool = False, dual: DualCfg | None = None) -> tuple[dict, dict]:
     """The shared body of the KSampler and custom sampling nodes: the sampled LATENT, and the LATENT of
     the last step's denoised prediction (the same as the first if no step ran). LATENT values stay
-    unscaled, as in ComfyUI. `sigmas` replaces `steps`, `scheduler` and `denoise`."""
-    _check_prompt_widths(model, positive, negative)
+    unscaled, as in ComfyUI. `sigmas` replaces `steps`, `scheduler` and `denoise`; `dual` adds DualCFGGuider's
+    second positive prompt."""
+    _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]
     scale = model.family.latent_scale_factor
@@ -131,7 +134,9 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         return False
 
     negative = _control_uncond(positive, negative)
-    controls = _controls(positive, negative)
+    controls = _controls(positive, negative, *([dual.middle] if dual else []))
+    if dual is not None:
+        dual = replace(dual, middle=_with_adm(dual.middle, model, samples, negative=True))
     controlnets = _place_controls(node, model, controls)
     unet = on_device(node.ctx, model.unet, keep=controlnets)  # the ControlNets stay on the device with it
     devices = devices_of(node.ctx)
@@ -166,7 +171,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
                 prediction=model.prediction, sampler_options=sampler_options, patches=model.sampling_patches,
-                module=model.unet,
+                module=model.unet, dual=dual,
             )
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them

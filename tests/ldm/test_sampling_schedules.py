@@ -44,9 +44,11 @@ def test_names_in_comfyui_order():
         "linear_quadratic",
         "kl_optimal",
     ]
-    assert SAMPLER_NAMES[:8] == [
+    assert SAMPLER_NAMES[:10] == [  # ComfyUI's order, with the ones Loom has
         "euler",
+        "euler_cfg_pp",
         "euler_ancestral",
+        "euler_ancestral_cfg_pp",
         "heun",
         "dpm_2",
         "dpm_2_ancestral",
@@ -58,6 +60,7 @@ def test_names_in_comfyui_order():
         "dpmpp_2s_ancestral",
         "dpmpp_sde",
         "dpmpp_2m",
+        "dpmpp_2m_cfg_pp",
         "dpmpp_2m_sde",
         "dpmpp_3m_sde",
         "ddpm",

@@ -256,3 +256,41 @@ def test_karras_down_to_zero_in_one_step_keeps_its_step():
 
     [sigmas] = cs.KarrasScheduler().execute(1, 14.6, 0.0, 7.0)
     assert sigmas.tolist() == pytest.approx([14.6, 0.0])
+
+
+@pytest.mark.parametrize("sampler", ["euler_cfg_pp", "dpmpp_2m_cfg_pp"])
+def test_cfg_pp_samplers_run_in_the_ksampler_and_custom_sampling(engine, sampler):
+    graph = {**prompts(), "5": ksampler(sampler, cfg=1.5), **advanced(select(sampler), guider={
+        "class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                               "cfg": 1.5}})}
+    [(expected,), (output, _)] = run(engine, graph, "5", "14")
+    assert torch.equal(output["samples"], expected["samples"])
+    [(plain,)] = run(engine, {**prompts(), "5": ksampler(sampler.replace("_cfg_pp", ""), cfg=1.5)}, "5")
+    assert not torch.equal(plain["samples"], expected["samples"])
+
+
+def test_sampler_euler_ancestral_cfg_pp_node_makes_the_ksamplers_latent(engine):
+    node = {"class_type": "SamplerEulerAncestralCFGPP", "inputs": {"eta": 1.0, "s_noise": 1.0}}
+    guider = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": 1.5}}
+    graph = {**prompts(), "5": ksampler("euler_ancestral_cfg_pp", cfg=1.5), **advanced(node, guider=guider)}
+    [(expected,), (output, _)] = run(engine, graph, "5", "14")
+    assert torch.equal(output["samples"], expected["samples"])
+
+
+def test_dual_cfg_guider(engine):
+    """With the second prompt the same as the first, regular dual guidance is plain guidance at cfg_cond2_negative;
+    with another second prompt, both styles change the result."""
+    def dual(cond2: str, style: str = "regular") -> dict:
+        return {"class_type": "DualCFGGuider", "inputs": {
+            "model": ["1", 0], "cond1": ["2", 0], "cond2": [cond2, 0], "negative": ["3", 0], "cfg_conds": 9.0,
+            "cfg_cond2_negative": 6.0, "style": style}}
+
+    base = {**prompts(), "20": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue square", "clip": ["1", 1]}}}
+    [(expected, _)] = run(engine, {**base, **advanced(select("euler"))}, "14")  # CFGGuider at cfg 6
+    [(same, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("2"))}, "14")
+    assert torch.allclose(same["samples"], expected["samples"], atol=1e-4, rtol=1e-5)
+    [(regular, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("20"))}, "14")
+    [(nested, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("20", "nested"))}, "14")
+    assert not torch.allclose(regular["samples"], expected["samples"])
+    assert not torch.allclose(nested["samples"], regular["samples"])
