@@ -17,7 +17,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-dir", type=Path, default=Path(__file__).resolve().parent,
                         help="folder holding models/, input/, output/, temp/ (default: the project folder)")
     parser.add_argument("--models-dir", type=Path, action="append", default=[],
-                        help="another models folder (with checkpoints/, vae/, loras/, controlnet/, upscale_models/ "
+                        help="another models folder (with checkpoints/, vae/, loras/, controlnet/, upscale_models/, "
+                             "embeddings/, diffusion_models/, text_encoders/ "
                              "inside); repeatable")
     parser.add_argument("--extra-model-paths", type=Path,
                         help="JSON file mapping model kinds to more folders, e.g. another tool's, or ComfyUI's "
