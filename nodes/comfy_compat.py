@@ -29,7 +29,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader", "DiffControlNetLoader",
     "unCLIPCheckpointLoader", "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
     # conditioning for other model kinds
-    "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply", "InpaintModelConditioning",
+    "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply",
     "InstructPixToPixConditioning", "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "SD_4XUpscale_Conditioning", "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply", "SetUnionControlNetType",
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",

@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "nodes.sd.latent_ops",
     "nodes.sd.image_ops",
     "nodes.sd.part_loaders",
+    "nodes.sd.inpaint",
 )
 
 

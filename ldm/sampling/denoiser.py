@@ -19,13 +19,16 @@ PREDICTIONS = ("eps", "v", "x0", "lcm")
 @dataclass
 class Conditioning:
     """What one UNet call is conditioned on: cross-attention `context` [B, L, D]; for models with a
-    class/size embedding (SDXL), `y` [B, adm]; and a ControlNet chain (`ldm.controlnet.Control`) for
-    a call whose rows are `control_repeats` copies of the latent batch (one per prompt in the call)."""
+    class/size embedding (SDXL), `y` [B, adm]; a ControlNet chain (`ldm.controlnet.Control`) for
+    a call whose rows are `control_repeats` copies of the latent batch (one per prompt in the call);
+    for inpainting models, `concat` [B, C, H, W], channels appended to the UNet's input (the mask and
+    the masked image's latent)."""
 
     context: Tensor
     y: Tensor | None = None
     control: Any = None
     control_repeats: int = 1
+    concat: Tensor | None = None
 
 
 @functools.lru_cache(maxsize=256)
@@ -118,6 +121,8 @@ class Denoiser:
         return self._unet(x_in, _timesteps(t, x_in.shape[0], x_in.device), cond, sigma)
 
     def _unet(self, x_in: Tensor, t: Tensor, cond: Conditioning, sigma: float | Tensor) -> Tensor:
+        if cond.concat is not None:
+            x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
         if cond.control is None:
             return self.unet(x_in, t, cond.context, y=cond.y)
         # A ControlNet acts on part of the schedule, judged by the first item's level (as ComfyUI does).

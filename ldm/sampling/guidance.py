@@ -12,6 +12,8 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
 - `control`: a ControlNet chain (`ldm.controlnet.Control`) applied to this entry's model calls.
 - `start_percent`, `end_percent`: the part of the run (0 = pure noise, 1 = the end) in which the entry
   acts, as ComfyUI's ConditioningSetTimestepRange stores it; outside it the entry is left out.
+- `concat`: for inpainting models, [1 or B, C, H, W] channels appended to the UNet's input at the
+  latent's size (the caller builds them; entries without one get the guider's `concat`).
 
 Each entry predicts x0 over its area; entries of one side (positive or negative) are blended by
 their weights, with an 8-pixel linear feather on area edges that are inside the image and have
@@ -51,6 +53,7 @@ class _Job:
     control: Any = None  # ldm.controlnet.Control
     area: bool = False  # the entry names an area (or its mask's bounds)
     source: tuple[int, int] = (0, 0)  # (side, index) of the entry whose timestep range this job follows
+    concat: Tensor | None = None  # inpainting models' extra input channels, over the job's area
 
 
 def _to_batch(t: Tensor, batch: int) -> Tensor:
@@ -89,7 +92,8 @@ def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
     return max(8, int(rows.max()) + 1 - top), max(8, int(cols.max()) + 1 - left), top, left
 
 
-def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -> _Job | None:
+def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
+         concat: Tensor | None = None) -> _Job | None:
     batch, _, height, width = x.shape
     area = options.get("area")
     mask = options.get("mask")
@@ -123,7 +127,10 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int) -
         wy = feather_ramp(hh, top != 0, top + h < height, feather)
         wx = feather_ramp(ww, left != 0, left + w < width, feather)
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
-    return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None)
+    concat = options.get("concat", concat)
+    if concat is not None:
+        concat = _to_batch(concat.to(x.device, x.dtype), batch)[:, :, rows, cols]
+    return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat)
 
 
 def _pair_areas(jobs: list[_Job]) -> list[_Job]:
@@ -145,7 +152,7 @@ def _pair_areas(jobs: list[_Job]) -> list[_Job]:
             if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
                 continue
             out.append(_Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source))
+                            True, job.source, job.concat))
     return out
 
 
@@ -168,6 +175,7 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
                 and (job.y is None or first.y.shape[1:] == job.y.shape[1:])
                 and first.context.shape[2] == job.context.shape[2]
                 and first.control is job.control
+                and (first.concat is None) == (job.concat is None)
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
                 group.append(job)
@@ -210,13 +218,15 @@ class CFGGuider:
     replaces the last step, the combination of the two sides' predictions; `post_cfg` functions then
     change the result, and may ask for the positive prediction of a patched copy of `module`, the UNet
     module behind the denoiser's (perhaps compiled or graphed) forward. `keep_negative` runs the negative
-    side even at cfg 1 (for those that read it); `dual` adds a third prompt (see `DualCfg`).
+    side even at cfg 1 (for those that read it); `dual` adds a third prompt (see `DualCfg`); `concat` is an
+    inpainting model's extra input for entries without their own.
     """
 
     def __init__(
         self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8,
         cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
         module: Any = None, keep_negative: bool = False, dual: DualCfg | None = None,
+        concat: Tensor | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -231,6 +241,7 @@ class CFGGuider:
         else:
             self.sides = [positive]
         self.dual = dual
+        self.concat = concat
         self.feather = feather
         self.cfg_function = cfg_function
         self.post_cfg = post_cfg
@@ -257,7 +268,7 @@ class CFGGuider:
             if transform not in self._patched:
                 denoiser = Denoiser(transform(self.module), self.denoiser.schedule, self.denoiser.prediction,
                                     self.denoiser.quantize)
-                self._patched[transform] = CFGGuider(denoiser, self.positive, [], 1.0, self.feather)
+                self._patched[transform] = CFGGuider(denoiser, self.positive, [], 1.0, self.feather, concat=self.concat)
             return self._patched[transform](x, sigma)
 
         for patch in self.post_cfg:
@@ -321,7 +332,7 @@ class CFGGuider:
             jobs = []
             for side, conds in enumerate(self.sides):
                 for i, (emb, opts) in enumerate(conds):
-                    if (job := _job(side, emb, opts, x, self.feather)) is not None:
+                    if (job := _job(side, emb, opts, x, self.feather, self.concat)) is not None:
                         job.source = (side, i)
                         jobs.append(job)
             if len(self.sides) >= 2:
@@ -333,7 +344,8 @@ class CFGGuider:
                 context = torch.cat([j.context if j.context.shape[1] == length
                                      else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
-                batches.append((group, Conditioning(context, y, group[0].control, len(group))))
+                concat = None if group[0].concat is None else torch.cat([j.concat for j in group])
+                batches.append((group, Conditioning(context, y, group[0].control, len(group), concat)))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

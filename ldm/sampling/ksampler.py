@@ -191,6 +191,7 @@ def sample(
     patches: SamplingPatches | None = None,
     module: torch.nn.Module | None = None,
     dual: DualCfg | None = None,
+    concat: Tensor | None = None,
 ) -> Tensor:
     """Sample a latent (in model space, i.e. already times the VAE scaling factor).
 
@@ -203,7 +204,8 @@ def sample(
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
     `patches` change how guidance combines predictions and how the mask evolves over the run; those
     that run a patched copy of the UNet need its `module` (default: `unet`, if it is one). `dual` adds
-    DualCFGGuider's second positive prompt.
+    DualCFGGuider's second positive prompt. `concat` [B, C, H, W] is appended to the UNet's input channels
+    (an inpainting model's mask and masked image; entries may carry their own, see `guidance`).
     """
     sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
     if sampler_name not in SAMPLERS:
@@ -255,7 +257,7 @@ def sample(
         options["uncond"] = capture = samplers_cfgpp.UncondCapture()
         post_cfg = (capture, *post_cfg)
     guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
-                       module=module, keep_negative=sampler_name in _CFG_PP, dual=dual)
+                       module=module, keep_negative=sampler_name in _CFG_PP, dual=dual, concat=concat)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 

@@ -133,6 +133,14 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         node.ctx.check_interrupt()  # raises the engine's Interrupted
         return False
 
+    concat = None
+    if model.family.unet_config.in_channels != samples.shape[1]:  # an inpainting model
+        from nodes.sd.inpaint import inpaint_concat, with_inpaint_concat
+
+        concat = inpaint_concat(model, samples, latent.get("noise_mask"))
+        positive, negative = (with_inpaint_concat(model, latent, c) for c in (positive, negative))
+        if dual is not None:
+            dual = replace(dual, middle=with_inpaint_concat(model, latent, dual.middle))
     negative = _control_uncond(positive, negative)
     controls = _controls(positive, negative, *([dual.middle] if dual else []))
     if dual is not None:
@@ -171,7 +179,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
                 prediction=model.prediction, sampler_options=sampler_options, patches=model.sampling_patches,
-                module=model.unet, dual=dual,
+                module=model.unet, dual=dual, concat=concat,
             )
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them
