@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.sampling import dpm_solver, samplers, samplers_cfgpp, samplers_ldm, samplers_sde, unipc
+from ldm.sampling import (
+    dpm_solver,
+    samplers,
+    samplers_cfgpp,
+    samplers_ldm,
+    samplers_multistep,
+    samplers_sde,
+    unipc,
+)
 from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
 from ldm.sampling.guidance import CFGGuider, CondList, DualCfg
 from ldm.sampling.model_patches import SamplingPatches
@@ -40,9 +48,13 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": samplers.sample_dpmpp_2m,
     "dpmpp_2m_cfg_pp": samplers_cfgpp.sample_dpmpp_2m_cfg_pp,
     "dpmpp_2m_sde": samplers_sde.sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": partial(samplers_sde.sample_dpmpp_2m_sde, solver_type="heun"),
     "dpmpp_3m_sde": samplers_sde.sample_dpmpp_3m_sde,
     "ddpm": samplers_ldm.sample_ddpm,
     "lcm": samplers_sde.sample_lcm,
+    "ipndm": samplers_multistep.sample_ipndm,
+    "ipndm_v": samplers_multistep.sample_ipndm_v,
+    "gradient_estimation": samplers_multistep.sample_gradient_estimation,
     "ddim": samplers_ldm.sample_ddim,
     "uni_pc": unipc.sample_uni_pc,
     "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
@@ -52,13 +64,13 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 # other noise there. Here every sampler's noise comes from one seeded generator, the same on any device,
 # so these names are the same samplers; they are accepted so that workflows naming them run.
 SAMPLER_ALIASES = {"dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
-                   "dpmpp_3m_sde_gpu": "dpmpp_3m_sde"}
+                   "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde"}
 # ComfyUI's order (the subset implemented here), then the extras: plms, from the original SD code.
 SAMPLER_NAMES = [alias for name in SAMPLERS
                  for alias in (name, *(a for a, target in SAMPLER_ALIASES.items() if target == name))]
 
 # Samplers whose step noise comes from a Brownian tree rather than independent draws.
-_BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+_BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
 _STEP_NOISE = {
     "euler",
     "heun",
@@ -81,7 +93,7 @@ _CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"}
 
 # Samplers that add fresh noise at every step: they need falling noise levels.
 _STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-               "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm"}
+               "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "lcm"}
 
 
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.
