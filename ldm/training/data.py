@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,11 @@ def shapes_dataset(count: int, seed: int = 0, size: int = 64, device: str | torc
 
 
 def bucket_sizes(base: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(width, height) pairs in multiples of `step` with about `base`^2 pixels, aspect up to `max_ratio`."""
-    sizes = set()
+    """(width, height) pairs in multiples of `step` with about `base`^2 pixels, aspect up to `max_ratio`, and the
+    square of `base` itself (down to a multiple of 8, the VAE's factor), which a `base` such as 96 or 160 that is
+    no multiple of `step` would otherwise lack."""
+    square = max(8, base // 8 * 8)
+    sizes = {(square, square)}
     for width in range(step, int(base * max_ratio) + 1, step):
         height = max(step, round(base * base / width / step) * step)
         if max(width / height, height / width) <= max_ratio:
@@ -150,7 +154,8 @@ def caption_folder(folder: str | Path, base: int = 512, step: int = 64) -> list[
     """A folder of images with same-named .txt captions, one ImageSet per aspect bucket.
 
     Each image goes to the bucket closest to its aspect ratio, is resized to cover the bucket and
-    centre-cropped. Images without a caption file get an empty caption (unconditional training).
+    centre-cropped. Images without a caption file get an empty caption (unconditional training), and a
+    warning says how many.
     """
     from PIL import Image
 
@@ -161,6 +166,7 @@ def caption_folder(folder: str | Path, base: int = 512, step: int = 64) -> list[
         raise ValueError(f"the picture size ({base}) must be at least {step} pixels")
     buckets = bucket_sizes(base, step)
     grouped: dict[tuple[int, int], tuple[list[Tensor], list[str]]] = {}
+    uncaptioned = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes):
         try:
             with Image.open(path) as image:
@@ -177,9 +183,16 @@ def caption_folder(folder: str | Path, base: int = 512, step: int = 64) -> list[
         pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(height, width, 3)
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        if not caption:
+            uncaptioned.append(path.name)
         images, captions = grouped.setdefault((width, height), ([], []))
         images.append(pixels.permute(2, 0, 1).float() / 127.5 - 1)
         captions.append(caption)
     if not grouped:
         raise ValueError(f"{folder}: no images ({', '.join(sorted(suffixes))}) found")
+    if uncaptioned:
+        shown = ", ".join(uncaptioned[:3]) + (", ..." if len(uncaptioned) > 3 else "")
+        warnings.warn(f"{folder}: {len(uncaptioned)} of {sum(len(c) for _, c in grouped.values())} pictures have no "
+                      f"caption (no same-named .txt, or an empty one: {shown}); they train unconditionally",
+                      stacklevel=2)
     return [ImageSet(torch.stack(images), captions) for images, captions in grouped.values()]

@@ -116,8 +116,10 @@ class TrainLoop:
     CPU generator that is saved with the state, so a resumed run continues exactly."""
 
     def __init__(self, name: str, modules: dict[str, nn.Module], config: LoopConfig, out_dir: str | Path,
-                 device: torch.device, state_file: str | None = None) -> None:
+                 device: torch.device, state_file: str | None = None, settings: dict | None = None) -> None:
         self.name, self.modules, self.config, self.device = name, modules, config, device
+        # What a saved state must have been made with to be resumed (a LoRA's alpha, say, changes no shape).
+        self.settings = settings or {}
         self.out_dir = Path(out_dir)
         self.state_file = state_file or f"{name}-state.pt"
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -149,6 +151,7 @@ class TrainLoop:
             "ema": self.ema.shadow, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(), "step": self.step, "elapsed": self.elapsed,
             "history_steps": self.history.steps, "history_losses": self.history.losses,
+            "settings": self.settings,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         partial = self.state_path.with_suffix(".tmp")
@@ -161,6 +164,11 @@ class TrainLoop:
         if not self.state_path.is_file():
             return False
         state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        saved = state.get("settings", {})
+        changed = {k: (saved[k], v) for k, v in self.settings.items() if k in saved and saved[k] != v}
+        if changed:
+            said = ", ".join(f"{k} {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+            raise ValueError(f"{self.state_path} was saved by a run with other settings ({said})")
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         self.ema.shadow = {k: v.float() for k, v in state["ema"].items()}

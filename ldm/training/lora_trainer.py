@@ -180,12 +180,14 @@ def train_lora(data: ImageSet | list[ImageSet], out_dir: str | Path, config: Lor
     # suffix keeps it out of the LoRA lists when the run writes into models/loras.
     stem = Path(output_name).stem
     run_dir = (out_dir / output_name).parent  # an output name with a folder keeps its run there too
-    loop = TrainLoop(stem, {"lora": adapters}, config.loop, run_dir, device, state_file=f"{stem}.train-state")
+    loop = TrainLoop(stem, {"lora": adapters}, config.loop, run_dir, device, state_file=f"{stem}.train-state",
+                     settings={"base": checkpoint.path.name, "rank": config.rank, "alpha": config.alpha,
+                               "targets": config.targets, "prediction": prediction})
     try:
         resumed = loop.resume()
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise ValueError(f"{loop.state_path} holds a run with other settings (base model, rank or targets): "
-                         "remove it, or give another --output-name") from exc
+        said = str(exc) if "other settings (" in str(exc) else f"{loop.state_path} holds a run with other settings"
+        raise ValueError(f"{said}: remove it to start afresh, or give another --output-name") from exc
     if resumed:
         print(f"{stem}: resuming at step {loop.step}")
 

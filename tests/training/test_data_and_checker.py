@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -59,6 +60,21 @@ def test_checker_on_a_blank_image_finds_no_shape():
     judged = judge_image(image)
     assert judged.background_color == "blue" and judged.shape_color is None
     assert len(COLORS) == 8 and len(POSITIONS) == 9
+
+
+def test_a_base_size_off_the_bucket_step_still_has_its_square():
+    for base in (96, 160, 64, 512):
+        assert (base, base) in bucket_sizes(base)
+
+
+def test_pictures_without_captions_are_warned_about(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a red circle")
+    with pytest.warns(UserWarning, match="2 of 3 pictures have no caption"):
+        caption_folder(tmp_path, base=64)
 
 
 def test_caption_folder_buckets_by_aspect(tmp_path):

@@ -167,8 +167,12 @@ def test_runs_into_one_folder_are_told_apart_by_their_output_name(tmp_path):
 
     listed = sorted(p.name for p in folder.iterdir() if p.suffix in MODEL_KINDS["loras"])
     assert listed == ["a.safetensors", "b.safetensors"]
-    with pytest.raises(ValueError, match="holds a run with other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(rank 2 then, 4 now\)"):
         train_lora(data, folder, LoraTrainConfig(rank=4, loop=loop(3)), load_checkpoint(base), CPU, "a.safetensors")
+    # An alpha changes no tensor's shape, so only the saved settings can tell.
+    with pytest.raises(ValueError, match=r"alpha 8.0 then, 4.0 now"):
+        train_lora(data, folder, LoraTrainConfig(rank=2, alpha=4.0, loop=loop(3)), load_checkpoint(base), CPU,
+                   "a.safetensors")
 
 
 def test_bad_settings_and_pictures_are_refused_before_training(tmp_path):
