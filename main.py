@@ -233,9 +233,11 @@ def _output_files(outputs: dict[str, dict[str, Any]]) -> list[str]:
     roots = {"output": paths.output, "temp": paths.temp, "input": paths.input}
     files = []
     for ui in outputs.values():
-        for item in ui.get("images", []):
-            root = roots.get(item.get("type", "output"), paths.output)
-            files.append(str(root / item.get("subfolder", "") / item["filename"]))
+        for kind in ("images", "latents", "files"):  # SaveImage and the animation savers, SaveLatent, model savers
+            for item in ui.get(kind, []):
+                if isinstance(item, dict) and "filename" in item:
+                    root = roots.get(item.get("type", "output"), paths.output)
+                    files.append(str(root / item.get("subfolder", "") / item["filename"]))
     return files
 
 

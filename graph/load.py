@@ -22,19 +22,55 @@ def graph_from_data(data: Any, registry: NodeRegistry) -> Graph:
     return parse_api(data)
 
 
-def read_png_workflow(path: Path) -> Any:
-    """The workflow embedded in a PNG's tEXt chunks: the API-format `prompt`, else the editor `workflow`."""
+def _comf_chunks(raw: bytes) -> dict[str, str]:
+    """The `comf` chunks of an animated PNG (ComfyUI's SaveAnimatedPNG writes "key\\0json" there, after
+    the image data, where Pillow does not read text)."""
+    found, at = {}, len(PNG_SIGNATURE)
+    while at + 8 <= len(raw):
+        length, kind = int.from_bytes(raw[at:at + 4], "big"), raw[at + 4:at + 8]
+        if kind == b"comf":
+            key, _, value = raw[at + 8:at + 8 + length].partition(b"\0")
+            found[key.decode("latin-1")] = value.decode("latin-1")
+        at += 12 + length
+    return found
+
+
+def _webp_text(path: Path) -> dict[str, str]:
+    """The "key:json" EXIF strings ComfyUI's SaveAnimatedWEBP writes (tag 0x0110 the prompt, then down)."""
     from PIL import Image
 
     with Image.open(path) as image:
-        text = dict(getattr(image, "text", {}) or image.info)
+        exif = image.getexif()
+    found = {}
+    for value in exif.values():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and ":" in value:
+            key, _, text = value.partition(":")
+            found[key] = text
+    return found
+
+
+def read_png_workflow(path: Path, raw: bytes | None = None) -> Any:
+    """The workflow embedded in a PNG's tEXt (or an animated PNG's `comf`) chunks, or a WEBP's EXIF: the
+    API-format `prompt`, else the editor `workflow`."""
+    from PIL import Image
+
+    kind = "WEBP" if raw is not None and raw[8:12] == b"WEBP" else "PNG"
+    if kind == "WEBP":
+        text = _webp_text(path)
+    else:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", {}) or image.info)
+        if raw is not None and "prompt" not in text and "workflow" not in text:
+            text = _comf_chunks(raw)
     for key in ("prompt", "workflow"):
         if isinstance(text.get(key), str):
             try:
                 return json.loads(text[key])
             except json.JSONDecodeError:
-                raise DocumentError(f"{path}: the PNG's '{key}' chunk is not valid JSON") from None
-    raise DocumentError(f"{path}: this PNG carries no workflow (no 'prompt' or 'workflow' text chunk)")
+                raise DocumentError(f"{path}: the {kind}'s '{key}' entry is not valid JSON") from None
+    raise DocumentError(f"{path}: this {kind} carries no workflow (no 'prompt' or 'workflow' entry)")
 
 
 def load_workflow_data(path: str | Path) -> Any:
@@ -45,8 +81,8 @@ def load_workflow_data(path: str | Path) -> Any:
         raise DocumentError(f"{path}: no such file") from None
     except OSError as exc:
         raise DocumentError(f"{path}: cannot read: {exc.strerror}") from None
-    if raw.startswith(PNG_SIGNATURE):
-        return read_png_workflow(path)
+    if raw.startswith(PNG_SIGNATURE) or (raw.startswith(b"RIFF") and raw[8:12] == b"WEBP"):
+        return read_png_workflow(path, raw)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

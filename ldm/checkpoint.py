@@ -7,7 +7,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,7 @@ class ModelFamily:
     prediction: str  # "eps" | "v"
     unet_config: UNetConfig
     vae_config: VAEConfig
+    zero_snr: bool = False  # trained on a zero-terminal-SNR schedule (a `ztsnr` marker in the file)
 
     @property
     def latent_scale_factor(self) -> float:
@@ -200,10 +201,24 @@ def _vae_config(sd: StateDict, prefix: str, scaling_factor: float) -> VAEConfig:
         z_channels=w["post_quant_conv.weight"].shape[0], scaling_factor=scaling_factor)
 
 
-def _prediction(rule: FamilyRule, metadata: dict[str, str], v_prediction: bool | None) -> str:
-    """Explicit override, then file metadata (ours or ModelSpec's), then the family's usual choice."""
+# Empty tensors that say how a checkpoint samples, as ComfyUI writes and reads them: `v_pred` for
+# v-prediction, `ztsnr` for a zero-terminal-SNR schedule.
+MARKERS = ("v_pred", "ztsnr")
+
+
+def sampling_markers(prediction: str, zero_snr: bool) -> StateDict:
+    """The marker tensors a checkpoint of this prediction type and schedule carries."""
+    return {name: torch.zeros(0) for name, on in (("v_pred", prediction == "v"), ("ztsnr", zero_snr)) if on}
+
+
+def _prediction(rule: FamilyRule, metadata: dict[str, str], v_prediction: bool | None,
+                markers: Collection[str] = ()) -> str:
+    """Explicit override, then a `v_pred` marker tensor, then file metadata (ours or ModelSpec's), then the
+    family's usual choice."""
     if v_prediction is not None:
         return "v" if v_prediction else "eps"
+    if "v_pred" in markers:
+        return "v"
     declared = metadata.get("loom.prediction") or metadata.get("modelspec.prediction_type", "")
     if declared in ("v", "v_prediction"):
         return "v"
@@ -232,7 +247,9 @@ def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
         vae_config = _vae_config(state_dict, VAE_PREFIX, rule.scaling_factor)
     except (KeyError, StopIteration) as e:
         raise CheckpointError(f"incomplete {rule.name} checkpoint: no weight {e}") from None
-    return ModelFamily(rule.name, _prediction(rule, metadata, v_prediction), unet_config, vae_config)
+    markers = [k for k in MARKERS if k in state_dict]
+    return ModelFamily(rule.name, _prediction(rule, metadata, v_prediction, markers), unet_config, vae_config,
+                       zero_snr="ztsnr" in markers)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -352,7 +369,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
                         device, dtype)
     vae = _materialize(lambda: AutoencoderKL(family.vae_config),
                        _vae_attention_as_conv(_strip(sd, VAE_PREFIX)), "VAE", path, device, dtype)
-    used = {UNET_PREFIX + k for k in unet.state_dict()} | {VAE_PREFIX + k for k in vae.state_dict()}
+    used = {UNET_PREFIX + k for k in unet.state_dict()} | {VAE_PREFIX + k for k in vae.state_dict()} | set(MARKERS)
     encoder = None
     if text_encoder:
         encoder, te_used = _load_text_encoder(sd, path, device, dtype)
@@ -445,8 +462,10 @@ def _umask() -> int | None:
 
 
 def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: nn.Module | None,
-                    metadata: dict[str, str], dtype: torch.dtype | None = None) -> Path:
-    """Write one LDM-layout .safetensors file (weights cast to `dtype` if given) with string metadata.
+                    metadata: dict[str, str], dtype: torch.dtype | None = None,
+                    markers: StateDict | None = None) -> Path:
+    """Write one LDM-layout .safetensors file (weights cast to `dtype` if given) with string metadata and the
+    `markers` (see `sampling_markers`).
 
     The UNet config goes into the metadata too, so head layouts that differ from the family's standard
     one (tiny test models) survive the round trip.
@@ -456,6 +475,7 @@ def save_checkpoint(path: str | Path, unet: UNetModel, vae: AutoencoderKL, text_
     tensors.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     if text_encoder is not None:
         tensors.update(text_encoder.ldm_state_dict())
+    tensors.update(markers or {})
     unet_fields = {f.name: getattr(unet.config, f.name) for f in fields(unet.config)}
     metadata = {"loom.unet_config": json.dumps(unet_fields), "loom.scaling_factor": str(vae.scaling_factor),
                 **metadata}

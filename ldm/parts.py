@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +142,7 @@ def unet_names(keys: Iterable[str], path: Path) -> tuple[dict[str, str], str]:
 
 
 def unet_family(weights: StateDict, metadata: dict[str, str] | None = None,
-                v_prediction: bool | None = None) -> ModelFamily:
+                v_prediction: bool | None = None, markers: Collection[str] = ()) -> ModelFamily:
     """Family and exact UNet shape from LDM-named UNet weights (no prefix), by the checkpoint family rules.
 
     A UNet file says nothing of its VAE: the family's standard one (with its latent scale) stands in.
@@ -160,8 +160,8 @@ def unet_family(weights: StateDict, metadata: dict[str, str] | None = None,
         config = ckpt._unet_config(prefixed, heads)
     except (KeyError, StopIteration) as e:
         raise CheckpointError(f"incomplete {rule.name} UNet: no weight {e}") from None
-    return ModelFamily(rule.name, ckpt._prediction(rule, metadata, v_prediction), config,
-                       VAEConfig(scaling_factor=rule.scaling_factor))
+    return ModelFamily(rule.name, ckpt._prediction(rule, metadata, v_prediction, markers), config,
+                       VAEConfig(scaling_factor=rule.scaling_factor), zero_snr="ztsnr" in markers)
 
 
 @dataclass
@@ -183,7 +183,8 @@ def peek_unet(path: str | Path) -> ModelFamily | None:
         return None
     names, _ = unet_names(shapes, path)
     try:
-        return unet_family({names[k]: shapes[k] for k in names}, ckpt.read_metadata(path))
+        return unet_family({names[k]: shapes[k] for k in names}, ckpt.read_metadata(path),
+                           markers=[k for k in ckpt.MARKERS if k in shapes])
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
 
@@ -200,12 +201,12 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     weights = {names[k]: sd[k] for k in names}
     metadata = ckpt.read_metadata(path)
     try:
-        family = unet_family(weights, metadata, v_prediction)
+        family = unet_family(weights, metadata, v_prediction, [k for k in ckpt.MARKERS if k in sd])
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     unet = ckpt._materialize(lambda: UNetModel(family.unet_config), weights, "UNet", path, device, dtype)
     expected = set(unet.state_dict())
-    unused = sorted(k for k in sd if names.get(k) not in expected)
+    unused = sorted(k for k in sd if names.get(k) not in expected and k not in ckpt.MARKERS)
     return LoadedUNet(family, unet, layout, unused, path, metadata)
 
 

@@ -82,13 +82,10 @@ class FreeU:
 def perturbed_attention_copy(unet: nn.Module) -> nn.Module:
     """PAG's perturbed model (Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
     Guidance"): a copy of `unet` whose middle block's self-attention layers use the identity as their
-    attention map. Made once per module and kept on it (tagged with its id, so a LoRA copy gets its own)."""
-    owner, copy = unet.__dict__.get("_loom_perturbed", (None, None))
-    if owner != id(unet) or copy is None:
-        copy = shallow_copy(unet)
-        for name, module in copy.middle_block.named_modules():
-            if isinstance(module, CrossAttention) and name.endswith("attn1"):
-                module.identity_attention = True
-        copy.__dict__.pop("_loom_perturbed", None)
-        unet.__dict__["_loom_perturbed"] = (id(unet), copy)  # not a submodule: kept out of state_dict()
+    attention map. Made afresh for each sampling run (milliseconds): a copy kept across runs would keep the
+    buffer tensors the module had when it was made, wherever the module has moved since."""
+    copy = shallow_copy(unet)
+    for name, module in copy.middle_block.named_modules():
+        if isinstance(module, CrossAttention) and name.endswith("attn1"):
+            module.identity_attention = True
     return copy

@@ -177,12 +177,24 @@ def set_paths(paths: FolderPaths) -> None:
     _paths = paths
 
 
+def output_prefix_problem(prefix: object) -> str | None:
+    """Why a save node's `filename_prefix` cannot be used (it must name a file inside the output folder), or
+    None; a prefix that is not a constant string (a link) is checked when it is used."""
+    if not isinstance(prefix, str):
+        return None
+    path = Path(prefix.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.name:
+        return f"filename_prefix {prefix!r} must be a relative name inside the output folder"
+    return None
+
+
 def open_numbered_output(root: Path, prefix: str, suffix: str) -> tuple[Path, BinaryIO, str]:
     """Create the first free PREFIX_NNNNN_SUFFIX under `root` (exclusively, so concurrent savers never share a
     name); return its path, the open binary handle and the sub-folder the prefix names ('' for none)."""
+    problem = output_prefix_problem(prefix)
+    if problem:
+        raise ValueError(problem)
     prefix_path = Path(prefix.replace("\\", "/"))
-    if prefix_path.is_absolute() or ".." in prefix_path.parts or not prefix_path.name:
-        raise ValueError(f"filename_prefix {prefix!r} must be a relative name inside the output folder")
     folder = (root / prefix_path.parent).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     name = prefix_path.name

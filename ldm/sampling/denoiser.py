@@ -78,7 +78,8 @@ class Denoiser:
         self.unet = unet
         self.schedule = schedule
         self.prediction = prediction
-        self.quantize = quantize
+        # A distilled model knows only its table's timesteps: levels between them go to the nearest (ComfyUI).
+        self.quantize = quantize or schedule.timestep_stride > 1
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         level = uniform_level(sigma)
@@ -121,13 +122,14 @@ class Denoiser:
         return self._unet(x_in, _timesteps(t, x_in.shape[0], x_in.device), cond, sigma)
 
     def _unet(self, x_in: Tensor, t: Tensor, cond: Conditioning, sigma: float | Tensor) -> Tensor:
+        control = None
+        if cond.control is not None:
+            # A ControlNet acts on part of the schedule, judged by the first item's level (as ComfyUI does),
+            # and sees the latent alone, without an inpainting model's extra channels.
+            level = sigma if isinstance(sigma, float) else float(sigma.reshape(-1)[0])
+            control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats)
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
-        if cond.control is None:
-            return self.unet(x_in, t, cond.context, y=cond.y)
-        # A ControlNet acts on part of the schedule, judged by the first item's level (as ComfyUI does).
-        level = sigma if isinstance(sigma, float) else float(sigma.reshape(-1)[0])
-        control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats)
         if control is None:
             return self.unet(x_in, t, cond.context, y=cond.y)
         return self.unet(x_in, t, cond.context, y=cond.y, control=control)

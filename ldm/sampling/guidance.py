@@ -189,7 +189,10 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
 class DualCfg:
     """A second positive prompt, `middle`, between the positive and the negative (ComfyUI's DualCFGGuider):
     `regular` guidance is `negative + cfg_middle * (middle - negative) + cfg * (positive - middle)`; `nested`
-    is `negative + cfg_middle * (guided - negative)`, where guided = `middle + cfg * (positive - middle)`."""
+    is `negative + cfg_middle * (guided - negative)`, where guided = `middle + cfg * (positive - middle)`. A model's
+    guidance function (RescaleCFG) replaces the inner combination of each style, as in ComfyUI; post-guidance
+    functions (PAG) act on the final result with the first prompt as the positive, where ComfyUI runs them
+    inside the inner step."""
 
     middle: CondList
     cfg_middle: float

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ldm.patches import perturbed_attention_copy
+
 
 @dataclass(frozen=True)
 class CfgArgs:
@@ -77,8 +79,6 @@ class PerturbedAttentionGuidance:
     scale: float
 
     def __call__(self, args: CfgArgs, denoised: Tensor, predict_positive: PredictPositive) -> Tensor:
-        from ldm.patches import perturbed_attention_copy
-
         if self.scale == 0:
             return denoised
         return denoised + self.scale * (args.cond - predict_positive(perturbed_attention_copy))
@@ -89,12 +89,13 @@ class DifferentialDiffusion:
     """Differential Diffusion (Levin & Fried 2023, "Differential Diffusion: Giving Each Pixel Its Strength"):
     a soft mask says how much each pixel may change. At each step only pixels whose mask value reaches the
     run's remaining progress are repainted, so a pixel at 0.3 follows the original for the first 70% of the
-    run and is free for the last 30%. `strength` below 1 mixes the soft mask back in."""
+    run and is free for the last 30%. `strength` between 0 and 1 mixes the soft mask back in; 0, like 1, is the
+    thresholded mask alone (ComfyUI's reading of an unset strength)."""
 
     strength: float = 1.0
 
     def __call__(self, mask: Tensor, progress: float) -> Tensor:
         binary = (mask >= progress).to(mask.dtype)
-        if self.strength >= 1.0:
+        if not 0.0 < self.strength < 1.0:
             return binary
         return torch.lerp(mask, binary, self.strength)

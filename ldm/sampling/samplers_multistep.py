@@ -7,7 +7,6 @@ prediction, as the iPNDM authors' code does.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,18 +21,28 @@ _ADAMS_BASHFORTH = {
 }
 
 
-def adams_bashforth_weights(nodes: list[float], target: float) -> list[float]:
-    """Weights w_j with sum_j w_j d(nodes[j]) = the integral of d from nodes[0] to `target`, exact for every
-    polynomial d of degree below len(nodes): the variable-step Adams-Bashforth rule (nodes newest first)."""
-    weights = []
-    for j, node in enumerate(nodes):
-        basis = np.poly1d([1.0])
-        for k, other in enumerate(nodes):
-            if k != j:
-                basis *= np.poly1d([1.0, -other]) / (node - other)
-        antiderivative = basis.integ()
-        weights.append(float(antiderivative(target) - antiderivative(nodes[0])))
-    return weights
+def ipndm_v_weights(levels: list[float], target: float) -> list[float]:
+    """The variable-step iPNDM weights of the GITS authors (zju-pi/diff-sampler, Apache-2.0; the form ComfyUI's
+    ipndm_v uses) for a step from levels[0] to `target`, given the history levels (newest first, up to 4 in
+    all): x' = x + (target - levels[0]) * sum_j w_j d_j. Order 2 is the exact variable-step Adams-Bashforth
+    rule and order 3 on equal steps the classical one. Kept as published, so that workflows naming ipndm_v
+    match ComfyUI: on unequal steps the order-4 weights do not sum to 1 (a constant derivative is not
+    integrated exactly)."""
+    h = target - levels[0]  # the step, and the earlier ones, all negative on a falling schedule
+    h1, h2, h3 = (levels[k - 1] - levels[k] if k < len(levels) else 0.0 for k in (1, 2, 3))
+    r = h / h1
+    if len(levels) == 2:
+        return [(2 + r) / 2, -r / 2]
+    first = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    if len(levels) == 3:
+        return [(2 + r) / 2 + first, -r / 2 - (1 + h1 / h2) * first, first * h1 / h2]
+    second = (((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2)))
+              * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+    ratio = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [(2 + r) / 2 + first + second,
+            -r / 2 - (1 + h1 / h2) * first - (1 + h1 / h2 + ratio) * second,
+            first * h1 / h2 + (h1 / h2 + ratio * (1 + h2 / h3)) * second,
+            -second * ratio * h1 / h2]
 
 
 def _multistep(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback,
@@ -48,12 +57,12 @@ def _multistep(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None,
         history.insert(0, to_d(x, s[i], denoised))
         del history[max_order:]
         order = len(history)
-        step = s[i + 1] - s[i]
         if variable and order > 1:
-            terms = list(zip(adams_bashforth_weights(s[i::-1][:order], s[i + 1]), history, strict=True))
+            weights = ipndm_v_weights(s[i::-1][:order], s[i + 1])
         else:
-            terms = [(w * step, d) for w, d in zip(_ADAMS_BASHFORTH[order], history, strict=True)]
-        x = linear_combination([(1.0, x), *terms])
+            weights = list(_ADAMS_BASHFORTH[order])
+        step = s[i + 1] - s[i]
+        x = linear_combination([(1.0, x), *((w * step, d) for w, d in zip(weights, history, strict=True))])
     return x
 
 
@@ -69,8 +78,7 @@ def sample_ipndm(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | Non
 @torch.no_grad()
 def sample_ipndm_v(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                    callback: Callback = None, disable: bool | None = None, max_order: int = 4) -> Tensor:
-    """iPNDM with weights for the schedule's actual, unequal steps (variable-step Adams-Bashforth, exact for
-    derivatives that are polynomials in sigma of degree below the order)."""
+    """iPNDM with weights for the schedule's actual, unequal steps (`ipndm_v_weights`)."""
     return _multistep(model, x, sigmas, extra_args, callback, max_order, variable=True)
 
 

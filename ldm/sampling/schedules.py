@@ -36,6 +36,7 @@ class DiscreteSchedule:
         # Entry i of the table is the UNet's timestep `i * stride + offset` (a distilled model's schedule keeps
         # every `stride`-th level of the one it was trained on: see `distilled`).
         self.timestep_stride, self.timestep_offset = timestep_stride, timestep_offset
+        self.zero_snr = False  # rescaled by `zero_terminal_snr`
         self.alphas_cumprod = alphas_cumprod.to(torch.float32)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
@@ -50,15 +51,19 @@ class DiscreteSchedule:
         root = (root - last) * first / (first - last)
         alphas_cumprod = root**2
         alphas_cumprod[-1] = 4.8973451890853435e-08
-        return DiscreteSchedule(alphas_cumprod=alphas_cumprod, timestep_stride=self.timestep_stride,
-                                timestep_offset=self.timestep_offset)
+        rescaled = DiscreteSchedule(alphas_cumprod=alphas_cumprod, timestep_stride=self.timestep_stride,
+                                    timestep_offset=self.timestep_offset)
+        rescaled.zero_snr = True
+        return rescaled
 
     def distilled(self, steps: int = 50) -> DiscreteSchedule:
         """The `steps` levels a consistency-distilled model (LCM, Luo et al. 2023) was trained on: every
         `num_timesteps // steps`-th timestep, ending at the last."""
         stride = self.num_timesteps // steps
-        return DiscreteSchedule(alphas_cumprod=self.alphas_cumprod[stride - 1::stride][:steps],
-                                timestep_stride=stride, timestep_offset=stride - 1)
+        distilled = DiscreteSchedule(alphas_cumprod=self.alphas_cumprod[stride - 1::stride][:steps],
+                                     timestep_stride=stride, timestep_offset=stride - 1)
+        distilled.zero_snr = self.zero_snr
+        return distilled
 
     def unet_timestep(self, t: Tensor | float) -> Tensor | float:
         """The UNet's timestep input for a continuous position `t` in this table."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, open_numbered_output
+from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import IMAGE_SUFFIXES, NotAnImageError, load_image_file, to_pil
 from nodes.sd.latent import MAX_RESOLUTION, center_crop, composite, upscale_latent
@@ -101,6 +101,10 @@ class SaveImage(Node):
     output_node = True
     images = Socket("IMAGE")
     filename_prefix = String("ComfyUI", tooltip="file name prefix; may include a sub-folder, e.g. 'cats/cat'")
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        return output_prefix_problem(inputs.get("filename_prefix"))
 
     def execute(self, images: torch.Tensor, filename_prefix: str) -> NodeResult:
         saved = save_images(self.ctx, images, get_paths().output, filename_prefix, "output")

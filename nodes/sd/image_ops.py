@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, open_numbered_output
+from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.image import resize_image
 from nodes.sd.imageio import to_pil
@@ -383,7 +384,11 @@ class SaveAnimatedWEBP(Node):
     lossless = Boolean(True)
     quality = Int(80, min=0, max=100)
     method = Combo(list(WEBP_METHODS))
-    outputs = (Output("IMAGE", "images"),)
+    outputs = ()
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        return output_prefix_problem(inputs.get("filename_prefix"))
 
     def execute(self, images: torch.Tensor, filename_prefix: str, fps: float, lossless: bool, quality: int,
                 method: str) -> NodeResult:
@@ -396,7 +401,7 @@ class SaveAnimatedWEBP(Node):
             exif[0x010F - offset] = f"{key}:{json.dumps(value)}"  # Make, then the tags below it
         saved = _write_animation(filename_prefix, ".webp", frames, format="WEBP", duration=int(1000.0 / fps),
                                  exif=exif, lossless=lossless, quality=quality, method=WEBP_METHODS[method])
-        return NodeResult(outputs=(images,), ui=_saved_ui(saved, len(frames)))
+        return NodeResult(ui=_saved_ui(saved, len(frames)))
 
 
 class SaveAnimatedPNG(Node):
@@ -409,7 +414,11 @@ class SaveAnimatedPNG(Node):
     filename_prefix = String("ComfyUI")
     fps = Float(6.0, min=0.01, max=1000.0, step=0.01)
     compress_level = Int(4, min=0, max=9)
-    outputs = (Output("IMAGE", "images"),)
+    outputs = ()
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        return output_prefix_problem(inputs.get("filename_prefix"))
 
     def execute(self, images: torch.Tensor, filename_prefix: str, fps: float, compress_level: int) -> NodeResult:
         from PIL.PngImagePlugin import PngInfo
@@ -423,7 +432,7 @@ class SaveAnimatedPNG(Node):
             info.add(b"comf", key.encode("latin-1") + b"\0" + json.dumps(value).encode("latin-1"), after_idat=True)
         saved = _write_animation(filename_prefix, ".png", frames, format="PNG", duration=int(1000.0 / fps),
                                  compress_level=compress_level, pnginfo=info)
-        return NodeResult(outputs=(images,), ui=_saved_ui(saved, len(frames)))
+        return NodeResult(ui=_saved_ui(saved, len(frames)))
 
 
 NODES = [ImageQuantize, Morphology, PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha,

@@ -35,6 +35,9 @@ def inpaint_concat(model: DiffusionModel, samples: torch.Tensor, mask: torch.Ten
     image. Returned in the model's latent space, [B, 1 + C, h, w]."""
     channels = samples.shape[1]
     expected = model.family.unet_config.in_channels
+    if expected <= channels:
+        raise ValueError(f"the latent has {channels} channels and {model.source} takes {expected}: the latent comes "
+                         "from another model family's VAE")
     if expected != 2 * channels + 1:
         raise ValueError(f"{model.source} takes {expected} input channels; Loom runs inpainting models, which take "
                          f"{2 * channels + 1} (a {channels}-channel latent, a mask and a masked image), but no other "

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nodes.folders import get_paths, open_numbered_output
+from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.spec import Combo, Float, Output, Socket, String
@@ -129,7 +129,11 @@ class SaveLatent(Node):
     output_node = True
     samples = Socket("LATENT")
     filename_prefix = String("latents/ComfyUI")
-    outputs = (Output("LATENT", "samples"),)
+    outputs = ()
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        return output_prefix_problem(inputs.get("filename_prefix"))
 
     def execute(self, samples: dict, filename_prefix: str) -> NodeResult:
         from safetensors.torch import save
@@ -144,7 +148,7 @@ class SaveLatent(Node):
         with handle:
             handle.write(data)
         saved = {"filename": path.name, "subfolder": subfolder, "type": "output"}
-        return NodeResult(outputs=(samples,), ui={"latents": [saved]})
+        return NodeResult(ui={"latents": [saved]})
 
 
 def list_input_latents() -> list[str]:

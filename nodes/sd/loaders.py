@@ -12,7 +12,16 @@ import torch
 
 from nodes.folders import get_paths
 from nodes.node import Node
-from nodes.sd.models import Clip, DiffusionModel, Vae, device_and_dtype, devices_of, file_fingerprint, load_device
+from nodes.sd.models import (
+    Clip,
+    DiffusionModel,
+    Vae,
+    device_and_dtype,
+    devices_of,
+    file_fingerprint,
+    load_device,
+    schedule_of,
+)
 from nodes.spec import Combo, Float, InputSpec, Output, Socket
 
 log = logging.getLogger(__name__)
@@ -133,7 +142,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     loaded = shared_model(node, key, load)
     if loaded.text_encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
-    return (DiffusionModel(loaded.unet, loaded.family, ckpt_name),
+    return (DiffusionModel(loaded.unet, loaded.family, ckpt_name, schedule=schedule_of(loaded.family)),
             Clip(loaded.text_encoder, loaded.family.name, ckpt_name),
             Vae(loaded.vae, ckpt_name))
 

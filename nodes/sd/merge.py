@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from nodes.folders import get_paths, open_numbered_output
+from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
 from nodes.node import Node, NodeResult
-from nodes.sd.models import Clip, DiffusionModel, Vae
+from nodes.sd.models import Clip, DiffusionModel, Vae, new_bytes
 from nodes.spec import Float, InputSpec, Output, Socket, String
 
 CATEGORY = "advanced/model_merging"
@@ -66,7 +66,7 @@ class _MergesModels(Node):
         if problem:
             raise ValueError(problem)
         unet = merge(model1.unet, model2.unet)
-        return (replace(model1, unet=unet, loras=(*model1.loras, description)),)
+        return (replace(model1, unet=unet, loras=(*model1.loras, description), own_bytes=new_bytes(unet, model1.unet)),)
 
 
 class ModelMergeSimple(_MergesModels):
@@ -174,7 +174,8 @@ class _MergesClips(Node):
         if problem:
             raise ValueError(problem)
         encoder = merge(clip1.encoder, clip2.encoder)
-        return (replace(clip1, encoder=encoder, loras=(*clip1.loras, description)),)
+        return (replace(clip1, encoder=encoder, loras=(*clip1.loras, description),
+                        own_bytes=new_bytes(encoder, clip1.encoder)),)
 
 
 class CLIPMergeSimple(_MergesClips):
@@ -253,6 +254,14 @@ def _model_metadata(model: DiffusionModel, title: str) -> dict[str, str]:
     return metadata
 
 
+def _markers(model: DiffusionModel) -> dict[str, torch.Tensor]:
+    """ComfyUI's `v_pred`/`ztsnr` marker tensors for how this MODEL samples (ModelSamplingDiscrete included;
+    an LCM or x0 override has no marker and is not kept)."""
+    from ldm.checkpoint import sampling_markers
+
+    return sampling_markers(model.prediction, getattr(model.schedule, "zero_snr", False))
+
+
 def _parts_mismatch(model: Any, clip: Any) -> str | None:
     """Why a checkpoint of this MODEL and CLIP (family names, None where unknown) would not load; None if it would."""
     if model is None or clip is None or model == clip:
@@ -264,6 +273,10 @@ def _parts_mismatch(model: Any, clip: Any) -> str | None:
 class _Saves(Node):
     category = CATEGORY
     output_node = True
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        return output_prefix_problem(inputs.get("filename_prefix"))
 
 
 class CheckpointSave(_Saves):
@@ -289,7 +302,7 @@ class CheckpointSave(_Saves):
         path, entry, title = _new_file(filename_prefix)
         metadata = {**_workflow_metadata(self.ctx), **_model_metadata(model, title)}
         _write(path, partial(save_checkpoint, path, dequantized(model.unet), vae.vae, dequantized(clip.encoder),
-                             metadata))
+                             metadata, markers=_markers(model)))
         return NodeResult(ui={"files": [entry]})
 
 
@@ -341,6 +354,7 @@ class ModelSave(_Saves):
 
         path, entry, title = _new_file(filename_prefix)
         tensors: dict[str, torch.Tensor] = {UNET_PREFIX + k: v for k, v in dequantized(model.unet).state_dict().items()}
+        tensors.update(_markers(model))
         metadata = {**_workflow_metadata(self.ctx), **_model_metadata(model, title)}
         _write(path, partial(write_safetensors, tensors, path, metadata))
         return NodeResult(ui={"files": [entry]})

@@ -11,11 +11,25 @@ import torch
 from ldm.sampling.model_patches import SamplingPatches
 from ldm.sampling.schedules import DiscreteSchedule
 
-# SD's noise schedule, shared by every model that does not set its own (ModelSamplingDiscrete's zsnr does).
+# SD's noise schedule, shared by every model that does not set its own (ModelSamplingDiscrete's zsnr does),
+# and its zero-terminal-SNR rescaling, for checkpoints marked as trained on it.
 DEFAULT_SCHEDULE = DiscreteSchedule()
+ZERO_SNR_SCHEDULE = DEFAULT_SCHEDULE.zero_terminal_snr()
 
-# Models are owned (and budgeted) by the model cache; an output-cache entry holding one costs little.
+
+def schedule_of(family: Any) -> DiscreteSchedule:
+    """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
+    return ZERO_SNR_SCHEDULE if getattr(family, "zero_snr", False) else DEFAULT_SCHEDULE
+
+# Models are owned (and budgeted) by the model cache; an output-cache entry holding one costs little, plus the
+# weights it made itself (a LoRA's patched layers, a merge's mixed ones), which only that entry holds.
 HANDLE_SIZE = 1024
+
+
+def new_bytes(module: torch.nn.Module, base: torch.nn.Module) -> int:
+    """The bytes of `module`'s weights that it does not share with `base` (a patched or merged copy's own)."""
+    shared = {t.data_ptr() for t in base.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if t.data_ptr() not in shared)
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +45,7 @@ class DiffusionModel:
     schedule: DiscreteSchedule = DEFAULT_SCHEDULE
     prediction_type: str | None = None  # None: the family's
     sampling_patches: SamplingPatches = SamplingPatches()
+    own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
 
     @property
     def prediction(self) -> str:
@@ -41,10 +56,10 @@ class DiffusionModel:
         return getattr(self.family.unet_config, "adm_in_channels", None) is not None
 
     def with_unet(self, unet: torch.nn.Module, lora: str) -> DiffusionModel:
-        return replace(self, unet=unet, loras=(*self.loras, lora))
+        return replace(self, unet=unet, loras=(*self.loras, lora), own_bytes=new_bytes(unet, self.unet))
 
     def cache_size(self) -> int:
-        return HANDLE_SIZE
+        return HANDLE_SIZE + self.own_bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,15 +71,16 @@ class Clip:
     source: str
     clip_skip: int | None = None
     loras: tuple[str, ...] = ()
+    own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
 
     def with_clip_skip(self, layer: int) -> Clip:
         return replace(self, clip_skip=layer)
 
     def with_encoder(self, encoder: torch.nn.Module, lora: str) -> Clip:
-        return replace(self, encoder=encoder, loras=(*self.loras, lora))
+        return replace(self, encoder=encoder, loras=(*self.loras, lora), own_bytes=new_bytes(encoder, self.encoder))
 
     def cache_size(self) -> int:
-        return HANDLE_SIZE
+        return HANDLE_SIZE + self.own_bytes
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ from typing import Any
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.loaders import _searched, engine_weight_dtypes, shared_model
-from nodes.sd.models import Clip, DiffusionModel, device_and_dtype, file_fingerprint, load_device
+from nodes.sd.models import Clip, DiffusionModel, device_and_dtype, file_fingerprint, load_device, schedule_of
 from nodes.spec import Combo, InputSpec, Output
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class UNETLoader(Node):
 
         key = ("unet", str(path), str(file_fingerprint(path)), str(device), str(dtype), weights)
         loaded = shared_model(self, key, load)
-        return (DiffusionModel(loaded.unet, loaded.family, unet_name),)
+        return (DiffusionModel(loaded.unet, loaded.family, unet_name, schedule=schedule_of(loaded.family)),)
 
 
 def load_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:

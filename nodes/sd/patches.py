@@ -97,9 +97,9 @@ class ModelSamplingDiscrete(Node):
         return None
 
     def execute(self, model: DiffusionModel, sampling: str, zsnr: bool) -> tuple[DiffusionModel]:
-        schedule = DEFAULT_SCHEDULE.distilled() if sampling == "lcm" else DEFAULT_SCHEDULE
-        if zsnr:
-            schedule = schedule.zero_terminal_snr()
+        schedule = DEFAULT_SCHEDULE.zero_terminal_snr() if zsnr else DEFAULT_SCHEDULE
+        if sampling == "lcm":  # after the rescaling, as in ComfyUI: the distilled levels of the rescaled table
+            schedule = schedule.distilled()
         return (replace(model, schedule=schedule, prediction_type=_PREDICTIONS[sampling]),)
 
 

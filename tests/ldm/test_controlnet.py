@@ -236,3 +236,26 @@ def test_prompts_sharing_a_control_take_one_model_call_and_others_two():
                               [(context, {})], cfg=7.5)
     positive_only(x, sigma)
     assert sorted(calls) == [(1, False), (1, True)]
+
+
+def test_an_inpainting_models_controlnet_sees_the_latent_without_the_extra_channels():
+    from ldm.sampling.denoiser import Conditioning, Denoiser
+
+    class ChannelRecorder(_Recorder):
+        def forward(self, x, hint, timesteps, context, y=None):
+            self.channels = x.shape[1]
+            return super().forward(x, hint, timesteps, context, y)
+
+    recorder = ChannelRecorder()
+    seen = []
+
+    def unet(x, t, context, y=None, control=None):
+        seen.append((x.shape[1], control is not None))
+        return x[:, :4]
+
+    x = torch.randn(1, 4, 2, 2)
+    cond = Conditioning(torch.zeros(1, 7, 8), control=Control(recorder, torch.ones(1, 3, 16, 16)),
+                        concat=torch.ones(1, 5, 2, 2))
+    Denoiser(unet, DiscreteSchedule()).at_level(x, 3.0, cond)
+    assert seen == [(9, True)]  # the UNet gets the mask and masked image, with the residuals
+    assert recorder.channels == 4  # and the ControlNet the latent alone

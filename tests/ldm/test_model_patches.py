@@ -156,3 +156,24 @@ def test_pag_adds_the_scaled_gap_to_the_perturbed_model_after_guidance():
         perturbed = CFGGuider(Denoiser(perturbed_attention_copy(unet), schedule), positive, [], 1.0)(x, sigma)
     assert torch.allclose(pag, plain + 3.0 * (cond - perturbed), atol=1e-4)
     assert (pag - plain).abs().max() > 1e-3
+
+
+def test_zero_snr_then_distilled_keeps_every_twentieth_level_of_the_rescaled_table():
+    full = DiscreteSchedule().zero_terminal_snr()
+    lcm = full.distilled(50)
+    assert torch.equal(lcm.sigmas, full.sigmas[19::20]) and lcm.zero_snr
+    assert lcm.sigmas[:3].tolist() == pytest.approx([0.1391, 0.2034, 0.2575], rel=2e-3)  # ComfyUI's
+
+
+def test_a_distilled_model_is_fed_only_its_own_timesteps():
+    """sgm_uniform's levels fall between the 50 trained ones; each goes to the nearest (ComfyUI's rounding)."""
+    seen = []
+
+    def unet(x, t, context, y=None):
+        seen.append(round(float(t[0]), 3))
+        return torch.zeros_like(x)
+
+    cond = [(torch.zeros(1, 1, 8), {})]
+    sample(unet, DiscreteSchedule().distilled(50), torch.zeros(1, 4, 8, 8), seed=0, steps=4, cfg=1.0,
+           sampler_name="lcm", scheduler="sgm_uniform", positive=cond, negative=cond, prediction="lcm")
+    assert seen == [999, 759, 519, 259]

@@ -1,6 +1,6 @@
 """iPNDM, iPNDM-v and gradient estimation. No library besides ComfyUI ships them, so they are checked against
-their definitions: Adams-Bashforth weights by exactness on polynomials, one step of each by hand, and whole runs
-against the exact solution of the probability-flow ODE for Gaussian data."""
+their definitions: iPNDM-v's weights against exact Adams-Bashforth where they are that, one step by hand, and
+whole runs against the exact solution of the probability-flow ODE for Gaussian data."""
 
 import math
 
@@ -10,7 +10,7 @@ import torch
 
 from ldm.sampling import DiscreteSchedule, get_sigmas, samplers
 from ldm.sampling.samplers_multistep import (
-    adams_bashforth_weights,
+    ipndm_v_weights,
     sample_gradient_estimation,
     sample_ipndm,
     sample_ipndm_v,
@@ -30,34 +30,47 @@ def exact(x, sigma_from: float, sigma_to: float):
     return x * math.sqrt((DATA_STD**2 + sigma_to**2) / (DATA_STD**2 + sigma_from**2))
 
 
-@pytest.mark.parametrize("nodes", [[2.0, 3.0], [2.0, 3.5, 4.0], [1.0, 1.7, 3.1, 4.0]])
-def test_adams_bashforth_weights_integrate_polynomials_exactly(nodes):
-    target = 0.6
-    for degree in range(len(nodes)):
-        poly = np.poly1d(np.arange(1.0, degree + 2))
-        integral = poly.integ()(target) - poly.integ()(nodes[0])
-        assert sum(w * poly(n) for w, n in zip(adams_bashforth_weights(nodes, target), nodes)) == pytest.approx(
-            integral, rel=1e-9, abs=1e-12)
-    if len(nodes) == 2:  # the variable-step AB2 of iPNDM-v's authors: h * ((2 + h / h1) / 2, -(h / h1) / 2)
-        h, h1 = target - nodes[0], nodes[0] - nodes[1]
-        assert adams_bashforth_weights(nodes, target) == pytest.approx([h * (2 + h / h1) / 2, -h * (h / h1) / 2])
+def exact_adams_bashforth(nodes: list[float], target: float) -> list[float]:
+    """The reference: weights that integrate, from nodes[0] to `target`, the polynomial through the history
+    (Lagrange basis integrated with numpy), divided by the step."""
+    weights = []
+    for j, node in enumerate(nodes):
+        basis = np.poly1d([1.0])
+        for k, other in enumerate(nodes):
+            if k != j:
+                basis *= np.poly1d([1.0, -other]) / (node - other)
+        weights.append((basis.integ()(target) - basis.integ()(node if j == 0 else nodes[0])) / (target - nodes[0]))
+    return weights
 
 
-def test_equal_steps_give_the_classical_weights():
-    for order, expected in ((2, [3, -1]), (3, [23, -16, 5]), (4, [55, -59, 37, -9])):
-        nodes = [5.0 + k for k in range(order)]  # the history lies at higher noise
-        weights = adams_bashforth_weights(nodes, 4.0)  # one step of -1
-        assert weights == pytest.approx([-w / {2: 2, 3: 12, 4: 24}[order] for w in expected])
+def test_ipndm_v_weights_at_order_2_are_exact_variable_step_adams_bashforth():
+    for levels, target in (([3.0, 4.5], 2.2), ([1.0, 1.3], 0.6), ([10.0, 14.0], 7.5)):
+        assert ipndm_v_weights(levels, target) == pytest.approx(exact_adams_bashforth(levels, target))
+
+
+@pytest.mark.parametrize("levels", [[5.0, 6.0, 7.0], [5.0, 6.0, 7.0, 8.0], [2.0, 3.5, 4.1], [1.0, 1.7, 3.1, 4.0]])
+def test_ipndm_v_weights_are_consistent_and_classical_on_equal_steps(levels):
+    weights = ipndm_v_weights(levels, levels[0] - (levels[1] - levels[0]) * 0.8)
+    h1, h2, h3 = (levels[k - 1] - levels[k] for k in range(1, len(levels))) if len(levels) == 4 else (1, 1, 1)
+    if len(levels) == 3 or h1 / h2 == h2 / h3:
+        assert sum(weights) == pytest.approx(1.0)  # a constant derivative is integrated exactly
+    else:  # not by the authors' order-4 weights when the history's step ratios differ (kept, as in ComfyUI)
+        assert sum(weights) != pytest.approx(1.0)
+    equal = ipndm_v_weights([5.0 + k for k in range(len(levels))], 4.0)
+    if len(levels) == 3:  # equal steps at order 3: the classical AB3 weights
+        assert equal == pytest.approx([23 / 12, -16 / 12, 5 / 12])
+    assert sum(equal) == pytest.approx(1.0)
 
 
 def _linear_schedule(n: int, high: float = 10.0, low: float = 0.1) -> torch.Tensor:
     return torch.linspace(high, low, n + 1)
 
 
-def test_ipndm_v_is_ipndm_on_equal_steps_and_differs_on_a_karras_schedule():
+def test_ipndm_v_is_ipndm_on_equal_steps_to_order_3_and_differs_on_a_karras_schedule():
     x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 10
     sigmas = _linear_schedule(12)
-    torch.testing.assert_close(sample_ipndm_v(gaussian_denoiser, x, sigmas), sample_ipndm(gaussian_denoiser, x, sigmas))
+    torch.testing.assert_close(sample_ipndm_v(gaussian_denoiser, x, sigmas, max_order=3),
+                               sample_ipndm(gaussian_denoiser, x, sigmas, max_order=3))
     karras = get_sigmas("karras", DiscreteSchedule(), 12)[:-1]
     assert not torch.allclose(sample_ipndm_v(gaussian_denoiser, x, karras), sample_ipndm(gaussian_denoiser, x, karras))
 
@@ -71,14 +84,14 @@ def _error(sampler, steps: int, **kwargs) -> float:
 
 @pytest.mark.parametrize("sampler", [sample_ipndm, sample_ipndm_v])
 def test_ipndm_converges_faster_than_euler(sampler):
-    """Error against the exact ODE solution at 10 and 40 steps: Euler's falls about 4x (first order); iPNDM's,
-    whose warm-up steps are lower order, at least 10x (measured: 14x, and 72x for the variable-step form),
-    ending 50x below Euler's."""
+    """Error against the exact ODE solution at 10 and 40 steps: Euler's falls about 4x (first order); iPNDM's
+    14x and iPNDM-v's 4x (its order-4 weights are inexact on unequal steps), both ending over 30x below
+    Euler's."""
     euler = [_error(samplers.sample_euler, n) for n in (10, 40)]
     ours = [_error(sampler, n) for n in (10, 40)]
     assert 3 < euler[0] / euler[1] < 5
-    assert ours[0] / ours[1] > 10
-    assert ours[1] < euler[1] / 20
+    assert ours[0] / ours[1] > 3.5
+    assert ours[1] < euler[1] / 30
 
 
 def test_gradient_estimation_converges_and_improves_on_euler():
@@ -95,7 +108,7 @@ def test_the_last_step_to_zero_is_the_denoised_prediction():
     for sampler in (sample_ipndm, sample_ipndm_v, sample_gradient_estimation):
         calls = []
 
-        def model(x_in, sigma):
+        def model(x_in, sigma, calls=calls):
             calls.append(x_in)
             return gaussian_denoiser(x_in, sigma)
 

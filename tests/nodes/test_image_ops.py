@@ -69,8 +69,8 @@ INTERFACES = {
     "ImageStitch": (["image1", "direction", "match_image_size", "spacing_width", "spacing_color"], ["image2"],
                     "image/transform", ["IMAGE"]),
     "SaveAnimatedWEBP": (["images", "filename_prefix", "fps", "lossless", "quality", "method"], [],
-                         "image/animation", ["IMAGE"]),
-    "SaveAnimatedPNG": (["images", "filename_prefix", "fps", "compress_level"], [], "image/animation", ["IMAGE"]),
+                         "image/animation", []),
+    "SaveAnimatedPNG": (["images", "filename_prefix", "fps", "compress_level"], [], "image/animation", []),
 }
 
 
@@ -369,7 +369,10 @@ def test_save_animated_webp_writes_one_lossless_animation_with_the_workflow(fold
                  method="default")
     assert result.ui == {"images": [{"filename": "clip_00001_.webp", "subfolder": "anim", "type": "output"}],
                          "animated": [True]}
-    assert result.outputs == (images,)
+    from graph.load import load_workflow_data
+
+    assert load_workflow_data(folders.output / "anim" / "clip_00001_.webp") == PROMPT  # read back from the EXIF
+    assert result.outputs == ()
     path = folders.output / "anim" / "clip_00001_.webp"
     frames, durations = frames_of(path, "RGB")
     assert durations == [166] * 3  # int(1000 / 6)
@@ -413,6 +416,9 @@ def test_save_animated_png_writes_an_apng_with_comfyuis_workflow_chunks(folders)
     comf = [body for kind, body in chunks if kind == b"comf"]
     assert comf == [b"prompt\0" + json.dumps(PROMPT).encode(), b"workflow\0" + json.dumps(WORKFLOW).encode()]
     assert kinds.index(b"comf") > kinds.index(b"IDAT")
+    from graph.load import load_workflow_data
+
+    assert load_workflow_data(path) == PROMPT  # `main.py run` reads the workflow back
 
 
 def test_animation_savers_refuse_an_empty_batch_and_an_escaping_prefix(folders):
@@ -453,7 +459,7 @@ def test_every_node_runs_in_a_workflow(tmp_path):
             "10": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["9", 0], "filename_prefix": "wf",
                                                                 "fps": 10.0, "lossless": True, "quality": 80,
                                                                 "method": "fastest"}},
-            "11": {"class_type": "SaveAnimatedPNG", "inputs": {"images": ["10", 0], "filename_prefix": "wf",
+            "11": {"class_type": "SaveAnimatedPNG", "inputs": {"images": ["9", 0], "filename_prefix": "wf",
                                                                "fps": 10.0, "compress_level": 1}},
         }
         result = engine.run(parse_api(graph), keep=["5", "9"])

@@ -45,7 +45,7 @@ INTERFACES = {
     "LatentMultiply": (["samples", "multiplier"], "latent/advanced", ["LATENT"]),
     "LatentInterpolate": (["samples1", "samples2", "ratio"], "latent/advanced", ["LATENT"]),
     "LatentBatchSeedBehavior": (["samples", "seed_behavior"], "latent/advanced", ["LATENT"]),
-    "SaveLatent": (["samples", "filename_prefix"], "_for_testing", ["LATENT"]),
+    "SaveLatent": (["samples", "filename_prefix"], "_for_testing", []),
     "LoadLatent": (["latent"], "_for_testing", ["LATENT"]),
 }
 
@@ -74,7 +74,7 @@ def test_object_info_widget_options_match_comfyui(registry):
     assert options("LatentInterpolate", "ratio") == ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}]
     assert options("LatentBatchSeedBehavior", "seed_behavior") == [["random", "fixed"], {"default": "fixed"}]
     assert options("SaveLatent", "filename_prefix") == ["STRING", {"default": "latents/ComfyUI"}]
-    assert registry.get("SaveLatent").object_info()["output_name"] == ["samples"]
+    assert registry.get("SaveLatent").object_info()["output"] == []  # ComfyUI's declares none
 
 
 # --- Arithmetic -----------------------------------------------------------------------------------
@@ -214,7 +214,8 @@ def test_save_latent_writes_comfyuis_file_and_load_latent_reads_it_back_exactly(
              "2": {"class_type": "LatentAdd", "inputs": {"samples1": ["1", 0], "samples2": ["1", 0]}},
              "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "lat/run"}}}
     # The saved latent is the zeros of node 1; the file format is checked on it, the values on x below.
-    _, result = outputs(executor, graph, "3", extra={"extra_pnginfo": {"workflow": {"nodes": [1]}}})
+    result = executor.run(parse_api(graph), extra={"extra_pnginfo": {"workflow": {"nodes": [1]}}})
+    assert result.ok, result.error
     assert result.outputs["3"] == {"latents": [{"filename": "run_00001_.latent", "subfolder": "lat",
                                                 "type": "output"}]}
     path = root / "output" / "lat" / "run_00001_.latent"
@@ -231,8 +232,8 @@ def test_save_latent_writes_comfyuis_file_and_load_latent_reads_it_back_exactly(
     save_file({"latent_tensor": x, "latent_format_version_0": torch.tensor([])}, str(root / "input" / "x.latent"))
     loaded = {"1": {"class_type": "LoadLatent", "inputs": {"latent": "x.latent"}},
               "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "lat/run"}}}
-    [(first,), (passed,)], result = outputs(executor, loaded, "1", "2")
-    assert torch.equal(first["samples"], x) and passed is first
+    [(first,)], result = outputs(executor, loaded, "1")
+    assert torch.equal(first["samples"], x)
     assert result.outputs["2"]["latents"][0]["filename"] == "run_00002_.latent"  # numbered on
     shutil.copy(root / "output" / "lat" / "run_00002_.latent", root / "input" / "again.latent")
     [(again,)], _ = outputs(executor, {"1": {"class_type": "LoadLatent", "inputs": {"latent": "again.latent"}}}, "1")
@@ -285,3 +286,17 @@ def test_load_latent_reruns_when_the_file_changes(engine):
     save_file({"latent_tensor": torch.ones(1, 4, 1, 1)}, str(path))
     assert LoadLatent.fingerprint({"latent": "changing.latent"}) != before
     assert LoadLatent.fingerprint({"latent": "../escape.latent"}) is None
+
+
+@pytest.mark.parametrize("saver, inputs", [
+    ("SaveLatent", {"samples": ["1", 0]}), ("SaveImage", {"images": ["2", 0]}),
+    ("SaveAnimatedWEBP", {"images": ["2", 0], "fps": 6.0, "lossless": True, "quality": 80, "method": "default"}),
+    ("CheckpointSave", {"model": ["3", 0], "clip": ["3", 1], "vae": ["3", 2]}), ("ModelSave", {"model": ["3", 0]})])
+def test_a_prefix_outside_the_output_folder_is_refused_before_anything_runs(engine, saver, inputs):
+    executor, _ = engine
+    graph = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+             "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+             "4": {"class_type": saver, "inputs": {**inputs, "filename_prefix": "../escape"}}}
+    with pytest.raises(WorkflowInvalid, match="must be a relative name inside the output folder"):
+        executor.run(parse_api(graph))

@@ -19,7 +19,7 @@ from nodes.sd import merge
 
 # The packs these workflows use (the merge nodes and what loads, encodes, samples and previews around them).
 MODULES = ("nodes.builtin.utils", "nodes.sd.loaders", "nodes.sd.conditioning", "nodes.sd.latent",
-           "nodes.sd.sampling", "nodes.sd.vae", "nodes.sd.merge")
+           "nodes.sd.sampling", "nodes.sd.vae", "nodes.sd.merge", "nodes.sd.patches")
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +295,34 @@ def test_a_saved_merge_loads_again_and_samples_the_same_latent(engine, root):
     assert torch.equal(after[0]["samples"], result.values["before"][0]["samples"])
 
 
+def test_v_prediction_and_zero_snr_are_saved_as_comfyuis_marker_tensors_and_read_back(engine, root):
+    """ModelSamplingDiscrete(v_prediction, zsnr) then CheckpointSave: the file carries `v_pred` and `ztsnr`, as
+    ComfyUI writes them, so that it samples the same when loaded again here or in ComfyUI."""
+    graph = {**loaders("a.safetensors"),
+             "m": node("ModelSamplingDiscrete", model=["a", 0], sampling="v_prediction", zsnr=True),
+             "save": node("CheckpointSave", model=["m", 0], clip=["a", 1], vae=["a", 2], filename_prefix="vz/x"),
+             **sampled(["m", 0], ["a", 1], "before"), "show": node("PreviewAny", source=["before", 0])}
+    result = engine.run(parse_api(graph), keep=["before"])
+    assert result.ok, result.error
+    saved = root / "output" / "vz" / "x_00001_.safetensors"
+    state = load_state_dict(saved)
+    assert state["v_pred"].numel() == 0 and state["ztsnr"].numel() == 0
+    loaded = load_checkpoint(saved, text_encoder=False)
+    assert (loaded.family.prediction, loaded.family.zero_snr) == ("v", True)
+    assert not {"v_pred", "ztsnr"} & set(loaded.unused_keys)
+    shutil.copy(saved, root / "models" / "checkpoints" / "vz.safetensors")
+    (after,) = run(engine, {**loaders("vz.safetensors"), **sampled(["a", 0], ["a", 1], "after")}, "after")
+    assert torch.equal(after[0]["samples"], result.values["before"][0]["samples"])
+    # A file with the marker and no metadata of ours (ComfyUI's own save) is read as v-prediction too.
+    plain = {k: v for k, v in load_state_dict(root / "models" / "checkpoints" / "a.safetensors").items()}
+    plain["v_pred"] = torch.zeros(0)
+    from safetensors.torch import save_file
+
+    save_file(plain, root / "models" / "checkpoints" / "marked.safetensors")
+    assert load_checkpoint(root / "models" / "checkpoints" / "marked.safetensors", text_encoder=False).family \
+        .prediction == "v"
+
+
 def test_a_checkpoint_of_two_families_parts_is_refused(engine, root):
     graph = {**loaders("a.safetensors", "xl.safetensors"),
              "save": node("CheckpointSave", model=["a", 0], clip=["b", 1], vae=["a", 2], filename_prefix="mixed/x")}
@@ -396,3 +424,15 @@ def test_model_save_writes_the_unet_under_checkpoint_keys_that_load_unet_reads(e
     assert (loaded.family.name, loaded.family.prediction, loaded.unused_keys) == ("sd1", "eps", [])
     assert loaded.family.unet_config == unet.config
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in unet.state_dict().items())
+
+
+def test_a_merge_counts_its_own_weights_in_the_output_cache(engine):
+    """A merged UNet's new tensors live only in the merge node's output: the cache budgets them."""
+    (loaded, _, _), (merged,), (whole,) = run(engine, {**loaders("a.safetensors", "b.safetensors"),
+                                                  "m": node("ModelMergeBlocks", model1=["a", 0], model2=["b", 0],
+                                                            input=0.5, middle=1.0, out=1.0),
+                                                  "w": node("ModelMergeSimple", model1=["a", 0], model2=["b", 0],
+                                                            ratio=0.5)}, "a", "m", "w")
+    unet_bytes = sum(t.numel() * t.element_size() for t in loaded.unet.state_dict().values())
+    assert loaded.cache_size() < 2048  # the loader's model belongs to the model cache
+    assert 0 < merged.cache_size() < whole.cache_size() <= unet_bytes + 2048  # only the input blocks are new

@@ -102,11 +102,23 @@ def test_model_sampling_discrete(engine):
     v = {"class_type": "ModelSamplingDiscrete", "inputs": {"sampling": "v_prediction", "zsnr": False}}
     assert torch.equal(latent(engine, graph(v, ckpt="sd2.safetensors")), sd2)
     assert differ(latent(engine, graph(v)), sd1)
-    for sampling, zsnr in (("eps", True), ("x0", False), ("lcm", False)):
-        out = latent(engine, graph({"class_type": "ModelSamplingDiscrete",
-                                    "inputs": {"sampling": sampling, "zsnr": zsnr}}, sampler="lcm",
-                                   scheduler="sgm_uniform", cfg=1.0))
-        assert torch.isfinite(out).all() and out.std() > 0
+    results = {}
+    for sampling, zsnr in (("eps", False), ("eps", True), ("x0", False), ("lcm", False), ("lcm", True)):
+        patch = {"class_type": "ModelSamplingDiscrete", "inputs": {"sampling": sampling, "zsnr": zsnr}}
+        nodes = graph(patch, sampler="lcm", scheduler="sgm_uniform", cfg=1.0)
+        nodes["12"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}
+        result = engine.run(parse_api(nodes), keep=["5", "6"])
+        assert result.ok, result.error
+        [model], [(out,)] = result.values["5"], [result.values["6"]]
+        assert torch.isfinite(out["samples"]).all()
+        results[sampling, zsnr] = out["samples"]
+        assert model.prediction == {"eps": "eps", "x0": "x0", "lcm": "lcm"}[sampling]
+        assert model.schedule.timestep_stride == (20 if sampling == "lcm" else 1)
+        assert model.schedule.zero_snr == zsnr
+    plain = results["eps", False]
+    for key in (("eps", True), ("x0", False), ("lcm", False)):
+        assert differ(results[key], plain), key  # each setting changes the run
+    assert differ(results["lcm", True], results["lcm", False])
 
 
 def test_model_sampling_discrete_refuses_img_to_img(engine):
@@ -119,8 +131,12 @@ def test_differential_diffusion_with_a_soft_mask(engine):
     plain = latent(engine, graph(mask=True))
     dd = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {}}, mask=True))
     assert differ(dd, plain)
-    blended = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {"strength": 0.0}}, mask=True))
-    assert same(blended, plain)  # strength 0: the soft mask as it was
+    # Strength 0 is full Differential Diffusion, as in ComfyUI (which reads 0 as unset); between 0 and 1 the
+    # soft mask is mixed back in.
+    zero = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {"strength": 0.0}}, mask=True))
+    assert torch.equal(zero, dd)
+    half = latent(engine, graph({"class_type": "DifferentialDiffusion", "inputs": {"strength": 0.5}}, mask=True))
+    assert differ(half, dd) and differ(half, plain)
 
 
 def test_perturbed_attention_guidance(engine):
