@@ -227,6 +227,15 @@ def _prediction(rule: FamilyRule, metadata: dict[str, str], v_prediction: bool |
     return rule.prediction
 
 
+def head_layout(rule: FamilyRule, metadata: dict[str, str]) -> dict:
+    """The UNet's attention head layout, which its weights cannot tell: the one our metadata saved (tiny
+    test models have their own), else the family's standard one."""
+    if "loom.unet_config" not in metadata:
+        return rule.heads
+    saved = json.loads(metadata["loom.unet_config"])
+    return {"num_heads": saved["num_heads"], "num_head_channels": saved["num_head_channels"]}
+
+
 def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
                   v_prediction: bool | None = None) -> ModelFamily:
     """Family and exact configuration of a full LDM checkpoint, from its keys and shapes.
@@ -238,12 +247,8 @@ def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
     rule = next((r for r in FAMILY_RULES if r.matches(state_dict)), None)
     if rule is None:
         raise CheckpointError("not a Stable Diffusion checkpoint: no model.diffusion_model UNet weights")
-    heads = rule.heads
-    if "loom.unet_config" in metadata:
-        saved = json.loads(metadata["loom.unet_config"])
-        heads = {"num_heads": saved["num_heads"], "num_head_channels": saved["num_head_channels"]}
     try:
-        unet_config = _unet_config(state_dict, heads)
+        unet_config = _unet_config(state_dict, head_layout(rule, metadata))
         vae_config = _vae_config(state_dict, VAE_PREFIX, rule.scaling_factor)
     except (KeyError, StopIteration) as e:
         raise CheckpointError(f"incomplete {rule.name} checkpoint: no weight {e}") from None

@@ -9,7 +9,6 @@ what they look like.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -152,12 +151,8 @@ def unet_family(weights: StateDict, metadata: dict[str, str] | None = None,
     rule = next((r for r in FAMILY_RULES if r.matches(prefixed)), None)
     if rule is None:
         raise CheckpointError("no SD1/SD2/SDXL UNet weights (input_blocks.0.0.weight)")
-    heads = rule.heads
-    if "loom.unet_config" in metadata:
-        saved = json.loads(metadata["loom.unet_config"])
-        heads = {"num_heads": saved["num_heads"], "num_head_channels": saved["num_head_channels"]}
     try:
-        config = ckpt._unet_config(prefixed, heads)
+        config = ckpt._unet_config(prefixed, ckpt.head_layout(rule, metadata))
     except (KeyError, StopIteration) as e:
         raise CheckpointError(f"incomplete {rule.name} UNet: no weight {e}") from None
     return ModelFamily(rule.name, ckpt._prediction(rule, metadata, v_prediction, markers), config,

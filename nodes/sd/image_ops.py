@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
-from nodes.node import Node, NodeResult
+from nodes.node import Node
 from nodes.sd.image import resize_image
-from nodes.sd.imageio import to_pil
 from nodes.sd.latent import MAX_RESOLUTION, as_mask_batch, upscale_latent
-from nodes.spec import Boolean, Combo, Float, Int, Output, Socket, String
+from nodes.spec import Boolean, Combo, Int, Output, Socket
 
 
 def resize_any(image: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
@@ -344,96 +340,5 @@ class ImageStitch(Node):
         return (torch.cat(parts, dim=3 - dim),)
 
 
-# --- Animations -----------------------------------------------------------------------------------
-
-
-def _frames(images: torch.Tensor, what: str) -> list:
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"{what} needs a batch of at least one image, got shape {tuple(images.shape)}")
-    return [to_pil(image) for image in images]
-
-
-def _write_animation(prefix: str, suffix: str, frames: list, **options: object) -> dict[str, str]:
-    """Save `frames` as one animated file in the output folder; no half-written file is left behind."""
-    path, handle, subfolder = open_numbered_output(get_paths().output, prefix, suffix)
-    try:
-        with handle:
-            frames[0].save(handle, save_all=True, append_images=frames[1:], **options)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return {"filename": path.name, "subfolder": subfolder, "type": "output"}
-
-
-def _saved_ui(saved: dict[str, str], count: int) -> dict:
-    return {"images": [saved], "animated": [True]} if count > 1 else {"images": [saved]}
-
-
-WEBP_METHODS = {"default": 4, "fastest": 0, "slowest": 6}
-
-
-class SaveAnimatedWEBP(Node):
-    """Saves the batch as one animated WebP in the output folder, the workflow in its EXIF (as ComfyUI's)."""
-
-    display_name = "Save Animated WEBP"
-    category = "image/animation"
-    output_node = True
-    images = Socket("IMAGE")
-    filename_prefix = String("ComfyUI")
-    fps = Float(6.0, min=0.01, max=1000.0, step=0.01)
-    lossless = Boolean(True)
-    quality = Int(80, min=0, max=100)
-    method = Combo(list(WEBP_METHODS))
-    outputs = ()
-
-    @classmethod
-    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
-        return output_prefix_problem(inputs.get("filename_prefix"))
-
-    def execute(self, images: torch.Tensor, filename_prefix: str, fps: float, lossless: bool, quality: int,
-                method: str) -> NodeResult:
-        frames = _frames(images, "SaveAnimatedWEBP")
-        exif = frames[0].getexif()
-        extra = self.ctx.extra
-        if extra.get("prompt") is not None:
-            exif[0x0110] = f"prompt:{json.dumps(extra['prompt'])}"  # the Model tag
-        for offset, (key, value) in enumerate((extra.get("extra_pnginfo") or {}).items()):
-            exif[0x010F - offset] = f"{key}:{json.dumps(value)}"  # Make, then the tags below it
-        saved = _write_animation(filename_prefix, ".webp", frames, format="WEBP", duration=int(1000.0 / fps),
-                                 exif=exif, lossless=lossless, quality=quality, method=WEBP_METHODS[method])
-        return NodeResult(ui=_saved_ui(saved, len(frames)))
-
-
-class SaveAnimatedPNG(Node):
-    """Saves the batch as one animated PNG in the output folder, the workflow in 'comf' chunks (as ComfyUI's)."""
-
-    display_name = "Save Animated PNG"
-    category = "image/animation"
-    output_node = True
-    images = Socket("IMAGE")
-    filename_prefix = String("ComfyUI")
-    fps = Float(6.0, min=0.01, max=1000.0, step=0.01)
-    compress_level = Int(4, min=0, max=9)
-    outputs = ()
-
-    @classmethod
-    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
-        return output_prefix_problem(inputs.get("filename_prefix"))
-
-    def execute(self, images: torch.Tensor, filename_prefix: str, fps: float, compress_level: int) -> NodeResult:
-        from PIL.PngImagePlugin import PngInfo
-
-        frames = _frames(images, "SaveAnimatedPNG")
-        info = PngInfo()
-        extra = self.ctx.extra
-        chunks = {"prompt": extra.get("prompt")} if extra.get("prompt") is not None else {}
-        chunks.update(extra.get("extra_pnginfo") or {})
-        for key, value in chunks.items():
-            info.add(b"comf", key.encode("latin-1") + b"\0" + json.dumps(value).encode("latin-1"), after_idat=True)
-        saved = _write_animation(filename_prefix, ".png", frames, format="PNG", duration=int(1000.0 / fps),
-                                 compress_level=compress_level, pnginfo=info)
-        return NodeResult(ui=_saved_ui(saved, len(frames)))
-
-
 NODES = [ImageQuantize, Morphology, PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha,
-         ImageColorToMask, ImageScaleToMaxDimension, ImageStitch, SaveAnimatedWEBP, SaveAnimatedPNG]
+         ImageColorToMask, ImageScaleToMaxDimension, ImageStitch]

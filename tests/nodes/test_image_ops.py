@@ -1,4 +1,5 @@
-"""Image utility nodes (nodes/sd/image_ops.py) against hand-computed values, Pillow and kornia."""
+"""Image utility nodes (nodes/sd/image_ops.py) and animated savers (nodes/sd/animation.py) against hand-computed
+values, Pillow and kornia."""
 
 import json
 import struct
@@ -14,6 +15,7 @@ from graph.document import parse_api
 from nodes.context import NodeContext
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
+from nodes.sd.animation import SaveAnimatedPNG, SaveAnimatedWEBP
 from nodes.sd.image_ops import (
     ImageColorToMask,
     ImageQuantize,
@@ -22,8 +24,6 @@ from nodes.sd.image_ops import (
     JoinImageWithAlpha,
     Morphology,
     PorterDuffImageComposite,
-    SaveAnimatedPNG,
-    SaveAnimatedWEBP,
     SplitImageWithAlpha,
     bayer_matrix,
 )
