@@ -44,6 +44,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_fast": dpm_solver.sample_dpm_fast,
     "dpm_adaptive": dpm_solver.sample_dpm_adaptive,
     "dpmpp_2s_ancestral": samplers.sample_dpmpp_2s_ancestral,
+    "dpmpp_2s_ancestral_cfg_pp": samplers_cfgpp.sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": samplers.sample_dpmpp_sde,
     "dpmpp_2m": samplers.sample_dpmpp_2m,
     "dpmpp_2m_cfg_pp": samplers_cfgpp.sample_dpmpp_2m_cfg_pp,
@@ -79,6 +80,7 @@ _STEP_NOISE = {
     "euler_ancestral_cfg_pp",
     "dpm_2_ancestral",
     "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp",
     "ddpm",
     "lcm",
     "ddim",
@@ -86,14 +88,16 @@ _STEP_NOISE = {
     "dpm_adaptive",
 }
 # Those of them that draw step noise at (nearly) every step with their default options: drawn ahead.
-_DRAW_AHEAD = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"}
+_DRAW_AHEAD = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+               "dpmpp_2s_ancestral_cfg_pp", "ddpm", "lcm"}
 # CFG++ samplers: they read the unconditional prediction of each model call.
-_CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"}
+_CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"}
 
 
 # Samplers that add fresh noise at every step: they need falling noise levels.
-_STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-               "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "lcm"}
+_STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+               "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
+               "lcm"}
 
 
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.

@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from ldm.sampling.noise import NoiseSampler
-from ldm.sampling.samplers import Callback, Model, _call, _report, get_ancestral_step, unseeded_noise_sampler
+from ldm.sampling.samplers import (
+    Callback,
+    Model,
+    _call,
+    _report,
+    euler_step,
+    get_ancestral_step,
+    unseeded_noise_sampler,
+)
 
 
 class UncondCapture:
@@ -61,6 +69,31 @@ def sample_euler_ancestral_cfg_pp(model: Model, x: Tensor, sigmas: Tensor, extra
         _report(callback, i, x, s[i], s[i], denoised)
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
         x = denoised + (x - _uncond(uncond)) * (sigma_down / s[i])
+        if s[i + 1] > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+                                     callback: Callback = None, disable: bool | None = None, eta: float = 1.0,
+                                     s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
+                                     uncond: UncondCapture | None = None) -> Tensor:
+    """DPM-Solver++(2S) ancestral steps with CFG++'s re-noising: both the half step and the full step start from
+    x + (x0_guided - x0_uncond), the latent whose noise towards the guided x0 is the unconditional one."""
+    noise_sampler = noise_sampler or unseeded_noise_sampler(x)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = _call(model, x, s[i], extra_args)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, i, x, s[i], s[i], denoised)
+        shifted = x + (denoised - _uncond(uncond))
+        if sigma_down == 0:
+            x = denoised
+        else:
+            sigma_mid = (s[i] * sigma_down) ** 0.5  # half the step in log-sigma
+            denoised_2 = _call(model, euler_step(shifted, s[i], denoised, sigma_mid), sigma_mid, extra_args)
+            x = euler_step(shifted, s[i], denoised_2, sigma_down)
         if s[i + 1] > 0:
             x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
     return x

@@ -12,6 +12,7 @@ from ldm.sampling.noise import seeded_noise_sampler
 from ldm.sampling.samplers_cfgpp import (
     UncondCapture,
     sample_dpmpp_2m_cfg_pp,
+    sample_dpmpp_2s_ancestral_cfg_pp,
     sample_euler_ancestral_cfg_pp,
     sample_euler_cfg_pp,
 )
@@ -41,16 +42,17 @@ def test_euler_cfg_pp_one_step_by_hand():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m"])
 def test_cfg_pp_with_the_guided_prediction_as_unconditional_is_the_plain_sampler(name):
     model, capture = _model(None)
     x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * SIGMAS[0]
     cfg_pp = {"euler": sample_euler_cfg_pp, "euler_ancestral": sample_euler_ancestral_cfg_pp,
-              "dpmpp_2m": sample_dpmpp_2m_cfg_pp}[name]
+              "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral_cfg_pp, "dpmpp_2m": sample_dpmpp_2m_cfg_pp}[name]
     plain = getattr(samplers, f"sample_{name}")
-    noise = {} if name != "euler_ancestral" else {"noise_sampler": seeded_noise_sampler(x, 3)}
+    noisy = "ancestral" in name
+    noise = {"noise_sampler": seeded_noise_sampler(x, 3)} if noisy else {}
     expected = plain(model, x, SIGMAS, **noise)
-    noise = {} if name != "euler_ancestral" else {"noise_sampler": seeded_noise_sampler(x, 3)}
+    noise = {"noise_sampler": seeded_noise_sampler(x, 3)} if noisy else {}
     assert torch.allclose(cfg_pp(model, x, SIGMAS, uncond=capture, **noise), expected, atol=1e-4, rtol=1e-5)
 
 
@@ -66,7 +68,7 @@ def test_cfg_pp_in_sample_differs_from_plain_and_matches_it_when_the_prompts_agr
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     schedule = DiscreteSchedule()
     kwargs = dict(seed=2, steps=5, cfg=1.5)
-    for name in ("euler", "euler_ancestral", "dpmpp_2m"):
+    for name in ("euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m"):
         same = sample(_unet, schedule, latent, sampler_name=f"{name}_cfg_pp", positive=_cond(1.0),
                       negative=_cond(1.0), **kwargs)
         plain = sample(_unet, schedule, latent, sampler_name=name, positive=_cond(1.0), negative=_cond(1.0),

@@ -60,6 +60,7 @@ def test_names_in_comfyui_order():
         "dpmpp_2s_ancestral",
         "dpmpp_sde",
         "dpmpp_2m",
+        "dpmpp_2s_ancestral_cfg_pp",
         "dpmpp_2m_cfg_pp",
         "dpmpp_2m_sde",
         "dpmpp_2m_sde_heun",
