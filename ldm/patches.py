@@ -1,5 +1,5 @@
-"""UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs, and
-the perturbed self-attention of Perturbed-Attention Guidance.
+"""UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs, Kohya's
+Deep Shrink on the encoder's features, and the perturbed self-attention of Perturbed-Attention Guidance.
 
 A patched UNet is a shallow copy (`ldm.lora.shallow_copy`) sharing every weight with the original, with its
 own `output_block_patches`; the original, which a cache may hold, is left as it was. A copy is a module of its
@@ -27,6 +27,45 @@ def with_output_block_patch(unet: nn.Module, patch: OutputBlockPatch) -> nn.Modu
     patched = shallow_copy(unet)
     patched.output_block_patches = (*getattr(unet, "output_block_patches", ()), patch)
     return patched
+
+
+def with_input_block_patch(unet: nn.Module, patch: DeepShrink) -> nn.Module:
+    """A copy of `unet` that also applies `patch` after each input block. Such a patch reads the timestep on
+    the host, which a CUDA graph cannot replay, so the copy says it runs without them (`cuda_graphs_safe`)."""
+    patched = shallow_copy(unet)
+    patched.input_block_patches = (*getattr(unet, "input_block_patches", ()), patch)
+    patched.cuda_graphs_safe = False
+    return patched
+
+
+Resize = Callable[[Tensor, int, int], Tensor]  # (x [B, C, H, W], height, width) -> resized
+
+
+@dataclass(frozen=True)
+class DeepShrink:
+    """Kohya's Deep Shrink ("PatchModelAddDownscale"): while the UNet timestep is within [t_low, t_high], the
+    features after input block `block` are shrunk by `factor`, so that the deep blocks see the image at about
+    the size they were trained on and large images keep one composition. The decoder's features are resized
+    back to each skip connection's size (`restore`) before the two are joined."""
+
+    block: int
+    factor: float
+    t_high: float
+    t_low: float
+    after_skip: bool
+    shrink: Resize
+    grow: Resize
+
+    def __call__(self, h: Tensor, index: int, timesteps: Tensor) -> Tensor:
+        if index != self.block or not self.t_low <= float(timesteps.reshape(-1)[0]) <= self.t_high:
+            return h
+        height, width = h.shape[-2:]
+        return self.shrink(h, max(1, round(height / self.factor)), max(1, round(width / self.factor)))
+
+    def restore(self, h: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        if h.shape[-2:] != skip.shape[-2:]:
+            h = self.grow(h, *skip.shape[-2:])
+        return h, skip
 
 
 def fourier_filter(x: Tensor, threshold: int, scale: float) -> Tensor:

@@ -182,7 +182,10 @@ def embed(module: nn.Module, c: UNetConfig, timesteps: torch.Tensor, y: torch.Te
 
 
 class UNetModel(nn.Module):
-    # Applied as `h, skip = patch(h, skip)` before each output block (see `ldm.patches`); set on patched copies.
+    # Set on patched copies (see `ldm.patches`): `h = patch(h, index, timesteps)` after each input block, before
+    # its output is kept for the skip connection (or after, for patches with `after_skip`), and
+    # `h, skip = patch(h, skip)` before each output block.
+    input_block_patches: tuple = ()
     output_block_patches: tuple = ()
 
     def __init__(self, config: UNetConfig):
@@ -222,9 +225,13 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         context = context.to(dtype)
         skips = []
-        for block in self.input_blocks:
+        for index, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            for patch in self.input_block_patches:
+                h = h if patch.after_skip else patch(h, index, timesteps)
             skips.append(h)
+            for patch in self.input_block_patches:
+                h = patch(h, index, timesteps) if patch.after_skip else h
         h = self.middle_block(h, emb, context)
         if control is not None:
             if len(control) != len(skips) + 1:

@@ -1,19 +1,21 @@
-"""Model patches: FreeU, FreeU_V2, RescaleCFG, PerturbedAttentionGuidance, ModelSamplingDiscrete and
-DifferentialDiffusion. Each returns a new MODEL; the one it was given (which the cache may hold) is left as it was."""
+"""Model patches: FreeU, FreeU_V2, PatchModelAddDownscale (Deep Shrink), RescaleCFG, PerturbedAttentionGuidance,
+ModelSamplingDiscrete and DifferentialDiffusion. Each returns a new MODEL; the one it was given (which the cache may
+hold) is left as it was."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
 
+from ldm.patches import DeepShrink, with_input_block_patch, with_output_block_patch
 from ldm.patches import FreeU as FreeUPatch
-from ldm.patches import with_output_block_patch
 from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiffusionMask
 from ldm.sampling.model_patches import PerturbedAttentionGuidance as PerturbedAttention
 from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
 from nodes.node import Node
+from nodes.sd.latent import upscale_latent
 from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
-from nodes.spec import Boolean, Combo, Float, Output, Socket
+from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
 
 def _knob(default: float) -> Float:
@@ -45,6 +47,48 @@ class FreeU_V2(FreeU):  # noqa: N801 (ComfyUI's name)
     version = 2
     b1 = _knob(1.3)
     b2 = _knob(1.4)
+
+
+RESIZE_METHODS = ["bicubic", "nearest-exact", "bilinear", "area", "bislerp"]
+
+
+def _resizer(method: str):
+    return lambda x, height, width: upscale_latent(x, width, height, method, "disabled")
+
+
+class PatchModelAddDownscale(Node):
+    """Kohya's Deep Shrink: early in sampling, shrinks the features after one input block, so that the deep
+    blocks see a large image at about their training size and it keeps one composition (no repeated subjects);
+    the decoder's features are resized back to meet each skip connection."""
+
+    display_name = "PatchModelAddDownscale (Kohya Deep Shrink)"
+    category = "model_patches/unet"
+    model = Socket("MODEL")
+    block_number = Int(3, min=1, max=32, step=1)
+    downscale_factor = Float(2.0, min=0.1, max=9.0, step=0.001)
+    start_percent = Float(0.0, min=0.0, max=1.0, step=0.001)
+    end_percent = Float(0.35, min=0.0, max=1.0, step=0.001)
+    downscale_after_skip = Boolean(True)
+    downscale_method = Combo(RESIZE_METHODS)
+    upscale_method = Combo(RESIZE_METHODS)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, block_number: int, downscale_factor: float, start_percent: float,
+                end_percent: float, downscale_after_skip: bool, downscale_method: str,
+                upscale_method: str) -> tuple[DiffusionModel]:
+        blocks = len(model.unet.input_blocks)
+        if block_number >= blocks:
+            raise ValueError(f"block_number {block_number}: {model.source}'s UNet has input blocks 0 to {blocks - 1}")
+        schedule = model.schedule
+
+        def timestep(percent: float) -> float:
+            sigma = min(schedule.sigma_at_percent(percent), schedule.sigma_max)
+            return float(schedule.unet_timestep(schedule.sigma_to_t_scalar(sigma)))
+
+        patch = DeepShrink(block_number, downscale_factor, timestep(start_percent), timestep(end_percent),
+                           downscale_after_skip, _resizer(downscale_method), _resizer(upscale_method))
+        unet = with_input_block_patch(with_output_block_patch(model.unet, patch.restore), patch)
+        return (replace(model, unet=unet, loras=(*model.loras, f"Deep Shrink x{downscale_factor:g}")),)
 
 
 class RescaleCFG(Node):
@@ -118,5 +162,5 @@ class DifferentialDiffusion(Node):
         return (replace(model, sampling_patches=patches),)
 
 
-NODES: list[Any] = [FreeU, FreeU_V2, RescaleCFG, PerturbedAttentionGuidance, ModelSamplingDiscrete,
-                    DifferentialDiffusion]
+NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
+                    ModelSamplingDiscrete, DifferentialDiffusion]

@@ -151,13 +151,15 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
         module = unet
         options = devices.options
+        # A UNet patched to branch on the timestep (Deep Shrink) runs without graphs, which would replay one branch.
+        graphs = options.cuda_graphs and device.type == "cuda" and getattr(module, "cuda_graphs_safe", True)
         # Channels-last pays under CUDA graphs only: its group norm launches more, smaller kernels, and
         # launches are what a step without graphs waits on. A ControlNet's residuals change every step,
         # so those runs launch eagerly, in NCHW. Not measured with --compile: left NCHW.
         if device.type == "cuda" and not options.compile:
             from ldm.layout import use_channels_last, use_nchw
 
-            if options.channels_last and options.cuda_graphs and not controls:
+            if options.channels_last and graphs and not controls:
                 use_channels_last(module)  # before the graphs: they capture the weights' storage
             else:
                 use_nchw(module)  # back from an earlier run's channels-last, if there was one
@@ -165,7 +167,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
             from ldm.compile import compiled_unet
 
             unet = compiled_unet(module)
-        if devices.options.cuda_graphs and device.type == "cuda":
+        if graphs:
             from ldm.cuda_graphs import graphed_unet
 
             unet = graphed_unet(module, unet)

@@ -92,3 +92,28 @@ def test_perturbed_attention_copy_matches_diffusers_pag_identity_attention():
     assert rel_err(ours, plain) > 1e-3
     with torch.no_grad():
         assert torch.equal(unet(x[:1], t[:1], context[:1]), plain)  # the original module is left as it was
+
+
+def _resize(x, height, width):
+    return torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("after_skip", [True, False])
+def test_deep_shrink_shrinks_one_blocks_features_within_its_timesteps_and_restores_the_size(after_skip):
+    from ldm.patches import DeepShrink, with_input_block_patch
+
+    unet = randomize_(UNetModel(CONFIG), torch.Generator().manual_seed(0)).eval()
+    shrink = DeepShrink(block=2, factor=2.0, t_high=700.0, t_low=300.0, after_skip=after_skip, shrink=_resize,
+                        grow=_resize)
+    patched = with_input_block_patch(with_output_block_patch(unet, shrink.restore), shrink)
+    assert not patched.cuda_graphs_safe and getattr(unet, "cuda_graphs_safe", True)
+    seen = []
+    block = patched.input_blocks[3]  # (a shallow copy shares its hooks with the original's block: filter)
+    block.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])) if m is block else None)
+    x, _, context = _inputs()
+    with torch.no_grad():
+        inside, outside = torch.tensor([500.0, 500.0]), torch.tensor([900.0, 900.0])
+        assert torch.equal(patched(x, outside, context), unet(x, outside, context))  # not its timesteps
+        shrunk, plain = patched(x, inside, context), unet(x, inside, context)
+    assert seen == [(8, 8), (4, 4)]  # block 2's output (16 px / 2 = 8) shrunk once more, inside the range only
+    assert shrunk.shape == plain.shape and rel_err(shrunk, plain) > 1e-3

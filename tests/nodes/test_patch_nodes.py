@@ -150,3 +150,17 @@ def test_perturbed_attention_guidance(engine):
     nodes["10"] = {"class_type": "FreeU", "inputs": {"model": ["5", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
     nodes["6"]["inputs"]["model"] = ["10", 0]
     assert differ(latent(engine, nodes), pag)
+
+
+def test_deep_shrink(engine):
+    plain = latent(engine, graph())
+    settings = {"block_number": 2, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.5,
+                "downscale_after_skip": True, "downscale_method": "bicubic", "upscale_method": "bislerp"}
+    shrunk = latent(engine, graph({"class_type": "PatchModelAddDownscale", "inputs": settings}))
+    assert shrunk.shape == plain.shape and differ(shrunk, plain)
+    never = latent(engine, graph({"class_type": "PatchModelAddDownscale",
+                                  "inputs": {**settings, "start_percent": 0.9, "end_percent": 0.95}}))
+    assert same(never, plain)  # its window holds no step of this run: the model as it was
+    result = engine.run(parse_api(graph({"class_type": "PatchModelAddDownscale",
+                                         "inputs": {**settings, "block_number": 20}})), keep=["6"])
+    assert not result.ok and "block_number 20" in str(result.error) and "input blocks 0 to" in str(result.error)
