@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -188,9 +190,11 @@ def output_prefix_problem(prefix: object) -> str | None:
     return None
 
 
-def open_numbered_output(root: Path, prefix: str, suffix: str) -> tuple[Path, BinaryIO, str]:
+@contextmanager
+def new_output_file(root: Path, prefix: str, suffix: str) -> Iterator[tuple[Path, BinaryIO, str]]:
     """Create the first free PREFIX_NNNNN_SUFFIX under `root` (exclusively, so concurrent savers never share a
-    name); return its path, the open binary handle and the sub-folder the prefix names ('' for none)."""
+    name) and give its path, its open binary handle and the sub-folder the prefix names ('' for none). The
+    handle is closed at the end; if the body fails, the file is removed, so no half-written file stays."""
     problem = output_prefix_problem(prefix)
     if problem:
         raise ValueError(problem)
@@ -204,6 +208,13 @@ def open_numbered_output(root: Path, prefix: str, suffix: str) -> tuple[Path, Bi
     while True:
         path = folder / f"{name}_{counter:05}_{suffix}"
         try:
-            return path, open(path, "xb"), subfolder
+            handle = open(path, "xb")
+            break
         except FileExistsError:
             counter += 1
+    try:
+        with handle:
+            yield path, handle, subfolder
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
+from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import to_pil
 from nodes.spec import Boolean, Combo, Float, Int, Socket, String
@@ -21,13 +21,8 @@ def _frames(images: torch.Tensor, what: str) -> list:
 
 def _write_animation(prefix: str, suffix: str, frames: list, **options: object) -> dict[str, str]:
     """Save `frames` as one animated file in the output folder; no half-written file is left behind."""
-    path, handle, subfolder = open_numbered_output(get_paths().output, prefix, suffix)
-    try:
-        with handle:
-            frames[0].save(handle, save_all=True, append_images=frames[1:], **options)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    with new_output_file(get_paths().output, prefix, suffix) as (path, handle, subfolder):
+        frames[0].save(handle, save_all=True, append_images=frames[1:], **options)
     return {"filename": path.name, "subfolder": subfolder, "type": "output"}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
+from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import IMAGE_SUFFIXES, NotAnImageError, load_image_file, to_pil
 from nodes.sd.latent import MAX_RESOLUTION, center_crop, composite, upscale_latent
@@ -86,8 +86,7 @@ def save_images(ctx: Any, images: torch.Tensor, root: Path, prefix: str, kind: s
         info.add_text(key, json.dumps(value))
     results = []
     for image in images:
-        path, handle, subfolder = open_numbered_output(root, prefix, ".png")
-        with handle:
+        with new_output_file(root, prefix, ".png") as (path, handle, subfolder):
             to_pil(image).save(handle, format="PNG", pnginfo=info, compress_level=4)
         results.append({"filename": path.name, "subfolder": subfolder, "type": kind})
     return results

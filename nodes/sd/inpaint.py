@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nodes.node import Node
+from nodes.sd.latent import repeat_to_batch
 from nodes.sd.models import DiffusionModel, Vae
 from nodes.sd.vae import _crop_to_multiple_of_8, encode
 from nodes.spec import Boolean, Output, Socket
@@ -19,12 +20,10 @@ GREY_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 
 
 def _fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[b, c, h, w] resized (bilinear) to `like`'s height and width and repeated to its batch."""
+    """[b, c, h, w] resized (bilinear) to `like`'s height and width, its batch cut or cycled to `like`'s."""
     if t.shape[-2:] != like.shape[-2:]:
         t = F.interpolate(t, size=like.shape[-2:], mode="bilinear", align_corners=False)
-    if t.shape[0] != like.shape[0]:
-        t = t.repeat(-(-like.shape[0] // t.shape[0]), 1, 1, 1)[: like.shape[0]]
-    return t
+    return repeat_to_batch(t, like.shape[0])
 
 
 def inpaint_concat(model: DiffusionModel, samples: torch.Tensor, mask: torch.Tensor | None,

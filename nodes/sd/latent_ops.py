@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
+from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.spec import Combo, Float, Output, Socket, String
@@ -144,8 +144,7 @@ class SaveLatent(Node):
         metadata.update({key: json.dumps(value) for key, value in (extra.get("extra_pnginfo") or {}).items()})
         tensors = {LATENT_KEY: samples["samples"].detach().cpu().contiguous(), VERSION_MARKER: torch.tensor([])}
         data = save(tensors, metadata=metadata)
-        path, handle, subfolder = open_numbered_output(get_paths().output, filename_prefix, ".latent")
-        with handle:
+        with new_output_file(get_paths().output, filename_prefix, ".latent") as (path, handle, subfolder):
             handle.write(data)
         saved = {"filename": path.name, "subfolder": subfolder, "type": "output"}
         return NodeResult(ui={"latents": [saved]})

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from nodes.folders import get_paths, open_numbered_output, output_prefix_problem
+from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.models import Clip, DiffusionModel, Vae, new_bytes
 from nodes.spec import Float, InputSpec, Output, Socket, String
@@ -213,22 +212,14 @@ class CLIPMergeAdd(_MergesClips):
 
 # --- saving ----------------------------------------------------------------------------------------------
 
-def _new_file(prefix: str) -> tuple[Path, dict[str, str], str]:
-    """A new, empty PREFIX_NNNNN_.safetensors in the output folder (created exclusively, numbered after the
-    highest number there, as SaveImage's PNGs), its UI entry, and its title ("NAME NNNNN", ComfyUI's)."""
-    path, handle, subfolder = open_numbered_output(get_paths().output, prefix, ".safetensors")
-    handle.close()
-    name, counter = path.name[:-len("_.safetensors")].rsplit("_", 1)
-    return path, {"filename": path.name, "subfolder": subfolder, "type": "output"}, f"{name} {counter}"
-
-
-def _write(path: Path, write: Callable[[], Any]) -> None:
-    """Fill a reserved file; an empty one is not left behind when writing fails."""
-    try:
-        write()
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+def _save(prefix: str, write: Callable[[Path, str], Any]) -> dict[str, str]:
+    """Write a new PREFIX_NNNNN_.safetensors in the output folder with `write(path, title)` (the title "NAME
+    NNNNN", ComfyUI's); its UI entry. A file whose writing fails is removed."""
+    with new_output_file(get_paths().output, prefix, ".safetensors") as (path, handle, subfolder):
+        handle.close()  # the writers take a path
+        name, counter = path.name[:-len("_.safetensors")].rsplit("_", 1)
+        write(path, f"{name} {counter}")
+    return {"filename": path.name, "subfolder": subfolder, "type": "output"}
 
 
 def _workflow_metadata(ctx: Any) -> dict[str, str]:
@@ -299,10 +290,9 @@ class CheckpointSave(_Saves):
         problem = _parts_mismatch(model.family.name, clip.family_name)
         if problem:
             raise ValueError(problem)
-        path, entry, title = _new_file(filename_prefix)
-        metadata = {**_workflow_metadata(self.ctx), **_model_metadata(model, title)}
-        _write(path, partial(save_checkpoint, path, dequantized(model.unet), vae.vae, dequantized(clip.encoder),
-                             metadata, markers=_markers(model)))
+        unet, encoder, workflow = dequantized(model.unet), dequantized(clip.encoder), _workflow_metadata(self.ctx)
+        entry = _save(filename_prefix, lambda path, title: save_checkpoint(
+            path, unet, vae.vae, encoder, {**workflow, **_model_metadata(model, title)}, markers=_markers(model)))
         return NodeResult(ui={"files": [entry]})
 
 
@@ -319,11 +309,10 @@ class CLIPSave(_Saves):
 
         entries = []
         for name, encoder in dequantized(clip.encoder).encoders.items():
-            path, entry, _ = _new_file(f"{filename_prefix}_{name}")
             # Which encoder a file holds: the released ones tell by their width, smaller ones need saying.
             metadata = {"format": "pt", **_workflow_metadata(self.ctx), "loom.text_encoder": name}
-            _write(path, partial(write_safetensors, encoder.state_dict(), path, metadata))
-            entries.append(entry)
+            entries.append(_save(f"{filename_prefix}_{name}", lambda path, _title, encoder=encoder, metadata=metadata:
+                                 write_safetensors(encoder.state_dict(), path, metadata)))
         return NodeResult(ui={"files": entries})
 
 
@@ -336,9 +325,8 @@ class VAESave(_Saves):
     def execute(self, vae: Vae, filename_prefix: str) -> NodeResult:
         from ldm.checkpoint import write_safetensors
 
-        path, entry, _ = _new_file(filename_prefix)
         metadata = {**_workflow_metadata(self.ctx), "loom.scaling_factor": str(vae.scaling_factor)}
-        _write(path, partial(write_safetensors, vae.vae.state_dict(), path, metadata))
+        entry = _save(filename_prefix, lambda path, _title: write_safetensors(vae.vae.state_dict(), path, metadata))
         return NodeResult(ui={"files": [entry]})
 
 
@@ -352,11 +340,11 @@ class ModelSave(_Saves):
         from ldm.checkpoint import UNET_PREFIX, write_safetensors
         from ldm.merge import dequantized
 
-        path, entry, title = _new_file(filename_prefix)
         tensors: dict[str, torch.Tensor] = {UNET_PREFIX + k: v for k, v in dequantized(model.unet).state_dict().items()}
         tensors.update(_markers(model))
-        metadata = {**_workflow_metadata(self.ctx), **_model_metadata(model, title)}
-        _write(path, partial(write_safetensors, tensors, path, metadata))
+        workflow = _workflow_metadata(self.ctx)
+        entry = _save(filename_prefix, lambda path, title: write_safetensors(
+            tensors, path, {**workflow, **_model_metadata(model, title)}))
         return NodeResult(ui={"files": [entry]})
 
 
