@@ -1,4 +1,11 @@
-"""LoRA files (kohya and diffusers/PEFT layouts): reading, matching to our modules, patching copies."""
+"""LoRA files: reading, matching to our modules, patching copies.
+
+Besides plain LoRA pairs (kohya's `lora_down`/`lora_up`, diffusers' and PEFT's `lora_A`/`lora_B` and their older
+attention-processor and text-encoder layouts), the LyCORIS kinds people download are read as ComfyUI and the
+LyCORIS library read them: LoCon (conv kernels, with an optional Tucker `lora_mid`), LoHa (Hadamard product of two
+low-rank products), LoKr (Kronecker product), full-weight differences (`diff`, `diff_b`, `w_norm`, `b_norm`), each
+optionally with DoRA's magnitude vector (`dora_scale`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.checkpoint import load_state_dict, read_shapes
 from ldm.quant import dequantized_weight
@@ -19,34 +26,195 @@ class LoraError(ValueError):
     """A LoRA that does not fit the model it is applied to."""
 
 
+# --- weight patches ---------------------------------------------------------------------------------
+
 @dataclass
-class LoraWeight:
-    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
-    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
-    alpha: float | None = None
+class WeightPatch:
+    """What a LoRA file changes in one layer. `delta` gives the change at strength 1, in fp32, shaped like the
+    weight; `out_features` and `in_numel` (per output channel) are known from shapes alone, for matching."""
+
+    alpha: float | None = field(default=None, kw_only=True)
+    dora_scale: Tensor | None = field(default=None, kw_only=True)  # DoRA: the magnitude per output or input channel
+    bias: Tensor | None = field(default=None, kw_only=True)  # a change of the layer's bias (LyCORIS diff_b, b_norm)
+
+    out_features: int = field(init=False)
+    in_numel: int = field(init=False)
+
+    def delta(self, shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+    def scaled(self, rank: int | None) -> float:
+        """alpha / rank, the scale of a low-rank product (1 without an alpha)."""
+        return self.alpha / rank if self.alpha is not None and rank else 1.0
+
+    def patched(self, weight: Tensor, strength: float) -> Tensor:
+        """The patched weight, in fp32. With DoRA, W + d is renormalised to dora_scale per channel and strength
+        blends towards that result, as ComfyUI does."""
+        base = weight.float()
+        delta = self.delta(weight.shape).to(base.device)
+        if self.dora_scale is None:
+            return base + strength * delta
+        merged = base + delta
+        magnitude = self.dora_scale.float().to(base.device)
+        if magnitude.shape[0] == merged.shape[0] and magnitude[0].numel() == 1:  # one magnitude per output channel
+            norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+        else:  # per input channel (kohya's and ComfyUI's layout: [1, in, ...])
+            norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (merged.dim() - 2))
+        decomposed = merged * (magnitude.reshape(norm.shape) / norm)
+        return base + strength * (decomposed - base)
+
+
+def _tucker(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """A conv kernel from a Tucker core [r, r, kh, kw] and its factors left [r, out] and right [r, in]."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", core.float(), left.float(), right.float())
+
+
+@dataclass
+class LoraWeight(WeightPatch):
+    """A low-rank pair, W + alpha/rank * up @ down (LoCon: conv kernels; with `mid`, a Tucker-decomposed kernel)."""
+
+    down: Tensor  # [rank, in] or [rank, in, kh, kw] ([rank, in, 1, 1] with mid)
+    up: Tensor  # [out, rank] or [out, rank, 1, 1]
+    mid: Tensor | None = field(default=None, kw_only=True)  # [rank, rank, kh, kw]
+
+    def __post_init__(self) -> None:
+        self.out_features = self.up.shape[0]
+        self.in_numel = self.down[0].numel() * (self.mid[0, 0].numel() if self.mid is not None else 1)
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, shape: torch.Size) -> torch.Tensor:
-        """alpha/rank * up @ down, in fp32, shaped like the weight it patches (no alpha: scale 1)."""
-        scale = self.alpha / self.rank if self.alpha is not None else 1.0
-        product = self.up.flatten(1).float() @ self.down.flatten(1).float()
-        return (product * scale).reshape(shape)
+    def delta(self, shape: torch.Size) -> Tensor:
+        if self.mid is not None:
+            product = _tucker(self.mid, self.up.flatten(1).T, self.down.flatten(1))
+        else:
+            product = self.up.flatten(1).float() @ self.down.flatten(1).float()
+        return (product * self.scaled(self.rank)).reshape(shape)
+
+
+@dataclass
+class LohaWeight(WeightPatch):
+    """LyCORIS LoHa: W + alpha/rank * (w1_a @ w1_b) * (w2_a @ w2_b), each product optionally Tucker-decomposed."""
+
+    w1_a: Tensor  # [out, rank] ([rank, out] with Tucker cores)
+    w1_b: Tensor  # [rank, in * kh * kw] ([rank, in] with Tucker cores)
+    w2_a: Tensor
+    w2_b: Tensor
+    t1: Tensor | None = None  # [rank, rank, kh, kw]
+    t2: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        tucker = self.t1 is not None
+        self.out_features = self.w1_a.shape[1] if tucker else self.w1_a.shape[0]
+        self.in_numel = self.w1_b.shape[1] * (self.t1[0, 0].numel() if tucker else 1)
+
+    def delta(self, shape: torch.Size) -> Tensor:
+        if self.t1 is not None and self.t2 is not None:
+            product = _tucker(self.t1, self.w1_a, self.w1_b) * _tucker(self.t2, self.w2_a, self.w2_b)
+        else:
+            product = (self.w1_a.float() @ self.w1_b.float()) * (self.w2_a.float() @ self.w2_b.float())
+        return (product * self.scaled(self.w1_b.shape[0])).reshape(shape)
+
+
+@dataclass
+class LokrWeight(WeightPatch):
+    """LyCORIS LoKr: W + scale * kron(w1, w2), each factor whole or a low-rank product (w2 optionally with a Tucker
+    core). The scale is alpha/rank when a factor is low-rank, else 1 (the alpha of a whole-factor file is unused)."""
+
+    w1: Tensor | None = None  # [out1, in1]
+    w1_a: Tensor | None = None  # [out1, rank]
+    w1_b: Tensor | None = None  # [rank, in1]
+    w2: Tensor | None = None  # [out2, in2] or [out2, in2, kh, kw]
+    w2_a: Tensor | None = None  # [out2, rank] ([rank, out2] with t2)
+    w2_b: Tensor | None = None  # [rank, in2 * kh * kw] ([rank, in2] with t2)
+    t2: Tensor | None = None  # [rank, rank, kh, kw]
+
+    def __post_init__(self) -> None:
+        out1, in1 = self.w1.shape[:2] if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
+        if self.w2 is not None:
+            out2, in2 = self.w2.shape[0], self.w2[0].numel()
+        elif self.t2 is not None:
+            out2, in2 = self.w2_a.shape[1], self.w2_b.shape[1] * self.t2[0, 0].numel()
+        else:
+            out2, in2 = self.w2_a.shape[0], self.w2_b.shape[1]
+        self.out_features, self.in_numel = out1 * out2, in1 * in2
+
+    def delta(self, shape: torch.Size) -> Tensor:
+        w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
+        if self.w2 is not None:
+            w2 = self.w2.float()
+        elif self.t2 is not None:
+            w2 = _tucker(self.t2, self.w2_a, self.w2_b)
+        else:
+            w2 = self.w2_a.float() @ self.w2_b.float()
+        w2 = w2.reshape(w2.shape[0], -1)  # kron of [o1, i1] and [o2, i2*kh*kw] lays out as [o1*o2, i1*i2, kh, kw]
+        rank = self.w1_b.shape[0] if self.w1_b is not None else self.w2_b.shape[0] if self.w2_b is not None else None
+        return (torch.kron(w1, w2) * self.scaled(rank)).reshape(shape)
+
+
+@dataclass
+class FullWeight(WeightPatch):
+    """A whole weight difference (LyCORIS full/`diff`, or `w_norm` for a norm layer); `diff` None changes only the
+    bias."""
+
+    diff: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        source = self.diff if self.diff is not None else self.bias
+        self.out_features = source.shape[0]
+        self.in_numel = source[0].numel() if self.diff is not None else 1
+
+    def delta(self, shape: torch.Size) -> Tensor:
+        return self.diff.float().reshape(shape) if self.diff is not None else torch.zeros(shape)
 
 
 @dataclass
 class Lora:
-    weights: dict[str, LoraWeight]  # by module name as the file writes it, e.g. lora_unet_..._to_q
-    unknown_keys: list[str] = field(default_factory=list)  # tensors that are not plain LoRA pairs
+    weights: dict[str, WeightPatch]  # by module name as the file writes it, e.g. lora_unet_..._to_q
+    unknown_keys: list[str] = field(default_factory=list)  # tensors that are not understood as LoRA weights
     path: Path | None = None
     sources: dict[str, list[str]] = field(default_factory=dict)  # module name -> its keys in the file
 
 
-_PARTS = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
-          (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-          (".alpha", "alpha")]
+# Key suffix -> role, longest first where one ends another. The low-rank pair's up/down come in several layouts.
+_PARTS = {
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
+    ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_A.default.weight": "down",
+    ".lora_B.default.weight": "up", ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    "_lora.down.weight": "down", "_lora.up.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
+    ".hada_w1_a": "w1_a", ".hada_w1_b": "w1_b", ".hada_w2_a": "w2_a", ".hada_w2_b": "w2_b",
+    ".hada_t1": "t1", ".hada_t2": "t2",
+    ".lokr_w1": "k_w1", ".lokr_w1_a": "k_w1_a", ".lokr_w1_b": "k_w1_b", ".lokr_w2": "k_w2", ".lokr_w2_a": "k_w2_a",
+    ".lokr_w2_b": "k_w2_b", ".lokr_t2": "k_t2",
+    ".diff": "diff", ".w_norm": "diff", ".diff_b": "bias", ".b_norm": "bias",
+    ".alpha": "alpha", ".dora_scale": "dora_scale",
+}
+_SUFFIXES = sorted(_PARTS, key=len, reverse=True)
+# Suffixes only a LoRA file has (for telling LoRA files from other weights files).
+LORA_SUFFIXES = tuple(s for s in _SUFFIXES if s not in (".alpha", ".diff", ".diff_b", ".dora_scale"))
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+    return None if suffix is None else (key[: -len(suffix)], _PARTS[suffix])
+
+
+def _patch(p: dict[str, Tensor]) -> WeightPatch | None:
+    """The patch one module's tensors make, None when they make none (a lone half of a pair)."""
+    alpha = p.get("alpha")
+    common = {"alpha": None if alpha is None or alpha.is_meta else float(alpha),
+              "dora_scale": p.get("dora_scale"), "bias": p.get("bias")}
+    if "down" in p and "up" in p:
+        return LoraWeight(p["down"], p["up"], mid=p.get("mid"), **common)
+    if all(k in p for k in ("w1_a", "w1_b", "w2_a", "w2_b")):
+        return LohaWeight(p["w1_a"], p["w1_b"], p["w2_a"], p["w2_b"], p.get("t1"), p.get("t2"), **common)
+    k = {name[2:]: tensor for name, tensor in p.items() if name.startswith("k_")}
+    if ("w1" in k or {"w1_a", "w1_b"} <= k.keys()) and ("w2" in k or {"w2_a", "w2_b"} <= k.keys()):
+        return LokrWeight(**k, **common)
+    if "diff" in p or "bias" in p:
+        return FullWeight(p.get("diff"), **common)
+    return None
 
 
 def load_lora(path: str | Path) -> Lora:
@@ -54,7 +222,8 @@ def load_lora(path: str | Path) -> Lora:
     with no LoRA pair at all (a checkpoint or an upscaler put among the LoRAs) is refused."""
     lora = lora_from_state_dict(load_state_dict(path), Path(path))
     if not lora.weights:
-        raise LoraError(f"{Path(path).name} holds no LoRA weights (lora_down/lora_up or lora_A/lora_B pairs): "
+        raise LoraError(f"{Path(path).name} holds no LoRA weights (lora_down/lora_up or lora_A/lora_B pairs, "
+                        "LyCORIS LoHa/LoKr/full weights): "
                         "it is not a LoRA file")
     return lora
 
@@ -71,20 +240,19 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], path: Path | None = None) 
     sources: dict[str, list[str]] = {}
     unknown = []
     for key, tensor in sd.items():
-        suffix = next(((s, role) for s, role in _PARTS if key.endswith(s)), None)
-        if suffix is None:
+        split = _split(key)
+        if split is None:
             unknown.append(key)
             continue
-        name = key[: -len(suffix[0])]
-        parts.setdefault(name, {})[suffix[1]] = tensor
-        sources.setdefault(name, []).append(key)
+        parts.setdefault(split[0], {})[split[1]] = tensor
+        sources.setdefault(split[0], []).append(key)
     weights = {}
     for name, p in parts.items():
-        if "down" in p and "up" in p:
-            alpha = p.get("alpha")
-            weights[name] = LoraWeight(p["down"], p["up"], None if alpha is None or alpha.is_meta else float(alpha))
-        else:
+        patch = _patch(p)
+        if patch is None:
             unknown += sources.pop(name)
+        else:
+            weights[name] = patch
     return Lora(weights, sorted(unknown), path, sources)
 
 
@@ -140,18 +308,29 @@ def diffusers_unet_name(ldm_name: str, blocks: dict[str, str]) -> str | None:
     return rename_path(ldm_name, blocks)
 
 
+_PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)  # norms: LyCORIS full-weight (w_norm) patches
+
+
+def _diffusers_names(name: str) -> list[str]:
+    """The names diffusers' LoRA layouts give a diffusers UNet layer: PEFT's with and without `unet.`, and the
+    older attention-processor one (`attn1.processor.to_q`, `attn1.processor.to_out` for `attn1.to_out.0`)."""
+    processor = re.sub(r"\.(to_[qkv]|to_out)(\.0)?$", r".processor.\1", name)
+    return [f"{prefix}{n}" for prefix in ("unet.", "") for n in dict.fromkeys((name, processor))]
+
+
 def _index(module: nn.Module) -> dict[str, str]:
     """Every name a LoRA file may use for a patchable layer of `module` -> its path in `module`."""
     index: dict[str, str] = {}
     if isinstance(module, UNetModel):
         blocks = diffusers_unet_blocks(module.config)
         for path, layer in module.named_modules():
-            if isinstance(layer, nn.Linear | nn.Conv2d):
-                index["lora_unet_" + path.replace(".", "_")] = path
+            if isinstance(layer, _PATCHABLE):
+                flat = path.replace(".", "_")
+                index.update({"lora_unet_" + flat: path, "lycoris_" + flat: path, "diffusion_model." + path: path})
                 diffusers = diffusers_unet_name(path, blocks)
                 if diffusers:
                     index["lora_unet_" + diffusers.replace(".", "_")] = path
-                    index["unet." + diffusers] = path
+                    index.update(dict.fromkeys(_diffusers_names(diffusers), path))
         return index
     encoders = getattr(module, "encoders", None)
     if not isinstance(encoders, nn.ModuleDict):
@@ -161,7 +340,7 @@ def _index(module: nn.Module) -> dict[str, str]:
         kohya = f"lora_te{i + 1}_" if two else "lora_te_"
         diffusers = "text_encoder_2." if two and i else "text_encoder."
         for path, layer in encoder.text_model.named_modules():
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, nn.Linear | nn.LayerNorm):
                 hf = "text_model." + path
                 index[kohya + hf.replace(".", "_")] = f"encoders.{name}.text_model.{path}"
                 index[diffusers + hf] = f"encoders.{name}.text_model.{path}"
@@ -170,20 +349,34 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 # --- matching and patching ------------------------------------------------------------------------
 
-def match_lora(module: nn.Module, lora: Lora) -> dict[str, LoraWeight]:
-    """Layer path in `module` -> its LoRA weights, checking every matched shape."""
+def _misfit(patch: WeightPatch, layer: nn.Module) -> str | None:
+    """How `patch` does not fit `layer` (None when it does)."""
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    if isinstance(patch, FullWeight) and patch.diff is not None and patch.diff.shape != weight.shape:
+        return f"weight {tuple(patch.diff.shape)}, model {tuple(weight.shape)}"
+    if patch.out_features != weight.shape[0] or patch.in_numel != weight[0].numel():
+        return f"[{patch.out_features} out, {patch.in_numel} in], model {tuple(weight.shape)}"
+    if patch.bias is not None and (bias is None or patch.bias.shape != bias.shape):
+        return f"bias {tuple(patch.bias.shape)}, model {'none' if bias is None else tuple(bias.shape)}"
+    channels = weight.shape[:2] if weight.dim() > 1 else ()
+    if patch.dora_scale is not None and patch.dora_scale.numel() not in channels:
+        return f"DoRA magnitudes {tuple(patch.dora_scale.shape)}, model {tuple(weight.shape)}"
+    return None
+
+
+def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
+    """Layer path in `module` -> its patch, checking every matched shape."""
     index = _index(module)
-    matched: dict[str, LoraWeight] = {}
+    matched: dict[str, WeightPatch] = {}
     wrong = []
-    for name, weight in lora.weights.items():
+    for name, patch in lora.weights.items():
         path = index.get(name)
         if path is None:
             continue
-        target = module.get_submodule(path).weight
-        if weight.up.shape[0] != target.shape[0] or weight.down[0].numel() != target[0].numel():
-            wrong.append(f"{name}: LoRA {tuple(weight.up.shape[:1]) + tuple(weight.down.shape[1:])}, "
-                         f"model {tuple(target.shape)}")
-        matched[path] = weight
+        misfit = _misfit(patch, module.get_submodule(path))
+        if misfit:
+            wrong.append(f"{name}: LoRA {misfit}")
+        matched[path] = patch
     if wrong:
         source = lora.path.name if lora.path else "LoRA"
         raise LoraError(f"{source} does not fit this model ({len(wrong)} shape mismatches, e.g. "
@@ -210,7 +403,7 @@ def shallow_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Module:
-    """A patched copy of `module` with W + strength * alpha/rank * up @ down on every matched layer.
+    """A patched copy of `module` with W + strength * delta on every matched layer (see WeightPatch.patched).
 
     `module` itself is never changed: the copy shares all untouched tensors and gets new ones for
     the patched weights, so a cached base model stays right for workflows without the LoRA.
@@ -219,11 +412,14 @@ def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Modul
     if not matched or strength == 0:
         return module
     patched = shallow_copy(module)
-    for path, weight in matched.items():
+    for path, patch in matched.items():
         layer = patched.get_submodule(path)
         base = dequantized_weight(layer)  # an fp8 layer's patched weight is stored in full precision
-        new = base.float() + strength * weight.delta(base.shape).to(base.device)
+        new = patch.patched(base, strength)
         layer._parameters["weight"] = nn.Parameter(new.to(base.dtype), requires_grad=layer.weight.requires_grad)
+        if patch.bias is not None:
+            bias = layer.bias.float() + strength * patch.bias.float().to(layer.bias.device)
+            layer._parameters["bias"] = nn.Parameter(bias.to(layer.bias.dtype), requires_grad=layer.bias.requires_grad)
     return patched
 
 
@@ -239,8 +435,8 @@ def lora_family(lora: Lora) -> str | None:
            for n in names):
         return "sdxl"
     for name, weight in lora.weights.items():
-        if re.search(r"attn2[._]to_k$", name) and weight.down.shape[1] in _CONTEXT_FAMILY:
-            return _CONTEXT_FAMILY[weight.down.shape[1]]
+        if re.search(r"attn2[._](processor[._])?to_k$", name) and weight.in_numel in _CONTEXT_FAMILY:
+            return _CONTEXT_FAMILY[weight.in_numel]
     return None
 
 

@@ -19,16 +19,12 @@ from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import FAMILY_RULES, UNET_PREFIX, VAE_PREFIX, CheckpointError, ModelFamily, StateDict
-from ldm.lora import diffusers_unet_blocks, rename_path
+from ldm.lora import LORA_SUFFIXES, diffusers_unet_blocks, rename_path
 from ldm.text_encoders import TextEncoder, TextEncoderConfig, text_encoder_config_from_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import VAEConfig
 
 # --- what a file looks like ----------------------------------------------------------------------------
-
-_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".lora.down.weight",
-                  ".lora.up.weight")
-
 
 def _starts(*prefixes: str) -> Callable[[set[str]], bool]:
     return lambda keys: any(k.startswith(prefixes) for k in keys)
@@ -56,7 +52,7 @@ LOOKS: tuple[Look, ...] = (
          lambda keys: _starts(UNET_PREFIX + "input_blocks.")(keys)
          and _starts(VAE_PREFIX, "cond_stage_model.", "conditioner.")(keys)),
     Look("lora", "a LoRA", "put it in models/loras and apply it with Load LoRA",
-         lambda keys: any(k.endswith(_LORA_SUFFIXES) for k in keys) or _starts("lora_unet_", "lora_te")(keys)),
+         lambda keys: any(k.endswith(LORA_SUFFIXES) for k in keys) or _starts("lora_unet_", "lora_te")(keys)),
     Look("controlnet", "a ControlNet", "put it in models/controlnet and load it with Load ControlNet Model",
          _starts("control_model.", "input_hint_block.", "zero_convs.", "controlnet_cond_embedding.")),
     Look("flux", "a Flux diffusion model", _UNSUPPORTED,

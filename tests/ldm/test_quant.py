@@ -92,7 +92,7 @@ def test_a_lora_patches_an_fp8_layer_in_full_precision(tiny):
     path = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
     g = torch.Generator().manual_seed(0)
     name = "lora_unet_" + path.replace(".", "_")
-    lora = Lora({name: LoraWeight(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 4.0)})
+    lora = Lora({name: LoraWeight(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), alpha=4.0)})
     patched = apply_lora(quantized, lora, 1.0)
     layer, base = patched.get_submodule(path), quantized.get_submodule(path)
     assert is_fp8(base) and layer.weight.dtype == torch.float32

@@ -137,6 +137,33 @@ def test_lora_workflow_and_base_model_both_right_in_any_order(engine):
     assert torch.equal(plain, again)
 
 
+def test_lycoris_files_run_through_the_lora_loader(engine, base, caplog):
+    """A LoHa (UNet attention and text encoder) with a DoRA LoKr conv, as LyCORIS saves them: every key patches a
+    layer (nothing is reported unused) and the image changes with the strength."""
+    g = torch.Generator().manual_seed(5)
+    loha = {"hada_w1_a": (32, 2), "hada_w1_b": (2, 32), "hada_w2_a": (32, 2), "hada_w2_b": (2, 32)}
+    tensors = {f"{module}.{part}": torch.randn(shape, generator=g) * 0.3 for part, shape in loha.items()
+               for module in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                              "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k")}
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"
+    tensors |= {f"{conv}.lokr_w1": torch.randn(4, 4, generator=g),
+                f"{conv}.lokr_w2": torch.randn(8, 8, 3, 3, generator=g) * 0.1,
+                f"{conv}.dora_scale": torch.rand(32, 1, 1, 1, generator=g) + 0.5}
+    safetensors.torch.save_file(tensors, base.model_dirs("loras")[0] / "loha.safetensors")
+
+    def run(strength):
+        graph = load("lora", engine.registry, {("10", "lora_name"): "loha.safetensors", ("3", "seed"): 2,
+                                               ("10", "strength_model"): strength, ("10", "strength_clip"): strength})
+        result = engine.run(graph, keep=["3"])
+        assert result.ok, result.error
+        return result.values["3"][0]["samples"]
+
+    with caplog.at_level("WARNING"):
+        patched, plain = run(1.0), run(0.0)
+    assert not torch.allclose(patched, plain)
+    assert "patch nothing" not in caplog.text
+
+
 def test_bad_inputs_fail_validation_before_anything_runs(engine, base):
     graph = load("txt2img", engine.registry, {("4", "ckpt_name"): "missing.safetensors", ("5", "width"): 100})
     problems = validate(graph, engine.registry).problems
