@@ -14,6 +14,7 @@ from ldm.sampling import (
     dpm_solver,
     samplers,
     samplers_cfgpp,
+    samplers_exponential,
     samplers_ldm,
     samplers_multistep,
     samplers_sde,
@@ -38,6 +39,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_ancestral": samplers.sample_euler_ancestral,
     "euler_ancestral_cfg_pp": samplers_cfgpp.sample_euler_ancestral_cfg_pp,
     "heun": samplers.sample_heun,
+    "heunpp2": samplers_exponential.sample_heunpp2,
     "dpm_2": samplers.sample_dpm_2,
     "dpm_2_ancestral": samplers.sample_dpm_2_ancestral,
     "lms": samplers.sample_lms,
@@ -55,7 +57,13 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "lcm": samplers_sde.sample_lcm,
     "ipndm": samplers_multistep.sample_ipndm,
     "ipndm_v": samplers_multistep.sample_ipndm_v,
+    "deis": samplers_exponential.sample_deis,
+    "res_multistep": samplers_exponential.sample_res_multistep,
+    "res_multistep_cfg_pp": samplers_exponential.sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral": samplers_exponential.sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": samplers_exponential.sample_res_multistep_ancestral_cfg_pp,
     "gradient_estimation": samplers_multistep.sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": samplers_exponential.sample_gradient_estimation_cfg_pp,
     "ddim": samplers_ldm.sample_ddim,
     "uni_pc": unipc.sample_uni_pc,
     "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
@@ -75,6 +83,7 @@ _BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
 _STEP_NOISE = {
     "euler",
     "heun",
+    "heunpp2",
     "dpm_2",
     "euler_ancestral",
     "euler_ancestral_cfg_pp",
@@ -86,18 +95,21 @@ _STEP_NOISE = {
     "ddim",
     "dpm_fast",
     "dpm_adaptive",
+    "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp",
 }
 # Those of them that draw step noise at (nearly) every step with their default options: drawn ahead.
 _DRAW_AHEAD = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-               "dpmpp_2s_ancestral_cfg_pp", "ddpm", "lcm"}
+               "dpmpp_2s_ancestral_cfg_pp", "ddpm", "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp"}
 # CFG++ samplers: they read the unconditional prediction of each model call.
-_CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"}
+_CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
+           "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"}
 
 
 # Samplers that add fresh noise at every step: they need falling noise levels.
 _STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
                "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
-               "lcm"}
+               "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp"}
 
 
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.

@@ -44,36 +44,18 @@ def test_names_in_comfyui_order():
         "linear_quadratic",
         "kl_optimal",
     ]
-    assert SAMPLER_NAMES[:10] == [  # ComfyUI's order, with the ones Loom has
-        "euler",
-        "euler_cfg_pp",
-        "euler_ancestral",
-        "euler_ancestral_cfg_pp",
-        "heun",
-        "dpm_2",
-        "dpm_2_ancestral",
-        "lms",
-        "dpm_fast",
-        "dpm_adaptive",
-    ]
-    for name in [
-        "dpmpp_2s_ancestral",
-        "dpmpp_sde",
-        "dpmpp_2m",
-        "dpmpp_2s_ancestral_cfg_pp",
-        "dpmpp_2m_cfg_pp",
-        "dpmpp_2m_sde",
-        "dpmpp_2m_sde_heun",
-        "ipndm",
-        "ipndm_v",
-        "gradient_estimation",
-        "dpmpp_3m_sde",
-        "ddpm",
-        "lcm",
-        "ddim",
-        "plms",
-    ]:
-        assert name in SAMPLER_NAMES
+    # ComfyUI's KSampler list (comfy/samplers.py, late 2025): Loom has them in the same order, less those below,
+    # then plms from the original SD code.
+    comfy = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+             "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+             "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+             "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu",
+             "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
+             "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+             "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
+             "ddim", "uni_pc", "uni_pc_bh2"]
+    missing = {"exp_heun_2_x0", "exp_heun_2_x0_sde", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+    assert SAMPLER_NAMES == [name for name in comfy if name not in missing] + ["plms"]
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
