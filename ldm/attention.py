@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,12 +29,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     return out.transpose(1, 2).reshape(b, lq, inner)
 
 
+def attention_with_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention`, computed explicitly so that its map is there too: [B, Lq, heads*dim] and the softmax
+    probabilities [B*heads, Lq, Lk], in fp32."""
+    b, lq, inner = q.shape
+    dim = inner // heads
+    q, k, v = (t.view(b, -1, heads, dim).transpose(1, 2) for t in (q, k, v))
+    probs = (q.float() @ k.float().transpose(-1, -2) * dim**-0.5).softmax(dim=-1)
+    out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, lq, inner)
+    return out, probs.reshape(b * heads, lq, -1)
+
+
 class CrossAttention(nn.Module):
     """LDM `CrossAttention`: self-attention when no context is given. With `identity_attention` (set on a
     patched copy, see `ldm.patches.perturbed_attention_copy`), self-attention's map is the identity: each
-    token gets its own value."""
+    token gets its own value. With a `recorder` (on a copy, see `ldm.patches.AttentionRecorder`), each
+    self-attention map is handed to it."""
 
     identity_attention = False
+    recorder: Callable[[torch.Tensor], None] | None = None
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -48,6 +64,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if self.identity_attention and context is None:
             return self.to_out(self.to_v(x))
+        if self.recorder is not None and context is None:
+            out, probs = attention_with_map(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
+            self.recorder(probs)
+            return self.to_out(out)
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.query_chunk)
         return self.to_out(out)

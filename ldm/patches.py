@@ -1,5 +1,6 @@
 """UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs, Kohya's
-Deep Shrink on the encoder's features, and the perturbed self-attention of Perturbed-Attention Guidance.
+Deep Shrink on the encoder's features, the perturbed self-attention of Perturbed-Attention Guidance, and the
+recorded self-attention map of Self-Attention Guidance.
 
 A patched UNet is a shallow copy (`ldm.lora.shallow_copy`) sharing every weight with the original, with its
 own `output_block_patches`; the original, which a cache may hold, is left as it was. A copy is a module of its
@@ -128,3 +129,35 @@ def perturbed_attention_copy(unet: nn.Module) -> nn.Module:
         if isinstance(module, CrossAttention) and name.endswith("attn1"):
             module.identity_attention = True
     return copy
+
+
+class AttentionRecorder:
+    """Self-Attention Guidance's view into the UNet (Hong et al. 2023): called on a UNet, it makes a copy whose
+    middle block's first self-attention layer hands its map to this recorder, which keeps the last one
+    (`probs`, [B*heads, L, L]) with that block's spatial size (`size`). Made per sampling run, like PAG's copy."""
+
+    def __init__(self) -> None:
+        self.probs: Tensor | None = None
+        self.downsamples = 0
+
+    def __call__(self, unet: nn.Module) -> nn.Module:
+        copy = shallow_copy(unet)
+        self.downsamples = len(unet.config.channel_mult) - 1
+        copy.middle_block[1].transformer_blocks[0].attn1.recorder = self._record
+        return copy
+
+    def _record(self, probs: Tensor) -> None:
+        self.probs = probs
+
+    def size(self, height: int, width: int, tokens: int) -> tuple[int, int]:
+        """The middle block's grid (`tokens` in all) for a latent of this size: each downsampling conv (stride
+        2, padding 1) rounds up. A patch that resizes features on the way (Deep Shrink) gives another grid: then
+        the factorisation of `tokens` nearest the latent's aspect ratio."""
+        h, w = height, width
+        for _ in range(self.downsamples):
+            h, w = -(-h // 2), -(-w // 2)
+        if h * w == tokens:
+            return h, w
+        rows = min((d for d in range(1, tokens + 1) if tokens % d == 0),
+                   key=lambda d: abs(d - (tokens * height / width) ** 0.5))
+        return rows, tokens // rows

@@ -219,10 +219,10 @@ class CFGGuider:
     Jobs, batches and concatenated contexts depend only on the latent's shape, so they are
     built once per shape and reused at every step. A `cfg_function` (`ldm.sampling.model_patches`)
     replaces the last step, the combination of the two sides' predictions; `post_cfg` functions then
-    change the result, and may ask for the positive prediction of a patched copy of `module`, the UNet
-    module behind the denoiser's (perhaps compiled or graphed) forward. `keep_negative` runs the negative
-    side even at cfg 1 (for those that read it); `dual` adds a third prompt (see `DualCfg`); `concat` is an
-    inpainting model's extra input for entries without their own.
+    change the result, and may ask for one side's prediction by a patched copy of `module`, the UNet
+    module behind the denoiser's (perhaps compiled or graphed) forward (see `model_patches.Predict`).
+    `keep_negative` runs the negative side even at cfg 1 (for those that read it); `dual` adds a third prompt
+    (see `DualCfg`); `concat` is an inpainting model's extra input for entries without their own.
     """
 
     def __init__(
@@ -249,8 +249,7 @@ class CFGGuider:
         self.cfg_function = cfg_function
         self.post_cfg = post_cfg
         self.module = module
-        self.positive = positive
-        self._patched: dict[Any, CFGGuider] = {}  # per transform: a guider of the patched copy, positive only
+        self._patched: dict[Any, CFGGuider] = {}  # per (transform, negative): a guider of one side by a patched copy
         self._plans: dict[tuple, _Plan] = {}
         # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
         schedule = denoiser.schedule
@@ -265,17 +264,20 @@ class CFGGuider:
             return self._guided(x, sigma)[0]
         denoised, args = self._guided(x, sigma, need_args=True)
 
-        def predict_positive(transform: Any) -> Tensor:
+        def predict(transform: Any, at: Tensor | None = None, negative: bool = False) -> Tensor:
             if self.module is None:
                 raise ValueError("this guidance patch needs the UNet module, which the sampler was not given")
-            if transform not in self._patched:
+            if negative and len(self.sides) < 2:
+                raise ValueError("this guidance patch needs the negative prompt's prediction, which was not made")
+            if (transform, negative) not in self._patched:
                 denoiser = Denoiser(transform(self.module), self.denoiser.schedule, self.denoiser.prediction,
                                     self.denoiser.quantize)
-                self._patched[transform] = CFGGuider(denoiser, self.positive, [], 1.0, self.feather, concat=self.concat)
-            return self._patched[transform](x, sigma)
+                self._patched[transform, negative] = CFGGuider(denoiser, self.sides[1 if negative else 0], [], 1.0,
+                                                               self.feather, concat=self.concat)
+            return self._patched[transform, negative](x if at is None else at, sigma)
 
         for patch in self.post_cfg:
-            denoised = patch(args, denoised, predict_positive)
+            denoised = patch(args, denoised, predict)
         return denoised
 
     def _guided(self, x: Tensor, sigma: Tensor, need_args: bool = False) -> tuple[Tensor, CfgArgs | None]:

@@ -1,16 +1,17 @@
 """Changes to sampling that a model carries: how guidance combines its predictions (RescaleCFG), what it adds
-after (Perturbed-Attention Guidance), and how an inpainting mask evolves over the run (Differential
-Diffusion). `sample()` takes them as `SamplingPatches`."""
+after (Perturbed-Attention Guidance, Self-Attention Guidance), and how an inpainting mask evolves over the run
+(Differential Diffusion). `sample()` takes them as `SamplingPatches`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.patches import perturbed_attention_copy
+from ldm.patches import AttentionRecorder, perturbed_attention_copy
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,11 @@ class CfgArgs:
 
 # A guidance function returns the guided x0 in place of `uncond + cfg * (cond - uncond)`.
 CfgFunction = Callable[[CfgArgs], Tensor]
-# A post-guidance function maps the guided x0 to a new one. `predict_positive(transform)` is the positive
-# prediction of the UNet module `transform(unet)`, e.g. a copy with some layers patched.
-PredictPositive = Callable[[Callable[[nn.Module], nn.Module]], Tensor]
-PostCfgFunction = Callable[[CfgArgs, Tensor, PredictPositive], Tensor]
+# A post-guidance function maps the guided x0 to a new one. `predict(transform, at=None, negative=False)` is
+# the prediction of the positive prompt (or the negative) by the UNet module `transform(unet)`, e.g. a copy with
+# some layers patched, at the latent `at` (the call's own when None), at the call's noise level.
+Predict = Callable[..., Tensor]
+PostCfgFunction = Callable[[CfgArgs, Tensor, Predict], Tensor]
 # A mask function maps an inpainting mask (1 = repaint) and the run's progress at this call (1 at the first
 # level, 0 at the last) to the mask used for this call.
 MaskFunction = Callable[[Tensor, float], Tensor]
@@ -41,6 +43,7 @@ class SamplingPatches:
     cfg_function: CfgFunction | None = None
     post_cfg: tuple[PostCfgFunction, ...] = ()
     denoise_mask: MaskFunction | None = None
+    keep_negative: bool = False  # predict the negative prompt even at cfg 1, for a patch that reads it
 
 
 def _per_item(sigma: Tensor, like: Tensor) -> Tensor:
@@ -78,10 +81,60 @@ class PerturbedAttentionGuidance:
 
     scale: float
 
-    def __call__(self, args: CfgArgs, denoised: Tensor, predict_positive: PredictPositive) -> Tensor:
+    def __call__(self, args: CfgArgs, denoised: Tensor, predict: Predict) -> Tensor:
         if self.scale == 0:
             return denoised
-        return denoised + self.scale * (args.cond - predict_positive(perturbed_attention_copy))
+        return denoised + self.scale * (args.cond - predict(perturbed_attention_copy))
+
+
+def gaussian_blur(x: Tensor, sigma: float, kernel_size: int = 9) -> Tensor:
+    """Each channel blurred by a normalised Gaussian of `kernel_size` taps, the edges mirrored."""
+    if sigma <= 0:
+        return x
+    taps = torch.linspace(-(kernel_size - 1) / 2, (kernel_size - 1) / 2, kernel_size, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.device, x.dtype)
+    kernel2d = torch.outer(kernel, kernel).expand(x.shape[1], 1, kernel_size, kernel_size)
+    pad = kernel_size // 2
+    return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel2d, groups=x.shape[1])
+
+
+def _unpatched(unet: nn.Module) -> nn.Module:
+    return unet
+
+
+@dataclass(frozen=True)
+class SelfAttentionGuidance:
+    """Self-Attention Guidance (Hong et al. 2023, "Improving Sample Quality of Diffusion Models Using
+    Self-Attention Guidance"), as ComfyUI's node runs it: where the negative prediction's middle-block
+    self-attention looks most (tokens that get more than their share of it), its x0 is blurred; the model's
+    negative prediction of that degraded image, re-noised with the same noise, guides away from it:
+    `x0 + scale * (degraded - prediction(degraded + x - x0_negative))`.
+
+    Two more model passes of the negative side per step: one on a copy that records the attention map (ComfyUI
+    records it during the main pass), one on the degraded latent."""
+
+    scale: float
+    blur_sigma: float
+    recorder: AttentionRecorder = field(default_factory=AttentionRecorder, compare=False, repr=False)
+
+    def __call__(self, args: CfgArgs, denoised: Tensor, predict: Predict) -> Tensor:
+        x0 = args.uncond
+        if self.scale == 0 or x0 is None or min(x0.shape[2:]) <= 4:  # the blur's padding needs more than 4
+            return denoised
+        predict(self.recorder, negative=True)
+        degraded = self.degrade(x0, self.recorder.probs)
+        return denoised + (degraded - predict(_unpatched, at=degraded + args.x - x0, negative=True)) * self.scale
+
+    def degrade(self, x0: Tensor, probs: Tensor) -> Tensor:
+        """`x0` blurred where the attention map's tokens receive more than one query's worth of attention
+        (averaged over heads, summed over queries); the mask is the middle block's grid, upsampled nearest."""
+        b, _, height, width = x0.shape
+        received = probs.reshape(b, -1, *probs.shape[1:]).mean(1).sum(1)  # [b, tokens]
+        size = self.recorder.size(height, width, received.shape[1])
+        mask = (received > 1.0).to(x0.dtype).reshape(b, 1, *size)
+        mask = F.interpolate(mask, (height, width), mode="nearest")
+        return torch.lerp(x0, gaussian_blur(x0, self.blur_sigma), mask)
 
 
 @dataclass(frozen=True)

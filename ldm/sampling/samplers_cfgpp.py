@@ -30,7 +30,7 @@ class UncondCapture:
 
     value: Tensor | None = None
 
-    def __call__(self, args, denoised: Tensor, _predict_positive) -> Tensor:
+    def __call__(self, args, denoised: Tensor, _predict) -> Tensor:
         """A post-guidance function (`ldm.sampling.model_patches`) that records and changes nothing."""
         self.value = args.uncond if args.uncond is not None else args.cond
         return denoised

@@ -1,6 +1,6 @@
 """Model patches: FreeU, FreeU_V2, PatchModelAddDownscale (Deep Shrink), RescaleCFG, PerturbedAttentionGuidance,
-ModelSamplingDiscrete and DifferentialDiffusion. Each returns a new MODEL; the one it was given (which the cache may
-hold) is left as it was."""
+SelfAttentionGuidance, ModelSamplingDiscrete and DifferentialDiffusion. Each returns a new MODEL; the one it was
+given (which the cache may hold) is left as it was."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ldm.patches import FreeU as FreeUPatch
 from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiffusionMask
 from ldm.sampling.model_patches import PerturbedAttentionGuidance as PerturbedAttention
 from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
+from ldm.sampling.model_patches import SelfAttentionGuidance as SelfAttention
 from nodes.node import Node
 from nodes.sd.latent import upscale_latent
 from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
@@ -120,6 +121,24 @@ class PerturbedAttentionGuidance(Node):
         return (replace(model, sampling_patches=patches),)
 
 
+class SelfAttentionGuidance(Node):
+    """Self-Attention Guidance (Hong et al. 2023): blurs the parts of the image the model's self-attention
+    dwells on and guides away from the model's prediction of that blurred image; two more model passes per
+    step, and the negative prompt runs even at cfg 1."""
+
+    category = "_for_testing"
+    display_name = "Self-Attention Guidance"
+    model = Socket("MODEL")
+    scale = Float(0.5, min=-2.0, max=5.0, step=0.01)
+    blur_sigma = Float(2.0, min=0.0, max=10.0, step=0.1)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, scale: float, blur_sigma: float) -> tuple[DiffusionModel]:
+        patches = model.sampling_patches
+        patches = replace(patches, post_cfg=(*patches.post_cfg, SelfAttention(scale, blur_sigma)), keep_negative=True)
+        return (replace(model, sampling_patches=patches),)
+
+
 # ComfyUI's sampling types -> the denoiser's prediction names (img_to_img is for one other model kind).
 _PREDICTIONS = {"eps": "eps", "v_prediction": "v", "lcm": "lcm", "x0": "x0"}
 
@@ -163,4 +182,4 @@ class DifferentialDiffusion(Node):
 
 
 NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
-                    ModelSamplingDiscrete, DifferentialDiffusion]
+                    SelfAttentionGuidance, ModelSamplingDiscrete, DifferentialDiffusion]

@@ -1,4 +1,5 @@
-"""Model patch nodes (FreeU, FreeU_V2, RescaleCFG, ModelSamplingDiscrete, DifferentialDiffusion) in workflows."""
+"""Model patch nodes (FreeU, FreeU_V2, RescaleCFG, PAG, SAG, Deep Shrink, ModelSamplingDiscrete, DifferentialDiffusion)
+in workflows."""
 
 import dataclasses
 
@@ -150,6 +151,21 @@ def test_perturbed_attention_guidance(engine):
     nodes["10"] = {"class_type": "FreeU", "inputs": {"model": ["5", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
     nodes["6"]["inputs"]["model"] = ["10", 0]
     assert differ(latent(engine, nodes), pag)
+
+
+def test_self_attention_guidance(engine):
+    plain = latent(engine, graph())
+    assert same(latent(engine, graph({"class_type": "SelfAttentionGuidance", "inputs": {"scale": 0.0,
+                                                                                      "blur_sigma": 2.0}})), plain)
+    sag = latent(engine, graph({"class_type": "SelfAttentionGuidance", "inputs": {"scale": 0.5, "blur_sigma": 2.0}}))
+    assert differ(sag, plain)
+    # Behind Deep Shrink the middle block's grid is smaller than the latent says; SAG reads it off the map.
+    nodes = graph({"class_type": "SelfAttentionGuidance", "inputs": {"scale": 0.5, "blur_sigma": 2.0}})
+    nodes["10"] = {"class_type": "PatchModelAddDownscale", "inputs": {
+        "model": ["5", 0], "block_number": 1, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 1.0,
+        "downscale_after_skip": True, "downscale_method": "bicubic", "upscale_method": "bicubic"}}
+    nodes["6"]["inputs"]["model"] = ["10", 0]
+    assert differ(latent(engine, nodes), sag)
 
 
 def test_deep_shrink(engine):
