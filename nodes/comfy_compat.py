@@ -39,7 +39,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
     "HyperTile", "TomePatchModel",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance",
-    "SamplerER_SDE", "SamplerSASolver", "GITSScheduler",
+    "GITSScheduler",
     # saving models of other kinds
     "ImageOnlyCheckpointSave",
     # latents and images

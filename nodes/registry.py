@@ -20,6 +20,7 @@ BUILTIN_MODULES = (
     "nodes.sd.latent",
     "nodes.sd.sampling",
     "nodes.sd.custom_sampling",
+    "nodes.sd.solvers",
     "nodes.sd.vae",
     "nodes.sd.image",
     "nodes.sd.mask",

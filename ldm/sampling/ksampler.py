@@ -18,6 +18,7 @@ from ldm.sampling import (
     samplers_ldm,
     samplers_multistep,
     samplers_sde,
+    samplers_stochastic,
     unipc,
 )
 from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
@@ -40,6 +41,9 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_ancestral_cfg_pp": samplers_cfgpp.sample_euler_ancestral_cfg_pp,
     "heun": samplers.sample_heun,
     "heunpp2": samplers_exponential.sample_heunpp2,
+    # SEEDS-2 as ComfyUI's exponential Heun on x0: its phi_2 form with the second stage at the step's end
+    "exp_heun_2_x0": partial(samplers_stochastic.sample_seeds_2, eta=0.0, s_noise=0.0, r=1.0, solver_type="phi_2"),
+    "exp_heun_2_x0_sde": partial(samplers_stochastic.sample_seeds_2, r=1.0, solver_type="phi_2"),
     "dpm_2": samplers.sample_dpm_2,
     "dpm_2_ancestral": samplers.sample_dpm_2_ancestral,
     "lms": samplers.sample_lms,
@@ -64,6 +68,11 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "res_multistep_ancestral_cfg_pp": samplers_exponential.sample_res_multistep_ancestral_cfg_pp,
     "gradient_estimation": samplers_multistep.sample_gradient_estimation,
     "gradient_estimation_cfg_pp": samplers_exponential.sample_gradient_estimation_cfg_pp,
+    "er_sde": samplers_stochastic.sample_er_sde,
+    "seeds_2": samplers_stochastic.sample_seeds_2,
+    "seeds_3": samplers_stochastic.sample_seeds_3,
+    "sa_solver": samplers_stochastic.sample_sa_solver,
+    "sa_solver_pece": samplers_stochastic.sample_sa_solver_pece,
     "ddim": samplers_ldm.sample_ddim,
     "uni_pc": unipc.sample_uni_pc,
     "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
@@ -97,10 +106,17 @@ _STEP_NOISE = {
     "dpm_adaptive",
     "res_multistep_ancestral",
     "res_multistep_ancestral_cfg_pp",
+    "exp_heun_2_x0_sde",
+    "er_sde",
+    "seeds_2",
+    "seeds_3",
+    "sa_solver",
+    "sa_solver_pece",
 }
 # Those of them that draw step noise at (nearly) every step with their default options: drawn ahead.
 _DRAW_AHEAD = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-               "dpmpp_2s_ancestral_cfg_pp", "ddpm", "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp"}
+               "dpmpp_2s_ancestral_cfg_pp", "ddpm", "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+               "er_sde"}
 # CFG++ samplers: they read the unconditional prediction of each model call.
 _CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
            "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"}
@@ -109,7 +125,8 @@ _CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp"
 # Samplers that add fresh noise at every step: they need falling noise levels.
 _STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
                "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
-               "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp"}
+               "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "exp_heun_2_x0_sde", "er_sde",
+               "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
 
 
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.
@@ -325,6 +342,9 @@ def sample(
         options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
         options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))
+    if sampler_name.startswith("sa_solver") and "tau_func" not in options:  # noise over 20%-80% of this schedule
+        options["tau_func"] = samplers_stochastic.sa_solver_tau(schedule.sigma_at_percent(0.2),
+                                                                schedule.sigma_at_percent(0.8))
     try:
         x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
     finally:

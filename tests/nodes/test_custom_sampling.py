@@ -294,3 +294,31 @@ def test_dual_cfg_guider(engine):
     [(nested, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("20", "nested"))}, "14")
     assert not torch.allclose(regular["samples"], expected["samples"])
     assert not torch.allclose(nested["samples"], regular["samples"])
+
+
+@pytest.mark.parametrize(("name", "node"), [
+    ("er_sde", {"class_type": "SamplerER_SDE", "inputs": {"solver_type": "ER-SDE", "max_stage": 3, "eta": 1.0,
+                                                          "s_noise": 1.0}}),
+    ("sa_solver", {"class_type": "SamplerSASolver", "inputs": {
+        "model": ["1", 0], "eta": 1.0, "sde_start_percent": 0.2, "sde_end_percent": 0.8, "s_noise": 1.0,
+        "predictor_order": 3, "corrector_order": 4, "use_pece": False, "simple_order_2": False}}),
+    ("seeds_2", {"class_type": "SamplerSEEDS2", "inputs": {"solver_type": "phi_1", "eta": 1.0, "s_noise": 1.0,
+                                                           "r": 0.5}}),
+])
+def test_solver_nodes_at_their_defaults_make_the_ksamplers_latent(engine, name, node):
+    graph = {**prompts(), "5": ksampler(name), **advanced(node)}
+    [(expected,), (output, _)] = run(engine, graph, "5", "14")
+    assert torch.equal(output["samples"], expected["samples"])
+    # Their settings reach the sampler: without noise (the ODE) the result is another one.
+    quiet = {**node, "inputs": {**node["inputs"], "eta": 0.0}}
+    [(ode, _)] = run(engine, {**prompts(), **advanced(quiet)}, "14")
+    assert not torch.equal(ode["samples"], expected["samples"])
+
+
+def test_sa_solver_node_refuses_an_sde_window_that_ends_before_it_starts(engine):
+    node = {"class_type": "SamplerSASolver", "inputs": {
+        "model": ["1", 0], "eta": 1.0, "sde_start_percent": 0.9, "sde_end_percent": 0.1, "s_noise": 1.0,
+        "predictor_order": 3, "corrector_order": 4, "use_pece": True, "simple_order_2": False}}
+    graph = {**prompts(), **advanced(node), "15": {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}}
+    with pytest.raises(WorkflowInvalid, match=r"sde_start_percent \(0.9\) must not be after sde_end_percent"):
+        engine.run(parse_api(graph))
