@@ -103,14 +103,27 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """`tiles` (nh, nw, h, w): self-attention runs within each of nh x nw tiles of the h x w token grid
+        (HyperTile) rather than over the whole of it."""
+        if tiles is None or tiles[0] * tiles[1] == 1:
+            x = self.attn1(self.norm1(x)) + x
+        else:
+            nh, nw, h, w = tiles
+            b, _, c = x.shape
+            n = self.norm1(x).reshape(b, nh, h // nh, nw, w // nw, c).permute(0, 1, 3, 2, 4, 5)
+            out = self.attn1(n.reshape(b * nh * nw, -1, c)).reshape(b, nh, nw, h // nh, w // nw, c)
+            x = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
 
 class SpatialTransformer(nn.Module):
-    """Image-to-tokens transformer; `proj_in`/`proj_out` are 1x1 convs (SD1) or linear (SD2, SDXL)."""
+    """Image-to-tokens transformer; `proj_in`/`proj_out` are 1x1 convs (SD1) or linear (SD2, SDXL). With a
+    `hypertile` (on a copy, see `ldm.patches.HyperTile`), each block's self-attention runs within tiles."""
+
+    hypertile: Callable[[int, int, int], tuple[int, int]] | None = None
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
                  use_linear: bool):
@@ -138,7 +151,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, None if self.hypertile is None else (*self.hypertile(h, w, x.shape[-1]), h, w))
         if self.use_linear:
             x = self.proj_out(x)
         # Back in the input's memory format: a channels-last UNet (its convolutions' preferred layout on

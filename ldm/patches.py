@@ -1,6 +1,6 @@
 """UNet patches that change how a model runs without touching its weights: FreeU on the decoder's inputs, Kohya's
-Deep Shrink on the encoder's features, the perturbed self-attention of Perturbed-Attention Guidance, and the
-recorded self-attention map of Self-Attention Guidance.
+Deep Shrink on the encoder's features, HyperTile's tiled self-attention, the perturbed self-attention of
+Perturbed-Attention Guidance, and the recorded self-attention map of Self-Attention Guidance.
 
 A patched UNet is a shallow copy (`ldm.lora.shallow_copy`) sharing every weight with the original, with its
 own `output_block_patches`; the original, which a cache may hold, is left as it was. A copy is a module of its
@@ -9,13 +9,14 @@ own, so compiled forwards and CUDA graphs (kept per module) never mix patched an
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ldm.attention import CrossAttention
+from ldm.attention import CrossAttention, SpatialTransformer
 from ldm.lora import shallow_copy
 
 # Called as `h, skip = patch(h, skip)` just before an output block concatenates the decoder's features `h`
@@ -30,7 +31,7 @@ def with_output_block_patch(unet: nn.Module, patch: OutputBlockPatch) -> nn.Modu
     return patched
 
 
-def with_input_block_patch(unet: nn.Module, patch: DeepShrink) -> nn.Module:
+def with_input_block_patch(unet: nn.Module, patch: DeepShrink | HyperTile) -> nn.Module:
     """A copy of `unet` that also applies `patch` after each input block. Such a patch reads the timestep on
     the host, which a CUDA graph cannot replay, so the copy says it runs without them (`cuda_graphs_safe`)."""
     patched = shallow_copy(unet)
@@ -161,3 +162,50 @@ class AttentionRecorder:
         rows = min((d for d in range(1, tokens + 1) if tokens % d == 0),
                    key=lambda d: abs(d - (tokens * height / width) ** 0.5))
         return rows, tokens // rows
+
+
+class HyperTile:
+    """HyperTile (tfernd/HyperTile, as ComfyUI's node sets it up): the self-attention of the transformers with
+    model_channels * 2^i channels, i up to `max_depth`, runs within tiles of about `tile_size` pixels (tile_size / 8
+    latent tokens a side, times 2^(channels / model_channels - 1) with `scale_depth`), which is faster on large
+    images. Each call picks the number of tiles along each side among the `swap_size` largest divisors of the
+    grid's side that give tiles of at least that size, so that the seams move from step to step. ComfyUI draws
+    the choice from a counter that runs on across runs; here it is drawn from the step's timestep and the
+    call's place in the UNet pass, so that a workflow gives the same image every time."""
+
+    after_skip = False  # as an input-block patch: it only notes the timestep, before the skip is kept
+
+    def __init__(self, model_channels: int, tile_size: int, swap_size: int, max_depth: int, scale_depth: bool):
+        self.model_channels = model_channels
+        self.latent_tile = max(32, tile_size) // 8
+        self.swap_size = swap_size
+        self.channels = {model_channels * 2**i for i in range(max_depth + 1)}
+        self.scale_depth = scale_depth
+        self._step, self._calls = 0, 0
+
+    def __call__(self, h: Tensor, index: int, timesteps: Tensor) -> Tensor:
+        if index == 0:  # a new UNet pass
+            self._step, self._calls = round(float(timesteps.reshape(-1)[0]) * 1000), 0
+        return h
+
+    def tiles(self, height: int, width: int, channels: int) -> tuple[int, int]:
+        """The number of tiles (rows, columns) for a transformer's grid; (1, 1) where HyperTile does not act."""
+        if channels not in self.channels:
+            return 1, 1
+        factor = 2 ** (channels // self.model_channels - 1) if self.scale_depth else 1
+        return self._divisor(height, self.latent_tile * factor), self._divisor(width, self.latent_tile * factor)
+
+    def _divisor(self, side: int, smallest_tile: int) -> int:
+        smallest_tile = min(smallest_tile, side)
+        options = [side // size for size in range(smallest_tile, side + 1) if side % size == 0][: self.swap_size]
+        self._calls += 1
+        return options[random.Random(self._step * 10_000 + self._calls).randrange(len(options))]
+
+    def patch(self, unet: nn.Module) -> nn.Module:
+        """A copy of `unet` whose transformers tile their self-attention (see `with_input_block_patch`: it runs
+        without CUDA graphs, its tiles changing from call to call)."""
+        copy = with_input_block_patch(unet, self)
+        for module in copy.modules():
+            if isinstance(module, SpatialTransformer):
+                module.hypertile = self.tiles
+        return copy

@@ -37,7 +37,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # model patches and sampling tweaks
     "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
-    "HyperTile", "TomePatchModel",
+    "TomePatchModel",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance",
     "GITSScheduler",
     # saving models of other kinds

@@ -1,6 +1,6 @@
 """Model patches: FreeU, FreeU_V2, PatchModelAddDownscale (Deep Shrink), RescaleCFG, PerturbedAttentionGuidance,
-SelfAttentionGuidance, ModelSamplingDiscrete and DifferentialDiffusion. Each returns a new MODEL; the one it was
-given (which the cache may hold) is left as it was."""
+SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete and DifferentialDiffusion. Each returns a new MODEL; the
+one it was given (which the cache may hold) is left as it was."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from ldm.patches import DeepShrink, with_input_block_patch, with_output_block_patch
 from ldm.patches import FreeU as FreeUPatch
+from ldm.patches import HyperTile as HyperTilePatch
 from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiffusionMask
 from ldm.sampling.model_patches import PerturbedAttentionGuidance as PerturbedAttention
 from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
@@ -121,6 +122,24 @@ class PerturbedAttentionGuidance(Node):
         return (replace(model, sampling_patches=patches),)
 
 
+class HyperTile(Node):
+    """Faster self-attention on large images: the shallow transformers attend within tiles of about
+    `tile_size` pixels, the tiling shifting from step to step."""
+
+    category = "_for_testing"
+    model = Socket("MODEL")
+    tile_size = Int(256, min=1, max=2048)
+    swap_size = Int(2, min=1, max=128)
+    max_depth = Int(0, min=0, max=10)
+    scale_depth = Boolean(False)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, tile_size: int, swap_size: int, max_depth: int,
+                scale_depth: bool) -> tuple[DiffusionModel]:
+        tiling = HyperTilePatch(model.unet.config.model_channels, tile_size, swap_size, max_depth, scale_depth)
+        return (replace(model, unet=tiling.patch(model.unet), loras=(*model.loras, f"HyperTile {tile_size}")),)
+
+
 class SelfAttentionGuidance(Node):
     """Self-Attention Guidance (Hong et al. 2023): blurs the parts of the image the model's self-attention
     dwells on and guides away from the model's prediction of that blurred image; two more model passes per
@@ -182,4 +201,4 @@ class DifferentialDiffusion(Node):
 
 
 NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
-                    SelfAttentionGuidance, ModelSamplingDiscrete, DifferentialDiffusion]
+                    SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete, DifferentialDiffusion]

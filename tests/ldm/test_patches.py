@@ -117,3 +117,56 @@ def test_deep_shrink_shrinks_one_blocks_features_within_its_timesteps_and_restor
         shrunk, plain = patched(x, inside, context), unet(x, inside, context)
     assert seen == [(8, 8), (4, 4)]  # block 2's output (16 px / 2 = 8) shrunk once more, inside the range only
     assert shrunk.shape == plain.shape and rel_err(shrunk, plain) > 1e-3
+
+
+def test_hypertile_attends_within_each_tile():
+    """A transformer block with its self-attention tiled is the same block run on each tile alone: everything
+    else in it acts on tokens one by one."""
+    from ldm.attention import BasicTransformerBlock
+
+    block = randomize_(BasicTransformerBlock(32, 4, 8, 16), torch.Generator().manual_seed(1)).eval()
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 6, 8, 32, generator=g), torch.randn(2, 5, 16, generator=g)  # a 6 x 8 grid
+    with torch.no_grad():
+        tiled = block(x.reshape(2, 48, 32), context, (3, 2, 6, 8)).reshape(2, 6, 8, 32)
+        for row in range(3):
+            for col in range(2):
+                tile = x[:, 2 * row:2 * row + 2, 4 * col:4 * col + 4]
+                alone = block(tile.reshape(2, 8, 32), context).reshape(2, 2, 4, 32)
+                torch.testing.assert_close(tiled[:, 2 * row:2 * row + 2, 4 * col:4 * col + 4], alone)
+        assert not torch.allclose(tiled.reshape(2, 48, 32), block(x.reshape(2, 48, 32), context))
+
+
+def test_hypertile_picks_its_tiles_per_step_the_same_every_run_and_only_on_shallow_transformers():
+    from ldm.patches import HyperTile
+
+    tiling = HyperTile(model_channels=320, tile_size=256, swap_size=2, max_depth=0, scale_depth=False)
+
+    def choices(timestep: float) -> list[tuple[int, int]]:
+        tiling(torch.zeros(1), 0, torch.tensor([timestep]))  # the UNet pass starts
+        return [tiling.tiles(64, 96, 320) for _ in range(4)]
+
+    # 64 and 96 latent tokens a side, tiles of at least 32: 2 or 1 tiles down, 3 or 2 across
+    picked = {pair for t in (999.0, 500.0, 10.0) for pair in choices(t)}
+    assert picked <= {(2, 3), (2, 2), (1, 3), (1, 2)} and len(picked) > 1
+    assert choices(500.0) == choices(500.0)
+    assert tiling.tiles(32, 48, 640) == (1, 1)  # deeper than max_depth: untouched
+    deep = HyperTile(320, 256, 1, max_depth=1, scale_depth=True)
+    deep(torch.zeros(1), 0, torch.tensor([1.0]))
+    assert deep.tiles(32, 48, 640) == (1, 1)  # with scale_depth its tiles there are twice as big: one tile
+    assert deep.tiles(64, 96, 320) == (2, 3)  # swap_size 1: always the most tiles
+
+
+def test_hypertile_copy_with_one_tile_is_the_unet_and_with_more_differs():
+    from ldm.patches import HyperTile
+
+    unet = randomize_(UNetModel(CONFIG), torch.Generator().manual_seed(0)).eval()
+    x, t, context = _inputs()
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        whole = HyperTile(CONFIG.model_channels, 2048, 2, 0, False).patch(unet)
+        torch.testing.assert_close(whole(x, t, context), plain)
+        tiled = HyperTile(CONFIG.model_channels, 32, 1, 0, False).patch(unet)  # 4 x 4 token tiles of 16 x 16
+        assert rel_err(tiled(x, t, context), plain) > 1e-3
+        assert unet(x, t, context).equal(plain)  # the original is untouched
+    assert not getattr(tiled, "cuda_graphs_safe", True)

@@ -168,6 +168,17 @@ def test_self_attention_guidance(engine):
     assert differ(latent(engine, nodes), sag)
 
 
+def test_hypertile(engine):
+    plain = latent(engine, graph())
+    settings = {"tile_size": 2048, "swap_size": 2, "max_depth": 0, "scale_depth": False}
+    assert same(latent(engine, graph({"class_type": "HyperTile", "inputs": settings})), plain)  # one tile
+    small = {**settings, "tile_size": 32}  # 4 x 4 token tiles on the 8 x 8 latent
+    tiled = latent(engine, graph({"class_type": "HyperTile", "inputs": small}))
+    assert not same(tiled, plain)  # (by little: the tiny model's self-attention adds little to its latents)
+    engine.cache.clear()
+    assert torch.equal(latent(engine, graph({"class_type": "HyperTile", "inputs": small})), tiled)  # reproducible
+
+
 def test_deep_shrink(engine):
     plain = latent(engine, graph())
     settings = {"block_number": 2, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.5,
