@@ -2,8 +2,9 @@
 
 Everything is drawn on the CPU from a `torch.Generator` seeded like `torch.manual_seed(seed)`,
 then moved to the latent's device and dtype, so a seed gives the same image on any device.
-Step noise uses its own stream (`step_noise_seed`): ComfyUI seeds it with the noise seed itself,
-which on the CPU makes the first step's fresh noise a copy of the initial noise.
+Step noise uses its own stream (`step_noise_seed`), seeded as ComfyUI seeds it on the CPU, so that
+ancestral and SDE samplers give ComfyUI's `--cpu` image for the same seed. (On a GPU ComfyUI draws
+it from the GPU's generator, whose numbers differ from the CPU's.)
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def cpu_generator(seed: int) -> torch.Generator:
 
 
 def step_noise_seed(seed: int) -> int:
-    """The seed of the per-step noise stream that goes with a noise seed (offset by 2^64 / phi)."""
-    return (int(seed) + 0x9E3779B97F4A7C15) % 2**64
+    """The seed of the per-step noise stream that goes with a noise seed: the next one, as ComfyUI's
+    default noise sampler has it on the CPU (the seed itself would repeat the initial noise)."""
+    return (int(seed) + 1) % 2**64
 
 
 def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = None) -> Tensor:

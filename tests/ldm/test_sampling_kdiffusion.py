@@ -247,3 +247,24 @@ def test_dpm_adaptive_matches_k_diffusion(order, float64_default):
     got = dpm_solver.sample_dpm_adaptive(lambda x, s: calls.append(1) or model(x, s), x, sigmas, order=order)
     assert rel_err(got, expected) < 1e-10
     assert len(calls) == info["nfe"]
+
+
+def test_the_ksamplers_ancestral_noise_is_comfyuis_on_the_cpu():
+    """ComfyUI's KSampler on the CPU: the initial noise from the seed, the step noise from a generator seeded with
+    seed + 1, one draw shaped like the latent per noisy step; the same run through k-diffusion's own sampler."""
+    from ldm.sampling import compute_sigmas, sample
+    from ldm.sampling.guidance import CFGGuider
+
+    positive, negative = [(torch.full((1, 77, 8), 0.1), {})], [(torch.full((1, 77, 8), -0.1), {})]
+    sigmas = compute_sigmas(SCHEDULE, "normal", 6)
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(42))
+    step = torch.Generator().manual_seed(43)
+    guider = CFGGuider(Denoiser(TinyUNet(), SCHEDULE), positive, negative, 6.0)
+    with torch.no_grad():
+        expected = K.sample_euler_ancestral(guider, noise * (1 + float(sigmas[0]) ** 2) ** 0.5, sigmas,
+                                            noise_sampler=lambda sigma, sigma_next: torch.randn(latent.shape,
+                                                                                                generator=step))
+        ours = sample(TinyUNet(), SCHEDULE, latent, seed=42, steps=6, cfg=6.0, sampler_name="euler_ancestral",
+                      scheduler="normal", positive=positive, negative=negative)
+    torch.testing.assert_close(ours, expected)

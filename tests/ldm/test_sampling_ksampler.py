@@ -271,3 +271,4 @@ def test_second_order_samplers_get_one_step_more_with_the_penultimate_level_drop
     longer = get_sigmas("karras", SCHEDULE, 9)
     assert torch.equal(half, torch.cat([longer[:-2], longer[-1:]])[-5:])
     assert torch.equal(compute_sigmas(SCHEDULE, "karras", 4, sampler_name="euler"), get_sigmas("karras", SCHEDULE, 4))
+
