@@ -26,6 +26,7 @@ from ldm.sampling.samplers import (
     unseeded_noise_sampler,
 )
 from ldm.sampling.samplers_cfgpp import UncondCapture, _uncond
+from ldm.sampling.samplers_multistep import multistep
 
 # DEIS measures time on a variance-preserving schedule that reaches sigma 0.002 at t = 1e-3 and sigma 80 at
 # t = 1 (EDM's range), whatever the model's own range: sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1.
@@ -71,18 +72,7 @@ def sample_deis(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None
     """DEIS (Zhang & Chen 2023), the tAB multistep method as ComfyUI runs it: each step integrates the polynomial
     (in VP time) through the last `max_order` noise predictions (`deis_weights`); the first steps use the history
     there is, the first an Euler step. The step to sigma 0 is an Euler step, which lands on the x0 prediction."""
-    s = sigmas.tolist()
-    history: list[Tensor] = []  # derivatives, newest first
-    for i in range(len(s) - 1):
-        denoised = _call(model, x, s[i], extra_args)
-        _report(callback, i, x, s[i], s[i], denoised)
-        if s[i + 1] == 0:
-            return denoised
-        history.insert(0, to_d(x, s[i], denoised))
-        del history[max_order:]
-        weights = deis_weights(s[i::-1][: len(history)], s[i + 1])
-        x = linear_combination([(1.0, x), *zip(weights, history, strict=True)])
-    return x
+    return multistep(model, x, sigmas, extra_args, callback, max_order, deis_weights)
 
 
 def _res_multistep(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback, eta: float,

@@ -7,6 +7,8 @@ prediction, as the iPNDM authors' code does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -45,8 +47,26 @@ def ipndm_v_weights(levels: list[float], target: float) -> list[float]:
             -second * ratio * h1 / h2]
 
 
-def _multistep(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback,
-               max_order: int, variable: bool) -> Tensor:
+# The coefficients of the derivatives in the history (newest first, at `levels`) in a step from levels[0] to
+# `target`: x' = x + sum_j w_j d_j.
+Weights = Callable[[list[float], float], list[float]]
+
+
+def adams_bashforth(levels: list[float], target: float) -> list[float]:
+    """Equal-step Adams-Bashforth of the history's order, whatever the schedule (iPNDM)."""
+    return [w * (target - levels[0]) for w in _ADAMS_BASHFORTH[len(levels)]]
+
+
+def variable_adams_bashforth(levels: list[float], target: float) -> list[float]:
+    """`ipndm_v_weights` (Euler while there is one derivative)."""
+    if len(levels) == 1:
+        return adams_bashforth(levels, target)
+    return [w * (target - levels[0]) for w in ipndm_v_weights(levels, target)]
+
+
+def multistep(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback,
+              max_order: int, weights: Weights) -> Tensor:
+    """Linear multistep steps over the last `max_order` derivatives, with `weights` for each step."""
     s = sigmas.tolist()
     history: list[Tensor] = []  # derivatives, newest first
     for i in range(len(s) - 1):
@@ -56,13 +76,7 @@ def _multistep(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None,
             return denoised
         history.insert(0, to_d(x, s[i], denoised))
         del history[max_order:]
-        order = len(history)
-        if variable and order > 1:
-            weights = ipndm_v_weights(s[i::-1][:order], s[i + 1])
-        else:
-            weights = list(_ADAMS_BASHFORTH[order])
-        step = s[i + 1] - s[i]
-        x = linear_combination([(1.0, x), *((w * step, d) for w, d in zip(weights, history, strict=True))])
+        x = linear_combination([(1.0, x), *zip(weights(s[i::-1][: len(history)], s[i + 1]), history, strict=True)])
     return x
 
 
@@ -72,14 +86,14 @@ def sample_ipndm(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | Non
     """iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", the improved
     pseudo-numerical method): Adams-Bashforth steps of up to `max_order`, with equal-step weights whatever the
     schedule, and lower orders while the history fills."""
-    return _multistep(model, x, sigmas, extra_args, callback, max_order, variable=False)
+    return multistep(model, x, sigmas, extra_args, callback, max_order, adams_bashforth)
 
 
 @torch.no_grad()
 def sample_ipndm_v(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                    callback: Callback = None, disable: bool | None = None, max_order: int = 4) -> Tensor:
     """iPNDM with weights for the schedule's actual, unequal steps (`ipndm_v_weights`)."""
-    return _multistep(model, x, sigmas, extra_args, callback, max_order, variable=True)
+    return multistep(model, x, sigmas, extra_args, callback, max_order, variable_adams_bashforth)
 
 
 @torch.no_grad()
