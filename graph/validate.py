@@ -238,11 +238,11 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
     checker = _Checker(graph, registry)
     for node in graph.nodes.values():
         if node.class_type not in registry:
-            close = difflib.get_close_matches(node.class_type, list(registry), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
             if node.class_type in COMFY_CORE_NODES_MISSING:
-                hint += "; it is one of ComfyUI's built-in nodes, which Loom does not provide yet"
+                hint = "; it is one of ComfyUI's built-in nodes, which Loom does not provide yet"
             else:
+                close = difflib.get_close_matches(node.class_type, list(registry), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
                 hint += "; a custom node pack in custom_nodes/ may provide it"
             checker.add(E.INVALID_PROMPT, f"Cannot execute because node {node.class_type} does not exist.",
                         node, None, f"Node ID '#{node.id}'{hint}")

@@ -10,7 +10,8 @@ Prompt syntax (ComfyUI's, so that prompts written for ComfyUI weigh the same her
   Square brackets have no meaning (A1111's ``[text]`` de-emphasis is not supported).
 
 - ``embedding:NAME`` is a textual-inversion embedding (a file in models/embeddings): its vectors stand in
-  the prompt where the word is, weighted like the text around them.
+  the prompt where the word is, weighted like the text around them. A name with no file is left out, with
+  a warning.
 
 Text is cleaned as OpenAI's CLIP tokenizer does before BPE (ftfy, HTML unescape, whitespace
 collapse, lowercase). Each word is tokenized on its own and a chunk holds 75 tokens between its
@@ -21,6 +22,7 @@ the next one (ComfyUI's rule), so long prompts split at word boundaries.
 from __future__ import annotations
 
 import html
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import ftfy
+
+log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
 VOCAB_SIZE = 49408
@@ -78,11 +82,14 @@ class Embeddings:
     slots: list[tuple[str, int]] = field(default_factory=list)
 
     def ids(self, name: str) -> list[int]:
+        """The placeholder ids of an embedding's vectors; none for one that is not there, which is left out of
+        the prompt with a warning, as ComfyUI does (shared workflows name embeddings their users may lack)."""
         if name not in self.vectors:
             found = self.load(name.rstrip("."))
             if not found:
-                raise ValueError(f"embedding:{name} not found (put the file, e.g. {name}.safetensors, in "
-                                 "models/embeddings)")
+                log.warning("embedding:%s not found (put the file, e.g. %s.safetensors, in models/embeddings); "
+                            "left out of the prompt", name, name)
+                return []
             self.vectors[name] = found
         count = next(iter(self.vectors[name].values())).shape[0]
         ids = []

@@ -34,6 +34,9 @@ def test_unknown_node_type(registry):
     assert typo.details == "Node ID '#1'; did you mean Scale?; a custom node pack in custom_nodes/ may provide it"
     [core] = problems(registry, {"1": {"class_type": "CLIPVisionLoader", "inputs": {}}, "2": sink(1)})
     assert core.details.endswith("it is one of ComfyUI's built-in nodes, which Loom does not provide yet")
+    # ... and no look-alike of Loom's is offered for one (PairConditioningSetProperties is no ConditioningSetArea)
+    [hook] = problems(registry, {"1": {"class_type": "PairConditioningSetProperties", "inputs": {}}, "2": sink(1)})
+    assert hook.details == "Node ID '#1'; it is one of ComfyUI's built-in nodes, which Loom does not provide yet"
 
 
 def test_the_list_of_comfyuis_missing_built_in_nodes_names_none_that_loom_has():
