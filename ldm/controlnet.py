@@ -9,7 +9,8 @@ convolution"; these residuals are added to the UNet's skip connections and middl
 Files come in two layouts, both read here: LDM's (`input_hint_block.*`, `zero_convs.*`,
 `middle_block_out.*`, optionally under `control_model.`), used by the SD1.5 ControlNet 1.0/1.1 releases,
 and diffusers' `ControlNetModel` (`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`), used by
-most SDXL ControlNets. `Control` is one ControlNet applied to one conditioning, as ComfyUI's Apply
+most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`) load here too.
+`Control` is one ControlNet applied to one conditioning, as ComfyUI's Apply
 ControlNet nodes make it: hint image, strength, the part of the schedule it acts on, and the control
 it was chained after.
 """
@@ -38,7 +39,7 @@ from ldm.checkpoint import (
     write_safetensors,
 )
 from ldm.lora import _RESNET, diffusers_unet_blocks, rename_path
-from ldm.unet import UNetConfig, build_encoder, embed
+from ldm.unet import ControlResiduals, UNetConfig, build_encoder, embed
 
 LDM_PREFIX = "control_model."
 HINT_WIDTHS = (16, 32, 96, 256)  # the hint encoder's widths in every released ControlNet
@@ -91,8 +92,8 @@ class ControlNet(nn.Module):
 
 @dataclass
 class LoadedControlNet:
-    model: ControlNet
-    family: str  # "sd1" | "sd2" | "sdxl": the UNets it fits
+    model: ControlNet  # or an ldm.t2i_adapter.T2IAdapter
+    family: str | None  # "sd1" | "sd2" | "sdxl": the UNets it fits; None: any its shape fits (a T2I-Adapter)
     unused_keys: list[str]
     path: Path
 
@@ -149,7 +150,6 @@ def controlnet_shape(sd: StateDict, metadata: dict[str, str] | None = None
 UNSUPPORTED = (
     ("lora_controlnet", "a Control-LoRA (a low-rank ControlNet that patches the checkpoint's own UNet)"),
     ("controlnet_mode_embedding.weight", "a ControlNet Union (several control types chosen per hint)"),
-    ("task_embedding", "a ControlNet Union (several control types chosen per hint)"),
 )
 
 
@@ -158,8 +158,6 @@ def _unsupported(sd: StateDict) -> str | None:
     for marker, what in UNSUPPORTED:
         if marker in sd:
             return what
-    if any(k.startswith(("adapter.", "body.")) for k in sd):
-        return "a T2I-Adapter"
     if "controlnet_cond_embedding.conv_in.weight" not in sd and any("controlnet_" in k for k in sd):
         return "a ControlNet for a model family other than SD1, SD2 and SDXL"
     return None
@@ -167,9 +165,14 @@ def _unsupported(sd: StateDict) -> str | None:
 
 def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> LoadedControlNet:
-    """An SD1, SD2 or SDXL ControlNet from a single file, in LDM's or diffusers' layout."""
+    """An SD1, SD2 or SDXL ControlNet from a single file, in LDM's or diffusers' layout (or a T2I-Adapter,
+    which ComfyUI's Load ControlNet Model reads too: `ldm.t2i_adapter`)."""
     path = Path(path)
     sd = load_state_dict(path)
+    from ldm.t2i_adapter import is_t2i_adapter, load_t2i_adapter
+
+    if is_t2i_adapter(sd):
+        return load_t2i_adapter(sd, path, device, dtype)
     kind = _unsupported(sd)
     if kind is not None:
         raise CheckpointError(f"{path.name}: {kind}, which this engine does not run")
@@ -184,7 +187,16 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
         family, config, hint_channels, widths = controlnet_shape(sd, read_metadata(path))
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
-    model = _materialize(lambda: ControlNet(config, hint_channels, widths), sd, "ControlNet", path, device, dtype)
+    # A ControlNet Union (ldm.controlnet_union) is known by its extra weights.
+    from ldm.controlnet_union import UnionControlNet, union_layout
+
+    try:
+        union = union_layout(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    factory = ((lambda: ControlNet(config, hint_channels, widths)) if union is None
+               else lambda: UnionControlNet(config, *union, hint_channels, widths))
+    model = _materialize(factory, sd, "ControlNet", path, device, dtype)
     model.global_average_pooling = path.stem.endswith(("_shuffle", "_shuffle_fp16"))
     expected = set(model.state_dict())
     return LoadedControlNet(model, family, sorted(k for k in sd if k not in expected), path)
@@ -229,6 +241,7 @@ class Control:
     previous: Control | None = None  # a control chained before this one: the residuals add up
     source: str = ""  # the file's name, for messages
     family: str | None = None  # "sd1" | "sd2" | "sdxl": the UNets it fits
+    model_kwargs: dict = field(default_factory=dict)  # more arguments to the model: a ControlNet Union's control_type
     _hints: dict = field(default_factory=dict, repr=False)
 
     def cache_size(self) -> int:
@@ -244,19 +257,25 @@ class Control:
         return controls
 
     def residuals(self, x: Tensor, sigma: float, timesteps: Tensor, context: Tensor, y: Tensor | None,
-                  repeats: int = 1) -> list[Tensor] | None:
+                  repeats: int = 1) -> list[Tensor] | ControlResiduals | None:
         """The summed residuals of this chain for one UNet call on `x`, which holds `repeats` copies of
-        the latent batch (positive and negative prompts in one call); None when none is active."""
+        the latent batch (positive and negative prompts in one call); None when none is active. A chain
+        with a T2I-Adapter in it gives `ControlResiduals`."""
+        from ldm.t2i_adapter import T2IAdapterControl, add_residuals
+
         total = None
         for control in self.chain():
             high, low = control.sigma_range
             if control.strength == 0 or not low <= sigma <= high:
                 continue
-            outs = control.model(x, control._hint(x, repeats), timesteps, context, y=y)
+            if isinstance(control, T2IAdapterControl):  # features for the UNet's blocks, from the hint alone
+                total = add_residuals(total, control.features(x, repeats))
+                continue
+            outs = control.model(x, control._hint(x, repeats), timesteps, context, y=y, **control.model_kwargs)
             if control.model.global_average_pooling:  # the shuffle ControlNet: each residual's spatial mean
                 outs = [out.mean(dim=(2, 3), keepdim=True).expand_as(out) for out in outs]
             outs = [out * control.strength for out in outs]
-            total = outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
+            total = add_residuals(total, outs)
         return total
 
     def release(self) -> None:

@@ -55,6 +55,8 @@ LOOKS: tuple[Look, ...] = (
          lambda keys: any(k.endswith(LORA_SUFFIXES) for k in keys) or _starts("lora_unet_", "lora_te")(keys)),
     Look("controlnet", "a ControlNet", "put it in models/controlnet and load it with Load ControlNet Model",
          _starts("control_model.", "input_hint_block.", "zero_convs.", "controlnet_cond_embedding.")),
+    Look("t2i_adapter", "a T2I-Adapter", "put it in models/controlnet and load it with Load ControlNet Model",
+         _starts("adapter.body.", "body.0.block1.", "body.0.in_conv.")),
     Look("flux", "a Flux diffusion model", _UNSUPPORTED,
          _contains("double_blocks.0.img_attn.", "single_transformer_blocks.0.")),
     Look("sd3", "an SD3 diffusion model (MMDiT)", _UNSUPPORTED,

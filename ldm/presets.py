@@ -91,14 +91,18 @@ def build_preset(preset: str, seed: int = 0, text_encoder: bool = True
     return family, prediction, unet, vae, te
 
 
-def make_controlnet(preset: str, path: str | Path, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+def make_controlnet(preset: str, path: str | Path, seed: int = 0, dtype: torch.dtype | None = None,
+                    union_types: int = 0) -> Path:
     """Write a random-weight LDM-layout ControlNet that fits `make_checkpoint(preset)`'s UNet (fp16 unless
-    `dtype` says). Its zero convolutions are random too, so it visibly changes what the UNet makes."""
+    `dtype` says). Its zero convolutions are random too, so it visibly changes what the UNet makes.
+    With `union_types`, a ControlNet Union (`ldm.controlnet_union`) with that many control types."""
     from ldm.controlnet import ControlNet, save_controlnet
+    from ldm.controlnet_union import UnionControlNet
 
     _, _, unet, _, _ = build_preset(preset, seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    controlnet = randomize_(ControlNet(unet.config), generator)
+    controlnet = randomize_(UnionControlNet(unet.config, union_types) if union_types else ControlNet(unet.config),
+                            generator)
     # He-scaled hint encoder and zero convolutions: randomize_'s small weights would shrink the hint
     # to nothing over its eight convolutions, and the hint is what a ControlNet is for.
     with torch.no_grad():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,29 @@ def embed(module: nn.Module, c: UNetConfig, timesteps: torch.Tensor, y: torch.Te
     return emb
 
 
+def block_places(c: UNetConfig) -> list[str | None]:
+    """A name for each input block's output, then the middle block's, where a T2I-Adapter's features can be
+    added (`ldm.t2i_adapter`): "level{i}" after level i's last res block, "down{i}" after its downsample,
+    "middle"; None for the other blocks."""
+    places: list[str | None] = [None]  # the input convolution
+    for level in range(len(c.channel_mult)):
+        places += [None] * (c.num_res_blocks - 1) + [f"level{level}"]
+        if level != len(c.channel_mult) - 1:
+            places.append(f"down{level}")
+    return [*places, "middle"]
+
+
+@dataclass
+class ControlResiduals:
+    """What control models add to one UNet call (`UNetModel.forward`'s `control`, which also takes `skips`
+    alone as a plain list). `skips`: ControlNets' residuals (`ldm.controlnet`), one per input block added to
+    its skip connection, then one added to the middle block's output. `features`: T2I-Adapters' features
+    (`ldm.t2i_adapter`) by place (`block_places`), added to that block's output, which the blocks after see."""
+
+    skips: list[torch.Tensor] | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class UNetModel(nn.Module):
     # Set on patched copies (see `ldm.patches`): `h = patch(h, index, timesteps)` after each input block, before
     # its output is kept for the skip connection (or after, for patches with `after_skip`), and
@@ -213,13 +236,20 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None,
+                control: list[torch.Tensor] | ControlResiduals | None = None) -> torch.Tensor:
         """Predict noise (or v) for latents `x` [B,C,H,W] at `timesteps` [B] given `context` [B,L,D].
 
         `y` [B, adm_in_channels] is required by SDXL models (see `sdxl_adm`) and refused otherwise.
         `control` is a ControlNet's output (`ldm.controlnet`): one residual per input block, added to
-        that block's skip connection, then one added to the middle block's output.
+        that block's skip connection, then one added to the middle block's output; or `ControlResiduals`,
+        which may hold a T2I-Adapter's features too.
         """
+        features: dict[int, torch.Tensor] = {}  # T2I-Adapter features by input block, the middle block last
+        if isinstance(control, ControlResiduals):
+            features = {i: control.features[place] for i, place in enumerate(block_places(self.config))
+                        if place in control.features}
+            control = control.skips
         dtype = self.dtype
         emb = embed(self, self.config, timesteps, y, dtype)
         h = x.to(dtype)
@@ -227,12 +257,16 @@ class UNetModel(nn.Module):
         skips = []
         for index, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if index in features:
+                h = h + features[index].to(dtype)
             for patch in self.input_block_patches:
                 h = h if patch.after_skip else patch(h, index, timesteps)
             skips.append(h)
             for patch in self.input_block_patches:
                 h = patch(h, index, timesteps) if patch.after_skip else h
         h = self.middle_block(h, emb, context)
+        if len(self.input_blocks) in features:
+            h = h + features[len(self.input_blocks)].to(dtype)
         if control is not None:
             if len(control) != len(skips) + 1:
                 raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")

@@ -31,7 +31,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # conditioning for other model kinds
     "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply",
     "InstructPixToPixConditioning", "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
-    "SD_4XUpscale_Conditioning", "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply", "SetUnionControlNetType",
+    "SD_4XUpscale_Conditioning", "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
     "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks

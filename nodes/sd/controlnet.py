@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from ldm.controlnet_union import CONTROL_TYPES, UnionControlNet
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.loaders import model_file, model_path, shared_model
 from nodes.sd.models import HANDLE_SIZE, device_and_dtype, file_fingerprint, load_device
-from nodes.spec import Float, Output, Socket
+from nodes.spec import Combo, Float, Output, Socket
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,18 @@ log = logging.getLogger(__name__)
 class ControlNetModel:
     """CONTROL_NET: a loaded ControlNet and the UNet family it fits."""
 
-    model: torch.nn.Module  # ldm.controlnet.ControlNet
-    family: str
+    model: torch.nn.Module  # ldm.controlnet.ControlNet, or ldm.t2i_adapter.T2IAdapter
+    family: str | None  # None: a T2I-Adapter that fits any UNet with its blocks' shapes (SD1, SD2)
     source: str
+    control_type: int | None = None  # a ControlNet Union's (SetUnionControlNetType): an index of CONTROL_TYPES
 
     def cache_size(self) -> int:
         return HANDLE_SIZE  # the weights are the model cache's
 
 
 class ControlNetLoader(Node):
-    """Loads a ControlNet: LDM single files (the SD1.5 1.0/1.1 releases) or diffusers' layout (most SDXL ones)."""
+    """Loads a ControlNet: LDM single files (the SD1.5 1.0/1.1 releases) or diffusers' layout (most SDXL ones,
+    ControlNet Unions too). T2I-Adapters load here too, in TencentARC's layout or diffusers'."""
 
     display_name = "Load ControlNet Model"
     category = "loaders"
@@ -84,15 +87,19 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node)."""
     from ldm.controlnet import Control
     from ldm.sampling.schedules import sigma_at_percent
+    from ldm.t2i_adapter import T2IAdapter, T2IAdapterControl
 
     hint = _hint(image)
     sigma_range = (sigma_at_percent(start_percent, _sigmas()), sigma_at_percent(end_percent, _sigmas()))
     made: dict[int, Control] = {}
+    # A T2I-Adapter's features are made once per run, from the hint alone, and go to the UNet's blocks.
+    kind = T2IAdapterControl if isinstance(control_net.model, T2IAdapter) else Control
 
     def control_after(previous: Control | None) -> Control:
         if id(previous) not in made:
-            made[id(previous)] = Control(control_net.model, hint, strength, sigma_range, previous,
-                                         source=control_net.source, family=control_net.family)
+            made[id(previous)] = kind(control_net.model, hint, strength, sigma_range, previous,
+                                      source=control_net.source, family=control_net.family,
+                                      model_kwargs=_model_kwargs(control_net))
         return made[id(previous)]
 
     return [[(embedding, {**options, "control": control_after(options.get("control")),
@@ -146,4 +153,33 @@ class ControlNetApply(Node):
         return (conditioning,)
 
 
-NODES = [ControlNetLoader, ControlNetApplyAdvanced, ControlNetApply]
+# --- ControlNet Union (ldm.controlnet_union) ---------------------------------------------------------------
+
+
+def _model_kwargs(control_net: ControlNetModel) -> dict:
+    return {} if control_net.control_type is None else {"control_type": control_net.control_type}
+
+
+class SetUnionControlNetType(Node):
+    """Chooses what a ControlNet Union (xinsir's controlnet-union-sdxl-1.0, its promax file) reads its hint
+    as; "auto" lets the model tell from the hint. Other ControlNets pass through unchanged, as in ComfyUI."""
+
+    category = "conditioning/controlnet"
+    control_net = Socket("CONTROL_NET")
+    type = Combo(("auto", *CONTROL_TYPES), tooltip="tile and repaint need the promax file")
+    outputs = (Output("CONTROL_NET"),)
+
+    def execute(self, control_net: ControlNetModel, type: str) -> tuple[ControlNetModel]:
+        control_type = None if type == "auto" else CONTROL_TYPES.index(type)
+        if not isinstance(control_net.model, UnionControlNet):
+            if control_type is not None:
+                log.warning("%s is not a ControlNet Union: the control type %r does nothing", control_net.source, type)
+            return (control_net,)
+        try:
+            control_net.model.check_control_type(control_type)
+        except ValueError as e:
+            raise ValueError(f"{control_net.source}: {e}") from None
+        return (replace(control_net, control_type=control_type),)
+
+
+NODES = [ControlNetLoader, ControlNetApplyAdvanced, ControlNetApply, SetUnionControlNetType]

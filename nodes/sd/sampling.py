@@ -65,6 +65,8 @@ def _controls(*conditionings: list) -> list:
 
 def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[torch.nn.Module, ...]:
     """Move the ControlNets to the compute device, after checking that each fits the model; returns them."""
+    from ldm.t2i_adapter import T2IAdapter
+
     placed: dict[int, torch.nn.Module] = {}
     for control in controls:
         if id(control.model) in placed:
@@ -73,7 +75,10 @@ def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[
         if control.family is not None and control.family != model.family.name:
             raise ValueError(f"{name} is a ControlNet for {control.family.upper()}; "
                              f"the model ({model.source}) is {model.family.name.upper()}")
-        mismatch = _encoder_mismatch(control.model.config, model.family.unet_config)
+        if isinstance(control.model, T2IAdapter):  # its features must fit the UNet's blocks (ldm.t2i_adapter)
+            mismatch = control.model.unet_mismatch(model.family.unet_config)
+        else:
+            mismatch = _encoder_mismatch(control.model.config, model.family.unet_config)
         if mismatch:  # the same family, another size (the bundled demo model is a small SD1-style UNet)
             raise ValueError(f"{name} does not fit the model {model.source}: {mismatch}")
         # Kept: the ControlNets placed before, and the UNet, which runs with them next.

@@ -126,12 +126,12 @@ def test_files_that_are_not_controlnets_say_what_they_are(tmp_path):
     checkpoint = make_checkpoint("tiny-sd1", tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors: not a ControlNet"):
         load_controlnet(checkpoint)
-    adapter = tmp_path / "t2iadapter_canny.safetensors"
-    safetensors.torch.save_file({"body.0.block1.weight": torch.zeros(4, 4, 3, 3)}, adapter)
-    with pytest.raises(CheckpointError, match="a T2I-Adapter, which this engine does not run"):
+    # T2I-Adapters load here (tests/ldm/test_t2i_adapter.py), but for the style adapter.
+    adapter = tmp_path / "t2iadapter_style_sd14v1.safetensors"
+    safetensors.torch.save_file({"style_embedding": torch.zeros(1, 8, 4)}, adapter)
+    with pytest.raises(CheckpointError, match=r"a T2I-Adapter style model \(.*\), which this engine does not run"):
         load_controlnet(adapter)
     for name, marker, what in (("control-lora-canny-rank128.safetensors", "lora_controlnet", "a Control-LoRA"),
-                               ("controlnet-union-sdxl.safetensors", "task_embedding", "a ControlNet Union"),
                                ("flux_canny.safetensors", "controlnet_x_embedder.weight",
                                 "a ControlNet for a model family other than SD1")):
         safetensors.torch.save_file({marker: torch.zeros(2), "input_hint_block.0.weight": torch.zeros(1)},
