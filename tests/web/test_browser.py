@@ -380,20 +380,26 @@ def open_workflow(page, tmp_path, doc, name="workflow.json"):
     page.wait_for_function(f"loom.editor.graph._nodes.length === {len(doc)}")
 
 
-def wait_until_idle(server, timeout=30.0):
-    """Until the server runs and holds no prompt: an earlier test's run whose outputs the page already
-    showed may still be finishing, and its history entry would land after a clear."""
+def wait_until_idle(server, page, timeout=30.0):
+    """Until the server runs and holds no prompt, and the page's queue panel says so.
+
+    An earlier test's run whose outputs the page already showed may still be finishing, and its history
+    entry would land after a clear. And until the panel has drawn the queue, its first drawing can move the
+    history's Clear button (below the queue) out from under a click between press and release: the click
+    then reaches no button and is lost.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         queue = server.call("/queue")
         if not queue["queue_running"] and not queue["queue_pending"]:
+            page.wait_for_selector("#queue-list .empty", timeout=timeout * 1000)
             return
         time.sleep(0.05)
     raise AssertionError(f"the server is still busy: {queue}")
 
 
 def test_queue_panel_cancel_interrupt_history_thumbnail_and_load_back(page, server, tmp_path):
-    wait_until_idle(server)
+    wait_until_idle(server, page)
     page.click("#clear-history-button")
     page.wait_for_selector("#history-list .empty")
     assert server.call("/history") == {}

@@ -36,6 +36,7 @@ export class QueuePanel {
     this.historyList = document.getElementById("history-list");
     this.timer = null;
     this.loading = null;
+    this.shown = null; // what the lists show, as drawn last
     // The page shown ends just before this run, counted from the oldest (as GET /history's offset counts);
     // null: the newest page, which follows new runs.
     this.historyEnd = null;
@@ -120,6 +121,10 @@ export class QueuePanel {
   }
 
   render(queue, history) {
+    // A refresh that changes nothing leaves the lists alone: rebuilt entries could move under a click.
+    const shown = JSON.stringify([queue, history, this.page, this.historyEnd]);
+    if (shown === this.shown) return;
+    this.shown = shown;
     const queued = [];
     for (const q of queue.queue_running) {
       queued.push(this.entry(q, "running", "", ["■", "interrupt this run",
