@@ -39,6 +39,7 @@ from ldm.checkpoint import (
     write_safetensors,
 )
 from ldm.lora import _RESNET, diffusers_unet_blocks, rename_path
+from ldm.quant import dequantized_weight, is_fp8
 from ldm.unet import ControlResiduals, UNetConfig, build_encoder, embed
 
 LDM_PREFIX = "control_model."
@@ -149,7 +150,7 @@ def controlnet_shape(sd: StateDict, metadata: dict[str, str] | None = None
 # Files that look like ControlNets but need what this engine does not have: (a key that marks them, what they are).
 UNSUPPORTED = (
     ("lora_controlnet", "a Control-LoRA (a low-rank ControlNet that patches the checkpoint's own UNet)"),
-    ("controlnet_mode_embedding.weight", "a ControlNet Union (several control types chosen per hint)"),
+    ("controlnet_mode_embedding.weight", "a Flux ControlNet Union (InstantX's, Shakker Labs')"),
 )
 
 
@@ -163,12 +164,32 @@ def _unsupported(sd: StateDict) -> str | None:
     return None
 
 
-def load_controlnet(path: str | Path, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> LoadedControlNet:
+def unet_weights(unet: nn.Module) -> StateDict:
+    """A UNet's state dict with its fp8 weights in full precision (what a difference ControlNet adds to)."""
+    weights = dict(unet.state_dict())
+    for name, module in unet.named_modules():
+        if is_fp8(module):
+            weights[f"{name}.weight"] = dequantized_weight(module)
+    return weights
+
+
+def load_controlnet(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    base: StateDict | None = None) -> LoadedControlNet:
     """An SD1, SD2 or SDXL ControlNet from a single file, in LDM's or diffusers' layout (or a T2I-Adapter,
-    which ComfyUI's Load ControlNet Model reads too: `ldm.t2i_adapter`)."""
+    which ComfyUI's Load ControlNet Model reads too: `ldm.t2i_adapter`). A difference ControlNet (the early
+    `diff_control_sd15_*` files, marked by a `difference` entry) holds offsets from a checkpoint's UNet: its
+    weights are those plus `base`'s of the same name (`unet_weights`; ComfyUI's DiffControlNetLoader)."""
     path = Path(path)
     sd = load_state_dict(path)
+    if "difference" in sd:
+        if base is None:
+            raise CheckpointError(f"{path.name} is a difference ControlNet (offsets from a checkpoint's UNet): "
+                                  "load it with Load ControlNet Model (diff), which adds it to a model")
+        offsets, sd = sd, {}
+        for key, offset in offsets.items():
+            own = base.get(key.removeprefix(LDM_PREFIX))
+            if key != "difference":
+                sd[key] = offset + own.to(offset) if own is not None and own.shape == offset.shape else offset
     from ldm.t2i_adapter import is_t2i_adapter, load_t2i_adapter
 
     if is_t2i_adapter(sd):

@@ -26,7 +26,7 @@ COMFY_MODULES = frozenset({
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader",
-    "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader", "DiffControlNetLoader",
+    "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader",
     "unCLIPCheckpointLoader", "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
     # conditioning for other model kinds
     "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply",

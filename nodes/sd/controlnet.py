@@ -19,7 +19,7 @@ from ldm.controlnet_union import CONTROL_TYPES, UnionControlNet
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.loaders import model_file, model_path, shared_model
-from nodes.sd.models import HANDLE_SIZE, device_and_dtype, file_fingerprint, load_device
+from nodes.sd.models import HANDLE_SIZE, DiffusionModel, device_and_dtype, file_fingerprint, load_device
 from nodes.spec import Combo, Float, Output, Socket
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,10 @@ class ControlNetModel:
     family: str | None  # None: a T2I-Adapter that fits any UNet with its blocks' shapes (SD1, SD2)
     source: str
     control_type: int | None = None  # a ControlNet Union's (SetUnionControlNetType): an index of CONTROL_TYPES
+    own_bytes: int = 0  # weights held here, not in the model cache (a difference ControlNet's)
 
     def cache_size(self) -> int:
-        return HANDLE_SIZE  # the weights are the model cache's
+        return HANDLE_SIZE + self.own_bytes  # the weights are the model cache's, unless held here
 
 
 class ControlNetLoader(Node):
@@ -66,6 +67,32 @@ class ControlNetLoader(Node):
 
         loaded = shared_model(self, key, load)
         return (ControlNetModel(loaded.model, loaded.family, control_net_name),)
+
+
+class DiffControlNetLoader(Node):
+    """Loads a difference ControlNet (the early diff_control_sd15_* files): its weights are offsets from the
+    model's UNet, to which they are added. A plain ControlNet loads here as it would in Load ControlNet Model."""
+
+    display_name = "Load ControlNet Model (diff)"
+    category = "loaders"
+    model = Socket("MODEL")
+    control_net_name = model_file("controlnet")
+    outputs = (Output("CONTROL_NET"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return ControlNetLoader.fingerprint(inputs)
+
+    def execute(self, model: DiffusionModel, control_net_name: str) -> tuple[ControlNetModel]:
+        from ldm.controlnet import load_controlnet, unet_weights
+
+        path = model_path("controlnet", control_net_name)
+        _, dtype, _ = device_and_dtype(self.ctx)
+        # Not in the model cache: its weights depend on the model's, which LoRAs may have changed; its output,
+        # which holds them, is cached instead.
+        loaded = load_controlnet(path, device=load_device(self.ctx), dtype=dtype, base=unet_weights(model.unet))
+        size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+        return (ControlNetModel(loaded.model, loaded.family, control_net_name, own_bytes=size),)
 
 
 @functools.cache
@@ -182,4 +209,4 @@ class SetUnionControlNetType(Node):
         return (replace(control_net, control_type=control_type),)
 
 
-NODES = [ControlNetLoader, ControlNetApplyAdvanced, ControlNetApply, SetUnionControlNetType]
+NODES = [ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced, ControlNetApply, SetUnionControlNetType]

@@ -174,3 +174,28 @@ def test_a_model_name_saved_on_windows_finds_the_file_in_its_subfolder(base):
     shutil.copy(base.base / "models" / "controlnet" / "tiny_canny.safetensors", sub / "canny.safetensors")
     windows = image(base, workflow({"strength": 1.0, "name": "SD15\\canny.safetensors"}))
     assert torch.equal(windows, image(base, workflow({"strength": 1.0})))
+
+
+def test_a_difference_controlnet_is_the_models_unet_plus_its_offsets(base):
+    """The diff_control_sd15_* files hold ControlNet minus UNet, with a `difference` entry: through
+    DiffControlNetLoader they give the whole ControlNet's image; the plain loader names the node to use."""
+    import safetensors.torch
+
+    from ldm.checkpoint import load_checkpoint, load_state_dict
+
+    folder = base.model_dirs("controlnet")[0]
+    unet = load_checkpoint(base.model_dirs("checkpoints")[0] / "tiny.safetensors").unet.state_dict()
+    offsets = {f"control_model.{k}": v.float() - unet[k].float() if k in unet and unet[k].shape == v.shape
+               else v.float() for k, v in load_state_dict(folder / "tiny_canny.safetensors").items()}
+    safetensors.torch.save_file({**offsets, "difference": torch.tensor(0.0)}, folder / "tiny_diff.safetensors")
+
+    expected = image(base, workflow({"name": "tiny_canny.safetensors", "strength": 1.0}))
+    graph = workflow({"name": "tiny_diff.safetensors", "strength": 1.0})
+    graph["10"] = {"class_type": "DiffControlNetLoader",
+                   "inputs": {"model": ["4", 0], "control_net_name": "tiny_diff.safetensors"}}
+    assert torch.allclose(image(base, graph), expected, atol=1e-4)
+    assert not torch.allclose(image(base, workflow()), expected, atol=1e-4)  # the ControlNet matters
+
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(workflow({"name": "tiny_diff.safetensors", "strength": 1.0})))
+    assert not result.ok and "load it with Load ControlNet Model (diff)" in str(result.error)
