@@ -116,6 +116,9 @@ class ModelFamily:
     unet_config: UNetConfig
     vae_config: VAEConfig
     zero_snr: bool = False  # trained on a zero-terminal-SNR schedule (a `ztsnr` marker in the file)
+    # Trained on continuous noise levels (EDM): (sigma_min, sigma_max, sigma_data); see `edm_settings`.
+    edm: tuple[float, float, float] | None = None
+    playground: bool = False  # Playground v2.5's latents: normalised per channel, not just scaled
 
     @property
     def latent_scale_factor(self) -> float:
@@ -211,6 +214,26 @@ def sampling_markers(prediction: str, zero_snr: bool) -> StateDict:
     return {name: torch.zeros(0) for name, on in (("v_pred", prediction == "v"), ("ztsnr", zero_snr)) if on}
 
 
+# Entries that mark an SDXL checkpoint trained EDM's way, as ComfyUI reads them: `edm_vpred.sigma_max` (and
+# `.sigma_min`): continuous-level v-prediction (CosXL); `edm_mean`/`edm_std`: Playground v2.5, EDM's own
+# prediction with sigma_data 0.5 on per-channel normalised latents.
+EDM_KEYS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min", "edm_mean", "edm_std")
+
+
+def edm_settings(state_dict: StateDict) -> tuple[str, tuple[float, float, float], bool] | None:
+    """(prediction, (sigma_min, sigma_max, sigma_data), Playground latents) of an EDM-trained checkpoint, or
+    None for one trained on SD's discrete schedule. Shapes-only tensors (a header read) give the defaults."""
+    def value(key: str, default: float) -> float:
+        tensor = state_dict.get(key)
+        return default if tensor is None or tensor.is_meta or tensor.numel() != 1 else float(tensor)
+
+    if "edm_vpred.sigma_max" in state_dict:
+        return "v", (value("edm_vpred.sigma_min", 0.002), value("edm_vpred.sigma_max", 120.0), 1.0), False
+    if "edm_mean" in state_dict and "edm_std" in state_dict:
+        return "edm", (0.002, 80.0, 0.5), True
+    return None
+
+
 def _prediction(rule: FamilyRule, metadata: dict[str, str], v_prediction: bool | None,
                 markers: Collection[str] = ()) -> str:
     """Explicit override, then a `v_pred` marker tensor, then file metadata (ours or ModelSpec's), then the
@@ -253,8 +276,12 @@ def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
     except (KeyError, StopIteration) as e:
         raise CheckpointError(f"incomplete {rule.name} checkpoint: no weight {e}") from None
     markers = [k for k in MARKERS if k in state_dict]
-    return ModelFamily(rule.name, _prediction(rule, metadata, v_prediction, markers), unet_config, vae_config,
-                       zero_snr="ztsnr" in markers)
+    prediction = _prediction(rule, metadata, v_prediction, markers)
+    edm = edm_settings(state_dict)
+    if edm is not None:
+        return ModelFamily(rule.name, edm[0] if v_prediction is None else prediction, unet_config, vae_config,
+                           edm=edm[1], playground=edm[2])
+    return ModelFamily(rule.name, prediction, unet_config, vae_config, zero_snr="ztsnr" in markers)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -374,7 +401,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
                         device, dtype)
     vae = _materialize(lambda: AutoencoderKL(family.vae_config),
                        _vae_attention_as_conv(_strip(sd, VAE_PREFIX)), "VAE", path, device, dtype)
-    used = {UNET_PREFIX + k for k in unet.state_dict()} | {VAE_PREFIX + k for k in vae.state_dict()} | set(MARKERS)
+    used = ({UNET_PREFIX + k for k in unet.state_dict()} | {VAE_PREFIX + k for k in vae.state_dict()} | set(MARKERS)
+            | set(EDM_KEYS))
     encoder = None
     if text_encoder:
         encoder, te_used = _load_text_encoder(sd, path, device, dtype)

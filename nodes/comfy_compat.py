@@ -35,7 +35,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
     "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
-    "ModelSamplingContinuousEDM", "ModelSamplingContinuousV", "ModelSamplingStableCascade",
+    "ModelSamplingContinuousV", "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
     "TomePatchModel",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance",

@@ -13,7 +13,7 @@ from torch import Tensor
 from ldm.sampling.schedules import DiscreteSchedule
 
 UNet = Callable[..., Tensor]
-PREDICTIONS = ("eps", "v", "x0", "lcm")
+PREDICTIONS = ("eps", "v", "x0", "lcm", "edm")
 
 
 @dataclass
@@ -60,14 +60,17 @@ def uniform_level(sigma: Tensor) -> float | None:
 
 
 class Denoiser:
-    """k-diffusion's preconditioning for a discrete-time LDM UNet, with sigma_data = 1.
+    """k-diffusion's preconditioning for an LDM UNet, with the schedule's sigma_data (1 but for EDM models).
 
-    The UNet sees `c_in * x` (the DDPM-scaled latent) and the continuous timestep of `sigma`;
-    for eps-prediction `x0 = x - sigma * eps`, for v-prediction (Salimans & Ho 2022)
-    `x0 = c_skip * x + c_out * v` with `c_skip = 1 / (sigma^2 + 1)`, `c_out = -sigma / sqrt(sigma^2 + 1)`;
-    x0-prediction gives x0 itself. "lcm" is eps-prediction with a latent consistency model's boundary
-    condition (Luo et al. 2023, Eq. 9; sigma_data 0.5, timesteps scaled by 10 as LCM's released models are):
-    `c_skip(t) * x + c_out(t) * x0`, so that the prediction at t = 0 is the input itself.
+    The UNet sees `c_in * x`, `c_in = 1 / sqrt(sigma^2 + sigma_data^2)` (with sigma_data 1, the DDPM-scaled
+    latent) and the schedule's timestep of `sigma`; for eps-prediction `x0 = x - sigma * eps`, for
+    v-prediction (Salimans & Ho 2022) `x0 = c_skip * x + c_out * v` with `c_skip = 1 / (sigma^2 + 1)`,
+    `c_out = -sigma / sqrt(sigma^2 + 1)`; x0-prediction gives x0 itself. "edm" is EDM's (Karras et al. 2022,
+    Table 1) `x0 = c_skip * x + c_out * F` with `c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)` and
+    `c_out = sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)`. "lcm" is eps-prediction with a latent
+    consistency model's boundary condition (Luo et al. 2023, Eq. 9; sigma_data 0.5, timesteps scaled by 10
+    as LCM's released models are): `c_skip(t) * x + c_out(t) * x0`, so that the prediction at t = 0 is the
+    input itself.
     """
 
     def __init__(
@@ -86,11 +89,14 @@ class Denoiser:
         if level is not None:
             return self.at_level(x, level, cond)
         sigma_ = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        c_in = (sigma_**2 + 1) ** -0.5
+        data = self.schedule.sigma_data
+        c_in = (sigma_**2 + data**2) ** -0.5
         t = self.schedule.unet_timestep(self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize))
         out = self._unet(x * c_in, t, cond, sigma)
         if self.prediction == "v":
             return x * c_in**2 - out * sigma_ * c_in
+        if self.prediction == "edm":
+            return x * (data * c_in) ** 2 + out * sigma_ * data * c_in
         if self.prediction == "x0":
             return out
         x0 = x - sigma_ * out
@@ -101,7 +107,7 @@ class Denoiser:
 
     def at_level(self, x: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         """The same for one noise level known on the host: scalar arithmetic, fewer tensor ops."""
-        c_in = (sigma**2 + 1) ** -0.5
+        c_in = (sigma**2 + self.schedule.sigma_data**2) ** -0.5
         return self._to_x0(x, self._unet_at_level(x * c_in, sigma, cond), sigma)
 
     def guided_at_level(self, x: Tensor, sigma: float, cond: Conditioning, cfg: float) -> Tensor:
@@ -111,7 +117,7 @@ class Denoiser:
         x0 is affine in the UNet's output with the same `x` on both sides, so guidance combines the
         raw outputs first and converts once: the same result in half the passes over the latent.
         """
-        c_in = (sigma**2 + 1) ** -0.5
+        c_in = (sigma**2 + self.schedule.sigma_data**2) ** -0.5
         x_in = x.expand(2, *x.shape).mul(c_in).flatten(0, 1)  # [x, x] * c_in in one op
         out = self._unet_at_level(x_in, sigma, cond)
         positive, negative = out.chunk(2)
@@ -143,7 +149,10 @@ class Denoiser:
             c_skip, c_out = _lcm_boundary(self.schedule.unet_timestep(self.schedule.sigma_to_t_scalar(
                 sigma, quantize=self.quantize)))
             return torch.add(x * (c_skip + c_out), out, alpha=-sigma * c_out)
-        c_in = (sigma**2 + 1) ** -0.5
+        c_in = (sigma**2 + self.schedule.sigma_data**2) ** -0.5
+        if self.prediction == "edm":
+            data = self.schedule.sigma_data
+            return torch.add(x * (data * c_in) ** 2, out, alpha=sigma * data * c_in)
         return torch.add(x * c_in**2, out, alpha=-sigma * c_in)
 
 

@@ -37,6 +37,7 @@ class DiscreteSchedule:
         # every `stride`-th level of the one it was trained on: see `distilled`).
         self.timestep_stride, self.timestep_offset = timestep_stride, timestep_offset
         self.zero_snr = False  # rescaled by `zero_terminal_snr`
+        self.sigma_data = 1.0  # the data's spread the model's preconditioning assumes (0.5 for EDM's)
         self.alphas_cumprod = alphas_cumprod.to(torch.float32)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
@@ -121,6 +122,56 @@ class DiscreteSchedule:
         high = t.ceil().long()
         w = t - low
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+class ContinuousSchedule(DiscreteSchedule):
+    """A model trained on continuous noise levels (EDM, Karras et al. 2022: CosXL, Playground v2.5), between
+    `sigma_min` and `sigma_max`: the UNet's timestep is 0.25 log(sigma), and the schedulers that walk a table
+    walk 1,000 levels spaced evenly in log(sigma) (ComfyUI's ModelSamplingContinuousEDM), so that position t in
+    the table is the level exp(log sigma_min + t / 999 * (log sigma_max - log sigma_min))."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 120.0, sigma_data: float = 1.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"sigma_min ({sigma_min}) must be above 0 and below sigma_max ({sigma_max})")
+        log_sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000, dtype=torch.float64)
+        super().__init__(alphas_cumprod=1 / (1 + log_sigmas.exp() ** 2))
+        self.sigmas, self.log_sigmas = log_sigmas.exp().float(), log_sigmas.float()
+        self._log_sigma_list = log_sigmas.tolist()
+        self.sigma_data = sigma_data
+        self.range = (sigma_min, sigma_max)
+
+    def _per_t(self) -> float:
+        return (self._log_sigma_list[-1] - self._log_sigma_list[0]) / (self.num_timesteps - 1)
+
+    def unet_timestep(self, t: Tensor | float) -> Tensor | float:
+        return 0.25 * (self._log_sigma_list[0] + t * self._per_t())
+
+    # Positions in the table are linear in log(sigma), and go on past its ends (the model takes any level).
+    def sigma_to_t(self, sigma: Tensor, quantize: bool = False) -> Tensor:
+        t = (sigma.to(torch.float32).log() - self._log_sigma_list[0]) / self._per_t()
+        return (t.round() if quantize else t).to(sigma.dtype)
+
+    def sigma_to_t_scalar(self, sigma: float, quantize: bool = False) -> float:
+        t = (math.log(sigma) - self._log_sigma_list[0]) / self._per_t() if sigma > 0 else -math.inf
+        return float(round(t)) if quantize else t
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return (self._log_sigma_list[0] + t.to(torch.float32) * self._per_t()).exp()
+
+    def sigma_at_percent(self, percent: float) -> float:
+        """Evenly in log(sigma) from sigma_max (0) to sigma_min (just before 1), as ComfyUI's."""
+        if percent <= 0.0:
+            return math.inf
+        if percent >= 1.0:
+            return 0.0
+        low, high = self._log_sigma_list[0], self._log_sigma_list[-1]
+        return math.exp(high + percent * (low - high))
+
+    def zero_terminal_snr(self) -> DiscreteSchedule:
+        raise ValueError("a continuous (EDM) schedule has no discrete last level to rescale to zero SNR")
+
+    def distilled(self, steps: int = 50) -> DiscreteSchedule:
+        raise ValueError("a continuous (EDM) schedule has no discrete levels to distil")
 
 
 def sigma_at_percent(percent: float, sigmas_by_t: Tensor, stride: int = 1, offset: int = 0) -> float:

@@ -48,7 +48,7 @@ def inpaint_concat(model: DiffusionModel, samples: torch.Tensor, mask: torch.Ten
     else:
         mask = _fit(mask.float().reshape(-1, 1, *mask.shape[-2:]), samples).round()
         image = (samples if masked_latent is None else _fit(masked_latent.float(), samples))
-        image = image * model.family.latent_scale_factor
+        image = model.latent_in(image)
     return torch.cat([mask, image], dim=1)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ldm.sampling.model_patches import SamplingPatches
-from ldm.sampling.schedules import DiscreteSchedule
+from ldm.sampling.schedules import ContinuousSchedule, DiscreteSchedule
 
 # SD's noise schedule, shared by every model that does not set its own (ModelSamplingDiscrete's zsnr does),
 # and its zero-terminal-SNR rescaling, for checkpoints marked as trained on it.
@@ -19,7 +19,14 @@ ZERO_SNR_SCHEDULE = DEFAULT_SCHEDULE.zero_terminal_snr()
 
 def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
+    if getattr(family, "edm", None) is not None:
+        return ContinuousSchedule(*family.edm)
     return ZERO_SNR_SCHEDULE if getattr(family, "zero_snr", False) else DEFAULT_SCHEDULE
+
+
+# Playground v2.5's latent normalisation (ComfyUI's SDXL_Playground_2_5): per channel, (z - mean) * 0.5 / std.
+PLAYGROUND_MEAN = (-1.6574, 1.886, -1.383, 2.5155)
+PLAYGROUND_STD = (8.4927, 5.9022, 6.5498, 5.2299)
 
 # Models are owned (and budgeted) by the model cache; an output-cache entry holding one costs little, plus the
 # weights it made itself (a LoRA's patched layers, a merge's mixed ones), which only that entry holds.
@@ -46,10 +53,31 @@ class DiffusionModel:
     prediction_type: str | None = None  # None: the family's
     sampling_patches: SamplingPatches = SamplingPatches()
     own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
+    playground_latents: bool | None = None  # None: the family's (ModelSamplingContinuousEDM sets it)
 
     @property
     def prediction(self) -> str:
         return self.prediction_type or self.family.prediction
+
+    def _latent_affine(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(shift, scale) from a LATENT's values (unscaled, as the VAE gives them) to the model's latents."""
+        playground = self.playground_latents if self.playground_latents is not None else self.family.playground
+        if not playground:
+            return 0.0, self.family.latent_scale_factor
+        shape = (1, -1, *[1] * (like.ndim - 2))
+        mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).reshape(shape)
+                     for v in (PLAYGROUND_MEAN, PLAYGROUND_STD))
+        return mean, 0.5 / std
+
+    def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
+        """A LATENT's values as the model samples them (ComfyUI's process_latent_in)."""
+        shift, scale = self._latent_affine(samples)
+        return (samples - shift) * scale
+
+    def latent_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's latents back as a LATENT's values (ComfyUI's process_latent_out)."""
+        shift, scale = self._latent_affine(x)
+        return x / scale + shift
 
     @property
     def needs_adm(self) -> bool:

@@ -1,6 +1,6 @@
 """Model patches: FreeU, FreeU_V2, PatchModelAddDownscale (Deep Shrink), RescaleCFG, PerturbedAttentionGuidance,
-SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete and DifferentialDiffusion. Each returns a new MODEL; the
-one it was given (which the cache may hold) is left as it was."""
+SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete, ModelSamplingContinuousEDM and DifferentialDiffusion.
+Each returns a new MODEL; the one it was given (which the cache may hold) is left as it was."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiff
 from ldm.sampling.model_patches import PerturbedAttentionGuidance as PerturbedAttention
 from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
 from ldm.sampling.model_patches import SelfAttentionGuidance as SelfAttention
+from ldm.sampling.schedules import ContinuousSchedule
 from nodes.node import Node
 from nodes.sd.latent import upscale_latent
 from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
@@ -185,6 +186,37 @@ class ModelSamplingDiscrete(Node):
         return (replace(model, schedule=schedule, prediction_type=_PREDICTIONS[sampling]),)
 
 
+class ModelSamplingContinuousEDM(Node):
+    """Samples the model as one trained on continuous noise levels between sigma_min and sigma_max (EDM: CosXL
+    with v_prediction, Playground v2.5, EDM-trained fine-tunes), with what it predicts."""
+
+    category = "advanced/model"
+    model = Socket("MODEL")
+    sampling = Combo(["v_prediction", "edm", "edm_playground_v2.5", "eps", "cosmap"])
+    sigma_max = Float(120.0, min=0.0, max=1000.0, step=0.001, round=False)
+    sigma_min = Float(0.002, min=0.0, max=1000.0, step=0.001, round=False)
+    outputs = (Output("MODEL"),)
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("sampling") == "cosmap":
+            return "sampling cosmap (cosine-mapped flow models) is not supported by Loom"
+        low, high = inputs.get("sigma_min"), inputs.get("sigma_max")
+        if isinstance(low, float) and isinstance(high, float) and not 0 < low < high:
+            return f"sigma_min ({low}) must be above 0 and below sigma_max ({high})"
+        return None
+
+    def execute(self, model: DiffusionModel, sampling: str, sigma_max: float,
+                sigma_min: float) -> tuple[DiffusionModel]:
+        if (problem := self.check_inputs({"sampling": sampling, "sigma_min": sigma_min, "sigma_max": sigma_max})):
+            raise ValueError(problem)
+        edm = sampling in ("edm", "edm_playground_v2.5")  # EDM's own prediction, on data of spread 0.5
+        schedule = ContinuousSchedule(sigma_min, sigma_max, 0.5 if edm else 1.0)
+        prediction = "edm" if edm else _PREDICTIONS[sampling]
+        playground = True if sampling == "edm_playground_v2.5" else None
+        return (replace(model, schedule=schedule, prediction_type=prediction, playground_latents=playground),)
+
+
 class DifferentialDiffusion(Node):
     """Differential Diffusion (Levin & Fried 2023): a soft inpainting mask becomes a per-pixel strength, each
     pixel repainted only over the last part of the run its mask value gives it."""
@@ -201,4 +233,5 @@ class DifferentialDiffusion(Node):
 
 
 NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
-                    SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete, DifferentialDiffusion]
+                    SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete, ModelSamplingContinuousEDM,
+                    DifferentialDiffusion]

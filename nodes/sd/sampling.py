@@ -123,10 +123,9 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]
-    scale = model.family.latent_scale_factor
     # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
     # updates of late steps. The UNet casts its input to its own dtype and its output back.
-    x = samples.to(device, torch.float32) * scale
+    x = model.latent_in(samples.to(device, torch.float32))
 
     last: list[torch.Tensor] = []
 
@@ -191,8 +190,8 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them
             control.release()
-    result = {**latent, "samples": (out.float() / scale).cpu()}
-    denoised = {**latent, "samples": (last[0].float() / scale).cpu()} if last else result
+    result = {**latent, "samples": model.latent_out(out.float()).cpu()}
+    denoised = {**latent, "samples": model.latent_out(last[0].float()).cpu()} if last else result
     return result, denoised
 
 

@@ -188,13 +188,12 @@ class AddNoise(Node):
         if not len(sigmas):
             return (latent_image,)
         samples = latent_image["samples"].to(torch.float32)
-        scale = model.family.latent_scale_factor
         if noise.enabled:
             drawn = prepare_noise(samples, noise.seed, latent_image.get("batch_index"))
         else:
             drawn = torch.zeros_like(samples)
         # In the model's latent space (scaled), as the sampler adds its noise; LATENT stays unscaled.
-        noisy = (samples * scale + drawn * added_noise_level(sigmas)) / scale
+        noisy = model.latent_out(model.latent_in(samples) + drawn * added_noise_level(sigmas))
         return ({**latent_image, "samples": torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0)},)
 
 

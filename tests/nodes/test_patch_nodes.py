@@ -191,3 +191,60 @@ def test_deep_shrink(engine):
     result = engine.run(parse_api(graph({"class_type": "PatchModelAddDownscale",
                                          "inputs": {**settings, "block_number": 20}})), keep=["6"])
     assert not result.ok and "block_number 20" in str(result.error) and "input blocks 0 to" in str(result.error)
+
+
+def test_model_sampling_continuous_edm(engine):
+    from ldm.sampling.schedules import ContinuousSchedule
+
+    plain = latent(engine, graph())
+    results = {}
+    for sampling in ("v_prediction", "edm", "eps"):
+        patch = {"class_type": "ModelSamplingContinuousEDM",
+                 "inputs": {"sampling": sampling, "sigma_max": 120.0, "sigma_min": 0.002}}
+        results[sampling] = latent(engine, graph(patch))
+        assert torch.isfinite(results[sampling]).all() and differ(results[sampling], plain)
+    assert differ(results["edm"], results["v_prediction"])
+    node = builtin_registry().get("ModelSamplingContinuousEDM")
+    assert "cosmap" in node.check_inputs({"sampling": "cosmap", "sigma_min": 0.002, "sigma_max": 120.0})
+    assert "sigma_min" in node.check_inputs({"sampling": "edm", "sigma_min": 5.0, "sigma_max": 1.0})
+    with pytest.raises(WorkflowInvalid, match="cosmap"):
+        engine.run(parse_api(graph({"class_type": "ModelSamplingContinuousEDM",
+                                    "inputs": {"sampling": "cosmap", "sigma_max": 120.0, "sigma_min": 0.002}})))
+    model = node().execute(_model(engine), "edm_playground_v2.5", 80.0, 0.002)[0]
+    assert isinstance(model.schedule, ContinuousSchedule) and model.schedule.sigma_data == 0.5
+    samples = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(model.latent_out(model.latent_in(samples)), samples)
+    # Playground's latents are normalised per channel: (z - mean) * 0.5 / std
+    assert torch.allclose(model.latent_in(torch.zeros(1, 4, 1, 1)).flatten(),
+                          torch.tensor([1.6574 * 0.5 / 8.4927, -1.886 * 0.5 / 5.9022, 1.383 * 0.5 / 6.5498,
+                                        -2.5155 * 0.5 / 5.2299]), atol=1e-6)
+
+
+def _model(engine):
+    loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}}
+    preview = {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}
+    result = engine.run(parse_api({"1": loader, "2": preview}), keep=["1"])
+    assert result.ok, result.error
+    return result.values["1"][0]
+
+
+def test_a_checkpoint_marked_as_edm_samples_on_its_continuous_schedule(engine):
+    """CosXL's `edm_vpred.sigma_max`/`sigma_min` entries: the loader gives the model its continuous schedule."""
+    import safetensors.torch
+
+    from ldm.checkpoint import load_state_dict, read_metadata
+    from ldm.sampling.schedules import ContinuousSchedule
+    from nodes.folders import get_paths
+
+    folder = get_paths().model_dirs("checkpoints")[0]
+    sd = {**load_state_dict(folder / "sd2.safetensors"), "edm_vpred.sigma_max": torch.tensor(120.0),
+          "edm_vpred.sigma_min": torch.tensor(0.002)}
+    safetensors.torch.save_file(sd, folder / "cosxl.safetensors", metadata=read_metadata(folder / "sd2.safetensors"))
+    loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "cosxl.safetensors"}}
+    result = engine.run(parse_api({"1": loader, "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}),
+                        keep=["1"])
+    model = result.values["1"][0]
+    assert isinstance(model.schedule, ContinuousSchedule) and model.schedule.range == pytest.approx((0.002, 120.0))
+    assert model.prediction == "v"
+    edm, plain = latent(engine, graph(ckpt="cosxl.safetensors")), latent(engine, graph(ckpt="sd2.safetensors"))
+    assert torch.isfinite(edm).all() and differ(edm, plain)
