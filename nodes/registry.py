@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "nodes.sd.sigmas",
     "nodes.sd.latent_ops",
     "nodes.sd.image_ops",
+    "nodes.sd.image_utils",
     "nodes.sd.animation",
     "nodes.sd.part_loaders",
     "nodes.sd.inpaint",
