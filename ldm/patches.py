@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ldm.attention import CrossAttention, SpatialTransformer
 from ldm.lora import shallow_copy
+from ldm.quant import dequantized_weight
 
 # Called as `h, skip = patch(h, skip)` just before an output block concatenates the decoder's features `h`
 # with the encoder's skip connection.
@@ -118,6 +119,25 @@ class FreeU:
             gain = b
         h = torch.cat([h[:, :half] * gain, h[:, half:]], dim=1)
         return h, fourier_filter(skip, threshold=1, scale=s)
+
+
+def scaled_layers_copy(module: nn.Module, factors: dict[str, float]) -> nn.Module:
+    """A copy of `module` in which each Linear layer whose path ends with a key of `factors` (e.g. "attn1.to_q",
+    "self_attn.out_proj") has its weight and bias multiplied by that factor (ComfyUI's attention multiply
+    nodes). The copy shares every other tensor; `module` itself is left as it was."""
+    scaled = {path: factor for path, layer in module.named_modules() if isinstance(layer, nn.Linear)
+              for suffix, factor in factors.items() if factor != 1.0 and path.endswith(suffix)}
+    if not scaled:
+        return module
+    copy = shallow_copy(module)
+    with torch.no_grad():
+        for path, factor in scaled.items():
+            layer = copy.get_submodule(path)
+            weight = dequantized_weight(layer)  # an fp8 layer's scaled weight is stored in full precision
+            layer._parameters["weight"] = nn.Parameter(weight * factor, requires_grad=False)
+            if layer.bias is not None:
+                layer._parameters["bias"] = nn.Parameter(layer.bias * factor, requires_grad=False)
+    return copy
 
 
 def perturbed_attention_copy(unet: nn.Module) -> nn.Module:

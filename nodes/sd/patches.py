@@ -1,13 +1,14 @@
 """Model patches: FreeU, FreeU_V2, PatchModelAddDownscale (Deep Shrink), RescaleCFG, PerturbedAttentionGuidance,
-SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete, ModelSamplingContinuousEDM and DifferentialDiffusion.
-Each returns a new MODEL; the one it was given (which the cache may hold) is left as it was."""
+SelfAttentionGuidance, HyperTile, the attention multiply nodes, ModelSamplingDiscrete, ModelSamplingContinuousEDM
+and DifferentialDiffusion. Each returns a new MODEL (or CLIP); the one it was given (which the cache may hold) is
+left as it was."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
 
-from ldm.patches import DeepShrink, with_input_block_patch, with_output_block_patch
+from ldm.patches import DeepShrink, scaled_layers_copy, with_input_block_patch, with_output_block_patch
 from ldm.patches import FreeU as FreeUPatch
 from ldm.patches import HyperTile as HyperTilePatch
 from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiffusionMask
@@ -17,7 +18,7 @@ from ldm.sampling.model_patches import SelfAttentionGuidance as SelfAttention
 from ldm.sampling.schedules import ContinuousSchedule
 from nodes.node import Node
 from nodes.sd.latent import upscale_latent
-from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
+from nodes.sd.models import DEFAULT_SCHEDULE, Clip, DiffusionModel
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
 
@@ -121,6 +122,57 @@ class PerturbedAttentionGuidance(Node):
         patches = model.sampling_patches
         patches = replace(patches, post_cfg=(*patches.post_cfg, PerturbedAttention(scale)))
         return (replace(model, sampling_patches=patches),)
+
+
+def _attention_factors(prefix: str, q: float, k: float, v: float, out: float, names: tuple[str, ...]) -> dict:
+    return {f"{prefix}.{name}": factor for name, factor in zip(names, (q, k, v, out), strict=True)}
+
+
+_UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class UNetSelfAttentionMultiply(Node):
+    """Scales the UNet's self-attention projections (query, key, value, output weights and biases)."""
+
+    category = "_for_testing"
+    model = Socket("MODEL")
+    q = Float(1.0, min=0.0, max=10.0, step=0.01)
+    k = Float(1.0, min=0.0, max=10.0, step=0.01)
+    v = Float(1.0, min=0.0, max=10.0, step=0.01)
+    out = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("MODEL"),)
+    attention = "attn1"
+
+    def execute(self, model: DiffusionModel, q: float, k: float, v: float, out: float) -> tuple[DiffusionModel]:
+        unet = scaled_layers_copy(model.unet, _attention_factors(self.attention, q, k, v, out, _UNET_ATTENTION))
+        if unet is model.unet:
+            return (model,)
+        return (model.with_unet(unet, f"{self.attention} x({q:g}, {k:g}, {v:g}, {out:g})"),)
+
+
+class UNetCrossAttentionMultiply(UNetSelfAttentionMultiply):
+    """Scales the UNet's cross-attention projections (query, key, value, output weights and biases)."""
+
+    attention = "attn2"
+
+
+class CLIPAttentionMultiply(Node):
+    """Scales the text encoders' self-attention projections (query, key, value, output weights and biases)."""
+
+    category = "_for_testing"
+    clip = Socket("CLIP")
+    q = Float(1.0, min=0.0, max=10.0, step=0.01)
+    k = Float(1.0, min=0.0, max=10.0, step=0.01)
+    v = Float(1.0, min=0.0, max=10.0, step=0.01)
+    out = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("CLIP"),)
+
+    def execute(self, clip: Clip, q: float, k: float, v: float, out: float) -> tuple[Clip]:
+        encoder = scaled_layers_copy(clip.encoder, _attention_factors("self_attn", q, k, v, out, _CLIP_ATTENTION))
+        if encoder is clip.encoder:
+            return (clip,)
+        return (clip.with_encoder(encoder, f"attention x({q:g}, {k:g}, {v:g}, {out:g})"),)
 
 
 class HyperTile(Node):
@@ -233,5 +285,5 @@ class DifferentialDiffusion(Node):
 
 
 NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
-                    SelfAttentionGuidance, HyperTile, ModelSamplingDiscrete, ModelSamplingContinuousEDM,
-                    DifferentialDiffusion]
+                    SelfAttentionGuidance, HyperTile, UNetSelfAttentionMultiply, UNetCrossAttentionMultiply,
+                    CLIPAttentionMultiply, ModelSamplingDiscrete, ModelSamplingContinuousEDM, DifferentialDiffusion]

@@ -170,3 +170,27 @@ def test_hypertile_copy_with_one_tile_is_the_unet_and_with_more_differs():
         assert rel_err(tiled(x, t, context), plain) > 1e-3
         assert unet(x, t, context).equal(plain)  # the original is untouched
     assert not getattr(tiled, "cuda_graphs_safe", True)
+
+
+def test_scaled_layers_copy_multiplies_only_the_named_projections():
+    from ldm.patches import scaled_layers_copy
+
+    unet = randomize_(UNetModel(CONFIG), torch.Generator().manual_seed(0)).eval()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    scaled = scaled_layers_copy(unet, {"attn1.to_q": 2.0, "attn1.to_out.0": 0.5, "attn1.to_k": 1.0})
+    after = scaled.state_dict()
+
+    def factor(key: str) -> float:
+        if key.endswith("attn1.to_q.weight"):
+            return 2.0
+        return 0.5 if key.endswith(("attn1.to_out.0.weight", "attn1.to_out.0.bias")) else 1.0
+
+    layers = sum(k.endswith("attn1.to_q.weight") for k in before)
+    assert layers and sum(factor(k) != 1.0 for k in before) == 3 * layers  # each attn1's q, out and out bias
+    for key, value in after.items():
+        torch.testing.assert_close(value, before[key] * factor(key))
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())  # the original is untouched
+    assert scaled_layers_copy(unet, {"attn1.to_q": 1.0}) is unet
+    x, t, context = _inputs()
+    with torch.no_grad():
+        assert rel_err(scaled(x, t, context), unet(x, t, context)) > 1e-3

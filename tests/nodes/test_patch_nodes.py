@@ -179,6 +179,26 @@ def test_hypertile(engine):
     assert torch.equal(latent(engine, graph({"class_type": "HyperTile", "inputs": small})), tiled)  # reproducible
 
 
+def test_attention_multiply_nodes(engine):
+    plain = latent(engine, graph())
+    neutral = {"q": 1.0, "k": 1.0, "v": 1.0, "out": 1.0}
+    for node in ("UNetSelfAttentionMultiply", "UNetCrossAttentionMultiply"):
+        assert same(latent(engine, graph({"class_type": node, "inputs": neutral})), plain)
+        assert differ(latent(engine, graph({"class_type": node, "inputs": {**neutral, "v": 3.0, "out": 2.0}})),
+                      plain)
+    def encoding(clip_patch: dict | None) -> torch.Tensor:
+        nodes = graph()
+        if clip_patch is not None:
+            nodes["5"] = {"class_type": "CLIPAttentionMultiply", "inputs": {"clip": ["1", 1], **clip_patch}}
+            nodes["2"]["inputs"]["clip"] = ["5", 0]
+        result = engine.run(parse_api(nodes), keep=["2"])
+        assert result.ok, result.error
+        return result.values["2"][0][0][0]
+
+    assert torch.equal(encoding(neutral), encoding(None))
+    assert differ(encoding({**neutral, "q": 2.0, "v": 0.5}), encoding(None))
+
+
 def test_deep_shrink(engine):
     plain = latent(engine, graph())
     settings = {"block_number": 2, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.5,
