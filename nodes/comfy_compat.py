@@ -38,6 +38,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ModelSamplingContinuousV", "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
     "TomePatchModel",
+    "PerpNeg",  # the deprecated model patch; PerpNegGuider does the same as a GUIDER
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
     "GITSScheduler",
     # hooks: LoRAs and model weights scheduled over the run or tied to one prompt (comfy_extras/nodes_hooks.py)

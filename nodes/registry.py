@@ -27,6 +27,7 @@ BUILTIN_MODULES = (
     "nodes.sd.preprocessors",
     "nodes.sd.upscale",
     "nodes.sd.patches",
+    "nodes.sd.guidance_nodes",
     "nodes.sd.merge",
     "nodes.sd.sigmas",
     "nodes.sd.latent_ops",

@@ -27,15 +27,16 @@ attention unchanged, or run in separate calls when that multiple would exceed 4x
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
-from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction
+from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
 
 CondList = list[tuple[Tensor, dict]]
 
@@ -198,6 +199,23 @@ class DualCfg:
     cfg_middle: float
     nested: bool = False
 
+    def combine(self, args: CfgArgs, middle: Tensor, guide: Callable[[CfgArgs], Tensor]) -> Tensor:
+        """The guided x0 from the positive and negative predictions in `args` and the middle one's."""
+        if self.nested:
+            return torch.lerp(args.uncond, guide(CfgArgs(args.x, args.sigma, args.cond, middle, args.cfg)),
+                              self.cfg_middle)
+        guided = guide(CfgArgs(args.x, args.sigma, middle, args.uncond, self.cfg_middle))
+        return guided + (args.cond - middle) * args.cfg
+
+
+class ThirdPrompt(Protocol):
+    """A third prompt, `middle`, predicted with the positive and negative ones and combined with them by
+    `combine` (DualCfg; PerpNeg in `guidance_patches`). `middle` is prepared for the model as a negative prompt."""
+
+    middle: CondList
+
+    def combine(self, args: CfgArgs, middle: Tensor, guide: Callable[[CfgArgs], Tensor]) -> Tensor: ...
+
 
 @dataclass
 class _Plan:
@@ -221,15 +239,17 @@ class CFGGuider:
     replaces the last step, the combination of the two sides' predictions; `post_cfg` functions then
     change the result, and may ask for one side's prediction by a patched copy of `module`, the UNet
     module behind the denoiser's (perhaps compiled or graphed) forward (see `model_patches.Predict`).
+    `pre_cfg` functions change the two sides' predictions before they are combined, each with a dict of its own
+    for this guider's lifetime (one sampling run).
     `keep_negative` runs the negative side even at cfg 1 (for those that read it); `dual` adds a third prompt
-    (see `DualCfg`); `concat` is an inpainting model's extra input for entries without their own.
+    (see `DualCfg`, `ThirdPrompt`); `concat` is an inpainting model's extra input for entries without their own.
     """
 
     def __init__(
         self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8,
         cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
-        module: Any = None, keep_negative: bool = False, dual: DualCfg | None = None,
-        concat: Tensor | None = None,
+        module: Any = None, keep_negative: bool = False, dual: ThirdPrompt | None = None,
+        concat: Tensor | None = None, pre_cfg: tuple[PreCfgFunction, ...] = (),
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -248,6 +268,8 @@ class CFGGuider:
         self.feather = feather
         self.cfg_function = cfg_function
         self.post_cfg = post_cfg
+        self.pre_cfg = pre_cfg
+        self._pre_cfg_state: list[dict] = [{} for _ in pre_cfg]  # per run: this guider is made for one
         self.module = module
         self._patched: dict[Any, CFGGuider] = {}  # per (transform, negative): a guider of one side by a patched copy
         self._plans: dict[tuple, _Plan] = {}
@@ -285,7 +307,7 @@ class CFGGuider:
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
         plan = self._plan(x, self._active(sigma, level))
-        if level is not None and plan.plain_cfg and self.cfg_function is None and not need_args:
+        if level is not None and plan.plain_cfg and self.cfg_function is None and not self.pre_cfg and not need_args:
             return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg), None
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
@@ -309,14 +331,12 @@ class CFGGuider:
         args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg)
         if len(preds) == 1:
             return preds[0] if self.cfg_function is None else self.cfg_function(args), args
+        if not isinstance(self.dual, DualCfg):  # ComfyUI's DualCFGGuider runs no pre-guidance functions
+            for patch, state in zip(self.pre_cfg, self._pre_cfg_state, strict=True):
+                args = patch(args, state)
         if self.dual is None:
             return self._guide(args), args
-        positive, negative, middle = preds
-        if self.dual.nested:
-            guided = self._guide(CfgArgs(x, sigma, positive, middle, self.cfg))
-            return torch.lerp(negative, guided, self.dual.cfg_middle), args
-        guided = self._guide(CfgArgs(x, sigma, middle, negative, self.dual.cfg_middle))
-        return guided + (positive - middle) * self.cfg, args
+        return self.dual.combine(args, preds[2], self._guide), args
 
     def _guide(self, args: CfgArgs) -> Tensor:
         """`uncond + cfg * (cond - uncond)`, or the model's guidance function."""

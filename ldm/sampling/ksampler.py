@@ -303,7 +303,7 @@ def sample(
         post_cfg = (capture, *post_cfg)
     guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
                        module=module, keep_negative=sampler_name in _CFG_PP or patches.keep_negative, dual=dual,
-                       concat=concat)
+                       concat=concat, pre_cfg=patches.pre_cfg)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 

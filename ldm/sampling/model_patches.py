@@ -28,6 +28,11 @@ class CfgArgs:
 
 # A guidance function returns the guided x0 in place of `uncond + cfg * (cond - uncond)`.
 CfgFunction = Callable[[CfgArgs], Tensor]
+# A pre-guidance function (ComfyUI's sampler_pre_cfg_function) maps the two sides' predictions to new ones before
+# they are combined; it runs only when the negative side was predicted. Its second argument is a dict that the
+# guider keeps for it over one sampling run and no longer (e.g. APG's momentum), so a patch object a cached model
+# holds stays stateless between runs.
+PreCfgFunction = Callable[[CfgArgs, dict], CfgArgs]
 # A post-guidance function maps the guided x0 to a new one. `predict(transform, at=None, negative=False)` is
 # the prediction of the positive prompt (or the negative) by the UNet module `transform(unet)`, e.g. a copy with
 # some layers patched, at the latent `at` (the call's own when None), at the call's noise level.
@@ -42,6 +47,7 @@ MaskFunction = Callable[[Tensor, float], Tensor]
 class SamplingPatches:
     cfg_function: CfgFunction | None = None
     post_cfg: tuple[PostCfgFunction, ...] = ()
+    pre_cfg: tuple[PreCfgFunction, ...] = ()  # applied in order, before cfg_function (APG, TCFG)
     denoise_mask: MaskFunction | None = None
     keep_negative: bool = False  # predict the negative prompt even at cfg 1, for a patch that reads it
 
