@@ -35,7 +35,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
     "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
-    "ModelSamplingContinuousV", "ModelSamplingStableCascade",
+    "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
     "TomePatchModel",
     "PerpNeg",  # the deprecated model patch; PerpNegGuider does the same as a GUIDER

@@ -174,6 +174,33 @@ class ContinuousSchedule(DiscreteSchedule):
         raise ValueError("a continuous (EDM) schedule has no discrete levels to distil")
 
 
+class ContinuousVSchedule(ContinuousSchedule):
+    """ComfyUI's ModelSamplingContinuousV: continuous levels whose UNet timestep is atan(sigma) * 2 / pi. Positions
+    are even in that timestep (so the normal scheduler spaces steps as ComfyUI's does), while the table the other
+    schedulers walk stays even in log(sigma)."""
+
+    def _atan_range(self) -> tuple[float, float]:
+        return math.atan(self.range[0]), math.atan(self.range[1])
+
+    def _per_t(self) -> float:
+        low, high = self._atan_range()
+        return (high - low) / (self.num_timesteps - 1)
+
+    def unet_timestep(self, t: Tensor | float) -> Tensor | float:
+        return (self._atan_range()[0] + t * self._per_t()) * 2 / math.pi
+
+    def sigma_to_t(self, sigma: Tensor, quantize: bool = False) -> Tensor:
+        t = (sigma.to(torch.float32).atan() - self._atan_range()[0]) / self._per_t()
+        return (t.round() if quantize else t).to(sigma.dtype)
+
+    def sigma_to_t_scalar(self, sigma: float, quantize: bool = False) -> float:
+        t = (math.atan(sigma) - self._atan_range()[0]) / self._per_t()
+        return float(round(t)) if quantize else t
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return (self._atan_range()[0] + t.to(torch.float32) * self._per_t()).tan()
+
+
 def sigma_at_percent(percent: float, sigmas_by_t: Tensor, stride: int = 1, offset: int = 0) -> float:
     """The noise level `percent` of the way through sampling (0: the start, pure noise, given as inf; 1: the
     end, 0), from the model's discrete sigmas (ComfyUI's percent_to_sigma): the UNet timestep

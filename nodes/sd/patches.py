@@ -1,5 +1,5 @@
 """Model patches: FreeU, FreeU_V2, PatchModelAddDownscale (Deep Shrink), RescaleCFG, PerturbedAttentionGuidance,
-SelfAttentionGuidance, HyperTile, the attention multiply nodes, ModelSamplingDiscrete, ModelSamplingContinuousEDM
+SelfAttentionGuidance, HyperTile, the attention multiply nodes, ModelSamplingDiscrete, ModelSamplingContinuousEDM/V
 and DifferentialDiffusion. Each returns a new MODEL (or CLIP); the one it was given (which the cache may hold) is
 left as it was."""
 
@@ -15,7 +15,7 @@ from ldm.sampling.model_patches import DifferentialDiffusion as DifferentialDiff
 from ldm.sampling.model_patches import PerturbedAttentionGuidance as PerturbedAttention
 from ldm.sampling.model_patches import RescaleCFG as RescaleCFGFunction
 from ldm.sampling.model_patches import SelfAttentionGuidance as SelfAttention
-from ldm.sampling.schedules import ContinuousSchedule
+from ldm.sampling.schedules import ContinuousSchedule, ContinuousVSchedule
 from nodes.node import Node
 from nodes.sd.latent import upscale_latent
 from nodes.sd.models import DEFAULT_SCHEDULE, Clip, DiffusionModel
@@ -269,6 +269,31 @@ class ModelSamplingContinuousEDM(Node):
         return (replace(model, schedule=schedule, prediction_type=prediction, playground_latents=playground),)
 
 
+class ModelSamplingContinuousV(Node):
+    """Samples the model as a v-prediction one trained on continuous noise levels between sigma_min and sigma_max,
+    its timestep atan(sigma) * 2 / pi."""
+
+    category = "advanced/model"
+    model = Socket("MODEL")
+    sampling = Combo(["v_prediction"])
+    sigma_max = Float(500.0, min=0.0, max=1000.0, step=0.001, round=False)
+    sigma_min = Float(0.03, min=0.0, max=1000.0, step=0.001, round=False)
+    outputs = (Output("MODEL"),)
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        low, high = inputs.get("sigma_min"), inputs.get("sigma_max")
+        if isinstance(low, float) and isinstance(high, float) and not 0 < low < high:
+            return f"sigma_min ({low}) must be above 0 and below sigma_max ({high})"
+        return None
+
+    def execute(self, model: DiffusionModel, sampling: str, sigma_max: float,
+                sigma_min: float) -> tuple[DiffusionModel]:
+        if (problem := self.check_inputs({"sigma_min": sigma_min, "sigma_max": sigma_max})):
+            raise ValueError(problem)
+        return (replace(model, schedule=ContinuousVSchedule(sigma_min, sigma_max), prediction_type="v"),)
+
+
 class DifferentialDiffusion(Node):
     """Differential Diffusion (Levin & Fried 2023): a soft inpainting mask becomes a per-pixel strength, each
     pixel repainted only over the last part of the run its mask value gives it."""
@@ -286,4 +311,5 @@ class DifferentialDiffusion(Node):
 
 NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
                     SelfAttentionGuidance, HyperTile, UNetSelfAttentionMultiply, UNetCrossAttentionMultiply,
-                    CLIPAttentionMultiply, ModelSamplingDiscrete, ModelSamplingContinuousEDM, DifferentialDiffusion]
+                    CLIPAttentionMultiply, ModelSamplingDiscrete, ModelSamplingContinuousEDM, ModelSamplingContinuousV,
+                    DifferentialDiffusion]

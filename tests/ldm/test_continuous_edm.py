@@ -89,3 +89,18 @@ def test_cosxl_and_playground_checkpoints_are_known_by_their_entries(tmp_path):
     assert (loaded.family.prediction, loaded.family.edm, loaded.family.playground) == ("edm", (0.002, 80.0, 0.5),
                                                                                        True)
     assert not any(k.startswith("edm_") for k in loaded.unused_keys)
+
+
+def test_the_continuous_v_schedule_steps_evenly_in_atan_sigma_as_comfyuis_normal_scheduler():
+    from ldm.sampling.schedules import ContinuousVSchedule
+
+    schedule = ContinuousVSchedule(0.03, 500.0)
+    for sigma in (0.01, 0.5, 14.6, 800.0):
+        timestep = schedule.unet_timestep(schedule.sigma_to_t_scalar(sigma))
+        assert timestep == pytest.approx(math.atan(sigma) * 2 / math.pi)
+        t = schedule.sigma_to_t(torch.tensor([sigma]))
+        assert float(schedule.t_to_sigma(t)) == pytest.approx(sigma, rel=1e-4)
+    # ComfyUI's normal scheduler: timesteps evenly from timestep(sigma_max) to timestep(sigma_min), then sigma(t)
+    expected = torch.linspace(math.atan(500.0), math.atan(0.03), 6).tan()
+    torch.testing.assert_close(get_sigmas("normal", schedule, 6)[:-1], expected.float(), rtol=1e-4, atol=1e-6)
+    assert schedule.sigma_at_percent(0.5) == pytest.approx(math.sqrt(0.03 * 500.0))  # even in log(sigma)

@@ -224,6 +224,9 @@ def test_model_sampling_continuous_edm(engine):
         results[sampling] = latent(engine, graph(patch))
         assert torch.isfinite(results[sampling]).all() and differ(results[sampling], plain)
     assert differ(results["edm"], results["v_prediction"])
+    continuous_v = {"class_type": "ModelSamplingContinuousV",
+                    "inputs": {"sampling": "v_prediction", "sigma_max": 500.0, "sigma_min": 0.03}}
+    assert differ(latent(engine, graph(continuous_v)), results["v_prediction"])
     node = builtin_registry().get("ModelSamplingContinuousEDM")
     assert "cosmap" in node.check_inputs({"sampling": "cosmap", "sigma_min": 0.002, "sigma_max": 120.0})
     assert "sigma_min" in node.check_inputs({"sampling": "edm", "sigma_min": 5.0, "sigma_max": 1.0})
