@@ -40,7 +40,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "TomePatchModel",
     "PerpNeg",  # the deprecated model patch; PerpNegGuider does the same as a GUIDER
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
-    "GITSScheduler",
+    "GITSScheduler", "SamplerLCMUpscale",
     # hooks: LoRAs and model weights scheduled over the run or tied to one prompt (comfy_extras/nodes_hooks.py)
     "CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly",
     "SetHookKeyframes", "CreateHookKeyframe", "CreateHookKeyframesInterpolated", "CreateHookKeyframesFromFloats",

@@ -45,13 +45,18 @@ def _uncond(uncond: UncondCapture | None) -> Tensor:
 @torch.no_grad()
 def sample_euler_cfg_pp(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                         callback: Callback = None, disable: bool | None = None,
-                        uncond: UncondCapture | None = None) -> Tensor:
-    """CFG++ with Euler steps (the paper's Algorithm 1 in sigma form): x' = x0_guided + sigma' * eps_uncond."""
+                        uncond: UncondCapture | None = None, alternative: bool = False) -> Tensor:
+    """CFG++ with Euler steps (the paper's Algorithm 1 in sigma form): x' = x0_guided + sigma' * eps_uncond.
+    `alternative` is ComfyUI's other form (SamplerEulerCFG++'s "alternative" version): an Euler step along
+    (x - x0_guided + x0_uncond - x0_guided) / sigma."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
         _report(callback, i, x, s[i], s[i], denoised)
-        x = denoised + (x - _uncond(uncond)) * (s[i + 1] / s[i])
+        if alternative:
+            x = x + (x - 2 * denoised + _uncond(uncond)) * ((s[i + 1] - s[i]) / s[i])
+        else:
+            x = denoised + (x - _uncond(uncond)) * (s[i + 1] / s[i])
     return x
 
 

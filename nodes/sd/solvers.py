@@ -1,5 +1,5 @@
-"""Sampler nodes for the newer stochastic solvers, with ComfyUI's names and inputs: SamplerER_SDE, SamplerSASolver
-and SamplerSEEDS2. Each makes a SAMPLER for SamplerCustom and SamplerCustomAdvanced."""
+"""Sampler nodes for the newer solvers, with ComfyUI's names and inputs: SamplerER_SDE, SamplerSASolver,
+SamplerSEEDS2 and SamplerEulerCFGpp. Each makes a SAMPLER for SamplerCustom and SamplerCustomAdvanced."""
 
 from __future__ import annotations
 
@@ -79,4 +79,17 @@ class SamplerSEEDS2(Node):
         return (SamplerChoice("seeds_2", {"solver_type": solver_type, "eta": eta, "s_noise": s_noise, "r": r}),)
 
 
-NODES: list[Any] = [SamplerER_SDE, SamplerSASolver, SamplerSEEDS2]
+class SamplerEulerCFGpp(Node):
+    """Euler with CFG++ (Chung et al. 2024), for cfg about 1 to 2: the paper's steps ("regular", the euler_cfg_pp
+    sampler) or ComfyUI's alternative form."""
+
+    display_name = "SamplerEulerCFG++"
+    category = "_for_testing"
+    version = Combo(["regular", "alternative"])
+    outputs = (Output("SAMPLER"),)
+
+    def execute(self, version: str) -> tuple[SamplerChoice]:
+        return (SamplerChoice("euler_cfg_pp", {"alternative": True} if version == "alternative" else {}),)
+
+
+NODES: list[Any] = [SamplerER_SDE, SamplerSASolver, SamplerSEEDS2, SamplerEulerCFGpp]

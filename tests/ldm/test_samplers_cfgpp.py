@@ -42,6 +42,19 @@ def test_euler_cfg_pp_one_step_by_hand():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_euler_cfg_pp_alternative_one_step_by_hand_and_euler_when_the_predictions_agree():
+    """ComfyUI's "alternative" SamplerEulerCFG++: an Euler step along (x - 2 x0_guided + x0_uncond) / sigma."""
+    model, capture = _model(0.2)
+    x = torch.randn(1, 4, 4, 4)
+    out = sample_euler_cfg_pp(model, x, SIGMAS[:2], uncond=capture, alternative=True)
+    s0, s1 = SIGMAS[:2].tolist()
+    denoised = 0.5 * x + 0.1 * torch.sin(x)
+    assert torch.allclose(out, x + (x - 2 * denoised + 0.2 * x) * ((s1 - s0) / s0), atol=1e-6)
+    agreeing, capture = _model(None)
+    torch.testing.assert_close(sample_euler_cfg_pp(agreeing, x, SIGMAS, uncond=capture, alternative=True),
+                               samplers.sample_euler(agreeing, x, SIGMAS))
+
+
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m"])
 def test_cfg_pp_with_the_guided_prediction_as_unconditional_is_the_plain_sampler(name):
     model, capture = _model(None)

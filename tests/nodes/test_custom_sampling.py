@@ -322,3 +322,17 @@ def test_sa_solver_node_refuses_an_sde_window_that_ends_before_it_starts(engine)
     graph = {**prompts(), **advanced(node), "15": {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}}
     with pytest.raises(WorkflowInvalid, match=r"sde_start_percent \(0.9\) must not be after sde_end_percent"):
         engine.run(parse_api(graph))
+
+
+def test_sampler_euler_cfg_pp_node_regular_is_the_ksamplers_and_alternative_another(engine):
+    guider = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": 1.5}}
+
+    def run_version(version: str):
+        graph = {**prompts(), **advanced({"class_type": "SamplerEulerCFGpp", "inputs": {"version": version}},
+                                         guider=guider)}
+        return run(engine, graph, "14")[0][0]["samples"]
+
+    [(expected,)] = run(engine, {**prompts(), "5": ksampler("euler_cfg_pp", cfg=1.5)}, "5")
+    assert torch.equal(run_version("regular"), expected["samples"])
+    assert not torch.allclose(run_version("alternative"), expected["samples"])
