@@ -74,8 +74,12 @@ class ControlNet(nn.Module):
         per UNet input block, then the middle block's (`UNetModel.forward`'s `control`)."""
         dtype = self.dtype
         emb = embed(self, self.config, timesteps, y, dtype)
+        return self.encode(x, self.input_hint_block(hint.to(dtype)), emb, context)
+
+    def encode(self, x: Tensor, guided: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
+        """The residuals from the UNet encoder's copy, the hint's features `guided` added after its first block."""
+        dtype = self.dtype
         context = context.to(dtype)
-        guided = self.input_hint_block(hint.to(dtype))
         h = x.to(dtype)
         outs = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):

@@ -128,20 +128,10 @@ class UnionControlNet(ControlNet):
         dtype = self.dtype
         emb = embed(self, self.config, timesteps, y, dtype)
         emb = emb + self.control_add_embedding(control_type, x.shape[0], dtype, x.device)
-        context = context.to(dtype)
         guided = self.input_hint_block(hint.to(dtype))
         if control_type is not None:
             guided = guided + self._type_offset(guided, control_type)
-        h = x.to(dtype)
-        outs = []
-        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
-            h = block(h, emb, context)
-            if i == 0:
-                h = h + guided
-            outs.append(zero_conv(h))
-        h = self.middle_block(h, emb, context)
-        outs.append(self.middle_block_out(h))
-        return outs
+        return self.encode(x, guided, emb, context)
 
     def _type_offset(self, features: Tensor, control_type: int) -> Tensor:
         """The per-channel offset [B, C, 1, 1] that the hint's token, typed and transformed, adds to its features."""
