@@ -15,22 +15,24 @@ import torch
 from torch import nn
 
 
-def compiled_unet(unet: nn.Module, mode: str | None = None) -> Callable[..., torch.Tensor]:
+def compiled_unet(unet: nn.Module, mode: str | None = None, backend: str = "inductor") -> Callable[..., torch.Tensor]:
     """The compiled forward of `unet` (compiled lazily, at its first call for each shape).
 
     `mode` is torch.compile's ("max-autotune", "reduce-overhead" for CUDA graphs, ...); None is the
-    default inductor mode. Weights are read at call time, so moving the module between devices is
-    allowed (it re-specialises once per device).
+    default inductor mode. `backend` is torch.compile's too ("inductor", "cudagraphs"); a module keeps the
+    forward of one backend, the last asked for. Weights are read at call time, so moving the module between
+    devices is allowed (it re-specialises once per device).
     """
     owner, fn = getattr(unet, "_loom_compiled", (None, None))
-    if owner != id(unet) or fn is None:
-        fn = torch.compile(unet, mode=mode, dynamic=False)
-        unet.__dict__["_loom_compiled"] = (id(unet), fn)  # not a submodule: kept out of state_dict()
+    if owner != (id(unet), backend) or fn is None:
+        fn = torch.compile(unet, mode=mode, dynamic=False, backend=backend)
+        unet.__dict__["_loom_compiled"] = ((id(unet), backend), fn)  # not a submodule: kept out of state_dict()
     return fn
 
 
 def is_compiled(unet: nn.Module) -> bool:
-    return getattr(unet, "_loom_compiled", (None,))[0] == id(unet)
+    owner = getattr(unet, "_loom_compiled", (None,))[0]
+    return owner is not None and owner[0] == id(unet)
 
 
 def forget_compiled(unet: nn.Module) -> None:

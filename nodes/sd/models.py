@@ -54,6 +54,7 @@ class DiffusionModel:
     sampling_patches: SamplingPatches = SamplingPatches()
     own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
     playground_latents: bool | None = None  # None: the family's (ModelSamplingContinuousEDM sets it)
+    compile_backend: str | None = None  # TorchCompileModel's: torch.compile the UNet with it (as --compile does)
 
     @property
     def prediction(self) -> str:

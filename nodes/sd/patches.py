@@ -294,6 +294,19 @@ class ModelSamplingContinuousV(Node):
         return (replace(model, schedule=ContinuousVSchedule(sigma_min, sigma_max), prediction_type="v"),)
 
 
+class TorchCompileModel(Node):
+    """Runs the model's UNet through torch.compile (as `--compile` does for every model): slow at the first run
+    of each image size, faster after. The cudagraphs backend needs a CUDA GPU; elsewhere the model runs eagerly."""
+
+    category = "_for_testing"
+    model = Socket("MODEL")
+    backend = Combo(["inductor", "cudagraphs"])
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, backend: str) -> tuple[DiffusionModel]:
+        return (replace(model, compile_backend=backend),)
+
+
 class DifferentialDiffusion(Node):
     """Differential Diffusion (Levin & Fried 2023): a soft inpainting mask becomes a per-pixel strength, each
     pixel repainted only over the last part of the run its mask value gives it."""
@@ -312,4 +325,4 @@ class DifferentialDiffusion(Node):
 NODES: list[Any] = [FreeU, FreeU_V2, PatchModelAddDownscale, RescaleCFG, PerturbedAttentionGuidance,
                     SelfAttentionGuidance, HyperTile, UNetSelfAttentionMultiply, UNetCrossAttentionMultiply,
                     CLIPAttentionMultiply, ModelSamplingDiscrete, ModelSamplingContinuousEDM, ModelSamplingContinuousV,
-                    DifferentialDiffusion]
+                    TorchCompileModel, DifferentialDiffusion]

@@ -160,17 +160,20 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         # Channels-last pays under CUDA graphs only: its group norm launches more, smaller kernels, and
         # launches are what a step without graphs waits on. A ControlNet's residuals change every step,
         # so those runs launch eagerly, in NCHW. Not measured with --compile: left NCHW.
-        if device.type == "cuda" and not options.compile:
+        if device.type == "cuda" and not options.compile and model.compile_backend is None:
             from ldm.layout import use_channels_last, use_nchw
 
             if options.channels_last and graphs and not controls:
                 use_channels_last(module)  # before the graphs: they capture the weights' storage
             else:
                 use_nchw(module)  # back from an earlier run's channels-last, if there was one
-        if devices.options.compile:
+        backend = model.compile_backend or ("inductor" if options.compile else None)
+        if backend == "cudagraphs" and device.type != "cuda":
+            backend = None  # torch's cudagraphs backend needs a CUDA device: eager, as the node's tooltip says
+        if backend is not None:
             from ldm.compile import compiled_unet
 
-            unet = compiled_unet(module)
+            unet = compiled_unet(module, backend=backend)
         if graphs:
             from ldm.cuda_graphs import graphed_unet
 

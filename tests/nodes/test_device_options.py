@@ -155,3 +155,23 @@ def test_compile_makes_the_same_image_and_later_runs_reuse_it(base):
     result = engine.run(parse_api(graph), keep=["8"])
     assert result.ok, result.error
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_torch_compile_model_node_compiles_that_model_alone(base):
+    """ComfyUI's TorchCompileModel: the same image as eager, through the compiled forward of that model's UNet;
+    the cudagraphs backend, which needs CUDA, leaves a CPU run eager."""
+    from ldm.compile import is_compiled
+
+    eager, _ = image(base)
+    for backend, compiled_expected in (("cudagraphs", False), ("inductor", True)):
+        graph = txt2img()
+        graph["20"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["4", 0], "backend": backend}}
+        graph["3"]["inputs"]["model"] = ["20", 0]
+        services = Services.create(base, force_cpu=True)
+        result = Executor(builtin_registry(), services=services).run(parse_api(graph), keep=["8"])
+        assert result.ok, result.error
+        torch.testing.assert_close(result.values["8"][0], eager, rtol=0, atol=1e-4)
+        [unet] = [m for m in services.devices.resident() if type(m).__name__ == "UNetModel"]
+        assert is_compiled(unet) == compiled_expected
