@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -48,8 +48,9 @@ class WeightPatch:
         return self.alpha / rank if self.alpha is not None and rank else 1.0
 
     def patched(self, weight: Tensor, strength: float) -> Tensor:
-        """The patched weight, in fp32. With DoRA, W + d is renormalised to dora_scale per channel and strength
-        blends towards that result, as ComfyUI does."""
+        """The patched weight, in fp32. With DoRA, W + d is renormalised to dora_scale per channel (the merged
+        weight's norm, as LyCORIS and the paper take it; ComfyUI's older code took the original weight's for
+        per-output-channel magnitudes) and strength blends towards that result, as ComfyUI does."""
         base = weight.float()
         delta = self.delta(weight.shape).to(base.device)
         if self.dora_scale is None:
@@ -58,7 +59,7 @@ class WeightPatch:
         magnitude = self.dora_scale.float().to(base.device)
         if magnitude.shape[0] == merged.shape[0] and magnitude[0].numel() == 1:  # one magnitude per output channel
             norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
-        else:  # per input channel (kohya's and ComfyUI's layout: [1, in, ...])
+        else:  # per input channel (kohya's layout, [1, in, ...], the one ComfyUI reads)
             norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (merged.dim() - 2))
         decomposed = merged * (magnitude.reshape(norm.shape) / norm)
         return base + strength * (decomposed - base)
@@ -149,7 +150,8 @@ class LokrWeight(WeightPatch):
         else:
             w2 = self.w2_a.float() @ self.w2_b.float()
         w2 = w2.reshape(w2.shape[0], -1)  # kron of [o1, i1] and [o2, i2*kh*kw] lays out as [o1*o2, i1*i2, kh, kw]
-        rank = self.w1_b.shape[0] if self.w1_b is not None else self.w2_b.shape[0] if self.w2_b is not None else None
+        # The rank of a low-rank factor, w2's first where both are (ComfyUI's order; files give both one rank).
+        rank = self.w2_b.shape[0] if self.w2_b is not None else self.w1_b.shape[0] if self.w1_b is not None else None
         return (torch.kron(w1, w2) * self.scaled(rank)).reshape(shape)
 
 
@@ -175,6 +177,14 @@ class Lora:
     unknown_keys: list[str] = field(default_factory=list)  # tensors that are not understood as LoRA weights
     path: Path | None = None
     sources: dict[str, list[str]] = field(default_factory=dict)  # module name -> its keys in the file
+    # Modules whose tensors make no whole patch (half a LoHa, a pair without its up), or malformed ones: their
+    # keys, which are in `unknown_keys` too.
+    incomplete: dict[str, list[str]] = field(default_factory=dict)
+
+    def incomplete_note(self, most: int = 3) -> str:
+        """What the incomplete modules hold, e.g. `lora_unet_x (only .hada_w1_a, .hada_w1_b)`; "" for none."""
+        return "; ".join(f"{name} (only {', '.join(k[len(name):] for k in keys)})"
+                         for name, keys in list(self.incomplete.items())[:most])
 
 
 # Key suffix -> role, longest first where one ends another. The low-rank pair's up/down come in several layouts.
@@ -221,6 +231,9 @@ def load_lora(path: str | Path) -> Lora:
     """Read a LoRA file, grouping its tensors per patched module; other tensors land in unknown_keys. A file
     with no LoRA pair at all (a checkpoint or an upscaler put among the LoRAs) is refused."""
     lora = lora_from_state_dict(load_state_dict(path), Path(path))
+    if not lora.weights and lora.incomplete:
+        raise LoraError(f"{Path(path).name} holds only incomplete or malformed LoRA weights, e.g. "
+                        f"{lora.incomplete_note()}")
     if not lora.weights:
         raise LoraError(f"{Path(path).name} holds no LoRA weights (lora_down/lora_up or lora_A/lora_B pairs, "
                         "LyCORIS LoHa/LoKr/full weights): "
@@ -246,14 +259,18 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], path: Path | None = None) 
             continue
         parts.setdefault(split[0], {})[split[1]] = tensor
         sources.setdefault(split[0], []).append(key)
-    weights = {}
+    weights, incomplete = {}, {}
     for name, p in parts.items():
-        patch = _patch(p)
+        try:
+            patch = _patch(p)
+        except (IndexError, RuntimeError):  # a factor of the wrong rank (dimensions) for its kind
+            patch = None
         if patch is None:
-            unknown += sources.pop(name)
+            incomplete[name] = sorted(sources.pop(name))
+            unknown += incomplete[name]
         else:
             weights[name] = patch
-    return Lora(weights, sorted(unknown), path, sources)
+    return Lora(weights, sorted(unknown), path, sources, incomplete)
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -361,7 +378,18 @@ def _misfit(patch: WeightPatch, layer: nn.Module) -> str | None:
     channels = weight.shape[:2] if weight.dim() > 1 else ()
     if patch.dora_scale is not None and patch.dora_scale.numel() not in channels:
         return f"DoRA magnitudes {tuple(patch.dora_scale.shape)}, model {tuple(weight.shape)}"
+    try:  # its factors' inner sizes (ranks, Tucker cores): computed on shapes alone
+        _on_meta(patch).delta(weight.shape)
+    except RuntimeError as e:
+        return f"factors that do not fit together ({str(e).splitlines()[0]})"
     return None
+
+
+def _on_meta(patch: WeightPatch) -> WeightPatch:
+    """The same patch with shape-only tensors."""
+    tensors = {f.name: getattr(patch, f.name).to("meta") for f in fields(patch)
+               if f.init and isinstance(getattr(patch, f.name), Tensor)}
+    return replace(patch, **tensors)
 
 
 def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
@@ -379,8 +407,10 @@ def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
         matched[path] = patch
     if wrong:
         source = lora.path.name if lora.path else "LoRA"
-        raise LoraError(f"{source} does not fit this model ({len(wrong)} shape mismatches, e.g. "
-                        f"{'; '.join(wrong[:3])}); it is probably for another model family")
+        why = ("it is probably for another model family" if len(wrong) * 2 > len(matched)
+               else "the rest fit: the file is probably damaged")
+        raise LoraError(f"{source} does not fit this model ({len(wrong)} of its {len(matched)} layers do not, e.g. "
+                        f"{'; '.join(wrong[:3])}); {why}")
     return matched
 
 

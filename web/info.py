@@ -30,7 +30,7 @@ async def object_info_one(request: web.Request) -> web.Response:
     registry = request.app[STATE].registry
     name = request.match_info["node_class"]
     if name not in registry:
-        raise json_error(404, "unknown_node", f"no node type named {name!r}")
+        return web.json_response({})  # ComfyUI's answer for a name it does not know: an empty object
     return web.json_response(registry.object_info(name), dumps=dumps)
 
 

@@ -75,13 +75,17 @@ def _searched(kind: str) -> str:
     """The folders of one model kind, relative to the base folder: an error answer may go to a remote client,
     which has no business knowing where the server's files are. Folders elsewhere show their last two parts."""
     paths = get_paths()
+    bundled = paths.bundled_models / kind if paths.bundled_models else None
     shown = []
     for folder in paths.model_dirs(kind):
+        if folder == bundled:
+            shown.append("Loom's bundled models")
+            continue
         try:
             shown.append(str(folder.relative_to(paths.base)))
         except ValueError:
             shown.append(f".../{folder.parent.name}/{folder.name}")
-    return ", ".join(shown)
+    return ", ".join(dict.fromkeys(shown))
 
 
 class CheckpointLoaderSimple(Node):
@@ -285,12 +289,20 @@ class LoraLoader(Node):
         if len(unmatched) == len([k for keys in lora.sources.values() for k in keys]) + len(lora.unknown_keys):
             raise LoraError(f"{lora_name} patches no layer of this model ({model.family.name.upper()}): it is a "
                             "LoRA for another kind of model")
-        if unmatched:
-            log.warning("%s: %d keys patch nothing in this model, e.g. %s", lora_name, len(unmatched), unmatched[:3])
+        _warn_incomplete(lora_name, lora)
+        left = sorted(set(unmatched) - {k for keys in lora.incomplete.values() for k in keys})
+        if left:
+            log.warning("%s: %d keys patch nothing in this model, e.g. %s", lora_name, len(left), left[:3])
         with torch.no_grad():
             unet = apply_lora(model.unet, lora, strength_model)
             encoder = apply_lora(clip.encoder, lora, strength_clip)
         return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
+
+
+def _warn_incomplete(lora_name: str, lora: Any) -> None:
+    if lora.incomplete:
+        log.warning("%s: %d layers have incomplete or malformed weights and are left out, e.g. %s", lora_name,
+                    len(lora.incomplete), lora.incomplete_note())
 
 
 class LoraLoaderModelOnly(Node):
@@ -315,6 +327,7 @@ class LoraLoaderModelOnly(Node):
         path = model_path("loras", lora_name)
         lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
         check_lora_family(lora, model.family.name)
+        _warn_incomplete(lora_name, lora)
         if not match_lora(model.unet, lora):
             log.warning("%s: no key patches this model's UNet (a text-encoder-only LoRA?)", lora_name)
         with torch.no_grad():

@@ -20,7 +20,7 @@ class SamplerER_SDE(Node):  # noqa: N801 (ComfyUI's name)
     solver_type = Combo(list(ER_SDE_SOLVER_TYPES))
     max_stage = Int(3, min=1, max=3)
     eta = Float(1.0, min=0.0, max=10.0, step=0.01, round=False,
-                tooltip="stochastic strength of the reverse-time SDE; 0 runs the ODE")
+                tooltip="stochastic strength (of either SDE); 0 runs the ODE")
     s_noise = Float(1.0, min=0.0, max=100.0, step=0.01, round=False)
     outputs = (Output("SAMPLER"),)
 

@@ -222,3 +222,20 @@ def test_kinds_are_recognised_and_a_mismatch_is_named(unet, tmp_path):
     assert isinstance(load_lora(_write(tmp_path, {f"{name}.diff": _randn(32, 32)})).weights[name], FullWeight)
     pair = {f"{name}.lora_down.weight": _randn(4, 32), f"{name}.lora_up.weight": _randn(32, 4)}
     assert isinstance(load_lora(_write(tmp_path, pair)).weights[name], LoraWeight)
+
+
+def test_malformed_and_incomplete_files_are_named_clearly(unet, tmp_path):
+    name = KOHYA[LINEAR]
+    bad_rank = {f"{name}.hada_w1_a": _randn(32, 4), f"{name}.hada_w1_b": _randn(3, 32),  # rank 4 against 3
+                f"{name}.hada_w2_a": _randn(32, 4), f"{name}.hada_w2_b": _randn(4, 32),
+                f"{KOHYA[FF_OUT]}.lora_down.weight": _randn(4, 128), f"{KOHYA[FF_OUT]}.lora_up.weight": _randn(32, 4)}
+    with pytest.raises(LoraError, match=r"1 of its 2 layers do not.*factors that do not fit together.*probably "
+                                        r"damaged"):
+        apply_lora(unet, load_lora(_write(tmp_path, bad_rank)))
+    half = {f"{name}.hada_w1_a": _randn(32, 4), f"{name}.hada_w1_b": _randn(4, 32),
+            f"{KOHYA[FF_OUT]}.diff": _randn(32, 128)}
+    lora = load_lora(_write(tmp_path, half))
+    assert list(lora.incomplete) == [name] and "(only .hada_w1_a, .hada_w1_b)" in lora.incomplete_note()
+    only_half = {k: v for k, v in half.items() if "hada" in k}
+    with pytest.raises(LoraError, match=r"holds only incomplete or malformed LoRA weights, e.g. .*hada_w1_a"):
+        load_lora(_write(tmp_path, only_half))
