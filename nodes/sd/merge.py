@@ -14,7 +14,7 @@ from torch import nn
 from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.models import Clip, DiffusionModel, Vae, new_bytes
-from nodes.spec import Float, InputSpec, Output, Socket, String
+from nodes.spec import Boolean, Combo, Float, InputSpec, Int, Output, Socket, String
 
 CATEGORY = "advanced/model_merging"
 # ComfyUI's CLIP merges leave these alone: a position-id table and CLIP's contrastive temperature.
@@ -348,5 +348,37 @@ class ModelSave(_Saves):
         return NodeResult(ui={"files": [entry]})
 
 
+class LoraSave(_Saves):
+    """Extracts a LoRA from model differences (a fine-tune minus its base: ModelMergeSubtract, CLIPMergeSubtract):
+    each changed layer as the low-rank pair closest to its difference ("standard"), or as the whole difference
+    ("full_diff"); Load LoRA reads the file back from models/loras."""
+
+    category = "_for_testing"
+    filename_prefix = String("loras/ComfyUI_extracted_lora", tooltip="file name prefix, inside the output folder")
+    rank = Int(8, min=1, max=4096, step=1)
+    lora_type = Combo(["standard", "full_diff"])
+    bias_diff = Boolean(True, tooltip="also the biases' and norm layers' differences, whole")
+    model_diff = Socket("MODEL", optional=True, tooltip="a UNet whose weights are differences")
+    text_encoder_diff = Socket("CLIP", optional=True, tooltip="text encoders whose weights are differences")
+
+    def execute(self, filename_prefix: str, rank: int, lora_type: str, bias_diff: bool,
+                model_diff: DiffusionModel | None = None, text_encoder_diff: Clip | None = None) -> NodeResult:
+        from ldm.checkpoint import write_safetensors
+        from ldm.lora_extract import extract_lora
+
+        tensors: dict[str, torch.Tensor] = {}
+        for part in (model_diff.unet if model_diff else None, text_encoder_diff.encoder if text_encoder_diff else None):
+            if part is not None:
+                tensors.update(extract_lora(part, rank, lora_type, bias_diff))
+        if not tensors:
+            raise ValueError("nothing to extract: connect model_diff or text_encoder_diff, with weights that differ "
+                             "(a fine-tune minus its base, e.g. ModelMergeSubtract's output)")
+        metadata = {**_workflow_metadata(self.ctx), "ss_network_module": "networks.lora",
+                    "ss_network_dim": str(rank), "loom.lora_type": lora_type}
+        entry = _save(filename_prefix, lambda path, _title: write_safetensors(tensors, path, metadata))
+        return NodeResult(ui={"files": [entry]})
+
+
 NODES = [ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, CLIPMergeSimple, CLIPMergeSubtract,
-         CLIPMergeAdd, ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL, CheckpointSave, CLIPSave, VAESave, ModelSave]
+         CLIPMergeAdd, ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL, CheckpointSave, CLIPSave, VAESave, ModelSave,
+         LoraSave]

@@ -129,7 +129,42 @@ def test_declarations_are_comfyuis(name):
 
 
 def test_the_module_lists_every_node():
-    assert sorted(cls.name for cls in merge.NODES) == sorted(COMFYUI)
+    assert sorted(cls.name for cls in merge.NODES) == sorted([*COMFYUI, "LoraSave"])
+
+
+def test_lora_save_extracts_a_lora_that_load_lora_reads_back(engine, root):
+    """ComfyUI's LoraSave on ModelMergeSubtract's difference of a LoRA'd model and its base: the file, moved to
+    models/loras, makes nearly the LoRA'd model's image; its declaration is ComfyUI's."""
+    import safetensors.torch
+
+    info = builtin_registry(["nodes.sd.merge"]).get("LoraSave").object_info()
+    assert list(info["input"]["required"]) == ["filename_prefix", "rank", "lora_type", "bias_diff"]
+    assert list(info["input"]["optional"]) == ["model_diff", "text_encoder_diff"]
+    assert info["input"]["required"]["lora_type"][0] == ["standard", "full_diff"] and info["output_node"]
+    g = torch.Generator().manual_seed(7)
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    loras = root / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({f"{name}.lora_down.weight": torch.randn(2, 32, generator=g) * 0.05,
+                                 f"{name}.lora_up.weight": torch.randn(32, 2, generator=g) * 0.05},
+                                loras / "tuned.safetensors")
+    tuned = node("LoraLoaderModelOnly", model=["a", 0], lora_name="tuned.safetensors", strength_model=1.0)
+    graph = {**loaders("a.safetensors"), "tuned": tuned,
+             "diff": node("ModelMergeSubtract", model1=["tuned", 0], model2=["a", 0], multiplier=1.0),
+             "save": node("LoraSave", filename_prefix="loras/extracted", rank=4, lora_type="full_diff",
+                          bias_diff=True, model_diff=["diff", 0])}
+    result = engine.run(parse_api(graph))
+    assert result.ok, result.error
+    [entry] = result.outputs["save"]["files"]
+    shutil.copy(root / "output" / entry["subfolder"] / entry["filename"], loras / "extracted.safetensors")
+    again = node("LoraLoaderModelOnly", model=["a", 0], lora_name="extracted.safetensors", strength_model=1.0)
+    [(want,), (got,)] = run(engine, {**loaders("a.safetensors"), "tuned": tuned, "again": again,
+                                     **sampled(["tuned", 0], ["a", 1], "k1"), **sampled(["again", 0], ["a", 1], "k2")},
+                            "k1", "k2")
+    torch.testing.assert_close(got["samples"], want["samples"], atol=1e-2, rtol=1e-3)
+    empty = node("LoraSave", filename_prefix="loras/none", rank=4, lora_type="standard", bias_diff=True)
+    nothing = engine.run(parse_api({"save": empty}))
+    assert not nothing.ok and "nothing to extract: connect model_diff or text_encoder_diff" in str(nothing.error)
 
 
 def test_a_comfyui_ui_workflow_sets_the_block_ratios_by_widget_position():
