@@ -72,7 +72,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "seeds_2": samplers_stochastic.sample_seeds_2,
     "seeds_3": samplers_stochastic.sample_seeds_3,
     "sa_solver": samplers_stochastic.sample_sa_solver,
-    "sa_solver_pece": samplers_stochastic.sample_sa_solver_pece,
+    "sa_solver_pece": partial(samplers_stochastic.sample_sa_solver, use_pece=True),
     "ddim": samplers_ldm.sample_ddim,
     "uni_pc": unipc.sample_uni_pc,
     "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),

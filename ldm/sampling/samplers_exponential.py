@@ -26,7 +26,7 @@ from ldm.sampling.samplers import (
     unseeded_noise_sampler,
 )
 from ldm.sampling.samplers_cfgpp import UncondCapture, _uncond
-from ldm.sampling.samplers_multistep import multistep
+from ldm.sampling.samplers_multistep import multistep, sample_gradient_estimation
 
 # DEIS measures time on a variance-preserving schedule that reaches sigma 0.002 at t = 1e-3 and sigma 80 at
 # t = 1 (EDM's range), whatever the model's own range: sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1.
@@ -155,22 +155,9 @@ def sample_gradient_estimation_cfg_pp(model: Model, x: Tensor, sigmas: Tensor, e
                                       uncond: UncondCapture | None = None) -> Tensor:
     """Gradient estimation (Permenter & Yuan 2024, Algorithm 2) with CFG++ (Chung et al. 2024): the direction d is
     the unconditional one, (x - x0_uncond) / sigma; each step goes to x0_guided + sigma' d, then adds
-    (gamma - 1)(sigma' - sigma)(d - d_previous). The step to sigma 0 is the guided prediction (ComfyUI's choice)."""
-    s = sigmas.tolist()
-    previous: Tensor | None = None
-    for i in range(len(s) - 1):
-        denoised = _call(model, x, s[i], extra_args)
-        _report(callback, i, x, s[i], s[i], denoised)
-        if s[i + 1] == 0:
-            return denoised
-        d = to_d(x, s[i], _uncond(uncond))
-        if previous is None:
-            x = denoised + d * s[i + 1]
-        else:
-            correction = (ge_gamma - 1) * (s[i + 1] - s[i])
-            x = linear_combination([(1.0, denoised), (s[i + 1] + correction, d), (-correction, previous)])
-        previous = d
-    return x
+    (gamma - 1)(sigma' - sigma)(d - d_previous) (`sample_gradient_estimation` with `uncond`)."""
+    return sample_gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma,
+                                      uncond or UncondCapture())  # empty: a call without one fails, not plain
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ldm.sampling.samplers import Callback, Model, _call, _report, linear_combination, to_d
+from ldm.sampling.samplers_cfgpp import UncondCapture, _uncond
 
 # Adams-Bashforth weights for equal steps, newest derivative first (orders 1 to 4).
 _ADAMS_BASHFORTH = {
@@ -99,11 +100,12 @@ def sample_ipndm_v(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | N
 @torch.no_grad()
 def sample_gradient_estimation(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                                callback: Callback = None, disable: bool | None = None,
-                               ge_gamma: float = 2.0) -> Tensor:
+                               ge_gamma: float = 2.0, uncond: UncondCapture | None = None) -> Tensor:
     """Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models from an
     Optimization Perspective", Algorithm 2): Euler steps along `gamma * d + (1 - gamma) * d_previous`, an
     extrapolation of the denoising direction that corrects its error. The last step, to 0, is the denoised
-    prediction itself (ComfyUI's choice)."""
+    prediction itself (ComfyUI's choice). With `uncond` (CFG++, Chung et al. 2024: gradient_estimation_cfg_pp),
+    d is the unconditional direction (x - x0_uncond) / sigma and the step starts from x0_guided + sigma d."""
     s = sigmas.tolist()
     previous: Tensor | None = None
     for i in range(len(s) - 1):
@@ -111,11 +113,13 @@ def sample_gradient_estimation(model: Model, x: Tensor, sigmas: Tensor, extra_ar
         _report(callback, i, x, s[i], s[i], denoised)
         if s[i + 1] == 0:
             return denoised
-        d = to_d(x, s[i], denoised)
+        x0 = denoised if uncond is None else _uncond(uncond)
+        d = to_d(x, s[i], x0)
+        start = x if uncond is None else x + (denoised - x0)
         step = s[i + 1] - s[i]
         if previous is None:
-            x = x + d * step
+            x = start + d * step
         else:
-            x = linear_combination([(1.0, x), (ge_gamma * step, d), ((1 - ge_gamma) * step, previous)])
+            x = linear_combination([(1.0, start), (ge_gamma * step, d), ((1 - ge_gamma) * step, previous)])
         previous = d
     return x

@@ -374,23 +374,3 @@ def sample_sa_solver(
             terms.append((1.0, noise))
         x_pred = linear_combination(terms)
     return x_pred
-
-
-@torch.no_grad()
-def sample_sa_solver_pece(
-    model: Model,
-    x: Tensor,
-    sigmas: Tensor,
-    extra_args: dict | None = None,
-    callback: Callback = None,
-    disable: bool | None = None,
-    tau_func: Callable[[float], float] | None = None,
-    s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
-    predictor_order: int = 3,
-    corrector_order: int = 4,
-    simple_order_2: bool = False,
-) -> Tensor:
-    """SA-Solver in PECE mode (predict, evaluate, correct, evaluate): `sample_sa_solver` with `use_pece`."""
-    return sample_sa_solver(model, x, sigmas, extra_args, callback, disable, tau_func, s_noise, noise_sampler,
-                            predictor_order, corrector_order, use_pece=True, simple_order_2=simple_order_2)

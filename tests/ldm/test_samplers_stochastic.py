@@ -19,10 +19,11 @@ from ldm.sampling.samplers_stochastic import (
     sa_solver_weights,
     sample_er_sde,
     sample_sa_solver,
-    sample_sa_solver_pece,
     sample_seeds_2,
     sample_seeds_3,
 )
+
+sample_sa_solver_pece = SAMPLERS["sa_solver_pece"]  # sa_solver with use_pece, as the KSampler runs it
 
 DATA_STD = 0.8
 ODE_SCALER = er_sde_noise_scaler("ODE")
