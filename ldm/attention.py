@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,14 @@ class CrossAttention(nn.Module):
     """LDM `CrossAttention`: self-attention when no context is given. With `identity_attention` (set on a
     patched copy, see `ldm.patches.perturbed_attention_copy`), self-attention's map is the identity: each
     token gets its own value. With a `recorder` (on a copy, see `ldm.patches.AttentionRecorder`), each
-    self-attention map is handed to it."""
+    self-attention map is handed to it. With `hypernetworks` (on a copy, see `ldm.hypernetwork`), each
+    transforms the key and value inputs in turn. With a `token_merge` (on a copy, see `ldm.tome`), self-attention
+    runs the merged tokens' queries over every token's keys and values, and the output is unmerged."""
 
     identity_attention = False
     recorder: Callable[[torch.Tensor], None] | None = None
+    hypernetworks: tuple[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], ...] = ()
+    token_merge: Callable[[torch.Tensor], Any] | None = None  # x -> an `ldm.tome.TokenMerge`, or None
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -62,15 +67,19 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        keys = values = x if context is None else context
+        for hypernetwork in self.hypernetworks:
+            keys, values = hypernetwork(keys, values)
         if self.identity_attention and context is None:
-            return self.to_out(self.to_v(x))
+            return self.to_out(self.to_v(values))
         if self.recorder is not None and context is None:
-            out, probs = attention_with_map(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
+            out, probs = attention_with_map(self.to_q(x), self.to_k(keys), self.to_v(values), self.heads)
             self.recorder(probs)
             return self.to_out(out)
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.query_chunk)
-        return self.to_out(out)
+        merging = self.token_merge(x) if self.token_merge is not None and context is None else None
+        q = self.to_q(x if merging is None else merging.merge(x))
+        out = self.to_out(attention(q, self.to_k(keys), self.to_v(values), self.heads, self.query_chunk))
+        return out if merging is None else merging.unmerge(out)
 
 
 class GEGLU(nn.Module):
@@ -94,9 +103,13 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    """LDM's transformer block. With `disable_self_attn` (the x4 upscaler's lower levels) the first attention
+    attends to the context as the second does, not to the image itself."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1 = nn.LayerNorm(dim)
@@ -107,7 +120,9 @@ class BasicTransformerBlock(nn.Module):
                 tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """`tiles` (nh, nw, h, w): self-attention runs within each of nh x nw tiles of the h x w token grid
         (HyperTile) rather than over the whole of it."""
-        if tiles is None or tiles[0] * tiles[1] == 1:
+        if self.disable_self_attn:  # no self-attention: nothing to tile either
+            x = self.attn1(self.norm1(x), context) + x
+        elif tiles is None or tiles[0] * tiles[1] == 1:
             x = self.attn1(self.norm1(x)) + x
         else:
             nh, nw, h, w = tiles
@@ -126,7 +141,7 @@ class SpatialTransformer(nn.Module):
     hypertile: Callable[[int, int, int], tuple[int, int]] | None = None
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 use_linear: bool):
+                 use_linear: bool, disable_self_attn: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
@@ -138,7 +153,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, disable_self_attn) for _ in range(depth))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape

@@ -25,22 +25,21 @@ COMFY_MODULES = frozenset({
 # ComfyUI's nodes: those that SD1.x/SD2.x/SDXL workflows use, and the newer model families' loaders.
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
-    "TripleCLIPLoader", "QuadrupleCLIPLoader", "CLIPVisionLoader",
-    "StyleModelLoader", "GLIGENLoader", "HypernetworkLoader",
-    "unCLIPCheckpointLoader", "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
+    "TripleCLIPLoader", "QuadrupleCLIPLoader",
+    "GLIGENLoader",
+    "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
     # conditioning for other model kinds
-    "CLIPVisionEncode", "unCLIPConditioning", "StyleModelApply", "GLIGENTextboxApply",
-    "InstructPixToPixConditioning", "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
-    "SD_4XUpscale_Conditioning", "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
+    "GLIGENTextboxApply",
+    "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
+    "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
     "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
-    "TomePatchModel",
     "PerpNeg",  # the deprecated model patch; PerpNegGuider does the same as a GUIDER
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
-    "GITSScheduler", "SamplerLCMUpscale",
+    "GITSScheduler",
     # hooks: LoRAs and model weights scheduled over the run or tied to one prompt (comfy_extras/nodes_hooks.py)
     "CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly",
     "SetHookKeyframes", "CreateHookKeyframe", "CreateHookKeyframesInterpolated", "CreateHookKeyframesFromFloats",
@@ -52,7 +51,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ImageOnlyCheckpointSave",
     # latents and images
     "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentApplyOperation",
-    "SaveWEBM", "SaveVideo", "LoadVideo", "WebcamCapture", "LoadImageOutput",
+    "SaveWEBM", "SaveVideo", "LoadVideo",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

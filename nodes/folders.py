@@ -28,6 +28,11 @@ MODEL_KINDS = {
     "unet": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
     "text_encoders": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
     "clip": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"),
+    # Image encoders (CLIP vision) and T2I-Adapter style models.
+    "clip_vision": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "style_models": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    # A1111 hypernetworks: torch.save'd dicts (int keys), which safetensors cannot hold.
+    "hypernetworks": (".pt", ".pth", ".ckpt", ".bin"),
 }
 
 

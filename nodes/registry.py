@@ -36,6 +36,10 @@ BUILTIN_MODULES = (
     "nodes.sd.animation",
     "nodes.sd.part_loaders",
     "nodes.sd.inpaint",
+    "nodes.sd.vision",
+    "nodes.sd.attention_patches",
+    "nodes.sd.concat_models",
+    "nodes.sd.image_sources",
 )
 
 
