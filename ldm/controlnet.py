@@ -9,7 +9,8 @@ convolution"; these residuals are added to the UNet's skip connections and middl
 Files come in two layouts, both read here: LDM's (`input_hint_block.*`, `zero_convs.*`,
 `middle_block_out.*`, optionally under `control_model.`), used by the SD1.5 ControlNet 1.0/1.1 releases,
 and diffusers' `ControlNetModel` (`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`), used by
-most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`) load here too.
+most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`) and Control-LoRAs (`ldm.control_lora`) load
+here too.
 `Control` is one ControlNet applied to one conditioning, as ComfyUI's Apply
 ControlNet nodes make it: hint image, strength, the part of the schedule it acts on, and the control
 it was chained after.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,7 +99,7 @@ class ControlNet(nn.Module):
 
 @dataclass
 class LoadedControlNet:
-    model: ControlNet  # or an ldm.t2i_adapter.T2IAdapter
+    model: ControlNet  # or an ldm.t2i_adapter.T2IAdapter, or an ldm.control_lora.ControlLora (made when first used)
     family: str | None  # "sd1" | "sd2" | "sdxl": the UNets it fits; None: any its shape fits (a T2I-Adapter)
     unused_keys: list[str]
     path: Path
@@ -153,7 +155,6 @@ def controlnet_shape(sd: StateDict, metadata: dict[str, str] | None = None
 
 # Files that look like ControlNets but need what this engine does not have: (a key that marks them, what they are).
 UNSUPPORTED = (
-    ("lora_controlnet", "a Control-LoRA (a low-rank ControlNet that patches the checkpoint's own UNet)"),
     ("controlnet_mode_embedding.weight", "a Flux ControlNet Union (InstantX's, Shakker Labs')"),
 )
 
@@ -168,23 +169,49 @@ def _unsupported(sd: StateDict) -> str | None:
     return None
 
 
-def unet_weights(unet: nn.Module) -> StateDict:
-    """A UNet's state dict with its fp8 weights in full precision (what a difference ControlNet adds to)."""
-    weights = dict(unet.state_dict())
-    for name, module in unet.named_modules():
-        if is_fp8(module):
-            weights[f"{name}.weight"] = dequantized_weight(module)
-    return weights
+class UNetWeights(Mapping[str, Tensor]):
+    """A UNet's weights by state-dict name (what a difference ControlNet or a Control-LoRA adds to), its fp8
+    ones (`ldm.quant`) dequantized each time one is read: no full-precision copy of the whole UNet is made."""
+
+    def __init__(self, unet: nn.Module):
+        self.config: UNetConfig | None = getattr(unet, "config", None)
+        self._fp8 = {f"{name}.weight": module for name, module in unet.named_modules() if is_fp8(module)}
+        scales = {key.removesuffix("weight") + "weight_scale" for key in self._fp8}
+        self._weights = {k: v for k, v in unet.state_dict().items() if k not in scales}
+
+    def __getitem__(self, key: str) -> Tensor:
+        layer = self._fp8.get(key)
+        return self._weights[key] if layer is None else dequantized_weight(layer)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._weights
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
+def unet_weights(unet: nn.Module) -> UNetWeights:
+    """`unet`'s weights, fp8 ones in full precision as they are read (`load_controlnet`'s `base`)."""
+    return UNetWeights(unet)
 
 
 def load_controlnet(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    base: StateDict | None = None) -> LoadedControlNet:
+                    base: Mapping[str, Tensor] | None = None) -> LoadedControlNet:
     """An SD1, SD2 or SDXL ControlNet from a single file, in LDM's or diffusers' layout (or a T2I-Adapter,
     which ComfyUI's Load ControlNet Model reads too: `ldm.t2i_adapter`). A difference ControlNet (the early
     `diff_control_sd15_*` files, marked by a `difference` entry) holds offsets from a checkpoint's UNet: its
-    weights are those plus `base`'s of the same name (`unet_weights`; ComfyUI's DiffControlNetLoader)."""
+    weights are those plus `base`'s of the same name (`unet_weights`; ComfyUI's DiffControlNetLoader). A
+    Control-LoRA (`ldm.control_lora`) is made the same way from `base`, or without one comes back unmade, to be
+    made from the UNet of the model it is first used with."""
     path = Path(path)
     sd = load_state_dict(path)
+    from ldm.control_lora import is_control_lora, load_control_lora
+
+    if is_control_lora(sd):
+        return load_control_lora(sd, path, device, dtype, base)
     if "difference" in sd:
         if base is None:
             raise CheckpointError(f"{path.name} is a difference ControlNet (offsets from a checkpoint's UNet): "

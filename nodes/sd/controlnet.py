@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class ControlNetModel:
     """CONTROL_NET: a loaded ControlNet and the UNet family it fits."""
 
-    model: torch.nn.Module  # ldm.controlnet.ControlNet, or ldm.t2i_adapter.T2IAdapter
+    model: torch.nn.Module  # ldm.controlnet.ControlNet, ldm.t2i_adapter.T2IAdapter or ldm.control_lora.ControlLora
     family: str | None  # None: a T2I-Adapter that fits any UNet with its blocks' shapes (SD1, SD2)
     source: str
     control_type: int | None = None  # a ControlNet Union's (SetUnionControlNetType): an index of CONTROL_TYPES
@@ -41,7 +41,8 @@ class ControlNetModel:
 
 class ControlNetLoader(Node):
     """Loads a ControlNet: LDM single files (the SD1.5 1.0/1.1 releases) or diffusers' layout (most SDXL ones,
-    ControlNet Unions too). T2I-Adapters load here too, in TencentARC's layout or diffusers'."""
+    ControlNet Unions too). T2I-Adapters load here too, in TencentARC's layout or diffusers', and Control-LoRAs
+    (Stability AI's control-lora-*), whose ControlNet the KSampler makes from the UNet of the model it samples."""
 
     display_name = "Load ControlNet Model"
     category = "loaders"
@@ -71,7 +72,8 @@ class ControlNetLoader(Node):
 
 class DiffControlNetLoader(Node):
     """Loads a difference ControlNet (the early diff_control_sd15_* files): its weights are offsets from the
-    model's UNet, to which they are added. A plain ControlNet loads here as it would in Load ControlNet Model."""
+    model's UNet, to which they are added. A Control-LoRA is made into a ControlNet with the model's UNet here. A
+    plain ControlNet loads here as it would in Load ControlNet Model."""
 
     display_name = "Load ControlNet Model (diff)"
     category = "loaders"

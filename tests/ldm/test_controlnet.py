@@ -131,13 +131,11 @@ def test_files_that_are_not_controlnets_say_what_they_are(tmp_path):
     safetensors.torch.save_file({"style_embedding": torch.zeros(1, 8, 4)}, adapter)
     with pytest.raises(CheckpointError, match=r"a T2I-Adapter style model \(.*\), which this engine does not run"):
         load_controlnet(adapter)
-    for name, marker, what in (("control-lora-canny-rank128.safetensors", "lora_controlnet", "a Control-LoRA"),
-                               ("flux_canny.safetensors", "controlnet_x_embedder.weight",
-                                "a ControlNet for a model family other than SD1")):
-        safetensors.torch.save_file({marker: torch.zeros(2), "input_hint_block.0.weight": torch.zeros(1)},
-                                    tmp_path / name)
-        with pytest.raises(CheckpointError, match=f"{name}: {what}"):
-            load_controlnet(tmp_path / name)
+    flux = tmp_path / "flux_canny.safetensors"
+    safetensors.torch.save_file({"controlnet_x_embedder.weight": torch.zeros(2),
+                                 "input_hint_block.0.weight": torch.zeros(1)}, flux)
+    with pytest.raises(CheckpointError, match="flux_canny.safetensors: a ControlNet for a model family other than SD1"):
+        load_controlnet(flux)
 
 
 def test_hint_is_cropped_at_the_centre_to_the_latent_aspect_then_resized():
