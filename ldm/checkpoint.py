@@ -119,6 +119,7 @@ class ModelFamily:
     # Trained on continuous noise levels (EDM): (sigma_min, sigma_max, sigma_data); see `edm_settings`.
     edm: tuple[float, float, float] | None = None
     playground: bool = False  # Playground v2.5's latents: normalised per channel, not just scaled
+    unclip: bool = False  # SD 2.1 unCLIP: `y` is an image embedding and its noise level (`ldm.unclip`)
 
     @property
     def latent_scale_factor(self) -> float:
@@ -134,6 +135,7 @@ class FamilyRule:
     prediction: str
     scaling_factor: float
     heads: dict = field(default_factory=dict)  # the UNet's head layout is not stored in the weights
+    unclip: bool = False
 
 
 def _proj_in_is_linear(sd: StateDict) -> bool:
@@ -149,12 +151,29 @@ def _is_sdxl_refiner(sd: StateDict) -> bool:
     return adm is not None and attn2 is not None and adm.shape[1] - 5 * 256 == sd[attn2].shape[1]
 
 
+def _is_sd2_unclip(sd: StateDict) -> bool:
+    """SD 2.1 unCLIP: an SD2 UNet whose `y` is an image embedding and its noise level. Known by the noise
+    augmentor or image encoder saved with it, or, a UNet alone, by SD2's 1024-wide context (SDXL's is wider)."""
+    if f"{UNET_PREFIX}label_emb.0.0.weight" not in sd or not _proj_in_is_linear(sd):
+        return False
+    if any(k.startswith(("noise_augmentor.", "embedder.model.visual.")) for k in sd):
+        return True
+    attn2 = next((k for k in sd if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+    return attn2 is not None and sd[attn2].shape[1] == 1024
+
+
 # First match wins. SD2 checkpoints cannot be told apart by prediction type from the weights: the 768-px
 # releases (the common ones) predict v, the 512-px base predicts noise; see `_prediction`.
 FAMILY_RULES: list[FamilyRule] = [
+    # Before SDXL's rules, which know a UNet with `y` by its `label_emb` alone. An SD2 model all the same
+    # (SD2 LoRAs fit it), sampled with an image prompt for `y`.
+    FamilyRule("sd2", _is_sd2_unclip, "v", 0.18215, {"num_head_channels": 64}, unclip=True),
     FamilyRule("sdxl_refiner", _is_sdxl_refiner, "eps", 0.13025, {"num_head_channels": 64}),
     FamilyRule("sdxl", lambda sd: f"{UNET_PREFIX}label_emb.0.0.weight" in sd, "eps", 0.13025,
                {"num_head_channels": 64}),
+    # The x4 upscaler: SD2's text encoder, its noise level as a class label (`label_emb` an embedding table).
+    FamilyRule("sd_x4_upscaler", lambda sd: f"{UNET_PREFIX}label_emb.weight" in sd, "v", 0.08333,
+               {"num_heads": 8}),
     FamilyRule("sd2", _proj_in_is_linear, "v", 0.18215, {"num_head_channels": 64}),
     FamilyRule("sd1", lambda sd: f"{UNET_PREFIX}input_blocks.0.0.weight" in sd, "eps", 0.18215,
                {"num_heads": 8}),
@@ -180,7 +199,7 @@ def _unet_config(sd: StateDict, heads: dict) -> UNetConfig:
         mults.append(w[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // model_channels)
         depths.append(len(_indices(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")))
     attn2 = next(k for k in keys if k.endswith("attn2.to_k.weight"))
-    adm = w.get("label_emb.0.0.weight")
+    adm, labels = w.get("label_emb.0.0.weight"), w.get("label_emb.weight")
     out = w.get("out.2.weight")  # may be missing: reported as such when the weights are loaded
     return UNetConfig(
         in_channels=in_channels, out_channels=in_channels if out is None else out.shape[0],
@@ -188,7 +207,20 @@ def _unet_config(sd: StateDict, heads: dict) -> UNetConfig:
         channel_mult=tuple(mults), num_res_blocks=num_res_blocks, transformer_depth=tuple(depths),
         transformer_depth_middle=len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
         context_dim=w[attn2].shape[1], use_linear_in_transformer=_proj_in_is_linear(sd),
-        adm_in_channels=None if adm is None else adm.shape[1], **heads)
+        adm_in_channels=None if adm is None else adm.shape[1], num_classes=None if labels is None else labels.shape[0],
+        disable_self_attentions=_text_only_levels(w, levels, num_res_blocks), **heads)
+
+
+def _text_only_levels(w: StateDict, levels: int, num_res_blocks: int) -> tuple[bool, ...] | None:
+    """Per level, whether its transformers' first attention reads the context (its keys as wide as the context,
+    not as the image tokens); None when no level's does. A level as wide as the context reads as attending to
+    itself, which is right for the one model that has such levels (the x4 upscaler's widest is self-attention)."""
+    flags = []
+    for level in range(levels):
+        prefix = f"input_blocks.{1 + level * (num_res_blocks + 1)}.1.transformer_blocks.0.attn1."
+        key, query = w.get(prefix + "to_k.weight"), w.get(prefix + "to_q.weight")
+        flags.append(key is not None and query is not None and key.shape[1] != query.shape[1])
+    return tuple(flags) if any(flags) else None
 
 
 def _vae_config(sd: StateDict, prefix: str, scaling_factor: float) -> VAEConfig:
@@ -280,8 +312,9 @@ def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
     edm = edm_settings(state_dict)
     if edm is not None:
         return ModelFamily(rule.name, edm[0] if v_prediction is None else prediction, unet_config, vae_config,
-                           edm=edm[1], playground=edm[2])
-    return ModelFamily(rule.name, prediction, unet_config, vae_config, zero_snr="ztsnr" in markers)
+                           edm=edm[1], playground=edm[2], unclip=rule.unclip)
+    return ModelFamily(rule.name, prediction, unet_config, vae_config, zero_snr="ztsnr" in markers,
+                       unclip=rule.unclip)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -327,6 +360,7 @@ class LoadedCheckpoint:
     unused_keys: list[str]
     path: Path
     metadata: dict[str, str]
+    noise_augmentor: nn.Module | None = None  # an unCLIP checkpoint's (ldm.unclip.NoiseAugmentor)
 
 
 @dataclass
@@ -407,8 +441,15 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
     if text_encoder:
         encoder, te_used = _load_text_encoder(sd, path, device, dtype)
         used |= te_used
+    augmentor = None
+    if family.unclip:
+        from ldm.unclip import load_noise_augmentor
+
+        augmentor, augmentor_used = load_noise_augmentor(sd, family.unet_config.adm_in_channels // 2, path.name)
+        # The image encoder's keys are ldm.clip_vision's, which reads (and reports) them from the same file.
+        used |= augmentor_used | {k for k in sd if k.startswith("embedder.")}
     unused = sorted(set(sd) - used)
-    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, metadata)
+    return LoadedCheckpoint(family, unet, vae, encoder, unused, path, metadata, augmentor)
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

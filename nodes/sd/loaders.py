@@ -146,7 +146,8 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     loaded = shared_model(node, key, load)
     if loaded.text_encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
-    return (DiffusionModel(loaded.unet, loaded.family, ckpt_name, schedule=schedule_of(loaded.family)),
+    return (DiffusionModel(loaded.unet, loaded.family, ckpt_name, schedule=schedule_of(loaded.family),
+                           noise_augmentor=loaded.noise_augmentor),
             Clip(loaded.text_encoder, loaded.family.name, ckpt_name),
             Vae(loaded.vae, ckpt_name))
 

@@ -21,6 +21,10 @@ def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
     if getattr(family, "edm", None) is not None:
         return ContinuousSchedule(*family.edm)
+    if getattr(family, "name", None) == "sd_x4_upscaler":  # betas of its own (ldm.upscaler_x4)
+        from ldm.upscaler_x4 import schedule
+
+        return schedule()
     return ZERO_SNR_SCHEDULE if getattr(family, "zero_snr", False) else DEFAULT_SCHEDULE
 
 
@@ -55,6 +59,7 @@ class DiffusionModel:
     own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
     playground_latents: bool | None = None  # None: the family's (ModelSamplingContinuousEDM sets it)
     compile_backend: str | None = None  # TorchCompileModel's: torch.compile the UNet with it (as --compile does)
+    noise_augmentor: Any = None  # an unCLIP checkpoint's (ldm.unclip.NoiseAugmentor); None: the standard one
 
     @property
     def prediction(self) -> str:

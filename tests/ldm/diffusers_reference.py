@@ -36,12 +36,17 @@ def _original_config(unet: UNetConfig | None, vae: VAEConfig) -> dict:
             unet_params["num_heads"] = unet.num_heads
         if unet.adm_in_channels:
             unet_params.update(num_classes="sequential", adm_in_channels=unet.adm_in_channels)
+        if unet.num_classes:
+            unet_params["num_classes"] = unet.num_classes
+        if unet.disable_self_attentions:
+            unet_params["disable_self_attentions"] = list(unet.disable_self_attentions)
         params["unet_config"] = {"params": unet_params}
     return {"model": {"params": params}}
 
 
-def diffusers_unet(config: UNetConfig, ldm_state: dict[str, torch.Tensor]):
-    """A diffusers UNet2DConditionModel holding the weights of our UNet state dict."""
+def diffusers_unet(config: UNetConfig, ldm_state: dict[str, torch.Tensor], unclip: bool = False):
+    """A diffusers UNet2DConditionModel holding the weights of our UNet state dict; with `unclip`, its `y` as
+    Stable unCLIP's (`class_embed_type="projection"`: the image embedding and noise level as class labels)."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
@@ -52,7 +57,7 @@ def diffusers_unet(config: UNetConfig, ldm_state: dict[str, torch.Tensor]):
         warnings.simplefilter("ignore", FutureWarning)
         original = _original_config(config, VAEConfig())
         dconf = create_unet_diffusers_config_from_ldm(original, {}, image_size=64)
-    if config.adm_in_channels:
+    if config.adm_in_channels and not unclip:
         # diffusers only recognises SDXL by its 2048 context; tiny SDXL models need saying so.
         dconf.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
     model = UNet2DConditionModel(**dconf)
