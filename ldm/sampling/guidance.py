@@ -84,6 +84,14 @@ def _resized_mask(mask: Tensor, x: Tensor) -> Tensor:
     return mask
 
 
+def _resized_concat(concat: Tensor, x: Tensor) -> Tensor:
+    """An inpainting model's extra channels at `x`'s size: a sampler that resizes the latent as it goes
+    (lcm_upscale) takes them along, bilinearly, as ComfyUI resizes them to a latent of another size."""
+    if concat.shape[-2:] == x.shape[-2:]:
+        return concat
+    return F.interpolate(concat, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
     """The (h, w, y, x) box around a resized mask's nonzero pixels (over the batch), 8 or more a side."""
     rows, cols = torch.nonzero(mask.abs().amax(dim=(0, 1)) > 0, as_tuple=True)
@@ -130,7 +138,7 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
     concat = options.get("concat", concat)
     if concat is not None:
-        concat = _to_batch(concat.to(x.device, x.dtype), batch)[:, :, rows, cols]
+        concat = _to_batch(_resized_concat(concat.to(x.device, x.dtype), x), batch)[:, :, rows, cols]
     return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat)
 
 

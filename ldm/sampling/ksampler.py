@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -15,6 +16,7 @@ from ldm.sampling import (
     samplers,
     samplers_cfgpp,
     samplers_exponential,
+    samplers_lcm_upscale,
     samplers_ldm,
     samplers_multistep,
     samplers_sde,
@@ -78,6 +80,9 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "uni_pc_bh2": partial(unipc.sample_uni_pc, variant="bh2"),
     "plms": samplers_ldm.sample_plms,
 }
+# Samplers that change the latent's size as they sample. Only a SAMPLER node makes them (ComfyUI's KSampler does
+# not list them); areas in latent pixels are scaled with the latent, and a noise mask cannot follow it.
+RESIZING_SAMPLERS: dict[str, Callable[..., Tensor]] = {"lcm_upscale": samplers_lcm_upscale.sample_lcm_upscale}
 # ComfyUI's "_gpu" samplers draw their Brownian tree on the GPU instead of the CPU, so the same seed gives
 # other noise there. Here every sampler's noise comes from one seeded generator, the same on any device,
 # so these names are the same samplers; they are accepted so that workflows naming them run.
@@ -126,7 +131,7 @@ _CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp"
 _STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
                "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
                "lcm", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "exp_heun_2_x0_sde", "er_sde",
-               "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+               "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "lcm_upscale"}
 
 
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.
@@ -209,6 +214,28 @@ def _latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
     return mask
 
 
+def _areas_as_fractions(conds: CondList, latent: Tensor) -> CondList:
+    """Areas in latent pixels as fractions of `latent`'s size, so that they follow a latent that grows while it is
+    sampled (at its first size they are the same pixels)."""
+    height, width = latent.shape[-2:]
+    out = []
+    for embedding, options in conds:
+        area = options.get("area")
+        if area is not None and area[0] != "percentage":
+            h, w, y, x = area
+            options = {**options, "area": ("percentage", h / height, w / width, y / height, x / width)}
+        out.append((embedding, options))
+    return out
+
+
+def _check_mask_size(x: Tensor, latent: Tensor, sampler_name: str) -> None:
+    if x.shape != latent.shape:
+        raise ValueError(f"{sampler_name} resized the latent from {tuple(latent.shape[-2:])} to "
+                         f"{tuple(x.shape[-2:])} while sampling, and a noise mask (SetLatentNoiseMask, "
+                         "VAEEncodeForInpaint) keeps the unmasked part at the first size: inpaint with another "
+                         "sampler (or scale_ratio 1), then upscale the result")
+
+
 def sample(
     unet: UNet | None,
     schedule_or_denoiser: DiscreteSchedule | Denoiser,
@@ -253,7 +280,8 @@ def sample(
     (an inpainting model's mask and masked image; entries may carry their own, see `guidance`).
     """
     sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
-    if sampler_name not in SAMPLERS:
+    sampler = SAMPLERS.get(sampler_name) or RESIZING_SAMPLERS.get(sampler_name)
+    if sampler is None:
         raise ValueError(f"unknown sampler {sampler_name!r}; expected one of {SAMPLER_NAMES}")
     if isinstance(schedule_or_denoiser, Denoiser):
         denoiser = schedule_or_denoiser
@@ -297,6 +325,10 @@ def sample(
     if module is None and isinstance(unet, torch.nn.Module):
         module = unet
     options = dict(sampler_options or {})
+    if sampler_name in RESIZING_SAMPLERS:
+        positive, negative = _areas_as_fractions(positive, latent), _areas_as_fractions(negative, latent)
+        if dual is not None:
+            dual = dataclasses.replace(dual, middle=_areas_as_fractions(dual.middle, latent))
     post_cfg = patches.post_cfg
     if sampler_name in _CFG_PP:
         options["uncond"] = capture = samplers_cfgpp.UncondCapture()
@@ -316,6 +348,7 @@ def sample(
             prefetcher.start()  # the noise is drawn while the model runs (a no-op after the first call)
         if mask is None:
             return guider(x, sigma)
+        _check_mask_size(x, latent, sampler_name)
         step_mask = mask
         if patches.denoise_mask is not None:
             level = uniform_level(sigma)
@@ -342,14 +375,17 @@ def sample(
         options["noise_sampler"] = prefetcher
     elif sampler_name in _STEP_NOISE:
         options.setdefault("noise_sampler", seeded_noise_sampler(x, step_noise_seed(seed)))
+    elif sampler_name in RESIZING_SAMPLERS:
+        options.setdefault("seed", step_noise_seed(seed))  # drawn at each step's size: lcm's draws while it stays
     if sampler_name.startswith("sa_solver") and "tau_func" not in options:  # noise over 20%-80% of this schedule
         options["tau_func"] = samplers_stochastic.sa_solver_tau(schedule.sigma_at_percent(0.2),
                                                                 schedule.sigma_at_percent(0.8))
     try:
-        x = SAMPLERS[sampler_name](model, x, sigmas, callback=on_step, **options)
+        x = sampler(model, x, sigmas, callback=on_step, **options)
     finally:
         if prefetcher is not None:
             prefetcher.close()
     if mask is not None:
+        _check_mask_size(x, latent, sampler_name)  # a resize after the last step, which no model call saw
         x = x * last_mask[0] + latent * (1 - last_mask[0])
     return x

@@ -1,13 +1,17 @@
 """Sampler nodes for the newer solvers, with ComfyUI's names and inputs: SamplerER_SDE, SamplerSASolver,
-SamplerSEEDS2 and SamplerEulerCFGpp. Each makes a SAMPLER for SamplerCustom and SamplerCustomAdvanced."""
+SamplerSEEDS2, SamplerEulerCFGpp and SamplerLCMUpscale. Each makes a SAMPLER for SamplerCustom and
+SamplerCustomAdvanced."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ldm.sampling.samplers_stochastic import ER_SDE_SOLVER_TYPES, er_sde_options, sa_solver_tau
 from nodes.node import Node
 from nodes.sd.custom_sampling import SamplerChoice
+from nodes.sd.latent import upscale_latent
 from nodes.sd.models import DiffusionModel
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
@@ -92,4 +96,22 @@ class SamplerEulerCFGpp(Node):
         return (SamplerChoice("euler_cfg_pp", {"alternative": True} if version == "alternative" else {}),)
 
 
-NODES: list[Any] = [SamplerER_SDE, SamplerSASolver, SamplerSEEDS2, SamplerEulerCFGpp]
+class SamplerLCMUpscale(Node):
+    """LCM sampling that upscales the latent between its first steps, so the run ends scale_ratio times larger
+    (scale_steps -1: the ratio is spread over the first half of the steps)."""
+
+    category = "sampling/samplers"
+    scale_ratio = Float(1.0, min=0.1, max=20.0, step=0.01)
+    scale_steps = Int(-1, min=-1, max=1000, step=1)
+    upscale_method = Combo(["bislerp", "nearest-exact", "bilinear", "area", "bicubic"])
+    outputs = (Output("SAMPLER"),)
+
+    def execute(self, scale_ratio: float, scale_steps: int, upscale_method: str) -> tuple[SamplerChoice]:
+        def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+            return upscale_latent(x, width, height, upscale_method, "disabled")
+
+        return (SamplerChoice("lcm_upscale", {"total_upscale": scale_ratio, "resize": resize,
+                                              "upscale_steps": None if scale_steps < 0 else scale_steps}),)
+
+
+NODES: list[Any] = [SamplerER_SDE, SamplerSASolver, SamplerSEEDS2, SamplerEulerCFGpp, SamplerLCMUpscale]
