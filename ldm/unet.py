@@ -18,7 +18,9 @@ class UNetConfig:
     """Shape of a UNet. `transformer_depth[i]` is the number of transformer blocks at level i (0: none).
 
     Heads: `num_head_channels` (SD2, SDXL: 64 channels per head) wins over `num_heads`
-    (SD1: 8 heads whatever the width).
+    (SD1: 8 heads whatever the width). `num_classes`: a class-label embedding table added to the time
+    embedding (the x4 upscaler's noise level); `disable_self_attentions[i]`: level i's transformer blocks
+    attend to the context in their first attention too, not to the image (the x4 upscaler's lower levels).
     """
 
     in_channels: int = 4
@@ -33,10 +35,21 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     adm_in_channels: int | None = None
+    num_classes: int | None = None
+    disable_self_attentions: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ValueError("transformer_depth needs one entry per channel_mult level")
+        if self.disable_self_attentions is not None and len(self.disable_self_attentions) != len(self.channel_mult):
+            raise ValueError("disable_self_attentions needs one entry per channel_mult level")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("a UNet takes class labels (num_classes) or an adm vector (adm_in_channels), not both")
+
+    @property
+    def takes_y(self) -> bool:
+        """Whether the UNet's forward needs `y`: an adm vector, or class labels."""
+        return self.adm_in_channels is not None or self.num_classes is not None
 
     @property
     def time_embed_dim(self) -> int:
@@ -138,9 +151,12 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-def _transformer(c: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+def _transformer(c: UNetConfig, ch: int, depth: int, level: int | None = None) -> SpatialTransformer:
+    """Level `level`'s transformer (None: the middle block's, which always attends to itself)."""
     heads, dim_head = c.heads(ch)
-    return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer)
+    text_only = level is not None and c.disable_self_attentions is not None and c.disable_self_attentions[level]
+    return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer,
+                              disable_self_attn=text_only)
 
 
 def build_encoder(module: nn.Module, c: UNetConfig) -> list[int]:
@@ -151,6 +167,8 @@ def build_encoder(module: nn.Module, c: UNetConfig) -> list[int]:
     if c.adm_in_channels is not None:
         module.label_emb = nn.Sequential(nn.Sequential(
             nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    elif c.num_classes is not None:
+        module.label_emb = nn.Embedding(c.num_classes, ted)
     ch = c.model_channels
     module.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
     skip_channels = [ch]
@@ -159,7 +177,7 @@ def build_encoder(module: nn.Module, c: UNetConfig) -> list[int]:
             layers: list[nn.Module] = [ResBlock(ch, ted, c.model_channels * mult)]
             ch = c.model_channels * mult
             if c.transformer_depth[level]:
-                layers.append(_transformer(c, ch, c.transformer_depth[level]))
+                layers.append(_transformer(c, ch, c.transformer_depth[level], level))
             module.input_blocks.append(TimestepEmbedSequential(*layers))
             skip_channels.append(ch)
         if level != len(c.channel_mult) - 1:
@@ -172,11 +190,14 @@ def build_encoder(module: nn.Module, c: UNetConfig) -> list[int]:
 
 def embed(module: nn.Module, c: UNetConfig, timesteps: torch.Tensor, y: torch.Tensor | None,
           dtype: torch.dtype) -> torch.Tensor:
-    """The time (and, for SDXL, class/size) embedding of an encoder made by `build_encoder`."""
-    if (y is None) != (c.adm_in_channels is None):
-        raise ValueError("y is required for models with adm_in_channels and only for them")
+    """The time embedding of an encoder made by `build_encoder`, plus, for SDXL, that of its class/size vector
+    `y`, or, for a UNet with `num_classes` (the x4 upscaler), that of the class labels `y` [B] (whole numbers)."""
+    if (y is None) == c.takes_y:
+        raise ValueError("y is required for models with adm_in_channels or num_classes, and only for them")
     emb = module.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
-    if y is not None:
+    if c.num_classes is not None:
+        emb = emb + module.label_emb(y.round().long())
+    elif y is not None:
         emb = emb + module.label_emb(y.to(dtype))
     return emb
 
@@ -224,7 +245,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if c.transformer_depth[level]:
-                    layers.append(_transformer(c, ch, c.transformer_depth[level]))
+                    layers.append(_transformer(c, ch, c.transformer_depth[level], level))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -240,7 +261,8 @@ class UNetModel(nn.Module):
                 control: list[torch.Tensor] | ControlResiduals | None = None) -> torch.Tensor:
         """Predict noise (or v) for latents `x` [B,C,H,W] at `timesteps` [B] given `context` [B,L,D].
 
-        `y` [B, adm_in_channels] is required by SDXL models (see `sdxl_adm`) and refused otherwise.
+        `y` [B, adm_in_channels] is required by SDXL models (see `sdxl_adm`), `y` [B] class labels by models
+        with `num_classes` (the x4 upscaler's noise level), and refused otherwise.
         `control` is a ControlNet's output (`ldm.controlnet`): one residual per input block, added to
         that block's skip connection, then one added to the middle block's output; or `ControlResiduals`,
         which may hold a T2I-Adapter's features too.

@@ -9,16 +9,28 @@ import torch
 
 from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, sample
 from ldm.sampling.guidance import DualCfg
+from ldm.sampling.ksampler import RESIZING_SAMPLERS
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel, device_and_dtype, devices_of, on_device
 from nodes.spec import INT_MAX, Combo, Float, Int, Output, Socket
 
 
-def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, negative: bool = False) -> list:
+def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, negative: bool = False,
+              seed: int = 0) -> list:
     """SDXL's extra `y` input, from each entry's pooled text embedding and size options (the refiner's
-    also from its aesthetic score: 6 unless said, 2.5 for the negative prompt, as in ComfyUI)."""
+    also from its aesthetic score: 6 unless said, 2.5 for the negative prompt, as in ComfyUI); an unCLIP
+    model's from each entry's image prompts, noised from `seed` (nodes.sd.vision.unclip_y)."""
+    unclip = getattr(model.family, "unclip", False)
+    if not unclip and any("unclip_conditioning" in options for _, options in conditioning):
+        from nodes.sd.vision import warn_not_unclip
+
+        warn_not_unclip(model)
     if not model.needs_adm:
         return conditioning
+    if unclip:
+        from nodes.sd.vision import unclip_y
+
+        return [(embedding, {**options, "y": unclip_y(model, options, seed)}) for embedding, options in conditioning]
     from ldm.unet import ADM_NUMBERS, sdxl_adm, sdxl_refiner_adm
 
     refiner = model.family.name == "sdxl_refiner"
@@ -65,6 +77,7 @@ def _controls(*conditionings: list) -> list:
 
 def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[torch.nn.Module, ...]:
     """Move the ControlNets to the compute device, after checking that each fits the model; returns them."""
+    from ldm.control_lora import ControlLora
     from ldm.t2i_adapter import T2IAdapter
 
     placed: dict[int, torch.nn.Module] = {}
@@ -81,8 +94,10 @@ def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[
             mismatch = _encoder_mismatch(control.model.config, model.family.unet_config)
         if mismatch:  # the same family, another size (the bundled demo model is a small SD1-style UNet)
             raise ValueError(f"{name} does not fit the model {model.source}: {mismatch}")
+        # A Control-LoRA's ControlNet is made from this model's UNet (ldm.control_lora), and kept for it.
+        module = control.model.controlnet(model.unet) if isinstance(control.model, ControlLora) else control.model
         # Kept: the ControlNets placed before, and the UNet, which runs with them next.
-        placed[id(control.model)] = on_device(node.ctx, control.model, keep=(model.unet, *placed.values()))
+        placed[id(control.model)] = on_device(node.ctx, module, keep=(model.unet, *placed.values()))
     return tuple(placed.values())
 
 
@@ -137,26 +152,27 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         node.ctx.check_interrupt()  # raises the engine's Interrupted
         return False
 
-    concat = None
-    if model.family.unet_config.in_channels != samples.shape[1]:  # an inpainting model
-        from nodes.sd.inpaint import inpaint_concat, with_inpaint_concat
+    # What models with channels beside the latent's take (inpainting, InstructPix2Pix, the x4 upscaler).
+    from nodes.sd.concat_models import model_inputs
 
-        concat = inpaint_concat(model, samples, latent.get("noise_mask"))
-        positive, negative = (with_inpaint_concat(model, latent, c) for c in (positive, negative))
-        if dual is not None:
-            dual = replace(dual, middle=with_inpaint_concat(model, latent, dual.middle))
+    concat, (positive, negative, *middle) = model_inputs(model, latent, seed, positive, negative,
+                                                         *([dual.middle] if dual else []))
+    if dual is not None:
+        dual = replace(dual, middle=middle[0])
     negative = _control_uncond(positive, negative)
     controls = _controls(positive, negative, *([dual.middle] if dual else []))
     if dual is not None:
-        dual = replace(dual, middle=_with_adm(dual.middle, model, samples, negative=True))
+        dual = replace(dual, middle=_with_adm(dual.middle, model, samples, negative=True, seed=seed))
     controlnets = _place_controls(node, model, controls)
     unet = on_device(node.ctx, model.unet, keep=controlnets)  # the ControlNets stay on the device with it
     devices = devices_of(node.ctx)
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
         module = unet
         options = devices.options
-        # A UNet patched to branch on the timestep (Deep Shrink) runs without graphs, which would replay one branch.
-        graphs = options.cuda_graphs and device.type == "cuda" and getattr(module, "cuda_graphs_safe", True)
+        # A UNet patched to branch on the timestep (Deep Shrink) runs without graphs, which would replay one branch;
+        # a sampler that resizes the latent meets most sizes once, and capturing one costs about three steps.
+        graphs = (options.cuda_graphs and device.type == "cuda" and getattr(module, "cuda_graphs_safe", True)
+                  and sampler_name not in RESIZING_SAMPLERS)
         # Channels-last pays under CUDA graphs only: its group norm launches more, smaller kernels, and
         # launches are what a step without graphs waits on. A ControlNet's residuals change every step,
         # so those runs launch eagerly, in NCHW. Not measured with --compile: left NCHW.
@@ -182,8 +198,9 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         with torch.inference_mode():
             out = sample(
                 unet, model.schedule, x, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
-                scheduler=scheduler, positive=_with_adm(positive, model, samples),
-                negative=_with_adm(negative, model, samples, negative=True), denoise=denoise, sigmas=sigmas,
+                scheduler=scheduler, positive=_with_adm(positive, model, samples, seed=seed),
+                negative=_with_adm(negative, model, samples, negative=True, seed=seed),
+                denoise=denoise, sigmas=sigmas,
                 add_noise=add_noise, start_step=start_step, end_step=end_step,
                 return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,

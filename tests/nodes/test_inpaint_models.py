@@ -38,9 +38,9 @@ def engine(tmp_path_factory):
         make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "inpaint.safetensors", seed=1)
     finally:
         PRESETS["tiny-sd1"] = original
-    PRESETS["tiny-sd1"] = (original[0], original[1], dataclasses.replace(original[2], in_channels=8), original[3])
-    try:
-        make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "eight.safetensors", seed=1)
+    PRESETS["tiny-sd1"] = (original[0], original[1], dataclasses.replace(original[2], in_channels=6), original[3])
+    try:  # 8 would be InstructPix2Pix's (nodes.sd.concat_models)
+        make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "six.safetensors", seed=1)
     finally:
         PRESETS["tiny-sd1"] = original
     from PIL import Image
@@ -139,5 +139,5 @@ def test_txt2img_with_an_inpainting_model_sees_a_grey_image_and_no_mask(engine, 
 
 def test_a_unet_with_other_extra_channels_is_refused_clearly(engine):
     empty = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    result = engine.run(parse_api(graph(empty, ckpt="eight.safetensors")), keep=["6"])
-    assert not result.ok and "takes 8 input channels" in str(result.error)
+    result = engine.run(parse_api(graph(empty, ckpt="six.safetensors")), keep=["6"])
+    assert not result.ok and "takes 6 input channels" in str(result.error)
