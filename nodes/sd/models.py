@@ -21,11 +21,20 @@ def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
     if getattr(family, "edm", None) is not None:
         return ContinuousSchedule(*family.edm)
-    if getattr(family, "name", None) == "sd_x4_upscaler":  # betas of its own (ldm.upscaler_x4)
+    if getattr(family, "zero_snr", False):
+        return ZERO_SNR_SCHEDULE
+    return discrete_betas_of(family)
+
+
+def discrete_betas_of(family: Any) -> DiscreteSchedule:
+    """The family's table of 1,000 discrete noise levels as configured for training, before any zero-SNR
+    rescaling: SD's scaled-linear betas, or the x4 upscaler's own (`ldm.upscaler_x4`). ModelSamplingDiscrete
+    starts from it, as ComfyUI's starts from the model's sampling settings."""
+    if getattr(family, "name", None) == "sd_x4_upscaler":
         from ldm.upscaler_x4 import schedule
 
         return schedule()
-    return ZERO_SNR_SCHEDULE if getattr(family, "zero_snr", False) else DEFAULT_SCHEDULE
+    return DEFAULT_SCHEDULE
 
 
 # Playground v2.5's latent normalisation (ComfyUI's SDXL_Playground_2_5): per channel, (z - mean) * 0.5 / std.

@@ -18,7 +18,7 @@ from ldm.sampling.model_patches import SelfAttentionGuidance as SelfAttention
 from ldm.sampling.schedules import ContinuousSchedule, ContinuousVSchedule
 from nodes.node import Node
 from nodes.sd.latent import upscale_latent
-from nodes.sd.models import DEFAULT_SCHEDULE, Clip, DiffusionModel
+from nodes.sd.models import Clip, DiffusionModel, discrete_betas_of
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
 
@@ -232,7 +232,8 @@ class ModelSamplingDiscrete(Node):
         return None
 
     def execute(self, model: DiffusionModel, sampling: str, zsnr: bool) -> tuple[DiffusionModel]:
-        schedule = DEFAULT_SCHEDULE.zero_terminal_snr() if zsnr else DEFAULT_SCHEDULE
+        schedule = discrete_betas_of(model.family)
+        schedule = schedule.zero_terminal_snr() if zsnr else schedule
         if sampling == "lcm":  # after the rescaling, as in ComfyUI: the distilled levels of the rescaled table
             schedule = schedule.distilled()
         return (replace(model, schedule=schedule, prediction_type=_PREDICTIONS[sampling]),)

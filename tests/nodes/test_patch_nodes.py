@@ -271,3 +271,21 @@ def test_a_checkpoint_marked_as_edm_samples_on_its_continuous_schedule(engine):
     assert model.prediction == "v"
     edm, plain = latent(engine, graph(ckpt="cosxl.safetensors")), latent(engine, graph(ckpt="sd2.safetensors"))
     assert torch.isfinite(edm).all() and differ(edm, plain)
+
+
+def test_model_sampling_discrete_keeps_the_x4_upscalers_own_betas():
+    """ModelSamplingDiscrete starts from the model's own discrete table, as ComfyUI's starts from the model's
+    sampling settings: the x4 upscaler's linear betas, not SD's scaled-linear ones."""
+    from types import SimpleNamespace
+
+    from ldm.upscaler_x4 import schedule as x4_schedule
+    from nodes.sd.models import DEFAULT_SCHEDULE, DiffusionModel
+    from nodes.sd.patches import ModelSamplingDiscrete
+
+    x4 = DiffusionModel(None, SimpleNamespace(name="sd_x4_upscaler", edm=None, zero_snr=False), "x4.safetensors",
+                        schedule=x4_schedule())
+    (patched,) = ModelSamplingDiscrete().execute(x4, "v_prediction", False)
+    assert torch.equal(patched.schedule.sigmas, x4_schedule().sigmas)
+    assert not torch.allclose(patched.schedule.sigmas, DEFAULT_SCHEDULE.sigmas)
+    (rescaled,) = ModelSamplingDiscrete().execute(x4, "v_prediction", True)
+    assert torch.equal(rescaled.schedule.sigmas, x4_schedule().zero_terminal_snr().sigmas)
