@@ -35,7 +35,10 @@ class MergeError(ValueError):
 
 def _tensors(module: nn.Module, skip: tuple[str, ...]) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
     """Every tensor `state_dict` would hold, by key: (owning module, attribute, tensor), with an fp8 layer's
-    `weight_scale` left out (its weight is read dequantized) and keys ending with a suffix in `skip` too."""
+    `weight_scale` left out (its weight is read dequantized) and keys ending with a suffix in `skip` too. What a
+    patch hangs on a copy and keeps out of `state_dict` (a hypernetwork's MLPs) is not a weight to merge: the merged
+    model keeps model1's patches, as in ComfyUI."""
+    saved = module.state_dict(keep_vars=True).keys()  # references, no copies
     found: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
     for path, owner in module.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
@@ -43,7 +46,8 @@ def _tensors(module: nn.Module, skip: tuple[str, ...]) -> dict[str, tuple[nn.Mod
                    *((name, t) for name, t in owner._buffers.items() if name not in owner._non_persistent_buffers_set)]
         for name, tensor in tensors:
             key = prefix + name
-            if tensor is None or key.endswith(skip) or (type(owner) in _PLAIN and name == "weight_scale"):
+            if (tensor is None or key not in saved or key.endswith(skip)
+                    or (type(owner) in _PLAIN and name == "weight_scale")):
                 continue
             found[key] = (owner, name, tensor)
     return found

@@ -217,3 +217,27 @@ def test_factors_of_one_and_zero_never_read_model2():
     merged = merge_modules(first, second, lambda key: (2.0, 0.0) if key == "weight" else (1.0, 1.0))
     assert torch.equal(merged.weight, first.weight * 2)
     assert torch.equal(merged.bias, first.bias + second.bias)
+
+
+def test_a_hypernetwork_patched_model1_merges_and_keeps_its_patch(tmp_path):
+    """A hypernetwork's MLPs hang on the patched copy but are not weights (not in its state_dict): the models still
+    merge, and the merged model keeps model1's patch, as ComfyUI's merge keeps model1's patches."""
+    from ldm.hypernetwork import hypernetwork_copy, load_hypernetwork
+    from tests.ldm.test_hypernetwork import write_hypernetwork
+
+    config = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+                        num_heads=4, context_dim=32)
+    torch.manual_seed(0)
+    plain, other = UNetModel(config).eval(), UNetModel(config).eval()
+    write_hypernetwork(tmp_path / "net.pt", widths=(32, 64), layers=(1, 2, 1))
+    patched = hypernetwork_copy(plain, load_hypernetwork(tmp_path / "net.pt"), strength=1.0)
+    merged = weighted_merge(patched, other, 0.5)
+    unpatched_merge = weighted_merge(plain, other, 0.5)
+    assert merged.state_dict().keys() == plain.state_dict().keys()
+    for key, value in unpatched_merge.state_dict().items():
+        assert torch.equal(merged.state_dict()[key], value), key
+    x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        expected = hypernetwork_copy(unpatched_merge, load_hypernetwork(tmp_path / "net.pt"), 1.0)(x, t, context)
+        assert torch.allclose(merged(x, t, context), expected, atol=1e-6)
+        assert not torch.allclose(merged(x, t, context), unpatched_merge(x, t, context), atol=1e-4)
