@@ -27,13 +27,13 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "TripleCLIPLoader", "QuadrupleCLIPLoader",
     "GLIGENLoader",
-    "ImageOnlyCheckpointLoader", "PhotoMakerLoader", "LoraModelLoader",
+    "ImageOnlyCheckpointLoader", "LoraModelLoader",
     # conditioning for other model kinds
     "GLIGENTextboxApply",
     "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
-    "PhotoMakerEncode", "ConditioningSetAreaPercentageVideo",
+    "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",

@@ -33,6 +33,8 @@ MODEL_KINDS = {
     "style_models": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     # A1111 hypernetworks: torch.save'd dicts (int keys), which safetensors cannot hold.
     "hypernetworks": (".pt", ".pth", ".ckpt", ".bin"),
+    # PhotoMaker ID encoders: TencentARC's photomaker-v1.bin, or safetensors conversions.
+    "photomaker": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
 }
 
 

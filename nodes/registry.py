@@ -40,6 +40,7 @@ BUILTIN_MODULES = (
     "nodes.sd.attention_patches",
     "nodes.sd.concat_models",
     "nodes.sd.image_sources",
+    "nodes.sd.photomaker",
 )
 
 
