@@ -40,13 +40,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "PerpNeg",  # the deprecated model patch; PerpNegGuider does the same as a GUIDER
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
     "GITSScheduler",
-    # hooks: LoRAs and model weights scheduled over the run or tied to one prompt (comfy_extras/nodes_hooks.py)
-    "CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly",
-    "SetHookKeyframes", "CreateHookKeyframe", "CreateHookKeyframesInterpolated", "CreateHookKeyframesFromFloats",
-    "CombineHooks2", "CombineHooks4", "CombineHooks8", "ConditioningSetProperties", "PairConditioningSetProperties",
-    "ConditioningSetPropertiesAndCombine", "PairConditioningSetPropertiesAndCombine", "ConditioningSetDefaultCombine",
-    "PairConditioningSetDefaultCombine", "PairConditioningCombine", "SetClipHooks", "ConditioningTimestepsRange",
-    "SetModelHooksOnCond",
     # saving models of other kinds
     "ImageOnlyCheckpointSave",
     # latents and images

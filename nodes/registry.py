@@ -41,6 +41,7 @@ BUILTIN_MODULES = (
     "nodes.sd.concat_models",
     "nodes.sd.image_sources",
     "nodes.sd.photomaker",
+    "nodes.sd.hooks",
 )
 
 

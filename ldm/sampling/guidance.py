@@ -14,6 +14,10 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
   acts, as ComfyUI's ConditioningSetTimestepRange stores it; outside it the entry is left out.
 - `concat`: for inpainting models, [1 or B, C, H, W] channels appended to the UNet's input at the
   latent's size (the caller builds them; entries without one get the guider's `concat`).
+- `hooks`: an `ldm.sampling.hooks.Hooks` group: the entry is predicted by the UNet with those LoRAs applied
+  (the guider's `hooked` makes the copies); entries of different groups never share a call.
+- `default`: the entry acts only where the side's other active entries leave weight, with weight
+  `max(0, 1 - their summed weights)` over the whole image (ComfyUI's ConditioningSetDefaultCombine).
 
 Each entry predicts x0 over its area; entries of one side (positive or negative) are blended by
 their weights, with an 8-pixel linear feather on area edges that are inside the image and have
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
+from ldm.sampling.hooks import HookedUNets
 from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
 
 CondList = list[tuple[Tensor, dict]]
@@ -55,6 +60,7 @@ class _Job:
     area: bool = False  # the entry names an area (or its mask's bounds)
     source: tuple[int, int] = (0, 0)  # (side, index) of the entry whose timestep range this job follows
     concat: Tensor | None = None  # inpainting models' extra input channels, over the job's area
+    hooks: Any = None  # ldm.sampling.hooks.Hooks: the LoRAs this job's UNet runs with
 
 
 def _to_batch(t: Tensor, batch: int) -> Tensor:
@@ -139,7 +145,8 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
     concat = options.get("concat", concat)
     if concat is not None:
         concat = _to_batch(_resized_concat(concat.to(x.device, x.dtype), x), batch)[:, :, rows, cols]
-    return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat)
+    return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
+                hooks=options.get("hooks"))
 
 
 def _pair_areas(jobs: list[_Job]) -> list[_Job]:
@@ -161,7 +168,7 @@ def _pair_areas(jobs: list[_Job]) -> list[_Job]:
             if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
                 continue
             out.append(_Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source, job.concat))
+                            True, job.source, job.concat, smallest.hooks))
     return out
 
 
@@ -184,6 +191,7 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
                 and (job.y is None or first.y.shape[1:] == job.y.shape[1:])
                 and first.context.shape[2] == job.context.shape[2]
                 and first.control is job.control
+                and first.hooks == job.hooks
                 and (first.concat is None) == (job.concat is None)
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
@@ -235,7 +243,8 @@ class _Plan:
     @property
     def plain_cfg(self) -> bool:
         """One whole-image entry per side, both in one call: the common case, with a fast path."""
-        return len(self.counts) == 2 and all(c is None for c in self.counts) and len(self.batches) == 1
+        return (len(self.counts) == 2 and all(c is None for c in self.counts) and len(self.batches) == 1
+                and self.batches[0][0][0].hooks is None)
 
 
 class CFGGuider:
@@ -251,13 +260,14 @@ class CFGGuider:
     for this guider's lifetime (one sampling run).
     `keep_negative` runs the negative side even at cfg 1 (for those that read it); `dual` adds a third prompt
     (see `DualCfg`, `ThirdPrompt`); `concat` is an inpainting model's extra input for entries without their own.
+    `hooked` (`ldm.sampling.hooks.HookedUNets`) gives the denoisers of entries that carry hooks.
     """
 
     def __init__(
         self, denoiser: Denoiser, positive: CondList, negative: CondList, cfg: float, feather: int = 8,
         cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
         module: Any = None, keep_negative: bool = False, dual: ThirdPrompt | None = None,
-        concat: Tensor | None = None, pre_cfg: tuple[PreCfgFunction, ...] = (),
+        concat: Tensor | None = None, pre_cfg: tuple[PreCfgFunction, ...] = (), hooked: HookedUNets | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -279,6 +289,7 @@ class CFGGuider:
         self.pre_cfg = pre_cfg
         self._pre_cfg_state: list[dict] = [{} for _ in pre_cfg]  # per run: this guider is made for one
         self.module = module
+        self.hooked = hooked
         self._patched: dict[Any, CFGGuider] = {}  # per (transform, negative): a guider of one side by a patched copy
         self._plans: dict[tuple, _Plan] = {}
         # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
@@ -300,10 +311,11 @@ class CFGGuider:
             if negative and len(self.sides) < 2:
                 raise ValueError("this guidance patch needs the negative prompt's prediction, which was not made")
             if (transform, negative) not in self._patched:
-                denoiser = Denoiser(transform(self.module), self.denoiser.schedule, self.denoiser.prediction,
-                                    self.denoiser.quantize)
+                patched = transform(self.module)
+                denoiser = Denoiser(patched, self.denoiser.schedule, self.denoiser.prediction, self.denoiser.quantize)
+                hooked = None if self.hooked is None else self.hooked.over(patched)
                 self._patched[transform, negative] = CFGGuider(denoiser, self.sides[1 if negative else 0], [], 1.0,
-                                                               self.feather, concat=self.concat)
+                                                               self.feather, concat=self.concat, hooked=hooked)
             return self._patched[transform, negative](x if at is None else at, sigma)
 
         for patch in self.post_cfg:
@@ -324,10 +336,11 @@ class CFGGuider:
                 x_in = x[:, :, :, jobs[0].cols] if jobs[0].cols.stop - jobs[0].cols.start < x.shape[3] else x
             else:
                 x_in = torch.cat([x[:, :, j.rows, j.cols] for j in jobs])
+            denoiser = self._denoiser(jobs[0].hooks, sigma, level)
             if level is None:
-                x0 = self.denoiser(x_in, sigma.repeat(len(jobs)), cond)
+                x0 = denoiser(x_in, sigma.repeat(len(jobs)), cond)
             else:
-                x0 = self.denoiser.at_level(x_in, level, cond)
+                x0 = denoiser.at_level(x_in, level, cond)
             for job, out in zip(jobs, x0.chunk(len(jobs)), strict=True):
                 if plan.counts[job.side] is None:
                     preds[job.side] = out
@@ -346,6 +359,15 @@ class CFGGuider:
             return self._guide(args), args
         return self.dual.combine(args, preds[2], self._guide), args
 
+    def _denoiser(self, hooks: Any, sigma: Tensor, level: float | None) -> Denoiser:
+        """The denoiser of one call's hook group: the plain one without hooks."""
+        if hooks is None:
+            return self.denoiser
+        if self.hooked is None:
+            raise ValueError("a prompt carries hooks (a LoRA for it alone), and the sampler was not given the "
+                             "UNet module to patch")
+        return self.hooked.get(hooks, level if level is not None else float(sigma.max()))
+
     def _guide(self, args: CfgArgs) -> Tensor:
         """`uncond + cfg * (cond - uncond)`, or the model's guidance function."""
         if self.cfg_function is not None:
@@ -359,18 +381,44 @@ class CFGGuider:
         current = level if level is not None else float(sigma.max())
         return tuple(tuple(r is None or r[1] <= current <= r[0] for r in side) for side in self.ranges)
 
+    def _default_jobs(self, x: Tensor, jobs: list[_Job], active: tuple | None) -> list[_Job]:
+        """The active `default` entries' jobs: whole-image, weighted by what the side's other entries leave
+        (`max(0, 1 - their weights)`); none for a side that those cover fully."""
+        out = []
+        for side, conds in enumerate(self.sides):
+            defaults = [(i, emb, opts) for i, (emb, opts) in enumerate(conds)
+                        if opts.get("default") and (active is None or active[side][i])]
+            if not defaults:
+                continue
+            covered = torch.zeros(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+            for job in jobs:
+                if job.side == side:
+                    covered[:, :, job.rows, job.cols] += job.weight
+            left = (1 - covered).clamp_(min=0)
+            if not bool(left.any()):
+                continue
+            for i, emb, opts in defaults:
+                whole = {k: v for k, v in opts.items() if k not in ("area", "mask", "set_area_to_bounds", "strength")}
+                job = _job(side, emb, whole, x, self.feather, self.concat)
+                job.weight, job.source = left, (side, i)
+                out.append(job)
+        return out
+
     def _plan(self, x: Tensor, active: tuple | None = None) -> _Plan:
         key = (tuple(x.shape), x.device, x.dtype, active)
         if key not in self._plans:
             jobs = []
             for side, conds in enumerate(self.sides):
                 for i, (emb, opts) in enumerate(conds):
+                    if opts.get("default"):
+                        continue  # placed below, where the others leave room
                     if (job := _job(side, emb, opts, x, self.feather, self.concat)) is not None:
                         job.source = (side, i)
                         jobs.append(job)
             if len(self.sides) >= 2:
                 jobs = _pair_areas(jobs)
             jobs = [j for j in jobs if active is None or active[j.source[0]][j.source[1]]]
+            jobs += self._default_jobs(x, jobs, active)
             batches = []
             for group in _batches(jobs):
                 length = math.lcm(*(j.context.shape[1] for j in group))

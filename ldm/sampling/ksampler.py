@@ -25,6 +25,7 @@ from ldm.sampling import (
 )
 from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
 from ldm.sampling.guidance import CFGGuider, CondList, DualCfg
+from ldm.sampling.hooks import HookedUNets, entry_hooks
 from ldm.sampling.model_patches import SamplingPatches
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
@@ -333,9 +334,16 @@ def sample(
     if sampler_name in _CFG_PP:
         options["uncond"] = capture = samplers_cfgpp.UncondCapture()
         post_cfg = (capture, *post_cfg)
+    hooked = None
+    if entry_hooks(positive, negative, dual.middle if dual is not None else ()):
+        if module is None:
+            raise ValueError("prompts with hooks (LoRAs for some prompts) need the UNet module to patch")
+        # The hooked entries' UNets: patched copies of the module, uncompiled, for this run only.
+        hooked = HookedUNets(module, schedule.sigma_at_percent,
+                             lambda m: Denoiser(m, schedule, denoiser.prediction, denoiser.quantize))
     guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
                        module=module, keep_negative=sampler_name in _CFG_PP or patches.keep_negative, dual=dual,
-                       concat=concat, pre_cfg=patches.pre_cfg)
+                       concat=concat, pre_cfg=patches.pre_cfg, hooked=hooked)
     mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 
@@ -385,6 +393,8 @@ def sample(
     finally:
         if prefetcher is not None:
             prefetcher.close()
+        if hooked is not None:
+            hooked.close()
     if mask is not None:
         _check_mask_size(x, latent, sampler_name)  # a resize after the last step, which no model call saw
         x = x * last_mask[0] + latent * (1 - last_mask[0])

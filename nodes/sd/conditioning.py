@@ -43,6 +43,11 @@ def _encode(node: Node, clip: Clip, text: str, **kwargs: Any) -> Any:
                                                         embeddings=embedding_vectors, **kwargs)
 
 
+def _with_hooks(clip: Clip, options: dict) -> dict:
+    """The options of a prompt `clip` encoded, with the hooks SetClipHooks gave it to pass on, if any."""
+    return options if clip.cond_hooks is None else {**options, "hooks": clip.cond_hooks}
+
+
 class CLIPTextEncode(Node):
     """Encodes a prompt, with (word:1.2) emphasis and prompts longer than 75 tokens."""
 
@@ -57,7 +62,7 @@ class CLIPTextEncode(Node):
         options = {}
         if encoding.pooled is not None:
             options["pooled_output"] = encoding.pooled.float().cpu()
-        return ([(encoding.cond.float().cpu(), options)],)
+        return ([(encoding.cond.float().cpu(), _with_hooks(clip, options))],)
 
 
 class CLIPTextEncodeSDXL(Node):
@@ -85,7 +90,7 @@ class CLIPTextEncodeSDXL(Node):
         encoding = _encode(self, clip, text_g, per_encoder={"clip_g": [text_g], "clip_l": [text_l]})
         options = {"pooled_output": encoding.pooled.float().cpu(), "width": width, "height": height,
                    "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width, "target_height": target_height}
-        return ([(encoding.cond.float().cpu(), options)],)
+        return ([(encoding.cond.float().cpu(), _with_hooks(clip, options))],)
 
 
 class CLIPTextEncodeSDXLRefiner(Node):
@@ -105,7 +110,7 @@ class CLIPTextEncodeSDXLRefiner(Node):
         encoding = _encode(self, clip, text)
         options = {"pooled_output": encoding.pooled.float().cpu(), "aesthetic_score": ascore,
                    "width": width, "height": height}
-        return ([(encoding.cond.float().cpu(), options)],)
+        return ([(encoding.cond.float().cpu(), _with_hooks(clip, options))],)
 
 
 class CLIPSetLastLayer(Node):

@@ -115,6 +115,7 @@ class Clip:
     clip_skip: int | None = None
     loras: tuple[str, ...] = ()
     own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
+    cond_hooks: Any = None  # SetClipHooks' ldm.sampling.hooks.Hooks, which the prompts it encodes carry
 
     def with_clip_skip(self, layer: int) -> Clip:
         return replace(self, clip_skip=layer)

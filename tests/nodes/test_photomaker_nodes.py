@@ -49,10 +49,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(base):
-    registry = builtin_registry()
-    if "PhotoMakerLoader" not in registry:  # until nodes/registry.py lists the module
-        registry.register_module(nodes.sd.photomaker)
-    return Executor(registry, services=Services.create(base, force_cpu=True))
+    return Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
 
 
 def workflow(text: str = "photograph of a man photomaker", picture: str = "face.png",
