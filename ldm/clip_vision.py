@@ -254,11 +254,14 @@ class LoadedClipVision:
 def _read(path: Path) -> StateDict:
     """The file's tensors; of an unCLIP checkpoint in safetensors, only its image encoder's (`embedder.*`),
     read without the gigabytes of UNet around them."""
-    shapes = read_shapes(path)
-    if shapes is None or not any(k.startswith(UNCLIP_PREFIX) for k in shapes):
-        return load_state_dict(path)
-    with safetensors.safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in shapes if k.startswith("embedder.")}
+    try:
+        shapes = read_shapes(path)
+        if shapes is None or not any(k.startswith(UNCLIP_PREFIX) for k in shapes):
+            return load_state_dict(path)
+        with safetensors.safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in shapes if k.startswith("embedder.")}
+    except (safetensors.SafetensorError, OSError) as e:  # read_shapes reads the header unguarded
+        raise CheckpointError(f"{path.name}: unreadable or truncated safetensors file ({e})") from None
 
 
 def load_clip_vision(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

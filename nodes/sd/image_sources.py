@@ -46,7 +46,8 @@ def find_image(name: str, default_folder: str) -> tuple[Path | None, str | None]
 
 
 def _check_image(name: Any, default_folder: str) -> str | None:
-    """Refuse a missing file, a path out of the folder, or a file that is not an image (its header only)."""
+    """Refuse a missing file, a path out of the folder, a file that is not an image, or one larger than Pillow
+    decodes (its header only)."""
     from PIL import Image, UnidentifiedImageError
 
     path, problem = find_image(str(name or ""), default_folder)
@@ -55,6 +56,8 @@ def _check_image(name: Any, default_folder: str) -> str | None:
     try:
         with Image.open(path) as image:
             image.verify()
+    except Image.DecompressionBombError as exc:  # raised on open, for the size the header claims
+        return f"{name} is too large to load: {exc}"
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         return f"{name} is not a readable image: {exc}"
     return None

@@ -125,8 +125,7 @@ class unCLIPConditioning(Node):  # noqa: N801 (ComfyUI's name)
     """Adds an image prompt to each conditioning entry, for SD 2.1 unCLIP models; several add up. Other models
     ignore it (a warning says so when they sample)."""
 
-    display_name = "unCLIP Conditioning"
-    category = "conditioning"
+    category = "conditioning"  # no display name: ComfyUI shows the class name
     conditioning = Socket("CONDITIONING")
     clip_vision_output = Socket("CLIP_VISION_OUTPUT")
     strength = Float(1.0, min=-10.0, max=10.0, step=0.01)

@@ -181,3 +181,19 @@ def test_a_workflow_reloads_its_last_result_and_validation_names_bad_files(engin
     [problem] = err.value.problems
     assert (problem.node_id, problem.type) == ("1", "custom_validation_failed")
     assert "'../input/cam.png' is outside the output folder" in problem.details
+
+
+def test_an_image_larger_than_pillow_decodes_is_refused_at_validation(engine, folders):
+    # 20000 x 20000 one-bit pixels: a 50 kB file whose header claims more than Pillow's decompression-bomb limit.
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(folders.output / "huge.png")
+    Image.new("1", (20000, 20000)).save(folders.input / "huge.png")
+    for node in ({"class_type": "LoadImageOutput", "inputs": {"image": "huge.png [output]"}},
+                 {"class_type": "WebcamCapture", "inputs": {"image": "huge.png", "width": 0, "height": 0,
+                                                             "capture_on_queue": True}}):
+        with pytest.raises(WorkflowInvalid) as err:
+            engine.run(parse_api({"1": node, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}))
+        [problem] = err.value.problems
+        assert (problem.node_id, problem.type) == ("1", "custom_validation_failed")
+        assert "huge.png" in problem.details and "is too large to load" in problem.details

@@ -208,3 +208,30 @@ def test_the_nodes_declare_comfyuis_inputs():
                                                                                  "CLIP_VISION"]
     assert list(inputs("CLIPVisionLoader")) == ["clip_name"]
     assert list(inputs("StyleModelLoader")) == ["style_model_name"]
+
+
+def test_display_names_and_categories_are_comfyuis():
+    registry = builtin_registry()
+    shown = {name: (registry.get(name).object_info()["display_name"], registry.get(name).object_info()["category"])
+             for name in ("CLIPVisionLoader", "CLIPVisionEncode", "unCLIPConditioning", "unCLIPCheckpointLoader",
+                          "StyleModelLoader", "StyleModelApply")}
+    # unCLIPConditioning and unCLIPCheckpointLoader have no display name in ComfyUI: its editor shows the class name.
+    assert shown == {"CLIPVisionLoader": ("Load CLIP Vision", "loaders"),
+                     "CLIPVisionEncode": ("CLIP Vision Encode", "conditioning"),
+                     "unCLIPConditioning": ("unCLIPConditioning", "conditioning"),
+                     "unCLIPCheckpointLoader": ("unCLIPCheckpointLoader", "loaders"),
+                     "StyleModelLoader": ("Load Style Model", "loaders"),
+                     "StyleModelApply": ("Apply Style Model", "conditioning/style_model")}
+
+
+def test_a_truncated_clip_vision_file_is_named_as_such(base, engine):
+    vision = base.base / "models" / "clip_vision"
+    (vision / "cut.safetensors").write_bytes((vision / "vit-tiny.safetensors").read_bytes()[:300])
+    graph = style_workflow()
+    graph["11"]["inputs"]["clip_name"] = "cut.safetensors"
+    try:
+        result = run(engine, graph)
+    finally:
+        (vision / "cut.safetensors").unlink()
+    assert not result.ok and result.error.node_id == "11"
+    assert "cut.safetensors: unreadable or truncated safetensors file" in result.error.exception_message
