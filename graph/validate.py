@@ -193,7 +193,10 @@ class _Checker:
             else:
                 values[name] = self.check_constant(node, name, spec, value)
         if len(self.problems) == before:
-            message = cls.check_inputs(values)
+            try:
+                message = cls.check_inputs(values)
+            except Exception as exc:  # a node's (or plugin's) own check failing is a problem of that node, not a 500
+                message = f"{cls.__name__} could not check its inputs: {type(exc).__name__}: {exc}"
             if message:
                 self.add(E.CUSTOM_VALIDATION_FAILED, "Custom validation failed for node", node, None, message)
         return values

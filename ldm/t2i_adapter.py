@@ -259,8 +259,8 @@ def load_t2i_adapter(sd: StateDict, path: Path, device: torch.device | str = "cp
     """A T2I-Adapter from the state dict of the file `path`, in either layout. Its family is "sdxl" for an SDXL
     adapter, and None for the others, which fit any UNet with SD1's or SD2's blocks."""
     if "style_embedding" in sd:
-        raise CheckpointError(f"{path.name}: a T2I-Adapter style model (an image prompt through CLIP vision, which "
-                              "ComfyUI loads with Load Style Model), which this engine does not run")
+        raise CheckpointError(f"{path.name}: a T2I-Adapter style model (an image prompt through CLIP vision), not a "
+                              "ControlNet: put it in models/style_models and load it with Load Style Model")
     num_res_blocks = int(read_metadata(path).get("loom.num_res_blocks", 2))  # saved by save_t2i_adapter
     if any(k.startswith("adapter.") for k in sd):
         sd, num_res_blocks = _from_diffusers(sd)

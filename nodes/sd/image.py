@@ -63,6 +63,8 @@ class LoadImage(Node):
         try:
             with Image.open(path) as image:
                 image.verify()
+        except Image.DecompressionBombError as exc:
+            return f"{inputs['image']} is too large to load: {exc}"
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             return f"{inputs['image']} is not a readable image: {exc}"
         return None

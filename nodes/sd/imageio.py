@@ -49,6 +49,8 @@ def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
                     masks.append(1.0 - torch.from_numpy(alpha.copy())[None])
                 else:
                     masks.append(torch.zeros((1, frame.size[1], frame.size[0])))
+    except Image.DecompressionBombError as exc:
+        raise NotAnImageError(f"{path.name} is too large to load: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise NotAnImageError(f"{path.name} is not a readable image: {exc}") from None
     return torch.cat(frames), torch.cat(masks)

@@ -169,3 +169,26 @@ def test_list_constants_are_wrapped_and_round_trip():
 def test_a_problem_names_a_node_whose_id_is_empty(registry):
     [problem] = problems(registry, {"": {"class_type": "Add", "inputs": {}}, "7": sink(["", 0])})
     assert str(problem).startswith("node '' (Add), input 'a': Required input is missing")
+
+
+def test_a_check_inputs_that_raises_is_that_nodes_problem(registry):
+    """A node's own input check (a plugin's, say) that raises gives a custom_validation_failed problem for that
+    node, so POST /prompt answers 400 naming it rather than a server error."""
+    from nodes.node import Node
+    from nodes.spec import Int, Output
+
+    class Fragile(Node):
+        value = Int(1)
+        outputs = (Output("INT"),)
+
+        @classmethod
+        def check_inputs(cls, inputs):
+            raise RuntimeError("the check itself broke")
+
+        def execute(self, value):
+            return (value,)
+
+    registry.register(Fragile)
+    [problem] = problems(registry, {"1": {"class_type": "Fragile", "inputs": {"value": 2}}, "2": sink(["1", 0])})
+    assert (problem.node_id, problem.type) == ("1", "custom_validation_failed")
+    assert problem.details == "Fragile could not check its inputs: RuntimeError: the check itself broke"

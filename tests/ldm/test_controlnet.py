@@ -129,7 +129,8 @@ def test_files_that_are_not_controlnets_say_what_they_are(tmp_path):
     # T2I-Adapters load here (tests/ldm/test_t2i_adapter.py), but for the style adapter.
     adapter = tmp_path / "t2iadapter_style_sd14v1.safetensors"
     safetensors.torch.save_file({"style_embedding": torch.zeros(1, 8, 4)}, adapter)
-    with pytest.raises(CheckpointError, match=r"a T2I-Adapter style model \(.*\), which this engine does not run"):
+    with pytest.raises(CheckpointError,
+                       match=r"a T2I-Adapter style model \(.*\), not a ControlNet: put it in models/style_models"):
         load_controlnet(adapter)
     flux = tmp_path / "flux_canny.safetensors"
     safetensors.torch.save_file({"controlnet_x_embedder.weight": torch.zeros(2),

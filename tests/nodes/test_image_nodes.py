@@ -101,6 +101,18 @@ def test_load_image_refuses_non_images(folders):
         load_image_file(folders.input / "fake.png")
 
 
+def test_load_image_refuses_an_image_larger_than_pillow_decodes(folders):
+    """A 50 kB PNG whose header claims 20000 x 20000 pixels (beyond Pillow's decompression-bomb limit) is refused by
+    name at validation and at load, not left to raise Pillow's own error (which the server answered with a 500)."""
+    from PIL import Image
+
+    folders.input.mkdir(parents=True)
+    Image.new("1", (20000, 20000)).save(folders.input / "huge.png")
+    assert "huge.png is too large to load" in LoadImage.check_inputs({"image": "huge.png"})
+    with pytest.raises(NotAnImageError, match="huge.png is too large to load"):
+        load_image_file(folders.input / "huge.png")
+
+
 def test_image_scale_keeps_aspect_and_crops():
     image = torch.rand(1, 20, 40, 3)
     assert resize_image(image, 20, 0, "bilinear").shape == (1, 10, 20, 3)
