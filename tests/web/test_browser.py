@@ -231,6 +231,34 @@ def test_upload_an_image_through_the_widget(page, server, tmp_path):
     page.screenshot(path=ARTIFACTS / "editor-upload.png")
 
 
+def test_load_image_output_uploads_into_and_shows_from_the_output_folder(page, server, tmp_path):
+    """LoadImageOutput's widget reads output/: an upload through it lands there, and its preview is fetched from
+    there (the editor used to upload into input/ and look there, where the node does not read)."""
+    from PIL import Image
+
+    picture = tmp_path / "made-before.png"
+    Image.new("RGB", (40, 16), (220, 60, 30)).save(picture)
+    workflow = tmp_path / "output-image.json"
+    workflow.write_text(json.dumps({
+        "1": {"class_type": "LoadImageOutput", "inputs": {}, "_meta": {"pos": [60, 60], "size": [260, 300]}},
+        "2": {"class_type": "GetImageSize", "inputs": {"image": ["1", 0]}, "_meta": {"pos": [420, 60]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}, "_meta": {"pos": [700, 60]}},
+    }))
+    page.set_input_files("#file-input", str(workflow))
+    page.wait_for_function("loom.editor.graph._nodes.length === 3")
+    x, y = page.evaluate("loom.editor.screenPos(1, 'widget', 'choose file to upload')")
+    with page.expect_file_chooser() as chooser:
+        page.mouse.click(x, y)
+    chooser.value.set_files(str(picture))
+    page.wait_for_function("loom.editor.node(1).widgets[0].value === 'made-before.png'")
+    assert (server.base / "output" / "made-before.png").is_file()
+    assert not (server.base / "input" / "made-before.png").exists()
+    page.wait_for_function("(loom.runState.outputs['1'] || {images: []}).images.some(i => i.naturalWidth === 40)")
+    assert "type=output" in page.evaluate("loom.runState.outputs['1'].images[0].src")
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['3'] || {text: []}).text[0] === '40'", timeout=20000)
+
+
 def set_text(page, node_id, name, text):
     """Edit a multiline widget as a user does: click it, type in the dialog, OK."""
     x, y = page.evaluate(f"loom.editor.screenPos({node_id}, 'widget', '{name}')")

@@ -49,9 +49,11 @@ export function viewUrl(image) {
   return `/view?${query}`;
 }
 
-export async function uploadImage(file) {
+// folder: "input" (LoadImage's), or "output"/"temp" for nodes that read those (LoadImageOutput).
+export async function uploadImage(file, folder = "input") {
   const form = new FormData();
   form.append("image", file, file.name);
+  if (folder !== "input") form.append("type", folder);
   return api("/upload/image", { method: "POST", form });
 }
 

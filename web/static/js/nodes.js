@@ -114,13 +114,13 @@ export function openTextEditor(title, value, done) {
   area.focus();
 }
 
-function uploadWidget(node, combo) {
+function uploadWidget(node, combo, folder) {
   const input = document.createElement("input");
   input.type = "file";
   input.accept = "image/png,image/jpeg,image/webp,image/gif,image/bmp";
   input.onchange = async () => {
     if (!input.files.length) return;
-    const result = await uploadImage(input.files[0]);
+    const result = await uploadImage(input.files[0], folder);
     const name = result.subfolder ? `${result.subfolder}/${result.name}` : result.name;
     if (!combo.options.values.includes(name)) combo.options.values.push(name);
     combo.value = name;
@@ -131,13 +131,17 @@ function uploadWidget(node, combo) {
   node.addWidget("button", "choose file to upload", "image", () => input.click(), { serialize: true });
 }
 
-function showInputImage(node, name) {
+// The picture a file-choosing widget names, from the node's folder ("input" unless the schema's image_folder says
+// otherwise) or the one a ComfyUI-style " [output]" / " [temp]" suffix names.
+function showInputImage(node, name, folder = "input") {
   if (!name) return;
+  const annotated = /^(.*) \[(input|output|temp)\]$/.exec(name);
+  if (annotated) [, name, folder] = annotated;
   const image = new Image();
   image.onload = () => node.setDirtyCanvas(true, true);
   const [subfolder, filename] = name.includes("/") ? [name.slice(0, name.lastIndexOf("/")), name.split("/").pop()]
     : ["", name];
-  image.src = viewUrl({ filename, subfolder, type: "input" });
+  image.src = viewUrl({ filename, subfolder, type: folder });
   runState.outputs[node.id] = { images: [image], text: [] };
 }
 
@@ -150,9 +154,10 @@ function addInputs(node, def) {
       if (Array.isArray(type)) {
         const combo = node.addWidget("combo", name, opts.default ?? type[0] ?? "", null, { values: [...type] });
         if (opts.image_upload) {
-          combo.callback = (value) => showInputImage(node, value);
-          uploadWidget(node, combo);
-          setTimeout(() => showInputImage(node, combo.value), 0);
+          const folder = opts.image_folder || "input";
+          combo.callback = (value) => showInputImage(node, value, folder);
+          uploadWidget(node, combo, folder);
+          setTimeout(() => showInputImage(node, combo.value, folder), 0);
         }
       } else if (WIDGET_TYPES.has(type) && !opts.forceInput) {
         if (type === "INT" || type === "FLOAT") {
