@@ -43,8 +43,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # saving models of other kinds
     "ImageOnlyCheckpointSave",
     # latents and images
-    "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo", "LatentApplyOperation",
-    "SaveWEBM", "SaveVideo", "LoadVideo",
+    "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

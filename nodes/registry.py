@@ -42,6 +42,8 @@ BUILTIN_MODULES = (
     "nodes.sd.image_sources",
     "nodes.sd.photomaker",
     "nodes.sd.hooks",
+    "nodes.sd.latent_operations",
+    "nodes.sd.video",
 )
 
 

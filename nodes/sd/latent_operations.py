@@ -1,0 +1,125 @@
+"""ComfyUI's latent operations: functions of a latent (Reinhard tonemapping, sharpening) that a node applies to a
+LATENT, or a model patch applies to the guidance direction (cond - uncond) at every sampling step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ldm.sampling.model_patches import CfgArgs
+from nodes.node import Node
+from nodes.sd.image import gaussian_kernel
+from nodes.sd.models import DiffusionModel
+from nodes.spec import Float, Int, Output, Socket
+
+
+def _magnitude(latent: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each pixel's vector norm over the channels, plus `eps` (so a zero pixel divides to zero), as [B, 1, ...]."""
+    return (torch.linalg.vector_norm(latent, dim=1) + eps)[:, None]
+
+
+@dataclass(frozen=True)
+class TonemapReinhard:
+    """Reinhard's curve m / (m + 1) on each pixel's channel-vector magnitude m, measured in units of
+    `multiplier * (mean + 5 std)` of the item's magnitudes; the vectors' directions are kept."""
+
+    multiplier: float
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        magnitude = _magnitude(latent, 1e-10)
+        dims = tuple(range(1, latent.ndim))
+        top = (magnitude.std(dim=dims, keepdim=True) * 5 + magnitude.mean(dim=dims, keepdim=True)) * self.multiplier
+        scaled = magnitude / top
+        return latent / magnitude * (scaled / (scaled + 1.0) * top)
+
+
+@dataclass(frozen=True)
+class Sharpen:
+    """Unsharp masking of the unit channel vectors (the image minus `alpha * 10` times its Gaussian blur, the
+    kernel's centre adjusted so it sums to 1), their magnitudes then restored."""
+
+    radius: int
+    sigma: float
+    alpha: float
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        if latent.ndim != 4:
+            raise ValueError(f"LatentOperationSharpen works on image latents [B, C, H, W], got shape "
+                             f"{tuple(latent.shape)}")
+        height, width = latent.shape[-2:]
+        if self.radius >= height or self.radius >= width:
+            raise ValueError(f"LatentOperationSharpen: sharpen_radius {self.radius} must be smaller than the "
+                             f"latent's width and height ({width}x{height})")
+        magnitude = _magnitude(latent, 1e-6)
+        kernel = gaussian_kernel(self.radius * 2 + 1, self.sigma).to(latent) * (self.alpha * -10)
+        kernel[self.radius, self.radius] += 1.0 - kernel.sum()
+        channels = latent.shape[1]
+        padded = F.pad(latent / magnitude, (self.radius,) * 4, mode="reflect")
+        return magnitude * F.conv2d(padded, kernel.expand(channels, 1, *kernel.shape), groups=channels)
+
+
+@dataclass(frozen=True)
+class OperationOnGuidance:
+    """A pre-guidance patch: the positive prediction moved to `uncond + operation(cond - uncond)`, so the guided
+    x0 is `uncond + cfg * operation(cond - uncond)`."""
+
+    operation: object  # a LATENT_OPERATION: Tensor -> Tensor
+
+    def __call__(self, args: CfgArgs, state: dict) -> CfgArgs:
+        return replace(args, cond=self.operation(args.cond - args.uncond) + args.uncond)
+
+
+class LatentApplyOperation(Node):
+    """Applies a latent operation to the samples."""
+
+    category = "latent/advanced/operations"
+    samples = Socket("LATENT")
+    operation = Socket("LATENT_OPERATION")
+    outputs = (Output("LATENT"),)
+
+    def execute(self, samples: dict, operation: object) -> tuple[dict]:
+        return (dict(samples, samples=operation(samples["samples"])),)
+
+
+class LatentApplyOperationCFG(Node):
+    """Applies a latent operation to the guidance direction (positive minus negative prediction) at every step.
+    It acts only where the negative side is predicted: at cfg 1 Loom skips that pass, and the model is unchanged."""
+
+    category = "latent/advanced/operations"
+    model = Socket("MODEL")
+    operation = Socket("LATENT_OPERATION")
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, operation: object) -> tuple[DiffusionModel]:
+        current = model.sampling_patches
+        patches = replace(current, pre_cfg=(*current.pre_cfg, OperationOnGuidance(operation)))
+        return (replace(model, sampling_patches=patches),)
+
+
+class LatentOperationTonemapReinhard(Node):
+    """Reinhard tonemapping of the latent's per-pixel magnitudes (against the over-saturation of high cfg)."""
+
+    category = "latent/advanced/operations"
+    multiplier = Float(1.0, min=0.0, max=100.0, step=0.01)
+    outputs = (Output("LATENT_OPERATION"),)
+
+    def execute(self, multiplier: float) -> tuple[TonemapReinhard]:
+        return (TonemapReinhard(multiplier),)
+
+
+class LatentOperationSharpen(Node):
+    """Unsharp masking of the latent's per-pixel directions."""
+
+    category = "latent/advanced/operations"
+    sharpen_radius = Int(9, min=1, max=31, step=1)
+    sigma = Float(1.0, min=0.1, max=10.0, step=0.1)
+    alpha = Float(0.1, min=0.0, max=5.0, step=0.01)
+    outputs = (Output("LATENT_OPERATION"),)
+
+    def execute(self, sharpen_radius: int, sigma: float, alpha: float) -> tuple[Sharpen]:
+        return (Sharpen(sharpen_radius, sigma, alpha),)
+
+
+NODES = [LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard, LatentOperationSharpen]
