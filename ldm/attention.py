@@ -104,7 +104,10 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
     """LDM's transformer block. With `disable_self_attn` (the x4 upscaler's lower levels) the first attention
-    attends to the context as the second does, not to the image itself."""
+    attends to the context as the second does, not to the image itself. With a `fuser` (on a copy, see
+    `ldm.gligen.grounded_unet`), the image tokens pass through it between self- and cross-attention."""
+
+    fuser: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool = False):
         super().__init__()
@@ -130,6 +133,8 @@ class BasicTransformerBlock(nn.Module):
             n = self.norm1(x).reshape(b, nh, h // nh, nw, w // nw, c).permute(0, 1, 3, 2, 4, 5)
             out = self.attn1(n.reshape(b * nh * nw, -1, c)).reshape(b, nh, nw, h // nh, w // nw, c)
             x = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c) + x
+        if self.fuser is not None:
+            x = self.fuser(x)
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

@@ -26,10 +26,8 @@ COMFY_MODULES = frozenset({
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "TripleCLIPLoader", "QuadrupleCLIPLoader",
-    "GLIGENLoader",
     "ImageOnlyCheckpointLoader", "LoraModelLoader",
     # conditioning for other model kinds
-    "GLIGENTextboxApply",
     "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",

@@ -35,6 +35,8 @@ MODEL_KINDS = {
     "hypernetworks": (".pt", ".pth", ".ckpt", ".bin"),
     # PhotoMaker ID encoders: TencentARC's photomaker-v1.bin, or safetensors conversions.
     "photomaker": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    # GLIGEN grounding models (gligen_sd14_textbox_pruned.safetensors).
+    "gligen": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
 }
 
 

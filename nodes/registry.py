@@ -42,6 +42,7 @@ BUILTIN_MODULES = (
     "nodes.sd.image_sources",
     "nodes.sd.photomaker",
     "nodes.sd.hooks",
+    "nodes.sd.gligen",
     "nodes.sd.latent_operations",
     "nodes.sd.video",
 )

@@ -22,13 +22,15 @@ class Conditioning:
     class/size embedding (SDXL), `y` [B, adm]; a ControlNet chain (`ldm.controlnet.Control`) for
     a call whose rows are `control_repeats` copies of the latent batch (one per prompt in the call);
     for inpainting models, `concat` [B, C, H, W], channels appended to the UNet's input (the mask and
-    the masked image's latent)."""
+    the masked image's latent); `unet`, a UNet that runs this call instead of the denoiser's (GLIGEN's grounded
+    copy, `ldm.gligen.grounded_unet`)."""
 
     context: Tensor
     y: Tensor | None = None
     control: Any = None
     control_repeats: int = 1
     concat: Tensor | None = None
+    unet: Any = None
 
 
 @functools.lru_cache(maxsize=256)
@@ -136,9 +138,10 @@ class Denoiser:
             control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats)
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
+        unet = self.unet if cond.unet is None else cond.unet
         if control is None:
-            return self.unet(x_in, t, cond.context, y=cond.y)
-        return self.unet(x_in, t, cond.context, y=cond.y, control=control)
+            return unet(x_in, t, cond.context, y=cond.y)
+        return unet(x_in, t, cond.context, y=cond.y, control=control)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:
         if self.prediction == "eps":

@@ -16,6 +16,9 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
   latent's size (the caller builds them; entries without one get the guider's `concat`).
 - `hooks`: an `ldm.sampling.hooks.Hooks` group: the entry is predicted by the UNet with those LoRAs applied
   (the guider's `hooked` makes the copies); entries of different groups never share a call.
+- `gligen`: `("position", ldm.gligen.Gligen, phrases)` (GLIGENTextBoxApply): the entry is predicted by a copy of the
+  UNet whose transformer blocks take the phrases' grounding tokens (`ldm.gligen.grounded_unet`), made once per
+  latent shape; entries with other groundings (or none) never share a call.
 - `default`: the entry acts only where the side's other active entries leave weight, with weight
   `max(0, 1 - their summed weights)` over the whole image (ComfyUI's ConditioningSetDefaultCombine).
 
@@ -61,6 +64,7 @@ class _Job:
     source: tuple[int, int] = (0, 0)  # (side, index) of the entry whose timestep range this job follows
     concat: Tensor | None = None  # inpainting models' extra input channels, over the job's area
     hooks: Any = None  # ldm.sampling.hooks.Hooks: the LoRAs this job's UNet runs with
+    gligen: Any = None  # the entry's ("position", ldm.gligen.Gligen, phrases)
 
 
 def _to_batch(t: Tensor, batch: int) -> Tensor:
@@ -146,7 +150,7 @@ def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
     if concat is not None:
         concat = _to_batch(_resized_concat(concat.to(x.device, x.dtype), x), batch)[:, :, rows, cols]
     return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
-                hooks=options.get("hooks"))
+                hooks=options.get("hooks"), gligen=options.get("gligen"))
 
 
 def _pair_areas(jobs: list[_Job]) -> list[_Job]:
@@ -168,7 +172,7 @@ def _pair_areas(jobs: list[_Job]) -> list[_Job]:
             if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
                 continue
             out.append(_Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source, job.concat, smallest.hooks))
+                            True, job.source, job.concat, smallest.hooks, smallest.gligen))
     return out
 
 
@@ -192,6 +196,7 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
                 and first.context.shape[2] == job.context.shape[2]
                 and first.control is job.control
                 and first.hooks == job.hooks
+                and first.gligen is job.gligen
                 and (first.concat is None) == (job.concat is None)
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
@@ -315,7 +320,8 @@ class CFGGuider:
                 denoiser = Denoiser(patched, self.denoiser.schedule, self.denoiser.prediction, self.denoiser.quantize)
                 hooked = None if self.hooked is None else self.hooked.over(patched)
                 self._patched[transform, negative] = CFGGuider(denoiser, self.sides[1 if negative else 0], [], 1.0,
-                                                               self.feather, concat=self.concat, hooked=hooked)
+                                                               self.feather, module=patched, concat=self.concat,
+                                                               hooked=hooked)
             return self._patched[transform, negative](x if at is None else at, sigma)
 
         for patch in self.post_cfg:
@@ -367,6 +373,22 @@ class CFGGuider:
             raise ValueError("a prompt carries hooks (a LoRA for it alone), and the sampler was not given the "
                              "UNet module to patch")
         return self.hooked.get(hooks, level if level is not None else float(sigma.max()))
+
+    def _grounded(self, job: _Job) -> Any:
+        """The GLIGEN-grounded copy of the UNet for a call whose entries carry `gligen`; None without."""
+        if job.gligen is None:
+            return None
+        if self.module is None:
+            raise ValueError("a prompt carries GLIGEN boxes, and the sampler was not given the UNet module to patch")
+        if job.hooks is not None:
+            raise ValueError("a prompt carries both GLIGEN boxes and hooks, which cannot be combined")
+        from ldm.gligen import grounded_unet
+
+        kind, model, phrases = job.gligen
+        if kind != "position":
+            raise ValueError(f"unknown GLIGEN grounding {kind!r}: only text boxes (\"position\") are supported")
+        return grounded_unet(self.module, model, phrases, job.rows.stop - job.rows.start,
+                             job.cols.stop - job.cols.start)
 
     def _guide(self, args: CfgArgs) -> Tensor:
         """`uncond + cfg * (cond - uncond)`, or the model's guidance function."""
@@ -426,7 +448,8 @@ class CFGGuider:
                                      else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
                 concat = None if group[0].concat is None else torch.cat([j.concat for j in group])
-                batches.append((group, Conditioning(context, y, group[0].control, len(group), concat)))
+                batches.append((group, Conditioning(context, y, group[0].control, len(group), concat,
+                                                    self._grounded(group[0]))))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

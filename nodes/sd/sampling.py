@@ -164,7 +164,11 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     if dual is not None:
         dual = replace(dual, middle=_with_adm(dual.middle, model, samples, negative=True, seed=seed))
     controlnets = _place_controls(node, model, controls)
-    unet = on_device(node.ctx, model.unet, keep=controlnets)  # the ControlNets stay on the device with it
+    # GLIGEN models (GLIGENTextBoxApply) run inside the UNet's blocks: on the device with it and the ControlNets.
+    gligens = {id(opts["gligen"][1]): opts["gligen"][1] for side in (positive, negative, *middle)
+               for _, opts in side if opts.get("gligen") is not None}
+    placed = (*controlnets, *(on_device(node.ctx, g, keep=(model.unet, *controlnets)) for g in gligens.values()))
+    unet = on_device(node.ctx, model.unet, keep=placed)  # the ControlNets stay on the device with it
     devices = devices_of(node.ctx)
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
         module = unet
