@@ -39,173 +39,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.sampling.cond_jobs import Job, batches_of, entry_job, pair_areas
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
 from ldm.sampling.hooks import HookedUNets
 from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
 
 CondList = list[tuple[Tensor, dict]]
-
-MAX_CONTEXT_REPEAT = 4
-
-
-@dataclass
-class _Job:
-    side: int  # 0 = positive, 1 = negative
-    context: Tensor
-    y: Tensor | None
-    rows: slice
-    cols: slice
-    weight: Tensor | float  # [B or 1, 1, h, w], or a scalar for a whole-image entry
-    control: Any = None  # ldm.controlnet.Control
-    area: bool = False  # the entry names an area (or its mask's bounds)
-    source: tuple[int, int] = (0, 0)  # (side, index) of the entry whose timestep range this job follows
-    concat: Tensor | None = None  # inpainting models' extra input channels, over the job's area
-    hooks: Any = None  # ldm.sampling.hooks.Hooks: the LoRAs this job's UNet runs with
-    gligen: Any = None  # the entry's ("position", ldm.gligen.Gligen, phrases)
-
-
-def _to_batch(t: Tensor, batch: int) -> Tensor:
-    if t.shape[0] == batch:
-        return t
-    if batch % t.shape[0]:
-        raise ValueError(f"conditioning batch {t.shape[0]} does not divide the latent batch {batch}")
-    return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
-
-
-def feather_ramp(length: int, start_inside: bool, end_inside: bool, rr: int) -> Tensor:
-    """Per-row (or column) weights ramping up over `rr` pixels from each edge inside the image (ComfyUI's area
-    feather, also LatentComposite's)."""
-    ramp = torch.ones(length)
-    for t in range(min(rr, length) if rr else 0):
-        if start_inside:
-            ramp[t] *= (t + 1) / rr
-        if end_inside:
-            ramp[length - 1 - t] *= (t + 1) / rr
-    return ramp
-
-
-def _resized_mask(mask: Tensor, x: Tensor) -> Tensor:
-    mask = mask.to(x.device, x.dtype).reshape(-1, 1, *mask.shape[-2:])
-    if mask.shape[-2:] != x.shape[-2:]:
-        mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return mask
-
-
-def _resized_concat(concat: Tensor, x: Tensor) -> Tensor:
-    """An inpainting model's extra channels at `x`'s size: a sampler that resizes the latent as it goes
-    (lcm_upscale) takes them along, bilinearly, as ComfyUI resizes them to a latent of another size."""
-    if concat.shape[-2:] == x.shape[-2:]:
-        return concat
-    return F.interpolate(concat, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
-    """The (h, w, y, x) box around a resized mask's nonzero pixels (over the batch), 8 or more a side."""
-    rows, cols = torch.nonzero(mask.abs().amax(dim=(0, 1)) > 0, as_tuple=True)
-    if not len(rows):
-        return 8, 8, 0, 0  # an empty mask weighs nothing anywhere: the smallest area does
-    top, left = int(rows.min()), int(cols.min())
-    return max(8, int(rows.max()) + 1 - top), max(8, int(cols.max()) + 1 - left), top, left
-
-
-def _job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
-         concat: Tensor | None = None) -> _Job | None:
-    batch, _, height, width = x.shape
-    area = options.get("area")
-    mask = options.get("mask")
-    if mask is not None:
-        mask = _resized_mask(mask, x)
-        if options.get("set_area_to_bounds"):
-            area = _mask_bounds(mask)
-    if area is None:
-        h, w, top, left = height, width, 0, 0
-    elif area[0] == "percentage":
-        h, w = max(1, round(area[1] * height)), max(1, round(area[2] * width))
-        top, left = round(area[3] * height), round(area[4] * width)
-    else:
-        h, w, top, left = (int(v) for v in area)
-    rows, cols = slice(top, min(top + h, height)), slice(left, min(left + w, width))
-    if rows.start >= rows.stop or cols.start >= cols.stop:
-        return None  # an area wholly outside this latent (a prompt set for a larger image) adds nothing here
-    strength = float(options.get("strength", 1.0))
-    y = options.get("y")
-    y = None if y is None else _to_batch(y.to(x.device, x.dtype), batch)
-    context = _to_batch(embedding.to(x.device, x.dtype), batch)
-    if mask is not None:
-        mask = mask[:batch] if mask.shape[0] > batch else mask  # more masks than latents: the first ones (ComfyUI)
-        weight = _to_batch(mask, batch)[:, :, rows, cols] * (
-            strength * float(options.get("mask_strength", 1.0))
-        )
-    elif area is None:
-        weight = strength
-    else:
-        hh, ww = rows.stop - rows.start, cols.stop - cols.start
-        wy = feather_ramp(hh, top != 0, top + h < height, feather)
-        wx = feather_ramp(ww, left != 0, left + w < width, feather)
-        weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
-    concat = options.get("concat", concat)
-    if concat is not None:
-        concat = _to_batch(_resized_concat(concat.to(x.device, x.dtype), x), batch)[:, :, rows, cols]
-    return _Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
-                hooks=options.get("hooks"), gligen=options.get("gligen"))
-
-
-def _pair_areas(jobs: list[_Job]) -> list[_Job]:
-    """ComfyUI's rule for area prompts under CFG: an area entry on one side with no entry of exactly its area
-    on the other gets one there, predicted with the prompt of the other side's smallest entry enclosing it
-    (a whole-image entry if no area entry encloses it), and with the area entry's own area, weight, control
-    and timestep range. Without it, an area's guidance would compare against the whole-image prediction."""
-    out = list(jobs)
-    for side in (0, 1):
-        for job in [j for j in out if j.side == side and j.area]:
-            smallest = None
-            for other in (j for j in out if j.side == 1 - side):
-                if not other.area:
-                    smallest = smallest or other
-                elif (other.rows.start <= job.rows.start and other.cols.start <= job.cols.start
-                      and other.rows.stop >= job.rows.stop and other.cols.stop >= job.cols.stop
-                      and (smallest is None or not smallest.area or _size(other) < _size(smallest))):
-                    smallest = other
-            if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
-                continue
-            out.append(_Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source, job.concat, smallest.hooks, smallest.gligen))
-    return out
-
-
-def _size(job: _Job) -> int:
-    return (job.rows.stop - job.rows.start) * (job.cols.stop - job.cols.start)
-
-
-def _batches(jobs: list[_Job]) -> list[list[_Job]]:
-    """Group jobs that can share one model call: same area size, same kind of `y`, and context
-    lengths whose least common multiple stays within MAX_CONTEXT_REPEAT of the shortest."""
-    groups: list[list[_Job]] = []
-    for job in jobs:
-        for group in groups:
-            first = group[0]
-            lengths = [j.context.shape[1] for j in group] + [job.context.shape[1]]
-            if (
-                (first.rows.stop - first.rows.start, first.cols.stop - first.cols.start)
-                == (job.rows.stop - job.rows.start, job.cols.stop - job.cols.start)
-                and (first.y is None) == (job.y is None)
-                and (job.y is None or first.y.shape[1:] == job.y.shape[1:])
-                and first.context.shape[2] == job.context.shape[2]
-                and first.control is job.control
-                and first.hooks == job.hooks
-                and first.gligen is job.gligen
-                and (first.concat is None) == (job.concat is None)
-                and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
-            ):
-                group.append(job)
-                break
-        else:
-            groups.append([job])
-    return groups
-
 
 @dataclass(frozen=True)
 class DualCfg:
@@ -242,7 +83,7 @@ class ThirdPrompt(Protocol):
 class _Plan:
     """How one latent shape is evaluated: the batched calls, and per side the blend denominators."""
 
-    batches: list[tuple[list[_Job], Conditioning]]
+    batches: list[tuple[list[Job], Conditioning]]
     counts: list[Tensor | None]  # None: the side is one whole-image entry, used as is
 
     @property
@@ -374,7 +215,7 @@ class CFGGuider:
                              "UNet module to patch")
         return self.hooked.get(hooks, level if level is not None else float(sigma.max()))
 
-    def _grounded(self, job: _Job) -> Any:
+    def _grounded(self, job: Job) -> Any:
         """The GLIGEN-grounded copy of the UNet for a call whose entries carry `gligen`; None without."""
         if job.gligen is None:
             return None
@@ -403,7 +244,7 @@ class CFGGuider:
         current = level if level is not None else float(sigma.max())
         return tuple(tuple(r is None or r[1] <= current <= r[0] for r in side) for side in self.ranges)
 
-    def _default_jobs(self, x: Tensor, jobs: list[_Job], active: tuple | None) -> list[_Job]:
+    def _default_jobs(self, x: Tensor, jobs: list[Job], active: tuple | None) -> list[Job]:
         """The active `default` entries' jobs: whole-image, weighted by what the side's other entries leave
         (`max(0, 1 - their weights)`); none for a side that those cover fully."""
         out = []
@@ -421,7 +262,7 @@ class CFGGuider:
                 continue
             for i, emb, opts in defaults:
                 whole = {k: v for k, v in opts.items() if k not in ("area", "mask", "set_area_to_bounds", "strength")}
-                job = _job(side, emb, whole, x, self.feather, self.concat)
+                job = entry_job(side, emb, whole, x, self.feather, self.concat)
                 job.weight, job.source = left, (side, i)
                 out.append(job)
         return out
@@ -434,15 +275,15 @@ class CFGGuider:
                 for i, (emb, opts) in enumerate(conds):
                     if opts.get("default"):
                         continue  # placed below, where the others leave room
-                    if (job := _job(side, emb, opts, x, self.feather, self.concat)) is not None:
+                    if (job := entry_job(side, emb, opts, x, self.feather, self.concat)) is not None:
                         job.source = (side, i)
                         jobs.append(job)
             if len(self.sides) >= 2:
-                jobs = _pair_areas(jobs)
+                jobs = pair_areas(jobs)
             jobs = [j for j in jobs if active is None or active[j.source[0]][j.source[1]]]
             jobs += self._default_jobs(x, jobs, active)
             batches = []
-            for group in _batches(jobs):
+            for group in batches_of(jobs):
                 length = math.lcm(*(j.context.shape[1] for j in group))
                 context = torch.cat([j.context if j.context.shape[1] == length
                                      else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])

@@ -280,7 +280,7 @@ class LatentComposite(Node):
         if feather == 0:
             region.copy_(source)
         else:
-            from ldm.sampling.guidance import feather_ramp
+            from ldm.sampling.cond_jobs import feather_ramp
 
             # Fade each edge that lies inside the destination over `feather` rows/columns, as ComfyUI.
             rows = feather_ramp(sh, y != 0, y + sh < height, feather).to(dest.dtype)
