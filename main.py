@@ -18,7 +18,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="folder holding models/, input/, output/, temp/ (default: the project folder)")
     parser.add_argument("--models-dir", type=Path, action="append", default=[],
                         help="another models folder (with checkpoints/, vae/, loras/, controlnet/, upscale_models/, "
-                             "embeddings/, clip_vision/, style_models/, hypernetworks/, photomaker/, "
+                             "embeddings/, clip_vision/, style_models/, hypernetworks/, photomaker/, gligen/, "
                              "diffusion_models/, text_encoders/ inside); repeatable")
     parser.add_argument("--extra-model-paths", type=Path,
                         help="JSON file mapping model kinds to more folders, e.g. another tool's, or ComfyUI's "
