@@ -35,7 +35,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
-    "PerpNeg",  # the deprecated model patch; PerpNegGuider does the same as a GUIDER
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
     "GITSScheduler",
     # saving models of other kinds

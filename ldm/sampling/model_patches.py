@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,9 @@ class SamplingPatches:
     pre_cfg: tuple[PreCfgFunction, ...] = ()  # applied in order, before cfg_function (APG, TCFG)
     denoise_mask: MaskFunction | None = None
     keep_negative: bool = False  # predict the negative prompt even at cfg 1, for a patch that reads it
+    # A third prompt the guider predicts and combines (`guidance.ThirdPrompt`) when the sampler was given none:
+    # ComfyUI's older PerpNeg model patch, the same as its PerpNegGuider.
+    third_prompt: Any = None
 
 
 def _per_item(sigma: Tensor, like: Tensor) -> Tensor:

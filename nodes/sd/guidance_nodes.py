@@ -128,4 +128,19 @@ class PerpNegGuider(Node):
         return (Guider(model, positive, negative, cfg, dual=patches.PerpNeg(empty_conditioning, neg_scale)),)
 
 
-NODES: list[Any] = [CFGZeroStar, CFGNorm, APG, Mahiro, EpsilonScaling, TCFG, PerpNegGuider]
+class PerpNeg(Node):
+    """Perp-Neg as a model patch (ComfyUI's older, deprecated form of PerpNegGuider): samplers given this model guide
+    as PerpNegGuider does, with the empty prompt as the third one."""
+
+    category = "_for_testing"
+    model = Socket("MODEL")
+    empty_conditioning = Socket("CONDITIONING")
+    neg_scale = Float(1.0, min=0.0, max=100.0, step=0.01)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, empty_conditioning: list, neg_scale: float) -> tuple[DiffusionModel]:
+        third = patches.PerpNeg(empty_conditioning, neg_scale)
+        return (replace(model, sampling_patches=replace(model.sampling_patches, third_prompt=third)),)
+
+
+NODES: list[Any] = [CFGZeroStar, CFGNorm, APG, Mahiro, EpsilonScaling, TCFG, PerpNegGuider, PerpNeg]

@@ -134,7 +134,8 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     """The shared body of the KSampler and custom sampling nodes: the sampled LATENT, and the LATENT of
     the last step's denoised prediction (the same as the first if no step ran). LATENT values stay
     unscaled, as in ComfyUI. `sigmas` replaces `steps`, `scheduler` and `denoise`; `dual` adds DualCFGGuider's
-    second positive prompt."""
+    second positive prompt; without one, the model's patches may add a third prompt (the PerpNeg patch's)."""
+    dual = dual if dual is not None else model.sampling_patches.third_prompt
     _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]

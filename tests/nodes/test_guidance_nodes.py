@@ -147,3 +147,15 @@ def test_perp_neg_guider(engine):
     perp = latent(engine, perp_neg_graph(1.0), "14")
     assert torch.isfinite(perp).all() and differ(perp, against_empty)
     assert differ(perp, latent(engine, graph()))  # nor is it plain cfg against the negative
+
+
+def test_the_older_perp_neg_model_patch_guides_as_perp_neg_guider(engine):
+    """ComfyUI's deprecated PerpNeg node patches the MODEL: a KSampler with it guides as PerpNegGuider does with the
+    same prompts (the same seed, sampler and sigmas), and the loader's model is left unpatched."""
+    for neg_scale in (0.0, 1.0):
+        nodes = graph({"class_type": "PerpNeg", "inputs": {"empty_conditioning": ["7", 0], "neg_scale": neg_scale}})
+        assert same(latent(engine, nodes), latent(engine, perp_neg_graph(neg_scale), "14")), neg_scale
+    assert differ(latent(engine, graph()), latent(engine, perp_neg_graph(1.0), "14"))
+    info = builtin_registry().object_info()
+    assert info["PerpNeg"]["input_order"]["required"] == ["model", "empty_conditioning", "neg_scale"]
+    assert info["PerpNeg"]["category"] == "_for_testing"
