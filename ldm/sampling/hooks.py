@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.lora import Lora, LoraError, apply_lora, shallow_copy
+from ldm.lora import Lora, LoraError, apply_lora, match_lora, shallow_copy
 from ldm.quant import dequantized_weight
+
+# The LoRA key prefixes of text-encoder layers (kohya's te, te1, te2; diffusers').
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,18 @@ class WeightHook:
     def apply(self, module: nn.Module, strength: float, clip: bool = False) -> nn.Module:
         """A patched copy of `module` (the UNet, or with `clip` the text encoder) at `strength`."""
         if self.lora is not None:
+            # A LoRA of another family matches no layer: refused, as LoraLoader does, rather than patching
+            # nothing (a LoRA with no keys for this part, e.g. a UNet-only one on the CLIP, is left out).
+            if strength and self.has_part(clip) and not match_lora(module, self.lora):
+                raise LoraError(f"{self.name} patches no layer of this {'text encoder' if clip else 'UNet'}: it is "
+                                "a LoRA for another kind of model")
             return apply_lora(module, self.lora, strength)
         return toward(module, self.target_clip if clip else self.target_unet, strength, self.name)
+
+    def has_part(self, clip: bool) -> bool:
+        """Whether the LoRA has layers for the text encoder (`clip`) or else for the UNet."""
+        te = [name.startswith(_TEXT_ENCODER_PREFIXES) for name in self.lora.weights] if self.lora else []
+        return any(te) if clip else not all(te)
 
 
 @dataclass(frozen=True)

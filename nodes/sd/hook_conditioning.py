@@ -33,7 +33,7 @@ def _set_properties(conditioning: list, strength: float, set_cond_area: str, mas
     out = []
     for embedding, options in conditioning:
         options = dict(options)
-        if hooks is not None:
+        if hooks is not None and hooks.hooks:  # an empty group (CombineHooks with nothing) is ComfyUI's None
             options["hooks"] = Hooks.combine([options.get("hooks"), hooks])
         if mask is not None:
             options.update(mask=mask.unsqueeze(0) if mask.ndim < 3 else mask, mask_strength=strength,

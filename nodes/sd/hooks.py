@@ -3,13 +3,13 @@ guidance applies them); the nodes that attach them to prompts are in nodes.sd.ho
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from ldm.lora import check_lora_family
 from ldm.sampling.hooks import HookKeyframes, Hooks, Keyframe, WeightHook, patched_copy
 from nodes.node import Node
 from nodes.sd.hook_conditioning import NODES as CONDITIONING_NODES
@@ -24,8 +24,6 @@ from nodes.sd.loaders import (
 )
 from nodes.sd.models import Clip, file_fingerprint
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
-
-log = logging.getLogger(__name__)
 
 # --- creating and combining hooks ---------------------------------------------------------------------
 
@@ -205,7 +203,8 @@ def _add_keyframes(prev: HookKeyframes | None, strengths: list[float], start_per
                                                 strengths, strict=True)):
         keyframes = keyframes.add(Keyframe(strength, percent, guarantee_steps=1 if i == 0 else 0))
         if print_keyframes:
-            log.info("Hook Keyframe - start_percent:%s = %s", percent, strength)
+            # To the console, as ComfyUI prints them: a node's log.info is not shown by `run` or a server worker.
+            print(f"Hook Keyframe - start_percent:{percent} = {strength}", flush=True)
     return (keyframes,)
 
 
@@ -237,25 +236,46 @@ class CreateHookKeyframesFromFloats(Node):
 
     display_name = "Create Hook Keyframes From Floats"
     category = "advanced/hooks/scheduling"
-    floats_strength = Socket("FLOATS", tooltip="a list of strengths (or one)")
+    # ComfyUI's options; as there, a constant (a number, or a list as {"__value__": [...]}) is taken too: no
+    # core node outputs FLOATS, so an API workflow without a custom node gives the strengths as a constant.
+    floats_strength = Socket("FLOATS", default=-1, min=-1, step=0.001, force_input=True, checked_by_node=True,
+                             tooltip="a list of strengths (or one)")
     start_percent = Float(0.0, min=0.0, max=1.0, step=0.001)
     end_percent = Float(1.0, min=0.0, max=1.0, step=0.001)
     print_keyframes = Boolean(False)
     prev_hook_kf = Socket("HOOK_KEYFRAMES", optional=True)
     outputs = (Output("HOOK_KEYFRAMES", name="HOOK_KF"),)
 
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if "floats_strength" not in inputs:  # linked
+            return None
+        try:
+            _strengths(inputs["floats_strength"])
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def execute(self, floats_strength: Any, start_percent: float, end_percent: float, print_keyframes: bool = False,
                 prev_hook_kf: HookKeyframes | None = None) -> tuple[HookKeyframes]:
-        if isinstance(floats_strength, int | float):
-            floats_strength = [floats_strength]
-        try:
-            strengths = [float(v) for v in floats_strength]
-        except (TypeError, ValueError):
-            raise ValueError(f"floats_strength must be a number or a list of numbers, not "
-                             f"{type(floats_strength).__name__}") from None
-        if not strengths:
-            raise ValueError("floats_strength is empty: give at least one strength")
-        return _add_keyframes(prev_hook_kf, strengths, start_percent, end_percent, print_keyframes)
+        return _add_keyframes(prev_hook_kf, _strengths(floats_strength), start_percent, end_percent, print_keyframes)
+
+
+def _strengths(floats_strength: Any) -> list[float]:
+    """FLOATS as a list of floats (one number: a list of one)."""
+    if isinstance(floats_strength, int | float):
+        return [float(floats_strength)]
+    try:
+        # A string is iterable but no list of numbers ("0.5" would give its characters).
+        strengths = None if isinstance(floats_strength, str) else [float(v) for v in floats_strength]
+    except (TypeError, ValueError):
+        strengths = None
+    if strengths is None:
+        raise ValueError(f"floats_strength must be a number or a list of numbers, not "
+                         f"{type(floats_strength).__name__}")
+    if not strengths:
+        raise ValueError("floats_strength is empty: give at least one strength")
+    return strengths
 
 
 class SetHookKeyframes(Node):
@@ -288,12 +308,15 @@ class SetClipHooks(Node):
 
     def execute(self, clip: Clip, apply_to_conds: bool, schedule_clip: bool, hooks: Hooks | None = None
                 ) -> tuple[Clip]:
-        if hooks is None:
+        if hooks is None or not hooks.hooks:  # an empty group: ComfyUI's CombineHooks gives None for it
             return (clip,)
         if schedule_clip and any(hook.keyframes.keyframes for hook in hooks.hooks):
             raise ValueError("schedule_clip with hook keyframes (one text encoding per keyframe) is not supported: "
                              "disable schedule_clip, which encodes with the hooks' clip strengths")
         patches = [(hook, hook.strength_clip) for hook in hooks.hooks if hook.strength_clip]
+        for hook, _ in patches:
+            if hook.lora is not None:
+                check_lora_family(hook.lora, clip.family_name)  # LoraLoader's check, before any shape check
         if patches:
             with torch.no_grad():
                 clip = clip.with_encoder(patched_copy(clip.encoder, patches, clip=True),

@@ -75,6 +75,15 @@ class PhotoMakerEncode(Node):
                   tooltip="the prompt: a class word (man, woman, girl, boy...) then the trigger word photomaker")
     outputs = (Output("CONDITIONING"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        """A CLIP from a checkpoint of another family is refused before the run (the server answers 400)."""
+        family = linked.get("clip", {}).get("family")
+        if family is None or family == "sdxl":
+            return None
+        return (f"PhotoMaker fuses into SDXL prompts and this CLIP is {family.upper()}'s: load an SDXL checkpoint's "
+                "CLIP")
+
     def execute(self, photomaker: PhotoMaker, image: torch.Tensor, clip: Clip, text: str) -> tuple[list]:
         from ldm.photomaker import encode_with_id
 

@@ -2,9 +2,10 @@
 KSamplerAdvanced, SetClipHooks against LoraLoader's CLIP, and the conditioning nodes by their definitions."""
 
 import pytest
+import safetensors.torch
 import torch
 
-from executor.executor import Executor
+from executor.executor import Executor, WorkflowInvalid
 from executor.services import Services
 from graph.document import parse_api
 from ldm.presets import make_checkpoint
@@ -26,9 +27,20 @@ def engine(tmp_path_factory):
     make_checkpoint("tiny-sdxl", root / "models" / "checkpoints" / "sdxl.safetensors", seed=1)
     (root / "models" / "loras").mkdir(parents=True)
     write_lora(root / "models" / "loras" / "lora.safetensors")
+    write_part_loras(root / "models" / "loras")
     set_paths(FolderPaths(base=root))
     yield Executor(builtin_registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
     set_paths(FolderPaths())
+
+
+def write_part_loras(folder) -> None:
+    """unet_only: write_lora's UNet layer alone; sdxl_te: one layer of SDXL's second text encoder (bigG)."""
+    g = torch.Generator().manual_seed(4)
+    for name, key in (("unet_only", "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"),
+                      ("sdxl_te", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj")):
+        safetensors.torch.save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g) * 0.1,
+                                     f"{key}.lora_up.weight": torch.randn(32, 4, generator=g) * 0.1,
+                                     f"{key}.alpha": torch.tensor(4.0)}, folder / f"{name}.safetensors")
 
 
 def base() -> dict:
@@ -154,9 +166,50 @@ def test_set_clip_hooks_encodes_with_the_lora_clip_and_tags_the_prompt(engine):
     assert torch.equal(untagged, hooked) and "hooks" not in options
 
 
+def test_a_hook_lora_of_another_family_is_refused_as_lora_loader_refuses_it(engine):
+    # lora.safetensors is an SD1 LoRA: on SDXL it patches no UNet layer and no text-encoder layer (kohya's
+    # lora_te_ names SD1's one encoder); it used to sample as if unhooked.
+    sdxl = {**base(), "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl.safetensors"}}}
+    unet = {**sdxl, "6": on_cond("2"), "9": ksampler(["1", 0], ["6", 0], ["3", 0])}
+    result = engine.run(parse_api({**unet, "99": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}}))
+    assert not result.ok and result.error.node_id == "9"
+    assert "lora.safetensors patches no layer of this UNet" in str(result.error)
+
+    def set_clip(lora: str, clip: list) -> dict:
+        return {"5": {"class_type": "CreateHookLora", "inputs": {"lora_name": lora, "strength_model": 1.0,
+                                                                 "strength_clip": 1.0}},
+                "6": {"class_type": "SetClipHooks", "inputs": {"clip": clip, "apply_to_conds": True,
+                                                               "schedule_clip": False, "hooks": ["5", 0]}},
+                "99": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}}}
+    for lora, ckpt, message in (("lora.safetensors", sdxl, "lora.safetensors patches no layer of this text encoder"),
+                                ("sdxl_te.safetensors", base(), "sdxl_te.safetensors is a SDXL LoRA; it does not "
+                                                                "fit a SD1 model")):
+        result = engine.run(parse_api({**ckpt, **set_clip(lora, ["1", 1])}))
+        assert not result.ok and result.error.node_id == "6" and message in str(result.error), result.error
+    # A LoRA without layers for a part is no error there: a UNet-only LoRA on the CLIP (strength_clip 1, the
+    # default), as in ComfyUI; the UNet then runs with it.
+    assert engine.run(parse_api({**base(), **set_clip("unet_only.safetensors", ["1", 1])})).ok
+    only = {**base(), "5": {**base()["5"], "inputs": {"lora_name": "unet_only.safetensors", "strength_model": 3.0}},
+            "6": on_cond("2"), "7": on_cond("3"), "9": ksampler(["1", 0], ["6", 0], ["7", 0])}
+    loader = lora_model()
+    loader["inputs"]["lora_name"] = "unet_only.safetensors"
+    loaded = {**base(), "8": loader, "9": ksampler(["8", 0], ["2", 0], ["3", 0])}
+    out, expected = run(engine, only)[0]["samples"], run(engine, loaded)[0]["samples"]
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_unset_clip_hooks_and_a_zero_hook_change_nothing(engine):
     clip = object()
     assert nodes.SetClipHooks().execute(clip, True, False) == (clip,)
+    # CombineHooks with nothing connected gives an empty group, which ComfyUI gives as None: no hooks on the
+    # prompts (it tagged them, sending them through the hooked UNet calls, one per entry, uncompiled)
+    [empty] = nodes.CombineHooks8().execute()
+    assert nodes.SetClipHooks().execute(clip, True, False, empty) == (clip,)
+    [[(_, options)]] = cond_nodes.ConditioningSetProperties().execute([entry(1.0)], 1.0, "default", hooks=empty)
+    assert options == {}
+    [[(_, options)]] = cond_nodes.SetModelHooksOnCond().execute([(torch.zeros(1, 2, 4), {"hooks": hook("a")})],
+                                                                empty)
+    assert [h.name for h in options["hooks"].hooks] == ["a"]
     prev = Hooks()
     assert nodes.CreateHookLora().execute("lora.safetensors", 0.0, 0.0, prev) == (prev,)
 
@@ -237,8 +290,13 @@ def test_declarations_follow_comfyuis_inputs_and_outputs():
     assert cond_nodes.PairConditioningCombine.object_info()["output_name"] == ["positive", "negative"]
 
 
-def test_interpolated_keyframes_follow_the_curve_over_the_range():
+def test_interpolated_keyframes_follow_the_curve_over_the_range(capsys):
     [kf] = nodes.CreateHookKeyframesInterpolated().execute(0.0, 2.0, "ease_in", 0.2, 0.6, 5)
+    assert capsys.readouterr().out == ""
+    nodes.CreateHookKeyframesInterpolated().execute(0.0, 2.0, "ease_in", 0.2, 0.6, 2, print_keyframes=True)
+    # print_keyframes shows them on the console (it logged them at INFO, which neither `run` nor a worker shows)
+    assert capsys.readouterr().out == ("Hook Keyframe - start_percent:0.2 = 0.0\n"
+                                       "Hook Keyframe - start_percent:0.6 = 2.0\n")
     assert [k.start_percent for k in kf.keyframes] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])
     assert [k.strength for k in kf.keyframes] == pytest.approx([0.0, 0.125, 0.5, 1.125, 2.0])  # 2 t^2
     assert [k.guarantee_steps for k in kf.keyframes] == [1, 0, 0, 0, 0]
@@ -246,6 +304,24 @@ def test_interpolated_keyframes_follow_the_curve_over_the_range():
     assert nodes.interpolated(0.0, 1.0, 3, "ease_in_out") == pytest.approx([0.0, 0.5, 1.0])
     [more] = nodes.CreateHookKeyframesInterpolated().execute(1.0, 1.0, "linear", 0.0, 0.1, 2, prev_hook_kf=kf)
     assert len(more.keyframes) == 7 and more.keyframes[0].start_percent == 0.0
+
+
+def test_keyframes_from_floats_take_a_constant_as_comfyui_does(engine):
+    # No core node outputs FLOATS: ComfyUI takes the strengths as a constant (a number, or a list wrapped as
+    # {"__value__": [...]}); Loom refused any constant ("Input must be linked").
+    def workflow(floats) -> dict:
+        return {"20": {"class_type": "CreateHookKeyframesFromFloats", "inputs": {
+            "floats_strength": floats, "start_percent": 0.0, "end_percent": 0.5, "print_keyframes": False}}}
+    [kf] = run(engine, workflow({"__value__": [0.5, 1.0, 0.0]}), "20")
+    assert [(k.strength, k.start_percent) for k in kf.keyframes] == [(0.5, 0.0), (1.0, 0.25), (0.0, 0.5)]
+    assert [(k.strength, k.start_percent) for k in run(engine, workflow(2), "20")[0].keyframes] == [(2.0, 0.0)]
+    for bad, message in (("0.5", "a number or a list of numbers, not str"), ({"__value__": []}, "is empty")):
+        with pytest.raises(WorkflowInvalid, match=message):  # at validation: the server answers 400
+            engine.run(parse_api({**workflow(bad), "99": {"class_type": "PreviewAny",
+                                                          "inputs": {"source": ["20", 0]}}}))
+    options = nodes.CreateHookKeyframesFromFloats.object_info()["input"]["required"]["floats_strength"]
+    assert options == ["FLOATS", {"default": -1, "min": -1, "step": 0.001, "tooltip": "a list of strengths (or one)",
+                                  "forceInput": True}]
 
 
 def test_keyframes_from_floats_spread_the_values_evenly():
