@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,14 @@ class _Checker:
                 self.check_link(node, name, spec, value)
             else:
                 values[name] = self.check_constant(node, name, spec, value)
+        if not _takes_any_input(cls):
+            # A link into an input the node does not declare (an old input name, such as the opt_hooks of ComfyUI's
+            # first hook nodes) would reach its execute as an unexpected argument: named here, before anything runs.
+            for name, value in node.inputs.items():
+                if name not in cls.inputs and isinstance(value, Link):
+                    declared = ", ".join(n for n, s in cls.inputs.items() if not s.hidden)
+                    self.add(E.BAD_LINKED_INPUT, "Linked input is not an input of this node", node, name,
+                             f"{name}: {node.class_type} has no input of this name (its inputs: {declared})")
         if len(self.problems) == before:
             try:
                 message = cls.check_inputs(values)
@@ -200,6 +209,12 @@ class _Checker:
             if message:
                 self.add(E.CUSTOM_VALIDATION_FAILED, "Custom validation failed for node", node, None, message)
         return values
+
+
+def _takes_any_input(cls: type[Node]) -> bool:
+    """Whether the node's execute takes inputs it does not declare (**kwargs: classic ComfyUI nodes, whose classes
+    may take dynamic inputs)."""
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.execute).parameters.values())
 
 
 def _needed_nodes(graph: Graph, outputs: list[str]) -> list[str]:

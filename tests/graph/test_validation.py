@@ -192,3 +192,16 @@ def test_a_check_inputs_that_raises_is_that_nodes_problem(registry):
     [problem] = problems(registry, {"1": {"class_type": "Fragile", "inputs": {"value": 2}}, "2": sink(["1", 0])})
     assert (problem.node_id, problem.type) == ("1", "custom_validation_failed")
     assert problem.details == "Fragile could not check its inputs: RuntimeError: the check itself broke"
+
+
+def test_a_link_into_an_input_the_node_lacks_is_named(registry):
+    """A link into an undeclared input (an old input name) is a problem of that node, not a run-time TypeError."""
+    doc = {"1": {"class_type": "Add", "inputs": {"a": 1}},
+           "2": {"class_type": "Scale", "inputs": {"value": ["1", 0], "factor": 2, "opt_factor": ["1", 0]}},
+           "3": sink(["2", 0])}
+    [problem] = problems(registry, doc)
+    assert (problem.node_id, problem.input_name, problem.type) == ("2", "opt_factor", "bad_linked_input")
+    assert problem.details == "opt_factor: Scale has no input of this name (its inputs: value, factor)"
+    # A constant of an unknown name is left out, as ComfyUI leaves it out.
+    doc["2"]["inputs"] = {"value": ["1", 0], "factor": 2, "note": "ignored"}
+    assert problems(registry, doc) == []
