@@ -126,6 +126,18 @@ def _control_uncond(positive: list, negative: list) -> list:
     return negative
 
 
+def _check_hook_families(model: DiffusionModel, *conditionings: list) -> None:
+    """A prompt's hook LoRA (CreateHookLora) for another family is refused before sampling, as LoraLoader refuses
+    it, even where its layers would happen to fit or it has none for the UNet."""
+    from ldm.lora import check_lora_family
+
+    for conditioning in conditionings:
+        for _, options in conditioning:
+            for hook in getattr(options.get("hooks"), "hooks", ()):
+                if hook.lora is not None:
+                    check_lora_family(hook.lora, model.family.name)
+
+
 def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list, negative: list, *,
                 seed: int, cfg: float, sampler_name: str, steps: int = 20, scheduler: str = "normal",
                 denoise: float = 1.0, sigmas: torch.Tensor | None = None, sampler_options: dict | None = None,
@@ -136,6 +148,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     unscaled, as in ComfyUI. `sigmas` replaces `steps`, `scheduler` and `denoise`; `dual` adds DualCFGGuider's
     second positive prompt; without one, the model's patches may add a third prompt (the PerpNeg patch's)."""
     dual = dual if dual is not None else model.sampling_patches.third_prompt
+    _check_hook_families(model, positive, negative, dual.middle if dual else [])
     _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
     samples = latent["samples"]

@@ -174,6 +174,13 @@ def test_a_hook_lora_of_another_family_is_refused_as_lora_loader_refuses_it(engi
     result = engine.run(parse_api({**unet, "99": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}}))
     assert not result.ok and result.error.node_id == "9"
     assert "lora.safetensors patches no layer of this UNet" in str(result.error)
+    # The family is checked before sampling even for a LoRA with no UNet layers at all (sdxl_te's are the text
+    # encoders'), which would otherwise leave the prompt's UNet unpatched without a word.
+    te_only = {**base(), "5": {**base()["5"], "inputs": {**base()["5"]["inputs"], "lora_name": "sdxl_te.safetensors"}},
+               "6": on_cond("2"), "9": ksampler(["1", 0], ["6", 0], ["3", 0])}
+    result = engine.run(parse_api({**te_only, "99": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}}))
+    assert not result.ok and result.error.node_id == "9"
+    assert "sdxl_te.safetensors is a SDXL LoRA; it does not fit a SD1 model" in str(result.error)
 
     def set_clip(lora: str, clip: list) -> dict:
         return {"5": {"class_type": "CreateHookLora", "inputs": {"lora_name": lora, "strength_model": 1.0,
