@@ -41,6 +41,21 @@ def shared_model(node: Node, key: tuple, load: Any) -> Any:
     return models.get_or_load(key, load) if models is not None else load()
 
 
+def shared_file_model(node: Node, kind: str, path: Path, read: Any) -> Any:
+    """The model of the file `path`, read once per file version, device and dtype and shared through the model
+    cache: `read(path, device=, dtype=)` gives a result with `.model`, and `.unused_keys`, which are logged."""
+    _, dtype, _ = device_and_dtype(node.ctx)
+    device = load_device(node.ctx)
+
+    def load() -> Any:
+        loaded = read(path, device=device, dtype=dtype)
+        if loaded.unused_keys:
+            log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
+        return loaded.model
+
+    return shared_model(node, (kind, str(path), str(file_fingerprint(path)), str(device), str(dtype)), load)
+
+
 @functools.lru_cache(maxsize=64)
 def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
     """The model family a checkpoint or LoRA file is for, from its header (cached per file version)."""

@@ -6,7 +6,6 @@ PHOTOMAKER is a loaded ID encoder; its weights are the model cache's.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +14,9 @@ import torch
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.conditioning import embedding_vectors
-from nodes.sd.loaders import model_file, model_path, shared_model
-from nodes.sd.models import HANDLE_SIZE, Clip, device_and_dtype, file_fingerprint, load_device, on_device
+from nodes.sd.loaders import model_file, model_path, shared_file_model
+from nodes.sd.models import HANDLE_SIZE, Clip, file_fingerprint, on_device
 from nodes.spec import Output, Socket, String
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,17 +46,7 @@ class PhotoMakerLoader(Node):
         from ldm.photomaker import load_photomaker
 
         path = model_path("photomaker", photomaker_model_name)
-        _, dtype, _ = device_and_dtype(self.ctx)
-        device = load_device(self.ctx)
-
-        def load() -> Any:
-            loaded = load_photomaker(path, device=device, dtype=dtype)
-            if loaded.unused_keys:
-                log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
-            return loaded.model
-
-        key = ("photomaker", str(path), str(file_fingerprint(path)), str(device), str(dtype))
-        return (PhotoMaker(shared_model(self, key, load), photomaker_model_name),)
+        return (PhotoMaker(shared_file_model(self, "photomaker", path, load_photomaker), photomaker_model_name),)
 
 
 class PhotoMakerEncode(Node):

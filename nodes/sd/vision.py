@@ -24,16 +24,14 @@ from nodes.sd.loaders import (
     load_checkpoint_outputs,
     model_file,
     model_path,
-    shared_model,
+    shared_file_model,
 )
 from nodes.sd.models import (
     HANDLE_SIZE,
     Clip,
     DiffusionModel,
     Vae,
-    device_and_dtype,
     file_fingerprint,
-    load_device,
     on_device,
 )
 from nodes.spec import Combo, Float, Output, Socket
@@ -76,17 +74,7 @@ class StyleModel:
 def _load_clip_vision(node: Node, path: Any, name: str) -> ClipVision:
     from ldm.clip_vision import load_clip_vision
 
-    _, dtype, _ = device_and_dtype(node.ctx)
-    device = load_device(node.ctx)
-
-    def load() -> Any:
-        loaded = load_clip_vision(path, device=device, dtype=dtype)
-        if loaded.unused_keys:
-            log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
-        return loaded.model
-
-    key = ("clip_vision", str(path), str(file_fingerprint(path)), str(device), str(dtype))
-    return ClipVision(shared_model(node, key, load), name)
+    return ClipVision(shared_file_model(node, "clip_vision", path, load_clip_vision), name)
 
 
 class CLIPVisionLoader(Node):
@@ -182,17 +170,7 @@ class StyleModelLoader(Node):
         from ldm.style_model import load_style_model
 
         path = model_path("style_models", style_model_name)
-        _, dtype, _ = device_and_dtype(self.ctx)
-        device = load_device(self.ctx)
-
-        def load() -> Any:
-            loaded = load_style_model(path, device=device, dtype=dtype)
-            if loaded.unused_keys:
-                log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
-            return loaded.model
-
-        key = ("style_model", str(path), str(file_fingerprint(path)), str(device), str(dtype))
-        return (StyleModel(shared_model(self, key, load), style_model_name),)
+        return (StyleModel(shared_file_model(self, "style_model", path, load_style_model), style_model_name),)
 
 
 class StyleModelApply(Node):
