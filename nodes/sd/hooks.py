@@ -132,38 +132,22 @@ class CombineHooks2(Node):
         return _combine_hooks(**groups)
 
 
-class CombineHooks4(Node):
+class CombineHooks4(CombineHooks2):
     """The hooks of all four groups together."""
 
     display_name = "Combine Hooks [4]"
-    category = "advanced/hooks/combine"
-    hooks_A = Socket("HOOKS", optional=True)
-    hooks_B = Socket("HOOKS", optional=True)
     hooks_C = Socket("HOOKS", optional=True)
     hooks_D = Socket("HOOKS", optional=True)
-    outputs = (Output("HOOKS"),)
-
-    def execute(self, **groups: Hooks) -> tuple[Hooks]:
-        return _combine_hooks(**groups)
 
 
-class CombineHooks8(Node):
+class CombineHooks8(CombineHooks4):
     """The hooks of all eight groups together."""
 
     display_name = "Combine Hooks [8]"
-    category = "advanced/hooks/combine"
-    hooks_A = Socket("HOOKS", optional=True)
-    hooks_B = Socket("HOOKS", optional=True)
-    hooks_C = Socket("HOOKS", optional=True)
-    hooks_D = Socket("HOOKS", optional=True)
     hooks_E = Socket("HOOKS", optional=True)
     hooks_F = Socket("HOOKS", optional=True)
     hooks_G = Socket("HOOKS", optional=True)
     hooks_H = Socket("HOOKS", optional=True)
-    outputs = (Output("HOOKS"),)
-
-    def execute(self, **groups: Hooks) -> tuple[Hooks]:
-        return _combine_hooks(**groups)
 
 
 # --- scheduling -------------------------------------------------------------------------------------
