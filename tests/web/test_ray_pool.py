@@ -183,11 +183,14 @@ async def test_a_worker_killed_mid_run_loses_no_prompt_and_runs_none_twice(clien
     before = set(folders.output.glob("*.png"))
     async with client.ws_connect("/ws?clientId=watcher") as ws:
         await ws.receive_json()
-        ids = [await queue(client, txt2img(seed, steps=60), client_id="watcher") for seed in range(100, 104)]
-        while True:  # the first step of some prompt: it is mid-run on a worker
+        # Runs long enough (a few seconds) that the worker is still sampling when the kill lands: with 60 steps a busy
+        # machine could see a run through SaveImage between its first progress message and the kill, which then
+        # re-ran a prompt that had saved its image.
+        ids = [await queue(client, txt2img(seed, steps=300), client_id="watcher") for seed in range(100, 104)]
+        while True:  # an early step of some prompt: it is mid-run on a worker
             msg = await ws.receive(timeout=WAIT_S)
             item = msg.json() if msg.type == WSMsgType.TEXT else {"type": "preview"}
-            if item["type"] == "progress":
+            if item["type"] == "progress" and item["data"]["value"] <= 5:
                 victim = item["data"]["prompt_id"]
                 break
     worker = await running_on(client, victim)
