@@ -19,10 +19,9 @@ from nodes.sd.loaders import (
     engine_weight_dtypes,
     load_checkpoint_outputs,
     model_file,
-    model_path,
-    shared_model,
+    shared_lora,
 )
-from nodes.sd.models import Clip, file_fingerprint
+from nodes.sd.models import Clip
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
 # --- creating and combining hooks ---------------------------------------------------------------------
@@ -44,13 +43,10 @@ class CreateHookLora(Node):
 
     def execute(self, lora_name: str, strength_model: float, strength_clip: float = 0.0,
                 prev_hooks: Hooks | None = None) -> tuple[Hooks]:
-        from ldm.lora import load_lora
-
         prev_hooks = prev_hooks or Hooks()
         if strength_model == 0 and strength_clip == 0:
             return (prev_hooks,)  # a hook that changes nothing is left out, as in ComfyUI
-        path = model_path("loras", lora_name)
-        lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
+        lora = shared_lora(self, lora_name)
         return (Hooks.combine([prev_hooks, Hooks((WeightHook(lora, strength_model, strength_clip, lora_name),))]),)
 
 

@@ -296,16 +296,14 @@ class LoraLoader(Node):
 
     def execute(self, model: DiffusionModel, clip: Clip, lora_name: str, strength_model: float,
                 strength_clip: float) -> tuple[DiffusionModel, Clip]:
-        from ldm.lora import LoraError, apply_lora, check_lora_family, load_lora, unmatched_lora_keys
+        from ldm.lora import LoraError, apply_lora, check_lora_family, unmatched_lora_keys
 
-        path = model_path("loras", lora_name)
-        lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
+        lora = shared_lora(self, lora_name)
         check_lora_family(lora, model.family.name)
         unmatched = unmatched_lora_keys(lora, model.unet, clip.encoder)
         if len(unmatched) == len([k for keys in lora.sources.values() for k in keys]) + len(lora.unknown_keys):
             raise LoraError(f"{lora_name} patches no layer of this model ({model.family.name.upper()}): it is a "
                             "LoRA for another kind of model")
-        _warn_incomplete(lora_name, lora)
         left = sorted(set(unmatched) - {k for keys in lora.incomplete.values() for k in keys})
         if left:
             log.warning("%s: %d keys patch nothing in this model, e.g. %s", lora_name, len(left), left[:3])
@@ -313,6 +311,17 @@ class LoraLoader(Node):
             unet = apply_lora(model.unet, lora, strength_model)
             encoder = apply_lora(clip.encoder, lora, strength_clip)
         return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
+
+
+def shared_lora(node: Node, lora_name: str) -> Any:
+    """The LoRA file `lora_name` of models/loras, loaded once per file version through the model cache (LoraLoader's
+    and the hook nodes' alike); incomplete LyCORIS layers are warned about."""
+    from ldm.lora import load_lora
+
+    path = model_path("loras", lora_name)
+    lora = shared_model(node, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
+    _warn_incomplete(lora_name, lora)
+    return lora
 
 
 def _warn_incomplete(lora_name: str, lora: Any) -> None:
@@ -338,12 +347,10 @@ class LoraLoaderModelOnly(Node):
         return {0: linked.get("model", {})}
 
     def execute(self, model: DiffusionModel, lora_name: str, strength_model: float) -> tuple[DiffusionModel]:
-        from ldm.lora import apply_lora, check_lora_family, load_lora, match_lora
+        from ldm.lora import apply_lora, check_lora_family, match_lora
 
-        path = model_path("loras", lora_name)
-        lora = shared_model(self, ("lora", str(path), str(file_fingerprint(path))), lambda: load_lora(path))
+        lora = shared_lora(self, lora_name)
         check_lora_family(lora, model.family.name)
-        _warn_incomplete(lora_name, lora)
         if not match_lora(model.unet, lora):
             log.warning("%s: no key patches this model's UNet (a text-encoder-only LoRA?)", lora_name)
         with torch.no_grad():
