@@ -8,6 +8,8 @@ nearest-neighbour x2 upsampling plus convolution per factor of two, and two outp
 x1 and x2 models first fold the image into channels (pixel unshuffle) and share the x4 body.
 SRVGGNetCompact (Wang et al. 2021, Real-ESRGAN): plain convolutions with PReLU, a pixel shuffle, plus the
 nearest-upsampled input.
+SPAN, SwinIR, HAT and DAT live in their own modules (ldm/upscale_span.py, upscale_swin.py, upscale_hat.py,
+upscale_dat.py); this one tells the architectures apart and loads them all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm import upscale_dat, upscale_hat, upscale_span, upscale_swin
 from ldm.checkpoint import CheckpointError, load_state_dict, unwrap_weights
 
 
@@ -143,6 +146,7 @@ class UpscaleModel:
     scale: int
     architecture: str
     source: str = ""
+    supports_half: bool = True  # False: fp16 overflows it (the transformers), so run it in fp32 or bf16
 
     def __call__(self, image: Tensor) -> Tensor:
         return self.model(image)
@@ -156,6 +160,17 @@ def upscale_model_from_state_dict(sd: dict[str, Tensor], source: str = "") -> Up
     except (KeyError, IndexError, ValueError) as exc:  # a tensor the layout needs is missing
         what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise CheckpointError(f"{source or 'this file'}: an incomplete upscale model ({what})") from None
+
+
+# The architectures in their own modules, tried in order: (name, test on the keys, builder of the module and the
+# state dict in its names). HAT before SwinIR, whose block keys HAT's files hold too.
+_ARCHITECTURES: tuple[tuple[str, Callable[[dict[str, Tensor]], bool],
+                            Callable[[dict[str, Tensor]], tuple[nn.Module, dict[str, Tensor]]]], ...] = (
+    ("SPAN", upscale_span.is_span, upscale_span.span_from_state_dict),
+    ("HAT", upscale_hat.is_hat, upscale_hat.hat_from_state_dict),
+    ("SwinIR", upscale_swin.is_swinir, upscale_swin.swinir_from_state_dict),
+    ("DAT", upscale_dat.is_dat, upscale_dat.dat_from_state_dict),
+)
 
 
 def _build(sd: dict[str, Tensor], source: str) -> UpscaleModel:
@@ -177,9 +192,14 @@ def _build(sd: dict[str, Tensor], source: str) -> UpscaleModel:
         scale = int(math.isqrt(last // in_nc))
         model = SRVGGNetCompact(in_nc, last // scale**2, nf, len(convs) - 2, scale)
         architecture = "Real-ESRGAN compact (SRVGGNetCompact)"
+    elif rule := next((rule for rule in _ARCHITECTURES if rule[1](sd)), None):
+        architecture, _, build = rule
+        model, sd = build(sd)
     else:
-        raise CheckpointError(f"{source or 'this file'} is not an upscale model this engine reads (ESRGAN/RRDBNet "
-                              "or Real-ESRGAN compact); SwinIR, HAT, DAT and others are not supported")
+        keys = list(sd)
+        found = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") or "no tensors"
+        raise CheckpointError(f"{source or 'this file'} is not an upscale model this engine reads (ESRGAN/RRDBNet, "
+                              f"Real-ESRGAN compact, SPAN, SwinIR, HAT or DAT); its weights: {found}")
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # shapes that do not fit: torch lists every one of them
@@ -192,7 +212,8 @@ def _build(sd: dict[str, Tensor], source: str) -> UpscaleModel:
         raise CheckpointError(f"{source or 'this file'} takes {model.in_channels}-channel images; only RGB "
                               "upscale models are supported")
     scale = model.scale
-    return UpscaleModel(model.eval().requires_grad_(False), scale, architecture, source)
+    return UpscaleModel(model.eval().requires_grad_(False), scale, architecture, source,
+                        getattr(model, "supports_half", True))
 
 
 def load_upscale_model(path: str | Path) -> UpscaleModel:

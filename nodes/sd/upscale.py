@@ -1,4 +1,4 @@
-"""Upscale models: UpscaleModelLoader and ImageUpscaleWithModel (ESRGAN-family and Real-ESRGAN compact files)."""
+"""Upscale models: UpscaleModelLoader and ImageUpscaleWithModel (ESRGAN family, compact, SPAN, SwinIR, HAT, DAT)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class UpscaleModelHandle:
 
 class UpscaleModelLoader(Node):
     """Loads an image upscale model from models/upscale_models: ESRGAN, Real-ESRGAN, BSRGAN and the community
-    4x models built on them, or Real-ESRGAN's compact models (.pth or .safetensors)."""
+    4x models built on them, Real-ESRGAN's compact models, SPAN, SwinIR, HAT and DAT (.pth or .safetensors)."""
 
     display_name = "Load Upscale Model"
     category = "loaders"
@@ -49,7 +49,9 @@ class UpscaleModelLoader(Node):
 
         def load() -> Any:
             loaded = load_upscale_model(path)
-            loaded.model.to(device=device, dtype=dtype)
+            # The transformer upscalers overflow in fp16: those run in fp32 where the engine would use fp16.
+            half_unsafe = dtype == torch.float16 and not loaded.supports_half
+            loaded.model.to(device=device, dtype=torch.float32 if half_unsafe else dtype)
             return loaded
 
         return (UpscaleModelHandle(shared_model(self, key, load)),)
