@@ -218,6 +218,18 @@ def random_text_encoder_config(preset: str) -> TextEncoderConfig:
     return _make_config(*_PRESETS[preset])
 
 
+def _install_output_hooks(model: nn.Module) -> None:
+    """Installs transformers 5's hidden-state capturing hooks now rather than at the first forward. A LoRA'd copy
+    (ldm.lora.shallow_copy) shares this model's hook lists but not its "installed" mark: hooks the copy's first
+    forward installed would reach this model, which would then install its own too and collect every hidden
+    state twice (the wrong layer for SDXL's penultimate one)."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4 collects hidden states without hooks
+        return
+    maybe_install_capturing_hooks(model)
+
+
 class ClipTextTransformer(nn.Module):
     """One CLIP text transformer (a transformers model) with its LDM key mapping."""
 
@@ -247,6 +259,7 @@ class ClipTextTransformer(nn.Module):
         # transformers 4 wraps the transformer in .text_model, 5 does not; keeping the inner module
         # as our own .text_model gives parameter names equal to the LDM keys under the prefix.
         self.text_model = getattr(model, "text_model", model)
+        _install_output_hooks(model)
         self.text_projection = (
             nn.Linear(config.hidden_size, config.projection_dim, bias=False)
             if config.projection_dim

@@ -12,6 +12,8 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
 - `control`: a ControlNet chain (`ldm.controlnet.Control`) applied to this entry's model calls.
 - `start_percent`, `end_percent`: the part of the run (0 = pure noise, 1 = the end) in which the entry
   acts, as ComfyUI's ConditioningSetTimestepRange stores it; outside it the entry is left out.
+- `clip_start_percent`, `clip_end_percent`: the keyframe range a scheduled CLIP encoded the entry for
+  (ldm.sampling.clip_schedule); the entry acts where this range and its timestep range meet, as in ComfyUI.
 - `concat`: for inpainting models, [1 or B, C, H, W] channels appended to the UNet's input at the
   latent's size (the caller builds them; entries without one get the guider's `concat`).
 - `hooks`: an `ldm.sampling.hooks.Hooks` group: the entry is predicted by the UNet with those LoRAs applied
@@ -47,6 +49,20 @@ from ldm.sampling.hooks import HookedUNets
 from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
 
 CondList = list[tuple[Tensor, dict]]
+
+
+def _sigma_range(opts: dict, sigma_at_percent: Callable[[float], float]) -> tuple[float, float] | None:
+    """The (high, low) sigmas between which an entry acts: its timestep range, within its scheduled CLIP's
+    keyframe range if it has one; None for the whole run."""
+    if "clip_start_percent" in opts:
+        start = max(opts["clip_start_percent"], opts.get("start_percent", 0.0))
+        end = min(opts["clip_end_percent"], opts.get("end_percent", 1.0))
+    elif "start_percent" in opts or "end_percent" in opts:
+        start, end = opts.get("start_percent", 0.0), opts.get("end_percent", 1.0)
+    else:
+        return None
+    return sigma_at_percent(start), sigma_at_percent(end)
+
 
 @dataclass(frozen=True)
 class DualCfg:
@@ -139,10 +155,7 @@ class CFGGuider:
         self._patched: dict[Any, CFGGuider] = {}  # per (transform, negative): a guider of one side by a patched copy
         self._plans: dict[tuple, _Plan] = {}
         # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
-        schedule = denoiser.schedule
-        self.ranges = [[None if "start_percent" not in opts and "end_percent" not in opts else
-                        (schedule.sigma_at_percent(opts.get("start_percent", 0.0)),
-                         schedule.sigma_at_percent(opts.get("end_percent", 1.0))) for _, opts in side]
+        self.ranges = [[_sigma_range(opts, denoiser.schedule.sigma_at_percent) for _, opts in side]
                        for side in self.sides]
         self.ranged = any(r is not None for side in self.ranges for r in side)
 

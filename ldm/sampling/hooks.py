@@ -2,9 +2,10 @@
 
 A `Hooks` group (the HOOKS socket) holds `WeightHook`s, each a LoRA (or a whole-model difference) with a model
 and a CLIP strength and an optional keyframe schedule (`HookKeyframes`) that multiplies the model strength
-as the run goes. A conditioning entry whose options carry `hooks` is predicted by the UNet with those LoRAs
-applied; `HookedUNets` makes those patched copies for one sampling run, one per hook group, remade only when
-the effective strengths change, and frees them at its end. The base UNet is never changed.
+as the run goes (and the CLIP strength, for a scheduled CLIP: see ldm.sampling.clip_schedule). A conditioning
+entry whose options carry `hooks` is predicted by the UNet with those LoRAs applied; `HookedUNets` makes those
+patched copies for one sampling run, one per hook group, remade only when the effective strengths change, and
+frees them at its end. The base UNet is never changed.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ class HookKeyframes:
 class WeightHook:
     """One LoRA as a hook: `lora` patches the UNet at `strength_model` and the text encoder at `strength_clip`;
     or, without a LoRA, another checkpoint's `target_unet` and `target_clip` (ComfyUI's model as LoRA: each weight
-    moves towards the target's by the strength, `W + s * (T - W)`). `keyframes` schedule the model strength.
-    Hooks compare by identity (two loads of one file are two hooks, as in ComfyUI), so that a group is a cheap
-    cache key."""
+    moves towards the target's by the strength, `W + s * (T - W)`). `keyframes` schedule the model strength (and
+    a scheduled CLIP's clip strength). Hooks compare by identity (two loads of one file are two hooks, as in
+    ComfyUI), so that a group is a cheap cache key."""
 
     lora: Lora | None
     strength_model: float
@@ -75,13 +76,17 @@ class WeightHook:
     def apply(self, module: nn.Module, strength: float, clip: bool = False) -> nn.Module:
         """A patched copy of `module` (the UNet, or with `clip` the text encoder) at `strength`."""
         if self.lora is not None:
-            # A LoRA of another family matches no layer: refused, as LoraLoader does, rather than patching
-            # nothing (a LoRA with no keys for this part, e.g. a UNet-only one on the CLIP, is left out).
-            if strength and self.has_part(clip) and not match_lora(module, self.lora):
-                raise LoraError(f"{self.name} patches no layer of this {'text encoder' if clip else 'UNet'}: it is "
-                                "a LoRA for another kind of model")
+            if strength:
+                self.check_fits(module, clip)
             return apply_lora(module, self.lora, strength)
         return toward(module, self.target_clip if clip else self.target_unet, strength, self.name)
+
+    def check_fits(self, module: nn.Module, clip: bool = False) -> None:
+        """Refuses a LoRA of another family, which matches no layer of `module`, as LoraLoader does, rather
+        than patching nothing (a LoRA with no keys for this part, e.g. a UNet-only one on the CLIP, is no error)."""
+        if self.lora is not None and self.has_part(clip) and not match_lora(module, self.lora):
+            raise LoraError(f"{self.name} patches no layer of this {'text encoder' if clip else 'UNet'}: it is "
+                            "a LoRA for another kind of model")
 
     def has_part(self, clip: bool) -> bool:
         """Whether the LoRA has layers for the text encoder (`clip`) or else for the UNet."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ldm.sampling.clip_schedule import encode_scheduled
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.models import Clip, file_fingerprint, on_device
@@ -36,16 +38,23 @@ def _load_embedding(path: str, fingerprint: str) -> dict[int, torch.Tensor]:
     return load_embedding(path)
 
 
-def _encode(node: Node, clip: Clip, text: str, **kwargs: Any) -> Any:
-    """`clip`'s encoding of a prompt on the compute device, `embedding:NAME` words read from models/embeddings."""
+def _encoded(node: Node, clip: Clip, text: str, options: Callable[[Any], dict], **kwargs: Any) -> list:
+    """The CONDITIONING of a prompt `clip` encodes on the compute device (`embedding:NAME` words read from
+    models/embeddings), `options(encoding)` with each entry, and the hooks SetClipHooks gave the CLIP to pass on,
+    if any. With SetClipHooks' schedule_clip, one entry per keyframe range, its range in clip_start_percent and
+    clip_end_percent (ComfyUI's encode_from_tokens_scheduled)."""
+    def encode(encoder: torch.nn.Module) -> Any:
+        return encoder.encode([text], clip_skip=clip.clip_skip, embeddings=embedding_vectors, **kwargs)
+
     with torch.inference_mode():
-        return on_device(node.ctx, clip.encoder).encode([text], clip_skip=clip.clip_skip,
-                                                        embeddings=embedding_vectors, **kwargs)
-
-
-def _with_hooks(clip: Clip, options: dict) -> dict:
-    """The options of a prompt `clip` encoded, with the hooks SetClipHooks gave it to pass on, if any."""
-    return options if clip.cond_hooks is None else {**options, "hooks": clip.cond_hooks}
+        encoder = on_device(node.ctx, clip.encoder)
+        if clip.clip_schedule is None:
+            encodings = [({}, encode(encoder))]
+        else:
+            encodings = [({"clip_start_percent": part.start_percent, "clip_end_percent": part.end_percent}, encoding)
+                         for part, encoding in encode_scheduled(encoder, clip.clip_schedule, encode)]
+    hooks = {} if clip.cond_hooks is None else {"hooks": clip.cond_hooks}
+    return [(encoding.cond.float().cpu(), {**options(encoding), **part, **hooks}) for part, encoding in encodings]
 
 
 class CLIPTextEncode(Node):
@@ -58,11 +67,8 @@ class CLIPTextEncode(Node):
     outputs = (Output("CONDITIONING"),)
 
     def execute(self, text: str, clip: Clip) -> tuple[list]:
-        encoding = _encode(self, clip, text)
-        options = {}
-        if encoding.pooled is not None:
-            options["pooled_output"] = encoding.pooled.float().cpu()
-        return ([(encoding.cond.float().cpu(), _with_hooks(clip, options))],)
+        return (_encoded(self, clip, text, lambda encoding: {} if encoding.pooled is None else
+                         {"pooled_output": encoding.pooled.float().cpu()}),)
 
 
 class CLIPTextEncodeSDXL(Node):
@@ -87,10 +93,10 @@ class CLIPTextEncodeSDXL(Node):
         if clip.family_name != "sdxl":
             raise ValueError(f"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {clip.source} is "
                              f"{clip.family_name.upper()} (use CLIP Text Encode)")
-        encoding = _encode(self, clip, text_g, per_encoder={"clip_g": [text_g], "clip_l": [text_l]})
-        options = {"pooled_output": encoding.pooled.float().cpu(), "width": width, "height": height,
-                   "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width, "target_height": target_height}
-        return ([(encoding.cond.float().cpu(), _with_hooks(clip, options))],)
+        sizes = {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width,
+                 "target_height": target_height}
+        return (_encoded(self, clip, text_g, lambda encoding: {"pooled_output": encoding.pooled.float().cpu(), **sizes},
+                         per_encoder={"clip_g": [text_g], "clip_l": [text_l]}),)
 
 
 class CLIPTextEncodeSDXLRefiner(Node):
@@ -107,10 +113,9 @@ class CLIPTextEncodeSDXLRefiner(Node):
     outputs = (Output("CONDITIONING"),)
 
     def execute(self, ascore: float, width: int, height: int, text: str, clip: Clip) -> tuple[list]:
-        encoding = _encode(self, clip, text)
-        options = {"pooled_output": encoding.pooled.float().cpu(), "aesthetic_score": ascore,
-                   "width": width, "height": height}
-        return ([(encoding.cond.float().cpu(), _with_hooks(clip, options))],)
+        return (_encoded(self, clip, text, lambda encoding: {"pooled_output": encoding.pooled.float().cpu(),
+                                                             "aesthetic_score": ascore, "width": width,
+                                                             "height": height}),)
 
 
 class CLIPSetLastLayer(Node):

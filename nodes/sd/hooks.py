@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ldm.lora import check_lora_family
+from ldm.sampling.clip_schedule import clip_ranges
 from ldm.sampling.hooks import HookKeyframes, Hooks, Keyframe, WeightHook, patched_copy
 from nodes.node import Node
 from nodes.sd.hook_conditioning import NODES as CONDITIONING_NODES
@@ -150,7 +151,8 @@ class CombineHooks8(CombineHooks4):
 
 
 class CreateHookKeyframe(Node):
-    """A keyframe: from start_percent of the run on, the hooks' model strength times strength_mult."""
+    """A keyframe: from start_percent of the run on, the hooks' model strength (and, with SetClipHooks'
+    schedule_clip, their clip strength) times strength_mult."""
 
     display_name = "Create Hook Keyframe"
     category = "advanced/hooks/scheduling"
@@ -275,8 +277,10 @@ class SetHookKeyframes(Node):
 
 
 class SetClipHooks(Node):
-    """A CLIP with the hooks' LoRAs applied at their clip strengths; with apply_to_conds, the prompts it
-    encodes carry the hooks, so that the UNet runs with their LoRAs for those prompts."""
+    """A CLIP with the hooks' LoRAs applied at their clip strengths; with schedule_clip and hooks that have
+    keyframes, it encodes a prompt once per keyframe range instead, at the clip strengths times the keyframes'
+    there, each entry acting in its range of the run only (see ldm.sampling.clip_schedule). With apply_to_conds,
+    the prompts it encodes carry the hooks, so that the UNet runs with their LoRAs for those prompts."""
 
     display_name = "Set CLIP Hooks"
     category = "advanced/hooks/clip"
@@ -290,18 +294,30 @@ class SetClipHooks(Node):
                 ) -> tuple[Clip]:
         if hooks is None or not hooks.hooks:  # an empty group: ComfyUI's CombineHooks gives None for it
             return (clip,)
-        if schedule_clip and any(hook.keyframes.keyframes for hook in hooks.hooks):
-            raise ValueError("schedule_clip with hook keyframes (one text encoding per keyframe) is not supported: "
-                             "disable schedule_clip, which encodes with the hooks' clip strengths")
         patches = [(hook, hook.strength_clip) for hook in hooks.hooks if hook.strength_clip]
         for hook, _ in patches:
             if hook.lora is not None:
                 check_lora_family(hook.lora, clip.family_name)  # LoraLoader's check, before any shape check
-        if patches:
+        if schedule_clip and any(hook.keyframes.keyframes for hook in hooks.hooks):
+            clip = _scheduled(clip, hooks)
+        elif patches:  # without keyframes, schedule_clip changes nothing (one range at the hooks' strengths)
             with torch.no_grad():
                 clip = clip.with_encoder(patched_copy(clip.encoder, patches, clip=True),
                                          "+".join(hook.name for hook, _ in patches))
         return (replace(clip, cond_hooks=Hooks.combine([clip.cond_hooks, hooks])) if apply_to_conds else clip,)
+
+
+def _scheduled(clip: Clip, hooks: Hooks) -> Clip:
+    """`clip` set to encode once per keyframe range of `hooks` (and of an earlier SetClipHooks' schedule), the
+    hooks applied to its text encoder at each range's strengths as it encodes."""
+    for hook in hooks.hooks:
+        if hook.strength_clip:
+            hook.check_fits(clip.encoder, clip=True)  # here rather than in the encoder nodes
+    scheduled = Hooks.combine([clip.clip_schedule, hooks])
+    if not clip_ranges(scheduled):
+        raise ValueError("schedule_clip: every hook keyframe starts at the end of the run (start_percent 1), which "
+                         "leaves no part of the run to encode the prompt for")
+    return replace(clip, clip_schedule=scheduled)
 
 
 # One module to register: the conditioning nodes are listed here too.

@@ -116,6 +116,9 @@ class Clip:
     loras: tuple[str, ...] = ()
     own_bytes: int = 0  # weights this value made and alone holds (see HANDLE_SIZE)
     cond_hooks: Any = None  # SetClipHooks' ldm.sampling.hooks.Hooks, which the prompts it encodes carry
+    # SetClipHooks' keyframed Hooks with schedule_clip: the encoders patch `encoder` with them per keyframe range
+    # as they encode (ldm.sampling.clip_schedule), giving one entry per range
+    clip_schedule: Any = None
 
     def with_clip_skip(self, layer: int) -> Clip:
         return replace(self, clip_skip=layer)
