@@ -26,7 +26,7 @@ COMFY_MODULES = frozenset({
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "TripleCLIPLoader", "QuadrupleCLIPLoader",
-    "ImageOnlyCheckpointLoader", "LoraModelLoader",
+    "ImageOnlyCheckpointLoader",
     # conditioning for other model kinds
     "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",

@@ -45,6 +45,8 @@ BUILTIN_MODULES = (
     "nodes.sd.gligen",
     "nodes.sd.latent_operations",
     "nodes.sd.video",
+    "nodes.sd.training",
+    "nodes.sd.training_data",
 )
 
 

@@ -9,10 +9,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -266,7 +270,15 @@ class Progress:
 
 
 def plot_losses(curves: dict[str, History], path: str | Path, width: int = 640, height: int = 360) -> Path:
-    """A log-scale loss plot drawn with PIL (no plotting library needed on a training machine)."""
+    """`draw_losses` saved as a PNG at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_losses(curves, width, height).save(path)
+    return path
+
+
+def draw_losses(curves: dict[str, History], width: int = 640, height: int = 360) -> PILImage:
+    """A log-scale loss plot drawn with PIL (no plotting library needed on a training machine), as a PIL image."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (width, height), "white")
@@ -288,10 +300,7 @@ def plot_losses(curves: dict[str, History], path: str | Path, width: int = 640, 
         draw.text((4, top), f"{10 ** high:.3g}", fill="black")
         draw.text((4, bottom - 10), f"{10 ** low:.3g}", fill="black")
         draw.text((right - 60, bottom + 8), f"step {max_step}", fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return image
 
 
 def save_grid(images: Tensor, path: str | Path, columns: int = 8) -> Path:

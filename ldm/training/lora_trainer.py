@@ -46,29 +46,36 @@ class LoraTrainConfig:
 
 
 class LoraAdapter(nn.Module):
-    """The trained pair: `down` [rank, in(, kh, kw)] starts random, `up` [out, rank(, 1, 1)] at zero."""
+    """The trained pair `down` [rank, in(, kh, kw)] and `up` [out, rank(, 1, 1)]."""
 
-    def __init__(self, weight: Tensor, rank: int, generator: torch.Generator) -> None:
+    def __init__(self, down: Tensor, up: Tensor) -> None:
         super().__init__()
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(up)
+
+    @classmethod
+    def new(cls, weight: Tensor, rank: int, generator: torch.Generator) -> LoraAdapter:
+        """kohya's start for a layer of `weight`'s shape: `down` random, `up` at zero."""
         fan_in = weight[0].numel()
         down = torch.randn(rank, *weight.shape[1:], generator=generator) / fan_in**0.5
         up = torch.zeros(weight.shape[0], rank, *([1] * (weight.ndim - 2)))
-        self.down = nn.Parameter(down.to(weight.device))
-        self.up = nn.Parameter(up.to(weight.device))
+        return cls(down.to(weight.device), up.to(weight.device))
 
     def delta(self) -> Tensor:
         return (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
-class _Patched(nn.Module):
-    """The parametrization: the frozen weight plus the adapter's scaled product."""
+class PatchedWeight(nn.Module):
+    """The parametrization: the frozen weight plus the adapter's scaled `delta()`, in `dtype` (None: the
+    weight's own)."""
 
-    def __init__(self, adapter: LoraAdapter, scale: float) -> None:
+    def __init__(self, adapter: nn.Module, scale: float, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.adapter, self.scale = adapter, scale
+        self.adapter, self.scale, self.dtype = adapter, scale, dtype
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight + self.scale * self.adapter.delta().to(weight.dtype)
+        dtype = self.dtype or weight.dtype
+        return weight.to(dtype) + self.scale * self.adapter.delta().to(dtype).reshape(weight.shape)
 
 
 def lora_targets(unet: UNetModel, targets: str = "transformer") -> list[str]:
@@ -96,12 +103,20 @@ def attach_lora(unet: UNetModel, rank: int, alpha: float, targets: str = "transf
     adapters = nn.ModuleDict()
     for path in lora_targets(unet, targets):
         layer = unet.get_submodule(path)
-        adapter = LoraAdapter(layer.weight.detach(), rank, generator)
-        parametrize.register_parametrization(layer, "weight", _Patched(adapter, alpha / rank))
+        adapter = LoraAdapter.new(layer.weight.detach(), rank, generator)
+        parametrize.register_parametrization(layer, "weight", PatchedWeight(adapter, alpha / rank))
         adapters[path.replace(".", "__")] = adapter
     if not adapters:
         raise ValueError("this UNet has no spatial transformer layers to put adapters on")
     return adapters
+
+
+def kohya_name(path: str, blocks: dict[str, str], family: str) -> str:
+    """kohya's module name of the UNet layer at `path` (`blocks`: `diffusers_unet_blocks` of the UNet)."""
+    name = path if family == "sdxl" else diffusers_unet_name(path, blocks)
+    if name is None:
+        raise ValueError(f"no diffusers name for {path}")
+    return "lora_unet_" + name.replace(".", "_")
 
 
 def lora_file_tensors(unet: UNetModel, adapters: nn.ModuleDict, alpha: float, family: str) -> dict[str, Tensor]:
@@ -109,11 +124,7 @@ def lora_file_tensors(unet: UNetModel, adapters: nn.ModuleDict, alpha: float, fa
     blocks = diffusers_unet_blocks(unet.config)
     tensors = {}
     for key, adapter in adapters.items():
-        path = key.replace("__", ".")
-        name = path if family == "sdxl" else diffusers_unet_name(path, blocks)
-        if name is None:
-            raise ValueError(f"no diffusers name for {path}")
-        prefix = "lora_unet_" + name.replace(".", "_")
+        prefix = kohya_name(key.replace("__", "."), blocks, family)
         tensors[f"{prefix}.lora_down.weight"] = adapter.down.detach()
         tensors[f"{prefix}.lora_up.weight"] = adapter.up.detach()
         tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha))
