@@ -1,4 +1,4 @@
-"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, train."""
+"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, train."""
 
 from __future__ import annotations
 
@@ -326,6 +326,17 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_flux(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.flux_presets import make_flux_files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for part, path in make_flux_files(args.models_dir, args.variant, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Flux.1 {part})")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -449,6 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("make-flux", help="write tiny random-weight Flux.1 files in the real layouts (diffusion "
+                       "model, CLIP-L, T5-XXL, VAE, and one all-in-one checkpoint) into a models folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
+                   "text_encoders/, vae/ and checkpoints/ (named flux1-tiny-*, clip_l-tiny, t5xxl-tiny, ae-tiny)")
+    p.add_argument("--variant", choices=["dev", "schnell"], default="dev")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_flux)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the native workflow format")
     p.set_defaults(func=cmd_schema)

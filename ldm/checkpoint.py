@@ -22,6 +22,7 @@ from ldm.vae import AutoencoderKL, VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+FLUX_VAE_SCALE = 0.3611  # Flux.1's latent scale (its shift is in ldm.flux_files)
 StateDict = dict[str, torch.Tensor]
 
 
@@ -228,12 +229,15 @@ def _vae_config(sd: StateDict, prefix: str, scaling_factor: float) -> VAEConfig:
     w = {k: sd[prefix + k] for k in keys}
     ch, in_channels = w["encoder.conv_in.weight"].shape[:2]
     levels = _indices(keys, r"encoder\.down\.(\d+)\.")
+    # Flux's autoencoder has neither 1x1 convolution around the latent; a file with one of them has both.
+    quant = "quant_conv.weight" in w or "post_quant_conv.weight" in w
     return VAEConfig(
         ch=ch, ch_mult=tuple(w[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
         num_res_blocks=len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
         in_channels=in_channels,
         out_ch=w["decoder.conv_out.weight"].shape[0] if "decoder.conv_out.weight" in w else in_channels,
-        z_channels=w["post_quant_conv.weight"].shape[0], scaling_factor=scaling_factor)
+        z_channels=w["post_quant_conv.weight" if quant else "decoder.conv_in.weight"].shape[int(not quant)],
+        scaling_factor=scaling_factor, use_quant_conv=quant)
 
 
 # Empty tensors that say how a checkpoint samples, as ComfyUI writes and reads them: `v_pred` for
@@ -470,7 +474,10 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         names = {k: k for k in sd}
     weights = _vae_attention_as_conv({new: sd[old] for old, new in names.items()})
     if scaling_factor is None:
-        scaling_factor = float(read_metadata(path).get("loom.scaling_factor", 0.18215))
+        # Without 1x1 convolutions around the latent it is Flux's autoencoder (BFL's ae.safetensors), with its scale.
+        flux = not {"quant_conv.weight", "post_quant_conv.weight"} & set(weights)
+        default = FLUX_VAE_SCALE if flux else 0.18215
+        scaling_factor = float(read_metadata(path).get("loom.scaling_factor", default))
     try:
         config = _vae_config(weights, "", scaling_factor)
     except KeyError as e:

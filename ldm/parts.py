@@ -44,7 +44,7 @@ class Look:
     matches: Callable[[set[str]], bool]
 
 
-_UNSUPPORTED = "Loom runs SD1.x, SD2.x and SDXL models only"
+_UNSUPPORTED = "Loom runs SD1.x, SD2.x, SDXL and Flux.1 models only"
 # First match wins; the part kinds Loom loads ("unet", "text_encoder") come after the look-alikes they contain.
 LOOKS: tuple[Look, ...] = (
     Look("checkpoint", "a full checkpoint (UNet, VAE and text encoders in one file)",
@@ -57,11 +57,13 @@ LOOKS: tuple[Look, ...] = (
          _starts("control_model.", "input_hint_block.", "zero_convs.", "controlnet_cond_embedding.")),
     Look("t2i_adapter", "a T2I-Adapter", "put it in models/controlnet and load it with Load ControlNet Model",
          _starts("adapter.body.", "body.0.block1.", "body.0.in_conv.")),
-    Look("flux", "a Flux diffusion model", _UNSUPPORTED,
+    Look("flux", "a Flux diffusion model", "put it in models/diffusion_models and load it with Load Diffusion "
+         "Model (Loom reads Black Forest Labs' layout, flux1-dev.safetensors; not diffusers')",
          _contains("double_blocks.0.img_attn.", "single_transformer_blocks.0.")),
     Look("sd3", "an SD3 diffusion model (MMDiT)", _UNSUPPORTED,
          _contains("joint_blocks.0.context_block.", "transformer_blocks.0.attn.add_k_proj.")),
-    Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", _UNSUPPORTED,
+    Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", "for Flux, put it in models/text_encoders "
+         "and load it with DualCLIPLoader, type flux, with a CLIP-L file",
          _contains("SelfAttention.k.weight", "DenseReluDense.")),
     Look("llm", "a language-model text encoder (Llama, Gemma, Qwen: newer model families use them)", _UNSUPPORTED,
          _contains("embed_tokens.weight")),

@@ -21,6 +21,8 @@ class VAEConfig:
     out_ch: int = 3
     z_channels: int = 4
     scaling_factor: float = 0.18215
+    # LDM's 1x1 convolutions around the latent; Black Forest Labs' Flux autoencoder has none.
+    use_quant_conv: bool = True
 
     @property
     def downscale(self) -> int:
@@ -197,12 +199,13 @@ class AutoencoderKL(nn.Module):
         self.scaling_factor = config.scaling_factor
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        z, conv = config.z_channels, config.use_quant_conv
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(z, z, 1) if conv else nn.Identity()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        return self.decoder.conv_out.weight.dtype
 
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(pixels.to(self.dtype)))

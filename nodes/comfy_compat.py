@@ -30,17 +30,17 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # conditioning for other model kinds
     "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
-    "CLIPTextEncodeSD3", "CLIPTextEncodeFlux", "FluxGuidance", "CLIPTextEncodeHunyuanDiT",
+    "CLIPTextEncodeSD3", "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
-    "ModelSamplingSD3", "ModelSamplingAuraFlow", "ModelSamplingFlux",
+    "ModelSamplingSD3", "ModelSamplingAuraFlow",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
     "GITSScheduler",
     # saving models of other kinds
     "ImageOnlyCheckpointSave",
     # latents and images
-    "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo",
+    "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

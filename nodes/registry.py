@@ -47,6 +47,7 @@ BUILTIN_MODULES = (
     "nodes.sd.video",
     "nodes.sd.training",
     "nodes.sd.training_data",
+    "nodes.sd.flux",
 )
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from ldm.sampling.schedules import DiscreteSchedule
 
 UNet = Callable[..., Tensor]
-PREDICTIONS = ("eps", "v", "x0", "lcm", "edm")
+PREDICTIONS = ("eps", "v", "x0", "lcm", "edm", "flow")
 
 
 @dataclass
@@ -72,7 +72,9 @@ class Denoiser:
     `c_out = sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)`. "lcm" is eps-prediction with a latent
     consistency model's boundary condition (Luo et al. 2023, Eq. 9; sigma_data 0.5, timesteps scaled by 10
     as LCM's released models are): `c_skip(t) * x + c_out(t) * x0`, so that the prediction at t = 0 is the
-    input itself.
+    input itself. "flow" is a rectified-flow model's velocity (Flux; ComfyUI's CONST, see `ldm.sampling.flow`):
+    the model sees `x` itself (`c_in = 1`) and `x0 = x - sigma * v`, with `x = sigma * noise + (1 - sigma) * x0`
+    (`noise_latent`).
     """
 
     def __init__(
@@ -92,7 +94,7 @@ class Denoiser:
             return self.at_level(x, level, cond)
         sigma_ = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         data = self.schedule.sigma_data
-        c_in = (sigma_**2 + data**2) ** -0.5
+        c_in = self._c_in(sigma_)
         t = self.schedule.unet_timestep(self.schedule.sigma_to_t(sigma.to(torch.float32), quantize=self.quantize))
         out = self._unet(x * c_in, t, cond, sigma)
         if self.prediction == "v":
@@ -109,7 +111,7 @@ class Denoiser:
 
     def at_level(self, x: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         """The same for one noise level known on the host: scalar arithmetic, fewer tensor ops."""
-        c_in = (sigma**2 + self.schedule.sigma_data**2) ** -0.5
+        c_in = self._c_in(sigma)
         return self._to_x0(x, self._unet_at_level(x * c_in, sigma, cond), sigma)
 
     def guided_at_level(self, x: Tensor, sigma: float, cond: Conditioning, cfg: float) -> Tensor:
@@ -119,11 +121,27 @@ class Denoiser:
         x0 is affine in the UNet's output with the same `x` on both sides, so guidance combines the
         raw outputs first and converts once: the same result in half the passes over the latent.
         """
-        c_in = (sigma**2 + self.schedule.sigma_data**2) ** -0.5
+        c_in = self._c_in(sigma)
         x_in = x.expand(2, *x.shape).mul(c_in).flatten(0, 1)  # [x, x] * c_in in one op
         out = self._unet_at_level(x_in, sigma, cond)
         positive, negative = out.chunk(2)
         return self._to_x0(x, torch.lerp(negative, positive, cfg), sigma)
+
+    def _c_in(self, sigma: Tensor | float) -> Tensor | float:
+        return 1.0 if self.prediction == "flow" else (sigma**2 + self.schedule.sigma_data**2) ** -0.5
+
+    def noise_latent(self, latent: Tensor, noise: Tensor, sigma: Tensor | float, full: bool = False) -> Tensor:
+        """`latent` noised to level `sigma` (ComfyUI's noise_scaling): `latent + sigma * noise`, from the top of
+        the schedule (`full`) `latent + sqrt(1 + sigma^2) * noise`; for "flow", `sigma * noise + (1 - sigma) *
+        latent`, whatever the level."""
+        if self.prediction == "flow":
+            return sigma * noise + (1 - sigma) * latent
+        return latent + noise * ((1 + sigma**2) ** 0.5 if full else sigma)
+
+    def unscaled(self, x: Tensor, sigma: float) -> Tensor:
+        """A sample left at level `sigma` as the next sampling run takes it back (ComfyUI's inverse_noise_scaling):
+        `x` itself, but for "flow", `x / (1 - sigma)`, which `noise_latent` without noise scales back to `x`."""
+        return x / (1 - sigma) if self.prediction == "flow" and 0 < sigma < 1 else x
 
     def _unet_at_level(self, x_in: Tensor, sigma: float, cond: Conditioning) -> Tensor:
         t = self.schedule.unet_timestep(self.schedule.sigma_to_t_scalar(sigma, quantize=self.quantize))
@@ -144,7 +162,7 @@ class Denoiser:
         return unet(x_in, t, cond.context, y=cond.y, control=control)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:
-        if self.prediction == "eps":
+        if self.prediction in ("eps", "flow"):
             return torch.add(x, out, alpha=-sigma)
         if self.prediction == "x0":
             return out

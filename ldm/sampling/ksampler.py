@@ -289,6 +289,10 @@ def sample(
     else:
         denoiser = Denoiser(unet, schedule_or_denoiser, prediction)
     schedule = denoiser.schedule
+    if denoiser.prediction == "flow" and sampler_name in _STOCHASTIC:
+        # Their fresh noise is added the variance-exploding way (x + sigma * noise), which a flow latent is not.
+        raise ValueError(f"{sampler_name} adds noise as SD models take it, not as a rectified-flow model (Flux) "
+                         "does; choose a sampler without noise of its own, such as euler, heun, dpmpp_2m or deis")
 
     if sigmas is None:
         sigmas = compute_sigmas(schedule, scheduler, steps, denoise, sampler_name)
@@ -308,6 +312,7 @@ def sample(
 
     # Read on the CPU, before the move: no device synchronisation.
     sigma_start, no_step = float(sigmas[0]), len(sigmas) == 1 or float(sigmas.max()) == 0
+    sigma_end = float(sigmas[-1])
     patches = patches or SamplingPatches()
     # A mask function sees the run's progress as a timestep fraction: 1 at the first level, 0 at the last
     # (or at the schedule's smallest level, if the run ends at 0).
@@ -316,12 +321,13 @@ def sample(
     sigmas = sigmas.to(latent.device)
     noise = prepare_noise(latent, seed, batch_index) if add_noise else torch.zeros_like(latent)
     # From the top of the schedule, start at the variance-preserving scale sqrt(1 + sigma^2): pure
-    # noise in DDPM terms (ComfyUI's max_denoise).
+    # noise in DDPM terms (ComfyUI's max_denoise). A flow model mixes noise and latent its own way.
     full = math.isclose(sigma_start, schedule.sigma_max, rel_tol=1e-5) or sigma_start > schedule.sigma_max
-    x = latent + noise * ((1 + sigma_start**2) ** 0.5 if full else sigma_start)
+    x = denoiser.noise_latent(latent, noise, sigma_start, full)
     if no_step:
         # No step to take: the latent with its noise (a first stage split off at step 0), as in ComfyUI.
-        return x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
+        x = x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
+        return denoiser.unscaled(x, sigma_end)
 
     if module is None and isinstance(unet, torch.nn.Module):
         module = unet
@@ -364,7 +370,7 @@ def sample(
             step_mask = patches.denoise_mask(mask, (t - t_to) / (t_from - t_to) if t_from > t_to else 0.0)
             last_mask[0] = step_mask
         levels = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        x = x * step_mask + (latent + noise * levels) * (1 - step_mask)
+        x = x * step_mask + denoiser.noise_latent(latent, noise, levels) * (1 - step_mask)
         return guider(x, sigma) * step_mask + latent * (1 - step_mask)
 
     total = len(sigmas) - 1
@@ -398,4 +404,5 @@ def sample(
     if mask is not None:
         _check_mask_size(x, latent, sampler_name)  # a resize after the last step, which no model call saw
         x = x * last_mask[0] + latent * (1 - last_mask[0])
-    return x
+    # A run that stops above 0 leaves its noise in: a flow model's sample is scaled for the next run to take back.
+    return denoiser.unscaled(x, sigma_end)

@@ -76,7 +76,9 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
     carry their own image. Prompts made for the x4 upscaler are refused for any other model, which would
     sample their quarter-size latent without a word."""
     samples = latent["samples"]
-    channels, expected = samples.shape[1], model.family.unet_config.in_channels
+    config = model.family.unet_config
+    # A Flux transformer's in_channels count its 2x2 patches' values: it takes latent_channels.
+    channels, expected = samples.shape[1], getattr(config, "latent_channels", config.in_channels)
     upscaler_prompts = any("concat_image" in options for conditioning in conditionings for _, options in conditioning)
     if model.family.name == X4_FAMILY:
         if expected != channels + IMAGE_CHANNELS:

@@ -104,7 +104,8 @@ def _searched(kind: str) -> str:
 
 
 class CheckpointLoaderSimple(Node):
-    """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely)."""
+    """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely), or an all-in-one
+    Flux.1 checkpoint (.safetensors)."""
 
     display_name = "Load Checkpoint"
     category = "loaders"
@@ -138,6 +139,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     weights, `te_weights_dtype` the text encoders' (the VAE stays in its own dtype); `v_prediction`, when
     given, overrides what the file says about its prediction type."""
     from ldm.checkpoint import load_checkpoint
+    from ldm.flux_files import is_flux_file, load_flux_checkpoint
 
     path = model_path("checkpoints", ckpt_name)
     _, dtype, vae_dtype = device_and_dtype(node.ctx)
@@ -146,7 +148,10 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     def load() -> Any:
         from ldm.quant import quantize_
 
-        loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
+        if is_flux_file(path):  # an all-in-one Flux.1 checkpoint (ComfyUI's layout)
+            loaded = load_flux_checkpoint(path, device=device, dtype=dtype)
+        else:
+            loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
         if vae_dtype != dtype:
             loaded.vae.to(dtype=vae_dtype)
         quantize_(loaded.unet, weights_dtype)

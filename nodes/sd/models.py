@@ -19,6 +19,10 @@ ZERO_SNR_SCHEDULE = DEFAULT_SCHEDULE.zero_terminal_snr()
 
 def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
+    if getattr(family, "prediction", None) == "flow":  # Flux (ldm.flux_files.FluxFamily), at its own time shift
+        from ldm.sampling.flow import FlowSchedule
+
+        return FlowSchedule(family.shift)
     if getattr(family, "edm", None) is not None:
         return ContinuousSchedule(*family.edm)
     if getattr(family, "zero_snr", False):
@@ -77,8 +81,8 @@ class DiffusionModel:
     def _latent_affine(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(shift, scale) from a LATENT's values (unscaled, as the VAE gives them) to the model's latents."""
         playground = self.playground_latents if self.playground_latents is not None else self.family.playground
-        if not playground:
-            return 0.0, self.family.latent_scale_factor
+        if not playground:  # Flux's latents are shifted before they are scaled
+            return getattr(self.family, "latent_shift", 0.0), self.family.latent_scale_factor
         shape = (1, -1, *[1] * (like.ndim - 2))
         mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).reshape(shape)
                      for v in (PLAYGROUND_MEAN, PLAYGROUND_STD))

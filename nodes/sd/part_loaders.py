@@ -71,11 +71,12 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
     from safetensors import SafetensorError
 
     from ldm.checkpoint import CheckpointError
+    from ldm.flux_files import peek_flux
     from ldm.parts import peek_text_encoder, peek_unet
 
     try:
         if part == "unet":
-            family = peek_unet(path)
+            family = peek_flux(path) or peek_unet(path)
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -101,8 +102,9 @@ def _unsupported_type(value: Any, supported: str, loads: str) -> str:
 
 
 class UNETLoader(Node):
-    """Loads a UNet-only file (SD1.x, SD2.x, SDXL or the SDXL refiner; LDM or diffusers layout) from
-    models/diffusion_models or models/unet. fp8 weight_dtypes store the weights in fp8 (e4m3)."""
+    """Loads a UNet-only file (SD1.x, SD2.x, SDXL or the SDXL refiner; LDM or diffusers layout), or a Flux.1
+    diffusion model (Black Forest Labs' layout), from models/diffusion_models or models/unet. fp8 weight_dtypes store
+    the weights in fp8 (e4m3)."""
 
     display_name = "Load Diffusion Model"
     category = "advanced/loaders"
@@ -128,6 +130,7 @@ class UNETLoader(Node):
         return {} if family is None else {0: {"family": family}}
 
     def execute(self, unet_name: str, weight_dtype: str) -> tuple[DiffusionModel]:
+        from ldm.flux_files import is_flux_file, load_flux_unet
         from ldm.parts import load_unet
         from ldm.quant import quantize_
 
@@ -139,7 +142,7 @@ class UNETLoader(Node):
         device = load_device(self.ctx)
 
         def load() -> Any:
-            loaded = load_unet(path, device=device, dtype=dtype)
+            loaded = (load_flux_unet if is_flux_file(path) else load_unet)(path, device=device, dtype=dtype)
             quantize_(loaded.unet, weights)
             if loaded.unused_keys:
                 log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
@@ -213,14 +216,15 @@ class CLIPLoader(Node):
 
 
 class DualCLIPLoader(Node):
-    """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG (in either order)
-    from models/text_encoders or models/clip. The other types are other model families', which Loom refuses."""
+    """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG; with type flux,
+    Flux.1's CLIP-L and T5-XXL (in either order) from models/text_encoders or models/clip. The other types are
+    other model families', which Loom refuses."""
 
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
     clip_name1 = part_file(TEXT_ENCODERS)
     clip_name2 = part_file(TEXT_ENCODERS)
-    type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG")
+    type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG; flux: Flux's CLIP-L and T5-XXL")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoders on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -231,8 +235,13 @@ class DualCLIPLoader(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("type") == "flux":
+            from nodes.sd.flux import flux_clip_problem
+
+            return flux_clip_problem((inputs.get("clip_name1"), inputs.get("clip_name2")))
         if inputs.get("type") != "sdxl":
-            return _unsupported_type(inputs.get("type"), "sdxl", "SDXL's CLIP-L and OpenCLIP bigG")
+            return _unsupported_type(inputs.get("type"), "sdxl or flux", "SDXL's CLIP-L and OpenCLIP bigG, Flux's "
+                                     "CLIP-L and T5-XXL")
         found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
         refusal = next((problem for _, problem in found if problem), None)
         kinds = [kind for kind, _ in found]
@@ -243,13 +252,20 @@ class DualCLIPLoader(Node):
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        if inputs.get("type") == "flux":
+            return {0: {"family": "flux"}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
                                for name in ("clip_name1", "clip_name2")])
         return {} if family is None else {0: {"family": family}}
 
     def execute(self, clip_name1: str, clip_name2: str, type: str, device: str = "default") -> tuple[Clip]:
+        if type == "flux":
+            from nodes.sd.flux import load_flux_clip
+
+            return (load_flux_clip(self, (clip_name1, clip_name2), device),)
         if type != "sdxl":
-            raise ValueError(_unsupported_type(type, "sdxl", "SDXL's CLIP-L and OpenCLIP bigG"))
+            raise ValueError(_unsupported_type(type, "sdxl or flux", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L "
+                                               "and T5-XXL"))
         return (load_clip(self, (clip_name1, clip_name2), device),)
 
 

@@ -25,6 +25,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.vision import warn_not_unclip
 
         warn_not_unclip(model)
+    if model.family.name == "flux":  # its `y`: the pooled prompt and the guidance strength
+        from nodes.sd.flux import flux_y
+
+        return flux_y(conditioning, model)
     if not model.needs_adm:
         return conditioning
     if unclip:

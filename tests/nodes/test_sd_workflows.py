@@ -14,6 +14,7 @@ from executor.services import Services
 from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
+from ldm.flux_presets import make_flux_files
 from ldm.presets import make_checkpoint, make_controlnet
 from ldm.upscale import RRDBNet
 from nodes.folders import FolderPaths, set_paths
@@ -25,6 +26,9 @@ CHECKPOINTS = {"loom-demo.safetensors": "tiny-sd1", "sd_xl_base_1.0.safetensors"
                "sd2.safetensors": "tiny-sd2", "v1-5-pruned-emaonly.safetensors": "tiny-sd1",
                "sd_xl_refiner_1.0.safetensors": "tiny-sdxl-refiner"}
 FAST = {"steps": 2}
+# Tiny Flux parts under the names flux_txt2img.json loads (ComfyUI's usual file names).
+FLUX_FILES = {"unet": "diffusion_models/flux1-dev.safetensors", "clip_l": "text_encoders/clip_l.safetensors",
+              "t5xxl": "text_encoders/t5xxl_fp16.safetensors", "vae": "vae/ae.safetensors"}
 
 
 def write_lora(path: Path) -> None:
@@ -49,6 +53,10 @@ def base(tmp_path_factory):
     make_controlnet("tiny-sd1", root / "models" / "controlnet" / "control_v11p_sd15_canny_fp16.safetensors", seed=1)
     (root / "models" / "upscale_models").mkdir(parents=True)
     torch.save(RRDBNet(nf=8, nb=1).state_dict(), root / "models" / "upscale_models" / "RealESRGAN_x4plus.pth")
+    flux = make_flux_files(root / "flux-tiny", seed=1)
+    for part, name in FLUX_FILES.items():
+        (root / "models" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(flux[part], root / "models" / name)
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)
@@ -66,7 +74,7 @@ def load(name: str, registry, overrides=None):
     for node in graph.nodes.values():
         if node.class_type in ("KSampler", "KSamplerAdvanced"):
             node.inputs.update(FAST)
-        if node.class_type == "EmptyLatentImage":
+        if node.class_type in ("EmptyLatentImage", "EmptySD3LatentImage"):
             node.inputs.update(width=min(node.inputs["width"], 128), height=min(node.inputs["height"], 64))
     for (nid, key), value in (overrides or {}).items():
         graph.nodes[nid].inputs[key] = value

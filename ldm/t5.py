@@ -1,0 +1,243 @@
+"""The T5 text encoder of Flux (Google's T5 v1.1 XXL encoder) on transformers' T5EncoderModel, with its tokenizer.
+
+Tokenizer: T5's SentencePiece unigram vocabulary (32,100 tokens) from ldm/data/t5_tokenizer.json.gz, read with the
+`tokenizers` library (see ldm/data/LICENSE.t5). Prompts keep ComfyUI's emphasis syntax (``ldm.tokenizer``): each word
+is tokenized alone, with its segment's weight; the end token (1) follows the last word, and padding (0) fills the
+sequence up to `min_length` tokens. ComfyUI pads Flux's prompts to at least 256 tokens and never cuts a longer one;
+diffusers' FluxPipeline pads or cuts to `max_sequence_length` (512 for dev, 256 for schnell). Neither gives the
+encoder an attention mask: the padding is attended to, as Flux was trained.
+
+Weights: the single-file encoders ComfyUI users have (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors) hold
+transformers' key layout (``encoder.block.N.layer.0.SelfAttention.q.weight``, ``shared.weight``,
+``encoder.final_layer_norm.weight``); the configuration is read from their shapes. fp8 weights are cast to the model
+dtype as they load; "scaled" fp8 files (a ``scaled_fp8`` marker, each weight with its ``.scale_weight``) are scaled.
+
+Prompt weights as ComfyUI applies them to T5: a token of weight w becomes ``z_empty + w * (z - z_empty)``, where
+``z_empty`` is the encoding at the same position of the empty prompt (the end token, then padding).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.tokenizer import DATA_DIR, parse_emphasis
+
+PAD_TOKEN = 0
+END_TOKEN = 1
+VOCAB_FILE = DATA_DIR / "t5_tokenizer.json.gz"
+# ComfyUI's minimum prompt length for Flux's T5 (its T5XXL tokenizer's min_length).
+FLUX_MIN_LENGTH = 256
+_PROBE = "encoder.block.0.layer.0.SelfAttention.q.weight"
+_BLOCK = re.compile(r"encoder\.block\.(\d+)\.")
+_TIED = "encoder.embed_tokens.weight"  # transformers ties it to shared.weight; some files store both
+
+
+@lru_cache(maxsize=1)
+def _vocabulary() -> Any:
+    from tokenizers import Tokenizer
+
+    with gzip.open(VOCAB_FILE, "rt", encoding="utf-8") as f:
+        return Tokenizer.from_str(f.read())
+
+
+@dataclass(frozen=True)
+class T5Tokens:
+    """One prompt's token ids (its end token included, no padding) and their weights."""
+
+    ids: list[int]
+    weights: list[float]
+
+
+class T5Tokenizer:
+    """T5's SentencePiece vocabulary with ComfyUI's prompt emphasis and padding."""
+
+    def encode_words(self, text: str) -> list[list[int]]:
+        """Token ids of each whitespace-separated word of `text`, without the end token."""
+        words = text.split()
+        if not words:
+            return []
+        return [encoding.ids for encoding in _vocabulary().encode_batch(words, add_special_tokens=False)]
+
+    def tokenize(self, prompt: str) -> T5Tokens:
+        """Parse emphasis, tokenize word by word, and close with the end token."""
+        ids: list[int] = []
+        weights: list[float] = []
+        for text, weight in parse_emphasis(prompt):
+            for word in self.encode_words(text):
+                ids += word
+                weights += [weight] * len(word)
+        return T5Tokens([*ids, END_TOKEN], [*weights, 1.0])
+
+    def batch(self, prompts: list[str], min_length: int = FLUX_MIN_LENGTH,
+              max_length: int | None = None) -> tuple[Tensor, Tensor]:
+        """(ids [B, L], weights [B, L]) of `prompts`, padded to the longest of them and to at least `min_length`;
+        with `max_length`, cut to it (keeping the end token last), as diffusers' pipelines do."""
+        tokens = [self.tokenize(prompt) for prompt in prompts]
+        if max_length is not None:
+            tokens = [t if len(t.ids) <= max_length else
+                      T5Tokens([*t.ids[:max_length - 1], END_TOKEN], [*t.weights[:max_length - 1], 1.0])
+                      for t in tokens]
+        length = max(min_length, *(len(t.ids) for t in tokens))
+        ids = [t.ids + [PAD_TOKEN] * (length - len(t.ids)) for t in tokens]
+        weights = [t.weights + [1.0] * (length - len(t.weights)) for t in tokens]
+        return torch.tensor(ids), torch.tensor(weights)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (for debugging and tests)."""
+        return _vocabulary().decode(ids, skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """The shape of a T5 encoder; what the weights cannot tell (the epsilon, the bucket distance) is T5's."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    gated: bool = True  # T5 v1.1's gated-GELU feed-forward; False: the original T5's ReLU
+
+    def transformers_config(self) -> Any:
+        from transformers import T5Config as HFConfig
+
+        return HFConfig(vocab_size=self.vocab_size, d_model=self.d_model, d_kv=self.d_kv, d_ff=self.d_ff,
+                        num_layers=self.num_layers, num_heads=self.num_heads,
+                        relative_attention_num_buckets=self.relative_attention_num_buckets,
+                        relative_attention_max_distance=128, dropout_rate=0.0, layer_norm_epsilon=1e-6,
+                        feed_forward_proj="gated-gelu" if self.gated else "relu", is_encoder_decoder=False,
+                        use_cache=False, pad_token_id=PAD_TOKEN, eos_token_id=END_TOKEN)
+
+
+def is_t5(sd: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict is a T5 encoder in transformers' layout."""
+    return _PROBE in sd
+
+
+def t5_config_from_state_dict(sd: Mapping[str, Tensor]) -> T5Config:
+    """The exact encoder shape from a transformers-layout T5 state dict (tensors or meta tensors)."""
+    embedding = sd.get("shared.weight", sd.get(_TIED))
+    bias = sd.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    if embedding is None or bias is None or _PROBE not in sd:
+        raise ValueError("not a T5 encoder: no shared.weight, relative_attention_bias or SelfAttention.q weights")
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    feed_forward = sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    buckets, heads = bias.shape
+    return T5Config(vocab_size=embedding.shape[0], d_model=embedding.shape[1], d_kv=sd[_PROBE].shape[0] // heads,
+                    d_ff=feed_forward.shape[0], num_layers=len({int(m[1]) for k in sd if (m := _BLOCK.match(k))}),
+                    num_heads=heads, relative_attention_num_buckets=buckets, gated=gated)
+
+
+class T5Encoder(nn.Module):
+    """transformers' T5EncoderModel (as `.model`, whose parameter names are the file keys) with the tokenizer."""
+
+    def __init__(self, config: T5Config) -> None:
+        from transformers import T5EncoderModel
+
+        super().__init__()
+        self.config = config
+        self.model = T5EncoderModel(config.transformers_config())
+        self.tokenizer = T5Tokenizer()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.shared.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.shared.weight.dtype
+
+    def load_weights(self, sd: Mapping[str, Tensor], name: str = "T5") -> set[str]:
+        """Adopt a file's tensors (cast to this model's dtype); returns the keys used. A model built on the meta
+        device takes them without a copy. Refuses, naming them, missing weights and wrong shapes."""
+        sd = descaled_fp8(sd)
+        expected = {k: v for k, v in self.model.state_dict().items() if k != _TIED}
+        state: dict[str, Tensor] = {}
+        missing, wrong = [], []
+        for key, target in expected.items():
+            tensor = sd.get(key, sd.get(_TIED) if key == "shared.weight" else None)
+            if tensor is None:
+                missing.append(key)
+            elif tensor.shape != target.shape:
+                wrong.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            else:
+                state[key] = tensor.to(target.device if not target.is_meta else tensor.device, target.dtype)
+        if missing:
+            raise ValueError(f"{name}: {len(missing)} weights missing, e.g. {missing[:4]}")
+        if wrong:
+            raise ValueError(f"{name}: weights of the wrong shape: {wrong[:4]}")
+        on_meta = any(p.is_meta for p in self.model.parameters())
+        self.model.load_state_dict(state, strict=False, assign=on_meta)
+        self.model.encoder.embed_tokens = self.model.shared  # the tie, which assign replaces
+        return set(state) | ({_TIED} & set(sd)) | scaling_keys(sd)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """The last hidden state (after T5's final RMS norm) of token ids [B, L]."""
+        return self.model(input_ids=ids.to(self.device)).last_hidden_state
+
+    def encode(self, prompts: list[str], min_length: int = FLUX_MIN_LENGTH,
+               max_length: int | None = None) -> Tensor:
+        """Prompts (emphasis allowed) -> hidden states [B, L, d_model], weighted as the module docstring says."""
+        ids, weights = self.tokenizer.batch(prompts, min_length, max_length)
+        weights = weights.to(self.device).unsqueeze(-1)
+        weighted = bool((weights != 1.0).any())
+        if weighted:
+            empty = torch.full((1, ids.shape[1]), PAD_TOKEN)
+            empty[0, 0] = END_TOKEN
+            ids = torch.cat([ids, empty])
+        hidden = self(ids)
+        if not weighted:
+            return hidden
+        z_empty, hidden = hidden[-1:].float(), hidden[:-1]
+        return (z_empty + weights * (hidden.float() - z_empty)).to(hidden.dtype)
+
+
+def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The weights of a "scaled fp8" file (ComfyUI's: a `scaled_fp8` marker, each weight with its `.scale_weight`)
+    multiplied by their per-tensor scales; other files as they are. Used for T5 and the Flux transformer."""
+    scales = {k[: -len(".scale_weight")] + ".weight": v for k, v in sd.items() if k.endswith(".scale_weight")}
+    if not scales:
+        return sd
+    return {k: (v.float() * scales[k].float() if k in scales and not v.is_meta else v) for k, v in sd.items()}
+
+
+def scaling_keys(sd: Mapping[str, Tensor]) -> set[str]:
+    """A scaled fp8 file's scales and marker, which `descaled_fp8` consumes (input scales serve fp8 matmuls only,
+    and Loom computes in the model dtype)."""
+    return {k for k in sd if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"}
+
+
+def build_t5(config: T5Config, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> T5Encoder:
+    """A frozen (eval, no grad) T5 encoder; `device="meta"` allocates nothing until `load_weights`."""
+    with torch.device(device or "cpu"):
+        encoder = T5Encoder(config)
+    if dtype is not None:
+        encoder.to(dtype)
+    return encoder.eval().requires_grad_(False)
+
+
+def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+            ) -> tuple[T5Encoder, list[str]]:
+    """A single-file T5 encoder (transformers' layout, any float dtype) and the keys it did not use."""
+    from ldm.checkpoint import CheckpointError, load_state_dict
+
+    path = Path(path)
+    sd = load_state_dict(path)
+    try:
+        encoder = build_t5(t5_config_from_state_dict(sd), device="meta", dtype=dtype)
+        used = encoder.load_weights(sd, path.name)
+    except ValueError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    return encoder.to(device), sorted(set(sd) - used)
