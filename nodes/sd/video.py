@@ -4,6 +4,10 @@ GetVideoComponents); the workflow goes into the container's metadata, as ComfyUI
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -15,6 +19,8 @@ import torch
 from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.spec import Combo, Float, Output, Socket, String
+
+log = logging.getLogger("loom.video")
 
 VIDEO_SUFFIXES = {".webm", ".mp4", ".mkv", ".mov", ".avi", ".m4v", ".gif"}
 # SaveWEBM's codecs, by the encoder ComfyUI names (both are in PyAV's wheels).
@@ -55,13 +61,38 @@ def _metadata(extra: dict) -> dict[str, str]:
     return tags
 
 
+@contextmanager
+def _same_scheduling() -> Iterator[None]:
+    """Give the calling thread back its CPU scheduling policy after an encode.
+
+    SVT-AV1 (libsvtav1, SaveWEBM's av1 encoder), when the process runs as root (as in many containers), switches
+    the thread that opens it to real-time SCHED_FIFO at priority 99 and leaves it so. That thread (the server's
+    worker thread, the main thread of a CLI run or of the tests) would then run every later prompt ahead of all
+    normal threads on its core, the event loop's and other programs' included, and each process it starts after
+    (a Ray cluster and its workers, a worker process) would inherit the policy. The encoder's own threads, made
+    while it is open, end with it.
+    """
+    if not hasattr(os, "sched_getscheduler"):  # not Linux: no such switch
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            try:
+                os.sched_setscheduler(0, policy, param)
+            except OSError as exc:
+                log.warning("could not give this thread back its scheduling policy after encoding: %s", exc)
+
+
 def _encode(handle: Any, container_format: str, encoder: str, pix_fmt: str, options: dict[str, str],
             video: Video, tags: dict[str, str]) -> None:
     """Encode the frames (and audio, as AAC) into an open file; the frames are cut to 8 bits as ComfyUI does."""
     import av
 
     container_options = {"movflags": "use_metadata_tags"} if container_format == "mp4" else {}
-    with av.open(handle, mode="w", format=container_format, options=container_options) as container:
+    with _same_scheduling(), av.open(handle, mode="w", format=container_format, options=container_options) as container:
         container.metadata.update(tags)
         stream = container.add_stream(encoder, rate=Fraction(round(video.fps * 1000), 1000))
         stream.width, stream.height = video.images.shape[2], video.images.shape[1]

@@ -3,6 +3,7 @@ read back with PyAV and compared (frame count, size, rate, PSNR, the workflow me
 
 import json
 import math
+import os
 from fractions import Fraction
 
 import av
@@ -81,6 +82,16 @@ def test_save_webm_writes_the_frames_rate_and_workflow(folders, codec, decoder):
         assert psnr(got, want) > 30
     tags = {key.lower(): value for key, value in metadata.items()}  # Matroska stores tag names upper-case
     assert json.loads(tags["prompt"]) == PROMPT and json.loads(tags["workflow"]) == WORKFLOW
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="thread scheduling policies are Linux's")
+def test_an_av1_save_leaves_the_threads_scheduling_policy_as_it_was(folders):
+    """SVT-AV1 switches the thread that opens it to real-time SCHED_FIFO 99 when run as root, and leaves it so: every
+    process the test run started after (the Ray pool's workers) inherited it, and their sampling threads kept the
+    cores from the threads that send progress until each run ended."""
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    run(SaveWEBM, images=clip(frames=2), filename_prefix="rt", codec="av1", fps=8.0, crf=30.0)
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
 
 
 def test_save_webm_crf_trades_quality_for_size(folders):
