@@ -4,7 +4,8 @@ Besides plain LoRA pairs (kohya's `lora_down`/`lora_up`, diffusers' and PEFT's `
 attention-processor and text-encoder layouts), the LyCORIS kinds people download are read as ComfyUI and the
 LyCORIS library read them: LoCon (conv kernels, with an optional Tucker `lora_mid`), LoHa (Hadamard product of two
 low-rank products), LoKr (Kronecker product), full-weight differences (`diff`, `diff_b`, `w_norm`, `b_norm`), each
-optionally with DoRA's magnitude vector (`dora_scale`).
+optionally with DoRA's magnitude vector (`dora_scale`). Flux's names, and diffusers' parts of its fused layers, are
+ldm.lora_flux's.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import copy
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ldm.checkpoint import load_state_dict, read_shapes
+from ldm.flux import Flux
 from ldm.quant import dequantized_weight
 from ldm.unet import UNetConfig, UNetModel
+
+if TYPE_CHECKING:
+    from ldm.lora_flux import Slot
 
 
 class LoraError(ValueError):
@@ -349,6 +355,13 @@ def _index(module: nn.Module) -> dict[str, str]:
                     index["lora_unet_" + diffusers.replace(".", "_")] = path
                     index.update(dict.fromkeys(_diffusers_names(diffusers), path))
         return index
+    from ldm import lora_flux  # it builds on this module
+    from ldm.flux_text import FluxTextEncoder
+
+    if isinstance(module, Flux):
+        return lora_flux.flux_index(module)
+    if isinstance(module, FluxTextEncoder):
+        return lora_flux.flux_text_index(module)
     encoders = getattr(module, "encoders", None)
     if not isinstance(encoders, nn.ModuleDict):
         raise TypeError(f"LoRA applies to a UNetModel or a TextEncoder, not {type(module).__name__}")
@@ -364,11 +377,17 @@ def _index(module: nn.Module) -> dict[str, str]:
     return index
 
 
+def _slots(module: nn.Module) -> dict[str, Slot]:
+    """Names of parts of fused layers (a Flux transformer's, in diffusers' layout) -> their slots."""
+    from ldm import lora_flux
+
+    return lora_flux.flux_slots(module) if isinstance(module, Flux) else {}
+
+
 # --- matching and patching ------------------------------------------------------------------------
 
-def _misfit(patch: WeightPatch, layer: nn.Module) -> str | None:
-    """How `patch` does not fit `layer` (None when it does)."""
-    weight, bias = layer.weight, getattr(layer, "bias", None)
+def _misfit(patch: WeightPatch, weight: Tensor, bias: Tensor | None) -> str | None:
+    """How `patch` does not fit a layer's `weight` and `bias` (None when it does)."""
     if isinstance(patch, FullWeight) and patch.diff is not None and patch.diff.shape != weight.shape:
         return f"weight {tuple(patch.diff.shape)}, model {tuple(weight.shape)}"
     if patch.out_features != weight.shape[0] or patch.in_numel != weight[0].numel():
@@ -394,29 +413,42 @@ def _on_meta(patch: WeightPatch) -> WeightPatch:
 
 def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
     """Layer path in `module` -> its patch, checking every matched shape."""
-    index = _index(module)
+    from ldm import lora_flux
+
+    index, slots = _index(module), _slots(module)
     matched: dict[str, WeightPatch] = {}
+    sliced = lora_flux.SlotParts()
     wrong = []
     for name, patch in lora.weights.items():
-        path = index.get(name)
+        slot = slots.get(name)
+        path = slot.path if slot else index.get(name)
         if path is None:
             continue
-        misfit = _misfit(patch, module.get_submodule(path))
+        layer = module.get_submodule(path)
+        weight, bias = layer.weight, getattr(layer, "bias", None)
+        if slot:
+            # only shapes are checked: meta views, no copy of the rows
+            weight, bias = slot.part(weight.to("meta")), None if bias is None else slot.part(bias.to("meta"))
+        misfit = _misfit(patch, weight, bias)
         if misfit:
             wrong.append(f"{name}: LoRA {misfit}")
-        matched[path] = patch
+        if slot:
+            sliced.add(slot, patch)
+        else:
+            matched[path] = patch
+    count = len(matched) + sum(len(parts) for parts in sliced.parts.values())
     if wrong:
         source = lora.path.name if lora.path else "LoRA"
-        why = ("it is probably for another model family" if len(wrong) * 2 > len(matched)
+        why = ("it is probably for another model family" if len(wrong) * 2 > count
                else "the rest fit: the file is probably damaged")
-        raise LoraError(f"{source} does not fit this model ({len(wrong)} of its {len(matched)} layers do not, e.g. "
+        raise LoraError(f"{source} does not fit this model ({len(wrong)} of its {count} layers do not, e.g. "
                         f"{'; '.join(wrong[:3])}); {why}")
-    return matched
+    return sliced.merged(module, matched)
 
 
 def unmatched_lora_keys(lora: Lora, *modules: nn.Module) -> list[str]:
     """File keys that patch nothing in any of `modules` (plus those not understood as LoRA at all)."""
-    names = set().union(*(_index(m).keys() for m in modules if m is not None))
+    names = set().union(*(_index(m).keys() | _slots(m).keys() for m in modules if m is not None))
     return sorted(lora.unknown_keys + [k for name in lora.weights if name not in names
                                        for k in lora.sources.get(name, [])])
 
@@ -456,11 +488,16 @@ def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Modul
 # --- family ---------------------------------------------------------------------------------------
 
 _CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Block names only Flux has: BFL's (kohya's flattened, ComfyUI's dotted) and diffusers' single-stream blocks. A
+# diffusers file of double blocks alone is not told apart (SD3's transformer_blocks are named alike).
+_FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
 
 
 def lora_family(lora: Lora) -> str | None:
-    """The family a LoRA was trained for ("sd1", "sd2", "sdxl"), None when its keys do not tell."""
+    """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux"), None when its keys do not tell."""
     names = lora.weights.keys()
+    if any(_FLUX_NAME.search(n) for n in names):
+        return "flux"
     if any(n.startswith(("lora_te2_", "text_encoder_2.")) or "add_embedding" in n or "label_emb" in n
            for n in names):
         return "sdxl"
