@@ -1,4 +1,4 @@
-"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, train."""
+"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, train."""
 
 from __future__ import annotations
 
@@ -337,6 +337,17 @@ def cmd_make_flux(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_sd3(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.sd3_presets import make_sd3_files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for part, path in make_sd3_files(args.models_dir, args.variant, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny {args.variant} {part})")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -469,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_flux)
+
+    p = sub.add_parser("make-sd3", help="write tiny random-weight SD3 / SD3.5 files in the real layouts (checkpoints "
+                       "with and without the text encoders, and CLIP-L, CLIP-G, T5-XXL files) into a models folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its checkpoints/ and "
+                   "text_encoders/ (named VARIANT-tiny*, sd3-clip_l-tiny, sd3-clip_g-tiny, sd3-t5xxl-tiny)")
+    p.add_argument("--variant", choices=["sd3-medium", "sd3.5-large", "sd3.5-medium"], default="sd3-medium")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_sd3)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the native workflow format")
     p.set_defaults(func=cmd_schema)

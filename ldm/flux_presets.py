@@ -33,17 +33,22 @@ TINY_FLUX_VAE = dataclasses.replace(FLUX_VAE, ch=32, ch_mult=(1, 2, 2, 2), num_r
 def random_flux(config: FluxConfig = TINY_FLUX, seed: int = 0) -> Flux:
     """A Flux transformer with seeded random weights, each distinct: norm scales around 1, small biases, weights
     at 1/sqrt(fan-in), so that a tiny model's output is finite and depends on every weight."""
+    return distinct_random_(Flux(config).eval(), seed)
+
+
+def distinct_random_(model: torch.nn.Module, seed: int, norm_scales: tuple[str, ...] = (".scale",)) -> torch.nn.Module:
+    """`model` with seeded random weights in place (see `random_flux`); parameters whose names end with one of
+    `norm_scales` are norm scales."""
     generator = torch.Generator().manual_seed(seed)
-    model = Flux(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(".scale"):
+            if name.endswith(norm_scales):
                 param.copy_(1 + 0.2 * noise)
             elif param.ndim == 1:
                 param.copy_(0.05 * noise)
             else:
-                param.copy_(noise * param.shape[1] ** -0.5)
+                param.copy_(noise * param[0].numel() ** -0.5)
     return model
 
 

@@ -44,7 +44,7 @@ class Look:
     matches: Callable[[set[str]], bool]
 
 
-_UNSUPPORTED = "Loom runs SD1.x, SD2.x, SDXL and Flux.1 models only"
+_UNSUPPORTED = "Loom runs SD1.x, SD2.x, SDXL, SD3 and Flux.1 models only"
 # First match wins; the part kinds Loom loads ("unet", "text_encoder") come after the look-alikes they contain.
 LOOKS: tuple[Look, ...] = (
     Look("checkpoint", "a full checkpoint (UNet, VAE and text encoders in one file)",
@@ -60,10 +60,12 @@ LOOKS: tuple[Look, ...] = (
     Look("flux", "a Flux diffusion model", "put it in models/diffusion_models and load it with Load Diffusion "
          "Model (Loom reads Black Forest Labs' layout, flux1-dev.safetensors; not diffusers')",
          _contains("double_blocks.0.img_attn.", "single_transformer_blocks.0.")),
-    Look("sd3", "an SD3 diffusion model (MMDiT)", _UNSUPPORTED,
+    Look("sd3", "an SD3 diffusion model (MMDiT)", "load an SD3 checkpoint with Load Checkpoint (Loom reads "
+         "Stability's single-file layout, sd3.5_large.safetensors; not diffusers' or a transformer alone), adding "
+         "TripleCLIPLoader where the file has no text encoders",
          _contains("joint_blocks.0.context_block.", "transformer_blocks.0.attn.add_k_proj.")),
     Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", "for Flux, put it in models/text_encoders "
-         "and load it with DualCLIPLoader, type flux, with a CLIP-L file",
+         "and load it with DualCLIPLoader, type flux, with a CLIP-L file; for SD3, with TripleCLIPLoader",
          _contains("SelfAttention.k.weight", "DenseReluDense.")),
     Look("llm", "a language-model text encoder (Llama, Gemma, Qwen: newer model families use them)", _UNSUPPORTED,
          _contains("embed_tokens.weight")),

@@ -25,16 +25,16 @@ COMFY_MODULES = frozenset({
 # ComfyUI's nodes: those that SD1.x/SD2.x/SDXL workflows use, and the newer model families' loaders.
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
-    "TripleCLIPLoader", "QuadrupleCLIPLoader",
+    "QuadrupleCLIPLoader",
     "ImageOnlyCheckpointLoader",
     # conditioning for other model kinds
     "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
-    "CLIPTextEncodeSD3", "CLIPTextEncodeHunyuanDiT",
+    "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
-    "ModelSamplingSD3", "ModelSamplingAuraFlow",
+    "ModelSamplingAuraFlow",
     "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
     "GITSScheduler",
     # saving models of other kinds

@@ -48,6 +48,7 @@ BUILTIN_MODULES = (
     "nodes.sd.training",
     "nodes.sd.training_data",
     "nodes.sd.flux",
+    "nodes.sd.sd3",
 )
 
 

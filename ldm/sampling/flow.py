@@ -24,6 +24,7 @@ from torch import Tensor
 from ldm.sampling.schedules import DiscreteSchedule
 
 FLUX_TIMESTEPS = 10000
+SD3_TIMESTEPS = 1000
 # ModelSamplingFlux's line through (256 image tokens, base_shift) and (4096 tokens, max_shift).
 BASE_TOKENS, MAX_TOKENS = 256, 4096
 
@@ -46,14 +47,18 @@ class FlowSchedule(DiscreteSchedule):
     """Flux's noise levels with time shift `shift` (1.15 for dev, 1.0 for schnell, unless ModelSamplingFlux says)."""
 
     def __init__(self, shift: float = 1.15, timesteps: int = FLUX_TIMESTEPS) -> None:
+        self.shift = shift
         t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
-        sigmas = time_shift(shift, t)
+        sigmas = self.shifted(t)
         # The base class's DDPM view of the same levels (alpha-bar = 1 / (1 + sigma^2)), for code that reads it.
         super().__init__(alphas_cumprod=1 / (1 + sigmas**2))
-        self.shift = shift
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
         self._log_sigma_list = sigmas.log().tolist()
+
+    def shifted(self, t: Tensor | float) -> Tensor | float:
+        """The noise level at time t in [0, 1] (Flux's exponential time shift)."""
+        return time_shift(self.shift, t)
 
     def unet_timestep(self, t: Tensor | float) -> Tensor | float:
         return t
@@ -65,7 +70,7 @@ class FlowSchedule(DiscreteSchedule):
         return float(sigma)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
-        return time_shift(self.shift, t.to(torch.float64).clamp(0, 1)).float()
+        return self.shifted(t.to(torch.float64).clamp(0, 1)).float()
 
     def sigma_at_percent(self, percent: float) -> float:
         """shift(1 - percent), inf at the start (ComfyUI's percent_to_sigma gives 1.0, the top level) and 0 at the
@@ -74,10 +79,22 @@ class FlowSchedule(DiscreteSchedule):
             return math.inf
         if percent >= 1.0:
             return 0.0
-        return float(time_shift(self.shift, 1.0 - percent))
+        return float(self.shifted(1.0 - percent))
 
     def zero_terminal_snr(self) -> DiscreteSchedule:
         raise ValueError("a rectified-flow (Flux) schedule already ends at pure noise; there is no SNR to rescale")
 
     def distilled(self, steps: int = 50) -> DiscreteSchedule:
         raise ValueError("a rectified-flow (Flux) schedule has no DDPM levels to distil")
+
+
+class SD3FlowSchedule(FlowSchedule):
+    """Stable Diffusion 3's noise levels (ComfyUI's ModelSamplingDiscreteFlow, ModelSamplingSD3's shift, 3.0 by
+    default): 1000 levels `shift * t / (1 + (shift - 1) * t)`, the shift of diffusers' FlowMatchEulerDiscreteScheduler
+    (Esser et al. 2024, section 5.3.2, with shift = sqrt(m / n))."""
+
+    def __init__(self, shift: float = 3.0) -> None:
+        super().__init__(shift, SD3_TIMESTEPS)
+
+    def shifted(self, t: Tensor | float) -> Tensor | float:
+        return self.shift * t / (1 + (self.shift - 1) * t)

@@ -122,7 +122,7 @@ class ModelSamplingFlux(Node):
 # --- DualCLIPLoader's type "flux" (nodes.sd.part_loaders calls these) -------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def _text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
+def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     """("t5xxl" or a CLIP kind, refusal) of a text-encoder file from its header; (None, None) if it cannot tell."""
     from safetensors import SafetensorError
 
@@ -149,7 +149,7 @@ def flux_clip_problem(names: tuple[Any, Any]) -> str | None:
     found = []
     for name in names:
         path = part_path(TEXT_ENCODERS, str(name))
-        found.append((None, None) if path is None else _text_kind(str(path), str(file_fingerprint(path))))
+        found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
     problems = [problem for _, problem in found if problem]
     if problems:
         return problems[0]

@@ -140,6 +140,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     given, overrides what the file says about its prediction type."""
     from ldm.checkpoint import load_checkpoint
     from ldm.flux_files import is_flux_file, load_flux_checkpoint
+    from ldm.sd3_files import is_sd3_file, load_sd3_checkpoint
 
     path = model_path("checkpoints", ckpt_name)
     _, dtype, vae_dtype = device_and_dtype(node.ctx)
@@ -150,6 +151,8 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
 
         if is_flux_file(path):  # an all-in-one Flux.1 checkpoint (ComfyUI's layout)
             loaded = load_flux_checkpoint(path, device=device, dtype=dtype)
+        elif is_sd3_file(path):  # SD3 / SD3.5 (Stability's layout), with or without its text encoders
+            loaded = load_sd3_checkpoint(path, device=device, dtype=dtype)
         else:
             loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
         if vae_dtype != dtype:
@@ -164,11 +167,16 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     key = ("checkpoint", str(path), str(file_fingerprint(path)), str(device), str(dtype), weights_dtype,
            te_weights_dtype, v_prediction)
     loaded = shared_model(node, key, load)
-    if loaded.text_encoder is None:
+    encoder = loaded.text_encoder
+    if encoder is None and loaded.family.name == "sd3":  # TripleCLIPLoader gives the prompts' encoders
+        from nodes.sd.sd3 import NoTextEncoders
+
+        encoder = NoTextEncoders(ckpt_name)
+    if encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
     return (DiffusionModel(loaded.unet, loaded.family, ckpt_name, schedule=schedule_of(loaded.family),
                            noise_augmentor=loaded.noise_augmentor),
-            Clip(loaded.text_encoder, loaded.family.name, ckpt_name),
+            Clip(encoder, loaded.family.name, ckpt_name),
             Vae(loaded.vae, ckpt_name))
 
 

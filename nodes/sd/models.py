@@ -19,10 +19,10 @@ ZERO_SNR_SCHEDULE = DEFAULT_SCHEDULE.zero_terminal_snr()
 
 def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
-    if getattr(family, "prediction", None) == "flow":  # Flux (ldm.flux_files.FluxFamily), at its own time shift
-        from ldm.sampling.flow import FlowSchedule
+    if getattr(family, "prediction", None) == "flow":  # Flux or SD3 (ldm.flux_files, ldm.sd3_files), own time shift
+        from ldm.sampling.flow import FlowSchedule, SD3FlowSchedule
 
-        return FlowSchedule(family.shift)
+        return (SD3FlowSchedule if family.name == "sd3" else FlowSchedule)(family.shift)
     if getattr(family, "edm", None) is not None:
         return ContinuousSchedule(*family.edm)
     if getattr(family, "zero_snr", False):

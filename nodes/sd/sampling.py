@@ -29,6 +29,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.flux import flux_y
 
         return flux_y(conditioning, model)
+    if model.family.name == "sd3":  # its `y`: the pooled CLIP-L and CLIP-G prompts
+        from nodes.sd.sd3 import sd3_y
+
+        return sd3_y(conditioning)
     if not model.needs_adm:
         return conditioning
     if unclip:

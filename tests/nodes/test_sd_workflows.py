@@ -16,6 +16,7 @@ from graph.load import load_workflow
 from graph.validate import validate
 from ldm.flux_presets import make_flux_files
 from ldm.presets import make_checkpoint, make_controlnet
+from ldm.sd3_presets import make_sd3_files
 from ldm.upscale import RRDBNet
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
@@ -29,6 +30,9 @@ FAST = {"steps": 2}
 # Tiny Flux parts under the names flux_txt2img.json loads (ComfyUI's usual file names).
 FLUX_FILES = {"unet": "diffusion_models/flux1-dev.safetensors", "clip_l": "text_encoders/clip_l.safetensors",
               "t5xxl": "text_encoders/t5xxl_fp16.safetensors", "vae": "vae/ae.safetensors"}
+# Tiny SD3.5 parts under the names sd3_txt2img.json loads; its clip_l.safetensors is Flux's, as a user's would be.
+SD3_FILES = {"bare_checkpoint": "checkpoints/sd3.5_medium.safetensors", "clip_g": "text_encoders/clip_g.safetensors",
+             "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn.safetensors"}
 
 
 def write_lora(path: Path) -> None:
@@ -57,6 +61,9 @@ def base(tmp_path_factory):
     for part, name in FLUX_FILES.items():
         (root / "models" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(flux[part], root / "models" / name)
+    sd3 = make_sd3_files(root / "sd3-tiny", "sd3.5-medium", seed=1)
+    for part, name in SD3_FILES.items():
+        shutil.copy(sd3[part], root / "models" / name)
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)

@@ -1,0 +1,143 @@
+"""Stable Diffusion 3 / 3.5 nodes: loading its three text encoders, its prompt encoding, and its model sampling."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from nodes.node import Node
+from nodes.sd.conditioning import _encoded
+from nodes.sd.models import Clip, DiffusionModel, device_and_dtype, file_fingerprint, load_device
+from nodes.sd.part_loaders import TEXT_ENCODERS, _fingerprint, _required_path, part_file
+from nodes.spec import Combo, Float, Output, Socket, String
+
+log = logging.getLogger(__name__)
+
+
+def sd3_y(conditioning: list) -> list:
+    """Each entry with the `y` an SD3 transformer takes (``ldm.mmdit``): its pooled CLIP-L and CLIP-G prompts
+    (zeros for a conditioning without them, e.g. one a plugin made)."""
+    return [(embedding, {**options, "y": options["pooled_output"].float() if "pooled_output" in options
+                         else torch.zeros(embedding.shape[0], 2048)}) for embedding, options in conditioning]
+
+
+class NoTextEncoders(nn.Module):
+    """The CLIP of an SD3 checkpoint that ships without text encoders (sd3_medium.safetensors): encoding with it
+    says where the encoders are to come from."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.register_buffer("_device", torch.zeros(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._device.dtype
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"{self.source} holds no text encoders: load CLIP-L, CLIP-G and T5-XXL with TripleCLIPLoader "
+                         "(clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors) and encode with its CLIP")
+
+
+class TripleCLIPLoader(Node):
+    """Loads SD3's three text encoders as one CLIP: CLIP-L, CLIP-G (OpenCLIP bigG) and T5-XXL, in any order, from
+    models/text_encoders or models/clip."""
+
+    category = "advanced/loaders"
+    clip_name1 = part_file(TEXT_ENCODERS)
+    clip_name2 = part_file(TEXT_ENCODERS)
+    clip_name3 = part_file(TEXT_ENCODERS)
+    outputs = (Output("CLIP"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return _fingerprint(TEXT_ENCODERS, *(inputs.get(f"clip_name{i}", "") for i in (1, 2, 3)))
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        """Files that are not SD3's three (as their headers tell) are refused before anything runs."""
+        from nodes.sd.flux import text_kind
+        from nodes.sd.part_loaders import part_path
+
+        names = [inputs.get(f"clip_name{i}") for i in (1, 2, 3)]
+        found = []
+        for name in names:
+            path = part_path(TEXT_ENCODERS, str(name))
+            found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
+        problems = [problem for _, problem in found if problem]
+        if problems:
+            return problems[0]
+        kinds = [kind for kind, _ in found]
+        if None in kinds or sorted(kinds) == ["clip_g", "clip_l", "t5xxl"]:
+            return None
+        return (f"{', '.join(map(str, names))} hold {' + '.join(kinds)}; TripleCLIPLoader takes SD3's CLIP-L "
+                "(clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)")
+
+    def execute(self, clip_name1: str, clip_name2: str, clip_name3: str) -> tuple[Clip]:
+        from ldm.quant import quantize_
+        from ldm.sd3_text import load_sd3_text_encoders
+        from nodes.sd.loaders import engine_weight_dtypes, shared_model
+
+        names = (clip_name1, clip_name2, clip_name3)
+        paths = [_required_path(TEXT_ENCODERS, name) for name in names]
+        weights = engine_weight_dtypes(self)[1]
+        device, dtype = load_device(self.ctx), device_and_dtype(self.ctx)[1]
+
+        def load() -> Any:
+            loaded = load_sd3_text_encoders(paths, device=device, dtype=dtype)
+            quantize_(loaded.encoder, weights)
+            if loaded.unused_keys:
+                log.warning("%d unused keys, e.g. %s", len(loaded.unused_keys), loaded.unused_keys[:3])
+            return loaded.encoder
+
+        key = ("sd3_text_encoders", tuple((str(p), str(file_fingerprint(p))) for p in paths), str(device),
+               str(dtype), weights)
+        return (Clip(shared_model(self, key, load), "sd3", " + ".join(names)),)
+
+
+class CLIPTextEncodeSD3(Node):
+    """Encodes a prompt for SD3 with a text for each encoder (clip_l, clip_g, t5xxl). empty_padding "none" leaves
+    out the tokens of an empty T5 text (and of the CLIP part, where both CLIP texts are empty); "empty_prompt"
+    encodes empty texts as the empty prompt."""
+
+    category = "advanced/conditioning"
+    clip = Socket("CLIP")
+    clip_l = String("", multiline=True)
+    clip_g = String("", multiline=True)
+    t5xxl = String("", multiline=True)
+    empty_padding = Combo(["none", "empty_prompt"])
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, clip: Clip, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str) -> tuple[list]:
+        if clip.family_name != "sd3":
+            raise ValueError(f"CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint "
+                             f"with them); {clip.source} is {clip.family_name.upper()} (use CLIP Text Encode)")
+        return (_encoded(self, clip, clip_l, lambda encoding: {"pooled_output": encoding.pooled.float().cpu()},
+                         per_encoder={"clip_g": [clip_g], "t5xxl": [t5xxl]}, drop_empty=empty_padding == "none"),)
+
+
+class ModelSamplingSD3(Node):
+    """Samples an SD3 model with the time shift `shift` (3.0 as released; higher spends more steps at high noise)."""
+
+    category = "advanced/model"
+    model = Socket("MODEL")
+    shift = Float(3.0, min=0.0, max=100.0, step=0.01)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, shift: float) -> tuple[DiffusionModel]:
+        from ldm.sampling.flow import SD3FlowSchedule
+
+        if model.family.name != "sd3":
+            raise ValueError(f"ModelSamplingSD3 is for SD3 models; {model.source} is {model.family.name.upper()}")
+        return (replace(model, schedule=SD3FlowSchedule(shift), prediction_type="flow"),)
+
+
+NODES: list[Any] = [TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3]
