@@ -16,6 +16,7 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import FLUX_VAE_SCALE, UNET_PREFIX, VAE_PREFIX, CheckpointError, StateDict
+from ldm.flow_family import FlowFamily
 from ldm.flux import Flux, FluxConfig, axes_from_metadata, flux_config_from_state_dict, is_flux
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
@@ -29,24 +30,13 @@ DEV_SHIFT, SCHNELL_SHIFT = 1.15, 1.0
 
 
 @dataclass(frozen=True)
-class FluxFamily:
-    """What a MODEL value needs to know of a Flux model: the attributes of `ldm.checkpoint.ModelFamily` it reads,
-    with the transformer's config as `unet_config`, flow-matching prediction, and the latent shift."""
+class FluxFamily(FlowFamily):
+    """A Flux model's family: its transformer's config, the Flux latent space, and its default time shift."""
 
     unet_config: FluxConfig
     vae_config: VAEConfig = FLUX_VAE
     name: str = "flux"
-    prediction: str = "flow"
     latent_shift: float = LATENT_SHIFT
-    zero_snr: bool = False
-    edm: tuple[float, float, float] | None = None
-    playground: bool = False
-    unclip: bool = False
-
-    @property
-    def latent_scale_factor(self) -> float:
-        return self.vae_config.scaling_factor
-
     @property
     def variant(self) -> str:
         """"dev" (guidance-distilled: it takes a guidance strength) or "schnell" (timestep-distilled)."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, StateDict
 from ldm.parts import TextEncoderFile, read_text_encoder
-from ldm.t5 import FLUX_MIN_LENGTH, T5Encoder, build_t5, is_t5, t5_config_from_state_dict
+from ldm.t5 import FLUX_MIN_LENGTH, T5Encoder, is_t5, t5_from_weights
 from ldm.text_encoders import TextEncoder, TextEncoding, build_text_encoder, text_encoder_config_from_state_dict
 
 CLIP_PREFIX = "text_encoders.clip_l.transformer."
@@ -90,14 +90,6 @@ def _clip_l(weights: StateDict, name: str, dtype: torch.dtype) -> tuple[TextEnco
         raise CheckpointError(f"{name}: {e}") from None
 
 
-def _t5(weights: StateDict, name: str, dtype: torch.dtype) -> tuple[T5Encoder, set[str]]:
-    try:
-        encoder = build_t5(t5_config_from_state_dict(weights), device="meta", dtype=dtype)
-        return encoder, encoder.load_weights(weights, name)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}") from None
-
-
 def _assemble(clip: TextEncoderFile, t5_weights: StateDict, t5_name: str,
               dtype: torch.dtype) -> tuple[FluxTextEncoder, set[str], set[str]]:
     """(the encoder, the CLIP-L file keys it used or knowingly ignored, the T5 keys it used)."""
@@ -106,7 +98,7 @@ def _assemble(clip: TextEncoderFile, t5_weights: StateDict, t5_name: str,
     # CLIP-L's projection goes unused: Flux takes the pooled state as it is.
     clip_weights = {_SD1_PREFIX + k: v for k, v in clip.weights.items() if k.startswith("text_model.")}
     clip_encoder, clip_used = _clip_l(clip_weights, clip.path.name, dtype)
-    t5_encoder, t5_used = _t5(t5_weights, t5_name, dtype)
+    t5_encoder, t5_used = t5_from_weights(t5_weights, t5_name, dtype)
     clip_keys = ({clip.sources[k[len(_SD1_PREFIX):]] for k in clip_used} | set(clip.ignored)
                  | {clip.sources[k] for k in clip.weights if not k.startswith("text_model.")})
     return FluxTextEncoder(clip_encoder, t5_encoder), clip_keys, t5_used

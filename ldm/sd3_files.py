@@ -17,6 +17,7 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, VAE_PREFIX, CheckpointError, StateDict
+from ldm.flow_family import FlowFamily
 from ldm.mmdit import MMDiT, MMDiTConfig, is_mmdit, mmdit_config_from_state_dict
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import AutoencoderKL, VAEConfig
@@ -27,24 +28,14 @@ DEFAULT_SHIFT = 3.0  # ComfyUI's ModelSamplingSD3 default (diffusers' SD3 schedu
 
 
 @dataclass(frozen=True)
-class SD3Family:
-    """What a MODEL value needs to know of an SD3 model: the attributes of `ldm.checkpoint.ModelFamily` it reads,
-    with the transformer's config as `unet_config`, flow-matching prediction, and the latent shift."""
+class SD3Family(FlowFamily):
+    """An SD3 model's family: its MMDiT's config, the SD3 latent space, and the time shift it samples with."""
 
     unet_config: MMDiTConfig
     vae_config: VAEConfig = SD3_VAE
     name: str = "sd3"
-    prediction: str = "flow"
     latent_shift: float = LATENT_SHIFT
     shift: float = DEFAULT_SHIFT
-    zero_snr: bool = False
-    edm: tuple[float, float, float] | None = None
-    playground: bool = False
-    unclip: bool = False
-
-    @property
-    def latent_scale_factor(self) -> float:
-        return self.vae_config.scaling_factor
 
 
 def is_sd3_file(path: str | Path) -> bool:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, StateDict
 from ldm.parts import TextEncoderFile, read_text_encoder
-from ldm.t5 import T5Encoder, build_t5, is_t5, t5_config_from_state_dict
+from ldm.t5 import T5Encoder, is_t5, t5_from_weights
 from ldm.text_encoders import (
     ClipConfig,
     TextEncoder,
@@ -169,14 +169,6 @@ def _clip(file: TextEncoderFile, kind: str, dtype: torch.dtype) -> tuple[TextEnc
     return encoder, projection, {file.sources[k] for k in weights} | set(file.ignored)
 
 
-def _t5(weights: StateDict, name: str, dtype: torch.dtype) -> tuple[T5Encoder, set[str]]:
-    try:
-        encoder = build_t5(t5_config_from_state_dict(weights), device="meta", dtype=dtype)
-        return encoder, encoder.load_weights(weights, name)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}") from None
-
-
 @dataclass
 class LoadedSD3Text:
     encoder: SD3TextEncoder
@@ -202,7 +194,7 @@ def load_sd3_text_encoders(paths: list[str | Path], device: torch.device | str =
     encoders, projections, unused = {}, {}, []
     for kind, (path, clip) in found.items():
         if clip is None:
-            encoders[kind], used = _t5(files[path], path.name, dtype)
+            encoders[kind], used = t5_from_weights(files[path], path.name, dtype)
         else:
             encoders[kind], projection, used = _clip(clip, kind, dtype)
             projections.update({kind: projection} if projection is not None else {})
@@ -226,7 +218,7 @@ def sd3_text_encoders_from_checkpoint(sd: StateDict, path: Path, device: torch.d
         if not weights:
             continue
         if kind == "t5xxl":
-            encoders[kind], keys = _t5(weights, path.name, dtype)
+            encoders[kind], keys = t5_from_weights(weights, path.name, dtype)
         else:
             encoders[kind], projection, keys = _clip(read_text_encoder(path, weights), kind, dtype)
             projections.update({kind: projection} if projection is not None else {})

@@ -228,16 +228,24 @@ def build_t5(config: T5Config, device: torch.device | str | None = None,
     return encoder.eval().requires_grad_(False)
 
 
+def t5_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -> tuple[T5Encoder, set[str]]:
+    """The T5 encoder a state dict holds (its shape read from the weights), in `dtype`, and the keys it used; a
+    CheckpointError naming `name` when it is not one."""
+    from ldm.checkpoint import CheckpointError
+
+    try:
+        encoder = build_t5(t5_config_from_state_dict(sd), device="meta", dtype=dtype)
+        return encoder, encoder.load_weights(sd, name)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+
+
 def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
             ) -> tuple[T5Encoder, list[str]]:
     """A single-file T5 encoder (transformers' layout, any float dtype) and the keys it did not use."""
-    from ldm.checkpoint import CheckpointError, load_state_dict
+    from ldm.checkpoint import load_state_dict
 
     path = Path(path)
     sd = load_state_dict(path)
-    try:
-        encoder = build_t5(t5_config_from_state_dict(sd), device="meta", dtype=dtype)
-        used = encoder.load_weights(sd, path.name)
-    except ValueError as e:
-        raise CheckpointError(f"{path.name}: {e}") from None
+    encoder, used = t5_from_weights(sd, path.name, dtype)
     return encoder.to(device), sorted(set(sd) - used)

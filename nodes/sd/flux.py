@@ -1,9 +1,7 @@
-"""Flux.1 nodes: its text encoding, guidance, latent and model sampling, and the loading of its text encoders."""
+"""Flux.1 nodes: its text encoding, guidance, latent and model sampling."""
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import replace
 from typing import Any
 
@@ -11,10 +9,8 @@ import torch
 
 from nodes.node import Node
 from nodes.sd.conditioning import MAX_RESOLUTION, _encoded
-from nodes.sd.models import Clip, DiffusionModel, device_and_dtype, file_fingerprint, load_device
+from nodes.sd.models import Clip, DiffusionModel
 from nodes.spec import Float, Int, Output, Socket, String
-
-log = logging.getLogger(__name__)
 
 # The guidance a dev model is given where the prompt names none (ComfyUI's default, and FluxGuidance's).
 DEFAULT_GUIDANCE = 3.5
@@ -117,74 +113,6 @@ class ModelSamplingFlux(Node):
             raise ValueError(f"ModelSamplingFlux is for Flux models; {model.source} is {model.family.name.upper()}")
         shift = resolution_shift(width, height, max_shift, base_shift)
         return (replace(model, schedule=FlowSchedule(shift), prediction_type="flow"),)
-
-
-# --- DualCLIPLoader's type "flux" (nodes.sd.part_loaders calls these) -------------------------------------
-
-@functools.lru_cache(maxsize=64)
-def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
-    """("t5xxl" or a CLIP kind, refusal) of a text-encoder file from its header; (None, None) if it cannot tell."""
-    from safetensors import SafetensorError
-
-    from ldm.checkpoint import CheckpointError, read_shapes
-    from ldm.parts import peek_text_encoder
-    from ldm.t5 import is_t5
-
-    try:
-        shapes = read_shapes(path)
-        if shapes is not None and is_t5(shapes):
-            return "t5xxl", None
-        return peek_text_encoder(path), None
-    except CheckpointError as e:
-        return None, str(e)
-    except (SafetensorError, OSError, ValueError):
-        return None, None
-
-
-def flux_clip_problem(names: tuple[Any, Any]) -> str | None:
-    """Why two text-encoder files are not Flux's pair (CLIP-L and T5-XXL), or None where they are or the headers
-    cannot tell."""
-    from nodes.sd.part_loaders import TEXT_ENCODERS, part_path
-
-    found = []
-    for name in names:
-        path = part_path(TEXT_ENCODERS, str(name))
-        found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
-    problems = [problem for _, problem in found if problem]
-    if problems:
-        return problems[0]
-    kinds = [kind for kind, _ in found]
-    if None in kinds or sorted(kinds) == ["clip_l", "t5xxl"]:
-        return None
-    return (f"{names[0]} and {names[1]} hold {' + '.join(kinds)}; type flux needs one CLIP-L (clip_l) and one "
-            "T5-XXL (t5xxl)")
-
-
-def load_flux_clip(node: Node, names: tuple[str, str], device: str) -> Clip:
-    """Load (or share) Flux's two text-encoder files as one CLIP: on the offload device in the model dtype, or with
-    device "cpu" in float32 on the CPU, pinned there; the engine's --te-weights-dtype applies."""
-    from ldm.flux_text import load_flux_text_encoders
-    from ldm.quant import quantize_
-    from nodes.sd.loaders import engine_weight_dtypes, shared_model
-    from nodes.sd.part_loaders import TEXT_ENCODERS, _required_path
-
-    paths = [_required_path(TEXT_ENCODERS, name) for name in names]
-    weights = engine_weight_dtypes(node)[1]
-    pinned = device == "cpu"
-    target, dtype = (torch.device("cpu"), torch.float32) if pinned else (load_device(node.ctx),
-                                                                          device_and_dtype(node.ctx)[1])
-
-    def load() -> Any:
-        loaded = load_flux_text_encoders(paths, device=target, dtype=dtype)
-        quantize_(loaded.encoder, weights)
-        loaded.encoder.pinned_to_cpu = pinned
-        if loaded.unused_keys:
-            log.warning("%d unused keys, e.g. %s", len(loaded.unused_keys), loaded.unused_keys[:3])
-        return loaded.encoder
-
-    key = ("flux_text_encoders", tuple((str(p), str(file_fingerprint(p))) for p in paths), str(target), str(dtype),
-           weights, pinned)
-    return Clip(shared_model(node, key, load), "flux", " + ".join(names))
 
 
 NODES: list[Any] = [CLIPTextEncodeFlux, FluxGuidance, FluxDisableGuidance, EmptySD3LatentImage, ModelSamplingFlux]

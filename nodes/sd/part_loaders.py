@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +154,18 @@ class UNETLoader(Node):
         return (DiffusionModel(loaded.unet, loaded.family, unet_name, schedule=schedule_of(loaded.family)),)
 
 
-def load_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:
-    """Load (or share) text-encoder files as one CLIP: on the offload device in the model dtype, or with
-    device "cpu" in float32 on the CPU, pinned there; the engine's --te-weights-dtype applies."""
+def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Callable[..., Any] | None = None,
+              family: str | None = None) -> Clip:
+    """Load (or share) text-encoder files as one CLIP with `load_files(paths, device=, dtype=)` (SD's
+    `ldm.parts.load_text_encoders` unless given; a result with `.encoder`, `.unused_keys` and, unless `family`
+    names it, `.family`): on the offload device in the model dtype, or with device "cpu" in float32 on the CPU,
+    pinned there; the engine's --te-weights-dtype applies."""
     import torch
 
     from ldm.parts import load_text_encoders
     from ldm.quant import quantize_
 
+    load_files = load_files or load_text_encoders
     paths = [_required_path(TEXT_ENCODERS, name) for name in names]
     weights = engine_weight_dtypes(node)[1]
     pinned = device == "cpu"
@@ -168,16 +173,52 @@ def load_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:
                                                                           device_and_dtype(node.ctx)[1])
 
     def load() -> Any:
-        loaded = load_text_encoders(paths, device=target, dtype=dtype, pin_to_cpu=pinned)
+        loaded = load_files(paths, device=target, dtype=dtype)
+        loaded.encoder.pinned_to_cpu = pinned  # the engine leaves a pinned encoder on the CPU
         quantize_(loaded.encoder, weights)
         if loaded.unused_keys:
             log.warning("%d unused keys, e.g. %s", len(loaded.unused_keys), loaded.unused_keys[:3])
         return loaded
 
-    key = ("text_encoders", tuple((str(p), str(file_fingerprint(p))) for p in paths), str(target), str(dtype),
-           weights, pinned)
+    key = (load_files.__qualname__, tuple((str(p), str(file_fingerprint(p))) for p in paths), str(target),
+           str(dtype), weights, pinned)
     loaded = shared_model(node, key, load)
-    return Clip(loaded.encoder, loaded.family, " + ".join(names))
+    return Clip(loaded.encoder, family or loaded.family, " + ".join(names))
+
+
+@functools.lru_cache(maxsize=64)
+def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
+    """("t5xxl" or a CLIP kind, refusal) of a text-encoder file from its header; (None, None) if it cannot tell."""
+    from safetensors import SafetensorError
+
+    from ldm.checkpoint import CheckpointError, read_shapes
+    from ldm.parts import peek_text_encoder
+    from ldm.t5 import is_t5
+
+    try:
+        shapes = read_shapes(path)
+        if shapes is not None and is_t5(shapes):
+            return "t5xxl", None
+        return peek_text_encoder(path), None
+    except CheckpointError as e:
+        return None, str(e)
+    except (SafetensorError, OSError, ValueError):
+        return None, None
+
+
+def text_kinds_problem(names: list[Any], wanted: list[str], needs: str) -> str | None:
+    """Why text-encoder files are not the `wanted` kinds (in any order), ending with `needs`; None where they are
+    or their headers cannot tell."""
+    found = []
+    for name in names:
+        path = part_path(TEXT_ENCODERS, str(name))
+        found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
+    problem = next((problem for _, problem in found if problem), None)
+    kinds = [kind for kind, _ in found]
+    if problem or None in kinds or sorted(kinds) == sorted(wanted):
+        return problem
+    return f"{' and '.join(map(str, names)) if len(names) == 2 else ', '.join(map(str, names))} hold " \
+           f"{' + '.join(kinds)}; {needs}"
 
 
 class CLIPLoader(Node):
@@ -236,9 +277,8 @@ class DualCLIPLoader(Node):
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
         if inputs.get("type") == "flux":
-            from nodes.sd.flux import flux_clip_problem
-
-            return flux_clip_problem((inputs.get("clip_name1"), inputs.get("clip_name2")))
+            return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], ["clip_l", "t5xxl"],
+                                      "type flux needs one CLIP-L (clip_l) and one T5-XXL (t5xxl)")
         if inputs.get("type") != "sdxl":
             return _unsupported_type(inputs.get("type"), "sdxl or flux", "SDXL's CLIP-L and OpenCLIP bigG, Flux's "
                                      "CLIP-L and T5-XXL")
@@ -260,9 +300,9 @@ class DualCLIPLoader(Node):
 
     def execute(self, clip_name1: str, clip_name2: str, type: str, device: str = "default") -> tuple[Clip]:
         if type == "flux":
-            from nodes.sd.flux import load_flux_clip
+            from ldm.flux_text import load_flux_text_encoders
 
-            return (load_flux_clip(self, (clip_name1, clip_name2), device),)
+            return (load_clip(self, (clip_name1, clip_name2), device, load_flux_text_encoders, "flux"),)
         if type != "sdxl":
             raise ValueError(_unsupported_type(type, "sdxl or flux", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L "
                                                "and T5-XXL"))

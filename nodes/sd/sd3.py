@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import Any
 
@@ -11,11 +10,9 @@ from torch import nn
 
 from nodes.node import Node
 from nodes.sd.conditioning import _encoded
-from nodes.sd.models import Clip, DiffusionModel, device_and_dtype, file_fingerprint, load_device
-from nodes.sd.part_loaders import TEXT_ENCODERS, _fingerprint, _required_path, part_file
+from nodes.sd.models import Clip, DiffusionModel
+from nodes.sd.part_loaders import TEXT_ENCODERS, _fingerprint, load_clip, part_file, text_kinds_problem
 from nodes.spec import Combo, Float, Output, Socket, String
-
-log = logging.getLogger(__name__)
 
 
 def sd3_y(conditioning: list) -> list:
@@ -64,43 +61,13 @@ class TripleCLIPLoader(Node):
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
         """Files that are not SD3's three (as their headers tell) are refused before anything runs."""
-        from nodes.sd.flux import text_kind
-        from nodes.sd.part_loaders import part_path
-
-        names = [inputs.get(f"clip_name{i}") for i in (1, 2, 3)]
-        found = []
-        for name in names:
-            path = part_path(TEXT_ENCODERS, str(name))
-            found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
-        problems = [problem for _, problem in found if problem]
-        if problems:
-            return problems[0]
-        kinds = [kind for kind, _ in found]
-        if None in kinds or sorted(kinds) == ["clip_g", "clip_l", "t5xxl"]:
-            return None
-        return (f"{', '.join(map(str, names))} hold {' + '.join(kinds)}; TripleCLIPLoader takes SD3's CLIP-L "
-                "(clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)")
+        return text_kinds_problem([inputs.get(f"clip_name{i}") for i in (1, 2, 3)], ["clip_g", "clip_l", "t5xxl"],
+                                  "TripleCLIPLoader takes SD3's CLIP-L (clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)")
 
     def execute(self, clip_name1: str, clip_name2: str, clip_name3: str) -> tuple[Clip]:
-        from ldm.quant import quantize_
         from ldm.sd3_text import load_sd3_text_encoders
-        from nodes.sd.loaders import engine_weight_dtypes, shared_model
 
-        names = (clip_name1, clip_name2, clip_name3)
-        paths = [_required_path(TEXT_ENCODERS, name) for name in names]
-        weights = engine_weight_dtypes(self)[1]
-        device, dtype = load_device(self.ctx), device_and_dtype(self.ctx)[1]
-
-        def load() -> Any:
-            loaded = load_sd3_text_encoders(paths, device=device, dtype=dtype)
-            quantize_(loaded.encoder, weights)
-            if loaded.unused_keys:
-                log.warning("%d unused keys, e.g. %s", len(loaded.unused_keys), loaded.unused_keys[:3])
-            return loaded.encoder
-
-        key = ("sd3_text_encoders", tuple((str(p), str(file_fingerprint(p))) for p in paths), str(device),
-               str(dtype), weights)
-        return (Clip(shared_model(self, key, load), "sd3", " + ".join(names)),)
+        return (load_clip(self, (clip_name1, clip_name2, clip_name3), "default", load_sd3_text_encoders, "sd3"),)
 
 
 class CLIPTextEncodeSD3(Node):
