@@ -135,6 +135,14 @@ _STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "
                "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "lcm_upscale"}
 
 
+# Those of them that also sample rectified-flow models (Flux, SD3), as ComfyUI's do for its CONST models: they
+# take `flow=True` and re-noise a flow latent its own way; the SDE ones step in its half-log-SNR, which is
+# infinite at sigma 1, so they start just below it (ComfyUI's offset_first_sigma_for_snr).
+_FLOW_STOCHASTIC = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+                    "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm"}
+_FLOW_SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
+
+
 # Samplers that take only the ends of the schedule and step between them their own way, downwards.
 _FALLING_ONLY = {"dpm_fast", "dpm_adaptive"}
 
@@ -199,7 +207,8 @@ def _brownian_queries(sampler_name: str, sigmas: list[float], options: dict) -> 
         if sigma_next == 0:
             continue
         if sampler_name == "dpmpp_sde":
-            queries.append((sigma, sigma * math.exp(-math.log(sigma / sigma_next) * options.get("r", 0.5))))
+            queries.append((sigma, samplers.dpmpp_sde_stage_level(sigma, sigma_next, options.get("r", 0.5),
+                                                                  options.get("flow", False))))
         queries.append((sigma, sigma_next))
     return queries
 
@@ -289,10 +298,12 @@ def sample(
     else:
         denoiser = Denoiser(unet, schedule_or_denoiser, prediction)
     schedule = denoiser.schedule
-    if denoiser.prediction == "flow" and sampler_name in _STOCHASTIC:
+    flow = denoiser.prediction == "flow"
+    if flow and sampler_name in _STOCHASTIC - _FLOW_STOCHASTIC:
         # Their fresh noise is added the variance-exploding way (x + sigma * noise), which a flow latent is not.
         raise ValueError(f"{sampler_name} adds noise as SD models take it, not as a rectified-flow model (Flux) "
-                         "does; choose a sampler without noise of its own, such as euler, heun, dpmpp_2m or deis")
+                         "does; choose a sampler without noise of its own, such as euler, heun, dpmpp_2m or deis, "
+                         f"or one that re-noises a flow latent: {', '.join(sorted(_FLOW_STOCHASTIC))}")
 
     if sigmas is None:
         sigmas = compute_sigmas(schedule, scheduler, steps, denoise, sampler_name)
@@ -332,6 +343,14 @@ def sample(
     if module is None and isinstance(unet, torch.nn.Module):
         module = unet
     options = dict(sampler_options or {})
+    if flow and sampler_name in _FLOW_STOCHASTIC:
+        options["flow"] = True
+    if flow and sampler_name in _FLOW_SDE and float(sigmas[0]) >= 1:
+        # The Brownian tree below still spans the schedule as given (ComfyUI builds it before the offset).
+        sampler_sigmas = sigmas.clone()
+        sampler_sigmas[0] = schedule.sigma_at_percent(1e-4)
+    else:
+        sampler_sigmas = sigmas
     if sampler_name in RESIZING_SAMPLERS:
         positive, negative = _areas_as_fractions(positive, latent), _areas_as_fractions(negative, latent)
         if dual is not None:
@@ -378,8 +397,8 @@ def sample(
     if sampler_name in _BROWNIAN and "noise_sampler" not in options:
         positive_sigmas = sigmas[sigmas > 0]
         tree = BrownianTreeNoiseSampler(x, float(positive_sigmas.min()), float(positive_sigmas.max()), seed)
-        prefetcher = PrefetchingNoiseSampler(tree.cpu_increment, _brownian_queries(sampler_name, sigmas.tolist(),
-                                                                                   options), x.device, x.dtype)
+        prefetcher = PrefetchingNoiseSampler(tree.cpu_increment, _brownian_queries(
+            sampler_name, sampler_sigmas.tolist(), options), x.device, x.dtype)
         options["noise_sampler"] = prefetcher
     elif sampler_name in _DRAW_AHEAD and "noise_sampler" not in options:
         levels = sigmas.tolist()
@@ -395,7 +414,7 @@ def sample(
         options["tau_func"] = samplers_stochastic.sa_solver_tau(schedule.sigma_at_percent(0.2),
                                                                 schedule.sigma_at_percent(0.8))
     try:
-        x = sampler(model, x, sigmas, callback=on_step, **options)
+        x = sampler(model, x, sampler_sigmas, callback=on_step, **options)
     finally:
         if prefetcher is not None:
             prefetcher.close()

@@ -53,6 +53,28 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
     return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
 
+def get_ancestral_step_rf(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float, float]:
+    """The ancestral step of a rectified-flow latent `(1 - sigma) x0 + sigma noise` (ComfyUI's "_RF" samplers):
+    a deterministic step down to `sigma_down = sigma_to * (1 + (sigma_to / sigma_from - 1) * eta)`, then the latent
+    times `scale = (1 - sigma_to) / (1 - sigma_down)` plus fresh noise of standard deviation `sigma_up`, which puts
+    it back at `sigma_to`. Returns (sigma_down, sigma_up, scale)."""
+    if not eta or sigma_to == 0:
+        return sigma_to, 0.0, 1.0
+    sigma_down = sigma_to * (1 + (sigma_to / sigma_from - 1) * eta)
+    scale = (1 - sigma_to) / (1 - sigma_down)
+    return sigma_down, max(0.0, sigma_to**2 - (sigma_down * scale) ** 2) ** 0.5, scale
+
+
+def _ancestral(sigma_from: float, sigma_to: float, eta: float, flow: bool) -> tuple[float, float, float]:
+    """(sigma_down, sigma_up, scale) of an ancestral step: the fresh noise is added to `scale * x`."""
+    return get_ancestral_step_rf(sigma_from, sigma_to, eta) if flow else (*get_ancestral_step(sigma_from, sigma_to,
+                                                                                                eta), 1.0)
+
+
+def _renoise(x: Tensor, scale: float, noise: Tensor, std: float) -> Tensor:
+    return torch.add(x if scale == 1.0 else x * scale, noise, alpha=std)
+
+
 def unseeded_noise_sampler(x: Tensor) -> NoiseSampler:
     return lambda sigma, sigma_next: torch.randn_like(x)
 
@@ -123,17 +145,19 @@ def sample_euler_ancestral(
     eta: float = 1.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
+    flow: bool = False,
 ) -> Tensor:
-    """Ancestral sampling with Euler steps (k-diffusion). Equals DDIM with the same eta."""
+    """Ancestral sampling with Euler steps (k-diffusion). Equals DDIM with the same eta. `flow`: the latent is a
+    rectified-flow one, re-noised as `get_ancestral_step_rf` says."""
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
-        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up, scale = _ancestral(s[i], s[i + 1], eta, flow)
         _report(callback, i, x, s[i], s[i], denoised)
         x = euler_step(x, s[i], denoised, sigma_down)
         if s[i + 1] > 0 and sigma_up > 0:
-            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * sigma_up)
+            x = _renoise(x, scale, noise_sampler(s[i], s[i + 1]), s_noise * sigma_up)
     return x
 
 
@@ -216,17 +240,18 @@ def sample_dpm_2_ancestral(
     eta: float = 1.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
+    flow: bool = False,
 ) -> Tensor:
-    """Ancestral sampling with DPM-Solver-2 (Lu et al. 2022) steps."""
+    """Ancestral sampling with DPM-Solver-2 (Lu et al. 2022) steps (`flow`: as in `sample_euler_ancestral`)."""
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
-        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up, scale = _ancestral(s[i], s[i + 1], eta, flow)
         _report(callback, i, x, s[i], s[i], denoised)
         x = _midpoint_step(model, x, s[i], denoised, sigma_down, extra_args)
         if sigma_down != 0:
-            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * sigma_up)
+            x = _renoise(x, scale, noise_sampler(s[i], s[i + 1]), s_noise * sigma_up)
     return x
 
 
@@ -288,26 +313,48 @@ def sample_dpmpp_2s_ancestral(
     eta: float = 1.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
+    flow: bool = False,
 ) -> Tensor:
-    """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, "DPM-Solver++", Algorithm 1)."""
+    """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, "DPM-Solver++", Algorithm 1). `flow`: as in
+    `sample_euler_ancestral`, with the half step in the flow's half-log-SNR log((1 - sigma) / sigma)."""
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
-        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        sigma_down, sigma_up, scale = _ancestral(s[i], s[i + 1], eta, flow)
         _report(callback, i, x, s[i], s[i], denoised)
         if sigma_down == 0:
             x = euler_step(x, s[i], denoised, sigma_down)
         else:
-            # Half step in log-sigma (t = -log sigma), then the full step from the midpoint's x0.
+            # Half step in log-SNR (t = -log sigma), then the full step from the midpoint's x0.
             # The DPM-Solver++ first-order update (sigma'/sigma) x - expm1(-h) x0 is the Euler step.
-            sigma_mid = (s[i] * sigma_down) ** 0.5
+            if not flow:
+                sigma_mid = (s[i] * sigma_down) ** 0.5
+            elif s[i] >= 1:  # pure noise has no finite log-SNR: a level just below it (ComfyUI's)
+                sigma_mid = 0.9999
+            else:
+                sigma_mid = 1 / (1 + ((1 - s[i]) / s[i] * (1 - sigma_down) / sigma_down) ** 0.5)
             x_2 = euler_step(x, s[i], denoised, sigma_mid)
             denoised_2 = _call(model, x_2, sigma_mid, extra_args)
             x = euler_step(x, s[i], denoised_2, sigma_down)
-        if s[i + 1] > 0:
-            x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * sigma_up)
+        if s[i + 1] > 0 and (sigma_up > 0 or not flow):
+            x = _renoise(x, scale, noise_sampler(s[i], s[i + 1]), s_noise * sigma_up)
     return x
+
+
+def half_log_snr(sigma: float, flow: bool) -> float:
+    """log(alpha / sigma), the time the exponential integrators step in: -log(sigma) for a latent x0 + sigma noise,
+    log((1 - sigma) / sigma) for a rectified-flow one (1 - sigma) x0 + sigma noise."""
+    return math.log((1 - sigma) / sigma) if flow else -math.log(sigma)
+
+
+def dpmpp_sde_stage_level(sigma: float, sigma_next: float, r: float, flow: bool) -> float:
+    """The level of DPM-Solver++ SDE's intermediate stage, a fraction `r` of the step in half-log-SNR (also where
+    the KSampler's Brownian tree is asked for its noise, so computed here once for both)."""
+    if not flow:
+        return sigma * math.exp(-math.log(sigma / sigma_next) * r)
+    lam = half_log_snr(sigma, True) + r * (half_log_snr(sigma_next, True) - half_log_snr(sigma, True))
+    return 1 / (1 + math.exp(lam))
 
 
 def _brownian(
@@ -333,8 +380,11 @@ def sample_dpmpp_sde(
     noise_sampler: NoiseSampler | None = None,
     r: float = 0.5,
     seed: int | None = None,
+    flow: bool = False,
 ) -> Tensor:
-    """DPM-Solver++ (stochastic, second order, single step; k-diffusion), with Brownian tree noise."""
+    """DPM-Solver++ (stochastic, second order, single step; k-diffusion), with Brownian tree noise. `flow`: a
+    rectified-flow latent x = alpha x0 + sigma noise (alpha = 1 - sigma), whose x / alpha is a latent of level
+    sigma / alpha in the form the steps take; each stage steps that, then scales back by its level's alpha."""
     s = sigmas.tolist()
     noise_sampler = _brownian(x, s, noise_sampler, seed)
     for i in range(len(s) - 1):
@@ -343,18 +393,22 @@ def sample_dpmpp_sde(
         if s[i + 1] == 0:
             x = euler_step(x, s[i], denoised, s[i + 1])
             continue
-        h = math.log(s[i] / s[i + 1])
-        sigma_s = s[i] * math.exp(-h * r)
+        sigma_s = dpmpp_sde_stage_level(s[i], s[i + 1], r, flow)
+        # x / alpha and the levels sigma / alpha: the same numbers but for a flow latent.
+        alpha, alpha_s, alpha_next = (1 - s[i], 1 - sigma_s, 1 - s[i + 1]) if flow else (1.0, 1.0, 1.0)
+        x_hat = x / alpha if flow else x
+        level, level_s, level_next = s[i] / alpha, sigma_s / alpha_s, s[i + 1] / alpha_next
         # Step 1: ancestral step to the intermediate level sigma_s.
-        sd, su = get_ancestral_step(s[i], sigma_s, eta)
-        x_2 = euler_step(x, s[i], denoised, sd)
+        sd, su = get_ancestral_step(level, level_s, eta)
+        x_2 = euler_step(x_hat, level, denoised, sd)
         x_2 = torch.add(x_2, noise_sampler(s[i], sigma_s), alpha=s_noise * su)
-        denoised_2 = _call(model, x_2, sigma_s, extra_args)
+        denoised_2 = _call(model, x_2 * alpha_s if flow else x_2, sigma_s, extra_args)
         # Step 2: ancestral step to sigma_next with the blended x0 estimate.
-        sd, su = get_ancestral_step(s[i], s[i + 1], eta)
+        sd, su = get_ancestral_step(level, level_next, eta)
         fac = 1 / (2 * r)
-        x = euler_step(x, s[i], torch.lerp(denoised, denoised_2, fac), sd)
+        x = euler_step(x_hat, level, torch.lerp(denoised, denoised_2, fac), sd)
         x = torch.add(x, noise_sampler(s[i], s[i + 1]), alpha=s_noise * su)
+        x = x * alpha_next if flow else x
     return x
 
 
