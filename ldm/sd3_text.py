@@ -176,8 +176,9 @@ class LoadedSD3Text:
 
 
 def load_sd3_text_encoders(paths: list[str | Path], device: torch.device | str = "cpu",
-                           dtype: torch.dtype = torch.float32) -> LoadedSD3Text:
-    """A CLIP-L, a CLIP-G and a T5-XXL file, in any order (TripleCLIPLoader's), as one SD3TextEncoder."""
+                           dtype: torch.dtype = torch.float32, complete: bool = True) -> LoadedSD3Text:
+    """A CLIP-L, a CLIP-G and a T5-XXL file, in any order (TripleCLIPLoader's), as one SD3TextEncoder;
+    `complete=False` takes any of them, one file of each kind at most (the absent ones encode as zeros)."""
     paths = [Path(p) for p in paths]
     files = {path: ckpt.load_state_dict(path) for path in paths}
     found: dict[str, tuple[Path, TextEncoderFile | None]] = {}
@@ -188,7 +189,7 @@ def load_sd3_text_encoders(paths: list[str | Path], device: torch.device | str =
             held = " + ".join([*(found[k][0].name + f" ({k})" for k in found), f"{path.name} ({kind})"])
             raise CheckpointError(f"SD3 takes one CLIP-L (clip_l), one CLIP-G (clip_g) and one T5-XXL file; {held}")
         found[kind] = (path, clip)
-    if set(found) != set(PREFIXES):
+    if complete and set(found) != set(PREFIXES):
         raise CheckpointError(f"{' and '.join(p.name for p in paths)}: SD3 takes CLIP-L, CLIP-G and T5-XXL files; "
                               f"{', '.join(sorted(set(PREFIXES) - set(found)))} missing")
     encoders, projections, unused = {}, {}, []
@@ -199,8 +200,14 @@ def load_sd3_text_encoders(paths: list[str | Path], device: torch.device | str =
             encoders[kind], projection, used = _clip(clip, kind, dtype)
             projections.update({kind: projection} if projection is not None else {})
         unused += [f"{path.name}: {k}" for k in files[path] if k not in used]
-    encoder = SD3TextEncoder(encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"], projections)
+    encoder = SD3TextEncoder(encoders.get("clip_l"), encoders.get("clip_g"), encoders.get("t5xxl"), projections)
     return LoadedSD3Text(encoder.to(device).eval(), sorted(unused))
+
+
+def load_some_sd3_text_encoders(paths: list[str | Path], device: torch.device | str = "cpu",
+                                dtype: torch.dtype = torch.float32) -> LoadedSD3Text:
+    """One or two of SD3's text-encoder files (DualCLIPLoader's and CLIPLoader's type sd3), the others absent."""
+    return load_sd3_text_encoders(paths, device, dtype, complete=False)
 
 
 def has_sd3_text_encoders(sd: StateDict) -> bool:

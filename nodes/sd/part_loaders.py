@@ -74,10 +74,11 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
     from ldm.checkpoint import CheckpointError
     from ldm.flux_files import peek_flux
     from ldm.parts import peek_text_encoder, peek_unet
+    from ldm.sd3_unet import peek_sd3
 
     try:
         if part == "unet":
-            family = peek_flux(path) or peek_unet(path)
+            family = peek_flux(path) or peek_sd3(path) or peek_unet(path)
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -103,9 +104,10 @@ def _unsupported_type(value: Any, supported: str, loads: str) -> str:
 
 
 class UNETLoader(Node):
-    """Loads a UNet-only file (SD1.x, SD2.x, SDXL or the SDXL refiner; LDM or diffusers layout), or a Flux.1
-    diffusion model (Black Forest Labs' layout), from models/diffusion_models or models/unet. fp8 weight_dtypes store
-    the weights in fp8 (e4m3)."""
+    """Loads a UNet-only file (SD1.x, SD2.x, SDXL or the SDXL refiner; LDM or diffusers layout), a Flux.1
+    diffusion model (Black Forest Labs' layout) or an SD3/SD3.5 transformer (Stability's layout, with or without
+    `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. fp8 weight_dtypes
+    store the weights in fp8 (e4m3)."""
 
     display_name = "Load Diffusion Model"
     category = "advanced/loaders"
@@ -134,6 +136,7 @@ class UNETLoader(Node):
         from ldm.flux_files import is_flux_file, load_flux_unet
         from ldm.parts import load_unet
         from ldm.quant import quantize_
+        from ldm.sd3_unet import is_sd3_unet_file, load_sd3_unet
 
         if weight_dtype == "fp8_e5m2":
             raise ValueError(_E5M2)
@@ -143,7 +146,8 @@ class UNETLoader(Node):
         device = load_device(self.ctx)
 
         def load() -> Any:
-            loaded = (load_flux_unet if is_flux_file(path) else load_unet)(path, device=device, dtype=dtype)
+            loader = load_flux_unet if is_flux_file(path) else load_sd3_unet if is_sd3_unet_file(path) else load_unet
+            loaded = loader(path, device=device, dtype=dtype)
             quantize_(loaded.unet, weights)
             if loaded.unused_keys:
                 log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
@@ -206,30 +210,48 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
         return None, None
 
 
-def text_kinds_problem(names: list[Any], wanted: list[str], needs: str) -> str | None:
-    """Why text-encoder files are not the `wanted` kinds (in any order), ending with `needs`; None where they are
-    or their headers cannot tell."""
+def text_kinds_problem(names: list[Any], wanted: list[str], needs: str, some: bool = False) -> str | None:
+    """Why text-encoder files are not the `wanted` kinds (in any order; with `some`, distinct kinds among them),
+    ending with `needs`; None where they are or their headers cannot tell."""
     found = []
     for name in names:
         path = part_path(TEXT_ENCODERS, str(name))
         found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
     problem = next((problem for _, problem in found if problem), None)
     kinds = [kind for kind, _ in found]
-    if problem or None in kinds or sorted(kinds) == sorted(wanted):
+    fits = len(set(kinds)) == len(kinds) and set(kinds) <= set(wanted) if some else sorted(kinds) == sorted(wanted)
+    if problem or None in kinds or fits:
         return problem
     return f"{' and '.join(map(str, names)) if len(names) == 2 else ', '.join(map(str, names))} hold " \
            f"{' + '.join(kinds)}; {needs}"
 
 
+_SD3_KINDS = ["clip_l", "clip_g", "t5xxl"]
+
+
+def _sd3_problem(names: list[Any], needs: str) -> str | None:
+    return text_kinds_problem(names, _SD3_KINDS, f"{needs} of SD3's CLIP-L (clip_l), CLIP-G (clip_g) and T5-XXL "
+                              "(t5xxl)", some=True)
+
+
+def _sd3_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:
+    """SD3's text encoders from some of its files, the others absent (their parts zeros, as in ComfyUI)."""
+    from ldm.sd3_text import load_some_sd3_text_encoders
+
+    return load_clip(node, names, device, load_some_sd3_text_encoders, "sd3")
+
+
 class CLIPLoader(Node):
     """Loads one text-encoder file from models/text_encoders or models/clip. With type stable_diffusion: SD1.x's
     CLIP-L, SD2.x's OpenCLIP-H or the SDXL refiner's OpenCLIP bigG, told apart by the file (transformers' CLIPTextModel
-    layout, or OpenCLIP's). The other types are other model families' text encoders, which Loom refuses."""
+    layout, or OpenCLIP's); with type sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL, the other two absent. The other
+    types are other model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
     clip_name = part_file(TEXT_ENCODERS)
-    type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which)")
+    type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
+                                     "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -240,32 +262,41 @@ class CLIPLoader(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("type") == "sd3":
+            return _sd3_problem([inputs.get("clip_name")], "type sd3 takes one")
         if inputs.get("type") != "stable_diffusion":
-            return _unsupported_type(inputs.get("type"), "stable_diffusion", "SD1.x, SD2.x and the SDXL refiner; "
-                                     "DualCLIPLoader's sdxl for SDXL")
+            return _unsupported_type(inputs.get("type"), "stable_diffusion or sd3", "SD1.x, SD2.x and the SDXL "
+                                     "refiner, one of SD3's; DualCLIPLoader's sdxl for SDXL")
         return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        if inputs.get("type") == "sd3":
+            return {0: {"family": "sd3"}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
         return {} if family is None else {0: {"family": family}}
 
     def execute(self, clip_name: str, type: str, device: str = "default") -> tuple[Clip]:
+        if type == "sd3":
+            return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":
-            raise ValueError(_unsupported_type(type, "stable_diffusion", "SD1.x, SD2.x and the SDXL refiner"))
+            raise ValueError(_unsupported_type(type, "stable_diffusion or sd3", "SD1.x, SD2.x and the SDXL refiner, "
+                                               "one of SD3's"))
         return (load_clip(self, (clip_name,), device),)
 
 
 class DualCLIPLoader(Node):
     """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG; with type flux,
-    Flux.1's CLIP-L and T5-XXL (in either order) from models/text_encoders or models/clip. The other types are
-    other model families', which Loom refuses."""
+    Flux.1's CLIP-L and T5-XXL; with type sd3, two of SD3's CLIP-L, CLIP-G and T5-XXL, the third absent (in either
+    order) from models/text_encoders or models/clip. The other types are other model families', which Loom
+    refuses."""
 
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
     clip_name1 = part_file(TEXT_ENCODERS)
     clip_name2 = part_file(TEXT_ENCODERS)
-    type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG; flux: Flux's CLIP-L and T5-XXL")
+    type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG; flux: Flux's CLIP-L and T5-XXL; "
+                                          "sd3: two of SD3's CLIP-L, CLIP-G and T5-XXL")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoders on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -279,9 +310,11 @@ class DualCLIPLoader(Node):
         if inputs.get("type") == "flux":
             return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], ["clip_l", "t5xxl"],
                                       "type flux needs one CLIP-L (clip_l) and one T5-XXL (t5xxl)")
+        if inputs.get("type") == "sd3":
+            return _sd3_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], "type sd3 takes two")
         if inputs.get("type") != "sdxl":
-            return _unsupported_type(inputs.get("type"), "sdxl or flux", "SDXL's CLIP-L and OpenCLIP bigG, Flux's "
-                                     "CLIP-L and T5-XXL")
+            return _unsupported_type(inputs.get("type"), "sdxl, flux or sd3", "SDXL's CLIP-L and OpenCLIP bigG, "
+                                     "Flux's CLIP-L and T5-XXL, two of SD3's")
         found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
         refusal = next((problem for _, problem in found if problem), None)
         kinds = [kind for kind, _ in found]
@@ -292,8 +325,8 @@ class DualCLIPLoader(Node):
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if inputs.get("type") == "flux":
-            return {0: {"family": "flux"}}
+        if inputs.get("type") in ("flux", "sd3"):
+            return {0: {"family": inputs["type"]}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
                                for name in ("clip_name1", "clip_name2")])
         return {} if family is None else {0: {"family": family}}
@@ -303,9 +336,11 @@ class DualCLIPLoader(Node):
             from ldm.flux_text import load_flux_text_encoders
 
             return (load_clip(self, (clip_name1, clip_name2), device, load_flux_text_encoders, "flux"),)
+        if type == "sd3":
+            return (_sd3_clip(self, (clip_name1, clip_name2), device),)
         if type != "sdxl":
-            raise ValueError(_unsupported_type(type, "sdxl or flux", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L "
-                                               "and T5-XXL"))
+            raise ValueError(_unsupported_type(type, "sdxl, flux or sd3", "SDXL's CLIP-L and OpenCLIP bigG, Flux's "
+                                               "CLIP-L and T5-XXL, two of SD3's"))
         return (load_clip(self, (clip_name1, clip_name2), device),)
 
 

@@ -163,7 +163,8 @@ def test_a_comfyui_editor_workflow_fills_the_widgets_in_comfyuis_order(engine):
 
 
 REFUSED = {
-    "sd3 type": (clip_loader("sd1-clip_l.safetensors", "sd3"), "type 'sd3' is for a model family"),
+    "stable_cascade type": (clip_loader("sd1-clip_l.safetensors", "stable_cascade"),
+                            "type 'stable_cascade' is for a model family"),
     "flux type with SDXL's files": (dual_clip_loader("sdxl-clip_l.safetensors", "sdxl-clip_g.safetensors", "flux"),
                                     "hold clip_l + clip_g; type flux needs one CLIP-L (clip_l) and one T5-XXL"),
     "fp8_e5m2": (None, "Loom stores fp8 weights as e4m3 only"),
