@@ -5,7 +5,7 @@ attention-processor and text-encoder layouts), the LyCORIS kinds people download
 LyCORIS library read them: LoCon (conv kernels, with an optional Tucker `lora_mid`), LoHa (Hadamard product of two
 low-rank products), LoKr (Kronecker product), full-weight differences (`diff`, `diff_b`, `w_norm`, `b_norm`), each
 optionally with DoRA's magnitude vector (`dora_scale`). Flux's names, and diffusers' parts of its fused layers, are
-ldm.lora_flux's.
+ldm.lora_flux's; SD3's ldm.lora_sd3's.
 """
 
 from __future__ import annotations
@@ -355,16 +355,22 @@ def _index(module: nn.Module) -> dict[str, str]:
                     index["lora_unet_" + diffusers.replace(".", "_")] = path
                     index.update(dict.fromkeys(_diffusers_names(diffusers), path))
         return index
-    from ldm import lora_flux  # it builds on this module
+    from ldm import lora_flux, lora_sd3  # they build on this module
     from ldm.flux_text import FluxTextEncoder
+    from ldm.mmdit import MMDiT
+    from ldm.sd3_text import SD3TextEncoder
 
     if isinstance(module, Flux):
         return lora_flux.flux_index(module)
     if isinstance(module, FluxTextEncoder):
         return lora_flux.flux_text_index(module)
+    if isinstance(module, MMDiT):
+        return lora_sd3.sd3_index(module)
+    if isinstance(module, SD3TextEncoder):
+        return lora_sd3.sd3_text_index(module)
     encoders = getattr(module, "encoders", None)
     if not isinstance(encoders, nn.ModuleDict):
-        raise TypeError(f"LoRA applies to a UNetModel or a TextEncoder, not {type(module).__name__}")
+        raise TypeError(f"LoRA applies to a diffusion model or a text encoder, not {type(module).__name__}")
     two = len(encoders) == 2  # SDXL: CLIP-L is kohya's te1 / diffusers' text_encoder, bigG te2 / _2
     for i, (name, encoder) in enumerate(encoders.items()):
         kohya = f"lora_te{i + 1}_" if two else "lora_te_"
@@ -378,9 +384,12 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
-    """Names of parts of fused layers (a Flux transformer's, in diffusers' layout) -> their slots."""
-    from ldm import lora_flux
+    """Names of parts of fused layers (a Flux or SD3 transformer's, in diffusers' layout) -> their slots."""
+    from ldm import lora_flux, lora_sd3
+    from ldm.mmdit import MMDiT
 
+    if isinstance(module, MMDiT):
+        return lora_sd3.sd3_slots(module)
     return lora_flux.flux_slots(module) if isinstance(module, Flux) else {}
 
 
@@ -489,15 +498,21 @@ def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Modul
 
 _CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Block names only Flux has: BFL's (kohya's flattened, ComfyUI's dotted) and diffusers' single-stream blocks. A
-# diffusers file of double blocks alone is not told apart (SD3's transformer_blocks are named alike).
+# diffusers file of double blocks alone is told from SD3's by ldm.lora_sd3.transformer_family (or not at all).
 _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
 
 
 def lora_family(lora: Lora) -> str | None:
-    """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux"), None when its keys do not tell."""
+    """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3"), None when its keys do not tell.
+    (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
+    from ldm.lora_sd3 import transformer_family
+
     names = lora.weights.keys()
     if any(_FLUX_NAME.search(n) for n in names):
         return "flux"
+    transformer = transformer_family(lora.weights)
+    if transformer is not None:
+        return transformer
     if any(n.startswith(("lora_te2_", "text_encoder_2.")) or "add_embedding" in n or "label_emb" in n
            for n in names):
         return "sdxl"

@@ -90,7 +90,7 @@ _OUTER = {
 }
 
 
-def _diffusers_spellings(name: str) -> list[str]:
+def diffusers_spellings(name: str) -> list[str]:
     """The spellings ComfyUI reads: PEFT's (`transformer.` prefix), DiffSynth's (none), and the flattened names of
     OneTrainer (`lora_transformer_`) and SimpleTuner's LyCORIS files (`lycoris_`)."""
     flat = name.replace(".", "_")
@@ -133,14 +133,14 @@ def flux_index(model: Flux) -> dict[str, str]:
             index.update({"lora_unet_" + flat: path, "lycoris_" + flat: path, "diffusion_model." + path: path})
     for name, target in _diffusers_targets(model).items():
         if isinstance(target, str):
-            index.update(dict.fromkeys(_diffusers_spellings(name), target))
+            index.update(dict.fromkeys(diffusers_spellings(name), target))
     return index
 
 
 def flux_slots(model: Flux) -> dict[str, Slot]:
     """Names of the parts of fused layers (and of diffusers' swapped final modulation) -> their slots."""
     return {**_bfl_slots(model), **{spelling: target for name, target in _diffusers_targets(model).items()
-                                    if isinstance(target, Slot) for spelling in _diffusers_spellings(name)}}
+                                    if isinstance(target, Slot) for spelling in diffusers_spellings(name)}}
 
 
 def flux_text_index(encoder: nn.Module) -> dict[str, str]:
