@@ -123,24 +123,36 @@ def _bfl_slots(model: Flux) -> dict[str, Slot]:
             for i in range(model.config.depth_single_blocks)}
 
 
-def flux_index(model: Flux) -> dict[str, str]:
-    """Every name a LoRA file may give a whole layer of `model` -> its path: kohya's (`lora_unet_` + BFL's path
-    flattened), BFL's/ComfyUI's (`diffusion_model.`), LyCORIS', and diffusers' for layers diffusers does not split."""
+def transformer_index(model: nn.Module, targets: dict[str, str | Slot],
+                      layers: tuple[type[nn.Module], ...] = (nn.Linear,)) -> dict[str, str]:
+    """Every name a LoRA file may give a whole layer of a transformer -> its path: kohya's (`lora_unet_` + the path
+    in the model file's layout, flattened), the model file's own (`diffusion_model.`), LyCORIS', and diffusers' for
+    the layers diffusers does not split (`targets`: diffusers' names -> a path, or the Slot of a split part)."""
     index: dict[str, str] = {}
     for path, layer in model.named_modules():
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, layers):
             flat = path.replace(".", "_")
             index.update({"lora_unet_" + flat: path, "lycoris_" + flat: path, "diffusion_model." + path: path})
-    for name, target in _diffusers_targets(model).items():
+    for name, target in targets.items():
         if isinstance(target, str):
             index.update(dict.fromkeys(diffusers_spellings(name), target))
     return index
 
 
+def diffusers_slots(targets: dict[str, str | Slot]) -> dict[str, Slot]:
+    """Every spelling of diffusers' names for the parts of fused layers (`targets`' Slots) -> their slots."""
+    return {spelling: target for name, target in targets.items() if isinstance(target, Slot)
+            for spelling in diffusers_spellings(name)}
+
+
+def flux_index(model: Flux) -> dict[str, str]:
+    """Every name a LoRA file may give a whole layer of a Flux transformer (BFL's names) -> its path."""
+    return transformer_index(model, _diffusers_targets(model))
+
+
 def flux_slots(model: Flux) -> dict[str, Slot]:
     """Names of the parts of fused layers (and of diffusers' swapped final modulation) -> their slots."""
-    return {**_bfl_slots(model), **{spelling: target for name, target in _diffusers_targets(model).items()
-                                    if isinstance(target, Slot) for spelling in diffusers_spellings(name)}}
+    return {**_bfl_slots(model), **diffusers_slots(_diffusers_targets(model))}
 
 
 def flux_text_index(encoder: nn.Module) -> dict[str, str]:

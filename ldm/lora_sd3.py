@@ -19,7 +19,7 @@ import re
 
 from torch import nn
 
-from ldm.lora_flux import Slot, diffusers_spellings
+from ldm.lora_flux import Slot, diffusers_slots, transformer_index
 from ldm.mmdit import MMDiT
 
 _OUTER = {
@@ -63,23 +63,13 @@ def _diffusers_targets(model: MMDiT) -> dict[str, str | Slot]:
 
 
 def sd3_index(model: MMDiT) -> dict[str, str]:
-    """Every name a LoRA file may give a whole layer of `model` -> its path: kohya's (`lora_unet_` + Stability's
-    path flattened), Stability's/ComfyUI's (`diffusion_model.`), LyCORIS', and diffusers' unsplit layers."""
-    index: dict[str, str] = {}
-    for path, layer in model.named_modules():
-        if isinstance(layer, nn.Linear | nn.Conv2d):
-            flat = path.replace(".", "_")
-            index.update({"lora_unet_" + flat: path, "lycoris_" + flat: path, "diffusion_model." + path: path})
-    for name, target in _diffusers_targets(model).items():
-        if isinstance(target, str):
-            index.update(dict.fromkeys(diffusers_spellings(name), target))
-    return index
+    """Every name a LoRA file may give a whole layer of an MMDiT (Stability's names) -> its path."""
+    return transformer_index(model, _diffusers_targets(model), (nn.Linear, nn.Conv2d))
 
 
 def sd3_slots(model: MMDiT) -> dict[str, Slot]:
     """diffusers' names of the parts of fused layers (and of the swapped modulations) -> their slots."""
-    return {spelling: target for name, target in _diffusers_targets(model).items() if isinstance(target, Slot)
-            for spelling in diffusers_spellings(name)}
+    return diffusers_slots(_diffusers_targets(model))
 
 
 def sd3_text_index(encoder: nn.Module) -> dict[str, str]:
