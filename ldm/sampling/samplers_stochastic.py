@@ -6,7 +6,9 @@ the papers' alpha_t is 1 and their half log-SNR is lambda = -log(sigma). Step co
 from the sigmas as Python floats, so that a step is one weighted sum of tensors. Switched to no noise (s_noise = 0,
 eta = 0 or a noise scaler of x) each is a deterministic solver of the probability-flow ODE. The last step, into
 sigma = 0, returns the denoised prediction. Their noise is fresh at every draw (`noise_sampler`), as in ComfyUI,
-which uses no Brownian tree for them.
+which uses no Brownian tree for them. With `flow` each runs on a rectified-flow latent (1 - sigma) x0 + sigma noise
+the way ComfyUI's do on its CONST models: the same steps in the flow's half-log-SNR log((1 - sigma) / sigma), with
+the papers' alpha_t = 1 - sigma, which is the variance-exploding solver run on x / alpha at levels sigma / alpha.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import torch
 from torch import Tensor
 
 from ldm.sampling.noise import NoiseSampler
-from ldm.sampling.samplers import Callback, Model, _call, _report, linear_combination, unseeded_noise_sampler
+from ldm.sampling.samplers import (
+    Callback,
+    Model,
+    _call,
+    _report,
+    half_log_snr,
+    linear_combination,
+    unseeded_noise_sampler,
+)
 from ldm.sampling.schedules import DiscreteSchedule
 
 NoiseScaler = Callable[[Tensor], Tensor]
@@ -82,19 +92,24 @@ def sample_er_sde(
     noise_sampler: NoiseSampler | None = None,
     noise_scaler: NoiseScaler | None = None,
     max_stage: int = 3,
+    flow: bool = False,
 ) -> Tensor:
     """ER-SDE-Solver-3 (Cui et al. 2024, "Elucidating the Solution Space of Extended Reverse-Time SDE for
     Diffusion Models", in VE form): the exact solution of the linear part of the SDE that `noise_scaler`
     picks (default: the paper's, `er_sde_noise_scaler()`), with x0 expanded to second order in sigma through
     divided differences of the last three predictions (`max_stage` 1 to 3 caps the order; lower while they
-    accumulate), plus noise of variance sigma_next^2 - r^2 sigma^2 times `s_noise`^2 (0 for the ODE scaler)."""
+    accumulate), plus noise of variance sigma_next^2 - r^2 sigma^2 times `s_noise`^2 (0 for the ODE scaler).
+    `flow`: a rectified-flow latent x = alpha x_ve (alpha = 1 - sigma), stepped as x_ve at levels sigma / alpha
+    (ComfyUI's for CONST models; sigma below 1)."""
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     noise_scaler = noise_scaler or er_sde_noise_scaler()
-    s = sigmas.tolist()
+    sigma_list = sigmas.tolist()
+    alphas = [1 - v if flow else 1.0 for v in sigma_list]
+    s = [v / alpha for v, alpha in zip(sigma_list, alphas, strict=True)]  # the levels of x / alpha
     history: list[Tensor] = []  # the denoised predictions, newest first
     for i in range(len(s) - 1):
-        denoised = _call(model, x, s[i], extra_args)
-        _report(callback, i, x, s[i], s[i], denoised)
+        denoised = _call(model, x, sigma_list[i], extra_args)
+        _report(callback, i, x, sigma_list[i], sigma_list[i], denoised)
         history = [denoised, *history[:2]]
         if s[i + 1] == 0:
             x = denoised
@@ -113,10 +128,11 @@ def sample_er_sde(
             weights[0] += second / (a * m)
             weights[1] -= second / (a * m) + second / (b * m)
             weights[2] += second / (b * m)
-        terms = [(r, x), *((w, d) for w, d in zip(weights, history, strict=False) if w)]
+        alpha = alphas[i + 1]  # x_ve' = r x_ve + ... for x_ve = x / alphas[i], times alpha
+        terms = [(r * alpha / alphas[i], x), *((alpha * w, d) for w, d in zip(weights, history, strict=False) if w)]
         if s_noise > 0:
             noise_std = math.sqrt(max(s[i + 1] ** 2 - (r * s[i]) ** 2, 0.0))
-            terms.append((s_noise * noise_std, noise_sampler(s[i], s[i + 1])))
+            terms.append((alpha * s_noise * noise_std, noise_sampler(sigma_list[i], sigma_list[i + 1])))
         x = linear_combination(terms)
     return x
 
@@ -142,22 +158,30 @@ def _seeds_step(
     s_noise: float,
     noise_sampler: NoiseSampler,
     stages: Stages,
+    flow: bool = False,
 ) -> Tensor:
-    """One SEEDS step from `sigma` to `sigma_next`, h = log(sigma / sigma_next). `stages(h * (1 + eta))` lists
+    """One SEEDS step from `sigma` to `sigma_next`, h = log(sigma / sigma_next) (`flow`: h the rise of the flow's
+    half-log-SNR log((1 - sigma) / sigma), stage levels where it is lambda_s + c h, x0 weights times the stage's
+    signal scale alpha = 1 - sigma_k, as ComfyUI steps its CONST models). `stages(h * (1 + eta))` lists
     (c, weights): stage k lands at sigma e^(-c h) (the last at c = 1) as e^(-c h eta) (sigma_k / sigma) x plus the
     weighted x0 predictions made so far, plus noise; each stage but the last is evaluated by the model. The
     noise of a stage is the previous stage's carried over, e^(-(c - c_prev) h eta) of it, plus a fresh draw, so that
     each stage sees one consistent Brownian path (of variance 1 - e^(-2 c h eta) relative to sigma_k^2)."""
-    h = math.log(sigma / sigma_next)
+    lambda_s = half_log_snr(sigma, flow)
+    h = half_log_snr(sigma_next, flow) - lambda_s
     inject = eta > 0 and s_noise > 0
     predictions, noise, level, c_prev, x_k = [denoised], None, sigma, 0.0, x
     plan = stages(h * (eta + 1))
     for k, (c, weights) in enumerate(plan):
-        sigma_k = sigma_next if k == len(plan) - 1 else sigma * math.exp(-c * h)
+        if k == len(plan) - 1:
+            sigma_k = sigma_next
+        else:  # where the half-log-SNR is lambda_s + c h
+            sigma_k = 1 / (1 + math.exp(lambda_s + c * h)) if flow else sigma * math.exp(-c * h)
+        alpha_k = 1 - sigma_k if flow else 1.0
         if k > 0:
             predictions.append(_call(model, x_k, level, extra_args))
         terms = [(sigma_k / sigma * math.exp(-c * h * eta), x)]
-        terms += [(w, d) for w, d in zip(weights, predictions, strict=False) if w]
+        terms += [(alpha_k * w, d) for w, d in zip(weights, predictions, strict=False) if w]
         if inject:
             decay = (c_prev - c) * h * eta
             fresh = noise_sampler(level, sigma_k) * math.sqrt(-math.expm1(2 * decay))
@@ -181,12 +205,14 @@ def sample_seeds_2(
     noise_sampler: NoiseSampler | None = None,
     r: float = 0.5,
     solver_type: str = "phi_1",
+    flow: bool = False,
 ) -> Tensor:
     """SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality Sampling from
     Diffusion Models", data prediction): two stages per step, the second at the fraction `r` of the step in
     log-sigma. `solver_type` 'phi_1' blends the two x0s 1 - 1/(2r) : 1/(2r) under the phi_1 weight (with eta 0
     and r 1/2, DPM-Solver++(2S)); 'phi_2' weighs their difference by phi_2 (with r 1 and eta 0, ComfyUI's
-    exp_heun_2_x0). `eta` scales the SDE's noise (0: the probability-flow ODE), `s_noise` the noise drawn."""
+    exp_heun_2_x0). `eta` scales the SDE's noise (0: the probability-flow ODE), `s_noise` the noise drawn.
+    `flow`: a rectified-flow latent (1 - sigma) x0 + sigma noise, stepped in its half-log-SNR (sigma below 1)."""
     if solver_type not in ("phi_1", "phi_2"):
         raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
 
@@ -199,7 +225,7 @@ def sample_seeds_2(
             last = [whole - b2, b2]
         return [(r, [-_h_phi_1(-r * h_eta)]), (1.0, last)]
 
-    return _seeds(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, stages)
+    return _seeds(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, stages, flow)
 
 
 @torch.no_grad()
@@ -215,10 +241,11 @@ def sample_seeds_3(
     noise_sampler: NoiseSampler | None = None,
     r_1: float = 1 / 3,
     r_2: float = 2 / 3,
+    flow: bool = False,
 ) -> Tensor:
     """SEEDS-3 (Gonzalez et al. 2023, data prediction): three stages per step, at the fractions `r_1` and `r_2` of
     the step in log-sigma, each correcting the x0 of the step's start by a phi_2-weighted difference (with eta 0,
-    a third-order exponential integrator of the probability-flow ODE)."""
+    a third-order exponential integrator of the probability-flow ODE). `flow`: as in `sample_seeds_2`."""
 
     def stages(h_eta: float) -> list[tuple[float, list[float]]]:
         a2 = -r_2 / r_1 * _h_phi_2(-r_2 * h_eta)
@@ -229,11 +256,11 @@ def sample_seeds_3(
             (1.0, [-_h_phi_1(-h_eta) - b3, 0.0, b3]),
         ]
 
-    return _seeds(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, stages)
+    return _seeds(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, stages, flow)
 
 
 def _seeds(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback, eta: float,
-           s_noise: float, noise_sampler: NoiseSampler | None, stages: Stages) -> Tensor:
+           s_noise: float, noise_sampler: NoiseSampler | None, stages: Stages, flow: bool) -> Tensor:
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
@@ -242,7 +269,8 @@ def _seeds(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, cal
         if s[i + 1] == 0:
             x = denoised
         else:
-            x = _seeds_step(model, x, s[i], s[i + 1], denoised, extra_args, eta, s_noise, noise_sampler, stages)
+            x = _seeds_step(model, x, s[i], s[i + 1], denoised, extra_args, eta, s_noise, noise_sampler, stages,
+                            flow)
     return x
 
 
@@ -316,6 +344,7 @@ def sample_sa_solver(
     corrector_order: int = 4,
     use_pece: bool = False,
     simple_order_2: bool = False,
+    flow: bool = False,
 ) -> Tensor:
     """SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams Solver for Fast Sampling of Diffusion Models",
     data prediction): a stochastic Adams-Bashforth predictor over the last `predictor_order` x0s,
@@ -323,13 +352,15 @@ def sample_sa_solver(
     (up to `corrector_order` of them) and the predictor's noise. `tau_func(sigma_next)` sets each step's
     stochasticity (default `sa_solver_tau` over 20%-80% of SD's schedule, as ComfyUI; return 0 for the ODE).
     `use_pece` evaluates the model again at the corrected state (PECE, twice the model calls). Orders are lowered
-    while the history fills and over the last steps of a run ending at sigma 0, as ComfyUI does."""
+    while the history fills and over the last steps of a run ending at sigma 0, as ComfyUI does. `flow`: a
+    rectified-flow latent, stepped in its half-log-SNR with x0 weights times alpha = 1 - sigma (sigma below 1)."""
     s = sigmas.tolist()
     if len(s) <= 1:
         return x
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     tau_func = tau_func or _default_tau()
-    lambdas = [-math.log(v) if v > 0 else math.inf for v in s]
+    lambdas = [half_log_snr(v, flow) if v > 0 else math.inf for v in s]
+    alphas = [1 - v if flow else 1.0 for v in s]
     steps, to_zero = len(s) - 1, s[-1] == 0
 
     def weights(nodes: list[float], lambda_s: float, lambda_t: float, tau: float, corrector: bool) -> list[float]:
@@ -355,6 +386,7 @@ def sample_sa_solver(
         else:
             decay = s[i] / s[i - 1] * math.exp(-(tau**2) * (lambdas[i] - lambdas[i - 1]))
             w = weights(lambdas[i - c_order + 1 : i + 1], lambdas[i - 1], lambdas[i], tau, corrector=True)
+            w = [alphas[i] * v for v in w]
             x_corr = linear_combination([(decay, x_corr), *zip(w, history[-c_order:], strict=True)])
             if noise is not None:
                 x_corr.add_(noise)
@@ -368,6 +400,7 @@ def sample_sa_solver(
         tau, noise = tau_func(s[i + 1]), None
         h = lambdas[i + 1] - lambdas[i]
         w = weights(lambdas[i - p_order + 1 : i + 1], lambdas[i], lambdas[i + 1], tau, corrector=False)
+        w = [alphas[i + 1] * v for v in w]
         terms = [(s[i + 1] / s[i] * math.exp(-(tau**2) * h), x_corr), *zip(w, history[-p_order:], strict=True)]
         if tau > 0 and s_noise > 0:
             noise = noise_sampler(s[i], s[i + 1]) * (s[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h)) * s_noise)

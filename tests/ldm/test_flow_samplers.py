@@ -261,7 +261,7 @@ def test_flux_runs_with_rf_samplers(sampler_name: str) -> None:
     assert torch.equal(out, flux_run(sampler_name, 11))
 
 
-@pytest.mark.parametrize("sampler_name", ["euler_ancestral_cfg_pp", "er_sde", "seeds_2", "ddpm"])
+@pytest.mark.parametrize("sampler_name", ["euler_ancestral_cfg_pp", "res_multistep_ancestral", "ddpm"])
 def test_samplers_without_a_flow_form_are_refused(sampler_name: str) -> None:
     with pytest.raises(ValueError, match=f"{sampler_name} adds noise as SD models take it.*euler_ancestral"):
         flux_run(sampler_name, 0)

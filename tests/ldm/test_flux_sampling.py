@@ -119,6 +119,6 @@ def test_noise_mask_keeps_the_unmasked_latent() -> None:
 
 def test_samplers_adding_sd_style_noise_are_refused() -> None:
     # ComfyUI has no rectified-flow form of these (the ancestral and SDE ones it has are in test_flow_samplers).
-    with pytest.raises(ValueError, match="er_sde adds noise as SD models take it"):
+    with pytest.raises(ValueError, match="res_multistep_ancestral adds noise as SD models take it"):
         loom_run(random_flux(), torch.zeros(1, 5, TINY.context_dim), torch.zeros(1, TINY.y_dim), 0, 2, 1.15,
-                 sampler_name="er_sde")
+                 sampler_name="res_multistep_ancestral")
