@@ -71,6 +71,12 @@ class CLIPTextEncode(Node):
                          {"pooled_output": encoding.pooled.float().cpu()}),)
 
 
+def _sdxl_clip_refusal(family: str | None, source: str) -> str | None:
+    if family is None or family == "sdxl":
+        return None
+    return f"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {source} is {family.upper()} (use CLIP Text Encode)"
+
+
 class CLIPTextEncodeSDXL(Node):
     """SDXL's two text encoders with a prompt each (text_g for OpenCLIP bigG, text_l for CLIP-L), and the
     size and crop numbers SDXL was trained to condition on."""
@@ -88,11 +94,15 @@ class CLIPTextEncodeSDXL(Node):
     text_l = String("", multiline=True, tooltip="the prompt for CLIP-L")
     outputs = (Output("CONDITIONING"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _sdxl_clip_refusal(linked.get("clip", {}).get("family"), "the CLIP linked")
+
     def execute(self, width: int, height: int, crop_w: int, crop_h: int, target_width: int, target_height: int,
                 text_g: str, clip: Clip, text_l: str) -> tuple[list]:
-        if clip.family_name != "sdxl":
-            raise ValueError(f"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {clip.source} is "
-                             f"{clip.family_name.upper()} (use CLIP Text Encode)")
+        refusal = _sdxl_clip_refusal(clip.family_name, clip.source)
+        if refusal:
+            raise ValueError(refusal)
         sizes = {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width,
                  "target_height": target_height}
         return (_encoded(self, clip, text_g, lambda encoding: {"pooled_output": encoding.pooled.float().cpu(), **sizes},

@@ -35,6 +35,19 @@ def _with_guidance(conditioning: list, guidance: float | None) -> list:
     return [(embedding, {**options, "guidance": guidance}) for embedding, options in conditioning]
 
 
+def _clip_refusal(family: str | None, source: str) -> str | None:
+    if family is None or family == "flux":
+        return None
+    return (f"CLIPTextEncodeFlux needs Flux's text encoders (DualCLIPLoader with type flux, or a Flux checkpoint); "
+            f"{source} is {family.upper()} (use CLIP Text Encode)")
+
+
+def _model_refusal(family: str | None, source: str) -> str | None:
+    if family is None or family == "flux":
+        return None
+    return f"ModelSamplingFlux is for Flux models; {source} is {family.upper()}"
+
+
 class CLIPTextEncodeFlux(Node):
     """Encodes a prompt for Flux: `clip_l` for CLIP-L (its pooled vector), `t5xxl` for T5 (the text the
     transformer attends to), and the guidance strength a dev model is distilled to follow."""
@@ -47,10 +60,14 @@ class CLIPTextEncodeFlux(Node):
     guidance = Float(3.5, min=0.0, max=100.0, step=0.1, tooltip="Flux dev's distilled guidance (schnell ignores it)")
     outputs = (Output("CONDITIONING"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _clip_refusal(linked.get("clip", {}).get("family"), "the CLIP linked")
+
     def execute(self, clip: Clip, clip_l: str, t5xxl: str, guidance: float) -> tuple[list]:
-        if clip.family_name != "flux":
-            raise ValueError(f"CLIPTextEncodeFlux needs Flux's text encoders (DualCLIPLoader with type flux, or a "
-                             f"Flux checkpoint); {clip.source} is {clip.family_name.upper()} (use CLIP Text Encode)")
+        refusal = _clip_refusal(clip.family_name, clip.source)
+        if refusal:
+            raise ValueError(refusal)
         return (_encoded(self, clip, t5xxl, lambda encoding: {"pooled_output": encoding.pooled.float().cpu(),
                                                               "guidance": guidance},
                          per_encoder={"clip_l": [clip_l]}),)
@@ -105,12 +122,21 @@ class ModelSamplingFlux(Node):
     height = Int(1024, min=16, max=MAX_RESOLUTION, step=8)
     outputs = (Output("MODEL"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _model_refusal(linked.get("model", {}).get("family"), "the MODEL linked")
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model", {})}
+
     def execute(self, model: DiffusionModel, max_shift: float, base_shift: float, width: int,
                 height: int) -> tuple[DiffusionModel]:
         from ldm.sampling.flow import FlowSchedule, resolution_shift
 
-        if model.family.name != "flux":
-            raise ValueError(f"ModelSamplingFlux is for Flux models; {model.source} is {model.family.name.upper()}")
+        refusal = _model_refusal(model.family.name, model.source)
+        if refusal:
+            raise ValueError(refusal)
         shift = resolution_shift(width, height, max_shift, base_shift)
         return (replace(model, schedule=FlowSchedule(shift), prediction_type="flow"),)
 

@@ -62,8 +62,20 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
     from ldm.lora import LoraError, lora_family, peek_lora
 
     if kind == "checkpoints":
-        from ldm.checkpoint import peek_family
+        from safetensors import SafetensorError
 
+        from ldm.checkpoint import peek_family
+        from ldm.flux_files import is_flux_file
+        from ldm.sd3_files import is_sd3_file
+
+        # The same order as load_checkpoint_outputs, so validation names the family the loader will load.
+        try:
+            if is_flux_file(path):
+                return "flux"
+            if is_sd3_file(path):
+                return "sd3"
+        except (SafetensorError, OSError, ValueError):  # unreadable: CheckpointLoaderSimple reports it when it runs
+            return None
         family = peek_family(path)
         return None if family is None else family.name
     try:

@@ -64,10 +64,27 @@ class TripleCLIPLoader(Node):
         return text_kinds_problem([inputs.get(f"clip_name{i}") for i in (1, 2, 3)], ["clip_g", "clip_l", "t5xxl"],
                                   "TripleCLIPLoader takes SD3's CLIP-L (clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)")
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: {"family": "sd3"}}
+
     def execute(self, clip_name1: str, clip_name2: str, clip_name3: str) -> tuple[Clip]:
         from ldm.sd3_text import load_sd3_text_encoders
 
         return (load_clip(self, (clip_name1, clip_name2, clip_name3), "default", load_sd3_text_encoders, "sd3"),)
+
+
+def _clip_refusal(family: str | None, source: str) -> str | None:
+    if family is None or family == "sd3":
+        return None
+    return (f"CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint with them); "
+            f"{source} is {family.upper()} (use CLIP Text Encode)")
+
+
+def _model_refusal(family: str | None, source: str) -> str | None:
+    if family is None or family == "sd3":
+        return None
+    return f"ModelSamplingSD3 is for SD3 models; {source} is {family.upper()}"
 
 
 class CLIPTextEncodeSD3(Node):
@@ -83,10 +100,14 @@ class CLIPTextEncodeSD3(Node):
     empty_padding = Combo(["none", "empty_prompt"])
     outputs = (Output("CONDITIONING"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _clip_refusal(linked.get("clip", {}).get("family"), "the CLIP linked")
+
     def execute(self, clip: Clip, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str) -> tuple[list]:
-        if clip.family_name != "sd3":
-            raise ValueError(f"CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint "
-                             f"with them); {clip.source} is {clip.family_name.upper()} (use CLIP Text Encode)")
+        refusal = _clip_refusal(clip.family_name, clip.source)
+        if refusal:
+            raise ValueError(refusal)
         return (_encoded(self, clip, clip_l, lambda encoding: {"pooled_output": encoding.pooled.float().cpu()},
                          per_encoder={"clip_g": [clip_g], "t5xxl": [t5xxl]}, drop_empty=empty_padding == "none"),)
 
@@ -99,11 +120,20 @@ class ModelSamplingSD3(Node):
     shift = Float(3.0, min=0.0, max=100.0, step=0.01)
     outputs = (Output("MODEL"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _model_refusal(linked.get("model", {}).get("family"), "the MODEL linked")
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model", {})}
+
     def execute(self, model: DiffusionModel, shift: float) -> tuple[DiffusionModel]:
         from ldm.sampling.flow import SD3FlowSchedule
 
-        if model.family.name != "sd3":
-            raise ValueError(f"ModelSamplingSD3 is for SD3 models; {model.source} is {model.family.name.upper()}")
+        refusal = _model_refusal(model.family.name, model.source)
+        if refusal:
+            raise ValueError(refusal)
         return (replace(model, schedule=SD3FlowSchedule(shift), prediction_type="flow"),)
 
 

@@ -167,13 +167,14 @@ def test_wrong_text_encoder_files_are_refused_at_validation(engine) -> None:
 
 
 def test_flux_nodes_refuse_other_families(engine) -> None:
-    sd1 = workflow(checkpoint="sd1.safetensors")
-    result = engine.run(parse_api(sd1))
-    assert not result.ok and "ModelSamplingFlux is for Flux models; sd1.safetensors is SD1" in str(result.error)
+    sd1 = workflow(checkpoint="sd1.safetensors")  # refused at validation: the checkpoint's header says SD1
+    with pytest.raises(WorkflowInvalid, match="ModelSamplingFlux is for Flux models; the MODEL linked is SD1"):
+        engine.run(parse_api(sd1))
     del sd1["4"]
     sd1["8"]["inputs"]["model"] = ["1", 0]
-    result = engine.run(parse_api(sd1))
-    assert not result.ok and "CLIPTextEncodeFlux needs Flux's text encoders" in str(result.error)
+    with pytest.raises(WorkflowInvalid, match="CLIPTextEncodeFlux needs Flux's text encoders .*; the CLIP linked is "
+                                              "SD1"):
+        engine.run(parse_api(sd1))
 
 
 def test_fp8_weight_dtype_stores_the_transformer_in_fp8(engine) -> None:

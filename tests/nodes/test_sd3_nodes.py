@@ -157,12 +157,13 @@ def test_shift_and_empty_padding_change_what_they_should(engine) -> None:
 
 
 def test_sd3_nodes_refuse_other_families(engine) -> None:
-    sd1 = workflow(checkpoint="sd1.safetensors")
-    result = engine.run(parse_api(sd1))
-    assert not result.ok and "ModelSamplingSD3 is for SD3 models; sd1.safetensors is SD1" in str(result.error)
+    sd1 = workflow(checkpoint="sd1.safetensors")  # refused at validation: the checkpoint's header says SD1
+    with pytest.raises(WorkflowInvalid, match="ModelSamplingSD3 is for SD3 models; the MODEL linked is SD1"):
+        engine.run(parse_api(sd1))
     sd1["7"]["inputs"]["model"] = ["1", 0]
-    result = engine.run(parse_api(sd1))
-    assert not result.ok and "CLIPTextEncodeSD3 needs SD3's text encoders" in str(result.error)
+    with pytest.raises(WorkflowInvalid, match="CLIPTextEncodeSD3 needs SD3's text encoders .*; the CLIP linked is "
+                                              "SD1"):
+        engine.run(parse_api(sd1))
 
 
 def test_wrong_text_encoder_files_are_refused_at_validation(engine) -> None:

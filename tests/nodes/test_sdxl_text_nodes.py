@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from executor.executor import Executor
+from executor.executor import Executor, WorkflowInvalid
 from executor.services import Services
 from graph.document import parse_api
 from ldm.presets import make_checkpoint
@@ -65,8 +65,9 @@ def test_an_sd1_clip_is_refused_with_the_node_to_use(engine):
     graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
              "2": {**sdxl("a", "b"), "inputs": {**sdxl("a", "b")["inputs"], "clip": ["1", 1]}},
              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
-    result = engine.run(parse_api(graph), keep=["2"])
-    assert not result.ok and "CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP" in str(result.error)
+    with pytest.raises(WorkflowInvalid, match=r"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; the CLIP linked "
+                                              r"is SD1 \(use CLIP Text Encode\)"):  # at validation, from the header
+        engine.run(parse_api(graph), keep=["2"])
 
 
 def base_then_refiner(ascore: float = 6.0, refiner_start: int = 3) -> dict:
