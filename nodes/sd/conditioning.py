@@ -12,7 +12,7 @@ import torch
 from ldm.sampling.clip_schedule import encode_scheduled
 from nodes.folders import get_paths
 from nodes.node import Node
-from nodes.sd.models import Clip, file_fingerprint, on_device
+from nodes.sd.models import Clip, family_refusal, file_fingerprint, on_device
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,7 @@ class CLIPTextEncode(Node):
                          {"pooled_output": encoding.pooled.float().cpu()}),)
 
 
-def _sdxl_clip_refusal(family: str | None, source: str) -> str | None:
-    if family is None or family == "sdxl":
-        return None
-    return f"CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {source} is {family.upper()} (use CLIP Text Encode)"
+_SDXL_CLIP_NEEDS = "CLIPTextEncodeSDXL needs an SDXL checkpoint's CLIP; {source} is {family} (use CLIP Text Encode)"
 
 
 class CLIPTextEncodeSDXL(Node):
@@ -96,11 +93,11 @@ class CLIPTextEncodeSDXL(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _sdxl_clip_refusal(linked.get("clip", {}).get("family"), "the CLIP linked")
+        return family_refusal(linked.get("clip", {}).get("family"), "sdxl", "the CLIP linked", _SDXL_CLIP_NEEDS)
 
     def execute(self, width: int, height: int, crop_w: int, crop_h: int, target_width: int, target_height: int,
                 text_g: str, clip: Clip, text_l: str) -> tuple[list]:
-        refusal = _sdxl_clip_refusal(clip.family_name, clip.source)
+        refusal = family_refusal(clip.family_name, "sdxl", clip.source, _SDXL_CLIP_NEEDS)
         if refusal:
             raise ValueError(refusal)
         sizes = {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width,

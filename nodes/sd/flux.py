@@ -9,7 +9,7 @@ import torch
 
 from nodes.node import Node
 from nodes.sd.conditioning import MAX_RESOLUTION, _encoded
-from nodes.sd.models import Clip, DiffusionModel
+from nodes.sd.models import Clip, DiffusionModel, family_refusal
 from nodes.spec import Float, Int, Output, Socket, String
 
 # The guidance a dev model is given where the prompt names none (ComfyUI's default, and FluxGuidance's).
@@ -35,17 +35,9 @@ def _with_guidance(conditioning: list, guidance: float | None) -> list:
     return [(embedding, {**options, "guidance": guidance}) for embedding, options in conditioning]
 
 
-def _clip_refusal(family: str | None, source: str) -> str | None:
-    if family is None or family == "flux":
-        return None
-    return (f"CLIPTextEncodeFlux needs Flux's text encoders (DualCLIPLoader with type flux, or a Flux checkpoint); "
-            f"{source} is {family.upper()} (use CLIP Text Encode)")
-
-
-def _model_refusal(family: str | None, source: str) -> str | None:
-    if family is None or family == "flux":
-        return None
-    return f"ModelSamplingFlux is for Flux models; {source} is {family.upper()}"
+_CLIP_NEEDS = ("CLIPTextEncodeFlux needs Flux's text encoders (DualCLIPLoader with type flux, or a Flux checkpoint); "
+               "{source} is {family} (use CLIP Text Encode)")
+_MODEL_NEEDS = "ModelSamplingFlux is for Flux models; {source} is {family}"
 
 
 class CLIPTextEncodeFlux(Node):
@@ -62,10 +54,10 @@ class CLIPTextEncodeFlux(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _clip_refusal(linked.get("clip", {}).get("family"), "the CLIP linked")
+        return family_refusal(linked.get("clip", {}).get("family"), "flux", "the CLIP linked", _CLIP_NEEDS)
 
     def execute(self, clip: Clip, clip_l: str, t5xxl: str, guidance: float) -> tuple[list]:
-        refusal = _clip_refusal(clip.family_name, clip.source)
+        refusal = family_refusal(clip.family_name, "flux", clip.source, _CLIP_NEEDS)
         if refusal:
             raise ValueError(refusal)
         return (_encoded(self, clip, t5xxl, lambda encoding: {"pooled_output": encoding.pooled.float().cpu(),
@@ -124,7 +116,7 @@ class ModelSamplingFlux(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _model_refusal(linked.get("model", {}).get("family"), "the MODEL linked")
+        return family_refusal(linked.get("model", {}).get("family"), "flux", "the MODEL linked", _MODEL_NEEDS)
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -134,7 +126,7 @@ class ModelSamplingFlux(Node):
                 height: int) -> tuple[DiffusionModel]:
         from ldm.sampling.flow import FlowSchedule, resolution_shift
 
-        refusal = _model_refusal(model.family.name, model.source)
+        refusal = family_refusal(model.family.name, "flux", model.source, _MODEL_NEEDS)
         if refusal:
             raise ValueError(refusal)
         shift = resolution_shift(width, height, max_shift, base_shift)

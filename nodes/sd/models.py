@@ -17,6 +17,14 @@ DEFAULT_SCHEDULE = DiscreteSchedule()
 ZERO_SNR_SCHEDULE = DEFAULT_SCHEDULE.zero_terminal_snr()
 
 
+def family_refusal(family: str | None, wanted: str, source: str, needs: str) -> str | None:
+    """Why a CLIP or MODEL of `family` (from `source`) does not fit a node made for `wanted` family: `needs`, a
+    template of `{source}` and `{family}`; None when it fits, or when validation cannot tell (no family known)."""
+    if family is None or family == wanted:
+        return None
+    return needs.format(source=source, family=family.upper())
+
+
 def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
     if getattr(family, "prediction", None) == "flow":  # Flux or SD3 (ldm.flux_files, ldm.sd3_files), own time shift

@@ -10,7 +10,7 @@ from torch import nn
 
 from nodes.node import Node
 from nodes.sd.conditioning import _encoded
-from nodes.sd.models import Clip, DiffusionModel
+from nodes.sd.models import Clip, DiffusionModel, family_refusal
 from nodes.sd.part_loaders import TEXT_ENCODERS, _fingerprint, load_clip, part_file, text_kinds_problem
 from nodes.spec import Combo, Float, Output, Socket, String
 
@@ -74,17 +74,9 @@ class TripleCLIPLoader(Node):
         return (load_clip(self, (clip_name1, clip_name2, clip_name3), "default", load_sd3_text_encoders, "sd3"),)
 
 
-def _clip_refusal(family: str | None, source: str) -> str | None:
-    if family is None or family == "sd3":
-        return None
-    return (f"CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint with them); "
-            f"{source} is {family.upper()} (use CLIP Text Encode)")
-
-
-def _model_refusal(family: str | None, source: str) -> str | None:
-    if family is None or family == "sd3":
-        return None
-    return f"ModelSamplingSD3 is for SD3 models; {source} is {family.upper()}"
+_CLIP_NEEDS = ("CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint with them); "
+               "{source} is {family} (use CLIP Text Encode)")
+_MODEL_NEEDS = "ModelSamplingSD3 is for SD3 models; {source} is {family}"
 
 
 class CLIPTextEncodeSD3(Node):
@@ -102,10 +94,10 @@ class CLIPTextEncodeSD3(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _clip_refusal(linked.get("clip", {}).get("family"), "the CLIP linked")
+        return family_refusal(linked.get("clip", {}).get("family"), "sd3", "the CLIP linked", _CLIP_NEEDS)
 
     def execute(self, clip: Clip, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str) -> tuple[list]:
-        refusal = _clip_refusal(clip.family_name, clip.source)
+        refusal = family_refusal(clip.family_name, "sd3", clip.source, _CLIP_NEEDS)
         if refusal:
             raise ValueError(refusal)
         return (_encoded(self, clip, clip_l, lambda encoding: {"pooled_output": encoding.pooled.float().cpu()},
@@ -122,7 +114,7 @@ class ModelSamplingSD3(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _model_refusal(linked.get("model", {}).get("family"), "the MODEL linked")
+        return family_refusal(linked.get("model", {}).get("family"), "sd3", "the MODEL linked", _MODEL_NEEDS)
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -131,7 +123,7 @@ class ModelSamplingSD3(Node):
     def execute(self, model: DiffusionModel, shift: float) -> tuple[DiffusionModel]:
         from ldm.sampling.flow import SD3FlowSchedule
 
-        refusal = _model_refusal(model.family.name, model.source)
+        refusal = family_refusal(model.family.name, "sd3", model.source, _MODEL_NEEDS)
         if refusal:
             raise ValueError(refusal)
         return (replace(model, schedule=SD3FlowSchedule(shift), prediction_type="flow"),)
