@@ -17,9 +17,26 @@ def graph_from_data(data: Any, registry: NodeRegistry) -> Graph:
     """Detect the format of decoded JSON and return the graph."""
     if is_ui_format(data):
         return parse_api(ui_to_api(data, registry))
+    embedded = _embedded_text(data)
+    if embedded is not None:
+        return graph_from_data(embedded, registry)
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:
         return parse_api(data["prompt"])  # the body of POST /prompt, saved to a file
     return parse_api(data)
+
+
+def _embedded_text(data: Any) -> Any:
+    """A PNG's text chunks saved as JSON ({"prompt": "<json>", "workflow": "<json>"}, as PNG-info tools and
+    ComfyUI_frontend's example fixtures write them): the decoded prompt, else the workflow; None for other data."""
+    if not isinstance(data, dict) or not (set(data) & {"prompt", "workflow"}) or set(data) - {"prompt", "workflow"}:
+        return None
+    for key in ("prompt", "workflow"):
+        if isinstance(data.get(key), str):
+            try:
+                return json.loads(data[key])
+            except json.JSONDecodeError:
+                raise DocumentError(f"the '{key}' entry is not valid JSON") from None
+    return None
 
 
 def _comf_chunks(raw: bytes) -> dict[str, str]:

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from graph.document import DocumentError
+from graph.group_nodes import expand_group_nodes, group_definitions
+from graph.subgraphs import BYPASSED, MUTED, flatten_subgraphs, has_subgraphs
 from nodes.registry import NodeRegistry
 
-MUTED, BYPASSED = 2, 4
 VIRTUAL_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 CONTROL_VALUES = frozenset({"fixed", "randomize", "increment", "decrement", True, False})
 SEED_NAMES = frozenset({"seed", "noise_seed"})
@@ -77,7 +78,9 @@ class _Converter:
             return {}
         defaults = {name: cls.inputs[name].default for name in cls.widget_names()
                     if cls.inputs[name].default is not None}
-        return {**defaults, **self._stored_widget_values(cls, node.get("widgets_values"))}
+        # widget_overrides: values an enclosing subgraph instance promoted (see graph/subgraphs.py).
+        return {**defaults, **self._stored_widget_values(cls, node.get("widgets_values")),
+                **{k: v for k, v in (node.get("widget_overrides") or {}).items() if k in cls.inputs}}
 
     def _stored_widget_values(self, cls: Any, raw: Any) -> dict[str, Any]:
         if raw is None:
@@ -153,6 +156,10 @@ def ui_to_api(data: dict[str, Any], registry: NodeRegistry) -> dict[str, Any]:
     if not is_ui_format(data):
         raise DocumentError("not a UI-format workflow: expected an object with 'nodes' and 'links'")
     try:
+        if group_definitions(data):
+            data = expand_group_nodes(data, registry)
+        if has_subgraphs(data):
+            data = flatten_subgraphs(data)
         return _Converter(data, registry).convert()
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise DocumentError(f"malformed UI-format workflow: {type(exc).__name__}: {exc}") from None

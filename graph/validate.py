@@ -243,11 +243,15 @@ def _check_links(checker: _Checker, order: list[str], values: dict[str, dict[str
         if cls is None or nid not in clean:
             continue
         linked = {name: facts.get((link.node, link.output), {}) for name, link in node.links().items()}
-        message = cls.check_links(values[nid], linked)
+        try:
+            message = cls.check_links(values[nid], linked)
+            found = {} if message else cls.output_facts(values[nid], linked) or {}
+        except Exception as exc:  # e.g. a model file that is not one (CheckpointError): that node's problem, not a 500
+            message = f"{type(exc).__name__}: {exc}"
         if message:
             checker.add(E.CUSTOM_VALIDATION_FAILED, "Custom validation failed for node", node, None, message)
             continue
-        for index, output_facts in (cls.output_facts(values[nid], linked) or {}).items():
+        for index, output_facts in found.items():
             facts[(nid, index)] = output_facts
 
 
