@@ -506,6 +506,7 @@ def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3"), None when its keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
     from ldm.lora_sd3 import transformer_family
+    from ldm.lora_t5 import is_t5_name
 
     names = lora.weights.keys()
     if any(_FLUX_NAME.search(n) for n in names):
@@ -513,8 +514,9 @@ def lora_family(lora: Lora) -> str | None:
     transformer = transformer_family(lora.weights)
     if transformer is not None:
         return transformer
-    if any(n.startswith(("lora_te2_", "text_encoder_2.")) or "add_embedding" in n or "label_emb" in n
-           for n in names):
+    # A second CLIP is SDXL's; Flux's T5 goes by the same prefixes (OneTrainer's lora_te2_, diffusers' text_encoder_2.).
+    if any((n.startswith(("lora_te2_", "text_encoder_2.")) and not is_t5_name(n)) or "add_embedding" in n
+           or "label_emb" in n for n in names):
         return "sdxl"
     for name, weight in lora.weights.items():
         if re.search(r"attn2[._](processor[._])?to_k$", name) and weight.in_numel in _CONTEXT_FAMILY:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ldm.flux import Flux
 from ldm.lora import WeightPatch
+from ldm.lora_t5 import t5_index
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,9 @@ def flux_slots(model: Flux) -> dict[str, Slot]:
 
 def flux_text_index(encoder: nn.Module) -> dict[str, str]:
     """A FluxTextEncoder's CLIP-L layers by kohya's Flux names (`lora_te1_`, sd-scripts' CLIP-L prefix) and
-    diffusers' (`text_encoder.`). T5 (kohya's `lora_te3_`) is not matched."""
-    index: dict[str, str] = {}
+    diffusers' (`text_encoder.`), and its T5's (sd-scripts' `lora_te3_`, OneTrainer's `lora_te2_`, diffusers'
+    `text_encoder_2.`: ldm.lora_t5)."""
+    index = t5_index(encoder.t5xxl, "t5xxl", ("lora_te3_", "lora_te2_"), "text_encoder_2.")
     for name, clip in encoder.clip_l.encoders.items():
         for path, layer in clip.text_model.named_modules():
             if isinstance(layer, nn.Linear | nn.LayerNorm):

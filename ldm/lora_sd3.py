@@ -20,6 +20,7 @@ import re
 from torch import nn
 
 from ldm.lora_flux import Slot, diffusers_slots, transformer_index
+from ldm.lora_t5 import t5_index
 from ldm.mmdit import MMDiT
 
 _OUTER = {
@@ -74,8 +75,12 @@ def sd3_slots(model: MMDiT) -> dict[str, Slot]:
 
 def sd3_text_index(encoder: nn.Module) -> dict[str, str]:
     """An SD3TextEncoder's CLIP-L and CLIP-G layers by kohya's SD3 names (`lora_te1_`, `lora_te2_`) and
-    diffusers' (`text_encoder.`, `text_encoder_2.`). T5 (kohya's `lora_te3_`) is not matched."""
+    diffusers' (`text_encoder.`, `text_encoder_2.`), and its T5's (`lora_te3_`, `text_encoder_3.`: ldm.lora_t5;
+    also ComfyUI's number for T5 after the CLIPs present, `lora_te1_` with none)."""
     index: dict[str, str] = {}
+    if encoder.t5xxl is not None:
+        after_clips = f"lora_te{1 + (encoder.clip_l is not None) + (encoder.clip_g is not None)}_"
+        index = t5_index(encoder.t5xxl, "t5xxl", tuple(dict.fromkeys(("lora_te3_", after_clips))), "text_encoder_3.")
     for attr, kohya, diffusers in (("clip_l", "lora_te1_", "text_encoder."),
                                    ("clip_g", "lora_te2_", "text_encoder_2.")):
         clip = getattr(encoder, attr)

@@ -13,18 +13,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldm.latent_preview import SD1_RGB_MAP, LatentPreview, apply_rgb_map
+
 PREVIEW_IMAGE = 1  # binary frame type: preview image
 JPEG = 1
 MAX_SIDE = 512
-
-# How each of SD1's four latent channels contributes to R, G and B (a least-squares fit of decoded
-# images against latents, widely used for previews); other latent widths fall back to grey.
-SD1_LATENT_RGB = np.array([
-    [0.3512, 0.2297, 0.3227],
-    [0.3250, 0.4974, 0.2350],
-    [-0.2829, 0.1762, 0.2721],
-    [-0.2120, -0.2616, -0.7177],
-], dtype=np.float32)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -33,27 +26,31 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def preview_rgb(value: Any) -> np.ndarray | None:
-    """An HxWx3 uint8 picture of a latent [B, C, h, w] (first of the batch) or an image [B, H, W, 3]."""
+def preview_rgb(value: Any, rgb_map: np.ndarray | None = None) -> np.ndarray | None:
+    """An HxWx3 uint8 picture of a latent [B, C, h, w] (first of the batch) or an image [B, H, W, 3]. A latent
+    goes through `rgb_map` [C + 1, 3] (ldm.latent_preview: fitted to the model's VAE), else, having 4 channels,
+    SD1's table; other widths with no map show in grey. A LatentPreview brings its own map."""
+    if isinstance(value, LatentPreview):
+        value, rgb_map = value.latent, value.rgb_map
     array = _to_numpy(value)
     if array.ndim == 4 and array.shape[-1] == 3 and array.shape[1] != 3:
         rgb = np.clip(array[0], 0.0, 1.0)
     elif array.ndim == 4:
-        latent = array[0].transpose(1, 2, 0)  # h, w, C
-        if latent.shape[-1] == SD1_LATENT_RGB.shape[0]:
-            rgb = (latent @ SD1_LATENT_RGB + 1.0) / 2.0
+        if rgb_map is None and array.shape[1] == SD1_RGB_MAP.shape[0] - 1:
+            rgb_map = SD1_RGB_MAP
+        if rgb_map is not None and rgb_map.shape == (array.shape[1] + 1, 3):
+            rgb = apply_rgb_map(array[0], rgb_map)
         else:
-            grey = latent.mean(axis=-1, keepdims=True)
+            grey = array[0].mean(axis=0)[..., None]
             rgb = np.repeat((grey - grey.min()) / (np.ptp(grey) or 1.0), 3, axis=-1)
-        rgb = np.clip(rgb, 0.0, 1.0)
     else:
         return None
     return (rgb * 255.0 + 0.5).astype(np.uint8)
 
 
-def encode_preview(value: Any) -> bytes | None:
+def encode_preview(value: Any, rgb_map: np.ndarray | None = None) -> bytes | None:
     """The binary websocket frame of REFERENCE.md section 5 (type 1, JPEG), or None if not previewable."""
-    rgb = preview_rgb(value)
+    rgb = preview_rgb(value, rgb_map)
     if rgb is None or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         return None
     image = Image.fromarray(rgb)
@@ -93,10 +90,14 @@ class PreviewEncoder:
 
     def __init__(self, deliver: Callable[[bytes], None]) -> None:
         self._deliver = deliver
-        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, Any, np.ndarray | None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def submit(self, value: Any) -> None:
+        """Queue a preview: a latent or image batch, or a LatentPreview (a latent with its RGB map)."""
+        rgb_map = None
+        if isinstance(value, LatentPreview):
+            value, rgb_map = value.latent, value.rgb_map
         event = None
         if hasattr(value, "detach"):  # a torch tensor, without importing torch here
             first = value.detach()[:1]
@@ -114,14 +115,14 @@ class PreviewEncoder:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="loom-previews", daemon=True)
             self._thread.start()
-        self._queue.put((host, event))
+        self._queue.put((host, event, rgb_map))
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            host, event = item
+            host, event, rgb_map = item
             if event is not None:
                 event.synchronize()  # this thread waits for the copy, not the sampling loop
-            frame = encode_preview(host)
+            frame = encode_preview(host, rgb_map)
             if frame is not None:
                 self._deliver(frame)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ldm.latent_preview import register_vae
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.models import (
@@ -186,6 +187,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
         encoder = NoTextEncoders(ckpt_name)
     if encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
+    register_vae(loaded.vae)  # the step previews' colours for this latent space (fitted once per VAE)
     return (DiffusionModel(loaded.unet, loaded.family, ckpt_name, schedule=schedule_of(loaded.family),
                            noise_augmentor=loaded.noise_augmentor),
             Clip(encoder, loaded.family.name, ckpt_name),
@@ -282,6 +284,7 @@ class VAELoader(Node):
         device = load_device(self.ctx)
         loaded = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)),
                               lambda: load_vae(path, device=device, dtype=vae_dtype))
+        register_vae(loaded.vae)  # the step previews' colours for this latent space (fitted once per VAE)
         return (Vae(loaded.vae, vae_name),)
 
 

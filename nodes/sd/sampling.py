@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ldm.latent_preview import LatentPreview, fit_for, sampler_rgb_map
 from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, sample
 from ldm.sampling.guidance import DualCfg
 from ldm.sampling.ksampler import RESIZING_SAMPLERS
@@ -165,10 +166,12 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     x = model.latent_in(samples.to(device, torch.float32))
 
     last: list[torch.Tensor] = []
+    # The step previews' latent-to-RGB map for this model's latent space, in the sampler's (scaled) latents.
+    rgb_map = sampler_rgb_map(fit_for(model.family.vae_config), samples.shape[1], model.latent_out)
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
         last[:] = [denoised]
-        node.ctx.progress(step + 1, total, preview=denoised)
+        node.ctx.progress(step + 1, total, preview=LatentPreview(denoised, rgb_map))
 
     def interrupted() -> bool:
         node.ctx.check_interrupt()  # raises the engine's Interrupted

@@ -186,11 +186,8 @@ def test_kohya_and_diffusers_clip_keys_patch_sd3_clips(tmp_path) -> None:
         "lora_te2_text_model_encoder_layers_1_self_attn_v_proj.lora_down.weight": v_down,
         "lora_te2_text_model_encoder_layers_1_self_attn_v_proj.lora_up.weight": v_up,
         "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": f_down,
-        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": f_up,
-        "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 8),
-        "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(8, 2)})
-    t5_keys = sorted(k for keys in lora.sources.values() for k in keys if k.startswith("lora_te3_"))
-    assert len(t5_keys) == 2 and unmatched_lora_keys(lora, encoder) == t5_keys
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": f_up})
+    assert unmatched_lora_keys(lora, encoder) == []  # T5's keys (lora_te3_): tests/ldm/test_lora_t5.py
     patched = apply_lora(encoder, lora, 0.5)
     l_layers = patched.clip_l.encoders[l_name].text_model.encoder.layers
     g_layers = patched.clip_g.encoders[g_name].text_model.encoder.layers
