@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "model, CLIP-L, T5-XXL, VAE, and one all-in-one checkpoint) into a models folder")
     p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
                    "text_encoders/, vae/ and checkpoints/ (named flux1-tiny-*, clip_l-tiny, t5xxl-tiny, ae-tiny)")
-    p.add_argument("--variant", choices=["dev", "schnell"], default="dev")
+    p.add_argument("--variant", choices=["dev", "schnell", "kontext", "fill", "depth", "canny"], default="dev",
+                   help="kontext: dev's shape; fill, depth, canny: the edit models' wider inputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_flux)

@@ -9,8 +9,8 @@ convolution"; these residuals are added to the UNet's skip connections and middl
 Files come in two layouts, both read here: LDM's (`input_hint_block.*`, `zero_convs.*`,
 `middle_block_out.*`, optionally under `control_model.`), used by the SD1.5 ControlNet 1.0/1.1 releases,
 and diffusers' `ControlNetModel` (`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`), used by
-most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`) and Control-LoRAs (`ldm.control_lora`) load
-here too.
+most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`), Control-LoRAs (`ldm.control_lora`) and SD3
+ControlNets (`ldm.controlnet_sd3`) load here too.
 `Control` is one ControlNet applied to one conditioning, as ComfyUI's Apply
 ControlNet nodes make it: hint image, strength, the part of the schedule it acts on, and the control
 it was chained after.
@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import safetensors
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ from ldm.checkpoint import (
     _unet_config,
     load_state_dict,
     read_metadata,
+    read_shapes,
     write_safetensors,
 )
 from ldm.lora import _RESNET, diffusers_unet_blocks, rename_path
@@ -225,6 +227,14 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu", dtype:
 
     if is_t2i_adapter(sd):
         return load_t2i_adapter(sd, path, device, dtype)
+    from ldm.controlnet_sd3 import is_sd3_controlnet, load_sd3_controlnet
+
+    if is_sd3_controlnet(sd):
+        return load_sd3_controlnet(sd, path, device, dtype)
+    from ldm.controlnet_flux import is_flux_controlnet, load_flux_controlnet
+
+    if is_flux_controlnet(sd):
+        return load_flux_controlnet(sd, path, device, dtype)
     kind = _unsupported(sd)
     if kind is not None:
         raise CheckpointError(f"{path.name}: {kind}, which this engine does not run")
@@ -252,6 +262,35 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu", dtype:
     model.global_average_pooling = path.stem.endswith(("_shuffle", "_shuffle_fp16"))
     expected = set(model.state_dict())
     return LoadedControlNet(model, family, sorted(k for k in sd if k not in expected), path)
+
+
+def peek_controlnet_family(path: str | Path) -> str | None:
+    """The model family ("sd1", "sd2", "sdxl", "sd3") a ControlNet file is for, from its header alone; None when the
+    header cannot tell, or the file fits more than one (a T2I-Adapter), or is made from the model (a Control-LoRA,
+    a difference ControlNet)."""
+    from ldm.control_lora import is_control_lora
+    from ldm.controlnet_sd3 import is_sd3_controlnet
+    from ldm.t2i_adapter import is_t2i_adapter
+
+    try:
+        sd = read_shapes(path)
+    except (safetensors.SafetensorError, OSError, ValueError):
+        return None
+    if sd is None or "difference" in sd or is_control_lora(sd) or is_t2i_adapter(sd):
+        return None
+    if is_sd3_controlnet(sd):
+        return "sd3"
+    from ldm.controlnet_flux import is_flux_controlnet
+
+    if is_flux_controlnet(sd):
+        return "flux"
+    if _unsupported(sd):
+        return None
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        sd = _from_diffusers(sd)
+    prefixed = {UNET_PREFIX + k.removeprefix(LDM_PREFIX): v for k, v in sd.items()}
+    rule = next((r for r in FAMILY_RULES if r.matches(prefixed)), None)
+    return None if rule is None else rule.name
 
 
 def save_controlnet(path: str | Path, model: ControlNet, dtype: torch.dtype | None = None) -> Path:

@@ -10,20 +10,23 @@ pooled CLIP-L prompt, and, for guidance-distilled models (dev), of the guidance 
 
 `Flux.forward(x, timesteps, context, y)` keeps the UNet's calling convention (`ldm.sampling.denoiser`): `y` is the
 pooled CLIP-L vector [B, vec_in_dim], followed, for a model with a guidance embedding, by the guidance strength
-(one more column); without it a dev model runs unguided, as ComfyUI's FluxDisableGuidance makes it.
+(one more column); without it a dev model runs unguided, as ComfyUI's FluxDisableGuidance makes it. The edit models
+(`ldm.flux_variants`) take more: Fill and Depth / Canny their extra channels after the latent's in `x`, Kontext its
+reference latents as `ref_latents`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.flux_variants import References, edit_kind, input_refusal, reference_placements
 from ldm.unet import timestep_embedding
 
 # Black Forest Labs' RoPE split of a 128-wide head: 16 channels for the (unused) first axis, 56 per image axis.
@@ -58,7 +61,18 @@ class FluxConfig:
 
     @property
     def latent_channels(self) -> int:
+        """The channels of the latent it denoises (Fill's and Depth's inputs are wider: `input_channels`)."""
+        return self.out_channels // self.patch_size**2
+
+    @property
+    def input_channels(self) -> int:
+        """The channels `Flux.forward`'s `x` has: the latent's, then an edit model's extra ones."""
         return self.in_channels // self.patch_size**2
+
+    @property
+    def edit_kind(self) -> str | None:
+        """"fill", "control" (Depth / Canny) or None (`ldm.flux_variants.edit_kind`)."""
+        return edit_kind(self.in_channels, self.out_channels, self.patch_size)
 
     @property
     def y_dim(self) -> int:
@@ -216,12 +230,25 @@ def unpatchify(tokens: Tensor, h: int, w: int, patch: int = 2) -> Tensor:
     return tokens.reshape(b, h // patch, w // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def grid_ids(rows: int, cols: int, index: int = 0, row_offset: int = 0, col_offset: int = 0,
+             device: torch.device | None = None) -> Tensor:
+    """The RoPE positions [rows*cols, 3] of an image's patches, row by row: (index, row_offset + row, col_offset +
+    col); the noisy latent's at index 0 from (0, 0), Kontext's references elsewhere (`reference_placements`)."""
+    grid = torch.full((rows, cols, 3), float(index), device=device)
+    grid[..., 1] = torch.arange(row_offset, row_offset + rows, device=device)[:, None]
+    grid[..., 2] = torch.arange(col_offset, col_offset + cols, device=device)[None, :]
+    return grid.reshape(-1, 3)
+
+
 def position_ids(rows: int, cols: int, text_tokens: int, device: torch.device | None = None) -> Tensor:
     """The RoPE positions [text_tokens + rows*cols, 3]: text tokens at 0, then image patch (0, row, col)."""
-    grid = torch.zeros(rows, cols, 3, device=device)
-    grid[..., 1] = torch.arange(rows, device=device)[:, None]
-    grid[..., 2] = torch.arange(cols, device=device)[None, :]
-    return torch.cat([torch.zeros(text_tokens, 3, device=device), grid.reshape(-1, 3)])
+    return torch.cat([torch.zeros(text_tokens, 3, device=device), grid_ids(rows, cols, device=device)])
+
+
+def pad_to_patch(x: Tensor, p: int) -> Tensor:
+    """Sizes that are not a multiple of the patch are padded, wrapping round, as ComfyUI does (cropped back after)."""
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % p, 0, -h % p), mode="circular") if h % p or w % p else x
 
 
 def rope_angles(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
@@ -257,32 +284,71 @@ class Flux(nn.Module):
         return norm.query_norm.scale.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                control: object = None) -> Tensor:
+                control: list[Tensor] | None = None, ref_latents: References | Sequence[Tensor] | None = None
+                ) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, C, H, W] at noise levels `timesteps` [B] (0..1)
-        given the T5 prompt `context` [B, L, context_dim] and `y` (see the module docstring)."""
-        if control is not None:
-            raise ValueError("Loom runs no ControlNet or T2I-Adapter with Flux models")
+        given the T5 prompt `context` [B, L, context_dim] and `y` (see the module docstring). For Fill and
+        Depth / Canny models `x` carries their extra channels after the latent's; `ref_latents` are Kontext's
+        reference latents [B or 1, C, h, w] (a list is placed by the "offset" method); `control` a ControlNet's
+        residuals for the image tokens, one per double-stream block then one per single-stream block."""
         c, dtype = self.config, self.dtype
+        if control is not None and (not isinstance(control, list) or len(control) != c.depth + c.depth_single_blocks):
+            raise ValueError("a Flux model takes a Flux ControlNet's residuals (ldm.controlnet_flux), one per block; "
+                             "T2I-Adapters and the ControlNets of other families do not fit it")
+        if x.shape[1] != c.input_channels:
+            raise ValueError(input_refusal(c.input_channels, c.latent_channels, x.shape[1]))
         h, w = x.shape[-2:]
         p = c.patch_size
-        # Sizes that are not a multiple of the patch are padded (wrapping round, as ComfyUI does) and cropped back.
-        padded = F.pad(x, (0, -w % p, 0, -h % p), mode="circular") if h % p or w % p else x
+        padded = pad_to_patch(x, p)
         rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
-        img = self.img_in(patchify(padded.to(dtype), p))
+        tokens_in, ids = [patchify(padded.to(dtype), p)], [grid_ids(rows, cols, device=x.device)]
+        if ref_latents is not None:
+            refs = ref_latents if isinstance(ref_latents, References) else References(tuple(ref_latents))
+            more_tokens, more_ids = self._reference_tokens(refs, x, rows, cols)
+            tokens_in, ids = tokens_in + more_tokens, ids + more_ids
+        img = self.img_in(torch.cat(tokens_in, dim=1))
         vec = self.time_in(timestep_embedding(timesteps * 1000, 256).to(dtype))
         pooled, guidance = self._split_y(y, x.shape[0], x.device)
         if guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance * 1000, 256).to(dtype))
         vec = vec + self.vector_in(pooled.to(dtype))
         txt = self.txt_in(context.to(dtype))
-        rope = rope_angles(position_ids(rows, cols, txt.shape[1], x.device), c.axes_dim, c.theta)
-        for block in self.double_blocks:
+        rope = rope_angles(torch.cat([torch.zeros(txt.shape[1], 3, device=x.device), *ids]), c.axes_dim, c.theta)
+        n, t = rows * cols, txt.shape[1]  # the noisy latent's tokens: a ControlNet's residuals go to them
+        for i, block in enumerate(self.double_blocks):
             img, txt = block(img, txt, vec, rope)
+            if control is not None:
+                img = torch.cat([img[:, :n] + control[i].to(img.dtype), img[:, n:]], dim=1)
         tokens = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
+        for i, block in enumerate(self.single_blocks):
             tokens = block(tokens, vec, rope)
-        out = self.final_layer(tokens[:, txt.shape[1]:], vec)
+            if control is not None:
+                residual = control[c.depth + i].to(tokens.dtype)
+                tokens = torch.cat([tokens[:, :t], tokens[:, t:t + n] + residual, tokens[:, t + n:]], dim=1)
+        # Only the noisy latent's tokens are predicted; the references' are context.
+        out = self.final_layer(tokens[:, t:t + n], vec)
         return unpatchify(out, rows * p, cols * p, p)[..., :h, :w].to(x.dtype)
+
+    def _reference_tokens(self, refs: References, x: Tensor, rows: int, cols: int) -> tuple[list[Tensor],
+                                                                                         list[Tensor]]:
+        """Kontext's reference latents as image tokens, each with its RoPE positions (`reference_placements`)."""
+        c, p = self.config, self.config.patch_size
+        if c.edit_kind is not None or any(r.shape[1] != c.latent_channels for r in refs.latents):
+            widths = sorted({r.shape[1] for r in refs.latents})
+            raise ValueError(f"reference latents (Kontext's, ReferenceLatent) of {widths} channels cannot go to a "
+                             f"Flux model whose img_in takes {c.input_channels} channels ("
+                             + (f"a {c.edit_kind} model: its extra channels are not a reference image's"
+                                if c.edit_kind else f"{c.latent_channels}-channel latents") + ")")
+        batch = x.shape[0]
+        padded = [pad_to_patch(r.to(x.device, self.dtype), p) for r in refs.latents]
+        placements = reference_placements([r.shape[-2:] for r in padded], rows, cols, refs.method, p)
+        tokens, ids = [], []
+        for ref, (index, row, col) in zip(padded, placements, strict=True):
+            if ref.shape[0] not in (1, batch):
+                raise ValueError(f"a batch of {ref.shape[0]} reference latents for a batch of {batch} latents")
+            tokens.append(patchify(ref, p).expand(batch, -1, -1))
+            ids.append(grid_ids(ref.shape[-2] // p, ref.shape[-1] // p, index, row, col, device=x.device))
+        return tokens, ids
 
     def _split_y(self, y: Tensor | None, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
         c = self.config
@@ -313,6 +379,7 @@ def flux_config_from_state_dict(sd: Mapping[str, Tensor], axes_dim: tuple[int, .
                 raise ValueError(f"its heads are {head_dim} wide, not Flux.1's 128, and the file does not say how "
                                  "RoPE splits them (loom.flux_config metadata)")
             axes_dim = STANDARD_AXES
+        edit_kind(in_channels, sd["final_layer.linear.weight"].shape[0])  # refuses a width no Flux.1 model has
         return FluxConfig(
             in_channels=in_channels, out_channels=sd["final_layer.linear.weight"].shape[0],
             vec_in_dim=sd["vector_in.in_layer.weight"].shape[1], context_dim=sd["txt_in.weight"].shape[1],

@@ -52,11 +52,16 @@ def distinct_random_(model: torch.nn.Module, seed: int, norm_scales: tuple[str, 
     return model
 
 
+# The input width (img_in) of each variant: the edit models (ldm.flux_variants) take channels beside the latent's.
+VARIANT_INPUTS = {"dev": 64, "schnell": 64, "kontext": 64, "fill": 384, "depth": 128, "canny": 128}
+
+
 def tiny_flux_config(variant: str) -> FluxConfig:
-    """The tiny transformer of a variant: "dev" has a guidance embedding, "schnell" none."""
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be dev or schnell, not {variant!r}")
-    return dataclasses.replace(TINY_FLUX, guidance_embed=variant == "dev")
+    """The tiny transformer of a variant: "schnell" has no guidance embedding; "kontext" is dev's shape, "fill",
+    "depth" and "canny" are dev with a wider input."""
+    if variant not in VARIANT_INPUTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANT_INPUTS)}, not {variant!r}")
+    return dataclasses.replace(TINY_FLUX, guidance_embed=variant != "schnell", in_channels=VARIANT_INPUTS[variant])
 
 
 def tiny_flux_parts(variant: str = "dev", seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,9 +149,12 @@ class DismantledBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, c: MMDiTConfig, index: int):
+    def __init__(self, c: MMDiTConfig, index: int, context_pre_only: bool | None = None):
+        """`context_pre_only`: whether the context stream is pre-only; by default, in the model's last block (a
+        ControlNet's blocks all keep theirs)."""
         super().__init__()
-        self.context_block = DismantledBlock(c, pre_only=index == c.depth - 1)
+        pre_only = index == c.depth - 1 if context_pre_only is None else context_pre_only
+        self.context_block = DismantledBlock(c, pre_only=pre_only)
         self.x_block = DismantledBlock(c, dual=index in c.dual_attention_layers)
 
     def forward(self, context: Tensor, x: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
@@ -211,30 +214,45 @@ class MMDiT(nn.Module):
         return grid.reshape(1, rows * cols, -1)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                control: object = None) -> Tensor:
+                control: Sequence[Tensor] | None = None) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, C, H, W] at noise levels `timesteps` [B] (0..1)
-        given the prompt's token embeddings `context` [B, L, context_dim] and pooled embeddings `y`."""
-        if control is not None:
-            raise ValueError("Loom runs no ControlNet or T2I-Adapter with SD3 models")
-        c, dtype = self.config, self.dtype
+        given the prompt's token embeddings `context` [B, L, context_dim] and pooled embeddings `y`.
+
+        `control`: an SD3 ControlNet's outputs (`ldm.controlnet_sd3`), [B, tokens, hidden] each, added to the
+        image tokens after the blocks as diffusers' SD3Transformer2DModel adds them: block i gets output
+        i // ceil(blocks / outputs), the last block (its context stream pre-only) none."""
+        if control is not None and not isinstance(control, (list, tuple)):
+            raise ValueError("SD3 models take SD3 ControlNets only: Loom runs no T2I-Adapter with SD3")
         h, w = x.shape[-2:]
-        p = c.patch_size
-        # Sizes that are not a multiple of the patch are padded (wrapping round, as ComfyUI does) and cropped back.
-        padded = F.pad(x, (0, -w % p, 0, -h % p), mode="circular") if h % p or w % p else x
-        rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
-        img = self.x_embedder(padded.to(dtype)) + self.cropped_pos_embed(rows, cols).to(dtype)
-        vec = self.t_embedder(timestep_embedding(timesteps * 1000, 256).to(dtype))
-        if y is None:
-            y = torch.zeros(x.shape[0], c.adm_in_channels, device=x.device)
-        if y.shape[-1] != c.adm_in_channels:
-            raise ValueError(f"y is {y.shape[-1]} wide; this SD3 model takes the pooled prompts "
-                             f"({c.adm_in_channels}: CLIP-L's and CLIP-G's)")
-        vec = vec + self.y_embedder(y.to(dtype))
-        txt = self.context_embedder(context.to(dtype))
-        for block in self.joint_blocks:
+        img, txt, vec, (rows, cols) = embed_inputs(self, x, timesteps, context, y)
+        interval = math.ceil(len(self.joint_blocks) / len(control)) if control else 0
+        for i, block in enumerate(self.joint_blocks):
             txt, img = block(txt, img, vec)
+            if interval and not block.context_block.pre_only:
+                img = img + control[i // interval].to(img.dtype)
         out = self.final_layer(img, vec)
-        return unpatchify(out, rows, cols, p)[..., :h, :w].to(x.dtype)
+        return unpatchify(out, rows, cols, self.config.patch_size)[..., :h, :w].to(x.dtype)
+
+
+def embed_inputs(model: nn.Module, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """The image tokens (patches plus positions), text tokens and modulation vector of an MMDiT, or of an SD3
+    ControlNet, which has the same embedders; and the patch grid's (rows, cols)."""
+    c, dtype = model.config, model.dtype
+    h, w = x.shape[-2:]
+    p = c.patch_size
+    # Sizes that are not a multiple of the patch are padded (wrapping round, as ComfyUI does) and cropped back.
+    padded = F.pad(x, (0, -w % p, 0, -h % p), mode="circular") if h % p or w % p else x
+    rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
+    img = model.x_embedder(padded.to(dtype)) + model.cropped_pos_embed(rows, cols).to(dtype)
+    vec = model.t_embedder(timestep_embedding(timesteps * 1000, 256).to(dtype))
+    if y is None:
+        y = torch.zeros(x.shape[0], c.adm_in_channels, device=x.device)
+    if y.shape[-1] != c.adm_in_channels:
+        raise ValueError(f"y is {y.shape[-1]} wide; this SD3 model takes the pooled prompts "
+                         f"({c.adm_in_channels}: CLIP-L's and CLIP-G's)")
+    vec = vec + model.y_embedder(y.to(dtype))
+    return img, model.context_embedder(context.to(dtype)), vec, (rows, cols)
 
 
 def is_mmdit(sd: Mapping[str, Tensor], prefix: str = "") -> bool:

@@ -29,7 +29,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ImageOnlyCheckpointLoader",
     # conditioning for other model kinds
     "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
-    "ControlNetApplySD3", "ControlNetInpaintingAliMamaApply",
+    "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks

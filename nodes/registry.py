@@ -49,6 +49,9 @@ BUILTIN_MODULES = (
     "nodes.sd.training_data",
     "nodes.sd.flux",
     "nodes.sd.sd3",
+    "nodes.sd.flux_variants",
+    "nodes.sd.skip_layers",
+    "nodes.sd.sd3_controlnet",
 )
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.flux_variants import References
+
 # Embeddings of different lengths share a call, repeated to their least common multiple, up to this many times the
 # shorter one.
 MAX_CONTEXT_REPEAT = 4
@@ -33,6 +35,7 @@ class Job:
     concat: Tensor | None = None  # inpainting models' extra input channels, over the job's area
     hooks: Any = None  # ldm.sampling.hooks.Hooks: the LoRAs this job's UNet runs with
     gligen: Any = None  # the entry's ("position", ldm.gligen.Gligen, phrases)
+    ref_latents: References | None = None  # Flux Kontext's reference latents, at the latent's batch, never cropped
 
 
 def to_batch(t: Tensor, batch: int) -> Tensor:
@@ -117,8 +120,11 @@ def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: i
     concat = options.get("concat", concat)
     if concat is not None:
         concat = to_batch(resized_concat(concat.to(x.device, x.dtype), x), batch)[:, :, rows, cols]
+    refs = options.get("ref_latents")
+    if refs is not None:
+        refs = References(tuple(to_batch(r.to(x.device, x.dtype), batch) for r in refs.latents), refs.method)
     return Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
-                hooks=options.get("hooks"), gligen=options.get("gligen"))
+                hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs)
 
 
 def pair_areas(jobs: list[Job]) -> list[Job]:
@@ -140,7 +146,7 @@ def pair_areas(jobs: list[Job]) -> list[Job]:
             if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
                 continue
             out.append(Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source, job.concat, smallest.hooks, smallest.gligen))
+                            True, job.source, job.concat, smallest.hooks, smallest.gligen, smallest.ref_latents))
     return out
 
 
@@ -166,6 +172,8 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
                 and first.hooks == job.hooks
                 and first.gligen is job.gligen
                 and (first.concat is None) == (job.concat is None)
+                and (job.ref_latents is None if first.ref_latents is None
+                     else first.ref_latents.compatible(job.ref_latents))
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
                 group.append(job)
@@ -173,3 +181,8 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
         else:
             groups.append([job])
     return groups
+
+
+def batched_references(group: list[Job]) -> References | None:
+    """The reference latents of one batched call (`batches_of` groups only jobs whose references match)."""
+    return None if group[0].ref_latents is None else References.batched([j.ref_latents for j in group])

@@ -23,7 +23,8 @@ class Conditioning:
     a call whose rows are `control_repeats` copies of the latent batch (one per prompt in the call);
     for inpainting models, `concat` [B, C, H, W], channels appended to the UNet's input (the mask and
     the masked image's latent); `unet`, a UNet that runs this call instead of the denoiser's (GLIGEN's grounded
-    copy, `ldm.gligen.grounded_unet`)."""
+    copy, `ldm.gligen.grounded_unet`); `ref_latents`, Flux Kontext's reference latents for this call's rows
+    (`ldm.flux_variants.References`), passed to the model as they are."""
 
     context: Tensor
     y: Tensor | None = None
@@ -31,6 +32,7 @@ class Conditioning:
     control_repeats: int = 1
     concat: Tensor | None = None
     unet: Any = None
+    ref_latents: Any = None
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,9 +159,12 @@ class Denoiser:
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
         unet = self.unet if cond.unet is None else cond.unet
-        if control is None:
-            return unet(x_in, t, cond.context, y=cond.y)
-        return unet(x_in, t, cond.context, y=cond.y, control=control)
+        extra = {} if control is None else {"control": control}
+        if cond.ref_latents is not None:
+            # A CUDA-graph replay (ldm.cuda_graphs) takes fixed inputs: reference latents run the forward it wraps.
+            unet = unet if isinstance(unet, torch.nn.Module) else getattr(unet, "forward", unet)
+            extra["ref_latents"] = cond.ref_latents
+        return unet(x_in, t, cond.context, y=cond.y, **extra)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:
         if self.prediction in ("eps", "flow"):

@@ -16,6 +16,8 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
   (ldm.sampling.clip_schedule); the entry acts where this range and its timestep range meet, as in ComfyUI.
 - `concat`: for inpainting models, [1 or B, C, H, W] channels appended to the UNet's input at the
   latent's size (the caller builds them; entries without one get the guider's `concat`).
+- `ref_latents`: Flux Kontext's reference latents (`ldm.flux_variants.References`, in the model's latent space), passed
+  to the model with the entry's calls, never cropped to an area; entries share a call only with matching ones.
 - `hooks`: an `ldm.sampling.hooks.Hooks` group: the entry is predicted by the UNet with those LoRAs applied
   (the guider's `hooked` makes the copies); entries of different groups never share a call.
 - `gligen`: `("position", ldm.gligen.Gligen, phrases)` (GLIGENTextBoxApply): the entry is predicted by a copy of the
@@ -43,7 +45,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ldm.sampling.cond_jobs import Job, batches_of, entry_job, pair_areas
+from ldm.sampling.cond_jobs import Job, batched_references, batches_of, entry_job, pair_areas
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
 from ldm.sampling.hooks import HookedUNets
 from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
@@ -303,7 +305,7 @@ class CFGGuider:
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
                 concat = None if group[0].concat is None else torch.cat([j.concat for j in group])
                 batches.append((group, Conditioning(context, y, group[0].control, len(group), concat,
-                                                    self._grounded(group[0]))))
+                                                    self._grounded(group[0]), batched_references(group))))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

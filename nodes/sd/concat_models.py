@@ -11,6 +11,7 @@ import torch
 from ldm.upscaler_x4 import FAMILY as X4_FAMILY
 from ldm.upscaler_x4 import IMAGE_CHANNELS, augment, noise_level
 from nodes.node import Node
+from nodes.sd.flux_variants import carries_references, flux_inputs
 from nodes.sd.inpaint import inpaint_concat, with_inpaint_concat
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.sd.models import DiffusionModel, Vae
@@ -75,10 +76,11 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
     and the conditionings with `concat` (and, for the x4 upscaler, its class label `y`) on the entries that
     carry their own image. Prompts made for the x4 upscaler are refused for any other model, which would
     sample their quarter-size latent without a word."""
+    if model.family.name == "flux" or carries_references(conditionings):  # Flux's edit models, Kontext's references
+        return flux_inputs(model, latent, *conditionings)
     samples = latent["samples"]
     config = model.family.unet_config
-    # A Flux transformer's in_channels count its 2x2 patches' values: it takes latent_channels.
-    channels, expected = samples.shape[1], getattr(config, "latent_channels", config.in_channels)
+    channels, expected = samples.shape[1], config.in_channels
     upscaler_prompts = any("concat_image" in options for conditioning in conditionings for _, options in conditioning)
     if model.family.name == X4_FAMILY:
         if expected != channels + IMAGE_CHANNELS:

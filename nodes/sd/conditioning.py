@@ -12,7 +12,7 @@ import torch
 from ldm.sampling.clip_schedule import encode_scheduled
 from nodes.folders import get_paths
 from nodes.node import Node
-from nodes.sd.models import Clip, family_refusal, file_fingerprint, on_device
+from nodes.sd.models import Clip, clip_family_facts, family_refusal, file_fingerprint, on_device
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ class CLIPTextEncode(Node):
     clip = Socket("CLIP")
     outputs = (Output("CONDITIONING"),)
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return clip_family_facts(linked)
+
     def execute(self, text: str, clip: Clip) -> tuple[list]:
         return (_encoded(self, clip, text, lambda encoding: {} if encoding.pooled is None else
                          {"pooled_output": encoding.pooled.float().cpu()}),)
@@ -94,6 +98,10 @@ class CLIPTextEncodeSDXL(Node):
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
         return family_refusal(linked.get("clip", {}).get("family"), "sdxl", "the CLIP linked", _SDXL_CLIP_NEEDS)
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return clip_family_facts(linked)
 
     def execute(self, width: int, height: int, crop_w: int, crop_h: int, target_width: int, target_height: int,
                 text_g: str, clip: Clip, text_l: str) -> tuple[list]:

@@ -18,7 +18,7 @@ import torch
 from ldm.controlnet_union import CONTROL_TYPES, UnionControlNet
 from nodes.folders import get_paths
 from nodes.node import Node
-from nodes.sd.loaders import model_file, model_path, shared_model
+from nodes.sd.loaders import header_family, model_file, model_path, shared_model
 from nodes.sd.models import HANDLE_SIZE, DiffusionModel, device_and_dtype, file_fingerprint, load_device
 from nodes.spec import Combo, Float, Output, Socket
 
@@ -53,6 +53,11 @@ class ControlNetLoader(Node):
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
         return file_fingerprint(get_paths().find_model("controlnet", str(inputs.get("control_net_name", ""))))
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        family = header_family("controlnet", inputs.get("control_net_name"))
+        return {} if family is None else {0: {"family": family, "source": str(inputs.get("control_net_name"))}}
+
     def execute(self, control_net_name: str) -> tuple[ControlNetModel]:
         from ldm.controlnet import load_controlnet
 
@@ -85,6 +90,19 @@ class DiffControlNetLoader(Node):
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
         return ControlNetLoader.fingerprint(inputs)
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return ControlNetLoader.output_facts(inputs, linked)
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        family = header_family("controlnet", inputs.get("control_net_name"))
+        model = linked.get("model", {}).get("family")
+        if family is None or model is None or family == model:
+            return None
+        return (f"{inputs.get('control_net_name')} is a ControlNet for {family.upper()}; the MODEL linked is "
+                f"{model.upper()}")
+
     def execute(self, model: DiffusionModel, control_net_name: str) -> tuple[ControlNetModel]:
         from ldm.controlnet import load_controlnet, unet_weights
 
@@ -109,12 +127,34 @@ def _hint(image: torch.Tensor) -> torch.Tensor:
     return image[..., :3].movedim(-1, 1).float().cpu()
 
 
+def control_family_problem(linked: dict[str, dict[str, Any]], conditionings: tuple[str, ...]) -> str | None:
+    """Why the ControlNet linked does not fit the conditionings linked (by the families their files' headers
+    name: the ControlNet's, the CLIP's that encoded them); None when they fit or validation cannot tell."""
+    facts = linked.get("control_net", {})
+    control = facts.get("family")
+    for name in conditionings:
+        family = linked.get(name, {}).get("family")
+        if control is not None and family is not None and family != control:
+            return (f"{facts.get('source', 'the ControlNet linked')} is a ControlNet for {control.upper()}; the "
+                    f"{name} conditioning linked was encoded for {family.upper()}")
+    return None
+
+
+def conditioning_facts(linked: dict[str, dict[str, Any]], conditionings: tuple[str, ...]) -> dict[int, dict[str, Any]]:
+    """Each CONDITIONING output keeps the family of the one it came from."""
+    return {i: linked[name] for i, name in enumerate(conditionings) if linked.get(name)}
+
+
 def attach(conditionings: list[list], control_net: ControlNetModel, image: torch.Tensor, strength: float,
-           start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False) -> list[list]:
+           start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False,
+           vae: Any = None) -> list[list]:
     """Each conditioning with a Control on every entry; entries that had the same control before (or none)
     get the same new one, so a positive and a negative prompt still share one model call. `apply_to_uncond`
-    marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node)."""
+    marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node). An SD3
+    ControlNet needs the `vae` (a Vae) that encodes its hint."""
     from ldm.controlnet import Control
+    from ldm.controlnet_flux import FluxControl, FluxControlNet
+    from ldm.controlnet_sd3 import SD3Control, SD3ControlNet
     from ldm.sampling.schedules import sigma_at_percent
     from ldm.t2i_adapter import T2IAdapter, T2IAdapterControl
 
@@ -122,7 +162,16 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     sigma_range = (sigma_at_percent(start_percent, _sigmas()), sigma_at_percent(end_percent, _sigmas()))
     made: dict[int, Control] = {}
     # A T2I-Adapter's features are made once per run, from the hint alone, and go to the UNet's blocks.
-    kind = T2IAdapterControl if isinstance(control_net.model, T2IAdapter) else Control
+    kind: Any = T2IAdapterControl if isinstance(control_net.model, T2IAdapter) else Control
+    if isinstance(control_net.model, SD3ControlNet | FluxControlNet):
+        flux = isinstance(control_net.model, FluxControlNet)
+        if vae is None:
+            raise ValueError(f"{control_net.source} is {'a Flux' if flux else 'an SD3'} ControlNet, whose hint image "
+                             "is VAE-encoded: link the model's VAE (Apply Controlnet with VAE, or the vae input of "
+                             "Apply ControlNet)")
+        # Its range in levels is the model's, known when the KSampler places it (SD3Control.fit).
+        kind = functools.partial(FluxControl if flux else SD3Control, vae=vae.vae,
+                                 percent_range=(start_percent, end_percent))
 
     def control_after(previous: Control | None) -> Control:
         if id(previous) not in made:
@@ -149,15 +198,24 @@ class ControlNetApplyAdvanced(Node):
     strength = Float(1.0, min=0.0, max=10.0, step=0.01)
     start_percent = Float(0.0, min=0.0, max=1.0, step=0.001, tooltip="where in the schedule it starts acting")
     end_percent = Float(1.0, min=0.0, max=1.0, step=0.001, tooltip="where in the schedule it stops")
-    vae = Socket("VAE", optional=True, tooltip="unused: ControlNets that need one are not supported")
+    vae = Socket("VAE", optional=True, tooltip="encodes the hint of the ControlNets that take latents (SD3's, Flux's)")
     outputs = (Output("CONDITIONING", name="positive"), Output("CONDITIONING", name="negative"))
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return control_family_problem(linked, ("positive", "negative"))
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return conditioning_facts(linked, ("positive", "negative"))
 
     def execute(self, positive: list, negative: list, control_net: ControlNetModel, image: torch.Tensor,
                 strength: float, start_percent: float, end_percent: float, vae: Any = None) -> tuple[list, list]:
         if strength == 0:
             return positive, negative
         # A start after the end is accepted, as in ComfyUI: the ControlNet then never acts.
-        positive, negative = attach([positive, negative], control_net, image, strength, start_percent, end_percent)
+        positive, negative = attach([positive, negative], control_net, image, strength, start_percent, end_percent,
+                                    vae=vae)
         return positive, negative
 
 
@@ -173,6 +231,14 @@ class ControlNetApply(Node):
     image = Socket("IMAGE")
     strength = Float(1.0, min=0.0, max=10.0, step=0.01)
     outputs = (Output("CONDITIONING"),)
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return control_family_problem(linked, ("conditioning",))
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return conditioning_facts(linked, ("conditioning",))
 
     def execute(self, conditioning: list, control_net: ControlNetModel, image: torch.Tensor,
                 strength: float) -> tuple[list]:

@@ -59,8 +59,13 @@ def shared_file_model(node: Node, kind: str, path: Path, read: Any) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
-    """The model family a checkpoint or LoRA file is for, from its header (cached per file version)."""
+    """The model family a checkpoint, LoRA or ControlNet file is for, from its header (cached per file version)."""
     from ldm.lora import LoraError, lora_family, peek_lora
+
+    if kind == "controlnet":
+        from ldm.controlnet import peek_controlnet_family
+
+        return peek_controlnet_family(path)
 
     if kind == "checkpoints":
         from safetensors import SafetensorError
@@ -87,7 +92,7 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
 
 
 def header_family(kind: str, name: Any) -> str | None:
-    """The family of a file of `kind` ("checkpoints" or "loras") named by a node input, or None."""
+    """The family of a file of `kind` ("checkpoints", "loras" or "controlnet") named by a node input, or None."""
     path = get_paths().find_model(kind, str(name))
     return None if path is None else _header_family(kind, str(path), str(file_fingerprint(path)))
 

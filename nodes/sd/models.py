@@ -25,6 +25,13 @@ def family_refusal(family: str | None, wanted: str, source: str, needs: str) -> 
     return needs.format(source=source, family=family.upper())
 
 
+def clip_family_facts(linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A prompt encoder's CONDITIONING facts: the family of the CLIP linked, when known, which the ControlNet
+    nodes check their ControlNet's against at validation."""
+    family = linked.get("clip", {}).get("family")
+    return {} if family is None else {0: {"family": family}}
+
+
 def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
     if getattr(family, "prediction", None) == "flow":  # Flux or SD3 (ldm.flux_files, ldm.sd3_files), own time shift

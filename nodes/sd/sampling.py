@@ -91,18 +91,21 @@ def _place_controls(node: Node, model: DiffusionModel, controls: list) -> tuple[
 
     placed: dict[int, torch.nn.Module] = {}
     for control in controls:
-        if id(control.model) in placed:
-            continue
         name = control.source or "the ControlNet"
         if control.family is not None and control.family != model.family.name:
             raise ValueError(f"{name} is a ControlNet for {control.family.upper()}; "
                              f"the model ({model.source}) is {model.family.name.upper()}")
-        if isinstance(control.model, T2IAdapter):  # its features must fit the UNet's blocks (ldm.t2i_adapter)
+        if hasattr(control, "fit"):  # a control that checks itself against the model (ldm.controlnet_sd3)
+            mismatch = control.fit(model.unet, model.schedule)
+        elif isinstance(control.model, T2IAdapter):  # its features must fit the UNet's blocks (ldm.t2i_adapter)
             mismatch = control.model.unet_mismatch(model.family.unet_config)
         else:
             mismatch = _encoder_mismatch(control.model.config, model.family.unet_config)
         if mismatch:  # the same family, another size (the bundled demo model is a small SD1-style UNet)
             raise ValueError(f"{name} does not fit the model {model.source}: {mismatch}")
+        # Checked (and, for SD3/Flux ones, fitted to the model's schedule) each, but placed once per ControlNet.
+        if id(control.model) in placed:
+            continue
         # A Control-LoRA's ControlNet is made from this model's UNet (ldm.control_lora), and kept for it.
         module = control.model.controlnet(model.unet) if isinstance(control.model, ControlLora) else control.model
         # Kept: the ControlNets placed before, and the UNet, which runs with them next.

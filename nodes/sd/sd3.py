@@ -10,7 +10,7 @@ from torch import nn
 
 from nodes.node import Node
 from nodes.sd.conditioning import _encoded
-from nodes.sd.models import Clip, DiffusionModel, family_refusal
+from nodes.sd.models import Clip, DiffusionModel, clip_family_facts, family_refusal
 from nodes.sd.part_loaders import TEXT_ENCODERS, _fingerprint, load_clip, part_file, text_kinds_problem
 from nodes.spec import Combo, Float, Output, Socket, String
 
@@ -95,6 +95,10 @@ class CLIPTextEncodeSD3(Node):
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
         return family_refusal(linked.get("clip", {}).get("family"), "sd3", "the CLIP linked", _CLIP_NEEDS)
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return clip_family_facts(linked)
 
     def execute(self, clip: Clip, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str) -> tuple[list]:
         refusal = family_refusal(clip.family_name, "sd3", clip.source, _CLIP_NEEDS)

@@ -97,10 +97,29 @@ def test_the_older_node_on_the_positive_prompt_controls_the_negative_too_as_in_c
 
 def test_a_controlnet_for_another_family_is_refused_with_both_names(base):
     engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
-    result = engine.run(parse_api(workflow({"strength": 1.0, "name": "tiny_xl.safetensors"})), keep=["8"])
+    # Refused at validation: the files' headers say SDXL (the ControlNet) and SD1 (the checkpoint whose CLIP
+    # encoded the prompts), for both Apply nodes.
+    for old in (False, True):
+        with pytest.raises(WorkflowInvalid, match="tiny_xl.safetensors is a ControlNet for SDXL; the (positive|"
+                                                  "conditioning) conditioning linked was encoded for SD1"):
+            engine.run(parse_api(workflow({"strength": 1.0, "name": "tiny_xl.safetensors"}, old=old)))
+    # Where validation cannot tell (the prompts combined first), the KSampler refuses it, naming both files.
+    graph = workflow({"strength": 1.0, "name": "tiny_xl.safetensors"})
+    graph["13"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
+                                                                  "conditioning_2": ["6", 0]}}
+    graph["14"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["7", 0],
+                                                                  "conditioning_2": ["7", 0]}}
+    graph["12"]["inputs"].update(positive=["13", 0], negative=["14", 0])
+    result = engine.run(parse_api(graph), keep=["8"])
     assert not result.ok
     message = str(result.error)
     assert "tiny_xl.safetensors is a ControlNet for SDXL" in message and "tiny.safetensors" in message
+    # A difference ControlNet's loader checks the MODEL linked.
+    graph = workflow({"strength": 1.0})
+    graph["10"] = {"class_type": "DiffControlNetLoader", "inputs": {"model": ["4", 0],
+                                                                   "control_net_name": "tiny_xl.safetensors"}}
+    with pytest.raises(WorkflowInvalid, match="tiny_xl.safetensors is a ControlNet for SDXL; the MODEL linked is SD1"):
+        engine.run(parse_api(graph))
 
 
 def test_a_controlnet_of_the_right_family_but_another_size_is_refused_clearly(base, tmp_path):

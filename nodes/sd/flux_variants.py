@@ -1,0 +1,144 @@
+"""Flux Kontext, Fill, Depth and Canny: reference latents, Kontext image scaling, and the concat of Flux edit models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ldm.flux_variants import References, fold_mask
+from nodes.node import Node
+from nodes.sd.image import resize_image
+from nodes.sd.latent import repeat_to_batch, upscale_latent
+from nodes.sd.models import DiffusionModel
+from nodes.spec import Combo, Output, Socket
+
+# The resolutions (width, height) FLUX.1 Kontext was trained at, as Black Forest Labs and ComfyUI list them.
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
+_KINDS = {"fill": "Fill (inpainting)", "control": "Depth / Canny (control image)"}
+
+
+def _fit(t: torch.Tensor, samples: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """[b, c, h, w] at `samples`' size times `scale` (centre-cropped to its aspect, then bilinear, as ComfyUI's
+    common_upscale), its batch cut or cycled to `samples`' batch."""
+    height, width = samples.shape[-2] * scale, samples.shape[-1] * scale
+    if t.shape[-2:] != (height, width):
+        t = upscale_latent(t, width, height, "bilinear", "center")
+    return repeat_to_batch(t, samples.shape[0])
+
+
+def flux_concat(model: DiffusionModel, samples: torch.Tensor, image: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The extra input of a Flux Fill or Depth / Canny model for unscaled latents `samples` [B, 16, h, w], in the
+    model's latent space: the image's unscaled latent (zeros without one), scaled; for Fill followed by the mask
+    (any resolution; all ones without one) at the image's pixel size, folded 8x8 into 64 channels."""
+    image = torch.zeros_like(samples, dtype=torch.float32) if image is None else _fit(image.float(), samples)
+    image = model.latent_in(image)
+    if model.family.unet_config.edit_kind != "fill":
+        return image
+    mask = torch.ones_like(samples[:, :1], dtype=torch.float32) if mask is None else mask.float()
+    mask = _fit(mask.reshape(-1, 1, *mask.shape[-2:]), samples, scale=8)
+    return torch.cat([image, fold_mask(mask)], dim=1)
+
+
+def _entry_inputs(model: DiffusionModel, latent: dict, options: dict) -> dict:
+    """One entry's options with what the model takes from it: `ref_latents` from its reference latents, `concat`
+    from its masked image / control image; prompts for another kind of edit model are refused."""
+    config, source = model.family.unet_config, model.source
+    kind = config.edit_kind
+    refs = options.get("reference_latents")
+    if refs:
+        if kind is not None:
+            raise ValueError(f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; "
+                             f"{source} is a Flux {_KINDS[kind]} model, which takes none")
+        if any(r.shape[1] != config.latent_channels for r in refs):
+            raise ValueError(f"a reference latent has {sorted({r.shape[1] for r in refs})} channels and {source} "
+                             f"takes {config.latent_channels}: encode the reference image with the Flux VAE")
+        method = options.get("reference_latents_method", "offset")
+        options = {**options, "ref_latents": References(tuple(model.latent_in(r.float()) for r in refs), method)}
+    image, mask = options.get("concat_latent_image"), options.get("concat_mask")
+    if kind is None:
+        if image is not None and mask is None:
+            raise ValueError(f"the prompts carry a control image (InstructPixToPixConditioning) and {source} takes "
+                             "none: use a Flux Depth or Canny model")
+        return options  # an inpainting mask: a plain model inpaints by the latent's noise mask alone, as in ComfyUI
+    if kind == "control" and mask is not None:
+        raise ValueError(f"the prompts carry an inpainting mask (InpaintModelConditioning) and {source} is a Flux "
+                         "Depth / Canny model, which takes a control image: use InstructPixToPixConditioning, or a "
+                         "Flux Fill model")
+    if image is None and mask is None:
+        return options
+    if image is not None and image.shape[1] != config.latent_channels:
+        raise ValueError(f"the prompts' image latent has {image.shape[1]} channels and {source} takes "
+                         f"{config.latent_channels}: encode the image with the Flux VAE")
+    mask = latent.get("noise_mask") if mask is None else mask
+    return {**options, "concat": flux_concat(model, latent["samples"], image, mask)}
+
+
+def flux_inputs(model: DiffusionModel, latent: dict, *conditionings: list) -> tuple[Any, list[list]]:
+    """`nodes.sd.concat_models.model_inputs` for Flux models (and any model given reference latents, which only
+    Flux takes): the `concat` of entries that carry none (Fill and Depth / Canny models; None for the others), and
+    the conditionings with each entry's `ref_latents` and `concat`."""
+    if model.family.name != "flux":
+        raise ValueError(f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; "
+                         f"{model.source} is {model.family.name.upper()}, which takes none")
+    config, samples = model.family.unet_config, latent["samples"]
+    if samples.shape[1] != config.latent_channels:
+        raise ValueError(f"the latent has {samples.shape[1]} channels and {model.source} takes "
+                         f"{config.latent_channels}: the latent comes from another model family's VAE")
+    out = [[(embedding, _entry_inputs(model, latent, options)) for embedding, options in c] for c in conditionings]
+    default = None if config.edit_kind is None else flux_concat(model, samples, None, latent.get("noise_mask"))
+    return default, out
+
+
+def carries_references(conditionings: tuple[list, ...]) -> bool:
+    return any(options.get("reference_latents") for c in conditionings for _, options in c)
+
+
+class ReferenceLatent(Node):
+    """Adds a latent to the prompts as a reference image for an edit model (Flux Kontext); chain several nodes for
+    several references."""
+
+    category = "advanced/conditioning/edit_models"
+    conditioning = Socket("CONDITIONING")
+    latent = Socket("LATENT", optional=True)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, latent: dict | None = None) -> tuple[list]:
+        if latent is None:
+            return (conditioning,)
+        return ([(e, {**o, "reference_latents": [*o.get("reference_latents", []), latent["samples"]]})
+                 for e, o in conditioning],)
+
+
+class FluxKontextImageScale(Node):
+    """Scales the image (lanczos, centre-cropped) to the Kontext training resolution closest to its aspect ratio."""
+
+    category = "advanced/conditioning/flux"
+    image = Socket("IMAGE")
+    outputs = (Output("IMAGE"),)
+
+    def execute(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        aspect = image.shape[2] / image.shape[1]
+        _, width, height = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
+        return (resize_image(image, width, height, "lanczos", "center"),)
+
+
+class FluxKontextMultiReferenceLatentMethod(Node):
+    """How several reference latents are placed for Flux Kontext: "offset" side by side at index 1, "index" each at
+    its own index, "uxo/uno" diagonally past the image (UNO/USO)."""
+
+    category = "advanced/conditioning/flux"
+    conditioning = Socket("CONDITIONING")
+    reference_latents_method = Combo(["offset", "index", "uxo/uno"])
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, reference_latents_method: str) -> tuple[list]:
+        method = "uxo" if "uxo" in reference_latents_method or "uso" in reference_latents_method \
+            else reference_latents_method
+        return ([(e, {**o, "reference_latents_method": method}) for e, o in conditioning],)
+
+
+NODES: list[Any] = [ReferenceLatent, FluxKontextImageScale, FluxKontextMultiReferenceLatentMethod]
