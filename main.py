@@ -1,4 +1,5 @@
-"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, train."""
+"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-svd,
+train."""
 
 from __future__ import annotations
 
@@ -348,6 +349,21 @@ def cmd_make_sd3(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_svd(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.svd_files import make_svd_checkpoint
+    from ldm.zero123 import make_zero123_checkpoint
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    folder = args.models_dir / "checkpoints"
+    for what, make, name in (("Stable Video Diffusion", make_svd_checkpoint, "svd-tiny.safetensors"),
+                             ("Stable Zero123", make_zero123_checkpoint, "stable_zero123-tiny.safetensors")):
+        path = make(folder / name, seed=args.seed, dtype=dtype)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny {what})")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -490,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_sd3)
+
+    p = sub.add_parser("make-svd", help="write tiny random-weight Stable Video Diffusion and Stable Zero123 "
+                       "checkpoints in the real single-file layouts into a models folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its checkpoints/ "
+                   "(svd-tiny.safetensors, stable_zero123-tiny.safetensors), for ImageOnlyCheckpointLoader")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_svd)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the native workflow format")
     p.set_defaults(func=cmd_schema)

@@ -303,6 +303,8 @@ def detect_family(state_dict: StateDict, metadata: dict[str, str] | None = None,
     prediction type; without it the family's standard head layout is assumed.
     """
     metadata = metadata or {}
+    if f"{UNET_PREFIX}input_blocks.1.0.time_stack.in_layers.0.weight" in state_dict:  # ldm.svd_files reads these
+        raise CheckpointError("a Stable Video Diffusion (img2vid) checkpoint: load it with ImageOnlyCheckpointLoader")
     rule = next((r for r in FAMILY_RULES if r.matches(state_dict)), None)
     if rule is None:
         raise CheckpointError("not a Stable Diffusion checkpoint: no model.diffusion_model UNet weights")

@@ -26,19 +26,16 @@ COMFY_MODULES = frozenset({
 COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "QuadrupleCLIPLoader",
-    "ImageOnlyCheckpointLoader",
     # conditioning for other model kinds
-    "SVD_img2vid_Conditioning", "StableZero123_Conditioning",
     "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "ModelSamplingAuraFlow",
-    "VideoLinearCFGGuidance", "VideoTriangleCFGGuidance", "UNetTemporalAttentionMultiply",
-    "GITSScheduler",
-    # saving models of other kinds
-    "ImageOnlyCheckpointSave",
+    "GITSScheduler", "OptimalStepsScheduler",
+    # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
+    "CustomCombo", "GLSLShader",
     # latents and images
     "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo",
 })

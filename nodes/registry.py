@@ -52,6 +52,7 @@ BUILTIN_MODULES = (
     "nodes.sd.flux_variants",
     "nodes.sd.skip_layers",
     "nodes.sd.sd3_controlnet",
+    "nodes.sd.svd",
 )
 
 

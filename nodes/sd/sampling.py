@@ -34,6 +34,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.sd3 import sd3_y
 
         return sd3_y(conditioning)
+    if model.family.name == "svd":  # its `y`: the frame rate, motion bucket and augmentation, and the frame count
+        from nodes.sd.svd import svd_sampling_y
+
+        return svd_sampling_y(conditioning, latent)
     if not model.needs_adm:
         return conditioning
     if unclip:
@@ -65,9 +69,11 @@ def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list, 
     """Prompts encoded by another checkpoint's CLIP (the SDXL base's with the refiner, say) are refused
     with the widths, rather than failing inside the UNet with a matrix-shape error."""
     config = model.family.unet_config
+    # A UNet may project wider contexts itself (Stable Zero123's image embedding and camera, `ldm.zero123`).
+    widths = {config.context_dim, *getattr(model.unet, "extra_context_widths", ())}
     for side, conditioning in (("positive", positive), ("negative", negative), ("second positive", middle)):
         for embedding, _ in conditioning:
-            if embedding.shape[-1] != config.context_dim:
+            if embedding.shape[-1] not in widths:
                 raise ValueError(f"the {side} prompt was encoded {embedding.shape[-1]} wide, and the model "
                                  f"{model.source} ({model.family.name.upper()}) takes {config.context_dim}: "
                                  "encode it with this checkpoint's CLIP")
