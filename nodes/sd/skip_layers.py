@@ -49,7 +49,19 @@ def skip_layer_guidance(model: DiffusionModel, node: str, double_layers: str, si
     return replace(model, sampling_patches=replace(current, post_cfg=(*current.post_cfg, patch)))
 
 
-class SkipLayerGuidanceDiT(Node):
+class _DiTPatch(Node):
+    """What both nodes share: the MODEL linked must be a diffusion transformer, and the output is of its family."""
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return _family_problem(linked, cls.name)
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model", {})}
+
+
+class SkipLayerGuidanceDiT(_DiTPatch):
     """Generic version of SkipLayerGuidance node that can be used on every DiT model: guidance away from the
     positive prediction with the named double-stream (SD3: joint) and single-stream blocks skipped, over part of
     the schedule; one more model pass per step there."""
@@ -64,21 +76,13 @@ class SkipLayerGuidanceDiT(Node):
     rescaling_scale = Float(0.0, min=0.0, max=10.0, step=0.01)
     outputs = (Output("MODEL"),)
 
-    @classmethod
-    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _family_problem(linked, cls.name)
-
-    @classmethod
-    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        return {0: linked.get("model", {})}
-
     def execute(self, model: DiffusionModel, double_layers: str, single_layers: str, scale: float,
                 start_percent: float, end_percent: float, rescaling_scale: float) -> tuple[DiffusionModel]:
         return (skip_layer_guidance(model, self.name, double_layers, single_layers, scale, start_percent,
                                     end_percent, rescaling_scale),)
 
 
-class SkipLayerGuidanceSD3(Node):
+class SkipLayerGuidanceSD3(_DiTPatch):
     """Skip-layer guidance as Stability AI made it for SD3.5: guidance away from the positive prediction with the
     named joint blocks skipped, over part of the schedule (7, 8, 9 suit SD3.5 medium)."""
 
@@ -89,14 +93,6 @@ class SkipLayerGuidanceSD3(Node):
     start_percent = Float(0.01, min=0.0, max=1.0, step=0.001)
     end_percent = Float(0.15, min=0.0, max=1.0, step=0.001)
     outputs = (Output("MODEL"),)
-
-    @classmethod
-    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _family_problem(linked, cls.name)
-
-    @classmethod
-    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        return {0: linked.get("model", {})}
 
     def execute(self, model: DiffusionModel, layers: str, scale: float, start_percent: float,
                 end_percent: float) -> tuple[DiffusionModel]:
