@@ -1,4 +1,5 @@
-"""Routes for the example workflows in workflows/: the editor's default graph and its Examples menu."""
+"""Routes for the example workflows in workflows/ (the editor's default graph and its Examples menu), and the
+expansion of a workflow the editor opens (subgraphs, group nodes, missing node types)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from web.http import json_error
+from graph.document import DocumentError
+from web.expand import expand_for_editor
+from web.http import json_error, read_json
 from web.state import STATE
 
 routes = web.RouteTableDef()
@@ -32,3 +35,21 @@ async def workflow(request: web.Request) -> web.Response:
         raise json_error(404, "not_found", f"no example workflow named {name!r}")
     text = await asyncio.to_thread((folder / f"{name}.json").read_text)
     return web.Response(text=text, content_type="application/json", headers={"Cache-Control": "no-cache"})
+
+
+@routes.post("/workflow/expand")
+async def expand_workflow(request: web.Request) -> web.Response:
+    """{"workflow": W} -> W as the editor shows it: subgraph and group node instances expanded, with what was
+    expanded and the node types this server lacks (web/expand.py)."""
+    data = await read_json(request)
+    workflow = data.get("workflow") if isinstance(data, dict) else None
+    if not isinstance(workflow, dict):
+        raise json_error(400, "invalid_workflow", "the body must be {'workflow': <a UI-format or API-format workflow>}")
+    try:
+        answer = await asyncio.to_thread(expand_for_editor, workflow, request.app[STATE].registry)
+    except DocumentError as exc:
+        raise json_error(400, "invalid_workflow", str(exc)) from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # odd files: say so, not a 500
+        message = f"the workflow could not be read: {type(exc).__name__}: {exc}"
+        raise json_error(400, "invalid_workflow", message) from None
+    return web.json_response(answer)

@@ -279,6 +279,7 @@ class KSamplerAdvanced(Node):
     """KSampler with control over the steps run and the noise added, for multi-stage workflows."""
 
     category = "sampling"
+    display_name = "KSampler (Advanced)"
     model = Socket("MODEL")
     add_noise = Combo(["enable", "disable"])
     noise_seed = Int(0, min=0, max=INT_MAX, control_after_generate=True)

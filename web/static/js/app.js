@@ -78,6 +78,28 @@ function highlightWidgetTargets(canvas) {
   };
 }
 
+// What opening a file with subgraphs or group nodes did: the editor shows them expanded into their nodes.
+function expansionNotice(expanded) {
+  const kinds = {};
+  for (const instance of expanded) (kinds[instance.kind] ??= []).push(instance);
+  const parts = Object.entries(kinds).map(([kind, list]) => {
+    const names = list.map((i) => `"${i.title}"${i.mode === 2 ? " (muted)" : i.mode === 4 ? " (bypassed)" : ""}`);
+    return `${list.length} ${kind}${list.length > 1 ? "s" : ""} (${names.join(", ")})`;
+  });
+  return `expanded ${parts.join(" and ")} into their nodes, framed and titled after where they came from; `
+    + "this editor edits them flat, and Save keeps them so";
+}
+
+// The node types this server lacks, sorted as the server's validation sorts them.
+function missingNotice(missing) {
+  const builtIn = Object.keys(missing).filter((t) => missing[t] === "built-in");
+  const custom = Object.keys(missing).filter((t) => missing[t] !== "built-in");
+  const parts = [];
+  if (builtIn.length) parts.push(`ComfyUI built-in nodes Loom does not provide yet: ${builtIn.join(", ")}`);
+  if (custom.length) parts.push(`nodes from custom node packs not installed here: ${custom.join(", ")}`);
+  return parts.length ? `missing node types (shown in red): ${parts.join("; ")}` : "";
+}
+
 function refuse(type, name, target) {
   toast(`cannot connect ${type} to ${name}: it takes ${target}`, "error");
 }
@@ -123,12 +145,14 @@ class Editor {
     return node;
   }
 
-  load(data, name = "workflow") {
+  async load(data, name = "workflow") {
+    const { missing, expanded } = await loadAny(this.graph, data);
     clearRunState();
     runState.outputs = {};
-    const missing = loadAny(this.graph, data);
     this.fitView();
-    if (missing.length) toast(`${name}: unknown node types ${[...new Set(missing)].join(", ")}`, "error");
+    if (expanded.length) toast(`${name}: ${expansionNotice(expanded)}`, "info", 12000);
+    const notice = missingNotice(missing);
+    if (notice) toast(`${name}: ${notice}`, "error", 12000);
     this.save();
   }
 
@@ -308,9 +332,9 @@ class Editor {
 async function openFile(editor, file) {
   try {
     if (file.type === "image/png" || file.name.toLowerCase().endsWith(".png")) {
-      editor.load(workflowFromPng(await file.arrayBuffer()), file.name);
+      await editor.load(workflowFromPng(await file.arrayBuffer()), file.name);
     } else {
-      editor.load(JSON.parse(await file.text()), file.name);
+      await editor.load(JSON.parse(await file.text()), file.name);
     }
     toast(`opened ${file.name}`);
   } catch (error) {
@@ -327,7 +351,7 @@ async function fillExamples(editor) {
     menu.value = "";
     if (!name) return;
     try {
-      editor.load(await api(`/workflows/${encodeURIComponent(name)}`), name);
+      await editor.load(await api(`/workflows/${encodeURIComponent(name)}`), name);
       toast(`opened the example ${name}`);
     } catch (error) {
       toast(`${name}: ${error.message}`, "error");
@@ -398,12 +422,13 @@ async function main() {
   try {
     const saved = JSON.parse(localStorage.getItem(STORAGE_KEY));
     if (!saved?.nodes?.length) throw new Error("no saved session");
-    editor.load(saved, "last session");
+    await editor.load(saved, "last session");
   } catch {
     await editor.loadDefault(); // a first visit, or a session that no longer opens
   }
   await fillExamples(editor);
-  const queuePanel = new QueuePanel((doc, name) => editor.load(doc, name), (message) => toast(message, "error"));
+  const queuePanel = new QueuePanel((doc, name) => editor.load(doc, name).catch((error) => toast(
+    `${name}: ${error.message}`, "error")), (message) => toast(message, "error"));
   window.loom.queuePanel = queuePanel;
   connect({
     open: () => {

@@ -1,4 +1,4 @@
-import { api } from "./api.js";
+import { api, ApiError } from "./api.js";
 import { hideWidget } from "./convert.js";
 
 // Workflow documents in the editor: open the native (API) format, ComfyUI's UI format and PNGs; the default graph.
@@ -56,8 +56,28 @@ function autoLayout(doc) {
   return pos;
 }
 
+// Why a node type is missing, as the server's validation says it: "built-in" (ComfyUI's, not in Loom yet) or
+// "custom" (a custom node pack's).
+const MISSING_WHY = { "built-in": "ComfyUI built-in node, not in Loom yet", custom: "from a custom node pack" };
+
+// A node whose type this server lacks: red, and saying so in its body; the file's data is kept for saving.
+function markMissing(node, why) {
+  node.color = "#a22";
+  node.bgcolor = "#4a1c1c";
+  node.missing = why || "custom";
+  if (!node.title || node.title === "Unnamed") node.title = node.type;
+  node.size = [Math.max(node.size[0], 300), Math.max(node.size[1], 60)];
+  node.onDrawForeground = function (ctx) {
+    ctx.save();
+    ctx.fillStyle = "#f99";
+    ctx.font = "12px sans-serif";
+    ctx.fillText(`missing: ${MISSING_WHY[this.missing] || this.missing}`, 10, this.size[1] - 12);
+    ctx.restore();
+  };
+}
+
 // Build the graph of a native (API-format) document; returns the class types that are not known here.
-export function loadApi(graph, doc) {
+export function loadApi(graph, doc, kinds = {}) {
   graph.clear();
   const layout = autoLayout(doc);
   const missing = [];
@@ -69,7 +89,7 @@ export function loadApi(graph, doc) {
       node = new LGraphNode(`${raw.class_type} (missing)`);
       node.type = raw.class_type;
       node.has_errors = true;
-      node.color = "#a22";
+      markMissing(node, kinds[raw.class_type]);
     }
     const numeric = Number(id);
     if (Number.isInteger(numeric) && numeric > 0) node.id = numeric;
@@ -120,15 +140,56 @@ function tidyWidgetInputs(node) {
   }
 }
 
-export function loadAny(graph, data) {
-  if (isUiFormat(data)) {
-    graph.configure(data);
-    for (const node of graph._nodes) tidyWidgetInputs(node);
-    return graph._nodes.filter((n) => n.has_errors).map((n) => n.type);
+// The server expands what the editor cannot show (subgraphs, group nodes) and says which node types it lacks
+// and why; where it cannot read the document, the editor shows what litegraph makes of it.
+async function expand(doc) {
+  try {
+    return await api("/workflow/expand", { method: "POST", body: { workflow: doc } });
+  } catch (error) {
+    if (!(error instanceof ApiError) || error.status !== 400) throw error;
+    return { workflow: doc, expanded: [], missing: {} };
   }
-  if (data && typeof data.prompt === "object" && !data.prompt.class_type) return loadApi(graph, data.prompt);
-  if (data && typeof data === "object" && !Array.isArray(data)) return loadApi(graph, data);
-  throw new Error("this file is not a workflow (expected an API-format or UI-format JSON object)");
+}
+
+// The server frames each expanded instance by the sizes the file gave its nodes; the editor's nodes can be taller
+// (all their widgets drawn): grow each such frame around the nodes that start inside it.
+function fitFrames(graph) {
+  for (const group of graph._groups) {
+    if (!/ expanded\)$/.test(group.title)) continue;
+    const [x, y, w, h] = group._bounding;
+    const inside = graph._nodes.filter((n) => n.pos[0] >= x && n.pos[0] < x + w && n.pos[1] >= y && n.pos[1] < y + h);
+    const right = Math.max(x + w, ...inside.map((n) => n.pos[0] + n.size[0] + 20));
+    const bottom = Math.max(y + h, ...inside.map((n) => n.pos[1] + n.size[1] + 20));
+    group._bounding.set([x, y, right - x, bottom - y]);
+  }
+}
+
+// Load any workflow document; resolves to {missing: {type: "built-in" | "custom"}, expanded: [instances]}.
+export async function loadAny(graph, data) {
+  let doc = data;
+  if (data && (typeof data.workflow === "string" || typeof data.prompt === "string")) {
+    // A PNG's text chunks saved as JSON (PNG-info tools write them so): read as the PNG itself would be.
+    doc = JSON.parse(typeof data.workflow === "string" ? data.workflow : data.prompt);
+  }
+  if (data && typeof data.prompt === "object" && !data.prompt.class_type && !isUiFormat(data)) doc = data.prompt;
+  if (!doc || typeof doc !== "object" || Array.isArray(doc)) {
+    throw new Error("this file is not a workflow (expected an API-format or UI-format JSON object)");
+  }
+  const { workflow, expanded, missing } = await expand(doc);
+  if (!isUiFormat(workflow)) {
+    for (const type of loadApi(graph, workflow, missing)) missing[type] ??= "custom";
+    return { missing, expanded };
+  }
+  graph.configure(workflow);
+  if (expanded.length) fitFrames(graph);
+  for (const node of graph._nodes) {
+    tidyWidgetInputs(node);
+    if (node.has_errors) {
+      missing[node.type] ??= "custom";
+      markMissing(node, missing[node.type]);
+    }
+  }
+  return { missing, expanded };
 }
 
 // The `workflow` and `prompt` tEXt/iTXt chunks of a PNG saved by SaveImage.
