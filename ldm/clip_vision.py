@@ -198,8 +198,10 @@ def clip_vision_config(weights: StateDict, activation: str | None = None) -> Cli
         intermediate_size=intermediate, activation=activation or ("gelu" if width >= 1280 else "quick_gelu"))
 
 
-def preprocess(image: Tensor, size: int, crop: bool = True) -> Tensor:
-    """An IMAGE [B, H, W, C] in 0..1 as CLIP sees it: [B, 3, size, size] normalised with CLIP's mean and std.
+def preprocess(image: Tensor, size: int, crop: bool = True, mean: tuple[float, ...] = CLIP_MEAN,
+               std: tuple[float, ...] = CLIP_STD) -> Tensor:
+    """An IMAGE [B, H, W, C] in 0..1 as CLIP sees it: [B, 3, size, size] normalised with `mean` and `std` (CLIP's
+    by default; SigLIP's are 0.5).
 
     As CLIP's processors do: the shortest side resized to `size` (bicubic, antialiased), the centre cropped;
     `crop=False` squashes the whole image to size x size instead (ComfyUI's crop "none"). Values are then
@@ -216,7 +218,7 @@ def preprocess(image: Tensor, size: int, crop: bool = True) -> Tensor:
         top, left = (pixels.shape[-2] - size) // 2, (pixels.shape[-1] - size) // 2
         pixels = pixels[..., top:top + size, left:left + size]
     pixels = (pixels.clamp(0, 1) * 255).round() / 255
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (mean, std))
     return (pixels - mean) / std
 
 
@@ -246,7 +248,7 @@ class ClipVisionModel(nn.Module):
 
 @dataclass
 class LoadedClipVision:
-    model: ClipVisionModel
+    model: nn.Module  # a ClipVisionModel, or an ldm.siglip.SiglipVision (the same `encode`)
     unused_keys: list[str]
     path: Path
 
@@ -271,6 +273,11 @@ def load_clip_vision(path: str | Path, device: torch.device | str = "cpu", dtype
     tower raises CheckpointError saying what it seems to be."""
     path = Path(path)
     weights, unused = to_transformers(_read(path), path.name)
+    from ldm.siglip import is_siglip, load_siglip  # SigLIP reuses this module's preprocessing and output
+
+    if is_siglip(weights):  # Flux Redux's image encoder: no class token, no projection
+        siglip, more = load_siglip(weights, path, device, dtype)
+        return LoadedClipVision(siglip, sorted({*unused, *more}), path)
     try:
         config = clip_vision_config(weights, activation)
     except CheckpointError as e:

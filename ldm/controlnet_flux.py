@@ -8,7 +8,11 @@ tokens. The transformer has more blocks than the ControlNet: each residual serve
 blocks) consecutive blocks of its kind, as diffusers and ComfyUI spread them (`spread`).
 
 Files in diffusers' names are read into Loom's (Black Forest Labs' block names, `ldm.flux`). XLabs' ControlNets
-(a pixel-space hint encoder) and InstantX's Union ControlNet (a mode embedding) are refused by name.
+(a pixel-space hint encoder) are `ldm.controlnet_flux_xlabs`'s. A Union ControlNet (InstantX's and Shakker-Labs'
+FLUX.1-dev-ControlNet-Union(-Pro)) also embeds a control mode (`controlnet_mode_embedder`), chosen with Set Union
+ControlNet Type, as one more text token in front of the prompt's; with none chosen ("auto") it adds none, as in
+ComfyUI. The mode is the model's own index (InstantX's: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low
+quality): ComfyUI passes the SDXL Union type list's index to it unchanged, and so does Loom.
 """
 
 from __future__ import annotations
@@ -109,15 +113,18 @@ class FluxControlNet(nn.Module):
     global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
     model_blocks: tuple[int, int] | None = None  # the (double, single) block counts of the model it last fitted
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, modes: int = 0):
         super().__init__()
         self.config = c = config
+        self.modes = modes  # a Union's control modes; 0: not a Union
         self.img_in = nn.Linear(c.in_channels, c.hidden_size)
         self.time_in = MLPEmbedder(256, c.hidden_size)
         self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
         if c.guidance_embed:
             self.guidance_in = MLPEmbedder(256, c.hidden_size)
         self.txt_in = nn.Linear(c.context_dim, c.hidden_size)
+        if modes:
+            self.controlnet_mode_embedder = nn.Embedding(modes, c.hidden_size)
         self.double_blocks = nn.ModuleList([DoubleStreamBlock(c) for _ in range(c.depth)])
         self.single_blocks = nn.ModuleList([SingleStreamBlock(c) for _ in range(c.depth_single_blocks)])
         self.controlnet_x_embedder = nn.Linear(c.in_channels, c.hidden_size)
@@ -125,11 +132,20 @@ class FluxControlNet(nn.Module):
         self.controlnet_single_blocks = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size)
                                                        for _ in range(c.depth_single_blocks)])
 
+    def check_control_type(self, control_type: int | None) -> None:
+        """Raise ValueError for a control mode this ControlNet has not (Set Union ControlNet Type)."""
+        if control_type is not None and not 0 <= control_type < self.modes:
+            raise ValueError(f"control mode {control_type} is not one of this Flux ControlNet Union's {self.modes} "
+                             f"(0 to {self.modes - 1}; auto: none)" if self.modes else
+                             "a single-purpose Flux ControlNet takes no control mode")
+
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                blocks: tuple[int, int] | None = None) -> list[Tensor]:
+                blocks: tuple[int, int] | None = None, control_type: int | None = None) -> list[Tensor]:
         """The residuals [B, tokens, hidden] for latents `x` [B, 16, H, W] and the hint's latents `hint`
         (scaled, `encode_hint`): one per double-stream block then one per single-stream block, spread over the
-        model's `blocks` (double, single) counts (by default those of the model it was fitted to, else its own)."""
+        model's `blocks` (double, single) counts (by default those of the model it was fitted to, else its own).
+        A Union's `control_type` (its mode) goes in front of the text tokens."""
+        self.check_control_type(control_type)
         c, dtype, p = self.config, self.dtype, self.config.patch_size
         x, hint = pad_to_patch(x, p), pad_to_patch(hint, p)  # odd sizes as the model pads them
         rows, cols = x.shape[-2] // p, x.shape[-1] // p
@@ -142,6 +158,9 @@ class FluxControlNet(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.float() * 1000, 256).to(dtype))
         vec = vec + self.vector_in(pooled.to(dtype))
         txt = self.txt_in(context.to(dtype))
+        if control_type is not None:  # at text position 0, as the prompt's tokens
+            mode = self.controlnet_mode_embedder(torch.tensor([control_type], device=x.device)).to(dtype)
+            txt = torch.cat([mode.expand(txt.shape[0], 1, -1), txt], dim=1)
         ids = torch.cat([torch.zeros(txt.shape[1], 3, device=x.device), grid_ids(rows, cols, device=x.device)])
         rope = rope_angles(ids, c.axes_dim, c.theta)
         doubles, singles = [], []
@@ -182,18 +201,17 @@ def flux_controlnet_config(sd: StateDict) -> FluxConfig:
 def load_flux_controlnet(sd: StateDict, path: Path, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32) -> LoadedControlNet:
     """A Flux ControlNet from a state dict in diffusers' layout (`is_flux_controlnet`)."""
-    if "input_hint_block.0.weight" in sd or "double_blocks.0.img_attn.qkv.weight" in sd:
-        raise CheckpointError(f"{path.name}: a Flux ControlNet with a pixel-space hint encoder (XLabs'), which this "
-                              "engine does not run yet; Flux ControlNets that take a latent hint (InstantX's) load")
-    if "controlnet_mode_embedder.weight" in sd:
-        raise CheckpointError(f"{path.name}: a Flux ControlNet Union (a control mode per hint), which this engine "
-                              "does not run yet; single-purpose diffusers-layout Flux ControlNets load")
+    from ldm.controlnet_flux_xlabs import is_xlabs_controlnet, load_xlabs_controlnet
+
+    if is_xlabs_controlnet(sd):
+        return load_xlabs_controlnet(sd, path, device, dtype)
     sd = from_diffusers(sd)
+    modes = sd["controlnet_mode_embedder.weight"].shape[0] if "controlnet_mode_embedder.weight" in sd else 0
     try:
         config = flux_controlnet_config(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
-    model = _materialize(lambda: FluxControlNet(config), sd, "Flux ControlNet", path, device, dtype)
+    model = _materialize(lambda: FluxControlNet(config, modes), sd, "Flux ControlNet", path, device, dtype)
     expected = set(model.state_dict())
     return LoadedControlNet(model, "flux", sorted(k for k in sd if k not in expected), path)
 
@@ -227,6 +245,8 @@ class FluxControl(SD3Control):
         return None
 
     def _encode(self, height: int, width: int, device: torch.device) -> Tensor:
+        if getattr(self.model, "pixel_hint", False):  # XLabs': the picture itself, at 8x the latent's size
+            return prepare_hint(self.hint.float(), height * 8, width * 8).to(device)
         if self.vae is None:
             raise ValueError(f"{self.source or 'the Flux ControlNet'} needs a VAE to encode its hint image "
                              "(Apply ControlNet's vae input)")

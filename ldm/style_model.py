@@ -78,7 +78,7 @@ class StyleAdapter(nn.Module):
 
 @dataclass
 class LoadedStyleModel:
-    model: StyleAdapter
+    model: nn.Module  # a StyleAdapter, or an ldm.flux_redux.ReduxImageEncoder
     unused_keys: list[str]
     path: Path
 
@@ -91,15 +91,18 @@ def style_adapter_config(sd: StateDict) -> StyleAdapterConfig:
 
 def load_style_model(path: str | Path, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32) -> LoadedStyleModel:
-    """A style model file (TencentARC's `.pth`, or the same keys in safetensors); another kind of file raises
-    CheckpointError saying what it is."""
+    """A style model file (TencentARC's `.pth`, or the same keys in safetensors; Flux Redux's, `ldm.flux_redux`);
+    another kind of file raises CheckpointError saying what it is."""
+    from ldm.flux_redux import is_redux, load_redux
+
     path = Path(path)
     sd = load_state_dict(path)
+    if is_redux(sd):
+        return LoadedStyleModel(*load_redux(sd, path, device, dtype), path)
     if "style_embedding" not in sd:
-        if "redux_up.weight" in sd:
-            raise CheckpointError(f"{path.name}: a Flux Redux style model, for Flux, which this engine does not run")
         raise CheckpointError(f"{path.name}: not a style model this engine knows: no style_embedding weight (the "
-                              "T2I-Adapter style model, t2iadapter_style_sd14v1 or coadapter-style-sd15v1, has one)")
+                              "T2I-Adapter style model, t2iadapter_style_sd14v1 or coadapter-style-sd15v1, has one) "
+                              "nor redux_up (Flux Redux's)")
     try:
         config = style_adapter_config(sd)
     except (KeyError, ValueError) as e:

@@ -154,6 +154,7 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     ControlNet needs the `vae` (a Vae) that encodes its hint."""
     from ldm.controlnet import Control
     from ldm.controlnet_flux import FluxControl, FluxControlNet
+    from ldm.controlnet_flux_xlabs import XLabsControlNet
     from ldm.controlnet_sd3 import SD3Control, SD3ControlNet
     from ldm.sampling.schedules import sigma_at_percent
     from ldm.t2i_adapter import T2IAdapter, T2IAdapterControl
@@ -163,14 +164,14 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     made: dict[int, Control] = {}
     # A T2I-Adapter's features are made once per run, from the hint alone, and go to the UNet's blocks.
     kind: Any = T2IAdapterControl if isinstance(control_net.model, T2IAdapter) else Control
-    if isinstance(control_net.model, SD3ControlNet | FluxControlNet):
-        flux = isinstance(control_net.model, FluxControlNet)
-        if vae is None:
+    if isinstance(control_net.model, SD3ControlNet | FluxControlNet | XLabsControlNet):
+        flux = isinstance(control_net.model, FluxControlNet | XLabsControlNet)
+        if vae is None and not getattr(control_net.model, "pixel_hint", False):  # XLabs' takes the picture
             raise ValueError(f"{control_net.source} is {'a Flux' if flux else 'an SD3'} ControlNet, whose hint image "
                              "is VAE-encoded: link the model's VAE (Apply Controlnet with VAE, or the vae input of "
                              "Apply ControlNet)")
         # Its range in levels is the model's, known when the KSampler places it (SD3Control.fit).
-        kind = functools.partial(FluxControl if flux else SD3Control, vae=vae.vae,
+        kind = functools.partial(FluxControl if flux else SD3Control, vae=None if vae is None else vae.vae,
                                  percent_range=(start_percent, end_percent))
 
     def control_after(previous: Control | None) -> Control:
@@ -257,7 +258,8 @@ def _model_kwargs(control_net: ControlNetModel) -> dict:
 
 class SetUnionControlNetType(Node):
     """Chooses what a ControlNet Union (xinsir's controlnet-union-sdxl-1.0, its promax file) reads its hint
-    as; "auto" lets the model tell from the hint. Other ControlNets pass through unchanged, as in ComfyUI."""
+    as; "auto" lets the model tell from the hint. A Flux ControlNet Union takes the type's index as its own mode,
+    as in ComfyUI (ldm.controlnet_flux). Other ControlNets pass through unchanged, as in ComfyUI."""
 
     category = "conditioning/controlnet"
     control_net = Socket("CONTROL_NET")
@@ -266,7 +268,7 @@ class SetUnionControlNetType(Node):
 
     def execute(self, control_net: ControlNetModel, type: str) -> tuple[ControlNetModel]:
         control_type = None if type == "auto" else CONTROL_TYPES.index(type)
-        if not isinstance(control_net.model, UnionControlNet):
+        if not isinstance(control_net.model, UnionControlNet) and not getattr(control_net.model, "modes", 0):
             if control_type is not None:
                 log.warning("%s is not a ControlNet Union: the control type %r does nothing", control_net.source, type)
             return (control_net,)

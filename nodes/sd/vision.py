@@ -62,7 +62,8 @@ def _encode(model: torch.nn.Module, image: torch.Tensor, crop: bool) -> ClipVisi
 
 @dataclass(frozen=True, eq=False)
 class StyleModel:
-    """STYLE_MODEL: a loaded T2I-Adapter style model (ldm.style_model.StyleAdapter)."""
+    """STYLE_MODEL: a loaded T2I-Adapter style model (ldm.style_model.StyleAdapter) or Flux Redux model
+    (ldm.flux_redux.ReduxImageEncoder)."""
 
     model: torch.nn.Module
     source: str
@@ -79,7 +80,8 @@ def _load_clip_vision(node: Node, path: Any, name: str) -> ClipVision:
 
 class CLIPVisionLoader(Node):
     """Loads a CLIP image encoder from models/clip_vision: transformers' layout (OpenAI's ViT-L/14, the LAION
-    ViT-H/14 and ViT-bigG/14 files IP-Adapters use) or open_clip's."""
+    ViT-H/14 and ViT-bigG/14 files IP-Adapters use) or open_clip's; or a SigLIP one (sigclip_vision_patch14_384,
+    for Flux Redux: ldm.siglip)."""
 
     display_name = "Load CLIP Vision"
     category = "loaders"
@@ -155,7 +157,8 @@ class unCLIPCheckpointLoader(Node):  # noqa: N801 (ComfyUI's name)
 
 
 class StyleModelLoader(Node):
-    """Loads a T2I-Adapter style model from models/style_models (t2iadapter_style_sd14v1, coadapter-style)."""
+    """Loads a style model from models/style_models: a T2I-Adapter's (t2iadapter_style_sd14v1, coadapter-style)
+    or Flux Redux (flux1-redux-dev, with a SigLIP vision model: sigclip_vision_patch14_384)."""
 
     display_name = "Load Style Model"
     category = "loaders"
@@ -174,7 +177,8 @@ class StyleModelLoader(Node):
 
 
 class StyleModelApply(Node):
-    """Appends a style model's tokens, made from an image's CLIP vision output, to each prompt's embedding."""
+    """Appends a style model's tokens, made from an image's CLIP vision output, to each prompt's embedding (Flux
+    Redux's to Flux's T5 tokens)."""
 
     display_name = "Apply Style Model"
     category = "conditioning/style_model"
@@ -191,20 +195,22 @@ class StyleModelApply(Node):
                 strength: float, strength_type: str) -> tuple[list]:
         adapter = on_device(self.ctx, style_model.model)
         with torch.no_grad():
-            hidden = clip_vision_output.last_hidden_state.to(adapter.proj.device)
+            hidden = clip_vision_output.last_hidden_state.to(next(adapter.parameters()).device)
             tokens = adapter(hidden).float().cpu()
         tokens = tokens.reshape(1, -1, tokens.shape[-1])  # a batch of images: all their tokens, one after another
         if strength_type == "multiply":
             tokens = tokens * strength
         elif strength != 1.0:
             log.warning("Apply Style Model: strength_type attn_bias weighs the style tokens in attention masks, which "
-                        "the SD UNet has none of: the tokens go in unscaled, as in ComfyUI (multiply scales them)")
+                        "%s: the tokens go in unscaled (multiply scales them)",
+                        "this engine's Flux does not take yet" if hasattr(adapter, "redux_up")
+                        else "the SD UNet has none of, as in ComfyUI")
         out = []
         for embedding, options in conditioning:
             if embedding.shape[-1] != tokens.shape[-1]:
                 raise ValueError(f"the style model {style_model.source} makes {tokens.shape[-1]}-wide tokens and the "
                                  f"prompt is {embedding.shape[-1]} wide: it is for another model family (the T2I "
-                                 "style models are SD1.x's)")
+                                 "style models are SD1.x's, Flux Redux is Flux.1's)")
             style = tokens.to(embedding).expand(embedding.shape[0], -1, -1)
             out.append((torch.cat([embedding, style], dim=1), dict(options)))
         return (out,)

@@ -135,7 +135,7 @@ def test_files_that_are_not_controlnets_say_what_they_are(tmp_path):
     flux = tmp_path / "flux_canny.safetensors"
     safetensors.torch.save_file({"controlnet_x_embedder.weight": torch.zeros(2),
                                  "input_hint_block.0.weight": torch.zeros(1)}, flux)
-    with pytest.raises(CheckpointError, match="flux_canny.safetensors: a Flux ControlNet with a pixel-space hint"):
+    with pytest.raises(CheckpointError, match="flux_canny.safetensors: an incomplete Flux ControlNet: no weight"):
         load_controlnet(flux)
 
 

@@ -16,12 +16,13 @@ from ldm.sampling.flow import FlowSchedule
 from tests.ldm.flux_reference import TINY, diffusers_twin, random_flux
 
 
-def diffusers_controlnet(seed: int = 0, config: FluxConfig = TINY) -> FluxControlNetModel:
-    """diffusers' ControlNet (2 double blocks, 1 single block) for a transformer of `config`, every weight random."""
+def diffusers_controlnet(seed: int = 0, config: FluxConfig = TINY, num_mode: int | None = None) -> FluxControlNetModel:
+    """diffusers' ControlNet (2 double blocks, 1 single block) for a transformer of `config`, every weight random;
+    a Union with `num_mode` control modes."""
     model = FluxControlNetModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=1, attention_head_dim=16,
                                 num_attention_heads=2, joint_attention_dim=config.context_dim,
                                 pooled_projection_dim=config.vec_in_dim, guidance_embeds=True,
-                                axes_dims_rope=TINY.axes_dim)
+                                axes_dims_rope=TINY.axes_dim, num_mode=num_mode)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the zero-initialised output layers too
         for name, param in model.named_parameters():
@@ -90,17 +91,40 @@ def test_spread_gives_each_residual_to_consecutive_blocks() -> None:
 
 
 def test_other_layouts_and_wrong_residuals_are_refused(tmp_path) -> None:
-    reference = diffusers_controlnet()
-    sd = dict(reference.state_dict())
-    safetensors.torch.save_file({**sd, "controlnet_mode_embedder.weight": torch.zeros(10, 32)},
-                                tmp_path / "union.safetensors")
-    with pytest.raises(CheckpointError, match="union.safetensors: a Flux ControlNet Union"):
-        load_controlnet(tmp_path / "union.safetensors")
     xlabs = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32), "controlnet_blocks.0.weight":
              torch.zeros(32, 32), "input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}
     safetensors.torch.save_file(xlabs, tmp_path / "xlabs.safetensors")
-    with pytest.raises(CheckpointError, match="xlabs.safetensors: a Flux ControlNet with a pixel-space hint encoder"):
+    with pytest.raises(CheckpointError, match=r"xlabs.safetensors: an XLabs Flux ControlNet whose hint encoder has "
+                                              r"convolutions \[0\], not"):
         load_controlnet(tmp_path / "xlabs.safetensors")
     x, _, context, pooled, sigma, _ = inputs(2)
     with pytest.raises(ValueError, match="takes a Flux ControlNet's residuals .* one per block"):
         random_flux()(x, sigma, context, pooled, control=[torch.zeros(2, 12, 32)])
+
+
+def test_a_union_takes_its_control_mode_as_diffusers_does(tmp_path) -> None:
+    """FLUX.1-dev-ControlNet-Union's layout: the mode embedded in front of the text tokens (diffusers'
+    `controlnet_mode`); "auto" (no mode) adds no token, as ComfyUI runs it."""
+    reference = diffusers_controlnet(seed=4, num_mode=7)
+    write(reference, tmp_path / "union.safetensors")
+    loaded = load_controlnet(tmp_path / "union.safetensors")
+    assert isinstance(loaded.model, FluxControlNet) and loaded.model.modes == 7 and loaded.unused_keys == []
+    assert FluxControl(loaded.model, torch.zeros(1, 3, 48, 64)).fit(random_flux(), FlowSchedule(1.0)) is None
+    x, hint, context, pooled, sigma, guidance = inputs(5)
+    y = torch.cat([pooled, guidance[:, None]], dim=1)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32)
+    with torch.no_grad():
+        by_mode = {}
+        for mode in (2, 5):
+            doubles, singles = reference(
+                hidden_states=pack(x), controlnet_cond=pack(hint), controlnet_mode=torch.tensor([[mode], [mode]]),
+                encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma, guidance=guidance,
+                img_ids=ids, txt_ids=torch.zeros(5, 3), return_dict=False)
+            by_mode[mode] = loaded.model(x, hint, sigma, context, y, blocks=(2, 1), control_type=mode)
+            for mine, theirs in zip(by_mode[mode], [*doubles, *singles], strict=True):
+                # These residuals run to hundreds (the mode token's attention): 1e-5 of their scale.
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+        auto = loaded.model(x, hint, sigma, context, y, blocks=(2, 1))
+    assert (by_mode[2][0] - by_mode[5][0]).abs().max() > 1e-3 and (by_mode[2][0] - auto[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="control mode 7 is not one of this Flux ControlNet Union's 7"):
+        loaded.model(x, hint, sigma, context, y, control_type=7)
