@@ -8,7 +8,8 @@ linear layer (`controlnet_blocks`) gives one output, added to the image tokens o
 ControlNets see a zero pooled prompt, and the hint's latents are scaled without SD3's latent shift.
 
 Files in diffusers' names are read into Loom's (Stability's MMDiT names, `joint_blocks.N.x_block...`).
-Stability AI's SD3.5 Large ControlNets have their own layout and are refused by name.
+Stability AI's SD3.5 Large ControlNets have their own layout and model (`ldm.controlnet_sd35`); both are
+`SD3ControlNet`s, applied by `SD3Control`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,31 @@ from torch import Tensor, nn
 
 from ldm.checkpoint import CheckpointError, StateDict, _materialize
 from ldm.controlnet import Control, LoadedControlNet, prepare_hint
-from ldm.mmdit import Embedder, JointBlock, MMDiT, MMDiTConfig, PatchEmbed, embed_inputs
+from ldm.mmdit import Attention, Embedder, JointBlock, MMDiT, MMDiTConfig, PatchEmbed, embed_inputs
 
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 HINT_LATENT_SCALE = 1.5305  # SD3's latent scale; its shift (0.0609) is not applied to these hints
 
 
 class SD3ControlNet(nn.Module):
+    """What `SD3Control` asks of an SD3 ControlNet, whatever its layout: its `config` (an MMDiTConfig), the
+    config fields that must equal the model's, its head count set to the model's, and its hint's latents."""
+
+    config: MMDiTConfig
+    fitted_fields: tuple[str, ...] = ("hidden_size", "patch_size", "in_channels", "context_dim", "adm_in_channels")
+    uses_base = False  # whether `forward` takes the model itself (`base`): its patch embedding and positions
+    global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
+
+    def attentions(self) -> list[nn.Module]:
+        """Every attention layer of the blocks, whose head count is the model's (`SD3Control.fit`)."""
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def hint_latents(self, vae: nn.Module, image: Tensor, height: int, width: int) -> Tensor:
+        """The hint image [B, 3, h, w] in 0..1 as this ControlNet's latents for latents of height x width."""
+        return encode_hint(vae, image, height, width)
+
+
+class InstantXControlNet(SD3ControlNet):
     """`blocks` joint blocks of an MMDiT of shape `config`, the hint's patch embedding and the output layers."""
 
     cropped_pos_embed = MMDiT.cropped_pos_embed
@@ -47,7 +66,6 @@ class SD3ControlNet(nn.Module):
         self.joint_blocks = nn.ModuleList([JointBlock(c, i, context_pre_only=False) for i in range(blocks)])
         self.controlnet_blocks = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size) for _ in range(blocks)])
         self.pos_embed_input = PatchEmbed(hint_channels, c.hidden_size, c.patch_size)
-        self.global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None
                 ) -> list[Tensor]:
@@ -134,9 +152,10 @@ def sd3_controlnet_shape(sd: StateDict) -> tuple[MMDiTConfig, int, int]:
 def load_sd3_controlnet(sd: StateDict, path: Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> LoadedControlNet:
     """An SD3 ControlNet from a state dict in diffusers' layout (`is_sd3_controlnet`)."""
-    if "transformer_blocks.0.adaLN_modulation.1.bias" in sd:
-        raise CheckpointError(f"{path.name}: a Stability AI SD3.5 Large ControlNet (its own layout), which this "
-                              "engine does not run yet; InstantX's SD3 ControlNets (diffusers' layout) load")
+    if "transformer_blocks.0.adaLN_modulation.1.bias" in sd:  # Stability AI's SD3.5 Large ControlNets
+        from ldm.controlnet_sd35 import load_sd35_controlnet
+
+        return load_sd35_controlnet(sd, path, device, dtype)
     sd = from_diffusers(sd)
     if "pos_embed" not in sd:
         raise CheckpointError(f"{path.name}: an SD3 ControlNet without its position table (pos_embed.pos_embed)")
@@ -144,7 +163,7 @@ def load_sd3_controlnet(sd: StateDict, path: Path, device: torch.device | str = 
         config, blocks, hint_channels = sd3_controlnet_shape(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
-    model = _materialize(lambda: SD3ControlNet(config, blocks, hint_channels), sd, "SD3 ControlNet", path, device,
+    model = _materialize(lambda: InstantXControlNet(config, blocks, hint_channels), sd, "SD3 ControlNet", path, device,
                          dtype)
     expected = set(model.state_dict())
     return LoadedControlNet(model, "sd3", sorted(k for k in sd if k not in expected), path)
@@ -176,21 +195,23 @@ class SD3Control(Control):
         ours, theirs = self.model.config, getattr(unet, "config", None)
         if not isinstance(theirs, MMDiTConfig):
             return "an SD3 ControlNet runs with SD3 models only"
-        for name in ("hidden_size", "patch_size", "in_channels", "context_dim", "adm_in_channels"):
+        for name in self.model.fitted_fields:
             if getattr(ours, name) != getattr(theirs, name):
                 return (f"the ControlNet was made for an SD3 model with {name} {getattr(ours, name)}, and this one has "
                         f"{getattr(theirs, name)}")
         if not ours.qk_norm and ours.num_heads != theirs.num_heads:  # a copy of the model's blocks: its heads
-            for block in self.model.joint_blocks:
-                for stream in (block.x_block, block.context_block):
-                    stream.attn.heads = theirs.num_heads
+            for attention in self.model.attentions():
+                attention.heads = theirs.num_heads
             self.model.config = dataclasses.replace(ours, num_heads=theirs.num_heads)
+        if self.model.uses_base:  # until released: the model's own patch embedding and positions
+            self.model_kwargs = {**self.model_kwargs, "base": unet}
         self.sigma_range = tuple(schedule.sigma_at_percent(p) for p in self.percent_range)
         return None
 
     def release(self) -> None:
         super().release()
         self._latents.clear()
+        self.model_kwargs.pop("base", None)
 
     def _hint(self, x: Tensor, repeats: int) -> Tensor:
         batch, _, height, width = x.shape
@@ -212,4 +233,4 @@ class SD3Control(Control):
         vae = self.vae
         if next(vae.parameters()).device != device:  # a copy on the compute device, once per hint size
             vae = copy.deepcopy(vae).to(device, torch.float32)
-        return encode_hint(vae, self.hint, height, width).to(device)
+        return self.model.hint_latents(vae, self.hint, height, width).to(device)
