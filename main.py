@@ -1,5 +1,5 @@
-"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-svd,
-train."""
+"""Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
+make-svd, train."""
 
 from __future__ import annotations
 
@@ -349,6 +349,17 @@ def cmd_make_sd3(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_chroma(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.chroma_files import make_chroma_files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for part, path in make_chroma_files(args.models_dir, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Chroma {part})")
+    return EXIT_OK
+
+
 def cmd_make_svd(args: argparse.Namespace) -> int:
     import torch
 
@@ -506,6 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_sd3)
+
+    p = sub.add_parser("make-chroma", help="write tiny random-weight Chroma files in the real layouts (diffusion "
+                       "model in BFL's layout, T5-XXL, Flux's VAE) into a models folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
+                   "text_encoders/ and vae/ (chroma-tiny, t5xxl-chroma-tiny, ae-chroma-tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_chroma)
 
     p = sub.add_parser("make-svd", help="write tiny random-weight Stable Video Diffusion and Stable Zero123 "
                        "checkpoints in the real single-file layouts into a models folder")

@@ -2,7 +2,8 @@
 
 A diffusion-model file (flux1-dev.safetensors, flux1-schnell.safetensors, their fp8 copies) holds BFL's keys, bare
 or under `model.diffusion_model.`; ComfyUI's all-in-one checkpoints add the VAE under `first_stage_model.` and the
-text encoders under `text_encoders.clip_l.transformer.` and `text_encoders.t5xxl.transformer.`. fp8 weights are cast
+text encoders under `text_encoders.clip_l.transformer.` and `text_encoders.t5xxl.transformer.`. A diffusers folder's
+transformer file (or its shards) is renamed to BFL's layout as it loads (`ldm.diffusers_dit`). fp8 weights are cast
 to the model dtype as they load (those of ComfyUI's "scaled fp8" files multiplied by their scales). Whether the
 model is dev or schnell is told by its guidance embedding.
 """
@@ -16,6 +17,7 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import FLUX_VAE_SCALE, UNET_PREFIX, VAE_PREFIX, CheckpointError, StateDict
+from ldm.diffusers_dit import dit_metadata, load_dit_state_dict, read_dit_shapes
 from ldm.flow_family import FlowFamily
 from ldm.flux import Flux, FluxConfig, axes_from_metadata, flux_config_from_state_dict, is_flux
 from ldm.t5 import descaled_fp8, scaling_keys
@@ -72,12 +74,13 @@ def flux_family(weights: StateDict, metadata: dict[str, str] | None = None) -> F
 
 
 def peek_flux(path: str | Path) -> FluxFamily | None:
-    """The family of a Flux file from its .safetensors header alone; None for other files and formats."""
-    shapes = ckpt.read_shapes(path)
+    """The family of a Flux file (BFL's layout or diffusers', one file or its shards) from its .safetensors
+    headers alone; None for other files and formats."""
+    shapes = read_dit_shapes(path)
     if shapes is None or not (is_flux(shapes) or is_flux(shapes, UNET_PREFIX)):
         return None
     try:
-        return flux_family(flux_weights(shapes), ckpt.read_metadata(path))
+        return flux_family(flux_weights(shapes), dit_metadata(path))
     except CheckpointError as e:
         raise CheckpointError(f"{Path(path).name}: {e}") from None
 
@@ -87,12 +90,12 @@ def load_flux_unet(path: str | Path, device: torch.device | str = "cpu", dtype: 
     """Load a Flux diffusion model (a file of its own, or the one in a checkpoint, `sd` if already read) on
     `device` in `dtype`; keys of neither the transformer nor a checkpoint's other parts are listed as unused."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path) if sd is None else sd
+    sd = load_dit_state_dict(path) if sd is None else sd  # diffusers' layout converted, shards joined
     if not (is_flux(sd) or is_flux(sd, UNET_PREFIX)):
         raise CheckpointError(f"{path.name}: not a Flux diffusion model (no double_blocks / img_in weights in "
                               "Black Forest Labs' layout)")
     weights = dict(descaled_fp8(flux_weights(sd)))
-    metadata = ckpt.read_metadata(path)
+    metadata = dit_metadata(path)
     try:
         family = flux_family(weights, metadata)
     except CheckpointError as e:

@@ -360,6 +360,10 @@ def _index(module: nn.Module) -> dict[str, str]:
     from ldm.mmdit import MMDiT
     from ldm.sd3_text import SD3TextEncoder
 
+    chroma = _chroma_lora(module)  # Chroma: Flux's block names (ldm.chroma_lora)
+    if chroma is not None:
+        return chroma[0]
+
     if isinstance(module, Flux):
         return lora_flux.flux_index(module)
     if isinstance(module, FluxTextEncoder):
@@ -390,7 +394,23 @@ def _slots(module: nn.Module) -> dict[str, Slot]:
 
     if isinstance(module, MMDiT):
         return lora_sd3.sd3_slots(module)
+    chroma = _chroma_lora(module)
+    if chroma is not None:
+        return chroma[1]
     return lora_flux.flux_slots(module) if isinstance(module, Flux) else {}
+
+
+def _chroma_lora(module: nn.Module) -> tuple[dict[str, str], dict[str, Slot]] | None:
+    """(index, slots) of a Chroma transformer or text encoder (`ldm.chroma_lora`); None for other modules."""
+    from ldm import chroma_lora
+    from ldm.chroma import Chroma
+    from ldm.chroma_files import ChromaTextEncoder
+
+    if isinstance(module, Chroma):
+        return chroma_lora.chroma_index(module), chroma_lora.chroma_slots(module)
+    if isinstance(module, ChromaTextEncoder):
+        return chroma_lora.chroma_text_index(module), {}
+    return None
 
 
 # --- matching and patching ------------------------------------------------------------------------
@@ -527,6 +547,6 @@ def lora_family(lora: Lora) -> str | None:
 def check_lora_family(lora: Lora, family: str) -> None:
     """Raise LoraError when the LoRA is recognisably for another family than `family`."""
     found = lora_family(lora)
-    if found is not None and found != family:
+    if found is not None and found != family and (found, family) != ("flux", "chroma"):  # Chroma: Flux's names
         source = lora.path.name if lora.path else "this LoRA"
         raise LoraError(f"{source} is a {found.upper()} LoRA; it does not fit a {family.upper()} model")

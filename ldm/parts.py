@@ -58,10 +58,10 @@ LOOKS: tuple[Look, ...] = (
     Look("t2i_adapter", "a T2I-Adapter", "put it in models/controlnet and load it with Load ControlNet Model",
          _starts("adapter.body.", "body.0.block1.", "body.0.in_conv.")),
     Look("flux", "a Flux diffusion model", "put it in models/diffusion_models and load it with Load Diffusion "
-         "Model (Loom reads Black Forest Labs' layout, flux1-dev.safetensors; not diffusers')",
+         "Model (Black Forest Labs' layout, flux1-dev.safetensors, or a diffusers transformer/ file or its shards)",
          _contains("double_blocks.0.img_attn.", "single_transformer_blocks.0.")),
-    Look("sd3", "an SD3 diffusion model (MMDiT)", "load an SD3 checkpoint with Load Checkpoint (Loom reads "
-         "Stability's single-file layout, sd3.5_large.safetensors; not diffusers' or a transformer alone), adding "
+    Look("sd3", "an SD3 diffusion model (MMDiT)", "load a transformer file (Stability's layout or diffusers') "
+         "from models/diffusion_models with Load Diffusion Model, or an SD3 checkpoint with Load Checkpoint, adding "
          "TripleCLIPLoader where the file has no text encoders",
          _contains("joint_blocks.0.context_block.", "transformer_blocks.0.attn.add_k_proj.")),
     Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", "for Flux, put it in models/text_encoders "

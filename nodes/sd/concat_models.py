@@ -123,6 +123,12 @@ class InstructPixToPixConditioning(Node):
     pixels = Socket("IMAGE")
     outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        from nodes.sd.edit_validation import with_edit_inputs  # checked against the model by the KSampler
+
+        return with_edit_inputs(linked, ("positive", "negative"), concat="control")
+
     def execute(self, positive: list, negative: list, vae: Vae, pixels: torch.Tensor) -> tuple[list, list, dict]:
         image = encode(self, vae, pixels)  # centre-cropped to a multiple of 8 first; unscaled, as ComfyUI keeps it
         extra = {"concat_latent_image": image}

@@ -73,6 +73,10 @@ class FluxGuidance(Node):
     guidance = Float(3.5, min=0.0, max=100.0, step=0.1)
     outputs = (Output("CONDITIONING"),)
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("conditioning", {})}  # the prompts' facts (family, edit inputs) pass through
+
     def execute(self, conditioning: list, guidance: float) -> tuple[list]:
         return (_with_guidance(conditioning, guidance),)
 

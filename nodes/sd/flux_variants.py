@@ -20,6 +20,30 @@ KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800,
 _KINDS = {"fill": "Fill (inpainting)", "control": "Depth / Canny (control image)"}
 
 
+def references_refusal(source: str, family: str, kind: str | None) -> str | None:
+    """Why a model (`source`, of `family`, a Flux one of edit `kind`) refuses prompts with reference latents; the
+    words of the run (`flux_inputs`) and of validation (`nodes.sd.edit_validation`)."""
+    if family != "flux":
+        return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; {source} is "
+                f"{family.upper()}, which takes none")
+    if kind is not None:
+        return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; {source} is a "
+                f"Flux {_KINDS[kind]} model, which takes none")
+    return None
+
+
+def concat_refusal(source: str, kind: str | None, mask: bool) -> str | None:
+    """Why a Flux model (`source`, of edit `kind`) refuses prompts with an image to concat: with a `mask`
+    (InpaintModelConditioning's) or without (InstructPixToPixConditioning's)."""
+    if kind is None and not mask:
+        return (f"the prompts carry a control image (InstructPixToPixConditioning) and {source} takes none: use a "
+                "Flux Depth or Canny model")
+    if kind == "control" and mask:
+        return (f"the prompts carry an inpainting mask (InpaintModelConditioning) and {source} is a Flux Depth / "
+                "Canny model, which takes a control image: use InstructPixToPixConditioning, or a Flux Fill model")
+    return None
+
+
 def _fit(t: torch.Tensor, samples: torch.Tensor, scale: int = 1) -> torch.Tensor:
     """[b, c, h, w] at `samples`' size times `scale` (centre-cropped to its aspect, then bilinear, as ComfyUI's
     common_upscale), its batch cut or cycled to `samples`' batch."""
@@ -51,23 +75,19 @@ def _entry_inputs(model: DiffusionModel, latent: dict, options: dict) -> dict:
     refs = options.get("reference_latents")
     if refs:
         if kind is not None:
-            raise ValueError(f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; "
-                             f"{source} is a Flux {_KINDS[kind]} model, which takes none")
+            raise ValueError(references_refusal(source, "flux", kind))
         if any(r.shape[1] != config.latent_channels for r in refs):
             raise ValueError(f"a reference latent has {sorted({r.shape[1] for r in refs})} channels and {source} "
                              f"takes {config.latent_channels}: encode the reference image with the Flux VAE")
         method = options.get("reference_latents_method", "offset")
         options = {**options, "ref_latents": References(tuple(model.latent_in(r.float()) for r in refs), method)}
     image, mask = options.get("concat_latent_image"), options.get("concat_mask")
+    if image is not None or mask is not None:
+        refusal = concat_refusal(source, kind, mask is not None)
+        if refusal:
+            raise ValueError(refusal)
     if kind is None:
-        if image is not None and mask is None:
-            raise ValueError(f"the prompts carry a control image (InstructPixToPixConditioning) and {source} takes "
-                             "none: use a Flux Depth or Canny model")
         return options  # an inpainting mask: a plain model inpaints by the latent's noise mask alone, as in ComfyUI
-    if kind == "control" and mask is not None:
-        raise ValueError(f"the prompts carry an inpainting mask (InpaintModelConditioning) and {source} is a Flux "
-                         "Depth / Canny model, which takes a control image: use InstructPixToPixConditioning, or a "
-                         "Flux Fill model")
     if image is None and mask is None:
         return options
     if image is not None and image.shape[1] != config.latent_channels:
@@ -82,8 +102,7 @@ def flux_inputs(model: DiffusionModel, latent: dict, *conditionings: list) -> tu
     Flux takes): the `concat` of entries that carry none (Fill and Depth / Canny models; None for the others), and
     the conditionings with each entry's `ref_latents` and `concat`."""
     if model.family.name != "flux":
-        raise ValueError(f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; "
-                         f"{model.source} is {model.family.name.upper()}, which takes none")
+        raise ValueError(references_refusal(model.source, model.family.name, None))
     config, samples = model.family.unet_config, latent["samples"]
     if samples.shape[1] != config.latent_channels:
         raise ValueError(f"the latent has {samples.shape[1]} channels and {model.source} takes "
@@ -105,6 +124,14 @@ class ReferenceLatent(Node):
     conditioning = Socket("CONDITIONING")
     latent = Socket("LATENT", optional=True)
     outputs = (Output("CONDITIONING"),)
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        from nodes.sd.edit_validation import with_edit_inputs  # checked against the model by the KSampler
+
+        if "latent" not in linked:
+            return {0: linked.get("conditioning", {})}
+        return with_edit_inputs(linked, ("conditioning",), reference_latents=True)
 
     def execute(self, conditioning: list, latent: dict | None = None) -> tuple[list]:
         if latent is None:

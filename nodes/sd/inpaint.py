@@ -80,6 +80,12 @@ class InpaintModelConditioning(Node):
                                        "model.")
     outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
 
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        from nodes.sd.edit_validation import with_edit_inputs  # checked against the model by the KSampler
+
+        return with_edit_inputs(linked, ("positive", "negative"), concat="inpaint")
+
     def execute(self, positive: list, negative: list, vae: Vae, pixels: torch.Tensor, mask: torch.Tensor,
                 noise_mask: bool = True) -> tuple[list, list, dict]:
         height, width = pixels.shape[1:3]

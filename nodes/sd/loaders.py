@@ -138,7 +138,13 @@ class CheckpointLoaderSimple(Node):
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         family = header_family("checkpoints", inputs.get("ckpt_name"))
-        return {} if family is None else {0: {"family": family}, 1: {"family": family}}
+        if family is None:
+            return {}
+        from nodes.sd.edit_validation import model_file_facts  # its name, and a Flux model's edit kind
+
+        path = get_paths().find_model("checkpoints", str(inputs.get("ckpt_name")))
+        return {0: {"family": family, **model_file_facts(path, inputs.get("ckpt_name"), family)},
+                1: {"family": family}}
 
     def execute(self, ckpt_name: str) -> tuple[DiffusionModel, Clip, Vae]:
         return load_checkpoint_outputs(self, ckpt_name, *engine_weight_dtypes(self))
@@ -319,6 +325,8 @@ class LoraLoader(Node):
         model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
         lora = header_family("loras", inputs.get("lora_name"))
         if model_family is None or lora is None or lora == model_family:
+            return None
+        if (lora, model_family) == ("flux", "chroma"):  # Chroma keeps Flux's block names (ldm.chroma_lora)
             return None
         return (f"{inputs['lora_name']} is a {lora.upper()} LoRA; it does not fit the {model_family.upper()} "
                 "model it is applied to")

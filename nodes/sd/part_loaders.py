@@ -78,7 +78,9 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
 
     try:
         if part == "unet":
-            family = peek_flux(path) or peek_sd3(path) or peek_unet(path)
+            from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
+
+            family = peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_unet(path)
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -106,8 +108,9 @@ def _unsupported_type(value: Any, supported: str, loads: str) -> str:
 class UNETLoader(Node):
     """Loads a UNet-only file (SD1.x, SD2.x, SDXL or the SDXL refiner; LDM or diffusers layout), a Flux.1
     diffusion model (Black Forest Labs' layout) or an SD3/SD3.5 transformer (Stability's layout, with or without
-    `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. fp8 weight_dtypes
-    store the weights in fp8 (e4m3)."""
+    `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. Flux and SD3
+    transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards. fp8
+    weight_dtypes store the weights in fp8 (e4m3)."""
 
     display_name = "Load Diffusion Model"
     category = "advanced/loaders"
@@ -130,7 +133,12 @@ class UNETLoader(Node):
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         family, _ = header("unet", DIFFUSION_MODELS, inputs.get("unet_name"))
-        return {} if family is None else {0: {"family": family}}
+        if family != "flux":
+            return {} if family is None else {0: {"family": family}}
+        from nodes.sd.edit_validation import model_file_facts  # its name and edit kind, for the KSampler's checks
+
+        path = part_path(DIFFUSION_MODELS, str(inputs.get("unet_name")))
+        return {0: {"family": family, **model_file_facts(path, inputs.get("unet_name"), family)}}
 
     def execute(self, unet_name: str, weight_dtype: str) -> tuple[DiffusionModel]:
         from ldm.flux_files import is_flux_file, load_flux_unet
@@ -146,7 +154,12 @@ class UNETLoader(Node):
         device = load_device(self.ctx)
 
         def load() -> Any:
-            loader = load_flux_unet if is_flux_file(path) else load_sd3_unet if is_sd3_unet_file(path) else load_unet
+            from ldm.chroma_files import is_chroma_file, load_chroma_unet  # Chroma before Flux (same layout)
+            from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
+
+            flux = is_flux_file(path) or diffusers_file_kind(path) == "flux"
+            loader = load_flux_unet if flux else load_sd3_unet if is_sd3_unet_file(path) else load_unet
+            loader = load_chroma_unet if is_chroma_file(path) else loader
             loaded = loader(path, device=device, dtype=dtype)
             quantize_(loaded.unet, weights)
             if loaded.unused_keys:
@@ -244,14 +257,14 @@ def _sd3_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:
 class CLIPLoader(Node):
     """Loads one text-encoder file from models/text_encoders or models/clip. With type stable_diffusion: SD1.x's
     CLIP-L, SD2.x's OpenCLIP-H or the SDXL refiner's OpenCLIP bigG, told apart by the file (transformers' CLIPTextModel
-    layout, or OpenCLIP's); with type sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL, the other two absent. The other
-    types are other model families' text encoders, which Loom refuses."""
+    layout, or OpenCLIP's); with type sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL, the other two absent; with type
+    chroma: Chroma's T5-XXL. The other types are other model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
     clip_name = part_file(TEXT_ENCODERS)
     type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
-                                     "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL")
+                                     "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -262,26 +275,32 @@ class CLIPLoader(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        if inputs.get("type") == "chroma":  # Chroma: T5-XXL alone (ldm.chroma_files)
+            return text_kinds_problem([inputs.get("clip_name")], ["t5xxl"], "type chroma takes one T5-XXL (t5xxl)")
         if inputs.get("type") == "sd3":
             return _sd3_problem([inputs.get("clip_name")], "type sd3 takes one")
         if inputs.get("type") != "stable_diffusion":
-            return _unsupported_type(inputs.get("type"), "stable_diffusion or sd3", "SD1.x, SD2.x and the SDXL "
-                                     "refiner, one of SD3's; DualCLIPLoader's sdxl for SDXL")
+            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3 or chroma", "SD1.x, SD2.x and the "
+                                     "SDXL refiner, one of SD3's, Chroma's T5; DualCLIPLoader's sdxl for SDXL")
         return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if inputs.get("type") == "sd3":
-            return {0: {"family": "sd3"}}
+        if inputs.get("type") in ("sd3", "chroma"):
+            return {0: {"family": inputs["type"]}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
         return {} if family is None else {0: {"family": family}}
 
     def execute(self, clip_name: str, type: str, device: str = "default") -> tuple[Clip]:
+        if type == "chroma":
+            from ldm.chroma_files import load_chroma_text_encoder
+
+            return (load_clip(self, (clip_name,), device, load_chroma_text_encoder, "chroma"),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":
-            raise ValueError(_unsupported_type(type, "stable_diffusion or sd3", "SD1.x, SD2.x and the SDXL refiner, "
-                                               "one of SD3's"))
+            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3 or chroma", "SD1.x, SD2.x and the SDXL "
+                                               "refiner, one of SD3's, Chroma's T5"))
         return (load_clip(self, (clip_name,), device),)
 
 

@@ -26,6 +26,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.vision import warn_not_unclip
 
         warn_not_unclip(model)
+    if model.family.name == "chroma":  # no `y`; another family's CLIP's prompts refused
+        from nodes.sd.chroma import chroma_conditioning
+
+        return chroma_conditioning(conditioning, model, "negative" if negative else "positive")
     if model.family.name == "flux":  # its `y`: the pooled prompt and the guidance strength
         from nodes.sd.flux import flux_y
 
@@ -269,6 +273,13 @@ class KSampler(Node):
     denoise = Float(1.0, min=0.0, max=1.0, step=0.01, tooltip="below 1 keeps part of the input (img2img)")
     outputs = (Output("LATENT"),)
 
+    @classmethod
+    def check_links(cls, inputs: dict, linked: dict) -> str | None:
+        from nodes.sd.chroma import chroma_link_refusal  # a Chroma model or CLIP with another family's
+        from nodes.sd.edit_validation import edit_input_refusal  # Flux edit inputs the model does not take
+
+        return chroma_link_refusal(linked) or edit_input_refusal(linked)
+
     def execute(self, model: DiffusionModel, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                 positive: list, negative: list, latent_image: dict, denoise: float) -> tuple[dict]:
         return (run_sampler(self, model, latent_image, positive, negative, seed=seed, steps=steps, cfg=cfg,
@@ -294,6 +305,7 @@ class KSamplerAdvanced(Node):
     end_at_step = Int(10000, min=0, max=10000)
     return_with_leftover_noise = Combo(["disable", "enable"])
     outputs = (Output("LATENT"),)
+    check_links = KSampler.check_links
 
     def execute(self, model: DiffusionModel, add_noise: str, noise_seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, positive: list, negative: list, latent_image: dict,

@@ -19,7 +19,7 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
 
-from executor.executor import Executor
+from executor.executor import Executor, WorkflowInvalid
 from executor.services import Services
 from graph.document import parse_api
 from ldm.checkpoint import load_state_dict, write_safetensors
@@ -106,7 +106,12 @@ def run(engine, doc: dict) -> tuple[torch.Tensor, torch.Tensor, list]:
 
 
 def refusal(engine, doc: dict) -> str:
-    result = engine.run(parse_api(doc))
+    """Why the workflow is refused: at validation where the files' headers tell (tests/nodes/
+    test_edit_input_validation.py), else when it runs."""
+    try:
+        result = engine.run(parse_api(doc))
+    except WorkflowInvalid as e:
+        return str(e)
     assert not result.ok
     return str(result.error)
 
