@@ -27,12 +27,15 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def preview_rgb(value: Any, rgb_map: np.ndarray | None = None) -> np.ndarray | None:
-    """An HxWx3 uint8 picture of a latent [B, C, h, w] (first of the batch) or an image [B, H, W, 3]. A latent
-    goes through `rgb_map` [C + 1, 3] (ldm.latent_preview: fitted to the model's VAE), else, having 4 channels,
-    SD1's table; other widths with no map show in grey. A LatentPreview brings its own map."""
+    """An HxWx3 uint8 picture of a latent [B, C, h, w] or [B, C, T, h, w] (first of the batch, first frame) or
+    an image [B, H, W, 3]. A latent goes through `rgb_map` [C + 1, 3] (ldm.latent_preview: fitted to the model's
+    VAE), else, having 4 channels, SD1's table; other widths with no map show in grey. A LatentPreview brings its
+    own map."""
     if isinstance(value, LatentPreview):
         value, rgb_map = value.latent, value.rgb_map
     array = _to_numpy(value)
+    if array.ndim == 5:  # a video latent [B, C, T, h, w]: its first frame
+        array = array[:, :, 0]
     if array.ndim == 4 and array.shape[-1] == 3 and array.shape[1] != 3:
         rgb = np.clip(array[0], 0.0, 1.0)
     elif array.ndim == 4:

@@ -84,7 +84,7 @@ def mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
 
 def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
          concat: Tensor | None = None) -> Job | None:
-    batch, _, height, width = x.shape
+    batch, height, width = x.shape[0], *x.shape[-2:]  # a video latent [B, C, T, H, W] has its frames between
     area = options.get("area")
     mask = options.get("mask")
     if mask is not None:
@@ -119,7 +119,9 @@ def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: i
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
     concat = options.get("concat", concat)
     if concat is not None:
-        concat = to_batch(resized_concat(concat.to(x.device, x.dtype), x), batch)[:, :, rows, cols]
+        concat = to_batch(resized_concat(concat.to(x.device, x.dtype), x), batch)[..., rows, cols]
+    if x.ndim == 5 and isinstance(weight, Tensor):
+        weight = weight.unsqueeze(2)  # one weight per pixel of every frame of a video latent
     refs = options.get("ref_latents")
     if refs is not None:
         refs = References(tuple(to_batch(r.to(x.device, x.dtype), batch) for r in refs.latents), refs.method)

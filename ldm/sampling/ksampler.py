@@ -224,7 +224,7 @@ def _latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
     mask = mask.expand(-1, latent.shape[1], -1, -1) if mask.shape[1] == 1 else mask
     if mask.shape[0] != latent.shape[0]:
         mask = mask.repeat(math.ceil(latent.shape[0] / mask.shape[0]), 1, 1, 1)[: latent.shape[0]]
-    return mask
+    return mask.unsqueeze(2) if latent.ndim == 5 else mask  # a video latent's frames share the mask
 
 
 def _areas_as_fractions(conds: CondList, latent: Tensor) -> CondList:

@@ -32,12 +32,17 @@ def clip_family_facts(linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, 
     return {} if family is None else {0: {"family": family}}
 
 
+# Flow-model families whose levels follow SD3's time shift (ModelSamplingSD3).
+SD3_SHIFTED = frozenset({"sd3", "wan21", "wan22"})
+
+
 def schedule_of(family: Any) -> DiscreteSchedule:
     """The noise schedule a checkpoint of this family (ldm.checkpoint.ModelFamily) samples with."""
     if getattr(family, "prediction", None) == "flow":  # Flux or SD3 (ldm.flux_files, ldm.sd3_files), own time shift
         from ldm.sampling.flow import FlowSchedule, SD3FlowSchedule
 
-        return (SD3FlowSchedule if family.name == "sd3" else FlowSchedule)(family.shift)
+        # SD3's shift (ComfyUI's ModelSamplingDiscreteFlow) for SD3 and Wan; Flux's exponential one for the others
+        return (SD3FlowSchedule if family.name in SD3_SHIFTED else FlowSchedule)(family.shift)
     if getattr(family, "edm", None) is not None:
         return ContinuousSchedule(*family.edm)
     if getattr(family, "zero_snr", False):
@@ -96,9 +101,13 @@ class DiffusionModel:
     def _latent_affine(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(shift, scale) from a LATENT's values (unscaled, as the VAE gives them) to the model's latents."""
         playground = self.playground_latents if self.playground_latents is not None else self.family.playground
+        shape = (1, -1, *[1] * (like.ndim - 2))
+        if getattr(self.family, "latent_mean", None) is not None:  # video models' per-channel statistics (Wan)
+            mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).reshape(shape)
+                         for v in (self.family.latent_mean, self.family.latent_std))
+            return mean, self.family.latent_scale_factor / std
         if not playground:  # Flux's latents are shifted before they are scaled
             return getattr(self.family, "latent_shift", 0.0), self.family.latent_scale_factor
-        shape = (1, -1, *[1] * (like.ndim - 2))
         mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).reshape(shape)
                      for v in (PLAYGROUND_MEAN, PLAYGROUND_STD))
         return mean, 0.5 / std

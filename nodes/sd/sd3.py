@@ -10,7 +10,7 @@ from torch import nn
 
 from nodes.node import Node
 from nodes.sd.conditioning import _encoded
-from nodes.sd.models import Clip, DiffusionModel, clip_family_facts, family_refusal
+from nodes.sd.models import SD3_SHIFTED, Clip, DiffusionModel, clip_family_facts, family_refusal
 from nodes.sd.part_loaders import TEXT_ENCODERS, _fingerprint, load_clip, part_file, text_kinds_problem
 from nodes.spec import Combo, Float, Output, Socket, String
 
@@ -76,7 +76,7 @@ class TripleCLIPLoader(Node):
 
 _CLIP_NEEDS = ("CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint with them); "
                "{source} is {family} (use CLIP Text Encode)")
-_MODEL_NEEDS = "ModelSamplingSD3 is for SD3 models; {source} is {family}"
+_MODEL_NEEDS = "ModelSamplingSD3 is for SD3 and Wan models; {source} is {family}"
 
 
 class CLIPTextEncodeSD3(Node):
@@ -108,8 +108,13 @@ class CLIPTextEncodeSD3(Node):
                          per_encoder={"clip_g": [clip_g], "t5xxl": [t5xxl]}, drop_empty=empty_padding == "none"),)
 
 
+def _shift_refusal(family: str | None, source: str) -> str | None:
+    return None if family in SD3_SHIFTED else family_refusal(family, "sd3", source, _MODEL_NEEDS)
+
+
 class ModelSamplingSD3(Node):
-    """Samples an SD3 model with the time shift `shift` (3.0 as released; higher spends more steps at high noise)."""
+    """Samples an SD3 or Wan model with the time shift `shift` (SD3: 3.0 as released; higher spends more steps at
+    high noise)."""
 
     category = "advanced/model"
     model = Socket("MODEL")
@@ -118,7 +123,7 @@ class ModelSamplingSD3(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return family_refusal(linked.get("model", {}).get("family"), "sd3", "the MODEL linked", _MODEL_NEEDS)
+        return _shift_refusal(linked.get("model", {}).get("family"), "the MODEL linked")
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -127,7 +132,7 @@ class ModelSamplingSD3(Node):
     def execute(self, model: DiffusionModel, shift: float) -> tuple[DiffusionModel]:
         from ldm.sampling.flow import SD3FlowSchedule
 
-        refusal = family_refusal(model.family.name, "sd3", model.source, _MODEL_NEEDS)
+        refusal = _shift_refusal(model.family.name, model.source)
         if refusal:
             raise ValueError(refusal)
         return (replace(model, schedule=SD3FlowSchedule(shift), prediction_type="flow"),)

@@ -10,23 +10,34 @@ from nodes.sd.models import Vae, device_and_dtype, on_device
 from nodes.spec import Int, Output, Socket
 
 
-def _crop_to_multiple_of_8(pixels: torch.Tensor) -> torch.Tensor:
-    """Centre-crop [B, H, W, C] so both sides are multiples of 8 (the VAE downscales by 8)."""
-    h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+def _crop_to_multiple_of_8(pixels: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """Centre-crop [B, H, W, C] so both sides are multiples of `factor` (how far the VAE downscales)."""
+    h, w = pixels.shape[1] // factor * factor, pixels.shape[2] // factor * factor
     if h == 0 or w == 0:
-        raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} px is too small to encode (8x8 at least)")
+        raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} px is too small to encode "
+                         f"({factor}x{factor} at least)")
     top, left = (pixels.shape[1] - h) // 2, (pixels.shape[2] - w) // 2
     return pixels[:, top:top + h, left:left + w, :]
 
 
+def is_video_vae(vae: Vae) -> bool:
+    """Whether the VAE compresses frames as well as pixels (Wan's, LTX-Video's): its latents are [B, C, T, h, w]."""
+    return getattr(vae.vae, "temporal_compression", None) is not None
+
+
 def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """IMAGE [B, H, W, C] in 0..1 -> unscaled latents. Uses the posterior's mode, so encoding is
-    deterministic (ComfyUI samples the posterior; its spread is negligible for trained VAEs)."""
+    deterministic (ComfyUI samples the posterior; its spread is negligible for trained VAEs). A video VAE takes
+    the IMAGE's B pictures as the frames of one video, as ComfyUI's does: [1, C, T, h, w]."""
     device, _, dtype = device_and_dtype(node.ctx)
-    x = _crop_to_multiple_of_8(pixels)[..., :3].movedim(-1, 1).to(device, dtype) * 2 - 1
+    video = is_video_vae(vae)
+    factor = getattr(vae.vae, "spatial_compression", 8)
+    x = _crop_to_multiple_of_8(pixels, factor)[..., :3].movedim(-1, 1).to(device, dtype) * 2 - 1
+    if video:
+        x = x.movedim(0, 1).unsqueeze(0)  # [T, 3, H, W] -> [1, 3, T, H, W]
     model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
-        if tile is None:
+        if tile is None or video:  # a video VAE encodes whole frames: it bounds memory by chunks of frames
             z = model.encode(x).mode()
         else:
             z = model.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
@@ -34,13 +45,23 @@ def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | N
 
 
 def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """Unscaled latents -> IMAGE [B, H, W, C] in 0..1."""
+    """Unscaled latents -> IMAGE [B, H, W, C] in 0..1; a video latent [B, C, T, h, w] gives its frames, video after
+    video, as ComfyUI's decode does."""
     device, _, dtype = device_and_dtype(node.ctx)
+    video = is_video_vae(vae)
+    if video != (samples.ndim == 5):
+        raise ValueError(f"a {samples.ndim}-D latent {tuple(samples.shape)} does not fit this VAE ({vae.source}), "
+                         + ("which decodes video latents [B, C, frames, h, w]" if video
+                            else "which decodes image latents [B, C, h, w]: the latent comes from a video model"))
     model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
         z = samples.to(device, dtype)
-        pixels = model.decode(z) if tile is None else model.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
-    return ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+        if tile is None or video:
+            pixels = model.decode(z)
+        else:
+            pixels = model.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
+    images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+    return images.reshape(-1, *images.shape[-3:]) if video else images
 
 
 class VAEDecode(Node):
