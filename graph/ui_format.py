@@ -86,7 +86,10 @@ class _Converter:
         if raw is None:
             return {}
         if isinstance(raw, dict):  # some frontends store widgets by name
-            return {k: v for k, v in raw.items() if k in cls.inputs}
+            return {k: v for k, v in raw.items() if k in cls.inputs or cls.accept_all_inputs}
+        named = cls.widgets_from_ui(raw) if isinstance(raw, list) else None
+        if named is not None:  # widgets the node's editor extension adds (CustomCombo's options)
+            return named
         values: dict[str, Any] = {}
         position = 0
         for name in cls.widget_names():

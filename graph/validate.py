@@ -193,6 +193,9 @@ class _Checker:
                 self.check_link(node, name, spec, value)
             else:
                 values[name] = self.check_constant(node, name, spec, value)
+        if cls.accept_all_inputs:  # the constants of inputs it does not declare, for its own checks (see Node)
+            values.update((name, value) for name, value in node.inputs.items()
+                          if name not in cls.inputs and not isinstance(value, Link | BadLink))
         if not _takes_any_input(cls):
             # A link into an input the node does not declare (an old input name, such as the opt_hooks of ComfyUI's
             # first hook nodes) would reach its execute as an unexpected argument: named here, before anything runs.

@@ -154,9 +154,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
+    """Joint attention with RoPE; `mask` an additive bias [B or 1, 1, L, L] over the joint sequence (`joint_bias`)."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -169,7 +170,8 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_attn", SelfAttention(c.hidden_size, c.num_heads, c.qkv_bias))
             setattr(self, f"{stream}_mlp", _mlp(c.hidden_size, c.mlp_ratio))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor],
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
         img_q, img_k, img_v = _heads(self.img_attn.qkv((1 + img_scale1) * _norm(img) + img_shift1), self.heads,
@@ -177,7 +179,7 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = _heads(self.txt_attn.qkv((1 + txt_scale1) * _norm(txt) + txt_shift1), self.heads,
                                      self.txt_attn.norm)
         out = attention(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2),
-                        rope)
+                        rope, mask)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
         img = img + img_gate1 * self.img_attn.proj(img_out)
         img = img + img_gate2 * self.img_mlp((1 + img_scale2) * _norm(img) + img_shift2)
@@ -198,10 +200,10 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(c.hidden_size // c.num_heads)
         self.modulation = Modulation(c.hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = self.linear1((1 + scale) * _norm(x) + shift).split([3 * self.hidden, self.mlp_hidden], dim=-1)
-        out = attention(*_heads(qkv, self.heads, self.norm), rope)
+        out = attention(*_heads(qkv, self.heads, self.norm), rope, mask)
         return x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=2))
 
 
@@ -251,6 +253,23 @@ def pad_to_patch(x: Tensor, p: int) -> Tensor:
     return F.pad(x, (0, -w % p, 0, -h % p), mode="circular") if h % p or w % p else x
 
 
+def joint_bias(mask: Tensor, text_tokens: int, image_tokens: int, dtype: torch.dtype) -> Tensor:
+    """The additive attention bias [B, 1, L, L] over the joint sequence (text, then image tokens) from ComfyUI's
+    `attention_mask` [B, T + n, T + n] (or [T + n, T + n]): n is the number of image tokens, or 1, an entry that
+    stands for every image token (ComfyUI's `attention_mask_img_shape` of (1, 1), Apply Style Model's, resized to
+    the latent; Kontext's reference tokens included)."""
+    mask = mask[None] if mask.ndim == 2 else mask
+    size = text_tokens + image_tokens
+    if mask.ndim != 3 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] not in (text_tokens + 1, size):
+        raise ValueError(f"an attention mask of shape {list(mask.shape)} for {text_tokens} text and {image_tokens} "
+                         f"image tokens: it takes [B, {text_tokens} + 1, {text_tokens} + 1] (or [B, {size}, {size}]); "
+                         "was the prompt changed after Apply Style Model (attn_bias) made its mask?")
+    if mask.shape[-1] != size:
+        index = torch.cat([torch.arange(text_tokens), torch.full((image_tokens,), text_tokens)]).to(mask.device)
+        mask = mask[:, index][:, :, index]
+    return mask[:, None].to(dtype)
+
+
 def rope_angles(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
     """(cos, sin) [L, head_dim/2] float32 of the rotation angles: per axis i, position * theta^(-2j/axes_dim[i])."""
     precise = torch.float32 if ids.device.type == "mps" else torch.float64  # float64 as BFL computes them
@@ -284,13 +303,14 @@ class Flux(nn.Module):
         return norm.query_norm.scale.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                control: list[Tensor] | None = None, ref_latents: References | Sequence[Tensor] | None = None
-                ) -> Tensor:
+                control: list[Tensor] | None = None, ref_latents: References | Sequence[Tensor] | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, C, H, W] at noise levels `timesteps` [B] (0..1)
         given the T5 prompt `context` [B, L, context_dim] and `y` (see the module docstring). For Fill and
         Depth / Canny models `x` carries their extra channels after the latent's; `ref_latents` are Kontext's
         reference latents [B or 1, C, h, w] (a list is placed by the "offset" method); `control` a ControlNet's
-        residuals for the image tokens, one per double-stream block then one per single-stream block."""
+        residuals for the image tokens, one per double-stream block then one per single-stream block; `attn_mask`
+        an additive bias over the joint attention in ComfyUI's layout (`joint_bias`; Apply Style Model's attn_bias)."""
         c, dtype = self.config, self.dtype
         if control is not None and (not isinstance(control, list) or len(control) != c.depth + c.depth_single_blocks):
             raise ValueError("a Flux model takes a Flux ControlNet's residuals (ldm.controlnet_flux), one per block; "
@@ -315,13 +335,14 @@ class Flux(nn.Module):
         txt = self.txt_in(context.to(dtype))
         rope = rope_angles(torch.cat([torch.zeros(txt.shape[1], 3, device=x.device), *ids]), c.axes_dim, c.theta)
         n, t = rows * cols, txt.shape[1]  # the noisy latent's tokens: a ControlNet's residuals go to them
+        bias = None if attn_mask is None else joint_bias(attn_mask.to(x.device), t, img.shape[1], dtype)
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, rope)
+            img, txt = block(img, txt, vec, rope, mask=bias)
             if control is not None:
                 img = torch.cat([img[:, :n] + control[i].to(img.dtype), img[:, n:]], dim=1)
         tokens = torch.cat([txt, img], dim=1)
         for i, block in enumerate(self.single_blocks):
-            tokens = block(tokens, vec, rope)
+            tokens = block(tokens, vec, rope, mask=bias)
             if control is not None:
                 residual = control[c.depth + i].to(tokens.dtype)
                 tokens = torch.cat([tokens[:, :t], tokens[:, t:t + n] + residual, tokens[:, t + n:]], dim=1)

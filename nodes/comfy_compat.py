@@ -35,7 +35,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ModelSamplingAuraFlow",
     "GITSScheduler", "OptimalStepsScheduler",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
-    "CustomCombo", "GLSLShader",
+    "GLSLShader",
     # latents and images
     "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo",
 })

@@ -54,6 +54,9 @@ class Node:
     outputs: ClassVar[tuple[OutputSpec, ...]] = ()
     # Take every input as a list, in one call, instead of running once per item of a list output.
     input_is_list: ClassVar[bool] = False
+    # ComfyUI's accept_all_inputs: constants the node does not declare (widgets its editor extension adds, such as
+    # CustomCombo's options) reach `check_inputs`, `check_links` and `execute`, which takes them as **kwargs.
+    accept_all_inputs: ClassVar[bool] = False
     inputs: ClassVar[dict[str, InputSpec]] = {}
     python_module: ClassVar[str] = "nodes"
 
@@ -142,6 +145,12 @@ class Node:
             "output_name": [o.display_name for o in cls.outputs],
             "output_tooltips": [o.tooltip or "" for o in cls.outputs],
         }
+
+    @classmethod
+    def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
+        """The inputs a UI-format file's `widgets_values` list holds, by name, for a node whose editor extension
+        adds widgets of its own; None (the default): the values follow `widget_names` by position."""
+        return None
 
     @classmethod
     def widget_names(cls) -> list[str]:

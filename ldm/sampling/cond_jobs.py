@@ -36,6 +36,7 @@ class Job:
     hooks: Any = None  # ldm.sampling.hooks.Hooks: the LoRAs this job's UNet runs with
     gligen: Any = None  # the entry's ("position", ldm.gligen.Gligen, phrases)
     ref_latents: References | None = None  # Flux Kontext's reference latents, at the latent's batch, never cropped
+    attn_mask: Tensor | None = None  # Apply Style Model's attn_bias: Flux's attention bias (ldm.flux.joint_bias)
 
 
 def to_batch(t: Tensor, batch: int) -> Tensor:
@@ -125,8 +126,10 @@ def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: i
     refs = options.get("ref_latents")
     if refs is not None:
         refs = References(tuple(to_batch(r.to(x.device, x.dtype), batch) for r in refs.latents), refs.method)
+    attn_mask = options.get("attention_mask")
+    attn_mask = None if attn_mask is None else to_batch(attn_mask.to(x.device), batch)
     return Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
-                hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs)
+                hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs, attn_mask=attn_mask)
 
 
 def pair_areas(jobs: list[Job]) -> list[Job]:
@@ -148,7 +151,8 @@ def pair_areas(jobs: list[Job]) -> list[Job]:
             if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
                 continue
             out.append(Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source, job.concat, smallest.hooks, smallest.gligen, smallest.ref_latents))
+                            True, job.source, job.concat, smallest.hooks, smallest.gligen, smallest.ref_latents,
+                            smallest.attn_mask))
     return out
 
 
@@ -176,6 +180,9 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
                 and (first.concat is None) == (job.concat is None)
                 and (job.ref_latents is None if first.ref_latents is None
                      else first.ref_latents.compatible(job.ref_latents))
+                # masks fit their prompt's length: a call takes them all or none, at one length (no repeats)
+                and (job.attn_mask is None if first.attn_mask is None
+                     else job.attn_mask is not None and job.attn_mask.shape[1:] == first.attn_mask.shape[1:])
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
                 group.append(job)
@@ -188,3 +195,8 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
 def batched_references(group: list[Job]) -> References | None:
     """The reference latents of one batched call (`batches_of` groups only jobs whose references match)."""
     return None if group[0].ref_latents is None else References.batched([j.ref_latents for j in group])
+
+
+def batched_attention_masks(group: list[Job]) -> Tensor | None:
+    """The attention masks of one batched call (`batches_of` groups only jobs with masks of one shape, or none)."""
+    return None if group[0].attn_mask is None else torch.cat([j.attn_mask for j in group])

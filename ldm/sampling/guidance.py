@@ -18,6 +18,8 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
   latent's size (the caller builds them; entries without one get the guider's `concat`).
 - `ref_latents`: Flux Kontext's reference latents (`ldm.flux_variants.References`, in the model's latent space), passed
   to the model with the entry's calls, never cropped to an area; entries share a call only with matching ones.
+- `attention_mask`: Apply Style Model's attn_bias for Flux Redux, an additive bias over the joint attention in
+  ComfyUI's layout (`ldm.flux_redux.style_attention_mask`); entries share a call only with masks of one shape.
 - `hooks`: an `ldm.sampling.hooks.Hooks` group: the entry is predicted by the UNet with those LoRAs applied
   (the guider's `hooked` makes the copies); entries of different groups never share a call.
 - `gligen`: `("position", ldm.gligen.Gligen, phrases)` (GLIGENTextBoxApply): the entry is predicted by a copy of the
@@ -45,7 +47,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ldm.sampling.cond_jobs import Job, batched_references, batches_of, entry_job, pair_areas
+from ldm.sampling.cond_jobs import (
+    Job,
+    batched_attention_masks,
+    batched_references,
+    batches_of,
+    entry_job,
+    pair_areas,
+)
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
 from ldm.sampling.hooks import HookedUNets
 from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
@@ -305,7 +314,8 @@ class CFGGuider:
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
                 concat = None if group[0].concat is None else torch.cat([j.concat for j in group])
                 batches.append((group, Conditioning(context, y, group[0].control, len(group), concat,
-                                                    self._grounded(group[0]), batched_references(group))))
+                                                    self._grounded(group[0]), batched_references(group),
+                                                    batched_attention_masks(group))))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

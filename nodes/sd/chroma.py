@@ -1,7 +1,8 @@
 """Chroma in the SD node set: its prompts at sampling, and the refusals of another family's prompts or model.
 
 Chroma (`ldm.chroma`) loads through UNETLoader, CLIPLoader type "chroma" (T5-XXL alone) and VAELoader (Flux's ae),
-and samples through KSampler with real CFG on Flux's levels; it has no nodes of its own. Its prompts carry no
+or all in one through CheckpointLoaderSimple, and samples through KSampler with real CFG on Flux's levels; it has
+no nodes of its own. Its prompts carry no
 pooled vector, which is how a sampler tells them from a Flux or SD CLIP's: a Chroma model refuses prompts with
 one, and validation refuses a Chroma CLIP's prompts for another model, and the reverse, from the loaders' facts.
 """
@@ -21,6 +22,10 @@ def chroma_conditioning(conditioning: list, model: DiffusionModel, side: str = "
     """A Chroma model's prompts as they are (it takes no `y`), after refusing any that another family's CLIP made."""
     if any(options.get("pooled_output") is not None for _, options in conditioning):
         raise ValueError(_CLIP.format(side=side) + f"; the model is {model.source}")
+    if any("attention_mask" in options for _, options in conditioning):
+        raise ValueError(f"the {side} prompt carries Apply Style Model's attn_bias (an attention bias over Flux's "
+                         f"joint attention), which Loom's Chroma does not take; the model is {model.source}: use "
+                         "strength_type multiply")
     return conditioning
 
 

@@ -71,11 +71,14 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
         from safetensors import SafetensorError
 
         from ldm.checkpoint import peek_family
+        from ldm.chroma_files import is_chroma_file
         from ldm.flux_files import is_flux_file
         from ldm.sd3_files import is_sd3_file
 
         # The same order as load_checkpoint_outputs, so validation names the family the loader will load.
         try:
+            if is_chroma_file(path):
+                return "chroma"
             if is_flux_file(path):
                 return "flux"
             if is_sd3_file(path):
@@ -123,7 +126,7 @@ def _searched(kind: str) -> str:
 
 class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely), or an all-in-one
-    Flux.1 checkpoint (.safetensors)."""
+    Flux.1 or Chroma checkpoint (.safetensors)."""
 
     display_name = "Load Checkpoint"
     category = "loaders"
@@ -163,6 +166,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     weights, `te_weights_dtype` the text encoders' (the VAE stays in its own dtype); `v_prediction`, when
     given, overrides what the file says about its prediction type."""
     from ldm.checkpoint import load_checkpoint
+    from ldm.chroma_files import is_chroma_file, load_chroma_checkpoint
     from ldm.flux_files import is_flux_file, load_flux_checkpoint
     from ldm.sd3_files import is_sd3_file, load_sd3_checkpoint
 
@@ -173,7 +177,9 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     def load() -> Any:
         from ldm.quant import quantize_
 
-        if is_flux_file(path):  # an all-in-one Flux.1 checkpoint (ComfyUI's layout)
+        if is_chroma_file(path):  # an all-in-one Chroma checkpoint: before Flux, whose probe keys it also has
+            loaded = load_chroma_checkpoint(path, device=device, dtype=dtype)
+        elif is_flux_file(path):  # an all-in-one Flux.1 checkpoint (ComfyUI's layout)
             loaded = load_flux_checkpoint(path, device=device, dtype=dtype)
         elif is_sd3_file(path):  # SD3 / SD3.5 (Stability's layout), with or without its text encoders
             loaded = load_sd3_checkpoint(path, device=device, dtype=dtype)

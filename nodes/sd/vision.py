@@ -187,8 +187,9 @@ class StyleModelApply(Node):
     clip_vision_output = Socket("CLIP_VISION_OUTPUT")
     strength = Float(1.0, min=0.0, max=10.0, step=0.001)
     strength_type = Combo(["multiply", "attn_bias"],
-                          tooltip="multiply: scale the style tokens; attn_bias: for models with attention masks "
-                                  "(Flux); an SD UNet has none, so the tokens go in unscaled, as in ComfyUI")
+                          tooltip="multiply: scale the style tokens; attn_bias: weigh them by log(strength) in "
+                                  "Flux's attention (Redux); an SD UNet has none, so the tokens go in unscaled, as "
+                                  "in ComfyUI")
     outputs = (Output("CONDITIONING"),)
 
     def execute(self, conditioning: list, style_model: StyleModel, clip_vision_output: ClipVisionOutput,
@@ -198,13 +199,13 @@ class StyleModelApply(Node):
             hidden = clip_vision_output.last_hidden_state.to(next(adapter.parameters()).device)
             tokens = adapter(hidden).float().cpu()
         tokens = tokens.reshape(1, -1, tokens.shape[-1])  # a batch of images: all their tokens, one after another
+        redux = hasattr(adapter, "redux_up")  # Flux's: its joint attention takes the bias (ldm.flux_redux)
         if strength_type == "multiply":
             tokens = tokens * strength
-        elif strength != 1.0:
+        elif strength != 1.0 and not redux:
             log.warning("Apply Style Model: strength_type attn_bias weighs the style tokens in attention masks, which "
-                        "%s: the tokens go in unscaled (multiply scales them)",
-                        "this engine's Flux does not take yet" if hasattr(adapter, "redux_up")
-                        else "the SD UNet has none of, as in ComfyUI")
+                        "the SD UNet has none of, as in ComfyUI: the tokens go in unscaled (multiply scales them)")
+        bias = strength if strength_type == "attn_bias" else 1.0
         out = []
         for embedding, options in conditioning:
             if embedding.shape[-1] != tokens.shape[-1]:
@@ -212,7 +213,13 @@ class StyleModelApply(Node):
                                  f"prompt is {embedding.shape[-1]} wide: it is for another model family (the T2I "
                                  "style models are SD1.x's, Flux Redux is Flux.1's)")
             style = tokens.to(embedding).expand(embedding.shape[0], -1, -1)
-            out.append((torch.cat([embedding, style], dim=1), dict(options)))
+            options = dict(options)
+            if redux and ("attention_mask" in options or bias != 1.0):  # an earlier mask grows round the tokens
+                from ldm.flux_redux import style_attention_mask
+
+                options["attention_mask"] = style_attention_mask(options.get("attention_mask"), embedding.shape[1],
+                                                                 style.shape[1], bias, embedding.shape[0])
+            out.append((torch.cat([embedding, style], dim=1), options))
         return (out,)
 
 

@@ -4,8 +4,6 @@ diffusers' ReduxImageEncoder, and a Redux model on an SD model refused."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import safetensors.torch
 import torch
@@ -93,13 +91,6 @@ def test_redux_tokens_follow_the_t5_prompt_and_steer_sampling(engine):
     assert torch.isfinite(samples).all() and (samples - without).abs().mean() > 1e-3
     half = engine.run(parse_api(redux_workflow(strength=0.5)), keep=["14"]).values["14"][0][0][0]
     torch.testing.assert_close(half[:, prompt.shape[1]:], tokens * 0.5, rtol=1e-5, atol=1e-5)
-
-
-def test_attn_bias_is_said_to_go_unscaled(engine, caplog):
-    with caplog.at_level(logging.WARNING):
-        result = engine.run(parse_api(redux_workflow(0.5, "attn_bias")), keep=["14"])
-    assert result.ok, result.error
-    assert "which this engine's Flux does not take yet: the tokens go in unscaled" in caplog.text
 
 
 def test_redux_on_an_sd_prompt_is_refused(engine):
