@@ -1,5 +1,5 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
-make-svd, train."""
+make-svd, make-wan, train."""
 
 from __future__ import annotations
 
@@ -360,6 +360,17 @@ def cmd_make_chroma(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_wan(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.wan_presets import make_wan_files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for part, path in make_wan_files(args.models_dir, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Wan 2.1 {part})")
+    return EXIT_OK
+
+
 def cmd_make_svd(args: argparse.Namespace) -> int:
     import torch
 
@@ -525,6 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_chroma)
+
+    p = sub.add_parser("make-wan", help="write tiny random-weight Wan 2.1 files in the real layouts (text-to-video "
+                       "and image-to-video transformers, UMT5-XXL, the video VAE, a CLIP vision tower) into a models "
+                       "folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
+                   "text_encoders/, vae/ and clip_vision/ (wan2.1_t2v-tiny, wan2.1_i2v-tiny, umt5_xxl-tiny, "
+                   "wan_2.1_vae-tiny, clip_vision_h-tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_wan)
 
     p = sub.add_parser("make-svd", help="write tiny random-weight Stable Video Diffusion and Stable Zero123 "
                        "checkpoints in the real single-file layouts into a models folder")

@@ -71,10 +71,25 @@ class LatentPreview:
     rgb_map: np.ndarray | None
 
 
-def latent_format(config: VAEConfig) -> LatentFormat:
-    """The key of a latent space: its width and scale (SD1/SD2 0.18215, SDXL 0.13025, SD3 1.5305, Flux 0.3611),
-    which a model family and the VAE it was made with share."""
+def latent_format(config: VAEConfig | LatentFormat) -> LatentFormat:
+    """The key of a latent space: its width and scale (SD1/SD2 0.18215, SDXL 0.13025, SD3 1.5305, Flux 0.3611;
+    1 for the video VAEs, whose models normalise per channel instead), which a model family and the VAE it was
+    made with share. A (width, scale) pair is its own key."""
+    if isinstance(config, tuple):
+        return config[0], round(float(config[1]), 5)
     return config.z_channels, round(float(config.scaling_factor), 5)
+
+
+def vae_format(vae: Any) -> LatentFormat:
+    """The latent format of a loaded VAE: an image VAE's from its config, a video VAE's (Wan's, LTX-Video's) from
+    its latent width and scale."""
+    if is_video_vae(vae):
+        return latent_format((vae.latent_channels, vae.scaling_factor))
+    return latent_format(vae.config)
+
+
+def is_video_vae(vae: Any) -> bool:
+    return getattr(vae, "temporal_compression", None) is not None
 
 
 def fitting_pictures() -> np.ndarray:
@@ -128,15 +143,21 @@ def fit_rgb(vae: AutoencoderKL) -> RgbFit:
     from ldm.vae import DiagonalGaussianDistribution
 
     device = next(vae.parameters()).device
-    encoder = torch.nn.Sequential(vae.encoder, vae.quant_conv)  # what AutoencoderKL.encode runs
-    if device.type == "cpu" and vae.dtype != torch.float32:
+    video = is_video_vae(vae)
+    # What AutoencoderKL.encode runs; a video VAE encodes each picture as a one-frame video.
+    encoder = vae if video else torch.nn.Sequential(vae.encoder, vae.quant_conv)
+    if device.type == "cpu" and next(vae.parameters()).dtype != torch.float32:
         # Half-precision convolutions are slow on CPUs (SDXL's encoder: about 40 s in fp16, not 0.2 s in fp32):
         # the fit runs on a float32 copy, which goes when it is done.
         encoder = copy.deepcopy(encoder).float()
     dtype = next(encoder.parameters()).dtype
     pictures = torch.from_numpy(fitting_pictures())
     with torch.inference_mode():
-        latents = DiagonalGaussianDistribution(encoder((pictures * 2 - 1).to(device, dtype))).mode()
+        x = (pictures * 2 - 1).to(device, dtype)
+        if video:
+            latents = encoder.encode(x.unsqueeze(2)).mode()[:, :, 0]
+        else:
+            latents = DiagonalGaussianDistribution(encoder(x)).mode()
     colours = pooled(pictures, FIT_SIDE // latents.shape[-1])
     matrix, residual = solve_rgb_map(rows(latents), rows(colours))
     fit = RgbFit(matrix, residual)
@@ -155,12 +176,13 @@ def register_vae(vae: AutoencoderKL) -> RgbFit | None:
         log.warning("no colour step previews from this VAE: its fit failed (%s)", str(e).splitlines()[0])
         return None
     with _lock:
-        _by_format[latent_format(vae.config)] = fit
+        _by_format[vae_format(vae)] = fit
     return fit
 
 
-def fit_for(config: VAEConfig) -> RgbFit | None:
-    """The map registered for this latent format, if a VAE of it was loaded."""
+def fit_for(config: VAEConfig | LatentFormat) -> RgbFit | None:
+    """The map registered for this latent format (a VAE config, or a (width, scale) pair), if a VAE of it was
+    loaded."""
     with _lock:
         return _by_format.get(latent_format(config))
 

@@ -64,6 +64,9 @@ LOOKS: tuple[Look, ...] = (
          "from models/diffusion_models with Load Diffusion Model, or an SD3 checkpoint with Load Checkpoint, adding "
          "TripleCLIPLoader where the file has no text encoders",
          _contains("joint_blocks.0.context_block.", "transformer_blocks.0.attn.add_k_proj.")),
+    Look("umt5", "UMT5-XXL, Wan's text encoder (T5's layout, a position bias in every block)", "put it in "
+         "models/text_encoders and load it with Load CLIP, type wan",
+         lambda keys: "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in keys),
     Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", "for Flux, put it in models/text_encoders "
          "and load it with DualCLIPLoader, type flux, with a CLIP-L file; for SD3, with TripleCLIPLoader",
          _contains("SelfAttention.k.weight", "DenseReluDense.")),

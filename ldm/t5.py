@@ -121,8 +121,14 @@ class T5Config:
 
 
 def is_t5(sd: Mapping[str, Tensor]) -> bool:
-    """Whether a state dict is a T5 encoder in transformers' layout."""
-    return _PROBE in sd
+    """Whether a state dict is a T5 encoder in transformers' layout (UMT5, `is_umt5`, is not)."""
+    return _PROBE in sd and not is_umt5(sd)
+
+
+def is_umt5(sd: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict is a UMT5 encoder (Wan's, ``ldm.umt5``): T5's layout with a relative position bias in
+    every block, where T5 has one in its first block only."""
+    return _PROBE in sd and "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in sd
 
 
 def t5_config_from_state_dict(sd: Mapping[str, Tensor]) -> T5Config:

@@ -37,7 +37,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
     # latents and images
-    "EmptyHunyuanLatentVideo", "EmptyLTXVLatentVideo",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -53,6 +53,8 @@ BUILTIN_MODULES = (
     "nodes.sd.skip_layers",
     "nodes.sd.sd3_controlnet",
     "nodes.sd.svd",
+    "nodes.sd.wan",
+    "nodes.sd.ltxv",
 )
 
 

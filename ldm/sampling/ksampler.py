@@ -216,9 +216,18 @@ def _brownian_queries(sampler_name: str, sigmas: list[float], options: dict) -> 
     return queries
 
 
-def _latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
-    """A [H, W], [B, H, W] or [B, 1|C, H, W] mask at any resolution, as [B, C, h, w] at the latent's."""
+def latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
+    """A [H, W], [B, H, W] or [B, 1|C, H, W] mask at any resolution, as [B, C, h, w] at the latent's; for a video
+    latent, such a mask for every frame, or a [B, 1|C, T, H, W] one resized over frames too (trilinearly, as
+    ComfyUI does), as [B, C, T, h, w]."""
     mask = mask.to(latent.device, latent.dtype)
+    if mask.ndim == 5:
+        if latent.ndim != 5:
+            raise ValueError(f"a video noise mask {tuple(mask.shape)} does not fit the image latent "
+                             f"{tuple(latent.shape)}")
+        mask = F.interpolate(mask, size=latent.shape[-3:], mode="trilinear", align_corners=False)
+        mask = mask.expand(-1, latent.shape[1], -1, -1, -1) if mask.shape[1] == 1 else mask
+        return mask.repeat(math.ceil(latent.shape[0] / mask.shape[0]), 1, 1, 1, 1)[: latent.shape[0]]
     mask = mask.reshape(-1, mask.shape[-3] if mask.ndim == 4 else 1, *mask.shape[-2:])
     mask = F.interpolate(mask, size=latent.shape[-2:], mode="bilinear", align_corners=False)
     mask = mask.expand(-1, latent.shape[1], -1, -1) if mask.shape[1] == 1 else mask
@@ -277,6 +286,7 @@ def sample(
     module: torch.nn.Module | None = None,
     dual: DualCfg | None = None,
     concat: Tensor | None = None,
+    clean_kept: bool = False,
 ) -> Tensor:
     """Sample a latent (in model space, i.e. already times the VAE scaling factor).
 
@@ -290,7 +300,10 @@ def sample(
     `patches` change how guidance combines predictions and how the mask evolves over the run; those
     that run a patched copy of the UNet need its `module` (default: `unet`, if it is one). `dual` adds
     DualCFGGuider's second positive prompt. `concat` [B, C, H, W] is appended to the UNet's input channels
-    (an inpainting model's mask and masked image; entries may carry their own, see `guidance`).
+    (an inpainting model's mask and masked image; entries may carry their own, see `guidance`). `clean_kept`
+    gives the model the kept part of a masked latent as it is rather than re-noised to each level, for models told
+    the mask as per-token noise levels (`ldm.sampling.masked_timesteps`: LTX-Video's and Wan 2.2 5B's
+    image-to-video, ComfyUI's scale_latent_inpaint).
     """
     sampler_name = SAMPLER_ALIASES.get(sampler_name, sampler_name)
     sampler = SAMPLERS.get(sampler_name) or RESIZING_SAMPLERS.get(sampler_name)
@@ -340,7 +353,7 @@ def sample(
     x = denoiser.noise_latent(latent, noise, sigma_start, full)
     if no_step:
         # No step to take: the latent with its noise (a first stage split off at step 0), as in ComfyUI.
-        x = x if noise_mask is None else torch.lerp(latent, x, _latent_mask(noise_mask, latent))
+        x = x if noise_mask is None else torch.lerp(latent, x, latent_mask(noise_mask, latent))
         return denoiser.unscaled(x, sigma_end)
 
     if module is None and isinstance(unet, torch.nn.Module):
@@ -372,7 +385,7 @@ def sample(
     guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
                        module=module, keep_negative=sampler_name in _CFG_PP or patches.keep_negative, dual=dual,
                        concat=concat, pre_cfg=patches.pre_cfg, hooked=hooked)
-    mask = None if noise_mask is None else _latent_mask(noise_mask, latent)
+    mask = None if noise_mask is None else latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 
     prefetcher: PrefetchingNoiseSampler | None = None
@@ -391,8 +404,11 @@ def sample(
             t = schedule.sigma_to_t_scalar(level if level is not None else float(sigma.reshape(-1)[0]))
             step_mask = patches.denoise_mask(mask, (t - t_to) / (t_from - t_to) if t_from > t_to else 0.0)
             last_mask[0] = step_mask
-        levels = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        x = x * step_mask + denoiser.noise_latent(latent, noise, levels) * (1 - step_mask)
+        if clean_kept:
+            x = x * step_mask + latent * (1 - step_mask)
+        else:
+            levels = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+            x = x * step_mask + denoiser.noise_latent(latent, noise, levels) * (1 - step_mask)
         return guider(x, sigma) * step_mask + latent * (1 - step_mask)
 
     total = len(sigmas) - 1

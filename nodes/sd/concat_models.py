@@ -76,6 +76,10 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
     and the conditionings with `concat` (and, for the x4 upscaler, its class label `y`) on the entries that
     carry their own image. Prompts made for the x4 upscaler are refused for any other model, which would
     sample their quarter-size latent without a word."""
+    if model.family.name in ("wan21", "wan22"):  # image-to-video: a mask and the start image's latent
+        from nodes.sd.wan import wan_inputs
+
+        return wan_inputs(model, latent, *conditionings)
     if model.family.name == "flux" or carries_references(conditionings):  # Flux's edit models, Kontext's references
         return flux_inputs(model, latent, *conditionings)
     samples = latent["samples"]

@@ -295,14 +295,20 @@ class VAELoader(Node):
 
     def execute(self, vae_name: str) -> tuple[Vae]:
         from ldm.checkpoint import load_vae
+        from ldm.wan_vae_files import load_wan_vae, peek_wan_vae
 
         path = model_path("vae", vae_name)
         _, _, vae_dtype = device_and_dtype(self.ctx)
         device = load_device(self.ctx)
-        loaded = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)),
-                              lambda: load_vae(path, device=device, dtype=vae_dtype))
-        register_vae(loaded.vae)  # the step previews' colours for this latent space (fitted once per VAE)
-        return (Vae(loaded.vae, vae_name),)
+
+        def load() -> Any:
+            if peek_wan_vae(path):  # Wan's causal video VAE (2.1's or 2.2's)
+                return load_wan_vae(path, device=device, dtype=vae_dtype)
+            return load_vae(path, device=device, dtype=vae_dtype).vae
+
+        vae = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)), load)
+        register_vae(vae)  # the step previews' colours for this latent space (fitted once per VAE)
+        return (Vae(vae, vae_name),)
 
 
 class LoraLoader(Node):

@@ -103,6 +103,11 @@ class DiffusionModel:
         playground = self.playground_latents if self.playground_latents is not None else self.family.playground
         shape = (1, -1, *[1] * (like.ndim - 2))
         if getattr(self.family, "latent_mean", None) is not None:  # video models' per-channel statistics (Wan)
+            if like.shape[1] != len(self.family.latent_mean):
+                raise ValueError(f"{self.source} is a video model ({self.family.name.upper()}) sampling "
+                                 f"{len(self.family.latent_mean)}-channel video latents; the latent "
+                                 f"{tuple(like.shape)} is not one: make it with the model's empty video latent "
+                                 "node (EmptyHunyuanLatentVideo for Wan 2.1, EmptyLTXVLatentVideo for LTX-Video)")
             mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).reshape(shape)
                          for v in (self.family.latent_mean, self.family.latent_std))
             return mean, self.family.latent_scale_factor / std

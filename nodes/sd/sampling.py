@@ -38,6 +38,14 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.sd3 import sd3_y
 
         return sd3_y(conditioning)
+    if model.family.name == "ltxv":  # its `y`: the frame rate (LTXVConditioning's)
+        from nodes.sd.ltxv import ltxv_conditioning
+
+        return ltxv_conditioning(conditioning)
+    if model.family.name in ("wan21", "wan22"):  # its `y`: the start image's CLIP vision states (image-to-video)
+        from nodes.sd.wan import wan_conditioning
+
+        return wan_conditioning(conditioning)
     if model.family.name == "svd":  # its `y`: the frame rate, motion bucket and augmentation, and the frame count
         from nodes.sd.svd import svd_sampling_y
 
@@ -180,7 +188,11 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
 
     last: list[torch.Tensor] = []
     # The step previews' latent-to-RGB map for this model's latent space, in the sampler's (scaled) latents.
-    rgb_map = sampler_rgb_map(fit_for(model.family.vae_config), samples.shape[1], model.latent_out)
+    family = model.family
+    # A video family normalises per channel and names no image VAE: its latent space is (width, scale 1).
+    space = ((family.latent_channels, family.latent_scale_factor) if getattr(family, "latent_mean", None) is not None
+             else family.vae_config)
+    rgb_map = sampler_rgb_map(fit_for(space), samples.shape[1], model.latent_out)
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
         last[:] = [denoised]
@@ -236,6 +248,12 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
             from ldm.cuda_graphs import graphed_unet
 
             unet = graphed_unet(module, unet)
+    noise_mask = latent.get("noise_mask")
+    clean_kept = noise_mask is not None and getattr(model.family, "token_timesteps", False)
+    if clean_kept:  # the mask as per-token noise levels (LTX-Video's, Wan 2.2 5B's image-to-video)
+        from ldm.sampling.masked_timesteps import MaskedTimesteps
+
+        unet = MaskedTimesteps(unet, noise_mask, x)
     try:
         with torch.inference_mode():
             out = sample(
@@ -244,10 +262,10 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 negative=_with_adm(negative, model, samples, negative=True, seed=seed),
                 denoise=denoise, sigmas=sigmas,
                 add_noise=add_noise, start_step=start_step, end_step=end_step,
-                return_leftover_noise=return_leftover_noise, noise_mask=latent.get("noise_mask"),
+                return_leftover_noise=return_leftover_noise, noise_mask=noise_mask,
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
                 prediction=model.prediction, sampler_options=sampler_options, patches=model.sampling_patches,
-                module=model.unet, dual=dual, concat=concat,
+                module=model.unet, dual=dual, concat=concat, clean_kept=clean_kept,
             )
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them

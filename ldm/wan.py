@@ -1,0 +1,341 @@
+"""The Wan 2.1 / 2.2 video diffusion transformer (Alibaba's); attribute names follow the original checkpoint keys.
+
+A rectified-flow transformer over video latents [B, C, T, H, W]: a 3-D convolution cuts them into 1x2x2 patches
+(tokens, frame by frame, row by row), and `num_layers` blocks each run self-attention over all the video's tokens
+(3-D RoPE: a head's channels split between the frame, row and column axes), cross-attention to the UMT5 prompt
+(padded with zeros to 512 tokens, as Wan's pipeline and ComfyUI's tokenizer pad it), and an MLP; every block is
+modulated (shift, scale, gate) by the timestep's embedding. The noise level enters as t * 1000 (ComfyUI's CONST
+sampling gives t in 0..1).
+
+Kinds, all told apart by the weights: text-to-video (Wan 2.1 1.3B / 14B, the Wan 2.2 14B experts); image-to-video
+(`in_dim` 36: 4 mask channels and the start image's latent follow the noisy latent's 16), with, for Wan 2.1's i2v
+and first-last-frame (FLF2V) models, an image branch (`img_emb`): CLIP vision states [B, 257, 1280] (FLF2V: the two
+images' [B, 514, 1280], with learnt positions) projected to extra keys and values the cross-attention also reads
+(`k_img`, `v_img`); Wan 2.2's 5B TI2V model, 48 channels in and out (its own VAE's latent space).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.checkpoint import UNET_PREFIX
+from ldm.flux import apply_rope, rope_angles
+
+TEXT_LEN = 512  # UMT5 tokens Wan's prompts are padded to
+HEAD_DIM = 128  # every released Wan model's head width (1.3B: 1536 / 12, 14B: 5120 / 40, 5B: 3072 / 24)
+IMAGE_INPUTS = ("none", "i2v", "flf2v")
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+# Wan variants whose extra parts change what the model computes; their files are refused rather than half-run.
+VARIANTS = {"vace_blocks.": "VACE", "control_adapter.": "Fun camera-control", "casual_audio_encoder.": "S2V",
+            "audio_injector.": "S2V", "motion_encoder.": "Animate", "face_adapter.": "Animate",
+            "pose_patch_embedding.": "Animate", "audio_proj.": "HuMo"}
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Shape of a Wan transformer (defaults: Wan 2.1 14B text-to-video). `image_input`: "none", "i2v" (an
+    `img_emb` branch for CLIP vision states of `clip_dim`) or "flf2v" (the same with `flf_tokens` learnt positions
+    for the first and last frames' states)."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    image_input: str = "none"
+    clip_dim: int = 1280
+    flf_tokens: int = 514
+    text_len: int = TEXT_LEN
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads or self.head_dim < 6:
+            raise ValueError(f"a width of {self.dim} does not split into {self.num_heads} heads Wan's RoPE can use")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input {self.image_input!r}: one of {', '.join(IMAGE_INPUTS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_axes(self) -> tuple[int, int, int]:
+        """Wan's RoPE split of a head: the rest for the frame axis, 2 * (head_dim // 6) for rows and for columns."""
+        spatial = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * spatial, spatial, spatial
+
+    @property
+    def context_dim(self) -> int:
+        """The prompt width it takes (UMT5-XXL's), under the name the samplers check prompts against."""
+        return self.text_dim
+
+    @property
+    def kind(self) -> str:
+        """"t2v", "i2v" (channels beside the latent's: a mask and the start image's latent), "flf2v" or "ti2v"
+        (Wan 2.2 5B, 48-channel latents)."""
+        if self.image_input == "flf2v":
+            return "flf2v"
+        if self.in_dim > self.out_dim:
+            return "i2v"
+        return "ti2v" if self.out_dim == 48 else "t2v"
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMS norm (over the whole width for q and k), computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """A layer norm computed in float32 whatever the model's dtype, its result in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def _plain_norm(x: Tensor, eps: float) -> Tensor:
+    """The blocks' and head's layer norm without weights, in float32 (the modulation follows in float32)."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class Attention(nn.Module):
+    """Self-attention (with RoPE) or, `image` set, the image models' cross-attention, which also attends to the
+    projected CLIP vision states through its own keys and values and adds the two results."""
+
+    def __init__(self, c: WanConfig, image: bool = False):
+        super().__init__()
+        self.heads = c.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(c.dim, c.dim) for _ in range(4))
+        self.norm_q = RMSNorm(c.dim, c.eps) if c.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(c.dim, c.eps) if c.qk_norm else nn.Identity()
+        if image:
+            self.k_img, self.v_img = nn.Linear(c.dim, c.dim), nn.Linear(c.dim, c.dim)
+            self.norm_k_img = RMSNorm(c.dim, c.eps) if c.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                image: Tensor | None = None) -> Tensor:
+        source = x if context is None else context
+        q = _heads(self.norm_q(self.q(x)), self.heads)
+        k = _heads(self.norm_k(self.k(source)), self.heads)
+        v = _heads(self.v(source), self.heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = _attend(q, k, v)
+        if image is not None and hasattr(self, "k_img"):
+            k_img = _heads(self.norm_k_img(self.k_img(image)), self.heads)
+            out = out + _attend(q, k_img, _heads(self.v_img(image), self.heads))
+        return self.o(out)
+
+
+class Block(nn.Module):
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        self.eps = c.eps
+        self.self_attn = Attention(c)
+        self.norm3 = LayerNorm(c.dim, c.eps) if c.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(c, image=c.image_input != "none")
+        self.ffn = nn.Sequential(nn.Linear(c.dim, c.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(c.ffn_dim, c.dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, c.dim))
+
+    def forward(self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], context: Tensor,
+                image: Tensor | None) -> Tensor:
+        # The modulation and the residual sums in float32, as Wan runs them; the layers in the model's dtype.
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unsqueeze(2).unbind(1)
+        h = (_plain_norm(x, self.eps) * (1 + scale1) + shift1).to(x.dtype)
+        x = (x.float() + self.self_attn(h, rope=rope).float() * gate1).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), context, image=image)
+        h = (_plain_norm(x, self.eps) * (1 + scale2) + shift2).to(x.dtype)
+        return (x.float() + self.ffn(h).float() * gate2).to(x.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        self.eps = c.eps
+        self.head = nn.Linear(c.dim, c.out_dim * math.prod(c.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, c.dim))
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        shift, scale = (self.modulation.float() + e[:, None].float()).unsqueeze(2).unbind(1)
+        return self.head((_plain_norm(x, self.eps) * (1 + scale) + shift).to(x.dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP vision states to cross-attention tokens (Wan's MLPProj); FLF2V's adds learnt positions first."""
+
+    def __init__(self, c: WanConfig):
+        super().__init__()
+        self.proj = nn.Sequential(LayerNorm(c.clip_dim), nn.Linear(c.clip_dim, c.clip_dim), nn.GELU(),
+                                  nn.Linear(c.clip_dim, c.dim), LayerNorm(c.dim))
+        if c.image_input == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, c.flf_tokens, c.clip_dim))
+
+    def forward(self, clip_fea: Tensor) -> Tensor:
+        if hasattr(self, "emb_pos"):
+            if clip_fea.shape[1] > self.emb_pos.shape[1]:
+                raise ValueError(f"{clip_fea.shape[1]} CLIP vision tokens for a first-last-frame model that places "
+                                 f"at most {self.emb_pos.shape[1]}")
+            clip_fea = clip_fea + self.emb_pos[:, :clip_fea.shape[1]].to(clip_fea.dtype)
+        return self.proj(clip_fea)
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """Wan's timestep embedding [B] -> [B, dim], cosines first, computed in float64 as Wan computes it."""
+    precise = torch.float32 if t.device.type == "mps" else torch.float64
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=precise, device=t.device) / half)
+    args = t.to(precise)[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def pad_to_patch(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
+    """Frames, rows and columns that are not a multiple of the patch are padded, wrapping round, as ComfyUI pads
+    them (cropped back after)."""
+    t, h, w = x.shape[-3:]
+    pads = (0, -w % patch[2], 0, -h % patch[1], 0, -t % patch[0])
+    return F.pad(x, pads, mode="circular") if any(pads) else x
+
+
+def grid_ids(frames: int, rows: int, cols: int, device: torch.device | None = None) -> Tensor:
+    """The RoPE positions [frames*rows*cols, 3] of the patches, in token order: (frame, row, col)."""
+    axes = [torch.arange(n, device=device) for n in (frames, rows, cols)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+class WanModel(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = c = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.blocks = nn.ModuleList([Block(c) for _ in range(c.num_layers)])
+        self.head = Head(c)
+        if c.image_input != "none":
+            self.img_emb = ImageEmbedding(c)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype, read from the head's modulation, which fp8 weight storage (ldm.quant) leaves alone."""
+        return self.head.modulation.dtype
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+                clip_fea: Tensor | None = None) -> Tensor:
+        """Predict the velocity (noise - data) of video latents `x` [B, in_dim, T, H, W] (an image-to-video
+        model's extra channels after the latent's) at flow noise levels `timesteps` [B] (0..1) given the UMT5 prompt
+        `context` [B, L, text_dim]. `clip_fea` [B, 257 (FLF2V: 514), clip_dim]: the CLIP vision states of the
+        image(s) for Wan 2.1's i2v / FLF2V models (without them the image branch is skipped). `y`: Wan's own
+        image-to-video input [B, C, T, H, W] (mask and image latent) to append to `x`'s channels, or, 3-D, the CLIP
+        vision states, as Loom's sampler passes a model's `y`."""
+        c, dtype = self.config, self.dtype
+        if y is not None and y.ndim == 5:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        elif y is not None:
+            clip_fea = y if clip_fea is None else clip_fea
+        if x.ndim != 5 or x.shape[1] != c.in_dim:
+            raise ValueError(f"a Wan model takes video latents [B, {c.in_dim}, frames, h, w], not "
+                             f"{tuple(x.shape)}" + (f" ({c.out_dim} latent channels, then {c.in_dim - c.out_dim} of "
+                                                    "mask and start image)" if c.in_dim > c.out_dim else ""))
+        if context.shape[-1] != c.text_dim:
+            raise ValueError(f"the prompt is {context.shape[-1]} wide; Wan takes UMT5-XXL's {c.text_dim}")
+        batch, size = x.shape[0], x.shape[-3:]
+        padded = pad_to_patch(x, c.patch_size)
+        grid = [n // p for n, p in zip(padded.shape[-3:], c.patch_size, strict=True)]
+        tokens = self.patch_embedding(padded.to(dtype)).flatten(2).transpose(1, 2)
+        rope = rope_angles(grid_ids(*grid, device=x.device), c.rope_axes, 10000)
+
+        t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
+        e = self.time_embedding(sinusoidal_embedding(t * 1000, c.freq_dim).to(dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, c.dim)).float()
+        if context.shape[1] < c.text_len:  # Wan pads its prompts with zeros, which still count as tokens
+            context = F.pad(context, (0, 0, 0, c.text_len - context.shape[1]))
+        context = self.text_embedding(context.to(dtype))
+        image = None
+        if clip_fea is not None and c.image_input != "none":
+            image = self.img_emb(clip_fea.to(dtype))
+            image = image.expand(batch, -1, -1) if image.shape[0] == 1 else image
+        for block in self.blocks:
+            tokens = block(tokens, e0, rope, context, image)
+        out = self.head(tokens, e)
+        return self._unpatchify(out, grid)[..., :size[0], :size[1], :size[2]].to(x.dtype)
+
+    def _unpatchify(self, tokens: Tensor, grid: list[int]) -> Tensor:
+        """[B, f*h*w, out_dim*pt*ph*pw] (each token's values patch-major, channel last) -> [B, out_dim, T, H, W]."""
+        (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
+        x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], -1, f * pt, h * ph, w * pw)
+
+
+def is_wan(keys: Collection[str], prefix: str = "") -> bool:
+    """Whether state-dict keys (or a state dict) hold a Wan transformer in the original layout, under `prefix`."""
+    return all(f"{prefix}{k}" in keys for k in ("patch_embedding.weight", "head.modulation",
+                                                "blocks.0.cross_attn.q.weight"))
+
+
+def wan_weights(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The transformer's tensors of a Wan file without `model.diffusion_model.` if the file has it."""
+    if is_wan(sd, UNET_PREFIX):
+        return {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    return dict(sd)
+
+
+def wan_config_from_state_dict(sd: Mapping[str, Tensor], num_heads: int | None = None) -> WanConfig:
+    """The exact shape of a Wan transformer (bare keys or under `model.diffusion_model.`) from its key names and
+    tensor shapes. The head count is not in the weights: `num_heads`, else Wan's 128-wide heads."""
+    sd = wan_weights(sd)
+    variant = next((name for part, name in VARIANTS.items() if any(k.startswith(part) for k in sd)), None)
+    if variant is not None:
+        raise ValueError(f"a Wan {variant} model: only Wan's text-to-video and image-to-video transformers are "
+                         "supported")
+    try:
+        dim, in_dim, *patch = sd["patch_embedding.weight"].shape
+        if num_heads is None:
+            if dim % HEAD_DIM:
+                raise ValueError(f"its width {dim} is not a multiple of Wan's {HEAD_DIM}-wide heads, and the file "
+                                 "does not say how many heads it has (loom.wan_num_heads metadata)")
+            num_heads = dim // HEAD_DIM
+        image_input = ("flf2v" if "img_emb.emb_pos" in sd else "i2v" if "img_emb.proj.0.weight" in sd else "none")
+        clip_dim = sd["img_emb.proj.0.weight"].shape[0] if image_input != "none" else 1280
+        return WanConfig(
+            dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=num_heads,
+            num_layers=len({int(m[1]) for k in sd if (m := _BLOCK.match(k))}), in_dim=in_dim,
+            out_dim=sd["head.head.weight"].shape[0] // math.prod(patch),
+            freq_dim=sd["time_embedding.0.weight"].shape[1], text_dim=sd["text_embedding.0.weight"].shape[1],
+            patch_size=tuple(patch),
+            qk_norm="blocks.0.self_attn.norm_q.weight" in sd, cross_attn_norm="blocks.0.norm3.weight" in sd,
+            image_input=image_input, clip_dim=clip_dim,
+            flf_tokens=sd["img_emb.emb_pos"].shape[1] if image_input == "flf2v" else 514)
+    except KeyError as e:
+        raise ValueError(f"an incomplete Wan transformer: no weight {e}") from None
