@@ -18,6 +18,7 @@ from ldm.flux_presets import make_flux_files
 from ldm.presets import make_checkpoint, make_controlnet
 from ldm.sd3_presets import make_sd3_files
 from ldm.upscale import RRDBNet
+from ldm.wan_presets import make_wan_files
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
 
@@ -33,6 +34,9 @@ FLUX_FILES = {"unet": "diffusion_models/flux1-dev.safetensors", "clip_l": "text_
 # Tiny SD3.5 parts under the names sd3_txt2img.json loads; its clip_l.safetensors is Flux's, as a user's would be.
 SD3_FILES = {"bare_checkpoint": "checkpoints/sd3.5_medium.safetensors", "clip_g": "text_encoders/clip_g.safetensors",
              "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn.safetensors"}
+# Tiny Wan 2.1 parts under the names wan_t2v.json loads.
+WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
+             "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
 
 
 def write_lora(path: Path) -> None:
@@ -64,6 +68,9 @@ def base(tmp_path_factory):
     sd3 = make_sd3_files(root / "sd3-tiny", "sd3.5-medium", seed=1)
     for part, name in SD3_FILES.items():
         shutil.copy(sd3[part], root / "models" / name)
+    wan = make_wan_files(root / "wan-tiny", seed=1)
+    for part, name in WAN_FILES.items():
+        shutil.copy(wan[part], root / "models" / name)
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)
@@ -83,6 +90,8 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(FAST)
         if node.class_type in ("EmptyLatentImage", "EmptySD3LatentImage"):
             node.inputs.update(width=min(node.inputs["width"], 128), height=min(node.inputs["height"], 64))
+        if node.class_type == "EmptyHunyuanLatentVideo":
+            node.inputs.update(width=64, height=64, length=5)
     for (nid, key), value in (overrides or {}).items():
         graph.nodes[nid].inputs[key] = value
     return graph
@@ -96,7 +105,11 @@ def test_every_example_workflow_runs(engine, base, name):
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
     with Image.open(path) as image:
         assert image.mode == "RGB" and min(image.size) >= 64
-        prompt = json.loads(image.text["prompt"])
+        if image.format == "WEBP":  # a video's frames (SaveAnimatedWEBP), the prompt in its EXIF Model tag
+            assert image.n_frames == 5
+            prompt = json.loads(image.getexif()[0x0110].removeprefix("prompt:"))
+        else:
+            prompt = json.loads(image.text["prompt"])
         assert prompt == json.loads(json.dumps(load(name, engine.registry).to_api()))  # the workflow it came from
 
 
