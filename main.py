@@ -1,5 +1,5 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
-make-svd, make-wan, train."""
+make-svd, make-wan, make-ltxv, train."""
 
 from __future__ import annotations
 
@@ -371,6 +371,17 @@ def cmd_make_wan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_ltxv(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.ltxv_presets import make_ltxv_files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for part, path in make_ltxv_files(args.models_dir, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny LTX-Video 0.9.1 {part})")
+    return EXIT_OK
+
+
 def cmd_make_svd(args: argparse.Namespace) -> int:
     import torch
 
@@ -546,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_wan)
+
+    p = sub.add_parser("make-ltxv", help="write tiny random-weight LTX-Video 0.9.1 files in the real layouts (the "
+                       "all-in-one checkpoint: transformer and video VAE; T5-XXL) into a models folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its checkpoints/ and "
+                   "text_encoders/ (ltx-video-2b-v0.9.1-tiny, t5xxl-ltxv-tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+    p.set_defaults(func=cmd_make_ltxv)
 
     p = sub.add_parser("make-svd", help="write tiny random-weight Stable Video Diffusion and Stable Zero123 "
                        "checkpoints in the real single-file layouts into a models folder")

@@ -65,8 +65,10 @@ OTHER_MODELS: tuple[OtherModel, ...] = (
 def other_diffusers_model(keys: Iterable[str]) -> str | None:
     """What a diffusers-layout model that is neither Flux nor SD3 is ("a Wan video transformer ..."), else None."""
     keys = set(keys)
-    if _starts("double_blocks.", "joint_blocks.", "model.diffusion_model.")(keys):
-        return None  # the original layouts (BFL's Chroma has a distilled_guidance_layer too)
+    # The original layouts: BFL's Chroma has a distilled_guidance_layer too, Lightricks' LTX-Video transformer
+    # (patchify_proj) PixArt's adaln_single and caption_projection.
+    if _starts("double_blocks.", "joint_blocks.", "model.diffusion_model.", "patchify_proj.")(keys):
+        return None
     return next((m.what for m in OTHER_MODELS if m.matches(keys)), None)
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
-from ldm.flux_presets import distinct_random_
+from ldm.flux_presets import TINY_T5, distinct_random_
 from ldm.ltxv import LTXV_HEADS, LTXVConfig, LTXVModel, is_ltxv, ltxv_config_from_state_dict
 from ldm.sampling.flow import time_shift
 from ldm.t5 import descaled_fp8, scaling_keys
@@ -54,7 +54,8 @@ DEFAULT_SHIFT = 2.37
 MAX_SHIFT, BASE_SHIFT = 2.05, 0.95
 BASE_TOKENS, MAX_TOKENS = 1024, 4096
 DEFAULT_TOKENS = 4096  # ModelSamplingLTXV and LTXVScheduler without a latent
-TINY_LTXV = LTXVConfig(in_channels=128, out_channels=128, inner_dim=64, depth=2, caption_channels=48,
+# Its caption width is the tiny T5's (ldm.flux_presets), so that the tiny T5-XXL file serves Flux and LTX-Video alike.
+TINY_LTXV = LTXVConfig(in_channels=128, out_channels=128, inner_dim=64, depth=2, caption_channels=TINY_T5.d_model,
                        cross_attention_dim=64, ff_dim=256)
 
 
@@ -205,3 +206,23 @@ def write_tiny_ltxv(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.
         tensors |= {VAE_PART + k: v for k, v in vae.state_dict().items()}
     write_safetensors(tensors, path, {"loom.seed": str(seed)}, dtype)
     return path
+
+
+def load_ltxv_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> ckpt.LoadedCheckpoint:
+    """An all-in-one LTX-Video file (transformer under `model.diffusion_model.`, VAE under `vae.`) as a
+    LoadedCheckpoint: the transformer, its family with the VAE's latent statistics, the VAE, and no text encoder
+    (the files hold none: T5-XXL comes from its own file)."""
+    from ldm.ltxv_vae import load_ltxv_vae
+
+    path = Path(path)
+    sd = ckpt.load_state_dict(path)
+    if is_ltxv(sd):
+        raise CheckpointError(f"{path.name}: an LTX-Video transformer alone, not an all-in-one checkpoint; load it "
+                              "with UNETLoader (Load Diffusion Model) and its VAE with VAELoader")
+    if not is_ltxv(sd, UNET_PREFIX):
+        raise CheckpointError(f"{path.name}: not an LTX-Video checkpoint (no model.diffusion_model.patchify_proj / "
+                              "adaln_single weights)")
+    loaded = load_ltxv_unet(path, device, dtype, sd=sd)
+    vae = load_ltxv_vae(path, device, dtype, prefix=VAE_PART)  # refuses a file without its VAE part, by name
+    return ckpt.LoadedCheckpoint(loaded.family, loaded.unet, vae, None, loaded.unused_keys, path, loaded.metadata)

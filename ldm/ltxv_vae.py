@@ -42,6 +42,8 @@ from ldm.vae import DiagonalGaussianDistribution
 # defaults to decode_timestep=0.0 with decode_noise_scale = decode_timestep, and mixes in the raw latent space.
 DEFAULT_DECODE_TIMESTEP = 0.05
 DEFAULT_DECODE_NOISE_SCALE = 0.025
+# The seed of the decoder's noise when no generator is given: the same latent always decodes to the same video.
+DEFAULT_DECODE_SEED = 0
 _STRIDES = {"compress_space_res": (1, 2, 2), "compress_time_res": (2, 1, 1), "compress_all_res": (2, 2, 2)}
 
 
@@ -265,8 +267,9 @@ class LTXVVAE(nn.Module):
         A timestep-conditioned decoder (0.9.1, 0.9.5) first mixes `noise_scale` of Gaussian noise into the
         normalised latent, as the original pipeline and ComfyUI do (z_n = (z - mean) / std; (1 - s) z_n + s n),
         then decodes at `timestep`; None means ComfyUI's VAEDecode defaults (0.05 and 0.025). Its res blocks add
-        spatial noise as well. All noise comes from `generator` (torch's global one if None), in a fixed order,
-        so a seeded generator makes decoding deterministic. A 0.9.0 decoder ignores the three.
+        spatial noise as well. All noise comes from `generator`, in a fixed order; None means a CPU generator
+        seeded with DEFAULT_DECODE_SEED, so that decoding (the VAE decode node's result) is reproducible, the same
+        on every device, and leaves torch's global generator alone. A 0.9.0 decoder ignores the three.
         """
         if z.ndim != 5 or z.shape[1] != self.latent_channels:
             raise ValueError(f"LTX-Video VAE: expected latents [B, {self.latent_channels}, T, h, w], "
@@ -276,9 +279,9 @@ class LTXVVAE(nn.Module):
             return self.decoder(z)
         t = DEFAULT_DECODE_TIMESTEP if timestep is None else timestep
         s = DEFAULT_DECODE_NOISE_SCALE if noise_scale is None else noise_scale
+        generator = generator or torch.Generator().manual_seed(DEFAULT_DECODE_SEED)
         if s:
-            device = generator.device if generator is not None else z.device
-            noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
+            noise = torch.randn(z.shape, generator=generator, device=generator.device, dtype=z.dtype).to(z.device)
             mean, std = (v.to(z).view(1, -1, 1, 1, 1) for v in (self.latent_mean, self.latent_std))
             # (1 - s) z_n + s n in the normalised space, written out in the raw one.
             z = (1 - s) * z + s * (mean + std * noise)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +82,8 @@ class TextEncoderConfig:
 class TextEncoding:
     cond: Tensor  # [batch, 77 * chunks, context_dim]
     pooled: Tensor | None  # [batch, pooled_dim]
+    # Further options each CONDITIONING entry carries, by ComfyUI's names (e.g. LTX-Video's "attention_mask").
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

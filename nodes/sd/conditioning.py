@@ -40,9 +40,10 @@ def _load_embedding(path: str, fingerprint: str) -> dict[int, torch.Tensor]:
 
 def _encoded(node: Node, clip: Clip, text: str, options: Callable[[Any], dict], **kwargs: Any) -> list:
     """The CONDITIONING of a prompt `clip` encodes on the compute device (`embedding:NAME` words read from
-    models/embeddings), `options(encoding)` with each entry, and the hooks SetClipHooks gave the CLIP to pass on,
-    if any. With SetClipHooks' schedule_clip, one entry per keyframe range, its range in clip_start_percent and
-    clip_end_percent (ComfyUI's encode_from_tokens_scheduled)."""
+    models/embeddings), the encoder's own options (`TextEncoding.extra`, e.g. LTX-Video's attention_mask) and
+    `options(encoding)` with each entry, and the hooks SetClipHooks gave the CLIP to pass on, if any. With
+    SetClipHooks' schedule_clip, one entry per keyframe range, its range in clip_start_percent and clip_end_percent
+    (ComfyUI's encode_from_tokens_scheduled)."""
     def encode(encoder: torch.nn.Module) -> Any:
         return encoder.encode([text], clip_skip=clip.clip_skip, embeddings=embedding_vectors, **kwargs)
 
@@ -54,7 +55,8 @@ def _encoded(node: Node, clip: Clip, text: str, options: Callable[[Any], dict], 
             encodings = [({"clip_start_percent": part.start_percent, "clip_end_percent": part.end_percent}, encoding)
                          for part, encoding in encode_scheduled(encoder, clip.clip_schedule, encode)]
     hooks = {} if clip.cond_hooks is None else {"hooks": clip.cond_hooks}
-    return [(encoding.cond.float().cpu(), {**options(encoding), **part, **hooks}) for part, encoding in encodings]
+    return [(encoding.cond.float().cpu(), {**{k: v.cpu() for k, v in encoding.extra.items()}, **options(encoding),
+                                           **part, **hooks}) for part, encoding in encodings]
 
 
 class CLIPTextEncode(Node):

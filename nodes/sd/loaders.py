@@ -73,6 +73,7 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
         from ldm.checkpoint import peek_family
         from ldm.chroma_files import is_chroma_file
         from ldm.flux_files import is_flux_file
+        from ldm.ltxv_files import is_ltxv_file
         from ldm.sd3_files import is_sd3_file
 
         # The same order as load_checkpoint_outputs, so validation names the family the loader will load.
@@ -83,6 +84,8 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
                 return "flux"
             if is_sd3_file(path):
                 return "sd3"
+            if is_ltxv_file(path):
+                return "ltxv"
         except (SafetensorError, OSError, ValueError):  # unreadable: CheckpointLoaderSimple reports it when it runs
             return None
         family = peek_family(path)
@@ -126,7 +129,8 @@ def _searched(kind: str) -> str:
 
 class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely), or an all-in-one
-    Flux.1 or Chroma checkpoint (.safetensors)."""
+    Flux.1 or Chroma checkpoint (.safetensors), or LTX-Video's all-in-one ltx-video-2b-v0.9*.safetensors (its
+    transformer and VAE; its CLIP output only says to load T5-XXL with CLIPLoader type ltxv)."""
 
     display_name = "Load Checkpoint"
     category = "loaders"
@@ -160,6 +164,10 @@ def engine_weight_dtypes(node: Node) -> tuple[str, str]:
                                                            devices.options.te_weights_dtype)
 
 
+_LTXV_T5 = ("load T5-XXL (t5xxl_fp16.safetensors or an fp8 copy) with CLIPLoader (Load CLIP) type ltxv and encode "
+            "with its CLIP")
+
+
 def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_weights_dtype: str,
                             v_prediction: bool | None = None) -> tuple[DiffusionModel, Clip, Vae]:
     """Load (or share) a checkpoint on the offload device; `weights_dtype` "fp8"/"int8" shrinks the UNet's
@@ -168,6 +176,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     from ldm.checkpoint import load_checkpoint
     from ldm.chroma_files import is_chroma_file, load_chroma_checkpoint
     from ldm.flux_files import is_flux_file, load_flux_checkpoint
+    from ldm.ltxv_files import is_ltxv_file, load_ltxv_checkpoint
     from ldm.sd3_files import is_sd3_file, load_sd3_checkpoint
 
     path = model_path("checkpoints", ckpt_name)
@@ -183,6 +192,8 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
             loaded = load_flux_checkpoint(path, device=device, dtype=dtype)
         elif is_sd3_file(path):  # SD3 / SD3.5 (Stability's layout), with or without its text encoders
             loaded = load_sd3_checkpoint(path, device=device, dtype=dtype)
+        elif is_ltxv_file(path):  # LTX-Video's all-in-one file: transformer and video VAE, no text encoder
+            loaded = load_ltxv_checkpoint(path, device=device, dtype=dtype)
         else:
             loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
         if vae_dtype != dtype:
@@ -198,10 +209,10 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
            te_weights_dtype, v_prediction)
     loaded = shared_model(node, key, load)
     encoder = loaded.text_encoder
-    if encoder is None and loaded.family.name == "sd3":  # TripleCLIPLoader gives the prompts' encoders
+    if encoder is None and loaded.family.name in ("sd3", "ltxv"):  # their encoders come from their own files
         from nodes.sd.sd3 import NoTextEncoders
 
-        encoder = NoTextEncoders(ckpt_name)
+        encoder = NoTextEncoders(ckpt_name) if loaded.family.name == "sd3" else NoTextEncoders(ckpt_name, _LTXV_T5)
     if encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
     register_vae(loaded.vae)  # the step previews' colours for this latent space (fitted once per VAE)
@@ -282,7 +293,8 @@ class CheckpointLoader(Node):
 
 
 class VAELoader(Node):
-    """Loads a standalone VAE file to use instead of a checkpoint's own."""
+    """Loads a standalone VAE file to use instead of a checkpoint's own: an image VAE, Wan's video VAE, or LTX-Video's
+    (a VAE-only file, or the VAE part of an all-in-one file)."""
 
     display_name = "Load VAE"
     category = "loaders"
@@ -295,6 +307,7 @@ class VAELoader(Node):
 
     def execute(self, vae_name: str) -> tuple[Vae]:
         from ldm.checkpoint import load_vae
+        from ldm.ltxv_vae import load_ltxv_vae, peek_ltxv_vae
         from ldm.wan_vae_files import load_wan_vae, peek_wan_vae
 
         path = model_path("vae", vae_name)
@@ -304,6 +317,8 @@ class VAELoader(Node):
         def load() -> Any:
             if peek_wan_vae(path):  # Wan's causal video VAE (2.1's or 2.2's)
                 return load_wan_vae(path, device=device, dtype=vae_dtype)
+            if peek_ltxv_vae(path):  # LTX-Video's causal video VAE (0.9.0, 0.9.1 or 0.9.5)
+                return load_ltxv_vae(path, device=device, dtype=vae_dtype)
             return load_vae(path, device=device, dtype=vae_dtype).vae
 
         vae = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)), load)

@@ -79,9 +79,11 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
     try:
         if part == "unet":
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
+            from ldm.ltxv_files import peek_ltxv
             from ldm.wan_files import peek_wan
 
-            family = peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_unet(path)
+            family = (peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_ltxv(path)
+                      or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -111,8 +113,12 @@ class UNETLoader(Node):
     diffusion model (Black Forest Labs' layout) or an SD3/SD3.5 transformer (Stability's layout, with or without
     `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. Flux and SD3
     transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards; Chroma's
-    transformer (ldm.chroma_files) and Wan 2.1 / 2.2's video transformers (ldm.wan_files) too. fp8 weight_dtypes
-    store the weights in fp8 (e4m3)."""
+    transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files) and LTX-Video 0.9.x's
+    (ldm.ltxv_files) too. fp8 weight_dtypes store the weights in fp8 (e4m3).
+
+    An LTX-Video transformer alone carries no latent statistics: those (per-channel mean and std) come from the VAE
+    part of an all-in-one ltx-video-2b-v0.9*.safetensors (CheckpointLoaderSimple); a bare transformer's family has
+    none, which is logged as a warning."""
 
     display_name = "Load Diffusion Model"
     category = "advanced/loaders"
@@ -158,6 +164,7 @@ class UNETLoader(Node):
         def load() -> Any:
             from ldm.chroma_files import is_chroma_file, load_chroma_unet  # Chroma before Flux (same layout)
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
+            from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.wan_files import is_wan_file, load_wan_unet
 
             flux = is_flux_file(path) or diffusers_file_kind(path) == "flux"
@@ -165,7 +172,13 @@ class UNETLoader(Node):
             loader = load_chroma_unet if is_chroma_file(path) else loader
             if is_wan_file(path):
                 loader = load_wan_unet
+            if is_ltxv_file(path):
+                loader = load_ltxv_unet
             loaded = loader(path, device=device, dtype=dtype)
+            if loaded.family.name == "ltxv" and loaded.family.latent_mean is None:
+                log.warning("%s: an LTX-Video transformer without its VAE's latent statistics (they come from the VAE "
+                            "part of an all-in-one ltx-video-2b-v0.9*.safetensors); latents are taken as they are",
+                            path.name)
             quantize_(loaded.unet, weights)
             if loaded.unused_keys:
                 log.warning("%s: %d unused keys, e.g. %s", path.name, len(loaded.unused_keys), loaded.unused_keys[:3])
@@ -266,15 +279,16 @@ class CLIPLoader(Node):
     """Loads one text-encoder file from models/text_encoders or models/clip. With type stable_diffusion: SD1.x's
     CLIP-L, SD2.x's OpenCLIP-H or the SDXL refiner's OpenCLIP bigG, told apart by the file (transformers' CLIPTextModel
     layout, or OpenCLIP's); with type sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL, the other two absent; with type
-    chroma: Chroma's T5-XXL; with type wan: Wan's UMT5-XXL. The other types are other model families' text
-    encoders, which Loom refuses."""
+    chroma: Chroma's T5-XXL; with type wan: Wan's UMT5-XXL; with type ltxv: LTX-Video's T5-XXL (Flux's t5xxl files,
+    encoded with the prompt's attention mask, which the conditioning carries). The other types are other model
+    families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
     clip_name = part_file(TEXT_ENCODERS)
     type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
                                      "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL; "
-                                     "wan: Wan's UMT5-XXL")
+                                     "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -290,17 +304,20 @@ class CLIPLoader(Node):
         if inputs.get("type") == "wan":  # Wan: UMT5-XXL alone (ldm.umt5)
             return text_kinds_problem([inputs.get("clip_name")], ["umt5xxl"], "type wan takes one UMT5-XXL "
                                       "(umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)")
+        if inputs.get("type") == "ltxv":  # LTX-Video: T5-XXL alone, masked (ldm.ltxv_text)
+            return text_kinds_problem([inputs.get("clip_name")], ["t5xxl"], "type ltxv takes one T5-XXL "
+                                      "(t5xxl: t5xxl_fp16.safetensors or an fp8 copy)")
         if inputs.get("type") == "sd3":
             return _sd3_problem([inputs.get("clip_name")], "type sd3 takes one")
         if inputs.get("type") != "stable_diffusion":
-            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma or wan", "SD1.x, SD2.x and "
-                                     "the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5; DualCLIPLoader's "
-                                     "sdxl for SDXL")
+            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma, wan or ltxv", "SD1.x, SD2.x "
+                                     "and the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, LTX-Video's T5; "
+                                     "DualCLIPLoader's sdxl for SDXL")
         return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if inputs.get("type") in ("sd3", "chroma", "wan"):
+        if inputs.get("type") in ("sd3", "chroma", "wan", "ltxv"):
             return {0: {"family": inputs["type"]}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
         return {} if family is None else {0: {"family": family}}
@@ -314,11 +331,16 @@ class CLIPLoader(Node):
             from ldm.umt5 import load_wan_text_encoder
 
             return (load_clip(self, (clip_name,), device, load_wan_text_encoder, "wan"),)
+        if type == "ltxv":
+            from ldm.ltxv_text import load_ltxv_text_encoder
+
+            return (load_clip(self, (clip_name,), device, load_ltxv_text_encoder, "ltxv"),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":
-            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma or wan", "SD1.x, SD2.x and the "
-                                               "SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5"))
+            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma, wan or ltxv", "SD1.x, SD2.x and "
+                                               "the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, LTX-Video's "
+                                               "T5"))
         return (load_clip(self, (clip_name,), device),)
 
 

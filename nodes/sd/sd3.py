@@ -22,13 +22,18 @@ def sd3_y(conditioning: list) -> list:
                          else torch.zeros(embedding.shape[0], 2048)}) for embedding, options in conditioning]
 
 
-class NoTextEncoders(nn.Module):
-    """The CLIP of an SD3 checkpoint that ships without text encoders (sd3_medium.safetensors): encoding with it
-    says where the encoders are to come from."""
+_SD3_ENCODERS = ("load CLIP-L, CLIP-G and T5-XXL with TripleCLIPLoader (clip_l.safetensors, clip_g.safetensors, "
+                 "t5xxl_fp16.safetensors) and encode with its CLIP")
 
-    def __init__(self, source: str) -> None:
+
+class NoTextEncoders(nn.Module):
+    """The CLIP of a checkpoint that ships without text encoders (sd3_medium.safetensors, LTX-Video's all-in-one
+    files): encoding with it says where the encoders are to come from (`advice`; SD3's unless given)."""
+
+    def __init__(self, source: str, advice: str = _SD3_ENCODERS) -> None:
         super().__init__()
         self.source = source
+        self.advice = advice
         self.register_buffer("_device", torch.zeros(0), persistent=False)
 
     @property
@@ -40,8 +45,7 @@ class NoTextEncoders(nn.Module):
         return self._device.dtype
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
-        raise ValueError(f"{self.source} holds no text encoders: load CLIP-L, CLIP-G and T5-XXL with TripleCLIPLoader "
-                         "(clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors) and encode with its CLIP")
+        raise ValueError(f"{self.source} holds no text encoders: {self.advice}")
 
 
 class TripleCLIPLoader(Node):

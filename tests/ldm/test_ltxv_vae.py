@@ -229,3 +229,22 @@ def test_bad_files_and_inputs(tmp_path):
         vae.encode(torch.zeros(1, 3, 1, 48, 32))
     with pytest.raises(ValueError, match="expected latents"):
         vae.decode(torch.zeros(1, 16, 1, 1, 1))
+
+
+@torch.no_grad()
+def test_decoding_without_a_generator_is_reproducible():
+    """No generator: the noise of a CPU generator seeded with DEFAULT_DECODE_SEED, whatever torch's global state,
+    which decoding leaves as it was."""
+    from ldm.ltxv_vae import DEFAULT_DECODE_SEED
+
+    model = random_ltxv_vae(TINY_LTXV_VAES["0.9.1"], seed=2)
+    z = torch.randn(1, 128, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    first = model.decode(z)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(12)
+    assert torch.equal(model.decode(z), first)
+    assert torch.equal(model.decode(z, generator=torch.Generator().manual_seed(DEFAULT_DECODE_SEED)), first)
+    other = model.decode(z, generator=torch.Generator().manual_seed(DEFAULT_DECODE_SEED + 1))
+    assert (other - first).abs().max() > 1e-4

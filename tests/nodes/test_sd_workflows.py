@@ -15,6 +15,7 @@ from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
 from ldm.flux_presets import make_flux_files
+from ldm.ltxv_presets import make_ltxv_files
 from ldm.presets import make_checkpoint, make_controlnet
 from ldm.sd3_presets import make_sd3_files
 from ldm.upscale import RRDBNet
@@ -34,6 +35,8 @@ FLUX_FILES = {"unet": "diffusion_models/flux1-dev.safetensors", "clip_l": "text_
 # Tiny SD3.5 parts under the names sd3_txt2img.json loads; its clip_l.safetensors is Flux's, as a user's would be.
 SD3_FILES = {"bare_checkpoint": "checkpoints/sd3.5_medium.safetensors", "clip_g": "text_encoders/clip_g.safetensors",
              "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn.safetensors"}
+# The tiny LTX-Video checkpoint under the name ltxv_t2v.json loads (its T5-XXL is Flux's tiny one, of the same width).
+LTXV_CHECKPOINT = "checkpoints/ltx-video-2b-v0.9.5.safetensors"
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -68,6 +71,7 @@ def base(tmp_path_factory):
     sd3 = make_sd3_files(root / "sd3-tiny", "sd3.5-medium", seed=1)
     for part, name in SD3_FILES.items():
         shutil.copy(sd3[part], root / "models" / name)
+    shutil.copy(make_ltxv_files(root / "ltxv-tiny", seed=1)["checkpoint"], root / "models" / LTXV_CHECKPOINT)
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)
@@ -92,6 +96,10 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(width=min(node.inputs["width"], 128), height=min(node.inputs["height"], 64))
         if node.class_type == "EmptyHunyuanLatentVideo":
             node.inputs.update(width=64, height=64, length=5)
+        if node.class_type == "EmptyLTXVLatentVideo":
+            node.inputs.update(width=64, height=64, length=9)
+        if node.class_type == "LTXVScheduler":
+            node.inputs.update(FAST)
     for (nid, key), value in (overrides or {}).items():
         graph.nodes[nid].inputs[key] = value
     return graph
@@ -106,7 +114,7 @@ def test_every_example_workflow_runs(engine, base, name):
     with Image.open(path) as image:
         assert image.mode == "RGB" and min(image.size) >= 64
         if image.format == "WEBP":  # a video's frames (SaveAnimatedWEBP), the prompt in its EXIF Model tag
-            assert image.n_frames == 5
+            assert image.n_frames in (5, 9)  # Wan's 1 + 4k pictures, LTX-Video's 1 + 8k
             prompt = json.loads(image.getexif()[0x0110].removeprefix("prompt:"))
         else:
             prompt = json.loads(image.text["prompt"])
