@@ -5,7 +5,8 @@ A rectified-flow transformer over video latents [B, C, T, H, W]: a 3-D convoluti
 (3-D RoPE: a head's channels split between the frame, row and column axes), cross-attention to the UMT5 prompt
 (padded with zeros to 512 tokens, as Wan's pipeline and ComfyUI's tokenizer pad it), and an MLP; every block is
 modulated (shift, scale, gate) by the timestep's embedding. The noise level enters as t * 1000 (ComfyUI's CONST
-sampling gives t in 0..1).
+sampling gives t in 0..1), one per video or, for Wan 2.2 5B's image-to-video, one per latent frame (the start
+image's frame at 0), each frame's tokens modulated by their frame's.
 
 Kinds, all told apart by the weights: text-to-video (Wan 2.1 1.3B / 14B, the Wan 2.2 14B experts); image-to-video
 (`in_dim` 36: 4 mask channels and the start image's latent follow the noisy latent's 16), with, for Wan 2.1's i2v
@@ -120,6 +121,19 @@ def _plain_norm(x: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
 
 
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """The tokens [B, F*n, dim] normed, scaled and shifted in float32 by their frame's [B, F, 1, dim] (F = 1: one
+    noise level for the whole video), in x's dtype. Grouping the tokens by frame keeps the per-frame levels of
+    Wan 2.2's image-to-video from costing a modulation per token."""
+    h = _plain_norm(x, eps).unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift
+    return h.flatten(1, 2).to(x.dtype)
+
+
+def _gated(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + y * gate in float32, the gate [B, F, 1, dim] one per frame as in `_modulate`, in x's dtype."""
+    return (x.float() + (y.float().unflatten(1, (gate.shape[1], -1)) * gate).flatten(1, 2)).to(x.dtype)
+
+
 def _heads(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
@@ -170,12 +184,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], context: Tensor,
                 image: Tensor | None) -> Tensor:
         # The modulation and the residual sums in float32, as Wan runs them; the layers in the model's dtype.
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unsqueeze(2).unbind(1)
-        h = (_plain_norm(x, self.eps) * (1 + scale1) + shift1).to(x.dtype)
-        x = (x.float() + self.self_attn(h, rope=rope).float() * gate1).to(x.dtype)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unsqueeze(3).unbind(2)
+        x = _gated(x, self.self_attn(_modulate(x, shift1, scale1, self.eps), rope=rope), gate1)
         x = x + self.cross_attn(self.norm3(x), context, image=image)
-        h = (_plain_norm(x, self.eps) * (1 + scale2) + shift2).to(x.dtype)
-        return (x.float() + self.ffn(h).float() * gate2).to(x.dtype)
+        return _gated(x, self.ffn(_modulate(x, shift2, scale2, self.eps)), gate2)
 
 
 class Head(nn.Module):
@@ -186,8 +198,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, c.dim))
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        shift, scale = (self.modulation.float() + e[:, None].float()).unsqueeze(2).unbind(1)
-        return self.head((_plain_norm(x, self.eps) * (1 + scale) + shift).to(x.dtype))
+        shift, scale = (self.modulation.float() + e[:, :, None].float()).unsqueeze(3).unbind(2)
+        return self.head(_modulate(x, shift, scale, self.eps))
 
 
 class ImageEmbedding(nn.Module):
@@ -216,6 +228,23 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=precise, device=t.device) / half)
     args = t.to(precise)[:, None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def frame_timesteps(timesteps: Tensor, denoise_mask: Tensor | None, batch: int, frames: int) -> Tensor:
+    """The noise level [batch, frames] of each latent frame: `timesteps` [B or 1, frames] as given, or, from
+    `denoise_mask` [B or 1, 1 or C, frames, h, w] (1 = denoise) and one level per video `timesteps` [B or 1], the
+    mask's mean over channels, rows and columns times the level, as ComfyUI's WAN22 model makes them (the frames a
+    start image fixes at 0)."""
+    if denoise_mask is not None:
+        if denoise_mask.ndim != 5 or denoise_mask.shape[0] not in (1, batch) or denoise_mask.shape[2] != frames:
+            raise ValueError(f"a denoise mask [{batch} or 1, 1 or C, {frames}, h, w] for this latent, not "
+                             f"{tuple(denoise_mask.shape)}")
+        if timesteps.numel() not in (1, batch):
+            raise ValueError(f"timesteps {tuple(timesteps.shape)} with a denoise mask: one level per video [{batch}]")
+        timesteps = denoise_mask.float().mean(dim=(1, 3, 4)) * timesteps.reshape(-1, 1)
+    if timesteps.ndim != 2 or timesteps.shape[0] not in (1, batch) or timesteps.shape[1] != frames:
+        raise ValueError(f"per-frame timesteps [{batch}, {frames}] for this latent, not {tuple(timesteps.shape)}")
+    return timesteps.expand(batch, -1)
 
 
 def pad_to_patch(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
@@ -252,10 +281,12 @@ class WanModel(nn.Module):
         return self.head.modulation.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                clip_fea: Tensor | None = None) -> Tensor:
+                clip_fea: Tensor | None = None, denoise_mask: Tensor | None = None) -> Tensor:
         """Predict the velocity (noise - data) of video latents `x` [B, in_dim, T, H, W] (an image-to-video
-        model's extra channels after the latent's) at flow noise levels `timesteps` [B] (0..1) given the UMT5 prompt
-        `context` [B, L, text_dim]. `clip_fea` [B, 257 (FLF2V: 514), clip_dim]: the CLIP vision states of the
+        model's extra channels after the latent's) at flow noise levels `timesteps` (0..1), [B] or, one per latent
+        frame, [B, T] (Wan 2.2 5B's image-to-video), given the UMT5 prompt `context` [B, L, text_dim].
+        `denoise_mask` [B or 1, 1 or C, T, h, w] (1 = denoise): per-frame levels from it and `timesteps` [B], see
+        `frame_timesteps`. `clip_fea` [B, 257 (FLF2V: 514), clip_dim]: the CLIP vision states of the
         image(s) for Wan 2.1's i2v / FLF2V models (without them the image branch is skipped). `y`: Wan's own
         image-to-video input [B, C, T, H, W] (mask and image latent) to append to `x`'s channels, or, 3-D, the CLIP
         vision states, as Loom's sampler passes a model's `y`."""
@@ -276,9 +307,16 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(padded.to(dtype)).flatten(2).transpose(1, 2)
         rope = rope_angles(grid_ids(*grid, device=x.device), c.rope_axes, 10000)
 
-        t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
-        e = self.time_embedding(sinusoidal_embedding(t * 1000, c.freq_dim).to(dtype))
-        e0 = self.time_projection(e).unflatten(1, (6, c.dim)).float()
+        if denoise_mask is not None or timesteps.ndim == 2:
+            # A level per frame of tokens: a patch's first frame's (released models' patches are one frame deep).
+            t = frame_timesteps(timesteps, denoise_mask, batch, size[0])[:, ::c.patch_size[0]]
+        else:
+            t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
+            t = t[:, None]
+        # Embedded per level ([B, F]: F = 1 or a level per frame), then shared by the frame's tokens.
+        e = self.time_embedding(sinusoidal_embedding(t.flatten() * 1000, c.freq_dim).to(dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, c.dim)).float().unflatten(0, t.shape)
+        e = e.unflatten(0, t.shape)
         if context.shape[1] < c.text_len:  # Wan pads its prompts with zeros, which still count as tokens
             context = F.pad(context, (0, 0, 0, c.text_len - context.shape[1]))
         context = self.text_embedding(context.to(dtype))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.clip_vision import ClipVisionOutput
+from ldm.wan_files import WAN22_MEAN
 from nodes.node import Node
 from nodes.sd.latent import MAX_RESOLUTION, repeat_to_batch, upscale_latent
 from nodes.sd.models import DiffusionModel, Vae
@@ -157,7 +158,9 @@ class WanFirstLastFrameToVideo(Node):
 
 
 class Wan22ImageToVideoLatent(Node):
-    """The empty video latent of Wan 2.2's 5B model (48 channels, 1/16 of the pixels), for text-to-video."""
+    """The video latent of Wan 2.2's 5B model (48 channels, 1/16 of the pixels): empty for text-to-video; for
+    image-to-video its first frames hold the start image's latent, which the noise mask keeps (the model sees them
+    at noise level 0: `ldm.sampling.masked_timesteps`). The rest is zero in the model's normalised space."""
 
     category = "conditioning/inpaint"
     vae = Socket("VAE")
@@ -170,12 +173,21 @@ class Wan22ImageToVideoLatent(Node):
 
     def execute(self, vae: Vae, width: int, height: int, length: int, batch_size: int,
                 start_image: torch.Tensor | None = None) -> tuple[dict]:
-        if start_image is not None:
-            # The 5B model's image-to-video denoises each latent frame at its own level (the given ones at 0),
-            # which Loom's samplers do not do yet: refused rather than sampled otherwise than ComfyUI does.
-            raise ValueError("Wan22ImageToVideoLatent with a start_image (Wan 2.2 5B image-to-video) is not "
-                             "supported yet; leave start_image unlinked for text-to-video")
-        return ({"samples": torch.zeros(batch_size, 48, latent_frames(length), height // 16, width // 16)},)
+        shape = (1, len(WAN22_MEAN), latent_frames(length), height // 16, width // 16)
+        if start_image is None:
+            return ({"samples": torch.zeros(batch_size, *shape[1:])},)
+        _video_vae(vae, "Wan22ImageToVideoLatent")
+        start = encode(self, vae, _fit_frames(start_image[:length], width, height)[..., :3])
+        if start.shape[1] != shape[1]:
+            raise ValueError(f"Wan22ImageToVideoLatent takes Wan 2.2's 48-channel VAE; {vae.source} makes "
+                             f"{start.shape[1]}-channel latents")
+        known = min(start.shape[2], shape[2])
+        mask = torch.ones(1, 1, *shape[2:])
+        mask[:, :, :known] = 0.0
+        # Unknown frames hold the latent space's mean (zero once normalised, as ComfyUI's are), known ones the image.
+        latent = torch.tensor(WAN22_MEAN).reshape(1, -1, 1, 1, 1).expand(shape).clone()
+        latent[:, :, :known] = start[:, :, :known]
+        return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), "noise_mask": mask.repeat(batch_size, 1, 1, 1, 1)},)
 
 
 class TrimVideoLatent(Node):

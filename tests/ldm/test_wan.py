@@ -239,3 +239,70 @@ def test_bfloat16_follows_float32(models) -> None:
         full, low = model(x, sigma, context, clip_fea=clip_fea), half(x, sigma, context, clip_fea=clip_fea)
     assert low.dtype == x.dtype
     assert (low - full).abs().mean() < 0.03 * full.abs().mean()
+
+
+def _per_token(levels, tokens_per_frame: int):
+    """Per-frame levels [B, T] as diffusers takes them for Wan 2.2 5B: one per token, [B, T * tokens_per_frame]."""
+    return levels.repeat_interleave(tokens_per_frame, dim=1)
+
+
+@pytest.mark.parametrize(("size", "patch"), [((3, 4, 6), (1, 2, 2)), ((2, 5, 7), (1, 2, 2)), ((4, 4, 4), (2, 2, 2))])
+def test_frame_timesteps_match_diffusers_per_token_timesteps(size, patch) -> None:
+    """Wan 2.2 5B's image-to-video: a noise level per latent frame ([B, T]), each token at its frame's, against
+    diffusers given the same levels per token ([B, seq_len], as WanPipeline's `expand_timesteps` passes them).
+    Odd sizes: diffusers sees the padded latent. Frames two to a patch (no released model's) take the patch's
+    first frame's level, which diffusers is given for the whole patch."""
+    model = random_wan(dataclasses.replace(tiny_wan_config("ti2v"), patch_size=patch), seed=3)
+    x, _, context, _ = _inputs(model.config, size=size)
+    levels = torch.tensor([[0.0, 0.9, 0.9, 0.7], [0.3, 0.6, 0.6, 0.0]])[:, :size[0]]
+    with torch.no_grad():
+        ours = model(x, levels, context)
+        uniform = model(x, torch.tensor([0.9, 0.3]), context)
+    padded = torch.nn.functional.pad(x, (0, -size[2] % 2, 0, -size[1] % 2, 0, 0), mode="circular")
+    per_token = _per_token(levels[:, ::patch[0]], padded.shape[3] * padded.shape[4] // 4)
+    theirs = diffusers_call(diffusers_twin(model), padded, per_token, context)[..., :size[1], :size[2]]
+    assert ours.shape == (2, 48, *size) and ours.abs().mean() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours - uniform).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-2  # every video's levels count
+
+
+def test_one_level_per_video_equals_the_same_level_for_every_frame(models) -> None:
+    model = models["ti2v"]
+    x, sigma, context, _ = _inputs(model.config)
+    with torch.no_grad():
+        per_video = model(x, sigma, context)
+        per_frame = model(x, sigma[:, None].expand(-1, 3), context)
+        shared = model(x, torch.tensor([[0.6, 0.6, 0.6]]), context)  # one row of levels for the whole batch
+        scalar = model(x, torch.tensor(0.6), context)
+    # Equal but for float32 rounding: the time embedding's matmuls run over B * T rows instead of B.
+    torch.testing.assert_close(per_frame, per_video, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared, scalar, atol=1e-5, rtol=1e-5)
+    assert (per_frame - per_video).abs().max() < 1e-5 and per_video.abs().mean() > 0.1
+
+
+def test_denoise_mask_gives_the_frames_levels(models) -> None:
+    """ComfyUI's WAN22 model: each frame's level is the step's times the mask's mean over channels, rows and
+    columns (the start image's frame at 0); the mask may be one for the batch or one per video."""
+    model = models["ti2v"]
+    x, sigma, context, _ = _inputs(model.config)
+    start_frame = torch.ones(1, 1, 3, 4, 6)
+    start_frame[:, :, 0] = 0
+    half = torch.ones(2, 48, 3, 4, 6)  # frame 1 half kept (its left columns), second video's frame 2 all kept
+    half[:, :, 1, :, :3] = 0
+    half[1, :, 2] = 0
+    with torch.no_grad():
+        from_mask = model(x, sigma, context, denoise_mask=start_frame)
+        explicit = model(x, torch.tensor([[0.0, 0.9, 0.9], [0.0, 0.3, 0.3]]), context)
+        from_half = model(x, sigma, context, denoise_mask=half)
+        explicit_half = model(x, torch.tensor([[0.9, 0.45, 0.9], [0.3, 0.15, 0.0]]), context)
+        scalar = model(x, torch.tensor(0.9), context, denoise_mask=start_frame)
+        explicit_scalar = model(x, torch.tensor([[0.0, 0.9, 0.9]]), context)
+    assert torch.equal(from_mask, explicit) and torch.equal(from_half, explicit_half)
+    assert torch.equal(scalar, explicit_scalar)
+    with pytest.raises(ValueError, match=r"a denoise mask \[2 or 1, 1 or C, 3, h, w\] for this latent, not "
+                                         r"\(1, 1, 2, 4, 6\)"):
+        model(x, sigma, context, denoise_mask=start_frame[:, :, :2])
+    with pytest.raises(ValueError, match=r"timesteps \(2, 3\) with a denoise mask"):
+        model(x, explicit.new_ones(2, 3), context, denoise_mask=start_frame)
+    with pytest.raises(ValueError, match=r"per-frame timesteps \[2, 3\] for this latent, not \(2, 4\)"):
+        model(x, torch.ones(2, 4), context)
