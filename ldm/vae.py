@@ -252,17 +252,19 @@ def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, device: torch
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
            scale: float, out_channels: int) -> torch.Tensor:
-    """Run `fn` (which resizes by `scale`) over overlapping tiles of `x` and blend the results linearly."""
+    """Run `fn` (which resizes its last two dimensions by `scale`) over overlapping tiles of `x`'s height and width
+    and blend the results linearly. A video's frames ([B, C, T, H, W]) go whole into each tile; `fn` may change
+    their count (a video VAE does)."""
     if overlap >= tile:
         raise ValueError("overlap must be smaller than the tile size")
-    b, _, h, w = x.shape
+    h, w = x.shape[-2:]
     out_h, out_w = round(h * scale), round(w * scale)
     out = None
     weight = torch.zeros(1, 1, out_h, out_w, device=x.device)
     ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
     for y in ys:
         for x0 in xs:
-            piece = fn(x[:, :, y:y + tile, x0:x0 + tile])
+            piece = fn(x[..., y:y + tile, x0:x0 + tile])
             out_dtype = piece.dtype
             oy, ox = round(y * scale), round(x0 * scale)
             ph, pw = piece.shape[-2:]
@@ -270,7 +272,7 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
             wx = _ramp(pw, round(overlap * scale), x0 == xs[0], x0 == xs[-1], x.device)
             mask = wy[:, None] * wx[None, :]
             if out is None:
-                out = torch.zeros(b, out_channels, out_h, out_w, device=x.device)
-            out[:, :, oy:oy + ph, ox:ox + pw] += piece.float() * mask
-            weight[:, :, oy:oy + ph, ox:ox + pw] += mask
+                out = torch.zeros(x.shape[0], out_channels, *piece.shape[2:-2], out_h, out_w, device=x.device)
+            out[..., oy:oy + ph, ox:ox + pw] += piece.float() * mask
+            weight[..., oy:oy + ph, ox:ox + pw] += mask
     return (out / weight).to(out_dtype)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldm.vae import tiled_apply
 from nodes.node import Node
 from nodes.sd.models import Vae, device_and_dtype, on_device
-from nodes.spec import Int, Output, Socket
+from nodes.spec import InputSpec, Int, Output, Socket
 
 
 def _crop_to_multiple_of_8(pixels: torch.Tensor, factor: int = 8) -> torch.Tensor:
@@ -37,11 +38,20 @@ def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | N
         x = x.movedim(0, 1).unsqueeze(0)  # [T, 3, H, W] -> [1, 3, T, H, W]
     model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
-        if tile is None or video:  # a video VAE encodes whole frames: it bounds memory by chunks of frames
+        if tile is None:
             z = model.encode(x).mode()
+        elif video:  # tiles of the picture, every frame in each (the VAE chunks the frames itself)
+            tile_px, overlap_px = _video_tile(tile[0], factor), _video_tile(tile[1], factor, 0)
+            z = tiled_apply(lambda p: model.encode(p).mode(), x, tile_px, min(overlap_px, tile_px - factor),
+                            1.0 / factor, model.latent_channels)
         else:
             z = model.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
     return z.float().cpu()
+
+
+def _video_tile(pixels: int, factor: int, least: int | None = None) -> int:
+    """A tile side in pixels as a multiple of the video VAE's downscale (at least one latent pixel's worth)."""
+    return max(factor if least is None else least, pixels // factor * factor)
 
 
 def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
@@ -56,8 +66,10 @@ def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | 
     model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
         z = samples.to(device, dtype)
-        if tile is None or video:
+        if tile is None:
             pixels = model.decode(z)
+        elif video:  # tiles of the latent's picture, every frame in each, blended as an image VAE's are
+            pixels = tiled_apply(model.decode, z, tile[0], min(tile[1], tile[0] - 1), model.spatial_compression, 3)
         else:
             pixels = model.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
     images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
@@ -86,8 +98,20 @@ class VAEEncode(Node):
         return ({"samples": encode(self, vae, pixels)},)
 
 
+# ComfyUI's inputs for video VAEs. Loom's bound memory over the frames themselves (Wan's VAE works a few frames at a
+# time with a cache, exactly; LTX-Video's decodes the frames whole), so these are accepted and not used.
+def _temporal_size() -> InputSpec:
+    return Int(64, min=8, max=4096, step=4, tooltip="Only used for video VAEs: frames to decode at a time (Loom's "
+               "video VAEs chunk the frames themselves; accepted for ComfyUI's workflows)")
+
+
+def _temporal_overlap() -> InputSpec:
+    return Int(8, min=4, max=4096, step=4, tooltip="Only used for video VAEs: frames to overlap (accepted for "
+               "ComfyUI's workflows)")
+
+
 class VAEDecodeTiled(Node):
-    """Decodes in overlapping tiles, for large images on little memory."""
+    """Decodes in overlapping tiles, for large images on little memory; a video's frames go whole into each tile."""
 
     display_name = "VAE Decode (Tiled)"
     category = "_for_testing"
@@ -95,11 +119,15 @@ class VAEDecodeTiled(Node):
     vae = Socket("VAE")
     tile_size = Int(512, min=64, max=4096, step=32)
     overlap = Int(64, min=0, max=4096, step=32)
+    temporal_size = _temporal_size()
+    temporal_overlap = _temporal_overlap()
     outputs = (Output("IMAGE"),)
 
-    def execute(self, samples: dict, vae: Vae, tile_size: int, overlap: int) -> tuple[torch.Tensor]:
-        tile = max(8, tile_size // 8)
-        return (decode(self, vae, samples["samples"], (tile, min(overlap // 8, tile // 2))),)
+    def execute(self, samples: dict, vae: Vae, tile_size: int, overlap: int, temporal_size: int = 64,
+                temporal_overlap: int = 8) -> tuple[torch.Tensor]:
+        factor = getattr(vae.vae, "spatial_compression", 8)
+        tile = max(8 if factor == 8 else 1, tile_size // factor)
+        return (decode(self, vae, samples["samples"], (tile, min(overlap // factor, tile // 2))),)
 
 
 class VAEEncodeTiled(Node):
@@ -109,9 +137,12 @@ class VAEEncodeTiled(Node):
     vae = Socket("VAE")
     tile_size = Int(512, min=64, max=4096, step=32)
     overlap = Int(64, min=0, max=4096, step=32)
+    temporal_size = _temporal_size()
+    temporal_overlap = _temporal_overlap()
     outputs = (Output("LATENT"),)
 
-    def execute(self, pixels: torch.Tensor, vae: Vae, tile_size: int, overlap: int) -> tuple[dict]:
+    def execute(self, pixels: torch.Tensor, vae: Vae, tile_size: int, overlap: int, temporal_size: int = 64,
+                temporal_overlap: int = 8) -> tuple[dict]:
         return ({"samples": encode(self, vae, pixels, (tile_size, min(overlap, tile_size // 2)))},)
 
 
