@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import FLUX_VAE_SCALE, UNET_PREFIX, VAE_PREFIX, CheckpointError, StateDict, write_safetensors
@@ -31,7 +31,7 @@ from ldm.flux_presets import TINY_FLUX_VAE, TINY_T5, distinct_random_
 from ldm.flux_text import T5_PREFIX
 from ldm.presets import randomize_
 from ldm.t5 import T5Encoder, build_t5, descaled_fp8, is_t5, scaling_keys, t5_from_weights
-from ldm.text_encoders import TextEncoding
+from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 from ldm.vae import AutoencoderKL, VAEConfig
 
 # ComfyUI's PixArt/Chroma T5 tokenizer: no padding.
@@ -143,30 +143,14 @@ def load_chroma_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     return ckpt.LoadedCheckpoint(loaded.family, loaded.unet, vae, encoder, unused, path, loaded.metadata)
 
 
-class ChromaTextEncoder(nn.Module):
+class ChromaTextEncoder(PinnableTextEncoder):
     """T5-XXL alone, encoding as ComfyUI does for Chroma (see the module docstring); the interface of
     ``ldm.text_encoders.TextEncoder``: `encode` gives T5's hidden states and no pooled vector. Pinned to the CPU
     (`pinned_to_cpu`, CLIPLoader's device "cpu"), `.to()` changes its dtype only."""
 
-    pinned_to_cpu: bool = False
-
     def __init__(self, t5xxl: T5Encoder) -> None:
         super().__init__()
         self.t5xxl = t5xxl
-
-    def to(self, *args: object, **kwargs: object) -> ChromaTextEncoder:
-        if not self.pinned_to_cpu:
-            return super().to(*args, **kwargs)
-        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        return self if dtype is None else super().to(dtype=dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.t5xxl.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.t5xxl.dtype
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:

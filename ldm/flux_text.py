@@ -16,13 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, StateDict
 from ldm.parts import TextEncoderFile, read_text_encoder
 from ldm.t5 import FLUX_MIN_LENGTH, T5Encoder, is_t5, t5_from_weights
-from ldm.text_encoders import TextEncoder, TextEncoding, build_text_encoder, text_encoder_config_from_state_dict
+from ldm.text_encoders import (
+    PinnableTextEncoder,
+    TextEncoder,
+    TextEncoding,
+    build_text_encoder,
+    text_encoder_config_from_state_dict,
+)
 
 CLIP_PREFIX = "text_encoders.clip_l.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
@@ -30,31 +36,15 @@ T5_PREFIX = "text_encoders.t5xxl.transformer."
 _SD1_PREFIX = "cond_stage_model.transformer."
 
 
-class FluxTextEncoder(nn.Module):
+class FluxTextEncoder(PinnableTextEncoder):
     """CLIP-L and T5 with one `encode`, the interface of ``ldm.text_encoders.TextEncoder``. Pinned to the CPU
     (`pinned_to_cpu`, DualCLIPLoader's device "cpu"), `.to()` changes its dtype only, so the engine leaves it there."""
-
-    pinned_to_cpu: bool = False
 
     def __init__(self, clip_l: TextEncoder, t5xxl: T5Encoder, min_length: int = FLUX_MIN_LENGTH) -> None:
         super().__init__()
         self.clip_l = clip_l
         self.t5xxl = t5xxl
         self.min_length = min_length
-
-    def to(self, *args: object, **kwargs: object) -> FluxTextEncoder:
-        if not self.pinned_to_cpu:
-            return super().to(*args, **kwargs)
-        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        return self if dtype is None else super().to(dtype=dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.t5xxl.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.t5xxl.dtype
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:

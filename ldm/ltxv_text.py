@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError
 from ldm.t5 import END_TOKEN, PAD_TOKEN, T5Encoder, is_t5, is_umt5, t5_from_weights
-from ldm.text_encoders import TextEncoding
+from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 from ldm.umt5 import attention_mask
 
 # ComfyUI's minimum prompt length for LTX-Video (its T5 tokenizer's min_length); diffusers' max_sequence_length.
@@ -54,31 +54,15 @@ def encode_masked(t5: T5Encoder, prompts: list[str], min_length: int = LTXV_MIN_
     return torch.where(weights != 1.0, mixed, hidden), mask[:-1]  # unweighted tokens exactly as encoded
 
 
-class LTXVTextEncoder(nn.Module):
+class LTXVTextEncoder(PinnableTextEncoder):
     """T5-XXL alone, encoding as ComfyUI does for LTX-Video (see the module docstring); the interface of
     ``ldm.text_encoders.TextEncoder``: `encode` gives T5's states, no pooled vector, and the attention mask in
     `extra["attention_mask"]`. Pinned to the CPU (`pinned_to_cpu`, CLIPLoader's device "cpu"), `.to()` changes its
     dtype only."""
 
-    pinned_to_cpu: bool = False
-
     def __init__(self, t5xxl: T5Encoder) -> None:
         super().__init__()
         self.t5xxl = t5xxl
-
-    def to(self, *args: object, **kwargs: object) -> LTXVTextEncoder:
-        if not self.pinned_to_cpu:
-            return super().to(*args, **kwargs)
-        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        return self if dtype is None else super().to(dtype=dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.t5xxl.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.t5xxl.dtype
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:

@@ -86,6 +86,29 @@ class TextEncoding:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
+class PinnableTextEncoder(nn.Module):
+    """A text encoder built around one T5-family encoder (`main_encoder` names the attribute holding it), which a
+    loader may pin to the CPU (`pinned_to_cpu`, the loaders' device "cpu"): `.to()` then changes its dtype only, so
+    the engine's moves leave it there. Its device and dtype are the main encoder's."""
+
+    pinned_to_cpu: bool = False
+    main_encoder: str = "t5xxl"
+
+    def to(self, *args: object, **kwargs: object) -> PinnableTextEncoder:
+        if not self.pinned_to_cpu:
+            return super().to(*args, **kwargs)
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self if dtype is None else super().to(dtype=dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.main_encoder).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self.main_encoder).dtype
+
+
 @dataclass(frozen=True)
 class _Slot:
     """Where one encoder of a family sits in an LDM file and how that family runs it."""

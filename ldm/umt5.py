@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
 from ldm.t5 import END_TOKEN, PAD_TOKEN, T5Config, T5Encoder, T5Tokenizer, is_t5, is_umt5, t5_config_from_state_dict
-from ldm.text_encoders import TextEncoding
+from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 from ldm.tokenizer import DATA_DIR
 
 VOCAB_FILE = DATA_DIR / "umt5_tokenizer.json.xz"
@@ -159,30 +159,16 @@ def umt5_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -
         raise CheckpointError(f"{name}: {e}") from None
 
 
-class WanTextEncoder(nn.Module):
+class WanTextEncoder(PinnableTextEncoder):
     """UMT5-XXL alone, encoding as ComfyUI does for Wan (see the module docstring); the interface of
     ``ldm.text_encoders.TextEncoder``: `encode` gives UMT5's states and no pooled vector. Pinned to the CPU
     (`pinned_to_cpu`, CLIPLoader's device "cpu"), `.to()` changes its dtype only."""
 
-    pinned_to_cpu: bool = False
+    main_encoder = "umt5xxl"
 
     def __init__(self, umt5xxl: UMT5Encoder) -> None:
         super().__init__()
         self.umt5xxl = umt5xxl
-
-    def to(self, *args: object, **kwargs: object) -> WanTextEncoder:
-        if not self.pinned_to_cpu:
-            return super().to(*args, **kwargs)
-        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        return self if dtype is None else super().to(dtype=dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.umt5xxl.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.umt5xxl.dtype
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:
