@@ -32,7 +32,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ConditioningSetAreaPercentageVideo",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
-    "ModelSamplingAuraFlow",
     "GITSScheduler", "OptimalStepsScheduler",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",

@@ -80,7 +80,7 @@ class TripleCLIPLoader(Node):
 
 _CLIP_NEEDS = ("CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint with them); "
                "{source} is {family} (use CLIP Text Encode)")
-_MODEL_NEEDS = "ModelSamplingSD3 is for SD3 and Wan models; {source} is {family}"
+_MODEL_NEEDS = "{node} is for SD3 and Wan models; {{source}} is {{family}}"
 
 
 class CLIPTextEncodeSD3(Node):
@@ -112,8 +112,8 @@ class CLIPTextEncodeSD3(Node):
                          per_encoder={"clip_g": [clip_g], "t5xxl": [t5xxl]}, drop_empty=empty_padding == "none"),)
 
 
-def _shift_refusal(family: str | None, source: str) -> str | None:
-    return None if family in SD3_SHIFTED else family_refusal(family, "sd3", source, _MODEL_NEEDS)
+def _shift_refusal(family: str | None, source: str, node: str = "ModelSamplingSD3") -> str | None:
+    return None if family in SD3_SHIFTED else family_refusal(family, "sd3", source, _MODEL_NEEDS.format(node=node))
 
 
 class ModelSamplingSD3(Node):
@@ -127,7 +127,7 @@ class ModelSamplingSD3(Node):
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _shift_refusal(linked.get("model", {}).get("family"), "the MODEL linked")
+        return _shift_refusal(linked.get("model", {}).get("family"), "the MODEL linked", cls.__name__)
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -136,10 +136,18 @@ class ModelSamplingSD3(Node):
     def execute(self, model: DiffusionModel, shift: float) -> tuple[DiffusionModel]:
         from ldm.sampling.flow import SD3FlowSchedule
 
-        refusal = _shift_refusal(model.family.name, model.source)
+        refusal = _shift_refusal(model.family.name, model.source, type(self).__name__)
         if refusal:
             raise ValueError(refusal)
         return (replace(model, schedule=SD3FlowSchedule(shift), prediction_type="flow"),)
 
 
-NODES: list[Any] = [TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3]
+class ModelSamplingAuraFlow(ModelSamplingSD3):
+    """ModelSamplingSD3's time shift under AuraFlow's default (1.73); ComfyUI's Qwen-Image and some Wan workflows
+    set their shift with it. (ComfyUI also passes AuraFlow's timesteps unscaled; Loom's flow models all take the
+    level itself, so only the shift differs.)"""
+
+    shift = Float(1.73, min=0.0, max=100.0, step=0.01)
+
+
+NODES: list[Any] = [TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3, ModelSamplingAuraFlow]

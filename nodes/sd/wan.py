@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.clip_vision import ClipVisionOutput
-from ldm.wan_files import WAN22_MEAN
+from ldm.wan_files import WAN21_MEAN, WAN22_MEAN
 from nodes.node import Node
 from nodes.sd.latent import MAX_RESOLUTION, repeat_to_batch, upscale_latent
 from nodes.sd.models import DiffusionModel, Vae
@@ -132,29 +132,100 @@ class WanFirstLastFrameToVideo(Node):
                 batch_size: int, clip_vision_start_image: ClipVisionOutput | None = None,
                 clip_vision_end_image: ClipVisionOutput | None = None, start_image: torch.Tensor | None = None,
                 end_image: torch.Tensor | None = None) -> tuple[list, list, dict]:
-        _video_vae(vae, "WanFirstLastFrameToVideo")
+        return _first_last(self, positive, negative, vae, width, height, length, batch_size, clip_vision_start_image,
+                           clip_vision_end_image, start_image, end_image)
+
+
+def _first_last(node: Node, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
+                batch_size: int, clip_vision_start_image: ClipVisionOutput | None,
+                clip_vision_end_image: ClipVisionOutput | None, start_image: torch.Tensor | None,
+                end_image: torch.Tensor | None) -> tuple[list, list, dict]:
+    """WanFirstLastFrameToVideo's conditioning: the video with its given ends, their mask and image states."""
+    _video_vae(vae, type(node).__name__)
+    frames = latent_frames(length)
+    latent = torch.zeros(batch_size, 16, frames, height // 8, width // 8)
+    video = torch.full((length, height, width, 3), 0.5)
+    # One mask value per picture of the latent's frames (4 each), 0 where a picture is given.
+    mask = torch.ones(1, 1, frames * FRAMES_PER_LATENT, height // 8, width // 8)
+    if start_image is not None:
+        start = _fit_frames(start_image[:length], width, height)
+        video[:start.shape[0]] = start[..., :3]
+        mask[:, :, :start.shape[0] + 3] = 0.0  # the first latent frame stands for one picture, not 4
+    if end_image is not None:
+        end = _fit_frames(end_image[-length:], width, height)
+        video[-end.shape[0]:] = end[..., :3]
+        mask[:, :, -end.shape[0]:] = 0.0
+    image = encode(node, vae, video)
+    mask = mask.reshape(1, frames, FRAMES_PER_LATENT, *mask.shape[-2:]).transpose(1, 2)  # [1, 4, frames, h, w]
+    values: dict[str, Any] = {"concat_latent_image": image, "concat_mask": mask}
+    states = [s for s in (_clip_fea(clip_vision_start_image), _clip_fea(clip_vision_end_image)) if s is not None]
+    if states:
+        last = clip_vision_end_image or clip_vision_start_image
+        values["clip_vision_output"] = ClipVisionOutput(last.last_hidden_state, last.image_embeds,
+                                                        torch.cat(states, dim=-2))
+    return _with(positive, **values), _with(negative, **values), {"samples": latent}
+
+
+class WanFunInpaintToVideo(Node):
+    """Wan Fun InP models' image-to-video between an optional start and end picture: WanFirstLastFrameToVideo's
+    conditioning, with one CLIP vision encoding."""
+
+    category = "conditioning/video_models"
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    vae = Socket("VAE")
+    width = Int(832, min=16, max=MAX_RESOLUTION, step=16)
+    height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
+    length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
+    batch_size = Int(1, min=1, max=4096)
+    clip_vision_output = Socket("CLIP_VISION_OUTPUT", optional=True)
+    start_image = Socket("IMAGE", optional=True)
+    end_image = Socket("IMAGE", optional=True)
+    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
+
+    def execute(self, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
+                batch_size: int, clip_vision_output: ClipVisionOutput | None = None,
+                start_image: torch.Tensor | None = None, end_image: torch.Tensor | None = None
+                ) -> tuple[list, list, dict]:
+        return _first_last(self, positive, negative, vae, width, height, length, batch_size, clip_vision_output,
+                           None, start_image, end_image)
+
+
+class WanFunControlToVideo(Node):
+    """Wan Fun Control models: the prompts carry 32 channels beside the latent, the control video's latent (its
+    first 16) and the start image's (the last 16), each the latent space's zero where not given."""
+
+    category = "conditioning/video_models"
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    vae = Socket("VAE")
+    width = Int(832, min=16, max=MAX_RESOLUTION, step=16)
+    height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
+    length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
+    batch_size = Int(1, min=1, max=4096)
+    clip_vision_output = Socket("CLIP_VISION_OUTPUT", optional=True)
+    start_image = Socket("IMAGE", optional=True)
+    control_video = Socket("IMAGE", optional=True)
+    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
+
+    def execute(self, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
+                batch_size: int, clip_vision_output: ClipVisionOutput | None = None,
+                start_image: torch.Tensor | None = None, control_video: torch.Tensor | None = None
+                ) -> tuple[list, list, dict]:
         frames = latent_frames(length)
-        latent = torch.zeros(batch_size, 16, frames, height // 8, width // 8)
-        video = torch.full((length, height, width, 3), 0.5)
-        # One mask value per picture of the latent's frames (4 each), 0 where a picture is given.
-        mask = torch.ones(1, 1, frames * FRAMES_PER_LATENT, height // 8, width // 8)
-        if start_image is not None:
-            start = _fit_frames(start_image[:length], width, height)
-            video[:start.shape[0]] = start[..., :3]
-            mask[:, :, :start.shape[0] + 3] = 0.0  # the first latent frame stands for one picture, not 4
-        if end_image is not None:
-            end = _fit_frames(end_image[-length:], width, height)
-            video[-end.shape[0]:] = end[..., :3]
-            mask[:, :, -end.shape[0]:] = 0.0
-        image = encode(self, vae, video)
-        mask = mask.reshape(1, frames, FRAMES_PER_LATENT, *mask.shape[-2:]).transpose(1, 2)  # [1, 4, frames, h, w]
-        values: dict[str, Any] = {"concat_latent_image": image, "concat_mask": mask}
-        states = [s for s in (_clip_fea(clip_vision_start_image), _clip_fea(clip_vision_end_image)) if s is not None]
-        if states:
-            last = clip_vision_end_image or clip_vision_start_image
-            values["clip_vision_output"] = ClipVisionOutput(last.last_hidden_state, last.image_embeds,
-                                                            torch.cat(states, dim=-2))
-        return _with(positive, **values), _with(negative, **values), {"samples": latent}
+        shape = (batch_size, 16, frames, height // 8, width // 8)
+        # The latent space's zero (its mean, unnormalised), for the control part and then for the image part.
+        concat = torch.tensor(WAN21_MEAN).reshape(1, -1, 1, 1, 1).expand(shape).repeat(1, 2, 1, 1, 1)
+        for video, channels in ((control_video, slice(0, 16)), (start_image, slice(16, 32))):
+            if video is not None:
+                _video_vae(vae, "WanFunControlToVideo")
+                encoded = encode(self, vae, _fit_frames(video[:length], width, height)[..., :3])
+                known = min(encoded.shape[2], frames)
+                concat[:, channels, :known] = encoded[:, :, :known]
+        values: dict[str, Any] = {"concat_latent_image": concat}
+        if clip_vision_output is not None:
+            values["clip_vision_output"] = clip_vision_output
+        return _with(positive, **values), _with(negative, **values), {"samples": torch.zeros(shape)}
 
 
 class Wan22ImageToVideoLatent(Node):
@@ -277,5 +348,5 @@ def wan_inputs(model: DiffusionModel, latent: dict, *conditionings: list) -> tup
     return default, out
 
 
-NODES: list[Any] = [EmptyHunyuanLatentVideo, WanImageToVideo, WanFirstLastFrameToVideo, Wan22ImageToVideoLatent,
-                    TrimVideoLatent]
+NODES: list[Any] = [EmptyHunyuanLatentVideo, WanImageToVideo, WanFirstLastFrameToVideo, WanFunInpaintToVideo,
+                    WanFunControlToVideo, Wan22ImageToVideoLatent, TrimVideoLatent]

@@ -185,3 +185,67 @@ def test_wrong_wiring_is_refused(engine) -> None:
     doc["3"]["inputs"]["vae_name"] = "missing.safetensors"
     with pytest.raises(WorkflowInvalid, match="missing.safetensors"):
         engine.run(parse_api(doc))
+
+
+def test_model_sampling_aura_flow_sets_the_shift_of_sd3_and_wan_models(engine) -> None:
+    info = engine.registry.get("ModelSamplingAuraFlow").object_info()
+    assert info["input"]["required"]["shift"][1]["default"] == 1.73 and info["category"] == "advanced/model"
+    doc = workflow()
+    doc["4"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.1}}
+    model = run(engine, doc, keep=("4",))[0]
+    assert model.schedule.sigmas[499].item() == pytest.approx(3.1 * 0.5 / (1 + 2.1 * 0.5))
+    doc["4"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["9", 0], "shift": 3.1}}
+    with pytest.raises(WorkflowInvalid):  # an IMAGE where a MODEL goes
+        engine.run(parse_api(doc))
+
+
+def _conditioning_doc(node: dict) -> dict:
+    doc = workflow("wan2.1_i2v-tiny.safetensors", i2v=True)
+    doc["13"] = node
+    return doc
+
+
+def test_first_last_frame_masks_both_ends_and_fun_inpaint_is_the_same(engine) -> None:
+    common = {"positive": ["5", 0], "negative": ["6", 0], "vae": ["3", 0], "width": WIDTH, "height": HEIGHT,
+              "length": FRAMES, "batch_size": 1, "start_image": ["11", 0], "end_image": ["11", 0]}
+    flf = _conditioning_doc({"class_type": "WanFirstLastFrameToVideo",
+                             "inputs": {**common, "clip_vision_start_image": ["12", 0]}})
+    latent, conditioning = run(engine, flf, keep=("8", "13"))
+    options = conditioning[0][1]
+    # 9 pictures in 3 latent frames of 4 mask channels (12 slots): the first frame's 4 and the very last slot given
+    assert options["concat_mask"].shape == (1, 4, 3, HEIGHT // 8, WIDTH // 8)
+    assert options["concat_mask"][0, :, :, 0, 0].T.tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert latent["samples"].shape == (1, 16, 3, HEIGHT // 8, WIDTH // 8) and latent["samples"].std() > 0.1
+    fun = _conditioning_doc({"class_type": "WanFunInpaintToVideo",
+                             "inputs": {**common, "clip_vision_output": ["12", 0]}})
+    fun_latent, fun_conditioning = run(engine, fun, keep=("8", "13"))
+    torch.testing.assert_close(fun_conditioning[0][1]["concat_latent_image"], options["concat_latent_image"])
+    torch.testing.assert_close(fun_latent["samples"], latent["samples"])
+
+
+def test_fun_control_carries_control_and_start_latents(engine, base, tmp_path) -> None:
+    import dataclasses
+
+    from ldm.checkpoint import UNET_PREFIX, write_safetensors
+    from ldm.wan_files import TINY_WAN, random_wan
+
+    model = random_wan(dataclasses.replace(TINY_WAN, in_dim=48), seed=9)  # a Fun Control model: 16 + 32 channels
+    folder = base[0].base / "models" / "diffusion_models"
+    write_safetensors({UNET_PREFIX + k: v for k, v in model.state_dict().items()},
+                      folder / "wan2.1_fun_control-tiny.safetensors", {"loom.wan_num_heads": "2"})
+    doc = _conditioning_doc({"class_type": "WanFunControlToVideo", "inputs": {
+        "positive": ["5", 0], "negative": ["6", 0], "vae": ["3", 0], "width": WIDTH, "height": HEIGHT,
+        "length": FRAMES, "batch_size": 1, "control_video": ["14", 0]}})
+    doc["14"] = {"class_type": "EmptyImage",
+                 "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": FRAMES, "color": 0x808080}}
+    doc["1"]["inputs"]["unet_name"] = "wan2.1_fun_control-tiny.safetensors"
+    latent, conditioning = run(engine, doc, keep=("8", "13"))
+    concat = conditioning[0][1]["concat_latent_image"]
+    assert concat.shape == (1, 32, 3, HEIGHT // 8, WIDTH // 8)
+    from ldm.wan_files import WAN21_MEAN
+
+    # no start image: its half is the latent space's zero (its mean unnormalised); the control half is encoded
+    torch.testing.assert_close(concat[:, 16:], torch.tensor(WAN21_MEAN).reshape(1, -1, 1, 1, 1).expand(1, 16, 3,
+                               HEIGHT // 8, WIDTH // 8))
+    assert not torch.allclose(concat[:, :16], concat[:, 16:])
+    assert latent["samples"].shape == (1, 16, 3, HEIGHT // 8, WIDTH // 8) and torch.isfinite(latent["samples"]).all()
