@@ -276,3 +276,15 @@ def test_schema_1_links_and_a_bypassed_node(page, tmp_path):
     page.click("#queue-button")
     page.wait_for_function("(loom.runState.outputs['13'] || {text: []}).text[0] === '7'", timeout=20000)
     page.screenshot(path=ARTIFACTS / "compat-bypassed.png")
+
+
+def test_number_widgets_keep_values_on_their_grid_from_the_minimum(page):
+    """ComfyUI's video lengths (min 1, step 4) take 1, 5, ..., 81: a Wan workflow's 33 frames stay 33."""
+    doc = {"1": {"class_type": "EmptyHunyuanLatentVideo",
+                 "inputs": {"width": 832, "height": 480, "length": 33, "batch_size": 1}, "_meta": {"pos": [40, 40]}},
+           "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 516, "height": 512, "batch_size": 1},
+                 "_meta": {"pos": [400, 40]}}}
+    page.evaluate("doc => loom.editor.load(doc, 'video.json')", doc)
+    values = page.evaluate("loom.editor.graph._nodes.map(n => n.widgets.map(w => w.value))")
+    assert [33, 1] == [values[0][2], values[0][3]] and values[0][:2] == [832, 480]
+    assert values[1][0] == 520  # off its grid (min 16, step 8): to the nearest point on it

@@ -38,9 +38,11 @@ function numberWidget(node, name, type, opts) {
   const max = Math.min(opts.max ?? Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
   const precision = type === "INT" ? 0 : Math.max(decimals(step), 2);
   const widget = node.addWidget("number", name, opts.default ?? 0, function (value) {
-    // litegraph moves a number by step/10 per click: keep values on the input's own grid and range.
+    // litegraph moves a number by step/10 per click: keep values on the input's own grid and range. The grid
+    // starts at the minimum, as ComfyUI's does (a video's length, min 1 step 4, takes 1, 5, ..., 81).
     let v = Math.min(max, Math.max(min, Number(value)));
-    v = type === "INT" ? Math.round(v / step) * step : Number(v.toFixed(precision));
+    const origin = Math.abs(min) < 1e9 ? min : 0;
+    v = type === "INT" ? origin + Math.round((v - origin) / step) * step : Number(v.toFixed(precision));
     if (!Number.isFinite(v)) v = opts.default ?? 0;
     this.value = v;
   }, { min, max, step: step * 10, precision });
