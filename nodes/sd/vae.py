@@ -59,13 +59,13 @@ def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | 
     video, as ComfyUI's decode does."""
     device, _, dtype = device_and_dtype(node.ctx)
     video = is_video_vae(vae)
-    if video != (samples.ndim == 5):
-        raise ValueError(f"a {samples.ndim}-D latent {tuple(samples.shape)} does not fit this VAE ({vae.source}), "
-                         + ("which decodes video latents [B, C, frames, h, w]" if video
-                            else "which decodes image latents [B, C, h, w]: the latent comes from a video model"))
+    if samples.ndim == 5 and not video:
+        raise ValueError(f"a video latent {tuple(samples.shape)} does not fit this VAE ({vae.source}), which decodes "
+                         "image latents [B, C, h, w]: decode it with the video model's VAE")
     model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
-        z = samples.to(device, dtype)
+        # An image latent given to a video VAE (Qwen-Image's, which is Wan 2.1's) is a batch of one-frame videos.
+        z = samples.to(device, dtype) if samples.ndim == 5 or not video else samples.to(device, dtype).unsqueeze(2)
         if tile is None:
             pixels = model.decode(z)
         elif video:  # tiles of the latent's picture, every frame in each, blended as an image VAE's are

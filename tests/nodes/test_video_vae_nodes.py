@@ -1,6 +1,6 @@
 """Video VAEs through the VAE nodes' encode and decode: an IMAGE's pictures are one video's frames, the tiled forms
 cut the picture into overlapping tiles with every frame in each (ComfyUI's temporal inputs accepted), and an image
-latent given to a video VAE is refused."""
+latent given to a video VAE decodes as one-frame videos."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def test_wan_vae_encodes_an_image_batch_as_one_video_and_decodes_its_frames(engi
     assert tiled.shape == frames.shape
     corner = decode(NodeStub(), vae, latent[..., :8, :8])  # the first tile alone, every frame in it
     torch.testing.assert_close(tiled[:, :32, :32], corner[:, :32, :32])  # where no other tile reaches
-    with pytest.raises(ValueError, match="decodes video latents"):
-        decode(NodeStub(), vae, torch.zeros(1, 16, 4, 4))
+    single = decode(NodeStub(), vae, latent[:, :, 0])  # an image latent: a batch of one-frame videos
+    torch.testing.assert_close(single, decode(NodeStub(), vae, latent[:, :, :1]))
+    assert single.shape == (1, HEIGHT, WIDTH, 3)
 
 
 def test_tiled_nodes_take_comfyuis_temporal_inputs(engine) -> None:
