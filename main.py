@@ -1,5 +1,5 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
-make-svd, make-wan, make-ltxv, train."""
+make-svd, make-wan, make-ltxv, make-qwen-image, train."""
 
 from __future__ import annotations
 
@@ -382,6 +382,17 @@ def cmd_make_ltxv(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_make_qwen_image(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldm.qwen_image_presets import make_qwen_image_files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for part, path in make_qwen_image_files(args.models_dir, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Qwen-Image {part})")
+    return EXIT_OK
+
+
 def cmd_make_svd(args: argparse.Namespace) -> int:
     import torch
 
@@ -565,6 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_ltxv)
+
+    p = sub.add_parser("make-qwen-image", help="write tiny random-weight Qwen-Image files in the real layouts (the "
+                       "transformer, Qwen2.5-VL's language model, the VAE) into a models folder")
+    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
+                   "text_encoders/ and vae/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16", help="stored weight type")
+    p.set_defaults(func=cmd_make_qwen_image)
 
     p = sub.add_parser("make-svd", help="write tiny random-weight Stable Video Diffusion and Stable Zero123 "
                        "checkpoints in the real single-file layouts into a models folder")

@@ -70,6 +70,9 @@ LOOKS: tuple[Look, ...] = (
     Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", "for Flux, put it in models/text_encoders "
          "and load it with DualCLIPLoader, type flux, with a CLIP-L file; for SD3, with TripleCLIPLoader",
          _contains("SelfAttention.k.weight", "DenseReluDense.")),
+    Look("qwen25vl", "Qwen2.5-VL, Qwen-Image's text encoder (a Qwen2 language model with q/k/v biases)", "put it in "
+         "models/text_encoders and load it with Load CLIP, type qwen_image",
+         lambda keys: {"model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.bias"} <= keys),
     Look("llm", "a language-model text encoder (Llama, Gemma, Qwen: newer model families use them)", _UNSUPPORTED,
          _contains("embed_tokens.weight")),
     Look("clip_vision", "a CLIP vision model (it encodes images, for unCLIP and IP-Adapter)", _UNSUPPORTED,

@@ -80,6 +80,8 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
         from nodes.sd.wan import wan_inputs
 
         return wan_inputs(model, latent, *conditionings)
+    if model.family.name == "qwen_image":  # no extra channels (its config's in_channels are the 2x2 patches')
+        return None, list(conditionings)
     if model.family.name == "flux" or carries_references(conditionings):  # Flux's edit models, Kontext's references
         return flux_inputs(model, latent, *conditionings)
     samples = latent["samples"]

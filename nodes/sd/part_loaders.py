@@ -80,10 +80,11 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
         if part == "unet":
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.ltxv_files import peek_ltxv
+            from ldm.qwen_image_files import peek_qwen_image  # first: diffusers-like names Flux's peek would refuse
             from ldm.wan_files import peek_wan
 
-            family = (peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_ltxv(path)
-                      or peek_unet(path))
+            family = (peek_qwen_image(path) or peek_chroma(path) or peek_flux(path) or peek_sd3(path)
+                      or peek_wan(path) or peek_ltxv(path) or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -113,8 +114,8 @@ class UNETLoader(Node):
     diffusion model (Black Forest Labs' layout) or an SD3/SD3.5 transformer (Stability's layout, with or without
     `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. Flux and SD3
     transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards; Chroma's
-    transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files) and LTX-Video 0.9.x's
-    (ldm.ltxv_files) too. fp8 weight_dtypes store the weights in fp8 (e4m3).
+    transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files), LTX-Video 0.9.x's
+    (ldm.ltxv_files) and Qwen-Image's (ldm.qwen_image_files) too. fp8 weight_dtypes store the weights in fp8 (e4m3).
 
     An LTX-Video transformer alone carries no latent statistics: those (per-channel mean and std) come from the VAE
     part of an all-in-one ltx-video-2b-v0.9*.safetensors (CheckpointLoaderSimple); a bare transformer's family has
@@ -162,18 +163,24 @@ class UNETLoader(Node):
         device = load_device(self.ctx)
 
         def load() -> Any:
-            from ldm.chroma_files import is_chroma_file, load_chroma_unet  # Chroma before Flux (same layout)
+            from ldm.chroma_files import is_chroma_file, load_chroma_unet
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
+            from ldm.qwen_image_files import is_qwen_image_file, load_qwen_image_unet
             from ldm.wan_files import is_wan_file, load_wan_unet
 
-            flux = is_flux_file(path) or diffusers_file_kind(path) == "flux"
-            loader = load_flux_unet if flux else load_sd3_unet if is_sd3_unet_file(path) else load_unet
-            loader = load_chroma_unet if is_chroma_file(path) else loader
-            if is_wan_file(path):
+            if is_qwen_image_file(path):  # first: its diffusers-like names are not Flux's diffusers layout
+                loader = load_qwen_image_unet
+            elif is_wan_file(path):
                 loader = load_wan_unet
-            if is_ltxv_file(path):
+            elif is_ltxv_file(path):
                 loader = load_ltxv_unet
+            elif is_chroma_file(path):  # before Flux: the same layout
+                loader = load_chroma_unet
+            elif is_flux_file(path) or diffusers_file_kind(path) == "flux":
+                loader = load_flux_unet
+            else:
+                loader = load_sd3_unet if is_sd3_unet_file(path) else load_unet
             loaded = loader(path, device=device, dtype=dtype)
             if loaded.family.name == "ltxv" and loaded.family.latent_mean is None:
                 log.warning("%s: an LTX-Video transformer without its VAE's latent statistics (they come from the VAE "
@@ -223,12 +230,13 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 
 @functools.lru_cache(maxsize=64)
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
-    """("t5xxl", "umt5xxl" or a CLIP kind, refusal) of a text-encoder file from its header; (None, None) if it
-    cannot tell."""
+    """("t5xxl", "umt5xxl", "qwen25_7b" or a CLIP kind, refusal) of a text-encoder file from its header; (None, None)
+    if it cannot tell."""
     from safetensors import SafetensorError
 
     from ldm.checkpoint import CheckpointError, read_shapes
     from ldm.parts import peek_text_encoder
+    from ldm.qwen_text import is_qwen25
     from ldm.t5 import is_t5, is_umt5
 
     try:
@@ -237,6 +245,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
             return "t5xxl", None
         if shapes is not None and is_umt5(shapes):
             return "umt5xxl", None
+        if shapes is not None and is_qwen25(shapes):
+            return "qwen25_7b", None
         return peek_text_encoder(path), None
     except CheckpointError as e:
         return None, str(e)
@@ -280,15 +290,17 @@ class CLIPLoader(Node):
     CLIP-L, SD2.x's OpenCLIP-H or the SDXL refiner's OpenCLIP bigG, told apart by the file (transformers' CLIPTextModel
     layout, or OpenCLIP's); with type sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL, the other two absent; with type
     chroma: Chroma's T5-XXL; with type wan: Wan's UMT5-XXL; with type ltxv: LTX-Video's T5-XXL (Flux's t5xxl files,
-    encoded with the prompt's attention mask, which the conditioning carries). The other types are other model
-    families' text encoders, which Loom refuses."""
+    encoded with the prompt's attention mask, which the conditioning carries); with type qwen_image: Qwen-Image's
+    Qwen2.5-VL-7B (its language model, the prompt in Qwen-Image's chat template, the mask carried likewise). The other
+    types are other model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
     clip_name = part_file(TEXT_ENCODERS)
     type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
                                      "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL; "
-                                     "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL")
+                                     "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL; qwen_image: Qwen-Image's "
+                                     "Qwen2.5-VL-7B")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -307,17 +319,20 @@ class CLIPLoader(Node):
         if inputs.get("type") == "ltxv":  # LTX-Video: T5-XXL alone, masked (ldm.ltxv_text)
             return text_kinds_problem([inputs.get("clip_name")], ["t5xxl"], "type ltxv takes one T5-XXL "
                                       "(t5xxl: t5xxl_fp16.safetensors or an fp8 copy)")
+        if inputs.get("type") == "qwen_image":  # Qwen-Image: Qwen2.5-VL-7B's language model (ldm.qwen_text)
+            return text_kinds_problem([inputs.get("clip_name")], ["qwen25_7b"], "type qwen_image takes one "
+                                      "Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)")
         if inputs.get("type") == "sd3":
             return _sd3_problem([inputs.get("clip_name")], "type sd3 takes one")
         if inputs.get("type") != "stable_diffusion":
-            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma, wan or ltxv", "SD1.x, SD2.x "
-                                     "and the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, LTX-Video's T5; "
-                                     "DualCLIPLoader's sdxl for SDXL")
+            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma, wan, ltxv or qwen_image",
+                                     "SD1.x, SD2.x and the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, "
+                                     "LTX-Video's T5, Qwen-Image's Qwen2.5-VL; DualCLIPLoader's sdxl for SDXL")
         return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if inputs.get("type") in ("sd3", "chroma", "wan", "ltxv"):
+        if inputs.get("type") in ("sd3", "chroma", "wan", "ltxv", "qwen_image"):
             return {0: {"family": inputs["type"]}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
         return {} if family is None else {0: {"family": family}}
@@ -335,12 +350,16 @@ class CLIPLoader(Node):
             from ldm.ltxv_text import load_ltxv_text_encoder
 
             return (load_clip(self, (clip_name,), device, load_ltxv_text_encoder, "ltxv"),)
+        if type == "qwen_image":
+            from ldm.qwen_text import load_qwen_image_text_encoder
+
+            return (load_clip(self, (clip_name,), device, load_qwen_image_text_encoder, "qwen_image"),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":
-            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma, wan or ltxv", "SD1.x, SD2.x and "
-                                               "the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, LTX-Video's "
-                                               "T5"))
+            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma, wan, ltxv or qwen_image", "SD1.x, "
+                                               "SD2.x and the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, "
+                                               "LTX-Video's T5, Qwen-Image's Qwen2.5-VL"))
         return (load_clip(self, (clip_name,), device),)
 
 

@@ -17,6 +17,7 @@ from graph.validate import validate
 from ldm.flux_presets import make_flux_files
 from ldm.ltxv_presets import make_ltxv_files
 from ldm.presets import make_checkpoint, make_controlnet
+from ldm.qwen_image_presets import make_qwen_image_files
 from ldm.sd3_presets import make_sd3_files
 from ldm.upscale import RRDBNet
 from ldm.wan_presets import make_wan_files
@@ -37,6 +38,10 @@ SD3_FILES = {"bare_checkpoint": "checkpoints/sd3.5_medium.safetensors", "clip_g"
              "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn.safetensors"}
 # The tiny LTX-Video checkpoint under the name ltxv_t2v.json loads (its T5-XXL is Flux's tiny one, of the same width).
 LTXV_CHECKPOINT = "checkpoints/ltx-video-2b-v0.9.5.safetensors"
+# Tiny Qwen-Image parts under the names qwen_image_t2i.json loads.
+QWEN_FILES = {"unet": "diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
+              "qwen25vl": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+              "vae": "vae/qwen_image_vae.safetensors"}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -72,6 +77,9 @@ def base(tmp_path_factory):
     for part, name in SD3_FILES.items():
         shutil.copy(sd3[part], root / "models" / name)
     shutil.copy(make_ltxv_files(root / "ltxv-tiny", seed=1)["checkpoint"], root / "models" / LTXV_CHECKPOINT)
+    qwen = make_qwen_image_files(root / "qwen-tiny", seed=1)
+    for part, name in QWEN_FILES.items():
+        shutil.copy(qwen[part], root / "models" / name)
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)

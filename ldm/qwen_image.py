@@ -1,0 +1,302 @@
+"""The Qwen-Image diffusion transformer (Alibaba's 20B MMDiT, 2025); attribute names follow the released weights'.
+
+A rectified-flow transformer over 16-channel latents (Wan 2.1's VAE) [B, 16, H, W]: 2x2 patches become image tokens,
+the Qwen2.5-VL prompt states [B, L, 3584] are RMS-normalised and projected to text tokens, and `num_layers`
+double-stream blocks each run one joint attention over [text, image] tokens (separate projections, RMS-normalised
+queries and keys per head) and separate MLPs, both streams modulated (shift, scale, gate) by the timestep's
+embedding. The noise level enters as t * 1000 (diffusers' pipeline passes t in 0..1 and the time projection scales
+it by 1000; ComfyUI's sampling gives t in 0..1 too).
+
+Positions ("MSRoPE", diffusers' QwenEmbedRope with scale_rope): a head's channels split between a frame, a row and
+a column axis (16, 56, 56 of 128); image patches sit at frame 0, rows -(rows - rows // 2) .. rows // 2 - 1 (centred,
+likewise columns), and text token j at (s + j, s + j, s + j) with s = max(rows // 2, cols // 2), after the image's.
+On an odd patch grid ComfyUI centres the other way (-(rows // 2) .. ); Loom follows diffusers, Qwen's own release.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.flux import apply_rope, pad_to_patch, patchify, rope_angles, unpatchify
+from ldm.unet import timestep_embedding
+
+STANDARD_AXES = (16, 56, 56)  # the released model's RoPE split of its 128-wide heads
+THETA = 10000
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
+# Qwen-Image variants whose extra inputs change what the model computes; their files are refused by name.
+VARIANTS = {"time_text_embed.addition_t_embedding.weight": "Qwen-Image-Layered",
+            "__index_timestep_zero__": "Qwen-Image-Edit-2511 (zero_cond_t)"}
+
+
+@dataclass(frozen=True)
+class QwenImageConfig:
+    """Shape of a Qwen-Image transformer (defaults: the released 20B model)."""
+
+    num_layers: int = 60
+    num_heads: int = 24
+    head_dim: int = 128
+    in_channels: int = 64  # 16 latent channels x 2 x 2 patch
+    out_channels: int = 16
+    joint_attention_dim: int = 3584  # Qwen2.5-VL 7B's hidden size
+    mlp_hidden: int = 12288
+    patch_size: int = 2
+    axes_dim: tuple[int, int, int] = STANDARD_AXES
+    eps: float = 1e-6
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def context_dim(self) -> int:
+        """The prompt states' width (Qwen2.5-VL's hidden size)."""
+        return self.joint_attention_dim
+
+    @property
+    def latent_channels(self) -> int:
+        return self.out_channels
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalised in float32, as diffusers' RMSNorm does: bf16 squares lose too much.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+
+
+class GeluProj(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        # net.1 is the reference's dropout: an identity here, so that net.2's weights keep their key.
+        self.net = nn.ModuleList([GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class JointAttention(nn.Module):
+    def __init__(self, c: QwenImageConfig):
+        super().__init__()
+        dim = c.dim
+        self.heads = c.num_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_q_proj, self.add_k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_v_proj = nn.Linear(dim, dim)
+        self.norm_q, self.norm_k = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
+        self.norm_added_q, self.norm_added_k = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def _split(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # [B, L, heads, head_dim]
+
+    def _joint(self, txt: Tensor, img: Tensor, txt_proj: nn.Linear, img_proj: nn.Linear,
+               txt_norm: RMSNorm | None = None, img_norm: RMSNorm | None = None) -> Tensor:
+        """Text then image heads [B, heads, L, head_dim], each stream RMS-normalised per head if norms are given."""
+        t, i = self._split(txt_proj(txt)), self._split(img_proj(img))
+        if txt_norm is not None:
+            t, i = txt_norm(t), img_norm(i)
+        return torch.cat([t, i], dim=1).transpose(1, 2)
+
+    def forward(self, img: Tensor, txt: Tensor, rope: tuple[Tensor, Tensor],
+                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        q = apply_rope(self._joint(txt, img, self.add_q_proj, self.to_q, self.norm_added_q, self.norm_q), *rope)
+        k = apply_rope(self._joint(txt, img, self.add_k_proj, self.to_k, self.norm_added_k, self.norm_k), *rope)
+        v = self._joint(txt, img, self.add_v_proj, self.to_v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+        t = txt.shape[1]
+        return self.to_out[0](out[:, t:]), self.to_add_out(out[:, :t])
+
+
+def _modulate(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """LayerNorm'd `x` shifted and scaled by params' (shift, scale, gate) thirds; returns it and the gate."""
+    shift, scale, gate = params[:, None].chunk(3, dim=-1)
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift, gate
+
+
+class QwenImageBlock(nn.Module):
+    def __init__(self, c: QwenImageConfig):
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.attn = JointAttention(c)
+        self.img_mlp = FeedForward(c.dim, c.mlp_hidden)
+        self.txt_mlp = FeedForward(c.dim, c.mlp_hidden)
+
+    def forward(self, img: Tensor, txt: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor],
+                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
+        txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+        img_in, img_gate = _modulate(img, img_mod1)
+        txt_in, txt_gate = _modulate(txt, txt_mod1)
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, mask)
+        img = img + img_gate * img_attn
+        txt = txt + txt_gate * txt_attn
+        img_in, img_gate = _modulate(img, img_mod2)
+        img = img + img_gate * self.img_mlp(img_in)
+        txt_in, txt_gate = _modulate(txt, txt_mod2)
+        txt = txt + txt_gate * self.txt_mlp(txt_in)
+        if img.dtype == torch.float16:  # as the reference does, so fp16 runs do not overflow to inf
+            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
+        return img, txt
+
+
+class NormOut(nn.Module):
+    """The final adaptive LayerNorm; its modulation is (scale, shift), in that order (diffusers'
+    AdaLayerNormContinuous), unlike the blocks' (shift, scale, gate)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        scale, shift = self.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+def msrope_ids(rows: int, cols: int, text_tokens: int, device: torch.device | None = None) -> Tensor:
+    """The RoPE positions [text_tokens + rows*cols, 3] of the joint sequence (text first), as the module docstring
+    says: image patches centred at frame 0, text on the diagonal after the image's largest half-size."""
+    row = torch.arange(rows, device=device) - (rows - rows // 2)
+    col = torch.arange(cols, device=device) - (cols - cols // 2)
+    grid = torch.zeros(rows, cols, 3, device=device)
+    grid[..., 1] = row[:, None].float()
+    grid[..., 2] = col[None, :].float()
+    start = max(rows // 2, cols // 2)
+    text = torch.arange(start, start + text_tokens, device=device).float()[:, None].expand(-1, 3)
+    return torch.cat([text, grid.reshape(-1, 3)])
+
+
+class QwenImageModel(nn.Module):
+    def __init__(self, config: QwenImageConfig):
+        super().__init__()
+        self.config = c = config
+        self.img_in = nn.Linear(c.in_channels, c.dim)
+        self.txt_norm = RMSNorm(c.joint_attention_dim, c.eps)
+        self.txt_in = nn.Linear(c.joint_attention_dim, c.dim)
+        self.time_text_embed = TimeTextEmbed(c.dim)
+        self.transformer_blocks = nn.ModuleList([QwenImageBlock(c) for _ in range(c.num_layers)])
+        self.norm_out = NormOut(c.dim)
+        self.proj_out = nn.Linear(c.dim, c.patch_size**2 * c.out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype, read from the prompt's RMS norm, which fp8 weight storage (ldm.quant) leaves as is."""
+        return self.txt_norm.weight.dtype
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
+        """Predict the velocity (noise - data) of latents `x` [B, 16, H, W] (or [B, 16, 1, H, W], returned in the
+        same rank) at flow levels `timesteps` [B] (0..1) given the Qwen2.5-VL prompt states `context` [B, L,
+        context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the image and text from attending to padding.
+        `y` is accepted for the sampler's common call and unused (Qwen-Image has no pooled prompt)."""
+        c, dtype = self.config, self.dtype
+        video = x.ndim == 5
+        if video:
+            if x.shape[2] != 1:
+                raise ValueError(f"Qwen-Image makes images: a latent of {x.shape[2]} frames; it takes one")
+            x = x[:, :, 0]
+        if x.ndim != 4 or x.shape[1] * c.patch_size**2 != c.in_channels:
+            raise ValueError(f"Qwen-Image takes latents [B, {c.in_channels // c.patch_size**2}, H, W] (Wan 2.1's "
+                             f"VAE); got {list(x.shape)}")
+        if context.ndim != 3 or context.shape[-1] != c.context_dim:
+            raise ValueError(f"Qwen-Image takes Qwen2.5-VL prompt states [B, L, {c.context_dim}]; got "
+                             f"{list(context.shape)} (a prompt from another text encoder?)")
+        h, w = x.shape[-2:]
+        p = c.patch_size
+        padded = pad_to_patch(x, p)
+        rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
+        img = self.img_in(patchify(padded.to(dtype), p))
+        txt = self.txt_in(self.txt_norm(context.to(dtype)))
+        t = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps
+        temb = self.time_text_embed.timestep_embedder(timestep_embedding(t.float() * 1000, 256).to(dtype))
+        rope = rope_angles(msrope_ids(rows, cols, txt.shape[1], x.device), c.axes_dim, THETA)
+        mask = None if attn_mask is None else self._joint_mask(attn_mask, txt.shape[:2], img.shape[1])
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, rope, mask)
+        out = self.proj_out(self.norm_out(img, temb))
+        out = unpatchify(out, rows * p, cols * p, p)[..., :h, :w].to(x.dtype)
+        return out[:, :, None] if video else out
+
+    @staticmethod
+    def _joint_mask(attn_mask: Tensor, text_shape: torch.Size, image_tokens: int) -> Tensor:
+        """[B, 1, 1, L + N] bool: which keys every query may attend to (the image's always)."""
+        batch, length = text_shape
+        if attn_mask.ndim != 2 or attn_mask.shape[1] != length or attn_mask.shape[0] not in (1, batch):
+            raise ValueError(f"a prompt attention mask of shape {list(attn_mask.shape)} for a prompt of {length} "
+                             f"tokens (batch {batch}): it takes [B, {length}], 1 for each real token")
+        text = attn_mask.to(torch.bool).expand(batch, -1)
+        image = torch.ones(batch, image_tokens, dtype=torch.bool, device=attn_mask.device)
+        return torch.cat([text, image], dim=1)[:, None, None]
+
+
+def is_qwen_image(sd: Mapping[str, Tensor], prefix: str = "") -> bool:
+    """Whether a state dict holds a Qwen-Image transformer in its released layout (under `prefix`)."""
+    return all(f"{prefix}{k}" in sd for k in ("txt_norm.weight", "img_in.weight",
+                                                "transformer_blocks.0.img_mod.1.weight"))
+
+
+def qwen_image_config_from_state_dict(sd: Mapping[str, Tensor], axes_dim: tuple[int, int, int] | None = None,
+                                      prefix: str = "") -> QwenImageConfig:
+    """The exact shape of Qwen-Image weights (under `prefix`) from their key names and tensor shapes. The RoPE
+    split of a head is not in the weights: `axes_dim`, else the released (16, 56, 56) for 128-wide heads."""
+    for key, variant in VARIANTS.items():
+        if f"{prefix}{key}" in sd:
+            raise ValueError(f"a {variant} model: Loom runs the Qwen-Image text-to-image transformer, not this variant")
+    try:
+        dim, in_channels = sd[f"{prefix}img_in.weight"].shape
+        head_dim = sd[f"{prefix}transformer_blocks.0.attn.norm_q.weight"].shape[0]
+        if axes_dim is None:
+            if head_dim != sum(STANDARD_AXES):
+                raise ValueError(f"its heads are {head_dim} wide, not the released model's 128, and the file does "
+                                 "not say how RoPE splits them (loom.qwen_image_axes metadata)")
+            axes_dim = STANDARD_AXES
+        if sum(axes_dim) != head_dim:
+            raise ValueError(f"a RoPE split {tuple(axes_dim)} for {head_dim}-wide heads")
+        out_channels = sd[f"{prefix}proj_out.weight"].shape[0] // 4
+        return QwenImageConfig(
+            num_layers=len({int(m[1]) for k in sd if (m := _BLOCK.match(k[len(prefix):]))}),
+            num_heads=dim // head_dim, head_dim=head_dim, in_channels=in_channels, out_channels=out_channels,
+            joint_attention_dim=sd[f"{prefix}txt_in.weight"].shape[1],
+            mlp_hidden=sd[f"{prefix}transformer_blocks.0.img_mlp.net.0.proj.weight"].shape[0],
+            axes_dim=tuple(axes_dim))
+    except KeyError as e:
+        raise ValueError(f"an incomplete Qwen-Image transformer: no weight {e}") from None

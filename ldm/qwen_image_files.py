@@ -1,0 +1,166 @@
+"""Qwen-Image diffusion-model files (ComfyUI's single files, qwen_image_bf16 / qwen_image_fp8_e4m3fn: the released
+keys, bare or under `model.diffusion_model.`; bf16, fp16, fp8 and scaled fp8), their family, and tiny random files.
+
+The family carries what the sampler needs beyond the weights: Qwen-Image's VAE is Wan 2.1's (the same per-channel
+latent mean and standard deviation: diffusers' AutoencoderKLQwenImage config, ComfyUI's Wan21 latent format), and
+the model samples on SD3's shifted flow levels, `shift * t / (1 + (shift - 1) * t)` (ComfyUI's ModelSamplingAuraFlow,
+a ModelSamplingDiscreteFlow with multiplier 1), at shift 3.1, the value ComfyUI's Qwen-Image workflows set. ComfyUI's
+own default for a bare QwenImage model (supported_models: shift 1.15, Flux's exponential shift) is not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import torch
+
+from ldm import checkpoint as ckpt
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.flow_family import FlowFamily
+from ldm.flux_presets import distinct_random_
+from ldm.qwen_image import QwenImageConfig, QwenImageModel, is_qwen_image, qwen_image_config_from_state_dict
+from ldm.t5 import descaled_fp8, scaling_keys
+from ldm.vae import VAEConfig
+from ldm.wan_files import WAN21_MEAN, WAN21_STD
+
+QWEN_IMAGE_SHIFT = 3.1  # ModelSamplingAuraFlow's shift in ComfyUI's Qwen-Image workflows (SD3-style schedule)
+# Files Loom writes carry the RoPE split, which the weights cannot tell (the released model's heads are 128 wide).
+AXES_KEY = "loom.qwen_image_axes"
+TINY_QWEN_IMAGE = QwenImageConfig(num_layers=2, num_heads=2, head_dim=16, joint_attention_dim=32, mlp_hidden=128,
+                                  axes_dim=(4, 6, 6))
+
+
+@dataclass(frozen=True)
+class QwenImageFamily(FlowFamily):
+    """A Qwen-Image model's family: its transformer's config and Wan 2.1's 16-channel latent space (normalised per
+    channel by `latent_mean` / `latent_std`, scale 1). `vae_config` only names the latent space for previews: the
+    VAE is Wan 2.1's (`ldm.wan_vae`). Built as `QwenImageFamily(config)`."""
+
+    unet_config: QwenImageConfig
+    vae_config: VAEConfig = field(default_factory=lambda: VAEConfig(z_channels=16, scaling_factor=1.0))
+    name: str = "qwen_image"
+    latent_shift: float = 0.0
+    latent_mean: tuple[float, ...] = WAN21_MEAN
+    latent_std: tuple[float, ...] = WAN21_STD
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet_config.out_channels
+
+    @property
+    def shift(self) -> float:
+        return QWEN_IMAGE_SHIFT
+
+
+@dataclass
+class LoadedQwenImage:
+    family: QwenImageFamily
+    unet: QwenImageModel
+    unused_keys: list[str]
+    path: Path
+    metadata: dict[str, str]
+
+
+def _axes(metadata: dict[str, str]) -> tuple[int, int, int] | None:
+    saved = metadata.get(AXES_KEY)
+    return None if saved is None else tuple(int(a) for a in saved.split(","))
+
+
+def _prefix(sd: StateDict) -> str | None:
+    """The prefix the file's Qwen-Image weights sit under ("" or ComfyUI's), None if it holds none."""
+    return next((p for p in (UNET_PREFIX, "") if is_qwen_image(sd, p)), None)
+
+
+def qwen_image_family(weights: StateDict, metadata: dict[str, str] | None = None, name: str = "") -> QwenImageFamily:
+    """The family of Qwen-Image weights (bare or prefixed), the RoPE split from Loom's metadata if saved."""
+    prefix = _prefix(weights)
+    try:
+        if prefix is None:
+            raise ValueError("not a Qwen-Image transformer")
+        config = qwen_image_config_from_state_dict(weights, _axes(metadata or {}), prefix)
+        if config.out_channels != len(WAN21_MEAN):
+            raise ValueError(f"a model of {config.out_channels} latent channels; Qwen-Image's VAE makes 16")
+        return QwenImageFamily(config)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
+
+
+def _shapes(path: str | Path) -> StateDict | None:
+    """A file's header as meta tensors; None for other formats and for files whose header cannot be read."""
+    try:
+        return ckpt.read_shapes(path)
+    except (CheckpointError, safetensors.SafetensorError, OSError, ValueError):
+        return None
+
+
+def is_qwen_image_file(path: str | Path) -> bool:
+    """Whether a .safetensors file holds a Qwen-Image transformer (bare or prefixed), from its header."""
+    shapes = _shapes(path)
+    return shapes is not None and _prefix(shapes) is not None
+
+
+def peek_qwen_image(path: str | Path) -> QwenImageFamily | None:
+    """The family of a Qwen-Image file from its header alone; None for other files and formats (a Qwen-Image file
+    of a variant Loom does not run raises CheckpointError)."""
+    shapes = _shapes(path)
+    if shapes is None or _prefix(shapes) is None:
+        return None
+    return qwen_image_family(shapes, ckpt.read_metadata(path), Path(path).name)
+
+
+def _refusal(sd: StateDict, name: str) -> CheckpointError:
+    """Why a file is not a Qwen-Image transformer, naming what it looks like instead."""
+    keys = {k.removeprefix(UNET_PREFIX) for k in sd}
+    if "double_blocks.0.img_attn.qkv.weight" in keys:
+        looks = "; it is a Flux transformer (load it as Flux)"
+    elif "patch_embedding.weight" in keys and "blocks.0.cross_attn.q.weight" in keys:
+        looks = "; it is a Wan video transformer (load it as Wan)"
+    elif "txt_in.text_norm.weight" in keys:
+        looks = "; it is a Qwen-Image 2.1 transformer, a different architecture Loom does not run"
+    elif "joint_blocks.0.x_block.attn.qkv.weight" in keys:
+        looks = "; it is an SD3 transformer"
+    else:
+        looks = ""
+    return CheckpointError(f"{name}: not a Qwen-Image diffusion model (no img_in / txt_norm / "
+                           f"transformer_blocks.0.img_mod weights in its released layout){looks}")
+
+
+def load_qwen_image_unet(path: str | Path, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.bfloat16) -> LoadedQwenImage:
+    """Load a Qwen-Image diffusion-model file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load);
+    keys the transformer does not use are listed as unused."""
+    path = Path(path)
+    sd = ckpt.load_state_dict(path)
+    prefix = _prefix(sd)
+    if prefix is None:
+        raise _refusal(sd, path.name)
+    metadata = ckpt.read_metadata(path)
+    family = qwen_image_family(sd, metadata, path.name)
+    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
+    model = ckpt._materialize(lambda: QwenImageModel(family.unet_config), weights, "Qwen-Image transformer", path,
+                              device, dtype)
+    expected = set(model.state_dict())
+    skipped = scaling_keys(sd)
+    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    return LoadedQwenImage(family, model, unused, path, metadata)
+
+
+def random_qwen_image(config: QwenImageConfig = TINY_QWEN_IMAGE, seed: int = 0) -> QwenImageModel:
+    """A Qwen-Image transformer with seeded random weights, each distinct (`ldm.flux_presets.distinct_random_`; the
+    RMS norms' weights near 1)."""
+    return distinct_random_(QwenImageModel(config).eval(), seed, norm_scales=("norm.weight", "norm_q.weight",
+                            "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight"))
+
+
+def write_tiny_qwen_image(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                          prefix: str = "", config: QwenImageConfig = TINY_QWEN_IMAGE) -> Path:
+    """Write a tiny random Qwen-Image transformer (prompt width 32) in ComfyUI's single-file layout (its keys under
+    `prefix`: bare, as Comfy-Org's files are), with the RoPE split in Loom's metadata; returns the path. Its images
+    are noise."""
+    model = random_qwen_image(config, seed)
+    path = Path(path)
+    write_safetensors({prefix + k: v for k, v in model.state_dict().items()}, path,
+                      {AXES_KEY: ",".join(map(str, config.axes_dim)), "loom.seed": str(seed)}, dtype)
+    return path
