@@ -5,7 +5,7 @@ attention-processor and text-encoder layouts), the LyCORIS kinds people download
 LyCORIS library read them: LoCon (conv kernels, with an optional Tucker `lora_mid`), LoHa (Hadamard product of two
 low-rank products), LoKr (Kronecker product), full-weight differences (`diff`, `diff_b`, `w_norm`, `b_norm`), each
 optionally with DoRA's magnitude vector (`dora_scale`). Flux's names, and diffusers' parts of its fused layers, are
-ldm.lora_flux's; SD3's ldm.lora_sd3's.
+ldm.lora_flux's; SD3's ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ _PARTS = {
     ".hada_t1": "t1", ".hada_t2": "t2",
     ".lokr_w1": "k_w1", ".lokr_w1_a": "k_w1_a", ".lokr_w1_b": "k_w1_b", ".lokr_w2": "k_w2", ".lokr_w2_a": "k_w2_a",
     ".lokr_w2_b": "k_w2_b", ".lokr_t2": "k_t2",
-    ".diff": "diff", ".w_norm": "diff", ".diff_b": "bias", ".b_norm": "bias",
+    ".diff": "diff", ".w_norm": "diff", ".diff_b": "bias", ".b_norm": "bias", ".lora_B.bias": "up_bias",
     ".alpha": "alpha", ".dora_scale": "dora_scale",
 }
 _SUFFIXES = sorted(_PARTS, key=len, reverse=True)
@@ -221,6 +221,8 @@ def _patch(p: dict[str, Tensor]) -> WeightPatch | None:
     alpha = p.get("alpha")
     common = {"alpha": None if alpha is None or alpha.is_meta else float(alpha),
               "dora_scale": p.get("dora_scale"), "bias": p.get("bias")}
+    if "up_bias" in p and "down" in p:  # PEFT's lora_B bias (diffusers' form of diff_b): scaled as its pair is
+        common["bias"] = p["up_bias"] * (common["alpha"] / p["down"].shape[0] if common["alpha"] else 1.0)
     if "down" in p and "up" in p:
         return LoraWeight(p["down"], p["up"], mid=p.get("mid"), **common)
     if all(k in p for k in ("w1_a", "w1_b", "w2_a", "w2_b")):
@@ -372,6 +374,16 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_sd3.sd3_index(module)
     if isinstance(module, SD3TextEncoder):
         return lora_sd3.sd3_text_index(module)
+    from ldm import lora_ltxv, lora_wan
+    from ldm.ltxv import LTXVModel
+    from ldm.wan import WanModel
+
+    if isinstance(module, WanModel):
+        return lora_wan.wan_index(module)
+    if isinstance(module, LTXVModel):
+        return lora_ltxv.ltxv_index(module)
+    if takes_no_lora(module):
+        return {}
     encoders = getattr(module, "encoders", None)
     if not isinstance(encoders, nn.ModuleDict):
         raise TypeError(f"LoRA applies to a diffusion model or a text encoder, not {type(module).__name__}")
@@ -385,6 +397,15 @@ def _index(module: nn.Module) -> dict[str, str]:
                 index[kohya + hf.replace(".", "_")] = f"encoders.{name}.text_model.{path}"
                 index[diffusers + hf] = f"encoders.{name}.text_model.{path}"
     return index
+
+
+def takes_no_lora(module: nn.Module) -> bool:
+    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5 and LTX-Video's T5 (diffusers' loaders for
+    those models patch their transformers alone, and so does Loom)."""
+    from ldm.ltxv_text import LTXVTextEncoder
+    from ldm.umt5 import WanTextEncoder
+
+    return isinstance(module, WanTextEncoder | LTXVTextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
@@ -453,8 +474,8 @@ def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
         path = slot.path if slot else index.get(name)
         if path is None:
             continue
-        layer = module.get_submodule(path)
-        weight, bias = layer.weight, getattr(layer, "bias", None)
+        layer, attr = _target(module, path)
+        weight, bias = getattr(layer, attr), getattr(layer, "bias", None) if attr == "weight" else None
         if slot:
             # only shapes are checked: meta views, no copy of the rows
             weight, bias = slot.part(weight.to("meta")), None if bias is None else slot.part(bias.to("meta"))
@@ -473,6 +494,16 @@ def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
         raise LoraError(f"{source} does not fit this model ({len(wrong)} of its {count} layers do not, e.g. "
                         f"{'; '.join(wrong[:3])}); {why}")
     return sliced.merged(module, matched)
+
+
+def _target(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The layer at `path` and "weight", or, where `path` names a parameter of no layer of its own (Wan's
+    `blocks.N.modulation`), its parent and the parameter's name."""
+    try:
+        return module.get_submodule(path), "weight"
+    except AttributeError:
+        parent, _, name = path.rpartition(".")
+        return module.get_submodule(parent), name
 
 
 def unmatched_lora_keys(lora: Lora, *modules: nn.Module) -> list[str]:
@@ -504,10 +535,11 @@ def apply_lora(module: nn.Module, lora: Lora, strength: float = 1.0) -> nn.Modul
         return module
     patched = shallow_copy(module)
     for path, patch in matched.items():
-        layer = patched.get_submodule(path)
-        base = dequantized_weight(layer)  # an fp8 layer's patched weight is stored in full precision
+        layer, name = _target(patched, path)
+        # an fp8 layer's patched weight is stored in full precision
+        base = dequantized_weight(layer) if name == "weight" else getattr(layer, name)
         new = patch.patched(base, strength)
-        layer._parameters["weight"] = nn.Parameter(new.to(base.dtype), requires_grad=layer.weight.requires_grad)
+        layer._parameters[name] = nn.Parameter(new.to(base.dtype), requires_grad=getattr(layer, name).requires_grad)
         if patch.bias is not None:
             bias = layer.bias.float() + strength * patch.bias.float().to(layer.bias.device)
             layer._parameters["bias"] = nn.Parameter(bias.to(layer.bias.dtype), requires_grad=layer.bias.requires_grad)
@@ -523,12 +555,18 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 
 def lora_family(lora: Lora) -> str | None:
-    """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3"), None when its keys do not tell.
+    """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
+    ldm.lora_wan, "ltxv"), None when its keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
+    from ldm.lora_ltxv import ltxv_family
     from ldm.lora_sd3 import transformer_family
     from ldm.lora_t5 import is_t5_name
+    from ldm.lora_wan import wan_family
 
     names = lora.weights.keys()
+    video = wan_family(lora.weights) or ltxv_family(lora.weights)
+    if video is not None:
+        return video
     if any(_FLUX_NAME.search(n) for n in names):
         return "flux"
     transformer = transformer_family(lora.weights)
@@ -547,6 +585,12 @@ def lora_family(lora: Lora) -> str | None:
 def check_lora_family(lora: Lora, family: str) -> None:
     """Raise LoraError when the LoRA is recognisably for another family than `family`."""
     found = lora_family(lora)
-    if found is not None and found != family and (found, family) != ("flux", "chroma"):  # Chroma: Flux's names
+    if found is not None and not family_fits(found, family):
         source = lora.path.name if lora.path else "this LoRA"
         raise LoraError(f"{source} is a {found.upper()} LoRA; it does not fit a {family.upper()} model")
+
+
+def family_fits(found: str, family: str) -> bool:
+    """Whether a LoRA of family `found` (`lora_family`) fits a model of `family`: the same family, Flux's on Chroma
+    (which keeps Flux's block names), a Wan LoRA of an unreleased width on either Wan family."""
+    return found == family or (found, family) == ("flux", "chroma") or (found == "wan" and family.startswith("wan"))

@@ -349,11 +349,11 @@ class LoraLoader(Node):
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
         """A LoRA recognisably for another family than the checkpoint upstream is refused before the run."""
+        from ldm.lora import family_fits
+
         model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
         lora = header_family("loras", inputs.get("lora_name"))
-        if model_family is None or lora is None or lora == model_family:
-            return None
-        if (lora, model_family) == ("flux", "chroma"):  # Chroma keeps Flux's block names (ldm.chroma_lora)
+        if model_family is None or lora is None or family_fits(lora, model_family):
             return None
         return (f"{inputs['lora_name']} is a {lora.upper()} LoRA; it does not fit the {model_family.upper()} "
                 "model it is applied to")
@@ -364,7 +364,7 @@ class LoraLoader(Node):
 
     def execute(self, model: DiffusionModel, clip: Clip, lora_name: str, strength_model: float,
                 strength_clip: float) -> tuple[DiffusionModel, Clip]:
-        from ldm.lora import LoraError, apply_lora, check_lora_family, unmatched_lora_keys
+        from ldm.lora import LoraError, apply_lora, check_lora_family, takes_no_lora, unmatched_lora_keys
 
         lora = shared_lora(self, lora_name)
         check_lora_family(lora, model.family.name)
@@ -374,7 +374,9 @@ class LoraLoader(Node):
                             "LoRA for another kind of model")
         left = sorted(set(unmatched) - {k for keys in lora.incomplete.values() for k in keys})
         if left:
-            log.warning("%s: %d keys patch nothing in this model, e.g. %s", lora_name, len(left), left[:3])
+            why = " (its text encoder takes no LoRA: the diffusion model alone is patched)" if takes_no_lora(
+                clip.encoder) else ""
+            log.warning("%s: %d keys patch nothing in this model%s, e.g. %s", lora_name, len(left), why, left[:3])
         with torch.no_grad():
             unet = apply_lora(model.unet, lora, strength_model)
             encoder = apply_lora(clip.encoder, lora, strength_clip)
