@@ -349,47 +349,38 @@ def cmd_make_sd3(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_make_chroma(args: argparse.Namespace) -> int:
+# Tiny random-weight files of one model family in the layouts ComfyUI users have: (module, function, what), each
+# function taking (models_dir, seed=, dtype=) and returning {part: path}.
+PART_MAKERS = {
+    "make-chroma": ("ldm.chroma_files", "make_chroma_files", "Chroma"),
+    "make-wan": ("ldm.wan_presets", "make_wan_files", "Wan 2.1"),
+    "make-ltxv": ("ldm.ltxv_presets", "make_ltxv_files", "LTX-Video 0.9.1"),
+    "make-qwen-image": ("ldm.qwen_image_presets", "make_qwen_image_files", "Qwen-Image"),
+}
+# Each command's help: what it writes, and where (under the models folder).
+PART_HELP = {
+    "make-chroma": ("diffusion model in BFL's layout, T5-XXL, Flux's VAE", "diffusion_models/, text_encoders/ and "
+                    "vae/ (chroma-tiny, t5xxl-chroma-tiny, ae-chroma-tiny)"),
+    "make-wan": ("text-to-video and image-to-video transformers, UMT5-XXL, the video VAE, a CLIP vision tower",
+                 "diffusion_models/, text_encoders/, vae/ and clip_vision/ (wan2.1_t2v-tiny, wan2.1_i2v-tiny, "
+                 "umt5_xxl-tiny, wan_2.1_vae-tiny, clip_vision_h-tiny)"),
+    "make-ltxv": ("the all-in-one checkpoint: transformer and video VAE; T5-XXL", "checkpoints/ and text_encoders/ "
+                  "(ltx-video-2b-v0.9.1-tiny, t5xxl-ltxv-tiny)"),
+    "make-qwen-image": ("the transformer, Qwen2.5-VL's language model, the VAE", "diffusion_models/, text_encoders/ "
+                        "and vae/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny)"),
+}
+
+
+def cmd_make_parts(args: argparse.Namespace) -> int:
+    import importlib
+
     import torch
 
-    from ldm.chroma_files import make_chroma_files
-
+    module, function, what = PART_MAKERS[args.maker]
+    make = getattr(importlib.import_module(module), function)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    for part, path in make_chroma_files(args.models_dir, seed=args.seed, dtype=dtype).items():
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Chroma {part})")
-    return EXIT_OK
-
-
-def cmd_make_wan(args: argparse.Namespace) -> int:
-    import torch
-
-    from ldm.wan_presets import make_wan_files
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    for part, path in make_wan_files(args.models_dir, seed=args.seed, dtype=dtype).items():
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Wan 2.1 {part})")
-    return EXIT_OK
-
-
-def cmd_make_ltxv(args: argparse.Namespace) -> int:
-    import torch
-
-    from ldm.ltxv_presets import make_ltxv_files
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    for part, path in make_ltxv_files(args.models_dir, seed=args.seed, dtype=dtype).items():
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny LTX-Video 0.9.1 {part})")
-    return EXIT_OK
-
-
-def cmd_make_qwen_image(args: argparse.Namespace) -> int:
-    import torch
-
-    from ldm.qwen_image_presets import make_qwen_image_files
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    for part, path in make_qwen_image_files(args.models_dir, seed=args.seed, dtype=dtype).items():
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny Qwen-Image {part})")
+    for part, path in make(args.models_dir, seed=args.seed, dtype=dtype).items():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, random weights, tiny {what} {part})")
     return EXIT_OK
 
 
@@ -551,39 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
     p.set_defaults(func=cmd_make_sd3)
 
-    p = sub.add_parser("make-chroma", help="write tiny random-weight Chroma files in the real layouts (diffusion "
-                       "model in BFL's layout, T5-XXL, Flux's VAE) into a models folder")
-    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
-                   "text_encoders/ and vae/ (chroma-tiny, t5xxl-chroma-tiny, ae-chroma-tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
-    p.set_defaults(func=cmd_make_chroma)
-
-    p = sub.add_parser("make-wan", help="write tiny random-weight Wan 2.1 files in the real layouts (text-to-video "
-                       "and image-to-video transformers, UMT5-XXL, the video VAE, a CLIP vision tower) into a models "
-                       "folder")
-    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
-                   "text_encoders/, vae/ and clip_vision/ (wan2.1_t2v-tiny, wan2.1_i2v-tiny, umt5_xxl-tiny, "
-                   "wan_2.1_vae-tiny, clip_vision_h-tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
-    p.set_defaults(func=cmd_make_wan)
-
-    p = sub.add_parser("make-ltxv", help="write tiny random-weight LTX-Video 0.9.1 files in the real layouts (the "
-                       "all-in-one checkpoint: transformer and video VAE; T5-XXL) into a models folder")
-    p.add_argument("models_dir", type=Path, help="the models folder: files go into its checkpoints/ and "
-                   "text_encoders/ (ltx-video-2b-v0.9.1-tiny, t5xxl-ltxv-tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
-    p.set_defaults(func=cmd_make_ltxv)
-
-    p = sub.add_parser("make-qwen-image", help="write tiny random-weight Qwen-Image files in the real layouts (the "
-                       "transformer, Qwen2.5-VL's language model, the VAE) into a models folder")
-    p.add_argument("models_dir", type=Path, help="the models folder: files go into its diffusion_models/, "
-                   "text_encoders/ and vae/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16", help="stored weight type")
-    p.set_defaults(func=cmd_make_qwen_image)
+    for command, (what, where) in PART_HELP.items():
+        p = sub.add_parser(command, help=f"write tiny random-weight {PART_MAKERS[command][2]} files in the real "
+                           f"layouts ({what}) into a models folder")
+        p.add_argument("models_dir", type=Path, help=f"the models folder: files go into its {where}")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored weight type")
+        p.set_defaults(func=cmd_make_parts, maker=command)
 
     p = sub.add_parser("make-svd", help="write tiny random-weight Stable Video Diffusion and Stable Zero123 "
                        "checkpoints in the real single-file layouts into a models folder")
