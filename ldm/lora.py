@@ -5,7 +5,8 @@ attention-processor and text-encoder layouts), the LyCORIS kinds people download
 LyCORIS library read them: LoCon (conv kernels, with an optional Tucker `lora_mid`), LoHa (Hadamard product of two
 low-rank products), LoKr (Kronecker product), full-weight differences (`diff`, `diff_b`, `w_norm`, `b_norm`), each
 optionally with DoRA's magnitude vector (`dora_scale`). Flux's names, and diffusers' parts of its fused layers, are
-ldm.lora_flux's; SD3's ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's.
+ldm.lora_flux's; SD3's ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's
+ldm.lora_qwen_image's.
 """
 
 from __future__ import annotations
@@ -374,14 +375,17 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_sd3.sd3_index(module)
     if isinstance(module, SD3TextEncoder):
         return lora_sd3.sd3_text_index(module)
-    from ldm import lora_ltxv, lora_wan
+    from ldm import lora_ltxv, lora_qwen_image, lora_wan
     from ldm.ltxv import LTXVModel
+    from ldm.qwen_image import QwenImageModel
     from ldm.wan import WanModel
 
     if isinstance(module, WanModel):
         return lora_wan.wan_index(module)
     if isinstance(module, LTXVModel):
         return lora_ltxv.ltxv_index(module)
+    if isinstance(module, QwenImageModel):
+        return lora_qwen_image.qwen_image_index(module)
     if takes_no_lora(module):
         return {}
     encoders = getattr(module, "encoders", None)
@@ -400,12 +404,13 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 
 def takes_no_lora(module: nn.Module) -> bool:
-    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5 and LTX-Video's T5 (diffusers' loaders for
-    those models patch their transformers alone, and so does Loom)."""
+    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5 and Qwen-Image's Qwen2.5-VL
+    (diffusers' loaders for those models patch their transformers alone, and so does Loom)."""
     from ldm.ltxv_text import LTXVTextEncoder
+    from ldm.qwen_text import QwenImageTextEncoder
     from ldm.umt5 import WanTextEncoder
 
-    return isinstance(module, WanTextEncoder | LTXVTextEncoder)
+    return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
@@ -556,17 +561,19 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv"), None when its keys do not tell.
+    ldm.lora_wan, "ltxv", "qwen_image"), None when its keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
     from ldm.lora_ltxv import ltxv_family
+    from ldm.lora_qwen_image import qwen_image_family
     from ldm.lora_sd3 import transformer_family
     from ldm.lora_t5 import is_t5_name
     from ldm.lora_wan import wan_family
 
     names = lora.weights.keys()
-    video = wan_family(lora.weights) or ltxv_family(lora.weights)
-    if video is not None:
-        return video
+    # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
+    named = wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
+    if named is not None:
+        return named
     if any(_FLUX_NAME.search(n) for n in names):
         return "flux"
     transformer = transformer_family(lora.weights)
