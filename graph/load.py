@@ -1,4 +1,5 @@
-"""Reading a workflow from a file or text in any supported format (API, UI, or a PNG that carries one)."""
+"""Reading a workflow from a file or text in any supported format (API, UI, or a PNG, WEBP, MP4 or WebM that
+carries one)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from graph.ui_format import is_ui_format, ui_to_api
 from nodes.registry import NodeRegistry
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MATROSKA_SIGNATURE = b"\x1a\x45\xdf\xa3"  # WebM's (and MKV's) EBML header
 
 
 def graph_from_data(data: Any, registry: NodeRegistry) -> Graph:
@@ -81,6 +83,25 @@ def read_png_workflow(path: Path, raw: bytes | None = None) -> Any:
             text = dict(getattr(image, "text", {}) or image.info)
         if raw is not None and "prompt" not in text and "workflow" not in text:
             text = _comf_chunks(raw)
+    return _workflow_in(text, path, kind)
+
+
+def read_video_workflow(path: Path, raw: bytes) -> Any:
+    """The workflow in an MP4's or WebM's container metadata, where ComfyUI's SaveVideo and SaveWEBM (and
+    Loom's) put the API-format `prompt` and the editor `workflow`. Matroska's tag names come back upper-cased."""
+    import av
+
+    kind = "WebM" if raw.startswith(MATROSKA_SIGNATURE) else "MP4"
+    try:
+        with av.open(str(path)) as container:
+            text = {key.lower(): value for key, value in container.metadata.items()}
+    except av.error.FFmpegError as exc:
+        raise DocumentError(f"{path}: cannot read this {kind}: {exc}") from None
+    return _workflow_in(text, path, kind)
+
+
+def _workflow_in(text: dict[str, str], path: Path, kind: str) -> Any:
+    """The API-format `prompt` of a file's embedded strings, else the editor `workflow`."""
     for key in ("prompt", "workflow"):
         if isinstance(text.get(key), str):
             try:
@@ -100,6 +121,8 @@ def load_workflow_data(path: str | Path) -> Any:
         raise DocumentError(f"{path}: cannot read: {exc.strerror}") from None
     if raw.startswith(PNG_SIGNATURE) or (raw.startswith(b"RIFF") and raw[8:12] == b"WEBP"):
         return read_png_workflow(path, raw)
+    if raw[4:8] == b"ftyp" or raw.startswith(MATROSKA_SIGNATURE):
+        return read_video_workflow(path, raw)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

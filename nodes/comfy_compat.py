@@ -30,11 +30,16 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
+    # video models' conditioning (ComfyUI's Wan and LTX-Video examples and templates use them)
+    "WanVaceToVideo", "WanCameraImageToVideo", "WanCameraEmbedding", "LTXVAddGuide", "LTXVCropGuides",
+    "LTXVPreprocess",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "GITSScheduler", "OptimalStepsScheduler",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
+    # logic (the Wan 2.2 templates' subgraphs switch between their LoRA and plain branches with it)
+    "ComfySwitchNode",
     # latents and images
 })
 

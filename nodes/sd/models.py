@@ -107,7 +107,8 @@ class DiffusionModel:
                 raise ValueError(f"{self.source} is a video model ({self.family.name.upper()}) sampling "
                                  f"{len(self.family.latent_mean)}-channel video latents; the latent "
                                  f"{tuple(like.shape)} is not one: make it with the model's empty video latent "
-                                 "node (EmptyHunyuanLatentVideo for Wan 2.1, EmptyLTXVLatentVideo for LTX-Video)")
+                                 "node (EmptyHunyuanLatentVideo for Wan 2.1 and Wan 2.2 14B, Wan22ImageToVideoLatent "
+                                 "for Wan 2.2 5B, EmptyLTXVLatentVideo for LTX-Video)")
             mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).reshape(shape)
                          for v in (self.family.latent_mean, self.family.latent_std))
             return mean, self.family.latent_scale_factor / std
