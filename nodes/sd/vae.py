@@ -101,13 +101,14 @@ class VAEEncode(Node):
 # ComfyUI's inputs for video VAEs. Loom's bound memory over the frames themselves (Wan's VAE works a few frames at a
 # time with a cache, exactly; LTX-Video's decodes the frames whole), so these are accepted and not used.
 def _temporal_size() -> InputSpec:
-    return Int(64, min=8, max=4096, step=4, tooltip="Only used for video VAEs: frames to decode at a time (Loom's "
-               "video VAEs chunk the frames themselves; accepted for ComfyUI's workflows)")
+    # Optional here (required in ComfyUI since early 2025): prompts saved before then still validate.
+    return Int(64, min=8, max=4096, step=4, optional=True, tooltip="Only used for video VAEs: frames to decode at a "
+               "time (Loom's video VAEs chunk the frames themselves; accepted for ComfyUI's workflows)")
 
 
 def _temporal_overlap() -> InputSpec:
-    return Int(8, min=4, max=4096, step=4, tooltip="Only used for video VAEs: frames to overlap (accepted for "
-               "ComfyUI's workflows)")
+    return Int(8, min=4, max=4096, step=4, optional=True, tooltip="Only used for video VAEs: frames to overlap "
+               "(accepted for ComfyUI's workflows)")
 
 
 class VAEDecodeTiled(Node):

@@ -66,7 +66,8 @@ def test_wan_vae_encodes_an_image_batch_as_one_video_and_decodes_its_frames(engi
 def test_tiled_nodes_take_comfyuis_temporal_inputs(engine) -> None:
     engine, _ = engine
     info = engine.registry.get("VAEDecodeTiled").object_info()
-    assert info["input_order"]["required"] == ["samples", "vae", "tile_size", "overlap", "temporal_size",
-                                               "temporal_overlap"]
-    assert engine.registry.get("VAEEncodeTiled").object_info()["input_order"]["required"] == [
-        "pixels", "vae", "tile_size", "overlap", "temporal_size", "temporal_overlap"]
+    # optional, so that prompts saved before ComfyUI added them still validate; widget order as ComfyUI's
+    assert info["input_order"]["required"] == ["samples", "vae", "tile_size", "overlap"]
+    assert info["input_order"]["optional"] == ["temporal_size", "temporal_overlap"]
+    assert engine.registry.get("VAEEncodeTiled").object_info()["input_order"]["optional"] == [
+        "temporal_size", "temporal_overlap"]
