@@ -32,7 +32,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ConditioningSetAreaPercentageVideo",
     # video models' conditioning (ComfyUI's Wan and LTX-Video examples and templates use them)
     "WanVaceToVideo", "WanCameraImageToVideo", "WanCameraEmbedding", "LTXVAddGuide", "LTXVCropGuides",
-    "LTXVPreprocess",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "GITSScheduler", "OptimalStepsScheduler",

@@ -159,10 +159,49 @@ class LTXVImgToVideo(Node):
         return positive, negative, {"samples": latent, "noise_mask": mask}
 
 
+class LTXVPreprocess(Node):
+    """Gives each picture the look of a video frame, as LTX-Video's start frames were in training: one H.264 encode
+    and decode (libx264 at constant rate factor `img_compression`, through PyAV; 0 leaves the picture as it is),
+    the picture cut to even sides first, as the codec's 4:2:0 colour needs."""
+
+    display_name = "LTXV Preprocess"
+    category = "video/preprocessors"
+    image = Socket("IMAGE")
+    img_compression = Int(35, min=0, max=100, tooltip="Amount of compression to apply on image.")
+    outputs = (Output("IMAGE", "output_image"),)
+
+    def execute(self, image: torch.Tensor, img_compression: int) -> tuple[torch.Tensor]:
+        if img_compression == 0:
+            return (image,)
+        return (torch.stack([_h264_round_trip(picture, img_compression) for picture in image]),)
+
+
+def _h264_round_trip(picture: torch.Tensor, crf: int) -> torch.Tensor:
+    """One picture [H, W, 3] in 0..1 through a one-frame H.264 video and back (its sides cut to even numbers)."""
+    import io
+
+    import av
+
+    height, width = picture.shape[0] // 2 * 2, picture.shape[1] // 2 * 2
+    pixels = (picture[:height, :width, :3] * 255.0).byte().cpu().numpy()  # truncated, as ComfyUI's cast does
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=1, options={"crf": str(crf), "preset": "veryfast"})
+        stream.height, stream.width = height, width
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    buffer.seek(0)
+    with av.open(buffer) as container:
+        decoded = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    return torch.from_numpy(decoded).to(picture.dtype) / 255.0
+
+
 def ltxv_conditioning(conditioning: list) -> list:
     """Each entry with the model's `y`: its frame rate [1, 1] (LTXVConditioning's, 25 without one)."""
     return [(embedding, {**options, "y": torch.tensor([[float(options.get("frame_rate", DEFAULT_FRAME_RATE))]])})
             for embedding, options in conditioning]
 
 
-NODES: list[Any] = [EmptyLTXVLatentVideo, LTXVConditioning, ModelSamplingLTXV, LTXVScheduler, LTXVImgToVideo]
+NODES: list[Any] = [EmptyLTXVLatentVideo, LTXVConditioning, ModelSamplingLTXV, LTXVScheduler, LTXVImgToVideo,
+                    LTXVPreprocess]

@@ -24,11 +24,12 @@ def builtins():
 
 
 @pytest.mark.parametrize("class_type", ["WanVaceToVideo", "WanCameraImageToVideo", "WanCameraEmbedding",
-                                        "LTXVAddGuide", "LTXVCropGuides", "LTXVPreprocess", "ComfySwitchNode"])
+                                        "LTXVAddGuide", "LTXVCropGuides", "ComfySwitchNode"])
 def test_the_video_workflows_missing_built_ins_are_named_as_comfyuis(builtins, class_type):
     """ComfyUI_examples' wan/vace_reference_to_video.json, wan/camera_image_to_video_wan_example.json and
     ltxv/ltxv_image_to_video.0.9.5.json, and the Wan 2.2 14B i2v template, were told a custom node pack might
-    provide these nodes (and WanVaceToVideo that Loom's WanImageToVideo might be meant)."""
+    provide these nodes (and WanVaceToVideo that Loom's WanImageToVideo might be meant). (LTXVPreprocess, also
+    missing then, is now Loom's.)"""
     api = {"1": {"class_type": class_type, "inputs": {}},
            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     [problem] = validate(parse_api(api), builtins).problems
