@@ -361,9 +361,9 @@ PART_MAKERS = {
 PART_HELP = {
     "make-chroma": ("diffusion model in BFL's layout, T5-XXL, Flux's VAE", "diffusion_models/, text_encoders/ and "
                     "vae/ (chroma-tiny, t5xxl-chroma-tiny, ae-chroma-tiny)"),
-    "make-wan": ("text-to-video and image-to-video transformers, UMT5-XXL, the video VAE, a CLIP vision tower",
-                 "diffusion_models/, text_encoders/, vae/ and clip_vision/ (wan2.1_t2v-tiny, wan2.1_i2v-tiny, "
-                 "umt5_xxl-tiny, wan_2.1_vae-tiny, clip_vision_h-tiny)"),
+    "make-wan": ("text-to-video, image-to-video and VACE transformers, UMT5-XXL, the video VAE, a CLIP vision "
+                 "tower", "diffusion_models/, text_encoders/, vae/ and clip_vision/ (wan2.1_t2v-tiny, "
+                 "wan2.1_i2v-tiny, wan2.1_vace-tiny, umt5_xxl-tiny, wan_2.1_vae-tiny, clip_vision_h-tiny)"),
     "make-ltxv": ("the all-in-one checkpoint: transformer and video VAE; T5-XXL", "checkpoints/ and text_encoders/ "
                   "(ltx-video-2b-v0.9.1-tiny, t5xxl-ltxv-tiny)"),
     "make-qwen-image": ("the transformer, Qwen2.5-VL's language model, the VAE", "diffusion_models/, text_encoders/ "

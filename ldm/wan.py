@@ -12,7 +12,8 @@ Kinds, all told apart by the weights: text-to-video (Wan 2.1 1.3B / 14B, the Wan
 (`in_dim` 36: 4 mask channels and the start image's latent follow the noisy latent's 16), with, for Wan 2.1's i2v
 and first-last-frame (FLF2V) models, an image branch (`img_emb`): CLIP vision states [B, 257, 1280] (FLF2V: the two
 images' [B, 514, 1280], with learnt positions) projected to extra keys and values the cross-attention also reads
-(`k_img`, `v_img`); Wan 2.2's 5B TI2V model, 48 channels in and out (its own VAE's latent space).
+(`k_img`, `v_img`); Wan 2.2's 5B TI2V model, 48 channels in and out (its own VAE's latent space); Wan 2.1 VACE,
+text-to-video with a control branch (`ldm.wan_vace`, through the `run_blocks` hook).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,9 @@ TEXT_LEN = 512  # UMT5 tokens Wan's prompts are padded to
 HEAD_DIM = 128  # every released Wan model's head width (1.3B: 1536 / 12, 14B: 5120 / 40, 5B: 3072 / 24)
 IMAGE_INPUTS = ("none", "i2v", "flf2v")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
+_VACE_BLOCK = re.compile(r"vace_blocks\.(\d+)\.")
 # Wan variants whose extra parts change what the model computes; their files are refused rather than half-run.
-VARIANTS = {"vace_blocks.": "VACE", "control_adapter.": "Fun camera-control", "casual_audio_encoder.": "S2V",
+VARIANTS = {"control_adapter.": "Fun camera-control", "casual_audio_encoder.": "S2V",
             "audio_injector.": "S2V", "motion_encoder.": "Animate", "face_adapter.": "Animate",
             "pose_patch_embedding.": "Animate", "audio_proj.": "HuMo"}
 
@@ -43,7 +46,8 @@ VARIANTS = {"vace_blocks.": "VACE", "control_adapter.": "Fun camera-control", "c
 class WanConfig:
     """Shape of a Wan transformer (defaults: Wan 2.1 14B text-to-video). `image_input`: "none", "i2v" (an
     `img_emb` branch for CLIP vision states of `clip_dim`) or "flf2v" (the same with `flf_tokens` learnt positions
-    for the first and last frames' states)."""
+    for the first and last frames' states). `vace_layers`: for a VACE model (`ldm.wan_vace`), the main blocks its
+    VACE blocks feed, one each, in order; `vace_in_dim` the channels of its control input."""
 
     dim: int = 5120
     ffn_dim: int = 13824
@@ -61,12 +65,18 @@ class WanConfig:
     clip_dim: int = 1280
     flf_tokens: int = 514
     text_len: int = TEXT_LEN
+    vace_layers: tuple[int, ...] = ()
+    vace_in_dim: int = 96
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads or self.head_dim < 6:
             raise ValueError(f"a width of {self.dim} does not split into {self.num_heads} heads Wan's RoPE can use")
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"image_input {self.image_input!r}: one of {', '.join(IMAGE_INPUTS)}")
+        if self.vace_layers and (self.vace_layers[0] != 0 or list(self.vace_layers) != sorted(set(self.vace_layers))
+                                 or self.vace_layers[-1] >= self.num_layers or self.image_input != "none"):
+            raise ValueError(f"VACE blocks feeding blocks {list(self.vace_layers)}: a text-to-video model's blocks, "
+                             f"ascending from 0, of its {self.num_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -281,7 +291,7 @@ class WanModel(nn.Module):
         return self.head.modulation.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                clip_fea: Tensor | None = None, denoise_mask: Tensor | None = None) -> Tensor:
+                clip_fea: Tensor | None = None, denoise_mask: Tensor | None = None, **block_inputs: Any) -> Tensor:
         """Predict the velocity (noise - data) of video latents `x` [B, in_dim, T, H, W] (an image-to-video
         model's extra channels after the latent's) at flow noise levels `timesteps` (0..1), [B] or, one per latent
         frame, [B, T] (Wan 2.2 5B's image-to-video), given the UMT5 prompt `context` [B, L, text_dim].
@@ -289,7 +299,7 @@ class WanModel(nn.Module):
         `frame_timesteps`. `clip_fea` [B, 257 (FLF2V: 514), clip_dim]: the CLIP vision states of the
         image(s) for Wan 2.1's i2v / FLF2V models (without them the image branch is skipped). `y`: Wan's own
         image-to-video input [B, C, T, H, W] (mask and image latent) to append to `x`'s channels, or, 3-D, the CLIP
-        vision states, as Loom's sampler passes a model's `y`."""
+        vision states, as Loom's sampler passes a model's `y`. `block_inputs`: a subclass's to `run_blocks`."""
         c, dtype = self.config, self.dtype
         if y is not None and y.ndim == 5:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
@@ -324,10 +334,16 @@ class WanModel(nn.Module):
         if clip_fea is not None and c.image_input != "none":
             image = self.img_emb(clip_fea.to(dtype))
             image = image.expand(batch, -1, -1) if image.shape[0] == 1 else image
-        for block in self.blocks:
-            tokens = block(tokens, e0, rope, context, image)
+        tokens = self.run_blocks(tokens, e0, rope, context, image, **block_inputs)
         out = self.head(tokens, e)
         return self._unpatchify(out, grid)[..., :size[0], :size[1], :size[2]].to(x.dtype)
+
+    def run_blocks(self, tokens: Tensor, e0: Tensor, rope: tuple[Tensor, Tensor], context: Tensor,
+                   image: Tensor | None) -> Tensor:
+        """The blocks over the patch-embedded tokens [B, L, dim] (the hook `ldm.wan_vace` extends)."""
+        for block in self.blocks:
+            tokens = block(tokens, e0, rope, context, image)
+        return tokens
 
     def _unpatchify(self, tokens: Tensor, grid: list[int]) -> Tensor:
         """[B, f*h*w, out_dim*pt*ph*pw] (each token's values patch-major, channel last) -> [B, out_dim, T, H, W]."""
@@ -366,14 +382,22 @@ def wan_config_from_state_dict(sd: Mapping[str, Tensor], num_heads: int | None =
             num_heads = dim // HEAD_DIM
         image_input = ("flf2v" if "img_emb.emb_pos" in sd else "i2v" if "img_emb.proj.0.weight" in sd else "none")
         clip_dim = sd["img_emb.proj.0.weight"].shape[0] if image_input != "none" else 1280
+        num_layers = len({int(m[1]) for k in sd if (m := _BLOCK.match(k))})
+        vace = len({int(m[1]) for k in sd if (m := _VACE_BLOCK.match(k))})
+        # The weights only count the VACE blocks; which main blocks they feed is Wan's (and ComfyUI's) rule:
+        # every (layers // VACE blocks)th from 0 (1.3B: 15 of 30, every 2nd; 14B: 8 of 40, every 5th).
+        vace_layers = tuple(range(0, num_layers, max(num_layers // vace, 1)))[:vace] if vace else ()
+        if len(vace_layers) != vace:
+            raise ValueError(f"{vace} VACE blocks for {num_layers} main blocks: at most one each")
         return WanConfig(
             dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=num_heads,
-            num_layers=len({int(m[1]) for k in sd if (m := _BLOCK.match(k))}), in_dim=in_dim,
+            num_layers=num_layers, in_dim=in_dim,
             out_dim=sd["head.head.weight"].shape[0] // math.prod(patch),
             freq_dim=sd["time_embedding.0.weight"].shape[1], text_dim=sd["text_embedding.0.weight"].shape[1],
             patch_size=tuple(patch),
             qk_norm="blocks.0.self_attn.norm_q.weight" in sd, cross_attn_norm="blocks.0.norm3.weight" in sd,
             image_input=image_input, clip_dim=clip_dim,
-            flf_tokens=sd["img_emb.emb_pos"].shape[1] if image_input == "flf2v" else 514)
+            flf_tokens=sd["img_emb.emb_pos"].shape[1] if image_input == "flf2v" else 514, vace_layers=vace_layers,
+            vace_in_dim=sd["vace_patch_embedding.weight"].shape[1] if vace else 96)
     except KeyError as e:
         raise ValueError(f"an incomplete Wan transformer: no weight {e}") from None

@@ -1,5 +1,6 @@
 """Wan 2.1 / 2.2 diffusion-model files (ComfyUI's single files: Wan's original keys, bare or under
-`model.diffusion_model.`; fp16, bf16, fp8 and scaled fp8), their family, and tiny random files for tests.
+`model.diffusion_model.`; fp16, bf16, fp8 and scaled fp8; Wan 2.1 VACE's load as `ldm.wan_vace.WanVaceModel`), their
+family, and tiny random files for tests.
 
 The family carries what the sampler needs beyond the weights: Wan's VAE latents are normalised per channel (the
 published mean and standard deviation of Wan 2.1's 16-channel VAE, or of Wan 2.2's 48-channel one, which ComfyUI's
@@ -23,6 +24,7 @@ from ldm.flux_presets import distinct_random_
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 from ldm.wan import WanConfig, WanModel, is_wan, wan_config_from_state_dict, wan_weights
+from ldm.wan_vace import wan_model
 
 WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -46,7 +48,8 @@ HEADS_KEY = "loom.wan_num_heads"
 TINY_WAN = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)  # TINY_UMT5's width
 TINY_KINDS = {"t2v": {}, "i2v": {"in_dim": 36, "image_input": "i2v", "clip_dim": 20},
               "flf2v": {"in_dim": 36, "image_input": "flf2v", "clip_dim": 20, "flf_tokens": 10},
-              "ti2v": {"in_dim": 48, "out_dim": 48}}
+              "ti2v": {"in_dim": 48, "out_dim": 48},
+              "vace": {"num_layers": 4, "vace_layers": (0, 2)}}  # VACE blocks after main blocks 0 and 2
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def load_wan_unet(path: str | Path, device: torch.device | str = "cpu",
     metadata = ckpt.read_metadata(path)
     family = wan_family(sd, metadata, path.name)
     weights = dict(descaled_fp8(wan_weights(sd)))
-    model = ckpt._materialize(lambda: WanModel(family.unet_config), weights, "Wan transformer", path, device, dtype)
+    model = ckpt._materialize(lambda: wan_model(family.unet_config), weights, "Wan transformer", path, device, dtype)
     expected = set(model.state_dict())
     prefix = UNET_PREFIX if is_wan(sd, UNET_PREFIX) else ""
     skipped = scaling_keys(sd)
@@ -158,7 +161,8 @@ def load_wan_unet(path: str | Path, device: torch.device | str = "cpu",
 
 
 def tiny_wan_config(kind: str = "t2v") -> WanConfig:
-    """TINY_WAN as a "t2v", "i2v", "flf2v" or "ti2v" (Wan 2.2 5B's 48 channels) model."""
+    """TINY_WAN as a "t2v", "i2v", "flf2v", "ti2v" (Wan 2.2 5B's 48 channels) or "vace" (Wan 2.1 VACE's
+    control branch, `ldm.wan_vace`) model."""
     if kind not in TINY_KINDS:
         raise ValueError(f"kind {kind!r}: one of {', '.join(TINY_KINDS)}")
     return dataclasses.replace(TINY_WAN, **TINY_KINDS[kind])
@@ -169,7 +173,7 @@ def random_wan(config: WanConfig = TINY_WAN, seed: int = 0) -> WanModel:
     and layer norms' weights near 1)."""
     norms = (".norm_q.weight", ".norm_k.weight", ".norm_k_img.weight", ".norm3.weight", "proj.0.weight",
              "proj.4.weight")
-    return distinct_random_(WanModel(config).eval(), seed, norm_scales=norms)
+    return distinct_random_(wan_model(config).eval(), seed, norm_scales=norms)
 
 
 def write_tiny_wan(path: str | Path, kind: str = "t2v", seed: int = 0, dtype: torch.dtype = torch.float16,

@@ -1,5 +1,6 @@
 """Tiny random-weight Wan files in the layouts ComfyUI users have, for tests and for trying the workflows here:
-text-to-video and image-to-video transformers, UMT5-XXL, Wan 2.1's VAE and a CLIP vision tower for image prompts."""
+text-to-video, image-to-video and VACE transformers, UMT5-XXL, Wan 2.1's VAE and a CLIP vision tower for image
+prompts."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def make_wan_files(models_dir: str | Path, seed: int = 0, dtype: torch.dtype = t
     models_dir = Path(models_dir)
     paths = {"t2v": models_dir / "diffusion_models" / "wan2.1_t2v-tiny.safetensors",
              "i2v": models_dir / "diffusion_models" / "wan2.1_i2v-tiny.safetensors",
+             "vace": models_dir / "diffusion_models" / "wan2.1_vace-tiny.safetensors",
              "umt5xxl": models_dir / "text_encoders" / "umt5_xxl-tiny.safetensors",
              "vae": models_dir / "vae" / "wan_2.1_vae-tiny.safetensors",
              "clip_vision": models_dir / "clip_vision" / "clip_vision_h-tiny.safetensors"}
@@ -43,6 +45,7 @@ def make_wan_files(models_dir: str | Path, seed: int = 0, dtype: torch.dtype = t
         path.parent.mkdir(parents=True, exist_ok=True)
     write_tiny_wan(paths["t2v"], "t2v", seed=seed, dtype=dtype)
     write_tiny_wan(paths["i2v"], "i2v", seed=seed + 1, dtype=dtype)
+    write_tiny_wan(paths["vace"], "vace", seed=seed + 3, dtype=dtype)
     write_tiny_umt5(paths["umt5xxl"], seed=seed, dtype=dtype)
     write_tiny_wan_vae(paths["vae"], version="2.1", seed=seed)
     write_tiny_clip_vision(paths["clip_vision"], seed=seed, dtype=dtype)

@@ -31,7 +31,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
     # video models' conditioning (ComfyUI's Wan and LTX-Video examples and templates use them)
-    "WanVaceToVideo", "WanCameraImageToVideo", "WanCameraEmbedding", "LTXVAddGuide", "LTXVCropGuides",
+    "WanCameraImageToVideo", "WanCameraEmbedding", "LTXVAddGuide", "LTXVCropGuides",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "GITSScheduler", "OptimalStepsScheduler",

@@ -54,6 +54,7 @@ BUILTIN_MODULES = (
     "nodes.sd.sd3_controlnet",
     "nodes.sd.svd",
     "nodes.sd.wan",
+    "nodes.sd.wan_vace",
     "nodes.sd.ltxv",
 )
 
