@@ -77,6 +77,23 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
     return out
 
 
+# Families whose latents have a frame axis ([B, C, frames, h, w]).
+VIDEO_FAMILIES = frozenset({"wan21", "wan22", "ltxv"})
+
+
+def _fit_empty_latent(model: DiffusionModel, samples: torch.Tensor) -> torch.Tensor:
+    """An empty (all-zero) latent made for another latent space takes the model's channel count, and a video model's
+    latent its frame axis, as ComfyUI's samplers fit them (fix_empty_latent_channels): EmptyLatentImage's 4 channels
+    serve Flux's 16, an image latent a Wan model as one frame. A latent holding values is left to be refused."""
+    family = model.family
+    channels = getattr(family, "latent_channels", None) or family.vae_config.z_channels
+    if samples.shape[1] != channels and not samples.any():
+        samples = samples.new_zeros(samples.shape[0], channels, *samples.shape[2:])
+    if family.name in VIDEO_FAMILIES and samples.ndim == 4:
+        samples = samples.unsqueeze(2)
+    return samples
+
+
 def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list, middle: list = ()) -> None:
     """Prompts encoded by another checkpoint's CLIP (the SDXL base's with the refiner, say) are refused
     with the widths, rather than failing inside the UNet with a matrix-shape error."""
@@ -181,6 +198,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     _check_hook_families(model, positive, negative, dual.middle if dual else [])
     _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
+    latent = {**latent, "samples": _fit_empty_latent(model, latent["samples"])}
     samples = latent["samples"]
     # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
     # updates of late steps. The UNet casts its input to its own dtype and its output back.

@@ -189,3 +189,14 @@ def test_fp8_weight_dtype_stores_the_transformer_in_fp8(engine) -> None:
     fp8 = result.values["8"][0]["samples"]
     full = run(engine, workflow())[0]["samples"]
     assert torch.isfinite(fp8).all() and torch.corrcoef(torch.stack([fp8.flatten(), full.flatten()]))[0, 1] > 0.9
+
+
+def test_empty_latent_image_serves_flux_as_in_comfyui(engine) -> None:
+    """EmptyLatentImage's 4 zero channels take Flux's 16 (ComfyUI's fix_empty_latent_channels): the same picture
+    as EmptySD3LatentImage's."""
+    doc = workflow()
+    reference = run(engine, doc)[0]
+    doc["5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}}
+    latent = run(engine, doc)[0]
+    assert latent["samples"].shape == reference["samples"].shape
+    assert torch.equal(latent["samples"], reference["samples"])

@@ -149,10 +149,9 @@ def test_model_sampling_ltxv_and_refusals(engine) -> None:
     result = engine.run(parse_api(doc))
     assert not result.ok and "(1, 4, 8, 8) is not a video latent [B, C, frames, h, w]: make it with " \
                              "EmptyLTXVLatentVideo" in str(result.error)
-    doc["9"]["inputs"]["model"] = ["1", 0]  # the sampler's own check, without ModelSamplingLTXV
-    result = engine.run(parse_api(doc))
-    assert not result.ok and "sampling 128-channel video latents; the latent (1, 4, 8, 8) is not one" in str(
-        result.error)
+    doc["9"]["inputs"]["model"] = ["1", 0]  # without ModelSamplingLTXV: the empty latent is fitted, as in ComfyUI
+    latent = run(engine, doc, ("9",))[0][0]
+    assert latent["samples"].shape == (1, 128, 1, SIZE // 8, SIZE // 8)  # EmptyLatentImage's 1/8 size, kept
     doc = workflow()
     doc["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "missing.safetensors"}}
     with pytest.raises(WorkflowInvalid, match="missing.safetensors"):

@@ -175,12 +175,24 @@ def test_image_to_video_conditioning_matches_diffusers(engine, base) -> None:
     assert video.shape == (FRAMES, HEIGHT, WIDTH, 3)
 
 
-def test_wrong_wiring_is_refused(engine) -> None:
+def test_an_empty_image_latent_is_fitted_and_a_full_one_refused(engine) -> None:
+    """As ComfyUI's samplers do: EmptyLatentImage's 4 zero channels become the model's 16, with one frame."""
+    from nodes.sd.sampling import _fit_empty_latent
+
     doc = workflow()
     doc["7"] = {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}}
-    result = engine.run(parse_api(doc))
-    assert not result.ok
-    assert "sampling 16-channel video latents; the latent (1, 4, 6, 8) is not one" in str(result.error)
+    latent, video = run(engine, doc)
+    doc["7"] = {"class_type": "EmptyHunyuanLatentVideo",
+                "inputs": {"width": WIDTH, "height": HEIGHT, "length": 1, "batch_size": 1}}
+    one_frame, _ = run(engine, doc)
+    assert latent["samples"].shape == (1, 16, 1, HEIGHT // 8, WIDTH // 8) and video.shape == (1, HEIGHT, WIDTH, 3)
+    assert torch.equal(latent["samples"], one_frame["samples"])
+    model = run(engine, workflow(), keep=("4",))[0]
+    with pytest.raises(ValueError, match="sampling 16-channel video latents; the latent \\(1, 4, 1, 6, 8\\)"):
+        model.latent_in(_fit_empty_latent(model, torch.ones(1, 4, HEIGHT // 8, WIDTH // 8)))
+
+
+def test_wrong_wiring_is_refused(engine) -> None:
     doc = workflow()
     doc["3"]["inputs"]["vae_name"] = "missing.safetensors"
     with pytest.raises(WorkflowInvalid, match="missing.safetensors"):
