@@ -28,7 +28,9 @@ class MaskedTimesteps:
         if x.shape[-3:] != self.mask.shape[-3:]:
             raise ValueError(f"the noise mask {tuple(self.mask.shape[-3:])} does not cover the model's input "
                              f"{tuple(x.shape[-3:])}: area prompts do not combine with a video model's image-to-video")
-        mask = self.mask.to(x.device, x.dtype)
+        if (self.mask.device, self.mask.dtype) != (x.device, x.dtype):
+            self.mask = self.mask.to(x.device, x.dtype)  # once per run, not at every model call
+        mask = self.mask
         if x.shape[0] != mask.shape[0]:
             mask = mask.repeat(x.shape[0] // mask.shape[0], 1, 1, 1, 1)
         return self.unet(x, timesteps, context, denoise_mask=mask, **kwargs)

@@ -93,7 +93,9 @@ class VaceControls:
         self.unet, self.context, self.strengths = unet, context, strengths
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        controls = self.context.to(x.device, x.dtype)
+        if (self.context.device, self.context.dtype) != (x.device, x.dtype):
+            self.context = self.context.to(x.device, x.dtype)  # once per run, not at every model call
+        controls = self.context
         if controls.shape[-3:] != x.shape[-3:]:
             raise ValueError(f"the VACE controls {tuple(controls.shape[-3:])} do not cover the model's input "
                              f"{tuple(x.shape[-3:])}: area prompts do not combine with VACE")
