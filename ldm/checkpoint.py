@@ -346,6 +346,15 @@ def read_shapes(path: str | Path) -> StateDict | None:
     return shapes
 
 
+def shapes_or_none(path: str | Path) -> StateDict | None:
+    """`read_shapes`, or None also for files whose header cannot be read: for header probes (`is_..._file`) that
+    only ask whether a file is theirs."""
+    try:
+        return read_shapes(path)
+    except (CheckpointError, safetensors.SafetensorError, OSError, ValueError):
+        return None
+
+
 def peek_family(path: str | Path) -> ModelFamily | None:
     """The family of a checkpoint file from its header alone; None when the header cannot tell."""
     try:

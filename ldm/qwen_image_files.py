@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
 import torch
 
 from ldm import checkpoint as ckpt
@@ -87,24 +86,16 @@ def qwen_image_family(weights: StateDict, metadata: dict[str, str] | None = None
         raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
 
 
-def _shapes(path: str | Path) -> StateDict | None:
-    """A file's header as meta tensors; None for other formats and for files whose header cannot be read."""
-    try:
-        return ckpt.read_shapes(path)
-    except (CheckpointError, safetensors.SafetensorError, OSError, ValueError):
-        return None
-
-
 def is_qwen_image_file(path: str | Path) -> bool:
     """Whether a .safetensors file holds a Qwen-Image transformer (bare or prefixed), from its header."""
-    shapes = _shapes(path)
+    shapes = ckpt.shapes_or_none(path)
     return shapes is not None and _prefix(shapes) is not None
 
 
 def peek_qwen_image(path: str | Path) -> QwenImageFamily | None:
     """The family of a Qwen-Image file from its header alone; None for other files and formats (a Qwen-Image file
     of a variant Loom does not run raises CheckpointError)."""
-    shapes = _shapes(path)
+    shapes = ckpt.shapes_or_none(path)
     if shapes is None or _prefix(shapes) is None:
         return None
     return qwen_image_family(shapes, ckpt.read_metadata(path), Path(path).name)

@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors
 import torch
 
 from ldm import checkpoint as ckpt
@@ -114,24 +113,16 @@ def wan_family(weights: StateDict, metadata: dict[str, str] | None = None, name:
         raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
 
 
-def _shapes(path: str | Path) -> StateDict | None:
-    """A file's header as meta tensors; None for other formats and for files whose header cannot be read."""
-    try:
-        return ckpt.read_shapes(path)
-    except (CheckpointError, safetensors.SafetensorError, OSError, ValueError):
-        return None
-
-
 def is_wan_file(path: str | Path) -> bool:
     """Whether a .safetensors file holds a Wan transformer (bare or prefixed), from its header."""
-    shapes = _shapes(path)
+    shapes = ckpt.shapes_or_none(path)
     return shapes is not None and (is_wan(shapes) or is_wan(shapes, UNET_PREFIX))
 
 
 def peek_wan(path: str | Path) -> WanFamily | None:
     """The family of a Wan file from its header alone; None for other files and formats (a Wan file of a variant
     Loom does not run raises CheckpointError)."""
-    shapes = _shapes(path)
+    shapes = ckpt.shapes_or_none(path)
     if shapes is None or not (is_wan(shapes) or is_wan(shapes, UNET_PREFIX)):
         return None
     return wan_family(shapes, ckpt.read_metadata(path), Path(path).name)
