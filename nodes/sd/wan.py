@@ -73,9 +73,9 @@ class EmptyHunyuanLatentVideo(Node):
         return ({"samples": torch.zeros(batch_size, 16, latent_frames(length), height // 8, width // 8)},)
 
 
-class WanImageToVideo(Node):
-    """Image-to-video for Wan's i2v models: the prompts carry the start image's latent and which latent frames it
-    fixes (and its CLIP vision encoding, for Wan 2.1's i2v models); the latent to sample is an empty one."""
+class WanVideoConditioning(Node):
+    """What Wan's video conditioning nodes share, as ComfyUI declares them: both prompts, the VAE, the video's size and
+    length, and the prompts and an empty latent back. Each node adds its own inputs."""
 
     category = "conditioning/video_models"
     positive = Socket("CONDITIONING")
@@ -85,9 +85,15 @@ class WanImageToVideo(Node):
     height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
     length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
     batch_size = Int(1, min=1, max=4096)
+    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
+
+
+class WanImageToVideo(WanVideoConditioning):
+    """Image-to-video for Wan's i2v models: the prompts carry the start image's latent and which latent frames it
+    fixes (and its CLIP vision encoding, for Wan 2.1's i2v models); the latent to sample is an empty one."""
+
     clip_vision_output = Socket("CLIP_VISION_OUTPUT", optional=True)
     start_image = Socket("IMAGE", optional=True)
-    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
 
     def execute(self, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
                 batch_size: int, clip_vision_output: ClipVisionOutput | None = None,
@@ -109,24 +115,15 @@ class WanImageToVideo(Node):
         return _with(positive, **values), _with(negative, **values), {"samples": latent}
 
 
-class WanFirstLastFrameToVideo(Node):
+class WanFirstLastFrameToVideo(WanVideoConditioning):
     """Image-to-video between a first and a last frame (Wan's FLF2V model, or an i2v one): the prompts carry the
     video's latent with both ends given, which pictures they fix (as 4 mask channels per latent frame), and the
     two images' CLIP vision encodings side by side."""
 
-    category = "conditioning/video_models"
-    positive = Socket("CONDITIONING")
-    negative = Socket("CONDITIONING")
-    vae = Socket("VAE")
-    width = Int(832, min=16, max=MAX_RESOLUTION, step=16)
-    height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
-    length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
-    batch_size = Int(1, min=1, max=4096)
     clip_vision_start_image = Socket("CLIP_VISION_OUTPUT", optional=True)
     clip_vision_end_image = Socket("CLIP_VISION_OUTPUT", optional=True)
     start_image = Socket("IMAGE", optional=True)
     end_image = Socket("IMAGE", optional=True)
-    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
 
     def execute(self, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
                 batch_size: int, clip_vision_start_image: ClipVisionOutput | None = None,
@@ -166,22 +163,13 @@ def _first_last(node: Node, positive: list, negative: list, vae: Vae, width: int
     return _with(positive, **values), _with(negative, **values), {"samples": latent}
 
 
-class WanFunInpaintToVideo(Node):
+class WanFunInpaintToVideo(WanVideoConditioning):
     """Wan Fun InP models' image-to-video between an optional start and end picture: WanFirstLastFrameToVideo's
     conditioning, with one CLIP vision encoding."""
 
-    category = "conditioning/video_models"
-    positive = Socket("CONDITIONING")
-    negative = Socket("CONDITIONING")
-    vae = Socket("VAE")
-    width = Int(832, min=16, max=MAX_RESOLUTION, step=16)
-    height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
-    length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
-    batch_size = Int(1, min=1, max=4096)
     clip_vision_output = Socket("CLIP_VISION_OUTPUT", optional=True)
     start_image = Socket("IMAGE", optional=True)
     end_image = Socket("IMAGE", optional=True)
-    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
 
     def execute(self, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
                 batch_size: int, clip_vision_output: ClipVisionOutput | None = None,
@@ -191,22 +179,13 @@ class WanFunInpaintToVideo(Node):
                            None, start_image, end_image)
 
 
-class WanFunControlToVideo(Node):
+class WanFunControlToVideo(WanVideoConditioning):
     """Wan Fun Control models: the prompts carry 32 channels beside the latent, the control video's latent (its
     first 16) and the start image's (the last 16), each the latent space's zero where not given."""
 
-    category = "conditioning/video_models"
-    positive = Socket("CONDITIONING")
-    negative = Socket("CONDITIONING")
-    vae = Socket("VAE")
-    width = Int(832, min=16, max=MAX_RESOLUTION, step=16)
-    height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
-    length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
-    batch_size = Int(1, min=1, max=4096)
     clip_vision_output = Socket("CLIP_VISION_OUTPUT", optional=True)
     start_image = Socket("IMAGE", optional=True)
     control_video = Socket("IMAGE", optional=True)
-    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
 
     def execute(self, positive: list, negative: list, vae: Vae, width: int, height: int, length: int,
                 batch_size: int, clip_vision_output: ClipVisionOutput | None = None,

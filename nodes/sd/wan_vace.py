@@ -17,28 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from ldm.wan_files import WAN21_MEAN
-from nodes.node import Node
-from nodes.sd.latent import MAX_RESOLUTION, upscale_latent
+from nodes.sd.latent import upscale_latent
 from nodes.sd.models import DiffusionModel, Vae
 from nodes.sd.vae import encode
-from nodes.sd.wan import _fit_frames, _video_vae, latent_frames
-from nodes.spec import Float, Int, Output, Socket
+from nodes.sd.wan import WanVideoConditioning, _fit_frames, _video_vae, latent_frames
+from nodes.spec import Float, Output, Socket
 
 
-class WanVaceToVideo(Node):
+class WanVaceToVideo(WanVideoConditioning):
     """Wan VACE's video editing and control: the prompts carry the control video's latent, split by the control mask
     into the part to keep and the part to repaint (16 channels each), the mask folded 8x8 into 64 channels at the
     latent's size, and the strength of the VACE hints; a reference image goes in front as extra latent frames, which
     `trim_latent` says to cut from the result (TrimVideoLatent)."""
 
-    category = "conditioning/video_models"
-    positive = Socket("CONDITIONING")
-    negative = Socket("CONDITIONING")
-    vae = Socket("VAE")
-    width = Int(832, min=16, max=MAX_RESOLUTION, step=16)
-    height = Int(480, min=16, max=MAX_RESOLUTION, step=16)
-    length = Int(81, min=1, max=MAX_RESOLUTION, step=4)
-    batch_size = Int(1, min=1, max=4096)
     strength = Float(1.0, min=0.0, max=1000.0, step=0.01)
     control_video = Socket("IMAGE", optional=True)
     control_masks = Socket("MASK", optional=True)
