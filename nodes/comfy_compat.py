@@ -37,9 +37,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "GITSScheduler", "OptimalStepsScheduler",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
-    # logic (the Wan 2.2 templates' subgraphs switch between their LoRA and plain branches with it)
-    "ComfySwitchNode",
-    # latents and images
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).
@@ -53,7 +50,8 @@ _HIDDEN_SOURCES: dict[str, Callable[[Any], Any]] = {
 # through to the editor untouched (display, placeholder, label_on, dynamicPrompts, ...).
 _OPTION_FIELDS = {"default": "default", "min": "min", "max": "max", "step": "step", "round": "round",
                   "multiline": "multiline", "tooltip": "tooltip", "forceInput": "force_input",
-                  "image_upload": "image_upload", "control_after_generate": "control_after_generate"}
+                  "image_upload": "image_upload", "control_after_generate": "control_after_generate",
+                  "lazy": "lazy"}
 
 
 class ComfyInternalsError(ImportError):
@@ -104,7 +102,7 @@ def _input_spec(node: str, name: str, declared: Any, optional: bool) -> InputSpe
     extra: dict[str, Any] = {}
     for key, value in options.items():
         if key in _OPTION_FIELDS:
-            fields[_OPTION_FIELDS[key]] = bool(value) if key == "control_after_generate" else value
+            fields[_OPTION_FIELDS[key]] = bool(value) if key in ("control_after_generate", "lazy") else value
         elif key != "options":
             extra[key] = value
     if isinstance(kind, list | tuple) or kind == "COMBO":
@@ -163,6 +161,15 @@ class ClassicNode(Node):
         if isinstance(result, dict) and "expand" in result:
             raise NotImplementedError(f"{self.name} returned a node expansion (`expand`), which Loom does not support")
         return result
+
+    def check_lazy_status(self, **inputs: Any) -> list[str] | None:
+        obj = self.instances.get(self.ctx.node_id)
+        if obj is None:
+            obj = self.instances[self.ctx.node_id] = self.classic()
+        hook = getattr(obj, "check_lazy_status", None)
+        if hook is None:
+            return None
+        return hook(**_accepted(hook, inputs))
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:

@@ -84,6 +84,15 @@ class Node:
     def execute(self, **inputs: Any) -> tuple[Any, ...] | NodeResult:
         raise NotImplementedError
 
+    def check_lazy_status(self, **inputs: Any) -> list[str] | None:
+        """The lazy inputs (`lazy=True`) this call needs, by name, given the values at hand (ComfyUI's hook).
+
+        Called before `execute` with every input: a linked lazy input whose source has not run yet is None. The
+        engine runs the sources of the names returned and asks again; once nothing more is asked for, `execute`
+        runs, with the lazy inputs never asked for still None. By default no lazy input is ever evaluated.
+        """
+        return None
+
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
         """Extra cache-key material for state outside the inputs, e.g. the mtime of a named file.

@@ -12,6 +12,7 @@ from typing import Any
 from nodes.node import Node, NodeInfo
 
 BUILTIN_MODULES = (
+    "nodes.builtin.logic",
     "nodes.builtin.primitives",
     "nodes.builtin.utils",
     "nodes.sd.loaders",
@@ -56,6 +57,8 @@ BUILTIN_MODULES = (
     "nodes.sd.wan",
     "nodes.sd.wan_vace",
     "nodes.sd.ltxv",
+    "nodes.sd.ltxv_guides",
+    "nodes.sd.qwen_image_edit",
 )
 
 

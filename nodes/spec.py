@@ -40,6 +40,8 @@ class InputSpec(BaseModel):
     # The node's own `check_inputs` judges this value; the built-in type, range and choice checks
     # are skipped (ComfyUI does so for inputs its VALIDATE_INPUTS names).
     checked_by_node: bool = False
+    # ComfyUI's lazy inputs: the source runs only when the node's `check_lazy_status` asks for the value.
+    lazy: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -67,6 +69,8 @@ class InputSpec(BaseModel):
             opts["image_upload"] = True
         if self.force_input:
             opts["forceInput"] = True
+        if self.lazy:
+            opts["lazy"] = True
         opts.update(self.extra)
         if self.type == "COMBO":
             return [self.current_choices(), opts]

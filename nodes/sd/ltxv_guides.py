@@ -1,0 +1,3 @@
+"""LTX-Video keyframe guides in the SD node set (LTXVAddGuide, LTXVCropGuides)."""
+
+NODES: list = []

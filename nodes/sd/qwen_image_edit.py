@@ -1,0 +1,3 @@
+"""Qwen-Image-Edit in the SD node set: prompts encoded with their reference images."""
+
+NODES: list = []
