@@ -5,6 +5,7 @@ makes the right one; the workflow a saved MP4 or WebM carries loads back."""
 import pytest
 import torch
 
+from executor.executor import Executor
 from graph.document import DocumentError, parse_api
 from graph.load import graph_from_data, load_workflow_data
 from graph.validate import validate
@@ -24,7 +25,7 @@ def builtins():
 
 
 @pytest.mark.parametrize("class_type", ["WanCameraImageToVideo", "WanCameraEmbedding",
-                                        "LTXVAddGuide", "LTXVCropGuides", "ComfySwitchNode"])
+                                        "LTXVAddGuide", "LTXVCropGuides"])
 def test_the_video_workflows_missing_built_ins_are_named_as_comfyuis(builtins, class_type):
     """ComfyUI_examples' wan/vace_reference_to_video.json, wan/camera_image_to_video_wan_example.json and
     ltxv/ltxv_image_to_video.0.9.5.json, and the Wan 2.2 14B i2v template, were told a custom node pack might
@@ -36,9 +37,10 @@ def test_the_video_workflows_missing_built_ins_are_named_as_comfyuis(builtins, c
     assert problem.node_id == "1" and problem.details == f"Node ID '#1'; {BUILT_IN}"
 
 
-def test_a_switch_inside_the_wan22_i2v_templates_subgraph_is_named_with_its_instance(builtins):
+def test_a_switch_inside_the_wan22_i2v_templates_subgraph_runs(builtins):
     """Comfy-Org/workflow_templates' video_wan2_2_14B_i2v.json: a subgraph whose ComfySwitchNode picks the
-    4-step LoRA model or the plain one by a boolean; the problem names the node by its path, 129:116."""
+    4-step LoRA model or the plain one by a boolean. Validation named it as a built-in Loom lacked, by its path
+    129:116; it now runs there, under that id."""
     sub = {"id": "84e2cf3f-de93-40ef-ab22-b9375296917b", "name": "Image to Video (Wan2.2)",
            "inputNode": {"id": -10}, "outputNode": {"id": -20},
            "inputs": [], "outputs": [{"id": "o", "name": "output", "type": "BOOLEAN", "linkIds": [3]}],
@@ -57,8 +59,10 @@ def test_a_switch_inside_the_wan22_i2v_templates_subgraph_is_named_with_its_inst
                     {"id": 108, "type": "PreviewAny", "mode": 0,
                      "inputs": [{"name": "source", "type": "*", "link": 10}], "outputs": []}],
           "links": [[10, 129, 0, 108, 0, "BOOLEAN"]], "definitions": {"subgraphs": [sub]}, "version": 0.4}
-    problems = validate(graph_from_data(ui, builtins), builtins).problems
-    assert [(p.node_id, p.details) for p in problems] == [("129:116", f"Node ID '#129:116'; {BUILT_IN}")]
+    graph = graph_from_data(ui, builtins)
+    assert validate(graph, builtins).ok
+    result = Executor(builtins).run(graph)
+    assert result.ok and "129:116" in result.executed and result.outputs["108"] == {"text": ["True"]}
 
 
 def test_a_wan22_5b_model_given_a_16_channel_latent_names_the_node_that_makes_its_own():
