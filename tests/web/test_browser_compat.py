@@ -288,3 +288,25 @@ def test_number_widgets_keep_values_on_their_grid_from_the_minimum(page):
     values = page.evaluate("loom.editor.graph._nodes.map(n => n.widgets.map(w => w.value))")
     assert [33, 1] == [values[0][2], values[0][3]] and values[0][:2] == [832, 480]
     assert values[1][0] == 520  # off its grid (min 16, step 8): to the nearest point on it
+
+
+def test_a_switch_runs_the_side_it_is_set_to(page, server):
+    """ComfyUI's Switch (ComfySwitchNode): its output takes the type of either side, and flipping its widget in the
+    editor runs the other side; the side not taken never runs."""
+    doc = {"1": {"class_type": "PrimitiveString", "inputs": {"value": "left"}, "_meta": {"pos": [40, 40]}},
+           "2": {"class_type": "PrimitiveString", "inputs": {"value": "right"}, "_meta": {"pos": [40, 200]}},
+           "3": {"class_type": "ComfySwitchNode", "inputs": {"switch": True, "on_false": ["1", 0],
+                                                            "on_true": ["2", 0]}, "_meta": {"pos": [380, 100]}},
+           "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}, "_meta": {"pos": [700, 100]}}}
+    page.evaluate("doc => loom.editor.load(doc, 'switch.json')", doc)
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['4'] || {text: []}).text[0] === 'right'", timeout=20000)
+    wait_done(page)
+    page.evaluate("loom.editor.node(3).widgets.find(w => w.name === 'switch').value = false")
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['4'] || {text: []}).text[0] === 'left'", timeout=20000)
+    wait_done(page)
+    page.screenshot(path=ARTIFACTS / "compat-switch.png")
+    runs = sorted(server.call("/history").values(), key=lambda h: h["status"]["messages"][0][1]["timestamp"])
+    done = [dict(h["status"]["messages"])["execution_success"] for h in runs[-2:]]
+    assert [d["executed"] for d in done] == [["2", "3", "4"], ["1", "3", "4"]]  # "1" did not run the first time
