@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +12,8 @@ from ldm.vae import tiled_apply
 from nodes.node import Node
 from nodes.sd.models import Vae, device_and_dtype, on_device
 from nodes.spec import InputSpec, Int, Output, Socket
+
+log = logging.getLogger(__name__)
 
 
 def _crop_to_multiple_of_8(pixels: torch.Tensor, factor: int = 8) -> torch.Tensor:
@@ -39,14 +44,20 @@ def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | N
     model = on_device(node.ctx, vae.vae)
     with torch.inference_mode():
         if tile is None:
-            z = model.encode(x).mode()
-        elif video:  # tiles of the picture, every frame in each (the VAE chunks the frames itself)
-            tile_px, overlap_px = _video_tile(tile[0], factor), _video_tile(tile[1], factor, 0)
-            z = tiled_apply(lambda p: model.encode(p).mode(), x, tile_px, min(overlap_px, tile_px - factor),
-                            1.0 / factor, model.latent_channels)
+            z = _or_in_tiles(lambda: model.encode(x).mode(), lambda: _encode_tiles(model, x, video, (512, 64)))
         else:
-            z = model.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
+            z = _encode_tiles(model, x, video, tile)
     return z.float().cpu()
+
+
+def _encode_tiles(model: torch.nn.Module, x: torch.Tensor, video: bool, tile: tuple[int, int]) -> torch.Tensor:
+    """Encode in overlapping tiles of `tile` = (side, overlap) pixels, blended."""
+    if video:  # tiles of the picture, every frame in each (the VAE chunks the frames itself)
+        factor = model.spatial_compression
+        tile_px, overlap_px = _video_tile(tile[0], factor), _video_tile(tile[1], factor, 0)
+        return tiled_apply(lambda p: model.encode(p).mode(), x, tile_px, min(overlap_px, tile_px - factor),
+                           1.0 / factor, model.latent_channels)
+    return model.encode_tiled(x, tile_size=tile[0], overlap=tile[1]).mode()
 
 
 def _video_tile(pixels: int, factor: int, least: int | None = None) -> int:
@@ -67,13 +78,39 @@ def decode(node: Node, vae: Vae, samples: torch.Tensor, tile: tuple[int, int] | 
         # An image latent given to a video VAE (Qwen-Image's, which is Wan 2.1's) is a batch of one-frame videos.
         z = samples.to(device, dtype) if samples.ndim == 5 or not video else samples.to(device, dtype).unsqueeze(2)
         if tile is None:
-            pixels = model.decode(z)
-        elif video:  # tiles of the latent's picture, every frame in each, blended as an image VAE's are
-            pixels = tiled_apply(model.decode, z, tile[0], min(tile[1], tile[0] - 1), model.spatial_compression, 3)
+            pixels = _or_in_tiles(lambda: model.decode(z), lambda: _decode_tiles(model, z, video, _latent_tile(vae)))
         else:
-            pixels = model.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
+            pixels = _decode_tiles(model, z, video, tile)
     images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
     return images.reshape(-1, *images.shape[-3:]) if video else images
+
+
+def _decode_tiles(model: torch.nn.Module, z: torch.Tensor, video: bool, tile: tuple[int, int]) -> torch.Tensor:
+    """Decode in overlapping tiles of `tile` = (side, overlap) latent pixels, blended."""
+    if video:  # tiles of the latent's picture, every frame in each, blended as an image VAE's are
+        return tiled_apply(model.decode, z, tile[0], min(tile[1], tile[0] - 1), model.spatial_compression, 3)
+    return model.decode_tiled(z, tile_size=tile[0], overlap=tile[1])
+
+
+def _latent_tile(vae: Vae, tile_size: int = 512, overlap: int = 64) -> tuple[int, int]:
+    """A tile and its overlap in pixels as latent pixels of this VAE (VAEDecodeTiled's defaults: VAEDecode's
+    fallback)."""
+    factor = getattr(vae.vae, "spatial_compression", 8)
+    tile = max(8 if factor == 8 else 1, tile_size // factor)
+    return tile, min(overlap // factor, tile // 2)
+
+
+def _or_in_tiles(whole: Callable[[], torch.Tensor], tiled: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`whole()`, or `tiled()` when that runs out of memory, as ComfyUI's VAE nodes fall back to tiles."""
+    try:
+        return whole()
+    except (torch.OutOfMemoryError, MemoryError):
+        # Leave the except block before retrying: its traceback holds the failed attempt's tensors.
+        pass
+    log.warning("the VAE ran out of memory on the whole image; retrying in tiles")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return tiled()
 
 
 class VAEDecode(Node):
@@ -126,9 +163,7 @@ class VAEDecodeTiled(Node):
 
     def execute(self, samples: dict, vae: Vae, tile_size: int, overlap: int, temporal_size: int = 64,
                 temporal_overlap: int = 8) -> tuple[torch.Tensor]:
-        factor = getattr(vae.vae, "spatial_compression", 8)
-        tile = max(8 if factor == 8 else 1, tile_size // factor)
-        return (decode(self, vae, samples["samples"], (tile, min(overlap // factor, tile // 2))),)
+        return (decode(self, vae, samples["samples"], _latent_tile(vae, tile_size, overlap)),)
 
 
 class VAEEncodeTiled(Node):
