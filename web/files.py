@@ -1,16 +1,19 @@
-"""Routes for user files: GET /view (read input/output/temp) and POST /upload/image (write input/)."""
+"""Routes for user files: GET /view (read input/output/temp), POST /upload/image and /upload/mask (write input/)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import mimetypes
 import os
+import re
 from pathlib import Path
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from web.http import json_error
 from web.paths import UnsafePath, clean_filename, safe_folder, safe_join
@@ -111,8 +114,8 @@ def _write_unique(folder: Path, name: str, data: bytes, overwrite: bool) -> str:
             candidate = f"{stem} ({i}){suffix}"
 
 
-@routes.post("/upload/image")
-async def upload_image(request: web.Request) -> web.Response:
+async def _read_upload(request: web.Request, fields_wanted: tuple[str, ...]) -> tuple[bytes, str, dict[str, str]]:
+    """The image of a multipart upload (field `image`), its file name, and the small fields named."""
     state = request.app[STATE]
     limit = state.config.max_upload_bytes
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
@@ -130,27 +133,98 @@ async def upload_image(request: web.Request) -> web.Response:
             if part.name == "image":
                 original = part.filename or ""
                 data = await _read_limited(part, limit)
-            elif part.name in ("overwrite", "subfolder", "type"):
+            elif part.name in fields_wanted:
                 fields[part.name] = (await _read_limited(part, 4096, f"the field {part.name!r}")
                                      ).decode("utf-8", "replace")
     except (ValueError, AssertionError, UnicodeDecodeError, HttpProcessingError) as exc:
         raise json_error(400, "invalid_request", f"malformed multipart body: {exc}") from None
     if data is None:
         raise json_error(400, "invalid_request", "no file in the multipart field 'image'")
+    return data, original, fields
+
+
+def _folder(state: ServerState, kind: str, subfolder: str, create: bool = False) -> Path:
+    """The folder `subfolder` of the input, output or temp folder, refused if it leaves it."""
+    try:
+        folder = safe_folder(_root(state, kind), subfolder)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except UnsafePath as exc:
+        raise json_error(400, "invalid_path", str(exc)) from None
+    except OSError as exc:  # a file of that name is in the way, or the file system refuses the name
+        raise json_error(400, "invalid_path", f"subfolder {subfolder!r} cannot be a folder: {exc.strerror}") from None
+
+
+@routes.post("/upload/image")
+async def upload_image(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    data, original, fields = await _read_upload(request, ("overwrite", "subfolder", "type"))
     kind = fields.get("type", "input") or "input"
-    root = _root(state, kind)
+    _root(state, kind)
     fmt = await asyncio.to_thread(_check_image, data, state.config.max_image_pixels)
     name = clean_filename(original, "image")
     if os.path.splitext(name)[1].lower() not in (*FORMAT_SUFFIX.values(), ".jpeg", ".tif"):
         name += FORMAT_SUFFIX[fmt]
     subfolder = fields.get("subfolder", "")
-    try:
-        folder = safe_folder(root, subfolder)
-        folder.mkdir(parents=True, exist_ok=True)
-    except UnsafePath as exc:
-        raise json_error(400, "invalid_path", str(exc)) from None
-    except OSError as exc:  # a file of that name is in the way, or the file system refuses the name
-        raise json_error(400, "invalid_path", f"subfolder {subfolder!r} cannot be a folder: {exc.strerror}") from None
+    folder = _folder(state, kind, subfolder, create=True)
     overwrite = fields.get("overwrite", "").lower() in ("true", "1", "yes")
     stored = await asyncio.to_thread(_write_unique, folder, name, data, overwrite)
     return web.json_response({"name": stored, "subfolder": subfolder.strip("/"), "type": kind})
+
+
+@routes.post("/upload/mask")
+async def upload_mask(request: web.Request) -> web.Response:
+    """ComfyUI's mask upload (its mask editor and inpainting scripts): the uploaded image's alpha channel becomes the
+    alpha of the image `original_ref` names (JSON: filename, subfolder, type), saved as a PNG under the upload's own
+    name with the original's text chunks (so its workflow stays). LoadImage reads that alpha as the mask."""
+    state = request.app[STATE]
+    data, original, fields = await _read_upload(request, ("overwrite", "subfolder", "type", "original_ref"))
+    try:
+        ref = json.loads(fields.get("original_ref", ""))
+        ref_name = str(ref["filename"])
+    except (ValueError, TypeError, KeyError):
+        raise json_error(400, "invalid_request", "the field 'original_ref' must be JSON naming the image the mask is "
+                         'for: {"filename": ..., "subfolder": ..., "type": "input"}') from None
+    await asyncio.to_thread(_check_image, data, state.config.max_image_pixels)
+    ref_kind = str(ref.get("type") or "output")
+    annotated = re.fullmatch(r"(.+) \[(input|output|temp)\]", ref_name)  # ComfyUI's "name [input]" form
+    if annotated:
+        ref_name, ref_kind = annotated.groups()
+    try:
+        source = safe_join(_root(state, ref_kind), str(ref.get("subfolder") or ""), ref_name)
+    except UnsafePath as exc:
+        raise json_error(400, "invalid_path", str(exc)) from None
+    if not source.is_file():
+        raise json_error(404, "not_found", f"no image {ref_name!r} in {ref_kind} to apply the mask to")
+    kind = fields.get("type", "input") or "input"
+    subfolder = fields.get("subfolder", "")
+    folder = _folder(state, kind, subfolder, create=True)
+    name = os.path.splitext(clean_filename(original, "mask"))[0] + ".png"
+    png = await asyncio.to_thread(_with_mask, source, data, state.config.max_image_pixels)
+    overwrite = fields.get("overwrite", "").lower() in ("true", "1", "yes")
+    stored = await asyncio.to_thread(_write_unique, folder, name, png, overwrite)
+    return web.json_response({"name": stored, "subfolder": subfolder.strip("/"), "type": kind})
+
+
+def _with_mask(source: Path, mask: bytes, max_pixels: int) -> bytes:
+    """PNG bytes of the image at `source` with the alpha channel of the image `mask`, keeping its text chunks."""
+    try:
+        with Image.open(source) as image:
+            if image.width * image.height > max_pixels:
+                raise _too_large(max_pixels)
+            info = PngInfo()
+            for key, value in getattr(image, "text", {}).items():
+                info.add_text(key, value)
+            rgba = image.convert("RGBA")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise json_error(415, "not_an_image", f"the original image {source.name!r} cannot be decoded") from None
+    with Image.open(io.BytesIO(mask)) as uploaded:
+        alpha = uploaded.convert("RGBA").getchannel("A")
+    if alpha.size != rgba.size:
+        raise json_error(400, "invalid_request", f"the mask is {alpha.width}x{alpha.height} but the image it is for, "
+                         f"{source.name!r}, is {rgba.width}x{rgba.height}")
+    rgba.putalpha(alpha)
+    out = io.BytesIO()
+    rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
+    return out.getvalue()
