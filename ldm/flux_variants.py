@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# ComfyUI's FluxKontextMultiReferenceLatentMethod values (its "uxo/uno" choice is stored as "uxo").
-REFERENCE_METHODS = ("offset", "index", "uxo")
+# ComfyUI's FluxKontextMultiReferenceLatentMethod values (its "uxo/uno" choice is stored as "uxo"); Loom's Flux places
+# references by the first three, and Qwen-Image by all (its last, Edit-2511's, also modulates them at timestep 0).
+FLUX_METHODS = ("offset", "index", "uxo")
+REFERENCE_METHODS = (*FLUX_METHODS, "index_timestep_zero")
 # Fill's mask is folded from pixels into the latent's grid: one channel per pixel of an 8x8 block.
 MASK_FOLD = 8
 
@@ -58,6 +60,9 @@ def reference_placements(sizes: Sequence[tuple[int, int]], rows: int, cols: int,
     the noisy latent and the references before."""
     if method not in REFERENCE_METHODS:
         raise ValueError(f"unknown reference latent method {method!r}; one of {REFERENCE_METHODS}")
+    if method not in FLUX_METHODS:
+        raise ValueError(f"reference latent method {method!r} (Qwen-Image-Edit-2511's timestep-0 references): "
+                         f"Loom's Flux places references by one of {FLUX_METHODS}")
     out = []
     h = w = 0  # the extent (latent pixels) the references placed so far cover
     for i, (ref_h, ref_w) in enumerate(sizes):

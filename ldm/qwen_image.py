@@ -11,12 +11,20 @@ Positions ("MSRoPE", diffusers' QwenEmbedRope with scale_rope): a head's channel
 a column axis (16, 56, 56 of 128); image patches sit at frame 0, rows -(rows - rows // 2) .. rows // 2 - 1 (centred,
 likewise columns), and text token j at (s + j, s + j, s + j) with s = max(rows // 2, cols // 2), after the image's.
 On an odd patch grid ComfyUI centres the other way (-(rows // 2) .. ); Loom follows diffusers, Qwen's own release.
+
+Qwen-Image-Edit (and Edit-2509 / 2511, the same weights' layout) take reference latents (`ref_latents`): each is cut
+into 2x2 patches like the noisy latent and its tokens appended after the image's, centred like it, at frame index 1,
+2, ... in turn (ComfyUI's default "index" method, diffusers' img_shapes; `reference_grids` for ComfyUI's others);
+only the noisy latent's tokens are predicted. The text starts after the noisy latent's half-size, as in ComfyUI
+(diffusers starts it after the largest of all the images: `text_after_all_images`). Edit-2511 (diffusers'
+zero_cond_t, ComfyUI's "index_timestep_zero", the default for files marked `__index_timestep_zero__`) modulates the
+reference tokens as at timestep 0; the text and the noisy latent's tokens see the real timestep.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,14 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.flux import apply_rope, pad_to_patch, patchify, rope_angles, unpatchify
+from ldm.flux_variants import References, reference_placements
 from ldm.unet import timestep_embedding
 
 STANDARD_AXES = (16, 56, 56)  # the released model's RoPE split of its 128-wide heads
 THETA = 10000
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 # Qwen-Image variants whose extra inputs change what the model computes; their files are refused by name.
-VARIANTS = {"time_text_embed.addition_t_embedding.weight": "Qwen-Image-Layered",
-            "__index_timestep_zero__": "Qwen-Image-Edit-2511 (zero_cond_t)"}
+VARIANTS = {"time_text_embed.addition_t_embedding.weight": "Qwen-Image-Layered"}
+# The empty tensor Comfy-Org's Edit-2511 files carry: its references are modulated at timestep 0 by default.
+ZERO_COND_KEY = "__index_timestep_zero__"
+# ComfyUI's reference methods for Qwen-Image: "index" and "index_timestep_zero" put reference i at frame i + 1;
+# the others ("offset", and "uxo", which ComfyUI's Qwen-Image places the same way) at frame 1, side by side.
+ZERO_COND_METHOD = "index_timestep_zero"
 
 
 @dataclass(frozen=True)
@@ -48,10 +61,16 @@ class QwenImageConfig:
     patch_size: int = 2
     axes_dim: tuple[int, int, int] = STANDARD_AXES
     eps: float = 1e-6
+    zero_cond_t: bool = False  # Edit-2511: references at timestep 0 unless the prompts choose another method
 
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def reference_method(self) -> str:
+        """How references are placed when the prompts do not say (ComfyUI's default_ref_method)."""
+        return ZERO_COND_METHOD if self.zero_cond_t else "index"
 
     @property
     def context_dim(self) -> int:
@@ -146,8 +165,13 @@ class JointAttention(nn.Module):
         return self.to_out[0](out[:, t:]), self.to_add_out(out[:, :t])
 
 
-def _modulate(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-    """LayerNorm'd `x` shifted and scaled by params' (shift, scale, gate) thirds; returns it and the gate."""
+def _modulate(x: Tensor, params: Tensor, ref_params: Tensor | None = None, n: int = 0) -> tuple[Tensor, Tensor]:
+    """LayerNorm'd `x` shifted and scaled by params' (shift, scale, gate) thirds; returns it and the gate. With
+    `ref_params`, the tokens from `n` on (Edit-2511's references) take those instead (a gate per token)."""
+    if ref_params is not None:
+        (head, head_gate), (tail, tail_gate) = _modulate(x[:, :n], params), _modulate(x[:, n:], ref_params)
+        gates = (head_gate.expand(-1, n, -1), tail_gate.expand(-1, x.shape[1] - n, -1))
+        return torch.cat([head, tail], dim=1), torch.cat(gates, dim=1)
     shift, scale, gate = params[:, None].chunk(3, dim=-1)
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift, gate
 
@@ -162,15 +186,19 @@ class QwenImageBlock(nn.Module):
         self.txt_mlp = FeedForward(c.dim, c.mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor],
-                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                mask: Tensor | None, ref_temb: Tensor | None = None, n: int = 0) -> tuple[Tensor, Tensor]:
+        """`ref_temb`, if given, modulates the image tokens from `n` on (Edit-2511's references at timestep 0)."""
         img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
+        ref_mod1 = ref_mod2 = None
+        if ref_temb is not None:
+            ref_mod1, ref_mod2 = self.img_mod(ref_temb).chunk(2, dim=-1)
         txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
-        img_in, img_gate = _modulate(img, img_mod1)
+        img_in, img_gate = _modulate(img, img_mod1, ref_mod1, n)
         txt_in, txt_gate = _modulate(txt, txt_mod1)
         img_attn, txt_attn = self.attn(img_in, txt_in, rope, mask)
         img = img + img_gate * img_attn
         txt = txt + txt_gate * txt_attn
-        img_in, img_gate = _modulate(img, img_mod2)
+        img_in, img_gate = _modulate(img, img_mod2, ref_mod2, n)
         img = img + img_gate * self.img_mlp(img_in)
         txt_in, txt_gate = _modulate(txt, txt_mod2)
         txt = txt + txt_gate * self.txt_mlp(txt_in)
@@ -192,17 +220,32 @@ class NormOut(nn.Module):
         return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
 
 
+def msrope_grid(rows: int, cols: int, index: int = 0, row_offset: int = 0, col_offset: int = 0,
+                device: torch.device | None = None) -> Tensor:
+    """The RoPE positions [rows*cols, 3] of one image's patches, row by row: frame `index`, rows and columns centred
+    (diffusers' scale_rope) and moved by the offsets (in patches)."""
+    grid = torch.full((rows, cols, 3), float(index), device=device)
+    grid[..., 1] = (torch.arange(rows, device=device) - (rows - rows // 2) + row_offset)[:, None].float()
+    grid[..., 2] = (torch.arange(cols, device=device) - (cols - cols // 2) + col_offset)[None, :].float()
+    return grid.reshape(-1, 3)
+
+
+def text_ids(start: int, text_tokens: int, device: torch.device | None = None) -> Tensor:
+    """The text tokens' RoPE positions [text_tokens, 3]: on the diagonal from `start`."""
+    return torch.arange(start, start + text_tokens, device=device).float()[:, None].expand(-1, 3)
+
+
 def msrope_ids(rows: int, cols: int, text_tokens: int, device: torch.device | None = None) -> Tensor:
     """The RoPE positions [text_tokens + rows*cols, 3] of the joint sequence (text first), as the module docstring
     says: image patches centred at frame 0, text on the diagonal after the image's largest half-size."""
-    row = torch.arange(rows, device=device) - (rows - rows // 2)
-    col = torch.arange(cols, device=device) - (cols - cols // 2)
-    grid = torch.zeros(rows, cols, 3, device=device)
-    grid[..., 1] = row[:, None].float()
-    grid[..., 2] = col[None, :].float()
-    start = max(rows // 2, cols // 2)
-    text = torch.arange(start, start + text_tokens, device=device).float()[:, None].expand(-1, 3)
-    return torch.cat([text, grid.reshape(-1, 3)])
+    return torch.cat([text_ids(max(rows // 2, cols // 2), text_tokens, device), msrope_grid(rows, cols, device=device)])
+
+
+def reference_grids(sizes: Sequence[tuple[int, int]], method: str) -> list[tuple[int, int, int]]:
+    """Where ComfyUI's Qwen-Image puts references of `sizes` (h, w in latent pixels): (frame index, row offset,
+    column offset in patches) for each, by `method` (`References`' methods)."""
+    index = method in ("index", ZERO_COND_METHOD)
+    return reference_placements(sizes, 0, 0, "index" if index else "offset")
 
 
 class QwenImageModel(nn.Module):
@@ -223,20 +266,19 @@ class QwenImageModel(nn.Module):
         return self.txt_norm.weight.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                attn_mask: Tensor | None = None) -> Tensor:
+                attn_mask: Tensor | None = None, ref_latents: References | Sequence[Tensor] | None = None,
+                text_after_all_images: bool = False) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, 16, H, W] (or [B, 16, 1, H, W], returned in the
         same rank) at flow levels `timesteps` [B] (0..1) given the Qwen2.5-VL prompt states `context` [B, L,
         context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the image and text from attending to padding.
-        `y` is accepted for the sampler's common call and unused (Qwen-Image has no pooled prompt)."""
+        `ref_latents` are Qwen-Image-Edit's reference latents in the model's latent space, [B or 1, 16, h, w] (or
+        one frame of [.., 1, h, w]), each its own size; a plain sequence is placed by the model's default method
+        (`QwenImageConfig.reference_method`). `text_after_all_images` starts the text's positions after the largest
+        image, references included, as diffusers' edit pipelines do (ComfyUI's, the default: after the noisy
+        latent). `y` is accepted for the sampler's common call and unused (Qwen-Image has no pooled prompt)."""
         c, dtype = self.config, self.dtype
         video = x.ndim == 5
-        if video:
-            if x.shape[2] != 1:
-                raise ValueError(f"Qwen-Image makes images: a latent of {x.shape[2]} frames; it takes one")
-            x = x[:, :, 0]
-        if x.ndim != 4 or x.shape[1] * c.patch_size**2 != c.in_channels:
-            raise ValueError(f"Qwen-Image takes latents [B, {c.in_channels // c.patch_size**2}, H, W] (Wan 2.1's "
-                             f"VAE); got {list(x.shape)}")
+        x = self._image(x, "latents")
         if context.ndim != 3 or context.shape[-1] != c.context_dim:
             raise ValueError(f"Qwen-Image takes Qwen2.5-VL prompt states [B, L, {c.context_dim}]; got "
                              f"{list(context.shape)} (a prompt from another text encoder?)")
@@ -244,17 +286,62 @@ class QwenImageModel(nn.Module):
         p = c.patch_size
         padded = pad_to_patch(x, p)
         rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
-        img = self.img_in(patchify(padded.to(dtype), p))
+        tokens, grids = [patchify(padded.to(dtype), p)], [msrope_grid(rows, cols, device=x.device)]
+        start = max(rows // 2, cols // 2)
+        method = None
+        if ref_latents is not None:
+            refs = ref_latents if isinstance(ref_latents, References) else References(tuple(ref_latents),
+                                                                                       c.reference_method)
+            method = refs.method
+            more_tokens, more_grids, starts = self._reference_tokens(refs, x, dtype)
+            tokens, grids = tokens + more_tokens, grids + more_grids
+            start = max(start, *starts) if text_after_all_images else start
+        n = rows * cols  # the noisy latent's tokens, the only ones predicted
+        img = self.img_in(torch.cat(tokens, dim=1))
         txt = self.txt_in(self.txt_norm(context.to(dtype)))
         t = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps
         temb = self.time_text_embed.timestep_embedder(timestep_embedding(t.float() * 1000, 256).to(dtype))
-        rope = rope_angles(msrope_ids(rows, cols, txt.shape[1], x.device), c.axes_dim, THETA)
+        ref_temb = None
+        if method == ZERO_COND_METHOD and img.shape[1] > n:
+            ref_temb = self.time_text_embed.timestep_embedder(timestep_embedding(t.float() * 0, 256).to(dtype))
+        ids = torch.cat([text_ids(start, txt.shape[1], x.device), *grids])
+        rope = rope_angles(ids, c.axes_dim, THETA)
         mask = None if attn_mask is None else self._joint_mask(attn_mask, txt.shape[:2], img.shape[1])
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, rope, mask)
-        out = self.proj_out(self.norm_out(img, temb))
+            img, txt = block(img, txt, temb, rope, mask, ref_temb, n)
+        out = self.proj_out(self.norm_out(img[:, :n], temb))
         out = unpatchify(out, rows * p, cols * p, p)[..., :h, :w].to(x.dtype)
         return out[:, :, None] if video else out
+
+    def _image(self, x: Tensor, what: str) -> Tensor:
+        """A latent [B, 16, H, W], from one of one frame [B, 16, 1, H, W] (Wan 2.1's VAE makes those)."""
+        c = self.config
+        if x.ndim == 5:
+            if x.shape[2] != 1:
+                raise ValueError(f"Qwen-Image makes images: {what} of {x.shape[2]} frames; it takes one")
+            x = x[:, :, 0]
+        if x.ndim != 4 or x.shape[1] * c.patch_size**2 != c.in_channels:
+            raise ValueError(f"Qwen-Image takes {what} [B, {c.in_channels // c.patch_size**2}, H, W] (Wan 2.1's "
+                             f"VAE); got {list(x.shape)}")
+        return x
+
+    def _reference_tokens(self, refs: References, x: Tensor, dtype: torch.dtype) -> tuple[list[Tensor],
+                                                                                       list[Tensor], list[int]]:
+        """Reference latents as image tokens for latents `x`, each with its RoPE positions (`reference_grids`) and
+        half-size."""
+        p, batch = self.config.patch_size, x.shape[0]
+        latents = [self._image(r, "reference latents") for r in refs.latents]
+        placements = reference_grids([r.shape[-2:] for r in latents], refs.method)
+        tokens, grids, starts = [], [], []
+        for ref, (index, row, col) in zip(latents, placements, strict=True):
+            if ref.shape[0] not in (1, batch):
+                raise ValueError(f"a batch of {ref.shape[0]} reference latents for a batch of {batch} latents")
+            padded = pad_to_patch(ref.to(x.device, dtype), p)
+            rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
+            tokens.append(patchify(padded, p).expand(batch, -1, -1))
+            grids.append(msrope_grid(rows, cols, index, row, col, device=x.device))
+            starts.append(max(rows // 2, cols // 2))
+        return tokens, grids, starts
 
     @staticmethod
     def _joint_mask(attn_mask: Tensor, text_shape: torch.Size, image_tokens: int) -> Tensor:
@@ -297,6 +384,6 @@ def qwen_image_config_from_state_dict(sd: Mapping[str, Tensor], axes_dim: tuple[
             num_heads=dim // head_dim, head_dim=head_dim, in_channels=in_channels, out_channels=out_channels,
             joint_attention_dim=sd[f"{prefix}txt_in.weight"].shape[1],
             mlp_hidden=sd[f"{prefix}transformer_blocks.0.img_mlp.net.0.proj.weight"].shape[0],
-            axes_dim=tuple(axes_dim))
+            axes_dim=tuple(axes_dim), zero_cond_t=f"{prefix}{ZERO_COND_KEY}" in sd)
     except KeyError as e:
         raise ValueError(f"an incomplete Qwen-Image transformer: no weight {e}") from None

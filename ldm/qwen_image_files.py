@@ -1,5 +1,6 @@
 """Qwen-Image diffusion-model files (ComfyUI's single files, qwen_image_bf16 / qwen_image_fp8_e4m3fn: the released
 keys, bare or under `model.diffusion_model.`; bf16, fp16, fp8 and scaled fp8), their family, and tiny random files.
+Qwen-Image-Edit's and Edit-2509's files are the same keys; Edit-2511's add the empty `__index_timestep_zero__` marker.
 
 The family carries what the sampler needs beyond the weights: Qwen-Image's VAE is Wan 2.1's (the same per-channel
 latent mean and standard deviation: diffusers' AutoencoderKLQwenImage config, ComfyUI's Wan21 latent format), and
@@ -19,7 +20,13 @@ from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_presets import distinct_random_
-from ldm.qwen_image import QwenImageConfig, QwenImageModel, is_qwen_image, qwen_image_config_from_state_dict
+from ldm.qwen_image import (
+    ZERO_COND_KEY,
+    QwenImageConfig,
+    QwenImageModel,
+    is_qwen_image,
+    qwen_image_config_from_state_dict,
+)
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 from ldm.wan_files import WAN21_MEAN, WAN21_STD
@@ -121,7 +128,7 @@ def _refusal(sd: StateDict, name: str) -> CheckpointError:
 def load_qwen_image_unet(path: str | Path, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.bfloat16) -> LoadedQwenImage:
     """Load a Qwen-Image diffusion-model file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load);
-    keys the transformer does not use are listed as unused."""
+    keys the transformer does not use are listed as unused (not Edit-2511's marker, which its config reads)."""
     path = Path(path)
     sd = ckpt.load_state_dict(path)
     prefix = _prefix(sd)
@@ -133,7 +140,7 @@ def load_qwen_image_unet(path: str | Path, device: torch.device | str = "cpu",
     model = ckpt._materialize(lambda: QwenImageModel(family.unet_config), weights, "Qwen-Image transformer", path,
                               device, dtype)
     expected = set(model.state_dict())
-    skipped = scaling_keys(sd)
+    skipped = {*scaling_keys(sd), prefix + ZERO_COND_KEY}
     unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
     return LoadedQwenImage(family, model, unused, path, metadata)
 
@@ -148,10 +155,11 @@ def random_qwen_image(config: QwenImageConfig = TINY_QWEN_IMAGE, seed: int = 0) 
 def write_tiny_qwen_image(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                           prefix: str = "", config: QwenImageConfig = TINY_QWEN_IMAGE) -> Path:
     """Write a tiny random Qwen-Image transformer (prompt width 32) in ComfyUI's single-file layout (its keys under
-    `prefix`: bare, as Comfy-Org's files are), with the RoPE split in Loom's metadata; returns the path. Its images
-    are noise."""
+    `prefix`: bare, as Comfy-Org's files are), with the RoPE split in Loom's metadata, and Edit-2511's marker for a
+    `config` with zero_cond_t; returns the path. Its images are noise."""
     model = random_qwen_image(config, seed)
     path = Path(path)
-    write_safetensors({prefix + k: v for k, v in model.state_dict().items()}, path,
+    marker = {ZERO_COND_KEY: torch.zeros(0)} if config.zero_cond_t else {}
+    write_safetensors({prefix + k: v for k, v in {**model.state_dict(), **marker}.items()}, path,
                       {AXES_KEY: ",".join(map(str, config.axes_dim)), "loom.seed": str(seed)}, dtype)
     return path

@@ -4,7 +4,8 @@
 Weights: Comfy-Org's single files (qwen_2.5_vl_7b.safetensors, qwen_2.5_vl_7b_fp8_scaled.safetensors) hold the
 language model at ``model.`` in transformers' Qwen2 names (``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``
 with q/k/v biases, ``model.norm``), the vision tower at ``visual.`` and possibly ``lm_head``; text-only encoding
-reads the language model alone (the rest is knowingly left unused). The shape comes from the weights; the head width
+reads the language model alone, the vision tower is loaded beside it when the file has one (ldm.qwen_vl, for
+Qwen-Image-Edit's pictures), the LM head is knowingly left unused. The shape comes from the weights; the head width
 is 128 (Qwen2.5-VL's, at every size) or, for models narrower than 512, a quarter of the width (Loom's tiny test
 models); RoPE base 1e6 and RMS epsilon 1e-6 are Qwen2.5-VL's. Scaled fp8 files (each weight with its `.scale_weight`
 or `.weight_scale`) are descaled as they load, one weight at a time.
@@ -59,8 +60,9 @@ _PREFIX = "model."
 _PROBE = "model.layers.0.self_attn.k_proj.bias"
 _EMBED = "model.embed_tokens.weight"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-# Parts of the file that text-only encoding does not read: the vision tower and the LM head.
+# Parts of the file the language model does not read: the vision tower (ldm.qwen_vl loads it) and the LM head.
 _IGNORED = ("visual.", "lm_head.")
+_VISUAL = "visual.patch_embed.proj.weight"
 
 
 @lru_cache(maxsize=1)
@@ -71,13 +73,21 @@ def _vocabulary() -> Any:
         return Tokenizer.from_str(f.read())
 
 
-def tokenize(prompt: str) -> list[int]:
-    """The token ids ComfyUI encodes for a Qwen-Image prompt: templated (unless it starts with `<|im_start|>`),
-    ComfyUI's bracket escapes undone, tokenized whole."""
+def prompt_text(prompt: str, template: str = TEMPLATE) -> str:
+    """A Qwen-Image prompt as ComfyUI encodes it: in `template` (unless it starts with `<|im_start|>`), ComfyUI's
+    bracket escapes undone."""
     text = prompt.replace("\\(", "(").replace("\\)", ")")
-    if not text.startswith("<|im_start|>"):
-        text = TEMPLATE.format(text)
+    return text if text.startswith("<|im_start|>") else template.format(text)
+
+
+def token_ids(text: str) -> list[int]:
+    """`text` tokenized whole, special tokens read as such."""
     return _vocabulary().encode(text, add_special_tokens=False).ids
+
+
+def tokenize(prompt: str, template: str = TEMPLATE) -> list[int]:
+    """The token ids ComfyUI encodes for a Qwen-Image prompt (see `prompt_text`)."""
+    return token_ids(prompt_text(prompt, template))
 
 
 def template_end(ids: list[int]) -> int:
@@ -135,21 +145,28 @@ def qwen_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -
     config = qwen_config_from_state_dict(sd)
     with torch.device("meta"):
         model = Qwen2Model(config).to(dtype)
-    expected = model.state_dict()
-    missing = [k for k in expected if _PREFIX + k not in sd]
-    wrong = [f"{_PREFIX}{k}: {tuple(sd[_PREFIX + k].shape)}, expected {tuple(v.shape)}"
-             for k, v in expected.items() if _PREFIX + k in sd and sd[_PREFIX + k].shape != v.shape]
-    if missing:
-        raise CheckpointError(f"{name}: {len(missing)} Qwen2.5-VL weights missing, e.g. "
-                              f"{[_PREFIX + k for k in missing[:4]]}")
-    if wrong:
-        raise CheckpointError(f"{name}: Qwen2.5-VL weights of the wrong shape: {wrong[:4]}")
-    model.load_state_dict({k: _weight(sd, _PREFIX + k, dtype) for k in expected}, assign=True)
+    used = load_prefixed(model, sd, _PREFIX, name, dtype)
     # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
     inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
     model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    used = {_PREFIX + k for k in expected} | _scale_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
-    return model.eval().requires_grad_(False), used
+    return model.eval().requires_grad_(False), used | _scale_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
+
+
+def load_prefixed(model: torch.nn.Module, sd: Mapping[str, Tensor], prefix: str, name: str,
+                  dtype: torch.dtype) -> set[str]:
+    """Loads `model` (built on the meta device) from the weights of `sd` under `prefix`, in `dtype`, and returns the
+    keys it read; a CheckpointError naming `name` when some are missing or of the wrong shape."""
+    expected = model.state_dict()
+    missing = [k for k in expected if prefix + k not in sd]
+    wrong = [f"{prefix}{k}: {tuple(sd[prefix + k].shape)}, expected {tuple(v.shape)}"
+             for k, v in expected.items() if prefix + k in sd and sd[prefix + k].shape != v.shape]
+    if missing:
+        raise CheckpointError(f"{name}: {len(missing)} Qwen2.5-VL weights missing, e.g. "
+                              f"{[prefix + k for k in missing[:4]]}")
+    if wrong:
+        raise CheckpointError(f"{name}: Qwen2.5-VL weights of the wrong shape: {wrong[:4]}")
+    model.load_state_dict({k: _weight(sd, prefix + k, dtype) for k in expected}, assign=True)
+    return {prefix + k for k in expected}
 
 
 def _not_qwen(name: str, sd: Mapping[str, Tensor]) -> CheckpointError:
@@ -162,33 +179,39 @@ def _not_qwen(name: str, sd: Mapping[str, Tensor]) -> CheckpointError:
 
 
 class QwenImageTextEncoder(PinnableTextEncoder):
-    """Qwen2.5-VL's language model, encoding as ComfyUI does for Qwen-Image (see the module docstring); the
-    interface of ``ldm.text_encoders.TextEncoder``: `encode` gives the states of each prompt's user turn on, no
+    """Qwen2.5-VL's language model, encoding as ComfyUI does for Qwen-Image (see the module docstring), with the
+    file's vision tower (`visual`, None when the file has none) for Qwen-Image-Edit's image prompts (ldm.qwen_vl);
+    the interface of ``ldm.text_encoders.TextEncoder``: `encode` gives the states of each prompt's user turn on, no
     pooled vector, and the attention mask in `extra["attention_mask"]`. Pinned to the CPU (`pinned_to_cpu`,
     CLIPLoader's device "cpu"), `.to()` changes its dtype only."""
 
     main_encoder = ENCODER_NAME
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, visual: Any = None) -> None:
         super().__init__()
         self.qwen25_7b = model
+        self.visual = visual
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
-               embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:
+               embeddings: Callable[[str], dict[int, Tensor] | None] | None = None,
+               images: list[Tensor] | None = None, template: str | None = None) -> TextEncoding:
         """`cond`: [B, L, hidden], L the longest prompt's kept tokens, zeros after each prompt's; `extra
         ["attention_mask"]`: [B, L] int64. Clip skip, prompt weights and textual-inversion embeddings do not apply
-        (ComfyUI reads `embedding:` words and brackets as text)."""
+        (ComfyUI reads `embedding:` words and brackets as text). `images` ([H, W, 3] in 0..1), seen by every prompt
+        through the vision tower, and `template` (default: Qwen-Image's, or Qwen-Image-Edit's with images) are
+        ComfyUI's TextEncodeQwenImageEdit(Plus)'s (ldm.qwen_vl)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        rows = [tokenize(p) for p in (per_encoder or {}).get(ENCODER_NAME, prompts)]
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), PAD_TOKEN, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        device = self.qwen25_7b.device
-        hidden = self.qwen25_7b(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        prompts = (per_encoder or {}).get(ENCODER_NAME, prompts)
+        if images:
+            from ldm.qwen_vl import image_prompt_states
+
+            hidden, rows = image_prompt_states(self, prompts, images, template)
+        else:
+            rows = [tokenize(p, template or TEMPLATE) for p in prompts]
+            ids, mask = padded(rows)
+            device = self.qwen25_7b.device
+            hidden = self.qwen25_7b(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         starts = [template_end(row) for row in rows]
         kept = max(len(row) - start for row, start in zip(rows, starts, strict=True))
         cond = hidden.new_zeros(len(rows), kept, hidden.shape[-1])
@@ -197,6 +220,16 @@ class QwenImageTextEncoder(PinnableTextEncoder):
             cond[i, :len(row) - start] = hidden[i, start:len(row)]
             out_mask[i, :len(row) - start] = 1
         return TextEncoding(cond, None, {ATTENTION_MASK: out_mask})
+
+
+def padded(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Token rows as a batch: ids [B, L] padded with `<|endoftext|>` on the right, and the attention mask."""
+    ids = torch.full((len(rows), max(map(len, rows))), PAD_TOKEN, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
 
 
 @dataclass
@@ -215,13 +248,20 @@ def load_qwen_image_text_encoder(paths: list[str | Path], device: torch.device |
     path = Path(paths[0])
     sd = ckpt.load_state_dict(path)
     model, used = qwen_from_weights(sd, path.name, dtype)
+    visual = None
+    if _VISUAL in sd:  # Comfy-Org's files keep the vision tower; text-only copies may not
+        from ldm.qwen_vl import vision_from_weights
+
+        visual, vision_keys = vision_from_weights(sd, path.name, dtype)
+        used |= vision_keys
     unused = sorted(f"{path.name}: {k}" for k in sd if k not in used)
-    return LoadedQwenImageText(QwenImageTextEncoder(model).to(device).eval(), unused)
+    return LoadedQwenImageText(QwenImageTextEncoder(model, visual).to(device).eval(), unused)
 
 
 def tiny_qwen25_state(seed: int = 0, hidden: int = 32, layers: int = 2) -> dict[str, Tensor]:
     """Random Qwen2.5-VL weights in ComfyUI's layout: a language model `hidden` wide (4 heads, 2 key/value heads)
-    with the full 152,064-row embedding so that real prompts' ids fit, and a token vision tower (`visual.`)."""
+    with the full 152,064-row embedding so that real prompts' ids fit, and a vision tower (`visual.`, see
+    ldm.qwen_vl.tiny_visual_state)."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> Tensor:
@@ -239,8 +279,9 @@ def tiny_qwen25_state(seed: int = 0, hidden: int = 32, layers: int = 2) -> dict[
         # norms around 1, as trained ones are (transformers initialises them to exactly 1)
         state |= {f"model.layers.{i}.{name}": rand(*shape) + ("layernorm" in name)
                   for name, shape in shapes.items()}
-    state |= {"visual.patch_embed.proj.weight": rand(16, 3, 2, 14, 14), "visual.merger.mlp.2.weight": rand(hidden, 64)}
-    return state
+    from ldm.qwen_vl import tiny_visual_state
+
+    return state | tiny_visual_state(rand, hidden)
 
 
 def write_tiny_qwen25vl(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:

@@ -11,7 +11,7 @@ import torch
 from ldm.upscaler_x4 import FAMILY as X4_FAMILY
 from ldm.upscaler_x4 import IMAGE_CHANNELS, augment, noise_level
 from nodes.node import Node
-from nodes.sd.flux_variants import carries_references, flux_inputs
+from nodes.sd.flux_variants import carries_references, flux_inputs, qwen_image_inputs
 from nodes.sd.inpaint import inpaint_concat, with_inpaint_concat
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.sd.models import DiffusionModel, Vae
@@ -80,8 +80,8 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
         from nodes.sd.wan import wan_inputs
 
         return wan_inputs(model, latent, *conditionings)
-    if model.family.name == "qwen_image":  # no extra channels (its config's in_channels are the 2x2 patches')
-        return None, list(conditionings)
+    if model.family.name == "qwen_image":  # no extra channels (in_channels are the 2x2 patches'); Edit's references
+        return qwen_image_inputs(model, *conditionings)
     if model.family.name == "flux" or carries_references(conditionings):  # Flux's edit models, Kontext's references
         return flux_inputs(model, latent, *conditionings)
     samples = latent["samples"]

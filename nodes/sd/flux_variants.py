@@ -1,4 +1,5 @@
-"""Flux Kontext, Fill, Depth and Canny: reference latents, Kontext image scaling, and the concat of Flux edit models."""
+"""Flux Kontext, Fill, Depth and Canny: reference latents, Kontext image scaling, and the concat of Flux edit models;
+the reference latents of Qwen-Image-Edit (the qwen_image family), which take the same path."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ldm.flux_variants import References, fold_mask
+from ldm.flux_variants import FLUX_METHODS, References, fold_mask
 from nodes.node import Node
 from nodes.sd.image import resize_image
 from nodes.sd.latent import repeat_to_batch, upscale_latent
@@ -18,15 +19,17 @@ KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800,
                        (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
                        (1456, 720), (1504, 688), (1568, 672))
 _KINDS = {"fill": "Fill (inpainting)", "control": "Depth / Canny (control image)"}
+# The families whose models take reference latents (ReferenceLatent): Flux Kontext's and Qwen-Image-Edit's.
+REFERENCE_FAMILIES = ("flux", "qwen_image")
 
 
 def references_refusal(source: str, family: str, kind: str | None) -> str | None:
     """Why a model (`source`, of `family`, a Flux one of edit `kind`) refuses prompts with reference latents; the
     words of the run (`flux_inputs`) and of validation (`nodes.sd.edit_validation`)."""
-    if family != "flux":
-        return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; {source} is "
-                f"{family.upper()}, which takes none")
-    if kind is not None:
+    if family not in REFERENCE_FAMILIES:
+        return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext and Qwen-Image-Edit "
+                f"take; {source} is {family.upper()}, which takes none")
+    if family == "flux" and kind is not None:
         return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; {source} is a "
                 f"Flux {_KINDS[kind]} model, which takes none")
     return None
@@ -67,20 +70,43 @@ def flux_concat(model: DiffusionModel, samples: torch.Tensor, image: torch.Tenso
     return torch.cat([image, fold_mask(mask)], dim=1)
 
 
+def with_references(model: DiffusionModel, options: dict, default_method: str) -> dict:
+    """An entry's options with `ref_latents` (`References`, in the model's latent space) made of its reference
+    latents and method (`default_method` where it names none, as the model's own default in ComfyUI); unchanged
+    without reference latents."""
+    config, source = model.family.unet_config, model.source
+    refs = options.get("reference_latents")
+    if not refs:
+        return options
+    if any(r.shape[1] != config.latent_channels for r in refs):
+        raise ValueError(f"a reference latent has {sorted({r.shape[1] for r in refs})} channels and {source} "
+                         f"takes {config.latent_channels}: encode the reference image with the model's VAE")
+    method = options.get("reference_latents_method", default_method)
+    return {**options, "ref_latents": References(tuple(model.latent_in(r.float()) for r in refs), method)}
+
+
+def qwen_image_inputs(model: DiffusionModel, *conditionings: list) -> tuple[None, list[list]]:
+    """`nodes.sd.concat_models.model_inputs` for Qwen-Image: no extra channels (None), and the conditionings with
+    each entry's `ref_latents` (Qwen-Image-Edit's), placed by the model's default method where the prompts name
+    none ("index", or "index_timestep_zero" for an Edit-2511 file, as ComfyUI does)."""
+    method = model.family.unet_config.reference_method
+    return None, [[(embedding, with_references(model, options, method)) for embedding, options in c]
+                  for c in conditionings]
+
+
 def _entry_inputs(model: DiffusionModel, latent: dict, options: dict) -> dict:
     """One entry's options with what the model takes from it: `ref_latents` from its reference latents, `concat`
     from its masked image / control image; prompts for another kind of edit model are refused."""
     config, source = model.family.unet_config, model.source
     kind = config.edit_kind
-    refs = options.get("reference_latents")
-    if refs:
+    if options.get("reference_latents"):
         if kind is not None:
             raise ValueError(references_refusal(source, "flux", kind))
-        if any(r.shape[1] != config.latent_channels for r in refs):
-            raise ValueError(f"a reference latent has {sorted({r.shape[1] for r in refs})} channels and {source} "
-                             f"takes {config.latent_channels}: encode the reference image with the Flux VAE")
         method = options.get("reference_latents_method", "offset")
-        options = {**options, "ref_latents": References(tuple(model.latent_in(r.float()) for r in refs), method)}
+        if method not in FLUX_METHODS:
+            raise ValueError(f"the prompts place their reference latents by {method!r} (Qwen-Image-Edit-2511's "
+                             f"method); {source} is Flux, which Loom runs with {', '.join(FLUX_METHODS)}")
+        options = with_references(model, options, "offset")
     image, mask = options.get("concat_latent_image"), options.get("concat_mask")
     if image is not None or mask is not None:
         refusal = concat_refusal(source, kind, mask is not None)
@@ -98,9 +124,9 @@ def _entry_inputs(model: DiffusionModel, latent: dict, options: dict) -> dict:
 
 
 def flux_inputs(model: DiffusionModel, latent: dict, *conditionings: list) -> tuple[Any, list[list]]:
-    """`nodes.sd.concat_models.model_inputs` for Flux models (and any model given reference latents, which only
-    Flux takes): the `concat` of entries that carry none (Fill and Depth / Canny models; None for the others), and
-    the conditionings with each entry's `ref_latents` and `concat`."""
+    """`nodes.sd.concat_models.model_inputs` for Flux models (and any model of another family given reference
+    latents, which it refuses): the `concat` of entries that carry none (Fill and Depth / Canny models; None for the
+    others), and the conditionings with each entry's `ref_latents` and `concat`."""
     if model.family.name != "flux":
         raise ValueError(references_refusal(model.source, model.family.name, None))
     config, samples = model.family.unet_config, latent["samples"]
@@ -117,8 +143,8 @@ def carries_references(conditionings: tuple[list, ...]) -> bool:
 
 
 class ReferenceLatent(Node):
-    """Adds a latent to the prompts as a reference image for an edit model (Flux Kontext); chain several nodes for
-    several references."""
+    """Adds a latent to the prompts as a reference image for an edit model (Flux Kontext, Qwen-Image-Edit); chain
+    several nodes for several references."""
 
     category = "advanced/conditioning/edit_models"
     conditioning = Socket("CONDITIONING")
@@ -155,11 +181,12 @@ class FluxKontextImageScale(Node):
 
 class FluxKontextMultiReferenceLatentMethod(Node):
     """How several reference latents are placed for Flux Kontext: "offset" side by side at index 1, "index" each at
-    its own index, "uxo/uno" diagonally past the image (UNO/USO)."""
+    its own index, "uxo/uno" diagonally past the image (UNO/USO); "index_timestep_zero" (Qwen-Image-Edit-2511's) as
+    "index", the references modulated as at timestep 0."""
 
     category = "advanced/conditioning/flux"
     conditioning = Socket("CONDITIONING")
-    reference_latents_method = Combo(["offset", "index", "uxo/uno"])
+    reference_latents_method = Combo(["offset", "index", "uxo/uno", "index_timestep_zero"])
     outputs = (Output("CONDITIONING"),)
 
     def execute(self, conditioning: list, reference_latents_method: str) -> tuple[list]:

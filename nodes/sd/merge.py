@@ -247,10 +247,14 @@ def _model_metadata(model: DiffusionModel, title: str) -> dict[str, str]:
 
 def _markers(model: DiffusionModel) -> dict[str, torch.Tensor]:
     """ComfyUI's `v_pred`/`ztsnr` marker tensors for how this MODEL samples (ModelSamplingDiscrete included;
-    an LCM or x0 override has no marker and is not kept)."""
-    from ldm.checkpoint import sampling_markers
+    an LCM or x0 override has no marker and is not kept), and Qwen-Image-Edit-2511's `__index_timestep_zero__`."""
+    from ldm.checkpoint import UNET_PREFIX, sampling_markers
+    from ldm.qwen_image import ZERO_COND_KEY
 
-    return sampling_markers(model.prediction, getattr(model.schedule, "zero_snr", False))
+    markers = sampling_markers(model.prediction, getattr(model.schedule, "zero_snr", False))
+    if getattr(model.family.unet_config, "zero_cond_t", False):
+        markers[UNET_PREFIX + ZERO_COND_KEY] = torch.zeros(0)
+    return markers
 
 
 def _parts_mismatch(model: Any, clip: Any) -> str | None:

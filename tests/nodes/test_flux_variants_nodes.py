@@ -208,7 +208,7 @@ def test_declarations_are_comfyuis(engine) -> None:
         "FluxKontextMultiReferenceLatentMethod": (["conditioning", "reference_latents_method"], [],
                                                   ["CONDITIONING"], "advanced/conditioning/flux")}
     methods = info["FluxKontextMultiReferenceLatentMethod"]["input"]["required"]["reference_latents_method"][0]
-    assert methods == ["offset", "index", "uxo/uno"]
+    assert methods == ["offset", "index", "uxo/uno", "index_timestep_zero"]
 
 
 def test_kontext_image_scale_picks_the_closest_training_size(engine) -> None:
@@ -229,7 +229,7 @@ def test_prompts_a_model_cannot_take_are_refused(engine) -> None:
     sd1["6"] = sd1["4"]
     sd1["8"]["inputs"]["model"] = ["1", 0]
     sd1["5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}}
-    assert "reference latents (ReferenceLatent), which Flux Kontext takes; sd1.safetensors is SD1" in refusal(
+    assert "(ReferenceLatent), which Flux Kontext and Qwen-Image-Edit take; sd1.safetensors is SD1" in refusal(
         engine, sd1)
     fill_with_reference = workflow("kontext")
     fill_with_reference["1"]["inputs"]["unet_name"] = "flux1-tiny-fill.safetensors"
