@@ -14,10 +14,12 @@ and seconds, relative to (20 s, 2048 px, 2048 px):
 diffusers' LTXPipeline uses 8 f / frame_rate instead (`rope_interpolation_scale`, no causal fix); its
 LTXConditionPipeline, ComfyUI and Lightricks' own pipeline use the rule above, which `LTXVModel` follows.
 
-`LTXVModel.forward(x, timesteps, context, y=None, attention_mask=None, frame_rate=25.0)`: `timesteps` are flow
-levels 0..1 ([B], or one per latent pixel [B, T, H, W] as image-to-video conditioning sets them), scaled by 1000
-as the model was trained; `y` is unused (LTX takes no pooled prompt); `attention_mask` [B, L] (1: attend) masks T5
-padding out of cross-attention.
+`LTXVModel.forward(x, timesteps, context, y=None, attention_mask=None, frame_rate=25.0, keyframe_idxs=None)`:
+`timesteps` are flow levels 0..1 ([B], or one per latent pixel [B, T, H, W] as image-to-video conditioning sets
+them), scaled by 1000 as the model was trained; `attention_mask` [B, L] (1: attend) masks T5 padding out of
+cross-attention. `keyframe_idxs` [B, 3, K] (ComfyUI's name) are the positions of the last K tokens, keyframe
+guides appended after the video's frames (LTXVAddGuide): each one's (pixel frame, pixel row, pixel column), which
+replace their place in the latent, the frame in seconds at the frame rate, as for every token.
 """
 
 from __future__ import annotations
@@ -189,9 +191,26 @@ def latent_positions(frames: int, rows: int, cols: int, frame_rate: float, devic
     return torch.stack([t / frame_rate, r * VAE_SCALE[1], c * VAE_SCALE[2]], dim=-1).flatten(0, 2)
 
 
+def with_keyframes(positions: Tensor, keyframe_idxs: Tensor, frame_rate: float, batch: int) -> Tensor:
+    """[batch, S, 3]: `positions` [S, 3] with the last K tokens' replaced by `keyframe_idxs` [1 or batch, 3, K] (pixel
+    frame, pixel row, pixel column of each appended guide token), the frame in seconds at `frame_rate`."""
+    tokens = keyframe_idxs.shape[-1]
+    if keyframe_idxs.ndim != 3 or keyframe_idxs.shape[1] != 3 or keyframe_idxs.shape[0] not in (1, batch):
+        raise ValueError(f"keyframe_idxs {list(keyframe_idxs.shape)} are not [B, 3, K] guide coordinates for a "
+                         f"batch of {batch}")
+    if tokens > positions.shape[0]:
+        raise ValueError(f"{tokens} guide tokens for a latent of {positions.shape[0]}: the keyframe guides were not "
+                         "appended to this latent (LTXVAddGuide's latent goes with its prompts)")
+    guides = keyframe_idxs.float().transpose(1, 2) / torch.tensor([frame_rate, 1.0, 1.0], device=positions.device)
+    positions = positions.expand(batch, -1, -1).clone()
+    positions[:, positions.shape[1] - tokens:] = guides
+    return positions
+
+
 def rope_angles(positions: Tensor, dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """(cos, sin) [S, dim] of LTX's RoPE at `positions` [S, 3]: dim // 6 frequencies from 1 to theta (times pi/2)
-    per axis, interleaved axis by axis, each used by a pair of channels; the dim % 6 leading channels unrotated."""
+    """(cos, sin) [(B,) S, dim] of LTX's RoPE at `positions` [(B,) S, 3]: dim // 6 frequencies from 1 to theta
+    (times pi/2) per axis, interleaved axis by axis, each used by a pair of channels; the dim % 6 leading channels
+    unrotated."""
     freqs = theta ** torch.linspace(0.0, 1.0, dim // 6, dtype=torch.float32, device=positions.device) * math.pi / 2
     fractions = positions.float() / torch.tensor(MAX_POSITIONS, device=positions.device)
     angles = (freqs * (fractions[..., None] * 2 - 1)).transpose(-1, -2).flatten(-2)
@@ -226,17 +245,21 @@ class LTXVModel(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attention_mask: Tensor | None = None, frame_rate: float = 25.0,
                 control: list[Tensor] | None = None, attn_mask: Tensor | None = None,
-                denoise_mask: Tensor | None = None) -> Tensor:
+                denoise_mask: Tensor | None = None, keyframe_idxs: Tensor | None = None) -> Tensor:
         """Predict the velocity (noise - data) of video latents `x` [B, 128, T, H, W] at flow levels `timesteps`
         ([B] or [B, T, H, W], 0..1) given T5 states `context` [B, L, 4096]; see the module docstring.
 
-        As the sampler calls it: `y` [B, 1] is the frame rate (LTXVConditioning's), `attn_mask` the prompt's
-        attention mask [B, L] (as `attention_mask`), and `denoise_mask` [B, 1, T, H, W] a noise mask at the
-        latent's size, each pixel's level being the mask times the step's (image-to-video: ComfyUI's
-        process_timestep)."""
+        As the sampler calls it: `y` [B, 1 + 3 K] is the frame rate (LTXVConditioning's) followed by the prompt's
+        `keyframe_idxs` flattened (`nodes.sd.ltxv.ltxv_conditioning`), `attn_mask` the prompt's attention mask
+        [B, L] (as `attention_mask`), and `denoise_mask` [B, 1, T, H, W] a noise mask at the latent's size, each
+        pixel's level being the mask times the step's (image-to-video: ComfyUI's process_timestep)."""
         c, dtype = self.config, self.dtype
         if y is not None:  # one frame rate per video; the prompts of a call share it (LTXVConditioning sets both)
             frame_rate = float(y.reshape(-1)[0])
+            if y.shape[-1] > 1:
+                if (y.shape[-1] - 1) % 3:
+                    raise ValueError(f"`y` holds the frame rate and 3 coordinates per guide token; got {y.shape[-1]}")
+                keyframe_idxs = y.reshape(y.shape[0], -1)[:, 1:].unflatten(1, (3, -1))
         attention_mask = attn_mask if attention_mask is None else attention_mask
         if denoise_mask is not None:
             timesteps = denoise_mask[:, 0] * timesteps.reshape(-1, 1, 1, 1)
@@ -261,7 +284,10 @@ class LTXVModel(nn.Module):
                                  f"{list(context.shape[:2])} tokens")
             # Additive, as Lightricks': a fully masked prompt then gets uniform attention, not NaNs.
             bias = ((attention_mask.to(dtype) - 1) * torch.finfo(dtype).max)[:, None, None, :]
-        rope = rope_angles(latent_positions(frames, rows, cols, frame_rate, x.device), c.inner_dim, c.theta)
+        positions = latent_positions(frames, rows, cols, frame_rate, x.device)
+        if keyframe_idxs is not None:
+            positions = with_keyframes(positions, keyframe_idxs.to(x.device), frame_rate, batch)
+        rope = rope_angles(positions, c.inner_dim, c.theta)
         for block in self.transformer_blocks:
             h = block(h, context, temb, rope, bias)
         shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(2)

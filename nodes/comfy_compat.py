@@ -31,7 +31,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "CLIPTextEncodeHunyuanDiT",
     "ConditioningSetAreaPercentageVideo",
     # video models' conditioning (ComfyUI's Wan and LTX-Video examples and templates use them)
-    "WanCameraImageToVideo", "WanCameraEmbedding", "LTXVAddGuide", "LTXVCropGuides",
+    "WanCameraImageToVideo", "WanCameraEmbedding",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     "GITSScheduler", "OptimalStepsScheduler",

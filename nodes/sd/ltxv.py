@@ -198,9 +198,18 @@ def _h264_round_trip(picture: torch.Tensor, crf: int) -> torch.Tensor:
 
 
 def ltxv_conditioning(conditioning: list) -> list:
-    """Each entry with the model's `y`: its frame rate [1, 1] (LTXVConditioning's, 25 without one)."""
-    return [(embedding, {**options, "y": torch.tensor([[float(options.get("frame_rate", DEFAULT_FRAME_RATE))]])})
-            for embedding, options in conditioning]
+    """Each entry with the model's `y` [1 or B, 1 + 3 K]: its frame rate (LTXVConditioning's, 25 without one), then
+    its keyframe guides' coordinates flattened (LTXVAddGuide's `keyframe_idxs` [1 or B, 3, K]; none without guides),
+    which reach the model as the frame rate does, per prompt (`ldm.ltxv.LTXVModel.forward`)."""
+    out = []
+    for embedding, options in conditioning:
+        rate, guides = float(options.get("frame_rate", DEFAULT_FRAME_RATE)), options.get("keyframe_idxs")
+        if guides is None:
+            y = torch.tensor([[rate]])
+        else:
+            y = torch.cat([torch.full((guides.shape[0], 1), rate), guides.float().flatten(1)], dim=1)
+        out.append((embedding, {**options, "y": y}))
+    return out
 
 
 NODES: list[Any] = [EmptyLTXVLatentVideo, LTXVConditioning, ModelSamplingLTXV, LTXVScheduler, LTXVImgToVideo,

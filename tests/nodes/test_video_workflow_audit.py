@@ -10,6 +10,7 @@ from graph.document import DocumentError, parse_api
 from graph.load import graph_from_data, load_workflow_data
 from graph.validate import validate
 from ldm.wan_files import WanFamily, tiny_wan_config
+from nodes.comfy_compat import COMFY_CORE_NODES_MISSING
 from nodes.context import NodeContext
 from nodes.registry import builtin_registry
 from nodes.sd.models import DiffusionModel
@@ -24,13 +25,13 @@ def builtins():
     return builtin_registry()
 
 
-@pytest.mark.parametrize("class_type", ["WanCameraImageToVideo", "WanCameraEmbedding",
-                                        "LTXVAddGuide", "LTXVCropGuides"])
+@pytest.mark.parametrize("class_type", sorted(COMFY_CORE_NODES_MISSING))
 def test_the_video_workflows_missing_built_ins_are_named_as_comfyuis(builtins, class_type):
     """ComfyUI_examples' wan/vace_reference_to_video.json, wan/camera_image_to_video_wan_example.json and
     ltxv/ltxv_image_to_video.0.9.5.json, and the Wan 2.2 14B i2v template, were told a custom node pack might
-    provide these nodes (and WanVaceToVideo that Loom's WanImageToVideo might be meant). (LTXVPreprocess and
-    WanVaceToVideo, also missing then, are now Loom's.)"""
+    provide these nodes (and WanVaceToVideo that Loom's WanImageToVideo might be meant). (Those, LTXVPreprocess,
+    WanVaceToVideo, LTXVAddGuide, LTXVCropGuides, WanCameraEmbedding and WanCameraImageToVideo, are all Loom's now:
+    the built-ins still missing are checked.)"""
     api = {"1": {"class_type": class_type, "inputs": {}},
            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     [problem] = validate(parse_api(api), builtins).problems
