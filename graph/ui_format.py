@@ -63,12 +63,23 @@ class _Converter:
             values = node.get("widgets_values") or []
             return ("value", values[0]) if values else None
         if node.get("mode") == BYPASSED:
-            wanted = (node.get("outputs") or [{}])[source.slot].get("type") if node.get("outputs") else None
-            for inp in node.get("inputs") or []:
-                if inp.get("link") is not None and (wanted is None or inp.get("type") == wanted):
-                    return self.resolve(inp["link"], depth + 1)
-            return None
+            return self._through_bypassed(node, source.slot, depth)
         return source
+
+    def _through_bypassed(self, node: dict[str, Any], slot: int, depth: int) -> _Source | tuple[str, Any] | None:
+        """What a bypassed node's output `slot` passes on, as ComfyUI's editor picks it: the input at the same index
+        if its type matches, else the first input of that type, connected or not (an unconnected one passes nothing);
+        without output types, the first connected input."""
+        outputs, inputs = node.get("outputs") or [], node.get("inputs") or []
+        wanted = outputs[slot].get("type") if slot < len(outputs) else None
+        if wanted is None:
+            linked = [inp["link"] for inp in inputs if inp.get("link") is not None]
+            return self.resolve(linked[0], depth + 1) if linked else None
+        for index in (slot, *range(len(inputs))):
+            if index < len(inputs) and inputs[index].get("type") == wanted:
+                link = inputs[index].get("link")
+                return self.resolve(link, depth + 1) if link is not None else None
+        return None
 
     def widget_values(self, node: dict[str, Any]) -> dict[str, Any]:
         """The node's widget values by name; widgets the file holds no value for get their defaults, as

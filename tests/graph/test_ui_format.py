@@ -60,6 +60,32 @@ def test_ui_format_converts_to_api(registry):
     assert api["1"]["_meta"]["title"] == "Add"
 
 
+def test_a_bypassed_node_passes_each_output_the_input_at_its_index_first(registry):
+    """As ComfyUI's editor: LTXVAddGuide bypassed (inputs positive, negative, ...; outputs positive, negative, ...)
+    passes its negative output the negative input, not the first CONDITIONING input (the LTX-Video 0.9.5 example's
+    negative prompt became its positive one). With no input at the output's index of its type, the first input of
+    that type decides, even unconnected."""
+    def io(name, link):
+        return {"name": name, "type": "INT", "link": link}
+
+    ui = {"nodes": [ui_node(1, "Add", [1, 0]), ui_node(2, "Add", [2, 0]),
+                    ui_node(3, "Add", [0, 0], inputs=[io("a", 1), io("b", 2)], mode=4,
+                            outputs=[{"name": "x", "type": "INT", "links": [3]},
+                                     {"name": "y", "type": "INT", "links": [4]},
+                                     {"name": "z", "type": "INT", "links": [5]}]),
+                    ui_node(4, "Sink", inputs=[link_in("value", 3)]), ui_node(5, "Sink", inputs=[link_in("value", 4)]),
+                    ui_node(6, "Sink", inputs=[link_in("value", 5)]),
+                    ui_node(7, "Add", [0, 0], inputs=[io("a", None), io("b", 7)], mode=4,
+                            outputs=[{"name": "x", "type": "INT", "links": [6]}]),
+                    ui_node(8, "Sink", inputs=[link_in("value", 6)])],
+          "links": [[1, 1, 0, 3, 0, "INT"], [2, 2, 0, 3, 1, "INT"], [3, 3, 0, 4, 0, "INT"], [4, 3, 1, 5, 0, "INT"],
+                    [5, 3, 2, 6, 0, "INT"], [6, 7, 0, 8, 0, "INT"], [7, 2, 0, 7, 1, "INT"]]}
+    api = ui_to_api(ui, registry)
+    assert api["4"]["inputs"] == {"value": ["1", 0]} and api["5"]["inputs"] == {"value": ["2", 0]}
+    assert api["6"]["inputs"] == {"value": ["1", 0]}  # no third input: the first INT input
+    assert api["8"]["inputs"] == {}  # its matching input at index 0 is unconnected: nothing passes
+
+
 def test_widgets_without_stored_values_get_their_defaults(registry):
     # ComfyUI's editor gives a loaded node its widgets' defaults; a file may leave widgets_values out.
     ui = {"nodes": [ui_node(1, "Add"), ui_node(2, "Scale", inputs=[link_in("value", 1)]),
