@@ -42,7 +42,7 @@ from ldm.checkpoint import (
     read_shapes,
     write_safetensors,
 )
-from ldm.lora import _RESNET, diffusers_unet_blocks, rename_path
+from ldm.lora_keys_sd import _RESNET, diffusers_unet_blocks, rename_path
 from ldm.quant import dequantized_weight, is_fp8
 from ldm.unet import ControlResiduals, UNetConfig, build_encoder, embed
 
@@ -303,10 +303,10 @@ def save_controlnet(path: str | Path, model: ControlNet, dtype: torch.dtype | No
 # --- applying one ------------------------------------------------------------------------------------
 
 
-def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
+def prepare_hint(image: Tensor, height: int, width: int, mode: str = "nearest-exact") -> Tensor:
     """An IMAGE-like [B, C, h, w] cropped at the centre to the target's aspect ratio, then resized
-    (nearest-exact) to [B, C, height, width], as ComfyUI's ControlNet prepares its hint: the same number
-    of rows (or columns) is trimmed from each side."""
+    (nearest-exact, or `mode`) to [B, C, height, width], as ComfyUI's ControlNet prepares its hint: the same
+    number of rows (or columns) is trimmed from each side."""
     h, w = image.shape[-2:]
     old_aspect, new_aspect = w / h, width / height
     if old_aspect > new_aspect:
@@ -316,7 +316,8 @@ def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
         trim = round((h - h * old_aspect / new_aspect) / 2)
         image = image[..., trim:h - trim, :]
     if image.shape[-2:] != (height, width):
-        image = F.interpolate(image, size=(height, width), mode="nearest-exact")
+        bilinear = {"align_corners": False} if mode == "bilinear" else {}
+        image = F.interpolate(image, size=(height, width), mode=mode, **bilinear)
     return image
 
 

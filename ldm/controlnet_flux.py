@@ -107,13 +107,14 @@ def spread(outputs: list[Tensor], blocks: int) -> list[Tensor]:
 
 
 class FluxControlNet(nn.Module):
-    """A ControlNet of `config`'s shape (`depth` and `depth_single_blocks` its own block counts)."""
+    """A ControlNet of `config`'s shape (`depth` and `depth_single_blocks` its own block counts); `hint_width` is
+    the values a hint token holds, more than the latent's for an inpainting ControlNet (`ldm.controlnet_inpaint`)."""
 
     dtype = Flux.dtype
     global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
     model_blocks: tuple[int, int] | None = None  # the (double, single) block counts of the model it last fitted
 
-    def __init__(self, config: FluxConfig, modes: int = 0):
+    def __init__(self, config: FluxConfig, modes: int = 0, hint_width: int | None = None):
         super().__init__()
         self.config = c = config
         self.modes = modes  # a Union's control modes; 0: not a Union
@@ -127,10 +128,16 @@ class FluxControlNet(nn.Module):
             self.controlnet_mode_embedder = nn.Embedding(modes, c.hidden_size)
         self.double_blocks = nn.ModuleList([DoubleStreamBlock(c) for _ in range(c.depth)])
         self.single_blocks = nn.ModuleList([SingleStreamBlock(c) for _ in range(c.depth_single_blocks)])
-        self.controlnet_x_embedder = nn.Linear(c.in_channels, c.hidden_size)
+        self.controlnet_x_embedder = nn.Linear(hint_width or c.in_channels, c.hidden_size)
         self.controlnet_blocks = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size) for _ in range(c.depth)])
         self.controlnet_single_blocks = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size)
                                                        for _ in range(c.depth_single_blocks)])
+
+    @property
+    def mask_channels(self) -> int:
+        """The hint's channels after the latent's: 1 for an inpainting ControlNet (its keep mask), else 0."""
+        extra = self.controlnet_x_embedder.in_features - self.img_in.in_features
+        return extra // self.config.patch_size**2
 
     def check_control_type(self, control_type: int | None) -> None:
         """Raise ValueError for a control mode this ControlNet has not (Set Union ControlNet Type)."""
@@ -211,7 +218,13 @@ def load_flux_controlnet(sd: StateDict, path: Path, device: torch.device | str =
         config = flux_controlnet_config(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
-    model = _materialize(lambda: FluxControlNet(config, modes), sd, "Flux ControlNet", path, device, dtype)
+    hint_width = sd["controlnet_x_embedder.weight"].shape[1] if "controlnet_x_embedder.weight" in sd else None
+    if hint_width is not None and (hint_width < config.in_channels or hint_width % config.patch_size**2):
+        raise CheckpointError(f"{path.name}: a Flux ControlNet whose hint embedding takes {hint_width} values a token: "
+                              f"the latent's {config.in_channels}, or more in whole channels of "
+                              f"{config.patch_size}x{config.patch_size} patches (an inpainting one's 68), expected")
+    model = _materialize(lambda: FluxControlNet(config, modes, hint_width), sd, "Flux ControlNet", path, device,
+                         dtype)
     expected = set(model.state_dict())
     return LoadedControlNet(model, "flux", sorted(k for k in sd if k not in expected), path)
 

@@ -5,7 +5,8 @@ stream kept) that also sees the hint: the hint image is VAE-encoded into the lat
 own strided convolution (`pos_embed_input`, zero-initialised) and added to the image tokens. After each block a
 linear layer (`controlnet_blocks`) gives one output, added to the image tokens of the MMDiT's blocks
 (`ldm.mmdit.MMDiT.forward`'s `control`). As in diffusers (force_zeros_for_pooled_projection) and ComfyUI, these
-ControlNets see a zero pooled prompt, and the hint's latents are scaled without SD3's latent shift.
+ControlNets see a zero pooled prompt, and the hint's latents are scaled without SD3's latent shift (but for
+Alimama's inpainting ControlNet's: `ldm.controlnet_inpaint`).
 
 Files in diffusers' names are read into Loom's (Stability's MMDiT names, `joint_blocks.N.x_block...`).
 Stability AI's SD3.5 Large ControlNets have their own layout and model (`ldm.controlnet_sd35`); both are
@@ -25,10 +26,12 @@ from torch import Tensor, nn
 
 from ldm.checkpoint import CheckpointError, StateDict, _materialize
 from ldm.controlnet import Control, LoadedControlNet, prepare_hint
+from ldm.controlnet_inpaint import append_keep_mask
 from ldm.mmdit import Attention, Embedder, JointBlock, MMDiT, MMDiTConfig, PatchEmbed, embed_inputs
+from ldm.sd3_files import LATENT_SHIFT
 
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
-HINT_LATENT_SCALE = 1.5305  # SD3's latent scale; its shift (0.0609) is not applied to these hints
+HINT_LATENT_SCALE = 1.5305  # SD3's latent scale; its shift is not applied to these hints (but to inpainting ones')
 
 
 class SD3ControlNet(nn.Module):
@@ -39,6 +42,7 @@ class SD3ControlNet(nn.Module):
     fitted_fields: tuple[str, ...] = ("hidden_size", "patch_size", "in_channels", "context_dim", "adm_in_channels")
     uses_base = False  # whether `forward` takes the model itself (`base`): its patch embedding and positions
     global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
+    mask_channels = 0  # the hint's channels after the latent's: an inpainting ControlNet's keep mask
 
     def attentions(self) -> list[nn.Module]:
         """Every attention layer of the blocks, whose head count is the model's (`SD3Control.fit`)."""
@@ -66,6 +70,13 @@ class InstantXControlNet(SD3ControlNet):
         self.joint_blocks = nn.ModuleList([JointBlock(c, i, context_pre_only=False) for i in range(blocks)])
         self.controlnet_blocks = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size) for _ in range(blocks)])
         self.pos_embed_input = PatchEmbed(hint_channels, c.hidden_size, c.patch_size)
+        self.mask_channels = hint_channels - c.in_channels
+
+    def hint_latents(self, vae: nn.Module, image: Tensor, height: int, width: int) -> Tensor:
+        latents = encode_hint(vae, image, height, width)
+        # An inpainting ControlNet's (Alimama's) are shifted as SD3's latents are, as its pipeline (diffusers'
+        # StableDiffusion3ControlNetInpaintingPipeline) does; ComfyUI leaves them unshifted.
+        return latents - LATENT_SHIFT * HINT_LATENT_SCALE if self.mask_channels else latents
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None
                 ) -> list[Tensor]:
@@ -187,6 +198,7 @@ class SD3Control(Control):
 
     vae: nn.Module | None = None
     percent_range: tuple[float, float] = (0.0, 1.0)
+    hint_mask: Tensor | None = None  # an inpainting ControlNet's keep mask [B, 1, H, W] (`ldm.controlnet_inpaint`)
     _latents: dict = field(default_factory=dict, repr=False)
 
     def fit(self, unet: nn.Module, schedule: object) -> str | None:
@@ -220,7 +232,10 @@ class SD3Control(Control):
             if len(self._hints) >= 4:
                 self._hints.clear()
             if (height, width) not in self._latents:
-                self._latents[height, width] = self._encode(height, width, x.device)
+                latents = self._encode(height, width, x.device)
+                if self.hint_mask is not None:
+                    latents = append_keep_mask(latents, self.hint_mask)
+                self._latents[height, width] = latents
             hint = self._latents[height, width].to(x.device)
             hint = hint[torch.arange(batch // repeats, device=hint.device) % hint.shape[0]]  # cycled over the batch
             self._hints[key] = hint.repeat(repeats, 1, 1, 1).to(self.model.dtype)

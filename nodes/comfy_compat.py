@@ -27,14 +27,11 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # loaders of separate model parts and other model kinds
     "QuadrupleCLIPLoader",
     # conditioning for other model kinds
-    "ControlNetInpaintingAliMamaApply",
     "CLIPTextEncodeHunyuanDiT",
-    "ConditioningSetAreaPercentageVideo",
     # video models' conditioning (ComfyUI's Wan and LTX-Video examples and templates use them)
     "WanCameraImageToVideo", "WanCameraEmbedding",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
-    "GITSScheduler", "OptimalStepsScheduler",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
 })

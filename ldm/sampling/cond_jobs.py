@@ -37,6 +37,21 @@ class Job:
     gligen: Any = None  # the entry's ("position", ldm.gligen.Gligen, phrases)
     ref_latents: References | None = None  # Flux Kontext's reference latents, at the latent's batch, never cropped
     attn_mask: Tensor | None = None  # Apply Style Model's attn_bias: Flux's attention bias (ldm.flux.joint_bias)
+    frames: slice | None = None  # a video latent's frames (its 3rd axis), None for an image latent
+
+    @property
+    def region(self) -> tuple:
+        """The index of the job's box in a latent or prediction: `x[job.region]`."""
+        return (..., self.rows, self.cols) if self.frames is None else (..., self.frames, self.rows, self.cols)
+
+    def shape(self) -> tuple[int, ...]:
+        """The box's size: (frames,) rows, columns."""
+        spans = (self.rows, self.cols) if self.frames is None else (self.frames, self.rows, self.cols)
+        return tuple(s.stop - s.start for s in spans)
+
+    def spans_frames_and_rows(self, x: Tensor) -> bool:
+        """Whether the box holds every frame and row of `x` (so that only its columns may be cut away)."""
+        return self.shape()[:-1] == tuple(x.shape[2:-1])
 
 
 def to_batch(t: Tensor, batch: int) -> Tensor:
@@ -83,10 +98,25 @@ def mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
     return max(8, int(rows.max()) + 1 - top), max(8, int(cols.max()) + 1 - left), top, left
 
 
+def frame_span(area: tuple | None, x: Tensor) -> tuple[int, int]:
+    """The (count, first) frames of a video latent an area covers: all of them unless the area is a video one
+    (ConditioningSetAreaPercentageVideo's ("percentage", temporal, height, width, z, y, x)); an image latent is
+    one frame."""
+    frames = x.shape[2] if x.ndim == 5 else 1
+    if area is None or len(area) != 7:
+        return frames, 0
+    return max(1, round(area[1] * frames)), round(area[4] * frames)
+
+
 def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: int,
          concat: Tensor | None = None) -> Job | None:
     batch, height, width = x.shape[0], *x.shape[-2:]  # a video latent [B, C, T, H, W] has its frames between
     area = options.get("area")
+    count, first = frame_span(area, x)
+    if first >= (x.shape[2] if x.ndim == 5 else 1):
+        return None  # a video area after the latent's last frame
+    if area is not None and len(area) == 7:
+        area = (area[0], *area[2:4], *area[5:7])  # its box within each of its frames
     mask = options.get("mask")
     if mask is not None:
         mask = resized_mask(mask, x)
@@ -118,18 +148,29 @@ def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: i
         wy = feather_ramp(hh, top != 0, top + h < height, feather)
         wx = feather_ramp(ww, left != 0, left + w < width, feather)
         weight = (strength * wy[:, None] * wx[None, :]).to(x.device, x.dtype).expand(1, 1, hh, ww)
-    concat = options.get("concat", concat)
-    if concat is not None:
-        concat = to_batch(resized_concat(concat.to(x.device, x.dtype), x), batch)[..., rows, cols]
+    frames = None
+    if x.ndim == 5:
+        frames = slice(first, min(first + count, x.shape[2]))
     if x.ndim == 5 and isinstance(weight, Tensor):
         weight = weight.unsqueeze(2)  # one weight per pixel of every frame of a video latent
+        length = frames.stop - frames.start
+        if mask is None and length < x.shape[2]:
+            # A video area also fades in and out over its first and last frames, over a quarter of its length
+            # at most (up to the feather), as ComfyUI feathers each axis of a multi-dimensional area.
+            ramp = feather_ramp(length, first != 0, frames.stop < x.shape[2], min(feather, length // 4))
+            weight = weight * ramp.to(weight).reshape(1, 1, -1, 1, 1)
+    concat = options.get("concat", concat)
+    if concat is not None:
+        concat = to_batch(resized_concat(concat.to(x.device, x.dtype), x), batch)
+        concat = concat[..., rows, cols] if frames is None or concat.ndim == 4 else concat[..., frames, rows, cols]
     refs = options.get("ref_latents")
     if refs is not None:
         refs = References(tuple(to_batch(r.to(x.device, x.dtype), batch) for r in refs.latents), refs.method)
     attn_mask = options.get("attention_mask")
     attn_mask = None if attn_mask is None else to_batch(attn_mask.to(x.device), batch)
     return Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
-                hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs, attn_mask=attn_mask)
+                hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs, attn_mask=attn_mask,
+                frames=frames)
 
 
 def pair_areas(jobs: list[Job]) -> list[Job]:
@@ -144,20 +185,26 @@ def pair_areas(jobs: list[Job]) -> list[Job]:
             for other in (j for j in out if j.side == 1 - side):
                 if not other.area:
                     smallest = smallest or other
-                elif (other.rows.start <= job.rows.start and other.cols.start <= job.cols.start
-                      and other.rows.stop >= job.rows.stop and other.cols.stop >= job.cols.stop
+                elif (encloses(other, job)
                       and (smallest is None or not smallest.area or job_size(other) < job_size(smallest))):
                     smallest = other
-            if smallest is None or (smallest.area and (smallest.rows, smallest.cols) == (job.rows, job.cols)):
+            if smallest is None or (smallest.area and smallest.region == job.region):
                 continue
             out.append(Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
                             True, job.source, job.concat, smallest.hooks, smallest.gligen, smallest.ref_latents,
-                            smallest.attn_mask))
+                            smallest.attn_mask, job.frames))
     return out
 
 
+def encloses(outer: Job, inner: Job) -> bool:
+    spans = [(outer.rows, inner.rows), (outer.cols, inner.cols)]
+    if outer.frames is not None and inner.frames is not None:
+        spans.append((outer.frames, inner.frames))
+    return all(o.start <= i.start and o.stop >= i.stop for o, i in spans)
+
+
 def job_size(job: Job) -> int:
-    return (job.rows.stop - job.rows.start) * (job.cols.stop - job.cols.start)
+    return math.prod(job.shape())
 
 
 def batches_of(jobs: list[Job]) -> list[list[Job]]:
@@ -169,8 +216,7 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
             first = group[0]
             lengths = [j.context.shape[1] for j in group] + [job.context.shape[1]]
             if (
-                (first.rows.stop - first.rows.start, first.cols.stop - first.cols.start)
-                == (job.rows.stop - job.rows.start, job.cols.stop - job.cols.start)
+                first.shape() == job.shape()
                 and (first.y is None) == (job.y is None)
                 and (job.y is None or first.y.shape[1:] == job.y.shape[1:])
                 and first.context.shape[2] == job.context.shape[2]

@@ -203,10 +203,10 @@ class CFGGuider:
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
         for jobs, cond in plan.batches:
-            if len(jobs) == 1 and jobs[0].rows.stop - jobs[0].rows.start == x.shape[-2]:
+            if len(jobs) == 1 and jobs[0].spans_frames_and_rows(x):
                 x_in = x[..., jobs[0].cols] if jobs[0].cols.stop - jobs[0].cols.start < x.shape[-1] else x
             else:
-                x_in = torch.cat([x[..., j.rows, j.cols] for j in jobs])
+                x_in = torch.cat([x[j.region] for j in jobs])
             denoiser = self._denoiser(jobs[0].hooks, sigma, level)
             if level is None:
                 x0 = denoiser(x_in, sigma.repeat(len(jobs)), cond)
@@ -216,7 +216,7 @@ class CFGGuider:
                 if plan.counts[job.side] is None:
                     preds[job.side] = out
                 else:
-                    totals[job.side][..., job.rows, job.cols] += out * job.weight
+                    totals[job.side][job.region] += out * job.weight
         for side, count in enumerate(plan.counts):
             if count is not None:
                 preds[side] = totals[side] / count
@@ -280,7 +280,7 @@ class CFGGuider:
             covered = torch.zeros(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
             for job in jobs:
                 if job.side == side:
-                    covered[..., job.rows, job.cols] += job.weight
+                    covered[job.region] += job.weight
             left = (1 - covered).clamp_(min=0)
             if not bool(left.any()):
                 continue
@@ -325,7 +325,7 @@ class CFGGuider:
                     continue
                 count = torch.full_like(x, 1e-37)
                 for job in mine:
-                    count[..., job.rows, job.cols] += job.weight
+                    count[job.region] += job.weight
                 counts.append(count)
             self._plans[key] = _Plan(batches, counts)
         return self._plans[key]

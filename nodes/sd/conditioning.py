@@ -198,6 +198,30 @@ class ConditioningSetAreaPercentage(Node):
                  for emb, opts in conditioning],)
 
 
+class ConditioningSetAreaPercentageVideo(Node):
+    """Limits a prompt to a box of a video latent, as fractions of its width, height and frames (temporal, from
+    frame z), so it fits any size and length. On an image latent, a one-frame video, only a box starting at
+    frame 0 acts."""
+
+    category = "conditioning"
+    conditioning = Socket("CONDITIONING")
+    width = Float(1.0, min=0.0, max=1.0, step=0.01)
+    height = Float(1.0, min=0.0, max=1.0, step=0.01)
+    temporal = Float(1.0, min=0.0, max=1.0, step=0.01)
+    x = Float(0.0, min=0.0, max=1.0, step=0.01)
+    y = Float(0.0, min=0.0, max=1.0, step=0.01)
+    z = Float(0.0, min=0.0, max=1.0, step=0.01)
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, conditioning: list, width: float, height: float, temporal: float, x: float, y: float,
+                z: float, strength: float) -> tuple[list]:
+        # ComfyUI's layout: the sizes along (frames, rows, columns), then the starts (ldm.sampling.cond_jobs).
+        area = ("percentage", temporal, height, width, z, y, x)
+        return ([(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
+                 for emb, opts in conditioning],)
+
+
 class ConditioningSetAreaStrength(Node):
     """Sets how much a prompt weighs where it overlaps others."""
 
@@ -323,5 +347,6 @@ class ConditioningZeroOut(Node):
 
 
 NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, ConditioningCombine,
-         ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaStrength, ConditioningSetMask,
+         ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaPercentageVideo,
+         ConditioningSetAreaStrength, ConditioningSetMask,
          ConditioningSetTimestepRange, ConditioningConcat, ConditioningAverage, ConditioningZeroOut]

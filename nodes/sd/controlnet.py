@@ -147,11 +147,11 @@ def conditioning_facts(linked: dict[str, dict[str, Any]], conditionings: tuple[s
 
 def attach(conditionings: list[list], control_net: ControlNetModel, image: torch.Tensor, strength: float,
            start_percent: float = 0.0, end_percent: float = 1.0, apply_to_uncond: bool = False,
-           vae: Any = None) -> list[list]:
+           vae: Any = None, keep_mask: torch.Tensor | None = None) -> list[list]:
     """Each conditioning with a Control on every entry; entries that had the same control before (or none)
     get the same new one, so a positive and a negative prompt still share one model call. `apply_to_uncond`
     marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node). An SD3
-    ControlNet needs the `vae` (a Vae) that encodes its hint."""
+    ControlNet needs the `vae` (a Vae) that encodes its hint; an inpainting one its `keep_mask` too."""
     from ldm.controlnet import Control
     from ldm.controlnet_flux import FluxControl, FluxControlNet
     from ldm.controlnet_flux_xlabs import XLabsControlNet
@@ -159,6 +159,9 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     from ldm.sampling.schedules import sigma_at_percent
     from ldm.t2i_adapter import T2IAdapter, T2IAdapterControl
 
+    if getattr(control_net.model, "mask_channels", 0) and keep_mask is None:
+        raise ValueError(f"{control_net.source} is an inpainting ControlNet (its hint is a masked picture and the "
+                         "mask): apply it with ControlNetInpaintingAliMamaApply")
     hint = _hint(image)
     sigma_range = (sigma_at_percent(start_percent, _sigmas()), sigma_at_percent(end_percent, _sigmas()))
     made: dict[int, Control] = {}
@@ -172,7 +175,7 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
                              "Apply ControlNet)")
         # Its range in levels is the model's, known when the KSampler places it (SD3Control.fit).
         kind = functools.partial(FluxControl if flux else SD3Control, vae=None if vae is None else vae.vae,
-                                 percent_range=(start_percent, end_percent))
+                                 percent_range=(start_percent, end_percent), hint_mask=keep_mask)
 
     def control_after(previous: Control | None) -> Control:
         if id(previous) not in made:
@@ -217,6 +220,47 @@ class ControlNetApplyAdvanced(Node):
         # A start after the end is accepted, as in ComfyUI: the ControlNet then never acts.
         positive, negative = attach([positive, negative], control_net, image, strength, start_percent, end_percent,
                                     vae=vae)
+        return positive, negative
+
+
+class ControlNetInpaintingAliMamaApply(Node):
+    """Guides inpainting with Alimama's inpainting ControlNets (FLUX.1-dev-Controlnet-Inpainting, the SD3 one):
+    their hint is the picture with the masked part blacked out, VAE-encoded, and the mask of what to keep."""
+
+    category = "conditioning/controlnet"
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    control_net = Socket("CONTROL_NET")
+    vae = Socket("VAE")
+    image = Socket("IMAGE", tooltip="the picture to inpaint, in 0..1")
+    mask = Socket("MASK", tooltip="1 where the picture is repainted")
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01)
+    start_percent = Float(0.0, min=0.0, max=1.0, step=0.001)
+    end_percent = Float(1.0, min=0.0, max=1.0, step=0.001)
+    outputs = (Output("CONDITIONING", name="positive"), Output("CONDITIONING", name="negative"))
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        return control_family_problem(linked, ("positive", "negative"))
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return conditioning_facts(linked, ("positive", "negative"))
+
+    def execute(self, positive: list, negative: list, control_net: ControlNetModel, vae: Any, image: torch.Tensor,
+                mask: torch.Tensor, strength: float, start_percent: float,
+                end_percent: float) -> tuple[list, list]:
+        from ldm.controlnet_inpaint import masked_picture
+
+        if not getattr(control_net.model, "mask_channels", 0):
+            raise ValueError(f"{control_net.source} is not an inpainting ControlNet (its hint embedding takes no mask "
+                             "channel): this node is for Alimama's FLUX.1-dev / SD3 Controlnet-Inpainting; apply "
+                             "other ControlNets with Apply ControlNet")
+        if strength == 0:
+            return positive, negative
+        pixels, keep = masked_picture(_hint(image), mask.cpu())
+        positive, negative = attach([positive, negative], control_net, pixels.movedim(1, -1), strength,
+                                    start_percent, end_percent, vae=vae, keep_mask=keep)
         return positive, negative
 
 
@@ -279,4 +323,5 @@ class SetUnionControlNetType(Node):
         return (replace(control_net, control_type=control_type),)
 
 
-NODES = [ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced, ControlNetApply, SetUnionControlNetType]
+NODES = [ControlNetLoader, DiffControlNetLoader, ControlNetApplyAdvanced, ControlNetInpaintingAliMamaApply,
+         ControlNetApply, SetUnionControlNetType]

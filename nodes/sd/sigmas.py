@@ -1,4 +1,5 @@
-"""ComfyUI's Align Your Steps, Laplace and VP schedulers, sigma tools and AddNoise (math: extra_schedules)."""
+"""ComfyUI's Align Your Steps, GITS, Optimal Steps, Laplace and VP schedulers, sigma tools and AddNoise
+(math: extra_schedules, step_schedules)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from ldm.sampling.extra_schedules import (
     sigmas_vp,
 )
 from ldm.sampling.noise import prepare_noise
+from ldm.sampling.step_schedules import (
+    GITS_COEFF_MAX,
+    GITS_COEFF_MIN,
+    GITS_COEFF_STEP,
+    OSS_MODEL_TYPES,
+    gits_coeff_problem,
+    sigmas_gits,
+    sigmas_optimal_steps,
+)
 from nodes.node import Node
 from nodes.sd.custom_sampling import SIGMA_MAX, SIGMA_MIN, NoiseSource, _sigmas_out
 from nodes.sd.models import DiffusionModel
@@ -53,6 +63,43 @@ class AlignYourStepsScheduler(Node):
 
     def execute(self, model_type: str, steps: int, denoise: float) -> tuple[torch.Tensor]:
         return _sigmas_out(sigmas_align_your_steps(model_type, steps, denoise))
+
+
+def _gits_problem(inputs: dict) -> str | None:
+    coeff = _numbers(inputs, "coeff")
+    return gits_coeff_problem(coeff[0]) if coeff else None
+
+
+class GITSScheduler(Node):
+    """Chen et al.'s GITS schedules for SD1.5, published for 2 to 20 steps at each cost coefficient (the 20-step
+    one is stretched log-linearly for more). Denoise below 1 keeps that share of the steps, at the low-noise end."""
+
+    category = "sampling/schedulers"
+    coeff = Float(1.20, min=GITS_COEFF_MIN, max=GITS_COEFF_MAX, step=GITS_COEFF_STEP)
+    steps = Int(10, min=2, max=1000)
+    denoise = Float(1.0, min=0.0, max=1.0, step=0.01)
+    outputs = (Output("SIGMAS"),)
+
+    @classmethod
+    def check_inputs(cls, inputs: dict) -> str | None:
+        return _gits_problem(inputs)
+
+    def execute(self, coeff: float, steps: int, denoise: float) -> tuple[torch.Tensor]:
+        return _sigmas_out(sigmas_gits(coeff, steps, denoise))
+
+
+class OptimalStepsScheduler(Node):
+    """Pei et al.'s Optimal Stepsize schedules for FLUX, Wan and Chroma (flow sigmas; other step counts than the
+    published ones interpolated in log-sigma). Denoise below 1 keeps that share of the steps, at the low end."""
+
+    category = "sampling/custom_sampling/schedulers"
+    model_type = Combo(OSS_MODEL_TYPES)
+    steps = Int(20, min=3, max=1000)
+    denoise = Float(1.0, min=0.0, max=1.0, step=0.01)
+    outputs = (Output("SIGMAS"),)
+
+    def execute(self, model_type: str, steps: int, denoise: float) -> tuple[torch.Tensor]:
+        return _sigmas_out(sigmas_optimal_steps(model_type, steps, denoise))
 
 
 def _laplace_problem(inputs: dict) -> str | None:
@@ -198,6 +245,6 @@ class AddNoise(Node):
 
 
 NODES: list[Any] = [
-    AlignYourStepsScheduler, LaplaceScheduler, VPScheduler, SamplingPercentToSigma, ExtendIntermediateSigmas,
-    AddNoise,
+    AlignYourStepsScheduler, GITSScheduler, OptimalStepsScheduler, LaplaceScheduler, VPScheduler,
+    SamplingPercentToSigma, ExtendIntermediateSigmas, AddNoise,
 ]

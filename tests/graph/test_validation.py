@@ -34,8 +34,8 @@ def test_unknown_node_type(registry):
     assert typo.details == "Node ID '#1'; did you mean Scale?; a custom node pack in custom_nodes/ may provide it"
     [core] = problems(registry, {"1": {"class_type": "QuadrupleCLIPLoader", "inputs": {}}, "2": sink(1)})
     assert core.details.endswith("it is one of ComfyUI's built-in nodes, which Loom does not provide yet")
-    # ... and no look-alike of Loom's is offered for one (ConditioningSetAreaPercentageVideo is no ConditioningSetArea)
-    [hook] = problems(registry, {"1": {"class_type": "ConditioningSetAreaPercentageVideo", "inputs": {}},
+    # ... and no look-alike of Loom's is offered for one (ModelSamplingStableCascade is no ModelSamplingSD3)
+    [hook] = problems(registry, {"1": {"class_type": "ModelSamplingStableCascade", "inputs": {}},
                                  "2": sink(1)})
     assert hook.details == "Node ID '#1'; it is one of ComfyUI's built-in nodes, which Loom does not provide yet"
 
