@@ -13,7 +13,8 @@ Kinds, all told apart by the weights: text-to-video (Wan 2.1 1.3B / 14B, the Wan
 and first-last-frame (FLF2V) models, an image branch (`img_emb`): CLIP vision states [B, 257, 1280] (FLF2V: the two
 images' [B, 514, 1280], with learnt positions) projected to extra keys and values the cross-attention also reads
 (`k_img`, `v_img`); Wan 2.2's 5B TI2V model, 48 channels in and out (its own VAE's latent space); Wan 2.1 VACE,
-text-to-video with a control branch (`ldm.wan_vace`, through the `run_blocks` hook).
+text-to-video with a control branch (`ldm.wan_vace`, through the `run_blocks` hook); Wan 2.1 / 2.2 Fun camera
+control, image-to-video models with an adapter of the camera's rays (`ldm.wan_camera`, through the same hook).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ HEAD_DIM = 128  # every released Wan model's head width (1.3B: 1536 / 12, 14B: 5
 IMAGE_INPUTS = ("none", "i2v", "flf2v")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _VACE_BLOCK = re.compile(r"vace_blocks\.(\d+)\.")
+_CAMERA_BLOCK = re.compile(r"control_adapter\.residual_blocks\.(\d+)\.")
 # Wan variants whose extra parts change what the model computes; their files are refused rather than half-run.
-VARIANTS = {"control_adapter.": "Fun camera-control", "casual_audio_encoder.": "S2V",
-            "audio_injector.": "S2V", "motion_encoder.": "Animate", "face_adapter.": "Animate",
-            "pose_patch_embedding.": "Animate", "audio_proj.": "HuMo"}
+VARIANTS = {"casual_audio_encoder.": "S2V", "audio_injector.": "S2V", "motion_encoder.": "Animate",
+            "face_adapter.": "Animate", "pose_patch_embedding.": "Animate", "audio_proj.": "HuMo"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class WanConfig:
     """Shape of a Wan transformer (defaults: Wan 2.1 14B text-to-video). `image_input`: "none", "i2v" (an
     `img_emb` branch for CLIP vision states of `clip_dim`) or "flf2v" (the same with `flf_tokens` learnt positions
     for the first and last frames' states). `vace_layers`: for a VACE model (`ldm.wan_vace`), the main blocks its
-    VACE blocks feed, one each, in order; `vace_in_dim` the channels of its control input."""
+    VACE blocks feed, one each, in order; `vace_in_dim` the channels of its control input. `camera_in_dim`: for a Fun
+    camera model (`ldm.wan_camera`), the channels of its camera input per pixel (24), 0 for none; `camera_blocks` the
+    residual blocks of its adapter."""
 
     dim: int = 5120
     ffn_dim: int = 13824
@@ -67,6 +70,8 @@ class WanConfig:
     text_len: int = TEXT_LEN
     vace_layers: tuple[int, ...] = ()
     vace_in_dim: int = 96
+    camera_in_dim: int = 0
+    camera_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads or self.head_dim < 6:
@@ -77,6 +82,8 @@ class WanConfig:
                                  or self.vace_layers[-1] >= self.num_layers or self.image_input != "none"):
             raise ValueError(f"VACE blocks feeding blocks {list(self.vace_layers)}: a text-to-video model's blocks, "
                              f"ascending from 0, of its {self.num_layers}")
+        if self.camera_in_dim and self.vace_layers:
+            raise ValueError("a Wan model with both VACE blocks and a camera adapter: no released model has both")
 
     @property
     def head_dim(self) -> int:
@@ -389,6 +396,9 @@ def wan_config_from_state_dict(sd: Mapping[str, Tensor], num_heads: int | None =
         vace_layers = tuple(range(0, num_layers, max(num_layers // vace, 1)))[:vace] if vace else ()
         if len(vace_layers) != vace:
             raise ValueError(f"{vace} VACE blocks for {num_layers} main blocks: at most one each")
+        # A Fun camera adapter: its conv takes the camera's channels folded 8x8 (the VAE's downscale) into 64 each.
+        camera_in_dim = sd["control_adapter.conv.weight"].shape[1] // 64 if "control_adapter.conv.weight" in sd else 0
+        camera_blocks = len({int(m[1]) for k in sd if (m := _CAMERA_BLOCK.match(k))})
         return WanConfig(
             dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=num_heads,
             num_layers=num_layers, in_dim=in_dim,
@@ -398,6 +408,7 @@ def wan_config_from_state_dict(sd: Mapping[str, Tensor], num_heads: int | None =
             qk_norm="blocks.0.self_attn.norm_q.weight" in sd, cross_attn_norm="blocks.0.norm3.weight" in sd,
             image_input=image_input, clip_dim=clip_dim,
             flf_tokens=sd["img_emb.emb_pos"].shape[1] if image_input == "flf2v" else 514, vace_layers=vace_layers,
-            vace_in_dim=sd["vace_patch_embedding.weight"].shape[1] if vace else 96)
+            vace_in_dim=sd["vace_patch_embedding.weight"].shape[1] if vace else 96,
+            camera_in_dim=camera_in_dim, camera_blocks=camera_blocks if camera_in_dim else 1)
     except KeyError as e:
         raise ValueError(f"an incomplete Wan transformer: no weight {e}") from None

@@ -38,6 +38,7 @@ def make_wan_files(models_dir: str | Path, seed: int = 0, dtype: torch.dtype = t
     paths = {"t2v": models_dir / "diffusion_models" / "wan2.1_t2v-tiny.safetensors",
              "i2v": models_dir / "diffusion_models" / "wan2.1_i2v-tiny.safetensors",
              "vace": models_dir / "diffusion_models" / "wan2.1_vace-tiny.safetensors",
+             "camera": models_dir / "diffusion_models" / "wan2.1_fun_camera-tiny.safetensors",
              "umt5xxl": models_dir / "text_encoders" / "umt5_xxl-tiny.safetensors",
              "vae": models_dir / "vae" / "wan_2.1_vae-tiny.safetensors",
              "clip_vision": models_dir / "clip_vision" / "clip_vision_h-tiny.safetensors"}
@@ -46,6 +47,7 @@ def make_wan_files(models_dir: str | Path, seed: int = 0, dtype: torch.dtype = t
     write_tiny_wan(paths["t2v"], "t2v", seed=seed, dtype=dtype)
     write_tiny_wan(paths["i2v"], "i2v", seed=seed + 1, dtype=dtype)
     write_tiny_wan(paths["vace"], "vace", seed=seed + 3, dtype=dtype)
+    write_tiny_wan(paths["camera"], "camera", seed=seed + 4, dtype=dtype)
     write_tiny_umt5(paths["umt5xxl"], seed=seed, dtype=dtype)
     write_tiny_wan_vae(paths["vae"], version="2.1", seed=seed)
     write_tiny_clip_vision(paths["clip_vision"], seed=seed, dtype=dtype)

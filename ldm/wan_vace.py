@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.wan import Block, WanConfig, WanModel, pad_to_patch
+from ldm.wan_camera import WanCameraModel
 
 Controls = tuple[Tensor, list[float]]  # the controls' tokens [n, B, L, dim] and their strengths
 
@@ -98,7 +99,10 @@ class WanVaceModel(WanModel):
 
 
 def wan_model(config: WanConfig) -> WanModel:
-    """The transformer a config describes: a VACE model if it has VACE blocks, else Wan's plain one."""
+    """The transformer a config describes: a VACE model if it has VACE blocks, a Fun camera model if it has a camera
+    adapter (`ldm.wan_camera`), else Wan's plain one."""
+    if config.camera_in_dim:
+        return WanCameraModel(config)
     return WanVaceModel(config) if config.vace_layers else WanModel(config)
 
 

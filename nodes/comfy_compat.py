@@ -28,8 +28,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "QuadrupleCLIPLoader",
     # conditioning for other model kinds
     "CLIPTextEncodeHunyuanDiT",
-    # video models' conditioning (ComfyUI's Wan and LTX-Video examples and templates use them)
-    "WanCameraImageToVideo", "WanCameraEmbedding",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)

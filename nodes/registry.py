@@ -56,6 +56,7 @@ BUILTIN_MODULES = (
     "nodes.sd.svd",
     "nodes.sd.wan",
     "nodes.sd.wan_vace",
+    "nodes.sd.wan_camera",
     "nodes.sd.ltxv",
     "nodes.sd.ltxv_guides",
     "nodes.sd.qwen_image_edit",

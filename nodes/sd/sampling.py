@@ -266,10 +266,11 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
             from ldm.cuda_graphs import graphed_unet
 
             unet = graphed_unet(module, unet)
-    if model.family.name == "wan21":  # a VACE model's controls (WanVaceToVideo), bound for the run
+    if model.family.name == "wan21":  # bound for the run: a Fun camera model's camera, a VACE model's controls
+        from nodes.sd.wan_camera import camera_controls
         from nodes.sd.wan_vace import vace_controls
 
-        unet = vace_controls(unet, model, positive, negative)
+        unet = vace_controls(camera_controls(unet, model, positive, negative), model, positive, negative)
     noise_mask = latent.get("noise_mask")
     clean_kept = noise_mask is not None and getattr(model.family, "token_timesteps", False)
     if clean_kept:  # the mask as per-token noise levels (LTX-Video's, Wan 2.2 5B's image-to-video)
