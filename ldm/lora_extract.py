@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.flux import Flux
-from ldm.lora import _index
+from ldm.lora_families import _index
 from ldm.quant import dequantized_weight
 from ldm.unet import UNetModel
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.flux import Flux
-from ldm.lora import WeightPatch
+from ldm.lora_formats import WeightPatch
 from ldm.lora_t5 import t5_index
 
 

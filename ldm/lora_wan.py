@@ -13,7 +13,7 @@ Loom's WanModel keeps the original checkpoint names (`ldm.wan`), so the layouts 
   turned a `diff_b` into PEFT's lora bias), OneTrainer's `lora_transformer_` flattened.
 
 Wan's text encoder (UMT5) takes no LoRA: diffusers' Wan loader patches the transformer alone, and so does Loom
-(`ldm.lora._index` gives the text encoder no names, so its keys are reported as patching nothing).
+(`ldm.lora_families._index` gives the text encoder no names, so its keys are reported as patching nothing).
 
 Family: the original block names with Wan's one-letter projections (`self_attn.q`, `cross_attn.k_img`, `ffn.0`), or
 diffusers' `blocks.N.attn1` / `ffn.net` directly under `transformer.`, are Wan's alone; the self-attention's width

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import FAMILY_RULES, UNET_PREFIX, VAE_PREFIX, CheckpointError, ModelFamily, StateDict
-from ldm.lora import LORA_SUFFIXES, diffusers_unet_blocks, rename_path
+from ldm.lora_formats import LORA_SUFFIXES
+from ldm.lora_keys_sd import diffusers_unet_blocks, rename_path
 from ldm.text_encoders import TextEncoder, TextEncoderConfig, text_encoder_config_from_state_dict
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import VAEConfig

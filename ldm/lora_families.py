@@ -1,0 +1,151 @@
+"""LoRA family dispatch: which model family a LoRA file is for, and which module gives a model's LoRA names.
+
+SD1/SD2/SDXL names are ldm.lora_keys_sd's; Flux's, and diffusers' parts of its fused layers, ldm.lora_flux's; SD3's
+ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's ldm.lora_qwen_image's; Chroma's
+ldm.chroma_lora's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ldm.flux import Flux
+from ldm.lora_formats import Lora, LoraError
+from ldm.lora_keys_sd import sd_clip_index, sd_unet_index
+from ldm.unet import UNetModel
+
+if TYPE_CHECKING:
+    from ldm.lora_flux import Slot
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+def _index(module: nn.Module) -> dict[str, str]:
+    """Every name a LoRA file may use for a patchable layer of `module` -> its path in `module`."""
+    if isinstance(module, UNetModel):
+        return sd_unet_index(module)
+    from ldm import lora_flux, lora_sd3  # the families' modules load on first use
+    from ldm.flux_text import FluxTextEncoder
+    from ldm.mmdit import MMDiT
+    from ldm.sd3_text import SD3TextEncoder
+
+    chroma = _chroma_lora(module)  # Chroma: Flux's block names (ldm.chroma_lora)
+    if chroma is not None:
+        return chroma[0]
+
+    if isinstance(module, Flux):
+        return lora_flux.flux_index(module)
+    if isinstance(module, FluxTextEncoder):
+        return lora_flux.flux_text_index(module)
+    if isinstance(module, MMDiT):
+        return lora_sd3.sd3_index(module)
+    if isinstance(module, SD3TextEncoder):
+        return lora_sd3.sd3_text_index(module)
+    from ldm import lora_ltxv, lora_qwen_image, lora_wan
+    from ldm.ltxv import LTXVModel
+    from ldm.qwen_image import QwenImageModel
+    from ldm.wan import WanModel
+
+    if isinstance(module, WanModel):
+        return lora_wan.wan_index(module)
+    if isinstance(module, LTXVModel):
+        return lora_ltxv.ltxv_index(module)
+    if isinstance(module, QwenImageModel):
+        return lora_qwen_image.qwen_image_index(module)
+    if takes_no_lora(module):
+        return {}
+    encoders = getattr(module, "encoders", None)
+    if not isinstance(encoders, nn.ModuleDict):
+        raise TypeError(f"LoRA applies to a diffusion model or a text encoder, not {type(module).__name__}")
+    return sd_clip_index(encoders)
+
+
+def takes_no_lora(module: nn.Module) -> bool:
+    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5 and Qwen-Image's Qwen2.5-VL
+    (diffusers' loaders for those models patch their transformers alone, and so does Loom)."""
+    from ldm.ltxv_text import LTXVTextEncoder
+    from ldm.qwen_text import QwenImageTextEncoder
+    from ldm.umt5 import WanTextEncoder
+
+    return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder)
+
+
+def _slots(module: nn.Module) -> dict[str, Slot]:
+    """Names of parts of fused layers (a Flux or SD3 transformer's, in diffusers' layout) -> their slots."""
+    from ldm import lora_flux, lora_sd3
+    from ldm.mmdit import MMDiT
+
+    if isinstance(module, MMDiT):
+        return lora_sd3.sd3_slots(module)
+    chroma = _chroma_lora(module)
+    if chroma is not None:
+        return chroma[1]
+    return lora_flux.flux_slots(module) if isinstance(module, Flux) else {}
+
+
+def _chroma_lora(module: nn.Module) -> tuple[dict[str, str], dict[str, Slot]] | None:
+    """(index, slots) of a Chroma transformer or text encoder (`ldm.chroma_lora`); None for other modules."""
+    from ldm import chroma_lora
+    from ldm.chroma import Chroma
+    from ldm.chroma_files import ChromaTextEncoder
+
+    if isinstance(module, Chroma):
+        return chroma_lora.chroma_index(module), chroma_lora.chroma_slots(module)
+    if isinstance(module, ChromaTextEncoder):
+        return chroma_lora.chroma_text_index(module), {}
+    return None
+
+
+# --- family ---------------------------------------------------------------------------------------
+
+_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Block names only Flux has: BFL's (kohya's flattened, ComfyUI's dotted) and diffusers' single-stream blocks. A
+# diffusers file of double blocks alone is told from SD3's by ldm.lora_sd3.transformer_family (or not at all).
+_FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
+
+
+def lora_family(lora: Lora) -> str | None:
+    """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
+    ldm.lora_wan, "ltxv", "qwen_image"), None when its keys do not tell.
+    (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
+    from ldm.lora_ltxv import ltxv_family
+    from ldm.lora_qwen_image import qwen_image_family
+    from ldm.lora_sd3 import transformer_family
+    from ldm.lora_t5 import is_t5_name
+    from ldm.lora_wan import wan_family
+
+    names = lora.weights.keys()
+    # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
+    named = wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
+    if named is not None:
+        return named
+    if any(_FLUX_NAME.search(n) for n in names):
+        return "flux"
+    transformer = transformer_family(lora.weights)
+    if transformer is not None:
+        return transformer
+    # A second CLIP is SDXL's; Flux's T5 goes by the same prefixes (OneTrainer's lora_te2_, diffusers' text_encoder_2.).
+    if any((n.startswith(("lora_te2_", "text_encoder_2.")) and not is_t5_name(n)) or "add_embedding" in n
+           or "label_emb" in n for n in names):
+        return "sdxl"
+    for name, weight in lora.weights.items():
+        if re.search(r"attn2[._](processor[._])?to_k$", name) and weight.in_numel in _CONTEXT_FAMILY:
+            return _CONTEXT_FAMILY[weight.in_numel]
+    return None
+
+
+def check_lora_family(lora: Lora, family: str) -> None:
+    """Raise LoraError when the LoRA is recognisably for another family than `family`."""
+    found = lora_family(lora)
+    if found is not None and not family_fits(found, family):
+        source = lora.path.name if lora.path else "this LoRA"
+        raise LoraError(f"{source} is a {found.upper()} LoRA; it does not fit a {family.upper()} model")
+
+
+def family_fits(found: str, family: str) -> bool:
+    """Whether a LoRA of family `found` (`lora_family`) fits a model of `family`: the same family, Flux's on Chroma
+    (which keeps Flux's block names), a Wan LoRA of an unreleased width on either Wan family."""
+    return found == family or (found, family) == ("flux", "chroma") or (found == "wan" and family.startswith("wan"))
