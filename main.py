@@ -1,5 +1,5 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
-make-svd, make-wan, make-ltxv, make-qwen-image, train."""
+make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, train."""
 
 from __future__ import annotations
 
@@ -356,6 +356,7 @@ PART_MAKERS = {
     "make-wan": ("ldm.wan_presets", "make_wan_files", "Wan 2.1"),
     "make-ltxv": ("ldm.ltxv_presets", "make_ltxv_files", "LTX-Video 0.9.1"),
     "make-qwen-image": ("ldm.qwen_image_presets", "make_qwen_image_files", "Qwen-Image"),
+    "make-z-image": ("ldm.z_image_presets", "make_z_image_files", "Z-Image"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -368,6 +369,8 @@ PART_HELP = {
                   "(ltx-video-2b-v0.9.1-tiny, t5xxl-ltxv-tiny)"),
     "make-qwen-image": ("the transformer, Qwen2.5-VL's language model, the VAE", "diffusion_models/, text_encoders/ "
                         "and vae/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny)"),
+    "make-z-image": ("the transformer, Qwen3-4B, Flux's VAE", "diffusion_models/, text_encoders/ and vae/ "
+                     "(z_image_turbo-tiny, qwen_3_4b-tiny, ae-z_image-tiny)"),
 }
 
 

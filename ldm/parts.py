@@ -74,6 +74,10 @@ LOOKS: tuple[Look, ...] = (
     Look("qwen25vl", "Qwen2.5-VL, Qwen-Image's text encoder (a Qwen2 language model with q/k/v biases)", "put it in "
          "models/text_encoders and load it with Load CLIP, type qwen_image",
          lambda keys: {"model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.bias"} <= keys),
+    Look("qwen3", "Qwen3 (Qwen3-4B is Z-Image's text encoder: a language model with q/k norms)", "put it in "
+         "models/text_encoders and load it with Load CLIP, type lumina2",
+         lambda keys: {"model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight"} <= keys
+         and "model.layers.0.pre_feedforward_layernorm.weight" not in keys),  # Gemma 3 has q/k norms too
     Look("llm", "a language-model text encoder (Llama, Gemma, Qwen: newer model families use them)", _UNSUPPORTED,
          _contains("embed_tokens.weight")),
     Look("clip_vision", "a CLIP vision model (it encodes images, for unCLIP and IP-Adapter)", _UNSUPPORTED,

@@ -130,7 +130,7 @@ def _weight(sd: Mapping[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
     return tensor.to(dtype) if scale is None else (tensor.float() * scale.float()).to(dtype)
 
 
-def _scale_keys(sd: Mapping[str, Tensor]) -> set[str]:
+def fp8_scale_keys(sd: Mapping[str, Tensor]) -> set[str]:
     """A scaled fp8 file's scales and markers (input scales serve fp8 matmuls only; Loom computes in its dtype)."""
     return scaling_keys(sd) | {k for k in sd if k.endswith((".weight_scale", ".input_scale", ".comfy_quant"))}
 
@@ -149,22 +149,23 @@ def qwen_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -
     # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
     inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
     model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), used | _scale_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
+    return model.eval().requires_grad_(False), used | fp8_scale_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
 
 
 def load_prefixed(model: torch.nn.Module, sd: Mapping[str, Tensor], prefix: str, name: str,
-                  dtype: torch.dtype) -> set[str]:
+                  dtype: torch.dtype, what: str = "Qwen2.5-VL") -> set[str]:
     """Loads `model` (built on the meta device) from the weights of `sd` under `prefix`, in `dtype`, and returns the
-    keys it read; a CheckpointError naming `name` when some are missing or of the wrong shape."""
+    keys it read; a CheckpointError naming `name` (and the model, `what`) when some are missing or of the wrong
+    shape."""
     expected = model.state_dict()
     missing = [k for k in expected if prefix + k not in sd]
     wrong = [f"{prefix}{k}: {tuple(sd[prefix + k].shape)}, expected {tuple(v.shape)}"
              for k, v in expected.items() if prefix + k in sd and sd[prefix + k].shape != v.shape]
     if missing:
-        raise CheckpointError(f"{name}: {len(missing)} Qwen2.5-VL weights missing, e.g. "
+        raise CheckpointError(f"{name}: {len(missing)} {what} weights missing, e.g. "
                               f"{[prefix + k for k in missing[:4]]}")
     if wrong:
-        raise CheckpointError(f"{name}: Qwen2.5-VL weights of the wrong shape: {wrong[:4]}")
+        raise CheckpointError(f"{name}: {what} weights of the wrong shape: {wrong[:4]}")
     model.load_state_dict({k: _weight(sd, prefix + k, dtype) for k in expected}, assign=True)
     return {prefix + k for k in expected}
 

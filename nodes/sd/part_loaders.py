@@ -82,9 +82,10 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.ltxv_files import peek_ltxv
             from ldm.qwen_image_files import peek_qwen_image  # first: diffusers-like names Flux's peek would refuse
             from ldm.wan_files import peek_wan
+            from ldm.z_image_files import peek_z_image  # first: Flux's peek may misread its names
 
-            family = (peek_qwen_image(path) or peek_chroma(path) or peek_flux(path) or peek_sd3(path)
-                      or peek_wan(path) or peek_ltxv(path) or peek_unet(path))
+            family = (peek_z_image(path) or peek_qwen_image(path) or peek_chroma(path) or peek_flux(path)
+                      or peek_sd3(path) or peek_wan(path) or peek_ltxv(path) or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -115,7 +116,8 @@ class UNETLoader(Node):
     `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. Flux and SD3
     transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards; Chroma's
     transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files), LTX-Video 0.9.x's
-    (ldm.ltxv_files) and Qwen-Image's (ldm.qwen_image_files) too. fp8 weight_dtypes store the weights in fp8 (e4m3).
+    (ldm.ltxv_files), Qwen-Image's (ldm.qwen_image_files) and Z-Image's (ldm.z_image_files) too. fp8 weight_dtypes
+    store the weights in fp8 (e4m3).
 
     An LTX-Video transformer alone carries no latent statistics: those (per-channel mean and std) come from the VAE
     part of an all-in-one ltx-video-2b-v0.9*.safetensors (CheckpointLoaderSimple); a bare transformer's family has
@@ -168,8 +170,11 @@ class UNETLoader(Node):
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.qwen_image_files import is_qwen_image_file, load_qwen_image_unet
             from ldm.wan_files import is_wan_file, load_wan_unet
+            from ldm.z_image_files import is_z_image_file, load_z_image_unet
 
-            if is_qwen_image_file(path):  # first: its diffusers-like names are not Flux's diffusers layout
+            if is_z_image_file(path):  # first: Flux's probes may misread its names
+                loader = load_z_image_unet
+            elif is_qwen_image_file(path):  # first: its diffusers-like names are not Flux's diffusers layout
                 loader = load_qwen_image_unet
             elif is_wan_file(path):
                 loader = load_wan_unet
@@ -230,12 +235,13 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 
 @functools.lru_cache(maxsize=64)
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
-    """("t5xxl", "umt5xxl", "qwen25_7b" or a CLIP kind, refusal) of a text-encoder file from its header; (None, None)
-    if it cannot tell."""
+    """("t5xxl", "umt5xxl", "qwen25_7b", "qwen3_4b" (or "qwen3", "gemma": ldm.qwen3_text.text_kind) or a CLIP kind,
+    refusal) of a text-encoder file from its header; (None, None) if it cannot tell."""
     from safetensors import SafetensorError
 
     from ldm.checkpoint import CheckpointError, read_shapes
     from ldm.parts import peek_text_encoder
+    from ldm.qwen3_text import text_kind as qwen3_kind
     from ldm.qwen_text import is_qwen25
     from ldm.t5 import is_t5, is_umt5
 
@@ -247,6 +253,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
             return "umt5xxl", None
         if shapes is not None and is_qwen25(shapes):
             return "qwen25_7b", None
+        if shapes is not None and (kind := qwen3_kind(shapes)):
+            return kind, None
         return peek_text_encoder(path), None
     except CheckpointError as e:
         return None, str(e)
@@ -291,8 +299,9 @@ class CLIPLoader(Node):
     layout, or OpenCLIP's); with type sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL, the other two absent; with type
     chroma: Chroma's T5-XXL; with type wan: Wan's UMT5-XXL; with type ltxv: LTX-Video's T5-XXL (Flux's t5xxl files,
     encoded with the prompt's attention mask, which the conditioning carries); with type qwen_image: Qwen-Image's
-    Qwen2.5-VL-7B (its language model, the prompt in Qwen-Image's chat template, the mask carried likewise). The other
-    types are other model families' text encoders, which Loom refuses."""
+    Qwen2.5-VL-7B (its language model, the prompt in Qwen-Image's chat template, the mask carried likewise); with type
+    lumina2: Z-Image's Qwen3-4B (ldm.qwen3_text; Lumina Image 2.0's Gemma-2-2B, the type's other encoder, is refused).
+    The other types are other model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
@@ -300,7 +309,7 @@ class CLIPLoader(Node):
     type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
                                      "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL; "
                                      "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL; qwen_image: Qwen-Image's "
-                                     "Qwen2.5-VL-7B")
+                                     "Qwen2.5-VL-7B; lumina2: Z-Image's Qwen3-4B")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -322,18 +331,25 @@ class CLIPLoader(Node):
         if inputs.get("type") == "qwen_image":  # Qwen-Image: Qwen2.5-VL-7B's language model (ldm.qwen_text)
             return text_kinds_problem([inputs.get("clip_name")], ["qwen25_7b"], "type qwen_image takes one "
                                       "Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)")
+        if inputs.get("type") == "lumina2":  # Z-Image: Qwen3-4B (ldm.qwen3_text)
+            return text_kinds_problem([inputs.get("clip_name")], ["qwen3_4b"], "type lumina2 takes one Qwen3-4B, "
+                                      "Z-Image's text encoder (qwen_3_4b.safetensors or an fp8 copy); Lumina Image "
+                                      "2.0's Gemma-2-2B is not supported")
         if inputs.get("type") == "sd3":
             return _sd3_problem([inputs.get("clip_name")], "type sd3 takes one")
         if inputs.get("type") != "stable_diffusion":
-            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma, wan, ltxv or qwen_image",
-                                     "SD1.x, SD2.x and the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, "
-                                     "LTX-Video's T5, Qwen-Image's Qwen2.5-VL; DualCLIPLoader's sdxl for SDXL")
+            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma, wan, ltxv, qwen_image or "
+                                     "lumina2", "SD1.x, SD2.x and the SDXL refiner, one of SD3's, Chroma's T5, Wan's "
+                                     "UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3-4B; "
+                                     "DualCLIPLoader's sdxl for SDXL")
         return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         if inputs.get("type") in ("sd3", "chroma", "wan", "ltxv", "qwen_image"):
             return {0: {"family": inputs["type"]}}
+        if inputs.get("type") == "lumina2":
+            return {0: {"family": "z_image"}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
         return {} if family is None else {0: {"family": family}}
 
@@ -354,12 +370,17 @@ class CLIPLoader(Node):
             from ldm.qwen_text import load_qwen_image_text_encoder
 
             return (load_clip(self, (clip_name,), device, load_qwen_image_text_encoder, "qwen_image"),)
+        if type == "lumina2":
+            from ldm.qwen3_text import load_z_image_text_encoder
+
+            return (load_clip(self, (clip_name,), device, load_z_image_text_encoder, "z_image"),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":
-            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma, wan, ltxv or qwen_image", "SD1.x, "
-                                               "SD2.x and the SDXL refiner, one of SD3's, Chroma's T5, Wan's UMT5, "
-                                               "LTX-Video's T5, Qwen-Image's Qwen2.5-VL"))
+            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma, wan, ltxv, qwen_image or "
+                                               "lumina2", "SD1.x, SD2.x and the SDXL refiner, one of SD3's, Chroma's "
+                                               "T5, Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL, Z-Image's "
+                                               "Qwen3-4B"))
         return (load_clip(self, (clip_name,), device),)
 
 

@@ -21,6 +21,7 @@ from ldm.qwen_image_presets import make_qwen_image_files
 from ldm.sd3_presets import make_sd3_files
 from ldm.upscale import RRDBNet
 from ldm.wan_presets import make_wan_files
+from ldm.z_image_presets import make_z_image_files
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
 
@@ -38,6 +39,9 @@ SD3_FILES = {"bare_checkpoint": "checkpoints/sd3.5_medium.safetensors", "clip_g"
              "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn.safetensors"}
 # The tiny LTX-Video checkpoint under the name ltxv_t2v.json loads (its T5-XXL is Flux's tiny one, of the same width).
 LTXV_CHECKPOINT = "checkpoints/ltx-video-2b-v0.9.5.safetensors"
+# Tiny Z-Image parts under the names z_image_t2i.json loads; its ae.safetensors is Flux's, as a user's is.
+Z_IMAGE_FILES = {"unet": "diffusion_models/z_image_turbo_bf16.safetensors",
+                 "qwen3": "text_encoders/qwen_3_4b.safetensors"}
 # Tiny Qwen-Image parts under the names qwen_image_t2i.json loads.
 QWEN_FILES = {"unet": "diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
               "qwen25vl": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
@@ -80,6 +84,9 @@ def base(tmp_path_factory):
     qwen = make_qwen_image_files(root / "qwen-tiny", seed=1)
     for part, name in QWEN_FILES.items():
         shutil.copy(qwen[part], root / "models" / name)
+    z_image = make_z_image_files(root / "z-image-tiny", seed=1)
+    for part, name in Z_IMAGE_FILES.items():
+        shutil.copy(z_image[part], root / "models" / name)
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)

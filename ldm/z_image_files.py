@@ -1,0 +1,140 @@
+"""Z-Image diffusion-model files (ComfyUI's single files, z_image_turbo_bf16 and the like: the released keys, bare or
+under `model.diffusion_model.`; bf16, fp16, fp8 and scaled fp8), their family, and tiny random files.
+
+The family carries what the sampler needs beyond the weights: Z-Image's VAE is Flux's (its latent scale 0.3611 and
+shift 0.1159, ComfyUI's Flux latent format), and the model samples on SD3's shifted flow levels,
+`shift * t / (1 + (shift - 1) * t)` (ComfyUI's ModelSamplingAuraFlow, multiplier 1), at shift 3, ComfyUI's default
+for the family (supported_models' ZImage) and the value its Z-Image-Turbo workflow sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm import checkpoint as ckpt
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.flow_family import FlowFamily
+from ldm.flux_files import FLUX_VAE, LATENT_SHIFT
+from ldm.flux_presets import distinct_random_
+from ldm.t5 import descaled_fp8, scaling_keys
+from ldm.vae import VAEConfig
+from ldm.z_image import UNUSED, ZImageConfig, ZImageModel, is_z_image, z_image_config_from_state_dict
+
+Z_IMAGE_SHIFT = 3.0  # ComfyUI's sampling shift for Z-Image (SD3-style schedule, multiplier 1)
+# Files Loom writes carry the RoPE split, which the weights cannot tell (the released model's heads are 128 wide).
+AXES_KEY = "loom.z_image_axes"
+# The MLP widths are diffusers' for this width (int(dim / 3 * 8); the timestep MLP 1024 wide at any width).
+TINY_Z_IMAGE = ZImageConfig(num_layers=2, num_refiner_layers=1, num_heads=2, head_dim=16, cap_feat_dim=32,
+                            ffn_hidden=85, t_hidden=1024, adaln_dim=32, axes_dim=(4, 6, 6))
+
+
+@dataclass(frozen=True)
+class ZImageFamily(FlowFamily):
+    """A Z-Image model's family: its transformer's config and Flux's 16-channel latent space. Built as
+    `ZImageFamily(config)`."""
+
+    unet_config: ZImageConfig
+    vae_config: VAEConfig = FLUX_VAE
+    name: str = "z_image"
+    latent_shift: float = LATENT_SHIFT
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet_config.out_channels
+
+    @property
+    def shift(self) -> float:
+        return Z_IMAGE_SHIFT
+
+
+@dataclass
+class LoadedZImage:
+    family: ZImageFamily
+    unet: ZImageModel
+    unused_keys: list[str]
+    path: Path
+    metadata: dict[str, str]
+
+
+def _axes(metadata: dict[str, str]) -> tuple[int, int, int] | None:
+    saved = metadata.get(AXES_KEY)
+    return None if saved is None else tuple(int(a) for a in saved.split(","))
+
+
+def _prefix(sd: StateDict) -> str | None:
+    """The prefix the file's Z-Image weights sit under ("" or ComfyUI's), None if it holds none."""
+    return next((p for p in (UNET_PREFIX, "") if is_z_image(sd, p)), None)
+
+
+def z_image_family(weights: StateDict, metadata: dict[str, str] | None = None, name: str = "") -> ZImageFamily:
+    """The family of Z-Image weights (bare or prefixed), the RoPE split from Loom's metadata if saved."""
+    prefix = _prefix(weights)
+    try:
+        if prefix is None:
+            raise ValueError("not a Z-Image transformer")
+        config = z_image_config_from_state_dict(weights, _axes(metadata or {}), prefix)
+        if config.in_channels != FLUX_VAE.z_channels:
+            raise ValueError(f"a model of {config.in_channels} latent channels; Z-Image's VAE (Flux's) makes 16")
+        return ZImageFamily(config)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
+
+
+def is_z_image_file(path: str | Path) -> bool:
+    """Whether a .safetensors file holds a Z-Image transformer (bare or prefixed), from its header."""
+    shapes = ckpt.shapes_or_none(path)
+    return shapes is not None and _prefix(shapes) is not None
+
+
+def peek_z_image(path: str | Path) -> ZImageFamily | None:
+    """The family of a Z-Image file from its header alone; None for other files and formats (a Z-Image file of a
+    variant Loom does not run raises CheckpointError)."""
+    shapes = ckpt.shapes_or_none(path)
+    if shapes is None or _prefix(shapes) is None:
+        return None
+    return z_image_family(shapes, ckpt.read_metadata(path), Path(path).name)
+
+
+def load_z_image_unet(path: str | Path, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.bfloat16) -> LoadedZImage:
+    """Load a Z-Image diffusion-model file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load);
+    keys the transformer does not use are listed as unused (not Lumina 2's final norm, which no one uses)."""
+    path = Path(path)
+    sd = ckpt.load_state_dict(path)
+    prefix = _prefix(sd)
+    if prefix is None:
+        looks = ("; it is a Lumina 2 transformer (no pad tokens), which Loom does not run"
+                 if any(k.removeprefix(UNET_PREFIX) == "cap_embedder.1.weight" for k in sd) else "")
+        raise CheckpointError(f"{path.name}: not a Z-Image diffusion model (no x_embedder / cap_pad_token / "
+                              f"layers.0.attention.qkv weights in its released layout){looks}")
+    metadata = ckpt.read_metadata(path)
+    family = z_image_family(sd, metadata, path.name)
+    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
+    model = ckpt._materialize(lambda: ZImageModel(family.unet_config), weights, "Z-Image transformer", path,
+                              device, dtype)
+    expected = set(model.state_dict())
+    skipped = {*scaling_keys(sd), *(prefix + k for k in UNUSED)}
+    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    return LoadedZImage(family, model, unused, path, metadata)
+
+
+def random_z_image(config: ZImageConfig = TINY_Z_IMAGE, seed: int = 0) -> ZImageModel:
+    """A Z-Image transformer with seeded random weights, each distinct (`ldm.flux_presets.distinct_random_`; the
+    RMS norms' weights near 1)."""
+    return distinct_random_(ZImageModel(config).eval(), seed, norm_scales=(
+        "norm1.weight", "norm2.weight", "q_norm.weight", "k_norm.weight", "cap_embedder.0.weight"))
+
+
+def write_tiny_z_image(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, prefix: str = "",
+                       config: ZImageConfig = TINY_Z_IMAGE) -> Path:
+    """Write a tiny random Z-Image transformer (prompt width 32 unless `config` says) in ComfyUI's single-file
+    layout (its keys under `prefix`: bare, as Comfy-Org's files are), with the RoPE split in Loom's metadata;
+    returns the path. Its images are noise."""
+    model = random_z_image(config, seed)
+    path = Path(path)
+    write_safetensors({prefix + k: v for k, v in model.state_dict().items()}, path,
+                      {AXES_KEY: ",".join(map(str, config.axes_dim)), "loom.seed": str(seed)}, dtype)
+    return path
