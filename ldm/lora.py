@@ -12,7 +12,15 @@ from dataclasses import fields, replace
 import torch
 from torch import Tensor, nn
 
-from ldm.lora_families import _index, _slots, check_lora_family, family_fits, lora_family, takes_no_lora
+from ldm.lora_families import (
+    _index,
+    _redundant,
+    _slots,
+    check_lora_family,
+    family_fits,
+    lora_family,
+    takes_no_lora,
+)
 from ldm.lora_formats import (
     FullWeight,
     LohaWeight,
@@ -82,14 +90,14 @@ def match_lora(module: nn.Module, lora: Lora) -> dict[str, WeightPatch]:
     """Layer path in `module` -> its patch, checking every matched shape."""
     from ldm import lora_flux
 
-    index, slots = _index(module), _slots(module)
+    index, slots, repeats = _index(module), _slots(module), _redundant(module, lora.weights)
     matched: dict[str, WeightPatch] = {}
     sliced = lora_flux.SlotParts()
     wrong = []
     for name, patch in lora.weights.items():
         slot = slots.get(name)
         path = slot.path if slot else index.get(name)
-        if path is None:
+        if path is None or name in repeats:
             continue
         layer, attr = _target(module, path)
         weight, bias = getattr(layer, attr), getattr(layer, "bias", None) if attr == "weight" else None

@@ -1,13 +1,14 @@
 """LoRA family dispatch: which model family a LoRA file is for, and which module gives a model's LoRA names.
 
 SD1/SD2/SDXL names are ldm.lora_keys_sd's; Flux's, and diffusers' parts of its fused layers, ldm.lora_flux's; SD3's
-ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's ldm.lora_qwen_image's; Chroma's
-ldm.chroma_lora's.
+ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's ldm.lora_qwen_image's; Z-Image's
+ldm.lora_z_image's; Chroma's ldm.chroma_lora's.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -44,10 +45,11 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_sd3.sd3_index(module)
     if isinstance(module, SD3TextEncoder):
         return lora_sd3.sd3_text_index(module)
-    from ldm import lora_ltxv, lora_qwen_image, lora_wan
+    from ldm import lora_ltxv, lora_qwen_image, lora_wan, lora_z_image
     from ldm.ltxv import LTXVModel
     from ldm.qwen_image import QwenImageModel
     from ldm.wan import WanModel
+    from ldm.z_image import ZImageModel
 
     if isinstance(module, WanModel):
         return lora_wan.wan_index(module)
@@ -55,6 +57,8 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_ltxv.ltxv_index(module)
     if isinstance(module, QwenImageModel):
         return lora_qwen_image.qwen_image_index(module)
+    if isinstance(module, ZImageModel):
+        return lora_z_image.z_image_index(module)
     if takes_no_lora(module):
         return {}
     encoders = getattr(module, "encoders", None)
@@ -64,26 +68,39 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 
 def takes_no_lora(module: nn.Module) -> bool:
-    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5 and Qwen-Image's Qwen2.5-VL
-    (diffusers' loaders for those models patch their transformers alone, and so does Loom)."""
+    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL and
+    Z-Image's Qwen3 (diffusers' loaders for those models patch their transformers alone, and so does Loom)."""
     from ldm.ltxv_text import LTXVTextEncoder
+    from ldm.qwen3_text import ZImageTextEncoder
     from ldm.qwen_text import QwenImageTextEncoder
     from ldm.umt5 import WanTextEncoder
 
-    return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder)
+    return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
-    """Names of parts of fused layers (a Flux or SD3 transformer's, in diffusers' layout) -> their slots."""
-    from ldm import lora_flux, lora_sd3
+    """Names of parts of fused layers (a Flux, SD3 or Z-Image transformer's, in diffusers' layout) -> their slots."""
+    from ldm import lora_flux, lora_sd3, lora_z_image
     from ldm.mmdit import MMDiT
+    from ldm.z_image import ZImageModel
 
     if isinstance(module, MMDiT):
         return lora_sd3.sd3_slots(module)
+    if isinstance(module, ZImageModel):
+        return lora_z_image.z_image_slots(module)
     chroma = _chroma_lora(module)
     if chroma is not None:
         return chroma[1]
     return lora_flux.flux_slots(module) if isinstance(module, Flux) else {}
+
+
+def _redundant(module: nn.Module, names: Iterable[str]) -> set[str]:
+    """A file's patch names that repeat others of the same file for `module` (Z-Image trainers' twice-written
+    attentions, `ldm.lora_z_image`), to be left out."""
+    from ldm import lora_z_image
+    from ldm.z_image import ZImageModel
+
+    return lora_z_image.z_image_redundant(module, names) if isinstance(module, ZImageModel) else set()
 
 
 def _chroma_lora(module: nn.Module) -> tuple[dict[str, str], dict[str, Slot]] | None:
@@ -109,17 +126,19 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv", "qwen_image"), None when its keys do not tell.
+    ldm.lora_wan, "ltxv", "qwen_image", "z_image"), None when its keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
     from ldm.lora_ltxv import ltxv_family
     from ldm.lora_qwen_image import qwen_image_family
     from ldm.lora_sd3 import transformer_family
     from ldm.lora_t5 import is_t5_name
     from ldm.lora_wan import wan_family
+    from ldm.lora_z_image import z_image_family
 
     names = lora.weights.keys()
     # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
-    named = wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
+    named = (wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
+             or z_image_family(lora.weights))
     if named is not None:
         return named
     if any(_FLUX_NAME.search(n) for n in names):
