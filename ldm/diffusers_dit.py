@@ -22,7 +22,7 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, StateDict
-from ldm.t5 import descaled_fp8
+from ldm.t5 import descaled_fp8, scaling_keys
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
 _INDEX_SUFFIX = ".safetensors.index.json"
@@ -242,11 +242,11 @@ def sd3_from_diffusers(sd: StateDict) -> StateDict:
 
 def descaled(sd: StateDict) -> StateDict:
     """ComfyUI's scaled fp8 weights descaled before fusing (q, k and v have a scale each, a fused weight one)."""
-    if not any(k.endswith(".scale_weight") for k in sd):
+    if not any(k.endswith((".scale_weight", ".weight_scale")) for k in sd):
         return sd
-    weights = {k: v for k, v in descaled_fp8(sd).items() if not k.endswith((".scale_weight", ".scale_input"))}
+    skipped = scaling_keys(sd)
+    weights = {k: v for k, v in descaled_fp8(sd).items() if k not in skipped}
     sd.clear()
-    weights.pop("scaled_fp8", None)
     return weights
 
 

@@ -132,7 +132,7 @@ def _weight(sd: Mapping[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
 
 def fp8_scale_keys(sd: Mapping[str, Tensor]) -> set[str]:
     """A scaled fp8 file's scales and markers (input scales serve fp8 matmuls only; Loom computes in its dtype)."""
-    return scaling_keys(sd) | {k for k in sd if k.endswith((".weight_scale", ".input_scale", ".comfy_quant"))}
+    return scaling_keys(sd)
 
 
 def qwen_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -> tuple[Any, set[str]]:

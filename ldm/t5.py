@@ -19,6 +19,7 @@ Prompt weights as ComfyUI applies them to T5: a token of weight w becomes ``z_em
 from __future__ import annotations
 
 import gzip
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -210,18 +211,53 @@ class T5Encoder(nn.Module):
 
 
 def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """The weights of a "scaled fp8" file (ComfyUI's: a `scaled_fp8` marker, each weight with its `.scale_weight`)
-    multiplied by their per-tensor scales; other files as they are. Used for T5 and the Flux transformer."""
-    scales = {k[: -len(".scale_weight")] + ".weight": v for k, v in sd.items() if k.endswith(".scale_weight")}
+    """The weights of a scaled fp8 file multiplied by their scales; other files as they are. Two spellings: ComfyUI's
+    "scaled fp8" (a `scaled_fp8` marker, each weight with its `.scale_weight`) and its newer "mixed precision" files
+    (each quantized layer's `.weight_scale` beside a `.comfy_quant` JSON tag naming the format; the other layers in
+    bf16). A per-tensor scale, or one per output row. Used for T5 and the diffusion transformers' loaders."""
+    scales = {}
+    for key, scale in sd.items():
+        for suffix in (".scale_weight", ".weight_scale"):
+            if key.endswith(suffix):
+                scales[key[: -len(suffix)] + ".weight"] = scale
     if not scales:
         return sd
-    return {k: (v.float() * scales[k].float() if k in scales and not v.is_meta else v) for k, v in sd.items()}
+    for key in sd:
+        if key.endswith(".comfy_quant"):
+            _check_quant_format(key, sd[key])
+    return {k: (_descale(v, scales[k]) if k in scales and not v.is_meta else v) for k, v in sd.items()}
+
+
+def _descale(weight: Tensor, scale: Tensor) -> Tensor:
+    scale = scale.float()
+    if scale.ndim == 1 and scale.numel() == weight.shape[0] > 1:  # one scale per output row
+        scale = scale.reshape(-1, *[1] * (weight.ndim - 1))
+    return weight.float() * scale
+
+
+# The `.comfy_quant` formats whose weights are values times their scales (ComfyUI's mixed-precision files).
+_PLAIN_QUANT = ("float8_e4m3fn", "float8_e5m2", "int8")
+
+
+def _check_quant_format(key: str, tag: Tensor) -> None:
+    """Refuse a layer whose ComfyUI quantization tag names a packed format (NVFP4, MXFP8 blocks) Loom cannot read."""
+    from ldm.checkpoint import CheckpointError
+
+    try:
+        fmt = str(json.loads(bytes(tag.to(torch.uint8).tolist()).decode()).get("format", ""))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return  # an unreadable tag: the layer's scale is applied as for any scaled weight
+    if fmt and fmt not in _PLAIN_QUANT and not fmt.startswith(_PLAIN_QUANT):
+        raise CheckpointError(f"{key.removesuffix('.comfy_quant')} is quantized as {fmt}, which Loom cannot read "
+                              f"(it reads {', '.join(_PLAIN_QUANT)} weights with their scales); use the model's "
+                              "bf16 or fp8 file")
 
 
 def scaling_keys(sd: Mapping[str, Tensor]) -> set[str]:
-    """A scaled fp8 file's scales and marker, which `descaled_fp8` consumes (input scales serve fp8 matmuls only,
-    and Loom computes in the model dtype)."""
-    return {k for k in sd if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"}
+    """A scaled fp8 file's scales, quantization tags and marker, which `descaled_fp8` consumes (input scales serve fp8
+    matmuls only, and Loom computes in the model dtype)."""
+    suffixes = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+    return {k for k in sd if k.endswith(suffixes) or k == "scaled_fp8"}
 
 
 def build_t5(config: T5Config, device: torch.device | str | None = None,
