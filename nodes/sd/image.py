@@ -162,12 +162,17 @@ class ImageScaleToTotalPixels(Node):
     image = Socket("IMAGE")
     upscale_method = Combo(UPSCALE_METHODS)
     megapixels = Float(1.0, min=0.01, max=16.0, step=0.01)
+    # Optional here (ComfyUI added it in late 2025): workflows saved before then still load and validate.
+    resolution_steps = Int(1, min=1, max=256, optional=True,
+                           tooltip="round each side to a multiple of this (e.g. 16 or 32 for a model's patch grid)")
     outputs = (Output("IMAGE"),)
 
-    def execute(self, image: torch.Tensor, upscale_method: str, megapixels: float) -> tuple:
+    def execute(self, image: torch.Tensor, upscale_method: str, megapixels: float,
+                resolution_steps: int = 1) -> tuple:
         _, h, w, _ = image.shape
         scale = (megapixels * 1024 * 1024 / (w * h)) ** 0.5
-        return (resize_image(image, round(w * scale), round(h * scale), upscale_method),)
+        width, height = (round(side * scale / resolution_steps) * resolution_steps for side in (w, h))
+        return (resize_image(image, width, height, upscale_method),)
 
 
 class ImagePadForOutpaint(Node):
