@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "nodes.sd.solvers",
     "nodes.sd.vae",
     "nodes.sd.image",
+    "nodes.sd.image_save_advanced",
     "nodes.sd.mask",
     "nodes.sd.preprocessors",
     "nodes.sd.upscale",
