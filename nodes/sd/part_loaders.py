@@ -274,8 +274,8 @@ def text_kinds_problem(names: list[Any], wanted: list[str], needs: str, some: bo
     fits = len(set(kinds)) == len(kinds) and set(kinds) <= set(wanted) if some else sorted(kinds) == sorted(wanted)
     if problem or None in kinds or fits:
         return problem
-    return f"{' and '.join(map(str, names)) if len(names) == 2 else ', '.join(map(str, names))} hold " \
-           f"{' + '.join(kinds)}; {needs}"
+    return f"{' and '.join(map(str, names)) if len(names) == 2 else ', '.join(map(str, names))} " \
+           f"{'holds' if len(names) == 1 else 'hold'} {' + '.join(kinds)}; {needs}"
 
 
 _SD3_KINDS = ["clip_l", "clip_g", "t5xxl"]

@@ -137,7 +137,7 @@ def test_loaders_say_chroma_at_validation(engine) -> None:
     assert UNETLoader.output_facts({"unet_name": "chroma-tiny.safetensors"}, {}) == {0: {"family": "chroma"}}
     assert CLIPLoader.output_facts(CLIP, {}) == {0: {"family": "chroma"}}
     problem = CLIPLoader.check_inputs({"clip_name": "clip_l-tiny.safetensors", "type": "chroma"})
-    assert problem == "clip_l-tiny.safetensors hold clip_l; type chroma takes one T5-XXL (t5xxl)"
+    assert problem == "clip_l-tiny.safetensors holds clip_l; type chroma takes one T5-XXL (t5xxl)"
 
 
 def test_flux_clip_with_chroma_and_the_reverse_are_refused(engine) -> None:

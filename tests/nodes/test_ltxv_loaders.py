@@ -106,7 +106,7 @@ def test_cliploader_ltxv_encodes_with_the_attention_mask(engine, folders) -> Non
 def test_a_umt5_file_with_type_ltxv_is_refused(engine, folders) -> None:
     nodes = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": UMT5, "type": "ltxv"}}}
     assert CLIPLoader.check_inputs(nodes["1"]["inputs"]) == \
-        f"{UMT5} hold umt5xxl; type ltxv takes one T5-XXL (t5xxl: t5xxl_fp16.safetensors or an fp8 copy)"
+        f"{UMT5} holds umt5xxl; type ltxv takes one T5-XXL (t5xxl: t5xxl_fp16.safetensors or an fp8 copy)"
     [problem] = validate(parse_api({**nodes, "p": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}),
                          engine.registry).problems
     assert "type ltxv takes one T5-XXL" in problem.details

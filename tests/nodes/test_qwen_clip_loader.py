@@ -61,7 +61,7 @@ def test_clip_text_encode_gives_qwen_images_context(engine, folders) -> None:
 
 def test_a_umt5_file_with_type_qwen_image_is_refused(engine) -> None:
     assert CLIPLoader.check_inputs({"clip_name": UMT5, "type": "qwen_image"}) == \
-        f"{UMT5} hold umt5xxl; type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)"
+        f"{UMT5} holds umt5xxl; type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)"
     [problem] = validate(parse_api(workflow(UMT5)), engine.registry).problems
     assert "type qwen_image takes one Qwen2.5-VL-7B" in problem.details
     with pytest.raises(WorkflowInvalid):
@@ -70,7 +70,7 @@ def test_a_umt5_file_with_type_qwen_image_is_refused(engine) -> None:
 
 def test_a_qwen_file_with_other_types_is_refused(folders) -> None:
     assert CLIPLoader.check_inputs({"clip_name": QWEN, "type": "wan"}) == \
-        f"{QWEN} hold qwen25_7b; type wan takes one UMT5-XXL (umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)"
+        f"{QWEN} holds qwen25_7b; type wan takes one UMT5-XXL (umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)"
     problem = CLIPLoader.check_inputs({"clip_name": QWEN, "type": "stable_diffusion"})
     assert "it looks like Qwen2.5-VL, Qwen-Image's text encoder" in problem and "type qwen_image" in problem
     with pytest.raises(CheckpointError, match="not UMT5-XXL.*Qwen2.5-VL, Qwen-Image's text encoder"):

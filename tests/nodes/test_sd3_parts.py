@@ -156,7 +156,7 @@ def test_clip_loader_sd3_takes_one_file(engine, full) -> None:
      "sd3-clip_l-tiny.safetensors and sd3-clip_l-tiny.safetensors hold clip_l + clip_l; type sd3 takes two of "
      "SD3's CLIP-L (clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)"),
     ({"class_type": "CLIPLoader", "inputs": {"clip_name": "sd2-clip_h.safetensors", "type": "sd3"}},
-     "sd2-clip_h.safetensors hold clip_h; type sd3 takes one of SD3's CLIP-L"),
+     "sd2-clip_h.safetensors holds clip_h; type sd3 takes one of SD3's CLIP-L"),
     ({"class_type": "UNETLoader", "inputs": {"unet_name": "sd3-vae.safetensors", "weight_dtype": "default"}},
      "sd3-vae.safetensors is not a UNet-only file: it looks like a VAE"),
 ])

@@ -64,7 +64,7 @@ def test_clip_text_encode_gives_wans_context(engine, folders) -> None:
 
 def test_a_t5_file_with_type_wan_is_refused(engine) -> None:
     assert CLIPLoader.check_inputs({"clip_name": T5, "type": "wan"}) == \
-        f"{T5} hold t5xxl; type wan takes one UMT5-XXL (umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)"
+        f"{T5} holds t5xxl; type wan takes one UMT5-XXL (umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)"
     [problem] = validate(parse_api(workflow(T5)), engine.registry).problems
     assert "type wan takes one UMT5-XXL" in problem.details
     with pytest.raises(WorkflowInvalid):
@@ -73,9 +73,9 @@ def test_a_t5_file_with_type_wan_is_refused(engine) -> None:
 
 def test_a_umt5_file_with_other_types_is_refused(folders) -> None:
     assert CLIPLoader.check_inputs({"clip_name": UMT5, "type": "sd3"}) == \
-        f"{UMT5} hold umt5xxl; type sd3 takes one of SD3's CLIP-L (clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)"
+        f"{UMT5} holds umt5xxl; type sd3 takes one of SD3's CLIP-L (clip_l), CLIP-G (clip_g) and T5-XXL (t5xxl)"
     assert CLIPLoader.check_inputs({"clip_name": UMT5, "type": "chroma"}) == \
-        f"{UMT5} hold umt5xxl; type chroma takes one T5-XXL (t5xxl)"
+        f"{UMT5} holds umt5xxl; type chroma takes one T5-XXL (t5xxl)"
     problem = CLIPLoader.check_inputs({"clip_name": UMT5, "type": "stable_diffusion"})
     assert "it looks like UMT5-XXL, Wan's text encoder" in problem and "Load CLIP, type wan" in problem
     assert DualCLIPLoader.check_inputs({"clip_name1": UMT5, "clip_name2": T5, "type": "flux"}) == \

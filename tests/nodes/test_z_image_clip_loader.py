@@ -72,7 +72,7 @@ def test_clip_text_encode_gives_z_images_context(engine, folders) -> None:
 
 @pytest.mark.parametrize("name, kind", [(UMT5, "umt5xxl"), (QWEN25, "qwen25_7b"), (GEMMA, "gemma")])
 def test_other_files_with_type_lumina2_are_refused(engine, folders, name, kind) -> None:
-    assert CLIPLoader.check_inputs({"clip_name": name, "type": "lumina2"}) == f"{name} hold {kind}; {NEEDS}"
+    assert CLIPLoader.check_inputs({"clip_name": name, "type": "lumina2"}) == f"{name} holds {kind}; {NEEDS}"
     [problem] = validate(parse_api(workflow(name)), engine.registry).problems
     assert "type lumina2 takes one Qwen3-4B" in problem.details
     with pytest.raises(WorkflowInvalid):
@@ -83,7 +83,7 @@ def test_other_files_with_type_lumina2_are_refused(engine, folders, name, kind) 
 
 def test_a_qwen3_file_with_other_types_is_refused(folders) -> None:
     assert CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "qwen_image"}) == \
-        f"{QWEN3} hold qwen3_4b; type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)"
+        f"{QWEN3} holds qwen3_4b; type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)"
     problem = CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "stable_diffusion"})
     assert "it looks like Qwen3 (Qwen3-4B is Z-Image's text encoder" in problem and "type lumina2" in problem
     with pytest.raises(CheckpointError, match="not Qwen2.5-VL-7B.*it holds Qwen3 \\(Qwen3-4B is Z-Image's"):
