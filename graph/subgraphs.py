@@ -155,6 +155,8 @@ def _promoted_values(node: dict[str, Any], definition: dict[str, Any],
         # "control_after_generate" included as an entry of its own (the converter drops it: not an input).
         names = {inp.get("name"): i for i, inp in enumerate(definition.get("inputs") or [])}
         for (inner, widget), value in zip(proxies, values, strict=False):
+            if value is None:  # the value lives on the inner node (Z-Image-Turbo's template: its seed)
+                continue
             if str(inner) == "-1" and widget in names:  # a widget input of the subgraph itself
                 if sources[names[widget]] is None:
                     found.setdefault(None, {})[names[widget]] = value

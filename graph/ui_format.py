@@ -144,6 +144,9 @@ class _Converter:
                 # Widget values can be named only by the node's declaration: for a type this engine lacks
                 # (a plugin not installed here), they are kept as they were, so converting loses nothing.
                 meta["widgets_values"] = node["widgets_values"]
+            pack = (node.get("properties") or {}).get("cnr_id")
+            if self.registry.get(node["type"]) is None and isinstance(pack, str):
+                meta["cnr_id"] = pack  # the pack the editor says the node is from ("comfy-core": a built-in)
             api[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": meta}
         return api
 

@@ -263,7 +263,7 @@ def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = N
     checker = _Checker(graph, registry)
     for node in graph.nodes.values():
         if node.class_type not in registry:
-            if node.class_type in COMFY_CORE_NODES_MISSING:
+            if node.class_type in COMFY_CORE_NODES_MISSING or node.meta.get("cnr_id") == "comfy-core":
                 hint = "; it is one of ComfyUI's built-in nodes, which Loom does not provide yet"
             else:
                 close = difflib.get_close_matches(node.class_type, list(registry), n=1)

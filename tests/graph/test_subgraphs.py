@@ -138,6 +138,10 @@ def test_proxy_widgets_override_inner_widget_values(registry):
     assert api["5:1"]["inputs"]["factor"] == 0.5
     kept = instance(widgets=[], properties={"proxyWidgets": [["1", "factor"]]})
     assert ui_to_api(workflow(kept, [scaler(inner_factor=2.0)]), registry)["5:1"]["inputs"]["factor"] == 2.0
+    # Comfy-Org's image_z_image_turbo.json stores null for a proxied seed whose value is the inner KSampler's: the
+    # converter gave the KSampler `seed: None`, which validation refused as a missing input.
+    nulled = instance(widgets=[None], properties={"proxyWidgets": [["1", "factor"]]})
+    assert ui_to_api(workflow(nulled, [scaler(inner_factor=2.0)]), registry)["5:1"]["inputs"]["factor"] == 2.0
 
 
 def test_ksampler_inside_a_subgraph_keeps_its_widgets_and_outer_links(registry):

@@ -128,3 +128,22 @@ def test_schema_1_links_as_objects(registry):
 def test_malformed_ui_documents(registry, data):
     with pytest.raises(DocumentError):
         graph_from_data(data, registry)
+
+
+def test_a_missing_node_the_file_tags_comfy_core_is_named_a_built_in(registry):
+    """ComfyUI's editor tags each node with the pack it came from (properties.cnr_id); a type Loom lacks that the
+    file says is comfy-core is reported as one of ComfyUI's built-ins, another pack's as a custom node."""
+    from graph.document import parse_api
+    from graph.validate import validate
+
+    def problem(pack: str) -> str:
+        node = ui_node(1, "SomeNewCoreNode", [1], outputs=[{"name": "INT", "type": "INT", "links": [1]}])
+        node["properties"] = {"cnr_id": pack, "ver": "0.3.73"}
+        ui = {"nodes": [node, ui_node(2, "Sink", inputs=[link_in("value", 1)])], "links": [[1, 1, 0, 2, 0, "INT"]]}
+        api = ui_to_api(ui, registry)
+        assert api["1"]["_meta"]["cnr_id"] == pack
+        [found] = validate(parse_api(api), registry).problems
+        return found.details
+
+    assert "one of ComfyUI's built-in nodes, which Loom does not provide yet" in problem("comfy-core")
+    assert "a custom node pack in custom_nodes/ may provide it" in problem("comfyui-kjnodes")
