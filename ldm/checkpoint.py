@@ -7,7 +7,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -344,6 +344,12 @@ def read_shapes(path: str | Path) -> StateDict | None:
             dtype = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
             shapes[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
     return shapes
+
+
+def metadata_ints(metadata: Mapping[str, str], key: str) -> tuple[int, ...] | None:
+    """Integers a file's metadata holds under `key` as "a,b,c" (e.g. Loom's RoPE split of a tiny model), or None."""
+    saved = metadata.get(key)
+    return None if saved is None else tuple(int(a) for a in saved.split(","))
 
 
 def shapes_or_none(path: str | Path) -> StateDict | None:

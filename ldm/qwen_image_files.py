@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_presets import distinct_random_
 from ldm.qwen_image import (
@@ -69,11 +69,6 @@ class LoadedQwenImage:
     metadata: dict[str, str]
 
 
-def _axes(metadata: dict[str, str]) -> tuple[int, int, int] | None:
-    saved = metadata.get(AXES_KEY)
-    return None if saved is None else tuple(int(a) for a in saved.split(","))
-
-
 def _prefix(sd: StateDict) -> str | None:
     """The prefix the file's Qwen-Image weights sit under ("" or ComfyUI's), None if it holds none."""
     return next((p for p in (UNET_PREFIX, "") if is_qwen_image(sd, p)), None)
@@ -85,7 +80,7 @@ def qwen_image_family(weights: StateDict, metadata: dict[str, str] | None = None
     try:
         if prefix is None:
             raise ValueError("not a Qwen-Image transformer")
-        config = qwen_image_config_from_state_dict(weights, _axes(metadata or {}), prefix)
+        config = qwen_image_config_from_state_dict(weights, metadata_ints(metadata or {}, AXES_KEY), prefix)
         if config.out_channels != len(WAN21_MEAN):
             raise ValueError(f"a model of {config.out_channels} latent channels; Qwen-Image's VAE makes 16")
         return QwenImageFamily(config)

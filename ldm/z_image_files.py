@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_files import FLUX_VAE, LATENT_SHIFT
 from ldm.flux_presets import distinct_random_
@@ -59,11 +59,6 @@ class LoadedZImage:
     metadata: dict[str, str]
 
 
-def _axes(metadata: dict[str, str]) -> tuple[int, int, int] | None:
-    saved = metadata.get(AXES_KEY)
-    return None if saved is None else tuple(int(a) for a in saved.split(","))
-
-
 def _prefix(sd: StateDict) -> str | None:
     """The prefix the file's Z-Image weights sit under ("" or ComfyUI's), None if it holds none."""
     return next((p for p in (UNET_PREFIX, "") if is_z_image(sd, p)), None)
@@ -75,7 +70,7 @@ def z_image_family(weights: StateDict, metadata: dict[str, str] | None = None, n
     try:
         if prefix is None:
             raise ValueError("not a Z-Image transformer")
-        config = z_image_config_from_state_dict(weights, _axes(metadata or {}), prefix)
+        config = z_image_config_from_state_dict(weights, metadata_ints(metadata or {}, AXES_KEY), prefix)
         if config.in_channels != FLUX_VAE.z_channels:
             raise ValueError(f"a model of {config.in_channels} latent channels; Z-Image's VAE (Flux's) makes 16")
         return ZImageFamily(config)

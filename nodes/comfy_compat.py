@@ -145,10 +145,15 @@ class ClassicNode(Node):
     # ComfyUI keeps one object per node of a workflow across runs; some classes keep state on it.
     instances: ClassVar[dict[str, Any]] = {}
 
-    def execute(self, **inputs: Any) -> Any:
+    def _object(self) -> Any:
+        """The class's object for this node id, made on first use and kept between runs, as ComfyUI keeps it."""
         obj = self.instances.get(self.ctx.node_id)
         if obj is None:
             obj = self.instances[self.ctx.node_id] = self.classic()
+        return obj
+
+    def execute(self, **inputs: Any) -> Any:
+        obj = self._object()
         for key, kind in self.hidden_kinds.items():
             source = _HIDDEN_SOURCES.get(kind)
             value = source(self.ctx) if source else None
@@ -163,9 +168,7 @@ class ClassicNode(Node):
         return result
 
     def check_lazy_status(self, **inputs: Any) -> list[str] | None:
-        obj = self.instances.get(self.ctx.node_id)
-        if obj is None:
-            obj = self.instances[self.ctx.node_id] = self.classic()
+        obj = self._object()
         hook = getattr(obj, "check_lazy_status", None)
         if hook is None:
             return None

@@ -159,6 +159,12 @@ class ConditioningCombine(Node):
         return (conditioning_1 + conditioning_2,)
 
 
+def _with_area(conditioning: list, area: tuple, strength: float) -> list:
+    """Every entry limited to `area` (latent pixels, or ("percentage", ...) fractions) with that strength."""
+    return [(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
+            for emb, opts in conditioning]
+
+
 class ConditioningSetArea(Node):
     """Limits a prompt to a rectangle of the image (pixels; stored in latent units as (h, w, y, x))."""
 
@@ -174,8 +180,7 @@ class ConditioningSetArea(Node):
 
     def execute(self, conditioning: list, width: int, height: int, x: int, y: int, strength: float) -> tuple[list]:
         area = (height // 8, width // 8, y // 8, x // 8)
-        return ([(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
-                 for emb, opts in conditioning],)
+        return (_with_area(conditioning, area, strength),)
 
 
 class ConditioningSetAreaPercentage(Node):
@@ -194,8 +199,7 @@ class ConditioningSetAreaPercentage(Node):
     def execute(self, conditioning: list, width: float, height: float, x: float, y: float,
                 strength: float) -> tuple[list]:
         area = ("percentage", height, width, y, x)
-        return ([(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
-                 for emb, opts in conditioning],)
+        return (_with_area(conditioning, area, strength),)
 
 
 class ConditioningSetAreaPercentageVideo(Node):
@@ -218,8 +222,7 @@ class ConditioningSetAreaPercentageVideo(Node):
                 z: float, strength: float) -> tuple[list]:
         # ComfyUI's layout: the sizes along (frames, rows, columns), then the starts (ldm.sampling.cond_jobs).
         area = ("percentage", temporal, height, width, z, y, x)
-        return ([(emb, {**opts, "area": area, "strength": strength, "set_area_to_bounds": False})
-                 for emb, opts in conditioning],)
+        return (_with_area(conditioning, area, strength),)
 
 
 class ConditioningSetAreaStrength(Node):

@@ -6,7 +6,6 @@ IMAGE is [B, H, W, C] floats in 0..1.
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,14 @@ import torch.nn.functional as F
 
 from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
-from nodes.sd.imageio import IMAGE_SUFFIXES, NotAnImageError, load_image_file, to_pil
+from nodes.sd.imageio import (
+    IMAGE_SUFFIXES,
+    NotAnImageError,
+    load_image_file,
+    png_bytes,
+    to_pil,
+    workflow_metadata,
+)
 from nodes.sd.latent import MAX_RESOLUTION, center_crop, composite, upscale_latent
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket, String
 
@@ -78,18 +84,11 @@ class LoadImage(Node):
 
 def save_images(ctx: Any, images: torch.Tensor, root: Path, prefix: str, kind: str) -> list[dict[str, str]]:
     """Write each image as PREFIX_00001_.png with the workflow in tEXt chunks; never overwrite."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    extra = ctx.extra if ctx is not None else {}
-    if extra.get("prompt") is not None:
-        info.add_text("prompt", json.dumps(extra["prompt"]))
-    for key, value in (extra.get("extra_pnginfo") or {}).items():
-        info.add_text(key, json.dumps(value))
+    text = workflow_metadata(ctx)
     results = []
     for image in images:
         with new_output_file(root, prefix, ".png") as (path, handle, subfolder):
-            to_pil(image).save(handle, format="PNG", pnginfo=info, compress_level=4)
+            handle.write(png_bytes(image, text))
         results.append({"filename": path.name, "subfolder": subfolder, "type": kind})
     return results
 

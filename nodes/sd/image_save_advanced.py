@@ -7,8 +7,6 @@ bit_depth, input_color_space]. Loom takes those undeclared inputs as they come (
 
 from __future__ import annotations
 
-import io
-import json
 import struct
 import zlib
 from fractions import Fraction
@@ -18,7 +16,7 @@ import torch
 
 from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
-from nodes.sd.imageio import to_pil
+from nodes.sd.imageio import png_bytes, workflow_metadata
 from nodes.spec import Combo, Socket, String
 
 # Each format's bit depths and input colour spaces, the first of each the default (ComfyUI's).
@@ -58,32 +56,21 @@ class SaveImageAdvanced(Node):
         depths, spaces = FORMATS[format]
         depth = options.get("format.bit_depth", depths[0])
         space = options.get("format.input_color_space", spaces[0])
-        results = []
+        text, results = workflow_metadata(self.ctx), []
         for image in images:
-            data = _png(image, depth, _text(self.ctx)) if format == "png" else _exr(_linear(image[..., :3], space))
+            if format == "png":
+                data = _png(image, depth, text)
+            else:
+                data = _exr(_linear(image[..., :3], space))
             with new_output_file(get_paths().output, filename_prefix, f".{format}") as (path, handle, subfolder):
                 handle.write(data)
             results.append({"filename": path.name, "subfolder": subfolder, "type": "output"})
         return NodeResult(ui={"images": results})
 
 
-def _text(ctx: Any) -> dict[str, str]:
-    """The workflow as PNG text chunks, as SaveImage writes them."""
-    extra = ctx.extra if ctx is not None else {}
-    chunks = {"prompt": json.dumps(extra["prompt"])} if extra.get("prompt") is not None else {}
-    return chunks | {key: json.dumps(value) for key, value in (extra.get("extra_pnginfo") or {}).items()}
-
-
 def _png(image: torch.Tensor, depth: str, text: dict[str, str]) -> bytes:
     if depth == "8-bit":
-        from PIL.PngImagePlugin import PngInfo
-
-        info = PngInfo()
-        for key, value in text.items():
-            info.add_text(key, value)
-        out = io.BytesIO()
-        to_pil(image).save(out, format="PNG", pnginfo=info, compress_level=4)
-        return out.getvalue()
+        return png_bytes(image, text)
     # 16 bits per channel: Pillow writes no 16-bit RGB PNG, FFmpeg's encoder does (it writes no text chunks).
     pixels = (image[..., :3].clamp(0, 1) * 65535).round().to(torch.int32).numpy().astype("uint16")
     return _with_text(_encoded("png", pixels, "rgb48le", "rgb48be"), text)

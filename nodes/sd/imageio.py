@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +31,26 @@ def to_pil(image: torch.Tensor):
     if array.shape[-1] == 1:
         array = array[..., 0]
     return Image.fromarray(array)
+
+
+def workflow_metadata(ctx: Any) -> dict[str, str]:
+    """The workflow that made a file, as ComfyUI stores it: the prompt and the editor's extra data, as JSON."""
+    extra = getattr(ctx, "extra", None) or {}
+    metadata = {} if extra.get("prompt") is None else {"prompt": json.dumps(extra["prompt"])}
+    metadata.update({key: json.dumps(value) for key, value in (extra.get("extra_pnginfo") or {}).items()})
+    return metadata
+
+
+def png_bytes(image: torch.Tensor, text: dict[str, str]) -> bytes:
+    """An 8-bit PNG of one IMAGE [H, W, C] with `text` in tEXt chunks (SaveImage's)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    out = io.BytesIO()
+    to_pil(image).save(out, format="PNG", pnginfo=info, compress_level=4)
+    return out.getvalue()
 
 
 def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
+from nodes.sd.imageio import workflow_metadata
 from nodes.sd.models import Clip, DiffusionModel, Vae, new_bytes
 from nodes.spec import Boolean, Combo, Float, InputSpec, Int, Output, Socket, String
 
@@ -222,14 +223,6 @@ def _save(prefix: str, write: Callable[[Path, str], Any]) -> dict[str, str]:
     return {"filename": path.name, "subfolder": subfolder, "type": "output"}
 
 
-def _workflow_metadata(ctx: Any) -> dict[str, str]:
-    """The workflow that made a file, as ComfyUI stores it: the prompt and the editor's extra data, as JSON."""
-    extra = getattr(ctx, "extra", None) or {}
-    metadata = {} if extra.get("prompt") is None else {"prompt": json.dumps(extra["prompt"])}
-    metadata.update({key: json.dumps(value) for key, value in (extra.get("extra_pnginfo") or {}).items()})
-    return metadata
-
-
 _ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sdxl_refiner": "stable-diffusion-xl-v1-refiner"}
 
 
@@ -294,7 +287,7 @@ class CheckpointSave(_Saves):
         problem = _parts_mismatch(model.family.name, clip.family_name)
         if problem:
             raise ValueError(problem)
-        unet, encoder, workflow = dequantized(model.unet), dequantized(clip.encoder), _workflow_metadata(self.ctx)
+        unet, encoder, workflow = dequantized(model.unet), dequantized(clip.encoder), workflow_metadata(self.ctx)
         entry = _save(filename_prefix, lambda path, title: save_checkpoint(
             path, unet, vae.vae, encoder, {**workflow, **_model_metadata(model, title)}, markers=_markers(model)))
         return NodeResult(ui={"files": [entry]})
@@ -314,7 +307,7 @@ class CLIPSave(_Saves):
         entries = []
         for name, encoder in dequantized(clip.encoder).encoders.items():
             # Which encoder a file holds: the released ones tell by their width, smaller ones need saying.
-            metadata = {"format": "pt", **_workflow_metadata(self.ctx), "loom.text_encoder": name}
+            metadata = {"format": "pt", **workflow_metadata(self.ctx), "loom.text_encoder": name}
             entries.append(_save(f"{filename_prefix}_{name}", lambda path, _title, encoder=encoder, metadata=metadata:
                                  write_safetensors(encoder.state_dict(), path, metadata)))
         return NodeResult(ui={"files": entries})
@@ -329,7 +322,7 @@ class VAESave(_Saves):
     def execute(self, vae: Vae, filename_prefix: str) -> NodeResult:
         from ldm.checkpoint import write_safetensors
 
-        metadata = {**_workflow_metadata(self.ctx), "loom.scaling_factor": str(vae.scaling_factor)}
+        metadata = {**workflow_metadata(self.ctx), "loom.scaling_factor": str(vae.scaling_factor)}
         entry = _save(filename_prefix, lambda path, _title: write_safetensors(vae.vae.state_dict(), path, metadata))
         return NodeResult(ui={"files": [entry]})
 
@@ -346,7 +339,7 @@ class ModelSave(_Saves):
 
         tensors: dict[str, torch.Tensor] = {UNET_PREFIX + k: v for k, v in dequantized(model.unet).state_dict().items()}
         tensors.update(_markers(model))
-        workflow = _workflow_metadata(self.ctx)
+        workflow = workflow_metadata(self.ctx)
         entry = _save(filename_prefix, lambda path, title: write_safetensors(
             tensors, path, {**workflow, **_model_metadata(model, title)}))
         return NodeResult(ui={"files": [entry]})
@@ -377,7 +370,7 @@ class LoraSave(_Saves):
         if not tensors:
             raise ValueError("nothing to extract: connect model_diff or text_encoder_diff, with weights that differ "
                              "(a fine-tune minus its base, e.g. ModelMergeSubtract's output)")
-        metadata = {**_workflow_metadata(self.ctx), "ss_network_module": "networks.lora",
+        metadata = {**workflow_metadata(self.ctx), "ss_network_module": "networks.lora",
                     "ss_network_dim": str(rank), "loom.lora_type": lora_type}
         entry = _save(filename_prefix, lambda path, _title: write_safetensors(tensors, path, metadata))
         return NodeResult(ui={"files": [entry]})

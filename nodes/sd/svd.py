@@ -23,9 +23,10 @@ from ldm.sampling.schedules import ContinuousSchedule
 from ldm.svd import svd_y, with_frame_count
 from ldm.svd_files import SIGMA_MAX, SIGMA_MIN
 from nodes.node import Node, NodeResult
+from nodes.sd.imageio import workflow_metadata
 from nodes.sd.latent import upscale_latent
 from nodes.sd.loaders import CheckpointLoaderSimple, model_file, model_path, shared_model
-from nodes.sd.merge import _save, _workflow_metadata
+from nodes.sd.merge import _save
 from nodes.sd.models import (
     DiffusionModel,
     Vae,
@@ -273,7 +274,7 @@ class ImageOnlyCheckpointSave(Node):
         _require_svd(model, "ImageOnlyCheckpointSave")
         if not isinstance(vae.vae, VideoAutoencoder):
             raise ValueError(f"the VAE {vae.source} is not a video VAE: save SVD's own (ImageOnlyCheckpointLoader's)")
-        unet, workflow = dequantized(model.unet), _workflow_metadata(self.ctx)
+        unet, workflow = dequantized(model.unet), workflow_metadata(self.ctx)
         entry = _save(filename_prefix, lambda path, title: save_svd_checkpoint(
             path, unet, vae.vae, clip_vision.model, {**workflow, "modelspec.title": title}))
         return NodeResult(ui={"files": [entry]})

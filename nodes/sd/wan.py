@@ -49,6 +49,20 @@ def _video_vae(vae: Vae, node: str) -> None:
         raise ValueError(f"{node} encodes its images with a video VAE (Wan's); {vae.source} is an image VAE")
 
 
+def _encoded_frames(node: Node, vae: Vae, frames: torch.Tensor, width: int, height: int, who: str) -> torch.Tensor:
+    """IMAGE frames fitted to width x height and encoded as one video by the (video) VAE: [1, C, T, h, w]."""
+    _video_vae(vae, who)
+    return encode(node, vae, _fit_frames(frames, width, height)[..., :3])
+
+
+def mean_filled(shape: tuple[int, ...], mean: tuple[float, ...], known: torch.Tensor) -> torch.Tensor:
+    """A latent of `shape` holding the latent space's mean (its zero, unnormalised) with `known`'s frames first."""
+    latent = torch.tensor(mean).reshape(1, -1, 1, 1, 1).expand(shape).clone()
+    frames = min(known.shape[2], shape[2])
+    latent[:, :, :frames] = known[:, :, :frames]
+    return latent
+
+
 def _with(conditioning: list, **values: Any) -> list:
     return [(embedding, {**options, **values}) for embedding, options in conditioning]
 
@@ -197,8 +211,7 @@ class WanFunControlToVideo(WanVideoConditioning):
         concat = torch.tensor(WAN21_MEAN).reshape(1, -1, 1, 1, 1).expand(shape).repeat(1, 2, 1, 1, 1)
         for video, channels in ((control_video, slice(0, 16)), (start_image, slice(16, 32))):
             if video is not None:
-                _video_vae(vae, "WanFunControlToVideo")
-                encoded = encode(self, vae, _fit_frames(video[:length], width, height)[..., :3])
+                encoded = _encoded_frames(self, vae, video[:length], width, height, "WanFunControlToVideo")
                 known = min(encoded.shape[2], frames)
                 concat[:, channels, :known] = encoded[:, :, :known]
         values: dict[str, Any] = {"concat_latent_image": concat}
@@ -226,8 +239,7 @@ class Wan22ImageToVideoLatent(Node):
         shape = (1, len(WAN22_MEAN), latent_frames(length), height // 16, width // 16)
         if start_image is None:
             return ({"samples": torch.zeros(batch_size, *shape[1:])},)
-        _video_vae(vae, "Wan22ImageToVideoLatent")
-        start = encode(self, vae, _fit_frames(start_image[:length], width, height)[..., :3])
+        start = _encoded_frames(self, vae, start_image[:length], width, height, "Wan22ImageToVideoLatent")
         if start.shape[1] != shape[1]:
             raise ValueError(f"Wan22ImageToVideoLatent takes Wan 2.2's 48-channel VAE; {vae.source} makes "
                              f"{start.shape[1]}-channel latents")
@@ -235,8 +247,7 @@ class Wan22ImageToVideoLatent(Node):
         mask = torch.ones(1, 1, *shape[2:])
         mask[:, :, :known] = 0.0
         # Unknown frames hold the latent space's mean (zero once normalised, as ComfyUI's are), known ones the image.
-        latent = torch.tensor(WAN22_MEAN).reshape(1, -1, 1, 1, 1).expand(shape).clone()
-        latent[:, :, :known] = start[:, :, :known]
+        latent = mean_filled(shape, WAN22_MEAN, start)
         return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), "noise_mask": mask.repeat(batch_size, 1, 1, 1, 1)},)
 
 

@@ -21,8 +21,7 @@ from ldm.wan_files import WAN21_MEAN
 from nodes.node import Node
 from nodes.sd.latent import MAX_RESOLUTION
 from nodes.sd.models import DiffusionModel, Vae
-from nodes.sd.vae import encode
-from nodes.sd.wan import WanVideoConditioning, _fit_frames, _video_vae, _with, latent_frames
+from nodes.sd.wan import WanVideoConditioning, _encoded_frames, _with, latent_frames, mean_filled
 from nodes.spec import Combo, Float, Int, Output, Socket
 
 CAMERA_EMBEDDING = "WAN_CAMERA_EMBEDDING"
@@ -68,13 +67,9 @@ class WanCameraImageToVideo(WanVideoConditioning):
         shape = (batch_size, 16, latent_frames(length), height // 8, width // 8)
         values: dict[str, Any] = {}
         if start_image is not None:
-            _video_vae(vae, "WanCameraImageToVideo")
             # Only the given pictures are encoded (no grey after them, unlike WanImageToVideo), as in ComfyUI.
-            start = encode(self, vae, _fit_frames(start_image[:length], width, height)[..., :3])
-            concat = torch.tensor(WAN21_MEAN).reshape(1, -1, 1, 1, 1).expand(shape).clone()
-            known = min(start.shape[2], shape[2])
-            concat[:, :, :known] = start[:, :, :known]
-            values["concat_latent_image"] = concat
+            start = _encoded_frames(self, vae, start_image[:length], width, height, "WanCameraImageToVideo")
+            values["concat_latent_image"] = mean_filled(shape, WAN21_MEAN, start)
         if camera_conditions is not None:
             values["camera_conditions"] = camera_conditions
         if clip_vision_output is not None:
