@@ -41,7 +41,8 @@ from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
-from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, VOCAB_FILE, fp8_scale_keys, load_prefixed, padded
+from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, VOCAB_FILE, load_prefixed, padded
+from ldm.t5 import scaling_keys
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -154,7 +155,7 @@ def qwen3_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) 
     # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
     inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
     model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), used | fp8_scale_keys(sd) | {k for k in sd if k.startswith("lm_head.")}
+    return model.eval().requires_grad_(False), used | scaling_keys(sd) | {k for k in sd if k.startswith("lm_head.")}
 
 
 class ZImageTextEncoder(PinnableTextEncoder):

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
-from ldm.t5 import scaling_keys
+from ldm.t5 import descale, scaling_keys
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 from ldm.tokenizer import DATA_DIR
 
@@ -127,12 +127,7 @@ def _weight(sd: Mapping[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
     tensor = sd[key]
     base = key.removesuffix(".weight")
     scale = sd.get(base + ".scale_weight", sd.get(base + ".weight_scale")) if base != key else None
-    return tensor.to(dtype) if scale is None else (tensor.float() * scale.float()).to(dtype)
-
-
-def fp8_scale_keys(sd: Mapping[str, Tensor]) -> set[str]:
-    """A scaled fp8 file's scales and markers (input scales serve fp8 matmuls only; Loom computes in its dtype)."""
-    return scaling_keys(sd)
+    return tensor.to(dtype) if scale is None else descale(tensor, scale).to(dtype)
 
 
 def qwen_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -> tuple[Any, set[str]]:
@@ -149,7 +144,7 @@ def qwen_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -
     # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
     inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
     model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), used | fp8_scale_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
+    return model.eval().requires_grad_(False), used | scaling_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
 
 
 def load_prefixed(model: torch.nn.Module, sd: Mapping[str, Tensor], prefix: str, name: str,

@@ -225,10 +225,11 @@ def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     for key in sd:
         if key.endswith(".comfy_quant"):
             _check_quant_format(key, sd[key])
-    return {k: (_descale(v, scales[k]) if k in scales and not v.is_meta else v) for k, v in sd.items()}
+    return {k: (descale(v, scales[k]) if k in scales and not v.is_meta else v) for k, v in sd.items()}
 
 
-def _descale(weight: Tensor, scale: Tensor) -> Tensor:
+def descale(weight: Tensor, scale: Tensor) -> Tensor:
+    """A scaled fp8 weight in float32: times its per-tensor scale, or its per-output-row one."""
     scale = scale.float()
     if scale.ndim == 1 and scale.numel() == weight.shape[0] > 1:  # one scale per output row
         scale = scale.reshape(-1, *[1] * (weight.ndim - 1))
