@@ -119,7 +119,10 @@ def test_a_keyframed_hook_equals_two_stages_plain_then_lora(engine):
               "9": ksampler(["8", 0], ["2", 0], ["3", 0], steps, add_noise="disable", start_at_step=split,
                             end_at_step=10000, return_with_leftover_noise="disable")}
     staged["9"]["inputs"]["latent_image"] = ["13", 0]
-    assert torch.allclose(run(engine, keyframed)[0]["samples"], run(engine, staged)[0]["samples"], atol=1e-5)
+    # Relative to the largest value, as above: the hooked prompts run in calls of their own, whose float32 rounding
+    # differs from the fused CFG call's by a few ulps of values in the hundreds.
+    out, expected = run(engine, keyframed)[0]["samples"], run(engine, staged)[0]["samples"]
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_a_checkpoint_as_a_hook_runs_the_hooked_prompts_with_its_unet(engine):
