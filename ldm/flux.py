@@ -384,8 +384,10 @@ class Flux(nn.Module):
 
 
 def is_flux(sd: Mapping[str, Tensor], prefix: str = "") -> bool:
-    """Whether a state dict holds a Flux transformer in BFL's layout (under `prefix`)."""
-    return f"{prefix}double_blocks.0.img_attn.qkv.weight" in sd and f"{prefix}img_in.weight" in sd
+    """Whether a state dict holds a Flux.1 transformer in BFL's layout (under `prefix`); FLUX.2's, which shares
+    the names but modulates every block from shared layers, is not one (ldm.flux2)."""
+    return (f"{prefix}double_blocks.0.img_attn.qkv.weight" in sd and f"{prefix}img_in.weight" in sd
+            and f"{prefix}single_stream_modulation.lin.weight" not in sd)
 
 
 def flux_config_from_state_dict(sd: Mapping[str, Tensor], axes_dim: tuple[int, ...] | None = None) -> FluxConfig:

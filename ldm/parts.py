@@ -58,6 +58,9 @@ LOOKS: tuple[Look, ...] = (
          _starts("control_model.", "input_hint_block.", "zero_convs.", "controlnet_cond_embedding.")),
     Look("t2i_adapter", "a T2I-Adapter", "put it in models/controlnet and load it with Load ControlNet Model",
          _starts("adapter.body.", "body.0.block1.", "body.0.in_conv.")),
+    Look("flux2", "a FLUX.2 diffusion model (dev or klein)", "put it in models/diffusion_models and load it with Load "
+         "Diffusion Model (Black Forest Labs' layout: flux2_dev, flux-2-klein-4b / 9b)",
+         _contains("single_stream_modulation.lin.")),
     Look("flux", "a Flux diffusion model", "put it in models/diffusion_models and load it with Load Diffusion "
          "Model (Black Forest Labs' layout, flux1-dev.safetensors, or a diffusers transformer/ file or its shards)",
          _contains("double_blocks.0.img_attn.", "single_transformer_blocks.0.")),
