@@ -33,10 +33,9 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
     # seen in Comfy-Org's Qwen-Image and Z-Image templates (tagged comfy-core there): Qwen-Image 2.1 and Layered,
-    # the model-patch ControlNets, and utility nodes
-    "TextEncodeQwenImage21", "QwenImage21Cache", "TextGenerate", "ImageCompare", "BatchImagesNode",
-    "ResolutionSelector", "EmptyQwenImageLayeredLatentImage", "LatentCut", "LatentCutToBatch", "ModelPatchLoader",
-    "QwenImageDiffsynthControlnet", "LotusConditioning", "MaskPreview", "ResizeImageMaskNode",
+    # the model-patch ControlNets, text generation, Lotus
+    "TextEncodeQwenImage21", "QwenImage21Cache", "TextGenerate", "EmptyQwenImageLayeredLatentImage",
+    "ModelPatchLoader", "QwenImageDiffsynthControlnet", "LotusConditioning",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).
