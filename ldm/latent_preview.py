@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -81,9 +82,9 @@ def latent_format(config: VAEConfig | LatentFormat) -> LatentFormat:
 
 
 def vae_format(vae: Any) -> LatentFormat:
-    """The latent format of a loaded VAE: an image VAE's from its config, a video VAE's (Wan's, LTX-Video's) from
-    its latent width and scale."""
-    if is_video_vae(vae):
+    """The latent format of a loaded VAE: an AutoencoderKL's from its config; one whose latents are not its config's
+    z_channels (the video VAEs, Wan's and LTX-Video's, and FLUX.2's packed one) from its latent width and scale."""
+    if hasattr(vae, "latent_channels"):
         return latent_format((vae.latent_channels, vae.scaling_factor))
     return latent_format(vae.config)
 
@@ -144,21 +145,29 @@ def fit_rgb(vae: AutoencoderKL) -> RgbFit:
 
     device = next(vae.parameters()).device
     video = is_video_vae(vae)
+    whole = hasattr(vae, "latent_channels")  # not an AutoencoderKL: its own encode, which may pack and normalise
     # What AutoencoderKL.encode runs; a video VAE encodes each picture as a one-frame video.
-    encoder = vae if video else torch.nn.Sequential(vae.encoder, vae.quant_conv)
+    encoder = vae if whole else torch.nn.Sequential(vae.encoder, vae.quant_conv)
     if device.type == "cpu" and next(vae.parameters()).dtype != torch.float32:
         # Half-precision convolutions are slow on CPUs (SDXL's encoder: about 40 s in fp16, not 0.2 s in fp32):
         # the fit runs on a float32 copy, which goes when it is done.
         encoder = copy.deepcopy(encoder).float()
     dtype = next(encoder.parameters()).dtype
     pictures = torch.from_numpy(fitting_pictures())
+    if whole and not video:
+        # At least two latent pixels per unknown of the fit (C + 1): FLUX.2's 128 channels at 1/16 want 256 px.
+        side = FIT_SIDE // vae.spatial_compression
+        repeat = max(1, math.ceil(math.sqrt(2 * (vae.latent_channels + 1)) / side))
+        pictures = pictures.repeat_interleave(repeat, dim=2).repeat_interleave(repeat, dim=3)
     with torch.inference_mode():
         x = (pictures * 2 - 1).to(device, dtype)
         if video:
             latents = encoder.encode(x.unsqueeze(2)).mode()[:, :, 0]
+        elif whole:
+            latents = encoder.encode(x).mode()
         else:
             latents = DiagonalGaussianDistribution(encoder(x)).mode()
-    colours = pooled(pictures, FIT_SIDE // latents.shape[-1])
+    colours = pooled(pictures, pictures.shape[-1] // latents.shape[-1])
     matrix, residual = solve_rgb_map(rows(latents), rows(colours))
     fit = RgbFit(matrix, residual)
     with _lock:

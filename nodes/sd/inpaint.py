@@ -91,7 +91,7 @@ class InpaintModelConditioning(Node):
         height, width = pixels.shape[1:3]
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
         mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
-        pixels = _crop_to_multiple_of_8(pixels)
+        pixels = _crop_to_multiple_of_8(pixels, getattr(vae.vae, "spatial_compression", 8))
         top, left = (height - pixels.shape[1]) // 2, (width - pixels.shape[2]) // 2
         mask = mask[:, :, top:top + pixels.shape[1], left:left + pixels.shape[2]]
         keep = (1 - mask.round()).movedim(1, -1)

@@ -293,8 +293,8 @@ class CheckpointLoader(Node):
 
 
 class VAELoader(Node):
-    """Loads a standalone VAE file to use instead of a checkpoint's own: an image VAE, Wan's video VAE, or LTX-Video's
-    (a VAE-only file, or the VAE part of an all-in-one file)."""
+    """Loads a standalone VAE file to use instead of a checkpoint's own: an image VAE, FLUX.2's, Wan's video VAE, or
+    LTX-Video's (a VAE-only file, or the VAE part of an all-in-one file)."""
 
     display_name = "Load VAE"
     category = "loaders"
@@ -307,6 +307,7 @@ class VAELoader(Node):
 
     def execute(self, vae_name: str) -> tuple[Vae]:
         from ldm.checkpoint import load_vae
+        from ldm.flux2_vae import load_flux2_vae, peek_flux2_vae
         from ldm.ltxv_vae import load_ltxv_vae, peek_ltxv_vae
         from ldm.wan_vae_files import load_wan_vae, peek_wan_vae
 
@@ -315,6 +316,8 @@ class VAELoader(Node):
         device = load_device(self.ctx)
 
         def load() -> Any:
+            if peek_flux2_vae(path):  # FLUX.2's: 32 channels packed 2x2 into 128, normalised
+                return load_flux2_vae(path, device=device, dtype=vae_dtype)
             if peek_wan_vae(path):  # Wan's causal video VAE (2.1's or 2.2's)
                 return load_wan_vae(path, device=device, dtype=vae_dtype)
             if peek_ltxv_vae(path):  # LTX-Video's causal video VAE (0.9.0, 0.9.1 or 0.9.5)

@@ -194,7 +194,7 @@ class VAEEncodeForInpaint(Node):
     outputs = (Output("LATENT"),)
 
     def execute(self, pixels: torch.Tensor, vae: Vae, mask: torch.Tensor, grow_mask_by: int) -> tuple[dict]:
-        pixels = _crop_to_multiple_of_8(pixels)
+        pixels = _crop_to_multiple_of_8(pixels, getattr(vae.vae, "spatial_compression", 8))
         h, w = pixels.shape[1:3]
         mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
         mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
