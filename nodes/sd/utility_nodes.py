@@ -80,7 +80,9 @@ class BatchImagesNode(Node):
 
     display_name = "Batch Images"
     category = "image"
-    inputs = {f"images.image{slot}": Socket("IMAGE", optional=slot >= 2) for slot in range(AUTOGROW_MAX)}
+    # The editor shows the optional sockets one at a time, the next once all shown are linked (web/static/js/nodes.js).
+    inputs = {f"images.image{slot}": Socket("IMAGE", optional=slot >= 2, extra={"autogrow": True} if slot >= 2 else {})
+              for slot in range(AUTOGROW_MAX)}
     outputs = (Output("IMAGE"),)
 
     @classmethod

@@ -310,3 +310,23 @@ def test_a_switch_runs_the_side_it_is_set_to(page, server):
     runs = sorted(server.call("/history").values(), key=lambda h: h["status"]["messages"][0][1]["timestamp"])
     done = [dict(h["status"]["messages"])["execution_success"] for h in runs[-2:]]
     assert [d["executed"] for d in done] == [["2", "3", "4"], ["1", "3", "4"]]  # "1" did not run the first time
+
+
+def test_batch_images_grows_a_socket_per_link_and_runs(page, server):
+    """BatchImagesNode's growing input (ComfyUI's autogrow): the editor shows the two required sockets and one spare,
+    a new spare each time the last one is linked; the prompt batches the linked images in slot order."""
+    doc = {**{str(i): {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1,
+                                                              "color": i * 0x202020}, "_meta": {"pos": [40, 150 * i]}}
+              for i in (1, 2, 3)},
+           "4": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["1", 0], "images.image1": ["2", 0]},
+                 "_meta": {"pos": [400, 150]}},
+           "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}, "_meta": {"pos": [700, 150]}}}
+    page.evaluate("doc => loom.editor.load(doc, 'batch.json')", doc)
+    names = "loom.editor.node(4).inputs.map(i => i.name)"
+    assert page.evaluate(names) == ["images.image0", "images.image1", "images.image2"]
+    page.evaluate("loom.editor.node(3).connect(0, loom.editor.node(4), 2)")
+    assert page.evaluate(names) == ["images.image0", "images.image1", "images.image2", "images.image3"]
+    page.click("#queue-button")
+    page.wait_for_function("(loom.runState.outputs['5'] || {images: []}).images.length === 3", timeout=20000)
+    wait_done(page)
+    page.screenshot(path=ARTIFACTS / "compat-batch-images.png")

@@ -173,11 +173,24 @@ function addInputs(node, def) {
         } else {
           node.addWidget("toggle", name, Boolean(opts.default), null, {});
         }
+      } else if (opts.autogrow) {
+        // A growing input (BatchImagesNode's images.imageN): its sockets show one at a time, see growInputs.
+        (node.growing ||= []).push([name, type]);
       } else {
         node.addInput(name, type === "*" ? "*" : type, group === "optional" ? { label: `${name}?` } : undefined);
       }
     }
   }
+  growInputs(node);
+}
+
+// Show the next socket of a growing input once every one shown is linked (ComfyUI's "autogrow" inputs).
+function growInputs(node) {
+  const shown = new Set((node.inputs || []).map((input) => input.name));
+  const next = (node.growing || []).find(([name]) => !shown.has(name));
+  const growing = new Set((node.growing || []).map(([name]) => name));
+  const free = (node.inputs || []).some((input) => growing.has(input.name) && input.link == null);
+  if (next && !free) node.addInput(next[0], next[1], { label: `${next[0]}?` });
 }
 
 function widgetsBottom(node) {
@@ -292,6 +305,10 @@ export function registerNodeTypes(objectInfo) {
 
       onDrawForeground(ctx) {
         drawState(this, ctx);
+      }
+
+      onConnectionsChange(kind, slot, connected) {
+        if (kind === LiteGraph.INPUT && connected) growInputs(this);
       }
 
       getExtraMenuOptions() {
