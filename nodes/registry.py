@@ -61,6 +61,7 @@ BUILTIN_MODULES = (
     "nodes.sd.ltxv",
     "nodes.sd.ltxv_guides",
     "nodes.sd.qwen_image_edit",
+    "nodes.sd.flux2",
     "nodes.sd.utility_nodes",
 )
 

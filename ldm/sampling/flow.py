@@ -43,6 +43,32 @@ def resolution_shift(width: int, height: int, max_shift: float = 1.15, base_shif
     return (width * height / (8 * 8 * 2 * 2)) * slope + base_shift - slope * BASE_TOKENS
 
 
+# FLUX.2's fitted shift (BFL's flux2 sampling, diffusers' Flux2Pipeline and ComfyUI's Flux2Scheduler alike): `mu` is
+# linear in the image tokens along two lines fitted at 10 and 200 steps, interpolated in the step count below 4,300
+# tokens and the 200-step line alone above.
+MU_10_STEPS = (8.73809524e-05, 1.89833333)
+MU_200_STEPS = (0.00016927, 0.45666666)
+MU_ONE_LINE_TOKENS = 4300
+
+
+def empirical_mu(image_tokens: int, steps: int) -> float:
+    """FLUX.2's time shift (`mu`) for an image of `image_tokens` latent tokens (pixels / 16^2) sampled in `steps`."""
+    (a1, b1), (a2, b2) = MU_10_STEPS, MU_200_STEPS
+    at_200 = a2 * image_tokens + b2
+    if image_tokens > MU_ONE_LINE_TOKENS:
+        return at_200
+    at_10 = a1 * image_tokens + b1
+    slope = (at_200 - at_10) / 190.0
+    return slope * steps + at_200 - 200.0 * slope
+
+
+def flux2_sigmas(steps: int, width: int, height: int) -> Tensor:
+    """The `steps + 1` noise levels of ComfyUI's Flux2Scheduler for a width x height image: 1 to 0 evenly in time,
+    each shifted by `empirical_mu` (Flux's exponential shift, `time_shift`)."""
+    mu = empirical_mu(round(width * height / (16 * 16)), steps)
+    return time_shift(mu, torch.linspace(1, 0, steps + 1, dtype=torch.float64)).float()
+
+
 class FlowSchedule(DiscreteSchedule):
     """Flux's noise levels with time shift `shift` (1.15 for dev, 1.0 for schnell, unless ModelSamplingFlux says)."""
 

@@ -82,6 +82,10 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
         return wan_inputs(model, latent, *conditionings)
     if model.family.name == "qwen_image":  # no extra channels (in_channels are the 2x2 patches'); Edit's references
         return qwen_image_inputs(model, *conditionings)
+    if model.family.name == "flux2":  # no extra channels (the VAE packs 2x2 patches); multi-reference editing
+        from nodes.sd.flux2 import flux2_inputs
+
+        return flux2_inputs(model, latent, *conditionings)
     if model.family.name == "flux" or carries_references(conditionings):  # Flux's edit models, Kontext's references
         return flux_inputs(model, latent, *conditionings)
     samples = latent["samples"]

@@ -19,16 +19,16 @@ KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800,
                        (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
                        (1456, 720), (1504, 688), (1568, 672))
 _KINDS = {"fill": "Fill (inpainting)", "control": "Depth / Canny (control image)"}
-# The families whose models take reference latents (ReferenceLatent): Flux Kontext's and Qwen-Image-Edit's.
-REFERENCE_FAMILIES = ("flux", "qwen_image")
+# The families whose models take reference latents (ReferenceLatent): Flux Kontext's, Qwen-Image-Edit's and FLUX.2's.
+REFERENCE_FAMILIES = ("flux", "qwen_image", "flux2")
 
 
 def references_refusal(source: str, family: str, kind: str | None) -> str | None:
     """Why a model (`source`, of `family`, a Flux one of edit `kind`) refuses prompts with reference latents; the
     words of the run (`flux_inputs`) and of validation (`nodes.sd.edit_validation`)."""
     if family not in REFERENCE_FAMILIES:
-        return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext and Qwen-Image-Edit "
-                f"take; {source} is {family.upper()}, which takes none")
+        return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext, FLUX.2 and "
+                f"Qwen-Image-Edit take; {source} is {family.upper()}, which takes none")
     if family == "flux" and kind is not None:
         return (f"the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; {source} is a "
                 f"Flux {_KINDS[kind]} model, which takes none")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +81,14 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
     try:
         if part == "unet":
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
+            from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
             from ldm.ltxv_files import peek_ltxv
             from ldm.qwen_image_files import peek_qwen_image  # first: diffusers-like names Flux's peek would refuse
             from ldm.wan_files import peek_wan
             from ldm.z_image_files import peek_z_image  # first: Flux's peek may misread its names
 
-            family = (peek_z_image(path) or peek_qwen_image(path) or peek_chroma(path) or peek_flux(path)
-                      or peek_sd3(path) or peek_wan(path) or peek_ltxv(path) or peek_unet(path))
+            family = (peek_flux2(path) or peek_z_image(path) or peek_qwen_image(path) or peek_chroma(path)
+                      or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_ltxv(path) or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -116,7 +119,8 @@ class UNETLoader(Node):
     `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. Flux and SD3
     transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards; Chroma's
     transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files), LTX-Video 0.9.x's
-    (ldm.ltxv_files), Qwen-Image's (ldm.qwen_image_files) and Z-Image's (ldm.z_image_files) too. fp8 weight_dtypes
+    (ldm.ltxv_files), Qwen-Image's (ldm.qwen_image_files), Z-Image's (ldm.z_image_files) and FLUX.2's (dev and
+    klein, ldm.flux2_files) too. fp8 weight_dtypes
     store the weights in fp8 (e4m3).
 
     An LTX-Video transformer alone carries no latent statistics: those (per-channel mean and std) come from the VAE
@@ -167,12 +171,15 @@ class UNETLoader(Node):
         def load() -> Any:
             from ldm.chroma_files import is_chroma_file, load_chroma_unet
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
+            from ldm.flux2_files import is_flux2_file, load_flux2_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.qwen_image_files import is_qwen_image_file, load_qwen_image_unet
             from ldm.wan_files import is_wan_file, load_wan_unet
             from ldm.z_image_files import is_z_image_file, load_z_image_unet
 
-            if is_z_image_file(path):  # first: Flux's probes may misread its names
+            if is_flux2_file(path):  # first: Flux.1's probes may misread its names
+                loader = load_flux2_unet
+            elif is_z_image_file(path):  # first: Flux's probes may misread its names
                 loader = load_z_image_unet
             elif is_qwen_image_file(path):  # first: its diffusers-like names are not Flux's diffusers layout
                 loader = load_qwen_image_unet
@@ -293,6 +300,43 @@ def _sd3_clip(node: Node, names: tuple[str, ...], device: str) -> Clip:
     return load_clip(node, names, device, load_some_sd3_text_encoders, "sd3")
 
 
+@dataclass(frozen=True)
+class TextType:
+    """What CLIPLoader loads for one `type`: the file kinds it takes (one file of any of them, as `text_kind` names
+    them), the end of its refusal, the loader (`module:function`, as `load_clip` calls it) and the CLIP's family."""
+
+    kinds: tuple[str, ...]
+    needs: str
+    loader: str
+    family: str
+    described: str  # what the type loads, for the refusal of an unsupported type
+
+
+# CLIPLoader's types other than stable_diffusion and sd3 (SD's and SD3's own loaders, whose files tell the family).
+TEXT_TYPES = {
+    "chroma": TextType(("t5xxl",), "type chroma takes one T5-XXL (t5xxl)", "ldm.chroma_files:load_chroma_text_encoder",
+                       "chroma", "Chroma's T5"),
+    "wan": TextType(("umt5xxl",), "type wan takes one UMT5-XXL (umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)",
+                    "ldm.umt5:load_wan_text_encoder", "wan", "Wan's UMT5"),
+    "ltxv": TextType(("t5xxl",), "type ltxv takes one T5-XXL (t5xxl: t5xxl_fp16.safetensors or an fp8 copy)",
+                     "ldm.ltxv_text:load_ltxv_text_encoder", "ltxv", "LTX-Video's T5"),
+    "qwen_image": TextType(("qwen25_7b",), "type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an "
+                           "fp8 copy)", "ldm.qwen_text:load_qwen_image_text_encoder", "qwen_image",
+                           "Qwen-Image's Qwen2.5-VL"),
+    "lumina2": TextType(("qwen3_4b",), "type lumina2 takes one Qwen3-4B, Z-Image's text encoder (qwen_3_4b.safetensors "
+                        "or an fp8 copy); Lumina Image 2.0's Gemma-2-2B is not supported",
+                        "ldm.qwen3_text:load_z_image_text_encoder", "z_image", "Z-Image's Qwen3-4B"),
+}
+_LOADED_TYPES = ("stable_diffusion, sd3, " + ", ".join(list(TEXT_TYPES)[:-1]) + f" or {list(TEXT_TYPES)[-1]}",
+                 "SD1.x, SD2.x and the SDXL refiner, one of SD3's, "
+                 + ", ".join(t.described for t in TEXT_TYPES.values()) + "; DualCLIPLoader's sdxl for SDXL")
+
+
+def _loader(text_type: TextType) -> Callable[..., Any]:
+    module, name = text_type.loader.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class CLIPLoader(Node):
     """Loads one text-encoder file from models/text_encoders or models/clip. With type stable_diffusion: SD1.x's
     CLIP-L, SD2.x's OpenCLIP-H or the SDXL refiner's OpenCLIP bigG, told apart by the file (transformers' CLIPTextModel
@@ -320,67 +364,31 @@ class CLIPLoader(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
-        if inputs.get("type") == "chroma":  # Chroma: T5-XXL alone (ldm.chroma_files)
-            return text_kinds_problem([inputs.get("clip_name")], ["t5xxl"], "type chroma takes one T5-XXL (t5xxl)")
-        if inputs.get("type") == "wan":  # Wan: UMT5-XXL alone (ldm.umt5)
-            return text_kinds_problem([inputs.get("clip_name")], ["umt5xxl"], "type wan takes one UMT5-XXL "
-                                      "(umt5xxl: umt5_xxl_fp16.safetensors or an fp8 copy)")
-        if inputs.get("type") == "ltxv":  # LTX-Video: T5-XXL alone, masked (ldm.ltxv_text)
-            return text_kinds_problem([inputs.get("clip_name")], ["t5xxl"], "type ltxv takes one T5-XXL "
-                                      "(t5xxl: t5xxl_fp16.safetensors or an fp8 copy)")
-        if inputs.get("type") == "qwen_image":  # Qwen-Image: Qwen2.5-VL-7B's language model (ldm.qwen_text)
-            return text_kinds_problem([inputs.get("clip_name")], ["qwen25_7b"], "type qwen_image takes one "
-                                      "Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)")
-        if inputs.get("type") == "lumina2":  # Z-Image: Qwen3-4B (ldm.qwen3_text)
-            return text_kinds_problem([inputs.get("clip_name")], ["qwen3_4b"], "type lumina2 takes one Qwen3-4B, "
-                                      "Z-Image's text encoder (qwen_3_4b.safetensors or an fp8 copy); Lumina Image "
-                                      "2.0's Gemma-2-2B is not supported")
+        text_type = TEXT_TYPES.get(inputs.get("type"))
+        if text_type is not None:
+            return text_kinds_problem([inputs.get("clip_name")], list(text_type.kinds), text_type.needs, some=True)
         if inputs.get("type") == "sd3":
             return _sd3_problem([inputs.get("clip_name")], "type sd3 takes one")
         if inputs.get("type") != "stable_diffusion":
-            return _unsupported_type(inputs.get("type"), "stable_diffusion, sd3, chroma, wan, ltxv, qwen_image or "
-                                     "lumina2", "SD1.x, SD2.x and the SDXL refiner, one of SD3's, Chroma's T5, Wan's "
-                                     "UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3-4B; "
-                                     "DualCLIPLoader's sdxl for SDXL")
+            return _unsupported_type(inputs.get("type"), *_LOADED_TYPES)
         return header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[1]
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if inputs.get("type") in ("sd3", "chroma", "wan", "ltxv", "qwen_image"):
-            return {0: {"family": inputs["type"]}}
-        if inputs.get("type") == "lumina2":
-            return {0: {"family": "z_image"}}
+        text_type = TEXT_TYPES.get(inputs.get("type"))
+        if text_type is not None or inputs.get("type") == "sd3":
+            return {0: {"family": "sd3" if text_type is None else text_type.family}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
         return {} if family is None else {0: {"family": family}}
 
     def execute(self, clip_name: str, type: str, device: str = "default") -> tuple[Clip]:
-        if type == "chroma":
-            from ldm.chroma_files import load_chroma_text_encoder
-
-            return (load_clip(self, (clip_name,), device, load_chroma_text_encoder, "chroma"),)
-        if type == "wan":
-            from ldm.umt5 import load_wan_text_encoder
-
-            return (load_clip(self, (clip_name,), device, load_wan_text_encoder, "wan"),)
-        if type == "ltxv":
-            from ldm.ltxv_text import load_ltxv_text_encoder
-
-            return (load_clip(self, (clip_name,), device, load_ltxv_text_encoder, "ltxv"),)
-        if type == "qwen_image":
-            from ldm.qwen_text import load_qwen_image_text_encoder
-
-            return (load_clip(self, (clip_name,), device, load_qwen_image_text_encoder, "qwen_image"),)
-        if type == "lumina2":
-            from ldm.qwen3_text import load_z_image_text_encoder
-
-            return (load_clip(self, (clip_name,), device, load_z_image_text_encoder, "z_image"),)
+        text_type = TEXT_TYPES.get(type)
+        if text_type is not None:
+            return (load_clip(self, (clip_name,), device, _loader(text_type), text_type.family),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":
-            raise ValueError(_unsupported_type(type, "stable_diffusion, sd3, chroma, wan, ltxv, qwen_image or "
-                                               "lumina2", "SD1.x, SD2.x and the SDXL refiner, one of SD3's, Chroma's "
-                                               "T5, Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL, Z-Image's "
-                                               "Qwen3-4B"))
+            raise ValueError(_unsupported_type(type, *_LOADED_TYPES))
         return (load_clip(self, (clip_name,), device),)
 
 

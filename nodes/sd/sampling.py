@@ -34,6 +34,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.flux import flux_y
 
         return flux_y(conditioning, model)
+    if model.family.name == "flux2":  # its prompts padded to 512 tokens; dev's `y`: the guidance strength
+        from nodes.sd.flux2 import flux2_conditioning
+
+        return flux2_conditioning(conditioning, model)
     if model.family.name == "sd3":  # its `y`: the pooled CLIP-L and CLIP-G prompts
         from nodes.sd.sd3 import sd3_y
 
@@ -100,12 +104,16 @@ def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list, 
     config = model.family.unet_config
     # A UNet may project wider contexts itself (Stable Zero123's image embedding and camera, `ldm.zero123`).
     widths = {config.context_dim, *getattr(model.unet, "extra_context_widths", ())}
+    hint = "encode it with this checkpoint's CLIP"
+    if model.family.name == "flux2":  # split files: name the text encoder
+        from nodes.sd.flux2 import encoder_hint
+
+        hint = encoder_hint(config.context_dim)
     for side, conditioning in (("positive", positive), ("negative", negative), ("second positive", middle)):
         for embedding, _ in conditioning:
             if embedding.shape[-1] not in widths:
                 raise ValueError(f"the {side} prompt was encoded {embedding.shape[-1]} wide, and the model "
-                                 f"{model.source} ({model.family.name.upper()}) takes {config.context_dim}: "
-                                 "encode it with this checkpoint's CLIP")
+                                 f"{model.source} ({model.family.name.upper()}) takes {config.context_dim}: {hint}")
 
 
 def _controls(*conditionings: list) -> list:

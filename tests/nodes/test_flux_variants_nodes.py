@@ -229,7 +229,7 @@ def test_prompts_a_model_cannot_take_are_refused(engine) -> None:
     sd1["6"] = sd1["4"]
     sd1["8"]["inputs"]["model"] = ["1", 0]
     sd1["5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}}
-    assert "(ReferenceLatent), which Flux Kontext and Qwen-Image-Edit take; sd1.safetensors is SD1" in refusal(
+    assert "(ReferenceLatent), which Flux Kontext, FLUX.2 and Qwen-Image-Edit take; sd1.safetensors is SD1" in refusal(
         engine, sd1)
     fill_with_reference = workflow("kontext")
     fill_with_reference["1"]["inputs"]["unet_name"] = "flux1-tiny-fill.safetensors"
