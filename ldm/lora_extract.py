@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.flux import Flux
+from ldm.flux2 import Flux2
 from ldm.lora_families import _index
 from ldm.quant import dequantized_weight
 from ldm.unet import UNetModel
@@ -39,7 +40,7 @@ def extract_pair(diff: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 def _names(module: nn.Module) -> dict[str, str]:
     """Layer path -> the name to write it under."""
-    unet = isinstance(module, UNetModel | Flux)  # written under BFL's names for Flux, which ComfyUI reads
+    unet = isinstance(module, UNetModel | Flux | Flux2)  # written under BFL's names for Flux, which ComfyUI reads
     return {path: name for name, path in _index(module).items()
             if name.startswith("diffusion_model." if unet else "lora_te")}
 

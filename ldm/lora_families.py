@@ -2,7 +2,7 @@
 
 SD1/SD2/SDXL names are ldm.lora_keys_sd's; Flux's, and diffusers' parts of its fused layers, ldm.lora_flux's; SD3's
 ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's ldm.lora_qwen_image's; Z-Image's
-ldm.lora_z_image's; Chroma's ldm.chroma_lora's.
+ldm.lora_z_image's; FLUX.2's ldm.lora_flux2's; Chroma's ldm.chroma_lora's.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_sd3.sd3_index(module)
     if isinstance(module, SD3TextEncoder):
         return lora_sd3.sd3_text_index(module)
-    from ldm import lora_ltxv, lora_qwen_image, lora_wan, lora_z_image
+    from ldm import lora_flux2, lora_ltxv, lora_qwen_image, lora_wan, lora_z_image
+    from ldm.flux2 import Flux2
     from ldm.ltxv import LTXVModel
     from ldm.qwen_image import QwenImageModel
     from ldm.wan import WanModel
@@ -59,6 +60,8 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_qwen_image.qwen_image_index(module)
     if isinstance(module, ZImageModel):
         return lora_z_image.z_image_index(module)
+    if isinstance(module, Flux2):
+        return lora_flux2.flux2_index(module)
     if takes_no_lora(module):
         return {}
     encoders = getattr(module, "encoders", None)
@@ -79,8 +82,10 @@ def takes_no_lora(module: nn.Module) -> bool:
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
-    """Names of parts of fused layers (a Flux, SD3 or Z-Image transformer's, in diffusers' layout) -> their slots."""
-    from ldm import lora_flux, lora_sd3, lora_z_image
+    """Names of parts of fused layers (a Flux, SD3, Z-Image or FLUX.2 transformer's, in diffusers' layout) -> their
+    slots."""
+    from ldm import lora_flux, lora_flux2, lora_sd3, lora_z_image
+    from ldm.flux2 import Flux2
     from ldm.mmdit import MMDiT
     from ldm.z_image import ZImageModel
 
@@ -88,6 +93,8 @@ def _slots(module: nn.Module) -> dict[str, Slot]:
         return lora_sd3.sd3_slots(module)
     if isinstance(module, ZImageModel):
         return lora_z_image.z_image_slots(module)
+    if isinstance(module, Flux2):
+        return lora_flux2.flux2_slots(module)
     chroma = _chroma_lora(module)
     if chroma is not None:
         return chroma[1]
@@ -126,8 +133,10 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv", "qwen_image", "z_image"), None when its keys do not tell.
-    (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same.)"""
+    ldm.lora_wan, "ltxv", "qwen_image", "z_image", "flux2"), None when its keys do not tell.
+    (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same; a file on the Flux
+    layout that does not tell FLUX.2's from Flux.1's reads as Flux's: see `family_fits`.)"""
+    from ldm.lora_flux2 import flux2_family
     from ldm.lora_ltxv import ltxv_family
     from ldm.lora_qwen_image import qwen_image_family
     from ldm.lora_sd3 import transformer_family
@@ -137,8 +146,9 @@ def lora_family(lora: Lora) -> str | None:
 
     names = lora.weights.keys()
     # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
-    named = (wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
-             or z_image_family(lora.weights))
+    # FLUX.2's first: its marks are its own, and its diffusers names under ComfyUI's prefix are Qwen-Image's too.
+    named = (flux2_family(lora.weights) or wan_family(lora.weights) or ltxv_family(lora.weights)
+             or qwen_image_family(lora.weights) or z_image_family(lora.weights))
     if named is not None:
         return named
     if any(_FLUX_NAME.search(n) for n in names):
@@ -157,14 +167,21 @@ def lora_family(lora: Lora) -> str | None:
 
 
 def check_lora_family(lora: Lora, family: str) -> None:
-    """Raise LoraError when the LoRA is recognisably for another family than `family`."""
+    """Raise LoraError when the LoRA is recognisably for another family than `family` (a Flux-layout file on FLUX.2
+    where its names or shapes tell Flux.1's)."""
+    from ldm.lora_flux2 import is_flux1_lora
+
     found = lora_family(lora)
-    if found is not None and not family_fits(found, family):
+    flux1_on_flux2 = (found, family) == ("flux", "flux2") and is_flux1_lora(lora.weights)
+    if found is not None and (not family_fits(found, family) or flux1_on_flux2):
         source = lora.path.name if lora.path else "this LoRA"
         raise LoraError(f"{source} is a {found.upper()} LoRA; it does not fit a {family.upper()} model")
 
 
 def family_fits(found: str, family: str) -> bool:
     """Whether a LoRA of family `found` (`lora_family`) fits a model of `family`: the same family, Flux's on Chroma
-    (which keeps Flux's block names), a Wan LoRA of an unreleased width on either Wan family."""
-    return found == family or (found, family) == ("flux", "chroma") or (found == "wan" and family.startswith("wan"))
+    (which keeps Flux's block names), a Wan LoRA of an unreleased width on either Wan family, Flux's on FLUX.2 (a
+    Flux-layout file that does not tell the two apart reads as Flux's; `check_lora_family` refuses one that tells
+    Flux.1's)."""
+    return (found == family or (found, family) in (("flux", "chroma"), ("flux", "flux2"))
+            or (found == "wan" and family.startswith("wan")))
