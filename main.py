@@ -1,5 +1,5 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
-make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, train."""
+make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, make-flux2, train."""
 
 from __future__ import annotations
 
@@ -357,6 +357,7 @@ PART_MAKERS = {
     "make-ltxv": ("ldm.ltxv_presets", "make_ltxv_files", "LTX-Video 0.9.1"),
     "make-qwen-image": ("ldm.qwen_image_presets", "make_qwen_image_files", "Qwen-Image"),
     "make-z-image": ("ldm.z_image_presets", "make_z_image_files", "Z-Image"),
+    "make-flux2": ("ldm.flux2_presets", "make_flux2_files", "FLUX.2"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -371,6 +372,9 @@ PART_HELP = {
                         "and vae/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny)"),
     "make-z-image": ("the transformer, Qwen3-4B, Flux's VAE", "diffusion_models/, text_encoders/ and vae/ "
                      "(z_image_turbo-tiny, qwen_3_4b-tiny, ae-z_image-tiny)"),
+    "make-flux2": ("the klein and dev transformers, Qwen3 and Mistral Small 3, the VAE", "diffusion_models/, "
+                   "text_encoders/ and vae/ (flux-2-klein-4b-tiny, qwen_3_4b-klein-tiny, flux2_dev-tiny, "
+                   "mistral_3_small_flux2-tiny, flux2-vae-tiny)"),
 }
 
 

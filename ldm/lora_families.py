@@ -71,14 +71,17 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 
 def takes_no_lora(module: nn.Module) -> bool:
-    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL and
-    Z-Image's Qwen3 (diffusers' loaders for those models patch their transformers alone, and so does Loom)."""
+    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL,
+    Z-Image's Qwen3 and FLUX.2's Mistral / Qwen3 (diffusers' loaders for those models patch their transformers alone,
+    and so does Loom)."""
+    from ldm.flux2_text import Flux2TextEncoder
     from ldm.ltxv_text import LTXVTextEncoder
     from ldm.qwen3_text import ZImageTextEncoder
     from ldm.qwen_text import QwenImageTextEncoder
     from ldm.umt5 import WanTextEncoder
 
-    return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder)
+    return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder
+                      | Flux2TextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:

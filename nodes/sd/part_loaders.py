@@ -242,11 +242,13 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 
 @functools.lru_cache(maxsize=64)
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
-    """("t5xxl", "umt5xxl", "qwen25_7b", "qwen3_4b" (or "qwen3", "gemma": ldm.qwen3_text.text_kind) or a CLIP kind,
-    refusal) of a text-encoder file from its header; (None, None) if it cannot tell."""
+    """("t5xxl", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind; or "qwen3",
+    "gemma": ldm.qwen3_text.text_kind) or a CLIP kind, refusal) of a text-encoder file from its header; (None, None)
+    if it cannot tell."""
     from safetensors import SafetensorError
 
     from ldm.checkpoint import CheckpointError, read_shapes
+    from ldm.flux2_text import text_kind as flux2_kind
     from ldm.parts import peek_text_encoder
     from ldm.qwen3_text import text_kind as qwen3_kind
     from ldm.qwen_text import is_qwen25
@@ -260,6 +262,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
             return "umt5xxl", None
         if shapes is not None and is_qwen25(shapes):
             return "qwen25_7b", None
+        if shapes is not None and (kind := flux2_kind(shapes)):  # Mistral Small 3, Qwen3-4B / 8B
+            return kind, None
         if shapes is not None and (kind := qwen3_kind(shapes)):
             return kind, None
         return peek_text_encoder(path), None
@@ -326,6 +330,10 @@ TEXT_TYPES = {
     "lumina2": TextType(("qwen3_4b",), "type lumina2 takes one Qwen3-4B, Z-Image's text encoder (qwen_3_4b.safetensors "
                         "or an fp8 copy); Lumina Image 2.0's Gemma-2-2B is not supported",
                         "ldm.qwen3_text:load_z_image_text_encoder", "z_image", "Z-Image's Qwen3-4B"),
+    "flux2": TextType(("mistral3_24b", "qwen3_4b", "qwen3_8b"), "type flux2 takes one FLUX.2 text encoder: Mistral "
+                      "Small 3 (mistral3_24b: mistral_3_small_flux2_bf16.safetensors or an fp8 copy) for FLUX.2 [dev], "
+                      "Qwen3-4B (qwen3_4b) for [klein] 4B or Qwen3-8B (qwen3_8b) for [klein] 9B",
+                      "ldm.flux2_text:load_flux2_text_encoder", "flux2", "FLUX.2's Mistral Small 3 or Qwen3"),
 }
 _LOADED_TYPES = ("stable_diffusion, sd3, " + ", ".join(list(TEXT_TYPES)[:-1]) + f" or {list(TEXT_TYPES)[-1]}",
                  "SD1.x, SD2.x and the SDXL refiner, one of SD3's, "
@@ -345,7 +353,8 @@ class CLIPLoader(Node):
     encoded with the prompt's attention mask, which the conditioning carries); with type qwen_image: Qwen-Image's
     Qwen2.5-VL-7B (its language model, the prompt in Qwen-Image's chat template, the mask carried likewise); with type
     lumina2: Z-Image's Qwen3-4B (ldm.qwen3_text; Lumina Image 2.0's Gemma-2-2B, the type's other encoder, is refused).
-    The other types are other model families' text encoders, which Loom refuses."""
+    with type flux2: FLUX.2's Mistral Small 3 ([dev]) or Qwen3-4B / 8B ([klein]), the file telling which
+    (ldm.flux2_text). The other types are other model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
@@ -353,7 +362,8 @@ class CLIPLoader(Node):
     type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
                                      "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL; "
                                      "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL; qwen_image: Qwen-Image's "
-                                     "Qwen2.5-VL-7B; lumina2: Z-Image's Qwen3-4B")
+                                     "Qwen2.5-VL-7B; lumina2: Z-Image's Qwen3-4B; flux2: FLUX.2's Mistral Small 3 "
+                                     "(dev) or Qwen3 (klein)")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)

@@ -167,3 +167,32 @@ def test_unet_loader_reads_the_family_from_the_header(base) -> None:
     for variant in ("klein", "dev"):
         facts = UNETLoader.output_facts({"unet_name": base[1][variant].name, "weight_dtype": "default"}, {})
         assert facts == {0: {"family": "flux2"}}
+
+
+@pytest.mark.parametrize(("part", "kind"), [("qwen3", "qwen3_4b"), ("mistral", "mistral3_24b")])
+def test_clip_loader_type_flux2_encodes_as_the_text_encoder_does(tmp_path, part, kind) -> None:
+    """CLIPLoader type flux2 -> CLIPTextEncode gives the encoder's states (klein's Qwen3 padded to 512 tokens, dev's
+    Mistral unpadded), which the sampler then pads at the front; the file's kind is read from its header."""
+    from ldm.flux2_presets import make_flux2_files
+    from ldm.flux2_text import load_flux2_text_encoder
+    from nodes.sd.part_loaders import CLIPLoader
+
+    files = make_flux2_files(tmp_path / "models", seed=1, dtype=torch.float32)
+    paths = FolderPaths(base=tmp_path)
+    set_paths(paths)
+    try:
+        engine = Executor(builtin_registry(), services=Services.create(paths))
+        doc = {"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": files[part].name, "type": "flux2"}},
+               "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a red fox in the snow"}},
+               "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+        [[(states, _)]] = run(engine, doc, ("2",))
+        assert CLIPLoader.check_inputs(doc["1"]["inputs"]) is None
+        assert CLIPLoader.output_facts(doc["1"]["inputs"], {}) == {0: {"family": "flux2"}}
+        wrong = CLIPLoader.check_inputs({"clip_name": files[part].name, "type": "wan"})
+        assert wrong.startswith(f"{files[part].name} holds {kind}; type wan takes one UMT5-XXL")
+    finally:
+        set_paths(FolderPaths())
+    expected = load_flux2_text_encoder([files[part]]).encoder.encode(["a red fox in the snow"]).cond
+    assert states.shape[-1] == TINY_FLUX2.context_dim and states.shape[1] == (512 if part == "qwen3" else
+                                                                               expected.shape[1])
+    torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from executor.services import Services
 from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
+from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
 from ldm.ltxv_presets import make_ltxv_files
 from ldm.presets import make_checkpoint, make_controlnet
@@ -46,6 +47,18 @@ Z_IMAGE_FILES = {"unet": "diffusion_models/z_image_turbo_bf16.safetensors",
 QWEN_FILES = {"unet": "diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
               "qwen25vl": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
               "vae": "vae/qwen_image_vae.safetensors"}
+# Tiny FLUX.2 parts under the names flux2_klein_t2i.json and flux2_dev_t2i.json load, but for klein's Qwen3-4B:
+# the real file is Z-Image's too (qwen_3_4b.safetensors), while the tiny ones differ in width and depth.
+FLUX2_FILES = {"klein": "diffusion_models/flux-2-klein-base-4b.safetensors",
+               "qwen3": "text_encoders/qwen_3_4b-klein.safetensors",
+               "dev": "diffusion_models/flux2_dev_fp8mixed.safetensors",
+               "mistral": "text_encoders/mistral_3_small_flux2_bf16.safetensors", "vae": "vae/flux2-vae.safetensors"}
+# Per workflow: a smaller picture and fewer steps where the sizes are not an EmptyLatentImage's, and the tiny klein
+# text encoder's name.
+OVERRIDES = {"flux2_klein_t2i": {("2", "clip_name"): "qwen_3_4b-klein.safetensors", ("4", "value"): 128,
+                                 ("5", "value"): 64, ("12", "steps"): 2},
+             "flux2_dev_t2i": {("6", "width"): 128, ("6", "height"): 64, ("9", "width"): 128, ("9", "height"): 64,
+                               ("9", "steps"): 2}}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -84,6 +97,9 @@ def base(tmp_path_factory):
     qwen = make_qwen_image_files(root / "qwen-tiny", seed=1)
     for part, name in QWEN_FILES.items():
         shutil.copy(qwen[part], root / "models" / name)
+    flux2 = make_flux2_files(root / "flux2-tiny", seed=1)
+    for part, name in FLUX2_FILES.items():
+        shutil.copy(flux2[part], root / "models" / name)
     z_image = make_z_image_files(root / "z-image-tiny", seed=1)
     for part, name in Z_IMAGE_FILES.items():
         shutil.copy(z_image[part], root / "models" / name)
@@ -115,7 +131,7 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(width=64, height=64, length=9)
         if node.class_type == "LTXVScheduler":
             node.inputs.update(FAST)
-    for (nid, key), value in (overrides or {}).items():
+    for (nid, key), value in {**OVERRIDES.get(name, {}), **(overrides or {})}.items():
         graph.nodes[nid].inputs[key] = value
     return graph
 

@@ -86,4 +86,4 @@ def test_a_umt5_file_with_other_types_is_refused(folders) -> None:
 
 def test_unsupported_types_name_wan_among_the_supported() -> None:
     problem = CLIPLoader.check_inputs({"clip_name": UMT5, "type": "hidream"})
-    assert "Loom loads type stable_diffusion, sd3, chroma, wan, ltxv, qwen_image or lumina2" in problem
+    assert "Loom loads type stable_diffusion, sd3, chroma, wan, ltxv, qwen_image, lumina2 or flux2" in problem
