@@ -1,5 +1,6 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
-make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, make-flux2, train."""
+make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, make-flux2,
+make-lumina2, train."""
 
 from __future__ import annotations
 
@@ -358,6 +359,7 @@ PART_MAKERS = {
     "make-qwen-image": ("ldm.qwen_image_presets", "make_qwen_image_files", "Qwen-Image"),
     "make-z-image": ("ldm.z_image_presets", "make_z_image_files", "Z-Image"),
     "make-flux2": ("ldm.flux2_presets", "make_flux2_files", "FLUX.2"),
+    "make-lumina2": ("ldm.lumina2_presets", "make_lumina2_files", "Lumina 2"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -375,6 +377,9 @@ PART_HELP = {
     "make-flux2": ("the klein and dev transformers, Qwen3 and Mistral Small 3, the VAE", "diffusion_models/, "
                    "text_encoders/ and vae/ (flux-2-klein-4b-tiny, qwen_3_4b-klein-tiny, flux2_dev-tiny, "
                    "mistral_3_small_flux2-tiny, flux2-vae-tiny)"),
+    "make-lumina2": ("the all-in-one checkpoint (transformer, Flux's VAE, Gemma-2-2B), the split transformer and "
+                     "Gemma-2-2B", "checkpoints/, diffusion_models/ and text_encoders/ (lumina_2-tiny, "
+                     "lumina_2_model-tiny, gemma_2_2b-tiny)"),
 }
 
 

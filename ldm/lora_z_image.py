@@ -23,7 +23,7 @@ norms take full-weight differences (`.diff`) where a trainer writes them.
 The text encoder (Qwen3-4B) takes no LoRA: diffusers' Z-Image loader patches the transformer alone, and so does Loom
 (`ldm.lora_families.takes_no_lora`), so a file's text-encoder keys are reported as patching nothing.
 
-Family: names only Z-Image (and Lumina 2, which Loom does not run) has are "z_image": `layers.N` /
+Family: names only Z-Image (and Lumina 2, whose LoRAs Loom does not apply yet) has are "z_image": `layers.N` /
 `noise_refiner.N` / `context_refiner.N` followed by `attention`, `feed_forward` or `adaLN_modulation`, or
 `cap_embedder`, `all_x_embedder`, `all_final_layer`, each bare or under one of the prefixes above.
 """

@@ -81,6 +81,10 @@ LOOKS: tuple[Look, ...] = (
          "models/text_encoders and load it with Load CLIP, type lumina2",
          lambda keys: {"model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight"} <= keys
          and "model.layers.0.pre_feedforward_layernorm.weight" not in keys),  # Gemma 3 has q/k norms too
+    Look("gemma2", "Gemma 2 (Gemma-2-2B is Lumina Image 2.0's text encoder)", "put it in models/text_encoders and "
+         "load it with Load CLIP, type lumina2",
+         lambda keys: {"model.embed_tokens.weight", "model.layers.0.pre_feedforward_layernorm.weight"} <= keys
+         and "model.layers.0.self_attn.q_norm.weight" not in keys),
     Look("llm", "a language-model text encoder (Llama, Gemma, Qwen: newer model families use them)", _UNSUPPORTED,
          _contains("embed_tokens.weight")),
     Look("clip_vision", "a CLIP vision model (it encodes images, for unCLIP and IP-Adapter)", _UNSUPPORTED,

@@ -1,5 +1,6 @@
 """Z-Image's text encoder, Qwen3-4B, as ComfyUI's CLIPLoader type "lumina2" runs it (ComfyUI picks Z-Image's
-encoder from a Qwen3-4B file under that type; Lumina Image 2.0's Gemma-2-2B, the type's other encoder, is refused).
+encoder from a Qwen3-4B file under that type; Lumina Image 2.0's Gemma-2-2B, the type's other encoder, is
+ldm.gemma_text's).
 
 Weights: Comfy-Org's qwen_3_4b.safetensors (and its fp8 copies) holds the language model in transformers' Qwen3
 names, as Qwen2's are laid out (``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``, ``model.norm``) but with
@@ -60,7 +61,7 @@ _GATE = "model.layers.0.mlp.gate_proj.weight"
 _GEMMA = "model.layers.0.pre_feedforward_layernorm.weight"  # Gemma 2 and 3 (Gemma 3 has q/k norms too)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _NEEDS = ("CLIPLoader type lumina2 takes Qwen3-4B, Z-Image's text encoder (qwen_3_4b.safetensors or an fp8 copy); "
-          "Lumina Image 2.0's Gemma-2-2B is not supported")
+          "Lumina Image 2.0's Gemma-2-2B loads through the same type (ldm.gemma_text)")
 
 
 @lru_cache(maxsize=1)
@@ -134,7 +135,7 @@ def _refusal(name: str, sd: Mapping[str, Tensor]) -> CheckpointError:
     if is_qwen3(sd):
         held = f"a Qwen3 language model {sd[_EMBED].shape[1]} wide, not Qwen3-4B ({QWEN3_4B_WIDTH} wide)"
     elif is_gemma(sd):
-        held = "Gemma (Lumina Image 2.0's text encoder is Gemma-2-2B, which Loom does not run)"
+        held = "Gemma (Lumina Image 2.0's text encoder is Gemma-2-2B, which ldm.gemma_text loads)"
     else:
         look = look_of(sd)
         held = look.what if look is not None else "no model layout Loom knows"

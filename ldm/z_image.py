@@ -85,20 +85,38 @@ class ZImageConfig:
         """The prompt states' width (Qwen3-4B's hidden size)."""
         return self.cap_feat_dim
 
+    @property
+    def num_kv_heads(self) -> int:
+        """Key / value heads: as many as query heads (Lumina 2's config, `ldm.lumina2`, has fewer)."""
+        return self.num_heads
+
+    @property
+    def silu_modulation(self) -> bool:
+        """Whether each block's modulation applies a SiLU before its linear layer (Lumina 2's does)."""
+        return False
+
 
 class Attention(nn.Module):
+    """Self-attention with the fused q / k / v projection (queries, then keys, then values; Lumina 2 has fewer key /
+    value heads, each shared by a group of consecutive query heads)."""
+
     def __init__(self, c: ZImageConfig):
         super().__init__()
-        self.heads = c.num_heads
-        self.qkv = nn.Linear(c.dim, 3 * c.dim, bias=False)
-        self.out = nn.Linear(c.dim, c.dim, bias=False)
+        self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qkv = nn.Linear(c.dim, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=False)
+        self.out = nn.Linear(c.num_heads * c.head_dim, c.dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.eps), RMSNorm(c.head_dim, c.eps)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
+        kv = self.kv_heads * self.head_dim
+        q, k, v = (part.unflatten(-1, (-1, self.head_dim))  # each [B, L, heads, head_dim]
+                   for part in self.qkv(x).split([self.heads * self.head_dim, kv, kv], dim=-1))
         q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
+        q, k, v = apply_rope(q, *rope), apply_rope(k, *rope), v.transpose(1, 2)
+        if self.kv_heads != self.heads:
+            group = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
         return _finite16(self.out(out.transpose(1, 2).flatten(2)))
 
 
@@ -130,7 +148,8 @@ class ZImageBlock(nn.Module):
         self.attention_norm1, self.attention_norm2 = RMSNorm(c.dim, c.eps), RMSNorm(c.dim, c.eps)
         self.ffn_norm1, self.ffn_norm2 = RMSNorm(c.dim, c.eps), RMSNorm(c.dim, c.eps)
         if modulation:
-            self.adaLN_modulation = nn.Sequential(nn.Linear(c.adaln_dim, 4 * c.dim))
+            linear = nn.Linear(c.adaln_dim, 4 * c.dim)
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), linear) if c.silu_modulation else nn.Sequential(linear)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], temb: Tensor | None = None) -> Tensor:
         if temb is None:
@@ -162,19 +181,19 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, 256).to(dtype))
 
 
-def rope_angles(ids: Tensor, axes_dim: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def rope_angles(ids: Tensor, axes_dim: tuple[int, ...], theta: float = THETA) -> tuple[Tensor, Tensor]:
     """(cos, sin) [L, head_dim/2] float32 for integer positions `ids` [L, 3]: per axis, position * theta^(-2j/d)
     in float64, rounded to float32 before cos / sin, as the reference's tables are."""
     precise = torch.float32 if ids.device.type == "mps" else torch.float64
     angles = []
     for axis, dim in enumerate(axes_dim):
-        omega = 1.0 / THETA ** (torch.arange(0, dim, 2, dtype=precise, device=ids.device) / dim)
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=precise, device=ids.device) / dim)
         angles.append((ids[:, axis].to(precise)[:, None] * omega).float())
     both = torch.cat(angles, dim=-1)
     return both.cos(), both.sin()
 
 
-def _real(context: Tensor, mask: Tensor) -> Tensor:
+def real_tokens(context: Tensor, mask: Tensor) -> Tensor:
     """The prompt's real tokens [B, n, D] by a mask [L] shared by the batch; an all-padding prompt keeps all its
     tokens, as ComfyUI, which ignores the mask, does."""
     return context[:, mask] if mask.any() else context
@@ -202,7 +221,14 @@ def position_ids(text_tokens: int, rows: int, cols: int, device: torch.device | 
     return text, image
 
 
-class ZImageModel(nn.Module):
+class NextDiT(nn.Module):
+    """What Z-Image and Lumina 2 (ldm.lumina2) share: the modules under Lumina 2's NextDiT names and the entry
+    (the input checks, the prompt's real tokens by its mask, one frame of 5-D latents); each subclass computes
+    `_forward` on the real tokens, and names its model and text encoder in errors."""
+
+    model_name = "Z-Image"
+    text_encoder_name = "Qwen3-4B"
+
     def __init__(self, config: ZImageConfig):
         super().__init__()
         self.config = c = config
@@ -213,8 +239,6 @@ class ZImageModel(nn.Module):
         self.cap_embedder = nn.Sequential(RMSNorm(c.cap_feat_dim, c.eps), nn.Linear(c.cap_feat_dim, c.dim))
         self.layers = nn.ModuleList([ZImageBlock(c) for _ in range(c.num_layers)])
         self.final_layer = FinalLayer(c)
-        self.x_pad_token = nn.Parameter(torch.zeros(1, c.dim))
-        self.cap_pad_token = nn.Parameter(torch.zeros(1, c.dim))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -224,31 +248,50 @@ class ZImageModel(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attn_mask: Tensor | None = None) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, 16, H, W] (or [B, 16, 1, H, W], returned in the
-        same rank) at flow levels `timesteps` [B] (sigma, 0..1) given the Qwen3-4B prompt states `context` [B, L,
-        context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the real tokens only. `y` is accepted for the
-        sampler's common call and unused (Z-Image has no pooled prompt)."""
-        c = self.config
+        same rank) at flow levels `timesteps` [B] (sigma, 0..1) given the text encoder's prompt states `context`
+        [B, L, context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the real tokens only. `y` is accepted for
+        the sampler's common call and unused (neither model has a pooled prompt)."""
+        c, name = self.config, self.model_name
         video = x.ndim == 5
         if video:
             if x.shape[2] != 1:
-                raise ValueError(f"Z-Image makes images: latents of {x.shape[2]} frames; it takes one")
+                raise ValueError(f"{name} makes images: latents of {x.shape[2]} frames; it takes one")
             x = x[:, :, 0]
         if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"Z-Image takes latents [B, {c.in_channels}, H, W] (Flux's VAE); got {list(x.shape)}")
+            raise ValueError(f"{name} takes latents [B, {c.in_channels}, H, W] (Flux's VAE); got {list(x.shape)}")
         if context.ndim != 3 or context.shape[-1] != c.context_dim:
-            raise ValueError(f"Z-Image takes Qwen3-4B prompt states [B, L, {c.context_dim}]; got "
+            raise ValueError(f"{name} takes {self.text_encoder_name} prompt states [B, L, {c.context_dim}]; got "
                              f"{list(context.shape)} (a prompt from another text encoder?)")
         t = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
         context = context.expand(x.shape[0], -1, -1) if context.shape[0] == 1 else context
         if attn_mask is not None:
             mask = self._mask(attn_mask, context.shape[:2])
             if not (mask == mask[:1]).all():  # prompts with different real tokens: one sample at a time
-                out = torch.cat([self._forward(x[i:i + 1], t[i:i + 1], _real(context[i:i + 1], mask[i]))
+                out = torch.cat([self._forward(x[i:i + 1], t[i:i + 1], real_tokens(context[i:i + 1], mask[i]))
                                  for i in range(x.shape[0])])
                 return out[:, :, None] if video else out
-            context = _real(context, mask[0])
+            context = real_tokens(context, mask[0])
         out = self._forward(x, t, context)
         return out[:, :, None] if video else out
+
+    def _forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _mask(attn_mask: Tensor, text_shape: torch.Size) -> Tensor:
+        """The prompt's attention mask [B, L] as bools (one row for the whole batch spread to it)."""
+        batch, length = text_shape
+        if attn_mask.ndim != 2 or attn_mask.shape[1] != length or attn_mask.shape[0] not in (1, batch):
+            raise ValueError(f"a prompt attention mask of shape {list(attn_mask.shape)} for a prompt of {length} "
+                             f"tokens (batch {batch}): it takes [B, {length}], 1 for each real token")
+        return attn_mask.to(torch.bool).expand(batch, -1)
+
+
+class ZImageModel(NextDiT):
+    def __init__(self, config: ZImageConfig):
+        super().__init__(config)
+        self.x_pad_token = nn.Parameter(torch.zeros(1, config.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, config.dim))
 
     def _forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         c, dtype = self.config, self.dtype
@@ -275,15 +318,6 @@ class ZImageModel(nn.Module):
         out = self.final_layer(joint[:, : rows * cols], temb)
         out = out.reshape(b, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hh, ww)
         return -out[..., :h, :w].to(x.dtype)
-
-    @staticmethod
-    def _mask(attn_mask: Tensor, text_shape: torch.Size) -> Tensor:
-        """The prompt's attention mask [B, L] as bools (one row for the whole batch spread to it)."""
-        batch, length = text_shape
-        if attn_mask.ndim != 2 or attn_mask.shape[1] != length or attn_mask.shape[0] not in (1, batch):
-            raise ValueError(f"a prompt attention mask of shape {list(attn_mask.shape)} for a prompt of {length} "
-                             f"tokens (batch {batch}): it takes [B, {length}], 1 for each real token")
-        return attn_mask.to(torch.bool).expand(batch, -1)
 
 
 def is_z_image(sd: Mapping[str, Tensor], prefix: str = "") -> bool:

@@ -101,7 +101,7 @@ def load_z_image_unet(path: str | Path, device: torch.device | str = "cpu",
     sd = ckpt.load_state_dict(path)
     prefix = _prefix(sd)
     if prefix is None:
-        looks = ("; it is a Lumina 2 transformer (no pad tokens), which Loom does not run"
+        looks = ("; it is a Lumina 2 transformer (no pad tokens), which Lumina 2's loader (ldm.lumina2_files) takes"
                  if any(k.removeprefix(UNET_PREFIX) == "cap_embedder.1.weight" for k in sd) else "")
         raise CheckpointError(f"{path.name}: not a Z-Image diffusion model (no x_embedder / cap_pad_token / "
                               f"layers.0.attention.qkv weights in its released layout){looks}")

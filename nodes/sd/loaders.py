@@ -74,10 +74,13 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
         from ldm.chroma_files import is_chroma_file
         from ldm.flux_files import is_flux_file
         from ldm.ltxv_files import is_ltxv_file
+        from ldm.lumina2_files import is_lumina2_checkpoint_file
         from ldm.sd3_files import is_sd3_file
 
         # The same order as load_checkpoint_outputs, so validation names the family the loader will load.
         try:
+            if is_lumina2_checkpoint_file(path):
+                return "lumina2"
             if is_chroma_file(path):
                 return "chroma"
             if is_flux_file(path):
@@ -177,6 +180,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     from ldm.chroma_files import is_chroma_file, load_chroma_checkpoint
     from ldm.flux_files import is_flux_file, load_flux_checkpoint
     from ldm.ltxv_files import is_ltxv_file, load_ltxv_checkpoint
+    from ldm.lumina2_files import is_lumina2_checkpoint_file, load_lumina2_checkpoint
     from ldm.sd3_files import is_sd3_file, load_sd3_checkpoint
 
     path = model_path("checkpoints", ckpt_name)
@@ -186,7 +190,9 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     def load() -> Any:
         from ldm.quant import quantize_
 
-        if is_chroma_file(path):  # an all-in-one Chroma checkpoint: before Flux, whose probe keys it also has
+        if is_lumina2_checkpoint_file(path):  # lumina_2.safetensors: transformer, Flux's VAE and Gemma-2-2B
+            loaded = load_lumina2_checkpoint(path, device=device, dtype=dtype)
+        elif is_chroma_file(path):  # an all-in-one Chroma checkpoint: before Flux, whose probe keys it also has
             loaded = load_chroma_checkpoint(path, device=device, dtype=dtype)
         elif is_flux_file(path):  # an all-in-one Flux.1 checkpoint (ComfyUI's layout)
             loaded = load_flux_checkpoint(path, device=device, dtype=dtype)

@@ -83,12 +83,14 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
             from ldm.ltxv_files import peek_ltxv
+            from ldm.lumina2_files import peek_lumina2
             from ldm.qwen_image_files import peek_qwen_image  # first: diffusers-like names Flux's peek would refuse
             from ldm.wan_files import peek_wan
             from ldm.z_image_files import peek_z_image  # first: Flux's peek may misread its names
 
-            family = (peek_flux2(path) or peek_z_image(path) or peek_qwen_image(path) or peek_chroma(path)
-                      or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_ltxv(path) or peek_unet(path))
+            family = (peek_flux2(path) or peek_z_image(path) or peek_lumina2(path) or peek_qwen_image(path)
+                      or peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_ltxv(path)
+                      or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -119,8 +121,8 @@ class UNETLoader(Node):
     `model.diffusion_model.`; fp8 and scaled fp8 too), from models/diffusion_models or models/unet. Flux and SD3
     transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards; Chroma's
     transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files), LTX-Video 0.9.x's
-    (ldm.ltxv_files), Qwen-Image's (ldm.qwen_image_files), Z-Image's (ldm.z_image_files) and FLUX.2's (dev and
-    klein, ldm.flux2_files) too. fp8 weight_dtypes
+    (ldm.ltxv_files), Qwen-Image's (ldm.qwen_image_files), Z-Image's (ldm.z_image_files), Lumina Image 2.0's
+    (ldm.lumina2_files) and FLUX.2's (dev and klein, ldm.flux2_files) too. fp8 weight_dtypes
     store the weights in fp8 (e4m3).
 
     An LTX-Video transformer alone carries no latent statistics: those (per-channel mean and std) come from the VAE
@@ -173,6 +175,7 @@ class UNETLoader(Node):
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.flux2_files import is_flux2_file, load_flux2_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
+            from ldm.lumina2_files import is_lumina2_file, load_lumina2_unet
             from ldm.qwen_image_files import is_qwen_image_file, load_qwen_image_unet
             from ldm.wan_files import is_wan_file, load_wan_unet
             from ldm.z_image_files import is_z_image_file, load_z_image_unet
@@ -181,6 +184,8 @@ class UNETLoader(Node):
                 loader = load_flux2_unet
             elif is_z_image_file(path):  # first: Flux's probes may misread its names
                 loader = load_z_image_unet
+            elif is_lumina2_file(path):  # Z-Image's architecture without its pad tokens
+                loader = load_lumina2_unet
             elif is_qwen_image_file(path):  # first: its diffusers-like names are not Flux's diffusers layout
                 loader = load_qwen_image_unet
             elif is_wan_file(path):
@@ -249,6 +254,7 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
 
     from ldm.checkpoint import CheckpointError, read_shapes
     from ldm.flux2_text import text_kind as flux2_kind
+    from ldm.gemma_text import gemma_kind
     from ldm.parts import peek_text_encoder
     from ldm.qwen3_text import text_kind as qwen3_kind
     from ldm.qwen_text import is_qwen25
@@ -263,6 +269,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
         if shapes is not None and is_qwen25(shapes):
             return "qwen25_7b", None
         if shapes is not None and (kind := flux2_kind(shapes)):  # Mistral Small 3, Qwen3-4B / 8B
+            return kind, None
+        if shapes is not None and (kind := gemma_kind(shapes)):  # Gemma-2-2B (Lumina 2) and other Gemmas
             return kind, None
         if shapes is not None and (kind := qwen3_kind(shapes)):
             return kind, None
@@ -314,6 +322,7 @@ class TextType:
     loader: str
     family: str
     described: str  # what the type loads, for the refusal of an unsupported type
+    kind_families: tuple[tuple[str, str], ...] = ()  # (kind, family) where the file's kind decides the family
 
 
 # CLIPLoader's types other than stable_diffusion and sd3 (SD's and SD3's own loaders, whose files tell the family).
@@ -327,9 +336,11 @@ TEXT_TYPES = {
     "qwen_image": TextType(("qwen25_7b",), "type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an "
                            "fp8 copy)", "ldm.qwen_text:load_qwen_image_text_encoder", "qwen_image",
                            "Qwen-Image's Qwen2.5-VL"),
-    "lumina2": TextType(("qwen3_4b",), "type lumina2 takes one Qwen3-4B, Z-Image's text encoder (qwen_3_4b.safetensors "
-                        "or an fp8 copy); Lumina Image 2.0's Gemma-2-2B is not supported",
-                        "ldm.qwen3_text:load_z_image_text_encoder", "z_image", "Z-Image's Qwen3-4B"),
+    "lumina2": TextType(("gemma2_2b", "qwen3_4b"), "type lumina2 takes one Gemma-2-2B, Lumina Image 2.0's text encoder "
+                        "(gemma_2_2b_fp16.safetensors), or Qwen3-4B, Z-Image's (qwen_3_4b.safetensors or an fp8 copy)",
+                        "ldm.gemma_text:load_lumina2_type_text_encoder", "lumina2",
+                        "Lumina 2's Gemma-2-2B or Z-Image's Qwen3-4B",
+                        (("gemma2_2b", "lumina2"), ("qwen3_4b", "z_image"))),
     "flux2": TextType(("mistral3_24b", "qwen3_4b", "qwen3_8b"), "type flux2 takes one FLUX.2 text encoder: Mistral "
                       "Small 3 (mistral3_24b: mistral_3_small_flux2_bf16.safetensors or an fp8 copy) for FLUX.2 [dev], "
                       "Qwen3-4B (qwen3_4b) for [klein] 4B or Qwen3-8B (qwen3_8b) for [klein] 9B",
@@ -352,8 +363,8 @@ class CLIPLoader(Node):
     chroma: Chroma's T5-XXL; with type wan: Wan's UMT5-XXL; with type ltxv: LTX-Video's T5-XXL (Flux's t5xxl files,
     encoded with the prompt's attention mask, which the conditioning carries); with type qwen_image: Qwen-Image's
     Qwen2.5-VL-7B (its language model, the prompt in Qwen-Image's chat template, the mask carried likewise); with type
-    lumina2: Z-Image's Qwen3-4B (ldm.qwen3_text; Lumina Image 2.0's Gemma-2-2B, the type's other encoder, is refused).
-    with type flux2: FLUX.2's Mistral Small 3 ([dev]) or Qwen3-4B / 8B ([klein]), the file telling which
+    lumina2: Lumina Image 2.0's Gemma-2-2B (ldm.gemma_text) or Z-Image's Qwen3-4B (ldm.qwen3_text), the file telling
+    which; with type flux2: FLUX.2's Mistral Small 3 ([dev]) or Qwen3-4B / 8B ([klein]), the file telling which
     (ldm.flux2_text). The other types are other model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
@@ -362,8 +373,8 @@ class CLIPLoader(Node):
     type = Combo(CLIP_TYPES, tooltip="stable_diffusion: SD1.x, SD2.x or the SDXL refiner (the file tells which); "
                                      "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL; "
                                      "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL; qwen_image: Qwen-Image's "
-                                     "Qwen2.5-VL-7B; lumina2: Z-Image's Qwen3-4B; flux2: FLUX.2's Mistral Small 3 "
-                                     "(dev) or Qwen3 (klein)")
+                                     "Qwen2.5-VL-7B; lumina2: Lumina 2's Gemma-2-2B or Z-Image's Qwen3-4B; "
+                                     "flux2: FLUX.2's Mistral Small 3 (dev) or Qwen3 (klein)")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -386,6 +397,11 @@ class CLIPLoader(Node):
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         text_type = TEXT_TYPES.get(inputs.get("type"))
+        if text_type is not None and text_type.kind_families:  # the file's kind tells the family
+            path = part_path(TEXT_ENCODERS, str(inputs.get("clip_name")))
+            kind = None if path is None else text_kind(str(path), str(file_fingerprint(path)))[0]
+            family = dict(text_type.kind_families).get(kind)
+            return {} if family is None else {0: {"family": family}}
         if text_type is not None or inputs.get("type") == "sd3":
             return {0: {"family": "sd3" if text_type is None else text_type.family}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get("clip_name"))[0]])
@@ -393,8 +409,9 @@ class CLIPLoader(Node):
 
     def execute(self, clip_name: str, type: str, device: str = "default") -> tuple[Clip]:
         text_type = TEXT_TYPES.get(type)
-        if text_type is not None:
-            return (load_clip(self, (clip_name,), device, _loader(text_type), text_type.family),)
+        if text_type is not None:  # the loaded files' family where their kind decides it
+            family = None if text_type.kind_families else text_type.family
+            return (load_clip(self, (clip_name,), device, _loader(text_type), family),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name,), device),)
         if type != "stable_diffusion":

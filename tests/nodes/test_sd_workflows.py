@@ -17,6 +17,7 @@ from graph.validate import validate
 from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
 from ldm.ltxv_presets import make_ltxv_files
+from ldm.lumina2_presets import make_lumina2_files
 from ldm.presets import make_checkpoint, make_controlnet
 from ldm.qwen_image_presets import make_qwen_image_files
 from ldm.sd3_presets import make_sd3_files
@@ -47,6 +48,8 @@ Z_IMAGE_FILES = {"unet": "diffusion_models/z_image_turbo_bf16.safetensors",
 QWEN_FILES = {"unet": "diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
               "qwen25vl": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
               "vae": "vae/qwen_image_vae.safetensors"}
+# The tiny all-in-one Lumina 2 checkpoint under the name lumina2_t2i.json loads.
+LUMINA2_CHECKPOINT = "checkpoints/lumina_2.safetensors"
 # Tiny FLUX.2 parts under the names flux2_klein_t2i.json and flux2_dev_t2i.json load, but for klein's Qwen3-4B:
 # the real file is Z-Image's too (qwen_3_4b.safetensors), while the tiny ones differ in width and depth.
 FLUX2_FILES = {"klein": "diffusion_models/flux-2-klein-base-4b.safetensors",
@@ -97,6 +100,7 @@ def base(tmp_path_factory):
     qwen = make_qwen_image_files(root / "qwen-tiny", seed=1)
     for part, name in QWEN_FILES.items():
         shutil.copy(qwen[part], root / "models" / name)
+    shutil.copy(make_lumina2_files(root / "lumina2-tiny", seed=1)["checkpoint"], root / "models" / LUMINA2_CHECKPOINT)
     flux2 = make_flux2_files(root / "flux2-tiny", seed=1)
     for part, name in FLUX2_FILES.items():
         shutil.copy(flux2[part], root / "models" / name)

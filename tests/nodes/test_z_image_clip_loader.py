@@ -23,8 +23,8 @@ from nodes.sd.part_loaders import CLIPLoader
 QWEN3, QWEN25, UMT5, GEMMA = ("qwen_3_4b-tiny.safetensors", "qwen_2.5_vl_7b-tiny.safetensors",
                               "umt5-tiny.safetensors", "gemma_2_2b_fp16.safetensors")
 PROMPT = "a (red:1.5) fox running through fresh snow"
-NEEDS = ("type lumina2 takes one Qwen3-4B, Z-Image's text encoder (qwen_3_4b.safetensors or an fp8 copy); Lumina "
-         "Image 2.0's Gemma-2-2B is not supported")
+NEEDS = ("type lumina2 takes one Gemma-2-2B, Lumina Image 2.0's text encoder (gemma_2_2b_fp16.safetensors), or "
+         "Qwen3-4B, Z-Image's (qwen_3_4b.safetensors or an fp8 copy)")
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,11 @@ def test_clip_text_encode_gives_z_images_context(engine, folders) -> None:
     assert CLIPLoader.output_facts(workflow()["1"]["inputs"], {}) == {0: {"family": "z_image"}}
 
 
-@pytest.mark.parametrize("name, kind", [(UMT5, "umt5xxl"), (QWEN25, "qwen25_7b"), (GEMMA, "gemma")])
+@pytest.mark.parametrize("name, kind", [(UMT5, "umt5xxl"), (QWEN25, "qwen25_7b")])
 def test_other_files_with_type_lumina2_are_refused(engine, folders, name, kind) -> None:
     assert CLIPLoader.check_inputs({"clip_name": name, "type": "lumina2"}) == f"{name} holds {kind}; {NEEDS}"
     [problem] = validate(parse_api(workflow(name)), engine.registry).problems
-    assert "type lumina2 takes one Qwen3-4B" in problem.details
+    assert "type lumina2 takes one Gemma-2-2B" in problem.details
     with pytest.raises(WorkflowInvalid):
         engine.run(parse_api(workflow(name)))
     with pytest.raises(CheckpointError, match=f"{name}: not Qwen3-4B, Z-Image's text encoder"):
@@ -89,3 +89,9 @@ def test_a_qwen3_file_with_other_types_is_refused(folders) -> None:
     with pytest.raises(CheckpointError, match="not Qwen2.5-VL-7B.*it holds Qwen3 \\(Qwen3-4B is Z-Image's"):
         load_qwen_image_text_encoder([folders[1] / QWEN3])
     assert "lumina2" in CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "hidream"})
+
+
+def test_type_lumina2_takes_a_gemma_file_as_lumina_2s(folders) -> None:
+    """Gemma-2-2B is the type's other encoder (Lumina Image 2.0's, ldm.gemma_text): validation names its family."""
+    assert CLIPLoader.check_inputs({"clip_name": GEMMA, "type": "lumina2"}) is None
+    assert CLIPLoader.output_facts({"clip_name": GEMMA, "type": "lumina2"}, {}) == {0: {"family": "lumina2"}}
