@@ -15,7 +15,7 @@ from tests.nodes.test_flux_variants_nodes import HEIGHT, WIDTH, engine, root, wo
 
 REFERENCES_TO_FILL = ("the prompts carry reference latents (ReferenceLatent), which Flux Kontext takes; "
                       "flux1-tiny-fill.safetensors is a Flux Fill (inpainting) model, which takes none")
-REFERENCES_TO_SD1 = ("the prompts carry reference latents (ReferenceLatent), which Flux Kontext and "
+REFERENCES_TO_SD1 = ("the prompts carry reference latents (ReferenceLatent), which Flux Kontext, FLUX.2 and "
                      "Qwen-Image-Edit take; "
                      "sd1.safetensors is SD1, which takes none")
 MASK_TO_DEPTH = ("the prompts carry an inpainting mask (InpaintModelConditioning) and flux1-tiny-depth.safetensors "
