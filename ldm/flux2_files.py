@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints, write_safetensors
+from ldm.checkpoint import CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux2 import Flux2, Flux2Config, flux2_config_from_state_dict, is_flux2
 from ldm.flux_presets import distinct_random_
+from ldm.single_file_family import SingleFileFamily
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 
@@ -70,37 +71,15 @@ class LoadedFlux2:
     metadata: dict[str, str]
 
 
-def _prefix(sd: StateDict) -> str | None:
-    """The prefix the file's FLUX.2 weights sit under ("" or ComfyUI's), None if it holds none."""
-    return next((p for p in (UNET_PREFIX, "") if is_flux2(sd, p)), None)
+def _family(weights: StateDict, axes: tuple[int, ...] | None, prefix: str) -> Flux2Family:
+    return Flux2Family(flux2_config_from_state_dict(weights, axes, prefix))
 
 
-def flux2_family(weights: StateDict, metadata: dict[str, str] | None = None, name: str = "") -> Flux2Family:
-    """The family of FLUX.2 weights (bare or prefixed), the RoPE split from Loom's metadata if saved; a
-    CheckpointError (naming `name`) for weights of another layout."""
-    prefix = _prefix(weights)
-    try:
-        if prefix is None:
-            raise ValueError("not a FLUX.2 transformer (no img_in / double_stream_modulation_img / "
-                             "single_stream_modulation weights in Black Forest Labs' layout)")
-        return Flux2Family(flux2_config_from_state_dict(weights, metadata_ints(metadata or {}, AXES_KEY), prefix))
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
-
-
-def is_flux2_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds a FLUX.2 transformer (bare or prefixed), from its header."""
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
-
-
-def peek_flux2(path: str | Path) -> Flux2Family | None:
-    """The family of a FLUX.2 file from its header alone; None for other files and formats (a file on FLUX.2's
-    layout that Loom cannot run raises CheckpointError)."""
-    shapes = ckpt.shapes_or_none(path)
-    if shapes is None or _prefix(shapes) is None:
-        return None
-    return flux2_family(shapes, ckpt.read_metadata(path), Path(path).name)
+# The family of FLUX.2 weights (the RoPE split from Loom's metadata if saved); whether a file holds them; a file's
+# family from its header alone.
+FILES = SingleFileFamily("a FLUX.2 transformer (no img_in / double_stream_modulation_img / single_stream_modulation "
+                         "weights in Black Forest Labs' layout)", is_flux2, _family, AXES_KEY)
+flux2_family, is_flux2_file, peek_flux2 = FILES.family, FILES.is_file, FILES.peek
 
 
 def load_flux2_unet(path: str | Path, device: torch.device | str = "cpu",
@@ -109,7 +88,7 @@ def load_flux2_unet(path: str | Path, device: torch.device | str = "cpu",
     cast, times their scales, as they load); keys the transformer does not use are listed as unused."""
     path = Path(path)
     sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
+    prefix = FILES.prefix(sd)
     if prefix is None:
         raise CheckpointError(f"{path.name}: not a FLUX.2 diffusion model (no img_in / double_stream_modulation_img "
                               "/ single_stream_modulation weights in Black Forest Labs' layout)")

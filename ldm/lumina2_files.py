@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_files import FLUX_VAE, LATENT_SHIFT
 from ldm.flux_presets import TINY_FLUX_VAE, distinct_random_
 from ldm.lumina2 import UNUSED, Lumina2Config, Lumina2Model, is_lumina2, lumina2_config_from_state_dict
 from ldm.presets import randomize_
+from ldm.single_file_family import SingleFileFamily
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import AutoencoderKL, VAEConfig
 from ldm.z_image import is_z_image
@@ -71,38 +72,17 @@ class LoadedLumina2:
     metadata: dict[str, str]
 
 
-def _prefix(sd: StateDict) -> str | None:
-    """The prefix the file's Lumina 2 weights sit under ("" or ComfyUI's), None if it holds none."""
-    return next((p for p in (UNET_PREFIX, "") if is_lumina2(sd, p)), None)
+def _family(weights: StateDict, axes: tuple[int, ...] | None, prefix: str) -> Lumina2Family:
+    config = lumina2_config_from_state_dict(weights, axes, prefix)
+    if config.in_channels != FLUX_VAE.z_channels:
+        raise ValueError(f"a model of {config.in_channels} latent channels; Lumina 2's VAE (Flux's) makes 16")
+    return Lumina2Family(config)
 
 
-def lumina2_family(weights: StateDict, metadata: dict[str, str] | None = None, name: str = "") -> Lumina2Family:
-    """The family of Lumina 2 weights (bare or prefixed), the RoPE split from Loom's metadata if saved."""
-    prefix = _prefix(weights)
-    try:
-        if prefix is None:
-            raise ValueError("not a Lumina 2 transformer")
-        config = lumina2_config_from_state_dict(weights, metadata_ints(metadata or {}, AXES_KEY), prefix)
-        if config.in_channels != FLUX_VAE.z_channels:
-            raise ValueError(f"a model of {config.in_channels} latent channels; Lumina 2's VAE (Flux's) makes 16")
-        return Lumina2Family(config)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
-
-
-def is_lumina2_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds a Lumina 2 transformer (bare or prefixed, alone or in the all-in-one
-    checkpoint), from its header. Z-Image's files (pad tokens) are not."""
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
-
-
-def peek_lumina2(path: str | Path) -> Lumina2Family | None:
-    """The family of a Lumina 2 file from its header alone; None for other files and formats."""
-    shapes = ckpt.shapes_or_none(path)
-    if shapes is None or _prefix(shapes) is None:
-        return None
-    return lumina2_family(shapes, ckpt.read_metadata(path), Path(path).name)
+# The family of Lumina 2 weights (the RoPE split from Loom's metadata if saved); whether a file holds them (alone or
+# in the all-in-one checkpoint; Z-Image's, with pad tokens, are not); a file's family from its header alone.
+FILES = SingleFileFamily("a Lumina 2 transformer", is_lumina2, _family, AXES_KEY)
+lumina2_family, is_lumina2_file, peek_lumina2 = FILES.family, FILES.is_file, FILES.peek
 
 
 def is_lumina2_checkpoint(sd: StateDict) -> bool:
@@ -149,7 +129,7 @@ def load_lumina2_unet(path: str | Path, device: torch.device | str = "cpu",
     (not its final norm, which no one uses; in the all-in-one checkpoint, not its VAE and text encoder either)."""
     path = Path(path)
     sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
+    prefix = FILES.prefix(sd)
     if prefix is None:
         looks = ("; it is a Z-Image transformer (pad tokens), which Z-Image's loader takes"
                  if is_z_image(sd) or is_z_image(sd, UNET_PREFIX) else "")

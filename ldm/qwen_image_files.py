@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_presets import distinct_random_
 from ldm.qwen_image import (
@@ -27,6 +27,7 @@ from ldm.qwen_image import (
     is_qwen_image,
     qwen_image_config_from_state_dict,
 )
+from ldm.single_file_family import SingleFileFamily
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 from ldm.wan_files import WAN21_MEAN, WAN21_STD
@@ -69,38 +70,17 @@ class LoadedQwenImage:
     metadata: dict[str, str]
 
 
-def _prefix(sd: StateDict) -> str | None:
-    """The prefix the file's Qwen-Image weights sit under ("" or ComfyUI's), None if it holds none."""
-    return next((p for p in (UNET_PREFIX, "") if is_qwen_image(sd, p)), None)
+def _family(weights: StateDict, axes: tuple[int, ...] | None, prefix: str) -> QwenImageFamily:
+    config = qwen_image_config_from_state_dict(weights, axes, prefix)
+    if config.out_channels != len(WAN21_MEAN):
+        raise ValueError(f"a model of {config.out_channels} latent channels; Qwen-Image's VAE makes 16")
+    return QwenImageFamily(config)
 
 
-def qwen_image_family(weights: StateDict, metadata: dict[str, str] | None = None, name: str = "") -> QwenImageFamily:
-    """The family of Qwen-Image weights (bare or prefixed), the RoPE split from Loom's metadata if saved."""
-    prefix = _prefix(weights)
-    try:
-        if prefix is None:
-            raise ValueError("not a Qwen-Image transformer")
-        config = qwen_image_config_from_state_dict(weights, metadata_ints(metadata or {}, AXES_KEY), prefix)
-        if config.out_channels != len(WAN21_MEAN):
-            raise ValueError(f"a model of {config.out_channels} latent channels; Qwen-Image's VAE makes 16")
-        return QwenImageFamily(config)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
-
-
-def is_qwen_image_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds a Qwen-Image transformer (bare or prefixed), from its header."""
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
-
-
-def peek_qwen_image(path: str | Path) -> QwenImageFamily | None:
-    """The family of a Qwen-Image file from its header alone; None for other files and formats (a Qwen-Image file
-    of a variant Loom does not run raises CheckpointError)."""
-    shapes = ckpt.shapes_or_none(path)
-    if shapes is None or _prefix(shapes) is None:
-        return None
-    return qwen_image_family(shapes, ckpt.read_metadata(path), Path(path).name)
+# The family of Qwen-Image weights (the RoPE split from Loom's metadata if saved); whether a file holds them; a file's
+# family from its header alone.
+FILES = SingleFileFamily("a Qwen-Image transformer", is_qwen_image, _family, AXES_KEY)
+qwen_image_family, is_qwen_image_file, peek_qwen_image = FILES.family, FILES.is_file, FILES.peek
 
 
 def _refusal(sd: StateDict, name: str) -> CheckpointError:
@@ -126,7 +106,7 @@ def load_qwen_image_unet(path: str | Path, device: torch.device | str = "cpu",
     keys the transformer does not use are listed as unused (not Edit-2511's marker, which its config reads)."""
     path = Path(path)
     sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
+    prefix = FILES.prefix(sd)
     if prefix is None:
         raise _refusal(sd, path.name)
     metadata = ckpt.read_metadata(path)

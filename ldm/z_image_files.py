@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_files import FLUX_VAE, LATENT_SHIFT
 from ldm.flux_presets import distinct_random_
+from ldm.single_file_family import SingleFileFamily
 from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 from ldm.z_image import UNUSED, ZImageConfig, ZImageModel, is_z_image, z_image_config_from_state_dict
@@ -59,38 +60,17 @@ class LoadedZImage:
     metadata: dict[str, str]
 
 
-def _prefix(sd: StateDict) -> str | None:
-    """The prefix the file's Z-Image weights sit under ("" or ComfyUI's), None if it holds none."""
-    return next((p for p in (UNET_PREFIX, "") if is_z_image(sd, p)), None)
+def _family(weights: StateDict, axes: tuple[int, ...] | None, prefix: str) -> ZImageFamily:
+    config = z_image_config_from_state_dict(weights, axes, prefix)
+    if config.in_channels != FLUX_VAE.z_channels:
+        raise ValueError(f"a model of {config.in_channels} latent channels; Z-Image's VAE (Flux's) makes 16")
+    return ZImageFamily(config)
 
 
-def z_image_family(weights: StateDict, metadata: dict[str, str] | None = None, name: str = "") -> ZImageFamily:
-    """The family of Z-Image weights (bare or prefixed), the RoPE split from Loom's metadata if saved."""
-    prefix = _prefix(weights)
-    try:
-        if prefix is None:
-            raise ValueError("not a Z-Image transformer")
-        config = z_image_config_from_state_dict(weights, metadata_ints(metadata or {}, AXES_KEY), prefix)
-        if config.in_channels != FLUX_VAE.z_channels:
-            raise ValueError(f"a model of {config.in_channels} latent channels; Z-Image's VAE (Flux's) makes 16")
-        return ZImageFamily(config)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
-
-
-def is_z_image_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds a Z-Image transformer (bare or prefixed), from its header."""
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
-
-
-def peek_z_image(path: str | Path) -> ZImageFamily | None:
-    """The family of a Z-Image file from its header alone; None for other files and formats (a Z-Image file of a
-    variant Loom does not run raises CheckpointError)."""
-    shapes = ckpt.shapes_or_none(path)
-    if shapes is None or _prefix(shapes) is None:
-        return None
-    return z_image_family(shapes, ckpt.read_metadata(path), Path(path).name)
+# The family of Z-Image weights (the RoPE split from Loom's metadata if saved); whether a file holds them; a file's
+# family from its header alone.
+FILES = SingleFileFamily("a Z-Image transformer", is_z_image, _family, AXES_KEY)
+z_image_family, is_z_image_file, peek_z_image = FILES.family, FILES.is_file, FILES.peek
 
 
 def load_z_image_unet(path: str | Path, device: torch.device | str = "cpu",
@@ -99,7 +79,7 @@ def load_z_image_unet(path: str | Path, device: torch.device | str = "cpu",
     keys the transformer does not use are listed as unused (not Lumina 2's final norm, which no one uses)."""
     path = Path(path)
     sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
+    prefix = FILES.prefix(sd)
     if prefix is None:
         looks = ("; it is a Lumina 2 transformer (no pad tokens), which Lumina 2's loader (ldm.lumina2_files) takes"
                  if any(k.removeprefix(UNET_PREFIX) == "cap_embedder.1.weight" for k in sd) else "")
