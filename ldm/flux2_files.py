@@ -38,6 +38,11 @@ TINY_FLUX2 = Flux2Config(context_dim=24, hidden_size=64, num_heads=4, depth=2, d
 TINY_FLUX2_KLEIN = replace(TINY_FLUX2, guidance_embed=False)
 
 
+# Each FLUX.2 model's text encoder, by the width of the states it takes (three of the encoder's layers stacked).
+_ENCODER_OF = {15360: "Mistral Small 3 for FLUX.2 [dev]", 7680: "Qwen3-4B for FLUX.2 [klein] 4B",
+               12288: "Qwen3-8B for FLUX.2 [klein] 9B"}
+
+
 @dataclass(frozen=True)
 class Flux2Family(FlowFamily):
     """A FLUX.2 model's family: its transformer's config and the FLUX.2 latent space (128 channels, taken as they
@@ -60,6 +65,12 @@ class Flux2Family(FlowFamily):
     @property
     def shift(self) -> float:
         return FLUX2_SHIFT
+
+    @property
+    def prompt_hint(self) -> str:
+        """What a prompt of another width should be encoded with (the sampler's refusal names it)."""
+        encoder = _ENCODER_OF.get(self.unet_config.context_dim, "the one it was trained with")
+        return f"encode it with the model's FLUX.2 text encoder (CLIPLoader type flux2: {encoder})"
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ldm.flux import pad_to_patch
-from ldm.z_image import NextDiT, rope_angles
+from ldm.z_image import NextDiT, ZImageConfig, rope_angles
 
 STANDARD_AXES = (32, 32, 32)  # the released model's RoPE split of its 96-wide heads
 THETA = 10000.0
@@ -46,40 +46,20 @@ _PROBES = ("cap_embedder.1.weight", "x_embedder.weight", "layers.0.attention.qkv
 
 
 @dataclass(frozen=True)
-class Lumina2Config:
-    """Shape of a Lumina 2 transformer (defaults: the released 2.6B model). Its field names are ZImageConfig's, which
-    the shared modules of ldm.z_image read."""
+class Lumina2Config(ZImageConfig):
+    """Shape of a Lumina 2 transformer (defaults: the released 2.6B model): ZImageConfig's fields, which the shared
+    modules of ldm.z_image read, with fewer key / value heads than query heads and a SiLU before each modulation."""
 
     num_layers: int = 26
     num_refiner_layers: int = 2
     num_heads: int = 24
-    num_kv_heads: int = 8
     head_dim: int = 96
-    in_channels: int = 16
-    patch_size: int = 2
     cap_feat_dim: int = 2304  # Gemma-2-2B's hidden size
     ffn_hidden: int = 9216
     t_hidden: int = 1024  # the timestep MLP's width, min(dim, 1024)
     adaln_dim: int = 1024  # the timestep embedding's width, min(dim, 1024)
     axes_dim: tuple[int, int, int] = STANDARD_AXES
-    eps: float = 1e-5
-
-    @property
-    def dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels
-
-    @property
-    def latent_channels(self) -> int:
-        return self.in_channels
-
-    @property
-    def context_dim(self) -> int:
-        """The prompt states' width (Gemma-2-2B's hidden size)."""
-        return self.cap_feat_dim
+    num_kv_heads: int = 8  # a field here (ZImageConfig's property: as many as query heads)
 
     @property
     def silu_modulation(self) -> bool:

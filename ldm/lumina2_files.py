@@ -22,15 +22,15 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
-from ldm.flow_family import FlowFamily
-from ldm.flux_files import FLUX_VAE, LATENT_SHIFT
+from ldm.flux_files import FLUX_VAE
 from ldm.flux_presets import TINY_FLUX_VAE, distinct_random_
 from ldm.lumina2 import UNUSED, Lumina2Config, Lumina2Model, is_lumina2, lumina2_config_from_state_dict
 from ldm.presets import randomize_
 from ldm.single_file_family import SingleFileFamily
 from ldm.t5 import descaled_fp8, scaling_keys
-from ldm.vae import AutoencoderKL, VAEConfig
+from ldm.vae import AutoencoderKL
 from ldm.z_image import is_z_image
+from ldm.z_image_files import ZImageFamily
 
 LUMINA2_SHIFT = 6.0  # ComfyUI's sampling shift for Lumina 2 (SD3-style schedule, multiplier 1)
 # Files Loom writes carry the RoPE split, which the weights cannot tell (the released model's heads are 96 wide).
@@ -45,18 +45,12 @@ TINY_LUMINA2 = Lumina2Config(num_layers=2, num_refiner_layers=1, num_heads=4, nu
 
 
 @dataclass(frozen=True)
-class Lumina2Family(FlowFamily):
-    """A Lumina 2 model's family: its transformer's config and Flux's 16-channel latent space. Built as
-    `Lumina2Family(config)`."""
+class Lumina2Family(ZImageFamily):
+    """A Lumina 2 model's family: Z-Image's (its transformer's config, Flux's 16-channel latent space) under its own
+    name and sampling shift. Built as `Lumina2Family(config)`."""
 
     unet_config: Lumina2Config
-    vae_config: VAEConfig = FLUX_VAE
     name: str = "lumina2"
-    latent_shift: float = LATENT_SHIFT
-
-    @property
-    def latent_channels(self) -> int:
-        return self.unet_config.out_channels
 
     @property
     def shift(self) -> float:

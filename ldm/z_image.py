@@ -82,7 +82,7 @@ class ZImageConfig:
 
     @property
     def context_dim(self) -> int:
-        """The prompt states' width (Qwen3-4B's hidden size)."""
+        """The prompt states' width (the text encoder's hidden size: Qwen3-4B's for Z-Image)."""
         return self.cap_feat_dim
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldm.flux2 import DEFAULT_REFERENCE_METHOD
 from ldm.sampling.flow import flux2_sigmas
 from nodes.node import Node
 from nodes.sd.conditioning import MAX_RESOLUTION
@@ -26,8 +27,6 @@ LATENT_CHANNELS = 128
 LATENT_DOWNSCALE = 16
 # ComfyUI's Flux2 pads shorter prompts with zeros at the front to this many tokens (its extra_conds).
 TEXT_TOKENS = 512
-# Where the prompts name no placement, FLUX.2 places each reference at its own time index (ldm.flux2).
-DEFAULT_REFERENCE_METHOD = "index"
 
 
 class EmptyFlux2LatentImage(Node):
@@ -77,17 +76,6 @@ def flux2_conditioning(conditioning: list, model: DiffusionModel) -> list:
             options["y"] = torch.full((embedding.shape[0], 1), float(guidance))
         out.append((_padded(embedding), options))
     return out
-
-
-# Each FLUX.2 model's text encoder, by the width of the states it takes (three of the encoder's layers stacked).
-_ENCODER_OF = {15360: "Mistral Small 3 for FLUX.2 [dev]", 7680: "Qwen3-4B for FLUX.2 [klein] 4B",
-               12288: "Qwen3-8B for FLUX.2 [klein] 9B"}
-
-
-def encoder_hint(context_dim: int) -> str:
-    """What a prompt of the wrong width should be encoded with instead, for a FLUX.2 model taking `context_dim`."""
-    return f"encode it with the model's FLUX.2 text encoder (CLIPLoader type flux2: " \
-           f"{_ENCODER_OF.get(context_dim, 'the one it was trained with')})"
 
 
 def flux2_inputs(model: DiffusionModel, latent: dict, *conditionings: list) -> tuple[None, list[list]]:

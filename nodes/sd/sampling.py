@@ -104,11 +104,8 @@ def _check_prompt_widths(model: DiffusionModel, positive: list, negative: list, 
     config = model.family.unet_config
     # A UNet may project wider contexts itself (Stable Zero123's image embedding and camera, `ldm.zero123`).
     widths = {config.context_dim, *getattr(model.unet, "extra_context_widths", ())}
-    hint = "encode it with this checkpoint's CLIP"
-    if model.family.name == "flux2":  # split files: name the text encoder
-        from nodes.sd.flux2 import encoder_hint
-
-        hint = encoder_hint(config.context_dim)
+    # A family of split files names the text encoder to use (ldm.flux2_files' prompt_hint).
+    hint = getattr(model.family, "prompt_hint", "encode it with this checkpoint's CLIP")
     for side, conditioning in (("positive", positive), ("negative", negative), ("second positive", middle)):
         for embedding, _ in conditioning:
             if embedding.shape[-1] not in widths:
