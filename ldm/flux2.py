@@ -20,6 +20,11 @@ FLUX.2 default, diffusers' Flux2Pipeline and ComfyUI alike) puts reference i at 
 "offset" and "uxo" as for Flux.1 Kontext (`ldm.flux_variants.reference_placements`); "index_timestep_zero" as
 "index", the references' modulation taken at timestep 0 (ComfyUI's choice of that name).
 
+FLUX.2 [klein] 9B KV (ComfyUI's FluxKVCache) is trained with the references modulated at timestep 0 and attending
+only to themselves, so their keys and values in every block depend on the references alone: the first call computes
+them with the full sequence (`ReferenceKV` records them), later calls of the run leave the reference tokens out and
+attend to the recorded keys and values instead (diffusers' Flux2KleinKVPipeline, "extract" then "cached").
+
 `Flux2.forward(x, timesteps, context, y, ref_latents, attn_mask)` keeps the calling convention of Loom's flow
 models (ldm.sampling.denoiser): `timesteps` is sigma in 0..1, the output the velocity noise - data, and `y` [B, 1]
 dev's guidance strength; without it a dev model runs unguided (ComfyUI's FluxDisableGuidance, as ldm.flux does).
@@ -30,12 +35,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.flux import QKNorm, _heads, attention, rope_angles
+from ldm.flux import QKNorm, _heads, apply_rope, attention, rope_angles
 from ldm.flux_variants import References, reference_placements
 from ldm.unet import timestep_embedding
 
@@ -160,6 +166,92 @@ def _finite16(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=65504.0, neginf=-65504.0) if x.dtype == torch.float16 else x
 
 
+@dataclass(eq=False)
+class BlockKV:
+    """One block's reference keys and values [B, heads, R, head_dim] after RoPE: recorded from the joint sequence's
+    tokens from `start` on (the references, at its end) while `k` is None, attended to after that."""
+
+    start: int = 0
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+            ref: BlockKV | None) -> Tensor:
+    """Joint attention (`ldm.flux.attention`); with `ref`, the references attend only to themselves: recorded into
+    `ref` when it is empty, else its keys and values are attended to beside the sequence's own."""
+    if ref is None:
+        return attention(q, k, v, rope, mask)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if ref.k is None:
+        s = ref.start
+        ref.k, ref.v = k[:, :, s:].contiguous(), v[:, :, s:].contiguous()
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :s], k, v, attn_mask=mask),
+                         F.scaled_dot_product_attention(q[:, :, s:], ref.k, ref.v)], dim=2)
+    else:
+        if mask is not None:  # the key mask [B, 1, 1, L]: every reference key is real
+            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], ref.k.shape[2])], dim=-1)
+        out = F.scaled_dot_product_attention(q, torch.cat([k, ref.k], dim=2), torch.cat([v, ref.v], dim=2),
+                                             attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class ReferenceKV:
+    """The references' keys and values per block for one sampling run (FLUX.2 [klein] 9B KV, ComfyUI's FluxKVCache),
+    for the last few sets of references seen (a run's positive and negative prompts may hold different ones).
+    Entries are matched by value: batched calls concatenate their rows' references anew at every step."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self._entries: list[tuple[References, Tensor | None, int, list[BlockKV]]] = []
+
+    def find(self, refs: References, guidance: Tensor | None, batch: int) -> list[BlockKV] | None:
+        """The blocks' keys and values recorded for these references, guidance strengths and batch, if any."""
+        for key, key_guidance, key_batch, blocks in self._entries:
+            if key_batch == batch and _same_references(key, refs) and _same(key_guidance, guidance):
+                return blocks
+        return None
+
+    def add(self, refs: References, guidance: Tensor | None, batch: int, blocks: list[BlockKV]) -> None:
+        """Record a call's filled `blocks`, forgetting the oldest entry beyond `capacity`."""
+        self._entries = [*self._entries, (refs, guidance, batch, blocks)][-self.capacity:]
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    return (a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b.to(a.device))))
+
+
+def _same_references(a: References, b: References) -> bool:
+    return a.method == b.method and len(a.latents) == len(b.latents) and all(
+        _same(x, y) for x, y in zip(a.latents, b.latents, strict=True))
+
+
+def with_reference_kv(model: nn.Module) -> nn.Module:
+    """A copy of a FLUX.2 transformer (sharing its weights) that samples with its reference keys and values recorded
+    on a run's first call and reused after (ComfyUI's FluxKVCache; the sampler gives each run a `ReferenceKV`)."""
+    from ldm.lora import shallow_copy
+
+    if not isinstance(model, Flux2):
+        raise TypeError(f"reference key-value caching is FLUX.2's; not for a {type(model).__name__}")
+    patched = shallow_copy(model)
+    patched.reference_kv = True
+    return patched
+
+
+class ReferenceKVRun:
+    """One sampling run's calls of a `with_reference_kv` transformer (`module`, on its device), sharing one
+    `ReferenceKV`; calls without references go to `unet` (the same module, maybe compiled or graphed)."""
+
+    def __init__(self, unet: Any, module: nn.Module):
+        self.unet, self.module, self.store = unet, module, ReferenceKV()
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, ref_latents: Any = None,
+                 **extra: Any) -> Tensor:
+        if ref_latents is None:
+            return self.unet(x, t, context, y=y, **extra)
+        return self.module(x, t, context, y=y, ref_latents=ref_latents, reference_kv=self.store, **extra)
+
+
 class DoubleStreamBlock(nn.Module):
     def __init__(self, c: Flux2Config):
         super().__init__()
@@ -169,9 +261,10 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp, self.txt_mlp = _mlp(c.hidden_size, c.mlp_hidden), _mlp(c.hidden_size, c.mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor, rope: tuple[Tensor, Tensor],
-                mask: Tensor | None = None, ref_mod: Tensor | None = None, n: int = 0) -> tuple[Tensor, Tensor]:
+                mask: Tensor | None = None, ref_mod: Tensor | None = None, n: int = 0,
+                ref_kv: BlockKV | None = None) -> tuple[Tensor, Tensor]:
         """`img_mod` / `txt_mod` the shared modulations [B, 6 * dim]; `ref_mod`, if given, modulates the image tokens
-        from `n` on (the references)."""
+        from `n` on (the references); `ref_kv` records or gives the references' keys and values (`_attend`)."""
         img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
         txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
         ref_mod1, ref_mod2 = (None, None) if ref_mod is None else ref_mod.chunk(2, dim=-1)
@@ -179,8 +272,8 @@ class DoubleStreamBlock(nn.Module):
         txt_in, txt_gate = _modulate(txt, txt_mod1)
         img_q, img_k, img_v = _heads(self.img_attn.qkv(img_in), self.heads, self.img_attn.norm)
         txt_q, txt_k, txt_v = _heads(self.txt_attn.qkv(txt_in), self.heads, self.txt_attn.norm)
-        out = attention(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2),
-                        rope, mask)
+        out = _attend(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2),
+                      rope, mask, ref_kv)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
         img = img + img_gate * self.img_attn.proj(img_out)
         img_in, img_gate = _modulate(img, img_mod2, ref_mod2, n)
@@ -202,10 +295,10 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(c.head_dim)
 
     def forward(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                ref_mod: Tensor | None = None, n: int = 0) -> Tensor:
+                ref_mod: Tensor | None = None, n: int = 0, ref_kv: BlockKV | None = None) -> Tensor:
         x_in, gate = _modulate(x, mod, ref_mod, n)
         qkv, mlp = self.linear1(x_in).split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
-        out = attention(*_heads(qkv, self.heads, self.norm), rope, mask)
+        out = _attend(*_heads(qkv, self.heads, self.norm), rope, mask, ref_kv)
         return _finite16(x + gate * self.linear2(torch.cat([out, swiglu(mlp)], dim=2)))
 
 
@@ -272,13 +365,16 @@ class Flux2(nn.Module):
         return norm.query_norm.scale.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                ref_latents: References | Sequence[Tensor] | None = None, attn_mask: Tensor | None = None) -> Tensor:
+                ref_latents: References | Sequence[Tensor] | None = None, attn_mask: Tensor | None = None,
+                reference_kv: ReferenceKV | None = None) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, 128, H, W] at noise levels `timesteps` [B] (sigma,
         0..1) given the prompt states `context` [B, L, context_dim]. `y` [B, 1] is the guidance strength of a model
         with a guidance embedding (dev; None: unguided); a model without one (klein) ignores it, as ComfyUI does.
         `ref_latents` are reference latents [B or 1, 128, h, w] in the model's latent space, each its own size (a
         plain sequence is placed by "index"); `attn_mask` [B, L] (1 = a real token) keeps every token from
-        attending to the prompt's padding."""
+        attending to the prompt's padding. With `reference_kv` (klein 9B KV), the references are modulated at
+        timestep 0 and attend only to themselves, their keys and values recorded there on the first call for them
+        and reused by later ones."""
         c, dtype = self.config, self.dtype
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"FLUX.2 takes latents [B, {c.in_channels}, H, W] (the FLUX.2 VAE's, 2x2 patches of 32 "
@@ -290,32 +386,38 @@ class Flux2(nn.Module):
         t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(-1)
         context = context.expand(batch, -1, -1) if context.shape[0] == 1 else context
         tokens, ids = [x.to(dtype).flatten(2).transpose(1, 2)], [image_ids(rows, cols, device=x.device)]
-        method = None
-        if ref_latents is not None:
-            refs = (ref_latents if isinstance(ref_latents, References)
-                    else References(tuple(ref_latents), DEFAULT_REFERENCE_METHOD))
-            method = refs.method
+        guidance = self._guidance(y, batch)
+        refs = None if ref_latents is None else (
+            ref_latents if isinstance(ref_latents, References)
+            else References(tuple(ref_latents), DEFAULT_REFERENCE_METHOD))
+        cached = None if refs is None or reference_kv is None else reference_kv.find(refs, guidance, batch)
+        if refs is not None and cached is None:
             more_tokens, more_ids = self._reference_tokens(refs, batch, rows, cols, x.device)
             tokens, ids = tokens + more_tokens, ids + more_ids
         n = rows * cols  # the noisy latent's tokens, the only ones predicted
         img = self.img_in(torch.cat(tokens, dim=1))
         txt = self.txt_in(context.to(dtype))
-        guidance = self._guidance(y, batch)
+        t_len = txt.shape[1]
         vec = self._vector(t, guidance, dtype)
-        ref_vec = (self._vector(torch.zeros_like(t), guidance, dtype) if method == ZERO_TIME_METHOD and img.shape[1] > n
-                   else None)
-        rope = rope_angles(torch.cat([text_ids(txt.shape[1], x.device), *ids]), c.axes_dim, c.theta)
+        zero_time = refs is not None and (reference_kv is not None or refs.method == ZERO_TIME_METHOD)
+        ref_vec = self._vector(torch.zeros_like(t), guidance, dtype) if zero_time and img.shape[1] > n else None
+        recording = refs is not None and reference_kv is not None and cached is None
+        blocks_kv = ([BlockKV(t_len + n) for _ in range(len(self.double_blocks) + len(self.single_blocks))]
+                     if recording else cached)
+        ref_kv = iter(blocks_kv or ())
+        rope = rope_angles(torch.cat([text_ids(t_len, x.device), *ids]), c.axes_dim, c.theta)
         mask = None if attn_mask is None else self._key_mask(attn_mask, txt.shape[:2], img.shape[1])
         img_mod, txt_mod = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
         ref_mod = None if ref_vec is None else self.double_stream_modulation_img(ref_vec)
         for block in self.double_blocks:
-            img, txt = block(img, txt, img_mod, txt_mod, rope, mask, ref_mod, n)
-        t_len = txt.shape[1]
+            img, txt = block(img, txt, img_mod, txt_mod, rope, mask, ref_mod, n, next(ref_kv, None))
         joint = torch.cat([txt, img], dim=1)
         mod = self.single_stream_modulation(vec)
         ref_mod = None if ref_vec is None else self.single_stream_modulation(ref_vec)
         for block in self.single_blocks:
-            joint = block(joint, mod, rope, mask, ref_mod, t_len + n)
+            joint = block(joint, mod, rope, mask, ref_mod, t_len + n, next(ref_kv, None))
+        if recording:  # only once every block's are in
+            reference_kv.add(refs, guidance, batch, blocks_kv)
         out = self.final_layer(joint[:, t_len:t_len + n], vec)
         return out.transpose(1, 2).reshape(batch, c.out_channels, rows, cols).to(x.dtype)
 

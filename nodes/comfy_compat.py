@@ -36,8 +36,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # the model-patch ControlNets, text generation, Lotus
     "TextEncodeQwenImage21", "QwenImage21Cache", "TextGenerate", "EmptyQwenImageLayeredLatentImage",
     "ModelPatchLoader", "QwenImageDiffsynthControlnet", "LotusConditioning",
-    # seen in Comfy-Org's FLUX.2 klein 9B KV template: the reference tokens' keys and values cached across steps
-    "FluxKVCache",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -10,10 +10,13 @@ model does; dev is guidance-distilled (FluxGuidance's value, 3.5 unless said), k
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from ldm.flux2 import DEFAULT_REFERENCE_METHOD
+from ldm.flux2 import DEFAULT_REFERENCE_METHOD, with_reference_kv
 from ldm.sampling.flow import flux2_sigmas
 from nodes.node import Node
 from nodes.sd.conditioning import MAX_RESOLUTION
@@ -21,7 +24,7 @@ from nodes.sd.custom_sampling import _sigmas_out
 from nodes.sd.flux import DEFAULT_GUIDANCE
 from nodes.sd.flux_variants import with_references
 from nodes.sd.models import DiffusionModel
-from nodes.spec import Int, Output
+from nodes.spec import Int, Output, Socket
 
 LATENT_CHANNELS = 128
 LATENT_DOWNSCALE = 16
@@ -89,4 +92,32 @@ def flux2_inputs(model: DiffusionModel, latent: dict, *conditionings: list) -> t
                    for embedding, options in c] for c in conditionings]
 
 
-NODES = [EmptyFlux2LatentImage, Flux2Scheduler]
+class FluxKVCache(Node):
+    """For FLUX.2 [klein] 9B KV: the reference images' keys and values are computed on the first step and reused by
+    the others, so each step runs on the image's and the prompt's tokens alone. The references are modulated at
+    timestep 0 and attend only to themselves, as the KV model was trained; other FLUX.2 models were not."""
+
+    display_name = "Flux KV Cache"
+    category = "advanced/model"
+    model = Socket("MODEL")
+    outputs = (Output("MODEL"),)
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        family = linked.get("model", {}).get("family")
+        if family is not None and family != "flux2":
+            return f"FluxKVCache is for FLUX.2 models (klein 9B KV); the MODEL linked is {family.upper()}"
+        return None
+
+    @classmethod
+    def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {0: linked.get("model", {})}
+
+    def execute(self, model: DiffusionModel) -> tuple[DiffusionModel]:
+        if model.family.name != "flux2":
+            raise ValueError(f"FluxKVCache is for FLUX.2 models (klein 9B KV); {model.source} is "
+                             f"{model.family.name.upper()}")
+        return (replace(model, unet=with_reference_kv(model.unet), own_bytes=0),)
+
+
+NODES = [EmptyFlux2LatentImage, Flux2Scheduler, FluxKVCache]

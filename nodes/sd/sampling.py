@@ -242,6 +242,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                for _, opts in side if opts.get("gligen") is not None}
     placed = (*controlnets, *(on_device(node.ctx, g, keep=(model.unet, *controlnets)) for g in gligens.values()))
     unet = on_device(node.ctx, model.unet, keep=placed)  # the ControlNets stay on the device with it
+    placed_unet = unet
     devices = devices_of(node.ctx)
     if devices is not None and not devices.options.lowvram:  # streamed blocks move: no compile, no graphs
         module = unet
@@ -276,6 +277,10 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         from nodes.sd.wan_vace import vace_controls
 
         unet = vace_controls(camera_controls(unet, model, positive, negative), model, positive, negative)
+    if getattr(model.unet, "reference_kv", False):  # FluxKVCache: references' keys and values kept for this run
+        from ldm.flux2 import ReferenceKVRun
+
+        unet = ReferenceKVRun(unet, placed_unet)
     noise_mask = latent.get("noise_mask")
     clean_kept = noise_mask is not None and getattr(model.family, "token_timesteps", False)
     if clean_kept:  # the mask as per-token noise levels (LTX-Video's, Wan 2.2 5B's image-to-video)

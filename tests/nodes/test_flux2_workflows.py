@@ -148,6 +148,72 @@ def test_reference_latents_edit_as_flux2_pipeline_places_them(base) -> None:
     assert (latent["samples"] - plain["samples"]).abs().max() > 1e-3
 
 
+def kv_reference_latent(unet_path, refs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The Euler loop of `reference_latent` for klein over diffusers' transformer as Flux2KleinKVPipeline runs it:
+    the references' keys and values extracted at the first step, one cache per prompt, reused after."""
+    from tests.ldm.test_flux2_kv import kv_pipeline_calls, kv_twin
+
+    twin = kv_twin(load_flux2_unet(unet_path, dtype=torch.float32).unet)
+    sigmas = flux2_sigmas(STEPS, WIDTH, HEIGHT).tolist()
+    x = prepare_noise(torch.zeros(1, 128, HEIGHT // 16, WIDTH // 16), SEED)
+    positive = padded(prompt_states())
+    with torch.no_grad():
+        # kv_pipeline_calls runs every level on one latent; the loop needs each step's own, so it replays the
+        # calls so far, which with the cache reused gives the same velocities.
+        for step, (sigma, following) in enumerate(zip(sigmas, sigmas[1:], strict=False)):
+            levels = [torch.tensor([s]) for s in sigmas[:step + 1]]
+            cond, uncond = (kv_pipeline_calls(twin, x, levels, c, refs)[-1] for c in (positive, 0 * positive))
+            x = x + (following - sigma) * (uncond + CFG * (cond - uncond))
+    return x
+
+
+def test_flux_kv_cache_samples_as_the_klein_kv_pipeline(base, monkeypatch) -> None:
+    """Comfy-Org's klein 9B KV edit graph: FluxKVCache on the model, ReferenceLatent on both prompts. The references
+    are modulated at timestep 0 and attend only to themselves; their tokens go through the transformer at the first
+    step only (one batched call for both prompts), the cached keys and values after."""
+    from ldm.flux2 import Flux2
+
+    engine, files = base
+    doc = workflow(files["klein"].name, files["vae"].name)
+    picture = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(5))
+    engine.registry.register_all([type("Flux2KVPicture", (Node,), {"outputs": (Output("IMAGE"),),
+                                                                  "execute": lambda self: (picture,)})], "tests")
+    doc["20"] = {"class_type": "Flux2KVPicture", "inputs": {}}
+    doc["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["3", 0]}}
+    doc["22"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["5", 0], "latent": ["21", 0]}}
+    doc["23"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["6", 0], "latent": ["21", 0]}}
+    doc["24"] = {"class_type": "FluxKVCache", "inputs": {"model": ["1", 0]}}
+    doc["13"]["inputs"].update({"model": ["24", 0], "positive": ["22", 0], "negative": ["23", 0]})
+    built = []
+    reference_tokens = Flux2._reference_tokens
+    monkeypatch.setattr(Flux2, "_reference_tokens", lambda self, *a: built.append(a[1]) or reference_tokens(self, *a))
+    latent, = run(engine, doc, ("14",))
+    assert built == [2]  # the first step's call, both prompts in one batch
+    vae = load_flux2_vae(files["vae"])
+    with torch.no_grad():
+        reference = vae.encode(picture.movedim(-1, 1) * 2 - 1).mode()
+    torch.testing.assert_close(latent["samples"], kv_reference_latent(files["klein"], (reference,)),
+                               rtol=1e-4, atol=1e-4)
+    doc["13"]["inputs"]["model"] = ["1", 0]
+    without, = run(engine, doc, ("14",))
+    assert len(built) == 1 + STEPS and (latent["samples"] - without["samples"]).abs().max() > 1e-3
+
+
+def test_flux_kv_cache_refuses_other_models(base) -> None:
+    """A MODEL of another family is refused when the graph is checked, by name."""
+    from executor.executor import WorkflowInvalid
+    from ldm.presets import make_checkpoint
+
+    engine, files = base
+    make_checkpoint("tiny-sd1", files["vae"].parent.parent / "checkpoints" / "sd1.safetensors", seed=1)
+    doc = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+           "2": {"class_type": "FluxKVCache", "inputs": {"model": ["1", 0]}},
+           "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    refusal = r"FluxKVCache is for FLUX.2 models \(klein 9B KV\); the MODEL linked is SD1"
+    with pytest.raises(WorkflowInvalid, match=refusal):
+        engine.run(parse_api(doc))
+
+
 def test_a_prompt_of_another_width_is_refused_by_name(base) -> None:
     engine, files = base
     doc = workflow(files["klein"].name, files["vae"].name)
@@ -196,3 +262,4 @@ def test_clip_loader_type_flux2_encodes_as_the_text_encoder_does(tmp_path, part,
     assert states.shape[-1] == TINY_FLUX2.context_dim and states.shape[1] == (512 if part == "qwen3" else
                                                                                expected.shape[1])
     torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-5)
+
