@@ -296,8 +296,11 @@ RESIZE_OPTIONS: dict[str, tuple[str, ...]] = {
 
 _RESIZE_INPUTS: dict[str, InputSpec] = {
     "input": Socket("IMAGE,MASK", tooltip="the image or mask to resize"),
+    # dynamic_inputs tells the editor which inputs each choice brings, so that it shows only those (as ComfyUI's does).
     "resize_type": Combo(list(RESIZE_OPTIONS), tooltip="how to resize; each choice brings the inputs "
-                         "resize_type.<name> it uses"),
+                         "resize_type.<name> it uses",
+                         extra={"dynamic_inputs": {choice: [f"resize_type.{n}" for n in names]
+                                                   for choice, names in RESIZE_OPTIONS.items()}}),
     "scale_method": Combo(SCALE_METHODS, default="area", tooltip="interpolation: area to shrink, lanczos to enlarge, "
                           "nearest-exact for pixel art"),
     "resize_type.width": Int(512, min=0, max=MAX_RESOLUTION, step=1, optional=True,
@@ -331,8 +334,8 @@ class ResizeImageMaskNode(Node):
 
     @classmethod
     def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
-        """ComfyUI's editor stores [resize_type, the choice's widgets..., scale_method]; Loom's editor stores every
-        widget in declaration order (None: read by position)."""
+        """ComfyUI's editor (and Loom's) stores [resize_type, the choice's widgets..., scale_method]; Loom's older
+        editor stored every widget in declaration order (None: read by position)."""
         choice = values[0] if values and isinstance(values[0], str) else None
         names = [f"resize_type.{n}" for n in RESIZE_OPTIONS.get(choice, ()) if cls.inputs[f"resize_type.{n}"].is_widget]
         if choice is None or choice not in RESIZE_OPTIONS or len(values) != len(names) + 2:

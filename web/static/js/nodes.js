@@ -1,7 +1,7 @@
 // Node types for the graph editor, built from /object_info, and how a node shows the run's state.
 
 import { uploadImage, viewUrl } from "./api.js";
-import { conversionMenu } from "./convert.js";
+import { conversionMenu, showWidget } from "./convert.js";
 import { registerVirtualTypes } from "./virtual.js";
 
 const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
@@ -148,13 +148,20 @@ function showInputImage(node, name, folder = "input") {
 }
 
 function addInputs(node, def) {
+  const dynamic = dynamicInputs(def);
   const groups = [["required", def.input.required || {}], ["optional", def.input.optional || {}]];
   for (const [group, inputs] of groups) {
     const order = (def.input_order && def.input_order[group]) || Object.keys(inputs);
     for (const name of order) {
       const [type, opts = {}] = inputs[name];
+      const made = (node.widgets || []).length;
+      const label = dynamic.get(name);
       if (Array.isArray(type)) {
         const combo = node.addWidget("combo", name, opts.default ?? type[0] ?? "", null, { values: [...type] });
+        if (opts.dynamic_inputs) {
+          combo.choiceInputs = opts.dynamic_inputs;
+          combo.callback = () => relayout(node);
+        }
         if (opts.image_upload) {
           const folder = opts.image_folder || "input";
           combo.callback = (value) => showInputImage(node, value, folder);
@@ -173,15 +180,128 @@ function addInputs(node, def) {
         } else {
           node.addWidget("toggle", name, Boolean(opts.default), null, {});
         }
+      } else if (opts.socketless) {
+        // A widget without a socket that the node draws itself (ImageCompare's compare_view: see drawCompare).
       } else if (opts.autogrow) {
         // A growing input (BatchImagesNode's images.imageN): its sockets show one at a time, see growInputs.
         (node.growing ||= []).push([name, type]);
       } else {
-        node.addInput(name, type === "*" ? "*" : type, group === "optional" ? { label: `${name}?` } : undefined);
+        const shown = label ?? name;
+        const socket = [name, type === "*" ? "*" : type, group === "optional" ? { label: `${shown}?` } : undefined];
+        if (label === undefined) node.addInput(...socket);
+        else (node.choiceSockets ||= {})[name] = socket;
+      }
+      if (label !== undefined) {
+        const widgets = (node.widgets || []).slice(made);
+        widgets.forEach((w) => { w.choiceInput = name; });
+        if (widgets.length) widgets[0].label = label;
+        (node.choiceWidgets ||= {})[name] = widgets;
       }
     }
   }
+  node.declaredWidgets = [...(node.widgets || [])];
   growInputs(node);
+  showChoices(node);
+}
+
+// ComfyUI's "dynamic combo": a combo whose choice brings inputs of its own; the schema names them (the combo's
+// `dynamic_inputs`, choice -> input names). The editor shows only the chosen ones, their widgets right after the
+// combo (where ComfyUI's files keep their values in widgets_values); the others' widgets sleep, keeping their values
+// for when their choice comes back. Returns each such input's name -> its label (the name less the combo's prefix).
+function dynamicInputs(def) {
+  const labels = new Map();
+  for (const [combo, [, opts = {}]] of Object.entries({ ...def.input.required, ...def.input.optional })) {
+    for (const names of Object.values(opts.dynamic_inputs || {})) {
+      for (const name of names) labels.set(name, name.startsWith(`${combo}.`) ? name.slice(combo.length + 1) : name);
+    }
+  }
+  return labels;
+}
+
+// The inputs the node's dynamic combos have chosen, and the widgets in the order they show (and are saved) in.
+function chosen(node) {
+  const names = new Set();
+  const widgets = [];
+  for (const w of node.declaredWidgets || []) {
+    if (w.choiceInput) continue;
+    widgets.push(w);
+    for (const name of (w.choiceInputs && w.choiceInputs[w.value]) || []) {
+      names.add(name);
+      widgets.push(...((node.choiceWidgets || {})[name] || []));
+    }
+  }
+  return { names, widgets };
+}
+
+function sleepWidget(widget) {
+  if (widget.asleep) return;
+  widget.asleep = { type: widget.type, draw: widget.draw, computeSize: widget.computeSize, mouse: widget.mouse };
+  widget.type = "asleep";
+  widget.draw = () => {};
+  widget.computeSize = () => [0, -4];
+  delete widget.mouse;
+}
+
+function wakeWidget(widget) {
+  if (!widget.asleep) return;
+  Object.assign(widget, widget.asleep);
+  for (const key of ["draw", "computeSize", "mouse"]) if (!widget[key]) delete widget[key];
+  delete widget.asleep;
+}
+
+// Lay the node out for its combos' choices: the chosen inputs' widgets and sockets show, the others go (a socket of
+// an input no longer chosen is unlinked; a widget converted to a socket turns back into a sleeping widget).
+function showChoices(node) {
+  if (!node.choiceWidgets && !node.choiceSockets) return;
+  const { names, widgets } = chosen(node);
+  const dynamic = new Set([...Object.keys(node.choiceWidgets || {}), ...Object.keys(node.choiceSockets || {})]);
+  for (let slot = (node.inputs || []).length - 1; slot >= 0; slot--) {
+    const input = node.inputs[slot];
+    const name = input.widget ? input.widget.name : input.name;
+    if (!dynamic.has(name) || names.has(name)) continue;
+    if (input.link != null) node.disconnectInput(slot);
+    node.removeInput(slot);
+    if (input.widget) (node.choiceWidgets[name] || []).forEach(showWidget);
+  }
+  for (const [name, socket] of Object.entries(node.choiceSockets || {})) {
+    if (names.has(name) && node.findInputSlot(name) < 0) node.addInput(...socket);
+  }
+  const rest = node.declaredWidgets.filter((w) => !widgets.includes(w));
+  widgets.forEach(wakeWidget);
+  rest.forEach(sleepWidget);
+  node.widgets = [...widgets, ...rest];
+}
+
+// A combo's choice changed: show its inputs and fit the node's height to them, keeping its width.
+function relayout(node) {
+  const width = node.size[0];
+  showChoices(node);
+  node.setSize(node.computeSize());
+  node.size[0] = Math.max(node.size[0], width);
+  node.setDirtyCanvas(true, true);
+}
+
+// widgets_values as ComfyUI's editor keeps them: each combo's chosen widgets right after it, no sleeping ones.
+// A file from Loom's older editor holds every widget in declaration order: it is read as such.
+function restoreWidgetValues(node, values) {
+  if (Array.isArray(values)) {
+    let i = 0;
+    for (const w of node.declaredWidgets) {
+      if (w.choiceInput || i >= values.length) continue;
+      w.value = values[i++];
+      for (const name of (w.choiceInputs && w.choiceInputs[w.value]) || []) {
+        for (const chosenWidget of node.choiceWidgets[name] || []) {
+          if (i < values.length) chosenWidget.value = values[i++];
+        }
+      }
+    }
+    const declared = node.declaredWidgets;
+    if (values.length !== chosen(node).widgets.length && values.length === declared.length) {
+      declared.forEach((w, k) => { w.value = values[k]; });
+    }
+  }
+  showChoices(node);
+  node.size[1] = Math.max(node.size[1], node.computeSize()[1]);
 }
 
 // Show the next socket of a growing input once every one shown is linked (ComfyUI's "autogrow" inputs).
@@ -222,6 +342,57 @@ function drawImages(node, ctx, images) {
     const h = img.naturalHeight * scale;
     ctx.drawImage(img, 10 + i * cell + (cell - w) / 2, top + (area[1] - h) / 2, w, h);
   });
+}
+
+// Where `image` shows, fitted into `area` ({x, y, w, h}) and centred: [x, y, w, h].
+function fit(image, area) {
+  const scale = Math.min(area.w / image.naturalWidth, area.h / image.naturalHeight);
+  const [w, h] = [image.naturalWidth * scale, image.naturalHeight * scale];
+  return [area.x + (area.w - w) / 2, area.y + (area.h - h) / 2, w, h];
+}
+
+function drawClipped(ctx, image, area, left, right) {
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(left, area.y, right - left, area.h);
+  ctx.clip();
+  ctx.drawImage(image, ...fit(image, area));
+  ctx.restore();
+}
+
+// ImageCompare's pictures, as ComfyUI's compare widget shows them: A left of a vertical line, B right of it; the
+// line follows the pointer over the pictures (followPointer) and stays where it was left. One alone shows whole.
+function drawCompare(node, ctx, compare) {
+  const top = widgetsBottom(node);
+  grow(node, top + IMAGE_AREA);
+  const area = { x: 10, y: top, w: node.size[0] - 20, h: node.size[1] - top - 10 };
+  node.compareArea = area;
+  const [a, b] = [compare.a, compare.b].map((image) => (image && image.complete && image.naturalWidth ? image : null));
+  if (!a || !b) {
+    if (a || b) ctx.drawImage(a || b, ...fit(a || b, area));
+    return;
+  }
+  const split = area.x + area.w * (node.compareSplit ?? 0.5);
+  drawClipped(ctx, a, area, area.x, split);
+  drawClipped(ctx, b, area, split, area.x + area.w);
+  const [, y, , h] = fit(a, area);
+  ctx.strokeStyle = "#fff";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  ctx.moveTo(split, y);
+  ctx.lineTo(split, y + h);
+  ctx.stroke();
+}
+
+// The pointer at node position `pos` moves the compare line when it is over the pictures.
+function followPointer(node, pos) {
+  const area = node.compareArea;
+  const output = runState.outputs[String(node.id)];
+  if (!area || !output || !output.compare) return;
+  const [x, y] = pos;
+  if (x < area.x || x > area.x + area.w || y < area.y || y > area.y + area.h) return;
+  node.compareSplit = (x - area.x) / area.w;
+  node.setDirtyCanvas(true, false);
 }
 
 function drawState(node, ctx) {
@@ -275,6 +446,7 @@ function drawState(node, ctx) {
   const output = runState.outputs[id];
   if (preview && preview.node === id) drawImages(node, ctx, [preview.image]);
   else if (output && output.images.length) drawImages(node, ctx, output.images);
+  else if (output && output.compare) drawCompare(node, ctx, output.compare);
   if (output && output.text.length) {
     ctx.fillStyle = "#ccc";
     ctx.font = "13px monospace";
@@ -303,8 +475,24 @@ export function registerNodeTypes(objectInfo) {
         this.size[0] = Math.max(this.size[0], 280);
       }
 
+      // A node with dynamic combos reads its widgets_values itself: litegraph's would put them by position into
+      // the default choice's layout.
+      configure(info) {
+        if (!this.choiceWidgets && !this.choiceSockets) return super.configure(info);
+        super.configure({ ...info, widgets_values: undefined });
+        restoreWidgetValues(this, info.widgets_values);
+      }
+
+      onSerialize(o) {
+        if (o.widgets_values) o.widgets_values = o.widgets_values.filter((_, i) => !this.widgets[i].asleep);
+      }
+
       onDrawForeground(ctx) {
         drawState(this, ctx);
+      }
+
+      onMouseMove(_event, pos) {
+        followPointer(this, pos);
       }
 
       onConnectionsChange(kind, slot, connected) {
@@ -323,14 +511,20 @@ export function registerNodeTypes(objectInfo) {
   }
 }
 
+function loadImage(item) {
+  const image = new Image();
+  image.src = viewUrl(item);
+  image.dataset.url = image.src;
+  return image;
+}
+
+// A node's UI output: SaveImage's `images`, text, or ImageCompare's `a_images` and `b_images` (the first of each
+// is compared). Returns every image it loads.
 export function setOutput(nodeId, output) {
-  const images = (output.images || []).map((item) => {
-    const image = new Image();
-    image.src = viewUrl(item);
-    image.dataset.url = image.src;
-    return image;
-  });
+  const images = (output.images || []).map(loadImage);
   const text = (output.text || output.value || []).map((t) => String(t));
-  runState.outputs[String(nodeId)] = { images, text };
-  return images;
+  const [a, b] = [output.a_images, output.b_images].map((list) => (list && list.length ? loadImage(list[0]) : null));
+  const compare = a || b ? { a, b } : null;
+  runState.outputs[String(nodeId)] = { images, text, compare };
+  return [...images, ...[a, b].filter(Boolean)];
 }
