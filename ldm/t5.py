@@ -21,7 +21,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +39,9 @@ END_TOKEN = 1
 VOCAB_FILE = DATA_DIR / "t5_tokenizer.json.gz"
 # ComfyUI's minimum prompt length for Flux's T5 (its T5XXL tokenizer's min_length).
 FLUX_MIN_LENGTH = 256
+# ComfyUI's T5TokenizerOptions (min_padding, min_length; None: the encoder's own) for the prompts T5 tokenizes within
+# `tokenizer_options`: a CLIP that carries them sets them around its encoding.
+_OPTIONS: ContextVar[tuple[int | None, int | None]] = ContextVar("t5_tokenizer_options", default=(None, None))
 _PROBE = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _BLOCK = re.compile(r"encoder\.block\.(\d+)\.")
 _TIED = "encoder.embed_tokens.weight"  # transformers ties it to shared.weight; some files store both
@@ -81,8 +86,13 @@ class T5Tokenizer:
     def batch(self, prompts: list[str], min_length: int = FLUX_MIN_LENGTH,
               max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """(ids [B, L], weights [B, L]) of `prompts`, padded to the longest of them and to at least `min_length`;
-        with `max_length`, cut to it (keeping the end token last), as diffusers' pipelines do."""
+        with `max_length`, cut to it (keeping the end token last), as diffusers' pipelines do. Within
+        `tokenizer_options`, its pad tokens follow each prompt and its minimum length replaces `min_length`."""
         tokens = [self.tokenize(prompt) for prompt in prompts]
+        min_padding, options_length = _OPTIONS.get()
+        if min_padding:  # pad tokens after each prompt's end token, which the encoder then attends to
+            tokens = [T5Tokens(t.ids + [PAD_TOKEN] * min_padding, t.weights + [1.0] * min_padding) for t in tokens]
+        min_length = min_length if options_length is None else options_length
         if max_length is not None:
             tokens = [t if len(t.ids) <= max_length else
                       T5Tokens([*t.ids[:max_length - 1], END_TOKEN], [*t.weights[:max_length - 1], 1.0])
@@ -208,6 +218,18 @@ class T5Encoder(nn.Module):
             return hidden
         z_empty, hidden = hidden[-1:].float(), hidden[:-1]
         return (z_empty + weights * (hidden.float() - z_empty)).to(hidden.dtype)
+
+
+@contextmanager
+def tokenizer_options(min_padding: int | None = None, min_length: int | None = None) -> Iterator[None]:
+    """T5 tokenizes the prompts encoded within with `min_padding` pad tokens after each prompt's end token and at
+    least `min_length` tokens in all, in place of the encoder's own minimum (ComfyUI's T5TokenizerOptions; None
+    leaves either as it is)."""
+    token = _OPTIONS.set((min_padding, min_length))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
 
 
 def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ldm.sampling.clip_schedule import encode_scheduled
+from ldm.t5 import tokenizer_options
 from nodes.folders import get_paths
 from nodes.node import Node
 from nodes.sd.models import Clip, clip_family_facts, family_refusal, file_fingerprint, on_device
@@ -45,7 +47,8 @@ def _encoded(node: Node, clip: Clip, text: str, options: Callable[[Any], dict], 
     SetClipHooks' schedule_clip, one entry per keyframe range, its range in clip_start_percent and clip_end_percent
     (ComfyUI's encode_from_tokens_scheduled)."""
     def encode(encoder: torch.nn.Module) -> Any:
-        return encoder.encode([text], clip_skip=clip.clip_skip, embeddings=embedding_vectors, **kwargs)
+        with tokenizer_options(*(clip.t5_options or ())):
+            return encoder.encode([text], clip_skip=clip.clip_skip, embeddings=embedding_vectors, **kwargs)
 
     with torch.inference_mode():
         encoder = on_device(node.ctx, clip.encoder)
@@ -146,6 +149,20 @@ class CLIPSetLastLayer(Node):
 
     def execute(self, clip: Clip, stop_at_clip_layer: int) -> tuple[Clip]:
         return (clip.with_clip_skip(stop_at_clip_layer),)
+
+
+class T5TokenizerOptions(Node):
+    """Sets how T5 tokenizes this CLIP's prompts: pad tokens after each prompt (Chroma's workflows add one) and a
+    minimum length in tokens, which replaces the model's own (Flux pads to 256, SD3 to 77) when set above 0."""
+
+    category = "_for_testing/conditioning"
+    clip = Socket("CLIP")
+    min_padding = Int(0, min=0, max=10000, tooltip="pad tokens after each prompt's end token")
+    min_length = Int(0, min=0, max=10000, tooltip="pad each prompt to at least this many tokens; 0 pads none")
+    outputs = (Output("CLIP"),)
+
+    def execute(self, clip: Clip, min_padding: int, min_length: int) -> tuple[Clip]:
+        return (replace(clip, t5_options=(min_padding, min_length)),)
 
 
 class ConditioningCombine(Node):
@@ -349,7 +366,8 @@ class ConditioningZeroOut(Node):
         return (zeroed,)
 
 
-NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, ConditioningCombine,
+NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, T5TokenizerOptions,
+         ConditioningCombine,
          ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaPercentageVideo,
          ConditioningSetAreaStrength, ConditioningSetMask,
          ConditioningSetTimestepRange, ConditioningConcat, ConditioningAverage, ConditioningZeroOut]

@@ -153,6 +153,8 @@ class Clip:
     # SetClipHooks' keyframed Hooks with schedule_clip: the encoders patch `encoder` with them per keyframe range
     # as they encode (ldm.sampling.clip_schedule), giving one entry per range
     clip_schedule: Any = None
+    # T5TokenizerOptions' (min_padding, min_length), which the T5 encoders tokenize with (ldm.t5.tokenizer_options)
+    t5_options: tuple[int, int] | None = None
 
     def with_clip_skip(self, layer: int) -> Clip:
         return replace(self, clip_skip=layer)

@@ -223,3 +223,37 @@ def test_fp8_weight_dtype_stores_the_transformer_in_fp8(engine) -> None:
     assert model.unet.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     fp8 = run(engine, doc)[0]["samples"]
     assert (fp8 - reference).abs().mean() < 0.2 * reference.abs().mean()  # fp8 rounding, amplified by cfg 4
+
+
+def test_t5_tokenizer_options_pad_the_prompts_as_comfy_chromas_template_does(engine) -> None:
+    """T5TokenizerOptions (Comfy-Org's Chroma template: min_padding 1): one pad token after each prompt's end token,
+    which T5 attends to; min_length pads to that many tokens, in place of the encoder's own minimum (Flux's 256)."""
+    from ldm.t5 import END_TOKEN, PAD_TOKEN, T5Tokenizer
+
+    def encoded(doc: dict, node: str = "6") -> torch.Tensor:
+        result = engine.run(parse_api(doc), keep=[node])
+        assert result.ok, result.error
+        return result.values[node][0][0][0]
+
+    plain = encoded(workflow())
+    doc = workflow()
+    doc["20"] = {"class_type": "T5TokenizerOptions", "inputs": {"clip": ["2", 0], "min_padding": 1, "min_length": 0}}
+    doc["6"]["inputs"]["clip"] = ["20", 0]
+    padded = encoded(doc)
+    ids = T5Tokenizer().tokenize("a red fox sitting in fresh snow").ids
+    assert ids[-1] == END_TOKEN and padded.shape[1] == plain.shape[1] + 1 == len(ids) + 1
+    clip = engine.run(parse_api(doc), keep=["20"]).values["20"][0]
+    with torch.inference_mode():
+        expected = clip.encoder.t5xxl(torch.tensor([[*ids, PAD_TOKEN]]))
+    torch.testing.assert_close(padded, expected.float())
+    assert (padded[:, :-1] - plain).abs().max() > 1e-4  # every token attends to the pad
+    doc["20"]["inputs"].update({"min_padding": 0, "min_length": 12})
+    assert encoded(doc).shape[1] == 12
+    # on Flux's CLIP, min_length 0 replaces the minimum of 256
+    flux = {"12": workflow()["12"], "6": {"class_type": "CLIPTextEncodeFlux", "inputs": {
+        "clip": ["12", 0], "clip_l": "a fox", "t5xxl": "a fox", "guidance": 3.5}},
+        "20": {"class_type": "T5TokenizerOptions", "inputs": {"clip": ["12", 0], "min_padding": 0, "min_length": 0}},
+        "30": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}}}
+    assert encoded(flux).shape[1] == 256
+    flux["6"]["inputs"]["clip"] = ["20", 0]
+    assert encoded(flux).shape[1] == len(T5Tokenizer().tokenize("a fox").ids)
