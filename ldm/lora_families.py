@@ -2,7 +2,10 @@
 
 SD1/SD2/SDXL names are ldm.lora_keys_sd's; Flux's, and diffusers' parts of its fused layers, ldm.lora_flux's; SD3's
 ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's ldm.lora_qwen_image's; Z-Image's
-ldm.lora_z_image's; FLUX.2's ldm.lora_flux2's; Chroma's ldm.chroma_lora's.
+ldm.lora_z_image's; Lumina Image 2.0's ldm.lora_lumina2's (the original names, kohya's
+`lora_unet_layers_0_attention_qkv` and ComfyUI's `diffusion_model.layers.0.attention.qkv`; diffusers'
+Lumina2Transformer2DModel names with q / k / v apart, `transformer.layers.0.attn.to_q`; and Z-Image's diffusers
+names); FLUX.2's ldm.lora_flux2's; Chroma's ldm.chroma_lora's.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_sd3.sd3_index(module)
     if isinstance(module, SD3TextEncoder):
         return lora_sd3.sd3_text_index(module)
-    from ldm import lora_flux2, lora_ltxv, lora_qwen_image, lora_wan, lora_z_image
+    from ldm import lora_flux2, lora_ltxv, lora_lumina2, lora_qwen_image, lora_wan, lora_z_image
     from ldm.flux2 import Flux2
     from ldm.ltxv import LTXVModel
+    from ldm.lumina2 import Lumina2Model
     from ldm.qwen_image import QwenImageModel
     from ldm.wan import WanModel
     from ldm.z_image import ZImageModel
@@ -60,6 +64,8 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_qwen_image.qwen_image_index(module)
     if isinstance(module, ZImageModel):
         return lora_z_image.z_image_index(module)
+    if isinstance(module, Lumina2Model):
+        return lora_lumina2.lumina2_index(module)
     if isinstance(module, Flux2):
         return lora_flux2.flux2_index(module)
     if takes_no_lora(module):
@@ -72,23 +78,25 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 def takes_no_lora(module: nn.Module) -> bool:
     """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL,
-    Z-Image's Qwen3 and FLUX.2's Mistral / Qwen3 (diffusers' loaders for those models patch their transformers alone,
-    and so does Loom)."""
+    Z-Image's Qwen3, Lumina 2's Gemma-2-2B and FLUX.2's Mistral / Qwen3 (diffusers' loaders for those models patch
+    their transformers alone, and so does Loom)."""
     from ldm.flux2_text import Flux2TextEncoder
+    from ldm.gemma_text import Lumina2TextEncoder
     from ldm.ltxv_text import LTXVTextEncoder
     from ldm.qwen3_text import ZImageTextEncoder
     from ldm.qwen_text import QwenImageTextEncoder
     from ldm.umt5 import WanTextEncoder
 
     return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder
-                      | Flux2TextEncoder)
+                      | Lumina2TextEncoder | Flux2TextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
-    """Names of parts of fused layers (a Flux, SD3, Z-Image or FLUX.2 transformer's, in diffusers' layout) -> their
-    slots."""
-    from ldm import lora_flux, lora_flux2, lora_sd3, lora_z_image
+    """Names of parts of fused layers (a Flux, SD3, Z-Image, Lumina 2 or FLUX.2 transformer's, in diffusers' layout)
+    -> their slots."""
+    from ldm import lora_flux, lora_flux2, lora_lumina2, lora_sd3, lora_z_image
     from ldm.flux2 import Flux2
+    from ldm.lumina2 import Lumina2Model
     from ldm.mmdit import MMDiT
     from ldm.z_image import ZImageModel
 
@@ -96,6 +104,8 @@ def _slots(module: nn.Module) -> dict[str, Slot]:
         return lora_sd3.sd3_slots(module)
     if isinstance(module, ZImageModel):
         return lora_z_image.z_image_slots(module)
+    if isinstance(module, Lumina2Model):
+        return lora_lumina2.lumina2_slots(module)
     if isinstance(module, Flux2):
         return lora_flux2.flux2_slots(module)
     chroma = _chroma_lora(module)
@@ -105,12 +115,17 @@ def _slots(module: nn.Module) -> dict[str, Slot]:
 
 
 def _redundant(module: nn.Module, names: Iterable[str]) -> set[str]:
-    """A file's patch names that repeat others of the same file for `module` (Z-Image trainers' twice-written
-    attentions, `ldm.lora_z_image`), to be left out."""
-    from ldm import lora_z_image
+    """A file's patch names that repeat others of the same file for `module` (Z-Image and Lumina 2 trainers'
+    twice-written attentions, `ldm.lora_z_image`), to be left out."""
+    from ldm import lora_lumina2, lora_z_image
+    from ldm.lumina2 import Lumina2Model
     from ldm.z_image import ZImageModel
 
-    return lora_z_image.z_image_redundant(module, names) if isinstance(module, ZImageModel) else set()
+    if isinstance(module, ZImageModel):
+        return lora_z_image.z_image_redundant(module, names)
+    if isinstance(module, Lumina2Model):
+        return lora_lumina2.lumina2_redundant(module, names)
+    return set()
 
 
 def _chroma_lora(module: nn.Module) -> tuple[dict[str, str], dict[str, Slot]] | None:
@@ -136,11 +151,12 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv", "qwen_image", "z_image", "flux2"), None when its keys do not tell.
+    ldm.lora_wan, "ltxv", "qwen_image", "lumina2", "z_image", "flux2"), None when its keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same; a file on the Flux
     layout that does not tell FLUX.2's from Flux.1's reads as Flux's: see `family_fits`.)"""
     from ldm.lora_flux2 import flux2_family
     from ldm.lora_ltxv import ltxv_family
+    from ldm.lora_lumina2 import lumina2_family
     from ldm.lora_qwen_image import qwen_image_family
     from ldm.lora_sd3 import transformer_family
     from ldm.lora_t5 import is_t5_name
@@ -150,8 +166,9 @@ def lora_family(lora: Lora) -> str | None:
     names = lora.weights.keys()
     # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
     # FLUX.2's first: its marks are its own, and its diffusers names under ComfyUI's prefix are Qwen-Image's too.
+    # Lumina 2's before Z-Image's, whose names it shares (ldm.lora_lumina2 tells it by its own names or its shapes).
     named = (flux2_family(lora.weights) or wan_family(lora.weights) or ltxv_family(lora.weights)
-             or qwen_image_family(lora.weights) or z_image_family(lora.weights))
+             or qwen_image_family(lora.weights) or lumina2_family(lora.weights) or z_image_family(lora.weights))
     if named is not None:
         return named
     if any(_FLUX_NAME.search(n) for n in names):
@@ -185,6 +202,7 @@ def family_fits(found: str, family: str) -> bool:
     """Whether a LoRA of family `found` (`lora_family`) fits a model of `family`: the same family, Flux's on Chroma
     (which keeps Flux's block names), a Wan LoRA of an unreleased width on either Wan family, Flux's on FLUX.2 (a
     Flux-layout file that does not tell the two apart reads as Flux's; `check_lora_family` refuses one that tells
-    Flux.1's)."""
-    return (found == family or (found, family) in (("flux", "chroma"), ("flux", "flux2"))
+    Flux.1's), Z-Image's on Lumina 2 (a Lumina 2 file on the shared names whose shapes do not tell reads as Z-Image's;
+    a real Z-Image LoRA is then refused by its shapes)."""
+    return (found == family or (found, family) in (("flux", "chroma"), ("flux", "flux2"), ("z_image", "lumina2"))
             or (found == "wan" and family.startswith("wan")))

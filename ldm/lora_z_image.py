@@ -23,9 +23,11 @@ norms take full-weight differences (`.diff`) where a trainer writes them.
 The text encoder (Qwen3-4B) takes no LoRA: diffusers' Z-Image loader patches the transformer alone, and so does Loom
 (`ldm.lora_families.takes_no_lora`), so a file's text-encoder keys are reported as patching nothing.
 
-Family: names only Z-Image (and Lumina 2, whose LoRAs Loom does not apply yet) has are "z_image": `layers.N` /
-`noise_refiner.N` / `context_refiner.N` followed by `attention`, `feed_forward` or `adaLN_modulation`, or
-`cap_embedder`, `all_x_embedder`, `all_final_layer`, each bare or under one of the prefixes above.
+Family: names only Z-Image and Lumina 2 have are "z_image": `layers.N` / `noise_refiner.N` / `context_refiner.N`
+followed by `attention`, `feed_forward` or `adaLN_modulation`, or `cap_embedder`, `all_x_embedder`,
+`all_final_layer`, each bare or under one of the prefixes above; `ldm.lora_lumina2` first takes those whose names or
+shapes tell Lumina 2's, and a Lumina 2 file that tells neither reads as Z-Image's and is let onto Lumina 2
+(`ldm.lora_families.family_fits`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import nn
 
 from ldm.lora_flux import Slot
 from ldm.qwen_image import RMSNorm
-from ldm.z_image import ZImageModel
+from ldm.z_image import NextDiT, ZImageModel
 
 _PREFIXES = ("diffusion_model.", "", "transformer.", "base_model.model.")
 _FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
@@ -48,13 +50,15 @@ _RENAMES = ((re.compile(r"^x_embedder$"), "all_x_embedder.2-1"),
             (re.compile(r"\.attention\.([qk])_norm$"), r".attention.norm_\1"))
 
 
-def _spellings(name: str) -> list[str]:
+def spellings(name: str) -> list[str]:
+    """Every spelling of a layer name a file may use (the prefixes and flattenings of the module docstring)."""
     flat = name.replace(".", "_")
     return [p + name for p in _PREFIXES] + [p + flat for p in _FLAT_PREFIXES]
 
 
-def _targets(model: ZImageModel) -> list[str]:
-    """The paths a LoRA may patch: every linear layer and RMS norm (norms by full-weight differences)."""
+def targets(model: NextDiT) -> list[str]:
+    """The paths a LoRA may patch in a Z-Image or Lumina 2 transformer: every linear layer and RMS norm (norms by
+    full-weight differences)."""
     return [path for path, layer in model.named_modules() if isinstance(layer, nn.Linear | RMSNorm)]
 
 
@@ -68,9 +72,9 @@ def diffusers_name(path: str) -> str:
 def z_image_index(model: ZImageModel) -> dict[str, str]:
     """Every name a LoRA file may give a whole layer of a ZImageModel (ours and diffusers') -> its path."""
     index: dict[str, str] = {}
-    for path in _targets(model):
+    for path in targets(model):
         for name in {path, diffusers_name(path)}:
-            index.update(dict.fromkeys(_spellings(name), path))
+            index.update(dict.fromkeys(spellings(name), path))
     return index
 
 
@@ -82,17 +86,22 @@ def z_image_slots(model: ZImageModel) -> dict[str, Slot]:
         if path.endswith(".attention.qkv") and isinstance(layer, nn.Linear):
             block = path.removesuffix(".qkv")
             for part, name in enumerate(("to_q", "to_k", "to_v")):
-                slots.update(dict.fromkeys(_spellings(f"{block}.{name}"), Slot(path, part * dim, dim)))
+                slots.update(dict.fromkeys(spellings(f"{block}.{name}"), Slot(path, part * dim, dim)))
     return slots
 
 
-_TO_OUT = re.compile(r"attention[._]to_out[._]0$")
+_TO_OUT = re.compile(r"(attention|attn)[._]to_out[._]0$")
 
 
 def z_image_redundant(model: ZImageModel, names: Iterable[str]) -> set[str]:
-    """A file's patch names that repeat others of the file (diffusers' rule): a whole `attention.qkv` where the file
-    patches that layer's q, k or v apart, our `attention.out` where it patches diffusers' `attention.to_out.0`."""
-    index, slots = z_image_index(model), z_image_slots(model)
+    """A file's patch names that repeat others of the file (diffusers' rule, `redundant`)."""
+    return redundant(z_image_index(model), z_image_slots(model), names)
+
+
+def redundant(index: dict[str, str], slots: dict[str, Slot], names: Iterable[str]) -> set[str]:
+    """Of a file's patch names, those that repeat others of the file (diffusers' rule): a whole `attention.qkv` where
+    the file patches that layer's q, k or v apart, our `attention.out` where it patches diffusers' `to_out.0`
+    (Z-Image's `attention.to_out.0`, Lumina 2's `attn.to_out.0`). `index` and `slots` are the model's names."""
     names = [n for n in names if n in index or n in slots]
     split = {slots[n].path for n in names if n in slots}
     renamed_out = {index[n] for n in names if _TO_OUT.search(n)}
@@ -100,8 +109,8 @@ def z_image_redundant(model: ZImageModel, names: Iterable[str]) -> set[str]:
                                                                          and not _TO_OUT.search(n)))}
 
 
-_PREFIX = r"^(diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_|lycoris_|lora_transformer_)?"
-_MARKER = re.compile(_PREFIX + r"((layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|"
+PREFIX_PATTERN = r"^(diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_|lycoris_|lora_transformer_)?"
+_MARKER = re.compile(PREFIX_PATTERN + r"((layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|"
                      r"adaLN_modulation)[._]|(cap_embedder|all_x_embedder|all_final_layer)[._])")
 
 

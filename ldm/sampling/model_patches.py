@@ -84,6 +84,29 @@ class RescaleCFG:
 
 
 @dataclass(frozen=True)
+class RenormCFG:
+    """Lumina Image 2.0's renormalised guidance (its reference sampler's `forward_with_cfg`, as ComfyUI's RenormCFG
+    node applies it to the predictions of x0): classifier-free guidance only where the noise level sigma is below
+    `cfg_trunc`, the positive prediction alone elsewhere; and the guided prediction's norm (each image's, over all
+    its values) capped at `renorm_cfg` times the positive prediction's, the direction kept. `renorm_cfg` 0 caps
+    nothing; `cfg_trunc` above the largest sigma (ComfyUI's default 100; flow sigmas are at most 1) guides every
+    step. Without a negative prediction (cfg 1) the guided prediction is the positive one, still capped."""
+
+    cfg_trunc: float = 100.0
+    renorm_cfg: float = 1.0
+
+    def __call__(self, args: CfgArgs) -> Tensor:
+        cond = args.cond
+        guided = cond if args.uncond is None else args.uncond + args.cfg * (cond - args.uncond)
+        if self.renorm_cfg > 0:
+            dims = tuple(range(1, cond.ndim))
+            cap = torch.linalg.vector_norm(cond, dim=dims, keepdim=True) * self.renorm_cfg
+            norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+            guided = torch.where(norm > cap, guided * (cap / norm), guided)  # `>`: no 0 / 0 where both are 0
+        return torch.where(_per_item(args.sigma, cond) < self.cfg_trunc, guided, cond)
+
+
+@dataclass(frozen=True)
 class PerturbedAttentionGuidance:
     """Perturbed-Attention Guidance (Ahn et al. 2024): guides away from the prediction of the same model with
     the identity as the self-attention map of its middle block, which keeps the layout but loses structure:
