@@ -97,7 +97,16 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
         lora = peek_lora(path)
     except (LoraError, OSError, ValueError):  # unreadable: LoraLoader reports it when it runs
         return None
-    return None if lora is None else lora_family(lora)
+    family = None if lora is None else lora_family(lora)
+    if family == "flux":  # "flux.1" where its names or shapes tell Flux.1's from FLUX.2's (which share the layout)
+        from ldm.lora_flux2 import is_flux1_lora
+
+        return FLUX1_LORA if is_flux1_lora(lora.weights) else family
+    return family
+
+
+# A LoRA file's family where its header tells Flux.1's from FLUX.2's (`_header_family`).
+FLUX1_LORA = "flux.1"
 
 
 def header_family(kind: str, name: Any) -> str | None:
@@ -362,7 +371,9 @@ class LoraLoader(Node):
 
         model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
         lora = header_family("loras", inputs.get("lora_name"))
-        if model_family is None or lora is None or family_fits(lora, model_family):
+        flux1 = lora == FLUX1_LORA
+        if model_family is None or lora is None or (
+                family_fits("flux" if flux1 else lora, model_family) and not (flux1 and model_family == "flux2")):
             return None
         return (f"{inputs['lora_name']} is a {lora.upper()} LoRA; it does not fit the {model_family.upper()} "
                 "model it is applied to")

@@ -7,8 +7,6 @@ computed here on our layers; FLUX.2 told from Flux.1 both ways; and LoraLoaderMo
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from diffusers.loaders import Flux2LoraLoaderMixin
@@ -337,10 +335,10 @@ def test_flux1_lora_on_flux2_is_refused_and_an_untold_one_applies(dev) -> None:
         match_lora(dev, wrong)
 
 
-def test_lora_loader_model_only_patches_a_flux2_file(tmp_path, caplog) -> None:
+def test_lora_loader_model_only_patches_a_flux2_file(tmp_path) -> None:
     """UNETLoader (a tiny FLUX.2 [klein] file) -> LoraLoaderModelOnly: the model's transformer is patched as
     apply_lora patches it; a FLUX.2 LoRA is refused on Flux.1 at validation, a Flux.1 one on FLUX.2 when it runs."""
-    from executor.executor import Executor
+    from executor.executor import Executor, WorkflowInvalid
     from executor.services import Services
     from graph.document import parse_api
     from nodes.folders import FolderPaths, set_paths
@@ -379,13 +377,16 @@ def test_lora_loader_model_only_patches_a_flux2_file(tmp_path, caplog) -> None:
             torch.testing.assert_close(patched[key].float(), weight, **TOLERANCE)
         assert (patched["double_blocks.0.img_attn.qkv.weight"].float() - base.double_blocks[0].img_attn.qkv.weight
                 ).abs().max() > 0.01
-        with caplog.at_level(logging.ERROR):
-            refused = run("style_flux1.safetensors")
-        assert not refused.ok
-        assert "style_flux1.safetensors is a FLUX LoRA; it does not fit a FLUX2 model" in str(refused.error)
-        said = {family: LoraLoaderModelOnly.check_links({"lora_name": "style_flux2.safetensors"},
-                                                        {"model": {"family": family}}) for family in ("flux", "flux2")}
-        assert said == {"flux": "style_flux2.safetensors is a FLUX2 LoRA; it does not fit the FLUX model it is "
-                                "applied to", "flux2": None}
+        # refused at validation: its header tells a Flux.1 LoRA (a double block FLUX.2 does not have the shape of)
+        with pytest.raises(WorkflowInvalid, match="style_flux1.safetensors is a FLUX.1 LoRA; it does not fit the "
+                                                  "FLUX2 model it is applied to"):
+            run("style_flux1.safetensors")
+        said = {(name[6:11], family): LoraLoaderModelOnly.check_links({"lora_name": name},
+                                                                      {"model": {"family": family}})
+                for name in ("style_flux2.safetensors", "style_flux1.safetensors") for family in ("flux", "flux2")}
+        assert said == {("flux2", "flux"): "style_flux2.safetensors is a FLUX2 LoRA; it does not fit the FLUX model "
+                                           "it is applied to", ("flux2", "flux2"): None, ("flux1", "flux"): None,
+                        ("flux1", "flux2"): "style_flux1.safetensors is a FLUX.1 LoRA; it does not fit the FLUX2 "
+                                            "model it is applied to"}
     finally:
         set_paths(FolderPaths())
