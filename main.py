@@ -1,6 +1,6 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
 make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, make-flux2,
-make-lumina2, train."""
+make-lumina2, make-hidream, train."""
 
 from __future__ import annotations
 
@@ -360,6 +360,7 @@ PART_MAKERS = {
     "make-z-image": ("ldm.z_image_presets", "make_z_image_files", "Z-Image"),
     "make-flux2": ("ldm.flux2_presets", "make_flux2_files", "FLUX.2"),
     "make-lumina2": ("ldm.lumina2_presets", "make_lumina2_files", "Lumina 2"),
+    "make-hidream": ("ldm.hidream_presets", "make_hidream_files", "HiDream-I1"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -380,6 +381,10 @@ PART_HELP = {
     "make-lumina2": ("the all-in-one checkpoint (transformer, Flux's VAE, Gemma-2-2B), the split transformer and "
                      "Gemma-2-2B", "checkpoints/, diffusion_models/ and text_encoders/ (lumina_2-tiny, "
                      "lumina_2_model-tiny, gemma_2_2b-tiny)"),
+    "make-hidream": ("the transformer, CLIP-L, CLIP-G, T5-XXL, Llama 3.1 (scaled fp8), Flux's VAE",
+                     "diffusion_models/, text_encoders/ and vae/ (hidream_i1_dev-tiny, clip_l_hidream-tiny, "
+                     "clip_g_hidream-tiny, t5xxl_hidream-tiny, llama_3.1_8b_instruct_fp8_scaled-tiny, "
+                     "ae-hidream-tiny)"),
 }
 
 

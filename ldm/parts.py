@@ -85,6 +85,11 @@ LOOKS: tuple[Look, ...] = (
          "load it with Load CLIP, type lumina2",
          lambda keys: {"model.embed_tokens.weight", "model.layers.0.pre_feedforward_layernorm.weight"} <= keys
          and "model.layers.0.self_attn.q_norm.weight" not in keys),
+    Look("llama3", "Llama 3 (Llama 3.1 8B Instruct is HiDream-I1's fourth text encoder)", "put it in "
+         "models/text_encoders and load it with QuadrupleCLIPLoader, with HiDream's CLIP-L, CLIP-G and T5-XXL files",
+         lambda keys: {"model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight"} <= keys
+         and not keys & {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_proj.bias",
+                         "model.layers.0.pre_feedforward_layernorm.weight", "tekken_model"}),
     Look("llm", "a language-model text encoder (Llama, Gemma, Qwen: newer model families use them)", _UNSUPPORTED,
          _contains("embed_tokens.weight")),
     Look("clip_vision", "a CLIP vision model (it encodes images, for unCLIP and IP-Adapter)", _UNSUPPORTED,

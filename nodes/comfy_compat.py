@@ -24,8 +24,6 @@ COMFY_MODULES = frozenset({
 # naming one is told it needs a feature of ComfyUI's rather than a custom node pack. Not every one of
 # ComfyUI's nodes: those that SD1.x/SD2.x/SDXL workflows use, and the newer model families' loaders.
 COMFY_CORE_NODES_MISSING = frozenset({
-    # loaders of separate model parts and other model kinds
-    "QuadrupleCLIPLoader",
     # conditioning for other model kinds
     "CLIPTextEncodeHunyuanDiT",
     # model patches and sampling tweaks

@@ -17,6 +17,9 @@ from ldm.flux_variants import References
 # Embeddings of different lengths share a call, repeated to their least common multiple, up to this many times the
 # shorter one.
 MAX_CONTEXT_REPEAT = 4
+# Conditioning options that are more of the model's own inputs, by the keyword its forward takes them by: HiDream's
+# Llama hidden states [B, layers, L, D] beside the T5 states in the context.
+MODEL_INPUTS = {"conditioning_llama3": "llama"}
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Job:
     ref_latents: References | None = None  # Flux Kontext's reference latents, at the latent's batch, never cropped
     attn_mask: Tensor | None = None  # Apply Style Model's attn_bias: Flux's attention bias (ldm.flux.joint_bias)
     frames: slice | None = None  # a video latent's frames (its 3rd axis), None for an image latent
+    inputs: dict[str, Tensor] | None = None  # MODEL_INPUTS' tensors by keyword, at the latent's batch
 
     @property
     def region(self) -> tuple:
@@ -168,9 +172,11 @@ def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: i
         refs = References(tuple(to_batch(r.to(x.device, x.dtype), batch) for r in refs.latents), refs.method)
     attn_mask = options.get("attention_mask")
     attn_mask = None if attn_mask is None else to_batch(attn_mask.to(x.device), batch)
+    inputs = {keyword: to_batch(options[key].to(x.device), batch) for key, keyword in MODEL_INPUTS.items()
+              if options.get(key) is not None}
     return Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
                 hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs, attn_mask=attn_mask,
-                frames=frames)
+                frames=frames, inputs=inputs or None)
 
 
 def pair_areas(jobs: list[Job]) -> list[Job]:
@@ -192,7 +198,7 @@ def pair_areas(jobs: list[Job]) -> list[Job]:
                 continue
             out.append(Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
                             True, job.source, job.concat, smallest.hooks, smallest.gligen, smallest.ref_latents,
-                            smallest.attn_mask, job.frames))
+                            smallest.attn_mask, job.frames, smallest.inputs))
     return out
 
 
@@ -229,6 +235,7 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
                 # masks fit their prompt's length: a call takes them all or none, at one length (no repeats)
                 and (job.attn_mask is None if first.attn_mask is None
                      else job.attn_mask is not None and job.attn_mask.shape[1:] == first.attn_mask.shape[1:])
+                and _same_input_shapes(first.inputs, job.inputs)
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
                 group.append(job)
@@ -241,6 +248,17 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
 def batched_references(group: list[Job]) -> References | None:
     """The reference latents of one batched call (`batches_of` groups only jobs whose references match)."""
     return None if group[0].ref_latents is None else References.batched([j.ref_latents for j in group])
+
+
+def _same_input_shapes(a: dict[str, Tensor] | None, b: dict[str, Tensor] | None) -> bool:
+    """Whether two jobs' model inputs can be concatenated into one call: the same keywords, each of one shape."""
+    return (a or {}).keys() == (b or {}).keys() and all(a[k].shape[1:] == b[k].shape[1:] for k in (a or {}))
+
+
+def batched_inputs(group: list[Job]) -> dict[str, Tensor] | None:
+    """The model inputs of one batched call (`batches_of` groups only jobs whose inputs concatenate)."""
+    first = group[0].inputs
+    return None if not first else {k: torch.cat([j.inputs[k] for j in group]) for k in first}
 
 
 def batched_attention_masks(group: list[Job]) -> Tensor | None:

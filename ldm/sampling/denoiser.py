@@ -24,8 +24,8 @@ class Conditioning:
     for inpainting models, `concat` [B, C, H, W], channels appended to the UNet's input (the mask and
     the masked image's latent); `unet`, a UNet that runs this call instead of the denoiser's (GLIGEN's grounded
     copy, `ldm.gligen.grounded_unet`); `ref_latents`, Flux Kontext's reference latents for this call's rows
-    (`ldm.flux_variants.References`), and `attn_mask`, Flux's attention bias (`ldm.flux.joint_bias`), passed to the
-    model as they are."""
+    (`ldm.flux_variants.References`), `attn_mask`, Flux's attention bias (`ldm.flux.joint_bias`), and `inputs`, more
+    inputs by keyword (`ldm.sampling.cond_jobs.MODEL_INPUTS`), passed to the model as they are."""
 
     context: Tensor
     y: Tensor | None = None
@@ -35,6 +35,7 @@ class Conditioning:
     unet: Any = None
     ref_latents: Any = None
     attn_mask: Tensor | None = None
+    inputs: dict[str, Tensor] | None = None
 
 
 @functools.lru_cache(maxsize=256)
@@ -169,6 +170,9 @@ class Denoiser:
         if cond.attn_mask is not None:  # as reference latents: the forward itself, not a CUDA-graph replay
             unet = unet if isinstance(unet, torch.nn.Module) else getattr(unet, "forward", unet)
             extra["attn_mask"] = cond.attn_mask
+        if cond.inputs:  # likewise
+            unet = unet if isinstance(unet, torch.nn.Module) else getattr(unet, "forward", unet)
+            extra.update(cond.inputs)
         return unet(x_in, t, cond.context, y=cond.y, **extra)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:

@@ -50,6 +50,7 @@ from torch import Tensor
 from ldm.sampling.cond_jobs import (
     Job,
     batched_attention_masks,
+    batched_inputs,
     batched_references,
     batches_of,
     entry_job,
@@ -315,7 +316,7 @@ class CFGGuider:
                 concat = None if group[0].concat is None else torch.cat([j.concat for j in group])
                 batches.append((group, Conditioning(context, y, group[0].control, len(group), concat,
                                                     self._grounded(group[0]), batched_references(group),
-                                                    batched_attention_masks(group))))
+                                                    batched_attention_masks(group), batched_inputs(group))))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

@@ -360,8 +360,9 @@ class ConditioningZeroOut(Node):
         zeroed = []
         for emb, opts in conditioning:
             opts = dict(opts)
-            if opts.get("pooled_output") is not None:
-                opts["pooled_output"] = torch.zeros_like(opts["pooled_output"])
+            for key in ("pooled_output", "conditioning_llama3"):  # HiDream's Llama states too (cond_jobs.MODEL_INPUTS)
+                if opts.get(key) is not None:
+                    opts[key] = torch.zeros_like(opts[key])
             zeroed.append((torch.zeros_like(emb), opts))
         return (zeroed,)
 

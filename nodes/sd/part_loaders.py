@@ -82,6 +82,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
         if part == "unet":
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
+            from ldm.hidream_files import peek_hidream
             from ldm.ltxv_files import peek_ltxv
             from ldm.lumina2_files import peek_lumina2
             from ldm.qwen_image_files import peek_qwen_image  # first: diffusers-like names Flux's peek would refuse
@@ -89,8 +90,8 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.z_image_files import peek_z_image  # first: Flux's peek may misread its names
 
             family = (peek_flux2(path) or peek_z_image(path) or peek_lumina2(path) or peek_qwen_image(path)
-                      or peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path) or peek_ltxv(path)
-                      or peek_unet(path))
+                      or peek_hidream(path) or peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path)
+                      or peek_ltxv(path) or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -122,8 +123,8 @@ class UNETLoader(Node):
     transformers in diffusers' layout load too (ldm.diffusers_dit), a sharded one from any of its shards; Chroma's
     transformer (ldm.chroma_files), Wan 2.1 / 2.2's video transformers (ldm.wan_files), LTX-Video 0.9.x's
     (ldm.ltxv_files), Qwen-Image's (ldm.qwen_image_files), Z-Image's (ldm.z_image_files), Lumina Image 2.0's
-    (ldm.lumina2_files) and FLUX.2's (dev and klein, ldm.flux2_files) too. fp8 weight_dtypes
-    store the weights in fp8 (e4m3).
+    (ldm.lumina2_files), FLUX.2's (dev and klein, ldm.flux2_files) and HiDream-I1's (ldm.hidream_files) too. fp8
+    weight_dtypes store the weights in fp8 (e4m3).
 
     An LTX-Video transformer alone carries no latent statistics: those (per-channel mean and std) come from the VAE
     part of an all-in-one ltx-video-2b-v0.9*.safetensors (CheckpointLoaderSimple); a bare transformer's family has
@@ -174,6 +175,7 @@ class UNETLoader(Node):
             from ldm.chroma_files import is_chroma_file, load_chroma_unet
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.flux2_files import is_flux2_file, load_flux2_unet
+            from ldm.hidream_files import is_hidream_file, load_hidream_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.lumina2_files import is_lumina2_file, load_lumina2_unet
             from ldm.qwen_image_files import is_qwen_image_file, load_qwen_image_unet
@@ -188,6 +190,8 @@ class UNETLoader(Node):
                 loader = load_lumina2_unet
             elif is_qwen_image_file(path):  # first: its diffusers-like names are not Flux's diffusers layout
                 loader = load_qwen_image_unet
+            elif is_hidream_file(path):  # diffusers-like names too
+                loader = load_hidream_unet
             elif is_wan_file(path):
                 loader = load_wan_unet
             elif is_ltxv_file(path):
@@ -248,13 +252,14 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 @functools.lru_cache(maxsize=64)
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     """("t5xxl", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind; or "qwen3",
-    "gemma": ldm.qwen3_text.text_kind) or a CLIP kind, refusal) of a text-encoder file from its header; (None, None)
-    if it cannot tell."""
+    "gemma": ldm.qwen3_text.text_kind), "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a text-encoder
+    file from its header; (None, None) if it cannot tell."""
     from safetensors import SafetensorError
 
     from ldm.checkpoint import CheckpointError, read_shapes
     from ldm.flux2_text import text_kind as flux2_kind
     from ldm.gemma_text import gemma_kind
+    from ldm.llama_text import is_llama3
     from ldm.parts import peek_text_encoder
     from ldm.qwen3_text import text_kind as qwen3_kind
     from ldm.qwen_text import is_qwen25
@@ -274,6 +279,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
             return kind, None
         if shapes is not None and (kind := qwen3_kind(shapes)):
             return kind, None
+        if shapes is not None and is_llama3(shapes):
+            return "llama3", None
         return peek_text_encoder(path), None
     except CheckpointError as e:
         return None, str(e)
@@ -290,9 +297,10 @@ def text_kinds_problem(names: list[Any], wanted: list[str], needs: str, some: bo
         found.append((None, None) if path is None else text_kind(str(path), str(file_fingerprint(path))))
     problem = next((problem for _, problem in found if problem), None)
     kinds = [kind for kind, _ in found]
-    fits = len(set(kinds)) == len(kinds) and set(kinds) <= set(wanted) if some else sorted(kinds) == sorted(wanted)
-    if problem or None in kinds or fits:
+    if problem or None in kinds:
         return problem
+    if (len(set(kinds)) == len(kinds) and set(kinds) <= set(wanted)) if some else sorted(kinds) == sorted(wanted):
+        return None
     return f"{' and '.join(map(str, names)) if len(names) == 2 else ', '.join(map(str, names))} " \
            f"{'holds' if len(names) == 1 else 'hold'} {' + '.join(kinds)}; {needs}"
 

@@ -38,6 +38,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.flux2 import flux2_conditioning
 
         return flux2_conditioning(conditioning, model)
+    if model.family.name == "hidream":  # its `y`: the pooled CLIP-L and CLIP-G prompts; the Llama states required
+        from nodes.sd.hidream import hidream_conditioning
+
+        return hidream_conditioning(conditioning, model, "negative" if negative else "positive")
     if model.family.name == "sd3":  # its `y`: the pooled CLIP-L and CLIP-G prompts
         from nodes.sd.sd3 import sd3_y
 

@@ -80,7 +80,7 @@ class TripleCLIPLoader(Node):
 
 _CLIP_NEEDS = ("CLIPTextEncodeSD3 needs SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint with them); "
                "{source} is {family} (use CLIP Text Encode)")
-_MODEL_NEEDS = "{node} is for SD3, Wan and Qwen-Image models; {{source}} is {{family}}"
+_MODEL_NEEDS = "{node} is for SD3, Wan, Qwen-Image and HiDream models; {{source}} is {{family}}"
 
 
 class CLIPTextEncodeSD3(Node):

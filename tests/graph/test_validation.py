@@ -32,7 +32,7 @@ def test_unknown_node_type(registry):
     [typo] = problems(registry, {"1": {"class_type": "Scael", "inputs": {}}, "2": sink(1)})
     assert typo.message == "Cannot execute because node Scael does not exist."  # ComfyUI's words
     assert typo.details == "Node ID '#1'; did you mean Scale?; a custom node pack in custom_nodes/ may provide it"
-    [core] = problems(registry, {"1": {"class_type": "QuadrupleCLIPLoader", "inputs": {}}, "2": sink(1)})
+    [core] = problems(registry, {"1": {"class_type": "CLIPTextEncodeHunyuanDiT", "inputs": {}}, "2": sink(1)})
     assert core.details.endswith("it is one of ComfyUI's built-in nodes, which Loom does not provide yet")
     # ... and no look-alike of Loom's is offered for one (ModelSamplingStableCascade is no ModelSamplingSD3)
     [hook] = problems(registry, {"1": {"class_type": "ModelSamplingStableCascade", "inputs": {}},

@@ -129,9 +129,9 @@ def test_a_lora_between_keeps_the_family_for_the_prompt_encoder(registry) -> Non
 
 @pytest.mark.parametrize(("loader", "node", "message"), [
     (unet(FLUX_UNET), {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
-     "ModelSamplingSD3 is for SD3, Wan and Qwen-Image models; the MODEL linked is FLUX"),
+     "ModelSamplingSD3 is for SD3, Wan, Qwen-Image and HiDream models; the MODEL linked is FLUX"),
     (checkpoint(FLUX_CKPT), {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
-     "ModelSamplingSD3 is for SD3, Wan and Qwen-Image models; the MODEL linked is FLUX"),
+     "ModelSamplingSD3 is for SD3, Wan, Qwen-Image and HiDream models; the MODEL linked is FLUX"),
     (checkpoint(SD3_CKPT), {"class_type": "ModelSamplingFlux", "inputs": {
         "model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": 64, "height": 64}},
      "ModelSamplingFlux is for Flux models; the MODEL linked is SD3"),

@@ -158,8 +158,8 @@ def test_shift_and_empty_padding_change_what_they_should(engine) -> None:
 
 def test_sd3_nodes_refuse_other_families(engine) -> None:
     sd1 = workflow(checkpoint="sd1.safetensors")  # refused at validation: the checkpoint's header says SD1
-    with pytest.raises(WorkflowInvalid,
-                       match="ModelSamplingSD3 is for SD3, Wan and Qwen-Image models; the MODEL linked is SD1"):
+    refusal = "ModelSamplingSD3 is for SD3, Wan, Qwen-Image and HiDream models; the MODEL linked is SD1"
+    with pytest.raises(WorkflowInvalid, match=refusal):
         engine.run(parse_api(sd1))
     sd1["7"]["inputs"]["model"] = ["1", 0]
     with pytest.raises(WorkflowInvalid, match="CLIPTextEncodeSD3 needs SD3's text encoders .*; the CLIP linked is "

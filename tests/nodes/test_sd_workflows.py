@@ -16,6 +16,7 @@ from graph.load import load_workflow
 from graph.validate import validate
 from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
+from ldm.hidream_presets import make_hidream_files
 from ldm.ltxv_presets import make_ltxv_files
 from ldm.lumina2_presets import make_lumina2_files
 from ldm.presets import make_checkpoint, make_controlnet
@@ -62,6 +63,12 @@ OVERRIDES = {"flux2_klein_t2i": {("2", "clip_name"): "qwen_3_4b-klein.safetensor
                                  ("5", "value"): 64, ("12", "steps"): 2},
              "flux2_dev_t2i": {("6", "width"): 128, ("6", "height"): 64, ("9", "width"): 128, ("9", "height"): 64,
                                ("9", "steps"): 2}}
+# Tiny HiDream-I1 parts under the names hidream_i1_dev_t2i.json loads (its ae.safetensors is Flux's, as a user's is).
+HIDREAM_FILES = {"unet": "diffusion_models/hidream_i1_dev_bf16.safetensors",
+                 "clip_l": "text_encoders/clip_l_hidream.safetensors",
+                 "clip_g": "text_encoders/clip_g_hidream.safetensors",
+                 "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors",
+                 "llama": "text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors"}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -107,6 +114,9 @@ def base(tmp_path_factory):
     z_image = make_z_image_files(root / "z-image-tiny", seed=1)
     for part, name in Z_IMAGE_FILES.items():
         shutil.copy(z_image[part], root / "models" / name)
+    hidream = make_hidream_files(root / "hidream-tiny", seed=1)
+    for part, name in HIDREAM_FILES.items():
+        shutil.copy(hidream[part], root / "models" / name)
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)

@@ -65,10 +65,10 @@ async def test_nested_and_muted_instances_stay_in_view_muted(client):
 
 async def test_group_node_and_missing_types_sorted_as_validation_sorts_them(client):
     doc = copy.deepcopy(GROUP_FILE)
-    doc["nodes"].append({"id": 8, "type": "QuadrupleCLIPLoader", "pos": [0, 400], "mode": 0})
+    doc["nodes"].append({"id": 8, "type": "CLIPTextEncodeHunyuanDiT", "pos": [0, 400], "mode": 0})
     answer = await expand(client, doc)
     assert [n["id"] for n in answer["workflow"]["nodes"]] == ["5:0", "5:1", 6, 7, 8]
-    assert answer["missing"] == {"QuadrupleCLIPLoader": "built-in", "FancyCustomUpscaler": "custom"}
+    assert answer["missing"] == {"CLIPTextEncodeHunyuanDiT": "built-in", "FancyCustomUpscaler": "custom"}
     assert answer["workflow"]["groups"][0]["title"] == "Add and save (group node, expanded)"
     assert "groupNodes" not in answer["workflow"]["extra"]
 
