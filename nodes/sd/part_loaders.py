@@ -333,6 +333,11 @@ class TextType:
     kind_families: tuple[tuple[str, str], ...] = ()  # (kind, family) where the file's kind decides the family
 
 
+# HiDream-I1's text-encoder kinds; its loaders take any of them, the absent ones' parts zeros (as in ComfyUI).
+HIDREAM_KINDS = ("clip_l", "clip_g", "t5xxl", "llama3")
+_HIDREAM_NEEDS = ("type hidream takes two of HiDream-I1's CLIP-L (clip_l), CLIP-G (clip_g), T5-XXL (t5xxl) and Llama "
+                  "3.1 8B (llama3)")
+
 # CLIPLoader's types other than stable_diffusion and sd3 (SD's and SD3's own loaders, whose files tell the family).
 TEXT_TYPES = {
     "chroma": TextType(("t5xxl",), "type chroma takes one T5-XXL (t5xxl)", "ldm.chroma_files:load_chroma_text_encoder",
@@ -349,6 +354,9 @@ TEXT_TYPES = {
                         "ldm.gemma_text:load_lumina2_type_text_encoder", "lumina2",
                         "Lumina 2's Gemma-2-2B or Z-Image's Qwen3-4B",
                         (("gemma2_2b", "lumina2"), ("qwen3_4b", "z_image"))),
+    "hidream": TextType(HIDREAM_KINDS, "type hidream takes one of HiDream-I1's CLIP-L (clip_l), CLIP-G (clip_g), "
+                        "T5-XXL (t5xxl) and Llama 3.1 8B (llama3), the others absent",
+                        "ldm.hidream_text:load_hidream_text_encoder", "hidream", "one of HiDream-I1's text encoders"),
     "flux2": TextType(("mistral3_24b", "qwen3_4b", "qwen3_8b"), "type flux2 takes one FLUX.2 text encoder: Mistral "
                       "Small 3 (mistral3_24b: mistral_3_small_flux2_bf16.safetensors or an fp8 copy) for FLUX.2 [dev], "
                       "Qwen3-4B (qwen3_4b) for [klein] 4B or Qwen3-8B (qwen3_8b) for [klein] 9B",
@@ -429,16 +437,17 @@ class CLIPLoader(Node):
 
 class DualCLIPLoader(Node):
     """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG; with type flux,
-    Flux.1's CLIP-L and T5-XXL; with type sd3, two of SD3's CLIP-L, CLIP-G and T5-XXL, the third absent (in either
-    order) from models/text_encoders or models/clip. The other types are other model families', which Loom
-    refuses."""
+    Flux.1's CLIP-L and T5-XXL; with type sd3, two of SD3's CLIP-L, CLIP-G and T5-XXL, the third absent; with type
+    hidream, two of HiDream-I1's CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B, the others absent (in either order) from
+    models/text_encoders or models/clip. The other types are other model families', which Loom refuses."""
 
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
     clip_name1 = part_file(TEXT_ENCODERS)
     clip_name2 = part_file(TEXT_ENCODERS)
     type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG; flux: Flux's CLIP-L and T5-XXL; "
-                                          "sd3: two of SD3's CLIP-L, CLIP-G and T5-XXL")
+                                          "sd3: two of SD3's CLIP-L, CLIP-G and T5-XXL; hidream: two of HiDream's "
+                                          "CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoders on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -454,9 +463,12 @@ class DualCLIPLoader(Node):
                                       "type flux needs one CLIP-L (clip_l) and one T5-XXL (t5xxl)")
         if inputs.get("type") == "sd3":
             return _sd3_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], "type sd3 takes two")
+        if inputs.get("type") == "hidream":
+            return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], list(HIDREAM_KINDS),
+                                      _HIDREAM_NEEDS, some=True)
         if inputs.get("type") != "sdxl":
-            return _unsupported_type(inputs.get("type"), "sdxl, flux or sd3", "SDXL's CLIP-L and OpenCLIP bigG, "
-                                     "Flux's CLIP-L and T5-XXL, two of SD3's")
+            return _unsupported_type(inputs.get("type"), "sdxl, flux, sd3 or hidream", "SDXL's CLIP-L and OpenCLIP "
+                                     "bigG, Flux's CLIP-L and T5-XXL, two of SD3's or of HiDream's")
         found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
         refusal = next((problem for _, problem in found if problem), None)
         kinds = [kind for kind, _ in found]
@@ -467,7 +479,7 @@ class DualCLIPLoader(Node):
 
     @classmethod
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if inputs.get("type") in ("flux", "sd3"):
+        if inputs.get("type") in ("flux", "sd3", "hidream"):
             return {0: {"family": inputs["type"]}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
                                for name in ("clip_name1", "clip_name2")])
@@ -480,9 +492,11 @@ class DualCLIPLoader(Node):
             return (load_clip(self, (clip_name1, clip_name2), device, load_flux_text_encoders, "flux"),)
         if type == "sd3":
             return (_sd3_clip(self, (clip_name1, clip_name2), device),)
+        if type == "hidream":
+            return (load_clip(self, (clip_name1, clip_name2), device, _loader(TEXT_TYPES["hidream"]), "hidream"),)
         if type != "sdxl":
-            raise ValueError(_unsupported_type(type, "sdxl, flux or sd3", "SDXL's CLIP-L and OpenCLIP bigG, Flux's "
-                                               "CLIP-L and T5-XXL, two of SD3's"))
+            raise ValueError(_unsupported_type(type, "sdxl, flux, sd3 or hidream", "SDXL's CLIP-L and OpenCLIP bigG, "
+                                               "Flux's CLIP-L and T5-XXL, two of SD3's or of HiDream's"))
         return (load_clip(self, (clip_name1, clip_name2), device),)
 
 

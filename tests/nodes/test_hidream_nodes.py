@@ -149,3 +149,28 @@ def test_loaders_say_hidream_at_validation(base) -> None:
         {0: {"family": "hidream"}}
     assert QuadrupleCLIPLoader.check_inputs({f"clip_name{i}": files[p].name
                                              for i, p in enumerate(TEXT_PARTS, 1)}) is None
+
+
+def test_fewer_encoders_through_clip_loader_and_dual_clip_loader(base) -> None:
+    """CLIPLoader and DualCLIPLoader type hidream load one or two of the four, the others' parts zeros of the released
+    widths (ComfyUI's rule; the tiny model takes other widths, so these prompts are not sampled here): T5 and Llama
+    alone encode as the full set's T5 and Llama parts, with no pooled prompt."""
+    engine, files = base
+    doc = {"11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": files["llama"].name,
+                                                             "clip_name2": files["t5xxl"].name, "type": "hidream"}},
+           "12": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["llama"].name, "type": "hidream"}},
+           "13": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["11", 0], "text": POSITIVE}},
+           "14": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["12", 0], "text": POSITIVE}},
+           "15": {"class_type": "PreviewAny", "inputs": {"source": ["13", 0]}},
+           "16": {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}}
+    [(states, options)], [(no_t5, llama_options)] = run(engine, doc, ("13", "14"))
+    full = load_hidream_text_encoder([files[part] for part in TEXT_PARTS], dtype=torch.float32).encoder
+    expected = full.encode([POSITIVE])
+    torch.testing.assert_close(states, expected.cond.float())
+    torch.testing.assert_close(options[LLAMA_KEY], expected.extra[LLAMA_KEY].float())
+    torch.testing.assert_close(llama_options[LLAMA_KEY], expected.extra[LLAMA_KEY].float())
+    assert not options["pooled_output"].any() and options["pooled_output"].shape == (1, 2048)
+    assert not no_t5.any() and no_t5.shape[-1] == 4096
+    doc["11"]["inputs"]["clip_name2"] = files["llama"].name
+    with pytest.raises(WorkflowInvalid, match="type hidream takes two of HiDream-I1's"):
+        engine.run(parse_api(doc))
