@@ -88,7 +88,7 @@ def test_a_qwen3_file_with_other_types_is_refused(folders) -> None:
     assert "it looks like Qwen3 (Qwen3-4B is Z-Image's text encoder" in problem and "type lumina2" in problem
     with pytest.raises(CheckpointError, match="not Qwen2.5-VL-7B.*it holds Qwen3 \\(Qwen3-4B is Z-Image's"):
         load_qwen_image_text_encoder([folders[1] / QWEN3])
-    assert "lumina2" in CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "hidream"})
+    assert "lumina2" in CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "cosmos"})
 
 
 def test_type_lumina2_takes_a_gemma_file_as_lumina_2s(folders) -> None:
