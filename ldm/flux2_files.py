@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ldm import checkpoint as ckpt
-from ldm.checkpoint import CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux2 import Flux2, Flux2Config, flux2_config_from_state_dict, is_flux2
 from ldm.flux_presets import distinct_random_
 from ldm.single_file_family import SingleFileFamily
-from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 
 FLUX2_SHIFT = 2.02  # ComfyUI's supported_models.Flux2 sampling_settings["shift"] (exponential, ModelSamplingFlux)
@@ -98,18 +96,10 @@ def load_flux2_unet(path: str | Path, device: torch.device | str = "cpu",
     """Load a FLUX.2 diffusion-model file on `device` in `dtype` (fp8, scaled fp8 and mixed-precision weights
     cast, times their scales, as they load); keys the transformer does not use are listed as unused."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = FILES.prefix(sd)
-    if prefix is None:
-        raise CheckpointError(f"{path.name}: not a FLUX.2 diffusion model (no img_in / double_stream_modulation_img "
-                              "/ single_stream_modulation weights in Black Forest Labs' layout)")
-    metadata = ckpt.read_metadata(path)
-    family = flux2_family(sd, metadata, path.name)
-    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
-    model = ckpt._materialize(lambda: Flux2(family.unet_config), weights, "FLUX.2 transformer", path, device, dtype)
-    expected = set(model.state_dict())
-    skipped = scaling_keys(sd)
-    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: Flux2(family.unet_config), "FLUX.2 transformer", device, dtype,
+        lambda sd: "not a FLUX.2 diffusion model (no img_in / double_stream_modulation_img / single_stream_modulation "
+                   "weights in Black Forest Labs' layout)")
     return LoadedFlux2(family, model, unused, path, metadata)
 
 

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ldm import checkpoint as ckpt
-from ldm.checkpoint import CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import StateDict, write_safetensors
 from ldm.flux_files import FLUX_VAE
 from ldm.flux_presets import distinct_random_
 from ldm.hidream import HiDreamConfig, HiDreamModel, hidream_config_from_state_dict, is_hidream
 from ldm.single_file_family import SingleFileFamily
-from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.z_image_files import ZImageFamily
 
 HIDREAM_SHIFT = 3.0  # ComfyUI's sampling shift for HiDream (SD3-style schedule)
@@ -78,19 +76,10 @@ def load_hidream_unet(path: str | Path, device: torch.device | str = "cpu",
     """Load a HiDream-I1 diffusion-model file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they
     load); keys the transformer does not use are listed as unused."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = FILES.prefix(sd)
-    if prefix is None:
-        raise CheckpointError(f"{path.name}: not a HiDream-I1 diffusion model (no x_embedder.proj / "
-                              "caption_projection / double_stream_blocks weights in diffusers' layout)")
-    metadata = ckpt.read_metadata(path)
-    family = hidream_family(sd, metadata, path.name)
-    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
-    model = ckpt._materialize(lambda: HiDreamModel(family.unet_config), weights, "HiDream transformer", path,
-                              device, dtype)
-    expected = set(model.state_dict())
-    skipped = set(scaling_keys(sd))
-    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: HiDreamModel(family.unet_config), "HiDream transformer", device, dtype,
+        lambda sd: "not a HiDream-I1 diffusion model (no x_embedder.proj / caption_projection / double_stream_blocks "
+                   "weights in diffusers' layout)")
     return LoadedHiDream(family, model, unused, path, metadata)
 
 

@@ -27,7 +27,6 @@ from ldm.flux_presets import TINY_FLUX_VAE, distinct_random_
 from ldm.lumina2 import UNUSED, Lumina2Config, Lumina2Model, is_lumina2, lumina2_config_from_state_dict
 from ldm.presets import randomize_
 from ldm.single_file_family import SingleFileFamily
-from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import AutoencoderKL
 from ldm.z_image import is_z_image
 from ldm.z_image_files import ZImageFamily
@@ -122,24 +121,25 @@ def load_lumina2_unet(path: str | Path, device: torch.device | str = "cpu",
     `dtype` (fp8 and scaled fp8 weights cast as they load); keys the transformer does not use are listed as unused
     (not its final norm, which no one uses; in the all-in-one checkpoint, not its VAE and text encoder either)."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = FILES.prefix(sd)
-    if prefix is None:
-        looks = ("; it is a Z-Image transformer (pad tokens), which Z-Image's loader takes"
-                 if is_z_image(sd) or is_z_image(sd, UNET_PREFIX) else "")
-        raise CheckpointError(f"{path.name}: not a Lumina 2 diffusion model (no x_embedder / cap_embedder / "
-                              f"layers.0.attention.qkv weights in its released layout){looks}")
-    metadata = ckpt.read_metadata(path)
-    family = lumina2_family(sd, metadata, path.name)
-    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
-    model = ckpt._materialize(lambda: Lumina2Model(family.unet_config), weights, "Lumina 2 transformer", path,
-                              device, dtype)
-    expected = set(model.state_dict())
-    skipped = {*scaling_keys(sd), *(prefix + k for k in UNUSED)}
-    if is_lumina2_checkpoint(sd):
-        skipped |= {k for k in sd if k.startswith((VAE_PREFIX, "text_encoders."))}
-    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: Lumina2Model(family.unet_config), "Lumina 2 transformer", device, dtype, _refusal,
+        _ignored)
     return LoadedLumina2(family, model, unused, path, metadata)
+
+
+def _refusal(sd: StateDict) -> str:
+    looks = ("; it is a Z-Image transformer (pad tokens), which Z-Image's loader takes"
+             if is_z_image(sd) or is_z_image(sd, UNET_PREFIX) else "")
+    return ("not a Lumina 2 diffusion model (no x_embedder / cap_embedder / layers.0.attention.qkv weights in its "
+            f"released layout){looks}")
+
+
+def _ignored(sd: StateDict, prefix: str) -> set[str]:
+    """The unused final norm's key, and in the all-in-one checkpoint its VAE's and text encoder's."""
+    ignored = {prefix + k for k in UNUSED}
+    if is_lumina2_checkpoint(sd):
+        ignored |= {k for k in sd if k.startswith((VAE_PREFIX, "text_encoders."))}
+    return ignored
 
 
 def random_lumina2(config: Lumina2Config = TINY_LUMINA2, seed: int = 0) -> Lumina2Model:

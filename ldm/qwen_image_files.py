@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_presets import distinct_random_
 from ldm.qwen_image import (
@@ -28,7 +27,6 @@ from ldm.qwen_image import (
     qwen_image_config_from_state_dict,
 )
 from ldm.single_file_family import SingleFileFamily
-from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 from ldm.wan_files import WAN21_MEAN, WAN21_STD
 
@@ -83,7 +81,7 @@ FILES = SingleFileFamily("a Qwen-Image transformer", is_qwen_image, _family, AXE
 qwen_image_family, is_qwen_image_file, peek_qwen_image = FILES.family, FILES.is_file, FILES.peek
 
 
-def _refusal(sd: StateDict, name: str) -> CheckpointError:
+def _refusal(sd: StateDict) -> str:
     """Why a file is not a Qwen-Image transformer, naming what it looks like instead."""
     keys = {k.removeprefix(UNET_PREFIX) for k in sd}
     if "double_blocks.0.img_attn.qkv.weight" in keys:
@@ -96,8 +94,8 @@ def _refusal(sd: StateDict, name: str) -> CheckpointError:
         looks = "; it is an SD3 transformer"
     else:
         looks = ""
-    return CheckpointError(f"{name}: not a Qwen-Image diffusion model (no img_in / txt_norm / "
-                           f"transformer_blocks.0.img_mod weights in its released layout){looks}")
+    return ("not a Qwen-Image diffusion model (no img_in / txt_norm / transformer_blocks.0.img_mod weights in its "
+            f"released layout){looks}")
 
 
 def load_qwen_image_unet(path: str | Path, device: torch.device | str = "cpu",
@@ -105,18 +103,9 @@ def load_qwen_image_unet(path: str | Path, device: torch.device | str = "cpu",
     """Load a Qwen-Image diffusion-model file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load);
     keys the transformer does not use are listed as unused (not Edit-2511's marker, which its config reads)."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = FILES.prefix(sd)
-    if prefix is None:
-        raise _refusal(sd, path.name)
-    metadata = ckpt.read_metadata(path)
-    family = qwen_image_family(sd, metadata, path.name)
-    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
-    model = ckpt._materialize(lambda: QwenImageModel(family.unet_config), weights, "Qwen-Image transformer", path,
-                              device, dtype)
-    expected = set(model.state_dict())
-    skipped = {*scaling_keys(sd), prefix + ZERO_COND_KEY}
-    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: QwenImageModel(family.unet_config), "Qwen-Image transformer", device, dtype, _refusal,
+        lambda sd, prefix: (prefix + ZERO_COND_KEY,))
     return LoadedQwenImage(family, model, unused, path, metadata)
 
 

@@ -1,16 +1,21 @@
-"""How a transformer family's single files are told apart and read from their headers (Z-Image, Lumina 2, Qwen-Image,
-FLUX.2): the prefix the weights sit under (bare, as Comfy-Org ships them, or ComfyUI's `model.diffusion_model.`),
-whether a file holds the family's transformer, and its family from the header alone."""
+"""How a transformer family's single files are told apart, read from their headers and loaded (Z-Image, Lumina 2,
+Qwen-Image, FLUX.2, HiDream): the prefix the weights sit under (bare, as Comfy-Org ships them, or ComfyUI's
+`model.diffusion_model.`), whether a file holds the family's transformer, its family from the header alone, and the
+transformer with the keys it left unused."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import torch
+from torch import nn
+
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints
+from ldm.t5 import descaled_fp8, scaling_keys
 
 F = TypeVar("F")
 
@@ -53,3 +58,25 @@ class SingleFileFamily(Generic[F]):
         if shapes is None or self.prefix(shapes) is None:
             return None
         return self.family(shapes, ckpt.read_metadata(path), Path(path).name)
+
+    def load(self, path: Path, build: Callable[[F], nn.Module], what: str, device: torch.device | str,
+             dtype: torch.dtype, refusal: Callable[[StateDict], str],
+             ignored: Callable[[StateDict, str], Iterable[str]] = lambda sd, prefix: ()
+             ) -> tuple[F, nn.Module, list[str], dict[str, str]]:
+        """(family, transformer, unused keys, metadata) of one of the family's files: the transformer `build(family)`
+        makes (`what`, in errors) on `device` in `dtype`, fp8, scaled fp8 and mixed-precision weights cast (times
+        their scales) as they load; the file's keys it does not use, beside the scales and `ignored(sd, prefix)`.
+        A file without the family's weights raises CheckpointError naming it with `refusal(sd)`."""
+        sd = ckpt.load_state_dict(path)
+        prefix = self.prefix(sd)
+        if prefix is None:
+            raise CheckpointError(f"{path.name}: {refusal(sd)}")
+        metadata = ckpt.read_metadata(path)
+        family = self.family(sd, metadata, path.name)
+        weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
+        model = ckpt._materialize(lambda: build(family), weights, what, path, device, dtype)
+        expected = set(model.state_dict())
+        skipped = {*scaling_keys(sd), *ignored(sd, prefix)}
+        unused = sorted(k for k in sd
+                        if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+        return family, model, unused, metadata

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_files import FLUX_VAE, LATENT_SHIFT
 from ldm.flux_presets import distinct_random_
 from ldm.single_file_family import SingleFileFamily
-from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 from ldm.z_image import UNUSED, ZImageConfig, ZImageModel, is_z_image, z_image_config_from_state_dict
 
@@ -78,22 +76,17 @@ def load_z_image_unet(path: str | Path, device: torch.device | str = "cpu",
     """Load a Z-Image diffusion-model file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load);
     keys the transformer does not use are listed as unused (not Lumina 2's final norm, which no one uses)."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = FILES.prefix(sd)
-    if prefix is None:
-        looks = ("; it is a Lumina 2 transformer (no pad tokens), which Lumina 2's loader (ldm.lumina2_files) takes"
-                 if any(k.removeprefix(UNET_PREFIX) == "cap_embedder.1.weight" for k in sd) else "")
-        raise CheckpointError(f"{path.name}: not a Z-Image diffusion model (no x_embedder / cap_pad_token / "
-                              f"layers.0.attention.qkv weights in its released layout){looks}")
-    metadata = ckpt.read_metadata(path)
-    family = z_image_family(sd, metadata, path.name)
-    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
-    model = ckpt._materialize(lambda: ZImageModel(family.unet_config), weights, "Z-Image transformer", path,
-                              device, dtype)
-    expected = set(model.state_dict())
-    skipped = {*scaling_keys(sd), *(prefix + k for k in UNUSED)}
-    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: ZImageModel(family.unet_config), "Z-Image transformer", device, dtype, _refusal,
+        lambda sd, prefix: (prefix + k for k in UNUSED))
     return LoadedZImage(family, model, unused, path, metadata)
+
+
+def _refusal(sd: StateDict) -> str:
+    looks = ("; it is a Lumina 2 transformer (no pad tokens), which Lumina 2's loader (ldm.lumina2_files) takes"
+             if any(k.removeprefix(UNET_PREFIX) == "cap_embedder.1.weight" for k in sd) else "")
+    return ("not a Z-Image diffusion model (no x_embedder / cap_pad_token / layers.0.attention.qkv weights in its "
+            f"released layout){looks}")
 
 
 def random_z_image(config: ZImageConfig = TINY_Z_IMAGE, seed: int = 0) -> ZImageModel:
