@@ -371,9 +371,14 @@ class LoraLoader(Node):
 
         model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
         lora = header_family("loras", inputs.get("lora_name"))
-        flux1 = lora == FLUX1_LORA
-        if model_family is None or lora is None or (
-                family_fits("flux" if flux1 else lora, model_family) and not (flux1 and model_family == "flux2")):
+        if model_family is None or lora is None:
+            return None
+        if lora == FLUX1_LORA:  # Flux's family, which FLUX.2 shares the layout of but cannot take: named so there
+            fits = model_family != "flux2" and family_fits("flux", model_family)
+            lora = lora if model_family == "flux2" else "flux"
+        else:
+            fits = family_fits(lora, model_family)
+        if fits:
             return None
         return (f"{inputs['lora_name']} is a {lora.upper()} LoRA; it does not fit the {model_family.upper()} "
                 "model it is applied to")
