@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
 from ldm.qwen3_text import QWEN3_4B_WIDTH, is_qwen3, qwen3_config_from_state_dict, token_ids, write_tiny_qwen3
-from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, load_prefixed
+from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, frozen_language_model
 from ldm.t5 import _check_quant_format, scaling_keys
 from ldm.tekken import VOCAB_SIZE, tekken_bytes, tekken_tokenizer, tiny_tekken
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
@@ -74,7 +74,6 @@ MISTRAL_WIDTH = 5120
 QWEN3_8B_WIDTH = 4096
 _QWEN3_KINDS = {QWEN3_4B_WIDTH: "qwen3_4b", QWEN3_8B_WIDTH: "qwen3_8b"}
 TEKKEN_KEY = "tekken_model"
-_PREFIX = "model."
 _EMBED = "model.embed_tokens.weight"
 _POST_NORM = "model.layers.0.post_attention_layernorm.weight"
 # Keys that make a Llama-layout file another model: Qwen3's q norm, Qwen2.5's biases, Gemma's extra norms.
@@ -196,14 +195,10 @@ def flux2_text_model(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) ->
     else:
         config = qwen3_config_from_state_dict({k: v for k, v in sd.items() if (_layer(k) or 0) < depth})
         build, what = Qwen3Model, "Qwen3"
-    with torch.device("meta"):
-        model = build(config).to(dtype)
-    model.norm = nn.Identity()  # the deepest state read is the last layer's output, taken before the norm
-    used = load_prefixed(model, sd, _PREFIX, name, dtype, what)
-    # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
-    inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
-    model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), kind, used | _knowingly_unused(sd, depth) | ({TEKKEN_KEY} & sd.keys())
+    # the deepest state read is the last layer's output, taken before the norm
+    model, used = frozen_language_model(build, config, sd, name, dtype, what,
+                                        prepare=lambda model: setattr(model, "norm", nn.Identity()))
+    return model, kind, used | _knowingly_unused(sd, depth) | ({TEKKEN_KEY} & sd.keys())
 
 
 def _unescaped(prompt: str) -> str:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
-from ldm.qwen_text import ATTENTION_MASK, load_prefixed
+from ldm.qwen_text import ATTENTION_MASK, frozen_language_model
 from ldm.t5 import scaling_keys
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 from ldm.tokenizer import parse_emphasis
@@ -64,7 +64,6 @@ SYSTEM_PROMPTS = {
     "alignment": "You are an assistant designed to generate high-quality images with the highest degree of image-text "
                  "alignment based on textual prompts.",
 }
-_PREFIX = "model."
 _EMBED = "model.embed_tokens.weight"
 _PRE_FFN = "model.layers.0.pre_feedforward_layernorm.weight"  # Gemma 2 and 3
 _Q_NORM = "model.layers.0.self_attn.q_norm.weight"  # Gemma 3 (and Qwen3) only
@@ -173,15 +172,11 @@ def gemma2_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype,
         config = gemma2_config_from_state_dict(sd, head_dim)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    with torch.device("meta"):
-        model = Gemma2Model(config).to(dtype)
-    used = load_prefixed(model, sd, _PREFIX, name, dtype, "Gemma 2")
-    # Buffers outside the state dict, left on the meta device: computed here.
-    inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
-    model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
+    model, used = frozen_language_model(Gemma2Model, config, sd, name, dtype, "Gemma 2")
+    # a buffer outside the state dict, left on the meta device: set here
     model.embed_tokens.embed_scale = torch.tensor(config.hidden_size**0.5)
     ignored = {k for k in sd if k.startswith("lm_head.") or k in (TOKENIZER_KEY, "logit_scale")}
-    return model.eval().requires_grad_(False), used | scaling_keys(sd) | ignored
+    return model, used | scaling_keys(sd) | ignored
 
 
 class Lumina2TextEncoder(PinnableTextEncoder):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ldm.checkpoint import CheckpointError, write_safetensors
-from ldm.qwen_text import load_prefixed
+from ldm.qwen_text import frozen_language_model
 from ldm.t5 import scaling_keys
 
 BEGIN_OF_TEXT = 128000
@@ -45,7 +45,6 @@ _NAMED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
 SPECIAL_TOKENS = _NAMED_SPECIALS + tuple(f"<|reserved_special_token_{2 + i}|>"
                                          for i in range(256 - len(_NAMED_SPECIALS)))
 TOKENIZER_PACKAGE = "llama-models==0.3.0"  # ships the vocabulary; installed --no-deps
-_PREFIX = "model."
 _EMBED = "model.embed_tokens.weight"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Keys that make a Llama-layout file another model: Qwen3's q norm, Qwen2.5's biases, Gemma's extra norms, and the
@@ -141,13 +140,8 @@ def llama_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) 
     if not is_llama3(sd) or sd[_EMBED].shape[1] not in (LLAMA3_8B_WIDTH, *range(512)):
         raise _refusal(name, sd)
     config = llama_config_from_state_dict(sd)
-    with torch.device("meta"):
-        model = LlamaModel(config).to(dtype)
-    used = load_prefixed(model, sd, _PREFIX, name, dtype, "Llama")
-    # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
-    inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
-    model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), used | scaling_keys(sd) | {k for k in sd if k.startswith("lm_head.")}
+    model, used = frozen_language_model(LlamaModel, config, sd, name, dtype, "Llama")
+    return model, used | scaling_keys(sd) | {k for k in sd if k.startswith("lm_head.")}
 
 
 def all_hidden_states(model: Any, ids: Tensor, mask: Tensor | None) -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
-from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, VOCAB_FILE, load_prefixed, padded
+from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, VOCAB_FILE, frozen_language_model, padded
 from ldm.t5 import scaling_keys
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 
@@ -54,7 +54,6 @@ QWEN3_4B_WIDTH = 2560
 ENCODER_NAME = "qwen3_4b"  # ComfyUI's name for the encoder (per_encoder key)
 FAMILY = "z_image"
 HIDDEN_LAYER = -2  # the second-to-last layer's output (hidden_states[-2]: before the last layer, not normed)
-_PREFIX = "model."
 _EMBED = "model.embed_tokens.weight"
 _Q_NORM = "model.layers.0.self_attn.q_norm.weight"
 _GATE = "model.layers.0.mlp.gate_proj.weight"
@@ -150,13 +149,8 @@ def qwen3_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) 
     if not is_qwen3(sd) or not _fits_4b(sd):
         raise _refusal(name, sd)
     config = qwen3_config_from_state_dict(sd)
-    with torch.device("meta"):
-        model = Qwen3Model(config).to(dtype)
-    used = load_prefixed(model, sd, _PREFIX, name, dtype, "Qwen3")
-    # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
-    inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
-    model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), used | scaling_keys(sd) | {k for k in sd if k.startswith("lm_head.")}
+    model, used = frozen_language_model(Qwen3Model, config, sd, name, dtype, "Qwen3")
+    return model, used | scaling_keys(sd) | {k for k in sd if k.startswith("lm_head.")}
 
 
 class ZImageTextEncoder(PinnableTextEncoder):

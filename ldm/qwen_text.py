@@ -138,13 +138,24 @@ def qwen_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) -
     if not is_qwen25(sd):
         raise _not_qwen(name, sd)
     config = qwen_config_from_state_dict(sd)
+    model, used = frozen_language_model(Qwen2Model, config, sd, name, dtype)
+    return model, used | scaling_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
+
+
+def frozen_language_model(build: Callable[[Any], Any], config: Any, sd: Mapping[str, Tensor], name: str,
+                          dtype: torch.dtype, what: str = "Qwen2.5-VL",
+                          prepare: Callable[[Any], None] | None = None) -> tuple[Any, set[str]]:
+    """A transformers decoder `build(config)` made on the meta device in `dtype` (`prepare(model)` may change it
+    first), loaded from `sd`'s weights under `model.` (`load_prefixed`), its RoPE frequencies computed (buffers
+    outside the state dict, left on the meta device), frozen; and the keys it read."""
     with torch.device("meta"):
-        model = Qwen2Model(config).to(dtype)
-    used = load_prefixed(model, sd, _PREFIX, name, dtype)
-    # RoPE's frequencies are buffers outside the state dict, left on the meta device: computed here.
+        model = build(config).to(dtype)
+    if prepare is not None:
+        prepare(model)
+    used = load_prefixed(model, sd, _PREFIX, name, dtype, what)
     inv_freq = model.rotary_emb.compute_default_rope_parameters(config)[0]
     model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq = inv_freq, inv_freq.clone()
-    return model.eval().requires_grad_(False), used | scaling_keys(sd) | {k for k in sd if k.startswith(_IGNORED)}
+    return model.eval().requires_grad_(False), used
 
 
 def load_prefixed(model: torch.nn.Module, sd: Mapping[str, Tensor], prefix: str, name: str,
