@@ -209,7 +209,9 @@ def family_fits(found: str, family: str) -> bool:
     """Whether a LoRA of family `found` (`lora_family`) fits a model of `family`: the same family, Flux's on Chroma
     (which keeps Flux's block names), a Wan LoRA of an unreleased width on either Wan family, Flux's on FLUX.2 (a
     Flux-layout file that does not tell the two apart reads as Flux's; `check_lora_family` refuses one that tells
-    Flux.1's), Z-Image's on Lumina 2 (a Lumina 2 file on the shared names whose shapes do not tell reads as Z-Image's;
-    a real Z-Image LoRA is then refused by its shapes)."""
-    return (found == family or (found, family) in (("flux", "chroma"), ("flux", "flux2"), ("z_image", "lumina2"))
+    Flux.1's, and a header that tells it reads "flux.1", which fits Flux and Chroma only), Z-Image's on Lumina 2 (a
+    Lumina 2 file on the shared names whose shapes do not tell reads as Z-Image's; a real Z-Image LoRA is then refused
+    by its shapes)."""
+    return (found == family or (found, family) in (("flux", "chroma"), ("flux", "flux2"), ("flux.1", "flux"),
+                                                    ("flux.1", "chroma"), ("z_image", "lumina2"))
             or (found == "wan" and family.startswith("wan")))

@@ -163,16 +163,12 @@ class Denoiser:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
         unet = self.unet if cond.unet is None else cond.unet
         extra = {} if control is None else {"control": control}
-        if cond.ref_latents is not None:
-            # A CUDA-graph replay (ldm.cuda_graphs) takes fixed inputs: reference latents run the forward it wraps.
+        passed = {k: v for k, v in (("ref_latents", cond.ref_latents), ("attn_mask", cond.attn_mask),
+                                    *(cond.inputs or {}).items()) if v is not None}
+        if passed:
+            # A CUDA-graph replay (ldm.cuda_graphs) takes fixed inputs: these run the forward it wraps.
             unet = unet if isinstance(unet, torch.nn.Module) else getattr(unet, "forward", unet)
-            extra["ref_latents"] = cond.ref_latents
-        if cond.attn_mask is not None:  # as reference latents: the forward itself, not a CUDA-graph replay
-            unet = unet if isinstance(unet, torch.nn.Module) else getattr(unet, "forward", unet)
-            extra["attn_mask"] = cond.attn_mask
-        if cond.inputs:  # likewise
-            unet = unet if isinstance(unet, torch.nn.Module) else getattr(unet, "forward", unet)
-            extra.update(cond.inputs)
+            extra.update(passed)
         return unet(x_in, t, cond.context, y=cond.y, **extra)
 
     def _to_x0(self, x: Tensor, out: Tensor, sigma: float) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ldm.sampling.clip_schedule import encode_scheduled
+from ldm.sampling.cond_jobs import MODEL_INPUTS
 from ldm.t5 import tokenizer_options
 from nodes.folders import get_paths
 from nodes.node import Node
@@ -360,7 +361,7 @@ class ConditioningZeroOut(Node):
         zeroed = []
         for emb, opts in conditioning:
             opts = dict(opts)
-            for key in ("pooled_output", "conditioning_llama3"):  # HiDream's Llama states too (cond_jobs.MODEL_INPUTS)
+            for key in ("pooled_output", *MODEL_INPUTS):  # and the model's other prompt inputs (HiDream's Llama's)
                 if opts.get(key) is not None:
                     opts[key] = torch.zeros_like(opts[key])
             zeroed.append((torch.zeros_like(emb), opts))

@@ -371,15 +371,10 @@ class LoraLoader(Node):
 
         model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
         lora = header_family("loras", inputs.get("lora_name"))
-        if model_family is None or lora is None:
+        if model_family is None or lora is None or family_fits(lora, model_family):
             return None
-        if lora == FLUX1_LORA:  # Flux's family, which FLUX.2 shares the layout of but cannot take: named so there
-            fits = model_family != "flux2" and family_fits("flux", model_family)
-            lora = lora if model_family == "flux2" else "flux"
-        else:
-            fits = family_fits(lora, model_family)
-        if fits:
-            return None
+        if lora == FLUX1_LORA and model_family != "flux2":  # named Flux.1's only where that is why it does not fit
+            lora = "flux"
         return (f"{inputs['lora_name']} is a {lora.upper()} LoRA; it does not fit the {model_family.upper()} "
                 "model it is applied to")
 
