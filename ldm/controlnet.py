@@ -9,8 +9,8 @@ convolution"; these residuals are added to the UNet's skip connections and middl
 Files come in two layouts, both read here: LDM's (`input_hint_block.*`, `zero_convs.*`,
 `middle_block_out.*`, optionally under `control_model.`), used by the SD1.5 ControlNet 1.0/1.1 releases,
 and diffusers' `ControlNetModel` (`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`), used by
-most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`), Control-LoRAs (`ldm.control_lora`) and SD3
-ControlNets (`ldm.controlnet_sd3`) load here too.
+most SDXL ControlNets; ControlNet Unions (`ldm.controlnet_union`), Control-LoRAs (`ldm.control_lora`), SD3, Flux and
+Qwen-Image ControlNets (`ldm.controlnet_sd3`, `ldm.controlnet_flux`, `ldm.controlnet_qwen_image`) load here too.
 `Control` is one ControlNet applied to one conditioning, as ComfyUI's Apply
 ControlNet nodes make it: hint image, strength, the part of the schedule it acts on, and the control
 it was chained after.
@@ -232,7 +232,10 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu", dtype:
     if is_sd3_controlnet(sd):
         return load_sd3_controlnet(sd, path, device, dtype)
     from ldm.controlnet_flux import is_flux_controlnet, load_flux_controlnet
+    from ldm.controlnet_qwen_image import is_qwen_image_controlnet, load_qwen_image_controlnet
 
+    if is_qwen_image_controlnet(sd):  # before Flux's: both have a controlnet_x_embedder
+        return load_qwen_image_controlnet(sd, path, device, dtype)
     if is_flux_controlnet(sd):
         return load_flux_controlnet(sd, path, device, dtype)
     kind = _unsupported(sd)
@@ -265,9 +268,9 @@ def load_controlnet(path: str | Path, device: torch.device | str = "cpu", dtype:
 
 
 def peek_controlnet_family(path: str | Path) -> str | None:
-    """The model family ("sd1", "sd2", "sdxl", "sd3") a ControlNet file is for, from its header alone; None when the
-    header cannot tell, or the file fits more than one (a T2I-Adapter), or is made from the model (a Control-LoRA,
-    a difference ControlNet)."""
+    """The model family ("sd1", "sd2", "sdxl", "sd3", "flux", "qwen_image") a ControlNet file is for, from its header
+    alone; None when the header cannot tell, or the file fits more than one (a T2I-Adapter), or is made from the model
+    (a Control-LoRA, a difference ControlNet)."""
     from ldm.control_lora import is_control_lora
     from ldm.controlnet_sd3 import is_sd3_controlnet
     from ldm.t2i_adapter import is_t2i_adapter
@@ -281,7 +284,10 @@ def peek_controlnet_family(path: str | Path) -> str | None:
     if is_sd3_controlnet(sd):
         return "sd3"
     from ldm.controlnet_flux import is_flux_controlnet
+    from ldm.controlnet_qwen_image import FAMILY, is_qwen_image_controlnet
 
+    if is_qwen_image_controlnet(sd):
+        return FAMILY
     if is_flux_controlnet(sd):
         return "flux"
     if _unsupported(sd):
@@ -349,10 +355,11 @@ class Control:
         return controls
 
     def residuals(self, x: Tensor, sigma: float, timesteps: Tensor, context: Tensor, y: Tensor | None,
-                  repeats: int = 1) -> list[Tensor] | ControlResiduals | None:
+                  repeats: int = 1, attn_mask: Tensor | None = None) -> list[Tensor] | ControlResiduals | None:
         """The summed residuals of this chain for one UNet call on `x`, which holds `repeats` copies of
         the latent batch (positive and negative prompts in one call); None when none is active. A chain
-        with a T2I-Adapter in it gives `ControlResiduals`."""
+        with a T2I-Adapter in it gives `ControlResiduals`. The prompt's `attn_mask` goes to the ControlNets that
+        read one (`accepts_attn_mask`: Qwen-Image's), as it goes to their model."""
         from ldm.t2i_adapter import T2IAdapterControl, add_residuals
 
         total = None
@@ -363,7 +370,10 @@ class Control:
             if isinstance(control, T2IAdapterControl):  # features for the UNet's blocks, from the hint alone
                 total = add_residuals(total, control.features(x, repeats))
                 continue
-            outs = control.model(x, control._hint(x, repeats), timesteps, context, y=y, **control.model_kwargs)
+            kwargs = dict(control.model_kwargs)
+            if attn_mask is not None and getattr(control.model, "accepts_attn_mask", False):
+                kwargs["attn_mask"] = attn_mask
+            outs = control.model(x, control._hint(x, repeats), timesteps, context, y=y, **kwargs)
             if control.model.global_average_pooling:  # the shuffle ControlNet: each residual's spatial mean
                 outs = [out.mean(dim=(2, 3), keepdim=True).expand_as(out) for out in outs]
             outs = [out * control.strength for out in outs]

@@ -19,12 +19,19 @@ only the noisy latent's tokens are predicted. The text starts after the noisy la
 (diffusers starts it after the largest of all the images: `text_after_all_images`). Edit-2511 (diffusers'
 zero_cond_t, ComfyUI's "index_timestep_zero", the default for files marked `__index_timestep_zero__`) modulates the
 reference tokens as at timestep 0; the text and the noisy latent's tokens see the real timestep.
+
+Two things may add to the noisy latent's image tokens after each block (never to the references'): a ControlNet's
+residuals (`forward`'s `control`, `ldm.controlnet_qwen_image`: residual i // ceil(blocks / residuals) after block i,
+as diffusers adds controlnet_block_samples) and the model's `block_patches` (`with_block_patch`), each called as
+`patch(i, image_tokens, (h, w))` after block i, returning what to add or None; the patches come first, as ComfyUI
+runs its double-block patches before it adds a ControlNet's residual.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +52,9 @@ ZERO_COND_KEY = "__index_timestep_zero__"
 # ComfyUI's reference methods for Qwen-Image: "index" and "index_timestep_zero" put reference i at frame i + 1;
 # the others ("offset", and "uxo", which ComfyUI's Qwen-Image places the same way) at frame 1, side by side.
 ZERO_COND_METHOD = "index_timestep_zero"
+# A model patch run after each block: (block index, the noisy latent's image tokens [B, n, dim], the latent's (h, w)
+# before padding) -> what to add to those tokens, or None.
+BlockPatch = Callable[[int, Tensor, tuple[int, int]], Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -249,6 +259,8 @@ def reference_grids(sizes: Sequence[tuple[int, int]], method: str) -> list[tuple
 
 
 class QwenImageModel(nn.Module):
+    block_patches: tuple[BlockPatch, ...] = ()  # set on shallow copies (`with_block_patch`)
+
     def __init__(self, config: QwenImageConfig):
         super().__init__()
         self.config = c = config
@@ -267,7 +279,7 @@ class QwenImageModel(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attn_mask: Tensor | None = None, ref_latents: References | Sequence[Tensor] | None = None,
-                text_after_all_images: bool = False) -> Tensor:
+                text_after_all_images: bool = False, control: Sequence[Tensor] | None = None) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, 16, H, W] (or [B, 16, 1, H, W], returned in the
         same rank) at flow levels `timesteps` [B] (0..1) given the Qwen2.5-VL prompt states `context` [B, L,
         context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the image and text from attending to padding.
@@ -275,7 +287,9 @@ class QwenImageModel(nn.Module):
         one frame of [.., 1, h, w]), each its own size; a plain sequence is placed by the model's default method
         (`QwenImageConfig.reference_method`). `text_after_all_images` starts the text's positions after the largest
         image, references included, as diffusers' edit pipelines do (ComfyUI's, the default: after the noisy
-        latent). `y` is accepted for the sampler's common call and unused (Qwen-Image has no pooled prompt)."""
+        latent). `control` is a ControlNet's residuals [B, n, dim] for the noisy latent's n image tokens (see the
+        module docstring). `y` is accepted for the sampler's common call and unused (Qwen-Image has no pooled
+        prompt)."""
         c, dtype = self.config, self.dtype
         video = x.ndim == 5
         x = self._image(x, "latents")
@@ -307,8 +321,15 @@ class QwenImageModel(nn.Module):
         ids = torch.cat([text_ids(start, txt.shape[1], x.device), *grids])
         rope = rope_angles(ids, c.axes_dim, THETA)
         mask = None if attn_mask is None else self._joint_mask(attn_mask, txt.shape[:2], img.shape[1])
-        for block in self.transformer_blocks:
+        interval = None if control is None else self._control_interval(control, img.shape[0], n)
+        for i, block in enumerate(self.transformer_blocks):
             img, txt = block(img, txt, temb, rope, mask, ref_temb, n)
+            for patch in self.block_patches:  # first, as ComfyUI runs its double-block patches
+                residual = patch(i, img[:, :n], (h, w))
+                if residual is not None:
+                    img = _add_to_image(img, residual, n)
+            if interval is not None:
+                img = _add_to_image(img, control[i // interval], n)
         out = self.proj_out(self.norm_out(img[:, :n], temb))
         out = unpatchify(out, rows * p, cols * p, p)[..., :h, :w].to(x.dtype)
         return out[:, :, None] if video else out
@@ -343,6 +364,19 @@ class QwenImageModel(nn.Module):
             starts.append(max(rows // 2, cols // 2))
         return tokens, grids, starts
 
+    def _control_interval(self, control: Sequence[Tensor], batch: int, n: int) -> int:
+        """How many consecutive blocks each ControlNet residual serves (diffusers' rule); checks their shapes."""
+        blocks, dim = self.config.num_layers, self.config.dim
+        if not 1 <= len(control) <= blocks:
+            raise ValueError(f"{len(control)} ControlNet residuals for a Qwen-Image model of {blocks} blocks: it takes "
+                             f"1 to {blocks}")
+        for residual in control:
+            if residual.shape != (batch, n, dim):
+                raise ValueError(f"a ControlNet residual of shape {list(residual.shape)} for Qwen-Image latents of "
+                                 f"{n} image tokens (batch {batch}, width {dim}): it takes [{batch}, {n}, {dim}] "
+                                 "(a ControlNet made for another model, or for another latent size?)")
+        return math.ceil(blocks / len(control))
+
     @staticmethod
     def _joint_mask(attn_mask: Tensor, text_shape: torch.Size, image_tokens: int) -> Tensor:
         """[B, 1, 1, L + N] bool: which keys every query may attend to (the image's always)."""
@@ -353,6 +387,24 @@ class QwenImageModel(nn.Module):
         text = attn_mask.to(torch.bool).expand(batch, -1)
         image = torch.ones(batch, image_tokens, dtype=torch.bool, device=attn_mask.device)
         return torch.cat([text, image], dim=1)[:, None, None]
+
+
+def _add_to_image(img: Tensor, residual: Tensor, n: int) -> Tensor:
+    """The image tokens `img` with `residual` added to the first `n` (the noisy latent's; references get none)."""
+    residual = residual.to(img.dtype)
+    if img.shape[1] == n:
+        return img + residual
+    return torch.cat([img[:, :n] + residual, img[:, n:]], dim=1)
+
+
+def with_block_patch(model: QwenImageModel, patch: BlockPatch) -> QwenImageModel:
+    """A shallow copy of `model` that also runs `patch` after each block (after those it already has); the model,
+    which a cache may hold, is left as it was."""
+    from ldm.lora import shallow_copy
+
+    patched = shallow_copy(model)
+    patched.block_patches = (*model.block_patches, patch)
+    return patched
 
 
 def is_qwen_image(sd: Mapping[str, Tensor], prefix: str = "") -> bool:

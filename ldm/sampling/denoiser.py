@@ -158,7 +158,8 @@ class Denoiser:
             # A ControlNet acts on part of the schedule, judged by the first item's level (as ComfyUI does),
             # and sees the latent alone, without an inpainting model's extra channels.
             level = sigma if isinstance(sigma, float) else float(sigma.reshape(-1)[0])
-            control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats)
+            control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats,
+                                             attn_mask=cond.attn_mask)
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
         unet = self.unet if cond.unet is None else cond.unet

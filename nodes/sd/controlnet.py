@@ -150,8 +150,9 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
            vae: Any = None, keep_mask: torch.Tensor | None = None) -> list[list]:
     """Each conditioning with a Control on every entry; entries that had the same control before (or none)
     get the same new one, so a positive and a negative prompt still share one model call. `apply_to_uncond`
-    marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node). An SD3
-    ControlNet needs the `vae` (a Vae) that encodes its hint; an inpainting one its `keep_mask` too."""
+    marks entries whose control the KSampler also gives a negative prompt that has none (the OLD node). An SD3,
+    Flux or Qwen-Image ControlNet needs the `vae` (a Vae) that encodes its hint; an inpainting one its `keep_mask`
+    too."""
     from ldm.controlnet import Control
     from ldm.controlnet_flux import FluxControl, FluxControlNet
     from ldm.controlnet_flux_xlabs import XLabsControlNet
@@ -167,14 +168,17 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     made: dict[int, Control] = {}
     # A T2I-Adapter's features are made once per run, from the hint alone, and go to the UNet's blocks.
     kind: Any = T2IAdapterControl if isinstance(control_net.model, T2IAdapter) else Control
-    if isinstance(control_net.model, SD3ControlNet | FluxControlNet | XLabsControlNet):
-        flux = isinstance(control_net.model, FluxControlNet | XLabsControlNet)
+    # A ControlNet may name its own Control, an SD3Control (Qwen-Image's), and its kind for messages (`label`).
+    latent_kind = getattr(control_net.model, "control_class", None)
+    if latent_kind is None and isinstance(control_net.model, SD3ControlNet | FluxControlNet | XLabsControlNet):
+        latent_kind = FluxControl if isinstance(control_net.model, FluxControlNet | XLabsControlNet) else SD3Control
+    if latent_kind is not None:
         if vae is None and not getattr(control_net.model, "pixel_hint", False):  # XLabs' takes the picture
-            raise ValueError(f"{control_net.source} is {'a Flux' if flux else 'an SD3'} ControlNet, whose hint image "
-                             "is VAE-encoded: link the model's VAE (Apply Controlnet with VAE, or the vae input of "
-                             "Apply ControlNet)")
+            label = getattr(control_net.model, "label", "a Flux" if latent_kind is FluxControl else "an SD3")
+            raise ValueError(f"{control_net.source} is {label} ControlNet, whose hint image is VAE-encoded: link the "
+                             "model's VAE (Apply Controlnet with VAE, or the vae input of Apply ControlNet)")
         # Its range in levels is the model's, known when the KSampler places it (SD3Control.fit).
-        kind = functools.partial(FluxControl if flux else SD3Control, vae=None if vae is None else vae.vae,
+        kind = functools.partial(latent_kind, vae=None if vae is None else vae.vae,
                                  percent_range=(start_percent, end_percent), hint_mask=keep_mask)
 
     def control_after(previous: Control | None) -> Control:
@@ -202,7 +206,8 @@ class ControlNetApplyAdvanced(Node):
     strength = Float(1.0, min=0.0, max=10.0, step=0.01)
     start_percent = Float(0.0, min=0.0, max=1.0, step=0.001, tooltip="where in the schedule it starts acting")
     end_percent = Float(1.0, min=0.0, max=1.0, step=0.001, tooltip="where in the schedule it stops")
-    vae = Socket("VAE", optional=True, tooltip="encodes the hint of the ControlNets that take latents (SD3's, Flux's)")
+    vae = Socket("VAE", optional=True, tooltip="encodes the hint of the ControlNets that take latents (SD3's, Flux's, "
+                 "Qwen-Image's)")
     outputs = (Output("CONDITIONING", name="positive"), Output("CONDITIONING", name="negative"))
 
     @classmethod
@@ -224,8 +229,9 @@ class ControlNetApplyAdvanced(Node):
 
 
 class ControlNetInpaintingAliMamaApply(Node):
-    """Guides inpainting with Alimama's inpainting ControlNets (FLUX.1-dev-Controlnet-Inpainting, the SD3 one):
-    their hint is the picture with the masked part blacked out, VAE-encoded, and the mask of what to keep."""
+    """Guides inpainting with Alimama's inpainting ControlNets (FLUX.1-dev-Controlnet-Inpainting, the SD3 one) and
+    InstantX's Qwen-Image-ControlNet-Inpainting: their hint is the picture with the masked part blacked out,
+    VAE-encoded, and the mask of what to keep."""
 
     category = "conditioning/controlnet"
     positive = Socket("CONDITIONING")
@@ -254,8 +260,9 @@ class ControlNetInpaintingAliMamaApply(Node):
 
         if not getattr(control_net.model, "mask_channels", 0):
             raise ValueError(f"{control_net.source} is not an inpainting ControlNet (its hint embedding takes no mask "
-                             "channel): this node is for Alimama's FLUX.1-dev / SD3 Controlnet-Inpainting; apply "
-                             "other ControlNets with Apply ControlNet")
+                             "channel): this node is for Alimama's FLUX.1-dev / SD3 Controlnet-Inpainting and "
+                             "InstantX's Qwen-Image-ControlNet-Inpainting; apply other ControlNets with Apply "
+                             "ControlNet")
         if strength == 0:
             return positive, negative
         pixels, keep = masked_picture(_hint(image), mask.cpu())
