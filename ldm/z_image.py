@@ -22,13 +22,17 @@ tokens at (0, 0, 0) (diffusers' and ComfyUI's placement alike). The angles are c
 Only the prompt's real tokens are used, as diffusers' pipeline keeps them (`attn_mask`, 1 for each real token);
 a batch whose prompts have different real tokens runs one sample at a time. (ComfyUI ignores the mask: its single
 prompts carry no padding, so the two agree; a batch of prompts padded to one length would differ there.)
+
+A copy patched with Fun ControlNets (`ldm.controlnet_z_image.with_fun_control`) adds their hints after the noise
+refiner's and the main layers; the model itself runs without any.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -264,15 +268,22 @@ class NextDiT(nn.Module):
                              f"{list(context.shape)} (a prompt from another text encoder?)")
         t = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
         context = context.expand(x.shape[0], -1, -1) if context.shape[0] == 1 else context
+        extra = self._per_sample_inputs(x)
         if attn_mask is not None:
             mask = self._mask(attn_mask, context.shape[:2])
             if not (mask == mask[:1]).all():  # prompts with different real tokens: one sample at a time
-                out = torch.cat([self._forward(x[i:i + 1], t[i:i + 1], real_tokens(context[i:i + 1], mask[i]))
-                                 for i in range(x.shape[0])])
+                out = torch.cat([self._forward(x[i:i + 1], t[i:i + 1], real_tokens(context[i:i + 1], mask[i]),
+                                               *(e[i:i + 1] for e in extra)) for i in range(x.shape[0])])
                 return out[:, :, None] if video else out
             context = real_tokens(context, mask[0])
-        out = self._forward(x, t, context)
+        out = self._forward(x, t, context, *extra)
         return out[:, :, None] if video else out
+
+    def _per_sample_inputs(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Inputs [B, ...] beyond the latents `x` (4-D), timesteps and prompt that `_forward` takes after them, one
+        row per sample, sliced with the batch when it runs one sample at a time: none here (ZImageModel's are its
+        Fun ControlNets' control contexts)."""
+        return ()
 
     def _forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         raise NotImplementedError
@@ -287,34 +298,75 @@ class NextDiT(nn.Module):
         return attn_mask.to(torch.bool).expand(batch, -1)
 
 
+def patch_tokens(x: Tensor, p: int) -> Tensor:
+    """Latents [B, C, H, W] (H, W multiples of `p`) -> patch tokens [B, H/p * W/p, p * p * C], row by row, each
+    patch's values (row, column, channel): the reference's order."""
+    b, ch, hh, ww = x.shape
+    return x.reshape(b, ch, hh // p, p, ww // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (hh // p) * (ww // p), -1)
+
+
+class FunControl(Protocol):
+    """A Fun ControlNet bound to a patched ZImageModel (`ldm.controlnet_z_image.with_fun_control`), as the model
+    calls it: its control context for the latents, then its hints for the noise refiner's layers and the main ones
+    (each scaled by its strength)."""
+
+    def context(self, x: Tensor) -> Tensor: ...
+
+    def refiner_stage(self, control: Tensor, img: Tensor, rope: tuple[Tensor, Tensor], temb: Tensor,
+                      pad_token: Tensor) -> tuple[Tensor, dict[int, Tensor]]: ...
+
+    def layer_hints(self, control: Tensor, txt: Tensor, joint: Tensor, rope: tuple[Tensor, Tensor],
+                    temb: Tensor) -> Iterator[tuple[int, Tensor]]: ...
+
+
 class ZImageModel(NextDiT):
+    # The Fun ControlNets of a patched copy (`ldm.controlnet_z_image.with_fun_control`), applied in this order; the
+    # model itself has none and computes exactly as without them.
+    fun_controls: tuple[FunControl, ...] = ()
+
     def __init__(self, config: ZImageConfig):
         super().__init__(config)
         self.x_pad_token = nn.Parameter(torch.zeros(1, config.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, config.dim))
 
-    def _forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def _per_sample_inputs(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(control.context(x) for control in self.fun_controls)
+
+    def _forward(self, x: Tensor, t: Tensor, context: Tensor, *controls: Tensor) -> Tensor:
+        """The velocity; `controls` are the control contexts [B, control_in_dim, H, W] of `fun_controls`."""
         c, dtype = self.config, self.dtype
         p = c.patch_size
         h, w = x.shape[-2:]
         padded = pad_to_patch(x, p).to(dtype)
         b, ch, hh, ww = padded.shape
         rows, cols = hh // p, ww // p
-        # patches row by row, each patch's values (row, column, channel): the reference's order
-        tokens = padded.reshape(b, ch, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, -1)
+        tokens = patch_tokens(padded, p)
         temb = self.t_embedder((1 - t.float()) * TIME_SCALE, dtype)
         img = _with_pad(self.x_embedder(tokens), self.x_pad_token)
         txt = _with_pad(self.cap_embedder(context.to(dtype)), self.cap_pad_token)
         text_ids, image_ids = position_ids(context.shape[1], rows, cols, x.device)
         img_rope, txt_rope = rope_angles(image_ids, c.axes_dim), rope_angles(text_ids, c.axes_dim)
-        for block in self.noise_refiner:
+        # each Fun ControlNet's control tokens after its refiner stage, and its hints for the noise refiner
+        staged = [fun.refiner_stage(control, img, img_rope, temb, self.x_pad_token)
+                  for fun, control in zip(self.fun_controls, controls, strict=True)]
+        for i, block in enumerate(self.noise_refiner):
             img = block(img, img_rope, temb)
+            for _, hints in staged:
+                img = img + hints[i] if i in hints else img
         for block in self.context_refiner:
             txt = block(txt, txt_rope)
         joint = torch.cat([img, txt], dim=1)
         rope = tuple(torch.cat(pair) for pair in zip(img_rope, txt_rope, strict=True))
-        for block in self.layers:
+        # the hints for the main layers, each computed when the one before it has been added
+        streams = [fun.layer_hints(control, txt, joint, rope, temb)
+                   for fun, (control, _) in zip(self.fun_controls, staged, strict=True)]
+        due = [next(stream, None) for stream in streams]
+        for i, block in enumerate(self.layers):
             joint = block(joint, rope, temb)
+            for k, stream in enumerate(streams):
+                if due[k] is not None and due[k][0] == i:
+                    joint = joint + due[k][1]
+                    due[k] = next(stream, None)
         out = self.final_layer(joint[:, : rows * cols], temb)
         out = out.reshape(b, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hh, ww)
         return -out[..., :h, :w].to(x.dtype)

@@ -37,6 +37,8 @@ MODEL_KINDS = {
     "photomaker": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     # GLIGEN grounding models (gligen_sd14_textbox_pruned.safetensors).
     "gligen": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    # Model patches (ModelPatchLoader): DiffSynth's Qwen-Image and alibaba-pai's Z-Image Fun ControlNets.
+    "model_patches": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
 }
 
 

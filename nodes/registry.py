@@ -64,6 +64,7 @@ BUILTIN_MODULES = (
     "nodes.sd.flux2",
     "nodes.sd.lumina2",
     "nodes.sd.hidream",
+    "nodes.sd.model_patch",
     "nodes.sd.utility_nodes",
 )
 
