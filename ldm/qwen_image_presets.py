@@ -1,5 +1,6 @@
-"""Tiny random-weight Qwen-Image files in the layouts ComfyUI users have, for tests and for trying its workflow here:
-the transformer, the Qwen2.5-VL text encoder and the VAE (Wan 2.1's architecture, as Qwen-Image's is)."""
+"""Tiny random-weight Qwen-Image files in the layouts ComfyUI users have, for tests and for trying its workflows here:
+the transformer, the Qwen2.5-VL text encoder, the VAE (Wan 2.1's architecture, as Qwen-Image's is), InstantX's union
+ControlNet and DiffSynth's blockwise (canny) ControlNet model patch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.controlnet_diffsynth import write_tiny_diffsynth_controlnet
+from ldm.controlnet_qwen_image import write_tiny_qwen_image_controlnet
 from ldm.qwen_image_files import write_tiny_qwen_image
 from ldm.qwen_text import write_tiny_qwen25vl
 from ldm.wan_vae_files import write_tiny_wan_vae
@@ -15,14 +18,19 @@ from ldm.wan_vae_files import write_tiny_wan_vae
 def make_qwen_image_files(models_dir: str | Path, seed: int = 0,
                           dtype: torch.dtype = torch.bfloat16) -> dict[str, Path]:
     """Write tiny random Qwen-Image files into the model folders under `models_dir`, named like Comfy-Org's with
-    `-tiny`; returns each file's path by part ("unet", "qwen25vl", "vae"). The pictures they make are noise."""
+    `-tiny`; returns each file's path by part ("unet", "qwen25vl", "vae", "controlnet", "diffsynth"). The pictures
+    they make are noise."""
     models_dir = Path(models_dir)
     paths = {"unet": models_dir / "diffusion_models" / "qwen_image-tiny.safetensors",
              "qwen25vl": models_dir / "text_encoders" / "qwen_2.5_vl_7b-tiny.safetensors",
-             "vae": models_dir / "vae" / "qwen_image_vae-tiny.safetensors"}
+             "vae": models_dir / "vae" / "qwen_image_vae-tiny.safetensors",
+             "controlnet": models_dir / "controlnet" / "Qwen-Image-InstantX-ControlNet-Union-tiny.safetensors",
+             "diffsynth": models_dir / "model_patches" / "qwen_image_canny_diffsynth_controlnet-tiny.safetensors"}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     write_tiny_qwen_image(paths["unet"], seed=seed, dtype=dtype)
     write_tiny_qwen25vl(paths["qwen25vl"], seed=seed + 1, dtype=dtype)
     write_tiny_wan_vae(paths["vae"], version="2.1", seed=seed + 2)
+    write_tiny_qwen_image_controlnet(paths["controlnet"], seed=seed + 3, dtype=dtype)
+    write_tiny_diffsynth_controlnet(paths["diffsynth"], seed=seed + 4, dtype=dtype)
     return paths

@@ -14,6 +14,8 @@ from executor.services import Services
 from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
+from ldm.controlnet_qwen_image import write_tiny_qwen_image_controlnet
+from ldm.controlnet_z_image import write_tiny_z_image_fun_controlnet
 from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
 from ldm.hidream_presets import make_hidream_files
@@ -24,6 +26,7 @@ from ldm.qwen_image_presets import make_qwen_image_files
 from ldm.sd3_presets import make_sd3_files
 from ldm.upscale import RRDBNet
 from ldm.wan_presets import make_wan_files
+from ldm.z_image_files import TINY_Z_IMAGE
 from ldm.z_image_presets import make_z_image_files
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
@@ -107,6 +110,8 @@ def base(tmp_path_factory):
     qwen = make_qwen_image_files(root / "qwen-tiny", seed=1)
     for part, name in QWEN_FILES.items():
         shutil.copy(qwen[part], root / "models" / name)
+    union = "Qwen-Image-InstantX-ControlNet-Union.safetensors"  # qwen_image_controlnet.json's
+    write_tiny_qwen_image_controlnet(root / "models" / "controlnet" / union, seed=1)
     shutil.copy(make_lumina2_files(root / "lumina2-tiny", seed=1)["checkpoint"], root / "models" / LUMINA2_CHECKPOINT)
     flux2 = make_flux2_files(root / "flux2-tiny", seed=1)
     for part, name in FLUX2_FILES.items():
@@ -114,6 +119,8 @@ def base(tmp_path_factory):
     z_image = make_z_image_files(root / "z-image-tiny", seed=1)
     for part, name in Z_IMAGE_FILES.items():
         shutil.copy(z_image[part], root / "models" / name)
+    fun = "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"  # z_image_fun_controlnet.json's
+    write_tiny_z_image_fun_controlnet(root / "models" / "model_patches" / fun, TINY_Z_IMAGE, seed=1)
     hidream = make_hidream_files(root / "hidream-tiny", seed=1)
     for part, name in HIDREAM_FILES.items():
         shutil.copy(hidream[part], root / "models" / name)
