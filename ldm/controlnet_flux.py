@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ldm.checkpoint import CheckpointError, StateDict, _materialize
 from ldm.controlnet import LoadedControlNet, prepare_hint
-from ldm.controlnet_sd3 import SD3Control
+from ldm.controlnet_sd3 import SD3Control, config_mismatch
 from ldm.flux import (
     STANDARD_AXES,
     DoubleStreamBlock,
@@ -247,10 +247,10 @@ class FluxControl(SD3Control):
         ours, theirs = self.model.config, getattr(unet, "config", None)
         if not isinstance(theirs, FluxConfig):
             return "a Flux ControlNet runs with Flux models only"
-        for name in ("hidden_size", "context_dim", "vec_in_dim", "num_heads", "latent_channels"):
-            if getattr(ours, name) != getattr(theirs, name):
-                return (f"the ControlNet was made for a Flux model with {name} {getattr(ours, name)}, and this one "
-                        f"has {getattr(theirs, name)}")
+        problem = config_mismatch(ours, theirs, ("hidden_size", "context_dim", "vec_in_dim", "num_heads",
+                                                 "latent_channels"), "a Flux model")
+        if problem:
+            return problem
         if ours.axes_dim != theirs.axes_dim:  # a copy of the model's blocks: its RoPE split
             self.model.config = dataclasses.replace(ours, axes_dim=theirs.axes_dim)
         self.model.model_blocks = (theirs.depth, theirs.depth_single_blocks)  # for every Control of this ControlNet

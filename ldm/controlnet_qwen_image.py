@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ldm.checkpoint import CheckpointError, StateDict, _materialize, write_safetensors
 from ldm.controlnet import LoadedControlNet, prepare_hint
 from ldm.controlnet_flux import spread
-from ldm.controlnet_sd3 import SD3Control
+from ldm.controlnet_sd3 import SD3Control, config_mismatch
 from ldm.flux import pad_to_patch, patchify, rope_angles
 from ldm.flux_presets import distinct_random_
 from ldm.qwen_image import (
@@ -186,10 +186,10 @@ class QwenImageControl(SD3Control):
         ours, theirs = self.model.config, getattr(unet, "config", None)
         if not isinstance(theirs, QwenImageConfig):
             return "a Qwen-Image ControlNet runs with Qwen-Image models only"
-        for name in ("dim", "num_heads", "in_channels", "joint_attention_dim", "patch_size"):
-            if getattr(ours, name) != getattr(theirs, name):
-                return (f"the ControlNet was made for a Qwen-Image model with {name} {getattr(ours, name)}, and this "
-                        f"one has {getattr(theirs, name)}")
+        problem = config_mismatch(ours, theirs, ("dim", "num_heads", "in_channels", "joint_attention_dim",
+                                                 "patch_size"), "a Qwen-Image model")
+        if problem:
+            return problem
         if ours.num_layers > theirs.num_layers:
             return (f"the ControlNet has {ours.num_layers} blocks, more than the model's {theirs.num_layers}: it was "
                     "made for a larger Qwen-Image model")

@@ -191,6 +191,16 @@ def encode_hint(vae: nn.Module, image: Tensor, height: int, width: int) -> Tenso
     return latents.float() * HINT_LATENT_SCALE
 
 
+def config_mismatch(ours: object, theirs: object, names: tuple[str, ...], model: str) -> str | None:
+    """Why a ControlNet of config `ours` (a copy of part of `model`, e.g. "a Flux model") does not fit a model of
+    config `theirs`: the first of the `names` whose values differ; None when all agree."""
+    for name in names:
+        if getattr(ours, name) != getattr(theirs, name):
+            return (f"the ControlNet was made for {model} with {name} {getattr(ours, name)}, and this one has "
+                    f"{getattr(theirs, name)}")
+    return None
+
+
 @dataclass(eq=False)
 class SD3Control(Control):
     """One SD3 ControlNet applied to one conditioning: the hint image is encoded by `vae` at the latent's size
@@ -207,10 +217,9 @@ class SD3Control(Control):
         ours, theirs = self.model.config, getattr(unet, "config", None)
         if not isinstance(theirs, MMDiTConfig):
             return "an SD3 ControlNet runs with SD3 models only"
-        for name in self.model.fitted_fields:
-            if getattr(ours, name) != getattr(theirs, name):
-                return (f"the ControlNet was made for an SD3 model with {name} {getattr(ours, name)}, and this one has "
-                        f"{getattr(theirs, name)}")
+        problem = config_mismatch(ours, theirs, self.model.fitted_fields, "an SD3 model")
+        if problem:
+            return problem
         if not ours.qk_norm and ours.num_heads != theirs.num_heads:  # a copy of the model's blocks: its heads
             for attention in self.model.attentions():
                 attention.heads = theirs.num_heads
