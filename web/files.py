@@ -1,4 +1,7 @@
-"""Routes for user files: GET /view (read input/output/temp), POST /upload/image and /upload/mask (write input/)."""
+"""Routes for user files: GET /view (read input/output/temp), POST /upload/image and /upload/mask (write input/).
+
+/upload/image takes audio and video files too (checked with PyAV), as ComfyUI's editor posts LoadAudio's and
+LoadVideo's uploads there."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from nodes.sd.audio import AUDIO_SUFFIXES, VIDEO_SUFFIXES
 from web.http import json_error
 from web.paths import UnsafePath, clean_filename, safe_folder, safe_join
 from web.state import STATE, ServerState
@@ -24,7 +28,12 @@ routes = web.RouteTableDef()
 FOLDER_TYPES = ("output", "input", "temp")
 # Served inline; anything else is sent as a download so that a stored file never runs as a page here.
 INLINE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "video/mp4", "video/webm",
-                "audio/wav", "audio/x-wav", "audio/mpeg", "audio/flac", "application/json", "text/plain"}
+                "audio/wav", "audio/x-wav", "audio/mpeg", "audio/flac", "audio/ogg", "audio/mp4", "audio/aac",
+                "audio/webm", "audio/x-aiff", "application/json", "text/plain"}
+# Audio types by suffix, where the platform's MIME table may lack them (an <audio> player needs the right one).
+AUDIO_TYPES = {".flac": "audio/flac", ".opus": "audio/ogg", ".ogg": "audio/ogg", ".mp3": "audio/mpeg",
+               ".wav": "audio/wav", ".m4a": "audio/mp4", ".aac": "audio/aac", ".weba": "audio/webm",
+               ".aif": "audio/x-aiff", ".aiff": "audio/x-aiff"}
 FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
 
 
@@ -51,7 +60,8 @@ async def view(request: web.Request) -> web.StreamResponse:
         found = False
     if not found:
         raise json_error(404, "not_found", f"no file {filename!r} there")
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    content_type = (AUDIO_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]
+                    or "application/octet-stream")
     inline = content_type in INLINE_TYPES
     headers = {
         "Content-Type": content_type if inline else "application/octet-stream",
@@ -86,6 +96,22 @@ def _check_image(data: bytes, max_pixels: int) -> str:
     if fmt not in FORMAT_SUFFIX:
         raise json_error(415, "not_an_image", f"images of format {fmt or 'unknown'} are not accepted")
     return fmt
+
+
+def _check_media(data: bytes, name: str) -> None:
+    """Refuse an audio or video upload that PyAV cannot decode: it must hold an audio (or video) stream whose first
+    frame decodes."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            streams = container.streams.audio or container.streams.video
+            if not streams:
+                raise json_error(415, "not_media", f"{name} holds no audio or video stream")
+            if next(container.decode(streams[0]), None) is None:
+                raise json_error(415, "not_media", f"{name} holds no audio or video frames")
+    except (av.FFmpegError, ValueError, EOFError) as exc:
+        raise json_error(415, "not_media", f"{name} is not audio or video that can be decoded: {exc}") from None
 
 
 def _too_large(max_pixels: int) -> web.HTTPException:
@@ -162,10 +188,13 @@ async def upload_image(request: web.Request) -> web.Response:
     data, original, fields = await _read_upload(request, ("overwrite", "subfolder", "type"))
     kind = fields.get("type", "input") or "input"
     _root(state, kind)
-    fmt = await asyncio.to_thread(_check_image, data, state.config.max_image_pixels)
     name = clean_filename(original, "image")
-    if os.path.splitext(name)[1].lower() not in (*FORMAT_SUFFIX.values(), ".jpeg", ".tif"):
-        name += FORMAT_SUFFIX[fmt]
+    if os.path.splitext(name)[1].lower() in (*AUDIO_SUFFIXES, *VIDEO_SUFFIXES):
+        await asyncio.to_thread(_check_media, data, name)
+    else:
+        fmt = await asyncio.to_thread(_check_image, data, state.config.max_image_pixels)
+        if os.path.splitext(name)[1].lower() not in (*FORMAT_SUFFIX.values(), ".jpeg", ".tif"):
+            name += FORMAT_SUFFIX[fmt]
     subfolder = fields.get("subfolder", "")
     folder = _folder(state, kind, subfolder, create=True)
     overwrite = fields.get("overwrite", "").lower() in ("true", "1", "yes")

@@ -2,7 +2,7 @@
 
 import { api, ApiError, clientId, connect } from "./api.js";
 import { convertibleWidgetAt, linkToWidget, socketType } from "./convert.js";
-import { clearRunState, CONTROL_VALUES, registerNodeTypes, runState, setOutput } from "./nodes.js";
+import { clearRunState, CONTROL_VALUES, endAudioFrame, registerNodeTypes, runState, setOutput } from "./nodes.js";
 import { buildLibrary, setStatus, showGalleryImage, toast } from "./panels.js";
 import { QueuePanel } from "./queue.js";
 import { defaultWorkflow, loadAny, loadApi, workflowFromPng } from "./workflow.js";
@@ -112,6 +112,11 @@ class Editor {
     this.canvas = new LGraphCanvas(null, this.graph); // its <canvas> comes after our mouse handler
     handleLinkDrops(this.canvas);
     highlightWidgetTargets(this.canvas);
+    const drawn = this.canvas.onDrawForeground;
+    this.canvas.onDrawForeground = function (ctx, visibleArea) { // after the nodes of a frame: see endAudioFrame
+      drawn.call(this, ctx, visibleArea);
+      endAudioFrame();
+    };
     this.canvas.setCanvas(element);
     this.canvas.allow_searchbox = true;
     this.canvas.show_info = false;

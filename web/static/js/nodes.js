@@ -8,6 +8,8 @@ const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
 const SEED_NAMES = new Set(["seed", "noise_seed"]);
 export const CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"];
 const IMAGE_AREA = 220;
+const AUDIO_ROW = 40; // the height a node gives each <audio> player, in graph units
+const IMAGE_ACCEPT = "image/png,image/jpeg,image/webp,image/gif,image/bmp";
 
 // What the editor knows about the run in progress; nodes read it when they draw.
 export const runState = {
@@ -15,7 +17,7 @@ export const runState = {
   progress: null, // {node, value, max}
   cached: new Set(),
   errors: {}, // node id -> [{message, input}]
-  outputs: {}, // node id -> {images: [Image], text: [string]}
+  outputs: {}, // node id -> {images: [Image], text: [string], audio: [url]}
   preview: null, // {node, image}
 };
 
@@ -116,10 +118,11 @@ export function openTextEditor(title, value, done) {
   area.focus();
 }
 
-function uploadWidget(node, combo, folder) {
+// `value` is what the button keeps in widgets_values: ComfyUI's "image" for an image upload.
+function uploadWidget(node, combo, folder, accept = IMAGE_ACCEPT, value = "image") {
   const input = document.createElement("input");
   input.type = "file";
-  input.accept = "image/png,image/jpeg,image/webp,image/gif,image/bmp";
+  input.accept = accept;
   input.onchange = async () => {
     if (!input.files.length) return;
     const result = await uploadImage(input.files[0], folder);
@@ -130,20 +133,33 @@ function uploadWidget(node, combo, folder) {
     input.value = "";
   };
   // ComfyUI keeps the value "image" for this button in widgets_values; the UI-format import skips it.
-  node.addWidget("button", "choose file to upload", "image", () => input.click(), { serialize: true });
+  node.addWidget("button", "choose file to upload", value, () => input.click(), { serialize: true });
+}
+
+// A "name" or "sub/name" in `folder` (or the folder a " [output]" / " [temp]" suffix names) as /view's fields.
+function fileRef(name, folder) {
+  const annotated = /^(.*) \[(input|output|temp)\]$/.exec(name);
+  if (annotated) [, name, folder] = annotated;
+  const [subfolder, filename] = name.includes("/") ? [name.slice(0, name.lastIndexOf("/")), name.split("/").pop()]
+    : ["", name];
+  return { filename, subfolder, type: folder };
+}
+
+// LoadAudio's chosen file, in a player on the node (ComfyUI's audio widget). The URL is new on each choice, so that
+// a file uploaded under a name the player failed on before (not there yet) loads.
+function showInputAudio(node, name) {
+  if (!name) return;
+  runState.outputs[node.id] = { images: [], text: [], audio: [`${viewUrl(fileRef(name, "input"))}&t=${Date.now()}`] };
+  node.setDirtyCanvas(true, true);
 }
 
 // The picture a file-choosing widget names, from the node's folder ("input" unless the schema's image_folder says
 // otherwise) or the one a ComfyUI-style " [output]" / " [temp]" suffix names.
 function showInputImage(node, name, folder = "input") {
   if (!name) return;
-  const annotated = /^(.*) \[(input|output|temp)\]$/.exec(name);
-  if (annotated) [, name, folder] = annotated;
   const image = new Image();
   image.onload = () => node.setDirtyCanvas(true, true);
-  const [subfolder, filename] = name.includes("/") ? [name.slice(0, name.lastIndexOf("/")), name.split("/").pop()]
-    : ["", name];
-  image.src = viewUrl({ filename, subfolder, type: folder });
+  image.src = viewUrl(fileRef(name, folder));
   runState.outputs[node.id] = { images: [image], text: [] };
 }
 
@@ -167,6 +183,11 @@ function addInputs(node, def) {
           combo.callback = (value) => showInputImage(node, value, folder);
           uploadWidget(node, combo, folder);
           setTimeout(() => showInputImage(node, combo.value, folder), 0);
+        }
+        if (opts.audio_upload) {
+          combo.callback = (value) => showInputAudio(node, value);
+          uploadWidget(node, combo, "input", "audio/*,video/*", "audio");
+          setTimeout(() => showInputAudio(node, combo.value), 0);
         }
       } else if (WIDGET_TYPES.has(type) && !opts.forceInput) {
         if (type === "INT" || type === "FLOAT") {
@@ -344,6 +365,65 @@ function drawImages(node, ctx, images) {
   });
 }
 
+// Audio players are <audio controls> elements over the canvas (a canvas cannot hold one), one per file a node shows,
+// placed each frame where the node draws them; a player whose node was not drawn in a frame (scrolled away,
+// collapsed) hides at the frame's end (endAudioFrame), and goes with its node when that is removed.
+const players = new Map(); // node id -> [HTMLAudioElement]
+let frame = 0;
+
+function drawAudio(node, ctx, urls) {
+  const top = widgetsBottom(node);
+  grow(node, top + AUDIO_ROW * urls.length + 6);
+  const canvas = ctx.canvas;
+  const shown = players.get(node.id) || [];
+  shown.splice(urls.length).forEach((player) => player.remove());
+  // Graph units to CSS pixels of the canvas' parent: the context's transform, then the canvas' own scaling.
+  const t = ctx.getTransform();
+  const ratio = canvas.clientWidth / canvas.width;
+  urls.forEach((url, i) => {
+    let player = shown[i];
+    if (!player) {
+      player = document.createElement("audio");
+      player.controls = true;
+      player.preload = "metadata";
+      player.className = "node-audio";
+      player.dataset.node = String(node.id);
+      canvas.parentElement.appendChild(player);
+      shown[i] = player;
+    }
+    if (player.dataset.url !== url) {
+      player.src = url;
+      player.dataset.url = url;
+    }
+    const y = top + AUDIO_ROW * i;
+    Object.assign(player.style, {
+      display: "",
+      left: `${canvas.offsetLeft + (t.a * 10 + t.c * y + t.e) * ratio}px`,
+      top: `${canvas.offsetTop + (t.b * 10 + t.d * y + t.f) * ratio}px`,
+      width: `${t.a * (node.size[0] - 20) * ratio}px`,
+      height: `${t.d * (AUDIO_ROW - 8) * ratio}px`,
+    });
+    player.frame = frame;
+  });
+  players.set(node.id, shown);
+}
+
+// Called after every frame the canvas draws: hide the players no node drew.
+export function endAudioFrame() {
+  for (const list of players.values()) {
+    for (const player of list) if (player.frame !== frame) player.style.display = "none";
+  }
+  frame += 1;
+}
+
+function removeAudio(node) {
+  for (const player of players.get(node.id) || []) {
+    player.pause();
+    player.remove();
+  }
+  players.delete(node.id);
+}
+
 // Where `image` shows, fitted into `area` ({x, y, w, h}) and centred: [x, y, w, h].
 function fit(image, area) {
   const scale = Math.min(area.w / image.naturalWidth, area.h / image.naturalHeight);
@@ -447,6 +527,7 @@ function drawState(node, ctx) {
   if (preview && preview.node === id) drawImages(node, ctx, [preview.image]);
   else if (output && output.images.length) drawImages(node, ctx, output.images);
   else if (output && output.compare) drawCompare(node, ctx, output.compare);
+  if (output && output.audio && output.audio.length) drawAudio(node, ctx, output.audio);
   if (output && output.text.length) {
     ctx.fillStyle = "#ccc";
     ctx.font = "13px monospace";
@@ -495,6 +576,10 @@ export function registerNodeTypes(objectInfo) {
         followPointer(this, pos);
       }
 
+      onRemoved() {
+        removeAudio(this);
+      }
+
       onConnectionsChange(kind, slot, connected) {
         if (kind === LiteGraph.INPUT && connected) growInputs(this);
       }
@@ -518,13 +603,14 @@ function loadImage(item) {
   return image;
 }
 
-// A node's UI output: SaveImage's `images`, text, or ImageCompare's `a_images` and `b_images` (the first of each
-// is compared). Returns every image it loads.
+// A node's UI output: SaveImage's `images`, text, ImageCompare's `a_images` and `b_images` (the first of each is
+// compared), or SaveAudio's `audio` (a player each). Returns every image it loads.
 export function setOutput(nodeId, output) {
   const images = (output.images || []).map(loadImage);
   const text = (output.text || output.value || []).map((t) => String(t));
   const [a, b] = [output.a_images, output.b_images].map((list) => (list && list.length ? loadImage(list[0]) : null));
   const compare = a || b ? { a, b } : null;
-  runState.outputs[String(nodeId)] = { images, text, compare };
+  const audio = (output.audio || []).map(viewUrl);
+  runState.outputs[String(nodeId)] = { images, text, compare, audio };
   return [...images, ...[a, b].filter(Boolean)];
 }
