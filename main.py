@@ -1,6 +1,6 @@
 """Loom's command line: serve, run, validate, convert, nodes, schema, make-checkpoint, make-flux, make-sd3, make-chroma,
 make-svd, make-wan, make-ltxv, make-qwen-image, make-z-image, make-flux2,
-make-lumina2, make-hidream, train."""
+make-lumina2, make-hidream, make-stable-audio, train."""
 
 from __future__ import annotations
 
@@ -235,7 +235,8 @@ def _output_files(outputs: dict[str, dict[str, Any]]) -> list[str]:
     roots = {"output": paths.output, "temp": paths.temp, "input": paths.input}
     files = []
     for ui in outputs.values():
-        for kind in ("images", "latents", "files"):  # SaveImage and the animation savers, SaveLatent, model savers
+        # SaveImage, the animation and audio savers, SaveLatent, model savers
+        for kind in ("images", "audio", "latents", "files"):
             for item in ui.get(kind, []):
                 if isinstance(item, dict) and "filename" in item:
                     root = roots.get(item.get("type", "output"), paths.output)
@@ -361,6 +362,7 @@ PART_MAKERS = {
     "make-flux2": ("ldm.flux2_presets", "make_flux2_files", "FLUX.2"),
     "make-lumina2": ("ldm.lumina2_presets", "make_lumina2_files", "Lumina 2"),
     "make-hidream": ("ldm.hidream_presets", "make_hidream_files", "HiDream-I1"),
+    "make-stable-audio": ("ldm.stable_audio_presets", "make_stable_audio_files", "Stable Audio Open"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -385,6 +387,8 @@ PART_HELP = {
                      "diffusion_models/, text_encoders/ and vae/ (hidream_i1_dev-tiny, clip_l_hidream-tiny, "
                      "clip_g_hidream-tiny, t5xxl_hidream-tiny, llama_3.1_8b_instruct_fp8_scaled-tiny, "
                      "ae-hidream-tiny)"),
+    "make-stable-audio": ("the checkpoint (transformer, seconds conditioners, Oobleck VAE) and T5-base",
+                          "checkpoints/ and text_encoders/ (stable-audio-open-1.0-tiny, t5_base-tiny)"),
 }
 
 

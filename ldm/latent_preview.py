@@ -178,7 +178,10 @@ def fit_rgb(vae: AutoencoderKL) -> RgbFit:
 def register_vae(vae: AutoencoderKL) -> RgbFit | None:
     """Fit `vae` (once) and make its map the one previews of its latent format use (the latest VAE loaded for
     a format wins: VAEs of one latent space give nearly the same map). A VAE that cannot encode here (no memory
-    left, weights not materialised) gets no map, and a warning: previews fall back, loading goes on."""
+    left, weights not materialised) gets no map, and a warning: previews fall back, loading goes on. An audio VAE
+    (`ldm.oobleck`: its latents are sound, not pictures) gets none."""
+    if getattr(vae, "hop_length", None) is not None:
+        return None
     try:
         fit = fit_rgb(vae)
     except RuntimeError as e:

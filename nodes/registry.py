@@ -65,6 +65,7 @@ BUILTIN_MODULES = (
     "nodes.sd.lumina2",
     "nodes.sd.hidream",
     "nodes.sd.model_patch",
+    "nodes.sd.stable_audio",
     "nodes.sd.utility_nodes",
     "nodes.sd.audio",
 )

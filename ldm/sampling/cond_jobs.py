@@ -18,8 +18,11 @@ from ldm.flux_variants import References
 # shorter one.
 MAX_CONTEXT_REPEAT = 4
 # Conditioning options that are more of the model's own inputs, by the keyword its forward takes them by: HiDream's
-# Llama hidden states [B, layers, L, D] beside the T5 states in the context.
-MODEL_INPUTS = {"conditioning_llama3": "llama"}
+# Llama hidden states [B, layers, L, D] beside the T5 states in the context; Stable Audio's seconds [B]
+# (ConditioningStableAudio's, ldm.stable_audio_files).
+MODEL_INPUTS = {"conditioning_llama3": "llama", "seconds_start": "seconds_start", "seconds_total": "seconds_total"}
+# Those of them that are prompt encodings, which ConditioningZeroOut zeroes with the prompt (not the seconds).
+PROMPT_INPUTS = ("conditioning_llama3",)
 
 
 @dataclass

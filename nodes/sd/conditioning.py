@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ldm.sampling.clip_schedule import encode_scheduled
-from ldm.sampling.cond_jobs import MODEL_INPUTS
+from ldm.sampling.cond_jobs import PROMPT_INPUTS
 from ldm.t5 import tokenizer_options
 from nodes.folders import get_paths
 from nodes.node import Node
@@ -361,7 +361,7 @@ class ConditioningZeroOut(Node):
         zeroed = []
         for emb, opts in conditioning:
             opts = dict(opts)
-            for key in ("pooled_output", *MODEL_INPUTS):  # and the model's other prompt inputs (HiDream's Llama's)
+            for key in ("pooled_output", *PROMPT_INPUTS):  # and the model's other prompt inputs (HiDream's Llama's)
                 if opts.get(key) is not None:
                     opts[key] = torch.zeros_like(opts[key])
             zeroed.append((torch.zeros_like(emb), opts))

@@ -76,6 +76,7 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
         from ldm.ltxv_files import is_ltxv_file
         from ldm.lumina2_files import is_lumina2_checkpoint_file
         from ldm.sd3_files import is_sd3_file
+        from ldm.stable_audio_files import is_stable_audio_file
 
         # The same order as load_checkpoint_outputs, so validation names the family the loader will load.
         try:
@@ -89,6 +90,8 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
                 return "sd3"
             if is_ltxv_file(path):
                 return "ltxv"
+            if is_stable_audio_file(path):
+                return "stable_audio"
         except (SafetensorError, OSError, ValueError):  # unreadable: CheckpointLoaderSimple reports it when it runs
             return None
         family = peek_family(path)
@@ -178,6 +181,10 @@ def engine_weight_dtypes(node: Node) -> tuple[str, str]:
 
 _LTXV_T5 = ("load T5-XXL (t5xxl_fp16.safetensors or an fp8 copy) with CLIPLoader (Load CLIP) type ltxv and encode "
             "with its CLIP")
+_STABLE_AUDIO_T5 = ("load T5-base (t5_base.safetensors) with CLIPLoader (Load CLIP) type stable_audio and encode "
+                    "with its CLIP")
+# The families whose checkpoints hold no text encoder, and where their prompts' encoder comes from (None: SD3's).
+_OWN_TEXT_FILES = {"sd3": None, "ltxv": _LTXV_T5, "stable_audio": _STABLE_AUDIO_T5}
 
 
 def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_weights_dtype: str,
@@ -191,6 +198,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     from ldm.ltxv_files import is_ltxv_file, load_ltxv_checkpoint
     from ldm.lumina2_files import is_lumina2_checkpoint_file, load_lumina2_checkpoint
     from ldm.sd3_files import is_sd3_file, load_sd3_checkpoint
+    from ldm.stable_audio_files import is_stable_audio_file, load_stable_audio_checkpoint
 
     path = model_path("checkpoints", ckpt_name)
     _, dtype, vae_dtype = device_and_dtype(node.ctx)
@@ -209,6 +217,8 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
             loaded = load_sd3_checkpoint(path, device=device, dtype=dtype)
         elif is_ltxv_file(path):  # LTX-Video's all-in-one file: transformer and video VAE, no text encoder
             loaded = load_ltxv_checkpoint(path, device=device, dtype=dtype)
+        elif is_stable_audio_file(path):  # Stable Audio Open: transformer, seconds conditioners, audio VAE
+            loaded = load_stable_audio_checkpoint(path, device=device, dtype=dtype)
         else:
             loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
         if vae_dtype != dtype:
@@ -224,10 +234,11 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
            te_weights_dtype, v_prediction)
     loaded = shared_model(node, key, load)
     encoder = loaded.text_encoder
-    if encoder is None and loaded.family.name in ("sd3", "ltxv"):  # their encoders come from their own files
+    if encoder is None and loaded.family.name in _OWN_TEXT_FILES:  # their encoders come from their own files
         from nodes.sd.sd3 import NoTextEncoders
 
-        encoder = NoTextEncoders(ckpt_name) if loaded.family.name == "sd3" else NoTextEncoders(ckpt_name, _LTXV_T5)
+        advice = _OWN_TEXT_FILES[loaded.family.name]
+        encoder = NoTextEncoders(ckpt_name) if advice is None else NoTextEncoders(ckpt_name, advice)
     if encoder is None:
         raise ValueError(f"{ckpt_name} has no text encoder weights; it cannot encode prompts")
     register_vae(loaded.vae)  # the step previews' colours for this latent space (fitted once per VAE)

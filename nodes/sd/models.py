@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ldm.sampling.model_patches import SamplingPatches
-from ldm.sampling.schedules import ContinuousSchedule, DiscreteSchedule
+from ldm.sampling.schedules import ContinuousSchedule, ContinuousVSchedule, DiscreteSchedule
 
 # SD's noise schedule, shared by every model that does not set its own (ModelSamplingDiscrete's zsnr does),
 # and its zero-terminal-SNR rescaling, for checkpoints marked as trained on it.
@@ -45,6 +45,8 @@ def schedule_of(family: Any) -> DiscreteSchedule:
         return (SD3FlowSchedule if family.name in SD3_SHIFTED else FlowSchedule)(family.shift)
     if getattr(family, "edm", None) is not None:
         return ContinuousSchedule(*family.edm)
+    if getattr(family, "v_continuous", None) is not None:  # Stable Audio's (ldm.stable_audio_files)
+        return ContinuousVSchedule(*family.v_continuous)
     if getattr(family, "zero_snr", False):
         return ZERO_SNR_SCHEDULE
     return discrete_betas_of(family)

@@ -251,9 +251,9 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 
 @functools.lru_cache(maxsize=64)
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
-    """("t5xxl", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind; or "qwen3",
-    "gemma": ldm.qwen3_text.text_kind), "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a text-encoder
-    file from its header; (None, None) if it cannot tell."""
+    """("t5xxl", "t5base", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind;
+    or "qwen3", "gemma": ldm.qwen3_text.text_kind), "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a
+    text-encoder file from its header; (None, None) if it cannot tell."""
     from safetensors import SafetensorError
 
     from ldm.checkpoint import CheckpointError, read_shapes
@@ -263,12 +263,13 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     from ldm.parts import peek_text_encoder
     from ldm.qwen3_text import text_kind as qwen3_kind
     from ldm.qwen_text import is_qwen25
+    from ldm.stable_audio_text import is_t5_base
     from ldm.t5 import is_t5, is_umt5
 
     try:
         shapes = read_shapes(path)
-        if shapes is not None and is_t5(shapes):
-            return "t5xxl", None
+        if shapes is not None and is_t5(shapes):  # the original T5 (ReLU: t5-base, Stable Audio's) or v1.1 (XXL)
+            return ("t5base" if is_t5_base(shapes) else "t5xxl"), None
         if shapes is not None and is_umt5(shapes):
             return "umt5xxl", None
         if shapes is not None and is_qwen25(shapes):
@@ -357,6 +358,9 @@ TEXT_TYPES = {
     "hidream": TextType(HIDREAM_KINDS, "type hidream takes one of HiDream-I1's CLIP-L (clip_l), CLIP-G (clip_g), "
                         "T5-XXL (t5xxl) and Llama 3.1 8B (llama3), the others absent",
                         "ldm.hidream_text:load_hidream_text_encoder", "hidream", "one of HiDream-I1's text encoders"),
+    "stable_audio": TextType(("t5base",), "type stable_audio takes one T5-base (t5base: t5_base.safetensors)",
+                             "ldm.stable_audio_text:load_stable_audio_text_encoder", "stable_audio",
+                             "Stable Audio's T5-base"),
     "flux2": TextType(("mistral3_24b", "qwen3_4b", "qwen3_8b"), "type flux2 takes one FLUX.2 text encoder: Mistral "
                       "Small 3 (mistral3_24b: mistral_3_small_flux2_bf16.safetensors or an fp8 copy) for FLUX.2 [dev], "
                       "Qwen3-4B (qwen3_4b) for [klein] 4B or Qwen3-8B (qwen3_8b) for [klein] 9B",
@@ -381,7 +385,8 @@ class CLIPLoader(Node):
     Qwen2.5-VL-7B (its language model, the prompt in Qwen-Image's chat template, the mask carried likewise); with type
     lumina2: Lumina Image 2.0's Gemma-2-2B (ldm.gemma_text) or Z-Image's Qwen3-4B (ldm.qwen3_text), the file telling
     which; with type flux2: FLUX.2's Mistral Small 3 ([dev]) or Qwen3-4B / 8B ([klein]), the file telling which
-    (ldm.flux2_text). The other types are other model families' text encoders, which Loom refuses."""
+    (ldm.flux2_text); with type stable_audio: Stable Audio's T5-base (ldm.stable_audio_text). The other types are other
+    model families' text encoders, which Loom refuses."""
 
     display_name = "Load CLIP"
     category = "advanced/loaders"
@@ -390,7 +395,8 @@ class CLIPLoader(Node):
                                      "sd3: one of SD3's CLIP-L, CLIP-G and T5-XXL; chroma: Chroma's T5-XXL; "
                                      "wan: Wan's UMT5-XXL; ltxv: LTX-Video's T5-XXL; qwen_image: Qwen-Image's "
                                      "Qwen2.5-VL-7B; lumina2: Lumina 2's Gemma-2-2B or Z-Image's Qwen3-4B; "
-                                     "flux2: FLUX.2's Mistral Small 3 (dev) or Qwen3 (klein)")
+                                     "flux2: FLUX.2's Mistral Small 3 (dev) or Qwen3 (klein); stable_audio: "
+                                     "Stable Audio's T5-base")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoder on the CPU, in float32")
     outputs = (Output("CLIP"),)

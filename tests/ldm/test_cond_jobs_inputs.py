@@ -16,7 +16,7 @@ def _job(side: int, llama_tokens: int | None, x: torch.Tensor, seed: int):
 
 
 def test_inputs_batch_where_they_concatenate() -> None:
-    assert MODEL_INPUTS == {"conditioning_llama3": "llama"}
+    assert MODEL_INPUTS["conditioning_llama3"] == "llama"
     x = torch.zeros(2, 16, 4, 4)
     positive, negative = _job(0, 128, x, 1), _job(1, 128, x, 2)
     assert positive.inputs["llama"].shape == (2, 4, 128, 8)  # repeated to the latent's batch

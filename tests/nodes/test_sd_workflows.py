@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import av
 import pytest
 import safetensors.torch
 import torch
@@ -24,6 +25,7 @@ from ldm.lumina2_presets import make_lumina2_files
 from ldm.presets import make_checkpoint, make_controlnet
 from ldm.qwen_image_presets import make_qwen_image_files
 from ldm.sd3_presets import make_sd3_files
+from ldm.stable_audio_presets import make_stable_audio_files
 from ldm.upscale import RRDBNet
 from ldm.wan_presets import make_wan_files
 from ldm.z_image_files import TINY_Z_IMAGE
@@ -124,6 +126,9 @@ def base(tmp_path_factory):
     hidream = make_hidream_files(root / "hidream-tiny", seed=1)
     for part, name in HIDREAM_FILES.items():
         shutil.copy(hidream[part], root / "models" / name)
+    stable_audio = make_stable_audio_files(root / "stable-audio-tiny", seed=1)
+    shutil.copy(stable_audio["checkpoint"], root / "models" / "checkpoints" / "stable-audio-open-1.0.safetensors")
+    shutil.copy(stable_audio["t5base"], root / "models" / "text_encoders" / "t5_base.safetensors")
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)
@@ -152,6 +157,8 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(width=64, height=64, length=9)
         if node.class_type == "LTXVScheduler":
             node.inputs.update(FAST)
+        if node.class_type == "EmptyLatentAudio":
+            node.inputs.update(seconds=2.0)
     for (nid, key), value in {**OVERRIDES.get(name, {}), **(overrides or {})}.items():
         graph.nodes[nid].inputs[key] = value
     return graph
@@ -161,6 +168,13 @@ def load(name: str, registry, overrides=None):
 def test_every_example_workflow_runs(engine, base, name):
     result = engine.run(load(name, engine.registry))
     assert result.ok, result.error
+    if any("audio" in ui for ui in result.outputs.values()):  # Stable Audio's: a FLAC, the prompt in its comments
+        [[clip]] = [ui["audio"] for ui in result.outputs.values()]
+        with av.open(str(base.output / clip["subfolder"] / clip["filename"])) as container:
+            assert container.streams.audio[0].rate == 44100
+            prompt = json.loads({k.lower(): v for k, v in container.metadata.items()}["prompt"])
+        assert prompt == json.loads(json.dumps(load(name, engine.registry).to_api()))
+        return
     [images] = [ui["images"] for ui in result.outputs.values()]
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
     with Image.open(path) as image:
