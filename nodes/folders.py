@@ -185,6 +185,14 @@ def get_paths() -> FolderPaths:
     return _paths
 
 
+def input_file(name: str) -> Path | None:
+    """The file a loader node names by its path in the input folder; None when there is no such file, or the name
+    leads outside the folder ("../x", an absolute path, a link out)."""
+    root = get_paths().input.resolve()
+    path = (root / name).resolve()
+    return path if path.is_file() and path.is_relative_to(root) else None
+
+
 def set_paths(paths: FolderPaths) -> None:
     global _paths
     _paths = paths

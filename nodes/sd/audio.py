@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodes.folders import get_paths, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import workflow_metadata
 from nodes.spec import Combo, Float, Int, Output, Socket, String
@@ -40,12 +40,6 @@ def list_input_audio() -> list[str]:
     suffixes = (*AUDIO_SUFFIXES, *VIDEO_SUFFIXES)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in suffixes)
-
-
-def resolve_input_audio(name: str) -> Path | None:
-    root = get_paths().input.resolve()
-    path = (root / name).resolve()
-    return path if path.is_file() and path.is_relative_to(root) else None
 
 
 def read_audio(path: Path) -> dict[str, Any]:
@@ -152,7 +146,7 @@ class LoadAudio(Node):
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
-        path = resolve_input_audio(str(inputs.get("audio", "")))
+        path = input_file(str(inputs.get("audio", "")))
         return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
 
     @classmethod
@@ -160,7 +154,7 @@ class LoadAudio(Node):
         """Refuse a file without an audio stream before anything heavy runs (reads the header only)."""
         import av
 
-        path = resolve_input_audio(str(inputs.get("audio", "")))
+        path = input_file(str(inputs.get("audio", "")))
         if path is None:
             return None  # the combo check has reported it
         try:
@@ -172,7 +166,7 @@ class LoadAudio(Node):
         return None
 
     def execute(self, audio: str) -> tuple[dict[str, Any]]:
-        path = resolve_input_audio(audio)
+        path = input_file(audio)
         if path is None:
             raise FileNotFoundError(f"Invalid audio file: {audio!r} is not in the input folder {get_paths().input}")
         return (read_audio(path),)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import (
     IMAGE_SUFFIXES,
@@ -39,12 +39,6 @@ def list_input_images() -> list[str]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def resolve_input_image(name: str) -> Path | None:
-    root = get_paths().input.resolve()
-    path = (root / name).resolve()
-    return path if path.is_file() and path.is_relative_to(root) else None
-
-
 class LoadImage(Node):
     """Loads an image from the input folder; the mask is 1 - alpha (all zeros without alpha)."""
 
@@ -55,7 +49,7 @@ class LoadImage(Node):
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
-        path = resolve_input_image(str(inputs.get("image", "")))
+        path = input_file(str(inputs.get("image", "")))
         return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
 
     @classmethod
@@ -63,7 +57,7 @@ class LoadImage(Node):
         """Refuse a file that is not an image before anything heavy runs (reads the header only)."""
         from PIL import Image, UnidentifiedImageError
 
-        path = resolve_input_image(str(inputs.get("image", "")))
+        path = input_file(str(inputs.get("image", "")))
         if path is None:
             return None  # the combo check has reported it
         try:
@@ -76,7 +70,7 @@ class LoadImage(Node):
         return None
 
     def execute(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        path = resolve_input_image(image)
+        path = input_file(image)
         if path is None:
             raise FileNotFoundError(f"input image {image!r} not found in {get_paths().input}")
         return load_image_file(path)
@@ -268,7 +262,7 @@ class LoadImageMask(LoadImage):
     outputs = (Output("MASK"),)
 
     def execute(self, image: str, channel: str) -> tuple[torch.Tensor]:
-        path = resolve_input_image(image)
+        path = input_file(image)
         if path is None:
             raise FileNotFoundError(f"input image {image!r} not found in {get_paths().input}")
         return (load_mask_file(path, channel),)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nodes.folders import get_paths, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.spec import Combo, Float, Output, Socket, String
@@ -157,12 +157,6 @@ def list_input_latents() -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.latent") if p.is_file())
 
 
-def resolve_input_latent(name: str) -> Path | None:
-    root = get_paths().input.resolve()
-    path = (root / name).resolve()
-    return path if path.is_file() and path.is_relative_to(root) else None
-
-
 def _latent_file_problem(path: Path) -> str | None:
     """Why the file is not a .latent file, from its header alone; None when it is one."""
     from safetensors import safe_open
@@ -201,17 +195,17 @@ class LoadLatent(Node):
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
-        path = resolve_input_latent(str(inputs.get("latent", "")))
+        path = input_file(str(inputs.get("latent", "")))
         return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
         """Refuse a file that is not a .latent file before anything runs (reads the header only)."""
-        path = resolve_input_latent(str(inputs.get("latent", "")))
+        path = input_file(str(inputs.get("latent", "")))
         return _latent_file_problem(path) if path is not None else None  # a missing file: the combo check
 
     def execute(self, latent: str) -> tuple[dict]:
-        path = resolve_input_latent(latent)
+        path = input_file(latent)
         if path is None:
             raise FileNotFoundError(f"latent file {latent!r} not found in {get_paths().input}")
         return (load_latent_file(path),)

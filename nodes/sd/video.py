@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodes.folders import get_paths, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.spec import Combo, Float, Output, Socket, String
 
@@ -229,12 +229,6 @@ def list_input_videos() -> list[str]:
                   if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
-def resolve_input_video(name: str) -> Path | None:
-    root = get_paths().input.resolve()
-    path = (root / name).resolve()
-    return path if path.is_file() and path.is_relative_to(root) else None
-
-
 class LoadVideo(Node):
     """Loads a video from the input folder: its frames, frame rate and audio."""
 
@@ -245,11 +239,11 @@ class LoadVideo(Node):
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any]) -> Any:
-        path = resolve_input_video(str(inputs.get("file", "")))
+        path = input_file(str(inputs.get("file", "")))
         return (path.stat().st_mtime_ns, path.stat().st_size) if path else None  # no hashing of large files
 
     def execute(self, file: str) -> tuple[Video]:
-        path = resolve_input_video(file)
+        path = input_file(file)
         if path is None:
             raise ValueError(f"Invalid video file: {file} is not in the input folder")
         return (read_video(path),)
