@@ -49,7 +49,7 @@ class StableAudioFamily(FlowFamily):
     latent_shift: float = 0.0
     prediction: str = "v"
     v_continuous: tuple[float, float, float] = SIGMA_RANGE  # ContinuousVSchedule's (sigma_min, sigma_max, data)
-    prompt_hint: str = "encode it with T5-base through CLIPLoader type stable_audio (t5_base.safetensors)"
+    prompt_hint: str = "encode it with T5-base through CLIPLoader type stable_audio (t5-base.safetensors)"
 
     @property
     def latent_channels(self) -> int:

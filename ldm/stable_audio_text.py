@@ -1,5 +1,5 @@
 """Stable Audio Open's text encoder, T5-base (Google's original T5, v1.0: ReLU feed-forward), as ComfyUI's CLIPLoader
-type "stable_audio" runs it on the t5_base.safetensors file users have (transformers' T5EncoderModel layout).
+type "stable_audio" runs it on the t5-base.safetensors file users have (transformers' T5EncoderModel layout).
 
 Tokens (ComfyUI's SAT5 tokenizer): the prompt's T5 tokens (``ldm.t5.T5Tokenizer``: the same SentencePiece vocabulary
 as every T5's; emphasis, word by word), the end token, then padding (0) up to 128 tokens; a longer prompt is never cut
@@ -64,7 +64,7 @@ class LoadedStableAudioText:
 
 def load_stable_audio_text_encoder(paths: list[str | Path], device: torch.device | str = "cpu",
                                    dtype: torch.dtype = torch.float32) -> LoadedStableAudioText:
-    """One T5-base file (t5_base.safetensors) as Stable Audio's text encoder, on `device` in `dtype`."""
+    """One T5-base file (t5-base.safetensors) as Stable Audio's text encoder, on `device` in `dtype`."""
     if len(paths) != 1:
         raise CheckpointError(f"Stable Audio takes one T5-base text encoder file; got {len(paths)}")
     path = Path(paths[0])
@@ -72,7 +72,7 @@ def load_stable_audio_text_encoder(paths: list[str | Path], device: torch.device
     if not is_t5_base(sd):
         held = "T5 v1.1 (T5-XXL, Flux's and SD3's text encoder)" if is_t5(sd) else "no T5 encoder"
         raise CheckpointError(f"{path.name}: not T5-base, Stable Audio's text encoder: it holds {held}; CLIPLoader "
-                              "type stable_audio takes t5_base.safetensors (google-t5/t5-base's encoder)")
+                              "type stable_audio takes t5-base.safetensors (google-t5/t5-base's encoder)")
     encoder, used = t5_from_weights(sd, path.name, dtype)
     # google-t5/t5-base's model.safetensors is the whole encoder-decoder; its decoder is not used, as expected
     unused = sorted(f"{path.name}: {k}" for k in sd if k not in used and not k.startswith(("decoder.", "lm_head.")))

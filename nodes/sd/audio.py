@@ -219,6 +219,55 @@ class SaveAudioOpus(_SaveAudioNode):
                                                   "opus", quality)})
 
 
+# SaveAudioAdvanced's formats and the qualities each brings (ComfyUI's dynamic combo: "format.quality").
+ADVANCED_QUALITIES = {"flac": [], "mp3": MP3_QUALITIES, "opus": ["64k", "128k", "192k", "256k", "320k"]}
+_ADVANCED_DEFAULTS = {"mp3": "V0", "opus": "128k"}
+
+
+class SaveAudioAdvanced(Node):
+    """Saves audio as FLAC, MP3 or Opus (the format's quality with it, as ComfyUI's dynamic combo brings it), the
+    workflow in the file's metadata; passes the audio on."""
+
+    display_name = "Save Audio"
+    category = "audio"
+    output_node = True
+    inputs = {
+        "audio": Socket("AUDIO"),
+        "filename_prefix": String("audio/ComfyUI", tooltip="file name prefix; may include a sub-folder"),
+        "format": Combo(list(ADVANCED_QUALITIES), default="flac",
+                        tooltip="flac: lossless; mp3 and opus: at the quality format.quality",
+                        extra={"dynamic_inputs": {fmt: ["format.quality"] if qualities else []
+                                                  for fmt, qualities in ADVANCED_QUALITIES.items()}}),
+        "format.quality": Combo(["V0", "64k", "128k", "192k", "256k", "320k"], default="V0", optional=True,
+                                tooltip="mp3: V0 (variable), 128k or 320k; opus: 64k to 320k"),
+    }
+    outputs = (Output("AUDIO", "audio"),)
+
+    @classmethod
+    def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
+        """ComfyUI's editor stores [filename_prefix, format, the format's quality if it has one]."""
+        if len(values) < 2 or values[1] not in ADVANCED_QUALITIES:
+            return None
+        out = {"filename_prefix": values[0], "format": values[1]}
+        if ADVANCED_QUALITIES[values[1]] and len(values) > 2:
+            out["format.quality"] = values[2]
+        return out
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        fmt, quality = inputs.get("format"), inputs.get("format.quality")
+        qualities = ADVANCED_QUALITIES.get(fmt)
+        if qualities and quality is not None and quality not in qualities:  # FLAC's is ignored
+            return f"format {fmt} takes the quality {', '.join(qualities)}, not {quality}"
+        return output_prefix_problem(inputs.get("filename_prefix"))
+
+    def execute(self, audio: dict[str, Any], filename_prefix: str, format: str, **options: Any) -> NodeResult:
+        quality = options.get("format.quality") or _ADVANCED_DEFAULTS.get(format, "")
+        saved = save_audio(self.ctx, audio, get_paths().output, filename_prefix, "output", format,
+                           quality if ADVANCED_QUALITIES[format] else "")
+        return NodeResult(outputs=(audio,), ui={"audio": saved})
+
+
 class PreviewAudio(Node):
     """Plays audio in the editor without keeping it (a FLAC in the temp folder)."""
 
@@ -348,5 +397,5 @@ class EmptyAudio(Node):
         return (audio_value(torch.zeros((1, channels, round(duration * sample_rate))), sample_rate),)
 
 
-NODES = [LoadAudio, SaveAudio, SaveAudioMP3, SaveAudioOpus, PreviewAudio, TrimAudioDuration, SplitAudioChannels,
-         AudioConcat, AudioMerge, AudioAdjustVolume, EmptyAudio]
+NODES = [LoadAudio, SaveAudio, SaveAudioMP3, SaveAudioOpus, SaveAudioAdvanced, PreviewAudio, TrimAudioDuration,
+         SplitAudioChannels, AudioConcat, AudioMerge, AudioAdjustVolume, EmptyAudio]

@@ -181,7 +181,7 @@ def engine_weight_dtypes(node: Node) -> tuple[str, str]:
 
 _LTXV_T5 = ("load T5-XXL (t5xxl_fp16.safetensors or an fp8 copy) with CLIPLoader (Load CLIP) type ltxv and encode "
             "with its CLIP")
-_STABLE_AUDIO_T5 = ("load T5-base (t5_base.safetensors) with CLIPLoader (Load CLIP) type stable_audio and encode "
+_STABLE_AUDIO_T5 = ("load T5-base (t5-base.safetensors) with CLIPLoader (Load CLIP) type stable_audio and encode "
                     "with its CLIP")
 # The families whose checkpoints hold no text encoder, and where their prompts' encoder comes from (None: SD3's).
 _OWN_TEXT_FILES = {"sd3": None, "ltxv": _LTXV_T5, "stable_audio": _STABLE_AUDIO_T5}

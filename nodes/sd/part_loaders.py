@@ -358,7 +358,7 @@ TEXT_TYPES = {
     "hidream": TextType(HIDREAM_KINDS, "type hidream takes one of HiDream-I1's CLIP-L (clip_l), CLIP-G (clip_g), "
                         "T5-XXL (t5xxl) and Llama 3.1 8B (llama3), the others absent",
                         "ldm.hidream_text:load_hidream_text_encoder", "hidream", "one of HiDream-I1's text encoders"),
-    "stable_audio": TextType(("t5base",), "type stable_audio takes one T5-base (t5base: t5_base.safetensors)",
+    "stable_audio": TextType(("t5base",), "type stable_audio takes one T5-base (t5base: t5-base.safetensors)",
                              "ldm.stable_audio_text:load_stable_audio_text_encoder", "stable_audio",
                              "Stable Audio's T5-base"),
     "flux2": TextType(("mistral3_24b", "qwen3_4b", "qwen3_8b"), "type flux2 takes one FLUX.2 text encoder: Mistral "

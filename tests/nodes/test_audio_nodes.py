@@ -262,3 +262,26 @@ def test_load_audio_reads_the_sound_of_a_video(folders):
     (audio,) = run(LoadAudio, audio="clip.mkv")
     assert audio["sample_rate"] == RATE
     assert torch.equal(audio["waveform"][0], torch.from_numpy(pcm.astype(np.float32) / 32768))
+
+
+def test_save_audio_advanced_takes_the_formats_quality_and_passes_the_audio_on(folders):
+    """ComfyUI's SaveAudioAdvanced: format flac, mp3 or opus, the quality a dynamic-combo input (format.quality)."""
+    from nodes.sd.audio import SaveAudioAdvanced
+
+    audio = {"waveform": sine()[None], "sample_rate": RATE}
+    for fmt, quality, codec in (("flac", None, "flac"), ("mp3", "320k", "mp3float"), ("opus", "192k", "opus")):
+        options = {} if quality is None else {"format.quality": quality}
+        result = run(SaveAudioAdvanced, audio=audio, filename_prefix=f"adv/{fmt}", format=fmt, **options)
+        assert result.outputs == (audio,)
+        (entry,) = result.ui["audio"]
+        assert entry["subfolder"] == "adv" and entry["filename"] == f"{fmt}_00001_.{fmt}"
+        samples, _, decoded_codec, tags = decode(folders.output / "adv" / entry["filename"])
+        assert decoded_codec in (codec, "libopus") and json.loads(tags["prompt"]) == PROMPT
+    mp3 = decode(folders.output / "adv" / "mp3_00001_.mp3")[0]
+    assert snr_db(inner(sine().numpy()), inner(mp3)) > 70  # 320k, not the default V0's ~63 dB
+    check = SaveAudioAdvanced.check_inputs
+    assert check({"format": "opus", "format.quality": "V0", "filename_prefix": "a"}) == (
+        "format opus takes the quality 64k, 128k, 192k, 256k, 320k, not V0")
+    assert check({"format": "flac", "format.quality": "V0", "filename_prefix": "a"}) is None  # FLAC has none
+    assert SaveAudioAdvanced.widgets_from_ui(["audio/ComfyUI", "mp3", "128k"]) == {
+        "filename_prefix": "audio/ComfyUI", "format": "mp3", "format.quality": "128k"}

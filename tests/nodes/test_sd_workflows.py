@@ -128,7 +128,7 @@ def base(tmp_path_factory):
         shutil.copy(hidream[part], root / "models" / name)
     stable_audio = make_stable_audio_files(root / "stable-audio-tiny", seed=1)
     shutil.copy(stable_audio["checkpoint"], root / "models" / "checkpoints" / "stable-audio-open-1.0.safetensors")
-    shutil.copy(stable_audio["t5base"], root / "models" / "text_encoders" / "t5_base.safetensors")
+    shutil.copy(stable_audio["t5base"], root / "models" / "text_encoders" / "t5-base.safetensors")
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)

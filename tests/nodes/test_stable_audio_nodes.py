@@ -150,7 +150,7 @@ def test_wrong_graphs_are_refused_by_name(base) -> None:
     doc = workflow(files)  # the checkpoint's own CLIP: it has none
     doc["3"]["inputs"]["clip"] = ["1", 1]
     result = engine.run(parse_api(doc), keep=["3"])
-    assert not result.ok and "holds no text encoders: load T5-base (t5_base.safetensors)" in str(result.error)
+    assert not result.ok and "holds no text encoders: load T5-base (t5-base.safetensors)" in str(result.error)
     doc = workflow(files)  # the T5-base file as SD3's T5-XXL
     doc["2"]["inputs"]["type"] = "sd3"
     with pytest.raises(WorkflowInvalid, match="t5base"):
@@ -160,3 +160,52 @@ def test_wrong_graphs_are_refused_by_name(base) -> None:
     doc["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}}
     result = engine.run(parse_api(doc), keep=["8"])
     assert not result.ok and "VAEDecodeAudio takes an audio VAE" in str(result.error)
+
+
+def _ui_node(nid: int, kind: str, widgets: list, inputs: list[tuple[str, str, int]] = (),
+             outputs: list[tuple[str, str]] = ()) -> dict:
+    return {"id": nid, "type": kind, "pos": [0, 0], "size": [200, 100], "flags": {}, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+            "outputs": [{"name": n, "type": t, "links": []} for n, t in outputs], "properties": {},
+            "widgets_values": widgets}
+
+
+def test_comfyuis_template_in_the_editor_format_runs(base, tmp_path) -> None:
+    """Comfy-Org's Stable Audio template as the editor saves it (UI format: its nodes, widget values and links;
+    no ConditioningStableAudio, so the model takes 0 s and the latent's length; SaveAudioAdvanced's FLAC), on tiny
+    files under the template's file names."""
+    import json
+    import shutil
+
+    from graph.load import load_workflow
+
+    engine, files = base
+    models = engine.services.paths.base / "models"
+    shutil.copy(files["checkpoint"], models / "checkpoints" / "stable-audio-open-1.0.safetensors")
+    shutil.copy(files["t5base"], models / "text_encoders" / "t5-base.safetensors")
+    nodes = [
+        _ui_node(4, "CheckpointLoaderSimple", ["stable-audio-open-1.0.safetensors"],
+                 outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+        _ui_node(6, "CLIPTextEncode", ["heaven church electronic dance music"], [("clip", "CLIP", 25)],
+                 [("CONDITIONING", "CONDITIONING")]),
+        _ui_node(7, "CLIPTextEncode", [""], [("clip", "CLIP", 26)], [("CONDITIONING", "CONDITIONING")]),
+        _ui_node(10, "CLIPLoader", ["t5-base.safetensors", "stable_audio", "default"], outputs=[("CLIP", "CLIP")]),
+        _ui_node(11, "EmptyLatentAudio", [2.0, 1], outputs=[("LATENT", "LATENT")]),
+        _ui_node(3, "KSampler", [840755638734093, "randomize", 2, 4.98, "dpmpp_3m_sde_gpu", "exponential", 1],
+                 [("model", "MODEL", 18), ("positive", "CONDITIONING", 4), ("negative", "CONDITIONING", 6),
+                  ("latent_image", "LATENT", 12)], [("LATENT", "LATENT")]),
+        _ui_node(12, "VAEDecodeAudio", [], [("samples", "LATENT", 13), ("vae", "VAE", 14)], [("AUDIO", "AUDIO")]),
+        _ui_node(18, "MarkdownNote", ["## Model links"]),
+        _ui_node(20, "SaveAudioAdvanced", ["audio/ComfyUI", "flac"], [("audio", "AUDIO", 28)],
+                 [("audio", "AUDIO")]),
+    ]
+    links = [[4, 6, 0, 3, 1, "CONDITIONING"], [6, 7, 0, 3, 2, "CONDITIONING"], [12, 11, 0, 3, 3, "LATENT"],
+             [13, 3, 0, 12, 0, "LATENT"], [14, 4, 2, 12, 1, "VAE"], [18, 4, 0, 3, 0, "MODEL"],
+             [25, 10, 0, 6, 0, "CLIP"], [26, 10, 0, 7, 0, "CLIP"], [28, 12, 0, 20, 0, "AUDIO"]]
+    path = tmp_path / "audio_stable_audio_example.json"
+    path.write_text(json.dumps({"last_node_id": 20, "last_link_id": 28, "nodes": nodes, "links": links,
+                                "groups": [], "config": {}, "extra": {}, "version": 0.4}))
+    result = engine.run(load_workflow(path, engine.registry))
+    assert result.ok, result.error
+    [item] = result.outputs["20"]["audio"]
+    assert item["filename"].endswith(".flac") and item["subfolder"] == "audio"
