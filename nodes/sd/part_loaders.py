@@ -358,13 +358,13 @@ TEXT_TYPES = {
     "hidream": TextType(HIDREAM_KINDS, "type hidream takes one of HiDream-I1's CLIP-L (clip_l), CLIP-G (clip_g), "
                         "T5-XXL (t5xxl) and Llama 3.1 8B (llama3), the others absent",
                         "ldm.hidream_text:load_hidream_text_encoder", "hidream", "one of HiDream-I1's text encoders"),
-    "stable_audio": TextType(("t5base",), "type stable_audio takes one T5-base (t5base: t5-base.safetensors)",
-                             "ldm.stable_audio_text:load_stable_audio_text_encoder", "stable_audio",
-                             "Stable Audio's T5-base"),
     "flux2": TextType(("mistral3_24b", "qwen3_4b", "qwen3_8b"), "type flux2 takes one FLUX.2 text encoder: Mistral "
                       "Small 3 (mistral3_24b: mistral_3_small_flux2_bf16.safetensors or an fp8 copy) for FLUX.2 [dev], "
                       "Qwen3-4B (qwen3_4b) for [klein] 4B or Qwen3-8B (qwen3_8b) for [klein] 9B",
                       "ldm.flux2_text:load_flux2_text_encoder", "flux2", "FLUX.2's Mistral Small 3 or Qwen3"),
+    "stable_audio": TextType(("t5base",), "type stable_audio takes one T5-base (t5base: t5-base.safetensors)",
+                             "ldm.stable_audio_text:load_stable_audio_text_encoder", "stable_audio",
+                             "Stable Audio's T5-base"),
 }
 _LOADED_TYPES = ("stable_diffusion, sd3, " + ", ".join(list(TEXT_TYPES)[:-1]) + f" or {list(TEXT_TYPES)[-1]}",
                  "SD1.x, SD2.x and the SDXL refiner, one of SD3's, "
