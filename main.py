@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("run", help="validate and run a workflow (API or UI JSON, or a PNG that carries one)")
+    p = sub.add_parser("run", help="validate and run a workflow (API or UI JSON, or a PNG, WEBP, video or audio "
+                                           "file that carries one)")
     p.add_argument("workflow", type=Path)
     p.add_argument("--set", action="append", metavar="NODE_ID.INPUT=VALUE",
                    help="set an input to a constant before running (VALUE is JSON, or a plain string; links "
@@ -524,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("convert", help="convert a UI-format workflow (or PNG) to the native API format")
+    p = sub.add_parser("convert", help="convert a UI-format workflow (or a PNG, WEBP, video or audio file that "
+                                               "carries one) to the native API format")
     p.add_argument("workflow", type=Path)
     p.add_argument("-o", "--output", type=Path, help="output file (default: standard output)")
     _add_engine_options(p)

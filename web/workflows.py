@@ -1,5 +1,6 @@
-"""Routes for the example workflows in workflows/ (the editor's default graph and its Examples menu), and the
-expansion of a workflow the editor opens (subgraphs, group nodes, missing node types)."""
+"""Routes for the example workflows in workflows/ (the editor's default graph and its Examples menu), the workflow
+a dropped image, video or audio file carries, and the expansion of a workflow the editor opens (subgraphs, group
+nodes, missing node types)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from graph.document import DocumentError
+from graph.load import WORKFLOW_FIRST, read_file_workflow
 from web.expand import expand_for_editor
 from web.http import json_error, read_json
 from web.state import STATE
@@ -53,3 +55,19 @@ async def expand_workflow(request: web.Request) -> web.Response:
         message = f"the workflow could not be read: {type(exc).__name__}: {exc}"
         raise json_error(400, "invalid_workflow", message) from None
     return web.json_response(answer)
+
+
+@routes.post("/workflow/from_file")
+async def workflow_from_file(request: web.Request) -> web.Response:
+    """The body is a file (a WEBP, MP4, WebM, FLAC, Opus, Ogg or MP3, or a PNG) -> the workflow it carries: the
+    editor `workflow`, else the API-format `prompt`, as the editor opens it. Read in memory; nothing is written."""
+    limit = request.app[STATE].config.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise json_error(413, "file_too_large", f"the file is larger than the limit of {limit} bytes")
+    raw = await request.read()
+    if not raw:
+        raise json_error(400, "invalid_request", "send the file as the request body")
+    try:
+        return web.json_response(await asyncio.to_thread(read_file_workflow, raw, "", WORKFLOW_FIRST))
+    except DocumentError as exc:
+        raise json_error(400, "no_workflow", str(exc)) from None

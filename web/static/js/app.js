@@ -334,13 +334,24 @@ class Editor {
   }
 }
 
+// Files whose workflow the server reads (graph/load.py, with PyAV or Pillow), by type or suffix: as in ComfyUI's
+// editor, a WEBP, video or audio file that Loom (or ComfyUI) saved opens the workflow that made it.
+const MEDIA_SUFFIXES = [".webp", ".mp4", ".webm", ".flac", ".mp3", ".opus", ".ogg"];
+const MEDIA_TYPE = /^(audio|video)\/|^image\/webp$/;
+
+// PNG and JSON are read here; a media file goes to the server as the request body and its answer is the workflow.
+async function workflowOfFile(file) {
+  const name = file.name.toLowerCase();
+  if (file.type === "image/png" || name.endsWith(".png")) return workflowFromPng(await file.arrayBuffer());
+  if (MEDIA_TYPE.test(file.type) || MEDIA_SUFFIXES.some((suffix) => name.endsWith(suffix))) {
+    return api("/workflow/from_file", { method: "POST", form: file }); // `form` is sent as the body as it is
+  }
+  return JSON.parse(await file.text());
+}
+
 async function openFile(editor, file) {
   try {
-    if (file.type === "image/png" || file.name.toLowerCase().endsWith(".png")) {
-      await editor.load(workflowFromPng(await file.arrayBuffer()), file.name);
-    } else {
-      await editor.load(JSON.parse(await file.text()), file.name);
-    }
+    await editor.load(await workflowOfFile(file), file.name);
     toast(`opened ${file.name}`);
   } catch (error) {
     toast(`${file.name}: ${error.message}`, "error");
