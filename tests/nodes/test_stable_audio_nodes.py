@@ -209,3 +209,39 @@ def test_comfyuis_template_in_the_editor_format_runs(base, tmp_path) -> None:
     assert result.ok, result.error
     [item] = result.outputs["20"]["audio"]
     assert item["filename"].endswith(".flac") and item["subfolder"] == "audio"
+
+
+def test_audio_to_audio_encodes_the_clip_at_the_vaes_rate(base) -> None:
+    """LoadAudio (a mono clip at 22.05 kHz) -> VAEEncodeAudio (resampled to 44.1 kHz, the channel doubled for the
+    stereo VAE) -> KSampler at denoise 0.5 -> VAEDecodeAudio -> PreviewAudio."""
+    import numpy as np
+
+    from nodes.sd.audio import resample
+
+    engine, files = base
+    rate, seconds = 22050, 1.0
+    tone = (0.4 * np.sin(2 * np.pi * 330 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    path = engine.services.paths.input / "tone.wav"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_f32le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    doc = workflow(files)
+    doc["10"] = {"class_type": "LoadAudio", "inputs": {"audio": "tone.wav"}}
+    doc["11"] = {"class_type": "VAEEncodeAudio", "inputs": {"audio": ["10", 0], "vae": ["1", 2]}}
+    doc["7"]["inputs"].update(latent_image=["11", 0], denoise=0.5)
+    doc["9"] = {"class_type": "PreviewAudio", "inputs": {"audio": ["8", 0]}}
+    result = engine.run(parse_api(doc), keep=["1", "10", "11"])
+    assert result.ok, result.error
+    _, _, vae = result.values["1"]
+    loaded, latent = result.values["10"][0], result.values["11"][0]["samples"]
+    stereo = resample(loaded["waveform"], rate, 44100).expand(-1, 2, -1)
+    with torch.no_grad():
+        expected = vae.vae.encode(stereo)
+    assert latent.shape == (1, 64, math.ceil(44100 * seconds / 2048))
+    torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
+    [item] = result.outputs["9"]["audio"]
+    assert item["type"] == "temp" and item["filename"].endswith(".flac")
