@@ -319,8 +319,9 @@ class CheckpointLoader(Node):
 
 
 class VAELoader(Node):
-    """Loads a standalone VAE file to use instead of a checkpoint's own: an image VAE, FLUX.2's, Wan's video VAE, or
-    LTX-Video's (a VAE-only file, or the VAE part of an all-in-one file)."""
+    """Loads a standalone VAE file to use instead of a checkpoint's own: an image VAE, FLUX.2's, Wan's video VAE,
+    LTX-Video's (a VAE-only file, or the VAE part of an all-in-one file), or an Oobleck audio VAE (Stable Audio's, in
+    its own file or its checkpoint's; ACE-Step 1.5's)."""
 
     display_name = "Load VAE"
     category = "loaders"
@@ -332,9 +333,10 @@ class VAELoader(Node):
         return file_fingerprint(get_paths().find_model("vae", str(inputs.get("vae_name", ""))))
 
     def execute(self, vae_name: str) -> tuple[Vae]:
-        from ldm.checkpoint import load_vae
+        from ldm.checkpoint import load_vae, read_shapes
         from ldm.flux2_vae import load_flux2_vae, peek_flux2_vae
         from ldm.ltxv_vae import load_ltxv_vae, peek_ltxv_vae
+        from ldm.oobleck import SAO_PREFIX, is_oobleck, load_oobleck
         from ldm.wan_vae_files import load_wan_vae, peek_wan_vae
 
         path = model_path("vae", vae_name)
@@ -348,6 +350,10 @@ class VAELoader(Node):
                 return load_wan_vae(path, device=device, dtype=vae_dtype)
             if peek_ltxv_vae(path):  # LTX-Video's causal video VAE (0.9.0, 0.9.1 or 0.9.5)
                 return load_ltxv_vae(path, device=device, dtype=vae_dtype)
+            shapes = read_shapes(path)
+            if shapes is not None and (is_oobleck(shapes) or is_oobleck(shapes, SAO_PREFIX)):
+                # an audio VAE (Stable Audio's, ACE-Step 1.5's), kept in float32: bf16 moves its sound by percents
+                return load_oobleck(path, device=device, dtype=torch.float32)
             return load_vae(path, device=device, dtype=vae_dtype).vae
 
         vae = shared_model(self, ("vae", str(path), str(file_fingerprint(path)), str(device), str(vae_dtype)), load)

@@ -245,3 +245,31 @@ def test_audio_to_audio_encodes_the_clip_at_the_vaes_rate(base) -> None:
     torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
     [item] = result.outputs["9"]["audio"]
     assert item["type"] == "temp" and item["filename"].endswith(".flac")
+
+
+def test_vae_loader_loads_an_oobleck_vae_file_or_the_checkpoints_own(base) -> None:
+    """ComfyUI's VAELoader loads audio VAEs too: a bare Oobleck file (stable-audio-tools' names, as Comfy-Org ships
+    ACE-Step 1.5's) and Stable Audio's checkpoint (its pretransform.model. part) decode as the checkpoint's VAE."""
+    from ldm.checkpoint import write_safetensors
+    from ldm.oobleck import tiny_oobleck_weights
+
+    engine, files = base
+    vae_dir = engine.services.paths.base / "models" / "vae"
+    write_safetensors(tiny_oobleck_weights(seed=3), vae_dir / "oobleck-tiny.safetensors", {})
+    (vae_dir / "stable-audio-open-1.0.safetensors").write_bytes(files["checkpoint"].read_bytes())
+    doc = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": files["checkpoint"].name}},
+           "2": {"class_type": "VAELoader", "inputs": {"vae_name": "oobleck-tiny.safetensors"}},
+           "3": {"class_type": "VAELoader", "inputs": {"vae_name": "stable-audio-open-1.0.safetensors"}},
+           "4": {"class_type": "EmptyLatentAudio", "inputs": {"seconds": 1.0, "batch_size": 1}},
+           **{f"{k}5": {"class_type": "VAEDecodeAudio",
+                        "inputs": {"samples": ["4", 0], "vae": [k, 2 if k == "1" else 0]}} for k in "123"},
+           **{f"{k}6": {"class_type": "PreviewAudio", "inputs": {"audio": [f"{k}5", 0]}} for k in "123"}}
+    result = engine.run(parse_api(doc), keep=["1", "2", "3"])
+    assert result.ok, result.error
+    own, bare, whole = result.values["1"][2].vae, result.values["2"][0].vae, result.values["3"][0].vae
+    latents = torch.randn(1, 64, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = own.decode(latents)
+        assert bare.dtype == torch.float32
+        torch.testing.assert_close(bare.decode(latents), expected, rtol=0, atol=0)
+        torch.testing.assert_close(whole.decode(latents), expected, rtol=0, atol=0)
