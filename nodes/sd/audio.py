@@ -179,7 +179,7 @@ class _SaveAudioNode(Node):
     output_node = True
     audio = Socket("AUDIO")
     filename_prefix = String("audio/ComfyUI", tooltip="file name prefix; may include a sub-folder, e.g. 'audio/x'")
-    outputs = ()
+    outputs = (Output("AUDIO", "audio"),)  # the audio passed on, as ComfyUI's save nodes give it
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
@@ -193,7 +193,7 @@ class SaveAudio(_SaveAudioNode):
 
     def execute(self, audio: dict[str, Any], filename_prefix: str) -> NodeResult:
         return NodeResult(ui={"audio": save_audio(self.ctx, audio, get_paths().output, filename_prefix, "output",
-                                                  "flac")})
+                                                  "flac")}, outputs=(audio,))
 
 
 class SaveAudioMP3(_SaveAudioNode):
@@ -204,7 +204,7 @@ class SaveAudioMP3(_SaveAudioNode):
 
     def execute(self, audio: dict[str, Any], filename_prefix: str, quality: str) -> NodeResult:
         return NodeResult(ui={"audio": save_audio(self.ctx, audio, get_paths().output, filename_prefix, "output",
-                                                  "mp3", quality)})
+                                                  "mp3", quality)}, outputs=(audio,))
 
 
 class SaveAudioOpus(_SaveAudioNode):
@@ -216,11 +216,11 @@ class SaveAudioOpus(_SaveAudioNode):
 
     def execute(self, audio: dict[str, Any], filename_prefix: str, quality: str) -> NodeResult:
         return NodeResult(ui={"audio": save_audio(self.ctx, audio, get_paths().output, filename_prefix, "output",
-                                                  "opus", quality)})
+                                                  "opus", quality)}, outputs=(audio,))
 
 
 # SaveAudioAdvanced's formats and the qualities each brings (ComfyUI's dynamic combo: "format.quality").
-ADVANCED_QUALITIES = {"flac": [], "mp3": MP3_QUALITIES, "opus": ["64k", "128k", "192k", "256k", "320k"]}
+ADVANCED_QUALITIES = {"flac": [], "mp3": MP3_QUALITIES, "opus": OPUS_QUALITIES}
 _ADVANCED_DEFAULTS = {"mp3": "V0", "opus": "128k"}
 
 
@@ -238,7 +238,7 @@ class SaveAudioAdvanced(Node):
                         tooltip="flac: lossless; mp3 and opus: at the quality format.quality",
                         extra={"dynamic_inputs": {fmt: ["format.quality"] if qualities else []
                                                   for fmt, qualities in ADVANCED_QUALITIES.items()}}),
-        "format.quality": Combo(["V0", "64k", "128k", "192k", "256k", "320k"], default="V0", optional=True,
+        "format.quality": Combo(["V0", "64k", "96k", "128k", "192k", "320k"], default="V0", optional=True,
                                 tooltip="mp3: V0 (variable), 128k or 320k; opus: 64k to 320k"),
     }
     outputs = (Output("AUDIO", "audio"),)
@@ -275,11 +275,12 @@ class PreviewAudio(Node):
     category = "audio"
     output_node = True
     audio = Socket("AUDIO")
-    outputs = ()
+    outputs = (Output("AUDIO", "audio"),)
 
     def execute(self, audio: dict[str, Any]) -> NodeResult:
         prefix = f"ComfyUI_temp_{uuid.uuid4().hex[:5]}"
-        return NodeResult(ui={"audio": save_audio(self.ctx, audio, get_paths().temp, prefix, "temp", "flac")})
+        return NodeResult(outputs=(audio,),
+                          ui={"audio": save_audio(self.ctx, audio, get_paths().temp, prefix, "temp", "flac")})
 
 
 class TrimAudioDuration(Node):
@@ -318,6 +319,24 @@ class SplitAudioChannels(Node):
         if waveform.shape[1] != 2:
             raise ValueError(f"SplitAudioChannels needs stereo audio, got {waveform.shape[1]} channel(s)")
         return audio_value(waveform[:, 0:1], rate), audio_value(waveform[:, 1:2], rate)
+
+
+class JoinAudioChannels(Node):
+    """Joins a left and a right mono audio into stereo: at the higher of their rates, cut to the shorter."""
+
+    display_name = "Join Audio Channels"
+    category = "audio"
+    audio_left = Socket("AUDIO")
+    audio_right = Socket("AUDIO")
+    outputs = (Output("AUDIO", "audio"),)
+
+    def execute(self, audio_left: dict[str, Any], audio_right: dict[str, Any]) -> tuple[dict[str, Any]]:
+        if audio_left["waveform"].shape[1] != 1 or audio_right["waveform"].shape[1] != 1:
+            raise ValueError("JoinAudioChannels joins two mono audios; got "
+                             f"{audio_left['waveform'].shape[1]} and {audio_right['waveform'].shape[1]} channels")
+        left, right, rate = _same_rate(audio_left, audio_right)
+        length = min(left.shape[-1], right.shape[-1])
+        return (audio_value(torch.cat([left[..., :length], right[..., :length]], dim=1), rate),)
 
 
 def _same_rate(audio1: dict[str, Any], audio2: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -398,4 +417,4 @@ class EmptyAudio(Node):
 
 
 NODES = [LoadAudio, SaveAudio, SaveAudioMP3, SaveAudioOpus, SaveAudioAdvanced, PreviewAudio, TrimAudioDuration,
-         SplitAudioChannels, AudioConcat, AudioMerge, AudioAdjustVolume, EmptyAudio]
+         SplitAudioChannels, JoinAudioChannels, AudioConcat, AudioMerge, AudioAdjustVolume, EmptyAudio]

@@ -1,5 +1,5 @@
 """Audio latents and Stable Audio Open's conditioning, under ComfyUI's names and inputs: EmptyLatentAudio,
-VAEEncodeAudio, VAEDecodeAudio (an audio VAE: `ldm.oobleck`'s) and ConditioningStableAudio.
+VAEEncodeAudio, VAEDecodeAudio and VAEDecodeAudioTiled (an audio VAE: `ldm.oobleck`'s) and ConditioningStableAudio.
 
 An audio LATENT is {"samples": [B, 64, L], "type": "audio"}, L latent frames of 2048 samples at 44.1 kHz. The model
 comes from CheckpointLoaderSimple (`ldm.stable_audio_files`), the prompt's T5-base from CLIPLoader type stable_audio.
@@ -79,18 +79,41 @@ class VAEDecodeAudio(Node):
     outputs = (Output("AUDIO"),)
 
     def execute(self, samples: dict, vae: Vae) -> tuple[dict]:
-        model = audio_vae(vae, "VAEDecodeAudio")
-        latents = samples["samples"]
-        if latents.ndim != 3:
-            raise ValueError(f"VAEDecodeAudio takes an audio latent [B, {AUDIO_LATENT_CHANNELS}, L] (EmptyLatentAudio, "
-                             f"VAEEncodeAudio); got {list(latents.shape)}")
-        device, _, _ = device_and_dtype(self.ctx)
-        model = on_device(self.ctx, model)
-        with torch.inference_mode():
-            audio = model.decode(latents.to(device, next(model.parameters()).dtype)).float().cpu()
-        std = audio.std(dim=(1, 2), keepdim=True) * 5.0
-        audio = audio / std.clamp(min=1.0)
-        return ({"waveform": audio, "sample_rate": model.sample_rate},)
+        return (decode_audio(self, samples, vae, type(self).__name__),)
+
+
+def decode_audio(node: Node, samples: dict, vae: Vae, name: str, chunk: int | None = None) -> dict:
+    """An audio LATENT decoded to AUDIO (`chunk` latent frames at a time: the same sound, less memory), loud
+    output scaled down as ComfyUI's VAEDecodeAudio scales it."""
+    model = audio_vae(vae, name)
+    latents = samples["samples"]
+    if latents.ndim != 3:
+        raise ValueError(f"{name} takes an audio latent [B, {AUDIO_LATENT_CHANNELS}, L] (EmptyLatentAudio, "
+                         f"VAEEncodeAudio); got {list(latents.shape)}")
+    device, _, _ = device_and_dtype(node.ctx)
+    model = on_device(node.ctx, model)
+    with torch.inference_mode():
+        audio = model.decode(latents.to(device, next(model.parameters()).dtype), chunk=chunk).float().cpu()
+    std = audio.std(dim=(1, 2), keepdim=True) * 5.0
+    audio = audio / std.clamp(min=1.0)
+    return {"waveform": audio, "sample_rate": model.sample_rate}
+
+
+class VAEDecodeAudioTiled(Node):
+    """VAEDecodeAudio `tile_size` latent frames at a time, for long clips on little memory. Loom's Oobleck decoder
+    gives each piece the context it needs, so the sound is the same as decoded whole; `overlap` is accepted for
+    ComfyUI's workflows (ComfyUI blends overlapping tiles)."""
+
+    display_name = "VAE Decode Audio (Tiled)"
+    category = "latent/audio"
+    samples = Socket("LATENT")
+    vae = Socket("VAE")
+    tile_size = Int(512, min=32, max=8192, step=8, tooltip="latent frames a piece (2048 samples each)")
+    overlap = Int(64, min=0, max=1024, step=8, tooltip="accepted for ComfyUI's workflows; the pieces join exactly")
+    outputs = (Output("AUDIO"),)
+
+    def execute(self, samples: dict, vae: Vae, tile_size: int, overlap: int) -> tuple[dict]:
+        return (decode_audio(self, samples, vae, type(self).__name__, chunk=tile_size),)
 
 
 class ConditioningStableAudio(Node):
@@ -116,4 +139,4 @@ class ConditioningStableAudio(Node):
                 [(emb, {**opts, **values}) for emb, opts in negative])
 
 
-NODES = [EmptyLatentAudio, VAEEncodeAudio, VAEDecodeAudio, ConditioningStableAudio]
+NODES = [EmptyLatentAudio, VAEEncodeAudio, VAEDecodeAudio, VAEDecodeAudioTiled, ConditioningStableAudio]

@@ -281,7 +281,7 @@ def test_save_audio_advanced_takes_the_formats_quality_and_passes_the_audio_on(f
     assert snr_db(inner(sine().numpy()), inner(mp3)) > 70  # 320k, not the default V0's ~63 dB
     check = SaveAudioAdvanced.check_inputs
     assert check({"format": "opus", "format.quality": "V0", "filename_prefix": "a"}) == (
-        "format opus takes the quality 64k, 128k, 192k, 256k, 320k, not V0")
+        "format opus takes the quality 64k, 96k, 128k, 192k, 320k, not V0")
     assert check({"format": "flac", "format.quality": "V0", "filename_prefix": "a"}) is None  # FLAC has none
     assert SaveAudioAdvanced.widgets_from_ui(["audio/ComfyUI", "mp3", "128k"]) == {
         "filename_prefix": "audio/ComfyUI", "format": "mp3", "format.quality": "128k"}

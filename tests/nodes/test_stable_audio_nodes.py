@@ -273,3 +273,21 @@ def test_vae_loader_loads_an_oobleck_vae_file_or_the_checkpoints_own(base) -> No
         assert bare.dtype == torch.float32
         torch.testing.assert_close(bare.decode(latents), expected, rtol=0, atol=0)
         torch.testing.assert_close(whole.decode(latents), expected, rtol=0, atol=0)
+
+
+def test_tiled_decoding_gives_the_same_sound_and_the_savers_pass_the_audio_on(base) -> None:
+    engine, files = base
+    doc = workflow(files)
+    doc["6"]["inputs"]["seconds"] = 6.0  # 130 latent frames: five pieces of 32
+    doc["12"] = {"class_type": "VAEDecodeAudioTiled", "inputs": {"samples": ["7", 0], "vae": ["1", 2],
+                                                                 "tile_size": 32, "overlap": 8}}
+    doc["13"] = {"class_type": "JoinAudioChannels", "inputs": {"audio_left": ["14", 0], "audio_right": ["14", 1]}}
+    doc["14"] = {"class_type": "SplitAudioChannels", "inputs": {"audio": ["9", 0]}}  # SaveAudio's output
+    doc["15"] = {"class_type": "PreviewAudio", "inputs": {"audio": ["13", 0]}}
+    doc["16"] = {"class_type": "PreviewAudio", "inputs": {"audio": ["12", 0]}}
+    result = engine.run(parse_api(doc), keep=["8", "12", "13"])
+    assert result.ok, result.error
+    whole, tiled, joined = (result.values[k][0] for k in ("8", "12", "13"))
+    assert whole["waveform"].shape == (1, 2, 130 * 2048)
+    torch.testing.assert_close(tiled["waveform"], whole["waveform"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(joined["waveform"], whole["waveform"], rtol=0, atol=0)
