@@ -185,6 +185,16 @@ def get_paths() -> FolderPaths:
     return _paths
 
 
+def input_files(suffixes: tuple[str, ...] | frozenset[str] | set[str]) -> list[str]:
+    """The files in the input folder (and its sub-folders) whose suffixes, lower-cased, are among `suffixes`: their
+    paths there, sorted, as a loader node's combo lists them."""
+    folder = get_paths().input
+    if not folder.is_dir():
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in suffixes)
+
+
 def input_file(name: str) -> Path | None:
     """The file a loader node names by its path in the input folder; None when there is no such file, or the name
     leads outside the folder ("../x", an absolute path, a link out)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import workflow_metadata
 from nodes.spec import Combo, Float, Int, Output, Socket, String
@@ -34,12 +34,7 @@ def audio_value(waveform: torch.Tensor, sample_rate: int) -> dict[str, Any]:
 
 
 def list_input_audio() -> list[str]:
-    folder = get_paths().input
-    if not folder.is_dir():
-        return []
-    suffixes = (*AUDIO_SUFFIXES, *VIDEO_SUFFIXES)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in suffixes)
+    return input_files((*AUDIO_SUFFIXES, *VIDEO_SUFFIXES))
 
 
 def read_audio(path: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import (
     IMAGE_SUFFIXES,
@@ -32,11 +32,7 @@ CROP_METHODS = ["disabled", "center"]
 
 
 def list_input_images() -> list[str]:
-    folder = get_paths().input
-    if not folder.is_dir():
-        return []
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return input_files(IMAGE_SUFFIXES)
 
 
 class LoadImage(Node):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.spec import Combo, Float, Output, Socket, String
@@ -151,10 +151,7 @@ class SaveLatent(Node):
 
 
 def list_input_latents() -> list[str]:
-    folder = get_paths().input
-    if not folder.is_dir():
-        return []
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.latent") if p.is_file())
+    return input_files((".latent",))
 
 
 def _latent_file_problem(path: Path) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodes.folders import get_paths, input_file, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.spec import Combo, Float, Output, Socket, String
 
@@ -222,11 +222,7 @@ class SaveVideo(Node):
 
 
 def list_input_videos() -> list[str]:
-    folder = get_paths().input
-    if not folder.is_dir():
-        return []
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    return input_files(VIDEO_SUFFIXES)
 
 
 class LoadVideo(Node):
