@@ -186,7 +186,12 @@ def diffsynth_context(latents_of: LatentsOf, image: torch.Tensor, keep: torch.Te
                 mask = torch.ones(latents.shape[0], mask_channels, height, width)
             else:
                 mask = _resized_mask(keep, height, width, "bilinear", crop=False).expand(-1, mask_channels, -1, -1)
-            latents = torch.cat([latents, mask.to(latents.dtype)], dim=1)
+            batch = max(len(latents), len(mask))
+            if {len(latents), len(mask)} - {1, batch}:
+                raise ValueError(f"QwenImageDiffsynthControlnet: {len(latents)} hint images and {len(mask)} masks; "
+                                 "give one mask, or one for each image")
+            latents = torch.cat([latents.expand(batch, -1, -1, -1), mask.to(latents.dtype).expand(batch, -1, -1, -1)],
+                                dim=1)
         return latents.to(device)
 
     return encode

@@ -192,3 +192,17 @@ def test_wrong_pairings_are_refused_by_name(base) -> None:
     doc = graph(files, "z_image", "ZImageFunControlnet", "not_a_patch.safetensors", image=["4", 0])
     result = engine.run(parse_api(doc), keep=["3"])
     assert not result.ok and "not a model patch this engine runs" in str(result.error)
+
+
+def test_a_diffsynth_inpaint_hint_spreads_one_mask_or_image_over_the_others() -> None:
+    from nodes.sd.model_patch import diffsynth_context
+
+    def latents_of(count: int):
+        return lambda image, height, width: torch.zeros(count, 16, height, width)
+
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[1] = 1
+    context = diffsynth_context(latents_of(1), None, masks, 1)(2, 2, torch.device("cpu"))
+    assert context.shape == (2, 17, 2, 2) and context[0, 16].eq(0).all() and context[1, 16].eq(1).all()
+    with pytest.raises(ValueError, match="2 hint images and 3 masks"):
+        diffsynth_context(latents_of(2), None, torch.zeros(3, 1, 16, 16), 1)(2, 2, torch.device("cpu"))
