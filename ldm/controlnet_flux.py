@@ -113,6 +113,12 @@ class FluxControlNet(nn.Module):
     dtype = Flux.dtype
     global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
     model_blocks: tuple[int, int] | None = None  # the (double, single) block counts of the model it last fitted
+    label = "a Flux"  # for messages: "<file> is a Flux ControlNet"
+
+    @property
+    def control_class(self) -> type[FluxControl]:
+        """The Control that applies it (Apply ControlNet's `attach`): its hint is VAE-encoded at the latent's size."""
+        return FluxControl
 
     def __init__(self, config: FluxConfig, modes: int = 0, hint_width: int | None = None):
         super().__init__()

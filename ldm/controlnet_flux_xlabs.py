@@ -52,6 +52,14 @@ class XLabsControlNet(nn.Module):
     dtype = Flux.dtype
     global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
     pixel_hint = True  # `ldm.controlnet_flux.FluxControl`: the hint is not VAE-encoded
+    label = "a Flux"
+
+    @property
+    def control_class(self) -> type:
+        """The Control that applies it (Apply ControlNet's `attach`): Flux's, which passes its picture on."""
+        from ldm.controlnet_flux import FluxControl
+
+        return FluxControl
     model_blocks: tuple[int, int] | None = None  # the (double, single) block counts of the model it last fitted
 
     def __init__(self, config: FluxConfig):

@@ -43,6 +43,12 @@ class SD3ControlNet(nn.Module):
     uses_base = False  # whether `forward` takes the model itself (`base`): its patch embedding and positions
     global_average_pooling = False  # `ldm.controlnet.Control.residuals` asks every ControlNet
     mask_channels = 0  # the hint's channels after the latent's: an inpainting ControlNet's keep mask
+    label = "an SD3"  # for messages: "<file> is an SD3 ControlNet"
+
+    @property
+    def control_class(self) -> type[SD3Control]:
+        """The Control that applies it (Apply ControlNet's `attach`): its hint is VAE-encoded at the latent's size."""
+        return SD3Control
 
     def attentions(self) -> list[nn.Module]:
         """Every attention layer of the blocks, whose head count is the model's (`SD3Control.fit`)."""

@@ -154,9 +154,6 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     Flux or Qwen-Image ControlNet needs the `vae` (a Vae) that encodes its hint; an inpainting one its `keep_mask`
     too."""
     from ldm.controlnet import Control
-    from ldm.controlnet_flux import FluxControl, FluxControlNet
-    from ldm.controlnet_flux_xlabs import XLabsControlNet
-    from ldm.controlnet_sd3 import SD3Control, SD3ControlNet
     from ldm.sampling.schedules import sigma_at_percent
     from ldm.t2i_adapter import T2IAdapter, T2IAdapterControl
 
@@ -168,15 +165,14 @@ def attach(conditionings: list[list], control_net: ControlNetModel, image: torch
     made: dict[int, Control] = {}
     # A T2I-Adapter's features are made once per run, from the hint alone, and go to the UNet's blocks.
     kind: Any = T2IAdapterControl if isinstance(control_net.model, T2IAdapter) else Control
-    # A ControlNet may name its own Control, an SD3Control (Qwen-Image's), and its kind for messages (`label`).
+    # The ControlNets whose hint goes in as latents (SD3's, Flux's, Qwen-Image's) name their own Control, an
+    # SD3Control, and their kind for messages (`label`).
     latent_kind = getattr(control_net.model, "control_class", None)
-    if latent_kind is None and isinstance(control_net.model, SD3ControlNet | FluxControlNet | XLabsControlNet):
-        latent_kind = FluxControl if isinstance(control_net.model, FluxControlNet | XLabsControlNet) else SD3Control
     if latent_kind is not None:
         if vae is None and not getattr(control_net.model, "pixel_hint", False):  # XLabs' takes the picture
-            label = getattr(control_net.model, "label", "a Flux" if latent_kind is FluxControl else "an SD3")
-            raise ValueError(f"{control_net.source} is {label} ControlNet, whose hint image is VAE-encoded: link the "
-                             "model's VAE (Apply Controlnet with VAE, or the vae input of Apply ControlNet)")
+            raise ValueError(f"{control_net.source} is {control_net.model.label} ControlNet, whose hint image is "
+                             "VAE-encoded: link the model's VAE (Apply Controlnet with VAE, or the vae input of Apply "
+                             "ControlNet)")
         # Its range in levels is the model's, known when the KSampler places it (SD3Control.fit).
         kind = functools.partial(latent_kind, vae=None if vae is None else vae.vae,
                                  percent_range=(start_percent, end_percent), hint_mask=keep_mask)
