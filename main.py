@@ -363,6 +363,7 @@ PART_MAKERS = {
     "make-lumina2": ("ldm.lumina2_presets", "make_lumina2_files", "Lumina 2"),
     "make-hidream": ("ldm.hidream_presets", "make_hidream_files", "HiDream-I1"),
     "make-stable-audio": ("ldm.stable_audio_presets", "make_stable_audio_files", "Stable Audio Open"),
+    "make-ace-step": ("ldm.ace_step15_presets", "make_ace_step15_files", "ACE-Step 1.5"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -389,6 +390,9 @@ PART_HELP = {
                      "ae-hidream-tiny)"),
     "make-stable-audio": ("the checkpoint (transformer, seconds conditioners, Oobleck VAE) and T5-base",
                           "checkpoints/ and text_encoders/ (stable-audio-open-1.0-tiny, t5_base-tiny)"),
+    "make-ace-step": ("the diffusion model, Qwen3-0.6B, the 5 Hz language model, the 48 kHz Oobleck VAE",
+                      "diffusion_models/, text_encoders/ and vae/ (acestep_v1.5_turbo-tiny, qwen_0.6b_ace15-tiny, "
+                      "qwen_1.7b_ace15-tiny, ace_1.5_vae-tiny)"),
 }
 
 

@@ -201,9 +201,11 @@ def load_z_image_text_encoder(paths: list[str | Path], device: torch.device | st
     return LoadedZImageText(ZImageTextEncoder(model).to(device).eval(), unused)
 
 
-def tiny_qwen3_state(seed: int = 0, hidden: int = 32, layers: int = 3) -> dict[str, Tensor]:
+def tiny_qwen3_state(seed: int = 0, hidden: int = 32, layers: int = 3,
+                     vocab: int = QWEN3_VOCAB_SIZE) -> dict[str, Tensor]:
     """Random Qwen3 weights in ComfyUI's layout: a language model `hidden` wide (4 heads of hidden // 4, 2 key/value
-    heads, MLP 2 * hidden) with Qwen3's full 151,936-row embedding so that real prompts' ids fit."""
+    heads, MLP 2 * hidden) with `vocab` embedding rows (by default Qwen3's full 151,936, so that real prompts' ids
+    fit)."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> Tensor:
@@ -217,7 +219,7 @@ def tiny_qwen3_state(seed: int = 0, hidden: int = 32, layers: int = 3) -> dict[s
               "self_attn.q_norm.weight": (head,), "self_attn.k_norm.weight": (head,),
               "mlp.gate_proj.weight": (2 * hidden, hidden), "mlp.up_proj.weight": (2 * hidden, hidden),
               "mlp.down_proj.weight": (hidden, 2 * hidden)}
-    state = {_EMBED: rand(QWEN3_VOCAB_SIZE, hidden), "model.norm.weight": 1 + rand(hidden)}
+    state = {_EMBED: rand(vocab, hidden), "model.norm.weight": 1 + rand(hidden)}
     for i in range(layers):
         # norms around 1, as trained ones are (transformers initialises them to exactly 1)
         state |= {f"model.layers.{i}.{name}": rand(*shape) + name.endswith("norm.weight")

@@ -26,6 +26,8 @@ COMFY_MODULES = frozenset({
 COMFY_CORE_NODES_MISSING = frozenset({
     # conditioning for other model kinds
     "CLIPTextEncodeHunyuanDiT",
+    # ACE-Step 1.0 (Loom runs ACE-Step 1.5)
+    "TextEncodeAceStepAudio", "EmptyAceStepLatentAudio",
     # model patches and sampling tweaks
     "ModelSamplingStableCascade",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)

@@ -66,6 +66,7 @@ BUILTIN_MODULES = (
     "nodes.sd.hidream",
     "nodes.sd.model_patch",
     "nodes.sd.stable_audio",
+    "nodes.sd.ace_step",
     "nodes.sd.utility_nodes",
     "nodes.sd.audio",
 )

@@ -19,10 +19,14 @@ from ldm.flux_variants import References
 MAX_CONTEXT_REPEAT = 4
 # Conditioning options that are more of the model's own inputs, by the keyword its forward takes them by: HiDream's
 # Llama hidden states [B, layers, L, D] beside the T5 states in the context; Stable Audio's seconds [B]
-# (ConditioningStableAudio's, ldm.stable_audio_files).
-MODEL_INPUTS = {"conditioning_llama3": "llama", "seconds_start": "seconds_start", "seconds_total": "seconds_total"}
-# Those of them that are prompt encodings, which ConditioningZeroOut zeroes with the prompt (not the seconds).
-PROMPT_INPUTS = ("conditioning_llama3",)
+# (ConditioningStableAudio's, ldm.stable_audio_files); ACE-Step 1.5's lyrics embeddings, audio codes and timbre
+# reference (ldm.ace_step15_files).
+MODEL_INPUTS = {"conditioning_llama3": "llama", "seconds_start": "seconds_start", "seconds_total": "seconds_total",
+                "conditioning_lyrics": "lyric_embed", "audio_codes": "audio_codes",
+                "reference_audio_timbre_latents": "refer_audio"}
+# Those of them that are prompt encodings, which ConditioningZeroOut zeroes with the prompt (not the seconds, nor
+# ACE-Step's audio codes: ComfyUI's node zeroes the lyrics alone).
+PROMPT_INPUTS = ("conditioning_llama3", "conditioning_lyrics")
 
 
 @dataclass

@@ -80,6 +80,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
 
     try:
         if part == "unet":
+            from ldm.ace_step15_files import peek_ace_step15
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
             from ldm.hidream_files import peek_hidream
@@ -91,7 +92,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
 
             family = (peek_flux2(path) or peek_z_image(path) or peek_lumina2(path) or peek_qwen_image(path)
                       or peek_hidream(path) or peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path)
-                      or peek_ltxv(path) or peek_unet(path))
+                      or peek_ltxv(path) or peek_ace_step15(path) or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -172,6 +173,7 @@ class UNETLoader(Node):
         device = load_device(self.ctx)
 
         def load() -> Any:
+            from ldm.ace_step15_files import is_ace_step15_file, load_ace_step15_unet
             from ldm.chroma_files import is_chroma_file, load_chroma_unet
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.flux2_files import is_flux2_file, load_flux2_unet
@@ -196,6 +198,8 @@ class UNETLoader(Node):
                 loader = load_wan_unet
             elif is_ltxv_file(path):
                 loader = load_ltxv_unet
+            elif is_ace_step15_file(path):
+                loader = load_ace_step15_unet
             elif is_chroma_file(path):  # before Flux: the same layout
                 loader = load_chroma_unet
             elif is_flux_file(path) or diffusers_file_kind(path) == "flux":
@@ -252,10 +256,12 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 @functools.lru_cache(maxsize=64)
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     """("t5xxl", "t5base", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind;
-    or "qwen3", "gemma": ldm.qwen3_text.text_kind), "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a
-    text-encoder file from its header; (None, None) if it cannot tell."""
+    or "qwen3", "gemma": ldm.qwen3_text.text_kind), "qwen3_06b_ace15", "ace15_lm" (ldm.ace_step15_text.text_kind),
+    "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a text-encoder file from its header; (None, None)
+    if it cannot tell."""
     from safetensors import SafetensorError
 
+    from ldm.ace_step15_text import text_kind as ace_kind
     from ldm.checkpoint import CheckpointError, read_shapes
     from ldm.flux2_text import text_kind as flux2_kind
     from ldm.gemma_text import gemma_kind
@@ -274,6 +280,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
             return "umt5xxl", None
         if shapes is not None and is_qwen25(shapes):
             return "qwen25_7b", None
+        if shapes is not None and (kind := ace_kind(shapes)):  # ACE-Step 1.5's Qwen3s: before the other Qwen3s
+            return kind, None
         if shapes is not None and (kind := flux2_kind(shapes)):  # Mistral Small 3, Qwen3-4B / 8B
             return kind, None
         if shapes is not None and (kind := gemma_kind(shapes)):  # Gemma-2-2B (Lumina 2) and other Gemmas
@@ -441,11 +449,21 @@ class CLIPLoader(Node):
         return (load_clip(self, (clip_name,), device),)
 
 
+# ACE-Step 1.5's two text files: the Qwen3-0.6B encoder and the 5 Hz language model (1.7B or 4B).
+ACE_KINDS = ("qwen3_06b_ace15", "ace15_lm")
+_ACE_NEEDS = ("type ace needs ACE-Step 1.5's Qwen3-0.6B text encoder (qwen3_06b_ace15: qwen_0.6b_ace15.safetensors) "
+              "and its 5 Hz language model (ace15_lm: qwen_1.7b_ace15.safetensors or qwen_4b_ace15.safetensors)")
+# DualCLIPLoader's types Loom loads, and what they load, for the refusal of the others.
+_DUAL_LOADED = ("sdxl, flux, sd3, hidream or ace", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L and T5-XXL, two of "
+                "SD3's or of HiDream's, ACE-Step 1.5's Qwen3-0.6B and language model")
+
+
 class DualCLIPLoader(Node):
     """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG; with type flux,
     Flux.1's CLIP-L and T5-XXL; with type sd3, two of SD3's CLIP-L, CLIP-G and T5-XXL, the third absent; with type
-    hidream, two of HiDream-I1's CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B, the others absent (in either order) from
-    models/text_encoders or models/clip. The other types are other model families', which Loom refuses."""
+    hidream, two of HiDream-I1's CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B, the others absent; with type ace,
+    ACE-Step 1.5's Qwen3-0.6B text encoder and its 5 Hz language model (in either order) from models/text_encoders
+    or models/clip. The other types are other model families', which Loom refuses."""
 
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
@@ -453,7 +471,8 @@ class DualCLIPLoader(Node):
     clip_name2 = part_file(TEXT_ENCODERS)
     type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG; flux: Flux's CLIP-L and T5-XXL; "
                                           "sd3: two of SD3's CLIP-L, CLIP-G and T5-XXL; hidream: two of HiDream's "
-                                          "CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B")
+                                          "CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B; ace: ACE-Step 1.5's Qwen3-0.6B "
+                                          "and language model")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoders on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -472,9 +491,11 @@ class DualCLIPLoader(Node):
         if inputs.get("type") == "hidream":
             return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], list(HIDREAM_KINDS),
                                       _HIDREAM_NEEDS, some=True)
+        if inputs.get("type") == "ace":
+            return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], list(ACE_KINDS),
+                                      _ACE_NEEDS)
         if inputs.get("type") != "sdxl":
-            return _unsupported_type(inputs.get("type"), "sdxl, flux, sd3 or hidream", "SDXL's CLIP-L and OpenCLIP "
-                                     "bigG, Flux's CLIP-L and T5-XXL, two of SD3's or of HiDream's")
+            return _unsupported_type(inputs.get("type"), *_DUAL_LOADED)
         found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
         refusal = next((problem for _, problem in found if problem), None)
         kinds = [kind for kind, _ in found]
@@ -487,6 +508,8 @@ class DualCLIPLoader(Node):
     def output_facts(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         if inputs.get("type") in ("flux", "sd3", "hidream"):
             return {0: {"family": inputs["type"]}}
+        if inputs.get("type") == "ace":
+            return {0: {"family": "ace_step15"}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
                                for name in ("clip_name1", "clip_name2")])
         return {} if family is None else {0: {"family": family}}
@@ -500,9 +523,12 @@ class DualCLIPLoader(Node):
             return (_sd3_clip(self, (clip_name1, clip_name2), device),)
         if type == "hidream":
             return (load_clip(self, (clip_name1, clip_name2), device, _loader(TEXT_TYPES["hidream"]), "hidream"),)
+        if type == "ace":
+            from ldm.ace_step15_text import load_ace_step15_text_encoder
+
+            return (load_clip(self, (clip_name1, clip_name2), device, load_ace_step15_text_encoder, "ace_step15"),)
         if type != "sdxl":
-            raise ValueError(_unsupported_type(type, "sdxl, flux, sd3 or hidream", "SDXL's CLIP-L and OpenCLIP bigG, "
-                                               "Flux's CLIP-L and T5-XXL, two of SD3's or of HiDream's"))
+            raise ValueError(_unsupported_type(type, *_DUAL_LOADED))
         return (load_clip(self, (clip_name1, clip_name2), device),)
 
 

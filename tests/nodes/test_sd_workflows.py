@@ -15,6 +15,7 @@ from executor.services import Services
 from graph.document import GraphNode, Link, parse_api
 from graph.load import load_workflow
 from graph.validate import validate
+from ldm.ace_step15_presets import make_ace_step15_files
 from ldm.controlnet_qwen_image import write_tiny_qwen_image_controlnet
 from ldm.controlnet_z_image import write_tiny_z_image_fun_controlnet
 from ldm.flux2_presets import make_flux2_files
@@ -74,6 +75,10 @@ HIDREAM_FILES = {"unet": "diffusion_models/hidream_i1_dev_bf16.safetensors",
                  "clip_g": "text_encoders/clip_g_hidream.safetensors",
                  "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors",
                  "llama": "text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors"}
+# Tiny ACE-Step 1.5 parts under the names ace_step15.json loads.
+ACE_FILES = {"diffusion_model": "diffusion_models/acestep_v1.5_turbo.safetensors",
+             "text_encoder": "text_encoders/qwen_0.6b_ace15.safetensors",
+             "lm": "text_encoders/qwen_1.7b_ace15.safetensors", "vae": "vae/ace_1.5_vae.safetensors"}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -129,6 +134,9 @@ def base(tmp_path_factory):
     stable_audio = make_stable_audio_files(root / "stable-audio-tiny", seed=1)
     shutil.copy(stable_audio["checkpoint"], root / "models" / "checkpoints" / "stable-audio-open-1.0.safetensors")
     shutil.copy(stable_audio["t5base"], root / "models" / "text_encoders" / "t5-base.safetensors")
+    ace = make_ace_step15_files(root / "ace-tiny", seed=1)
+    for part, name in ACE_FILES.items():
+        shutil.copy(ace[part], root / "models" / name)
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)
@@ -157,8 +165,10 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(width=64, height=64, length=9)
         if node.class_type == "LTXVScheduler":
             node.inputs.update(FAST)
-        if node.class_type == "EmptyLatentAudio":
+        if node.class_type in ("EmptyLatentAudio", "EmptyAceStep1.5LatentAudio"):
             node.inputs.update(seconds=2.0)
+        if node.class_type == "TextEncodeAceStepAudio1.5":
+            node.inputs.update(duration=2.0)
     for (nid, key), value in {**OVERRIDES.get(name, {}), **(overrides or {})}.items():
         graph.nodes[nid].inputs[key] = value
     return graph
@@ -168,10 +178,10 @@ def load(name: str, registry, overrides=None):
 def test_every_example_workflow_runs(engine, base, name):
     result = engine.run(load(name, engine.registry))
     assert result.ok, result.error
-    if any("audio" in ui for ui in result.outputs.values()):  # Stable Audio's: a FLAC, the prompt in its comments
+    if any("audio" in ui for ui in result.outputs.values()):  # Stable Audio's FLAC, ACE-Step's MP3: the prompt in it
         [[clip]] = [ui["audio"] for ui in result.outputs.values()]
         with av.open(str(base.output / clip["subfolder"] / clip["filename"])) as container:
-            assert container.streams.audio[0].rate == 44100
+            assert container.streams.audio[0].rate == (48000 if name == "ace_step15" else 44100)
             prompt = json.loads({k.lower(): v for k, v in container.metadata.items()}["prompt"])
         assert prompt == json.loads(json.dumps(load(name, engine.registry).to_api()))
         return
