@@ -374,8 +374,10 @@ PART_HELP = {
                  "wan2.1_i2v-tiny, wan2.1_vace-tiny, umt5_xxl-tiny, wan_2.1_vae-tiny, clip_vision_h-tiny)"),
     "make-ltxv": ("the all-in-one checkpoint: transformer and video VAE; T5-XXL", "checkpoints/ and text_encoders/ "
                   "(ltx-video-2b-v0.9.1-tiny, t5xxl-ltxv-tiny)"),
-    "make-qwen-image": ("the transformer, Qwen2.5-VL's language model, the VAE", "diffusion_models/, text_encoders/ "
-                        "and vae/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny)"),
+    "make-qwen-image": ("the transformer, Qwen2.5-VL's language model, the VAE, ControlNets, Qwen-Image-Layered's "
+                        "transformer and RGBA VAE", "diffusion_models/, text_encoders/, vae/, controlnet/ and "
+                        "model_patches/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny, "
+                        "qwen_image_layered-tiny, qwen_image_layered_vae-tiny, ...)"),
     "make-z-image": ("the transformer, Qwen3-4B, Flux's VAE", "diffusion_models/, text_encoders/ and vae/ "
                      "(z_image_turbo-tiny, qwen_3_4b-tiny, ae-z_image-tiny)"),
     "make-flux2": ("the klein and dev transformers, Qwen3 and Mistral Small 3, the VAE", "diffusion_models/, "

@@ -25,6 +25,16 @@ residuals (`forward`'s `control`, `ldm.controlnet_qwen_image`: residual i // cei
 as diffusers adds controlnet_block_samples) and the model's `block_patches` (`with_block_patch`), each called as
 `patch(i, image_tokens, (h, w))` after block i, returning what to add or None; the patches come first, as ComfyUI
 runs its double-block patches before it adds a ControlNet's residual.
+
+Qwen-Image-Layered (Qwen's RGBA layer decomposition; diffusers' use_additional_t_cond and use_layer3d_rope, told by
+its `time_text_embed.addition_t_embedding` weight) denoises a latent of several frames [B, 16, layers + 1, H, W]
+(frame 0 the composite image, then the layers, from ComfyUI's EmptyQwenImageLayeredLatentImage), frame f's patches
+at frame index f, frame by frame in the token order; its reference latent (the picture to take apart, in its RGBA
+VAE's latent space) sits at frame index -1 (the next at -2: ComfyUI's "negative_index", its default for this model,
+diffusers' condition image), whatever the references' method. The timestep's embedding gains a learnt one of
+`additional_t_cond` (0 or 1 per sample; 0, "is_rgb" false, is what diffusers' pipeline and ComfyUI pass).
+`text_after_all_images` also starts the text after diffusers' layer count (frames plus references, less one),
+which ComfyUI leaves out; the two agree whenever the latent is at least 2 * (layers + 1) patches on its longer side.
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ STANDARD_AXES = (16, 56, 56)  # the released model's RoPE split of its 128-wide 
 THETA = 10000
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 # Qwen-Image variants whose extra inputs change what the model computes; their files are refused by name.
-VARIANTS = {"time_text_embed.addition_t_embedding.weight": "Qwen-Image-Layered"}
+LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
+VARIANTS = {LAYERED_KEY: "Qwen-Image-Layered"}
 # The empty tensor Comfy-Org's Edit-2511 files carry: its references are modulated at timestep 0 by default.
 ZERO_COND_KEY = "__index_timestep_zero__"
 # ComfyUI's reference methods for Qwen-Image: "index" and "index_timestep_zero" put reference i at frame i + 1;
@@ -72,6 +83,7 @@ class QwenImageConfig:
     axes_dim: tuple[int, int, int] = STANDARD_AXES
     eps: float = 1e-6
     zero_cond_t: bool = False  # Edit-2511: references at timestep 0 unless the prompts choose another method
+    layered: bool = False  # Qwen-Image-Layered: frames as layers, an extra timestep embedding (module docstring)
 
     @property
     def dim(self) -> int:
@@ -115,9 +127,11 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, layered: bool = False):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(dim)
+        if layered:
+            self.addition_t_embedding = nn.Embedding(2, dim)
 
 
 class GeluProj(nn.Module):
@@ -267,7 +281,7 @@ class QwenImageModel(nn.Module):
         self.img_in = nn.Linear(c.in_channels, c.dim)
         self.txt_norm = RMSNorm(c.joint_attention_dim, c.eps)
         self.txt_in = nn.Linear(c.joint_attention_dim, c.dim)
-        self.time_text_embed = TimeTextEmbed(c.dim)
+        self.time_text_embed = TimeTextEmbed(c.dim, c.layered)
         self.transformer_blocks = nn.ModuleList([QwenImageBlock(c) for _ in range(c.num_layers)])
         self.norm_out = NormOut(c.dim)
         self.proj_out = nn.Linear(c.dim, c.patch_size**2 * c.out_channels)
@@ -279,28 +293,30 @@ class QwenImageModel(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attn_mask: Tensor | None = None, ref_latents: References | Sequence[Tensor] | None = None,
-                text_after_all_images: bool = False, control: Sequence[Tensor] | None = None) -> Tensor:
+                text_after_all_images: bool = False, control: Sequence[Tensor] | None = None,
+                additional_t_cond: Tensor | None = None) -> Tensor:
         """Predict the velocity (noise - data) of latents `x` [B, 16, H, W] (or [B, 16, 1, H, W], returned in the
-        same rank) at flow levels `timesteps` [B] (0..1) given the Qwen2.5-VL prompt states `context` [B, L,
-        context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the image and text from attending to padding.
-        `ref_latents` are Qwen-Image-Edit's reference latents in the model's latent space, [B or 1, 16, h, w] (or
-        one frame of [.., 1, h, w]), each its own size; a plain sequence is placed by the model's default method
-        (`QwenImageConfig.reference_method`). `text_after_all_images` starts the text's positions after the largest
-        image, references included, as diffusers' edit pipelines do (ComfyUI's, the default: after the noisy
-        latent). `control` is a ControlNet's residuals [B, n, dim] for the noisy latent's n image tokens (see the
-        module docstring). `y` is accepted for the sampler's common call and unused (Qwen-Image has no pooled
-        prompt)."""
+        same rank; a Layered model's [B, 16, layers + 1, H, W]) at flow levels `timesteps` [B] (0..1) given the
+        Qwen2.5-VL prompt states `context` [B, L, context_dim]; `attn_mask` [B, L] (1 = a real token) keeps the image
+        and text from attending to padding. `ref_latents` are Qwen-Image-Edit's reference latents in the model's
+        latent space, [B or 1, 16, h, w] (or one frame of [.., 1, h, w]), each its own size; a plain sequence is
+        placed by the model's default method (`QwenImageConfig.reference_method`). `text_after_all_images` starts
+        the text's positions after the largest image, references included, as diffusers' edit pipelines do
+        (ComfyUI's, the default: after the noisy latent). `control` is a ControlNet's residuals [B, n, dim] for the
+        noisy latent's n image tokens (see the module docstring). `additional_t_cond` [B] (0 or 1, default 0) is a
+        Layered model's extra timestep class. `y` is accepted for the sampler's common call and unused (Qwen-Image has
+        no pooled prompt)."""
         c, dtype = self.config, self.dtype
         video = x.ndim == 5
-        x = self._image(x, "latents")
+        frames = self._frames(x)
         if context.ndim != 3 or context.shape[-1] != c.context_dim:
             raise ValueError(f"Qwen-Image takes Qwen2.5-VL prompt states [B, L, {c.context_dim}]; got "
                              f"{list(context.shape)} (a prompt from another text encoder?)")
-        h, w = x.shape[-2:]
+        h, w = frames[0].shape[-2:]
         p = c.patch_size
-        padded = pad_to_patch(x, p)
-        rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
-        tokens, grids = [patchify(padded.to(dtype), p)], [msrope_grid(rows, cols, device=x.device)]
+        rows, cols = -(-h // p), -(-w // p)
+        tokens = [patchify(pad_to_patch(f, p).to(dtype), p) for f in frames]
+        grids = [msrope_grid(rows, cols, i, device=x.device) for i in range(len(frames))]
         start = max(rows // 2, cols // 2)
         method = None
         if ref_latents is not None:
@@ -310,11 +326,13 @@ class QwenImageModel(nn.Module):
             more_tokens, more_grids, starts = self._reference_tokens(refs, x, dtype)
             tokens, grids = tokens + more_tokens, grids + more_grids
             start = max(start, *starts) if text_after_all_images else start
-        n = rows * cols  # the noisy latent's tokens, the only ones predicted
+        if c.layered and text_after_all_images:
+            start = max(start, len(grids) - 1)  # diffusers' layer count: frames and references, less one
+        n = len(frames) * rows * cols  # the noisy latent's tokens, the only ones predicted
         img = self.img_in(torch.cat(tokens, dim=1))
         txt = self.txt_in(self.txt_norm(context.to(dtype)))
         t = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps
-        temb = self.time_text_embed.timestep_embedder(timestep_embedding(t.float() * 1000, 256).to(dtype))
+        temb = self._time_embedding(t, additional_t_cond, dtype)
         ref_temb = None
         if method == ZERO_COND_METHOD and img.shape[1] > n:
             ref_temb = self.time_text_embed.timestep_embedder(timestep_embedding(t.float() * 0, 256).to(dtype))
@@ -331,15 +349,36 @@ class QwenImageModel(nn.Module):
             if interval is not None:
                 img = _add_to_image(img, control[i // interval], n)
         out = self.proj_out(self.norm_out(img[:, :n], temb))
-        out = unpatchify(out, rows * p, cols * p, p)[..., :h, :w].to(x.dtype)
-        return out[:, :, None] if video else out
+        parts = [unpatchify(part, rows * p, cols * p, p)[..., :h, :w] for part in out.chunk(len(frames), dim=1)]
+        out = torch.stack(parts, dim=2).to(x.dtype)
+        return out if video else out[:, :, 0]
+
+    def _time_embedding(self, t: Tensor, additional_t_cond: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The timestep's embedding [B, dim] (t in 0..1, scaled by 1000), plus a Layered model's learnt one of
+        `additional_t_cond` (0 if not given)."""
+        embed = self.time_text_embed
+        temb = embed.timestep_embedder(timestep_embedding(t.float() * 1000, 256).to(dtype))
+        if not self.config.layered:
+            if additional_t_cond is not None:
+                raise ValueError("additional_t_cond is a Qwen-Image-Layered input; this model is not one")
+            return temb
+        if additional_t_cond is None:
+            additional_t_cond = torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
+        return temb + embed.addition_t_embedding(additional_t_cond.to(t.device, torch.long)).to(dtype)
+
+    def _frames(self, x: Tensor) -> list[Tensor]:
+        """The latent's frames [B, 16, H, W]: one, or a Layered model's layers + 1 of [B, 16, layers + 1, H, W]."""
+        if x.ndim == 5 and x.shape[2] > 1 and self.config.layered:
+            return [self._image(frame, "latents") for frame in x.unbind(2)]
+        return [self._image(x, "latents")]
 
     def _image(self, x: Tensor, what: str) -> Tensor:
         """A latent [B, 16, H, W], from one of one frame [B, 16, 1, H, W] (Wan 2.1's VAE makes those)."""
         c = self.config
         if x.ndim == 5:
             if x.shape[2] != 1:
-                raise ValueError(f"Qwen-Image makes images: {what} of {x.shape[2]} frames; it takes one")
+                raise ValueError(f"Qwen-Image makes images: {what} of {x.shape[2]} frames; it takes one (only "
+                                 "Qwen-Image-Layered takes a latent of several, its layers)")
             x = x[:, :, 0]
         if x.ndim != 4 or x.shape[1] * c.patch_size**2 != c.in_channels:
             raise ValueError(f"Qwen-Image takes {what} [B, {c.in_channels // c.patch_size**2}, H, W] (Wan 2.1's "
@@ -352,7 +391,10 @@ class QwenImageModel(nn.Module):
         half-size."""
         p, batch = self.config.patch_size, x.shape[0]
         latents = [self._image(r, "reference latents") for r in refs.latents]
-        placements = reference_grids([r.shape[-2:] for r in latents], refs.method)
+        if self.config.layered:  # ComfyUI's "negative_index": frames -1, -2, ...
+            placements = [(-1 - i, 0, 0) for i in range(len(latents))]
+        else:
+            placements = reference_grids([r.shape[-2:] for r in latents], refs.method)
         tokens, grids, starts = [], [], []
         for ref, (index, row, col) in zip(latents, placements, strict=True):
             if ref.shape[0] not in (1, batch):
@@ -414,11 +456,12 @@ def is_qwen_image(sd: Mapping[str, Tensor], prefix: str = "") -> bool:
 
 
 def qwen_image_config_from_state_dict(sd: Mapping[str, Tensor], axes_dim: tuple[int, int, int] | None = None,
-                                      prefix: str = "") -> QwenImageConfig:
+                                      prefix: str = "", layered: bool = False) -> QwenImageConfig:
     """The exact shape of Qwen-Image weights (under `prefix`) from their key names and tensor shapes. The RoPE
-    split of a head is not in the weights: `axes_dim`, else the released (16, 56, 56) for 128-wide heads."""
+    split of a head is not in the weights: `axes_dim`, else the released (16, 56, 56) for 128-wide heads.
+    Qwen-Image-Layered's weights are refused unless `layered` (for callers that can give it its inputs)."""
     for key, variant in VARIANTS.items():
-        if f"{prefix}{key}" in sd:
+        if f"{prefix}{key}" in sd and not (layered and key == LAYERED_KEY):
             raise ValueError(f"a {variant} model: Loom runs the Qwen-Image text-to-image transformer, not this variant")
     try:
         dim, in_channels = sd[f"{prefix}img_in.weight"].shape
@@ -436,6 +479,7 @@ def qwen_image_config_from_state_dict(sd: Mapping[str, Tensor], axes_dim: tuple[
             num_heads=dim // head_dim, head_dim=head_dim, in_channels=in_channels, out_channels=out_channels,
             joint_attention_dim=sd[f"{prefix}txt_in.weight"].shape[1],
             mlp_hidden=sd[f"{prefix}transformer_blocks.0.img_mlp.net.0.proj.weight"].shape[0],
-            axes_dim=tuple(axes_dim), zero_cond_t=f"{prefix}{ZERO_COND_KEY}" in sd)
+            axes_dim=tuple(axes_dim), zero_cond_t=f"{prefix}{ZERO_COND_KEY}" in sd,
+            layered=f"{prefix}{LAYERED_KEY}" in sd)
     except KeyError as e:
         raise ValueError(f"an incomplete Qwen-Image transformer: no weight {e}") from None

@@ -1,6 +1,9 @@
 """Qwen-Image diffusion-model files (ComfyUI's single files, qwen_image_bf16 / qwen_image_fp8_e4m3fn: the released
 keys, bare or under `model.diffusion_model.`; bf16, fp16, fp8 and scaled fp8), their family, and tiny random files.
 Qwen-Image-Edit's and Edit-2509's files are the same keys; Edit-2511's add the empty `__index_timestep_zero__` marker.
+Qwen-Image-Layered's (qwen_image_layered_bf16 / _fp8mixed) add `time_text_embed.addition_t_embedding.weight`, which
+makes the loaded config `layered` (`ldm.qwen_image`); its VAE is Wan 2.1's made RGBA (`ldm.wan_vae`, 4 image
+channels), with the same latent space.
 
 The family carries what the sampler needs beyond the weights: Qwen-Image's VAE is Wan 2.1's (the same per-channel
 latent mean and standard deviation: diffusers' AutoencoderKLQwenImage config, ComfyUI's Wan21 latent format), and
@@ -11,7 +14,7 @@ own default for a bare QwenImage model (supported_models: shift 1.15, Flux's exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ QWEN_IMAGE_SHIFT = 3.1  # ModelSamplingAuraFlow's shift in ComfyUI's Qwen-Image 
 AXES_KEY = "loom.qwen_image_axes"
 TINY_QWEN_IMAGE = QwenImageConfig(num_layers=2, num_heads=2, head_dim=16, joint_attention_dim=32, mlp_hidden=128,
                                   axes_dim=(4, 6, 6))
+TINY_QWEN_IMAGE_LAYERED = replace(TINY_QWEN_IMAGE, layered=True)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class LoadedQwenImage:
 
 
 def _family(weights: StateDict, axes: tuple[int, ...] | None, prefix: str) -> QwenImageFamily:
-    config = qwen_image_config_from_state_dict(weights, axes, prefix)
+    config = qwen_image_config_from_state_dict(weights, axes, prefix, layered=True)
     if config.out_channels != len(WAN21_MEAN):
         raise ValueError(f"a model of {config.out_channels} latent channels; Qwen-Image's VAE makes 16")
     return QwenImageFamily(config)
@@ -120,7 +124,8 @@ def write_tiny_qwen_image(path: str | Path, seed: int = 0, dtype: torch.dtype = 
                           prefix: str = "", config: QwenImageConfig = TINY_QWEN_IMAGE) -> Path:
     """Write a tiny random Qwen-Image transformer (prompt width 32) in ComfyUI's single-file layout (its keys under
     `prefix`: bare, as Comfy-Org's files are), with the RoPE split in Loom's metadata, and Edit-2511's marker for a
-    `config` with zero_cond_t; returns the path. Its images are noise."""
+    `config` with zero_cond_t (a `layered` config writes Qwen-Image-Layered's extra weight); returns the path. Its
+    images are noise."""
     model = random_qwen_image(config, seed)
     path = Path(path)
     marker = {ZERO_COND_KEY: torch.zeros(0)} if config.zero_cond_t else {}

@@ -6,6 +6,10 @@ at a time (decode). A `cache` dict, passed down through one pass over a video, h
 chunks before (the last frames its convolution needs, whether its first chunk went by); memory stays bounded by the
 chunk, not the video. Wan 2.2 folds 2x2 pixel patches into channels first and adds parameter-free shortcuts (channel
 averages, channel duplication) around each level's resampling.
+
+Qwen-Image-Layered's VAE (qwen_image_layered_vae, diffusers' AutoencoderKLQwenImage with input_channels=4) is Wan
+2.1's with RGBA pixels: 4 image channels in and out (`image_channels`), alpha in -1..1 like the colours. RGB pixels
+given to it get an opaque alpha (1.0), as ComfyUI pads them (its pad_channel_value).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class WanVAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)  # per level with a downsample, encoder order
     residual: bool = False  # Wan 2.2: levels as blocks with resampling shortcuts, full-width decoder upsampling
     patch_size: int = 1  # Wan 2.2 folds 2x2 pixel patches into channels (12 in, 12 out)
+    image_channels: int = 3  # 4: RGBA (Qwen-Image-Layered's VAE)
 
     @property
     def spatial_compression(self) -> int:
@@ -258,7 +263,7 @@ class Encoder3d(nn.Module):
     def __init__(self, c: WanVAEConfig):
         super().__init__()
         dims = [c.base_dim * m for m in (1, *c.dim_mult)]
-        self.conv1 = CausalConv3d(3 * c.patch_size ** 2, dims[0], 3, padding=1)
+        self.conv1 = CausalConv3d(c.image_channels * c.patch_size ** 2, dims[0], 3, padding=1)
         layers: list[nn.Module] = []
         last = len(c.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
@@ -299,7 +304,7 @@ class Decoder3d(nn.Module):
             if i < last:
                 layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d"))
         self.upsamples = nn.Sequential(*layers)
-        self.head = _head(dims[-1], 3 * c.patch_size ** 2)
+        self.head = _head(dims[-1], c.image_channels * c.patch_size ** 2)
 
     def forward(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = _run(self.middle, self.conv1(z, cache), cache)
@@ -321,7 +326,8 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class WanVAE(nn.Module):
-    """Video pixels [B, 3, T, H, W] in -1..1 <-> raw latents [B, z, 1 + (T-1)//4, H/s, W/s] (s = 8, or 16 for 2.2).
+    """Video pixels [B, 3, T, H, W] in -1..1 <-> raw latents [B, z, 1 + (T-1)//4, H/s, W/s] (s = 8, or 16 for 2.2);
+    an RGBA VAE's pixels are [B, 4, T, H, W] (RGB ones are given an opaque alpha).
 
     The latents are not normalised: the model family applies Wan's per-channel mean and std (`scaling_factor` is
     1). Only the first 1 + 4k frames of a video are encoded (any frames after them are left out, as in the original,
@@ -347,8 +353,11 @@ class WanVAE(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
         """The posterior over latents [B, z, 1 + (T-1)//4, H/s, W/s]; `.mode()` is the latent to use."""
-        if pixels.ndim != 5 or pixels.shape[1] != 3 or pixels.shape[2] < 1:
-            raise ValueError(f"expected video pixels [B, 3, T>=1, H, W], got {list(pixels.shape)}")
+        channels = self.config.image_channels
+        if channels == 4 and pixels.ndim == 5 and pixels.shape[1] == 3:
+            pixels = F.pad(pixels, (0, 0, 0, 0, 0, 0, 0, 1), value=1.0)  # opaque alpha, as ComfyUI pads RGB
+        if pixels.ndim != 5 or pixels.shape[1] != channels or pixels.shape[2] < 1:
+            raise ValueError(f"expected video pixels [B, {channels}, T>=1, H, W], got {list(pixels.shape)}")
         s = self.spatial_compression
         if pixels.shape[3] % s or pixels.shape[4] % s:
             raise ValueError(f"height and width must be multiples of {s}, got {pixels.shape[3]}x{pixels.shape[4]}")
@@ -362,7 +371,7 @@ class WanVAE(nn.Module):
         return DiagonalGaussianDistribution(self.conv1(moments))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, 1 + 4(T'-1), H, W] in -1..1 from raw latents [B, z, T', h, w]."""
+        """Pixels [B, image_channels, 1 + 4(T'-1), H, W] in -1..1 from raw latents [B, z, T', h, w]."""
         if z.ndim != 5 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected Wan latents [B, {self.latent_channels}, T, h, w], got {list(z.shape)}")
         x = self.conv2(z.to(self.dtype))

@@ -4,6 +4,9 @@ from the weights' shapes, loading, and tiny random-weight ones for tests.
 The files hold the original Wan keys, unprefixed: `encoder.conv1`, `encoder.downsamples.N...`, `encoder.middle`,
 `encoder.head`, `conv1` / `conv2` (the 1x1x1 convolutions around the latent), `decoder.*`. Wan 2.2's levels are
 nested (`encoder.downsamples.N.downsamples.M...`, `decoder.upsamples.N.upsamples.M...`); Wan 2.1's are one flat list.
+Qwen-Image-Layered's RGBA VAE (qwen_image_layered_vae.safetensors) is Wan 2.1's layout with 4 image channels
+(`encoder.conv1` takes 4, `decoder.head.2` makes 4); `peek_wan_vae` calls it "wan21", its config's image_channels
+tell it apart.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ldm.wan_vae import WanVAE, WanVAEConfig
 # Tiny widths (the real latent channels, so latents fit Wan's per-channel normalisation): tests and examples.
 TINY_WAN21 = WanVAEConfig(base_dim=8, decoder_base_dim=8)
 TINY_WAN22 = WanVAEConfig(z_dim=48, base_dim=8, decoder_base_dim=12, residual=True, patch_size=2)
+TINY_QWEN_LAYERED_VAE = WanVAEConfig(base_dim=8, decoder_base_dim=8, image_channels=4)
 _MARKERS = ("encoder.conv1.weight", "decoder.middle.0.residual.0.gamma", "conv2.weight")
 _NESTED = "decoder.upsamples.0.upsamples.0.residual.2.weight"  # Wan 2.2's nested levels
 
@@ -69,9 +73,10 @@ def wan_vae_config_from_state_dict(sd: StateDict) -> WanVAEConfig:
     if not is_wan_vae(sd):
         raise ValueError("not a Wan VAE (no encoder.conv1 / decoder.middle / conv2 weights in Wan's layout)")
     in_channels, base_dim = sd["encoder.conv1.weight"].shape[1], sd["encoder.conv1.weight"].shape[0]
-    patch_size = math.isqrt(in_channels // 3)
-    if 3 * patch_size ** 2 != in_channels:
-        raise ValueError(f"the encoder takes {in_channels} channels, not 3 times a square patch")
+    image_channels, patch_size = _pixel_layout(in_channels)
+    out_channels = sd["decoder.head.2.weight"].shape[0]
+    if out_channels != in_channels:
+        raise ValueError(f"the encoder takes {in_channels} channels but the decoder makes {out_channels}")
     widths, temporal = _levels(sd)
     blocks = {len(level) for level in widths}
     if len(blocks) != 1 or 0 in blocks or any(w % base_dim for level in widths for w in level):
@@ -79,7 +84,17 @@ def wan_vae_config_from_state_dict(sd: StateDict) -> WanVAEConfig:
     return WanVAEConfig(z_dim=sd["conv2.weight"].shape[0], base_dim=base_dim,
                         decoder_base_dim=sd["decoder.head.2.weight"].shape[1],
                         dim_mult=tuple(level[0] // base_dim for level in widths), num_res_blocks=blocks.pop(),
-                        temporal_downsample=tuple(temporal), residual=_NESTED in sd, patch_size=patch_size)
+                        temporal_downsample=tuple(temporal), residual=_NESTED in sd, patch_size=patch_size,
+                        image_channels=image_channels)
+
+
+def _pixel_layout(in_channels: int) -> tuple[int, int]:
+    """(image channels, patch size) of an encoder taking `in_channels`: RGB or RGBA, each pixel or 2x2 patches."""
+    for image_channels in (3, 4):
+        patch_size = math.isqrt(in_channels // image_channels)
+        if image_channels * patch_size ** 2 == in_channels:
+            return image_channels, patch_size
+    raise ValueError(f"the encoder takes {in_channels} channels, not 3 (RGB) or 4 (RGBA) times a square patch")
 
 
 def peek_wan_vae(path: str | Path) -> str | None:
@@ -134,9 +149,9 @@ def random_wan_vae(config: WanVAEConfig, seed: int = 0) -> WanVAE:
 
 
 def write_tiny_wan_vae(path: str | Path, version: str = "2.1", seed: int = 0) -> Path:
-    """A tiny Wan VAE file ("2.1": 16 latent channels, "2.2": 48 and 2x2 patches) with random weights in the
-    original key layout, as ComfyUI users' files have them."""
-    configs = {"2.1": TINY_WAN21, "2.2": TINY_WAN22}
+    """A tiny Wan VAE file ("2.1": 16 latent channels, "2.2": 48 and 2x2 patches, "qwen-layered": Wan 2.1's with
+    RGBA pixels) with random weights in the original key layout, as ComfyUI users' files have them."""
+    configs = {"2.1": TINY_WAN21, "2.2": TINY_WAN22, "qwen-layered": TINY_QWEN_LAYERED_VAE}
     if version not in configs:
         raise ValueError(f"version must be one of {sorted(configs)}, not {version!r}")
     ckpt.write_safetensors(random_wan_vae(configs[version], seed).state_dict(), path, {})

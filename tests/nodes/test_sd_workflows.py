@@ -54,7 +54,9 @@ Z_IMAGE_FILES = {"unet": "diffusion_models/z_image_turbo_bf16.safetensors",
 # Tiny Qwen-Image parts under the names qwen_image_t2i.json loads.
 QWEN_FILES = {"unet": "diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
               "qwen25vl": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-              "vae": "vae/qwen_image_vae.safetensors"}
+              "vae": "vae/qwen_image_vae.safetensors",
+              "layered_unet": "diffusion_models/qwen_image_layered_bf16.safetensors",  # qwen_image_layered.json's
+              "layered_vae": "vae/qwen_image_layered_vae.safetensors"}
 # The tiny all-in-one Lumina 2 checkpoint under the name lumina2_t2i.json loads.
 LUMINA2_CHECKPOINT = "checkpoints/lumina_2.safetensors"
 # Tiny FLUX.2 parts under the names flux2_klein_t2i.json and flux2_dev_t2i.json load, but for klein's Qwen3-4B:
@@ -167,6 +169,8 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(FAST)
         if node.class_type in ("EmptyLatentAudio", "EmptyAceStep1.5LatentAudio"):
             node.inputs.update(seconds=2.0)
+        if node.class_type == "ImageScaleToMaxDimension":
+            node.inputs.update(largest_size=64)
         if node.class_type == "TextEncodeAceStepAudio1.5":
             node.inputs.update(duration=2.0)
     for (nid, key), value in {**OVERRIDES.get(name, {}), **(overrides or {})}.items():
@@ -187,8 +191,9 @@ def test_every_example_workflow_runs(engine, base, name):
         return
     [images] = [ui["images"] for ui in result.outputs.values()]
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
-    with Image.open(path) as image:
-        assert image.mode == "RGB" and min(image.size) >= 64
+    with Image.open(path) as image:  # Qwen-Image-Layered's: the picture and its two layers, RGBA
+        assert image.mode == ("RGBA" if name == "qwen_image_layered" else "RGB") and min(image.size) >= 64
+        assert len(images) == (3 if name == "qwen_image_layered" else len(images))
         if image.format == "WEBP":  # a video's frames (SaveAnimatedWEBP), the prompt in its EXIF Model tag
             assert image.n_frames in (5, 9)  # Wan's 1 + 4k pictures, LTX-Video's 1 + 8k
             prompt = json.loads(image.getexif()[0x0110].removeprefix("prompt:"))
