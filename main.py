@@ -392,9 +392,10 @@ PART_HELP = {
                      "ae-hidream-tiny)"),
     "make-stable-audio": ("the checkpoint (transformer, seconds conditioners, Oobleck VAE) and T5-base",
                           "checkpoints/ and text_encoders/ (stable-audio-open-1.0-tiny, t5_base-tiny)"),
-    "make-ace-step": ("the diffusion model, Qwen3-0.6B, the 5 Hz language model, the 48 kHz Oobleck VAE",
-                      "diffusion_models/, text_encoders/ and vae/ (acestep_v1.5_turbo-tiny, qwen_0.6b_ace15-tiny, "
-                      "qwen_1.7b_ace15-tiny, ace_1.5_vae-tiny)"),
+    "make-ace-step": ("the diffusion model, Qwen3-0.6B, the 5 Hz language model, the 48 kHz Oobleck VAE, and the "
+                      "all-in-one checkpoint of them", "diffusion_models/, text_encoders/, vae/ and checkpoints/ "
+                      "(acestep_v1.5_turbo-tiny, qwen_0.6b_ace15-tiny, qwen_1.7b_ace15-tiny, ace_1.5_vae-tiny, "
+                      "ace_step_1.5_turbo_aio-tiny)"),
 }
 
 

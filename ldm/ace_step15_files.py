@@ -1,7 +1,11 @@
 """ACE-Step 1.5 as a Loom model family, from the files ComfyUI users load: the diffusion model through UNETLoader
 (Comfy-Org's acestep_v1.5_turbo.safetensors and the other 1.5 models, XL included: ACE-Step's own names, bare or
 under `model.diffusion_model.`), its text encoders through DualCLIPLoader type "ace" (`ldm.ace_step15_text`) and its
-VAE, 48 kHz Oobleck, through VAELoader (`ldm.oobleck`).
+VAE, 48 kHz Oobleck, through VAELoader (`ldm.oobleck`); or all three from the all-in-one checkpoint through
+CheckpointLoaderSimple (ace_step_1.5_turbo_aio.safetensors: the model under `model.diffusion_model.`, the VAE under
+`vae.` in stable-audio-tools' names, Qwen3-0.6B under `text_encoders.qwen3_06b.transformer.` and the language model
+under `text_encoders.qwen3_2b.transformer.` (1.7B) or `text_encoders.qwen3_4b.transformer.`, as ComfyUI's ACEStep15
+reads it).
 
 Sampling is ComfyUI's for this model: rectified flow on SD3's shifted levels (shift 3, ModelSamplingAuraFlow's 3 in
 the template), latents [B, 64, L] at 48 kHz / 1920 (25 a second), unscaled. The prompt's encodings ride in its
@@ -26,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldm import checkpoint as ckpt
 from ldm.ace_step15 import WINDOW_KEY, AceStep15Config, AceStep15Model, config_from_state_dict, silence_latent
-from ldm.checkpoint import StateDict
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict
 from ldm.flow_family import FlowFamily
 from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
@@ -137,3 +142,38 @@ def load_ace_step15_unet(path: str | Path, device: torch.device | str = "cpu",
         lambda sd: "not an ACE-Step 1.5 diffusion model (no decoder.proj_in / detokenizer / null_condition_emb "
                    "weights in ACE-Step's layout)")
     return LoadedAceStep15(family, AceStep15Denoiser(model).eval(), unused, path, metadata)
+
+
+# The all-in-one checkpoint's parts (ComfyUI's ACEStep15: vae_key_prefix, text_encoder_key_prefix and clip_target).
+VAE_PREFIX = "vae."
+TEXT_PREFIXES = ("text_encoders.qwen3_06b.transformer.", "text_encoders.qwen3_2b.transformer.",
+                 "text_encoders.qwen3_4b.transformer.")
+
+
+def is_ace_step15_checkpoint_file(path: str | Path) -> bool:
+    """Whether a .safetensors file is an all-in-one ACE-Step 1.5 checkpoint (the model under ComfyUI's prefix and
+    the text encoder beside it), from its header."""
+    shapes = ckpt.shapes_or_none(path)
+    return shapes is not None and _probe(shapes, UNET_PREFIX) and TEXT_PREFIXES[0] + "model.norm.weight" in shapes
+
+
+def load_ace_step15_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                               dtype: torch.dtype = torch.bfloat16) -> ckpt.LoadedCheckpoint:
+    """The all-in-one checkpoint as a LoadedCheckpoint: the model (as UNETLoader loads it), the Oobleck VAE (float32:
+    half precision moves its sound) and the text encoders with the language model (as DualCLIPLoader type ace)."""
+    from ldm.ace_step15_text import ace_step15_text_encoder
+    from ldm.oobleck import is_oobleck, load_oobleck
+
+    path = Path(path)
+    loaded = load_ace_step15_unet(path, device, dtype)
+    sd = ckpt.load_state_dict(path)
+    if not is_oobleck(sd, VAE_PREFIX):
+        raise CheckpointError(f"{path.name}: an ACE-Step 1.5 checkpoint without its VAE (vae.): load the VAE with "
+                              "VAELoader (ace_1.5_vae.safetensors)")
+    vae = load_oobleck(sd, prefix=VAE_PREFIX, device=device, dtype=torch.float32)
+    parts = [(f"{path.name} ({prefix.split('.')[1]})", {k[len(prefix):]: v for k, v in sd.items()
+                                                         if k.startswith(prefix)}) for prefix in TEXT_PREFIXES]
+    text = ace_step15_text_encoder([(name, part) for name, part in parts if part], device, dtype)
+    unused = [k for k in loaded.unused_keys if not k.startswith((VAE_PREFIX, *TEXT_PREFIXES))]  # the model's
+    return ckpt.LoadedCheckpoint(loaded.family, loaded.unet, vae, text.encoder, [*unused, *text.unused_keys], path,
+                                 loaded.metadata)

@@ -375,17 +375,23 @@ def load_ace_step15_text_encoder(paths: list[str | Path], device: torch.device |
     `dtype`."""
     if len(paths) not in (1, 2):
         raise CheckpointError(f"ACE-Step 1.5 takes one or two text encoder files; got {len(paths)}. {_NEEDS}")
+    return ace_step15_text_encoder([(Path(p).name, ckpt.load_state_dict(p)) for p in paths], device, dtype)
+
+
+def ace_step15_text_encoder(parts: list[tuple[str, Mapping[str, Tensor]]], device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> LoadedAceStep15Text:
+    """The encoder and, optionally, the language model from (name, weights) pairs in either order (two files, or
+    the parts of an all-in-one checkpoint), on `device` in `dtype`."""
     loaded: dict[str, tuple[Any, set[str], str, Mapping[str, Tensor]]] = {}
-    for path in map(Path, paths):
-        sd = ckpt.load_state_dict(path)
+    for name, sd in parts:
         role = file_role(sd)
         if role is None:
-            raise _refusal(path.name, sd)
+            raise _refusal(name, sd)
         if role in loaded:
-            raise CheckpointError(f"{loaded[role][2]} and {path.name} are both ACE-Step 1.5 "
+            raise CheckpointError(f"{loaded[role][2]} and {name} are both ACE-Step 1.5 "
                                   f"{'language models' if role == 'lm' else 'text encoders'}; {_NEEDS}")
-        model, used = (_lm if role == "lm" else _qwen3)(sd, path.name, dtype)
-        loaded[role] = (model, used, path.name, sd)
+        model, used = (_lm if role == "lm" else _qwen3)(sd, name, dtype)
+        loaded[role] = (model, used, name, sd)
     if "encoder" not in loaded:
         raise CheckpointError(f"{loaded['lm'][2]} is ACE-Step 1.5's language model; it needs the text encoder "
                               f"beside it. {_NEEDS}")

@@ -70,6 +70,7 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
     if kind == "checkpoints":
         from safetensors import SafetensorError
 
+        from ldm.ace_step15_files import is_ace_step15_checkpoint_file
         from ldm.checkpoint import peek_family
         from ldm.chroma_files import is_chroma_file
         from ldm.flux_files import is_flux_file
@@ -92,6 +93,8 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
                 return "ltxv"
             if is_stable_audio_file(path):
                 return "stable_audio"
+            if is_ace_step15_checkpoint_file(path):
+                return "ace_step15"
         except (SafetensorError, OSError, ValueError):  # unreadable: CheckpointLoaderSimple reports it when it runs
             return None
         family = peek_family(path)
@@ -145,7 +148,9 @@ def _searched(kind: str) -> str:
 class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely), or an all-in-one
     Flux.1 or Chroma checkpoint (.safetensors), or LTX-Video's all-in-one ltx-video-2b-v0.9*.safetensors (its
-    transformer and VAE; its CLIP output only says to load T5-XXL with CLIPLoader type ltxv)."""
+    transformer and VAE; its CLIP output only says to load T5-XXL with CLIPLoader type ltxv), Stable Audio Open's
+    single file (its CLIP likewise says to load T5-base) or ACE-Step 1.5's all-in-one checkpoint (the model, its
+    text encoder and language model, its VAE)."""
 
     display_name = "Load Checkpoint"
     category = "loaders"
@@ -192,6 +197,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     """Load (or share) a checkpoint on the offload device; `weights_dtype` "fp8"/"int8" shrinks the UNet's
     weights, `te_weights_dtype` the text encoders' (the VAE stays in its own dtype); `v_prediction`, when
     given, overrides what the file says about its prediction type."""
+    from ldm.ace_step15_files import is_ace_step15_checkpoint_file, load_ace_step15_checkpoint
     from ldm.checkpoint import load_checkpoint
     from ldm.chroma_files import is_chroma_file, load_chroma_checkpoint
     from ldm.flux_files import is_flux_file, load_flux_checkpoint
@@ -219,6 +225,8 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
             loaded = load_ltxv_checkpoint(path, device=device, dtype=dtype)
         elif is_stable_audio_file(path):  # Stable Audio Open: transformer, seconds conditioners, audio VAE
             loaded = load_stable_audio_checkpoint(path, device=device, dtype=dtype)
+        elif is_ace_step15_checkpoint_file(path):  # ACE-Step 1.5's all-in-one: model, VAE, encoder and LM
+            loaded = load_ace_step15_checkpoint(path, device=device, dtype=dtype)
         else:
             loaded = load_checkpoint(path, device=device, dtype=dtype, v_prediction=v_prediction)
         if vae_dtype != dtype:

@@ -131,6 +131,23 @@ def test_the_saved_mp3_holds_the_song_and_the_workflow(base) -> None:
         assert "prompt" in {k.lower() for k in container.metadata}
 
 
+def test_the_all_in_one_checkpoint_sings_as_the_split_files(base) -> None:
+    """CheckpointLoaderSimple on ace_step_1.5_turbo_aio (the same weights, each part under ComfyUI's prefix): the
+    same song, bit for bit, as UNETLoader + DualCLIPLoader + VAELoader."""
+    engine, files = base
+    split = engine.run(parse_api(workflow(files)), keep=["9"])
+    doc = workflow(files)
+    doc["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": files["checkpoint"].name}}
+    doc["5"]["inputs"]["clip"] = ["1", 1]
+    doc["9"]["inputs"]["vae"] = ["1", 2]
+    del doc["2"], doc["3"]
+    whole = engine.run(parse_api(doc), keep=["1", "9"])
+    assert split.ok and whole.ok, (split.error, whole.error)
+    assert torch.equal(split.values["9"][0]["waveform"], whole.values["9"][0]["waveform"])
+    model, clip, _ = whole.values["1"]
+    assert model.family.name == clip.family_name == "ace_step15" and clip.encoder.lm is not None
+
+
 def test_without_codes_or_with_a_reference_the_song_changes(base) -> None:
     """generate_audio_codes off: no codes ride in the conditioning (the model is led by silence); a reference latent
     through ReferenceTimbreAudio: covered (its latent the timbre reference and the lead)."""
