@@ -289,7 +289,8 @@ def test_dual_cfg_guider(engine):
     base = {**prompts(), "20": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue square", "clip": ["1", 1]}}}
     [(expected, _)] = run(engine, {**base, **advanced(select("euler"))}, "14")  # CFGGuider at cfg 6
     [(same, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("2"))}, "14")
-    assert torch.allclose(same["samples"], expected["samples"], atol=1e-4, rtol=1e-5)
+    # the same guidance by another sum of the same predictions: equal to float rounding of the latent's scale
+    assert (same["samples"] - expected["samples"]).abs().max() <= 1e-5 * expected["samples"].abs().max()
     [(regular, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("20"))}, "14")
     [(nested, _)] = run(engine, {**base, **advanced(select("euler"), guider=dual("20", "nested"))}, "14")
     assert not torch.allclose(regular["samples"], expected["samples"])
