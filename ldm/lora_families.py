@@ -5,7 +5,8 @@ ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's 
 ldm.lora_z_image's; Lumina Image 2.0's ldm.lora_lumina2's (the original names, kohya's
 `lora_unet_layers_0_attention_qkv` and ComfyUI's `diffusion_model.layers.0.attention.qkv`; diffusers'
 Lumina2Transformer2DModel names with q / k / v apart, `transformer.layers.0.attn.to_q`; and Z-Image's diffusers
-names); FLUX.2's ldm.lora_flux2's; HiDream-I1's ldm.lora_hidream's; Chroma's ldm.chroma_lora's.
+names); FLUX.2's ldm.lora_flux2's; HiDream-I1's ldm.lora_hidream's; ACE-Step 1.5's ldm.lora_ace_step15's; Chroma's
+ldm.chroma_lora's.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_flux2.flux2_index(module)
     if isinstance(module, HiDreamModel):
         return lora_hidream.hidream_index(module)
+    from ldm import lora_ace_step15
+    from ldm.ace_step15 import AceStep15Model
+    from ldm.ace_step15_files import AceStep15Denoiser
+
+    if isinstance(module, AceStep15Denoiser | AceStep15Model):
+        return lora_ace_step15.ace_step15_index(module)
     if takes_no_lora(module):
         return {}
     encoders = getattr(module, "encoders", None)
@@ -81,8 +88,10 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 def takes_no_lora(module: nn.Module) -> bool:
     """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL,
-    Z-Image's Qwen3, Lumina 2's Gemma-2-2B, FLUX.2's Mistral / Qwen3 and HiDream-I1's CLIP-L / CLIP-G / T5-XXL /
-    Llama 3.1 (diffusers' loaders for those models patch their transformers alone, and so does Loom)."""
+    Z-Image's Qwen3, Lumina 2's Gemma-2-2B, FLUX.2's Mistral / Qwen3, HiDream-I1's CLIP-L / CLIP-G / T5-XXL /
+    Llama 3.1 and ACE-Step 1.5's Qwen3 (diffusers' loaders for those models patch their transformers alone, and so does
+    Loom)."""
+    from ldm.ace_step15_text import AceStep15TextEncoder
     from ldm.flux2_text import Flux2TextEncoder
     from ldm.gemma_text import Lumina2TextEncoder
     from ldm.hidream_text import HiDreamTextEncoder
@@ -92,7 +101,7 @@ def takes_no_lora(module: nn.Module) -> bool:
     from ldm.umt5 import WanTextEncoder
 
     return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder
-                      | Lumina2TextEncoder | Flux2TextEncoder | HiDreamTextEncoder)
+                      | Lumina2TextEncoder | Flux2TextEncoder | HiDreamTextEncoder | AceStep15TextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
@@ -155,9 +164,11 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv", "qwen_image", "lumina2", "z_image", "flux2", "hidream"), None when its keys do not tell.
+    ldm.lora_wan, "ltxv", "qwen_image", "lumina2", "z_image", "flux2", "hidream", "ace_step15"), None when its keys
+    do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same; a file on the Flux
     layout that does not tell FLUX.2's from Flux.1's reads as Flux's: see `family_fits`.)"""
+    from ldm.lora_ace_step15 import ace_step15_family
     from ldm.lora_flux2 import flux2_family
     from ldm.lora_hidream import hidream_family
     from ldm.lora_ltxv import ltxv_family
@@ -172,10 +183,10 @@ def lora_family(lora: Lora) -> str | None:
     # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
     # FLUX.2's first: its marks are its own, and its diffusers names under ComfyUI's prefix are Qwen-Image's too.
     # Lumina 2's before Z-Image's, whose names it shares (ldm.lora_lumina2 tells it by its own names or its shapes).
-    # HiDream's block names are its own.
-    named = (flux2_family(lora.weights) or hidream_family(lora.weights) or wan_family(lora.weights)
-             or ltxv_family(lora.weights) or qwen_image_family(lora.weights) or lumina2_family(lora.weights)
-             or z_image_family(lora.weights))
+    # HiDream's and ACE-Step 1.5's block names are their own.
+    named = (flux2_family(lora.weights) or hidream_family(lora.weights) or ace_step15_family(lora.weights)
+             or wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
+             or lumina2_family(lora.weights) or z_image_family(lora.weights))
     if named is not None:
         return named
     if any(_FLUX_NAME.search(n) for n in names):
