@@ -358,6 +358,7 @@ PART_MAKERS = {
     "make-wan": ("ldm.wan_presets", "make_wan_files", "Wan 2.1"),
     "make-ltxv": ("ldm.ltxv_presets", "make_ltxv_files", "LTX-Video 0.9.1"),
     "make-qwen-image": ("ldm.qwen_image_presets", "make_qwen_image_files", "Qwen-Image"),
+    "make-qwen-image21": ("ldm.qwen_image_presets", "make_qwen_image21_files", "Qwen-Image 2.1"),
     "make-z-image": ("ldm.z_image_presets", "make_z_image_files", "Z-Image"),
     "make-flux2": ("ldm.flux2_presets", "make_flux2_files", "FLUX.2"),
     "make-lumina2": ("ldm.lumina2_presets", "make_lumina2_files", "Lumina 2"),
@@ -378,6 +379,9 @@ PART_HELP = {
                         "transformer and RGBA VAE", "diffusion_models/, text_encoders/, vae/, controlnet/ and "
                         "model_patches/ (qwen_image-tiny, qwen_2.5_vl_7b-tiny, qwen_image_vae-tiny, "
                         "qwen_image_layered-tiny, qwen_image_layered_vae-tiny, ...)"),
+    "make-qwen-image21": ("the transformer, Qwen3-VL-8B's language model and vision tower, the RGBA VAE",
+                          "diffusion_models/, text_encoders/ and vae/ (qwen_image_2.1-tiny, qwen3vl_8b-tiny, "
+                          "qwen_image_2.1_vae-tiny)"),
     "make-z-image": ("the transformer, Qwen3-4B, Flux's VAE", "diffusion_models/, text_encoders/ and vae/ "
                      "(z_image_turbo-tiny, qwen_3_4b-tiny, ae-z_image-tiny)"),
     "make-flux2": ("the klein and dev transformers, Qwen3 and Mistral Small 3, the VAE", "diffusion_models/, "

@@ -51,3 +51,23 @@ def make_qwen_image_layered_files(models_dir: str | Path, seed: int = 0,
     write_tiny_qwen_image(paths["unet"], seed=seed, dtype=dtype, config=TINY_QWEN_IMAGE_LAYERED)
     write_tiny_wan_vae(paths["vae"], version="qwen-layered", seed=seed + 1)
     return paths
+
+
+def make_qwen_image21_files(models_dir: str | Path, seed: int = 0,
+                            dtype: torch.dtype = torch.bfloat16) -> dict[str, Path]:
+    """Write tiny random Qwen-Image 2.1 files (the transformer, Qwen3-VL-8B's stand-in with its vision tower, the
+    RGBA VAE) named like Comfy-Org's with `-tiny`; returns their paths by part ("unet", "qwen3vl", "vae")."""
+    from ldm.qwen3vl_text import write_tiny_qwen3vl
+    from ldm.qwen_image21 import write_tiny_qwen_image21
+    from ldm.qwen_image21_vae import write_tiny_qwen_image21_vae
+
+    models_dir = Path(models_dir)
+    paths = {"unet": models_dir / "diffusion_models" / "qwen_image_2.1-tiny.safetensors",
+             "qwen3vl": models_dir / "text_encoders" / "qwen3vl_8b-tiny.safetensors",
+             "vae": models_dir / "vae" / "qwen_image_2.1_vae-tiny.safetensors"}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_tiny_qwen_image21(paths["unet"], seed=seed, dtype=dtype)
+    write_tiny_qwen3vl(paths["qwen3vl"], seed=seed + 1, dtype=dtype)
+    write_tiny_qwen_image21_vae(paths["vae"], seed=seed + 2)
+    return paths

@@ -32,8 +32,8 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ModelSamplingStableCascade",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
-    # seen in Comfy-Org's Qwen-Image templates (tagged comfy-core there): Qwen-Image 2.1, text generation, Lotus
-    "TextEncodeQwenImage21", "QwenImage21Cache", "TextGenerate", "LotusConditioning",
+    # seen in Comfy-Org's Qwen-Image templates (tagged comfy-core there): text generation, Lotus
+    "TextGenerate", "LotusConditioning",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -62,6 +62,7 @@ BUILTIN_MODULES = (
     "nodes.sd.ltxv_guides",
     "nodes.sd.qwen_image_edit",
     "nodes.sd.qwen_image_layered",
+    "nodes.sd.qwen_image21",
     "nodes.sd.flux2",
     "nodes.sd.lumina2",
     "nodes.sd.hidream",

@@ -11,7 +11,7 @@ import torch
 from ldm.upscaler_x4 import FAMILY as X4_FAMILY
 from ldm.upscaler_x4 import IMAGE_CHANNELS, augment, noise_level
 from nodes.node import Node
-from nodes.sd.flux_variants import carries_references, flux_inputs, qwen_image_inputs
+from nodes.sd.flux_variants import carries_references, flux_inputs, qwen_image_inputs, with_references
 from nodes.sd.inpaint import inpaint_concat, with_inpaint_concat
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.sd.models import DiffusionModel, Vae
@@ -82,6 +82,9 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
         return wan_inputs(model, latent, *conditionings)
     if model.family.name == "qwen_image":  # no extra channels (in_channels are the 2x2 patches'); Edit's references
         return qwen_image_inputs(model, *conditionings)
+    if model.family.name == "qwen_image21":  # no extra channels; TextEncodeQwenImage21's references, by slot
+        return None, [[(embedding, with_references(model, options, "index")) for embedding, options in c]
+                      for c in conditionings]
     if model.family.name == "flux2":  # no extra channels (the VAE packs 2x2 patches); multi-reference editing
         from nodes.sd.flux2 import flux2_inputs
 

@@ -33,7 +33,8 @@ class EmptyLatentImage(Node):
         return f"{' and '.join(bad)} must be a multiple of 8" if bad else None
 
     def execute(self, width: int, height: int, batch_size: int) -> tuple[dict]:
-        return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8)},)
+        # marked with its pixels per latent pixel, which the sampler refits for a model of another (ComfyUI's key)
+        return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8), "downscale_ratio_spacial": 8},)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

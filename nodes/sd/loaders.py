@@ -345,6 +345,7 @@ class VAELoader(Node):
         from ldm.flux2_vae import load_flux2_vae, peek_flux2_vae
         from ldm.ltxv_vae import load_ltxv_vae, peek_ltxv_vae
         from ldm.oobleck import SAO_PREFIX, is_oobleck, load_oobleck
+        from ldm.qwen_image21_vae import load_qwen_image21_vae, peek_qwen_image21_vae
         from ldm.wan_vae_files import load_wan_vae, peek_wan_vae
 
         path = model_path("vae", vae_name)
@@ -354,6 +355,8 @@ class VAELoader(Node):
         def load() -> Any:
             if peek_flux2_vae(path):  # FLUX.2's: 32 channels packed 2x2 into 128, normalised
                 return load_flux2_vae(path, device=device, dtype=vae_dtype)
+            if peek_qwen_image21_vae(path):  # Qwen-Image 2.1's RGBA VAE: Wan 2.2's names, frame kernel 1
+                return load_qwen_image21_vae(path, device=device, dtype=vae_dtype)
             if peek_wan_vae(path):  # Wan's causal video VAE (2.1's or 2.2's)
                 return load_wan_vae(path, device=device, dtype=vae_dtype)
             if peek_ltxv_vae(path):  # LTX-Video's causal video VAE (0.9.0, 0.9.1 or 0.9.5)

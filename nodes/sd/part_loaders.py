@@ -86,13 +86,15 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.hidream_files import peek_hidream
             from ldm.ltxv_files import peek_ltxv
             from ldm.lumina2_files import peek_lumina2
+            from ldm.qwen_image21_files import peek_qwen_image21
             from ldm.qwen_image_files import peek_qwen_image  # first: diffusers-like names Flux's peek would refuse
             from ldm.wan_files import peek_wan
             from ldm.z_image_files import peek_z_image  # first: Flux's peek may misread its names
 
-            family = (peek_flux2(path) or peek_z_image(path) or peek_lumina2(path) or peek_qwen_image(path)
-                      or peek_hidream(path) or peek_chroma(path) or peek_flux(path) or peek_sd3(path) or peek_wan(path)
-                      or peek_ltxv(path) or peek_ace_step15(path) or peek_unet(path))
+            family = (peek_flux2(path) or peek_qwen_image21(path) or peek_z_image(path) or peek_lumina2(path)
+                      or peek_qwen_image(path) or peek_hidream(path) or peek_chroma(path) or peek_flux(path)
+                      or peek_sd3(path) or peek_wan(path) or peek_ltxv(path) or peek_ace_step15(path)
+                      or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
     except CheckpointError as e:
@@ -180,12 +182,15 @@ class UNETLoader(Node):
             from ldm.hidream_files import is_hidream_file, load_hidream_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.lumina2_files import is_lumina2_file, load_lumina2_unet
+            from ldm.qwen_image21_files import is_qwen_image21_file, load_qwen_image21_unet
             from ldm.qwen_image_files import is_qwen_image_file, load_qwen_image_unet
             from ldm.wan_files import is_wan_file, load_wan_unet
             from ldm.z_image_files import is_z_image_file, load_z_image_unet
 
             if is_flux2_file(path):  # first: Flux.1's probes may misread its names
                 loader = load_flux2_unet
+            elif is_qwen_image21_file(path):
+                loader = load_qwen_image21_unet
             elif is_z_image_file(path):  # first: Flux's probes may misread its names
                 loader = load_z_image_unet
             elif is_lumina2_file(path):  # Z-Image's architecture without its pad tokens
@@ -257,8 +262,8 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     """("t5xxl", "t5base", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind;
     or "qwen3", "gemma": ldm.qwen3_text.text_kind), "qwen3_06b_ace15", "ace15_lm" (ldm.ace_step15_text.text_kind),
-    "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a text-encoder file from its header; (None, None)
-    if it cannot tell."""
+    "qwen3vl_8b" (ldm.qwen3vl_text.text_kind), "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a
+    text-encoder file from its header; (None, None) if it cannot tell."""
     from safetensors import SafetensorError
 
     from ldm.ace_step15_text import text_kind as ace_kind
@@ -268,6 +273,7 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     from ldm.llama_text import is_llama3
     from ldm.parts import peek_text_encoder
     from ldm.qwen3_text import text_kind as qwen3_kind
+    from ldm.qwen3vl_text import text_kind as qwen3vl_kind
     from ldm.qwen_text import is_qwen25
     from ldm.stable_audio_text import is_t5_base
     from ldm.t5 import is_t5, is_umt5
@@ -280,6 +286,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
             return "umt5xxl", None
         if shapes is not None and is_qwen25(shapes):
             return "qwen25_7b", None
+        if shapes is not None and (kind := qwen3vl_kind(shapes)):  # Qwen-Image 2.1's: before Qwen3's, which it passes
+            return kind, None
         if shapes is not None and (kind := ace_kind(shapes)):  # ACE-Step 1.5's Qwen3s: before the other Qwen3s
             return kind, None
         if shapes is not None and (kind := flux2_kind(shapes)):  # Mistral Small 3, Qwen3-4B / 8B
@@ -355,9 +363,11 @@ TEXT_TYPES = {
                     "ldm.umt5:load_wan_text_encoder", "wan", "Wan's UMT5"),
     "ltxv": TextType(("t5xxl",), "type ltxv takes one T5-XXL (t5xxl: t5xxl_fp16.safetensors or an fp8 copy)",
                      "ldm.ltxv_text:load_ltxv_text_encoder", "ltxv", "LTX-Video's T5"),
-    "qwen_image": TextType(("qwen25_7b",), "type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an "
-                           "fp8 copy)", "ldm.qwen_text:load_qwen_image_text_encoder", "qwen_image",
-                           "Qwen-Image's Qwen2.5-VL"),
+    "qwen_image": TextType(("qwen25_7b", "qwen3vl_8b"), "type qwen_image takes one Qwen2.5-VL-7B, Qwen-Image's "
+                           "(qwen_2.5_vl_7b.safetensors or an fp8 copy), or Qwen3-VL-8B, Qwen-Image 2.1's "
+                           "(qwen3vl_8b_bf16.safetensors)", "ldm.qwen3vl_text:load_qwen_image_type_text_encoder",
+                           "qwen_image", "Qwen-Image's Qwen2.5-VL or Qwen-Image 2.1's Qwen3-VL",
+                           (("qwen25_7b", "qwen_image"), ("qwen3vl_8b", "qwen_image21"))),
     "lumina2": TextType(("gemma2_2b", "qwen3_4b"), "type lumina2 takes one Gemma-2-2B, Lumina Image 2.0's text encoder "
                         "(gemma_2_2b_fp16.safetensors), or Qwen3-4B, Z-Image's (qwen_3_4b.safetensors or an fp8 copy)",
                         "ldm.gemma_text:load_lumina2_type_text_encoder", "lumina2",

@@ -89,14 +89,20 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
 VIDEO_FAMILIES = frozenset({"wan21", "wan22", "ltxv"})
 
 
-def _fit_empty_latent(model: DiffusionModel, samples: torch.Tensor) -> torch.Tensor:
-    """An empty (all-zero) latent made for another latent space takes the model's channel count, and a video model's
-    latent its frame axis, as ComfyUI's samplers fit them (fix_empty_latent_channels): EmptyLatentImage's 4 channels
-    serve Flux's 16, an image latent a Wan model as one frame. A latent holding values is left to be refused."""
-    family = model.family
+def _fit_empty_latent(model: DiffusionModel, latent: dict) -> torch.Tensor:
+    """An empty (all-zero) latent made for another latent space takes the model's channel count, its pixels per
+    latent pixel (EmptyLatentImage's 8, marked `downscale_ratio_spacial`, for Qwen-Image 2.1's 16), and a video
+    model's latent its frame axis, as ComfyUI's samplers fit them (fix_empty_latent_channels): EmptyLatentImage's 4
+    channels serve Flux's 16, an image latent a Wan model as one frame. A latent holding values is left to be
+    refused."""
+    family, samples = model.family, latent["samples"]
     channels = getattr(family, "latent_channels", None) or family.vae_config.z_channels
     if samples.shape[1] != channels and not samples.any():
         samples = samples.new_zeros(samples.shape[0], channels, *samples.shape[2:])
+    made_for, ratio = latent.get("downscale_ratio_spacial"), getattr(family, "spatial_ratio", 8)
+    if made_for is not None and made_for != ratio and not samples.any():
+        size = [round(side * made_for / ratio) for side in samples.shape[-2:]]
+        samples = samples.new_zeros(*samples.shape[:-2], *size)
     if family.name in VIDEO_FAMILIES and samples.ndim == 4:
         samples = samples.unsqueeze(2)
     return samples
@@ -207,7 +213,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     _check_hook_families(model, positive, negative, dual.middle if dual else [])
     _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
-    latent = {**latent, "samples": _fit_empty_latent(model, latent["samples"])}
+    latent = {**latent, "samples": _fit_empty_latent(model, latent)}
     samples = latent["samples"]
     # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
     # updates of late steps. The UNet casts its input to its own dtype and its output back.

@@ -38,7 +38,8 @@ def encode(node: Node, vae: Vae, pixels: torch.Tensor, tile: tuple[int, int] | N
     device, _, dtype = device_and_dtype(node.ctx)
     video = is_video_vae(vae)
     factor = getattr(vae.vae, "spatial_compression", 8)
-    x = _crop_to_multiple_of_8(pixels, factor)[..., :3].movedim(-1, 1).to(device, dtype) * 2 - 1
+    channels = getattr(vae.vae, "image_channels", 3)  # an RGBA VAE's (Qwen-Image's Layered and 2.1) keep the alpha
+    x = _crop_to_multiple_of_8(pixels, factor)[..., :channels].movedim(-1, 1).to(device, dtype) * 2 - 1
     if video:
         x = x.movedim(0, 1).unsqueeze(0)  # [T, 3, H, W] -> [1, 3, T, H, W]
     model = on_device(node.ctx, vae.vae)

@@ -60,8 +60,9 @@ def test_clip_text_encode_gives_qwen_images_context(engine, folders) -> None:
 
 
 def test_a_umt5_file_with_type_qwen_image_is_refused(engine) -> None:
-    assert CLIPLoader.check_inputs({"clip_name": UMT5, "type": "qwen_image"}) == \
-        f"{UMT5} holds umt5xxl; type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)"
+    assert CLIPLoader.check_inputs({"clip_name": UMT5, "type": "qwen_image"}) == (
+        f"{UMT5} holds umt5xxl; type qwen_image takes one Qwen2.5-VL-7B, Qwen-Image's (qwen_2.5_vl_7b.safetensors or "
+        "an fp8 copy), or Qwen3-VL-8B, Qwen-Image 2.1's (qwen3vl_8b_bf16.safetensors)")
     [problem] = validate(parse_api(workflow(UMT5)), engine.registry).problems
     assert "type qwen_image takes one Qwen2.5-VL-7B" in problem.details
     with pytest.raises(WorkflowInvalid):

@@ -24,7 +24,7 @@ from ldm.hidream_presets import make_hidream_files
 from ldm.ltxv_presets import make_ltxv_files
 from ldm.lumina2_presets import make_lumina2_files
 from ldm.presets import make_checkpoint, make_controlnet
-from ldm.qwen_image_presets import make_qwen_image_files
+from ldm.qwen_image_presets import make_qwen_image21_files, make_qwen_image_files
 from ldm.sd3_presets import make_sd3_files
 from ldm.stable_audio_presets import make_stable_audio_files
 from ldm.upscale import RRDBNet
@@ -77,6 +77,10 @@ HIDREAM_FILES = {"unet": "diffusion_models/hidream_i1_dev_bf16.safetensors",
                  "clip_g": "text_encoders/clip_g_hidream.safetensors",
                  "t5xxl": "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors",
                  "llama": "text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors"}
+# Tiny Qwen-Image 2.1 parts under the names qwen_image21_t2i.json loads.
+QWEN21_FILES = {"unet": "diffusion_models/qwen_image_2.1_bf16.safetensors",
+                "qwen3vl": "text_encoders/qwen3vl_8b_bf16.safetensors",
+                "vae": "vae/qwen_image_2.1_vae_bf16.safetensors"}
 # Tiny ACE-Step 1.5 parts under the names ace_step15.json loads.
 ACE_FILES = {"diffusion_model": "diffusion_models/acestep_v1.5_turbo.safetensors",
              "text_encoder": "text_encoders/qwen_0.6b_ace15.safetensors",
@@ -136,6 +140,9 @@ def base(tmp_path_factory):
     stable_audio = make_stable_audio_files(root / "stable-audio-tiny", seed=1)
     shutil.copy(stable_audio["checkpoint"], root / "models" / "checkpoints" / "stable-audio-open-1.0.safetensors")
     shutil.copy(stable_audio["t5base"], root / "models" / "text_encoders" / "t5-base.safetensors")
+    qwen21 = make_qwen_image21_files(root / "qwen21-tiny", seed=1)
+    for part, name in QWEN21_FILES.items():
+        shutil.copy(qwen21[part], root / "models" / name)
     ace = make_ace_step15_files(root / "ace-tiny", seed=1)
     for part, name in ACE_FILES.items():
         shutil.copy(ace[part], root / "models" / name)
@@ -159,6 +166,8 @@ def load(name: str, registry, overrides=None):
     for node in graph.nodes.values():
         if node.class_type in ("KSampler", "KSamplerAdvanced"):
             node.inputs.update(FAST)
+        if node.class_type == "TextEncodeQwenImage21":
+            node.inputs.update(resolution=128)
         if node.class_type in ("EmptyLatentImage", "EmptySD3LatentImage"):
             node.inputs.update(width=min(node.inputs["width"], 128), height=min(node.inputs["height"], 64))
         if node.class_type == "EmptyHunyuanLatentVideo":
@@ -191,8 +200,9 @@ def test_every_example_workflow_runs(engine, base, name):
         return
     [images] = [ui["images"] for ui in result.outputs.values()]
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
-    with Image.open(path) as image:  # Qwen-Image-Layered's: the picture and its two layers, RGBA
-        assert image.mode == ("RGBA" if name == "qwen_image_layered" else "RGB") and min(image.size) >= 64
+    with Image.open(path) as image:  # Qwen-Image-Layered's (the picture and its two layers) and 2.1's are RGBA
+        assert image.mode == ("RGBA" if name in ("qwen_image_layered", "qwen_image21_t2i") else "RGB")
+        assert min(image.size) >= 64
         assert len(images) == (3 if name == "qwen_image_layered" else len(images))
         if image.format == "WEBP":  # a video's frames (SaveAnimatedWEBP), the prompt in its EXIF Model tag
             assert image.n_frames in (5, 9)  # Wan's 1 + 4k pictures, LTX-Video's 1 + 8k

@@ -82,8 +82,9 @@ def test_other_files_with_type_lumina2_are_refused(engine, folders, name, kind) 
 
 
 def test_a_qwen3_file_with_other_types_is_refused(folders) -> None:
-    assert CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "qwen_image"}) == \
-        f"{QWEN3} holds qwen3_4b; type qwen_image takes one Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors or an fp8 copy)"
+    assert CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "qwen_image"}) == (
+        f"{QWEN3} holds qwen3_4b; type qwen_image takes one Qwen2.5-VL-7B, Qwen-Image's (qwen_2.5_vl_7b.safetensors or "
+        "an fp8 copy), or Qwen3-VL-8B, Qwen-Image 2.1's (qwen3vl_8b_bf16.safetensors)")
     problem = CLIPLoader.check_inputs({"clip_name": QWEN3, "type": "stable_diffusion"})
     assert "it looks like Qwen3 (Qwen3-4B is Z-Image's text encoder" in problem and "type lumina2" in problem
     with pytest.raises(CheckpointError, match="not Qwen2.5-VL-7B.*it holds Qwen3 \\(Qwen3-4B is Z-Image's"):

@@ -1,0 +1,141 @@
+"""Qwen-Image 2.1 as a Loom model family, from the files ComfyUI users load: the transformer through UNETLoader
+(Comfy-Org's qwen_image_2.1_bf16.safetensors: `ldm.qwen_image21`'s layout, bare or under `model.diffusion_model.`;
+diffusers' split MLP names too), Qwen3-VL-8B through CLIPLoader type qwen_image (`ldm.qwen3vl_text`) and the RGBA
+VAE through VAELoader (`ldm.qwen_image21_vae`).
+
+Latents are [B, 64, H/16, W/16], normalised per channel by the VAE's 64 means and standard deviations on their way
+to the transformer (as Wan's latents are). Sampling is rectified flow on SD3's shifted levels; ComfyUI's shift for
+this model is not known to Loom, so it takes Qwen-Image's 3.1 (what diffusers' dynamic shift gives at about 1024 x
+1024 pixels; ModelSamplingAuraFlow sets another). The prompt's image slots (where each picture's pads were) ride in
+the conditioning (`ldm.sampling.cond_jobs.MODEL_INPUTS`), its reference latents as Qwen-Image-Edit's do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ldm import checkpoint as ckpt
+from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints
+from ldm.flow_family import FlowFamily
+from ldm.qwen_image21 import (
+    AXES_KEY,
+    QwenImage21Config,
+    QwenImage21Model,
+    config_from_state_dict,
+    is_qwen_image21,
+    to_loom_layout,
+)
+from ldm.qwen_image21_vae import LATENTS_MEAN, LATENTS_STD
+from ldm.t5 import descaled_fp8
+from ldm.vae import VAEConfig
+
+QWEN_IMAGE21_SHIFT = 3.1  # see the module docstring
+LATENT_SPACE = VAEConfig(z_channels=64, scaling_factor=1.0)
+
+
+@dataclass(frozen=True)
+class QwenImage21Family(FlowFamily):
+    """Qwen-Image 2.1's family: its transformer's config, the RGBA VAE's normalised 64-channel latents at 1/16."""
+
+    unet_config: QwenImage21Config
+    vae_config: VAEConfig = LATENT_SPACE
+    name: str = "qwen_image21"
+    latent_shift: float = 0.0
+    latent_mean: tuple[float, ...] = tuple(LATENTS_MEAN)
+    latent_std: tuple[float, ...] = tuple(LATENTS_STD)
+    spatial_ratio: int = 16  # pixels per latent pixel (the sampler refits EmptyLatentImage's 1/8 latents)
+    prompt_hint: str = "encode it with TextEncodeQwenImage21 on Qwen3-VL-8B (CLIPLoader type qwen_image)"
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet_config.channels
+
+    @property
+    def shift(self) -> float:
+        return QWEN_IMAGE21_SHIFT
+
+
+class QwenImage21Denoiser(nn.Module):
+    """The transformer called as Loom's denoiser calls a model: reference latents as `References` (already in the
+    model's latent space), the prompt's image slots [B, n] by keyword (one call per item where the items' differ)."""
+
+    def __init__(self, model: QwenImage21Model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> QwenImage21Config:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+                attn_mask: Tensor | None = None, ref_latents: object = None,
+                image_slots: Tensor | None = None) -> Tensor:
+        refs = list(getattr(ref_latents, "latents", ref_latents) or [])
+        if image_slots is None or bool((image_slots == image_slots[:1]).all()):
+            slots = None if image_slots is None else image_slots[0].tolist()
+            return self.model(x, timesteps, context, attn_mask=attn_mask, ref_latents=refs, image_slots=slots)
+        t = timesteps.reshape(-1).expand(x.shape[0])
+
+        def item(tensor: Tensor | None, i: int) -> Tensor | None:
+            return None if tensor is None else tensor[i:i + 1] if tensor.shape[0] > 1 else tensor
+
+        return torch.cat([self.model(x[i:i + 1], t[i:i + 1], item(context, i), attn_mask=item(attn_mask, i),
+                                     ref_latents=[item(r, i) for r in refs], image_slots=image_slots[i].tolist())
+                          for i in range(x.shape[0])])
+
+
+def _prefix(sd: StateDict) -> str | None:
+    return next((p for p in (UNET_PREFIX, "") if is_qwen_image21(sd, p)), None)
+
+
+def peek_qwen_image21(path: str | Path) -> QwenImage21Family | None:
+    """The family of a Qwen-Image 2.1 transformer file from its header alone; None for other files."""
+    shapes = ckpt.shapes_or_none(path)
+    prefix = None if shapes is None else _prefix(shapes)
+    if prefix is None:
+        return None
+    axes = metadata_ints(ckpt.read_metadata(path), AXES_KEY)
+    try:
+        return QwenImage21Family(config_from_state_dict(shapes, axes, prefix))
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path).name}: {e}") from None
+
+
+def is_qwen_image21_file(path: str | Path) -> bool:
+    shapes = ckpt.shapes_or_none(path)
+    return shapes is not None and _prefix(shapes) is not None
+
+
+@dataclass
+class LoadedQwenImage21:
+    family: QwenImage21Family
+    unet: QwenImage21Denoiser
+    unused_keys: list[str]
+    path: Path
+    metadata: dict[str, str]
+
+
+def load_qwen_image21_unet(path: str | Path, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.bfloat16) -> LoadedQwenImage21:
+    """A Qwen-Image 2.1 transformer file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load)."""
+    path = Path(path)
+    sd = ckpt.load_state_dict(path)
+    prefix = _prefix(sd)
+    if prefix is None:
+        raise CheckpointError(f"{path.name}: not a Qwen-Image 2.1 transformer (no modulation / txt_in.text_norm / "
+                              "img_in weights in its layout)")
+    family = peek_qwen_image21(path)
+    weights = to_loom_layout(dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})))
+    model = ckpt._materialize(lambda: QwenImage21Model(family.unet_config), weights, "Qwen-Image 2.1 transformer",
+                              path, device, dtype)
+    expected = set(model.state_dict())
+    unused = sorted(k for k in weights if k not in expected and not k.endswith(("scale_weight", "scale_input")))
+    return LoadedQwenImage21(family, QwenImage21Denoiser(model).eval(), unused, path, ckpt.read_metadata(path))
