@@ -23,6 +23,7 @@ from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_int
 from ldm.flow_family import FlowFamily
 from ldm.qwen_image21 import (
     AXES_KEY,
+    PrefixKV,
     QwenImage21Config,
     QwenImage21Model,
     config_from_state_dict,
@@ -61,7 +62,11 @@ class QwenImage21Family(FlowFamily):
 
 class QwenImage21Denoiser(nn.Module):
     """The transformer called as Loom's denoiser calls a model: reference latents as `References` (already in the
-    model's latent space), the prompt's image slots [B, n] by keyword (one call per item where the items' differ)."""
+    model's latent space), the prompt's image slots [B, n] by keyword (one call per item where the items' differ).
+    `prefix_cache` (on, as ComfyUI's default; QwenImage21Cache's device "off" turns it off) has the sampler keep the
+    prompt's and references' keys and values for a run (`PrefixKVRun`)."""
+
+    prefix_cache: bool = True
 
     def __init__(self, model: QwenImage21Model):
         super().__init__()
@@ -76,12 +81,13 @@ class QwenImage21Denoiser(nn.Module):
         return self.model.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                attn_mask: Tensor | None = None, ref_latents: object = None,
-                image_slots: Tensor | None = None) -> Tensor:
+                attn_mask: Tensor | None = None, ref_latents: object = None, image_slots: Tensor | None = None,
+                prefix_kv: PrefixKV | None = None) -> Tensor:
         refs = list(getattr(ref_latents, "latents", ref_latents) or [])
         if image_slots is None or bool((image_slots == image_slots[:1]).all()):
             slots = None if image_slots is None else image_slots[0].tolist()
-            return self.model(x, timesteps, context, attn_mask=attn_mask, ref_latents=refs, image_slots=slots)
+            return self.model(x, timesteps, context, attn_mask=attn_mask, ref_latents=refs, image_slots=slots,
+                              prefix_kv=prefix_kv)
         t = timesteps.reshape(-1).expand(x.shape[0])
 
         def item(tensor: Tensor | None, i: int) -> Tensor | None:
@@ -90,6 +96,27 @@ class QwenImage21Denoiser(nn.Module):
         return torch.cat([self.model(x[i:i + 1], t[i:i + 1], item(context, i), attn_mask=item(attn_mask, i),
                                      ref_latents=[item(r, i) for r in refs], image_slots=image_slots[i].tolist())
                           for i in range(x.shape[0])])
+
+
+class PrefixKVRun:
+    """One sampling run's calls of a Qwen-Image 2.1 transformer (`module`, on its device), sharing one `PrefixKV`: the
+    prefix (prompt and references, the same at every step) is computed on its first call and only the target's
+    tokens after (ComfyUI's QwenImage21Cache; the same velocities)."""
+
+    def __init__(self, module: QwenImage21Denoiser):
+        self.module, self.store = module, PrefixKV()
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, **extra: object) -> Tensor:
+        return self.module(x, t, context, y=y, prefix_kv=self.store, **extra)
+
+
+def without_prefix_cache(unet: QwenImage21Denoiser) -> QwenImage21Denoiser:
+    """A copy (sharing the weights) that recomputes the prefix at every step (QwenImage21Cache's device "off")."""
+    from ldm.lora import shallow_copy
+
+    patched = shallow_copy(unet)
+    patched.prefix_cache = False
+    return patched
 
 
 def _prefix(sd: StateDict) -> str | None:

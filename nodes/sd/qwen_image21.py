@@ -11,6 +11,7 @@ LATENT is [B, 64, H/16, W/16]; the node's third output is an empty one the size 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -95,10 +96,10 @@ class TextEncodeQwenImage21(Node):
 
 
 class QwenImage21Cache(Node):
-    """ComfyUI's switch for Qwen-Image 2.1's cache of the prompt's (and references') keys and values across steps,
-    which only the target picture's tokens change between. Loom's transformer keeps it itself (`device` off turns
-    it off); int8 and int4 storage are ComfyUI's memory savers, which Loom does not use (the cache is kept in the
-    model's dtype), so the pictures are the same."""
+    """ComfyUI's switch for Qwen-Image 2.1's cache of the prompt's (and references') keys and values across a run's
+    steps, which only the target picture's tokens change between: on by default, as in ComfyUI, on the compute
+    device; `device` off recomputes them at every step (the same pictures, slower). int8 and int4 storage are
+    ComfyUI's memory savers, which Loom does not use (the cache stays in the model's dtype)."""
 
     category = "advanced/model"
     model = Socket("MODEL")
@@ -114,7 +115,11 @@ class QwenImage21Cache(Node):
         if model.family.name != FAMILY:
             raise ValueError(f"QwenImage21Cache is for Qwen-Image 2.1; {model.source} is "
                              f"{model.family.name.upper()}")
-        return (model,)
+        if device != "off":
+            return (model,)
+        from ldm.qwen_image21_files import without_prefix_cache
+
+        return (replace(model, unet=without_prefix_cache(model.unet), own_bytes=0),)
 
 
 NODES = [TextEncodeQwenImage21, QwenImage21Cache]

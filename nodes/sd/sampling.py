@@ -287,6 +287,10 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         from nodes.sd.wan_vace import vace_controls
 
         unet = vace_controls(camera_controls(unet, model, positive, negative), model, positive, negative)
+    if getattr(model.unet, "prefix_cache", False):  # Qwen-Image 2.1: the prompt's keys and values kept for this run
+        from ldm.qwen_image21_files import PrefixKVRun
+
+        unet = PrefixKVRun(placed_unet)
     if getattr(model.unet, "reference_kv", False):  # FluxKVCache: references' keys and values kept for this run
         from ldm.flux2 import ReferenceKVRun
 

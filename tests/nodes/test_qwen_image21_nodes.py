@@ -109,6 +109,20 @@ def test_edit_graph_matches_the_pipelines_transformer_calls(base) -> None:
     assert picture.shape == (1, 288, 384, 4)  # RGBA
 
 
+def test_the_prefix_cache_changes_nothing_but_the_work(base) -> None:
+    """QwenImage21Cache's device off (the prompt and picture recomputed at every step) samples the latent the
+    default cache does."""
+    engine, files = base
+    cached = engine.run(parse_api(workflow(files)), keep=["8"])
+    doc = workflow(files)
+    doc["4"]["inputs"]["device"] = "off"
+    recomputed = engine.run(parse_api(doc), keep=["4", "8"])
+    assert cached.ok and recomputed.ok, (cached.error, recomputed.error)
+    assert not recomputed.values["4"][0].unet.prefix_cache
+    torch.testing.assert_close(recomputed.values["8"][0]["samples"], cached.values["8"][0]["samples"],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_text_to_image_refits_the_empty_latent_and_saves_rgba(base) -> None:
     engine, files = base
     result = engine.run(parse_api(workflow(files, edit=False)), keep=["5", "8"])
