@@ -32,7 +32,7 @@ from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, StateDict
 from ldm.vae import DiagonalGaussianDistribution, tiled_apply
 from ldm.wan_vae import AttentionBlock, AvgDown3D, DupUp3D, RMSNorm, WanVAEConfig
-from ldm.wan_vae_files import is_wan_vae, wan_vae_config_from_state_dict
+from ldm.wan_vae_files import is_wan_vae, randomized_, wan_vae_config_from_state_dict
 
 QWEN_IMAGE21_VAE_CONFIG = WanVAEConfig(z_dim=64, base_dim=96, decoder_base_dim=144, dim_mult=(1, 2, 4, 8, 8),
                                        temporal_downsample=(False, True, True, True), residual=True, image_channels=4)
@@ -352,18 +352,7 @@ def load_qwen_image21_vae(path_or_state_dict: str | Path | StateDict, device: to
 def random_qwen_image21_vae(config: WanVAEConfig = TINY_QWEN_IMAGE21_VAE, seed: int = 0) -> QwenImage21VAE:
     """A QwenImage21VAE with seeded random weights that keep activations in range (norm gains near 1, small
     biases)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = QwenImage21VAE(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("gamma"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("bias"):
-                param.copy_(0.02 * noise)
-            else:
-                param.copy_(noise * param[0].numel() ** -0.5)
-    return model.eval().requires_grad_(False)
+    return randomized_(QwenImage21VAE(config), seed)
 
 
 def _time_convs(config: WanVAEConfig, generator: torch.Generator) -> StateDict:

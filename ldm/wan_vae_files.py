@@ -17,6 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, StateDict
@@ -134,8 +135,13 @@ def load_wan_vae(path_or_state_dict: str | Path | StateDict, device: torch.devic
 
 def random_wan_vae(config: WanVAEConfig, seed: int = 0) -> WanVAE:
     """A WanVAE with seeded random weights that keep activations in range (norm gains near 1, small biases)."""
+    return randomized_(WanVAE(config), seed)
+
+
+def randomized_(model: nn.Module, seed: int) -> nn.Module:
+    """A Wan-style VAE (`gamma` norm gains) given seeded random weights that keep activations in range (gains near
+    1, small biases, weights at 1/sqrt(fan-in)); frozen, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
-    model = WanVAE(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
