@@ -58,7 +58,7 @@ class TextEncodeQwenImage21(Node):
               "negative_prompt": String("", multiline=True), "vae": Socket("VAE", optional=True),
               "resolution": Int(1024, min=0, max=4096, step=32,
                                 tooltip="the pictures' size (about this squared, aspect kept); 0: their own"),
-              **{f"images.image_{slot}": Socket("IMAGE", optional=True, extra={"autogrow": True} if slot > 1 else {})
+              **{f"images.image_{slot}": Socket("IMAGE", optional=True, extra={"autogrow": True})
                  for slot in range(1, MAX_IMAGES + 1)}}
     outputs = (Output("CONDITIONING", name="positive"), Output("CONDITIONING", name="negative"),
                Output("LATENT", name="latent"))
