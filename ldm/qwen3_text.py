@@ -84,6 +84,11 @@ def token_ids(text: str) -> list[int]:
     return _vocabulary().encode(text, add_special_tokens=False).ids
 
 
+def decode(ids: list[int]) -> str:
+    """The text of token ids, special tokens skipped (Qwen3's added tokens, `<think>` among them, kept)."""
+    return _vocabulary().decode(ids, skip_special_tokens=True)
+
+
 def tokenize(prompt: str) -> list[int]:
     """The token ids ComfyUI encodes for a Z-Image prompt (see `prompt_text`)."""
     return token_ids(prompt_text(prompt))

@@ -32,8 +32,8 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ModelSamplingStableCascade",
     # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
     "GLSLShader",
-    # seen in Comfy-Org's Qwen-Image templates (tagged comfy-core there): text generation, Lotus
-    "TextGenerate", "LotusConditioning",
+    # seen in Comfy-Org's Qwen-Image templates (tagged comfy-core there): Lotus
+    "LotusConditioning",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -1,0 +1,103 @@
+"""ComfyUI's TextGenerate ("Generate Text"): the language model inside a CLIP writes text for a prompt (prompt
+enhancement); the generation itself is ldm.textgen's.
+
+`sampling_mode` is a ComfyUI dynamic combo: "on" brings its own inputs, which API prompts carry as
+`sampling_mode.temperature`, `sampling_mode.top_k`, ... (Loom declares each one, optional, as ResizeImageMaskNode
+does); "off" decodes greedily. Images, video and audio are refused: the CLIPs Loom can generate with read text only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ldm.textgen import NEEDS, Sampling, TextGenerationError, generate_text
+from nodes.node import Node
+from nodes.sd.models import Clip, on_device
+from nodes.spec import Boolean, Combo, Float, InputSpec, Int, Output, Socket, String
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty")
+# The families of the CLIPs that can generate (ldm.textgen.chat_lm): Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B.
+GENERATING_FAMILIES = frozenset({"z_image", "lumina2"})
+
+_INPUTS: dict[str, InputSpec] = {
+    "clip": Socket("CLIP", tooltip="a CLIP holding a causal language model (Qwen3-4B or Gemma-2-2B)"),
+    "prompt": String("", multiline=True, tooltip="the prompt; with use_default_template it is the user's turn"),
+    "image": Socket("IMAGE", optional=True, tooltip="not supported: the CLIPs Loom generates with read text only"),
+    "video": Socket("VIDEO", optional=True, tooltip="not supported"),
+    "audio": Socket("AUDIO", optional=True, tooltip="not supported"),
+    "max_length": Int(512, min=1, max=32768, tooltip="the most tokens to write"),
+    "sampling_mode": Combo(["on", "off"], tooltip="on: sample with the sampling_mode.* settings; off: greedy",
+                           extra={"dynamic_inputs": {"on": [f"sampling_mode.{k}" for k in SAMPLING_KEYS], "off": []}}),
+    "sampling_mode.temperature": Float(0.7, min=0.01, max=2.0, step=0.000001, optional=True),
+    "sampling_mode.top_k": Int(64, min=0, max=1000, optional=True, tooltip="0: no top-k"),
+    "sampling_mode.top_p": Float(0.95, min=0.0, max=1.0, step=0.01, optional=True),
+    "sampling_mode.min_p": Float(0.05, min=0.0, max=1.0, step=0.01, optional=True),
+    "sampling_mode.repetition_penalty": Float(1.05, min=0.0, max=5.0, step=0.01, optional=True),
+    "sampling_mode.seed": Int(0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True),
+    "sampling_mode.presence_penalty": Float(0.0, min=0.0, max=5.0, step=0.01, optional=True),
+    "thinking": Boolean(False, optional=True, tooltip="let a thinking model (Qwen3) think first; off adds the "
+                        "empty think block"),
+    "use_default_template": Boolean(True, optional=True, tooltip="put the prompt in the model's chat template; "
+                                    "off: the prompt is tokenized as it is"),
+}
+
+
+def sampling_of(mode: str, options: dict[str, Any]) -> Sampling | None:
+    """The sampling settings of sampling_mode "on" (defaults where an input is absent); None for "off"."""
+    if mode == "off":
+        return None
+    given = {k: options[f"sampling_mode.{k}"] for k in SAMPLING_KEYS if options.get(f"sampling_mode.{k}") is not None}
+    return Sampling(**given)
+
+
+class TextGenerate(Node):
+    """Writes text with the language model of a CLIP (Z-Image's Qwen3-4B or Lumina 2's Gemma-2-2B) from a prompt in
+    its chat template, greedily or sampled."""
+
+    display_name = "Generate Text"
+    category = "textgen"
+    inputs = _INPUTS
+    outputs = (Output("STRING", "generated_text"),)
+
+    @classmethod
+    def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
+        """ComfyUI's editor stores [prompt, max_length, sampling_mode, the choice's widgets (seven numbers for "on";
+        six before presence_penalty), thinking, use_default_template] (older files lack the booleans)."""
+        if len(values) < 3 or values[2] not in ("on", "off"):
+            return None
+        out = {"prompt": values[0], "max_length": values[1], "sampling_mode": values[2]}
+        rest = list(values[3:])
+        if values[2] == "on":
+            count = next((i for i, v in enumerate(rest) if isinstance(v, bool)), len(rest))
+            if count not in (len(SAMPLING_KEYS) - 1, len(SAMPLING_KEYS)):
+                return None
+            out |= {f"sampling_mode.{k}": v for k, v in zip(SAMPLING_KEYS, rest[:count], strict=False)}
+            rest = rest[count:]
+        if len(rest) > 2:
+            return None
+        return out | dict(zip(("thinking", "use_default_template"), rest, strict=False))
+
+    @classmethod
+    def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
+        family = linked.get("clip", {}).get("family")
+        if family is not None and family not in GENERATING_FAMILIES:
+            return f"the CLIP linked is {family}'s. {NEEDS}"
+        unknown = sorted(name for name in linked if name not in cls.inputs)
+        return f"TextGenerate has no input {', '.join(unknown)}" if unknown else None
+
+    def execute(self, clip: Clip, prompt: str, max_length: int, sampling_mode: str, image: Any = None,
+                video: Any = None, audio: Any = None, thinking: bool = False, use_default_template: bool = True,
+                **options: Any) -> tuple[str]:
+        given = [name for name, value in (("image", image), ("video", video), ("audio", audio)) if value is not None]
+        if given:
+            raise TextGenerationError(f"TextGenerate: Loom's generating CLIPs read text only; disconnect the "
+                                      f"{' and '.join(given)} input")
+        sampling = sampling_of(sampling_mode, options)
+        with torch.inference_mode():
+            encoder = on_device(self.ctx, clip.encoder)
+            return (generate_text(encoder, prompt, max_length, sampling, thinking, use_default_template),)
+
+
+NODES = [TextGenerate]
