@@ -1,5 +1,10 @@
-"""Audio nodes under ComfyUI's names: LoadAudio, SaveAudio (FLAC), SaveAudioMP3, SaveAudioOpus, PreviewAudio, and
-the small AUDIO utilities (trim, split, concatenate, merge, volume, silence). Files are read and written with PyAV.
+"""Audio nodes under ComfyUI's names: LoadAudio, RecordAudio (the editor's microphone recording), SaveAudio (FLAC),
+SaveAudioMP3, SaveAudioOpus, PreviewAudio, and the small AUDIO utilities (trim, split, concatenate, merge, volume,
+silence, the three-band equaliser). Files are read and written with PyAV.
+
+AudioEqualizer3Band designs its filters as torchaudio's bass_biquad, equalizer_biquad and treble_biquad do (RBJ's
+Audio EQ Cookbook; ComfyUI calls those three) and runs them with scipy.signal.lfilter; tests/nodes/
+test_audio_eq_record.py checks them against the cookbook's formulas, a direct-form loop and measured sine gains.
 
 AUDIO is ComfyUI's dict {"waveform": float32 [B, C, T] in -1..1, "sample_rate": int}; custom nodes rely on it.
 """
@@ -7,6 +12,8 @@ AUDIO is ComfyUI's dict {"waveform": float32 [B, C, T] in -1..1, "sample_rate": 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,7 @@ import torch
 from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import workflow_metadata
-from nodes.spec import Combo, Float, Int, Output, Socket, String
+from nodes.spec import Combo, Float, InputSpec, Int, Output, Socket, String
 
 # What LoadAudio lists: ComfyUI lists the input files whose type is audio or video (the audio of a video is read).
 AUDIO_SUFFIXES = (".wav", ".mp3", ".ogg", ".opus", ".flac", ".m4a", ".aac", ".aif", ".aiff", ".weba", ".wma")
@@ -131,6 +138,19 @@ def save_audio(ctx: Any, audio: dict[str, Any], root: Path, prefix: str, kind: s
     return results
 
 
+def audio_file_problem(path: Path, name: str) -> str | None:
+    """Why the file a loader names cannot be loaded (no audio stream, not a media file), from its header; or None."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return f"Invalid audio file: {name} holds no audio stream"
+    except av.FFmpegError as exc:
+        return f"Invalid audio file: {name} is not a readable audio file: {exc}"
+    return None
+
+
 class LoadAudio(Node):
     """Loads the audio of a file in the input folder (an audio file, or a video's sound) at its own sample rate."""
 
@@ -147,23 +167,68 @@ class LoadAudio(Node):
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
         """Refuse a file without an audio stream before anything heavy runs (reads the header only)."""
-        import av
-
         path = input_file(str(inputs.get("audio", "")))
         if path is None:
             return None  # the combo check has reported it
-        try:
-            with av.open(str(path)) as container:
-                if not container.streams.audio:
-                    return f"Invalid audio file: {inputs['audio']} holds no audio stream"
-        except av.FFmpegError as exc:
-            return f"Invalid audio file: {inputs['audio']} is not a readable audio file: {exc}"
-        return None
+        return audio_file_problem(path, inputs["audio"])
 
     def execute(self, audio: str) -> tuple[dict[str, Any]]:
         path = input_file(audio)
         if path is None:
             raise FileNotFoundError(f"Invalid audio file: {audio!r} is not in the input folder {get_paths().input}")
+        return (read_audio(path),)
+
+
+# ComfyUI's annotated names: "sub/name.wav [temp]" names a file of temp/ ("[input]", "[output]" the other folders).
+_ANNOTATED = re.compile(r"^(?P<name>.*?)\s*\[(?P<folder>input|output|temp)\]$")
+
+
+def find_recording(name: str) -> Path | None:
+    """The file RecordAudio's value names: a path in input/ (where Loom's editor uploads a recording), or in the
+    folder a " [temp]" / " [output]" / " [input]" suffix names (ComfyUI's editor writes "audio/NAME.wav [temp]");
+    None when there is none, or when the name leads out of its folder."""
+    match = _ANNOTATED.match(name.strip())
+    kind, relative = (match["folder"], match["name"]) if match else ("input", name)
+    paths = get_paths()
+    root = {"input": paths.input, "output": paths.output, "temp": paths.temp}[kind].resolve()
+    path = (root / relative).resolve()
+    return path if path.is_file() and path.is_relative_to(root) else None
+
+
+class RecordAudio(Node):
+    """Loads the recording the editor's record button made (uploaded to input/audio/), as LoadAudio loads a file.
+    The value is the file's name; ComfyUI's API workflows name it "audio/NAME.wav [temp]", which is read too."""
+
+    display_name = "Record Audio"
+    category = "audio"
+    # ComfyUI's AUDIO_RECORD widget: its editor records from the microphone and sends the uploaded file's name.
+    audio = InputSpec(type="AUDIO_RECORD", checked_by_node=True)
+    outputs = (Output("AUDIO"),)
+
+    @classmethod
+    def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
+        """The record widget's value (the uploaded file's name) is the node's one widget value in a UI file."""
+        return {"audio": values[0]} if values and isinstance(values[0], str) else None
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        path = find_recording(str(inputs.get("audio") or ""))
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        name = inputs.get("audio")
+        if not isinstance(name, str) or not name.strip():
+            return "no recording: press record on the node, then stop, before queueing"
+        path = find_recording(name)
+        if path is None:
+            return f"Invalid audio file: {name!r} is not a recording in the input folder {get_paths().input}"
+        return audio_file_problem(path, name)
+
+    def execute(self, audio: str) -> tuple[dict[str, Any]]:
+        path = find_recording(audio)
+        if path is None:
+            raise FileNotFoundError(f"Invalid audio file: {audio!r} is not a recording in {get_paths().input}")
         return (read_audio(path),)
 
 
@@ -411,5 +476,75 @@ class EmptyAudio(Node):
         return (audio_value(torch.zeros((1, channels, round(duration * sample_rate))), sample_rate),)
 
 
-NODES = [LoadAudio, SaveAudio, SaveAudioMP3, SaveAudioOpus, SaveAudioAdvanced, PreviewAudio, TrimAudioDuration,
-         SplitAudioChannels, JoinAudioChannels, AudioConcat, AudioMerge, AudioAdjustVolume, EmptyAudio]
+def shelf_coefficients(kind: str, rate: int, freq: float, gain_db: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """(b, a), a[0] = 1, of the cookbook's low ("low": torchaudio's bass_biquad) or high ("high": treble_biquad)
+    shelf: `gain_db` beyond the shelf, half of it at `freq`. The high shelf is the low one with the sign of each
+    cos(w0) term turned, which `turn` does."""
+    w0 = 2 * math.pi * freq / rate
+    amp = 10 ** (gain_db / 40)
+    turn = 1 if kind == "high" else -1
+    cos_lo, cos_hi = turn * (amp - 1) * math.cos(w0), turn * (amp + 1) * math.cos(w0)
+    root = math.sqrt(amp) * math.sin(w0) / q  # 2 sqrt(A) alpha
+    b = amp * np.array([(amp + 1) + cos_lo + root, -2 * turn * ((amp - 1) + cos_hi), (amp + 1) + cos_lo - root])
+    a = np.array([(amp + 1) - cos_lo + root, 2 * turn * ((amp - 1) - cos_hi), (amp + 1) - cos_lo - root])
+    return b / a[0], a / a[0]
+
+
+def peak_coefficients(rate: int, freq: float, gain_db: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """(b, a), a[0] = 1, of the cookbook's peaking EQ (torchaudio's equalizer_biquad): `gain_db` at `freq`, over a
+    bandwidth set by `q`."""
+    w0 = 2 * math.pi * freq / rate
+    amp = 10 ** (gain_db / 40)
+    alpha = math.sin(w0) / (2 * q)
+    b = np.array([1 + alpha * amp, -2 * math.cos(w0), 1 - alpha * amp])
+    a = np.array([1 + alpha / amp, -2 * math.cos(w0), 1 - alpha / amp])
+    return b / a[0], a / a[0]
+
+
+def biquad_filter(samples: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """torchaudio's biquad: the filter along the last axis from rest, the output clamped to -1..1 as its lfilter does
+    by default (ComfyUI's node leaves that default)."""
+    from scipy.signal import lfilter
+
+    return np.clip(lfilter(b, a, samples, axis=-1), -1.0, 1.0)
+
+
+# AudioEqualizer3Band's shelves take torchaudio's default Q, as ComfyUI passes it.
+SHELF_Q = 0.707
+
+
+class AudioEqualizer3Band(Node):
+    """A bass shelf, a mid peak and a treble shelf, applied in that order (a band at 0 dB is skipped), each band's
+    output clamped to -1..1 as torchaudio's filters clamp it."""
+
+    display_name = "Audio Equalizer (3-Band)"
+    category = "audio"
+    audio = Socket("AUDIO")
+    low_gain_dB = Float(0.0, min=-24.0, max=24.0, step=0.1, tooltip="Gain for Low frequencies (Bass)")
+    low_freq = Int(100, min=20, max=500, tooltip="Cutoff frequency for Low shelf")
+    mid_gain_dB = Float(0.0, min=-24.0, max=24.0, step=0.1, tooltip="Gain for Mid frequencies")
+    mid_freq = Int(1000, min=200, max=4000, tooltip="Center frequency for Mids")
+    mid_q = Float(0.707, min=0.1, max=10.0, step=0.1, tooltip="Q factor (bandwidth) for Mids")
+    high_gain_dB = Float(0.0, min=-24.0, max=24.0, step=0.1, tooltip="Gain for High frequencies (Treble)")
+    high_freq = Int(5000, min=1000, max=15000, tooltip="Cutoff frequency for High shelf")
+    outputs = (Output("AUDIO"),)
+
+    def execute(self, audio: dict[str, Any], low_gain_dB: float, low_freq: int, mid_gain_dB: float, mid_freq: int,
+                mid_q: float, high_gain_dB: float, high_freq: int) -> tuple[dict[str, Any]]:
+        waveform, rate = audio["waveform"], int(audio["sample_rate"])
+        bands = [(low_gain_dB, low_freq, shelf_coefficients("low", rate, low_freq, low_gain_dB, SHELF_Q)),
+                 (mid_gain_dB, mid_freq, peak_coefficients(rate, mid_freq, mid_gain_dB, mid_q)),
+                 (high_gain_dB, high_freq, shelf_coefficients("high", rate, high_freq, high_gain_dB, SHELF_Q))]
+        samples = waveform.detach().cpu().double().numpy()
+        for gain, freq, (b, a) in bands:
+            if gain == 0:
+                continue
+            if freq >= rate / 2:  # the cookbook's design folds back there: it would not be the filter asked for
+                raise ValueError(f"AudioEqualizer3Band: {freq} Hz is not below half the sample rate ({rate} Hz)")
+            samples = biquad_filter(samples, b, a)
+        return (audio_value(torch.from_numpy(samples).to(waveform.device, waveform.dtype), rate),)
+
+
+NODES = [LoadAudio, RecordAudio, SaveAudio, SaveAudioMP3, SaveAudioOpus, SaveAudioAdvanced, PreviewAudio,
+         TrimAudioDuration, SplitAudioChannels, JoinAudioChannels, AudioConcat, AudioMerge, AudioAdjustVolume,
+         EmptyAudio, AudioEqualizer3Band]

@@ -1,7 +1,8 @@
 // Node types for the graph editor, built from /object_info, and how a node shows the run's state.
 
-import { uploadImage, viewUrl } from "./api.js";
+import { api, uploadImage, viewUrl } from "./api.js";
 import { conversionMenu, showWidget } from "./convert.js";
+import { toast } from "./panels.js";
 import { registerVirtualTypes } from "./virtual.js";
 
 const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
@@ -10,6 +11,7 @@ export const CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"];
 const IMAGE_AREA = 220;
 const AUDIO_ROW = 40; // the height a node gives each <audio> player, in graph units
 const IMAGE_ACCEPT = "image/png,image/jpeg,image/webp,image/gif,image/bmp";
+const RECORDING_SUFFIX = { "audio/webm": ".webm", "audio/ogg": ".ogg", "audio/mp4": ".m4a", "audio/wav": ".wav" };
 
 // What the editor knows about the run in progress; nodes read it when they draw.
 export const runState = {
@@ -153,6 +155,80 @@ function showInputAudio(node, name) {
   node.setDirtyCanvas(true, true);
 }
 
+// RecordAudio's AUDIO_RECORD input (ComfyUI's "audiorecord" widget): a button that records from the microphone and,
+// on stop, uploads the recording to input/audio/ as LoadAudio's upload does. Its value, kept in widgets_values, is
+// the uploaded file's name, and a player shows the recording. Drawn by itself: a litegraph button's callback would
+// also run when a document sets the value.
+function recordWidget(node, name) {
+  let recorder = null;
+  const upload = async (chunks, type) => {
+    const file = new File(chunks, `recording-${Date.now()}${RECORDING_SUFFIX[type] || ".webm"}`, { type });
+    const form = new FormData();
+    form.append("image", file);
+    form.append("subfolder", "audio");
+    try {
+      const result = await api("/upload/image", { method: "POST", form });
+      widget.value = `${result.subfolder}/${result.name}`;
+      showInputAudio(node, widget.value);
+    } catch (error) {
+      toast(`the recording could not be uploaded: ${error.message}`, "error");
+    }
+  };
+  const start = async () => {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const chunks = [];
+    recorder = new MediaRecorder(stream);
+    recorder.ondataavailable = (event) => chunks.push(event.data);
+    recorder.onstop = () => {
+      stream.getTracks().forEach((track) => track.stop());
+      const type = recorder.mimeType.split(";")[0];
+      recorder = null;
+      node.setDirtyCanvas(true, true);
+      upload(chunks, type);
+    };
+    recorder.start();
+    node.setDirtyCanvas(true, true);
+  };
+  const widget = {
+    type: "audiorecord",
+    name,
+    value: "",
+    options: {},
+    get label() {
+      return recorder ? "stop recording" : "record";
+    },
+    draw(ctx, _node, width, y, height) {
+      ctx.fillStyle = "#222";
+      ctx.strokeStyle = "#666";
+      ctx.beginPath();
+      ctx.roundRect(15, y, width - 30, height, height / 2);
+      ctx.fill();
+      ctx.stroke();
+      ctx.fillStyle = recorder ? "#f66" : "#ddd";
+      ctx.font = "12px sans-serif";
+      ctx.textAlign = "center";
+      ctx.fillText(this.label, width / 2, y + height * 0.7);
+    },
+    mouse(event) {
+      if (event.type !== LiteGraph.pointerevents_method + "down") return false;
+      if (recorder) recorder.stop();
+      else start().catch((error) => toast(`no microphone to record from: ${error.message}`, "error"));
+      return true;
+    },
+  };
+  node.addCustomWidget(widget);
+  setTimeout(() => showInputAudio(node, widget.value), 0); // a recording named by a loaded workflow
+  const removed = node.onRemoved;
+  node.onRemoved = function () {
+    if (recorder) { // a node removed while it records: free the microphone, upload nothing
+      recorder.onstop = null;
+      recorder.stream.getTracks().forEach((track) => track.stop());
+      recorder = null;
+    }
+    removed.call(this);
+  };
+}
+
 // The picture a file-choosing widget names, from the node's folder ("input" unless the schema's image_folder says
 // otherwise) or the one a ComfyUI-style " [output]" / " [temp]" suffix names.
 function showInputImage(node, name, folder = "input") {
@@ -201,6 +277,8 @@ function addInputs(node, def) {
         } else {
           node.addWidget("toggle", name, Boolean(opts.default), null, {});
         }
+      } else if (type === "AUDIO_RECORD") {
+        recordWidget(node, name);
       } else if (opts.socketless) {
         // A widget without a socket that the node draws itself (ImageCompare's compare_view: see drawCompare).
       } else if (opts.autogrow) {
