@@ -17,15 +17,16 @@ import torch
 from nodes.folders import get_paths, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import png_bytes, workflow_metadata
-from nodes.spec import Combo, Socket, String
+from nodes.spec import Combo, Output, Socket, String
 
 # Each format's bit depths and input colour spaces, the first of each the default (ComfyUI's).
 FORMATS = {"png": (("8-bit", "16-bit"), ("sRGB",)), "exr": (("32-bit float",), ("sRGB", "HDR", "linear"))}
 
 
 class SaveImageAdvanced(Node):
-    """Saves images as 8- or 16-bit PNGs carrying the workflow, or as 32-bit float EXRs in scene-linear light (the
-    input read as sRGB, as HLG-encoded HDR, or as already linear)."""
+    """Saves images as 8- or 16-bit PNGs carrying the workflow (RGBA images with their alpha), or as 32-bit float EXRs
+    in scene-linear light (the input read as sRGB, as HLG-encoded HDR, or as already linear; colour only), and passes
+    the images on, as ComfyUI's node does."""
 
     display_name = "Save Image (Advanced)"
     category = "image"
@@ -35,6 +36,7 @@ class SaveImageAdvanced(Node):
     filename_prefix = String("ComfyUI", tooltip="file name prefix; may include a sub-folder, e.g. 'cats/cat'")
     format = Combo(list(FORMATS), tooltip="png: 8 or 16 bits (format.bit_depth); exr: 32-bit float, scene-linear "
                    "(format.input_color_space: sRGB, HDR or linear)")
+    outputs = (Output("IMAGE", "images", tooltip="the images saved, passed on"),)
 
     @classmethod
     def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any]:
@@ -65,15 +67,17 @@ class SaveImageAdvanced(Node):
             with new_output_file(get_paths().output, filename_prefix, f".{format}") as (path, handle, subfolder):
                 handle.write(data)
             results.append({"filename": path.name, "subfolder": subfolder, "type": "output"})
-        return NodeResult(ui={"images": results})
+        return NodeResult(ui={"images": results}, outputs=(images,))
 
 
 def _png(image: torch.Tensor, depth: str, text: dict[str, str]) -> bytes:
     if depth == "8-bit":
         return png_bytes(image, text)
-    # 16 bits per channel: Pillow writes no 16-bit RGB PNG, FFmpeg's encoder does (it writes no text chunks).
-    pixels = (image[..., :3].clamp(0, 1) * 65535).round().to(torch.int32).numpy().astype("uint16")
-    return _with_text(_encoded("png", pixels, "rgb48le", "rgb48be"), text)
+    # 16 bits per channel: Pillow writes no 16-bit RGB(A) PNG, FFmpeg's encoder does (it writes no text chunks).
+    alpha = image.shape[-1] == 4  # an RGBA VAE's pictures (Qwen-Image-Layered's, 2.1's) keep their alpha
+    pixels = (image[..., :4 if alpha else 3].clamp(0, 1) * 65535).round().to(torch.int32).numpy().astype("uint16")
+    formats = ("rgba64le", "rgba64be") if alpha else ("rgb48le", "rgb48be")
+    return _with_text(_encoded("png", pixels, *formats), text)
 
 
 def _with_text(png: bytes, text: dict[str, str]) -> bytes:

@@ -174,20 +174,31 @@ ASPECT_RATIOS = {
 
 
 class ResolutionSelector(Node):
-    """The width and height, each a multiple of 8, of an image of the chosen aspect ratio holding about `megapixels`
-    million pixels (1.0 is 1024 x 1024)."""
+    """The width and height, each a multiple of `multiple`, of an image of the chosen aspect ratio holding about
+    `megapixels` million pixels (1.0 is 1024 x 1024). A side below `minimum` makes it the smallest size of that exact
+    ratio whose sides are multiples of `multiple` and at least `minimum`, as ComfyUI's node does."""
 
     display_name = "Resolution Selector"
     category = "utils"
     aspect_ratio = Combo(list(ASPECT_RATIOS), tooltip="the shape of the image")
     megapixels = Float(1.0, min=0.1, max=16.0, step=0.1, tooltip="the pixel count, in units of 1024 x 1024")
-    outputs = (Output("INT", "width", tooltip="the width, a multiple of 8"),
-               Output("INT", "height", tooltip="the height, a multiple of 8"))
+    multiple = Int(8, min=8, max=128, step=4, optional=True, extra={"advanced": True},
+                   tooltip="each side a multiple of this")
+    minimum = Int(256, min=32, max=4096, step=32, optional=True, extra={"advanced": True},
+                  tooltip="the least either side may be")
+    outputs = (Output("INT", "width", tooltip="the width, a multiple of `multiple`"),
+               Output("INT", "height", tooltip="the height, a multiple of `multiple`"))
 
-    def execute(self, aspect_ratio: str, megapixels: float) -> tuple[int, int]:
+    def execute(self, aspect_ratio: str, megapixels: float, multiple: int = 8, minimum: int = 256) -> tuple[int, int]:
         across, down = ASPECT_RATIOS[aspect_ratio]
         unit = math.sqrt(megapixels * 1024 * 1024 / (across * down))
-        return round(across * unit / 8) * 8, round(down * unit / 8) * 8
+        width, height = (round(side * unit / multiple) * multiple for side in (across, down))
+        if min(width, height) >= minimum:
+            return width, height
+        # the least k for which across * k and down * k are multiples of `multiple` and both at least `minimum`
+        step = math.lcm(multiple // math.gcd(across, multiple), multiple // math.gcd(down, multiple))
+        k = math.ceil(math.ceil(max(minimum / across, minimum / down)) / step) * step
+        return across * k, down * k
 
 
 # --- Resize image or mask ----------------------------------------------------------------------------------------

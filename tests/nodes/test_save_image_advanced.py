@@ -89,3 +89,21 @@ def test_a_comfyui_template_node_converts_and_bad_options_are_refused(folders) -
 
     [problem] = validate(parse_api(doc), registry).problems
     assert "format.bit_depth: '32-bit float' is not one of 8-bit, 16-bit for png" in str(problem)
+
+
+def test_rgba_pictures_keep_their_alpha_and_the_images_pass_on(folders) -> None:
+    """An RGBA picture (Qwen-Image-Layered's and 2.1's VAEs decode to RGBA) keeps its alpha at 16 bits too; the node
+    passes its images on (ComfyUI's templates link its output to ImageCompare)."""
+    doc = {"1": {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 2, "batch_size": 1, "color": 0xFF8000}},
+           "2": {"class_type": "SolidMask", "inputs": {"value": 0.25, "width": 4, "height": 2}},
+           "3": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["1", 0], "alpha": ["2", 0]}},
+           "4": {"class_type": "SaveImageAdvanced", "inputs": {"images": ["3", 0], "filename_prefix": "rgba",
+                                                               "format": "png", "format.bit_depth": "16-bit"}},
+           "5": {"class_type": "ImageCompare", "inputs": {"image_a": ["3", 0], "image_b": ["4", 0]}}}
+    result = Executor(builtin_registry()).run(parse_api(doc), keep=["3", "4"])
+    assert result.ok, result.error
+    rgba = result.values["3"][0]
+    assert rgba.shape[-1] == 4 and result.values["4"][0] is rgba
+    [saved] = result.outputs["4"]["images"]
+    pixels = _decoded(folders.output / saved["subfolder"] / saved["filename"], "png", "rgba64le")
+    np.testing.assert_allclose(pixels / 65535, rgba[0].numpy(), atol=1 / 65535)

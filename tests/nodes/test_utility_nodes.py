@@ -189,6 +189,18 @@ def test_resolution_selector(ratio, megapixels, size):
     assert run(ResolutionSelector, aspect_ratio=ratio, megapixels=megapixels) == size
 
 
+@pytest.mark.parametrize(("ratio", "megapixels", "multiple", "minimum", "size"), [
+    ("16:9 (Widescreen)", 1.0, 32, 256, (1376, 768)),  # 42.7 and 24 thirty-seconds
+    ("21:9 (Ultrawide)", 0.1, 8, 256, (672, 288)),  # 496 x 208 is under 256: k = 32, the least multiple of 8 >= 256 / 9
+    ("21:9 (Ultrawide)", 0.1, 8, 320, (840, 360)),  # k = 40: 21 * 40 and 9 * 40, both multiples of 8, 360 >= 320
+    ("1:1 (Square)", 0.1, 64, 256, (320, 320)),  # 323.8 rounds to 5 sixty-fourths
+])
+def test_resolution_selector_multiple_and_minimum(ratio, megapixels, multiple, minimum, size):
+    width, height = run(ResolutionSelector, aspect_ratio=ratio, megapixels=megapixels, multiple=multiple,
+                        minimum=minimum)
+    assert (width, height) == size and width % multiple == 0 and height % multiple == 0
+
+
 # --- ResizeImageMaskNode --------------------------------------------------------------------------
 
 
@@ -319,7 +331,8 @@ def test_validation_of_dotted_inputs(registry):
 
 def test_api_prompt_with_several_utility_nodes(registry, folders):
     doc = {
-        "1": {"class_type": "ResolutionSelector", "inputs": {"aspect_ratio": "16:9 (Widescreen)", "megapixels": 0.1}},
+        "1": {"class_type": "ResolutionSelector", "inputs": {"aspect_ratio": "16:9 (Widescreen)", "megapixels": 0.1,
+                                                             "minimum": 32}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": ["1", 0], "height": ["1", 1], "batch_size": 1}},
         "3": {"class_type": "LatentCut", "inputs": {"samples": ["2", 0], "dim": "x", "index": -10, "amount": 8}},
         "4": {"class_type": "LatentCutToBatch", "inputs": {"samples": ["3", 0], "dim": "x", "slice_size": 4}},
