@@ -199,21 +199,26 @@ def filtered(logits: Tensor, written: int, min_tokens: int, sampling: CodeSampli
     """`logits` [1, V] with every id but the audio codes (and the end, once `written` > `min_tokens`) and those
     top-k, min-p and top-p cut set to the dtype's least value, as ComfyUI's loop does."""
     least = torch.finfo(logits.dtype).min
-    out = torch.full_like(logits, least)
-    out[:, AUDIO_CODE_START:AUDIO_CODE_END] = logits[:, AUDIO_CODE_START:AUDIO_CODE_END]
-    if written > min_tokens:
-        out[:, END_TOKEN] = logits[:, END_TOKEN]
-    if sampling.top_k > 0:
-        kth = torch.topk(out, sampling.top_k).values[..., -1:]
-        out = out.masked_fill(out < kth, least)
+    end = written > min_tokens
+    # The cuts run on the ids left (the codes, maybe the end): the others, at the least value, weigh nothing in a
+    # softmax and sort last, so the result is the same as over the whole vocabulary, without sorting 217k ids a step.
+    kept = logits[:, AUDIO_CODE_START:AUDIO_CODE_END]
+    kept = torch.cat([kept, logits[:, END_TOKEN:END_TOKEN + 1]], -1) if end else kept
+    if 0 < sampling.top_k < kept.shape[-1]:
+        kth = torch.topk(kept, sampling.top_k).values[..., -1:]
+        kept = kept.masked_fill(kept < kth, least)
     if sampling.min_p > 0:
-        probs = out.softmax(-1)
-        out = out.masked_fill(probs < sampling.min_p * probs.max(-1, keepdim=True).values, least)
+        probs = kept.softmax(-1)
+        kept = kept.masked_fill(probs < sampling.min_p * probs.max(-1, keepdim=True).values, least)
     if sampling.top_p < 1.0:
-        ordered, order = out.sort(-1, descending=True)
+        ordered, order = kept.sort(-1, descending=True)
         beyond = ordered.softmax(-1).cumsum(-1) > sampling.top_p
         beyond = torch.cat([torch.zeros_like(beyond[..., :1]), beyond[..., :-1]], -1)  # keep the one crossing p
-        out = out.masked_fill(beyond.scatter(-1, order, beyond), least)
+        kept = kept.masked_fill(beyond.scatter(-1, order, beyond), least)
+    out = torch.full_like(logits, least)
+    out[:, AUDIO_CODE_START:AUDIO_CODE_END] = kept[:, :AUDIO_CODES]
+    if end:
+        out[:, END_TOKEN] = kept[:, -1]
     return out
 
 
