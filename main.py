@@ -124,6 +124,30 @@ def _parse_set(assignments: list[str]) -> list[tuple[str, str, Any]]:
     return out
 
 
+def _ui_only(path: Path, node_id: str) -> str:
+    """Why a node of an editor (UI-format) file is not in the workflow it runs: it exists only in the editor (a
+    PrimitiveNode, a note, a reroute), so its value is set on the inputs it feeds, which are named; "" otherwise."""
+    from graph.load import load_workflow_data
+
+    try:
+        data = load_workflow_data(path)
+    except Exception:  # noqa: BLE001 - the message only gains a hint, never fails for it
+        return ""
+    nodes = {str(n.get("id")): n for n in data.get("nodes", [])} if isinstance(data, dict) else {}
+    node = nodes.get(node_id)
+    if not isinstance(node, dict):
+        return ""
+    targets = []
+    for link in data.get("links") or []:
+        if isinstance(link, list) and len(link) >= 5 and str(link[1]) == node_id:
+            target = nodes.get(str(link[3]), {})
+            inputs = target.get("inputs") or []
+            if isinstance(link[4], int) and link[4] < len(inputs):
+                targets.append(f"{link[3]}.{inputs[link[4]].get('name')}")
+    feeds = f"; set the inputs it feeds instead: {', '.join(targets)}" if targets else ""
+    return f" (node {node_id} is a {node.get('type')}, which only the editor has{feeds})"
+
+
 def _load(args: argparse.Namespace, registry: Any) -> Any:
     from graph.document import DocumentError
     from graph.load import load_workflow
@@ -134,7 +158,7 @@ def _load(args: argparse.Namespace, registry: Any) -> Any:
         _fail_document(args, str(exc))
     for node_id, input_name, value in _parse_set(getattr(args, "set", None) or []):
         if node_id not in graph.nodes:
-            _fail_document(args, f"--set: node {node_id!r} is not in the workflow")
+            _fail_document(args, f"--set: node {node_id!r} is not in the workflow{_ui_only(args.workflow, node_id)}")
         node = graph.nodes[node_id]
         cls = registry.get(node.class_type)
         if cls is not None and (input_name not in cls.inputs or cls.inputs[input_name].hidden):

@@ -145,6 +145,23 @@ def test_set_with_an_input_the_node_lacks_is_an_error_not_ignored(workflow, tmp_
     assert "node 2 (IntMath) has no input 'bb'; its inputs are a, b, operation" in proc.stderr
 
 
+def test_set_on_an_editor_only_node_names_the_inputs_it_feeds(tmp_path):
+    """A UI-format file's PrimitiveNode is not in the workflow that runs (its value is copied into the inputs it
+    feeds): --set on it says so, and names those inputs."""
+    primitive = {"id": 9, "type": "PrimitiveNode", "pos": [0, 0], "size": [200, 80], "mode": 0, "inputs": [],
+                 "outputs": [{"name": "INT", "type": "INT", "widget": {"name": "a"}, "links": [1]}],
+                 "widgets_values": [7, "fixed"]}
+    math_node = {"id": 2, "type": "IntMath", "pos": [300, 0], "size": [200, 100], "mode": 0,
+                 "inputs": [{"name": "a", "type": "INT", "widget": {"name": "a"}, "link": 1}],
+                 "outputs": [{"name": "INT", "type": "INT", "links": []}], "widgets_values": [7, 3, "add"]}
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps({"nodes": [primitive, math_node], "links": [[1, 9, 0, 2, 0, "INT"]], "version": 0.4}))
+    proc = cli("run", path, "--set", "9.value=4", "--base-dir", tmp_path)
+    assert proc.returncode == 2
+    assert ("node '9' is not in the workflow (node 9 is a PrimitiveNode, which only the editor has; set the inputs "
+            "it feeds instead: 2.a)") in proc.stderr
+
+
 @pytest.mark.parametrize("content, says", [
     (None, "No such file or directory"),
     ("{bad", "Expecting property name"),
