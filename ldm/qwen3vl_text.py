@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
@@ -256,9 +256,11 @@ class Qwen21TextEncoder(PinnableTextEncoder):
 
     main_encoder = ENCODER_NAME
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, final_norm: nn.Module | None = None, lm_head: nn.Linear | None = None) -> None:
         super().__init__()
         self.qwen3vl_8b = model
+        # For TextGenerate only (ldm.textgen): the encoding takes the states before the final norm.
+        self.final_norm, self.lm_head = final_norm, lm_head
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None,
@@ -344,7 +346,26 @@ def load_qwen21_text_encoder(paths: list[str | Path], device: torch.device | str
     sd = ckpt.load_state_dict(path)
     model, used = qwen3vl_from_weights(sd, path.name, dtype)
     unused = sorted(f"{path.name}: {k}" for k in sd if k not in used)
-    return LoadedQwen21Text(Qwen21TextEncoder(model).to(device).eval(), unused)
+    encoder = Qwen21TextEncoder(model, *_generation_parts(sd, model, dtype))
+    return LoadedQwen21Text(encoder.to(device).eval().requires_grad_(False), unused)
+
+
+def _generation_parts(sd: Mapping[str, Tensor], model: Any, dtype: torch.dtype) -> tuple[nn.Module, nn.Linear]:
+    """The language model's final norm and its head (the file's `lm_head`, else tied to the embedding), which only
+    text generation uses."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    text = model.config.text_config
+    norm = Qwen3VLTextRMSNorm(text.hidden_size, eps=text.rms_norm_eps).to(dtype)
+    key = canonical(sd).get(_UNUSED[0])  # the final norm's key in the file
+    if key is not None:
+        with torch.no_grad():
+            norm.weight.copy_(sd[key].to(dtype))
+    head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, dtype=dtype, device="meta")
+    weight = sd.get("lm_head.weight")
+    head.weight = nn.Parameter((weight if weight is not None else model.language_model.embed_tokens.weight)
+                               .to(dtype), requires_grad=False)
+    return norm, head
 
 
 # ---- tiny test files --------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Text generation with the language model inside a CLIP: ComfyUI's TextGenerate node (prompt enhancement), which
 runs a text encoder that is a causal LM on a chat prompt and decodes the tokens it writes.
 
-Which encoders: those whose loaded weights hold a whole language model and its output head (tied to the embedding):
-Z-Image's Qwen3-4B (``ldm.qwen3_text``) and Lumina 2's Gemma-2-2B (``ldm.gemma_text``). Refused, each with its
-reason: FLUX.2's encoders (``ldm.flux2_text`` loads only the layers FLUX.2 reads, no final norm), Qwen-Image's
-Qwen2.5-VL-7B (``ldm.qwen_text`` leaves the file's untied ``lm_head`` unloaded), Qwen-Image 2.1's Qwen3-VL-8B
-(``ldm.qwen3vl_text`` leaves its ``lm_head`` and final norm unloaded), ACE-Step 1.5's (``ldm.ace_step15_text``: an
-embedding model and a language model of audio codes, not a chat model), and every CLIP, T5 or UMT5.
+Which encoders: those whose loaded weights hold a whole language model and its output head: Z-Image's Qwen3-4B
+(``ldm.qwen3_text``) and Lumina 2's Gemma-2-2B (``ldm.gemma_text``), their heads tied to the embedding, and Qwen-Image
+2.1's Qwen3-VL-8B (``ldm.qwen3vl_text``: its language model, its final norm put back, its head; text prompts).
+Refused, each with its reason: FLUX.2's encoders (``ldm.flux2_text`` loads only the layers FLUX.2 reads, no final
+norm), Qwen-Image's Qwen2.5-VL-7B (``ldm.qwen_text`` leaves the file's untied ``lm_head`` unloaded), ACE-Step 1.5's
+(``ldm.ace_step15_text``: an embedding model and a language model of audio codes, not a chat model), and every CLIP,
+T5 or UMT5.
 
 Prompts (the models' chat templates for one user turn with a generation prompt, as their tokenizers apply them):
 Qwen3 `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`, followed with thinking off by the empty
@@ -44,7 +45,7 @@ QWEN3_NO_THINKING = "<think>\n\n</think>\n\n"
 QWEN_STOPS = frozenset({151643, 151645})  # <|endoftext|>, <|im_end|>
 GEMMA_TEMPLATE = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 NEEDS = ("TextGenerate needs a CLIP holding a whole causal language model with its output head: Z-Image's Qwen3-4B "
-         "or Lumina 2's Gemma-2-2B (CLIPLoader type lumina2)")
+         "or Lumina 2's Gemma-2-2B (CLIPLoader type lumina2), or Qwen-Image 2.1's Qwen3-VL-8B (type qwen_image)")
 
 
 class TextGenerationError(ValueError):
@@ -91,6 +92,29 @@ def _qwen3_lm(encoder: Any) -> ChatLM:
     return ChatLM(model, model.embed_tokens.weight, token_ids, decode, QWEN_TEMPLATE, QWEN_STOPS, QWEN3_NO_THINKING)
 
 
+class _NormedStates(torch.nn.Module):
+    """A language model whose states are taken before its final norm (Qwen-Image 2.1's encoder), with the norm put
+    back for generation."""
+
+    def __init__(self, model: Any, norm: torch.nn.Module):
+        super().__init__()
+        self.model, self.norm = model, norm
+
+    def forward(self, **kwargs: Any) -> Any:
+        out = self.model(**kwargs)
+        out.last_hidden_state = self.norm(out.last_hidden_state)
+        return out
+
+
+def _qwen3vl_lm(encoder: Any) -> ChatLM:
+    from ldm.qwen3_text import decode, token_ids
+
+    if encoder.lm_head is None:
+        raise TextGenerationError(f"this Qwen3-VL was loaded without its LM head. {NEEDS}")
+    model = _NormedStates(encoder.qwen3vl_8b.language_model, encoder.final_norm)
+    return ChatLM(model, encoder.lm_head.weight, token_ids, decode, QWEN_TEMPLATE, QWEN_STOPS, QWEN3_NO_THINKING)
+
+
 def _gemma_lm(encoder: Any) -> ChatLM:
     from ldm.gemma_text import BOS, EOS
 
@@ -108,12 +132,11 @@ _REFUSALS = {
                         "its final norm); [klein] 4B's Qwen3-4B file loads whole with CLIPLoader type lumina2",
     "QwenImageTextEncoder": "Qwen-Image's Qwen2.5-VL-7B is loaded without its LM head (untied in Qwen2.5-VL-7B, "
                             "left unused by ldm.qwen_text)",
-    "Qwen21TextEncoder": "Qwen-Image 2.1's Qwen3-VL-8B is loaded without its LM head and final norm (left unused by "
-                        "ldm.qwen3vl_text)",
     "AceStep15TextEncoder": "ACE-Step 1.5's text side is an embedding model and a language model of audio codes, "
                             "not a chat model",
 }
-_ADAPTERS: dict[str, Callable[[Any], ChatLM]] = {"ZImageTextEncoder": _qwen3_lm, "Lumina2TextEncoder": _gemma_lm}
+_ADAPTERS: dict[str, Callable[[Any], ChatLM]] = {"ZImageTextEncoder": _qwen3_lm, "Lumina2TextEncoder": _gemma_lm,
+                                                 "Qwen21TextEncoder": _qwen3vl_lm}
 
 
 def chat_lm(encoder: Any) -> ChatLM:

@@ -18,11 +18,12 @@ from nodes.sd.models import Clip, on_device
 from nodes.spec import Boolean, Combo, Float, InputSpec, Int, Output, Socket, String
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty")
-# The families of the CLIPs that can generate (ldm.textgen.chat_lm): Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B.
-GENERATING_FAMILIES = frozenset({"z_image", "lumina2"})
+# The families of the CLIPs that can generate (ldm.textgen.chat_lm): Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B,
+# Qwen-Image 2.1's Qwen3-VL-8B.
+GENERATING_FAMILIES = frozenset({"z_image", "lumina2", "qwen_image21"})
 
 _INPUTS: dict[str, InputSpec] = {
-    "clip": Socket("CLIP", tooltip="a CLIP holding a causal language model (Qwen3-4B or Gemma-2-2B)"),
+    "clip": Socket("CLIP", tooltip="a CLIP holding a causal language model (Qwen3-4B, Gemma-2-2B or Qwen3-VL-8B)"),
     "prompt": String("", multiline=True, tooltip="the prompt; with use_default_template it is the user's turn"),
     "image": Socket("IMAGE", optional=True, tooltip="not supported: the CLIPs Loom generates with read text only"),
     "video": Socket("VIDEO", optional=True, tooltip="not supported"),
@@ -53,8 +54,8 @@ def sampling_of(mode: str, options: dict[str, Any]) -> Sampling | None:
 
 
 class TextGenerate(Node):
-    """Writes text with the language model of a CLIP (Z-Image's Qwen3-4B or Lumina 2's Gemma-2-2B) from a prompt in
-    its chat template, greedily or sampled."""
+    """Writes text with the language model of a CLIP (Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B or Qwen-Image 2.1's
+    Qwen3-VL-8B) from a prompt in its chat template, greedily or sampled."""
 
     display_name = "Generate Text"
     category = "textgen"

@@ -225,3 +225,18 @@ def test_hf_layout_loads_the_same(tiny, tmp_path, encoder) -> None:
     loaded = load_qwen21_text_encoder([path])
     assert loaded.unused_keys == []
     torch.testing.assert_close(loaded.encoder.encode(PROMPTS[:1]).cond, encoder.encode(PROMPTS[:1]).cond)
+
+
+def test_text_generation_equals_transformers_generate(encoder, reference) -> None:
+    """TextGenerate on Qwen-Image 2.1's encoder (ldm.textgen: its language model with the final norm put back and
+    its head) writes, greedily, the tokens transformers' Qwen3VLForConditionalGeneration.generate writes."""
+    from ldm.textgen import QWEN_STOPS, chat_lm, generate_ids
+
+    lm = chat_lm(encoder)
+    ids = lm.prompt_ids("a red fox in the snow")
+    ours = generate_ids(lm, ids, 16)
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    do_sample=False, max_new_tokens=16, eos_token_id=sorted(QWEN_STOPS),
+                                    pad_token_id=min(QWEN_STOPS))[0, len(ids):].tolist()
+    assert len(ours) == 16 and ours == theirs
