@@ -90,22 +90,24 @@ class AceStep15Denoiser(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 lyric_embed: Tensor | None = None, audio_codes: Tensor | None = None,
                 refer_audio: Tensor | None = None) -> Tensor:
-        """The flow velocity for latents `x` [B, 64, L] at levels `timesteps` (sigma, 0..1); `y` is unused."""
-        batch, length = x.shape[0], x.shape[-1]
-        context = context.to(x.dtype)
+        """The flow velocity for latents `x` [B, 64, L] at levels `timesteps` (sigma, 0..1), in x's dtype (the model
+        computes in its own); `y` is unused."""
+        batch, length, dtype = x.shape[0], x.shape[-1], self.dtype
+        null = context.flatten(1).abs().amax(1) == 0  # per item: ConditioningZeroOut's prompts
+        context = context.to(dtype)
         if lyric_embed is None:  # a prompt encoded by another node: no lyrics, as an empty lyric sheet's zeros
             lyric_embed = context.new_zeros(batch, 1, context.shape[-1])
-        silence = silence_latent(length, device=x.device, dtype=x.dtype).expand(batch, -1, -1)
+        silence = silence_latent(length, device=x.device, dtype=dtype).expand(batch, -1, -1)
         if refer_audio is not None:  # ReferenceTimbreAudio: cover the reference, its timbre too
-            reference = refer_audio[..., :length].to(x.dtype).expand(batch, -1, -1)
+            reference = refer_audio[..., :length].to(dtype).expand(batch, -1, -1)
             reference = torch.cat([reference, silence[..., reference.shape[-1]:]], dim=-1)
             is_covers, audio_codes = True, None
         else:
             reference, is_covers = silence, (None if audio_codes is not None else False)
-        null = context.flatten(1).abs().amax(1) == 0  # per item: ConditioningZeroOut's prompts
         timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(-1)
-        return self.model(x, timesteps, context, lyric_embed.to(x.dtype), reference, audio_codes=audio_codes,
-                          is_covers=is_covers, null_condition=null)
+        out = self.model(x.to(dtype), timesteps, context, lyric_embed.to(dtype), reference, audio_codes=audio_codes,
+                         is_covers=is_covers, null_condition=null)
+        return out.to(x.dtype)
 
 
 def _probe(sd: StateDict, prefix: str) -> bool:

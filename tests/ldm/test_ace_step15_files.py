@@ -100,3 +100,14 @@ def test_files_bare_and_prefixed_load_and_others_are_refused(tmp_path, model) ->
 
 def test_latent_length_is_comfyuis() -> None:
     assert latent_length(120.0) == 3000 and latent_length(10.0) == 250 and latent_length(0.05) == 1
+
+
+def test_a_half_precision_model_takes_the_samplers_float32_latents(model) -> None:
+    """On a GPU the model runs in bf16 while the sampler keeps its latents in float32: the denoiser casts its inputs
+    to the model's dtype and the velocity back, close to float32's."""
+    x, t, context, lyrics, codes = _inputs()
+    half = AceStep15Denoiser(random_ace_step15(TINY_ACE_STEP15, seed=3).to(torch.bfloat16).eval())
+    with torch.no_grad():
+        got = half(x, t, context, lyric_embed=lyrics, audio_codes=codes)
+        full = AceStep15Denoiser(model)(x, t, context, lyric_embed=lyrics, audio_codes=codes)
+    assert got.dtype == torch.float32 and (got - full).abs().max() < 0.05 * full.abs().max()
