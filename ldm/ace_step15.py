@@ -224,7 +224,7 @@ class TimestepEmbedding(nn.Module):
         half = TIME_FEATURES // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = TIME_FACTOR * t.float()[:, None] * freqs
-        features = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.linear_1.weight.dtype)
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.linear_1.bias.dtype)  # not fp8 storage
         temb = self.linear_2(F.silu(self.linear_1(features)))
         return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
 
@@ -565,11 +565,13 @@ def config_from_state_dict(sd: Mapping[str, Tensor], sliding_window: int = AceSt
 
 
 def load_ace_step15(sd: Mapping[str, Tensor], device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> AceStep15Model:
+                    dtype: torch.dtype = torch.float32,
+                    sliding_window: int = AceStep15Config.sliding_window) -> AceStep15Model:
     """The model holding exactly `sd` (prefix stripped), on `device` in `dtype`: a missing or an extra key is an
-    error."""
+    error. The sliding window is not in the weights (Loom's files record theirs under WINDOW_KEY, which
+    `ldm.ace_step15_files` reads)."""
     with torch.device("meta"):
-        model = AceStep15Model(config_from_state_dict(sd))
+        model = AceStep15Model(config_from_state_dict(sd, sliding_window))
     model.load_state_dict({k: v.to(device, dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

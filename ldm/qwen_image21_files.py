@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +74,11 @@ class QwenImage21Denoiser(nn.Module):
         self.model = model
 
     @property
+    def cuda_graphs_safe(self) -> bool:
+        """A cached run's first call computes the prefix and later ones do not: no fixed shapes to capture."""
+        return not self.prefix_cache
+
+    @property
     def config(self) -> QwenImage21Config:
         return self.model.config
 
@@ -94,8 +100,8 @@ class QwenImage21Denoiser(nn.Module):
             return None if tensor is None else tensor[i:i + 1] if tensor.shape[0] > 1 else tensor
 
         return torch.cat([self.model(x[i:i + 1], t[i:i + 1], item(context, i), attn_mask=item(attn_mask, i),
-                                     ref_latents=[item(r, i) for r in refs], image_slots=image_slots[i].tolist())
-                          for i in range(x.shape[0])])
+                                     ref_latents=[item(r, i) for r in refs], image_slots=image_slots[i].tolist(),
+                                     prefix_kv=prefix_kv) for i in range(x.shape[0])])
 
 
 class PrefixKVRun:
@@ -103,8 +109,8 @@ class PrefixKVRun:
     prefix (prompt and references, the same at every step) is computed on its first call and only the target's
     tokens after (ComfyUI's QwenImage21Cache; the same velocities)."""
 
-    def __init__(self, module: QwenImage21Denoiser):
-        self.module, self.store = module, PrefixKV()
+    def __init__(self, module: QwenImage21Denoiser | Any):
+        self.module, self.store = module, PrefixKV(capacity=4)  # both prompts, also when called item by item
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, **extra: object) -> Tensor:
         return self.module(x, t, context, y=y, prefix_kv=self.store, **extra)

@@ -111,8 +111,11 @@ def _qwen3vl_lm(encoder: Any) -> ChatLM:
 
     if encoder.lm_head is None:
         raise TextGenerationError(f"this Qwen3-VL was loaded without its LM head. {NEEDS}")
+    from ldm.quant import dequantized_weight  # the head in full precision, stored in fp8 or not
+
     model = _NormedStates(encoder.qwen3vl_8b.language_model, encoder.final_norm)
-    return ChatLM(model, encoder.lm_head.weight, token_ids, decode, QWEN_TEMPLATE, QWEN_STOPS, QWEN3_NO_THINKING)
+    head = dequantized_weight(encoder.lm_head)
+    return ChatLM(model, head, token_ids, decode, QWEN_TEMPLATE, QWEN_STOPS, QWEN3_NO_THINKING)
 
 
 def _gemma_lm(encoder: Any) -> ChatLM:

@@ -213,7 +213,9 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     _check_hook_families(model, positive, negative, dual.middle if dual else [])
     _check_prompt_widths(model, positive, negative, dual.middle if dual else [])
     device, _, _ = device_and_dtype(node.ctx)
-    latent = {**latent, "samples": _fit_empty_latent(model, latent)}
+    # fitted to the model's latent space, whose size the sampled LATENT has (the 1/8 marker goes, as in ComfyUI)
+    latent = {key: value for key, value in latent.items() if key != "downscale_ratio_spacial"} | {
+        "samples": _fit_empty_latent(model, latent)}
     samples = latent["samples"]
     # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
     # updates of late steps. The UNet casts its input to its own dtype and its output back.
@@ -290,7 +292,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     if getattr(model.unet, "prefix_cache", False):  # Qwen-Image 2.1: the prompt's keys and values kept for this run
         from ldm.qwen_image21_files import PrefixKVRun
 
-        unet = PrefixKVRun(placed_unet)
+        unet = PrefixKVRun(unet)  # compiled if asked (CUDA graphs are off: the cached calls' shapes change)
     if getattr(model.unet, "reference_kv", False):  # FluxKVCache: references' keys and values kept for this run
         from ldm.flux2 import ReferenceKVRun
 

@@ -256,7 +256,8 @@ def test_tiny_file_loads_strictly_and_its_config_round_trips(tmp_path):
     assert config == dataclasses.replace(CONFIG, text_hidden_dim=24)
     model = AceStep15Model(config)
     model.load_state_dict(sd, strict=True)
-    loaded = load_ace_step15(sd)
+    loaded = load_ace_step15(sd, sliding_window=CONFIG.sliding_window)
+    assert loaded.config == config
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 

@@ -111,3 +111,17 @@ def test_a_half_precision_model_takes_the_samplers_float32_latents(model) -> Non
         got = half(x, t, context, lyric_embed=lyrics, audio_codes=codes)
         full = AceStep15Denoiser(model)(x, t, context, lyric_embed=lyrics, audio_codes=codes)
     assert got.dtype == torch.float32 and (got - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_fp8_weights_keep_the_timestep_embeddings_in_full_precision(model) -> None:
+    """UNETLoader's fp8 weight_dtype: the decoder's two timestep embeddings (time_embed and time_embed_r) stay in
+    full precision like every model's, and the model runs."""
+    from ldm.quant import quantize_
+
+    x, t, context, lyrics, codes = _inputs()
+    stored = quantize_(random_ace_step15(TINY_ACE_STEP15, seed=3).to(torch.bfloat16).eval(), "fp8")
+    assert stored.decoder.time_embed_r.linear_1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        got = AceStep15Denoiser(stored)(x, t, context, lyric_embed=lyrics, audio_codes=codes)
+        full = AceStep15Denoiser(model)(x, t, context, lyric_embed=lyrics, audio_codes=codes)
+    assert torch.isfinite(got).all() and (got - full).abs().max() < 0.2 * full.abs().max()

@@ -240,3 +240,13 @@ def test_text_generation_equals_transformers_generate(encoder, reference) -> Non
                                     do_sample=False, max_new_tokens=16, eos_token_id=sorted(QWEN_STOPS),
                                     pad_token_id=min(QWEN_STOPS))[0, len(ids):].tolist()
     assert len(ours) == 16 and ours == theirs
+
+
+def test_text_generation_with_fp8_weights(tiny) -> None:
+    """--te-weights-dtype fp8 stores the LM head in fp8 too: generation reads it back in full precision."""
+    from ldm.quant import quantize_
+    from ldm.textgen import generate_text
+
+    encoder = quantize_(load_qwen21_text_encoder([tiny], dtype=torch.bfloat16).encoder, "fp8")
+    assert encoder.lm_head.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(generate_text(encoder, "a red fox", max_length=4), str)

@@ -129,7 +129,9 @@ def test_text_to_image_refits_the_empty_latent_and_saves_rgba(base) -> None:
     assert result.ok, result.error
     [(_, options)] = result.values["5"][0]
     assert "image_slots" not in options and "reference_latents" not in options
-    assert result.values["8"][0]["samples"].shape == (1, 64, 12, 16)  # EmptyLatentImage's 1/8 refitted to 1/16
+    sampled = result.values["8"][0]
+    assert sampled["samples"].shape == (1, 64, 12, 16)  # EmptyLatentImage's 1/8 refitted to 1/16
+    assert "downscale_ratio_spacial" not in sampled  # a later sampler must not refit it again
     [item] = result.outputs["10"]["images"]
     with Image.open(engine.services.paths.output / item["subfolder"] / item["filename"]) as image:
         assert image.mode == "RGBA" and image.size == (256, 192)
