@@ -29,7 +29,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # The T5 family's feed-forward output (`DenseReluDense.wo`) too: transformers keeps it in full precision and casts
 # the layer's input to its weight's dtype, which would be fp8.
-FP8_SKIP = re.compile(r"(^|\.)(time_embed|time_embed_r|label_emb)(\.|$)|^input_blocks\.0\.|^out\.|(^|\.)DenseReluDense\.wo$")
+FP8_SKIP = re.compile(r"(^|\.)(time_embed|time_embed_r|label_emb)(\.|$)|^input_blocks\.0\.|^out\.|"
+                      r"(^|\.)DenseReluDense\.wo$")
 
 
 class QuantizationUnavailable(RuntimeError):
