@@ -99,8 +99,9 @@ def _fit_empty_latent(model: DiffusionModel, latent: dict) -> torch.Tensor:
     channels = getattr(family, "latent_channels", None) or family.vae_config.z_channels
     if samples.shape[1] != channels and not samples.any():
         samples = samples.new_zeros(samples.shape[0], channels, *samples.shape[2:])
-    made_for, ratio = latent.get("downscale_ratio_spacial"), getattr(family, "spatial_ratio", 8)
-    if made_for is not None and made_for != ratio and not samples.any():
+    # Only a family that names its ratio is refitted (FLUX.2's own empty latent is marked 16 and fits as it is).
+    made_for, ratio = latent.get("downscale_ratio_spacial"), getattr(family, "spatial_ratio", None)
+    if made_for is not None and ratio is not None and made_for != ratio and not samples.any():
         size = [round(side * made_for / ratio) for side in samples.shape[-2:]]
         samples = samples.new_zeros(*samples.shape[:-2], *size)
     if family.name in VIDEO_FAMILIES and samples.ndim == 4:

@@ -189,7 +189,7 @@ def test_an_empty_image_latent_is_fitted_and_a_full_one_refused(engine) -> None:
     assert torch.equal(latent["samples"], one_frame["samples"])
     model = run(engine, workflow(), keep=("4",))[0]
     with pytest.raises(ValueError, match="sampling 16-channel video latents; the latent \\(1, 4, 1, 6, 8\\)"):
-        model.latent_in(_fit_empty_latent(model, torch.ones(1, 4, HEIGHT // 8, WIDTH // 8)))
+        model.latent_in(_fit_empty_latent(model, {"samples": torch.ones(1, 4, HEIGHT // 8, WIDTH // 8)}))
 
 
 def test_wrong_wiring_is_refused(engine) -> None:
