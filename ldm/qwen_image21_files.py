@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, metadata_ints
+from ldm.checkpoint import CheckpointError, StateDict
 from ldm.flow_family import FlowFamily
 from ldm.qwen_image21 import (
     AXES_KEY,
@@ -32,7 +32,8 @@ from ldm.qwen_image21 import (
     to_loom_layout,
 )
 from ldm.qwen_image21_vae import LATENTS_MEAN, LATENTS_STD
-from ldm.t5 import descaled_fp8
+from ldm.single_file_family import SingleFileFamily
+from ldm.t5 import descaled_fp8, scaling_keys
 from ldm.vae import VAEConfig
 
 QWEN_IMAGE21_SHIFT = 3.1  # see the module docstring
@@ -125,26 +126,14 @@ def without_prefix_cache(unet: QwenImage21Denoiser) -> QwenImage21Denoiser:
     return patched
 
 
-def _prefix(sd: StateDict) -> str | None:
-    return next((p for p in (UNET_PREFIX, "") if is_qwen_image21(sd, p)), None)
+def _family(weights: StateDict, axes: tuple[int, ...] | None, prefix: str) -> QwenImage21Family:
+    return QwenImage21Family(config_from_state_dict(weights, axes, prefix))
 
 
-def peek_qwen_image21(path: str | Path) -> QwenImage21Family | None:
-    """The family of a Qwen-Image 2.1 transformer file from its header alone; None for other files."""
-    shapes = ckpt.shapes_or_none(path)
-    prefix = None if shapes is None else _prefix(shapes)
-    if prefix is None:
-        return None
-    axes = metadata_ints(ckpt.read_metadata(path), AXES_KEY)
-    try:
-        return QwenImage21Family(config_from_state_dict(shapes, axes, prefix))
-    except ValueError as e:
-        raise CheckpointError(f"{Path(path).name}: {e}") from None
-
-
-def is_qwen_image21_file(path: str | Path) -> bool:
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
+# The family of Qwen-Image 2.1 weights (the RoPE split from Loom's metadata if saved); whether a file holds them; a
+# file's family from its header alone.
+FILES = SingleFileFamily("a Qwen-Image 2.1 transformer", is_qwen_image21, _family, AXES_KEY)
+qwen_image21_family, is_qwen_image21_file, peek_qwen_image21 = FILES.family, FILES.is_file, FILES.peek
 
 
 @dataclass
@@ -158,17 +147,21 @@ class LoadedQwenImage21:
 
 def load_qwen_image21_unet(path: str | Path, device: torch.device | str = "cpu",
                            dtype: torch.dtype = torch.bfloat16) -> LoadedQwenImage21:
-    """A Qwen-Image 2.1 transformer file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load)."""
+    """A Qwen-Image 2.1 transformer file on `device` in `dtype` (fp8 and scaled fp8 weights cast as they load;
+    diffusers' split MLP fused as the released file has it); the file's keys the model does not use are listed."""
     path = Path(path)
     sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
+    prefix = FILES.prefix(sd)
     if prefix is None:
         raise CheckpointError(f"{path.name}: not a Qwen-Image 2.1 transformer (no modulation / txt_in.text_norm / "
                               "img_in weights in its layout)")
-    family = peek_qwen_image21(path)
-    weights = to_loom_layout(dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})))
+    metadata = ckpt.read_metadata(path)
+    family = FILES.family(sd, metadata, path.name)
+    bare = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
+    weights = to_loom_layout(bare)
     model = ckpt._materialize(lambda: QwenImage21Model(family.unet_config), weights, "Qwen-Image 2.1 transformer",
                               path, device, dtype)
-    expected = set(model.state_dict())
-    unused = sorted(k for k in weights if k not in expected and not k.endswith(("scale_weight", "scale_input")))
-    return LoadedQwenImage21(family, QwenImage21Denoiser(model).eval(), unused, path, ckpt.read_metadata(path))
+    used = set(model.state_dict()) | (bare.keys() - weights.keys())  # the latter fused into the MLP's gate_up
+    skipped = scaling_keys(sd)
+    unused = sorted(k for k in sd if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in used))
+    return LoadedQwenImage21(family, QwenImage21Denoiser(model).eval(), unused, path, metadata)
