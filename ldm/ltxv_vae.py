@@ -1,5 +1,5 @@
-"""LTX-Video's causal video VAE (Lightricks' CausalVideoAutoencoder, 0.9.0 / 0.9.1 / 0.9.5): attribute names follow
-the `vae.` keys of the all-in-one `ltx-video-2b-v0.9*.safetensors` files.
+"""LTX-Video's causal video VAE (Lightricks' CausalVideoAutoencoder, 0.9.0 / 0.9.1 / 0.9.5, and LTX-2's): attribute
+names follow the `vae.` keys of the all-in-one `ltx-video-2b-v0.9*.safetensors` and `ltx-2-19b-*.safetensors` files.
 
 Pixels [B, 3, T, H, W] in -1..1 <-> 128-channel latents [B, 128, 1 + (T-1)//8, H/32, W/32]. 4x4 pixel patches are
 folded into channels first, then three 2x2x2 compressions. The encoder's convolutions are causal (frames are padded
@@ -7,6 +7,12 @@ by repeating the first one), the decoder's are not (first and last frame repeate
 over channels ("pixel norm"). 0.9.1's decoder is conditioned on a timestep (scale/shift per res block, as in
 PixArt) and adds StyleGAN-like spatial noise inside its res blocks; its upsamplers halve the channels and add a
 pixel-shuffled copy of their input. 0.9.5's encoder downsamples space and time separately, with averaged shortcuts.
+
+LTX-2's video VAE is 0.9.5's layout (the same blocks, widths and layer counts) without the timestep conditioning: its
+decoder has no `last_time_embedder` / `last_scale_shift_table` / `timestep_scale_multiplier` / per-block time
+embedders, so decoding adds no noise and takes no timestep. Its decoder pads spatially by reflection and its encoder
+by zeros (the metadata's `decoder_spatial_padding_mode` / `encoder_spatial_padding_mode`; ComfyUI's and diffusers'
+defaults for it). `encode_latent` / `decode_latent` work on the normalised latents ComfyUI's VAE nodes hand around.
 """
 
 from __future__ import annotations
@@ -76,11 +82,13 @@ class LTXVVAEConfig:
     # original and diffusers default to zeros. ComfyUI's decoder (since its PR #8930) pads by reflection unless the
     # metadata names a mode, which changes the pixels along the frame borders.
     padding_mode: str = "zeros"
+    # The decoder's, where it differs (LTX-2: "reflect"); None: `padding_mode`.
+    decoder_padding_mode: str | None = None
 
     @property
     def version(self) -> str:
         if any(b.kind in _STRIDES for b in self.encoder_blocks):
-            return "0.9.5"
+            return "0.9.5" if self.timestep_conditioning else "2.0"
         return "0.9.1" if self.timestep_conditioning else "0.9.0"
 
 
@@ -115,16 +123,20 @@ def _preset(version: str, width: int, enc: tuple[int, ...], dec: tuple[int, ...]
     a, b, c, d, e = enc
     encoder = [("res_x", a), ("compress_space_res", 2), ("res_x", b), ("compress_time_res", 2), ("res_x", c),
                ("compress_all_res", 2), ("res_x", d), ("compress_all_res", 2), ("res_x", e)]
+    if version == "2.0":
+        return replace(_layout(encoder, _decoder_091(dec, False), width, False), decoder_padding_mode="reflect")
     return _layout(encoder, _decoder_091(dec, False), width, True)
 
 
 LTXV_090 = _preset("0.9.0", 128, (4, 3, 3, 3, 4), ())
 LTXV_091 = _preset("0.9.1", 128, (4, 3, 3, 3, 4), (8, 7, 6, 5))
 LTXV_095 = _preset("0.9.5", 128, (4, 6, 6, 2, 2), (5, 5, 5, 5))
+LTX2 = _preset("2.0", 128, (4, 6, 6, 2, 2), (5, 5, 5, 5))
 # Same block lists (and so the same key indices) at width 8 with few layers, for tests.
 TINY_LTXV_090 = _preset("0.9.0", 8, (2, 1, 1, 1, 2), ())
 TINY_LTXV_091 = _preset("0.9.1", 8, (2, 1, 1, 1, 2), (2, 1, 1, 1))
 TINY_LTXV_095 = _preset("0.9.5", 8, (1, 1, 1, 1, 2), (2, 1, 1, 1))
+TINY_LTX2 = _preset("2.0", 8, (1, 1, 1, 1, 2), (2, 1, 1, 1))
 
 
 # --- encoder, decoder, the VAE ---------------------------------------------------------------------------------
@@ -168,7 +180,7 @@ class Decoder(nn.Module):
     def __init__(self, c: LTXVVAEConfig):
         super().__init__()
         self.patch_size = c.patch_size
-        pad, tc = c.padding_mode, c.timestep_conditioning
+        pad, tc = c.decoder_padding_mode or c.padding_mode, c.timestep_conditioning
         ch = c.decoder_width
         self.conv_in = CausalConv3d(c.latent_channels, ch, causal=False, padding_mode=pad)
         blocks: list[nn.Module] = []
@@ -269,7 +281,7 @@ class LTXVVAE(nn.Module):
         then decodes at `timestep`; None means ComfyUI's VAEDecode defaults (0.05 and 0.025). Its res blocks add
         spatial noise as well. All noise comes from `generator`, in a fixed order; None means a CPU generator
         seeded with DEFAULT_DECODE_SEED, so that decoding (the VAE decode node's result) is reproducible, the same
-        on every device, and leaves torch's global generator alone. A 0.9.0 decoder ignores the three.
+        on every device, and leaves torch's global generator alone. 0.9.0's and LTX-2's decoders ignore the three.
         """
         if z.ndim != 5 or z.shape[1] != self.latent_channels:
             raise ValueError(f"LTX-Video VAE: expected latents [B, {self.latent_channels}, T, h, w], "
@@ -287,6 +299,25 @@ class LTXVVAE(nn.Module):
             z = (1 - s) * z + s * (mean + std * noise)
         return self.decoder(z, torch.full((z.shape[0],), float(t), device=z.device, dtype=z.dtype), generator)
 
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the model family's: (z - mean-of-means) / std-of-means per channel."""
+        mean, std = (v.to(z).view(1, -1, 1, 1, 1) for v in (self.latent_mean, self.latent_std))
+        return (z - mean) / std
+
+    def un_normalize(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = (v.to(z).view(1, -1, 1, 1, 1) for v in (self.latent_mean, self.latent_std))
+        return z * std + mean
+
+    def encode_latent(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, 1 + 8k, H, W] in -1..1 -> normalised latents [B, 128, 1 + k, H/32, W/32]: the posterior's
+        mean, normalised, as ComfyUI's VAE encode returns them."""
+        return self.normalize(self.encode(pixels).mode())
+
+    def decode_latent(self, latent: torch.Tensor, timestep: float | None = None, noise_scale: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents (ComfyUI's LATENT) -> pixels [B, 3, 1 + 8(T'-1), 32h, 32w]; see `decode`."""
+        return self.decode(self.un_normalize(latent.to(self.dtype)), timestep, noise_scale, generator)
+
 
 # --- files -----------------------------------------------------------------------------------------------------
 
@@ -294,7 +325,7 @@ _MARKERS = ("encoder.conv_in.conv.weight", "decoder.up_blocks.0.res_blocks.0.con
 # Statistics the files also carry; the model family needs only the mean and std of the means.
 _UNUSED_STATISTICS = tuple(f"per_channel_statistics.{n}"
                            for n in ("channel", "mean-of-stds", "mean-of-stds_over_std-of-means"))
-TINY_LTXV_VAES = {"0.9.0": TINY_LTXV_090, "0.9.1": TINY_LTXV_091, "0.9.5": TINY_LTXV_095}
+TINY_LTXV_VAES = {"0.9.0": TINY_LTXV_090, "0.9.1": TINY_LTXV_091, "0.9.5": TINY_LTXV_095, "2.0": TINY_LTX2}
 
 
 def is_ltxv_vae(keys: Collection[str], prefix: str = "vae.") -> bool:
@@ -360,18 +391,25 @@ def ltxv_vae_config_from_state_dict(sd: StateDict, prefix: str = "vae.") -> LTXV
     ups = sum(b.kind == "compress_all" for b in dec)
     if (space, time, ups) != (32, 8, 3):
         raise ValueError(f"compression {space}x{space}x{time} with {ups} upsamplers; LTX-Video's is 32x32x8")
-    return LTXVVAEConfig(enc, dec, conv_in.shape[0], dec_in.shape[0], latent, patch,
-                         "decoder.last_scale_shift_table" in sd)
+    config = LTXVVAEConfig(enc, dec, conv_in.shape[0], dec_in.shape[0], latent, patch,
+                           "decoder.last_scale_shift_table" in sd)
+    return replace(config, decoder_padding_mode="reflect") if config.version == "2.0" else config
 
 
-def _padding_mode(metadata: dict[str, str]) -> str | None:
-    """`spatial_padding_mode` of the VAE config that Lightricks' files carry in their metadata, if any."""
+def _padding_modes(metadata: dict[str, str]) -> tuple[str | None, str | None]:
+    """The encoder's and the decoder's spatial padding named by the VAE config that Lightricks' files carry in their
+    metadata: `spatial_padding_mode` for both (LTX-Video 0.9.x), `encoder_spatial_padding_mode` /
+    `decoder_spatial_padding_mode` each (LTX-2); None where it names none."""
     try:
         vae = json.loads(metadata.get("config", "{}")).get("vae", {})
     except (json.JSONDecodeError, AttributeError):
-        return None
-    mode = vae.get("spatial_padding_mode") if isinstance(vae, dict) else None
-    return mode if mode in ("zeros", "reflect", "replicate", "circular") else None
+        return None, None
+    if not isinstance(vae, dict):
+        return None, None
+    modes = ("zeros", "reflect", "replicate", "circular")
+    both = vae.get("spatial_padding_mode")
+    enc, dec = (vae.get(f"{part}_spatial_padding_mode", both) for part in ("encoder", "decoder"))
+    return (enc if enc in modes else None), (dec if dec in modes else None)
 
 
 def _find_prefix(keys: Collection[str], prefix: str | None, name: str) -> str:
@@ -409,7 +447,9 @@ def load_ltxv_vae(path_or_state_dict: str | Path | StateDict, device: torch.devi
         config = ltxv_vae_config_from_state_dict(sd, found)
     except ValueError as e:
         raise CheckpointError(f"{path.name}: {e}") from None
-    config = replace(config, padding_mode=_padding_mode(metadata) or config.padding_mode)
+    enc, dec = _padding_modes(metadata)
+    config = replace(config, padding_mode=enc or config.padding_mode,
+                     decoder_padding_mode=dec or config.decoder_padding_mode)
     weights = {k[len(found):]: v for k, v in sd.items() if k.startswith(found)}
     vae = ckpt._materialize(lambda: LTXVVAE(config), weights, "LTX-Video VAE", path, device, dtype)
     unused = sorted(set(weights) - set(vae.state_dict()) - set(_UNUSED_STATISTICS))
@@ -420,8 +460,8 @@ def load_ltxv_vae(path_or_state_dict: str | Path | StateDict, device: torch.devi
 
 
 def peek_ltxv_vae(path: str | Path) -> str | None:
-    """The LTX-Video VAE version ("0.9.0", "0.9.1", "0.9.5") in a .safetensors file, from its header alone; None
-    when it holds none (or is not a safetensors file)."""
+    """The LTX-Video VAE version ("0.9.0", "0.9.1", "0.9.5", or "2.0" for LTX-2's) in a .safetensors file, from its
+    header alone; None when it holds none (or is not a safetensors file)."""
     shapes = ckpt.read_shapes(path)
     for prefix in ("vae.", ""):
         if shapes is not None and is_ltxv_vae(shapes, prefix):
@@ -430,6 +470,33 @@ def peek_ltxv_vae(path: str | Path) -> str | None:
             except ValueError:
                 return None
     return None
+
+
+_DIFFUSERS_STATISTICS = {"latents_mean": "per_channel_statistics.mean-of-means",
+                         "latents_std": "per_channel_statistics.std-of-means"}
+_DIFFUSERS_BLOCK = re.compile(
+    r"(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(resnets|downsamplers\.0|upsamplers\.0)\.(.*)")
+
+
+def convert_diffusers_ltx2_vae(sd: StateDict) -> StateDict:
+    """diffusers' AutoencoderKLLTX2Video keys -> Lightricks' (the inverse of diffusers' convert_ltx2_to_diffusers):
+    the encoder's down_blocks.i.resnets / .downsamplers.0 become blocks 2i / 2i+1 and its mid_block the last; the
+    decoder's mid_block is up_blocks.0, its up_blocks.i.upsamplers.0 / .resnets blocks 2i+1 / 2i+2; latents_mean /
+    latents_std the per-channel statistics."""
+    mids = {"encoder.mid_block.": f"encoder.down_blocks.{2 * len(_indices(sd, 'encoder.down_blocks'))}.",
+            "decoder.mid_block.": "decoder.up_blocks.0."}
+    out: StateDict = {}
+    for key, value in sd.items():
+        if key in _DIFFUSERS_STATISTICS:
+            key = _DIFFUSERS_STATISTICS[key]
+        elif m := _DIFFUSERS_BLOCK.match(key):
+            part, i, kind, rest = m[1], int(m[2]), m[3], m[4]
+            index = 2 * i + (kind != "resnets") if part == "encoder.down_blocks" else 2 * i + 1 + (kind == "resnets")
+            key = f"{part}.{index}." + ("res_blocks." if kind == "resnets" else "") + rest
+        elif (mid := key[:len("encoder.mid_block.")]) in mids:  # the two prefixes are equally long
+            key = mids[mid] + key[len(mid):]
+        out[key.replace(".resnets.", ".res_blocks.")] = value
+    return out
 
 
 def random_ltxv_vae(config: LTXVVAEConfig, seed: int = 0) -> LTXVVAE:
