@@ -389,6 +389,7 @@ PART_MAKERS = {
     "make-hidream": ("ldm.hidream_presets", "make_hidream_files", "HiDream-I1"),
     "make-stable-audio": ("ldm.stable_audio_presets", "make_stable_audio_files", "Stable Audio Open"),
     "make-ace-step": ("ldm.ace_step15_presets", "make_ace_step15_files", "ACE-Step 1.5"),
+    "make-ltx2": ("ldm.ltx2_files", "make_ltx2_files", "LTX-2"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -424,6 +425,10 @@ PART_HELP = {
                       "all-in-one checkpoint of them", "diffusion_models/, text_encoders/, vae/ and checkpoints/ "
                       "(acestep_v1.5_turbo-tiny, qwen_0.6b_ace15-tiny, qwen_1.7b_ace15-tiny, ace_1.5_vae-tiny, "
                       "ace_step_1.5_turbo_aio-tiny)"),
+    "make-ltx2": ("the all-in-one checkpoint (audio-video transformer, video VAE, audio VAE, vocoder, text "
+                  "projection), Gemma 3 and the x2 latent upscaler", "checkpoints/, text_encoders/ and "
+                  "latent_upscale_models/ (ltx-2-19b-dev-tiny, gemma_3_12B_it-tiny, "
+                  "ltx-2-spatial-upscaler-x2-1.0-tiny)"),
 }
 
 

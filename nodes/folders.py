@@ -39,6 +39,8 @@ MODEL_KINDS = {
     "gligen": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     # Model patches (ModelPatchLoader): DiffSynth's Qwen-Image and alibaba-pai's Z-Image Fun ControlNets.
     "model_patches": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    # Latent upscale models (LatentUpscaleModelLoader): Lightricks' LTX-2 spatial upscalers.
+    "latent_upscale_models": (".safetensors",),
 }
 
 

@@ -221,6 +221,8 @@ def latent_mask(mask: Tensor, latent: Tensor) -> Tensor:
     latent, such a mask for every frame, or a [B, 1|C, T, H, W] one resized over frames too (trilinearly, as
     ComfyUI does), as [B, C, T, h, w]."""
     mask = mask.to(latent.device, latent.dtype)
+    if mask.shape == latent.shape:
+        return mask  # at the latent's size already (a packed audio-video latent's: ldm.sampling.av_latent)
     if mask.ndim == 5:
         if latent.ndim != 5:
             raise ValueError(f"a video noise mask {tuple(mask.shape)} does not fit the image latent "
@@ -277,6 +279,7 @@ def sample(
     add_noise: bool = True,
     return_leftover_noise: bool = False,
     noise_mask: Tensor | None = None,
+    noise_parts: tuple[tuple[int, ...], ...] | None = None,
     batch_index: list[int] | None = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
     interrupt: Callable[[], bool] | None = None,
@@ -295,7 +298,8 @@ def sample(
     `start_step`/`end_step` cut the schedule for two-stage runs; unless `return_leftover_noise`,
     a run cut short by `end_step` still ends at sigma 0. `noise_mask` (1 = repaint, 0 = keep)
     holds the unmasked latents at the original, re-noised to each step's level, and restores them
-    exactly at the end. `callback(step, total, x0)` follows each step; `interrupt()` is polled
+    exactly at the end. `noise_parts` are the parts' shapes of a packed latent (`ldm.sampling.av_latent`),
+    whose initial noise is drawn part by part. `callback(step, total, x0)` follows each step; `interrupt()` is polled
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
     `patches` change how guidance combines predictions and how the mask evolves over the run; those
     that run a patched copy of the UNet need its `module` (default: `unet`, if it is one). `dual` adds
@@ -346,7 +350,7 @@ def sample(
     t_from = schedule.sigma_to_t_scalar(sigma_start)
     t_to = schedule.sigma_to_t_scalar(max(float(sigmas[-1]), schedule.sigma_min))
     sigmas = sigmas.to(latent.device)
-    noise = prepare_noise(latent, seed, batch_index) if add_noise else torch.zeros_like(latent)
+    noise = prepare_noise(latent, seed, batch_index, noise_parts) if add_noise else torch.zeros_like(latent)
     # From the top of the schedule, start at the variance-preserving scale sqrt(1 + sigma^2): pure
     # noise in DDPM terms (ComfyUI's max_denoise). A flow model mixes noise and latent its own way.
     full = math.isclose(sigma_start, schedule.sigma_max, rel_tol=1e-5) or sigma_start > schedule.sigma_max

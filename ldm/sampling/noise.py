@@ -30,24 +30,32 @@ def step_noise_seed(seed: int) -> int:
     return (int(seed) + 1) % 2**64
 
 
-def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = None) -> Tensor:
+def prepare_noise(latent: Tensor, seed: int, batch_index: list[int] | None = None,
+                  parts: tuple[tuple[int, ...], ...] | None = None) -> Tensor:
     """Unit Gaussian noise shaped like `latent`, from `seed`.
 
     Without `batch_index` the batch is one draw, so item k of a batch of n is the same as item k
     of any larger batch. With `batch_index` (latents picked out of a bigger batch), item i gets
-    the noise that position `batch_index[i]` would have had, as in ComfyUI.
+    the noise that position `batch_index[i]` would have had, as in ComfyUI. For a packed latent of
+    several `parts` (their shapes without the batch; `ldm.sampling.av_latent`), each part's noise is
+    drawn in turn from the one generator, packed as the latent is.
     """
     generator = cpu_generator(seed)
-    if batch_index is None:
-        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
+    if parts is None:
+        noise = _draw(tuple(latent.shape), generator, batch_index)
     else:
-        item_shape = [1, *latent.shape[1:]]
-        drawn = [
-            torch.randn(item_shape, generator=generator, dtype=torch.float32)
-            for _ in range(max(batch_index) + 1)
-        ]
-        noise = torch.cat([drawn[i] for i in batch_index])
+        from ldm.sampling.av_latent import pack
+
+        noise = pack([_draw((latent.shape[0], *shape), generator, batch_index) for shape in parts])
     return noise.to(device=latent.device, dtype=latent.dtype)
+
+
+def _draw(shape: tuple[int, ...], generator: torch.Generator, batch_index: list[int] | None) -> Tensor:
+    if batch_index is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    drawn = [torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
+             for _ in range(max(batch_index) + 1)]
+    return torch.cat([drawn[i] for i in batch_index])
 
 
 def seeded_noise_sampler(x: Tensor, seed: int, cpu: bool = False) -> NoiseSampler:

@@ -74,6 +74,7 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
         from ldm.checkpoint import peek_family
         from ldm.chroma_files import is_chroma_file
         from ldm.flux_files import is_flux_file
+        from ldm.ltx2_files import is_ltx2_file
         from ldm.ltxv_files import is_ltxv_file
         from ldm.lumina2_files import is_lumina2_checkpoint_file
         from ldm.sd3_files import is_sd3_file
@@ -89,6 +90,8 @@ def _header_family(kind: str, path: str, fingerprint: str) -> str | None:
                 return "flux"
             if is_sd3_file(path):
                 return "sd3"
+            if is_ltx2_file(path):  # before LTX-Video: its transformer's names are a superset
+                return "ltx2"
             if is_ltxv_file(path):
                 return "ltxv"
             if is_stable_audio_file(path):
@@ -149,8 +152,9 @@ class CheckpointLoaderSimple(Node):
     """Loads a single-file SD1.x, SD2.x or SDXL checkpoint (.safetensors, or .ckpt read safely), or an all-in-one
     Flux.1 or Chroma checkpoint (.safetensors), or LTX-Video's all-in-one ltx-video-2b-v0.9*.safetensors (its
     transformer and VAE; its CLIP output only says to load T5-XXL with CLIPLoader type ltxv), Stable Audio Open's
-    single file (its CLIP likewise says to load T5-base) or ACE-Step 1.5's all-in-one checkpoint (the model, its
-    text encoder and language model, its VAE)."""
+    single file (its CLIP likewise says to load T5-base), ACE-Step 1.5's all-in-one checkpoint (the model, its
+    text encoder and language model, its VAE) or LTX-2's (the audio-video transformer and the video VAE; its audio
+    VAE through LTXVAudioVAELoader, its text encoder through LTXAVTextEncoderLoader)."""
 
     display_name = "Load Checkpoint"
     category = "loaders"
@@ -189,7 +193,9 @@ _LTXV_T5 = ("load T5-XXL (t5xxl_fp16.safetensors or an fp8 copy) with CLIPLoader
 _STABLE_AUDIO_T5 = ("load T5-base (t5-base.safetensors) with CLIPLoader (Load CLIP) type stable_audio and encode "
                     "with its CLIP")
 # The families whose checkpoints hold no text encoder, and where their prompts' encoder comes from (None: SD3's).
-_OWN_TEXT_FILES = {"sd3": None, "ltxv": _LTXV_T5, "stable_audio": _STABLE_AUDIO_T5}
+_LTX2_GEMMA = ("load Gemma 3 12B (gemma_3_12B_it.safetensors) with this checkpoint through LTXAVTextEncoderLoader "
+               "and encode with its CLIP")
+_OWN_TEXT_FILES = {"sd3": None, "ltxv": _LTXV_T5, "stable_audio": _STABLE_AUDIO_T5, "ltx2": _LTX2_GEMMA}
 
 
 def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_weights_dtype: str,
@@ -201,6 +207,7 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
     from ldm.checkpoint import load_checkpoint
     from ldm.chroma_files import is_chroma_file, load_chroma_checkpoint
     from ldm.flux_files import is_flux_file, load_flux_checkpoint
+    from ldm.ltx2_files import is_ltx2_file, load_ltx2_checkpoint
     from ldm.ltxv_files import is_ltxv_file, load_ltxv_checkpoint
     from ldm.lumina2_files import is_lumina2_checkpoint_file, load_lumina2_checkpoint
     from ldm.sd3_files import is_sd3_file, load_sd3_checkpoint
@@ -221,6 +228,8 @@ def load_checkpoint_outputs(node: Node, ckpt_name: str, weights_dtype: str, te_w
             loaded = load_flux_checkpoint(path, device=device, dtype=dtype)
         elif is_sd3_file(path):  # SD3 / SD3.5 (Stability's layout), with or without its text encoders
             loaded = load_sd3_checkpoint(path, device=device, dtype=dtype)
+        elif is_ltx2_file(path):  # LTX-2's all-in-one file: transformer and video VAE (audio, text: other loaders)
+            loaded = load_ltx2_checkpoint(path, device=device, dtype=dtype)
         elif is_ltxv_file(path):  # LTX-Video's all-in-one file: transformer and video VAE, no text encoder
             loaded = load_ltxv_checkpoint(path, device=device, dtype=dtype)
         elif is_stable_audio_file(path):  # Stable Audio Open: transformer, seconds conditioners, audio VAE

@@ -84,6 +84,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
             from ldm.hidream_files import peek_hidream
+            from ldm.ltx2_files import peek_ltx2
             from ldm.ltxv_files import peek_ltxv
             from ldm.lumina2_files import peek_lumina2
             from ldm.qwen_image21_files import peek_qwen_image21
@@ -93,7 +94,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
 
             family = (peek_flux2(path) or peek_qwen_image21(path) or peek_z_image(path) or peek_lumina2(path)
                       or peek_qwen_image(path) or peek_hidream(path) or peek_chroma(path) or peek_flux(path)
-                      or peek_sd3(path) or peek_wan(path) or peek_ltxv(path) or peek_ace_step15(path)
+                      or peek_sd3(path) or peek_wan(path) or peek_ltx2(path) or peek_ltxv(path) or peek_ace_step15(path)
                       or peek_unet(path))
             return (None if family is None else family.name), None
         return peek_text_encoder(path), None
@@ -180,6 +181,7 @@ class UNETLoader(Node):
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.flux2_files import is_flux2_file, load_flux2_unet
             from ldm.hidream_files import is_hidream_file, load_hidream_unet
+            from ldm.ltx2_files import is_ltx2_file, load_ltx2_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.lumina2_files import is_lumina2_file, load_lumina2_unet
             from ldm.qwen_image21_files import is_qwen_image21_file, load_qwen_image21_unet
@@ -201,6 +203,8 @@ class UNETLoader(Node):
                 loader = load_hidream_unet
             elif is_wan_file(path):
                 loader = load_wan_unet
+            elif is_ltx2_file(path):  # before LTX-Video: its transformer's names are a superset
+                loader = load_ltx2_unet
             elif is_ltxv_file(path):
                 loader = load_ltxv_unet
             elif is_ace_step15_file(path):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ldm.latent_preview import LatentPreview, fit_for, sampler_rgb_map
-from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, sample
+from ldm.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, av_latent, sample
 from ldm.sampling.guidance import DualCfg
 from ldm.sampling.ksampler import RESIZING_SAMPLERS
 from nodes.node import Node
@@ -50,6 +50,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.ltxv import ltxv_conditioning
 
         return ltxv_conditioning(conditioning)
+    if model.family.name == "ltx2":  # its prompts through the model's connectors; its `y`: the frame rate
+        from nodes.sd.ltx2 import ltx2_conditioning
+
+        return ltx2_conditioning(conditioning, model)
     if model.family.name in ("wan21", "wan22"):  # its `y`: the start image's CLIP vision states (image-to-video)
         from nodes.sd.wan import wan_conditioning
 
@@ -86,7 +90,7 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
 
 
 # Families whose latents have a frame axis ([B, C, frames, h, w]).
-VIDEO_FAMILIES = frozenset({"wan21", "wan22", "ltxv"})
+VIDEO_FAMILIES = frozenset({"wan21", "wan22", "ltxv", "ltx2"})
 
 
 def _fit_empty_latent(model: DiffusionModel, latent: dict) -> torch.Tensor:
@@ -217,10 +221,14 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     # fitted to the model's latent space, whose size the sampled LATENT has (the 1/8 marker goes, as in ComfyUI)
     latent = {key: value for key, value in latent.items() if key != "downscale_ratio_spacial"} | {
         "samples": _fit_empty_latent(model, latent)}
-    samples = latent["samples"]
+    samples = latent["samples"]  # the video part of an audio-video latent (LTX-2's), packed with its audio below
+    av_shapes = _audio_video_shapes(model, latent)
+    noise_mask = latent.get("noise_mask") if av_shapes is None else av_latent.packed_mask(latent)
     # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
     # updates of late steps. The UNet casts its input to its own dtype and its output back.
     x = model.latent_in(samples.to(device, torch.float32))
+    if av_shapes is not None:  # the model's video latent and the audio latent (the audio VAE's own space) as one
+        x = av_latent.pack([x, latent[av_latent.AUDIO_SAMPLES].to(device, torch.float32)])
 
     last: list[torch.Tensor] = []
     # The step previews' latent-to-RGB map for this model's latent space, in the sampler's (scaled) latents.
@@ -232,7 +240,8 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
         last[:] = [denoised]
-        node.ctx.progress(step + 1, total, preview=LatentPreview(denoised, rgb_map))
+        shown = denoised if av_shapes is None else av_latent.unpack(denoised, av_shapes)[0]
+        node.ctx.progress(step + 1, total, preview=LatentPreview(shown, rgb_map))
 
     def interrupted() -> bool:
         node.ctx.check_interrupt()  # raises the engine's Interrupted
@@ -298,9 +307,10 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         from ldm.flux2 import ReferenceKVRun
 
         unet = ReferenceKVRun(unet, placed_unet)
-    noise_mask = latent.get("noise_mask")
     clean_kept = noise_mask is not None and getattr(model.family, "token_timesteps", False)
-    if clean_kept:  # the mask as per-token noise levels (LTX-Video's, Wan 2.2 5B's image-to-video)
+    if av_shapes is not None:  # the model takes the parts (and their masks, as per-token noise levels)
+        unet = av_latent.PackedParts(unet, av_shapes, noise_mask if clean_kept else None)
+    elif clean_kept:  # the mask as per-token noise levels (LTX-Video's, Wan 2.2 5B's image-to-video)
         from ldm.sampling.masked_timesteps import MaskedTimesteps
 
         unet = MaskedTimesteps(unet, noise_mask, x)
@@ -312,7 +322,7 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
                 negative=_with_adm(negative, model, samples, negative=True, seed=seed),
                 denoise=denoise, sigmas=sigmas,
                 add_noise=add_noise, start_step=start_step, end_step=end_step,
-                return_leftover_noise=return_leftover_noise, noise_mask=noise_mask,
+                return_leftover_noise=return_leftover_noise, noise_mask=noise_mask, noise_parts=av_shapes,
                 batch_index=latent.get("batch_index"), callback=on_step, interrupt=interrupted,
                 prediction=model.prediction, sampler_options=sampler_options, patches=model.sampling_patches,
                 module=model.unet, dual=dual, concat=concat, clean_kept=clean_kept,
@@ -320,9 +330,29 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
     finally:
         for control in controls:  # the Controls live on in cached conditioning: no device memory with them
             control.release()
-    result = {**latent, "samples": model.latent_out(out.float()).cpu()}
-    denoised = {**latent, "samples": model.latent_out(last[0].float()).cpu()} if last else result
+    result = _sampled(latent, model, out.float(), av_shapes)
+    denoised = _sampled(latent, model, last[0].float(), av_shapes) if last else result
     return result, denoised
+
+
+def _audio_video_shapes(model: DiffusionModel, latent: dict) -> av_latent.Shapes | None:
+    """The parts' shapes of an audio-video LATENT (LTXVConcatAVLatent's), which only an LTX-2 model samples;
+    None for any other latent."""
+    if not av_latent.is_av(latent):
+        return None
+    if not getattr(model.family, "audio_video", False):
+        raise ValueError(f"the latent holds video and audio (LTXVConcatAVLatent), which only an LTX-2 model samples;"
+                         f" {model.source} is {model.family.name}: separate them with LTXVSeparateAVLatent")
+    return av_latent.shapes_of(av_latent.parts_of(latent))
+
+
+def _sampled(latent: dict, model: DiffusionModel, x: torch.Tensor, av_shapes: av_latent.Shapes | None) -> dict:
+    """The sampled LATENT: the input's entries (its noise masks too, as ComfyUI keeps them) with the model's latent
+    `x` back in the LATENT's space."""
+    if av_shapes is None:
+        return {**latent, "samples": model.latent_out(x).cpu()}
+    video, audio = av_latent.unpack(x, av_shapes)
+    return {**latent, "samples": model.latent_out(video).cpu(), av_latent.AUDIO_SAMPLES: audio.cpu()}
 
 
 class KSampler(Node):

@@ -21,6 +21,7 @@ from ldm.controlnet_z_image import write_tiny_z_image_fun_controlnet
 from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
 from ldm.hidream_presets import make_hidream_files
+from ldm.ltx2_files import make_ltx2_files
 from ldm.ltxv_presets import make_ltxv_files
 from ldm.lumina2_presets import make_lumina2_files
 from ldm.presets import make_checkpoint, make_controlnet
@@ -85,6 +86,10 @@ QWEN21_FILES = {"unet": "diffusion_models/qwen_image_2.1_bf16.safetensors",
 ACE_FILES = {"diffusion_model": "diffusion_models/acestep_v1.5_turbo.safetensors",
              "text_encoder": "text_encoders/qwen_0.6b_ace15.safetensors",
              "lm": "text_encoders/qwen_1.7b_ace15.safetensors", "vae": "vae/ace_1.5_vae.safetensors"}
+# Tiny LTX-2 files under the names ltx2_t2v.json loads.
+LTX2_FILES = {"checkpoint": "checkpoints/ltx-2-19b-dev.safetensors",
+              "text_encoder": "text_encoders/gemma_3_12B_it.safetensors",
+              "upscaler": "latent_upscale_models/ltx-2-spatial-upscaler-x2-1.0.safetensors"}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -149,6 +154,10 @@ def base(tmp_path_factory):
     wan = make_wan_files(root / "wan-tiny", seed=1)
     for part, name in WAN_FILES.items():
         shutil.copy(wan[part], root / "models" / name)
+    ltx2 = make_ltx2_files(root / "ltx2-tiny", seed=1)
+    for part, name in LTX2_FILES.items():
+        (root / "models" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ltx2[part], root / "models" / name)
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)
@@ -176,6 +185,8 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(width=64, height=64, length=9)
         if node.class_type == "LTXVScheduler":
             node.inputs.update(FAST)
+        if node.class_type == "LTXVEmptyLatentAudio":
+            node.inputs.update(frames_number=9)
         if node.class_type in ("EmptyLatentAudio", "EmptyAceStep1.5LatentAudio"):
             node.inputs.update(seconds=2.0)
         if node.class_type == "ImageScaleToMaxDimension":
@@ -200,6 +211,15 @@ def test_every_example_workflow_runs(engine, base, name):
         return
     [images] = [ui["images"] for ui in result.outputs.values()]
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
+    if path.suffix == ".mp4":  # LTX-2's video with its sound (SaveVideo): 9 frames of 128x128 at 24 fps, 24 kHz
+        with av.open(str(path)) as container:
+            video, audio = container.streams.video[0], container.streams.audio[0]
+            assert (video.codec_context.width, video.codec_context.height) == (128, 128)
+            assert sum(1 for _ in container.decode(video)) == 9
+            assert audio.rate == 24000 and audio.channels == 2
+            prompt = json.loads({k.lower(): v for k, v in container.metadata.items()}["prompt"])
+        assert prompt == json.loads(json.dumps(load(name, engine.registry).to_api()))
+        return
     with Image.open(path) as image:  # Qwen-Image-Layered's (the picture and its two layers) and 2.1's are RGBA
         assert image.mode == ("RGBA" if name in ("qwen_image_layered", "qwen_image21_t2i") else "RGB")
         assert min(image.size) >= 64
