@@ -65,6 +65,7 @@ BUILTIN_MODULES = (
     "nodes.sd.qwen_image_layered",
     "nodes.sd.qwen_image21",
     "nodes.sd.textgen",
+    "nodes.sd.math_expression",
     "nodes.sd.flux2",
     "nodes.sd.lumina2",
     "nodes.sd.hidream",
