@@ -279,6 +279,35 @@ class ImageScaleToMaxDimension(Node):
         return (resize_any(image, width, height, upscale_method),)
 
 
+class ResizeImagesByLongerEdge(Node):
+    """ComfyUI's ResizeImagesByLongerEdge (comfy_extras/nodes_dataset.py, deprecated there in favour of
+    ImageScaleToMaxDimension, which its editor offers to swap in, with lanczos): each image is resized with Pillow's
+    LANCZOS so that its longer side (the height for a square) is `longer_edge`, the other side
+    int(side * longer_edge / longer side), truncated, even when the size does not change. As ComfyUI, each image goes
+    through Pillow as 8-bit channels, int(255 * value) (truncated, clipped to 0..255), and comes back as value / 255;
+    ImageScaleToMaxDimension rounds the side instead, and Loom's lanczos rounds the channels."""
+
+    display_name = "Resize Images by Longer Edge"
+    category = "image/transform"
+    images = Socket("IMAGE")
+    longer_edge = Int(1024, min=1, max=8192, step=1, tooltip="the length of the longer side, in pixels")
+    outputs = (Output("IMAGE", "images"),)
+
+    def execute(self, images: torch.Tensor, longer_edge: int) -> tuple[torch.Tensor]:
+        from PIL import Image
+
+        height, width = images.shape[1:3]
+        if width > height:
+            size = (longer_edge, int(height * (longer_edge / width)))
+        else:
+            size = (int(width * (longer_edge / height)), longer_edge)
+        pixels = (images.detach().float().cpu().numpy() * 255).clip(0, 255).astype(np.uint8)
+        channels = pixels.shape[-1]
+        resized = [np.asarray(Image.fromarray(item[..., 0] if channels == 1 else item).resize(
+            size, Image.Resampling.LANCZOS)).reshape(size[1], size[0], channels) for item in pixels]
+        return (torch.from_numpy(np.stack(resized)).float().div(255).to(images.device),)
+
+
 SPACING_COLORS: dict[str, tuple[float, ...]] = {
     "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
     "blue": (0.0, 0.0, 1.0)}
@@ -341,4 +370,4 @@ class ImageStitch(Node):
 
 
 NODES = [ImageQuantize, Morphology, PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha,
-         ImageColorToMask, ImageScaleToMaxDimension, ImageStitch]
+         ImageColorToMask, ImageScaleToMaxDimension, ResizeImagesByLongerEdge, ImageStitch]
