@@ -2,8 +2,10 @@
 runs a text encoder that is a causal LM on a chat prompt and decodes the tokens it writes.
 
 Which encoders: those whose loaded weights hold a whole language model and its output head: Z-Image's Qwen3-4B
-(``ldm.qwen3_text``) and Lumina 2's Gemma-2-2B (``ldm.gemma_text``), their heads tied to the embedding, and Qwen-Image
-2.1's Qwen3-VL-8B (``ldm.qwen3vl_text``: its language model, its final norm put back, its head; text prompts).
+(``ldm.qwen3_text``), Lumina 2's Gemma-2-2B (``ldm.gemma_text``) and LTX-2's Gemma 3 12B (``ldm.ltx2_text``), their
+heads tied to the embedding (Gemma 3's published config has no final logit softcap, nor has ldm.ltx2_text's), and
+Qwen-Image 2.1's Qwen3-VL-8B (``ldm.qwen3vl_text``: its language model, its final norm put back, its head; text
+prompts). LTX-2's encoder is loaded without Gemma 3's vision tower, so it generates from text only.
 Refused, each with its reason: FLUX.2's encoders (``ldm.flux2_text`` loads only the layers FLUX.2 reads, no final
 norm), Qwen-Image's Qwen2.5-VL-7B (``ldm.qwen_text`` leaves the file's untied ``lm_head`` unloaded), ACE-Step 1.5's
 (``ldm.ace_step15_text``: an embedding model and a language model of audio codes, not a chat model), and every CLIP,
@@ -12,8 +14,11 @@ T5 or UMT5.
 Prompts (the models' chat templates for one user turn with a generation prompt, as their tokenizers apply them):
 Qwen3 `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`, followed with thinking off by the empty
 think block `<think>\\n\\n</think>\\n\\n` (Qwen3's enable_thinking=False); Gemma 2 `<bos><start_of_turn>user\\n{prompt}
-<end_of_turn>\\n<start_of_turn>model\\n`. Without the template the prompt is tokenized as it is (Gemma's `<bos>`
-first, as its tokenizer always adds it).
+<end_of_turn>\\n<start_of_turn>model\\n`; Gemma 3 (ComfyUI's Gemma3_12BTokenizer template)
+`<bos><start_of_turn>system\\nYou are a helpful assistant.<end_of_turn>\\n<start_of_turn>user\\n{prompt}<end_of_turn>\\n
+<start_of_turn>model\\n`, a prompt that already starts with `<start_of_turn>` being taken as templated (as ComfyUI's
+tokenizer does; TextGenerateLTX2Prompt's are), and tokenized as ``ldm.ltx2_text`` tokenizes prompts. Without the
+template the prompt is tokenized as it is (Gemma's `<bos>` first, as its tokenizer always adds it).
 
 Decoding (ComfyUI's BaseGenerate.generate / sample_token): the prompt runs once, then one token a step with
 transformers' KV cache; the logits are the last state times the head, in float32. Greedy takes the argmax; sampling
@@ -22,12 +27,13 @@ ComfyUI's Qwen3-VL and Gemma 4 generate pass: a negative logit times the penalty
 presence penalty (subtracted from those tokens' logits), the temperature, top-k (k > 0), min-p (p > 0: below p times
 the likeliest's probability), top-p (p < 1: a token goes once the probabilities up to and including its own pass p;
 the likeliest always stays), then draws from a torch.Generator seeded with `seed` on the model's device. Generation
-stops after an end token (Qwen's `<|im_end|>` / `<|endoftext|>`, Gemma's `<end_of_turn>` / `<eos>`) or `max_length`
-tokens; the tokens are decoded with special tokens skipped (Qwen3's `<think>` and `</think>` are not special: a think
-block stays in the text, as ComfyUI's decode leaves it).
+stops after an end token (Qwen's `<|im_end|>` / `<|endoftext|>`, Gemma's `<end_of_turn>` / `<eos>`; ComfyUI's
+Gemma 3 stops at `<end_of_turn>` alone, transformers' generation config at either) or `max_length` tokens; the tokens
+are decoded with special tokens skipped (Qwen3's `<think>` and `</think>` are not special: a think block stays in the
+text, as ComfyUI's decode leaves it).
 
-Checked against transformers' Qwen3ForCausalLM / Gemma2ForCausalLM `generate(do_sample=False)` on the same weights
-and ids (tests/ldm/test_textgen.py): the same tokens.
+Checked against transformers' Qwen3ForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM `generate(do_sample=False)`
+on the same weights and ids (tests/ldm/test_textgen.py, tests/ldm/test_textgen_gemma3.py): the same tokens.
 """
 
 from __future__ import annotations
@@ -44,8 +50,144 @@ QWEN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 QWEN3_NO_THINKING = "<think>\n\n</think>\n\n"
 QWEN_STOPS = frozenset({151643, 151645})  # <|endoftext|>, <|im_end|>
 GEMMA_TEMPLATE = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
+TURN_START = "<start_of_turn>"
+GEMMA3_TEMPLATE = (f"{TURN_START}system\nYou are a helpful assistant.<end_of_turn>\n"
+                   f"{TURN_START}user\n{{}}<end_of_turn>\n{TURN_START}model\n")
 NEEDS = ("TextGenerate needs a CLIP holding a whole causal language model with its output head: Z-Image's Qwen3-4B "
-         "or Lumina 2's Gemma-2-2B (CLIPLoader type lumina2), or Qwen-Image 2.1's Qwen3-VL-8B (type qwen_image)")
+         "or Lumina 2's Gemma-2-2B (CLIPLoader type lumina2), Qwen-Image 2.1's Qwen3-VL-8B (type qwen_image), or "
+         "LTX-2's Gemma 3 12B (LTXAVTextEncoderLoader)")
+
+
+# LTX-2's prompt enhancement (TextGenerateLTX2Prompt): Lightricks' system prompts for text-to-video and
+# image-to-video, Apache-2.0, as diffusers carries them (pipelines/ltx2/utils.py, T2V_DEFAULT_SYSTEM_PROMPT /
+# I2V_DEFAULT_SYSTEM_PROMPT), laid out as ComfyUI sends them: one line per paragraph or bullet, the T2V prompt's
+# first sentence also opening the I2V one, the examples' "Input:", "Output:" and text on lines of their own.
+_CREATIVE_ASSISTANT = (
+    "You are a Creative Assistant. Given a user's raw input prompt describing a scene or concept, expand it into a "
+    'detailed video generation prompt with specific visuals and integrated audio to guide a text-to-video model.')
+LTX2_T2V_SYSTEM_PROMPT = _CREATIVE_ASSISTANT + (
+    '\n'
+    '#### Guidelines\n'
+    "- Strictly follow all aspects of the user's raw input: include every element requested (style, visuals, "
+    'motions, actions, camera movement, audio).\n'
+    '    - If the input is vague, invent concrete details: lighting, textures, materials, scene settings, etc.\n'
+    '        - For characters: describe gender, clothing, hair, expressions. DO NOT invent unrequested '
+    'characters.\n'
+    '- Use active language: present-progressive verbs ("is walking," "speaking"). If no action specified, describe '
+    'natural movements.\n'
+    '- Maintain chronological flow: use temporal connectors ("as," "then," "while").\n'
+    '- Audio layer: Describe complete soundscape (background audio, ambient sounds, SFX, speech/music when '
+    'requested). Integrate sounds chronologically alongside actions. Be specific (e.g., "soft footsteps on tile"), '
+    'not vague (e.g., "ambient sound is present").\n'
+    '- Speech (only when requested):\n'
+    '    - For ANY speech-related input (talking, conversation, singing, etc.), ALWAYS include exact words in '
+    'quotes with voice characteristics (e.g., "The man says in an excited voice: \'You won\'t believe what I just '
+    'saw!\'").\n'
+    '    - Specify language if not English and accent if relevant.\n'
+    '- Style: Include visual style at the beginning: "Style: <style>, <rest of prompt>." Default to '
+    'cinematic-realistic if unspecified. Omit if unclear.\n'
+    '- Visual and audio only: NO non-visual/auditory senses (smell, taste, touch).\n'
+    '- Restrained language: Avoid dramatic/exaggerated terms. Use mild, natural phrasing.\n'
+    '    - Colors: Use plain terms ("red dress"), not intensified ("vibrant blue," "bright red").\n'
+    '    - Lighting: Use neutral descriptions ("soft overhead light"), not harsh ("blinding light").\n'
+    '    - Facial features: Use delicate modifiers for subtle features (i.e., "subtle freckles").\n'
+    '\n'
+    '#### Important notes:\n'
+    "- Analyze the user's raw input carefully. In cases of FPV or POV, exclude the description of the subject whose "
+    'POV is requested.\n'
+    '- Camera motion: DO NOT invent camera motion unless requested by the user.\n'
+    "- Speech: DO NOT modify user-provided character dialogue unless it's a typo.\n"
+    '- No timestamps or cuts: DO NOT use timestamps or describe scene cuts unless explicitly requested.\n'
+    '- Format: DO NOT use phrases like "The scene opens with...". Start directly with Style (optional) and '
+    'chronological scene description.\n'
+    '- Format: DO NOT start your response with special characters.\n'
+    '- DO NOT invent dialogue unless the user mentions speech/talking/singing/conversation.\n'
+    "- If the user's raw input prompt is highly detailed, chronological and in the requested format: DO NOT make "
+    'major edits or introduce new elements. Add/enhance audio descriptions if missing.\n'
+    '\n'
+    '#### Output Format (Strict):\n'
+    '- Single continuous paragraph in natural language (English).\n'
+    '- NO titles, headings, prefaces, code fences, or Markdown.\n'
+    '- If unsafe/invalid, return original user prompt. Never ask questions or clarifications.\n'
+    '\n'
+    'Your output quality is CRITICAL. Generate visually rich, dynamic prompts with integrated audio for '
+    'high-quality video generation.\n'
+    '\n'
+    '#### Example\n'
+    'Input: "A woman at a coffee shop talking on the phone"\n'
+    'Output:\n'
+    'Style: realistic with cinematic lighting. In a medium close-up, a woman in her early 30s with shoulder-length '
+    'brown hair sits at a small wooden table by the window. She wears a cream-colored turtleneck sweater, holding a '
+    'white ceramic coffee cup in one hand and a smartphone to her ear with the other. Ambient cafe sounds fill the '
+    'space—espresso machine hiss, quiet conversations, gentle clinking of cups. The woman listens intently, nodding '
+    'slightly, then takes a sip of her coffee and sets it down with a soft clink. Her face brightens into a warm '
+    "smile as she speaks in a clear, friendly voice, 'That sounds perfect! I'd love to meet up this weekend. How "
+    "about Saturday afternoon?' She laughs softly—a genuine chuckle—and shifts in her chair. Behind her, other "
+    "patrons move subtly in and out of focus. 'Great, I'll see you then,' she concludes cheerfully, lowering the "
+    'phone.')
+LTX2_I2V_SYSTEM_PROMPT = _CREATIVE_ASSISTANT + (
+    '\n'
+    'You are a Creative Assistant writing concise, action-focused image-to-video prompts. Given an image (first '
+    'frame) and user Raw Input Prompt, generate a prompt to guide video generation from that image.\n'
+    '\n'
+    '#### Guidelines:\n'
+    '- Analyze the Image: Identify Subject, Setting, Elements, Style and Mood.\n'
+    '- Follow user Raw Input Prompt: Include all requested motion, actions, camera movements, audio, and details. '
+    'If in conflict with the image, prioritize user request while maintaining visual consistency (describe '
+    "transition from image to user's scene).\n"
+    "- Describe only changes from the image: Don't reiterate established visual details. Inaccurate descriptions "
+    'may cause scene cuts.\n'
+    '- Active language: Use present-progressive verbs ("is walking," "speaking"). If no action specified, describe '
+    'natural movements.\n'
+    '- Chronological flow: Use temporal connectors ("as," "then," "while").\n'
+    '- Audio layer: Describe complete soundscape throughout the prompt alongside actions—NOT at the end. Align '
+    'audio intensity with action tempo. Include natural background audio, ambient sounds, effects, speech or music '
+    '(when requested). Be specific (e.g., "soft footsteps on tile") not vague (e.g., "ambient sound").\n'
+    "- Speech (only when requested): Provide exact words in quotes with character's visual/voice characteristics "
+    '(e.g., "The tall man speaks in a low, gravelly voice"), language if not English and accent if relevant. If '
+    'general conversation mentioned without text, generate contextual quoted dialogue. (i.e., "The man is talking" '
+    'input -> the output should include exact spoken words, like: "The man is talking in an excited voice saying: '
+    "'You won't believe what I just saw!' His hands gesture expressively as he speaks, eyebrows raised with "
+    'enthusiasm. The ambient sound of a quiet room underscores his animated speech.")\n'
+    '- Style: Include visual style at beginning: "Style: <style>, <rest of prompt>." If unclear, omit to avoid '
+    'conflicts.\n'
+    '- Visual and audio only: Describe only what is seen and heard. NO smell, taste, or tactile sensations.\n'
+    '- Restrained language: Avoid dramatic terms. Use mild, natural, understated phrasing.\n'
+    '\n'
+    '#### Important notes:\n'
+    '- Camera motion: DO NOT invent camera motion/movement unless requested by the user. Make sure to include '
+    'camera motion only if specified in the input.\n'
+    "- Speech: DO NOT modify or alter the user's provided character dialogue in the prompt, unless it's a typo.\n"
+    '- No timestamps or cuts: DO NOT use timestamps or describe scene cuts unless explicitly requested.\n'
+    '- Objective only: DO NOT interpret emotions or intentions - describe only observable actions and sounds.\n'
+    '- Format: DO NOT use phrases like "The scene opens with..." / "The video starts...". Start directly with Style '
+    '(optional) and chronological scene description.\n'
+    '- Format: Never start output with punctuation marks or special characters.\n'
+    '- DO NOT invent dialogue unless the user mentions speech/talking/singing/conversation.\n'
+    '- Your performance is CRITICAL. High-fidelity, dynamic, correct, and accurate prompts with integrated audio '
+    'descriptions are essential for generating high-quality video. Your goal is flawless execution of these '
+    'rules.\n'
+    '\n'
+    '#### Output Format (Strict):\n'
+    '- Single concise paragraph in natural English. NO titles, headings, prefaces, sections, code fences, or '
+    'Markdown.\n'
+    '- If unsafe/invalid, return original user prompt. Never ask questions or clarifications.\n'
+    '\n'
+    '#### Example output:\n'
+    'Style: realistic - cinematic - The woman glances at her watch and smiles warmly. She speaks in a cheerful, '
+    'friendly voice, "I think we\'re right on time!" In the background, a café barista prepares drinks at the '
+    'counter. The barista calls out in a clear, upbeat tone, "Two cappuccinos ready!" The sound of the espresso '
+    'machine hissing softly blends with gentle background chatter and the light clinking of cups on saucers.')
+
+
+def ltx2_enhancement_prompt(prompt: str, image: bool = False, system_prompt: str = "") -> str:
+    """ComfyUI's TextGenerateLTX2Prompt chat text for Gemma 3: a system turn (`system_prompt`, or LTX-2's for
+    image-to-video / text-to-video), a user turn `User Raw Input Prompt: {prompt}.` after an empty line (after the
+    image's soft token with `image`), and the model's turn opened."""
+    system = system_prompt.strip() or (LTX2_I2V_SYSTEM_PROMPT if image else LTX2_T2V_SYSTEM_PROMPT)
+    media = "\n<image_soft_token>\n" if image else ""
+    return (f"{TURN_START}system\n{system}<end_of_turn>\n{TURN_START}user\n{media}\nUser Raw Input Prompt: "
+            f"{prompt}.<end_of_turn>\n{TURN_START}model\n")
 
 
 class TextGenerationError(ValueError):
@@ -77,10 +219,11 @@ class ChatLM:
     template: str
     stop_ids: frozenset[int]
     no_thinking: str = ""  # what the template adds with thinking off ("" for models that do not think)
+    templated: str | None = None  # a prompt starting with this is already in the chat template (Gemma 3)
 
     def prompt_ids(self, prompt: str, thinking: bool = False, use_default_template: bool = True) -> list[int]:
         """The ids generation starts from: `prompt` in the chat template, or as it is."""
-        if not use_default_template:
+        if not use_default_template or (self.templated is not None and prompt.startswith(self.templated)):
             return self.encode(prompt)
         return self.encode(self.template.format(prompt) + ("" if thinking else self.no_thinking))
 
@@ -118,15 +261,33 @@ def _qwen3vl_lm(encoder: Any) -> ChatLM:
     return ChatLM(model, head, token_ids, decode, QWEN_TEMPLATE, QWEN_STOPS, QWEN3_NO_THINKING)
 
 
+def _gemma_stops(processor: Any) -> frozenset[int]:
+    """`<eos>` and, where the tokenizer has it (Loom's tiny test ones do not), `<end_of_turn>`."""
+    from ldm.gemma_text import EOS
+
+    end_of_turn = processor.piece_to_id("<end_of_turn>")
+    return frozenset({EOS} | ({end_of_turn} if end_of_turn != processor.unk_id() else set()))
+
+
 def _gemma_lm(encoder: Any) -> ChatLM:
-    from ldm.gemma_text import BOS, EOS
+    from ldm.gemma_text import BOS
 
     processor = encoder.tokenizer.processor
-    end_of_turn = processor.piece_to_id("<end_of_turn>")
-    stops = {EOS} | ({end_of_turn} if end_of_turn != processor.unk_id() else set())
+    stops = _gemma_stops(processor)
     model = encoder.gemma2_2b
     return ChatLM(model, model.embed_tokens.weight, lambda text: [BOS, *encoder.tokenizer.encode(text)],
-                  lambda ids: processor.decode([i for i in ids if i not in stops]), GEMMA_TEMPLATE, frozenset(stops))
+                  lambda ids: processor.decode([i for i in ids if i not in stops]), GEMMA_TEMPLATE, stops)
+
+
+def _gemma3_lm(encoder: Any) -> ChatLM:
+    from ldm.ltx2_text import token_ids
+
+    processor = encoder.tokenizer.processor
+    stops = _gemma_stops(processor)
+    model = encoder.gemma3_12b
+    return ChatLM(model, model.embed_tokens.weight, lambda text: token_ids(encoder.tokenizer, text),
+                  lambda ids: processor.decode([i for i in ids if i not in stops]), GEMMA3_TEMPLATE, stops,
+                  templated=TURN_START)
 
 
 # Loom's text encoders that hold a language model but cannot generate with it, and why.
@@ -139,7 +300,7 @@ _REFUSALS = {
                             "not a chat model",
 }
 _ADAPTERS: dict[str, Callable[[Any], ChatLM]] = {"ZImageTextEncoder": _qwen3_lm, "Lumina2TextEncoder": _gemma_lm,
-                                                 "Qwen21TextEncoder": _qwen3vl_lm}
+                                                 "Qwen21TextEncoder": _qwen3vl_lm, "LTX2TextEncoder": _gemma3_lm}
 
 
 def chat_lm(encoder: Any) -> ChatLM:

@@ -4,6 +4,12 @@ enhancement); the generation itself is ldm.textgen's.
 `sampling_mode` is a ComfyUI dynamic combo: "on" brings its own inputs, which API prompts carry as
 `sampling_mode.temperature`, `sampling_mode.top_k`, ... (Loom declares each one, optional, as ResizeImageMaskNode
 does); "off" decodes greedily. Images, video and audio are refused: the CLIPs Loom can generate with read text only.
+
+TextGenerateLTX2Prompt ("Generate LTX2 Prompt", the LTX-2 templates' prompt enhancer) is TextGenerate with LTX-2's
+system prompt and Gemma 3 chat turns around the user's prompt (ldm.textgen.ltx2_enhancement_prompt; an optional
+linked `system_prompt` replaces LTX-2's, as in current ComfyUI); its text comes back stripped, the prompt itself
+when nothing is written. Its `image` (image-to-video) is refused: it needs Gemma 3's vision tower, which LTX-2's
+text encoder (ldm.ltx2_text) is loaded without.
 """
 
 from __future__ import annotations
@@ -12,18 +18,20 @@ from typing import Any
 
 import torch
 
-from ldm.textgen import NEEDS, Sampling, TextGenerationError, generate_text
+from ldm.ltx2_text import FAMILY as LTX2_FAMILY
+from ldm.textgen import NEEDS, Sampling, TextGenerationError, generate_text, ltx2_enhancement_prompt
 from nodes.node import Node
 from nodes.sd.models import Clip, on_device
 from nodes.spec import Boolean, Combo, Float, InputSpec, Int, Output, Socket, String
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty")
 # The families of the CLIPs that can generate (ldm.textgen.chat_lm): Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B,
-# Qwen-Image 2.1's Qwen3-VL-8B.
-GENERATING_FAMILIES = frozenset({"z_image", "lumina2", "qwen_image21"})
+# Qwen-Image 2.1's Qwen3-VL-8B, LTX-2's Gemma 3 12B.
+GENERATING_FAMILIES = frozenset({"z_image", "lumina2", "qwen_image21", LTX2_FAMILY})
 
 _INPUTS: dict[str, InputSpec] = {
-    "clip": Socket("CLIP", tooltip="a CLIP holding a causal language model (Qwen3-4B, Gemma-2-2B or Qwen3-VL-8B)"),
+    "clip": Socket("CLIP", tooltip="a CLIP holding a causal language model (Qwen3-4B, Gemma-2-2B, Qwen3-VL-8B or "
+                   "LTX-2's Gemma 3 12B)"),
     "prompt": String("", multiline=True, tooltip="the prompt; with use_default_template it is the user's turn"),
     "image": Socket("IMAGE", optional=True, tooltip="not supported: the CLIPs Loom generates with read text only"),
     "video": Socket("VIDEO", optional=True, tooltip="not supported"),
@@ -101,4 +109,30 @@ class TextGenerate(Node):
             return (generate_text(encoder, prompt, max_length, sampling, thinking, use_default_template),)
 
 
-NODES = [TextGenerate]
+IMAGE_REFUSED = ("TextGenerateLTX2Prompt: an image-to-video prompt needs Gemma 3's vision tower, which Loom's LTX-2 "
+                 "text encoder is loaded without (it reads text only); disconnect the image to write a text-to-video "
+                 "prompt")
+
+
+class TextGenerateLTX2Prompt(TextGenerate):
+    """Writes an LTX-2 video prompt from the user's prompt with the language model of a CLIP (LTX-2's Gemma 3 12B),
+    under LTX-2's text-to-video system prompt; text only (see the module docstring)."""
+
+    display_name = "Generate LTX2 Prompt"
+    inputs = {**_INPUTS,
+              "image": Socket("IMAGE", optional=True, tooltip="the first frame, for an image-to-video prompt: not "
+                              "supported (LTX-2's text encoder is loaded without Gemma 3's vision tower)"),
+              "system_prompt": String("", optional=True, force_input=True, tooltip="replaces LTX-2's system prompt")}
+
+    def execute(self, clip: Clip, prompt: str, max_length: int, sampling_mode: str, image: Any = None,
+                video: Any = None, audio: Any = None, thinking: bool = False, use_default_template: bool = True,
+                system_prompt: str | None = None, **options: Any) -> tuple[str]:
+        if image is not None:
+            raise TextGenerationError(IMAGE_REFUSED)
+        chat = ltx2_enhancement_prompt(prompt, system_prompt=system_prompt or "")
+        (text,) = super().execute(clip, chat, max_length, sampling_mode, None, video, audio, thinking,
+                                  use_default_template, **options)
+        return (text.strip() or prompt,)
+
+
+NODES = [TextGenerate, TextGenerateLTX2Prompt]
