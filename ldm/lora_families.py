@@ -1,8 +1,8 @@
 """LoRA family dispatch: which model family a LoRA file is for, and which module gives a model's LoRA names.
 
 SD1/SD2/SDXL names are ldm.lora_keys_sd's; Flux's, and diffusers' parts of its fused layers, ldm.lora_flux's; SD3's
-ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; Qwen-Image's ldm.lora_qwen_image's; Z-Image's
-ldm.lora_z_image's; Lumina Image 2.0's ldm.lora_lumina2's (the original names, kohya's
+ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; LTX-2's ldm.lora_ltx2's; Qwen-Image's
+ldm.lora_qwen_image's; Z-Image's ldm.lora_z_image's; Lumina Image 2.0's ldm.lora_lumina2's (the original names, kohya's
 `lora_unet_layers_0_attention_qkv` and ComfyUI's `diffusion_model.layers.0.attention.qkv`; diffusers'
 Lumina2Transformer2DModel names with q / k / v apart, `transformer.layers.0.attn.to_q`; and Z-Image's diffusers
 names); FLUX.2's ldm.lora_flux2's; HiDream-I1's ldm.lora_hidream's; ACE-Step 1.5's ldm.lora_ace_step15's; Chroma's
@@ -62,6 +62,12 @@ def _index(module: nn.Module) -> dict[str, str]:
         return lora_wan.wan_index(module)
     if isinstance(module, LTXVModel):
         return lora_ltxv.ltxv_index(module)
+    from ldm import lora_ltx2
+    from ldm.ltx2 import LTX2Model
+    from ldm.ltx2_files import LTX2Denoiser
+
+    if isinstance(module, LTX2Denoiser | LTX2Model):
+        return lora_ltx2.ltx2_index(module)
     if isinstance(module, QwenImageModel):
         return lora_qwen_image.qwen_image_index(module)
     if isinstance(module, ZImageModel):
@@ -87,21 +93,23 @@ def _index(module: nn.Module) -> dict[str, str]:
 
 
 def takes_no_lora(module: nn.Module) -> bool:
-    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, Qwen-Image's Qwen2.5-VL,
-    Z-Image's Qwen3, Lumina 2's Gemma-2-2B, FLUX.2's Mistral / Qwen3, HiDream-I1's CLIP-L / CLIP-G / T5-XXL /
-    Llama 3.1 and ACE-Step 1.5's Qwen3 (diffusers' loaders for those models patch their transformers alone, and so does
-    Loom)."""
+    """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, LTX-2's Gemma 3 (with its
+    feature projection), Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3, Lumina 2's Gemma-2-2B, FLUX.2's Mistral / Qwen3,
+    HiDream-I1's CLIP-L / CLIP-G / T5-XXL / Llama 3.1 and ACE-Step 1.5's Qwen3 (diffusers' loaders for those models
+    patch their transformers alone, and so does Loom; LTX-2's: the transformer and the connectors)."""
     from ldm.ace_step15_text import AceStep15TextEncoder
     from ldm.flux2_text import Flux2TextEncoder
     from ldm.gemma_text import Lumina2TextEncoder
     from ldm.hidream_text import HiDreamTextEncoder
+    from ldm.ltx2_text import LTX2TextEncoder
     from ldm.ltxv_text import LTXVTextEncoder
     from ldm.qwen3_text import ZImageTextEncoder
     from ldm.qwen_text import QwenImageTextEncoder
     from ldm.umt5 import WanTextEncoder
 
     return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder
-                      | Lumina2TextEncoder | Flux2TextEncoder | HiDreamTextEncoder | AceStep15TextEncoder)
+                      | Lumina2TextEncoder | Flux2TextEncoder | HiDreamTextEncoder | AceStep15TextEncoder
+                      | LTX2TextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
@@ -164,13 +172,15 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv", "qwen_image", "lumina2", "z_image", "flux2", "hidream", "ace_step15"), None when its keys
-    do not tell.
+    ldm.lora_wan, "ltxv", "ltx2", "qwen_image", "lumina2", "z_image", "flux2", "hidream", "ace_step15"), None when its
+    keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same; a file on the Flux
-    layout that does not tell FLUX.2's from Flux.1's reads as Flux's: see `family_fits`.)"""
+    layout that does not tell FLUX.2's from Flux.1's reads as Flux's, one of LTX-Video's block names alone LTX-Video's
+    though it may be LTX-2's: see `family_fits`.)"""
     from ldm.lora_ace_step15 import ace_step15_family
     from ldm.lora_flux2 import flux2_family
     from ldm.lora_hidream import hidream_family
+    from ldm.lora_ltx2 import ltx2_family
     from ldm.lora_ltxv import ltxv_family
     from ldm.lora_lumina2 import lumina2_family
     from ldm.lora_qwen_image import qwen_image_family
@@ -183,9 +193,10 @@ def lora_family(lora: Lora) -> str | None:
     # Qwen-Image's before the transformer families: its diffusers attention names are Flux's too (see its module).
     # FLUX.2's first: its marks are its own, and its diffusers names under ComfyUI's prefix are Qwen-Image's too.
     # Lumina 2's before Z-Image's, whose names it shares (ldm.lora_lumina2 tells it by its own names or its shapes).
-    # HiDream's and ACE-Step 1.5's block names are their own.
+    # HiDream's and ACE-Step 1.5's block names are their own. LTX-2's before LTX-Video's, whose names it shares.
     named = (flux2_family(lora.weights) or hidream_family(lora.weights) or ace_step15_family(lora.weights)
-             or wan_family(lora.weights) or ltxv_family(lora.weights) or qwen_image_family(lora.weights)
+             or wan_family(lora.weights) or ltx2_family(lora.weights) or ltxv_family(lora.weights)
+             or qwen_image_family(lora.weights)
              or lumina2_family(lora.weights) or z_image_family(lora.weights))
     if named is not None:
         return named
@@ -222,7 +233,8 @@ def family_fits(found: str, family: str) -> bool:
     Flux-layout file that does not tell the two apart reads as Flux's; `check_lora_family` refuses one that tells
     Flux.1's, and a header that tells it reads "flux.1", which fits Flux and Chroma only), Z-Image's on Lumina 2 (a
     Lumina 2 file on the shared names whose shapes do not tell reads as Z-Image's; a real Z-Image LoRA is then refused
-    by its shapes)."""
+    by its shapes), LTX-Video's on LTX-2 (whose video blocks keep LTX-Video's names and 13B's width: a file of those
+    names alone reads as LTX-Video's, ldm.lora_ltx2; one of LTX-Video 2B's width is then refused by its shapes)."""
     return (found == family or (found, family) in (("flux", "chroma"), ("flux", "flux2"), ("flux.1", "flux"),
-                                                    ("flux.1", "chroma"), ("z_image", "lumina2"))
+                                                    ("flux.1", "chroma"), ("z_image", "lumina2"), ("ltxv", "ltx2"))
             or (found == "wan" and family.startswith("wan")))

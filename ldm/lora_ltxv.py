@@ -14,7 +14,9 @@ LTX-Video's T5 text encoder takes no LoRA (diffusers' LTX-Video loader patches t
 
 Family: those block names with LTX-Video's markers (`patchify_proj`, `adaln_single`, `attn1.q_norm`) or at the
 released widths (2048 for the 2B models, 4096 for the 13B) are LTX-Video's; the same block names at other widths
-are also PixArt's, CogVideoX's and Mochi's diffusers names, and stay undecided.
+are also PixArt's, CogVideoX's and Mochi's diffusers names, and stay undecided. LTX-2's video stream keeps all these
+names at 13B's width: a file with LTX-2's own names reads as LTX-2's first (`ldm.lora_ltx2`), one without them as
+LTX-Video's, which fits an LTX-2 model too (`ldm.lora_families.family_fits`).
 """
 
 from __future__ import annotations
