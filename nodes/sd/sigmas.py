@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ldm.sampling import av_latent
 from ldm.sampling.extra_schedules import (
     AYS_MODEL_TYPES,
     EXTEND_SPACINGS,
@@ -235,13 +236,22 @@ class AddNoise(Node):
         if not len(sigmas):
             return (latent_image,)
         samples = latent_image["samples"].to(torch.float32)
+        # In the model's latent space (scaled), as the sampler adds its noise; LATENT stays unscaled. An
+        # audio-video latent's parts are noised as the sampler noises them: packed, each part's noise in turn.
+        parts = [model.latent_in(samples)]
+        if av_latent.is_av(latent_image):
+            parts.append(latent_image[av_latent.AUDIO_SAMPLES].to(torch.float32))
+        packed = av_latent.pack(parts) if len(parts) > 1 else parts[0]
+        shapes = av_latent.shapes_of(parts) if len(parts) > 1 else None
         if noise.enabled:
-            drawn = prepare_noise(samples, noise.seed, latent_image.get("batch_index"))
+            drawn = prepare_noise(packed, noise.seed, latent_image.get("batch_index"), shapes)
         else:
-            drawn = torch.zeros_like(samples)
-        # In the model's latent space (scaled), as the sampler adds its noise; LATENT stays unscaled.
-        noisy = model.latent_out(model.latent_in(samples) + drawn * added_noise_level(sigmas))
-        return ({**latent_image, "samples": torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0)},)
+            drawn = torch.zeros_like(packed)
+        noisy = torch.nan_to_num(packed + drawn * added_noise_level(sigmas), nan=0.0, posinf=0.0, neginf=0.0)
+        if shapes is None:
+            return ({**latent_image, "samples": model.latent_out(noisy)},)
+        video, audio = av_latent.unpack(noisy, shapes)
+        return ({**latent_image, "samples": model.latent_out(video), av_latent.AUDIO_SAMPLES: audio},)
 
 
 NODES: list[Any] = [

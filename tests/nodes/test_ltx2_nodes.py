@@ -197,3 +197,18 @@ def test_the_checkpoint_names_its_text_encoder(base) -> None:
            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}}}
     result = run(engine, doc, ["4"])
     assert not result.ok and "LTXAVTextEncoderLoader" in str(result.error)
+
+
+def test_add_noise_noises_both_parts_as_the_sampler_would(base) -> None:
+    engine, files = base
+    doc = {k: v for k, v in workflow(files).items() if k in ("1", "3", "7", "8", "9", "10", "13")}
+    doc["60"] = {"class_type": "AddNoise", "inputs": {"model": ["1", 0], "noise": ["10", 0], "sigmas": ["13", 0],
+                                                      "latent_image": ["9", 0]}}
+    result = run(engine, doc, ["9", "60"])
+    assert result.ok, result.error
+    before, after = result.values["9"][0], result.values["60"][0]
+    g = torch.Generator().manual_seed(SEED)
+    torch.randn(before["samples"].shape, generator=g)  # the video's noise first
+    audio_noise = torch.randn(before["audio_samples"].shape, generator=g)
+    torch.testing.assert_close(after["audio_samples"] - before["audio_samples"], audio_noise)  # sigma 1 to 0
+    assert (after["samples"] - before["samples"]).abs().max() > 0.5
