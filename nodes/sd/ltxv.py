@@ -28,7 +28,7 @@ FRAMES_PER_LATENT, PIXELS_PER_LATENT = 8, 32
 DEFAULT_FRAME_RATE = 25.0
 # ModelSamplingLTXV and LTXVScheduler without a latent: ComfyUI's token count.
 DEFAULT_TOKENS = 4096
-_MODEL_NEEDS = "{node} is for LTX-Video models; {{source}} is {{family}}"
+_MODEL_NEEDS = "{node} is for LTX-Video and LTX-2 models; {{source}} is {{family}}"
 
 
 def latent_frames(length: int) -> int:
@@ -47,7 +47,8 @@ def _tokens(latent: dict | None) -> int:
 
 
 def _refusal(node: str, family: str | None, source: str) -> str | None:
-    return family_refusal(family, "ltxv", source, _MODEL_NEEDS.format(node=node))
+    """Why a MODEL does not fit an LTX node; LTX-2's (ComfyUI's LTXAV, an LTXV model) fits as LTX-Video's does."""
+    return None if family == "ltx2" else family_refusal(family, "ltxv", source, _MODEL_NEEDS.format(node=node))
 
 
 class EmptyLTXVLatentVideo(Node):

@@ -212,3 +212,21 @@ def test_add_noise_noises_both_parts_as_the_sampler_would(base) -> None:
     audio_noise = torch.randn(before["audio_samples"].shape, generator=g)
     torch.testing.assert_close(after["audio_samples"] - before["audio_samples"], audio_noise)  # sigma 1 to 0
     assert (after["samples"] - before["samples"]).abs().max() > 0.5
+
+
+def test_ksampler_with_model_sampling_ltxv_samples_both_parts(base) -> None:
+    """KSampler on the audio-video latent, the time shift from ModelSamplingLTXV (ComfyUI's LTXAV is an LTXV model;
+    the shift follows the video's latent pixels)."""
+    engine, files = base
+    doc = {k: v for k, v in workflow(files).items() if int(k) <= 9}
+    doc["70"] = {"class_type": "ModelSamplingLTXV", "inputs": {"model": ["1", 0], "max_shift": 2.05,
+                                                               "base_shift": 0.95, "latent": ["9", 0]}}
+    doc["71"] = {"class_type": "KSampler", "inputs": {
+        "model": ["70", 0], "positive": ["6", 0], "negative": ["6", 1], "latent_image": ["9", 0], "seed": SEED,
+        "steps": 2, "cfg": CFG, "sampler_name": "euler_ancestral", "scheduler": "simple", "denoise": 1.0}}
+    result = run(engine, doc, ["9", "71"])
+    assert result.ok, result.error
+    before, after = result.values["9"][0], result.values["71"][0]
+    assert after["samples"].shape == before["samples"].shape
+    assert after["audio_samples"].shape == before["audio_samples"].shape
+    assert after["audio_samples"].abs().max() > 0 and torch.isfinite(after["audio_samples"]).all()
