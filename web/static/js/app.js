@@ -2,8 +2,8 @@
 
 import { api, ApiError, clientId, connect } from "./api.js";
 import { convertibleWidgetAt, linkToWidget, socketType } from "./convert.js";
-import { clearRunState, CONTROL_VALUES, endAudioFrame, registerNodeTypes, runState, setOutput } from "./nodes.js";
-import { buildLibrary, setStatus, showGalleryImage, toast } from "./panels.js";
+import { clearRunState, CONTROL_VALUES, endPlayerFrame, registerNodeTypes, runState, setOutput } from "./nodes.js";
+import { buildLibrary, setStatus, showGalleryImage, showGalleryVideo, toast } from "./panels.js";
 import { QueuePanel } from "./queue.js";
 import { defaultWorkflow, loadAny, loadApi, workflowFromPng } from "./workflow.js";
 
@@ -113,9 +113,9 @@ class Editor {
     handleLinkDrops(this.canvas);
     highlightWidgetTargets(this.canvas);
     const drawn = this.canvas.onDrawForeground;
-    this.canvas.onDrawForeground = function (ctx, visibleArea) { // after the nodes of a frame: see endAudioFrame
+    this.canvas.onDrawForeground = function (ctx, visibleArea) { // after the nodes of a frame: see endPlayerFrame
       drawn.call(this, ctx, visibleArea);
-      endAudioFrame();
+      endPlayerFrame();
     };
     this.canvas.setCanvas(element);
     this.canvas.allow_searchbox = true;
@@ -286,12 +286,13 @@ class Editor {
       runState.progress = { node: String(data.node), value: data.value, max: data.max };
     } else if (type === "executed") {
       runState.preview = null;
-      const images = setOutput(data.node, data.output || {});
+      const { images, video } = setOutput(data.node, data.output || {});
       const node = this.node(data.node);
       for (const image of images) {
         image.onload = () => this.redraw();
         showGalleryImage(image.src, `${node ? node.title : data.node}: ${image.src}`);
       }
+      for (const url of video) showGalleryVideo(url, `${node ? node.title : data.node}: ${url}`);
     } else if (type === "execution_success") {
       setStatus(`done in ${data.duration_s.toFixed(2)} s`);
     } else if (type === "execution_error") {

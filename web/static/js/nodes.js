@@ -19,7 +19,7 @@ export const runState = {
   progress: null, // {node, value, max}
   cached: new Set(),
   errors: {}, // node id -> [{message, input}]
-  outputs: {}, // node id -> {images: [Image], text: [string], audio: [url]}
+  outputs: {}, // node id -> {images: [Image], text: [string], audio: [url], video: [url]}
   preview: null, // {node, image}
 };
 
@@ -443,17 +443,31 @@ function drawImages(node, ctx, images) {
   });
 }
 
-// Audio players are <audio controls> elements over the canvas (a canvas cannot hold one), one per file a node shows,
-// placed each frame where the node draws them; a player whose node was not drawn in a frame (scrolled away,
-// collapsed) hides at the frame's end (endAudioFrame), and goes with its node when that is removed.
-const players = new Map(); // node id -> [HTMLAudioElement]
+// Audio and video players are <audio controls> / <video controls> elements over the canvas (a canvas cannot hold
+// one), one per file a node shows, placed each frame where the node draws them; a player whose node was not drawn in a
+// frame (scrolled away, collapsed) hides at the frame's end (endPlayerFrame), and goes with its node when that is
+// removed.
+const players = new Map(); // node id -> {audio: [HTMLAudioElement], video: [HTMLVideoElement]}
 let frame = 0;
 
-function drawAudio(node, ctx, urls) {
-  const top = widgetsBottom(node);
-  grow(node, top + AUDIO_ROW * urls.length + 6);
+function newPlayer(node, kind) {
+  const player = document.createElement(kind);
+  player.controls = true;
+  player.className = `node-${kind}`;
+  player.dataset.node = String(node.id);
+  if (kind === "video") { // as ComfyUI shows a saved video: playing, silent, round and round
+    Object.assign(player, { muted: true, loop: true, autoplay: true, playsInline: true, preload: "auto" });
+  } else {
+    player.preload = "metadata";
+  }
+  return player;
+}
+
+// Place the node's `kind` players, one per url, the i-th over the node's box `place(i)` ([x, y, w, h], graph units).
+function placePlayers(node, ctx, kind, urls, place) {
   const canvas = ctx.canvas;
-  const shown = players.get(node.id) || [];
+  const kinds = players.get(node.id) || { audio: [], video: [] };
+  const shown = kinds[kind];
   shown.splice(urls.length).forEach((player) => player.remove());
   // Graph units to CSS pixels of the canvas' parent: the context's transform, then the canvas' own scaling.
   const t = ctx.getTransform();
@@ -461,11 +475,7 @@ function drawAudio(node, ctx, urls) {
   urls.forEach((url, i) => {
     let player = shown[i];
     if (!player) {
-      player = document.createElement("audio");
-      player.controls = true;
-      player.preload = "metadata";
-      player.className = "node-audio";
-      player.dataset.node = String(node.id);
+      player = newPlayer(node, kind);
       canvas.parentElement.appendChild(player);
       shown[i] = player;
     }
@@ -473,29 +483,47 @@ function drawAudio(node, ctx, urls) {
       player.src = url;
       player.dataset.url = url;
     }
-    const y = top + AUDIO_ROW * i;
+    const [x, y, w, h] = place(i);
     Object.assign(player.style, {
       display: "",
-      left: `${canvas.offsetLeft + (t.a * 10 + t.c * y + t.e) * ratio}px`,
-      top: `${canvas.offsetTop + (t.b * 10 + t.d * y + t.f) * ratio}px`,
-      width: `${t.a * (node.size[0] - 20) * ratio}px`,
-      height: `${t.d * (AUDIO_ROW - 8) * ratio}px`,
+      left: `${canvas.offsetLeft + (t.a * x + t.c * y + t.e) * ratio}px`,
+      top: `${canvas.offsetTop + (t.b * x + t.d * y + t.f) * ratio}px`,
+      width: `${t.a * w * ratio}px`,
+      height: `${t.d * h * ratio}px`,
     });
     player.frame = frame;
   });
-  players.set(node.id, shown);
+  players.set(node.id, kinds);
+}
+
+function drawAudio(node, ctx, urls, top) {
+  grow(node, top + AUDIO_ROW * urls.length + 6);
+  placePlayers(node, ctx, "audio", urls, (i) => [10, top + AUDIO_ROW * i, node.size[0] - 20, AUDIO_ROW - 8]);
+}
+
+// Videos side by side below the widgets, in the space images take; audio players (none that Loom's nodes make
+// together with a video) go below them. Returns where the space below the videos starts.
+function drawVideos(node, ctx, urls, audioRows) {
+  const top = widgetsBottom(node);
+  const below = audioRows ? AUDIO_ROW * audioRows + 6 : 0;
+  grow(node, top + IMAGE_AREA + below);
+  const height = node.size[1] - top - 10 - below;
+  const cell = (node.size[0] - 20) / urls.length;
+  placePlayers(node, ctx, "video", urls, (i) => [10 + i * cell, top, cell - (i < urls.length - 1 ? 4 : 0), height]);
+  return top + height + 10;
 }
 
 // Called after every frame the canvas draws: hide the players no node drew.
-export function endAudioFrame() {
-  for (const list of players.values()) {
-    for (const player of list) if (player.frame !== frame) player.style.display = "none";
+export function endPlayerFrame() {
+  for (const kinds of players.values()) {
+    for (const player of [...kinds.audio, ...kinds.video]) if (player.frame !== frame) player.style.display = "none";
   }
   frame += 1;
 }
 
-function removeAudio(node) {
-  for (const player of players.get(node.id) || []) {
+function removePlayers(node) {
+  const kinds = players.get(node.id);
+  for (const player of kinds ? [...kinds.audio, ...kinds.video] : []) {
     player.pause();
     player.remove();
   }
@@ -602,10 +630,13 @@ function drawState(node, ctx) {
   }
   const preview = runState.preview;
   const output = runState.outputs[id];
+  const audio = (output && output.audio) || [];
+  let audioTop = null; // below the widgets, or below the node's videos
   if (preview && preview.node === id) drawImages(node, ctx, [preview.image]);
   else if (output && output.images.length) drawImages(node, ctx, output.images);
+  else if (output && output.video && output.video.length) audioTop = drawVideos(node, ctx, output.video, audio.length);
   else if (output && output.compare) drawCompare(node, ctx, output.compare);
-  if (output && output.audio && output.audio.length) drawAudio(node, ctx, output.audio);
+  if (audio.length) drawAudio(node, ctx, audio, audioTop ?? widgetsBottom(node));
   if (output && output.text.length) {
     ctx.fillStyle = "#ccc";
     ctx.font = "13px monospace";
@@ -655,7 +686,7 @@ export function registerNodeTypes(objectInfo) {
       }
 
       onRemoved() {
-        removeAudio(this);
+        removePlayers(this);
       }
 
       onConnectionsChange(kind, slot, connected) {
@@ -681,14 +712,25 @@ function loadImage(item) {
   return image;
 }
 
-// A node's UI output: SaveImage's `images`, text, ImageCompare's `a_images` and `b_images` (the first of each is
-// compared), or SaveAudio's `audio` (a player each). Returns every image it loads.
+// A file of a UI output's `images` that is a video (SaveVideo's MP4, SaveWEBM's WebM: ComfyUI lists them there, with
+// `animated`), told by its suffix; animated WEBP and PNG files are pictures.
+const VIDEO_SUFFIX = /\.(mp4|webm)$/i; // the videos /view serves to play inline (web/files.py)
+
+export function isVideo(item) {
+  return VIDEO_SUFFIX.test(item.filename || "");
+}
+
+// A node's UI output: SaveImage's `images` (the videos among them play in players), text, ImageCompare's `a_images`
+// and `b_images` (the first of each is compared), or SaveAudio's `audio` (a player each). Returns every image it
+// loads and the URL of every video.
 export function setOutput(nodeId, output) {
-  const images = (output.images || []).map(loadImage);
+  const items = output.images || [];
+  const images = items.filter((item) => !isVideo(item)).map(loadImage);
+  const video = items.filter(isVideo).map(viewUrl);
   const text = (output.text || output.value || []).map((t) => String(t));
   const [a, b] = [output.a_images, output.b_images].map((list) => (list && list.length ? loadImage(list[0]) : null));
   const compare = a || b ? { a, b } : null;
   const audio = (output.audio || []).map(viewUrl);
-  runState.outputs[String(nodeId)] = { images, text, compare, audio };
-  return [...images, ...[a, b].filter(Boolean)];
+  runState.outputs[String(nodeId)] = { images, text, compare, audio, video };
+  return { images: [...images, ...[a, b].filter(Boolean)], video };
 }

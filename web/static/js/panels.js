@@ -40,19 +40,25 @@ export function buildLibrary(objectInfo, onPick) {
   render();
 }
 
-export function showGalleryImage(src, caption) {
+const GALLERY_ITEMS = 24; // the newest results the gallery strip keeps
+
+// A result in the gallery strip, linking to its file: a picture, or a video as a small silent player that loops.
+function showInGallery(src, media) {
   const gallery = document.getElementById("gallery");
-  const figure = document.createElement("a");
-  figure.href = src;
-  figure.target = "_blank";
-  figure.className = "output-image";
-  const img = document.createElement("img");
-  img.src = src;
-  img.alt = caption;
-  img.title = caption;
-  figure.append(img);
-  gallery.prepend(figure);
-  while (gallery.children.length > 24) gallery.lastChild.remove();
+  const link = Object.assign(document.createElement("a"), { href: src, target: "_blank", className: "output-image" });
+  link.append(media);
+  gallery.prepend(link);
+  while (gallery.children.length > GALLERY_ITEMS) gallery.lastChild.remove();
+}
+
+export function showGalleryImage(src, caption) {
+  showInGallery(src, Object.assign(document.createElement("img"), { src, alt: caption, title: caption }));
+}
+
+export function showGalleryVideo(src, caption) {
+  const video = document.createElement("video");
+  Object.assign(video, { src, title: caption, muted: true, loop: true, autoplay: true, playsInline: true });
+  showInGallery(src, video);
 }
 
 export function toast(message, kind = "info", ms = 6000) {

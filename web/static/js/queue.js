@@ -4,6 +4,7 @@
 // The history shows a page of runs at a time, the newest first; "older" and "newer" page through the rest.
 
 import { api, request, viewUrl } from "./api.js";
+import { isVideo } from "./nodes.js";
 
 const HISTORY_ITEMS = 50; // a page
 const REFRESH_DELAY_MS = 100; // a burst of messages (a run's end, a batch queued) costs one refresh
@@ -26,6 +27,19 @@ function firstImage(outputs) {
     if (output.images && output.images.length) return output.images[0];
   }
   return null;
+}
+
+// A picture's thumbnail, or a video's: its first frame, in a silent player without controls (a click on it loads the
+// run, as on the rest of the entry).
+function thumbnail(item) {
+  if (!isVideo(item)) {
+    const thumb = element("img", "thumb");
+    Object.assign(thumb, { src: viewUrl(item), alt: item.filename, loading: "lazy" });
+    return thumb;
+  }
+  const thumb = element("video", "thumb");
+  Object.assign(thumb, { src: viewUrl(item), title: item.filename, muted: true, preload: "metadata" });
+  return thumb;
 }
 
 export class QueuePanel {
@@ -145,13 +159,7 @@ export class QueuePanel {
       const error = h.meta && h.meta.error;
       if (error && error.exception_message) item.title = `${error.exception_type}: ${error.exception_message}`;
       const image = firstImage(h.outputs);
-      if (image) {
-        const thumb = element("img", "thumb");
-        thumb.src = viewUrl(image);
-        thumb.alt = image.filename;
-        thumb.loading = "lazy";
-        item.prepend(thumb);
-      }
+      if (image) item.prepend(thumbnail(image));
       return item;
     });
     if (!done.length) done.push(element("li", "empty", "no finished runs"));
