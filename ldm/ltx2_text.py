@@ -6,12 +6,12 @@ Weights. The Gemma file (Comfy-Org's gemma_3_12B_it.safetensors and its fp8 copi
 transformers' Gemma 3 names at ``model.`` (``model.embed_tokens``, ``model.layers.N.self_attn.{q,k,v,o}_proj``, the
 q/k norms ``self_attn.{q,k}_norm`` over one head, the four norms of a Gemma block ``input_layernorm`` /
 ``post_attention_layernorm`` / ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``, ``model.norm``), its
-tokenizer as ``spiece_model`` (the bytes of Gemma 3's sentencepiece model in a uint8 tensor) and possibly the vision
-tower (``vision_model.``, ``multi_modal_projector.``) and ``lm_head.``, which text encoding leaves unused. Gemma 3
-12B: 48 layers 3840 wide, 16 heads and 8 key/value heads of 256 (the width of ``q_norm``), MLP 15360 (tanh GELU),
-262,208 embedding rows scaled by sqrt(3840), RMS norms that scale by 1 + weight (epsilon 1e-6); five layers in six
-attend within a window of 1024 tokens (RoPE base 10,000), every sixth globally (RoPE base 1e6, positions divided by
-8). The shape is read from the weights. Scaled fp8 files are descaled as they load. The LTX-2 file
+tokenizer as ``spiece_model`` (the bytes of Gemma 3's sentencepiece model in a uint8 tensor), possibly ``lm_head.``
+(left unused: the head is tied to the embedding) and the vision tower (see Pictures), which text encoding leaves
+unused. Gemma 3 12B: 48 layers 3840 wide, 16 heads and 8 key/value heads of 256 (the width of ``q_norm``), MLP
+15360 (tanh GELU), 262,208 embedding rows scaled by sqrt(3840), RMS norms that scale by 1 + weight (epsilon 1e-6);
+five layers in six attend within a window of 1024 tokens (RoPE base 10,000), every sixth globally (RoPE base 1e6,
+positions divided by 8). The shape is read from the weights. Scaled fp8 files are descaled as they load. The LTX-2 file
 (ltx-2-19b-dev.safetensors and its variants) gives the feature extractor's linear map alone:
 ``text_embedding_projection.aggregate_embed.weight`` [3840, 3840 * 49] (and a ``.bias`` if a file has one); Comfy-Org's
 split projection files name it ``text_embedding_projection.weight``. Only those keys are read from it. LTX-2.3's
@@ -39,10 +39,33 @@ set, without a mask.) Normalisation is computed in float32 (ComfyUI computes it 
 that prefer it). Prompts are encoded one by one, as ComfyUI encodes each; a batch's features are followed by zeros to
 the longest prompt and `TextEncoding.extra["attention_mask"]` ([B, L] int64) marks each prompt's tokens (all ones for
 one prompt, which is ComfyUI's case: it hands no mask). The empty prompt is `<bos>` alone: one token.
+
+Pictures (text generation only: ldm.textgen, TextGenerate / TextGenerateLTX2Prompt with an image; CLIPTextEncode
+reads none). When the Gemma file holds them (Comfy-Org's gemma_3_12B_it.safetensors does, as ComfyUI's Gemma3_12B
+names them), the vision tower is loaded with the language model: SigLIP at ``vision_model.`` in transformers'
+SiglipVisionModel names (``embeddings.patch_embedding`` (with a bias) / ``position_embedding``,
+``encoder.layers.N.self_attn.{q,k,v,out}_proj``, ``layer_norm1`` / ``layer_norm2``, ``mlp.fc1`` / ``fc2``,
+``post_layernorm``; no pooling head) and Gemma 3's projector at ``multi_modal_projector.``
+(``mm_input_projection_weight`` [vision width, 3840], ``mm_soft_emb_norm.weight``). Gemma 3's tower: 27 layers 1152
+wide, 16 heads, MLP 4304 (tanh GELU), LayerNorm epsilon 1e-6, 14-pixel patches of an 896 x 896 picture (64 x 64
+patches, its 4096 learned positions); shapes are read from the weights (heads as ldm.siglip counts them). The
+projector average-pools the last state (after ``post_layernorm``) in 4 x 4 patch squares to 16 x 16 = 256 soft
+tokens (Gemma 3's mm_tokens_per_image; a tower of other size is pooled to 256 too), normalises them with Gemma's RMS
+norm (1 + weight, epsilon 1e-6) and maps them to the language model's width; they go into the prompt unscaled (the
+text embeddings are scaled by sqrt(width)), as transformers' Gemma3ForConditionalGeneration does. The picture
+(ComfyUI's Gemma3_Tokenizer and Gemma3_12B.preprocess_embed): the first of an IMAGE batch, resized ("area", its
+aspect kept) to about 896 * 896 pixels, its RGB channels (alpha dropped) resized as ComfyUI's clip_preprocess does
+(the shortest side to 896, bicubic with antialiasing, the centre cropped; ldm.clip_vision.preprocess: 8-bit values)
+and normalised with mean and std 0.5. The soft tokens take the place of the prompt's first `<image_soft_token>`
+(Gemma 3's id 262144, which Gemma's sentencepiece model does not hold: the text on either side is tokenized
+apart); attention stays causal over them, as in ComfyUI (transformers' processor would also pass token_type_ids,
+making each picture's tokens attend to each other). A file without ``vision_model.`` weights loads as before and
+its encoder refuses pictures (`vision` None).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +74,7 @@ from typing import Any
 
 import safetensors
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
@@ -76,7 +100,14 @@ _EMBED = "model.embed_tokens.weight"
 _PRE_FFN = "model.layers.0.pre_feedforward_layernorm.weight"
 _Q_NORM = "model.layers.0.self_attn.q_norm.weight"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-_UNUSED_PREFIXES = ("vision_model.", "multi_modal_projector.", "lm_head.")
+VISION_PREFIX = "vision_model."
+PROJECTOR_PREFIX = "multi_modal_projector."
+IMAGE_SOFT_TOKEN = "<image_soft_token>"  # where a picture goes in a prompt
+IMAGE_TOKEN_ID = 262_144  # Gemma 3's id of `<image_soft_token>`: a picture's slot in token ids
+IMAGE_TOKENS = 256  # Gemma 3's mm_tokens_per_image: soft tokens per picture
+IMAGE_AREA = 896 * 896  # ComfyUI first resizes a picture to about this many pixels
+_PATCH = VISION_PREFIX + "embeddings.patch_embedding.weight"
+_UNUSED_PREFIXES = (VISION_PREFIX, PROJECTOR_PREFIX, "lm_head.")  # of the language model (the tower loads apart)
 _NEEDS = ("LTX-2's text encoder takes Gemma 3 12B (gemma_3_12B_it.safetensors or an fp8 copy, with its tokenizer) "
           "and LTX-2's checkpoint (ltx-2-19b-dev.safetensors) or its text projection")
 
@@ -94,6 +125,16 @@ def prompt_text(prompt: str) -> str:
 def token_ids(tokenizer: GemmaTokenizer, prompt: str) -> list[int]:
     """ComfyUI's tokens for `prompt`: `<bos>`, then the text tokenized whole (see the module docstring)."""
     return [BOS, *tokenizer.encode(prompt_text(prompt))]
+
+
+def picture_token_ids(tokenizer: GemmaTokenizer, prompt: str) -> list[int]:
+    """`token_ids` of a prompt with a picture: its first `<image_soft_token>` one IMAGE_TOKEN_ID (the picture's
+    slot), the text before and after it tokenized apart; as `token_ids` when the prompt holds none."""
+    text = prompt_text(prompt)
+    if IMAGE_SOFT_TOKEN not in text:
+        return [BOS, *tokenizer.encode(text)]
+    before, after = text.split(IMAGE_SOFT_TOKEN, 1)
+    return [BOS, *tokenizer.encode(before), IMAGE_TOKEN_ID, *tokenizer.encode(after)]
 
 
 def left_padded(ids: list[int], min_length: int = MIN_LENGTH) -> tuple[Tensor, Tensor]:
@@ -175,6 +216,78 @@ def gemma3_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype)
     return model.eval().requires_grad_(False), used | scaling_keys(sd) | ignored
 
 
+class Gemma3Vision(nn.Module):
+    """Gemma 3's picture reader: transformers' SiglipVisionModel (`vision_tower`, the file's ``vision_model.``) and
+    Gemma3MultiModalProjector (`multi_modal_projector`), giving a picture's soft tokens (see the module docstring)."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, image_size: int) -> None:
+        super().__init__()
+        self.vision_tower = tower
+        self.multi_modal_projector = projector
+        self.image_size = image_size
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """Soft tokens [B, IMAGE_TOKENS, text width] of normalised pixels [B, 3, image_size, image_size]."""
+        weight = self.multi_modal_projector.mm_input_projection_weight
+        states = self.vision_tower(pixel_values=pixels.to(weight.device, weight.dtype)).last_hidden_state
+        return self.multi_modal_projector(states)
+
+    def pixels(self, image: Tensor) -> Tensor:
+        """The first picture of an IMAGE [B, H, W, C] in 0..1 as ComfyUI hands it to the tower: [1, 3, image_size,
+        image_size], resized to about IMAGE_AREA pixels ("area"), then shortest side, centre crop, mean and std 0.5."""
+        from ldm.clip_vision import preprocess
+        from ldm.siglip import SIGLIP_MEAN, SIGLIP_STD
+
+        picture = image[:1].movedim(-1, 1).float()
+        height, width = picture.shape[-2:]
+        scale = math.sqrt(IMAGE_AREA / (height * width))
+        picture = F.interpolate(picture, size=(round(height * scale), round(width * scale)), mode="area")
+        return preprocess(picture.movedim(1, -1)[..., :3], self.image_size, True, SIGLIP_MEAN, SIGLIP_STD)
+
+
+def has_vision(sd: Mapping[str, Any]) -> bool:
+    """Whether a Gemma 3 file (or a header's shapes) holds the vision tower."""
+    return _PATCH in sd
+
+
+def gemma3_vision_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype,
+                               text_config: Any) -> tuple[Gemma3Vision | None, set[str]]:
+    """Gemma 3's vision tower and projector from a Gemma file's weights (None when it holds none), frozen, in
+    `dtype`, and the keys they used; a CheckpointError naming `name` when they are incomplete or do not fit the
+    language model (`text_config`)."""
+    if not has_vision(sd):
+        return None, set()
+    from transformers import Gemma3Config, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    from ldm.siglip import siglip_config
+
+    try:
+        shape = siglip_config(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: Gemma 3's vision tower: {e}") from None
+    grid = shape.image_size // shape.patch_size
+    side = math.isqrt(IMAGE_TOKENS)
+    if grid % side:
+        raise CheckpointError(f"{name}: Gemma 3's vision tower has {grid} x {grid} patches, which do not pool to "
+                              f"{side} x {side} soft tokens")
+    vision = SiglipVisionConfig(hidden_size=shape.width, intermediate_size=shape.intermediate_size,
+                                num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                                image_size=shape.image_size, patch_size=shape.patch_size, vision_use_head=False)
+    config = Gemma3Config(text_config=text_config.to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=IMAGE_TOKENS)
+    with torch.device("meta"):
+        tower = SiglipVisionModel(config.vision_config).to(dtype)
+        projector = Gemma3MultiModalProjector(config).to(dtype)
+    used = load_prefixed(tower, sd, VISION_PREFIX, name, dtype, "Gemma 3 vision tower")
+    used |= load_prefixed(projector, sd, PROJECTOR_PREFIX, name, dtype, "Gemma 3 multi-modal projector")
+    embeddings = tower.embeddings
+    # a buffer outside the state dict, left on the meta device: made here
+    embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
+    model = Gemma3Vision(tower, projector, shape.image_size).eval().requires_grad_(False)
+    return model, used | {k for k in scaling_keys(sd) if k.startswith((VISION_PREFIX, PROJECTOR_PREFIX))}
+
+
 def projection_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype,
                             in_features: int) -> tuple[nn.Linear, set[str]]:
     """The feature extractor's linear map (`in_features` = width * (layers + 1) of the Gemma it follows) from an LTX-2
@@ -210,13 +323,22 @@ class LTX2TextEncoder(PinnableTextEncoder):
 
     main_encoder = ENCODER_NAME
 
-    def __init__(self, model: Any, projection: nn.Linear, tokenizer: GemmaTokenizer,
-                 min_length: int = MIN_LENGTH) -> None:
+    def __init__(self, model: Any, projection: nn.Linear, tokenizer: GemmaTokenizer, min_length: int = MIN_LENGTH,
+                 vision: Gemma3Vision | None = None) -> None:
         super().__init__()
         self.gemma3_12b = model
         self.text_embedding_projection = projection
         self.tokenizer = tokenizer
         self.min_length = min_length
+        self.vision = vision  # None: the file held no vision tower, pictures are refused
+
+    def picture_tokens(self, image: Tensor) -> Tensor:
+        """The soft tokens [IMAGE_TOKENS, width] of the first picture of an IMAGE [B, H, W, C] in 0..1, in the
+        language model's dtype on its device (see the module docstring); the encoder must have its `vision`."""
+        if self.vision is None:
+            raise ValueError("this Gemma 3 was loaded without a vision tower")
+        embed = self.gemma3_12b.embed_tokens.weight
+        return self.vision(self.vision.pixels(image))[0].to(embed.device, embed.dtype)
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None) -> TextEncoding:
@@ -261,11 +383,13 @@ def ltx2_text_encoder_from_state_dicts(gemma_sd: Mapping[str, Tensor], ltx_sd: M
     in errors."""
     model, used = gemma3_from_weights(gemma_sd, gemma_name, dtype)
     config = model.config
+    vision, _ = gemma3_vision_from_weights(gemma_sd, gemma_name, dtype, config)
     projection, _ = projection_from_weights(ltx_sd, ltx_name, dtype,
                                             config.hidden_size * (config.num_hidden_layers + 1))
     tokenizer = GemmaTokenizer.from_tensor(gemma_sd[TOKENIZER_KEY])
     unused = sorted(f"{gemma_name}: {k}" for k in gemma_sd if k not in used)
-    return LoadedLTX2Text(LTX2TextEncoder(model, projection, tokenizer).to(device).eval(), unused)
+    encoder = LTX2TextEncoder(model, projection, tokenizer, vision=vision)
+    return LoadedLTX2Text(encoder.to(device).eval(), unused)
 
 
 def projection_state(path: str | Path) -> dict[str, Tensor]:
@@ -288,9 +412,11 @@ def load_ltx2_text_encoder(gemma_path: str | Path, ltx_path: str | Path, device:
                                               gemma_path.name, ltx_path.name, device, dtype)
 
 
-def tiny_gemma3_state(seed: int = 0, hidden: int = 32, layers: int = 3) -> dict[str, Tensor]:
+def tiny_gemma3_state(seed: int = 0, hidden: int = 32, layers: int = 3, vision: bool = False) -> dict[str, Tensor]:
     """Random Gemma 3 weights in Comfy-Org's layout with a tiny tokenizer (ldm.gemma_text's `tiny_spiece_model`) as
-    `spiece_model`: a language model `hidden` wide, 4 heads of hidden // 2, 2 key/value heads, MLP 2 * hidden."""
+    `spiece_model`: a language model `hidden` wide, 4 heads of hidden // 2, 2 key/value heads, MLP 2 * hidden; with
+    `vision`, also a tiny vision tower and projector (`tiny_gemma3_vision_state`, drawn after the language model, whose
+    weights stay those drawn without)."""
     import sentencepiece
 
     tokenizer = tiny_spiece_model()
@@ -313,6 +439,34 @@ def tiny_gemma3_state(seed: int = 0, hidden: int = 32, layers: int = 3) -> dict[
     for i in range(layers):
         state |= {f"model.layers.{i}.{name}": rand(*shape) for name, shape in shapes.items()}
     state[TOKENIZER_KEY] = torch.frombuffer(bytearray(tokenizer), dtype=torch.uint8)
+    return state | (tiny_gemma3_vision_state(generator, hidden) if vision else {})
+
+
+def tiny_gemma3_vision_state(generator: torch.Generator, hidden: int, width: int = 32, layers: int = 2,
+                             patch: int = 28) -> dict[str, Tensor]:
+    """Random weights of a tiny Gemma 3 vision tower in Comfy-Org's layout: SigLIP `width` wide (2 heads), `layers`
+    layers, MLP 2 * width, `patch`-pixel patches of an 896-pixel picture (32 x 32 for 28, pooled 2 x 2 to the 256 soft
+    tokens), and the projector to a language model `hidden` wide."""
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(shape, generator=generator) * 0.1
+
+    grid = 896 // patch
+    layer = {"layer_norm1.weight": (width,), "layer_norm1.bias": (width,), "layer_norm2.weight": (width,),
+             "layer_norm2.bias": (width,), "mlp.fc1.weight": (2 * width, width), "mlp.fc1.bias": (2 * width,),
+             "mlp.fc2.weight": (width, 2 * width), "mlp.fc2.bias": (width,)}
+    layer |= {f"self_attn.{p}_proj.{w}": (width, width) if w == "weight" else (width,)
+              for p in ("q", "k", "v", "out") for w in ("weight", "bias")}
+    tower = {"embeddings.patch_embedding.weight": rand(width, 3, patch, patch) / 4,
+             "embeddings.patch_embedding.bias": rand(width),
+             "embeddings.position_embedding.weight": rand(grid**2, width),
+             "post_layernorm.weight": 1 + rand(width), "post_layernorm.bias": rand(width)}
+    for i in range(layers):
+        # LayerNorm weights around 1, as trained ones are
+        tower |= {f"encoder.layers.{i}.{name}": rand(*shape) + name.endswith(("norm1.weight", "norm2.weight"))
+                  for name, shape in layer.items()}
+    state = {VISION_PREFIX + k: v for k, v in tower.items()}
+    state[PROJECTOR_PREFIX + "mm_input_projection_weight"] = rand(width, hidden)
+    state[PROJECTOR_PREFIX + "mm_soft_emb_norm.weight"] = rand(width)
     return state
 
 
@@ -328,10 +482,10 @@ def tiny_projection_state(seed: int = 0, hidden: int = 32, layers: int = 3,
 
 
 def write_tiny_gemma3(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16, hidden: int = 32,
-                      layers: int = 3) -> Path:
-    """A tiny random Gemma 3 file in Comfy-Org's layout, its tokenizer embedded (see `tiny_gemma3_state`), a stand-in
-    for gemma_3_12B_it.safetensors; a tiny LTX-2 checkpoint takes `tiny_projection_state(hidden=hidden,
-    layers=layers)` with it."""
+                      layers: int = 3, vision: bool = False) -> Path:
+    """A tiny random Gemma 3 file in Comfy-Org's layout, its tokenizer embedded (see `tiny_gemma3_state`; with
+    `vision`, a tiny vision tower too), a stand-in for gemma_3_12B_it.safetensors; a tiny LTX-2 checkpoint takes
+    `tiny_projection_state(hidden=hidden, layers=layers)` with it."""
     path = Path(path)
-    write_safetensors(tiny_gemma3_state(seed, hidden, layers), path, {"loom.seed": str(seed)}, dtype)
+    write_safetensors(tiny_gemma3_state(seed, hidden, layers, vision), path, {"loom.seed": str(seed)}, dtype)
     return path

@@ -5,7 +5,9 @@ Which encoders: those whose loaded weights hold a whole language model and its o
 (``ldm.qwen3_text``), Lumina 2's Gemma-2-2B (``ldm.gemma_text``) and LTX-2's Gemma 3 12B (``ldm.ltx2_text``), their
 heads tied to the embedding (Gemma 3's published config has no final logit softcap, nor has ldm.ltx2_text's), and
 Qwen-Image 2.1's Qwen3-VL-8B (``ldm.qwen3vl_text``: its language model, its final norm put back, its head; text
-prompts). LTX-2's encoder is loaded without Gemma 3's vision tower, so it generates from text only.
+prompts). LTX-2's Gemma 3 also reads a picture when its file holds Gemma 3's vision tower (``ldm.ltx2_text``, whose
+encoder then has `vision`; see Pictures); the others, and a Gemma 3 file without the tower, generate from text only
+and refuse a picture.
 Refused, each with its reason: FLUX.2's encoders (``ldm.flux2_text`` loads only the layers FLUX.2 reads, no final
 norm), Qwen-Image's Qwen2.5-VL-7B (``ldm.qwen_text`` leaves the file's untied ``lm_head`` unloaded), ACE-Step 1.5's
 (``ldm.ace_step15_text``: an embedding model and a language model of audio codes, not a chat model), and every CLIP,
@@ -20,6 +22,14 @@ think block `<think>\\n\\n</think>\\n\\n` (Qwen3's enable_thinking=False); Gemma
 tokenizer does; TextGenerateLTX2Prompt's are), and tokenized as ``ldm.ltx2_text`` tokenizes prompts. Without the
 template the prompt is tokenized as it is (Gemma's `<bos>` first, as its tokenizer always adds it).
 
+Pictures (Gemma 3 only, ComfyUI's Gemma3_Tokenizer with an image): the picture goes where the prompt's first
+`<image_soft_token>` is: the default template with a picture is ComfyUI's
+`<bos><start_of_turn>system\nYou are a helpful assistant.<end_of_turn>\n<start_of_turn>user\n\n<image_soft_token>
+{prompt}<end_of_turn>\n\n<start_of_turn>model\n`; a templated prompt (TextGenerateLTX2Prompt's image-to-video one)
+or one without the template keeps its own marker, and a prompt without any leaves the picture unread, as in
+ComfyUI. The marker becomes the picture's 256 soft tokens (ldm.ltx2_text), which enter the model in place of token
+embeddings at the first step; the repetition penalty's history holds the prompt's text tokens.
+
 Decoding (ComfyUI's BaseGenerate.generate / sample_token): the prompt runs once, then one token a step with
 transformers' KV cache; the logits are the last state times the head, in float32. Greedy takes the argmax; sampling
 applies, in ComfyUI's order, the repetition penalty (to the prompt's tokens and those written so far, the history
@@ -33,7 +43,8 @@ are decoded with special tokens skipped (Qwen3's `<think>` and `</think>` are no
 text, as ComfyUI's decode leaves it).
 
 Checked against transformers' Qwen3ForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM `generate(do_sample=False)`
-on the same weights and ids (tests/ldm/test_textgen.py, tests/ldm/test_textgen_gemma3.py): the same tokens.
+on the same weights and ids (tests/ldm/test_textgen.py, tests/ldm/test_textgen_gemma3.py), and with a picture
+against Gemma3ForConditionalGeneration's (tests/ldm/test_gemma3_vision.py): the same tokens.
 """
 
 from __future__ import annotations
@@ -53,9 +64,15 @@ GEMMA_TEMPLATE = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 TURN_START = "<start_of_turn>"
 GEMMA3_TEMPLATE = (f"{TURN_START}system\nYou are a helpful assistant.<end_of_turn>\n"
                    f"{TURN_START}user\n{{}}<end_of_turn>\n{TURN_START}model\n")
+GEMMA3_IMAGE_TEMPLATE = (f"{TURN_START}system\nYou are a helpful assistant.<end_of_turn>\n"
+                         f"{TURN_START}user\n\n<image_soft_token>{{}}<end_of_turn>\n\n{TURN_START}model\n")
 NEEDS = ("TextGenerate needs a CLIP holding a whole causal language model with its output head: Z-Image's Qwen3-4B "
          "or Lumina 2's Gemma-2-2B (CLIPLoader type lumina2), Qwen-Image 2.1's Qwen3-VL-8B (type qwen_image), or "
          "LTX-2's Gemma 3 12B (LTXAVTextEncoderLoader)")
+TEXT_ONLY = ("Loom's generating CLIPs read text only, but for LTX-2's Gemma 3 12B loaded with its vision tower; "
+             "disconnect the image input")
+NO_VISION = ("this Gemma 3 file holds no vision tower (no vision_model.* / multi_modal_projector.* weights, which "
+             "Comfy-Org's gemma_3_12B_it.safetensors carries), so it reads text only; disconnect the image input")
 
 
 # LTX-2's prompt enhancement (TextGenerateLTX2Prompt): Lightricks' system prompts for text-to-video and
@@ -220,12 +237,25 @@ class ChatLM:
     stop_ids: frozenset[int]
     no_thinking: str = ""  # what the template adds with thinking off ("" for models that do not think)
     templated: str | None = None  # a prompt starting with this is already in the chat template (Gemma 3)
+    # Pictures (Gemma 3 with its vision tower): an IMAGE's soft tokens [n, hidden] (None: text only, refused with
+    # `no_picture`), the template with a picture, the tokenizer that puts `image_slot` at the picture's marker.
+    see: Callable[[Tensor], Tensor] | None = None
+    no_picture: str = TEXT_ONLY
+    image_template: str | None = None
+    encode_picture: Callable[[str], list[int]] | None = None
+    image_slot: int | None = None
 
-    def prompt_ids(self, prompt: str, thinking: bool = False, use_default_template: bool = True) -> list[int]:
-        """The ids generation starts from: `prompt` in the chat template, or as it is."""
+    def prompt_ids(self, prompt: str, thinking: bool = False, use_default_template: bool = True,
+                   image: bool = False) -> list[int]:
+        """The ids generation starts from: `prompt` in the chat template, or as it is; with `image`, in the
+        template with a picture and with `image_slot` where its marker is (see the module docstring)."""
+        if image and self.see is None:
+            raise TextGenerationError(self.no_picture)
+        encode = self.encode_picture if image else self.encode
         if not use_default_template or (self.templated is not None and prompt.startswith(self.templated)):
-            return self.encode(prompt)
-        return self.encode(self.template.format(prompt) + ("" if thinking else self.no_thinking))
+            return encode(prompt)
+        template = self.image_template if image else self.template
+        return encode(template.format(prompt) + ("" if thinking else self.no_thinking))
 
 
 def _qwen3_lm(encoder: Any) -> ChatLM:
@@ -280,14 +310,16 @@ def _gemma_lm(encoder: Any) -> ChatLM:
 
 
 def _gemma3_lm(encoder: Any) -> ChatLM:
-    from ldm.ltx2_text import token_ids
+    from ldm.ltx2_text import IMAGE_TOKEN_ID, picture_token_ids, token_ids
 
     processor = encoder.tokenizer.processor
     stops = _gemma_stops(processor)
     model = encoder.gemma3_12b
+    see = None if encoder.vision is None else encoder.picture_tokens
     return ChatLM(model, model.embed_tokens.weight, lambda text: token_ids(encoder.tokenizer, text),
                   lambda ids: processor.decode([i for i in ids if i not in stops]), GEMMA3_TEMPLATE, stops,
-                  templated=TURN_START)
+                  templated=TURN_START, see=see, no_picture=NO_VISION, image_template=GEMMA3_IMAGE_TEMPLATE,
+                  encode_picture=lambda text: picture_token_ids(encoder.tokenizer, text), image_slot=IMAGE_TOKEN_ID)
 
 
 # Loom's text encoders that hold a language model but cannot generate with it, and why.
@@ -345,28 +377,48 @@ def _next_token(logits: Tensor, history: list[int], sampling: Sampling | None,
     return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
 
+def _first_input(lm: ChatLM, prompt_ids: list[int], image: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    """The model's input for the prompt: its ids, or with a picture in its slot, the token embeddings with the
+    picture's soft tokens in place of the slot."""
+    if image is None or lm.image_slot not in prompt_ids:
+        return {"input_ids": torch.tensor([prompt_ids], device=device)}
+    at = prompt_ids.index(lm.image_slot)
+    embed = lm.model.embed_tokens
+    before, after = (embed(torch.tensor([ids], device=device)) for ids in (prompt_ids[:at], prompt_ids[at + 1:]))
+    soft = lm.see(image).to(before.device, before.dtype)[None]
+    return {"inputs_embeds": torch.cat([before, soft, after], dim=1)}
+
+
 @torch.inference_mode()
-def generate_ids(lm: ChatLM, prompt_ids: list[int], max_length: int, sampling: Sampling | None = None) -> list[int]:
+def generate_ids(lm: ChatLM, prompt_ids: list[int], max_length: int, sampling: Sampling | None = None,
+                 image: Tensor | None = None) -> list[int]:
     """The ids `lm` writes after `prompt_ids`: greedy (`sampling` None) or sampled, at most `max_length`, the end
-    token included when it comes."""
+    token included when it comes; `image` (an IMAGE) fills the ids' picture slot (`ChatLM.prompt_ids` with image)."""
     device = lm.head.device
     generator = None if sampling is None else torch.Generator(device=device).manual_seed(sampling.seed)
-    step, cache, written = torch.tensor([prompt_ids], device=device), None, []
+    step, cache, written = _first_input(lm, prompt_ids, image, device), None, []
+    history = [i for i in prompt_ids if i != lm.image_slot]
     for _ in range(max_length):
-        out = lm.model(input_ids=step, cache=cache, use_cache=True)
+        out = lm.model(**step, cache=cache, use_cache=True)
         cache = out.cache
         logits = F.linear(out.last_hidden_state[:, -1], lm.head).float()
-        token = _next_token(logits, prompt_ids + written, sampling, generator)
+        token = _next_token(logits, history + written, sampling, generator)
         written.append(token)
         if token in lm.stop_ids:
             break
-        step = torch.tensor([[token]], device=device)
+        step = {"input_ids": torch.tensor([[token]], device=device)}
     return written
 
 
 def generate_text(encoder: Any, prompt: str, max_length: int = 512, sampling: Sampling | None = None,
-                  thinking: bool = False, use_default_template: bool = True) -> str:
-    """TextGenerate: the text a CLIP's language model writes for `prompt` (see the module docstring)."""
+                  thinking: bool = False, use_default_template: bool = True, image: Tensor | None = None) -> str:
+    """TextGenerate: the text a CLIP's language model writes for `prompt` (and `image`, an IMAGE whose first
+    picture it reads; a TextGenerationError for a CLIP that reads text only; see the module docstring)."""
     lm = chat_lm(encoder)
-    ids = lm.prompt_ids(prompt, thinking, use_default_template)
-    return lm.decode(generate_ids(lm, ids, max_length, sampling))
+    ids = lm.prompt_ids(prompt, thinking, use_default_template, image is not None)
+    return lm.decode(generate_ids(lm, ids, max_length, sampling, image))
+
+
+def reads_pictures(encoder: Any) -> bool:
+    """Whether a CLIP's encoder generates from a picture (LTX-2's Gemma 3 with its vision tower)."""
+    return chat_lm(encoder).see is not None

@@ -3,13 +3,16 @@ enhancement); the generation itself is ldm.textgen's.
 
 `sampling_mode` is a ComfyUI dynamic combo: "on" brings its own inputs, which API prompts carry as
 `sampling_mode.temperature`, `sampling_mode.top_k`, ... (Loom declares each one, optional, as ResizeImageMaskNode
-does); "off" decodes greedily. Images, video and audio are refused: the CLIPs Loom can generate with read text only.
+does); "off" decodes greedily. An `image` is read by LTX-2's Gemma 3 when its file holds the vision tower (its first
+picture, ldm.textgen's Pictures); other CLIPs, and a Gemma 3 file without the tower, refuse it. Video and audio are
+refused: no CLIP Loom generates with reads them.
 
 TextGenerateLTX2Prompt ("Generate LTX2 Prompt", the LTX-2 templates' prompt enhancer) is TextGenerate with LTX-2's
 system prompt and Gemma 3 chat turns around the user's prompt (ldm.textgen.ltx2_enhancement_prompt; an optional
 linked `system_prompt` replaces LTX-2's, as in current ComfyUI); its text comes back stripped, the prompt itself
-when nothing is written. Its `image` (image-to-video) is refused: it needs Gemma 3's vision tower, which LTX-2's
-text encoder (ldm.ltx2_text) is loaded without.
+when nothing is written. With an `image` (the LTX-2.3 image-to-video templates link the first frame) it writes an
+image-to-video prompt: LTX-2's image-to-video system prompt, the picture's soft tokens before the user's prompt;
+a CLIP without Gemma 3's vision tower refuses it (IMAGE_REFUSED).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 
 from ldm.ltx2_text import FAMILY as LTX2_FAMILY
-from ldm.textgen import NEEDS, Sampling, TextGenerationError, generate_text, ltx2_enhancement_prompt
+from ldm.textgen import NEEDS, Sampling, TextGenerationError, generate_text, ltx2_enhancement_prompt, reads_pictures
 from nodes.node import Node
 from nodes.sd.models import Clip, on_device
 from nodes.spec import Boolean, Combo, Float, InputSpec, Int, Output, Socket, String
@@ -33,7 +36,8 @@ _INPUTS: dict[str, InputSpec] = {
     "clip": Socket("CLIP", tooltip="a CLIP holding a causal language model (Qwen3-4B, Gemma-2-2B, Qwen3-VL-8B or "
                    "LTX-2's Gemma 3 12B)"),
     "prompt": String("", multiline=True, tooltip="the prompt; with use_default_template it is the user's turn"),
-    "image": Socket("IMAGE", optional=True, tooltip="not supported: the CLIPs Loom generates with read text only"),
+    "image": Socket("IMAGE", optional=True, tooltip="a picture for the model to read (its first one): LTX-2's Gemma 3 "
+                    "with its vision tower only"),
     "video": Socket("VIDEO", optional=True, tooltip="not supported"),
     "audio": Socket("AUDIO", optional=True, tooltip="not supported"),
     "max_length": Int(512, min=1, max=32768, tooltip="the most tokens to write"),
@@ -62,8 +66,9 @@ def sampling_of(mode: str, options: dict[str, Any]) -> Sampling | None:
 
 
 class TextGenerate(Node):
-    """Writes text with the language model of a CLIP (Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B or Qwen-Image 2.1's
-    Qwen3-VL-8B) from a prompt in its chat template, greedily or sampled."""
+    """Writes text with the language model of a CLIP (Z-Image's Qwen3-4B, Lumina 2's Gemma-2-2B, Qwen-Image 2.1's
+    Qwen3-VL-8B or LTX-2's Gemma 3 12B) from a prompt in its chat template (and a picture, for Gemma 3 with its vision
+    tower), greedily or sampled."""
 
     display_name = "Generate Text"
     category = "textgen"
@@ -99,38 +104,39 @@ class TextGenerate(Node):
     def execute(self, clip: Clip, prompt: str, max_length: int, sampling_mode: str, image: Any = None,
                 video: Any = None, audio: Any = None, thinking: bool = False, use_default_template: bool = True,
                 **options: Any) -> tuple[str]:
-        given = [name for name, value in (("image", image), ("video", video), ("audio", audio)) if value is not None]
+        given = [name for name, value in (("video", video), ("audio", audio)) if value is not None]
         if given:
-            raise TextGenerationError(f"TextGenerate: Loom's generating CLIPs read text only; disconnect the "
-                                      f"{' and '.join(given)} input")
+            raise TextGenerationError(f"TextGenerate: Loom's generating CLIPs read text only (and pictures, for "
+                                      f"LTX-2's Gemma 3); disconnect the {' and '.join(given)} input")
         sampling = sampling_of(sampling_mode, options)
         with torch.inference_mode():
             encoder = on_device(self.ctx, clip.encoder)
-            return (generate_text(encoder, prompt, max_length, sampling, thinking, use_default_template),)
+            return (generate_text(encoder, prompt, max_length, sampling, thinking, use_default_template, image),)
 
 
-IMAGE_REFUSED = ("TextGenerateLTX2Prompt: an image-to-video prompt needs Gemma 3's vision tower, which Loom's LTX-2 "
-                 "text encoder is loaded without (it reads text only); disconnect the image to write a text-to-video "
-                 "prompt")
+IMAGE_REFUSED = ("TextGenerateLTX2Prompt: an image-to-video prompt needs Gemma 3's vision tower, which this CLIP does "
+                 "not hold (a Gemma 3 file without vision_model.* / multi_modal_projector.* weights: Comfy-Org's "
+                 "gemma_3_12B_it.safetensors has them); disconnect the image to write a text-to-video prompt")
 
 
 class TextGenerateLTX2Prompt(TextGenerate):
     """Writes an LTX-2 video prompt from the user's prompt with the language model of a CLIP (LTX-2's Gemma 3 12B),
-    under LTX-2's text-to-video system prompt; text only (see the module docstring)."""
+    under LTX-2's text-to-video system prompt, or its image-to-video one with the first frame linked (see the module
+    docstring)."""
 
     display_name = "Generate LTX2 Prompt"
     inputs = {**_INPUTS,
-              "image": Socket("IMAGE", optional=True, tooltip="the first frame, for an image-to-video prompt: not "
-                              "supported (LTX-2's text encoder is loaded without Gemma 3's vision tower)"),
+              "image": Socket("IMAGE", optional=True, tooltip="the first frame, for an image-to-video prompt (needs "
+                              "Gemma 3's vision tower in the text encoder file)"),
               "system_prompt": String("", optional=True, force_input=True, tooltip="replaces LTX-2's system prompt")}
 
     def execute(self, clip: Clip, prompt: str, max_length: int, sampling_mode: str, image: Any = None,
                 video: Any = None, audio: Any = None, thinking: bool = False, use_default_template: bool = True,
                 system_prompt: str | None = None, **options: Any) -> tuple[str]:
-        if image is not None:
+        if image is not None and not reads_pictures(clip.encoder):
             raise TextGenerationError(IMAGE_REFUSED)
-        chat = ltx2_enhancement_prompt(prompt, system_prompt=system_prompt or "")
-        (text,) = super().execute(clip, chat, max_length, sampling_mode, None, video, audio, thinking,
+        chat = ltx2_enhancement_prompt(prompt, image is not None, system_prompt or "")
+        (text,) = super().execute(clip, chat, max_length, sampling_mode, image, video, audio, thinking,
                                   use_default_template, **options)
         return (text.strip() or prompt,)
 

@@ -162,9 +162,9 @@ def test_files_round_trip(tmp_path, encoder, state):
 
 
 def test_layouts_taken(state, projection, encoder):
-    """The vision tower and LM head are knowingly unused; ComfyUI's renamed projection key and a bias are read."""
-    extra = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 2),
-             "multi_modal_projector.mm_input_projection_weight": torch.zeros(2, 2), "lm_head.weight": torch.zeros(2)}
+    """The LM head is knowingly unused (the vision tower, which only text generation reads, is
+    tests/ldm/test_gemma3_vision.py's); ComfyUI's renamed projection key and a bias are read."""
+    extra = {"lm_head.weight": torch.zeros(2)}
     renamed = {PROJECTION_KEYS[1] + "weight": projection[PROJECTION_KEYS[0] + "weight"]}
     loaded = ltx2_text_encoder_from_state_dicts(state | extra, renamed)
     assert loaded.unused_keys == []
@@ -173,6 +173,11 @@ def test_layouts_taken(state, projection, encoder):
     shifted = ltx2_text_encoder_from_state_dicts(state, biased).encoder.encode(PROMPTS[:1]).cond
     torch.testing.assert_close(shifted, encoder.encode(PROMPTS[:1]).cond + 1)
     assert is_gemma3(state) and not is_gemma3(tiny_gemma_state())
+    seeing = tiny_gemma3_state(seed=1, hidden=HIDDEN, layers=LAYERS, vision=True)
+    loaded = ltx2_text_encoder_from_state_dicts(seeing, projection)
+    assert loaded.unused_keys == [] and loaded.encoder.vision is not None
+    assert torch.equal(loaded.encoder.encode(PROMPTS).cond, encoder.encode(PROMPTS).cond)  # text encoding unchanged
+    assert encoder.vision is None
 
 
 def test_refusals(state, projection):

@@ -1,6 +1,7 @@
 """TextGenerateLTX2Prompt on a tiny LTX-2 text encoder (ldm.ltx2_text's tiny Gemma 3): the text is ldm.textgen's
 for LTX-2's enhancement prompt, stripped (the prompt itself when nothing is written), greedy and sampled; a linked
-system prompt; the image refused; and the LTX-2.3 templates' editor wiring (PrimitiveStringMultiline -> the node,
+system prompt; the image (the first frame) read by a Gemma 3 with its vision tower, refused by one without; and
+the LTX-2.3 templates' editor wiring (PrimitiveStringMultiline -> the node,
 widgets [prompt, 256, "on", 0.7, 64, 0.95, 0.05, 1.05, 0]) run by the engine, the CLIP from a stand-in loader (the
 LTX-2 text encoder loader is not this module's)."""
 
@@ -67,10 +68,29 @@ def test_nothing_written_gives_the_prompt_back(encoder, monkeypatch) -> None:
     assert run(encoder) == PROMPT
 
 
-def test_the_image_is_refused_clearly(encoder) -> None:
+def test_without_a_vision_tower_the_image_is_refused_clearly(encoder) -> None:
     with pytest.raises(TextGenerationError, match="needs Gemma 3's vision tower") as error:
         run(encoder, image=torch.zeros(1, 8, 8, 3))
     assert str(error.value) == IMAGE_REFUSED
+
+
+@pytest.fixture(scope="module")
+def seeing():
+    state = tiny_gemma3_state(seed=5, hidden=32, layers=3, vision=True)
+    return ltx2_text_encoder_from_state_dicts(state, tiny_projection_state(seed=6, hidden=32, layers=3)).encoder
+
+
+def test_the_first_frame_makes_an_image_to_video_prompt(seeing) -> None:
+    torch.manual_seed(2)
+    frame = torch.rand(1, 64, 96, 3)
+    text = run(seeing, image=frame)
+    chat = ltx2_enhancement_prompt(PROMPT, image=True)
+    assert text and text == generate_text(seeing, chat, LENGTH, image=frame).strip()
+    assert text != run(seeing)  # not the text-to-video prompt's
+    node = textgen.TextGenerate()
+    node.ctx = None
+    (plain,) = node.execute(Clip(seeing, FAMILY, "tiny"), PROMPT, LENGTH, "off", image=frame)
+    assert plain == generate_text(seeing, PROMPT, LENGTH, image=frame)  # TextGenerate reads it too
 
 
 class TinyLTX2Clip(Node):
