@@ -79,7 +79,15 @@ to 1024 with registers, diffusers on the tokenizer's padding (equal when diffuse
 are -finfo.max biases (diffusers -10000); LTX-2.3's prompt modulation takes each item's largest level (diffusers the
 `sigma` it is given). Not supported: a prompt projection before the connectors (ComfyUI's
 caption_proj_before_connector with a first linear; refused by `config_from_state_dict`), ComfyUI's ID-LoRA
-reference audio tokens and guide attention masks.
+reference audio tokens, and guide attention entries' pixel masks.
+
+Keyframe guides (LTXVAddGuide's frames appended after the video's, their positions `keyframe_idxs`) of strength
+below 1 are attended to less, as ComfyUI's LTXVModel._build_guide_self_attention_mask does from the conditioning's
+`guide_attention_entries`: the video self-attention (every block's attn1; not the audio's, the prompt's nor the
+audio<->video cross-attention) gets an additive logit bias (`guide_attention_bias`), the same for every head,
+log(strength) (in the model's dtype; finfo.min at strength 0) between each token before the guides and each of that
+guide's tokens, both ways, 0 elsewhere (the video among itself, the guides among themselves); none at all when every
+strength is 1. A bias of log(s) multiplies a key's softmax weight by s before the normalisation.
 """
 
 from __future__ import annotations
@@ -284,6 +292,31 @@ def audio_positions(batch: int, frames: int, c: LTX2Config, device: torch.device
     return (mel * c.audio_hop_length / c.audio_sample_rate).expand(batch, 1, -1, -1)
 
 
+def guide_attention_bias(guide_attention: Tensor, tokens: int, guide_tokens: int, dtype: torch.dtype
+                         ) -> Tensor | None:
+    """ComfyUI's attenuation of keyframe guides: the video self-attention's additive bias [B or 1, 1, S, S] over
+    `tokens` S whose last `guide_tokens` K are the guides', given each guide's (token count, strength)
+    `guide_attention` [B, G, 2] in the order the guides were appended (their counts adding up to K): log(strength) in
+    `dtype` (clamped at its smallest normal; finfo.min at 0) between every token before the guides and each of the
+    guide's tokens, both ways, 0 elsewhere; one row for the batch where its items agree. None (no bias) where every
+    strength is at least 1."""
+    counts = guide_attention[..., 0].round().long()
+    if (counts != counts[:1]).any() or int(counts[0].sum()) != guide_tokens:
+        raise ValueError(f"guide token counts {counts.tolist()} do not add up to the {guide_tokens} keyframe tokens")
+    weights = guide_attention[..., 1].to(dtype).repeat_interleave(counts[0], dim=1)  # [B, K]
+    if bool((weights >= 1).all()):
+        return None
+    if bool((guide_attention == guide_attention[:1]).all()):
+        weights = weights[:1]
+    finfo = torch.finfo(dtype)
+    log_weights = torch.where(weights > 0, weights.clamp(min=finfo.tiny).log(), finfo.min)
+    start = tokens - guide_tokens
+    bias = weights.new_zeros(weights.shape[0], 1, tokens, tokens)
+    bias[:, 0, :start, start:] = log_weights[:, None, :]
+    bias[:, 0, start:, :start] = log_weights[:, :, None]
+    return bias
+
+
 def _point(spans: Tensor, middle: bool) -> Tensor:
     """[B, A, S] positions from [B, A, S, 2] spans: their middles, or their starts (ComfyUI's two choices)."""
     return spans.mean(-1) if middle else spans[..., 0]
@@ -382,7 +415,7 @@ class AVBlock(nn.Module):
         contexts, masks, modulations and RoPE (see `LTX2Model.forward`)."""
         v_mods = _modulations(self.scale_shift_table, s["v_temb"])
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = v_mods[:6]
-        v = v + self.attn1(_norm(v) * (1 + scale) + shift, rope=s["v_rope"]) * gate
+        v = v + self.attn1(_norm(v) * (1 + scale) + shift, rope=s["v_rope"], bias=s["v_self_bias"]) * gate
         v = v + self._text(v, s["v_context"], self.attn2, v_mods[6:], getattr(self, "prompt_scale_shift_table", None),
                            s.get("v_prompt_temb"), s["bias"])
         if a is not None:
@@ -520,13 +553,15 @@ class LTX2Model(nn.Module):
     def forward(self, video_latent: Tensor, audio_latent: Tensor | None, video_timestep: Tensor,
                 audio_timestep: Tensor | None, video_context: Tensor, audio_context: Tensor | None,
                 context_mask: Tensor | None = None, frame_rate: float = 25.0,
-                keyframe_idxs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                keyframe_idxs: Tensor | None = None, guide_attention: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
         """Velocities of `video_latent` [B, 128, F, H, W] and `audio_latent` [B, 8, T, 16] (None: video only, as
         ComfyUI runs a latent without audio) at flow levels `video_timestep` ([B], or [B, F * H * W] per latent
         pixel) and `audio_timestep` ([B] or [B, T]; None: the video's, its first level when per pixel), given the
         connectors' outputs (`preprocess_text_embeds`) and their `context_mask` [B, L'] (1: attend; None: all)
         and the video's `frame_rate` (ComfyUI's LTXVConditioning, 25 by default); `keyframe_idxs` as
-        `video_positions` takes them."""
+        `video_positions` takes them; `guide_attention` [B, G, 2]: those guides' token counts and strengths, which
+        weaken the video self-attention between the video and a guide of strength below 1 (`guide_attention_bias`)."""
         c, dtype = self.config, self.dtype
         if video_latent.ndim != 5 or video_latent.shape[1] != c.in_channels:
             raise ValueError(f"LTX-2 takes video latents [B, {c.in_channels}, F, H, W]; got {list(video_latent.shape)}")
@@ -539,7 +574,12 @@ class LTX2Model(nn.Module):
         v_spans = video_positions(batch, frames, rows, cols, frame_rate, c, v.device, keyframe_idxs)
         s = {"v_temb": v_temb, "v_context": self._project(video_context.to(dtype), "caption_projection"), "bias": None,
              "v_rope": rope_frequencies(_point(v_spans, c.use_middle_indices_grid), c.max_pos, c.inner_dim,
-                                        c.num_heads, c)}
+                                        c.num_heads, c), "v_self_bias": None}
+        if guide_attention is not None:
+            if keyframe_idxs is None:
+                raise ValueError("guide attention entries without the guides' keyframe_idxs")
+            s["v_self_bias"] = guide_attention_bias(guide_attention.to(v.device), v.shape[1], keyframe_idxs.shape[2],
+                                                    dtype)
         if c.cross_attention_adaln:  # each item's largest level, as ComfyUI's compute_prompt_timestep
             s["v_prompt_temb"] = self.prompt_adaln_single(v_levels.amax(1, keepdim=True), batch, dtype)[0]
         if context_mask is not None:

@@ -80,8 +80,9 @@ class LTX2Denoiser(nn.Module):
     """The LTX-2 transformer as the sampler calls it, through `ldm.sampling.av_latent.PackedParts`: the parts
     [video [B, 128, F, h, w], audio [B, 8, T, 16]] at flow levels `timesteps` [B], the prompt's video context and,
     by keyword, its audio context and mask (`ltx2_conditioning`); `y` [B, 1 + 6 K]: the frame rate, then keyframe
-    guides' [3, K, 2] pixel spans flattened; `denoise_masks`: each part's noise mask, the token's level being the
-    mask times the step's."""
+    guides' [3, K, 2] pixel spans flattened; `guide_attention` [B, G, 2]: those guides' token counts and strengths
+    (`ltx2_conditioning`'s, only where one is below 1); `denoise_masks`: each part's noise mask, the token's level
+    being the mask times the step's."""
 
     cuda_graphs_safe = False  # called with a list of parts, which a graph replay does not take
 
@@ -99,7 +100,8 @@ class LTX2Denoiser(nn.Module):
 
     def forward(self, parts: Sequence[Tensor], timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 audio_context: Tensor | None = None, attn_mask: Tensor | None = None,
-                denoise_masks: Sequence[Tensor] | None = None, control: object = None) -> list[Tensor]:
+                denoise_masks: Sequence[Tensor] | None = None, control: object = None,
+                guide_attention: Tensor | None = None) -> list[Tensor]:
         if control is not None:
             raise ValueError("ControlNets and T2I-Adapters do not fit an LTX-2 model")
         video, audio = parts
@@ -116,7 +118,7 @@ class LTX2Denoiser(nn.Module):
             video_levels = (video_mask[:, 0] * levels.reshape(-1, 1, 1, 1)).flatten(1)
             audio_levels = audio_mask[:, 0, :, 0] * levels.reshape(-1, 1)
         out_video, out_audio = self.model(video, audio, video_levels, audio_levels, context, audio_context,
-                                          attn_mask, frame_rate, keyframes)
+                                          attn_mask, frame_rate, keyframes, guide_attention=guide_attention)
         return [out_video, out_audio]
 
 

@@ -26,10 +26,29 @@ from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 _DEFAULT_FRAME_RATE = 25.0
 
 
+def _guide_attention(entries: list | None, guides: torch.Tensor | None) -> torch.Tensor | None:
+    """[1, G, 2]: each keyframe guide's token count and strength from LTXVAddGuide's `guide_attention_entries`, for
+    the transformer's attenuation of guides below strength 1 (`ldm.ltx2.guide_attention_bias`); None where there is
+    nothing to attenuate (no guides, or every strength 1), as ComfyUI builds no mask then."""
+    if not entries or guides is None:  # ComfyUI reads the entries only with the guides' coordinates
+        return None
+    if any(entry.get("pixel_mask") is not None for entry in entries):
+        raise ValueError("guide attention entries with a pixel mask are not supported")
+    counts = [int(entry["pre_filter_count"]) for entry in entries]
+    if sum(counts) != guides.shape[2]:
+        raise ValueError(f"the guide attention entries count {sum(counts)} tokens, the prompt's keyframe_idxs "
+                         f"{guides.shape[2]}: give the conditioning LTXVAddGuide made")
+    strengths = [float(entry["strength"]) for entry in entries]
+    if all(s >= 1.0 for s in strengths):
+        return None
+    return torch.tensor([list(zip(counts, strengths, strict=True))], dtype=torch.float32)
+
+
 def ltx2_conditioning(conditioning: list, model: DiffusionModel) -> list:
     """Each prompt as the LTX-2 model takes it (ComfyUI's LTXAV.extra_conds, once per prompt before sampling): the
     text encoder's features through the model's connectors, the video context as the entry's embedding and the
-    audio context as `ltx2_audio_context`; the frame rate and keyframe guides' spans as its `y`."""
+    audio context as `ltx2_audio_context`; the frame rate and keyframe guides' spans as its `y`; the guides' token
+    counts and strengths as `ltx2_guide_attention` where one is below 1."""
     unet = model.unet
     device = next(unet.parameters()).device
     out = []
@@ -47,6 +66,9 @@ def ltx2_conditioning(conditioning: list, model: DiffusionModel) -> list:
             [torch.full((guides.shape[0], 1), rate), guides.float().flatten(1)], dim=1)
         entry = {k: v for k, v in options.items() if k != "attention_mask"}
         entry |= {"ltx2_audio_context": audio, "y": y} | ({} if mask is None else {"attention_mask": mask})
+        attention = _guide_attention(options.get("guide_attention_entries"), guides)
+        if attention is not None:
+            entry["ltx2_guide_attention"] = attention
         out.append((video, entry))
     return out
 

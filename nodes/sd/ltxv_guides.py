@@ -24,8 +24,8 @@ The node follows the VAE it is given:
   stands for 8 pictures. Each guide also adds an entry to the prompts' `guide_attention_entries` ({pre_filter_count:
   its tokens, strength, pixel_mask: None, latent_shape: [F, h, w]}), by which ComfyUI's transformer weakens the
   attention between the video's tokens and a guide's of strength below 1 (log(strength) added to those attention
-  logits); Loom's transformer does not read them yet. LTXVCropGuides takes off as many latent frames as the guides'
-  distinct start frames.
+  logits), as Loom's does (`ldm.ltx2.guide_attention_bias`). LTXVCropGuides takes off as many latent frames as the
+  guides' distinct start frames.
 
 Negative frame indices count back from the video's last picture (-1: the last), over the video's own latent frames
 (earlier guides' left out). ComfyUI's IC-LoRA guides (`iclora_parameters` with a reference_downscale_factor above 1,

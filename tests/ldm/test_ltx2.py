@@ -3,6 +3,7 @@ diffusers 0.42.1's LTX2VideoTransformer3DModel and LTX2ConnectorTransformer1d, w
 across by `convert_diffusers_state_dict`, float32."""
 
 import json
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -15,6 +16,7 @@ from ldm.ltx2 import (
     LTX2Model,
     config_from_state_dict,
     convert_diffusers_state_dict,
+    guide_attention_bias,
     is_ltx2,
     tiny_config,
     tiny_config_23,
@@ -183,3 +185,92 @@ def test_odd_sizes_and_video_only():
     assert no_a is None and only_v.shape == video.shape and torch.isfinite(only_v).all()
     with pytest.raises(ValueError, match="timesteps"):
         model(video, audio, torch.rand(1, 7), None, v_ctx, a_ctx)
+
+
+# --- keyframe guides' attention strength (ComfyUI's LTXVModel._build_guide_self_attention_mask) -------------------
+
+
+def _hand_bias(strengths: list[list[float]], counts: list[int], tokens: int) -> torch.Tensor:
+    """ComfyUI's rule written out token by token, in float64: log(strength) (or -finfo(float32).max at 0) between
+    each token before the guides and each token of a guide, both ways; 0 elsewhere."""
+    guide_tokens = sum(counts)
+    start = tokens - guide_tokens
+    bias = torch.zeros(len(strengths), 1, tokens, tokens, dtype=torch.float64)
+    for b, item in enumerate(strengths):
+        per_token = [s for s, n in zip(item, counts, strict=True) for _ in range(n)]
+        for k, s in enumerate(per_token):
+            value = math.log(s) if s > 0 else torch.finfo(torch.float32).min
+            for i in range(start):
+                bias[b, 0, i, start + k] = value
+                bias[b, 0, start + k, i] = value
+    return bias
+
+
+def test_guide_attention_bias_is_comfyuis_rule():
+    counts, tokens = [4, 2], 11
+    strengths = [[0.7, 0.0], [0.5, 1.0]]
+    table = torch.tensor([[[n, s] for n, s in zip(counts, item, strict=True)] for item in strengths])
+    bias = guide_attention_bias(table, tokens, sum(counts), torch.float32)
+    assert bias.shape == (2, 1, tokens, tokens) and bias.dtype == torch.float32
+    torch.testing.assert_close(bias.double(), _hand_bias(strengths, counts, tokens), rtol=1e-7, atol=0)
+    assert bias[0, 0, 0, 9].item() == torch.finfo(torch.float32).min  # strength 0: masked, as ComfyUI
+    shared = guide_attention_bias(table[:1].expand(3, -1, -1), tokens, 6, torch.float32)
+    assert shared.shape == (1, 1, tokens, tokens) and torch.equal(shared, bias[:1])  # one row for a batch that agrees
+    half = guide_attention_bias(table, tokens, 6, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half[0, 0, 9, 0].item() == torch.finfo(torch.bfloat16).min
+    assert half[0, 0, 0, 5].item() == torch.tensor(0.7, dtype=torch.bfloat16).log().item()  # log in the dtype
+    table[..., 1] = 1.0
+    assert guide_attention_bias(table, tokens, 6, torch.float32) is None  # all at strength 1: no bias at all
+    with pytest.raises(ValueError, match="do not add up to the 5 keyframe tokens"):
+        guide_attention_bias(table, tokens, 5, torch.float32)
+
+
+def _guided_inputs(c, b=2, f=4, h=3, w=2, t=5, text=6):
+    """Video latents (their last 2 frames two guides' of h x w tokens each), audio latents, the two contexts."""
+    torch.manual_seed(5)
+    video, audio = torch.randn(b, c.in_channels, f, h, w), torch.randn(b, 8, t, 16)
+    v_ctx, a_ctx = torch.randn(b, text, c.connector_dim), torch.randn(b, text, c.audio_connector_dim)
+    return video, audio, v_ctx, a_ctx
+
+
+@pytest.mark.parametrize("name", ["ltx2.0", "ltx2.3"])
+@torch.no_grad()
+def test_guide_attention_matches_diffusers_with_the_bias_injected(name):
+    """Guides of strength 0.7 and 0.25 (item 0) and 0.5 and 1 (item 1) against diffusers 0.42.1 run in float64 with
+    ComfyUI's bias, hand-built, passed as its video self-attention mask (diffusers adds (1 - m) * -10000 to the
+    video self-attention's logits: m = 1 + bias / 10000); strength 1 throughout is bit-identical to no entries."""
+    c = CONFIGS[name]()
+    ref, _, _, model = _references(c)
+    ref = ref.double()
+    b, f, h, w, t = 2, 4, 3, 2, 5
+    video, audio, v_ctx, a_ctx = _guided_inputs(c, b, f, h, w, t)
+    v_t, a_t = torch.tensor([0.9, 0.35]), torch.tensor([0.7, 0.2])
+    coords = ref.rope.prepare_video_coords(b, f, h, w, "cpu", fps=24.0)
+    guided = coords.clone()
+    guided[:, :, -2 * h * w:] = coords[:, :, :2 * h * w]  # both guides told they are the first latent frame
+    keyframes = coords[:, :, :2 * h * w].clone()
+    keyframes[:, 0] *= 24.0  # back to pixel frames, as keyframe_idxs hold them
+    counts, strengths = [h * w, h * w], [[0.7, 0.25], [0.5, 1.0]]
+    table = torch.tensor([[[n, s] for n, s in zip(counts, item, strict=True)] for item in strengths])
+    tokens = f * h * w
+    out_v, out_a = model(video, audio, v_t, a_t, v_ctx, a_ctx, None, 24.0, keyframes, guide_attention=table)
+    plain_v, _ = model(video, audio, v_t, a_t, v_ctx, a_ctx, None, 24.0, keyframes)
+    with _gates_from_other_stream(ref, v_t.max().item() * 1000, a_t.max().item() * 1000):
+        exp_v, exp_a = ref(video.flatten(2).transpose(1, 2).double(), audio.transpose(1, 2).flatten(2).double(),
+                           v_ctx.double(), a_ctx.double(), timestep=v_t.double() * 1000,
+                           audio_timestep=a_t.double() * 1000, sigma=v_t.double() * 1000,
+                           audio_sigma=a_t.double() * 1000, num_frames=f, height=h, width=w, fps=24.0,
+                           audio_num_frames=t, video_coords=guided.double(), use_cross_timestep=False,
+                           video_self_attention_mask=1 + _hand_bias(strengths, counts, tokens)[:, 0] / 10000,
+                           return_dict=False)
+    exp_v = exp_v.transpose(1, 2).reshape(out_v.shape).float()
+    exp_a = exp_a.unflatten(-1, (8, 16)).transpose(1, 2).float()
+    assert exp_v.abs().max() > 1 and (out_v - plain_v).abs().max() > 1e-2  # the bias matters here
+    worst = max((out_v - exp_v).abs().max().item(), (out_a - exp_a).abs().max().item())
+    assert worst < TOL, worst  # measured: 1.0e-5 (2.0), 1.5e-5 (2.3) on outputs up to 11; the bias moves them by 0.5
+
+    table[..., 1] = 1.0
+    ones_v, ones_a = model(video, audio, v_t, a_t, v_ctx, a_ctx, None, 24.0, keyframes, guide_attention=table)
+    assert torch.equal(ones_v, plain_v)
+    with pytest.raises(ValueError, match="without the guides' keyframe_idxs"):
+        model(video, audio, v_t, a_t, v_ctx, a_ctx, guide_attention=table)

@@ -264,3 +264,55 @@ def test_first_last_frame_graph_runs_and_decodes_the_requested_length(engine, mo
     assert torch.equal(cropped[2]["samples"], sampled[:, :, :3])
     assert all("keyframe_idxs" not in options for side in cropped[:2] for _, options in side)
     assert decoded[0].shape == (LENGTH, SIZE, SIZE, 3)
+
+
+def test_weaker_guides_are_attended_to_less_end_to_end(engine, monkeypatch) -> None:
+    """At strength 0.7 each guide's token count and strength reach the transformer (cond and uncond rows alike) and
+    weaken the video's attention to the guides: the sampled video frames next to them (latent frames 0 and 2, the
+    guides standing for pictures 0 and 16) differ from the same graph with the bias left out, and from strength 1,
+    where nothing reaches the transformer."""
+    seen = []
+    forward = ldm.ltx2.LTX2Model.forward
+
+    def spy(self, *args, guide_attention=None, **kwargs):
+        seen.append(guide_attention)
+        return forward(self, *args, guide_attention=guide_attention, **kwargs)
+
+    monkeypatch.setattr(ldm.ltx2.LTX2Model, "forward", spy)
+
+    def sample(strength: float) -> torch.Tensor:
+        seen.clear()
+        engine.free(unload_models=False, free_memory=True)  # the same graph again: run it, not its cached outputs
+        result = engine.run(parse_api(flf2v(strength)), keep=["15"])
+        assert result.ok, result.error
+        return result.values["15"][0]["samples"]
+
+    weak = sample(0.7)
+    expected = torch.tensor([[4.0, 0.7], [4.0, 0.7]])  # 4 tokens (2 x 2) per one-frame guide
+    assert seen and all(s is not None and s.shape[1:] == (2, 2) and torch.allclose(s.cpu(), expected.expand_as(s))
+                        for s in seen)
+    full = sample(1.0)
+    assert seen and all(s is None for s in seen)
+    monkeypatch.setattr(ldm.ltx2, "guide_attention_bias", lambda *args: None)
+    unbiased = sample(0.7)
+    assert torch.isfinite(weak).all()
+    for other in (unbiased, full):
+        assert (weak[:, :, [0, 2]] - other[:, :, [0, 2]]).abs().max() > 1e-3
+
+
+def test_guide_attention_option_from_the_entries() -> None:
+    """`ltx2_conditioning`'s reading of the entries: [1, G, 2] (tokens, strength) where a strength is below 1, nothing
+    at strength 1 or without the guides' coordinates; entries that do not cover the guide tokens, or carry a pixel
+    mask, are refused."""
+    from nodes.sd.ltx2 import _guide_attention
+
+    spans = _spans([[0.0, 1.0], [16.0, 17.0]])
+    weak = {"pre_filter_count": 4, "strength": 0.7, "pixel_mask": None, "latent_shape": [1, 2, 2]}
+    full = {**weak, "strength": 1.0}
+    assert torch.equal(_guide_attention([weak, full], spans), torch.tensor([[[4.0, 0.7], [4.0, 1.0]]]))
+    assert _guide_attention([full, full], spans) is None
+    assert _guide_attention([weak, weak], None) is None and _guide_attention([], spans) is None
+    with pytest.raises(ValueError, match="count 4 tokens, the prompt's keyframe_idxs 8"):
+        _guide_attention([weak], spans)
+    with pytest.raises(ValueError, match="pixel mask"):
+        _guide_attention([weak, {**full, "pixel_mask": torch.ones(1, 1, 1, 64, 64)}], spans)
