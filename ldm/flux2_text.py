@@ -37,8 +37,8 @@ epsilon 1e-5. Files pruned to the 30 layers FLUX.2 reads (Comfy-Org's copies are
 by a missing layer 39, MISTRAL3_24B_PRUNED_FLUX2, and drops the final norm) give the same states; fewer are
 refused. Widths under 512 are Loom's tiny test models (`write_tiny_flux2_klein`, `write_tiny_flux2_mistral`: the real
 layouts; a tiny Mistral is told by its tekken tensor, a tiny Qwen3 runs as Qwen3-4B). Scaled fp8 and ComfyUI's fp8
-mixed-precision files are descaled as they load; packed formats (NVFP4: mistral_3_small_flux2_fp4_mixed) are
-refused. The models run on transformers' Qwen3Model and MistralModel.
+mixed-precision files are descaled as they load, and their NVFP4 and MXFP8 layers (mistral_3_small_flux2_fp4_mixed)
+dequantized one at a time (`ldm.quant_formats`). The models run on transformers' Qwen3Model and MistralModel.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
+from ldm.quant_formats import BLOCK_FORMATS, dequantizing
 from ldm.qwen3_text import QWEN3_4B_WIDTH, is_qwen3, qwen3_config_from_state_dict, token_ids, write_tiny_qwen3
 from ldm.qwen_text import ATTENTION_MASK, PAD_TOKEN, frozen_language_model
 from ldm.t5 import _check_quant_format, scaling_keys
@@ -185,7 +186,8 @@ def flux2_text_model(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) ->
     kind = KINDS[kind_name]
     for key in sd:
         if key.endswith(".comfy_quant"):
-            _check_quant_format(f"{name}: {key}", sd[key])
+            _check_quant_format(f"{name}: {key}", sd[key], BLOCK_FORMATS)
+    scales, sd = scaling_keys(sd), dequantizing(sd)  # NVFP4 / MXFP8 layers read one at a time, unpacked
     if kind_name == "mistral3_24b" and TEKKEN_KEY not in sd:
         raise CheckpointError(f"{name}: Mistral Small 3 without its tokenizer (no `{TEKKEN_KEY}` tensor, which "
                               "Comfy-Org's mistral_3_small_flux2 files hold); use one of those files")
@@ -198,7 +200,7 @@ def flux2_text_model(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype) ->
     # the deepest state read is the last layer's output, taken before the norm
     model, used = frozen_language_model(build, config, sd, name, dtype, what,
                                         prepare=lambda model: setattr(model, "norm", nn.Identity()))
-    return model, kind, used | _knowingly_unused(sd, depth) | ({TEKKEN_KEY} & sd.keys())
+    return model, kind, used | scales | _knowingly_unused(sd, depth) | ({TEKKEN_KEY} & sd.keys())
 
 
 def _unescaped(prompt: str) -> str:

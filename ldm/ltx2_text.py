@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
 from ldm.gemma_text import BOS, EOS, PAD, TOKENIZER_KEY, GemmaTokenizer, tiny_spiece_model
+from ldm.quant_formats import dequantizing
 from ldm.qwen_text import ATTENTION_MASK, load_prefixed
 from ldm.t5 import descale, scaling_keys
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
@@ -381,6 +382,7 @@ def ltx2_text_encoder_from_state_dicts(gemma_sd: Mapping[str, Tensor], ltx_sd: M
     """LTX-2's text encoder from Gemma 3's weights (gemma_3_12B_it.safetensors' layout, its tokenizer included) and
     LTX-2's (the checkpoint's, any part of it holding the projection, or a projection file's); the names name them
     in errors."""
+    gemma_sd = dequantizing(gemma_sd)  # Comfy-Org's gemma_3_12B_it_fp4_mixed: NVFP4 layers read one at a time
     model, used = gemma3_from_weights(gemma_sd, gemma_name, dtype)
     config = model.config
     vision, _ = gemma3_vision_from_weights(gemma_sd, gemma_name, dtype, config)

@@ -163,10 +163,14 @@ def load_prefixed(model: torch.nn.Module, sd: Mapping[str, Tensor], prefix: str,
     """Loads `model` (built on the meta device) from the weights of `sd` under `prefix`, in `dtype`, and returns the
     keys it read; a CheckpointError naming `name` (and the model, `what`) when some are missing or of the wrong
     shape."""
+    from ldm.quant_formats import dequantizing
+
+    sd = dequantizing(sd)  # NVFP4 / MXFP8 layers (ComfyUI's fp4_mixed files) dequantized one at a time as they load
+    shape_of = getattr(sd, "shape_of", lambda key: sd[key].shape)
     expected = model.state_dict()
     missing = [k for k in expected if prefix + k not in sd]
-    wrong = [f"{prefix}{k}: {tuple(sd[prefix + k].shape)}, expected {tuple(v.shape)}"
-             for k, v in expected.items() if prefix + k in sd and sd[prefix + k].shape != v.shape]
+    wrong = [f"{prefix}{k}: {tuple(shape_of(prefix + k))}, expected {tuple(v.shape)}"
+             for k, v in expected.items() if prefix + k in sd and shape_of(prefix + k) != v.shape]
     if missing:
         raise CheckpointError(f"{name}: {len(missing)} {what} weights missing, e.g. "
                               f"{[prefix + k for k in missing[:4]]}")

@@ -19,7 +19,6 @@ Prompt weights as ComfyUI applies them to T5: a token of weight w becomes ``z_em
 from __future__ import annotations
 
 import gzip
-import json
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -236,7 +235,10 @@ def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """The weights of a scaled fp8 file multiplied by their scales; other files as they are. Two spellings: ComfyUI's
     "scaled fp8" (a `scaled_fp8` marker, each weight with its `.scale_weight`) and its newer "mixed precision" files
     (each quantized layer's `.weight_scale` beside a `.comfy_quant` JSON tag naming the format; the other layers in
-    bf16). A per-tensor scale, or one per output row. Used for T5 and the diffusion transformers' loaders."""
+    bf16). A per-tensor scale, or one per output row; NVFP4 and MXFP8 layers of mixed files are dequantized from
+    their block scales (``ldm.quant_formats``), in float32. Used for T5 and the diffusion transformers' loaders."""
+    from ldm.quant_formats import BLOCK_FORMATS, block_layers, dequantized
+
     scales = {}
     for key, scale in sd.items():
         for suffix in (".scale_weight", ".weight_scale"):
@@ -246,8 +248,10 @@ def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         return sd
     for key in sd:
         if key.endswith(".comfy_quant"):
-            _check_quant_format(key, sd[key])
-    return {k: (descale(v, scales[k]) if k in scales and not v.is_meta else v) for k, v in sd.items()}
+            _check_quant_format(key, sd[key], BLOCK_FORMATS)
+    blocks = block_layers(sd)
+    return {k: dequantized(sd, k, blocks[k]) if k in blocks else
+            descale(v, scales[k]) if k in scales and not v.is_meta else v for k, v in sd.items()}
 
 
 def descale(weight: Tensor, scale: Tensor) -> Tensor:
@@ -262,24 +266,24 @@ def descale(weight: Tensor, scale: Tensor) -> Tensor:
 _PLAIN_QUANT = ("float8_e4m3fn", "float8_e5m2", "int8")
 
 
-def _check_quant_format(key: str, tag: Tensor) -> None:
-    """Refuse a layer whose ComfyUI quantization tag names a packed format (NVFP4, MXFP8 blocks) Loom cannot read."""
+def _check_quant_format(key: str, tag: Tensor, blocks: tuple[str, ...] = ()) -> None:
+    """Refuse a layer whose ComfyUI quantization tag names a format Loom cannot read here: any but the plain ones
+    and the block formats `blocks` (NVFP4, MXFP8: those `descaled_fp8` dequantizes)."""
     from ldm.checkpoint import CheckpointError
+    from ldm.quant_formats import tag_format
 
-    try:
-        fmt = str(json.loads(bytes(tag.to(torch.uint8).tolist()).decode()).get("format", ""))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return  # an unreadable tag: the layer's scale is applied as for any scaled weight
-    if fmt and fmt not in _PLAIN_QUANT and not fmt.startswith(_PLAIN_QUANT):
+    fmt = tag_format(tag)
+    if fmt and fmt not in blocks and not fmt.startswith(_PLAIN_QUANT):
+        readable = ", ".join(_PLAIN_QUANT + blocks)
         raise CheckpointError(f"{key.removesuffix('.comfy_quant')} is quantized as {fmt}, which Loom cannot read "
-                              f"(it reads {', '.join(_PLAIN_QUANT)} weights with their scales); use the model's "
-                              "bf16 or fp8 file")
+                              f"(it reads {readable} weights with their scales); use the model's bf16 or fp8 file")
 
 
 def scaling_keys(sd: Mapping[str, Tensor]) -> set[str]:
     """A scaled fp8 file's scales, quantization tags and marker, which `descaled_fp8` consumes (input scales serve fp8
     matmuls only, and Loom computes in the model dtype)."""
-    suffixes = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+    suffixes = (".scale_weight", ".scale_input", ".weight_scale", ".weight_scale_2", ".input_scale",
+                ".comfy_quant")
     return {k for k in sd if k.endswith(suffixes) or k == "scaled_fp8"}
 
 
