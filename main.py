@@ -425,10 +425,10 @@ PART_HELP = {
                       "all-in-one checkpoint of them", "diffusion_models/, text_encoders/, vae/ and checkpoints/ "
                       "(acestep_v1.5_turbo-tiny, qwen_0.6b_ace15-tiny, qwen_1.7b_ace15-tiny, ace_1.5_vae-tiny, "
                       "ace_step_1.5_turbo_aio-tiny)"),
-    "make-ltx2": ("the all-in-one checkpoint (audio-video transformer, video VAE, audio VAE, vocoder, text "
-                  "projection), Gemma 3 and the x2 latent upscaler", "checkpoints/, text_encoders/ and "
-                  "latent_upscale_models/ (ltx-2-19b-dev-tiny, gemma_3_12B_it-tiny, "
-                  "ltx-2-spatial-upscaler-x2-1.0-tiny)"),
+    "make-ltx2": ("the all-in-one checkpoints of LTX-2 and LTX-2.3 (audio-video transformer, video VAE, audio VAE, "
+                  "vocoder, text projection), Gemma 3 with its vision tower and the x2 latent upscaler",
+                  "checkpoints/, text_encoders/ and latent_upscale_models/ (ltx-2-19b-dev-tiny, "
+                  "ltx-2.3-22b-dev-tiny, gemma_3_12B_it-tiny, ltx-2-spatial-upscaler-x2-1.0-tiny)"),
 }
 
 

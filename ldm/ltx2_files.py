@@ -31,7 +31,7 @@ from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.flux_presets import distinct_random_
-from ldm.ltx2 import LTX2Config, LTX2Model, config_from_state_dict, is_ltx2, tiny_config
+from ldm.ltx2 import LTX2Config, LTX2Model, config_from_state_dict, is_ltx2, tiny_config, tiny_config_23
 from ldm.ltx2_audio import (
     VAE_PREFIX as AUDIO_VAE_PREFIX,
 )
@@ -277,21 +277,32 @@ TINY_AUDIO_VAE = AudioVAEConfig(base_channels=16, ch_mult=(1, 2, 4), num_res_blo
 TINY_VOCODER = VocoderConfig(vocoder=GeneratorConfig(initial_channels=64, resblock_kernel_sizes=(3,),
                                                      resblock_dilations=((1, 3, 5),)))
 # What the weights do not tell, as Lightricks' header states it (ComfyUI reads the same).
-TINY_HEADER = {"transformer": {"num_attention_heads": TINY_LTX2.num_heads,
-                               "audio_num_attention_heads": TINY_LTX2.audio_num_heads,
-                               "connector_num_attention_heads": TINY_LTX2.connector_heads,
-                               "audio_connector_num_attention_heads": TINY_LTX2.audio_connector_heads},
-               "audio_vae": {"model": {"params": {"ddconfig": {"mel_bins": 64, "causality_axis": "height"},
+TINY_HEADER = {"audio_vae": {"model": {"params": {"ddconfig": {"mel_bins": 64, "causality_axis": "height"},
                                                   "preprocessing": {"stft": {"hop_length": 160,
                                                                              "filter_length": 1024}}}},
                              "sampling_rate": 16000},
                "vocoder": {"upsample_rates": [6, 5, 2, 2, 2], "resblock_dilation_sizes": [[1, 3, 5]]}}
 
 
+# LTX-2.3's layout at the same size: gated attention, modulated prompts, no caption projections (the connectors as
+# wide as the streams), a BigVGAN vocoder with its bandwidth extension (16 kHz mel -> 48 kHz).
+TINY_LTX23 = tiny_config_23(in_channels=128, out_channels=128)
+TINY_VOCODER_23 = VocoderConfig(
+    vocoder=GeneratorConfig(initial_channels=64, upsample_rates=(5, 2, 2, 2, 2, 2), resblock_kernel_sizes=(3,),
+                            upsample_kernel_sizes=(11, 4, 4, 4, 4, 4), resblock_dilations=((1, 3, 5),),
+                            bigvgan=True, final="clamp", final_bias=False),
+    bwe=GeneratorConfig(initial_channels=32, upsample_rates=(6, 5, 2, 2, 2), upsample_kernel_sizes=(12, 11, 4, 4, 4),
+                        resblock_kernel_sizes=(3,), resblock_dilations=((1, 3, 5),), bigvgan=True, final="none",
+                        final_bias=False),
+    sample_rate=48000)
+
+
 def write_tiny_ltx2(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16,
-                    config: LTX2Config = TINY_LTX2, projection: StateDict | None = None) -> Path:
-    """A tiny random all-in-one LTX-2 file: transformer, video VAE, audio VAE, vocoder, header, and the text
-    projection `projection` (`ldm.ltx2_text.tiny_projection_state`) if given. The videos it makes are noise."""
+                    config: LTX2Config = TINY_LTX2, projection: StateDict | None = None,
+                    vocoder: VocoderConfig = TINY_VOCODER) -> Path:
+    """A tiny random all-in-one LTX-2 file (LTX-2.3's with `TINY_LTX23` and `TINY_VOCODER_23`): transformer, video
+    VAE, audio VAE, vocoder, header, and the text projection `projection` (`ldm.ltx2_text.tiny_projection_state`,
+    or LTX-2.3's two) if given. The videos it makes are noise."""
     from ldm.ltxv_vae import LTXVVAE
     from ldm.ltxv_vae import TINY_LTX2 as TINY_VIDEO_VAE
 
@@ -299,18 +310,24 @@ def write_tiny_ltx2(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.
     parts = {UNET_PREFIX: distinct_random_(LTX2Model(config).eval(), seed, norm_scales=("norm.weight",)),
              VAE_PART: distinct_random_(LTXVVAE(TINY_VIDEO_VAE).eval(), seed + 1),
              AUDIO_VAE_PREFIX: distinct_random_(LTX2AudioVAE(TINY_AUDIO_VAE).eval(), seed + 2),
-             VOCODER_PREFIX: distinct_random_(LTX2Vocoder(TINY_VOCODER).eval(), seed + 3)}
+             VOCODER_PREFIX: distinct_random_(LTX2Vocoder(vocoder).eval(), seed + 3)}
     tensors: StateDict = {}
     for prefix, module in parts.items():
         for key, value in module.state_dict().items():
-            if prefix == VOCODER_PREFIX:
+            if prefix == VOCODER_PREFIX and vocoder.bwe is None:
                 key = key.removeprefix("vocoder.")  # LTX-2's lone generator sits under `vocoder.` in the file
             tensors[prefix + key] = value
     for stats in ("per_channel_statistics.std-of-means",):  # positive spreads, as trained statistics are
         for prefix in (VAE_PART, AUDIO_VAE_PREFIX):
             tensors[prefix + stats] = tensors[prefix + stats].abs() + 0.5
     tensors |= projection or {}
-    write_safetensors(tensors, path, {"config": json.dumps(TINY_HEADER), "loom.seed": str(seed)}, dtype)
+    header = {**TINY_HEADER, "transformer": {"num_attention_heads": config.num_heads,
+                                             "audio_num_attention_heads": config.audio_num_heads,
+                                             "connector_num_attention_heads": config.connector_heads,
+                                             "audio_connector_num_attention_heads": config.audio_connector_heads}}
+    if vocoder.bwe is not None:
+        header["vocoder"] = {}  # the released strides, known by their kernels
+    write_safetensors(tensors, path, {"config": json.dumps(header), "loom.seed": str(seed)}, dtype)
     return path
 
 
@@ -319,20 +336,28 @@ TINY_GEMMA_WIDTH, TINY_GEMMA_LAYERS = 32, 3
 
 def make_ltx2_files(models_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
     """Tiny random LTX-2 files in the model folders under `models_dir`, named like Lightricks' and Comfy-Org's with
-    `-tiny`: the all-in-one checkpoint (its text projection included), Gemma 3 and the x2 latent upscaler; returns
-    each file's path by part. Their videos and sounds are noise."""
+    `-tiny`: the all-in-one checkpoints of LTX-2 and LTX-2.3 (their text projections included), Gemma 3 (with its
+    vision tower) and the x2 latent upscaler; returns each file's path by part. Their videos and sounds are noise."""
     from ldm.ltx2_text import tiny_projection_state, write_tiny_gemma3
     from ldm.ltx2_upsampler import LatentUpsampler, LatentUpsamplerConfig
 
     models_dir = Path(models_dir)
     paths = {"checkpoint": models_dir / "checkpoints" / "ltx-2-19b-dev-tiny.safetensors",
+             "checkpoint_23": models_dir / "checkpoints" / "ltx-2.3-22b-dev-tiny.safetensors",
              "text_encoder": models_dir / "text_encoders" / "gemma_3_12B_it-tiny.safetensors",
              "upscaler": models_dir / "latent_upscale_models" / "ltx-2-spatial-upscaler-x2-1.0-tiny.safetensors"}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     projection = tiny_projection_state(seed, TINY_GEMMA_WIDTH, TINY_GEMMA_LAYERS, TINY_LTX2.caption_channels)
     write_tiny_ltx2(paths["checkpoint"], seed, dtype, projection=projection)
-    write_tiny_gemma3(paths["text_encoder"], seed + 4, dtype, TINY_GEMMA_WIDTH, TINY_GEMMA_LAYERS)
+    widths = {"video": TINY_LTX23.connector_dim, "audio": TINY_LTX23.audio_connector_dim}
+    dual = {}
+    for i, (part, width) in enumerate(widths.items()):  # LTX-2.3's two projections, with their biases
+        [weight] = tiny_projection_state(seed + 6 + i, TINY_GEMMA_WIDTH, TINY_GEMMA_LAYERS, width).values()
+        dual |= {f"{PROJECTION_PREFIX}{part}_aggregate_embed.weight": weight,
+                 f"{PROJECTION_PREFIX}{part}_aggregate_embed.bias": torch.zeros(width)}
+    write_tiny_ltx2(paths["checkpoint_23"], seed + 7, dtype, TINY_LTX23, dual, TINY_VOCODER_23)
+    write_tiny_gemma3(paths["text_encoder"], seed + 4, dtype, TINY_GEMMA_WIDTH, TINY_GEMMA_LAYERS, vision=True)
     upsampler = LatentUpsamplerConfig(mid_channels=32, blocks_per_stage=1, rational=True)
     weights = distinct_random_(LatentUpsampler(upsampler).eval(), seed + 5).state_dict()
     write_safetensors(weights, paths["upscaler"], {"config": json.dumps({"spatial_scale": 2.0})}, dtype)

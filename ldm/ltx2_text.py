@@ -15,7 +15,8 @@ positions divided by 8). The shape is read from the weights. Scaled fp8 files ar
 (ltx-2-19b-dev.safetensors and its variants) gives the feature extractor's linear map alone:
 ``text_embedding_projection.aggregate_embed.weight`` [3840, 3840 * 49] (and a ``.bias`` if a file has one); Comfy-Org's
 split projection files name it ``text_embedding_projection.weight``. Only those keys are read from it. LTX-2.3's
-per-modality maps (``video_aggregate_embed`` / ``audio_aggregate_embed``) are refused.
+per-modality maps (``video_aggregate_embed`` / ``audio_aggregate_embed``, with biases) take the states RMS-normed per
+token instead (`DualProjection`); their two outputs go side by side to the transformer's connectors.
 
 Tokenizer (ComfyUI's Gemma3_12BTokenizer): the file's sentencepiece model, `<bos>` (2) first, no end token, no chat
 template (CLIPTextEncode tokenizes the prompt as written), and no prompt weights (ComfyUI disables them: brackets and
@@ -289,17 +290,26 @@ def gemma3_vision_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch
     return model, used | {k for k in scaling_keys(sd) if k.startswith((VISION_PREFIX, PROJECTOR_PREFIX))}
 
 
-def projection_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype,
-                            in_features: int) -> tuple[nn.Linear, set[str]]:
-    """The feature extractor's linear map (`in_features` = width * (layers + 1) of the Gemma it follows) from an LTX-2
-    checkpoint's or projection file's weights, frozen, in `dtype`, and the keys it used."""
-    if _DUAL_PROJECTION in sd:
-        raise CheckpointError(f"{name}: LTX-2.3's per-modality text projection (video_aggregate_embed / "
-                              "audio_aggregate_embed), which Loom does not run; " + _NEEDS)
-    prefix = next((p for p in PROJECTION_KEYS if p + "weight" in sd), None)
-    if prefix is None:
-        raise CheckpointError(f"{name}: no LTX-2 text projection (`{PROJECTION_KEYS[0]}weight` or "
-                              f"`{PROJECTION_KEYS[1]}weight`); {_NEEDS}")
+class DualProjection(nn.Module):
+    """LTX-2.3's feature extractor: each layer's states RMS-normed per token over the width, laid out [B, L, D *
+    layers] (feature c * layers + layer), then projected to each stream's width, the input scaled by sqrt(that width /
+    D) (ComfyUI's; diffusers' LTX2TextConnectors with per_modality_projections); the video's and the audio's features
+    side by side [B, L, Dv + Da], which the transformer's connectors take apart."""
+
+    def __init__(self, video: nn.Linear, audio: nn.Linear, width: int):
+        super().__init__()
+        self.video_aggregate_embed, self.audio_aggregate_embed, self.width = video, audio, width
+
+    def forward(self, stacked: Tensor) -> Tensor:
+        """[B, layers, L, D] states of a prompt's tokens -> [B, L, Dv + Da]."""
+        x = stacked.float().movedim(1, -1)  # [B, L, D, layers]
+        x = (x * torch.rsqrt(x.pow(2).mean(dim=2, keepdim=True) + 1e-6)).flatten(2)
+        x = x.to(self.video_aggregate_embed.weight.dtype)
+        return torch.cat([linear(x * math.sqrt(linear.out_features / self.width))
+                          for linear in (self.video_aggregate_embed, self.audio_aggregate_embed)], dim=-1)
+
+
+def _linear(sd: Mapping[str, Tensor], prefix: str, dtype: torch.dtype, in_features: int, name: str) -> nn.Linear:
     weight = sd[prefix + "weight"]
     if weight.ndim != 2 or weight.shape[1] != in_features:
         raise CheckpointError(f"{name}: its text projection {tuple(weight.shape)} does not take the Gemma's "
@@ -312,8 +322,29 @@ def projection_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dt
     if bias:
         tensors["bias"] = sd[prefix + "bias"].to(dtype)
     linear.load_state_dict(tensors, assign=True)
-    used = {prefix + "weight", prefix + "bias"} & set(sd)
-    return linear.requires_grad_(False), used | {k for k in scaling_keys(sd) if k.startswith(prefix)}
+    return linear.requires_grad_(False)
+
+
+def projection_from_weights(sd: Mapping[str, Tensor], name: str, dtype: torch.dtype, width: int,
+                            layers: int) -> tuple[nn.Module, set[str]]:
+    """The feature extractor's projection (of the `width` * `layers` states of the Gemma it follows) from an
+    LTX-2 checkpoint's or projection file's weights, frozen, in `dtype`, and the keys it used: LTX-2's one linear map
+    (its input normalised by `normalized_features`), or LTX-2.3's `DualProjection`."""
+    if _DUAL_PROJECTION in sd:
+        prefixes = tuple(f"{PROJECTION_KEYS[1]}{part}_aggregate_embed." for part in ("video", "audio"))
+        if prefixes[1] + "weight" not in sd:
+            raise CheckpointError(f"{name}: LTX-2.3's video text projection without its audio one "
+                                  f"(`{prefixes[1]}weight`)")
+        video, audio = (_linear(sd, p, dtype, width * layers, name) for p in prefixes)
+        module: nn.Module = DualProjection(video, audio, width)
+    else:
+        prefix = next((p for p in PROJECTION_KEYS if p + "weight" in sd), None)
+        if prefix is None:
+            raise CheckpointError(f"{name}: no LTX-2 text projection (`{PROJECTION_KEYS[0]}weight` or "
+                                  f"`{PROJECTION_KEYS[1]}weight`); {_NEEDS}")
+        prefixes, module = (prefix,), _linear(sd, prefix, dtype, width * layers, name)
+    used = {p + suffix for p in prefixes for suffix in ("weight", "bias")} & set(sd)
+    return module, used | {k for k in scaling_keys(sd) if k.startswith(prefixes)}
 
 
 class LTX2TextEncoder(PinnableTextEncoder):
@@ -364,8 +395,10 @@ class LTX2TextEncoder(PinnableTextEncoder):
         states = self.gemma3_12b(input_ids=padded.to(device), attention_mask=mask.to(device),
                                  output_hidden_states=True).hidden_states
         stacked = torch.stack([s[:, -len(ids):] for s in states], dim=1)  # [1, layers + 1, tokens, D]
-        weight = self.text_embedding_projection.weight
-        return self.text_embedding_projection(normalized_features(stacked).to(weight.dtype))[0].float()
+        projection = self.text_embedding_projection
+        if isinstance(projection, DualProjection):  # LTX-2.3's: it normalises its input itself
+            return projection(stacked)[0].float()
+        return projection(normalized_features(stacked).to(projection.weight.dtype))[0].float()
 
 
 @dataclass
@@ -386,8 +419,7 @@ def ltx2_text_encoder_from_state_dicts(gemma_sd: Mapping[str, Tensor], ltx_sd: M
     model, used = gemma3_from_weights(gemma_sd, gemma_name, dtype)
     config = model.config
     vision, _ = gemma3_vision_from_weights(gemma_sd, gemma_name, dtype, config)
-    projection, _ = projection_from_weights(ltx_sd, ltx_name, dtype,
-                                            config.hidden_size * (config.num_hidden_layers + 1))
+    projection, _ = projection_from_weights(ltx_sd, ltx_name, dtype, config.hidden_size, config.num_hidden_layers + 1)
     tokenizer = GemmaTokenizer.from_tensor(gemma_sd[TOKENIZER_KEY])
     unused = sorted(f"{gemma_name}: {k}" for k in gemma_sd if k not in used)
     encoder = LTX2TextEncoder(model, projection, tokenizer, vision=vision)

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import LTX2Pipeline
-from diffusers.pipelines.ltx2.connectors import per_layer_masked_mean_norm
+from diffusers.pipelines.ltx2.connectors import per_layer_masked_mean_norm, per_token_rms_norm
 from transformers import Gemma3TextConfig, Gemma3TextModel
 from transformers import GemmaTokenizer as HFGemmaTokenizer
 
@@ -97,6 +97,35 @@ def test_features_match_diffusers_pipeline(encoder, reference, hf_tokenizer, pro
         assert mask[i, :n].all() and theirs[i, -n:].abs().max() > 0.1
         assert (ours.cond[i, :n] - theirs[i, -n:]).abs().max() < 1e-5
         assert not ours.cond[i, n:].any()  # zeros after the prompt
+
+
+def test_ltx23_projection_matches_diffusers(state, reference, hf_tokenizer):
+    """LTX-2.3's per-modality projection (video_aggregate_embed / audio_aggregate_embed, with biases) as diffusers'
+    LTX2TextConnectors(per_modality_projections=True) runs it: per-token RMS norm, each stream's scaled input, the two
+    side by side (< 1e-5)."""
+    g = torch.Generator().manual_seed(5)
+    features, widths = HIDDEN * (LAYERS + 1), {"video": 48, "audio": 24}
+    keys = {part: f"text_embedding_projection.{part}_aggregate_embed." for part in widths}
+    dual = {}
+    for part, width in widths.items():
+        dual[keys[part] + "weight"] = torch.randn(width, features, generator=g) / features**0.5
+        dual[keys[part] + "bias"] = torch.randn(width, generator=g) / 10
+    encoder = ltx2_text_encoder_from_state_dicts(state, dual, "gemma_3_12B_it.safetensors",
+                                                 "ltx-2.3-22b-dev.safetensors").encoder
+    pipe = LTX2Pipeline(scheduler=None, vae=None, audio_vae=None, text_encoder=reference, tokenizer=hf_tokenizer,
+                        connectors=None, transformer=None, vocoder=None)
+    with torch.no_grad():
+        embeds, mask = pipe._get_gemma_prompt_embeds(PROMPTS, max_sequence_length=MIN_LENGTH, device="cpu",
+                                                     dtype=torch.float32)
+        normed = per_token_rms_norm(embeds.unflatten(2, (HIDDEN, -1))).flatten(2, 3)
+        normed = torch.where(mask.bool().unsqueeze(-1), normed, torch.zeros_like(normed))
+        theirs = torch.cat([F.linear(normed * (width / HIDDEN) ** 0.5, dual[keys[part] + "weight"],
+                                     dual[keys[part] + "bias"]) for part, width in widths.items()], dim=-1)
+        ours = encoder.encode(PROMPTS)
+    assert ours.cond.shape[-1] == 72
+    for i in range(len(PROMPTS)):
+        n = int(ours.extra["attention_mask"][i].sum())
+        assert (ours.cond[i, :n] - theirs[i, -n:]).abs().max() < 1e-5
 
 
 def test_prompts_are_encoded_one_by_one(encoder):
@@ -188,8 +217,8 @@ def test_refusals(state, projection):
         ltx2_text_encoder_from_state_dicts(tiny_gemma_state(), projection, "gemma_2.safetensors")
     with pytest.raises(CheckpointError, match="ltx.safetensors: no LTX-2 text projection"):
         ltx2_text_encoder_from_state_dicts(state, {"model.diffusion_model.x": torch.zeros(1)}, "g", "ltx.safetensors")
-    dual = {"text_embedding_projection.video_aggregate_embed.weight": torch.zeros(4, 4)}
-    with pytest.raises(CheckpointError, match="LTX-2.3's per-modality"):
+    dual = {"text_embedding_projection.video_aggregate_embed.weight": torch.zeros(4, HIDDEN * (LAYERS + 1))}
+    with pytest.raises(CheckpointError, match="LTX-2.3's video text projection without its audio one"):
         ltx2_text_encoder_from_state_dicts(state, dual)
     narrow = tiny_projection_state(hidden=HIDDEN, layers=LAYERS - 1)
     with pytest.raises(CheckpointError, match=r"does not take the Gemma's 224 features"):

@@ -230,3 +230,17 @@ def test_ksampler_with_model_sampling_ltxv_samples_both_parts(base) -> None:
     assert after["samples"].shape == before["samples"].shape
     assert after["audio_samples"].shape == before["audio_samples"].shape
     assert after["audio_samples"].abs().max() > 0 and torch.isfinite(after["audio_samples"]).all()
+
+
+def test_an_ltx23_checkpoint_runs_the_same_graph(base) -> None:
+    """LTX-2.3's layout (gated attention, modulated prompts, the per-modality text projection, the BigVGAN vocoder
+    with its bandwidth extension) through the same nodes: 48 kHz stereo."""
+    engine, files = base
+    doc = workflow(files)
+    for node in ("1", "2", "3"):
+        doc[node]["inputs"]["ckpt_name"] = files["checkpoint_23"].name
+    result = run(engine, doc, ["14", "17"])
+    assert result.ok, result.error
+    sound = result.values["17"][0]
+    assert sound["sample_rate"] == 48000 and sound["waveform"].shape[:2] == (1, 2)
+    assert torch.isfinite(result.values["14"][0]["samples"]).all()
