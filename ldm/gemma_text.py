@@ -288,20 +288,26 @@ def tiny_spiece_model(vocab_size: int = 320) -> bytes:
 def tiny_gemma_state(seed: int = 0, hidden: int = 32, layers: int = 3) -> dict[str, Tensor]:
     """Random Gemma 2 weights in ComfyUI's layout with a tiny tokenizer (`tiny_spiece_model`) as `spiece_model`: a
     language model `hidden` wide (4 heads of hidden // 2, 2 key/value heads, MLP 2 * hidden; `tiny_head_dim`)."""
+    return tiny_gemma_language_model(torch.Generator().manual_seed(seed), hidden, tiny_head_dim(hidden), layers)
+
+
+def tiny_gemma_language_model(generator: torch.Generator, hidden: int, head: int, layers: int,
+                              qk_norms: bool = False) -> dict[str, Tensor]:
+    """Random Gemma weights drawn from `generator` (Gemma 2's layers, Gemma 3's with `qk_norms`), the tiny tokenizer
+    as `spiece_model`: `hidden` wide, 4 heads of `head` and 2 key/value heads, MLP 2 * hidden."""
+    import sentencepiece
+
     tokenizer = tiny_spiece_model()
-    generator = torch.Generator().manual_seed(seed)
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=tokenizer).get_piece_size()
 
     def rand(*shape: int) -> Tensor:
         return torch.randn(shape, generator=generator) * 0.1
 
-    import sentencepiece
-
-    vocab = sentencepiece.SentencePieceProcessor(model_proto=tokenizer).get_piece_size()
-    head = tiny_head_dim(hidden)
+    norms = {"self_attn.q_norm.weight": (head,), "self_attn.k_norm.weight": (head,)} if qk_norms else {}
     shapes = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
               "pre_feedforward_layernorm.weight": (hidden,), "post_feedforward_layernorm.weight": (hidden,),
               "self_attn.q_proj.weight": (4 * head, hidden), "self_attn.k_proj.weight": (2 * head, hidden),
-              "self_attn.v_proj.weight": (2 * head, hidden), "self_attn.o_proj.weight": (hidden, 4 * head),
+              "self_attn.v_proj.weight": (2 * head, hidden), "self_attn.o_proj.weight": (hidden, 4 * head), **norms,
               "mlp.gate_proj.weight": (2 * hidden, hidden), "mlp.up_proj.weight": (2 * hidden, hidden),
               "mlp.down_proj.weight": (hidden, 2 * hidden)}
     # Gemma's norms scale by 1 + weight: weights near 0, as trained ones are small

@@ -80,7 +80,7 @@ from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import CheckpointError, write_safetensors
-from ldm.gemma_text import BOS, EOS, PAD, TOKENIZER_KEY, GemmaTokenizer, tiny_spiece_model
+from ldm.gemma_text import BOS, EOS, PAD, TOKENIZER_KEY, GemmaTokenizer, tiny_gemma_language_model
 from ldm.quant_formats import dequantizing
 from ldm.qwen_text import ATTENTION_MASK, load_prefixed
 from ldm.t5 import descale, scaling_keys
@@ -451,28 +451,8 @@ def tiny_gemma3_state(seed: int = 0, hidden: int = 32, layers: int = 3, vision: 
     `spiece_model`: a language model `hidden` wide, 4 heads of hidden // 2, 2 key/value heads, MLP 2 * hidden; with
     `vision`, also a tiny vision tower and projector (`tiny_gemma3_vision_state`, drawn after the language model, whose
     weights stay those drawn without)."""
-    import sentencepiece
-
-    tokenizer = tiny_spiece_model()
-    vocab = sentencepiece.SentencePieceProcessor(model_proto=tokenizer).get_piece_size()
     generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> Tensor:
-        return torch.randn(shape, generator=generator) * 0.1
-
-    head = hidden // 2
-    shapes = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-              "pre_feedforward_layernorm.weight": (hidden,), "post_feedforward_layernorm.weight": (hidden,),
-              "self_attn.q_proj.weight": (4 * head, hidden), "self_attn.k_proj.weight": (2 * head, hidden),
-              "self_attn.v_proj.weight": (2 * head, hidden), "self_attn.o_proj.weight": (hidden, 4 * head),
-              "self_attn.q_norm.weight": (head,), "self_attn.k_norm.weight": (head,),
-              "mlp.gate_proj.weight": (2 * hidden, hidden), "mlp.up_proj.weight": (2 * hidden, hidden),
-              "mlp.down_proj.weight": (hidden, 2 * hidden)}
-    # Gemma's norms scale by 1 + weight: weights near 0, as trained ones are small
-    state = {_EMBED: rand(vocab, hidden), "model.norm.weight": rand(hidden)}
-    for i in range(layers):
-        state |= {f"model.layers.{i}.{name}": rand(*shape) for name, shape in shapes.items()}
-    state[TOKENIZER_KEY] = torch.frombuffer(bytearray(tokenizer), dtype=torch.uint8)
+    state = tiny_gemma_language_model(generator, hidden, hidden // 2, layers, qk_norms=True)
     return state | (tiny_gemma3_vision_state(generator, hidden) if vision else {})
 
 
