@@ -138,9 +138,9 @@ _STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "
 # Those of them that also sample rectified-flow models (Flux, SD3), as ComfyUI's do for its CONST models: they
 # take `flow=True` and re-noise a flow latent its own way; the SDE ones step in its half-log-SNR, which is
 # infinite at sigma 1, so they start just below it (ComfyUI's offset_first_sigma_for_snr).
-_FLOW_STOCHASTIC = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-                    "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm", "seeds_2", "seeds_3", "exp_heun_2_x0_sde",
-                    "sa_solver", "sa_solver_pece", "er_sde"}
+_FLOW_STOCHASTIC = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm", "seeds_2", "seeds_3",
+                    "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece", "er_sde"}
 # exp_heun_2_x0 adds no noise but shares SEEDS-2's steps in the half-log-SNR, so it takes `flow` too.
 _FLOW_SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "seeds_2", "seeds_3", "exp_heun_2_x0",
              "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece", "er_sde"}

@@ -64,18 +64,29 @@ def sample_euler_cfg_pp(model: Model, x: Tensor, sigmas: Tensor, extra_args: dic
 def sample_euler_ancestral_cfg_pp(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                                   callback: Callback = None, disable: bool | None = None, eta: float = 1.0,
                                   s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
-                                  uncond: UncondCapture | None = None) -> Tensor:
-    """CFG++ with ancestral Euler steps: down to sigma_down along the unconditional noise, then fresh noise
-    of sigma_up."""
+                                  uncond: UncondCapture | None = None, flow: bool = False) -> Tensor:
+    """CFG++ with ancestral Euler steps, as ComfyUI writes them in the half-log-SNR: with alpha the signal's scale (1;
+    1 - sigma for a rectified-flow latent, `flow`), down to alpha_t sigma_down along the unconditional noise
+    (x - alpha_s x0_uncond) / sigma, the ancestral step taken between sigma / alpha, then fresh noise of alpha_t
+    sigma_up."""
     noise_sampler = noise_sampler or unseeded_noise_sampler(x)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = _call(model, x, s[i], extra_args)
         _report(callback, i, x, s[i], s[i], denoised)
-        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
-        x = denoised + (x - _uncond(uncond)) * (sigma_down / s[i])
-        if s[i + 1] > 0:
-            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+        if s[i + 1] == 0:
+            x = denoised
+            continue
+        alpha_s, alpha_t = (1 - s[i], 1 - s[i + 1]) if flow else (1.0, 1.0)
+        d = (x - alpha_s * _uncond(uncond)) / s[i]
+        if alpha_s > 0:
+            sigma_down, sigma_up = get_ancestral_step(s[i] / alpha_s, s[i + 1] / alpha_t, eta)
+        else:  # from pure noise (a flow's sigma 1: an infinite sigma / alpha), the whole step is noise at eta 1
+            sigma_up = min(1.0, eta) * s[i + 1] / alpha_t
+            sigma_down = (max((s[i + 1] / alpha_t) ** 2 - sigma_up**2, 0.0)) ** 0.5
+        x = alpha_t * denoised + (alpha_t * sigma_down) * d
+        if eta > 0 and s_noise > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * (alpha_t * s_noise * sigma_up)
     return x
 
 

@@ -253,7 +253,7 @@ def test_flux_euler_ancestral_run_is_reproducible_and_at_eta_0_is_euler() -> Non
 
 @pytest.mark.parametrize("sampler_name", ["dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
                                           "dpmpp_2m_sde_gpu",
-                                          "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm"])
+                                          "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm", "euler_ancestral_cfg_pp"])
 def test_flux_runs_with_rf_samplers(sampler_name: str) -> None:
     """The SDE ones start at sigma 1, where the flow's log-SNR is infinite: they begin just below it, as ComfyUI's."""
     out = flux_run(sampler_name, 11)
@@ -261,7 +261,7 @@ def test_flux_runs_with_rf_samplers(sampler_name: str) -> None:
     assert torch.equal(out, flux_run(sampler_name, 11))
 
 
-@pytest.mark.parametrize("sampler_name", ["euler_ancestral_cfg_pp", "res_multistep_ancestral", "ddpm"])
+@pytest.mark.parametrize("sampler_name", ["res_multistep_ancestral", "ddpm"])
 def test_samplers_without_a_flow_form_are_refused(sampler_name: str) -> None:
     with pytest.raises(ValueError, match=f"{sampler_name} adds noise as SD models take it.*euler_ancestral"):
         flux_run(sampler_name, 0)

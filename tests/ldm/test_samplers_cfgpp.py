@@ -55,6 +55,25 @@ def test_euler_cfg_pp_alternative_one_step_by_hand_and_euler_when_the_prediction
                                samplers.sample_euler(agreeing, x, SIGMAS))
 
 
+def test_euler_ancestral_cfg_pp_on_a_flow_latent_one_step_by_hand():
+    """ComfyUI's half-log-SNR form with a rectified flow's alpha = 1 - sigma (lambda = log((1 - s) / s), alpha =
+    s e^lambda): x' = a_t x0 + a_t s_down (x - a_s x0_uncond) / s + a_t s_up n, the ancestral step between s / a."""
+    model, capture = _model(0.2)
+    x, noise = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    s0, s1 = 0.8, 0.5
+    out = sample_euler_ancestral_cfg_pp(model, x, torch.tensor([s0, s1]), uncond=capture, flow=True,
+                                        noise_sampler=lambda a, b: noise)
+    a0, a1 = (s * torch.tensor((1 - s) / s).log().exp().item() for s in (s0, s1))
+    t0, t1 = s0 / a0, s1 / a1
+    up = min(t1, (t1**2 * (t0**2 - t1**2) / t0**2) ** 0.5)
+    down = (t1**2 - up**2) ** 0.5
+    denoised = 0.5 * x + 0.1 * torch.sin(x)
+    expected = a1 * denoised + a1 * down * (x - a0 * 0.2 * x) / s0 + a1 * up * noise
+    assert torch.allclose(out, expected, atol=1e-6)
+    last = sample_euler_ancestral_cfg_pp(model, x, torch.tensor([s0, 0.0]), uncond=capture, flow=True)
+    assert torch.equal(last, denoised)  # the last step lands on the guided prediction
+
+
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m"])
 def test_cfg_pp_with_the_guided_prediction_as_unconditional_is_the_plain_sampler(name):
     model, capture = _model(None)
