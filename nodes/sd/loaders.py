@@ -427,6 +427,10 @@ class LoraLoader(Node):
         check_lora_family(lora, model.family.name)
         unmatched = unmatched_lora_keys(lora, model.unet, clip.encoder)
         if len(unmatched) == len([k for keys in lora.sources.values() for k in keys]) + len(lora.unknown_keys):
+            if takes_no_lora(clip.encoder):  # e.g. Comfy-Org's Gemma 3 LoRA for LTX-2's text encoder
+                raise LoraError(f"{lora_name} patches no layer of this model ({model.family.name.upper()}); if it "
+                                f"is a LoRA for its text encoder ({clip.source}), Loom applies none to that encoder "
+                                "yet: bypass the LoraLoader node to run without it")
             raise LoraError(f"{lora_name} patches no layer of this model ({model.family.name.upper()}): it is a "
                             "LoRA for another kind of model")
         left = sorted(set(unmatched) - {k for keys in lora.incomplete.values() for k in keys})
