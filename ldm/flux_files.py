@@ -94,7 +94,7 @@ def load_flux_unet(path: str | Path, device: torch.device | str = "cpu", dtype: 
     if not (is_flux(sd) or is_flux(sd, UNET_PREFIX)):
         raise CheckpointError(f"{path.name}: not a Flux diffusion model (no double_blocks / img_in weights in "
                               "Black Forest Labs' layout)")
-    weights = dict(descaled_fp8(flux_weights(sd)))
+    weights = descaled_fp8(flux_weights(sd))
     metadata = dit_metadata(path)
     try:
         family = flux_family(weights, metadata)

@@ -85,6 +85,8 @@ class LTX2Denoiser(nn.Module):
     being the mask times the step's."""
 
     cuda_graphs_safe = False  # called with a list of parts, which a graph replay does not take
+    # fp8 weights (--weights-dtype fp8) for the blocks alone, as Lightricks' fp8 files keep the rest in bf16
+    fp8_keep = r"^model\.(?!transformer_blocks\.)"
 
     def __init__(self, model: LTX2Model):
         super().__init__()
@@ -195,7 +197,7 @@ def load_ltx2_unet(path: str | Path, device: torch.device | str = "cpu",
     sd = read_part(path, (prefix,)) if prefix else ckpt.load_state_dict(path)
     metadata = ckpt.read_metadata(path)
     family = ltx2_family(sd, metadata, _statistics(path, shapes) if shapes is not None else None, path.name)
-    weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
+    weights = descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
     model = ckpt._materialize(lambda: LTX2Model(family.unet_config), weights, "LTX-2 transformer", path, device,
                               dtype)
     expected, skipped = set(model.state_dict()), set(scaling_keys(sd))

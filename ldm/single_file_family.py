@@ -73,7 +73,7 @@ class SingleFileFamily(Generic[F]):
             raise CheckpointError(f"{path.name}: {refusal(sd)}")
         metadata = ckpt.read_metadata(path)
         family = self.family(sd, metadata, path.name)
-        weights = dict(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
+        weights = descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         model = ckpt._materialize(lambda: build(family), weights, what, path, device, dtype)
         expected = set(model.state_dict())
         skipped = {*scaling_keys(sd), *ignored(sd, prefix)}

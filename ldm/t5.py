@@ -237,7 +237,7 @@ def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     (each quantized layer's `.weight_scale` beside a `.comfy_quant` JSON tag naming the format; the other layers in
     bf16). A per-tensor scale, or one per output row; NVFP4 and MXFP8 layers of mixed files are dequantized from
     their block scales (``ldm.quant_formats``), in float32. Used for T5 and the diffusion transformers' loaders."""
-    from ldm.quant_formats import BLOCK_FORMATS, block_layers, dequantized
+    from ldm.quant_formats import BLOCK_FORMATS, block_layers
 
     scales = {}
     for key, scale in sd.items():
@@ -249,9 +249,32 @@ def descaled_fp8(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     for key in sd:
         if key.endswith(".comfy_quant"):
             _check_quant_format(key, sd[key], BLOCK_FORMATS)
-    blocks = block_layers(sd)
-    return {k: dequantized(sd, k, blocks[k]) if k in blocks else
-            descale(v, scales[k]) if k in scales and not v.is_meta else v for k, v in sd.items()}
+    return _Descaled(sd, scales, block_layers(sd))
+
+
+class _Descaled(Mapping[str, Tensor]):
+    """`descaled_fp8`'s answer: each scaled weight descaled (a block layer dequantized) when it is read, in float32,
+    so that a loader casting weight by weight to its dtype never holds a 19B model in float32 whole."""
+
+    def __init__(self, sd: Mapping[str, Tensor], scales: dict[str, Tensor], blocks: dict[str, str]) -> None:
+        self._sd, self._scales, self._blocks = sd, scales, blocks
+
+    def __getitem__(self, key: str) -> Tensor:
+        from ldm.quant_formats import dequantized
+
+        value = self._sd[key]
+        if key in self._blocks:
+            return dequantized(self._sd, key, self._blocks[key])
+        return descale(value, self._scales[key]) if key in self._scales and not value.is_meta else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sd
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
 
 
 def descale(weight: Tensor, scale: Tensor) -> Tensor:

@@ -145,7 +145,7 @@ def load_wan_unet(path: str | Path, device: torch.device | str = "cpu",
                                  if diffusers else ""))
     metadata = ckpt.read_metadata(path)
     family = wan_family(sd, metadata, path.name)
-    weights = dict(descaled_fp8(wan_weights(sd)))
+    weights = descaled_fp8(wan_weights(sd))
     model = ckpt._materialize(lambda: wan_model(family.unet_config), weights, "Wan transformer", path, device, dtype)
     expected = set(model.state_dict())
     prefix = UNET_PREFIX if is_wan(sd, UNET_PREFIX) else ""
