@@ -29,8 +29,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # The T5 family's feed-forward output (`DenseReluDense.wo`) too: transformers keeps it in full precision and casts
 # the layer's input to its weight's dtype, which would be fp8.
+# LTX-2's text encoder's feature projection and Gemma 3's vision tower: transformers and Loom cast their inputs to
+# their weights' dtype.
 FP8_SKIP = re.compile(r"(^|\.)(time_embed|time_embed_r|label_emb)(\.|$)|^input_blocks\.0\.|^out\.|"
-                      r"(^|\.)DenseReluDense\.wo$")
+                      r"(^|\.)DenseReluDense\.wo$|^(text_embedding_projection|vision)(\.|$)")
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -82,6 +84,9 @@ def _quantize_layer(layer: nn.Module) -> None:
 def fp8_skip(model: nn.Module) -> re.Pattern[str]:
     """`FP8_SKIP`, and for a UNet also its first level's blocks (those at full latent resolution): the
     input blocks before the first downsample (that included) and the output blocks after the last upsample."""
+    kept = getattr(model, "fp8_keep", None)  # a model's own layers to keep (LTX-2's outside its blocks)
+    if kept is not None:
+        return re.compile(FP8_SKIP.pattern + "|" + kept)
     config = getattr(model, "config", None)
     if not (hasattr(model, "input_blocks") and hasattr(model, "output_blocks") and hasattr(config, "num_res_blocks")):
         return FP8_SKIP

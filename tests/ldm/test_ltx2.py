@@ -274,3 +274,17 @@ def test_guide_attention_matches_diffusers_with_the_bias_injected(name):
     assert torch.equal(ones_v, plain_v)
     with pytest.raises(ValueError, match="without the guides' keyframe_idxs"):
         model(video, audio, v_t, a_t, v_ctx, a_ctx, guide_attention=table)
+
+
+def test_fp8_weights_are_the_blocks_alone():
+    """--weights-dtype fp8 on the sampler's LTX-2 model stores its blocks' layers in fp8 and keeps the rest (the
+    patchify and output projections, the timestep embedders, the connectors) in the model dtype, as Lightricks'
+    fp8 files do."""
+    from ldm.ltx2_files import LTX2Denoiser
+    from ldm.quant import quantize_
+
+    denoiser = quantize_(LTX2Denoiser(LTX2Model(tiny_config())), "fp8")
+    kinds = {name: type(m).__name__ for name, m in denoiser.named_modules()}
+    assert kinds["model.patchify_proj"] == kinds["model.adaln_single.linear"] == "Linear"
+    assert kinds["model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q"] == "Linear"
+    assert kinds["model.transformer_blocks.0.attn1.to_q"] != "Linear"

@@ -226,3 +226,22 @@ def test_refusals(state, projection):
     missing = {k: v for k, v in state.items() if k != "model.layers.1.self_attn.k_norm.weight"}
     with pytest.raises(CheckpointError, match="Gemma 3 weights missing"):
         ltx2_text_encoder_from_state_dicts(missing, projection)
+
+
+def test_fp8_weights_leave_the_projection_and_the_vision_tower_in_full_precision(state, projection):
+    """--te-weights-dtype fp8 stores Gemma's layers in fp8, not the feature projection nor the vision tower, whose
+    inputs are cast to their weights' dtype (in fp8 the prompt's features came out all zero)."""
+    from ldm.ltx2_text import tiny_gemma3_state
+    from ldm.quant import quantize_
+
+    full = ltx2_text_encoder_from_state_dicts(tiny_gemma3_state(seed=1, hidden=HIDDEN, layers=LAYERS, vision=True),
+                                              projection).encoder
+    small = ltx2_text_encoder_from_state_dicts(tiny_gemma3_state(seed=1, hidden=HIDDEN, layers=LAYERS, vision=True),
+                                               projection).encoder
+    quantize_(small, "fp8")
+    assert small.text_embedding_projection.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in small.vision.parameters())
+    assert any(p.dtype == torch.float8_e4m3fn for p in small.gemma3_12b.parameters())
+    with torch.no_grad():
+        want, got = full.encode(PROMPTS[:1]).cond, small.encode(PROMPTS[:1]).cond
+    assert got.abs().max() > 0.5 and (got - want).abs().max() < 0.5 * want.abs().max()
