@@ -54,8 +54,8 @@ def packed_mask(latent: dict) -> Tensor | None:
     masks = (latent.get("noise_mask"), latent.get(AUDIO_MASK))
     if all(m is None for m in masks):
         return None
-    return pack([torch.ones_like(part) if m is None else latent_mask(m, part)
-                 for part, m in zip(parts_of(latent), masks, strict=True)])
+    return pack([torch.ones_like(part) if m is None else latent_mask(m, part).expand_as(part)  # a picture's mask:
+                 for part, m in zip(parts_of(latent), masks, strict=True)])               # every frame's
 
 
 class PackedParts:

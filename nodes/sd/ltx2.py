@@ -263,8 +263,10 @@ class LTXVImgToVideoInplace(Node):
         if not is_video_vae(vae):
             raise ValueError(f"LTXVImgToVideoInplace encodes its image with LTX's video VAE; {vae.source} is not one")
         samples = latent["samples"]
-        if samples.ndim != 5:
-            raise ValueError(f"LTXVImgToVideoInplace takes a video latent [B, C, F, h, w]; got {list(samples.shape)}")
+        if samples.ndim != 5 or latent.get(AUDIO_SAMPLES) is not None:
+            got = "an audio-video latent" if samples.ndim == 5 else list(samples.shape)
+            raise ValueError(f"LTXVImgToVideoInplace takes a video latent [B, C, F, h, w] (apply it before "
+                             f"LTXVConcatAVLatent); got {got}")
         factor = vae.vae.spatial_compression
         height, width = samples.shape[3] * factor, samples.shape[4] * factor
         pixels = image[..., :3]

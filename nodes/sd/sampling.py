@@ -223,6 +223,8 @@ def run_sampler(node: Node, model: DiffusionModel, latent: dict, positive: list,
         "samples": _fit_empty_latent(model, latent)}
     samples = latent["samples"]  # the video part of an audio-video latent (LTX-2's), packed with its audio below
     av_shapes = _audio_video_shapes(model, latent)
+    if av_shapes is not None:
+        _check_av_prompts(positive, negative, dual.middle if dual else [])
     noise_mask = latent.get("noise_mask") if av_shapes is None else av_latent.packed_mask(latent)
     # Latents stay in fp32 between steps whatever the model's dtype: fp16/bf16 would lose the small
     # updates of late steps. The UNet casts its input to its own dtype and its output back.
@@ -344,6 +346,19 @@ def _audio_video_shapes(model: DiffusionModel, latent: dict) -> av_latent.Shapes
         raise ValueError(f"the latent holds video and audio (LTXVConcatAVLatent), which only an LTX-2 model samples;"
                          f" {model.source} is {model.family.name}: separate them with LTXVSeparateAVLatent")
     return av_latent.shapes_of(av_latent.parts_of(latent))
+
+
+def _check_av_prompts(*conditionings: list) -> None:
+    """Prompts an audio-video latent cannot take: areas and masks (of which part?), and hooks (the LoRA-patched
+    copies of the model they run take no packed latent)."""
+    for conditioning in conditionings:
+        for _, options in conditioning:
+            if options.get("area") is not None or options.get("mask") is not None:
+                raise ValueError("area and mask prompts (ConditioningSetArea, ConditioningSetMask) do not apply to an "
+                                 "audio-video latent: sample the whole video with each prompt")
+            if options.get("hooks") is not None:
+                raise ValueError("prompts with hooks (LoRAs for some prompts) do not run on an audio-video latent: "
+                                 "apply the LoRA to the model (LoraLoaderModelOnly)")
 
 
 def _sampled(latent: dict, model: DiffusionModel, x: torch.Tensor, av_shapes: av_latent.Shapes | None) -> dict:

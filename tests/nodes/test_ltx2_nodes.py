@@ -244,3 +244,24 @@ def test_an_ltx23_checkpoint_runs_the_same_graph(base) -> None:
     sound = result.values["17"][0]
     assert sound["sample_rate"] == 48000 and sound["waveform"].shape[:2] == (1, 2)
     assert torch.isfinite(result.values["14"][0]["samples"]).all()
+
+
+def test_a_picture_mask_on_the_video_and_the_prompts_an_av_latent_refuses(base) -> None:
+    """SetLatentNoiseMask with a picture's mask on the video part (inpainting every frame) keeps what it masks off;
+    area and mask prompts, which a packed latent cannot take, are refused by name."""
+    engine, files = base
+    doc = workflow(files)
+    doc["80"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 96}}
+    doc["81"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["7", 0], "mask": ["80", 0]}}
+    doc["9"]["inputs"]["video_latent"] = ["81", 0]
+    result = run(engine, doc, ["7", "14"])
+    assert result.ok, result.error
+    kept = result.values["14"][0]["samples"] - result.values["7"][0]["samples"]
+    assert kept.abs().max() < 1e-5 and result.values["14"][0]["audio_samples"].abs().max() > 0.1
+
+    doc = workflow(files)
+    doc["82"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64,
+                                                                 "x": 0, "y": 0, "strength": 1.0}}
+    doc["11"]["inputs"]["positive"] = ["82", 0]
+    result = run(engine, doc, ["14"])
+    assert not result.ok and "area and mask prompts" in str(result.error) and "audio-video latent" in str(result.error)
