@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ldm.sampling.av_latent import AUDIO_MASK, AUDIO_SAMPLES
 from nodes.node import Node
 from nodes.spec import Boolean, Combo, Float, Int, Output, Socket
 
@@ -186,6 +187,10 @@ def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, m
     return destination
 
 
+# A LATENT's batched tensors and their noise masks: the samples, and an audio-video latent's audio part.
+_BATCHED = (("samples", "noise_mask"), (AUDIO_SAMPLES, AUDIO_MASK))
+
+
 class RepeatLatentBatch(Node):
     """Repeats a latent batch `amount` times (noise masks and batch indices follow)."""
 
@@ -196,12 +201,15 @@ class RepeatLatentBatch(Node):
     outputs = (Output("LATENT"),)
 
     def execute(self, samples: dict, amount: int) -> tuple[dict]:
-        x = samples["samples"]
-        out = dict(samples, samples=x.repeat(amount, *([1] * (x.ndim - 1))))
-        mask = samples.get("noise_mask")
-        if mask is not None and mask.shape[0] > 1:
-            mask = repeat_to_batch(mask, x.shape[0]) if mask.shape[0] < x.shape[0] else mask
-            out["noise_mask"] = mask.repeat(amount, *([1] * (mask.ndim - 1)))
+        out = dict(samples)
+        for key, mask_key in _BATCHED:  # an audio-video latent's audio part (LTX-2's) goes with its video
+            x, mask = samples.get(key), samples.get(mask_key)
+            if x is None:
+                continue
+            out[key] = x.repeat(amount, *([1] * (x.ndim - 1)))
+            if mask is not None and mask.shape[0] > 1:
+                mask = repeat_to_batch(mask, x.shape[0]) if mask.shape[0] < x.shape[0] else mask
+                out[mask_key] = mask.repeat(amount, *([1] * (mask.ndim - 1)))
         if "batch_index" in samples:
             indices = list(samples["batch_index"])
             offset = max(indices) - min(indices) + 1
@@ -223,13 +231,15 @@ class LatentFromBatch(Node):
         x = samples["samples"]
         start = min(x.shape[0] - 1, batch_index)  # past the end: the last one, as ComfyUI
         length = min(x.shape[0] - start, length)
-        out = dict(samples, samples=x[start:start + length].clone())
-        mask = samples.get("noise_mask")
-        if mask is not None:
-            if mask.shape[0] == 1:
-                out["noise_mask"] = mask.clone()
-            else:
-                out["noise_mask"] = repeat_to_batch(mask, x.shape[0])[start:start + length].clone()
+        out = dict(samples)
+        for key, mask_key in _BATCHED:  # an audio-video latent's audio part (LTX-2's) goes with its video
+            part, mask = samples.get(key), samples.get(mask_key)
+            if part is None:
+                continue
+            out[key] = part[start:start + length].clone()
+            if mask is not None:
+                out[mask_key] = (mask.clone() if mask.shape[0] == 1
+                                 else repeat_to_batch(mask, x.shape[0])[start:start + length].clone())
         if "batch_index" in samples:
             out["batch_index"] = list(samples["batch_index"])[start:start + length]
         else:

@@ -265,3 +265,16 @@ def test_a_picture_mask_on_the_video_and_the_prompts_an_av_latent_refuses(base) 
     doc["11"]["inputs"]["positive"] = ["82", 0]
     result = run(engine, doc, ["14"])
     assert not result.ok and "area and mask prompts" in str(result.error) and "audio-video latent" in str(result.error)
+
+
+def test_batch_nodes_take_the_audio_with_the_video(base) -> None:
+    engine, files = base
+    doc = {k: v for k, v in workflow(files).items() if k in ("3", "7", "8", "9")}
+    doc["7"]["inputs"]["batch_size"] = doc["8"]["inputs"]["batch_size"] = 2
+    doc["91"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["9", 0], "batch_index": 1, "length": 1}}
+    doc["92"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["91", 0], "amount": 3}}
+    result = run(engine, doc, ["91", "92"])
+    assert result.ok, result.error
+    one, three = result.values["91"][0], result.values["92"][0]
+    assert one["samples"].shape[0] == one["audio_samples"].shape[0] == 1 and one["batch_index"] == [1]
+    assert three["samples"].shape[0] == three["audio_samples"].shape[0] == 3
