@@ -423,6 +423,8 @@ class LoraLoader(Node):
                 strength_clip: float) -> tuple[DiffusionModel, Clip]:
         from ldm.lora import LoraError, apply_lora, check_lora_family, takes_no_lora, unmatched_lora_keys
 
+        if strength_model == 0 and strength_clip == 0:  # as ComfyUI: off, the file not even read
+            return model, clip
         lora = shared_lora(self, lora_name)
         check_lora_family(lora, model.family.name)
         unmatched = unmatched_lora_keys(lora, model.unet, clip.encoder)
@@ -480,6 +482,8 @@ class LoraLoaderModelOnly(Node):
     def execute(self, model: DiffusionModel, lora_name: str, strength_model: float) -> tuple[DiffusionModel]:
         from ldm.lora import apply_lora, check_lora_family, match_lora
 
+        if strength_model == 0:  # as ComfyUI: off, the file not even read
+            return (model,)
         lora = shared_lora(self, lora_name)
         check_lora_family(lora, model.family.name)
         if not match_lora(model.unet, lora):

@@ -278,3 +278,27 @@ def test_batch_nodes_take_the_audio_with_the_video(base) -> None:
     one, three = result.values["91"][0], result.values["92"][0]
     assert one["samples"].shape[0] == one["audio_samples"].shape[0] == 1 and one["batch_index"] == [1]
     assert three["samples"].shape[0] == three["audio_samples"].shape[0] == 3
+
+
+def test_a_text_encoder_lora_is_named_and_strength_zero_turns_a_lora_off(base) -> None:
+    """A LoRA for Gemma 3 (as the LTX-2.3 image+audio template loads one) patches no layer Loom patches: the error
+    says so; at both strengths 0 LoraLoader hands its inputs on untouched, as ComfyUI's does."""
+    import safetensors.torch
+
+    engine, files = base
+    loras = files["checkpoint"].parent.parent / "loras"
+    loras.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    safetensors.torch.save_file({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32, generator=g),
+                                 "model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4, generator=g)},
+                                loras / "gemma-3-12b-it-lora.safetensors")
+    doc = {k: v for k, v in workflow(files).items() if k in ("1", "2")}
+    doc["95"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["2", 0],
+                                                        "lora_name": "gemma-3-12b-it-lora.safetensors",
+                                                        "strength_model": 1.0, "strength_clip": 1.0}}
+    result = run(engine, doc, ["95"])
+    assert not result.ok and "Loom applies none to that encoder yet" in str(result.error)
+    doc["95"]["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    result = run(engine, doc, ["1", "2", "95"])
+    assert result.ok, result.error
+    assert result.values["95"][0] is result.values["1"][0] and result.values["95"][1] is result.values["2"][0]
