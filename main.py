@@ -137,6 +137,15 @@ def _ui_only(path: Path, node_id: str) -> str:
     node = nodes.get(node_id)
     if not isinstance(node, dict):
         return ""
+    definitions = (data.get("definitions") or {}).get("subgraphs") or []
+    subgraph = next((d for d in definitions if isinstance(d, dict) and d.get("id") == node.get("type")), None)
+    if subgraph is not None:  # its widgets are its inner nodes' inputs, named <node>:<inner node>.<input>
+        proxies = [p for p in (node.get("properties") or {}).get("proxyWidgets") or []
+                   if isinstance(p, list) and len(p) == 2]
+        shown = [f"{node_id}.{name}" for inner, name in proxies if str(inner) == "-1"]
+        widgets = f"; the widgets it shows are {', '.join(shown)}" if shown else ""
+        return (f" (node {node_id} is the subgraph {subgraph.get('name') or node.get('type')!r}: set its inner "
+                f"nodes' inputs as {node_id}:<inner node>.<input> (`main.py convert` lists them){widgets})")
     targets = []
     for link in data.get("links") or []:
         if isinstance(link, list) and len(link) >= 5 and str(link[1]) == node_id:
@@ -148,15 +157,40 @@ def _ui_only(path: Path, node_id: str) -> str:
     return f" (node {node_id} is a {node.get('type')}, which only the editor has{feeds})"
 
 
+def _set_subgraph_widgets(data: Any, sets: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
+    """Apply the `--set`s that name a widget a subgraph node of an editor file shows (its `proxyWidgets`: a subgraph
+    input it promotes, e.g. a template's width, or an inner node's widget) to that node's widget values; returns the
+    others."""
+    nodes = {str(n.get("id")): n for n in data.get("nodes", []) if isinstance(n, dict)} if isinstance(data, dict) \
+        else {}
+    subgraphs = {d.get("id") for d in ((data.get("definitions") or {}).get("subgraphs") or []) if isinstance(d, dict)} \
+        if nodes else set()
+    left = []
+    for node_id, input_name, value in sets:
+        node = nodes.get(node_id, {})
+        proxies = (node.get("properties") or {}).get("proxyWidgets") or [] if node.get("type") in subgraphs else []
+        slot = next((i for i, p in enumerate(proxies) if isinstance(p, list) and len(p) == 2 and p[1] == input_name),
+                    None)
+        values = node.get("widgets_values")
+        if slot is None or not isinstance(values, list) or slot >= len(values):
+            left.append((node_id, input_name, value))
+        else:
+            values[slot] = value
+    return left
+
+
 def _load(args: argparse.Namespace, registry: Any) -> Any:
     from graph.document import DocumentError
-    from graph.load import load_workflow
+    from graph.load import graph_from_data, load_workflow_data
 
+    sets = _parse_set(getattr(args, "set", None) or [])
     try:
-        graph = load_workflow(args.workflow, registry)
+        data = load_workflow_data(args.workflow)
+        sets = _set_subgraph_widgets(data, sets)
+        graph = graph_from_data(data, registry)
     except DocumentError as exc:
         _fail_document(args, str(exc))
-    for node_id, input_name, value in _parse_set(getattr(args, "set", None) or []):
+    for node_id, input_name, value in sets:
         if node_id not in graph.nodes:
             _fail_document(args, f"--set: node {node_id!r} is not in the workflow{_ui_only(args.workflow, node_id)}")
         node = graph.nodes[node_id]

@@ -184,3 +184,33 @@ def test_a_reader_that_stops_early_is_not_an_error():
         proc = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' main.py nodes --json | {reader}"],
                               capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
         assert proc.returncode == 0 and proc.stderr == "", (reader, proc.stderr)
+
+
+def test_set_reaches_a_widget_a_subgraph_shows(tmp_path):
+    """`--set 5.b=10` on an editor file whose node 5 is a subgraph showing its input `b` (as Comfy-Org's templates
+    show their sizes): the value goes to the inner node it feeds; a name it does not show is refused with the ones
+    it does."""
+    definition = {
+        "id": "sg-math", "name": "Math", "inputNode": {"id": -10}, "outputNode": {"id": -20},
+        "inputs": [{"id": "i0", "name": "b", "type": "INT", "linkIds": [1]}],
+        "outputs": [{"id": "o0", "name": "INT", "type": "INT", "linkIds": [2]}], "widgets": [],
+        "nodes": [{"id": 1, "type": "IntMath", "mode": 0, "widgets_values": [6, 7, "multiply"],
+                   "inputs": [{"name": "b", "type": "INT", "link": 1, "widget": {"name": "b"}}],
+                   "outputs": [{"name": "INT", "type": "INT", "links": [2]}]}],
+        "links": [{"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 1, "target_slot": 0, "type": "INT"},
+                  {"id": 2, "origin_id": 1, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "INT"}],
+    }
+    doc = {"nodes": [{"id": 5, "type": "sg-math", "mode": 0, "widgets_values": [7],
+                      "properties": {"proxyWidgets": [["-1", "b"]]}, "inputs": [],
+                      "outputs": [{"name": "INT", "type": "INT", "links": [11]}]},
+                     {"id": 9, "type": "PreviewAny", "mode": 0, "widgets_values": [],
+                      "inputs": [{"name": "source", "type": "*", "link": 11}], "outputs": []}],
+           "links": [[11, 5, 0, 9, 0, "INT"]], "definitions": {"subgraphs": [definition]}, "version": 0.4}
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps(doc))
+    proc = cli("run", path, "--base-dir", tmp_path)
+    assert proc.returncode == 0 and "42" in proc.stdout, proc.stderr + proc.stdout
+    proc = cli("run", path, "--set", "5.b=10", "--base-dir", tmp_path)
+    assert proc.returncode == 0 and "60" in proc.stdout, proc.stderr + proc.stdout
+    proc = cli("run", path, "--set", "5.a=10", "--base-dir", tmp_path)
+    assert proc.returncode == 2 and "the widgets it shows are 5.b" in proc.stderr
