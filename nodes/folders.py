@@ -187,6 +187,16 @@ def get_paths() -> FolderPaths:
     return _paths
 
 
+def input_where() -> str:
+    """The input folder as an error names it: relative to the base folder, else its last two parts (an answer may go
+    to a remote client, which has no business knowing where the server's files are)."""
+    paths = get_paths()
+    try:
+        return paths.input.relative_to(paths.base).as_posix() or "."
+    except ValueError:
+        return f".../{paths.input.parent.name}/{paths.input.name}"
+
+
 def input_files(suffixes: tuple[str, ...] | frozenset[str] | set[str]) -> list[str]:
     """The files in the input folder (and its sub-folders) whose suffixes, lower-cased, are among `suffixes`: their
     paths there, sorted, as a loader node's combo lists them."""

@@ -214,3 +214,12 @@ def test_set_reaches_a_widget_a_subgraph_shows(tmp_path):
     assert proc.returncode == 0 and "60" in proc.stdout, proc.stderr + proc.stdout
     proc = cli("run", path, "--set", "5.a=10", "--base-dir", tmp_path)
     assert proc.returncode == 2 and "the widgets it shows are 5.b" in proc.stderr
+
+
+def test_a_missing_input_file_names_the_input_folder(tmp_path):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps({"1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
+                                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}))
+    proc = cli("run", path, "--base-dir", tmp_path)
+    assert proc.returncode == 2 and "'nope.png' is not one of [" in proc.stderr
+    assert "(the files in input)" in proc.stderr and str(tmp_path) not in proc.stderr

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, input_where, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import workflow_metadata
 from nodes.spec import Combo, Float, InputSpec, Int, Output, Socket, String
@@ -156,7 +156,7 @@ class LoadAudio(Node):
 
     display_name = "Load Audio"
     category = "audio"
-    audio = Combo(list_input_audio, extra={"audio_upload": True})
+    audio = Combo(list_input_audio, extra={"audio_upload": True}, choices_where=input_where)
     outputs = (Output("AUDIO"),)
 
     @classmethod

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, input_where, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.imageio import (
     IMAGE_SUFFIXES,
@@ -40,7 +40,7 @@ class LoadImage(Node):
 
     display_name = "Load Image"
     category = "image"
-    image = Combo(list_input_images, image_upload=True)
+    image = Combo(list_input_images, image_upload=True, choices_where=input_where)
     outputs = (Output("IMAGE"), Output("MASK"))
 
     @classmethod

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, input_where, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.sd.latent import repeat_to_batch, upscale_latent
 from nodes.spec import Combo, Float, Output, Socket, String
@@ -187,7 +187,7 @@ class LoadLatent(Node):
     """Loads a .latent file from the input folder (ComfyUI's current and older format)."""
 
     category = "_for_testing"
-    latent = Combo(list_input_latents, choices_where=lambda: str(get_paths().input))
+    latent = Combo(list_input_latents, choices_where=input_where)
     outputs = (Output("LATENT"),)
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodes.folders import get_paths, input_file, input_files, new_output_file, output_prefix_problem
+from nodes.folders import get_paths, input_file, input_files, input_where, new_output_file, output_prefix_problem
 from nodes.node import Node, NodeResult
 from nodes.spec import Combo, Float, Output, Socket, String
 
@@ -230,7 +230,7 @@ class LoadVideo(Node):
 
     display_name = "Load Video"
     category = "image/video"
-    file = Combo(list_input_videos, extra={"video_upload": True})
+    file = Combo(list_input_videos, extra={"video_upload": True}, choices_where=input_where)
     outputs = (Output("VIDEO"),)
 
     @classmethod
