@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
 from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
-from ldm.flow_family import FlowFamily
 from ldm.flux_presets import distinct_random_
 from ldm.ltx2 import LTX2Config, LTX2Model, config_from_state_dict, is_ltx2, tiny_config, tiny_config_23
 from ldm.ltx2_audio import (
@@ -44,9 +43,8 @@ from ldm.ltx2_audio import (
     VocoderConfig,
     load_ltx2_audio,
 )
-from ldm.ltxv_files import DEFAULT_SHIFT, LATENT_MEAN_KEY, LATENT_STD_KEY, LTXV_LATENT, VAE_PART, latent_statistics
+from ldm.ltxv_files import LATENT_MEAN_KEY, LATENT_STD_KEY, VAE_PART, LTXVFamily, latent_statistics
 from ldm.t5 import descaled_fp8, scaling_keys
-from ldm.vae import VAEConfig
 
 PROJECTION_PREFIX = "text_embedding_projection."
 # The all-in-one file's parts that other loaders read (skipped, not unused, by the transformer's loader).
@@ -54,26 +52,14 @@ OTHER_PARTS = (VAE_PART, AUDIO_VAE_PREFIX, VOCODER_PREFIX, PROJECTION_PREFIX)
 
 
 @dataclass(frozen=True)
-class LTX2Family(FlowFamily):
-    """An LTX-2 model's family: the transformer's config, the video latents' statistics (None: a transformer-only
-    file) and Flux's default time shift; its latents are video and audio, sampled together."""
+class LTX2Family(LTXVFamily):
+    """An LTX-2 model's family: LTX-Video's (the video latents' statistics, None for a transformer-only file; Flux's
+    default time shift; noise masks as per-token levels) with LTX-2's transformer, its latents video and audio,
+    sampled together."""
 
     unet_config: LTX2Config
-    vae_config: VAEConfig = LTXV_LATENT
     name: str = "ltx2"
-    latent_shift: float = 0.0
-    latent_mean: tuple[float, ...] | None = None
-    latent_std: tuple[float, ...] | None = None
-    token_timesteps: bool = True  # noise masks reach the model as per-token levels
     audio_video: bool = True  # samples LTXVConcatAVLatent's latents (ldm.sampling.av_latent)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.unet_config.latent_channels
-
-    @property
-    def shift(self) -> float:
-        return DEFAULT_SHIFT
 
 
 class LTX2Denoiser(nn.Module):
