@@ -2,8 +2,8 @@
 
 Loaders put weights on the *offload* device (the CPU); a node asks `use(module)` for the model it is
 about to run, which moves it to the *compute* device, first moving the least recently used models
-back when the VRAM budget would be exceeded. With `lowvram`, a UNet stays on the offload device and
-its blocks are streamed to the compute device one at a time (`ldm.offload`). On the CPU both
+back when the VRAM budget would be exceeded. With `lowvram`, a UNet or a diffusion transformer stays on
+the offload device and its blocks are streamed to the compute device one at a time (`ldm.offload`). On the CPU both
 devices are the same and moving is free, but the bookkeeping (and the streaming hooks) still run,
 so the code that matters on a GPU is exercised by the CPU tests.
 """
@@ -75,6 +75,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return True
     return isinstance(exc, MemoryError)
+
+
+def _streamed(module: Any) -> bool:
+    """Whether --lowvram streams `module`: a UNet or ControlNet, or a diffusion model (a MODEL's denoiser, marked
+    `loom_denoiser`) whose blocks hold most of its bytes. Text encoders and VAEs move whole."""
+    if hasattr(module, "input_blocks"):
+        return True
+    from ldm.offload import streamable
+
+    return getattr(module, "loom_denoiser", False) and streamable(module)
 
 
 @dataclass
@@ -165,7 +175,7 @@ class DeviceManager:
         Models that no longer fit within the VRAM budget go back to the offload device, least
         recently used first, except those in `keep` (models the same node runs together with this one,
         such as a UNet's ControlNets). With `lowvram`, UNets and ControlNets (anything with
-        `input_blocks`) are streamed.
+        `input_blocks`) are streamed, and so are the diffusion transformers (`_streamed`).
         """
         with self._lock:
             key = id(module)
@@ -182,12 +192,11 @@ class DeviceManager:
                     module.to(self.device)
                 return module
             self._drop_dead()
-            streamed = self.options.lowvram and hasattr(module, "input_blocks")
+            streamed = self.options.lowvram and _streamed(module)
             if streamed:
                 from ldm.offload import stream_blocks
 
-                resident = stream_blocks(module, self.device)
-                size = resident
+                size = stream_blocks(module, self.device)
             else:
                 size = module_bytes(module)
             self._make_room(size, {id(m) for m in keep})

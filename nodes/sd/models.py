@@ -34,7 +34,7 @@ def clip_family_facts(linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, 
 
 # Flow-model families whose levels follow SD3's time shift (ModelSamplingSD3).
 SD3_SHIFTED = frozenset({"sd3", "wan21", "wan22", "qwen_image", "z_image", "lumina2", "hidream", "ace_step15",
-                         "qwen_image21"})
+                         "qwen_image21", "hunyuan_video15"})
 
 
 def schedule_of(family: Any) -> DiscreteSchedule:
@@ -96,6 +96,10 @@ class DiffusionModel:
     playground_latents: bool | None = None  # None: the family's (ModelSamplingContinuousEDM sets it)
     compile_backend: str | None = None  # TorchCompileModel's: torch.compile the UNet with it (as --compile does)
     noise_augmentor: Any = None  # an unCLIP checkpoint's (ldm.unclip.NoiseAugmentor); None: the standard one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, torch.nn.Module):  # --lowvram streams a denoiser's blocks (executor.devices)
+            self.unet.loom_denoiser = True
 
     @property
     def prediction(self) -> str:
