@@ -26,7 +26,8 @@ MAX_CONTEXT_REPEAT = 4
 MODEL_INPUTS = {"conditioning_llama3": "llama", "seconds_start": "seconds_start", "seconds_total": "seconds_total",
                 "conditioning_lyrics": "lyric_embed", "audio_codes": "audio_codes",
                 "reference_audio_timbre_latents": "refer_audio", "image_slots": "image_slots",
-                "ltx2_audio_context": "audio_context", "ltx2_guide_attention": "guide_attention"}
+                "ltx2_audio_context": "audio_context", "ltx2_guide_attention": "guide_attention",
+                "conditioning_byt5small": "byt5", "byt5_attention_mask": "byt5_mask"}
 # Those of them that are prompt encodings, which ConditioningZeroOut zeroes with the prompt (not the seconds, nor
 # ACE-Step's audio codes: ComfyUI's node zeroes the lyrics alone).
 PROMPT_INPUTS = ("conditioning_llama3", "conditioning_lyrics")

@@ -362,6 +362,8 @@ def sample(
 
     if module is None and isinstance(unet, torch.nn.Module):
         module = unet
+    if getattr(module, "reads_run_sigmas", False):  # MeanFlow models (HunyuanVideo 1.5's) are told each step's end
+        module.sigmas = sigmas.cpu()
     options = dict(sampler_options or {})
     if flow and sampler_name in _FLOW_STOCHASTIC | _FLOW_SDE:
         options["flow"] = True

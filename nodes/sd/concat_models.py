@@ -80,6 +80,10 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
         from nodes.sd.wan import wan_inputs
 
         return wan_inputs(model, latent, *conditionings)
+    if model.family.name == "hunyuan_video15":  # a start picture's latent and mask (the SR model: 66 channels)
+        from nodes.sd.hunyuan_video15 import hunyuan_video15_inputs
+
+        return hunyuan_video15_inputs(model, latent, seed, *conditionings)
     if model.family.name == "qwen_image":  # no extra channels (in_channels are the 2x2 patches'); Edit's references
         return qwen_image_inputs(model, *conditionings)
     if model.family.name == "qwen_image21":  # no extra channels; TextEncodeQwenImage21's references, by slot

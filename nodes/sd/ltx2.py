@@ -284,7 +284,8 @@ class LTXVImgToVideoInplace(Node):
 
 class LatentUpscaleModelLoader(Node):
     """Loads a latent upscale model from models/latent_upscale_models: Lightricks' LTX-2 spatial upscaler
-    (ltx-2-spatial-upscaler-x2-1.0.safetensors) for LTXVLatentUpsampler."""
+    (ltx-2-spatial-upscaler-x2-1.0.safetensors) for LTXVLatentUpsampler, or HunyuanVideo 1.5's 1080p latent upsampler
+    (hunyuanvideo15_latent_upsampler_1080p.safetensors) for HunyuanVideo15LatentUpscaleWithModel."""
 
     display_name = "Load Latent Upscale Model"
     category = "loaders"
@@ -298,13 +299,15 @@ class LatentUpscaleModelLoader(Node):
         return file_fingerprint(get_paths().find_model("latent_upscale_models", str(inputs.get("model_name", ""))))
 
     def execute(self, model_name: str) -> tuple[Any]:
+        from ldm.hunyuan_video15_upsampler import load_hunyuan_video15_upsampler, peek_hunyuan_video15_upsampler
         from ldm.ltx2_upsampler import load_latent_upsampler
 
         path = model_path("latent_upscale_models", model_name)
         _, _, dtype = device_and_dtype(self.ctx)
         device = load_device(self.ctx)
+        load = load_hunyuan_video15_upsampler if peek_hunyuan_video15_upsampler(path) else load_latent_upsampler
         key = ("latent_upscale", str(path), str(file_fingerprint(path)), str(device), str(dtype))
-        return (shared_model(self, key, lambda: load_latent_upsampler(path, device, dtype)),)
+        return (shared_model(self, key, lambda: load(path, device, dtype)),)
 
 
 class LTXVLatentUpsampler(Node):
@@ -319,8 +322,11 @@ class LTXVLatentUpsampler(Node):
     outputs = (Output("LATENT"),)
 
     def execute(self, samples: dict, upscale_model: Any, vae: Vae) -> tuple[dict]:
-        from ldm.ltx2_upsampler import upsample_latent
+        from ldm.ltx2_upsampler import LatentUpsampler, upsample_latent
 
+        if not isinstance(upscale_model, LatentUpsampler):
+            raise ValueError("LTXVLatentUpsampler takes LTX-2's latent upscale model; this one is another model's "
+                             "(HunyuanVideo 1.5's goes to HunyuanVideo15LatentUpscaleWithModel)")
         latent = samples["samples"]
         if latent.ndim != 5:
             raise ValueError(f"LTXVLatentUpsampler takes a video latent [B, 128, F, h, w]; got {list(latent.shape)}")

@@ -84,6 +84,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
             from ldm.hidream_files import peek_hidream
+            from ldm.hunyuan_video15_files import peek_hunyuan_video15
             from ldm.ltx2_files import peek_ltx2
             from ldm.ltxv_files import peek_ltxv
             from ldm.lumina2_files import peek_lumina2
@@ -93,7 +94,8 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.z_image_files import peek_z_image  # first: Flux's peek may misread its names
 
             family = (peek_flux2(path) or peek_qwen_image21(path) or peek_z_image(path) or peek_lumina2(path)
-                      or peek_qwen_image(path) or peek_hidream(path) or peek_chroma(path) or peek_flux(path)
+                      or peek_qwen_image(path) or peek_hidream(path) or peek_hunyuan_video15(path)
+                      or peek_chroma(path) or peek_flux(path)
                       or peek_sd3(path) or peek_wan(path) or peek_ltx2(path) or peek_ltxv(path) or peek_ace_step15(path)
                       or peek_unet(path))
             return (None if family is None else family.name), None
@@ -181,6 +183,7 @@ class UNETLoader(Node):
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.flux2_files import is_flux2_file, load_flux2_unet
             from ldm.hidream_files import is_hidream_file, load_hidream_unet
+            from ldm.hunyuan_video15_files import is_hunyuan_video15_file, load_hunyuan_video15_unet
             from ldm.ltx2_files import is_ltx2_file, load_ltx2_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
             from ldm.lumina2_files import is_lumina2_file, load_lumina2_unet
@@ -203,6 +206,8 @@ class UNETLoader(Node):
                 loader = load_hidream_unet
             elif is_wan_file(path):
                 loader = load_wan_unet
+            elif is_hunyuan_video15_file(path):  # before Flux: its double_blocks / txt_in names are Flux-like
+                loader = load_hunyuan_video15_unet
             elif is_ltx2_file(path):  # before LTX-Video: its transformer's names are a superset
                 loader = load_ltx2_unet
             elif is_ltxv_file(path):
@@ -266,7 +271,8 @@ def load_clip(node: Node, names: tuple[str, ...], device: str, load_files: Calla
 def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     """("t5xxl", "t5base", "umt5xxl", "qwen25_7b", "mistral3_24b", "qwen3_4b", "qwen3_8b" (ldm.flux2_text.text_kind;
     or "qwen3", "gemma": ldm.qwen3_text.text_kind), "qwen3_06b_ace15", "ace15_lm" (ldm.ace_step15_text.text_kind),
-    "qwen3vl_8b" (ldm.qwen3vl_text.text_kind), "llama3" (HiDream's Llama 3.1 8B) or a CLIP kind, refusal) of a
+    "qwen3vl_8b" (ldm.qwen3vl_text.text_kind), "llama3" (HiDream's Llama 3.1 8B), "byt5" (HunyuanVideo 1.5's glyph
+    encoder) or a CLIP kind, refusal) of a
     text-encoder file from its header; (None, None) if it cannot tell."""
     from safetensors import SafetensorError
 
@@ -274,6 +280,7 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
     from ldm.checkpoint import CheckpointError, read_shapes
     from ldm.flux2_text import text_kind as flux2_kind
     from ldm.gemma_text import gemma_kind
+    from ldm.hunyuan_video15_text import is_byt5
     from ldm.llama_text import is_llama3
     from ldm.parts import peek_text_encoder
     from ldm.qwen3_text import text_kind as qwen3_kind
@@ -284,6 +291,8 @@ def text_kind(path: str, fingerprint: str) -> tuple[str | None, str | None]:
 
     try:
         shapes = read_shapes(path)
+        if shapes is not None and is_byt5(shapes):  # before T5: a T5 v1.1 of bytes
+            return "byt5", None
         if shapes is not None and is_t5(shapes):  # the original T5 (ReLU: t5-base, Stable Audio's) or v1.1 (XXL)
             return ("t5base" if is_t5_base(shapes) else "t5xxl"), None
         if shapes is not None and is_umt5(shapes):
@@ -465,19 +474,24 @@ class CLIPLoader(Node):
 
 # ACE-Step 1.5's two text files: the Qwen3-0.6B encoder and the 5 Hz language model (1.7B or 4B).
 ACE_KINDS = ("qwen3_06b_ace15", "ace15_lm")
+HUNYUAN_VIDEO15_KINDS = ("qwen25_7b", "byt5")
+_HUNYUAN_VIDEO15_NEEDS = ("type hunyuan_video_15 needs Qwen2.5-VL-7B (qwen25_7b: qwen_2.5_vl_7b_fp8_scaled"
+                          ".safetensors) and the byT5 glyph encoder (byt5: byt5_small_glyphxl_fp16.safetensors)")
 _ACE_NEEDS = ("type ace needs ACE-Step 1.5's Qwen3-0.6B text encoder (qwen3_06b_ace15: qwen_0.6b_ace15.safetensors) "
               "and its 5 Hz language model (ace15_lm: qwen_1.7b_ace15.safetensors or qwen_4b_ace15.safetensors)")
 # DualCLIPLoader's types Loom loads, and what they load, for the refusal of the others.
-_DUAL_LOADED = ("sdxl, flux, sd3, hidream or ace", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L and T5-XXL, two of "
-                "SD3's or of HiDream's, ACE-Step 1.5's Qwen3-0.6B and language model")
+_DUAL_LOADED = ("sdxl, flux, sd3, hidream, ace or hunyuan_video_15", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L "
+                "and T5-XXL, two of SD3's or of HiDream's, ACE-Step 1.5's Qwen3-0.6B and language model, HunyuanVideo "
+                "1.5's Qwen2.5-VL-7B and byT5")
 
 
 class DualCLIPLoader(Node):
     """Loads two text-encoder files as one CLIP: with type sdxl, SDXL's CLIP-L and OpenCLIP bigG; with type flux,
     Flux.1's CLIP-L and T5-XXL; with type sd3, two of SD3's CLIP-L, CLIP-G and T5-XXL, the third absent; with type
     hidream, two of HiDream-I1's CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B, the others absent; with type ace,
-    ACE-Step 1.5's Qwen3-0.6B text encoder and its 5 Hz language model (in either order) from models/text_encoders
-    or models/clip. The other types are other model families', which Loom refuses."""
+    ACE-Step 1.5's Qwen3-0.6B text encoder and its 5 Hz language model (in either order); with type
+    hunyuan_video_15, HunyuanVideo 1.5's Qwen2.5-VL-7B and byT5 glyph encoder (in either order), from
+    models/text_encoders or models/clip. The other types are other model families', which Loom refuses."""
 
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
@@ -486,7 +500,8 @@ class DualCLIPLoader(Node):
     type = Combo(DUAL_CLIP_TYPES, tooltip="sdxl: SDXL's CLIP-L and OpenCLIP bigG; flux: Flux's CLIP-L and T5-XXL; "
                                           "sd3: two of SD3's CLIP-L, CLIP-G and T5-XXL; hidream: two of HiDream's "
                                           "CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B; ace: ACE-Step 1.5's Qwen3-0.6B "
-                                          "and language model")
+                                          "and language model; hunyuan_video_15: HunyuanVideo 1.5's Qwen2.5-VL-7B "
+                                          "and byT5")
     device = Combo(DEVICES, optional=True, extra={"advanced": True},
                    tooltip="cpu: keep the text encoders on the CPU, in float32")
     outputs = (Output("CLIP"),)
@@ -508,6 +523,9 @@ class DualCLIPLoader(Node):
         if inputs.get("type") == "ace":
             return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], list(ACE_KINDS),
                                       _ACE_NEEDS)
+        if inputs.get("type") == "hunyuan_video_15":
+            return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")],
+                                      list(HUNYUAN_VIDEO15_KINDS), _HUNYUAN_VIDEO15_NEEDS)
         if inputs.get("type") != "sdxl":
             return _unsupported_type(inputs.get("type"), *_DUAL_LOADED)
         found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
@@ -524,6 +542,8 @@ class DualCLIPLoader(Node):
             return {0: {"family": inputs["type"]}}
         if inputs.get("type") == "ace":
             return {0: {"family": "ace_step15"}}
+        if inputs.get("type") == "hunyuan_video_15":
+            return {0: {"family": "hunyuan_video15"}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
                                for name in ("clip_name1", "clip_name2")])
         return {} if family is None else {0: {"family": family}}
@@ -541,6 +561,11 @@ class DualCLIPLoader(Node):
             from ldm.ace_step15_text import load_ace_step15_text_encoder
 
             return (load_clip(self, (clip_name1, clip_name2), device, load_ace_step15_text_encoder, "ace_step15"),)
+        if type == "hunyuan_video_15":
+            from ldm.hunyuan_video15_text import load_hunyuan_video15_text_encoder
+
+            return (load_clip(self, (clip_name1, clip_name2), device, load_hunyuan_video15_text_encoder,
+                              "hunyuan_video15"),)
         if type != "sdxl":
             raise ValueError(_unsupported_type(type, *_DUAL_LOADED))
         return (load_clip(self, (clip_name1, clip_name2), device),)

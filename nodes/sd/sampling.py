@@ -58,6 +58,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.wan import wan_conditioning
 
         return wan_conditioning(conditioning)
+    if model.family.name == "hunyuan_video15":  # its `y`: the start picture's SigLIP states (image-to-video)
+        from nodes.sd.hunyuan_video15 import hunyuan_video15_conditioning
+
+        return hunyuan_video15_conditioning(conditioning)
     if model.family.name == "svd":  # its `y`: the frame rate, motion bucket and augmentation, and the frame count
         from nodes.sd.svd import svd_sampling_y
 
@@ -90,7 +94,7 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
 
 
 # Families whose latents have a frame axis ([B, C, frames, h, w]).
-VIDEO_FAMILIES = frozenset({"wan21", "wan22", "ltxv", "ltx2"})
+VIDEO_FAMILIES = frozenset({"wan21", "wan22", "ltxv", "ltx2", "hunyuan_video15"})
 
 
 def _fit_empty_latent(model: DiffusionModel, latent: dict) -> torch.Tensor:

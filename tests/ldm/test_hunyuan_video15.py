@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import HunyuanVideo15Transformer3DModel
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15ByT5TextProjection
 
 from ldm.hunyuan_video15 import (
     HunyuanVideo15,
@@ -94,6 +95,8 @@ def twin(config: HunyuanVideo15Config, sd: dict[str, torch.Tensor]) -> HunyuanVi
         mlp_ratio=c.mlp_ratio, patch_size=c.patch_size[1], patch_size_t=c.patch_size[0], text_embed_dim=c.text_dim,
         text_embed_2_dim=c.byt5_dim, image_embed_dim=c.image_dim, rope_theta=float(c.rope_theta),
         rope_axes_dim=c.rope_axes, use_meanflow=c.meanflow)
+    if c.byt5_hidden != 2048:  # diffusers fixes the byT5 projection's hidden width at the released 2048
+        model.context_embedder_2 = HunyuanVideo15ByT5TextProjection(c.byt5_dim, c.byt5_hidden, c.hidden_size)
     model.load_state_dict(to_diffusers(sd), strict=True)
     return model.eval()
 
