@@ -424,6 +424,7 @@ PART_MAKERS = {
     "make-stable-audio": ("ldm.stable_audio_presets", "make_stable_audio_files", "Stable Audio Open"),
     "make-ace-step": ("ldm.ace_step15_presets", "make_ace_step15_files", "ACE-Step 1.5"),
     "make-ltx2": ("ldm.ltx2_files", "make_ltx2_files", "LTX-2"),
+    "make-hunyuan-video15": ("ldm.hunyuan_video15_files", "make_hunyuan_video15_files", "HunyuanVideo 1.5"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -463,6 +464,13 @@ PART_HELP = {
                   "vocoder, text projection), Gemma 3 with its vision tower and the x2 latent upscaler",
                   "checkpoints/, text_encoders/ and latent_upscale_models/ (ltx-2-19b-dev-tiny, "
                   "ltx-2.3-22b-dev-tiny, gemma_3_12B_it-tiny, ltx-2-spatial-upscaler-x2-1.0-tiny)"),
+    "make-hunyuan-video15": ("the 720p text-to-video and image-to-video transformers, the 1080p SR one, the VAE, "
+                             "Qwen2.5-VL's language model, the byT5 glyph encoder, the SigLIP tower and the 1080p "
+                             "latent upsampler", "diffusion_models/, vae/, text_encoders/, clip_vision/ and "
+                             "latent_upscale_models/ (hunyuanvideo1.5_720p_t2v-tiny, hunyuanvideo1.5_720p_i2v-tiny, "
+                             "hunyuanvideo1.5_1080p_sr_distilled-tiny, hunyuanvideo15_vae-tiny, "
+                             "qwen_2.5_vl_7b-hunyuan_video15-tiny, byt5_small_glyphxl-tiny, "
+                             "sigclip_vision_patch14_384-tiny, hunyuanvideo15_latent_upsampler_1080p-tiny)"),
 }
 
 

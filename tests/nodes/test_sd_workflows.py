@@ -21,6 +21,7 @@ from ldm.controlnet_z_image import write_tiny_z_image_fun_controlnet
 from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
 from ldm.hidream_presets import make_hidream_files
+from ldm.hunyuan_video15_files import make_hunyuan_video15_files
 from ldm.ltx2_files import make_ltx2_files
 from ldm.ltxv_presets import make_ltxv_files
 from ldm.lumina2_presets import make_lumina2_files
@@ -70,6 +71,7 @@ FLUX2_FILES = {"klein": "diffusion_models/flux-2-klein-base-4b.safetensors",
 # text encoder's name.
 OVERRIDES = {"flux2_klein_t2i": {("2", "clip_name"): "qwen_3_4b-klein.safetensors", ("4", "value"): 128,
                                  ("5", "value"): 64, ("12", "steps"): 2},
+             "hunyuan_video15_t2v": {("6", "width"): 64, ("6", "height"): 48, ("6", "length"): 9, ("9", "steps"): 2},
              "flux2_dev_t2i": {("6", "width"): 128, ("6", "height"): 64, ("9", "width"): 128, ("9", "height"): 64,
                                ("9", "steps"): 2}}
 # Tiny HiDream-I1 parts under the names hidream_i1_dev_t2i.json loads (its ae.safetensors is Flux's, as a user's is).
@@ -90,6 +92,11 @@ ACE_FILES = {"diffusion_model": "diffusion_models/acestep_v1.5_turbo.safetensors
 LTX2_FILES = {"checkpoint": "checkpoints/ltx-2-19b-dev.safetensors",
               "text_encoder": "text_encoders/gemma_3_12B_it.safetensors",
               "upscaler": "latent_upscale_models/ltx-2-spatial-upscaler-x2-1.0.safetensors"}
+# Tiny HunyuanVideo 1.5 parts under the names hunyuan_video15_t2v.json loads; its Qwen2.5-VL file is Qwen-Image's, as
+# a user's is.
+HUNYUAN_VIDEO15_FILES = {"t2v": "diffusion_models/hunyuanvideo1.5_720p_t2v_fp16.safetensors",
+                         "byt5": "text_encoders/byt5_small_glyphxl_fp16.safetensors",
+                         "vae": "vae/hunyuanvideo15_vae_fp16.safetensors"}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -158,6 +165,9 @@ def base(tmp_path_factory):
     for part, name in LTX2_FILES.items():
         (root / "models" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ltx2[part], root / "models" / name)
+    hunyuan_video15 = make_hunyuan_video15_files(root / "hv15-tiny", seed=1)
+    for part, name in HUNYUAN_VIDEO15_FILES.items():
+        shutil.copy(hunyuan_video15[part], root / "models" / name)
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)
@@ -211,12 +221,15 @@ def test_every_example_workflow_runs(engine, base, name):
         return
     [images] = [ui["images"] for ui in result.outputs.values()]
     path = base.output / images[0]["subfolder"] / images[0]["filename"]
-    if path.suffix == ".mp4":  # LTX-2's video with its sound (SaveVideo): 9 frames of 128x128 at 24 fps, 24 kHz
+    if path.suffix == ".mp4":  # SaveVideo: LTX-2's 9 frames of 128x128 with 24 kHz sound, HunyuanVideo 1.5's of 64x48
         with av.open(str(path)) as container:
-            video, audio = container.streams.video[0], container.streams.audio[0]
-            assert (video.codec_context.width, video.codec_context.height) == (128, 128)
-            assert sum(1 for _ in container.decode(video)) == 9
-            assert audio.rate == 24000 and audio.channels == 2
+            video = container.streams.video[0]
+            size = (64, 48) if name == "hunyuan_video15_t2v" else (128, 128)
+            assert (video.codec_context.width, video.codec_context.height) == size
+            assert sum(1 for _ in container.decode(video)) == 9 and video.average_rate == 24
+            if name == "ltx2_t2v":
+                audio = container.streams.audio[0]
+                assert audio.rate == 24000 and audio.channels == 2
             prompt = json.loads({k.lower(): v for k, v in container.metadata.items()}["prompt"])
         assert prompt == json.loads(json.dumps(load(name, engine.registry).to_api()))
         return
