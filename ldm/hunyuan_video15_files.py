@@ -96,16 +96,8 @@ class HunyuanVideo15Denoiser(nn.Module):
         return self.model.img_in.proj.weight.dtype
 
     def step_end(self, timesteps: Tensor) -> Tensor | None:
-        """MeanFlow's `timesteps_r` x 1000 for levels `timesteps`: the schedule's next level after each (ComfyUI
-        finds the level in the run's sigmas; one not in them, or the last, ends at 0)."""
-        if not self.config.meanflow:
-            return None
-        if self.sigmas is None:
-            return torch.zeros_like(timesteps)
-        sigmas = self.sigmas.to(timesteps.device, torch.float32)
-        ends = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
-        match = (sigmas[None, :] - timesteps.float()[:, None]).abs() < 1e-5
-        return torch.where(match.any(1), ends[match.int().argmax(1)], torch.zeros_like(timesteps.float())) * 1000
+        """MeanFlow's `timesteps_r` for levels `timesteps` (`step_end`); None for other models."""
+        return step_end(self.sigmas, timesteps) if self.config.meanflow else None
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attn_mask: Tensor | None = None, byt5: Tensor | None = None, byt5_mask: Tensor | None = None,
@@ -115,6 +107,17 @@ class HunyuanVideo15Denoiser(nn.Module):
         levels = timesteps.reshape(-1).float().expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
         return self.model(x.to(self.dtype), levels * 1000, context, attn_mask, byt5, byt5_mask, y,
                           self.step_end(levels))
+
+
+def step_end(sigmas: Tensor | None, timesteps: Tensor) -> Tensor:
+    """A MeanFlow model's `timesteps_r` x 1000 for flow levels `timesteps` [B]: the level after each in the run's
+    schedule `sigmas` (ComfyUI finds the level in its sample_sigmas; one not in them, or the last, ends at 0)."""
+    if sigmas is None:
+        return torch.zeros_like(timesteps, dtype=torch.float32)
+    sigmas = sigmas.to(timesteps.device, torch.float32)
+    ends = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    match = (sigmas[None, :] - timesteps.float()[:, None]).abs() < 1e-5
+    return torch.where(match.any(1), ends[match.int().argmax(1)], torch.zeros_like(timesteps.float())) * 1000
 
 
 @dataclass

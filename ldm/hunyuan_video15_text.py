@@ -60,6 +60,7 @@ from ldm.t5 import T5Config, T5Encoder, build_t5, is_t5, t5_config_from_state_di
 from ldm.text_encoders import PinnableTextEncoder, TextEncoding
 
 FAMILY = "hunyuan_video15"  # the model family's name (DualCLIPLoader's type is hunyuan_video_15)
+IMAGE_FAMILY = "hunyuan_image21"  # HunyuanImage 2.1's (type hunyuan_image)
 # Tencent's "li-dit-encode-video-json" system message, one aspect a line: ComfyUI's HunyuanVideo15Tokenizer's
 # template, which Loom encodes with (98 tokens before the prompt's).
 _ASPECTS = ("You are a helpful assistant. Describe the video by detailing the following aspects:",
@@ -80,6 +81,11 @@ def chat_template(system: str) -> str:
 
 
 TEMPLATE, DIFFUSERS_TEMPLATE = chat_template(SYSTEM_MESSAGE), chat_template(DIFFUSERS_SYSTEM_MESSAGE)
+# HunyuanImage 2.1's (ComfyUI's HunyuanImageTokenizer, diffusers' HunyuanImagePipeline.prompt_template_encode): one
+# line of system message, and no assistant turn after the prompt (34 tokens before the prompt's).
+IMAGE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                  "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                  "<|im_end|>")
 DIFFUSERS_CROP_START = 108  # the diffusers template's tokens before the prompt's (what `template_end` finds)
 HIDDEN_LAYER = -3  # transformers' hidden_states index: the output of all but the last two layers
 CONDITIONING_BYT5 = "conditioning_byt5small"  # ComfyUI's name
@@ -154,6 +160,8 @@ class HunyuanVideo15TextEncoder(PinnableTextEncoder):
     `.to()` changes its dtype only."""
 
     main_encoder = ENCODER_NAME
+    template = TEMPLATE
+    empty_prompt = " "  # what an empty prompt is encoded as (ComfyUI's prevent_empty_text)
 
     def __init__(self, qwen: Any, byt5: T5Encoder | None = None) -> None:
         super().__init__()
@@ -162,7 +170,7 @@ class HunyuanVideo15TextEncoder(PinnableTextEncoder):
 
     def encode(self, prompts: list[str], clip_skip: int | None = None, per_encoder: dict[str, list[str]] | None = None,
                embeddings: Callable[[str], dict[int, Tensor] | None] | None = None,
-               template: str = TEMPLATE) -> TextEncoding:
+               template: str | None = None) -> TextEncoding:
         """`cond`: [B, L, 3584] Qwen's states, `extra["attention_mask"]` [B, L] int64; with quoted text and byT5,
         `extra["conditioning_byt5small"]` [B, L2, 1472] and `extra["byt5_attention_mask"]` [B, L2] int64. No pooled
         vector; clip skip, prompt weights and textual-inversion embeddings do not apply (ComfyUI reads
@@ -170,7 +178,7 @@ class HunyuanVideo15TextEncoder(PinnableTextEncoder):
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = (per_encoder or {}).get(ENCODER_NAME, prompts)
-        rows = [tokenize(p or " ", template) for p in prompts]
+        rows = [tokenize(p or self.empty_prompt, template or self.template) for p in prompts]
         ids, mask = padded(rows)
         device = self.qwen25_7b.device
         hidden = self.qwen25_7b(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -181,6 +189,15 @@ class HunyuanVideo15TextEncoder(PinnableTextEncoder):
         if self.byt5_small is not None and any(glyphs):
             extra[CONDITIONING_BYT5], extra[BYT5_MASK] = glyph_states(self.byt5_small, glyphs)
         return TextEncoding(cond, None, extra)
+
+
+class HunyuanImage21TextEncoder(HunyuanVideo15TextEncoder):
+    """HunyuanImage 2.1's prompt encoding (ComfyUI's CLIP type hunyuan_image): HunyuanVideo 1.5's encoders and
+    glyph rule, in HunyuanImage 2.1's template (`IMAGE_TEMPLATE`, its prompt's states and `<|im_end|>` kept); an
+    empty prompt stays empty."""
+
+    template = IMAGE_TEMPLATE
+    empty_prompt = ""
 
 
 @dataclass
@@ -200,9 +217,9 @@ def _refusal(name: str, sd: Mapping[str, Tensor]) -> CheckpointError:
 
 
 def hunyuan_video15_text_encoder(parts: list[tuple[str, Mapping[str, Tensor]]], device: torch.device | str = "cpu",
-                                 dtype: torch.dtype = torch.float32) -> LoadedHunyuanVideo15Text:
+                                 dtype: torch.dtype = torch.float32, image: bool = False) -> LoadedHunyuanVideo15Text:
     """The Qwen2.5-VL language model and, optionally, byT5 from (name, weights) pairs in either order, on `device` in
-    `dtype`."""
+    `dtype`; with `image`, as HunyuanImage 2.1's text encoder."""
     loaded: dict[str, tuple[Any, set[str], str, Mapping[str, Tensor]]] = {}
     for name, sd in parts:
         role = "qwen" if is_qwen25(sd) else "byt5" if is_byt5(sd) else None
@@ -218,15 +235,25 @@ def hunyuan_video15_text_encoder(parts: list[tuple[str, Mapping[str, Tensor]]], 
                               f"Qwen2.5-VL-7B file beside it. {_NEEDS}")
     unused = sorted(f"{name}: {k}" for _, used, name, sd in loaded.values() for k in sd if k not in used)
     byt5 = loaded["byt5"][0] if "byt5" in loaded else None
-    return LoadedHunyuanVideo15Text(HunyuanVideo15TextEncoder(loaded["qwen"][0], byt5).to(device).eval(), unused)
+    encoder = (HunyuanImage21TextEncoder if image else HunyuanVideo15TextEncoder)(loaded["qwen"][0], byt5)
+    return LoadedHunyuanVideo15Text(encoder.to(device).eval(), unused, IMAGE_FAMILY if image else FAMILY)
 
 
 def load_hunyuan_video15_text_encoder(paths: list[str | Path], device: torch.device | str = "cpu",
-                                      dtype: torch.dtype = torch.float32) -> LoadedHunyuanVideo15Text:
-    """The Qwen2.5-VL-7B file and, optionally, the byT5 file (in either order), on `device` in `dtype`."""
+                                      dtype: torch.dtype = torch.float32, image: bool = False
+                                      ) -> LoadedHunyuanVideo15Text:
+    """The Qwen2.5-VL-7B file and, optionally, the byT5 file (in either order), on `device` in `dtype`; with `image`,
+    as HunyuanImage 2.1's text encoder."""
     if len(paths) not in (1, 2):
         raise CheckpointError(f"HunyuanVideo 1.5 takes one or two text encoder files; got {len(paths)}. {_NEEDS}")
-    return hunyuan_video15_text_encoder([(Path(p).name, ckpt.load_state_dict(p)) for p in paths], device, dtype)
+    return hunyuan_video15_text_encoder([(Path(p).name, ckpt.load_state_dict(p)) for p in paths], device, dtype,
+                                        image)
+
+
+def load_hunyuan_image21_text_encoder(paths: list[str | Path], device: torch.device | str = "cpu",
+                                      dtype: torch.dtype = torch.float32) -> LoadedHunyuanVideo15Text:
+    """HunyuanImage 2.1's text encoder: the Qwen2.5-VL-7B file and, optionally, byT5 (ComfyUI's type hunyuan_image)."""
+    return load_hunyuan_video15_text_encoder(paths, device, dtype, image=True)
 
 
 # A tiny byT5 for tests: Glyph-SDXL-v2's vocabulary so that every byte's id fits, byT5-small's other proportions.

@@ -62,6 +62,7 @@ BUILTIN_MODULES = (
     "nodes.sd.ltxv_guides",
     "nodes.sd.ltx2",
     "nodes.sd.hunyuan_video15",
+    "nodes.sd.hunyuan_image21",
     "nodes.sd.qwen_image_edit",
     "nodes.sd.qwen_image_layered",
     "nodes.sd.qwen_image21",

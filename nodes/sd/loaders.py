@@ -337,8 +337,8 @@ class CheckpointLoader(Node):
 
 class VAELoader(Node):
     """Loads a standalone VAE file to use instead of a checkpoint's own: an image VAE, FLUX.2's, Wan's video VAE,
-    LTX-Video's (a VAE-only file, or the VAE part of an all-in-one file), HunyuanVideo 1.5's, or an Oobleck audio VAE
-    (Stable Audio's, in its own file or its checkpoint's; ACE-Step 1.5's)."""
+    LTX-Video's (a VAE-only file, or the VAE part of an all-in-one file), HunyuanVideo 1.5's, HunyuanImage 2.1's, or an
+    Oobleck audio VAE (Stable Audio's, in its own file or its checkpoint's; ACE-Step 1.5's)."""
 
     display_name = "Load VAE"
     category = "loaders"
@@ -352,6 +352,7 @@ class VAELoader(Node):
     def execute(self, vae_name: str) -> tuple[Vae]:
         from ldm.checkpoint import load_vae, read_shapes
         from ldm.flux2_vae import load_flux2_vae, peek_flux2_vae
+        from ldm.hunyuan_image21_vae import load_hunyuan_image21_vae, peek_hunyuan_image21_vae
         from ldm.hunyuan_video15_vae import load_hunyuan_video15_vae, peek_hunyuan_video15_vae
         from ldm.ltxv_vae import load_ltxv_vae, peek_ltxv_vae
         from ldm.oobleck import SAO_PREFIX, is_oobleck, load_oobleck
@@ -373,6 +374,8 @@ class VAELoader(Node):
                 return load_ltxv_vae(path, device=device, dtype=vae_dtype)
             if peek_hunyuan_video15_vae(path):  # HunyuanVideo 1.5's: 32 channels, 16x in space, 4x in time
                 return load_hunyuan_video15_vae(path, device=device, dtype=vae_dtype)
+            if peek_hunyuan_image21_vae(path):  # HunyuanImage 2.1's: 64 channels at 1/32 of the picture
+                return load_hunyuan_image21_vae(path, device=device, dtype=vae_dtype)
             shapes = read_shapes(path)
             if shapes is not None and (is_oobleck(shapes) or is_oobleck(shapes, SAO_PREFIX)):
                 # an audio VAE (Stable Audio's, ACE-Step 1.5's), kept in float32: bf16 moves its sound by percents

@@ -34,7 +34,7 @@ def clip_family_facts(linked: dict[str, dict[str, Any]]) -> dict[int, dict[str, 
 
 # Flow-model families whose levels follow SD3's time shift (ModelSamplingSD3).
 SD3_SHIFTED = frozenset({"sd3", "wan21", "wan22", "qwen_image", "z_image", "lumina2", "hidream", "ace_step15",
-                         "qwen_image21", "hunyuan_video15"})
+                         "qwen_image21", "hunyuan_video15", "hunyuan_image21"})
 
 
 def schedule_of(family: Any) -> DiscreteSchedule:

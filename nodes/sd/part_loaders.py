@@ -84,6 +84,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
             from ldm.chroma_files import peek_chroma  # first: Chroma files also have Flux's probe keys
             from ldm.flux2_files import peek_flux2  # first: Flux.1's peek may misread its names
             from ldm.hidream_files import peek_hidream
+            from ldm.hunyuan_image21_files import peek_hunyuan_image21
             from ldm.hunyuan_video15_files import peek_hunyuan_video15
             from ldm.ltx2_files import peek_ltx2
             from ldm.ltxv_files import peek_ltxv
@@ -95,7 +96,7 @@ def _header(part: str, path: str, fingerprint: str) -> tuple[str | None, str | N
 
             family = (peek_flux2(path) or peek_qwen_image21(path) or peek_z_image(path) or peek_lumina2(path)
                       or peek_qwen_image(path) or peek_hidream(path) or peek_hunyuan_video15(path)
-                      or peek_chroma(path) or peek_flux(path)
+                      or peek_hunyuan_image21(path) or peek_chroma(path) or peek_flux(path)
                       or peek_sd3(path) or peek_wan(path) or peek_ltx2(path) or peek_ltxv(path) or peek_ace_step15(path)
                       or peek_unet(path))
             return (None if family is None else family.name), None
@@ -183,6 +184,7 @@ class UNETLoader(Node):
             from ldm.diffusers_dit import diffusers_file_kind  # Flux in diffusers' layout (SD3's: is_sd3_unet_file)
             from ldm.flux2_files import is_flux2_file, load_flux2_unet
             from ldm.hidream_files import is_hidream_file, load_hidream_unet
+            from ldm.hunyuan_image21_files import is_hunyuan_image21_file, load_hunyuan_image21_unet
             from ldm.hunyuan_video15_files import is_hunyuan_video15_file, load_hunyuan_video15_unet
             from ldm.ltx2_files import is_ltx2_file, load_ltx2_unet
             from ldm.ltxv_files import is_ltxv_file, load_ltxv_unet
@@ -208,6 +210,8 @@ class UNETLoader(Node):
                 loader = load_wan_unet
             elif is_hunyuan_video15_file(path):  # before Flux: its double_blocks / txt_in names are Flux-like
                 loader = load_hunyuan_video15_unet
+            elif is_hunyuan_image21_file(path):  # likewise (and single_blocks)
+                loader = load_hunyuan_image21_unet
             elif is_ltx2_file(path):  # before LTX-Video: its transformer's names are a superset
                 loader = load_ltx2_unet
             elif is_ltxv_file(path):
@@ -396,6 +400,10 @@ TEXT_TYPES = {
     "stable_audio": TextType(("t5base",), "type stable_audio takes one T5-base (t5base: t5-base.safetensors)",
                              "ldm.stable_audio_text:load_stable_audio_text_encoder", "stable_audio",
                              "Stable Audio's T5-base"),
+    "hunyuan_image": TextType(("qwen25_7b",), "type hunyuan_image takes one Qwen2.5-VL-7B (qwen25_7b: "
+                              "qwen_2.5_vl_7b.safetensors or an fp8 copy); DualCLIPLoader adds the byT5 glyph encoder",
+                              "ldm.hunyuan_video15_text:load_hunyuan_image21_text_encoder", "hunyuan_image21",
+                              "HunyuanImage 2.1's Qwen2.5-VL-7B"),
 }
 _LOADED_TYPES = ("stable_diffusion, sd3, " + ", ".join(list(TEXT_TYPES)[:-1]) + f" or {list(TEXT_TYPES)[-1]}",
                  "SD1.x, SD2.x and the SDXL refiner, one of SD3's, "
@@ -480,9 +488,9 @@ _HUNYUAN_VIDEO15_NEEDS = ("type hunyuan_video_15 needs Qwen2.5-VL-7B (qwen25_7b:
 _ACE_NEEDS = ("type ace needs ACE-Step 1.5's Qwen3-0.6B text encoder (qwen3_06b_ace15: qwen_0.6b_ace15.safetensors) "
               "and its 5 Hz language model (ace15_lm: qwen_1.7b_ace15.safetensors or qwen_4b_ace15.safetensors)")
 # DualCLIPLoader's types Loom loads, and what they load, for the refusal of the others.
-_DUAL_LOADED = ("sdxl, flux, sd3, hidream, ace or hunyuan_video_15", "SDXL's CLIP-L and OpenCLIP bigG, Flux's CLIP-L "
-                "and T5-XXL, two of SD3's or of HiDream's, ACE-Step 1.5's Qwen3-0.6B and language model, HunyuanVideo "
-                "1.5's Qwen2.5-VL-7B and byT5")
+_DUAL_LOADED = ("sdxl, flux, sd3, hidream, ace, hunyuan_video_15 or hunyuan_image", "SDXL's CLIP-L and OpenCLIP bigG, "
+                "Flux's CLIP-L and T5-XXL, two of SD3's or of HiDream's, ACE-Step 1.5's Qwen3-0.6B and language model, "
+                "HunyuanVideo 1.5's or HunyuanImage 2.1's Qwen2.5-VL-7B and byT5")
 
 
 class DualCLIPLoader(Node):
@@ -490,8 +498,9 @@ class DualCLIPLoader(Node):
     Flux.1's CLIP-L and T5-XXL; with type sd3, two of SD3's CLIP-L, CLIP-G and T5-XXL, the third absent; with type
     hidream, two of HiDream-I1's CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B, the others absent; with type ace,
     ACE-Step 1.5's Qwen3-0.6B text encoder and its 5 Hz language model (in either order); with type
-    hunyuan_video_15, HunyuanVideo 1.5's Qwen2.5-VL-7B and byT5 glyph encoder (in either order), from
-    models/text_encoders or models/clip. The other types are other model families', which Loom refuses."""
+    hunyuan_video_15, HunyuanVideo 1.5's Qwen2.5-VL-7B and byT5 glyph encoder (in either order); with type
+    hunyuan_image, the same two files as HunyuanImage 2.1's (its own prompt template), from models/text_encoders or
+    models/clip. The other types are other model families', which Loom refuses."""
 
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
@@ -523,9 +532,10 @@ class DualCLIPLoader(Node):
         if inputs.get("type") == "ace":
             return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")], list(ACE_KINDS),
                                       _ACE_NEEDS)
-        if inputs.get("type") == "hunyuan_video_15":
+        if inputs.get("type") in ("hunyuan_video_15", "hunyuan_image"):
             return text_kinds_problem([inputs.get("clip_name1"), inputs.get("clip_name2")],
-                                      list(HUNYUAN_VIDEO15_KINDS), _HUNYUAN_VIDEO15_NEEDS)
+                                      list(HUNYUAN_VIDEO15_KINDS), _HUNYUAN_VIDEO15_NEEDS.replace(
+                                          "hunyuan_video_15", inputs["type"]))
         if inputs.get("type") != "sdxl":
             return _unsupported_type(inputs.get("type"), *_DUAL_LOADED)
         found = [header("text_encoder", TEXT_ENCODERS, inputs.get(name)) for name in ("clip_name1", "clip_name2")]
@@ -544,6 +554,8 @@ class DualCLIPLoader(Node):
             return {0: {"family": "ace_step15"}}
         if inputs.get("type") == "hunyuan_video_15":
             return {0: {"family": "hunyuan_video15"}}
+        if inputs.get("type") == "hunyuan_image":
+            return {0: {"family": "hunyuan_image21"}}
         family = _text_family([header("text_encoder", TEXT_ENCODERS, inputs.get(name))[0]
                                for name in ("clip_name1", "clip_name2")])
         return {} if family is None else {0: {"family": family}}
@@ -566,6 +578,11 @@ class DualCLIPLoader(Node):
 
             return (load_clip(self, (clip_name1, clip_name2), device, load_hunyuan_video15_text_encoder,
                               "hunyuan_video15"),)
+        if type == "hunyuan_image":
+            from ldm.hunyuan_video15_text import load_hunyuan_image21_text_encoder
+
+            return (load_clip(self, (clip_name1, clip_name2), device, load_hunyuan_image21_text_encoder,
+                              "hunyuan_image21"),)
         if type != "sdxl":
             raise ValueError(_unsupported_type(type, *_DUAL_LOADED))
         return (load_clip(self, (clip_name1, clip_name2), device),)

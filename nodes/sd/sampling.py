@@ -62,6 +62,10 @@ def _with_adm(conditioning: list, model: DiffusionModel, latent: torch.Tensor, n
         from nodes.sd.hunyuan_video15 import hunyuan_video15_conditioning
 
         return hunyuan_video15_conditioning(conditioning)
+    if model.family.name == "hunyuan_image21":  # the distilled model's `y`: the guidance strength
+        from nodes.sd.hunyuan_image21 import hunyuan_image21_conditioning
+
+        return hunyuan_image21_conditioning(conditioning, model)
     if model.family.name == "svd":  # its `y`: the frame rate, motion bucket and augmentation, and the frame count
         from nodes.sd.svd import svd_sampling_y
 

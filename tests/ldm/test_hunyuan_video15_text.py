@@ -78,7 +78,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def encoder(files):
     loaded = load_hunyuan_video15_text_encoder(list(files))
-    assert loaded.family == "hunyuan_video_15" and loaded.unused_keys == []  # the vision tower knowingly unused
+    assert loaded.family == "hunyuan_video15" and loaded.unused_keys == []  # the vision tower knowingly unused
     return loaded.encoder
 
 
@@ -239,3 +239,35 @@ def test_byt5_small_glyph_shape_is_read_from_its_weights() -> None:
               if k != "encoder.embed_tokens.weight"}
     assert is_byt5(shapes) and t5_config_from_state_dict(shapes) == glyph
     assert shapes["encoder.block.0.layer.0.SelfAttention.q.weight"].shape == (384, 1472)
+
+
+def test_hunyuan_image21_prompts_match_diffusers(files, pipeline) -> None:
+    """HunyuanImage 2.1's encoding (ComfyUI's type hunyuan_image): its template, 34 tokens dropped, the prompt's
+    states and `<|im_end|>` kept, against diffusers' HunyuanImagePipeline on the same Qwen model; the glyph text as
+    HunyuanVideo 1.5's."""
+    from diffusers import HunyuanImagePipeline
+    from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+    from ldm.hunyuan_video15_text import IMAGE_TEMPLATE, HunyuanImage21TextEncoder, load_hunyuan_image21_text_encoder
+
+    loaded = load_hunyuan_image21_text_encoder(list(files))
+    assert isinstance(loaded.encoder, HunyuanImage21TextEncoder) and loaded.family == "hunyuan_image21"
+    encoding = loaded.encoder.encode([PLAIN, QUOTED])
+    with torch.no_grad():
+        states, mask = HunyuanImagePipeline._get_qwen_prompt_embeds(
+            pipeline, pipeline.tokenizer, pipeline.text_encoder, [PLAIN, QUOTED], torch.device("cpu"), torch.float32,
+            template=IMAGE_TEMPLATE)
+        glyph = extract_glyph_text(QUOTED)
+        byt5, byt5_mask = HunyuanImagePipeline._get_byt5_prompt_embeds(
+            pipeline, pipeline.tokenizer_2, pipeline.text_encoder_2, glyph, torch.device("cpu"), torch.float32)
+    lengths = mask.sum(1).int().tolist()
+    assert template_end(tokenize(PLAIN, IMAGE_TEMPLATE)) == 34
+    assert encoding.extra[ATTENTION_MASK].sum(1).tolist() == lengths
+    for i, length in enumerate(lengths):
+        assert (encoding.cond[i, :length] - states[i, :length]).abs().max() < 1e-5
+    assert glyph == glyph_prompt(QUOTED)  # no ASCII single quotes here, which diffusers also reads
+    glyph_length = int(byt5_mask.sum())
+    ours = encoding.extra[CONDITIONING_BYT5][1, :glyph_length]
+    assert (ours - byt5[0, :glyph_length]).abs().max() < 1e-5
+    empty = loaded.encoder.encode([""])
+    assert empty.cond.shape[1] == 1  # an empty prompt stays empty: `<|im_end|>` alone (HunyuanVideo 1.5's: " ")
