@@ -425,6 +425,7 @@ PART_MAKERS = {
     "make-ace-step": ("ldm.ace_step15_presets", "make_ace_step15_files", "ACE-Step 1.5"),
     "make-ltx2": ("ldm.ltx2_files", "make_ltx2_files", "LTX-2"),
     "make-hunyuan-video15": ("ldm.hunyuan_video15_files", "make_hunyuan_video15_files", "HunyuanVideo 1.5"),
+    "make-hunyuan-image21": ("ldm.hunyuan_image21_files", "make_hunyuan_image21_files", "HunyuanImage 2.1"),
 }
 # Each command's help: what it writes, and where (under the models folder).
 PART_HELP = {
@@ -471,6 +472,10 @@ PART_HELP = {
                              "hunyuanvideo1.5_1080p_sr_distilled-tiny, hunyuanvideo15_vae-tiny, "
                              "qwen_2.5_vl_7b-hunyuan_video15-tiny, byt5_small_glyphxl-tiny, "
                              "sigclip_vision_patch14_384-tiny, hunyuanvideo15_latent_upsampler_1080p-tiny)"),
+    "make-hunyuan-image21": ("the transformer and its distilled copy, the VAE, Qwen2.5-VL's language model and the "
+                             "byT5 glyph encoder", "diffusion_models/, vae/ and text_encoders/ (hunyuanimage2.1-tiny, "
+                             "hunyuanimage2.1_distilled-tiny, hunyuan_image_2.1_vae-tiny, "
+                             "qwen_2.5_vl_7b-hunyuan_image21-tiny, byt5_small_glyphxl-hunyuan_image21-tiny)"),
 }
 
 

@@ -21,6 +21,7 @@ from ldm.controlnet_z_image import write_tiny_z_image_fun_controlnet
 from ldm.flux2_presets import make_flux2_files
 from ldm.flux_presets import make_flux_files
 from ldm.hidream_presets import make_hidream_files
+from ldm.hunyuan_image21_files import make_hunyuan_image21_files
 from ldm.hunyuan_video15_files import make_hunyuan_video15_files
 from ldm.ltx2_files import make_ltx2_files
 from ldm.ltxv_presets import make_ltxv_files
@@ -97,6 +98,9 @@ LTX2_FILES = {"checkpoint": "checkpoints/ltx-2-19b-dev.safetensors",
 HUNYUAN_VIDEO15_FILES = {"t2v": "diffusion_models/hunyuanvideo1.5_720p_t2v_fp16.safetensors",
                          "byt5": "text_encoders/byt5_small_glyphxl_fp16.safetensors",
                          "vae": "vae/hunyuanvideo15_vae_fp16.safetensors"}
+# Tiny HunyuanImage 2.1 parts under the names hunyuan_image21_t2i.json loads (its text encoders are those above).
+HUNYUAN_IMAGE21_FILES = {"unet": "diffusion_models/hunyuanimage2.1_bf16.safetensors",
+                         "vae": "vae/hunyuan_image_2.1_vae_fp16.safetensors"}
 # Tiny Wan 2.1 parts under the names wan_t2v.json loads.
 WAN_FILES = {"t2v": "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
              "umt5xxl": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "vae/wan_2.1_vae.safetensors"}
@@ -168,6 +172,9 @@ def base(tmp_path_factory):
     hunyuan_video15 = make_hunyuan_video15_files(root / "hv15-tiny", seed=1)
     for part, name in HUNYUAN_VIDEO15_FILES.items():
         shutil.copy(hunyuan_video15[part], root / "models" / name)
+    hunyuan_image21 = make_hunyuan_image21_files(root / "hy21-tiny", seed=1)
+    for part, name in HUNYUAN_IMAGE21_FILES.items():
+        shutil.copy(hunyuan_image21[part], root / "models" / name)
     paths = FolderPaths(base=root)
     paths.seed_input_examples()
     set_paths(paths)
@@ -187,7 +194,7 @@ def load(name: str, registry, overrides=None):
             node.inputs.update(FAST)
         if node.class_type == "TextEncodeQwenImage21":
             node.inputs.update(resolution=128)
-        if node.class_type in ("EmptyLatentImage", "EmptySD3LatentImage"):
+        if node.class_type in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanImageLatent"):
             node.inputs.update(width=min(node.inputs["width"], 128), height=min(node.inputs["height"], 64))
         if node.class_type == "EmptyHunyuanLatentVideo":
             node.inputs.update(width=64, height=64, length=5)
