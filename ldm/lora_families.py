@@ -5,8 +5,8 @@ ldm.lora_sd3's; Wan's ldm.lora_wan's; LTX-Video's ldm.lora_ltxv's; LTX-2's ldm.l
 ldm.lora_qwen_image's; Z-Image's ldm.lora_z_image's; Lumina Image 2.0's ldm.lora_lumina2's (the original names, kohya's
 `lora_unet_layers_0_attention_qkv` and ComfyUI's `diffusion_model.layers.0.attention.qkv`; diffusers'
 Lumina2Transformer2DModel names with q / k / v apart, `transformer.layers.0.attn.to_q`; and Z-Image's diffusers
-names); FLUX.2's ldm.lora_flux2's; HiDream-I1's ldm.lora_hidream's; ACE-Step 1.5's ldm.lora_ace_step15's; Chroma's
-ldm.chroma_lora's.
+names); FLUX.2's ldm.lora_flux2's; HiDream-I1's ldm.lora_hidream's; ACE-Step 1.5's ldm.lora_ace_step15's; HunyuanVideo
+1.5's ldm.lora_hunyuan_video15's; Chroma's ldm.chroma_lora's.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ def _index(module: nn.Module) -> dict[str, str]:
 
     if isinstance(module, AceStep15Denoiser | AceStep15Model):
         return lora_ace_step15.ace_step15_index(module)
+    if _is_hunyuan_video15(module):
+        from ldm import lora_hunyuan_video15
+
+        return lora_hunyuan_video15.hunyuan_video15_index(module)
     if takes_no_lora(module):
         return {}
     encoders = getattr(module, "encoders", None)
@@ -95,12 +99,15 @@ def _index(module: nn.Module) -> dict[str, str]:
 def takes_no_lora(module: nn.Module) -> bool:
     """Whether `module` is a text encoder no LoRA patches: Wan's UMT5, LTX-Video's T5, LTX-2's Gemma 3 (with its
     feature projection), Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3, Lumina 2's Gemma-2-2B, FLUX.2's Mistral / Qwen3,
-    HiDream-I1's CLIP-L / CLIP-G / T5-XXL / Llama 3.1 and ACE-Step 1.5's Qwen3 (diffusers' loaders for those models
-    patch their transformers alone, and so does Loom; LTX-2's: the transformer and the connectors)."""
+    HiDream-I1's CLIP-L / CLIP-G / T5-XXL / Llama 3.1, ACE-Step 1.5's Qwen3 and HunyuanVideo 1.5's Qwen2.5-VL / byT5
+    (diffusers' loaders for those models patch their transformers alone, and so does Loom; LTX-2's: the transformer
+    and the connectors; ComfyUI reads no trainer's names for HunyuanVideo 1.5's encoders, only its own
+    `text_encoders.` keys)."""
     from ldm.ace_step15_text import AceStep15TextEncoder
     from ldm.flux2_text import Flux2TextEncoder
     from ldm.gemma_text import Lumina2TextEncoder
     from ldm.hidream_text import HiDreamTextEncoder
+    from ldm.hunyuan_video15_text import HunyuanVideo15TextEncoder
     from ldm.ltx2_text import LTX2TextEncoder
     from ldm.ltxv_text import LTXVTextEncoder
     from ldm.qwen3_text import ZImageTextEncoder
@@ -109,12 +116,12 @@ def takes_no_lora(module: nn.Module) -> bool:
 
     return isinstance(module, WanTextEncoder | LTXVTextEncoder | QwenImageTextEncoder | ZImageTextEncoder
                       | Lumina2TextEncoder | Flux2TextEncoder | HiDreamTextEncoder | AceStep15TextEncoder
-                      | LTX2TextEncoder)
+                      | LTX2TextEncoder | HunyuanVideo15TextEncoder)
 
 
 def _slots(module: nn.Module) -> dict[str, Slot]:
-    """Names of parts of fused layers (a Flux, SD3, Z-Image, Lumina 2 or FLUX.2 transformer's, in diffusers' layout)
-    -> their slots."""
+    """Names of parts of fused layers (a Flux, SD3, Z-Image, Lumina 2, FLUX.2 or HunyuanVideo 1.5 transformer's, in
+    diffusers' layout; HunyuanVideo 1.5's q, k, v also in Tencent's) -> their slots."""
     from ldm import lora_flux, lora_flux2, lora_lumina2, lora_sd3, lora_z_image
     from ldm.flux2 import Flux2
     from ldm.lumina2 import Lumina2Model
@@ -129,6 +136,10 @@ def _slots(module: nn.Module) -> dict[str, Slot]:
         return lora_lumina2.lumina2_slots(module)
     if isinstance(module, Flux2):
         return lora_flux2.flux2_slots(module)
+    if _is_hunyuan_video15(module):
+        from ldm import lora_hunyuan_video15
+
+        return lora_hunyuan_video15.hunyuan_video15_slots(module)
     chroma = _chroma_lora(module)
     if chroma is not None:
         return chroma[1]
@@ -147,6 +158,14 @@ def _redundant(module: nn.Module, names: Iterable[str]) -> set[str]:
     if isinstance(module, Lumina2Model):
         return lora_lumina2.lumina2_redundant(module, names)
     return set()
+
+
+def _is_hunyuan_video15(module: nn.Module) -> bool:
+    """Whether `module` is a HunyuanVideo 1.5 transformer or the denoiser that wraps it."""
+    from ldm.hunyuan_video15 import HunyuanVideo15
+    from ldm.hunyuan_video15_files import HunyuanVideo15Denoiser
+
+    return isinstance(module, HunyuanVideo15Denoiser | HunyuanVideo15)
 
 
 def _chroma_lora(module: nn.Module) -> tuple[dict[str, str], dict[str, Slot]] | None:
@@ -172,14 +191,15 @@ _FLUX_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transforme
 
 def lora_family(lora: Lora) -> str | None:
     """The family a LoRA was trained for ("sd1", "sd2", "sdxl", "flux", "sd3", "wan21", "wan22" or "wan": see
-    ldm.lora_wan, "ltxv", "ltx2", "qwen_image", "lumina2", "z_image", "flux2", "hidream", "ace_step15"), None when its
-    keys do not tell.
+    ldm.lora_wan, "ltxv", "ltx2", "qwen_image", "lumina2", "z_image", "flux2", "hidream", "ace_step15",
+    "hunyuan_video15"), None when its keys do not tell.
     (An SD3 file of CLIP-L/CLIP-G keys alone reads as SDXL: their names and widths are the same; a file on the Flux
     layout that does not tell FLUX.2's from Flux.1's reads as Flux's, one of LTX-Video's block names alone LTX-Video's
     though it may be LTX-2's: see `family_fits`.)"""
     from ldm.lora_ace_step15 import ace_step15_family
     from ldm.lora_flux2 import flux2_family
     from ldm.lora_hidream import hidream_family
+    from ldm.lora_hunyuan_video15 import hunyuan_video15_family
     from ldm.lora_ltx2 import ltx2_family
     from ldm.lora_ltxv import ltxv_family
     from ldm.lora_lumina2 import lumina2_family
@@ -194,10 +214,12 @@ def lora_family(lora: Lora) -> str | None:
     # FLUX.2's first: its marks are its own, and its diffusers names under ComfyUI's prefix are Qwen-Image's too.
     # Lumina 2's before Z-Image's, whose names it shares (ldm.lora_lumina2 tells it by its own names or its shapes).
     # HiDream's and ACE-Step 1.5's block names are their own. LTX-2's before LTX-Video's, whose names it shares.
+    # HunyuanVideo 1.5's last, before Flux's: ComfyUI's names of its double blocks are Flux's (its width tells).
     named = (flux2_family(lora.weights) or hidream_family(lora.weights) or ace_step15_family(lora.weights)
              or wan_family(lora.weights) or ltx2_family(lora.weights) or ltxv_family(lora.weights)
              or qwen_image_family(lora.weights)
-             or lumina2_family(lora.weights) or z_image_family(lora.weights))
+             or lumina2_family(lora.weights) or z_image_family(lora.weights)
+             or hunyuan_video15_family(lora.weights))
     if named is not None:
         return named
     if any(_FLUX_NAME.search(n) for n in names):

@@ -280,3 +280,26 @@ def test_the_1080p_pass_upscales_and_refines_with_the_sr_model(engine, base) -> 
     doc["48"] = {"class_type": "PreviewAny", "inputs": {"source": ["47", 0]}}
     result = engine.run(parse_api(doc), keep=["47"])
     assert not result.ok and "HunyuanVideo15LatentUpscaleWithModel" in result.error.exception_message
+
+
+def test_a_lora_patches_the_transformer_through_loraloadermodelonly(engine, base) -> None:
+    """A LoRA in ComfyUI's names (`diffusion_model.double_blocks.0.img_attn_qkv`) through LoraLoaderModelOnly: it
+    changes the video; at strength 0 it is the plain model's (the names themselves: tests/ldm)."""
+    from safetensors.torch import save_file
+
+    config = load_hunyuan_video15_unet(base[1]["t2v"], dtype=torch.float32).family.unet_config
+    g = torch.Generator().manual_seed(7)
+    rank, width = 4, config.hidden_size
+    lora = {"diffusion_model.double_blocks.0.img_attn_qkv.lora_down.weight": torch.randn(rank, width, generator=g),
+            "diffusion_model.double_blocks.0.img_attn_qkv.lora_up.weight": torch.randn(3 * width, rank, generator=g),
+            "diffusion_model.double_blocks.0.img_attn_qkv.alpha": torch.tensor(float(rank))}
+    (base[0].base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(lora, base[0].base / "models" / "loras" / "hv15_tiny_lora.safetensors")
+    plain, = run(engine, workflow(), keep=("8",))
+    for strength, changed in ((1.0, True), (0.0, False)):
+        doc = workflow()
+        doc["40"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": "hv15_tiny_lora.safetensors", "strength_model": strength}}
+        doc["8"]["inputs"]["model"] = ["40", 0]
+        patched, = run(engine, doc, keep=("8",))
+        assert ((patched["samples"] - plain["samples"]).abs().max() > 1e-3) == changed
