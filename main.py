@@ -160,7 +160,8 @@ def _ui_only(path: Path, node_id: str) -> str:
 def _set_subgraph_widgets(data: Any, sets: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
     """Apply the `--set`s that name a widget a subgraph node of an editor file shows (its `proxyWidgets`: a subgraph
     input it promotes, e.g. a template's width, or an inner node's widget) to that node's widget values; returns the
-    others."""
+    others, an inner node's widget the node holds no value for as that inner node's (`92:95.steps`: Comfy-Org's
+    HunyuanVideo 1.5 templates keep none)."""
     nodes = {str(n.get("id")): n for n in data.get("nodes", []) if isinstance(n, dict)} if isinstance(data, dict) \
         else {}
     subgraphs = {d.get("id") for d in ((data.get("definitions") or {}).get("subgraphs") or []) if isinstance(d, dict)} \
@@ -172,10 +173,12 @@ def _set_subgraph_widgets(data: Any, sets: list[tuple[str, str, Any]]) -> list[t
         slot = next((i for i, p in enumerate(proxies) if isinstance(p, list) and len(p) == 2 and p[1] == input_name),
                     None)
         values = node.get("widgets_values")
-        if slot is None or not isinstance(values, list) or slot >= len(values):
-            left.append((node_id, input_name, value))
-        else:
+        if slot is not None and isinstance(values, list) and slot < len(values):
             values[slot] = value
+        elif slot is not None and str(proxies[slot][0]) != "-1":  # an inner node's widget, its own value in force
+            left.append((f"{node_id}:{proxies[slot][0]}", input_name, value))
+        else:
+            left.append((node_id, input_name, value))
     return left
 
 

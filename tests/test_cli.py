@@ -223,3 +223,25 @@ def test_a_missing_input_file_names_the_input_folder(tmp_path):
     proc = cli("run", path, "--base-dir", tmp_path)
     assert proc.returncode == 2 and "'nope.png' is not one of [" in proc.stderr
     assert "(the files in input)" in proc.stderr and str(tmp_path) not in proc.stderr
+
+
+def test_set_reaches_an_inner_widget_a_subgraph_shows_without_holding_its_value(tmp_path):
+    """`--set 5.a=10` where node 5 shows its inner node 1's widget `a` (`proxyWidgets` [["1", "a"]]) and keeps no
+    value of its own (Comfy-Org's HunyuanVideo 1.5 templates' sampler subgraphs): it sets the inner node's."""
+    definition = {
+        "id": "sg-math", "name": "Math", "inputNode": {"id": -10}, "outputNode": {"id": -20}, "inputs": [],
+        "outputs": [{"id": "o0", "name": "INT", "type": "INT", "linkIds": [2]}], "widgets": [],
+        "nodes": [{"id": 1, "type": "IntMath", "mode": 0, "widgets_values": [6, 7, "multiply"], "inputs": [],
+                   "outputs": [{"name": "INT", "type": "INT", "links": [2]}]}],
+        "links": [{"id": 2, "origin_id": 1, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "INT"}],
+    }
+    doc = {"nodes": [{"id": 5, "type": "sg-math", "mode": 0, "widgets_values": [],
+                      "properties": {"proxyWidgets": [["1", "a"]]}, "inputs": [],
+                      "outputs": [{"name": "INT", "type": "INT", "links": [11]}]},
+                     {"id": 9, "type": "PreviewAny", "mode": 0, "widgets_values": [],
+                      "inputs": [{"name": "source", "type": "*", "link": 11}], "outputs": []}],
+           "links": [[11, 5, 0, 9, 0, "INT"]], "definitions": {"subgraphs": [definition]}, "version": 0.4}
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps(doc))
+    proc = cli("run", path, "--set", "5.a=10", "--base-dir", tmp_path)
+    assert proc.returncode == 0 and "70" in proc.stdout, proc.stderr + proc.stdout
