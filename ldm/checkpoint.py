@@ -498,7 +498,11 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     try:
         config = _vae_config(weights, "", scaling_factor)
     except KeyError as e:
-        raise CheckpointError(f"{path.name}: not a VAE (no weight {e})") from None
+        from ldm.parts import look_of
+
+        look = look_of(sd)
+        held = f": it looks like {look.what}; {look.advice}" if look is not None and look.kind != "vae" else ""
+        raise CheckpointError(f"{path.name}: not a VAE Loom knows (no weight {e}){held}") from None
     vae = _materialize(lambda: AutoencoderKL(config), weights, "VAE", path, device, dtype)
     expected = vae.state_dict().keys()
     return LoadedVAE(vae, sorted(k for k in sd if names.get(k) not in expected), path)

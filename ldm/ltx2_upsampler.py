@@ -225,7 +225,12 @@ def load_latent_upsampler(path_or_state_dict: str | Path | StateDict, device: to
     try:
         config = config_from_state_dict(sd, metadata)
     except ValueError as e:
-        raise CheckpointError(f"{path.name}: {e}") from None
+        from ldm.parts import look_of
+
+        look = look_of(sd)
+        held = f"; it looks like {look.what}: {look.advice}" if look is not None else ""
+        raise CheckpointError(f"{path.name}: {e}: neither LTX-2's latent upsampler nor HunyuanVideo 1.5's{held}"
+                              ) from None
     model = ckpt._materialize(lambda: LatentUpsampler(config), sd, "latent upsampler", path, device, dtype)
     unused = sorted(set(sd) - set(model.state_dict()))
     if unused:

@@ -58,6 +58,16 @@ LOOKS: tuple[Look, ...] = (
          _starts("control_model.", "input_hint_block.", "zero_convs.", "controlnet_cond_embedding.")),
     Look("t2i_adapter", "a T2I-Adapter", "put it in models/controlnet and load it with Load ControlNet Model",
          _starts("adapter.body.", "body.0.block1.", "body.0.in_conv.")),
+    Look("hunyuan_video15", "a HunyuanVideo 1.5 diffusion model", "put it in models/diffusion_models and load it with "
+         "Load Diffusion Model", lambda keys: "cond_type_embedding.weight" in keys
+         or UNET_PREFIX + "cond_type_embedding.weight" in keys),
+    Look("hunyuan_image21", "a HunyuanImage 2.1 diffusion model", "put it in models/diffusion_models and load it with "
+         "Load Diffusion Model", lambda keys: _contains("txt_in.individual_token_refiner.")(keys)
+         and _contains("single_blocks.0.")(keys)),
+    Look("latent_upscale_model", "a latent upscale model (HunyuanVideo 1.5's or LTX-2's)", "put it in "
+         "models/latent_upscale_models and load it with Load Latent Upscale Model",
+         lambda keys: {"conv_in.conv.weight", "up.0.block.0.conv1.conv.weight"} <= keys
+         or "post_upsample_res_blocks.0.conv2.bias" in keys),
     Look("flux2", "a FLUX.2 diffusion model (dev or klein)", "put it in models/diffusion_models and load it with Load "
          "Diffusion Model (Black Forest Labs' layout: flux2_dev, flux-2-klein-4b / 9b)",
          _contains("single_stream_modulation.lin.")),
@@ -71,11 +81,14 @@ LOOKS: tuple[Look, ...] = (
     Look("umt5", "UMT5-XXL, Wan's text encoder (T5's layout, a position bias in every block)", "put it in "
          "models/text_encoders and load it with Load CLIP, type wan",
          lambda keys: "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in keys),
-    Look("t5", "a T5 text encoder (SD3, Flux and video models use it)", "for Flux, put it in models/text_encoders "
-         "and load it with DualCLIPLoader, type flux, with a CLIP-L file; for SD3, with TripleCLIPLoader",
+    Look("t5", "a T5 text encoder (SD3, Flux and video models use it; byT5 is HunyuanVideo 1.5's and HunyuanImage "
+         "2.1's glyph encoder)", "for Flux, put it in models/text_encoders and load it with DualCLIPLoader, type flux, "
+         "with a CLIP-L file; for SD3, with TripleCLIPLoader; byT5 with DualCLIPLoader, type hunyuan_video_15 or "
+         "hunyuan_image, with Qwen2.5-VL-7B",
          _contains("SelfAttention.k.weight", "DenseReluDense.")),
-    Look("qwen25vl", "Qwen2.5-VL, Qwen-Image's text encoder (a Qwen2 language model with q/k/v biases)", "put it in "
-         "models/text_encoders and load it with Load CLIP, type qwen_image",
+    Look("qwen25vl", "Qwen2.5-VL, Qwen-Image's, HunyuanVideo 1.5's and HunyuanImage 2.1's text encoder (a Qwen2 "
+         "language model with q/k/v biases)", "put it in models/text_encoders and load it with Load CLIP, type "
+         "qwen_image (Qwen-Image), or DualCLIPLoader, type hunyuan_video_15 or hunyuan_image, with the byT5 file",
          lambda keys: {"model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.bias"} <= keys),
     Look("qwen3", "Qwen3 (Qwen3-4B is Z-Image's text encoder: a language model with q/k norms)", "put it in "
          "models/text_encoders and load it with Load CLIP, type lumina2",
@@ -95,7 +108,8 @@ LOOKS: tuple[Look, ...] = (
     Look("clip_vision", "a CLIP vision model (it encodes images, for unCLIP and IP-Adapter)", _UNSUPPORTED,
          lambda keys: _starts("vision_model.", "visual.")(keys) and not _contains("token_embedding")(keys)),
     Look("vae", "a VAE", "put it in models/vae and load it with Load VAE",
-         lambda keys: "encoder.conv_in.weight" in keys or _starts(VAE_PREFIX)(keys)),
+         lambda keys: bool(keys & {"encoder.conv_in.weight", "encoder.conv_in.conv.weight"})
+         or _starts(VAE_PREFIX)(keys)),
     Look("unet", "an SD UNet (diffusion model)",
          "put it in models/diffusion_models and load it with Load Diffusion Model",
          lambda keys: _starts(UNET_PREFIX + "input_blocks.", "input_blocks.", "down_blocks.0.resnets.")(keys)),

@@ -228,6 +228,10 @@ def _concat(model: DiffusionModel, samples: torch.Tensor, options: dict, noise_m
         return cond
     if image is None:
         image = torch.zeros(samples.shape[0], CHANNELS, *samples.shape[2:])
+    elif image.shape[1] == 2 * CHANNELS + 2:
+        raise ValueError(f"the prompts were prepared by HunyuanVideo15SuperResolution for the 1080p super-resolution "
+                         f"model; {model.source} is a 480p / 720p model: sample them with "
+                         "hunyuanvideo1.5_1080p_sr_distilled")
     elif image.shape[1] != CHANNELS:
         raise ValueError(f"the prompts' image latent has {image.shape[1]} channels; {model.source} takes HunyuanVideo "
                          "1.5's 32 (HunyuanVideo15ImageToVideo makes it)")

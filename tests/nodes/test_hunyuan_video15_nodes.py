@@ -303,3 +303,14 @@ def test_a_lora_patches_the_transformer_through_loraloadermodelonly(engine, base
         doc["8"]["inputs"]["model"] = ["40", 0]
         patched, = run(engine, doc, keep=("8",))
         assert ((patched["samples"] - plain["samples"]).abs().max() > 1e-3) == changed
+
+
+def test_super_resolution_prompts_on_the_720p_model_name_the_sr_model(base) -> None:
+    from nodes.sd.hunyuan_video15 import hunyuan_video15_inputs
+    from nodes.sd.models import DiffusionModel
+
+    loaded = load_hunyuan_video15_unet(base[1]["t2v"], dtype=torch.float32)
+    model = DiffusionModel(loaded.unet, loaded.family, "hunyuanvideo1.5_720p_t2v")
+    prompts = [(torch.zeros(1, 5, 32), {"concat_latent_image": torch.zeros(1, 66, *LATENT[2:])})]
+    with pytest.raises(ValueError, match="HunyuanVideo15SuperResolution for the 1080p super-resolution model"):
+        hunyuan_video15_inputs(model, {"samples": torch.zeros(LATENT)}, 0, prompts)
