@@ -86,5 +86,5 @@ def test_a_umt5_file_with_other_types_is_refused(folders) -> None:
 
 def test_unsupported_types_name_wan_among_the_supported() -> None:
     problem = CLIPLoader.check_inputs({"clip_name": UMT5, "type": "cosmos"})
-    assert ("Loom loads type stable_diffusion, sd3, chroma, wan, ltxv, qwen_image, lumina2, hidream, flux2 or "
-            "stable_audio") in problem
+    assert ("Loom loads type stable_diffusion, sd3, chroma, wan, ltxv, qwen_image, lumina2, hidream, flux2, "
+            "stable_audio or hunyuan_image") in problem
