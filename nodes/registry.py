@@ -29,6 +29,7 @@ BUILTIN_MODULES = (
     "nodes.sd.preprocessors",
     "nodes.sd.upscale",
     "nodes.sd.patches",
+    "nodes.sd.easycache",
     "nodes.sd.guidance_nodes",
     "nodes.sd.merge",
     "nodes.sd.sigmas",
