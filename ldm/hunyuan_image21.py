@@ -238,6 +238,8 @@ class HunyuanImage21(nn.Module):
             masks.append(_valid(byt5_mask, batch, byt5.shape[1], device))
         parts.append(self.txt_in(context, timesteps, text_mask))
         masks.append(text_mask)
+        if context_mask is None and (byt5 is None or byt5_mask is None):
+            return torch.cat(parts, dim=1), None  # no mask given: no host read, so a CUDA graph can capture the call
         return _valid_first(torch.cat(parts, dim=1), torch.cat(masks, dim=1))
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, context_mask: Tensor | None = None,

@@ -71,6 +71,7 @@ class HunyuanImage21Denoiser(nn.Module):
     `sigmas`: the run's schedule, which MeanFlow models read the step's end from."""
 
     reads_run_sigmas = True  # `ldm.sampling.ksampler.sample` sets `sigmas` for each run
+    fp8_keep = r"^model\.(?!double_blocks\.|single_blocks\.)"  # fp8 weights for the blocks alone (--weights-dtype)
 
     def __init__(self, model: HunyuanImage21):
         super().__init__()
@@ -84,7 +85,8 @@ class HunyuanImage21Denoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.time_in.mlp[0].weight.dtype
+        """The compute dtype: a q norm's, which fp8 weights (`ldm.quant`) leave as it is."""
+        return self.model.double_blocks[0].img_attn_q_norm.weight.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attn_mask: Tensor | None = None, byt5: Tensor | None = None, byt5_mask: Tensor | None = None,

@@ -80,6 +80,7 @@ class HunyuanVideo15Denoiser(nn.Module):
     which MeanFlow models read the step's end from."""
 
     reads_run_sigmas = True  # `ldm.sampling.ksampler.sample` sets `sigmas` for each run
+    fp8_keep = r"^model\.(?!double_blocks\.)"  # fp8 weights for the blocks alone (--weights-dtype fp8)
 
     def __init__(self, model: HunyuanVideo15):
         super().__init__()
@@ -96,7 +97,8 @@ class HunyuanVideo15Denoiser(nn.Module):
         return self.model.img_in.proj.weight.dtype
 
     def step_end(self, timesteps: Tensor) -> Tensor | None:
-        """MeanFlow's `timesteps_r` for levels `timesteps` (`step_end`); None for other models."""
+        """MeanFlow's `timesteps_r` for levels `timesteps` (`step_end`); None for other models, and off the run's
+        schedule."""
         return step_end(self.sigmas, timesteps) if self.config.meanflow else None
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
@@ -109,15 +111,18 @@ class HunyuanVideo15Denoiser(nn.Module):
                           self.step_end(levels))
 
 
-def step_end(sigmas: Tensor | None, timesteps: Tensor) -> Tensor:
+def step_end(sigmas: Tensor | None, timesteps: Tensor) -> Tensor | None:
     """A MeanFlow model's `timesteps_r` x 1000 for flow levels `timesteps` [B]: the level after each in the run's
-    schedule `sigmas` (ComfyUI finds the level in its sample_sigmas; one not in them, or the last, ends at 0)."""
+    schedule `sigmas` (0 after the last). ComfyUI looks the level up in its sample_sigmas and adds no step end where it
+    is not there (a second-order sampler's midpoint, a flow SDE sampler's moved first level): None then."""
     if sigmas is None:
-        return torch.zeros_like(timesteps, dtype=torch.float32)
-    sigmas = sigmas.to(timesteps.device, torch.float32)
-    ends = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
-    match = (sigmas[None, :] - timesteps.float()[:, None]).abs() < 1e-5
-    return torch.where(match.any(1), ends[match.int().argmax(1)], torch.zeros_like(timesteps.float())) * 1000
+        return None
+    levels = timesteps.detach().float().cpu()  # the schedule is on the CPU: no device copy per call
+    match = (sigmas[None, :].float() - levels[:, None]).abs() < 1e-5
+    if not bool(match.any(1).all()):
+        return None
+    ends = torch.cat([sigmas[1:].float(), sigmas.new_zeros(1, dtype=torch.float32)])
+    return (ends[match.int().argmax(1)] * 1000).to(timesteps.device)
 
 
 @dataclass

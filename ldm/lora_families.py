@@ -92,6 +92,10 @@ def _index(module: nn.Module) -> dict[str, str]:
         return {}
     encoders = getattr(module, "encoders", None)
     if not isinstance(encoders, nn.ModuleDict):
+        from ldm.hunyuan_image21_files import HunyuanImage21Denoiser
+
+        if isinstance(module, HunyuanImage21Denoiser):
+            raise TypeError("Loom does not apply LoRAs to HunyuanImage 2.1 models yet")
         raise TypeError(f"LoRA applies to a diffusion model or a text encoder, not {type(module).__name__}")
     return sd_clip_index(encoders)
 

@@ -63,7 +63,7 @@ LOOKS: tuple[Look, ...] = (
          or UNET_PREFIX + "cond_type_embedding.weight" in keys),
     Look("hunyuan_image21", "a HunyuanImage 2.1 diffusion model", "put it in models/diffusion_models and load it with "
          "Load Diffusion Model", lambda keys: _contains("txt_in.individual_token_refiner.")(keys)
-         and _contains("single_blocks.0.")(keys)),
+         and _contains("single_blocks.0.")(keys) and not _contains("vector_in.")(keys)),
     Look("latent_upscale_model", "a latent upscale model (HunyuanVideo 1.5's or LTX-2's)", "put it in "
          "models/latent_upscale_models and load it with Load Latent Upscale Model",
          lambda keys: {"conv_in.conv.weight", "up.0.block.0.conv1.conv.weight"} <= keys

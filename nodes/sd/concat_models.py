@@ -84,6 +84,11 @@ def model_inputs(model: DiffusionModel, latent: dict, seed: int, *conditionings:
         from nodes.sd.hunyuan_video15 import hunyuan_video15_inputs
 
         return hunyuan_video15_inputs(model, latent, seed, *conditionings)
+    if model.family.name == "hunyuan_image21":  # no extra channels; a latent of its own VAE's
+        from nodes.sd.hunyuan_image21 import check_latent
+
+        check_latent(model, latent["samples"])
+        return None, list(conditionings)
     if model.family.name == "qwen_image":  # no extra channels (in_channels are the 2x2 patches'); Edit's references
         return qwen_image_inputs(model, *conditionings)
     if model.family.name == "qwen_image21":  # no extra channels; TextEncodeQwenImage21's references, by slot

@@ -33,6 +33,14 @@ class EmptyHunyuanImageLatent(Node):
         return ({"samples": torch.zeros(shape), "downscale_ratio_spacial": LATENT_DOWNSCALE},)
 
 
+def check_latent(model: DiffusionModel, samples: torch.Tensor) -> None:
+    """Refuse a latent of another model's VAE (a video latent, or other channels) by name."""
+    if samples.ndim != 4 or samples.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"{model.source} is HunyuanImage 2.1, which samples its VAE's {LATENT_CHANNELS}-channel "
+                         f"picture latents; the latent {tuple(samples.shape)} is another model's: make it with "
+                         "EmptyHunyuanImageLatent or HunyuanImage 2.1's VAE")
+
+
 def hunyuan_image21_conditioning(conditioning: list, model: DiffusionModel) -> list:
     """Each entry with the distilled model's `y` [B, 1]: its guidance strength (FluxGuidance's, else 6); unchanged
     for the base model."""

@@ -387,6 +387,10 @@ class VAELoader(Node):
         return (Vae(vae, vae_name),)
 
 
+# Model families whose LoRAs Loom does not apply yet: LoraLoader refuses them by name before the run.
+NO_LORA_FAMILIES = {"hunyuan_image21": "HunyuanImage 2.1"}
+
+
 class LoraLoader(Node):
     """Applies a LoRA to the UNet and the text encoder, each with its own strength.
 
@@ -413,6 +417,8 @@ class LoraLoader(Node):
         from ldm.lora import family_fits
 
         model_family = linked.get("model", {}).get("family") or linked.get("clip", {}).get("family")
+        if model_family in NO_LORA_FAMILIES:
+            return f"Loom does not apply LoRAs to {NO_LORA_FAMILIES[model_family]} models yet"
         lora = header_family("loras", inputs.get("lora_name"))
         if model_family is None or lora is None or family_fits(lora, model_family):
             return None

@@ -125,6 +125,10 @@ def _others():
     from ldm.chroma_files import random_chroma
     from ldm.flux2_files import random_flux2
     from ldm.hidream_files import random_hidream
+    from ldm.hunyuan_image21 import HunyuanImage21
+    from ldm.hunyuan_image21_files import HunyuanImage21Denoiser, tiny_hunyuan_image21_config
+    from ldm.hunyuan_video15 import HunyuanVideo15, randomize
+    from ldm.hunyuan_video15_files import HunyuanVideo15Denoiser, tiny_hunyuan_video15_config
     from ldm.ltxv_files import random_ltxv
     from ldm.lumina2_files import random_lumina2
     from ldm.qwen_image21 import random_qwen_image21
@@ -152,6 +156,18 @@ def _others():
                          (ace["x"], ace["t"], ace["text"], ace["lyric"], silence_latent(21)), {"is_covers": False}),
         "stable-audio": (lambda: StableAudioModel(*random_stable_audio(TINY_STABLE_AUDIO, seed=0)),
                          (torch.randn(2, 8, 16, generator=g), torch.tensor([0.5, 0.7]), torch.randn(2, 9, 64)), {}),
+        # the denoisers the sampler calls: the SR model (98 channels, the start picture's tokens, glyph text) and
+        # the distilled HunyuanImage 2.1 (its guidance strength as `y`)
+        "hunyuan-video-1.5": (lambda: HunyuanVideo15Denoiser(randomize(HunyuanVideo15(
+                              tiny_hunyuan_video15_config("sr")), 1)).eval(),
+                              (torch.randn(1, 98, 2, 4, 4, generator=g), torch.tensor([0.5]),
+                               torch.randn(1, 5, 32, generator=g)),
+                              {"y": torch.randn(1, 3, 32, generator=g), "byt5": torch.randn(1, 4, 32, generator=g)}),
+        "hunyuan-image-2.1": (lambda: HunyuanImage21Denoiser(randomize(HunyuanImage21(
+                              tiny_hunyuan_image21_config(distilled=True)), 1)).eval(),
+                              (torch.randn(1, 64, 4, 4, generator=g), torch.tensor([0.5]),
+                               torch.randn(1, 5, 32, generator=g)),
+                              {"y": torch.tensor([[3.0]]), "byt5": torch.randn(1, 4, 32, generator=g)}),
     }
 
 
@@ -231,7 +247,8 @@ def test_ltx2_prompt_connectors_stream_when_a_prompt_is_encoded(copying_streamer
 
 
 @pytest.mark.parametrize("family", ["ltxv", "sd3", "qwen-image", "qwen-image-2.1", "hidream", "lumina2", "z-image",
-                                    "chroma", "flux2", "ace-step-1.5", "stable-audio"])
+                                    "chroma", "flux2", "ace-step-1.5", "stable-audio", "hunyuan-video-1.5",
+                                    "hunyuan-image-2.1"])
 def test_every_family_reads_block_weights_only_inside_the_blocks(family, copying_streamer):
     build, inputs, kwargs = _others()[family]
     model = build()

@@ -139,3 +139,30 @@ def test_an_empty_latent_image_is_refitted_and_refusals(engine, base) -> None:
     doc = workflow("hunyuanimage2.1_refiner-tiny.safetensors")
     with pytest.raises(WorkflowInvalid, match="refiner"):
         engine.run(parse_api(doc), keep=["8"])
+
+
+def test_fp8_weights_run_and_stay_near(engine) -> None:
+    """UNETLoader's fp8_e4m3fn: the weights stored in fp8, the patch convolution (whose dtype is the compute dtype)
+    left as it is."""
+    plain, = run(engine, workflow(), keep=("8",))
+    doc = workflow()
+    doc["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    fp8, = run(engine, doc, keep=("8",))
+    error = (fp8["samples"] - plain["samples"]).abs().mean() / plain["samples"].abs().mean()
+    assert torch.isfinite(fp8["samples"]).all() and 0 < error < 0.2
+
+
+def test_loras_and_other_latents_are_refused_by_name(engine, base) -> None:
+    doc = workflow()
+    doc["40"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": "any.safetensors", "strength_model": 1.0}}
+    doc["8"]["inputs"]["model"] = ["40", 0]
+    (base[0].base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    (base[0].base / "models" / "loras" / "any.safetensors").write_bytes(b"")
+    with pytest.raises(WorkflowInvalid, match="does not apply LoRAs to HunyuanImage 2.1"):
+        engine.run(parse_api(doc), keep=["8"])
+    doc = workflow()
+    doc["7"] = {"class_type": "EmptyHunyuanVideo15Latent",
+                "inputs": {"width": WIDTH, "height": HEIGHT, "length": 5, "batch_size": 1}}
+    result = engine.run(parse_api(doc), keep=["8"])
+    assert not result.ok and "EmptyHunyuanImageLatent" in result.error.exception_message

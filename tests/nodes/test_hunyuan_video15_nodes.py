@@ -206,7 +206,8 @@ def test_super_resolution_conditioning_and_meanflow_step_ends(engine, base) -> N
     noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(879))
     torch.testing.assert_close(entry["concat"][:, 33:65], 0.7 * noise + 0.3 * low)
     loaded.unet.sigmas = torch.tensor([1.0, 0.75, 0.5])
-    assert loaded.unet.step_end(torch.tensor([1.0, 0.75, 0.3])).tolist() == [750.0, 500.0, 0.0]
+    assert loaded.unet.step_end(torch.tensor([1.0, 0.75, 0.5])).tolist() == [750.0, 500.0, 0.0]
+    assert loaded.unet.step_end(torch.tensor([0.3])) is None  # off the schedule (a midpoint): none, as ComfyUI
 
     seen = []
     model_forward = loaded.unet.model.forward
