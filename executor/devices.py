@@ -187,7 +187,7 @@ class DeviceManager:
                 if entry.streamed:
                     from ldm.offload import stream_blocks
 
-                    stream_blocks(module, self.device)
+                    stream_blocks(module, self.device, pin_budget=self.ram_budget // 2)
                 else:
                     module.to(self.device)
                 return module
@@ -196,7 +196,7 @@ class DeviceManager:
             if streamed:
                 from ldm.offload import stream_blocks
 
-                size = stream_blocks(module, self.device)
+                size = stream_blocks(module, self.device, pin_budget=self.ram_budget // 2)
             else:
                 size = module_bytes(module)
             self._make_room(size, {id(m) for m in keep})

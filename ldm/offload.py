@@ -140,8 +140,11 @@ def resident_bytes(plan: BlockPlan) -> int:
             + sum(_bytes(_own_tensors(module)) for module in plan.ancestors))
 
 
-def stream_blocks(model: nn.Module, device: torch.device | str, offload: torch.device | str = "cpu") -> int:
-    """Stream `model`'s blocks to `device` on demand from now on; returns the bytes kept on `device`.
+def stream_blocks(model: nn.Module, device: torch.device | str, offload: torch.device | str = "cpu",
+                  pin_budget: int | None = None) -> int:
+    """Stream `model`'s blocks to `device` on demand from now on; returns the bytes kept on `device`. The blocks'
+    home tensors are pinned for asynchronous copies to a CUDA device, unless they hold more than `pin_budget` bytes
+    (pinned memory cannot be paged out: a 17B model's would hold 34 GB of a small machine's RAM).
 
     Idempotent: calling it again re-places the resident parts (e.g. after another model's eviction).
     """
@@ -152,7 +155,8 @@ def stream_blocks(model: nn.Module, device: torch.device | str, offload: torch.d
         if streamer is not None and streamer.active:
             unstream_blocks(model)
         streamer = BlockStreamer(device, plan.blocks)
-        pin = device.type == "cuda"
+        blocks = sum(_bytes(_tensors(block)) for block in plan.blocks)
+        pin = device.type == "cuda" and (pin_budget is None or blocks <= pin_budget)
         for block in streamer.blocks:
             for tensor in _tensors(block):
                 home = tensor.data.to(offload)
