@@ -401,6 +401,19 @@ def _vae_attention_as_conv(sd: StateDict) -> StateDict:
     return {k: v[:, :, None, None] if v.ndim == 2 and pattern.search(k) else v for k, v in sd.items()}
 
 
+def check_fit(factory: Callable[[], nn.Module], weights: StateDict, sizes: object) -> None:
+    """ValueError naming the weights missing, unexpected or misshapen in `weights` for `factory()`'s model (built on
+    the meta device), whose `sizes` (a config) the weights implied."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in factory().state_dict().items()}
+    wrong = sorted(k for k in expected.keys() & weights.keys() if tuple(weights[k].shape) != tuple(expected[k]))
+    missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    for what, keys in (("missing", missing), ("unexpected", extra), ("misshapen", wrong)):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            raise ValueError(f"{len(keys)} weights {what} for the sizes the file implies ({sizes}): {shown}")
+
+
 def _materialize(factory: Callable[[], nn.Module], weights: StateDict, what: str, path: Path,
                  device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """Build `factory()` without allocating, then adopt the file's tensors (cast only where needed).

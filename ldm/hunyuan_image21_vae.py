@@ -366,14 +366,7 @@ def config_from_state_dict(sd: StateDict) -> HunyuanImage21VAEConfig:
         widths, layers_per_block=len(_indices(sd, "encoder.down.0.block.")),
         latent_channels=sd["decoder.conv_in.weight"].shape[1], in_channels=sd["encoder.conv_in.weight"].shape[1],
         out_channels=sd["decoder.conv_out.weight"].shape[0])
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in HunyuanImage21VAE(config).state_dict().items()}
-    wrong = sorted(k for k in expected.keys() & sd.keys() if tuple(sd[k].shape) != tuple(expected[k]))
-    missing, extra = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    for what, keys in (("missing", missing), ("unexpected", extra), ("misshapen", wrong)):
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-            raise ValueError(f"{len(keys)} weights {what} for the sizes the file implies ({config}): {shown}")
+    ckpt.check_fit(lambda: HunyuanImage21VAE(config), sd, config)
     return config
 
 

@@ -211,7 +211,6 @@ def write_tiny_hunyuan_video15(path: str | Path, kind: str = "t2v", seed: int = 
     return path
 
 
-
 TINY_QWEN_LAYERS = 4  # the states are taken 3 layers from the top: 4 keep one layer in play
 TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
                "image_size": 56, "patch_size": 14}

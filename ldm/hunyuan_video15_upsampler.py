@@ -184,14 +184,7 @@ def config_from_state_dict(sd: StateDict) -> HunyuanVideo15UpsamplerConfig:
         block_out_channels=tuple(sd[f"up.{i}.block.0.conv1.conv.weight"].shape[0] for i in stages),
         num_res_blocks=len(blocks) - 1, z_channels=sd["conv_in.conv.weight"].shape[1],
         out_channels=sd["conv_out.conv.weight"].shape[0])
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in HunyuanVideo15Upsampler(config).state_dict().items()}
-    wrong = sorted(k for k in expected.keys() & sd.keys() if tuple(sd[k].shape) != tuple(expected[k]))
-    missing, extra = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    for what, keys in (("missing", missing), ("unexpected", extra), ("misshapen", wrong)):
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-            raise ValueError(f"{len(keys)} weights {what} for the sizes the file implies ({config}): {shown}")
+    ckpt.check_fit(lambda: HunyuanVideo15Upsampler(config), sd, config)
     return config
 
 

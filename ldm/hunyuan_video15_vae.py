@@ -459,14 +459,7 @@ def config_from_state_dict(sd: StateDict) -> HunyuanVideo15VAEConfig:
         latent_channels=shape["decoder.conv_in.conv.weight"][1], in_channels=shape["encoder.conv_in.conv.weight"][1],
         out_channels=shape["decoder.conv_out.conv.weight"][0], spatial_compression=2 ** len(down),
         temporal_compression=2 ** folds.count(8))
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in HunyuanVideo15VAE(config).state_dict().items()}
-    wrong = sorted(k for k in expected.keys() & sd.keys() if tuple(sd[k].shape) != tuple(expected[k]))
-    missing, extra = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    for what, keys in (("missing", missing), ("unexpected", extra), ("misshapen", wrong)):
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-            raise ValueError(f"{len(keys)} weights {what} for the sizes the file implies ({config}): {shown}")
+    ckpt.check_fit(lambda: HunyuanVideo15VAE(config), sd, config)
     return config
 
 
