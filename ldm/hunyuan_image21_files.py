@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.hunyuan_image21 import (
     HunyuanImage21,
@@ -34,7 +33,7 @@ from ldm.hunyuan_image21 import (
 )
 from ldm.hunyuan_video15 import randomize
 from ldm.hunyuan_video15_files import step_end
-from ldm.t5 import descaled_fp8, scaling_keys
+from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
 
 LATENT_CHANNELS = 64
@@ -110,61 +109,29 @@ class LoadedHunyuanImage21:
     metadata: dict[str, str]
 
 
-def _prefix(keys: StateDict | set[str]) -> str | None:
-    return next((p for p in (UNET_PREFIX, "") if is_hunyuan_image21(keys, p)), None)
-
-
-def _strip(sd: StateDict, prefix: str) -> StateDict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else dict(sd)
-
-
-def hunyuan_image21_family(shapes: StateDict, name: str = "") -> HunyuanImage21Family:
-    prefix = _prefix(shapes)
-    if prefix is None:
-        raise CheckpointError(f"{name}: not a HunyuanImage 2.1 transformer (no txt_in.individual_token_refiner / "
-                              "single_blocks weights)")
-    try:
-        config = config_from_state_dict(convert_state_dict(_strip(shapes, prefix)))
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}") from None
+def _family(weights: StateDict, axes: object, prefix: str) -> HunyuanImage21Family:
+    config = config_from_state_dict(convert_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                                        if k.startswith(prefix)}))
     if config.refiner:
-        raise CheckpointError(f"{name}: HunyuanImage 2.1's refiner, which Loom does not run yet (its latents are the "
-                              "refiner VAE's, prepared by HunyuanRefinerLatent); sample with the base or distilled "
-                              "model")
+        raise ValueError("HunyuanImage 2.1's refiner, which Loom does not run yet (its latents are the refiner VAE's, "
+                         "prepared by HunyuanRefinerLatent); sample with the base or distilled model")
     return HunyuanImage21Family(config)
 
 
-def is_hunyuan_image21_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds a HunyuanImage 2.1 transformer, from its header."""
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
-
-
-def peek_hunyuan_image21(path: str | Path) -> HunyuanImage21Family | None:
-    """The family of a HunyuanImage 2.1 file from its header alone; None for other files and formats."""
-    shapes = ckpt.shapes_or_none(path)
-    if shapes is None or _prefix(shapes) is None:
-        return None
-    return hunyuan_image21_family(shapes, Path(path).name)
+_REFUSAL = "not a HunyuanImage 2.1 transformer (no txt_in.individual_token_refiner / single_blocks weights)"
+# The family of HunyuanImage 2.1 weights; whether a file holds them; a file's family from its header alone.
+FILES = SingleFileFamily(_REFUSAL.removeprefix("not "), is_hunyuan_image21, _family)
+hunyuan_image21_family, is_hunyuan_image21_file, peek_hunyuan_image21 = FILES.family, FILES.is_file, FILES.peek
 
 
 def load_hunyuan_image21_unet(path: str | Path, device: torch.device | str = "cpu",
                               dtype: torch.dtype = torch.bfloat16) -> LoadedHunyuanImage21:
     """A HunyuanImage 2.1 transformer on `device` in `dtype`, fp8 and scaled fp8 weights cast as they load."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
-    if prefix is None:
-        raise CheckpointError(f"{path.name}: not a HunyuanImage 2.1 transformer (no txt_in.individual_token_refiner / "
-                              "single_blocks weights)")
-    family = hunyuan_image21_family(sd, path.name)
-    weights = convert_state_dict(descaled_fp8(_strip(sd, prefix)))
-    model = ckpt._materialize(lambda: HunyuanImage21(family.unet_config), weights, "HunyuanImage 2.1 transformer",
-                              path, device, dtype)
-    expected, skipped = set(model.state_dict()), scaling_keys(sd)
-    unused = sorted(prefix + k for k in weights if k not in expected and prefix + k not in skipped)
-    unused += sorted(k for k in sd if not k.startswith(prefix))
-    return LoadedHunyuanImage21(family, HunyuanImage21Denoiser(model).eval(), unused, path, ckpt.read_metadata(path))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: HunyuanImage21(family.unet_config), "HunyuanImage 2.1 transformer", device, dtype,
+        lambda sd: _REFUSAL, convert=convert_state_dict)
+    return LoadedHunyuanImage21(family, HunyuanImage21Denoiser(model).eval(), unused, path, metadata)
 
 
 def tiny_hunyuan_image21_config(distilled: bool = False, text_dim: int = 32, byt5_dim: int = 32

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldm import checkpoint as ckpt
-from ldm.checkpoint import UNET_PREFIX, CheckpointError, StateDict, write_safetensors
+from ldm.checkpoint import UNET_PREFIX, StateDict, write_safetensors
 from ldm.flow_family import FlowFamily
 from ldm.hunyuan_video15 import (
     HunyuanVideo15,
@@ -33,7 +32,7 @@ from ldm.hunyuan_video15 import (
     randomize,
     tiny_config,
 )
-from ldm.t5 import descaled_fp8, scaling_keys
+from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
 
 LATENT_CHANNELS = 32
@@ -134,56 +133,25 @@ class LoadedHunyuanVideo15:
     metadata: dict[str, str]
 
 
-def _prefix(keys: StateDict | set[str]) -> str | None:
-    return next((p for p in (UNET_PREFIX, "") if is_hunyuan_video15(keys, p)), None)
+def _family(weights: StateDict, axes: object, prefix: str) -> HunyuanVideo15Family:
+    return HunyuanVideo15Family(config_from_state_dict(convert_state_dict(
+        {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})))
 
 
-def hunyuan_video15_family(shapes: StateDict, name: str = "") -> HunyuanVideo15Family:
-    prefix = _prefix(shapes)
-    if prefix is None:
-        raise CheckpointError(f"{name}: not a HunyuanVideo 1.5 transformer (no cond_type_embedding / "
-                              "txt_in.individual_token_refiner weights)")
-    try:
-        return HunyuanVideo15Family(config_from_state_dict(convert_state_dict(_strip(shapes, prefix))))
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}") from None
-
-
-def _strip(sd: StateDict, prefix: str) -> StateDict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else dict(sd)
-
-
-def is_hunyuan_video15_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds a HunyuanVideo 1.5 transformer, from its header."""
-    shapes = ckpt.shapes_or_none(path)
-    return shapes is not None and _prefix(shapes) is not None
-
-
-def peek_hunyuan_video15(path: str | Path) -> HunyuanVideo15Family | None:
-    """The family of a HunyuanVideo 1.5 file from its header alone; None for other files and formats."""
-    shapes = ckpt.shapes_or_none(path)
-    if shapes is None or _prefix(shapes) is None:
-        return None
-    return hunyuan_video15_family(shapes, Path(path).name)
+_REFUSAL = "not a HunyuanVideo 1.5 transformer (no cond_type_embedding / txt_in.individual_token_refiner weights)"
+# The family of HunyuanVideo 1.5 weights; whether a file holds them; a file's family from its header alone.
+FILES = SingleFileFamily(_REFUSAL.removeprefix("not "), is_hunyuan_video15, _family)
+hunyuan_video15_family, is_hunyuan_video15_file, peek_hunyuan_video15 = FILES.family, FILES.is_file, FILES.peek
 
 
 def load_hunyuan_video15_unet(path: str | Path, device: torch.device | str = "cpu",
                               dtype: torch.dtype = torch.bfloat16) -> LoadedHunyuanVideo15:
     """A HunyuanVideo 1.5 transformer on `device` in `dtype`, fp8 and scaled fp8 weights cast as they load."""
     path = Path(path)
-    sd = ckpt.load_state_dict(path)
-    prefix = _prefix(sd)
-    if prefix is None:
-        raise CheckpointError(f"{path.name}: not a HunyuanVideo 1.5 transformer (no cond_type_embedding / "
-                              "txt_in.individual_token_refiner weights)")
-    family = hunyuan_video15_family(sd, path.name)
-    weights = convert_state_dict(descaled_fp8(_strip(sd, prefix)))
-    model = ckpt._materialize(lambda: HunyuanVideo15(family.unet_config), weights, "HunyuanVideo 1.5 transformer",
-                              path, device, dtype)
-    expected, skipped = set(model.state_dict()), scaling_keys(sd)
-    unused = sorted(prefix + k for k in weights if k not in expected and prefix + k not in skipped)
-    unused += sorted(k for k in sd if not k.startswith(prefix))
-    return LoadedHunyuanVideo15(family, HunyuanVideo15Denoiser(model).eval(), unused, path, ckpt.read_metadata(path))
+    family, model, unused, metadata = FILES.load(
+        path, lambda family: HunyuanVideo15(family.unet_config), "HunyuanVideo 1.5 transformer", device, dtype,
+        lambda sd: _REFUSAL, convert=convert_state_dict)
+    return LoadedHunyuanVideo15(family, HunyuanVideo15Denoiser(model).eval(), unused, path, metadata)
 
 
 # Tiny models for tests: the real condition channels (65 in, 32 out), and condition widths of Loom's tiny encoders.

@@ -30,7 +30,7 @@ class SingleFileFamily(Generic[F]):
     what: str
     probe: Callable[[Mapping[str, Any], str], bool]
     make: Callable[[StateDict, Any, str], F]
-    axes_key: str
+    axes_key: str | None = None
 
     def prefix(self, sd: Mapping[str, Any]) -> str | None:
         """The prefix the weights sit under ("" or ComfyUI's), None if the state dict holds none."""
@@ -42,7 +42,8 @@ class SingleFileFamily(Generic[F]):
         try:
             if prefix is None:
                 raise ValueError(f"not {self.what}")
-            return self.make(weights, metadata_ints(metadata or {}, self.axes_key), prefix)
+            axes = metadata_ints(metadata or {}, self.axes_key) if self.axes_key else None
+            return self.make(weights, axes, prefix)
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}" if name else str(e)) from None
 
@@ -61,22 +62,24 @@ class SingleFileFamily(Generic[F]):
 
     def load(self, path: Path, build: Callable[[F], nn.Module], what: str, device: torch.device | str,
              dtype: torch.dtype, refusal: Callable[[StateDict], str],
-             ignored: Callable[[StateDict, str], Iterable[str]] = lambda sd, prefix: ()
+             ignored: Callable[[StateDict, str], Iterable[str]] = lambda sd, prefix: (),
+             convert: Callable[[StateDict], StateDict] = lambda weights: weights
              ) -> tuple[F, nn.Module, list[str], dict[str, str]]:
         """(family, transformer, unused keys, metadata) of one of the family's files: the transformer `build(family)`
         makes (`what`, in errors) on `device` in `dtype`, fp8, scaled fp8 and mixed-precision weights cast (times
-        their scales) as they load; the file's keys it does not use, beside the scales and `ignored(sd, prefix)`.
-        A file without the family's weights raises CheckpointError naming it with `refusal(sd)`."""
+        their scales) as they load, then renamed by `convert` (another layout's names to the transformer's); the
+        file's keys it does not use, beside the scales and `ignored(sd, prefix)`. A file without the family's
+        weights raises CheckpointError naming it with `refusal(sd)`."""
         sd = ckpt.load_state_dict(path)
         prefix = self.prefix(sd)
         if prefix is None:
             raise CheckpointError(f"{path.name}: {refusal(sd)}")
         metadata = ckpt.read_metadata(path)
         family = self.family(sd, metadata, path.name)
-        weights = descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        weights = convert(descaled_fp8({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
         model = ckpt._materialize(lambda: build(family), weights, what, path, device, dtype)
         expected = set(model.state_dict())
         skipped = {*scaling_keys(sd), *ignored(sd, prefix)}
-        unused = sorted(k for k in sd
-                        if k not in skipped and not (k.startswith(prefix) and k[len(prefix):] in expected))
-        return family, model, unused, metadata
+        unused = [prefix + k for k in weights if k not in expected and prefix + k not in skipped]
+        unused += [k for k in sd if not k.startswith(prefix) and k not in skipped]
+        return family, model, sorted(unused), metadata
