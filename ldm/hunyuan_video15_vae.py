@@ -376,34 +376,37 @@ _MARKERS = ("encoder.conv_in.conv.weight", "encoder.norm_out.gamma", "decoder.co
             "decoder.mid.attn_1.norm.gamma", "decoder.norm_out.gamma")
 _DIFFUSERS_MARKERS = ("encoder.conv_in.conv.weight", "encoder.mid_block.attentions.0.norm.gamma",
                       "decoder.conv_in.conv.weight", "decoder.mid_block.attentions.0.norm.gamma")
-# (file key pattern, diffusers' replacement), first match wins; every other key is the same in both.
-_RENAMES = (
-    (r"encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-    (r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-    (r"decoder\.up\.(\d+)\.block\.", r"decoder.up_blocks.\1.resnets."),
-    (r"decoder\.up\.(\d+)\.upsample\.", r"decoder.up_blocks.\1.upsamplers.0."),
-    (r"(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
-    (r"(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
-    (r"(encoder|decoder)\.mid\.attn_1\.([qkv])\.", r"\1.mid_block.attentions.0.to_\2."),
-    (r"(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0."),
+# (file key prefix, diffusers' prefix), first match wins, either way; every other key is the same in both. {n} is a
+# block's number, {side} encoder or decoder, {qkv} q, k or v.
+_NAMES = (
+    ("encoder.down.{n}.block.", "encoder.down_blocks.{n}.resnets."),
+    ("encoder.down.{n}.downsample.", "encoder.down_blocks.{n}.downsamplers.0."),
+    ("decoder.up.{n}.block.", "decoder.up_blocks.{n}.resnets."),
+    ("decoder.up.{n}.upsample.", "decoder.up_blocks.{n}.upsamplers.0."),
+    ("{side}.mid.block_1.", "{side}.mid_block.resnets.0."),
+    ("{side}.mid.block_2.", "{side}.mid_block.resnets.1."),
+    ("{side}.mid.attn_1.{qkv}.", "{side}.mid_block.attentions.0.to_{qkv}."),
+    ("{side}.mid.attn_1.", "{side}.mid_block.attentions.0."),
 )
-_DIFFUSERS_RENAMES = (
-    (r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.up.\1.block."),
-    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.\1.upsample."),
-    (r"(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
-    (r"(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
-)
+_FIELDS = {"n": r"\d+", "side": "encoder|decoder", "qkv": "[qkv]"}
 
 
-def _rename(sd: StateDict, rules: tuple[tuple[str, str], ...]) -> StateDict:
+def _rule(source: str, target: str) -> tuple[re.Pattern, str]:
+    """A prefix template's pattern (anchored at the key's start) and the other template as its replacement."""
+    pattern = "".join(f"(?P<{part[1:-1]}>{_FIELDS[part[1:-1]]})" if part.startswith("{") else re.escape(part)
+                      for part in re.split(r"(\{\w+\})", source) if part)
+    return re.compile(f"^{pattern}"), re.sub(r"\{(\w+)\}", r"\\g<\1>", target)
+
+
+_RENAMES = tuple(_rule(file, diffusers) for file, diffusers in _NAMES)
+_DIFFUSERS_RENAMES = tuple(_rule(diffusers, file) for file, diffusers in _NAMES)
+
+
+def _rename(sd: StateDict, rules: tuple[tuple[re.Pattern, str], ...]) -> StateDict:
     out = {}
     for key, value in sd.items():
         for pattern, replacement in rules:
-            renamed, count = re.subn(f"^{pattern}", replacement, key)
+            renamed, count = pattern.subn(replacement, key)
             if count:
                 key = renamed
                 break
