@@ -391,6 +391,10 @@ def sample(
     guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
                        module=module, keep_negative=sampler_name in _CFG_PP or patches.keep_negative, dual=dual,
                        concat=concat, pre_cfg=patches.pre_cfg, hooked=hooked)
+    wrappers = [make(sigmas) for make in patches.around_guidance]  # this run's (LazyCache's cache)
+    guide: Callable[[Tensor, Tensor], Tensor] = guider
+    for wrapper in reversed(wrappers):
+        guide = partial(wrapper, guide=guide)
     mask = None if noise_mask is None else latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 
@@ -402,7 +406,7 @@ def sample(
         if prefetcher is not None:
             prefetcher.start()  # the noise is drawn while the model runs (a no-op after the first call)
         if mask is None:
-            return guider(x, sigma)
+            return guide(x, sigma)
         _check_mask_size(x, latent, sampler_name)
         step_mask = mask
         if patches.denoise_mask is not None:
@@ -415,7 +419,7 @@ def sample(
         else:
             levels = sigma.reshape(-1, *([1] * (x.ndim - 1)))
             x = x * step_mask + denoiser.noise_latent(latent, noise, levels) * (1 - step_mask)
-        return guider(x, sigma) * step_mask + latent * (1 - step_mask)
+        return guide(x, sigma) * step_mask + latent * (1 - step_mask)
 
     total = len(sigmas) - 1
     on_step = None if callback is None else (lambda d: callback(d["i"], total, d["denoised"]))
@@ -445,6 +449,8 @@ def sample(
             prefetcher.close()
         if hooked is not None:
             hooked.close()
+        for wrapper in wrappers:
+            wrapper.finish()
     if mask is not None:
         _check_mask_size(x, latent, sampler_name)  # a resize after the last step, which no model call saw
         x = x * last_mask[0] + latent * (1 - last_mask[0])

@@ -42,6 +42,11 @@ PostCfgFunction = Callable[[CfgArgs, Tensor, Predict], Tensor]
 # A mask function maps an inpainting mask (1 = repaint) and the run's progress at this call (1 at the first
 # level, 0 at the last) to the mask used for this call.
 MaskFunction = Callable[[Tensor, float], Tensor]
+# A guidance wrapper (ComfyUI's PREDICT_NOISE wrapper) is called as `wrapper(x, sigma, guide)` for each model
+# evaluation in place of `guide(x, sigma)`, the guided x0 (after the noise mask is applied to x); its factory makes
+# a fresh one from the run's levels `sigmas` when each sampling run starts, and `wrapper.finish()` is called when
+# the run ends (LazyCache: its cache lives for one run and logs what it skipped).
+GuidanceWrapperFactory = Callable[[Tensor], Any]
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class SamplingPatches:
     # A third prompt the guider predicts and combines (`guidance.ThirdPrompt`) when the sampler was given none:
     # ComfyUI's older PerpNeg model patch, the same as its PerpNegGuider.
     third_prompt: Any = None
+    around_guidance: tuple[GuidanceWrapperFactory, ...] = ()  # outermost first
 
 
 def _per_item(sigma: Tensor, like: Tensor) -> Tensor:

@@ -40,9 +40,12 @@ copies, hooked prompts' copies) have cache diffs of their own and follow the dec
 
 Not as ComfyUI: the levels come from the MODEL's schedule when EasyCache is applied (ComfyUI reads the sampled model's
 at each run), so a ModelSampling node after it that changes a flow model's shift moves the window (Comfy-Org's
-HunyuanVideo 1.5 templates put ModelSamplingSD3 after it with the model's own shift, 7: no change). LazyCache (the
-same rule on the guided prediction, around ComfyUI's predict_noise) is not provided: Loom's sampler has no hook
-around its guider.
+HunyuanVideo 1.5 templates put ModelSamplingSD3 after it with the model's own shift, 7: no change).
+
+LazyCache (ComfyUI's node of the same file) is the same rule one level up, on each model evaluation's guided
+prediction (ComfyUI's PREDICT_NOISE wrapper; Loom's `SamplingPatches.around_guidance`): the sampler's latent `x` and
+the guided x0 in place of a model call's input and output, one cache for all prompts, no tracked prompt, its levels
+the sampler's sigmas. So it works with any model and guidance; a skipped evaluation costs no model call at all.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -315,4 +319,118 @@ class EasyCache(Node):
         return (with_easycache(model, reuse_threshold, start_percent, end_percent, verbose),)
 
 
-NODES: list[Any] = [EasyCache]
+class LazyCacheRun:
+    """One sampling run's LazyCache (ComfyUI's LazyCacheHolder, used by its lazycache_predict_noise_wrapper):
+    called as `run(x, sigma, guide)` for each model evaluation (`ldm.sampling.model_patches.GuidanceWrapperFactory`).
+
+    At levels above `end_sigma` each evaluation runs and is remembered: `x_prev` and `out_prev` (every 8th row and
+    column of the last two dimensions), `norm = mean|out|`, `diff = out - x`. At or below `start_sigma` (and above
+    `end_sigma`), `input_change = mean|x - x_prev|` (subsampled); once a rate is known, `cumulative += rate *
+    input_change / norm`, and while it is below `reuse_threshold` the evaluation is skipped: `x + diff`, nothing
+    else updated. Otherwise `cumulative = 0`, the evaluation runs, and `rate = mean|out - out_prev| / input_change`.
+    A change of the latent's shape, dtype or device clears all but the settings (and leaves the rate 0, not
+    unknown: ComfyUI's reset)."""
+
+    def __init__(self, reuse_threshold: float, start_sigma: float, end_sigma: float, steps: int,
+                 verbose: bool = False) -> None:
+        self.reuse_threshold, self.start_sigma, self.end_sigma = reuse_threshold, start_sigma, end_sigma
+        self.steps, self.verbose = steps, verbose
+        self.reset()
+        self.rate: Tensor | float | None = None  # none yet at a run's start
+
+    def reset(self) -> None:
+        self.rate = 0.0
+        self.cumulative: Tensor | float = 0.0
+        self.x_prev: Tensor | None = None
+        self.out_prev: Tensor | None = None
+        self.norm: Tensor | None = None
+        self.diff: Tensor | None = None
+        self.metadata: tuple | None = None
+        self.skipped = 0
+
+    def _check_metadata(self, x: Tensor) -> None:
+        metadata = (x.device, x.dtype, tuple(x.shape))
+        if self.metadata is None:
+            self.metadata = metadata
+        elif metadata != self.metadata:
+            log.warning("LazyCache - Tensor shape, dtype or device changed, resetting state")
+            self.reset()
+
+    def __call__(self, x: Tensor, sigma: Tensor, guide: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        level = float(sigma.reshape(-1)[0])
+        if not level > self.end_sigma:
+            return guide(x, sigma)
+        change = None
+        if level <= self.start_sigma:
+            self._check_metadata(x)
+            if self.x_prev is not None:
+                change = _mean_abs(_subsample(x) - self.x_prev)
+                if self.norm is not None and self.rate is not None:
+                    self.cumulative = self.cumulative + self.rate * change / self.norm
+                    if self.cumulative < self.reuse_threshold:
+                        if self.verbose:
+                            log.info("LazyCache [verbose] - skipping step; cumulative_change_rate: %s, "
+                                     "reuse_threshold: %s", float(self.cumulative), self.reuse_threshold)
+                        self.skipped += 1
+                        return x + self.diff
+                    self.cumulative = 0.0
+        out = guide(x, sigma)
+        if self.norm is not None and change is not None:
+            self.rate = _mean_abs(_subsample(out) - self.out_prev) / change
+        self.diff = out - x
+        self.x_prev, self.out_prev = _subsample(x).clone(), _subsample(out).clone()
+        self.norm = _mean_abs(out)
+        return out
+
+    def finish(self) -> None:
+        speedup = self.steps / (self.steps - self.skipped) if self.steps > self.skipped else 1.0
+        log.info("LazyCache - skipped %d/%d steps (%.2fx speedup).", self.skipped, self.steps, speedup)
+
+
+@dataclass(frozen=True)
+class LazyCacheSettings:
+    """LazyCache as a MODEL carries it: a fresh `LazyCacheRun` for each sampling run, from its levels."""
+
+    reuse_threshold: float
+    start_sigma: float
+    end_sigma: float
+    start_percent: float
+    end_percent: float
+    verbose: bool = False
+
+    def __call__(self, sigmas: Tensor) -> LazyCacheRun:
+        log.info("LazyCache enabled - threshold: %s, start_percent: %s, end_percent: %s", self.reuse_threshold,
+                 self.start_percent, self.end_percent)
+        return LazyCacheRun(self.reuse_threshold, self.start_sigma, self.end_sigma, len(sigmas) - 1, self.verbose)
+
+
+def with_lazycache(model: DiffusionModel, reuse_threshold: float, start_percent: float, end_percent: float,
+                   verbose: bool = False) -> DiffusionModel:
+    """`model` whose sampling runs LazyCache around each guided prediction (the given one is left as it was)."""
+    schedule = model.schedule
+    settings = LazyCacheSettings(reuse_threshold, schedule.sigma_at_percent(start_percent),
+                                 schedule.sigma_at_percent(end_percent), start_percent, end_percent, verbose)
+    patches = model.sampling_patches
+    return replace(model, sampling_patches=replace(patches, around_guidance=(*patches.around_guidance, settings)))
+
+
+class LazyCache(Node):
+    """A homebrew version of EasyCache - even 'easier' version of EasyCache to implement. Overall works worse than
+    EasyCache, but better in some rare cases AND universal compatibility with everything in ComfyUI."""
+
+    category = "advanced/debug"
+    model = Socket("MODEL", tooltip="The model to add LazyCache to.")
+    reuse_threshold = Float(0.2, min=0.0, max=3.0, step=0.01, tooltip="The threshold for reusing cached steps.")
+    start_percent = Float(0.15, min=0.0, max=1.0, step=0.01,
+                          tooltip="The relative sampling step to begin use of LazyCache.")
+    end_percent = Float(0.95, min=0.0, max=1.0, step=0.01,
+                        tooltip="The relative sampling step to end use of LazyCache.")
+    verbose = Boolean(False, tooltip="Whether to log verbose information.")
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, reuse_threshold: float, start_percent: float, end_percent: float,
+                verbose: bool) -> tuple[DiffusionModel]:
+        return (with_lazycache(model, reuse_threshold, start_percent, end_percent, verbose),)
+
+
+NODES: list[Any] = [EasyCache, LazyCache]

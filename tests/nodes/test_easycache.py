@@ -393,3 +393,121 @@ def test_hunyuan_video15_template_wiring(hv_engine, counted, caplog) -> None:
     assert torch.isfinite(cached).all() and (cached - plain).abs().max() > 1e-4
     assert f"EasyCache - skipped {skipped}/8 steps" in caplog.text
     assert "EasyCache [verbose] - skipping step" in caplog.text
+
+
+# --- LazyCache ------------------------------------------------------------------------------------------------------
+
+
+def lazy_reference(threshold: float, start: float, end: float, calls: list[tuple[float, float]], guide) -> list:
+    """A transcription of ComfyUI's lazycache_predict_noise_wrapper on one value per call (subsampling a 1x1 latent
+    keeps it whole): (x, sigma) in, each call's result and whether the guide ran."""
+    rate, cumulative, x_prev, out_prev, norm, diff = None, 0.0, None, None, None, None
+    results = []
+    for x, sigma in calls:
+        if not sigma > end:
+            results.append((guide(x), True))
+            continue
+        change = None
+        if sigma <= start and x_prev is not None:
+            change = abs(x - x_prev)
+            if norm is not None and rate is not None:
+                cumulative += rate * change / norm
+                if cumulative < threshold:
+                    results.append((x + diff, False))
+                    continue
+                cumulative = 0.0
+        out = guide(x)
+        if norm is not None and change is not None:
+            rate = abs(out - out_prev) / change
+        diff, x_prev, out_prev, norm = out - x, x, out, abs(out)
+        results.append((out, True))
+    return results
+
+
+def test_lazycache_run_against_a_transcription_of_comfyuis_rule() -> None:
+    from nodes.sd.easycache import LazyCacheRun
+
+    levels = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+    xs = [1.0 - 0.07 * i + 0.01 * (i % 3) for i in range(len(levels))]
+    for threshold, start, end in ((0.5, 0.85, 0.08), (0.2, 0.85, 0.08), (3.0, math.inf, 0.0), (0.0, 0.85, 0.08)):
+        run = LazyCacheRun(threshold, start, end, steps=len(levels))
+        ran = []
+
+        def guide(x, sigma, _ran=ran):
+            _ran.append(True)
+            return torch.sin(3 * x) + 0.5
+
+        ours = [float(run(torch.full((1, 1, 1, 1), x, dtype=torch.float64), torch.tensor([s]), guide))
+                for x, s in zip(xs, levels, strict=True)]
+        expected = lazy_reference(threshold, start, end, list(zip(xs, levels, strict=True)),
+                                  lambda x: math.sin(3 * x) + 0.5)
+        assert ours == pytest.approx([r for r, _ in expected], abs=1e-12), threshold
+        skipped = sum(not ran_ for _, ran_ in expected)
+        assert run.skipped == skipped and len(ran) == len(levels) - skipped
+        if threshold == 0.0:
+            assert skipped == 0
+        if threshold == 3.0:
+            assert skipped > 3
+
+
+def test_lazycache_hand_computed_run() -> None:
+    """x = 1, 0.8, 0.7, 0.6 through `x ** 2`, threshold 0.5, every level in the window: calls 1 and 2 run (no rate
+    yet; after call 2 the rate is |0.64 - 1| / |0.8 - 1| = 1.8, norm 0.64, diff -0.16); call 3: 1.8 * 0.1 / 0.64 =
+    0.28 < 0.5, skipped: 0.7 - 0.16 = 0.54; call 4: + 1.8 * 0.2 / 0.64, past 0.5: runs, 0.36."""
+    from nodes.sd.easycache import LazyCacheRun
+
+    run = LazyCacheRun(0.5, math.inf, 0.0, steps=4)
+    outs = [float(run(torch.full((1, 1, 1, 1), x, dtype=torch.float64), torch.tensor([s]), lambda x, s: x**2))
+            for x, s in ((1.0, 0.9), (0.8, 0.8), (0.7, 0.7), (0.6, 0.6))]
+    assert outs == pytest.approx([1.0, 0.64, 0.54, 0.36], abs=1e-12) and run.skipped == 1
+    # A latent of another shape clears the state (and leaves the rate 0, as ComfyUI's reset): the next call runs,
+    # the one after is skipped whatever the threshold above 0.
+    calls = []
+    guide = lambda x, s: calls.append(1) or x**2  # noqa: E731
+    run(torch.full((1, 1, 3, 3), 0.5, dtype=torch.float64), torch.tensor([0.5]), guide)
+    run(torch.full((1, 1, 3, 3), 0.4, dtype=torch.float64), torch.tensor([0.4]), guide)
+    assert len(calls) == 1 and run.rate == 0.0
+
+
+def lazy_graph(threshold: float | None, seed: int = 5, **window) -> dict:
+    nodes = sd_graph(None, seed=seed)
+    if threshold is not None:
+        nodes["5"] = {"class_type": "LazyCache", "inputs": {
+            "model": ["1", 0], "reuse_threshold": threshold, "start_percent": window.get("start", 0.15),
+            "end_percent": window.get("end", 0.95), "verbose": True}}
+        nodes["6"]["inputs"]["model"] = ["5", 0]
+    return nodes
+
+
+def test_lazycache_sd1_graph(sd_engine, counted, caplog) -> None:
+    """Threshold 0 is the plain run bit for bit; a large one skips whole evaluations (both prompts' call), logs what
+    it skipped as ComfyUI does, and each run starts afresh (the same result twice)."""
+    plain = sample(sd_engine, lazy_graph(None))
+    counted.clear()
+    assert torch.equal(sample(sd_engine, lazy_graph(0.0)), plain)
+    assert counted == {"UNetModel": 8}
+    counted.clear()
+    with caplog.at_level("INFO", logger="nodes.sd.easycache"):
+        cached = sample(sd_engine, lazy_graph(3.0))
+    skipped = 8 - counted["UNetModel"]
+    assert skipped > 0 and f"LazyCache - skipped {skipped}/8 steps" in caplog.text
+    assert "LazyCache enabled - threshold: 3.0, start_percent: 0.15, end_percent: 0.95" in caplog.text
+    assert "LazyCache [verbose] - skipping step" in caplog.text
+    assert torch.isfinite(cached).all() and (cached - plain).abs().max() > 1e-4
+    other = sample(sd_engine, lazy_graph(3.0, seed=6))
+    assert not torch.equal(other, cached)
+    again = lazy_graph(3.0)
+    again["14"] = dict(again["4"])
+    again["6"]["inputs"]["latent_image"] = ["14", 0]
+    assert torch.equal(sample(sd_engine, again), cached)
+
+
+def test_lazycache_window_and_declaration(sd_engine, counted) -> None:
+    """A window holding two evaluations skips none (the first two in it run)."""
+    counted.clear()
+    sample(sd_engine, lazy_graph(3.0, seed=7, start=0.0, end=0.15))
+    assert counted == {"UNetModel": 8}
+    node = next(n for n in easycache.NODES if n.name == "LazyCache")
+    info = node.object_info()
+    assert list(info["input"]["required"]) == ["model", "reuse_threshold", "start_percent", "end_percent", "verbose"]
+    assert info["output"] == ["MODEL"]
