@@ -36,7 +36,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "LotusConditioning",
     # LTX-2's newer nodes (ComfyUI's nodes_lt.py): IC-LoRA guides, reference audio, its own guiders
     "GetICLoRAParameters", "LTXVReferenceAudio", "LTXVAddLatentGuide", "LTXVDualCFGGuider", "LTXVModalityGuidance",
-    "LTXVSpatioTemporalGuidance", "LTXVDurationPredictor",
+    "LTXVSpatioTemporalGuidance",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -1,16 +1,18 @@
 """Model patches loaded from their own files (ComfyUI's models/model_patches): ControlNets that patch a MODEL rather
-than ride on a conditioning.
+than ride on a conditioning, and small models that read one.
 
 - DiffSynth's blockwise ControlNets for Qwen-Image (Comfy-Org's qwen_image_{canny,depth,inpaint}_diffsynth_controlnet
   files; `ldm.controlnet_diffsynth`): after every transformer block, a residual from that block's image tokens and
   the hint's latents.
 - alibaba-pai's Z-Image-Turbo Fun ControlNet Union files (`ldm.controlnet_z_image`): control layers beside the
   transformer's, whose hints are added after every few of its layers; the 2.x files also inpaint.
+- LTX 2.4's duration head (`ldm.ltx2_duration`): how long a prompt's shot lasts, from an LTX-2 model's prompt
+  connectors; LTXVDurationPredictor (`nodes.sd.ltx2_duration`) runs it.
 
-`ModelPatchLoader` loads either; `QwenImageDiffsynthControlnet` applies either (as ComfyUI's does, whatever its name
-says), `ZImageFunControlnet` applies a Z-Image one with its inpainting inputs. The hint image is VAE-encoded when the
-sampler first runs the model, at the latent's size (cropped at the centre to its aspect and area-resized first, as in
-ComfyUI), so a hint of any size fits.
+`ModelPatchLoader` loads any of them; `QwenImageDiffsynthControlnet` applies either ControlNet (as ComfyUI's does,
+whatever its name says), `ZImageFunControlnet` applies a Z-Image one with its inpainting inputs. The hint image is
+VAE-encoded when the sampler first runs the model, at the latent's size (cropped at the centre to its aspect and
+area-resized first, as in ComfyUI), so a hint of any size fits.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from nodes.spec import Float, Output, Socket
 
 # What each kind of patch is for: the MODEL family it fits, and how messages name it.
 KINDS = {"diffsynth": ("qwen_image", "a DiffSynth blockwise ControlNet for Qwen-Image"),
-         "z_image_fun": ("z_image", "a Z-Image Fun ControlNet")}
+         "z_image_fun": ("z_image", "a Z-Image Fun ControlNet"),
+         "ltx_duration_head": ("ltx2", "an LTX 2.4 duration head")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,18 +55,23 @@ class ModelPatch:
 def read_model_patch(path: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                      ) -> tuple[str, Any]:
     """(kind, loaded) for a model patch file: told apart by its weights' names; other patches ComfyUI loads here
-    (SigLIP style projections, Anima LLLite, SUPIR, Uni3C...) are refused by name."""
+    (SigLIP style projections, Anima LLLite, SUPIR, Uni3C...) are refused by name. A duration head loads in
+    float32 whatever `dtype` says, as ComfyUI's."""
     from ldm.checkpoint import CheckpointError, load_state_dict
     from ldm.controlnet_diffsynth import is_diffsynth_controlnet, load_diffsynth_controlnet
     from ldm.controlnet_z_image import is_z_image_fun_controlnet, load_z_image_fun_controlnet
+    from ldm.ltx2_duration import is_duration_head, load_duration_head
 
     sd = load_state_dict(path)
     if is_diffsynth_controlnet(sd):
         return "diffsynth", load_diffsynth_controlnet(sd, path, device, dtype)
     if is_z_image_fun_controlnet(sd):
         return "z_image_fun", load_z_image_fun_controlnet(sd, path, device, dtype)
+    if is_duration_head(sd):
+        return "ltx_duration_head", load_duration_head(sd, path, device)
     raise CheckpointError(f"{path.name}: not a model patch this engine runs (it runs DiffSynth's blockwise "
-                          "ControlNets for Qwen-Image and alibaba-pai's Z-Image Fun ControlNets); "
+                          "ControlNets for Qwen-Image, alibaba-pai's Z-Image Fun ControlNets and LTX 2.4's "
+                          "duration head); "
                           f"its first weights: {', '.join(sorted(sd)[:3])}")
 
 
@@ -74,6 +82,7 @@ def peek_model_patch(path: Any) -> str | None:
     from ldm.checkpoint import read_shapes
     from ldm.controlnet_diffsynth import is_diffsynth_controlnet
     from ldm.controlnet_z_image import is_z_image_fun_controlnet
+    from ldm.ltx2_duration import is_duration_head
 
     try:
         sd = read_shapes(path)
@@ -83,12 +92,14 @@ def peek_model_patch(path: Any) -> str | None:
         return None
     if is_diffsynth_controlnet(sd):
         return "diffsynth"
-    return "z_image_fun" if is_z_image_fun_controlnet(sd) else None
+    if is_z_image_fun_controlnet(sd):
+        return "z_image_fun"
+    return "ltx_duration_head" if is_duration_head(sd) else None
 
 
 class ModelPatchLoader(Node):
-    """Loads a model patch: DiffSynth's blockwise ControlNets for Qwen-Image (canny, depth, inpaint) or alibaba-pai's
-    Z-Image-Turbo Fun ControlNet Union (1.0, 2.0, 2.1), from models/model_patches."""
+    """Loads a model patch: DiffSynth's blockwise ControlNets for Qwen-Image (canny, depth, inpaint), alibaba-pai's
+    Z-Image-Turbo Fun ControlNet Union (1.0, 2.0, 2.1) or LTX 2.4's duration head, from models/model_patches."""
 
     display_name = "ModelPatchLoader"
     category = "advanced/loaders"
