@@ -32,7 +32,7 @@ from ldm.hunyuan_image21 import (
     tiny_config,
 )
 from ldm.hunyuan_video15 import randomize
-from ldm.hunyuan_video15_files import step_end
+from ldm.hunyuan_video15_files import run_sigmas, step_end
 from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
 
@@ -66,16 +66,14 @@ class HunyuanImage21Family(FlowFamily):
 class HunyuanImage21Denoiser(nn.Module):
     """The transformer as the sampler calls it: `x` [B, 64, h, w], flow levels `timesteps` [B] in 0..1, the prompt's
     Qwen2.5-VL states `context` [B, L, 3584] with its `attn_mask`, by keyword the glyph text's byT5 states `byt5`
-    (and `byt5_mask`), and `y` [B, 1], the guidance strength of a distilled model (None for the base model).
-    `sigmas`: the run's schedule, which MeanFlow models read the step's end from."""
+    (and `byt5_mask`), and `y` [B, 1], the guidance strength of a distilled model (None for the base model). A
+    distilled (MeanFlow) model reads the step's end from the schedule of the sampling run in progress."""
 
-    reads_run_sigmas = True  # `ldm.sampling.ksampler.sample` sets `sigmas` for each run
     fp8_keep = r"^model\.(?!double_blocks\.|single_blocks\.)"  # fp8 weights for the blocks alone (--weights-dtype)
 
     def __init__(self, model: HunyuanImage21):
         super().__init__()
         self.model = model
-        self.sigmas: Tensor | None = None
         self.cuda_graphs_safe = not model.config.meanflow  # a graph would replay its first run's step ends
 
     @property
@@ -96,7 +94,7 @@ class HunyuanImage21Denoiser(nn.Module):
         guidance = None
         if self.config.guidance_embed:
             guidance = (torch.full_like(levels, DEFAULT_GUIDANCE) if y is None else y.reshape(-1).float()) * 1000
-        ends = step_end(self.sigmas, levels) if self.config.meanflow else None
+        ends = step_end(run_sigmas(), levels) if self.config.meanflow else None
         return self.model(x.to(self.dtype), levels * 1000, context, attn_mask, byt5, byt5_mask, guidance, ends)
 
 

@@ -10,7 +10,7 @@ times 1.03682 (ComfyUI's HunyuanVideo15 latent format). Beside the noisy latent 
 channels (`concat_channels`): the start picture's latent, scaled likewise, zeros where there is none, and a mask, 1 at
 the latent frames the picture fixes; the SR model takes 66 (`nodes.sd.hunyuan_video15`). MeanFlow-distilled models
 (`time_r_in`: the step-distilled 480p and the SR model) are also told where the step ends: the next level of the
-sampler's schedule (`HunyuanVideo15Denoiser.sigmas`, set by the sampler), as ComfyUI tells them.
+sampler's schedule (`ldm.sampling.run`, which the sampler opens), as ComfyUI tells them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ldm.hunyuan_video15 import (
     randomize,
     tiny_config,
 )
+from ldm.sampling.run import current_run
 from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
 
@@ -74,17 +75,14 @@ class HunyuanVideo15Denoiser(nn.Module):
     """The transformer as the sampler calls it: `x` [B, 32 + concat_channels, F, h, w] (the sampler appends the
     condition channels), flow levels `timesteps` [B] in 0..1, the prompt's Qwen2.5-VL states `context` [B, L, 3584]
     with its `attn_mask` [B, L], by keyword the glyph text's byT5 states `byt5` [B, L2, 1472] (and `byt5_mask`), and
-    `y`, the start
-    picture's SigLIP states [B, 729, 1152] (image-to-video), else None. `sigmas`: the schedule of the sampling run,
-    which MeanFlow models read the step's end from."""
+    `y`, the start picture's SigLIP states [B, 729, 1152] (image-to-video), else None. MeanFlow models read the
+    step's end from the schedule of the sampling run in progress (`ldm.sampling.run`)."""
 
-    reads_run_sigmas = True  # `ldm.sampling.ksampler.sample` sets `sigmas` for each run
     fp8_keep = r"^model\.(?!double_blocks\.)"  # fp8 weights for the blocks alone (--weights-dtype fp8)
 
     def __init__(self, model: HunyuanVideo15):
         super().__init__()
         self.model = model
-        self.sigmas: Tensor | None = None
         self.cuda_graphs_safe = not model.config.meanflow  # a graph would replay its first run's step ends
 
     @property
@@ -98,7 +96,7 @@ class HunyuanVideo15Denoiser(nn.Module):
     def step_end(self, timesteps: Tensor) -> Tensor | None:
         """MeanFlow's `timesteps_r` for levels `timesteps` (`step_end`); None for other models, and off the run's
         schedule."""
-        return step_end(self.sigmas, timesteps) if self.config.meanflow else None
+        return step_end(run_sigmas(), timesteps) if self.config.meanflow else None
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 attn_mask: Tensor | None = None, byt5: Tensor | None = None, byt5_mask: Tensor | None = None,
@@ -108,6 +106,12 @@ class HunyuanVideo15Denoiser(nn.Module):
         levels = timesteps.reshape(-1).float().expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
         return self.model(x.to(self.dtype), levels * 1000, context, attn_mask, byt5, byt5_mask, y,
                           self.step_end(levels))
+
+
+def run_sigmas() -> Tensor | None:
+    """The levels of the sampling run in progress, None outside one."""
+    run = current_run()
+    return None if run is None else run.sigmas
 
 
 def step_end(sigmas: Tensor | None, timesteps: Tensor) -> Tensor | None:

@@ -34,6 +34,7 @@ from ldm.sampling.noise import (
     seeded_noise_sampler,
     step_noise_seed,
 )
+from ldm.sampling.run import sampling_run
 from ldm.sampling.schedulers import get_sigmas
 from ldm.sampling.schedules import DiscreteSchedule
 
@@ -344,6 +345,7 @@ def sample(
     # Read on the CPU, before the move: no device synchronisation.
     sigma_start, no_step = float(sigmas[0]), len(sigmas) == 1 or float(sigmas.max()) == 0
     sigma_end = float(sigmas[-1])
+    run_levels = sigmas  # on the CPU, for models that read them (`ldm.sampling.run`)
     patches = patches or SamplingPatches()
     # A mask function sees the run's progress as a timestep fraction: 1 at the first level, 0 at the last
     # (or at the schedule's smallest level, if the run ends at 0).
@@ -362,8 +364,6 @@ def sample(
 
     if module is None and isinstance(unet, torch.nn.Module):
         module = unet
-    if getattr(module, "reads_run_sigmas", False):  # MeanFlow models (HunyuanVideo 1.5's) are told each step's end
-        module.sigmas = sigmas.cpu()
     options = dict(sampler_options or {})
     if flow and sampler_name in _FLOW_STOCHASTIC | _FLOW_SDE:
         options["flow"] = True
@@ -443,7 +443,8 @@ def sample(
         options["tau_func"] = samplers_stochastic.sa_solver_tau(schedule.sigma_at_percent(0.2),
                                                                 schedule.sigma_at_percent(0.8))
     try:
-        x = sampler(model, x, sampler_sigmas, callback=on_step, **options)
+        with sampling_run(run_levels):
+            x = sampler(model, x, sampler_sigmas, callback=on_step, **options)
     finally:
         if prefetcher is not None:
             prefetcher.close()

@@ -29,8 +29,8 @@ output `out[:, :C]`, for one model call:
   otherwise `cumulative = 0` and the model runs. After a computed tracked call, `k = mean|out - out_prev| /
   input_change` (when there was an input change), then `x_prev`, `out_prev` and `norm` are replaced. So the first
   two evaluations in the window always run, and at reuse_threshold 0 nothing is skipped.
-- Resets: every sampling run starts afresh (ComfyUI's OUTER_SAMPLE wrapper clones the holder; here the sampler's
-  `sigmas` assignment, `ldm.sampling.ksampler.sample`). A change of the input's shape (past the batch), dtype or
+- Resets: every sampling run starts afresh (ComfyUI's OUTER_SAMPLE wrapper clones the holder; here each run's
+  state is its own, kept in the run, `ldm.sampling.run`). A change of the input's shape (past the batch), dtype or
   device within the window clears the state as ComfyUI's `reset` does, which leaves `k` at 0 rather than unknown: the
   second tracked call after it is then skipped whatever the threshold above 0 (ComfyUI's behaviour, kept).
 
@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.lora import shallow_copy
+from ldm.sampling.run import current_run
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel
 from nodes.spec import Boolean, Float, Output, Socket
@@ -230,29 +231,44 @@ class EasyCacheUNet(nn.Module):
     """Marks the classes `easycache_class` makes (see `with_easycache`)."""
 
 
+@dataclass(frozen=True, eq=False)
+class EasyCacheSettings:
+    """EasyCache as a UNet copy carries it (shared by the copies made from that one): each sampling run's
+    `EasyCacheState` is made from these when the run first calls the model, and kept in the run
+    (`ldm.sampling.run`), so that the model holds nothing of a run. `start_t` and `end_t` are model timesteps."""
+
+    reuse_threshold: float
+    start_t: float
+    end_t: float
+    verbose: bool = False
+    schedule: Any = None  # the model's, for the run's last level (where the skipped steps are logged)
+
+    def state(self) -> EasyCacheState | None:
+        """The state of the sampling run in progress (made at its first call); None outside a run."""
+        run = current_run()
+        if run is None:
+            return None
+        state = run.state.get(self)
+        if state is None:
+            state = run.state[self] = EasyCacheState(self.reuse_threshold, self.start_t, self.end_t, self.verbose)
+            positive = run.sigmas[run.sigmas > 0]
+            last_t = model_timestep(self.schedule, float(positive[-1])) if len(positive) else 0.0
+            state.new_run(len(run.sigmas) - 1, last_t)
+        return state
+
+
 @functools.cache
 def easycache_class(base: type) -> type:
-    """`base` with EasyCache around its forward; its state is the instance's `easycache` (EasyCacheState), its
-    schedule (for the run's last level) `easycache_schedule`."""
+    """`base` with EasyCache around its forward, its settings the instance's `easycache` (EasyCacheSettings); a call
+    outside a sampling run is the plain forward."""
     if issubclass(base, EasyCacheUNet):
         return base
 
     class Cached(base, EasyCacheUNet):
-        reads_run_sigmas = True  # `ldm.sampling.ksampler.sample` assigns each run's sigmas: a new run starts
-
-        @property
-        def sigmas(self) -> Any:  # the run's, for a model that reads them (HunyuanVideo 1.5's MeanFlow models)
-            return self.__dict__.get("_easycache_run_sigmas", self.__dict__.get("sigmas"))
-
-        @sigmas.setter
-        def sigmas(self, sigmas: Tensor) -> None:
-            self.__dict__["_easycache_run_sigmas"] = sigmas
-            positive = sigmas[sigmas > 0]
-            last_t = model_timestep(self.__dict__["easycache_schedule"], float(positive[-1])) if len(positive) else 0.0
-            self.__dict__["easycache"].new_run(len(sigmas) - 1, last_t)
-
         def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            state = self.__dict__["easycache"]
+            state = self.__dict__["easycache"].state()
+            if state is None:
+                return super().forward(x, timesteps, context, *args, **kwargs)
             t = float(timesteps.reshape(-1)[0])
             cached, step = _before(state, self, x, t, context)
             if cached is not None:
@@ -280,12 +296,11 @@ def _after(state: EasyCacheState, x: Tensor, out: Tensor, t: float, step: dict) 
     state.report(t)
 
 
-def cached_unet(unet: nn.Module, state: EasyCacheState, schedule: Any) -> nn.Module:
-    """A copy of `unet` (sharing its weights) with EasyCache, its levels those of `schedule`."""
+def cached_unet(unet: nn.Module, settings: EasyCacheSettings) -> nn.Module:
+    """A copy of `unet` (sharing its weights) with EasyCache."""
     cached = shallow_copy(unet)
     cached.__class__ = easycache_class(type(unet))
-    cached.__dict__["easycache"] = state
-    cached.__dict__["easycache_schedule"] = schedule
+    cached.__dict__["easycache"] = settings
     cached.cuda_graphs_safe = False  # a CUDA graph would replay one branch of the cache's decisions
     return cached
 
@@ -294,9 +309,9 @@ def with_easycache(model: DiffusionModel, reuse_threshold: float, start_percent:
                    verbose: bool = False) -> DiffusionModel:
     """`model` whose UNet is a copy with EasyCache (the given one is left as it was)."""
     schedule = model.schedule
-    state = EasyCacheState(reuse_threshold, percent_timestep(schedule, start_percent),
-                           percent_timestep(schedule, end_percent), verbose)
-    return replace(model, unet=cached_unet(model.unet, state, schedule),
+    settings = EasyCacheSettings(reuse_threshold, percent_timestep(schedule, start_percent),
+                                 percent_timestep(schedule, end_percent), verbose, schedule)
+    return replace(model, unet=cached_unet(model.unet, settings),
                    loras=(*model.loras, f"EasyCache {reuse_threshold:g}"))
 
 

@@ -6,6 +6,7 @@ model calls and stays finite."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -18,12 +19,13 @@ from graph.document import parse_api
 from ldm.hunyuan_video15_files import HunyuanVideo15Denoiser, make_hunyuan_video15_files
 from ldm.presets import make_checkpoint
 from ldm.sampling.flow import SD3FlowSchedule
+from ldm.sampling.run import sampling_run
 from ldm.sampling.schedules import DiscreteSchedule
 from ldm.unet import UNetModel
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
 from nodes.sd import easycache
-from nodes.sd.easycache import EasyCacheState, cached_unet, percent_timestep
+from nodes.sd.easycache import EasyCacheSettings, cached_unet, percent_timestep
 
 
 class Square(nn.Module):
@@ -52,14 +54,21 @@ class Mixer(nn.Module):
 
 
 def with_cache(module: nn.Module, threshold: float, start_t: float = math.inf, end_t: float = -math.inf):
-    return cached_unet(module, EasyCacheState(threshold, start_t, end_t), SD3FlowSchedule(3.0))
+    return cached_unet(module, EasyCacheSettings(threshold, start_t, end_t, schedule=SD3FlowSchedule(3.0)))
 
 
-def start_run(unet: nn.Module, levels: list[float]) -> None:
-    unet.sigmas = torch.tensor([*levels, 0.0])  # as ldm.sampling.ksampler.sample tells it a run starts
+@pytest.fixture
+def start_run():
+    """Opens a sampling run over the levels given and a last 0, as ldm.sampling.ksampler.sample does, until the
+    test ends (a later one within it is the current run); returns the run's state of a cached UNet's EasyCache."""
+    with contextlib.ExitStack() as stack:
+        def start(unet: nn.Module, levels: list[float]):
+            run = stack.enter_context(sampling_run(torch.tensor([*levels, 0.0])))
+            return lambda: run.state[unet.easycache]
+        yield start
 
 
-def test_hand_computed_run_of_the_skip_rule() -> None:
+def test_hand_computed_run_of_the_skip_rule(start_run) -> None:
     """x = 1, 0.8, 0.7, 0.6, 0.5, 0.45 through `x ** 2` with reuse_threshold 0.5 (mean |.| of one value is |.|):
     calls 1 and 2 run (no rate yet): rate = |0.64 - 1| / |0.8 - 1| = 1.8, norm 0.64, diff 0.64 - 0.8 = -0.16;
     call 3: 1.8 * 0.1 / 0.64 = 0.28125 < 0.5, skipped: 0.7 - 0.16 = 0.54;
@@ -68,13 +77,13 @@ def test_hand_computed_run_of_the_skip_rule() -> None:
     call 6: + 1.4 * 0.15 / 0.36 = 0.9722, runs."""
     unet = with_cache(Square(), 0.5)  # a copy: it counts its own calls
     levels = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
-    start_run(unet, levels)
+    state = start_run(unet, levels)
     context = torch.zeros(1, 2, 3, dtype=torch.float64)
     outs = [float(unet(torch.full((1, 1, 1, 1), x, dtype=torch.float64), torch.tensor([t]), context))
             for x, t in zip([1.0, 0.8, 0.7, 0.6, 0.5, 0.45], levels, strict=True)]
     assert outs == pytest.approx([1.0, 0.64, 0.54, 0.36, 0.26, 0.2025], abs=1e-12)
     assert unet.calls == 4
-    assert unet.easycache.skipped == 2
+    assert state().skipped == 2
     # reuse_threshold 0: the cumulative change is never below it, nothing is skipped
     unet = with_cache(Square(), 0.0)
     start_run(unet, levels)
@@ -148,7 +157,7 @@ def comfyui_rule(model, xs, levels, threshold, start_t, end_t, calls, contexts):
 
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.8])
-def test_prompts_match_comfyuis_rule(threshold, batched) -> None:
+def test_prompts_match_comfyuis_rule(threshold, batched, start_run) -> None:
     """Two latents, the positive and negative prompts in one call ([positive; negative] in Loom, [negative; positive]
     in ComfyUI) or in calls of their own (the positive's first in Loom, the negative's in ComfyUI): ComfyUI tracks
     the negative, and so does Loom, deciding at each evaluation's first call. 16x16 latents subsampled to 2x2, a
@@ -177,7 +186,7 @@ def test_prompts_match_comfyuis_rule(threshold, batched) -> None:
     assert (expected_calls == len(levels) * len(calls)) == (threshold == 0.0)
 
 
-def test_metadata_change_resets_with_a_zero_rate() -> None:
+def test_metadata_change_resets_with_a_zero_rate(start_run) -> None:
     """A new input shape within the window clears the cache as ComfyUI's reset does, leaving the rate at 0 (not
     unknown): the second call after it is skipped, the change rate being 0."""
     unet = with_cache(Square(), 1e-9)
@@ -192,14 +201,14 @@ def test_metadata_change_resets_with_a_zero_rate() -> None:
     assert unet.calls == 4 and torch.allclose(out, torch.full((1, 1, 3, 3), 0.5 + 0.36 - 0.6))
 
 
-def test_window_levels_and_new_runs() -> None:
+def test_window_levels_and_new_runs(start_run) -> None:
     """Calls above start_t run and keep their diffs; at or below end_t they run and change nothing; each run (the
-    sampler's `sigmas` assignment) starts afresh."""
+    sampling run) starts afresh."""
     unet = with_cache(Square(), 3.0, start_t=0.65, end_t=0.25)
     levels = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     context = torch.zeros(1, 2, 3)
     for run in range(2):
-        start_run(unet, levels)
+        state = start_run(unet, levels)
         unet.calls = 0
         ran = []
         for i, t in enumerate(levels):
@@ -208,7 +217,15 @@ def test_window_levels_and_new_runs() -> None:
             ran.append(unet.calls > before)
         # 0.6 and 0.5: the first two tracked calls; 0.4, 0.3 skipped; 0.2, 0.1 past the end
         assert ran == [True, True, True, True, True, False, False, True, True], run
-        assert unet.easycache.skipped == 2
+        assert state().skipped == 2
+
+
+def test_outside_a_sampling_run_every_call_runs() -> None:
+    unet = with_cache(Square(), 3.0)
+    for i, t in enumerate([0.9, 0.8, 0.7, 0.6, 0.5]):
+        out = unet(torch.full((1, 1, 2, 2), 1.0 - 0.1 * i), torch.tensor([t]), torch.zeros(1, 2, 3))
+        assert torch.allclose(out, torch.full((1, 1, 2, 2), (1.0 - 0.1 * i) ** 2))
+    assert unet.calls == 5
 
 
 def test_percent_levels_are_comfyuis_percent_to_sigma() -> None:
@@ -224,7 +241,7 @@ def test_percent_levels_are_comfyuis_percent_to_sigma() -> None:
 
 
 def test_node_declaration_is_comfyuis() -> None:
-    [node] = easycache.NODES
+    node = next(n for n in easycache.NODES if n.name == "EasyCache")
     info = node.object_info()
     assert (info["name"], info["category"], info["output"]) == ("EasyCache", "advanced/debug", ["MODEL"])
     required = info["input"]["required"]
@@ -335,64 +352,6 @@ def test_sd1_graph_window_bounds_the_skipped_steps(sd_engine, counted) -> None:
         counts[start, end] = counted["UNetModel"]
     assert counts[0.0, 0.15] == 8 and counts[0.0, 0.3] == 7, counts
     assert counts[0.0, 1.0] < counts[0.15, 0.95] < 8, counts
-
-
-@pytest.fixture(scope="module")
-def hv_engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("easycache_hv15")
-    make_hunyuan_video15_files(root / "models", seed=3, dtype=torch.float32)
-    set_paths(FolderPaths(base=root))
-    yield Executor(registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
-    set_paths(FolderPaths())
-
-
-def hv_graph(threshold: float | None, steps: int = 8) -> dict:
-    """Comfy-Org's template wiring: UNETLoader -> EasyCache -> ModelSamplingSD3 (7) -> KSampler, image to video."""
-    nodes = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "hunyuanvideo1.5_720p_i2v-tiny.safetensors",
-                                                     "weight_dtype": "default"}},
-        "2": {"class_type": "DualCLIPLoader", "inputs": {
-            "clip_name1": "qwen_2.5_vl_7b-hunyuan_video15-tiny.safetensors",
-            "clip_name2": "byt5_small_glyphxl-tiny.safetensors", "type": "hunyuan_video_15"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "hunyuanvideo15_vae-tiny.safetensors"}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a red kite"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
-        "10": {"class_type": "CLIPVisionLoader",
-               "inputs": {"clip_name": "sigclip_vision_patch14_384-tiny.safetensors"}},
-        "11": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0xD04020}},
-        "12": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["10", 0], "image": ["11", 0],
-                                                            "crop": "center"}},
-        "13": {"class_type": "HunyuanVideo15ImageToVideo", "inputs": {
-            "positive": ["5", 0], "negative": ["6", 0], "vae": ["3", 0], "width": 64, "height": 48, "length": 5,
-            "batch_size": 1, "start_image": ["11", 0], "clip_vision_output": ["12", 0]}},
-        "14": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 7.0}},
-        "8": {"class_type": "KSampler", "inputs": {
-            "model": ["14", 0], "seed": 5, "steps": steps, "cfg": 6.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["13", 0], "negative": ["13", 1], "latent_image": ["13", 2], "denoise": 1.0}},
-    }
-    if threshold is not None:
-        nodes["7"] = {"class_type": "EasyCache", "inputs": {"model": ["1", 0], "reuse_threshold": threshold,
-                                                            "start_percent": 0.15, "end_percent": 0.95,
-                                                            "verbose": True}}
-        nodes["14"]["inputs"]["model"] = ["7", 0]
-    return nodes
-
-
-def test_hunyuan_video15_template_wiring(hv_engine, counted, caplog) -> None:
-    """The prompts' calls are separate here (their inputs differ in kind): the positive's call decides for both."""
-    plain = sample(hv_engine, hv_graph(None), keep="8")
-    assert counted == {"HunyuanVideo15Denoiser": 16}
-    counted.clear()
-    assert torch.equal(sample(hv_engine, hv_graph(0.0), keep="8"), plain)
-    assert counted == {"HunyuanVideo15Denoiser": 16}
-    counted.clear()
-    with caplog.at_level("INFO", logger="nodes.sd.easycache"):
-        cached = sample(hv_engine, hv_graph(3.0), keep="8")
-    skipped, odd = divmod(16 - counted["HunyuanVideo15Denoiser"], 2)
-    assert skipped > 0 and odd == 0
-    assert torch.isfinite(cached).all() and (cached - plain).abs().max() > 1e-4
-    assert f"EasyCache - skipped {skipped}/8 steps" in caplog.text
-    assert "EasyCache [verbose] - skipping step" in caplog.text
 
 
 # --- LazyCache ------------------------------------------------------------------------------------------------------
@@ -511,3 +470,62 @@ def test_lazycache_window_and_declaration(sd_engine, counted) -> None:
     info = node.object_info()
     assert list(info["input"]["required"]) == ["model", "reuse_threshold", "start_percent", "end_percent", "verbose"]
     assert info["output"] == ["MODEL"]
+
+
+@pytest.fixture(scope="module")
+def hv_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("easycache_hv15")
+    make_hunyuan_video15_files(root / "models", seed=3, dtype=torch.float32)
+    set_paths(FolderPaths(base=root))
+    yield Executor(registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
+    set_paths(FolderPaths())
+
+
+def hv_graph(threshold: float | None, steps: int = 8) -> dict:
+    """Comfy-Org's template wiring: UNETLoader -> EasyCache -> ModelSamplingSD3 (7) -> KSampler, image to video."""
+    nodes = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "hunyuanvideo1.5_720p_i2v-tiny.safetensors",
+                                                     "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {
+            "clip_name1": "qwen_2.5_vl_7b-hunyuan_video15-tiny.safetensors",
+            "clip_name2": "byt5_small_glyphxl-tiny.safetensors", "type": "hunyuan_video_15"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "hunyuanvideo15_vae-tiny.safetensors"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a red kite"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
+        "10": {"class_type": "CLIPVisionLoader",
+               "inputs": {"clip_name": "sigclip_vision_patch14_384-tiny.safetensors"}},
+        "11": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0xD04020}},
+        "12": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["10", 0], "image": ["11", 0],
+                                                            "crop": "center"}},
+        "13": {"class_type": "HunyuanVideo15ImageToVideo", "inputs": {
+            "positive": ["5", 0], "negative": ["6", 0], "vae": ["3", 0], "width": 64, "height": 48, "length": 5,
+            "batch_size": 1, "start_image": ["11", 0], "clip_vision_output": ["12", 0]}},
+        "14": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 7.0}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["14", 0], "seed": 5, "steps": steps, "cfg": 6.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["13", 0], "negative": ["13", 1], "latent_image": ["13", 2], "denoise": 1.0}},
+    }
+    if threshold is not None:
+        nodes["7"] = {"class_type": "EasyCache", "inputs": {"model": ["1", 0], "reuse_threshold": threshold,
+                                                            "start_percent": 0.15, "end_percent": 0.95,
+                                                            "verbose": True}}
+        nodes["14"]["inputs"]["model"] = ["7", 0]
+    return nodes
+
+
+def test_hunyuan_video15_template_wiring(hv_engine, counted, caplog) -> None:
+    """The prompts' calls are separate here (their inputs differ in kind): the positive's call decides for both."""
+    plain = sample(hv_engine, hv_graph(None), keep="8")
+    assert counted == {"HunyuanVideo15Denoiser": 16}
+    counted.clear()
+    assert torch.equal(sample(hv_engine, hv_graph(0.0), keep="8"), plain)
+    assert counted == {"HunyuanVideo15Denoiser": 16}
+    counted.clear()
+    with caplog.at_level("INFO", logger="nodes.sd.easycache"):
+        cached = sample(hv_engine, hv_graph(3.0), keep="8")
+    skipped, odd = divmod(16 - counted["HunyuanVideo15Denoiser"], 2)
+    assert skipped > 0 and odd == 0
+    assert torch.isfinite(cached).all() and (cached - plain).abs().max() > 1e-4
+    assert f"EasyCache - skipped {skipped}/8 steps" in caplog.text
+    assert "EasyCache [verbose] - skipping step" in caplog.text
+

@@ -21,6 +21,7 @@ from executor.services import Services
 from graph.document import parse_api
 from ldm.hunyuan_video15_files import LATENT_SCALE, load_hunyuan_video15_unet, make_hunyuan_video15_files
 from ldm.sampling import prepare_noise
+from ldm.sampling.run import current_run, sampling_run
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
 from tests.ldm.test_hunyuan_video15 import twin
@@ -205,20 +206,29 @@ def test_super_resolution_conditioning_and_meanflow_step_ends(engine, base) -> N
     _, [[(_, entry)]] = hunyuan_video15_inputs(model, {"samples": torch.zeros(LATENT)}, 889, positive)
     noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(879))
     torch.testing.assert_close(entry["concat"][:, 33:65], 0.7 * noise + 0.3 * low)
-    loaded.unet.sigmas = torch.tensor([1.0, 0.75, 0.5])
-    assert loaded.unet.step_end(torch.tensor([1.0, 0.75, 0.5])).tolist() == [750.0, 500.0, 0.0]
-    assert loaded.unet.step_end(torch.tensor([0.3])) is None  # off the schedule (a midpoint): none, as ComfyUI
+    with sampling_run(torch.tensor([1.0, 0.75, 0.5])):
+        assert loaded.unet.step_end(torch.tensor([1.0, 0.75, 0.5])).tolist() == [750.0, 500.0, 0.0]
+        assert loaded.unet.step_end(torch.tensor([0.3])) is None  # off the schedule (a midpoint): none, as ComfyUI
+    assert loaded.unet.step_end(torch.tensor([0.75])) is None  # outside a sampling run
 
     seen = []
     model_forward = loaded.unet.model.forward
-    loaded.unet.model.forward = lambda *args: seen.append(args[-1]) or model_forward(*args)
+    runs = []
+
+    def recording(*args):
+        seen.append(args[-1])
+        runs.append(current_run().sigmas)
+        return model_forward(*args)
+
+    loaded.unet.model.forward = recording
     from ldm.sampling.ksampler import sample
 
     with torch.no_grad():
         sample(loaded.unet, model.schedule, torch.zeros(LATENT), seed=1, steps=3, cfg=2.0, sampler_name="euler",
                scheduler="simple", positive=[(torch.randn(1, 5, 32), {})], negative=[(torch.randn(1, 5, 32), {})],
                prediction="flow", concat=torch.zeros(1, 66, *LATENT[2:]))
-    sigmas = loaded.unet.sigmas  # the run's schedule, which the sampler handed the model
+    sigmas = runs[0]  # the run's schedule, which the model read
+    assert all(r is sigmas for r in runs)
     assert len(sigmas) == 4 and sigmas[0] == 1 and sigmas[-1] == 0
     expected = [torch.full((2,), float(s) * 1000) for s in sigmas[1:]]  # both prompts in one call
     assert len(seen) == 3 and all(torch.allclose(r, e) for r, e in zip(seen, expected, strict=True))
