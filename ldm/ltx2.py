@@ -78,16 +78,20 @@ audio heads (diffusers the video heads; both 32 in LTX-2); ComfyUI runs the conn
 to 1024 with registers, diffusers on the tokenizer's padding (equal when diffusers' prompt is padded to 1024); masks
 are -finfo.max biases (diffusers -10000); LTX-2.3's prompt modulation takes each item's largest level (diffusers the
 `sigma` it is given). Not supported: a prompt projection before the connectors (ComfyUI's
-caption_proj_before_connector with a first linear; refused by `config_from_state_dict`), ComfyUI's ID-LoRA
-reference audio tokens, and guide attention entries' pixel masks.
+caption_proj_before_connector with a first linear; refused by `config_from_state_dict`). ComfyUI's guidance
+switches (ID-LoRA reference audio tokens, STG's value passthrough, severed audio<->video cross-attention) are
+`LTX2Model.forward`'s keywords (`ldm.ltx2_guidance` runs the passes).
 
 Keyframe guides (LTXVAddGuide's frames appended after the video's, their positions `keyframe_idxs`) of strength
-below 1 are attended to less, as ComfyUI's LTXVModel._build_guide_self_attention_mask does from the conditioning's
-`guide_attention_entries`: the video self-attention (every block's attn1; not the audio's, the prompt's nor the
-audio<->video cross-attention) gets an additive logit bias (`guide_attention_bias`), the same for every head,
-log(strength) (in the model's dtype; finfo.min at strength 0) between each token before the guides and each of that
-guide's tokens, both ways, 0 elsewhere (the video among itself, the guides among themselves); none at all when every
-strength is 1. A bias of log(s) multiplies a key's softmax weight by s before the normalisation.
+other than 1, or with an attention mask, are attended to less (or more), as ComfyUI's
+LTXVModel._build_guide_self_attention_mask does from the conditioning's `guide_attention_entries`: the video
+self-attention (every block's attn1; not the audio's, the prompt's nor the audio<->video cross-attention) gets an
+additive logit bias (`guide_attention_bias`), the same for every head, log(weight) (in the model's dtype; finfo.min at
+0) between each token before the guides and each guide token, both ways, 0 elsewhere (the video among itself, the
+guides among themselves); none at all when every weight is 1. A token's weight is its guide's strength, times its
+attention mask's mean over the pixels it stands for. A bias of log(w) multiplies a key's softmax weight by w before
+the normalisation. IC-LoRA guides encoded smaller and spread over the full grid have holes, whose noise mask is
+negative: those tokens are left out of the model altogether (`kept_tokens`, ComfyUI's grid mask).
 """
 
 from __future__ import annotations
@@ -262,10 +266,12 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
 
 
 def video_positions(batch: int, frames: int, rows: int, cols: int, frame_rate: float, c: LTX2Config,
-                    device: torch.device | str = "cpu", keyframe_idxs: Tensor | None = None) -> Tensor:
+                    device: torch.device | str = "cpu", keyframe_idxs: Tensor | None = None,
+                    kept: Tensor | None = None) -> Tensor:
     """[B, 3, F * H * W, 2]: each latent pixel's [start, end) in (seconds, pixel rows, pixel columns); the last K
     tokens' spans replaced by `keyframe_idxs` [1 or B, 3, K, 2] (pixel frames, rows, columns: ComfyUI's, for
-    keyframe guides appended after the video's frames) before the frames become seconds."""
+    keyframe guides appended after the video's frames) before the frames become seconds; only the tokens `kept`
+    [F * H * W] marks (bool; None: all), in order, where the model drops the others (IC-LoRA guides' holes)."""
     grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device)
                                         for n in (frames, rows, cols)), indexing="ij")).flatten(1)
     spans = torch.stack([grid, grid + 1], dim=-1) * torch.tensor(c.vae_scale, dtype=torch.float32,
@@ -280,6 +286,8 @@ def video_positions(batch: int, frames: int, rows: int, cols: int, frame_rate: f
             raise ValueError(f"keyframe_idxs {list(keyframe_idxs.shape)} are not [B, 3, K, 2] spans of the last "
                              f"K of {spans.shape[2]} tokens")
         spans[:, :, spans.shape[2] - tokens:] = keyframe_idxs.to(spans)
+    if kept is not None:
+        spans = spans[:, :, kept.to(spans.device)]
     spans[:, 0] = spans[:, 0] / frame_rate
     return spans
 
@@ -292,25 +300,47 @@ def audio_positions(batch: int, frames: int, c: LTX2Config, device: torch.device
     return (mel * c.audio_hop_length / c.audio_sample_rate).expand(batch, 1, -1, -1)
 
 
-def guide_attention_bias(guide_attention: Tensor, tokens: int, guide_tokens: int, dtype: torch.dtype
-                         ) -> Tensor | None:
-    """ComfyUI's attenuation of keyframe guides: the video self-attention's additive bias [B or 1, 1, S, S] over
-    `tokens` S whose last `guide_tokens` K are the guides', given each guide's (token count, strength)
-    `guide_attention` [B, G, 2] in the order the guides were appended (their counts adding up to K): log(strength) in
-    `dtype` (clamped at its smallest normal; finfo.min at 0) between every token before the guides and each of the
-    guide's tokens, both ways, 0 elsewhere; one row for the batch where its items agree. None (no bias) where every
-    strength is at least 1."""
-    counts = guide_attention[..., 0].round().long()
-    if (counts != counts[:1]).any() or int(counts[0].sum()) != guide_tokens:
-        raise ValueError(f"guide token counts {counts.tolist()} do not add up to the {guide_tokens} keyframe tokens")
-    weights = guide_attention[..., 1].to(dtype).repeat_interleave(counts[0], dim=1)  # [B, K]
-    if bool((weights >= 1).all()):
+def reference_audio_positions(batch: int, frames: int, c: LTX2Config, device: torch.device | str = "cpu") -> Tensor:
+    """[B, 1, R, 2]: a reference clip's latent frames' spans in seconds, as `audio_positions`, shifted to end one
+    latent frame's time (hop x downsampling) before 0, the audio's start (ComfyUI's ID-LoRA convention)."""
+    spans = audio_positions(batch, frames, c, device)
+    last_end = max(frames * c.audio_downsample + 1 - c.audio_downsample, 0)  # in mel frames
+    return spans - (last_end + c.audio_downsample) * c.audio_hop_length / c.audio_sample_rate
+
+
+def guide_attention_bias(guide_attention: Tensor, tokens: int, guide_tokens: int, dtype: torch.dtype,
+                         kept: Tensor | None = None) -> Tensor | None:
+    """ComfyUI's per-guide attention control (LTXVModel._build_guide_self_attention_mask): the video
+    self-attention's additive bias [B or 1, 1, S, S] over the `tokens` S the model runs, the last of them the guide
+    tokens it keeps. `guide_attention` [B, K, 2] covers all `guide_tokens` K keyframe tokens in the order the guides
+    were appended: each token's guide (0, 1, ...) and a weight; a guide's weights go to its kept tokens (`kept` [K],
+    bool; None: all) in order: its strength, times its pixel mask's where it has one (`nodes.sd.ltx2`). Between
+    every token before the guides and each guide token, both ways: log(weight) in `dtype` (clamped at its smallest
+    normal; finfo.min at 0; above 0 for a weight above 1, which draws attention to the guide), 0 elsewhere; one row
+    for the batch where its items agree. None (no bias) where every weight is 1."""
+    if guide_attention.ndim != 3 or tuple(guide_attention.shape[1:]) != (guide_tokens, 2):
+        raise ValueError(f"guide attention {list(guide_attention.shape)} is not [B, {guide_tokens}, 2]: one (guide, "
+                         f"weight) per keyframe token")
+    guides = guide_attention[..., 0].round().long()
+    if (guides != guides[:1]).any():
+        raise ValueError("the batch's items number their guide tokens differently")
+    kept = torch.ones(guide_tokens, dtype=torch.bool) if kept is None else kept.cpu()
+    if kept.shape != (guide_tokens,):
+        raise ValueError(f"{kept.shape[0]} kept marks for {guide_tokens} guide tokens")
+    pieces, start = [], 0
+    for count in torch.unique_consecutive(guides[0].cpu(), return_counts=True)[1].tolist():
+        pieces.append(guide_attention[:, start:start + int(kept[start:start + count].sum()), 1])
+        start += count
+    weights = torch.cat(pieces, dim=1).to(dtype)  # [B, K'] over the kept guide tokens
+    if weights.shape[1] > tokens:
+        raise ValueError(f"{weights.shape[1]} guide tokens among {tokens} tokens")
+    if bool((weights == 1).all()):
         return None
-    if bool((guide_attention == guide_attention[:1]).all()):
+    if bool((weights == weights[:1]).all()):
         weights = weights[:1]
     finfo = torch.finfo(dtype)
     log_weights = torch.where(weights > 0, weights.clamp(min=finfo.tiny).log(), finfo.min)
-    start = tokens - guide_tokens
+    start = tokens - weights.shape[1]
     bias = weights.new_zeros(weights.shape[0], 1, tokens, tokens)
     bias[:, 0, :start, start:] = log_weights[:, None, :]
     bias[:, 0, start:, :start] = log_weights[:, :, None]
@@ -347,13 +377,21 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # the key is to_out.0
 
     def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
-                k_rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        q, k, v = self.q_norm(self.to_q(x)), self.k_norm(self.to_k(context)), self.to_v(context)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope if k_rope is None else k_rope)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)  # [B, S, H, D]
+                k_rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
+                passthrough: bool = False) -> Tensor:
+        """`passthrough` (a self-attention's, for spatio-temporal guidance): each token's own value, no queries,
+        keys, RoPE nor bias, as ComfyUI's CrossAttention with `stg_skip_self_attn`; still gated and projected."""
+        if passthrough:
+            if context is not None:
+                raise ValueError("only a self-attention passes its values through")
+            out = self.to_v(x).unflatten(-1, (self.heads, -1))  # [B, S, H, D]
+        else:
+            context = x if context is None else context
+            q, k, v = self.q_norm(self.to_q(x)), self.k_norm(self.to_k(context)), self.to_v(context)
+            if rope is not None:
+                q, k = apply_rope(q, rope), apply_rope(k, rope if k_rope is None else k_rope)
+            q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)  # [B, S, H, D]
         if self.to_gate_logits is not None:
             out = out * (2 * torch.sigmoid(self.to_gate_logits(x)))[..., None]
         return self.to_out[0](out.flatten(2))
@@ -410,18 +448,23 @@ class AVBlock(nn.Module):
         shift_kv, scale_kv = _modulations(prompt_table, prompt_temb)
         return attn(_norm(x) * (1 + scale_q) + shift_q, context * (1 + scale_kv) + shift_kv, bias=bias) * gate_q
 
-    def forward(self, v: Tensor, a: Tensor | None, s: dict) -> tuple[Tensor, Tensor | None]:
+    def forward(self, v: Tensor, a: Tensor | None, s: dict, passthrough: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
         """One block over video tokens `v` and audio tokens `a` (None: video only); `s` holds the prepared
-        contexts, masks, modulations and RoPE (see `LTX2Model.forward`)."""
+        contexts, masks, modulations and RoPE (see `LTX2Model.forward`) and whether each audio<->video
+        cross-attention adds its output (`a2v`, `v2a`); `passthrough`: both self-attentions pass their values
+        through (`Attention`)."""
         v_mods = _modulations(self.scale_shift_table, s["v_temb"])
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = v_mods[:6]
-        v = v + self.attn1(_norm(v) * (1 + scale) + shift, rope=s["v_rope"], bias=s["v_self_bias"]) * gate
+        v = v + self.attn1(_norm(v) * (1 + scale) + shift, rope=s["v_rope"], bias=s["v_self_bias"],
+                           passthrough=passthrough) * gate
         v = v + self._text(v, s["v_context"], self.attn2, v_mods[6:], getattr(self, "prompt_scale_shift_table", None),
                            s.get("v_prompt_temb"), s["bias"])
         if a is not None:
             a_mods = _modulations(self.audio_scale_shift_table, s["a_temb"])
             a_shift, a_scale, a_gate, a_shift_mlp, a_scale_mlp, a_gate_mlp = a_mods[:6]
-            a = a + self.audio_attn1(_norm(a) * (1 + a_scale) + a_shift, rope=s["a_rope"]) * a_gate
+            a = a + self.audio_attn1(_norm(a) * (1 + a_scale) + a_shift, rope=s["a_rope"],
+                                     passthrough=passthrough) * a_gate
             a = a + self._text(a, s["a_context"], self.audio_attn2, a_mods[6:],
                                getattr(self, "audio_prompt_scale_shift_table", None), s.get("a_prompt_temb"),
                                s["bias"])
@@ -432,10 +475,14 @@ class AVBlock(nn.Module):
                 self.scale_shift_table_a2v_ca_audio[:4], s["a_ca_temb"])
             (a2v_gate,) = _modulations(self.scale_shift_table_a2v_ca_video[4:], s["a2v_gate_temb"])
             (v2a_gate,) = _modulations(self.scale_shift_table_a2v_ca_audio[4:], s["v2a_gate_temb"])
-            v = v + self.audio_to_video_attn(vn * (1 + v_a2v_scale) + v_a2v_shift, an * (1 + a_a2v_scale) + a_a2v_shift,
-                                             rope=s["v_cross_rope"], k_rope=s["a_cross_rope"]) * a2v_gate
-            a = a + self.video_to_audio_attn(an * (1 + a_v2a_scale) + a_v2a_shift, vn * (1 + v_v2a_scale) + v_v2a_shift,
-                                             rope=s["a_cross_rope"], k_rope=s["v_cross_rope"]) * v2a_gate
+            if s.get("a2v", True):
+                v = v + self.audio_to_video_attn(vn * (1 + v_a2v_scale) + v_a2v_shift,
+                                                 an * (1 + a_a2v_scale) + a_a2v_shift,
+                                                 rope=s["v_cross_rope"], k_rope=s["a_cross_rope"]) * a2v_gate
+            if s.get("v2a", True):
+                a = a + self.video_to_audio_attn(an * (1 + a_v2a_scale) + a_v2a_shift,
+                                                 vn * (1 + v_v2a_scale) + v_v2a_shift,
+                                                 rope=s["a_cross_rope"], k_rope=s["v_cross_rope"]) * v2a_gate
             a = a + self.audio_ff(_norm(a) * (1 + a_scale_mlp) + a_shift_mlp) * a_gate_mlp
         v = v + self.ff(_norm(v) * (1 + scale_mlp) + shift_mlp) * gate_mlp
         return v, a
@@ -553,15 +600,25 @@ class LTX2Model(nn.Module):
     def forward(self, video_latent: Tensor, audio_latent: Tensor | None, video_timestep: Tensor,
                 audio_timestep: Tensor | None, video_context: Tensor, audio_context: Tensor | None,
                 context_mask: Tensor | None = None, frame_rate: float = 25.0,
-                keyframe_idxs: Tensor | None = None, guide_attention: Tensor | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+                keyframe_idxs: Tensor | None = None, guide_attention: Tensor | None = None, *,
+                kept_tokens: Tensor | None = None,
+                ref_audio: Tensor | None = None, stg_blocks: frozenset[int] = frozenset(), a2v: bool = True,
+                v2a: bool = True) -> tuple[Tensor, Tensor | None]:
         """Velocities of `video_latent` [B, 128, F, H, W] and `audio_latent` [B, 8, T, 16] (None: video only, as
         ComfyUI runs a latent without audio) at flow levels `video_timestep` ([B], or [B, F * H * W] per latent
         pixel) and `audio_timestep` ([B] or [B, T]; None: the video's, its first level when per pixel), given the
         connectors' outputs (`preprocess_text_embeds`) and their `context_mask` [B, L'] (1: attend; None: all)
         and the video's `frame_rate` (ComfyUI's LTXVConditioning, 25 by default); `keyframe_idxs` as
-        `video_positions` takes them; `guide_attention` [B, G, 2]: those guides' token counts and strengths, which
-        weaken the video self-attention between the video and a guide of strength below 1 (`guide_attention_bias`)."""
+        `video_positions` takes them; `guide_attention` [B, K, 2]: each guide token's guide and weight, which weaken
+        (or strengthen) the video self-attention between the video and the guides (`guide_attention_bias`);
+        `kept_tokens` [F * H * W] (bool): the video tokens the model runs (ComfyUI's grid mask: where the noise mask
+        is not negative, as at IC-LoRA guides' holes), the others left out and their velocities 0.
+
+        ComfyUI's switches for guidance passes (ID-LoRA's reference, STG, modality guidance): `ref_audio` [B or 1,
+        R, 128]: a reference clip's latent frames, put before the audio's (at level 0, `reference_audio_positions`)
+        and left out of the output; `stg_blocks`: the blocks whose self-attentions (video and audio) pass their
+        values through (`Attention`); `a2v`, `v2a` False: the audio-to-video, video-to-audio cross-attention adds
+        nothing."""
         c, dtype = self.config, self.dtype
         if video_latent.ndim != 5 or video_latent.shape[1] != c.in_channels:
             raise ValueError(f"LTX-2 takes video latents [B, {c.in_channels}, F, H, W]; got {list(video_latent.shape)}")
@@ -569,35 +626,53 @@ class LTX2Model(nn.Module):
         v_levels = video_timestep.reshape(batch, -1).float() * c.timestep_scale
         if v_levels.shape[1] not in (1, frames * rows * cols):
             raise ValueError(f"{v_levels.shape[1]} video timesteps for {frames * rows * cols} latent pixels")
+        tokens = video_latent.flatten(2).transpose(1, 2)
+        if kept_tokens is not None:
+            if kept_tokens.shape != (frames * rows * cols,):
+                raise ValueError(f"{list(kept_tokens.shape)} kept marks for {frames * rows * cols} latent pixels")
+            kept_tokens = kept_tokens.to(video_latent.device)
+            tokens = tokens[:, kept_tokens]
+            v_levels = v_levels if v_levels.shape[1] == 1 else v_levels[:, kept_tokens]
         v_temb, v_embedded = self.adaln_single(v_levels, batch, dtype)
-        v = self.patchify_proj(video_latent.flatten(2).transpose(1, 2).to(dtype))
-        v_spans = video_positions(batch, frames, rows, cols, frame_rate, c, v.device, keyframe_idxs)
+        v = self.patchify_proj(tokens.to(dtype))
+        v_spans = video_positions(batch, frames, rows, cols, frame_rate, c, v.device, keyframe_idxs, kept_tokens)
         s = {"v_temb": v_temb, "v_context": self._project(video_context.to(dtype), "caption_projection"), "bias": None,
              "v_rope": rope_frequencies(_point(v_spans, c.use_middle_indices_grid), c.max_pos, c.inner_dim,
                                         c.num_heads, c), "v_self_bias": None}
         if guide_attention is not None:
             if keyframe_idxs is None:
                 raise ValueError("guide attention entries without the guides' keyframe_idxs")
-            s["v_self_bias"] = guide_attention_bias(guide_attention.to(v.device), v.shape[1], keyframe_idxs.shape[2],
-                                                    dtype)
+            guides = keyframe_idxs.shape[2]
+            kept_guides = None if kept_tokens is None else kept_tokens[kept_tokens.shape[0] - guides:]
+            s["v_self_bias"] = guide_attention_bias(guide_attention.to(v.device), v.shape[1], guides, dtype,
+                                                    kept_guides)
         if c.cross_attention_adaln:  # each item's largest level, as ComfyUI's compute_prompt_timestep
             s["v_prompt_temb"] = self.prompt_adaln_single(v_levels.amax(1, keepdim=True), batch, dtype)[0]
         if context_mask is not None:
             s["bias"] = ((context_mask.to(dtype) - 1) * torch.finfo(dtype).max)[:, None, None, :]
+        s["a2v"], s["v2a"] = a2v, v2a
         a = None
+        if ref_audio is not None and audio_latent is None:
+            raise ValueError("reference audio needs an audio latent to go before: sample an audio-video latent "
+                             "(LTXVConcatAVLatent)")
         if audio_latent is not None:
             if audio_latent.ndim != 4 or audio_latent.shape[1] * audio_latent.shape[3] != c.audio_in_channels:
                 raise ValueError(f"LTX-2 takes audio latents [B, {AUDIO_CHANNELS}, T, {AUDIO_BINS}]; got "
                                  f"{list(audio_latent.shape)}")
             a, a_embedded = self._prepare_audio(audio_latent, audio_timestep, video_timestep, v_levels,
-                                                audio_context, v_spans, s)
-        for block in self.transformer_blocks:
-            v, a = block(v, a, s)
+                                                audio_context, v_spans, s, ref_audio)
+        for i, block in enumerate(self.transformer_blocks):
+            v, a = block(v, a, s, passthrough=i in stg_blocks)
         shift, scale = (self.scale_shift_table.to(dtype) + v_embedded[:, :, None]).unbind(2)
         v = F.layer_norm(v.float(), (c.inner_dim,), eps=1e-6).to(dtype) * (1 + scale) + shift
-        video_out = self.proj_out(v).transpose(1, 2).reshape(batch, c.out_channels, frames, rows, cols)
+        video_out = self.proj_out(v)
+        if kept_tokens is not None:  # the tokens left out move nowhere, as ComfyUI's
+            video_out = video_out.new_zeros(batch, frames * rows * cols, c.out_channels).index_copy(
+                1, kept_tokens.nonzero().flatten(), video_out)
+        video_out = video_out.transpose(1, 2).reshape(batch, c.out_channels, frames, rows, cols)
         if a is None:
             return video_out.to(video_latent.dtype), None
+        a = a[:, a.shape[1] - audio_latent.shape[2]:]  # without the reference's frames
         shift, scale = (self.audio_scale_shift_table.to(dtype) + a_embedded[:, :, None]).unbind(2)
         a = F.layer_norm(a.float(), (c.audio_inner_dim,), eps=1e-6).to(dtype) * (1 + scale) + shift
         audio_out = self.audio_proj_out(a).unflatten(-1, (audio_latent.shape[1], -1)).transpose(1, 2)
@@ -608,10 +683,10 @@ class LTX2Model(nn.Module):
         return getattr(self, name)(context) if self.config.caption_projection else context
 
     def _prepare_audio(self, audio_latent: Tensor, audio_timestep: Tensor | None, video_timestep: Tensor,
-                       v_levels: Tensor, audio_context: Tensor | None, v_spans: Tensor, s: dict
-                       ) -> tuple[Tensor, Tensor]:
-        """The audio tokens and their embedded timestep; fills `s` with the audio stream's and the
-        audio<->video cross-attention's modulations, contexts and RoPE."""
+                       v_levels: Tensor, audio_context: Tensor | None, v_spans: Tensor, s: dict,
+                       ref_audio: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The audio tokens (`ref_audio`'s first) and the embedded timestep of the audio's; fills `s` with the audio
+        stream's and the audio<->video cross-attention's modulations, contexts and RoPE."""
         c, dtype = self.config, self.dtype
         batch, _, frames, _ = audio_latent.shape
         if audio_context is None:
@@ -620,8 +695,21 @@ class LTX2Model(nn.Module):
         a_levels = a_timestep.reshape(batch, -1).float() * c.timestep_scale
         if a_levels.shape[1] not in (1, frames):
             raise ValueError(f"{a_levels.shape[1]} audio timesteps for {frames} latent frames")
+        tokens = audio_latent.transpose(1, 2).flatten(2).to(dtype)
+        a_spans = audio_positions(batch, frames, c, tokens.device)
+        refs = 0
+        if ref_audio is not None:  # ComfyUI's LTXAVModel._process_input and _prepare_timestep
+            if ref_audio.ndim != 3 or ref_audio.shape[2] != c.audio_in_channels or ref_audio.shape[0] not in (
+                    1, batch):
+                raise ValueError(f"reference audio tokens are [1 or {batch}, R, {c.audio_in_channels}]; got "
+                                 f"{list(ref_audio.shape)}")
+            refs = ref_audio.shape[1]
+            tokens = torch.cat([ref_audio.to(tokens).expand(batch, -1, -1), tokens], dim=1)
+            a_spans = torch.cat([reference_audio_positions(batch, refs, c, tokens.device), a_spans], dim=2)
+            a_levels = torch.cat([a_levels.new_zeros(batch, refs), a_levels.expand(batch, frames)], dim=1)
         gate_factor = c.av_ca_timestep_scale / c.timestep_scale
         s["a_temb"], a_embedded = self.audio_adaln_single(a_levels, batch, dtype)
+        a_embedded = a_embedded[:, refs:]
         s["v_ca_temb"] = self.av_ca_video_scale_shift_adaln_single(v_levels, batch, dtype)[0]
         a_max, v_max = (t.max().expand(batch, 1) for t in (a_levels, v_levels))
         s["a2v_gate_temb"] = self.av_ca_a2v_gate_adaln_single(a_max * gate_factor, batch, dtype)[0]
@@ -630,8 +718,7 @@ class LTX2Model(nn.Module):
         s["a_context"] = self._project(audio_context.to(dtype), "audio_caption_projection")
         if c.cross_attention_adaln:
             s["a_prompt_temb"] = self.audio_prompt_adaln_single(a_levels.amax(1, keepdim=True), batch, dtype)[0]
-        a = self.audio_patchify_proj(audio_latent.transpose(1, 2).flatten(2).to(dtype))
-        a_spans = audio_positions(batch, frames, c, a.device)
+        a = self.audio_patchify_proj(tokens)
         s["a_rope"] = rope_frequencies(_point(a_spans, c.use_middle_indices_grid), (c.audio_max_pos,),
                                        c.audio_inner_dim, c.audio_num_heads, c)
         cross_max = (max(c.max_pos[0], c.audio_max_pos),)

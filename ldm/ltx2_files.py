@@ -66,10 +66,17 @@ class LTX2Denoiser(nn.Module):
     """The LTX-2 transformer as the sampler calls it, through `ldm.sampling.av_latent.PackedParts`: the parts
     [video [B, 128, F, h, w], audio [B, 8, T, 16]] at flow levels `timesteps` [B], the prompt's video context and,
     by keyword, its audio context and mask (`ltx2_conditioning`); `y` [B, 1 + 6 K]: the frame rate, then keyframe
-    guides' [3, K, 2] pixel spans flattened; `guide_attention` [B, G, 2]: those guides' token counts and strengths
-    (`ltx2_conditioning`'s, only where one is below 1); `denoise_masks`: each part's noise mask, the token's level
-    being the mask times the step's."""
+    guides' [3, K, 2] pixel spans flattened; `guide_attention` [B, K, 2]: each guide token's guide and weight
+    (`ltx2_conditioning`'s, only where one is not 1); `denoise_masks`: each part's noise mask, the token's level
+    being the mask times the step's (with guides, the video tokens where it is negative are left out); `ref_audio`
+    [B, R, 128]: a reference clip's audio tokens (LTXVReferenceAudio's).
 
+    `stg_blocks`, `a2v_cross_attention` and `v2a_cross_attention` are `LTX2Model.forward`'s switches of the same
+    meaning, which a guidance pass sets on a shallow copy (`ldm.ltx2_guidance.LTX2Perturbation`)."""
+
+    stg_blocks: frozenset[int] = frozenset()
+    a2v_cross_attention = True
+    v2a_cross_attention = True
     cuda_graphs_safe = False  # called with a list of parts, which a graph replay does not take
     # fp8 weights (--weights-dtype fp8) for the blocks alone, as Lightricks' fp8 files keep the rest in bf16
     fp8_keep = r"^model\.(?!transformer_blocks\.)"
@@ -89,7 +96,7 @@ class LTX2Denoiser(nn.Module):
     def forward(self, parts: Sequence[Tensor], timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 audio_context: Tensor | None = None, attn_mask: Tensor | None = None,
                 denoise_masks: Sequence[Tensor] | None = None, control: object = None,
-                guide_attention: Tensor | None = None) -> list[Tensor]:
+                guide_attention: Tensor | None = None, ref_audio: Tensor | None = None) -> list[Tensor]:
         if control is not None:
             raise ValueError("ControlNets and T2I-Adapters do not fit an LTX-2 model")
         video, audio = parts
@@ -101,12 +108,19 @@ class LTX2Denoiser(nn.Module):
                 keyframes = y.reshape(batch, -1)[:, 1:].unflatten(1, (3, -1, 2))
         levels = timesteps.reshape(-1).float().expand(batch) if timesteps.numel() == 1 else timesteps.reshape(-1)
         video_levels = audio_levels = levels
+        kept = None
         if denoise_masks is not None:
             video_mask, audio_mask = denoise_masks
             video_levels = (video_mask[:, 0] * levels.reshape(-1, 1, 1, 1)).flatten(1)
             audio_levels = audio_mask[:, 0, :, 0] * levels.reshape(-1, 1)
+            holes = video_mask[0, 0] < 0  # IC-LoRA guides' holes (the first item's, as ComfyUI's grid mask)
+            if keyframes is not None and bool(holes.any()):
+                kept = ~holes.flatten()
         out_video, out_audio = self.model(video, audio, video_levels, audio_levels, context, audio_context,
-                                          attn_mask, frame_rate, keyframes, guide_attention=guide_attention)
+                                          attn_mask, frame_rate, keyframes, guide_attention=guide_attention,
+                                          kept_tokens=kept,
+                                          ref_audio=ref_audio, stg_blocks=self.stg_blocks,
+                                          a2v=self.a2v_cross_attention, v2a=self.v2a_cross_attention)
         return [out_video, out_audio]
 
 

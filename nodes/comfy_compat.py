@@ -34,9 +34,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "GLSLShader",
     # seen in Comfy-Org's Qwen-Image templates (tagged comfy-core there): Lotus
     "LotusConditioning",
-    # LTX-2's newer nodes (ComfyUI's nodes_lt.py): IC-LoRA guides, reference audio, its own guiders
-    "GetICLoRAParameters", "LTXVReferenceAudio", "LTXVAddLatentGuide", "LTXVDualCFGGuider", "LTXVModalityGuidance",
-    "LTXVSpatioTemporalGuidance",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).

@@ -61,6 +61,7 @@ BUILTIN_MODULES = (
     "nodes.sd.wan_camera",
     "nodes.sd.ltxv",
     "nodes.sd.ltxv_guides",
+    "nodes.sd.ltx2_guidance",
     "nodes.sd.ltx2_duration",
     "nodes.sd.ltx2",
     "nodes.sd.hunyuan_video15",

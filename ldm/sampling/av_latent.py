@@ -74,3 +74,7 @@ class PackedParts:
             mask = self.mask.repeat(x.shape[0] // self.mask.shape[0], 1, 1)  # the prompts' rows share it
             masks = unpack(mask, self.shapes)
         return pack(self.unet(unpack(x, self.shapes), timesteps, context, denoise_masks=masks, **kwargs))
+
+    def over(self, unet: Callable[..., Sequence[Tensor]]) -> PackedParts:
+        """The same packing around another model of the parts (a guidance pass's patched copy)."""
+        return PackedParts(unet, self.shapes, self.mask)

@@ -21,12 +21,13 @@ MAX_CONTEXT_REPEAT = 4
 # Llama hidden states [B, layers, L, D] beside the T5 states in the context; Stable Audio's seconds [B]
 # (ConditioningStableAudio's, ldm.stable_audio_files); ACE-Step 1.5's lyrics embeddings, audio codes and timbre
 # reference (ldm.ace_step15_files); Qwen-Image 2.1's image slots, where each picture's pads were in the prompt
-# (ldm.qwen_image21_files); LTX-2's audio context and its keyframe guides' token counts and strengths
-# (nodes.sd.ltx2.ltx2_conditioning).
+# (ldm.qwen_image21_files); LTX-2's audio context and its keyframe guides' per-token guide numbers and weights
+# (nodes.sd.ltx2.ltx2_conditioning), and its reference audio tokens (LTXVReferenceAudio's).
 MODEL_INPUTS = {"conditioning_llama3": "llama", "seconds_start": "seconds_start", "seconds_total": "seconds_total",
                 "conditioning_lyrics": "lyric_embed", "audio_codes": "audio_codes",
                 "reference_audio_timbre_latents": "refer_audio", "image_slots": "image_slots",
                 "ltx2_audio_context": "audio_context", "ltx2_guide_attention": "guide_attention",
+                "ltx2_ref_audio": "ref_audio",
                 "conditioning_byt5small": "byt5", "byt5_attention_mask": "byt5_mask"}
 # Those of them that are prompt encodings, which ConditioningZeroOut zeroes with the prompt (not the seconds, nor
 # ACE-Step's audio codes: ComfyUI's node zeroes the lyrics alone).

@@ -134,7 +134,8 @@ class CFGGuider:
     for this guider's lifetime (one sampling run).
     `keep_negative` runs the negative side even at cfg 1 (for those that read it); `dual` adds a third prompt
     (see `DualCfg`, `ThirdPrompt`); `concat` is an inpainting model's extra input for entries without their own.
-    `hooked` (`ldm.sampling.hooks.HookedUNets`) gives the denoisers of entries that carry hooks.
+    `hooked` (`ldm.sampling.hooks.HookedUNets`) gives the denoisers of entries that carry hooks; `parts`, a packed
+    latent's parts' shapes (`ldm.sampling.av_latent`), are passed on to guidance functions (`CfgArgs.parts`).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class CFGGuider:
         cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
         module: Any = None, keep_negative: bool = False, dual: ThirdPrompt | None = None,
         concat: Tensor | None = None, pre_cfg: tuple[PreCfgFunction, ...] = (), hooked: HookedUNets | None = None,
+        parts: tuple[tuple[int, ...], ...] | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -164,7 +166,8 @@ class CFGGuider:
         self._pre_cfg_state: list[dict] = [{} for _ in pre_cfg]  # per run: this guider is made for one
         self.module = module
         self.hooked = hooked
-        self._patched: dict[Any, CFGGuider] = {}  # per (transform, negative): a guider of one side by a patched copy
+        self.parts = parts
+        self._patched: dict[Any, CFGGuider] = {}  # per (transform, negative, without): one side by a patched copy
         self._plans: dict[tuple, _Plan] = {}
         # Per side and entry, the (high, low) sigmas between which it acts, or None for the whole run.
         self.ranges = [[_sigma_range(opts, denoiser.schedule.sigma_at_percent) for _, opts in side]
@@ -176,19 +179,25 @@ class CFGGuider:
             return self._guided(x, sigma)[0]
         denoised, args = self._guided(x, sigma, need_args=True)
 
-        def predict(transform: Any, at: Tensor | None = None, negative: bool = False) -> Tensor:
+        def predict(transform: Any, at: Tensor | None = None, negative: bool = False,
+                    without: tuple[str, ...] = ()) -> Tensor:
             if self.module is None:
                 raise ValueError("this guidance patch needs the UNet module, which the sampler was not given")
             if negative and len(self.sides) < 2:
                 raise ValueError("this guidance patch needs the negative prompt's prediction, which was not made")
-            if (transform, negative) not in self._patched:
+            key = (transform, negative, without)
+            if key not in self._patched:
                 patched = transform(self.module)
-                denoiser = Denoiser(patched, self.denoiser.schedule, self.denoiser.prediction, self.denoiser.quantize)
+                # A wrapper that adapts the module to the sampler's latent (av_latent.PackedParts) wraps the copy too.
+                over = getattr(self.denoiser.unet, "over", None)
+                denoiser = Denoiser(patched if over is None else over(patched), self.denoiser.schedule,
+                                    self.denoiser.prediction, self.denoiser.quantize)
                 hooked = None if self.hooked is None else self.hooked.over(patched)
-                self._patched[transform, negative] = CFGGuider(denoiser, self.sides[1 if negative else 0], [], 1.0,
-                                                               self.feather, module=patched, concat=self.concat,
-                                                               hooked=hooked)
-            return self._patched[transform, negative](x if at is None else at, sigma)
+                side = [(emb, {k: v for k, v in opts.items() if k not in without})
+                        for emb, opts in self.sides[1 if negative else 0]]
+                self._patched[key] = CFGGuider(denoiser, side, [], 1.0, self.feather, module=patched,
+                                               concat=self.concat, hooked=hooked, parts=self.parts)
+            return self._patched[key](x if at is None else at, sigma)
 
         for patch in self.post_cfg:
             denoised = patch(args, denoised, predict)
@@ -221,7 +230,7 @@ class CFGGuider:
         for side, count in enumerate(plan.counts):
             if count is not None:
                 preds[side] = totals[side] / count
-        args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg)
+        args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg, self.parts)
         if len(preds) == 1:
             return preds[0] if self.cfg_function is None else self.cfg_function(args), args
         if not isinstance(self.dual, DualCfg):  # ComfyUI's DualCFGGuider runs no pre-guidance functions

@@ -18,13 +18,15 @@ from ldm.patches import AttentionRecorder, perturbed_attention_copy
 @dataclass(frozen=True)
 class CfgArgs:
     """What a guidance function sees at one model call: the latent `x` and its levels `sigma` [B], the
-    positive and negative predictions of x0 (`uncond` is None when cfg is 1 and no negative pass ran)."""
+    positive and negative predictions of x0 (`uncond` is None when cfg is 1 and no negative pass ran); `parts`:
+    a packed latent's parts' shapes without the batch (`ldm.sampling.av_latent`), None for any other latent."""
 
     x: Tensor
     sigma: Tensor
     cond: Tensor
     uncond: Tensor | None
     cfg: float
+    parts: tuple[tuple[int, ...], ...] | None = None
 
 
 # A guidance function returns the guided x0 in place of `uncond + cfg * (cond - uncond)`.
@@ -34,9 +36,10 @@ CfgFunction = Callable[[CfgArgs], Tensor]
 # guider keeps for it over one sampling run and no longer (e.g. APG's momentum), so a patch object a cached model
 # holds stays stateless between runs.
 PreCfgFunction = Callable[[CfgArgs, dict], CfgArgs]
-# A post-guidance function maps the guided x0 to a new one. `predict(transform, at=None, negative=False)` is
-# the prediction of the positive prompt (or the negative) by the UNet module `transform(unet)`, e.g. a copy with
-# some layers patched, at the latent `at` (the call's own when None), at the call's noise level.
+# A post-guidance function maps the guided x0 to a new one. `predict(transform, at=None, negative=False,
+# without=())` is the prediction of the positive prompt (or the negative) by the UNet module `transform(unet)`, e.g.
+# a copy with some layers patched, at the latent `at` (the call's own when None), at the call's noise level, its
+# entries without the conditioning options named in `without` (e.g. LTX-2's reference audio).
 Predict = Callable[..., Tensor]
 PostCfgFunction = Callable[[CfgArgs, Tensor, Predict], Tensor]
 # A mask function maps an inpainting mask (1 = repaint) and the run's progress at this call (1 at the first

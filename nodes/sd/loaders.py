@@ -455,7 +455,15 @@ class LoraLoader(Node):
         with torch.no_grad():
             unet = apply_lora(model.unet, lora, strength_model)
             encoder = apply_lora(clip.encoder, lora, strength_clip)
-        return model.with_unet(unet, lora_name), clip.with_encoder(encoder, lora_name)
+        return model.with_unet(unet, lora_name, lora_metadata(lora)), clip.with_encoder(encoder, lora_name)
+
+
+def lora_metadata(lora: Any) -> dict[str, str]:
+    """A loaded LoRA's file metadata (safetensors' string header; {} for other files), which the model it patches
+    keeps for GetICLoRAParameters."""
+    from ldm.checkpoint import read_metadata
+
+    return {} if lora.path is None else read_metadata(lora.path)
 
 
 def shared_lora(node: Node, lora_name: str) -> Any:
@@ -502,7 +510,7 @@ class LoraLoaderModelOnly(Node):
             log.warning("%s: no key patches this model's UNet (a text-encoder-only LoRA?)", lora_name)
         with torch.no_grad():
             unet = apply_lora(model.unet, lora, strength_model)
-        return (model.with_unet(unet, lora_name),)
+        return (model.with_unet(unet, lora_name, lora_metadata(lora)),)
 
 
 NODES = [CheckpointLoaderSimple, CheckpointLoaderWeightDtype, CheckpointLoader, VAELoader, LoraLoader,

@@ -27,28 +27,30 @@ _DEFAULT_FRAME_RATE = 25.0
 
 
 def _guide_attention(entries: list | None, guides: torch.Tensor | None) -> torch.Tensor | None:
-    """[1, G, 2]: each keyframe guide's token count and strength from LTXVAddGuide's `guide_attention_entries`, for
-    the transformer's attenuation of guides below strength 1 (`ldm.ltx2.guide_attention_bias`); None where there is
-    nothing to attenuate (no guides, or every strength 1), as ComfyUI builds no mask then."""
+    """[1, K, 2]: each keyframe guide token's guide (0, 1, ... in the order they were appended) and attention weight
+    from LTXVAddGuide's `guide_attention_entries` (`nodes.sd.ltxv_guides.guide_token_weights`: the strength, times
+    the pixel mask's), for the transformer's bias between the video and its guides (`ldm.ltx2.guide_attention_bias`);
+    None where there is nothing to weigh (no guides, or every weight 1), as ComfyUI builds no mask then."""
+    from nodes.sd.ltxv_guides import guide_token_weights
+
     if not entries or guides is None:  # ComfyUI reads the entries only with the guides' coordinates
         return None
-    if any(entry.get("pixel_mask") is not None for entry in entries):
-        raise ValueError("guide attention entries with a pixel mask are not supported")
     counts = [int(entry["pre_filter_count"]) for entry in entries]
     if sum(counts) != guides.shape[2]:
         raise ValueError(f"the guide attention entries count {sum(counts)} tokens, the prompt's keyframe_idxs "
                          f"{guides.shape[2]}: give the conditioning LTXVAddGuide made")
-    strengths = [float(entry["strength"]) for entry in entries]
-    if all(s >= 1.0 for s in strengths):
+    weights = torch.cat([guide_token_weights(entry, count) for entry, count in zip(entries, counts, strict=True)])
+    if bool((weights == 1).all()):
         return None
-    return torch.tensor([list(zip(counts, strengths, strict=True))], dtype=torch.float32)
+    numbers = torch.arange(len(counts), dtype=torch.float32).repeat_interleave(torch.tensor(counts))
+    return torch.stack([numbers, weights], dim=-1)[None]
 
 
 def ltx2_conditioning(conditioning: list, model: DiffusionModel) -> list:
     """Each prompt as the LTX-2 model takes it (ComfyUI's LTXAV.extra_conds, once per prompt before sampling): the
     text encoder's features through the model's connectors, the video context as the entry's embedding and the
-    audio context as `ltx2_audio_context`; the frame rate and keyframe guides' spans as its `y`; the guides' token
-    counts and strengths as `ltx2_guide_attention` where one is below 1."""
+    audio context as `ltx2_audio_context`; the frame rate and keyframe guides' spans as its `y`; the guide tokens'
+    attention weights as `ltx2_guide_attention` where one is not 1."""
     unet = model.unet
     device = next(unet.parameters()).device
     out = []

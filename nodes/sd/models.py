@@ -96,6 +96,9 @@ class DiffusionModel:
     playground_latents: bool | None = None  # None: the family's (ModelSamplingContinuousEDM sets it)
     compile_backend: str | None = None  # TorchCompileModel's: torch.compile the UNet with it (as --compile does)
     noise_augmentor: Any = None  # an unCLIP checkpoint's (ldm.unclip.NoiseAugmentor); None: the standard one
+    # The safetensors metadata of the last LoRA applied whose file has any (ComfyUI's "lora_metadata" attachment,
+    # which GetICLoRAParameters reads); None: no such LoRA
+    lora_metadata: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, torch.nn.Module):  # --lowvram streams a denoiser's blocks (executor.devices)
@@ -139,8 +142,11 @@ class DiffusionModel:
     def needs_adm(self) -> bool:
         return getattr(self.family.unet_config, "adm_in_channels", None) is not None
 
-    def with_unet(self, unet: torch.nn.Module, lora: str) -> DiffusionModel:
-        return replace(self, unet=unet, loras=(*self.loras, lora), own_bytes=new_bytes(unet, self.unet))
+    def with_unet(self, unet: torch.nn.Module, lora: str, metadata: dict[str, str] | None = None) -> DiffusionModel:
+        """A copy running `unet`, patched by `lora`; a LoRA file's `metadata` replaces the earlier one's unless
+        empty, as ComfyUI's load_lora_for_models sets its attachment."""
+        return replace(self, unet=unet, loras=(*self.loras, lora), own_bytes=new_bytes(unet, self.unet),
+                       lora_metadata=dict(metadata) if metadata else self.lora_metadata)
 
     def cache_size(self) -> int:
         return HANDLE_SIZE + self.own_bytes

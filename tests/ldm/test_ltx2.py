@@ -206,10 +206,16 @@ def _hand_bias(strengths: list[list[float]], counts: list[int], tokens: int) -> 
     return bias
 
 
+def _per_token(counts: list[int], strengths: list[list[float]]) -> torch.Tensor:
+    """[B, K, 2]: each guide token's (guide, weight), every token of a guide at its strength."""
+    return torch.tensor([[[g, s] for g, (n, s) in enumerate(zip(counts, item, strict=True)) for _ in range(n)]
+                         for item in strengths])
+
+
 def test_guide_attention_bias_is_comfyuis_rule():
     counts, tokens = [4, 2], 11
     strengths = [[0.7, 0.0], [0.5, 1.0]]
-    table = torch.tensor([[[n, s] for n, s in zip(counts, item, strict=True)] for item in strengths])
+    table = _per_token(counts, strengths)
     bias = guide_attention_bias(table, tokens, sum(counts), torch.float32)
     assert bias.shape == (2, 1, tokens, tokens) and bias.dtype == torch.float32
     torch.testing.assert_close(bias.double(), _hand_bias(strengths, counts, tokens), rtol=1e-7, atol=0)
@@ -221,7 +227,7 @@ def test_guide_attention_bias_is_comfyuis_rule():
     assert half[0, 0, 0, 5].item() == torch.tensor(0.7, dtype=torch.bfloat16).log().item()  # log in the dtype
     table[..., 1] = 1.0
     assert guide_attention_bias(table, tokens, 6, torch.float32) is None  # all at strength 1: no bias at all
-    with pytest.raises(ValueError, match="do not add up to the 5 keyframe tokens"):
+    with pytest.raises(ValueError, match=r"is not \[B, 5, 2\]"):
         guide_attention_bias(table, tokens, 5, torch.float32)
 
 
@@ -251,7 +257,7 @@ def test_guide_attention_matches_diffusers_with_the_bias_injected(name):
     keyframes = coords[:, :, :2 * h * w].clone()
     keyframes[:, 0] *= 24.0  # back to pixel frames, as keyframe_idxs hold them
     counts, strengths = [h * w, h * w], [[0.7, 0.25], [0.5, 1.0]]
-    table = torch.tensor([[[n, s] for n, s in zip(counts, item, strict=True)] for item in strengths])
+    table = _per_token(counts, strengths)
     tokens = f * h * w
     out_v, out_a = model(video, audio, v_t, a_t, v_ctx, a_ctx, None, 24.0, keyframes, guide_attention=table)
     plain_v, _ = model(video, audio, v_t, a_t, v_ctx, a_ctx, None, 24.0, keyframes)

@@ -11,7 +11,7 @@ ComfyUI's rules, for a latent of F video frames (earlier guides left out), h x w
   8 k + 1;
 - token (f, r, c) spans frames [8 f, 8 f + 8) (causal: each end e -> max(e - 7, 0)) + frame_idx, rows
   [32 r, 32 r + 32), columns [32 c, 32 c + 32), in order f, r, c;
-- LTXVCropGuides drops as many latent frames as there are distinct start frames.
+- LTXVCropGuides drops as many latent frames as the guide tokens fill (K / (h w), ComfyUI's count given the latent).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _spans(times: list[list[float]], tokens_per_frame: int = 4) -> torch.Tensor:
 def test_first_and_last_frame_guides_are_appended_with_their_spans(vae) -> None:
     """The flf2v template's guides (frame 0, then -1, strength 0.7) on 17 pictures: each guide's latent frame
     appended, its mask 0.3. The first spans frames [0, 1) (causal: [0, 8) -> [max(0-7, 0), 8-7)); -1 resolves to
-    (3 - 1) * 8 + 1 - 1 = 16 over the 3 video frames (the first guide, one distinct start, left out), one picture:
+    (3 - 1) * 8 + 1 - 1 = 16 over the 3 video frames (the first guide, 4 tokens: one frame, left out), one picture:
     causal [0, 1) + 16 = [16, 17)."""
     positive, negative = _prompts()
     latent = _latent()
@@ -108,15 +108,26 @@ def test_first_and_last_frame_guides_are_appended_with_their_spans(vae) -> None:
         assert side[0][1]["frame_rate"] == 25.0
 
     positive, negative, cropped = _node(LTXVCropGuides).execute(positive, negative, twice)
-    assert torch.equal(cropped["samples"], latent["samples"])  # 2 distinct starts (0, 16): 2 frames off
+    assert torch.equal(cropped["samples"], latent["samples"])  # 8 guide tokens of 4 a frame: 2 frames off
     assert cropped["noise_mask"].flatten().tolist() == [1.0, 1.0, 1.0]
     assert all(k not in options for side in (positive, negative) for _, options in side
                for k in ("keyframe_idxs", "guide_attention_entries"))
 
 
+def test_two_guides_at_one_frame_are_both_cropped(vae) -> None:
+    """Two guides at frame -1 share a start frame: ComfyUI's newer count (the guide tokens over a frame's 4) takes
+    both appended frames off, where counting distinct starts left one in the video."""
+    positive, negative = _prompts()
+    positive, negative, once = _add(vae, positive, negative, _latent(), _pictures(1, 1), -1)
+    positive, negative, twice = _add(vae, positive, negative, once, _pictures(1, 2), -1)
+    assert torch.equal(positive[0][1]["keyframe_idxs"], _spans([[16.0, 17.0], [16.0, 17.0]]))
+    _, _, cropped = _node(LTXVCropGuides).execute(positive, negative, twice)
+    assert torch.equal(cropped["samples"], _latent()["samples"])
+
+
 def test_clip_at_frame_0_is_causal(vae) -> None:
     """10 pictures keep 9 (8 n + 1): 2 latent frames; at frame 0 causal: [0, 8) -> [0, 1), [8, 16) -> [1, 9).
-    Cropping takes both off (2 distinct starts)."""
+    Cropping takes both off (8 guide tokens, 4 a frame)."""
     positive, negative = _prompts()
     clip = _pictures(10, 3)
     positive, negative, latent = _add(vae, positive, negative, _latent(), clip, 0, strength=1.0)
@@ -157,11 +168,8 @@ def test_an_audio_video_latent_is_refused(vae) -> None:
         _add(vae, positive, negative, latent, _pictures(1, 1), 0)
 
 
-def test_ic_lora_downscaled_guides_are_refused_and_factor_1_is_plain(vae) -> None:
+def test_ic_lora_factor_1_is_plain(vae) -> None:
     positive, negative = _prompts()
-    with pytest.raises(ValueError, match="reference downscale factor of 2"):
-        _add(vae, positive, negative, _latent(), _pictures(1, 1), 0, iclora_parameters={
-            "reference_downscale_factor": 2})
     plain = _add(vae, positive, negative, _latent(), _pictures(1, 1), 0)
     same = _add(vae, positive, negative, _latent(), _pictures(1, 1), 0, iclora_parameters={
         "reference_downscale_factor": 1})
@@ -288,8 +296,8 @@ def test_weaker_guides_are_attended_to_less_end_to_end(engine, monkeypatch) -> N
         return result.values["15"][0]["samples"]
 
     weak = sample(0.7)
-    expected = torch.tensor([[4.0, 0.7], [4.0, 0.7]])  # 4 tokens (2 x 2) per one-frame guide
-    assert seen and all(s is not None and s.shape[1:] == (2, 2) and torch.allclose(s.cpu(), expected.expand_as(s))
+    expected = torch.tensor([[0.0, 0.7]] * 4 + [[1.0, 0.7]] * 4)  # 4 tokens (2 x 2) per one-frame guide
+    assert seen and all(s is not None and s.shape[1:] == (8, 2) and torch.allclose(s.cpu(), expected.expand_as(s))
                         for s in seen)
     full = sample(1.0)
     assert seen and all(s is None for s in seen)
@@ -301,18 +309,19 @@ def test_weaker_guides_are_attended_to_less_end_to_end(engine, monkeypatch) -> N
 
 
 def test_guide_attention_option_from_the_entries() -> None:
-    """`ltx2_conditioning`'s reading of the entries: [1, G, 2] (tokens, strength) where a strength is below 1, nothing
-    at strength 1 or without the guides' coordinates; entries that do not cover the guide tokens, or carry a pixel
-    mask, are refused."""
+    """`ltx2_conditioning`'s reading of the entries: [1, K, 2] (guide, weight) per guide token where a weight is not
+    1, nothing at strength 1 or without the guides' coordinates; entries that do not cover the guide tokens are
+    refused."""
     from nodes.sd.ltx2 import _guide_attention
 
     spans = _spans([[0.0, 1.0], [16.0, 17.0]])
     weak = {"pre_filter_count": 4, "strength": 0.7, "pixel_mask": None, "latent_shape": [1, 2, 2]}
     full = {**weak, "strength": 1.0}
-    assert torch.equal(_guide_attention([weak, full], spans), torch.tensor([[[4.0, 0.7], [4.0, 1.0]]]))
+    assert torch.equal(_guide_attention([weak, full], spans),
+                       torch.tensor([[[0.0, 0.7]] * 4 + [[1.0, 1.0]] * 4]))
+    assert torch.equal(_guide_attention([full, {**full, "strength": 2.0}], spans)[0, :, 1],
+                       torch.tensor([1.0] * 4 + [2.0] * 4))  # above 1 draws attention (ComfyUI's newer rule)
     assert _guide_attention([full, full], spans) is None
     assert _guide_attention([weak, weak], None) is None and _guide_attention([], spans) is None
     with pytest.raises(ValueError, match="count 4 tokens, the prompt's keyframe_idxs 8"):
         _guide_attention([weak], spans)
-    with pytest.raises(ValueError, match="pixel mask"):
-        _guide_attention([weak, {**full, "pixel_mask": torch.ones(1, 1, 1, 64, 64)}], spans)
