@@ -15,6 +15,7 @@ BUILTIN_MODULES = (
     "nodes.builtin.logic",
     "nodes.builtin.primitives",
     "nodes.builtin.utils",
+    "nodes.builtin.strings",
     "nodes.sd.loaders",
     "nodes.sd.conditioning",
     "nodes.sd.controlnet",
