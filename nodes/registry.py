@@ -48,6 +48,7 @@ BUILTIN_MODULES = (
     "nodes.sd.hooks",
     "nodes.sd.gligen",
     "nodes.sd.latent_operations",
+    "nodes.sd.latent_extra",
     "nodes.sd.video",
     "nodes.sd.training",
     "nodes.sd.training_data",

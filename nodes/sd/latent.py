@@ -64,16 +64,16 @@ def _bislerp_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 
 def center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Crop [B, C, H, W] around its centre to the aspect ratio of width x height."""
+    """Crop [..., H, W] around its centre to the aspect ratio of width x height, as ComfyUI's common_upscale does:
+    the same number of rows (or columns) off each side, half the excess rounded (Python's round, half to even)."""
     h, w = samples.shape[-2:]
     old_aspect, new_aspect = w / h, width / height
+    x = y = 0
     if old_aspect > new_aspect:
-        keep = round(h * new_aspect)
-        return samples[..., (w - keep) // 2:(w - keep) // 2 + keep]
-    if old_aspect < new_aspect:
-        keep = round(w / new_aspect)
-        return samples[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
-    return samples
+        x = round((w - w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((h - h * (old_aspect / new_aspect)) / 2)
+    return samples[..., y:h - y, x:w - x]
 
 
 def upscale_latent(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:

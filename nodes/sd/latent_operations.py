@@ -1,5 +1,6 @@
-"""ComfyUI's latent operations: functions of a latent (Reinhard tonemapping, sharpening) that a node applies to a
-LATENT, or a model patch applies to the guidance direction (cond - uncond) at every sampling step."""
+"""ComfyUI's latent operations: functions of a latent (Reinhard tonemapping, sharpening, blending toward a reference)
+that a node applies to a LATENT, or a model patch applies to the guidance direction (cond - uncond) at every sampling
+step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from ldm.sampling.model_patches import CfgArgs
 from nodes.node import Node
 from nodes.sd.image import gaussian_kernel
+from nodes.sd.latent import repeat_to_batch
 from nodes.sd.models import DiffusionModel
 from nodes.spec import Float, Int, Output, Socket
 
@@ -60,6 +62,28 @@ class Sharpen:
         return magnitude * F.conv2d(padded, kernel.expand(channels, 1, *kernel.shape), groups=channels)
 
 
+@dataclass(frozen=True, eq=False)
+class BlendToward:
+    """`lerp(latent, reference, strength)`, the reference resized (nearest) to the latent's size when it differs,
+    its batch cycled or cut to the latent's; strength 0 returns the latent itself."""
+
+    reference: torch.Tensor
+    strength: float
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0:
+            return latent
+        target = self.reference
+        if target.ndim != latent.ndim or target.shape[1] != latent.shape[1]:
+            raise ValueError(f"LatentOperationBlend: the reference latent has shape {tuple(target.shape)} and the "
+                             f"latent it blends {tuple(latent.shape)}; give a reference of the same model family "
+                             "(the same channels, and frames if one is a video)")
+        target = target.to(latent)
+        if target.shape[2:] != latent.shape[2:]:
+            target = F.interpolate(target, size=latent.shape[2:], mode="nearest")
+        return torch.lerp(latent, repeat_to_batch(target, latent.shape[0]), self.strength)
+
+
 @dataclass(frozen=True)
 class OperationOnGuidance:
     """A pre-guidance patch: the positive prediction moved to `uncond + operation(cond - uncond)`, so the guided
@@ -98,6 +122,21 @@ class LatentApplyOperationCFG(Node):
         return (replace(model, sampling_patches=patches),)
 
 
+class LatentOperationBlend(Node):
+    """Blends the whole latent toward a reference latent by `strength` (0: unchanged, 1: the reference), the
+    reference resized (nearest) to the latent's size when it differs."""
+
+    display_name = "Latent Operation Blend"
+    category = "model/latent/advanced/operations"
+    reference = Socket("LATENT")
+    strength = Float(1.0, min=0.0, max=1.0, step=0.0001, tooltip="0 leaves the latent as it is; 1 makes it the "
+                     "(resized) reference")
+    outputs = (Output("LATENT_OPERATION"),)
+
+    def execute(self, reference: dict, strength: float) -> tuple[BlendToward]:
+        return (BlendToward(reference["samples"], strength),)
+
+
 class LatentOperationTonemapReinhard(Node):
     """Reinhard tonemapping of the latent's per-pixel magnitudes (against the over-saturation of high cfg)."""
 
@@ -122,4 +161,5 @@ class LatentOperationSharpen(Node):
         return (Sharpen(sharpen_radius, sigma, alpha),)
 
 
-NODES = [LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard, LatentOperationSharpen]
+NODES = [LatentApplyOperation, LatentApplyOperationCFG, LatentOperationBlend, LatentOperationTonemapReinhard,
+         LatentOperationSharpen]

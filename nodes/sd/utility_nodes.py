@@ -34,7 +34,7 @@ SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 CROP_METHODS = ["disabled", "center"]
 
 
-def _unknown_links(cls: type[Node], linked: dict[str, Any]) -> str | None:
+def unknown_links(cls: type[Node], linked: dict[str, Any]) -> str | None:
     """The error for links into inputs the node does not declare (its execute takes the dotted names as **kwargs,
     so the engine's own check for undeclared inputs lets them through)."""
     unknown = sorted(name for name in linked if name not in cls.inputs)
@@ -46,11 +46,24 @@ def _unknown_links(cls: type[Node], linked: dict[str, Any]) -> str | None:
 # --- Batching -------------------------------------------------------------------------------------------------
 
 
-AUTOGROW_MAX = 50  # ComfyUI's BatchImagesNode takes image0 .. image49, at least two of them
+AUTOGROW_MAX = 50  # ComfyUI's batch nodes take up to fifty: image0 .. image49, latent0 .. latent49, ...
 
 
-def _image_slot(name: str) -> int:
-    return int(name.removeprefix("images.image"))
+def autogrow_sockets(group: str, prefix: str, type_name: str, required: int) -> dict[str, InputSpec]:
+    """The sockets ComfyUI's autogrow input `group` expands to, `group.prefix0` .. `group.prefix49`, the first
+    `required` of them required. The editor shows the optional ones one at a time, the next once all shown are linked
+    (web/static/js/nodes.js)."""
+    return {f"{group}.{prefix}{slot}": Socket(type_name, optional=slot >= required,
+                                              extra={"autogrow": True} if slot >= required else {})
+            for slot in range(AUTOGROW_MAX)}
+
+
+def in_slot_order(values: dict[str, Any]) -> list[Any]:
+    """The values linked into an autogrow input, in slot order (numeric: slot 10 comes after slot 2)."""
+    def slot(name: str) -> int:
+        return int(name[len(name.rstrip("0123456789")):])
+
+    return [values[name] for name in sorted(values, key=slot)]
 
 
 def batch_images(images: list[torch.Tensor]) -> torch.Tensor:
@@ -80,17 +93,15 @@ class BatchImagesNode(Node):
 
     display_name = "Batch Images"
     category = "image"
-    # The editor shows the optional sockets one at a time, the next once all shown are linked (web/static/js/nodes.js).
-    inputs = {f"images.image{slot}": Socket("IMAGE", optional=slot >= 2, extra={"autogrow": True} if slot >= 2 else {})
-              for slot in range(AUTOGROW_MAX)}
+    inputs = autogrow_sockets("images", "image", "IMAGE", required=2)
     outputs = (Output("IMAGE"),)
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
-        return _unknown_links(cls, linked)
+        return unknown_links(cls, linked)
 
     def execute(self, **images: torch.Tensor) -> tuple[torch.Tensor]:
-        return (batch_images([images[name] for name in sorted(images, key=_image_slot)]),)
+        return (batch_images(in_slot_order(images)),)
 
 
 # --- Latent cuts ----------------------------------------------------------------------------------------------
@@ -360,7 +371,7 @@ class ResizeImageMaskNode(Node):
                    if f"resize_type.{n}" not in inputs and f"resize_type.{n}" not in linked]
         if missing:
             return f"resize_type {choice!r} needs the input{'s' * (len(missing) > 1)} {', '.join(missing)}"
-        return _unknown_links(cls, linked)
+        return unknown_links(cls, linked)
 
     def execute(self, input: torch.Tensor, resize_type: str, scale_method: str, **options: Any) -> tuple[torch.Tensor]:
         def option(name: str) -> Any:
