@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "nodes.sd.sigmas",
     "nodes.sd.latent_ops",
     "nodes.sd.image_ops",
+    "nodes.sd.image_tiles",
     "nodes.sd.image_utils",
     "nodes.sd.animation",
     "nodes.sd.part_loaders",

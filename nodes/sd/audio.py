@@ -1,6 +1,6 @@
 """Audio nodes under ComfyUI's names: LoadAudio, RecordAudio (the editor's microphone recording), SaveAudio (FLAC),
 SaveAudioMP3, SaveAudioOpus, PreviewAudio, and the small AUDIO utilities (trim, split, concatenate, merge, volume,
-silence, the three-band equaliser). Files are read and written with PyAV.
+silence, the three-band equaliser, duration). Files are read and written with PyAV.
 
 AudioEqualizer3Band designs its filters as torchaudio's bass_biquad, equalizer_biquad and treble_biquad do (RBJ's
 Audio EQ Cookbook; ComfyUI calls those three) and runs them with scipy.signal.lfilter; tests/nodes/
@@ -545,6 +545,26 @@ class AudioEqualizer3Band(Node):
         return (audio_value(torch.from_numpy(samples).to(waveform.device, waveform.dtype), rate),)
 
 
+class AudioDuration(Node):
+    """Returns the length of the audio in seconds and its sample rate (0 and 0 for no audio, such as a silent
+    video's)."""
+
+    display_name = "Audio Duration"
+    category = "audio"
+    audio = Socket("AUDIO")
+    outputs = (Output("FLOAT", "duration", tooltip="Length of the audio in seconds."),
+               Output("INT", "sample_rate", tooltip="Sample rate of the audio in Hz."))
+
+    def execute(self, audio: dict[str, Any] | None) -> tuple[float, int]:
+        if audio is None:
+            return 0.0, 0
+        if not isinstance(audio, dict) or not {"waveform", "sample_rate"} <= audio.keys():
+            raise ValueError("AudioDuration: AUDIO must be {'waveform': [batch, channels, samples], 'sample_rate': "
+                             f"int}}; got {type(audio).__name__}")
+        rate = audio["sample_rate"]
+        return (audio["waveform"].shape[-1] / float(rate) if rate > 0 else 0.0), rate
+
+
 NODES = [LoadAudio, RecordAudio, SaveAudio, SaveAudioMP3, SaveAudioOpus, SaveAudioAdvanced, PreviewAudio,
          TrimAudioDuration, SplitAudioChannels, JoinAudioChannels, AudioConcat, AudioMerge, AudioAdjustVolume,
-         EmptyAudio, AudioEqualizer3Band]
+         EmptyAudio, AudioEqualizer3Band, AudioDuration]
