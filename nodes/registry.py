@@ -53,6 +53,7 @@ BUILTIN_MODULES = (
     "nodes.sd.video",
     "nodes.sd.training",
     "nodes.sd.training_data",
+    "nodes.sd.dataset",
     "nodes.sd.flux",
     "nodes.sd.sd3",
     "nodes.sd.flux_variants",

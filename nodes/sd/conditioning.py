@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,8 +14,8 @@ import torch
 from ldm.sampling.clip_schedule import encode_scheduled
 from ldm.sampling.cond_jobs import PROMPT_INPUTS
 from ldm.t5 import tokenizer_options
-from nodes.folders import get_paths
-from nodes.node import Node
+from nodes.folders import get_paths, new_output_file, output_prefix_problem
+from nodes.node import Node, NodeResult
 from nodes.sd.models import Clip, clip_family_facts, family_refusal, file_fingerprint, on_device
 from nodes.spec import Combo, Float, Int, Output, Socket, String
 
@@ -368,8 +369,111 @@ class ConditioningZeroOut(Node):
         return (zeroed,)
 
 
+class CLIPTextEncodeControlnet(Node):
+    """Encodes a prompt for the ControlNets that read their own text (ComfyUI's cross_attn_controlnet and
+    pooled_output_controlnet options), added to every entry of the conditioning; the entries' own prompts stay."""
+
+    display_name = "CLIP Text Encode (Controlnet)"
+    category = "model/conditioning"
+    clip = Socket("CLIP")
+    conditioning = Socket("CONDITIONING")
+    text = String("", multiline=True)
+    outputs = (Output("CONDITIONING"),)
+
+    def execute(self, clip: Clip, conditioning: list, text: str) -> tuple[list]:
+        with torch.inference_mode():
+            encoder = on_device(self.ctx, clip.encoder)
+            with tokenizer_options(*(clip.t5_options or ())):
+                encoding = encoder.encode([text], clip_skip=clip.clip_skip, embeddings=embedding_vectors)
+        cond = encoding.cond.float().cpu()
+        pooled = None if encoding.pooled is None else encoding.pooled.float().cpu()
+        return ([(emb, {**opts, "cross_attn_controlnet": cond, "pooled_output_controlnet": pooled})
+                 for emb, opts in conditioning],)
+
+
+# What SaveConditioning stores beside the tensors: plain values, as JSON under this metadata key.
+CONDITIONING_OPTIONS_KEY = "conditioning_options"
+
+
+class SaveConditioning(Node):
+    """Saves one conditioning entry as PREFIX_00001_.safetensors in the output folder, as ComfyUI does: the
+    embedding as `conditioning`, each tensor option under its name (a list of tensors as NAME.0, NAME.1, ...), the
+    plain options (numbers, text, booleans) as JSON in the metadata. Move it to models/embeddings to load it with
+    Load Conditioning, e.g. to skip the text encoder."""
+
+    display_name = "Save Conditioning"
+    category = "model/conditioning"
+    output_node = True
+    conditioning = Socket("CONDITIONING")
+    filename_prefix = String("conditioning/ComfyUI", tooltip="file name prefix, in the output folder")
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> str | None:
+        return output_prefix_problem(inputs.get("filename_prefix"))
+
+    def execute(self, conditioning: list, filename_prefix: str) -> NodeResult:
+        from ldm.checkpoint import write_safetensors
+
+        if len(conditioning) != 1:
+            raise ValueError(f"SaveConditioning saves a single conditioning entry and got {len(conditioning)}: save "
+                             "each before combining them")
+        cond, options = conditioning[0]
+        tensors, values = {"conditioning": cond}, {}
+        for key, value in options.items():
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif isinstance(value, list | tuple) and all(isinstance(t, torch.Tensor) for t in value):
+                tensors.update({f"{key}.{i}": t for i, t in enumerate(value)})
+            elif isinstance(value, bool | int | float | str):
+                values[key] = value
+            elif value is not None:
+                raise ValueError(f"SaveConditioning: the conditioning option {key!r} ({type(value).__name__}) cannot "
+                                 "be saved; save the conditioning before the node that adds it")
+        with new_output_file(get_paths().output, filename_prefix, ".safetensors") as (path, handle, subfolder):
+            handle.close()  # safetensors writes by path
+            write_safetensors(tensors, path, {CONDITIONING_OPTIONS_KEY: json.dumps(values)})
+        return NodeResult(ui={"files": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]})
+
+
+class ConditioningLoader(Node):
+    """Loads a conditioning Save Conditioning wrote (or any file of models/embeddings with a `conditioning`
+    tensor): its options back from the other tensors (NAME.0, NAME.1, ... as a list) and the metadata."""
+
+    display_name = "Load Conditioning"
+    category = "model/loaders"
+    conditioning_name = Combo(lambda: get_paths().list_models("embeddings"))
+    outputs = (Output("CONDITIONING"),)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any]) -> Any:
+        return file_fingerprint(get_paths().find_model("embeddings", str(inputs.get("conditioning_name", ""))))
+
+    def execute(self, conditioning_name: str) -> tuple[list]:
+        from ldm.checkpoint import load_state_dict, read_metadata
+
+        path = get_paths().find_model("embeddings", conditioning_name)
+        if path is None:
+            raise ValueError(f"ConditioningLoader: {conditioning_name!r} is not in models/embeddings")
+        tensors = dict(load_state_dict(path))
+        cond = tensors.pop("conditioning", None)
+        if cond is None:
+            raise ValueError(f"ConditioningLoader: {conditioning_name} holds no 'conditioning' tensor (save one with "
+                             "Save Conditioning; a textual inversion embedding goes in a prompt as embedding:NAME)")
+        options = json.loads(read_metadata(path).get(CONDITIONING_OPTIONS_KEY, "{}"))
+        lists: dict[str, dict[int, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            name, _, index = key.rpartition(".")
+            if index.isdigit():
+                lists.setdefault(name, {})[int(index)] = value
+            else:
+                options[key] = value
+        options.update({name: [items[i] for i in sorted(items)] for name, items in lists.items()})
+        return ([(cond, options)],)
+
+
 NODES = [CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner, CLIPSetLastLayer, T5TokenizerOptions,
          ConditioningCombine,
          ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaPercentageVideo,
          ConditioningSetAreaStrength, ConditioningSetMask,
-         ConditioningSetTimestepRange, ConditioningConcat, ConditioningAverage, ConditioningZeroOut]
+         ConditioningSetTimestepRange, ConditioningConcat, ConditioningAverage, ConditioningZeroOut,
+         CLIPTextEncodeControlnet, SaveConditioning, ConditioningLoader]
