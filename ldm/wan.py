@@ -14,7 +14,9 @@ and first-last-frame (FLF2V) models, an image branch (`img_emb`): CLIP vision st
 images' [B, 514, 1280], with learnt positions) projected to extra keys and values the cross-attention also reads
 (`k_img`, `v_img`); Wan 2.2's 5B TI2V model, 48 channels in and out (its own VAE's latent space); Wan 2.1 VACE,
 text-to-video with a control branch (`ldm.wan_vace`, through the `run_blocks` hook); Wan 2.1 / 2.2 Fun camera
-control, image-to-video models with an adapter of the camera's rays (`ldm.wan_camera`, through the same hook).
+control, image-to-video models with an adapter of the camera's rays (`ldm.wan_camera`, through the same hook); Wan
+Fun models with a reference image input (`ref_conv`: its latent as one frame of tokens before the video's). Phantom
+(subject-to-video) is text-to-video: its subject images' latent frames follow the video's along time.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class WanConfig:
     for the first and last frames' states). `vace_layers`: for a VACE model (`ldm.wan_vace`), the main blocks its
     VACE blocks feed, one each, in order; `vace_in_dim` the channels of its control input. `camera_in_dim`: for a Fun
     camera model (`ldm.wan_camera`), the channels of its camera input per pixel (24), 0 for none; `camera_blocks` the
-    residual blocks of its adapter."""
+    residual blocks of its adapter. `ref_conv_in_dim`: for a Wan Fun model that takes a reference image (Wan 2.1 Fun
+    V1.1, Wan 2.2 Fun), the channels of the reference latent its `ref_conv` cuts into tokens, 0 for none."""
 
     dim: int = 5120
     ffn_dim: int = 13824
@@ -72,6 +75,7 @@ class WanConfig:
     vace_in_dim: int = 96
     camera_in_dim: int = 0
     camera_blocks: int = 1
+    ref_conv_in_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads or self.head_dim < 6:
@@ -291,6 +295,8 @@ class WanModel(nn.Module):
         self.head = Head(c)
         if c.image_input != "none":
             self.img_emb = ImageEmbedding(c)
+        if c.ref_conv_in_dim:
+            self.ref_conv = nn.Conv2d(c.ref_conv_in_dim, c.dim, kernel_size=c.patch_size[1:], stride=c.patch_size[1:])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -298,7 +304,9 @@ class WanModel(nn.Module):
         return self.head.modulation.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                clip_fea: Tensor | None = None, denoise_mask: Tensor | None = None, **block_inputs: Any) -> Tensor:
+                clip_fea: Tensor | None = None, denoise_mask: Tensor | None = None,
+                time_dim_concat: Tensor | None = None, reference_latent: Tensor | None = None,
+                ref_latents: Any = None, **block_inputs: Any) -> Tensor:
         """Predict the velocity (noise - data) of video latents `x` [B, in_dim, T, H, W] (an image-to-video
         model's extra channels after the latent's) at flow noise levels `timesteps` (0..1), [B] or, one per latent
         frame, [B, T] (Wan 2.2 5B's image-to-video), given the UMT5 prompt `context` [B, L, text_dim].
@@ -306,8 +314,20 @@ class WanModel(nn.Module):
         `frame_timesteps`. `clip_fea` [B, 257 (FLF2V: 514), clip_dim]: the CLIP vision states of the
         image(s) for Wan 2.1's i2v / FLF2V models (without them the image branch is skipped). `y`: Wan's own
         image-to-video input [B, C, T, H, W] (mask and image latent) to append to `x`'s channels, or, 3-D, the CLIP
-        vision states, as Loom's sampler passes a model's `y`. `block_inputs`: a subclass's to `run_blocks`."""
+        vision states, as Loom's sampler passes a model's `y`. `time_dim_concat` [B or 1, C, n, H, W]: latent frames
+        appended after the video's along time (Phantom's subject images), seen by attention and dropped from the
+        result. `reference_latent` [B or 1, C, H, W]: for a model with `ref_conv` (Wan Fun's reference image), a
+        latent cut into tokens put before the video's, at RoPE frame 0 (the video's frames from 1), and dropped
+        from the result. `ref_latents`: the sampler's per-entry references (`ldm.flux_variants.References`, one
+        latent), which `nodes.sd.wan.wan_references` makes: 5-D, the `time_dim_concat`; 4-D, the
+        `reference_latent`. `block_inputs`: a subclass's to `run_blocks`."""
         c, dtype = self.config, self.dtype
+        if ref_latents is not None:
+            latent = ref_latents.latents[-1]
+            if latent.ndim == 5:
+                time_dim_concat = latent
+            else:
+                reference_latent = latent
         if y is not None and y.ndim == 5:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         elif y is not None:
@@ -320,11 +340,23 @@ class WanModel(nn.Module):
             raise ValueError(f"the prompt is {context.shape[-1]} wide; Wan takes UMT5-XXL's {c.text_dim}")
         batch, size = x.shape[0], x.shape[-3:]
         padded = pad_to_patch(x, c.patch_size)
+        if time_dim_concat is not None:
+            padded = torch.cat([padded, self._subject_frames(time_dim_concat, padded)], dim=2)
         grid = [n // p for n, p in zip(padded.shape[-3:], c.patch_size, strict=True)]
         tokens = self.patch_embedding(padded.to(dtype)).flatten(2).transpose(1, 2)
-        rope = rope_angles(grid_ids(*grid, device=x.device), c.rope_axes, 10000)
+        references = 0
+        if reference_latent is not None:
+            reference = self._reference_tokens(reference_latent, padded)
+            tokens, references = torch.cat([reference, tokens], dim=1), reference.shape[1]
+        # A reference takes RoPE frame 0, the video's frames (and any subject frames) follow from 1.
+        rope_frames = grid[0] + (1 if references else 0)
+        rope = rope_angles(grid_ids(rope_frames, *grid[1:], device=x.device), c.rope_axes, 10000)
 
-        if denoise_mask is not None or timesteps.ndim == 2:
+        per_frame = denoise_mask is not None or timesteps.ndim == 2
+        if per_frame and (time_dim_concat is not None or references):
+            raise ValueError("per-frame noise levels (Wan 2.2 5B's image-to-video) do not combine with subject "
+                             "frames (WanPhantomSubjectToVideo) or a reference image (Wan22FunControlToVideo)")
+        if per_frame:
             # A level per frame of tokens: a patch's first frame's (released models' patches are one frame deep).
             t = frame_timesteps(timesteps, denoise_mask, batch, size[0])[:, ::c.patch_size[0]]
         else:
@@ -342,8 +374,33 @@ class WanModel(nn.Module):
             image = self.img_emb(clip_fea.to(dtype))
             image = image.expand(batch, -1, -1) if image.shape[0] == 1 else image
         tokens = self.run_blocks(tokens, e0, rope, context, image, **block_inputs)
-        out = self.head(tokens, e)
+        out = self.head(tokens, e)[:, references:]
         return self._unpatchify(out, grid)[..., :size[0], :size[1], :size[2]].to(x.dtype)
+
+    def _subject_frames(self, frames: Tensor, padded: Tensor) -> Tensor:
+        """`time_dim_concat` [B or 1, C, n, H, W], padded to whole patches, at the padded latent's batch."""
+        frames = pad_to_patch(frames.to(padded.dtype), self.config.patch_size)
+        if (frames.ndim != 5 or frames.shape[0] not in (1, padded.shape[0]) or frames.shape[1] != padded.shape[1]
+                or frames.shape[-2:] != padded.shape[-2:]):
+            raise ValueError(f"subject frames [B, {padded.shape[1]}, n, {', '.join(map(str, padded.shape[-2:]))}] "
+                             f"to append to this latent, not {tuple(frames.shape)}: a Phantom model takes them "
+                             "without extra input channels, and they do not combine with area prompts")
+        return frames.expand(padded.shape[0], -1, -1, -1, -1)
+
+    def _reference_tokens(self, reference: Tensor, padded: Tensor) -> Tensor:
+        """A reference latent [B or 1, C, H, W] through `ref_conv`: one frame of tokens [B, rows*cols, dim]."""
+        if not hasattr(self, "ref_conv"):
+            raise ValueError("a reference image latent for a Wan model without a reference input (ref_conv): Wan "
+                             "Fun models from V1.1 and Wan 2.2 Fun take one")
+        patch = self.config.patch_size
+        reference = pad_to_patch(reference[:, :, None].to(self.dtype), patch)[:, :, 0]
+        if (reference.shape[0] not in (1, padded.shape[0]) or reference.shape[1] != self.config.ref_conv_in_dim
+                or reference.shape[-2:] != padded.shape[-2:]):
+            raise ValueError(f"a reference latent [B, {self.config.ref_conv_in_dim}, "
+                             f"{', '.join(map(str, padded.shape[-2:]))}] for this latent, not "
+                             f"{tuple(reference.shape)}")
+        tokens = self.ref_conv(reference).flatten(2).transpose(1, 2)
+        return tokens.expand(padded.shape[0], -1, -1)
 
     def run_blocks(self, tokens: Tensor, e0: Tensor, rope: tuple[Tensor, Tensor], context: Tensor,
                    image: Tensor | None) -> Tensor:
@@ -399,6 +456,7 @@ def wan_config_from_state_dict(sd: Mapping[str, Tensor], num_heads: int | None =
         # A Fun camera adapter: its conv takes the camera's channels folded 8x8 (the VAE's downscale) into 64 each.
         camera_in_dim = sd["control_adapter.conv.weight"].shape[1] // 64 if "control_adapter.conv.weight" in sd else 0
         camera_blocks = len({int(m[1]) for k in sd if (m := _CAMERA_BLOCK.match(k))})
+        ref_conv_in_dim = sd["ref_conv.weight"].shape[1] if "ref_conv.weight" in sd else 0
         return WanConfig(
             dim=dim, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_heads=num_heads,
             num_layers=num_layers, in_dim=in_dim,
@@ -409,6 +467,7 @@ def wan_config_from_state_dict(sd: Mapping[str, Tensor], num_heads: int | None =
             image_input=image_input, clip_dim=clip_dim,
             flf_tokens=sd["img_emb.emb_pos"].shape[1] if image_input == "flf2v" else 514, vace_layers=vace_layers,
             vace_in_dim=sd["vace_patch_embedding.weight"].shape[1] if vace else 96,
-            camera_in_dim=camera_in_dim, camera_blocks=camera_blocks if camera_in_dim else 1)
+            camera_in_dim=camera_in_dim, camera_blocks=camera_blocks if camera_in_dim else 1,
+            ref_conv_in_dim=ref_conv_in_dim)
     except KeyError as e:
         raise ValueError(f"an incomplete Wan transformer: no weight {e}") from None

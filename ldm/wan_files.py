@@ -51,7 +51,10 @@ TINY_KINDS = {"t2v": {}, "i2v": {"in_dim": 36, "image_input": "i2v", "clip_dim":
               "vace": {"num_layers": 4, "vace_layers": (0, 2)},  # VACE blocks after main blocks 0 and 2
               # Wan 2.1 Fun camera: the start image's latent beside the noisy one (32 channels, no mask), CLIP image
               # branch, and a camera adapter (its input is Plücker rays, 24 channels)
-              "camera": {"in_dim": 32, "image_input": "i2v", "clip_dim": 20, "camera_in_dim": 24}}
+              "camera": {"in_dim": 32, "image_input": "i2v", "clip_dim": 20, "camera_in_dim": 24},
+              # Wan 2.2 Fun Control: the control video's latent, 4 mask channels and the start image's latent beside
+              # the noisy one (16 + 16 + 4 + 16), and a reference image's latent through `ref_conv`
+              "fun_control": {"in_dim": 52, "ref_conv_in_dim": 16}}
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ def load_wan_unet(path: str | Path, device: torch.device | str = "cpu",
 
 def tiny_wan_config(kind: str = "t2v") -> WanConfig:
     """TINY_WAN as a "t2v", "i2v", "flf2v", "ti2v" (Wan 2.2 5B's 48 channels), "vace" (Wan 2.1 VACE's
-    control branch, `ldm.wan_vace`) or "camera" (Wan 2.1 Fun camera control, `ldm.wan_camera`) model."""
+    control branch, `ldm.wan_vace`), "camera" (Wan 2.1 Fun camera control, `ldm.wan_camera`) or "fun_control"
+    (Wan 2.2 Fun Control, with a reference image input) model."""
     if kind not in TINY_KINDS:
         raise ValueError(f"kind {kind!r}: one of {', '.join(TINY_KINDS)}")
     return dataclasses.replace(TINY_WAN, **TINY_KINDS[kind])
