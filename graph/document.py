@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Container
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+# Old node ids that ComfyUI's editor replaces as it loads a workflow (its comfy_extras/nodes_replacements.py), where
+# Loom registers the new node and not the old one: old id -> (new id, {old input name: new input name}). ImageBatch,
+# ImageScaleBy and ResizeImagesByLongerEdge, which it replaces too, Loom still registers; Load3DAnimation and
+# Preview3DAnimation become Load3D and Preview3D, which Loom lacks.
+RENAMED_NODES: dict[str, tuple[str, dict[str, str]]] = {
+    "T2IAdapterLoader": ("ControlNetLoader", {"t2i_adapter_name": "control_net_name"}),
+    "SDV_img2vid_Conditioning": ("SVD_img2vid_Conditioning", {}),  # a typo, fixed
+    "ConditioningAverage ": ("ConditioningAverage", {}),  # a trailing space, dropped
+}
+
+
+def current_id(class_type: str, registered: Container[str]) -> tuple[str, dict[str, str]]:
+    """The node id a node of `class_type` runs under, and its inputs' new names: its replacement's (RENAMED_NODES)
+    where `registered` lacks it and holds the replacement; else its own, with no new names."""
+    new = RENAMED_NODES.get(class_type)
+    if new is None or class_type in registered or new[0] not in registered:
+        return class_type, {}
+    return new
 
 
 class DocumentError(ValueError):
@@ -73,6 +96,17 @@ class Graph:
 
     def to_api(self) -> dict[str, Any]:
         return {nid: _node_to_api(node) for nid, node in self.nodes.items()}
+
+    def with_current_ids(self, registered: Container[str]) -> Graph:
+        """The graph with each node of an old id under its new one, and its inputs' new names (see `current_id`)."""
+        renamed: dict[str, GraphNode] = {}
+        for nid, node in self.nodes.items():
+            class_type, names = current_id(node.class_type, registered)
+            if class_type != node.class_type:
+                log.info("node %s: %r is ComfyUI's former id of %s", nid, node.class_type, class_type)
+                renamed[nid] = replace(node, class_type=class_type,
+                                       inputs={names.get(k, k): v for k, v in node.inputs.items()})
+        return Graph({**self.nodes, **renamed}) if renamed else self
 
 
 def _node_to_api(node: GraphNode) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from graph.document import DocumentError
+from graph.document import DocumentError, current_id
 from graph.group_nodes import expand_group_nodes, group_definitions
 from graph.subgraphs import BYPASSED, MUTED, flatten_subgraphs, has_subgraphs
 from nodes.registry import NodeRegistry
@@ -32,7 +32,7 @@ class _Converter:
         for raw in data["nodes"]:
             if not isinstance(raw, dict) or "id" not in raw or "type" not in raw:
                 raise DocumentError("every node of a UI-format workflow needs an 'id' and a 'type'")
-            self.nodes[raw["id"]] = raw
+            self.nodes[raw["id"]] = _with_current_id(raw, registry)
         self.links: dict[int, _Source] = {}
         for link in data.get("links") or []:
             if isinstance(link, dict):  # schema 1.0 stores links as objects
@@ -158,6 +158,19 @@ class _Converter:
     def _display_name(self, class_type: str) -> str:
         cls = self.registry.get(class_type)
         return cls.display_name if cls else class_type
+
+
+def _with_current_id(node: dict[str, Any], registry: NodeRegistry) -> dict[str, Any]:
+    """A node of an old id under its new one, with its inputs' new names (see `graph.document.current_id`)."""
+    class_type, names = current_id(node["type"], registry)
+    if class_type == node["type"]:
+        return node
+    inputs = [{**inp, "name": names.get(inp.get("name"), inp.get("name"))} if isinstance(inp, dict) else inp
+              for inp in node.get("inputs") or []]
+    renamed = {**node, "type": class_type, "inputs": inputs}
+    if isinstance(node.get("widgets_values"), dict):  # widgets stored by name
+        renamed["widgets_values"] = {names.get(k, k): v for k, v in node["widgets_values"].items()}
+    return renamed
 
 
 def _pair(value: Any) -> list[float] | None:

@@ -148,14 +148,23 @@ def subtract(model1: nn.Module, model2: nn.Module, multiplier: float = 1.0, skip
     return merge_modules(model1, model2, lambda _key: (multiplier, -multiplier), skip)
 
 
-def prefix_ratios(ratios: Mapping[str, float], default: float) -> Callable[[str], float]:
-    """key -> the ratio of the longest prefix in `ratios` that the key starts with, else `default`."""
+def prefix_ratios(ratios: Mapping[str, float], default: float, strip: str = "") -> Callable[[str], float]:
+    """key -> the ratio of the longest prefix in `ratios` that the key, less `strip` (see `wrapper_prefix`),
+    starts with, else `default`."""
     by_length = sorted(ratios.items(), key=lambda item: len(item[0]), reverse=True)
 
     def ratio(key: str) -> float:
+        key = key.removeprefix(strip)
         return next((r for prefix, r in by_length if key.startswith(prefix)), default)
 
     return ratio
+
+
+def wrapper_prefix(module: nn.Module) -> str:
+    """What Loom's keys of `module` carry before the checkpoint's (and ComfyUI's) names of its weights: "model." for a
+    denoiser that wraps the transformer as its one part `model` and holds no weight of its own (LTX-2's), else ""."""
+    own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    return "model." if [name for name, _ in module.named_children()] == ["model"] and not own else ""
 
 
 @torch.no_grad()

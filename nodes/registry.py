@@ -33,6 +33,7 @@ BUILTIN_MODULES = (
     "nodes.sd.easycache",
     "nodes.sd.guidance_nodes",
     "nodes.sd.merge",
+    "nodes.sd.model_advanced",
     "nodes.sd.sigmas",
     "nodes.sd.latent_ops",
     "nodes.sd.image_ops",

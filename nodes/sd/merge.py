@@ -86,14 +86,15 @@ class _MergesBlocks(_MergesModels):
     that of the first ratio input (ComfyUI takes the first one its call receives: the same, in its editor)."""
 
     def execute(self, model1: DiffusionModel, model2: DiffusionModel, **ratios: float) -> tuple[DiffusionModel]:
-        from ldm.merge import prefix_ratios, weighted_merge
+        from ldm.merge import prefix_ratios, weighted_merge, wrapper_prefix
 
         names = [name for name in self.inputs if name not in ("model1", "model2")]
         ordered = {name: float(ratios[name]) for name in names}
-        ratio_of = prefix_ratios(ordered, ordered[names[0]])
         changed = ", ".join(f"{name}={value:g}" for name, value in ordered.items() if value != 1.0) or "none"
+        # The input names are ComfyUI's key prefixes: a key is matched as the checkpoint names its weight.
         return self.merged(model1, model2, f"merged by blocks with {_describe(model2)} (ratios not 1: {changed})",
-                           lambda a, b: weighted_merge(a, b, ratio_of))
+                           lambda a, b: weighted_merge(a, b, prefix_ratios(ordered, ordered[names[0]],
+                                                                           wrapper_prefix(a))))
 
 
 class ModelMergeBlocks(_MergesBlocks):
@@ -105,18 +106,28 @@ class ModelMergeBlocks(_MergesBlocks):
     out = _ratio()
 
 
-def _block_inputs(inputs: int, outputs: int, separator: str) -> dict[str, InputSpec]:
-    names = ["time_embed.", "label_emb.", *(f"input_blocks.{i}{separator}" for i in range(inputs)),
-             *(f"middle_block.{i}{separator}" for i in range(3)),
-             *(f"output_blocks.{i}{separator}" for i in range(outputs)), "out."]
+def _ratio_inputs(*names: str) -> dict[str, InputSpec]:
+    """model1, model2, then a ratio input named after each weight-key prefix it sets, in ComfyUI's order."""
     return {**_MergesModels.inputs, **{name: _ratio() for name in names}}
+
+
+def _numbered(prefix: str, count: int, end: str = ".") -> list[str]:
+    return [f"{prefix}{i}{end}" for i in range(count)]
+
+
+def _unet_inputs(inputs: int, outputs: int, end: str) -> dict[str, InputSpec]:
+    return _ratio_inputs("time_embed.", "label_emb.", *_numbered("input_blocks.", inputs, end),
+                         *_numbered("middle_block.", 3, end), *_numbered("output_blocks.", outputs, end), "out.")
+
+
+SPECIFIC = f"{CATEGORY}/model_specific"
 
 
 class ModelMergeSD1(_MergesBlocks):
     """A ratio for each block of an SD1/SD2 UNet (input names are the weight-key prefixes they set)."""
 
-    category = f"{CATEGORY}/model_specific"
-    inputs: ClassVar[dict[str, InputSpec]] = _block_inputs(12, 12, ".")
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _unet_inputs(12, 12, ".")
 
 
 class ModelMergeSD2(ModelMergeSD1):
@@ -126,8 +137,73 @@ class ModelMergeSD2(ModelMergeSD1):
 class ModelMergeSDXL(_MergesBlocks):
     """A ratio for each block of an SDXL UNet (ComfyUI's block names here have no trailing dot)."""
 
-    category = f"{CATEGORY}/model_specific"
-    inputs: ClassVar[dict[str, InputSpec]] = _block_inputs(9, 9, "")
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _unet_inputs(9, 9, "")
+
+
+# The transformers' merges (ComfyUI's comfy_extras/nodes_model_merging_model_specific.py). Loom's transformers keep
+# their checkpoints' key names (ldm.mmdit, ldm.flux, ldm.ltxv, ldm.ltx2, ldm.wan, ldm.qwen_image), which are
+# ComfyUI's, so each prefix sets the same weights as there; like ComfyUI's, the nodes take models of any family (keys
+# no prefix starts take the first ratio). ComfyUI's merges for AuraFlow, Mochi and Cosmos, which Loom does not run,
+# are left out.
+_SD3_EMBEDDERS = ("pos_embed.", "x_embedder.", "context_embedder.", "y_embedder.", "t_embedder.")
+
+
+class ModelMergeSD3_2B(_MergesBlocks):
+    """A ratio for each part of an SD3 Medium MMDiT: its embedders, 24 joint blocks and final layer."""
+
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _ratio_inputs(*_SD3_EMBEDDERS, *_numbered("joint_blocks.", 24),
+                                                           "final_layer.")
+
+
+class ModelMergeFlux1(_MergesBlocks):
+    """A ratio for each part of a Flux.1 transformer: its input embedders, 19 double-stream blocks, 38
+    single-stream blocks and final layer."""
+
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _ratio_inputs(
+        "img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in.", *_numbered("double_blocks.", 19),
+        *_numbered("single_blocks.", 38), "final_layer.")
+
+
+class ModelMergeSD35_Large(_MergesBlocks):
+    """A ratio for each part of an SD3.5 Large MMDiT: its embedders, 38 joint blocks and final layer."""
+
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _ratio_inputs(*_SD3_EMBEDDERS, *_numbered("joint_blocks.", 38),
+                                                           "final_layer.")
+
+
+class ModelMergeLTXV(_MergesBlocks):
+    """A ratio for each part of an LTX-Video transformer: its embedders, 28 blocks, output modulation and
+    projection (on LTX-2, the video stream's embedders and the first 28 audio-video blocks)."""
+
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _ratio_inputs(
+        "patchify_proj.", "adaln_single.", "caption_projection.", *_numbered("transformer_blocks.", 28),
+        "scale_shift_table", "proj_out.")
+
+
+class ModelMergeWAN2_1(_MergesBlocks):
+    """A ratio for each part of a Wan 2.1 / 2.2 transformer: its embedders, up to 40 blocks and head (the
+    description is ComfyUI's)."""
+
+    description = "1.3B model has 30 blocks, 14B model has 40 blocks. Image to video model has the extra img_emb."
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _ratio_inputs(
+        "patch_embedding.", "time_embedding.", "time_projection.", "text_embedding.", "img_emb.",
+        *_numbered("blocks.", 40), "head.")
+
+
+class ModelMergeQwenImage(_MergesBlocks):
+    """A ratio for each part of a Qwen-Image transformer: its embedders, 60 blocks and output projection
+    ("pos_embeds." sets nothing: the rotary position embedding has no weights, in ComfyUI either)."""
+
+    category = SPECIFIC
+    inputs: ClassVar[dict[str, InputSpec]] = _ratio_inputs(
+        "pos_embeds.", "img_in.", "txt_norm.", "txt_in.", "time_text_embed.", *_numbered("transformer_blocks.", 60),
+        "proj_out.")
 
 
 class ModelMergeSubtract(_MergesModels):
@@ -377,5 +453,6 @@ class LoraSave(_Saves):
 
 
 NODES = [ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, CLIPMergeSimple, CLIPMergeSubtract,
-         CLIPMergeAdd, ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL, CheckpointSave, CLIPSave, VAESave, ModelSave,
-         LoraSave]
+         CLIPMergeAdd, ModelMergeSD1, ModelMergeSD2, ModelMergeSDXL, ModelMergeSD3_2B, ModelMergeFlux1,
+         ModelMergeSD35_Large, ModelMergeLTXV, ModelMergeWAN2_1, ModelMergeQwenImage, CheckpointSave, CLIPSave, VAESave,
+         ModelSave, LoraSave]

@@ -129,7 +129,9 @@ def test_declarations_are_comfyuis(name):
 
 
 def test_the_module_lists_every_node():
-    assert sorted(cls.name for cls in merge.NODES) == sorted([*COMFYUI, "LoraSave"])
+    families = ["ModelMergeSD3_2B", "ModelMergeFlux1", "ModelMergeSD35_Large", "ModelMergeLTXV", "ModelMergeWAN2_1",
+                "ModelMergeQwenImage"]  # tests/nodes/test_model_merge_families.py
+    assert sorted(cls.name for cls in merge.NODES) == sorted([*COMFYUI, "LoraSave", *families])
 
 
 def test_lora_save_extracts_a_lora_that_load_lora_reads_back(engine, root):
