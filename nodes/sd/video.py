@@ -347,8 +347,19 @@ def crop_video(video: Video, x: int, y: int, width: int, height: int) -> Video:
     return Video(video.images[:, y:y + height, x:x + width].clone(), video.fps, video.audio)
 
 
+def _as_edit(edit: Any) -> Any:
+    """A VIDEO_EDIT value as a dict: Loom's editor holds it as JSON text (ComfyUI's draws a video editor)."""
+    if isinstance(edit, str):
+        try:
+            return json.loads(edit) if edit.strip() else None
+        except json.JSONDecodeError:
+            return edit
+    return edit
+
+
 def _edit_problem(edit: Any, feature: str, fields: tuple[str, ...]) -> str | None:
     """Why a VIDEO_EDIT value cannot be used for `feature` ("trim" or "crop"), or None."""
+    edit = _as_edit(edit)
     example = json.dumps(TRIM_DEFAULT if feature == "trim" else CROP_DEFAULT)
     section = (edit or {}).get(feature) or {} if isinstance(edit, dict | None) else None  # empty: no edit
     if not isinstance(section, dict):
@@ -363,7 +374,7 @@ def _edit_section(edit: Any, feature: str, fields: tuple[str, ...], node: str) -
     problem = _edit_problem(edit, feature, fields)
     if problem:
         raise ValueError(f"{node}: {problem}")
-    return (edit or {}).get(feature) or {}
+    return (_as_edit(edit) or {}).get(feature) or {}
 
 
 def _preview(video: Video) -> dict[str, Any] | None:
@@ -413,8 +424,8 @@ class VideoTrim(Node):
 
     @classmethod
     def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
-        """ComfyUI's editor stores [the video edit value, strict_duration]."""
-        if values and isinstance(values[0], dict):
+        """ComfyUI's editor stores [the video edit value, strict_duration]; Loom's, the value as JSON text."""
+        if values and isinstance(values[0], dict | str):
             return {"trim": values[0], **({"strict_duration": values[1]} if len(values) > 1 else {})}
         return None
 
@@ -447,8 +458,8 @@ class VideoCrop(Node):
 
     @classmethod
     def widgets_from_ui(cls, values: list[Any]) -> dict[str, Any] | None:
-        """ComfyUI's editor stores [the video edit value]."""
-        return {"crop": values[0]} if values and isinstance(values[0], dict) else None
+        """ComfyUI's editor stores [the video edit value]; Loom's, the value as JSON text."""
+        return {"crop": values[0]} if values and isinstance(values[0], dict | str) else None
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> str | None:

@@ -272,3 +272,16 @@ def test_ui_files_store_the_edit_widget_first():
         "trim": {"trim": {"start_time": 1.0, "duration": 2.0}}, "strict_duration": True}
     assert VideoCrop.widgets_from_ui([{"crop": {"x": 2, "y": 2, "width": 4, "height": 4}}]) == {
         "crop": {"crop": {"x": 2, "y": 2, "width": 4, "height": 4}}}
+
+
+def test_the_edit_as_json_text_as_loom_s_editor_holds_it() -> None:
+    """Loom's editor holds a VIDEO_EDIT value as JSON text (a text widget in the edit's place): read as the dict."""
+    from nodes.sd.video import VideoCrop, VideoTrim, _edit_problem, _edit_section
+
+    assert VideoTrim.widgets_from_ui(['{"trim": {"start_time": 0.5, "duration": 1}}', True]) == {
+        "trim": '{"trim": {"start_time": 0.5, "duration": 1}}', "strict_duration": True}
+    assert VideoCrop.widgets_from_ui(['{"crop": {"x": 2}}']) == {"crop": '{"crop": {"x": 2}}'}
+    assert _edit_section('{"trim": {"start_time": 0.5, "duration": 1}}', "trim", ("start_time", "duration"),
+                         "VideoTrim") == {"start_time": 0.5, "duration": 1}
+    assert _edit_section("", "trim", ("start_time", "duration"), "VideoTrim") == {}
+    assert "must be a video edit value" in _edit_problem("{not json", "trim", ("start_time", "duration"))

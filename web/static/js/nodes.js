@@ -279,6 +279,9 @@ function addInputs(node, def) {
         }
       } else if (type === "AUDIO_RECORD") {
         recordWidget(node, name);
+      } else if (opts.socketless && type === "VIDEO_EDIT") {
+        // VideoTrim's and VideoCrop's edit: ComfyUI draws a video editor; here the value as JSON text.
+        node.addWidget("text", name, JSON.stringify(opts.default ?? {}), null, {});
       } else if (opts.socketless) {
         // A widget without a socket that the node draws itself (ImageCompare's compare_view: see drawCompare).
       } else if (opts.autogrow) {
