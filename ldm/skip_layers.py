@@ -126,3 +126,19 @@ class SkipLayerGuidance:
             factor = args.cond.std() / guided.std()
             guided = guided * (self.rescaling_scale * factor + (1 - self.rescaling_scale))
         return guided
+
+
+@dataclass(frozen=True)
+class SkipLayersOnNegative:
+    """Skip-layer guidance on the negative side alone (ComfyUI's SkipLayerGuidanceDiTSimple): a negative-side
+    function (`ldm.sampling.model_patches.NegativeFunction`) under which, while `sigma_end < sigma <= sigma_start`, the
+    negative prompt is predicted by the model with `skip`'s blocks skipped, the positive as usual; plain guidance
+    then guides away from that weakened prediction. No extra model pass; nothing changes where no negative is
+    predicted (cfg 1)."""
+
+    skip: SkipLayers
+    sigma_start: float
+    sigma_end: float
+
+    def __call__(self, sigma: float) -> SkipLayers | None:
+        return self.skip if self.sigma_end < sigma <= self.sigma_start else None

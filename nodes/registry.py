@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "nodes.sd.patches",
     "nodes.sd.easycache",
     "nodes.sd.guidance_nodes",
+    "nodes.sd.extra_guidance",
     "nodes.sd.merge",
     "nodes.sd.model_advanced",
     "nodes.sd.sigmas",

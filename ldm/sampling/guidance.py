@@ -58,7 +58,14 @@ from ldm.sampling.cond_jobs import (
 )
 from ldm.sampling.denoiser import Conditioning, Denoiser, uniform_level
 from ldm.sampling.hooks import HookedUNets
-from ldm.sampling.model_patches import CfgArgs, CfgFunction, PostCfgFunction, PreCfgFunction
+from ldm.sampling.model_patches import (
+    CfgArgs,
+    CfgFunction,
+    NegativeFunction,
+    PostCfgFunction,
+    PreCfgFunction,
+    overridden_cfg,
+)
 
 CondList = list[tuple[Tensor, dict]]
 
@@ -136,6 +143,9 @@ class CFGGuider:
     (see `DualCfg`, `ThirdPrompt`); `concat` is an inpainting model's extra input for entries without their own.
     `hooked` (`ldm.sampling.hooks.HookedUNets`) gives the denoisers of entries that carry hooks; `parts`, a packed
     latent's parts' shapes (`ldm.sampling.av_latent`), are passed on to guidance functions (`CfgArgs.parts`).
+    `negative_by` (`model_patches.NegativeFunction`) has the negative prompt predicted, at the levels it says, by a
+    transform of `module` rather than batched with the positive. Within `model_patches.cfg_override` a call is
+    guided at that cfg (not DualCfg's, whose scales are its own, as ComfyUI's DualCFGGuider ignores the override).
     """
 
     def __init__(
@@ -143,11 +153,14 @@ class CFGGuider:
         cfg_function: CfgFunction | None = None, post_cfg: tuple[PostCfgFunction, ...] = (),
         module: Any = None, keep_negative: bool = False, dual: ThirdPrompt | None = None,
         concat: Tensor | None = None, pre_cfg: tuple[PreCfgFunction, ...] = (), hooked: HookedUNets | None = None,
-        parts: tuple[tuple[int, ...], ...] | None = None,
+        parts: tuple[tuple[int, ...], ...] | None = None, negative_by: NegativeFunction | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
         self.denoiser = denoiser
+        self.negative_by = negative_by
+        self._given = (positive, negative, keep_negative)
+        self._at_cfgs: dict[float, CFGGuider] = {}  # the same guider at other cfgs (cfg_override)
         self.cfg = cfg
         if dual is not None:
             if not negative:
@@ -175,39 +188,67 @@ class CFGGuider:
         self.ranged = any(r is not None for side in self.ranges for r in side)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        cfg = overridden_cfg()
+        # Without a negative prompt (a side guider, BasicGuider) the cfg changes nothing.
+        if (cfg is not None and self._given[1] and not math.isclose(cfg, self.cfg)
+                and not isinstance(self.dual, DualCfg)):
+            return self._at_cfg(cfg)(x, sigma)
         if not self.post_cfg:
             return self._guided(x, sigma)[0]
         denoised, args = self._guided(x, sigma, need_args=True)
 
         def predict(transform: Any, at: Tensor | None = None, negative: bool = False,
                     without: tuple[str, ...] = ()) -> Tensor:
-            if self.module is None:
-                raise ValueError("this guidance patch needs the UNet module, which the sampler was not given")
             if negative and len(self.sides) < 2:
                 raise ValueError("this guidance patch needs the negative prompt's prediction, which was not made")
-            key = (transform, negative, without)
-            if key not in self._patched:
-                patched = transform(self.module)
-                # A wrapper that adapts the module to the sampler's latent (av_latent.PackedParts) wraps the copy too.
-                over = getattr(self.denoiser.unet, "over", None)
-                denoiser = Denoiser(patched if over is None else over(patched), self.denoiser.schedule,
-                                    self.denoiser.prediction, self.denoiser.quantize)
-                hooked = None if self.hooked is None else self.hooked.over(patched)
-                side = [(emb, {k: v for k, v in opts.items() if k not in without})
-                        for emb, opts in self.sides[1 if negative else 0]]
-                self._patched[key] = CFGGuider(denoiser, side, [], 1.0, self.feather, module=patched,
-                                               concat=self.concat, hooked=hooked, parts=self.parts)
-            return self._patched[key](x if at is None else at, sigma)
+            return self._side_guider(transform, negative, without)(x if at is None else at, sigma)
 
         for patch in self.post_cfg:
             denoised = patch(args, denoised, predict)
         return denoised
 
+    def _side_guider(self, transform: Any, negative: bool, without: tuple[str, ...] = ()) -> CFGGuider:
+        """The guider of one side's prompts alone, predicted by the module `transform(module)`, made once."""
+        if self.module is None:
+            raise ValueError("this guidance patch needs the UNet module, which the sampler was not given")
+        key = (transform, negative, without)
+        if key not in self._patched:
+            patched = transform(self.module)
+            # A wrapper that adapts the module to the sampler's latent (av_latent.PackedParts) wraps the copy too.
+            over = getattr(self.denoiser.unet, "over", None)
+            denoiser = Denoiser(patched if over is None else over(patched), self.denoiser.schedule,
+                                self.denoiser.prediction, self.denoiser.quantize)
+            hooked = None if self.hooked is None else self.hooked.over(patched)
+            side = [(emb, {k: v for k, v in opts.items() if k not in without})
+                    for emb, opts in self.sides[1 if negative else 0]]
+            self._patched[key] = CFGGuider(denoiser, side, [], 1.0, self.feather, module=patched,
+                                           concat=self.concat, hooked=hooked, parts=self.parts)
+        return self._patched[key]
+
+    def _at_cfg(self, cfg: float) -> CFGGuider:
+        """This guider at another cfg (made once per value): it predicts the negative prompt or not as that cfg
+        needs, and shares the pre-guidance functions' state and the side guiders with this one."""
+        if cfg not in self._at_cfgs:
+            positive, negative, keep_negative = self._given
+            other = CFGGuider(self.denoiser, positive, negative, cfg, self.feather, self.cfg_function, self.post_cfg,
+                              self.module, keep_negative, self.dual, self.concat, self.pre_cfg, self.hooked,
+                              self.parts, self.negative_by)
+            other._pre_cfg_state, other._patched = self._pre_cfg_state, self._patched
+            self._at_cfgs[cfg] = other
+        return self._at_cfgs[cfg]
+
     def _guided(self, x: Tensor, sigma: Tensor, need_args: bool = False) -> tuple[Tensor, CfgArgs | None]:
         """The guided x0, and (if asked or needed) what a guidance function sees."""
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
-        plan = self._plan(x, self._active(sigma, level))
+        active = self._active(sigma, level)
+        elsewhere = None  # the transform of the module that predicts the negative side at this call
+        if self.negative_by is not None and len(self.sides) >= 2 and self.dual is None:
+            elsewhere = self.negative_by(level if level is not None else float(sigma.max()))
+        if elsewhere is not None:  # the negative entries left out of the batched calls
+            every = active or tuple(tuple(True for _ in side) for side in self.sides)
+            active = (every[0], tuple(False for _ in every[1]))
+        plan = self._plan(x, active)
         if level is not None and plan.plain_cfg and self.cfg_function is None and not self.pre_cfg and not need_args:
             return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg), None
         preds: list[Tensor | None] = [None] * len(self.sides)
@@ -230,6 +271,8 @@ class CFGGuider:
         for side, count in enumerate(plan.counts):
             if count is not None:
                 preds[side] = totals[side] / count
+        if elsewhere is not None:
+            preds[1] = self._side_guider(elsewhere, negative=True)(x, sigma)
         args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg, self.parts)
         if len(preds) == 1:
             return preds[0] if self.cfg_function is None else self.cfg_function(args), args

@@ -390,7 +390,8 @@ def sample(
                              lambda m: Denoiser(m, schedule, denoiser.prediction, denoiser.quantize))
     guider = CFGGuider(denoiser, positive, negative, cfg, cfg_function=patches.cfg_function, post_cfg=post_cfg,
                        module=module, keep_negative=sampler_name in _CFG_PP or patches.keep_negative, dual=dual,
-                       concat=concat, pre_cfg=patches.pre_cfg, hooked=hooked, parts=noise_parts)
+                       concat=concat, pre_cfg=patches.pre_cfg, hooked=hooked, parts=noise_parts,
+                       negative_by=patches.negative_by)
     wrappers = [make(sigmas) for make in patches.around_guidance]  # this run's (LazyCache's cache)
     guide: Callable[[Tensor, Tensor], Tensor] = guider
     for wrapper in reversed(wrappers):

@@ -4,7 +4,9 @@ after (Perturbed-Attention Guidance, Self-Attention Guidance), and how an inpain
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +50,31 @@ MaskFunction = Callable[[Tensor, float], Tensor]
 # A guidance wrapper (ComfyUI's PREDICT_NOISE wrapper) is called as `wrapper(x, sigma, guide)` for each model
 # evaluation in place of `guide(x, sigma)`, the guided x0 (after the noise mask is applied to x); its factory makes
 # a fresh one from the run's levels `sigmas` when each sampling run starts, and `wrapper.finish()` is called when
-# the run ends (LazyCache: its cache lives for one run and logs what it skipped).
+# the run ends (LazyCache: its cache lives for one run and logs what it skipped). A wrapper that calls `guide` within
+# `cfg_override(value)` has that evaluation guided at `value` (CFGOverride).
 GuidanceWrapperFactory = Callable[[Tensor], Any]
+# A negative-side function (ComfyUI's sampler_calc_cond_batch_function, as SkipLayerGuidanceDiTSimple uses it) gives,
+# for a model call's level, the transform of the UNet module (as `Predict` takes them) that predicts the negative
+# prompt at that call, or None for the module itself (the negative batched with the positive, as usual).
+NegativeFunction = Callable[[float], Any]
+
+_cfg_override: ContextVar[float | None] = ContextVar("cfg_override", default=None)
+
+
+@contextmanager
+def cfg_override(cfg: float) -> Iterator[None]:
+    """Within it, guiders guide at `cfg` in place of their own (ComfyUI's CFGOverride sets the guider's cfg around
+    its predict_noise); nested, the innermost wins."""
+    token = _cfg_override.set(cfg)
+    try:
+        yield
+    finally:
+        _cfg_override.reset(token)
+
+
+def overridden_cfg() -> float | None:
+    """The cfg a `cfg_override` around this call asks for; None outside one."""
+    return _cfg_override.get()
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,7 @@ class SamplingPatches:
     # ComfyUI's older PerpNeg model patch, the same as its PerpNegGuider.
     third_prompt: Any = None
     around_guidance: tuple[GuidanceWrapperFactory, ...] = ()  # outermost first
+    negative_by: NegativeFunction | None = None
 
 
 def _per_item(sigma: Tensor, like: Tensor) -> Tensor:

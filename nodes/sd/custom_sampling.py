@@ -8,9 +8,10 @@ also return the last step's denoised prediction.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ class Guider:
     negative: list
     cfg: float
     dual: DualCfg | None = None  # DualCFGGuider's second positive prompt
+    negative_model: DiffusionModel | None = None  # DualModelGuider's: the model that predicts the negative prompt
 
 
 def _sigmas_out(sigmas: torch.Tensor) -> tuple[torch.Tensor]:
@@ -461,11 +463,107 @@ class BasicGuider(Node):
         return (Guider(model, conditioning, [], 1.0),)
 
 
+class DualModelGuider(Node):
+    """Classifier-free guidance with the positive prompt predicted by `model` and the negative by `model_negative`
+    (ComfyUI's Guider_DualModel; e.g. a distilled model's positive against its base model's negative). Without
+    `model_negative` it is the CFG Guider. The two models must be of one family and prediction type (and, unless
+    they are flow models, one noise schedule): the negative prompt is prepared once, for the first."""
+
+    display_name = "Dual Model CFG Guider"
+    category = "model/sampling/guiders"
+    model = Socket("MODEL", tooltip="Model used for the positive (conditional) pass.")
+    model_negative = Socket("MODEL", optional=True,
+                            tooltip="Model used for the negative (unconditional) pass. Use the same model for "
+                                    "ordinary CFG.")
+    positive = Socket("CONDITIONING")
+    cfg = Float(4.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    negative = Socket("CONDITIONING", optional=True,
+                      tooltip="Negative conditioning run on the negative model. Leave unconnected for a text-free "
+                              "(image-only) unconditional pass.")
+    outputs = (Output("GUIDER"),)
+
+    def execute(self, model: DiffusionModel, positive: list, cfg: float, model_negative: DiffusionModel | None = None,
+                negative: list | None = None) -> tuple[Guider]:
+        if negative is None:
+            if not math.isclose(cfg, 1.0):
+                # ComfyUI runs the negative pass with no text at all; Loom's models always take a prompt.
+                raise ValueError(f"DualModelGuider: a text-free negative pass (no negative connected) is not "
+                                 f"supported at cfg {cfg}; connect a negative prompt (e.g. an empty one), or set "
+                                 "cfg to 1")
+            negative = []
+        if model_negative is None:
+            return (Guider(model, positive, negative, cfg),)
+        problem = _pair_problem(model, model_negative)
+        if problem:
+            raise ValueError(f"DualModelGuider: {problem}")
+        return (Guider(model, positive, negative, cfg, negative_model=model_negative),)
+
+
+def _pair_problem(model: DiffusionModel, other: DiffusionModel) -> str | None:
+    """Why `other` cannot predict the negative prompt prepared for `model`; None when it can."""
+    if other.family.name != model.family.name:
+        return (f"model_negative ({other.source}) is {other.family.name.upper()} and model ({model.source}) is "
+                f"{model.family.name.upper()}; both must be of one family")
+    if other.prediction != model.prediction:
+        return (f"model_negative predicts {other.prediction} and model {model.prediction}: give both the same "
+                "ModelSampling")
+    same = type(other.schedule) is type(model.schedule) and all(
+        math.isclose(other.schedule.sigma_at_percent(p), model.schedule.sigma_at_percent(p), rel_tol=1e-5)
+        for p in (0.1, 0.5, 0.9))
+    if model.prediction != "flow" and not same:
+        return "model_negative has another noise schedule than model: give both the same ModelSampling"
+    return None
+
+
+def _with_negative_model(node: Node, model: DiffusionModel, negative_model: DiffusionModel,
+                         cfg: float) -> DiffusionModel:
+    """`model` whose sampling predicts the negative prompt by `negative_model`'s UNet (and by the model's own
+    negative-side function, if it has one, applied to that UNet); at cfg 1 no negative is predicted, and the
+    negative model is not loaded, as in ComfyUI."""
+    from ldm.sampling.extra_guidance import NegativeOnModel
+    from nodes.sd.models import on_device
+
+    if math.isclose(cfg, 1.0):
+        return model
+    # On the device before sampling (outside its inference mode), and again when a run first needs it, in case the
+    # sampled model's ControlNets took its place since.
+    place = functools.partial(on_device, node.ctx, negative_model.unet, keep=(model.unet,))
+    place()
+    patches = model.sampling_patches
+    return replace(model, sampling_patches=replace(patches, negative_by=NegativeOnModel(place, patches.negative_by)))
+
+
+class CFGOverride(Node):
+    """Override cfg to a fixed value over a [start, end] percent (sigma) range. With multiple overrides, the one
+    nearest the sampler wins on overlap."""
+
+    display_name = "CFG Override"
+    category = "model/sampling/guiders"
+    model = Socket("MODEL")
+    cfg = Float(1.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    start_percent = Float(0.0, min=0.0, max=1.0, step=0.001)
+    end_percent = Float(1.0, min=0.0, max=1.0, step=0.001)
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, cfg: float, start_percent: float,
+                end_percent: float) -> tuple[DiffusionModel]:
+        from ldm.sampling.extra_guidance import CfgOverride
+
+        schedule = model.schedule
+        override = CfgOverride(cfg, schedule.sigma_at_percent(start_percent), schedule.sigma_at_percent(end_percent))
+        patches = model.sampling_patches
+        return (replace(model, sampling_patches=replace(patches, around_guidance=(*patches.around_guidance,
+                                                                                   override))),)
+
+
 # The samplers ---------------------------------------------------------------------------------------------------
 
 def _run(node: Node, guider: Guider, noise: NoiseSource, sampler: SamplerChoice, sigmas: torch.Tensor,
          latent: dict) -> tuple[dict, dict]:
-    return run_sampler(node, guider.model, latent, guider.positive, guider.negative, seed=noise.seed,
+    model = guider.model
+    if guider.negative_model is not None:
+        model = _with_negative_model(node, model, guider.negative_model, guider.cfg)
+    return run_sampler(node, model, latent, guider.positive, guider.negative, seed=noise.seed,
                        cfg=guider.cfg, sampler_name=sampler.name, sampler_options=sampler.options, sigmas=sigmas,
                        add_noise=noise.enabled, dual=guider.dual)
 
@@ -512,5 +610,5 @@ NODES: list[Any] = [
     BetaSamplingScheduler, SDTurboScheduler, KSamplerSelect, SamplerEulerAncestral, SamplerLMS,
     SamplerDPMPP_3M_SDE, SamplerDPMPP_2M_SDE, SamplerDPMPP_SDE, SamplerDPMPP_2S_Ancestral, SamplerDPMAdaptative,
     SplitSigmas, SplitSigmasDenoise, FlipSigmas, SetFirstSigma, CFGGuider, BasicGuider, RandomNoise, DisableNoise,
-    SamplerCustomAdvanced, ManualSigmas, SamplerEulerAncestralCFGPP, DualCFGGuider,
+    SamplerCustomAdvanced, ManualSigmas, SamplerEulerAncestralCFGPP, DualCFGGuider, CFGOverride, DualModelGuider,
 ]

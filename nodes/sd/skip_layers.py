@@ -1,5 +1,6 @@
 """Skip-layer guidance for diffusion transformers (SD3's and Flux's SkipLayerGuidance nodes): each returns a new MODEL
-whose sampling runs one more prediction with some blocks skipped (`ldm.skip_layers`); the given one is unchanged."""
+whose sampling runs one more prediction with some blocks skipped (`ldm.skip_layers`), or, SkipLayerGuidanceDiTSimple's,
+predicts the negative prompt with them skipped; the given one is unchanged."""
 
 from __future__ import annotations
 
@@ -23,11 +24,9 @@ def _family_problem(linked: dict[str, dict[str, Any]], node: str) -> str | None:
     return f"{node} is for diffusion transformers (SD3, Flux); the MODEL linked is {family.upper()}, a UNet"
 
 
-def skip_layer_guidance(model: DiffusionModel, node: str, double_layers: str, single_layers: str, scale: float,
-                        start_percent: float, end_percent: float, rescaling_scale: float) -> DiffusionModel:
-    """`model` with skip-layer guidance added to its post-guidance functions (the model as it was when no layer
-    is named, as in ComfyUI)."""
-    from ldm.skip_layers import SkipLayerGuidance, SkipLayers, block_lists, check_layers, parse_layers
+def _skipped_layers(model: DiffusionModel, node: str, double_layers: str, single_layers: str) -> Any:
+    """The `ldm.skip_layers.SkipLayers` the layer texts name, checked against the model; None when they name none."""
+    from ldm.skip_layers import SkipLayers, block_lists, check_layers, parse_layers
 
     double, single = parse_layers(double_layers), parse_layers(single_layers)
     family = model.family.name
@@ -35,22 +34,34 @@ def skip_layer_guidance(model: DiffusionModel, node: str, double_layers: str, si
         raise ValueError(f"{node} is for diffusion transformers (SD3, Flux); {model.source} is {family.upper()}, "
                          "a UNet")
     if not double and not single:
-        return model
+        return None
     problem = check_layers(model.unet, double, single)
     if problem:
         raise ValueError(f"{node}: {problem.removeprefix('skip-layer guidance: ')}")
     if single and block_lists(model.unet)[1] is None:
         log.warning("%s: %s has no single-stream blocks; single_layers %s are ignored", node, model.source, single)
         single = ()
+    return SkipLayers(double, single)
+
+
+def skip_layer_guidance(model: DiffusionModel, node: str, double_layers: str, single_layers: str, scale: float,
+                        start_percent: float, end_percent: float, rescaling_scale: float) -> DiffusionModel:
+    """`model` with skip-layer guidance added to its post-guidance functions (the model as it was when no layer
+    is named, as in ComfyUI)."""
+    from ldm.skip_layers import SkipLayerGuidance
+
+    skip = _skipped_layers(model, node, double_layers, single_layers)
+    if skip is None:
+        return model
     schedule = model.schedule
-    patch = SkipLayerGuidance(SkipLayers(double, single), scale, schedule.sigma_at_percent(start_percent),
+    patch = SkipLayerGuidance(skip, scale, schedule.sigma_at_percent(start_percent),
                               schedule.sigma_at_percent(end_percent), rescaling_scale)
     current = model.sampling_patches
     return replace(model, sampling_patches=replace(current, post_cfg=(*current.post_cfg, patch)))
 
 
 class _DiTPatch(Node):
-    """What both nodes share: the MODEL linked must be a diffusion transformer, and the output is of its family."""
+    """What the nodes share: the MODEL linked must be a diffusion transformer, and the output is of its family."""
 
     @classmethod
     def check_links(cls, inputs: dict[str, Any], linked: dict[str, dict[str, Any]]) -> str | None:
@@ -99,4 +110,29 @@ class SkipLayerGuidanceSD3(_DiTPatch):
         return (skip_layer_guidance(model, self.name, layers, "", scale, start_percent, end_percent, 0.0),)
 
 
-NODES: list[Any] = [SkipLayerGuidanceDiT, SkipLayerGuidanceSD3]
+class SkipLayerGuidanceDiTSimple(_DiTPatch):
+    """Simple version of the SkipLayerGuidanceDiT node that only modifies the uncond pass."""
+
+    category = "advanced/guidance"
+    model = Socket("MODEL")
+    double_layers = String("7, 8, 9", extra={"advanced": True})
+    single_layers = String("7, 8, 9", extra={"advanced": True})
+    start_percent = Float(0.0, min=0.0, max=1.0, step=0.001, extra={"advanced": True})
+    end_percent = Float(1.0, min=0.0, max=1.0, step=0.001, extra={"advanced": True})
+    outputs = (Output("MODEL"),)
+
+    def execute(self, model: DiffusionModel, double_layers: str, single_layers: str, start_percent: float,
+                end_percent: float) -> tuple[DiffusionModel]:
+        from ldm.skip_layers import SkipLayersOnNegative
+
+        skip = _skipped_layers(model, self.name, double_layers, single_layers)
+        if skip is None:
+            return (model,)
+        schedule = model.schedule
+        # Replaces an earlier negative-side function, as ComfyUI's calc_cond_batch function replaces the last one.
+        negative = SkipLayersOnNegative(skip, schedule.sigma_at_percent(start_percent),
+                                        schedule.sigma_at_percent(end_percent))
+        return (replace(model, sampling_patches=replace(model.sampling_patches, negative_by=negative)),)
+
+
+NODES: list[Any] = [SkipLayerGuidanceDiT, SkipLayerGuidanceSD3, SkipLayerGuidanceDiTSimple]
