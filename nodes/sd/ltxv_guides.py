@@ -1,4 +1,5 @@
-"""LTX-Video and LTX-2 keyframe guides in the SD node set (LTXVAddGuide, LTXVCropGuides).
+"""LTX-Video and LTX-2 keyframe guides in the SD node set (LTXVAddGuide, LTXVAddLatentGuide, LTXVCropGuides,
+GetICLoRAParameters).
 
 A guide is a picture (or a short clip) the video should pass through at a given frame. LTXVAddGuide encodes it with
 the VAE and appends its latent frames after the video's, kept by the noise mask at 1 - strength (at strength 1 never
@@ -22,9 +23,9 @@ The node follows the VAE it is given:
   9 or more pictures placed after frame 0 starts on a frame 8 k + 1 (rounded down) and is encoded after a copy of
   its first picture whose latent frame (the VAE's one-picture causal frame) is dropped, so each of its latent frames
   stands for 8 pictures. Each guide also adds an entry to the prompts' `guide_attention_entries` ({pre_filter_count:
-  its tokens, strength, pixel_mask, latent_shape: [F, h, w]}), by which ComfyUI's transformer weakens the
-  attention between the video's tokens and a guide's of strength below 1 (log(strength) added to those attention
-  logits), as Loom's does (`ldm.ltx2.guide_attention_bias`).
+  its tokens, strength, pixel_mask, latent_shape: [F, h, w]}), by which ComfyUI's transformer weighs the
+  attention between the video's tokens and a guide's whose weight is not 1 (log(weight) added to those attention
+  logits; see the options below), as Loom's does (`ldm.ltx2.guide_attention_bias`).
 
 Negative frame indices count back from the video's last picture (-1: the last), over the video's own latent frames
 (earlier guides' left out). LTXVCropGuides takes off as many latent frames as the guide tokens fill (ComfyUI's count

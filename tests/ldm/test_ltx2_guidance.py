@@ -4,6 +4,7 @@ real guider over the packed audio-video latent, against direct model calls, coun
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -162,6 +163,56 @@ def test_the_perturbation_copies_the_denoiser_and_refuses_missing_blocks(model) 
         LTX2Perturbation(stg_blocks=frozenset({5}))(unet)
     with pytest.raises(ValueError, match="needs an LTX-2 model"):
         LTX2Perturbation()(torch.nn.Linear(2, 2))
+
+
+def _every_switch(model: LTX2Model, batch: int, seed: int = 5) -> dict:
+    """Inputs with every new input at once: an appended 2 x 2 guide frame of which a factor 2 lattice's one token
+    is kept, its weight 0.4, reference audio tokens, per-token video levels (the items' alike: the audio<->video
+    gates take the batch's largest level, as ComfyUI's); `batch` distinct items."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    with torch.no_grad():
+        video_ctx, audio_ctx, _ = model.preprocess_text_embeds(torch.randn(batch, 6, c.context_dim, generator=g))
+    keyframes = torch.tensor([[[[0.0, 1.0]] * 4, [[0.0, 64.0]] * 2 + [[32.0, 96.0]] * 2,
+                               [[0.0, 64.0], [32.0, 96.0]] * 2]])
+    return {"video_latent": torch.randn(batch, 16, 3, 2, 2, generator=g),
+            "audio_latent": torch.randn(batch, *AUDIO[1:], generator=g),
+            "video_timestep": torch.rand(1, 12, generator=g).expand(batch, -1),  # one mask for the batch
+            "audio_timestep": torch.tensor([SIGMA] * batch),
+            "video_context": video_ctx, "audio_context": audio_ctx, "keyframe_idxs": keyframes,
+            "guide_attention": torch.tensor([[[0.0, 0.4]] * 4]).expand(batch, -1, -1),
+            "kept_tokens": torch.tensor([True] * 9 + [False] * 3),
+            "ref_audio": torch.randn(1, 3, 128, generator=g)}
+
+
+def _item(inputs: dict, i: int) -> dict:
+    shared = ("keyframe_idxs", "kept_tokens", "ref_audio")
+    return {k: v if k in shared else v[i:i + 1] for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("switches", [{}, {"stg_blocks": frozenset({0}), "a2v": False}])
+def test_a_batch_is_its_items_alone(model, switches) -> None:
+    """Two items at once (the reference audio given once, the guide attention and the kept tokens shared) give what
+    each gives alone."""
+    inputs = _every_switch(model, 2)
+    video, audio = _run(model, inputs, **switches)
+    for i in range(2):
+        alone = _run(model, _item(inputs, i), **switches)
+        torch.testing.assert_close(video[i:i + 1], alone[0], rtol=TOL, atol=TOL)
+        torch.testing.assert_close(audio[i:i + 1], alone[1], rtol=TOL, atol=TOL)
+    assert (video[0] - video[1]).abs().max() > 1e-3
+
+
+def test_every_switch_runs_in_bfloat16(model) -> None:
+    """A bfloat16 model takes float32 inputs with every switch set, answers in the latents' dtype, and stays near
+    the float32 model."""
+    inputs = _every_switch(model, 2)
+    switches = {"stg_blocks": frozenset({1}), "v2a": False}
+    expected = _run(model, inputs, **switches)
+    got = _run(copy.deepcopy(model).to(torch.bfloat16), inputs, **switches)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+        assert (ours - theirs).norm() < 0.05 * theirs.norm()
 
 
 # ------------------------------------------------------------------------------------- through the real guider

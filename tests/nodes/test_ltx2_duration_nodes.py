@@ -154,3 +154,20 @@ def test_other_model_patch_nodes_refuse_a_duration_head(base) -> None:
     with pytest.raises(WorkflowInvalid, match="ltx-2.4-duration-head.safetensors is an LTX 2.4 duration head; "
                                               "QwenImageDiffsynthControlnet applies"):
         run(engine, {k: v for k, v in doc.items() if k in ("1", "4", "9", "10")}, ["9"])
+
+
+def test_the_declaration_is_comfyuis() -> None:
+    """Input names, order, types and ranges, and outputs, as nodes_lt.py's define_schema declares them."""
+    from nodes.sd.ltx2_duration import LTXVDurationPredictor
+    from tests.nodes.test_ltx2_guidance_nodes import declaration
+
+    assert declaration(LTXVDurationPredictor) == [
+        ("required", "model", "MODEL", None, None, None, None),
+        ("required", "positive", "CONDITIONING", None, None, None, None),
+        ("required", "duration_head", "MODEL_PATCH", None, None, None, None),
+        ("required", "frame_rate", "FLOAT", 24.0, 1.0, 120.0, 0.01),
+        ("required", "min_seconds", "FLOAT", 1.0, 0.5, 120.0, 0.1),
+        ("required", "max_seconds", "FLOAT", 20.0, 0.5, 120.0, 0.1)]
+    info = LTXVDurationPredictor.object_info()
+    assert (info["output"], info["output_name"]) == (["INT", "FLOAT"], ["num_frames", "seconds"])
+    assert (info["display_name"], info["category"]) == ("LTXV Duration Predictor", "model/conditioning/ltxv")

@@ -122,3 +122,39 @@ def test_a_model_that_is_not_ltx2_is_refused_when_the_graph_could_not_tell(base)
         LTXVSpatioTemporalGuidance().execute(sd1, 1.0, "1", 0.0, 1.0)
     with pytest.raises(ValueError, match="LTXVDualCFGGuider is for LTX-2 models"):
         LTXVDualCFGGuider().execute(sd1, [], [], 3.0, 7.0)
+
+
+def declaration(node) -> list[tuple]:
+    """(section, name, type, default, min, max, step) per input, in order, from the node's object_info."""
+    info = node.object_info()
+    return [(section, name, spec[0], *(spec[1].get(k) if len(spec) > 1 else None
+                                       for k in ("default", "min", "max", "step")))
+            for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()]
+
+
+def test_the_declarations_are_comfyuis() -> None:
+    """Input names, order, types and ranges, and outputs, as nodes_lt.py's define_schema declares them."""
+    from nodes.sd.ltx2_guidance import LTXVModalityGuidance, LTXVReferenceAudio
+
+    percents = [("required", "start_percent", "FLOAT", 0.0, 0.0, 1.0, 0.001),
+                ("required", "end_percent", "FLOAT", 1.0, 0.0, 1.0, 0.001)]
+    model = ("required", "model", "MODEL", None, None, None, None)
+    prompts = [("required", side, "CONDITIONING", None, None, None, None) for side in ("positive", "negative")]
+    assert declaration(LTXVSpatioTemporalGuidance) == [
+        model, ("required", "scale", "FLOAT", 1.0, 0.0, 100.0, 0.01),
+        ("required", "blocks", "STRING", "29", None, None, None), *percents]
+    assert declaration(LTXVModalityGuidance) == [
+        model, ("required", "modality_scale", "FLOAT", 3.0, 1.0, 100.0, 0.1), *percents]
+    assert declaration(LTXVDualCFGGuider) == [
+        model, *prompts, ("required", "video_cfg", "FLOAT", 3.0, 0.0, 100.0, 0.1),
+        ("required", "audio_cfg", "FLOAT", 7.0, 0.0, 100.0, 0.1)]
+    assert declaration(LTXVReferenceAudio) == [
+        model, *prompts, ("required", "reference_audio", "AUDIO", None, None, None, None),
+        ("required", "audio_vae", "VAE", None, None, None, None),
+        ("required", "identity_guidance_scale", "FLOAT", 3.0, 0.0, 100.0, 0.01), *percents]
+    outputs = {node: (node.object_info()["output"], node.object_info()["output_name"])
+               for node in (LTXVSpatioTemporalGuidance, LTXVModalityGuidance, LTXVDualCFGGuider, LTXVReferenceAudio)}
+    assert list(outputs.values()) == [(["MODEL"], ["MODEL"])] * 2 + [
+        (["GUIDER"], ["GUIDER"]), (["MODEL", "CONDITIONING", "CONDITIONING"], ["MODEL", "positive", "negative"])]
+    assert LTXVReferenceAudio.object_info()["input"]["required"]["audio_vae"][1]["display_name"] == "Audio VAE"
+    assert LTXVSpatioTemporalGuidance.object_info()["input"]["required"]["start_percent"][1]["advanced"] is True

@@ -198,9 +198,9 @@ def engine(tmp_path_factory):
     set_paths(FolderPaths())
 
 
-def flf2v(strength: float) -> dict:
-    """Comfy-Org's video_ltx2_3_flf2v shape on the tiny files: guides at frame 0 and -1 on the video latent, joined
-    with empty audio, 2 Euler steps (CFG 2), parted, the guides cropped, the video decoded."""
+def flf2v(strength: float, size: int = SIZE) -> dict:
+    """Comfy-Org's video_ltx2_3_flf2v shape on the tiny files: guides at frame 0 and -1 on a `size` square video
+    latent, joined with empty audio, 2 Euler steps (CFG 2), parted, the guides cropped, the video decoded."""
     ckpt = "ltx-2-19b-dev-tiny.safetensors"
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -211,11 +211,11 @@ def flf2v(strength: float) -> dict:
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "blurry"}},
         "6": {"class_type": "LTXVConditioning", "inputs": {"positive": ["4", 0], "negative": ["5", 0],
                                                            "frame_rate": 25.0}},
-        "7": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": SIZE, "height": SIZE, "length": LENGTH,
+        "7": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": size, "height": size, "length": LENGTH,
                                                                "batch_size": 1}},
-        "20": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+        "20": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1,
                                                       "color": 0x3060C0}},
-        "21": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+        "21": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1,
                                                       "color": 0xC03020}},
         "22": {"class_type": "LTXVAddGuide", "inputs": {
             "positive": ["6", 0], "negative": ["6", 1], "vae": ["1", 2], "latent": ["7", 0], "image": ["20", 0],

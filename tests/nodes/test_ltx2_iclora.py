@@ -42,6 +42,7 @@ from nodes.sd.ltxv_guides import (
     reference_downscale_factor,
 )
 from nodes.sd.models import DiffusionModel, Vae
+from tests.nodes.test_ltx2_guides import flf2v
 
 SIZE = 128  # 4 x 4 latent pixels; a factor 2 guide is encoded at 64 x 64 (2 x 2)
 LENGTH = 17  # 1 + 2 latent frames
@@ -445,46 +446,21 @@ def test_model_leaves_out_the_tokens_not_kept() -> None:
 
 
 def iclora_graph(strength: float) -> dict:
-    """An IC-LoRA workflow on the tiny files: the x2 IC-LoRA on the model, its parameters into LTXVAddGuide (a 64 x
-    64 reference over a 128 x 128 video, with an attention mask), empty audio joined, 2 Euler steps (CFG 2), parted,
-    the guide cropped, the video decoded."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "2": {"class_type": "LTXAVTextEncoderLoader", "inputs": {
-            "text_encoder": "gemma_3_12B_it-tiny.safetensors", "ckpt_name": CKPT, "device": "default"}},
-        "3": {"class_type": "LTXVAudioVAELoader", "inputs": {"ckpt_name": CKPT}},
-        "30": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "ic-lora-x2.safetensors",
-                                                               "strength_model": 1.0}},
-        "31": {"class_type": "GetICLoRAParameters", "inputs": {"iclora_model": ["30", 0]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a red car drives downhill"}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "blurry"}},
-        "6": {"class_type": "LTXVConditioning", "inputs": {"positive": ["4", 0], "negative": ["5", 0],
-                                                           "frame_rate": 25.0}},
-        "7": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": SIZE, "height": SIZE, "length": LENGTH,
-                                                               "batch_size": 1}},
-        "20": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
-                                                      "color": 0x3060C0}},
-        "21": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 64, "height": 64}},
-        "22": {"class_type": "LTXVAddGuide", "inputs": {
-            "positive": ["6", 0], "negative": ["6", 1], "vae": ["1", 2], "latent": ["7", 0], "image": ["20", 0],
-            "frame_idx": 0, "strength": strength, "attention_mask": ["21", 0], "iclora_parameters": ["31", 0]}},
-        "8": {"class_type": "LTXVEmptyLatentAudio", "inputs": {"frames_number": LENGTH, "frame_rate": 25,
-                                                               "batch_size": 1, "audio_vae": ["3", 0]}},
-        "9": {"class_type": "LTXVConcatAVLatent", "inputs": {"video_latent": ["22", 2], "audio_latent": ["8", 0]}},
-        "10": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
-        "11": {"class_type": "CFGGuider", "inputs": {"model": ["30", 0], "positive": ["22", 0],
-                                                     "negative": ["22", 1], "cfg": 2.0}},
-        "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "13": {"class_type": "ManualSigmas", "inputs": {"sigmas": "1., 0.5, 0.0"}},
-        "14": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["10", 0], "guider": ["11", 0], "sampler": ["12", 0], "sigmas": ["13", 0],
-            "latent_image": ["9", 0]}},
-        "15": {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": ["14", 0]}},
-        "16": {"class_type": "LTXVCropGuides", "inputs": {"positive": ["22", 0], "negative": ["22", 1],
-                                                          "latent": ["15", 0]}},
-        "17": {"class_type": "VAEDecode", "inputs": {"samples": ["16", 2], "vae": ["1", 2]}},
-        "18": {"class_type": "PreviewImage", "inputs": {"images": ["17", 0]}},
-    }
+    """An IC-LoRA workflow on the tiny files (the first-last-frame graph with one guide): the x2 IC-LoRA on the
+    model, its parameters into LTXVAddGuide (a 64 x 64 reference over a 128 x 128 video, with an attention mask),
+    empty audio joined, 2 Euler steps (CFG 2), parted, the guide cropped, the video decoded."""
+    graph = flf2v(strength, SIZE)
+    del graph["23"]
+    graph["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": "ic-lora-x2.safetensors", "strength_model": 1.0}}
+    graph["31"] = {"class_type": "GetICLoRAParameters", "inputs": {"iclora_model": ["30", 0]}}
+    graph["20"]["inputs"].update(width=SIZE // 2, height=SIZE // 2)
+    graph["21"] = {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 64, "height": 64}}
+    graph["22"]["inputs"].update(attention_mask=["21", 0], iclora_parameters=["31", 0])
+    graph["9"]["inputs"]["video_latent"] = ["22", 2]
+    graph["11"]["inputs"].update(model=["30", 0], positive=["22", 0], negative=["22", 1])
+    graph["16"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    return graph
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
@@ -521,3 +497,27 @@ def test_downscaled_guide_samples_end_to_end(engine, monkeypatch, strength) -> N
     assert cropped[2]["samples"].shape == (1, 128, 3, 4, 4)
     assert torch.equal(cropped[2]["samples"], sampled[:, :, :3])
     assert decoded[0].shape == (LENGTH, SIZE, SIZE, 3)
+
+
+def test_the_declarations_are_comfyuis() -> None:
+    """Input names, order, types and ranges, and outputs, as nodes_lt.py's define_schema declares them."""
+    from tests.nodes.test_ltx2_guidance_nodes import declaration as declared
+
+    prompts = [("required", name, kind, None, None, None, None)
+               for name, kind in (("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                                  ("latent", "LATENT"))]
+    strength = ("required", "strength", "FLOAT", 1.0, 0.0, 10.0, 0.01)
+    mask = ("optional", "attention_mask", "MASK", None, None, None, None)
+    assert declared(GetICLoRAParameters) == [("required", "iclora_model", "MODEL", None, None, None, None)]
+    assert GetICLoRAParameters.object_info()["output"] == ["IC_LORA_PARAMETERS"]
+    assert GetICLoRAParameters.object_info()["output_name"] == ["iclora_parameters"]
+    assert declared(LTXVAddGuide) == [
+        *prompts, ("required", "image", "IMAGE", None, None, None, None),
+        ("required", "frame_idx", "INT", 0, -9999, 9999, 1), strength, mask,
+        ("optional", "iclora_parameters", "IC_LORA_PARAMETERS", None, None, None, None)]
+    assert declared(LTXVAddLatentGuide) == [
+        *prompts, ("required", "guiding_latent", "LATENT", None, None, None, None),
+        ("required", "latent_idx", "INT", 0, -9999, 9999, 1), strength, mask]
+    for node in (LTXVAddGuide, LTXVAddLatentGuide):
+        assert node.object_info()["output_name"] == ["positive", "negative", "latent"]
+    assert LTXVAddLatentGuide.object_info()["display_name"] == "LTXV Add Latent Guide"
