@@ -20,20 +20,180 @@ COMFY_MODULES = frozenset({
     "server", "execution", "node_helpers", "latent_preview", "app", "nodes",
 })
 
-# Node types built into ComfyUI (nodes.py and comfy_extras) that Loom does not provide, so that a workflow
-# naming one is told it needs a feature of ComfyUI's rather than a custom node pack. Not every one of
-# ComfyUI's nodes: those that SD1.x/SD2.x/SDXL workflows use, and the newer model families' loaders.
+# Node types built into ComfyUI (nodes.py and the comfy_extras files it loads, API nodes aside) that Loom does not
+# provide, by the file that defines them, so that a workflow naming one is told it needs a feature of ComfyUI's
+# rather than a custom node pack: mostly model families Loom does not run and 3-D, segmentation and mesh tools.
+# Taken from ComfyUI's sources in November 2026 (some ids read from class names); newer ones may be missing.
 COMFY_CORE_NODES_MISSING = frozenset({
-    # conditioning for other model kinds
-    "CLIPTextEncodeHunyuanDiT",
-    # ACE-Step 1.0 (Loom runs ACE-Step 1.5)
-    "TextEncodeAceStepAudio", "EmptyAceStepLatentAudio",
-    # model patches and sampling tweaks
-    "ModelSamplingStableCascade",
-    # widgets of newer editors' templates and blueprints (ComfyUI's blueprints/*.json use them in subgraphs)
+    # nodes.py
+    "DiffusersLoader",
+    # nodes_ace.py
+    "EmptyAceStepLatentAudio", "TextEncodeAceStepAudio",
+    # nodes_ar_video.py
+    "EmptyARVideoLatent", "SamplerARVideo",
+    # nodes_audio_encoder.py
+    "AudioEncoderEncode", "AudioEncoderLoader",
+    # nodes_bernini.py
+    "BerniniConditioning",
+    # nodes_bg_removal.py
+    "LoadBackGroundRemovalModel", "RemoveBackGround",
+    # nodes_boogu.py
+    "TextEncodeBooguEdit",
+    # nodes_bounding_boxes.py
+    "CreateBoundingBoxes",
+    # nodes_camera.py
+    "CreateCameraInfo",
+    # nodes_camera_angle.py
+    "CameraAngle",
+    # nodes_chroma_radiance.py
+    "ChromaRadianceOptions", "EmptyChromaRadianceLatentImage",
+    # nodes_color.py
+    "ColorToRGBInt",
+    # nodes_compositor.py
+    "AddLayer", "ImageCompositor", "LayersFromBoundingBoxes",
+    # nodes_context_windows.py
+    "ContextWindowsManual", "LTXVContextWindows", "WanContextWindowsManual",
+    # nodes_cosmos.py
+    "CosmosImageToVideoLatent", "CosmosPredict2ImageToVideoLatent", "EmptyCosmosLatentVideo",
+    # nodes_curve.py
+    "CurveEditor",
+    # nodes_depth_anything_3.py
+    "DA3GeometryToMesh", "DA3Inference", "DA3Render", "LoadDA3Model",
+    # nodes_frame_interpolation.py
+    "FrameInterpolate", "FrameInterpolationModelLoader",
+    # nodes_gaussian_splat.py
+    "File3DToSplat", "GetSplatCount", "MergeSplat", "RenderSplat", "SplatToFile3D", "SplatToMesh", "TransformSplat",
+    # nodes_glsl.py
     "GLSLShader",
-    # seen in Comfy-Org's Qwen-Image templates (tagged comfy-core there): Lotus
+    # nodes_hidream_o1.py
+    "EmptyHiDreamO1LatentImage", "HiDreamO1PatchSeamSmoothing", "HiDreamO1ReferenceImages",
+    # nodes_hunyuan.py
+    "CLIPTextEncodeHunyuanDiT", "HunyuanImageToVideo", "HunyuanRefinerLatent", "TextEncodeHunyuanVideo_ImageToVideo",
+    # nodes_hunyuan3d.py
+    "EmptyLatentHunyuan3Dv2", "Hunyuan3Dv2Conditioning", "Hunyuan3Dv2ConditioningMultiView", "VAEDecodeHunyuan3D",
+    "VoxelToMesh", "VoxelToMeshBasic",
+    # nodes_ideogram4.py
+    "Ideogram4Scheduler",
+    # nodes_images.py
+    "ImageCropToMask", "ImageCropV2", "PrimitiveBoundingBox", "SaveSVGNode",
+    # nodes_joyimage.py
+    "JoyImageGuidanceRescale", "TextEncodeJoyImageEdit", "TextEncodeJoyImageEditPlus",
+    # nodes_json_prompt.py
+    "BuildJsonPromptIdeogram",
+    # nodes_kandinsky5.py
+    "CLIPTextEncodeKandinsky5", "Kandinsky5ImageToVideo", "NormalizeVideoLatentStart",
+    # nodes_load_3d.py
+    "Load3D", "Preview3D",
+    # nodes_loop.py
+    "EndLoop", "StartLoop",
+    # nodes_lora_debug.py
+    "LoraLoaderBypass", "LoraLoaderBypassModelOnly",
+    # nodes_lora_stack.py
+    "LoadLoraModel", "LoadLoraTextEncoder",
+    # nodes_lotus.py
     "LotusConditioning",
+    # nodes_lt_keyframes.py
+    "LTXVAddGeneratedKeyframes", "LTXVGeneratedKeyframesToGuides", "LTXVSeparateGeneratedKeyframes",
+    # nodes_mage.py
+    "TextEncodeMageFlowEdit",
+    # nodes_marigold.py
+    "MarigoldV2PostProcess",
+    # nodes_mediapipe.py
+    "LoadMediaPipeFaceLandmarker", "MediaPipeFaceLandmarker", "MediaPipeFaceMask", "MediaPipeFaceMeshVisualize",
+    # nodes_mesh_io.py
+    "File3DToMesh",
+    # nodes_mesh_postprocess.py
+    "ApplyTextureToMesh", "BakeAmbientOcclusion", "BakeNormalMapFromMesh", "BakeTextureFromVoxel", "DecimateMesh",
+    "FillHoles", "MeshSmoothNormals", "MeshTextureToImage", "PaintMesh", "RemeshMesh", "RenderMesh", "RenderUVAtlas",
+    "UnwrapMesh", "WeldVertices",
+    # nodes_ming.py
+    "TextEncodeMingImageEdit",
+    # nodes_minimax_h3.py
+    "EmptyMiniMaxH3LatentAV", "MiniMaxH3AddGuide", "MiniMaxH3FunControlNetApply", "MiniMaxH3ImageToVideo",
+    "MiniMaxH3ReferenceToVideo", "MiniMaxH3SigmaShift", "MiniMaxH3TextEncoderOnlyReference",
+    # nodes_minimax_music.py
+    "EmptyMiniMaxMusic3LatentAudio", "MiniMaxMusic3TextEncode",
+    # nodes_mochi.py
+    "EmptyMochiLatentVideo",
+    # nodes_model_advanced.py
+    "ModelNoiseScale", "ModelSamplingStableCascade",
+    # nodes_model_merging_model_specific.py
+    "ModelMergeAuraflow", "ModelMergeCosmos14B", "ModelMergeCosmos7B", "ModelMergeCosmosPredict2_14B",
+    "ModelMergeCosmosPredict2_2B", "ModelMergeMochiPreview",
+    # nodes_model_patch.py
+    "AnimaLLLiteApply", "SUPIRApply", "USOStyleReference", "WanUni3CControlnetApply",
+    # nodes_moge.py
+    "LoadMoGeModel", "MoGeGeometryToFOV", "MoGeInference", "MoGeMaskOut", "MoGePanoramaInference", "MoGePointMapToMesh",
+    "MoGeRender",
+    # nodes_multigpu.py
+    "MultiGPUCFGSplitNode", "SelectCLIPDeviceNode", "SelectModelDeviceNode", "SelectVAEDeviceNode",
+    # nodes_nag.py
+    "NAGuidance",
+    # nodes_number_convert.py
+    "ComfyNumberConvert",
+    # nodes_painter.py
+    "Painter",
+    # nodes_pid.py
+    "PiDConditioning",
+    # nodes_pixart.py
+    "CLIPTextEncodePixArtAlpha",
+    # nodes_post_processing.py
+    "ColorTransfer",
+    # nodes_rope.py
+    "ScaleROPE",
+    # nodes_rtdetr.py
+    "DrawBBoxes", "RTDETR_detect",
+    # nodes_sam3.py
+    "SAM3_Detect", "SAM3_TrackPreview", "SAM3_TrackToMask", "SAM3_VideoTrack",
+    # nodes_sam3d_body.py
+    "SAM3DBody_FaceExpression", "SAM3DBody_Loader", "SAM3DBody_Predict", "SAM3DBody_Render", "SAM3DBody_Smooth",
+    # nodes_save_3d.py
+    "SaveGLB",
+    # nodes_scail.py
+    "SCAIL2ColoredMask", "WanSCAILToVideo",
+    # nodes_sdpose.py
+    "CropByBBoxes", "SDPoseDrawKeypoints", "SDPoseFaceBBoxes", "SDPoseKeypointExtractor",
+    # nodes_seed.py
+    "GlobalSeedNode",
+    # nodes_seedvr.py
+    "SeedVR2Conditioning", "SeedVR2InputProcessing",
+    # nodes_sensenova.py
+    "SenseNovaGenerate", "SenseNovaInterleaveCollector", "SenseNovaInterleaveStage", "SenseNovaSamplingOptions",
+    "SenseNovaTextEncode",
+    # nodes_sparse_attention.py
+    "BlockSparseAttention",
+    # nodes_stable3d.py
+    "SV3D_Conditioning", "StableZero123_Conditioning_Batched",
+    # nodes_stable_cascade.py
+    "StableCascade_EmptyLatentImage", "StableCascade_StageB_Conditioning", "StableCascade_StageC_VAEEncode",
+    "StableCascade_SuperResolutionControlnet",
+    # nodes_text.py
+    "SaveText",
+    # nodes_text_overlay.py
+    "TextOverlay",
+    # nodes_toolkit.py
+    "CreateList",
+    # nodes_trellis2.py
+    "EmptyTrellis2LatentStructure", "Pixal3DConditioning", "Pixal3DMultiViewConditioning", "Trellis2Conditioning",
+    "Trellis2ShapeStage", "Trellis2TextureStage", "Trellis2UpsampleStage", "VaeDecodeShapeTrellis",
+    "VaeDecodeStructureTrellis2", "VaeDecodeTextureTrellis",
+    # nodes_triposplat.py
+    "TripoSplatConditioning", "TripoSplatPreprocessImage", "TripoSplatSamplingPreview", "VAEDecodeTripoSplat",
+    # nodes_void.py
+    "OpticalFlowLoader", "VOIDInpaintConditioning", "VOIDQuadmaskPreprocess", "VOIDSampler", "VOIDWarpedNoise",
+    "VOIDWarpedNoiseSource",
+    # nodes_wan.py
+    "WanAnimate2Cache", "WanAnimate2ToVideo", "WanAnimateToVideo", "WanHuMoImageToVideo", "WanInfiniteTalkToVideo",
+    "WanSoundImageToVideo", "WanSoundImageToVideoExtend",
+    # nodes_wandancer.py
+    "VAEDecodeVideoFramewise", "WanDancerEncodeAudio", "WanDancerEncodeAudioLibrosa", "WanDancerPadKeyframes",
+    "WanDancerVideo",
+    # nodes_wanmove.py
+    "GenerateTracks", "WanMoveConcatTrack", "WanMoveTrackToVideo", "WanMoveTracksFromCoords", "WanMoveVisualizeTracks",
+    # nodes_yue2.py
+    "EmptyYuE2LatentAudio", "YuE2GenerateABC", "YuE2GenerateMusic",
+    # nodes_zimage.py
+    "TextEncodeZImageOmni",
 })
 
 # Where each hidden input of a classic node gets its value (ComfyUI's hidden input kinds).
