@@ -54,6 +54,7 @@ class Job:
     attn_mask: Tensor | None = None  # Apply Style Model's attn_bias: Flux's attention bias (ldm.flux.joint_bias)
     frames: slice | None = None  # a video latent's frames (its 3rd axis), None for an image latent
     inputs: dict[str, Tensor] | None = None  # MODEL_INPUTS' tensors by keyword, at the latent's batch
+    control_context: Tensor | None = None  # CLIPTextEncodeControlnet's prompt, for the ControlNets alone
 
     @property
     def region(self) -> tuple:
@@ -186,9 +187,12 @@ def entry_job(side: int, embedding: Tensor, options: dict, x: Tensor, feather: i
     attn_mask = None if attn_mask is None else to_batch(attn_mask.to(x.device), batch)
     inputs = {keyword: to_batch(options[key].to(x.device), batch) for key, keyword in MODEL_INPUTS.items()
               if options.get(key) is not None}
+    control_context = options.get("cross_attn_controlnet")
+    if control_context is not None:
+        control_context = to_batch(control_context.to(x.device, x.dtype), batch)
     return Job(side, context, y, rows, cols, weight, options.get("control"), area is not None, concat=concat,
                 hooks=options.get("hooks"), gligen=options.get("gligen"), ref_latents=refs, attn_mask=attn_mask,
-                frames=frames, inputs=inputs or None)
+                frames=frames, inputs=inputs or None, control_context=control_context)
 
 
 def pair_areas(jobs: list[Job]) -> list[Job]:
@@ -248,6 +252,9 @@ def batches_of(jobs: list[Job]) -> list[list[Job]]:
                 and (job.attn_mask is None if first.attn_mask is None
                      else job.attn_mask is not None and job.attn_mask.shape[1:] == first.attn_mask.shape[1:])
                 and _same_input_shapes(first.inputs, job.inputs)
+                and (job.control_context is None if first.control_context is None
+                     else job.control_context is not None
+                     and job.control_context.shape[1:] == first.control_context.shape[1:])
                 and math.lcm(*lengths) <= MAX_CONTEXT_REPEAT * min(lengths)
             ):
                 group.append(job)

@@ -24,8 +24,9 @@ class Conditioning:
     for inpainting models, `concat` [B, C, H, W], channels appended to the UNet's input (the mask and
     the masked image's latent); `unet`, a UNet that runs this call instead of the denoiser's (GLIGEN's grounded
     copy, `ldm.gligen.grounded_unet`); `ref_latents`, Flux Kontext's reference latents for this call's rows
-    (`ldm.flux_variants.References`), `attn_mask`, Flux's attention bias (`ldm.flux.joint_bias`), and `inputs`, more
-    inputs by keyword (`ldm.sampling.cond_jobs.MODEL_INPUTS`), passed to the model as they are."""
+    (`ldm.flux_variants.References`), `attn_mask`, Flux's attention bias (`ldm.flux.joint_bias`), `inputs`, more
+    inputs by keyword (`ldm.sampling.cond_jobs.MODEL_INPUTS`), passed to the model as they are, and
+    `control_context`, a prompt for the ControlNets in place of `context` (CLIPTextEncodeControlnet's)."""
 
     context: Tensor
     y: Tensor | None = None
@@ -36,6 +37,7 @@ class Conditioning:
     ref_latents: Any = None
     attn_mask: Tensor | None = None
     inputs: dict[str, Tensor] | None = None
+    control_context: Tensor | None = None
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,7 +160,8 @@ class Denoiser:
             # A ControlNet acts on part of the schedule, judged by the first item's level (as ComfyUI does),
             # and sees the latent alone, without an inpainting model's extra channels.
             level = sigma if isinstance(sigma, float) else float(sigma.reshape(-1)[0])
-            control = cond.control.residuals(x_in, level, t, cond.context, cond.y, cond.control_repeats,
+            context = cond.context if cond.control_context is None else cond.control_context
+            control = cond.control.residuals(x_in, level, t, context, cond.y, cond.control_repeats,
                                              attn_mask=cond.attn_mask)
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)

@@ -366,9 +366,12 @@ class CFGGuider:
                                      else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])
                 y = None if group[0].y is None else torch.cat([j.y for j in group])
                 concat = None if group[0].concat is None else torch.cat([j.concat for j in group])
+                control_context = (None if group[0].control_context is None
+                                   else torch.cat([j.control_context for j in group]))
                 batches.append((group, Conditioning(context, y, group[0].control, len(group), concat,
                                                     self._grounded(group[0]), batched_references(group),
-                                                    batched_attention_masks(group), batched_inputs(group))))
+                                                    batched_attention_masks(group), batched_inputs(group),
+                                                    control_context)))
             counts: list[Tensor | None] = []
             for side in range(len(self.sides)):
                 mine = [j for j in jobs if j.side == side]

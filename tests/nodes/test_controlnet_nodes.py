@@ -218,3 +218,39 @@ def test_a_difference_controlnet_is_the_models_unet_plus_its_offsets(base):
     engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
     result = engine.run(parse_api(workflow({"name": "tiny_diff.safetensors", "strength": 1.0})))
     assert not result.ok and "load it with Load ControlNet Model (diff)" in str(result.error)
+
+
+def test_a_controlnet_prompt_reaches_the_controlnet_alone(base, monkeypatch):
+    """CLIPTextEncodeControlnet's prompt (ComfyUI's cross_attn_controlnet) is what the ControlNet attends to on the
+    entries that carry it; the UNet keeps the entry's own prompt, and the other side's ControlNet its own."""
+    from ldm.controlnet import ControlNet
+
+    seen = []
+    forward = ControlNet.forward
+
+    def recording(self, x, hint, timesteps, context, *args, **kwargs):
+        seen.append(context.detach().clone())
+        return forward(self, x, hint, timesteps, context, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNet, "forward", recording)
+    plain = image(base, workflow({"strength": 1.0}))
+    plain_contexts = list(seen)
+    seen.clear()
+    graph = workflow({"strength": 1.0})
+    graph["13"] = {"class_type": "CLIPTextEncodeControlnet",
+                   "inputs": {"clip": ["4", 1], "conditioning": ["6", 0], "text": "a tall house"}}
+    graph["12"]["inputs"]["positive"] = ["13", 0]
+    graph["14"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a tall house", "clip": ["4", 1]}}
+    graph["15"] = {"class_type": "PreviewAny", "inputs": {"source": ["14", 0]}}
+    engine = Executor(builtin_registry(), services=Services.create(base, force_cpu=True))
+    result = engine.run(parse_api(graph), keep=["8", "6", "7", "14"])
+    assert result.ok, result.error
+    house, red, empty = (result.values[k][0][0][0] for k in ("14", "6", "7"))
+    # the positive's ControlNet call reads the house, the negative's its own empty prompt: one call each (their
+    # option sets differ, so they are not batched), 4 steps
+    assert len(seen) == 8 and len(plain_contexts) == 4  # the plain run batches both prompts in one call
+    positives = [c for c in seen if torch.allclose(c, house.expand_as(c))]
+    negatives = [c for c in seen if torch.allclose(c, empty.expand_as(c))]
+    assert len(positives) == 4 and len(negatives) == 4
+    assert not any(torch.allclose(c[:1], red) for c in seen)
+    assert not torch.equal(result.values["8"][0], plain)
