@@ -39,16 +39,12 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "LoadBackGroundRemovalModel", "RemoveBackGround",
     # nodes_boogu.py
     "TextEncodeBooguEdit",
-    # nodes_bounding_boxes.py
-    "CreateBoundingBoxes",
     # nodes_camera.py
     "CreateCameraInfo",
     # nodes_camera_angle.py
     "CameraAngle",
     # nodes_chroma_radiance.py
     "ChromaRadianceOptions", "EmptyChromaRadianceLatentImage",
-    # nodes_color.py
-    "ColorToRGBInt",
     # nodes_compositor.py
     "AddLayer", "ImageCompositor", "LayersFromBoundingBoxes",
     # nodes_context_windows.py
@@ -75,7 +71,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_ideogram4.py
     "Ideogram4Scheduler",
     # nodes_images.py
-    "ImageCropToMask", "ImageCropV2", "PrimitiveBoundingBox", "SaveSVGNode",
+    "SaveSVGNode",
     # nodes_joyimage.py
     "JoyImageGuidanceRescale", "TextEncodeJoyImageEdit", "TextEncodeJoyImageEditPlus",
     # nodes_json_prompt.py
@@ -129,8 +125,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "MultiGPUCFGSplitNode", "SelectCLIPDeviceNode", "SelectModelDeviceNode", "SelectVAEDeviceNode",
     # nodes_nag.py
     "NAGuidance",
-    # nodes_number_convert.py
-    "ComfyNumberConvert",
     # nodes_painter.py
     "Painter",
     # nodes_pid.py
@@ -152,7 +146,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_scail.py
     "SCAIL2ColoredMask", "WanSCAILToVideo",
     # nodes_sdpose.py
-    "CropByBBoxes", "SDPoseDrawKeypoints", "SDPoseFaceBBoxes", "SDPoseKeypointExtractor",
+    "SDPoseDrawKeypoints", "SDPoseFaceBBoxes", "SDPoseKeypointExtractor",
     # nodes_seed.py
     "GlobalSeedNode",
     # nodes_seedvr.py
@@ -167,12 +161,8 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_stable_cascade.py
     "StableCascade_EmptyLatentImage", "StableCascade_StageB_Conditioning", "StableCascade_StageC_VAEEncode",
     "StableCascade_SuperResolutionControlnet",
-    # nodes_text.py
-    "SaveText",
     # nodes_text_overlay.py
     "TextOverlay",
-    # nodes_toolkit.py
-    "CreateList",
     # nodes_trellis2.py
     "EmptyTrellis2LatentStructure", "Pixal3DConditioning", "Pixal3DMultiViewConditioning", "Trellis2Conditioning",
     "Trellis2ShapeStage", "Trellis2TextureStage", "Trellis2UpsampleStage", "VaeDecodeShapeTrellis",

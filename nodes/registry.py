@@ -39,6 +39,7 @@ BUILTIN_MODULES = (
     "nodes.sd.latent_ops",
     "nodes.sd.image_ops",
     "nodes.sd.image_tiles",
+    "nodes.sd.toolkit",
     "nodes.sd.image_utils",
     "nodes.sd.animation",
     "nodes.sd.part_loaders",

@@ -6,6 +6,8 @@ import { toast } from "./panels.js";
 import { registerVirtualTypes } from "./virtual.js";
 
 const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
+// Socketless inputs whose value Loom's editor holds as JSON text (the nodes read it back).
+const TEXT_VALUE_TYPES = new Set(["VIDEO_EDIT", "BOUNDING_BOX", "BOUNDING_BOXES"]);
 const SEED_NAMES = new Set(["seed", "noise_seed"]);
 export const CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"];
 const IMAGE_AREA = 220;
@@ -279,10 +281,13 @@ function addInputs(node, def) {
         }
       } else if (type === "AUDIO_RECORD") {
         recordWidget(node, name);
-      } else if (opts.socketless && type === "VIDEO_EDIT") {
-        // VideoTrim's and VideoCrop's edit: ComfyUI draws a video editor; here the value as JSON text.
+      } else if (opts.socketless && type === "COLOR") {
+        // ColorToRGBInt's colour: ComfyUI draws a colour picker; here "#rrggbb" text.
+        node.addWidget("text", name, opts.default ?? "#ffffff", null, {});
+      } else if (opts.socketless && TEXT_VALUE_TYPES.has(type) && !opts.forceInput) {
+        // Values ComfyUI edits with a widget of its own (a video editor, a box on the picture): JSON text here.
         node.addWidget("text", name, JSON.stringify(opts.default ?? {}), null, {});
-      } else if (opts.socketless) {
+      } else if (opts.socketless && !opts.forceInput) {
         // A widget without a socket that the node draws itself (ImageCompare's compare_view: see drawCompare).
       } else if (opts.autogrow) {
         // A growing input (BatchImagesNode's images.imageN): its sockets show one at a time, see growInputs.
