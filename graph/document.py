@@ -32,6 +32,10 @@ def current_id(class_type: str, registered: Container[str]) -> tuple[str, dict[s
     return new
 
 
+# ComfyUI's node whose seed the prompt's other seeds take before it runs (`Graph.with_global_seeds`).
+GLOBAL_SEED = "GlobalSeedNode"
+
+
 class DocumentError(ValueError):
     """The document is not a workflow at all (not JSON, wrong shapes); one clear message."""
 
@@ -97,6 +101,40 @@ class Graph:
     def to_api(self) -> dict[str, Any]:
         return {nid: _node_to_api(node) for nid, node in self.nodes.items()}
 
+    def with_global_seeds(self) -> Graph:
+        """The graph as ComfyUI's GlobalSeedNode leaves the prompt before it runs (its on-prompt handler): each such
+        node, in order, sets the constant `seed` input of the nodes in its scope (every node when `global`; else
+        those joined to it by any chain of links) to its own seed, where the seed is 0 ("placeholders only") or
+        always ("overwrite all"); a node one of them set, the later ones leave. One whose own seed is linked sets
+        none: its value is not known before the run (ComfyUI's handler fails on it)."""
+        seeders = [nid for nid, node in self.nodes.items() if node.class_type == GLOBAL_SEED]
+        if not seeders:
+            return self
+        neighbours: dict[str, set[str]] = {nid: set() for nid in self.nodes}
+        for nid, node in self.nodes.items():
+            for link in node.links().values():
+                if link.node in neighbours:
+                    neighbours[nid].add(link.node)
+                    neighbours[link.node].add(nid)
+        seeds: dict[str, int] = {}
+        for nid in seeders:
+            own = self.nodes[nid].inputs
+            master = seeds.get(nid, own.get("seed", 0))  # an earlier seeder may have set this one's seed
+            if not isinstance(master, int) or isinstance(master, bool):
+                log.warning("GlobalSeedNode %s: its seed is linked, not a number, so it sets no seeds", nid)
+                continue
+            scope = set(self.nodes) if bool(own.get("global", True)) else _joined(nid, neighbours)
+            overwrite = own.get("mode", "placeholders only") == "overwrite all"
+            for tid in scope - seeds.keys():
+                value = self.nodes[tid].inputs.get("seed")
+                if isinstance(value, int) and not isinstance(value, bool) and (overwrite or value == 0):
+                    seeds[tid] = master
+        changed = {tid: replace(self.nodes[tid], inputs={**self.nodes[tid].inputs, "seed": seed})
+                   for tid, seed in seeds.items() if self.nodes[tid].inputs["seed"] != seed}
+        for tid, seed in seeds.items():
+            log.debug("GlobalSeedNode: node %s's seed set to %d", tid, seed)
+        return Graph({**self.nodes, **changed}) if changed else self
+
     def with_current_ids(self, registered: Container[str]) -> Graph:
         """The graph with each node of an old id under its new one, and its inputs' new names (see `current_id`)."""
         renamed: dict[str, GraphNode] = {}
@@ -107,6 +145,17 @@ class Graph:
                 renamed[nid] = replace(node, class_type=class_type,
                                        inputs={names.get(k, k): v for k, v in node.inputs.items()})
         return Graph({**self.nodes, **renamed}) if renamed else self
+
+
+def _joined(start: str, neighbours: dict[str, set[str]]) -> set[str]:
+    """The nodes joined to `start` by links, either way, it among them."""
+    seen, todo = set(), [start]
+    while todo:
+        nid = todo.pop()
+        if nid not in seen:
+            seen.add(nid)
+            todo.extend(neighbours[nid] - seen)
+    return seen
 
 
 def _node_to_api(node: GraphNode) -> dict[str, Any]:

@@ -259,9 +259,9 @@ def _check_links(checker: _Checker, order: list[str], values: dict[str, dict[str
 
 
 def validate(graph: Graph, registry: NodeRegistry, outputs: list[str] | None = None) -> ValidatedWorkflow:
-    """Check a workflow and plan its run (with old node ids under their new ones); `outputs` restricts the run to
-    some output nodes."""
-    graph = graph.with_current_ids(registry)
+    """Check a workflow and plan its run (with old node ids under their new ones, and the seeds GlobalSeedNodes
+    set); `outputs` restricts the run to some output nodes."""
+    graph = graph.with_current_ids(registry).with_global_seeds()
     checker = _Checker(graph, registry)
     for node in graph.nodes.values():
         if node.class_type not in registry:

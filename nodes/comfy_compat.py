@@ -147,8 +147,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "SCAIL2ColoredMask", "WanSCAILToVideo",
     # nodes_sdpose.py
     "SDPoseDrawKeypoints", "SDPoseFaceBBoxes", "SDPoseKeypointExtractor",
-    # nodes_seed.py
-    "GlobalSeedNode",
     # nodes_seedvr.py
     "SeedVR2Conditioning", "SeedVR2InputProcessing",
     # nodes_sensenova.py

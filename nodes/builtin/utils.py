@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 from nodes.node import Node, NodeResult
-from nodes.spec import ANY_TYPE, Combo, Float, Int, Output, Socket, String
+from nodes.spec import ANY_TYPE, Boolean, Combo, Float, Int, Output, Socket, String
 
 _INT_OPS = {
     "add": lambda a, b: a + b,
@@ -90,6 +90,29 @@ class RandomInt(Node):
         return (random.randint(min(low, high), max(low, high)),)
 
 
+class GlobalSeedNode(Node):
+    """Its seed goes to the `seed` input of the other nodes before the workflow runs (every node's, or those
+    linked to it; those at 0, or all: `graph.document.Graph.with_global_seeds`), and out of it. Never cached."""
+
+    display_name = "Global Seed"
+    category = "utils/seed"
+    cacheable = False
+    seed = Int(0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Master seed value supplied to all reachable nodes.",
+               extra={"control_after_generate": "fixed"})
+    mode = Combo(["placeholders only", "overwrite all"], tooltip="'placeholders only' only touches nodes whose seed "
+                 "is 0. 'overwrite all' replaces every static seed in scope.")
+    # `global` is a Python keyword: declared by name below.
+    outputs = (Output("INT", "seed"),)
+
+    def execute(self, seed: int, mode: str, **inputs: Any) -> tuple[int]:
+        return (seed,)
+
+
+GlobalSeedNode.inputs = {**GlobalSeedNode.inputs, "global": Boolean(
+    True, tooltip="When global, all seed inputs in the workflow are set to this value. When local, only nodes "
+    "connected to this node are affected.", extra={"label_on": "global", "label_off": "local"})}
+
+
 class StringConcatenate(Node):
     display_name = "Concatenate"
     category = "utils/string"
@@ -126,4 +149,4 @@ class PreviewAny(Node):
         return NodeResult(ui={"text": [str(source)]})
 
 
-NODES = [IntMath, FloatMath, IntToFloat, RandomInt, StringConcatenate, StringReplace, PreviewAny]
+NODES = [IntMath, FloatMath, IntToFloat, RandomInt, GlobalSeedNode, StringConcatenate, StringReplace, PreviewAny]

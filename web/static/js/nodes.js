@@ -271,7 +271,9 @@ function addInputs(node, def) {
         if (type === "INT" || type === "FLOAT") {
           numberWidget(node, name, type, opts);
           if (opts.control_after_generate || (type === "INT" && SEED_NAMES.has(name))) {
-            node.addWidget("combo", "control_after_generate", "randomize", null, { values: CONTROL_VALUES });
+            // ComfyUI's newer declarations name the mode to start in ("fixed" for GlobalSeedNode's seed).
+            const start = CONTROL_VALUES.includes(opts.control_after_generate) ? opts.control_after_generate : "randomize";
+            node.addWidget("combo", "control_after_generate", start, null, { values: CONTROL_VALUES });
           }
         } else if (type === "STRING") {
           if (opts.multiline) multilineWidget(node, name, opts.default ?? "");
