@@ -48,7 +48,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_compositor.py
     "AddLayer", "ImageCompositor", "LayersFromBoundingBoxes",
     # nodes_context_windows.py
-    "ContextWindowsManual", "LTXVContextWindows", "WanContextWindowsManual",
+   
     # nodes_cosmos.py
     "CosmosImageToVideoLatent", "CosmosPredict2ImageToVideoLatent", "EmptyCosmosLatentVideo",
     # nodes_curve.py

@@ -31,6 +31,7 @@ BUILTIN_MODULES = (
     "nodes.sd.upscale",
     "nodes.sd.patches",
     "nodes.sd.easycache",
+    "nodes.sd.context_windows",
     "nodes.sd.guidance_nodes",
     "nodes.sd.extra_guidance",
     "nodes.sd.merge",

@@ -30,6 +30,7 @@ from ldm.sampling.model_patches import SamplingPatches
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
     PrefetchingNoiseSampler,
+    model_noise,
     prepare_noise,
     seeded_noise_sampler,
     step_noise_seed,
@@ -353,6 +354,8 @@ def sample(
     t_to = schedule.sigma_to_t_scalar(max(float(sigmas[-1]), schedule.sigma_min))
     sigmas = sigmas.to(latent.device)
     noise = prepare_noise(latent, seed, batch_index, noise_parts) if add_noise else torch.zeros_like(latent)
+    if add_noise:  # as the model takes it: context windows' FreeNoise reorders it window by window
+        noise = model_noise(module if module is not None else unet, noise, seed)
     # From the top of the schedule, start at the variance-preserving scale sqrt(1 + sigma^2): pure
     # noise in DDPM terms (ComfyUI's max_denoise). A flow model mixes noise and latent its own way.
     full = math.isclose(sigma_start, schedule.sigma_max, rel_tol=1e-5) or sigma_start > schedule.sigma_max

@@ -154,3 +154,10 @@ class PrefetchingNoiseSampler:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._queries = None
         self._pending.clear()
+
+
+def model_noise(module: object, noise: Tensor, seed: int) -> Tensor:
+    """A sampling run's initial `noise` as the sampled model takes it: `module.initial_noise(noise, seed)` where the
+    UNet module has one (context windows' FreeNoise, `ldm.sampling.context_windows`), else `noise` itself."""
+    initial_noise = getattr(module, "initial_noise", None)
+    return noise if initial_noise is None else initial_noise(noise, seed)
