@@ -232,10 +232,39 @@ def unpatchify(tokens: Tensor, h: int, w: int, patch: int = 2) -> Tensor:
     return tokens.reshape(b, h // patch, w // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+@dataclass(frozen=True)
+class RopeScale:
+    """ComfyUI's `rope_options` (its ScaleROPE node): a DiT's image positions along x (columns), y (rows) and t
+    (frames; Flux's index axis, which only shifts) stretched by `scale_*` and moved by `shift_*` (`scaled_axis`)."""
+
+    scale_x: float = 1.0
+    shift_x: float = 0.0
+    scale_y: float = 1.0
+    shift_y: float = 0.0
+    scale_t: float = 1.0
+    shift_t: float = 0.0
+
+
+def scaled_axis(count: int, offset: float, scale: float, shift: float,
+                device: torch.device | None = None) -> Tensor:
+    """The positions [count] float32 of one axis of `count` patches from `offset` under a RopeScale: offset + shift
+    + i * scale, in ComfyUI's arithmetic (a linspace to its stretched length's end), so the same floats."""
+    start = offset + shift
+    return torch.linspace(start, ((count - 1.0) * scale + 1.0) - 1 + start, steps=count, device=device,
+                          dtype=torch.float32)
+
+
 def grid_ids(rows: int, cols: int, index: int = 0, row_offset: int = 0, col_offset: int = 0,
-             device: torch.device | None = None) -> Tensor:
+             device: torch.device | None = None, rope_scale: RopeScale | None = None) -> Tensor:
     """The RoPE positions [rows*cols, 3] of an image's patches, row by row: (index, row_offset + row, col_offset +
-    col); the noisy latent's at index 0 from (0, 0), Kontext's references elsewhere (`reference_placements`)."""
+    col); the noisy latent's at index 0 from (0, 0), Kontext's references elsewhere (`reference_placements`).
+    With `rope_scale` the rows and columns are scaled and shifted and the index shifted (ComfyUI's process_img
+    under rope_options)."""
+    if rope_scale is not None:
+        grid = torch.full((rows, cols, 3), index + rope_scale.shift_t, device=device)
+        grid[..., 1] = scaled_axis(rows, row_offset, rope_scale.scale_y, rope_scale.shift_y, device)[:, None]
+        grid[..., 2] = scaled_axis(cols, col_offset, rope_scale.scale_x, rope_scale.shift_x, device)[None, :]
+        return grid.reshape(-1, 3)
     grid = torch.full((rows, cols, 3), float(index), device=device)
     grid[..., 1] = torch.arange(row_offset, row_offset + rows, device=device)[:, None]
     grid[..., 2] = torch.arange(col_offset, col_offset + cols, device=device)[None, :]
@@ -282,6 +311,8 @@ def rope_angles(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Ten
 
 
 class Flux(nn.Module):
+    rope_scale: RopeScale | None = None  # ScaleROPE's, set on a shallow copy (nodes.sd.rope)
+
     def __init__(self, config: FluxConfig):
         super().__init__()
         self.config = c = config
@@ -321,7 +352,8 @@ class Flux(nn.Module):
         p = c.patch_size
         padded = pad_to_patch(x, p)
         rows, cols = padded.shape[-2] // p, padded.shape[-1] // p
-        tokens_in, ids = [patchify(padded.to(dtype), p)], [grid_ids(rows, cols, device=x.device)]
+        tokens_in, ids = [patchify(padded.to(dtype), p)], [grid_ids(rows, cols, device=x.device,
+                                                                    rope_scale=self.rope_scale)]
         if ref_latents is not None:
             refs = ref_latents if isinstance(ref_latents, References) else References(tuple(ref_latents))
             more_tokens, more_ids = self._reference_tokens(refs, x, rows, cols)
@@ -368,7 +400,8 @@ class Flux(nn.Module):
             if ref.shape[0] not in (1, batch):
                 raise ValueError(f"a batch of {ref.shape[0]} reference latents for a batch of {batch} latents")
             tokens.append(patchify(ref, p).expand(batch, -1, -1))
-            ids.append(grid_ids(ref.shape[-2] // p, ref.shape[-1] // p, index, row, col, device=x.device))
+            ids.append(grid_ids(ref.shape[-2] // p, ref.shape[-1] // p, index, row, col, device=x.device,
+                                rope_scale=self.rope_scale))
         return tokens, ids
 
     def _split_y(self, y: Tensor | None, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.flux import QKNorm, _heads, apply_rope, attention, rope_angles
+from ldm.flux import QKNorm, RopeScale, _heads, apply_rope, attention, rope_angles, scaled_axis
 from ldm.flux_variants import References, reference_placements
 from ldm.unet import timestep_embedding
 
@@ -314,10 +314,17 @@ class LastLayer(nn.Module):
 
 
 def image_ids(rows: int, cols: int, time: int = 0, row_offset: int = 0, col_offset: int = 0,
-              device: torch.device | None = None) -> Tensor:
+              device: torch.device | None = None, rope_scale: RopeScale | None = None) -> Tensor:
     """The RoPE positions [rows*cols, 4] of a latent's tokens, row by row: (time, row_offset + row, col_offset +
-    col, 0); the noisy latent's at time 0 from (0, 0), references elsewhere (see the module docstring)."""
+    col, 0); the noisy latent's at time 0 from (0, 0), references elsewhere (see the module docstring). With
+    `rope_scale` the rows and columns are scaled and shifted and the time shifted (ComfyUI's Flux process_img under
+    rope_options, which its FLUX.2 runs)."""
     grid = torch.zeros(rows, cols, 4, device=device)
+    if rope_scale is not None:
+        grid[..., 0] = time + rope_scale.shift_t
+        grid[..., 1] = scaled_axis(rows, row_offset, rope_scale.scale_y, rope_scale.shift_y, device)[:, None]
+        grid[..., 2] = scaled_axis(cols, col_offset, rope_scale.scale_x, rope_scale.shift_x, device)[None, :]
+        return grid.reshape(-1, 4)
     grid[..., 0] = float(time)
     grid[..., 1] = torch.arange(row_offset, row_offset + rows, device=device)[:, None]
     grid[..., 2] = torch.arange(col_offset, col_offset + cols, device=device)[None, :]
@@ -342,6 +349,8 @@ def reference_positions(sizes: Sequence[tuple[int, int]], rows: int, cols: int,
 
 
 class Flux2(nn.Module):
+    rope_scale: RopeScale | None = None  # ScaleROPE's, set on a shallow copy (nodes.sd.rope)
+
     def __init__(self, config: Flux2Config):
         super().__init__()
         self.config = c = config
@@ -385,7 +394,8 @@ class Flux2(nn.Module):
         batch, (rows, cols) = x.shape[0], x.shape[-2:]
         t = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(-1)
         context = context.expand(batch, -1, -1) if context.shape[0] == 1 else context
-        tokens, ids = [x.to(dtype).flatten(2).transpose(1, 2)], [image_ids(rows, cols, device=x.device)]
+        tokens, ids = [x.to(dtype).flatten(2).transpose(1, 2)], [image_ids(rows, cols, device=x.device,
+                                                                           rope_scale=self.rope_scale)]
         guidance = self._guidance(y, batch)
         refs = None if ref_latents is None else (
             ref_latents if isinstance(ref_latents, References)
@@ -463,7 +473,8 @@ class Flux2(nn.Module):
         tokens, ids = [], []
         for ref, (time, row, col) in zip(refs.latents, placements, strict=True):
             tokens.append(ref.to(device, self.dtype).flatten(2).transpose(1, 2).expand(batch, -1, -1))
-            ids.append(image_ids(ref.shape[-2], ref.shape[-1], time, row, col, device=device))
+            ids.append(image_ids(ref.shape[-2], ref.shape[-1], time, row, col, device=device,
+                                 rope_scale=self.rope_scale))
         return tokens, ids
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.checkpoint import UNET_PREFIX
-from ldm.flux import apply_rope, rope_angles
+from ldm.flux import RopeScale, apply_rope, rope_angles, scaled_axis
 
 TEXT_LEN = 512  # UMT5 tokens Wan's prompts are padded to
 HEAD_DIM = 128  # every released Wan model's head width (1.3B: 1536 / 12, 14B: 5120 / 40, 5B: 3072 / 24)
@@ -276,13 +276,23 @@ def pad_to_patch(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
     return F.pad(x, pads, mode="circular") if any(pads) else x
 
 
-def grid_ids(frames: int, rows: int, cols: int, device: torch.device | None = None) -> Tensor:
-    """The RoPE positions [frames*rows*cols, 3] of the patches, in token order: (frame, row, col)."""
-    axes = [torch.arange(n, device=device) for n in (frames, rows, cols)]
+def grid_ids(frames: int, rows: int, cols: int, device: torch.device | None = None,
+             rope_scale: RopeScale | None = None) -> Tensor:
+    """The RoPE positions [frames*rows*cols, 3] of the patches, in token order: (frame, row, col); with
+    `rope_scale` each axis scaled and shifted (ComfyUI's rope_encode under rope_options)."""
+    if rope_scale is not None:
+        r = rope_scale
+        axes = [scaled_axis(n, 0, scale, shift, device)
+                for n, scale, shift in ((frames, r.scale_t, r.shift_t), (rows, r.scale_y, r.shift_y),
+                                        (cols, r.scale_x, r.shift_x))]
+    else:
+        axes = [torch.arange(n, device=device) for n in (frames, rows, cols)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
 class WanModel(nn.Module):
+    rope_scale: RopeScale | None = None  # ScaleROPE's, set on a shallow copy (nodes.sd.rope)
+
     def __init__(self, config: WanConfig):
         super().__init__()
         self.config = c = config
@@ -350,7 +360,8 @@ class WanModel(nn.Module):
             tokens, references = torch.cat([reference, tokens], dim=1), reference.shape[1]
         # A reference takes RoPE frame 0, the video's frames (and any subject frames) follow from 1.
         rope_frames = grid[0] + (1 if references else 0)
-        rope = rope_angles(grid_ids(rope_frames, *grid[1:], device=x.device), c.rope_axes, 10000)
+        rope = rope_angles(grid_ids(rope_frames, *grid[1:], device=x.device, rope_scale=self.rope_scale),
+                           c.rope_axes, 10000)
 
         per_frame = denoise_mask is not None or timesteps.ndim == 2
         if per_frame and (time_dim_concat is not None or references):

@@ -47,8 +47,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "ChromaRadianceOptions", "EmptyChromaRadianceLatentImage",
     # nodes_compositor.py
     "AddLayer", "ImageCompositor", "LayersFromBoundingBoxes",
-    # nodes_context_windows.py
-   
     # nodes_cosmos.py
     "CosmosImageToVideoLatent", "CosmosPredict2ImageToVideoLatent", "EmptyCosmosLatentVideo",
     # nodes_curve.py
@@ -88,8 +86,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "LoadLoraModel", "LoadLoraTextEncoder",
     # nodes_lotus.py
     "LotusConditioning",
-    # nodes_lt_keyframes.py
-    "LTXVAddGeneratedKeyframes", "LTXVGeneratedKeyframesToGuides", "LTXVSeparateGeneratedKeyframes",
     # nodes_mage.py
     "TextEncodeMageFlowEdit",
     # nodes_marigold.py
@@ -133,8 +129,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "CLIPTextEncodePixArtAlpha",
     # nodes_post_processing.py
     "ColorTransfer",
-    # nodes_rope.py
-    "ScaleROPE",
     # nodes_rtdetr.py
     "DrawBBoxes", "RTDETR_detect",
     # nodes_sam3.py
@@ -155,7 +149,7 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_sparse_attention.py
     "BlockSparseAttention",
     # nodes_stable3d.py
-    "SV3D_Conditioning", "StableZero123_Conditioning_Batched",
+    "SV3D_Conditioning",
     # nodes_stable_cascade.py
     "StableCascade_EmptyLatentImage", "StableCascade_StageB_Conditioning", "StableCascade_StageC_VAEEncode",
     "StableCascade_SuperResolutionControlnet",

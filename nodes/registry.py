@@ -62,6 +62,7 @@ BUILTIN_MODULES = (
     "nodes.sd.sd3",
     "nodes.sd.flux_variants",
     "nodes.sd.skip_layers",
+    "nodes.sd.rope",
     "nodes.sd.sd3_controlnet",
     "nodes.sd.svd",
     "nodes.sd.wan",

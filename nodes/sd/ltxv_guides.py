@@ -48,10 +48,22 @@ LTX-2's guides also follow ComfyUI's newer options:
 
 LTXVAddLatentGuide appends an already encoded latent the same way at a latent frame index; a latent smaller than the
 video by a whole factor is an IC-LoRA guide of that factor.
+
+Generated keyframes (ComfyUI's nodes_lt_keyframes.py, for LTX-2.5's detailing keyframes): LTXVAddGeneratedKeyframes
+appends latent frames that are denoised with the video (noise mask 1), each one token frame whose spans cover one
+pixel frame ([t, t + 1), the causal first frame's, shifted to its place), placed every `interval_frames` pictures
+where no picture, guide or earlier keyframe is, with one attention entry of strength 1 for the block, and records
+the block in both prompts' `generated_keyframes`; LTXVSeparateGeneratedKeyframes takes the block back off the latent
+and the prompts, as a keyframes latent carrying its pixel frames; LTXVGeneratedKeyframesToGuides pins those as guides
+(strength 1: frozen) on a later canvas, the positions scaled to its length. ComfyUI's model reads
+`generated_keyframes` only to add LTX-2.5's learned `keyframes_abs_pos_embedding` to those tokens; the LTX-2.0 and
+2.3 transformers Loom runs have none, so for them the tokens are what the spans and attention entry make them, as in
+ComfyUI.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -63,8 +75,8 @@ from nodes.node import Node
 from nodes.sd.latent import upscale_latent
 from nodes.sd.ltxv import FRAMES_PER_LATENT, PIXELS_PER_LATENT
 from nodes.sd.models import DiffusionModel, Vae
-from nodes.sd.vae import encode, is_video_vae
-from nodes.spec import Float, Int, Output, Socket
+from nodes.sd.vae import decode, encode, is_video_vae
+from nodes.spec import Boolean, Float, Int, Output, Socket, String
 
 KEY = "keyframe_idxs"  # ComfyUI's conditioning options, kept for workflows' and plugins' sake
 ATTENTION_KEY = "guide_attention_entries"
@@ -473,4 +485,425 @@ class LTXVCropGuides(Node):
         return _without_guides(positive), _without_guides(negative), out
 
 
-NODES: list[Any] = [GetICLoRAParameters, LTXVAddGuide, LTXVAddLatentGuide, LTXVCropGuides]
+# --- Generated keyframes (ComfyUI's nodes_lt_keyframes.py) ---------------------------------------------------------
+
+GENERATED_KEY = "generated_keyframes"
+_OCCUPIED_MASK_MAX = 1.0 - 1e-4  # a frame whose noise mask dips below this holds a picture (ComfyUI's threshold)
+
+
+def _any_value(conditioning: list, key: str) -> Any:
+    """The first entry's value of `key` (ComfyUI's conditioning_get_any_value); None where no entry has it."""
+    return next((options[key] for _, options in conditioning if key in options), None)
+
+
+def _set_values(conditioning: list, values: dict[str, Any]) -> list:
+    """Each entry with `values` set; a None value takes the key off (ComfyUI sets it to None, read the same)."""
+    out = []
+    for embedding, options in conditioning:
+        options = {**options, **values}
+        out.append((embedding, {k: v for k, v in options.items() if v is not None}))
+    return out
+
+
+def parse_frame_indices(value: str, node: str, field: str, count: int | None, first: int, last: int,
+                        empty_hint: str) -> list[int]:
+    """The pixel frames of a comma- (or space-) separated list, in its order: `count` of them where given, none twice,
+    each in [first, last] (ComfyUI's _parse_frame_index_list)."""
+    parts = [part for part in re.split(r"[,\s]+", value.strip()) if part]
+    if not parts:
+        raise ValueError(f"{node}: {field} is empty. Provide at least one index, or leave {field} empty {empty_hint}")
+    bad = [part for part in parts if not re.fullmatch(r"-?\d+", part)]
+    if bad:
+        raise ValueError(f"{node}: {field} must be a comma-separated list of integers, but could not parse "
+                         f"{', '.join(map(repr, bad))}")
+    indices = [int(part) for part in parts]
+    if count is not None and len(indices) != count:
+        raise ValueError(f"{node}: {field} lists {len(indices)} index/indices but the keyframes latent carries "
+                         f"{count}. Provide exactly {count}, or leave {field} empty {empty_hint}")
+    twice = sorted({i for i in indices if indices.count(i) > 1})
+    if twice:
+        raise ValueError(f"{node}: {field} must not place two keyframes on the same pixel frame, but "
+                         f"{', '.join(map(str, twice))} appear(s) more than once")
+    outside = [i for i in indices if not first <= i <= last]
+    if outside:
+        raise ValueError(f"{node}: {field} must lie between {first} and {last}, but got {', '.join(map(str, outside))}")
+    return indices
+
+
+def detailing_positions(num_frames: int, interval_frames: float) -> list[int]:
+    """About one keyframe every `interval_frames` pictures of `num_frames`: round((num_frames - 1) / interval) (at
+    least 1) evenly spaced, rounded, the last picture kept and picture 0 left out (ComfyUI's detailing_positions)."""
+    if num_frames <= 1:
+        raise ValueError(f"LTXVAddGeneratedKeyframes: a {num_frames}-frame video has no pixel frames to place "
+                         "keyframes on")
+    count = max(1, round((num_frames - 1) / interval_frames))
+    spaced = torch.linspace(0, num_frames - 1, count + 1).round().to(torch.int64).tolist()[1:]
+    return [index for index in spaced if index != 0]
+
+
+def scale_frame_indices(indices: list[int], old_frames: int, new_frames: int) -> list[int]:
+    """Pixel frames of a canvas of `old_frames` at the same moments of one of `new_frames` (after a temporal upscale;
+    ComfyUI's scale_frame_indices)."""
+    if old_frames <= 1 or new_frames <= 1:
+        raise ValueError(f"LTXVGeneratedKeyframesToGuides: cannot scale keyframe positions from a {old_frames}-frame "
+                         f"canvas onto a {new_frames}-frame one")
+    scale = (new_frames - 1) / (old_frames - 1)
+    mapped = [int(round(index * scale)) for index in indices]
+    twice = sorted({i for i in mapped if mapped.count(i) > 1})
+    if twice:
+        raise ValueError("LTXVGeneratedKeyframesToGuides: scaling the keyframe positions onto the new canvas put "
+                         f"{', '.join(map(str, twice))} on the same pixel frame; set override_frame_indices")
+    return mapped
+
+
+def occupied_pixel_frames(latent: dict, num_frames: int, video_frames: int) -> set[int]:
+    """The pictures the video's first `video_frames` latent frames already hold (ComfyUI's occupied_pixel_frames):
+    frames whose noise mask dips below 1 (without a mask, frames not all zero), each at its representative picture:
+    0 for the first, the last picture for the last, 8 t between."""
+    samples, mask = latent["samples"], latent.get("noise_mask")
+    scan = min(max(video_frames, 0), samples.shape[2])
+
+    def picture(t: int) -> int:
+        pixel = 0 if t <= 0 else num_frames - 1 if t >= scan - 1 else t * FRAMES_PER_LATENT
+        return min(max(pixel, 0), num_frames - 1)
+
+    if mask is not None and mask.ndim >= 3:
+        return {picture(t) for t in range(min(mask.shape[2], scan)) if bool((mask[:, :, t] < _OCCUPIED_MASK_MAX).any())}
+    return {picture(t) for t in range(scan) if bool((samples[:, :, t] != 0).any())}
+
+
+def span_start_frames(spans: torch.Tensor | None) -> set[int]:
+    """The pictures the guide tokens of LTX-2 spans [B, 3, K, 2] start on (ComfyUI's
+    pixel_frames_from_keyframe_idxs)."""
+    if spans is None:
+        return set()
+    starts = spans[:, 0, :, 0] if spans.ndim >= 4 else spans[:, 0]
+    return {int(round(float(v))) for v in starts.flatten().tolist()}
+
+
+def keyframes_from_video(samples: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """[B, C, len(indices), h, w]: the video latent's frame nearest each picture (ComfyUI's keyframes_from_video)."""
+    last = samples.shape[2] - 1
+    return torch.cat([samples[:, :, min(max(round(i / FRAMES_PER_LATENT), 0), last)][:, :, None] for i in indices],
+                     dim=2)
+
+
+def _fit_keyframes(keyframes: torch.Tensor, samples: torch.Tensor, slots: int) -> torch.Tensor:
+    """Stacked keyframe latents [B, C, n, h, w] padded with zero frames to `slots` (ComfyUI's _fit_keyframe_samples)."""
+    batch, channels, _, rows, cols = samples.shape
+    if keyframes.shape[:2] != (batch, channels) or keyframes.shape[3:] != (rows, cols):
+        raise ValueError(f"LTXVAddGeneratedKeyframes: the keyframes latent must hold whole latent frames at this "
+                         f"latent's shape, expected {[batch, channels, slots, rows, cols]} but got "
+                         f"{list(keyframes.shape)}. Resize it to this stage's resolution first")
+    if keyframes.shape[2] > slots:
+        raise ValueError(f"LTXVAddGeneratedKeyframes: the keyframes latent holds {keyframes.shape[2]} frame(s) but "
+                         f"only {slots} free slot(s) are available on this canvas. Pass fewer keyframes, or set "
+                         "frame_indices")
+    pad = keyframes.new_zeros(batch, channels, slots - keyframes.shape[2], rows, cols)
+    return torch.cat([keyframes, pad], dim=2)
+
+
+def _grown_entry(conditioning: list, index: int, tokens: int, frames: int) -> list:
+    """The prompt with its attention entry `index` (a generated-keyframes block's) counting `tokens` and `frames`
+    more (ComfyUI's _grow_guide_attention_entry)."""
+    entries = list(_any_value(conditioning, ATTENTION_KEY) or [])
+    if index >= len(entries):
+        raise ValueError(f"the generated keyframes recorded guide entry {index} but the conditioning only has "
+                         f"{len(entries)}. The conditioning was rebuilt after they were added")
+    grown = dict(entries[index])
+    grown["pre_filter_count"] = grown["pre_filter_count"] + tokens
+    grown["latent_shape"] = [grown["latent_shape"][0] + frames, *grown["latent_shape"][1:]]
+    entries[index] = grown
+    return _set_values(conditioning, {ATTENTION_KEY: entries})
+
+
+class LTXVAddGeneratedKeyframes(Node):
+    """Append detailing keyframes to a video latent. Each keyframe is one latent frame of tokens whose RoPE position
+    spans a single pixel frame; they are denoised with the video and are not part of the decoded output. Placement is
+    one slot every interval_frames pixels, skipping I2V frames, existing guides, and detailing keyframes already on
+    the cond. Connected keyframes are content only and are re-placed on this canvas unless frame_indices is set. Pull
+    them back out with LTXV Separate Generated Keyframes. Requires a checkpoint trained for generated keyframes (one
+    carrying keyframes_abs_pos_embedding)."""
+
+    display_name = "LTXV Add Generated Keyframes"
+    category = "model/conditioning/ltxv"
+    positive = Socket("CONDITIONING", tooltip="Positive conditioning the keyframes are attached to.")
+    negative = Socket("CONDITIONING", tooltip="Negative conditioning the keyframes are attached to.")
+    vae = Socket("VAE", tooltip="Only used to read the latent scale factors.")
+    latent = Socket("LATENT", tooltip="Plain 5D video latent to generate keyframes alongside. Add them before Concat "
+                    "AV Latent.")
+    interval_frames = Int(24, min=1, max=1024, optional=True, tooltip="Pixel-frame stride for auto placement. Default "
+                          "24 is about one keyframe per second at 24 fps. Occupied pixels are skipped. Ignored when "
+                          "frame_indices is set.")
+    keyframes = Socket("LATENT", optional=True, tooltip="Optional content to initialize the new keyframes with. "
+                       "Connect keyframes from an earlier Separate (same spatial size), or a plain video latent to "
+                       "copy the nearest frame at each new slot (e.g. after temporal upscale). These are still "
+                       "denoised, not pinned as guides. Recorded indices on a keyframes latent are ignored unless "
+                       "frame_indices is set. Only has an effect when sampling starts below sigma 1.")
+    frame_indices = String("", optional=True, tooltip="Optional pixel-frame indices. Leave empty to place from "
+                           "interval_frames on the current canvas. When set, this list is the placement (connected "
+                           "keyframes are matched in order). The last frame is allowed; frame 0 is not (it is already "
+                           "a standalone token).")
+    outputs = (Output("CONDITIONING", "positive", tooltip="Positive conditioning with generated-keyframe attention "
+                      "attached."),
+               Output("CONDITIONING", "negative", tooltip="Negative conditioning with generated-keyframe attention "
+                      "attached."),
+               Output("LATENT", "latent", tooltip="Video latent with generated keyframes appended on T."))
+
+    def execute(self, positive: list, negative: list, vae: Vae, latent: dict, interval_frames: int = 24,
+                keyframes: dict | None = None, frame_indices: str = "") -> tuple[list, list, dict]:
+        node = "LTXVAddGeneratedKeyframes"
+        samples = latent["samples"]
+        if is_av(latent) or samples.ndim != 5:
+            raise ValueError(f"{node}: generated keyframes must be added to a plain video latent. Add them before "
+                             "merging the video and audio latents with Concat AV Latent")
+        if not is_ltx2_vae(vae):
+            raise ValueError(f"{node} places keyframes as LTX-2 reads them; {vae.source} is not LTX-2's video VAE")
+        batch, channels, length, rows, cols = samples.shape
+        per_frame = rows * cols
+        record = _any_value(positive, GENERATED_KEY)
+        if record is not None:
+            if record["tokens_per_frame"] != per_frame:
+                raise ValueError(f"{node}: the existing generated keyframes were added at {record['tokens_per_frame']} "
+                                 f"tokens per latent frame but this latent has {per_frame}. The latent was rescaled "
+                                 "after they were added, so more keyframes cannot be appended to them")
+            if record["first_latent_frame"] + record["num_keyframes"] != length:
+                raise ValueError(f"{node}: the existing generated keyframes end at latent frame "
+                                 f"{record['first_latent_frame'] + record['num_keyframes']} but the latent has "
+                                 f"{length}. Something was appended after them, so more keyframes would not be "
+                                 "contiguous with the existing block. Add all the keyframes before any guides")
+        spans = keyframe_idxs(positive)
+        video_frames = length - guide_frames(positive, samples)
+        num_frames = (video_frames - 1) * FRAMES_PER_LATENT + 1
+        earlier = list(record["frame_indices"]) if record is not None else []
+        occupied = occupied_pixel_frames(latent, num_frames, video_frames) | span_start_frames(spans) | set(earlier)
+        if frame_indices and frame_indices.strip():
+            if num_frames - 1 < 1:
+                raise ValueError(f"{node}: a {num_frames}-frame target has no pixel frames to place keyframes on")
+            indices = parse_frame_indices(frame_indices, node, "frame_indices", None, 1, num_frames - 1,
+                                          "to place them from interval_frames")
+        else:
+            indices = [i for i in detailing_positions(num_frames, float(interval_frames)) if i not in occupied]
+            if not indices:
+                raise ValueError(f"{node}: every candidate detailing-keyframe pixel already has an image keyframe or "
+                                 "a guide. Leave at least one unoccupied frame, or pass frame_indices")
+        clashes = sorted(set(indices) & occupied)
+        if clashes:
+            raise ValueError(f"{node}: frame_indices reuses pixel frame(s) {', '.join(map(str, clashes))}, which "
+                             "already hold an image keyframe, a guide, or a generated keyframe. Each keyframe needs "
+                             "its own pixel frame")
+        count = len(indices)
+        content = self._content(keyframes, samples, indices)
+
+        new_spans = torch.cat([guide_spans(1, rows, cols, index, causal=True) for index in indices], dim=2)
+        entries = _any_value(positive, ATTENTION_KEY) or []
+        generated = {
+            "first_latent_frame": record["first_latent_frame"] if record else length,
+            "num_keyframes": record["num_keyframes"] + count if record else count,
+            "frame_indices": earlier + indices,
+            "num_pixel_frames": num_frames,
+            "guide_entry_index": record["guide_entry_index"] if record else len(entries),
+            "tokens_per_frame": per_frame,
+        }
+        combined = new_spans if spans is None else torch.cat([spans, new_spans.to(spans)], dim=2)
+        values = {KEY: combined, GENERATED_KEY: generated}
+        positive, negative = _set_values(positive, values), _set_values(negative, values)
+        if record is not None:
+            index = record["guide_entry_index"]
+            positive = _grown_entry(positive, index, count * per_frame, count)
+            negative = _grown_entry(negative, index, count * per_frame, count)
+        else:
+            entry = {"pre_filter_count": count * per_frame, "strength": 1.0, "pixel_mask": None,
+                     "latent_shape": [count, rows, cols]}
+            positive, negative = (_set_values(c, {ATTENTION_KEY: [*(_any_value(c, ATTENTION_KEY) or []), entry]})
+                                  for c in (positive, negative))
+        mask = _noise_mask(latent)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1, count, *mask.shape[3:])], dim=2)
+        return positive, negative, {**latent, "samples": torch.cat([samples, content], dim=2), "noise_mask": mask}
+
+    @staticmethod
+    def _content(keyframes: dict | None, samples: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """The new keyframes' latents [B, C, len(indices), h, w]: zeros; or the connected keyframes (single frames
+        batched as a Separate with keyframes_to_batch makes them stacked back per video), padded with zeros; or, for a
+        longer video latent carrying no recorded positions, its frames nearest the new keyframes."""
+        batch, channels, _, rows, cols = samples.shape
+        if keyframes is None:
+            return samples.new_zeros(batch, channels, len(indices), rows, cols)
+        content = keyframes["samples"]
+        if content.ndim != 5:
+            raise ValueError(f"LTXVAddGeneratedKeyframes: the keyframes latent must be 5 dimensional, got "
+                             f"{list(content.shape)}")
+        if content.shape[2] == 1 and content.shape[0] != batch:
+            if content.shape[0] % batch:
+                raise ValueError(f"LTXVAddGeneratedKeyframes: the keyframes latent batch ({content.shape[0]}) is not "
+                                 f"a multiple of the video latent batch ({batch}), so it cannot be reshaped into "
+                                 "per-video keyframes")
+            content = content.reshape(batch, content.shape[0] // batch, content.shape[1],
+                                      *content.shape[3:]).movedim(1, 2)
+        if keyframes.get("generated_keyframe_indices") is None and content.shape[2] > len(indices):
+            return keyframes_from_video(content, indices).to(samples)
+        return _fit_keyframes(content.to(samples), samples, len(indices))
+
+
+class LTXVSeparateGeneratedKeyframes(Node):
+    """Split the generated keyframes added by LTXV Add Generated Keyframes back out of a sampled latent, and remove
+    them from the conditioning. Separate them before spatially upscaling the video latent. Do not run LTXV Crop Guides
+    first — it treats generated keyframes as disposable guides and drops them."""
+
+    display_name = "LTXV Separate Generated Keyframes"
+    category = "model/conditioning/ltxv"
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    latent = Socket("LATENT")
+    keyframes_to_batch = Boolean(False, tooltip="Return the keyframes as a batch of single-frame latents. Leave off "
+                                 "to get them as one multi-frame latent, which is what the latent upsampler and a "
+                                 "later Add Generated Keyframes expect.")
+    outputs = (Output("CONDITIONING", "positive", tooltip="Positive conditioning with generated-keyframe metadata "
+                      "removed."),
+               Output("CONDITIONING", "negative", tooltip="Negative conditioning with generated-keyframe metadata "
+                      "removed."),
+               Output("LATENT", "latent", tooltip="Video latent with the generated keyframes stripped."),
+               Output("LATENT", "keyframes", tooltip="The peeled keyframes, labeled with generated_keyframe_indices "
+                      "and generated_keyframe_num_frames. Feed these to a later Add Generated Keyframes to initialize "
+                      "new slots, or to Generated Keyframes To Guides to pin them as frozen image guides (indices are "
+                      "remapped if the canvas length changed)."))
+
+    def execute(self, positive: list, negative: list, latent: dict,
+                keyframes_to_batch: bool = False) -> tuple[list, list, dict, dict]:
+        node = "LTXVSeparateGeneratedKeyframes"
+        record = _any_value(positive, GENERATED_KEY)
+        if record is None:
+            raise ValueError(f"{node}: this latent has no generated keyframes. Add them with LTXV Add Generated "
+                             "Keyframes first")
+        samples = latent["samples"]
+        if is_av(latent) or samples.ndim != 5:
+            raise ValueError(f"{node}: generated keyframes must be separated from a plain video latent. Split the "
+                             "video and audio latents with Separate AV Latent first")
+        batch, channels, length, rows, cols = samples.shape
+        per_frame = rows * cols
+        if record["tokens_per_frame"] != per_frame:
+            raise ValueError(f"{node}: the generated keyframes were added at {record['tokens_per_frame']} tokens per "
+                             f"latent frame but this latent has {per_frame}. The latent was rescaled after they were "
+                             "added, so the keyframes no longer line up. Separate them before upscaling the latent")
+        first, count = record["first_latent_frame"], record["num_keyframes"]
+        end = first + count
+        if end > length:
+            raise ValueError(f"{node}: the generated keyframes span latent frames [{first}, {end}) but the latent only "
+                             f"has {length}. It was recorded against a different latent")
+        content = samples[:, :, first:end].clone()
+        if keyframes_to_batch:
+            content = content.movedim(2, 1).reshape(batch * count, channels, 1, rows, cols)
+        mask = _noise_mask(latent)
+        out = {**latent, "samples": torch.cat([samples[:, :, :first], samples[:, :, end:]], dim=2),
+               "noise_mask": torch.cat([mask[:, :, :first], mask[:, :, end:]], dim=2)}
+        first_token = (first - (length - guide_frames(positive, samples))) * per_frame
+        conds = [_set_values(c, {KEY: self._without_tokens(c, first_token, count * per_frame),
+                                 ATTENTION_KEY: self._without_entry(c, record["guide_entry_index"]),
+                                 GENERATED_KEY: None}) for c in (positive, negative)]
+        num_frames = record.get("num_pixel_frames")
+        if num_frames is None:
+            num_frames = (first - 1) * FRAMES_PER_LATENT + 1
+        peeled = {"samples": content, "generated_keyframe_indices": list(record["frame_indices"]),
+                  "generated_keyframe_num_frames": int(num_frames)}
+        return conds[0], conds[1], out, peeled
+
+    @staticmethod
+    def _without_tokens(conditioning: list, first: int, count: int) -> torch.Tensor | None:
+        spans = keyframe_idxs(conditioning)
+        if spans is None:
+            return None
+        rest = torch.cat([spans[:, :, :first], spans[:, :, first + count:]], dim=2)
+        return rest if rest.shape[2] else None
+
+    @staticmethod
+    def _without_entry(conditioning: list, index: int) -> list | None:
+        entries = _any_value(conditioning, ATTENTION_KEY)
+        if not entries:
+            return None
+        if index >= len(entries):
+            raise ValueError(f"the generated keyframes recorded guide entry {index} but the conditioning only has "
+                             f"{len(entries)}. The conditioning was rebuilt after they were added")
+        return [*entries[:index], *entries[index + 1:]] or None
+
+
+class LTXVGeneratedKeyframesToGuides(Node):
+    """Pin generated keyframes from an earlier stage as frozen image guides on a later canvas. They are decoded as
+    standalone frames, resized if needed, and written with noise_mask=0 so they are not denoised again. After a
+    temporal upscale, recorded indices are scaled from the canvas they were generated on onto this one (same
+    moments). Use override_frame_indices to set positions explicitly. To keep generating (and denoising) keyframes at
+    new positions, use Add Generated Keyframes instead."""
+
+    display_name = "LTXV Generated Keyframes to Guides"
+    category = "model/conditioning/ltxv"
+    positive = Socket("CONDITIONING")
+    negative = Socket("CONDITIONING")
+    vae = Socket("VAE")
+    latent = Socket("LATENT", tooltip="The target video latent to add the guides to, e.g. the temporally upscaled one.")
+    keyframes = Socket("LATENT", tooltip="The keyframes output of LTXV Separate Generated Keyframes, which carries the "
+                       "pixel frame index each keyframe was generated at.")
+    strength = Float(1.0, min=0.0, max=10.0, step=0.01, tooltip="Guide strength. 1.0 is a hard pin; lower values "
+                     "relax it.")
+    override_frame_indices = String("", optional=True, tooltip="Optional — pin at these pixel frames instead of the "
+                                    "recorded (or auto-scaled) positions. Provide one index per keyframe. Leave empty "
+                                    "to reuse recorded positions, or to scale them when the target canvas is a "
+                                    "different length (e.g. after temporal x2).")
+    outputs = (Output("CONDITIONING", "positive", tooltip="Positive conditioning with the keyframes pinned as image "
+                      "guides."),
+               Output("CONDITIONING", "negative", tooltip="Negative conditioning with the keyframes pinned as image "
+                      "guides."),
+               Output("LATENT", "latent", tooltip="Target video latent with the keyframes added as frozen guides."))
+
+    def execute(self, positive: list, negative: list, vae: Vae, latent: dict, keyframes: dict, strength: float,
+                override_frame_indices: str = "") -> tuple[list, list, dict]:
+        node = "LTXVGeneratedKeyframesToGuides"
+        indices = keyframes.get("generated_keyframe_indices")
+        if indices is None:
+            raise ValueError(f"{node}: this latent does not carry generated keyframe positions. Connect the keyframes "
+                             "output of LTXV Separate Generated Keyframes")
+        if _any_value(positive, GENERATED_KEY) is not None:
+            raise ValueError(f"{node}: this conditioning still carries generated keyframes. Connect the positive and "
+                             "negative outputs of LTXV Separate Generated Keyframes")
+        samples = latent["samples"]
+        if is_av(latent) or samples.ndim != 5:
+            raise ValueError(f"{node}: generated keyframe guides must be added to a plain video latent. Add them "
+                             "before merging the video and audio latents with Concat AV Latent")
+        if samples.shape[0] != 1:
+            raise ValueError(f"{node}: only a batch size of 1 is supported, got {samples.shape[0]}. Each guide is "
+                             "encoded from one image, so it cannot differ across batch elements")
+        if not is_ltx2_vae(vae):
+            raise ValueError(f"{node} places guides as LTX-2 reads them; {vae.source} is not LTX-2's video VAE")
+        content = keyframes["samples"]
+        if content.ndim != 5:
+            raise ValueError(f"{node}: the keyframes latent {list(content.shape)} is not [B, C, frames, h, w]")
+        if content.shape[2] != 1:  # one single-frame latent per keyframe
+            content = content.movedim(2, 1).reshape(-1, content.shape[1], 1, *content.shape[3:])
+        resize = tuple(content.shape[3:]) != tuple(samples.shape[3:])
+        # Smaller or larger keyframes are decoded one picture each (never as one clip) and encoded again at this size.
+        guides = decode(self, vae, content) if resize else content
+        if guides.shape[0] != len(indices):
+            raise ValueError(f"{node}: got {guides.shape[0]} keyframes for {len(indices)} recorded positions")
+        num_frames = (samples.shape[2] - guide_frames(positive, samples) - 1) * FRAMES_PER_LATENT + 1
+        if override_frame_indices and override_frame_indices.strip():
+            indices = parse_frame_indices(override_frame_indices, node, "override_frame_indices", len(indices), 1,
+                                          num_frames - 1, "to reuse the recorded positions")
+        else:
+            old = keyframes.get("generated_keyframe_num_frames")
+            if old is not None and int(old) != num_frames:
+                indices = scale_frame_indices(list(indices), int(old), num_frames)
+        if indices and max(indices) >= num_frames:
+            raise ValueError(f"{node}: keyframe position {max(indices)} is outside this latent's {num_frames} frames. "
+                             "The target was resized temporally after the keyframes were generated")
+        adder = LTXVAddGuide()
+        adder.ctx = self.ctx
+        for n, frame_idx in enumerate(indices):
+            if resize:
+                positive, negative, latent = adder.execute(positive, negative, vae, latent, guides[n:n + 1],
+                                                           int(frame_idx), strength)
+            else:
+                positive, negative, latent = attach_ltx2_guide(positive, negative, latent, guides[n:n + 1],
+                                                               int(frame_idx), strength, causal=True)
+        return positive, negative, latent
+
+
+NODES: list[Any] = [GetICLoRAParameters, LTXVAddGuide, LTXVAddLatentGuide, LTXVCropGuides, LTXVAddGeneratedKeyframes,
+                    LTXVSeparateGeneratedKeyframes, LTXVGeneratedKeyframesToGuides]

@@ -5,7 +5,8 @@ levels, 0.002 to 700), its CLIP image encoder and its video VAE; SVD_img2vid_Con
 embedding in the prompts (as their context), its latent (as `concat_latent_image`, the UNet's extra input
 channels; zeros for the negative prompt) and the motion settings, and makes an empty latent of `video_frames`
 frames, which KSampler samples as one batch. The sampler makes the UNet's `y` from the settings (`svd_sampling_y`).
-Stable Zero123 loads with the same loader; StableZero123_Conditioning gives its prompts (`ldm.zero123`).
+Stable Zero123 loads with the same loader; StableZero123_Conditioning gives its prompts (`ldm.zero123`),
+StableZero123_Conditioning_Batched a camera move per latent of the batch.
 """
 
 from __future__ import annotations
@@ -171,6 +172,47 @@ class StableZero123_Conditioning(Node):  # noqa: N801 (ComfyUI's name)
         return positive, negative, {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
 
 
+class StableZero123_Conditioning_Batched(Node):  # noqa: N801 (ComfyUI's name)
+    """StableZero123_Conditioning with a camera move per latent: item k of the batch is seen from elevation +
+    k * elevation_batch_increment and azimuth + k * azimuth_batch_increment (an orbit around the object)."""
+
+    category = "conditioning/3d_models"
+    clip_vision = Socket("CLIP_VISION")
+    init_image = Socket("IMAGE")
+    vae = Socket("VAE")
+    width = Int(256, min=16, max=16384, step=8)
+    height = Int(256, min=16, max=16384, step=8)
+    batch_size = Int(1, min=1, max=4096)
+    elevation = Float(0.0, min=-180.0, max=180.0, step=0.1, round=False)
+    azimuth = Float(0.0, min=-180.0, max=180.0, step=0.1, round=False)
+    elevation_batch_increment = Float(0.0, min=-180.0, max=180.0, step=0.1, round=False, extra={"advanced": True})
+    azimuth_batch_increment = Float(0.0, min=-180.0, max=180.0, step=0.1, round=False, extra={"advanced": True})
+    outputs = (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"), Output("LATENT", "latent"))
+
+    def execute(self, clip_vision: ClipVision, init_image: torch.Tensor, vae: Vae, width: int, height: int,
+                batch_size: int, elevation: float, azimuth: float, elevation_batch_increment: float,
+                azimuth_batch_increment: float) -> tuple[list, list, dict]:
+        from ldm.zero123 import camera_embedding
+
+        if init_image.shape[0] != 1:
+            raise ValueError(f"StableZero123_Conditioning_Batched: init_image is a batch of {init_image.shape[0]} "
+                             "pictures; it takes one view of the object (pick one with ImageFromBatch)")
+        pooled = _encode(on_device(self.ctx, clip_vision.model), init_image, True).image_embeds[None]
+        pixels = upscale_latent(init_image.movedim(-1, 1).float(), width, height, "bilinear", "center")
+        latent = encode(self, vae, pixels.movedim(1, -1)[..., :3])
+        # The angles add up step by step as ComfyUI's loop does (the same float rounding).
+        cameras = []
+        for _ in range(batch_size):
+            cameras.append(camera_embedding(elevation, azimuth))
+            elevation += elevation_batch_increment
+            azimuth += azimuth_batch_increment
+        cond = torch.cat([pooled.expand(batch_size, -1, -1), torch.cat(cameras).to(pooled)], dim=-1)
+        positive = [(cond, {"concat_latent_image": latent})]
+        negative = [(torch.zeros_like(pooled), {"concat_latent_image": torch.zeros_like(latent)})]
+        return positive, negative, {"samples": torch.zeros(batch_size, 4, height // 8, width // 8),
+                                    "batch_index": [0] * batch_size}
+
+
 @dataclass(frozen=True)
 class VideoCfg:
     """Guidance whose scale changes over the frames (the latent batch): from `min_cfg` at the first frame to the
@@ -281,5 +323,6 @@ class ImageOnlyCheckpointSave(Node):
 
 
 NODES: list[Any] = [ImageOnlyCheckpointLoader, SVD_img2vid_Conditioning, StableZero123_Conditioning,
+                    StableZero123_Conditioning_Batched,
                     VideoLinearCFGGuidance, VideoTriangleCFGGuidance, UNetTemporalAttentionMultiply,
                     ImageOnlyCheckpointSave]
