@@ -80,10 +80,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "Load3D", "Preview3D",
     # nodes_loop.py
     "EndLoop", "StartLoop",
-    # nodes_lora_debug.py
-    "LoraLoaderBypass", "LoraLoaderBypassModelOnly",
-    # nodes_lora_stack.py
-    "LoadLoraModel", "LoadLoraTextEncoder",
     # nodes_lotus.py
     "LotusConditioning",
     # nodes_mage.py
@@ -127,8 +123,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "PiDConditioning",
     # nodes_pixart.py
     "CLIPTextEncodePixArtAlpha",
-    # nodes_post_processing.py
-    "ColorTransfer",
     # nodes_rtdetr.py
     "DrawBBoxes", "RTDETR_detect",
     # nodes_sam3.py

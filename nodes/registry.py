@@ -17,6 +17,8 @@ BUILTIN_MODULES = (
     "nodes.builtin.utils",
     "nodes.builtin.strings",
     "nodes.sd.loaders",
+    "nodes.sd.lora_stack",
+    "nodes.sd.color_transfer",
     "nodes.sd.conditioning",
     "nodes.sd.controlnet",
     "nodes.sd.latent",
