@@ -105,9 +105,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """LDM's transformer block. With `disable_self_attn` (the x4 upscaler's lower levels) the first attention
     attends to the context as the second does, not to the image itself. With a `fuser` (on a copy, see
-    `ldm.gligen.grounded_unet`), the image tokens pass through it between self- and cross-attention."""
+    `ldm.gligen.grounded_unet`), the image tokens pass through it between self- and cross-attention. With an
+    `attn1_output` (on a copy, see `nodes.sd.nag`), the first attention's output passes through it before it is
+    added to the tokens (ComfyUI's attn1_output_patch)."""
 
     fuser: Callable[[torch.Tensor], torch.Tensor] | None = None
+    attn1_output: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool = False):
         super().__init__()
@@ -124,15 +127,18 @@ class BasicTransformerBlock(nn.Module):
         """`tiles` (nh, nw, h, w): self-attention runs within each of nh x nw tiles of the h x w token grid
         (HyperTile) rather than over the whole of it."""
         if self.disable_self_attn:  # no self-attention: nothing to tile either
-            x = self.attn1(self.norm1(x), context) + x
+            out = self.attn1(self.norm1(x), context)
         elif tiles is None or tiles[0] * tiles[1] == 1:
-            x = self.attn1(self.norm1(x)) + x
+            out = self.attn1(self.norm1(x))
         else:
             nh, nw, h, w = tiles
             b, _, c = x.shape
             n = self.norm1(x).reshape(b, nh, h // nh, nw, w // nw, c).permute(0, 1, 3, 2, 4, 5)
             out = self.attn1(n.reshape(b * nh * nw, -1, c)).reshape(b, nh, nw, h // nh, w // nw, c)
-            x = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c) + x
+            out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c)
+        if self.attn1_output is not None:
+            out = self.attn1_output(out)
+        x = out + x
         if self.fuser is not None:
             x = self.fuser(x)
         x = self.attn2(self.norm2(x), context) + x

@@ -17,9 +17,10 @@ reference latents as `ref_latents`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,6 +34,8 @@ from ldm.unet import timestep_embedding
 STANDARD_AXES = (16, 56, 56)
 _DOUBLE = re.compile(r"double_blocks\.(\d+)\.")
 _SINGLE = re.compile(r"single_blocks\.(\d+)\.")
+# What a block calls on its joint attention output [B, L, hidden] when given one (`Flux.attention_output`).
+AttentionHook = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_mlp", _mlp(c.hidden_size, c.mlp_ratio))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor],
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                mask: Tensor | None = None, attention_hook: AttentionHook | None = None) -> tuple[Tensor, Tensor]:
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
         img_q, img_k, img_v = _heads(self.img_attn.qkv((1 + img_scale1) * _norm(img) + img_shift1), self.heads,
@@ -180,6 +183,8 @@ class DoubleStreamBlock(nn.Module):
                                      self.txt_attn.norm)
         out = attention(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2),
                         rope, mask)
+        if attention_hook is not None:
+            out = attention_hook(out)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
         img = img + img_gate1 * self.img_attn.proj(img_out)
         img = img + img_gate2 * self.img_mlp((1 + img_scale2) * _norm(img) + img_shift2)
@@ -200,10 +205,13 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(c.hidden_size // c.num_heads)
         self.modulation = Modulation(c.hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
+                attention_hook: AttentionHook | None = None) -> Tensor:
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = self.linear1((1 + scale) * _norm(x) + shift).split([3 * self.hidden, self.mlp_hidden], dim=-1)
         out = attention(*_heads(qkv, self.heads, self.norm), rope, mask)
+        if attention_hook is not None:
+            out = attention_hook(out)
         return x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=2))
 
 
@@ -312,6 +320,10 @@ def rope_angles(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Ten
 
 class Flux(nn.Module):
     rope_scale: RopeScale | None = None  # ScaleROPE's, set on a shallow copy (nodes.sd.rope)
+    # Called as `attention_output(out, image_start)` on every block's joint attention output [B, L, hidden] (text
+    # tokens first, the image's from `image_start`), returning its replacement: ComfyUI's attn1_output_patch with
+    # its img_slice, set on a shallow copy (NAGuidance's, ldm.nag).
+    attention_output: Callable[[Tensor, int], Tensor] | None = None
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -368,13 +380,14 @@ class Flux(nn.Module):
         rope = rope_angles(torch.cat([torch.zeros(txt.shape[1], 3, device=x.device), *ids]), c.axes_dim, c.theta)
         n, t = rows * cols, txt.shape[1]  # the noisy latent's tokens: a ControlNet's residuals go to them
         bias = None if attn_mask is None else joint_bias(attn_mask.to(x.device), t, img.shape[1], dtype)
+        hook = None if self.attention_output is None else functools.partial(self.attention_output, image_start=t)
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, rope, mask=bias)
+            img, txt = block(img, txt, vec, rope, mask=bias, attention_hook=hook)
             if control is not None:
                 img = torch.cat([img[:, :n] + control[i].to(img.dtype), img[:, n:]], dim=1)
         tokens = torch.cat([txt, img], dim=1)
         for i, block in enumerate(self.single_blocks):
-            tokens = block(tokens, vec, rope, mask=bias)
+            tokens = block(tokens, vec, rope, mask=bias, attention_hook=hook)
             if control is not None:
                 residual = control[c.depth + i].to(tokens.dtype)
                 tokens = torch.cat([tokens[:, :t], tokens[:, t:t + n] + residual, tokens[:, t + n:]], dim=1)

@@ -32,8 +32,9 @@ dev's guidance strength; without it a dev model runs unguided (ComfyUI's FluxDis
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.flux import QKNorm, RopeScale, _heads, apply_rope, attention, rope_angles, scaled_axis
+from ldm.flux import AttentionHook, QKNorm, RopeScale, _heads, apply_rope, attention, rope_angles, scaled_axis
 from ldm.flux_variants import References, reference_placements
 from ldm.unet import timestep_embedding
 
@@ -262,7 +263,7 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor, rope: tuple[Tensor, Tensor],
                 mask: Tensor | None = None, ref_mod: Tensor | None = None, n: int = 0,
-                ref_kv: BlockKV | None = None) -> tuple[Tensor, Tensor]:
+                ref_kv: BlockKV | None = None, attention_hook: AttentionHook | None = None) -> tuple[Tensor, Tensor]:
         """`img_mod` / `txt_mod` the shared modulations [B, 6 * dim]; `ref_mod`, if given, modulates the image tokens
         from `n` on (the references); `ref_kv` records or gives the references' keys and values (`_attend`)."""
         img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
@@ -274,6 +275,8 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = _heads(self.txt_attn.qkv(txt_in), self.heads, self.txt_attn.norm)
         out = _attend(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2),
                       rope, mask, ref_kv)
+        if attention_hook is not None:
+            out = attention_hook(out)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
         img = img + img_gate * self.img_attn.proj(img_out)
         img_in, img_gate = _modulate(img, img_mod2, ref_mod2, n)
@@ -295,10 +298,13 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(c.head_dim)
 
     def forward(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                ref_mod: Tensor | None = None, n: int = 0, ref_kv: BlockKV | None = None) -> Tensor:
+                ref_mod: Tensor | None = None, n: int = 0, ref_kv: BlockKV | None = None,
+                attention_hook: AttentionHook | None = None) -> Tensor:
         x_in, gate = _modulate(x, mod, ref_mod, n)
         qkv, mlp = self.linear1(x_in).split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
         out = _attend(*_heads(qkv, self.heads, self.norm), rope, mask, ref_kv)
+        if attention_hook is not None:
+            out = attention_hook(out)
         return _finite16(x + gate * self.linear2(torch.cat([out, swiglu(mlp)], dim=2)))
 
 
@@ -350,6 +356,8 @@ def reference_positions(sizes: Sequence[tuple[int, int]], rows: int, cols: int,
 
 class Flux2(nn.Module):
     rope_scale: RopeScale | None = None  # ScaleROPE's, set on a shallow copy (nodes.sd.rope)
+    # NAGuidance's attention output patch, as Flux.1's (`ldm.flux.Flux.attention_output`), set on a shallow copy.
+    attention_output: Callable[[Tensor, int], Tensor] | None = None
 
     def __init__(self, config: Flux2Config):
         super().__init__()
@@ -419,13 +427,14 @@ class Flux2(nn.Module):
         mask = None if attn_mask is None else self._key_mask(attn_mask, txt.shape[:2], img.shape[1])
         img_mod, txt_mod = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
         ref_mod = None if ref_vec is None else self.double_stream_modulation_img(ref_vec)
+        hook = None if self.attention_output is None else functools.partial(self.attention_output, image_start=t_len)
         for block in self.double_blocks:
-            img, txt = block(img, txt, img_mod, txt_mod, rope, mask, ref_mod, n, next(ref_kv, None))
+            img, txt = block(img, txt, img_mod, txt_mod, rope, mask, ref_mod, n, next(ref_kv, None), hook)
         joint = torch.cat([txt, img], dim=1)
         mod = self.single_stream_modulation(vec)
         ref_mod = None if ref_vec is None else self.single_stream_modulation(ref_vec)
         for block in self.single_blocks:
-            joint = block(joint, mod, rope, mask, ref_mod, t_len + n, next(ref_kv, None))
+            joint = block(joint, mod, rope, mask, ref_mod, t_len + n, next(ref_kv, None), hook)
         if recording:  # only once every block's are in
             reference_kv.add(refs, guidance, batch, blocks_kv)
         out = self.final_layer(joint[:, t_len:t_len + n], vec)

@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "nodes.sd.context_windows",
     "nodes.sd.guidance_nodes",
     "nodes.sd.extra_guidance",
+    "nodes.sd.nag",
     "nodes.sd.merge",
     "nodes.sd.model_advanced",
     "nodes.sd.sigmas",

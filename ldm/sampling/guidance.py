@@ -64,6 +64,7 @@ from ldm.sampling.model_patches import (
     NegativeFunction,
     PostCfgFunction,
     PreCfgFunction,
+    call_sides,
     overridden_cfg,
 )
 
@@ -250,7 +251,8 @@ class CFGGuider:
             active = (every[0], tuple(False for _ in every[1]))
         plan = self._plan(x, active)
         if level is not None and plan.plain_cfg and self.cfg_function is None and not self.pre_cfg and not need_args:
-            return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg), None
+            with call_sides(tuple(j.side for j in plan.batches[0][0])):
+                return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg), None
         preds: list[Tensor | None] = [None] * len(self.sides)
         totals = [None if c is None else torch.zeros_like(x) for c in plan.counts]
         for jobs, cond in plan.batches:
@@ -259,10 +261,9 @@ class CFGGuider:
             else:
                 x_in = torch.cat([x[j.region] for j in jobs])
             denoiser = self._denoiser(jobs[0].hooks, sigma, level)
-            if level is None:
-                x0 = denoiser(x_in, sigma.repeat(len(jobs)), cond)
-            else:
-                x0 = denoiser.at_level(x_in, level, cond)
+            with call_sides(tuple(j.side for j in jobs)):
+                x0 = (denoiser(x_in, sigma.repeat(len(jobs)), cond) if level is None
+                      else denoiser.at_level(x_in, level, cond))
             for job, out in zip(jobs, x0.chunk(len(jobs)), strict=True):
                 if plan.counts[job.side] is None:
                     preds[job.side] = out

@@ -77,6 +77,26 @@ def overridden_cfg() -> float | None:
     return _cfg_override.get()
 
 
+_call_sides: ContextVar[tuple[int, ...] | None] = ContextVar("call_sides", default=None)
+
+
+@contextmanager
+def call_sides(sides: tuple[int, ...]) -> Iterator[None]:
+    """Within it, the model call's rows are `len(sides)` equal chunks, chunk i of side `sides[i]` (0 = positive,
+    1 = negative): ComfyUI's cond_or_uncond, which the guider sets around each batched call for a patch inside
+    the model that mixes the two sides' rows (Normalized Attention Guidance, `ldm.nag`)."""
+    token = _call_sides.set(sides)
+    try:
+        yield
+    finally:
+        _call_sides.reset(token)
+
+
+def current_sides() -> tuple[int, ...] | None:
+    """The sides of the rows of the model call in progress (`call_sides`); None outside a guider's call."""
+    return _call_sides.get()
+
+
 @dataclass(frozen=True)
 class SamplingPatches:
     cfg_function: CfgFunction | None = None
