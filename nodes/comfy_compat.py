@@ -25,8 +25,6 @@ COMFY_MODULES = frozenset({
 # rather than a custom node pack: mostly model families Loom does not run and 3-D, segmentation and mesh tools.
 # Taken from ComfyUI's sources in November 2026 (some ids read from class names); newer ones may be missing.
 COMFY_CORE_NODES_MISSING = frozenset({
-    # nodes.py
-    "DiffusersLoader",
     # nodes_ace.py
     "EmptyAceStepLatentAudio", "TextEncodeAceStepAudio",
     # nodes_ar_video.py
@@ -49,12 +47,8 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "AddLayer", "ImageCompositor", "LayersFromBoundingBoxes",
     # nodes_cosmos.py
     "CosmosImageToVideoLatent", "CosmosPredict2ImageToVideoLatent", "EmptyCosmosLatentVideo",
-    # nodes_curve.py
-    "CurveEditor",
     # nodes_depth_anything_3.py
     "DA3GeometryToMesh", "DA3Inference", "DA3Render", "LoadDA3Model",
-    # nodes_frame_interpolation.py
-    "FrameInterpolate", "FrameInterpolationModelLoader",
     # nodes_gaussian_splat.py
     "File3DToSplat", "GetSplatCount", "MergeSplat", "RenderSplat", "SplatToFile3D", "SplatToMesh", "TransformSplat",
     # nodes_glsl.py
@@ -66,12 +60,10 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_hunyuan3d.py
     "EmptyLatentHunyuan3Dv2", "Hunyuan3Dv2Conditioning", "Hunyuan3Dv2ConditioningMultiView", "VAEDecodeHunyuan3D",
     "VoxelToMesh", "VoxelToMeshBasic",
-    # nodes_ideogram4.py
-    "Ideogram4Scheduler",
     # nodes_images.py
     "SaveSVGNode",
     # nodes_joyimage.py
-    "JoyImageGuidanceRescale", "TextEncodeJoyImageEdit", "TextEncodeJoyImageEditPlus",
+    "TextEncodeJoyImageEdit", "TextEncodeJoyImageEditPlus",
     # nodes_json_prompt.py
     "BuildJsonPromptIdeogram",
     # nodes_kandinsky5.py
@@ -101,8 +93,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     "MiniMaxH3ReferenceToVideo", "MiniMaxH3SigmaShift", "MiniMaxH3TextEncoderOnlyReference",
     # nodes_minimax_music.py
     "EmptyMiniMaxMusic3LatentAudio", "MiniMaxMusic3TextEncode",
-    # nodes_mochi.py
-    "EmptyMochiLatentVideo",
     # nodes_model_advanced.py
     "ModelNoiseScale", "ModelSamplingStableCascade",
     # nodes_model_merging_model_specific.py
@@ -113,12 +103,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_moge.py
     "LoadMoGeModel", "MoGeGeometryToFOV", "MoGeInference", "MoGeMaskOut", "MoGePanoramaInference", "MoGePointMapToMesh",
     "MoGeRender",
-    # nodes_multigpu.py
-    "MultiGPUCFGSplitNode", "SelectCLIPDeviceNode", "SelectModelDeviceNode", "SelectVAEDeviceNode",
-    # nodes_nag.py
-    "NAGuidance",
-    # nodes_painter.py
-    "Painter",
     # nodes_pid.py
     "PiDConditioning",
     # nodes_pixart.py
@@ -147,8 +131,6 @@ COMFY_CORE_NODES_MISSING = frozenset({
     # nodes_stable_cascade.py
     "StableCascade_EmptyLatentImage", "StableCascade_StageB_Conditioning", "StableCascade_StageC_VAEEncode",
     "StableCascade_SuperResolutionControlnet",
-    # nodes_text_overlay.py
-    "TextOverlay",
     # nodes_trellis2.py
     "EmptyTrellis2LatentStructure", "Pixal3DConditioning", "Pixal3DMultiViewConditioning", "Trellis2Conditioning",
     "Trellis2ShapeStage", "Trellis2TextureStage", "Trellis2UpsampleStage", "VaeDecodeShapeTrellis",

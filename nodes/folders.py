@@ -41,6 +41,10 @@ MODEL_KINDS = {
     "model_patches": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     # Latent upscale models (LatentUpscaleModelLoader): Lightricks' LTX-2 spatial upscalers.
     "latent_upscale_models": (".safetensors",),
+    # Frame interpolation models (FrameInterpolationModelLoader): RIFE 4.x and FILM.
+    "frame_interpolation": (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl"),
+    # TrueType / OpenType fonts (TextOverlay's font choices).
+    "fonts": (".ttf", ".otf", ".ttc", ".otc"),
 }
 
 

@@ -97,6 +97,23 @@ def sigmas_linear_quadratic(n: int, sigma_max: float, threshold: float = 0.025) 
     return torch.tensor([1.0 - f for f in fractions], dtype=torch.float32) * sigma_max
 
 
+# Ideogram 4's log-SNR range: the clean-time fraction t = sigmoid(logSNR / 2) is kept inside it.
+IDEOGRAM4_LOGSNR = (-15.0, 18.0)
+
+
+def sigmas_ideogram4(steps: int, width: int, height: int, mu: float = 0.0, std: float = 1.5) -> Tensor:
+    """Ideogram 4's logit-normal flow schedule, as ComfyUI's Ideogram4Scheduler lays out its reference loop: `steps
+    + 1` evenly spaced quantiles u (float32) of a normal distribution of mean mu + ln(pixels / 512^2) / 2 and spread
+    `std`, each mapped to a clean-time fraction t = 1 - sigmoid(quantile), clamped to the log-SNR range (so the
+    levels run from about 1 - 1.2e-4 down to about 5.5e-4, not 0), and sigma = 1 - t, high to low."""
+    mean = mu + 0.5 * math.log(width * height / (512 * 512))
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32).double()
+    low, high = IDEOGRAM4_LOGSNR
+    t = (1.0 - torch.sigmoid(mean + std * torch.special.ndtri(u))).clamp(1 / (1 + math.exp(high / 2)),
+                                                                         1 / (1 + math.exp(low / 2)))
+    return (1.0 - t.float()).flip(0)
+
+
 def get_sigmas(scheduler: str, schedule: DiscreteSchedule, steps: int) -> Tensor:
     """The `steps + 1` sigmas (fewer for `beta`, maybe more for `ddim_uniform`) of a named scheduler."""
     if steps <= 0:
