@@ -252,6 +252,10 @@ class ReferenceKVRun:
             return self.unet(x, t, context, y=y, **extra)
         return self.module(x, t, context, y=y, ref_latents=ref_latents, reference_kv=self.store, **extra)
 
+    def over(self, module: nn.Module) -> ReferenceKVRun:
+        """A run of another module (a guidance pass's patched copy) with its own cache of the references."""
+        return ReferenceKVRun(module, module)
+
 
 class DoubleStreamBlock(nn.Module):
     def __init__(self, c: Flux2Config):

@@ -116,6 +116,10 @@ class PrefixKVRun:
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, **extra: object) -> Tensor:
         return self.module(x, t, context, y=y, prefix_kv=self.store, **extra)
 
+    def over(self, module: QwenImage21Denoiser | Any) -> PrefixKVRun:
+        """A run of another module (a guidance pass's patched copy) with its own cache: its prefix is its own."""
+        return PrefixKVRun(module)
+
 
 def without_prefix_cache(unet: QwenImage21Denoiser) -> QwenImage21Denoiser:
     """A copy (sharing the weights) that recomputes the prefix at every step (QwenImage21Cache's device "off")."""

@@ -5,7 +5,7 @@ of area jobs across the two sides, and the batching of compatible jobs into one 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -212,9 +212,10 @@ def pair_areas(jobs: list[Job]) -> list[Job]:
                     smallest = other
             if smallest is None or (smallest.area and smallest.region == job.region):
                 continue
-            out.append(Job(1 - side, smallest.context, smallest.y, job.rows, job.cols, job.weight, job.control,
-                            True, job.source, job.concat, smallest.hooks, smallest.gligen, smallest.ref_latents,
-                            smallest.attn_mask, job.frames, smallest.inputs))
+            # The other side's prompt (all it carries to the model) over this entry's area, weight and control.
+            out.append(replace(smallest, side=1 - side, rows=job.rows, cols=job.cols, weight=job.weight,
+                               control=job.control, area=True, source=job.source, concat=job.concat,
+                               frames=job.frames))
     return out
 
 

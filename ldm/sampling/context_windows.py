@@ -283,6 +283,9 @@ class ContextWindows:
         return context_windows(self.context_schedule, frames, self.context_length, self.context_overlap,
                                self.context_stride, step, self.closed_loop)
 
+    # The window loop runs eagerly (its indices change with the step, which a compiled graph would guard on and
+    # recompile for); each window's forward may still be compiled, once per window length.
+    @torch.compiler.disable(recursive=False)
     def __call__(self, forward: Callable[..., Tensor], x: Tensor, timesteps: Tensor, context: Tensor,
                  inputs: dict[str, Any]) -> Tensor:
         """`forward(x, timesteps, context, **inputs)`, window by window when `x` has more than `context_length`

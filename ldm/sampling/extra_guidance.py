@@ -13,12 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldm.sampling.denoiser import uniform_level
 from ldm.sampling.model_patches import CfgArgs, Predict, cfg_override
 
 
 def _level(sigma: Tensor) -> float:
-    """The call's noise level: its first item's (ComfyUI reads `sigma[0]`)."""
-    return float(sigma.reshape(-1)[0])
+    """The call's noise level: its first item's (ComfyUI reads `sigma[0]`), without a device read where the sampler's
+    level tensor carries it."""
+    level = uniform_level(sigma)
+    return float(sigma.reshape(-1)[0]) if level is None else level
 
 
 def tsr_factor(snr: float, k: float, variance: float) -> float:

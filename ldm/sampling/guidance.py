@@ -243,13 +243,12 @@ class CFGGuider:
         # Samplers give every item one level: the denoiser then needs it as a float, not a tensor.
         level = uniform_level(sigma)
         active = self._active(sigma, level)
-        elsewhere = None  # the transform of the module that predicts the negative side at this call
+        elsewhere = None  # the denoiser that predicts the negative side's calls at this level, if not the plain one
         if self.negative_by is not None and len(self.sides) >= 2 and self.dual is None:
-            elsewhere = self.negative_by(level if level is not None else float(sigma.max()))
-        if elsewhere is not None:  # the negative entries left out of the batched calls
-            every = active or tuple(tuple(True for _ in side) for side in self.sides)
-            active = (every[0], tuple(False for _ in every[1]))
-        plan = self._plan(x, active)
+            transform = self.negative_by(level if level is not None else float(sigma.max()))
+            elsewhere = None if transform is None else self._side_guider(transform, negative=True).denoiser
+        # With the negative predicted by another model, its jobs (area pairs included) get calls of their own.
+        plan = self._plan(x, active, split_sides=elsewhere is not None)
         if level is not None and plan.plain_cfg and self.cfg_function is None and not self.pre_cfg and not need_args:
             with call_sides(tuple(j.side for j in plan.batches[0][0])):
                 return self.denoiser.guided_at_level(x, level, plan.batches[0][1], self.cfg), None
@@ -261,6 +260,11 @@ class CFGGuider:
             else:
                 x_in = torch.cat([x[j.region] for j in jobs])
             denoiser = self._denoiser(jobs[0].hooks, sigma, level)
+            if elsewhere is not None and jobs[0].side == 1:
+                if jobs[0].hooks is not None or jobs[0].gligen is not None:
+                    raise ValueError("a negative prompt with hooks or GLIGEN boxes cannot be predicted by another "
+                                     "model (DualModelGuider, SkipLayerGuidanceDiTSimple)")
+                denoiser = elsewhere
             with call_sides(tuple(j.side for j in jobs)):
                 x0 = (denoiser(x_in, sigma.repeat(len(jobs)), cond) if level is None
                       else denoiser.at_level(x_in, level, cond))
@@ -272,8 +276,6 @@ class CFGGuider:
         for side, count in enumerate(plan.counts):
             if count is not None:
                 preds[side] = totals[side] / count
-        if elsewhere is not None:
-            preds[1] = self._side_guider(elsewhere, negative=True)(x, sigma)
         args = CfgArgs(x, sigma, preds[0], preds[1] if len(preds) > 1 else None, self.cfg, self.parts)
         if len(preds) == 1:
             return preds[0] if self.cfg_function is None else self.cfg_function(args), args
@@ -345,8 +347,9 @@ class CFGGuider:
                 out.append(job)
         return out
 
-    def _plan(self, x: Tensor, active: tuple | None = None) -> _Plan:
-        key = (tuple(x.shape), x.device, x.dtype, active)
+    def _plan(self, x: Tensor, active: tuple | None = None, split_sides: bool = False) -> _Plan:
+        """The model calls for `x` with the `active` entries; `split_sides`: no call mixes the two sides."""
+        key = (tuple(x.shape), x.device, x.dtype, active, split_sides)
         if key not in self._plans:
             jobs = []
             for side, conds in enumerate(self.sides):
@@ -361,7 +364,9 @@ class CFGGuider:
             jobs = [j for j in jobs if active is None or active[j.source[0]][j.source[1]]]
             jobs += self._default_jobs(x, jobs, active)
             batches = []
-            for group in batches_of(jobs):
+            groups = ([g for side in range(len(self.sides)) for g in batches_of([j for j in jobs if j.side == side])]
+                      if split_sides else batches_of(jobs))
+            for group in groups:
                 length = math.lcm(*(j.context.shape[1] for j in group))
                 context = torch.cat([j.context if j.context.shape[1] == length
                                      else j.context.repeat(1, length // j.context.shape[1], 1) for j in group])

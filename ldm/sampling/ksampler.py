@@ -26,7 +26,7 @@ from ldm.sampling import (
 from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
 from ldm.sampling.guidance import CFGGuider, CondList, DualCfg
 from ldm.sampling.hooks import HookedUNets, entry_hooks
-from ldm.sampling.model_patches import SamplingPatches
+from ldm.sampling.model_patches import SamplingPatches, cfg_override
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
     PrefetchingNoiseSampler,
@@ -447,7 +447,7 @@ def sample(
         options["tau_func"] = samplers_stochastic.sa_solver_tau(schedule.sigma_at_percent(0.2),
                                                                 schedule.sigma_at_percent(0.8))
     try:
-        with sampling_run(run_levels):
+        with sampling_run(run_levels), cfg_override(None):  # an override around an outer run stays there
             x = sampler(model, x, sampler_sigmas, callback=on_step, **options)
     finally:
         if prefetcher is not None:

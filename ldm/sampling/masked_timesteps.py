@@ -8,6 +8,7 @@ each token's timestep as the mask times the step's (ComfyUI's `process_timestep`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -34,3 +35,9 @@ class MaskedTimesteps:
         if x.shape[0] != mask.shape[0]:
             mask = mask.repeat(x.shape[0] // mask.shape[0], 1, 1, 1, 1)
         return self.unet(x, timesteps, context, denoise_mask=mask, **kwargs)
+
+    def over(self, unet: Callable[..., Tensor]) -> MaskedTimesteps:
+        """The same mask around another model (a guidance pass's patched copy, the negative's second model)."""
+        clone = copy.copy(self)
+        clone.unet = unet
+        return clone

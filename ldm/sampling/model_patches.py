@@ -62,9 +62,9 @@ _cfg_override: ContextVar[float | None] = ContextVar("cfg_override", default=Non
 
 
 @contextmanager
-def cfg_override(cfg: float) -> Iterator[None]:
+def cfg_override(cfg: float | None) -> Iterator[None]:
     """Within it, guiders guide at `cfg` in place of their own (ComfyUI's CFGOverride sets the guider's cfg around
-    its predict_noise); nested, the innermost wins."""
+    its predict_noise); nested, the innermost wins; None: no override (a sampling run starts without one)."""
     token = _cfg_override.set(cfg)
     try:
         yield

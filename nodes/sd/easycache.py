@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.lora import shallow_copy
+from ldm.sampling.denoiser import uniform_level
 from ldm.sampling.run import current_run
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel
@@ -372,7 +373,8 @@ class LazyCacheRun:
             self.reset()
 
     def __call__(self, x: Tensor, sigma: Tensor, guide: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        level = float(sigma.reshape(-1)[0])
+        level = uniform_level(sigma)  # the sampler's level tensor carries it: no device read
+        level = float(sigma.reshape(-1)[0]) if level is None else level
         if not level > self.end_sigma:
             return guide(x, sigma)
         change = None

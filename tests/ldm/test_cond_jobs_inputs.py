@@ -28,3 +28,17 @@ def test_inputs_batch_where_they_concatenate() -> None:
     plain = _job(1, None, x, 4)
     assert plain.inputs is None and len(batches_of([positive, plain])) == 2
     assert batched_inputs([plain]) is None
+
+
+def test_an_area_pair_carries_the_other_sides_prompt_whole() -> None:
+    """ComfyUI pairs an area prompt with the other side's prompt over that area, with everything that prompt takes
+    to the model: its ControlNet prompt (CLIPTextEncodeControlnet's) and its model inputs too."""
+    from ldm.sampling.cond_jobs import entry_job, pair_areas
+
+    x = torch.zeros(1, 4, 8, 8)
+    negative_cnet = torch.randn(1, 5, 16)
+    area = entry_job(0, torch.randn(1, 3, 16), {"area": (4, 4, 0, 0)}, x, 8)
+    whole = entry_job(1, torch.randn(1, 3, 16), {"cross_attn_controlnet": negative_cnet}, x, 8)
+    [pair] = [j for j in pair_areas([area, whole]) if j not in (area, whole)]
+    assert pair.side == 1 and pair.region == area.region and pair.context is whole.context
+    assert torch.equal(pair.control_context, negative_cnet)

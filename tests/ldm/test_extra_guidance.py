@@ -233,3 +233,20 @@ def test_skip_layers_on_the_negative_side_only_within_the_window() -> None:
         for level in (0.875, 0.25):
             sigma = torch.tensor([level])
             torch.testing.assert_close(slg(x, sigma), plain(x, sigma), rtol=1e-5, atol=1e-5)
+
+
+def test_the_negative_on_another_model_keeps_area_prompts_and_their_pairs() -> None:
+    """With the negative side predicted by a model of its own, area prompts and the pairs ComfyUI makes of them
+    (the other side's prompt over an area) still count: predicted by the same model, the result is the plain
+    guider's, the two sides in calls of their own."""
+    unet = AttentionUNet()
+    x, ctx = setup()
+    sigma = torch.full((2,), 2.0)
+    cases = ([(ctx[0], {}), (ctx[0] * 2, {"area": (4, 4, 0, 0)})], [(ctx[1], {}), (ctx[1] * 3, {"area": (4, 8, 4, 0)})]), \
+        ([(ctx[0], {}), (ctx[0] * 2, {"area": (4, 4, 0, 0)})], [(ctx[1], {})])
+    for positive, negative in cases:
+        plain = CFGGuider(Denoiser(unet, SCHEDULE), positive, negative, 4.0, module=unet)
+        same = CFGGuider(Denoiser(unet, SCHEDULE), positive, negative, 4.0, module=unet,
+                         negative_by=NegativeOnModel(lambda: unet))
+        with torch.no_grad():
+            torch.testing.assert_close(same(x, sigma), plain(x, sigma), rtol=0, atol=1e-5)
