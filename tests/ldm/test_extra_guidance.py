@@ -242,8 +242,8 @@ def test_the_negative_on_another_model_keeps_area_prompts_and_their_pairs() -> N
     unet = AttentionUNet()
     x, ctx = setup()
     sigma = torch.full((2,), 2.0)
-    cases = ([(ctx[0], {}), (ctx[0] * 2, {"area": (4, 4, 0, 0)})], [(ctx[1], {}), (ctx[1] * 3, {"area": (4, 8, 4, 0)})]), \
-        ([(ctx[0], {}), (ctx[0] * 2, {"area": (4, 4, 0, 0)})], [(ctx[1], {})])
+    positive = [(ctx[0], {}), (ctx[0] * 2, {"area": (4, 4, 0, 0)})]
+    cases = ((positive, [(ctx[1], {}), (ctx[1] * 3, {"area": (4, 8, 4, 0)})]), (positive, [(ctx[1], {})]))
     for positive, negative in cases:
         plain = CFGGuider(Denoiser(unet, SCHEDULE), positive, negative, 4.0, module=unet)
         same = CFGGuider(Denoiser(unet, SCHEDULE), positive, negative, 4.0, module=unet,
