@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ldm.sampling.denoiser import uniform_level
 from ldm.sampling.model_patches import CfgArgs, Predict
 
 # Block lists by stream kind, and how many streams each kind's forward takes first and hands back.
@@ -103,7 +104,7 @@ class SkipLayers:
 @dataclass(frozen=True)
 class SkipLayerGuidance:
     """Skip-layer guidance (Stability AI's, for SD3.5; ComfyUI's SkipLayerGuidanceDiT, after Perturbed-Attention
-    Guidance): while `sigma_end <= sigma <= sigma_start` (the first item's level), one more prediction of the
+    Guidance): while `sigma_end < sigma <= sigma_start` (the first item's level), one more prediction of the
     positive prompt by the model with `skip`'s blocks skipped, and `denoised + scale * (positive - skipped)`.
     With `rescaling_scale` r != 0 the result is then multiplied by `r * std(positive) / std(result) + 1 - r`
     (standard deviations over the whole batch). diffusers' StableDiffusion3Pipeline uses the same combination (in
@@ -118,8 +119,9 @@ class SkipLayerGuidance:
     def __call__(self, args: CfgArgs, denoised: Tensor, predict: Predict) -> Tensor:
         if self.scale <= 0:
             return denoised
-        sigma = float(args.sigma.reshape(-1)[0])
-        if not self.sigma_end <= sigma <= self.sigma_start:
+        level = uniform_level(args.sigma)
+        sigma = float(args.sigma.reshape(-1)[0]) if level is None else level
+        if not self.sigma_end < sigma <= self.sigma_start:  # the window's end excluded, as ComfyUI's newer check
             return denoised
         guided = denoised + (args.cond - predict(self.skip)) * self.scale
         if self.rescaling_scale != 0:

@@ -15,12 +15,13 @@ from nodes.spec import ANY_TYPE, Boolean, Output, Socket
 
 
 class ComfySwitchNode(Node):
-    """Passes `on_true` on when `switch` is on and `on_false` when it is off; only that side's nodes run."""
+    """Passes `on_true` on when `switch` is on and `on_false` when it is off; only that side's nodes run. A side
+    taken that is left unconnected passes on None, as ComfyUI's does (for a Pass or None node after it)."""
 
-    display_name = "Switch"
-    category = "logic"
+    display_name = "If/Else Switch"
+    category = "utilities/logic"
     switch = Boolean(False)
-    # Optional, as in ComfyUI's newer declaration: the side not taken may be left unconnected.
+    # Optional, as in ComfyUI's newer declaration: either side may be left unconnected.
     on_false = Socket(ANY_TYPE, optional=True, lazy=True)
     on_true = Socket(ANY_TYPE, optional=True, lazy=True)
     outputs = (Output(ANY_TYPE, "output"),)
@@ -30,11 +31,7 @@ class ComfySwitchNode(Node):
         return [side] if side in inputs and inputs[side] is None else []
 
     def execute(self, switch: bool, **inputs: Any) -> tuple[Any]:
-        side = "on_true" if switch else "on_false"
-        if side not in inputs:
-            raise ValueError(f"the switch is {'on' if switch else 'off'}, so it passes on {side}, "
-                             f"but nothing is connected to {side}")
-        return (inputs[side],)
+        return (inputs.get("on_true" if switch else "on_false"),)
 
 
 def truth(node: str, name: str, value: Any) -> bool:

@@ -114,8 +114,8 @@ GlobalSeedNode.inputs = {**GlobalSeedNode.inputs, "global": Boolean(
 
 
 class StringConcatenate(Node):
-    display_name = "Concatenate"
-    category = "utils/string"
+    display_name = "Concatenate Text"
+    category = "text"
     string_a = String("", multiline=True)
     string_b = String("", multiline=True)
     delimiter = String("")
@@ -126,15 +126,16 @@ class StringConcatenate(Node):
 
 
 class StringReplace(Node):
-    display_name = "Replace"
-    category = "utils/string"
+    display_name = "Replace Text"
+    category = "text"
     string = String("", multiline=True)
-    find = String("")
-    replace = String("")
+    find = String("", multiline=True)
+    replace = String("", multiline=True)
     outputs = (Output("STRING"),)
 
     def execute(self, string: str, find: str, replace: str) -> tuple[str]:
-        return (string.replace(find, replace) if find else string,)
+        # Python's str.replace, as ComfyUI's: an empty `find` puts `replace` before, between and after every character.
+        return (string.replace(find, replace),)
 
 
 class PreviewAny(Node):

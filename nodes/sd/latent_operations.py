@@ -1,15 +1,17 @@
 """ComfyUI's latent operations: functions of a latent (Reinhard tonemapping, sharpening, blending toward a reference)
-that a node applies to a LATENT, or a model patch applies to the guidance direction (cond - uncond) at every sampling
-step."""
+that a node applies to a LATENT, or a model patch applies to the guidance direction (cond - uncond) at the sampling
+steps of its window (at cfg 1, to the single prediction)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ldm.sampling.model_patches import CfgArgs
+from ldm.sampling.denoiser import uniform_level
+from ldm.sampling.model_patches import CfgArgs, Predict
 from nodes.node import Node
 from nodes.sd.image import gaussian_kernel
 from nodes.sd.latent import repeat_to_batch
@@ -84,21 +86,49 @@ class BlendToward:
         return torch.lerp(latent, repeat_to_batch(target, latent.shape[0]), self.strength)
 
 
+def _level(sigma: torch.Tensor) -> float:
+    """The call's noise level: its first item's (ComfyUI reads `sigma[0]`), without a device read where the sampler's
+    level tensor carries it."""
+    level = uniform_level(sigma)
+    return float(sigma.reshape(-1)[0]) if level is None else level
+
+
 @dataclass(frozen=True)
 class OperationOnGuidance:
-    """A pre-guidance patch: the positive prediction moved to `uncond + operation(cond - uncond)`, so the guided
-    x0 is `uncond + cfg * operation(cond - uncond)`."""
+    """A pre-guidance patch: while `sigma_end <= sigma <= sigma_start`, the positive prediction moved to
+    `uncond + operation(cond - uncond)`, so the guided x0 is `uncond + cfg * operation(cond - uncond)`."""
 
     operation: object  # a LATENT_OPERATION: Tensor -> Tensor
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+
+    def acts_at(self, sigma: torch.Tensor) -> bool:
+        return self.sigma_end <= _level(sigma) <= self.sigma_start
 
     def __call__(self, args: CfgArgs, state: dict) -> CfgArgs:
+        if not self.acts_at(args.sigma):
+            return args
         return replace(args, cond=self.operation(args.cond - args.uncond) + args.uncond)
+
+
+@dataclass(frozen=True)
+class OperationOnPrediction:
+    """The same operation where only the positive prompt is predicted (cfg 1, or a guider without a negative), where
+    pre-guidance patches do not run: the prediction becomes `operation(prediction)`, as ComfyUI's pre-CFG function
+    makes it (its negative side then being zeros). A post-guidance patch, placed before the other ones."""
+
+    on_guidance: OperationOnGuidance
+
+    def __call__(self, args: CfgArgs, denoised: torch.Tensor, predict: Predict) -> torch.Tensor:
+        if args.uncond is not None or not self.on_guidance.acts_at(args.sigma):
+            return denoised
+        return self.on_guidance.operation(denoised)
 
 
 class LatentApplyOperation(Node):
     """Applies a latent operation to the samples."""
 
-    category = "latent/advanced/operations"
+    category = "model/latent/advanced/operations"
     samples = Socket("LATENT")
     operation = Socket("LATENT_OPERATION")
     outputs = (Output("LATENT"),)
@@ -108,17 +138,31 @@ class LatentApplyOperation(Node):
 
 
 class LatentApplyOperationCFG(Node):
-    """Applies a latent operation to the guidance direction (positive minus negative prediction) at every step.
-    It acts only where the negative side is predicted: at cfg 1 Loom skips that pass, and the model is unchanged."""
+    """Applies a latent operation to the guidance direction (positive minus negative prediction) at each step between
+    `start_percent` and `end_percent` of the schedule; where only the positive prompt is predicted (cfg 1), to that
+    prediction itself."""
 
-    category = "latent/advanced/operations"
+    category = "model/latent/advanced/operations"
     model = Socket("MODEL")
     operation = Socket("LATENT_OPERATION")
+    start_percent = Float(0.0, min=0.0, max=1.0, step=0.001, optional=True, tooltip="Start applying the operation at "
+                          "this fraction of the model's denoising schedule. 0 is the beginning.")
+    end_percent = Float(1.0, min=0.0, max=1.0, step=0.001, optional=True, tooltip="Stop applying the operation at "
+                        "this fraction of the model's denoising schedule. 1 is the end.")
     outputs = (Output("MODEL"),)
 
-    def execute(self, model: DiffusionModel, operation: object) -> tuple[DiffusionModel]:
+    def execute(self, model: DiffusionModel, operation: object, start_percent: float = 0.0,
+                end_percent: float = 1.0) -> tuple[DiffusionModel]:
+        schedule = model.schedule
+        on_guidance = OperationOnGuidance(operation, schedule.sigma_at_percent(start_percent),
+                                          schedule.sigma_at_percent(end_percent))
         current = model.sampling_patches
-        patches = replace(current, pre_cfg=(*current.pre_cfg, OperationOnGuidance(operation)))
+        # The one-sided form goes after earlier nodes' one-sided forms and before any other post-guidance patch, as
+        # ComfyUI's pre-CFG functions all run, in order, before its post-CFG ones.
+        post = current.post_cfg
+        at = next((i for i, patch in enumerate(post) if not isinstance(patch, OperationOnPrediction)), len(post))
+        patches = replace(current, pre_cfg=(*current.pre_cfg, on_guidance),
+                          post_cfg=(*post[:at], OperationOnPrediction(on_guidance), *post[at:]))
         return (replace(model, sampling_patches=patches),)
 
 
@@ -140,7 +184,7 @@ class LatentOperationBlend(Node):
 class LatentOperationTonemapReinhard(Node):
     """Reinhard tonemapping of the latent's per-pixel magnitudes (against the over-saturation of high cfg)."""
 
-    category = "latent/advanced/operations"
+    category = "model/latent/advanced/operations"
     multiplier = Float(1.0, min=0.0, max=100.0, step=0.01)
     outputs = (Output("LATENT_OPERATION"),)
 
@@ -151,10 +195,10 @@ class LatentOperationTonemapReinhard(Node):
 class LatentOperationSharpen(Node):
     """Unsharp masking of the latent's per-pixel directions."""
 
-    category = "latent/advanced/operations"
-    sharpen_radius = Int(9, min=1, max=31, step=1)
-    sigma = Float(1.0, min=0.1, max=10.0, step=0.1)
-    alpha = Float(0.1, min=0.0, max=5.0, step=0.01)
+    category = "model/latent/advanced/operations"
+    sharpen_radius = Int(9, min=1, max=31, step=1, extra={"advanced": True})
+    sigma = Float(1.0, min=0.1, max=10.0, step=0.1, extra={"advanced": True})
+    alpha = Float(0.1, min=0.0, max=5.0, step=0.01, extra={"advanced": True})
     outputs = (Output("LATENT_OPERATION"),)
 
     def execute(self, sharpen_radius: int, sigma: float, alpha: float) -> tuple[Sharpen]:

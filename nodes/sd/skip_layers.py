@@ -79,11 +79,11 @@ class SkipLayerGuidanceDiT(_DiTPatch):
 
     category = "advanced/guidance"
     model = Socket("MODEL")
-    double_layers = String("7, 8, 9")
-    single_layers = String("7, 8, 9")
+    double_layers = String("7, 8, 9", extra={"advanced": True})
+    single_layers = String("7, 8, 9", extra={"advanced": True})
     scale = Float(3.0, min=0.0, max=10.0, step=0.1)
-    start_percent = Float(0.01, min=0.0, max=1.0, step=0.001)
-    end_percent = Float(0.15, min=0.0, max=1.0, step=0.001)
+    start_percent = Float(0.01, min=0.0, max=1.0, step=0.001, extra={"advanced": True})
+    end_percent = Float(0.15, min=0.0, max=1.0, step=0.001, extra={"advanced": True})
     rescaling_scale = Float(0.0, min=0.0, max=10.0, step=0.01)
     outputs = (Output("MODEL"),)
 
@@ -99,10 +99,10 @@ class SkipLayerGuidanceSD3(_DiTPatch):
 
     category = "advanced/guidance"
     model = Socket("MODEL")
-    layers = String("7, 8, 9")
+    layers = String("7, 8, 9", extra={"advanced": True})
     scale = Float(3.0, min=0.0, max=10.0, step=0.1)
-    start_percent = Float(0.01, min=0.0, max=1.0, step=0.001)
-    end_percent = Float(0.15, min=0.0, max=1.0, step=0.001)
+    start_percent = Float(0.01, min=0.0, max=1.0, step=0.001, extra={"advanced": True})
+    end_percent = Float(0.15, min=0.0, max=1.0, step=0.001, extra={"advanced": True})
     outputs = (Output("MODEL"),)
 
     def execute(self, model: DiffusionModel, layers: str, scale: float, start_percent: float,

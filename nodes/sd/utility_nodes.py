@@ -5,7 +5,7 @@ Three of them use kinds of input from ComfyUI's newer node schema that Loom's de
 declares what those kinds expand to, so that ComfyUI's API prompts and editor files run unchanged:
 
 - BatchImagesNode's `images` grows one socket at a time in ComfyUI's editor (an "autogrow" input); its prompts link
-  `images.image0`, `images.image1`, ... up to `images.image49`. Loom declares those fifty sockets, the first two
+  `images.image0`, `images.image1`, ... up to `images.image49`. Loom declares those fifty sockets, the first one
   required, as ComfyUI's validation expands them.
 - ResizeImageMaskNode's `resize_type` is a combo whose choice brings inputs of its own (a "dynamic combo"); its
   prompts carry them as `resize_type.width`, `resize_type.multiplier`, ... Loom declares each one, optional, and
@@ -92,8 +92,8 @@ class BatchImagesNode(Node):
     one's size, and all get an alpha channel if one has it."""
 
     display_name = "Batch Images"
-    category = "image"
-    inputs = autogrow_sockets("images", "image", "IMAGE", required=2)
+    category = "image/batch"
+    inputs = autogrow_sockets("images", "image", "IMAGE", required=1)
     outputs = (Output("IMAGE"),)
 
     @classmethod

@@ -87,14 +87,21 @@ def test_switches_nest(registry):
     assert result.executed == ["2", "3", "4", "7", "5"]
 
 
-def test_the_side_taken_left_unconnected_is_a_clear_error(registry):
+def test_the_side_taken_left_unconnected_passes_on_none(registry):
+    """As ComfyUI's switch does (its MISSING side gives None), so a Pass or None after it can give a fallback."""
     doc = switch_doc(True)
     del doc["4"]["inputs"]["on_true"]
-    executor = Executor(registry)
-    result = executor.run(parse_api(doc))
-    assert result.status == "error" and result.error.node_id == "4"
-    assert "nothing is connected to on_true" in result.error.exception_message
-    assert executor.run(parse_api(switch_doc(False))).ok  # the engine goes on
+    result = Executor(registry).run(parse_api(doc))
+    assert result.ok and result.outputs["5"] == {"value": [None]} and result.executed == ["4", "5"]
+    doc["6"] = {"class_type": "ComfyPassOrNoneNode", "inputs": {"anything": ["4", 0], "default": ["1", 0]}}
+    doc["5"]["inputs"]["value"] = ["6", 0]
+    doc["7"] = {"class_type": "Sink", "inputs": {"value": ["6", 1]}}
+    result = Executor(registry).run(parse_api(doc))
+    assert result.ok and result.outputs["5"] == {"value": [1]} and result.outputs["7"] == {"value": [False]}
+    doc["4"]["inputs"]["switch"] = False  # the side connected: passed on as before
+    doc["4"]["inputs"]["on_false"] = ["2", 0]
+    result = Executor(registry).run(parse_api(doc))
+    assert result.ok and result.outputs["5"] == {"value": [10]} and "1" in result.executed
 
 
 def test_a_failure_on_the_side_taken_names_that_node(registry):
@@ -164,4 +171,5 @@ def test_switch_declares_lazy_optional_sides(registry):
     info = registry.get("ComfySwitchNode").object_info()
     assert info["input"]["required"] == {"switch": ["BOOLEAN", {"default": False}]}
     assert info["input"]["optional"] == {"on_false": ["*", {"lazy": True}], "on_true": ["*", {"lazy": True}]}
-    assert info["output"] == ["*"] and info["category"] == "logic"
+    assert info["output"] == ["*"] and info["output_name"] == ["output"]
+    assert (info["display_name"], info["category"]) == ("If/Else Switch", "utilities/logic")

@@ -116,12 +116,13 @@ def test_guidance_formula_window_and_rescaling_as_comfyui_writes_them() -> None:
     out = SkipLayerGuidance(skip, 3.0, sigma_start=0.5, sigma_end=0.2)(args, denoised, predict)
     torch.testing.assert_close(out, denoised + 3.0 * (args.cond - skipped))
     assert calls == [(skip, None, False)]  # the positive prompt, at the call's own latent
-    rescaled = SkipLayerGuidance(skip, 3.0, 0.9, 0.5, rescaling_scale=0.7)(args, denoised, predict)
+    rescaled = SkipLayerGuidance(skip, 3.0, 0.9, 0.49, rescaling_scale=0.7)(args, denoised, predict)
     factor = 0.7 * args.cond.std() / out.std() + 0.3
     torch.testing.assert_close(rescaled, out * factor)
-    # Outside [sigma_end, sigma_start] (both ends included), or at scale 0, nothing is predicted or changed.
+    # Outside (sigma_end, sigma_start] (the start included, the end not: ComfyUI's `sigma > sigma_end and sigma <=
+    # sigma_start`), or at scale 0, nothing is predicted or changed.
     for patch in (SkipLayerGuidance(skip, 3.0, 0.49, 0.1), SkipLayerGuidance(skip, 3.0, 0.9, 0.51),
-                  SkipLayerGuidance(skip, 0.0, 1.0, 0.0)):
+                  SkipLayerGuidance(skip, 3.0, 0.9, 0.5), SkipLayerGuidance(skip, 0.0, 1.0, 0.0)):
         assert patch(args, denoised, predict) is denoised
     assert len(calls) == 2
 
@@ -132,7 +133,7 @@ STEPS, CFG, SCALE = 8, 4.0, 2.5  # 8 divides SD3's 1000 levels: `simple` then ta
 def test_whole_run_matches_stable_diffusion_3_pipeline() -> None:
     """euler over SD3's shifted levels with cfg and skip-layer guidance on blocks 1 and 2, against diffusers'
     pipeline with the same transformer, prompt embeddings and noise. diffusers picks the steps by index (i > N *
-    start and i < N * stop); ComfyUI's rule, kept here, by level (sigma_end <= sigma <= sigma_start): at 0.2 to 0.7
+    start and i < N * stop); ComfyUI's rule, kept here, by level (sigma_end < sigma <= sigma_start): at 0.2 to 0.7
     both cover steps 2 to 5 of 8 (the levels of `simple` are shift(1 - i / N))."""
     model = random_mmdit(DEEP_SD3)
     generator = torch.Generator().manual_seed(5)

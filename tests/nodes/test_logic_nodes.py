@@ -54,7 +54,7 @@ def run_error(engine: Executor, node: dict[str, Any], sources: dict[str, dict]) 
 def test_declarations_are_comfyuis(engine) -> None:
     registry = engine.registry
     for name, display in [("ComfyNotNode", "Not"), ("ComfyAndNode", "And"), ("ComfyOrNode", "Or"),
-                          ("ComfyPassOrNoneNode", "Pass or None")]:
+                          ("ComfyPassOrNoneNode", "Pass or None"), ("ComfySwitchNode", "If/Else Switch")]:
         info = registry.get(name).object_info()
         assert (info["display_name"], info["category"]) == (display, "utilities/logic")
     assert registry.get("ComfyNotNode").object_info()["input"]["required"] == {"value": ["*", {}]}

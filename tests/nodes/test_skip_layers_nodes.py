@@ -58,6 +58,11 @@ def test_declarations_are_comfyuis(engine) -> None:
             for k in ("scale", "start_percent", "end_percent", "rescaling_scale")] == [
         (3.0, 10.0, 0.1), (0.01, 1.0, 0.001), (0.15, 1.0, 0.001), (0.0, 10.0, 0.01)]
     assert all(i["category"] == "advanced/guidance" and i["output"] == ["MODEL"] for i in info.values())
+    # ComfyUI's newer declarations put the layers and the window among the node's advanced inputs.
+    assert {name: [k for k, v in i["input"]["required"].items() if v[1].get("advanced")]
+            for name, i in info.items()} == {
+        "SkipLayerGuidanceSD3": ["layers", "start_percent", "end_percent"],
+        "SkipLayerGuidanceDiT": ["double_layers", "single_layers", "start_percent", "end_percent"]}
 
 
 def test_sd3_workflow_matches_pipeline_with_skip_guidance_layers(engine, base, tmp_path) -> None:

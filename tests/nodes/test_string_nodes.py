@@ -79,6 +79,8 @@ def run_error(engine: Executor, class_type: str, inputs: dict[str, Any], sources
 DECLARATIONS = {
     "StringFormat": ("Format Text", ["f_string"], [f"values.{c}" for c in "abcdefghijklmnopqrstuvwxyz"], ["STRING"],
                      ["STRING"]),
+    "StringConcatenate": ("Concatenate Text", ["string_a", "string_b", "delimiter"], [], ["STRING"], ["STRING"]),
+    "StringReplace": ("Replace Text", ["string", "find", "replace"], [], ["STRING"], ["STRING"]),
     "StringSubstring": ("Substring", ["string", "start", "end"], [], ["STRING"], ["STRING"]),
     "StringLength": ("Text Length", ["string"], [], ["INT"], ["length"]),
     "CaseConverter": ("Convert Text Case", ["string", "mode"], [], ["STRING"], ["STRING"]),
@@ -131,6 +133,10 @@ def test_declared_options_defaults_and_widget_order(engine) -> None:
     assert spec("StringFormat", "f_string")[1] == {"default": "{a}", "multiline": True}
     assert spec("StringFormat", "values.z") == ["*", {"autogrow": True}]
     assert spec("JsonExtractString", "key")[1] == {"default": ""}  # one line, as ComfyUI's
+    assert [spec("StringConcatenate", name)[1] for name in ("string_a", "string_b", "delimiter")] == [
+        {"default": "", "multiline": True}, {"default": "", "multiline": True}, {"default": ""}]
+    assert [spec("StringReplace", name)[1] for name in ("string", "find", "replace")] == [
+        {"default": "", "multiline": True}] * 3
     # the order of an editor file's widgets_values
     assert engine.registry.get("RegexReplace").widget_names() == ["string", "regex_pattern", "replace",
                                                                   "case_insensitive", "multiline", "dotall", "count"]
@@ -148,6 +154,44 @@ def test_substring_is_a_python_slice(engine, start, end, expected) -> None:
 
 def test_length_counts_characters(engine) -> None:
     assert run_node(engine, "StringLength", {"string": "héllo\n"}) == 6
+
+
+@pytest.mark.parametrize(("a", "b", "delimiter", "expected"), [("one", "two", ", ", "one, two"), ("", "b", "-", "-b"),
+                                                              ("x\ny", "z", "", "x\nyz")])
+def test_concatenate(engine, a, b, delimiter, expected) -> None:
+    inputs = {"string_a": a, "string_b": b, "delimiter": delimiter}
+    assert run_node(engine, "StringConcatenate", inputs) == expected == delimiter.join((a, b))
+
+
+@pytest.mark.parametrize(("string", "find", "replace", "expected"), [
+    ("a cat and a hat", "at", "og", "a cog and a hog"),
+    ("line one\nline two\n", "\nline", " /", "line one / two\n"),  # a find across lines (multiline widgets)
+    ("abc", "", "-", "-a-b-c-"),  # an empty find: Python's (and ComfyUI's) str.replace, between every character
+    ("", "", "x", "x"),
+    ("abc", "z", "y", "abc"),
+])
+def test_replace_is_pythons_str_replace(engine, string, find, replace, expected) -> None:
+    inputs = {"string": string, "find": find, "replace": replace}
+    assert run_node(engine, "StringReplace", inputs) == expected == string.replace(find, replace)
+
+
+def test_an_older_editor_file_of_the_text_nodes_still_runs(engine) -> None:
+    """Widgets kept their order (only their look changed): a file saved before reads the same values."""
+    doc = {"nodes": [
+        {"id": 1, "type": "StringConcatenate", "mode": 0, "inputs": [],
+         "outputs": [{"name": "STRING", "type": "STRING", "links": [1]}], "widgets_values": ["red", "blue", " & "]},
+        {"id": 2, "type": "StringReplace", "mode": 0,
+         "inputs": [{"name": "string", "type": "STRING", "widget": {"name": "string"}, "link": 1}],
+         "outputs": [{"name": "STRING", "type": "STRING", "links": [2]}], "widgets_values": ["", "&", "and"]},
+        {"id": 3, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 2}],
+         "outputs": [], "widgets_values": []}],
+        "links": [[1, 1, 0, 2, 0, "STRING"], [2, 2, 0, 3, 0, "STRING"]]}
+    api = ui_to_api(doc, engine.registry)
+    assert api["1"]["inputs"] == {"string_a": "red", "string_b": "blue", "delimiter": " & "}
+    assert api["2"]["inputs"] == {"string": ["1", 0], "find": "&", "replace": "and"}
+    result = engine.run(graph_from_data(doc, engine.registry))
+    assert result.ok, result.error
+    assert result.outputs["3"] == {"text": ["red and blue"]}
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("UPPERCASE", "HELLO WORLD IT'S"), ("lowercase", "hello world it's"),

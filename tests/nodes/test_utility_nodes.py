@@ -58,10 +58,11 @@ def test_interfaces_match_comfyui(registry):
     def info(name):
         return registry.get(name).object_info()
 
-    assert (info("BatchImagesNode")["display_name"], info("BatchImagesNode")["category"]) == ("Batch Images", "image")
-    order = info("BatchImagesNode")["input_order"]
-    assert order["required"] == ["images.image0", "images.image1"]
-    assert order["optional"] == [f"images.image{i}" for i in range(2, 50)]
+    batch = info("BatchImagesNode")
+    assert (batch["display_name"], batch["category"]) == ("Batch Images", "image/batch")
+    order = batch["input_order"]  # ComfyUI's newer autogrow template: min 1, max 50
+    assert order["required"] == ["images.image0"]
+    assert order["optional"] == [f"images.image{i}" for i in range(1, 50)]
     assert info("BatchImagesNode")["input"]["required"]["images.image0"] == ["IMAGE", {}]
 
     cut = info("LatentCut")
@@ -129,6 +130,18 @@ def test_batch_images_joins_in_slot_order_with_alpha_and_resize():
 def test_batch_images_refuses_a_mask_shaped_input():
     with pytest.raises(ValueError, match=r"image 1 has shape \(1, 4, 4\)"):
         run(BatchImagesNode, **{"images.image0": torch.zeros(1, 4, 4, 3), "images.image1": torch.zeros(1, 4, 4)})
+
+
+def test_batch_images_of_one_image_in_a_workflow(registry):
+    """ComfyUI's newer BatchImagesNode needs one image only: the prompt runs, and the batch is that image."""
+    doc = {"1": {"class_type": "EmptyImage", "inputs": {"width": 6, "height": 4, "batch_size": 2, "color": 0x336699}},
+           "2": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["1", 0]}},
+           "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    result = Executor(registry).run(parse_api(doc), keep=["1", "2"])
+    assert result.ok, result.error
+    (image,), (batched,) = result.values["1"], result.values["2"]
+    assert batched.shape == (2, 4, 6, 3) and torch.equal(batched, image)
+    torch.testing.assert_close(batched[0, 0, 0], torch.tensor([0x33, 0x66, 0x99]) / 255.0)
 
 
 # --- LatentCut / LatentCutToBatch -----------------------------------------------------------------
@@ -304,9 +317,11 @@ def problems(registry, doc):
 def test_validation_of_dotted_inputs(registry):
     image = {"class_type": "EmptyImage", "inputs": {"width": 4, "height": 4, "batch_size": 1, "color": 0}}
     doc = {"1": image,
-           "2": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["1", 0]}},
+           "2": {"class_type": "BatchImagesNode", "inputs": {}},
            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
-    assert problems(registry, doc) == [("required_input_missing", "2", "images.image1", "images.image1")]
+    assert problems(registry, doc) == [("required_input_missing", "2", "images.image0", "images.image0")]
+    doc["2"]["inputs"]["images.image0"] = ["1", 0]
+    assert problems(registry, doc) == []  # one image is enough
     doc["2"]["inputs"].update({"images.image1": ["1", 0], "images.image50": ["1", 0]})
     [(kind, node, _, details)] = problems(registry, doc)
     assert (kind, node) == ("custom_validation_failed", "2") and "no input images.image50" in details

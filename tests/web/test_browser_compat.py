@@ -313,16 +313,18 @@ def test_a_switch_runs_the_side_it_is_set_to(page, server):
 
 
 def test_batch_images_grows_a_socket_per_link_and_runs(page, server):
-    """BatchImagesNode's growing input (ComfyUI's autogrow): the editor shows the two required sockets and one spare,
+    """BatchImagesNode's growing input (ComfyUI's autogrow): the editor shows the one required socket and one spare,
     a new spare each time the last one is linked; the prompt batches the linked images in slot order."""
     doc = {**{str(i): {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1,
                                                               "color": i * 0x202020}, "_meta": {"pos": [40, 150 * i]}}
               for i in (1, 2, 3)},
-           "4": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["1", 0], "images.image1": ["2", 0]},
+           "4": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["1", 0]},
                  "_meta": {"pos": [400, 150]}},
            "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}, "_meta": {"pos": [700, 150]}}}
     page.evaluate("doc => loom.editor.load(doc, 'batch.json')", doc)
     names = "loom.editor.node(4).inputs.map(i => i.name)"
+    assert page.evaluate(names) == ["images.image0", "images.image1"]
+    page.evaluate("loom.editor.node(2).connect(0, loom.editor.node(4), 1)")
     assert page.evaluate(names) == ["images.image0", "images.image1", "images.image2"]
     page.evaluate("loom.editor.node(3).connect(0, loom.editor.node(4), 2)")
     assert page.evaluate(names) == ["images.image0", "images.image1", "images.image2", "images.image3"]
