@@ -32,7 +32,8 @@ from ldm.hunyuan_image21 import (
     tiny_config,
 )
 from ldm.hunyuan_video15 import randomize
-from ldm.hunyuan_video15_files import run_sigmas, step_end
+from ldm.hunyuan_video15_files import step_end
+from ldm.sampling.run import run_sigmas
 from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
 

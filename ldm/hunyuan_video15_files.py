@@ -32,7 +32,7 @@ from ldm.hunyuan_video15 import (
     randomize,
     tiny_config,
 )
-from ldm.sampling.run import current_run
+from ldm.sampling.run import run_sigmas
 from ldm.single_file_family import SingleFileFamily
 from ldm.vae import VAEConfig
 
@@ -106,12 +106,6 @@ class HunyuanVideo15Denoiser(nn.Module):
         levels = timesteps.reshape(-1).float().expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
         return self.model(x.to(self.dtype), levels * 1000, context, attn_mask, byt5, byt5_mask, y,
                           self.step_end(levels))
-
-
-def run_sigmas() -> Tensor | None:
-    """The levels of the sampling run in progress, None outside one."""
-    run = current_run()
-    return None if run is None else run.sigmas
 
 
 def step_end(sigmas: Tensor | None, timesteps: Tensor) -> Tensor | None:

@@ -24,9 +24,11 @@ than `context_length`; otherwise it is the plain forward. For each window (its f
 The schedules are ComfyUI's: "standard_static" (fixed windows, the last moved back to end at the last frame),
 "batched" (no overlap, the last window shorter), "standard_uniform" and "looped_uniform" (windows shifted at each
 sampling step by an ordered halving of the step index, with strides 1, 2, 4, ... up to `context_stride`; looped ones
-wrap round the end, standard ones are moved back within the video, duplicates dropped). The step is the index of the
-call's level among the sampling run's (`ldm.sampling.run`); a call between them (a multistep sampler's substep)
-keeps the last.
+wrap round the end, standard ones are moved back within the video, duplicates dropped). The step is the one the
+sampler records for each model call on the sampling run (`ldm.sampling.run.SamplingRun.record`: the index of the
+call's level among the run's, ComfyUI's set_step); a call between them (a multistep sampler's substep) keeps the last.
+A call within a run that no sampler recorded (a model called by hand inside `sampling_run`) is located by its
+timestep against the schedule the node saw; outside a run the step is 0.
 
 FreeNoise (`freenoise`): the initial noise's frames past the first window repeat, shuffled, the frames a window
 length before them, so that windows start from correlated noise; `ldm.sampling.noise.model_noise` applies it.
@@ -50,12 +52,11 @@ import torch
 from torch import Tensor, nn
 
 from ldm.lora import shallow_copy
-from ldm.sampling.run import current_run
+from ldm.sampling.run import RTOL, current_run
 
 SCHEDULES = ("standard_static", "standard_uniform", "looped_uniform", "batched")  # the nodes' combo order
 FUSE_METHODS = ("pyramid", "relative", "flat", "overlap-linear")
 STEP_SCHEDULES = ("standard_uniform", "looped_uniform")  # those that change with the sampling step
-RTOL = 1e-4  # a call's level matches a run's level within this (ComfyUI's set_step)
 
 
 def ordered_halving(value: int) -> float:
@@ -220,8 +221,8 @@ def _add_at(full: Tensor, dim: int, indices: list[int], values: Tensor) -> None:
 @dataclass(frozen=True, eq=False)
 class ContextWindows:
     """Context windows as a UNet copy carries them (see the module docstring). `latent_channels`: the channels of
-    `x` that are the latent's (those after are conditioning); `schedule`: the model's noise schedule, whose
-    timesteps locate a call's level among the run's, for the schedules that change with the step."""
+    `x` that are the latent's (those after are conditioning); `schedule`: the model's noise schedule when the node
+    ran, whose timesteps locate a call among the run's levels when the sampler recorded none (see `step`)."""
 
     context_schedule: str
     fuse_method: str
@@ -252,11 +253,15 @@ class ContextWindows:
                              f"({self.context_length})")
 
     def step(self, timesteps: Tensor) -> int:
-        """The sampling step of a call at `timesteps`: the index of its level among the run's (the last step found
-        for a level between them, 0 outside a run)."""
+        """The sampling step of a call at `timesteps`: the step the sampler recorded for it on the run (whatever
+        schedule a later ModelSampling node gave the model); for a call it did not record, the index of the
+        timestep among the run's levels mapped through the node's schedule (the last step found for a level between
+        them); 0 outside a run."""
         run = current_run()
         if run is None:
             return 0
+        if run.level is not None:
+            return run.step
         state = run.state.setdefault(self, {"step": 0, "levels": None})
         if state["levels"] is None:
             state["levels"] = [self._timestep(float(s)) for s in run.sigmas]

@@ -31,10 +31,12 @@ A CONDITIONING is a list of `(embedding [1 or B, L, D], options)` pairs. Options
 Each entry predicts x0 over its area; entries of one side (positive or negative) are blended by
 their weights, with an 8-pixel linear feather on area edges that are inside the image and have
 no mask (ComfyUI's area composition). Latent pixels no entry covers predict 0, as in ComfyUI.
-All entries of both sides that share an area size (and the same ControlNet chain, or none) go through
-ONE model call; embeddings of
+All entries of both sides that share an area size (and the same ControlNet chain, or none, and ControlNet prompts
+`cross_attn_controlnet` of one shape, or none) go through ONE model call; embeddings of
 different lengths (77 vs 154 tokens) are repeated to their least common multiple, which leaves
 attention unchanged, or run in separate calls when that multiple would exceed 4x the shorter one.
+Where the negative prompt is predicted by another model (`negative_by`: DualModelGuider, SkipLayerGuidanceDiTSimple),
+each side's entries (area pairs included) go through calls of their own, the negative's through that model.
 """
 
 from __future__ import annotations

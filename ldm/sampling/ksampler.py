@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from functools import partial
@@ -26,7 +27,7 @@ from ldm.sampling import (
 from ldm.sampling.denoiser import Denoiser, UNet, uniform_level
 from ldm.sampling.guidance import CFGGuider, CondList, DualCfg
 from ldm.sampling.hooks import HookedUNets, entry_hooks
-from ldm.sampling.model_patches import SamplingPatches, cfg_override
+from ldm.sampling.model_patches import GuidanceWrapper, SamplingPatches, cfg_override
 from ldm.sampling.noise import (
     BrownianTreeNoiseSampler,
     PrefetchingNoiseSampler,
@@ -35,9 +36,11 @@ from ldm.sampling.noise import (
     seeded_noise_sampler,
     step_noise_seed,
 )
-from ldm.sampling.run import sampling_run
+from ldm.sampling.run import SamplingRun, sampling_run
 from ldm.sampling.schedulers import get_sigmas
 from ldm.sampling.schedules import DiscreteSchedule
+
+log = logging.getLogger(__name__)
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": samplers.sample_euler,
@@ -262,6 +265,22 @@ def _check_mask_size(x: Tensor, latent: Tensor, sampler_name: str) -> None:
                          "sampler (or scale_ratio 1), then upscale the result")
 
 
+def _finish(wrappers: list[GuidanceWrapper], failed: bool) -> None:
+    """End each guidance wrapper's run. After a failed run a wrapper that fails to finish is logged, so that the
+    sampler's own exception is the one raised; after a good run the first such failure is raised, all finished."""
+    error: Exception | None = None
+    for wrapper in wrappers:
+        try:
+            wrapper.finish()
+        except Exception as exc:
+            if failed:
+                log.exception("a guidance wrapper (%s) failed to finish a failed sampling run", type(wrapper).__name__)
+            elif error is None:
+                error = exc
+    if error is not None:
+        raise error
+
+
 def sample(
     unet: UNet | None,
     schedule_or_denoiser: DiscreteSchedule | Denoiser,
@@ -303,8 +322,12 @@ def sample(
     exactly at the end. `noise_parts` are the parts' shapes of a packed latent (`ldm.sampling.av_latent`),
     whose initial noise is drawn part by part. `callback(step, total, x0)` follows each step; `interrupt()` is polled
     before every model call: it may raise itself, or return True to raise SamplingInterrupted.
-    `patches` change how guidance combines predictions and how the mask evolves over the run; those
-    that run a patched copy of the UNet need its `module` (default: `unet`, if it is one). `dual` adds
+    `patches` change how guidance combines predictions and how the mask evolves over the run, may wrap each guided
+    evaluation (`SamplingPatches.around_guidance`, their wrappers made when the run starts and finished when it ends)
+    and may have the negative prompt predicted by another module (`negative_by`); those that run a patched copy of
+    the UNet need its `module` (default: `unet`, if it is one), whose `initial_noise` may also reorder the initial
+    noise (context windows' FreeNoise, `noise.model_noise`). The run is published as `ldm.sampling.run`'s current
+    run (its levels, and each model call's level and step, recorded before the call). `dual` adds
     DualCFGGuider's second positive prompt. `concat` [B, C, H, W] is appended to the UNet's input channels
     (an inpainting model's mask and masked image; entries may carry their own, see `guidance`). `clean_kept`
     gives the model the kept part of a masked latent as it is rather than re-noised to each level, for models told
@@ -395,10 +418,9 @@ def sample(
                        module=module, keep_negative=sampler_name in _CFG_PP or patches.keep_negative, dual=dual,
                        concat=concat, pre_cfg=patches.pre_cfg, hooked=hooked, parts=noise_parts,
                        negative_by=patches.negative_by)
-    wrappers = [make(sigmas) for make in patches.around_guidance]  # this run's (LazyCache's cache)
+    wrappers: list[GuidanceWrapper] = []  # this run's (LazyCache's cache), made when it starts
     guide: Callable[[Tensor, Tensor], Tensor] = guider
-    for wrapper in reversed(wrappers):
-        guide = partial(wrapper, guide=guide)
+    run: SamplingRun | None = None
     mask = None if noise_mask is None else latent_mask(noise_mask, latent)
     last_mask = [mask]  # the mask of the last model call, which the result is finally held to
 
@@ -409,12 +431,14 @@ def sample(
             raise SamplingInterrupted("sampling interrupted")
         if prefetcher is not None:
             prefetcher.start()  # the noise is drawn while the model runs (a no-op after the first call)
+        level = uniform_level(sigma)  # the sampler's level tensor carries its float: no device read
+        if run is not None:
+            run.record(level)  # the call's step, for context windows
         if mask is None:
             return guide(x, sigma)
         _check_mask_size(x, latent, sampler_name)
         step_mask = mask
         if patches.denoise_mask is not None:
-            level = uniform_level(sigma)
             t = schedule.sigma_to_t_scalar(level if level is not None else float(sigma.reshape(-1)[0]))
             step_mask = patches.denoise_mask(mask, (t - t_to) / (t_from - t_to) if t_from > t_to else 0.0)
             last_mask[0] = step_mask
@@ -446,16 +470,20 @@ def sample(
     if sampler_name.startswith("sa_solver") and "tau_func" not in options:  # noise over 20%-80% of this schedule
         options["tau_func"] = samplers_stochastic.sa_solver_tau(schedule.sigma_at_percent(0.2),
                                                                 schedule.sigma_at_percent(0.8))
+    failed = True
     try:
-        with sampling_run(run_levels), cfg_override(None):  # an override around an outer run stays there
+        with sampling_run(run_levels) as run, cfg_override(None):  # an override around an outer run stays there
+            wrappers.extend(make(run_levels) for make in patches.around_guidance)
+            for wrapper in reversed(wrappers):
+                guide = partial(wrapper, guide=guide)
             x = sampler(model, x, sampler_sigmas, callback=on_step, **options)
+        failed = False
     finally:
         if prefetcher is not None:
             prefetcher.close()
         if hooked is not None:
             hooked.close()
-        for wrapper in wrappers:
-            wrapper.finish()
+        _finish(wrappers, failed)
     if mask is not None:
         _check_mask_size(x, latent, sampler_name)  # a resize after the last step, which no model call saw
         x = x * last_mask[0] + latent * (1 - last_mask[0])

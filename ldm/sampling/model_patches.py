@@ -1,14 +1,17 @@
-"""Changes to sampling that a model carries: how guidance combines its predictions (RescaleCFG), what it adds
-after (Perturbed-Attention Guidance, Self-Attention Guidance), and how an inpainting mask evolves over the run
-(Differential Diffusion). `sample()` takes them as `SamplingPatches`."""
+"""Changes to sampling that a model carries: how guidance combines its predictions (RescaleCFG), what it changes
+before (APG, TCFG) and adds after (Perturbed-Attention Guidance, Self-Attention Guidance), how an inpainting mask
+evolves over the run (Differential Diffusion), wrappers around each guided evaluation (LazyCache, CFGOverride, which
+guides within `cfg_override`), and a model that predicts the negative prompt (DualModelGuider,
+SkipLayerGuidanceDiTSimple). `sample()` takes them as `SamplingPatches`; `call_sides` tells a patch inside the model
+which rows of a call are which prompt (NAG)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +50,22 @@ PostCfgFunction = Callable[[CfgArgs, Tensor, Predict], Tensor]
 # A mask function maps an inpainting mask (1 = repaint) and the run's progress at this call (1 at the first
 # level, 0 at the last) to the mask used for this call.
 MaskFunction = Callable[[Tensor, float], Tensor]
-# A guidance wrapper (ComfyUI's PREDICT_NOISE wrapper) is called as `wrapper(x, sigma, guide)` for each model
-# evaluation in place of `guide(x, sigma)`, the guided x0 (after the noise mask is applied to x); its factory makes
-# a fresh one from the run's levels `sigmas` when each sampling run starts, and `wrapper.finish()` is called when
-# the run ends (LazyCache: its cache lives for one run and logs what it skipped). A wrapper that calls `guide` within
-# `cfg_override(value)` has that evaluation guided at `value` (CFGOverride).
-GuidanceWrapperFactory = Callable[[Tensor], Any]
+
+
+class GuidanceWrapper(Protocol):
+    """A guidance wrapper (ComfyUI's PREDICT_NOISE wrapper), for one sampling run: called as `wrapper(x, sigma,
+    guide)` for each model evaluation in place of `guide(x, sigma)`, the guided x0 (after the noise mask is applied
+    to x); `finish()` when the run ends, failed or not (LazyCache: its cache lives for one run and logs what it
+    skipped). A wrapper that calls `guide` within `cfg_override(value)` has that evaluation guided at `value`
+    (CFGOverride)."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, guide: Callable[[Tensor, Tensor], Tensor]) -> Tensor: ...
+
+    def finish(self) -> None: ...
+
+
+# Makes a fresh guidance wrapper from the run's levels (on the CPU) when each sampling run starts.
+GuidanceWrapperFactory = Callable[[Tensor], GuidanceWrapper]
 # A negative-side function (ComfyUI's sampler_calc_cond_batch_function, as SkipLayerGuidanceDiTSimple uses it) gives,
 # for a model call's level, the transform of the UNet module (as `Predict` takes them) that predicts the negative
 # prompt at that call, or None for the module itself (the negative batched with the positive, as usual).
@@ -108,7 +121,13 @@ class SamplingPatches:
     # ComfyUI's older PerpNeg model patch, the same as its PerpNegGuider.
     third_prompt: Any = None
     around_guidance: tuple[GuidanceWrapperFactory, ...] = ()  # outermost first
+    # Where it gives a transform, the negative prompt is predicted by that transform of the UNet module (another
+    # model, skipped layers) in calls of its own, rather than batched with the positive.
     negative_by: NegativeFunction | None = None
+
+    def around(self, factory: GuidanceWrapperFactory) -> SamplingPatches:
+        """These patches with `factory`'s wrappers innermost (nearest the guider) of the guidance wrappers."""
+        return replace(self, around_guidance=(*self.around_guidance, factory))
 
 
 def _per_item(sigma: Tensor, like: Tensor) -> Tensor:

@@ -515,19 +515,33 @@ def _pair_problem(model: DiffusionModel, other: DiffusionModel) -> str | None:
     return None
 
 
-def _with_negative_model(node: Node, model: DiffusionModel, negative_model: DiffusionModel,
-                         cfg: float) -> DiffusionModel:
+def _run_modules(model: DiffusionModel, *conditionings: list) -> tuple[torch.nn.Module, ...]:
+    """The modules a sampling run of `model` over these prompts keeps on the device together (as `run_sampler`
+    places them): the UNet, the prompts' ControlNets (a Control-LoRA's made from the UNet) and GLIGEN models."""
+    from ldm.control_lora import ControlLora
+    from nodes.sd.sampling import _controls
+
+    controls = {id(c.model): c.model.controlnet(model.unet) if isinstance(c.model, ControlLora) else c.model
+                for c in _controls(*conditionings)}
+    gligens = {id(opts["gligen"][1]): opts["gligen"][1] for conditioning in conditionings
+               for _, opts in conditioning if opts.get("gligen") is not None}
+    return (model.unet, *controls.values(), *gligens.values())
+
+
+def _with_negative_model(node: Node, model: DiffusionModel, negative_model: DiffusionModel, cfg: float,
+                         conditionings: tuple[list, ...] = ()) -> DiffusionModel:
     """`model` whose sampling predicts the negative prompt by `negative_model`'s UNet (and by the model's own
     negative-side function, if it has one, applied to that UNet); at cfg 1 no negative is predicted, and the
-    negative model is not loaded, as in ComfyUI."""
+    negative model is not loaded, as in ComfyUI. Placing it keeps on the device what a run over `conditionings`
+    keeps (`_run_modules`: the UNet, the ControlNets and GLIGEN models)."""
     from ldm.sampling.extra_guidance import NegativeOnModel
     from nodes.sd.models import on_device
 
     if math.isclose(cfg, 1.0):
         return model
     # On the device before sampling (outside its inference mode), and again when a run first needs it, in case the
-    # sampled model's ControlNets took its place since.
-    place = functools.partial(on_device, node.ctx, negative_model.unet, keep=(model.unet,))
+    # sampled model's ControlNets took its place since; neither placement offloads what the run keeps.
+    place = functools.partial(on_device, node.ctx, negative_model.unet, keep=_run_modules(model, *conditionings))
     place()
     patches = model.sampling_patches
     return replace(model, sampling_patches=replace(patches, negative_by=NegativeOnModel(place, patches.negative_by)))
@@ -551,9 +565,7 @@ class CFGOverride(Node):
 
         schedule = model.schedule
         override = CfgOverride(cfg, schedule.sigma_at_percent(start_percent), schedule.sigma_at_percent(end_percent))
-        patches = model.sampling_patches
-        return (replace(model, sampling_patches=replace(patches, around_guidance=(*patches.around_guidance,
-                                                                                   override))),)
+        return (replace(model, sampling_patches=model.sampling_patches.around(override)),)
 
 
 # The samplers ---------------------------------------------------------------------------------------------------
@@ -562,7 +574,8 @@ def _run(node: Node, guider: Guider, noise: NoiseSource, sampler: SamplerChoice,
          latent: dict) -> tuple[dict, dict]:
     model = guider.model
     if guider.negative_model is not None:
-        model = _with_negative_model(node, model, guider.negative_model, guider.cfg)
+        prompts = (guider.positive, guider.negative, *([guider.dual.middle] if guider.dual else []))
+        model = _with_negative_model(node, model, guider.negative_model, guider.cfg, prompts)
     return run_sampler(node, model, latent, guider.positive, guider.negative, seed=noise.seed,
                        cfg=guider.cfg, sampler_name=sampler.name, sampler_options=sampler.options, sigmas=sigmas,
                        add_noise=noise.enabled, dual=guider.dual)

@@ -427,8 +427,7 @@ def with_lazycache(model: DiffusionModel, reuse_threshold: float, start_percent:
     schedule = model.schedule
     settings = LazyCacheSettings(reuse_threshold, schedule.sigma_at_percent(start_percent),
                                  schedule.sigma_at_percent(end_percent), start_percent, end_percent, verbose)
-    patches = model.sampling_patches
-    return replace(model, sampling_patches=replace(patches, around_guidance=(*patches.around_guidance, settings)))
+    return replace(model, sampling_patches=model.sampling_patches.around(settings))
 
 
 class LazyCache(Node):

@@ -19,8 +19,10 @@ from ldm.sampling.context_windows import (
     windowed_unet,
 )
 from ldm.sampling.flow import SD3FlowSchedule
+from ldm.sampling.ksampler import sample
 from ldm.sampling.noise import model_noise
 from ldm.sampling.run import sampling_run
+from ldm.sampling.schedules import DiscreteSchedule
 
 # --- A literal transcription of ComfyUI's schedule functions, its step-by-step list mutations kept. ---
 
@@ -300,7 +302,8 @@ def test_a_window_covering_the_latent_is_the_plain_model_bit_for_bit() -> None:
 
 
 def test_uniform_windows_follow_the_sampling_step() -> None:
-    """The step is the index of the call's level among the run's; a level between them keeps the last step."""
+    """Called by hand within a run (no sampler records the level), the step is the index of the call's timestep
+    among the run's levels mapped through the node's schedule; a level between them keeps the last step."""
     module = FrameMixer(4, 4).eval()
     schedule = SD3FlowSchedule(3.0)
     settings = ContextWindows("looped_uniform", "flat", 3, 1, causal_window_fix=False, schedule=schedule)
@@ -318,6 +321,36 @@ def test_uniform_windows_follow_the_sampling_step() -> None:
             assert len(module.calls) == len(context_windows("looped_uniform", 7, 3, 1, step=step))
             assert settings.step(timestep(sigma)) == step
         assert settings.step(timestep(0.35)) == 3  # a substep: the last step found
+
+
+def test_windows_follow_the_samplers_steps_on_a_schedule_changed_after_the_node() -> None:
+    """The node saw SD's schedule; a later ModelSamplingDiscrete (v, zero terminal SNR) samples with another, whose
+    levels map to other timesteps: the windows still shift with the sampler's steps, as the sampler records each
+    call's level on the run (with cfg 1, one call per window: each call's length is its window's, plus the causal
+    frame before a window that does not start at 0)."""
+    torch.manual_seed(2)
+    module = FrameMixer(4, 4).eval()
+    windowed = windowed_unet(module, ContextWindows("standard_uniform", "flat", 3, 1, schedule=DiscreteSchedule()))
+    schedule = DiscreteSchedule().zero_terminal_snr()
+    with torch.no_grad():
+        sample(windowed, schedule, torch.randn(1, 4, 7, 2, 2), seed=1, steps=3, cfg=1.0, sampler_name="euler",
+               positive=[(torch.randn(1, 3, 8), {})], negative=[], prediction="v")
+    expected = [len(w) + (w[0] >= 1) for step in range(3) for w in context_windows("standard_uniform", 7, 3, 1,
+                                                                                    step=step)]
+    assert module.calls == expected == [3, 4, 4, 4, 3, 4, 4, 4, 3]
+
+
+def test_a_run_records_the_step_of_each_level() -> None:
+    """A call's step is its level's index among the run's; a level between them keeps the last; none is unknown."""
+    with sampling_run(torch.tensor([14.6, 3.0, 0.5, 0.0])) as run:
+        assert (run.step, run.level) == (0, None)
+        run.record(3.0 * (1 + 1e-6))
+        assert (run.step, run.level) == (1, 3.0 * (1 + 1e-6))
+        run.record(1.2)
+        assert run.step == 1
+        run.record(0.5)
+        run.record(None)
+        assert (run.step, run.level) == (2, None)
 
 
 def test_initial_noise_is_freenoise_when_asked() -> None:

@@ -134,6 +134,29 @@ def test_windowed_wan_run_matches_a_hand_computed_one(engine) -> None:
     assert not torch.allclose(plain["samples"], sampled["samples"], atol=1e-3)
 
 
+def test_a_later_model_sampling_node_keeps_the_window_steps(engine) -> None:
+    """ModelSamplingSD3 after the windows node changes the schedule the run samples with (shift 2 in place of Wan's
+    8): the windows still shift with the run's steps ([0-2], [2-4], [4-6], then [4-6], [0-2], [1-3]), the run equal
+    to the one computed by hand on the new schedule."""
+    doc = workflow({})
+    doc["30"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["3", 0], "shift": 2.0}}
+    doc["8"]["inputs"]["model"] = ["30", 0]
+    base, shifted, conditioning, sampled = run(engine, doc, keep=("1", "30", "5", "8"))
+    context, schedule = conditioning[0][0], shifted.schedule
+    sigmas = compute_sigmas(schedule, "simple", 2, 1.0)
+    assert not torch.allclose(sigmas, compute_sigmas(base.schedule, "simple", 2, 1.0))
+    latent = base.latent_in(torch.zeros(1, 16, 7, HEIGHT // 8, WIDTH // 8))
+    x = float(sigmas[0]) * prepare_noise(latent, SEED) + (1 - float(sigmas[0])) * latent
+    with torch.no_grad():
+        for step in range(2):
+            sigma, after = float(sigmas[step]), float(sigmas[step + 1])
+            t = torch.tensor([float(schedule.unet_timestep(schedule.sigma_to_t_scalar(sigma)))])
+            v = ref_execute(base.unet, x, t, context, ref_standard(7, 3, 1, 1, step), "pyramid", 1, True, [], [],
+                            16, {})
+            x = x + (after - sigma) * v
+    torch.testing.assert_close(sampled["samples"], base.latent_out(x), rtol=1e-4, atol=1e-4)
+
+
 def test_image_to_video_retains_the_start_image_in_every_window(engine) -> None:
     """Wan 2.1 image-to-video (the mask and start image as channels after the latent's) with retain_first_frame:
     every window's conditioning channels take frame 0's at their first position (the causal frame where there is

@@ -529,3 +529,38 @@ def test_hunyuan_video15_template_wiring(hv_engine, counted, caplog) -> None:
     assert f"EasyCache - skipped {skipped}/8 steps" in caplog.text
     assert "EasyCache [verbose] - skipping step" in caplog.text
 
+
+
+class _FailingFinish:
+    """A guidance wrapper (`model_patches.GuidanceWrapper`) that passes each evaluation on and fails to finish."""
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.levels = sigmas  # the run's levels, on the CPU
+
+    def __call__(self, x, sigma, guide):
+        return guide(x, sigma)
+
+    def finish(self) -> None:
+        raise RuntimeError("the wrapper failed to finish")
+
+
+def test_a_wrapper_failing_to_finish_never_hides_the_samplers_error() -> None:
+    """A wrapper's finish() failing after a good run is raised; after a failed run the sampler's own error is."""
+    from ldm.sampling.ksampler import SamplingInterrupted, sample
+    from ldm.sampling.model_patches import SamplingPatches
+
+    made = []
+
+    def factory(sigmas):
+        made.append(wrapper := _FailingFinish(sigmas))
+        return wrapper
+
+    patches = SamplingPatches().around(factory)
+    args = dict(seed=1, steps=2, cfg=1.0, sampler_name="euler", positive=[(torch.zeros(1, 2, 4), {})], negative=[],
+                patches=patches)
+    with pytest.raises(RuntimeError, match="failed to finish"):
+        sample(Square(), DiscreteSchedule(), torch.zeros(1, 4, 2, 2), **args)
+    assert made[0].levels.device.type == "cpu" and len(made[0].levels) == 3
+    with pytest.raises(SamplingInterrupted):
+        sample(Square(), DiscreteSchedule(), torch.zeros(1, 4, 2, 2), interrupt=lambda: True, **args)
+    assert len(made) == 2

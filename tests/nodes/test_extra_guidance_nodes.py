@@ -13,7 +13,7 @@ from executor.executor import Executor, WorkflowInvalid
 from executor.services import Services
 from graph.document import parse_api
 from ldm.flux_presets import make_flux_files
-from ldm.presets import make_checkpoint
+from ldm.presets import make_checkpoint, make_controlnet
 from ldm.sampling import DiscreteSchedule, compute_sigmas, prepare_noise
 from nodes.folders import FolderPaths, set_paths
 from nodes.registry import builtin_registry
@@ -28,6 +28,7 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("extra_guidance")
     make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "sd1.safetensors", seed=1)
     make_checkpoint("tiny-sd1", root / "models" / "checkpoints" / "sd1b.safetensors", seed=2)
+    make_controlnet("tiny-sd1", root / "models" / "controlnet" / "tiny_canny.safetensors", seed=5)
     make_flux_files(root / "models", "dev", seed=3, dtype=torch.float32)
     set_paths(FolderPaths(base=root))
     yield Executor(builtin_registry(), services=Services.create(FolderPaths(base=root), force_cpu=True))
@@ -233,6 +234,27 @@ def test_dual_model_guider_one_step(engine) -> None:
     at_one = {"class_type": "DualModelGuider", "inputs": {"model": ["1", 0], "model_negative": ["1b", 0],
                                                           "positive": ["2", 0], "cfg": 1.0}}
     assert torch.equal(latent(engine, custom(at_one)), cond)
+
+
+def test_dual_model_guider_keeps_the_runs_controlnets_on_the_device(engine) -> None:
+    """The negative model is placed keeping what the run keeps: the UNet and the prompts' ControlNets (each once),
+    so that loading it never offloads a ControlNet the run is using."""
+    from nodes.sd.custom_sampling import _run_modules
+
+    nodes = prompts()
+    nodes["10"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "tiny_canny.safetensors"}}
+    nodes["11"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}}
+    nodes["12"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["2", 0], "negative": ["3", 0], "control_net": ["10", 0], "image": ["11", 0], "strength": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    nodes["99"] = {"class_type": "PreviewAny", "inputs": {"source": ["12", 0]}}
+    result = engine.run(parse_api(nodes), keep=["1", "12"])
+    assert result.ok, result.error
+    model, (positive, negative) = result.values["1"][0], result.values["12"]
+    control = positive[0][1]["control"]
+    assert [id(m) for m in _run_modules(model, positive, negative)] == [id(model.unet), id(control.model)]
+    plain = [(positive[0][0], {})]
+    assert [id(m) for m in _run_modules(model, plain, plain)] == [id(model.unet)]
 
 
 def test_dual_model_guider_refusals(engine) -> None:
