@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ldm.sampling.denoiser import first_level
 from ldm.sampling.model_patches import CfgArgs, CfgFunction, Predict
 
 REF_AUDIO = "ltx2_ref_audio"  # the conditioning option of LTXVReferenceAudio's tokens (cond_jobs.MODEL_INPUTS)
@@ -63,7 +64,7 @@ class LTX2Perturbation:
 
 def _in_range(args: CfgArgs, sigma_start: float, sigma_end: float) -> bool:
     """Whether the call's level (its first item's) is within [sigma_end, sigma_start], as ComfyUI's nodes test it."""
-    return sigma_end <= float(args.sigma.reshape(-1)[0]) <= sigma_start
+    return sigma_end <= first_level(args.sigma) <= sigma_start
 
 
 @dataclass(frozen=True)

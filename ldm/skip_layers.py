@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ldm.sampling.denoiser import uniform_level
+from ldm.sampling.denoiser import first_level
 from ldm.sampling.model_patches import CfgArgs, Predict
 
 # Block lists by stream kind, and how many streams each kind's forward takes first and hands back.
@@ -119,8 +119,7 @@ class SkipLayerGuidance:
     def __call__(self, args: CfgArgs, denoised: Tensor, predict: Predict) -> Tensor:
         if self.scale <= 0:
             return denoised
-        level = uniform_level(args.sigma)
-        sigma = float(args.sigma.reshape(-1)[0]) if level is None else level
+        sigma = first_level(args.sigma)
         if not self.sigma_end < sigma <= self.sigma_start:  # the window's end excluded, as ComfyUI's newer check
             return denoised
         guided = denoised + (args.cond - predict(self.skip)) * self.scale

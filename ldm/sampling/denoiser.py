@@ -68,6 +68,13 @@ def uniform_level(sigma: Tensor) -> float | None:
     return levels[0] if all(level == levels[0] for level in levels) else None
 
 
+def first_level(sigma: Tensor) -> float:
+    """A call's noise level as ComfyUI's patches read it (`sigma[0]`): the shared level where the sampler's tensor
+    carries it (no device read), else the first item's."""
+    level = uniform_level(sigma)
+    return float(sigma.reshape(-1)[0]) if level is None else level
+
+
 class Denoiser:
     """k-diffusion's preconditioning for an LDM UNet, with the schedule's sigma_data (1 but for EDM models).
 

@@ -13,15 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.sampling.denoiser import uniform_level
+from ldm.sampling.denoiser import first_level
 from ldm.sampling.model_patches import CfgArgs, Predict, cfg_override
-
-
-def _level(sigma: Tensor) -> float:
-    """The call's noise level: its first item's (ComfyUI reads `sigma[0]`), without a device read where the sampler's
-    level tensor carries it."""
-    level = uniform_level(sigma)
-    return float(sigma.reshape(-1)[0]) if level is None else level
 
 
 def tsr_factor(snr: float, k: float, variance: float) -> float:
@@ -45,7 +38,7 @@ class TemporalScoreRescaling:
     flow: bool = False
 
     def __call__(self, args: CfgArgs, denoised: Tensor, predict: Predict) -> Tensor:
-        sigma = _level(args.sigma)
+        sigma = first_level(args.sigma)
         if self.k == 1 or sigma == 0 or (self.flow and sigma >= 1):
             return denoised
         half_log_snr = math.log((1 - sigma) / sigma) if self.flow else -math.log(sigma)
@@ -79,7 +72,7 @@ class TangentialAmplifyingGuidance:
     sigma_low: float
 
     def __call__(self, args: CfgArgs, denoised: Tensor, predict: Predict) -> Tensor:
-        if not self.sigma_low <= _level(args.sigma) <= self.sigma_high:
+        if not self.sigma_low <= first_level(args.sigma) <= self.sigma_high:
             return denoised
         return tangential_amplify(denoised, args.x, self.t_scale, self.r_scale)
 
@@ -139,7 +132,7 @@ class CfgOverrideRun:
     settings: CfgOverride
 
     def __call__(self, x: Tensor, sigma: Tensor, guide: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        if not self.settings.sigma_low < _level(sigma) <= self.settings.sigma_high:
+        if not self.settings.sigma_low < first_level(sigma) <= self.settings.sigma_high:
             return guide(x, sigma)
         with cfg_override(self.settings.cfg):
             return guide(x, sigma)

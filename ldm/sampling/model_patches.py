@@ -125,6 +125,10 @@ class SamplingPatches:
     # model, skipped layers) in calls of its own, rather than batched with the positive.
     negative_by: NegativeFunction | None = None
 
+    def after(self, patch: PostCfgFunction) -> SamplingPatches:
+        """These patches with `patch` last of the post-guidance functions."""
+        return replace(self, post_cfg=(*self.post_cfg, patch))
+
     def around(self, factory: GuidanceWrapperFactory) -> SamplingPatches:
         """These patches with `factory`'s wrappers innermost (nearest the guider) of the guidance wrappers."""
         return replace(self, around_guidance=(*self.around_guidance, factory))

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.lora import shallow_copy
-from ldm.sampling.denoiser import uniform_level
+from ldm.sampling.denoiser import first_level
 from ldm.sampling.run import current_run
 from nodes.node import Node
 from nodes.sd.models import DiffusionModel
@@ -373,8 +373,7 @@ class LazyCacheRun:
             self.reset()
 
     def __call__(self, x: Tensor, sigma: Tensor, guide: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        level = uniform_level(sigma)  # the sampler's level tensor carries it: no device read
-        level = float(sigma.reshape(-1)[0]) if level is None else level
+        level = first_level(sigma)
         if not level > self.end_sigma:
             return guide(x, sigma)
         change = None

@@ -16,8 +16,7 @@ from nodes.spec import Float, Output, Socket
 
 
 def _with_post_cfg(model: DiffusionModel, function: PostCfgFunction) -> tuple[DiffusionModel]:
-    current = model.sampling_patches
-    return (replace(model, sampling_patches=replace(current, post_cfg=(*current.post_cfg, function))),)
+    return (replace(model, sampling_patches=model.sampling_patches.after(function)),)
 
 
 def _with_pre_cfg(model: DiffusionModel, function: PreCfgFunction) -> tuple[DiffusionModel]:

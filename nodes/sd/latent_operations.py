@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ldm.sampling.denoiser import uniform_level
+from ldm.sampling.denoiser import first_level
 from ldm.sampling.model_patches import CfgArgs, Predict
 from nodes.node import Node
 from nodes.sd.image import gaussian_kernel
@@ -86,13 +86,6 @@ class BlendToward:
         return torch.lerp(latent, repeat_to_batch(target, latent.shape[0]), self.strength)
 
 
-def _level(sigma: torch.Tensor) -> float:
-    """The call's noise level: its first item's (ComfyUI reads `sigma[0]`), without a device read where the sampler's
-    level tensor carries it."""
-    level = uniform_level(sigma)
-    return float(sigma.reshape(-1)[0]) if level is None else level
-
-
 @dataclass(frozen=True)
 class OperationOnGuidance:
     """A pre-guidance patch: while `sigma_end <= sigma <= sigma_start`, the positive prediction moved to
@@ -103,7 +96,7 @@ class OperationOnGuidance:
     sigma_end: float = 0.0
 
     def acts_at(self, sigma: torch.Tensor) -> bool:
-        return self.sigma_end <= _level(sigma) <= self.sigma_start
+        return self.sigma_end <= first_level(sigma) <= self.sigma_start
 
     def __call__(self, args: CfgArgs, state: dict) -> CfgArgs:
         if not self.acts_at(args.sigma):

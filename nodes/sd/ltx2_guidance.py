@@ -24,8 +24,7 @@ def _check_ltx2(model: DiffusionModel, node: str) -> None:
 
 
 def _with_post_cfg(model: DiffusionModel, patch: Any) -> DiffusionModel:
-    current = model.sampling_patches
-    return replace(model, sampling_patches=replace(current, post_cfg=(*current.post_cfg, patch)))
+    return replace(model, sampling_patches=model.sampling_patches.after(patch))
 
 
 def _sigmas(model: DiffusionModel, start_percent: float, end_percent: float) -> tuple[float, float]:

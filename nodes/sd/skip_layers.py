@@ -56,8 +56,7 @@ def skip_layer_guidance(model: DiffusionModel, node: str, double_layers: str, si
     schedule = model.schedule
     patch = SkipLayerGuidance(skip, scale, schedule.sigma_at_percent(start_percent),
                               schedule.sigma_at_percent(end_percent), rescaling_scale)
-    current = model.sampling_patches
-    return replace(model, sampling_patches=replace(current, post_cfg=(*current.post_cfg, patch)))
+    return replace(model, sampling_patches=model.sampling_patches.after(patch))
 
 
 class _DiTPatch(Node):

@@ -144,6 +144,14 @@ class SVD_img2vid_Conditioning(Node):  # noqa: N801 (ComfyUI's name)
         return positive, negative, {"samples": torch.zeros(video_frames, 4, height // 8, width // 8)}
 
 
+def _zero123_view(node: Node, clip_vision: ClipVision, init_image: torch.Tensor, vae: Vae, width: int,
+                  height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input view's CLIP image embedding [B, 1, D] and its latent at width x height (Stable Zero123's nodes)."""
+    pooled = _encode(on_device(node.ctx, clip_vision.model), init_image, True).image_embeds[None]
+    pixels = upscale_latent(init_image.movedim(-1, 1).float(), width, height, "bilinear", "center")
+    return pooled, encode(node, vae, pixels.movedim(1, -1)[..., :3])
+
+
 class StableZero123_Conditioning(Node):  # noqa: N801 (ComfyUI's name)
     """Prompts and an empty latent for Stable Zero123: the input view's CLIP embedding with the camera move
     (elevation and azimuth in degrees) and the view's latent (at width x height); the negative prompt has neither."""
@@ -163,9 +171,7 @@ class StableZero123_Conditioning(Node):  # noqa: N801 (ComfyUI's name)
                 batch_size: int, elevation: float, azimuth: float) -> tuple[list, list, dict]:
         from ldm.zero123 import camera_embedding
 
-        pooled = _encode(on_device(self.ctx, clip_vision.model), init_image, True).image_embeds[None]
-        pixels = upscale_latent(init_image.movedim(-1, 1).float(), width, height, "bilinear", "center")
-        latent = encode(self, vae, pixels.movedim(1, -1)[..., :3])
+        pooled, latent = _zero123_view(self, clip_vision, init_image, vae, width, height)
         camera = camera_embedding(elevation, azimuth).expand(pooled.shape[0], pooled.shape[1], -1)
         positive = [(torch.cat([pooled, camera], dim=-1), {"concat_latent_image": latent})]
         negative = [(torch.zeros_like(pooled), {"concat_latent_image": torch.zeros_like(latent)})]
@@ -197,9 +203,7 @@ class StableZero123_Conditioning_Batched(Node):  # noqa: N801 (ComfyUI's name)
         if init_image.shape[0] != 1:
             raise ValueError(f"StableZero123_Conditioning_Batched: init_image is a batch of {init_image.shape[0]} "
                              "pictures; it takes one view of the object (pick one with ImageFromBatch)")
-        pooled = _encode(on_device(self.ctx, clip_vision.model), init_image, True).image_embeds[None]
-        pixels = upscale_latent(init_image.movedim(-1, 1).float(), width, height, "bilinear", "center")
-        latent = encode(self, vae, pixels.movedim(1, -1)[..., :3])
+        pooled, latent = _zero123_view(self, clip_vision, init_image, vae, width, height)
         # The angles add up step by step as ComfyUI's loop does (the same float rounding).
         cameras = []
         for _ in range(batch_size):

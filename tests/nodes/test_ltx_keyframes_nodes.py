@@ -33,29 +33,12 @@ from nodes.sd.ltxv_guides import (
     LTXVSeparateGeneratedKeyframes,
 )
 from nodes.sd.models import Vae
-
-SIZE, LENGTH = 64, 17  # 2 x 2 latent pixels; 1 + 2 latent frames
-ROWS = [[0.0, 32.0], [0.0, 32.0], [32.0, 64.0], [32.0, 64.0]]
-COLS = [[0.0, 32.0], [32.0, 64.0], [0.0, 32.0], [32.0, 64.0]]
-
-
-class _Ctx:
-    services = None
-
-
-def _node(cls):
-    node = cls()
-    node.ctx = _Ctx()
-    return node
+from tests.nodes.test_ltx2_guides import COLS, LENGTH, ROWS, SIZE, _node, _prompts
 
 
 @pytest.fixture(scope="module")
 def vae() -> Vae:
     return Vae(random_ltxv_vae(TINY_LTXV_VAES["2.0"], seed=1), "tiny-ltx2")
-
-
-def _prompts() -> tuple[list, list]:
-    return [(torch.zeros(1, 4, 8), {"frame_rate": 25.0})], [(torch.ones(1, 4, 8), {"frame_rate": 25.0})]
 
 
 def _spans(starts: list[float]) -> torch.Tensor:
